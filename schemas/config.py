@@ -1,0 +1,281 @@
+"""The training config: axolotl's YAML keys and defaults, typed and immutable.
+
+Keys ftw knows but does not implement, keys that have no effect here, and keys that execute code
+live in `schemas/keys.py`; `schemas/validate.py` runs the whole check. Field validators only
+check; derived values (the attention backend, the batch arithmetic) are pure methods.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
+
+Auto = Literal["auto"]
+
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_bnb_8bit", "adamw_8bit",
+    "paged_adamw_8bit", "paged_adamw_32bit", "adamw_hf", "adafactor", "sgd", "adagrad", "lion_8bit",
+    "paged_lion_8bit", "rmsprop", "muon",
+)
+LR_SCHEDULERS = (
+    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "rex",
+    "one_cycle",
+)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py)
+LEGACY_ATTENTION_FLAGS = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "flex_attention": "flex_attention",
+    "eager_attention": "eager",
+    "xformers_attention": None,  # not supported: named in the error
+    "sage_attention": None,
+}
+DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero3_offload", "zero2_offload")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class SpecialTokens(Frozen):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    unk_token: Optional[str] = None
+    sep_token: Optional[str] = None
+    cls_token: Optional[str] = None
+    mask_token: Optional[str] = None
+    additional_special_tokens: Optional[list[str]] = None
+
+
+class FSDPConfig(Frozen):
+    """Both spellings axolotl accepts: `fsdp_` prefixed (v1) and plain (v2)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class TrainingConfig(Frozen):
+    # ---- model and tokenizer -------------------------------------------------------------------
+    base_model: str
+    base_model_config: Optional[str] = None
+    revision_of_model: Optional[str] = None
+    type_of_model: Optional[str] = None
+    tokenizer_config: Optional[str] = None
+    tokenizer_type: Optional[str] = None
+    tokenizer_use_fast: bool = True
+    tokenizer_legacy: Optional[bool] = None
+    tokenizer_padding_side: Optional[Literal["left", "right"]] = None
+    special_tokens: Optional[SpecialTokens] = None
+    tokens: Optional[list[str]] = None
+    added_tokens_overrides: Optional[dict[int, str]] = None
+    resize_token_embeddings_to_32x: bool = False
+    trust_remote_code: bool = False
+    overrides_of_model_config: Optional[dict[str, Any]] = None
+    low_cpu_mem_usage: Optional[bool] = None
+    # ---- adapters ------------------------------------------------------------------------------
+    adapter: Optional[Literal["lora", "qlora"]] = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    lora_r: int = Field(default=8, ge=1, le=4096)
+    lora_alpha: Optional[int] = Field(default=None, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target_modules: Optional[Union[str, list[str]]] = None
+    lora_target_linear: Optional[bool] = None
+    lora_modules_to_save: Optional[list[str]] = None
+    lora_fan_in_fan_out: bool = False
+    lora_model_dir: Optional[str] = None
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    peft_use_dora: bool = False
+    peft_use_rslora: bool = False
+    peft_layers_to_transform: Optional[list[int]] = None
+    merge_lora: bool = False
+    lora_mlp_kernel: Optional[bool] = None
+    lora_qkv_kernel: Optional[bool] = None
+    lora_o_kernel: Optional[bool] = None
+    # ---- data ----------------------------------------------------------------------------------
+    datasets: Optional[list[DatasetConfig]] = None
+    test_datasets: Optional[list[DatasetConfig]] = None
+    pretraining_dataset: Optional[list[PretrainingDatasetConfig]] = None
+    dataset_prepared_path: Optional[str] = None
+    dataset_processes: Optional[int] = Field(default=None, ge=1)
+    dataset_num_proc: Optional[int] = Field(default=None, ge=1)
+    shuffle_merged_datasets: bool = True
+    dataset_exact_deduplication: bool = False
+    val_set_size: float = Field(default=0.0, ge=0.0)
+    chat_template: Optional[str] = None
+    chat_template_jinja: Optional[str] = None
+    default_system_message: Optional[str] = None
+    eot_tokens: Optional[list[str]] = None
+    train_on_inputs: bool = False
+    sequence_len: int = Field(default=512, ge=8, le=1_048_576)
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    min_sample_len: int = Field(default=2, ge=1)
+    sample_packing: bool = False
+    eval_sample_packing: Optional[bool] = None
+    sample_packing_bin_size: int = Field(default=200, ge=1)
+    sample_packing_group_size: int = Field(default=100_000, ge=1)
+    pad_to_sequence_len: Optional[bool] = None
+    group_by_length: bool = False
+    skip_prepare_dataset: bool = False
+    remove_unused_columns: Optional[bool] = None
+    # ---- hyperparameters -----------------------------------------------------------------------
+    learning_rate: float = Field(gt=0.0, le=10.0)
+    micro_batch_size: Optional[int] = Field(default=None, ge=1)
+    gradient_accumulation_steps: Optional[int] = Field(default=None, ge=1)
+    batch_size: Optional[int] = Field(default=None, ge=1)
+    eval_batch_size: Optional[int] = Field(default=None, ge=1)
+    num_epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    optimizer: str = "adamw_torch_fused"
+    optim_args: Optional[Union[str, dict[str, Any]]] = None
+    lr_scheduler: str = "cosine"
+    lr_scheduler_kwargs: Optional[dict[str, Any]] = None
+    cosine_min_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    cosine_constant_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    lr_quadratic_warmup: bool = False
+    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_beta1: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
+    adam_beta2: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
+    adam_epsilon: Optional[float] = Field(default=None, gt=0.0)
+    max_grad_norm: Optional[float] = Field(default=1.0, ge=0.0)
+    seed: int = 42
+    early_stopping_patience: Optional[int] = Field(default=None, ge=1)
+    loss_watchdog_threshold: Optional[float] = None
+    loss_watchdog_patience: Optional[int] = None
+    neftune_noise_alpha: Optional[float] = None
+    # ---- precision and attention ---------------------------------------------------------------
+    bf16: Union[bool, Auto] = "auto"
+    fp16: Optional[bool] = None
+    tf32: Union[bool, Auto] = "auto"
+    bfloat16: Optional[bool] = None
+    float16: Optional[bool] = None
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: Union[bool, Literal["offload"]] = False
+    gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None
+    activation_offloading: Union[bool, Literal["legacy", "disk"]] = False
+    torch_compile: Union[bool, Auto] = False
+    torch_compile_backend: Optional[str] = None
+    torch_compile_mode: Optional[str] = None
+    use_kernels: Optional[bool] = None
+    # ---- checkpoints ---------------------------------------------------------------------------
+    output_dir: Optional[str] = None
+    save_strategy: Optional[Literal["steps", "epoch", "no", "best"]] = None
+    save_steps: Optional[Union[int, float]] = Field(default=None, gt=0)
+    saves_per_epoch: Optional[int] = Field(default=None, ge=1)
+    save_total_limit: int = Field(default=4, ge=1)
+    save_only_model: bool = False
+    save_safetensors: bool = True
+    save_first_step: bool = False
+    resume_from_checkpoint: Optional[str] = None
+    auto_resume_from_checkpoints: bool = True
+    # ---- eval and logging ----------------------------------------------------------------------
+    eval_steps: Optional[Union[int, float]] = Field(default=None, gt=0)
+    evals_per_epoch: Optional[int] = Field(default=None, ge=1)
+    eval_strategy: Optional[Literal["steps", "epoch", "no"]] = None
+    logging_steps: Optional[int] = Field(default=None, ge=1)
+    use_tensorboard: bool = False
+    use_wandb: Optional[bool] = None
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None
+    wandb_run_id: Optional[str] = None
+    wandb_mode: Optional[str] = None
+    wandb_watch: Optional[str] = None
+    wandb_log_model: Optional[str] = None
+    use_mlflow: Optional[bool] = None
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment_name: Optional[str] = None
+    mlflow_run_name: Optional[str] = None
+    # ---- hub -----------------------------------------------------------------------------------
+    hub_model_id: Optional[str] = None
+    hub_strategy: Optional[str] = None
+    hub_private_repo: Optional[bool] = None
+    push_dataset_to_hub: Optional[str] = None
+    hf_use_auth_token: Optional[bool] = None
+    # ---- distributed ---------------------------------------------------------------------------
+    deepspeed: Optional[Union[str, dict[str, Any]]] = None
+    fsdp: Optional[Union[list[str], str]] = None
+    fsdp_config: Optional[FSDPConfig] = None
+    fsdp_version: Optional[Literal[1, 2]] = None
+    ddp_find_unused_parameters: Optional[bool] = None
+    ddp_timeout: Optional[int] = Field(default=None, ge=1)
+    # ---- rl ------------------------------------------------------------------------------------
+    rl: Optional[str] = None
+
+    # ---- derived values (pure) -----------------------------------------------------------------
+    def batch_shape(self) -> tuple[int, int]:
+        """(micro_batch_size, gradient_accumulation_steps) from any two of the three batch keys."""
+        mbs, gas, bs = self.micro_batch_size, self.gradient_accumulation_steps, self.batch_size
+        if mbs is None:
+            mbs = 1 if bs is None or gas is None else max(1, bs // gas)
+        if gas is None:
+            gas = 1 if bs is None else max(1, bs // mbs)
+        return mbs, gas
+
+    def lora_alpha_value(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+    def is_full_finetune(self) -> bool:
+        return self.adapter is None
+
+
+def cross_field_errors(cfg: TrainingConfig) -> list[tuple[str, str]]:
+    """Rules between keys, as axolotl enforces them: (location, what to change)."""
+    e: list[tuple[str, str]] = []
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        e.append(("adapter", "adapter: qlora needs load_in_4bit: true"))
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
+        e.append(("load_in_4bit", "load_in_4bit/load_in_8bit need an adapter (lora or qlora); full fine-tuning of a quantised model is not possible"))
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        e.append(("load_in_4bit", "load_in_4bit and load_in_8bit are exclusive: keep one"))
+    if cfg.adapter == "lora" and cfg.load_in_4bit:
+        e.append(("load_in_4bit", "load_in_4bit with adapter: lora — set adapter: qlora"))
+    if cfg.gradient_accumulation_steps is not None and cfg.batch_size is not None:
+        e.append(("gradient_accumulation_steps", "gradient_accumulation_steps and batch_size are exclusive: give micro_batch_size and one of them"))
+    if cfg.micro_batch_size is None and (cfg.batch_size is None or cfg.gradient_accumulation_steps is None):
+        if cfg.batch_size is not None and cfg.gradient_accumulation_steps is None:
+            e.append(("batch_size", "batch_size without micro_batch_size: add micro_batch_size"))
+    if cfg.batch_size is not None and cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
+        e.append(("batch_size", f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}"))
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        e.append(("warmup_steps", "warmup_steps and warmup_ratio are exclusive: keep one"))
+    if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
+        e.append(("save_steps", "save_steps and saves_per_epoch are exclusive: keep one"))
+    if cfg.eval_steps is not None and cfg.evals_per_epoch is not None:
+        e.append(("eval_steps", "eval_steps and evals_per_epoch are exclusive: keep one"))
+    if cfg.fsdp and cfg.deepspeed:
+        e.append(("fsdp", "fsdp and deepspeed are exclusive: keep one"))
+    if cfg.fsdp_config is not None and cfg.deepspeed:
+        e.append(("fsdp_config", "fsdp_config and deepspeed are exclusive: keep one"))
+    if not cfg.datasets and not cfg.pretraining_dataset:
+        e.append(("datasets", "datasets (or pretraining_dataset) is required: add at least one dataset"))
+    if cfg.bf16 is True and cfg.fp16:
+        e.append(("bf16", "bf16 and fp16 are exclusive: keep one"))
+    if cfg.optimizer not in OPTIMIZERS:
+        e.append(("optimizer", f"optimizer {cfg.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}"))
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        e.append(("lr_scheduler", f"lr_scheduler {cfg.lr_scheduler!r} is not known; use one of {', '.join(LR_SCHEDULERS)}"))
+    if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        e.append(("attn_implementation", f"attn_implementation {cfg.attn_implementation!r} is not supported; use one of {', '.join(ATTN_IMPLEMENTATIONS)}"))
+    if cfg.lora_model_dir and cfg.adapter is None:
+        e.append(("lora_model_dir", "lora_model_dir needs adapter: lora or qlora"))
+    if cfg.merge_lora and cfg.adapter is None:
+        e.append(("merge_lora", "merge_lora needs an adapter (full fine-tuning already produces a merged model)"))
+    if cfg.val_set_size >= 1.0 and cfg.val_set_size != int(cfg.val_set_size):
+        e.append(("val_set_size", "val_set_size is a fraction in [0, 1) or a whole number of rows"))
+    if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
+        e.append((
+            "deepspeed",
+            f"deepspeed {cfg.deepspeed!r}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
+            "file paths are not read from a job",
+        ))
+    return e

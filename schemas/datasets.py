@@ -1,0 +1,131 @@
+"""Dataset entries of a training config, with axolotl's key names.
+
+A `type` is either a prompt-strategy name from the closed list below, or the dict form
+(user-defined instruction format). Dotted module types (`pkg.mod`) execute code on the worker
+and are refused by `schemas.validate` unless the operator allows plugins.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Strategy names ftw implements (worker/data/strategies). `chat_template.default` is axolotl's
+# spelling of the same loader.
+SUPPORTED_TYPES = (
+    "alpaca",
+    "alpaca:chat",
+    "alpaca:chatml",
+    "alpaca:phi",
+    "chat_template",
+    "chat_template.default",
+    "completion",
+    "input_output",
+)
+
+# axolotl strategy families that exist but ftw does not implement: a clear error, not a guess.
+KNOWN_UNSUPPORTED_TYPES = (
+    "bradley_terry", "ebft_pretrain", "ebft_strided_chat", "orpo", "dpo", "kto", "stepwise_supervised",
+    "metharme", "pygmalion", "oasst", "gpteacher", "reflection", "explainchoice", "concisechoice",
+    "summarizetldr", "jeopardy", "context_qa", "creative_acr", "alpaca_w_system", "llama2_chat",
+    "user_defined", "messages", "orcamini", "alpaca_chat", "alpaca_instruct", "base", "chatml",
+)
+
+TRAIN_ON_EOS = Literal["all", "turn", "last", "none"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class UserDefinedFormat(Frozen):
+    """The dict form of `type`: field names and a format string with {instruction}/{input}."""
+
+    field_system: Optional[str] = None
+    field_instruction: Optional[str] = None
+    field_input: Optional[str] = None
+    field_output: Optional[str] = None
+    system_prompt: Optional[str] = None
+    system_format: Optional[str] = None
+    format: Optional[str] = None
+    no_input_format: Optional[str] = None
+
+
+class MessagePropertyMappings(Frozen):
+    model_config = ConfigDict(frozen=True, extra="allow")
+    role: str = "role"
+    content: str = "content"
+
+
+class DatasetConfig(Frozen):
+    # the source
+    path: str
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Optional[Union[str, list[str]]] = None
+    ds_type: Optional[Literal["json", "jsonl", "parquet", "csv", "arrow", "text"]] = None
+    revision: Optional[str] = None
+    shards: Optional[int] = Field(default=None, ge=1)
+    shards_idx: Optional[int] = Field(default=None, ge=0)
+    preprocess_shards: Optional[int] = None
+    # the prompt strategy
+    type: Optional[Union[str, UserDefinedFormat]] = None
+    field: Optional[str] = None
+    text_column: Optional[str] = None
+    train_on_split: Optional[str] = None
+    # chat_template strategy
+    chat_template: Optional[str] = None
+    chat_template_jinja: Optional[str] = None
+    field_messages: str = "messages"
+    field_system: Optional[str] = None
+    field_tools: Optional[str] = None
+    message_property_mappings: Optional[MessagePropertyMappings] = None
+    message_field_role: Optional[str] = None
+    message_field_content: Optional[str] = None
+    message_field_training: Optional[str] = None
+    message_field_training_detail: Optional[str] = None
+    roles: Optional[dict[str, list[str]]] = None
+    roles_to_train: Optional[list[str]] = None
+    train_on_eos: Optional[TRAIN_ON_EOS] = None
+    train_on_eot: Optional[TRAIN_ON_EOS] = None
+    drop_system_message: Optional[bool] = None
+    split_thinking: Optional[bool] = None
+    # per-dataset overrides
+    train_on_inputs: Optional[bool] = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("path is empty: give a Hub dataset id, a local file or folder, s3:// or https:// URI")
+        if "\x00" in v:
+            raise ValueError("path contains a NUL byte")
+        return v
+
+    def strategy_name(self) -> str:
+        """The strategy family: 'alpaca', 'chat_template', 'completion', 'input_output' or 'user_defined'."""
+        if self.type is None:
+            return "chat_template" if self.field_messages != "messages" else "alpaca"
+        if isinstance(self.type, UserDefinedFormat):
+            return "user_defined"
+        return self.type.split(":")[0].split(".")[0]
+
+    def role_key(self) -> str:
+        if self.message_property_mappings is not None:
+            return self.message_property_mappings.role
+        return self.message_field_role or "role"
+
+    def content_key(self) -> str:
+        if self.message_property_mappings is not None:
+            return self.message_property_mappings.content
+        return self.message_field_content or "content"
+
+
+class PretrainingDatasetConfig(Frozen):
+    path: str
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Optional[Union[str, list[str]]] = None
+    type: Optional[str] = "pretrain"
+    text_column: str = "text"
+    skip: Optional[int] = None

@@ -1,0 +1,88 @@
+"""The one shape of a validation problem, shared by `ftw validate`, the handler and the endpoint.
+
+Validation never stops at the first problem: every stage appends to a list of `Issue`s and the
+caller gets all of them with their locations (`datasets[0].type`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Issue:
+    loc: str
+    msg: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"loc": self.loc, "msg": self.msg}
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+
+def format_loc(parts: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
+    """(datasets, 0, type) -> 'datasets[0].type' — the form users see in their YAML."""
+    out = prefix
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else str(p)
+    return out
+
+
+@dataclass
+class Report:
+    """Outcome of validating a config or a job: valid iff no errors; warnings never block."""
+
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    value: Any = None
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+    def error(self, loc: str, msg: str) -> None:
+        self.errors.append(Issue(loc, msg))
+
+    def warn(self, loc: str, msg: str) -> None:
+        self.warnings.append(Issue(loc, msg))
+
+    def extend(self, other: "Report", prefix: str = "") -> None:
+        def shift(i: Issue) -> Issue:
+            if not prefix:
+                return i
+            if not i.loc:
+                return Issue(prefix, i.msg)
+            sep = "" if i.loc.startswith("[") else "."
+            return Issue(f"{prefix}{sep}{i.loc}", i.msg)
+
+        self.errors += [shift(i) for i in other.errors]
+        self.warnings += [shift(i) for i in other.warnings]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid,
+            "errors": [i.as_dict() for i in self.errors],
+            "warnings": [i.as_dict() for i in self.warnings],
+        }
+
+
+def pydantic_issues(exc: Any, prefix: str = "") -> list[Issue]:
+    """Turn a pydantic ValidationError into Issues with YAML-style locations."""
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            shown = repr(err["input"])
+            msg = f"{msg} (got {shown[:80]})"
+        msg = msg.removeprefix("Value error, ")
+        issues.append(Issue(format_loc(loc, prefix), msg))
+    return issues

@@ -1,0 +1,150 @@
+"""The job input a user sends to the training endpoint (RunPod `input`), and its validation.
+
+Accepted shapes: `{"input": {...}}` or the bare input; `config` or its alias `args` (the axolotl
+worker's name); the axolotl worker's `user_id`/`model_id` are accepted and ignored. Credentials
+are SecretStr: never printed, never dumped (`JobInput.public_dict` drops them).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from schemas.config import TrainingConfig
+from schemas.issues import Report, pydantic_issues
+from schemas.validate import validate_config
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PublishKind = Literal["adapter", "checkpoints", "merged"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class S3Output(Frozen):
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    prefix: str = ""
+    endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://")
+    region: Optional[str] = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_safe(cls, v: str) -> str:
+        if "\x00" in v or ".." in v.split("/"):
+            raise ValueError("prefix may not contain '..' segments or NUL bytes")
+        return v.strip("/")
+
+
+class HubOutput(Frozen):
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+    private: bool = True
+    revision: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
+
+
+class Outputs(Frozen):
+    s3: Optional[S3Output] = None
+    hub: Optional[HubOutput] = None
+
+
+class Credentials(Frozen):
+    hf_token: Optional[SecretStr] = None
+    wandb_api_key: Optional[SecretStr] = None
+    aws_access_key_id: Optional[SecretStr] = None
+    aws_secret_access_key: Optional[SecretStr] = None
+    aws_session_token: Optional[SecretStr] = None
+
+    def secrets(self) -> list[str]:
+        return [v.get_secret_value() for v in self.__dict__.values() if v is not None and v.get_secret_value()]
+
+
+class TimeLimits(Frozen):
+    """Seconds; None means no limit for that stage."""
+
+    preprocess_s: Optional[float] = Field(default=3600, gt=0)
+    train_s: Optional[float] = Field(default=None, gt=0)
+    publish_s: Optional[float] = Field(default=1800, gt=0)
+    no_progress_s: Optional[float] = Field(default=900, gt=0)
+
+
+class JobInput(Frozen):
+    run_id: str
+    config: TrainingConfig
+    outputs: Outputs = Outputs()
+    publish: list[PublishKind] = ["adapter"]
+    resume: bool = True
+    limits: TimeLimits = TimeLimits()
+    credentials: Credentials = Credentials()
+    allow_cpu: bool = False
+    user_id: Optional[str] = None
+    model_id: Optional[str] = None
+
+    def public_dict(self) -> dict[str, Any]:
+        """The job as it may be written to disk or shown: no credentials."""
+        return self.model_dump(mode="json", exclude={"credentials"})
+
+
+def check_run_id(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"run_id must be a string, got {type(value).__name__}"
+    if not RUN_ID_PATTERN.fullmatch(value):
+        return (
+            f"run_id {value[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', '..', spaces or absolute paths)"
+        )
+    return None
+
+
+def run_id_from_job_id(job_id: str | None) -> str:
+    """A RunPod job id made safe as a run id (RunPod ids are already mostly safe)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", job_id or "").strip("-._")[:64]
+    return cleaned or "run"
+
+
+def unwrap_input(raw: Any) -> Any:
+    if isinstance(raw, Mapping) and set(raw) & {"input"} and "config" not in raw and "args" not in raw:
+        return raw["input"]
+    return raw
+
+
+def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | None = None) -> Report:
+    """Every problem of a job at once; `report.value` is the JobInput when valid."""
+    env = os.environ if env is None else env
+    report = Report()
+    raw = unwrap_input(raw)
+    if not isinstance(raw, Mapping):
+        report.error("input", f"the job input must be a JSON object, got {type(raw).__name__}")
+        return report
+    data = dict(raw)
+    if "config" in data and "args" in data:
+        report.error("args", "give the training config once, as config (or its alias args), not both")
+    config_raw = data.pop("config", data.pop("args", None))
+    if config_raw is None:
+        report.error("config", "required key is missing: the training config (axolotl YAML keys) goes under config")
+    else:
+        config_report = validate_config(config_raw, env)
+        report.extend(config_report, prefix="config")
+    if "run_id" not in data or data["run_id"] in (None, "default_run_id"):
+        data["run_id"] = run_id_from_job_id(job_id)
+    problem = check_run_id(data["run_id"])
+    if problem:
+        report.error("run_id", problem)
+    if not report.valid:
+        _collect_rest(data, report)
+        return report
+    try:
+        report.value = JobInput.model_validate({**data, "config": config_report.value})
+    except ValidationError as e:
+        report.errors += pydantic_issues(e)
+    return report
+
+
+def _collect_rest(data: dict[str, Any], report: Report) -> None:
+    """Field errors of the non-config part, so a job with several problems shows them all."""
+    try:
+        JobInput.model_validate({**data, "config": {"base_model": "x", "learning_rate": 1, "datasets": [{"path": "x"}]}})
+    except ValidationError as e:
+        report.errors += [i for i in pydantic_issues(e) if not i.loc.startswith(("config", "run_id"))]

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models and tokenizers built locally once per session (no Hub here)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init Llama-architecture model with a ChatML tokenizer."""
+    from worker.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-chatml"), style="chatml")
+
+
+@pytest.fixture(scope="session")
+def llama3_model_dir(tmp_path_factory) -> Path:
+    from worker.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-llama3"), style="llama3")
+
+
+@pytest.fixture
+def volume(tmp_path, monkeypatch) -> Path:
+    """An empty BASE_VOLUME for one test, with CPU runs allowed."""
+    root = tmp_path / "volume"
+    root.mkdir()
+    monkeypatch.setenv("BASE_VOLUME", str(root))
+    monkeypatch.setenv("FTW_ALLOW_CPU", "1")
+    return root
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses of tests: the repo importable, no stray credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_TOKEN", "WANDB_", "RUNPOD_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
