@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# fixtures `s3_server` (real rclone S3 on loopback) and `hub_server` (local Hub HTTP API)
+pytest_plugins = ["tests.s3server", "tests.hubserver"]
 
 
 @pytest.fixture(scope="session")
