@@ -15,17 +15,17 @@ from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
 Auto = Literal["auto"]
 
 OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_bnb_8bit", "adamw_8bit",
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_torch_8bit", "adamw_bnb_8bit", "adamw_8bit",
     "paged_adamw_8bit", "paged_adamw_32bit", "adamw_hf", "adafactor", "sgd", "adagrad", "lion_8bit",
     "paged_lion_8bit", "rmsprop", "muon",
 )
 LR_SCHEDULERS = (
     "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "rex",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "rex",
     "one_cycle",
 )
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-# axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py)
+# axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py); None: not supported
 LEGACY_ATTENTION_FLAGS = {
     "flash_attention": "flash_attention_2",
     "sdp_attention": "sdpa",
@@ -35,6 +35,12 @@ LEGACY_ATTENTION_FLAGS = {
     "sage_attention": None,
 }
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero3_offload", "zero2_offload")
+# the JSON files axolotl ships under deepspeed_configs/, read as the preset they are
+DEEPSPEED_BUNDLED_FILES = {
+    "zero1.json": "zero1", "zero1_torch_compile.json": "zero1", "zero2.json": "zero2", "zero2_torch_compile.json": "zero2",
+    "zero3.json": "zero3", "zero3_bf16.json": "zero3",
+    "zero3_bf16_cpuoffload_all.json": "zero3_offload", "zero3_bf16_cpuoffload_params.json": "zero3_offload",
+}
 
 
 class Frozen(BaseModel):
@@ -140,7 +146,8 @@ class TrainingConfig(Frozen):
     cosine_min_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     cosine_constant_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     lr_quadratic_warmup: bool = False
-    warmup_steps: Optional[int] = Field(default=None, ge=0)
+    # transformers reads a value below 1 as a fraction of the total steps
+    warmup_steps: Optional[Union[int, float]] = Field(default=None, ge=0)
     warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     adam_beta1: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
@@ -179,7 +186,7 @@ class TrainingConfig(Frozen):
     auto_resume_from_checkpoints: bool = True
     # ---- eval and logging ----------------------------------------------------------------------
     eval_steps: Optional[Union[int, float]] = Field(default=None, gt=0)
-    evals_per_epoch: Optional[int] = Field(default=None, ge=1)
+    evals_per_epoch: Optional[int] = Field(default=None, ge=0)
     eval_strategy: Optional[Literal["steps", "epoch", "no"]] = None
     logging_steps: Optional[int] = Field(default=None, ge=1)
     use_tensorboard: bool = False
@@ -213,69 +220,14 @@ class TrainingConfig(Frozen):
 
     # ---- derived values (pure) -----------------------------------------------------------------
     def batch_shape(self) -> tuple[int, int]:
-        """(micro_batch_size, gradient_accumulation_steps) from any two of the three batch keys."""
-        mbs, gas, bs = self.micro_batch_size, self.gradient_accumulation_steps, self.batch_size
-        if mbs is None:
-            mbs = 1 if bs is None or gas is None else max(1, bs // gas)
-        if gas is None:
-            gas = 1 if bs is None else max(1, bs // mbs)
-        return mbs, gas
+        """(micro_batch_size, gradient_accumulation_steps); batch_size = their product (schemas.rules checks it)."""
+        mbs = self.micro_batch_size or 1
+        if self.gradient_accumulation_steps is not None:
+            return mbs, self.gradient_accumulation_steps
+        return mbs, max(1, (self.batch_size or mbs) // mbs)
 
     def lora_alpha_value(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
 
     def is_full_finetune(self) -> bool:
         return self.adapter is None
-
-
-def cross_field_errors(cfg: TrainingConfig) -> list[tuple[str, str]]:
-    """Rules between keys, as axolotl enforces them: (location, what to change)."""
-    e: list[tuple[str, str]] = []
-    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
-        e.append(("adapter", "adapter: qlora needs load_in_4bit: true"))
-    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
-        e.append(("load_in_4bit", "load_in_4bit/load_in_8bit need an adapter (lora or qlora); full fine-tuning of a quantised model is not possible"))
-    if cfg.load_in_4bit and cfg.load_in_8bit:
-        e.append(("load_in_4bit", "load_in_4bit and load_in_8bit are exclusive: keep one"))
-    if cfg.adapter == "lora" and cfg.load_in_4bit:
-        e.append(("load_in_4bit", "load_in_4bit with adapter: lora — set adapter: qlora"))
-    if cfg.gradient_accumulation_steps is not None and cfg.batch_size is not None:
-        e.append(("gradient_accumulation_steps", "gradient_accumulation_steps and batch_size are exclusive: give micro_batch_size and one of them"))
-    if cfg.micro_batch_size is None and (cfg.batch_size is None or cfg.gradient_accumulation_steps is None):
-        if cfg.batch_size is not None and cfg.gradient_accumulation_steps is None:
-            e.append(("batch_size", "batch_size without micro_batch_size: add micro_batch_size"))
-    if cfg.batch_size is not None and cfg.micro_batch_size is not None and cfg.batch_size % cfg.micro_batch_size:
-        e.append(("batch_size", f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}"))
-    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
-        e.append(("warmup_steps", "warmup_steps and warmup_ratio are exclusive: keep one"))
-    if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
-        e.append(("save_steps", "save_steps and saves_per_epoch are exclusive: keep one"))
-    if cfg.eval_steps is not None and cfg.evals_per_epoch is not None:
-        e.append(("eval_steps", "eval_steps and evals_per_epoch are exclusive: keep one"))
-    if cfg.fsdp and cfg.deepspeed:
-        e.append(("fsdp", "fsdp and deepspeed are exclusive: keep one"))
-    if cfg.fsdp_config is not None and cfg.deepspeed:
-        e.append(("fsdp_config", "fsdp_config and deepspeed are exclusive: keep one"))
-    if not cfg.datasets and not cfg.pretraining_dataset:
-        e.append(("datasets", "datasets (or pretraining_dataset) is required: add at least one dataset"))
-    if cfg.bf16 is True and cfg.fp16:
-        e.append(("bf16", "bf16 and fp16 are exclusive: keep one"))
-    if cfg.optimizer not in OPTIMIZERS:
-        e.append(("optimizer", f"optimizer {cfg.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}"))
-    if cfg.lr_scheduler not in LR_SCHEDULERS:
-        e.append(("lr_scheduler", f"lr_scheduler {cfg.lr_scheduler!r} is not known; use one of {', '.join(LR_SCHEDULERS)}"))
-    if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
-        e.append(("attn_implementation", f"attn_implementation {cfg.attn_implementation!r} is not supported; use one of {', '.join(ATTN_IMPLEMENTATIONS)}"))
-    if cfg.lora_model_dir and cfg.adapter is None:
-        e.append(("lora_model_dir", "lora_model_dir needs adapter: lora or qlora"))
-    if cfg.merge_lora and cfg.adapter is None:
-        e.append(("merge_lora", "merge_lora needs an adapter (full fine-tuning already produces a merged model)"))
-    if cfg.val_set_size >= 1.0 and cfg.val_set_size != int(cfg.val_set_size):
-        e.append(("val_set_size", "val_set_size is a fraction in [0, 1) or a whole number of rows"))
-    if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
-        e.append((
-            "deepspeed",
-            f"deepspeed {cfg.deepspeed!r}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
-            "file paths are not read from a job",
-        ))
-    return e

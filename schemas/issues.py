@@ -5,14 +5,21 @@ caller gets all of them with their locations (`datasets[0].type`).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# Why an error blocks the job: the value is wrong ("invalid"), the feature is a real axolotl
+# feature ftw does not implement ("unsupported"), or the endpoint operator has to allow it
+# ("gated"). Not part of the JSON shape users script against; tests and the compat table use it.
+IssueKind = Literal["invalid", "unsupported", "gated"]
 
 
 @dataclass(frozen=True)
 class Issue:
     loc: str
     msg: str
+    kind: IssueKind = "invalid"
 
     def as_dict(self) -> dict[str, str]:
         return {"loc": self.loc, "msg": self.msg}
@@ -44,8 +51,8 @@ class Report:
     def valid(self) -> bool:
         return not self.errors
 
-    def error(self, loc: str, msg: str) -> None:
-        self.errors.append(Issue(loc, msg))
+    def error(self, loc: str, msg: str, kind: IssueKind = "invalid") -> None:
+        self.errors.append(Issue(loc, msg, kind))
 
     def warn(self, loc: str, msg: str) -> None:
         self.warnings.append(Issue(loc, msg))
@@ -55,9 +62,9 @@ class Report:
             if not prefix:
                 return i
             if not i.loc:
-                return Issue(prefix, i.msg)
+                return Issue(prefix, i.msg, i.kind)
             sep = "" if i.loc.startswith("[") else "."
-            return Issue(f"{prefix}{sep}{i.loc}", i.msg)
+            return Issue(f"{prefix}{sep}{i.loc}", i.msg, i.kind)
 
         self.errors += [shift(i) for i in other.errors]
         self.warnings += [shift(i) for i in other.warnings]
@@ -70,17 +77,24 @@ class Report:
         }
 
 
-def pydantic_issues(exc: Any, prefix: str = "") -> list[Issue]:
-    """Turn a pydantic ValidationError into Issues with YAML-style locations."""
+def pydantic_issues(exc: Any, prefix: str = "", redact: Collection[str] = ()) -> list[Issue]:
+    """Turn a pydantic ValidationError into Issues with YAML-style locations.
+
+    Under a top-level key in `redact` (credentials) the offending value is never shown, and a
+    key name is shown only when it is a known field (a mistyped key might be the secret itself).
+    """
     issues = []
     for err in exc.errors(include_url=False):
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        secret = bool(loc) and loc[0] in redact
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            if secret:
+                loc, msg = loc[:1], "unknown key (the accepted keys are listed in docs/config.md)"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not secret:
             shown = repr(err["input"])
             msg = f"{msg} (got {shown[:80]})"
         msg = msg.removeprefix("Value error, ")

@@ -14,15 +14,17 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from schemas.config import TrainingConfig
-from schemas.issues import Report, pydantic_issues
+from schemas.issues import Issue, Report, pydantic_issues
 from schemas.validate import validate_config
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PublishKind = Literal["adapter", "checkpoints", "merged"]
+SECRET_KEYS = ("credentials",)
+MIN_MASKED_LEN = 6  # shorter strings are too common in messages to mask, and too short to be a credential
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class S3Output(Frozen):
@@ -88,14 +90,29 @@ class JobInput(Frozen):
 
 
 def check_run_id(value: Any) -> str | None:
+    """None when `value` is a safe run id; else which rule it breaks (it names a folder and an S3 prefix)."""
     if not isinstance(value, str):
         return f"run_id must be a string, got {type(value).__name__}"
-    if not RUN_ID_PATTERN.fullmatch(value):
-        return (
-            f"run_id {value[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (no '/', '..', spaces or absolute paths)"
-        )
-    return None
+    if RUN_ID_PATTERN.fullmatch(value):
+        return None
+    if not value:
+        reason = "it is empty"
+    elif "\x00" in value:
+        reason = "it contains a NUL byte"
+    elif not value.isascii():
+        reason = "it contains non-ASCII characters"
+    elif "/" in value or "\\" in value:
+        reason = "it contains a path separator"
+    elif len(value) > 64:
+        reason = f"it is {len(value)} characters long"
+    elif value.startswith((".", "_", "-")):
+        reason = f"it starts with {value[0]!r}"
+    else:
+        reason = "it contains characters other than letters, digits, '.', '_' and '-'"
+    return (
+        f"run_id {value[:80]!r} is not allowed: {reason}; use 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
 
 
 def run_id_from_job_id(job_id: str | None) -> str:
@@ -105,13 +122,18 @@ def run_id_from_job_id(job_id: str | None) -> str:
 
 
 def unwrap_input(raw: Any) -> Any:
-    if isinstance(raw, Mapping) and set(raw) & {"input"} and "config" not in raw and "args" not in raw:
+    """The RunPod envelope `{"input": {...}}` (with `id` and friends) or the bare input."""
+    if isinstance(raw, Mapping) and "input" in raw and "config" not in raw and "args" not in raw:
         return raw["input"]
     return raw
 
 
 def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | None = None) -> Report:
-    """Every problem of a job at once; `report.value` is the JobInput when valid."""
+    """Every problem of a job at once; `report.value` is the JobInput when valid.
+
+    No credential value appears in any message: pydantic's echo is off under `credentials`, and
+    any credential string found elsewhere in a message is masked.
+    """
     env = os.environ if env is None else env
     report = Report()
     raw = unwrap_input(raw)
@@ -122,29 +144,49 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     if "config" in data and "args" in data:
         report.error("args", "give the training config once, as config (or its alias args), not both")
     config_raw = data.pop("config", data.pop("args", None))
+    config_report = Report()
     if config_raw is None:
         report.error("config", "required key is missing: the training config (axolotl YAML keys) goes under config")
     else:
         config_report = validate_config(config_raw, env)
         report.extend(config_report, prefix="config")
-    if "run_id" not in data or data["run_id"] in (None, "default_run_id"):
+    if data.get("run_id") in (None, "default_run_id"):  # axolotl's worker default would make every job one run
         data["run_id"] = run_id_from_job_id(job_id)
     problem = check_run_id(data["run_id"])
     if problem:
         report.error("run_id", problem)
-    if not report.valid:
-        _collect_rest(data, report)
+    placeholder = config_report.value or TrainingConfig.model_construct()
+    try:
+        job = JobInput.model_validate({**data, "config": placeholder})
+    except ValidationError as e:
+        report.errors += [i for i in pydantic_issues(e, redact=SECRET_KEYS) if not i.loc.startswith(("config", "run_id"))]
+    else:
+        if report.valid:
+            report.value = job
+    return _masked(report, _strings(raw.get("credentials")))
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (keys too) inside a JSON value: what a credentials block could hold."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _masked(report: Report, secrets: list[str]) -> Report:
+    secrets = sorted({s for s in secrets if len(s) >= MIN_MASKED_LEN}, key=len, reverse=True)
+    if not secrets:
         return report
-    try:
-        report.value = JobInput.model_validate({**data, "config": config_report.value})
-    except ValidationError as e:
-        report.errors += pydantic_issues(e)
+
+    def mask(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    report.errors = [Issue(mask(i.loc), mask(i.msg), i.kind) for i in report.errors]
+    report.warnings = [Issue(mask(i.loc), mask(i.msg), i.kind) for i in report.warnings]
     return report
-
-
-def _collect_rest(data: dict[str, Any], report: Report) -> None:
-    """Field errors of the non-config part, so a job with several problems shows them all."""
-    try:
-        JobInput.model_validate({**data, "config": {"base_model": "x", "learning_rate": 1, "datasets": [{"path": "x"}]}})
-    except ValidationError as e:
-        report.errors += [i for i in pydantic_issues(e) if not i.loc.startswith(("config", "run_id"))]

@@ -1,17 +1,23 @@
 """Which local paths a job may name: under BASE_VOLUME and FTW_ALLOWED_PATHS, nowhere else.
 
-A string is *local* when it is absolute, starts with `.`/`~`, or is a `file://` URI. Anything
-else that looks like `org/name` is a Hub id, and `s3://`, `http(s)://` are remote URIs.
-Resolution follows symlinks, so a link planted inside an allowed root cannot point out of it.
+A string is *local* when it is absolute, starts with `.`/`~`/`\\`, or is a `file://` URI;
+`s3://`, `http(s)://`, `hf://`, `gs://` are remote; anything else (`org/name`) is a Hub id.
+A relative local path (`./data.jsonl`) is read relative to BASE_VOLUME, never to the worker's
+current directory: readers resolve it with `resolve_local_path`, the same function the check
+uses. Resolution follows symlinks, so a link planted inside an allowed root cannot point out
+of it. A `..` segment is refused in every non-remote value, local or not, since a Hub id or a
+`data_files` name is later joined onto a folder.
 """
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_BASE_VOLUME = "./volume"
 REMOTE_SCHEMES = ("s3://", "http://", "https://", "hf://", "gs://")
+FILE_SCHEME = "file://"
 
 
 def base_volume(env: Mapping[str, str]) -> Path:
@@ -31,27 +37,39 @@ def is_remote(value: str) -> bool:
 
 
 def is_local(value: str) -> bool:
-    return value.startswith(("/", ".", "~", "file://")) or value.startswith("\\")
+    return value.startswith(("/", ".", "~", "\\", FILE_SCHEME))
 
 
-def local_path(value: str) -> Path:
-    return Path(value.removeprefix("file://")).expanduser()
+def resolve_local_path(value: str, env: Mapping[str, str]) -> Path:
+    """The absolute, symlink-free path a local value names (relative ones under BASE_VOLUME)."""
+    path = Path(value.removeprefix(FILE_SCHEME)).expanduser()
+    if not path.is_absolute():
+        path = base_volume(env) / path
+    return path.resolve()
 
 
 def check_local_path(value: str, env: Mapping[str, str]) -> str | None:
     """None when `value` is not local or resolves inside an allowed root; else what to change."""
     if "\x00" in value:
         return "path contains a NUL byte"
+    if is_remote(value):
+        return None
+    if ".." in re.split(r"[/\\]", value):
+        return f"path {value[:200]!r} contains a '..' segment; name the file or folder directly"
     if not is_local(value):
         return None
+    if value.startswith(FILE_SCHEME) and not value.startswith(FILE_SCHEME + "/"):
+        return f"file URI {value[:200]!r} names a host; use file:///absolute/path"
+    if value.startswith(FILE_SCHEME) and "%" in value:
+        return f"file URI {value[:200]!r} has %-escapes; write the path as it is"
     try:
-        resolved = local_path(value).resolve()
-    except (OSError, RuntimeError) as e:
-        return f"path {value!r} cannot be resolved ({e.__class__.__name__})"
+        resolved = resolve_local_path(value, env)
+    except (OSError, RuntimeError, ValueError) as e:
+        return f"path {value[:200]!r} cannot be resolved ({e.__class__.__name__})"
     roots = allowed_roots(env)
     if any(resolved == r or r in resolved.parents for r in roots):
         return None
     return (
-        f"local path {value!r} is outside the allowed folders ({', '.join(str(r) for r in roots)}); "
+        f"local path {value[:200]!r} is outside the allowed folders ({', '.join(str(r) for r in roots)}); "
         "put the file under BASE_VOLUME or ask the endpoint operator to add its folder to FTW_ALLOWED_PATHS"
     )

@@ -1,0 +1,121 @@
+"""Sort every key of a (normalised) config into typed, no-effect, unsupported, gated or unknown.
+
+Returns new dicts holding only typed keys; the rest become warnings (no effect, unknown with a
+"did you mean") or errors that name the key (unsupported, gated). Dataset entries get the same
+treatment with their own registries, and their `type` is checked against the strategies ftw has.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from schemas.config import LEGACY_ATTENTION_FLAGS, TrainingConfig
+from schemas.datasets import KNOWN_UNSUPPORTED_TYPES, SUPPORTED_TYPES, DatasetConfig, PretrainingDatasetConfig
+from schemas.environment import env_flag
+from schemas.issues import Report, format_loc
+from schemas.keys import (ALIASES, DATASET_NO_EFFECT, DATASET_UNSUPPORTED, GATED, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
+                          is_off, unsupported_reason)
+
+TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
+ALL_KNOWN = TYPED_FIELDS | set(ALIASES) | set(NO_EFFECT) | set(UNSUPPORTED) | set(GATED) | set(LEGACY_ATTENTION_FLAGS) | {TORCH_DTYPE_KEY}
+DATASET_LISTS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDatasetConfig}
+# where ftw decides itself: accepted as typed fields (others read them), but the job's value is not used
+FTW_DECIDES = {"output_dir": "ftw writes each run to BASE_VOLUME/runs/<run_id>"}
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> dict[str, Any]:
+    """The typed keys of `cfg`; every other key is reported."""
+    clean: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if not isinstance(key, str):
+            report.error(str(key), f"config keys must be strings, got {type(key).__name__}")
+        elif key in GATED:
+            _gated(key, value, env, clean, report)
+        elif (reason := unsupported_reason(key)) is not None:
+            if not is_off(value):
+                shown = f"{key}: {value}" if isinstance(value, str) else key
+                report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
+        elif key in TYPED_FIELDS:
+            if key in FTW_DECIDES and value is not None:
+                report.warn(key, f"{key} is set by ftw: {FTW_DECIDES[key]}; the job's value is not used")
+            clean[key] = value
+        elif key in NO_EFFECT:
+            report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
+        else:
+            report.warn(key, f"unknown key {key!r} is ignored{did_you_mean(key, ALL_KNOWN)}")
+    return clean
+
+
+def _gated(key: str, value: Any, env: Mapping[str, str], clean: dict[str, Any], report: Report) -> None:
+    if is_off(value):
+        return
+    if not env_flag(env, GATED[key]):
+        report.error(key, f"{key} runs code on the worker and is refused; the endpoint operator can allow it with {GATED[key]}=1", "gated")
+    elif key in TYPED_FIELDS:
+        clean[key] = value
+    else:
+        report.error(key, f"{key} is allowed by the operator ({GATED[key]}), but ftw does not load plugins or extra module paths", "unsupported")
+
+
+def classify_dataset_lists(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> dict[str, Any]:
+    """`cfg` with each dataset entry reduced to its typed keys (entries that are not mappings are left to pydantic)."""
+    out = dict(cfg)
+    for list_key, model in DATASET_LISTS.items():
+        entries = cfg.get(list_key)
+        if isinstance(entries, list):
+            out[list_key] = [
+                _classify_entry(ds, model, format_loc([list_key, i]), env, report) if isinstance(ds, Mapping) else ds
+                for i, ds in enumerate(entries)
+            ]
+    return out
+
+
+def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report) -> dict[str, Any]:
+    fields = model.model_fields
+    clean: dict[str, Any] = {}
+    for key, value in ds.items():
+        where = f"{loc}.{key}"
+        if not isinstance(key, str):
+            report.error(loc, f"dataset keys must be strings, got {type(key).__name__}")
+        elif key in DATASET_UNSUPPORTED:
+            if not is_off(value):
+                report.error(where, f"{key} is not supported by ftw ({DATASET_UNSUPPORTED[key]}); remove it", "unsupported")
+        elif key in fields:
+            if value is not None or fields[key].default is None:
+                clean[key] = value
+        elif key in DATASET_NO_EFFECT:
+            report.warn(where, f"{key} has no effect in ftw: {DATASET_NO_EFFECT[key]}")
+        else:
+            report.warn(where, f"unknown dataset key {key!r} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
+    if model is DatasetConfig:
+        _check_type(clean.get("type"), f"{loc}.type", env, report)
+        jinja = clean.get("chat_template_jinja")
+        if isinstance(jinja, str) and jinja.strip().endswith((".jinja", ".j2")):
+            report.error(f"{loc}.chat_template_jinja", "chat_template_jinja must be the template text, not a file path")
+    return clean
+
+
+def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> None:
+    if not isinstance(kind, str) or kind in SUPPORTED_TYPES:
+        return
+    base = kind.split(":")[0]
+    family = base.split(".")[0]
+    if family.startswith("sharegpt"):
+        report.error(loc, f"type {kind!r} was removed from axolotl; use type: chat_template with field_messages "
+                          "(and message_property_mappings for from/value keys)", "unsupported")
+    elif family in KNOWN_UNSUPPORTED_TYPES:
+        report.error(loc, f"prompt strategy {kind!r} is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
+    elif "." in kind:
+        if not env_flag(env, "FTW_ALLOW_PLUGINS"):
+            report.error(loc, f"type {kind!r} names a Python module, which would run code on the worker; "
+                              "refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1", "gated")
+        else:
+            report.error(loc, f"custom strategy module {kind!r} is not implemented by ftw", "unsupported")
+    else:
+        report.error(loc, f"unknown prompt strategy {kind!r}; use one of {', '.join(SUPPORTED_TYPES)} or the dict form")

@@ -1,0 +1,146 @@
+"""Rules between keys of a training config, as axolotl enforces them.
+
+Each rule names the keys it reads. `cross_field_errors(cfg, broken)` skips a rule when one of
+its keys is in `broken` (its value failed its own check, so `cfg` holds a stand-in): that way a
+config with a bad learning_rate still gets the adapter rules checked, and no rule fires on a
+placeholder. Rules only read; they yield Issues (location, what to change).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+
+from schemas.config import ATTN_IMPLEMENTATIONS, DEEPSPEED_PRESETS, LR_SCHEDULERS, OPTIMIZERS, TrainingConfig
+from schemas.issues import Issue
+from schemas.keys import KNOWN_OPTIMIZERS
+
+Problems = Iterator[Issue]
+RULES: list[tuple[frozenset[str], Callable[[TrainingConfig], Problems]]] = []
+
+
+def rule(*keys: str) -> Callable[[Callable[[TrainingConfig], Problems]], Callable[[TrainingConfig], Problems]]:
+    def register(fn: Callable[[TrainingConfig], Problems]) -> Callable[[TrainingConfig], Problems]:
+        RULES.append((frozenset(keys), fn))
+        return fn
+
+    return register
+
+
+def cross_field_errors(cfg: TrainingConfig, broken: Collection[str] = ()) -> list[Issue]:
+    """Every rule whose keys all hold real values; `broken` are top-level keys that did not validate."""
+    return [p for keys, fn in RULES if not keys & set(broken) for p in fn(cfg)]
+
+
+# ---- adapters and quantisation ------------------------------------------------------------------
+@rule("adapter", "load_in_4bit", "load_in_8bit")
+def _quantisation(cfg: TrainingConfig) -> Problems:
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        yield Issue("adapter", "adapter: qlora needs load_in_4bit: true")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
+        key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+        yield Issue(key, f"{key} needs an adapter (lora or qlora); full fine-tuning of a quantised model is not possible")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        yield Issue("load_in_4bit", "load_in_4bit and load_in_8bit are exclusive: keep one")
+    if cfg.adapter == "lora" and cfg.load_in_4bit:
+        yield Issue("load_in_4bit", "load_in_4bit with adapter: lora — set adapter: qlora")
+
+
+@rule("adapter", "lora_model_dir", "merge_lora")
+def _needs_adapter(cfg: TrainingConfig) -> Problems:
+    if cfg.lora_model_dir and cfg.adapter is None:
+        yield Issue("lora_model_dir", "lora_model_dir needs adapter: lora or qlora")
+    if cfg.merge_lora and cfg.adapter is None:
+        yield Issue("merge_lora", "merge_lora needs an adapter (full fine-tuning already produces a merged model)")
+
+
+# ---- batch arithmetic and schedule --------------------------------------------------------------
+@rule("micro_batch_size", "gradient_accumulation_steps", "batch_size")
+def _batch(cfg: TrainingConfig) -> Problems:
+    """batch_size = micro_batch_size × gradient_accumulation_steps: give micro_batch_size and one of the others."""
+    if cfg.batch_size is None:
+        return
+    if cfg.gradient_accumulation_steps is not None:
+        yield Issue("batch_size", "gradient_accumulation_steps and batch_size are exclusive: give micro_batch_size and one of them")
+    elif cfg.micro_batch_size is None:
+        yield Issue("batch_size", "batch_size needs micro_batch_size (gradient_accumulation_steps = batch_size / micro_batch_size): add micro_batch_size")
+    elif cfg.batch_size % cfg.micro_batch_size:
+        yield Issue("batch_size", f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
+
+
+@rule("warmup_steps", "warmup_ratio")
+def _warmup(cfg: TrainingConfig) -> Problems:
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        yield Issue("warmup_steps", "warmup_steps and warmup_ratio are exclusive: keep one")
+    steps = cfg.warmup_steps
+    if isinstance(steps, float) and steps >= 1 and not steps.is_integer():
+        yield Issue("warmup_steps", f"warmup_steps {steps} is neither a whole number of steps nor a fraction below 1")
+
+
+@rule("save_steps", "saves_per_epoch")
+def _saves(cfg: TrainingConfig) -> Problems:
+    if cfg.save_steps is not None and cfg.saves_per_epoch is not None:
+        yield Issue("save_steps", "save_steps and saves_per_epoch are exclusive: keep one")
+
+
+@rule("eval_steps", "evals_per_epoch")
+def _evals(cfg: TrainingConfig) -> Problems:
+    if cfg.eval_steps is not None and cfg.evals_per_epoch is not None:
+        yield Issue("eval_steps", "eval_steps and evals_per_epoch are exclusive: keep one")
+
+
+@rule("optimizer")
+def _optimizer(cfg: TrainingConfig) -> Problems:
+    if cfg.optimizer in KNOWN_OPTIMIZERS:
+        yield Issue("optimizer", f"optimizer {cfg.optimizer!r} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}", "unsupported")
+    elif cfg.optimizer not in OPTIMIZERS:
+        yield Issue("optimizer", f"optimizer {cfg.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+
+
+@rule("lr_scheduler")
+def _scheduler(cfg: TrainingConfig) -> Problems:
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        yield Issue("lr_scheduler", f"lr_scheduler {cfg.lr_scheduler!r} is not known; use one of {', '.join(LR_SCHEDULERS)}")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@rule("datasets", "pretraining_dataset")
+def _has_data(cfg: TrainingConfig) -> Problems:
+    if not cfg.datasets and not cfg.pretraining_dataset:
+        yield Issue("datasets", "datasets (or pretraining_dataset) is required: add at least one dataset")
+
+
+@rule("val_set_size")
+def _val_set_size(cfg: TrainingConfig) -> Problems:
+    if cfg.val_set_size >= 1.0 and cfg.val_set_size != int(cfg.val_set_size):
+        yield Issue("val_set_size", "val_set_size is a fraction in [0, 1) or a whole number of rows")
+
+
+# ---- precision, attention, distributed ----------------------------------------------------------
+@rule("bf16", "fp16")
+def _precision(cfg: TrainingConfig) -> Problems:
+    if cfg.bf16 is True and cfg.fp16:
+        yield Issue("bf16", "bf16 and fp16 are exclusive: keep one")
+
+
+@rule("attn_implementation")
+def _attention(cfg: TrainingConfig) -> Problems:
+    if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        yield Issue(
+            "attn_implementation",
+            f"attn_implementation {cfg.attn_implementation!r} is not supported by ftw; use one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+            "unsupported",
+        )
+
+
+@rule("fsdp", "fsdp_config", "deepspeed")
+def _distributed(cfg: TrainingConfig) -> Problems:
+    if (cfg.fsdp or cfg.fsdp_config is not None) and cfg.deepspeed:
+        yield Issue("fsdp" if cfg.fsdp else "fsdp_config", "fsdp and deepspeed are exclusive: keep one")
+
+
+@rule("deepspeed")
+def _deepspeed(cfg: TrainingConfig) -> Problems:
+    if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
+        yield Issue("deepspeed", (
+            f"deepspeed {cfg.deepspeed!r}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
+            "config files are not read from a job (they would read files on the worker)"
+        ), "unsupported")
