@@ -48,6 +48,11 @@ def resolve_local_path(value: str, env: Mapping[str, str]) -> Path:
     return path.resolve()
 
 
+def local_path(value: str) -> Path:
+    """`resolve_local_path` under this process's environment (stage children inherit BASE_VOLUME)."""
+    return resolve_local_path(value, os.environ)
+
+
 def check_local_path(value: str, env: Mapping[str, str]) -> str | None:
     """None when `value` is not local or resolves inside an allowed root; else what to change."""
     if "\x00" in value:
