@@ -102,3 +102,9 @@ class InfraError(FtwError):
 class StageMissing(FtwError):
     """A pipeline stage is not available in this build."""
     code = "not_implemented"
+
+
+class RunInUse(FtwError):
+    """Another job holds the same run_id's folder right now (the second job fails, never shares)."""
+    code = "run_in_use"
+    retryable = True

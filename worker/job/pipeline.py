@@ -1,0 +1,263 @@
+"""One job, top to bottom — the function both `handler.py` (RunPod) and `ftw run` call.
+
+    validate → run dir (safe path, lock, writable, disk estimate) → GPU probe
+             → preprocess (child) → train (child) → publish → result
+
+`run_job(raw, ...)` never raises for anything a job can cause: it returns the result
+`{run_id, status: "completed", artifacts, metrics, timings, run_dir, warnings}` or the failure
+`{run_id, status: "failed"|"cancelled"|"preempted", error: {code, stage, message, hint, retryable,
+log_tail, details}, timings}`, with every secret redacted. Progress goes to `on_progress` while it
+runs; `stop.request("cancelled"|"preempted")` from another thread ends it cleanly (the running
+child gets SIGTERM and a grace period to checkpoint). A run_id seen before resumes: stages recorded
+as finished in its state.json are skipped, and training continues from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from schemas.job import JobInput, check_run_id, validate_job
+from schemas.paths import base_volume
+from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError, StageMissing
+from worker.job import gpu, stages
+from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
+from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
+from worker.job.rundir import RunDir, open_run_dir, read_json, write_json_atomic
+from worker.job.secrets import Redactor, child_env, job_credential_env
+from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
+
+STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
+STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
+
+
+def run_job(
+    raw: Any,
+    *,
+    job_id: str | None = None,
+    env: Mapping[str, str] | None = None,
+    s3_config: Mapping[str, Any] | None = None,
+    on_progress: ProgressSink | None = None,
+    stop: StopSignal | None = None,
+) -> dict[str, Any]:
+    env = dict(os.environ if env is None else env)
+    started = time.monotonic()
+    report = validate_job(raw, job_id, env)
+    if not report.valid:
+        problems = "; ".join(str(i) for i in report.errors)
+        error = JobSpecError(
+            f"the job is invalid ({len(report.errors)} problem(s)): {problems}",
+            "fix every problem listed (the same list as `ftw validate JOB.json`); nothing was started",
+            stage="validate",
+            details={"errors": [i.as_dict() for i in report.errors], "warnings": [i.as_dict() for i in report.warnings]},
+        )
+        result = failure_result(error, raw_run_id(raw))
+        result["timings"] = {"validate_s": round(time.monotonic() - started, 4)}
+        return Redactor.for_job(env, {}, s3_config).data(result)
+    job: JobInput = report.value
+    credentials = job_credential_env(job.credentials, s3_config)
+    redactor = Redactor.for_job(env, credentials, s3_config)
+    pipeline = JobPipeline(job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal())
+    pipeline.timings["validate_s"] = round(time.monotonic() - started, 4)
+    pipeline.warnings = [i.as_dict() for i in report.warnings]
+    try:
+        result = pipeline.run()
+    except FtwError as e:
+        result = failure_result(e, job.run_id)
+    result["timings"] = {**pipeline.timings, "total_s": round(time.monotonic() - started, 3)}
+    return redactor.data(result)
+
+
+def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
+    result = error.as_result(run_id)
+    result["status"] = STATUS_BY_CODE.get(error.code, "failed")
+    return result
+
+
+def raw_run_id(raw: Any) -> str | None:
+    inner = raw.get("input", raw) if isinstance(raw, dict) else None
+    value = inner.get("run_id") if isinstance(inner, dict) else None
+    return value if check_run_id(value) is None else None
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+class JobPipeline:
+    """The steps of one validated job, in order; each raises a typed FtwError when it cannot go on."""
+
+    def __init__(self, job: JobInput, env: dict[str, str], credentials: dict[str, str], redactor: Redactor,
+                 sink: ProgressSink, stop: StopSignal):
+        self.job, self.env, self.credentials, self.redactor, self.stop = job, env, credentials, redactor, stop
+        self.progress = Throttle(sink, float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
+        self.timings: dict[str, float] = {}
+        self.warnings: list[dict[str, str]] = []
+        self.gpu_env: dict[str, str] = {}
+        self.gpu_count = 0
+
+    # ---- the job path -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        with self.step("run_dir", "preparing the run folder"):
+            run = open_run_dir(base_volume(self.env), self.job.run_id)
+        try:
+            self.check_resumable(run)
+            config_path = self.write_config(run)
+            if not run.stage_done("train"):
+                with self.step("checks", "checking disk and GPU"):
+                    estimate, shape = estimate_disk(self.job.config, self.env)
+                    disk = check_disk(estimate, run.base)
+                    self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
+                    write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
+            cache_dir = self.preprocess(run, config_path)
+            metrics = self.train(run, config_path, cache_dir)
+            artifacts = self.publish(run)
+        finally:
+            self.progress.flush()
+            run.close()
+        return {
+            "run_id": self.job.run_id, "status": "completed", "artifacts": artifacts, "metrics": metrics,
+            "run_dir": str(run.path), "warnings": self.warnings,
+        }
+
+    def preprocess(self, run: RunDir, config_path: Path) -> Path:
+        done = run.stage_done("preprocess")
+        if done and stages.read_manifest(Path(done["cache_dir"])):
+            self.progress(stage_update(self.job.run_id, "preprocess", "prepared data found from an earlier attempt"))
+            return Path(done["cache_dir"])
+        with self.step("preprocess", "preparing the datasets"):
+            child = self.supervise(run, "preprocess", stages.preprocess_argv(config_path), self.job.limits.preprocess_s)
+            try:
+                cache_dir, summary = stages.prepared_cache(child.last_stdout_line())
+            except FtwError as e:
+                e.log_tail = child.log_tail()
+                raise
+        run.mark_done("preprocess", {"cache_dir": str(cache_dir), "summary": summary})
+        return cache_dir
+
+    def train(self, run: RunDir, config_path: Path, cache_dir: Path) -> dict[str, Any]:
+        cfg = self.job.config
+        done = run.stage_done("train")
+        if done:
+            self.progress(stage_update(self.job.run_id, "train", "training finished in an earlier attempt"))
+            return done["metrics"]
+        resume_from = stages.newest_checkpoint(run.path)
+        if resume_from is not None:
+            self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{resume_from}"))
+        with self.step("train", "fine-tuning"):
+            argv = stages.train_argv(config_path, run.path, cache_dir, self.gpu_count)
+            try:
+                self.supervise(run, "train", argv, self.job.limits.train_s)
+            except FtwError as e:
+                e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
+                raise
+            outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
+        if resume_from is not None:
+            outputs["metrics"]["resumed_from_step"] = resume_from
+        run.mark_done("train", outputs)
+        return outputs["metrics"]
+
+    def publish(self, run: RunDir) -> list[dict[str, Any]]:
+        done = run.stage_done("publish")
+        if done:
+            return done["artifacts"]
+        self.check_stop()
+        try:
+            from worker.publish import publish_run
+        except ImportError:
+            raise StageMissing(
+                "the publish stage (worker.publish.publish_run) is not available in this build of ftw",
+                "the trained outputs are kept in the run folder; resubmit the same run_id with a build that publishes",
+                stage="publish",
+            ) from None
+        with self.step("publish", "publishing"):
+            try:
+                artifacts = publish_run(run.path, self.job, self.stage_env(run))
+            except FtwError:
+                raise
+            except Exception as e:
+                raise PublishError(f"publishing failed: {type(e).__name__}: {e}", "resubmit the same run_id: training is not redone", stage="publish") from e
+        run.mark_done("publish", {"artifacts": artifacts})
+        return artifacts
+
+    # ---- the checks before any work ------------------------------------------------------------
+    def check_resumable(self, run: RunDir) -> None:
+        """A run_id seen before continues only with the same training config (and resume: true)."""
+        previous = read_json(run.path / "job.json")
+        if previous is None:
+            return
+        if not self.job.resume and run.state.get("stages"):
+            raise JobSpecError(
+                f"run {self.job.run_id!r} already has results and the job says resume: false",
+                "submit with resume: true to continue it, or with a new run_id to start over (nothing is deleted)",
+                stage="run_dir",
+            )
+        old, new = previous.get("config") or {}, self.public_job()["config"]
+        if config_digest(old) != config_digest(new):
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise JobSpecError(
+                f"run {self.job.run_id!r} exists with a different training config (changed: {', '.join(changed)})",
+                "resubmit the original config to resume it, or use a new run_id for the new config",
+                stage="run_dir", details={"changed_keys": changed},
+            )
+
+    def public_job(self) -> dict[str, Any]:
+        return self.redactor.data(self.job.public_dict())
+
+    def write_config(self, run: RunDir) -> Path:
+        """config.json for the children (output_dir pinned inside the run folder) and job.json, both secret-free."""
+        public = self.public_job()
+        write_json_atomic(run.path / "job.json", public)
+        config = {**public["config"], "output_dir": str(run.path)}
+        path = run.path / "config.json"
+        write_json_atomic(path, config)
+        return path
+
+    def visible_count(self) -> int:
+        wanted = gpu.parse_visible_devices(self.env.get("CUDA_VISIBLE_DEVICES"))
+        return len(wanted) if wanted else 1
+
+    def probe_gpu(self, need_bytes: int) -> None:
+        allow_cpu = self.job.allow_cpu or (self.env.get("FTW_ALLOW_CPU") or "") in ("1", "true", "yes")
+        self.gpu_probe = gpu.probe(self.env, need_bytes, allow_cpu)
+        self.gpu_env = gpu.stage_env(self.gpu_probe, self.env)
+        self.gpu_count = self.gpu_probe.count
+        found = "CPU only" if self.gpu_probe.cpu_only else ", ".join(f"{d.name} ({d.free_mib} MiB free)" for d in self.gpu_probe.devices)
+        self.progress(stage_update(self.job.run_id, "checks", f"devices: {found}"))
+
+    # ---- running children ----------------------------------------------------------------------
+    def stage_env(self, run: RunDir) -> dict[str, str]:
+        return child_env(self.env, self.credentials, {**self.gpu_env, "BASE_VOLUME": str(run.base), "FTW_RUN_ID": self.job.run_id})
+
+    def supervise(self, run: RunDir, name: str, argv: list[str], limit_s: float | None) -> StageRun:
+        self.check_stop()
+        stage = Stage(
+            name, argv, self.stage_env(run), next_attempt_dir(run.logs, name), time_limit_s=limit_s,
+            no_progress_s=self.job.limits.no_progress_s, grace_s=float(self.env.get("FTW_STOP_GRACE_S") or 60),
+        )
+        child = run_stage(stage, self.stop, self.redactor, lambda event: self.progress(event_update(self.job.run_id, name, event)))
+        error = stage_failure(child)
+        if error is not None:
+            raise error
+        return child
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            reason = self.stop.reason or "cancelled"
+            cls = STOP_ERRORS.get(reason, Cancelled)
+            raise cls(f"the job was {reason} before its next stage started", "submit it again with the same run_id to continue")
+
+    @contextlib.contextmanager
+    def step(self, name: str, message: str) -> Iterator[None]:
+        self.check_stop()
+        self.progress(stage_update(self.job.run_id, name, message))
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = round(time.monotonic() - started, 3)

@@ -1,0 +1,78 @@
+"""Progress updates for the caller: one small dict shape, from the stages' events and the pipeline.
+
+    {"type": "progress", "run_id", "stage", "message"?, "step", "total_steps", "loss",
+     "tokens_per_s", "eta_s", "elapsed_s"}
+
+The RunPod handler yields them (the job's stream), `ftw run` prints them to stderr as one line
+each. `Throttle` keeps the stream small: every stage change passes, step updates at most every
+`interval_s` seconds (and the last one of a stage is sent with the stage's end).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from worker.events import EVENT_KEYS
+
+ProgressSink = Callable[[dict[str, Any]], None]
+SHOWN = (*EVENT_KEYS[1:], "epoch", "rows", "tokens", "message", "fill")
+
+
+def stage_update(run_id: str, stage: str, message: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": "progress", "run_id": run_id, "stage": stage, **({"message": message} if message else {}), **extra}
+
+
+def event_update(run_id: str, stage: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A child's event reduced to the keys a caller reads (no paths, no free-form payloads)."""
+    out = stage_update(run_id, str(event.get("stage") or stage))
+    out.update({k: event[k] for k in SHOWN if k in event and isinstance(event[k], (int, float, str)) and k != "stage"})
+    return out
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_line(update: dict[str, Any]) -> str:
+    """`train  step 12/40  loss 2.3100  1.2k tok/s  eta 0:00:35` — one line for a terminal."""
+    parts = [f"{update.get('stage', '?'):<10}"]
+    if "step" in update:
+        parts.append(f"step {update['step']}" + (f"/{update['total_steps']}" if update.get("total_steps") else ""))
+    if isinstance(update.get("loss"), (int, float)):
+        parts.append(f"loss {update['loss']:.4f}")
+    if isinstance(update.get("tokens_per_s"), (int, float)):
+        tps = update["tokens_per_s"]
+        parts.append(f"{tps / 1000:.1f}k tok/s" if tps >= 1000 else f"{tps:.0f} tok/s")
+    if isinstance(update.get("eta_s"), (int, float)):
+        parts.append(f"eta {_clock(update['eta_s'])}")
+    if update.get("message"):
+        parts.append(str(update["message"]))
+    return "  ".join(parts)
+
+
+class Throttle:
+    """Passes stage changes and messages at once, step updates at most every interval_s."""
+
+    def __init__(self, sink: ProgressSink, interval_s: float = 2.0):
+        self.sink, self.interval_s = sink, interval_s
+        self.last_sent = 0.0
+        self.last_stage: str | None = None
+        self.held: dict[str, Any] | None = None
+
+    def __call__(self, update: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if update.get("stage") != self.last_stage or update.get("message") or now - self.last_sent >= self.interval_s:
+            if self.held is not None and self.held.get("stage") == self.last_stage and update.get("stage") != self.last_stage:
+                self.sink(self.held)
+            self.held = None
+            self.last_stage, self.last_sent = update.get("stage"), now
+            self.sink(update)
+        else:
+            self.held = update
+
+    def flush(self) -> None:
+        if self.held is not None:
+            self.sink(self.held)
+            self.held = None
