@@ -1,0 +1,88 @@
+"""Attention over packed samples without cross-contamination: torch's varlen flash attention.
+
+Registered with transformers as the attention implementation "ftw_varlen". A packed row holds
+several samples whose position ids restart at 0 (the data pipeline's contract); each sample, and
+each run of padding, becomes one causal segment of the flattened (tokens, heads, head_dim)
+batch, so no token attends across samples, and no padded-batch token attends to padding. No
+(seq × seq) mask is ever built, and the whole pack costs Σ sᵢ² instead of S².
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+NAME = "ftw_varlen"
+_segments_cache: list = []  # one entry: the layers of one forward share position ids and mask
+
+
+def varlen_attn_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def segment_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq: int,
+                   device: torch.device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32, segments of the flattened batch) and the longest segment's length."""
+    starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None:
+        starts |= (position_ids == 0).expand(batch, seq)
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        starts[:, 1:] |= m[:, 1:] != m[:, :-1]
+    idx = starts.flatten().nonzero().flatten()
+    cu = torch.cat([idx, torch.tensor([batch * seq], device=device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max().item())  # one host sync per forward (cached below)
+
+
+def _cached_segments(position_ids, attention_mask, batch, seq, device):
+    key = (position_ids, attention_mask, getattr(position_ids, "_version", None), batch, seq)
+    if _segments_cache and all(a is b for a, b in zip(_segments_cache[0][:2], key[:2])) and _segments_cache[0][2:] == key[2:]:
+        return _segments_cache[1]
+    value = segment_starts(position_ids, attention_mask, batch, seq, device)
+    _segments_cache[:] = [key, value]
+    return value
+
+
+def _supports_gqa(fn) -> bool:
+    return "enable_gqa" in inspect.signature(fn).parameters
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, position_ids=None, **kwargs):
+    """transformers attention interface: query (b, h, s, d), key/value (b, h_kv, s, d) →
+    output (b, s, h, d), no weights."""
+    if dropout:
+        raise ValueError("ftw_varlen attention has no attention dropout; set attention_dropout: 0")
+    varlen_attn = varlen_attn_fn()
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * seq, kv_heads, dim)
+    extra = {}
+    if kv_heads != heads:
+        if _supports_gqa(varlen_attn):
+            extra["enable_gqa"] = True
+        else:  # torch 2.11: expand the kv heads (a view until the reshape copies)
+            rep = heads // kv_heads
+            k = k[:, :, None].expand(-1, -1, rep, -1).reshape(batch * seq, heads, dim)
+            v = v[:, :, None].expand(-1, -1, rep, -1).reshape(batch * seq, heads, dim)
+    cu, longest = _cached_segments(position_ids, attention_mask, batch, seq, query.device)
+    window = (-1, 0) if not sliding_window else (sliding_window - 1, 0)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window, **extra)
+    return out.view(batch, seq, heads, dim), None
+
+
+def register() -> None:
+    """Make "ftw_varlen" a transformers attention implementation (its mask: the 2D padding mask
+    or None, as for flash attention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)

@@ -1,0 +1,152 @@
+"""The patched forwards for the decoder families of `kernels/registry.py`, and their installer.
+
+Each forward reproduces the transformers 5.17 forward of its module with the kernels swapped in,
+and hands anything it does not cover (a KV cache, eval-time logits, an adapter state the fused
+LoRA functions do not model) back to the module's original forward.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+from kernels import attention
+from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
+from kernels.rmsnorm import rmsnorm_forward
+from kernels.rope import apply_rope
+from kernels.swiglu import swiglu_mlp_forward
+
+
+def lora_fusable(config) -> bool:
+    """The fused LoRA functions model plain LoRA: no dropout, DoRA, bias training or 4-bit base."""
+    return (config.adapter == "lora" and not config.load_in_8bit and config.lora_dropout == 0.0
+            and not config.peft_use_dora and config.lora_bias == "none")
+
+
+def varlen_available() -> bool:
+    return attention.varlen_attn_fn() is not None
+
+
+def _replace_forward(module: torch.nn.Module, fn) -> None:
+    if not hasattr(module, "_ftw_original_forward"):
+        module._ftw_original_forward = module.forward
+    module.forward = types.MethodType(fn, module)
+
+
+# ---- MLP --------------------------------------------------------------------------------------
+def _mlp_fusable(projections: list[Projection | None]) -> bool:
+    return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
+
+
+def _lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+    if not _mlp_fusable(projections):
+        return swiglu_mlp_forward(self, x)
+    return lora_gated_mlp(x, *projections)
+
+
+# ---- attention --------------------------------------------------------------------------------
+def _projections(modules, fused: bool) -> list[Projection] | None:
+    if not fused:
+        return None
+    found = [projection_of(m) for m in modules]
+    return found if all(p is not None and p.lora_a is not None for p in found) else None
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    if past_key_values is not None:
+        return self._ftw_original_forward(hidden_states, position_embeddings=position_embeddings,
+                                          attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    bsz, seq, _ = hidden_states.shape
+    qkv = _projections((self.q_proj, self.k_proj, self.v_proj), self._ftw_fuse_qkv)
+    if qkv is not None:
+        q, k, v = lora_projections(hidden_states, qkv)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    q, k, v = (t.view(bsz, seq, -1, self.head_dim) for t in (q, k, v))
+    if self._ftw_qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = position_embeddings
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    modeling = sys.modules[type(self).__module__]
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
+    if getattr(self, "sliding_window", None) is not None:
+        kwargs["sliding_window"] = self.sliding_window
+    out, weights = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+    out = out.reshape(bsz, seq, -1)
+    o = _projections((self.o_proj,), self._ftw_fuse_o)
+    out = lora_projections(out, o)[0] if o is not None else self.o_proj(out)
+    return out, weights
+
+
+# ---- loss -------------------------------------------------------------------------------------
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """Training forward with labels: the loss straight from the last hidden states (no logits
+    returned). Everything else goes to the original forward."""
+    if labels is None or not self.training:
+        return self._ftw_original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("ignore_index", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:  # HF's ForCausalLMLoss: token t predicts label t+1
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), -100, num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# ---- installer --------------------------------------------------------------------------------
+def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list[str]:
+    """Install every patch of `family` on `base` (a *ForCausalLM); return the names applied."""
+    applied: list[str] = []
+    by_class: dict[str, list[torch.nn.Module]] = {}
+    for module in base.modules():
+        by_class.setdefault(type(module).__name__, []).append(module)
+
+    norms = by_class.get(family.norm_class, [])
+    for m in norms:
+        _replace_forward(m, rmsnorm_forward)
+    if norms:
+        applied.append("rmsnorm")
+
+    mlps = by_class.get(family.mlp_class, [])
+    for m in mlps:
+        _replace_forward(m, _lora_mlp_forward if wanted["lora_mlp"] else swiglu_mlp_forward)
+    if mlps:
+        fused = wanted["lora_mlp"] and _mlp_fusable([projection_of(x) for x in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj)])
+        applied.append("lora_mlp" if fused else "swiglu")
+
+    attns = by_class.get(family.attention_class, [])
+    for m in attns:
+        m._ftw_fuse_qkv, m._ftw_fuse_o, m._ftw_qk_norm = wanted["lora_qkv"], wanted["lora_o"], family.qk_norm
+        _replace_forward(m, _attention_forward)
+    if attns:
+        first = attns[0]
+        applied.append("rope")
+        if _projections((first.q_proj, first.k_proj, first.v_proj), wanted["lora_qkv"]):
+            applied.append("lora_qkv")
+        if _projections((first.o_proj,), wanted["lora_o"]):
+            applied.append("lora_o")
+
+    if wanted["varlen_attention"]:
+        attention.register()
+        base.set_attn_implementation(attention.NAME)
+        applied.append("varlen_attention")
+
+    if hasattr(base, "lm_head") and hasattr(base, "model"):
+        _replace_forward(base, _causal_lm_forward)
+        applied.append("fused_linear_cross_entropy")
+    return applied

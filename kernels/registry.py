@@ -1,0 +1,93 @@
+"""The one patch registry: which kernels a model gets, decided from its family and the config.
+
+Patches replace `forward` on module *instances* of the given model (never on transformers
+classes), so another model in the same process is untouched. Each family entry names the
+transformers versions whose forwards the patched ones were verified against; on any other
+version nothing is applied and the log says why.
+
+Switches (axolotl's names): `use_kernels` (None: on when the model is on CUDA; true: force, e.g.
+on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_kernel`,
+`lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("ftw.kernels")
+
+# transformers major.minor whose modeling code the patched forwards reproduce
+VERIFIED_TRANSFORMERS = ("5.17",)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the patches need to know of one model family's modeling code."""
+
+    norm_class: str          # RMSNorm class name
+    mlp_class: str           # gated-MLP class name (silu)
+    attention_class: str
+    qk_norm: bool = False    # Qwen3: RMSNorm on each head's q and k before rope
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaRMSNorm", "LlamaMLP", "LlamaAttention"),
+    "mistral": Family("MistralRMSNorm", "MistralMLP", "MistralAttention"),
+    "qwen2": Family("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"),
+    "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm=True),
+}
+
+
+def _switch(value: bool | None, default: bool) -> bool:
+    return default if value is None else bool(value)
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers *ForCausalLM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def apply_kernels(model: Any, config: Any) -> list[str]:
+    """Patch `model` (a PeftModel after get_peft_model, or a plain HF causal LM) in place.
+
+    Returns the names of the patches applied, in order; an empty list when the family, the
+    transformers version or the switches rule them out (the reason is logged).
+    """
+    import torch
+    import transformers
+
+    base = _unwrap(model)
+    model_type = getattr(base.config, "model_type", None)
+    family = FAMILIES.get(model_type)
+    on_cuda = next(base.parameters()).is_cuda
+    enabled = _switch(config.use_kernels, on_cuda)
+    if not enabled:
+        log.info("kernels: off (%s)", "use_kernels: false" if config.use_kernels is False else "model not on CUDA")
+        return []
+    if family is None:
+        log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
+        return []
+    version = ".".join(transformers.__version__.split(".")[:2])
+    if version not in VERIFIED_TRANSFORMERS:
+        log.warning("kernels: not applied: transformers %s is not one the patches were verified against (%s)",
+                    transformers.__version__, ", ".join(VERIFIED_TRANSFORMERS))
+        return []
+    if getattr(base.config, "hidden_act", "silu") != "silu":
+        log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
+        return []
+
+    from kernels import patches
+
+    lora_ok = patches.lora_fusable(config)
+    wanted = {
+        "lora_mlp": lora_ok and _switch(config.lora_mlp_kernel, True),
+        "lora_qkv": lora_ok and _switch(config.lora_qkv_kernel, True),
+        "lora_o": lora_ok and _switch(config.lora_o_kernel, True),
+        "varlen_attention": on_cuda and config.attn_implementation in (None, "sdpa", "flash_attention_2")
+        and patches.varlen_available(),
+    }
+    applied = patches.apply_family(base, family, wanted)
+    if applied:
+        log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
+    return applied
