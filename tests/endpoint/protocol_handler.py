@@ -1,0 +1,61 @@
+"""A small runpod handler for the endpoint protocol tests, run as `python protocol_handler.py`.
+
+HANDLER_KIND=generator (default): an async generator; each step is yielded (job-stream) and the
+aggregate is the output. HANDLER_KIND=progress: an async function that reports steps with
+runpod.serverless.progress_update and returns a dict. Input: {"steps", "step_s", "mode"} with
+mode "ok" | "fail" (raises after the steps) | "child" (starts a child process, streams its pid,
+waits for it; a stop from the endpoint cancels the task and the child's group is killed).
+"""
+import asyncio
+import os
+import signal
+
+import runpod
+
+
+async def start_child() -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec("sleep", "600", start_new_session=True)
+
+
+async def stop_child(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        os.killpg(child.pid, signal.SIGTERM)
+        await child.wait()
+
+
+async def generator_handler(job):
+    args = job["input"]
+    steps = args.get("steps", 3)
+    for step in range(1, steps + 1):
+        await asyncio.sleep(args.get("step_s", 0.1))
+        yield {"stage": "train", "step": step, "total_steps": steps, "loss": round(1.0 / step, 4)}
+    if args.get("mode") == "fail":
+        raise RuntimeError("the test handler failed on purpose")
+    if args.get("mode") == "child":
+        child = await start_child()
+        yield {"child_pid": child.pid}
+        try:
+            await child.wait()
+        finally:
+            await stop_child(child)
+    yield {"result": {"echo": args.get("echo"), "s3": bool(job.get("s3Config"))}}
+
+
+async def progress_handler(job):
+    args = job["input"]
+    steps = args.get("steps", 3)
+    for step in range(1, steps + 1):
+        await asyncio.sleep(args.get("step_s", 0.1))
+        runpod.serverless.progress_update(job, {"stage": "train", "step": step, "total_steps": steps})
+    await asyncio.sleep(0.3)  # progress_update posts from a thread: let the last one land first
+    if args.get("mode") == "fail":
+        return {"error": "the test handler failed on purpose"}
+    return {"result": {"echo": args.get("echo")}}
+
+
+if __name__ == "__main__":
+    kind = os.environ.get("HANDLER_KIND", "generator")
+    if kind == "generator":
+        runpod.serverless.start({"handler": generator_handler, "return_aggregate_stream": True})
+    else:
+        runpod.serverless.start({"handler": progress_handler})

@@ -1,0 +1,357 @@
+"""A local RunPod serverless endpoint: the client API and the worker API, over one job store.
+
+Client face (what `runpod.Endpoint` and curl call, `Authorization: Bearer KEY`):
+    POST /v2/{endpoint}/run          {input, webhook?, policy?: {executionTimeout, ttl, lowPriority}, s3Config?}
+    POST /v2/{endpoint}/runsync      same, waits ?wait=ms (default 90000, 1000..300000) for the result
+    GET  /v2/{endpoint}/status/{id}  {id, status, delayTime, executionTime, workerId, output | error}
+    GET  /v2/{endpoint}/stream/{id}  {id, status, stream: [{output}, ...]} — items not yet read
+    POST /v2/{endpoint}/cancel/{id}  POST /v2/{endpoint}/retry/{id} (FAILED / TIMED_OUT only, same id)
+    GET  /v2/{endpoint}/health       POST /v2/{endpoint}/purge-queue
+Worker face (what the runpod worker SDK calls in platform mode; see `worker_urls`):
+    GET  job-take/{worker}?…&job_in_progress=0|1      one job as {id, input, s3Config?} or 204
+    GET  job-take-batch/{worker}?…&batch_size=N       a list of jobs or 204
+    GET  job-stop/{worker}?…                          {"jobsToStop": [ids]} or 204 (long-poll)
+    POST job-done/{worker}/{id}?…&isStream=…          {output} | {error} | {status: IN_PROGRESS, output}
+    POST job-stream/{worker}/{id}?…                   {output}
+    GET  ping/{worker}?job_id=…&runpod_version=…
+Take and stop are long-polls, so a worker gets a job or a stop signal within milliseconds.
+Every error is a JSON `{"error": "..."}` with the right status; nothing logs a job's input or a key.
+Differences from RunPod: results are kept until purged from the database (RunPod: 30 min), and
+progress_update() calls are also delivered on /stream (RunPod shows them on /status only).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from worker.endpoint.store import IN_PROGRESS, RETRYABLE, TERMINAL, Job, JobStore
+from worker.endpoint.webhooks import WebhookSender
+
+log = logging.getLogger("ftw.endpoint")
+T = TypeVar("T")
+MB = 1024 * 1024
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    api_key: str
+    endpoint_id: str = "local"
+    max_run_bytes: int = 10 * MB           # RunPod: /run 10 MB, /runsync 20 MB
+    max_runsync_bytes: int = 20 * MB
+    default_execution_timeout_ms: int = 600_000   # RunPod's default: 10 minutes
+    default_ttl_ms: int = DAY_MS
+    take_wait_s: float = 20.0              # how long job-take and job-stop hold a request open
+    stop_wait_s: float = 20.0
+    worker_lost_s: float = 120.0           # no heartbeat for this long: the worker's job fails
+    webhook_attempts: int = 3              # RunPod: the first POST and 2 retries, 10 s apart
+    webhook_retry_delay_s: float = 10.0
+    sweep_interval_s: float = 0.25
+
+
+def worker_urls(base_url: str, endpoint_id: str) -> dict[str, str]:
+    """The RUNPOD_WEBHOOK_* variables a runpod worker needs to work for this endpoint."""
+    root = f"{base_url.rstrip('/')}/v2/{endpoint_id}"
+    return {
+        "RUNPOD_WEBHOOK_GET_JOB": f"{root}/job-take/$ID?gpu=local",
+        "RUNPOD_WEBHOOK_POST_OUTPUT": f"{root}/job-done/$RUNPOD_POD_ID/$ID?gpu=local",
+        "RUNPOD_WEBHOOK_POST_STREAM": f"{root}/job-stream/$RUNPOD_POD_ID/$ID?gpu=local",
+        "RUNPOD_WEBHOOK_PING": f"{root}/ping/$RUNPOD_POD_ID?gpu=local",
+    }
+
+
+def fail(status: int, message: str) -> web.HTTPException:
+    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound,
+           409: web.HTTPConflict, 413: web.HTTPRequestEntityTooLarge}[status]
+    kwargs = {"max_size": 0, "actual_size": 0} if status == 413 else {}
+    return cls(text=json.dumps({"error": message}), content_type="application/json", **kwargs)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every refusal as JSON; an unexpected exception is a 500 that the server survives."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.content_type == "application/json" or e.status < 400:
+            raise
+        reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        if e.status == 413:
+            reason = f"request body too large ({reason})"
+        return web.json_response({"error": reason}, status=e.status)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error of the endpoint (see its log)"}, status=500)
+
+
+class Endpoint:
+    def __init__(self, store: JobStore, settings: EndpointSettings):
+        self.store = store
+        self.settings = settings
+        self._changed = asyncio.Event()
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def changed(self) -> None:
+        """Wake every long-poll: something in the store moved."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, probe: Callable[[], T], timeout: float) -> T:
+        """`probe()` until it is truthy or `timeout` passes; no lost wake-ups (one thread)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            event = self._changed
+            result = probe()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if result or remaining <= 0:
+                return result
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler):
+        if request.match_info.get("endpoint") not in (None, self.settings.endpoint_id):
+            raise fail(404, f"no endpoint {request.match_info['endpoint']!r} here; this one is "
+                            f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)")
+        header = request.headers.get("Authorization", "")
+        if not header:
+            raise fail(401, "missing Authorization header: send 'Authorization: Bearer <key>' with the endpoint's "
+                            "API key (FTW_ENDPOINT_API_KEY where the endpoint runs)")
+        key = header[7:] if header[:7].lower() == "bearer " else header
+        if not hmac.compare_digest(key.strip().encode(), self.settings.api_key.encode()):
+            raise fail(401, "invalid API key for this endpoint")
+        return await handler(request)
+
+    def job_or_404(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise fail(404, f"no job with id {job_id!r} on this endpoint")
+        return job
+
+    async def read_json(self, request: web.Request, limit: int) -> Any:
+        if request.content_length is not None and request.content_length > limit:
+            raise fail(413, f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
+                            "of this route; put large data in S3 and pass its URI")
+        body = await request.read()
+        if len(body) > limit:
+            raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise fail(400, f"request body is not valid JSON: {e}") from None
+
+    # ---- client face -------------------------------------------------------------------------
+    def parse_request(self, body: Any) -> tuple[dict[str, Any], str | None, int, int]:
+        if not isinstance(body, dict):
+            raise fail(400, "request body must be a JSON object like {\"input\": {...}}")
+        if body.get("input") is None:
+            raise fail(400, "request body has no 'input': the job goes under the key input")
+        webhook = body.get("webhook")
+        if webhook is not None:
+            parts = urlsplit(webhook) if isinstance(webhook, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+                raise fail(400, f"webhook must be an http(s) URL, got {str(webhook)[:200]!r}")
+        policy = body.get("policy") or {}
+        if not isinstance(policy, dict):
+            raise fail(400, "policy must be an object: {\"executionTimeout\": ms, \"ttl\": ms}")
+        execution_timeout = self._policy_ms(policy, "executionTimeout", self.settings.default_execution_timeout_ms,
+                                            low=5001, high=7 * DAY_MS)
+        ttl = self._policy_ms(policy, "ttl", self.settings.default_ttl_ms, low=10_000, high=7 * DAY_MS)
+        payload = {"input": body["input"]}
+        if body.get("s3Config") is not None:
+            if not isinstance(body["s3Config"], dict):
+                raise fail(400, "s3Config must be an object: {accessId, accessSecret, bucketName, endpointUrl}")
+            payload["s3Config"] = body["s3Config"]
+        return payload, webhook, execution_timeout, ttl
+
+    @staticmethod
+    def _policy_ms(policy: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+        value = policy.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise fail(400, f"policy.{key} must be an integer number of milliseconds in [{low}, {high}], "
+                            f"got {value!r}")
+        return value
+
+    def submit(self, body: Any, id_prefix: str = "") -> Job:
+        payload, webhook, execution_timeout, ttl = self.parse_request(body)
+        job = self.store.create(payload, webhook, execution_timeout, ttl, id_prefix=id_prefix)
+        log.info("job %s IN_QUEUE (executionTimeout %d ms, ttl %d ms%s)", job.id, execution_timeout, ttl,
+                 ", webhook" if webhook else "")
+        self.changed()
+        return job
+
+    async def run(self, request: web.Request) -> web.Response:
+        job = self.submit(await self.read_json(request, self.settings.max_run_bytes))
+        return web.json_response({"id": job.id, "status": job.status})
+
+    async def runsync(self, request: web.Request) -> web.Response:
+        try:
+            wait_ms = int(request.query.get("wait", 90_000))
+        except ValueError:
+            raise fail(400, "wait must be an integer number of milliseconds") from None
+        if not 1000 <= wait_ms <= 300_000:
+            raise fail(400, f"wait must be in [1000, 300000] ms, got {wait_ms}")
+        job = self.submit(await self.read_json(request, self.settings.max_runsync_bytes), id_prefix="sync-")
+        done = await self.wait_for(lambda: (j := self.store.get(job.id)) and j.status in TERMINAL and j, wait_ms / 1000)
+        if done:
+            return web.json_response(done.status_body())
+        current = self.store.get(job.id)
+        return web.json_response({"id": job.id, "status": current.status if current else job.status})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.job_or_404(request.match_info["job_id"]).status_body())
+
+    async def stream(self, request: web.Request) -> web.Response:
+        job = self.job_or_404(request.match_info["job_id"])
+        items = self.store.read_stream(job.id)
+        job = self.job_or_404(job.id)  # status after the read: a terminal status means the stream is complete
+        return web.json_response({"id": job.id, "status": job.status, "stream": [{"output": o} for o in items]})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        job = self.job_or_404(request.match_info["job_id"])
+        if job.status not in TERMINAL:
+            job = self.store.cancel(job.id)  # type: ignore[assignment]
+            log.info("job %s CANCELLED by the client", job.id)
+            self.changed()
+        return web.json_response({"id": job.id, "status": job.status})
+
+    async def retry(self, request: web.Request) -> web.Response:
+        job = self.job_or_404(request.match_info["job_id"])
+        if job.status not in RETRYABLE:
+            raise fail(409, f"job {job.id} is {job.status}; only FAILED or TIMED_OUT jobs can be retried")
+        job = self.store.retry(job.id)
+        log.info("job %s IN_QUEUE again (retry %d)", job.id, job.retries)
+        self.changed()
+        return web.json_response({"id": job.id, "status": job.status})
+
+    async def health(self, request: web.Request) -> web.Response:
+        alive_after = time.time() - max(60.0, 3 * self.settings.stop_wait_s)
+        return web.json_response({"jobs": self.store.counts(), "workers": self.store.workers(alive_after)})
+
+    async def purge_queue(self, request: web.Request) -> web.Response:
+        removed = self.store.purge_queue()
+        log.info("purged %d queued job(s)", removed)
+        self.changed()
+        return web.json_response({"removed": removed, "status": "completed"})
+
+    # ---- worker face -------------------------------------------------------------------------
+    async def job_take(self, request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+        batch = request.path.rsplit("/", 2)[-2] == "job-take-batch"
+        try:
+            count = max(1, int(request.query.get("batch_size", 1))) if batch else 1
+        except ValueError:
+            raise fail(400, "batch_size must be an integer") from None
+        self.store.seen(worker_id)
+        jobs = await self.wait_for(lambda: self.store.take(worker_id, count), self.settings.take_wait_s)
+        if not jobs:
+            return web.Response(status=204)
+        for job in jobs:
+            log.info("job %s IN_PROGRESS on worker %s", job.id, worker_id)
+        self.changed()
+        items = [job.work_item() for job in jobs]
+        return web.json_response(items if batch else items[0])
+
+    async def job_stop(self, request: web.Request) -> web.Response:
+        worker_id = request.match_info["worker_id"]
+        self.store.seen(worker_id)
+        await self.wait_for(lambda: self.store.has_stop_signal(worker_id), self.settings.stop_wait_s)
+        ids = self.store.stop_signals(worker_id)
+        if not ids:
+            return web.Response(status=204)
+        log.info("worker %s told to stop %s", worker_id, ", ".join(ids))
+        return web.json_response({"jobsToStop": ids})
+
+    async def worker_result(self, request: web.Request) -> tuple[Job, Any]:
+        """The job a worker posts about (it must be the one running it) and the posted body."""
+        worker_id, job_id = request.match_info["worker_id"], request.match_info["job_id"]
+        self.store.seen(worker_id)
+        body = await self.read_json(request, self.settings.max_runsync_bytes)
+        job = self.job_or_404(job_id)
+        if self.store.owned_in_progress(job_id, worker_id) is None:
+            raise fail(409, f"job {job_id} is {job.status} (worker {job.worker_id}); this result is discarded")
+        if not isinstance(body, dict):
+            raise fail(400, "a worker posts a JSON object: {output} or {error}")
+        return job, body
+
+    async def job_done(self, request: web.Request) -> web.Response:
+        job, body = await self.worker_result(request)
+        if body.get("status") == IN_PROGRESS:  # runpod.serverless.progress_update
+            self.store.set_progress(job.id, body.get("output"))
+        else:
+            error = body.get("error")
+            if error is not None and not isinstance(error, str):
+                error = json.dumps(error)
+            job = self.store.finish(job, body.get("output"), error or None)
+            log.info("job %s %s", job.id, job.status)
+        self.changed()
+        return web.json_response({})
+
+    async def job_stream(self, request: web.Request) -> web.Response:
+        job, body = await self.worker_result(request)
+        self.store.append_stream(job.id, body.get("output"))
+        self.changed()
+        return web.json_response({})
+
+    async def ping(self, request: web.Request) -> web.Response:
+        self.store.pinged(request.match_info["worker_id"], request.query.get("job_id", ""))
+        return web.json_response({})
+
+    # ---- the clock ---------------------------------------------------------------------------
+    async def sweep(self) -> None:
+        """executionTimeout, ttl and lost workers, checked a few times a second."""
+        while True:
+            for job_id in self.store.expire(time.time(), self.settings.worker_lost_s):
+                job = self.store.get(job_id)
+                log.info("job %s %s: %s", job_id, job.status if job else "?", job.error if job else "")
+                self.changed()
+            await asyncio.sleep(self.settings.sweep_interval_s)
+
+
+def create_app(store: JobStore, settings: EndpointSettings) -> web.Application:
+    endpoint = Endpoint(store, settings)
+    app = web.Application(middlewares=[json_errors, endpoint.auth], client_max_size=settings.max_runsync_bytes + MB)
+    root = "/v2/{endpoint}"
+    job = "{job_id:[^/]+}"
+    app.add_routes([
+        web.post(f"{root}/run", endpoint.run),
+        web.post(f"{root}/runsync", endpoint.runsync),
+        web.get(f"{root}/status/{job}", endpoint.status),
+        web.post(f"{root}/status/{job}", endpoint.status),
+        web.get(f"{root}/stream/{job}", endpoint.stream),
+        web.post(f"{root}/stream/{job}", endpoint.stream),
+        web.post(f"{root}/cancel/{job}", endpoint.cancel),
+        web.post(f"{root}/retry/{job}", endpoint.retry),
+        web.get(f"{root}/health", endpoint.health),
+        web.post(f"{root}/purge-queue", endpoint.purge_queue),
+        web.get(f"{root}/job-take/{{worker_id}}", endpoint.job_take),
+        web.get(f"{root}/job-take-batch/{{worker_id}}", endpoint.job_take),
+        web.get(f"{root}/job-stop/{{worker_id}}", endpoint.job_stop),
+        web.post(f"{root}/job-done/{{worker_id}}/{job}", endpoint.job_done),
+        web.post(f"{root}/job-stream/{{worker_id}}/{job}", endpoint.job_stream),
+        web.get(f"{root}/ping/{{worker_id}}", endpoint.ping),
+    ])
+
+    async def background(app: web.Application):
+        store.refresh_workers()
+        sender = WebhookSender(store, settings.webhook_attempts, settings.webhook_retry_delay_s)
+        tasks = [asyncio.create_task(endpoint.sweep()), asyncio.create_task(sender.run())]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await sender.close()
+
+    app.cleanup_ctx.append(background)
+    return app

@@ -1,0 +1,363 @@
+"""The job store of the local endpoint: one SQLite file, every state change one transaction.
+
+Jobs move IN_QUEUE → IN_PROGRESS → COMPLETED | FAILED | CANCELLED | TIMED_OUT (and back to
+IN_QUEUE on /retry). A terminal transition enqueues the job's webhook in the same transaction, so
+a restart of the endpoint loses neither a job, its stream, nor a webhook still owed. Stop signals
+for the worker (cancel, timeout) are a flag on the job, cleared when the worker has been told.
+
+The file holds job inputs, which may carry `s3Config` or job credentials: it is created mode 0600
+and nothing here logs an input. All methods are synchronous and meant to be called from one
+thread (the server's event loop); each is a handful of indexed statements.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
+COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMED_OUT})
+RETRYABLE = frozenset({FAILED, TIMED_OUT})
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    payload TEXT NOT NULL,            -- what the worker receives besides the id: input, s3Config
+    webhook TEXT,
+    execution_timeout_ms INTEGER NOT NULL,
+    ttl_ms INTEGER NOT NULL,
+    created_at REAL NOT NULL,         -- the ttl clock starts here (reset by /retry)
+    queued_at REAL NOT NULL,          -- queue order
+    started_at REAL,
+    finished_at REAL,
+    worker_id TEXT,
+    output TEXT,                      -- JSON of the handler's output (or last progress update)
+    error TEXT,
+    retries INTEGER NOT NULL DEFAULT 0,
+    stop_pending INTEGER NOT NULL DEFAULT 0,
+    stream_read INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, queued_at);
+CREATE TABLE IF NOT EXISTS stream (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    output TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending'   -- pending | delivered | failed
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    last_seen REAL NOT NULL,          -- any request: job-take, job-stop, results, ping
+    last_ping REAL,                   -- heartbeats only (a separate process: alive while a sync handler blocks)
+    job_ids TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    payload: dict[str, Any]
+    webhook: str | None
+    execution_timeout_ms: int
+    ttl_ms: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    worker_id: str | None
+    output: Any
+    error: str | None
+    retries: int
+
+    def work_item(self) -> dict[str, Any]:
+        """The job as the runpod worker SDK receives it from job-take."""
+        return {"id": self.id, **self.payload}
+
+    def status_body(self) -> dict[str, Any]:
+        """The /status response, as RunPod shapes it (times in ms)."""
+        body: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.started_at is not None:
+            body["delayTime"] = int((self.started_at - self.created_at) * 1000)
+            body["workerId"] = self.worker_id
+        if self.finished_at is not None and self.started_at is not None:
+            body["executionTime"] = int((self.finished_at - self.started_at) * 1000)
+        if self.output is not None:
+            body["output"] = self.output
+        if self.error is not None:
+            body["error"] = self.error
+        if self.retries:
+            body["retries"] = self.retries
+        return body
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class JobStore:
+    def __init__(self, path: str | os.PathLike[str]):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.touch(mode=0o600)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash of the process loses nothing
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    # ---- reads -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return Job(
+            id=row["id"], status=row["status"], payload=json.loads(row["payload"]), webhook=row["webhook"],
+            execution_timeout_ms=row["execution_timeout_ms"], ttl_ms=row["ttl_ms"], created_at=row["created_at"],
+            started_at=row["started_at"], finished_at=row["finished_at"], worker_id=row["worker_id"],
+            output=_loads(row["output"]), error=row["error"], retries=row["retries"],
+        )
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        by = {r["status"]: r["n"] for r in rows}
+        retried = self.db.execute("SELECT COUNT(*) FROM jobs WHERE retries > 0").fetchone()[0]
+        return {
+            "completed": by.get(COMPLETED, 0), "failed": by.get(FAILED, 0) + by.get(TIMED_OUT, 0),
+            "cancelled": by.get(CANCELLED, 0), "inProgress": by.get(IN_PROGRESS, 0),
+            "inQueue": by.get(IN_QUEUE, 0), "retried": retried,
+        }
+
+    def workers(self, alive_after: float) -> dict[str, int]:
+        rows = self.db.execute("SELECT id FROM workers WHERE last_seen >= ?", (alive_after,)).fetchall()
+        busy = {r["worker_id"] for r in self.db.execute("SELECT worker_id FROM jobs WHERE status = ?", (IN_PROGRESS,))}
+        running = sum(1 for r in rows if r["id"] in busy)
+        return {"idle": len(rows) - running, "running": running}
+
+    def read_stream(self, job_id: str) -> list[Any]:
+        """Stream items not yet read (RunPod's /stream hands each item out once)."""
+        with self._tx():
+            cursor = self.db.execute("SELECT stream_read FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            rows = self.db.execute(
+                "SELECT seq, output FROM stream WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, cursor)
+            ).fetchall()
+            if rows:
+                self.db.execute("UPDATE jobs SET stream_read = ? WHERE id = ?", (rows[-1]["seq"], job_id))
+        return [json.loads(r["output"]) for r in rows]
+
+    # ---- client side -------------------------------------------------------------------------
+    def create(self, payload: dict[str, Any], webhook: str | None, execution_timeout_ms: int, ttl_ms: int,
+               id_prefix: str = "") -> Job:
+        job_id = f"{id_prefix}{uuid.uuid4()}"
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO jobs (id, status, payload, webhook, execution_timeout_ms, ttl_ms, created_at, queued_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, IN_QUEUE, _dumps(payload), webhook, execution_timeout_ms, ttl_ms, now, now),
+        )
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> Job | None:
+        job = self.get(job_id)
+        if job is not None and job.status not in TERMINAL:
+            self._terminate(job, CANCELLED, error=reason)
+        return self.get(job_id)
+
+    def retry(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        assert job is not None and job.status in RETRYABLE
+        now = time.time()
+        with self._tx():
+            self.db.execute("DELETE FROM stream WHERE job_id = ?", (job_id,))
+            self.db.execute(
+                "UPDATE jobs SET status = ?, created_at = ?, queued_at = ?, started_at = NULL, finished_at = NULL,"
+                " worker_id = NULL, output = NULL, error = NULL, stop_pending = 0, stream_read = 0,"
+                " retries = retries + 1 WHERE id = ?",
+                (IN_QUEUE, now, now, job_id),
+            )
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def purge_queue(self) -> int:
+        ids = [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE status = ?", (IN_QUEUE,))]
+        for job_id in ids:
+            self.cancel(job_id, reason="removed from the queue by /purge-queue")
+        return len(ids)
+
+    # ---- worker side -------------------------------------------------------------------------
+    def seen(self, worker_id: str) -> None:
+        self.db.execute(
+            "INSERT INTO workers (id, last_seen) VALUES (?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen",
+            (worker_id, time.time()),
+        )
+
+    def pinged(self, worker_id: str, job_ids: str) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO workers (id, last_seen, last_ping, job_ids) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, last_ping = excluded.last_ping,"
+            " job_ids = excluded.job_ids",
+            (worker_id, now, now, job_ids),
+        )
+
+    def take(self, worker_id: str, count: int) -> list[Job]:
+        now = time.time()
+        with self._tx():
+            rows = self.db.execute(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY queued_at LIMIT ?", (IN_QUEUE, count)
+            ).fetchall()
+            for r in rows:
+                self.db.execute(
+                    "UPDATE jobs SET status = ?, worker_id = ?, started_at = ? WHERE id = ?",
+                    (IN_PROGRESS, worker_id, now, r["id"]),
+                )
+        return [self.get(r["id"]) for r in rows]  # type: ignore[misc]
+
+    def owned_in_progress(self, job_id: str, worker_id: str) -> Job | None:
+        job = self.get(job_id)
+        if job is None or job.status != IN_PROGRESS or job.worker_id != worker_id:
+            return None
+        return job
+
+    def append_stream(self, job_id: str, output: Any) -> None:
+        with self._tx():
+            last = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM stream WHERE job_id = ?", (job_id,)).fetchone()[0]
+            self.db.execute("INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, _dumps(output)))
+
+    def set_progress(self, job_id: str, output: Any) -> None:
+        """`progress_update`: shown as the output of /status while in progress, and streamed."""
+        with self._tx():
+            self.db.execute("UPDATE jobs SET output = ? WHERE id = ?", (_dumps(output), job_id))
+            self.append_stream(job_id, output)
+
+    def finish(self, job: Job, output: Any, error: str | None) -> Job:
+        status = FAILED if error else COMPLETED
+        self._terminate(job, status, output=output, error=error)
+        return self.get(job.id)  # type: ignore[return-value]
+
+    def stop_signals(self, worker_id: str) -> list[str]:
+        with self._tx():
+            ids = [r["id"] for r in self.db.execute(
+                "SELECT id FROM jobs WHERE worker_id = ? AND stop_pending = 1", (worker_id,))]
+            self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
+        return ids
+
+    def has_stop_signal(self, worker_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM jobs WHERE worker_id = ? AND stop_pending = 1 LIMIT 1", (worker_id,))
+        return row.fetchone() is not None
+
+    # ---- the clock ---------------------------------------------------------------------------
+    def expire(self, now: float, worker_lost_s: float) -> list[str]:
+        """Enforce executionTimeout and ttl, and fail jobs whose worker went silent."""
+        changed = []
+        rows = self.db.execute(
+            "SELECT j.id, j.status, j.created_at, j.started_at, j.execution_timeout_ms, j.ttl_ms, w.last_ping"
+            " FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.status IN (?, ?)",
+            (IN_QUEUE, IN_PROGRESS),
+        ).fetchall()
+        for r in rows:
+            if now > r["created_at"] + r["ttl_ms"] / 1000:
+                status, reason = TIMED_OUT, (
+                    f"the job's ttl of {r['ttl_ms']} ms (policy.ttl, counted from submission) expired while it was "
+                    f"{r['status']}; submit with a larger policy.ttl")
+            elif r["status"] == IN_PROGRESS and now > r["started_at"] + r["execution_timeout_ms"] / 1000:
+                status, reason = TIMED_OUT, (
+                    f"the job ran longer than its executionTimeout of {r['execution_timeout_ms']} ms "
+                    "(policy.executionTimeout); submit with a larger one for long fine-tuning runs")
+            elif r["status"] == IN_PROGRESS and r["last_ping"] is not None and now > r["last_ping"] + worker_lost_s:
+                status, reason = FAILED, (
+                    f"the worker running this job sent no heartbeat for {worker_lost_s:.0f} s (it died or lost its "
+                    "network); POST /retry/{id} runs the job again")
+            else:
+                continue
+            job = self.get(r["id"])
+            if job is not None:
+                self._terminate(job, status, error=reason.replace("{id}", job.id))
+                changed.append(job.id)
+        return changed
+
+    def refresh_workers(self) -> None:
+        """After an endpoint restart, give every worker a fresh grace period before it counts as lost."""
+        self.db.execute("UPDATE workers SET last_seen = ?, last_ping = CASE WHEN last_ping IS NULL THEN NULL ELSE ? END",
+                        (time.time(), time.time()))
+
+    # ---- webhooks ----------------------------------------------------------------------------
+    def due_webhooks(self, now: float) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT * FROM webhooks WHERE state = 'pending' AND next_at <= ? ORDER BY id", (now,)
+        ).fetchall()
+
+    def webhook_attempted(self, hook_id: int, delivered: bool, attempts_allowed: int, retry_delay_s: float) -> None:
+        row = self.db.execute("SELECT attempts FROM webhooks WHERE id = ?", (hook_id,)).fetchone()
+        attempts = row["attempts"] + 1
+        state = "delivered" if delivered else ("failed" if attempts >= attempts_allowed else "pending")
+        self.db.execute(
+            "UPDATE webhooks SET attempts = ?, state = ?, next_at = ? WHERE id = ?",
+            (attempts, state, time.time() + retry_delay_s, hook_id),
+        )
+
+    def webhooks_of(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT url, attempts, state FROM webhooks WHERE job_id = ? ORDER BY id", (job_id,))
+        return [dict(r) for r in rows]
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _terminate(self, job: Job, status: str, output: Any = None, error: str | None = None) -> None:
+        now = time.time()
+        stop = job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT)
+        with self._tx():
+            self.db.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, output = COALESCE(?, output), error = ?,"
+                " stop_pending = ? WHERE id = ?",
+                (status, now, None if output is None else _dumps(output), error, int(stop), job.id),
+            )
+            if job.webhook:
+                body = self.get(job.id).status_body()  # type: ignore[union-attr]
+                self.db.execute(
+                    "INSERT INTO webhooks (job_id, url, body, next_at) VALUES (?, ?, ?, ?)",
+                    (job.id, job.webhook, _dumps(body), now),
+                )
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT; nested uses join the outer transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.outer = False
+
+    def __enter__(self):
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self.outer:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False

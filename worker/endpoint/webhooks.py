@@ -1,0 +1,56 @@
+"""Webhook delivery as RunPod does it: POST the /status body, retry twice, 10 s apart.
+
+Deliveries live in the job store (enqueued with the terminal transition), so an endpoint restart
+resumes the ones still owed. A delivery counts when the receiver answers 2xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from worker.endpoint.store import JobStore
+
+log = logging.getLogger("ftw.endpoint")
+
+
+class WebhookSender:
+    def __init__(self, store: JobStore, attempts: int, retry_delay_s: float, timeout_s: float = 10.0):
+        self.store = store
+        self.attempts = attempts
+        self.retry_delay_s = retry_delay_s
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.session: aiohttp.ClientSession | None = None
+        self.in_flight: set[int] = set()
+
+    async def run(self, poll_s: float = 0.1) -> None:
+        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        while True:
+            for hook in self.store.due_webhooks(time.time()):
+                if hook["id"] not in self.in_flight:
+                    self.in_flight.add(hook["id"])
+                    asyncio.create_task(self.deliver(hook["id"], hook["job_id"], hook["url"], hook["body"], hook["attempts"]))
+            await asyncio.sleep(poll_s)
+
+    async def deliver(self, hook_id: int, job_id: str, url: str, body: str, attempts: int) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                delivered = 200 <= response.status < 300
+                outcome = f"HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            delivered, outcome = False, f"{type(e).__name__}: {e}"
+        self.store.webhook_attempted(hook_id, delivered, self.attempts, self.retry_delay_s)
+        if delivered:
+            log.info("webhook of job %s delivered (attempt %d)", job_id, attempts + 1)
+        else:
+            left = self.attempts - attempts - 1
+            log.warning("webhook of job %s attempt %d failed (%s); %s", job_id, attempts + 1, outcome,
+                        f"retrying in {self.retry_delay_s:g} s" if left > 0 else "giving up")
+        self.in_flight.discard(hook_id)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
