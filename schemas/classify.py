@@ -110,12 +110,12 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
         report.error(loc, f"type {kind!r} was removed from axolotl; use type: chat_template with field_messages "
                           "(and message_property_mappings for from/value keys)", "unsupported")
     elif family in KNOWN_UNSUPPORTED_TYPES:
-        report.error(loc, f"prompt strategy {kind!r} is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
+        report.error(loc, f"type {kind!r}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
     elif "." in kind:
         if not env_flag(env, "FTW_ALLOW_PLUGINS"):
             report.error(loc, f"type {kind!r} names a Python module, which would run code on the worker; "
                               "refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1", "gated")
         else:
-            report.error(loc, f"custom strategy module {kind!r} is not implemented by ftw", "unsupported")
+            report.error(loc, f"type {kind!r}: custom strategy modules are not supported by ftw", "unsupported")
     else:
-        report.error(loc, f"unknown prompt strategy {kind!r}; use one of {', '.join(SUPPORTED_TYPES)} or the dict form")
+        report.error(loc, f"type {kind!r} is not a known prompt strategy; use one of {', '.join(SUPPORTED_TYPES)} or the dict form")

@@ -1,0 +1,74 @@
+"""Every real axolotl example config: it validates, or fails only on features ftw names as unsupported or gated.
+
+The examples are axolotl's own (tests/schemas/axolotl_examples, unmodified). The committed
+table docs/config-compat.md must match what scripts/config_compat.py generates from them.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from schemas.config import TrainingConfig
+from schemas.validate import validate_config
+from tests.conftest import REPO, child_env
+
+EXAMPLES = Path(__file__).parent / "axolotl_examples"
+FILES = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".yml", ".yaml"))
+FRESH_ENDPOINT = {"BASE_VOLUME": "/volume"}
+# keys in axolotl's examples that are not axolotl keys at all (axolotl drops them silently)
+STRAY_KEYS = {"eta_min", "full_finetune"}
+
+
+def named_key(loc: str) -> str:
+    """`datasets[0].field_chosen` -> `field_chosen`; `liger_rope` -> `liger_rope`."""
+    return loc.split(".")[-1].split("[")[0]
+
+
+def test_the_examples_are_there():
+    assert len(FILES) == 131
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(EXAMPLES)) for p in FILES])
+def test_example_validates_or_names_what_is_unsupported(path):
+    raw = yaml.safe_load(path.read_text())
+    report = validate_config(raw, FRESH_ENDPOINT)
+    if report.valid:
+        assert isinstance(report.value, TrainingConfig)
+        assert report.value.base_model == raw["base_model"]
+    for issue in report.errors:
+        assert issue.kind in ("unsupported", "gated"), f"{path.name}: a real axolotl config hit {issue}"
+        key = named_key(issue.loc)
+        assert key in issue.msg or (issue.kind == "gated" and "FTW_ALLOWED_PATHS" in issue.msg), issue
+        assert "not supported" in issue.msg or "refused" in issue.msg or "outside the allowed" in issue.msg, issue
+    unknown = {w.loc for w in report.warnings if w.msg.startswith("unknown")}
+    assert unknown <= STRAY_KEYS, f"{path.name}: axolotl keys ftw does not classify: {unknown - STRAY_KEYS}"
+
+
+def test_rl_configs_fail_on_rl_not_on_their_dataset_keys():
+    rl_files = [p for p in FILES if (yaml.safe_load(p.read_text()) or {}).get("rl")]
+    assert len(rl_files) >= 5
+    for path in rl_files:
+        report = validate_config(yaml.safe_load(path.read_text()), FRESH_ENDPOINT)
+        assert not report.valid
+        assert "rl" in {i.loc for i in report.errors}
+        rl_error = next(i for i in report.errors if i.loc == "rl")
+        assert "supervised fine-tuning only" in rl_error.msg
+        assert not any(i.loc.startswith("datasets") for i in report.errors), (path.name, report.errors)
+
+
+def test_compat_doc_is_up_to_date():
+    r = subprocess.run([sys.executable, "scripts/config_compat.py", "--check"], cwd=REPO, capture_output=True, text=True,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+
+
+def test_compat_doc_counts_match_the_files():
+    text = (REPO / "docs" / "config-compat.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 5 and "outcome" not in line]
+    assert len(rows) == len(FILES)
+    valid = sum(1 for p in FILES if validate_config(yaml.safe_load(p.read_text()), FRESH_ENDPOINT).valid)
+    assert f"| valid | {valid} |" in text
