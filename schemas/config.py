@@ -110,7 +110,6 @@ class TrainingConfig(Frozen):
     test_datasets: Optional[list[DatasetConfig]] = None
     pretraining_dataset: Optional[list[PretrainingDatasetConfig]] = None
     dataset_prepared_path: Optional[str] = None
-    dataset_processes: Optional[int] = Field(default=None, ge=1)
     dataset_num_proc: Optional[int] = Field(default=None, ge=1)
     shuffle_merged_datasets: bool = True
     dataset_exact_deduplication: bool = False
@@ -196,7 +195,6 @@ class TrainingConfig(Frozen):
     wandb_name: Optional[str] = None
     wandb_run_id: Optional[str] = None
     wandb_mode: Optional[str] = None
-    wandb_watch: Optional[str] = None
     wandb_log_model: Optional[str] = None
     use_mlflow: Optional[bool] = None
     mlflow_tracking_uri: Optional[str] = None
@@ -207,7 +205,6 @@ class TrainingConfig(Frozen):
     hub_strategy: Optional[str] = None
     hub_private_repo: Optional[bool] = None
     push_dataset_to_hub: Optional[str] = None
-    hf_use_auth_token: Optional[bool] = None
     # ---- distributed ---------------------------------------------------------------------------
     deepspeed: Optional[Union[str, dict[str, Any]]] = None
     fsdp: Optional[Union[list[str], str]] = None

@@ -1,0 +1,220 @@
+"""Training-config validation: key classes, cross-field rules, every error at once, no mutation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from schemas.classify import ALL_KNOWN
+from schemas.config import TrainingConfig
+from schemas.datasets import DatasetConfig
+from schemas.keys import ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, UNSUPPORTED
+from schemas.validate import validate_config
+
+ENV = {"BASE_VOLUME": "/volume"}
+GOOD = {"base_model": "org/model", "learning_rate": 2e-4, "datasets": [{"path": "org/data", "type": "alpaca"}]}
+
+
+def errors(raw, env=ENV):
+    return {(i.loc, i.kind): i.msg for i in validate_config(raw, env).errors}
+
+
+def locs(raw, env=ENV):
+    return {i.loc for i in validate_config(raw, env).errors}
+
+
+def test_good_config_has_axolotl_defaults():
+    report = validate_config(GOOD, ENV)
+    assert report.valid and report.warnings == []
+    cfg = report.value
+    assert (cfg.sequence_len, cfg.num_epochs, cfg.optimizer, cfg.lr_scheduler) == (512, 1.0, "adamw_torch_fused", "cosine")
+    assert (cfg.bf16, cfg.tf32, cfg.lora_dropout, cfg.save_total_limit, cfg.batch_shape()) == ("auto", "auto", 0.0, 4, (1, 1))
+
+
+def test_registries_are_disjoint_and_do_not_shadow_typed_fields():
+    typed = set(TrainingConfig.model_fields)
+    groups = {"aliases": set(ALIASES), "no_effect": set(NO_EFFECT), "unsupported": set(UNSUPPORTED), "gated": set(GATED)}
+    names = list(groups)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not groups[a] & groups[b], (a, b, groups[a] & groups[b])
+    # a typed field may be gated (trust_remote_code) or refused while kept for compatibility (rl)
+    assert (typed & (set(NO_EFFECT) | set(ALIASES))) == set()
+    assert typed & set(UNSUPPORTED) == {"rl"}
+    assert not set(DATASET_UNSUPPORTED) & (set(DatasetConfig.model_fields) - {"trust_remote_code"})
+
+
+def test_every_error_at_once_field_errors_and_cross_field_rules():
+    bad = {**GOOD, "learning_rate": "fast", "adapter": "qlora", "warmup_steps": 10, "warmup_ratio": 0.1,
+           "micro_batch_size": 0, "batch_size": 8, "lora_rr": 4}
+    found = locs(bad)
+    assert {"learning_rate", "adapter", "warmup_steps", "micro_batch_size"} <= found
+    # batch rules read micro_batch_size, which is broken: they must not fire on a stand-in
+    assert "batch_size" not in found
+    report = validate_config(bad, ENV)
+    assert report.value is None
+    assert any("did you mean 'lora_r'" in w.msg for w in report.warnings)
+
+
+def test_missing_required_keys_still_get_rules_checked():
+    found = locs({"adapter": "qlora", "datasets": [{"path": "org/data"}]})
+    assert {"base_model", "learning_rate", "adapter"} <= found
+
+
+def test_broken_datasets_do_not_also_claim_datasets_are_missing():
+    report = validate_config({**GOOD, "datasets": "org/data"}, ENV)
+    assert [i.loc for i in report.errors] == ["datasets"]
+    assert "list" in report.errors[0].msg
+
+
+@pytest.mark.parametrize("extra, loc, fragment", [
+    ({"adapter": "qlora"}, "adapter", "load_in_4bit: true"),
+    ({"load_in_8bit": True}, "load_in_8bit", "needs an adapter"),
+    ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit", "adapter: qlora"),
+    ({"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit", "exclusive"),
+    ({"gradient_accumulation_steps": 2, "batch_size": 8}, "batch_size", "exclusive"),
+    ({"batch_size": 8}, "batch_size", "add micro_batch_size"),
+    ({"micro_batch_size": 3, "batch_size": 8}, "batch_size", "not a multiple"),
+    ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps", "exclusive"),
+    ({"warmup_steps": 2.5}, "warmup_steps", "fraction below 1"),
+    ({"save_steps": 5, "saves_per_epoch": 2}, "save_steps", "exclusive"),
+    ({"eval_steps": 5, "evals_per_epoch": 2}, "eval_steps", "exclusive"),
+    ({"fsdp": ["full_shard"], "deepspeed": "zero2"}, "fsdp", "exclusive"),
+    ({"bf16": True, "fp16": True}, "bf16", "exclusive"),
+    ({"merge_lora": True}, "merge_lora", "needs an adapter"),
+    ({"lora_model_dir": "org/adapter"}, "lora_model_dir", "adapter"),
+    ({"val_set_size": 1.5}, "val_set_size", "fraction"),
+    ({"optimizer": "adamw_torchh"}, "optimizer", "not known"),
+    ({"lr_scheduler": "cosin"}, "lr_scheduler", "not known"),
+    ({"deepspeed": "/etc/ds.json"}, "deepspeed", "not read from a job"),
+    ({"datasets": []}, "datasets", "required"),
+])
+def test_cross_field_rules(extra, loc, fragment):
+    report = validate_config({**GOOD, **extra}, ENV)
+    assert not report.valid
+    assert any(i.loc == loc and fragment in i.msg for i in report.errors), report.errors
+
+
+@pytest.mark.parametrize("extra, shape", [
+    ({}, (1, 1)),
+    ({"micro_batch_size": 4}, (4, 1)),
+    ({"micro_batch_size": 2, "gradient_accumulation_steps": 8}, (2, 8)),
+    ({"micro_batch_size": 2, "batch_size": 16}, (2, 8)),
+    ({"gradient_accumulation_steps": 4}, (1, 4)),
+])
+def test_batch_shape(extra, shape):
+    report = validate_config({**GOOD, **extra}, ENV)
+    assert report.valid, report.errors
+    assert report.value.batch_shape() == shape
+
+
+def test_validation_does_not_mutate_its_input():
+    raw = {**GOOD, "flash_attention": True, "model_type": "AutoModelForCausalLM", "lora_r": None, "tf32": None,
+           "deepspeed": "deepspeed_configs/zero3_bf16.json", "datasets": [{"path": "org/data", "type": "alpaca", "split": None}]}
+    before = copy.deepcopy(raw)
+    report = validate_config(raw, ENV)
+    assert raw == before
+    cfg = report.value
+    assert report.valid, report.errors
+    assert (cfg.attn_implementation, cfg.type_of_model, cfg.lora_r, cfg.tf32, cfg.deepspeed) == ("flash_attention_2", "AutoModelForCausalLM", 8, False, "zero3")
+    assert cfg.datasets[0].split == "train"
+
+
+def test_rl_is_refused_by_name_and_its_dataset_keys_are_not_blamed():
+    raw = {**GOOD, "rl": "dpo", "datasets": [{"path": "org/prefs", "type": "chatml.intel", "field_chosen": "c", "field_rejected": "r"}]}
+    report = validate_config(raw, ENV)
+    assert [(i.loc, i.kind) for i in report.errors] == [("rl", "unsupported")]
+    assert "rl: dpo" in report.errors[0].msg and "supervised fine-tuning only" in report.errors[0].msg
+
+
+def test_preference_keys_without_rl_name_the_feature():
+    raw = {**GOOD, "datasets": [{"path": "org/prefs", "type": "alpaca", "field_chosen": "c"}]}
+    assert errors(raw) == {("datasets[0].field_chosen", "unsupported"):
+                           "field_chosen is not supported by ftw (preference datasets (rl: dpo/ipo/orpo/kto/simpo); "
+                           "ftw trains supervised fine-tuning only); remove it"}
+
+
+@pytest.mark.parametrize("key, value", [("liger_rope", True), ("swanlab_project", "p"), ("dpo_beta", 0.1), ("peft", {"loftq_config": {}})])
+def test_unsupported_keys_are_named(key, value):
+    report = validate_config({**GOOD, key: value}, ENV)
+    assert [(i.loc, i.kind) for i in report.errors] == [(key, "unsupported")]
+    assert key in report.errors[0].msg and "not supported" in report.errors[0].msg
+
+
+def test_unsupported_keys_set_off_are_harmless():
+    assert validate_config({**GOOD, "liger_rope": False, "qat": None, "unfrozen_parameters": []}, ENV).valid
+
+
+def test_unknown_keys_warn_with_the_closest_key_and_never_block():
+    report = validate_config({**GOOD, "learnin_rate": 1, "datasets": [{"path": "org/data", "type": "alpaca", "feild": "x"}]}, ENV)
+    assert report.valid
+    msgs = {w.loc: w.msg for w in report.warnings}
+    assert "did you mean 'learning_rate'" in msgs["learnin_rate"]
+    assert "did you mean 'field'" in msgs["datasets[0].feild"]
+
+
+def test_no_effect_keys_warn():
+    report = validate_config({**GOOD, "strict": True, "output_dir": "./out"}, ENV)
+    assert report.valid
+    assert {w.loc for w in report.warnings} == {"strict", "output_dir"}
+
+
+@pytest.mark.parametrize("key, value, var", [
+    ("plugins", ["axolotl.integrations.liger.LigerPlugin"], "FTW_ALLOW_PLUGINS"),
+    ("trust_remote_code", True, "FTW_ALLOW_REMOTE_CODE"),
+    ("torchdistx_path", "/opt/x", "FTW_ALLOW_PLUGINS"),
+    ("trainer_cls", "my.Trainer", "FTW_ALLOW_PLUGINS"),
+])
+def test_gated_keys_need_the_operator(key, value, var):
+    report = validate_config({**GOOD, key: value}, ENV)
+    assert [(i.loc, i.kind) for i in report.errors] == [(key, "gated")]
+    assert f"{var}=1" in report.errors[0].msg
+    allowed = validate_config({**GOOD, key: value}, {**ENV, var: "1"})
+    if key == "trust_remote_code":
+        assert allowed.valid and allowed.value.trust_remote_code is True
+    else:  # allowed, but ftw has no plugin loader: named as unsupported, never silently ignored
+        assert [(i.loc, i.kind) for i in allowed.errors] == [(key, "unsupported")]
+
+
+@pytest.mark.parametrize("kind, expected_kind, fragment", [
+    ("sharegpt", "unsupported", "chat_template"),
+    ("sharegpt:chat", "unsupported", "chat_template"),
+    ("orpo.chat_template", "unsupported", "not supported"),
+    ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
+    ("alpacaa", "invalid", "not a known prompt strategy"),
+])
+def test_dataset_types(kind, expected_kind, fragment):
+    report = validate_config({**GOOD, "datasets": [{"path": "org/data", "type": kind}]}, ENV)
+    assert [(i.loc, i.kind) for i in report.errors] == [("datasets[0].type", expected_kind)]
+    assert fragment in report.errors[0].msg
+
+
+def test_dataset_type_dict_form_and_chat_template_keys():
+    ds = [{"path": "org/data", "type": {"field_instruction": "q", "field_output": "a", "format": "{instruction}"}},
+          {"path": "org/chat", "type": "chat_template", "field_messages": "conversations",
+           "message_property_mappings": {"role": "from", "content": "value"}, "roles_to_train": ["gpt"], "train_on_eos": "turn"}]
+    report = validate_config({**GOOD, "datasets": ds}, ENV)
+    assert report.valid, report.errors
+    assert report.value.datasets[0].strategy_name() == "user_defined"
+    assert report.value.datasets[1].role_key() == "from"
+
+
+def test_legacy_attention_flags():
+    assert validate_config({**GOOD, "sdp_attention": True}, ENV).value.attn_implementation == "sdpa"
+    assert locs({**GOOD, "flash_attention": True, "attn_implementation": "sdpa"}) == {"flash_attention"}
+    assert errors({**GOOD, "xformers_attention": True}).keys() == {("xformers_attention", "unsupported")}
+
+
+def test_known_but_unshipped_optimizer_is_unsupported_not_a_typo():
+    assert errors({**GOOD, "optimizer": "galore_adamw"}).keys() == {("optimizer", "unsupported")}
+    assert errors({**GOOD, "optimizer": "adamw_torchh"}).keys() == {("optimizer", "invalid")}
+
+
+def test_every_key_name_known_to_the_suggester():
+    assert {"learning_rate", "liger_rope", "plugins", "flash_attention", "model_type", "strict"} <= ALL_KNOWN
+
+
+@pytest.mark.parametrize("raw", [None, [], "base_model: x", 3])
+def test_not_a_mapping_is_a_whole_document_error(raw):
+    report = validate_config(raw, ENV)
+    assert len(report.errors) == 1 and report.errors[0].loc == "" and "mapping" in report.errors[0].msg
