@@ -1,0 +1,115 @@
+"""Test helpers of the train stage: a synthetic task, a prepared cache written to the contract
+(docs/contracts.md), and the real train child started as a subprocess."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, child_env
+
+DIGITS = "0123456789"
+
+
+def successor_task(seed: int = 0, n_digits: int = 3) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """'3 7 1 ->' answers ' 4 8 2' (each digit + 1 mod 10): 1000 prompts, 800 train / 200 held out."""
+    pairs = []
+    for n in range(10**n_digits):
+        ds = f"{n:0{n_digits}d}"
+        pairs.append((" ".join(ds) + " ->", " " + " ".join(str((int(d) + 1) % 10) for d in ds)))
+    random.Random(seed).shuffle(pairs)
+    return pairs[:800], pairs[800:]
+
+
+def tokenize(tok, pairs: list[tuple[str, str]]) -> list[dict[str, list[int]]]:
+    """Prompt masked (-100), answer + eos trained; one row per sample."""
+    rows = []
+    for prompt, answer in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": p + a, "labels": [-100] * len(p) + a, "position_ids": list(range(len(p) + len(a)))})
+    return rows
+
+
+def pack(rows: list[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
+    """First-fit bins of ≤ capacity tokens, position_ids restarting per sample (the contract's packing)."""
+    bins: list[dict[str, list[int]]] = []
+    for r in rows:
+        for b in bins:
+            if len(b["input_ids"]) + len(r["input_ids"]) <= capacity:
+                break
+        else:
+            b = {"input_ids": [], "labels": [], "position_ids": []}
+            bins.append(b)
+        for k in b:
+            b[k] += r[k]
+    return bins
+
+
+def write_cache(root: Path, train: list[dict], evaluation: list[dict] | None = None, packed: bool = False, sequence_len: int = 64, micro_batch_size: int = 1) -> Path:
+    """A prepared-data cache exactly as docs/contracts.md defines it (manifest written last)."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
+    root.mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(train, features=feats).save_to_disk(str(root / "train"))
+    if evaluation:
+        Dataset.from_list(evaluation, features=feats).save_to_disk(str(root / "eval"))
+    manifest = {
+        "complete": True, "fingerprint": root.name, "rows": {"train": len(train), "eval": len(evaluation or [])},
+        "tokens": {"train": sum(len(r["input_ids"]) for r in train)},
+        "packing": {"enabled": packed, "fill": None, "bins": len(train) if packed else None},
+        "sequence_len": sequence_len, "micro_batch_size": micro_batch_size, "versions": {},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def base_config(model_dir: Path, **over: Any) -> dict[str, Any]:
+    cfg = {
+        "base_model": str(model_dir), "datasets": [{"path": "unused.jsonl", "type": "completion"}],
+        "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
+        "learning_rate": 1e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4,
+        "optimizer": "adamw_torch", "lr_scheduler": "constant", "sequence_len": 64, "seed": 7,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_config(run_dir: Path, cfg: dict[str, Any]) -> Path:
+    from schemas.config import TrainingConfig
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    path.write_text(TrainingConfig.model_validate(cfg).model_dump_json())
+    return path
+
+
+def train_argv(config_json: Path, run_dir: Path, cache: Path, nproc: int = 1) -> list[str]:
+    args = ["-m", "worker.train", str(config_json), "--run-dir", str(run_dir), "--data", str(cache)]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [sys.executable, *args]
+
+
+def train_env(run_dir: Path, threads: int = 1) -> dict[str, str]:
+    return child_env(FTW_EVENTS=str(run_dir / "events.jsonl"), FTW_ERROR_FILE=str(run_dir / "error.json"), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+
+
+def run_train(cfg: dict[str, Any], run_dir: Path, cache: Path, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    config_json = write_config(run_dir, cfg)
+    return subprocess.run(train_argv(config_json, run_dir, cache, nproc), env=train_env(run_dir), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def adapter_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))

@@ -1,0 +1,101 @@
+"""`ftw train CONFIG [--run-dir DIR] [--nproc N]`: validate, preprocess (cache hit or build), train.
+
+The same children the orchestrator runs (docs/contracts.md), started from a terminal: the
+preprocess child (`python -m worker.data`, which reuses a complete cache with the same
+fingerprint), then the train child — under torchrun when more than one GPU is visible or --nproc
+says so. Exit codes: 0 done, 1 failed, 2 usage, 3 invalid config, 75 stopped by SIGTERM (saved;
+run the same command again to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from schemas.paths import base_volume
+from schemas.validate import validate_config
+from worker.events import EXIT_FAILED, read_error
+from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, load_document
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def run_dir_for(config_path: Path, output_dir: str | None, explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    if output_dir:
+        return Path(output_dir).expanduser()
+    return base_volume(os.environ) / "runs" / config_path.stem
+
+
+def preprocess(config_json: Path) -> Path | int:
+    """The prepared cache folder, or the preprocess child's exit code when it failed."""
+    from worker.job.stages import prepared_cache, preprocess_argv
+
+    proc = subprocess.run(preprocess_argv(config_json), stdout=subprocess.PIPE, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    for line in lines[:-1]:
+        print(line)
+    if proc.returncode != 0:
+        return proc.returncode
+    cache_dir, _ = prepared_cache(lines[-1] if lines else "")
+    return cache_dir
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftw train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="axolotl-style training config (YAML or JSON)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: output_dir, else BASE_VOLUME/runs/<config name>)")
+    parser.add_argument("--nproc", type=int, help="processes (one per GPU); default: the visible GPUs")
+    try:
+        args = parser.parse_args(argv)
+        doc = load_document(args.config)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else 0
+    except (OSError, ValueError) as e:
+        print(f"ftw train: cannot read {args.config}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    report = validate_config(doc)
+    for issue in report.warnings:
+        print(f"warning {issue}", file=sys.stderr)
+    if not report.valid:
+        for issue in report.errors:
+            print(f"error   {issue}", file=sys.stderr)
+        return EXIT_INVALID
+    cfg = report.value
+    run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_json = run_dir / "config.json"
+    config_json.write_text(cfg.model_dump_json(indent=1))
+    os.environ.setdefault("FTW_ERROR_FILE", str(run_dir / "error.json"))
+    from worker.errors import FtwError
+    from worker.job.stages import train_argv
+
+    try:
+        cache = preprocess(config_json)
+        if isinstance(cache, int):
+            return _failed("preprocess", cache)
+        nproc = args.nproc if args.nproc is not None else max(1, visible_gpus())
+        rc = subprocess.run(train_argv(config_json, run_dir, cache, nproc)).returncode
+    except FtwError as e:
+        print(f"ftw train: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return EXIT_FAILED
+    if rc == 0:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(json.dumps({"run_dir": str(run_dir), **{k: summary[k] for k in ("steps", "final_loss", "tokens_per_s", "runtime_s", "artifacts")}}))
+        return 0
+    return _failed("train", rc)
+
+
+def _failed(stage: str, rc: int) -> int:
+    error = read_error(os.environ["FTW_ERROR_FILE"])
+    if error:
+        print(f"ftw train: {stage} failed: {error['message']}" + (f"\nhint: {error['hint']}" if error.get("hint") else ""), file=sys.stderr)
+    return rc if rc in (75,) else EXIT_FAILED

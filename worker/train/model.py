@@ -1,0 +1,172 @@
+"""Model and tokenizer builder: precision, attention backend, tokens, checkpointing, kernels.
+
+`load_tokenizer(cfg)` and `load_model(cfg, tokenizer, precision)` take the validated
+TrainingConfig and return the Hugging Face objects, placed on the current device. `preflight(cfg)`
+checks the things that depend on this machine (CUDA for QLoRA, installed attention packages)
+before anything is downloaded or loaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from schemas.config import TrainingConfig
+from schemas.paths import is_local, local_path
+from worker.errors import JobSpecError, ModelError
+
+log = logging.getLogger("ftw.train")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the config's bf16/fp16/tf32 keys resolve to on this machine."""
+
+    load_dtype: torch.dtype  # dtype of the frozen base weights
+    autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
+    tf32: bool
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")  # type: ignore[arg-type]
+
+
+def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
+    """"auto" follows the hardware; on CPU training runs in fp32 whatever the config says."""
+    if device.type != "cuda":
+        return Precision(torch.float32, None, False)
+    bf16_ok = torch.cuda.is_bf16_supported()
+    tf32 = cfg.tf32 is True or (cfg.tf32 == "auto" and torch.cuda.get_device_capability(device)[0] >= 8)
+    if cfg.bf16 is True and not bf16_ok:
+        raise JobSpecError("bf16: true, but this GPU has no bfloat16 support", hint="set bf16: false and fp16: true")
+    if cfg.fp16 or cfg.float16:
+        # full fine-tuning keeps fp32 master weights; adapters train in fp32 over an fp16 base
+        return Precision(torch.float32 if cfg.is_full_finetune() else torch.float16, torch.float16, tf32)
+    if cfg.bf16 is True or cfg.bfloat16 or (cfg.bf16 == "auto" and bf16_ok):
+        return Precision(torch.bfloat16, torch.bfloat16, tf32)
+    return Precision(torch.float32, None, tf32)
+
+
+def attention_backend(cfg: TrainingConfig) -> str:
+    impl = cfg.attn_implementation or "sdpa"
+    if impl in ("flash_attention_2", "flash_attention_3") and importlib.util.find_spec("flash_attn") is None:
+        raise JobSpecError(
+            f"attn_implementation: {impl} needs the flash-attn package, which this worker does not have",
+            hint="use attn_implementation: sdpa (packed samples stay separated) or flex_attention",
+        )
+    return impl
+
+
+def preflight(cfg: TrainingConfig) -> None:
+    """Machine-dependent checks, run before any download or model load."""
+    if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
+        if not torch.cuda.is_available():
+            raise JobSpecError(
+                "QLoRA / 4-bit / 8-bit loading needs a CUDA GPU (bitsandbytes), and this machine has none",
+                hint="use adapter: lora without load_in_4bit/load_in_8bit, or run on a GPU worker",
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise JobSpecError("load_in_4bit/load_in_8bit need bitsandbytes, which is not installed", hint="use adapter: lora")
+    attention_backend(cfg)
+
+
+def _where(name: str, cfg: TrainingConfig) -> dict[str, Any]:
+    """A local folder, or a Hub id at revision_of_model (the token comes from HF_TOKEN)."""
+    if is_local(name):
+        return {"pretrained_model_name_or_path": str(local_path(name))}
+    return {"pretrained_model_name_or_path": name, "revision": cfg.revision_of_model}
+
+
+def load_tokenizer(cfg: TrainingConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(**_where(cfg.tokenizer_config or cfg.base_model, cfg), use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}", hint="check base_model / tokenizer_config and revision_of_model") from e
+    if cfg.special_tokens is not None:
+        special = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
+        tok.add_special_tokens(special)
+    if cfg.tokens:
+        tok.add_tokens(list(cfg.tokens))
+    if tok.pad_token is None:  # batches are padded; the pad id is never trained (labels -100)
+        tok.pad_token = tok.eos_token
+    if cfg.tokenizer_padding_side:
+        tok.padding_side = cfg.tokenizer_padding_side
+    return tok
+
+
+def _quantization(cfg: TrainingConfig, precision: Precision):
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=precision.autocast_dtype or torch.float32,
+        bnb_4bit_quant_storage=precision.load_dtype,
+    )
+
+
+def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: torch.device):
+    """The base model on `device` (before adapters), embeddings resized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quant = _quantization(cfg, precision)
+    try:
+        model_config = AutoConfig.from_pretrained(**_where(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code)
+        for key, value in (cfg.overrides_of_model_config or {}).items():
+            setattr(model_config, key, value)
+        model = AutoModelForCausalLM.from_pretrained(
+            **_where(cfg.base_model, cfg),
+            config=model_config,
+            dtype=precision.load_dtype,
+            attn_implementation=attention_backend(cfg),
+            quantization_config=quant,
+            device_map={"": device} if quant is not None else None,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load base_model {cfg.base_model!r}: {e}", hint="check base_model and revision_of_model; gated Hub models need HF_TOKEN") from e
+    if quant is None:
+        model.to(device)
+    resize_embeddings(cfg, model, tokenizer)
+    model.config.use_cache = False  # no KV cache in training
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
+    """Grow the embeddings when tokens were added; new rows must then train (modules_to_save)."""
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= current and not cfg.resize_token_embeddings_to_32x:
+        return
+    if cfg.adapter and len(tokenizer) > current:
+        saved = set(cfg.lora_modules_to_save or [])
+        if not {"embed_tokens", "lm_head"} <= saved:
+            raise JobSpecError(
+                f"the config adds {len(tokenizer) - current} tokens to the vocabulary, but their embeddings would stay untrained under {cfg.adapter}",
+                hint="add lora_modules_to_save: [embed_tokens, lm_head]",
+            )
+    model.resize_token_embeddings(max(len(tokenizer), current), pad_to_multiple_of=32 if cfg.resize_token_embeddings_to_32x else None)
+    log.info("embeddings resized to %d rows", model.get_input_embeddings().weight.shape[0])
+
+
+def apply_kernel_patches(model, cfg: TrainingConfig) -> list[str]:
+    """Model patching lives in kernels/ alone; this only calls it when that package provides it."""
+    try:
+        from kernels import apply_kernels
+    except ImportError:
+        return []
+    applied = list(apply_kernels(model, cfg))
+    log.info("kernels applied: %s", ", ".join(applied) or "none")
+    return applied

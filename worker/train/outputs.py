@@ -1,0 +1,88 @@
+"""The run folder's results: adapter (PEFT) or model, merged model, summary.json, loss.png.
+
+Each folder is written under a temporary name and renamed, like the checkpoints, so the publish
+stage never sees half an adapter. The merged model is built from the saved adapter on a freshly
+loaded base in the training dtype (never from a 4-bit base), so LoRA and QLoRA merge the same way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ftw.train")
+
+
+def atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def save_trained(model, state_dict: dict[str, Any], tokenizer, out: Path, is_adapter: bool) -> Path:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or a full HF model, + tokenizer."""
+    tmp = atomic_dir(out)
+    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if is_adapter:  # vLLM loads adapters as is: no extra weight files, a plain config
+        assert (tmp / "adapter_model.safetensors").is_file()
+    return publish_dir(tmp, out)
+
+
+def merge_adapter(adapter_dir: Path, out: Path, dtype, tokenizer, load_kwargs: dict[str, Any]) -> Path:
+    """base + adapter → one safetensors model (LoRA deltas folded into the weights)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(**load_kwargs, dtype=dtype)
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = atomic_dir(out)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    log.info("merged model written to %s", out)
+    return publish_dir(tmp, out)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss(run_dir: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> Path | None:
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

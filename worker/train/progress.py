@@ -1,0 +1,123 @@
+"""Where progress goes: JSON-line events (worker.events), a terminal bar, and experiment trackers.
+
+Only rank 0 reports. Trackers are optional imports, used only when the config turns them on
+(use_wandb / wandb_project, use_mlflow / mlflow_tracking_uri, use_tensorboard); a tracker that is
+configured but not installed is an error before training starts, not a silent no-op.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from schemas.config import TrainingConfig
+from worker.errors import JobSpecError
+from worker.events import emit
+
+log = logging.getLogger("ftw.train")
+
+
+def wanted_trackers(cfg: TrainingConfig) -> list[str]:
+    wanted = []
+    if cfg.use_wandb or (cfg.use_wandb is None and cfg.wandb_project):
+        wanted.append("wandb")
+    if cfg.use_mlflow or (cfg.use_mlflow is None and cfg.mlflow_tracking_uri):
+        wanted.append("mlflow")
+    if cfg.use_tensorboard:
+        wanted.append("tensorboard")
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        raise JobSpecError(f"{', '.join(missing)} logging is configured, but not installed in this worker", hint=f"remove the {', '.join(missing)} keys, or use an image with the package")
+    return wanted
+
+
+class Trackers:
+    def __init__(self, cfg: TrainingConfig, run_dir: Path, names: list[str]):
+        self.sinks: list[Any] = []
+        config = cfg.model_dump(mode="json")
+        if "wandb" in names:
+            import wandb
+
+            self.sinks.append(("wandb", wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name, id=cfg.wandb_run_id, mode=cfg.wandb_mode, config=config, dir=str(run_dir), resume="allow")))
+        if "mlflow" in names:
+            import mlflow
+
+            if cfg.mlflow_tracking_uri:
+                mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+            if cfg.mlflow_experiment_name:
+                mlflow.set_experiment(cfg.mlflow_experiment_name)
+            mlflow.start_run(run_name=cfg.mlflow_run_name)
+            self.sinks.append(("mlflow", mlflow))
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.sinks.append(("tensorboard", SummaryWriter(str(run_dir / "tensorboard"))))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for kind, sink in self.sinks:
+            if kind == "wandb":
+                sink.log(metrics, step=step)
+            elif kind == "mlflow":
+                sink.log_metrics(metrics, step=step)
+            else:
+                for key, value in metrics.items():
+                    sink.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        for kind, sink in self.sinks:
+            {"wandb": lambda s: s.finish(), "mlflow": lambda s: s.end_run(), "tensorboard": lambda s: s.close()}[kind](sink)
+
+
+class Progress:
+    """Step reports for the orchestrator (events), a person (tqdm on a terminal) and trackers."""
+
+    def __init__(self, cfg: TrainingConfig, run_dir: Path, total_steps: int, first_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.every = cfg.logging_steps or 1
+        self.start_time = time.monotonic()
+        self.start_step = first_step
+        self.trackers = Trackers(cfg, run_dir, wanted_trackers(cfg)) if enabled else None
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def eta(self, step: int) -> float | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.monotonic() - self.start_time) / done * (self.total - step)
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if step % self.every == 0 or step == self.total:
+            eta = self.eta(step)
+            emit({"stage": "train", "step": step, "total_steps": self.total, **metrics, "eta_s": None if eta is None else round(eta, 1)})
+            self.trackers.log({f"train/{k}": v for k, v in metrics.items() if v is not None}, step)
+            if self.bar is None:
+                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", step, self.total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
+
+    def event(self, **fields: Any) -> None:
+        if self.enabled:
+            emit({"stage": "train", "total_steps": self.total, **fields})
+
+    def eval(self, step: int, loss: float) -> None:
+        if self.enabled:
+            emit({"stage": "eval", "step": step, "total_steps": self.total, "eval_loss": loss})
+            self.trackers.log({"eval/loss": loss}, step)
+            log.info("eval at step %d: loss %.4f", step, loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -1,0 +1,68 @@
+"""The train stage as the orchestrator runs it: one call from config + cache to a finished run folder.
+
+    python -m worker.train RUN_DIR/config.json --run-dir RUN_DIR --data CACHE_DIR
+    torchrun --nproc-per-node N -m worker.train ...      (more than one device)
+
+Exit 0 with adapter/ (or model/), merged/ when merge_lora, summary.json and loss.png written;
+exit 75 after SIGTERM once a checkpoint of the current step is saved; exit 1 with the error file.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from schemas.config import TrainingConfig
+from schemas.paths import is_local, local_path
+from worker.events import EXIT_OK, emit
+from worker.train import distributed as dist_
+from worker.train import outputs
+from worker.train.batches import open_prepared
+from worker.train.trainer import Trainer
+
+log = logging.getLogger("ftw.train")
+
+
+def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    topo = dist_.init(cfg)
+    try:
+        data = open_prepared(cache_dir)
+        trainer = Trainer(cfg, run_dir, data, topo)
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        try:
+            if topo.is_main:
+                emit({"stage": "train", "event": "loading", "base_model": cfg.base_model})
+            trainer.setup()
+            code = trainer.train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if code != EXIT_OK:
+            return code
+        finish(trainer)
+        return EXIT_OK
+    finally:
+        dist_.shutdown()
+
+
+def finish(trainer: Trainer) -> None:
+    """The run folder's results (collective gather, then rank 0 writes)."""
+    cfg, topo, run_dir = trainer.cfg, trainer.topo, trainer.run_dir
+    model_sd, _ = trainer.full_state_dicts(with_optimizer=False)
+    if not topo.is_main:
+        return
+    is_adapter = not cfg.is_full_finetune()
+    out = outputs.save_trained(trainer.model, model_sd, trainer.tokenizer, run_dir / ("adapter" if is_adapter else "model"), is_adapter)
+    summary = trainer.summary()
+    summary["artifacts"] = {"adapter" if is_adapter else "model": str(out)}
+    if cfg.merge_lora and is_adapter:
+        emit({"stage": "merge", "event": "start"})
+        source = str(local_path(cfg.base_model)) if is_local(cfg.base_model) else cfg.base_model
+        load = {"pretrained_model_name_or_path": source} | ({} if is_local(cfg.base_model) else {"revision": cfg.revision_of_model})
+        dtype = trainer.precision.autocast_dtype or trainer.precision.load_dtype
+        summary["artifacts"]["merged"] = str(outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, load))
+    png = outputs.plot_loss(run_dir, trainer.state.train_loss, trainer.state.eval_loss)
+    summary["artifacts"]["loss_png"] = str(png) if png else None
+    outputs.write_summary(run_dir, summary)
+    emit({"stage": "train", "event": "done", "step": summary["steps"], "total_steps": summary["total_steps"], "loss": summary["final_loss"], "tokens_per_s": summary["tokens_per_s"]})
+    log.info("training done: %d steps, final loss %s, %.0f tokens/s → %s", summary["steps"], summary["final_loss"], summary["tokens_per_s"], out)

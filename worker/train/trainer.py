@@ -1,0 +1,278 @@
+"""The training loop: our own, on torch + transformers + peft, not HF Trainer. Why:
+
+- Checkpoints must be atomic and verified (temporary name, sha256, rename), resume must be exact
+  (data order from (seed, step), RNG, optimizer, scheduler), and SIGTERM must save at a step
+  boundary and exit 75. HF Trainer writes checkpoints in place, keeps data position in a
+  dataloader it rebuilds, and spreads these decisions over callbacks and flags; overriding its
+  internals would be longer and more fragile than the ~150 lines of loop below.
+- Everything the loop needs from the ecosystem is still used as is: models and loss from
+  transformers (packed position_ids → per-sample attention), adapters and their files from peft,
+  schedulers from transformers, DDP / FSDP2 and distributed state dicts from torch.
+
+Shape (torchtune's recipe layout): `setup()` builds tokenizer → model → adapter → kernels →
+sharding → optimizer → scheduler → resume; `train()` runs steps until max steps, early stop or
+SIGTERM; `save_checkpoint()` / `load_checkpoint()`; `finish()` writes the run folder's results.
+The loss of a step is the mean over every target token of the global batch (all micro-batches,
+all ranks), whatever the split: `num_items_in_batch` is the global count.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas.config import TrainingConfig
+from worker.events import EXIT_OK, EXIT_PREEMPTED
+from worker.train import checkpoint as ckpt
+from worker.train import distributed as dist_
+from worker.train.adapters import attach
+from worker.train.batches import BatchPlan, PreparedData, collate, target_tokens
+from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
+from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.progress import Progress
+from worker.train.schedule import Schedule
+
+log = logging.getLogger("ftw.train")
+
+
+@dataclass
+class LoopState:
+    """Everything about the run's progress that a checkpoint carries besides tensors."""
+
+    step: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    best_eval: float | None = None
+    best_checkpoint: str | None = None
+    bad_evals: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainingConfig, run_dir: Path, data: PreparedData, topo: dist_.Topology):
+        self.cfg, self.run_dir, self.data, self.topo = cfg, Path(run_dir), data, topo
+        self.state = LoopState()
+        self.stop_requested = False  # set by the SIGTERM handler of the entry point
+        self.resumed_from: str | None = None
+        self.kernels: list[str] = []
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, topo = self.cfg, self.topo
+        preflight(cfg)
+        torch.manual_seed(cfg.seed)  # the same seed on every rank: identical adapter init
+        self.precision = resolve_precision(cfg, topo.device)
+        if self.precision.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.tokenizer = load_tokenizer(cfg)
+        base = load_model(cfg, self.tokenizer, self.precision, topo.device)
+        self.model = attach(base, cfg)
+        self.kernels = apply_kernel_patches(self.model, cfg)
+        self.model.train()
+        self.engine = dist_.wrap(self.model, cfg, topo)
+        self.strategy = dist_.strategy(cfg, topo)["kind"]
+        mbs, gas = cfg.batch_shape()
+        self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
+        self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
+        self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
+        self.scaler = torch.amp.GradScaler(topo.device.type, enabled=self.precision.autocast_dtype == torch.float16)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        resume = self.resume_point()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        log.info(
+            "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
+            "packed" if self.data.packed else "unpacked", self.plan.num_rows, self.plan.steps_per_epoch,
+            self.schedule.total_steps, self.precision.name, self.strategy, topo.world_size,
+        )
+
+    def resume_point(self) -> Path | None:
+        from worker.errors import JobSpecError
+
+        if self.cfg.resume_from_checkpoint:
+            path = Path(self.cfg.resume_from_checkpoint).expanduser()
+            if ckpt.read_state(path) is None:
+                raise JobSpecError(f"resume_from_checkpoint {path} is not a complete ftw checkpoint", hint="point it at a checkpoint-<step> folder with a valid ftw_state.json, or remove the key")
+            return path
+        if self.cfg.auto_resume_from_checkpoints:
+            return ckpt.newest_complete(self.run_dir / "checkpoints")
+        return None
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def _autocast(self):
+        dtype = self.precision.autocast_dtype
+        return torch.autocast(self.topo.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _offload(self):
+        if self.cfg.activation_offloading or self.cfg.gradient_checkpointing == "offload":
+            return torch.autograd.graph.save_on_cpu(pin_memory=self.topo.device.type == "cuda")
+        return contextlib.nullcontext()
+
+    def _rows(self, ds, indices: list[int]) -> list[dict[str, list[int]]]:
+        cols = ds[indices]
+        return [{k: cols[k][i] for k in ("input_ids", "labels", "position_ids")} for i in range(len(indices))]
+
+    def train_step(self, step: int, order: list[int]) -> dict[str, float]:
+        topo, pad = self.topo, self.tokenizer.pad_token_id or 0
+        batches = [collate(self._rows(self.data.train, m), pad, self.data.packed) for m in self.plan.micro_batches(step, topo.rank, order)]
+        local_targets = sum(target_tokens(b) for b in batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        targets, tokens = dist_.all_sum([local_targets, local_tokens], topo)
+        n_items = torch.tensor(max(targets, 1.0), device=topo.device)
+        loss_sum = torch.zeros((), device=topo.device)
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}
+            with dist_.no_grad_sync(self.engine, sync=i == len(batches) - 1):
+                with self._autocast(), self._offload():
+                    loss = self.engine(**batch, num_items_in_batch=n_items).loss
+                # DDP/FSDP average gradients over ranks; the loss is already a global mean
+                self.scaler.scale(loss * topo.world_size).backward()
+            loss_sum += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss,) = dist_.all_sum([float(loss_sum)], topo)
+        self.state.tokens += int(tokens)
+        self.state.target_tokens += int(targets)
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to the end (EXIT_OK) or until SIGTERM, after saving (EXIT_PREEMPTED)."""
+        sched, state = self.schedule, self.state
+        progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, self.topo.is_main)
+        self.progress = progress
+        t0, tokens0, order_epoch, order = time.monotonic(), state.tokens, None, None
+        progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
+        try:
+            while state.step < sched.total_steps:
+                epoch = state.step // self.plan.steps_per_epoch
+                if epoch != order_epoch:
+                    order, order_epoch = self.plan.epoch_order(epoch), epoch
+                metrics = self.train_step(state.step, order)
+                state.step += 1
+                elapsed = time.monotonic() - t0
+                metrics["tokens_per_s"] = (state.tokens - tokens0) / max(elapsed, 1e-9)
+                state.train_loss.append((state.step, round(metrics["loss"], 6)))
+                progress.step(state.step, metrics)
+                if not math.isfinite(metrics["loss"]):
+                    from worker.errors import TrainingError
+
+                    raise TrainingError(f"the loss became {metrics['loss']} at step {state.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
+                stop_early = sched.eval_due(state.step) and self.evaluate_and_track()
+                saved = False
+                if sched.save_due(state.step) or (sched.save_best and self.state.bad_evals == 0 and sched.eval_due(state.step)):
+                    self.save_checkpoint()
+                    saved = True
+                if self.preempted():
+                    if not saved:
+                        self.save_checkpoint()
+                    progress.event(step=state.step, event="preempted")
+                    log.warning("SIGTERM: checkpoint-%d saved, stopping (exit %d)", state.step, EXIT_PREEMPTED)
+                    return EXIT_PREEMPTED
+                if stop_early:
+                    log.info("early stopping at step %d: eval loss did not improve %d times", state.step, self.state.bad_evals)
+                    break
+            if self.data.eval is not None and (not state.eval_loss or state.eval_loss[-1][0] != state.step):
+                self.evaluate_and_track()
+            self.runtime_s = time.monotonic() - t0
+            self.tokens_this_run = state.tokens - tokens0
+            return EXIT_OK
+        finally:
+            progress.close()
+
+    def preempted(self) -> bool:
+        (flag,) = dist_.all_sum([1.0 if self.stop_requested else 0.0], self.topo)
+        return flag > 0
+
+    # ---- eval ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per target token over the whole eval split (sharded over ranks)."""
+        ds, topo = self.data.eval, self.topo
+        per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
+        chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
+        per_rank = math.ceil(len(chunks) / topo.world_size)
+        mine = [(chunks[j], True) if j < len(chunks) else (chunks[0], False) for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)]
+        loss_sum, count = 0.0, 0
+        self.engine.eval()
+        for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
+            batch = {k: v.to(topo.device) for k, v in collate(self._rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed).items()}
+            with self._autocast():
+                loss = self.engine(**batch, num_items_in_batch=torch.tensor(1.0, device=topo.device)).loss
+            if real:
+                loss_sum += float(loss)
+                count += target_tokens(batch)
+        self.engine.train()
+        loss_sum, count = dist_.all_sum([loss_sum, count], topo)
+        return loss_sum / max(count, 1)
+
+    def evaluate_and_track(self) -> bool:
+        """Evaluate, record, step a plateau scheduler; True when early stopping says stop."""
+        loss = self.evaluate()
+        state = self.state
+        state.eval_loss.append((state.step, round(loss, 6)))
+        self.progress.eval(state.step, loss)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(loss)
+        if state.best_eval is None or loss < state.best_eval:
+            state.best_eval, state.bad_evals = loss, 0
+        else:
+            state.bad_evals += 1
+        return self.cfg.early_stopping_patience is not None and state.bad_evals >= self.cfg.early_stopping_patience
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def full_state_dicts(self, with_optimizer: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Trainable weights (and optimizer state) gathered whole on every rank's CPU — collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not self.cfg.is_full_finetune())
+        model_sd = get_model_state_dict(self.model, options=opts)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None
+        return model_sd, optim_sd
+
+    def save_checkpoint(self) -> Path | None:
+        return ckpt.save(self)
+
+    def load_checkpoint(self, path: Path) -> None:
+        ckpt.load(self, path)
+        self.resumed_from = path.name
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # ---- results -------------------------------------------------------------------------------
+    def peak_memory_gib(self) -> float:
+        if self.topo.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.topo.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def summary(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "steps": s.step, "total_steps": self.schedule.total_steps, "epochs": round(s.step / self.plan.steps_per_epoch, 4),
+            "tokens": s.tokens, "target_tokens": s.target_tokens,
+            "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1), "runtime_s": round(self.runtime_s, 2),
+            "peak_memory_gib": round(self.peak_memory_gib(), 3), "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
+            "final_loss": s.train_loss[-1][1] if s.train_loss else None, "best_eval_loss": s.best_eval,
+            "loss_curve": s.train_loss, "eval_curve": s.eval_loss, "resumed_from": self.resumed_from,
+            "precision": self.precision.name, "strategy": self.strategy, "world_size": self.topo.world_size,
+            "packed": self.data.packed, "adapter": self.cfg.adapter or "full", "kernels": self.kernels,
+        }
+
+    def state_record(self) -> dict[str, Any]:
+        return {"loop": asdict(self.state), "epoch": self.state.step / self.plan.steps_per_epoch, "world_size": self.topo.world_size}
