@@ -1,0 +1,133 @@
+"""Publishing to the Hugging Face Hub: one commit per publish, a model card, the commit sha back.
+
+The token comes from the job's credentials.hf_token or the endpoint's HF_TOKEN; HF_ENDPOINT points
+the client elsewhere (tests, mirrors). The repo is created when missing (private unless the job
+says otherwise) and the branch when `revision` names one that does not exist yet. One
+`create_commit` carries everything: the adapter (or full model) at the repo root with
+adapter_config.json's base_model_name_or_path set to the base model's Hub id, a merged model
+under `merged/` when asked, README.md, loss.png and manifest.json (sha256 of every file as
+committed). A commit is atomic on the Hub, so a failed publish changes nothing there.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.errors import PublishError
+from worker.publish.card import hub_id, model_card
+from worker.publish.manifest import MANIFEST_NAME, Manifest, folder_files, sha256_file
+from worker.publish.transfer import Fatal, TransferSettings, with_retries
+
+MERGED_DIR = "merged"
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    repo_id: str
+    private: bool
+    revision: str | None
+    token: str | None
+    endpoint: str | None
+
+    @classmethod
+    def resolve(cls, outputs_hub: Any, credentials: Any, env: Mapping[str, str]) -> HubTarget:
+        token = getattr(credentials, "hf_token", None)
+        token = token.get_secret_value() if token is not None else None
+        token = token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+        return cls(outputs_hub.repo_id, outputs_hub.private, outputs_hub.revision, token, env.get("HF_ENDPOINT") or None)
+
+
+def _operations(root: Path, prefix: str, replace: dict[str, bytes]) -> tuple[list[Any], Manifest]:
+    """Commit operations for the files of `root` under `prefix`, and their manifest (as committed)."""
+    from huggingface_hub import CommitOperationAdd
+
+    ops, files = [], {}
+    for path in folder_files(root):
+        rel = path.relative_to(root).as_posix()
+        content = replace.get(rel)
+        ops.append(CommitOperationAdd(f"{prefix}{rel}", content if content is not None else str(path)))
+        files[rel] = ({"size": len(content), "sha256": Manifest.bytes_sha256(content)} if content is not None
+                      else {"size": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest = Manifest(files)
+    ops.append(CommitOperationAdd(f"{prefix}{MANIFEST_NAME}", manifest.to_bytes()))
+    return ops, manifest
+
+
+def adapter_config_for_hub(adapter_dir: Path, base_id: str | None) -> dict[str, bytes]:
+    """adapter_config.json with base_model_name_or_path = the base model's Hub id (never a local path)."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file() or base_id is None:
+        return {}
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base_id
+    return {"adapter_config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _hub_error(e: Exception, target: HubTarget) -> PublishError:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    hints = {
+        401: "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) to a token with write access",
+        403: f"the token may not write to {target.repo_id.split('/')[0]}: use a write token of that user/organization",
+        404: f"{target.repo_id} was not found for this token: check outputs.hub.repo_id",
+    }
+    err = PublishError(f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                       hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
+                       details={"repo_id": target.repo_id, **({"http_status": status} if status else {})})
+    err.retryable = status not in hints
+    return err
+
+
+def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_dir: Path, main_kind: str,
+                merged_dir: Path | None, secrets: list[str], settings: TransferSettings) -> dict[str, Any]:
+    """One commit to the Hub; the artifact record with the commit sha."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if not target.token:
+        raise PublishError(f"no Hugging Face token to publish to {target.repo_id}",
+                           "set HF_TOKEN on the endpoint, or send credentials.hf_token with the job")
+    api = HfApi(endpoint=target.endpoint, token=target.token)
+    base_id = hub_id(cfg.base_model)
+    ops, manifest = _operations(main_dir, "", adapter_config_for_hub(main_dir, base_id) if main_kind == "adapter" else {})
+    if merged_dir is not None:
+        merged_ops, _ = _operations(merged_dir, f"{MERGED_DIR}/", {})
+        ops += merged_ops
+    loss_png = run_dir / "loss.png"
+    if loss_png.is_file():
+        ops.append(CommitOperationAdd("loss.png", str(loss_png)))
+    card = model_card(cfg, target.repo_id, run_id, run_dir, base_id=base_id, has_loss_png=loss_png.is_file(),
+                      merged_path=MERGED_DIR if merged_dir is not None else None, secrets=secrets)
+    ops.append(CommitOperationAdd("README.md", card.encode()))
+    branch = target.revision or "main"
+
+    def guarded(fn):
+        def call():
+            try:
+                return fn()
+            except Exception as e:
+                err = _hub_error(e, target)
+                if not err.retryable:
+                    raise Fatal(err) from e
+                raise
+        return call
+
+    def commit():
+        api.create_repo(target.repo_id, private=target.private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(target.repo_id, branch=branch, exist_ok=True)
+        return api.create_commit(target.repo_id, operations=ops, revision=branch,
+                                 commit_message=f"ftw: publish {main_kind} of run {run_id}")
+
+    try:
+        info = with_retries(guarded(commit), f"Hub commit to {target.repo_id}", settings)
+    except PublishError:
+        raise
+    except Exception as e:
+        raise _hub_error(e, target) from e
+    return {"kind": main_kind, "target": "hub", "uri": f"hf://{target.repo_id}", "revision": branch,
+            "commit": info.oid, "sha256_manifest": manifest.sha256, "files": len(manifest.files),
+            "bytes": manifest.total_bytes, **({"merged_path": MERGED_DIR} if merged_dir is not None else {})}
