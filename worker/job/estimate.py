@@ -20,7 +20,7 @@ from worker.errors import InfraError
 
 MiB, GiB = 1 << 20, 1 << 30
 MARGIN = 0.10
-FIXED_OVERHEAD = 16 * MiB  # logs, config, state, events
+FIXED_OVERHEAD = 4 * MiB  # logs, config, state, events
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

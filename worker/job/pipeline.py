@@ -259,5 +259,8 @@ class JobPipeline:
         started = time.monotonic()
         try:
             yield
+        except FtwError as e:
+            e.stage = e.stage or name
+            raise
         finally:
             self.timings[f"{name}_s"] = round(time.monotonic() - started, 3)

@@ -131,19 +131,18 @@ def _lock(path: Path, run_id: str) -> int:
 def open_run_dir(base: Path, run_id: str) -> RunDir:
     """Create (or reopen, for a resumed run) and lock the run folder."""
     base = base.resolve()
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InfraError(f"BASE_VOLUME {base} cannot be created ({e.strerror or e})", "set BASE_VOLUME to a writable folder") from e
     runs = base / "runs"
     if runs.is_symlink():
         raise InfraError(f"{runs} is a symlink to {runs.resolve()}", "ftw only writes inside BASE_VOLUME; replace the link with a folder")
-    runs.mkdir(exist_ok=True)
     path = resolve_run_dir(base, run_id)
     try:
-        path.mkdir(exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InfraError(f"cannot create the run folder {path} ({e.strerror or e})", "check the volume's permissions and free space") from e
+        raise InfraError(
+            f"cannot create the run folder {path} ({e.strerror or e})",
+            "attach a writable network volume (BASE_VOLUME) or check its permissions and free space",
+            details={"path": str(path), "errno": e.errno},
+        ) from e
     probe_writable(path)
     run = RunDir(run_id=run_id, path=path, base=base, lock_fd=_lock(path, run_id))
     run.state = read_json(path / STATE_NAME) or {"run_id": run_id}

@@ -1,0 +1,97 @@
+"""The GPU probe. No GPU here, so `nvidia-smi` is a script that prints what the real one prints
+(the same CSV query output); the probe still runs it as a real child with its real timeout.
+bench/gpu_worker.sh runs the same probe against a real nvidia-smi on an H200."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.errors import InfraError
+from worker.job.gpu import parse_visible_devices, probe, stage_env
+
+GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
+1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
+"""
+
+
+def fake_smi(tmp_path: Path, gpus: str = GPUS, apps: str = "", gpu_cmd: str = "") -> dict[str, str]:
+    script = tmp_path / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f"  --query-gpu=*) {gpu_cmd or 'cat <<EOF'}\n{'' if gpu_cmd else gpus + 'EOF'}\n;;\n"
+        f"  --query-compute-apps=*) cat <<EOF\n{apps}EOF\n;;\n"
+        "esac\n"
+    )
+    script.chmod(0o755)
+    return {"FTW_NVIDIA_SMI": str(script), "PATH": os.environ["PATH"]}
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), ("", []), ("-1", []), ("0", ["0"]), ("1,0", ["1", "0"]), ("GPU-bbbb", ["GPU-bbbb"]),
+])
+def test_visible_devices_parse(value, expected):
+    assert parse_visible_devices(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0,0", "gpu0", "0,,1"])
+def test_visible_devices_rejects_nonsense(value):
+    with pytest.raises(InfraError):
+        parse_visible_devices(value)
+
+
+def test_probe_selects_by_index_and_uuid_prefix(tmp_path):
+    env = fake_smi(tmp_path)
+    everything = probe(env)
+    assert everything.count == 2 and everything.devices[0].name == "NVIDIA H200" and everything.driver == "570.124.06"
+    assert [d.index for d in probe({**env, "CUDA_VISIBLE_DEVICES": "1"}).devices] == [1]
+    chosen = probe({**env, "CUDA_VISIBLE_DEVICES": "GPU-bbbb2222"})
+    assert [d.index for d in chosen.devices] == [1]
+    assert stage_env(chosen, {})["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb2222-0000-0000-0000-000000000000"
+    assert stage_env(chosen, {})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_nonexistent_device_fails_in_seconds_naming_what_exists(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        probe({**fake_smi(tmp_path), "CUDA_VISIBLE_DEVICES": "7"})
+    assert time.monotonic() - started < 3
+    assert "'7'" in e.value.message and "2 GPU(s) found" in e.value.message and "GPU-aaaa1111" in e.value.message
+
+
+def test_hung_driver_costs_the_timeout_not_the_job(tmp_path):
+    env = {**fake_smi(tmp_path, gpu_cmd="exec sleep 600"), "FTW_GPU_PROBE_TIMEOUT_S": "1"}
+    started = time.monotonic()
+    with pytest.raises(InfraError) as e:
+        probe(env)
+    assert time.monotonic() - started < 4
+    assert "did not answer within 1 s" in e.value.message
+
+
+def test_foreign_process_and_short_memory_are_refused(tmp_path):
+    apps = "GPU-aaaa1111-0000-0000-0000-000000000000, 4242, 30000, python3\n"
+    env = fake_smi(tmp_path, apps=apps)
+    with pytest.raises(InfraError) as e:
+        probe({**env, "CUDA_VISIBLE_DEVICES": "0"})
+    assert "pid 4242" in e.value.message
+    assert probe({**env, "CUDA_VISIBLE_DEVICES": "1"}).count == 1  # the other GPU is clean
+    assert probe({**env, "CUDA_VISIBLE_DEVICES": "0", "FTW_ALLOW_SHARED_GPU": "1"}).count == 1
+
+    small = "0, GPU-cccc, NVIDIA A10G, 23028, 20000, 3028, 550.1\n"
+    with pytest.raises(InfraError) as e:
+        probe(fake_smi(tmp_path, gpus=small), need_bytes=16 << 30)
+    assert "16.0 GiB" in e.value.message and "3.0 GiB free" in e.value.message
+
+
+def test_no_gpu_needs_an_explicit_cpu_permission(tmp_path):
+    env = {"PATH": str(tmp_path)}  # no nvidia-smi on PATH
+    with pytest.raises(InfraError) as e:
+        probe(env)
+    assert "FTW_ALLOW_CPU=1" in e.value.hint
+    result = probe(env, allow_cpu=True)
+    assert result.cpu_only and stage_env(result, {})["CUDA_VISIBLE_DEVICES"] == ""
+    with pytest.raises(InfraError, match="hides every device"):
+        probe({**fake_smi(tmp_path), "CUDA_VISIBLE_DEVICES": ""})

@@ -1,0 +1,155 @@
+"""The supervisor against real child processes: logs as bytes, signals, limits, typed failures."""
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from worker import errors
+from worker.job.secrets import Redactor
+from worker.job.supervisor import Stage, StopSignal, run_stage, stage_failure
+
+SECRET = "hf_SuperSecretToken123456"
+
+
+def child(tmp_path: Path, body: str, **kw) -> Stage:
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(body))
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return Stage("train", [sys.executable, str(script)], env, log_dir, grace_s=kw.pop("grace_s", 5.0), **kw)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_carriage_return_progress_and_huge_line_do_not_stall(tmp_path):
+    stage = child(tmp_path, """
+        import sys
+        for i in range(2000):
+            sys.stderr.write(f"\\rprogress {i}/2000"); sys.stderr.flush()
+        sys.stdout.write("x" * 3_000_000); sys.stdout.flush()
+        print()
+        print('{"cache_dir": "/somewhere"}')
+    """)
+    run = run_stage(stage, StopSignal(), Redactor([]))
+    assert run.returncode == 0 and stage_failure(run) is None
+    assert run.last_stdout_line() == '{"cache_dir": "/somewhere"}'
+    assert "progress 1999/2000" in run.stderr.tail(1)[0]
+    assert (stage.log_dir / "stdout.log").stat().st_size > 3_000_000
+
+
+def test_secrets_are_redacted_even_when_split_across_writes(tmp_path):
+    stage = child(tmp_path, f"""
+        import sys, time
+        s = {SECRET!r}
+        sys.stdout.write("token=" + s[:7]); sys.stdout.flush(); time.sleep(0.3)
+        sys.stdout.write(s[7:] + " done\\n"); sys.stdout.flush()
+        raise SystemExit("bad token " + s)
+    """)
+    run = run_stage(stage, StopSignal(), Redactor([SECRET]))
+    failure = stage_failure(run)
+    assert isinstance(failure, errors.ChildCrash)
+    for f in stage.log_dir.iterdir():
+        assert SECRET.encode() not in f.read_bytes(), f
+        assert SECRET[:12].encode() not in f.read_bytes(), f
+    assert "token=*** done" in (stage.log_dir / "stdout.log").read_text()
+    assert SECRET not in failure.log_tail and "bad token ***" in failure.log_tail
+
+
+def test_sigterm_gives_grace_to_checkpoint_then_preempted(tmp_path, monkeypatch):
+    stage = child(tmp_path, """
+        import signal, sys, time
+        from worker.events import emit
+        def on_term(*_):
+            time.sleep(0.5)                       # "saving a checkpoint"
+            open("saved", "w").write("ok")
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, on_term)
+        for step in range(1000):
+            emit({"stage": "train", "step": step, "loss": 1.0})
+            time.sleep(0.05)
+    """)
+    monkeypatch.chdir(tmp_path)
+    stop, events = StopSignal(), []
+    threading.Timer(1.0, stop.request, args=("preempted",)).start()
+    run = run_stage(stage, stop, Redactor([]), events.append)
+    failure = stage_failure(run)
+    assert isinstance(failure, errors.Preempted) and failure.retryable
+    assert (tmp_path / "saved").read_text() == "ok"
+    assert events and events[0]["step"] == 0 and all("loss" in e for e in events)
+
+
+def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_path):
+    stage = child(tmp_path, """
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        g = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        print(g.pid, flush=True)
+        time.sleep(600)
+    """, grace_s=1.0)
+    stop = StopSignal()
+    threading.Timer(1.5, stop.request, args=("cancelled",)).start()
+    started = time.monotonic()
+    run = run_stage(stage, stop, Redactor([]))
+    assert time.monotonic() - started < 1.5 + 1.0 + 5
+    assert isinstance(stage_failure(run), errors.Cancelled)
+    grandchild = int(run.stdout.tail()[0])
+    assert not alive(run.pid) and not alive(grandchild)
+
+
+def test_time_limit_and_no_progress_watchdog(tmp_path):
+    stage = child(tmp_path, "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.1)\n", time_limit_s=1.0, grace_s=0.5)
+    failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
+    assert isinstance(failure, errors.StageTimeout) and not isinstance(failure, errors.NoProgress)
+    assert "tick" in failure.log_tail
+
+    quiet = child(tmp_path, "import time\nprint('start', flush=True)\ntime.sleep(600)\n", no_progress_s=1.0, grace_s=0.5)
+    started = time.monotonic()
+    failure = stage_failure(run_stage(quiet, StopSignal(), Redactor([])))
+    assert isinstance(failure, errors.NoProgress) and time.monotonic() - started < 5
+
+
+def test_error_file_becomes_the_typed_error(tmp_path):
+    stage = child(tmp_path, """
+        from worker.errors import DataError
+        from worker.events import run_child
+        def main():
+            raise DataError("data.jsonl line 3: missing field 'messages'", "add the field or set field_messages")
+        run_child(main)
+    """)
+    failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
+    assert type(failure) is errors.DataError
+    assert "line 3" in failure.message and failure.hint.startswith("add the field") and failure.stage == "train"
+
+
+def test_kill_9_is_a_crash_with_log_tail(tmp_path):
+    stage = child(tmp_path, """
+        import os, signal
+        print("step 7 loss 1.23", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
+    assert type(failure) is errors.ChildCrash and failure.retryable
+    assert "SIGKILL" in failure.message and "step 7 loss 1.23" in failure.log_tail
+
+
+@pytest.mark.parametrize("text, cls", [("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", errors.OutOfMemory),
+                                       ("NCCL error: unhandled system error", errors.DistributedError)])
+def test_oom_and_nccl_are_recognised_from_the_log(tmp_path, text, cls):
+    stage = child(tmp_path, f"import sys\nprint({text!r}, file=sys.stderr)\nsys.exit(1)\n")
+    assert type(stage_failure(run_stage(stage, StopSignal(), Redactor([])))) is cls
