@@ -121,10 +121,14 @@ class LocalEndpoint:
         return ""
 
     def stop(self) -> None:
+        """SIGTERM to the workers, then the endpoint (closing its long-polls lets the workers exit at once)."""
+        for worker in self.workers:
+            if worker.alive():
+                os.killpg(worker.pid, signal.SIGTERM)
+        self.stop_endpoint_only()
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
-        self.stop_endpoint_only()
 
     def stop_endpoint_only(self) -> None:
         """Stop the endpoint process and leave the workers running (restart tests, crash drills)."""

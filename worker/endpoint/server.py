@@ -98,6 +98,7 @@ class Endpoint:
         self.store = store
         self.settings = settings
         self._changed = asyncio.Event()
+        self.closing = False
 
     # ---- plumbing ----------------------------------------------------------------------------
     def changed(self) -> None:
@@ -112,7 +113,7 @@ class Endpoint:
             event = self._changed
             result = probe()
             remaining = deadline - asyncio.get_running_loop().time()
-            if result or remaining <= 0:
+            if result or remaining <= 0 or self.closing:
                 return result
             try:
                 await asyncio.wait_for(event.wait(), remaining)
@@ -162,7 +163,7 @@ class Endpoint:
             parts = urlsplit(webhook) if isinstance(webhook, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
                 raise fail(400, f"webhook must be an http(s) URL, got {str(webhook)[:200]!r}")
-        policy = body.get("policy") or {}
+        policy = {} if body.get("policy") is None else body["policy"]
         if not isinstance(policy, dict):
             raise fail(400, "policy must be an object: {\"executionTimeout\": ms, \"ttl\": ms}")
         execution_timeout = self._policy_ms(policy, "executionTimeout", self.settings.default_execution_timeout_ms,
@@ -353,5 +354,10 @@ def create_app(store: JobStore, settings: EndpointSettings) -> web.Application:
         await asyncio.gather(*tasks, return_exceptions=True)
         await sender.close()
 
+    async def release_long_polls(app: web.Application):
+        endpoint.closing = True
+        endpoint.changed()
+
     app.cleanup_ctx.append(background)
+    app.on_shutdown.append(release_long_polls)
     return app

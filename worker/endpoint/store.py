@@ -258,7 +258,7 @@ class JobStore:
 
     def finish(self, job: Job, output: Any, error: str | None) -> Job:
         status = FAILED if error else COMPLETED
-        self._terminate(job, status, output=output, error=error)
+        self._terminate(job, status, output=output, error=error, replace_output=True)
         return self.get(job.id)  # type: ignore[return-value]
 
     def stop_signals(self, worker_id: str) -> list[str]:
@@ -327,14 +327,16 @@ class JobStore:
         return [dict(r) for r in rows]
 
     # ---- internals ---------------------------------------------------------------------------
-    def _terminate(self, job: Job, status: str, output: Any = None, error: str | None = None) -> None:
+    def _terminate(self, job: Job, status: str, output: Any = None, error: str | None = None,
+                   replace_output: bool = False) -> None:
+        """The worker's own result replaces the last progress update; a cancel or timeout keeps it."""
         now = time.time()
         stop = job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT)
         with self._tx():
             self.db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, output = COALESCE(?, output), error = ?,"
-                " stop_pending = ? WHERE id = ?",
-                (status, now, None if output is None else _dumps(output), error, int(stop), job.id),
+                "UPDATE jobs SET status = ?, finished_at = ?, output = CASE WHEN ? THEN ? ELSE output END,"
+                " error = ?, stop_pending = ? WHERE id = ?",
+                (status, now, replace_output, None if output is None else _dumps(output), error, int(stop), job.id),
             )
             if job.webhook:
                 body = self.get(job.id).status_body()  # type: ignore[union-attr]
