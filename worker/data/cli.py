@@ -1,0 +1,72 @@
+"""`ftw preprocess CONFIG`: prepare (tokenise, mask, pack, cache) the datasets of a training config.
+
+Validates the config first (exit 3 when invalid, like `ftw validate`), then runs the same
+pipeline as the preprocess child. Prints a summary table, and the summary as JSON on the last
+stdout line. Exit 0 done, 1 when the data or the config cannot be prepared (the message names the
+file, row and field), 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker.errors import FtwError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    rows, tokens, packing = s["rows"], s["tokens"], s["packing"]
+    dropped = ", ".join(f"{k} {v}" for k, v in rows["dropped"].items()) or "none"
+    fill = f"{packing['fill']:.2%} in {packing['bins']} bins of {packing['capacity']} tokens" if packing["enabled"] else "off"
+    lines = [
+        ("rows in", f"{rows['in']} ({rows['samples']} samples)"),
+        ("kept", f"{rows['kept']} (train {rows['train']}, eval {rows['eval']})"),
+        ("dropped", dropped + (f"; truncated {rows['truncated']}" if rows.get("truncated") else "")),
+        ("tokens", f"{tokens['train']} train, {tokens['eval']} eval"),
+        ("trained tokens", f"{tokens['trained']} ({tokens['trained_share']:.1%} of train)"),
+        ("packing", fill),
+        ("cache", f"{s['cache_dir']} ({'built' if s['built'] else 'reused'})"),
+        ("time", f"{s['seconds']:.1f}s"),
+    ]
+    return "\n".join(f"{k:>15}  {v}" for k, v in lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ftw preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="training config, YAML or JSON")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    from schemas.validate import validate_config
+    from worker.validate_cli import load_document
+
+    try:
+        doc = load_document(args.config)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"ftw preprocess: cannot read {args.config}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        print(f"ftw preprocess: {args.config} is not valid YAML/JSON: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    report = validate_config(doc)
+    for issue in report.warnings:
+        print(f"warning {issue}", file=sys.stderr)
+    if not report.valid:
+        for issue in report.errors:
+            print(f"error   {issue}", file=sys.stderr)
+        return EXIT_INVALID
+    from worker.data.pipeline import prepare
+
+    try:
+        summary = prepare(report.value)
+    except FtwError as e:
+        print(f"ftw preprocess: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return EXIT_FAILED
+    print(summary_table(summary))
+    print(json.dumps(summary, separators=(",", ":")))
+    return EXIT_OK
