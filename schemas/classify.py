@@ -33,8 +33,8 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
     """The typed keys of `cfg`; every other key is reported."""
     clean: dict[str, Any] = {}
     for key, value in cfg.items():
-        if not isinstance(key, str):
-            report.error(str(key), f"config keys must be strings, got {type(key).__name__}")
+        if not isinstance(key, str) or not key.strip():
+            report.error(format_loc([str(key)]), f"config keys must be non-empty strings, got {key!r}")
         elif key in GATED:
             _gated(key, value, env, clean, report)
         elif (reason := unsupported_reason(key)) is not None:
@@ -81,8 +81,8 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
     clean: dict[str, Any] = {}
     for key, value in ds.items():
         where = f"{loc}.{key}"
-        if not isinstance(key, str):
-            report.error(loc, f"dataset keys must be strings, got {type(key).__name__}")
+        if not isinstance(key, str) or not key.strip():
+            report.error(loc, f"dataset keys must be non-empty strings, got {key!r}")
         elif key in DATASET_UNSUPPORTED:
             if not is_off(value):
                 report.error(where, f"{key} is not supported by ftw ({DATASET_UNSUPPORTED[key]}); remove it", "unsupported")

@@ -34,6 +34,8 @@ def format_loc(parts: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
+        elif p == "":
+            out += '[""]'
         else:
             out += f".{p}" if out else str(p)
     return out
