@@ -104,6 +104,20 @@ class StageMissing(FtwError):
     code = "not_implemented"
 
 
+class ServeError(FtwError):
+    """A serving request cannot be answered as sent; `status` is the HTTP status it maps to."""
+    code = "bad_request"
+
+    def __init__(self, message: str, hint: str = "", *, status: int = 400, **kw):
+        super().__init__(message, hint, stage="serve", **kw)
+        self.status = status
+
+
+class AdapterError(ServeError):
+    """An adapter named by a request cannot be pulled, verified or loaded (only its requests fail)."""
+    code = "adapter"
+
+
 class RunInUse(FtwError):
     """Another job holds the same run_id's folder right now (the second job fails, never shares)."""
     code = "run_in_use"

@@ -1,0 +1,191 @@
+"""Requests the serving worker accepts, validated before any engine work (import-light: pydantic only).
+
+Shapes (`parse_request` tells them apart and returns one typed request):
+- OpenAI: `ChatCompletionRequest` (/v1/chat/completions), `CompletionRequest` (/v1/completions),
+  `/v1/models`. The `model` field names the base model or an adapter (Hub `org/repo[@revision]`,
+  `s3://bucket/prefix`, a run id in the configured bucket, or a preloaded name).
+- RunPod's OpenAI-compatible route: `{"openai_route": "/v1/...", "openai_input": {...}}`.
+- The batch shape: `{"messages": [[message, ...], ...], "n", "temperature", "top_p", "max_tokens",
+  "generation_kwargs": {...}, "model"?}` — one chat completion per conversation.
+Unknown fields are errors (a typo must not silently change sampling); every problem is reported
+at once as `{loc, msg}` issues.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.issues import Issue, pydantic_issues
+
+MAX_BATCH_CONVERSATIONS = 256
+OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class GenerationKwargs(Strict):
+    """Sampling settings beyond the OpenAI basics that both engines implement."""
+
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _stop_list(self) -> "GenerationKwargs":
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop takes at most 4 sequences")
+        return self
+
+
+class Sampling(GenerationKwargs):
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    return_token_ids: bool = False  # vLLM's extension: the generated token ids in each choice
+
+    @model_validator(mode="after")
+    def _one_length_limit(self) -> "Sampling":
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ChatCompletionRequest(Sampling):
+    model: str = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+Conversation = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionRequest(Sampling):
+    model: str = Field(min_length=1, max_length=512)
+    prompt: Union[str, list[str]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_present(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+        if not v or (isinstance(v, list) and not all(v)):
+            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ModelsRequest(Strict):
+    pass
+
+
+class BatchRequest(Strict):
+    """Many conversations in one job: each gets `n` chat completions with the same settings."""
+
+    messages: list[Conversation] = Field(min_length=1, max_length=MAX_BATCH_CONVERSATIONS)
+    model: Optional[str] = Field(default=None, min_length=1, max_length=512)
+    n: int = Field(default=1, ge=1, le=16)
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    generation_kwargs: GenerationKwargs = GenerationKwargs()
+
+    def chat_request(self, model: str, conversation: list[ChatMessage]) -> ChatCompletionRequest:
+        extra = self.generation_kwargs.model_dump(exclude_none=True)
+        return ChatCompletionRequest(
+            model=model, messages=conversation, n=self.n, temperature=self.temperature, top_p=self.top_p,
+            max_tokens=self.max_tokens, **extra,
+        )
+
+
+ServeRequest = Union[ChatCompletionRequest, CompletionRequest, ModelsRequest, BatchRequest]
+ROUTE_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/models": ModelsRequest,
+}
+
+
+class RequestInvalid(ValueError):
+    """Every problem of a request, as issues with locations."""
+
+    def __init__(self, issues: list[Issue]):
+        self.issues = issues
+        super().__init__("; ".join(str(i) for i in issues))
+
+
+def parse_route(route: str, body: Any) -> ServeRequest:
+    """Validate the body of one OpenAI route (also used by `ftw serve`'s HTTP routes)."""
+    if route not in ROUTE_MODELS:
+        raise RequestInvalid([Issue("openai_route", f"unknown route {route!r}: use one of {', '.join(OPENAI_ROUTES)}")])
+    if body is None:
+        body = {}
+    if not isinstance(body, Mapping):
+        raise RequestInvalid([Issue("", f"the request body must be a JSON object, got {type(body).__name__}")])
+    try:
+        return ROUTE_MODELS[route].model_validate(dict(body))
+    except ValidationError as e:
+        raise RequestInvalid(pydantic_issues(e)) from e
+
+
+def parse_request(raw: Any) -> tuple[Optional[str], ServeRequest]:
+    """A RunPod job input → (OpenAI route or None for the batch shape, typed request)."""
+    if isinstance(raw, Mapping) and "input" in raw and len(raw) == 1:
+        raw = raw["input"]
+    if not isinstance(raw, Mapping):
+        raise RequestInvalid([Issue("input", f"the job input must be a JSON object, got {type(raw).__name__}")])
+    if "openai_route" in raw:
+        extra = sorted(set(raw) - {"openai_route", "openai_input"})
+        if extra:
+            raise RequestInvalid([Issue(k, "unknown field next to openai_route (only openai_input goes there)") for k in extra])
+        route = raw["openai_route"]
+        if not isinstance(route, str):
+            raise RequestInvalid([Issue("openai_route", "must be a string such as /v1/chat/completions")])
+        return route, parse_route(route, raw.get("openai_input"))
+    if "messages" not in raw:
+        raise RequestInvalid([Issue("input", "give either openai_route + openai_input (OpenAI shape) or messages (batch shape)")])
+    return None, parse_batch(raw)
+
+
+def parse_batch(body: Any) -> BatchRequest:
+    if not isinstance(body, Mapping):
+        raise RequestInvalid([Issue("", f"the request body must be a JSON object, got {type(body).__name__}")])
+    try:
+        return BatchRequest.model_validate(dict(body))
+    except ValidationError as e:
+        raise RequestInvalid(pydantic_issues(e)) from e

@@ -1,0 +1,50 @@
+"""RunPod entry of the serving worker (thin): start the engine child, then the RunPod job loop.
+
+Accepted job inputs (schemas/serve.py):
+- `{"openai_route": "/v1/chat/completions" | "/v1/completions" | "/v1/models", "openai_input": {...}}`
+  — RunPod's OpenAI-compatible route; `model` is the base model or an adapter (Hub
+  `org/repo[@rev]`, `s3://bucket/prefix`, a run id, a preloaded name); `stream: true` yields SSE
+  strings (`data: {...}\\n\\n`), as worker-vllm does.
+- `{"messages": [[...], ...], "n", "temperature", "top_p", "max_tokens", "generation_kwargs", "model"?}`
+  — the batch shape: one output dict.
+A bad request yields `{"error": {message, type, code, hint?}}`, which fails that job only.
+Settings: environment variables, see worker/serve/settings.py. This process never imports vLLM
+or torch; the engine runs as a child on loopback and gets SIGTERM when the worker stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from worker.errors import FtwError
+from worker.serve.service import running_service
+from worker.serve.settings import ServeSettings
+
+
+def main() -> int:
+    import runpod
+
+    try:
+        settings = ServeSettings.from_env()
+    except FtwError as e:
+        print(f"serve_handler: {e.message}\nhint: {e.hint}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds running_service: the engine is stopped
+    with running_service(settings) as service:
+        asyncio.run(service.app.preload())
+
+        async def handler(job):
+            async for output in service.app.handle_job(job["input"]):
+                yield output
+
+        runpod.serverless.start({
+            "handler": handler,
+            "concurrency_modifier": lambda current: settings.concurrency,
+            "return_aggregate_stream": True,
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Request validation, settings, engine flags, adapter naming and checks: no engine started."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.serve import BatchRequest, ChatCompletionRequest, RequestInvalid, parse_request
+from worker.errors import AdapterError, JobSpecError
+from worker.serve.adapters import parse_ref, prune_disk_cache, verify_adapter
+from worker.serve.engine import vllm_args
+from worker.serve.settings import ServeSettings
+
+
+def settings(**env) -> ServeSettings:
+    return ServeSettings.from_env({"MODEL_NAME": "org/base", **env})
+
+
+# ---- requests
+def test_openai_route_shape_parses_to_typed_requests():
+    route, req = parse_request({"input": {"openai_route": "/v1/chat/completions", "openai_input": {
+        "model": "org/ad@v1", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}}})
+    assert route == "/v1/chat/completions" and isinstance(req, ChatCompletionRequest)
+    assert req.token_limit == 5 and req.messages[0].text() == "hi"
+
+
+@pytest.mark.parametrize("job, locs", [
+    ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "m", "messages": [], "temprature": 1}}, {"messages", "temprature"}),
+    ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "m", "messages": [{"role": "robot", "content": "x"}]}}, {"messages[0].role"}),
+    ({"openai_route": "/v1/completions", "openai_input": {"model": "m", "prompt": "", "n": 99, "top_p": 0}}, {"prompt", "n", "top_p"}),
+    ({"openai_route": "/v1/embeddings", "openai_input": {}}, {"openai_route"}),
+    ({"openai_route": "/v1/models", "extra": 1}, {"extra"}),
+    ({"messages": [[{"role": "user", "content": "x"}], []], "generation_kwargs": {"top_k": "a", "beam": 2}},
+     {"messages[1]", "generation_kwargs.top_k", "generation_kwargs.beam"}),
+    ({"messages": [[{"role": "user", "content": "x"}]], "max_tokens": 0, "temperature": "hot"}, {"max_tokens", "temperature"}),
+    ({"prompt": "hi"}, {"input"}),
+    (["not", "an", "object"], {"input"}),
+])
+def test_bad_requests_report_every_problem_with_its_location(job, locs):
+    with pytest.raises(RequestInvalid) as e:
+        parse_request(job)
+    got = {i.loc for i in e.value.issues}
+    assert locs <= got, (got, [str(i) for i in e.value.issues])
+
+
+def test_batch_request_becomes_one_chat_request_per_conversation():
+    _, batch = parse_request({"messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+                              "n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 7, "generation_kwargs": {"top_k": 5, "stop": ["\n"]}})
+    assert isinstance(batch, BatchRequest)
+    req = batch.chat_request("m", batch.messages[1])
+    assert (req.model, req.n, req.temperature, req.top_p, req.max_tokens, req.top_k, req.stop) == ("m", 2, 0.5, 0.9, 7, 5, ["\n"])
+    assert req.messages[0].text() == "b"
+
+
+# ---- settings and engine flags
+def test_settings_from_env_and_vllm_flags():
+    s = settings(MAX_LORAS="3", MAX_LORA_RANK="32", MAX_CPU_LORAS="6", MAX_MODEL_LEN="4096", MAX_NUM_SEQS="12",
+                 DTYPE="bfloat16", ENFORCE_EAGER="true", VLLM_EXTRA_ARGS="--kv-cache-dtype fp8", FTW_SERVE_ADAPTERS="a=org/x@v2")
+    args = vllm_args(s, 8123)
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--model"] == "org/base" and flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
+    assert ["--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "6"] == args[args.index("--max-loras"):args.index("--max-loras") + 6]
+    assert "--enable-lora" in args and "--enforce-eager" in args and args[-2:] == ["--kv-cache-dtype", "fp8"]
+    assert s.concurrency == 12 and s.preload == (("a", "org/x@v2"),)
+    assert "--enable-lora" not in vllm_args(settings(ENABLE_LORA="false"), 1)
+
+
+def test_bad_settings_are_all_reported_at_once():
+    with pytest.raises(JobSpecError) as e:
+        ServeSettings.from_env({"MAX_LORAS": "x", "MAX_LORA_RANK": "0", "FTW_SERVE_ENGINE": "tgi", "FTW_SERVE_ADAPTERS": "noequals"})
+    for name in ("MODEL_NAME", "MAX_LORAS", "MAX_LORA_RANK", "FTW_SERVE_ENGINE", "FTW_SERVE_ADAPTERS"):
+        assert name in e.value.message
+
+
+# ---- adapter names
+def test_adapter_names_map_to_pull_sources(tmp_path):
+    s = settings(FTW_SERVE_ADAPTERS="support=s3://b/runs/r1/adapter", BASE_VOLUME=str(tmp_path))
+    assert parse_ref("support", s).source == "s3://b/runs/r1/adapter"
+    assert parse_ref("org/ad@abc123", s).source == "org/ad@abc123"
+    assert parse_ref("run-42", s).source == "run-42"
+    assert parse_ref(f"file://{tmp_path}/ad", s).source == str(tmp_path / "ad")
+    with pytest.raises(AdapterError) as e:
+        parse_ref("/etc/ssl", s)
+    assert e.value.status == 403
+    with pytest.raises(AdapterError) as e:
+        parse_ref("what is this?", s)
+    assert e.value.status == 404 and "support" in e.value.hint
+
+
+def write_adapter(folder: Path, **config) -> Path:
+    folder.mkdir(parents=True)
+    cfg = {"peft_type": "LORA", "r": 8, "base_model_name_or_path": "org/base", "target_modules": ["q_proj"], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_model.safetensors").write_bytes(b"x")
+    return folder
+
+
+def test_verify_adapter_names_every_reason_it_cannot_be_served(tmp_path):
+    s = settings(MAX_LORA_RANK="16", FTW_SERVE_BASE_ALIASES="meta/base-v1")
+    ok = verify_adapter(write_adapter(tmp_path / "ok", r=16), s, "ok")
+    assert ok.rank == 16 and ok.chat_template is None
+    assert verify_adapter(write_adapter(tmp_path / "alias", base_model_name_or_path="meta/base-v1"), s, "alias").rank == 8
+    bad = write_adapter(tmp_path / "bad", r=64, base_model_name_or_path="other/model", modules_to_save=["lm_head"], use_dora=True)
+    with pytest.raises(AdapterError) as e:
+        verify_adapter(bad, s, "bad")
+    for needle in ("rank 64", "other/model", "modules_to_save", "DoRA"):
+        assert needle in e.value.message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        verify_adapter(tmp_path / "empty", s, "empty")
+
+
+def test_adapter_chat_template_comes_from_its_tokenizer(tmp_path):
+    folder = write_adapter(tmp_path / "t")
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert verify_adapter(folder, settings(), "t").chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_disk_cache_prunes_least_recently_used_first(tmp_path):
+    import os
+
+    entries = []
+    for i in range(4):
+        entry = tmp_path / f"sha{i}"
+        entry.mkdir()
+        (entry / "w").write_bytes(b"0" * 1000)
+        os.utime(entry, (1000 + i, 1000 + i))
+        entries.append(entry)
+    removed = prune_disk_cache(tmp_path, 2500, keep={entries[0].resolve()})
+    assert removed == [entries[1], entries[2]]
+    assert entries[0].exists() and entries[3].exists()

@@ -1,0 +1,121 @@
+"""The serving worker on the real vLLM (CPU build): adapters trained for real, pulled from the loopback
+S3 server and the local Hub, checked token for token against transformers+peft."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.serve.conftest import chat, collect, run
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def only(outputs: list) -> dict:
+    assert len(outputs) == 1, outputs
+    return outputs[0]
+
+
+def answer(service, model: str, **params) -> dict:
+    out = only(run(collect(service.app, chat(model, **params))))
+    assert "error" not in out, out
+    return out["choices"][0]
+
+
+def test_s3_adapters_match_transformers_token_for_token(vllm_service, hf_service, published):
+    base = answer(vllm_service, vllm_service.settings.served_name)
+    seen = {tuple(base["token_ids"])}
+    for name, uri in published.s3.items():
+        got, want = answer(vllm_service, uri), answer(hf_service, uri)
+        assert got["token_ids"] == want["token_ids"], name
+        assert got["message"]["content"] == want["message"]["content"]
+        assert len(got["token_ids"]) > 0
+        seen.add(tuple(got["token_ids"]))
+    assert len(seen) == 3, "each adapter must answer differently from the base and from the other adapter"
+
+
+def test_hub_adapter_serves_what_its_s3_copy_serves(vllm_service, published):
+    for name, ref in published.hub.items():
+        assert answer(vllm_service, ref)["token_ids"] == answer(vllm_service, published.s3[name])["token_ids"], name
+
+
+def test_two_adapters_side_by_side_keep_their_own_outputs(vllm_service, published):
+    models = [vllm_service.settings.served_name, *published.s3.values()]
+    reference = {m: answer(vllm_service, m)["token_ids"] for m in models}
+
+    async def mixed():
+        jobs = [collect(vllm_service.app, chat(m)) for m in models * 3]
+        return list(zip(models * 3, await asyncio.gather(*jobs)))
+
+    for model, outputs in run(mixed()):
+        assert only(outputs)["choices"][0]["token_ids"] == reference[model], model
+
+
+def test_concurrent_requests_for_a_new_adapter_pull_it_once(vllm_service, published):
+    registry = vllm_service.app.adapters
+    before = registry.pulls
+
+    async def burst():  # a run id: found through BUCKET_NAME/FTW_S3_PREFIX, never seen by this worker yet
+        return await asyncio.gather(*(collect(vllm_service.app, chat("digits")) for _ in range(4)))
+
+    outputs = [only(o) for o in run(burst())]
+    assert registry.pulls == before + 1
+    ids = {tuple(o["choices"][0]["token_ids"]) for o in outputs}
+    assert ids == {tuple(answer(vllm_service, published.s3["digits"])["token_ids"])}
+
+
+def test_broken_adapter_fails_alone(vllm_service, published):
+    good = published.s3["alpha"]
+    want = answer(vllm_service, good)["token_ids"]
+
+    async def together():
+        return await asyncio.gather(collect(vllm_service.app, chat(published.broken_s3)),
+                                    *(collect(vllm_service.app, chat(good)) for _ in range(3)))
+
+    broken, *fine = run(together())
+    error = only(broken)["error"]
+    assert error["code"] == 400 and published.broken_s3 in error["message"] and "could not load" in error["message"]
+    assert all(only(o)["choices"][0]["token_ids"] == want for o in fine)
+    assert vllm_service.engine.alive()
+    assert only(run(collect(vllm_service.app, chat(published.broken_s3))))["error"]["code"] == 400  # fails again, clearly
+    assert answer(vllm_service, good)["token_ids"] == want
+
+
+def test_streaming_gives_the_same_text(vllm_service, published):
+    uri = published.s3["alpha"]
+    whole = answer(vllm_service, uri)["message"]["content"]
+    events = run(collect(vllm_service.app, chat(uri, stream=True, return_token_ids=False)))
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == whole
+
+
+def test_bad_requests_get_clear_errors_and_the_worker_goes_on(vllm_service, published):
+    app, base = vllm_service.app, vllm_service.settings.served_name
+    cases = {
+        "unknown key": chat(base, temprature=0.5),
+        "valid number": chat(base, max_tokens="many"),
+        "max_model_len": chat(base, max_tokens=5000),  # the engine's own length check, passed on as a 400
+        "neither the base model": chat("not an adapter!"),
+    }
+    for needle, job in cases.items():
+        error = only(run(collect(app, job)))["error"]
+        assert error["code"] in (400, 404) and needle in error["message"], (needle, error)
+    too_long = chat(base, content="hello world " * 200)
+    assert only(run(collect(app, too_long)))["error"]["code"] == 400
+    assert answer(vllm_service, base)["token_ids"]
+
+
+def test_batch_shape_and_models_list(vllm_service, published):
+    uri = published.s3["digits"]
+    job = {"messages": [[{"role": "user", "content": "hello"}]] * 3, "model": uri, "n": 2, "temperature": 0, "max_tokens": 12}
+    out = only(run(collect(vllm_service.app, job)))
+    assert [o["index"] for o in out["outputs"]] == [0, 1, 2]
+    want = answer(vllm_service, uri)["message"]["content"]
+    assert all(o["choices"] == [want, want] for o in out["outputs"])
+    assert out["usage"]["completion_tokens"] > 0
+    models = only(run(collect(vllm_service.app, {"openai_route": "/v1/models"})))
+    ids = [m["id"] for m in models["data"]]
+    assert ids[0] == vllm_service.settings.served_name and uri in ids

@@ -1,0 +1,208 @@
+"""The inference engine as a child process on loopback, and the client that talks to it.
+
+Both engines speak the same OpenAI-compatible HTTP API, so everything above this module is one
+code path: vLLM's own server (`python -m vllm.entrypoints.openai.api_server`, runtime LoRA
+loading on) or ftw's transformers+peft server (`python -m worker.serve.hf_server`, the fallback
+where vLLM is not installed). The worker process never imports vLLM or torch; the engine may run
+in another Python (`FTW_SERVE_PYTHON`, e.g. a venv holding vLLM's pins).
+
+Start: own session, logs to a file, wait for /health with a monotonic deadline, fail fast with
+the log tail if the child dies. Stop: SIGTERM to the group, wait, SIGKILL.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from worker.errors import InfraError, ServeError
+from worker.serve.settings import ServeSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def has_vllm(python: str) -> bool:
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def resolve_engine(settings: ServeSettings) -> str:
+    if settings.engine != "auto":
+        return settings.engine
+    return "vllm" if has_vllm(settings.python) else "transformers"
+
+
+def vllm_args(settings: ServeSettings, port: int) -> list[str]:
+    """`vllm serve` flags from the settings (pure: tested without starting anything)."""
+    args = ["--model", settings.model, "--served-model-name", settings.served_name,
+            "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+            "--trust-request-chat-template"]  # only ftw sets chat_template (an adapter's own); users cannot
+    if settings.enable_lora:
+        args += ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank),
+                 "--max-cpu-loras", str(settings.max_cpu_loras)]
+    optional = {
+        "--max-model-len": settings.max_model_len, "--max-num-seqs": settings.max_num_seqs, "--dtype": settings.dtype,
+        "--gpu-memory-utilization": settings.gpu_memory_utilization,
+        "--tensor-parallel-size": settings.tensor_parallel_size, "--seed": settings.seed,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, str(value)]
+    if settings.enforce_eager:
+        args.append("--enforce-eager")
+    return args + list(settings.vllm_extra_args)
+
+
+def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]:
+    if engine == "vllm":
+        return [settings.python, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(settings, port)]
+    args = [settings.python, "-m", "worker.serve.hf_server", "--model", settings.model,
+            "--served-model-name", settings.served_name, "--port", str(port)]
+    if settings.max_model_len:
+        args += ["--max-model-len", str(settings.max_model_len)]
+    if settings.dtype:
+        args += ["--dtype", settings.dtype]
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EngineProcess:
+    """One engine child: `start()` returns once it answers, `stop()` ends its process group."""
+
+    def __init__(self, settings: ServeSettings, engine: str | None = None, log_path: Path | None = None):
+        self.settings = settings
+        self.engine = engine or resolve_engine(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or Path(tempfile.mkdtemp(prefix="ftw-engine-")) / "engine.log"
+        self.proc: subprocess.Popen | None = None
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(self.settings.env or os.environ)
+        if self.engine == "transformers":  # our server module; vLLM's child must not see our top-level names
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded on demand
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        return env
+
+    def start(self) -> "EngineProcess":
+        cmd = engine_command(self.settings, self.engine, self.port)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.child_env(), start_new_session=True)
+        self._wait_healthy(self.settings.start_timeout_s)
+        return self
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise InfraError(f"the {self.engine} engine exited with code {self.proc.returncode} while starting",
+                                 hint="read the log tail: a wrong MODEL_NAME, too little memory or a bad engine setting",
+                                 stage="serve", log_tail=self.log_tail())
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise InfraError(f"the {self.engine} engine did not answer /health within {timeout_s:.0f}s",
+                         hint="raise FTW_SERVE_START_TIMEOUT_S or check the log tail", stage="serve",
+                         log_tail=self.log_tail())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+class EngineClient:
+    """Async HTTP calls to the engine; its 4xx answers become ServeErrors with its message."""
+
+    def __init__(self, url: str, timeout_s: float = 3600):
+        self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """One pooled session per event loop (RunPod's loop, a test's asyncio.run, ftw serve's)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(limit=256))
+            self._loop = loop
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def get(self, route: str) -> Any:
+        async with self.session().get(self.url + route) as r:
+            return await self._json_or_raise(r)
+
+    async def post(self, route: str, body: dict[str, Any]) -> Any:
+        async with self.session().post(self.url + route, json=body) as r:
+            return await self._json_or_raise(r)
+
+    async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        """The engine's server-sent events, one `data: ...` payload string at a time."""
+        async with self.session().post(self.url + route, json=body) as r:
+            if r.status != 200:
+                await self._json_or_raise(r)
+            async for raw in r.content:
+                line = raw.decode("utf-8").strip()
+                if line.startswith("data:"):
+                    yield line[5:].strip()
+
+    @staticmethod
+    async def _json_or_raise(r: aiohttp.ClientResponse) -> Any:
+        text = await r.text()
+        if r.status == 200:
+            try:
+                return json.loads(text) if text else None
+            except ValueError:
+                return text  # load/unload_lora_adapter answer plain text
+        try:
+            body = json.loads(text)
+            err = body.get("error", body)
+            message = err.get("message") if isinstance(err, dict) else str(err)
+        except (ValueError, AttributeError):
+            message = text[:500]
+        status = r.status if 400 <= r.status < 500 else 502
+        raise ServeError(f"the engine refused the request: {message}", status=status)
