@@ -69,18 +69,12 @@ def build_request(doc: Any, webhook: str | None, execution_timeout_ms: int | Non
 
 
 def format_progress(output: Any) -> str:
-    """One stream item as a progress line: 'train step 3/10 loss 0.512 1,234 tok/s eta 1m20s'."""
-    if not isinstance(output, dict) or "step" not in output:
-        return json.dumps(output, separators=(",", ":"), default=str)
-    parts = [str(output.get("stage", "step")), f"step {output['step']}/{output.get('total_steps', '?')}"]
-    if output.get("loss") is not None:
-        parts.append(f"loss {output['loss']:.4g}")
-    if output.get("tokens_per_s") is not None:
-        parts.append(f"{output['tokens_per_s']:,.0f} tok/s")
-    if output.get("eta_s") is not None:
-        eta = int(output["eta_s"])
-        parts.append(f"eta {eta // 60}m{eta % 60:02d}s")
-    return " ".join(parts)
+    """A progress update as the terminal line `ftw run` prints; anything else as compact JSON."""
+    from worker.job.progress import format_line
+
+    if isinstance(output, dict) and "stage" in output and ("step" in output or output.get("type") == "progress"):
+        return format_line(output)
+    return json.dumps(output, separators=(",", ":"), default=str)
 
 
 class Client:
@@ -102,7 +96,11 @@ class Client:
 
     def _fail_fast_when_unreachable(self) -> None:
         """The SDK retries a refused connection 5 times with backoff (~30 s): two tries (~1 s) say enough."""
+        import logging
+
         from requests.adapters import HTTPAdapter, Retry
+
+        logging.getLogger("urllib3").setLevel(logging.ERROR)  # our message below says it once, plainly
 
         retries = Retry(total=5, connect=2, backoff_factor=0.5, status_forcelist=[408, 429])
         for scheme in ("http://", "https://"):
