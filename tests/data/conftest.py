@@ -46,3 +46,11 @@ def make_config(tokenizer_dir: str = "/tok", **keys) -> TrainingConfig:
 def context(tok, dataset: dict | None = None, **keys) -> Context:
     cfg = make_config(datasets=[{"path": "/data/x.jsonl", **(dataset or {"type": "chat_template"})}], **keys)
     return Context(cfg.datasets[0], cfg, tok, "/data/x.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A ChatML tokenizer folder, as base_model of pipeline tests."""
+    path = tmp_path_factory.mktemp("tok-dir")
+    build(path, "chatml")
+    return path
