@@ -4,8 +4,8 @@ A `type` is either a prompt-strategy name from the closed list below, or the dic
 (user-defined instruction format). Dotted module types (`pkg.mod`) execute code on the worker
 and are refused by `schemas.validate` unless the operator allows plugins.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: pydantic builds models from real types faster than
+# from strings, and these models are built on every `ftw validate` start.
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator

@@ -4,8 +4,8 @@ Accepted shapes: `{"input": {...}}` or the bare input; `config` or its alias `ar
 worker's name); the axolotl worker's `user_id`/`model_id` are accepted and ignored. Credentials
 are SecretStr: never printed, never dumped (`JobInput.public_dict` drops them).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: pydantic builds models from real types faster than
+# from strings, and these models are built on every `ftw validate` start.
 import os
 import re
 from collections.abc import Mapping

@@ -1,7 +1,12 @@
 """`ftw validate PATH [--json]`: a training config (YAML/JSON) or a job JSON, every problem at once.
 
+    ftw validate config.yml            # axolotl YAML
+    ftw validate job.json --json       # {"input": {...}} or the bare input; machine-readable report
+
 Exit 0 when valid (warnings allowed), 3 when invalid, 2 on usage errors (unreadable file, bad
-YAML). Imports neither torch nor transformers.
+YAML/JSON). Validation uses this process's environment, as the endpoint would: BASE_VOLUME,
+FTW_ALLOWED_PATHS, FTW_ALLOW_*, FTW_CONFIG_DEFAULTS/OVERRIDES (docs/config.md). Imports only
+pydantic and yaml (never torch or transformers), so it answers in well under a second.
 """
 from __future__ import annotations
 
@@ -12,20 +17,30 @@ from pathlib import Path
 from typing import Any
 
 from schemas.issues import Report
-from schemas.job import validate_job
-from schemas.validate import validate_config
 
 EXIT_VALID, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
+
+
+class UnreadableDocument(Exception):
+    """The file is not a YAML/JSON document: a usage error, not an invalid config."""
 
 
 def load_document(path: Path) -> Any:
     """YAML is a superset of JSON, but JSON files get the faster, stricter parser."""
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UnreadableDocument(f"{path} is empty")
     if path.suffix == ".json":
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UnreadableDocument(f"{path} is not valid JSON: {e}") from e
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        raise UnreadableDocument(f"{path} is not valid YAML: {e}") from e
 
 
 def looks_like_job(doc: Any) -> bool:
@@ -33,13 +48,19 @@ def looks_like_job(doc: Any) -> bool:
 
 
 def validate_document(doc: Any) -> Report:
-    return validate_job(doc) if looks_like_job(doc) else validate_config(doc)
+    if looks_like_job(doc):
+        from schemas.job import validate_job  # builds the job models only when they are needed
+
+        return validate_job(doc)
+    from schemas.validate import validate_config
+
+    return validate_config(doc)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftw validate", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("path", type=Path, help="training config (.yml/.yaml/.json) or job JSON")
+    parser.add_argument("--json", action="store_true", help='print {"valid", "errors": [{"loc", "msg"}], "warnings"}')
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -49,8 +70,8 @@ def main(argv: list[str]) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"ftw validate: cannot read {args.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the file is not a document
-        print(f"ftw validate: {args.path} is not valid YAML/JSON: {e}", file=sys.stderr)
+    except UnreadableDocument as e:
+        print(f"ftw validate: {e}", file=sys.stderr)
         return EXIT_USAGE
     report = validate_document(doc)
     if args.json:
