@@ -11,44 +11,48 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm_fwd(X, W, Y, RSTD, stride, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def _rmsnorm_fwd(X, W, Y, RSTD, stride, n_rows, n_cols, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(RSTD + row, rstd)
-    tl.store(Y + row * stride + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
+    tl.store(Y + offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW, stride, n_rows, n_cols,
-                 ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr, WANT_DW: tl.constexpr):
-    pid = tl.program_id(0)
+def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW, stride, n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, WANT_DW: tl.constexpr):
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    first = pid * ROWS_PER_PROGRAM
-    for i in range(0, ROWS_PER_PROGRAM):
-        row = first + i
-        rmask = mask & (row < n_rows)
-        x = tl.load(X + row * stride + cols, mask=rmask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride + cols, mask=rmask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
+    cmask = cols < n_cols
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    for i in range(0, ROWS_PER_PROGRAM, BLOCK_R):
+        rows = tl.program_id(0) * ROWS_PER_PROGRAM + i + tl.arange(0, BLOCK_R)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)[:, None]
         xhat = x * rstd
-        wdy = w * dy
-        dx = rstd * (wdy - xhat * (tl.sum(wdy * xhat, axis=0) / n_cols))
-        tl.store(DX + row * stride + cols, dx.to(DX.dtype.element_ty), mask=rmask)
+        wdy = w[None, :] * dy
+        dx = rstd * (wdy - xhat * (tl.sum(wdy * xhat, axis=1) / n_cols)[:, None])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if WANT_DW:
             dw += dy * xhat
     if WANT_DW:
-        tl.store(DW + pid * n_cols + cols, dw, mask=mask)
+        tl.store(DW + tl.program_id(0) * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+def _tiles(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK columns, BLOCK_R rows a tile, warps): ~4k-element tiles on the GPU (one row of a
+    hidden-size norm, 32 rows of a per-head q/k norm); the interpreter pays per program, so big."""
+    block = triton.next_power_of_2(n_cols)
+    block_r = max(1, min(triton.next_power_of_2(n_rows), (4096 if on_gpu else 65536) // block))
+    return block, block_r, 4 if block * block_r <= 2048 else 8 if block * block_r <= 8192 else 16
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -57,10 +61,11 @@ class RMSNormFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         n_rows, n_cols = x2.shape
-        block = triton.next_power_of_2(n_cols)
+        block, block_r, warps = _tiles(n_rows, n_cols, x.is_cuda)
         y = torch.empty_like(x2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _rmsnorm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), n_cols, eps, BLOCK=block, num_warps=_num_warps(block))
+        _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](x2, weight, y, rstd, x2.stride(0), n_rows, n_cols, eps,
+                                                       BLOCK_R=block_r, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -72,14 +77,15 @@ class RMSNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n_cols).contiguous()
         dx = torch.empty_like(x2)
         want_dw = ctx.needs_input_grad[1]
-        programs_wanted = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4 if x2.is_cuda else 4
-        # a power of two: a compile-time loop bound (few variants), and a runtime one trips the interpreter
-        rows_per_program = triton.next_power_of_2(triton.cdiv(n_rows, programs_wanted))
+        block, block_r, warps = _tiles(n_rows, n_cols, x2.is_cuda)
+        programs_wanted = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4 if x2.is_cuda else 1
+        # a power of two ≥ BLOCK_R: a compile-time loop bound with few variants
+        rows_per_program = max(block_r, triton.next_power_of_2(triton.cdiv(n_rows, programs_wanted)))
         n_programs = triton.cdiv(n_rows, rows_per_program)
         dw_partial = torch.empty((n_programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(n_cols)
         _rmsnorm_bwd[(n_programs,)](dy2, x2, weight, rstd, dx, dw_partial, x2.stride(0), n_rows, n_cols,
-                                    ROWS_PER_PROGRAM=rows_per_program, BLOCK=block, WANT_DW=want_dw, num_warps=_num_warps(block))
+                                    ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK=block,
+                                    WANT_DW=want_dw, num_warps=warps)
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
         return dx.view(ctx.shape), dw, None
 

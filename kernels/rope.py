@@ -14,30 +14,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope(X, COS, SIN, Y, seq_len, n_heads, stride_cb, stride_cs,
-          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    row = tl.program_id(0)
-    b = row // seq_len
-    s = row % seq_len
+def _rope(X, COS, SIN, Y, n_rows, seq_len, n_heads, stride_cb, stride_cs, HALF: tl.constexpr,
+          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    """Programs take BLOCK_R (batch·seq) rows × all heads; the tile is (rows·heads, head_dim/2)."""
+    idx = tl.arange(0, BLOCK_R * BLOCK_H)
+    row = tl.program_id(0) * BLOCK_R + idx // BLOCK_H
+    h = idx % BLOCK_H
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
-    cbase = b * stride_cb + s * stride_cs
-    c1 = tl.load(COS + cbase + d, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + cbase + d, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + cbase + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        s1 = -s1
-        s2 = -s2
-    h = tl.arange(0, BLOCK_H)
-    mask = (h[:, None] < n_heads) & dmask[None, :]
-    base = row.to(tl.int64) * n_heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+    rmask = (row < n_rows) & (h < n_heads)
+    cbase = ((row // seq_len) * stride_cb + (row % seq_len) * stride_cs)[:, None] + d[None, :]
+    cmask = (row < n_rows)[:, None] & dmask[None, :]
+    c1 = tl.load(COS + cbase, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(COS + cbase + HALF, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(SIN + cbase, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(SIN + cbase + HALF, mask=cmask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & dmask[None, :]
+    base = (row.to(tl.int64) * n_heads + h)[:, None] * (2 * HALF) + d[None, :]
     x1 = tl.load(X + base, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + base + HALF, mask=mask, other=0.0).to(tl.float32)
-    # forward: [x1, x2]·cos + [-x2, x1]·sin; backward (transpose): [dy1·c1 + dy2·s2, dy2·c2 - dy1·s1]
+    # forward: [x1, x2]·cos + [-x2, x1]·sin; backward (the transpose): [dy1·c1 + dy2·s2, dy2·c2 - dy1·s1]
     if BACKWARD:
-        y1 = x1 * c1 - x2 * s2
-        y2 = x2 * c2 + x1 * s1
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
@@ -50,9 +49,14 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     x = x.contiguous()
     y = torch.empty_like(x)
     half = dim // 2
+    n_rows = bsz * seq
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+    # ~4k elements a program on the GPU; the interpreter pays per program, so it takes big tiles
+    budget = 4096 if x.is_cuda else 65536
+    block_r = max(1, min(triton.next_power_of_2(n_rows), budget // (block_h * block_d)))
     stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
-    _rope[(bsz * seq,)](x, cos, sin, y, seq, heads, stride_cb, cos.stride(1), HALF=half,
-                        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward)
+    _rope[(triton.cdiv(n_rows, block_r),)](x, cos, sin, y, n_rows, seq, heads, stride_cb, cos.stride(1), HALF=half,
+                                           BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward)
     return y
 
 

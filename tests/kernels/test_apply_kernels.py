@@ -1,0 +1,146 @@
+"""The registry on real (tiny) PEFT models: what it applies and when, and that a patched model
+computes the same loss and adapter gradients as the unpatched one, packed batches included."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from kernels import apply_kernels, registry
+from schemas.config import TrainingConfig
+from tests.kernels.conftest import rel_err
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 97
+FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]
+
+
+def tiny(config_cls, dropout: float = 0.0, **extra):
+    torch.manual_seed(0)
+    cfg = config_cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, **extra)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
+            torch.nn.init.normal_(p, std=0.2)
+    return model.train()
+
+
+def training_config(**kw) -> TrainingConfig:
+    return TrainingConfig(base_model="tiny", learning_rate=1e-3, adapter="lora", **kw)
+
+
+def packed_batch():
+    """Row 0: two samples packed back to back (position ids restart); row 1: one sample.
+    use_cache=False: with a KV cache transformers does not split packed rows (the reference would
+    attend across samples)."""
+    ids = torch.randint(0, VOCAB, (2, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], list(range(10))])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (Qwen2Config, {}), (Qwen3Config, {})])
+def test_patched_model_matches_reference(config_cls, extra, caplog):
+    ref = tiny(config_cls, **extra)
+    model = copy.deepcopy(ref)
+    with caplog.at_level(logging.INFO, logger="ftw.kernels"):
+        applied = apply_kernels(model, training_config(use_kernels=True))
+    assert applied == FULL  # CPU: no varlen attention (CUDA only)
+    assert "kernels applied" in caplog.text and "lora_mlp" in caplog.text
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 modules × 2 layers
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_training_steps_follow_the_reference():
+    """Four AdamW steps: the patched model's loss curve is the reference's."""
+    curves = []
+    for patched in (False, True):
+        model = tiny(LlamaConfig)
+        if patched:
+            apply_kernels(model, training_config(use_kernels=True))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1)
+        batch = packed_batch()
+        curve = []
+        for _ in range(4):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            curve.append(loss.item())
+        curves.append(curve)
+    assert curves[0][-1] < curves[0][0]
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_and_generation_use_the_original_forward():
+    model = tiny(LlamaConfig)
+    apply_kernels(model, training_config(use_kernels=True))
+    model.eval()
+    batch = packed_batch()
+    del batch["use_cache"]
+    with torch.no_grad():
+        out = model(**batch)
+        generated = model.generate(input_ids=batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.logits.shape == (2, 10, VOCAB)
+    assert generated.shape == (1, 7)
+
+
+def test_switches():
+    cfg_cpu = training_config()  # use_kernels unset: off on CPU
+    assert apply_kernels(tiny(LlamaConfig), cfg_cpu) == []
+    assert apply_kernels(tiny(LlamaConfig), training_config(use_kernels=False)) == []
+    no_mlp = apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False, lora_o_kernel=False))
+    assert "swiglu" in no_mlp and "lora_mlp" not in no_mlp and "lora_o" not in no_mlp and "lora_qkv" in no_mlp
+    # LoRA dropout is not modelled by the fused LoRA functions: only the non-LoRA kernels apply
+    with_dropout = apply_kernels(tiny(LlamaConfig, dropout=0.1), training_config(use_kernels=True, lora_dropout=0.1))
+    assert with_dropout == ["rmsnorm", "swiglu", "rope", "fused_linear_cross_entropy"]
+
+
+def test_unknown_family_and_unverified_transformers(monkeypatch, caplog):
+    from transformers import GPT2Config
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
+    assert apply_kernels(gpt2, training_config(use_kernels=True)) == []
+    monkeypatch.setattr(registry, "VERIFIED_TRANSFORMERS", ("4.0",))
+    with caplog.at_level(logging.WARNING, logger="ftw.kernels"):
+        assert apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True)) == []
+    assert "not one the patches were verified against" in caplog.text
+
+
+def test_patches_stay_on_the_instance():
+    """Another model of the same family in the process keeps the stock forwards."""
+    patched, other = tiny(LlamaConfig), tiny(LlamaConfig)
+    apply_kernels(patched, training_config(use_kernels=True))
+    attn = other.get_base_model().model.layers[0].self_attn
+    assert "forward" not in vars(attn) and "forward" in vars(patched.get_base_model().model.layers[0].self_attn)
+
+
+def test_segment_starts_split_samples_and_padding():
+    from kernels.attention import segment_starts
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    cu, longest = segment_starts(pos, mask, 2, 6, torch.device("cpu"))
+    assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
+    cu, longest = segment_starts(None, None, 2, 6, torch.device("cpu"))
+    assert cu.tolist() == [0, 6, 12] and longest == 6
