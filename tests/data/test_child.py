@@ -1,0 +1,94 @@
+"""The preprocess child as the orchestrator runs it (`python -m worker.data CONFIG_JSON`), with
+real processes and signals: kill -9 mid-build leaves no complete cache and the next run rebuilds;
+two runs at once make one cache and both succeed. And `ftw preprocess` exit codes and output."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import child_env
+from tests.data.helpers import alpaca_rows, config, write_jsonl
+from worker.cli import main as ftw
+from worker.data.cache import read_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def start_child(volume, cfg, name):
+    config_json = volume / f"{name}.json"
+    config_json.write_text(cfg.model_dump_json())
+    env = child_env(BASE_VOLUME=str(volume), FTW_EVENTS=str(volume / f"{name}.events"), FTW_ERROR_FILE=str(volume / f"{name}.error"), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "worker.data", str(config_json)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def events(volume, name):
+    path = volume / f"{name}.events"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_kill_9_mid_build_leaves_no_complete_cache_and_next_run_rebuilds(volume, tokenizer_dir):
+    path = write_jsonl(volume / "a.jsonl", alpaca_rows(6000))
+    cfg = config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], dataset_num_proc=1)
+    child = start_child(volume, cfg, "killed")
+    deadline = time.monotonic() + 240
+    while not any(e.get("phase") == "tokenize" for e in events(volume, "killed")):
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline, "the child never reached tokenisation"
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    cache = volume / "cache"
+    leftovers = [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers, "the kill did not land during the build"
+    assert not [p for p in cache.iterdir() if not p.name.startswith(".") and p.is_dir() and read_manifest(p)]
+    rerun = start_child(volume, cfg, "rerun")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["built"] and summary["rows"]["train"] == 6000
+    assert read_manifest(volume / "cache" / summary["cache_dir"])
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]  # the dead builder's folder is gone
+
+
+def test_two_concurrent_runs_make_one_cache_and_both_succeed(volume, tokenizer_dir):
+    path = write_jsonl(volume / "a.jsonl", alpaca_rows(3000))
+    cfg = config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], dataset_num_proc=1, sample_packing=True)
+    children = [start_child(volume, cfg, f"run{i}") for i in range(2)]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["cache_dir"] == results[1]["cache_dir"]
+    assert sorted(r["built"] for r in results) == [False, True]
+    entries = sorted(p.name for p in (volume / "cache").iterdir() if not p.name.endswith(".lock"))
+    assert entries == [os.path.basename(results[0]["cache_dir"])]
+    assert any(e["phase"] == "done" for e in events(volume, "run0"))
+
+
+def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):
+    path = write_jsonl(volume / "a.jsonl", alpaca_rows(20))
+    good = volume / "good.yml"
+    good.write_text(f"base_model: {tokenizer_dir}\nlearning_rate: 0.0001\nsequence_len: 128\ndatasets:\n  - path: {path}\n    type: alpaca\n")
+    monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tokenizer_dir))
+    assert ftw(["preprocess", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "rows in  20 (20 samples)" in out and "trained tokens" in out
+    assert json.loads(out.strip().splitlines()[-1])["rows"]["train"] == 20
+    bad_data = volume / "bad.jsonl"
+    bad_data.write_text('{"instruction": "a"}\n')
+    bad = volume / "bad.yml"
+    bad.write_text(good.read_text().replace(str(path), str(bad_data)))
+    assert ftw(["preprocess", str(bad)]) == 1
+    assert "bad.jsonl: row 0: field 'output'" in capsys.readouterr().err
+    invalid = volume / "invalid.yml"
+    invalid.write_text(good.read_text().replace("learning_rate: 0.0001", "learning_rate: -1"))
+    assert ftw(["preprocess", str(invalid)]) == 3
+    assert ftw(["preprocess"]) == 2
