@@ -5,6 +5,7 @@ aggregate is the output. HANDLER_KIND=progress: an async function that reports s
 runpod.serverless.progress_update and returns a dict. Input: {"steps", "step_s", "mode"} with
 mode "ok" | "fail" (raises after the steps) | "child" (starts a child process, streams its pid,
 waits for it; a stop from the endpoint cancels the task and the child's group is killed).
+HANDLER_CONCURRENCY=N (default 1): jobs at once; above 1 the SDK takes jobs with job-take-batch.
 """
 import asyncio
 import os
@@ -54,8 +55,9 @@ async def progress_handler(job):
 
 
 if __name__ == "__main__":
-    kind = os.environ.get("HANDLER_KIND", "generator")
-    if kind == "generator":
-        runpod.serverless.start({"handler": generator_handler, "return_aggregate_stream": True})
+    concurrency = int(os.environ.get("HANDLER_CONCURRENCY", "1"))
+    config = {"concurrency_modifier": lambda current: concurrency}
+    if os.environ.get("HANDLER_KIND", "generator") == "generator":
+        runpod.serverless.start({**config, "handler": generator_handler, "return_aggregate_stream": True})
     else:
-        runpod.serverless.start({"handler": progress_handler})
+        runpod.serverless.start({**config, "handler": progress_handler})

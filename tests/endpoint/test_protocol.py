@@ -7,7 +7,7 @@ import uuid
 import pytest
 import runpod
 
-from tests.endpoint.conftest import Api, pid_alive, start_endpoint, wait_gone
+from tests.endpoint.conftest import PROTOCOL_HANDLER, Api, pid_alive, start_endpoint, wait_gone
 
 
 @pytest.fixture
@@ -140,5 +140,20 @@ def test_progress_update_handler_streams_and_completes(tmp_path):
         assert [i["step"] for i in items + [c["output"] for c in api.stream(job_id)["stream"]]] == [1, 2, 3]
         failed = api.wait(api.run({"steps": 1, "mode": "fail"}))
         assert failed["status"] == "FAILED" and failed["error"] == "the test handler failed on purpose"
+    finally:
+        endpoint.stop()
+
+
+def test_a_worker_with_concurrency_takes_a_batch_and_runs_it_at_once(tmp_path):
+    endpoint = start_endpoint(tmp_path, handler_kind=None)
+    try:
+        api = Api(endpoint)
+        ids = [api.run({"steps": 6, "step_s": 0.25, "echo": n}) for n in range(2)]  # queued before the worker is up
+        endpoint.start_worker(PROTOCOL_HANDLER, env={"HANDLER_CONCURRENCY": "2"}, log_path=tmp_path / "worker.log")
+        api.wait(ids[0], until=lambda s: s["status"] != "IN_QUEUE")
+        assert [api.status(i)["status"] for i in ids] == ["IN_PROGRESS", "IN_PROGRESS"]
+        assert [api.wait(i)["output"][-1]["result"]["echo"] for i in ids] == [0, 1]
+        assert f"job {ids[1]} IN_PROGRESS on worker local-" in (tmp_path / "endpoint.log").read_text()
+        assert "(batch of 2)" in (tmp_path / "endpoint.log").read_text()
     finally:
         endpoint.stop()

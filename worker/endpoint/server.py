@@ -259,7 +259,7 @@ class Endpoint:
         if not jobs:
             return web.Response(status=204)
         for job in jobs:
-            log.info("job %s IN_PROGRESS on worker %s", job.id, worker_id)
+            log.info("job %s IN_PROGRESS on worker %s%s", job.id, worker_id, f" (batch of {len(jobs)})" if batch else "")
         self.changed()
         items = [job.work_item() for job in jobs]
         return web.json_response(items if batch else items[0])
