@@ -6,8 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The serving engine's own venv (vLLM's CPU build and its pins); the serve tests run vLLM from it.
+VENV_VLLM ?= .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean vllm-env
 
 setup: $(STAMP)
 
@@ -19,11 +22,20 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-test: setup
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.lock
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
+	touch $(VLLM_STAMP)
+
+test: setup vllm-env
 	$(PY) -m pytest -q
 
 demo: setup
 	$(PY) -m worker.demo
 
 clean:
-	rm -rf $(VENV) volume .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_VLLM) volume .pytest_cache .hypothesis

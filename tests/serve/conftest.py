@@ -34,6 +34,14 @@ class Published:
     volume: Path
 
 
+def upload_adapter(client, folder: Path, bucket: str, prefix: str) -> str:
+    """Publish a trained adapter folder to S3 as training does: every file, the manifest last."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
+    for f in [*files, folder / "manifest.json"]:
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
 @pytest.fixture(scope="session")
 def serve_volume(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-volume")
@@ -47,14 +55,7 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     local = {name: train_tiny_adapter(tiny_model_dir, root / name, text, seed=i) for i, (name, text) in enumerate(TEXTS.items())}
     s3_server.make_bucket(BUCKET)
     client = s3_server.client()
-
-    def upload(folder: Path, prefix: str) -> str:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
-        for f in [*files, folder / "manifest.json"]:  # the manifest last, as publishers do
-            client.upload_file(str(f), BUCKET, f"{prefix}/{f.name}")
-        return f"s3://{BUCKET}/{prefix}"
-
-    s3 = {name: upload(folder, f"runs/{name}/adapter") for name, folder in local.items()}
+    s3 = {name: upload_adapter(client, folder, BUCKET, f"runs/{name}/adapter") for name, folder in local.items()}
     broken = root / "broken"
     subprocess.run(["cp", "-r", str(local["alpha"]), str(broken)], check=True)
     weights = broken / "adapter_model.safetensors"
@@ -62,7 +63,7 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     from worker.publish.manifest import Manifest
 
     Manifest.of_folder(broken).write(broken)  # ...behind a manifest that matches them: only loading can tell
-    broken_s3 = upload(broken, "runs/broken/adapter")
+    broken_s3 = upload_adapter(client, broken, BUCKET, "runs/broken/adapter")
 
     api = HfApi(endpoint=hub_server.endpoint_url, token=hub_server.token)
     hub = {}
@@ -92,7 +93,7 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
 
 def ensure_vllm_env() -> Path:
     """.venv-vllm, built through the Makefile when this machine has none yet (CI's fresh machine)."""
-    if not VLLM_PYTHON.exists():
+    if not (REPO / ".venv-vllm" / ".installed").exists():
         subprocess.run(["make", "vllm-env"], cwd=REPO, check=True)
     return VLLM_PYTHON
 

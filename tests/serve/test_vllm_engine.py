@@ -41,7 +41,7 @@ def test_hub_adapter_serves_what_its_s3_copy_serves(vllm_service, published):
 
 
 def test_two_adapters_side_by_side_keep_their_own_outputs(vllm_service, published):
-    models = [vllm_service.settings.served_name, *published.s3.values()]
+    models = list(published.s3.values())  # in the same engine batches, interleaved
     reference = {m: answer(vllm_service, m)["token_ids"] for m in models}
 
     async def mixed():

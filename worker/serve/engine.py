@@ -12,6 +12,7 @@ the log tail if the child dies. Stop: SIGTERM to the group, wait, SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -82,6 +83,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: the engine gets SIGTERM if the worker dies without stopping it (kill -9), never orphaned."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class EngineProcess:
     """One engine child: `start()` returns once it answers, `stop()` ends its process group."""
 
@@ -106,7 +115,7 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.child_env(), start_new_session=True)
+                                         env=self.child_env(), start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_healthy(self.settings.start_timeout_s)
         return self
 
