@@ -30,8 +30,10 @@ def test_execution_timeout_counts_from_the_start_and_signals_the_worker_once(tmp
     assert store.expire(taken.started_at + 6.1, worker_lost_s=60) == [job.id]
     assert store.get(job.id).status == "TIMED_OUT"
     assert store.stop_signals("w2") == []
+    assert store.stop_undelivered(job.id)  # /retry waits for this: the old attempt must be stopped first
     assert store.stop_signals("w1") == [job.id]
     assert store.stop_signals("w1") == []
+    assert not store.stop_undelivered(job.id)
 
 
 def test_a_job_fails_when_its_worker_stops_sending_heartbeats(tmp_path):

@@ -231,6 +231,8 @@ class Endpoint:
         job = self.job_or_404(request.match_info["job_id"])
         if job.status not in RETRYABLE:
             raise fail(409, f"job {job.id} is {job.status}; only FAILED or TIMED_OUT jobs can be retried")
+        if self.store.stop_undelivered(job.id):
+            raise fail(409, f"job {job.id}'s worker has not yet been told to stop it; retry in a few seconds")
         job = self.store.retry(job.id)
         log.info("job %s IN_QUEUE again (retry %d)", job.id, job.retries)
         self.changed()

@@ -268,6 +268,9 @@ class JobStore:
             self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
         return ids
 
+    def stop_undelivered(self, job_id: str) -> bool:
+        return self.db.execute("SELECT stop_pending FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == 1
+
     def has_stop_signal(self, worker_id: str) -> bool:
         row = self.db.execute("SELECT 1 FROM jobs WHERE worker_id = ? AND stop_pending = 1 LIMIT 1", (worker_id,))
         return row.fetchone() is not None
@@ -278,8 +281,10 @@ class JobStore:
         changed = []
         rows = self.db.execute(
             "SELECT j.id, j.status, j.created_at, j.started_at, j.execution_timeout_ms, j.ttl_ms, w.last_ping"
-            " FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.status IN (?, ?)",
-            (IN_QUEUE, IN_PROGRESS),
+            " FROM jobs j LEFT JOIN workers w ON w.id = j.worker_id WHERE j.status IN (?, ?) AND ("
+            " ? > j.created_at + j.ttl_ms / 1000.0 OR (j.status = ? AND ("
+            "  ? > j.started_at + j.execution_timeout_ms / 1000.0 OR ? > w.last_ping + ?)))",
+            (IN_QUEUE, IN_PROGRESS, now, IN_PROGRESS, now, now, worker_lost_s),
         ).fetchall()
         for r in rows:
             if now > r["created_at"] + r["ttl_ms"] / 1000:
