@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -127,3 +128,18 @@ def test_policies_default_to_training_lengths_and_flags_override():
         build_request({}, None, duration_ms("10h"), duration_ms("1h"))
     with pytest.raises(ClientError, match="maximum of 7 days"):
         build_request({}, None, duration_ms("8d"), None)
+
+
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(endpoint, api, tmp_path):
+    job_id = api.run({"steps": 1, "mode": "child"})
+    follower = subprocess.Popen([sys.executable, "-m", "worker.cli", "stream", job_id], env=child_env(**endpoint.client_env()),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "child_pid" in follower.stdout.readline() + follower.stdout.readline()  # it is following
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=15) == 130
+        assert f"job {job_id} keeps running" in follower.stderr.read()
+        assert api.status(job_id)["status"] == "IN_PROGRESS"
+    finally:
+        follower.kill()
+        api.post(f"cancel/{job_id}")

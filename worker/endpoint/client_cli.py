@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_ENDPOINT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_ENDPOINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")  # the SDK's FINAL_STATES lacks CANCELLED
 MAX_POLICY_MS = 7 * 24 * 3600 * 1000
 DEFAULT_EXECUTION_TIMEOUT_MS = 24 * 3600 * 1000
@@ -132,13 +132,17 @@ def _error_text(response) -> str:
 
 def follow(client: Client, job_id: str, poll_s: float = 1.0) -> dict[str, Any]:
     """Print progress lines from /stream until the job is terminal; return its /status body."""
-    while True:
-        chunk = client.call("GET", f"stream/{job_id}")
-        for item in chunk.get("stream", []):
-            print(format_progress(item.get("output")), flush=True)
-        if chunk.get("status") in TERMINAL:
-            return client.call("GET", f"status/{job_id}")
-        time.sleep(poll_s)
+    try:
+        while True:
+            chunk = client.call("GET", f"stream/{job_id}")
+            for item in chunk.get("stream", []):
+                print(format_progress(item.get("output")), flush=True)
+            if chunk.get("status") in TERMINAL:
+                return client.call("GET", f"status/{job_id}")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        raise ClientError(f"stopped following; job {job_id} keeps running: `ftw stream {job_id}` follows it again, "
+                          f"`ftw cancel {job_id}` stops it", EXIT_INTERRUPTED) from None
 
 
 def finish(status: dict[str, Any]) -> int:
@@ -219,7 +223,7 @@ def main(argv: list[str]) -> int:
         print(f"ftw {args.command}: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
