@@ -4,7 +4,7 @@
 
 Prints a markdown table of medians (and p90) with the targets (process < 0.5 s, in-process
 < 20 ms), next to baselines measured in the same run: a bare interpreter and an interpreter
-that only imports pydantic's BaseModel and yaml (what any pydantic CLI pays). For processes it
+that imports pydantic and yaml and builds a one-field model (what any pydantic CLI pays). For processes it
 also gives the CPU time of the child (user + system), which a machine shared with other work
 inflates much less than wall time.
 """
@@ -41,6 +41,10 @@ CONFIG = {
 JOB = {"input": {"run_id": "bench-run-1", "args": CONFIG, "outputs": {"s3": {"bucket": "my-bucket", "prefix": "runs"},
                                                                       "hub": {"repo_id": "me/adapter"}},
                  "credentials": {"hf_token": "hf_xxxxxxxxxxxxxxxx"}}}
+
+
+# what any pydantic + yaml CLI pays before its own work: the imports and building one model
+PYDANTIC_FLOOR = "import yaml\nfrom pydantic import BaseModel\nclass A(BaseModel):\n    x: int = 1\nA(x=1)"
 
 
 def timed_process(argv: list[str], runs: int) -> tuple[list[float], list[float]]:
@@ -99,7 +103,7 @@ def main() -> int:
         config_path.write_text(yaml.safe_dump(CONFIG))
         job_path.write_text(json.dumps(JOB))
         bare = timed_process([str(PYTHON), "-c", "pass"], args.runs)
-        libs = timed_process([str(PYTHON), "-c", "from pydantic import BaseModel; import yaml"], args.runs)
+        libs = timed_process([str(PYTHON), "-c", PYDANTIC_FLOOR], args.runs)
         cli_config = timed_process([str(FTW), "validate", str(config_path)], args.runs)
         cli_job = timed_process([str(FTW), "validate", str(job_path), "--json"], args.runs)
     in_job = timed_call(lambda: validate_job(JOB, env=env), args.inproc_runs)
@@ -108,10 +112,10 @@ def main() -> int:
     base = statistics.median(libs[0])
     print(f"validation timings ({args.runs} launches, {args.inproc_runs} in-process calls; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
-    print("| what | median wall | p90 wall | median CPU | wall × pydantic+yaml | target | met (wall) | met (CPU) |")
+    print("| what | median wall | p90 wall | median CPU | wall × pydantic baseline | target | met (wall) | met (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     print(row("python -c pass (baseline)", *bare, 0, base))
-    print(row("import pydantic.BaseModel + yaml (baseline)", *libs, 0, base))
+    print(row("pydantic + yaml + one model (baseline)", *libs, 0, base))
     print(row("ftw validate config.yml (process)", *cli_config, 0.5, base))
     print(row("ftw validate job.json --json (process)", *cli_job, 0.5, base))
     print(row("validate_job(typical job), in-process", in_job, None, 0.020, None))

@@ -44,7 +44,7 @@ DEEPSPEED_BUNDLED_FILES = {
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class SpecialTokens(Frozen):

@@ -35,7 +35,7 @@ TRAIN_ON_EOS = Literal["all", "turn", "last", "none"]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class UserDefinedFormat(Frozen):

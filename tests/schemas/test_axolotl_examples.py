@@ -39,6 +39,7 @@ def test_example_validates_or_names_what_is_unsupported(path):
     if report.valid:
         assert isinstance(report.value, TrainingConfig)
         assert report.value.base_model == raw["base_model"]
+        assert TrainingConfig.model_validate_json(report.value.model_dump_json()) == report.value  # the children's copy
     for issue in report.errors:
         assert issue.kind in ("unsupported", "gated"), f"{path.name}: a real axolotl config hit {issue}"
         key = named_key(issue.loc)

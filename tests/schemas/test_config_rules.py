@@ -218,3 +218,21 @@ def test_every_key_name_known_to_the_suggester():
 def test_not_a_mapping_is_a_whole_document_error(raw):
     report = validate_config(raw, ENV)
     assert len(report.errors) == 1 and report.errors[0].loc == "" and "mapping" in report.errors[0].msg
+
+
+@pytest.mark.parametrize("key", ["num_epochs", "learning_rate", "weight_decay", "val_set_size"])
+def test_infinity_and_nan_are_rejected(key):
+    for bad in (float("inf"), float("nan")):
+        assert key in locs({**GOOD, key: bad})
+
+
+def test_config_json_round_trip_is_exact():
+    """The stage children load RUN_DIR/config.json with model_validate_json (docs/contracts.md)."""
+    raw = {**GOOD, "adapter": "qlora", "load_in_4bit": True, "warmup_steps": 0.1, "fsdp_config": {"fsdp_version": 2, "offload_params": True},
+           "special_tokens": {"pad_token": "<pad>"}, "added_tokens_overrides": {"5": "<x>"}, "optim_args": {"betas": [0.9, 0.95]},
+           "datasets": [{"path": "org/d", "type": {"field_instruction": "q", "field_output": "a"}},
+                        {"path": "org/c", "type": "chat_template", "message_property_mappings": {"role": "from", "content": "value", "weight": "w"}}]}
+    cfg = validate_config(raw, ENV).value
+    assert cfg is not None
+    assert TrainingConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
