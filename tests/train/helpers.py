@@ -113,3 +113,14 @@ def adapter_tensors(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
+    """The train stage in this process (one rank), for tests that compare numbers, not processes."""
+    import torch
+
+    from schemas.config import TrainingConfig
+    from worker.train.stage import run
+
+    torch.set_num_threads(1)
+    return run(TrainingConfig.model_validate(cfg), run_dir, cache)

@@ -1,4 +1,4 @@
-"""From the prepared-data cache to micro-batches, in an order that a resumed run can recompute.
+"""From the prepared-data cache (worker.data.cache.load_prepared) to micro-batches, in an order that a resumed run can recompute.
 
 The order of an epoch is a permutation seeded by (seed, epoch), extended by wrap-around to a whole
 number of optimizer steps (no row is dropped; every rank does the same work, as
@@ -14,46 +14,12 @@ sample is never a target, so no sample learns from its neighbour's last token.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from worker.errors import DataError
-
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    train: Any  # datasets.Dataset
-    eval: Any | None
-    packed: bool
-    manifest: dict[str, Any]
-
-
-def open_prepared(cache_dir: str | Path) -> PreparedData:
-    """The cache as docs/contracts.md defines it; refused unless its manifest says complete."""
-    root = Path(cache_dir)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"prepared data in {root} has no readable manifest.json ({e})", hint="run `ftw preprocess` again; the cache was not finished") from e
-    if manifest.get("complete") is not True:
-        raise DataError(f"prepared data in {root} is not complete", hint="run `ftw preprocess` again")
-    from datasets import load_from_disk
-
-    train = load_from_disk(str(root / "train"))
-    evaluation = load_from_disk(str(root / "eval")) if (root / "eval").is_dir() else None
-    for name, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None and not {"input_ids", "labels", "position_ids"} <= set(ds.column_names):
-            raise DataError(f"prepared {name} split lacks input_ids/labels/position_ids (has {ds.column_names})", hint="run `ftw preprocess` again with this version of ftw")
-    if len(train) == 0:
-        raise DataError("the prepared train split has no rows", hint="check datasets, sequence_len and excess_length_strategy")
-    return PreparedData(train, evaluation, bool(manifest.get("packing", {}).get("enabled")), manifest)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from schemas.paths import is_local, local_path
 from worker.events import EXIT_OK, emit
 from worker.train import distributed as dist_
 from worker.train import outputs
-from worker.train.batches import open_prepared
+from worker.data.cache import load_prepared
 from worker.train.trainer import Trainer
 
 log = logging.getLogger("ftw.train")
@@ -27,7 +27,7 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     topo = dist_.init(cfg)
     try:
-        data = open_prepared(cache_dir)
+        data = load_prepared(cache_dir)
         trainer = Trainer(cfg, run_dir, data, topo)
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
         try:

@@ -33,7 +33,8 @@ from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, PreparedData, collate, target_tokens
+from worker.data.cache import PreparedData
+from worker.train.batches import BatchPlan, collate, target_tokens
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.progress import Progress
