@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from schemas.classify import did_you_mean
 from schemas.config import TrainingConfig
 from schemas.issues import Issue, Report, pydantic_issues
 from schemas.validate import validate_config
@@ -89,6 +90,9 @@ class JobInput(Frozen):
         return self.model_dump(mode="json", exclude={"credentials"})
 
 
+JOB_KEYS = frozenset({"args"}).union(*(m.model_fields for m in (JobInput, Outputs, S3Output, HubOutput, TimeLimits)))
+
+
 def check_run_id(value: Any) -> str | None:
     """None when `value` is a safe run id; else which rule it breaks (it names a folder and an S3 prefix)."""
     if not isinstance(value, str):
@@ -159,11 +163,18 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     try:
         job = JobInput.model_validate({**data, "config": placeholder})
     except ValidationError as e:
-        report.errors += [i for i in pydantic_issues(e, redact=SECRET_KEYS) if not i.loc.startswith(("config", "run_id"))]
+        report.errors += [_suggest(i) for i in pydantic_issues(e, redact=SECRET_KEYS) if not i.loc.startswith(("config", "run_id"))]
     else:
         if report.valid:
             report.value = job
     return _masked(report, _strings(raw.get("credentials")))
+
+
+def _suggest(issue: Issue) -> Issue:
+    """An unknown job key gets the closest known one, as config keys do."""
+    if issue.msg != "unknown key":
+        return issue
+    return Issue(issue.loc, f"unknown key{did_you_mean(issue.loc.split('.')[-1], JOB_KEYS)}", issue.kind)
 
 
 def _strings(value: Any) -> list[str]:

@@ -108,6 +108,12 @@ def _has_data(cfg: TrainingConfig) -> Problems:
         yield Issue("datasets", "datasets (or pretraining_dataset) is required: add at least one dataset")
 
 
+@rule("chat_template_jinja")
+def _jinja_is_text(cfg: TrainingConfig) -> Problems:
+    if cfg.chat_template_jinja and cfg.chat_template_jinja.strip().endswith((".jinja", ".j2")):
+        yield Issue("chat_template_jinja", "chat_template_jinja must be the template text, not a file path (files are not read from a job)")
+
+
 @rule("val_set_size")
 def _val_set_size(cfg: TrainingConfig) -> Problems:
     if cfg.val_set_size >= 1.0 and cfg.val_set_size != int(cfg.val_set_size):

@@ -88,6 +88,8 @@ def test_broken_datasets_do_not_also_claim_datasets_are_missing():
     ({"lr_scheduler": "cosin"}, "lr_scheduler", "not known"),
     ({"deepspeed": "/etc/ds.json"}, "deepspeed", "not read from a job"),
     ({"datasets": []}, "datasets", "required"),
+    ({"chat_template_jinja": "templates/llama.jinja"}, "chat_template_jinja", "not a file path"),
+    ({"datasets": [{"path": "org/d", "type": "chat_template", "chat_template_jinja": "/etc/t.j2"}]}, "datasets[0].chat_template_jinja", "not a file path"),
 ])
 def test_cross_field_rules(extra, loc, fragment):
     report = validate_config({**GOOD, **extra}, ENV)

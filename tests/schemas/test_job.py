@@ -131,3 +131,9 @@ def test_malformed_credentials_are_rejected_without_echoing_them(credentials):
 def test_job_input_model_refuses_unknown_keys():
     with pytest.raises(Exception):
         JobInput.model_validate({"run_id": "r", "config": CONFIG, "nope": 1})
+
+
+def test_unknown_job_keys_suggest_the_closest():
+    report = validate_job({"input": {"run_id": "r", "config": CONFIG, "output": {}, "limits": {"train": 5}}}, env=ENV)
+    assert {i.loc: i.msg for i in report.errors} == {"output": "unknown key; did you mean 'outputs'?",
+                                                     "limits.train": "unknown key; did you mean 'train_s'?"}
