@@ -87,9 +87,17 @@ def test_path_corpus_is_refused_or_stays_inside(volume, tmp_path, field):
             assert any(root in e.loc for e in report.errors), (field, value, report.errors)
 
 
-def test_output_dir_is_pinned_inside_the_run(demo_volume, tmp_path):
+@pytest.fixture
+def stop_at_gpu_probe(monkeypatch):
+    """Jobs stop at the GPU probe (every device hidden, CPU not allowed): after the run folder is written."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("FTW_ALLOW_CPU")
+
+
+def test_output_dir_is_pinned_inside_the_run(demo_volume, tmp_path, stop_at_gpu_probe):
     outside = tmp_path / "elsewhere"
-    result = run_job({"input": example_job(config={"output_dir": str(outside)})})
+    result = run_job({"input": example_job(allow_cpu=False, config={"output_dir": str(outside)})})
+    assert result["error"]["stage"] == "checks" and "hides every device" in result["error"]["message"]
     config = json.loads((demo_volume / "runs" / "demo-tiny-lora" / "config.json").read_text())
     assert config["output_dir"] == str(demo_volume / "runs" / "demo-tiny-lora")
     assert not outside.exists() and result["run_id"] == "demo-tiny-lora"
@@ -126,9 +134,10 @@ def test_same_run_id_twice_at_once_the_second_fails_clearly(demo_volume):
         holder.wait()
 
 
-def test_resubmitting_a_run_with_another_config_is_refused(demo_volume):
-    run_job({"input": example_job()})
-    result = run_job({"input": example_job(config={"learning_rate": 0.5})})
+def test_resubmitting_a_run_with_another_config_is_refused(demo_volume, stop_at_gpu_probe):
+    first = run_job({"input": example_job(allow_cpu=False)})
+    assert first["error"]["code"] == "infra"
+    result = run_job({"input": example_job(allow_cpu=False, config={"learning_rate": 0.5})})
     assert result["error"]["code"] == "invalid_job" and "learning_rate" in result["error"]["message"]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
-from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError, StageMissing
+from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
 from worker.job import gpu, stages
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
@@ -62,15 +62,13 @@ def run_job(
     job: JobInput = report.value
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
-    pipeline = JobPipeline(job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal())
+    pipeline = JobPipeline(job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started)
     pipeline.timings["validate_s"] = round(time.monotonic() - started, 4)
     pipeline.warnings = [i.as_dict() for i in report.warnings]
     try:
-        result = pipeline.run()
-    except FtwError as e:
-        result = failure_result(e, job.run_id)
-    result["timings"] = {**pipeline.timings, "total_s": round(time.monotonic() - started, 3)}
-    return redactor.data(result)
+        return pipeline.run()
+    except FtwError as e:  # the run folder could not be opened: nothing of this job is on disk
+        return pipeline.finish(failure_result(e, job.run_id))
 
 
 def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
@@ -93,37 +91,55 @@ class JobPipeline:
     """The steps of one validated job, in order; each raises a typed FtwError when it cannot go on."""
 
     def __init__(self, job: JobInput, env: dict[str, str], credentials: dict[str, str], redactor: Redactor,
-                 sink: ProgressSink, stop: StopSignal):
+                 sink: ProgressSink, stop: StopSignal, started: float):
         self.job, self.env, self.credentials, self.redactor, self.stop = job, env, credentials, redactor, stop
+        self.started = started
         self.progress = Throttle(sink, float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
         self.timings: dict[str, float] = {}
         self.warnings: list[dict[str, str]] = []
         self.gpu_env: dict[str, str] = {}
         self.gpu_count = 0
+        self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """The result (success or typed failure), also left in RUN_DIR/result.json before the lock goes."""
         with self.step("run_dir", "preparing the run folder"):
             run = open_run_dir(base_volume(self.env), self.job.run_id)
         try:
-            self.check_resumable(run)
-            config_path = self.write_config(run)
-            if not run.stage_done("train"):
-                with self.step("checks", "checking disk and GPU"):
-                    estimate, shape = estimate_disk(self.job.config, self.env)
-                    disk = check_disk(estimate, run.base)
-                    self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
-                    write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
-            cache_dir = self.preprocess(run, config_path)
-            metrics = self.train(run, config_path, cache_dir)
-            artifacts = self.publish(run)
+            try:
+                result = self.run_stages(run)
+            except FtwError as e:
+                result = failure_result(e, self.job.run_id)
+            result = self.finish(result)
+            write_json_atomic(run.path / "result.json", result)
+            return result
         finally:
+            if self.uploader is not None:
+                self.uploader.stop()
             self.progress.flush()
             run.close()
+
+    def run_stages(self, run: RunDir) -> dict[str, Any]:
+        self.check_resumable(run)
+        config_path = self.write_config(run)
+        if not run.stage_done("train"):
+            with self.step("checks", "checking disk and GPU"):
+                estimate, shape = estimate_disk(self.job.config, self.env)
+                disk = check_disk(estimate, run.base)
+                self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
+                write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
+        cache_dir = self.preprocess(run, config_path)
+        metrics = self.train(run, config_path, cache_dir)
+        artifacts = self.publish(run)
         return {
             "run_id": self.job.run_id, "status": "completed", "artifacts": artifacts, "metrics": metrics,
             "run_dir": str(run.path), "warnings": self.warnings,
         }
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        result["timings"] = {**self.timings, "total_s": round(time.monotonic() - self.started, 3)}
+        return self.redactor.data(result)
 
     def preprocess(self, run: RunDir, config_path: Path) -> Path:
         done = run.stage_done("preprocess")
@@ -146,15 +162,17 @@ class JobPipeline:
         if done:
             self.progress(stage_update(self.job.run_id, "train", "training finished in an earlier attempt"))
             return done["metrics"]
-        resume_from = stages.newest_checkpoint(run.path)
-        if resume_from is not None:
-            self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{resume_from}"))
         with self.step("train", "fine-tuning"):
+            resume_from = self.restore_checkpoint(run)
             argv = stages.train_argv(config_path, run.path, cache_dir, self.gpu_count)
+            from worker.publish import start_uploader
+
+            self.uploader = start_uploader(run.path, self.job, self.stage_env(run))
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
             except FtwError as e:
                 e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
+                self.uploader.stop()  # a preempted run's last checkpoint reaches the bucket before we go
                 raise
             outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
         if resume_from is not None:
@@ -162,22 +180,28 @@ class JobPipeline:
         run.mark_done("train", outputs)
         return outputs["metrics"]
 
+    def restore_checkpoint(self, run: RunDir) -> int | None:
+        """The step training resumes from: the newest checkpoint on the volume, or the published one
+        brought back from the bucket when it is newer (a new worker, a lost volume)."""
+        if self.job.resume:
+            from worker.publish import restore_checkpoint
+
+            if restore_checkpoint(run.path, self.job, self.stage_env(run)) is not None:
+                self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
+        step = stages.newest_checkpoint(run.path)
+        if step is not None:
+            self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))
+        return step
+
     def publish(self, run: RunDir) -> list[dict[str, Any]]:
         done = run.stage_done("publish")
         if done:
             return done["artifacts"]
-        self.check_stop()
-        try:
-            from worker.publish import publish_run
-        except ImportError:
-            raise StageMissing(
-                "the publish stage (worker.publish.publish_run) is not available in this build of ftw",
-                "the trained outputs are kept in the run folder; resubmit the same run_id with a build that publishes",
-                stage="publish",
-            ) from None
+        from worker.publish import publish_run
+
         with self.step("publish", "publishing"):
             try:
-                artifacts = publish_run(run.path, self.job, self.stage_env(run))
+                artifacts = publish_run(run.path, self.job, self.stage_env(run), self.uploader)
             except FtwError:
                 raise
             except Exception as e:

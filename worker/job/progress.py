@@ -27,6 +27,8 @@ def event_update(run_id: str, stage: str, event: dict[str, Any]) -> dict[str, An
     """A child's event reduced to the keys a caller reads (no paths, no free-form payloads)."""
     out = stage_update(run_id, str(event.get("stage") or stage))
     out.update({k: event[k] for k in SHOWN if k in event and isinstance(event[k], (int, float, str)) and k != "stage"})
+    if "message" not in out and "step" not in out and isinstance(event.get("event"), str):
+        out["message"] = event["event"]  # a milestone without numbers: "loading", "done"
     return out
 
 
