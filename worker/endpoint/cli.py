@@ -60,6 +60,9 @@ async def serve(args: argparse.Namespace, api_key: str) -> None:
     print("  workers: RUNPOD_AI_API_KEY=<FTW_ENDPOINT_API_KEY> RUNPOD_POD_ID=<name> "
           + " ".join(f"{k}='{v}'" for k, v in worker_urls(base, args.endpoint_id).items()), flush=True)
     print(f"  jobs stored in {args.db}", flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"  note: listening on {host}, beyond loopback: anyone who reaches it with the key can submit jobs",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
