@@ -10,7 +10,6 @@ tests can assert what went over the wire.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from typing import Optional
 
@@ -85,8 +84,7 @@ class FaultProxy:
                     else:
                         self.bytes_down += len(data)
                 if self._may_cut(moved, direction):
-                    for s in pair:  # RST both ends, as a dropped network path looks to the client
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    for s in pair:  # drop both ends mid-stream, as a failed network path looks to the client
                         _close(s)
                     return
                 dst.sendall(data)
@@ -102,6 +100,10 @@ def _parts(data: bytes) -> int:
 
 
 def _close(s: socket.socket) -> None:
+    try:  # shutdown first: it wakes the other pump blocked in recv() on this socket; close alone would not
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     try:
         s.close()
     except OSError:
