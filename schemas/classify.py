@@ -14,7 +14,7 @@ from schemas.config import LEGACY_ATTENTION_FLAGS, TrainingConfig
 from schemas.datasets import KNOWN_UNSUPPORTED_TYPES, SUPPORTED_TYPES, DatasetConfig, PretrainingDatasetConfig
 from schemas.environment import env_flag
 from schemas.issues import Report, format_loc
-from schemas.keys import (ALIASES, DATASET_NO_EFFECT, DATASET_UNSUPPORTED, GATED, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
+from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
                           is_off, unsupported_reason)
 
 TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
@@ -89,8 +89,6 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
         elif key in fields:
             if value is not None or fields[key].default is None:
                 clean[key] = value
-        elif key in DATASET_NO_EFFECT:
-            report.warn(where, f"{key} has no effect in ftw: {DATASET_NO_EFFECT[key]}")
         else:
             report.warn(where, f"unknown dataset key {key!r} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
     if model is DatasetConfig:

@@ -176,7 +176,6 @@ DATASET_UNSUPPORTED = {
     **_group("distillation from logprobs", "logprobs_field temperature"),
     **_group("dataset loading scripts (they run code; datasets 4 no longer runs them)", "trust_remote_code"),
 }
-DATASET_NO_EFFECT: dict[str, str] = {}
 
 # Optimizers that exist in transformers or axolotl but that ftw does not ship: named as
 # unsupported (not as typos) in the error.

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.config import DEEPSPEED_BUNDLED_FILES, LEGACY_ATTENTION_FLAGS, TrainingConfig
+from schemas.classify import TYPED_FIELDS
+from schemas.config import DEEPSPEED_BUNDLED_FILES, LEGACY_ATTENTION_FLAGS
 from schemas.issues import Report
 from schemas.keys import ALIASES, TORCH_DTYPE_KEY, UNSUPPORTED, is_off
 
 NULL_MEANS_OFF = ("bf16", "tf32")
-TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
 
 
 def normalize_keys(raw: Mapping[str, Any], report: Report) -> dict[str, Any]:
