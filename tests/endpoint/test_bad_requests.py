@@ -106,3 +106,12 @@ def test_the_endpoint_still_serves_after_all_of_the_above(api):
     assert api.status(job_id)["status"] == "IN_QUEUE"
     health = api.session.get(api.url("health")).json()
     assert health["jobs"]["inQueue"] >= 1 and health["workers"]["running"] == 0
+
+
+def test_runsync_answers_with_the_id_when_the_wait_runs_out(api):
+    response = api.session.post(api.url("runsync?wait=1000"), json={"input": {"quick": False}})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("sync-") and body["status"] == "IN_QUEUE"
+    expect_error(api.session.post(api.url("runsync?wait=10"), json={"input": {}}), 400, "wait must be in [1000, 300000]")
+    expect_error(api.session.post(api.url("runsync?wait=soon"), json={"input": {}}), 400, "wait must be an integer")
