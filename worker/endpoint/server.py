@@ -125,9 +125,6 @@ class Endpoint:
 
     @web.middleware
     async def auth(self, request: web.Request, handler):
-        if request.match_info.get("endpoint") not in (None, self.settings.endpoint_id):
-            raise fail(404, f"no endpoint {request.match_info['endpoint']!r} here; this one is "
-                            f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)")
         header = request.headers.get("Authorization", "")
         if not header:
             raise fail(401, "missing Authorization header: send 'Authorization: Bearer <key>' with the endpoint's "
@@ -135,6 +132,9 @@ class Endpoint:
         key = header[7:] if header[:7].lower() == "bearer " else header
         if not hmac.compare_digest(key.strip().encode(), self.settings.api_key.encode()):
             raise fail(401, "invalid API key for this endpoint")
+        if request.match_info.get("endpoint") not in (None, self.settings.endpoint_id):
+            raise fail(404, f"no endpoint {request.match_info['endpoint']!r} here; this one is "
+                            f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)")
         return await handler(request)
 
     def job_or_404(self, job_id: str) -> Job:
