@@ -1,6 +1,7 @@
 """The real runpod worker SDK (platform mode) against `ftw endpoint`: states, stream, webhooks, stop."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -123,10 +124,14 @@ def test_runsync_returns_the_output(sdk):
         "result": {"echo": "sync", "s3": False}}
 
 
-def test_s3config_reaches_the_handler(api):
-    job_id = api.run({"steps": 1}, s3Config={"accessId": "a", "accessSecret": "b", "bucketName": "c",
+def test_s3config_reaches_the_handler_and_no_secret_reaches_the_log(api, endpoint):
+    secret = f"s3-secret-{uuid.uuid4().hex}"
+    job_id = api.run({"steps": 1}, s3Config={"accessId": "a", "accessSecret": secret, "bucketName": "c",
                                              "endpointUrl": "http://127.0.0.1:1"})
     assert api.wait(job_id)["output"][-1]["result"]["s3"] is True
+    assert secret not in json.dumps(api.status(job_id))
+    log = endpoint.log_path.read_text()
+    assert job_id in log and secret not in log and endpoint.api_key not in log
 
 
 def test_progress_update_handler_streams_and_completes(tmp_path):
