@@ -4,9 +4,9 @@ The token comes from the job's credentials.hf_token or the endpoint's HF_TOKEN; 
 the client elsewhere (tests, mirrors). The repo is created when missing (private unless the job
 says otherwise) and the branch when `revision` names one that does not exist yet. One
 `create_commit` carries everything: the adapter (or full model) at the repo root with
-adapter_config.json's base_model_name_or_path set to the base model's Hub id, a merged model
-under `merged/` when asked, README.md, loss.png and manifest.json (sha256 of every file as
-committed). A commit is atomic on the Hub, so a failed publish changes nothing there.
+adapter_config.json's base_model_name_or_path set to the base model's Hub id, the model card as
+README.md (replacing peft's), loss.png, manifest.json (sha256 of every file as committed), and a
+merged model under `merged/` when asked. A commit is atomic on the Hub, so a failed publish changes nothing there.
 """
 from __future__ import annotations
 
@@ -41,16 +41,20 @@ class HubTarget:
 
 
 def _operations(root: Path, prefix: str, replace: dict[str, bytes]) -> tuple[list[Any], Manifest]:
-    """Commit operations for the files of `root` under `prefix`, and their manifest (as committed)."""
+    """Commit operations for the files of `root` (with `replace` overriding or adding files) under
+    `prefix`, and their manifest as committed."""
     from huggingface_hub import CommitOperationAdd
 
+    contents: dict[str, bytes | Path] = {p.relative_to(root).as_posix(): p for p in folder_files(root)}
+    contents.update(replace)
     ops, files = [], {}
-    for path in folder_files(root):
-        rel = path.relative_to(root).as_posix()
-        content = replace.get(rel)
-        ops.append(CommitOperationAdd(f"{prefix}{rel}", content if content is not None else str(path)))
-        files[rel] = ({"size": len(content), "sha256": Manifest.bytes_sha256(content)} if content is not None
-                      else {"size": path.stat().st_size, "sha256": sha256_file(path)})
+    for rel, content in sorted(contents.items()):
+        if isinstance(content, bytes):
+            ops.append(CommitOperationAdd(f"{prefix}{rel}", content))
+            files[rel] = {"size": len(content), "sha256": Manifest.bytes_sha256(content)}
+        else:
+            ops.append(CommitOperationAdd(f"{prefix}{rel}", str(content)))
+            files[rel] = {"size": content.stat().st_size, "sha256": sha256_file(content)}
     manifest = Manifest(files)
     ops.append(CommitOperationAdd(f"{prefix}{MANIFEST_NAME}", manifest.to_bytes()))
     return ops, manifest
@@ -85,23 +89,23 @@ def _hub_error(e: Exception, target: HubTarget) -> PublishError:
 def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_dir: Path, main_kind: str,
                 merged_dir: Path | None, secrets: list[str], settings: TransferSettings) -> dict[str, Any]:
     """One commit to the Hub; the artifact record with the commit sha."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     if not target.token:
         raise PublishError(f"no Hugging Face token to publish to {target.repo_id}",
                            "set HF_TOKEN on the endpoint, or send credentials.hf_token with the job")
     api = HfApi(endpoint=target.endpoint, token=target.token)
     base_id = hub_id(cfg.base_model)
-    ops, manifest = _operations(main_dir, "", adapter_config_for_hub(main_dir, base_id) if main_kind == "adapter" else {})
-    if merged_dir is not None:
-        merged_ops, _ = _operations(merged_dir, f"{MERGED_DIR}/", {})
-        ops += merged_ops
     loss_png = run_dir / "loss.png"
-    if loss_png.is_file():
-        ops.append(CommitOperationAdd("loss.png", str(loss_png)))
     card = model_card(cfg, target.repo_id, run_id, run_dir, base_id=base_id, has_loss_png=loss_png.is_file(),
                       merged_path=MERGED_DIR if merged_dir is not None else None, secrets=secrets)
-    ops.append(CommitOperationAdd("README.md", card.encode()))
+    # the card replaces the README peft writes; loss.png sits beside it
+    replace = {"README.md": card.encode(), **({"loss.png": loss_png.read_bytes()} if loss_png.is_file() else {})}
+    if main_kind == "adapter":
+        replace.update(adapter_config_for_hub(main_dir, base_id))
+    ops, manifest = _operations(main_dir, "", replace)
+    if merged_dir is not None:
+        ops += _operations(merged_dir, f"{MERGED_DIR}/", {})[0]
     branch = target.revision or "main"
 
     def guarded(fn):

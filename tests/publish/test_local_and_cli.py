@@ -1,0 +1,89 @@
+"""The local store (the default target), `ftw pull` as a real subprocess, and the vLLM adapter check."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, child_env
+from tests.publish.conftest import make_job, make_run_dir
+from worker.errors import PublishError
+from worker.publish import publish_run, pull
+from worker.publish.manifest import Manifest
+from worker.publish.vllm_check import check_adapter
+
+
+def local_env(env):
+    return {k: v for k, v in env.items() if not k.startswith("BUCKET_")}
+
+
+def test_local_store_is_the_default_and_pull_verifies_it(tiny_adapter, tmp_path, env, volume):
+    run = make_run_dir(tmp_path, tiny_adapter, merged=True)
+    artifacts = publish_run(run, make_job("loc-1", publish=["adapter", "merged"]), local_env(env))
+    by_kind = {a["kind"]: a for a in artifacts}
+    assert set(by_kind) == {"adapter", "merged", "logs"} and all(a["target"] == "local" for a in artifacts)
+    store = volume.resolve() / "store" / "loc-1"
+    assert by_kind["adapter"]["uri"] == f"file://{store / 'adapter'}"
+    assert Manifest.of_folder(store / "adapter").sha256 == by_kind["adapter"]["sha256_manifest"]
+    assert not [p for p in store.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+    assert pull("loc-1", local_env(env)).path == store / "adapter"
+    (store / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(PublishError, match="does not match its manifest"):
+        pull(by_kind["adapter"]["uri"], local_env(env))
+
+
+def test_missing_merged_folder_fails_before_anything_is_published(tiny_adapter, tmp_path, env, volume):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    with pytest.raises(PublishError, match="merged/ is missing") as err:
+        publish_run(run, make_job("loc-2", publish=["adapter", "merged"]), local_env(env))
+    assert "merge_lora: true" in err.value.hint
+    assert not (volume / "store").exists()
+
+
+def run_ftw_pull(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker.cli", "pull", *args], cwd=REPO, env=child_env(**env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    (adapter,) = [a for a in publish_run(run, make_job("cli-1", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
+    out = tmp_path / "pulled"
+    done = run_ftw_pull("cli-1", str(out), "--json", env={**env, "BUCKET_NAME": bucket})
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["sha256_manifest"] == adapter["sha256_manifest"] and record["path"] == str(out)
+    assert Manifest.of_folder(out).files == Manifest.of_folder(run / "adapter").files
+
+    not_empty = run_ftw_pull(adapter["uri"], str(out), env=env)
+    assert not_empty.returncode == 1 and "not empty" in not_empty.stderr
+    missing = run_ftw_pull(f"s3://{bucket}/nope/adapter", env=env)
+    assert missing.returncode == 1 and "no manifest.json" in missing.stderr and "hint:" in missing.stderr
+    assert run_ftw_pull(env=env).returncode == 2
+
+
+def test_vllm_check_passes_a_plain_lora_and_names_what_to_change(tiny_adapter, tmp_path):
+    assert check_adapter(tiny_adapter, {}) == []
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg.update(r=128, modules_to_save=["embed_tokens", "lm_head"], target_modules=["q_proj", "lm_head"], use_dora=True)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    warnings = check_adapter(bad, {})
+    text = " ".join(warnings)
+    assert len(warnings) == 4
+    assert "rank 128" in text and "--max-lora-rank 128" in text and "modules_to_save" in text
+    assert "lora_modules_to_save" in text and "DoRA" in text and "lm_head" in text
+    assert not any("rank" in w for w in check_adapter(bad, {"FTW_MAX_LORA_RANK": "256"}))
+
+
+def test_vllm_warnings_reach_the_result(tiny_adapter, tmp_path, env):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 96}))
+    (adapter,) = [a for a in publish_run(run, make_job("loc-3"), local_env(env)) if a["kind"] == "adapter"]
+    assert any("rank 96" in w for w in adapter["warnings"])
