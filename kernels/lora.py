@@ -56,18 +56,19 @@ def _lora_fwd(x2: torch.Tensor, p: Projection) -> tuple[torch.Tensor, torch.Tens
     return y.addmm_(xa, p.lora_b.to(x2.dtype).t(), alpha=p.scale), xa
 
 
-def _lora_bwd(dy: torch.Tensor, inp: torch.Tensor, xa: torch.Tensor | None, w, a, bb, s: float, dx: torch.Tensor | None):
-    """Accumulate dL/dinput into dx (when given); return (dA, dB) for the adapter."""
-    if dx is not None:
-        dx.addmm_(dy, w)
+def _lora_bwd(dy: torch.Tensor, inp: torch.Tensor, xa: torch.Tensor | None, w, a, bb, s: float,
+              dx: torch.Tensor | None, want_dx: bool):
+    """(dL/dinput accumulated into dx — started by this call when dx is None —, dA, dB)."""
+    if want_dx:
+        dx = dy @ w if dx is None else dx.addmm_(dy, w)
     if a is None:
-        return None, None
+        return dx, None, None
     dyb = dy @ bb.to(dy.dtype)
-    if dx is not None:
+    if want_dx:
         dx.addmm_(dyb, a.to(dy.dtype), alpha=s)
     ga = (dyb.t() @ inp).mul_(s).to(a.dtype) if a.requires_grad else None
     gb = (dy.t() @ xa).mul_(s).to(bb.dtype) if bb.requires_grad else None
-    return ga, gb
+    return dx, ga, gb
 
 
 class LoRAProjections(torch.autograd.Function):
@@ -88,14 +89,14 @@ class LoRAProjections(torch.autograd.Function):
         x2, *rest = ctx.saved_tensors
         n = len(ctx.scales)
         params, xas = rest[: 4 * n], rest[4 * n:]
-        dx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
+        dx, want_dx = None, ctx.needs_input_grad[0]
         grads: list[torch.Tensor | None] = []
         for i, s in enumerate(ctx.scales):
             w, b, a, bb = params[4 * i: 4 * i + 4]
             dy = douts[i].reshape(-1, w.shape[0])
             gw = dy.t() @ x2 if w.requires_grad else None
             gb = dy.sum(0) if b is not None and b.requires_grad else None
-            ga, gbb = _lora_bwd(dy, x2, xas[i], w, a, bb, s, dx)
+            dx, ga, gbb = _lora_bwd(dy, x2, xas[i], w, a, bb, s, dx, want_dx)
             grads += [gw, gb, ga, gbb]
         return (dx.view(ctx.shape) if dx is not None else None), None, *grads
 
@@ -140,9 +141,9 @@ class LoRAGatedMLP(torch.autograd.Function):
             gad = (dyb.t() @ h).mul_(sd).to(ad.dtype) if h is not None else None
             gbd = (dy.t() @ had).mul_(sd).to(bd.dtype) if bd.requires_grad else None
         del h
-        dx = torch.zeros_like(x2) if ctx.needs_input_grad[0] else None
-        gag, gbg = _lora_bwd(g, x2, xag, wg, ag, bg, sg, dx)
-        gau, gbu = _lora_bwd(u, x2, xau, wu, au, bu, su, dx)
+        want_dx = ctx.needs_input_grad[0]
+        dx, gag, gbg = _lora_bwd(g, x2, xag, wg, ag, bg, sg, None, want_dx)
+        dx, gau, gbu = _lora_bwd(u, x2, xau, wu, au, bu, su, dx, want_dx)
         return (dx.view(ctx.shape) if dx is not None else None), None, None, gag, gbg, None, gau, gbu, None, gad, gbd
 
 

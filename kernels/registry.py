@@ -84,8 +84,9 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         "lora_mlp": lora_ok and _switch(config.lora_mlp_kernel, True),
         "lora_qkv": lora_ok and _switch(config.lora_qkv_kernel, True),
         "lora_o": lora_ok and _switch(config.lora_o_kernel, True),
-        "varlen_attention": on_cuda and config.attn_implementation in (None, "sdpa", "flash_attention_2")
-        and patches.varlen_available(),
+        # flash-attention kernels: CUDA, half precision
+        "varlen_attention": on_cuda and base.dtype in (torch.bfloat16, torch.float16)
+        and config.attn_implementation in (None, "sdpa", "flash_attention_2") and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)
     if applied:

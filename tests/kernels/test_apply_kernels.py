@@ -16,6 +16,7 @@ from tests.kernels.conftest import rel_err
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 97
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 models: no varlen attention either way
 FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]
 
 
@@ -28,7 +29,7 @@ def tiny(config_cls, dropout: float = 0.0, **extra):
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
             torch.nn.init.normal_(p, std=0.2)
-    return model.train()
+    return model.to(DEVICE).train()
 
 
 def training_config(**kw) -> TrainingConfig:
@@ -43,7 +44,7 @@ def packed_batch():
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], list(range(10))])
     labels = ids.clone()
     labels[0, :2] = -100
-    return dict(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+    return dict(input_ids=ids.to(DEVICE), position_ids=pos.to(DEVICE), labels=labels.to(DEVICE), use_cache=False)
 
 
 def loss_and_grads(model, batch):
@@ -59,13 +60,28 @@ def test_patched_model_matches_reference(config_cls, extra, caplog):
     model = copy.deepcopy(ref)
     with caplog.at_level(logging.INFO, logger="ftw.kernels"):
         applied = apply_kernels(model, training_config(use_kernels=True))
-    assert applied == FULL  # CPU: no varlen attention (CUDA only)
+    assert applied == FULL  # fp32: no varlen attention (flash kernels are half precision)
     assert "kernels applied" in caplog.text and "lora_mlp" in caplog.text
     batch = packed_batch()
     ref_loss, ref_grads = loss_and_grads(ref, batch)
     loss, grads = loss_and_grads(model, batch)
     assert rel_err(loss, ref_loss) < 1e-5
     assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 modules × 2 layers
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_gradient_checkpointing_recomputes_the_patched_layers():
+    ref = tiny(LlamaConfig)
+    model = copy.deepcopy(ref)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().enable_input_require_grads()
+    apply_kernels(model, training_config(use_kernels=True, gradient_checkpointing=True))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert ref_grads.keys() == grads.keys()
     for name in grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
@@ -106,8 +122,8 @@ def test_eval_and_generation_use_the_original_forward():
 
 
 def test_switches():
-    cfg_cpu = training_config()  # use_kernels unset: off on CPU
-    assert apply_kernels(tiny(LlamaConfig), cfg_cpu) == []
+    if DEVICE == "cpu":  # use_kernels unset: off on CPU
+        assert apply_kernels(tiny(LlamaConfig), training_config()) == []
     assert apply_kernels(tiny(LlamaConfig), training_config(use_kernels=False)) == []
     no_mlp = apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False, lora_o_kernel=False))
     assert "swiglu" in no_mlp and "lora_mlp" not in no_mlp and "lora_o" not in no_mlp and "lora_qkv" in no_mlp
@@ -119,7 +135,7 @@ def test_switches():
 def test_unknown_family_and_unverified_transformers(monkeypatch, caplog):
     from transformers import GPT2Config
 
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB))
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)).to(DEVICE)
     assert apply_kernels(gpt2, training_config(use_kernels=True)) == []
     monkeypatch.setattr(registry, "VERIFIED_TRANSFORMERS", ("4.0",))
     with caplog.at_level(logging.WARNING, logger="ftw.kernels"):
@@ -140,7 +156,7 @@ def test_segment_starts_split_samples_and_padding():
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    cu, longest = segment_starts(pos, mask, 2, 6, torch.device("cpu"))
+    cu, longest = segment_starts(pos, mask, 2, 6, pos.device)
     assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
-    cu, longest = segment_starts(None, None, 2, 6, torch.device("cpu"))
+    cu, longest = segment_starts(None, None, 2, 6, pos.device)
     assert cu.tolist() == [0, 6, 12] and longest == 6

@@ -1,0 +1,270 @@
+"""LoRA training throughput on one GPU: ftw's kernels against transformers+peft (and Liger).
+
+    python bench/train_throughput.py                       # all shapes, arms hf, liger, ftw
+    python bench/train_throughput.py --shapes llama-1b --arms hf,ftw --steps 30 --json OUT.json
+    python bench/train_throughput.py --loss-curve 200 --shapes llama-1b   # kernels on vs off
+
+Every arm runs in its own process (Liger patches transformers classes process-wide) on the same
+token stream: samples of lognormal length (mean ~600, capped at 2048) packed back to back into
+rows of `--seq` tokens (position ids restart at each sample; the cross-sample target is masked),
+`--mbs` rows a step, so every step holds the same number of real tokens. Random-init models of the
+public shapes, bf16, LoRA r=16 α=32 on all seven linear layers, fused AdamW. Timing: CUDA events
+over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
+4·N_frozen + 6·N_lora + 6·L·d_attn·Σsᵢ²/T per token (packed attention costs Σsᵢ², not S²),
+against the bf16 matmul peak measured at the start of the same run.
+Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
+liger = hf + Liger Kernel (when importable); ftw = hf + `kernels.apply_kernels` (the call the
+trainer makes after get_peft_model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                     rope_theta=500000.0),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                     rope_theta=500000.0),
+    "qwen-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                    rope_theta=1000000.0),
+}
+DEFAULT_MBS = {"llama-1b": 8, "llama-8b": 4, "qwen-7b": 4}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---- the token stream (identical for every arm) -------------------------------------------------
+def sample_lengths(n: int, seed: int, mean: float = 600.0, sigma: float = 0.8, cap: int = 2048) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    mu = math.log(mean) - sigma**2 / 2  # lognormal with this mean
+    return [max(16, min(cap, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def packed_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, full_length: bool = False):
+    """Rows filled with whole samples back to back (the last one cut to fit), or with one sample
+    of `seq` tokens each (`full_length`, the protocol of the issue's peer table). Each sample
+    repeats a short random motif, so the loss falls as the model learns to copy. Yields CPU
+    tensors and the Σs² of the batch's samples."""
+    import itertools
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = itertools.repeat(seq) if full_length else iter(sample_lengths(steps * mbs * 64, seed))
+    for _ in range(steps):
+        ids = torch.empty(mbs, seq, dtype=torch.long)
+        pos = torch.empty(mbs, seq, dtype=torch.long)
+        labels = torch.empty(mbs, seq, dtype=torch.long)
+        sum_sq = 0
+        for r in range(mbs):
+            at = 0
+            while at < seq:
+                n = min(next(lengths), seq - at)
+                motif = torch.randint(0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen)
+                ids[r, at:at + n] = motif.repeat(n // len(motif) + 1)[:n]
+                pos[r, at:at + n] = torch.arange(n)
+                labels[r, at:at + n] = ids[r, at:at + n]
+                labels[r, at] = -100  # the previous sample's last token has no target here
+                sum_sq += n * n
+                at += n
+        yield dict(input_ids=ids, position_ids=pos, labels=labels), sum_sq
+
+
+# ---- one arm (child process) --------------------------------------------------------------------
+def measure_peak_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def build(arm: str, shape: str, gc: bool, seq: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[shape])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
+    if arm == "liger":
+        import liger_kernel.transformers as liger
+
+        getattr(liger, f"apply_liger_kernel_to_{cfg.model_type}")()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    applied: list[str] = []
+    if arm == "ftw":
+        from kernels import apply_kernels
+        from schemas.config import TrainingConfig
+
+        applied = apply_kernels(model, TrainingConfig(base_model=shape, learning_rate=1e-4, adapter="lora", lora_r=16,
+                                                      lora_alpha=32, gradient_checkpointing=gc))
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model.train(), cfg, n_frozen, n_lora, applied
+
+
+def run_arm(a: argparse.Namespace) -> dict:
+    import torch
+
+    peak = measure_peak_tflops()
+    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
+    total = a.warmup + a.steps
+    batches = [(({k: v.cuda(non_blocking=True) for k, v in b.items()}), sq)
+               for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
+    losses: list[float] = []
+
+    def step(batch):
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    torch.cuda.reset_peak_memory_stats()
+    for b, _ in batches[: a.warmup]:
+        losses.append(step(b))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for b, _ in batches[a.warmup:]:
+        losses.append(step(b))
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3
+    if a.profile:
+        profile_steps(step, batches[a.warmup: a.warmup + 3], a.profile)
+    tokens = a.steps * a.mbs * a.seq
+    sum_sq = sum(sq for _, sq in batches[a.warmup:])
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    flops = 4 * n_frozen * tokens + 6 * n_lora * tokens + 6 * cfg.num_hidden_layers * d_attn * sum_sq
+    return dict(arm=a.arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=a.gc, full_length=a.full_length, steps=a.steps,
+                tokens_per_s=round(tokens / seconds),
+                mfu=round(flops / seconds / (peak * 1e12), 4), peak_tflops=round(peak, 1),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4),
+                losses=[round(float(x), 5) for x in losses] if a.keep_losses else None, kernels=applied)
+
+
+def profile_steps(step, batches, path: str) -> None:
+    """Where the time goes: three steps under the torch profiler, kernels by total GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b, _ in batches:
+            step(b)
+        torch.cuda.synchronize()
+    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+
+
+# ---- the parent: one process per arm, then the table --------------------------------------------
+def child(args: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return dict(error=(proc.stderr or proc.stdout)[-1500:], args=" ".join(args))
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| shape, mbs | grad ckpt | arm | tokens/s | × hf | MFU | peak alloc / reserved GiB | loss first → last | kernels |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["shape"], r["gc"]): r["tokens_per_s"] for r in results if r.get("arm") == "hf" and "tokens_per_s" in r}
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r.get('args')} | | | error: {r['error'].splitlines()[-1][:120] if r['error'] else '?'} | | | | | |")
+            continue
+        ratio = r["tokens_per_s"] / base[(r["shape"], r["gc"])] if (r["shape"], r["gc"]) in base else float("nan")
+        rows.append(f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | {'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | "
+                    f"{ratio:.2f} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
+                    f"{r['loss_first']} → {r['loss_last']} | {', '.join(r['kernels']) or '-'} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
+    ap.add_argument("--arms", default="hf,liger,ftw")
+    ap.add_argument("--gc", default="off", help="off, on, or both")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
+    ap.add_argument("--loss-curve", type=int, default=0, help="instead: N steps of hf, hf again and ftw; compare losses")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>.txt")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--arm", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--keep-losses", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-to", dest="profile_to", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        a.gc = a.gc == "on"
+        a.profile = a.profile_to
+        print("RESULT " + json.dumps(run_arm(a)), flush=True)
+        return
+    results = []
+    if a.loss_curve:
+        shape = a.shapes.split(",")[0]
+        mbs = str(a.mbs or 2)
+        common = ["--shape", shape, "--mbs", mbs, "--seq", str(a.seq), "--steps", str(a.loss_curve), "--warmup", "0",
+                  "--lr", str(a.lr), "--keep-losses"]
+        runs = {name: child(["--arm", arm, *common]) for name, arm in (("hf", "hf"), ("hf_again", "hf"), ("ftw", "ftw"))}
+        results = list(runs.values())
+        if all("losses" in r for r in results):
+            def gap(x, y):
+                d = [abs(p - q) for p, q in zip(x["losses"], y["losses"])]
+                return dict(max=round(max(d), 4), mean=round(sum(d) / len(d), 5))
+            summary = dict(shape=shape, steps=a.loss_curve, hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
+                           ftw_vs_hf=gap(runs["ftw"], runs["hf"]), last_losses={k: r["losses"][-1] for k, r in runs.items()})
+            print("LOSS_CURVE " + json.dumps(summary))
+            results.append(summary)
+        else:
+            print(json.dumps(results, indent=1)[-3000:])
+    else:
+        for shape in a.shapes.split(","):
+            for gc in (["off", "on"] if a.gc == "both" else [a.gc]):
+                for arm in a.arms.split(","):
+                    prof = ["--profile-to", f"{a.profile}-{shape}-gc{gc}.txt"] if a.profile and arm == "ftw" else []
+                    r = child(["--arm", arm, "--shape", shape, "--gc", gc, "--mbs", str(a.mbs or DEFAULT_MBS[shape]),
+                               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), *prof,
+                               *(["--full-length"] if a.full_length else [])])
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+        print(table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Real shapes on a GPU (run through the device tool; skipped on CPU): each kernel in bf16 against
+an fp32/fp64 reference computed from the same bf16 inputs, packed varlen attention against
+per-sample attention, and a whole patched model against the unpatched one."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.kernels.conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+BF16 = 1.5e-2
+
+
+def bf16_pair(*shape, scale=1.0):
+    a = (torch.randn(*shape, device="cuda") * scale).bfloat16().requires_grad_()
+    return a, a.detach().float().requires_grad_()
+
+
+def test_rmsnorm_and_swiglu_8b_shapes(rng_seed):
+    from kernels.rmsnorm import rms_norm
+    from kernels.swiglu import swiglu
+
+    x, x32 = bf16_pair(8192, 4096, scale=3)
+    w = (torch.rand(4096, device="cuda") + 0.5).bfloat16()
+    y = rms_norm(x, w, 1e-5)
+    ref = w.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)
+    dy = torch.randn_like(ref)
+    y.backward(dy.bfloat16())
+    ref.backward(dy)
+    assert rel_err(y, ref) < BF16 and rel_err(x.grad, x32.grad) < BF16, rng_seed
+    g, g32 = bf16_pair(8192, 14336, scale=2)
+    u, u32 = bf16_pair(8192, 14336)
+    h = swiglu(g, u)
+    ref = torch.nn.functional.silu(g32) * u32
+    dh = torch.randn_like(ref)
+    h.backward(dh.bfloat16())
+    ref.backward(dh)
+    assert rel_err(h, ref) < BF16 and rel_err(g.grad, g32.grad) < BF16 and rel_err(u.grad, u32.grad) < BF16, rng_seed
+
+
+def test_rope_real_shape(rng_seed):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kernels.rope import apply_rope
+
+    pos = torch.cat([torch.arange(700), torch.arange(1348)]).expand(4, -1).cuda()
+    inv = 1.0 / 500000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128)
+    emb = torch.cat([pos[..., None] * inv] * 2, -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    x, x32 = bf16_pair(4, 2048, 32, 128)
+    y = apply_rope(x, cos, sin)
+    ref = apply_rotary_pos_emb(x32.transpose(1, 2), x32.transpose(1, 2), cos.float(), sin.float())[0].transpose(1, 2)
+    dy = torch.randn_like(ref)
+    y.backward(dy.bfloat16())
+    ref.backward(dy)
+    assert rel_err(y, ref) < BF16 and rel_err(x.grad, x32.grad) < BF16, rng_seed
+
+
+def test_fused_linear_cross_entropy_128k_vocab(rng_seed):
+    from kernels.cross_entropy import fused_linear_cross_entropy
+
+    h, h32 = bf16_pair(8192, 4096)
+    w = (torch.randn(128256, 4096, device="cuda") * 0.02).bfloat16()
+    t = torch.randint(0, 128256, (8192,), device="cuda")
+    t[::7] = -100
+    before = torch.cuda.max_memory_allocated()
+    loss = fused_linear_cross_entropy(h, w, t)
+    loss.backward()
+    extra = torch.cuda.max_memory_allocated() - before
+    ref = torch.nn.functional.cross_entropy(h32 @ w.float().t(), t)
+    ref.backward()
+    assert rel_err(loss, ref) < 2e-3 and rel_err(h.grad, h32.grad) < BF16, rng_seed
+    assert extra < 3 * 2**30, f"{extra / 2**30:.2f} GiB: the full logits would be 8192 × 128256 × 4 B = 3.9 GiB"
+
+
+def test_lora_mlp_and_qkv_8b_shapes(rng_seed):
+    from kernels.lora import Projection, lora_gated_mlp, lora_projections
+
+    def proj(out, inp):
+        w = (torch.randn(out, inp, device="cuda") / inp**0.5).bfloat16()
+        a = (torch.randn(16, inp, device="cuda") / inp**0.5).requires_grad_()
+        b = (torch.randn(out, 16, device="cuda") * 0.1).requires_grad_()
+        return Projection(w, None, a, b, 2.0)
+
+    def ref_lora(x, p):
+        return x @ p.weight.float().t() + p.scale * (x @ p.lora_a.t()) @ p.lora_b.t()
+
+    x, x32 = bf16_pair(4096, 4096)
+    gate, up, down = proj(14336, 4096), proj(14336, 4096), proj(4096, 14336)
+    y = lora_gated_mlp(x, gate, up, down)
+    y.backward(torch.ones_like(y))
+    mine = [p.lora_a.grad.clone() for p in (gate, up, down)]
+    for p in (gate, up, down):
+        p.lora_a.grad = None
+    ref = ref_lora(torch.nn.functional.silu(ref_lora(x32, gate)) * ref_lora(x32, up), down)
+    ref.backward(torch.ones_like(ref))
+    assert rel_err(y, ref) < BF16 and rel_err(x.grad, x32.grad) < BF16, rng_seed
+    for got, p in zip(mine, (gate, up, down)):
+        assert rel_err(got, p.lora_a.grad) < 2 * BF16, rng_seed
+    q, k, v = proj(4096, 4096), proj(1024, 4096), proj(1024, 4096)
+    outs = lora_projections(x, [q, k, v])
+    refs = [ref_lora(x32, p) for p in (q, k, v)]
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) < BF16, rng_seed
+
+
+def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
+    from kernels.attention import varlen_attention_forward
+
+    lengths = [300, 1000, 748, 2048]  # rows of 2048: [300, 1000, 748] and [2048]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in lengths[:3]]), torch.arange(2048)]).cuda()
+    q = torch.randn(2, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    module = torch.nn.Module()
+    out, _ = varlen_attention_forward(module, q, k, v, None, scaling=128**-0.5, position_ids=pos)
+    do = torch.randn_like(out)
+    out.backward(do)
+    grads = [t.grad.clone() for t in (q, k, v)]
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    refs = []
+    for row, spans in ((0, [(0, 300), (300, 1300), (1300, 2048)]), (1, [(0, 2048)])):
+        for s, e in spans:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q32[row:row + 1, :, s:e], k32[row:row + 1, :, s:e], v32[row:row + 1, :, s:e], is_causal=True, enable_gqa=True)
+            refs.append((row, s, e, o))
+    ref = torch.zeros(2, 32, 2048, 128, device="cuda")
+    for row, s, e, o in refs:
+        ref[row, :, s:e] = o[0]
+    ref = ref.transpose(1, 2)
+    ref.backward(do.float())
+    assert rel_err(out, ref) < BF16, rng_seed
+    for got, t in zip(grads, (q32, k32, v32)):
+        assert rel_err(got, t.grad) < 2 * BF16, rng_seed
+
+
+def test_patched_model_matches_unpatched_on_gpu(rng_seed):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels import apply_kernels
+    from schemas.config import TrainingConfig
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=32000)
+    with torch.device("cuda"):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    ref = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                             "gate_proj", "up_proj", "down_proj"]))
+    for n, p in ref.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    model = copy.deepcopy(ref)
+    applied = apply_kernels(model, TrainingConfig(base_model="x", learning_rate=1e-4, adapter="lora"))
+    assert "varlen_attention" in applied and "lora_mlp" in applied and "fused_linear_cross_entropy" in applied
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+    pos = torch.stack([torch.cat([torch.arange(400), torch.arange(624)]), torch.arange(1024)]).cuda()
+    labels = ids.clone()
+    labels[0, 400] = -100
+    losses, grads = [], []
+    for m in (ref.train(), model.train()):
+        loss = m(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.grad is not None]))
+    assert rel_err(losses[1], losses[0]) < 5e-3, rng_seed
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99, rng_seed
