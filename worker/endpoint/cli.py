@@ -2,10 +2,12 @@
 
     FTW_ENDPOINT_API_KEY=secret ftw endpoint [--host 127.0.0.1] [--port 8000] [--db PATH]
         [--endpoint-id local] [--execution-timeout-ms 600000] [--webhook-retry-delay-s 10]
+        [--worker handler.py ...]
 
 Clients: RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2 RUNPOD_ENDPOINT_ID=local
-RUNPOD_API_KEY=secret ftw submit job.json. Workers: the variables printed at start-up (see
-`worker.endpoint.local` to start one). `--port 0` picks a free port; the first stdout line is
+RUNPOD_API_KEY=secret ftw submit job.json. Workers: `--worker handler.py` starts one (an
+unmodified `python handler.py` in RunPod's platform mode, its log on this terminal); or start
+your own with the variables printed at start-up. `--port 0` picks a free port; the first stdout line is
 always `ftw endpoint listening on http://HOST:PORT` so scripts can read the address.
 Jobs live in the SQLite file (`--db`, default ./volume/endpoint.sqlite3): a restart loses nothing.
 """
@@ -34,12 +36,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--webhook-retry-delay-s", type=float, default=10.0)
     p.add_argument("--take-wait-s", type=float, default=20.0, help="long-poll of job-take and job-stop")
     p.add_argument("--worker-lost-s", type=float, default=120.0, help="no heartbeat for this long fails the job")
+    p.add_argument("--worker", type=Path, action="append", default=[], metavar="HANDLER",
+                   help="start `python HANDLER` as a worker of this endpoint (repeat for more)")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace, api_key: str) -> None:
     from aiohttp import web
 
+    from worker.endpoint.local import spawn_worker
     from worker.endpoint.server import EndpointSettings, create_app, worker_urls
     from worker.endpoint.store import JobStore
 
@@ -63,6 +68,10 @@ async def serve(args: argparse.Namespace, api_key: str) -> None:
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"  note: listening on {host}, beyond loopback: anyone who reaches it with the key can submit jobs",
               flush=True)
+    local = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "::") else base
+    workers = [spawn_worker(handler, local, args.endpoint_id, api_key) for handler in args.worker]
+    for handler, worker in zip(args.worker, workers):
+        print(f"  worker {worker.worker_id}: python {handler} (pid {worker.pid})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,7 +79,12 @@ async def serve(args: argparse.Namespace, api_key: str) -> None:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        for worker in workers:
+            if worker.alive():
+                os.killpg(worker.pid, signal.SIGTERM)
+        await runner.cleanup()  # releases the workers' long-polls, so they exit at once
+        for worker in workers:
+            await asyncio.to_thread(worker.stop)
         store.close()
 
 
@@ -83,6 +97,11 @@ def main(argv: list[str]) -> int:
     if not api_key:
         print("ftw endpoint: set FTW_ENDPOINT_API_KEY to the API key clients and workers must send "
               "(e.g. export FTW_ENDPOINT_API_KEY=$(openssl rand -hex 16))", file=sys.stderr)
+        return EXIT_USAGE
+    missing = [str(h) for h in args.worker if not h.is_file()]
+    if missing:
+        print(f"ftw endpoint: no handler file {', '.join(missing)} (--worker takes the path of a handler.py)",
+              file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:

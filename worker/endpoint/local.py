@@ -19,6 +19,8 @@ API
   system fitness checks are skipped: they need internet).
 - `.start_worker(handler_path, env=None, worker_id=None, log_path=None)` → `LocalWorker` with
   `.pid`, `.alive()`, `.stop()`; `env` is added to this process's environment.
+- Module functions `worker_env(url, endpoint_id, api_key, worker_id)` and `spawn_worker(...)` do
+  the same for an endpoint started some other way (`ftw endpoint --worker handler.py` uses them).
 Logs of each process go to `log_path` (appended) or, when None, to this process's stderr.
 """
 from __future__ import annotations
@@ -155,27 +157,40 @@ class LocalEndpoint:
         return {"RUNPOD_ENDPOINT_BASE_URL": self.base_url, "RUNPOD_ENDPOINT_ID": self.endpoint_id,
                 "RUNPOD_API_KEY": self.api_key}
 
-    def worker_env(self, worker_id: str, ping_interval_ms: int = 5000) -> dict[str, str]:
-        from worker.endpoint.server import worker_urls
-
-        return {
-            **worker_urls(self.url, self.endpoint_id),
-            "RUNPOD_AI_API_KEY": self.api_key,
-            "RUNPOD_POD_ID": worker_id,
-            "RUNPOD_PING_INTERVAL": str(ping_interval_ms),
-            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-            "PYTHONUNBUFFERED": "1",
-        }
+    def worker_env(self, worker_id: str) -> dict[str, str]:
+        return worker_env(self.url, self.endpoint_id, self.api_key, worker_id)
 
     def start_worker(self, handler_path: str | os.PathLike[str], env: dict[str, str] | None = None,
                      worker_id: str | None = None, log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
-        handler_path = Path(handler_path).resolve()
-        worker_id = worker_id or f"local-{uuid.uuid4().hex[:8]}"
-        full_env = {**os.environ, **(env or {}), **self.worker_env(worker_id)}
-        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
-        sink = _log_sink(Path(log_path) if log_path else self.log_path)
-        proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,
-                                stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True)
-        worker = LocalWorker(proc, worker_id, sink)
+        worker = spawn_worker(handler_path, self.url, self.endpoint_id, self.api_key, env=env, worker_id=worker_id,
+                              log_path=log_path or self.log_path)
         self.workers.append(worker)
         return worker
+
+
+def worker_env(url: str, endpoint_id: str, api_key: str, worker_id: str, ping_interval_ms: int = 5000) -> dict[str, str]:
+    """What puts an unmodified runpod handler in platform mode against the endpoint at `url`."""
+    from worker.endpoint.server import worker_urls
+
+    return {
+        **worker_urls(url, endpoint_id),
+        "RUNPOD_AI_API_KEY": api_key,
+        "RUNPOD_POD_ID": worker_id,
+        "RUNPOD_PING_INTERVAL": str(ping_interval_ms),
+        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",  # they include a connection to 8.8.8.8
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: str, api_key: str,
+                 env: dict[str, str] | None = None, worker_id: str | None = None,
+                 log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
+    """`python HANDLER` in its own process group, in its folder, with the repository importable."""
+    handler_path = Path(handler_path).resolve()
+    worker_id = worker_id or f"local-{uuid.uuid4().hex[:8]}"
+    full_env = {**os.environ, **(env or {}), **worker_env(url, endpoint_id, api_key, worker_id)}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    sink = _log_sink(Path(log_path) if log_path else None)
+    proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,
+                            stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True)
+    return LocalWorker(proc, worker_id, sink)
