@@ -8,7 +8,7 @@ import pytest
 from schemas.classify import ALL_KNOWN
 from schemas.config import TrainingConfig
 from schemas.datasets import DatasetConfig
-from schemas.keys import ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, UNSUPPORTED
+from schemas.keys import ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, UNSUPPORTED, UNSUPPORTED_PREFIXES
 from schemas.validate import validate_config
 
 ENV = {"BASE_VOLUME": "/volume"}
@@ -41,6 +41,7 @@ def test_registries_are_disjoint_and_do_not_shadow_typed_fields():
     # a typed field may be gated (trust_remote_code) or refused while kept for compatibility (rl)
     assert (typed & (set(NO_EFFECT) | set(ALIASES))) == set()
     assert typed & set(UNSUPPORTED) == {"rl"}
+    assert not [f for f in typed if f.startswith(tuple(UNSUPPORTED_PREFIXES))]
     assert not set(DATASET_UNSUPPORTED) & (set(DatasetConfig.model_fields) - {"trust_remote_code"})
 
 
