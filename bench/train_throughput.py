@@ -184,13 +184,22 @@ def profile_steps(step, batches, path: str) -> None:
 
 
 # ---- the parent: one process per arm, then the table --------------------------------------------
-def child(args: list[str]) -> dict:
+def start_child(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
+    return subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def finish_child(proc: subprocess.Popen, args: list[str]) -> dict:
+    out, err = proc.communicate()
+    for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return dict(error=(proc.stderr or proc.stdout)[-1500:], args=" ".join(args))
+    return dict(error=(err or out)[-1500:], args=" ".join(args))
+
+
+def child(args: list[str]) -> dict:
+    return finish_child(start_child(args), args)
 
 
 def table(results: list[dict]) -> str:
@@ -219,7 +228,8 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
-    ap.add_argument("--loss-curve", type=int, default=0, help="instead: N steps of hf, hf again and ftw; compare losses")
+    ap.add_argument("--loss-curve", type=int, default=0,
+                    help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>.txt")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -239,14 +249,18 @@ def main() -> None:
         mbs = str(a.mbs or 2)
         common = ["--shape", shape, "--mbs", mbs, "--seq", str(a.seq), "--steps", str(a.loss_curve), "--warmup", "0",
                   "--lr", str(a.lr), "--keep-losses"]
-        runs = {name: child(["--arm", arm, *common]) for name, arm in (("hf", "hf"), ("hf_again", "hf"), ("ftw", "ftw"))}
+        # the three runs share the GPU at once: only their losses count here, not their speed
+        procs = {name: ([*arm_args, *common], start_child([*arm_args, *common]))
+                 for name, arm_args in (("hf", ["--arm", "hf"]), ("hf_again", ["--arm", "hf"]), ("ftw", ["--arm", "ftw"]))}
+        runs = {name: finish_child(proc, args) for name, (args, proc) in procs.items()}
         results = list(runs.values())
         if all("losses" in r for r in results):
             def gap(x, y):
                 d = [abs(p - q) for p, q in zip(x["losses"], y["losses"])]
                 return dict(max=round(max(d), 4), mean=round(sum(d) / len(d), 5))
             summary = dict(shape=shape, steps=a.loss_curve, hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
-                           ftw_vs_hf=gap(runs["ftw"], runs["hf"]), last_losses={k: r["losses"][-1] for k, r in runs.items()})
+                           ftw_vs_hf=gap(runs["ftw"], runs["hf"]),
+                           every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()})
             print("LOSS_CURVE " + json.dumps(summary))
             results.append(summary)
         else:
