@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.job import RUN_ID_PATTERN
-from schemas.paths import base_volume, is_local, local_path
+from schemas.paths import base_volume, check_local_path, is_local, local_path
 from worker.errors import PublishError
 from worker.publish.local import publish_local, store_root
 from worker.publish.manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -64,6 +64,9 @@ def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled
     if source.startswith("s3://"):
         return _pull_s3(S3Location.parse(source), env, transfer)
     if is_local(source):
+        problem = check_local_path(source, env)
+        if problem:
+            raise PublishError(problem, "pull from under BASE_VOLUME or FTW_ALLOWED_PATHS")
         return _pull_local(local_path(source), source)
     if "/" not in source and RUN_ID_PATTERN.fullmatch(source):
         local = store_root(env) / source / kind

@@ -85,7 +85,7 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
                 manifest = upload_folder(client, folder, loc, targets.transfer, label=f"upload {kind}")
                 published.append(_record(kind, "s3", loc.uri, manifest))
             if "checkpoints" in job.publish:
-                uploader = uploader or CheckpointUploader(run_dir, targets)
+                uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)
                 published += uploader.stop()
                 if uploader.errors:
                     raise PublishError(f"{len(uploader.errors)} checkpoint upload(s) failed: {uploader.errors[-1]}",

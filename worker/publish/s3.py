@@ -13,8 +13,8 @@ parts through s3transfer, each file retried with backoff), checks every object's
 from __future__ import annotations
 
 import re
-import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 from worker.errors import PublishError
 from worker.publish.manifest import MANIFEST_NAME, Manifest
-from worker.publish.transfer import Fatal, Progress, TransferSettings, with_retries
+from worker.publish.transfer import Fatal, Progress, TransferSettings, log, with_retries
 
 FATAL_CODES = {
     "NoSuchBucket": "the bucket does not exist: create it, or fix outputs.s3.bucket",
@@ -178,8 +178,10 @@ def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSetti
         body = manifest.to_bytes()
         with_retries(_guarded(lambda: client.put_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME), Body=body,
                                                         ContentType="application/json"), label), label, transfer)
-    except PublishError:
+    except (PublishError, FileNotFoundError):  # a local file gone (a rotated checkpoint) is the caller's to judge
         raise
+    except Fatal as e:
+        raise e.error from None
     except Exception as e:
         raise _failed(label, e, loc) from e
     progress.report()
@@ -202,6 +204,8 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
     for rel, future in futures.items():
         try:
             future.result()
+        except FileNotFoundError:
+            raise
         except Exception as e:
             fatal_or_raise(e, label)
             failed.append(rel)
@@ -213,10 +217,6 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
 
 
 def _pause(transfer: TransferSettings, attempt: int, label: str, pending: list[str]) -> None:
-    import time
-
-    from worker.publish.transfer import log
-
     delay = transfer.backoff_s * 2**attempt
     log.warning("%s: %d file(s) failed (try %d/%d); retrying in %.1fs", label, len(pending), attempt + 1, transfer.attempts, delay)
     time.sleep(delay)
@@ -279,6 +279,8 @@ def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSetti
                 _pause(transfer, attempt, label, pending)
     except PublishError:
         raise
+    except Fatal as e:
+        raise e.error from None
     except Exception as e:
         raise _failed(label, e, loc) from e
     progress.report()
@@ -318,7 +320,3 @@ def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
         if key != manifest_key:
             with_retries(lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), f"delete {key}", transfer)
 
-
-def scratch_dir(parent: Path) -> Path:
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
