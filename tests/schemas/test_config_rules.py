@@ -239,3 +239,35 @@ def test_config_json_round_trip_is_exact():
     assert cfg is not None
     assert TrainingConfig.model_validate_json(cfg.model_dump_json()) == cfg
 
+
+
+@pytest.mark.parametrize("extra, attr, value", [
+    ({"torch_dtype": "bfloat16"}, "bf16", True),
+    ({"torch_dtype": "float16", "bf16": False}, "fp16", True),
+    ({"torch_dtype": "bfloat16", "bf16": False}, "bf16", False),  # the explicit key wins
+    ({"model_config": {"rope_theta": 1e6}}, "overrides_of_model_config", {"rope_theta": 1e6}),
+    ({"evaluation_strategy": "steps"}, "eval_strategy", "steps"),
+    ({"noisy_embedding_alpha": 5}, "neftune_noise_alpha", 5),
+    ({"warmup_steps": 0.1}, "warmup_steps", 0.1),
+    ({"evals_per_epoch": 0}, "evals_per_epoch", 0),
+])
+def test_axolotl_spellings_map_onto_current_keys(extra, attr, value):
+    report = validate_config({**GOOD, **extra}, ENV)
+    assert report.valid, report.errors
+    assert getattr(report.value, attr) == value
+
+
+def test_alias_and_its_target_both_set_warns_and_the_target_wins():
+    report = validate_config({**GOOD, "model_type": "A", "type_of_model": "B"}, ENV)
+    assert report.value.type_of_model == "B"
+    assert [w.loc for w in report.warnings] == ["model_type"]
+
+
+def test_unknown_torch_dtype_is_an_error():
+    assert locs({**GOOD, "torch_dtype": "int4"}) == {"torch_dtype"}
+
+
+def test_own_deepspeed_file_is_not_mistaken_for_a_bundled_one():
+    assert validate_config({**GOOD, "deepspeed": "deepspeed_configs/zero2.json"}, ENV).value.deepspeed == "zero2"
+    assert locs({**GOOD, "deepspeed": "my_configs/zero2.json"}) == {"deepspeed"}
+    assert locs({**GOOD, "deepspeed": "deepspeed_configs/custom.json"}) == {"deepspeed"}

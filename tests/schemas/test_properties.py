@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.config import TrainingConfig
+from schemas.datasets import DatasetConfig
 from schemas.job import JobInput, validate_job
 from schemas.validate import validate_config
 
@@ -24,11 +25,15 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | 
 # real key names make the fuzz reach past the first check into the typed fields and the rules
 CONFIG_KEYS = sorted(TrainingConfig.model_fields) + ["rl", "plugins", "flash_attention", "model_type", "torch_dtype", "liger_rope"]
 JOB_KEYS = ["run_id", "config", "args", "outputs", "publish", "resume", "limits", "credentials", "user_id", "model_id"]
+DATASET_KEYS = sorted(DatasetConfig.model_fields) + ["field_chosen", "trust_remote_code", "conversation"]
+dataset_entries = st.dictionaries(st.sampled_from(DATASET_KEYS), json_values | st.sampled_from(["alpaca", "chat_template", "sharegpt", "a.b"]),
+                                  max_size=6)
 good_config = st.fixed_dictionaries({"base_model": st.just("org/model"), "learning_rate": st.just(1e-4),
                                      "datasets": st.just([{"path": "org/data", "type": "alpaca"}])})
 configs = st.one_of(
     json_values,
     st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, max_size=8),
+    st.builds(lambda base, ds: {**base, "datasets": ds}, good_config, st.lists(dataset_entries, min_size=1, max_size=3)),
     st.builds(lambda base, extra: {**base, **extra}, good_config, st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, max_size=3)),
 )
 jobs = st.one_of(
