@@ -1,0 +1,105 @@
+"""Cancel mid-training, kill -9 of the train child, and the resubmissions that resume — real children.
+
+The cancel goes the way RunPod's does: the SDK cancels the asyncio task running the handler's
+generator (`stream_job`), which must not let go before the training child has saved and is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import handler
+from tests.job.conftest import example_job
+from worker.job.pipeline import run_job
+from worker.job.stages import newest_checkpoint
+
+pytestmark = pytest.mark.slow
+GRACE_S = 30.0
+CONFIG = {"max_steps": 6, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
+
+
+def live_children() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def train_child() -> psutil.Process:
+    return next(p for p in live_children() if "worker.train" in " ".join(p.cmdline()))
+
+
+async def cancel_at_train_step(job: dict, step: int) -> tuple[list[dict], float]:
+    seen: list[dict] = []
+    reached = asyncio.Event()
+
+    async def consume() -> None:
+        async for item in handler.stream_job({"id": "rp-job-1", "input": job}):
+            seen.append(item)
+            if item.get("stage") == "train" and item.get("step", 0) >= step:
+                reached.set()
+
+    task = asyncio.create_task(consume())
+    waiter = asyncio.create_task(reached.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED, timeout=600)
+    assert reached.is_set(), seen[-5:]
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return seen, time.monotonic() - started
+
+
+def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
+    monkeypatch.setenv("FTW_PROGRESS_INTERVAL_S", "0")
+    monkeypatch.setenv("FTW_STOP_GRACE_S", str(GRACE_S))
+    job = example_job(run_id="resume", config=CONFIG)
+    run_dir = demo_volume / "runs" / "resume"
+
+    # 1. RunPod cancel mid-training: a checkpoint is saved, the children are gone in grace + 5 s.
+    seen, took = asyncio.run(cancel_at_train_step(job, 2))
+    assert took < GRACE_S + 5
+    assert live_children() == []
+    first = json.loads((run_dir / "result.json").read_text())
+    assert first["status"] == "cancelled" and first["error"]["code"] == "cancelled" and first["error"]["stage"] == "train"
+    saved = newest_checkpoint(run_dir)
+    assert saved is not None and saved >= 2 and first["error"]["details"]["checkpoint_step"] == saved
+
+    # 2. Resubmitted; kill -9 of the train child once it has gone past the checkpoint.
+    updates: list[dict] = []
+
+    def kill_when_past(update: dict) -> None:
+        updates.append(update)
+        if update.get("stage") == "train" and update.get("step", 0) >= saved + 1 and not getattr(kill_when_past, "done", False):
+            kill_when_past.done = True
+            os.kill(train_child().pid, signal.SIGKILL)
+
+    second = run_job({"input": job}, on_progress=kill_when_past)
+    assert any(u.get("message") == f"resuming from checkpoint-{saved}" for u in updates)
+    assert "preprocess_s" not in second["timings"]  # the prepared cache of attempt 1 was used
+    assert second["status"] == "failed" and second["error"]["code"] == "crash" and second["error"]["retryable"]
+    assert "SIGKILL" in second["error"]["message"] and "step" in second["error"]["log_tail"]
+    assert live_children() == []
+    newest = newest_checkpoint(run_dir)
+    assert newest >= saved
+
+    # 3. Resubmitted again: resumes from the newest complete checkpoint and finishes.
+    third = run_job({"input": job})
+    assert third["status"] == "completed", third
+    assert third["metrics"]["resumed_from_step"] == newest and third["metrics"]["steps"] == CONFIG["max_steps"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    attempts = sorted(p.name for p in (run_dir / "logs" / "train").iterdir())
+    assert attempts == ["attempt-1", "attempt-2", "attempt-3"]
+    assert sorted(p.name for p in (run_dir / "logs" / "preprocess").iterdir()) == ["attempt-1"]
+    assert threading.active_count() < 10  # no uploader or pump threads left behind
