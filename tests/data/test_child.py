@@ -14,16 +14,17 @@ import pytest
 
 from tests.conftest import child_env
 from tests.data.helpers import alpaca_rows, config, write_jsonl
+from tests.hubserver import hub_server  # noqa: F401  (fixture)
 from worker.cli import main as ftw
 from worker.data.cache import read_manifest
 
 pytestmark = pytest.mark.slow
 
 
-def start_child(volume, cfg, name):
+def start_child(volume, cfg, name, **env_extra):
     config_json = volume / f"{name}.json"
     config_json.write_text(cfg.model_dump_json())
-    env = child_env(BASE_VOLUME=str(volume), FTW_EVENTS=str(volume / f"{name}.events"), FTW_ERROR_FILE=str(volume / f"{name}.error"), OMP_NUM_THREADS="1")
+    env = child_env(BASE_VOLUME=str(volume), FTW_EVENTS=str(volume / f"{name}.events"), FTW_ERROR_FILE=str(volume / f"{name}.error"), OMP_NUM_THREADS="1", **env_extra)
     return subprocess.Popen([sys.executable, "-m", "worker.data", str(config_json)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -92,3 +93,39 @@ def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):
     invalid.write_text(good.read_text().replace("learning_rate: 0.0001", "learning_rate: -1"))
     assert ftw(["preprocess", str(invalid)]) == 3
     assert ftw(["preprocess"]) == 2
+
+
+def finish(child) -> dict:
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_hub_dataset_is_fingerprinted_by_its_revision(volume, tokenizer_dir, hub_server):  # noqa: F811
+    """Real huggingface_hub + datasets clients against the local Hub (HF_ENDPOINT)."""
+    from huggingface_hub import HfApi
+
+    endpoint, token = hub_server
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo("data-tests/alpaca", repo_type="dataset", private=True)
+
+    def push(rows):
+        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        return api.upload_file(path_or_fileobj=body, path_in_repo="train.jsonl", repo_id="data-tests/alpaca", repo_type="dataset").oid
+
+    first_sha = push(alpaca_rows(7))
+    cfg = config(tokenizer_dir, [{"path": "data-tests/alpaca", "type": "alpaca"}])
+    hub_env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(volume / "hf-home")}
+    first = finish(start_child(volume, cfg, "hub1", **hub_env))
+    assert first["rows"]["train"] == 7 and first["sources"][0]["content_id"] == f"hub:data-tests/alpaca@{first_sha}"
+    push(alpaca_rows(9, seed=1))
+    second = finish(start_child(volume, cfg, "hub2", **hub_env))
+    assert second["built"] and second["rows"]["train"] == 9 and second["cache_dir"] != first["cache_dir"]
+    pinned = finish(start_child(volume, cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"revision": first_sha})]}), "hub3", **hub_env))
+    assert pinned["rows"]["train"] == 7 and pinned["sources"] == first["sources"]
+    no_token = start_child(volume, cfg, "hub4", HF_ENDPOINT=endpoint, HF_HOME=str(volume / "hf-home2"))
+    _, err = no_token.communicate(timeout=300)
+    assert no_token.returncode == 1
+    error = json.loads((volume / "hub4.error").read_text())
+    assert error["code"] == "data" and "data-tests/alpaca: cannot resolve this Hub dataset" in error["message"]
+    assert token not in err and token not in json.dumps(error)

@@ -136,3 +136,17 @@ def test_all_rows_dropped_is_an_error_with_counts(volume, tokenizer_dir):
     path = write_jsonl(volume / "a.jsonl", alpaca_rows(10, max_words=60))
     with pytest.raises(DataError, match=r"no training rows left: 10 samples from 10 rows, dropped: 10 too_long"):
         prepare(config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], sequence_len=20))
+
+
+def test_dataset_num_proc_gives_the_same_rows_and_errors(volume, tokenizer_dir):
+    rows = alpaca_rows(4400)
+    path = write_jsonl(volume / "a.jsonl", rows)
+    entry = [{"path": str(path), "type": "alpaca"}]
+    one = prepare(config(tokenizer_dir, entry, dataset_num_proc=1, shuffle_merged_datasets=False))
+    two = prepare(config(tokenizer_dir, entry, dataset_num_proc=2, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "two")))
+    assert list(load_prepared(one["cache_dir"]).train["input_ids"]) == list(load_prepared(two["cache_dir"]).train["input_ids"])
+    rows[3500]["output"] = None  # in the second worker's half: the error crosses the process boundary intact
+    write_jsonl(path, rows)
+    with pytest.raises(DataError, match=r"a\.jsonl: row 3500: field 'output': missing") as e:
+        prepare(config(tokenizer_dir, entry, dataset_num_proc=2))
+    assert e.value.details == {"source": str(path), "row": 3500, "field": "output"}
