@@ -111,6 +111,9 @@ def test_sharegpt_keys_roles_mapping_and_legacy_fields(chatml_tok):
     want = expected(chatml_tok, chatml_pieces(CONVERSATION, *EOS_MODES["turn"]))
     mapped = {"message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"], "system": ["system"]}}
     assert run(chatml_tok, sharegpt, mapped) == want
+    strategy = build_strategy(context(chatml_tok, {"type": "chat_template", "field_messages": "conversations", **mapped}))
+    [[sample]] = strategy.tokenize([{"conversations": sharegpt}], [0])
+    assert (sample.input_ids, sample.labels) == want
     assert run(chatml_tok, sharegpt, {"message_field_role": "from", "message_field_content": "value"}) == want  # default roles know human/gpt
 
 

@@ -1,8 +1,9 @@
 """Plain-text strategies: `completion` / pretraining (every token trained, long texts split into
 sequence_len chunks) and `input_output` (segments, each trained or not by its `label` flag).
 
-Both start with the tokenizer's leading special tokens (BOS where it adds one); completion ends
-each text with EOS. Segments are tokenised one by one, so a segment boundary is a token boundary.
+Both start with the tokenizer's leading special tokens (BOS where it adds one, never trained in
+input_output); completion ends each text with EOS. Segments are tokenised one by one, so a segment
+boundary is a token boundary; train_on_inputs trains every segment.
 """
 from __future__ import annotations
 
