@@ -163,7 +163,9 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     try:
         job = JobInput.model_validate({**data, "config": placeholder})
     except ValidationError as e:
-        report.errors += [_suggest(i) for i in pydantic_issues(e, redact=SECRET_KEYS) if not i.loc.startswith(("config", "run_id"))]
+        checked_above = ("config", "run_id")  # with better messages
+        issues = pydantic_issues(e, redact=SECRET_KEYS)
+        report.errors += [_suggest(i) for i in issues if i.loc.split(".")[0].split("[")[0] not in checked_above]
     else:
         if report.valid:
             report.value = job

@@ -137,3 +137,9 @@ def test_unknown_job_keys_suggest_the_closest():
     report = validate_job({"input": {"run_id": "r", "config": CONFIG, "output": {}, "limits": {"train": 5}}}, env=ENV)
     assert {i.loc: i.msg for i in report.errors} == {"output": "unknown key; did you mean 'outputs'?",
                                                      "limits.train": "unknown key; did you mean 'train_s'?"}
+
+
+@pytest.mark.parametrize("key", ["configs", "config_extra", "run_ids", "args2"])
+def test_keys_that_start_like_known_ones_are_still_unknown(key):
+    report = validate_job({"input": {"run_id": "r", "config": CONFIG, key: 1}}, env=ENV)
+    assert not report.valid and [i.loc for i in report.errors] == [key]

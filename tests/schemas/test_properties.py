@@ -24,7 +24,7 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | 
                            max_leaves=20)
 # real key names make the fuzz reach past the first check into the typed fields and the rules
 CONFIG_KEYS = sorted(TrainingConfig.model_fields) + ["rl", "plugins", "flash_attention", "model_type", "torch_dtype", "liger_rope"]
-JOB_KEYS = ["run_id", "config", "args", "outputs", "publish", "resume", "limits", "credentials", "user_id", "model_id"]
+JOB_KEYS = ["run_id", "config", "args", "outputs", "publish", "resume", "limits", "credentials", "user_id", "model_id", "configs", "run_id2"]
 DATASET_KEYS = sorted(DatasetConfig.model_fields) + ["field_chosen", "trust_remote_code", "conversation"]
 dataset_entries = st.dictionaries(st.sampled_from(DATASET_KEYS), json_values | st.sampled_from(["alpaca", "chat_template", "sharegpt", "a.b"]),
                                   max_size=6)
