@@ -79,3 +79,16 @@ def test_uploader_without_s3_does_nothing(tiny_adapter, tmp_path, env):
     env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")}
     assert start_uploader(run, job, env).stop() == []
     assert restore_checkpoint(run, job, env) is None
+
+
+def test_checkpoints_not_asked_for_are_resume_insurance_only(tiny_adapter, tmp_path, env, bucket, s3_server):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    job = make_job("ckpt-5", outputs={"s3": {"bucket": bucket}}, publish=["adapter"])
+    uploader = start_uploader(run, job, env, interval_s=0.2)
+    add_checkpoint(run, 7)
+    wait_for(lambda: remote_checkpoints(s3_server, bucket, "ckpt-5").get("checkpoint-7"))
+    fresh = tmp_path / "fresh"  # while training runs, a lost volume can resume from the bucket
+    assert restore_checkpoint(fresh, job, env) == fresh / "checkpoints" / "checkpoint-7"
+    artifacts = publish_run(run, job, env, uploader=uploader)
+    assert {a["kind"] for a in artifacts} == {"adapter", "logs"}
+    assert remote_checkpoints(s3_server, bucket, "ckpt-5") == {}  # removed once the publish succeeded

@@ -6,11 +6,14 @@ at RUN_DIR/checkpoints/ for complete checkpoints (the train contract: renamed in
 s3://…/<run_id>/checkpoints/checkpoint-<step>/ with its manifest last, and then removes remote
 checkpoints beyond save_total_limit (oldest first, manifest first). A checkpoint rotated away by
 the trainer mid-upload is skipped — it never gets a manifest. One already in the bucket with the
-same manifest (a resumed run) is not uploaded again.
+same manifest (a resumed run) is not uploaded again. It runs whenever the job has an S3 target:
+the uploads are resume insurance; `publish_run` removes them after success unless the job asked
+for `checkpoints`.
 
 `start_uploader(run_dir, job, env)` and `restore_checkpoint(run_dir, job, env)` are what the
-orchestrator calls; `restore_checkpoint` brings the newest complete remote checkpoint into RUN_DIR/checkpoints when it
-is newer than any local one, through a temp folder verified against its manifest.
+orchestrator calls; `restore_checkpoint` brings the newest complete remote checkpoint into
+RUN_DIR/checkpoints when it is newer than any local one, through a temp folder verified against
+its manifest.
 """
 from __future__ import annotations
 
@@ -76,6 +79,15 @@ class CheckpointUploader:
             self._thread.join()
         self.sweep()
         return list(self.artifacts)
+
+    def discard(self) -> None:
+        """Remove from the bucket the checkpoints this uploader put there (best effort: housekeeping)."""
+        for record in self.artifacts:
+            try:
+                delete_prefix(self._client, S3Location.parse(record["uri"]), self.targets.transfer)
+            except Exception as e:
+                log.warning("could not remove %s: %s", record["uri"], e)
+        self.artifacts = []
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -4,7 +4,9 @@
 
 What is published (job.publish): `adapter` (RUN_DIR/adapter; RUN_DIR/model for a full fine-tune,
 kind "model"), `merged` (RUN_DIR/merged), `checkpoints` (every complete checkpoint; S3 only, the
-local volume already holds them), and always `logs` (RUN_DIR/logs, summary.json, loss.png,
+local volume already holds them — the training-time uploader sends them to S3 as resume insurance
+in any case, and they are removed from the bucket after a successful publish that did not ask for
+them), and always `logs` (RUN_DIR/logs, summary.json, loss.png,
 config.json) next to them on S3 and in the local store. Targets: see targets.py.
 
 Each record: {kind, target: s3|hub|local, uri, sha256_manifest, files, bytes} plus `revision` and
@@ -90,6 +92,9 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
                 if uploader.errors:
                     raise PublishError(f"{len(uploader.errors)} checkpoint upload(s) failed: {uploader.errors[-1]}",
                                        "the checkpoints are still in the run folder; resubmit the run_id to upload them")
+            elif uploader is not None:  # they were resume insurance while training ran; not asked for as results
+                uploader.stop()
+                uploader.discard()
         if targets.hub is not None and folders:
             merged = next((f for k, f in folders if k == "merged"), None)
             only_merged = folders[0][0] == "merged"
