@@ -165,7 +165,7 @@ class ChatTemplateStrategy:
         starts = [o[0] for o in offsets]
         ends = [o[1] for o in offsets]
         ranges: list[tuple[int, int] | None] = []
-        previous_end = 0
+        previous_end = 0  # in characters: the template must render messages in order
         for k, span in enumerate(spans):
             if span is None:
                 if train[k]:
@@ -185,9 +185,9 @@ class ChatTemplateStrategy:
                         "the tokenizer merges this message's first or last characters with the template's text into one token, so the trained span is not exact",
                         hint="use a chat template that separates content from markup with a special token or newline",
                     )
-            if t0 < previous_end:
+            if a < previous_end:
                 raise self.ctx.row_error(index, f"{self.field_messages}[{k}]", "the template renders messages out of order; cannot mask exactly")
-            previous_end = t1
+            previous_end = b
             ranges.append((t0, t1))
         return ranges
 
