@@ -38,6 +38,7 @@ NO_EFFECT = {
     "world_size": "set by the launcher",
     "ddp": "ftw launches one process per visible GPU itself",
     "device_map": "ftw places the model itself",
+    "device": "ftw places the model itself",
     "max_memory": "ftw places the model itself",
     "gpu_memory_limit": "ftw places the model itself",
     "lora_on_cpu": "ftw places the model itself",
@@ -136,13 +137,14 @@ UNSUPPORTED = {
     **_group("benchmark evaluation", "do_bench_eval bench_dataset bench_split"),
     **_group("best-model selection", "load_best_model_at_end metric_for_best_model greater_is_better"),
     **_group("layer and activation offloading variants", "layer_offloading selective_checkpointing dynamic_checkpoint"),
-    **_group("FP8 / float32-norm training", "fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k"),
+    **_group("FP8 / float32-norm training", "fp8 fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k"),
     **_group("merge methods other than PEFT's merge_and_unload", "merge_method"),
     **_group("QLoRA sharded model loading", "qlora_sharded_model_loading"),
     **_group("extra model kwargs", "overrides_of_model_kwargs"),
     **_group("FSDP options outside fsdp_config", "fsdp_final_state_dict_type"),
     **_group("DDP tuning options", "ddp_bucket_cap_mb ddp_broadcast_buffers accelerator_config torch_compile_options"),
     **_group("fixed padding multiples", "pad_to_multiple_of"),
+    **_group("extra chat-template variables", "chat_template_kwargs"),
     **_group("eval sequence length different from sequence_len", "eval_sequence_len"),
 }
 

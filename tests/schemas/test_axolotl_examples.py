@@ -73,3 +73,15 @@ def test_compat_doc_counts_match_the_files():
     assert len(rows) == len(FILES)
     valid = sum(1 for p in FILES if validate_config(yaml.safe_load(p.read_text()), FRESH_ENDPOINT).valid)
     assert f"| valid | {valid} |" in text
+
+
+def test_every_key_of_axolotls_schema_is_classified():
+    """axolotl_*_keys.txt: the field names of axolotl's config model and of its SFT dataset entries at commit
+    067b021c (src/axolotl/utils/schemas/*.py). None may fall through to 'unknown key'."""
+    config_keys = (Path(__file__).parent / "axolotl_config_keys.txt").read_text().split()
+    dataset_keys = (Path(__file__).parent / "axolotl_dataset_keys.txt").read_text().split()
+    assert len(config_keys) > 350 and len(dataset_keys) > 30, "the key lists are axolotl's, not a sample"
+    report = validate_config({k: True for k in config_keys}, FRESH_ENDPOINT)
+    assert not [w for w in report.warnings if w.msg.startswith("unknown")]
+    report = validate_config({"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{k: "x" for k in dataset_keys}]}, FRESH_ENDPOINT)
+    assert not [w for w in report.warnings if w.msg.startswith("unknown")]
