@@ -40,7 +40,7 @@ def main() -> int:
 
         runpod.serverless.start({
             "handler": handler,
-            "concurrency_modifier": lambda current: settings.concurrency,
+            "concurrency_modifier": lambda current: settings.concurrency(service.engine.engine),
             "return_aggregate_stream": True,
         })
     return 0

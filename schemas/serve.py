@@ -63,6 +63,11 @@ class GenerationKwargs(Strict):
         return self
 
 
+def check_greedy_n(n: int, temperature: Optional[float]) -> None:
+    if n > 1 and temperature == 0:
+        raise ValueError(f"n={n} needs temperature > 0: greedy decoding (temperature 0) gives one answer, not {n}")
+
+
 class Sampling(GenerationKwargs):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
@@ -80,6 +85,7 @@ class Sampling(GenerationKwargs):
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
+        check_greedy_n(self.n, self.temperature)
         return self
 
     @property
@@ -124,6 +130,11 @@ class BatchRequest(Strict):
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     generation_kwargs: GenerationKwargs = GenerationKwargs()
+
+    @model_validator(mode="after")
+    def _greedy_n(self) -> "BatchRequest":
+        check_greedy_n(self.n, self.temperature)
+        return self
 
     def chat_request(self, model: str, conversation: list[ChatMessage]) -> ChatCompletionRequest:
         extra = self.generation_kwargs.model_dump(exclude_none=True)

@@ -111,6 +111,7 @@ def vllm_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterato
     python = ensure_vllm_env()
     env = serve_env(tiny_model_dir, s3_server, hub_server, serve_volume / "vllm", FTW_SERVE_PYTHON=str(python))
     with start_service("vllm", env, serve_volume / "vllm-engine.log") as service:
+        STARTED.append(service)
         yield service
 
 
@@ -119,11 +120,23 @@ def hf_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterator:
     """The transformers+peft engine (the fallback) on the same model: the reference outputs."""
     env = serve_env(tiny_model_dir, s3_server, hub_server, serve_volume / "hf", FTW_SERVE_PYTHON=sys.executable)
     with start_service("transformers", env, serve_volume / "hf-engine.log") as service:
+        STARTED.append(service)
         yield service
 
 
+STARTED: list = []  # services of this session: their engine clients are closed at the end of each run()
+
+
 def run(coro):
-    return asyncio.run(coro)
+    """One event loop per call (as RunPod's and ftw serve's loops are separate from the tests')."""
+    async def main():
+        try:
+            return await coro
+        finally:
+            for service in STARTED:
+                await service.app.client.close()
+
+    return asyncio.run(main())
 
 
 async def collect(app, job_input) -> list:

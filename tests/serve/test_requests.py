@@ -35,6 +35,7 @@ def test_openai_route_shape_parses_to_typed_requests():
     ({"messages": [[{"role": "user", "content": "x"}], []], "generation_kwargs": {"top_k": "a", "beam": 2}},
      {"messages[1]", "generation_kwargs.top_k", "generation_kwargs.beam"}),
     ({"messages": [[{"role": "user", "content": "x"}]], "max_tokens": 0, "temperature": "hot"}, {"max_tokens", "temperature"}),
+    ({"messages": [[{"role": "user", "content": "x"}]], "n": 2, "temperature": 0}, {""}),
     ({"prompt": "hi"}, {"input"}),
     (["not", "an", "object"], {"input"}),
 ])
@@ -63,7 +64,7 @@ def test_settings_from_env_and_vllm_flags():
     assert flags["--model"] == "org/base" and flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
     assert ["--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "6"] == args[args.index("--max-loras"):args.index("--max-loras") + 6]
     assert "--enable-lora" in args and "--enforce-eager" in args and args[-2:] == ["--kv-cache-dtype", "fp8"]
-    assert s.concurrency == 12 and s.preload == (("a", "org/x@v2"),)
+    assert s.concurrency("vllm") == 12 and s.concurrency("transformers") == 2 and s.preload == (("a", "org/x@v2"),)
     assert "--enable-lora" not in vllm_args(settings(ENABLE_LORA="false"), 1)
 
 
@@ -131,3 +132,15 @@ def test_disk_cache_prunes_least_recently_used_first(tmp_path):
     removed = prune_disk_cache(tmp_path, 2500, keep={entries[0].resolve()})
     assert removed == [entries[1], entries[2]]
     assert entries[0].exists() and entries[3].exists()
+
+
+def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
+    import sys
+
+    from tests.serve.conftest import VLLM_PYTHON
+    from worker.serve.engine import resolve_engine
+
+    assert resolve_engine(settings(FTW_SERVE_PYTHON=sys.executable)) == "transformers"  # the main venv: no vLLM
+    if VLLM_PYTHON.exists():
+        assert resolve_engine(settings(FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "vllm"
+    assert resolve_engine(settings(FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "transformers"

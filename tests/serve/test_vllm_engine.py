@@ -96,7 +96,7 @@ def test_bad_requests_get_clear_errors_and_the_worker_goes_on(vllm_service, publ
     app, base = vllm_service.app, vllm_service.settings.served_name
     cases = {
         "unknown key": chat(base, temprature=0.5),
-        "valid number": chat(base, max_tokens="many"),
+        "valid integer": chat(base, max_tokens="many"),
         "max_model_len": chat(base, max_tokens=5000),  # the engine's own length check, passed on as a 400
         "neither the base model": chat("not an adapter!"),
     }
@@ -110,12 +110,18 @@ def test_bad_requests_get_clear_errors_and_the_worker_goes_on(vllm_service, publ
 
 def test_batch_shape_and_models_list(vllm_service, published):
     uri = published.s3["digits"]
-    job = {"messages": [[{"role": "user", "content": "hello"}]] * 3, "model": uri, "n": 2, "temperature": 0, "max_tokens": 12}
+    hello = [{"role": "user", "content": "hello"}]
+    job = {"messages": [hello] * 3, "model": uri, "temperature": 0, "max_tokens": 12}
     out = only(run(collect(vllm_service.app, job)))
     assert [o["index"] for o in out["outputs"]] == [0, 1, 2]
     want = answer(vllm_service, uri)["message"]["content"]
-    assert all(o["choices"] == [want, want] for o in out["outputs"])
+    assert all(o["choices"] == [want] for o in out["outputs"])
     assert out["usage"]["completion_tokens"] > 0
+    sampled = {"messages": [hello, [{"role": "user", "content": "x " * 300}]], "model": uri, "n": 3, "temperature": 1.0,
+               "top_p": 0.9, "max_tokens": 12, "generation_kwargs": {"seed": 1, "top_k": 20}}
+    first, too_long = only(run(collect(vllm_service.app, sampled)))["outputs"]
+    assert len(first["choices"]) == 3 and all(isinstance(c, str) for c in first["choices"])
+    assert too_long["error"]["code"] == 400  # this conversation alone fails; the other's work is kept
     models = only(run(collect(vllm_service.app, {"openai_route": "/v1/models"})))
     ids = [m["id"] for m in models["data"]]
     assert ids[0] == vllm_service.settings.served_name and uri in ids

@@ -9,7 +9,7 @@
 | `ENABLE_LORA` / `MAX_LORAS` / `MAX_LORA_RANK` / `MAX_CPU_LORAS` | adapter slots (true / 4 / 64 / 16) |
 | `MAX_MODEL_LEN` / `MAX_NUM_SEQS` / `DTYPE` / `GPU_MEMORY_UTILIZATION` / `TENSOR_PARALLEL_SIZE` / `ENFORCE_EAGER` / `SEED` | engine settings (the engine's own defaults) |
 | `VLLM_EXTRA_ARGS` | further `vllm serve` flags, shell-quoted |
-| `MAX_CONCURRENCY` | jobs one worker takes at once (`MAX_NUM_SEQS`, else 8 for vLLM, 2 for transformers) |
+| `MAX_CONCURRENCY` | jobs one worker takes at once (vLLM: `MAX_NUM_SEQS` or 8; transformers: 2) |
 | `FTW_SERVE_ADAPTERS` | adapters loaded at start: `name=ref,name=ref` (ref: as in a request) |
 | `BUCKET_NAME` / `FTW_S3_PREFIX` / `BUCKET_*` | where run ids are found, and S3 credentials (as for publishing) |
 | `HF_TOKEN` / `HF_ENDPOINT` | Hub access for adapters named `org/repo[@revision]` |
@@ -136,14 +136,17 @@ class ServeSettings:
                                hint="fix these endpoint environment variables and restart the worker")
         return settings
 
-    @property
-    def concurrency(self) -> int:
-        """Jobs one worker takes at once (RunPod's concurrency_modifier): what the engine batches."""
+    def concurrency(self, engine: str) -> int:
+        """Jobs one worker takes at once (RunPod's concurrency_modifier): what the engine batches.
+
+        vLLM batches up to MAX_NUM_SEQS sequences; the transformers engine runs one request at a time,
+        so two (one running, one queued behind it) keep it busy without holding jobs another worker could take.
+        """
         if self.max_concurrency:
             return self.max_concurrency
-        if self.max_num_seqs:
-            return self.max_num_seqs
-        return 2 if self.engine == "transformers" else 8
+        if engine == "transformers":
+            return 2
+        return self.max_num_seqs or 8
 
     def base_names(self) -> set[str]:
         """Names an adapter's `base_model_name_or_path` may carry to count as trained on our base."""
