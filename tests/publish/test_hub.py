@@ -47,6 +47,9 @@ def test_adapter_commit_card_and_config(tiny_adapter, tmp_path, hub_env, hub_ser
     assert "| final_loss | 1.2345 |" in card and "![training loss](loss.png)" in card
     assert "AutoPeftModelForCausalLM" in card and "--enable-lora" in card and "merged/" in card
 
+    merged = pull("hf://team/tiny-lora", hub_env, kind="merged")
+    assert Manifest.of_folder(merged.path).files == Manifest.of_folder(run / "merged").files
+
 
 def test_branch_revision_and_pull_back(tiny_adapter, tmp_path, hub_env, hub_server):
     run = make_run_dir(tmp_path, tiny_adapter)
@@ -78,3 +81,18 @@ def test_missing_token_is_named(tiny_adapter, tmp_path, hub_env):
     env = {k: v for k, v in hub_env.items() if k != "HF_TOKEN"}
     with pytest.raises(PublishError, match="no Hugging Face token"):
         publish_run(run, make_job("hub-4", outputs={"hub": {"repo_id": "team/none"}}), env)
+
+
+def test_pull_of_a_repo_not_published_by_ftw_is_cached_by_commit(hub_env, hub_server):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub_server.endpoint_url, token=hub_server.token)
+    api.create_repo("other/plain", private=True)
+    api.create_commit("other/plain", operations=[CommitOperationAdd("adapter_config.json", b'{"r": 8}'),
+                                                 CommitOperationAdd("sub/w.bin", b"w" * 1000)], commit_message="m")
+    first = pull("other/plain", hub_env)
+    assert first.manifest_sha256 is None and not first.cached
+    assert (first.path / "sub" / "w.bin").read_bytes() == b"w" * 1000 and not (first.path / ".cache").exists()
+    assert pull("hf://other/plain@main", hub_env).path == first.path
+    with pytest.raises(PublishError, match="cannot read"):
+        pull("other/plain", {k: v for k, v in hub_env.items() if k != "HF_TOKEN"})  # private: a token is needed

@@ -123,3 +123,23 @@ def test_job_credentials_win_over_the_environment(tiny_adapter, tmp_path, env, b
     bad_env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")} | {"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "nothing"}
     artifacts = publish_run(run, job, bad_env)
     assert {a["kind"] for a in artifacts} == {"adapter", "logs"}
+
+
+def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env, bucket, s3_server):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env
+
+    run = make_run_dir(tmp_path, tiny_adapter)
+    (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    (adapter,) = [a for a in publish_run(run, make_job("run-procs", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
+    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
+    with FaultProxy((host, int(port))) as proxy:
+        cmd = [sys.executable, "-m", "worker.cli", "pull", adapter["uri"], "--json"]
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(**{**env, "BUCKET_ENDPOINT_URL": proxy.url}), stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        records = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len({r["path"] for r in records}) == 1 and sum(not r["cached"] for r in records) == 1
+    assert proxy.bytes_down < 1.5 * adapter["bytes"]
