@@ -89,7 +89,7 @@ def build_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total
     warm = warmup_steps(cfg, total_steps)
     kwargs = dict(cfg.lr_scheduler_kwargs or {})
     name = cfg.lr_scheduler
-    if name == "cosine" and cfg.cosine_min_lr_ratio is not None:
+    if name in ("cosine", "cosine_with_min_lr") and cfg.cosine_min_lr_ratio is not None:
         name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.cosine_min_lr_ratio, **kwargs}
     if name == "one_cycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=total_steps, pct_start=max(warm, 1) / total_steps, **kwargs)
@@ -97,7 +97,10 @@ def build_scheduler(cfg: TrainingConfig, optimizer: torch.optim.Optimizer, total
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rex(step, warm, total_steps))
     if name == "warmup_stable_decay":
         kwargs.setdefault("num_decay_steps", max(1, (total_steps - warm) // 10))
-    return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs or None)
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs or None)
+    except (ValueError, TypeError) as e:
+        raise JobSpecError(f"lr_scheduler {name}: {e}", hint="check lr_scheduler_kwargs (cosine_with_min_lr needs cosine_min_lr_ratio)") from e
 
 
 def _rex(step: int, warm: int, total: int) -> float:

@@ -1,0 +1,130 @@
+"""The pure parts of the train stage: batch order, schedule arithmetic, checkpoint files, optimizer
+and scheduler registries, machine checks."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from schemas.config import TrainingConfig
+from worker.errors import JobSpecError
+from worker.train import checkpoint as ckpt
+from worker.train.batches import BatchPlan
+from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.schedule import Schedule
+
+
+def cfg(**over) -> TrainingConfig:
+    return TrainingConfig.model_validate({"base_model": "/m", "learning_rate": 1e-3, "datasets": [{"path": "d.jsonl", "type": "completion"}], **over})
+
+
+# ---- batch order ----------------------------------------------------------------------------------
+def test_a_step_reads_the_same_rows_whatever_the_number_of_processes():
+    one = BatchPlan(num_rows=50, rows_per_micro=2, grad_accum=4, world_size=1, seed=3)
+    two = BatchPlan(num_rows=50, rows_per_micro=2, grad_accum=2, world_size=2, seed=3)
+    for step in range(12):  # crosses the epoch boundary (7 steps per epoch)
+        rows_one = sorted(i for m in one.micro_batches(step, 0) for i in m)
+        rows_two = sorted(i for r in range(2) for m in two.micro_batches(step, r) for i in m)
+        assert rows_one == rows_two and len(rows_one) == 8
+
+
+def test_every_row_is_seen_each_epoch_and_epochs_are_reshuffled():
+    plan = BatchPlan(num_rows=10, rows_per_micro=3, grad_accum=1, world_size=1, seed=0)
+    assert plan.steps_per_epoch == 4
+    first = [i for s in range(4) for m in plan.micro_batches(s, 0) for i in m]
+    assert set(first) == set(range(10)) and len(first) == 12  # wrap-around fills the last step
+    second = [i for s in range(4, 8) for m in plan.micro_batches(s, 0) for i in m]
+    assert set(second) == set(range(10)) and second != first
+
+
+# ---- schedule --------------------------------------------------------------------------------------
+def test_schedule_follows_axolotl_keys():
+    s = Schedule.from_config(cfg(num_epochs=2.5), steps_per_epoch=10, has_eval=True)
+    assert s.total_steps == 25 and s.save_every == 10 and s.eval_every is None
+    s = Schedule.from_config(cfg(max_steps=40, save_steps=0.25, eval_steps=5), steps_per_epoch=10, has_eval=True)
+    assert (s.total_steps, s.save_every, s.eval_every) == (40, 10, 5)
+    s = Schedule.from_config(cfg(saves_per_epoch=2, evals_per_epoch=5), steps_per_epoch=10, has_eval=True)
+    assert (s.save_every, s.eval_every) == (5, 2)
+    assert Schedule.from_config(cfg(save_strategy="no"), 10, False).save_every is None
+    assert not Schedule.from_config(cfg(max_steps=10, save_steps=5), 10, False).save_due(10)  # results follow the last step
+
+
+# ---- checkpoint files ------------------------------------------------------------------------------
+def make_checkpoint(root, step, payload=b"weights"):
+    tmp = ckpt.tmp_dir(root, step)
+    (tmp / "trainable.safetensors").write_bytes(payload * 100)
+    return ckpt.finalize(tmp, step, {"loop": {}})
+
+
+def test_only_complete_and_intact_checkpoints_are_resumed(tmp_path):
+    root = tmp_path / "checkpoints"
+    make_checkpoint(root, 2)
+    newest = make_checkpoint(root, 4)
+    assert ckpt.newest_complete(root) == newest
+    # a save killed half-way: a temporary folder, and a folder without ftw_state.json
+    (ckpt.tmp_dir(root, 6) / "trainable.safetensors").write_bytes(b"partial")
+    (root / "checkpoint-8").mkdir()
+    assert ckpt.newest_complete(root) == newest
+    # the newest one truncated on disk after it was written
+    f = newest / "trainable.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    assert ckpt.read_state(newest) is None
+    assert ckpt.newest_complete(root).name == "checkpoint-2"
+    # a state file that does not say complete
+    state = json.loads((root / "checkpoint-2" / "ftw_state.json").read_text())
+    (root / "checkpoint-2" / "ftw_state.json").write_text(json.dumps({**state, "complete": False}))
+    assert ckpt.newest_complete(root) is None
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 5):
+        make_checkpoint(root, step)
+    ckpt.rotate(root, keep=2, protect=root / "checkpoint-1")
+    assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
+
+
+# ---- optimizers and schedules ----------------------------------------------------------------------
+def test_optimizers_by_axolotl_name_and_decay_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(cfg(optimizer="adamw_torch", weight_decay=0.1, adam_beta2=0.95), model.named_parameters(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # biases and norms are not decayed
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    assert isinstance(build_optimizer(cfg(optimizer="sgd", optim_args="momentum=0.9"), model.named_parameters(), torch.device("cpu")), torch.optim.SGD)
+    with pytest.raises(JobSpecError, match="bitsandbytes"):
+        build_optimizer(cfg(optimizer="paged_adamw_8bit"), model.named_parameters(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup", "rex", "one_cycle", "warmup_stable_decay", "cosine_with_min_lr"])
+def test_schedulers_warm_up_then_decay(name):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(cfg(lr_scheduler=name, warmup_steps=5, cosine_min_lr_ratio=0.1 if name == "cosine_with_min_lr" else None), opt, total_steps=50)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[5] and max(lrs) <= 1.0 + 1e-9
+    if name != "constant_with_warmup":
+        assert lrs[-1] < max(lrs)
+
+
+def test_qlora_without_cuda_is_a_clear_error_before_any_load():
+    from worker.train.model import preflight
+
+    with pytest.raises(JobSpecError, match="CUDA") as e:
+        preflight(cfg(adapter="qlora", load_in_4bit=True))
+    assert "adapter: lora" in e.value.hint
+
+
+def test_flash_attention_without_the_package_names_the_fix():
+    from worker.train.model import attention_backend
+
+    with pytest.raises(JobSpecError, match="flash-attn") as e:
+        attention_backend(cfg(attn_implementation="flash_attention_2"))
+    assert "sdpa" in e.value.hint
+    assert attention_backend(cfg()) == "sdpa"
