@@ -150,3 +150,14 @@ def test_dataset_num_proc_gives_the_same_rows_and_errors(volume, tokenizer_dir):
     with pytest.raises(DataError, match=r"a\.jsonl: row 3500: field 'output': missing") as e:
         prepare(config(tokenizer_dir, entry, dataset_num_proc=2))
     assert e.value.details == {"source": str(path), "row": 3500, "field": "output"}
+
+
+def test_a_folder_cannot_reach_outside_itself(volume, tokenizer_dir, tmp_path):
+    outside = write_jsonl(tmp_path / "secret.jsonl", alpaca_rows(3))
+    folder = volume / "folder"
+    write_jsonl(folder / "ok.jsonl", alpaca_rows(4))
+    (folder / "link.jsonl").symlink_to(outside)
+    summary = prepare(config(tokenizer_dir, [{"path": str(folder), "type": "alpaca"}]))
+    assert summary["rows"]["in"] == 4  # the link out of the folder is not read
+    with pytest.raises(DataError, match="data_files outside the dataset folder"):
+        prepare(config(tokenizer_dir, [{"path": str(folder), "data_files": ["../../secret.jsonl"], "type": "alpaca"}]))

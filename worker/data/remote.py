@@ -60,6 +60,8 @@ def download_s3(uri: str, dest: Path) -> Path:
             raise DataError(f"{uri}: no object or folder at this URI", hint=CREDENTIAL_HINT)
         for k in inside:
             target = dest / k[len(prefix):]
+            if ".." in Path(k[len(prefix):]).parts or Path(k[len(prefix):]).is_absolute():
+                raise DataError(f"{uri}: object key {k!r} would be written outside the download folder", hint="rename the object")
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, k, str(target))
         return dest

@@ -48,15 +48,27 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
 
 
+def inside(root: Path, path: Path) -> bool:
+    """True when `path` (symlinks followed) stays under `root`: a folder cannot point out of itself."""
+    real_root, real = root.resolve(), path.resolve()
+    return real == real_root or real_root in real.parents
+
+
 def data_files_of(folder: Path, entry: Entry, label: str) -> list[Path]:
     wanted = entry.data_files
     if wanted:
         files = [folder / f for f in ([wanted] if isinstance(wanted, str) else wanted)]
+        escaping = [str(f) for f in files if not inside(folder, f)]
+        if escaping:
+            raise DataError(f"{label}: data_files outside the dataset folder: {', '.join(escaping)}", hint="data_files are relative to the dataset folder and stay inside it")
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise DataError(f"{label}: data_files not found: {', '.join(missing)}", hint="data_files are relative to the dataset folder")
         return files
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in BUILDERS and not any(p.startswith(".") for p in f.relative_to(folder).parts))
+    files = sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and f.suffix in BUILDERS and inside(folder, f) and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+    )
     if not files:
         raise DataError(f"{label}: no data files in this folder", hint=f"put {', '.join(BUILDERS)} files in it, or give data_files")
     return files
@@ -67,6 +79,8 @@ def resolve_local(path: Path, entry: Entry, label: str) -> Resolved:
         raise DataError(f"{label}: no such file or folder", hint="check the dataset path")
     if path.is_dir() and is_saved_dataset(path):
         files = sorted(f for f in path.rglob("*") if f.is_file())
+        if not all(inside(path, f) for f in files):
+            raise DataError(f"{label}: the saved dataset links to files outside its folder", hint="copy the files into the folder")
         return Resolved(label, file_digest(files, path), "saved", (str(path),))
     files = data_files_of(path, entry, label) if path.is_dir() else [path]
     ds_type = getattr(entry, "ds_type", None)
