@@ -185,7 +185,9 @@ def features() -> Any:
     })
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int) -> dict[str, list]:
+def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0) -> dict[str, list]:
+    """One datasets.map batch → samples, each tagged with its source and row (for error messages)."""
+    indices = [i + offset for i in indices]
     keys = list(batch)
     raw = [dict(zip(keys, values)) for values in zip(*batch.values())]
     out: dict[str, list] = {"input_ids": [], "labels": [], "_source": [], "_row": []}
@@ -218,7 +220,7 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
         progress.phase("tokenize", source=label, rows=len(data), processes=procs)
         tally.rows_in += len(data)
         mapped = data.map(
-            tokenize_batch, fn_kwargs={"strategy": strategy, "source": first + n}, batched=True, batch_size=256,
+            tokenize_batch, fn_kwargs={"strategy": strategy, "source": first + n, "offset": item.skip}, batched=True, batch_size=256,
             with_indices=True, remove_columns=data.column_names, num_proc=procs if procs > 1 else None,
             features=features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label}",
         )
