@@ -87,3 +87,12 @@ def test_vllm_warnings_reach_the_result(tiny_adapter, tmp_path, env):
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 96}))
     (adapter,) = [a for a in publish_run(run, make_job("loc-3"), local_env(env)) if a["kind"] == "adapter"]
     assert any("rank 96" in w for w in adapter["warnings"])
+
+
+def test_full_fine_tune_publishes_the_model_folder(tiny_adapter, tmp_path, env, volume):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    shutil.move(run / "adapter", run / "model")
+    job = make_job("loc-full", adapter=None, lora_r=8)
+    (model,) = [a for a in publish_run(run, job, local_env(env)) if a["kind"] != "logs"]
+    assert model["kind"] == "model" and model["uri"].endswith("/store/loc-full/model") and "warnings" not in model
+    assert pull("loc-full", local_env(env), kind="model").manifest_sha256 == model["sha256_manifest"]
