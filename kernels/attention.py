@@ -52,12 +52,31 @@ def _supports_gqa(fn) -> bool:
     return "enable_gqa" in inspect.signature(fn).parameters
 
 
+def _cached_attention(query, key, value, attention_mask, scaling, sliding_window):
+    """Decoding with a KV cache (generation, evaluation by sampling): the new queries are the last
+    positions of the keys; plain sdpa with that bottom-right causal mask and the padding mask."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    k_idx = torch.arange(k_len, device=query.device)
+    q_idx = torch.arange(k_len - q_len, k_len, device=query.device)
+    allowed = k_idx[None, :] <= q_idx[:, None]
+    if sliding_window:
+        allowed &= k_idx[None, :] > q_idx[:, None] - sliding_window
+    mask = allowed[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -k_len:].bool()
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2), None
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, position_ids=None, **kwargs):
     """transformers attention interface: query (b, h, s, d), key/value (b, h_kv, s, d) →
     output (b, s, h, d), no weights."""
     if dropout:
         raise ValueError("ftw_varlen attention has no attention dropout; set attention_dropout: 0")
+    if key.shape[2] != query.shape[2]:
+        return _cached_attention(query, key, value, attention_mask, scaling, sliding_window)
     varlen_attn = varlen_attn_fn()
     batch, heads, seq, dim = query.shape
     kv_heads = key.shape[1]

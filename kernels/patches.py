@@ -74,8 +74,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
-    if getattr(self, "sliding_window", None) is not None:
-        kwargs["sliding_window"] = self.sliding_window
+    window = getattr(self.config if self._ftw_window_in_config else self, "sliding_window", None)
+    if window is not None:
+        kwargs["sliding_window"] = window
     out, weights = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                              dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
     out = out.reshape(bsz, seq, -1)
@@ -131,7 +132,8 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
 
     attns = by_class.get(family.attention_class, [])
     for m in attns:
-        m._ftw_fuse_qkv, m._ftw_fuse_o, m._ftw_qk_norm = wanted["lora_qkv"], wanted["lora_o"], family.qk_norm
+        m._ftw_fuse_qkv, m._ftw_fuse_o = wanted["lora_qkv"], wanted["lora_o"]
+        m._ftw_qk_norm, m._ftw_window_in_config = family.qk_norm, family.window_in_config
         _replace_forward(m, _attention_forward)
     if attns:
         first = attns[0]

@@ -29,11 +29,12 @@ class Family:
     mlp_class: str           # gated-MLP class name (silu)
     attention_class: str
     qk_norm: bool = False    # Qwen3: RMSNorm on each head's q and k before rope
+    window_in_config: bool = False  # Mistral reads sliding_window off the config, Qwen2/3 off the layer
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaRMSNorm", "LlamaMLP", "LlamaAttention"),
-    "mistral": Family("MistralRMSNorm", "MistralMLP", "MistralAttention"),
+    "mistral": Family("MistralRMSNorm", "MistralMLP", "MistralAttention", window_in_config=True),
     "qwen2": Family("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"),
     "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm=True),
 }
@@ -84,8 +85,9 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         "lora_mlp": lora_ok and _switch(config.lora_mlp_kernel, True),
         "lora_qkv": lora_ok and _switch(config.lora_qkv_kernel, True),
         "lora_o": lora_ok and _switch(config.lora_o_kernel, True),
-        # flash-attention kernels: CUDA, half precision
+        # flash-attention kernels: CUDA, half precision, no attention dropout
         "varlen_attention": on_cuda and base.dtype in (torch.bfloat16, torch.float16)
+        and not getattr(base.config, "attention_dropout", 0.0)
         and config.attn_implementation in (None, "sdpa", "flash_attention_2") and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from kernels import apply_kernels, registry
 from schemas.config import TrainingConfig
@@ -54,7 +54,8 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (Qwen2Config, {}), (Qwen3Config, {})])
+@pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 6}), (Qwen2Config, {}),
+                                              (Qwen3Config, {})])
 def test_patched_model_matches_reference(config_cls, extra, caplog):
     ref = tiny(config_cls, **extra)
     model = copy.deepcopy(ref)
@@ -160,3 +161,21 @@ def test_segment_starts_split_samples_and_padding():
     assert cu.tolist() == [0, 3, 5, 6, 10, 12] and cu.dtype == torch.int32 and longest == 4
     cu, longest = segment_starts(None, None, 2, 6, pos.device)
     assert cu.tolist() == [0, 6, 12] and longest == 6
+
+
+def test_varlen_attention_with_a_kv_cache_attends_to_the_past_only():
+    """Generation hands the attention a query shorter than the keys: the new tokens see every
+    cached key before them and their own, none after, none padded."""
+    from kernels.attention import varlen_attention_forward
+
+    q = torch.randn(2, 4, 2, 8)
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # row 1 left-padded
+    out, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, mask, scaling=8**-0.5)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for row in range(2):
+        for i, pos in enumerate((3, 4)):
+            keys = [j for j in range(pos + 1) if mask[row, j]]
+            w = torch.softmax(torch.einsum("hd,hkd->hk", q[row, :, i], kk[row, :, keys]) * 8**-0.5, -1)
+            ref = torch.einsum("hk,hkd->hd", w, vv[row, :, keys])
+            torch.testing.assert_close(out[row, i], ref, rtol=1e-5, atol=1e-5)
