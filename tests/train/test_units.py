@@ -128,3 +128,20 @@ def test_flash_attention_without_the_package_names_the_fix():
         attention_backend(cfg(attn_implementation="flash_attention_2"))
     assert "sdpa" in e.value.hint
     assert attention_backend(cfg()) == "sdpa"
+
+
+# ---- multi-process strategy -------------------------------------------------------------------------
+def test_sharding_keys_map_to_ddp_or_fsdp2():
+    from worker.train.distributed import Topology, strategy
+
+    two = Topology(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    assert strategy(cfg(), Topology(0, 0, 1, torch.device("cpu"))) == {"kind": "single"}
+    assert strategy(cfg(), two) == {"kind": "ddp"}
+    assert strategy(cfg(fsdp=["full_shard", "auto_wrap"]), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
+    assert strategy(cfg(fsdp=["shard_grad_op", "offload"]), two) == {"kind": "fsdp2", "reshard": False, "offload": True}
+    assert strategy(cfg(fsdp_config={"fsdp_version": 2, "reshard_after_forward": False}), two)["reshard"] is False
+    # DeepSpeed ZeRO presets: the FSDP2 sharding that does the same thing
+    assert strategy(cfg(deepspeed="zero2"), two) == {"kind": "fsdp2", "reshard": False, "offload": False}
+    assert strategy(cfg(deepspeed="zero3"), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
+    assert strategy(cfg(deepspeed="zero3_offload"), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
+    assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two)["reshard"] is True

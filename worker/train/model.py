@@ -130,12 +130,12 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
             dtype=precision.load_dtype,
             attn_implementation=attention_backend(cfg),
             quantization_config=quant,
-            device_map={"": device} if quant is not None else None,
+            device_map={"": device} if quant is not None or device.type == "cuda" else None,  # straight onto the GPU
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load base_model {cfg.base_model!r}: {e}", hint="check base_model and revision_of_model; gated Hub models need HF_TOKEN") from e
-    if quant is None:
+    if model.device != device and quant is None:
         model.to(device)
     resize_embeddings(cfg, model, tokenizer)
     model.config.use_cache = False  # no KV cache in training

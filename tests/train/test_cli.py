@@ -1,0 +1,18 @@
+"""`ftw train CONFIG` refuses a bad config before starting anything (exit 3, every error named)."""
+from __future__ import annotations
+
+from worker.train.cli import main
+
+
+def test_invalid_config_exits_3_before_any_stage_runs(tmp_path, capsys, volume):
+    path = tmp_path / "bad.yml"
+    path.write_text("base_model: /nowhere\nlearning_rate: 0.001\nadapter: qlora\nlora_r: 0\n")
+    assert main([str(path), "--run-dir", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err
+    assert "lora_r" in err and "datasets" in err and "load_in_4bit" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_config_is_a_usage_error(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.yml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
