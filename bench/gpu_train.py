@@ -36,6 +36,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0),
 }
+ARM_TIMEOUT_S = 150
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -148,10 +149,14 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     if name == "qlora":
         cfg.update(adapter="qlora", load_in_4bit=True)
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
-    env = {**os.environ, "FTW_EVENTS": str(run_dir / "events.jsonl"), "FTW_ERROR_FILE": str(run_dir / "error.json"), "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "FTW_EVENTS": str(run_dir / "events.jsonl"), "FTW_ERROR_FILE": str(run_dir / "error.json"), "PYTHONPATH": path}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "worker.train", str(run_dir / "config.json"), "--run-dir", str(run_dir), "--data", str(cache)],
-                          env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "worker.train", str(run_dir / "config.json"), "--run-dir", str(run_dir), "--data", str(cache)],
+                              env=env, capture_output=True, text=True, timeout=ARM_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {ARM_TIMEOUT_S} s: {(e.stderr or b'')[-800:]!r}", "exit": None}
     wall = time.monotonic() - started
     if proc.returncode != 0:
         return {"error": (proc.stderr or "")[-1500:], "exit": proc.returncode}
@@ -182,7 +187,7 @@ def main() -> int:
     ap.add_argument("--mbs", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--arms", default="hf,ftw,ftw-nokernels,qlora")
+    ap.add_argument("--arms", default="hf,ftw,qlora,ftw-nokernels")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run the hf arm in this process
     a = ap.parse_args()
     model_dir, cache = a.work / "model", a.work / "cache"
@@ -200,9 +205,13 @@ def main() -> int:
     for arm in a.arms.split(","):
         print(f"--- {arm}", flush=True)
         if arm == "hf":
-            proc = subprocess.run([sys.executable, __file__, "--arm", "hf", "--out", str(a.out), "--work", str(a.work), "--warmup", str(a.warmup), "--steps", str(a.steps)], capture_output=True, text=True)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--arm", "hf", "--out", str(a.out), "--work", str(a.work), "--warmup", str(a.warmup), "--steps", str(a.steps)],
+                                      capture_output=True, text=True, timeout=ARM_TIMEOUT_S)
+                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
+            except subprocess.TimeoutExpired:
+                results["arms"][arm] = {"error": f"timed out after {ARM_TIMEOUT_S} s"}
         elif arm == "qlora" and not _has_cuda_bnb():
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
