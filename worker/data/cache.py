@@ -103,6 +103,27 @@ def build_lock(root: Path, fp: str, waiting: Callable[[float], None]) -> Iterato
         lock.release()
 
 
+def scratch_dir(root: Path) -> Path:
+    """A work folder for downloads and datasets' files, named by pid; those of dead processes removed."""
+    for old in root.glob(".scratch-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f".scratch-{os.getpid()}-{os.urandom(4).hex()}"
+    path.mkdir(parents=True)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fresh_build_dir(root: Path, fp: str) -> Path:
     """An empty temporary folder for this build; leftovers of dead builders removed (we hold the lock)."""
     for stale in root.glob(f".tmp-{fp}-*"):
@@ -123,6 +144,23 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, final)
+
+
+def get_or_build(root: Path, fp: str, build: Callable[[Path], dict[str, Any]], waiting: Callable[[float], None]) -> tuple[dict[str, Any], bool]:
+    """(manifest, built): the complete cache under `fp`, or one built now by `build(tmp_folder)`.
+
+    Checked again after taking the lock: a process that waited uses what the other one built."""
+    final = root / fp
+    manifest = read_manifest(final)
+    if manifest is not None:
+        return manifest, False
+    with build_lock(root, fp, waiting):
+        manifest = read_manifest(final)
+        if manifest is not None:
+            return manifest, False
+        tmp = fresh_build_dir(root, fp)
+        publish(tmp, final, {"fingerprint": fp, **build(tmp), "versions": versions()})
+    return json.loads((final / MANIFEST).read_text()), True
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ trained-token share and the packing fill.
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,29 +73,20 @@ def prepare(cfg: TrainingConfig, progress: Progress | None = None) -> dict[str, 
     progress.phase("tokenizer", model=cfg.tokenizer_config or cfg.base_model)
     tokenizer = load_tokenizer(cfg)
     train_entries, eval_entries = dataset_entries(cfg)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".scratch-") as scratch_dir:
-        scratch = Path(scratch_dir)
+    scratch = cache.scratch_dir(root)
+    try:
         progress.phase("resolve", datasets=len(train_entries) + len(eval_entries))
         train_sources = [Source(e, sources.resolve(e, scratch / "downloads"), skip) for e, skip in train_entries]
         eval_sources = [Source(e, sources.resolve(e, scratch / "downloads"), skip) for e, skip in eval_entries]
         content_ids = [s.resolved.content_id for s in train_sources] + ["eval"] + [s.resolved.content_id for s in eval_sources]
         fp = cache.fingerprint(cfg, tokenizer_digest(tokenizer), content_ids)
-        final = root / fp
-        manifest = cache.read_manifest(final)
-        if manifest is None:
-            with cache.build_lock(root, fp, lambda s: progress.phase("waiting", detail=f"another process is preparing {fp} ({s:.0f}s)")):
-                manifest = cache.read_manifest(final)
-                if manifest is None:
-                    tmp = cache.fresh_build_dir(root, fp)
-                    manifest = build(cfg, tokenizer, train_sources, eval_sources, scratch, tmp, progress)
-                    cache.publish(tmp, final, {"fingerprint": fp, **manifest, "versions": cache.versions()})
-                    manifest = cache.read_manifest(final)
-                    built = True
-                else:
-                    built = False
-        else:
-            built = False
-    assert manifest is not None
+        manifest, built = cache.get_or_build(
+            root, fp, lambda out: build(cfg, tokenizer, train_sources, eval_sources, scratch, out, progress),
+            waiting=lambda s: progress.phase("waiting", detail=f"another process is preparing {fp} ({s:.0f}s)"),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    final = root / fp
     summary = {**manifest, "cache_dir": str(final), "built": built, "seconds": round(time.monotonic() - started, 2)}
     progress.phase("done", cache_dir=str(final), built=built)
     return summary
