@@ -28,6 +28,22 @@ class Issue:
         return f"{self.loc}: {self.msg}" if self.loc else self.msg
 
 
+MAX_DEPTH = 32  # axolotl configs nest 4-5 levels; far deeper input is an attack on recursive code
+
+
+def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists/mappings nest deeper than `limit` (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def format_loc(parts: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
     """(datasets, 0, type) -> 'datasets[0].type' — the form users see in their YAML."""
     out = prefix

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from schemas.classify import did_you_mean
 from schemas.config import TrainingConfig
-from schemas.issues import Issue, Report, pydantic_issues
+from schemas.issues import MAX_DEPTH, Issue, Report, nested_too_deep, pydantic_issues
 from schemas.validate import validate_config
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -144,6 +144,9 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     if not isinstance(raw, Mapping):
         report.error("input", f"the job input must be a JSON object, got {type(raw).__name__}")
         return report
+    if nested_too_deep(raw):
+        report.error("input", f"the job input nests lists/objects more than {MAX_DEPTH} levels deep")
+        return report
     data = dict(raw)
     if "config" in data and "args" in data:
         report.error("args", "give the training config once, as config (or its alias args), not both")
@@ -181,13 +184,17 @@ def _suggest(issue: Issue) -> Issue:
 
 def _strings(value: Any) -> list[str]:
     """Every string (keys too) inside a JSON value: what a credentials block could hold."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Mapping):
-        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _strings(v)]
-    return []
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
 
 
 def _masked(report: Report, secrets: list[str]) -> Report:

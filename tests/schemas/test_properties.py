@@ -109,3 +109,20 @@ def test_credentials_never_appear_in_any_report(credentials, config_extra, echo_
         shown += json.dumps(value.public_dict()) + repr(value) + str(value) + value.model_dump_json()
     for secret in planted:
         assert secret not in shown
+
+
+def nest(depth):
+    value = "leaf"
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+def test_deep_nesting_is_a_located_error_not_a_recursion_error():
+    """Recursive code (pydantic's repr, our walkers) must never meet a 5000-level document."""
+    config = {"base_model": "org/model", "learning_rate": 1e-4, "datasets": [{"path": "org/data", "type": "alpaca"}]}
+    for where in ("credentials", "outputs", "user_id"):
+        report = validate_job({"input": {"run_id": "r", "config": config, where: nest(5000)}}, env=ENV)
+        assert [(i.loc, "levels deep" in i.msg) for i in report.errors] == [("input", True)]
+    check_report(validate_config({**config, "lora_target_modules": nest(5000)}, ENV), TrainingConfig)
+    assert validate_config({**config, "overrides_of_model_config": {"rope_scaling": nest(9)}}, ENV).valid  # real configs nest a few levels
