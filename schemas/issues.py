@@ -5,6 +5,7 @@ caller gets all of them with their locations (`datasets[0].type`).
 """
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,19 +29,23 @@ class Issue:
         return f"{self.loc}: {self.msg}" if self.loc else self.msg
 
 
+SHORT_REPR = reprlib.Repr()  # the offending value, shown without building its whole repr first
+SHORT_REPR.maxstring = SHORT_REPR.maxother = 80
+SHORT_REPR.maxlevel = 3
 MAX_DEPTH = 32  # axolotl configs nest 4-5 levels; far deeper input is an attack on recursive code
 
 
 def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether lists/mappings nest deeper than `limit` (checked without recursion)."""
-    stack = [(value, 0)]
+    containers = (list, tuple, dict)
+    stack = [(value, 0)] if isinstance(value, containers) else []
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, (list, tuple, dict)):
-            if depth >= limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth >= limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, containers):
+                stack.append((child, depth + 1))
     return False
 
 
@@ -113,8 +118,7 @@ def pydantic_issues(exc: Any, prefix: str = "", redact: Collection[str] = ()) ->
             if secret:
                 loc, msg = loc[:1], "unknown key (the accepted keys are listed in docs/config.md)"
         elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not secret:
-            shown = repr(err["input"])
-            msg = f"{msg} (got {shown[:80]})"
+            msg = f"{msg} (got {SHORT_REPR.repr(err['input'])})"
         msg = msg.removeprefix("Value error, ")
         issues.append(Issue(format_loc(loc, prefix), msg))
     return issues
