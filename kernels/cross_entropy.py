@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.precision import compute_dtype, no_autocast
+
 CHUNK_LOGITS_BYTES = 1 << 30  # one chunk's bf16 logits: 1 GiB (4096 rows of a 128k vocab)
 
 
 @triton.jit
-def _ce_rows(LOGITS, TARGETS, LOSS, stride, scale, ignore_index, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    """Per row: loss = lse − logit[target]; logits overwritten with scale·(softmax − onehot)."""
+def _ce_rows(LOGITS, TARGETS, LOSS, stride, ignore_index, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: loss = lse − logit[target]; logits overwritten with softmax − onehot."""
     row = tl.program_id(0)
     ptr = LOGITS + row.to(tl.int64) * stride
     target = tl.load(TARGETS + row)
@@ -46,13 +48,20 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, scale, ignore_index, N_COLS: tl.cons
             mask = cols < N_COLS
             x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
             grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(ptr + cols, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
+            tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 divisor: torch.Tensor | float | None) -> torch.Tensor:
+        dtype = compute_dtype(hidden)
+        with no_autocast(hidden):
+            return FusedLinearCrossEntropy._forward(ctx, hidden, weight, targets, ignore_index, divisor, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden_in, weight_in, targets, ignore_index, divisor, dtype):
+        hidden, weight = hidden_in.to(dtype), weight_in.to(dtype)
         n_rows, dim = hidden.shape
         vocab = weight.shape[0]
         targets = targets.contiguous()
@@ -70,7 +79,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             logits = h @ weight.t()
             # the 1/denominator is applied once at the end: it is a device tensor (reading it would sync)
             _ce_rows[(end - start,)](logits, targets[start:end], losses[start:end], logits.stride(0),
-                                     1.0, ignore_index, N_COLS=vocab, BLOCK=block, num_warps=8 if hidden.is_cuda else 1)
+                                     ignore_index, N_COLS=vocab, BLOCK=block, num_warps=8 if hidden.is_cuda else 1)
             if grad_hidden is not None:
                 torch.matmul(logits, weight, out=grad_hidden[start:end])
             if want_dw:
@@ -81,13 +90,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         if want_dw:
             grad_weight.div_(denom)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.hidden_dtype, ctx.weight_dtype = hidden_in.dtype, weight_in.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        dh = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        dh = (grad_hidden * grad_loss.to(grad_hidden.dtype)).to(ctx.hidden_dtype) if grad_hidden is not None else None
         dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
         return dh, dw, None, None, None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.precision import compute_dtype, no_autocast
 from kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
@@ -49,7 +50,8 @@ def projection_of(module: torch.nn.Module) -> Projection | None:
 
 
 def _lora_fwd(x2: torch.Tensor, p: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
-    y = torch.nn.functional.linear(x2, p.weight, p.bias)
+    bias = None if p.bias is None else p.bias.to(x2.dtype)
+    y = torch.nn.functional.linear(x2, p.weight.to(x2.dtype), bias)
     if p.lora_a is None:
         return y, None
     xa = x2 @ p.lora_a.to(x2.dtype).t()
@@ -60,6 +62,7 @@ def _lora_bwd(dy: torch.Tensor, inp: torch.Tensor, xa: torch.Tensor | None, w, a
               dx: torch.Tensor | None, want_dx: bool):
     """(dL/dinput accumulated into dx — started by this call when dx is None —, dA, dB)."""
     if want_dx:
+        w = w.to(dy.dtype)
         dx = dy @ w if dx is None else dx.addmm_(dy, w)
     if a is None:
         return dx, None, None
@@ -74,14 +77,20 @@ def _lora_bwd(dy: torch.Tensor, inp: torch.Tensor, xa: torch.Tensor | None, w, a
 class LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], *params):
-        x2 = x.reshape(-1, x.shape[-1])
+        dtype = compute_dtype(x)  # read before autocast is switched off
+        with no_autocast(x):
+            return LoRAProjections._forward(ctx, x, dtype, scales, *params)
+
+    @staticmethod
+    def _forward(ctx, x, dtype, scales, *params):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         outs, xas = [], []
         for i, s in enumerate(scales):
             y, xa = _lora_fwd(x2, Projection(*params[4 * i: 4 * i + 4], s))
             xas.append(xa)
             outs.append(y.view(*x.shape[:-1], -1))
         ctx.save_for_backward(x2, *params, *xas)
-        ctx.scales, ctx.shape = scales, x.shape
+        ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(outs)
 
     @staticmethod
@@ -98,7 +107,7 @@ class LoRAProjections(torch.autograd.Function):
             gb = dy.sum(0) if b is not None and b.requires_grad else None
             dx, ga, gbb = _lora_bwd(dy, x2, xas[i], w, a, bb, s, dx, want_dx)
             grads += [gw, gb, ga, gbb]
-        return (dx.view(ctx.shape) if dx is not None else None), None, *grads
+        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, *grads
 
 
 def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
@@ -109,15 +118,21 @@ def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[to
 class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], *params):
+        dtype = compute_dtype(x)  # read before autocast is switched off
+        with no_autocast(x):
+            return LoRAGatedMLP._forward(ctx, x, dtype, scales, *params)
+
+    @staticmethod
+    def _forward(ctx, x, dtype, scales, *params):
         gate, up, down = (Projection(params[3 * i], None, params[3 * i + 1], params[3 * i + 2], scales[i]) for i in range(3))
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         g, xag = _lora_fwd(x2, gate)
         u, xau = _lora_fwd(x2, up)
         h = swiglu_forward_raw(g, u)
         y, had = _lora_fwd(h, down)
         del h
         ctx.save_for_backward(x2, g, u, xag, xau, had, *params)
-        ctx.scales, ctx.shape = scales, x.shape
+        ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -128,7 +143,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         if wg.requires_grad or wu.requires_grad or wd.requires_grad:
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
-        dh = dy @ wd
+        dh = dy @ wd.to(dy.dtype)
         dyb = None
         if ad is not None:
             dyb = dy @ bd.to(dy.dtype)
@@ -144,7 +159,8 @@ class LoRAGatedMLP(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         dx, gag, gbg = _lora_bwd(g, x2, xag, wg, ag, bg, sg, None, want_dx)
         dx, gau, gbu = _lora_bwd(u, x2, xau, wu, au, bu, su, dx, want_dx)
-        return (dx.view(ctx.shape) if dx is not None else None), None, None, gag, gbg, None, gau, gbu, None, gad, gbd
+        dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
+        return dx, None, None, gag, gbg, None, gau, gbu, None, gad, gbd
 
 
 def lora_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:

@@ -182,3 +182,26 @@ def test_lora_gated_mlp(dtype, rng_seed):
     assert rel_err(y, ref) < b and rel_err(x.grad, x64.grad) < b, rng_seed
     for p, rf in zip(made, refs):
         assert rel_err(p.lora_a.grad, rf[2].grad) < b and rel_err(p.lora_b.grad, rf[3].grad) < b, rng_seed
+
+
+def test_fp32_weights_under_autocast(rng_seed):
+    """Full fine-tuning with fp16/bf16 autocast keeps fp32 weights: the fused ops compute in the
+    autocast dtype, as the unfused ones would, and hand back fp32 gradients."""
+    from kernels.cross_entropy import fused_linear_cross_entropy
+    from kernels.lora import Projection, lora_projections
+
+    half = torch.bfloat16
+    hidden, h64 = leaf(torch.randn(6, 16), torch.float32)
+    weight = torch.randn(40, 16, device=DEVICE)
+    targets = torch.randint(0, 40, (6,), device=DEVICE)
+    proj = Projection(torch.randn(8, 16, device=DEVICE) / 4, None, torch.randn(2, 16, device=DEVICE, requires_grad=True),
+                      torch.randn(8, 2, device=DEVICE, requires_grad=True), 1.0)
+    with torch.autocast(DEVICE, dtype=half):
+        loss = fused_linear_cross_entropy(hidden, weight, targets)
+        (out,) = lora_projections(hidden, [proj])
+    (loss + out.float().sum() * 1e-3).backward()
+    ref = torch.nn.functional.cross_entropy(h64 @ weight.double().t(), targets) + (
+        (h64 @ proj.weight.double().t() + (h64 @ proj.lora_a.double().t()) @ proj.lora_b.double().t()).sum() * 1e-3)
+    ref.backward()
+    assert out.dtype == half and hidden.grad.dtype == torch.float32
+    assert rel_err(loss, ref) < BOUND[half] and rel_err(hidden.grad, h64.grad) < BOUND[half], rng_seed

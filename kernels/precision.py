@@ -1,0 +1,15 @@
+"""The dtype a fused op computes in: autocast's when it is on (as the unfused ops would), else
+its input's. The autograd functions switch autocast off inside and cast explicitly, so an
+fp32-weight model under fp16/bf16 autocast (full fine-tuning with fp16) gets matching dtypes."""
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
+def no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
