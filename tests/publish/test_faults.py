@@ -83,3 +83,17 @@ def test_download_that_keeps_failing_caches_nothing(big_run, env, bucket, proxy,
         pull(adapter["uri"], {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"})
     cache = volume / "cache" / "adapters"
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".lock-")] == []
+
+
+def test_checkpoint_upload_failure_fails_the_publish_and_leaves_no_manifest(tiny_adapter, tmp_path, env, bucket, proxy, s3_server):
+    from worker.publish import start_uploader
+
+    run = make_run_dir(tmp_path, tiny_adapter, checkpoints=(3,))
+    job = make_job("cut-ckpt", outputs={"s3": {"bucket": bucket}}, publish=["checkpoints"])
+    proxy.cut(upload_after=200, times=None)  # the uploader's path to the bucket is broken; the final publish's is not
+    uploader = start_uploader(run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}, interval_s=0.1)
+    with pytest.raises(PublishError, match=r"checkpoint upload failed for step\(s\) \[3\]") as err:
+        publish_run(run, job, env, uploader=uploader)
+    assert "still in the run folder" in err.value.hint
+    assert [a["kind"] for a in err.value.details["published"]] == ["logs"]  # what did get published is reported
+    assert manifest_keys(s3_server, bucket) == ["cut-ckpt/logs/manifest.json"]

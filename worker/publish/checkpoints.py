@@ -80,6 +80,10 @@ class CheckpointUploader:
         self.sweep()
         return list(self.artifacts)
 
+    def failed_steps(self) -> list[int]:
+        """Complete checkpoints that could not be uploaded (not counting tries that later succeeded)."""
+        return sorted(s for s in self._failures if s not in self._done)
+
     def discard(self) -> None:
         """Remove from the bucket the checkpoints this uploader put there (best effort: housekeeping)."""
         for record in self.artifacts:

@@ -89,18 +89,14 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
             if "checkpoints" in job.publish:
                 uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)
                 published += uploader.stop()
-                if uploader.errors:
-                    raise PublishError(f"{len(uploader.errors)} checkpoint upload(s) failed: {uploader.errors[-1]}",
+                if uploader.failed_steps():
+                    raise PublishError(f"checkpoint upload failed for step(s) {uploader.failed_steps()}: {uploader.errors[-1]}",
                                        "the checkpoints are still in the run folder; resubmit the run_id to upload them")
             elif uploader is not None:  # they were resume insurance while training ran; not asked for as results
                 uploader.stop()
                 uploader.discard()
         if targets.hub is not None and folders:
-            merged = next((f for k, f in folders if k == "merged"), None)
-            only_merged = folders[0][0] == "merged"
-            published.append(publish_hub(targets.hub, job.config, job.run_id, run_dir,
-                                         merged if only_merged else folders[0][1], "merged" if only_merged else main_kind,
-                                         None if only_merged else merged, _secrets(job, env), targets.transfer))
+            published.append(_to_hub(targets, job, run_dir, dict(folders), env))
         if targets.local is not None:
             for kind, folder in folders + ([("logs", logs)] if logs else []):
                 dest = targets.local / kind
@@ -116,6 +112,14 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
         if record["kind"] == "adapter" and warnings:
             record["warnings"] = warnings
     return published
+
+
+def _to_hub(targets: Targets, job: Any, run_dir: Path, folders: dict[str, Path], env: Mapping[str, str]) -> dict[str, Any]:
+    """The repo root gets the adapter (or model); `merged/` the merged model — or the root when only it was asked."""
+    main_kind = next((k for k in folders if k != "merged"), "merged")
+    merged = folders.get("merged") if main_kind != "merged" else None
+    return publish_hub(targets.hub, job.config, job.run_id, run_dir, folders[main_kind], main_kind, merged,
+                       _secrets(job, env), targets.transfer)
 
 
 def _record(kind: str, target: str, uri: str, manifest: Any) -> dict[str, Any]:
