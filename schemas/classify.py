@@ -107,6 +107,8 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
     if family.startswith("sharegpt"):
         report.error(loc, f"type {kind!r} was removed from axolotl; use type: chat_template with field_messages "
                           "(and message_property_mappings for from/value keys)", "unsupported")
+    elif family == "pretrain":
+        report.error(loc, "type 'pretrain' belongs to pretraining_dataset entries; under datasets use type: completion")
     elif family in KNOWN_UNSUPPORTED_TYPES:
         report.error(loc, f"type {kind!r}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
     elif "." in kind:

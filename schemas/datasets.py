@@ -25,7 +25,7 @@ SUPPORTED_TYPES = (
 
 # axolotl strategy families that exist but ftw does not implement: a clear error, not a guess.
 KNOWN_UNSUPPORTED_TYPES = (
-    "bradley_terry", "ebft_pretrain", "ebft_strided_chat", "orpo", "dpo", "kto", "stepwise_supervised",
+    "bradley_terry", "ebft", "ebft_pretrain", "ebft_strided_chat", "ebft_strided_structured", "ebft_opencode", "orpo", "dpo", "kto", "stepwise_supervised",
     "metharme", "pygmalion", "oasst", "gpteacher", "reflection", "explainchoice", "concisechoice",
     "summarizetldr", "jeopardy", "context_qa", "creative_acr", "alpaca_w_system", "llama2_chat",
     "user_defined", "messages", "orcamini", "alpaca_chat", "alpaca_instruct", "base", "chatml",

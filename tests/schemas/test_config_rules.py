@@ -185,6 +185,8 @@ def test_gated_keys_need_the_operator(key, value, var):
     ("orpo.chat_template", "unsupported", "not supported"),
     ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
     ("alpacaa", "invalid", "not a known prompt strategy"),
+    ("pretrain", "invalid", "pretraining_dataset"),
+    ("ebft_opencode.transform", "unsupported", "not supported"),
 ])
 def test_dataset_types(kind, expected_kind, fragment):
     report = validate_config({**GOOD, "datasets": [{"path": "org/data", "type": kind}]}, ENV)
