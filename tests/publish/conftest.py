@@ -70,7 +70,8 @@ def add_checkpoint(run: Path, step: int, size: int = 1000) -> Path:
     return final
 
 
-def make_job(run_id: str, outputs: dict | None = None, publish: list[str] | None = None, credentials: dict | None = None, **config):
+def make_job(run_id: str, outputs: dict | None = None, publish: list[str] | None = None, credentials: dict | None = None,
+             env: dict | None = None, **config):
     from schemas.job import validate_job
 
     raw = {
@@ -79,7 +80,7 @@ def make_job(run_id: str, outputs: dict | None = None, publish: list[str] | None
                    "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}], **config},
         "outputs": outputs or {}, "publish": publish or ["adapter"], "credentials": credentials or {},
     }
-    report = validate_job(raw, env={})
+    report = validate_job(raw, env=env or {})
     assert report.valid, report.errors
     return report.value
 

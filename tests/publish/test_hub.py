@@ -96,3 +96,28 @@ def test_pull_of_a_repo_not_published_by_ftw_is_cached_by_commit(hub_env, hub_se
     assert pull("hf://other/plain@main", hub_env).path == first.path
     with pytest.raises(PublishError, match="cannot read"):
         pull("other/plain", {k: v for k, v in hub_env.items() if k != "HF_TOKEN"})  # private: a token is needed
+
+
+@pytest.mark.parametrize("folder, expected", [
+    ("hub-cache/models--meta-llama--Llama-3-8B/snapshots/0123abcd", "meta-llama/Llama-3-8B"),
+    ("models/my-own-base", None),
+])
+def test_local_base_model_and_data_never_leak_their_paths(tiny_adapter, tmp_path, hub_env, hub_server, volume, folder, expected):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    base = volume / folder
+    data = volume / "data" / "private-set.jsonl"
+    repo = f"team/local-{expected is None}"
+    job = make_job("hub-local", outputs={"hub": {"repo_id": repo}}, env=hub_env, base_model=str(base),
+                   datasets=[{"path": str(data), "type": "alpaca"}])
+    (record,) = publish_run(run, job, hub_env)
+    tree = hub_server.commits(repo)[0]["tree"]
+    card = hub_server.store.blob("model", repo, tree["README.md"]).decode()
+    config = json.loads(hub_server.store.blob("model", repo, tree["adapter_config.json"]))
+    assert str(volume) not in card and not LOCAL_PATH.search(card)
+    assert "private-set.jsonl (local file)" in card
+    if expected:
+        assert config["base_model_name_or_path"] == expected and f"base_model: {expected}" in card
+        assert "warnings" not in record
+    else:
+        assert config["base_model_name_or_path"] == "my-own-base" and "base_model:" not in card
+        assert any("local folder" in w for w in record["warnings"])

@@ -34,6 +34,17 @@ def hub_id(name: str | None) -> str | None:
     return name if HUB_ID.match(name) else None
 
 
+def base_model_id(name: str) -> str | None:
+    """The base model's Hub id: the name itself, or read from a Hub cache folder
+    (`…/models--org--name/snapshots/<sha>`); None for any other local folder."""
+    if hub_id(name):
+        return name
+    for part in Path(name.removeprefix("file://")).parts:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return hub_id("/".join(part.removeprefix("models--").split("--", 1)))
+    return None
+
+
 def public_name(name: str) -> str:
     """How a model or dataset is named in public: a Hub id as is, anything else without its path."""
     if hub_id(name):

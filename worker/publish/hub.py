@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import PublishError
-from worker.publish.card import hub_id, model_card
+from worker.publish.card import base_model_id, model_card, public_name
 from worker.publish.manifest import MANIFEST_NAME, Manifest, folder_files, sha256_file
 from worker.publish.transfer import Fatal, TransferSettings, with_retries
 
@@ -60,13 +60,14 @@ def _operations(root: Path, prefix: str, replace: dict[str, bytes]) -> tuple[lis
     return ops, manifest
 
 
-def adapter_config_for_hub(adapter_dir: Path, base_id: str | None) -> dict[str, bytes]:
-    """adapter_config.json with base_model_name_or_path = the base model's Hub id (never a local path)."""
+def adapter_config_for_hub(adapter_dir: Path, base_id: str | None, base_name: str) -> dict[str, bytes]:
+    """adapter_config.json with base_model_name_or_path = the base model's Hub id, or (a local base
+    model with no known id) its folder name: never a local path."""
     path = adapter_dir / "adapter_config.json"
-    if not path.is_file() or base_id is None:
+    if not path.is_file():
         return {}
     cfg = json.loads(path.read_text())
-    cfg["base_model_name_or_path"] = base_id
+    cfg["base_model_name_or_path"] = base_id or Path(base_name.removeprefix("file://")).name
     return {"adapter_config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
 
 
@@ -95,14 +96,14 @@ def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_di
         raise PublishError(f"no Hugging Face token to publish to {target.repo_id}",
                            "set HF_TOKEN on the endpoint, or send credentials.hf_token with the job")
     api = HfApi(endpoint=target.endpoint, token=target.token)
-    base_id = hub_id(cfg.base_model)
+    base_id = base_model_id(cfg.base_model)
     loss_png = run_dir / "loss.png"
     card = model_card(cfg, target.repo_id, run_id, run_dir, base_id=base_id, has_loss_png=loss_png.is_file(),
                       merged_path=MERGED_DIR if merged_dir is not None else None, secrets=secrets)
     # the card replaces the README peft writes; loss.png sits beside it
     replace = {"README.md": card.encode(), **({"loss.png": loss_png.read_bytes()} if loss_png.is_file() else {})}
     if main_kind == "adapter":
-        replace.update(adapter_config_for_hub(main_dir, base_id))
+        replace.update(adapter_config_for_hub(main_dir, base_id, cfg.base_model))
     ops, manifest = _operations(main_dir, "", replace)
     if merged_dir is not None:
         ops += _operations(merged_dir, f"{MERGED_DIR}/", {})[0]
@@ -132,6 +133,10 @@ def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_di
         raise
     except Exception as e:
         raise _hub_error(e, target) from e
-    return {"kind": main_kind, "target": "hub", "uri": f"hf://{target.repo_id}", "revision": branch,
-            "commit": info.oid, "sha256_manifest": manifest.sha256, "files": len(manifest.files),
-            "bytes": manifest.total_bytes, **({"merged_path": MERGED_DIR} if merged_dir is not None else {})}
+    record = {"kind": main_kind, "target": "hub", "uri": f"hf://{target.repo_id}", "revision": branch,
+              "commit": info.oid, "sha256_manifest": manifest.sha256, "files": len(manifest.files),
+              "bytes": manifest.total_bytes, **({"merged_path": MERGED_DIR} if merged_dir is not None else {})}
+    if base_id is None and main_kind == "adapter":
+        record["warnings"] = [f"the base model is a local folder ({public_name(cfg.base_model)}): adapter_config.json names it "
+                              "by its folder name, which servers cannot resolve; train from a Hub id to fix this"]
+    return record

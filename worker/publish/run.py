@@ -110,7 +110,7 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
             shutil.rmtree(logs, ignore_errors=True)
     for record in published:
         if record["kind"] == "adapter" and warnings:
-            record["warnings"] = warnings
+            record["warnings"] = record.get("warnings", []) + warnings
     return published
 
 
