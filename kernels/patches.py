@@ -109,6 +109,14 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
+def _plain_output_layer(head) -> bool:
+    """A bias-free Linear, or PEFT's trainable copy of one (modules_to_save); a LoRA-wrapped head
+    adds its own term to the logits, which the fused loss does not compute."""
+    inner = getattr(head, "modules_to_save", None) if type(head).__name__ == "ModulesToSaveWrapper" else None
+    layers = list(inner.values()) if inner is not None else [head]
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in layers)
+
+
 # ---- installer --------------------------------------------------------------------------------
 def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list[str]:
     """Install every patch of `family` on `base` (a *ForCausalLM); return the names applied."""
@@ -148,7 +156,7 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
         base.set_attn_implementation(attention.NAME)
         applied.append("varlen_attention")
 
-    if hasattr(base, "lm_head") and hasattr(base, "model"):
+    if _plain_output_layer(getattr(base, "lm_head", None)) and hasattr(base, "model"):
         _replace_forward(base, _causal_lm_forward)
         applied.append("fused_linear_cross_entropy")
     return applied

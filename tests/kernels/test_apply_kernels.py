@@ -20,12 +20,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 models: no varle
 FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]
 
 
-def tiny(config_cls, dropout: float = 0.0, **extra):
+def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, **extra):
     torch.manual_seed(0)
     cfg = config_cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, **extra)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                                             modules_to_save=modules_to_save))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
             torch.nn.init.normal_(p, std=0.2)
@@ -69,6 +70,35 @@ def test_patched_model_matches_reference(config_cls, extra, caplog):
     assert rel_err(loss, ref_loss) < 1e-5
     assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 modules × 2 layers
     for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_lora_on_the_output_layer_keeps_the_unfused_loss():
+    """A LoRA-wrapped lm_head adds its own term to the logits: the fused loss must not skip it."""
+    ref = tiny(LlamaConfig, targets=[*TARGETS, "lm_head"])
+    model = copy.deepcopy(ref)
+    applied = apply_kernels(model, training_config(use_kernels=True))
+    assert "fused_linear_cross_entropy" not in applied and "rmsnorm" in applied
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5 and any("lm_head" in n for n in grads)
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_trained_output_layer_gets_its_gradient_from_the_fused_loss():
+    """lora_modules_to_save: [lm_head] trains a copy of the output layer: the fused loss computes
+    its weight gradient (fp32 accumulation) instead of skipping it."""
+    ref = tiny(LlamaConfig, modules_to_save=["lm_head"])
+    model = copy.deepcopy(ref)
+    assert "fused_linear_cross_entropy" in apply_kernels(model, training_config(use_kernels=True))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    head = [n for n in grads if "lm_head" in n]
+    assert head and rel_err(loss, ref_loss) < 1e-5
+    for name in head:
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
