@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ class HubTarget:
     repo_id: str
     private: bool
     revision: str | None
-    token: str | None
-    endpoint: str | None
+    token: str | None = field(repr=False)
+    endpoint: str | None = None
 
     @classmethod
     def resolve(cls, outputs_hub: Any, credentials: Any, env: Mapping[str, str]) -> HubTarget:
