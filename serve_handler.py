@@ -14,12 +14,24 @@ or torch; the engine runs as a child on loopback and gets SIGTERM when the worke
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
+import threading
 
 from worker.errors import FtwError
 from worker.serve.service import running_service
 from worker.serve.settings import ServeSettings
+
+
+def stop_when_engine_dies(engine) -> None:
+    """A worker whose engine died must not take more jobs: log why, then stop (RunPod starts a fresh one)."""
+    code = engine.proc.wait()
+    if engine.stopping:
+        return
+    print(f"serve_handler: the {engine.engine} engine exited with code {code}; stopping this worker\n"
+          f"--- engine log tail ---\n{engine.log_tail()}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> int:
@@ -32,6 +44,7 @@ def main() -> int:
         return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds running_service: the engine is stopped
     with running_service(settings) as service:
+        threading.Thread(target=stop_when_engine_dies, args=(service.engine,), daemon=True).start()
         asyncio.run(service.app.preload())
 
         async def handler(job):

@@ -176,8 +176,7 @@ class AdapterRegistry:
         try:
             path = await self._fetch(ref)
         except FtwError as e:
-            raise AdapterError(f"adapter {name!r} could not be pulled from {ref.source}: {e.message}", hint=e.hint,
-                               status=404 if "not found" in e.message.lower() else 400) from e
+            raise AdapterError(f"adapter {name!r} could not be pulled from {ref.source}: {e.message}", hint=e.hint) from e
         self.pulls += 1
         await asyncio.to_thread(self._keep_disk_cache_small, path)
         adapter = verify_adapter(path, self.settings, name)

@@ -74,7 +74,10 @@ def http_app(app: ServeApp) -> web.Application:
     web_app.router.add_get("/v1/models", openai_route("/v1/models"))
     web_app.router.add_post("/v1/batch", batch)
     web_app.router.add_post("/runsync", runsync)
-    web_app.router.add_get("/health", lambda r: web.json_response({"ok": True, "adapters": app.adapters.names()}))
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "adapters": app.adapters.names()})
+
+    web_app.router.add_get("/health", health)
     return web_app
 
 

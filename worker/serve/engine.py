@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ class EngineProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="ftw-engine-")) / "engine.log"
         self.proc: subprocess.Popen | None = None
+        self.stopping = False  # set by stop(): an exit after it is expected
 
     def child_env(self) -> dict[str, str]:
         env = dict(self.settings.env or os.environ)
@@ -148,6 +149,7 @@ class EngineProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace_s: float = 20.0) -> None:
+        self.stopping = True
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
@@ -158,6 +160,15 @@ class EngineProcess:
             self.proc.wait()
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def _unreachable_as_error() -> Iterator[None]:
+    try:
+        yield
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        raise ServeError(f"the engine did not answer ({type(e).__name__}: {e})", status=503,
+                         hint="the engine process may have died; the worker's log has its last lines") from e
 
 
 class EngineClient:
@@ -181,23 +192,21 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
-    async def get(self, route: str) -> Any:
-        async with self.session().get(self.url + route) as r:
-            return await self._json_or_raise(r)
-
     async def post(self, route: str, body: dict[str, Any]) -> Any:
-        async with self.session().post(self.url + route, json=body) as r:
-            return await self._json_or_raise(r)
+        with _unreachable_as_error():
+            async with self.session().post(self.url + route, json=body) as r:
+                return await self._json_or_raise(r)
 
     async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[str]:
         """The engine's server-sent events, one `data: ...` payload string at a time."""
-        async with self.session().post(self.url + route, json=body) as r:
-            if r.status != 200:
-                await self._json_or_raise(r)
-            async for raw in r.content:
-                line = raw.decode("utf-8").strip()
-                if line.startswith("data:"):
-                    yield line[5:].strip()
+        with _unreachable_as_error():
+            async with self.session().post(self.url + route, json=body) as r:
+                if r.status != 200:
+                    await self._json_or_raise(r)
+                async for raw in r.content:
+                    line = raw.decode("utf-8").strip()
+                    if line.startswith("data:"):
+                        yield line[5:].strip()
 
     @staticmethod
     async def _json_or_raise(r: aiohttp.ClientResponse) -> Any:

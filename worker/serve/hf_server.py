@@ -36,7 +36,7 @@ class HFServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 2**20)
-        app.router.add_get("/health", lambda r: web.Response(text="ok"))
+        app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -52,6 +52,9 @@ class HFServer:
             return error_response(e.status, e.message + (f" ({e.hint})" if e.hint else ""))
         except (ValueError, KeyError, TypeError) as e:
             return error_response(400, f"bad request: {e}")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def models(self, request: web.Request) -> web.Response:
         names = [self.served_name, *self.engine.adapters]
