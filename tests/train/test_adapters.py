@@ -65,3 +65,22 @@ def test_full_finetune_trains_every_weight_and_saves_a_model(task_model_dir, tas
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert "model.embed_tokens.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed and "lm_head.weight" in changed
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["adapter"] == "full"
+
+
+def test_added_tokens_resize_embeddings_and_must_train_them(task_model_dir):
+    from worker.errors import JobSpecError
+    from worker.train.model import load_model, load_tokenizer, resolve_precision
+
+    cpu = torch.device("cpu")
+    keys = dict(tokens=["<tool_call>", "</tool_call>"], special_tokens={"additional_special_tokens": ["<think>"]})
+    cfg = TrainingConfig.model_validate(base_config(task_model_dir, **keys))
+    tok = load_tokenizer(cfg)
+    before = load(task_model_dir).get_input_embeddings().weight.shape[0]
+    assert len(tok) == before + 3 and tok.convert_tokens_to_ids("<think>") >= before and len(tok.tokenize("<tool_call>")) == 1
+    with pytest.raises(JobSpecError, match="untrained") as e:
+        load_model(cfg, tok, resolve_precision(cfg, cpu), cpu)
+    assert "lora_modules_to_save" in e.value.hint
+    cfg = TrainingConfig.model_validate(base_config(task_model_dir, lora_modules_to_save=["embed_tokens", "lm_head"], resize_token_embeddings_to_32x=True, **keys))
+    model = load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, cpu), cpu)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows >= len(tok) and rows % 32 == 0

@@ -34,11 +34,13 @@ def reference_step(model_dir, rows, cfg):
     return loss.detach().item(), {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def test_one_step_matches_transformers_peft_reference(task_model_dir, task_rows, tmp_path):
+@pytest.mark.parametrize("memory", [{}, {"gradient_checkpointing": True, "activation_offloading": True}], ids=["plain", "checkpointing+offload"])
+def test_one_step_matches_transformers_peft_reference(task_model_dir, task_rows, tmp_path, memory):
+    """Gradient checkpointing and activation offload trade time for memory and change no number."""
     train, _, _ = task_rows
     rows = train[:4]  # exactly one global batch: the step's rows do not depend on the order
     cache = write_cache(tmp_path / "cache", rows)
-    cfg = base_config(task_model_dir, micro_batch_size=4, max_steps=1, learning_rate=1e-2, max_grad_norm=1.0, save_strategy="no")
+    cfg = base_config(task_model_dir, micro_batch_size=4, max_steps=1, learning_rate=1e-2, max_grad_norm=1.0, save_strategy="no", **memory)
     assert run_inprocess(cfg, tmp_path / "run", cache) == 0
 
     torch.set_num_threads(1)
@@ -51,3 +53,14 @@ def test_one_step_matches_transformers_peft_reference(task_model_dir, task_rows,
     for name, ref in ref_weights.items():
         torch.testing.assert_close(ours[name], ref, rtol=1e-4, atol=1e-6, msg=name)
     assert any(ref.abs().sum() > 0 for k, ref in ref_weights.items() if "lora_B" in k)  # the step moved B off zero
+
+
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(task_model_dir, task_rows, tmp_path):
+    train, held, _ = task_rows
+    cache = write_cache(tmp_path / "cache", train[:16], held[:4])
+    # a learning rate too small to move the loss: every eval after the first fails to improve
+    cfg = base_config(task_model_dir, max_steps=10, learning_rate=1e-12, eval_steps=1, early_stopping_patience=2, save_strategy="no")
+    assert run_inprocess(cfg, tmp_path / "run", cache) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and len(summary["eval_curve"]) == 3
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -145,3 +145,17 @@ def test_sharding_keys_map_to_ddp_or_fsdp2():
     assert strategy(cfg(deepspeed="zero3"), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
     assert strategy(cfg(deepspeed="zero3_offload"), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
     assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two)["reshard"] is True
+
+
+def test_a_tracker_that_is_configured_but_missing_fails_before_training():
+    import importlib.util
+
+    from worker.train.progress import wanted_trackers
+
+    assert wanted_trackers(cfg()) == []
+    for keys, name in (({"use_tensorboard": True}, "tensorboard"), ({"wandb_project": "p"}, "wandb"), ({"use_mlflow": True}, "mlflow")):
+        if importlib.util.find_spec(name) is None:
+            with pytest.raises(JobSpecError, match=name):
+                wanted_trackers(cfg(**keys))
+        else:
+            assert wanted_trackers(cfg(**keys)) == [name]
