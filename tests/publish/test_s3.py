@@ -143,3 +143,10 @@ def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env
     assert all(p.returncode == 0 for p in procs)
     assert len({r["path"] for r in records}) == 1 and sum(not r["cached"] for r in records) == 1
     assert proxy.bytes_down < 1.5 * adapter["bytes"]
+
+
+def test_missing_bucket_is_named_and_not_retried(tiny_adapter, tmp_path, env):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    with pytest.raises(PublishError) as err:
+        publish_run(run, make_job("run-nobucket", outputs={"s3": {"bucket": "no-such-bucket"}}), {**env, "FTW_PUBLISH_BACKOFF_S": "30"})
+    assert "NoSuchBucket" in err.value.message and "outputs.s3.bucket" in err.value.hint and not err.value.retryable
