@@ -76,8 +76,12 @@ def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter
     host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
     with FaultProxy((host, int(port))) as proxy:
         proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
-        (adapter,) = [a for a in publish_run(run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied) if a["kind"] == "adapter"]
+        events = []
+        artifacts = publish_run(run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append)
+        (adapter,) = [a for a in artifacts if a["kind"] == "adapter"]
         assert proxy.parts_seen >= 5  # 24 MiB in 5 MiB parts
+        last = [e for e in events if e["what"] == "upload adapter"][-1]
+        assert last["stage"] == "publish" and last["bytes_done"] == last["bytes_total"] == adapter["bytes"]
         pulled = pull(adapter["uri"], proxied)
     assert (pulled.path / "big.bin").read_bytes() == big.read_bytes()
 

@@ -27,6 +27,7 @@ from worker.publish.hub import publish_hub
 from worker.publish.local import publish_local, store_uri
 from worker.publish.s3 import make_client, upload_folder
 from worker.publish.targets import Targets
+from worker.publish.transfer import ProgressSink
 from worker.publish.vllm_check import check_adapter
 
 LOG_FILES = ("summary.json", "loss.png", "config.json")
@@ -66,8 +67,10 @@ def _secrets(job: Any, env: Mapping[str, str]) -> list[str]:
     return job.credentials.secrets() + env_secrets(env)
 
 
-def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: CheckpointUploader | None = None) -> list[dict[str, Any]]:
-    """Publish the run's artifacts to the job's targets; PublishError (with what got published) on failure."""
+def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: CheckpointUploader | None = None, *,
+                progress: ProgressSink | None = None) -> list[dict[str, Any]]:
+    """Publish the run's artifacts to the job's targets; PublishError (with what got published) on failure.
+    `progress` receives {stage: publish, what, bytes_done, bytes_total, bytes_per_s, eta_s} events."""
     run_dir = Path(run_dir)
     targets = Targets.for_job(job, env)
     main_kind, main_dir = _main_folder(run_dir, job)
@@ -84,7 +87,7 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
             client = make_client(targets.s3_settings, targets.transfer)
             for kind, folder in folders + ([("logs", logs)] if logs else []):
                 loc = targets.s3.child(kind)
-                manifest = upload_folder(client, folder, loc, targets.transfer, label=f"upload {kind}")
+                manifest = upload_folder(client, folder, loc, targets.transfer, label=f"upload {kind}", progress_sink=progress)
                 published.append(_record(kind, "s3", loc.uri, manifest))
             if "checkpoints" in job.publish:
                 uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)

@@ -22,7 +22,7 @@ from typing import Any
 
 from worker.errors import PublishError
 from worker.publish.manifest import MANIFEST_NAME, Manifest
-from worker.publish.transfer import Fatal, Progress, TransferSettings, log, with_retries
+from worker.publish.transfer import Fatal, Progress, ProgressSink, TransferSettings, log, with_retries
 
 FATAL_CODES = {
     "NoSuchBucket": "the bucket does not exist: create it, or fix outputs.s3.bucket",
@@ -152,13 +152,14 @@ def _failed(what: str, e: Exception, loc: S3Location) -> PublishError:
                         "same run_id publishes again (nothing partial was marked complete)", details={"uri": loc.uri})
 
 
-def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSettings, label: str = "") -> Manifest:
+def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSettings, label: str = "",
+                  progress_sink: ProgressSink | None = None) -> Manifest:
     """Upload `folder` to `loc`; manifest.json last. Returns the manifest; PublishError on failure."""
     from boto3.s3.transfer import create_transfer_manager
 
     label = label or f"upload {loc.uri}"
     manifest = Manifest.of_folder(folder)
-    progress = Progress(label, manifest.total_bytes)
+    progress = Progress(label, manifest.total_bytes, progress_sink)
     try:
         with_retries(_guarded(lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME)), label), label, transfer)
         with create_transfer_manager(client, _transfer_config(transfer)) as manager:

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from worker.events import emit
 
@@ -74,11 +74,15 @@ def _short(e: Exception) -> str:
     return text if len(text) < 300 else text[:300] + "…"
 
 
-class Progress:
-    """Counts bytes from several threads; logs and emits a progress event at most every `every_s`."""
+ProgressSink = Callable[[dict[str, Any]], None]
 
-    def __init__(self, label: str, total_bytes: int, every_s: float = 5.0):
-        self.label, self.total, self.every_s = label, total_bytes, every_s
+
+class Progress:
+    """Counts bytes from several threads; at most every `every_s` logs a line and hands a progress
+    event to `sink` (the orchestrator's progress channel; default: worker.events.emit)."""
+
+    def __init__(self, label: str, total_bytes: int, sink: ProgressSink | None = None, every_s: float = 5.0):
+        self.label, self.total, self.every_s, self.sink = label, total_bytes, every_s, sink or emit
         self.done = 0
         self.start = self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -103,5 +107,5 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else None
         log.info("%s: %.1f/%.1f MiB (%.1f MiB/s%s)", self.label, self.done / 2**20, self.total / 2**20, rate / 2**20,
                  f", ETA {eta:.0f}s" if eta is not None else "")
-        emit({"stage": "publish", "what": self.label, "bytes_done": self.done, "bytes_total": self.total,
+        self.sink({"stage": "publish", "what": self.label, "bytes_done": self.done, "bytes_total": self.total,
               "bytes_per_s": round(rate), "eta_s": round(eta, 1) if eta is not None else None})
