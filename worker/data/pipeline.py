@@ -102,6 +102,7 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
     train = rows.apply_length_policy(train, *policy)
     if evaluation is not None:
         evaluation = rows.apply_length_policy(evaluation, *policy)
+    truncated = tally.dropped.pop("truncated", 0)
     if cfg.dataset_exact_deduplication:
         train, seen = rows.deduplicate(train, tally.dropped)
         if evaluation is not None:
@@ -135,8 +136,8 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
         "rows": {
             "in": tally.rows_in, "samples": tally.samples, "kept": train.num_rows + (evaluation.num_rows if evaluation is not None else 0),
             "train": train.num_rows, "eval": evaluation.num_rows if evaluation is not None else 0,
-            "dropped": {k: v for k, v in tally.dropped.items() if v and k != "truncated (kept)"},
-            "truncated": tally.dropped.get("truncated (kept)", 0),
+            "dropped": {k: v for k, v in tally.dropped.items() if v},
+            "truncated": truncated,
         },
         "tokens": {
             "train": int(train_lengths.sum()), "trained": trained,

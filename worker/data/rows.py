@@ -27,7 +27,9 @@ def trained_counts(table: pa.Table) -> np.ndarray:
 
 
 def apply_length_policy(table: pa.Table, sequence_len: int, strategy: str, min_len: int, sources: list[str], dropped: Counter) -> pa.Table:
-    """excess_length_strategy drop|truncate|raise, then min_sample_len, then samples with nothing to train."""
+    """excess_length_strategy drop|truncate|raise, then min_sample_len, then samples with nothing to train.
+
+    Counts go to `dropped` by reason; truncated (kept) samples are counted under "truncated"."""
     too_long = lengths(table) > sequence_len
     if too_long.any():
         if strategy == "raise":
@@ -39,7 +41,7 @@ def apply_length_policy(table: pa.Table, sequence_len: int, strategy: str, min_l
                 stage="preprocess", details={"source": source, "row": row, "field": "input_ids"},
             )
         if strategy == "truncate":
-            dropped["truncated (kept)"] += int(too_long.sum())
+            dropped["truncated"] += int(too_long.sum())
             table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pc.list_slice(table.column("input_ids"), 0, sequence_len))
             table = table.set_column(table.schema.get_field_index("labels"), "labels", pc.list_slice(table.column("labels"), 0, sequence_len))
         else:
