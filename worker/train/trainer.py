@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from schemas.config import TrainingConfig
+from worker.errors import JobSpecError, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
@@ -97,8 +98,6 @@ class Trainer:
         )
 
     def resume_point(self) -> Path | None:
-        from worker.errors import JobSpecError
-
         if self.cfg.resume_from_checkpoint:
             path = Path(self.cfg.resume_from_checkpoint).expanduser()
             if ckpt.read_state(path) is None:
@@ -173,8 +172,6 @@ class Trainer:
                 state.train_loss.append((state.step, round(metrics["loss"], 6)))
                 progress.step(state.step, metrics)
                 if not math.isfinite(metrics["loss"]):
-                    from worker.errors import TrainingError
-
                     raise TrainingError(f"the loss became {metrics['loss']} at step {state.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
                 stop_early = sched.eval_due(state.step) and self.evaluate_and_track()
                 saved = False
