@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from schemas.config import TrainingConfig
-from worker.errors import JobSpecError, TrainingError
+from worker.errors import JobSpecError, OutOfMemory, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
@@ -165,7 +165,13 @@ class Trainer:
                 epoch = state.step // self.plan.steps_per_epoch
                 if epoch != order_epoch:
                     order, order_epoch = self.plan.epoch_order(epoch), epoch
-                metrics = self.train_step(state.step, order)
+                try:
+                    metrics = self.train_step(state.step, order)
+                except torch.cuda.OutOfMemoryError as e:
+                    raise OutOfMemory(
+                        f"out of GPU memory at step {state.step + 1} ({self.peak_memory_gib():.1f} GiB in use at the peak)",
+                        hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set gradient_checkpointing: true, or use a larger GPU; the run resumes from its last checkpoint",
+                    ) from e
                 state.step += 1
                 elapsed = time.monotonic() - t0
                 metrics["tokens_per_s"] = (state.tokens - tokens0) / max(elapsed, 1e-9)
