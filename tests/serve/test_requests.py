@@ -144,3 +144,69 @@ def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
     if VLLM_PYTHON.exists():
         assert resolve_engine(settings(FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "vllm"
     assert resolve_engine(settings(FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "transformers"
+
+
+# ---- the adapter registry's own logic (fetch/load/unload are injected: here they record calls)
+def test_registry_single_flight_lru_slots_and_failures(tmp_path):
+    import asyncio
+    from dataclasses import replace
+
+    from worker.serve.adapters import AdapterRegistry
+
+    s = replace(settings(BASE_VOLUME=str(tmp_path)), max_cpu_loras=2)
+    for name in ("a", "b", "c"):
+        write_adapter(tmp_path / name)
+    calls: list[tuple[str, str]] = []
+
+    async def fetch(ref):
+        calls.append(("fetch", ref.name))
+        await asyncio.sleep(0.05)
+        if ref.name.endswith("/missing"):
+            raise AdapterError("no such folder")
+        return Path(ref.source)
+
+    async def load(adapter):
+        calls.append(("load", adapter.name))
+
+    async def unload(name):
+        calls.append(("unload", name))
+
+    registry = AdapterRegistry(s, fetch, load, unload)
+    ref = lambda n: f"file://{tmp_path}/{n}"  # noqa: E731
+
+    async def scenario():
+        await asyncio.gather(*(registry.get(ref("a")) for _ in range(5)))
+        assert calls == [("fetch", ref("a")), ("load", ref("a"))]
+        results = await asyncio.gather(*(registry.get(ref("missing")) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, AdapterError) and "no such folder" in r.message for r in results)
+        assert calls.count(("fetch", ref("missing"))) == 1
+        await registry.get(ref("b"))
+        async with registry.use(ref("a")):  # a busy, b idle: c takes b's slot
+            await registry.get(ref("c"))
+            assert ("unload", ref("b")) in calls and registry.names() == [ref("a"), ref("c")]
+            async with registry.use(ref("c")):
+                with pytest.raises(AdapterError) as busy:
+                    await registry.get(ref("b"))
+                assert busy.value.status == 429
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
+    import asyncio
+
+    from tests.s3server import free_port
+    from worker.serve.app import ServeApp
+    from worker.serve.engine import EngineClient
+
+    app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{free_port()}"), fetch=None)
+    job = {"openai_route": "/v1/chat/completions", "openai_input": {"model": "org/base", "messages": [{"role": "user", "content": "hi"}]}}
+
+    async def scenario():
+        try:
+            return [out async for out in app.handle_job(job)]
+        finally:
+            await app.client.close()
+
+    (out,) = asyncio.run(scenario())
+    assert out["error"]["code"] == 503 and "did not answer" in out["error"]["message"]
