@@ -72,6 +72,9 @@ def test_two_concurrent_runs_make_one_cache_and_both_succeed(volume, tokenizer_d
     entries = sorted(p.name for p in (volume / "cache").iterdir() if not p.name.endswith(".lock"))
     assert entries == [os.path.basename(results[0]["cache_dir"])]
     assert any(e["phase"] == "done" for e in events(volume, "run0"))
+    builder = next(i for i, r in enumerate(results) if r["built"])
+    progress = [e for e in events(volume, f"run{builder}") if e["phase"] == "tokenize" and "eta_s" in e]
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 1000 and progress[-1]["tokens_per_s"] > 0
 
 
 def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):

@@ -161,3 +161,19 @@ def test_a_folder_cannot_reach_outside_itself(volume, tokenizer_dir, tmp_path):
     assert summary["rows"]["in"] == 4  # the link out of the folder is not read
     with pytest.raises(DataError, match="data_files outside the dataset folder"):
         prepare(config(tokenizer_dir, [{"path": str(folder), "data_files": ["../../secret.jsonl"], "type": "alpaca"}]))
+
+
+def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir, monkeypatch):
+    import worker.data.pipeline as pipeline
+
+    rows = alpaca_rows(50)
+    path = write_jsonl(volume / "a.jsonl", rows)
+    entry = [{"path": str(path), "type": "alpaca"}]
+    whole = prepare(config(tokenizer_dir, entry, shuffle_merged_datasets=False))
+    monkeypatch.setattr(pipeline, "ROWS_PER_CHUNK", 7)
+    chunked = prepare(config(tokenizer_dir, entry, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "chunked")))
+    assert list(load_prepared(chunked["cache_dir"]).train["input_ids"]) == list(load_prepared(whole["cache_dir"]).train["input_ids"])
+    rows[45]["output"] = None  # in the last chunk: its row number counts the chunks before it
+    write_jsonl(path, rows)
+    with pytest.raises(DataError, match=r"row 45: field 'output'"):
+        prepare(config(tokenizer_dir, entry))

@@ -35,6 +35,7 @@ from worker.data.tokenizer import load_tokenizer, tokenizer_digest
 from worker.errors import DataError, JobSpecError
 
 ROWS_PER_PROCESS = 2000  # below this, a worker process costs more than it saves
+ROWS_PER_CHUNK = 20_000  # one progress event per chunk; a chunk costs one worker-pool start
 
 
 @dataclass
@@ -211,11 +212,25 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
         procs = max(1, min(cfg.dataset_num_proc or os.cpu_count() or 1, len(data) // ROWS_PER_PROCESS))
         progress.phase("tokenize", source=label, rows=len(data), processes=procs)
         tally.rows_in += len(data)
-        mapped = data.map(
-            tokenize_batch, fn_kwargs={"strategy": strategy, "source": first + n, "offset": item.skip}, batched=True, batch_size=256,
-            with_indices=True, remove_columns=data.column_names, num_proc=procs if procs > 1 else None,
-            features=features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label}",
+        tables.append(tokenize_source(data, strategy, first + n, item.skip, procs, label, progress))
+        tally.samples += tables[-1].num_rows
+    return pa.concat_tables(tables)
+
+
+def tokenize_source(data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress) -> pa.Table:
+    """datasets.map over chunks of ROWS_PER_CHUNK rows, with a progress event (rows/s, tokens/s, ETA) after each."""
+    chunks = max(1, -(-len(data) // ROWS_PER_CHUNK))
+    tables, done, tokens, started = [], 0, 0, time.monotonic()
+    for c in range(chunks):
+        part = data.shard(num_shards=chunks, index=c, contiguous=True)
+        mapped = part.map(
+            tokenize_batch, fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done}, batched=True, batch_size=256,
+            with_indices=True, remove_columns=part.column_names, num_proc=procs if procs > 1 else None,
+            features=features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
         )
         tables.append(mapped.flatten_indices().data.table)
-        tally.samples += mapped.num_rows
+        done += len(part)
+        tokens += int(rows.lengths(tables[-1]).sum())
+        elapsed = max(time.monotonic() - started, 1e-6)
+        progress.rows(source=label, done=done, total=len(data), tokens_per_s=round(tokens / elapsed), eta_s=round((len(data) - done) * elapsed / done, 1))
     return pa.concat_tables(tables)
