@@ -112,6 +112,9 @@ def local_test_mode(argv: list[str], env: dict[str, str]) -> bool:
 
 
 def main() -> None:
+    # The SDK logs at DEBUG by default, and its local test mode then prints the whole job — credentials
+    # included. INFO keeps them out of the worker's log; an operator may still ask for more.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
     handler = run_to_result if local_test_mode(sys.argv, dict(os.environ)) else stream_job

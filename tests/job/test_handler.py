@@ -45,7 +45,7 @@ def every_file_contains(root: Path, needle: bytes) -> list[Path]:
 
 
 def test_invalid_job_fails_in_the_sdk_local_test_mode(volume):
-    bad = {"input": example_job(config={"learning_rate": -1, "datasets": []})}
+    bad = {"input": example_job(credentials=JOB_SECRETS, config={"learning_rate": -1, "datasets": []})}
     started = time.monotonic()
     out = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(bad)], cwd=REPO, capture_output=True, text=True,
                          env=child_env(BASE_VOLUME=str(volume)), timeout=60)
@@ -53,6 +53,8 @@ def test_invalid_job_fails_in_the_sdk_local_test_mode(volume):
     assert "invalid_job" in out.stdout + out.stderr and "config.learning_rate" in out.stdout + out.stderr
     assert time.monotonic() - started < 15  # the SDK's own start-up is most of it
     assert not (volume / "runs").exists()
+    for secret in JOB_SECRETS.values():  # the SDK prints the whole local job at its default DEBUG level
+        assert secret not in out.stdout + out.stderr
 
 
 def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_path):
