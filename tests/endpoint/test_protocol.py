@@ -91,6 +91,15 @@ def test_cancel_reaches_the_worker_and_stops_the_handlers_child(api, webhooks):
     assert api.wait(api.run({"steps": 1}))["status"] == "COMPLETED"  # the worker serves on
 
 
+def test_a_cancel_right_after_the_worker_took_the_job_still_stops_it(api):
+    """The SDK ignores a stop that arrives before it has created the job's task; the endpoint repeats it."""
+    job_id = api.run({"steps": 1, "step_s": 0.5, "mode": "child"})
+    api.wait(job_id, until=lambda s: s["status"] == "IN_PROGRESS", timeout=30)
+    assert api.post(f"cancel/{job_id}").json()["status"] == "CANCELLED"
+    # the handler would otherwise wait 600 s on its child and hold the only worker
+    assert api.wait(api.run({"steps": 1}), timeout=20)["status"] == "COMPLETED"
+
+
 def test_execution_timeout_times_the_job_out_and_stops_it(api, webhooks):
     path = hook_path()
     started = time.monotonic()

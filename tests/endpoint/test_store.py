@@ -22,18 +22,30 @@ def test_ttl_expires_a_queued_job_counted_from_submission(tmp_path):
     assert hook["url"] == "http://127.0.0.1:1/h" and '"status":"TIMED_OUT"' in hook["body"]
 
 
-def test_execution_timeout_counts_from_the_start_and_signals_the_worker_once(tmp_path):
+def test_execution_timeout_counts_from_the_start_and_signals_the_worker_until_it_confirms(tmp_path):
     store, job = make(tmp_path, timeout_ms=6000)
     [taken] = store.take("w1", 1)
     assert store.expire(taken.started_at + 5.9, worker_lost_s=60) == []
-    assert store.stop_signals("w1") == []
+    assert store.stop_signals("w1", taken.started_at + 5.9) == []
     assert store.expire(taken.started_at + 6.1, worker_lost_s=60) == [job.id]
     assert store.get(job.id).status == "TIMED_OUT"
-    assert store.stop_signals("w2") == []
-    assert store.stop_undelivered(job.id)  # /retry waits for this: the old attempt must be stopped first
-    assert store.stop_signals("w1") == [job.id]
-    assert store.stop_signals("w1") == []
-    assert not store.stop_undelivered(job.id)
+    now = taken.started_at + 6.2
+    assert store.stop_signals("w2", now) == []
+    assert store.stop_signals("w1", now) == [job.id]
+    assert store.stop_signals("w1", now + 1) == []
+    assert store.stop_signals("w1", now + 2.1) == [job.id]  # repeated: the SDK drops a stop that comes too early
+    assert store.stop_unconfirmed(job.id)  # /retry waits for this: the old attempt must be stopped first
+    store.worker_idle("w1")  # job-take with job_in_progress=0
+    assert store.stop_signals("w1", now + 10) == [] and not store.stop_unconfirmed(job.id)
+
+
+def test_a_stop_no_worker_confirms_is_given_up_after_a_minute(tmp_path):
+    store, job = make(tmp_path)
+    store.take("gone", 1)
+    store.cancel(job.id)
+    assert store.stop_unconfirmed(job.id)
+    store.expire(store.get(job.id).finished_at + 61, worker_lost_s=120)
+    assert not store.stop_unconfirmed(job.id) and store.stop_signals("gone", 1e12) == []
 
 
 def test_a_job_fails_when_its_worker_stops_sending_heartbeats(tmp_path):

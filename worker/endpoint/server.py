@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from worker.endpoint.store import IN_PROGRESS, RETRYABLE, TERMINAL, Job, JobStore
+from worker.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
 from worker.endpoint.webhooks import WebhookSender
 
 log = logging.getLogger("ftw.endpoint")
@@ -109,8 +109,8 @@ class Endpoint:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, probe: Callable[[], T], timeout: float) -> T:
-        """`probe()` until it is truthy or `timeout` passes; no lost wake-ups (one thread)."""
+    async def wait_for(self, probe: Callable[[], T], timeout: float, tick: float | None = None) -> T:
+        """`probe()` on every change (and every `tick` s) until it is truthy or `timeout` passes."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             event = self._changed
@@ -119,7 +119,7 @@ class Endpoint:
             if result or remaining <= 0 or self.closing:
                 return result
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                await asyncio.wait_for(event.wait(), min(remaining, tick or remaining))
             except asyncio.TimeoutError:
                 pass
 
@@ -234,8 +234,9 @@ class Endpoint:
         job = self.job_or_404(request.match_info["job_id"])
         if job.status not in RETRYABLE:
             raise fail(409, f"job {job.id} is {job.status}; only FAILED or TIMED_OUT jobs can be retried")
-        if self.store.stop_undelivered(job.id):
-            raise fail(409, f"job {job.id}'s worker has not yet been told to stop it; retry in a few seconds")
+        if self.store.stop_unconfirmed(job.id):
+            raise fail(409, f"job {job.id}'s worker has not yet confirmed that it stopped the previous attempt; "
+                            "retry in a few seconds")
         job = self.store.retry(job.id)
         log.info("job %s IN_QUEUE again (retry %d)", job.id, job.retries)
         self.changed()
@@ -260,6 +261,8 @@ class Endpoint:
         except ValueError:
             raise fail(400, "batch_size must be an integer") from None
         self.store.seen(worker_id)
+        if request.query.get("job_in_progress") == "0":
+            self.store.worker_idle(worker_id)
         jobs = await self.wait_for(lambda: self.store.take(worker_id, count), self.settings.take_wait_s)
         if not jobs:
             return web.Response(status=204)
@@ -272,8 +275,9 @@ class Endpoint:
     async def job_stop(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]
         self.store.seen(worker_id)
-        await self.wait_for(lambda: self.store.has_stop_signal(worker_id), self.settings.stop_wait_s)
-        ids = self.store.stop_signals(worker_id)
+        await self.wait_for(lambda: self.store.has_stop_signal(worker_id, time.time()), self.settings.stop_wait_s,
+                            tick=STOP_REPEAT_S / 2)
+        ids = self.store.stop_signals(worker_id, time.time())
         if not ids:
             return web.Response(status=204)
         log.info("worker %s told to stop %s", worker_id, ", ".join(ids))

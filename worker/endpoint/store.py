@@ -3,7 +3,8 @@
 Jobs move IN_QUEUE → IN_PROGRESS → COMPLETED | FAILED | CANCELLED | TIMED_OUT (and back to
 IN_QUEUE on /retry). A terminal transition enqueues the job's webhook in the same transaction, so
 a restart of the endpoint loses neither a job, its stream, nor a webhook still owed. Stop signals
-for the worker (cancel, timeout) are a flag on the job, cleared when the worker has been told.
+for the worker (cancel, timeout) are a flag on the job, repeated on the stop channel until the
+worker confirms it runs nothing (the SDK loses a stop that arrives before the job's task exists).
 
 The file holds job inputs, which may carry `s3Config` or job credentials: it is created mode 0600
 and nothing here logs an input. All methods are synchronous and meant to be called from one
@@ -24,6 +25,10 @@ IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMED_OUT})
 RETRYABLE = frozenset({FAILED, TIMED_OUT})
+# The SDK drops a stop for a job whose task it has not created yet (a cancel right after job-take),
+# so a stop is repeated until the worker confirms it (job-take with job_in_progress=0) or gives up.
+STOP_REPEAT_S = 2.0
+STOP_GIVE_UP_S = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     output TEXT,                      -- JSON of the handler's output (or last progress update)
     error TEXT,
     retries INTEGER NOT NULL DEFAULT 0,
-    stop_pending INTEGER NOT NULL DEFAULT 0,
+    stop_pending INTEGER NOT NULL DEFAULT 0,  -- the worker must stop this job and has not confirmed it
+    stop_sent_at REAL,                        -- last time the stop channel carried it
     stream_read INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, queued_at);
@@ -197,7 +203,7 @@ class JobStore:
             self.db.execute("DELETE FROM stream WHERE job_id = ?", (job_id,))
             self.db.execute(
                 "UPDATE jobs SET status = ?, created_at = ?, queued_at = ?, started_at = NULL, finished_at = NULL,"
-                " worker_id = NULL, output = NULL, error = NULL, stop_pending = 0, stream_read = 0,"
+                " worker_id = NULL, output = NULL, error = NULL, stop_pending = 0, stop_sent_at = NULL, stream_read = 0,"
                 " retries = retries + 1 WHERE id = ?",
                 (IN_QUEUE, now, now, job_id),
             )
@@ -261,23 +267,34 @@ class JobStore:
         self._terminate(job, status, output=output, error=error, replace_output=True)
         return self.get(job.id)  # type: ignore[return-value]
 
-    def stop_signals(self, worker_id: str) -> list[str]:
+    def stop_signals(self, worker_id: str, now: float) -> list[str]:
+        """Jobs the worker must stop, each repeated every STOP_REPEAT_S until confirmed."""
         with self._tx():
             ids = [r["id"] for r in self.db.execute(
-                "SELECT id FROM jobs WHERE worker_id = ? AND stop_pending = 1", (worker_id,))]
-            self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
+                "SELECT id FROM jobs WHERE worker_id = ? AND stop_pending = 1"
+                " AND (stop_sent_at IS NULL OR stop_sent_at <= ?)", (worker_id, now - STOP_REPEAT_S))]
+            for job_id in ids:
+                self.db.execute("UPDATE jobs SET stop_sent_at = ? WHERE id = ?", (now, job_id))
         return ids
 
-    def stop_undelivered(self, job_id: str) -> bool:
-        return self.db.execute("SELECT stop_pending FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == 1
-
-    def has_stop_signal(self, worker_id: str) -> bool:
-        row = self.db.execute("SELECT 1 FROM jobs WHERE worker_id = ? AND stop_pending = 1 LIMIT 1", (worker_id,))
+    def has_stop_signal(self, worker_id: str, now: float) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM jobs WHERE worker_id = ? AND stop_pending = 1"
+            " AND (stop_sent_at IS NULL OR stop_sent_at <= ?) LIMIT 1", (worker_id, now - STOP_REPEAT_S))
         return row.fetchone() is not None
+
+    def worker_idle(self, worker_id: str) -> None:
+        """The worker says it runs no job: every stop it was sent has taken effect."""
+        self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
+
+    def stop_unconfirmed(self, job_id: str) -> bool:
+        return self.db.execute("SELECT stop_pending FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == 1
 
     # ---- the clock ---------------------------------------------------------------------------
     def expire(self, now: float, worker_lost_s: float) -> list[str]:
         """Enforce executionTimeout and ttl, and fail jobs whose worker went silent."""
+        self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE stop_pending = 1 AND finished_at < ?",
+                        (now - STOP_GIVE_UP_S,))
         changed = []
         rows = self.db.execute(
             "SELECT j.id, j.status, j.created_at, j.started_at, j.execution_timeout_ms, j.ttl_ms, w.last_ping"
