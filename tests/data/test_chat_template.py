@@ -181,3 +181,13 @@ def test_template_rejection_names_the_row(chatml_tok):
 def test_unknown_named_template(chatml_tok):
     with pytest.raises(JobSpecError, match="unknown chat_template 'nope'"):
         build_strategy(context(chatml_tok, chat_template="nope"))
+
+
+def test_tokenizer_without_template_needs_one_named(chatml_tok):
+    tok = chatml_tok.__class__.from_pretrained(chatml_tok.name_or_path)
+    tok.chat_template = None
+    with pytest.raises(JobSpecError, match="the tokenizer has no chat template"):
+        build_strategy(context(tok))
+    fallback = build_strategy(context(tok, chat_template="tokenizer_default_fallback_chatml"))
+    [[sample]] = fallback.tokenize([{"messages": CONVERSATION}], [0])
+    assert (sample.input_ids, sample.labels) == expected(chatml_tok, chatml_pieces(CONVERSATION, *EOS_MODES["turn"]))
