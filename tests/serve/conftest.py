@@ -31,6 +31,7 @@ class Published:
     s3: dict[str, str]  # name -> s3:// URI
     hub: dict[str, str]  # name -> org/repo@revision
     broken_s3: str  # an adapter whose weights were damaged after its manifest was written
+    templated_s3: str  # alpha's weights saved with a tokenizer whose chat template differs from the base's
     volume: Path
 
 
@@ -64,6 +65,12 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
 
     Manifest.of_folder(broken).write(broken)  # ...behind a manifest that matches them: only loading can tell
     broken_s3 = upload_adapter(client, broken, BUCKET, "runs/broken/adapter")
+    templated = root / "templated"
+    subprocess.run(["cp", "-r", str(local["alpha"]), str(templated)], check=True)
+    (templated / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}")
+    Manifest.of_folder(templated).write(templated)
+    templated_s3 = upload_adapter(client, templated, BUCKET, "runs/templated/adapter")
 
     api = HfApi(endpoint=hub_server.endpoint_url, token=hub_server.token)
     hub = {}
@@ -71,7 +78,7 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
         api.create_repo(f"ftw-test/{name}", private=True)
         commit = api.upload_folder(repo_id=f"ftw-test/{name}", folder_path=str(folder))
         hub[name] = f"ftw-test/{name}@{commit.oid}"
-    return Published(local, s3, hub, broken_s3, serve_volume)
+    return Published(local, s3, hub, broken_s3, templated_s3, serve_volume)
 
 
 def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str) -> dict[str, str]:
@@ -82,8 +89,8 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
         MODEL_NAME=str(model_dir), BASE_VOLUME=str(volume), HF_ENDPOINT=hub_server.endpoint_url, HF_TOKEN=hub_server.token,
         BUCKET_NAME=BUCKET, FTW_S3_PREFIX="runs", MAX_LORA_RANK="16", MAX_LORAS="2", MAX_CPU_LORAS="4",
         MAX_MODEL_LEN="256", MAX_NUM_SEQS="8", DTYPE="float32", HF_HUB_DISABLE_TELEMETRY="1",
-        # vLLM on 2 shared CPU cores: one process (no engine-core / worker children), eager, 1 GiB of KV cache
-        VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_EXTRA_ARGS="--distributed-executor-backend uni --enforce-eager",
+        # vLLM on 2 shared CPU cores: the model runs in the engine-core process (no worker child), eager, 1 GiB of KV cache
+        VLLM_EXTRA_ARGS="--distributed-executor-backend uni --enforce-eager",
         VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
         FTW_SERVE_START_TIMEOUT_S="600",
     )

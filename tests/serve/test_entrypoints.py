@@ -116,6 +116,11 @@ def test_ftw_serve_http_routes(hf_service, published):
                 async with http.post(f"{base}/v1/batch", json={"messages": [[{"role": "user", "content": "hello"}]],
                                                               "model": uri, "temperature": 0, "max_tokens": 12}) as r:
                     assert (await r.json())["outputs"][0]["choices"] == [whole]
+                async with http.post(f"{base}/runsync", json={"input": chat(uri)}) as r:
+                    done = await r.json()
+                    assert done["status"] == "COMPLETED" and done["output"]["choices"][0]["message"]["content"] == whole
+                async with http.post(f"{base}/runsync", json={"input": {"messages": "hello"}}) as r:
+                    assert (await r.json())["status"] == "FAILED"
                 async with http.post(f"{base}/v1/chat/completions", data=b"{not json") as r:
                     assert r.status == 400 and "not valid JSON" in (await r.json())["error"]["message"]
                 async with http.post(f"{base}/v1/chat/completions", json={**body, "max_tokens": 100000}) as r:

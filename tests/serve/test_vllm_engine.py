@@ -35,6 +35,15 @@ def test_s3_adapters_match_transformers_token_for_token(vllm_service, hf_service
     assert len(seen) == 3, "each adapter must answer differently from the base and from the other adapter"
 
 
+def test_the_adapters_own_chat_template_is_used(vllm_service, hf_service, published):
+    plain = only(run(collect(vllm_service.app, chat(published.s3["alpha"]))))
+    templated = only(run(collect(vllm_service.app, chat(published.templated_s3))))
+    reference = only(run(collect(hf_service.app, chat(published.templated_s3))))
+    assert templated["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]  # another prompt, same weights
+    assert templated["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+    assert templated["choices"][0]["token_ids"] == reference["choices"][0]["token_ids"]
+
+
 def test_hub_adapter_serves_what_its_s3_copy_serves(vllm_service, published):
     for name, ref in published.hub.items():
         assert answer(vllm_service, ref)["token_ids"] == answer(vllm_service, published.s3[name])["token_ids"], name
