@@ -73,7 +73,7 @@ def preflight(cfg: TrainingConfig) -> None:
     attention_backend(cfg)
 
 
-def _where(name: str, cfg: TrainingConfig) -> dict[str, Any]:
+def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
     """A local folder, or a Hub id at revision_of_model (the token comes from HF_TOKEN)."""
     if is_local(name):
         return {"pretrained_model_name_or_path": str(local_path(name))}
@@ -84,7 +84,7 @@ def load_tokenizer(cfg: TrainingConfig):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(**_where(cfg.tokenizer_config or cfg.base_model, cfg), use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(**pretrained_source(cfg.tokenizer_config or cfg.base_model, cfg), use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}", hint="check base_model / tokenizer_config and revision_of_model") from e
     if cfg.special_tokens is not None:
@@ -121,11 +121,11 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
 
     quant = _quantization(cfg, precision)
     try:
-        model_config = AutoConfig.from_pretrained(**_where(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(**pretrained_source(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code)
         for key, value in (cfg.overrides_of_model_config or {}).items():
             setattr(model_config, key, value)
         model = AutoModelForCausalLM.from_pretrained(
-            **_where(cfg.base_model, cfg),
+            **pretrained_source(cfg.base_model, cfg),
             config=model_config,
             dtype=precision.load_dtype,
             attn_implementation=attention_backend(cfg),

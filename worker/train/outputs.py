@@ -36,8 +36,10 @@ def save_trained(model, state_dict: dict[str, Any], tokenizer, out: Path, is_ada
     tmp = atomic_dir(out)
     model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    if is_adapter:  # vLLM loads adapters as is: no extra weight files, a plain config
-        assert (tmp / "adapter_model.safetensors").is_file()
+    if is_adapter and not (tmp / "adapter_model.safetensors").is_file():
+        from worker.errors import TrainingError
+
+        raise TrainingError("peft wrote no adapter_model.safetensors", hint="this is a bug in ftw's train stage; the checkpoints are kept, resubmit to retry")
     return publish_dir(tmp, out)
 
 

@@ -13,11 +13,11 @@ import signal
 from pathlib import Path
 
 from schemas.config import TrainingConfig
-from schemas.paths import is_local, local_path
+from worker.data.cache import load_prepared
 from worker.events import EXIT_OK, emit
 from worker.train import distributed as dist_
 from worker.train import outputs
-from worker.data.cache import load_prepared
+from worker.train.model import pretrained_source
 from worker.train.trainer import Trainer
 
 log = logging.getLogger("ftw.train")
@@ -57,10 +57,9 @@ def finish(trainer: Trainer) -> None:
     summary["artifacts"] = {"adapter" if is_adapter else "model": str(out)}
     if cfg.merge_lora and is_adapter:
         emit({"stage": "merge", "event": "start"})
-        source = str(local_path(cfg.base_model)) if is_local(cfg.base_model) else cfg.base_model
-        load = {"pretrained_model_name_or_path": source} | ({} if is_local(cfg.base_model) else {"revision": cfg.revision_of_model})
         dtype = trainer.precision.autocast_dtype or trainer.precision.load_dtype
-        summary["artifacts"]["merged"] = str(outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, load))
+        source = pretrained_source(cfg.base_model, cfg)
+        summary["artifacts"]["merged"] = str(outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, source))
     png = outputs.plot_loss(run_dir, trainer.state.train_loss, trainer.state.eval_loss)
     summary["artifacts"]["loss_png"] = str(png) if png else None
     outputs.write_summary(run_dir, summary)
