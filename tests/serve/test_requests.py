@@ -210,3 +210,15 @@ def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
 
     (out,) = asyncio.run(scenario())
     assert out["error"]["code"] == 503 and "did not answer" in out["error"]["message"]
+
+
+def test_the_worker_process_never_imports_torch_transformers_or_vllm():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, child_env
+
+    code = ("import sys, serve_handler, worker.serve.cli, worker.publish.pull, worker.publish.vllm_check; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
