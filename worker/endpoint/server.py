@@ -16,8 +16,8 @@ Worker face (what the runpod worker SDK calls in platform mode; see `worker_urls
     GET  ping/{worker}?job_id=…&runpod_version=…
 Take and stop are long-polls, so a worker gets a job or a stop signal within milliseconds.
 Every error is a JSON `{"error": "..."}` with the right status; nothing logs a job's input or a key.
-Differences from RunPod: results are kept until purged from the database (RunPod: 30 min);
-progress_update() calls are also delivered on /stream (RunPod shows them on /status only); a job
+Differences from RunPod: finished jobs stay in the database (RunPod drops results 30 min after
+completion); /purge-queue ends queued jobs as CANCELLED (RunPod removes them); progress_update() calls are also delivered on /stream (RunPod shows them on /status only); a job
 that times out or is cancelled is stopped through the worker's stop channel only, so a handler
 that blocks the SDK's event loop (a sync handler) runs on until it returns (RunPod would stop the
 worker), and what it then reports is discarded.
