@@ -151,3 +151,22 @@ def test_base_model_requests_batched_with_adapters_in_every_slot(vllm_service, p
 
     outputs = run(mixed())
     assert [only(o)["choices"][0]["token_ids"] for o in outputs] == [reference[m] for m in models * 3]
+
+
+def test_adapters_vllm_would_refuse_are_refused_before_loading(vllm_service, published):
+    import shutil
+    from pathlib import Path
+
+    from worker.publish.manifest import Manifest
+
+    volume = Path(vllm_service.settings.env["BASE_VOLUME"])
+    cases = {"r": 64, "base_model_name_or_path": "other-org/other-model"}
+    for key, value in cases.items():
+        folder = volume / f"refused-{key}"
+        shutil.copytree(published.local["alpha"], folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        Manifest.of_folder(folder).write(folder)
+        error = only(run(collect(vllm_service.app, chat(f"file://{folder}"))))["error"]
+        assert error["code"] == 400 and str(value) in error["message"], error
+    assert answer(vllm_service, published.s3["alpha"])["token_ids"]
