@@ -43,20 +43,31 @@ def main() -> int:
         print(f"serve_handler: {e.message}\nhint: {e.hint}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds running_service: the engine is stopped
-    with running_service(settings) as service:
-        threading.Thread(target=stop_when_engine_dies, args=(service.engine,), daemon=True).start()
-        asyncio.run(service.app.preload())
+    try:
+        with running_service(settings) as service:
+            threading.Thread(target=stop_when_engine_dies, args=(service.engine,), daemon=True).start()
+            asyncio.run(preload(service.app))
 
-        async def handler(job):
-            async for output in service.app.handle_job(job["input"]):
-                yield output
+            async def handler(job):
+                async for output in service.app.handle_job(job["input"]):
+                    yield output
 
-        runpod.serverless.start({
-            "handler": handler,
-            "concurrency_modifier": lambda current: settings.concurrency(service.engine.engine),
-            "return_aggregate_stream": True,
-        })
+            runpod.serverless.start({
+                "handler": handler,
+                "concurrency_modifier": lambda current: settings.concurrency(service.engine.engine),
+                "return_aggregate_stream": True,
+            })
+    except FtwError as e:  # the engine did not start: say why, with its last log lines
+        print(f"serve_handler: {e.message}\nhint: {e.hint}\n--- engine log tail ---\n{e.log_tail}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def preload(app) -> None:
+    try:
+        await app.preload()
+    finally:
+        await app.client.close()  # this loop ends here; RunPod's loop opens its own session
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ def test_bad_settings_are_all_reported_at_once():
         ServeSettings.from_env({"MAX_LORAS": "x", "MAX_LORA_RANK": "0", "FTW_SERVE_ENGINE": "tgi", "FTW_SERVE_ADAPTERS": "noequals"})
     for name in ("MODEL_NAME", "MAX_LORAS", "MAX_LORA_RANK", "FTW_SERVE_ENGINE", "FTW_SERVE_ADAPTERS"):
         assert name in e.value.message
+    with pytest.raises(JobSpecError, match="holds no config.json"):
+        ServeSettings.from_env({"MODEL_NAME": "/nonexistent/model"})
 
 
 # ---- adapter names

@@ -88,6 +88,8 @@ class ServeSettings:
         model = env.get("MODEL_NAME", "").strip()
         if not model:
             problems.append("MODEL_NAME is not set: give the base model (Hub id or local folder)")
+        elif model.startswith(("/", "./", "~")) and not (Path(model).expanduser() / "config.json").is_file():
+            problems.append(f"MODEL_NAME={model!r} is a path but holds no config.json: give a model folder or a Hub id")
         engine = env.get("FTW_SERVE_ENGINE", "auto").strip().lower() or "auto"
         if engine not in ENGINES:
             problems.append(f"FTW_SERVE_ENGINE={engine!r}: use one of {', '.join(ENGINES)}")
