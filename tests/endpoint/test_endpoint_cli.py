@@ -39,3 +39,22 @@ def test_worker_flag_runs_a_handler_and_sigterm_stops_both(tmp_path):
         assert wait_gone(worker_pid, timeout=15)
     finally:
         proc.kill()
+
+
+def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_path):
+    script = (
+        "import sys, time\n"
+        "from worker.endpoint.local import LocalEndpoint\n"
+        f"e = LocalEndpoint({str(tmp_path / 'o.sqlite3')!r}, 'k').start()\n"
+        f"w = e.start_worker({str(PROTOCOL_HANDLER)!r})\n"
+        "print(e.proc.pid, w.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], env=child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint_pid, worker_pid = map(int, parent.stdout.readline().split())
+        parent.kill()
+        parent.wait(timeout=10)
+        assert wait_gone(endpoint_pid, timeout=15) and wait_gone(worker_pid, timeout=15)
+    finally:
+        parent.kill()

@@ -21,7 +21,9 @@ API
   `.pid`, `.alive()`, `.stop()`; `env` is added to this process's environment.
 - Module functions `worker_env(url, endpoint_id, api_key, worker_id)` and `spawn_worker(...)` do
   the same for an endpoint started some other way (`ftw endpoint --worker handler.py` uses them).
-Logs of each process go to `log_path` (appended) or, when None, to this process's stderr.
+Logs of each process go to `log_path` (appended) or, when None, to this process's stderr. On
+Linux every process started here gets SIGTERM when the process (thread) that started it dies, so
+a killed demo or test run leaves no endpoint or worker behind.
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ def _log_sink(log_path: Path | None) -> IO[Any] | None:
         return None
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     return open(log_path, "ab")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, SIGTERM it when its parent dies, even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
@@ -101,7 +111,7 @@ class LocalEndpoint:
         cmd = [sys.executable, "-m", "worker.endpoint.cli", "--host", "127.0.0.1", "--port", str(self.port),
                "--db", str(self.db), "--endpoint-id", self.endpoint_id, *self.args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self._sink,
-                                     start_new_session=True, cwd=REPO)
+                                     start_new_session=True, preexec_fn=_die_with_parent, cwd=REPO)
         line = self._first_line(timeout_s)
         if not line.startswith(READY_PREFIX):
             self.stop()
@@ -192,5 +202,6 @@ def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: st
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     sink = _log_sink(Path(log_path) if log_path else None)
     proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,
-                            stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True)
+                            stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     return LocalWorker(proc, worker_id, sink)
