@@ -64,3 +64,14 @@ def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(task_model_d
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and len(summary["eval_curve"]) == 3
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_loss_watchdog_stops_a_run_whose_loss_stays_too_high(task_model_dir, task_rows, tmp_path):
+    from worker.errors import TrainingError
+
+    train, _, _ = task_rows
+    cache = write_cache(tmp_path / "cache", train[:16])
+    cfg = base_config(task_model_dir, max_steps=10, loss_watchdog_threshold=0.5, loss_watchdog_patience=2, save_strategy="no")
+    with pytest.raises(TrainingError, match="loss_watchdog_threshold") as e:
+        run_inprocess(cfg, tmp_path / "run", cache)
+    assert "step 2" in e.value.message

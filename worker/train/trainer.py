@@ -80,6 +80,9 @@ class Trainer:
         self.kernels = apply_kernel_patches(self.model, cfg)
         self.model.train()
         self.engine = dist_.wrap(self.model, cfg, topo)
+        if cfg.torch_compile is True or (cfg.torch_compile == "auto" and topo.device.type == "cuda"):
+            # in place: parameter names, state dicts and the DDP/FSDP wrapping stay as they are
+            self.model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
         self.strategy = dist_.strategy(cfg, topo)["kind"]
         mbs, gas = cfg.batch_shape()
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
@@ -158,7 +161,7 @@ class Trainer:
         sched, state = self.schedule, self.state
         progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, self.topo.is_main)
         self.progress = progress
-        t0, tokens0, order_epoch, order = time.monotonic(), state.tokens, None, None
+        t0, tokens0, order_epoch, order, watchdog = time.monotonic(), state.tokens, None, None, 0
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         try:
             while state.step < sched.total_steps:
@@ -177,6 +180,12 @@ class Trainer:
                 metrics["tokens_per_s"] = (state.tokens - tokens0) / max(elapsed, 1e-9)
                 state.train_loss.append((state.step, round(metrics["loss"], 6)))
                 progress.step(state.step, metrics)
+                watchdog = watchdog + 1 if self.cfg.loss_watchdog_threshold is not None and metrics["loss"] > self.cfg.loss_watchdog_threshold else 0
+                if watchdog >= (self.cfg.loss_watchdog_patience or 3):
+                    raise TrainingError(
+                        f"the loss stayed above loss_watchdog_threshold {self.cfg.loss_watchdog_threshold} for {watchdog} steps (last {metrics['loss']:.4f} at step {state.step})",
+                        hint="lower learning_rate or raise warmup; the last checkpoint is kept",
+                    )
                 if not math.isfinite(metrics["loss"]):
                     raise TrainingError(f"the loss became {metrics['loss']} at step {state.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
                 stop_early = sched.eval_due(state.step) and self.evaluate_and_track()
