@@ -156,3 +156,17 @@ def test_unwritable_volume_fails_before_any_work(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["error"]["code"] == "infra" and "Read-only file system" in result["error"]["message"], out.stderr
     assert "writable" in result["error"]["hint"]
+
+
+def test_a_bug_in_the_orchestrator_still_gives_the_failure_shape_and_frees_the_run(demo_volume, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"unexpected, token {os.environ['HF_TOKEN']}")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_bugReportSecret99")
+    monkeypatch.setattr(pipeline, "estimate_disk", broken)
+    result = run_job({"input": example_job()})
+    assert result["status"] == "failed" and result["error"]["code"] == "error" and "RuntimeError" in result["error"]["message"]
+    assert "hf_bugReportSecret99" not in json.dumps(result) + capsys.readouterr().err
+    from worker.job.rundir import open_run_dir
+
+    open_run_dir(demo_volume, "demo-tiny-lora").close()  # the lock was released

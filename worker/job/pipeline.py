@@ -17,7 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,11 @@ def run_job(
         return pipeline.run()
     except FtwError as e:  # the run folder could not be opened: nothing of this job is on disk
         return pipeline.finish(failure_result(e, job.run_id))
+    except Exception as e:  # a bug in ftw: still the one failure shape (traceback in the worker's log)
+        print(redactor.text(traceback.format_exc()), file=sys.stderr, flush=True)
+        error = FtwError(f"internal error in the orchestrator: {type(e).__name__}: {e}",
+                         "this is a bug in ftw; resubmitting the same run_id keeps every finished stage", stage="orchestrator")
+        return pipeline.finish(failure_result(error, job.run_id))
 
 
 def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
