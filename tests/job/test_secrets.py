@@ -62,3 +62,5 @@ def test_progress_throttle_passes_stage_changes_and_holds_steps():
     assert [(u["stage"], u.get("step")) for u in sent] == [("preprocess", None), ("train", 1), ("train", 3), ("publish", None)]
     assert format_line({"stage": "train", "step": 12, "total_steps": 40, "loss": 2.31, "tokens_per_s": 1234.0, "eta_s": 35}) == \
         "train       step 12/40  loss 2.3100  1.2k tok/s  eta 0:00:35"
+    assert format_line({"stage": "publish", "what": "adapter", "bytes_done": 3 << 20, "bytes_total": 12 << 20, "eta_s": 4}) == \
+        "publish     adapter 3.0/12.0 MiB  eta 0:00:04"

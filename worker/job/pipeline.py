@@ -208,7 +208,8 @@ class JobPipeline:
 
         with self.step("publish", "publishing"):
             try:
-                artifacts = publish_run(run.path, self.job, self.stage_env(run), self.uploader)
+                artifacts = publish_run(run.path, self.job, self.stage_env(run), self.uploader,
+                                        progress=lambda event: self.progress(event_update(self.job.run_id, "publish", event)))
             except FtwError:
                 raise
             except Exception as e:

@@ -16,7 +16,8 @@ from typing import Any
 from worker.events import EVENT_KEYS
 
 ProgressSink = Callable[[dict[str, Any]], None]
-SHOWN = (*EVENT_KEYS[1:], "epoch", "rows", "tokens", "message", "fill")
+MiB = 1 << 20
+SHOWN = (*EVENT_KEYS[1:], "epoch", "rows", "tokens", "message", "fill", "what", "bytes_done", "bytes_total", "bytes_per_s")
 
 
 def stage_update(run_id: str, stage: str, message: str = "", **extra: Any) -> dict[str, Any]:
@@ -42,6 +43,9 @@ def format_line(update: dict[str, Any]) -> str:
     parts = [f"{update.get('stage', '?'):<10}"]
     if "step" in update:
         parts.append(f"step {update['step']}" + (f"/{update['total_steps']}" if update.get("total_steps") else ""))
+    if isinstance(update.get("bytes_done"), (int, float)):
+        total = update.get("bytes_total") or 0
+        parts.append(f"{update.get('what', '')} {update['bytes_done'] / MiB:.1f}/{total / MiB:.1f} MiB".strip())
     if isinstance(update.get("loss"), (int, float)):
         parts.append(f"loss {update['loss']:.4f}")
     if isinstance(update.get("tokens_per_s"), (int, float)):
