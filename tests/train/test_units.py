@@ -168,3 +168,27 @@ def test_keys_the_trainer_does_not_implement_are_refused_by_name():
         with pytest.raises(JobSpecError, match=next(iter(keys))):
             preflight(cfg(**keys))
     preflight(cfg())
+
+
+def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from worker.train.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("FTW_EVENTS", str(tmp_path / "events.jsonl"))
+    progress = Progress(cfg(logging_steps=2), tmp_path, total_steps=4, first_step=0, enabled=True)
+    for step in range(1, 5):
+        progress.step(step, {"loss": 2.0 / step, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+    progress.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [2, 4]
+    assert all({"stage", "step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in events)
+    assert events[0]["eta_s"] is not None and events[-1]["eta_s"] == 0
+    assert "4/4" in screen.getvalue() and "loss=0.5000" in screen.getvalue()
