@@ -170,3 +170,12 @@ def test_adapters_vllm_would_refuse_are_refused_before_loading(vllm_service, pub
         error = only(run(collect(vllm_service.app, chat(f"file://{folder}"))))["error"]
         assert error["code"] == 400 and str(value) in error["message"], error
     assert answer(vllm_service, published.s3["alpha"])["token_ids"]
+
+
+def test_completions_route_matches_transformers_too(vllm_service, hf_service, published):
+    job = {"openai_route": "/v1/completions", "openai_input": {
+        "model": published.s3["digits"], "prompt": ["hello", "0 1 2"], "temperature": 0, "max_tokens": 8, "return_token_ids": True}}
+    got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
+    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == \
+           [c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])]
+    assert [c["text"] for c in got["choices"]] and got["object"] == "text_completion"
