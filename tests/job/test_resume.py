@@ -12,13 +12,17 @@ import signal
 import threading
 import time
 
+import shutil
+
 import psutil
 import pytest
 
 import handler
 from tests.job.conftest import example_job
+from tests.s3server import s3_server  # noqa: F401  (the fixture: a real S3 server on loopback)
 from worker.job.pipeline import run_job
 from worker.job.stages import newest_checkpoint
+from worker.job.supervisor import StopSignal
 
 pytestmark = pytest.mark.slow
 GRACE_S = 30.0
@@ -103,3 +107,30 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     assert attempts == ["attempt-1", "attempt-2", "attempt-3"]
     assert sorted(p.name for p in (run_dir / "logs" / "preprocess").iterdir()) == ["attempt-1"]
     assert threading.active_count() < 10  # no uploader or pump threads left behind
+
+
+def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(demo_volume, s3_server, monkeypatch):
+    bucket = s3_server.make_bucket("ftw-job-restore")
+    for key, value in {**s3_server.env(), "FTW_PROGRESS_INTERVAL_S": "0", "FTW_STOP_GRACE_S": str(GRACE_S)}.items():
+        monkeypatch.setenv(key, value)
+    job = example_job(run_id="restore", outputs={"s3": {"bucket": bucket, "prefix": "runs"}}, config=CONFIG)
+
+    # 1. SIGTERM-style preemption at step 2: the train child saves, its checkpoint goes to the bucket.
+    stop = StopSignal()
+    first = run_job({"input": job}, stop=stop,
+                    on_progress=lambda u: u.get("stage") == "train" and u.get("step", 0) >= 2 and stop.request("preempted"))
+    assert first["status"] == "preempted" and first["error"]["retryable"], first
+    step = first["error"]["details"]["checkpoint_step"]
+    manifest = f"runs/restore/checkpoints/checkpoint-{step}/manifest.json"
+    assert s3_server.client().head_object(Bucket=bucket, Key=manifest)["ContentLength"] > 0
+
+    # 2. The volume is lost (a new worker): only the base model and data are there again.
+    shutil.rmtree(demo_volume / "runs")
+    shutil.rmtree(demo_volume / "cache", ignore_errors=True)
+    updates: list[dict] = []
+    second = run_job({"input": job}, on_progress=updates.append)
+    assert second["status"] == "completed", second
+    assert any(u.get("message") == "restored the newest published checkpoint" for u in updates)
+    assert second["metrics"]["resumed_from_step"] == step and second["metrics"]["steps"] == CONFIG["max_steps"]
+    adapter = next(a for a in second["artifacts"] if a["kind"] == "adapter")
+    assert adapter["target"] == "s3" and adapter["uri"] == f"s3://{bucket}/runs/restore/adapter"
