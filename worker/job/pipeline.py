@@ -122,7 +122,7 @@ class JobPipeline:
             write_json_atomic(run.path / "result.json", result)
             return result
         finally:
-            if self.uploader is not None:
+            if self.uploader is not None:  # its final sweep uploads what training saved last
                 self.uploader.stop()
             self.progress.flush()
             run.close()
@@ -177,9 +177,8 @@ class JobPipeline:
             self.uploader = start_uploader(run.path, self.job, self.stage_env(run))
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
-            except FtwError as e:
+            except FtwError as e:  # run() stops the uploader: a preempted run's last checkpoint still reaches the bucket
                 e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
-                self.uploader.stop()  # a preempted run's last checkpoint reaches the bucket before we go
                 raise
             outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
         if resume_from is not None:
