@@ -9,7 +9,7 @@ import torch
 
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, run_train, write_cache
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import REPO, child_env
 from tests.train.helpers import successor_task
 
-pytestmark = pytest.mark.timeout(500)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
 
 def greedy(model, tok, prompt: str) -> str:

@@ -21,7 +21,7 @@ import torch
 from tests.conftest import REPO
 from tests.train.helpers import adapter_tensors, base_config, events, pack, run_inprocess, train_argv, train_env, write_cache, write_config
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def wait_for(proc, run_dir, predicate, timeout=120.0):
