@@ -1,5 +1,5 @@
 """Serving fixtures: real adapters trained on the tiny model, published to the loopback S3 server and the
-local Hub, and one engine per kind shared by the whole session (vLLM on CPU starts slowly).
+local Hub, and one engine per kind shared by the tests of this package (vLLM on CPU starts slowly; both stop after them).
 
 The vLLM engine runs in `.venv-vllm` (built by `make vllm-env`; the fixture builds it when missing),
 as a child of the test process, exactly as serve_handler.py runs it.
@@ -43,12 +43,12 @@ def upload_adapter(client, folder: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_volume(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-volume")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_factory) -> Published:
     from huggingface_hub import HfApi
 
@@ -112,7 +112,7 @@ def start_service(engine: str, env: dict[str, str], log: Path):
     return running_service(ServeSettings.from_env(env), engine=engine, log_path=log)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def vllm_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterator:
     """The real vLLM (CPU build) serving the tiny model, adapters on demand."""
     python = ensure_vllm_env()
@@ -122,7 +122,7 @@ def vllm_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterato
         yield service
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hf_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterator:
     """The transformers+peft engine (the fallback) on the same model: the reference outputs."""
     env = serve_env(tiny_model_dir, s3_server, hub_server, serve_volume / "hf", FTW_SERVE_PYTHON=sys.executable)
