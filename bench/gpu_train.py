@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -136,7 +137,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     from schemas.config import TrainingConfig
 
     run_dir = work / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
+    run_dir.mkdir(parents=True)
     cfg = {
         "base_model": str(model_dir), "datasets": [{"path": "bench.jsonl", "type": "completion"}],
         "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "merge_lora": name == "ftw",
@@ -161,7 +163,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     if proc.returncode != 0:
         return {"error": (proc.stderr or "")[-1500:], "exit": proc.returncode}
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e}
+    # per-step events only: the closing "done" event also carries the loss, after the outputs are written
+    ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     summary = json.loads((run_dir / "summary.json").read_text())
     last = max(ts)
     per_step = summary["tokens"] / summary["steps"]

@@ -38,6 +38,7 @@ from worker.data.cache import PreparedData
 from worker.train.batches import BatchPlan, collate, target_tokens
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.profile import StepProfiler
 from worker.train.progress import Progress
 from worker.train.schedule import Schedule
 
@@ -163,11 +164,13 @@ class Trainer:
         self.progress = progress
         t0, tokens0, order_epoch, order, watchdog = time.monotonic(), state.tokens, None, None, 0
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
+        profiler = StepProfiler(self.run_dir) if self.topo.is_main else StepProfiler(self.run_dir, "")
         try:
             while state.step < sched.total_steps:
                 epoch = state.step // self.plan.steps_per_epoch
                 if epoch != order_epoch:
                     order, order_epoch = self.plan.epoch_order(epoch), epoch
+                profiler.before_step(state.step)
                 try:
                     metrics = self.train_step(state.step, order)
                 except torch.cuda.OutOfMemoryError as e:
@@ -176,6 +179,7 @@ class Trainer:
                         hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set gradient_checkpointing: true, or use a larger GPU; the run resumes from its last checkpoint",
                     ) from e
                 state.step += 1
+                profiler.after_step(state.step)
                 elapsed = time.monotonic() - t0
                 metrics["tokens_per_s"] = (state.tokens - tokens0) / max(elapsed, 1e-9)
                 state.train_loss.append((state.step, round(metrics["loss"], 6)))

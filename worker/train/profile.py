@@ -1,0 +1,56 @@
+"""An optional torch.profiler window over training steps, for finding where a step's time goes.
+
+    FTW_PROFILE_STEPS=8:12 ftw train CONFIG     # profile steps 8..11, write RUN_DIR/profile.txt
+
+The table lists ops by self CPU time and by GPU time, plus the steps' wall times, so a loop that
+is bound by host work (launches, syncs, collation) is told apart from one bound by kernels.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class StepProfiler:
+    def __init__(self, run_dir: Path, spec: str | None = None):
+        spec = os.environ.get("FTW_PROFILE_STEPS", "") if spec is None else spec
+        self.path = run_dir / "profile.txt"
+        self.window: tuple[int, int] | None = None
+        if spec:
+            start, _, end = spec.partition(":")
+            self.window = (int(start), int(end or int(start) + 3))
+        self.prof = None
+        self.walls: list[float] = []
+        self.t = 0.0
+
+    def before_step(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        if self.prof is not None:
+            self.t = time.perf_counter()
+
+    def after_step(self, step: int) -> None:
+        """`step` is the number of steps done; the window closes after step window[1] - 1."""
+        if self.prof is None:
+            return
+        self.walls.append(time.perf_counter() - self.t)
+        if step >= self.window[1]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            averages = self.prof.key_averages()
+            gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.path.write_text(
+                f"step wall s: {[round(w, 4) for w in self.walls]}\n\n== by self CPU time ==\n"
+                + averages.table(sort_by="self_cpu_time_total", row_limit=25)
+                + "\n\n== by GPU time ==\n"
+                + averages.table(sort_by=gpu_key, row_limit=25)
+            )
+            self.prof = None
