@@ -78,7 +78,6 @@ class TrainingConfig(Frozen):
     tokenizer_padding_side: Optional[Literal["left", "right"]] = None
     special_tokens: Optional[SpecialTokens] = None
     tokens: Optional[list[str]] = None
-    added_tokens_overrides: Optional[dict[int, str]] = None
     resize_token_embeddings_to_32x: bool = False
     trust_remote_code: bool = False
     overrides_of_model_config: Optional[dict[str, Any]] = None
@@ -127,7 +126,6 @@ class TrainingConfig(Frozen):
     sample_packing_bin_size: int = Field(default=200, ge=1)
     sample_packing_group_size: int = Field(default=100_000, ge=1)
     pad_to_sequence_len: Optional[bool] = None
-    group_by_length: bool = False
     skip_prepare_dataset: bool = False
     remove_unused_columns: Optional[bool] = None
     # ---- hyperparameters -----------------------------------------------------------------------
@@ -143,8 +141,6 @@ class TrainingConfig(Frozen):
     lr_scheduler: str = "cosine"
     lr_scheduler_kwargs: Optional[dict[str, Any]] = None
     cosine_min_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    cosine_constant_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    lr_quadratic_warmup: bool = False
     # transformers reads a value below 1 as a fraction of the total steps
     warmup_steps: Optional[Union[int, float]] = Field(default=None, ge=0)
     warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
@@ -157,7 +153,6 @@ class TrainingConfig(Frozen):
     early_stopping_patience: Optional[int] = Field(default=None, ge=1)
     loss_watchdog_threshold: Optional[float] = None
     loss_watchdog_patience: Optional[int] = None
-    neftune_noise_alpha: Optional[float] = None
     # ---- precision and attention ---------------------------------------------------------------
     bf16: Union[bool, Auto] = "auto"
     fp16: Optional[bool] = None

@@ -83,13 +83,11 @@ class DatasetConfig(Frozen):
     message_field_role: Optional[str] = None
     message_field_content: Optional[str] = None
     message_field_training: Optional[str] = None
-    message_field_training_detail: Optional[str] = None
     roles: Optional[dict[str, list[str]]] = None
     roles_to_train: Optional[list[str]] = None
     train_on_eos: Optional[TRAIN_ON_EOS] = None
     train_on_eot: Optional[TRAIN_ON_EOS] = None
     drop_system_message: Optional[bool] = None
-    split_thinking: Optional[bool] = None
     # per-dataset overrides
     train_on_inputs: Optional[bool] = None
 

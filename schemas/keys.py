@@ -25,7 +25,6 @@ ALIASES = {
     "adam_eps": "adam_epsilon",
     "dataset_processes": "dataset_num_proc",
     "evaluation_strategy": "eval_strategy",
-    "noisy_embedding_alpha": "neftune_noise_alpha",
 }
 # torch_dtype is folded into bf16/fp16 by schemas.normalize; the legacy attention booleans
 # (flash_attention, sdp_attention, ...) into attn_implementation (schemas.config).
@@ -146,6 +145,11 @@ UNSUPPORTED = {
     **_group("fixed padding multiples", "pad_to_multiple_of"),
     **_group("extra chat-template variables", "chat_template_kwargs"),
     **_group("eval sequence length different from sequence_len", "eval_sequence_len"),
+    **_group("NEFTune embedding noise", "neftune_noise_alpha noisy_embedding_alpha"),
+    **_group("quadratic warmup", "lr_quadratic_warmup"),
+    **_group("the constant-then-cosine schedule (use cosine_min_lr_ratio)", "cosine_constant_lr_ratio"),
+    **_group("length-grouped batches (use sample_packing: true)", "group_by_length"),
+    **_group("overriding existing tokens by id (add new tokens with tokens:)", "added_tokens_overrides"),
 }
 
 # key -> environment variable that allows it
@@ -173,7 +177,8 @@ DATASET_UNSUPPORTED = {
     **_group("preference datasets (rl: dpo/ipo/orpo/kto/simpo); ftw trains supervised fine-tuning only",
              "field_chosen field_rejected field_prompt field_completion field_label chosen_format rejected_format prompt_format completion_format"),
     **_group("stepwise-supervised (process reward) datasets", "step_separator max_completion_length train_on_last_step_only"),
-    **_group("reasoning/thinking field mapping", "field_thinking template_thinking_key"),
+    **_group("reasoning/thinking field mapping", "field_thinking template_thinking_key split_thinking"),
+    **_group("per-token training detail of a message (use a per-message training flag)", "message_field_training_detail"),
     **_group("input transforms and legacy conversation formats", "input_transform conversation input_format field_human field_model"),
     **_group("distillation from logprobs", "logprobs_field temperature"),
     **_group("dataset loading scripts (they run code; datasets 4 no longer runs them)", "trust_remote_code"),

@@ -234,7 +234,7 @@ def test_infinity_and_nan_are_rejected(key):
 def test_config_json_round_trip_is_exact():
     """The stage children load RUN_DIR/config.json with model_validate_json (docs/contracts.md)."""
     raw = {**GOOD, "adapter": "qlora", "load_in_4bit": True, "warmup_steps": 0.1, "fsdp_config": {"fsdp_version": 2, "offload_params": True},
-           "special_tokens": {"pad_token": "<pad>"}, "added_tokens_overrides": {"5": "<x>"}, "optim_args": {"betas": [0.9, 0.95]},
+           "special_tokens": {"pad_token": "<pad>"}, "optim_args": {"betas": [0.9, 0.95]},
            "datasets": [{"path": "org/d", "type": {"field_instruction": "q", "field_output": "a"}},
                         {"path": "org/c", "type": "chat_template", "message_property_mappings": {"role": "from", "content": "value", "weight": "w"}}]}
     cfg = validate_config(raw, ENV).value
@@ -249,7 +249,6 @@ def test_config_json_round_trip_is_exact():
     ({"torch_dtype": "bfloat16", "bf16": False}, "bf16", False),  # the explicit key wins
     ({"model_config": {"rope_theta": 1e6}}, "overrides_of_model_config", {"rope_theta": 1e6}),
     ({"evaluation_strategy": "steps"}, "eval_strategy", "steps"),
-    ({"noisy_embedding_alpha": 5}, "neftune_noise_alpha", 5),
     ({"warmup_steps": 0.1}, "warmup_steps", 0.1),
     ({"evals_per_epoch": 0}, "evals_per_epoch", 0),
 ])
@@ -273,3 +272,25 @@ def test_own_deepspeed_file_is_not_mistaken_for_a_bundled_one():
     assert validate_config({**GOOD, "deepspeed": "deepspeed_configs/zero2.json"}, ENV).value.deepspeed == "zero2"
     assert locs({**GOOD, "deepspeed": "my_configs/zero2.json"}) == {"deepspeed"}
     assert locs({**GOOD, "deepspeed": "deepspeed_configs/custom.json"}) == {"deepspeed"}
+
+
+@pytest.mark.parametrize("extra, loc", [
+    ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha"),
+    ({"noisy_embedding_alpha": 5.0}, "noisy_embedding_alpha"),
+    ({"lr_quadratic_warmup": True}, "lr_quadratic_warmup"),
+    ({"cosine_constant_lr_ratio": 0.8}, "cosine_constant_lr_ratio"),
+    ({"group_by_length": True}, "group_by_length"),
+    ({"added_tokens_overrides": {"5": "<x>"}}, "added_tokens_overrides"),
+    ({"datasets": [{"path": "org/c", "type": "chat_template", "split_thinking": True}]}, "datasets[0].split_thinking"),
+    ({"datasets": [{"path": "org/c", "type": "chat_template", "message_field_training_detail": "d"}]}, "datasets[0].message_field_training_detail"),
+])
+def test_features_ftw_does_not_implement_fail_at_validation_not_after_preprocessing(extra, loc):
+    report = validate_config({**GOOD, **extra}, ENV)
+    assert not report.valid
+    assert [e.loc for e in report.errors] == [loc]
+    assert "not supported" in report.errors[0].msg
+
+
+@pytest.mark.parametrize("extra", [{"group_by_length": False}, {"lr_quadratic_warmup": False}, {"neftune_noise_alpha": None}])
+def test_unimplemented_features_switched_off_are_accepted(extra):
+    assert validate_config({**GOOD, **extra}, ENV).valid

@@ -161,15 +161,6 @@ def test_a_tracker_that_is_configured_but_missing_fails_before_training():
             assert wanted_trackers(cfg(**keys)) == [name]
 
 
-def test_keys_the_trainer_does_not_implement_are_refused_by_name():
-    from worker.train.model import preflight
-
-    for keys in ({"neftune_noise_alpha": 5.0}, {"lr_quadratic_warmup": True}, {"cosine_constant_lr_ratio": 0.8}, {"group_by_length": True}):
-        with pytest.raises(JobSpecError, match=next(iter(keys))):
-            preflight(cfg(**keys))
-    preflight(cfg())
-
-
 def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeypatch):
     import io
     import sys

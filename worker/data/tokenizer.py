@@ -10,12 +10,9 @@ import json
 from typing import Any
 
 from schemas.config import TrainingConfig
-from worker.errors import JobSpecError
 
 
 def load_tokenizer(cfg: TrainingConfig) -> Any:
-    if cfg.added_tokens_overrides:
-        raise JobSpecError("added_tokens_overrides is not supported by ftw yet", hint="add new tokens with `tokens:` instead")
     from worker.train.model import load_tokenizer as load_for_training
 
     return load_for_training(cfg)

@@ -60,20 +60,9 @@ def attention_backend(cfg: TrainingConfig) -> str:
     return impl
 
 
-# typed config keys the trainer does not implement: refused by name rather than silently ignored
-NOT_IMPLEMENTED = {
-    "neftune_noise_alpha": "NEFTune embedding noise",
-    "lr_quadratic_warmup": "quadratic warmup",
-    "cosine_constant_lr_ratio": "the constant-then-cosine schedule",
-    "group_by_length": "length-grouped batches (use sample_packing: true)",
-}
-
-
 def preflight(cfg: TrainingConfig) -> None:
-    """Machine-dependent checks and unimplemented keys, before any download or model load."""
-    for key, what in NOT_IMPLEMENTED.items():
-        if getattr(cfg, key) not in (None, False):
-            raise JobSpecError(f"{key} ({what}) is not implemented by ftw's trainer", hint=f"remove {key} from the config")
+    """Machine-dependent checks, before any download or model load (keys ftw does not implement
+    are refused earlier, at validation: schemas/keys.py)."""
     if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
         if not torch.cuda.is_available():
             raise JobSpecError(

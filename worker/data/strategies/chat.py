@@ -41,8 +41,6 @@ class ChatTemplateStrategy:
         ds, tok = ctx.dataset, ctx.tokenizer
         if not getattr(tok, "is_fast", False):
             raise JobSpecError("type: chat_template needs a fast tokenizer (character offsets)", hint="set tokenizer_use_fast: true")
-        if ds.message_field_training_detail or ds.split_thinking:
-            raise JobSpecError("message_field_training_detail and split_thinking are not supported by ftw", hint="remove them; use a per-message training flag")
         self.ctx = ctx
         self.template = template_for(ds, ctx.config, tok)
         self.field_messages = ds.field_messages
