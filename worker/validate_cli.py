@@ -43,6 +43,27 @@ def load_document(path: Path) -> Any:
         raise UnreadableDocument(f"{path} is not valid YAML: {e}") from e
 
 
+def config_from_file(path: Path, prog: str) -> tuple[Any, int]:
+    """(TrainingConfig, 0) for a readable, valid config file; else (None, exit code) after printing
+    why on stderr: the shared front door of `ftw preprocess` and `ftw train`."""
+    from schemas.validate import validate_config
+
+    try:
+        doc = load_document(path)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"{prog}: cannot read {path}: {e}", file=sys.stderr)
+        return None, EXIT_USAGE
+    except UnreadableDocument as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None, EXIT_USAGE
+    report = validate_config(doc)
+    for issue in report.warnings:
+        print(f"warning {issue}", file=sys.stderr)
+    for issue in report.errors:
+        print(f"error   {issue}", file=sys.stderr)
+    return (report.value, EXIT_VALID) if report.valid else (None, EXIT_INVALID)
+
+
 def looks_like_job(doc: Any) -> bool:
     return isinstance(doc, dict) and ("input" in doc or "config" in doc or "args" in doc)
 

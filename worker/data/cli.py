@@ -42,28 +42,15 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
-    from schemas.validate import validate_config
-    from worker.validate_cli import load_document
+    from worker.validate_cli import config_from_file
 
-    try:
-        doc = load_document(args.config)
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"ftw preprocess: cannot read {args.config}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
-        print(f"ftw preprocess: {args.config} is not valid YAML/JSON: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    report = validate_config(doc)
-    for issue in report.warnings:
-        print(f"warning {issue}", file=sys.stderr)
-    if not report.valid:
-        for issue in report.errors:
-            print(f"error   {issue}", file=sys.stderr)
-        return EXIT_INVALID
+    cfg, code = config_from_file(args.config, "ftw preprocess")
+    if cfg is None:
+        return code
     from worker.data.pipeline import prepare
 
     try:
-        summary = prepare(report.value)
+        summary = prepare(cfg)
     except FtwError as e:
         print(f"ftw preprocess: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         return EXIT_FAILED

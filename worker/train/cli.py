@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 from schemas.paths import base_volume
-from schemas.validate import validate_config
 from worker.events import EXIT_FAILED, read_error
-from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, load_document
+from worker.validate_cli import EXIT_USAGE, config_from_file
 
 
 def visible_gpus() -> int:
@@ -56,20 +55,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, help="processes (one per GPU); default: the visible GPUs")
     try:
         args = parser.parse_args(argv)
-        doc = load_document(args.config)
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
-    except (OSError, ValueError) as e:
-        print(f"ftw train: cannot read {args.config}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    report = validate_config(doc)
-    for issue in report.warnings:
-        print(f"warning {issue}", file=sys.stderr)
-    if not report.valid:
-        for issue in report.errors:
-            print(f"error   {issue}", file=sys.stderr)
-        return EXIT_INVALID
-    cfg = report.value
+    cfg, code = config_from_file(args.config, "ftw train")
+    if cfg is None:
+        return code
     run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = run_dir / "config.json"
