@@ -29,9 +29,12 @@ GRACE_S = 30.0
 CONFIG = {"max_steps": 6, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
 
 
-def live_children() -> list[psutil.Process]:
+def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
+    """This process's live descendants, except `ignore` (servers other tests' fixtures started)."""
     out = []
     for p in psutil.Process().children(recursive=True):
+        if p.pid in ignore:
+            continue
         try:
             if p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
@@ -70,11 +73,12 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     monkeypatch.setenv("FTW_STOP_GRACE_S", str(GRACE_S))
     job = example_job(run_id="resume", config=CONFIG)
     run_dir = demo_volume / "runs" / "resume"
+    before = frozenset(p.pid for p in live_children())
 
     # 1. RunPod cancel mid-training: a checkpoint is saved, the children are gone in grace + 5 s.
     seen, took = asyncio.run(cancel_at_train_step(job, 2))
     assert took < GRACE_S + 5
-    assert live_children() == []
+    assert live_children(before) == []
     first = json.loads((run_dir / "result.json").read_text())
     assert first["status"] == "cancelled" and first["error"]["code"] == "cancelled" and first["error"]["stage"] == "train"
     saved = newest_checkpoint(run_dir)
@@ -94,7 +98,7 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     assert "preprocess_s" not in second["timings"]  # the prepared cache of attempt 1 was used
     assert second["status"] == "failed" and second["error"]["code"] == "crash" and second["error"]["retryable"]
     assert "SIGKILL" in second["error"]["message"] and "step" in second["error"]["log_tail"]
-    assert live_children() == []
+    assert live_children(before) == []
     newest = newest_checkpoint(run_dir)
     assert newest >= saved
 
