@@ -43,18 +43,25 @@ def load_document(path: Path) -> Any:
         raise UnreadableDocument(f"{path} is not valid YAML: {e}") from e
 
 
+def read_document(path: Path, prog: str) -> tuple[Any, bool]:
+    """(document, True), or (None, False) after saying on stderr why the file cannot be read:
+    the usage-error path every command that takes a config or job file shares."""
+    try:
+        return load_document(path), True
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"{prog}: cannot read {path}: {e}", file=sys.stderr)
+    except UnreadableDocument as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+    return None, False
+
+
 def config_from_file(path: Path, prog: str) -> tuple[Any, int]:
     """(TrainingConfig, 0) for a readable, valid config file; else (None, exit code) after printing
     why on stderr: the shared front door of `ftw preprocess` and `ftw train`."""
     from schemas.validate import validate_config
 
-    try:
-        doc = load_document(path)
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"{prog}: cannot read {path}: {e}", file=sys.stderr)
-        return None, EXIT_USAGE
-    except UnreadableDocument as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    doc, readable = read_document(path, prog)
+    if not readable:
         return None, EXIT_USAGE
     report = validate_config(doc)
     for issue in report.warnings:
@@ -86,13 +93,8 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_VALID
-    try:
-        doc = load_document(args.path)
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"ftw validate: cannot read {args.path}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except UnreadableDocument as e:
-        print(f"ftw validate: {e}", file=sys.stderr)
+    doc, readable = read_document(args.path, "ftw validate")
+    if not readable:
         return EXIT_USAGE
     report = validate_document(doc)
     if args.json:

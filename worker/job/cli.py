@@ -16,7 +16,7 @@ from pathlib import Path
 from worker.job.pipeline import run_job
 from worker.job.progress import format_line
 from worker.job.supervisor import StopSignal
-from worker.validate_cli import load_document
+from worker.validate_cli import read_document
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,10 +30,8 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
-    try:
-        doc = load_document(args.job)
-    except Exception as e:  # unreadable or not YAML/JSON: a usage error, before anything runs
-        print(f"ftw run: cannot read {args.job}: {e}", file=sys.stderr)
+    doc, readable = read_document(args.job, "ftw run")
+    if not readable:  # unreadable or not YAML/JSON: a usage error, before anything runs
         return EXIT_USAGE
     if args.run_id and isinstance(doc, dict):
         inner = doc["input"] if isinstance(doc.get("input"), dict) else doc
