@@ -55,11 +55,15 @@ def probe_writable(folder: Path) -> None:
             os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InfraError(
-            f"the volume at {folder} is not writable ({e.strerror or e})",
-            "attach a writable network volume (BASE_VOLUME) or check its permissions and free space",
-            details={"path": str(folder), "errno": e.errno},
-        ) from e
+        raise volume_error(f"the volume at {folder} is not writable", folder, e) from e
+
+
+def volume_error(what: str, path: Path, e: OSError) -> InfraError:
+    return InfraError(
+        f"{what} ({e.strerror or e})",
+        "attach a writable network volume (BASE_VOLUME) or check its permissions and free space",
+        details={"path": str(path), "errno": e.errno},
+    )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -138,11 +142,7 @@ def open_run_dir(base: Path, run_id: str) -> RunDir:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InfraError(
-            f"cannot create the run folder {path} ({e.strerror or e})",
-            "attach a writable network volume (BASE_VOLUME) or check its permissions and free space",
-            details={"path": str(path), "errno": e.errno},
-        ) from e
+        raise volume_error(f"cannot create the run folder {path}", path, e) from e
     probe_writable(path)
     run = RunDir(run_id=run_id, path=path, base=base, lock_fd=_lock(path, run_id))
     run.state = read_json(path / STATE_NAME) or {"run_id": run_id}
