@@ -12,6 +12,7 @@ parts through s3transfer, each file retried with backoff), checks every object's
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -152,6 +153,19 @@ def _failed(what: str, e: Exception, loc: S3Location) -> PublishError:
                         "same run_id publishes again (nothing partial was marked complete)", details={"uri": loc.uri})
 
 
+@contextlib.contextmanager
+def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseException], ...] = (PublishError,)):
+    """Any failure of a transfer becomes one PublishError naming it; typed ones pass through."""
+    try:
+        yield
+    except passthrough:
+        raise
+    except Fatal as e:
+        raise e.error from None
+    except Exception as e:
+        raise _failed(label, e, loc) from e
+
+
 def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSettings, label: str = "",
                   progress_sink: ProgressSink | None = None) -> Manifest:
     """Upload `folder` to `loc`; manifest.json last. Returns the manifest; PublishError on failure."""
@@ -160,7 +174,7 @@ def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSetti
     label = label or f"upload {loc.uri}"
     manifest = Manifest.of_folder(folder)
     progress = Progress(label, manifest.total_bytes, progress_sink)
-    try:
+    with _as_publish_error(label, loc, passthrough=(PublishError, FileNotFoundError)):  # a local file gone (a rotated checkpoint) is the caller's to judge
         with_retries(_guarded(lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME)), label), label, transfer)
         with create_transfer_manager(client, _transfer_config(transfer)) as manager:
             pending = list(manifest.files)
@@ -179,12 +193,6 @@ def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSetti
         body = manifest.to_bytes()
         with_retries(_guarded(lambda: client.put_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME), Body=body,
                                                         ContentType="application/json"), label), label, transfer)
-    except (PublishError, FileNotFoundError):  # a local file gone (a rotated checkpoint) is the caller's to judge
-        raise
-    except Fatal as e:
-        raise e.error from None
-    except Exception as e:
-        raise _failed(label, e, loc) from e
     progress.report()
     return manifest
 
@@ -261,7 +269,7 @@ def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSetti
     label = f"download {loc.uri}"
     progress = Progress(label, manifest.total_bytes)
     pending = list(manifest.files)
-    try:
+    with _as_publish_error(label, loc):
         with create_transfer_manager(client, _transfer_config(transfer)) as manager:
             for attempt in range(transfer.attempts):
                 futures = {}
@@ -278,12 +286,6 @@ def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSetti
                                        "the stored object differs from what was published (altered or corrupted in the store)",
                                        details={"uri": loc.uri, "files": bad})
                 _pause(transfer, attempt, label, pending)
-    except PublishError:
-        raise
-    except Fatal as e:
-        raise e.error from None
-    except Exception as e:
-        raise _failed(label, e, loc) from e
     progress.report()
     return manifest
 
