@@ -110,17 +110,12 @@ def rotate(checkpoints: Path, keep: int, protect: Path | None = None) -> None:
 
 
 # ---- a trainer's state in and out of a checkpoint (every rank calls these: they are collective) --
-def _barrier(topo) -> None:
-    import torch.distributed as dist
-
-    if topo.world_size > 1:
-        dist.barrier()
-
-
 def save(trainer) -> Path | None:
     """checkpoint-<step> of `trainer` (a worker.train.trainer.Trainer); the path on rank 0."""
     import torch
     from safetensors.torch import save_file
+
+    from worker.train import distributed as dist_
 
     cfg, topo, step = trainer.cfg, trainer.topo, trainer.state.step
     root = trainer.run_dir / "checkpoints"
@@ -128,9 +123,9 @@ def save(trainer) -> Path | None:
     tmp = root / f".tmp-checkpoint-{step}"
     if topo.is_main:
         tmp_dir(root, step)
-    _barrier(topo)
+    dist_.barrier(topo)
     torch.save(_rng_state(), tmp / f"rng-{topo.rank}.pt")
-    _barrier(topo)
+    dist_.barrier(topo)
     final = None
     if topo.is_main:
         # a full model or PEFT adapter files, publishable as they are
@@ -149,7 +144,7 @@ def save(trainer) -> Path | None:
         rotate(root, cfg.save_total_limit, protect=best)
         trainer.progress.event(step=step, event="checkpoint", path=str(final))
         log.info("checkpoint saved: %s", final)
-    _barrier(topo)
+    dist_.barrier(topo)
     return final
 
 

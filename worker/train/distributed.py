@@ -46,6 +46,11 @@ def init(cfg: TrainingConfig) -> Topology:
     return Topology(int(os.environ.get("RANK", "0")), local_rank, world, device)
 
 
+def barrier(topo: Topology) -> None:
+    if topo.world_size > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

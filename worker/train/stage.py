@@ -40,6 +40,7 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
         if code != EXIT_OK:
             return code
         finish(trainer)
+        dist_.barrier(topo)  # ranks > 0 wait for rank 0's writes: tearing gloo down under a busy peer aborts
         return EXIT_OK
     finally:
         dist_.shutdown()
