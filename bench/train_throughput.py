@@ -1,6 +1,7 @@
-"""LoRA training throughput on one GPU: ftw's kernels against transformers+peft (and Liger).
+"""LoRA training throughput on one GPU: ftw's kernels against transformers+peft, Liger and Unsloth.
 
-    python bench/train_throughput.py                       # all shapes, arms hf, liger, ftw
+    python bench/train_throughput.py                       # all shapes, arms hf, liger, unsloth, ftw
+    bash bench/gpu_peers.sh --shapes llama-8b --gc both    # the same on the GPU machine, peer wheels installed
     python bench/train_throughput.py --shapes llama-1b --arms hf,ftw --steps 30 --json OUT.json
     python bench/train_throughput.py --loss-curve 200 --shapes llama-1b   # kernels on vs off
 
@@ -14,16 +15,24 @@ over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
 against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `kernels.apply_kernels` (the call the
-trainer makes after get_peft_model).
+trainer makes after get_peft_model); unsloth = Unsloth's FastLanguageModel on the same seed-0 weights
+(saved to a temp folder: it loads only from a path), `use_gradient_checkpointing="unsloth"` (its
+offloaded mode) for `--gc on`. Unsloth splits packed samples only in its padding-free layout: one row
+per step plus `packed_seq_lengths` (rows with restarting position ids alone attend across samples), so
+its arm gets the step's rows end to end — the same tokens, targets and attention as the other arms.
+The table gives each arm's tokens/s and peak memory against hf's and, when it ran, Unsloth's.
+Peer wheels (Liger, Unsloth): `bench/gpu_peers.sh`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,13 +107,21 @@ def measure_peak_tflops() -> float:
     return 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def model_config(shape: str, seq: int):
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape])
+    return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
+
+
 def build(arm: str, shape: str, gc: bool, seq: int):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    spec = dict(SHAPES[shape])
-    cfg = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
+    if arm == "unsloth":
+        return build_unsloth(shape, gc, seq)
+    cfg = model_config(shape, seq)
     if arm == "liger":
         import liger_kernel.transformers as liger
 
@@ -128,14 +145,75 @@ def build(arm: str, shape: str, gc: bool, seq: int):
     return model.train(), cfg, n_frozen, n_lora, applied
 
 
+def saved_random_init(shape: str, seq: int) -> Path:
+    """The seed-0 random-init model the other arms build in memory, saved with a word-level tokenizer
+    whose pad token differs from eos (Unsloth refuses pad == eos); once per shape on this machine."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(tempfile.gettempdir()) / "ftw-bench-models" / f"{shape}-seq{seq}"
+    if (folder / "tokenizer_config.json").exists():
+        return folder
+    cfg = model_config(shape, seq)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    del model
+    torch.cuda.empty_cache()
+    v = cfg.vocab_size
+    vocab = {**{f"t{i}": i for i in range(v - 3)}, "<s>": v - 3, "</s>": v - 2, "<pad>": v - 1}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="t0").save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def build_unsloth(shape: str, gc: bool, seq: int):
+    """Unsloth's loader and LoRA as its users call them (its defaults otherwise); the same counts as
+    `build`: frozen = every nn.Linear of the loaded model (lm_head included), LoRA = what trains."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    folder = saved_random_init(shape, seq)
+    checkpointing = "unsloth" if gc else False
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=False, use_gradient_checkpointing=checkpointing)
+    n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing=checkpointing,
+                                             random_state=0)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model.train(), model.config, n_frozen, n_lora, [f"unsloth {'offloaded gc' if gc else 'no gc'}"]
+
+
+def one_row(batch: dict) -> dict:
+    """Unsloth's padding-free layout of a packed step: its rows end to end, plus the sample lengths
+    (CPU int32, as its collator makes them) that its attention splits on."""
+    import torch
+
+    pos = batch["position_ids"].reshape(1, -1)
+    starts = (pos[0] == 0).nonzero().flatten()
+    lengths = torch.diff(starts, append=torch.tensor([pos.shape[1]]))
+    return dict(input_ids=batch["input_ids"].reshape(1, -1), position_ids=pos, labels=batch["labels"].reshape(1, -1),
+                packed_seq_lengths=lengths.to(torch.int32))
+
+
 def run_arm(a: argparse.Namespace) -> dict:
+    if a.arm == "unsloth":  # first: it patches transformers and sets its CUDA allocator options at import
+        importlib.import_module("unsloth")
     import torch
 
     peak = measure_peak_tflops()
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
-    batches = [(({k: v.cuda(non_blocking=True) for k, v in b.items()}), sq)
+    layout = one_row if a.arm == "unsloth" and not a.full_length else dict
+    batches = [({k: v if k == "packed_seq_lengths" else v.cuda(non_blocking=True) for k, v in layout(b).items()}, sq)
                for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
     losses: list[float] = []
 
@@ -203,24 +281,37 @@ def child(args: list[str]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| shape, mbs | grad ckpt | arm | tokens/s | × hf | MFU | peak alloc / reserved GiB | loss first → last | kernels |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["shape"], r["gc"]): r["tokens_per_s"] for r in results if r.get("arm") == "hf" and "tokens_per_s" in r}
+    """One row per arm; speed and peak allocated memory also as ratios to hf's and to Unsloth's run of
+    the same shape and checkpointing mode (the issue's targets are ratios to Unsloth)."""
+    rows = ["| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | peak alloc / reserved GiB | "
+            "alloc × unsloth | loss first → last | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    done = [r for r in results if "tokens_per_s" in r]
+    by_arm = {(r["arm"], r["shape"], r["gc"]): r for r in done}
+
+    def ratio(r: dict, arm: str, key: str) -> str:
+        ref = by_arm.get((arm, r["shape"], r["gc"]))
+        return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"
+
     for r in results:
-        if "error" in r:
-            rows.append(f"| {r.get('args')} | | | error: {r['error'].splitlines()[-1][:120] if r['error'] else '?'} | | | | | |")
+        if "tokens_per_s" not in r:
+            last = [line for line in (r.get("error") or "?").splitlines() if line.strip()][-1:] or ["?"]
+            rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | |")
             continue
-        ratio = r["tokens_per_s"] / base[(r["shape"], r["gc"])] if (r["shape"], r["gc"]) in base else float("nan")
-        rows.append(f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | {'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | "
-                    f"{ratio:.2f} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
-                    f"{r['loss_first']} → {r['loss_last']} | {', '.join(r['kernels']) or '-'} |")
+        rows.append(f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | "
+                    f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
+                    f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
+                    f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
+                    f"{', '.join(r['kernels']) or '-'} |")
+    if any(r["arm"] == "unsloth" and not r.get("full_length") for r in done):
+        rows.append("\nunsloth, packed: each step's rows end to end as one row with `packed_seq_lengths` (its padding-free "
+                    "layout; it splits attention per sample only so), the same tokens and targets as the other arms.")
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
-    ap.add_argument("--arms", default="hf,liger,ftw")
+    ap.add_argument("--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw (default: all)")
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
