@@ -21,11 +21,15 @@ offloaded mode) for `--gc on`. Unsloth splits packed samples only in its padding
 per step plus `packed_seq_lengths` (rows with restarting position ids alone attend across samples), so
 its arm gets the step's rows end to end — the same tokens, targets and attention as the other arms.
 The table gives each arm's tokens/s and peak memory against hf's and, when it ran, Unsloth's.
+`--offload`: the ftw arm's forward runs under worker/train/offload.py's activation offloading (what
+`gradient_checkpointing: offload` does in training), shown as arm ftw+offload; e.g.
+`--shapes llama-8b --arms ftw --gc on --offload`.
 Peer wheels (Liger, Unsloth): `bench/gpu_peers.sh`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -216,9 +220,15 @@ def run_arm(a: argparse.Namespace) -> dict:
     batches = [({k: v if k == "packed_seq_lengths" else v.cuda(non_blocking=True) for k, v in layout(b).items()}, sq)
                for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
     losses: list[float] = []
+    offloader = None
+    if a.offload and a.arm == "ftw":
+        from worker.train.offload import ActivationOffloader
+
+        offloader = ActivationOffloader(torch.device("cuda"))
 
     def step(batch):
-        loss = model(**batch, use_cache=False).loss
+        with offloader.saving() if offloader else contextlib.nullcontext():
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,13 +250,14 @@ def run_arm(a: argparse.Namespace) -> dict:
     sum_sq = sum(sq for _, sq in batches[a.warmup:])
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     flops = 4 * n_frozen * tokens + 6 * n_lora * tokens + 6 * cfg.num_hidden_layers * d_attn * sum_sq
-    return dict(arm=a.arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=a.gc, full_length=a.full_length, steps=a.steps,
+    return dict(arm=a.arm + ("+offload" if offloader else ""), shape=a.shape, mbs=a.mbs, seq=a.seq, gc=a.gc, full_length=a.full_length, steps=a.steps,
                 tokens_per_s=round(tokens / seconds),
                 mfu=round(flops / seconds / (peak * 1e12), 4), peak_tflops=round(peak, 1),
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4),
-                losses=[round(float(x), 5) for x in losses] if a.keep_losses else None, kernels=applied)
+                losses=[round(float(x), 5) for x in losses] if a.keep_losses else None, kernels=applied,
+                offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None)
 
 
 def profile_steps(step, batches, path: str) -> None:
@@ -319,6 +330,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
+    ap.add_argument("--offload", action="store_true", help="ftw arm: activation offloading to host memory")
     ap.add_argument("--loss-curve", type=int, default=0,
                     help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses")
     ap.add_argument("--json", help="write all results here")
@@ -363,7 +375,7 @@ def main() -> None:
                     prof = ["--profile-to", f"{a.profile}-{shape}-gc{gc}.txt"] if a.profile and arm == "ftw" else []
                     r = child(["--arm", arm, "--shape", shape, "--gc", gc, "--mbs", str(a.mbs or DEFAULT_MBS[shape]),
                                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), *prof,
-                               *(["--full-length"] if a.full_length else [])])
+                               *(["--full-length"] if a.full_length else []), *(["--offload"] if a.offload and arm == "ftw" else [])])
                     print(json.dumps(r), flush=True)
                     results.append(r)
         print(table(results))
