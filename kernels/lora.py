@@ -4,12 +4,15 @@ y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ for frozen W and trainable A, B. Autograd 
 projection, the input and the rank-sized intermediates of each matmul, and for the gated MLP also
 silu(g) and silu(g)·u. Here:
 - `LoRAProjections` runs several projections of one input (q, k, v; or o alone), saves the input
-  once plus the (tokens × r) x·Aᵀ, and sums dx with in-place addmm.
+  once plus the (tokens × Σr) x·[A₁;…;Aₙ]ᵀ, and sums dx with in-place addmm.
 - `LoRAGatedMLP` runs gate/up/down with the SwiGLU kernel between; it saves x, g and u only and
   recomputes h = silu(g)·u inside the backward's one elementwise pass, which writes dg and du over
   g and u (no new activation-sized buffers).
-Adapter weights (fp32 when PEFT upcasts them) are cast to the activation dtype for the matmuls;
-their gradients come back in their own dtype.
+The rank-r down-projections that share an input are one GEMM against the stacked A's, forward
+(x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [dy₁B₁ … dyₙBₙ]ᵀ·x, and their dx term as one addmm
+when the scales agree): the tokens × hidden input is read once instead of n times. Adapter weights
+(fp32 when PEFT upcasts them) come in the compute dtype from `kernels.adapter_copies`, cast once
+per optimizer step; their gradients come back in their own dtype.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.adapter_copies import stacked
 from kernels.precision import compute_dtype, no_autocast
 from kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
@@ -49,29 +53,75 @@ def projection_of(module: torch.nn.Module) -> Projection | None:
     return Projection(base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
 
 
-def _lora_fwd(x2: torch.Tensor, p: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
-    bias = None if p.bias is None else p.bias.to(x2.dtype)
-    y = torch.nn.functional.linear(x2, p.weight.to(x2.dtype), bias)
-    if p.lora_a is None:
-        return y, None
-    xa = x2 @ p.lora_a.to(x2.dtype).t()
-    return y.addmm_(xa, p.lora_b.to(x2.dtype).t(), alpha=p.scale), xa
+def _rank_rows(projections: list[Projection]) -> list[slice | None]:
+    """Each LoRA projection's rows in the stacked A (None for a plain one)."""
+    rows, start = [], 0
+    for p in projections:
+        rows.append(None if p.lora_a is None else slice(start, start + p.lora_a.shape[0]))
+        start += 0 if p.lora_a is None else p.lora_a.shape[0]
+    return rows
 
 
-def _lora_bwd(dy: torch.Tensor, inp: torch.Tensor, xa: torch.Tensor | None, w, a, bb, s: float,
-              dx: torch.Tensor | None, want_dx: bool):
-    """(dL/dinput accumulated into dx — started by this call when dx is None —, dA, dB)."""
-    if want_dx:
-        w = w.to(dy.dtype)
+def _adapters(projections: list[Projection], dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(the A's of the LoRA projections stacked, each projection's B or None), in `dtype`."""
+    lora = [p for p in projections if p.lora_a is not None]
+    if not lora:
+        return None, [None] * len(projections)
+    a_rows, *bs = stacked([[p.lora_a for p in lora], *[[p.lora_b] for p in lora]], dtype)
+    found = iter(bs)
+    return a_rows, [None if p.lora_a is None else next(found) for p in projections]
+
+
+def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr)."""
+    a_rows, bs = _adapters(projections, x2.dtype)
+    xa = x2 @ a_rows.t() if a_rows is not None else None
+    outs = []
+    for p, b, rows in zip(projections, bs, _rank_rows(projections)):
+        y = torch.nn.functional.linear(x2, p.weight.to(x2.dtype), None if p.bias is None else p.bias.to(x2.dtype))
+        if b is not None:
+            y.addmm_(xa[:, rows], b.t(), alpha=p.scale)
+        outs.append(y)
+    return outs, xa
+
+
+def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
+    """(dL/dinput summed over the projections, None unless wanted; dyb: the rows Bᵢᵀ·dyᵢᵀ stacked,
+    Σr × tokens, which the A grads share)."""
+    a_rows, bs = _adapters(projections, dys[0].dtype)
+    parts = [(p, dy, b, r) for p, dy, b, r in zip(projections, dys, bs, _rank_rows(projections)) if b is not None]
+    dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
+    for _, dy, b, rows in parts:
+        torch.mm(b.t(), dy.t(), out=dyb[rows])
+    if not want_dx:
+        return None, dyb
+    dx = None
+    for p, dy in zip(projections, dys):
+        w = p.weight.to(dy.dtype)
         dx = dy @ w if dx is None else dx.addmm_(dy, w)
-    if a is None:
-        return dx, None, None
-    dyb = dy @ bb.to(dy.dtype)
-    if want_dx:
-        dx.addmm_(dyb, a.to(dy.dtype), alpha=s)
-    ga = (dyb.t() @ inp).mul_(s).to(a.dtype) if a.requires_grad else None
-    gb = (dy.t() @ xa).mul_(s).to(bb.dtype) if bb.requires_grad else None
-    return dx, ga, gb
+    scales = {p.scale for p, *_ in parts}
+    if len(scales) == 1:  # one GEMM over the stacked A
+        dx.addmm_(dyb.t(), a_rows, alpha=scales.pop())
+    else:
+        for p, _, _, rows in parts:
+            dx.addmm_(dyb[rows].t(), a_rows[rows], alpha=p.scale)
+    return dx, dyb
+
+
+def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
+    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `inp`
+    may be None when no W or A trains."""
+    ga_rows = dyb @ inp if any(p.lora_a is not None and p.lora_a.requires_grad for p in projections) else None
+    grads: list[torch.Tensor | None] = []
+    for p, dy, rows in zip(projections, dys, _rank_rows(projections)):
+        grads.append(dy.t() @ inp if p.weight.requires_grad else None)
+        grads.append(dy.sum(0) if p.bias is not None and p.bias.requires_grad else None)
+        if p.lora_a is None:
+            grads += [None, None]
+            continue
+        grads.append(ga_rows[rows].mul_(p.scale).to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
+        grads.append((dy.t() @ xa[:, rows]).mul_(p.scale).to(p.lora_b.dtype) if p.lora_b.requires_grad else None)
+    return grads
 
 
 class LoRAProjections(torch.autograd.Function):
@@ -79,35 +129,24 @@ class LoRAProjections(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
-            return LoRAProjections._forward(ctx, x, dtype, scales, *params)
-
-    @staticmethod
-    def _forward(ctx, x, dtype, scales, *params):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        outs, xas = [], []
-        for i, s in enumerate(scales):
-            y, xa = _lora_fwd(x2, Projection(*params[4 * i: 4 * i + 4], s))
-            xas.append(xa)
-            outs.append(y.view(*x.shape[:-1], -1))
-        ctx.save_for_backward(x2, *params, *xas)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            outs, xa = _forward(x2, _projections(params, scales))
+        ctx.save_for_backward(x2, xa, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
-        return tuple(outs)
+        return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
     def backward(ctx, *douts):
-        x2, *rest = ctx.saved_tensors
-        n = len(ctx.scales)
-        params, xas = rest[: 4 * n], rest[4 * n:]
-        dx, want_dx = None, ctx.needs_input_grad[0]
-        grads: list[torch.Tensor | None] = []
-        for i, s in enumerate(ctx.scales):
-            w, b, a, bb = params[4 * i: 4 * i + 4]
-            dy = douts[i].reshape(-1, w.shape[0])
-            gw = dy.t() @ x2 if w.requires_grad else None
-            gb = dy.sum(0) if b is not None and b.requires_grad else None
-            dx, ga, gbb = _lora_bwd(dy, x2, xas[i], w, a, bb, s, dx, want_dx)
-            grads += [gw, gb, ga, gbb]
+        x2, xa, *params = ctx.saved_tensors
+        projections = _projections(params, ctx.scales)
+        dys = [d.reshape(-1, p.weight.shape[0]) for d, p in zip(douts, projections)]
+        dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
+        grads = _weight_grads(dys, dyb, x2, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, *grads
+
+
+def _projections(params, scales) -> list[Projection]:
+    return [Projection(*params[4 * i: 4 * i + 4], s) for i, s in enumerate(scales)]
 
 
 def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
@@ -120,47 +159,40 @@ class LoRAGatedMLP(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
-            return LoRAGatedMLP._forward(ctx, x, dtype, scales, *params)
-
-    @staticmethod
-    def _forward(ctx, x, dtype, scales, *params):
-        gate, up, down = (Projection(params[3 * i], None, params[3 * i + 1], params[3 * i + 2], scales[i]) for i in range(3))
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        g, xag = _lora_fwd(x2, gate)
-        u, xau = _lora_fwd(x2, up)
-        h = swiglu_forward_raw(g, u)
-        y, had = _lora_fwd(h, down)
-        del h
-        ctx.save_for_backward(x2, g, u, xag, xau, had, *params)
+            gate, up, down = _mlp_projections(params, scales)
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            (g, u), xa = _forward(x2, [gate, up])
+            h = swiglu_forward_raw(g, u)
+            (y,), had = _forward(h, [down])
+            del h
+        ctx.save_for_backward(x2, g, u, xa, had, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, g, u, xag, xau, had, *params = ctx.saved_tensors
-        wg, ag, bg, wu, au, bu, wd, ad, bd = params
-        sg, su, sd = ctx.scales
-        if wg.requires_grad or wu.requires_grad or wd.requires_grad:
+        x2, g, u, xa, had, *params = ctx.saved_tensors
+        gate, up, down = _mlp_projections(params, ctx.scales)
+        if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
-        dh = dy @ wd.to(dy.dtype)
-        dyb = None
-        if ad is not None:
-            dyb = dy @ bd.to(dy.dtype)
-            dh.addmm_(dyb, ad.to(dy.dtype), alpha=sd)
+        dh, dyb = _input_grad([dy], [down], want_dx=True)
         # one pass: h recomputed (for dA_down), dg and du written over g and u
-        h = swiglu_backward(dh, g, u, g, u, want_h=ad is not None and ad.requires_grad)
+        want_h = down.lora_a is not None and down.lora_a.requires_grad
+        h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
         del dh
-        gad = gbd = None
-        if ad is not None:
-            gad = (dyb.t() @ h).mul_(sd).to(ad.dtype) if h is not None else None
-            gbd = (dy.t() @ had).mul_(sd).to(bd.dtype) if bd.requires_grad else None
+        down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h
-        want_dx = ctx.needs_input_grad[0]
-        dx, gag, gbg = _lora_bwd(g, x2, xag, wg, ag, bg, sg, None, want_dx)
-        dx, gau, gbu = _lora_bwd(u, x2, xau, wu, au, bu, su, dx, want_dx)
+        dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0])
+        gate_grads = _weight_grads([g, u], dyb, x2, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
-        return dx, None, None, gag, gbg, None, gau, gbu, None, gad, gbd
+        # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
+        grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
+        return dx, None, *grads
+
+
+def _mlp_projections(params, scales) -> list[Projection]:
+    return [Projection(params[3 * i], None, params[3 * i + 1], params[3 * i + 2], scales[i]) for i in range(3)]
 
 
 def lora_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:

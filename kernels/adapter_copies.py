@@ -1,0 +1,112 @@
+"""Adapter weights in the compute dtype, cast once per change instead of at every use.
+
+PEFT keeps LoRA A/B in fp32; the fused LoRA ops multiply in bf16. Casting each A and B at every
+forward and backward costs hundreds of tiny kernels per step. `stacked` instead hands out views
+of one buffer per group of weights, copied from the parameters again only when one of them may
+have changed since the last copy:
+- an in-place op on it (its `_version`), or a new tensor behind it (`data_ptr`);
+- any optimizer step (a global step hook): fused AdamW and bitsandbytes write the parameters
+  without bumping `_version`.
+All stale copies are refreshed together, with one `_foreach_copy_` per device and dtype pair, at
+the first use after a change: once per optimizer step in training. The weights of a group lie back
+to back in the buffer, so A_q, A_k, A_v stacked (one GEMM for the three down-projections) is a
+view too. The copies are the same casts as `t.to(dtype)`, only done once.
+
+Only plain tensors in a single process take this path. Under torch.distributed (FSDP2 swaps in
+unsharded parameters whose storage is all-gathered with the version counter preserved), for
+tensor subclasses (DTensor), in inference mode, or with `ENABLED` off, every use casts afresh.
+Writes through `.data` outside an optimizer step are not seen: nothing in training does that.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+ENABLED = True
+"""Read at every call; bench/lora_ops.py turns it off to measure the per-use casts."""
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_generation = 0  # optimizer steps seen since import
+_hook = None
+
+
+class _Copies:
+    """Copies of some weights in one flat buffer of the compute dtype."""
+
+    def __init__(self, key: tuple, groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype):
+        tensors = [t for g in groups for t in g]
+        me = weakref.ref(self)
+
+        def forget(_, key=key):  # a weight died: drop its entry (not a newer one under the same key)
+            entry = me()
+            if entry is not None and _CACHE.get(key) is entry:
+                del _CACHE[key]
+
+        self.sources = [weakref.ref(t, forget) for t in tensors]
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+        self.views, self.stacks, offset = [], [], 0
+        for group in groups:
+            start = offset
+            for t in group:
+                self.views.append(flat[offset: offset + t.numel()].view(t.shape))
+                offset += t.numel()
+            self.stacks.append(flat[start:offset].view(-1, group[0].shape[-1]))
+        self.stamp: tuple | None = None
+
+
+_CACHE: dict[tuple, _Copies] = {}
+
+
+def _stamp(tensors: Sequence[torch.Tensor]) -> tuple:
+    return (_generation, *[(t._version, t.data_ptr(), t.shape) for t in tensors])
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _generation
+    _generation += 1
+
+
+def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
+    return (ENABLED and not torch.is_inference_mode_enabled() and all(type(t) in _PLAIN for t in tensors)
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+
+
+def stacked(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """For each group of 2-D weights with the same number of columns, their rows stacked, in
+    `dtype` (a single weight: itself, cast). Read-only: the views are shared until the next change."""
+    tensors = [t for g in groups for t in g]
+    if not _cacheable(tensors):
+        return [g[0].to(dtype) if len(g) == 1 else torch.cat([t.to(dtype) for t in g]) for g in groups]
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_post_hook(_count_step)
+    key = (dtype, tuple(len(g) for g in groups), *map(id, tensors))
+    entry = _CACHE.get(key)
+    if entry is None or any(r() is not t or v.shape != t.shape for r, v, t in zip(entry.sources, entry.views, tensors)):
+        entry = _CACHE[key] = _Copies(key, groups, dtype)
+    if entry.stamp != _stamp(tensors):
+        _refresh_stale()
+    return entry.stacks
+
+
+def _refresh_stale() -> None:
+    batches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for key, entry in list(_CACHE.items()):
+        sources = [r() for r in entry.sources]
+        if any(s is None or s.shape != v.shape for s, v in zip(sources, entry.views)):
+            del _CACHE[key]  # a weight died or changed shape: its next use builds a new entry
+            continue
+        stamp = _stamp(sources)
+        if stamp == entry.stamp:
+            continue
+        for view, src in zip(entry.views, sources):
+            dsts, srcs = batches.setdefault((src.device, src.dtype, view.dtype), ([], []))
+            dsts.append(view)
+            srcs.append(src)
+        entry.stamp = stamp
+    with torch.no_grad():
+        for dsts, srcs in batches.values():
+            torch._foreach_copy_(dsts, srcs)
