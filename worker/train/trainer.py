@@ -117,9 +117,15 @@ class Trainer:
         return torch.autocast(self.topo.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _offload(self):
-        if self.cfg.activation_offloading or self.cfg.gradient_checkpointing == "offload":
-            return torch.autograd.graph.save_on_cpu(pin_memory=self.topo.device.type == "cuda")
-        return contextlib.nullcontext()
+        """Saved activations wait in host memory (worker/train/offload.py); one offloader a run,
+        created on first use, so its side stream and pinned buffers serve every step."""
+        if not (self.cfg.activation_offloading or self.cfg.gradient_checkpointing == "offload"):
+            return contextlib.nullcontext()
+        if getattr(self, "offloader", None) is None:
+            from worker.train.offload import ActivationOffloader
+
+            self.offloader = ActivationOffloader(self.topo.device)
+        return self.offloader.saving()
 
     def _rows(self, ds, indices: list[int]) -> list[dict[str, list[int]]]:
         cols = ds[indices]

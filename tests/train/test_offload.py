@@ -1,0 +1,208 @@
+"""Activation offloading (worker/train/offload.py) changes where saved tensors wait, never a number.
+
+The CUDA side stream cannot run here; its stand-in `QueuedCopies` behaves like one: a copy happens
+only when something waits on it (or on a later copy), in issue order, and a fetched tensor holds
+NaN until then, so a tensor read before its copy was waited for shows up in the gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import weakref
+
+import pytest
+import torch
+
+from tests.train.helpers import base_config, run_inprocess
+from worker.train.offload import ActivationOffloader, HostCopies
+
+CPU = torch.device("cpu")
+
+
+class RecordingCopies(HostCopies):
+    """Immediate copies that remember what went out."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    def to_host(self, src, dst):
+        self.sent.append(src)
+        super().to_host(src, dst)
+
+
+class QueuedCopies(HostCopies):
+    """A CUDA side stream played on the CPU (see the module docstring)."""
+
+    def __init__(self):
+        self.queue, self.done, self.log = [], 0, []
+
+    def _enqueue(self, dst, copy) -> int:
+        if dst.is_floating_point():
+            dst.fill_(float("nan"))  # what the memory holds until the copy really ran
+        self.queue.append(copy)
+        return len(self.queue)
+
+    def to_host(self, src, dst):
+        self._enqueue(dst, lambda: dst.copy_(src))
+
+    def to_device(self, src, dst):
+        token = self._enqueue(dst, lambda: dst.copy_(src))
+        self.log.append(("fetch", token))
+        return token
+
+    def wait(self, token):
+        if token is not None:
+            self.log.append(("wait", token))
+            while self.done < token:
+                self.queue[self.done]()
+                self.done += 1
+
+
+@pytest.fixture(scope="module")
+def four_layer_model_dir(tmp_path_factory):
+    from worker.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
+
+
+def lora_model(model_dir, checkpointing: bool):
+    """The tiny model as ftw builds it: its loader (checkpointing included) and its LoRA."""
+    from schemas.config import TrainingConfig
+    from worker.train.adapters import attach
+    from worker.train.model import load_model, load_tokenizer, resolve_precision
+
+    torch.set_num_threads(1)
+    cfg = TrainingConfig.model_validate(base_config(model_dir, gradient_checkpointing=checkpointing, lora_dropout=0.0))
+    torch.manual_seed(0)
+    tok = load_tokenizer(cfg)
+    model = attach(load_model(cfg, tok, resolve_precision(cfg, CPU), CPU), cfg)
+    # B starts at zero; a random B makes every LoRA gradient path carry signal
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def batch_of(model, rows: int = 2, length: int = 32) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def loss_and_grads(model, batch, offloader: ActivationOffloader | None):
+    model.zero_grad(set_to_none=True)
+    with offloader.saving() if offloader else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_gradients_are_exactly_those_without_offloading(four_layer_model_dir, checkpointing):
+    model = lora_model(four_layer_model_dir, checkpointing)
+    batch = batch_of(model)
+    ref_loss, ref = loss_and_grads(model, batch, None)
+    for offloader in (ActivationOffloader(CPU), ActivationOffloader(CPU, min_bytes=1, keep_last=0, prefetch=3)):
+        loss, grads = loss_and_grads(model, batch, offloader)
+        assert offloader.last.offloaded_tensors > 0
+        assert torch.equal(loss, ref_loss)
+        for name, g in ref.items():
+            assert torch.equal(grads[name], g), name
+
+
+def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_layer_model_dir):
+    sent = {}
+    for checkpointing in (False, True):
+        layer_inputs = []  # forward's, then the recomputation's
+        model = lora_model(four_layer_model_dir, checkpointing)
+        copies = RecordingCopies()
+        offloader = ActivationOffloader(CPU, keep_last=0, copies=copies)
+        layers = model.get_base_model().model.layers
+        hooks = [layer.register_forward_pre_hook(lambda _, args: layer_inputs.append(args[0])) for layer in layers]
+        loss_and_grads(model, batch_of(model), offloader)
+        for hook in hooks:
+            hook.remove()
+        sent[checkpointing] = {t.untyped_storage().data_ptr() for t in copies.sent}
+    # with checkpointing the hooks see the inputs torch.utils.checkpoint saves, one a layer, and
+    # outside the layers only the final norm's and the head's few
+    assert {t.untyped_storage().data_ptr() for t in layer_inputs[:len(layers)]} <= sent[True]
+    assert len(sent[True]) <= len(layers) + 3
+    assert len(sent[False]) > 4 * len(sent[True])
+
+
+def test_parameters_their_views_and_small_tensors_stay(four_layer_model_dir):
+    model = lora_model(four_layer_model_dir, checkpointing=False)
+    copies = RecordingCopies()
+    offloader = ActivationOffloader(CPU, min_bytes=4096, keep_last=0, copies=copies)
+    loss_and_grads(model, batch_of(model), offloader)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert copies.sent and all(t.untyped_storage().data_ptr() not in weights for t in copies.sent)
+    assert all(t.numel() * t.element_size() >= 4096 for t in copies.sent)
+
+
+def test_a_tensor_saved_by_several_ops_goes_once():
+    x = torch.randn(64, 64, requires_grad=True)
+    w1, w2 = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(64, 64))
+    grads = []
+    for offloader in (None, ActivationOffloader(CPU, min_bytes=1, keep_last=0)):
+        x.grad = w1.grad = None
+        with offloader.saving() if offloader else contextlib.nullcontext() as stats:
+            h = torch.tanh(x)  # saved by tanh (its output) and by both matmuls (with w1, w2: parameters)
+            loss = (h @ w1).sum() + (h @ w2).sum()
+        loss.backward()
+        grads.append((x.grad, w1.grad))
+    assert stats.offloaded_tensors == 1 and stats.deduplicated == 2
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_backward_waits_for_every_copy_and_fetches_ahead(four_layer_model_dir, checkpointing):
+    model = lora_model(four_layer_model_dir, checkpointing)
+    batch = batch_of(model)
+    ref_loss, ref = loss_and_grads(model, batch, None)
+    copies = QueuedCopies()
+    loss, grads = loss_and_grads(model, batch, ActivationOffloader(CPU, keep_last=1, prefetch=1, copies=copies))
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], g) for n, g in ref.items())  # no NaN was read
+    fetched = [token for op, token in copies.log if op == "fetch"]
+    assert len(fetched) >= model.config.num_hidden_layers
+    if checkpointing:
+        # layer by layer: when backward waits for a layer's input, the copy of the next layer's is
+        # already queued (it travels while this layer recomputes and runs its backward)
+        for i, (op, token) in enumerate(copies.log):
+            if op == "wait" and token != fetched[-1]:
+                assert ("fetch", token + 1) in copies.log[:i], copies.log
+
+
+def test_host_buffers_are_reused_from_step_to_step_and_return_when_a_graph_is_dropped(four_layer_model_dir):
+    model = lora_model(four_layer_model_dir, checkpointing=True)
+    batch = batch_of(model)
+    offloader = ActivationOffloader(CPU, keep_last=0)
+    loss_and_grads(model, batch, offloader)
+    held = offloader.pool.held_bytes
+    assert held >= offloader.last.offloaded_bytes > 0
+    loss_and_grads(model, batch, offloader)
+    assert offloader.pool.held_bytes == held  # nothing new allocated
+
+    with offloader.saving():
+        out = model(**batch).loss
+    ref = weakref.ref(out)
+    del out  # no backward: the graph and what it saved must go
+    gc.collect()
+    assert ref() is None
+    assert sum(b.numel() for bufs in offloader.pool.free.values() for b in bufs) == held
+
+
+@pytest.mark.parametrize("memory", [{"activation_offloading": True}, {"gradient_checkpointing": "offload"}], ids=["offload", "checkpointing-offload"])
+def test_training_with_offloading_reaches_the_same_losses(task_model_dir, small_cache, tmp_path, caplog, memory):
+    reference = {"gradient_checkpointing": True} if memory.get("gradient_checkpointing") else {}
+    summaries = {}
+    for name, over in (("reference", reference), ("offloaded", memory)):
+        cfg = base_config(task_model_dir, max_steps=3, save_strategy="no", **over)
+        with caplog.at_level(logging.INFO, logger="ftw.train"):
+            assert run_inprocess(cfg, tmp_path / name, small_cache) == 0
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    losses = [s["loss_curve"] for s in summaries.values()]
+    assert losses[0] == losses[1] and losses[0][0][1] > losses[0][-1][1]  # it trains, and identically
+    offloaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("activation offloading:")]
+    assert len(offloaded) == 1 and not offloaded[0].startswith("activation offloading: 0 ")
