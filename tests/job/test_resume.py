@@ -20,6 +20,7 @@ import pytest
 import handler
 from tests.job.conftest import example_job
 from tests.s3server import s3_server  # noqa: F401  (the fixture: a real S3 server on loopback)
+from worker.errors import PublishError
 from worker.job.pipeline import run_job
 from worker.job.stages import newest_checkpoint
 from worker.job.supervisor import StopSignal
@@ -138,3 +139,24 @@ def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(dem
     assert second["metrics"]["resumed_from_step"] == step and second["metrics"]["steps"] == CONFIG["max_steps"]
     adapter = next(a for a in second["artifacts"] if a["kind"] == "adapter")
     assert adapter["target"] == "s3" and adapter["uri"] == f"s3://{bucket}/runs/restore/adapter"
+
+
+def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_retraining(demo_volume, s3_server, monkeypatch):
+    bucket = s3_server.make_bucket("ftw-job-publish-limit")
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    config = {**CONFIG, "max_steps": 2, "save_steps": None}
+    job = example_job(run_id="publish-limit", outputs={"s3": {"bucket": bucket, "prefix": "runs"}}, config=config,
+                      limits={"publish_s": 0.001})
+    first = run_job({"input": job})
+    assert first["status"] == "failed", first
+    error = first["error"]
+    assert error["code"] == PublishError.code and error["stage"] == "publish"
+    assert "limits.publish_s" in error["message"] and "resubmit the same run_id" in error["hint"]
+    assert live_children() == [] or all("rclone" in " ".join(p.cmdline()) for p in live_children())
+
+    updates: list[dict] = []
+    second = run_job({"input": {**job, "limits": {"publish_s": 600}}}, on_progress=updates.append)
+    assert second["status"] == "completed", second
+    assert not any(u.get("stage") == "train" and u.get("step") for u in updates), "training ran again"
+    assert next(a for a in second["artifacts"] if a["kind"] == "adapter")["uri"] == f"s3://{bucket}/runs/publish-limit/adapter"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 import threading
@@ -153,3 +154,41 @@ def test_kill_9_is_a_crash_with_log_tail(tmp_path):
 def test_oom_and_nccl_are_recognised_from_the_log(tmp_path, text, cls):
     stage = child(tmp_path, f"import sys\nprint({text!r}, file=sys.stderr)\nsys.exit(1)\n")
     assert type(stage_failure(run_stage(stage, StopSignal(), Redactor([])))) is cls
+
+
+def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_path):
+    """No orphaned training run: the child hears SIGTERM (its save-and-exit path) when the worker is SIGKILLed."""
+    marker = tmp_path / "got-sigterm"
+    stage_script = tmp_path / "stage.py"
+    stage_script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        def on_term(*_):
+            open({str(marker)!r}, "w").write("checkpoint saved")
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, on_term)
+        open({str(tmp_path / "stage.pid")!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    """))
+    supervisor_script = tmp_path / "supervisor.py"
+    supervisor_script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from worker.job.secrets import Redactor
+        from worker.job.supervisor import Stage, StopSignal, run_stage
+        logs = Path({str(tmp_path / "logs")!r}); logs.mkdir()
+        run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0), StopSignal(), Redactor([]))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    supervisor = subprocess.Popen([sys.executable, str(supervisor_script)], env=env)
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    supervisor.kill()
+    supervisor.wait()
+    deadline = time.monotonic() + 10
+    while alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(stage_pid), "the stage outlived its SIGKILLed supervisor"
+    assert marker.read_text() == "checkpoint saved"

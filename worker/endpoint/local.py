@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from worker.lifeline import die_with_parent
+
 REPO = Path(__file__).resolve().parents[2]
 READY_PREFIX = "ftw endpoint listening on "
 
@@ -46,14 +48,6 @@ def _log_sink(log_path: Path | None) -> IO[Any] | None:
         return None
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     return open(log_path, "ab")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, SIGTERM it when its parent dies, even by kill -9."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
@@ -111,7 +105,7 @@ class LocalEndpoint:
         cmd = [sys.executable, "-m", "worker.endpoint.cli", "--host", "127.0.0.1", "--port", str(self.port),
                "--db", str(self.db), "--endpoint-id", self.endpoint_id, *self.args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self._sink,
-                                     start_new_session=True, preexec_fn=_die_with_parent, cwd=REPO)
+                                     start_new_session=True, preexec_fn=die_with_parent(), cwd=REPO)
         line = self._first_line(timeout_s)
         if not line.startswith(READY_PREFIX):
             self.stop()
@@ -203,5 +197,5 @@ def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: st
     sink = _log_sink(Path(log_path) if log_path else None)
     proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,
                             stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent())
     return LocalWorker(proc, worker_id, sink)

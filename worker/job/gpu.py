@@ -20,6 +20,7 @@ from typing import Any
 
 from worker.errors import InfraError
 from worker.job.estimate import human
+from worker.lifeline import die_with_parent
 
 GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version"
 APP_QUERY = "gpu_uuid,pid,used_memory,process_name"
@@ -87,7 +88,7 @@ def parse_visible_devices(value: str | None) -> list[str] | None:
 
 def run_with_deadline(argv: list[str], timeout_s: float) -> str:
     """stdout of a command that must answer within timeout_s; its whole session is killed otherwise."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent())
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

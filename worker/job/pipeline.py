@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -203,18 +204,50 @@ class JobPipeline:
         done = run.stage_done("publish")
         if done:
             return done["artifacts"]
-        from worker.publish import publish_run
-
         with self.step("publish", "publishing"):
-            try:
-                artifacts = publish_run(run.path, self.job, self.stage_env(run), self.uploader,
-                                        progress=lambda event: self.progress(event_update(self.job.run_id, "publish", event)))
-            except FtwError:
-                raise
-            except Exception as e:
-                raise PublishError(f"publishing failed: {type(e).__name__}: {e}", "resubmit the same run_id: training is not redone", stage="publish") from e
+            artifacts = self.publish_within_limit(run)
         run.mark_done("publish", {"artifacts": artifacts})
         return artifacts
+
+    def publish_within_limit(self, run: RunDir) -> list[dict[str, Any]]:
+        """publish_run in a thread, so that limits.publish_s and a cancel end the stage on time; the
+        abandoned upload stops at its next progress report (the sink raises)."""
+        from worker.publish import publish_run
+
+        abandoned = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def report(event: dict[str, Any]) -> None:
+            if abandoned.is_set():
+                raise PublishError("publishing was abandoned", "see the job's error", stage="publish")
+            self.progress(event_update(self.job.run_id, "publish", event))
+
+        def work() -> None:
+            try:
+                outcome["artifacts"] = publish_run(run.path, self.job, self.stage_env(run), self.uploader, progress=report)
+            except BaseException as e:  # handed to the job's thread below
+                outcome["error"] = e
+
+        worker = threading.Thread(target=work, name="ftw-publish", daemon=True)
+        worker.start()
+        limit = self.job.limits.publish_s
+        deadline = time.monotonic() + limit if limit else float("inf")
+        while worker.is_alive():
+            worker.join(0.1)
+            if worker.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
+                abandoned.set()
+                self.check_stop()
+                raise PublishError(
+                    f"publishing did not finish within limits.publish_s = {limit:g} s",
+                    "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: training is not redone",
+                    stage="publish",
+                )
+        error = outcome.get("error")
+        if isinstance(error, FtwError):
+            raise error
+        if error is not None:
+            raise PublishError(f"publishing failed: {type(error).__name__}: {error}", "resubmit the same run_id: training is not redone", stage="publish") from error
+        return outcome["artifacts"]
 
     # ---- the checks before any work ------------------------------------------------------------
     def check_resumable(self, run: RunDir) -> None:

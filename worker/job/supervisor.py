@@ -25,6 +25,7 @@ from typing import Any
 from worker import errors
 from worker.events import EXIT_PREEMPTED, read_error
 from worker.job.secrets import Redactor, StreamRedactor
+from worker.lifeline import die_with_parent
 
 POLL_S = 0.2
 TAIL_LINES = 40
@@ -177,7 +178,7 @@ def run_stage(stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Call
         activity[0] = time.monotonic()
 
     try:
-        proc = subprocess.Popen(stage.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(stage.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env, start_new_session=True, close_fds=True, preexec_fn=die_with_parent())
     finally:
         os.close(out_w)
         os.close(err_w)

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from worker.errors import InfraError, ServeError
+from worker.lifeline import die_with_parent
 from worker.serve.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,14 +84,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: the engine gets SIGTERM if the worker dies without stopping it (kill -9), never orphaned."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class EngineProcess:
     """One engine child: `start()` returns once it answers, `stop()` ends its process group."""
 
@@ -116,7 +109,7 @@ class EngineProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.child_env(), start_new_session=True, preexec_fn=_die_with_parent)
+                                         env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent())
         self._wait_healthy(self.settings.start_timeout_s)
         return self
 
