@@ -90,8 +90,8 @@ class StreamCopies:
         return self.stream.record_event()
 
     def wait(self, ready: torch.cuda.Event | None) -> None:
-        if ready is not None:
-            torch.cuda.current_stream().wait_event(ready)
+        if ready is not None:  # the stream autograd runs this backward op on, not the whole side stream
+            torch.cuda.current_stream(self.stream.device).wait_event(ready)
 
 
 class HostPool:
