@@ -1,17 +1,23 @@
 """`ftw train`'s real code path on one GPU against plain transformers+peft, in the same call.
 
-    python bench/gpu_train.py --out OUT_DIR                     # Llama-3.2-1B shape, all arms
+    python bench/gpu_train.py --out OUT_DIR                                  # Llama-3.2-1B shape, all arms
+    python bench/gpu_train.py --out OUT_DIR --shape llama-8b --arms hf,ftw --no-merge
     python bench/gpu_train.py --out OUT_DIR --shape tiny --steps 3 --warmup 1 --arms hf,ftw   # CPU dry run
 
-A random-init model of the Llama-3.2-1B shape is saved to a local folder (bf16 safetensors) and a
-prepared-data cache is written to docs/contracts.md: packed rows of micro_batch_size × sequence_len
-= 4 × 2048 tokens, each filled with whole samples of lognormal length (≤ 2048, position_ids
-restarting per sample). Every arm trains LoRA r=16 α=32 on all seven linear layers, bf16, sdpa,
-on those same rows, one process each:
-  hf     plain transformers+peft loop (fused AdamW), the same packed rows (transformers splits
-         attention at the position_id resets), timed with CUDA syncs after --warmup steps;
-  ftw    `python -m worker.train` — the child `ftw train` runs — timed from its own step events
-         (steps after --warmup), peak memory from its summary.json; merge_lora on, timed;
+A random-init model of a public shape (bench/train_throughput.py's SHAPES: llama-1b, llama-8b,
+qwen-7b) is saved to a local folder (bf16 safetensors) and a prepared-data cache is written to
+docs/contracts.md from train_throughput's token stream: each step's `--mbs` rows of `--seq`
+tokens (lognormal samples, mean ~600, ≤ 2048, position_ids restarting per sample; mbs 8 for 1B,
+4 for 7-8B as there) concatenated into one packed row of mbs × seq tokens — the row ftw's
+preprocessing builds for micro_batch_size × sequence_len. Every arm trains LoRA r=16 α=32 on all
+seven linear layers, bf16, on those same tokens, one process each:
+  hf     plain transformers+peft loop (sdpa, fused AdamW, grad clipping), each packed row viewed as
+         its mbs rows of seq tokens (every one starts a sample, so this is exact and attention costs
+         Σ sᵢ², as in train_throughput), batches on the GPU before timing, CUDA syncs after --warmup;
+  ftw    `python -m worker.train` — the child `ftw train` runs — timed from its own per-step
+         events (steps after --warmup), peak memory from its summary.json; merge_lora on unless
+         --no-merge, timed. Then 3 more steps under torch.profiler (FTW_PROFILE_STEPS, not timed):
+         GPU busy ms per step against the timed ms per step says whether the GPU waits for the host;
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes), when importable.
 Prints a table and writes OUT_DIR/gpu_train.json.
@@ -20,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
+import re
 import shutil
 import subprocess
 import sys
@@ -31,14 +36,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0),
-}
-ARM_TIMEOUT_S = 150
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from bench.train_throughput import DEFAULT_MBS, SHAPES as PUBLIC_SHAPES, TARGETS, packed_batches  # noqa: E402
+
+SHAPES = {**PUBLIC_SHAPES, "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0)}
+MBS = {**DEFAULT_MBS, "tiny": 2}
+PROFILED_STEPS = 3
 
 
 def device():
@@ -66,40 +69,35 @@ def matmul_peak_tflops() -> float | None:
 
 def build_model(folder: Path, shape: str, seq: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from worker.tiny import build_tokenizer
 
     build_tokenizer(folder)
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
     torch.manual_seed(0)
     with torch.device(device()):
-        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=max(seq, 4096), **SHAPES[shape])).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def build_cache(folder: Path, rows: int, row_len: int, max_sample: int, vocab: int, seed: int = 0) -> None:
-    """Rows of exactly `row_len` tokens: whole samples back to back, the last one cut to fit."""
+def build_cache(folder: Path, steps: int, mbs: int, seq: int, vocab: int) -> None:
+    """One packed row per step: train_throughput's `mbs` rows of that step, back to back."""
     from datasets import Dataset, Features, Sequence, Value
 
-    rng = random.Random(seed)
-    mu = math.log(600) - 0.32
     out = []
-    for _ in range(rows):
-        ids, pos = [], []
-        while len(ids) < row_len:
-            n = min(max(16, min(max_sample, int(rng.lognormvariate(mu, 0.8)))), row_len - len(ids))
-            ids += [rng.randrange(vocab) for _ in range(n)]
-            pos += list(range(n))
-        out.append({"input_ids": ids, "labels": ids, "position_ids": pos})
+    for batch, _ in packed_batches(steps, mbs, seq, vocab):
+        out.append({k: batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids")})
     feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
     Dataset.from_list(out, features=feats).save_to_disk(str(folder / "train"))
-    manifest = {"complete": True, "fingerprint": "bench", "rows": {"train": rows}, "tokens": {"train": rows * row_len},
-                "packing": {"enabled": True, "fill": 1.0, "bins": rows}, "sequence_len": max_sample, "micro_batch_size": row_len // max_sample, "versions": {}}
+    manifest = {"complete": True, "fingerprint": "bench", "rows": {"train": steps}, "tokens": {"train": steps * mbs * seq},
+                "packing": {"enabled": True, "fill": 1.0, "bins": steps}, "sequence_len": seq, "micro_batch_size": mbs, "versions": {}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 # ---- arms -----------------------------------------------------------------------------------------
-def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int) -> dict:
+def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq: int) -> dict:
     """The plain loop, in its own process (see main)."""
     import torch
     from datasets import load_from_disk
@@ -107,15 +105,18 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     dev = device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False).to(dev)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map=str(dev))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=dev.type == "cuda")
-    rows = load_from_disk(str(cache / "train"))
-    tokens, t0 = 0, None
+    rows = load_from_disk(str(cache / "train")).with_format("torch")
+    batches = []
     for i in range(warmup + steps):
-        row = rows[i % len(rows)]
-        batch = {k: torch.tensor([row[k]], device=dev) for k in ("input_ids", "labels", "position_ids")}
+        batch = {k: rows[i % len(rows)][k].long().view(mbs, seq).to(dev) for k in ("input_ids", "labels", "position_ids")}
+        assert bool((batch["position_ids"][:, 0] == 0).all()), "every row of seq tokens must start a sample"
         batch["labels"][batch["position_ids"] == 0] = -100
+        batches.append(batch)
+    tokens, t0 = 0, None
+    for i, batch in enumerate(batches):
         if i == warmup:
             torch.cuda.synchronize() if dev.type == "cuda" else None
             t0 = time.perf_counter()
@@ -130,19 +131,23 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int) -> dict:
     torch.cuda.synchronize() if dev.type == "cuda" else None
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    return {"tokens_per_s": round(tokens / dt), "peak_memory_gib": None if peak is None else round(peak, 2), "final_loss": round(float(loss), 4)}
+    return {"tokens_per_s": round(tokens / dt), "ms_per_step": round(dt / steps * 1e3, 1),
+            "peak_memory_gib": None if peak is None else round(peak, 2), "final_loss": round(float(loss), 4)}
 
 
-def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, steps: int, seq: int, mbs: int) -> dict:
+def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Namespace) -> dict:
     from schemas.config import TrainingConfig
 
     run_dir = work / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
     run_dir.mkdir(parents=True)
+    warmup, steps = a.warmup, a.steps
+    profiled = PROFILED_STEPS if name == "ftw" and a.profile else 0
     cfg = {
         "base_model": str(model_dir), "datasets": [{"path": "bench.jsonl", "type": "completion"}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "merge_lora": name == "ftw",
-        "sequence_len": seq, "sample_packing": True, "micro_batch_size": mbs, "max_steps": warmup + steps,
+        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "merge_lora": name == "ftw" and a.merge,
+        # the profiled window starts one step after the last timed one: that step's event is not delayed by it
+        "sequence_len": a.seq, "sample_packing": True, "micro_batch_size": a.mbs, "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
         "learning_rate": 1e-4, "optimizer": "adamw_torch_fused", "lr_scheduler": "constant", "save_strategy": "no",
         "bf16": "auto", "attn_implementation": "sdpa", "logging_steps": 1,
     }
@@ -153,12 +158,14 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "FTW_EVENTS": str(run_dir / "events.jsonl"), "FTW_ERROR_FILE": str(run_dir / "error.json"), "PYTHONPATH": path}
+    if profiled:
+        env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
     started = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, "-m", "worker.train", str(run_dir / "config.json"), "--run-dir", str(run_dir), "--data", str(cache)],
-                              env=env, capture_output=True, text=True, timeout=ARM_TIMEOUT_S)
+                              env=env, capture_output=True, text=True, timeout=a.arm_timeout)
     except subprocess.TimeoutExpired as e:
-        return {"error": f"timed out after {ARM_TIMEOUT_S} s: {(e.stderr or b'')[-800:]!r}", "exit": None}
+        return {"error": f"timed out after {a.arm_timeout} s: {(e.stderr or b'')[-800:]!r}", "exit": None}
     wall = time.monotonic() - started
     if proc.returncode != 0:
         return {"error": (proc.stderr or "")[-1500:], "exit": proc.returncode}
@@ -166,13 +173,16 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     # per-step events only: the closing "done" event also carries the loss, after the outputs are written
     ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     summary = json.loads((run_dir / "summary.json").read_text())
-    last = max(ts)
+    last = warmup + steps
     per_step = summary["tokens"] / summary["steps"]
+    step_s = (ts[last] - ts[warmup]) / (last - warmup)
     result = {
-        "tokens_per_s": round(per_step * (last - warmup) / (ts[last] - ts[warmup])),
-        "peak_memory_gib": summary["peak_memory_gib"], "final_loss": summary["final_loss"],
+        "tokens_per_s": round(per_step / step_s), "ms_per_step": round(step_s * 1e3, 1),
+        "peak_memory_gib": summary["peak_memory_gib"], "final_loss": dict(summary["loss_curve"])[last],
         "kernels": summary["kernels"], "child_wall_s": round(wall, 1),
     }
+    if profiled:
+        result.update(profile_figures(run_dir / "profile.txt", profiled))
     merge = [e["ts"] for e in events if e.get("stage") == "merge"]
     done = [e["ts"] for e in events if e.get("event") == "done"]
     if merge and done:
@@ -181,21 +191,40 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, warmup: int, st
     return result
 
 
+def profile_figures(path: Path, steps: int) -> dict:
+    """GPU busy time and host time per step from worker/train/profile.py's table. The host time
+    is inflated by the profiler's own per-op cost: read it as an upper bound."""
+    if not path.is_file():
+        return {"profile": "missing"}
+    text = path.read_text()
+    walls = json.loads(re.search(r"step wall s: (\[.*?\])", text).group(1))
+    out = {"profiled_host_ms_per_step": round(1e3 * sum(walls) / len(walls), 1)}
+    gpu = re.search(r"Self CUDA time total: ([\d.]+)(us|ms|s)\n", text)
+    if gpu:
+        out["gpu_busy_ms_per_step"] = round(float(gpu.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[gpu.group(2)] / steps, 1)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftw-gpu-bench"))
-    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="a public shape of bench/train_throughput.py, or tiny (CPU dry run)")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--mbs", type=int, default=0, help="rows of --seq tokens per step (default: train_throughput's, 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--arms", default="hf,ftw,qlora,ftw-nokernels")
+    ap.add_argument("--no-merge", dest="merge", action="store_false", help="ftw arm without merge_lora (saves minutes on 7-8B shapes)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the ftw arm's 3 profiled steps after the timed ones")
+    ap.add_argument("--arm-timeout", type=int, default=0, help="seconds per arm (default: 150 for 1B, 420 for 7-8B)")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run the hf arm in this process
     a = ap.parse_args()
+    a.mbs = a.mbs or MBS[a.shape]
+    a.arm_timeout = a.arm_timeout or (150 if a.shape in ("tiny", "llama-1b") else 420)
     model_dir, cache = a.work / "model", a.work / "cache"
     if a.arm == "hf":
-        print("RESULT " + json.dumps(hf_arm(model_dir, cache, a.warmup, a.steps)), flush=True)
+        print("RESULT " + json.dumps(hf_arm(model_dir, cache, a.warmup, a.steps, a.mbs, a.seq)), flush=True)
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -203,22 +232,23 @@ def main() -> int:
                      "matmul_peak_tflops": matmul_peak_tflops(), "arms": {}}
     t = time.monotonic()
     build_model(model_dir, a.shape, a.seq)
-    build_cache(cache, a.warmup + a.steps, a.seq * a.mbs, a.seq, SHAPES[a.shape]["vocab_size"])
+    build_cache(cache, a.warmup + a.steps + PROFILED_STEPS + 1, a.mbs, a.seq, SHAPES[a.shape]["vocab_size"])
     results["setup_s"] = round(time.monotonic() - t, 1)
     for arm in a.arms.split(","):
         print(f"--- {arm}", flush=True)
         if arm == "hf":
             try:
-                proc = subprocess.run([sys.executable, __file__, "--arm", "hf", "--out", str(a.out), "--work", str(a.work), "--warmup", str(a.warmup), "--steps", str(a.steps)],
-                                      capture_output=True, text=True, timeout=ARM_TIMEOUT_S)
+                proc = subprocess.run([sys.executable, __file__, "--arm", "hf", "--out", str(a.out), "--work", str(a.work), "--shape", a.shape,
+                                       "--mbs", str(a.mbs), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)],
+                                      capture_output=True, text=True, timeout=a.arm_timeout)
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
-                results["arms"][arm] = {"error": f"timed out after {ARM_TIMEOUT_S} s"}
+                results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}
         elif arm == "qlora" and not _has_cuda_bnb():
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
-            results["arms"][arm] = ftw_arm(arm, model_dir, cache, a.work, a.warmup, a.steps, a.seq, a.mbs)
+            results["arms"][arm] = ftw_arm(arm, model_dir, cache, a.work, a)
         print(json.dumps(results["arms"][arm])[:2000], flush=True)
         (a.out / "gpu_train.json").write_text(json.dumps(results, indent=1))
     print(table(results))
@@ -235,15 +265,18 @@ def _has_cuda_bnb() -> bool:
 
 def table(r: dict) -> str:
     base = r["arms"].get("hf", {}).get("tokens_per_s")
-    lines = ["| arm | tokens/s | vs hf | peak GiB | final loss | notes |", "|---|---:|---:|---:|---:|---|"]
+    lines = [f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
+             "| arm | tokens/s | vs hf | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for arm, v in r["arms"].items():
         if "error" in v:
-            lines.append(f"| {arm} | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |")
+            lines.append(f"| {arm} | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |")
             continue
         ratio = f"{v['tokens_per_s'] / base:.2f}×" if base else "—"
         notes = ", ".join(filter(None, [f"kernels: {'+'.join(v['kernels']) or 'none'}" if "kernels" in v else "",
-                                        f"merge {v['merge_s']} s → {v['merged_gib']} GiB" if "merge_s" in v else ""]))
-        lines.append(f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |")
+                                        f"merge {v['merge_s']} s → {v['merged_gib']} GiB" if "merge_s" in v else "",
+                                        f"host ≤ {v['profiled_host_ms_per_step']} ms/step (profiled)" if "profiled_host_ms_per_step" in v else ""]))
+        lines.append(f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |")
     return "\n".join(lines)
 
 

@@ -11,10 +11,16 @@ Packed rows (one bin of several samples, position_ids restarting at 0 per sample
 micro-batch each and carry no attention mask: transformers splits attention at the position_id
 resets (block-diagonal mask for sdpa/eager, varlen for flash/flex). The first token of each
 sample is never a target, so no sample learns from its neighbour's last token.
+
+`Prefetcher` reads and collates the coming steps in a background thread (rows as numpy arrays
+straight from Arrow, tensors pinned on CUDA), so the training loop only copies them to the device
+(non-blocking) and the GPU never waits for the host to build a batch.
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +81,9 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, packed: bool) -> dict
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        pos[i, :n] = torch.tensor(r["position_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        labels[i, :n] = torch.as_tensor(r["labels"])
+        pos[i, :n] = torch.as_tensor(r["position_ids"])
         mask[i, :n] = 1
     labels[pos == 0] = IGNORE  # a sample's first token has no context of its own
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
@@ -89,3 +95,90 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, packed: bool) -> dict
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry a loss after the causal shift."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding (every token of a packed row counts, as the cache counts them)."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def read_rows(ds, indices: list[int]) -> list[dict]:
+    """Rows `indices` of a prepared split (a `datasets.Dataset` formatted as numpy: Arrow → numpy
+    arrays, ~10× faster than Python lists for long packed rows)."""
+    cols = ds[indices]
+    return [{k: cols[k][i] for k in ("input_ids", "labels", "position_ids")} for i in range(len(indices))]
+
+
+@dataclass
+class StepInput:
+    """One rank's micro-batches of optimizer step `step` (host tensors) and their counts."""
+
+    step: int
+    micro: list[dict[str, torch.Tensor]]
+    tokens: int  # real tokens, on this rank
+    targets: int  # tokens that carry a loss, on this rank
+
+    def pinned(self) -> StepInput:
+        return StepInput(self.step, [{k: v.pin_memory() for k, v in b.items()} for b in self.micro], self.tokens, self.targets)
+
+
+def read_step(ds, plan: BatchPlan, step: int, rank: int, pad_id: int, packed: bool, order: list[int] | None = None) -> StepInput:
+    """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`)."""
+    micro = [collate(read_rows(ds, m), pad_id, packed) for m in plan.micro_batches(step, rank, order)]
+    return StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(target_tokens(b) for b in micro))
+
+
+class Prefetcher:
+    """The micro-batches of steps `steps`, read and collated in a background thread that stays at
+    most `depth` steps ahead (pinned on CUDA for non-blocking copies). `get(step)` hands them out
+    in order; an error in the thread is raised there. `close()` stops the thread (it is a daemon
+    too, so nothing it does can keep the interpreter from exiting)."""
+
+    def __init__(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        args = (ds.with_format("numpy"), plan, rank, pad_id, packed, steps, device)
+        self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device) -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context
+            epoch, order = None, None
+            for step in steps:
+                if step // plan.steps_per_epoch != epoch:
+                    epoch = step // plan.steps_per_epoch
+                    order = plan.epoch_order(epoch)
+                batch = read_step(ds, plan, step, rank, pad_id, packed, order)
+                if not self._put(batch.pinned() if device.type == "cuda" else batch):
+                    return
+        except BaseException as e:  # handed to the training loop, which raises it at that step
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self, step: int) -> StepInput:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"the batch prefetcher stopped before step {step}") from None
+        if isinstance(item, BaseException):
+            raise item
+        if item.step != step:
+            raise RuntimeError(f"prefetched step {item.step} where step {step} was due")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

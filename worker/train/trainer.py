@@ -14,6 +14,19 @@ sharding → optimizer → scheduler → resume; `train()` runs steps until max 
 SIGTERM; `save_checkpoint()` / `load_checkpoint()`; `finish()` writes the run folder's results.
 The loss of a step is the mean over every target token of the global batch (all micro-batches,
 all ranks), whatever the split: `num_items_in_batch` is the global count.
+
+Keeping the GPU busy (the host must never be what a step waits for):
+- Batches come from `batches.Prefetcher`: read, collated and pinned one step ahead in a background
+  thread, copied with non_blocking; their token and target counts are taken on the host.
+- `train_step` only queues work: nothing in it reads a number back from the device. Its loss and
+  grad norm travel to pinned host memory behind a CUDA event (`Readout`), and step N's numbers
+  are read after step N+1 is queued, so the host is preparing the next step while the GPU works
+  (at most one step ahead). Chosen over one sync per step because it costs nothing in semantics:
+  every point that needs a step's numbers or its state — eval, early stopping, a checkpoint,
+  SIGTERM, the end — first records the step just run (`record`), exactly as before. Only the loss
+  watchdog and the non-finite-loss check fire one step later than the step they name; nothing is
+  saved in between, so the run still stops with the same error and the same last checkpoint.
+  With several processes the SIGTERM vote (`preempted`) is a collective that syncs every step.
 """
 from __future__ import annotations
 
@@ -35,7 +48,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
-from worker.train.batches import BatchPlan, collate, target_tokens
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
@@ -59,6 +72,36 @@ class LoopState:
     bad_evals: int = 0
 
 
+class Readout:
+    """A step's numbers on their way to the host: a non-blocking copy to pinned memory behind a
+    CUDA event, so queuing the copy waits for nothing and `values()` waits only for that step."""
+
+    def __init__(self, values: torch.Tensor):
+        self.ready = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = values
+
+    def values(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+@dataclass
+class QueuedStep:
+    """An optimizer step whose work is queued on the device; `readout` brings back
+    [loss, grad norm, global target tokens, global tokens]."""
+
+    step: int  # steps done once it completes (1-based, as reported)
+    lr: float
+    readout: Readout
+
+
 class Trainer:
     def __init__(self, cfg: TrainingConfig, run_dir: Path, data: PreparedData, topo: dist_.Topology):
         self.cfg, self.run_dir, self.data, self.topo = cfg, Path(run_dir), data, topo
@@ -66,6 +109,7 @@ class Trainer:
         self.stop_requested = False  # set by the SIGTERM handler of the entry point
         self.resumed_from: str | None = None
         self.kernels: list[str] = []
+        self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -127,26 +171,24 @@ class Trainer:
             self.offloader = ActivationOffloader(self.topo.device)
         return self.offloader.saving()
 
-    def _rows(self, ds, indices: list[int]) -> list[dict[str, list[int]]]:
-        cols = ds[indices]
-        return [{k: cols[k][i] for k in ("input_ids", "labels", "position_ids")} for i in range(len(indices))]
-
-    def train_step(self, step: int, order: list[int]) -> dict[str, float]:
-        topo, pad = self.topo, self.tokenizer.pad_token_id or 0
-        batches = [collate(self._rows(self.data.train, m), pad, self.data.packed) for m in self.plan.micro_batches(step, topo.rank, order)]
-        local_targets = sum(target_tokens(b) for b in batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-        targets, tokens = dist_.all_sum([local_targets, local_tokens], topo)
-        n_items = torch.tensor(max(targets, 1.0), device=topo.device)
-        loss_sum = torch.zeros((), device=topo.device)
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}
-            with dist_.no_grad_sync(self.engine, sync=i == len(batches) - 1):
+    def train_step(self, batch: StepInput) -> QueuedStep:
+        """Queue one optimizer step on the device; nothing here waits for the device."""
+        topo = self.topo
+        counts = torch.tensor([batch.targets, batch.tokens], dtype=torch.float64).to(topo.device, non_blocking=True)
+        if topo.world_size > 1:
+            torch.distributed.all_reduce(counts)  # the global counts, still on the device
+        n_items = counts[0].clamp(min=1).float()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
+        for i, micro in enumerate(batch.micro):
+            micro = {k: v.to(topo.device, non_blocking=True) for k, v in micro.items()}
+            with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
-                    loss = self.engine(**batch, num_items_in_batch=n_items).loss
+                    loss = self.engine(**micro, num_items_in_batch=n_items).loss
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 self.scaler.scale(loss * topo.world_size).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach()
+        if topo.world_size > 1:
+            torch.distributed.all_reduce(loss_sum)  # every rank's share of the global mean
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
@@ -157,28 +199,42 @@ class Trainer:
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (loss,) = dist_.all_sum([float(loss_sum)], topo)
-        self.state.tokens += int(tokens)
-        self.state.target_tokens += int(targets)
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm.double(), counts[0], counts[1]])))
+
+    def record(self, queued: QueuedStep) -> None:
+        """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
+        loss, grad_norm, targets, tokens = queued.readout.values()
+        state, cfg = self.state, self.cfg
+        state.tokens += int(tokens)
+        state.target_tokens += int(targets)
+        state.train_loss.append((queued.step, round(loss, 6)))
+        tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
+        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+        self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
+        if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
+            raise TrainingError(
+                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
+                hint="lower learning_rate or raise warmup; the last checkpoint is kept",
+            )
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {queued.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to the end (EXIT_OK) or until SIGTERM, after saving (EXIT_PREEMPTED)."""
-        sched, state = self.schedule, self.state
-        progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, self.topo.is_main)
-        self.progress = progress
-        t0, tokens0, order_epoch, order, watchdog = time.monotonic(), state.tokens, None, None, 0
+        sched, state, topo = self.schedule, self.state, self.topo
+        self.progress = progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main)
+        self.t0, self.tokens0, self.loss_high_steps = time.monotonic(), state.tokens, 0
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
-        profiler = StepProfiler(self.run_dir) if self.topo.is_main else StepProfiler(self.run_dir, "")
+        profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
+        batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
+                             range(state.step, sched.total_steps), topo.device)
+        queued: QueuedStep | None = None
         try:
             while state.step < sched.total_steps:
-                epoch = state.step // self.plan.steps_per_epoch
-                if epoch != order_epoch:
-                    order, order_epoch = self.plan.epoch_order(epoch), epoch
                 profiler.before_step(state.step)
                 try:
-                    metrics = self.train_step(state.step, order)
+                    previous, queued = queued, self.train_step(batches.get(state.step))
                 except torch.cuda.OutOfMemoryError as e:
                     raise OutOfMemory(
                         f"out of GPU memory at step {state.step + 1} ({self.peak_memory_gib():.1f} GiB in use at the peak)",
@@ -186,38 +242,34 @@ class Trainer:
                     ) from e
                 state.step += 1
                 profiler.after_step(state.step)
-                elapsed = time.monotonic() - t0
-                metrics["tokens_per_s"] = (state.tokens - tokens0) / max(elapsed, 1e-9)
-                state.train_loss.append((state.step, round(metrics["loss"], 6)))
-                progress.step(state.step, metrics)
-                watchdog = watchdog + 1 if self.cfg.loss_watchdog_threshold is not None and metrics["loss"] > self.cfg.loss_watchdog_threshold else 0
-                if watchdog >= (self.cfg.loss_watchdog_patience or 3):
-                    raise TrainingError(
-                        f"the loss stayed above loss_watchdog_threshold {self.cfg.loss_watchdog_threshold} for {watchdog} steps (last {metrics['loss']:.4f} at step {state.step})",
-                        hint="lower learning_rate or raise warmup; the last checkpoint is kept",
-                    )
-                if not math.isfinite(metrics["loss"]):
-                    raise TrainingError(f"the loss became {metrics['loss']} at step {state.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
-                stop_early = sched.eval_due(state.step) and self.evaluate_and_track()
-                saved = False
-                if sched.save_due(state.step) or (sched.save_best and self.state.bad_evals == 0 and sched.eval_due(state.step)):
+                if previous is not None:
+                    self.record(previous)  # the step before, read back while this one runs
+                preempted = self.preempted()
+                eval_due = sched.eval_due(state.step)
+                if not (preempted or eval_due or sched.save_due(state.step) or state.step == sched.total_steps):
+                    continue
+                self.record(queued)  # eval, checkpoints and stopping see this step's numbers
+                queued = None
+                stop_early = eval_due and self.evaluate_and_track()
+                saved = sched.save_due(state.step) or (sched.save_best and state.bad_evals == 0 and eval_due)
+                if saved:
                     self.save_checkpoint()
-                    saved = True
-                if self.preempted():
+                if preempted:
                     if not saved:
                         self.save_checkpoint()
                     progress.event(step=state.step, event="preempted")
                     log.warning("SIGTERM: checkpoint-%d saved, stopping (exit %d)", state.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
                 if stop_early:
-                    log.info("early stopping at step %d: eval loss did not improve %d times", state.step, self.state.bad_evals)
+                    log.info("early stopping at step %d: eval loss did not improve %d times", state.step, state.bad_evals)
                     break
             if self.data.eval is not None and (not state.eval_loss or state.eval_loss[-1][0] != state.step):
                 self.evaluate_and_track()
-            self.runtime_s = time.monotonic() - t0
-            self.tokens_this_run = state.tokens - tokens0
+            self.runtime_s = time.monotonic() - self.t0
+            self.tokens_this_run = state.tokens - self.tokens0
             return EXIT_OK
         finally:
+            batches.close()
             progress.close()
 
     def preempted(self) -> bool:
@@ -228,22 +280,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per target token over the whole eval split (sharded over ranks)."""
-        ds, topo = self.data.eval, self.topo
+        ds, topo = self.data.eval.with_format("numpy"), self.topo
         per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
         chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
         per_rank = math.ceil(len(chunks) / topo.world_size)
         mine = [(chunks[j], True) if j < len(chunks) else (chunks[0], False) for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)]
-        loss_sum, count = 0.0, 0
+        loss_sum, count, as_sum = torch.zeros((), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
         self.engine.eval()
         for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
-            batch = {k: v.to(topo.device) for k, v in collate(self._rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed).items()}
+            batch = collate(read_rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed)
             with self._autocast():
-                loss = self.engine(**batch, num_items_in_batch=torch.tensor(1.0, device=topo.device)).loss
+                loss = self.engine(**{k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, num_items_in_batch=as_sum).loss
             if real:
-                loss_sum += float(loss)
+                loss_sum += loss
                 count += target_tokens(batch)
         self.engine.train()
-        loss_sum, count = dist_.all_sum([loss_sum, count], topo)
+        loss_sum, count = dist_.all_sum([float(loss_sum), count], topo)
         return loss_sum / max(count, 1)
 
     def evaluate_and_track(self) -> bool:
