@@ -3,15 +3,16 @@
     offloader = ActivationOffloader(torch.device("cuda"))  # once per run: side stream, host buffers
     with offloader.saving():                                # each forward
         loss = model(**batch).loss
-    loss.backward()                                         # the tensors come back, a step ahead
+    loss.backward()                                         # they come back, each fetched ahead
 
 Switched on by `activation_offloading: true` or `gradient_checkpointing: offload` (worker/train/
 trainer.py). With gradient checkpointing (HF's non-reentrant kind, as ftw enables it) the only
 tensors saved outside the checkpointed layers are each layer's input and the loss head's, so those
 are what move: Llama-3.1-8B at 4 × 2048 tokens, 32 layer inputs of 64 MiB, 2 GiB off the GPU.
 
-Why not `torch.autograd.graph.save_on_cpu`: it copies every saved tensor (parameters' views and
-tiny ones included), synchronously on the compute stream, into freshly pinned memory. Here:
+Why not `torch.autograd.graph.save_on_cpu`: its copies run on the compute stream, so each one, out
+and back, stalls the kernels queued behind it (nothing is fetched ahead), and it copies every saved
+tensor: parameters' views, tiny ones, and a tensor saved by three ops three times. Here:
 - Only activations of at least `min_bytes` move: never a parameter, a view or dtype cast of one, a
   tensor subclass or a strided view with holes. A tensor saved by several ops moves once.
 - The device→host copy runs on a side stream, queued after the kernels that produce the tensor,
@@ -96,8 +97,8 @@ class StreamCopies:
 
 class HostPool:
     """Host buffers by size class (powers of two), kept from one forward to the next: pinning
-    memory costs far more than the copy into it. Holds at most about twice the largest set of
-    tensors one forward offloads, per size class used."""
+    memory costs far more than the copy into it. A buffer is at most twice its tensor; per class
+    the pool keeps as many as one forward had in use at once."""
 
     def __init__(self, pin_memory: bool):
         self.pin_memory = pin_memory
@@ -236,7 +237,9 @@ class _Pass:
 
 class ActivationOffloader:
     """One per run and device: owns the copies (side stream) and the host buffers; `saving()` is
-    the context for one forward."""
+    the context for one forward. `min_bytes`: smaller tensors stay (a copy's fixed cost outweighs
+    what they free); `keep_last`: the last tensors of a forward that stay; `prefetch`: how many
+    tensors backward fetches ahead of the one it asks for (one is a whole layer ahead)."""
 
     def __init__(self, device: torch.device, min_bytes: int = 1 << 14, keep_last: int = 3, prefetch: int = 1,
                  copies: Copies | None = None):
