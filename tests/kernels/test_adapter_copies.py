@@ -32,7 +32,9 @@ def projection(out: int, inp: int, rank: int, scale: float, dtype=torch.bfloat16
 def reference(x: torch.Tensor, p: Projection) -> torch.Tensor:
     """The projection in float64, from the current values of its tensors."""
     x = x.double()
-    y = x @ p.weight.double().t() + p.scale * (x @ p.lora_a.double().t()) @ p.lora_b.double().t()
+    y = x @ p.weight.double().t()
+    if p.lora_a is not None:
+        y = y + p.scale * (x @ p.lora_a.double().t()) @ p.lora_b.double().t()
     return y + p.bias.double() if p.bias is not None else y
 
 
@@ -171,6 +173,31 @@ def test_stacked_down_projections_match_separate_ones(dtype, bound, mlp_bound, s
     assert rel_err(x.grad, x64.grad) < mlp_bound, rng_seed
     for i, (got, p) in enumerate(zip(fused, [t for p in qkv + mlp for t in (p.lora_a, p.lora_b)])):
         assert got.dtype == p.dtype and rel_err(got, p.grad) < (bound if i < 6 else mlp_bound), rng_seed
+
+
+def test_plain_projection_among_lora_ones(rng_seed):
+    """A plain Linear between two LoRA projections of the same input: the stacked A holds only
+    the LoRA ones, and each output and gradient is its own projection's."""
+    d = 16
+    plain = Projection(torch.randn(8, d, dtype=torch.float64, device=DEVICE), None, None, None, 0.0)
+    made = [projection(12, d, 4, 2.0, torch.float64), plain, projection(8, d, 2, 0.5, torch.float64)]
+    for p in (made[0], made[2]):
+        p.lora_a.data, p.lora_b.data = p.lora_a.data.double(), p.lora_b.data.double()
+    x = torch.randn(5, d, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    x64 = x.detach().clone().requires_grad_()
+    outs = lora_projections(x, made)
+    grads = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, grads)
+    fused = [t.grad.clone() for p in (made[0], made[2]) for t in (p.lora_a, p.lora_b)]
+    for p in (made[0], made[2]):
+        p.lora_a.grad = p.lora_b.grad = None
+    refs = [reference(x64, p) for p in made]
+    torch.autograd.backward(refs, grads)
+    for o, r in zip(outs, refs):
+        assert rel_err(o, r) < 1e-12, rng_seed
+    assert rel_err(x.grad, x64.grad) < 1e-12, rng_seed
+    for got, t in zip(fused, [t for p in (made[0], made[2]) for t in (p.lora_a, p.lora_b)]):
+        assert rel_err(got, t.grad) < 1e-12, rng_seed
 
 
 def test_training_with_fused_adamw_follows_the_reference():
