@@ -10,8 +10,10 @@ gate/up → SwiGLU → down of a third; attention itself is not in it. Arms, on 
 and output gradients:
 - peft: PEFT's lora.Linear modules under bf16 autocast (what transformers+peft runs);
 - previous: kernels/lora.py as of `--previous` (default: the commit before the adapter copies and
-  stacked A's), read with `git show`; skipped where there is no git history (the device tool sends
-  the working tree only: name `.git` in its carry to get this arm);
+  stacked A's), read with `git show`, or from a file when `--previous` is a path; skipped where
+  there is no git history (the device tool sends the working tree only: carry `.git`, or
+  `git show 364d27e:kernels/lora.py > .prev/lora.py` into an ignored, carried folder and pass
+  `--previous .prev/lora.py`);
 - casts: today's kernels/lora.py with kernels.adapter_copies.ENABLED off (A's stacked, adapters
   cast at every use);
 - ftw: kernels/lora.py as it is.
@@ -91,11 +93,15 @@ def fused_step(module):
 
 
 def previous_module(rev: str):
-    """kernels/lora.py at `rev` as a module of its own, or None without git history."""
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:kernels/lora.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """kernels/lora.py at git revision `rev` (or the file at path `rev`) as a module of its own;
+    None without git history."""
+    if Path(rev).is_file():
+        source = Path(rev).read_text()
+    else:
+        try:
+            source = subprocess.run(["git", "show", f"{rev}:kernels/lora.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
     spec = importlib.util.spec_from_loader("previous_lora", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -173,7 +179,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="8b,1b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous kernels/lora.py")
+    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous kernels/lora.py, or a copy's path")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous = previous_module(args.previous)
