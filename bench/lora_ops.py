@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -39,8 +40,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 if not torch.cuda.is_available():
-    import os
-
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the SwiGLU kernel on CPU (smoke test)
 
 from kernels import adapter_copies  # noqa: E402
