@@ -279,16 +279,21 @@ def start_child(args: list[str]) -> subprocess.Popen:
                             text=True, env=env)
 
 
-def finish_child(proc: subprocess.Popen, args: list[str]) -> dict:
-    out, err = proc.communicate()
+def finish_child(proc: subprocess.Popen, args: list[str], timeout: float | None = None) -> dict:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err = f"{err[-1200:]}\ntimed out after {timeout:g} s (--arm-timeout)"
     for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     return dict(error=(err or out)[-1500:], args=" ".join(args))
 
 
-def child(args: list[str]) -> dict:
-    return finish_child(start_child(args), args)
+def child(args: list[str], timeout: float | None = None) -> dict:
+    return finish_child(start_child(args), args, timeout)
 
 
 def table(results: list[dict]) -> str:
@@ -334,6 +339,8 @@ def main() -> None:
     ap.add_argument("--loss-curve", type=int, default=0,
                     help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--arm-timeout", type=float, default=0,
+                    help="seconds an arm may take (load included) before it is killed and shown as an error row")
     ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>.txt")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)
@@ -375,7 +382,8 @@ def main() -> None:
                     prof = ["--profile-to", f"{a.profile}-{shape}-gc{gc}.txt"] if a.profile and arm == "ftw" else []
                     r = child(["--arm", arm, "--shape", shape, "--gc", gc, "--mbs", str(a.mbs or DEFAULT_MBS[shape]),
                                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), *prof,
-                               *(["--full-length"] if a.full_length else []), *(["--offload"] if a.offload and arm == "ftw" else [])])
+                               *(["--full-length"] if a.full_length else []), *(["--offload"] if a.offload and arm == "ftw" else [])],
+                              timeout=a.arm_timeout or None)
                     print(json.dumps(r), flush=True)
                     results.append(r)
         print(table(results))

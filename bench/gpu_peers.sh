@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# bench/train_throughput.py on the GPU machine with the peer arms' packages (run from the repository root):
+#
+#   OUT=/tmp/out bash bench/gpu_peers.sh --shapes llama-8b --gc both    # any train_throughput.py options
+#
+# The machine has no internet: the wheels travel in .whl-train/ and .whl-peers/ (git-ignored; carry both).
+# They go to /tmp/site, first on PYTHONPATH; .whl-peers/if-missing/ only where the image lacks the module.
+# Results: $OUT/train_throughput.{txt,json} when OUT is set.
+set -uo pipefail
+PY=${PYTHON:-python3}
+SITE=/tmp/site
+wheels=(.whl-train/*.whl .whl-peers/*.whl)
+for w in .whl-peers/if-missing/*.whl; do
+  [ -e "$w" ] || continue
+  name=$(basename "$w" | cut -d- -f1)
+  module=${name/#pillow/PIL}
+  $PY -c "import $module" 2>/dev/null || wheels+=("$w")
+done
+stamp="$SITE/.installed"
+if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}" || exit 1
+  echo "${wheels[*]}" >"$stamp"
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export UNSLOTH_DISABLE_STATISTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  $PY bench/train_throughput.py --json "$OUT/train_throughput.json" "$@" | tee "$OUT/train_throughput.txt"
+else
+  $PY bench/train_throughput.py "$@"
+fi
