@@ -152,13 +152,13 @@ def build(arm: str, shape: str, gc: bool, seq: int):
 def saved_random_init(shape: str, seq: int) -> Path:
     """The seed-0 random-init model the other arms build in memory, saved with a word-level tokenizer
     whose pad token differs from eos (Unsloth refuses pad == eos); once per shape on this machine."""
+    folder = Path(tempfile.gettempdir()) / "ftw-bench-models" / f"{shape}-seq{seq}"
+    if (folder / "tokenizer_config.json").exists():
+        return folder
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    folder = Path(tempfile.gettempdir()) / "ftw-bench-models" / f"{shape}-seq{seq}"
-    if (folder / "tokenizer_config.json").exists():
-        return folder
     cfg = model_config(shape, seq)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -208,7 +208,15 @@ def one_row(batch: dict) -> dict:
 
 
 def run_arm(a: argparse.Namespace) -> dict:
-    if a.arm == "unsloth":  # first: it patches transformers and sets its CUDA allocator options at import
+    if a.arm == "unsloth":
+        # Unsloth must come before transformers in its process (it patches it, and sets its CUDA allocator
+        # options, at import), so the weights it loads are saved by a process of their own
+        saver = subprocess.run([sys.executable, __file__, "--save-model", "--shape", a.shape, "--seq", str(a.seq)],
+                               capture_output=True, text=True)
+        if saver.returncode:
+            sys.stderr.write(saver.stderr)
+            cause = [line for line in saver.stderr.splitlines() if line.strip()][-1:] or [f"exit code {saver.returncode}"]
+            raise RuntimeError(f"saving the random-init {a.shape} model failed: {cause[0]}")
         importlib.import_module("unsloth")
     import torch
 
@@ -346,8 +354,12 @@ def main() -> None:
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--keep-losses", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-to", dest="profile_to", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.save_model:
+        print(saved_random_init(a.shape, a.seq))
+        return
     if a.child:
         a.gc = a.gc == "on"
         a.profile = a.profile_to
