@@ -217,6 +217,8 @@ def run_arm(a: argparse.Namespace) -> dict:
             sys.stderr.write(saver.stderr)
             cause = [line for line in saver.stderr.splitlines() if line.strip()][-1:] or [f"exit code {saver.returncode}"]
             raise RuntimeError(f"saving the random-init {a.shape} model failed: {cause[0]}")
+        for offline in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):  # the GPU machine has no internet
+            os.environ.setdefault(offline, "1")
         importlib.import_module("unsloth")
     import torch
 
