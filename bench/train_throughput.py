@@ -15,12 +15,9 @@ over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
 against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `kernels.apply_kernels` (the call the
-trainer makes after get_peft_model); unsloth = Unsloth's FastLanguageModel on the same seed-0 weights
-(saved to a temp folder: it loads only from a path), `use_gradient_checkpointing="unsloth"` (its
-offloaded mode) for `--gc on`. Unsloth splits packed samples only in its padding-free layout: one row
-per step plus `packed_seq_lengths` (rows with restarting position ids alone attend across samples), so
-its arm gets the step's rows end to end — the same tokens, targets and attention as the other arms.
-The table gives each arm's tokens/s and peak memory against hf's and, when it ran, Unsloth's.
+trainer makes after get_peft_model); unsloth = Unsloth's FastLanguageModel and LoRA on the same
+seed-0 weights, its offloaded checkpointing for `--gc on`, packed steps in its padding-free layout
+(bench/unsloth_arm.py). The table gives tokens/s and peak memory also as ratios to hf's and Unsloth's.
 `--offload`: the ftw arm's forward runs under worker/train/offload.py's activation offloading (what
 `gradient_checkpointing: offload` does in training), shown as arm ftw+offload; e.g.
 `--shapes llama-8b --arms ftw --gc on --offload`.
@@ -30,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +119,9 @@ def build(arm: str, shape: str, gc: bool, seq: int):
     from transformers import AutoModelForCausalLM
 
     if arm == "unsloth":
-        return build_unsloth(shape, gc, seq)
+        from bench import unsloth_arm
+
+        return unsloth_arm.build(shape, gc, seq, TARGETS)
     cfg = model_config(shape, seq)
     if arm == "liger":
         import liger_kernel.transformers as liger
@@ -149,84 +146,18 @@ def build(arm: str, shape: str, gc: bool, seq: int):
     return model.train(), cfg, n_frozen, n_lora, applied
 
 
-def saved_random_init(shape: str, seq: int) -> Path:
-    """The seed-0 random-init model the other arms build in memory, saved with a word-level tokenizer
-    whose pad token differs from eos (Unsloth refuses pad == eos); once per shape on this machine."""
-    folder = Path(tempfile.gettempdir()) / "ftw-bench-models" / f"{shape}-seq{seq}"
-    if (folder / "tokenizer_config.json").exists():
-        return folder
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    cfg = model_config(shape, seq)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    del model
-    torch.cuda.empty_cache()
-    v = cfg.vocab_size
-    vocab = {**{f"t{i}": i for i in range(v - 3)}, "<s>": v - 3, "</s>": v - 2, "<pad>": v - 1}
-    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="t0").save_pretrained(partial)
-    partial.rename(folder)
-    return folder
-
-
-def build_unsloth(shape: str, gc: bool, seq: int):
-    """Unsloth's loader and LoRA as its users call them (its defaults otherwise); the same counts as
-    `build`: frozen = every nn.Linear of the loaded model (lm_head included), LoRA = what trains."""
-    import torch
-    from unsloth import FastLanguageModel
-
-    folder = saved_random_init(shape, seq)
-    checkpointing = "unsloth" if gc else False
-    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=False, use_gradient_checkpointing=checkpointing)
-    n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS, use_gradient_checkpointing=checkpointing,
-                                             random_state=0)
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model.train(), model.config, n_frozen, n_lora, [f"unsloth {'offloaded gc' if gc else 'no gc'}"]
-
-
-def one_row(batch: dict) -> dict:
-    """Unsloth's padding-free layout of a packed step: its rows end to end, plus the sample lengths
-    (CPU int32, as its collator makes them) that its attention splits on."""
-    import torch
-
-    pos = batch["position_ids"].reshape(1, -1)
-    starts = (pos[0] == 0).nonzero().flatten()
-    lengths = torch.diff(starts, append=torch.tensor([pos.shape[1]]))
-    return dict(input_ids=batch["input_ids"].reshape(1, -1), position_ids=pos, labels=batch["labels"].reshape(1, -1),
-                packed_seq_lengths=lengths.to(torch.int32))
-
-
 def run_arm(a: argparse.Namespace) -> dict:
-    if a.arm == "unsloth":
-        # Unsloth must come before transformers in its process (it patches it, and sets its CUDA allocator
-        # options, at import), so the weights it loads are saved by a process of their own
-        saver = subprocess.run([sys.executable, __file__, "--save-model", "--shape", a.shape, "--seq", str(a.seq)],
-                               capture_output=True, text=True)
-        if saver.returncode:
-            sys.stderr.write(saver.stderr)
-            cause = [line for line in saver.stderr.splitlines() if line.strip()][-1:] or [f"exit code {saver.returncode}"]
-            raise RuntimeError(f"saving the random-init {a.shape} model failed: {cause[0]}")
-        for offline in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):  # the GPU machine has no internet
-            os.environ.setdefault(offline, "1")
-        importlib.import_module("unsloth")
+    from bench import unsloth_arm
+
+    if a.arm == "unsloth":  # before torch and transformers: see bench/unsloth_arm.py
+        unsloth_arm.prepare(__file__, a.shape, a.seq)
     import torch
 
     peak = measure_peak_tflops()
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
-    layout = one_row if a.arm == "unsloth" and not a.full_length else dict
+    layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
     batches = [({k: v if k == "packed_seq_lengths" else v.cuda(non_blocking=True) for k, v in layout(b).items()}, sq)
                for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
     losses: list[float] = []
@@ -360,7 +291,9 @@ def main() -> None:
     ap.add_argument("--profile-to", dest="profile_to", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.save_model:
-        print(saved_random_init(a.shape, a.seq))
+        from bench import unsloth_arm
+
+        unsloth_arm.save_random_init(model_config(a.shape, a.seq), unsloth_arm.model_folder(a.shape, a.seq))
         return
     if a.child:
         a.gc = a.gc == "on"
