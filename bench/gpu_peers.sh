@@ -9,9 +9,10 @@
 set -uo pipefail
 PY=${PYTHON:-python3}
 SITE=/tmp/site
+shopt -s nullglob
 wheels=(.whl-train/*.whl .whl-peers/*.whl)
+[ ${#wheels[@]} -gt 0 ] || { echo "gpu_peers.sh: no wheels in .whl-train/ or .whl-peers/ (carry them with the call)" >&2; exit 1; }
 for w in .whl-peers/if-missing/*.whl; do
-  [ -e "$w" ] || continue
   name=$(basename "$w" | cut -d- -f1)
   module=${name/#pillow/PIL}
   $PY -c "import $module" 2>/dev/null || wheels+=("$w")
