@@ -282,7 +282,8 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--arm-timeout", type=float, default=0,
                     help="seconds an arm may take (load included) before it is killed and shown as an error row")
-    ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>.txt")
+    ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
+                                      "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -326,7 +327,8 @@ def main() -> None:
         for shape in a.shapes.split(","):
             for gc in (["off", "on"] if a.gc == "both" else [a.gc]):
                 for arm in a.arms.split(","):
-                    prof = ["--profile-to", f"{a.profile}-{shape}-gc{gc}.txt"] if a.profile and arm == "ftw" else []
+                    prof = (["--profile-to", f"{a.profile}-{shape}-gc{gc}{'' if arm == 'ftw' else '-' + arm}.txt"]
+                            if a.profile and arm in ("ftw", "unsloth") else [])
                     r = child(["--arm", arm, "--shape", shape, "--gc", gc, "--mbs", str(a.mbs or DEFAULT_MBS[shape]),
                                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), *prof,
                                *(["--full-length"] if a.full_length else []), *(["--offload"] if a.offload and arm == "ftw" else [])],
