@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 import torch
@@ -131,8 +132,6 @@ def test_sigterm_while_batches_are_prefetched_saves_and_exits_75(task_model_dir,
     proc = subprocess.Popen(train_argv(write_config(run_dir, cfg), run_dir, cache), env=train_env(run_dir), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        import time
-
         deadline = time.monotonic() + 120
         while not any(e.get("step", 0) >= 3 and "loss" in e for e in events(run_dir)):
             assert proc.poll() is None, proc.stderr.read()[-3000:]

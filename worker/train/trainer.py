@@ -18,7 +18,8 @@ all ranks), whatever the split: `num_items_in_batch` is the global count.
 Keeping the GPU busy (the host must never be what a step waits for):
 - Batches come from `batches.Prefetcher`: read, collated and pinned one step ahead in a background
   thread, copied with non_blocking; their token and target counts are taken on the host.
-- `train_step` only queues work: nothing in it reads a number back from the device. Its loss and
+- `train_step` only queues work: nothing in it reads a number back from the device (fp16's loss
+  scaler aside, which must look for overflows before the optimizer steps). Its loss and
   grad norm travel to pinned host memory behind a CUDA event (`Readout`), and step N's numbers
   are read after step N+1 is queued, so the host is preparing the next step while the GPU works
   (at most one step ahead). Chosen over one sync per step because it costs nothing in semantics:
@@ -172,7 +173,7 @@ class Trainer:
         return self.offloader.saving()
 
     def train_step(self, batch: StepInput) -> QueuedStep:
-        """Queue one optimizer step on the device; nothing here waits for the device."""
+        """Queue one optimizer step on the device; its numbers come back through `record`."""
         topo = self.topo
         counts = torch.tensor([batch.targets, batch.tokens], dtype=torch.float64).to(topo.device, non_blocking=True)
         if topo.world_size > 1:
@@ -199,7 +200,8 @@ class Trainer:
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm.double(), counts[0], counts[1]])))
+        grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
+        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm, counts[0], counts[1]])))
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
