@@ -106,7 +106,7 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq:
     from transformers import AutoModelForCausalLM
 
     dev = device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map=str(dev))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map={"": dev})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=dev.type == "cuda")
     rows = load_from_disk(str(cache / "train")).with_format("torch")
