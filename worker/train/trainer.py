@@ -175,7 +175,8 @@ class Trainer:
     def train_step(self, batch: StepInput) -> QueuedStep:
         """Queue one optimizer step on the device; its numbers come back through `record`."""
         topo = self.topo
-        counts = torch.tensor([batch.targets, batch.tokens], dtype=torch.float64).to(topo.device, non_blocking=True)
+        counts = torch.tensor([batch.targets, batch.tokens], dtype=torch.float64, pin_memory=topo.device.type == "cuda")
+        counts = counts.to(topo.device, non_blocking=True)
         if topo.world_size > 1:
             torch.distributed.all_reduce(counts)  # the global counts, still on the device
         n_items = counts[0].clamp(min=1).float()
