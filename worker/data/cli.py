@@ -15,7 +15,7 @@ from typing import Any
 
 from worker.errors import FtwError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # an invalid config exits as `ftw validate` does (3)
 
 
 def summary_table(s: dict[str, Any]) -> str:
