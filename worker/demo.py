@@ -37,12 +37,15 @@ PROMPTS = ("greet alice", "greet zoe")
 
 # ---- children: the heavy parts ----------------------------------------------------------------
 def build_model(out: Path) -> None:
-    """The tiny Llama-architecture base, its tokenizer trained on the example data's text too."""
+    """The tiny Llama-architecture base, its tokenizer trained on the example data's text too.
+    Initialised 10× wider than transformers' 0.02: with a frozen random head at 0.02 the logits of
+    a 128-wide model cannot exceed ~2.5, so LoRA alone never makes a confident prediction; at 0.2
+    the adapter learns to answer "Hello, <name>!" with the asked name within the demo's steps."""
     from worker.tiny import build_model as build
 
     rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
     text = [m["content"] for r in rows for m in r["messages"]]
-    build(out, style="chatml", extra_text=text)
+    build(out, style="chatml", extra_text=text, initializer_range=0.2)
 
 
 def sample(base: Path, adapter: Path, prompts: list[str]) -> None:

@@ -75,6 +75,7 @@ def build_model(
     max_positions: int = 2048,
     seed: int = 0,
     extra_text: Iterable[str] = (),
+    initializer_range: float = 0.02,
 ) -> Path:
     """A random-init Llama-architecture model + tokenizer, saved as safetensors in `out_dir`."""
     import torch
@@ -98,6 +99,7 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         torch_dtype="float32",
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
