@@ -121,13 +121,20 @@ def test_qlora_without_cuda_is_a_clear_error_before_any_load():
     assert "adapter: lora" in e.value.hint
 
 
-def test_flash_attention_without_the_package_names_the_fix():
-    from worker.train.model import attention_backend
+def test_every_unmet_machine_requirement_is_named_with_its_fix(monkeypatch):
+    from worker import preflight
 
-    with pytest.raises(JobSpecError, match="flash-attn") as e:
-        attention_backend(cfg(attn_implementation="flash_attention_2"))
-    assert "sdpa" in e.value.hint
-    assert attention_backend(cfg()) == "sdpa"
+    present = {"bitsandbytes"}
+    monkeypatch.setattr(preflight, "installed", lambda module: module in present)
+    preflight.check_machine(cfg(adapter="qlora", load_in_4bit=True), has_cuda=True)
+    with pytest.raises(JobSpecError) as e:
+        preflight.check_machine(cfg(attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True), has_cuda=True)
+    assert "flash-attn" in e.value.message and "wandb, tensorboard logging" in e.value.message
+    assert "attn_implementation: sdpa" in e.value.hint and "remove the wandb, tensorboard keys" in e.value.hint
+    present.clear()
+    with pytest.raises(JobSpecError, match="bitsandbytes"):
+        preflight.check_machine(cfg(adapter="qlora", load_in_4bit=True), has_cuda=True)
+    assert preflight.wanted_trackers(cfg()) == [] and preflight.wanted_trackers(cfg(use_mlflow=True)) == ["mlflow"]
 
 
 # ---- multi-process strategy -------------------------------------------------------------------------
@@ -145,20 +152,6 @@ def test_sharding_keys_map_to_ddp_or_fsdp2():
     assert strategy(cfg(deepspeed="zero3"), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
     assert strategy(cfg(deepspeed="zero3_offload"), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
     assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two)["reshard"] is True
-
-
-def test_a_tracker_that_is_configured_but_missing_fails_before_training():
-    import importlib.util
-
-    from worker.train.progress import wanted_trackers
-
-    assert wanted_trackers(cfg()) == []
-    for keys, name in (({"use_tensorboard": True}, "tensorboard"), ({"wandb_project": "p"}, "wandb"), ({"use_mlflow": True}, "mlflow")):
-        if importlib.util.find_spec(name) is None:
-            with pytest.raises(JobSpecError, match=name):
-                wanted_trackers(cfg(**keys))
-        else:
-            assert wanted_trackers(cfg(**keys)) == [name]
 
 
 def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeypatch):

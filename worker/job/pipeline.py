@@ -34,6 +34,7 @@ from worker.job.progress import ProgressSink, Throttle, event_update, stage_upda
 from worker.job.rundir import RunDir, open_run_dir, read_json, write_json_atomic
 from worker.job.secrets import Redactor, child_env, job_credential_env
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
+from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
 STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
@@ -136,6 +137,7 @@ class JobPipeline:
                 estimate, shape = estimate_disk(self.job.config, self.env)
                 disk = check_disk(estimate, run.base)
                 self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
+                check_machine(self.job.config, has_cuda=self.gpu_probe.count > 0)
                 write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)

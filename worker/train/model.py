@@ -7,7 +7,6 @@ before anything is downloaded or loaded.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import JobSpecError, ModelError
+from worker.preflight import check_machine
 
 log = logging.getLogger("ftw.train")
 
@@ -50,28 +50,10 @@ def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
     return Precision(torch.float32, None, tf32)
 
 
-def attention_backend(cfg: TrainingConfig) -> str:
-    impl = cfg.attn_implementation or "sdpa"
-    if impl in ("flash_attention_2", "flash_attention_3") and importlib.util.find_spec("flash_attn") is None:
-        raise JobSpecError(
-            f"attn_implementation: {impl} needs the flash-attn package, which this worker does not have",
-            hint="use attn_implementation: sdpa (packed samples stay separated) or flex_attention",
-        )
-    return impl
-
-
 def preflight(cfg: TrainingConfig) -> None:
-    """Machine-dependent checks, before any download or model load (keys ftw does not implement
-    are refused earlier, at validation: schemas/keys.py)."""
-    if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
-        if not torch.cuda.is_available():
-            raise JobSpecError(
-                "QLoRA / 4-bit / 8-bit loading needs a CUDA GPU (bitsandbytes), and this machine has none",
-                hint="use adapter: lora without load_in_4bit/load_in_8bit, or run on a GPU worker",
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise JobSpecError("load_in_4bit/load_in_8bit need bitsandbytes, which is not installed", hint="use adapter: lora")
-    attention_backend(cfg)
+    """Machine-dependent checks, before any download or model load (the job pipeline ran the same
+    before preprocessing; keys ftw does not implement are refused earlier, at validation)."""
+    check_machine(cfg, torch.cuda.is_available())
 
 
 def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
@@ -129,7 +111,7 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
             **pretrained_source(cfg.base_model, cfg),
             config=model_config,
             dtype=precision.load_dtype,
-            attn_implementation=attention_backend(cfg),
+            attn_implementation=cfg.attn_implementation or "sdpa",
             quantization_config=quant,
             device_map={"": device} if quant is not None or device.type == "cuda" else None,  # straight onto the GPU
             trust_remote_code=cfg.trust_remote_code,

@@ -2,11 +2,10 @@
 
 Only rank 0 reports. Trackers are optional imports, used only when the config turns them on
 (use_wandb / wandb_project, use_mlflow / mlflow_tracking_uri, use_tensorboard); a tracker that is
-configured but not installed is an error before training starts, not a silent no-op.
+configured but not installed is refused before preprocessing (worker/preflight.py), not a silent no-op.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 import time
@@ -14,24 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import TrainingConfig
-from worker.errors import JobSpecError
 from worker.events import emit
+from worker.preflight import wanted_trackers
 
 log = logging.getLogger("ftw.train")
-
-
-def wanted_trackers(cfg: TrainingConfig) -> list[str]:
-    wanted = []
-    if cfg.use_wandb or (cfg.use_wandb is None and cfg.wandb_project):
-        wanted.append("wandb")
-    if cfg.use_mlflow or (cfg.use_mlflow is None and cfg.mlflow_tracking_uri):
-        wanted.append("mlflow")
-    if cfg.use_tensorboard:
-        wanted.append("tensorboard")
-    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
-    if missing:
-        raise JobSpecError(f"{', '.join(missing)} logging is configured, but not installed in this worker", hint=f"remove the {', '.join(missing)} keys, or use an image with the package")
-    return wanted
 
 
 class Trackers:

@@ -1,0 +1,28 @@
+"""A job this machine cannot train is refused after the GPU probe, before preprocessing spends anything."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.job.conftest import example_job
+from worker.errors import JobSpecError
+from worker.job.pipeline import run_job
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"adapter": "qlora", "load_in_4bit": True}, "needs a CUDA GPU"),
+    ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
+    ({"use_mlflow": True}, "mlflow logging is configured, but not installed"),
+], ids=["qlora-on-cpu", "flash-attn", "tracker"])
+def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_volume, config, says):
+    if "use_mlflow" in config and importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    if "attn_implementation" in config and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    result = run_job({"input": example_job(run_id="cannot-train", config=config)})
+    error = result["error"]
+    assert result["status"] == "failed" and error["code"] == JobSpecError.code and error["stage"] == "checks", result
+    assert says in error["message"] and error["hint"]
+    run = demo_volume / "runs" / "cannot-train"
+    assert not (run / "logs" / "preprocess").exists() and not (demo_volume / "cache").exists()

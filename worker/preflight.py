@@ -1,0 +1,47 @@
+"""What a config needs from the machine it runs on, checked without importing torch or any of the
+packages it asks about. The job pipeline runs it right after the GPU probe, before preprocessing,
+so a job this worker cannot train is refused before anything is spent; the train child runs it
+again before loading (for `ftw train` on its own)."""
+from __future__ import annotations
+
+import importlib.util
+
+from schemas.config import TrainingConfig
+from worker.errors import JobSpecError
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def wanted_trackers(cfg: TrainingConfig) -> list[str]:
+    """The experiment trackers the config turns on, in axolotl's terms."""
+    wanted = []
+    if cfg.use_wandb or (cfg.use_wandb is None and cfg.wandb_project):
+        wanted.append("wandb")
+    if cfg.use_mlflow or (cfg.use_mlflow is None and cfg.mlflow_tracking_uri):
+        wanted.append("mlflow")
+    if cfg.use_tensorboard:
+        wanted.append("tensorboard")
+    return wanted
+
+
+def check_machine(cfg: TrainingConfig, has_cuda: bool) -> None:
+    """JobSpecError listing every requirement of `cfg` this machine does not meet (each with its fix)."""
+    problems: list[tuple[str, str]] = []
+    if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
+        if not has_cuda:
+            problems.append(("QLoRA / 4-bit / 8-bit loading needs a CUDA GPU (bitsandbytes), and this machine has none",
+                             "use adapter: lora without load_in_4bit/load_in_8bit, or run on a GPU worker"))
+        elif not installed("bitsandbytes"):
+            problems.append(("load_in_4bit/load_in_8bit need bitsandbytes, which is not installed", "use adapter: lora"))
+    impl = cfg.attn_implementation or "sdpa"
+    if impl in ("flash_attention_2", "flash_attention_3") and not installed("flash_attn"):
+        problems.append((f"attn_implementation: {impl} needs the flash-attn package, which this worker does not have",
+                         "use attn_implementation: sdpa (packed samples stay separated) or flex_attention"))
+    missing = [name for name in wanted_trackers(cfg) if not installed(name)]
+    if missing:
+        problems.append((f"{', '.join(missing)} logging is configured, but not installed in this worker",
+                         f"remove the {', '.join(missing)} keys, or use an image with the package"))
+    if problems:
+        raise JobSpecError("; ".join(m for m, _ in problems), hint="; ".join(h for _, h in problems))
