@@ -176,3 +176,45 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     assert all({"stage", "step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in events)
     assert events[0]["eta_s"] is not None and events[-1]["eta_s"] == 0
     assert "4/4" in screen.getvalue() and "loss=0.5000" in screen.getvalue()
+
+
+def wandb_history(run_file) -> list[dict]:
+    """The history rows of an offline .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte
+    record headers, records split FIRST/MIDDLE/LAST) of wandb's own protobuf Records."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, rows = run_file.read_bytes(), 7, b"", []  # 7: the ":W&B" file header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_dir, small_cache, tmp_path):
+    """The real wandb client (offline mode, no network) gets each step's loss, lr and grad norm as
+    the trainer's own events report them, and the eval loss."""
+    from tests.train.helpers import base_config, events, run_train
+
+    run_dir = tmp_path / "run"
+    cfg = base_config(task_model_dir, max_steps=3, logging_steps=1, eval_steps=3, wandb_project="ftw-test", wandb_mode="offline")
+    proc = run_train(cfg, run_dir, small_cache, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
+    assert [h["_step"] for h in history] == [e["step"] for e in steps] == [1, 2, 3]
+    for row, event in zip(history, steps):
+        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (event["loss"], event["lr"], event["grad_norm"])
+    assert history[-1]["eval/loss"] > 0
