@@ -218,3 +218,19 @@ def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_di
     for row, event in zip(history, steps):
         assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (event["loss"], event["lr"], event["grad_norm"])
     assert history[-1]["eval/loss"] > 0
+
+
+def test_tensorboard_events_hold_the_numbers_the_trainer_reports(task_model_dir, small_cache, tmp_path):
+    """Read back with TensorBoard's own EventAccumulator: each step's loss as the events report it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.train.helpers import base_config, events, run_train
+
+    run_dir = tmp_path / "run"
+    proc = run_train(base_config(task_model_dir, max_steps=3, logging_steps=1, use_tensorboard=True), run_dir, small_cache, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
+    logged = board.Scalars("train/loss")
+    assert [s.step for s in logged] == [e["step"] for e in steps] == [1, 2, 3]
+    assert all(abs(s.value - e["loss"]) < 1e-5 for s, e in zip(logged, steps))  # stored as float32
