@@ -5,6 +5,8 @@ again before loading (for `ftw train` on its own)."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
 
 from schemas.config import TrainingConfig
 from worker.errors import JobSpecError
@@ -26,8 +28,18 @@ def wanted_trackers(cfg: TrainingConfig) -> list[str]:
     return wanted
 
 
-def check_machine(cfg: TrainingConfig, has_cuda: bool) -> None:
-    """JobSpecError listing every requirement of `cfg` this machine does not meet (each with its fix)."""
+def wandb_can_log_in(cfg: TrainingConfig, env: Mapping[str, str]) -> bool:
+    """Offline and disabled runs need no account; an online run needs WANDB_API_KEY or a netrc entry."""
+    mode = cfg.wandb_mode or env.get("WANDB_MODE") or "online"
+    if mode in ("offline", "disabled", "dryrun") or env.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(env.get("NETRC") or Path(env.get("HOME") or Path.home()) / ".netrc")
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+
+
+def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str]) -> None:
+    """JobSpecError listing every requirement of `cfg` this machine (and `env`, the environment the
+    train child gets) does not meet, each with its fix."""
     problems: list[tuple[str, str]] = []
     if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
         if not has_cuda:
@@ -43,5 +55,8 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool) -> None:
     if missing:
         problems.append((f"{', '.join(missing)} logging is configured, but not installed in this worker",
                          f"remove the {', '.join(missing)} keys, or use an image with the package"))
+    if "wandb" not in missing and "wandb" in wanted_trackers(cfg) and not wandb_can_log_in(cfg, env):
+        problems.append(("wandb logging is on (online) but no WANDB_API_KEY reaches the worker",
+                         "pass credentials.wandb_api_key with the job, set WANDB_API_KEY on the endpoint, or set wandb_mode: offline"))
     if problems:
         raise JobSpecError("; ".join(m for m, _ in problems), hint="; ".join(h for _, h in problems))

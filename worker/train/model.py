@@ -8,6 +8,7 @@ before anything is downloaded or loaded.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
 def preflight(cfg: TrainingConfig) -> None:
     """Machine-dependent checks, before any download or model load (the job pipeline ran the same
     before preprocessing; keys ftw does not implement are refused earlier, at validation)."""
-    check_machine(cfg, torch.cuda.is_available())
+    check_machine(cfg, torch.cuda.is_available(), os.environ)
 
 
 def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
