@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.publish.faultproxy import FaultProxy
+
 BASE_MODEL_ID = "ftw-tests/tiny-llama"
 ENV_SECRET = "env-secret-value-never-in-a-card-123"
 _names = itertools.count()
@@ -95,3 +97,11 @@ def env(volume, s3_server) -> dict[str, str]:
     """The endpoint environment of a test: its volume, the S3 server's BUCKET_* credentials, fast retries."""
     return {"BASE_VOLUME": str(volume), **s3_server.env(), "FTW_PUBLISH_BACKOFF_S": "0.05", "FTW_S3_PART_MB": "5",
             "FTW_S3_CONCURRENCY": "4", "SOME_API_KEY": ENV_SECRET}
+
+
+@pytest.fixture
+def proxy(s3_server):
+    """A FaultProxy in front of the S3 server: counts bytes, cuts connections on demand."""
+    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
+    with FaultProxy((host, int(port))) as p:
+        yield p

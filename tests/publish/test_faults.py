@@ -7,19 +7,11 @@ import os
 import pytest
 
 from tests.publish.conftest import make_job, make_run_dir
-from tests.publish.faultproxy import FaultProxy
 from worker.errors import PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def proxy(s3_server):
-    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy((host, int(port))) as p:
-        yield p
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import threading
 import pytest
 
 from tests.publish.conftest import make_job, make_run_dir
-from tests.publish.faultproxy import FaultProxy
 from worker.errors import PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
@@ -69,43 +68,44 @@ def test_a_prefix_without_manifest_is_never_pulled(env, bucket, s3_server):
         pull(f"s3://{bucket}/half/adapter", env)
 
 
-def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter, tmp_path, env, bucket, s3_server):
+def published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, run_id: str) -> dict:
+    """The adapter record of a run whose adapter carries 8 MiB of weights, published straight (no proxy)."""
+    run = make_run_dir(tmp_path, tiny_adapter)
+    (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    return next(a for a in publish_run(run, make_job(run_id, outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter")
+
+
+def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter, tmp_path, env, bucket, proxy):
     run = make_run_dir(tmp_path, tiny_adapter)
     big = run / "adapter" / "big.bin"
     big.write_bytes(os.urandom(24 * 1024 * 1024))
-    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy((host, int(port))) as proxy:
-        proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
-        events = []
-        artifacts = publish_run(run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append)
-        (adapter,) = [a for a in artifacts if a["kind"] == "adapter"]
-        assert proxy.parts_seen >= 5  # 24 MiB in 5 MiB parts
-        last = [e for e in events if e["what"] == "upload adapter"][-1]
-        assert last["stage"] == "publish" and last["bytes_done"] == last["bytes_total"] == adapter["bytes"]
-        pulled = pull(adapter["uri"], proxied)
+    proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
+    events = []
+    artifacts = publish_run(run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append)
+    (adapter,) = [a for a in artifacts if a["kind"] == "adapter"]
+    assert proxy.parts_seen >= 5  # 24 MiB in 5 MiB parts
+    last = [e for e in events if e["what"] == "upload adapter"][-1]
+    assert last["stage"] == "publish" and last["bytes_done"] == last["bytes_total"] == adapter["bytes"]
+    pulled = pull(adapter["uri"], proxied)
     assert (pulled.path / "big.bin").read_bytes() == big.read_bytes()
 
 
-def test_concurrent_pulls_download_once(tiny_adapter, tmp_path, env, bucket, s3_server):
-    run = make_run_dir(tmp_path, tiny_adapter)
-    (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
-    (adapter,) = [a for a in publish_run(run, make_job("run-conc", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
-    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy((host, int(port))) as proxy:
-        proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
-        results, errors = [], []
+def test_concurrent_pulls_download_once(tiny_adapter, tmp_path, env, bucket, proxy):
+    adapter = published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, "run-conc")
+    proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
+    results, errors = [], []
 
-        def one():
-            try:
-                results.append(pull(adapter["uri"], proxied))
-            except Exception as e:  # collected: a thread's failure must fail the test
-                errors.append(e)
+    def one():
+        try:
+            results.append(pull(adapter["uri"], proxied))
+        except Exception as e:  # collected: a thread's failure must fail the test
+            errors.append(e)
 
-        threads = [threading.Thread(target=one) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert not errors
     assert len({r.path for r in results}) == 1 and sum(not r.cached for r in results) == 1
     assert proxy.bytes_down < 1.5 * adapter["bytes"]  # one download, plus four small manifests
@@ -129,21 +129,17 @@ def test_job_credentials_win_over_the_environment(tiny_adapter, tmp_path, env, b
     assert {a["kind"] for a in artifacts} == {"adapter", "logs"}
 
 
-def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env, bucket, s3_server):
+def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env, bucket, proxy):
     import subprocess
     import sys
 
     from tests.conftest import REPO, child_env
 
-    run = make_run_dir(tmp_path, tiny_adapter)
-    (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
-    (adapter,) = [a for a in publish_run(run, make_job("run-procs", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
-    host, port = s3_server.endpoint_url.removeprefix("http://").split(":")
-    with FaultProxy((host, int(port))) as proxy:
-        cmd = [sys.executable, "-m", "worker.cli", "pull", adapter["uri"], "--json"]
-        procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(**{**env, "BUCKET_ENDPOINT_URL": proxy.url}), stdout=subprocess.PIPE, text=True)
-                 for _ in range(3)]
-        records = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
+    adapter = published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, "run-procs")
+    cmd = [sys.executable, "-m", "worker.cli", "pull", adapter["uri"], "--json"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(**{**env, "BUCKET_ENDPOINT_URL": proxy.url}), stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    records = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len({r["path"] for r in records}) == 1 and sum(not r["cached"] for r in records) == 1
     assert proxy.bytes_down < 1.5 * adapter["bytes"]
