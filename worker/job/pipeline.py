@@ -230,13 +230,13 @@ class JobPipeline:
             except BaseException as e:  # handed to the job's thread below
                 outcome["error"] = e
 
-        worker = threading.Thread(target=work, name="ftw-publish", daemon=True)
-        worker.start()
+        publisher = threading.Thread(target=work, name="ftw-publish", daemon=True)
+        publisher.start()
         limit = self.job.limits.publish_s
         deadline = time.monotonic() + limit if limit else float("inf")
-        while worker.is_alive():
-            worker.join(0.1)
-            if worker.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
+        while publisher.is_alive():
+            publisher.join(0.1)
+            if publisher.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
                 abandoned.set()
                 self.check_stop()
                 raise PublishError(
