@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VENV_VLLM ?= .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: setup test demo bench clean vllm-env
+.PHONY: setup test demo clean vllm-env
 
 setup: $(STAMP)
 

@@ -1,6 +1,6 @@
 """A real S3 server on loopback for tests and benches: `rclone serve s3` over a temp folder.
 
-    from tests.s3server import s3_server       # or: pytest_plugins = ["tests.s3server"]
+    pytest_plugins = ["tests.s3server"]         # tests/conftest.py registers it for the suite
 
     def test_x(s3_server):
         url, key, secret, root = s3_server        # an S3Server (a NamedTuple)

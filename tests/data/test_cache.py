@@ -13,7 +13,6 @@ import threading
 import pytest
 
 from tests.data.helpers import alpaca_rows, config, write_jsonl
-from tests.s3server import s3_server  # noqa: F401  (fixture)
 from worker.data.cache import load_prepared
 from worker.data.pipeline import prepare
 from worker.errors import DataError

@@ -14,7 +14,6 @@ import pytest
 
 from tests.conftest import child_env
 from tests.data.helpers import alpaca_rows, config, write_jsonl
-from tests.hubserver import hub_server  # noqa: F401  (fixture)
 from worker.cli import main as ftw
 from worker.data.cache import read_manifest
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from tests.conftest import REPO, child_env
-from tests.endpoint.conftest import API_KEY, PROTOCOL_HANDLER, Api, wait_gone
+from tests.conftest import wait_gone
+from tests.endpoint.conftest import API_KEY, PROTOCOL_HANDLER, Api
 from worker.endpoint.local import LocalEndpoint
 
 

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import runpod
 
-from tests.endpoint.conftest import PROTOCOL_HANDLER, Api, pid_alive, start_endpoint, wait_gone
+from tests.conftest import pid_alive, wait_gone
+from tests.endpoint.conftest import PROTOCOL_HANDLER, Api, start_endpoint
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, child_env
-from tests.endpoint.conftest import API_KEY, Api, WebhookListener, wait_gone
+from tests.conftest import wait_gone
+from tests.endpoint.conftest import API_KEY, Api, WebhookListener
 from worker.endpoint.local import LocalEndpoint
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,6 @@ def stage_children(worker_pid: int, module: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.skipif(not HANDLER.exists(), reason="handler.py (the orchestrator's RunPod entry) is not in this build")
 def test_real_handler_trains_then_a_cancel_stops_its_training_child(tmp_path, tiny_model_dir):
     volume = tmp_path / "volume"
     (volume / "data").mkdir(parents=True)

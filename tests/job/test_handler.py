@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import requests
 
 from tests.conftest import REPO, child_env
 from tests.job.conftest import example_job
+from tests.s3server import free_port
 
 pytestmark = pytest.mark.slow
 FAST = {"max_steps": 4, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
@@ -32,12 +32,6 @@ SECRETS = {
 }
 JOB_SECRETS = {"hf_token": "hf_jobTokenCCCC2222dddd", "aws_secret_access_key": "awsJobSecretYYYY7777", "wandb_api_key": "wandbJobKeyXXXX6666"}
 HEAVY_IMPORT = re.compile(r"\|\s+(torch|transformers|datasets|peft|accelerate)(\.|\s*$)", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def every_file_contains(root: Path, needle: bytes) -> list[Path]:

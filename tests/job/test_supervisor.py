@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pid_alive, wait_gone
 from worker import errors
 from worker.job.secrets import Redactor
 from worker.job.supervisor import Stage, StopSignal, run_stage, stage_failure
@@ -25,17 +26,6 @@ def child(tmp_path: Path, body: str, **kw) -> Stage:
     log_dir.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return Stage("train", [sys.executable, str(script)], env, log_dir, grace_s=kw.pop("grace_s", 5.0), **kw)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_carriage_return_progress_and_huge_line_do_not_stall(tmp_path):
@@ -110,7 +100,7 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_pat
     assert time.monotonic() - started < 1.5 + 1.0 + 5
     assert isinstance(stage_failure(run), errors.Cancelled)
     grandchild = int(run.stdout.tail()[0])
-    assert not alive(run.pid) and not alive(grandchild)
+    assert not pid_alive(run.pid) and not pid_alive(grandchild)
 
 
 def test_time_limit_and_no_progress_watchdog(tmp_path):
@@ -187,8 +177,5 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
     stage_pid = int(pid_file.read_text())
     supervisor.kill()
     supervisor.wait()
-    deadline = time.monotonic() + 10
-    while alive(stage_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(stage_pid), "the stage outlived its SIGKILLed supervisor"
+    assert wait_gone(stage_pid, 10), "the stage outlived its SIGKILLed supervisor"
     assert marker.read_text() == "checkpoint saved"

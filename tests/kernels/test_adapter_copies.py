@@ -5,7 +5,6 @@ against separate float64 projections (unequal output sizes, ranks and scales).""
 from __future__ import annotations
 
 import gc
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from kernels import adapter_copies
 from kernels.lora import Projection, lora_gated_mlp, lora_projections
 from tests.kernels.conftest import rel_err
+from tests.s3server import free_port
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = 1.5e-2
@@ -217,10 +217,7 @@ def test_under_torch_distributed_every_call_casts():
 
     qkv, _ = qkv_and_mlp()
     x = torch.randn(4, 32, device=DEVICE).bfloat16()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         lora_projections(x, qkv)
         qkv[0].lora_a.data.add_(1.0)
