@@ -28,7 +28,7 @@ RUN pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128
 
 WORKDIR /app
 COPY requirements.txt ./
-RUN pip install -r requirements.txt
+RUN pip install -r requirements.txt bitsandbytes==0.50.2  # QLoRA and 8-bit optimizers (CUDA only)
 
 COPY pyproject.toml handler.py ./
 COPY schemas/ schemas/

@@ -12,6 +12,15 @@ from schemas.config import TrainingConfig
 from worker.errors import JobSpecError
 
 
+# optimizer name → bitsandbytes.optim class (worker/train/optim.py builds them)
+BNB_OPTIMIZERS = {
+    "adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit", "lion_8bit": "Lion8bit", "paged_lion_8bit": "PagedLion8bit",
+}
+# the rest that worker/train/optim.py builds (muon where torch has it)
+TORCH_OPTIMIZERS = ("adamw_torch", "adamw_hf", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "muon")
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -47,6 +56,12 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str]) -
                              "use adapter: lora without load_in_4bit/load_in_8bit, or run on a GPU worker"))
         elif not installed("bitsandbytes"):
             problems.append(("load_in_4bit/load_in_8bit need bitsandbytes, which is not installed", "use adapter: lora"))
+    if cfg.optimizer in BNB_OPTIMIZERS and not (has_cuda and installed("bitsandbytes")):
+        problems.append((f"optimizer {cfg.optimizer} needs bitsandbytes on a CUDA GPU, and this machine has "
+                         + ("no CUDA GPU" if not has_cuda else "no bitsandbytes"), "use optimizer: adamw_torch_fused"))
+    elif cfg.optimizer not in BNB_OPTIMIZERS and cfg.optimizer not in TORCH_OPTIMIZERS:
+        problems.append((f"optimizer {cfg.optimizer} is not available in this build of ftw",
+                         "use adamw_torch_fused (or adamw_bnb_8bit on a GPU worker for 8-bit optimizer states)"))
     impl = cfg.attn_implementation or "sdpa"
     if impl in ("flash_attention_2", "flash_attention_3") and not installed("flash_attn"):
         problems.append((f"attn_implementation: {impl} needs the flash-attn package, which this worker does not have",

@@ -14,7 +14,9 @@ from worker.job.pipeline import run_job
     ({"adapter": "qlora", "load_in_4bit": True}, "needs a CUDA GPU"),
     ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
     ({"use_mlflow": True}, "mlflow logging is configured, but not installed"),
-], ids=["qlora-on-cpu", "flash-attn", "tracker"])
+    ({"optimizer": "adamw_bnb_8bit"}, "needs bitsandbytes on a CUDA GPU"),
+    ({"optimizer": "adamw_torch_4bit"}, "not available in this build"),
+], ids=["qlora-on-cpu", "flash-attn", "tracker", "8bit-optimizer-on-cpu", "unbuilt-optimizer"])
 def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_volume, config, says):
     if "use_mlflow" in config and importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed here")

@@ -15,11 +15,8 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.errors import JobSpecError
+from worker.preflight import BNB_OPTIMIZERS
 
-BNB_OPTIMIZERS = {
-    "adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-    "paged_adamw_32bit": "PagedAdamW32bit", "lion_8bit": "Lion8bit", "paged_lion_8bit": "PagedLion8bit",
-}
 
 
 def _optim_args(cfg: TrainingConfig) -> dict[str, Any]:
