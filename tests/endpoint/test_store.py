@@ -98,3 +98,17 @@ def test_everything_survives_reopening_the_file(tmp_path):
     assert [j.id for j in again.take("w2", 5)] == [queued.id]
     assert len(again.due_webhooks(1e12)) == 1
     assert stat.S_IMODE((tmp_path / "jobs.sqlite3").stat().st_mode) == 0o600  # job inputs may hold secrets
+
+
+def test_a_file_from_before_stop_sent_at_is_upgraded_on_open(tmp_path):
+    import sqlite3
+
+    from worker.endpoint import store as store_module
+
+    old_schema = store_module.SCHEMA.replace("    stop_sent_at REAL,                        -- last time the stop channel carried it\n", "")
+    assert old_schema != store_module.SCHEMA
+    sqlite3.connect(tmp_path / "jobs.sqlite3").executescript(old_schema)
+    store, job = make(tmp_path)
+    store.take("w1", 1)
+    store.cancel(job.id)
+    assert store.stop_signals("w1", 1e12) == [job.id]

@@ -120,6 +120,10 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+# jobs columns added after the first release, with their declarations: added to older files on open
+ADDED_COLUMNS = {"stop_sent_at": "REAL"}
+
+
 class JobStore:
     def __init__(self, path: str | os.PathLike[str]):
         path = Path(path)
@@ -131,6 +135,10 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash of the process loses nothing
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in ADDED_COLUMNS.items():  # a file an older ftw endpoint wrote
+            if name not in columns:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.db.close()
