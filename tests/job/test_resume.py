@@ -160,3 +160,17 @@ def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_ret
     assert second["status"] == "completed", second
     assert not any(u.get("stage") == "train" and u.get("step") for u in updates), "training ran again"
     assert next(a for a in second["artifacts"] if a["kind"] == "adapter")["uri"] == f"s3://{bucket}/runs/publish-limit/adapter"
+
+
+def test_a_bucket_that_cannot_be_listed_does_not_stop_training(demo_volume, s3_server, monkeypatch):
+    """The checkpoint restore lists the bucket before training; a permanent S3 error there (here: no such
+    bucket) leaves training to go on from the volume and fails only the publish, saying which key to fix."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    job = example_job(run_id="no-bucket", outputs={"s3": {"bucket": "ftw-no-such-bucket", "prefix": "runs"}},
+                      config={**CONFIG, "max_steps": 2, "save_steps": None})
+    updates: list[dict] = []
+    result = run_job({"input": job}, on_progress=updates.append)
+    assert result["status"] == "failed" and result["error"]["stage"] == "publish", result
+    assert "NoSuchBucket" in result["error"]["message"] and "outputs.s3.bucket" in result["error"]["hint"]
+    assert any(u.get("stage") == "train" and u.get("step") == 2 for u in updates), "training did not run"

@@ -195,8 +195,14 @@ class JobPipeline:
         if self.job.resume:
             from worker.publish import restore_checkpoint
 
-            if restore_checkpoint(run.path, self.job, self.stage_env(run)) is not None:
-                self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
+            try:
+                if restore_checkpoint(run.path, self.job, self.stage_env(run)) is not None:
+                    self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
+            except PublishError as e:
+                if e.retryable:  # a passing fault: the resubmit restores it (prepared data is cached)
+                    raise
+                # e.g. no s3:ListBucket permission: publishing may still work, so train from what the volume has
+                self.warnings.append({"loc": "outputs.s3", "msg": f"could not look for a published checkpoint to resume from: {e.message}"})
         step = stages.newest_checkpoint(run.path)
         if step is not None:
             self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))

@@ -128,13 +128,15 @@ class CheckpointUploader:
         self._done.add(step)
         self.artifacts.append({"kind": "checkpoints", "target": "s3", "uri": loc.uri, "step": step,
                                "sha256_manifest": manifest.sha256, "files": len(manifest.files), "bytes": manifest.total_bytes})
-        self._rotate()
+        self._rotate(step)
 
-    def _rotate(self) -> None:
+    def _rotate(self, uploaded: int) -> None:
+        """Keep the newest `keep_last` remote checkpoints up to `uploaded`, the one just completed (a
+        higher step there may be an unfinished upload, which must not count as one of those kept)."""
         if not self.keep_last:
             return
         transfer = self.targets.transfer
-        steps = remote_checkpoint_steps(self._client, self.targets.s3, transfer)
+        steps = [s for s in remote_checkpoint_steps(self._client, self.targets.s3, transfer) if s <= uploaded]
         for step in steps[:-self.keep_last]:
             try:
                 delete_prefix(self._client, self.targets.s3.child("checkpoints", f"checkpoint-{step}"), transfer)
@@ -145,7 +147,9 @@ class CheckpointUploader:
 
 def start_uploader(run_dir: Path, job: Any, env: Mapping[str, str], interval_s: float = 10.0) -> CheckpointUploader:
     """The running uploader of a job (a no-op when the job has no S3 target); `stop()` it after training."""
-    return CheckpointUploader(run_dir, Targets.for_job(job, env), keep_last=job.config.save_total_limit, interval_s=interval_s).start()
+    # asked-for checkpoints keep save_total_limit in the bucket; resume insurance needs only the newest
+    keep = job.config.save_total_limit if "checkpoints" in job.publish else 1
+    return CheckpointUploader(run_dir, Targets.for_job(job, env), keep_last=keep, interval_s=interval_s).start()
 
 
 def restore_checkpoint(run_dir: Path, job: Any, env: Mapping[str, str]) -> Path | None:
