@@ -120,3 +120,20 @@ def test_s3_object_and_prefix(volume, tokenizer_dir, s3_server, monkeypatch):  #
     with pytest.raises(DataError, match="cannot download from S3") as e:
         prepare(config(tokenizer_dir, [{"path": f"s3://{bucket}/parts/", "type": "alpaca"}]))
     assert "wrong-secret" not in e.value.message
+
+
+def test_scratch_of_dead_processes_is_reaped_only_on_their_own_host(tmp_path):
+    """On a network volume several workers share, another host's pid says nothing: its folder stays."""
+    import socket
+    import subprocess
+    import sys
+
+    from worker.data.cache import scratch_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    host = socket.gethostname().replace("-", "_")
+    mine, theirs = tmp_path / f".scratch-{host}-{dead}-0000", tmp_path / f".scratch-other_host-{dead}-0000"
+    for folder in (mine, theirs):
+        (folder / "downloads").mkdir(parents=True)
+    fresh = scratch_dir(tmp_path)
+    assert fresh.is_dir() and not mine.exists() and (theirs / "downloads").is_dir()

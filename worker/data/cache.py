@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -104,12 +105,15 @@ def build_lock(root: Path, fp: str, waiting: Callable[[float], None]) -> Iterato
 
 
 def scratch_dir(root: Path) -> Path:
-    """A work folder for downloads and datasets' files, named by pid; those of dead processes removed."""
-    for old in root.glob(".scratch-*"):
-        pid = old.name.split("-")[1]
+    """A work folder for downloads and datasets' files, named by host and pid. Those of dead
+    processes of this host are removed; another host's are left alone (the volume may be a network
+    volume that several workers share, and their pids mean nothing here)."""
+    host = socket.gethostname().replace("-", "_")
+    for old in root.glob(f".scratch-{host}-*"):
+        pid = old.name.removeprefix(f".scratch-{host}-").split("-")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    path = root / f".scratch-{os.getpid()}-{os.urandom(4).hex()}"
+    path = root / f".scratch-{host}-{os.getpid()}-{os.urandom(4).hex()}"
     path.mkdir(parents=True)
     return path
 
