@@ -115,7 +115,7 @@ def prepare_volume(volume: Path) -> None:
 
 
 def run_demo(volume: Path) -> int:
-    from worker.endpoint.client_cli import Client, build_request, follow
+    from worker.endpoint.client_cli import EXIT_INTERRUPTED, Client, ClientError, build_request, follow
     from worker.endpoint.local import LocalEndpoint
 
     prepare_volume(volume)
@@ -130,8 +130,13 @@ def run_demo(volume: Path) -> int:
         client = Client(endpoint.client_env())
         submitted = client.call("POST", "run", build_request({"input": job}, webhook.url, None, None))
         print(f"submitted job {submitted['id']} (run_id {job['run_id']}); progress:", flush=True)
-        status = follow(client, submitted["id"])
-    hook = webhook.wait(10)
+        try:
+            status = follow(client, submitted["id"])
+        except ClientError as e:  # Ctrl-C, or the endpoint failed: leaving this block stops the worker and the job
+            reason = "interrupted" if e.code == EXIT_INTERRUPTED else f"stopped: {e}"
+            print(f"\ndemo {reason}; its endpoint and worker are stopped (logs in {logs})", file=sys.stderr)
+            return e.code
+        hook = webhook.wait(10)  # delivered by the endpoint, so while it still runs
     print(f"webhook received: status {hook['status']}" if hook else "webhook: none received within 10 s", flush=True)
     if status.get("status") != "COMPLETED":
         print(f"\nthe demo job ended {status.get('status')}: {status.get('error')}", file=sys.stderr)
