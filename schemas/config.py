@@ -164,8 +164,8 @@ class TrainingConfig(Frozen):
     gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None
     activation_offloading: Union[bool, Literal["legacy", "disk"]] = False
     torch_compile: Union[bool, Auto] = False
-    torch_compile_backend: Optional[str] = None
-    torch_compile_mode: Optional[str] = None
+    torch_compile_backend: Optional[Literal["inductor", "eager", "aot_eager", "cudagraphs"]] = None
+    torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
     use_kernels: Optional[bool] = None
     # ---- checkpoints ---------------------------------------------------------------------------
     output_dir: Optional[str] = None

@@ -294,3 +294,10 @@ def test_features_ftw_does_not_implement_fail_at_validation_not_after_preprocess
 @pytest.mark.parametrize("extra", [{"group_by_length": False}, {"lr_quadratic_warmup": False}, {"neftune_noise_alpha": None}])
 def test_unimplemented_features_switched_off_are_accepted(extra):
     assert validate_config({**GOOD, **extra}, ENV).valid
+
+
+def test_torch_compile_backend_and_mode_are_checked_before_any_work():
+    """torch would raise these only after the model is loaded, with no hint."""
+    assert {"torch_compile_backend", "torch_compile_mode"} <= locs({**GOOD, "torch_compile": True, "torch_compile_backend": "nope",
+                                                                   "torch_compile_mode": "fastest"})
+    assert not errors({**GOOD, "torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune"})
