@@ -37,6 +37,7 @@ from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir,
 from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
+PUBLISH_LET_GO_S = 30.0  # how long an abandoned publish may take to stop before the run folder is unlocked
 STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
 
 
@@ -109,6 +110,7 @@ class JobPipeline:
         self.gpu_env: dict[str, str] = {}
         self.gpu_count = 0
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
+        self.publisher: threading.Thread | None = None  # publish_run, when it ran
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class JobPipeline:
             write_json_atomic(run.path / "result.json", result)
             return result
         finally:
+            if self.publisher is not None:  # an abandoned publish stops at its next progress report
+                self.publisher.join(PUBLISH_LET_GO_S)
             if self.uploader is not None:  # its final sweep uploads what training saved last
                 self.uploader.stop()
             self.progress.flush()
@@ -236,7 +240,7 @@ class JobPipeline:
             except BaseException as e:  # handed to the job's thread below
                 outcome["error"] = e
 
-        publisher = threading.Thread(target=work, name="ftw-publish", daemon=True)
+        publisher = self.publisher = threading.Thread(target=work, name="ftw-publish", daemon=True)
         publisher.start()
         limit = self.job.limits.publish_s
         deadline = time.monotonic() + limit if limit else float("inf")
@@ -244,7 +248,7 @@ class JobPipeline:
             publisher.join(0.1)
             if publisher.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
                 abandoned.set()
-                self.check_stop()
+                self.check_stop("while publishing (training is done and kept)")
                 raise PublishError(
                     f"publishing did not finish within limits.publish_s = {limit:g} s",
                     "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: training is not redone",
@@ -318,11 +322,11 @@ class JobPipeline:
             raise error
         return child
 
-    def check_stop(self) -> None:
+    def check_stop(self, during: str = "before its next stage started") -> None:
         if self.stop.is_set():
             reason = self.stop.reason or "cancelled"
             cls = STOP_ERRORS.get(reason, Cancelled)
-            raise cls(f"the job was {reason} before its next stage started", "submit it again with the same run_id to continue")
+            raise cls(f"the job was {reason} {during}", "submit it again with the same run_id to continue")
 
     @contextlib.contextmanager
     def step(self, name: str, message: str) -> Iterator[None]:

@@ -213,7 +213,7 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
     for rel, future in futures.items():
         try:
             future.result()
-        except FileNotFoundError:
+        except (FileNotFoundError, PublishError):  # a folder gone, or the job let go of this transfer: no retry
             raise
         except Exception as e:
             fatal_or_raise(e, label)
