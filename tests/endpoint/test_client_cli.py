@@ -97,6 +97,10 @@ def test_an_invalid_job_is_refused_before_it_is_sent(ftw_here, tmp_path):
     code, out, err = ftw_here("submit", write_job(tmp_path, {"run_id": "../x", "config": {"base_model": "m"}}))
     assert code == 3
     assert "run_id" in err and "was not sent" in err and out == ""
+    unreadable = tmp_path / "broken.json"
+    unreadable.write_text("{broken")
+    code, out, err = ftw_here("submit", str(unreadable))
+    assert code == 2 and err.count(str(unreadable)) == 1 and "not valid JSON" in err and out == ""
 
 
 def test_environment_and_connection_errors_are_explained(endpoint, ftw_here, tmp_path):

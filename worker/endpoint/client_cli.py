@@ -155,14 +155,11 @@ def finish(status: dict[str, Any]) -> int:
 
 
 def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
-    from worker.validate_cli import load_document
+    from worker.validate_cli import read_document
 
-    try:
-        doc = load_document(args.job)
-    except OSError as e:
-        raise ClientError(f"cannot read {args.job}: {e}", EXIT_USAGE) from e
-    except Exception as e:  # YAML/JSON syntax
-        raise ClientError(f"{args.job} is not valid JSON/YAML: {e}", EXIT_USAGE) from e
+    doc, readable = read_document(args.job, "ftw submit")
+    if not readable:
+        return EXIT_USAGE
     request = build_request(doc, args.webhook, args.execution_timeout, args.ttl)
     if not args.no_validate:
         from schemas.job import validate_job
