@@ -28,3 +28,19 @@ def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_vol
     assert says in error["message"] and error["hint"]
     run = demo_volume / "runs" / "cannot-train"
     assert not (run / "logs" / "preprocess").exists() and not (demo_volume / "cache").exists()
+
+
+def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, monkeypatch):
+    """An exception that is not an FtwError (a bug) is reported in the one failure shape, on disk too."""
+    import json
+
+    from worker.job import pipeline
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(pipeline, "estimate_disk", broken)
+    result = run_job({"input": example_job(run_id="buggy")})
+    assert result["status"] == "failed" and result["error"]["stage"] == "orchestrator" and "KeyError" in result["error"]["message"]
+    on_disk = json.loads((demo_volume / "runs" / "buggy" / "result.json").read_text())
+    assert on_disk["error"] == result["error"]

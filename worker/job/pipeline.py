@@ -74,11 +74,15 @@ def run_job(
         return pipeline.run()
     except FtwError as e:  # the run folder could not be opened: nothing of this job is on disk
         return pipeline.finish(failure_result(e, job.run_id))
-    except Exception as e:  # a bug in ftw: still the one failure shape (traceback in the worker's log)
-        print(redactor.text(traceback.format_exc()), file=sys.stderr, flush=True)
-        error = FtwError(f"internal error in the orchestrator: {type(e).__name__}: {e}",
-                         "this is a bug in ftw; resubmitting the same run_id keeps every finished stage", stage="orchestrator")
-        return pipeline.finish(failure_result(error, job.run_id))
+    except Exception as e:  # a bug before the run folder was open
+        return pipeline.finish(failure_result(internal_error(e, redactor), job.run_id))
+
+
+def internal_error(e: Exception, redactor: Redactor) -> FtwError:
+    """A bug in ftw as the one failure shape (its traceback, redacted, in the worker's log)."""
+    print(redactor.text(traceback.format_exc()), file=sys.stderr, flush=True)
+    return FtwError(f"internal error in the orchestrator: {type(e).__name__}: {e}",
+                    "this is a bug in ftw; resubmitting the same run_id keeps every finished stage", stage="orchestrator")
 
 
 def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
@@ -122,6 +126,8 @@ class JobPipeline:
                 result = self.run_stages(run)
             except FtwError as e:
                 result = failure_result(e, self.job.run_id)
+            except Exception as e:  # a bug in ftw: the same failure shape, and result.json is still written
+                result = failure_result(internal_error(e, self.redactor), self.job.run_id)
             result = self.finish(result)
             write_json_atomic(run.path / "result.json", result)
             return result
