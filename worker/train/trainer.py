@@ -51,6 +51,7 @@ from worker.train.adapters import attach
 from worker.data.cache import PreparedData
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
+from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
 from worker.train.progress import Progress
@@ -125,6 +126,11 @@ class Trainer:
         self.model = attach(base, cfg)
         self.kernels = apply_kernel_patches(self.model, cfg)
         self.model.train()
+        # one offloader a run: its side stream and pinned buffers serve every step
+        offload = cfg.activation_offloading or cfg.gradient_checkpointing == "offload"
+        self.offloader = ActivationOffloader(topo.device) if offload else None
+        if cfg.activation_offloading in ("disk", "legacy"):
+            log.warning("activation_offloading: %s offloads to host memory (ftw has no disk offload)", cfg.activation_offloading)
         self.engine = dist_.wrap(self.model, cfg, topo)
         if cfg.torch_compile is True or (cfg.torch_compile == "auto" and topo.device.type == "cuda"):
             # in place: parameter names, state dicts and the DDP/FSDP wrapping stay as they are
@@ -162,15 +168,8 @@ class Trainer:
         return torch.autocast(self.topo.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _offload(self):
-        """Saved activations wait in host memory (worker/train/offload.py); one offloader a run,
-        created on first use, so its side stream and pinned buffers serve every step."""
-        if not (self.cfg.activation_offloading or self.cfg.gradient_checkpointing == "offload"):
-            return contextlib.nullcontext()
-        if getattr(self, "offloader", None) is None:
-            from worker.train.offload import ActivationOffloader
-
-            self.offloader = ActivationOffloader(self.topo.device)
-        return self.offloader.saving()
+        """Saved activations wait in host memory (worker/train/offload.py)."""
+        return self.offloader.saving() if self.offloader is not None else contextlib.nullcontext()
 
     def train_step(self, batch: StepInput) -> QueuedStep:
         """Queue one optimizer step on the device; its numbers come back through `record`."""
