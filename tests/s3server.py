@@ -3,7 +3,7 @@
     pytest_plugins = ["tests.s3server"]         # tests/conftest.py registers it for the suite
 
     def test_x(s3_server):
-        url, key, secret, root = s3_server        # an S3Server (a NamedTuple)
+        s3_server.endpoint_url, s3_server.root_dir  # an S3Server (a NamedTuple; .pid is rclone's)
         s3_server.client().create_bucket(Bucket="b")   # a bucket is a top-level folder of root
 
 `running_s3_server(root)` is the same server as a context manager, for scripts (bench/).
@@ -15,14 +15,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +39,25 @@ class S3Server(NamedTuple):
     key: str
     secret: str
     root_dir: Path
+    pid: int
+
+    @contextlib.contextmanager
+    def frozen(self, hold_s: float) -> Iterator[Callable[[], None]]:
+        """Yield `freeze`: once called, the server takes connections but answers nothing for `hold_s`
+        (SIGSTOP, then SIGCONT), so a transfer in flight cannot finish before then."""
+        thaw = threading.Timer(hold_s, os.kill, (self.pid, signal.SIGCONT))
+
+        def freeze() -> None:
+            if not thaw.is_alive() and not thaw.finished.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                thaw.start()
+
+        try:
+            yield freeze
+        finally:
+            if thaw.is_alive():
+                thaw.cancel()
+                os.kill(self.pid, signal.SIGCONT)
 
     def env(self) -> dict[str, str]:
         """The endpoint-environment names ftw reads its S3 credentials from (RunPod's BUCKET_*)."""
@@ -112,7 +133,7 @@ def running_s3_server(root: Path | None = None) -> Iterator[S3Server]:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_until_answering(url, proc, log)
-            yield S3Server(url, ACCESS_KEY, SECRET_KEY, root)
+            yield S3Server(url, ACCESS_KEY, SECRET_KEY, root, proc.pid)
         finally:
             proc.terminate()
             try:

@@ -148,7 +148,8 @@ def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_ret
     config = {**CONFIG, "max_steps": 2, "save_steps": None}
     job = example_job(run_id="publish-limit", outputs={"s3": {"bucket": bucket, "prefix": "runs"}}, config=config,
                       limits={"publish_s": 0.001})
-    first = run_job({"input": job})
+    with s3_server.frozen(hold_s=2.0) as freeze:  # the upload cannot finish within the limit, however fast
+        first = run_job({"input": job}, on_progress=lambda u: u.get("stage") == "publish" and freeze())
     assert first["status"] == "failed", first
     error = first["error"]
     assert error["code"] == PublishError.code and error["stage"] == "publish"

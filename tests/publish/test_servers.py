@@ -5,7 +5,7 @@ import pytest
 
 
 def test_s3_server_round_trip(s3_server):
-    endpoint, key, secret, root = s3_server
+    endpoint, key, secret, root = s3_server.endpoint_url, s3_server.key, s3_server.secret, s3_server.root_dir
     bucket = s3_server.make_bucket("servers-roundtrip")
     client = s3_server.client()
     client.put_object(Bucket=bucket, Key="a/b.txt", Body=b"hello")

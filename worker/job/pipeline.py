@@ -251,7 +251,7 @@ class JobPipeline:
         limit = self.job.limits.publish_s
         deadline = time.monotonic() + limit if limit else float("inf")
         while publisher.is_alive():
-            publisher.join(0.1)
+            publisher.join(min(0.1, max(0.0, deadline - time.monotonic())))
             if publisher.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
                 abandoned.set()
                 self.check_stop("while publishing (training is done and kept)")
