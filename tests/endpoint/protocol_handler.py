@@ -10,6 +10,7 @@ HANDLER_CONCURRENCY=N (default 1): jobs at once; above 1 the SDK takes jobs with
 import asyncio
 import os
 import signal
+import threading
 
 import runpod
 
@@ -42,13 +43,21 @@ async def generator_handler(job):
     yield {"result": {"echo": args.get("echo"), "s3": bool(job.get("s3Config"))}}
 
 
+async def posted_in_order(job, update) -> None:
+    """progress_update posts from a new thread per call, so two calls can land out of order and the
+    last can land after the result; waiting for each thread makes the updates arrive as they were made."""
+    before = set(threading.enumerate())
+    runpod.serverless.progress_update(job, update)
+    posting = [t for t in set(threading.enumerate()) - before if "_thread_target" in t.name]
+    await asyncio.to_thread(lambda: [t.join(30) for t in posting])
+
+
 async def progress_handler(job):
     args = job["input"]
     steps = args.get("steps", 3)
     for step in range(1, steps + 1):
         await asyncio.sleep(args.get("step_s", 0.1))
-        runpod.serverless.progress_update(job, {"stage": "train", "step": step, "total_steps": steps})
-    await asyncio.sleep(0.3)  # progress_update posts from a thread: let the last one land first
+        await posted_in_order(job, {"stage": "train", "step": step, "total_steps": steps})
     if args.get("mode") == "fail":
         return {"error": "the test handler failed on purpose"}
     return {"result": {"echo": args.get("echo")}}

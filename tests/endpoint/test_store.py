@@ -53,8 +53,9 @@ def test_a_job_fails_when_its_worker_stops_sending_heartbeats(tmp_path):
     [taken] = store.take("silent", 1)
     assert store.expire(taken.started_at + 200, worker_lost_s=120) == []  # never pinged: a sync handler may block
     store.pinged("silent", job.id)
-    store.db.execute("UPDATE workers SET last_ping = last_ping - 121")
-    assert store.expire(taken.started_at + 1, worker_lost_s=120) == [job.id]
+    [(last_ping,)] = store.db.execute("SELECT last_ping FROM workers WHERE id = 'silent'").fetchall()
+    assert store.expire(last_ping + 119, worker_lost_s=120) == []
+    assert store.expire(last_ping + 121, worker_lost_s=120) == [job.id]
     lost = store.get(job.id)
     assert lost.status == "FAILED" and "no heartbeat" in lost.error and f"/retry/{job.id}" in lost.error
 

@@ -40,12 +40,11 @@ def every_file_contains(root: Path, needle: bytes) -> list[Path]:
 
 def test_invalid_job_fails_in_the_sdk_local_test_mode(volume):
     bad = {"input": example_job(credentials=JOB_SECRETS, config={"learning_rate": -1, "datasets": []})}
-    started = time.monotonic()
-    out = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(bad)], cwd=REPO, capture_output=True, text=True,
-                         env=child_env(BASE_VOLUME=str(volume)), timeout=60)
+    out = subprocess.run([sys.executable, "-X", "importtime", "handler.py", "--test_input", json.dumps(bad)], cwd=REPO,
+                         capture_output=True, text=True, env=child_env(BASE_VOLUME=str(volume)), timeout=120)
     assert out.returncode == 1
     assert "invalid_job" in out.stdout + out.stderr and "config.learning_rate" in out.stdout + out.stderr
-    assert time.monotonic() - started < 15  # the SDK's own start-up is most of it
+    assert not HEAVY_IMPORT.search(out.stderr), "an invalid job loaded ML libraries before it was rejected"
     assert not (volume / "runs").exists()
     for secret in JOB_SECRETS.values():  # the SDK prints the whole local job at its default DEBUG level
         assert secret not in out.stdout + out.stderr
@@ -63,7 +62,7 @@ def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_pat
             try:
                 requests.get(f"http://127.0.0.1:{port}/docs", timeout=2)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
                 assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "handler.log").read_text()[-3000:]
                 time.sleep(0.3)
         job = example_job(run_id="e2e", credentials=JOB_SECRETS, config=FAST)

@@ -26,7 +26,7 @@ from worker.job.supervisor import StopSignal
 
 pytestmark = pytest.mark.slow
 GRACE_S = 30.0
-CONFIG = {"max_steps": 6, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
+CONFIG = {"max_steps": 12, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
 
 
 def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
@@ -44,7 +44,9 @@ def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
 
 
 def train_child() -> psutil.Process:
-    return next(p for p in live_children() if "worker.train" in " ".join(p.cmdline()))
+    found = [p for p in live_children() if "worker.train" in " ".join(p.cmdline())]
+    assert found, "the train child is not running (it finished before the test could stop it: raise max_steps)"
+    return found[0]
 
 
 async def cancel_at_train_step(job: dict, step: int) -> tuple[list[dict], float]:

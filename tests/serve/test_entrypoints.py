@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -126,3 +127,23 @@ def test_ftw_serve_http_routes(hf_service, published):
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_an_engine_whose_port_was_taken_meanwhile_starts_again_on_a_free_one(tiny_model_dir, s3_server, hub_server, tmp_path):
+    from worker.serve.engine import EngineProcess
+    from worker.serve.settings import ServeSettings
+
+    env = serve_env(tiny_model_dir, s3_server, hub_server, tmp_path / "volume", FTW_SERVE_PYTHON=sys.executable)
+    engine = EngineProcess(ServeSettings.from_env(env), "transformers", log_path=tmp_path / "engine.log")
+    taken = engine.port
+    with socket.socket() as squatter:  # another program took the port between the pick and the engine's bind
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        engine.start()
+        try:
+            assert engine.port != taken and engine.url.endswith(f":{engine.port}")
+            with urllib.request.urlopen(f"{engine.url}/health", timeout=10) as r:
+                assert r.status == 200
+            assert "address already in use" in engine.log_tail(100_000).lower()
+        finally:
+            engine.stop()

@@ -78,6 +78,10 @@ def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]
     return args
 
 
+PORT_TAKEN = "address already in use"  # what uvicorn (vLLM) and aiohttp log when the bind fails
+PORT_ATTEMPTS = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,13 +109,34 @@ class EngineProcess:
         return env
 
     def start(self) -> "EngineProcess":
-        cmd = engine_command(self.settings, self.engine, self.port)
+        """The port was free when picked, not necessarily when the engine binds it (minutes later for
+        vLLM): an engine that exits because the port was taken starts again on a new one."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent())
-        self._wait_healthy(self.settings.start_timeout_s)
-        return self
+        attempt = 1
+        while True:
+            cmd = engine_command(self.settings, self.engine, self.port)
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent())
+            try:
+                self._wait_healthy(self.settings.start_timeout_s)
+                return self
+            except InfraError:
+                port_taken = self.proc.poll() is not None and PORT_TAKEN in self.log_since(log_start).lower()
+                if not port_taken or attempt == PORT_ATTEMPTS:
+                    raise
+            attempt += 1
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+
+    def log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
