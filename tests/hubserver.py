@@ -20,7 +20,8 @@ huggingface_hub 1.x (read from hf_api.py, _commit_api.py, file_download.py, _sna
 
 Writes need the token; private repos need it to read too (401 otherwise, as the Hub answers).
 Commits are content-addressed (sha1 of parent, tree and message), blobs are git blob sha1s, and
-everything lives under a temp folder; `HubServer.requests` records (method, path) for assertions.
+everything lives under a temp folder; `HubServer.requests` records (method, path) for assertions and
+`HubServer.fail_next(path_part, status, times)` makes the next matching requests fail.
 """
 from __future__ import annotations
 
@@ -150,6 +151,20 @@ class HubServer:
     def __init__(self, endpoint_url: str, token: str, store: RepoStore):
         self.endpoint_url, self.token, self.store = endpoint_url, token, store
         self.requests: list[tuple[str, str]] = []
+        self.faults: list[list[Any]] = []  # [path substring, status, times left]: see fail_next
+        self.faults_lock = threading.Lock()  # the server answers on many threads
+
+    def fail_next(self, path_part: str, status: int, times: int = 1) -> None:
+        """Answer the next `times` requests whose path contains `path_part` with `status` (fault injection)."""
+        self.faults.append([path_part, status, times])
+
+    def injected_fault(self, path: str) -> int | None:
+        with self.faults_lock:
+            for fault in self.faults:
+                if fault[0] in path and fault[2] > 0:
+                    fault[2] -= 1
+                    return fault[1]
+        return None
 
     def __iter__(self):
         return iter((self.endpoint_url, self.token))
@@ -219,6 +234,9 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             parts = url.path.strip("/").split("/")  # still quoted: a revision may hold an encoded '/'
             query = parse_qs(url.query)
             try:
+                status = server.injected_fault(url.path)
+                if status is not None:
+                    raise HubError(status, f"injected fault {status}")
                 if parts[0] == "api":
                     self._api(parts[1:], query)
                 else:

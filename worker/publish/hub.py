@@ -11,15 +11,17 @@ merged model under `merged/` when asked. A commit is atomic on the Hub, so a fai
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.errors import PublishError
 from worker.publish.card import base_model_id, model_card, public_name
 from worker.publish.manifest import MANIFEST_NAME, Manifest, folder_files, sha256_file
 from worker.publish.transfer import Fatal, TransferSettings, with_retries
+
+T = TypeVar("T")
 
 MERGED_DIR = "merged"
 
@@ -71,10 +73,34 @@ def adapter_config_for_hub(adapter_dir: Path, base_id: str | None, base_name: st
     return {"adapter_config.json": (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()}
 
 
-def _hub_error(e: Exception, target: HubTarget) -> PublishError:
+def hub_status(e: BaseException) -> int | None:
+    """The HTTP status of a Hub answer that raised, None for a network error."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    response = getattr(e, "response", None) if isinstance(e, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
+
+
+def refused(status: int | None) -> bool:
+    """The Hub said no (no access, no such repo, a bad request): asking again gets the same answer.
+    Network errors, 5xx, 408 and 429 are worth another try."""
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
+    """`fn` with the transfer's retries; a refusal is raised at once."""
+    def call() -> T:
+        try:
+            return fn()
+        except Exception as e:
+            if refused(hub_status(e)):
+                raise Fatal(e) from e
+            raise
+    return with_retries(call, what, transfer)
+
+
+def _hub_error(e: Exception, target: HubTarget) -> PublishError:
+    status = hub_status(e)
     hints = {
         401: "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) to a token with write access",
         403: f"the token may not write to {target.repo_id.split('/')[0]}: use a write token of that user/organization",
@@ -83,7 +109,7 @@ def _hub_error(e: Exception, target: HubTarget) -> PublishError:
     err = PublishError(f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                        hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
                        details={"repo_id": target.repo_id, **({"http_status": status} if status else {})})
-    err.retryable = status not in hints
+    err.retryable = not refused(status)
     return err
 
 
@@ -109,17 +135,6 @@ def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_di
         ops += _operations(merged_dir, f"{MERGED_DIR}/", {})[0]
     branch = target.revision or "main"
 
-    def guarded(fn):
-        def call():
-            try:
-                return fn()
-            except Exception as e:
-                err = _hub_error(e, target)
-                if not err.retryable:
-                    raise Fatal(err) from e
-                raise
-        return call
-
     def commit():
         api.create_repo(target.repo_id, private=target.private, exist_ok=True)
         if branch != "main":
@@ -128,9 +143,7 @@ def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_di
                                  commit_message=f"ftw: publish {main_kind} of run {run_id}")
 
     try:
-        info = with_retries(guarded(commit), f"Hub commit to {target.repo_id}", settings)
-    except PublishError:
-        raise
+        info = hub_call(commit, f"Hub commit to {target.repo_id}", settings)
     except Exception as e:
         raise _hub_error(e, target) from e
     record = {"kind": main_kind, "target": "hub", "uri": f"hf://{target.repo_id}", "revision": branch,

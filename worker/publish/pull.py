@@ -20,21 +20,20 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.job import RUN_ID_PATTERN
 from schemas.paths import base_volume, check_local_path, is_local, local_path
 from worker.errors import PublishError
+from worker.publish.hub import hub_call
 from worker.publish.local import publish_local, store_root
 from worker.publish.manifest import MANIFEST_NAME, Manifest, read_manifest
 from worker.publish.s3 import S3Location, S3Settings, download_folder, make_client, read_remote_manifest
-from worker.publish.transfer import Fatal, TransferSettings, with_retries
+from worker.publish.transfer import TransferSettings
 
 HUB_SOURCE = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)(?:@(?P<rev>[\w.\-/]+))?$")
 LOCK_TIMEOUT_S = 3600
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -137,21 +136,6 @@ def _pull_s3(loc: S3Location, env: Mapping[str, str], transfer: TransferSettings
     return _cached(manifest.sha256, env, loc.uri, lambda tmp: download_folder(client, loc, tmp, transfer, manifest))
 
 
-def _hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
-    """Retry a Hub call on network and 5xx/429 errors; a 4xx answer (no access, no such repo) at once."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    def call() -> T:
-        try:
-            return fn()
-        except HfHubHTTPError as e:
-            status = getattr(e.response, "status_code", None) if e.response is not None else None
-            if status is not None and 400 <= status < 500 and status != 429:
-                raise Fatal(e) from e
-            raise
-    return with_retries(call, what, transfer)
-
-
 def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str], transfer: TransferSettings) -> Pulled:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
@@ -159,7 +143,7 @@ def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str
     token, endpoint = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None, env.get("HF_ENDPOINT") or None
     source = f"hf://{repo_id}@{revision}" + (f" ({subfolder.rstrip('/')})" if subfolder else "")
     try:
-        commit = _hub_call(lambda: HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha,
+        commit = hub_call(lambda: HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha,
                            f"resolve {source}", transfer)
         with tempfile.TemporaryDirectory() as scratch:
             try:
@@ -178,7 +162,7 @@ def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str
         raw = tmp / ".raw"
         patterns = [f"{subfolder}{rel}" for rel in manifest.files] if manifest else [f"{subfolder}*"]
         try:
-            _hub_call(lambda: snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
+            hub_call(lambda: snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
                                                 local_dir=raw, allow_patterns=patterns), f"download {source}", transfer)
         except Exception as e:
             raise PublishError(f"download of {source} failed after retries: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
