@@ -163,7 +163,7 @@ def test_a_folder_cannot_reach_outside_itself(volume, tokenizer_dir, tmp_path):
         prepare(config(tokenizer_dir, [{"path": str(folder), "data_files": ["../../secret.jsonl"], "type": "alpaca"}]))
 
 
-def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir, monkeypatch):
+def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir, monkeypatch, capsys):
     import worker.data.pipeline as pipeline
 
     rows = alpaca_rows(50)
@@ -171,7 +171,10 @@ def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir,
     entry = [{"path": str(path), "type": "alpaca"}]
     whole = prepare(config(tokenizer_dir, entry, shuffle_merged_datasets=False))
     monkeypatch.setattr(pipeline, "ROWS_PER_CHUNK", 7)
+    monkeypatch.setattr(pipeline, "MAX_CHUNKS", 5)  # 8 chunks of 7 rows would start the worker pool 8 times
+    capsys.readouterr()
     chunked = prepare(config(tokenizer_dir, entry, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "chunked")))
+    assert [line.split()[2] for line in capsys.readouterr().err.splitlines() if "] tokenized " in line] == ["10/50", "20/50", "30/50", "40/50", "50/50"]
     assert list(load_prepared(chunked["cache_dir"]).train["input_ids"]) == list(load_prepared(whole["cache_dir"]).train["input_ids"])
     rows[45]["output"] = None  # in the last chunk: its row number counts the chunks before it
     write_jsonl(path, rows)

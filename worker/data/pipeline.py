@@ -36,6 +36,7 @@ from worker.errors import DataError, JobSpecError
 
 ROWS_PER_PROCESS = 2000  # below this, a worker process costs more than it saves
 ROWS_PER_CHUNK = 20_000  # one progress event per chunk; a chunk costs one worker-pool start
+MAX_CHUNKS = 20  # so a large dataset starts the pool at most this often (progress every 5% or more often)
 
 
 @dataclass
@@ -218,8 +219,8 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
 
 
 def tokenize_source(data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress) -> pa.Table:
-    """datasets.map over chunks of ROWS_PER_CHUNK rows, with a progress event (rows/s, tokens/s, ETA) after each."""
-    chunks = max(1, -(-len(data) // ROWS_PER_CHUNK))
+    """datasets.map over chunks of ROWS_PER_CHUNK rows (MAX_CHUNKS at most), with a progress event (rows/s, tokens/s, ETA) after each."""
+    chunks = min(MAX_CHUNKS, max(1, -(-len(data) // ROWS_PER_CHUNK)))
     tables, done, tokens, started = [], 0, 0, time.monotonic()
     for c in range(chunks):
         part = data.shard(num_shards=chunks, index=c, contiguous=True)
