@@ -26,7 +26,7 @@ def hook_path() -> str:
 def test_job_goes_queue_progress_completed_with_stream_and_one_webhook(api, sdk, webhooks):
     blocker = sdk.run({"input": {"steps": 6, "step_s": 0.15}})  # keeps the single worker busy
     path = hook_path()
-    job = sdk.run({"input": {"steps": 4, "step_s": 0.15, "echo": "hello"}, "webhook": webhooks.url(path)})
+    job = sdk.run({"input": {"steps": 4, "step_s": 0.3, "echo": "hello"}, "webhook": webhooks.url(path)})  # 1.2 s to be seen IN_PROGRESS
 
     seen = [api.status(job.job_id)["status"]]
     items = []
@@ -163,7 +163,7 @@ def test_a_worker_with_concurrency_takes_a_batch_and_runs_it_at_once(tmp_path):
     endpoint = start_endpoint(tmp_path, handler_kind=None)
     try:
         api = Api(endpoint)
-        ids = [api.run({"steps": 6, "step_s": 0.25, "echo": n}) for n in range(2)]  # queued before the worker is up
+        ids = [api.run({"steps": 6, "step_s": 0.5, "echo": n}) for n in range(2)]  # queued before the worker is up
         endpoint.start_worker(PROTOCOL_HANDLER, env={"HANDLER_CONCURRENCY": "2"}, log_path=tmp_path / "worker.log")
         api.wait(ids[0], until=lambda s: s["status"] != "IN_QUEUE")
         assert [api.status(i)["status"] for i in ids] == ["IN_PROGRESS", "IN_PROGRESS"]
