@@ -136,8 +136,19 @@ def test_same_run_id_twice_at_once_the_second_fails_clearly(demo_volume):
 def test_resubmitting_a_run_with_another_config_is_refused(demo_volume, stop_at_gpu_probe):
     first = run_job({"input": example_job(allow_cpu=False)})
     assert first["error"]["code"] == "infra"
+    result_json = demo_volume / "runs" / "demo-tiny-lora" / "result.json"
+    kept = result_json.read_bytes()
     result = run_job({"input": example_job(allow_cpu=False, config={"learning_rate": 0.5})})
     assert result["error"]["code"] == "invalid_job" and "learning_rate" in result["error"]["message"]
+    assert result_json.read_bytes() == kept  # a refused job leaves the run's own result as it was
+
+    from worker.job.rundir import open_run_dir
+    run = open_run_dir(demo_volume, "demo-tiny-lora")
+    run.mark_done("preprocess", {"cache_dir": str(demo_volume / "cache" / "x"), "summary": {}})
+    run.close()
+    result = run_job({"input": example_job(allow_cpu=False, resume=False)})
+    assert result["error"]["code"] == "invalid_job" and "resume: false" in result["error"]["message"]
+    assert result_json.read_bytes() == kept
 
 
 def test_unwritable_volume_fails_before_any_work(tmp_path):

@@ -123,6 +123,10 @@ class JobPipeline:
             run = open_run_dir(base_volume(self.env), self.job.run_id)
         try:
             try:
+                self.check_resumable(run)
+            except JobSpecError as e:  # refused: the run folder (and its result.json) stays as the earlier job left it
+                return self.finish(failure_result(e, self.job.run_id))
+            try:
                 result = self.run_stages(run)
             except FtwError as e:
                 result = failure_result(e, self.job.run_id)
@@ -140,7 +144,6 @@ class JobPipeline:
             run.close()
 
     def run_stages(self, run: RunDir) -> dict[str, Any]:
-        self.check_resumable(run)
         config_path = self.write_config(run)
         if not run.stage_done("train"):
             with self.step("checks", "checking disk and GPU"):
