@@ -168,11 +168,53 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     except ValidationError as e:
         checked_above = ("config", "run_id")  # with better messages
         issues = pydantic_issues(e, redact=SECRET_KEYS)
-        report.errors += [_suggest(i) for i in issues if i.loc.split(".")[0].split("[")[0] not in checked_above]
+        report.errors += [_suggest(i) for i in issues if i.loc.split(".")[0].split("[")[0] not in (*checked_above, *SECRET_KEYS)]
+        report.errors += _credential_issues(e)
     else:
         if report.valid:
             report.value = job
-    return _masked(report, _strings(raw.get("credentials")))
+    return _masked(report, _credential_strings(raw.get("credentials")))
+
+
+CREDENTIAL_KEYS = tuple(Credentials.model_fields)
+# A credential *name*: snake_case words in one case, short words, few digits. Anything else (a
+# pasted token used as a key) is not shown: a token is long, mixed-case or digit-heavy.
+CREDENTIAL_NAME = re.compile(r"[a-z][a-z0-9]{0,15}(?:_[a-z0-9]{1,16})*|[A-Z][A-Z0-9]{0,15}(?:_[A-Z0-9]{1,16})*")
+
+
+def _shows_as_name(key: Any) -> bool:
+    return isinstance(key, str) and len(key) <= 40 and sum(c.isdigit() for c in key) <= 3 and bool(CREDENTIAL_NAME.fullmatch(key))
+
+
+def _credential_issues(exc: ValidationError) -> list[Issue]:
+    """Errors under `credentials`, naming the key (names are not secret), never showing a value."""
+    accepted = ", ".join(CREDENTIAL_KEYS)
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if not loc or loc[0] != "credentials":
+            continue
+        if len(loc) == 1:
+            issues.append(Issue("credentials", f"must be an object of credential names to strings; accepted names: {accepted}"))
+            continue
+        key = loc[1]
+        if not _shows_as_name(key):
+            issues.append(Issue("credentials", "a key that looks like a secret value (not shown) is not a credential "
+                                               f"name; accepted names: {accepted}"))
+        elif err["type"] == "extra_forbidden":
+            issues.append(Issue(f"credentials.{key}", f"unknown key; accepted: {accepted}{did_you_mean(key, CREDENTIAL_KEYS)}"))
+        elif err["type"] == "string_type":
+            issues.append(Issue(f"credentials.{key}", "must be a string"))
+        else:
+            issues.append(Issue(f"credentials.{key}", err["msg"]))
+    return issues
+
+
+def _credential_strings(credentials: Any) -> list[str]:
+    """What to mask in every message: the values of a credentials block, and keys not shown as names."""
+    if not isinstance(credentials, Mapping):
+        return _strings(credentials)
+    return [s for k, v in credentials.items() for s in ([] if _shows_as_name(k) else _strings(k)) + _strings(v)]
 
 
 def _suggest(issue: Issue) -> Issue:

@@ -143,3 +143,29 @@ def test_unknown_job_keys_suggest_the_closest():
 def test_keys_that_start_like_known_ones_are_still_unknown(key):
     report = validate_job({"input": {"run_id": "r", "config": CONFIG, key: 1}}, env=ENV)
     assert not report.valid and [i.loc for i in report.errors] == [key]
+
+
+def test_credential_errors_name_the_key_and_never_show_the_value():
+    credentials = {"hf_token": ["hf_SECRETinLIST123"], "aws_secret_access_key": 98765432101234, "openai_key": "sk-SECRETopenai777",
+                   "hf_tokn": "hf_SECRETmistyped42"}
+    report = validate_job(job(credentials=credentials), env=ENV)
+    messages = {i.loc: i.msg for i in report.errors}
+    assert messages == {
+        "credentials.hf_token": "must be a string",
+        "credentials.aws_secret_access_key": "must be a string",
+        "credentials.openai_key": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+                                  "aws_session_token",
+        "credentials.hf_tokn": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+                               "aws_session_token; did you mean 'hf_token'?",
+    }
+    text = json.dumps(report.as_dict()) + repr(report.errors)
+    for value in ("hf_SECRETinLIST123", "98765432101234", "sk-SECRETopenai777", "hf_SECRETmistyped42"):
+        assert value not in text
+
+
+@pytest.mark.parametrize("token_as_key", ["hf_AbCdEfGhIjKlMnOpQrStUvWxYz", "AKIAIOSFODNN7EXAMPLE", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"])
+def test_a_token_pasted_as_a_credential_key_is_not_shown(token_as_key):
+    report = validate_job(job(credentials={token_as_key: "x"}), env=ENV)
+    assert [i.loc for i in report.errors] == ["credentials"]
+    assert "accepted names: hf_token" in report.errors[0].msg
+    assert token_as_key not in json.dumps(report.as_dict())

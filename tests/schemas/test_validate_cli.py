@@ -121,3 +121,14 @@ def test_usage(tmp_path):
     assert run_validate("--help").returncode == 0
     r = subprocess.run([sys.executable, "-m", "worker.cli", "validate"], capture_output=True, text=True, env=child_env())
     assert r.returncode == 2
+
+
+def test_credential_errors_in_json_output_name_keys_not_values(tmp_path):
+    p = tmp_path / "job.json"
+    p.write_text(json.dumps({"input": {"run_id": "r1", "args": GOOD,
+                                       "credentials": {"hf_token": ["hf_CLIsecretVALUE1"], "openai_key": "sk-CLIsecretVALUE2"}}}))
+    for flags in (["--json"], []):
+        r = run_validate(p, *flags)
+        assert r.returncode == 3, r.stderr
+        assert "credentials.hf_token" in r.stdout and "credentials.openai_key" in r.stdout
+        assert "CLIsecretVALUE" not in r.stdout + r.stderr
