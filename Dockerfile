@@ -14,6 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     BASE_VOLUME=/runpod-volume \
+    FTW_ALLOW_CPU=0 \
     HF_HOME=/runpod-volume/huggingface \
     HF_HUB_ENABLE_HF_TRANSFER=0 \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \

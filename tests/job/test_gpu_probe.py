@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import InfraError
-from worker.job.gpu import parse_visible_devices, probe, stage_env
+from worker.job.gpu import cpu_allowed, parse_visible_devices, probe, stage_env
 
 GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
 1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
@@ -95,3 +95,15 @@ def test_no_gpu_needs_an_explicit_cpu_permission(tmp_path):
     assert result.cpu_only and stage_env(result, {})["CUDA_VISIBLE_DEVICES"] == ""
     with pytest.raises(InfraError, match="hides every device"):
         probe({**fake_smi(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    with pytest.raises(InfraError) as e:
+        probe({"PATH": str(tmp_path / "no-nvidia-smi"), "FTW_ALLOW_CPU": "0"})
+    assert "allows no CPU runs" in e.value.hint
+
+
+@pytest.mark.parametrize("operator, job_asks, allowed", [
+    ("1", False, True), ("1", True, True), ("", True, True), ("", False, False),
+    ("0", True, False), ("false", True, False), ("0", False, False),
+])
+def test_cpu_runs_are_the_operators_call(operator, job_asks, allowed):
+    env = {"FTW_ALLOW_CPU": operator} if operator else {}
+    assert cpu_allowed(env, job_asks) is allowed

@@ -93,6 +93,13 @@ def stop_at_gpu_probe(monkeypatch):
     monkeypatch.delenv("FTW_ALLOW_CPU")
 
 
+def test_an_endpoint_that_forbids_cpu_runs_refuses_a_job_that_asks_for_one(demo_volume, stop_at_gpu_probe, monkeypatch):
+    monkeypatch.setenv("FTW_ALLOW_CPU", "0")
+    result = run_job({"input": example_job(allow_cpu=True)})
+    assert result["error"]["code"] == "infra" and result["error"]["stage"] == "checks"
+    assert "FTW_ALLOW_CPU=0" in result["error"]["hint"]
+
+
 def test_output_dir_is_pinned_inside_the_run(demo_volume, tmp_path, stop_at_gpu_probe):
     outside = tmp_path / "elsewhere"
     result = run_job({"input": example_job(allow_cpu=False, config={"output_dir": str(outside)})})

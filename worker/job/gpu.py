@@ -3,7 +3,7 @@
 CUDA_VISIBLE_DEVICES (indices, GPU-/MIG- UUIDs or prefixes, "" or -1 for none) is matched against
 what `nvidia-smi` reports, run as a child with a hard timeout (a hung driver costs seconds, not the
 job). The probe fails, with what it found, when a named device does not exist, when no GPU is
-visible (unless CPU runs are allowed: FTW_ALLOW_CPU=1 or the job's allow_cpu), when a device has
+visible (unless CPU runs are allowed: see cpu_allowed), when a device has
 less free memory than the model's weights need, or when a foreign process is computing on it
 (operators who share GPUs on purpose set FTW_ALLOW_SHARED_GPU=1). No CUDA library is loaded here.
 """
@@ -162,6 +162,15 @@ def select(gpus: list[Gpu], wanted: list[str] | None, visible: str | None) -> li
     return chosen
 
 
+def cpu_allowed(env: Mapping[str, str], job_asks: bool) -> bool:
+    """The operator decides: FTW_ALLOW_CPU=1 lets every job run without a GPU, 0 lets none (the
+    image's default), unset lets a job ask with allow_cpu: true (local runs and the demo)."""
+    operator = (env.get("FTW_ALLOW_CPU") or "").strip().lower()
+    if operator in ("1", "true", "yes"):
+        return True
+    return job_asks and operator not in ("0", "false", "no")
+
+
 def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) -> GpuProbe:
     """What this job will run on; an InfraError in seconds when it cannot run here."""
     start = time.monotonic()
@@ -181,8 +190,10 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
             result.cpu_only = True
             return result
         why = "CUDA_VISIBLE_DEVICES hides every device" if wanted == [] else "nvidia-smi is not installed" if not binary else "nvidia-smi lists no GPU"
+        forbidden = not cpu_allowed(env, job_asks=True)
         raise InfraError(
             f"no GPU available to this job ({why})",
+            "run on a GPU worker; this endpoint allows no CPU runs (FTW_ALLOW_CPU=0)" if forbidden else
             "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint or allow_cpu: true in the job",
             details=result.as_dict(),
         )

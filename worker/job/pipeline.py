@@ -308,8 +308,7 @@ class JobPipeline:
         return len(wanted) if wanted else 1
 
     def probe_gpu(self, need_bytes: int) -> None:
-        allow_cpu = self.job.allow_cpu or (self.env.get("FTW_ALLOW_CPU") or "") in ("1", "true", "yes")
-        self.gpu_probe = gpu.probe(self.env, need_bytes, allow_cpu)
+        self.gpu_probe = gpu.probe(self.env, need_bytes, gpu.cpu_allowed(self.env, self.job.allow_cpu))
         self.gpu_env = gpu.stage_env(self.gpu_probe, self.env)
         self.gpu_count = self.gpu_probe.count
         found = "CPU only" if self.gpu_probe.cpu_only else ", ".join(f"{d.name} ({d.free_mib} MiB free)" for d in self.gpu_probe.devices)
