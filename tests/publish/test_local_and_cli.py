@@ -96,3 +96,26 @@ def test_full_fine_tune_publishes_the_model_folder(tiny_adapter, tmp_path, env, 
     (model,) = [a for a in publish_run(run, job, local_env(env)) if a["kind"] != "logs"]
     assert model["kind"] == "model" and model["uri"].endswith("/store/loc-full/model") and "warnings" not in model
     assert pull("loc-full", local_env(env), kind="model").manifest_sha256 == model["sha256_manifest"]
+
+
+def test_ftw_pull_takes_options_after_the_positionals(tiny_adapter, tmp_path, env, volume):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    publish_run(run, make_job("order-1"), local_env(env))
+    out = tmp_path / "logs"
+    done = run_ftw_pull("order-1", "--kind", "logs", str(out), "--json", env=local_env(env))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["path"] == str(out)
+    assert Manifest.of_folder(out).files == Manifest.of_folder(volume.resolve() / "store" / "order-1" / "logs").files
+
+
+def test_pulling_a_kind_the_run_did_not_publish_names_what_it_did(tiny_adapter, tmp_path, env, volume):
+    run = make_run_dir(tmp_path, tiny_adapter)
+    publish_run(run, make_job("kinds-1"), local_env(env))  # publishes adapter (and logs), no merged
+    wrong_kind = run_ftw_pull("kinds-1", str(tmp_path / "m"), "--kind", "merged", env=local_env(env))
+    assert wrong_kind.returncode == 1
+    assert "did not publish merged" in wrong_kind.stderr and "holds only adapter, logs" in wrong_kind.stderr
+    assert "--kind adapter" in wrong_kind.stderr and "BUCKET_NAME" not in wrong_kind.stderr
+
+    absent = run_ftw_pull("never-ran", str(tmp_path / "n"), env=local_env(env))
+    assert absent.returncode == 1
+    assert "not in the local store" in absent.stderr and "BUCKET_NAME" in absent.stderr

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--kind", default="adapter", choices=["adapter", "merged", "model", "logs"])
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)  # options before or after the positionals
     except SystemExit as e:
         return 2 if e.code else 0
     from worker.publish.pull import pull

@@ -76,13 +76,24 @@ def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled
         if env.get("BUCKET_NAME"):
             loc = S3Location(env["BUCKET_NAME"], (env.get("FTW_S3_PREFIX") or "").strip("/")).child(source, kind)
             return _pull_s3(loc, env, transfer)
-        raise PublishError(f"run {source!r} has no {kind} in the local store ({local}) and no bucket is configured",
-                           "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME")
+        raise _not_in_local_store(source, kind, local.parent)
     m = HUB_SOURCE.match(source)
     if m:
         return _pull_hub(m["repo"], m["rev"] or "main", "merged/" if kind == "merged" else "", env, transfer)
     raise PublishError(f"cannot tell what {source!r} is",
                        "use s3://bucket/prefix, hf://org/name@revision, org/name@revision, a local folder or a run id")
+
+
+def _not_in_local_store(run_id: str, kind: str, run_folder: Path) -> PublishError:
+    """What the local store holds of the run decides the advice: another kind, or the bucket."""
+    published = sorted(p.parent.name for p in run_folder.glob(f"*/{MANIFEST_NAME}"))
+    if published:
+        return PublishError(f"run {run_id!r} did not publish {kind}: the local store ({run_folder}) holds only "
+                            f"{', '.join(published)}",
+                            f"pull one of those (--kind {published[0]})"
+                            + ("; for a merged model, run the job again with merged in publish" if kind == "merged" else ""))
+    return PublishError(f"run {run_id!r} is not in the local store ({run_folder}) and no bucket is configured",
+                        "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME")
 
 
 def _pull_local(folder: Path, source: str) -> Pulled:
