@@ -5,7 +5,7 @@ Client face (what `runpod.Endpoint` and curl call, `Authorization: Bearer KEY`):
     POST /v2/{endpoint}/runsync      same, waits ?wait=ms (default 90000, 1000..300000) for the result
     GET  /v2/{endpoint}/status/{id}  {id, status, delayTime, executionTime, workerId, output | error}
     GET  /v2/{endpoint}/stream/{id}  {id, status, stream: [{output}, ...]} — items not yet read
-    POST /v2/{endpoint}/cancel/{id}  POST /v2/{endpoint}/retry/{id} (FAILED / TIMED_OUT only, same id)
+    POST /v2/{endpoint}/cancel/{id}  POST /v2/{endpoint}/retry/{id} (FAILED / TIMED_OUT without secrets, same id)
     GET  /v2/{endpoint}/health       POST /v2/{endpoint}/purge-queue
 Worker face (what the runpod worker SDK calls in platform mode; see `worker_urls`):
     GET  job-take/{worker}?…&job_in_progress=0|1      one job as {id, input, s3Config?} or 204
@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from worker.endpoint.scrub import RESUBMIT_WITH_SECRETS
 from worker.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
 from worker.endpoint.webhooks import WebhookSender
 
@@ -234,6 +235,9 @@ class Endpoint:
         job = self.job_or_404(request.match_info["job_id"])
         if job.status not in RETRYABLE:
             raise fail(409, f"job {job.id} is {job.status}; only FAILED or TIMED_OUT jobs can be retried")
+        if job.removed_secrets:
+            raise fail(409, f"job {job.id} carried {', '.join(sorted(job.removed_secrets))}, which the endpoint deletes "
+                            f"when a job ends (no secret is kept at rest); {RESUBMIT_WITH_SECRETS}")
         if self.store.stop_unconfirmed(job.id):
             raise fail(409, f"job {job.id}'s worker has not yet confirmed that it stopped the previous attempt; "
                             "retry in a few seconds")

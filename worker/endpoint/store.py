@@ -7,8 +7,12 @@ for the worker (cancel, timeout) are a flag on the job, repeated on the stop cha
 worker confirms it runs nothing (the SDK loses a stop that arrives before the job's task exists).
 
 The file holds job inputs, which may carry `s3Config` or job credentials: it is created mode 0600
-and nothing here logs an input. All methods are synchronous and meant to be called from one
-thread (the server's event loop); each is a handful of indexed statements.
+and nothing here logs an input. They stay only while the worker may still take the job: a terminal
+transition replaces them by their key names (`removedSecrets`), with SQLite's secure_delete on and
+a WAL checkpoint after, so no old copy lingers in the file, its free space or the -wal file. A job
+that carried them cannot be retried (the secrets are gone); it is submitted again, with them.
+All methods are synchronous and meant to be called from one thread (the server's event loop);
+each is a handful of indexed statements.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, without_secrets
 
 IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
@@ -95,6 +101,11 @@ class Job:
         """The job as the runpod worker SDK receives it from job-take."""
         return {"id": self.id, **self.payload}
 
+    @property
+    def removed_secrets(self) -> dict[str, list[str]]:
+        """Which secrets the job carried and the store deleted when it ended: {where: key names}."""
+        return self.payload.get(REMOVED_SECRETS) or {}
+
     def status_body(self) -> dict[str, Any]:
         """The /status response, as RunPod shapes it (times in ms)."""
         body: dict[str, Any] = {"id": self.id, "status": self.status}
@@ -134,11 +145,13 @@ class JobStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash of the process loses nothing
+        self.db.execute("PRAGMA secure_delete=ON")  # a removed secret is zeroed, not left in a page's free space
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
         for name, decl in ADDED_COLUMNS.items():  # a file an older ftw endpoint wrote
             if name not in columns:
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self._remove_ended_jobs_secrets()  # a file an older ftw endpoint wrote kept them
 
     def close(self) -> None:
         self.db.close()
@@ -328,6 +341,8 @@ class JobStore:
                 continue
             job = self.get(r["id"])
             if job is not None:
+                if without_secrets(job.payload) != job.payload:  # /retry refuses it: the secrets are deleted now
+                    reason = reason.replace("POST /retry/{id} runs the job again", RESUBMIT_WITH_SECRETS)
                 self._terminate(job, status, error=reason.replace("{id}", job.id))
                 changed.append(job.id)
         return changed
@@ -362,11 +377,13 @@ class JobStore:
         """The worker's own result replaces the last progress update; a cancel or timeout keeps it."""
         now = time.time()
         stop = job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT)
+        payload = without_secrets(job.payload)
         with self._tx():
             self.db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, output = CASE WHEN ? THEN ? ELSE output END,"
-                " error = ?, stop_pending = ? WHERE id = ?",
-                (status, now, replace_output, None if output is None else _dumps(output), error, int(stop), job.id),
+                " error = ?, stop_pending = ?, payload = ? WHERE id = ?",
+                (status, now, replace_output, None if output is None else _dumps(output), error, int(stop),
+                 _dumps(payload), job.id),
             )
             if job.webhook:
                 body = self.get(job.id).status_body()  # type: ignore[union-attr]
@@ -374,6 +391,25 @@ class JobStore:
                     "INSERT INTO webhooks (job_id, url, body, next_at) VALUES (?, ?, ?, ?)",
                     (job.id, job.webhook, _dumps(body), now),
                 )
+        if payload != job.payload:
+            self._checkpoint()
+
+    def _remove_ended_jobs_secrets(self) -> None:
+        rows = self.db.execute(
+            f"SELECT id, payload FROM jobs WHERE status IN ({','.join('?' * len(TERMINAL))})"
+            " AND (payload LIKE '%\"s3Config\"%' OR payload LIKE '%\"credentials\"%')", tuple(TERMINAL)).fetchall()
+        changed = False
+        for row in rows:
+            payload = json.loads(row["payload"])
+            if (clean := without_secrets(payload)) != payload:
+                self.db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (_dumps(clean), row["id"]))
+                changed = True
+        if changed:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the file and empty it: the frames still holding a removed secret go."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 class _Transaction:
