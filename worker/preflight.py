@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from schemas.config import TrainingConfig
+from schemas.paths import is_local, resolve_local_path
 from worker.errors import JobSpecError
 
 
@@ -46,10 +47,41 @@ def wandb_can_log_in(cfg: TrainingConfig, env: Mapping[str, str]) -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
+# a folder holds a tokenizer when it has one of these (fast, sentencepiece, BPE/WordPiece vocabularies)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def local_inputs(cfg: TrainingConfig) -> list[tuple[str, str]]:
+    """(key, value) of every local file or folder the run reads."""
+    named = [(key, getattr(cfg, key)) for key in ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir")]
+    for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
+        named += [(f"{list_key}[{i}].path", ds.path) for i, ds in enumerate(getattr(cfg, list_key) or [])]
+    return [(key, value) for key, value in named if isinstance(value, str) and is_local(value)]
+
+
+def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A local input that is not there, or a model folder without what loading it needs: found in
+    milliseconds here instead of as a library's message from inside a stage."""
+    problems: list[tuple[str, str]] = []
+    where = "relative paths are read under BASE_VOLUME"
+    for key, value in local_inputs(cfg):
+        path = resolve_local_path(value, env)
+        if not path.exists():
+            problems.append((f"{key}: {value} does not exist on this worker ({path})", f"check {key} ({where})"))
+    model = resolve_local_path(cfg.base_model, env) if is_local(cfg.base_model) else None
+    if model is not None and model.is_dir():
+        if not cfg.base_model_config and not (model / "config.json").is_file():
+            problems.append((f"base_model: {cfg.base_model} has no config.json", "point base_model at the folder that holds the model's config.json and weights"))
+        if not cfg.tokenizer_config and not any((model / name).is_file() for name in TOKENIZER_FILES):
+            problems.append((f"base_model: {cfg.base_model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …)",
+                             "copy the tokenizer files into the model folder, or set tokenizer_config to a folder or Hub id that has them"))
+    return problems
+
+
 def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str]) -> None:
     """JobSpecError listing every requirement of `cfg` this machine (and `env`, the environment the
     train child gets) does not meet, each with its fix."""
-    problems: list[tuple[str, str]] = []
+    problems = missing_local_inputs(cfg, env)
     if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
         if not has_cuda:
             problems.append(("QLoRA / 4-bit / 8-bit loading needs a CUDA GPU (bitsandbytes), and this machine has none",

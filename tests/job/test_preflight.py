@@ -30,6 +30,30 @@ def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_vol
     assert not (run / "logs" / "preprocess").exists() and not (demo_volume / "cache").exists()
 
 
+def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume):
+    """A wrong local path used to surface as a library's message from inside preprocessing (a 'repo id'
+    error for a missing model folder, a sentencepiece hint for a folder without tokenizer files)."""
+    no_tokenizer = demo_volume / "models" / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for f in (demo_volume / "models" / "ftw-tiny-chatml").iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            (no_tokenizer / f.name).write_bytes(f.read_bytes())
+    cases = {
+        "missing-model": ({"base_model": "./models/nope"}, "base_model: ./models/nope does not exist"),
+        "missing-data": ({"datasets": [{"path": "./data/nope.jsonl", "type": "alpaca"}]}, "datasets[0].path: ./data/nope.jsonl does not exist"),
+        "no-tokenizer": ({"base_model": "./models/no-tokenizer"}, "base_model: ./models/no-tokenizer has no tokenizer files"),
+    }
+    for run_id, (config, says) in cases.items():
+        error = run_job({"input": example_job(run_id=run_id, config=config)})["error"]
+        assert error["code"] == JobSpecError.code and error["stage"] == "checks" and says in error["message"], error
+        assert "BASE_VOLUME" in error["hint"] or "tokenizer_config" in error["hint"]
+    assert not (demo_volume / "cache").exists()
+    tokenizer_elsewhere = example_job(run_id="tokenizer-elsewhere", config={"base_model": "./models/no-tokenizer",
+                                                                           "tokenizer_config": "./models/ftw-tiny-chatml", "max_steps": 1})
+    result = run_job({"input": tokenizer_elsewhere})  # the tokenizer named by tokenizer_config is enough
+    assert result["status"] == "completed", result
+
+
 def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, monkeypatch):
     """An exception that is not an FtwError (a bug) is reported in the one failure shape, on disk too."""
     import json
