@@ -16,3 +16,13 @@ def test_invalid_config_exits_3_before_any_stage_runs(tmp_path, capsys, volume):
 def test_unreadable_config_is_a_usage_error(tmp_path, capsys):
     assert main([str(tmp_path / "missing.yml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_preprocess_failure_is_reported_once(tmp_path, capfd, volume, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tiny_model_dir))
+    path = tmp_path / "nodata.yml"
+    path.write_text(f"base_model: {tiny_model_dir}\ndatasets:\n  - path: ./data/nope.jsonl\n    type: completion\nlearning_rate: 0.001\n")
+    assert main([str(path)]) == 1
+    err = capfd.readouterr().err
+    assert err.count("nope.jsonl") == 1 and err.count("hint:") == 1, err
+    assert not (volume / "runs" / "nodata" / "adapter").exists()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from schemas.paths import base_volume
-from worker.events import EXIT_FAILED, read_error
+from worker.events import EXIT_FAILED, EXIT_PREEMPTED, read_error
 from worker.validate_cli import EXIT_USAGE, config_from_file
 
 
@@ -64,14 +64,15 @@ def main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = run_dir / "config.json"
     config_json.write_text(cfg.model_dump_json(indent=1))
-    os.environ.setdefault("FTW_ERROR_FILE", str(run_dir / "error.json"))
+    error_file = Path(os.environ.setdefault("FTW_ERROR_FILE", str(run_dir / "error.json")))
+    error_file.unlink(missing_ok=True)  # a record left by an earlier failure is not this run's
     from worker.errors import FtwError
     from worker.job.stages import train_argv
 
     try:
         cache = preprocess(config_json)
         if isinstance(cache, int):
-            return _failed("preprocess", cache)
+            return _failed("preprocess", cache, error_file)
         nproc = args.nproc if args.nproc is not None else max(1, visible_gpus())
         rc = subprocess.run(train_argv(config_json, run_dir, cache, nproc)).returncode
     except FtwError as e:
@@ -81,11 +82,14 @@ def main(argv: list[str]) -> int:
         summary = json.loads((run_dir / "summary.json").read_text())
         print(json.dumps({"run_dir": str(run_dir), **{k: summary[k] for k in ("steps", "final_loss", "tokens_per_s", "runtime_s", "artifacts")}}))
         return 0
-    return _failed("train", rc)
+    return _failed("train", rc, error_file)
 
 
-def _failed(stage: str, rc: int) -> int:
-    error = read_error(os.environ["FTW_ERROR_FILE"])
-    if error:
-        print(f"ftw train: {stage} failed: {error['message']}" + (f"\nhint: {error['hint']}" if error.get("hint") else ""), file=sys.stderr)
-    return rc if rc in (75,) else EXIT_FAILED
+def _failed(stage: str, rc: int, error_file: Path) -> int:
+    """The child already printed its error (worker.events.run_child); say only what it could not."""
+    if rc == EXIT_PREEMPTED:
+        print("ftw train: stopped after saving a checkpoint; run the same command again to resume", file=sys.stderr)
+        return rc
+    if read_error(error_file) is None:
+        print(f"ftw train: the {stage} stage exited with code {rc} without reporting an error (killed, or out of memory?)", file=sys.stderr)
+    return EXIT_FAILED
