@@ -152,6 +152,11 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
         report.error("args", "give the training config once, as config (or its alias args), not both")
     config_raw = data.pop("config", data.pop("args", None))
     config_report = Report()
+    if config_raw is None and ("base_model" in data or "datasets" in data):  # a bare training config, not a job
+        report.error("input", "this is a training config, not a job: a job holds it under config, as "
+                              '{"input": {"run_id": "...", "config": {<these keys>}}} (see docs/config.md, Job input); '
+                              "ftw validate and ftw train take the config file as it is")
+        return report
     if config_raw is None:
         report.error("config", "required key is missing: the training config (axolotl YAML keys) goes under config")
     else:

@@ -97,6 +97,12 @@ def test_missing_config():
     assert [i.loc for i in report.errors] == ["config"]
 
 
+def test_a_bare_training_config_sent_as_a_job_gets_one_message_saying_how_to_wrap_it():
+    report = validate_job({"input": CONFIG}, env=ENV)
+    assert len(report.errors) == 1 and report.errors[0].loc == "input"
+    assert "training config, not a job" in report.errors[0].msg and '"config"' in report.errors[0].msg
+
+
 def test_credentials_never_leave_the_secret_box():
     report = validate_job(job(credentials=SECRETS), env=ENV)
     assert report.valid
