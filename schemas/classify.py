@@ -21,7 +21,7 @@ TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
 ALL_KNOWN = TYPED_FIELDS | set(ALIASES) | set(NO_EFFECT) | set(UNSUPPORTED) | set(GATED) | set(LEGACY_ATTENTION_FLAGS) | {TORCH_DTYPE_KEY}
 DATASET_LISTS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDatasetConfig}
 # where ftw decides itself: accepted as typed fields (others read them), but the job's value is not used
-FTW_DECIDES = {"output_dir": "ftw writes each run to BASE_VOLUME/runs/<run_id>"}
+FTW_DECIDES = {"output_dir": "a job (ftw run, the endpoint) writes to BASE_VOLUME/runs/<run_id>; only `ftw train` uses output_dir"}
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:

@@ -55,9 +55,11 @@ def read_document(path: Path, prog: str) -> tuple[Any, bool]:
     return None, False
 
 
-def config_from_file(path: Path, prog: str) -> tuple[Any, int]:
+def config_from_file(path: Path, prog: str, honours: frozenset[str] = frozenset()) -> tuple[Any, int]:
     """(TrainingConfig, 0) for a readable, valid config file; else (None, exit code) after printing
-    why on stderr: the shared front door of `ftw preprocess` and `ftw train`."""
+    why on stderr: the shared front door of `ftw preprocess` and `ftw train`. `honours`: keys that
+    ftw decides for jobs (schemas.classify.FTW_DECIDES) but this command takes from the config, so
+    their "set by ftw" warning would be false here."""
     from schemas.validate import validate_config
 
     doc, readable = read_document(path, prog)
@@ -65,7 +67,8 @@ def config_from_file(path: Path, prog: str) -> tuple[Any, int]:
         return None, EXIT_USAGE
     report = validate_config(doc)
     for issue in report.warnings:
-        print(f"warning {issue}", file=sys.stderr)
+        if issue.loc not in honours:
+            print(f"warning {issue}", file=sys.stderr)
     for issue in report.errors:
         print(f"error   {issue}", file=sys.stderr)
     return (report.value, EXIT_VALID) if report.valid else (None, EXIT_INVALID)

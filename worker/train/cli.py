@@ -3,8 +3,9 @@
 The same children the orchestrator runs (docs/contracts.md), started from a terminal: the
 preprocess child (`python -m worker.data`, which reuses a complete cache with the same
 fingerprint), then the train child — under torchrun when more than one GPU is visible or --nproc
-says so. Exit codes: 0 done, 1 failed, 2 usage, 3 invalid config, 75 stopped by SIGTERM (saved;
-run the same command again to resume).
+says so. The run folder is --run-dir, else the config's output_dir (relative: under BASE_VOLUME,
+as every relative path of a config), else BASE_VOLUME/runs/<config file name>. Exit codes: 0 done,
+1 failed, 2 usage, 3 invalid config, 75 stopped by SIGTERM (saved; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schemas.paths import base_volume
+from schemas.paths import base_volume, resolve_local_path
 from worker.events import EXIT_FAILED, EXIT_PREEMPTED, read_error
 from worker.validate_cli import EXIT_USAGE, config_from_file
 
@@ -28,9 +29,9 @@ def visible_gpus() -> int:
 
 def run_dir_for(config_path: Path, output_dir: str | None, explicit: Path | None) -> Path:
     if explicit is not None:
-        return explicit
+        return explicit.expanduser().resolve()
     if output_dir:
-        return Path(output_dir).expanduser()
+        return resolve_local_path(output_dir, os.environ)
     return base_volume(os.environ) / "runs" / config_path.stem
 
 
@@ -51,19 +52,21 @@ def preprocess(config_json: Path) -> Path | int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftw train", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="axolotl-style training config (YAML or JSON)")
-    parser.add_argument("--run-dir", type=Path, help="run folder (default: output_dir, else BASE_VOLUME/runs/<config name>)")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default: output_dir, relative under BASE_VOLUME; else BASE_VOLUME/runs/<config name>)")
     parser.add_argument("--nproc", type=int, help="processes (one per GPU); default: the visible GPUs")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
-    cfg, code = config_from_file(args.config, "ftw train")
+    cfg, code = config_from_file(args.config, "ftw train", honours=frozenset({"output_dir"}))
     if cfg is None:
         return code
-    run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir).resolve()
+    run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir)
+    config = {**cfg.model_dump(mode="json"), "output_dir": str(run_dir)}
+    print(f"ftw train: run folder {run_dir}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = run_dir / "config.json"
-    config_json.write_text(cfg.model_dump_json(indent=1))
+    config_json.write_text(json.dumps(config, indent=1))
     error_file = Path(os.environ.setdefault("FTW_ERROR_FILE", str(run_dir / "error.json")))
     error_file.unlink(missing_ok=True)  # a record left by an earlier failure is not this run's
     from worker.errors import FtwError
