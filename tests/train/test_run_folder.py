@@ -1,8 +1,11 @@
-"""`ftw train` picks its run folder as docs/config.md says: output_dir names the run folder
-(relative: under BASE_VOLUME), without a warning that it is not used."""
+"""`ftw train` picks its run folder as docs/config.md says and reuses it only for the same config:
+another config's training there is refused before preprocessing or model load (exit 3, the
+changed keys named), a finished run is reported as done, an interrupted one resumes; output_dir
+names the run folder (relative: under BASE_VOLUME), without a warning that it is not used."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,45 @@ def write_config(path: Path, model_dir: Path, **over) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_run_folder_is_reused_only_by_the_config_that_made_it(train_env, task_model_dir, volume, tmp_path, capfd):
+    first = write_config(tmp_path / "cfg" / "long.yml", task_model_dir)
+    assert main([str(first)]) == 0, capfd.readouterr().err
+    run_dir = volume / "runs" / "long"
+    assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["run_dir"] == str(run_dir)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    done, events = snapshot(run_dir), train_env.read_text()
+
+    # the same file name, another config (the user's lora_r 16): refused before any work
+    other = write_config(tmp_path / "cfg" / "x" / "long.yml", task_model_dir, lora_r=16)
+    assert main([str(other)]) == 3
+    err = capfd.readouterr().err
+    assert f"run folder {run_dir} holds training of a different config (changed: lora_r)" in err
+    assert "--run-dir" in err and "size mismatch" not in err
+    # only the learning rate changed: refused too, never silently resumed
+    assert main([str(write_config(tmp_path / "lr" / "long.yml", task_model_dir, learning_rate=5e-4))]) == 3
+    assert "(changed: learning_rate)" in capfd.readouterr().err
+    assert snapshot(run_dir) == done and train_env.read_text() == events  # no stage child started
+
+    # the original config again: already done, its result printed, nothing redone
+    assert main([str(first)]) == 0
+    out, err = capfd.readouterr()
+    assert "already finished this config (2 steps)" in err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
+    assert snapshot(run_dir) == done and train_env.read_text() == events
+
+    # stopped after its last checkpoint: another config is still refused, its own config resumes
+    for name in ("summary.json", "adapter"):
+        shutil.rmtree(run_dir / name) if name == "adapter" else (run_dir / name).unlink()
+    assert main([str(other)]) == 3
+    assert "(changed: lora_r)" in capfd.readouterr().err and not (run_dir / "adapter").exists()
+    assert main([str(first)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].startswith("checkpoint-")
 
 
 def test_output_dir_is_the_run_folder_and_relative_means_under_base_volume(train_env, task_model_dir, volume, tmp_path, capfd):

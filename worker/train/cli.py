@@ -4,8 +4,10 @@ The same children the orchestrator runs (docs/contracts.md), started from a term
 preprocess child (`python -m worker.data`, which reuses a complete cache with the same
 fingerprint), then the train child — under torchrun when more than one GPU is visible or --nproc
 says so. The run folder is --run-dir, else the config's output_dir (relative: under BASE_VOLUME,
-as every relative path of a config), else BASE_VOLUME/runs/<config file name>. Exit codes: 0 done,
-1 failed, 2 usage, 3 invalid config, 75 stopped by SIGTERM (saved; run the same command again to resume).
+as every relative path of a config), else BASE_VOLUME/runs/<config file name>. A folder that
+holds training of another config is refused before any work; one that finished with this config
+is reported as done. Exit codes: 0 done, 1 failed, 2 usage, 3 invalid config or run folder,
+75 stopped by SIGTERM (saved; run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from schemas.paths import base_volume, resolve_local_path
+from worker.errors import FtwError, JobSpecError
 from worker.events import EXIT_FAILED, EXIT_PREEMPTED, read_error
-from worker.validate_cli import EXIT_USAGE, config_from_file
+from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, config_from_file
+
+# what a run folder holds once training has saved anything: a config change there is refused
+TRAINING_RESULTS = ("checkpoints", "adapter", "model", "summary.json")
+SUMMARY_KEYS = ("steps", "final_loss", "tokens_per_s", "runtime_s", "artifacts")
 
 
 def visible_gpus() -> int:
@@ -33,6 +41,40 @@ def run_dir_for(config_path: Path, output_dir: str | None, explicit: Path | None
     if output_dir:
         return resolve_local_path(output_dir, os.environ)
     return base_volume(os.environ) / "runs" / config_path.stem
+
+
+def check_run_folder(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished run's summary when `run_dir` already holds this config's finished training;
+    None when training may start or resume there; JobSpecError when it holds another config's
+    training (the same rule as a job's run_id: worker.job.pipeline.check_resumable)."""
+    from worker.job.pipeline import config_digest
+
+    if not any((run_dir / name).exists() for name in TRAINING_RESULTS):
+        return None
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise JobSpecError(
+            f"run folder {run_dir} holds training results but no readable config.json, so ftw cannot tell whether they come from this config",
+            "pass --run-dir with a new folder for this config (nothing is deleted)", stage="run_dir")
+    old, new = training_keys(old), training_keys(config)
+    if config_digest(old) != config_digest(new):
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise JobSpecError(
+            f"run folder {run_dir} holds training of a different config (changed: {', '.join(changed)})",
+            "pass --run-dir with a new folder (or set output_dir) for this config, or train the original config to resume it; nothing was started or deleted",
+            stage="run_dir", details={"changed_keys": changed})
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without output_dir, which names the run folder rather than the training."""
+    return {k: v for k, v in config.items() if k != "output_dir"}
 
 
 def preprocess(config_json: Path) -> Path | int:
@@ -61,17 +103,24 @@ def main(argv: list[str]) -> int:
     cfg, code = config_from_file(args.config, "ftw train", honours=frozenset({"output_dir"}))
     if cfg is None:
         return code
+    from worker.job.stages import train_argv
+
     run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir)
     config = {**cfg.model_dump(mode="json"), "output_dir": str(run_dir)}
+    try:
+        done = check_run_folder(run_dir, config)
+    except FtwError as e:
+        return _report(e, EXIT_INVALID)
+    if done is not None:
+        print(f"ftw train: {run_dir} already finished this config ({done['steps']} steps); nothing was redone. "
+              "To train it again, pass --run-dir with a new folder", file=sys.stderr)
+        return _print_result(run_dir, done)
     print(f"ftw train: run folder {run_dir}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = run_dir / "config.json"
     config_json.write_text(json.dumps(config, indent=1))
     error_file = Path(os.environ.setdefault("FTW_ERROR_FILE", str(run_dir / "error.json")))
     error_file.unlink(missing_ok=True)  # a record left by an earlier failure is not this run's
-    from worker.errors import FtwError
-    from worker.job.stages import train_argv
-
     try:
         cache = preprocess(config_json)
         if isinstance(cache, int):
@@ -79,13 +128,20 @@ def main(argv: list[str]) -> int:
         nproc = args.nproc if args.nproc is not None else max(1, visible_gpus())
         rc = subprocess.run(train_argv(config_json, run_dir, cache, nproc)).returncode
     except FtwError as e:
-        print(f"ftw train: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
-        return EXIT_FAILED
+        return _report(e, EXIT_FAILED)
     if rc == 0:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        print(json.dumps({"run_dir": str(run_dir), **{k: summary[k] for k in ("steps", "final_loss", "tokens_per_s", "runtime_s", "artifacts")}}))
-        return 0
+        return _print_result(run_dir, json.loads((run_dir / "summary.json").read_text()))
     return _failed("train", rc, error_file)
+
+
+def _print_result(run_dir: Path, summary: dict[str, Any]) -> int:
+    print(json.dumps({"run_dir": str(run_dir), **{k: summary.get(k) for k in SUMMARY_KEYS}}))
+    return 0
+
+
+def _report(e: FtwError, rc: int) -> int:
+    print(f"ftw train: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
+    return rc
 
 
 def _failed(stage: str, rc: int, error_file: Path) -> int:
