@@ -51,20 +51,21 @@ def wandb_can_log_in(cfg: TrainingConfig, env: Mapping[str, str]) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def local_inputs(cfg: TrainingConfig) -> list[tuple[str, str]]:
-    """(key, value) of every local file or folder the run reads."""
+def local_inputs(cfg: TrainingConfig, datasets: bool) -> list[tuple[str, str]]:
+    """(key, value) of every local file or folder the run reads (the datasets only when it still
+    has to prepare them)."""
     named = [(key, getattr(cfg, key)) for key in ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir")]
-    for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
+    for list_key in ("datasets", "test_datasets", "pretraining_dataset") if datasets else ():
         named += [(f"{list_key}[{i}].path", ds.path) for i, ds in enumerate(getattr(cfg, list_key) or [])]
     return [(key, value) for key, value in named if isinstance(value, str) and is_local(value)]
 
 
-def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str]) -> list[tuple[str, str]]:
+def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str], datasets: bool) -> list[tuple[str, str]]:
     """A local input that is not there, or a model folder without what loading it needs: found in
     milliseconds here instead of as a library's message from inside a stage."""
     problems: list[tuple[str, str]] = []
     where = "relative paths are read under BASE_VOLUME"
-    for key, value in local_inputs(cfg):
+    for key, value in local_inputs(cfg, datasets):
         path = resolve_local_path(value, env)
         if not path.exists():
             problems.append((f"{key}: {value} does not exist on this worker ({path})", f"check {key} ({where})"))
@@ -78,10 +79,10 @@ def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str]) -> list[tu
     return problems
 
 
-def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str]) -> None:
+def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], datasets: bool = False) -> None:
     """JobSpecError listing every requirement of `cfg` this machine (and `env`, the environment the
-    train child gets) does not meet, each with its fix."""
-    problems = missing_local_inputs(cfg, env)
+    train child gets) does not meet, each with its fix; `datasets`: the local dataset files too."""
+    problems = missing_local_inputs(cfg, env, datasets)
     if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
         if not has_cuda:
             problems.append(("QLoRA / 4-bit / 8-bit loading needs a CUDA GPU (bitsandbytes), and this machine has none",

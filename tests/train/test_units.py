@@ -126,26 +126,26 @@ def test_every_unmet_machine_requirement_is_named_with_its_fix(monkeypatch):
 
     present = {"bitsandbytes"}
     monkeypatch.setattr(preflight, "installed", lambda module: module in present)
-    preflight.check_machine(cfg(adapter="qlora", load_in_4bit=True), True, {})
+    preflight.check_machine(cfg(base_model="org/m", adapter="qlora", load_in_4bit=True), True, {})
     with pytest.raises(JobSpecError) as e:
-        preflight.check_machine(cfg(attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True), True, {})
+        preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True), True, {})
     assert "flash-attn" in e.value.message and "wandb, tensorboard logging" in e.value.message
     assert "attn_implementation: sdpa" in e.value.hint and "remove the wandb, tensorboard keys" in e.value.hint
     present.clear()
     with pytest.raises(JobSpecError, match="bitsandbytes"):
-        preflight.check_machine(cfg(adapter="qlora", load_in_4bit=True), True, {})
+        preflight.check_machine(cfg(base_model="org/m", adapter="qlora", load_in_4bit=True), True, {})
     assert preflight.wanted_trackers(cfg()) == [] and preflight.wanted_trackers(cfg(use_mlflow=True)) == ["mlflow"]
 
 
 def test_online_wandb_without_a_key_is_refused_offline_or_with_a_key_is_not(tmp_path):
     from worker.preflight import check_machine
 
-    online = cfg(wandb_project="p")
+    online = cfg(base_model="org/m", wandb_project="p")
     with pytest.raises(JobSpecError, match="WANDB_API_KEY") as e:
         check_machine(online, False, {"HOME": str(tmp_path)})
     assert "wandb_mode: offline" in e.value.hint and "credentials.wandb_api_key" in e.value.hint
     check_machine(online, False, {"HOME": str(tmp_path), "WANDB_API_KEY": "k" * 40})
-    check_machine(cfg(wandb_project="p", wandb_mode="offline"), False, {"HOME": str(tmp_path)})
+    check_machine(cfg(base_model="org/m", wandb_project="p", wandb_mode="offline"), False, {"HOME": str(tmp_path)})
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
     check_machine(online, False, {"HOME": str(tmp_path)})
 

@@ -150,7 +150,8 @@ class JobPipeline:
                 estimate, shape = estimate_disk(self.job.config, self.env)
                 disk = check_disk(estimate, run.base)
                 self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
-                check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run))
+                check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run),
+                              datasets=not run.stage_done("preprocess"))
                 write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)
