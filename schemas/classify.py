@@ -118,4 +118,5 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
         else:
             report.error(loc, f"type {kind!r}: custom strategy modules are not supported by ftw", "unsupported")
     else:
-        report.error(loc, f"type {kind!r} is not a known prompt strategy; use one of {', '.join(SUPPORTED_TYPES)} or the dict form")
+        report.error(loc, f"type {kind!r} is not a known prompt strategy{did_you_mean(kind, SUPPORTED_TYPES)} "
+                          f"(known: {', '.join(SUPPORTED_TYPES)}, or the dict form)")

@@ -184,7 +184,7 @@ def test_gated_keys_need_the_operator(key, value, var):
     ("sharegpt:chat", "unsupported", "chat_template"),
     ("orpo.chat_template", "unsupported", "not supported"),
     ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
-    ("alpacaa", "invalid", "not a known prompt strategy"),
+    ("alpacaa", "invalid", "not a known prompt strategy; did you mean 'alpaca'?"),
     ("pretrain", "invalid", "pretraining_dataset"),
     ("ebft_opencode.transform", "unsupported", "not supported"),
 ])
