@@ -26,3 +26,13 @@ def test_a_preprocess_failure_is_reported_once(tmp_path, capfd, volume, tiny_mod
     err = capfd.readouterr().err
     assert err.count("nope.jsonl") == 1 and err.count("hint:") == 1, err
     assert not (volume / "runs" / "nodata" / "adapter").exists()
+
+
+def test_what_this_machine_lacks_is_refused_before_preprocessing(tmp_path, capsys, volume, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tiny_model_dir))
+    path = tmp_path / "qlora.yml"
+    path.write_text(f"base_model: {tiny_model_dir}\ndatasets:\n  - path: ./data/any.jsonl\n    type: completion\n"
+                    "learning_rate: 0.001\nadapter: qlora\nload_in_4bit: true\n")
+    assert main([str(path), "--run-dir", str(tmp_path / "run")]) == 3
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (volume / "cache").exists()

@@ -14,8 +14,6 @@ as finished in its state.json are skipped, and training continues from its newes
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import threading
@@ -31,7 +29,7 @@ from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishE
 from worker.job import gpu, stages
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
-from worker.job.rundir import RunDir, open_run_dir, read_json, write_json_atomic
+from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
 from worker.job.secrets import Redactor, child_env, job_credential_env
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.preflight import check_machine
@@ -95,10 +93,6 @@ def raw_run_id(raw: Any) -> str | None:
     inner = raw.get("input", raw) if isinstance(raw, dict) else None
     value = inner.get("run_id") if isinstance(inner, dict) else None
     return value if check_run_id(value) is None else None
-
-
-def config_digest(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 class JobPipeline:
@@ -284,8 +278,8 @@ class JobPipeline:
                 stage="run_dir",
             )
         old, new = previous.get("config") or {}, self.public_job()["config"]
-        if config_digest(old) != config_digest(new):
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = changed_keys(old, new)
+        if changed:
             raise JobSpecError(
                 f"run {self.job.run_id!r} exists with a different training config (changed: {', '.join(changed)})",
                 "resubmit the original config to resume it, or use a new run_id for the new config",

@@ -76,6 +76,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The top-level keys whose values differ: a run folder continues only with the config that made it."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:

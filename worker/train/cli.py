@@ -22,6 +22,8 @@ from typing import Any
 from schemas.paths import base_volume, resolve_local_path
 from worker.errors import FtwError, JobSpecError
 from worker.events import EXIT_FAILED, EXIT_PREEMPTED, read_error
+from worker.job.rundir import changed_keys, read_json
+from worker.preflight import check_machine
 from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, config_from_file
 
 # what a run folder holds once training has saved anything: a config change there is refused
@@ -47,29 +49,20 @@ def check_run_folder(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     """The finished run's summary when `run_dir` already holds this config's finished training;
     None when training may start or resume there; JobSpecError when it holds another config's
     training (the same rule as a job's run_id: worker.job.pipeline.check_resumable)."""
-    from worker.job.pipeline import config_digest
-
     if not any((run_dir / name).exists() for name in TRAINING_RESULTS):
         return None
-    try:
-        old = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        old = None
-    if not isinstance(old, dict):
+    old = read_json(run_dir / "config.json")
+    if old is None:
         raise JobSpecError(
             f"run folder {run_dir} holds training results but no readable config.json, so ftw cannot tell whether they come from this config",
             "pass --run-dir with a new folder for this config (nothing is deleted)", stage="run_dir")
-    old, new = training_keys(old), training_keys(config)
-    if config_digest(old) != config_digest(new):
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = changed_keys(training_keys(old), training_keys(config))
+    if changed:
         raise JobSpecError(
             f"run folder {run_dir} holds training of a different config (changed: {', '.join(changed)})",
             "pass --run-dir with a new folder (or set output_dir) for this config, or train the original config to resume it; nothing was started or deleted",
             stage="run_dir", details={"changed_keys": changed})
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(run_dir / "summary.json")
 
 
 def training_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +102,7 @@ def main(argv: list[str]) -> int:
     config = {**cfg.model_dump(mode="json"), "output_dir": str(run_dir)}
     try:
         done = check_run_folder(run_dir, config)
+        check_machine(cfg, visible_gpus() > 0, os.environ)  # before preprocessing, as a job's checks step
     except FtwError as e:
         return _report(e, EXIT_INVALID)
     if done is not None:
