@@ -9,23 +9,29 @@ load libraries (another thread may hold the loader's lock).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn for Popen (None where the OS has no parent-death signal)."""
-    if _prctl is None:
+    prctl = _prctl()  # looked up in the parent, once
+    if prctl is None:
         return None
     parent = os.getpid()
 
     def arm() -> None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the line above: nobody will signal
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -22,6 +22,15 @@ BNB_OPTIMIZERS = {
 TORCH_OPTIMIZERS = ("adamw_torch", "adamw_hf", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "muon")
 
 
+# attn_implementation → (the module transformers imports for it, the package that has it)
+FLASH_MODULES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
+
+
+def attention_backend(cfg: TrainingConfig) -> str:
+    """The attn_implementation the model is loaded with (sdpa unless the config names one)."""
+    return cfg.attn_implementation or "sdpa"
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -95,9 +104,9 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
     elif cfg.optimizer not in BNB_OPTIMIZERS and cfg.optimizer not in TORCH_OPTIMIZERS:
         problems.append((f"optimizer {cfg.optimizer} is not available in this build of ftw",
                          "use adamw_torch_fused (or adamw_bnb_8bit on a GPU worker for 8-bit optimizer states)"))
-    impl = cfg.attn_implementation or "sdpa"
-    if impl in ("flash_attention_2", "flash_attention_3") and not installed("flash_attn"):
-        problems.append((f"attn_implementation: {impl} needs the flash-attn package, which this worker does not have",
+    impl = attention_backend(cfg)
+    if impl in FLASH_MODULES and not installed(FLASH_MODULES[impl][0]):
+        problems.append((f"attn_implementation: {impl} needs the {FLASH_MODULES[impl][1]} package, which this worker does not have",
                          "use attn_implementation: sdpa (packed samples stay separated) or flex_attention"))
     missing = [name for name in wanted_trackers(cfg) if not installed(name)]
     if missing:

@@ -137,6 +137,15 @@ def test_every_unmet_machine_requirement_is_named_with_its_fix(monkeypatch):
     assert preflight.wanted_trackers(cfg()) == [] and preflight.wanted_trackers(cfg(use_mlflow=True)) == ["mlflow"]
 
 
+def test_flash_attention_3_is_checked_by_its_own_package(monkeypatch):
+    from worker import preflight
+
+    monkeypatch.setattr(preflight, "installed", lambda module: module == "flash_attn")  # flash-attn 2 only
+    preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_2"), True, {})
+    with pytest.raises(JobSpecError, match="needs the flash-attn-3 package"):
+        preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_3"), True, {})
+
+
 def test_online_wandb_without_a_key_is_refused_offline_or_with_a_key_is_not(tmp_path):
     from worker.preflight import check_machine
 

@@ -17,7 +17,7 @@ import torch
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import JobSpecError, ModelError
-from worker.preflight import check_machine
+from worker.preflight import attention_backend, check_machine
 
 log = logging.getLogger("ftw.train")
 
@@ -112,7 +112,7 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
             **pretrained_source(cfg.base_model, cfg),
             config=model_config,
             dtype=precision.load_dtype,
-            attn_implementation=cfg.attn_implementation or "sdpa",
+            attn_implementation=attention_backend(cfg),
             quantization_config=quant,
             device_map={"": device} if quant is not None or device.type == "cuda" else None,  # straight onto the GPU
             trust_remote_code=cfg.trust_remote_code,
