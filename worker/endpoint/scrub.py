@@ -29,6 +29,11 @@ def without_secrets(payload: dict[str, Any]) -> dict[str, Any]:
     return {**out, REMOVED_SECRETS: removed} if removed else out
 
 
+def has_secrets(payload: dict[str, Any]) -> bool:
+    """Whether ending the job removes anything (then /retry cannot run it again as it was)."""
+    return without_secrets(payload) != payload
+
+
 def _without_credentials(holder: dict[str, Any], where: str, removed: dict[str, list[str]]) -> dict[str, Any]:
     if "credentials" not in holder:
         return holder

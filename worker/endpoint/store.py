@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, without_secrets
+from worker.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, has_secrets, without_secrets
 
 IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
@@ -325,6 +325,9 @@ class JobStore:
             (IN_QUEUE, IN_PROGRESS, now, IN_PROGRESS, now, now, worker_lost_s),
         ).fetchall()
         for r in rows:
+            job = self.get(r["id"])
+            if job is None:
+                continue
             if now > r["created_at"] + r["ttl_ms"] / 1000:
                 status, reason = TIMED_OUT, (
                     f"the job's ttl of {r['ttl_ms']} ms (policy.ttl, counted from submission) expired while it was "
@@ -334,17 +337,14 @@ class JobStore:
                     f"the job ran longer than its executionTimeout of {r['execution_timeout_ms']} ms "
                     "(policy.executionTimeout); submit with a larger one for long fine-tuning runs")
             elif r["status"] == IN_PROGRESS and r["last_ping"] is not None and now > r["last_ping"] + worker_lost_s:
+                again = RESUBMIT_WITH_SECRETS if has_secrets(job.payload) else f"POST /retry/{job.id} runs the job again"
                 status, reason = FAILED, (
                     f"the worker running this job sent no heartbeat for {worker_lost_s:.0f} s (it died or lost its "
-                    "network); POST /retry/{id} runs the job again")
+                    f"network); {again}")
             else:
                 continue
-            job = self.get(r["id"])
-            if job is not None:
-                if without_secrets(job.payload) != job.payload:  # /retry refuses it: the secrets are deleted now
-                    reason = reason.replace("POST /retry/{id} runs the job again", RESUBMIT_WITH_SECRETS)
-                self._terminate(job, status, error=reason.replace("{id}", job.id))
-                changed.append(job.id)
+            self._terminate(job, status, error=reason)
+            changed.append(job.id)
         return changed
 
     def refresh_workers(self) -> None:

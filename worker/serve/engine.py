@@ -123,24 +123,19 @@ class EngineProcess:
                 self._wait_healthy(self.settings.start_timeout_s)
                 return self
             except InfraError:
-                port_taken = self.proc.poll() is not None and PORT_TAKEN in self.log_since(log_start).lower()
+                port_taken = self.proc.poll() is not None and PORT_TAKEN in self.log_tail(since=log_start).lower()
                 if not port_taken or attempt == PORT_ATTEMPTS:
                     raise
             attempt += 1
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
 
-    def log_since(self, offset: int) -> str:
+    def log_tail(self, chars: int = 3000, since: int = 0) -> str:
+        """The last `chars` of the engine log written after byte `since` (this start's part)."""
         try:
             with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+                f.seek(since)
+                return f.read().decode(errors="replace")[-chars:]
         except OSError:
             return ""
 
