@@ -100,24 +100,20 @@ class Report:
         }
 
 
-def pydantic_issues(exc: Any, prefix: str = "", redact: Collection[str] = ()) -> list[Issue]:
-    """Turn a pydantic ValidationError into Issues with YAML-style locations.
-
-    Under a top-level key in `redact` (credentials) the offending value is never shown, and a
-    key name is shown only when it is a known field (a mistyped key might be the secret itself).
-    """
+def pydantic_issues(exc: Any, prefix: str = "", skip: Collection[str] = ()) -> list[Issue]:
+    """Turn a pydantic ValidationError into Issues with YAML-style locations; errors under a
+    top-level key in `skip` are left to the caller (credentials: their values must never be echoed)."""
     issues = []
     for err in exc.errors(include_url=False):
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        secret = bool(loc) and loc[0] in redact
+        if loc and loc[0] in skip:
+            continue
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
-            if secret:
-                loc, msg = loc[:1], "unknown key (the accepted keys are listed in docs/config.md)"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not secret:
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
             msg = f"{msg} (got {SHORT_REPR.repr(err['input'])})"
         msg = msg.removeprefix("Value error, ")
         issues.append(Issue(format_loc(loc, prefix), msg))

@@ -171,9 +171,8 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     try:
         job = JobInput.model_validate({**data, "config": placeholder})
     except ValidationError as e:
-        checked_above = ("config", "run_id")  # with better messages
-        issues = pydantic_issues(e, redact=SECRET_KEYS)
-        report.errors += [_suggest(i) for i in issues if i.loc.split(".")[0].split("[")[0] not in (*checked_above, *SECRET_KEYS)]
+        # config and run_id were checked above with better messages; credentials never reach an Issue here
+        report.errors += [_suggest(i) for i in pydantic_issues(e, skip=("config", "run_id", *SECRET_KEYS))]
         report.errors += _credential_issues(e)
     else:
         if report.valid:
