@@ -163,6 +163,16 @@ def test_a_folder_cannot_reach_outside_itself(volume, tokenizer_dir, tmp_path):
         prepare(config(tokenizer_dir, [{"path": str(folder), "data_files": ["../../secret.jsonl"], "type": "alpaca"}]))
 
 
+def test_empty_shards_of_a_folder_are_skipped_and_an_all_empty_folder_is_named(volume, tokenizer_dir):
+    folder = volume / "export"
+    write_jsonl(folder / "part-0.jsonl", alpaca_rows(4))
+    (folder / "part-1.jsonl").write_text("")  # Spark/Dask exports leave empty parts
+    assert prepare(config(tokenizer_dir, [{"path": str(folder), "type": "alpaca"}]))["rows"]["in"] == 4
+    (folder / "part-0.jsonl").write_text("")
+    with pytest.raises(DataError, match="export: every data file is empty"):
+        prepare(config(tokenizer_dir, [{"path": str(folder), "type": "alpaca"}]))
+
+
 def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir, monkeypatch, capsys):
     import worker.data.pipeline as pipeline
 
