@@ -30,7 +30,7 @@ def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_vol
     assert not (run / "logs" / "preprocess").exists() and not (demo_volume / "cache").exists()
 
 
-def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume):
+def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume, monkeypatch):
     """A wrong local path used to surface as a library's message from inside preprocessing (a 'repo id'
     error for a missing model folder, a sentencepiece hint for a folder without tokenizer files)."""
     no_tokenizer = demo_volume / "models" / "no-tokenizer"
@@ -50,8 +50,15 @@ def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume)
     assert not (demo_volume / "cache").exists()
     tokenizer_elsewhere = example_job(run_id="tokenizer-elsewhere", config={"base_model": "./models/no-tokenizer",
                                                                            "tokenizer_config": "./models/ftw-tiny-chatml", "max_steps": 1})
+    from worker.errors import DataError
+    from worker.job.pipeline import JobPipeline
+
+    def stop_after_the_checks(*_):
+        raise DataError("stopped by the test after the checks")
+
+    monkeypatch.setattr(JobPipeline, "preprocess", stop_after_the_checks)
     result = run_job({"input": tokenizer_elsewhere})  # the tokenizer named by tokenizer_config is enough
-    assert result["status"] == "completed", result
+    assert result["error"]["message"] == "stopped by the test after the checks" and (demo_volume / "runs" / "tokenizer-elsewhere" / "checks.json").is_file(), result
 
 
 def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -100,7 +101,7 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_pat
         print(g.pid, flush=True)
         emit({"stage": "train", "step": 1})  # both now ignore SIGTERM: the test cancels here
         time.sleep(600)
-    """, grace_s=1.0)
+    """, grace_s=1.0, time_limit_s=60)  # no event: a StageTimeout in a minute, not a 600 s hang
     stop, cancelled_at = StopSignal(), []
 
     def cancel(event: dict) -> None:
@@ -182,12 +183,19 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
     """))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     supervisor = subprocess.Popen([sys.executable, str(supervisor_script)], env=env)
-    pid_file = tmp_path / "stage.pid"
-    deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stage_pid = int(pid_file.read_text())
-    supervisor.kill()
-    supervisor.wait()
-    assert wait_gone(stage_pid, 10), "the stage outlived its SIGKILLed supervisor"
-    assert marker.read_text() == "checkpoint saved"
+    pid_file, stage_pid = tmp_path / "stage.pid", None
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.exists(), "the stage never started"
+        stage_pid = int(pid_file.read_text())
+        supervisor.kill()
+        supervisor.wait()
+        assert wait_gone(stage_pid, 10), "the stage outlived its SIGKILLed supervisor"
+        assert marker.read_text() == "checkpoint saved"
+    finally:  # a failing run leaves no process behind
+        supervisor.kill()
+        supervisor.wait()
+        if stage_pid is not None and pid_alive(stage_pid):
+            os.kill(stage_pid, signal.SIGKILL)
