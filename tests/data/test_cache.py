@@ -137,3 +137,13 @@ def test_scratch_of_dead_processes_is_reaped_only_on_their_own_host(tmp_path):
         (folder / "downloads").mkdir(parents=True)
     fresh = scratch_dir(tmp_path)
     assert fresh.is_dir() and not mine.exists() and (theirs / "downloads").is_dir()
+
+    import os
+    import time
+
+    from worker.data.cache import SCRATCH_STALE_S
+
+    abandoned = time.time() - SCRATCH_STALE_S - 60  # a killed worker of another host never comes back to clean up
+    os.utime(theirs, (abandoned, abandoned))
+    scratch_dir(tmp_path)
+    assert not theirs.exists() and fresh.is_dir()

@@ -38,6 +38,7 @@ TOKEN_KEYS = (
 )
 LIBRARIES = ("datasets", "tokenizers", "transformers", "pyarrow")
 MANIFEST = "manifest.json"
+SCRATCH_STALE_S = 24 * 3600  # another host's scratch folder untouched this long belongs to a dead worker
 
 
 def cache_root(cfg: TrainingConfig, env: dict[str, str] | None = None) -> Path:
@@ -106,16 +107,29 @@ def build_lock(root: Path, fp: str, waiting: Callable[[float], None]) -> Iterato
 
 def scratch_dir(root: Path) -> Path:
     """A work folder for downloads and datasets' files, named by host and pid. Those of dead
-    processes of this host are removed; another host's are left alone (the volume may be a network
-    volume that several workers share, and their pids mean nothing here)."""
+    processes of this host are removed. Another host's pids mean nothing here (a network volume
+    that several workers share), so its folders go only once untouched for SCRATCH_STALE_S: a
+    serverless worker that was killed never comes back under its name to clean up."""
     host = socket.gethostname().replace("-", "_")
-    for old in root.glob(f".scratch-{host}-*"):
-        pid = old.name.removeprefix(f".scratch-{host}-").split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
+    now = time.time()
+    for old in root.glob(".scratch-*"):
+        if old.name.startswith(f".scratch-{host}-"):
+            pid = old.name.removeprefix(f".scratch-{host}-").split("-")[0]
+            stale = pid.isdigit() and not pid_alive(int(pid))
+        else:
+            stale = now - _mtime(old) > SCRATCH_STALE_S
+        if stale:
             shutil.rmtree(old, ignore_errors=True)
     path = root / f".scratch-{host}-{os.getpid()}-{os.urandom(4).hex()}"
     path.mkdir(parents=True)
     return path
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def pid_alive(pid: int) -> bool:
