@@ -19,8 +19,10 @@ import pytest
 
 import handler
 from tests.job.conftest import example_job
-from worker.errors import PublishError
+from worker.errors import PublishError, RunInUse
+from worker.job import pipeline
 from worker.job.pipeline import run_job
+from worker.job.rundir import open_run_dir
 from worker.job.stages import newest_checkpoint
 from worker.job.supervisor import StopSignal
 
@@ -75,6 +77,7 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     monkeypatch.setenv("FTW_STOP_GRACE_S", str(GRACE_S))
     job = example_job(run_id="resume", config=CONFIG)
     run_dir = demo_volume / "runs" / "resume"
+    threads_before = {t.ident for t in threading.enumerate()}  # servers of other tests' fixtures may run
     before = frozenset(p.pid for p in live_children())
 
     # 1. RunPod cancel mid-training: a checkpoint is saved, the children are gone in grace + 5 s.
@@ -112,7 +115,8 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     attempts = sorted(p.name for p in (run_dir / "logs" / "train").iterdir())
     assert attempts == ["attempt-1", "attempt-2", "attempt-3"]
     assert sorted(p.name for p in (run_dir / "logs" / "preprocess").iterdir()) == ["attempt-1"]
-    assert threading.active_count() < 10  # no uploader or pump threads left behind
+    left = [t.name for t in threading.enumerate() if t.ident not in threads_before and ("ftw-" in t.name or "_pump" in t.name)]
+    assert left == [], f"threads left behind: {left}"  # no uploader, pump, publish or release threads
 
 
 def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(demo_volume, s3_server, monkeypatch):
@@ -150,13 +154,20 @@ def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_ret
     config = {**CONFIG, "max_steps": 2, "save_steps": None}
     job = example_job(run_id="publish-limit", outputs={"s3": {"bucket": bucket, "prefix": "runs"}}, config=config,
                       limits={"publish_s": 0.001})
-    with s3_server.frozen(hold_s=2.0) as freeze:  # the upload cannot finish within the limit, however fast
+    monkeypatch.setattr(pipeline, "PUBLISH_LET_GO_S", 0.2)  # the job returns while the upload is still stuck
+    with s3_server.frozen(hold_s=3.0) as freeze:  # the upload cannot finish within the limit, however fast
         first = run_job({"input": job}, on_progress=lambda u: u.get("stage") == "publish" and freeze())
+        with pytest.raises(RunInUse):  # no resubmit can publish beside the stuck upload
+            open_run_dir(demo_volume, "publish-limit")
     assert first["status"] == "failed", first
     error = first["error"]
     assert error["code"] == PublishError.code and error["stage"] == "publish"
     assert "limits.publish_s" in error["message"] and "resubmit the same run_id" in error["hint"]
     assert live_children(before) == []
+    deadline = time.monotonic() + 60
+    while any(t.name == "ftw-release" for t in threading.enumerate()):  # the upload resumed, stops, unlocks
+        assert time.monotonic() < deadline, "the run folder was never unlocked"
+        time.sleep(0.1)
 
     updates: list[dict] = []
     second = run_job({"input": {**job, "limits": {"publish_s": 600}}}, on_progress=updates.append)

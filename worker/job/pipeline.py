@@ -35,7 +35,7 @@ from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir,
 from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
-PUBLISH_LET_GO_S = 30.0  # how long an abandoned publish may take to stop before the run folder is unlocked
+PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
 STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
 
 
@@ -130,12 +130,25 @@ class JobPipeline:
             write_json_atomic(run.path / "result.json", result)
             return result
         finally:
+            self.progress.flush()
             if self.publisher is not None:  # an abandoned publish stops at its next progress report
                 self.publisher.join(PUBLISH_LET_GO_S)
-            if self.uploader is not None:  # its final sweep uploads what training saved last
-                self.uploader.stop()
-            self.progress.flush()
-            run.close()
+            if self.publisher is not None and self.publisher.is_alive():
+                # still in a call that reports nothing (a Hub commit, a stalled connection): the run
+                # stays locked until it returns, so a resubmit cannot publish beside it
+                threading.Thread(target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True).start()
+            else:
+                self.release(run)
+
+    def release(self, run: RunDir) -> None:
+        if self.uploader is not None:  # its final sweep uploads what training saved last
+            self.uploader.stop()
+        run.close()
+
+    def release_after_publisher(self, run: RunDir) -> None:
+        assert self.publisher is not None
+        self.publisher.join()
+        self.release(run)
 
     def run_stages(self, run: RunDir) -> dict[str, Any]:
         config_path = self.write_config(run)

@@ -70,7 +70,8 @@ def _secrets(job: Any, env: Mapping[str, str]) -> list[str]:
 def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: CheckpointUploader | None = None, *,
                 progress: ProgressSink | None = None) -> list[dict[str, Any]]:
     """Publish the run's artifacts to the job's targets; PublishError (with what got published) on failure.
-    `progress` receives {stage: publish, what, bytes_done, bytes_total, bytes_per_s, eta_s} events."""
+    `progress` receives {stage: publish, what, bytes_done, bytes_total, bytes_per_s, eta_s} events, and
+    {stage: publish, message} as each step begins."""
     run_dir = Path(run_dir)
     targets = Targets.for_job(job, env)
     main_kind, main_dir = _main_folder(run_dir, job)
@@ -82,6 +83,11 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
     warnings = check_adapter(main_dir, env) if main_kind == "adapter" and "adapter" in job.publish else []
     published: list[dict[str, Any]] = []
     logs = _stage_logs(run_dir)
+
+    def starting(what: str) -> None:  # shown to the caller, whose sink may also end an abandoned publish here
+        if progress is not None:
+            progress({"stage": "publish", "message": what})
+
     try:
         if targets.s3 is not None:
             client = make_client(targets.s3_settings, targets.transfer)
@@ -90,6 +96,7 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
                 manifest = upload_folder(client, folder, loc, targets.transfer, label=f"upload {kind}", progress_sink=progress)
                 published.append(_record(kind, "s3", loc.uri, manifest))
             if "checkpoints" in job.publish:
+                starting("uploading checkpoints")
                 uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)
                 published += uploader.stop()
                 if uploader.failed_steps():
@@ -99,8 +106,10 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
                 uploader.stop()
                 uploader.discard()
         if targets.hub is not None and folders:
+            starting(f"committing to the Hub repo {targets.hub.repo_id}")
             published.append(_to_hub(targets, job, run_dir, dict(folders), env))
         if targets.local is not None:
+            starting("copying to the local store")
             for kind, folder in folders + ([("logs", logs)] if logs else []):
                 dest = targets.local / kind
                 published.append(_record(kind, "local", store_uri(dest), publish_local(folder, dest)))
