@@ -111,7 +111,6 @@ class Trainer:
         self.stop_requested = False  # set by the SIGTERM handler of the entry point
         self.resumed_from: str | None = None
         self.kernels: list[str] = []
-        self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -226,7 +225,8 @@ class Trainer:
         """Run to the end (EXIT_OK) or until SIGTERM, after saving (EXIT_PREEMPTED)."""
         sched, state, topo = self.schedule, self.state, self.topo
         self.progress = progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main)
-        self.t0, self.tokens0, self.loss_high_steps = time.monotonic(), state.tokens, 0
+        self.t0, self.tokens0 = time.monotonic(), state.tokens  # this process's share, for tokens/s
+        self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
