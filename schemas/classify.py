@@ -16,15 +16,21 @@ from schemas.environment import env_flag
 from schemas.issues import Report, format_loc
 from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
                           is_off, unsupported_reason)
+from schemas.limits import EXCERPT_CHARS, excerpt
+from schemas.secrets import CREDENTIAL_ENV, secret_key
 
 TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
 ALL_KNOWN = TYPED_FIELDS | set(ALIASES) | set(NO_EFFECT) | set(UNSUPPORTED) | set(GATED) | set(LEGACY_ATTENTION_FLAGS) | {TORCH_DTYPE_KEY}
 DATASET_LISTS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDatasetConfig}
 # where ftw decides itself: accepted as typed fields (others read them), but the job's value is not used
+CREDENTIALS_HINT = (f"a credential goes under the job's credentials ({', '.join(CREDENTIAL_ENV)}) or in the endpoint's "
+                    "environment (HF_TOKEN, WANDB_API_KEY, AWS_*)")
 FTW_DECIDES = {"output_dir": "a job (ftw run, the endpoint) writes to BASE_VOLUME/runs/<run_id>; only `ftw train` uses output_dir"}
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
+    if not isinstance(key, str) or len(key) > EXCERPT_CHARS:  # no key that long is a typo of a known one
+        return ""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -34,12 +40,12 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
     clean: dict[str, Any] = {}
     for key, value in cfg.items():
         if not isinstance(key, str) or not key.strip():
-            report.error(format_loc([str(key)]), f"config keys must be non-empty strings, got {key!r}")
+            report.error(format_loc([str(key)]), f"config keys must be non-empty strings, got {excerpt(key)}")
         elif key in GATED:
             _gated(key, value, env, clean, report)
         elif (reason := unsupported_reason(key)) is not None:
             if not is_off(value):
-                shown = f"{key}: {value}" if isinstance(value, str) else key
+                shown = f"{key}: {value if len(value) <= EXCERPT_CHARS else excerpt(value)}" if isinstance(value, str) else key
                 report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
         elif key in TYPED_FIELDS:
             if key in FTW_DECIDES and value is not None:
@@ -47,8 +53,11 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
             clean[key] = value
         elif key in NO_EFFECT:
             report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
+        elif secret_key(key):
+            report.warn(key, f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
+                             f"kept; {CREDENTIALS_HINT}")
         else:
-            report.warn(key, f"unknown key {key!r} is ignored{did_you_mean(key, ALL_KNOWN)}")
+            report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, ALL_KNOWN)}")
     return clean
 
 
@@ -82,7 +91,7 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
     for key, value in ds.items():
         where = f"{loc}.{key}"
         if not isinstance(key, str) or not key.strip():
-            report.error(loc, f"dataset keys must be non-empty strings, got {key!r}")
+            report.error(loc, f"dataset keys must be non-empty strings, got {excerpt(key)}")
         elif key in DATASET_UNSUPPORTED:
             if not is_off(value):
                 report.error(where, f"{key} is not supported by ftw ({DATASET_UNSUPPORTED[key]}); remove it", "unsupported")
@@ -90,7 +99,7 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
             if value is not None or fields[key].default is None:
                 clean[key] = value
         else:
-            report.warn(where, f"unknown dataset key {key!r} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
+            report.warn(where, f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
     if model is DatasetConfig:
         _check_type(clean.get("type"), f"{loc}.type", env, report)
         jinja = clean.get("chat_template_jinja")
@@ -105,18 +114,18 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
     base = kind.split(":")[0]
     family = base.split(".")[0]
     if family.startswith("sharegpt"):
-        report.error(loc, f"type {kind!r} was removed from axolotl; use type: chat_template with field_messages "
+        report.error(loc, f"type {excerpt(kind)} was removed from axolotl; use type: chat_template with field_messages "
                           "(and message_property_mappings for from/value keys)", "unsupported")
     elif family == "pretrain":
         report.error(loc, "type 'pretrain' belongs to pretraining_dataset entries; under datasets use type: completion")
     elif family in KNOWN_UNSUPPORTED_TYPES:
-        report.error(loc, f"type {kind!r}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
+        report.error(loc, f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
     elif "." in kind:
         if not env_flag(env, "FTW_ALLOW_PLUGINS"):
-            report.error(loc, f"type {kind!r} names a Python module, which would run code on the worker; "
+            report.error(loc, f"type {excerpt(kind)} names a Python module, which would run code on the worker; "
                               "refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1", "gated")
         else:
-            report.error(loc, f"type {kind!r}: custom strategy modules are not supported by ftw", "unsupported")
+            report.error(loc, f"type {excerpt(kind)}: custom strategy modules are not supported by ftw", "unsupported")
     else:
-        report.error(loc, f"type {kind!r} is not a known prompt strategy{did_you_mean(kind, SUPPORTED_TYPES)} "
+        report.error(loc, f"type {excerpt(kind)} is not a known prompt strategy{did_you_mean(kind, SUPPORTED_TYPES)} "
                           f"(known: {', '.join(SUPPORTED_TYPES)}, or the dict form)")

@@ -8,8 +8,9 @@ check; derived values (the attention backend, the batch arithmetic) are pure met
 # from strings, and these models are built on every `ftw validate` start.
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from schemas.base import Frozen
 from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
 
 Auto = Literal["auto"]
@@ -41,10 +42,6 @@ DEEPSPEED_BUNDLED_FILES = {
     "zero3.json": "zero3", "zero3_bf16.json": "zero3",
     "zero3_bf16_cpuoffload_all.json": "zero3_offload", "zero3_bf16_cpuoffload_params.json": "zero3_offload",
 }
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class SpecialTokens(Frozen):
@@ -149,7 +146,7 @@ class TrainingConfig(Frozen):
     adam_beta2: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
     adam_epsilon: Optional[float] = Field(default=None, gt=0.0)
     max_grad_norm: Optional[float] = Field(default=1.0, ge=0.0)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)  # numpy's and torch's seed range
     early_stopping_patience: Optional[int] = Field(default=None, ge=1)
     loss_watchdog_threshold: Optional[float] = None
     loss_watchdog_patience: Optional[int] = None

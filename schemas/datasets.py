@@ -8,7 +8,9 @@ and are refused by `schemas.validate` unless the operator allows plugins.
 # from strings, and these models are built on every `ftw validate` start.
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from schemas.base import Frozen
 
 # Strategy names ftw implements (worker/data/strategies). `chat_template.default` is axolotl's
 # spelling of the same loader.
@@ -32,10 +34,6 @@ KNOWN_UNSUPPORTED_TYPES = (
 )
 
 TRAIN_ON_EOS = Literal["all", "turn", "last", "none"]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class UserDefinedFormat(Frozen):

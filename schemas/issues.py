@@ -5,10 +5,11 @@ caller gets all of them with their locations (`datasets[0].type`).
 """
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from schemas.limits import EXCERPT_CHARS, excerpt
 
 # Why an error blocks the job: the value is wrong ("invalid"), the feature is a real axolotl
 # feature ftw does not implement ("unsupported"), or the endpoint operator has to allow it
@@ -29,32 +30,14 @@ class Issue:
         return f"{self.loc}: {self.msg}" if self.loc else self.msg
 
 
-SHORT_REPR = reprlib.Repr()  # the offending value, shown without building its whole repr first
-SHORT_REPR.maxstring = SHORT_REPR.maxother = 80
-SHORT_REPR.maxlevel = 3
-MAX_DEPTH = 32  # axolotl configs nest 4-5 levels; far deeper input is an attack on recursive code
-
-
-def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether lists/mappings nest deeper than `limit` (checked without recursion)."""
-    containers = (list, tuple, dict)
-    stack = [(value, 0)] if isinstance(value, containers) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth >= limit:
-            return True
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, containers):
-                stack.append((child, depth + 1))
-    return False
-
-
 def format_loc(parts: tuple[Any, ...] | list[Any], prefix: str = "") -> str:
     """(datasets, 0, type) -> 'datasets[0].type' — the form users see in their YAML."""
     out = prefix
     for p in parts:
         if isinstance(p, int):
             out += f"[{p}]"
+        elif isinstance(p, str) and len(p) > EXCERPT_CHARS:  # a pasted blob used as a key
+            out += f"[{excerpt(p)}]"
         elif p == "":
             out += '[""]'
         else:
@@ -114,7 +97,7 @@ def pydantic_issues(exc: Any, prefix: str = "", skip: Collection[str] = ()) -> l
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg} (got {SHORT_REPR.repr(err['input'])})"
+            msg = f"{msg} (got {excerpt(err['input'])})"
         msg = msg.removeprefix("Value error, ")
         issues.append(Issue(format_loc(loc, prefix), msg))
     return issues

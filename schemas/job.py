@@ -1,8 +1,12 @@
 """The job input a user sends to the training endpoint (RunPod `input`), and its validation.
 
 Accepted shapes: `{"input": {...}}` or the bare input; `config` or its alias `args` (the axolotl
-worker's name); the axolotl worker's `user_id`/`model_id` are accepted and ignored. Credentials
-are SecretStr: never printed, never dumped (`JobInput.public_dict` drops them).
+worker's name). Keys that axolotl's RunPod worker payloads carry and its handler never reads
+(`name`, and `timeout`, the RunPod Hub test runner's wait in ms) are accepted and ignored
+(`user_id` and `model_id` are kept in job.json); any other unknown top-level key is ignored with a warning and a closest
+match, as unknown config keys are. Inside `outputs`, `limits` and `credentials` an unknown key is
+still an error: a typo there would publish to the wrong place or drop a limit. Credentials are
+SecretStr: never printed, never dumped (`JobInput.public_dict` drops them).
 """
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than
 # from strings, and these models are built on every `ftw validate` start.
@@ -11,21 +15,20 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
-from schemas.classify import did_you_mean
+from schemas.base import Frozen
+from schemas.classify import CREDENTIALS_HINT, did_you_mean
 from schemas.config import TrainingConfig
-from schemas.issues import MAX_DEPTH, Issue, Report, nested_too_deep, pydantic_issues
+from schemas.issues import Issue, Report, pydantic_issues
+from schemas.limits import MAX_DEPTH, excerpt, too_deep
+from schemas.secrets import Redactor, secret_key
 from schemas.validate import validate_config
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PublishKind = Literal["adapter", "checkpoints", "merged"]
 SECRET_KEYS = ("credentials",)
 MIN_MASKED_LEN = 6  # shorter strings are too common in messages to mask, and too short to be a credential
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class S3Output(Frozen):
@@ -82,7 +85,7 @@ class JobInput(Frozen):
     limits: TimeLimits = TimeLimits()
     credentials: Credentials = Credentials()
     allow_cpu: bool = False
-    user_id: Optional[str] = None
+    user_id: Optional[str] = None  # axolotl's worker payloads carry these; kept in job.json for the caller
     model_id: Optional[str] = None
 
     def public_dict(self) -> dict[str, Any]:
@@ -91,6 +94,11 @@ class JobInput(Frozen):
 
 
 JOB_KEYS = frozenset({"args"}).union(*(m.model_fields for m in (JobInput, Outputs, S3Output, HubOutput, TimeLimits)))
+# axolotl's RunPod worker: keys of its payloads (.runpod/test-input.json) that its handler never reads
+AXOLOTL_WORKER_KEYS = {"name": None,
+                       "timeout": "timeout is the RunPod Hub test runner's wait (ms) in axolotl's worker payloads, not a "
+                                  "job limit; ftw's limits are limits.preprocess_s/train_s/publish_s/no_progress_s, and "
+                                  "the request's policy.executionTimeout bounds the whole job"}
 
 
 def check_run_id(value: Any) -> str | None:
@@ -114,7 +122,7 @@ def check_run_id(value: Any) -> str | None:
     else:
         reason = "it contains characters other than letters, digits, '.', '_' and '-'"
     return (
-        f"run_id {value[:80]!r} is not allowed: {reason}; use 1-64 letters, digits, '.', '_' or '-', "
+        f"run_id {excerpt(value)} is not allowed: {reason}; use 1-64 letters, digits, '.', '_' or '-', "
         "starting with a letter or digit"
     )
 
@@ -144,7 +152,7 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     if not isinstance(raw, Mapping):
         report.error("input", f"the job input must be a JSON object, got {type(raw).__name__}")
         return report
-    if nested_too_deep(raw):
+    if too_deep(raw):
         report.error("input", f"the job input nests lists/objects more than {MAX_DEPTH} levels deep")
         return report
     data = dict(raw)
@@ -167,6 +175,7 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     problem = check_run_id(data["run_id"])
     if problem:
         report.error("run_id", problem)
+    _drop_unknown_keys(data, report)
     placeholder = config_report.value or TrainingConfig.model_construct()
     try:
         job = JobInput.model_validate({**data, "config": placeholder})
@@ -221,6 +230,22 @@ def _credential_strings(credentials: Any) -> list[str]:
     return [s for k, v in credentials.items() for s in ([] if _shows_as_name(k) else _strings(k)) + _strings(v)]
 
 
+def _drop_unknown_keys(data: dict[str, Any], report: Report) -> None:
+    """Top-level keys the job model does not know are ignored, with a warning where one helps."""
+    for key in [k for k in data if k not in JobInput.model_fields]:
+        value = data.pop(key)
+        if key in AXOLOTL_WORKER_KEYS:
+            if AXOLOTL_WORKER_KEYS[key] and value is not None:
+                report.warn(key, AXOLOTL_WORKER_KEYS[key])
+        elif not _shows_as_name(key):
+            report.warn("input", "a key that is not a name (not shown) is ignored")
+        elif secret_key(key):
+            report.warn(key, f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
+                             f"kept; {CREDENTIALS_HINT}")
+        else:
+            report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, JOB_KEYS)}")
+
+
 def _suggest(issue: Issue) -> Issue:
     """An unknown job key gets the closest known one, as config keys do."""
     if issue.msg != "unknown key":
@@ -244,15 +269,7 @@ def _strings(value: Any) -> list[str]:
 
 
 def _masked(report: Report, secrets: list[str]) -> Report:
-    secrets = sorted({s for s in secrets if len(s) >= MIN_MASKED_LEN}, key=len, reverse=True)
-    if not secrets:
-        return report
-
-    def mask(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    report.errors = [Issue(mask(i.loc), mask(i.msg), i.kind) for i in report.errors]
-    report.warnings = [Issue(mask(i.loc), mask(i.msg), i.kind) for i in report.warnings]
+    redactor = Redactor(s for s in secrets if len(s) >= MIN_MASKED_LEN)
+    report.errors = [Issue(redactor.text(i.loc), redactor.text(i.msg), i.kind) for i in report.errors]
+    report.warnings = [Issue(redactor.text(i.loc), redactor.text(i.msg), i.kind) for i in report.warnings]
     return report

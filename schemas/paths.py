@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from schemas.limits import excerpt
+
 DEFAULT_BASE_VOLUME = "./volume"
 REMOTE_SCHEMES = ("s3://", "http://", "https://", "hf://", "gs://")
 FILE_SCHEME = "file://"
@@ -60,21 +62,21 @@ def check_local_path(value: str, env: Mapping[str, str]) -> str | None:
     if is_remote(value):
         return None
     if ".." in re.split(r"[/\\]", value):
-        return f"path {value[:200]!r} contains a '..' segment; name the file or folder directly"
+        return f"path {excerpt(value)} contains a '..' segment; name the file or folder directly"
     if not is_local(value):
         return None
     if value.startswith(FILE_SCHEME) and not value.startswith(FILE_SCHEME + "/"):
-        return f"file URI {value[:200]!r} names a host; use file:///absolute/path"
+        return f"file URI {excerpt(value)} names a host; use file:///absolute/path"
     if value.startswith(FILE_SCHEME) and "%" in value:
-        return f"file URI {value[:200]!r} has %-escapes; write the path as it is"
+        return f"file URI {excerpt(value)} has %-escapes; write the path as it is"
     try:
         resolved = resolve_local_path(value, env)
     except (OSError, RuntimeError, ValueError) as e:
-        return f"path {value[:200]!r} cannot be resolved ({e.__class__.__name__})"
+        return f"path {excerpt(value)} cannot be resolved ({e.__class__.__name__})"
     roots = allowed_roots(env)
     if any(resolved == r or r in resolved.parents for r in roots):
         return None
     return (
-        f"local path {value[:200]!r} is outside the allowed folders ({', '.join(str(r) for r in roots)}); "
+        f"local path {excerpt(value)} is outside the allowed folders ({', '.join(str(r) for r in roots)}); "
         "put the file under BASE_VOLUME or ask the endpoint operator to add its folder to FTW_ALLOWED_PATHS"
     )

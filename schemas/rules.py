@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Iterator
 from schemas.config import ATTN_IMPLEMENTATIONS, DEEPSPEED_PRESETS, LR_SCHEDULERS, OPTIMIZERS, TrainingConfig
 from schemas.issues import Issue
 from schemas.keys import KNOWN_OPTIMIZERS
+from schemas.limits import excerpt
 
 Problems = Iterator[Issue]
 RULES: list[tuple[frozenset[str], Callable[[TrainingConfig], Problems]]] = []
@@ -90,15 +91,15 @@ def _evals(cfg: TrainingConfig) -> Problems:
 @rule("optimizer")
 def _optimizer(cfg: TrainingConfig) -> Problems:
     if cfg.optimizer in KNOWN_OPTIMIZERS:
-        yield Issue("optimizer", f"optimizer {cfg.optimizer!r} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}", "unsupported")
+        yield Issue("optimizer", f"optimizer {excerpt(cfg.optimizer)} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}", "unsupported")
     elif cfg.optimizer not in OPTIMIZERS:
-        yield Issue("optimizer", f"optimizer {cfg.optimizer!r} is not known; use one of {', '.join(OPTIMIZERS)}")
+        yield Issue("optimizer", f"optimizer {excerpt(cfg.optimizer)} is not known; use one of {', '.join(OPTIMIZERS)}")
 
 
 @rule("lr_scheduler")
 def _scheduler(cfg: TrainingConfig) -> Problems:
     if cfg.lr_scheduler not in LR_SCHEDULERS:
-        yield Issue("lr_scheduler", f"lr_scheduler {cfg.lr_scheduler!r} is not known; use one of {', '.join(LR_SCHEDULERS)}")
+        yield Issue("lr_scheduler", f"lr_scheduler {excerpt(cfg.lr_scheduler)} is not known; use one of {', '.join(LR_SCHEDULERS)}")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def _attention(cfg: TrainingConfig) -> Problems:
     if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
         yield Issue(
             "attn_implementation",
-            f"attn_implementation {cfg.attn_implementation!r} is not supported by ftw; use one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+            f"attn_implementation {excerpt(cfg.attn_implementation)} is not supported by ftw; use one of {', '.join(ATTN_IMPLEMENTATIONS)}",
             "unsupported",
         )
 
@@ -147,6 +148,6 @@ def _distributed(cfg: TrainingConfig) -> Problems:
 def _deepspeed(cfg: TrainingConfig) -> Problems:
     if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
         yield Issue("deepspeed", (
-            f"deepspeed {cfg.deepspeed!r}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
+            f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
             "config files are not read from a job (they would read files on the worker)"
         ), "unsupported")

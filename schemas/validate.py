@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from schemas.classify import DATASET_LISTS, classify_dataset_lists, classify_keys
 from schemas.config import TrainingConfig
 from schemas.environment import operator_layers
-from schemas.issues import MAX_DEPTH, Issue, Report, format_loc, nested_too_deep, pydantic_issues
+from schemas.issues import Issue, Report, format_loc, pydantic_issues
+from schemas.limits import MAX_DEPTH, too_deep
 from schemas.keys import is_off
 from schemas.normalize import normalize_keys
 from schemas.paths import check_local_path
@@ -36,7 +37,7 @@ def validate_config(raw: Any, env: Mapping[str, str] | None = None) -> Report:
     if not isinstance(raw, Mapping):
         report.error("", f"a training config must be a mapping of keys to values, got {type(raw).__name__}")
         return report
-    if nested_too_deep(raw):
+    if too_deep(raw):
         report.error("", f"the training config nests lists/mappings more than {MAX_DEPTH} levels deep; "
                          "a training config is a mapping of plain values")
         return report

@@ -21,36 +21,28 @@ from schemas.issues import Report
 EXIT_VALID, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
 
-class UnreadableDocument(Exception):
-    """The file is not a YAML/JSON document: a usage error, not an invalid config."""
-
-
 def load_document(path: Path) -> Any:
-    """YAML is a superset of JSON, but JSON files get the faster, stricter parser."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise UnreadableDocument(f"{path} is empty")
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UnreadableDocument(f"{path} is not valid JSON: {e}") from e
-    import yaml
+    """YAML is a superset of JSON, but JSON files get the faster, stricter parser; both within the
+    limits of schemas.limits (size, depth, alias expansion), so no file can crash or stall them."""
+    from schemas.limits import MAX_DOCUMENT_BYTES, DocumentError, parse_json, parse_yaml
 
-    try:
-        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as e:
-        raise UnreadableDocument(f"{path} is not valid YAML: {e}") from e
+    with path.open("rb") as f:
+        data = f.read(MAX_DOCUMENT_BYTES + 1)
+    if not data.strip():
+        raise DocumentError(f"{path} is empty")
+    return (parse_json if path.suffix == ".json" else parse_yaml)(data, str(path))
 
 
 def read_document(path: Path, prog: str) -> tuple[Any, bool]:
     """(document, True), or (None, False) after saying on stderr why the file cannot be read:
     the usage-error path every command that takes a config or job file shares."""
+    from schemas.limits import DocumentError
+
     try:
         return load_document(path), True
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"{prog}: cannot read {path}: {e}", file=sys.stderr)
-    except UnreadableDocument as e:
+    except OSError as e:
+        print(f"{prog}: cannot read {path}: {e.strerror or e}", file=sys.stderr)
+    except DocumentError as e:
         print(f"{prog}: {e}", file=sys.stderr)
     return None, False
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from schemas.job import validate_job
 from tests.job.conftest import example_job
 from worker.job.progress import Throttle, format_line
-from worker.job.secrets import Redactor, StreamRedactor, child_env, env_secrets, job_credential_env
+from schemas.secrets import Redactor, StreamRedactor, child_env, env_secrets, job_credential_env
 
 SECRET = "s3cr3t-VALUE-0123456789"
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import pid_alive, wait_gone
 from worker import errors
-from worker.job.secrets import Redactor
+from schemas.secrets import Redactor
 from worker.job.supervisor import Stage, StopSignal, run_stage, stage_failure
 
 SECRET = "hf_SuperSecretToken123456"
@@ -176,7 +176,7 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
     supervisor_script.write_text(textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from worker.job.secrets import Redactor
+        from schemas.secrets import Redactor
         from worker.job.supervisor import Stage, StopSignal, run_stage
         logs = Path({str(tmp_path / "logs")!r}); logs.mkdir()
         run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0), StopSignal(), Redactor([]))

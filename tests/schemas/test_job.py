@@ -84,8 +84,9 @@ def test_outputs_and_limits():
 def test_every_job_error_at_once():
     raw = {"input": {"run_id": "../x", "args": {**CONFIG, "learning_rate": 0}, "outputs": {"s3": {"bucket": "B", "prefix": "a/../b"}},
                      "publish": ["everything"], "limits": {"train_s": -1}, "surprise": 1}}
-    found = {i.loc for i in validate_job(raw, env=ENV).errors}
-    assert found == {"run_id", "config.learning_rate", "outputs.s3.bucket", "outputs.s3.prefix", "publish[0]", "limits.train_s", "surprise"}
+    report = validate_job(raw, env=ENV)
+    assert {i.loc for i in report.errors} == {"run_id", "config.learning_rate", "outputs.s3.bucket", "outputs.s3.prefix", "publish[0]", "limits.train_s"}
+    assert [i.loc for i in report.warnings] == ["surprise"]
 
 
 def test_config_and_args_together_is_an_error():
@@ -140,15 +141,39 @@ def test_job_input_model_refuses_unknown_keys():
 
 
 def test_unknown_job_keys_suggest_the_closest():
+    """Top-level: a warning, as for config keys; inside outputs/limits: still an error (a typo there
+    would publish to the wrong place or drop a limit)."""
     report = validate_job({"input": {"run_id": "r", "config": CONFIG, "output": {}, "limits": {"train": 5}}}, env=ENV)
-    assert {i.loc: i.msg for i in report.errors} == {"output": "unknown key; did you mean 'outputs'?",
-                                                     "limits.train": "unknown key; did you mean 'train_s'?"}
+    assert {i.loc: i.msg for i in report.errors} == {"limits.train": "unknown key; did you mean 'train_s'?"}
+    assert {i.loc: i.msg for i in report.warnings} == {"output": "unknown key 'output' is ignored; did you mean 'outputs'?"}
 
 
 @pytest.mark.parametrize("key", ["configs", "config_extra", "run_ids", "args2"])
 def test_keys_that_start_like_known_ones_are_still_unknown(key):
     report = validate_job({"input": {"run_id": "r", "config": CONFIG, key: 1}}, env=ENV)
-    assert not report.valid and [i.loc for i in report.errors] == [key]
+    assert report.valid and [i.loc for i in report.warnings] == [key]
+
+
+def test_a_real_payload_of_axolotls_runpod_worker_is_accepted():
+    """Its .runpod/test-input.json carries name, user_id, model_id and timeout (the RunPod Hub test
+    runner's wait in ms, which its handler never reads) beside run_id/args/credentials."""
+    raw = {"input": {"name": "quick_smoke_test_sft", "user_id": "user", "model_id": "llama-test", "run_id": "llama-test",
+                     "credentials": {"wandb_api_key": "", "hf_token": ""}, "args": CONFIG, "timeout": 100000}}
+    report = validate_job(raw, env=ENV)
+    assert report.valid, report.errors
+    assert [i.loc for i in report.warnings] == ["timeout"] and "not a job limit" in report.warnings[0].msg
+    assert (report.value.user_id, report.value.model_id) == ("user", "llama-test")
+
+
+def test_an_unknown_job_key_named_like_a_secret_is_dropped_with_a_warning_that_never_shows_it():
+    report = validate_job({"input": {"run_id": "r", "config": {**CONFIG, "wandb_key": "x"}, "hf_token": "hf_TOPLEVELsecret99",
+                                     "hfToken": "hf_CAMELsecret77", "hf_SECRETused_as_key_1234567": 1}}, env=ENV)
+    assert report.valid
+    text = str(report.as_dict())
+    assert "SECRET" not in text and "hf_TOPLEVEL" not in text and "hf_CAMEL" not in text
+    assert {i.loc for i in report.warnings} == {"hf_token", "input", "config.wandb_key"}  # hfToken and the pasted token: not names
+    assert "looks like a credential" in {i.loc: i.msg for i in report.warnings}["hf_token"]
+    assert "hf_token" not in str(report.value.public_dict())
 
 
 def test_credential_errors_name_the_key_and_never_show_the_value():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from worker.job.secrets import CREDENTIAL_ENV, S3CONFIG_ENV
+from schemas.secrets import CREDENTIAL_ENV, S3CONFIG_ENV
 
 REMOVED_SECRETS = "removedSecrets"
 RESUBMIT_WITH_SECRETS = "submit it again with its credentials/s3Config (the same run_id resumes the run)"

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from schemas.limits import DocumentError, parse_json
+
 from worker.endpoint.scrub import RESUBMIT_WITH_SECRETS
 from worker.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
 from worker.endpoint.webhooks import WebhookSender
@@ -152,9 +154,9 @@ class Endpoint:
         if len(body) > limit:
             raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise fail(400, f"request body is not valid JSON: {e}") from None
+            return parse_json(body, "request body", limit)
+        except DocumentError as e:
+            raise fail(400, str(e)) from None
 
     # ---- client face -------------------------------------------------------------------------
     def parse_request(self, body: Any) -> tuple[dict[str, Any], str | None, int, int]:

@@ -30,7 +30,7 @@ from worker.job import gpu, stages
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
-from worker.job.secrets import Redactor, child_env, job_credential_env
+from schemas.secrets import Redactor, child_env, job_credential_env
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.preflight import check_machine
 

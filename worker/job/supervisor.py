@@ -24,7 +24,7 @@ from typing import Any
 
 from worker import errors
 from worker.events import EXIT_PREEMPTED, read_error
-from worker.job.secrets import Redactor, StreamRedactor
+from schemas.secrets import Redactor, StreamRedactor
 from worker.lifeline import die_with_parent
 
 POLL_S = 0.2

@@ -62,7 +62,7 @@ def _stage_logs(run_dir: Path) -> Path | None:
 
 
 def _secrets(job: Any, env: Mapping[str, str]) -> list[str]:
-    from worker.job.secrets import env_secrets
+    from schemas.secrets import env_secrets
 
     return job.credentials.secrets() + env_secrets(env)
 

@@ -3,8 +3,13 @@
 Secrets reach ftw three ways: the endpoint's environment (HF_TOKEN, AWS_*, BUCKET_*, WANDB_API_KEY,
 any *TOKEN*/*SECRET*/*PASSWORD*/*API_KEY* variable), the job's `credentials`, and RunPod's
 `s3Config`. They are put only into the environment of the stage children; everything the
-orchestrator writes or returns (config.json, logs, result, error text) goes through `Redactor`,
-which also strips `user:password@` from URLs. Pure functions; no I/O.
+orchestrator writes or returns (config.json, job.json, checks.json, logs, result, error text,
+validation messages, the local endpoint's store) goes through `Redactor`, the one masker. Besides
+the known secret values it masks what is secret by its shape: `user:password@` in URLs, the
+signature/credential/token parameters of presigned URLs, and string values under keys named like
+a secret (`hf_token`, `apiKey`, `password`) wherever they sit. Every scan is linear in the text
+(one pass per known secret, and patterns that cannot backtrack), so a 10 MB value costs
+milliseconds, never minutes. Pure functions; no I/O.
 """
 from __future__ import annotations
 
@@ -32,7 +37,20 @@ S3CONFIG_SECRET_KEYS = ("accessId", "accessSecret")
 # Variables a stage child never needs: the worker's own platform credentials.
 CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY")
 MIN_SECRET_LEN = 4
-URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# `scheme://user:password@host`: anchored on "://" (one-character lookbehind for the scheme), and
+# the userinfo stops at the first '/', '?', '#', '@' or space, so no character is scanned twice.
+URL_USERINFO = r"(?<=[A-Za-z0-9+.-])://[^/?#@\s]+@"
+# the secret parameters of presigned URLs (S3/GCS/Azure SAS) and of tokens passed in a query
+QUERY_SECRET = (r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
+                r"|sig|signature|token|access_token|id_token|refresh_token|auth|api_key|apikey|key|password|secret"
+                r"|client_secret)=)[^&#\s\"'<>]+")
+# a key whose string value is a secret, in snake_case after camelCase is split (apiKey -> api_key);
+# `pad_token`/`eos_token` (tokenizer tokens) are not secrets, hence the named *_token prefixes
+SECRET_KEY = re.compile(r"(?:^|_)(?:password|passwd|passphrase|secret|credentials?|api_?key|access_?key|private_?key"
+                        r"|(?:hf|hub|api|auth|access|refresh|session|id|bearer|github|gh|gitlab|wandb|oauth)_?token)(?:_|$)"
+                        r"|^token$")
+MAX_KEY_NAME = 64  # a longer "key" is no name; its text is still masked as text
+MAX_LINE_HOLD = 65536  # a log line is held back until complete (so a URL split across reads is caught) up to this size
 MASK = "***"
 
 
@@ -62,8 +80,16 @@ def child_env(base: Mapping[str, str], credential_env: Mapping[str, str], extra:
     return env
 
 
+def secret_key(key: Any) -> bool:
+    """Whether a mapping key names a secret (`hf_token`, `aws_secret_access_key`, `apiKey`)."""
+    if not isinstance(key, str) or len(key) > MAX_KEY_NAME:
+        return False
+    return bool(SECRET_KEY.search(re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower().replace("-", "_")))
+
+
 class Redactor:
-    """Replaces every known secret (and URL userinfo) with *** in text, bytes and JSON-like data."""
+    """Replaces every known secret, and whatever is secret by its shape, with *** in text, bytes
+    and JSON-like data."""
 
     def __init__(self, secrets: Iterable[str]):
         unique = {s for s in secrets if s and len(s) >= MIN_SECRET_LEN}
@@ -80,27 +106,34 @@ class Redactor:
     def text(self, value: str) -> str:
         for s in self.secrets:
             value = value.replace(s, MASK)
-        return URL_USERINFO.sub(rf"\g<scheme>{MASK}@", value)
+        return _QUERY_SECRET.sub(rf"\1{MASK}", _URL_USERINFO.sub(f"://{MASK}@", value))
 
     def bytes(self, value: bytes) -> bytes:
         for s in self._bsecrets:
             value = value.replace(s, MASK.encode())
-        return value
+        return _BQUERY_SECRET.sub(rb"\1" + MASK.encode(), _BURL_USERINFO.sub(f"://{MASK}@".encode(), value))
 
     def data(self, value: Any) -> Any:
-        """A copy of a JSON-like structure with every string redacted (keys included)."""
+        """A copy of a JSON-like structure with every string redacted (keys included); the string
+        value of a key named like a secret is masked whole."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, Mapping):
-            return {self.text(str(k)): self.data(v) for k, v in value.items()}
+            return {self.text(str(k)): MASK if isinstance(v, str) and v and secret_key(k) else self.data(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.data(v) for v in value]
         return value
 
 
+_URL_USERINFO, _BURL_USERINFO = re.compile(URL_USERINFO), re.compile(URL_USERINFO.encode())
+_QUERY_SECRET, _BQUERY_SECRET = re.compile(QUERY_SECRET), re.compile(QUERY_SECRET.encode())
+SHAPES = Redactor(())  # masks only what is secret by its shape: for text with no known secrets at hand
+
+
 class StreamRedactor:
-    """Redacts a byte stream that arrives in arbitrary chunks: a secret split across two reads is
-    still caught, because the last (longest secret - 1) bytes are held back until the next chunk."""
+    """Redacts a byte stream that arrives in arbitrary chunks. A line is held back until it is
+    complete (up to MAX_LINE_HOLD bytes), so a secret or a URL split across two reads is still
+    caught; past that size, the last (longest secret - 1) bytes are held back."""
 
     def __init__(self, redactor: Redactor):
         self.redactor = redactor
@@ -108,11 +141,11 @@ class StreamRedactor:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self.redactor.bytes(self.pending + chunk)
-        keep = max(self.redactor.longest - 1, 0)
-        if keep and len(data) > keep:
-            self.pending, data = data[-keep:], data[:-keep]
-        elif keep:
-            self.pending, data = data, b""
+        line_end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        keep = len(data) - line_end
+        if keep > MAX_LINE_HOLD:
+            keep = max(self.redactor.longest - 1, 0)
+        self.pending, data = (data[len(data) - keep:], data[:len(data) - keep]) if keep else (b"", data)
         return data
 
     def flush(self) -> bytes:
