@@ -13,6 +13,7 @@ milliseconds, never minutes. Pure functions; no I/O.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -36,6 +37,9 @@ S3CONFIG_ENV = {
 S3CONFIG_SECRET_KEYS = ("accessId", "accessSecret")
 # Variables a stage child never needs: the worker's own platform credentials.
 CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY")
+# The values config.json holds masked (a presigned dataset URL) reach the stage children here, as
+# JSON [[path, value], ...]: a child's environment is the one place a secret may go.
+CONFIG_SECRETS_ENV = "FTW_CONFIG_SECRETS"
 MIN_SECRET_LEN = 4
 # `scheme://user:password@host`: anchored on "://" (one-character lookbehind for the scheme), and
 # the userinfo stops at the first '/', '?', '#', '@' or space, so no character is scanned twice.
@@ -128,6 +132,30 @@ class Redactor:
 _URL_USERINFO, _BURL_USERINFO = re.compile(URL_USERINFO), re.compile(URL_USERINFO.encode())
 _QUERY_SECRET, _BQUERY_SECRET = re.compile(QUERY_SECRET), re.compile(QUERY_SECRET.encode())
 SHAPES = Redactor(())  # masks only what is secret by its shape: for text with no known secrets at hand
+
+
+def masked_values(original: Any, redacted: Any, path: tuple[Any, ...] = ()) -> list[list[Any]]:
+    """[[path, original string]] for every string that `redacted` (Redactor.data of `original`) masked."""
+    if isinstance(original, str):
+        return [[list(path), original]] if original != redacted else []
+    if isinstance(original, Mapping) and isinstance(redacted, Mapping):
+        pairs = zip(original.items(), redacted.values())
+        return [m for (k, v), r in pairs for m in masked_values(v, r, (*path, k))]
+    if isinstance(original, (list, tuple)) and isinstance(redacted, list):
+        return [m for i, (v, r) in enumerate(zip(original, redacted)) for m in masked_values(v, r, (*path, i))]
+    return []
+
+
+def restore_masked(document: Any, masked_json: str | None) -> Any:
+    """The document with the values `masked_values` listed put back (in a stage child, from its environment)."""
+    if not masked_json:
+        return document
+    for path, value in json.loads(masked_json):
+        holder = document
+        for part in path[:-1]:
+            holder = holder[part]
+        holder[path[-1]] = value
+    return document
 
 
 class StreamRedactor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,13 @@ def config_from_file(path: Path, prog: str, honours: frozenset[str] = frozenset(
     why on stderr: the shared front door of `ftw preprocess` and `ftw train`. `honours`: keys that
     ftw decides for jobs (schemas.classify.FTW_DECIDES) but this command takes from the config, so
     their "set by ftw" warning would be false here."""
+    from schemas.secrets import CONFIG_SECRETS_ENV, restore_masked
     from schemas.validate import validate_config
 
     doc, readable = read_document(path, prog)
     if not readable:
         return None, EXIT_USAGE
-    report = validate_config(doc)
+    report = validate_config(restore_masked(doc, os.environ.get(CONFIG_SECRETS_ENV)))
     for issue in report.warnings:
         if issue.loc not in honours:
             print(f"warning {issue}", file=sys.stderr)

@@ -103,3 +103,24 @@ def test_an_older_file_loses_the_secrets_of_ended_jobs_when_opened(tmp_path):
     again = JobStore(tmp_path / "jobs.sqlite3")
     assert "credentials" not in again.get(ended.id).payload["input"] and again.get(ended.id).removed_secrets
     assert again.get(waiting.id).payload == request_with(secrets, {"x": 2})  # the worker still needs these
+
+
+def test_secrets_outside_the_credential_fields_are_masked_once_the_job_ended(tmp_path):
+    """A presigned dataset URL, a password in a URL and a config key named like a credential are in
+    no credential field; the worker needs them while the job waits, the store keeps them masked after."""
+    tag = uuid.uuid4().hex[:12]
+    secrets = {"signature": f"sig{tag}", "credential": f"AKIA{tag}", "password": f"pw{tag}", "config token": f"hf_{tag}"}
+    job_input = {"run_id": "r", "config": {
+        "hf_token": secrets["config token"],
+        "datasets": [{"path": f"https://b.s3.amazonaws.com/d.jsonl?X-Amz-Credential={secrets['credential']}"
+                              f"&X-Amz-Signature={secrets['signature']}", "type": "alpaca"},
+                     {"path": f"https://user:{secrets['password']}@example.com/d.jsonl", "type": "alpaca"}]}}
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = store.create({"input": job_input}, None, 6000, 20_000)
+    assert store.take("w1", 1)[0].work_item()["input"] == job_input  # the worker gets them as sent
+    store.finish(store.get(job.id), {"ok": True}, None)
+    kept = store.get(job.id).payload["input"]["config"]
+    assert kept["hf_token"] == "***" and kept["datasets"][1]["path"] == "https://***@example.com/d.jsonl"
+    assert "X-Amz-Signature=***" in kept["datasets"][0]["path"]
+    store.close()
+    assert files_holding(tmp_path, secrets) == []

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from schemas.secrets import Redactor
 from tests.conftest import pid_alive, wait_gone
 from worker import errors
-from schemas.secrets import Redactor
 from worker.job.supervisor import Stage, StopSignal, run_stage, stage_failure
 
 SECRET = "hf_SuperSecretToken123456"

@@ -2,14 +2,16 @@
 
 A payload carries secrets in RunPod's `s3Config` and in the job's `credentials` (in the input, or
 in the input's own {"input": …} envelope, which the handler also accepts). The worker needs them
-while the job may still be taken; after that the store keeps only their key names.
+while the job may still be taken; after that the store keeps only their key names, and every
+other value that is secret by its shape (a presigned URL's signature, a password in a URL, a
+config key named like a credential) is masked by the one masker, schemas.secrets.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.secrets import CREDENTIAL_ENV, S3CONFIG_ENV
+from schemas.secrets import CREDENTIAL_ENV, S3CONFIG_ENV, SHAPES
 
 REMOVED_SECRETS = "removedSecrets"
 RESUBMIT_WITH_SECRETS = "submit it again with its credentials/s3Config (the same run_id resumes the run)"
@@ -26,7 +28,7 @@ def without_secrets(payload: dict[str, Any]) -> dict[str, Any]:
         out["input"] = job_input = _without_credentials(job_input, "input.", removed)
         if isinstance(job_input.get("input"), dict):
             job_input["input"] = _without_credentials(job_input["input"], "input.input.", removed)
-    return {**out, REMOVED_SECRETS: removed} if removed else out
+    return SHAPES.data({**out, REMOVED_SECRETS: removed} if removed else out)
 
 
 def has_secrets(payload: dict[str, Any]) -> bool:

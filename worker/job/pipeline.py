@@ -14,6 +14,7 @@ as finished in its state.json are skipped, and training continues from its newes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -25,12 +26,12 @@ from typing import Any
 
 from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
+from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
 from worker.job import gpu, stages
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
-from schemas.secrets import Redactor, child_env, job_credential_env
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.preflight import check_machine
 
@@ -109,6 +110,7 @@ class JobPipeline:
         self.gpu_count = 0
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
+        self.config_secrets: list[list[Any]] = []  # config values config.json holds masked (schemas.secrets.masked_values)
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -159,7 +161,7 @@ class JobPipeline:
                 self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
                 check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run),
                               datasets=not run.stage_done("preprocess"))
-                write_json_atomic(run.path / "checks.json", {"disk": disk, "gpu": self.gpu_probe.as_dict()})
+                write_json_atomic(run.path / "checks.json", self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict()}))
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)
         artifacts = self.publish(run)
@@ -303,8 +305,10 @@ class JobPipeline:
         return self.redactor.data(self.job.public_dict())
 
     def write_config(self, run: RunDir) -> Path:
-        """config.json for the children (output_dir pinned inside the run folder) and job.json, both secret-free."""
+        """config.json for the children (output_dir pinned inside the run folder) and job.json, both
+        secret-free; what was masked in the config (a presigned URL) reaches the children in their environment."""
         public = self.public_job()
+        self.config_secrets = masked_values(self.job.public_dict()["config"], public["config"])
         write_json_atomic(run.path / "job.json", public)
         config = {**public["config"], "output_dir": str(run.path)}
         path = run.path / "config.json"
@@ -324,7 +328,10 @@ class JobPipeline:
 
     # ---- running children ----------------------------------------------------------------------
     def stage_env(self, run: RunDir) -> dict[str, str]:
-        return child_env(self.env, self.credentials, {**self.gpu_env, "BASE_VOLUME": str(run.base), "FTW_RUN_ID": self.job.run_id})
+        extra = {**self.gpu_env, "BASE_VOLUME": str(run.base), "FTW_RUN_ID": self.job.run_id}
+        if self.config_secrets:
+            extra[CONFIG_SECRETS_ENV] = json.dumps(self.config_secrets)
+        return child_env(self.env, self.credentials, extra)
 
     def supervise(self, run: RunDir, name: str, argv: list[str], limit_s: float | None) -> StageRun:
         self.check_stop()

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.secrets import Redactor, StreamRedactor
 from worker import errors
 from worker.events import EXIT_PREEMPTED, read_error
-from schemas.secrets import Redactor, StreamRedactor
 from worker.lifeline import die_with_parent
 
 POLL_S = 0.2
