@@ -7,6 +7,7 @@ treatment with their own registries, and their `type` is checked against the str
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,7 +32,12 @@ FTW_DECIDES = {"output_dir": "a job (ftw run, the endpoint) writes to BASE_VOLUM
 def did_you_mean(key: str, known: Iterable[str]) -> str:
     if not isinstance(key, str) or len(key) > EXCERPT_CHARS:  # no key that long is a typo of a known one
         return ""
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    return _closest(key, tuple(sorted(known)))
+
+
+@functools.lru_cache(maxsize=1024)  # a list of 10,000 entries repeats the same typo 10,000 times
+def _closest(key: str, known: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -15,6 +15,8 @@ from schemas.limits import EXCERPT_CHARS, excerpt
 # feature ftw does not implement ("unsupported"), or the endpoint operator has to allow it
 # ("gated"). Not part of the JSON shape users script against; tests and the compat table use it.
 IssueKind = Literal["invalid", "unsupported", "gated"]
+MAX_MESSAGE = 2000
+MAX_ISSUES = 100
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,13 @@ class Issue:
     loc: str
     msg: str
     kind: IssueKind = "invalid"
+
+    def __post_init__(self) -> None:
+        """A location built from a pasted blob used as a key, or a message that quotes one, stays a line."""
+        for name, limit in (("loc", 4 * EXCERPT_CHARS), ("msg", MAX_MESSAGE)):
+            text = getattr(self, name)
+            if len(text) > limit:
+                object.__setattr__(self, name, f"{text[:limit]}... ({len(text):,} characters)")
 
     def as_dict(self) -> dict[str, str]:
         return {"loc": self.loc, "msg": self.msg}
@@ -74,6 +83,16 @@ class Report:
 
         self.errors += [shift(i) for i in other.errors]
         self.warnings += [shift(i) for i in other.warnings]
+
+    def capped(self, limit: int = MAX_ISSUES) -> "Report":
+        """At most `limit` errors and warnings each, the last one saying how many more there were:
+        a list of 10,000 bad entries makes a readable answer, not 10,000 lines."""
+        for name in ("errors", "warnings"):
+            issues = getattr(self, name)
+            if len(issues) > limit:
+                more = len(issues) - limit + 1
+                setattr(self, name, issues[:limit - 1] + [Issue("", f"... and {more:,} more {name} like these", issues[-1].kind)])
+        return self
 
     def as_dict(self) -> dict[str, Any]:
         return {

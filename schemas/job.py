@@ -21,7 +21,7 @@ from schemas.base import Frozen
 from schemas.classify import CREDENTIALS_HINT, did_you_mean
 from schemas.config import TrainingConfig
 from schemas.issues import Issue, Report, pydantic_issues
-from schemas.limits import MAX_DEPTH, excerpt, too_deep
+from schemas.limits import excerpt, shape_problem
 from schemas.secrets import Redactor, secret_key
 from schemas.validate import validate_config
 
@@ -152,8 +152,9 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     if not isinstance(raw, Mapping):
         report.error("input", f"the job input must be a JSON object, got {type(raw).__name__}")
         return report
-    if too_deep(raw):
-        report.error("input", f"the job input nests lists/objects more than {MAX_DEPTH} levels deep")
+    problem = shape_problem(raw)
+    if problem:
+        report.error("input", f"the job input {problem}")
         return report
     data = dict(raw)
     if "config" in data and "args" in data:
@@ -186,7 +187,7 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     else:
         if report.valid:
             report.value = job
-    return _masked(report, _credential_strings(raw.get("credentials")))
+    return _masked(report.capped(), _credential_strings(raw.get("credentials")))
 
 
 CREDENTIAL_KEYS = tuple(Credentials.model_fields)

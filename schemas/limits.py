@@ -5,7 +5,8 @@ endpoint). Before anything walks it, it must be small, shallow and free of alias
 every later step (validation, redaction, writing config.json) walks it: a value nested 100,000 deep
 overflows recursive code, a YAML alias chain expands to billions of nodes, a 50 MB string makes a
 50 MB error line. Each limit is far above what a real axolotl config uses (a few KB, 4-5 levels).
-Everything here is linear in the size of the input.
+The caps on keys per mapping and items per list bound the work of validation itself (each key
+is classified, each dataset entry checked). Everything here is linear in the size of the input.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024  # a job file or /run body; put data in S3/Hub and name it
 MAX_DEPTH = 32  # lists/mappings inside each other; axolotl configs use 4-5
+MAX_KEYS = 1_000  # keys in one mapping; axolotl knows about 400 config keys in all
+MAX_ITEMS = 10_000  # items in one list (datasets, target modules, special tokens)
 MAX_NODES = 1_000_000  # values in a document once YAML aliases are expanded
 EXCERPT_CHARS = 80  # the most of an offending value an error message quotes
 
@@ -42,18 +45,27 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
     return _SHORT_REPR.repr(value)
 
 
-def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether lists/mappings nest deeper than `limit` (checked without recursion)."""
+def shape_problem(value: Any) -> str | None:
+    """What makes `value` too deep or too wide to validate (None when it is within the limits);
+    checked without recursion, and each value visited once, so the check itself is linear."""
     containers = (list, tuple, dict)
     stack = [(value, 0)] if isinstance(value, containers) else []
+    nodes = 0
     while stack:
         item, depth = stack.pop()
-        if depth >= limit:
-            return True
+        if depth >= MAX_DEPTH:
+            return f"nests lists/mappings more than {MAX_DEPTH} levels deep"
+        if isinstance(item, dict) and len(item) > MAX_KEYS:
+            return f"has a mapping of {len(item):,} keys (at most {MAX_KEYS:,})"
+        if not isinstance(item, dict) and len(item) > MAX_ITEMS:
+            return f"has a list of {len(item):,} items (at most {MAX_ITEMS:,})"
+        nodes += len(item)
+        if nodes > MAX_NODES:
+            return f"holds more than {MAX_NODES:,} values"
         for child in item.values() if isinstance(item, dict) else item:
             if isinstance(child, containers):
                 stack.append((child, depth + 1))
-    return False
+    return None
 
 
 def parse_json(data: bytes | str, what: str = "the document", max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
@@ -84,6 +96,8 @@ def parse_yaml(data: bytes | str, what: str = "the document") -> Any:
         value = yaml.load(text, Loader=loader)
     except yaml.YAMLError as e:
         raise DocumentError(f"{what} is not valid YAML: {_one_line(str(e))}") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DocumentError(f"{what} is not accepted: {_one_line(str(e))}") from None
     _check_tree(value, what)
     return value
 
@@ -106,25 +120,32 @@ def _check_events(events: Any, what: str) -> None:
     import yaml
 
     sizes: dict[str, int] = {}  # anchor -> expanded node count of the value it names
-    stack: list[tuple[str | None, int, set[str] | None, list[bool]]] = []  # (anchor, nodes at start, keys seen, at key)
+    stack: list[tuple[str | None, int, set[str] | None, list[Any]]] = []  # (anchor, nodes at start, keys seen, [at key, items])
     nodes = 0
 
     def value_done(count: int, key: str | None) -> None:
-        if not stack or stack[-1][2] is None:
+        if not stack:
             return
-        keys, at_key = stack[-1][2], stack[-1][3]
-        if at_key[0] and key is not None and key != "<<":
+        if stack[-1][2] is None:
+            stack[-1][3][1] += 1
+            if stack[-1][3][1] > MAX_ITEMS:
+                raise DocumentError(f"{what} has a list of more than {MAX_ITEMS:,} items")
+            return
+        keys, state = stack[-1][2], stack[-1][3]
+        if state[0] and key is not None and key != "<<":
             if key in keys:
                 raise DocumentError(f"{what} has the key {excerpt(key)} twice in one mapping; keep one")
             keys.add(key)
-        at_key[0] = not at_key[0]
+            if len(keys) > MAX_KEYS:
+                raise DocumentError(f"{what} has a mapping of more than {MAX_KEYS:,} keys")
+        state[0] = not state[0]
 
     for event in events:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             if len(stack) >= MAX_DEPTH:
                 raise DocumentError(f"{what} nests lists/mappings more than {MAX_DEPTH} levels deep")
             mapping = isinstance(event, yaml.MappingStartEvent)
-            stack.append((event.anchor, nodes, set() if mapping else None, [True]))
+            stack.append((event.anchor, nodes, set() if mapping else None, [True, 0]))
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             anchor, start, _, _ = stack.pop()
             nodes += 1
@@ -145,8 +166,9 @@ def _check_events(events: Any, what: str) -> None:
 
 
 def _check_tree(value: Any, what: str) -> None:
-    if too_deep(value):
-        raise DocumentError(f"{what} nests lists/mappings more than {MAX_DEPTH} levels deep")
+    problem = shape_problem(value)
+    if problem:
+        raise DocumentError(f"{what} {problem}")
     try:  # C speed; fails on the first lone surrogate ("\ud800" in JSON), which no file or log can hold
         json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:

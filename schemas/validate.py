@@ -19,7 +19,7 @@ from schemas.classify import DATASET_LISTS, classify_dataset_lists, classify_key
 from schemas.config import TrainingConfig
 from schemas.environment import operator_layers
 from schemas.issues import Issue, Report, format_loc, pydantic_issues
-from schemas.limits import MAX_DEPTH, too_deep
+from schemas.limits import shape_problem
 from schemas.keys import is_off
 from schemas.normalize import normalize_keys
 from schemas.paths import check_local_path
@@ -37,9 +37,9 @@ def validate_config(raw: Any, env: Mapping[str, str] | None = None) -> Report:
     if not isinstance(raw, Mapping):
         report.error("", f"a training config must be a mapping of keys to values, got {type(raw).__name__}")
         return report
-    if too_deep(raw):
-        report.error("", f"the training config nests lists/mappings more than {MAX_DEPTH} levels deep; "
-                         "a training config is a mapping of plain values")
+    problem = shape_problem(raw)
+    if problem:
+        report.error("", f"the training config {problem}; a training config is a mapping of plain values")
         return report
     layers = operator_layers(env, report)
     local = Report()
@@ -58,7 +58,7 @@ def validate_config(raw: Any, env: Mapping[str, str] | None = None) -> Report:
     report.warnings += local.warnings
     if model is not None and report.valid:
         report.value = model
-    return report
+    return report.capped()
 
 
 def typed_model(cfg: dict[str, Any], skipped: set[str], report: Report) -> TrainingConfig | None:
