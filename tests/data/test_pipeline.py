@@ -173,6 +173,16 @@ def test_empty_shards_of_a_folder_are_skipped_and_an_all_empty_folder_is_named(v
         prepare(config(tokenizer_dir, [{"path": str(folder), "type": "alpaca"}]))
 
 
+@pytest.mark.parametrize("name, text", [("a.jsonl", "\n\n  \n"), ("a.json", "[]"), ("a.csv", "instruction,output\n")],
+                         ids=["whitespace-jsonl", "empty-json-list", "csv-header-only"])
+def test_a_file_that_holds_no_rows_says_the_dataset_is_empty(volume, tokenizer_dir, name, text):
+    """It used to say datasets' 'Instruction "train" corresponds to no data!'."""
+    path = volume / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"{name}: the dataset is empty: its files hold no rows"):
+        prepare(config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}]))
+
+
 def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir, monkeypatch, capsys):
     import worker.data.pipeline as pipeline
 

@@ -159,7 +159,13 @@ def load(res: Resolved, entry: Entry, scratch: Path) -> Any:
     return data
 
 
+NO_ROWS = "corresponds to no data"  # datasets' words for a file that parsed to nothing
+
+
 def diagnose(res: Resolved, error: Exception) -> DataError:
+    if res.kind == "files" and NO_ROWS in str(error):
+        return DataError(f"{res.label}: the dataset is empty: its files hold no rows (only whitespace, an empty JSON "
+                         "list or a CSV header)", hint="check that the file was written completely", stage="preprocess")
     if res.kind == "files" and res.builder == "json":
         for f in res.files:
             problem = first_bad_json_line(Path(f))
