@@ -63,6 +63,14 @@ class Credentials(Frozen):
     aws_secret_access_key: Optional[SecretStr] = None
     aws_session_token: Optional[SecretStr] = None
 
+    @field_validator("*")
+    @classmethod
+    def _fits_an_environment_variable(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        """A credential reaches the stage children as an environment variable, which cannot hold a NUL."""
+        if v is not None and any(c in v.get_secret_value() for c in "\x00\n\r"):
+            raise ValueError("contains a NUL byte or a line break; paste the credential alone")
+        return v
+
     def secrets(self) -> list[str]:
         return [v.get_secret_value() for v in self.__dict__.values() if v is not None and v.get_secret_value()]
 
@@ -220,7 +228,7 @@ def _credential_issues(exc: ValidationError) -> list[Issue]:
         elif err["type"] == "string_type":
             issues.append(Issue(f"credentials.{key}", "must be a string"))
         else:
-            issues.append(Issue(f"credentials.{key}", err["msg"]))
+            issues.append(Issue(f"credentials.{key}", err["msg"].removeprefix("Value error, ")))
     return issues
 
 

@@ -1,0 +1,51 @@
+"""A job with a huge value cannot take the worker out of service.
+
+A 9 MB `datasets[0].type` kept a worker busy until its job TIMED_OUT, and `ftw run` ignored
+SIGTERM meanwhile: the orchestrator's redaction of the job (config.json, the failure result) was
+quadratic, and a signal handler only runs between Python bytecodes, never inside one long regex.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from tests.conftest import REPO, child_env
+from tests.job.conftest import example_job, write_job
+
+BIG = 9_000_000
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_ftw_run_with_a_9mb_value_still_obeys_sigterm(demo_volume, tmp_path):
+    job = example_job(run_id="big-template", config={"chat_template": "jinja", "chat_template_jinja": "{# " + "x" * BIG + " #}" + TEMPLATE})
+    path = write_job(tmp_path / "job.json", job)
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", str(path)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1", FTW_PROGRESS_INTERVAL_S="0"))
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while "preparing the run folder" not in lines.get(timeout=max(deadline - time.monotonic(), 0.1)):
+            pass
+        proc.send_signal(signal.SIGTERM)  # while the orchestrator writes config.json (its redaction was quadratic)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 1 and result["status"] == "preempted", result
+    assert len(out) < 100_000  # the result does not echo the template
+
+
+def test_a_9mb_invalid_value_fails_the_job_with_a_short_result(volume):
+    """The invalid job's result carries each problem once, as a short excerpt."""
+    from worker.job.pipeline import run_job
+
+    result = run_job({"input": example_job(config={"datasets": [{"path": "org/data", "type": "x" * BIG}]})})
+    assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result["error"]["code"]
+    assert len(json.dumps(result)) < 10_000 and "(9,000,000 characters)" in result["error"]["message"]
