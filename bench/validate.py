@@ -1,6 +1,10 @@
 """How long validation takes: `ftw validate` as a process, and validate_job inside a running process.
 
-    .venv/bin/python bench/validate.py [--runs 30] [--inproc-runs 300]
+    .venv/bin/python bench/validate.py [--runs 30] [--inproc-runs 300] [--hostile-runs 5]
+
+A second table times the front door of a job (parse the bytes, validate, redact the report and the
+job as the orchestrator writes them) for 10 MB hostile jobs, as a ratio to a typical 10 KB job:
+a linear front door stays well under the size ratio (1000×); a quadratic one would be ~10⁶×.
 
 Prints a markdown table of medians (and p90) with the targets (process < 0.5 s, in-process
 < 20 ms), next to baselines measured in the same run: a bare interpreter and an interpreter
@@ -85,10 +89,53 @@ def row(name: str, walls: list[float], cpus: list[float] | None, target_s: float
     return f"| {name} | {median_p90(walls)} | {cpu} | {ratio} | {target} | {met} | {met_cpu} |"
 
 
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+TEN_MB = 10_000_000  # under schemas.limits.MAX_DOCUMENT_BYTES (10 MiB)
+
+
+def sized_job(config: dict, size: int) -> bytes:
+    """JOB with `config` merged in, its one "@" placeholder padded so the document is `size` bytes."""
+    text = json.dumps({"input": {**JOB["input"], "args": {**CONFIG, **config}}})
+    return text.replace("@", "", 1).replace("PAD", "a" * (size - len(text) + 4), 1).encode()
+
+
+def front_door(document: bytes) -> None:
+    """What the orchestrator does with a job before any stage: parse, validate, redact what it writes."""
+    from schemas.job import validate_job
+    from schemas.limits import parse_json
+    from schemas.secrets import Redactor
+
+    env = {"BASE_VOLUME": "/volume"}
+    report = validate_job(parse_json(document), env=env)
+    redactor = Redactor.for_job(env, {})
+    redactor.data(report.as_dict())
+    if report.valid:
+        redactor.data(report.value.public_dict())
+
+
+def hostile_table(runs: int) -> None:
+    typical = sized_job({"chat_template": "jinja", "chat_template_jinja": "{# @PAD #}" + TEMPLATE}, 10_000)
+    jobs = [
+        ("typical job, 10 KB (baseline)", typical),
+        ("10 MB chat_template_jinja of letters (valid)", sized_job({"chat_template": "jinja", "chat_template_jinja": "{# @PAD #}" + TEMPLATE}, TEN_MB)),
+        ("10 MB datasets[0].type of letters (invalid)", sized_job({"datasets": [{"path": "org/d", "type": "@PAD"}]}, TEN_MB)),
+        ("10 MB base_model URL without '@' (invalid)", sized_job({"base_model": "https://@PAD"}, TEN_MB)),
+    ]
+    results = [(name, len(doc), timed_call(lambda doc=doc: front_door(doc), runs)) for name, doc in jobs]
+    base = statistics.median(results[0][2])
+    print(f"\njob front door (parse + validate + redact), median of {runs} calls\n")
+    print("| job | bytes | median | × typical job | size × typical job |")
+    print("|---|---|---|---|---|")
+    for name, size, times in results:
+        print(f"| {name} | {size:,} | {statistics.median(times) * 1000:.1f} ms | {statistics.median(times) / base:.0f}× | "
+              f"{size / results[0][1]:.0f}× |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="process launches per row")
     parser.add_argument("--inproc-runs", type=int, default=300, help="calls per in-process row")
+    parser.add_argument("--hostile-runs", type=int, default=5, help="calls per row of the 10 MB table")
     args = parser.parse_args()
 
     from schemas.job import validate_job
@@ -120,6 +167,7 @@ def main() -> int:
     print(row("ftw validate job.json --json (process)", *cli_job, 0.5, base))
     print(row("validate_job(typical job), in-process", in_job, None, 0.020, None))
     print(row("validate_config(typical config), in-process", in_config, None, 0.020, None))
+    hostile_table(args.hostile_runs)
     return 0
 
 

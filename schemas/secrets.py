@@ -41,9 +41,10 @@ CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW
 # JSON [[path, value], ...]: a child's environment is the one place a secret may go.
 CONFIG_SECRETS_ENV = "FTW_CONFIG_SECRETS"
 MIN_SECRET_LEN = 4
-# `scheme://user:password@host`: anchored on "://" (one-character lookbehind for the scheme), and
-# the userinfo stops at the first '/', '?', '#', '@' or space, so no character is scanned twice.
-URL_USERINFO = r"(?<=[A-Za-z0-9+.-])://[^/?#@\s]+@"
+# `scheme://user:password@host`: found by its literal "://" (the scheme's last character checked
+# behind it), and the userinfo stops at the first '/', '?', '#', '@' or space, so no character is
+# scanned twice. (The same pattern starting with the lookbehind is 70x slower: no literal prefix.)
+URL_USERINFO = r"://(?<=[A-Za-z0-9+.-]://)[^/?#@\s]+@"
 # the secret parameters of presigned URLs (S3/GCS/Azure SAS) and of tokens passed in a query
 QUERY_SECRET = (r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
                 r"|sig|signature|token|access_token|id_token|refresh_token|auth|api_key|apikey|key|password|secret"
@@ -110,12 +111,14 @@ class Redactor:
     def text(self, value: str) -> str:
         for s in self.secrets:
             value = value.replace(s, MASK)
-        return _QUERY_SECRET.sub(rf"\1{MASK}", _URL_USERINFO.sub(f"://{MASK}@", value))
+        value = _URL_USERINFO.sub(f"://{MASK}@", value)
+        return _QUERY_SECRET.sub(rf"\1{MASK}", value) if "=" in value else value
 
     def bytes(self, value: bytes) -> bytes:
         for s in self._bsecrets:
             value = value.replace(s, MASK.encode())
-        return _BQUERY_SECRET.sub(rb"\1" + MASK.encode(), _BURL_USERINFO.sub(f"://{MASK}@".encode(), value))
+        value = _BURL_USERINFO.sub(f"://{MASK}@".encode(), value)
+        return _BQUERY_SECRET.sub(rb"\1" + MASK.encode(), value) if b"=" in value else value
 
     def data(self, value: Any) -> Any:
         """A copy of a JSON-like structure with every string redacted (keys included); the string
