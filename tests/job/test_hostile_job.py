@@ -49,3 +49,16 @@ def test_a_9mb_invalid_value_fails_the_job_with_a_short_result(volume):
     result = run_job({"input": example_job(config={"datasets": [{"path": "org/data", "type": "x" * BIG}]})})
     assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result["error"]["code"]
     assert len(json.dumps(result)) < 10_000 and "(9,000,000 characters)" in result["error"]["message"]
+
+
+def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volume):
+    """RunPod's s3Config arrives beside the input; a non-object one crashed the orchestrator, and a value
+    with a NUL byte would have failed as an environment variable of the first stage."""
+    from worker.job.pipeline import run_job
+
+    for s3_config, says in (("not-an-object", "must be an object"), ({"accessSecret": "s3cret\x00VALUE99"}, "NUL byte"),
+                            ({"accessId": 12345678}, "accessId must be a string")):
+        result = run_job({"input": example_job()}, s3_config=s3_config)
+        assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result
+        assert result["error"]["details"]["errors"][-1]["loc"] == "s3Config" and says in result["error"]["message"]
+        assert "VALUE99" not in json.dumps(result)

@@ -26,7 +26,7 @@ from typing import Any
 
 from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
-from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values
+from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values, s3_config_problem
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
 from worker.job import gpu, stages
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
@@ -52,6 +52,8 @@ def run_job(
     env = dict(os.environ if env is None else env)
     started = time.monotonic()
     report = validate_job(raw, job_id, env)
+    if (problem := s3_config_problem(s3_config)) is not None:
+        report.error("s3Config", problem)
     if not report.valid:
         problems = "; ".join(str(i) for i in report.errors)
         error = JobSpecError(
