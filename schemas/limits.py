@@ -68,10 +68,19 @@ def shape_problem(value: Any) -> str | None:
     return None
 
 
-def parse_json(data: bytes | str, what: str = "the document", max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+def parse_json(data: bytes | str, what: str = "the document", max_bytes: int = MAX_DOCUMENT_BYTES, strict: bool = True) -> Any:
     """A JSON document within the limits: no NaN/Infinity (not JSON), no key twice in one object,
-    no lone UTF-16 surrogate (it cannot be written back as UTF-8), a UTF-8 BOM tolerated."""
+    no lone UTF-16 surrogate (it cannot be written back as UTF-8), a UTF-8 BOM tolerated.
+    `strict=False` (what ftw's own processes post, such as a worker's result with its long progress
+    list or a NaN loss) keeps only the size and the parser's own depth guard."""
     data = _text(data, what, max_bytes)
+    if not strict:
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise DocumentError(f"{what} nests lists/objects far too deep") from None
+        except ValueError as e:
+            raise DocumentError(f"{what} is not valid JSON: {_one_line(str(e))}") from None
     try:
         value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
@@ -112,7 +121,7 @@ def _text(data: bytes | str, what: str, max_bytes: int) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DocumentError(f"{what} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
+        raise DocumentError(f"{what} is not valid JSON or YAML: it is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
 
 
 def _check_events(events: Any, what: str) -> None:

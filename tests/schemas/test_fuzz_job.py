@@ -35,8 +35,8 @@ HOSTILE_STRINGS = st.sampled_from([
 HOSTILE_NUMBERS = st.sampled_from([0, -1, 1, 2**31, 2**53 + 1, 2**70, -(2**70), 10**4000 // 10**3990, 1e308, -0.0, 0.5, True, False])
 LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
                  HOSTILE_STRINGS, HOSTILE_NUMBERS)
-JSON_VALUES = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | HOSTILE_STRINGS, inner, max_size=4),
-                           max_leaves=12)
+KEYS = st.text(max_size=8) | HOSTILE_STRINGS
+JSON_VALUES = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
 
 
 def nested(depth: int) -> object:
@@ -51,11 +51,12 @@ def jobs(draw) -> dict:
     job = example_job()
     for key in draw(st.lists(st.sampled_from(CONFIG_KEYS), max_size=4)):
         job["config"][key] = draw(JSON_VALUES)
-    for key in draw(st.lists(st.sampled_from(["run_id", "outputs", "publish", "limits", "credentials", "resume", "name",
-                                               "timeout", "user_id", "extra", "hf_token"]), max_size=3)):
+    top_keys = ["run_id", "outputs", "publish", "limits", "credentials", "resume", "name", "timeout", "user_id", "extra", "hf_token"]
+    for key in draw(st.lists(st.sampled_from(top_keys), max_size=3)):
         job[key] = draw(JSON_VALUES)
-    if draw(st.booleans()):
-        job["config"]["datasets"][0][draw(st.sampled_from(["path", "type", "split", "data_files", "field_messages", "zz"]))] = draw(JSON_VALUES)
+    datasets = job["config"].get("datasets")
+    if isinstance(datasets, list) and datasets and isinstance(datasets[0], dict) and draw(st.booleans()):
+        datasets[0][draw(st.sampled_from(["path", "type", "split", "data_files", "field_messages", "zz"]))] = draw(JSON_VALUES)
     if draw(st.integers(0, 9)) == 0:
         job["config"]["deepspeed"] = nested(draw(st.integers(20, 60)))
     return {"input": job} if draw(st.booleans()) else job
@@ -110,7 +111,7 @@ HOSTILE_FILES = {
     "surrogate.json": b'{"input": {"run_id": "r", "config": {"base_model": "\\udc80"}}}',
     "huge-number.json": b'{"input": {"run_id": "r", "config": {"seed": 1' + b"0" * 5000 + b"}}}",
     "nan.json": b'{"input": {"run_id": "r", "config": {"learning_rate": NaN}}}',
-    "bom-9mb.json": b"\xef\xbb\xbf" + json.dumps({"input": example_job(config={"datasets": [{"path": "org/d", "type": "x" * 9_000_000}]})}).encode(),
+    "bom-9mb.json": b"\xef\xbb\xbf" + json.dumps({"input": example_job(config={"datasets": [{"path": "o/d", "type": "x" * 9_000_000}]})}).encode(),
 }
 
 
