@@ -62,3 +62,13 @@ def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volum
         assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result
         assert result["error"]["details"]["errors"][-1]["loc"] == "s3Config" and says in result["error"]["message"]
         assert "VALUE99" not in json.dumps(result)
+
+
+def test_a_huge_value_holding_a_url_secret_fails_clearly_before_any_stage(demo_volume):
+    """Masked config values reach the children in one environment variable, which Linux caps at 128 KB."""
+    from worker.job.pipeline import run_job
+
+    template = "{# https://u:p@host/x " + "y" * 200_000 + " #}" + TEMPLATE
+    result = run_job({"input": example_job(run_id="env-cap", config={"chat_template": "jinja", "chat_template_jinja": template})})
+    assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result["error"]
+    assert "URL password or signature" in result["error"]["message"] and "yyyy" not in json.dumps(result)

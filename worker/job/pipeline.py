@@ -37,6 +37,7 @@ from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
 PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
+MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
 STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
 
 
@@ -311,6 +312,9 @@ class JobPipeline:
         secret-free; what was masked in the config (a presigned URL) reaches the children in their environment."""
         public = self.public_job()
         self.config_secrets = masked_values(self.job.public_dict()["config"], public["config"])
+        if len(json.dumps(self.config_secrets)) > MAX_ENV_VALUE:
+            raise JobSpecError(f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
+                               "keep such values to the URLs themselves (a presigned URL is well under 4 KB)", stage="run_dir")
         write_json_atomic(run.path / "job.json", public)
         config = {**public["config"], "output_dir": str(run.path)}
         path = run.path / "config.json"
