@@ -17,7 +17,8 @@ all ranks), whatever the split: `num_items_in_batch` is the global count.
 
 Keeping the GPU busy (the host must never be what a step waits for):
 - Batches come from `batches.Prefetcher`: read, collated and pinned one step ahead in a background
-  thread, copied with non_blocking; their token and target counts are taken on the host.
+  thread, copied with non_blocking; their token and target counts, and the varlen attention's
+  segment boundaries, are taken on the host.
 - `train_step` only queues work: nothing in it reads a number back from the device (fp16's loss
   scaler aside, which must look for overflows before the optimizer steps). Its loss and
   grad norm travel to pinned host memory behind a CUDA event (`Readout`), and step N's numbers
@@ -49,7 +50,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens, to_device
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
@@ -180,7 +181,7 @@ class Trainer:
         n_items = counts[0].clamp(min=1).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
         for i, micro in enumerate(batch.micro):
-            micro = {k: v.to(topo.device, non_blocking=True) for k, v in micro.items()}
+            micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss = self.engine(**micro, num_items_in_batch=n_items).loss
@@ -230,7 +231,7 @@ class Trainer:
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
-                             range(state.step, sched.total_steps), topo.device)
+                             range(state.step, sched.total_steps), topo.device, varlen="varlen_attention" in self.kernels)
         queued: QueuedStep | None = None
         try:
             while state.step < sched.total_steps:
