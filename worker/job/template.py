@@ -7,8 +7,8 @@ modules) without touching CUDA, then waits on a Unix socket. For each stage the 
 the command line, the full environment (with the job's secrets: over the socket, never on disk),
 the working directory and the write ends of its stdout/stderr pipes (SCM_RIGHTS); the template
 forks, and the child becomes the stage: its own session (process group), the pipes as fd 1/2,
-the environment replaced, PR_SET_PDEATHSIG armed, then `python -m MODULE ARGS` run in place
-(runpy). CUDA is initialised by the child only, after the fork (a forked CUDA context is unusable,
+the environment replaced, PR_SET_PDEATHSIG armed, its process name set to the module's (it keeps
+the template's command line), then `python -m MODULE ARGS` run in place (runpy). CUDA is initialised by the child only, after the fork (a forked CUDA context is unusable,
 which is why the template never touches it). The template reaps the child and sends its exit
 status back on the same connection, so to the supervisor a `ForkedChild` is a Popen: pid, poll,
 wait, returncode — limits, SIGTERM/SIGKILL to the group, logs and exit codes are unchanged.
@@ -40,6 +40,7 @@ from pathlib import Path
 from worker.lifeline import die_with_parent
 
 READY_TIMEOUT_S = 300.0
+PR_SET_NAME = 15
 PRELOAD = ("torch", "transformers", "datasets", "peft", "worker.data.pipeline", "worker.train.stage")
 
 
@@ -193,6 +194,7 @@ def serve(path: str) -> None:
     (fork from a process with other threads could copy a lock held mid-operation)."""
     import importlib
 
+    name_process("ftw-template")
     for name in PRELOAD:
         importlib.import_module(name)
     arm_pdeathsig = die_with_parent()
@@ -292,6 +294,7 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     argv = request["argv"]  # ["-m", module, *args] or [script, *args]
+    name_process(argv[1] if argv[0] == "-m" else os.path.basename(argv[0]))
     print(f"ftw: stage forked from the template (pid {os.getppid()}); torch, transformers, datasets, peft were imported there",
           file=sys.stderr, flush=True)
     code = 0
@@ -316,6 +319,16 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
     return code
+
+
+def name_process(name: str) -> None:
+    """The process name `ps -o comm`, top and psutil's name() show (15 bytes at most): a forked
+    stage keeps the template's command line, so its name says which stage it is."""
+    from worker.lifeline import _prctl
+
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def _message_exit(message: object) -> int:

@@ -211,6 +211,8 @@ class Trainer:
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
+        if queued.step == self.first_step:  # the job's time to first step is measured from this event
+            self.progress.event(step=queued.step, event="first_step")
         self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
         self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
@@ -228,6 +230,7 @@ class Trainer:
         self.progress = progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main)
         self.t0, self.tokens0 = time.monotonic(), state.tokens  # this process's share, for tokens/s
         self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
+        self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
