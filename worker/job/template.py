@@ -41,7 +41,12 @@ from worker.lifeline import die_with_parent
 
 READY_TIMEOUT_S = 300.0
 PR_SET_NAME = 15
-PRELOAD = ("torch", "transformers", "datasets", "peft", "worker.data.pipeline", "worker.train.stage")
+PRELOAD = ("torch", "transformers", "datasets", "peft", "worker.data.pipeline", "worker.train.stage",
+           "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "peft.tuners.lora",
+           "torch.distributed.checkpoint.state_dict", "matplotlib")
+# imported when available: the patched families' modeling code, the kernels (triton)
+OPTIONAL = ("transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral",
+            "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3", "kernels.patches")
 
 
 # ---- the orchestrator's side (no torch) ---------------------------------------------------------
@@ -197,6 +202,11 @@ def serve(path: str) -> None:
     name_process("ftw-template")
     for name in PRELOAD:
         importlib.import_module(name)
+    for name in OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     arm_pdeathsig = die_with_parent()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
