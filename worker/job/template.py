@@ -24,6 +24,7 @@ started fresh.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import selectors
@@ -207,6 +208,7 @@ def serve(path: str) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    gc.freeze()  # what is imported stays shared with the children (no copy-on-write by collections)
     arm_pdeathsig = die_with_parent()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path + ".tmp")
