@@ -11,6 +11,9 @@ tokens (lognormal samples, mean ~600, ≤ 2048, position_ids restarting per samp
 4 for 7-8B as there) concatenated into one packed row of mbs × seq tokens — the row ftw's
 preprocessing builds for micro_batch_size × sequence_len. Every arm trains LoRA r=16 α=32 on all
 seven linear layers, bf16, on those same tokens, one process each:
+  bare   bench/train_throughput.py's ftw arm: the kernels in a bare loop (batches on the GPU before
+         timing, no clipping, events or checkpoints) on the same shape, mbs and token stream — the
+         speed the real path must keep (issue 13: ftw ≥ 0.95× bare); its column "vs bare";
   hf     plain transformers+peft loop (sdpa, fused AdamW, grad clipping), each packed row viewed as
          its mbs rows of seq tokens (every one starts a sample, so this is exact and attention costs
          Σ sᵢ², as in train_throughput), batches on the GPU before timing, CUDA syncs after --warmup;
@@ -192,6 +195,19 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     return result
 
 
+def bare_arm(a: argparse.Namespace) -> dict:
+    """train_throughput's ftw arm (its own child process) in this table's units."""
+    from bench import train_throughput
+
+    args = ["--arm", "ftw", "--shape", a.shape, "--gc", "off", "--mbs", str(a.mbs), "--seq", str(a.seq),
+            "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    r = train_throughput.child(args, timeout=a.arm_timeout)
+    if "tokens_per_s" not in r:
+        return {"error": r.get("error") or "no result"}
+    return {"tokens_per_s": r["tokens_per_s"], "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
+            "peak_memory_gib": r["peak_alloc_gib"], "final_loss": r["loss_last"], "kernels": r["kernels"]}
+
+
 def profile_figures(path: Path, steps: int) -> dict:
     """GPU busy time and host time per step from worker/train/profile.py's table. The host time
     is inflated by the profiler's own per-op cost: read it as an upper bound."""
@@ -215,7 +231,7 @@ def main() -> int:
     ap.add_argument("--mbs", type=int, default=0, help="rows of --seq tokens per step (default: train_throughput's, 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--arms", default="hf,ftw,qlora,ftw-nokernels")
+    ap.add_argument("--arms", default="hf,bare,ftw,qlora,ftw-nokernels")
     ap.add_argument("--no-merge", dest="merge", action="store_false", help="ftw arm without merge_lora (saves minutes on 7-8B shapes)")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the ftw arm's 3 profiled steps after the timed ones")
     ap.add_argument("--arm-timeout", type=int, default=0, help="seconds per arm (default: 150 for 1B, 420 for 7-8B)")
@@ -253,6 +269,8 @@ def main() -> int:
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
                 results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}
+        elif arm == "bare":
+            results["arms"][arm] = bare_arm(a)
         elif arm == "qlora" and not _has_cuda_bnb():
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
@@ -273,18 +291,20 @@ def _has_cuda_bnb() -> bool:
 
 def table(r: dict) -> str:
     base = r["arms"].get("hf", {}).get("tokens_per_s")
+    bare = r["arms"].get("bare", {}).get("tokens_per_s")
     lines = [f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
-             "| arm | tokens/s | vs hf | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for arm, v in r["arms"].items():
         if "error" in v:
-            lines.append(f"| {arm} | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |")
+            lines.append(f"| {arm} | — | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |")
             continue
         ratio = f"{v['tokens_per_s'] / base:.2f}×" if base else "—"
+        vs_bare = f"{v['tokens_per_s'] / bare:.2f}×" if bare else "—"
         notes = ", ".join(filter(None, [f"kernels: {'+'.join(v['kernels']) or 'none'}" if "kernels" in v else "",
                                         f"merge {v['merge_s']} s → {v['merged_gib']} GiB" if "merge_s" in v else "",
                                         f"host ≤ {v['profiled_host_ms_per_step']} ms/step (profiled)" if "profiled_host_ms_per_step" in v else ""]))
-        lines.append(f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |")
+        lines.append(f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |")
     return "\n".join(lines)
 
 

@@ -80,6 +80,8 @@ cat >"$OUT/job.json" <<EOF
  "publish": ["adapter"], "limits": {"preprocess_s": 600, "train_s": 900}}}
 EOF
 export BASE_VOLUME="$VOL"
+# the import floor of one process: the yardstick of time to first step (issue 13: fresh ≤ 1.3×, warm ≤ 0.3×)
+$PY -c "import subprocess, sys, time; t = time.monotonic(); subprocess.run([sys.executable, '-c', 'import torch, transformers, datasets, peft'], check=True); print(time.monotonic() - t)" >"$OUT/floor_s"
 [ "${DRY_RUN_CPU:-}" = 1 ] || unset FTW_ALLOW_CPU   # DRY_RUN_CPU=1 FTW_ALLOW_CPU=1: rehearse on a CPU machine
 started=$(date +%s)
 if $PY -c "import runpod" 2>/dev/null; then
@@ -99,6 +101,11 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=body, head
 response = json.load(urllib.request.urlopen(req, timeout=1500))
 json.dump(response, open(f"{out}/runsync_response.json", "w"), indent=2)
 json.dump(response["output"][-1], open(f"{out}/job_result.json", "w"), indent=2)
+# the same worker's next job: its stages fork from the warm stage template
+job = json.load(open(f"{out}/job.json"))["input"]
+body = json.dumps({"input": {**job, "run_id": job["run_id"] + "-2"}}).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=body, headers={"Content-Type": "application/json"})
+json.dump(json.load(urllib.request.urlopen(req, timeout=1500))["output"][-1], open(f"{out}/job_result_2.json", "w"), indent=2)
 EOF
   kill $HPID 2>/dev/null; wait $HPID 2>/dev/null
   via="handler.py (runpod SDK local API, /runsync)"
@@ -133,6 +140,16 @@ rows = [("probe: failed", p.get("message", False)), ("probe: GPUs", p.get("count
 metrics = r.get("metrics") or {}
 rows += [(f"job metric {k}", metrics.get(k)) for k in ("steps", "final_loss", "tokens_per_s", "precision", "peak_memory_gib", "peak_memory_kind")]
 rows += [(f"job timing {k}", v) for k, v in (r.get("timings") or {}).items()]
+try:
+    floor = float(open(f"{out}/floor_s").read())
+except (OSError, ValueError):
+    floor = None
+second = load("job_result_2.json")
+rows += [("import floor s (torch, transformers, datasets, peft)", None if floor is None else round(floor, 2))]
+for label, result in (("job 1 (fresh worker)", r), ("job 2 (warm worker)", second)):
+    first = (result.get("timings") or {}).get("first_step_s")
+    rows.append((f"time to first step, {label} s", first))
+    rows.append((f"time to first step, {label} × floor", round(first / floor, 2) if first and floor else None))
 if r.get("status") != "completed":
     rows.append(("job error", json.dumps(r.get("error"))[:400]))
 print("| figure | value |\n|---|---|")

@@ -158,7 +158,11 @@ def run_arm(a: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
-    batches = [({k: v if k == "packed_seq_lengths" else v.cuda(non_blocking=True) for k, v in layout(b).items()}, sq)
+    if "varlen_attention" in applied:  # the boundaries from the host, as the trainer's prefetcher hands them over
+        from kernels.attention import host_segments
+
+        layout = lambda b: {**b, **host_segments(b["position_ids"], None)}  # noqa: E731
+    batches = [({k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) and k != "packed_seq_lengths" else v for k, v in layout(b).items()}, sq)
                for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
     losses: list[float] = []
     offloader = None

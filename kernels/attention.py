@@ -5,6 +5,13 @@ several samples whose position ids restart at 0 (the data pipeline's contract); 
 each run of padding, becomes one causal segment of the flattened (tokens, heads, head_dim)
 batch, so no token attends across samples, and no padded-batch token attends to padding. No
 (seq × seq) mask is ever built, and the whole pack costs Σ sᵢ² instead of S².
+
+The segment boundaries depend on the batch's data, so computing them on the device costs a host
+sync per forward (`nonzero`, the longest length). The trainer's batch prefetcher computes them on
+the host instead, from the CPU copy of the batch (`host_segments`), and passes them in transformers'
+names (`cu_seq_lens_q/_k`, `max_length_q/_k`). The mask function registered with it returns the
+2D padding mask as is: transformers' flash one reads `mask.all()` back, and with an explicit mask
+transformers does not inspect position_ids for packing (another read-back) either.
 """
 from __future__ import annotations
 
@@ -37,6 +44,16 @@ def segment_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tens
     idx = starts.flatten().nonzero().flatten()
     cu = torch.cat([idx, torch.tensor([batch * seq], device=device)]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max().item())  # one host sync per forward (cached below)
+
+
+def host_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor | int]:
+    """The varlen keyword arguments of one batch, from its CPU tensors (no device involved)."""
+    batch, seq = position_ids.shape
+    cu, longest = segment_starts(position_ids, attention_mask, batch, seq, position_ids.device)
+    out: dict[str, torch.Tensor | int] = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    if attention_mask is None:  # packed: with an explicit mask transformers skips its packing check (a sync)
+        out["attention_mask"] = torch.ones_like(position_ids)
+    return out
 
 
 def _cached_segments(position_ids, attention_mask, batch, seq, device):
@@ -91,17 +108,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             rep = heads // kv_heads
             k = k[:, :, None].expand(-1, -1, rep, -1).reshape(batch * seq, heads, dim)
             v = v[:, :, None].expand(-1, -1, rep, -1).reshape(batch * seq, heads, dim)
-    cu, longest = _cached_segments(position_ids, attention_mask, batch, seq, query.device)
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or longest is None:  # not given by the caller: from the device (one sync)
+        cu, longest = _cached_segments(position_ids, attention_mask, batch, seq, query.device)
     window = (-1, 0) if not sliding_window else (sliding_window - 1, 0)
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window, **extra)
     return out.view(batch, seq, heads, dim), None
 
 
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
+    """The 2D padding mask (its last kv_length columns), or None: what varlen attention reads.
+    Unlike transformers' flash_attention_mask it never drops an all-ones mask (reading that would sync)."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
 def register() -> None:
-    """Make "ftw_varlen" a transformers attention implementation (its mask: the 2D padding mask
-    or None, as for flash attention)."""
+    """Make "ftw_varlen" a transformers attention implementation (its mask: `padding_mask`)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, varlen_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, padding_mask)

@@ -41,7 +41,7 @@ def stage_children(worker_pid: int, module: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(worker_pid).children(recursive=True):
         try:
-            if module in " ".join(proc.cmdline()):
+            if module in " ".join(proc.cmdline()) or proc.name() == module[:15]:  # forked from the stage template: named
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass

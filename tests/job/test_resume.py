@@ -32,13 +32,14 @@ CONFIG = {"max_steps": 12, "save_steps": 2, "sequence_len": 64, "micro_batch_siz
 
 
 def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
-    """This process's live descendants, except `ignore` (servers other tests' fixtures started)."""
+    """This process's live descendants, except `ignore` (servers other tests' fixtures started)
+    and the worker's stage template (kept for the next job; worker/job/template.py)."""
     out = []
     for p in psutil.Process().children(recursive=True):
         if p.pid in ignore:
             continue
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
+            if p.status() != psutil.STATUS_ZOMBIE and p.name() != "ftw-template":
                 out.append(p)
         except psutil.NoSuchProcess:
             pass
@@ -46,7 +47,7 @@ def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
 
 
 def train_child() -> psutil.Process:
-    found = [p for p in live_children() if "worker.train" in " ".join(p.cmdline())]
+    found = [p for p in live_children() if "worker.train" in " ".join(p.cmdline()) or p.name() == "worker.train"]  # forked: named
     assert found, "the train child is not running (it finished before the test could stop it: raise max_steps)"
     return found[0]
 

@@ -1,4 +1,6 @@
-"""The supervisor against real child processes: logs as bytes, signals, limits, typed failures."""
+"""The supervisor against real child processes: logs as bytes, signals, limits, typed failures —
+every test twice: children started as fresh interpreters, and forked from the stage template
+(worker/job/template.py), which must keep the same contract."""
 from __future__ import annotations
 
 import os
@@ -15,8 +17,27 @@ from schemas.secrets import Redactor
 from tests.conftest import pid_alive, wait_gone
 from worker import errors
 from worker.job.supervisor import Stage, StopSignal, run_stage, stage_failure
+from worker.job.template import StageTemplate
 
 SECRET = "hf_SuperSecretToken123456"
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH: dict[str, StageTemplate | None] = {"template": None}
+
+
+@pytest.fixture(scope="module")
+def template():
+    started = StageTemplate({**os.environ, "PYTHONPATH": str(REPO)})
+    assert started.wait_ready(), "the stage template did not start"
+    yield started
+    started.close()
+
+
+@pytest.fixture(params=["fresh", "template"], autouse=True)
+def launch(request):
+    """Which way `child` stages start in this test."""
+    LAUNCH["template"] = request.getfixturevalue("template") if request.param == "template" else None
+    yield request.param
+    LAUNCH["template"] = None
 
 
 def child(tmp_path: Path, body: str, **kw) -> Stage:
@@ -24,8 +45,25 @@ def child(tmp_path: Path, body: str, **kw) -> Stage:
     script.write_text(textwrap.dedent(body))
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return Stage("train", [sys.executable, str(script)], env, log_dir, grace_s=kw.pop("grace_s", 5.0), **kw)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return Stage("train", [sys.executable, str(script)], env, log_dir, grace_s=kw.pop("grace_s", 5.0), template=LAUNCH["template"], **kw)
+
+
+def forked_from_template(run) -> bool:
+    return any("forked from the template" in line for line in run.stderr.tail(200))
+
+
+def test_the_child_is_forked_from_the_template_when_there_is_one(tmp_path, launch):
+    stage = child(tmp_path, """
+        import os, sys
+        print(os.getpid(), os.getpgid(0), os.environ["MARK"], "torch" in sys.modules, flush=True)
+    """)
+    stage.env["MARK"] = "from-this-stage"
+    run = run_stage(stage, StopSignal(), Redactor([]))
+    pid, pgid, mark, preimported = run.last_stdout_line().split()
+    assert run.returncode == 0 and int(pid) == run.pid == int(pgid)  # its own process group
+    assert mark == "from-this-stage"  # the stage's environment, not the template's
+    assert forked_from_template(run) == (launch == "template") and preimported == str(launch == "template")
 
 
 def test_carriage_return_progress_and_huge_line_do_not_stall(tmp_path):
@@ -158,7 +196,7 @@ def test_oom_and_nccl_are_recognised_from_the_log(tmp_path, text, cls):
     assert type(stage_failure(run_stage(stage, StopSignal(), Redactor([])))) is cls
 
 
-def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_path):
+def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_path, launch):
     """No orphaned training run: the child hears SIGTERM (its save-and-exit path) when the worker is SIGKILLed."""
     marker = tmp_path / "got-sigterm"
     stage_script = tmp_path / "stage.py"
@@ -178,14 +216,16 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
         from pathlib import Path
         from schemas.secrets import Redactor
         from worker.job.supervisor import Stage, StopSignal, run_stage
+        from worker.job.template import StageTemplate
         logs = Path({str(tmp_path / "logs")!r}); logs.mkdir()
-        run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0), StopSignal(), Redactor([]))
+        template = StageTemplate(dict(os.environ)) if {launch == "template"} else None  # this supervisor's own
+        run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0, template=template), StopSignal(), Redactor([]))
     """))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     supervisor = subprocess.Popen([sys.executable, str(supervisor_script)], env=env)
     pid_file, stage_pid = tmp_path / "stage.pid", None
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180  # a template imports torch & co. first
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pid_file.exists(), "the stage never started"

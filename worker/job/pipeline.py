@@ -28,7 +28,7 @@ from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
 from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values, s3_config_problem
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
-from worker.job import gpu, stages
+from worker.job import gpu, stages, template
 from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
@@ -114,6 +114,8 @@ class JobPipeline:
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
         self.config_secrets: list[list[Any]] = []  # config values config.json holds masked (schemas.secrets.masked_values)
+        self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
+        self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -158,6 +160,7 @@ class JobPipeline:
     def run_stages(self, run: RunDir) -> dict[str, Any]:
         config_path = self.write_config(run)
         if not run.stage_done("train"):
+            self.template = template.shared(child_env(self.env, {}, {}))  # imports while the checks run
             with self.step("checks", "checking disk and GPU"):
                 estimate, shape = estimate_disk(self.job.config, self.env)
                 disk = check_disk(estimate, run.base)
@@ -343,13 +346,18 @@ class JobPipeline:
         self.check_stop()
         stage = Stage(
             name, argv, self.stage_env(run), next_attempt_dir(run.logs, name), time_limit_s=limit_s,
-            no_progress_s=self.job.limits.no_progress_s, grace_s=float(self.env.get("FTW_STOP_GRACE_S") or 60),
+            no_progress_s=self.job.limits.no_progress_s, grace_s=float(self.env.get("FTW_STOP_GRACE_S") or 60), template=self.template,
         )
-        child = run_stage(stage, self.stop, self.redactor, lambda event: self.progress(event_update(self.job.run_id, name, event)))
+        child = run_stage(stage, self.stop, self.redactor, lambda event: self.on_event(name, event))
         error = stage_failure(child)
         if error is not None:
             raise error
         return child
+
+    def on_event(self, stage: str, event: dict[str, Any]) -> None:
+        if event.get("event") == "first_step" and isinstance(event.get("ts"), (int, float)):  # what a user waits for
+            self.timings.setdefault("first_step_s", round(max(event["ts"] - self.started_wall, 0.0), 3))
+        self.progress(event_update(self.job.run_id, stage, event))
 
     def check_stop(self, during: str = "before its next stage started") -> None:
         if self.stop.is_set():

@@ -1,6 +1,8 @@
 """Run one stage as a supervised child process and turn how it ended into a typed failure.
 
-The child starts in its own session (process group), with the secrets only in its environment.
+The child starts in its own session (process group), with the secrets only in its environment:
+forked from the worker's pre-imported stage template when it has one (worker/job/template.py),
+else as a fresh interpreter; both look the same from here.
 Its stdout/stderr are read as raw bytes (a `\\r` progress bar with no newline cannot stall us),
 redacted, written to `logs/<stage>/attempt-<n>/{stdout,stderr}.log`, and the last lines kept in a
 ring buffer for the error message. Progress events are tailed from FTW_EVENTS. The stage is
@@ -25,6 +27,7 @@ from typing import Any
 from schemas.secrets import Redactor, StreamRedactor
 from worker import errors
 from worker.events import EXIT_PREEMPTED, read_error
+from worker.job.template import ForkedChild, StageTemplate, runnable_in_place
 from worker.lifeline import die_with_parent
 
 POLL_S = 0.2
@@ -80,6 +83,7 @@ class Stage:
     time_limit_s: float | None = None
     no_progress_s: float | None = None
     grace_s: float = DEFAULT_GRACE_S
+    template: StageTemplate | None = None  # forks the child pre-imported (worker/job/template.py)
 
 
 @dataclass
@@ -164,6 +168,17 @@ def next_attempt_dir(log_root: Path, name: str) -> Path:
     return attempt
 
 
+def start_child(stage: Stage, env: dict[str, str], out_w: int, err_w: int) -> subprocess.Popen | ForkedChild:
+    """The child in its own session, dying with us: forked from the stage template when there is
+    one that can run the command, else a fresh interpreter."""
+    if stage.template is not None and runnable_in_place(stage.argv):
+        try:
+            return stage.template.spawn(stage.argv, env, out_w, err_w)
+        except OSError as e:  # a dead template costs the imports, not the job
+            os.write(err_w, f"ftw: stage template unavailable ({e}); starting a fresh process\n".encode())
+    return subprocess.Popen(stage.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env, start_new_session=True, close_fds=True, preexec_fn=die_with_parent())
+
+
 def run_stage(stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> StageRun:
     """Run the child to its end (or stop it); always returns, with every group member gone."""
     run = StageRun(stage)
@@ -178,7 +193,7 @@ def run_stage(stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Call
         activity[0] = time.monotonic()
 
     try:
-        proc = subprocess.Popen(stage.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env, start_new_session=True, close_fds=True, preexec_fn=die_with_parent())
+        proc = start_child(stage, env, out_w, err_w)
     finally:
         os.close(out_w)
         os.close(err_w)

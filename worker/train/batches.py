@@ -14,7 +14,9 @@ sample is never a target, so no sample learns from its neighbour's last token.
 
 `Prefetcher` reads and collates the coming steps in a background thread (rows as numpy arrays
 straight from Arrow, tensors pinned on CUDA), so the training loop only copies them to the device
-(non-blocking) and the GPU never waits for the host to build a batch.
+(non-blocking) and the GPU never waits for the host to build a batch. With the varlen attention
+kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
+forward reads them back from the device (kernels/attention.py).
 """
 from __future__ import annotations
 
@@ -119,13 +121,31 @@ class StepInput:
     targets: int  # tokens that carry a loss, on this rank
 
     def pinned(self) -> StepInput:
-        return StepInput(self.step, [{k: v.pin_memory() for k, v in b.items()} for b in self.micro], self.tokens, self.targets)
+        return StepInput(self.step, [{k: pin(v) for k, v in b.items()} for b in self.micro], self.tokens, self.targets)
 
 
-def read_step(ds, plan: BatchPlan, step: int, rank: int, pad_id: int, packed: bool, order: list[int] | None = None) -> StepInput:
-    """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`)."""
+def pin(value):
+    """A tensor in pinned memory (non-blocking copies); anything else (a varlen max length) as is."""
+    return value.pin_memory() if isinstance(value, torch.Tensor) else value
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch on `device`: tensors copied without blocking the host, plain values as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def read_step(ds, plan: BatchPlan, step: int, rank: int, pad_id: int, packed: bool, order: list[int] | None = None,
+              varlen: bool = False) -> StepInput:
+    """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
+    `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host."""
     micro = [collate(read_rows(ds, m), pad_id, packed) for m in plan.micro_batches(step, rank, order)]
-    return StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(target_tokens(b) for b in micro))
+    step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(target_tokens(b) for b in micro))
+    if varlen:
+        from kernels.attention import host_segments
+
+        for b in micro:
+            b.update(host_segments(b["position_ids"], b.get("attention_mask")))
+    return step_input
 
 
 class Prefetcher:
@@ -134,14 +154,15 @@ class Prefetcher:
     in order; an error in the thread is raised there. `close()` stops the thread (it is a daemon
     too, so nothing it does can keep the interpreter from exiting)."""
 
-    def __init__(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, depth: int = 2):
+    def __init__(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, depth: int = 2,
+                 varlen: bool = False):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        args = (ds.with_format("numpy"), plan, rank, pad_id, packed, steps, device)
+        args = (ds.with_format("numpy"), plan, rank, pad_id, packed, steps, device, varlen)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device) -> None:
+    def _run(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, varlen: bool) -> None:
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context
@@ -150,7 +171,7 @@ class Prefetcher:
                 if step // plan.steps_per_epoch != epoch:
                     epoch = step // plan.steps_per_epoch
                     order = plan.epoch_order(epoch)
-                batch = read_step(ds, plan, step, rank, pad_id, packed, order)
+                batch = read_step(ds, plan, step, rank, pad_id, packed, order, varlen)
                 if not self._put(batch.pinned() if device.type == "cuda" else batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step

@@ -17,16 +17,20 @@ all ranks), whatever the split: `num_items_in_batch` is the global count.
 
 Keeping the GPU busy (the host must never be what a step waits for):
 - Batches come from `batches.Prefetcher`: read, collated and pinned one step ahead in a background
-  thread, copied with non_blocking; their token and target counts are taken on the host.
+  thread, copied with non_blocking; their token and target counts, and the varlen attention's
+  segment boundaries, are taken on the host.
 - `train_step` only queues work: nothing in it reads a number back from the device (fp16's loss
   scaler aside, which must look for overflows before the optimizer steps). Its loss and
-  grad norm travel to pinned host memory behind a CUDA event (`Readout`), and step N's numbers
-  are read after step N+1 is queued, so the host is preparing the next step while the GPU works
-  (at most one step ahead). Chosen over one sync per step because it costs nothing in semantics:
-  every point that needs a step's numbers or its state — eval, early stopping, a checkpoint,
-  SIGTERM, the end — first records the step just run (`record`), exactly as before. Only the loss
-  watchdog and the non-finite-loss check fire one step later than the step they name; nothing is
-  saved in between, so the run still stops with the same error and the same last checkpoint.
+  grad norm travel to pinned host memory behind a CUDA event (`Readout`). After queuing a step
+  the loop records every earlier step whose event has completed (a query, no wait), and waits for
+  the oldest only when more than `STEPS_AHEAD` are queued beyond it: the host keeps preparing
+  steps while the GPU works, and a pause on the host (a collection, a slow event write) is
+  absorbed by the queued work instead of idling the GPU. Chosen over one sync per step because it
+  costs nothing in semantics: every point that needs a step's numbers or its state — eval, early
+  stopping, a checkpoint, SIGTERM, the end — first records every queued step (`record`), exactly
+  as before. Only the loss watchdog and the non-finite-loss check may fire a step or two later
+  than the step they name; nothing is saved in between, so the run still stops with the same
+  error and the same last checkpoint.
   With several processes the SIGTERM vote (`preempted`) is a collective that syncs every step.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ import logging
 import math
 import resource
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +54,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens, to_device
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
@@ -58,6 +63,7 @@ from worker.train.progress import Progress
 from worker.train.schedule import Schedule
 
 log = logging.getLogger("ftw.train")
+STEPS_AHEAD = 2  # queued steps the host may be ahead of the oldest one whose numbers it has not read
 
 
 @dataclass
@@ -87,6 +93,9 @@ class Readout:
             self.ready.record()
         else:
             self.host = values
+
+    def done(self) -> bool:
+        return self.ready is None or self.ready.query()
 
     def values(self) -> list[float]:
         if self.ready is not None:
@@ -180,7 +189,7 @@ class Trainer:
         n_items = counts[0].clamp(min=1).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
         for i, micro in enumerate(batch.micro):
-            micro = {k: v.to(topo.device, non_blocking=True) for k, v in micro.items()}
+            micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss = self.engine(**micro, num_items_in_batch=n_items).loss
@@ -210,6 +219,8 @@ class Trainer:
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
+        if queued.step == self.first_step:  # the job's time to first step is measured from this event
+            self.progress.event(step=queued.step, event="first_step")
         self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
         self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
@@ -227,16 +238,17 @@ class Trainer:
         self.progress = progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main)
         self.t0, self.tokens0 = time.monotonic(), state.tokens  # this process's share, for tokens/s
         self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
+        self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
-                             range(state.step, sched.total_steps), topo.device)
-        queued: QueuedStep | None = None
+                             range(state.step, sched.total_steps), topo.device, varlen="varlen_attention" in self.kernels)
+        queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         try:
             while state.step < sched.total_steps:
                 profiler.before_step(state.step)
                 try:
-                    previous, queued = queued, self.train_step(batches.get(state.step))
+                    queued.append(self.train_step(batches.get(state.step)))
                 except torch.cuda.OutOfMemoryError as e:
                     raise OutOfMemory(
                         f"out of GPU memory at step {state.step + 1} ({self.peak_memory_gib():.1f} GiB in use at the peak)",
@@ -244,14 +256,14 @@ class Trainer:
                     ) from e
                 state.step += 1
                 profiler.after_step(state.step)
-                if previous is not None:
-                    self.record(previous)  # the step before, read back while this one runs
+                while queued and (len(queued) > STEPS_AHEAD or queued[0].readout.done()):
+                    self.record(queued.popleft())  # finished on the device, read while later steps run
                 preempted = self.preempted()
                 eval_due = sched.eval_due(state.step)
                 if not (preempted or eval_due or sched.save_due(state.step) or state.step == sched.total_steps):
                     continue
-                self.record(queued)  # eval, checkpoints and stopping see this step's numbers
-                queued = None
+                while queued:  # eval, checkpoints and stopping see this step's numbers
+                    self.record(queued.popleft())
                 stop_early = eval_due and self.evaluate_and_track()
                 saved = sched.save_due(state.step) or (sched.save_best and state.bad_evals == 0 and eval_due)
                 if saved:

@@ -1,0 +1,102 @@
+"""Time to first step of the tiny job, against the import floor of one process, on this machine.
+
+    python bench/first_step.py [--steps 3] [--repeat 1]
+
+Rows (each a fresh worker process that runs the bundled example job twice through `run_job`, the
+function handler.py and `ftw run` call; a job's `timings.first_step_s` is measured by the
+orchestrator from the train child's first-step event):
+  floor             `python -c "import torch, transformers, datasets, peft"`, wall time
+  template, job 1   a fresh worker: the stage template starts with the job (imports once, forks
+                    preprocess and train)
+  template, job 2   the same worker's next job: the template is warm
+  fresh, job 1 / 2  FTW_STAGE_TEMPLATE=0: every stage a fresh interpreter (the old path)
+Targets (issue 13): a fresh worker ≤ 1.3× the floor, a warm worker's next job ≤ 0.3× the floor.
+The tiny model and data are built under --work (examples/demo_job.json's, max_steps --steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FLOOR = "import torch, transformers, datasets, peft"
+
+
+def worker(volume: Path, steps: int) -> None:
+    """One worker process: two jobs, one after the other, as a warm serverless worker takes them."""
+    sys.path.insert(0, str(REPO))
+    from worker.job.pipeline import run_job
+
+    job = json.loads((REPO / "examples" / "demo_job.json").read_text())["input"]
+    job["config"].update(max_steps=steps, save_steps=None, logging_steps=1)
+    out = []
+    for n in (1, 2):
+        result = run_job({"input": {**job, "run_id": f"first-step-{os.getpid()}-{n}"}})
+        if result["status"] != "completed":
+            raise SystemExit(json.dumps(result)[-2000:])
+        out.append(result["timings"])
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def floor_s() -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", FLOOR], check=True)
+    return time.monotonic() - started
+
+
+def run_worker(volume: Path, steps: int, template: bool) -> list[dict]:
+    env = {**os.environ, "BASE_VOLUME": str(volume), "FTW_ALLOW_CPU": "1", "PYTHONPATH": str(REPO),
+           "FTW_STAGE_TEMPLATE": "1" if template else "0"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(volume), "--steps", str(steps)], env=env,
+                          capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def prepare(volume: Path) -> None:
+    if not (volume / "models" / "ftw-tiny-chatml" / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "worker.demo", "--volume", str(volume), "--build-model",
+                        str(volume / "models" / "ftw-tiny-chatml")], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    (volume / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "examples" / "data" / "greetings.jsonl", volume / "data" / "greetings.jsonl")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/ftw-first-step"))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="workers per mode (the table shows the median)")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.worker, a.steps)
+        return 0
+    volume = a.work / "volume"
+    prepare(volume)
+    floor = sorted(floor_s() for _ in range(max(a.repeat, 1)))[a.repeat // 2]
+    rows = [("floor (one process imports torch, transformers, datasets, peft)", floor, None)]
+    for template in (True, False):
+        runs = [run_worker(volume, a.steps, template) for _ in range(max(a.repeat, 1))]
+        for n in (0, 1):
+            values = sorted(r[n]["first_step_s"] for r in runs)
+            total = sorted(r[n]["total_s"] for r in runs)[len(runs) // 2]
+            label = f"{'template' if template else 'fresh (FTW_STAGE_TEMPLATE=0)'}, job {n + 1}{' (warm worker)' if n else ' (fresh worker)'}"
+            rows.append((label, values[len(values) // 2], total))
+    print(f"tiny job, {a.steps} steps, CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print("| row | time to first step s | × floor | job total s |")
+    print("|---|---:|---:|---:|")
+    for label, value, total in rows:
+        print(f"| {label} | {value:.2f} | {value / floor:.2f}× | {'' if total is None else f'{total:.2f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""A training step reads nothing back from the device: the varlen attention's segment boundaries
+come from the prefetcher (computed on the host from the CPU batch), and neither transformers'
+mask code nor the attention looks at the batch's data. Counted with the torch profiler on CPU:
+the ops that would block the host on a GPU (`aten::_local_scalar_dense` behind `.item()` and
+`bool(tensor)`, `aten::nonzero`, reductions read as a bool). CPU has no flash kernel, so torch's
+`varlen_attn` is stood in for by an exact CPU one that itself reads nothing back; on a GPU the
+same property is asserted with CUDA's sync debug mode (tests/kernels/test_gpu.py)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from tests.train.helpers import pack
+from worker.train.batches import BatchPlan, Prefetcher
+
+# `all`/`any`: transformers' mask code turns their result into a Python bool (on CPU that read is
+# not an op of its own)
+SYNCING_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::all", "aten::any")
+
+
+def cpu_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **_):
+    """torch's varlen_attn semantics (causal segments of the flattened batch) in plain ops."""
+    n = q.shape[0]
+    token = torch.arange(n)
+    segment = torch.searchsorted(cu_q[1:].long(), token, right=True)  # no host read
+    allowed = (segment[:, None] == segment[None, :]) & (token[None, :] <= token[:, None])
+    scores = torch.einsum("qhd,khd->hqk", q, k) * (scale or q.shape[-1] ** -0.5)
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+def syncing_ops(fn) -> collections.Counter:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return collections.Counter(e.name for e in prof.events() if e.name in SYNCING_OPS)
+
+
+@pytest.fixture
+def varlen_model(task_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "varlen_attn_fn", lambda: cpu_varlen_attn)
+    attention.register()
+    return AutoModelForCausalLM.from_pretrained(task_model_dir, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, packed):
+    from datasets import Dataset
+
+    from kernels import attention
+
+    train, _, _ = task_rows
+    rows = pack(train[:24], 64) if packed else train[:8]
+    ds = Dataset.from_list(rows)
+    plan = BatchPlan(len(rows), 1 if packed else 4, 1, 1, seed=0)
+    batches = Prefetcher(ds, plan, 0, 0, packed, range(1), torch.device("cpu"), varlen=True)
+    try:
+        batch = batches.get(0)
+    finally:
+        batches.close()
+    micro = batch.micro[0]
+    assert micro["max_length_q"] == int(micro["cu_seq_lens_q"].diff().max())
+    # the same micro-batch as collate builds it for every other attention: no boundaries given
+    without = {k: v for k, v in micro.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    if packed:
+        without.pop("attention_mask")
+    varlen_model.set_attn_implementation(attention.NAME)
+
+    def step(inputs):  # fresh tensors, as every step has (the device path caches by identity)
+        return lambda: varlen_model(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).loss.backward()
+
+    # the boundaries found on the device (one read-back per forward) give the same loss
+    assert torch.equal(varlen_model(**micro).loss, varlen_model(**without).loss)
+    assert syncing_ops(step(micro)) == collections.Counter()
+    assert syncing_ops(step(without))  # what the prefetcher's boundaries save
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_a_cuda_training_step_never_waits_for_the_device(task_model_dir, task_rows, tmp_path, monkeypatch, packed):
+    """The real trainer with the real kernels: after the first step (lazy initialisation, Triton
+    compiles), queuing a step — copies, forward, backward, clipping, optimizer — raises on any
+    synchronising CUDA call. Reading a step's numbers back (one step later) is not part of it."""
+    from tests.train.helpers import base_config, run_inprocess, write_cache
+    from worker.train.trainer import Trainer
+
+    train, _, _ = task_rows
+    cache = write_cache(tmp_path / "cache", pack(train[:96], 64) if packed else train[:48], packed=packed)
+    queue_step, kernels = Trainer.train_step, []
+
+    def strict_step(self, batch):
+        kernels.append(self.kernels)
+        torch.cuda.set_sync_debug_mode("error" if batch.step > 0 else "default")
+        try:
+            return queue_step(self, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(Trainer, "train_step", strict_step)
+    cfg = base_config(task_model_dir, micro_batch_size=1 if packed else 4, gradient_accumulation_steps=2, max_steps=4, save_strategy="no",
+                      optimizer="adamw_torch_fused")
+    assert run_inprocess(cfg, tmp_path / "run", cache) == 0
+    assert len(kernels) == 4 and "varlen_attention" in kernels[0]
