@@ -49,14 +49,16 @@ def dataset_size(cfg: TrainingConfig, env: Mapping[str, str]) -> DatasetSize:
     cached = from_cache(cfg, env, entries)
     if cached is not None:
         return cached
-    size = DatasetSize(0, 0, f"estimate from the local files (characters / {CHARS_PER_TOKEN}, not tokenised)")
+    size = DatasetSize(0, 0, f"estimated from the local files: characters / {CHARS_PER_TOKEN}, not tokenised")
     for entry in entries:
         if not is_local(entry.path):
             size.notes.append(f"dataset {entry.path}: not local, its size is unknown before download")
-            size.tokens = size.samples = None
-            size.source = "unknown"
-            return size
-        tokens, samples = estimate_local(local_path(entry.path), entry)
+            return DatasetSize(None, None, "unknown", size.notes)
+        try:
+            tokens, samples = estimate_local(local_path(entry.path), entry)
+        except (DataError, OSError) as e:
+            size.notes.append(f"dataset {entry.path}: cannot be read here ({e})")
+            return DatasetSize(None, None, "unknown", size.notes)
         size.tokens += tokens  # type: ignore[operator]
         size.samples += samples  # type: ignore[operator]
     if cfg.val_set_size:
@@ -87,7 +89,7 @@ def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) 
     if not candidates:
         return None
     _, folder, manifest = max(candidates, key=lambda c: c[0])
-    return DatasetSize(int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"prepared cache {folder}")
+    return DatasetSize(int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"counted in the prepared cache {folder}")
 
 
 def source_id(entry: Any) -> str:

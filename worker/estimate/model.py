@@ -56,6 +56,7 @@ HOST_S_PER_MICRO = 0.045  # the training loop's host time per micro-batch (real 
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 LORA_STATE_BYTES = 18  # fp32 weight + fp32 grad + two fp32 AdamW moments + a bf16 copy
 FULL_STATE_BYTES = 6  # bf16 grad + two bf16 AdamW moments (weights counted apart)
+HOST_LINK_BYTES_PER_S = 25e9  # PCIe 4/5 x16 as measured by copy benchmarks, pinned memory (not calibrated)
 H200_TFLOPS = 989.4
 PACKED_FILL = 0.99  # share of a packed bin holding tokens (ftw's FFD packer: 99.9% measured)
 SPAN_PER_MEAN = 1.9  # Σs²/Σs over mean sample length for a lognormal σ=0.8 length mix
@@ -76,6 +77,8 @@ class Workload:
     offload: bool = False
     lora_params: int = 0
     mean_sample_tokens: float | None = None  # None: unknown (taken as half the sequence)
+    micro_tokens: float | None = None  # real tokens of an average micro-batch, when the data says
+    data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     real_path: bool = True  # False: the bare kernel loop of bench/train_throughput.py (no host time)
 
     @property
@@ -86,29 +89,33 @@ class Workload:
 
     @property
     def peak_tokens(self) -> int:
-        """Tokens of the largest micro-batch (a packed bin; or mbs rows of the longest samples)."""
-        return self.micro_batch_size * self.sequence_len
+        """Tokens of the largest micro-batch (a full packed bin; or mbs rows of the longest samples)."""
+        full = self.micro_batch_size * self.sequence_len
+        return full if self.data_tokens is None else min(full, self.data_tokens)
 
     @property
     def sample_tokens(self) -> float:
         return min(float(self.sequence_len), self.mean_sample_tokens or self.sequence_len / 2)
 
     @property
+    def attention_span(self) -> float:
+        """Σ s² / Σ s over the samples: how many earlier tokens a token attends to, times two."""
+        return min(float(self.sequence_len), SPAN_PER_MEAN * self.sample_tokens)
+
+    @property
     def real_tokens(self) -> float:
         """Tokens that count (not padding) in an average micro-batch."""
+        if self.micro_tokens is not None:
+            return self.micro_tokens
         return self.peak_tokens * PACKED_FILL if self.packed else self.micro_batch_size * self.sample_tokens
 
     @property
     def compute_tokens(self) -> float:
-        """Tokens the GPU computes on in an average micro-batch (unpacked rows pad to the longest)."""
+        """Tokens the GPU computes on in an average micro-batch: a packed bin as it is, unpacked
+        rows padded to the longest of the micro-batch (taken as the attention span)."""
         if self.packed:
-            return self.peak_tokens
-        return self.micro_batch_size * min(float(self.sequence_len), SPAN_PER_MEAN * self.sample_tokens)
-
-    @property
-    def attention_span(self) -> float:
-        """Σ s² / Σ s: how many earlier tokens a token attends to, times two (causal: half of it)."""
-        return min(float(self.sequence_len), SPAN_PER_MEAN * self.sample_tokens)
+            return self.real_tokens
+        return self.micro_batch_size * self.attention_span
 
     def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
@@ -132,6 +139,8 @@ def memory_parts(w: Workload) -> dict[str, int]:
     if w.checkpointing:
         kept = 0 if w.offload else tokens * s.layers * s.hidden * 2
         activations = kept + CKPT_LAYER_SHARE * tokens * per_token_layer
+    elif w.offload:  # every saved activation goes to host memory but the last ones backward needs first
+        activations = CKPT_LAYER_SHARE * tokens * per_token_layer
     else:
         activations = tokens * s.layers * per_token_layer
     return {
@@ -170,6 +179,9 @@ def flops_per_token(w: Workload) -> float:
 
 def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
     gpu = w.compute_tokens * flops_per_token(w) / (bf16_tflops * 1e12 * MODES[w.mode].efficiency(w.shape.hidden))
+    if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
+        per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
+        gpu = max(gpu, 2 * w.compute_tokens * per_token_layer * w.shape.layers / HOST_LINK_BYTES_PER_S)
     return gpu + (HOST_S_PER_MICRO if w.real_path or MODES[w.mode].host_synced else 0.0)
 
 
