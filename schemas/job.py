@@ -82,6 +82,7 @@ class JobInput(Frozen):
     limits: TimeLimits = TimeLimits()
     credentials: Credentials = Credentials()
     allow_cpu: bool = False
+    allow_oom_risk: bool = False  # run even when the predicted peak exceeds the GPU's free memory
     user_id: Optional[str] = None
     model_id: Optional[str] = None
 

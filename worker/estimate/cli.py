@@ -61,6 +61,22 @@ def main(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def estimate_text(job_input: Any, env: dict[str, str]) -> tuple[str, str | None]:
+    """(the rendered estimate, None) for a job's config, or ("", why not)."""
+    from schemas.job import unwrap_input
+    from schemas.validate import validate_config
+
+    inner = unwrap_input(job_input)
+    config = inner.get("config", inner.get("args")) if isinstance(inner, dict) else None
+    report = validate_config(config, env) if config is not None else None
+    if report is None or not report.valid:
+        return "", "the job has no valid config" if report is None else f"invalid config: {report.errors[0]}"
+    try:
+        return render(estimate(report.value, env), None), None
+    except (UnknownShape, ValueError) as e:
+        return "", str(e)
+
+
 def config_of(doc: Any):
     """The TrainingConfig of a config or job document; None after printing why it is invalid."""
     from schemas.job import unwrap_input, validate_job

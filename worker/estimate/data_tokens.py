@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import TrainingConfig
-from schemas.paths import is_local, local_path
+from schemas.paths import is_local, resolve_local_path
 from worker.data.cache import cache_root, read_manifest
 from worker.data.sources import data_files_of, is_saved_dataset, resolve_local
 from worker.errors import DataError
@@ -55,7 +55,7 @@ def dataset_size(cfg: TrainingConfig, env: Mapping[str, str]) -> DatasetSize:
             size.notes.append(f"dataset {entry.path}: not local, its size is unknown before download")
             return DatasetSize(None, None, "unknown", size.notes)
         try:
-            tokens, samples = estimate_local(local_path(entry.path), entry)
+            tokens, samples = estimate_local(resolve_local_path(entry.path, env), entry)
         except (DataError, OSError) as e:
             size.notes.append(f"dataset {entry.path}: cannot be read here ({e})")
             return DatasetSize(None, None, "unknown", size.notes)
@@ -70,7 +70,7 @@ def dataset_size(cfg: TrainingConfig, env: Mapping[str, str]) -> DatasetSize:
 def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) -> DatasetSize | None:
     """The newest complete cache built from these sources with this layout, if any."""
     try:
-        wanted = [source_id(e) for e in entries]
+        wanted = [source_id(e, env) for e in entries]
     except (DataError, OSError):
         return None
     root = cache_root(cfg, dict(env))
@@ -92,10 +92,10 @@ def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) 
     return DatasetSize(int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"counted in the prepared cache {folder}")
 
 
-def source_id(entry: Any) -> str:
+def source_id(entry: Any, env: Mapping[str, str]) -> str:
     """The content id the cache's manifest records for a source (a Hub dataset: any revision)."""
     if is_local(entry.path):
-        return resolve_local(local_path(entry.path), entry, entry.path).content_id
+        return resolve_local(resolve_local_path(entry.path, env), entry, entry.path).content_id
     if entry.path.startswith(("s3://", "http://", "https://")):
         raise DataError(f"{entry.path}: remote file", hint="")
     return f"hub:{entry.path}@"

@@ -79,6 +79,7 @@ class Workload:
     mean_sample_tokens: float | None = None  # None: unknown (taken as half the sequence)
     micro_tokens: float | None = None  # real tokens of an average micro-batch, when the data says
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
+    shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
     real_path: bool = True  # False: the bare kernel loop of bench/train_throughput.py (no host time)
 
     @property
@@ -144,7 +145,7 @@ def memory_parts(w: Workload) -> dict[str, int]:
     else:
         activations = tokens * s.layers * per_token_layer
     return {
-        "weights": int(weights), "trainable_state": int(state), "activations": int(activations),
+        "weights": int(weights / w.shards), "trainable_state": int(state / w.shards), "activations": int(activations),
         "logits": int(tokens * s.vocab * mode.logits_bytes), "overhead": OVERHEAD_BYTES,
     }
 

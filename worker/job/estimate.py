@@ -226,14 +226,3 @@ def check_disk(est: DiskEstimate, volume: Path) -> dict[str, Any]:
             details=report,
         )
     return report
-
-
-def gpu_memory_need(cfg: TrainingConfig, shape: ModelShape | None, gpu_count: int = 1) -> int:
-    """A floor per GPU: the weights as loaded (4-bit, 8-bit or 16-bit). Activations are not counted,
-    so this only refuses jobs that cannot possibly fit."""
-    if shape is None:
-        return 0
-    per_param = 0.55 if cfg.load_in_4bit else 1.0 if cfg.load_in_8bit else 2.0
-    sharded = bool(cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3")))
-    world = max(gpu_count, 1) if sharded else 1
-    return int(shape.params * per_param / world)
