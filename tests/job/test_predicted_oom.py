@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -17,12 +18,14 @@ from schemas.job import validate_job
 from schemas.validate import validate_config
 from tests.conftest import REPO, child_env
 from tests.job.conftest import example_job, write_job
+from tests.job.test_gpu_probe import fake_smi
 from worker.errors import PredictedOutOfMemory
 from worker.estimate.gpus import gpu_table
 from worker.estimate.job import check_fits, predict, run_metrics
 from worker.estimate.model import GiB
 from worker.job.estimate import model_shape
 from worker.job.gpu import Gpu, GpuProbe
+from worker.job.pipeline import run_job
 
 CONFIG_8B = {
     "base_model": "meta-llama/Llama-3.1-8B-Instruct", "datasets": [{"path": "org/chat-data", "type": "chat_template"}],
@@ -111,3 +114,16 @@ def test_ftw_run_on_cpu_reports_the_new_metrics(demo_volume, tmp_path):
     assert m["peak_memory_vs_predicted"] is None  # the CPU's peak is RSS, not GPU memory
     checks = json.loads((demo_volume / "runs" / job["run_id"] / "checks.json").read_text())
     assert checks["memory"] == {"checked": False, "reason": "no GPU"}
+
+
+def test_the_job_path_stops_at_the_checks_before_any_data_or_weights(demo_volume, tmp_path):
+    """The probe reads a (scripted) nvidia-smi: an L4 with 1.2 GiB free fits the tiny model's weights
+    but not its predicted peak (the CUDA context and workspaces alone take more)."""
+    smi = fake_smi(tmp_path, gpus="0, GPU-cccc3333-0000-0000-0000-000000000000, NVIDIA L4, 23034, 21834, 1200, 570.124.06\n")
+    env = {**os.environ, **smi, "BASE_VOLUME": str(demo_volume)}
+    env.pop("FTW_ALLOW_CPU", None)
+    result = run_job({"input": example_job()}, env=env)
+    error = result["error"]
+    assert result["status"] == "failed" and error["code"] == "predicted_oom" and error["stage"] == "checks", error
+    assert "1.2 GiB free on GPU 0 (NVIDIA L4)" in error["message"] and "allow_oom_risk: true" in error["hint"]
+    assert "preprocess_s" not in result["timings"] and not (demo_volume / "cache").exists()
