@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/estimate_check.py            # the table: measured, predicted, ratio
     .venv/bin/python bench/estimate_check.py --json     # the same as JSON
+    .venv/bin/python bench/estimate_check.py --tokenizer TOKENIZER.json --data examples/data/greetings.jsonl
+                                  # the data-size estimate (characters) against a real tokeniser's count
 
 CPU only, no GPU, in a second: it reads the rows (worker/estimate/calibration.py), predicts each
 with worker/estimate/model.py and prints predicted / measured; tests/estimate/test_calibration.py
@@ -23,7 +25,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json (tokenizers library) to count --data with")
+    ap.add_argument("--data", type=Path, nargs="*", default=[REPO / "examples" / "data" / "greetings.jsonl"])
     args = ap.parse_args()
+    if args.tokenizer:
+        return compare_token_counts(args.tokenizer, args.data)
     out, worst = [], {"tokens_per_s": 0.0, "peak_gib": 0.0}
     for row in read_doc(args.doc):
         speed, peak = row.predicted()
@@ -45,6 +51,33 @@ def main() -> int:
               f"| {'–'.join(f'{x:g}' for x in r['peak_gib']) or '—'} | {r['predicted_peak_gib']:.1f} | {', '.join(f'{x:.2f}' for x in r['peak_ratio']) or '—'} |")
     print(f"\nworst error: tokens/s {worst['tokens_per_s']:.1%} (tolerance {SPEED_TOLERANCE:.0%}), "
           f"peak memory {worst['peak_gib']:.1%} (tolerance {MEMORY_TOLERANCE:.0%}); {len(out)} rows")
+    return 0
+
+
+def compare_token_counts(tokenizer_json: Path, files: list[Path]) -> int:
+    """Estimated tokens (characters, worker/estimate/data_tokens.py) against the tokeniser's count of
+    every row, chat messages in ChatML (<|im_start|>role\ncontent<|im_end|>\n)."""
+    from tokenizers import Tokenizer
+
+    from worker.estimate.data_tokens import estimate_file, sample_rows
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+
+    def count(value) -> int:
+        if isinstance(value, dict) and isinstance(value.get("messages"), list):
+            return sum(len(tok.encode(f"<|im_start|>{m.get('role', '')}\n{m.get('content', '')}<|im_end|>\n").ids) for m in value["messages"])
+        if isinstance(value, str):
+            return len(tok.encode(value).ids)
+        if isinstance(value, dict):
+            return sum(count(v) for v in value.values())
+        return sum(count(v) for v in value) if isinstance(value, list) else 0
+
+    print("| file | rows | tokens counted | estimated | estimated / counted |")
+    print("|---|---:|---:|---:|---:|")
+    for path in files:
+        counted = sum(count(row) for row, _ in sample_rows(path))
+        estimated, rows = estimate_file(path)
+        print(f"| {path.name} | {rows:,} | {counted:,} | {estimated:,} | {estimated / counted:.2f} |")
     return 0
 
 

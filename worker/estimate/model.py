@@ -45,7 +45,7 @@ MODES = {
     # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
     "fused": Mode(act_hidden=8.0, act_intermediate=2.0, logits_bytes=1.0, e_max=0.642, h0=1011),
     # LoRA over a 4-bit (bitsandbytes) base: norm/RoPE/SwiGLU/CE kernels, no fused LoRA
-    "qlora": Mode(act_hidden=20.0, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
+    "qlora": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
     # kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
     # mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
     "hf": Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True),
