@@ -24,7 +24,7 @@ from worker.estimate.model import GiB
 from worker.estimate.report import Estimate, advice, estimate
 from worker.estimate.shapes import UnknownShape
 from worker.job.estimate import local_model_shape
-from worker.validate_cli import read_document
+from worker.validate_cli import looks_like_job, read_document, validate_document
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
@@ -79,18 +79,13 @@ def estimate_text(job_input: Any, env: dict[str, str]) -> tuple[str, str | None]
 
 def config_of(doc: Any):
     """The TrainingConfig of a config or job document; None after printing why it is invalid."""
-    from schemas.job import unwrap_input, validate_job
-    from schemas.validate import validate_config
-
-    inner = unwrap_input(doc)
-    is_job = isinstance(inner, dict) and ("config" in inner or "args" in inner)
-    report = validate_job(doc) if is_job else validate_config(doc)
+    report = validate_document(doc)
     if not report.valid:
         for issue in report.errors:
             print(f"error {issue}", file=sys.stderr)
         print("ftw estimate: the config is invalid (the same errors as `ftw validate`)", file=sys.stderr)
         return None
-    return report.value.config if is_job else report.value
+    return report.value.config if looks_like_job(doc) else report.value
 
 
 # ---- text --------------------------------------------------------------------------------------
