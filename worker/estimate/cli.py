@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.estimate.gpus import gpu_table
+from worker.estimate.gpus import GpuType, gpu_table
 from worker.estimate.model import GiB
 from worker.estimate.report import Estimate, advice, estimate
 from worker.estimate.shapes import UnknownShape
@@ -133,15 +133,20 @@ def render(est: Estimate, gpu_name: str | None) -> str:
     if target is not None:
         lines.append(f"\nto fit on {target.gpu.name} ({target.gpu.memory_gib:.0f} GiB, ${target.gpu.usd_per_s * 3600:.2f}/h), "
                      f"predicted peak {target.peak_bytes / GiB:.1f} GiB:")
-        lines += advice_lines(est, target.gpu.memory_gib * GiB, target.gpu.bf16_tflops)
+        lines += advice_lines(est, target.gpu)
     lines += [f"note: {n}" for n in est.notes]
     lines.append(f"prices: {table.source}, read {table.read_on}; the model and its error: docs/estimate.md")
     return "\n".join(lines)
 
 
-def advice_lines(est: Estimate, memory_bytes: float, bf16_tflops: float) -> list[str]:
-    return [f"  {a.change}: peak {a.peak_bytes / GiB:.1f} GiB ({'fits' if a.fits else 'does not fit'}), "
-            f"{a.speed_ratio:.2f}× the tokens/s" for a in advice(est.workload, memory_bytes, bf16_tflops)]
+def advice_lines(est: Estimate, gpu: GpuType) -> list[str]:
+    lines = []
+    for a in advice(est.workload, gpu.memory_gib * GiB, gpu.bf16_tflops):
+        seconds, cost = est.time_and_cost(a.workload, gpu)
+        run = "" if cost is None or not a.fits else f": {duration(seconds)}, ${cost:,.2f}"
+        lines.append(f"  {a.change}: peak {a.peak_bytes / GiB:.1f} GiB ({'fits' if a.fits else 'does not fit'}), "
+                     f"{a.speed_ratio:.2f}× the tokens/s{run}")
+    return lines
 
 
 def advice_target(est: Estimate, gpu_name: str | None):

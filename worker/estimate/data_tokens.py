@@ -1,7 +1,8 @@
 """How many tokens a config's training data holds, without tokenising it.
 
 1. The prepared-data cache, when a complete one matches (same sources by content id, same
-   sequence_len, micro_batch_size and packing): its manifest's exact token and row counts.
+   sequence_len, micro_batch_size and packing): its manifest's exact token and row counts. Local
+   sources over HASH_LIMIT_BYTES are not hashed for this (the checks must stay seconds long).
 2. Otherwise, for local JSON/JSONL files, the characters of every string in a sample of rows
    (the first SAMPLE_BYTES of each file), scaled by the file's size: tokens ≈ characters /
    CHARS_PER_TOKEN + TEMPLATE_TOKENS per message (role markers of a chat template). Other local
@@ -28,6 +29,7 @@ SAMPLE_BYTES = 8 << 20
 CHARS_PER_TOKEN = 3.8
 TEMPLATE_TOKENS = 5
 BYTES_PER_TOKEN = 4.5
+HASH_LIMIT_BYTES = 1 << 30
 
 
 @dataclass
@@ -95,7 +97,11 @@ def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) 
 def source_id(entry: Any, env: Mapping[str, str]) -> str:
     """The content id the cache's manifest records for a source (a Hub dataset: any revision)."""
     if is_local(entry.path):
-        return resolve_local(resolve_local_path(entry.path, env), entry, entry.path).content_id
+        path = resolve_local_path(entry.path, env)
+        size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if size > HASH_LIMIT_BYTES:
+            raise DataError(f"{entry.path}: too large to hash for an estimate", hint="")
+        return resolve_local(path, entry, entry.path).content_id
     if entry.path.startswith(("s3://", "http://", "https://")):
         raise DataError(f"{entry.path}: remote file", hint="")
     return f"hub:{entry.path}@"

@@ -57,6 +57,7 @@ class Advice:
     peak_bytes: int
     speed_ratio: float  # tokens/s after the change / before
     fits: bool
+    workload: Workload
 
 
 @dataclass
@@ -75,6 +76,13 @@ class Estimate:
         if not fitting:
             return None
         return min(fitting, key=lambda r: (r.cost_usd if r.cost_usd is not None else r.gpu.usd_per_s / r.tokens_per_s, r.gpu.usd_per_s))
+
+    def time_and_cost(self, w: Workload, gpu: GpuType) -> tuple[float | None, float | None]:
+        """Whole-run seconds and dollars of workload `w` (this run or a changed one) on `gpu`."""
+        if self.steps is None:
+            return None, None
+        seconds = self.startup_s + self.steps * w.grad_accum * micro_batch_seconds(w, gpu.bf16_tflops)
+        return seconds, math.ceil(seconds) * gpu.usd_per_s
 
     def as_json(self) -> dict[str, Any]:
         cheapest = self.cheapest
@@ -142,8 +150,7 @@ def estimate(cfg: TrainingConfig, env: Mapping[str, str], gpu_name: str | None =
         gpus = (found,)
     peak = peak_bytes(w)
     for gpu in gpus:
-        time_s = None if steps is None else est.startup_s + steps * w.grad_accum * micro_batch_seconds(w, gpu.bf16_tflops)
-        cost = None if time_s is None else math.ceil(time_s) * gpu.usd_per_s
+        time_s, cost = est.time_and_cost(w, gpu)
         est.rows.append(GpuEstimate(gpu, peak, tokens_per_s(w, gpu.bf16_tflops), time_s, cost))
     if steps is None:
         est.notes.append("the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not given; "
@@ -189,7 +196,7 @@ def advice(w: Workload, memory_bytes: float, bf16_tflops: float) -> list[Advice]
 
     def judged(text: str, changed: Workload) -> Advice:
         peak = peak_bytes(changed)
-        return Advice(text, peak, tokens_per_s(changed, bf16_tflops) / speed, fits_in(peak, memory_bytes))
+        return Advice(text, peak, tokens_per_s(changed, bf16_tflops) / speed, fits_in(peak, memory_bytes), changed)
 
     out = [judged(*change(w)) for applies, change in CHANGES if applies(w)]
     everything = smaller_batch(w.replace(checkpointing=True, offload=True, method="lora" if w.method == "full" else w.method,
