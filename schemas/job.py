@@ -93,6 +93,7 @@ class JobInput(Frozen):
     limits: TimeLimits = TimeLimits()
     credentials: Credentials = Credentials()
     allow_cpu: bool = False
+    allow_oom_risk: bool = False  # run even when the predicted peak exceeds the GPU's free memory
     user_id: Optional[str] = None  # axolotl's worker payloads carry these; kept in job.json for the caller
     model_id: Optional[str] = None
 

@@ -4,6 +4,7 @@
     ftw preprocess CONFIG           prepare (tokenise, pack, cache) the datasets of a config
     ftw train CONFIG                preprocess if needed, then fine-tune
     ftw run JOB.json                one job through the same pipeline as handler.py
+    ftw estimate CONFIG_OR_JOB      peak memory, speed, time and cost on each RunPod GPU type
     ftw endpoint                    local RunPod-compatible endpoint (queue + API)
     ftw submit|status|stream|cancel talk to an endpoint (RunPod or local) with the runpod client
     ftw pull RUN_ID|URI DIR         fetch a published adapter, verified against its manifest
@@ -21,6 +22,7 @@ COMMANDS = {
     "preprocess": "worker.data.cli",
     "train": "worker.train.cli",
     "run": "worker.job.cli",
+    "estimate": "worker.estimate.cli",
     "endpoint": "worker.endpoint.cli",
     "submit": "worker.endpoint.client_cli",
     "status": "worker.endpoint.client_cli",

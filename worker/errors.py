@@ -99,6 +99,11 @@ class InfraError(FtwError):
     code = "infra"
 
 
+class PredictedOutOfMemory(InfraError):
+    """The estimate's peak memory exceeds the probed GPU's free memory (job allow_oom_risk: false)."""
+    code = "predicted_oom"
+
+
 class StageMissing(FtwError):
     """A pipeline stage is not available in this build."""
     code = "not_implemented"

@@ -147,3 +147,17 @@ def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(endpoint, api
     finally:
         follower.kill()
         api.post(f"cancel/{job_id}")
+
+
+def test_submit_estimate_prints_the_estimate_before_sending(ftw_here, tmp_path):
+    config = {"base_model": "meta-llama/Llama-3.2-1B", "datasets": [{"path": "org/data", "type": "alpaca"}], "adapter": "lora",
+              "sequence_len": 2048, "sample_packing": True, "micro_batch_size": 8, "max_steps": 100, "learning_rate": 1e-4}
+    # the protocol worker of these tests runs {"steps": ...}; the config rides along for the estimate
+    code, out, err = ftw_here("submit", write_job(tmp_path, {"steps": 1, "config": config}), "--no-validate", "--estimate")
+    assert code == 0, err
+    table, sent = err.index("NVIDIA H200"), err.index("submitted job")
+    assert table < sent and "cheapest that fits:" in err and "model: table:llama-3.2-1b" in err
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "IN_QUEUE"
+    code, out, err = ftw_here("submit", write_job(tmp_path, {"steps": 1, "config": {**config, "base_model": "x/unknown"}}),
+                              "--no-validate", "--estimate")
+    assert code == 0 and "no estimate (x/unknown: shape unknown" in err and "submitting anyway" in err

@@ -1,6 +1,6 @@
 """`ftw submit|status|stream|cancel`: drive a RunPod endpoint (or `ftw endpoint`) with the runpod client.
 
-    ftw submit JOB.json [--wait] [--webhook URL] [--execution-timeout 24h] [--ttl 48h] [--no-validate]
+    ftw submit JOB.json [--wait] [--webhook URL] [--execution-timeout 24h] [--ttl 48h] [--no-validate] [--estimate]
     ftw status JOB_ID            the /status body as JSON
     ftw stream JOB_ID            live progress lines until the job ends, then its /status body
     ftw cancel JOB_ID
@@ -11,7 +11,8 @@ JOB.json is the job input (YAML works too) or a whole request {"input", "webhook
 "s3Config"}. RunPod kills a job after policy.executionTimeout (default 10 minutes) and drops it
 after policy.ttl; fine-tuning needs more, so submit sets executionTimeout 24h and ttl
 executionTimeout + 24h (RunPod's maximum for both: 7 days) unless the request or a flag says
-otherwise. The job is validated here first, so a bad config costs no GPU time.
+otherwise. The job is validated here first, so a bad config costs no GPU time; `--estimate` also
+prints (on stderr) `ftw estimate`'s table: peak memory, time and cost on each GPU type.
 Exit codes: 0 done (for --wait/stream: COMPLETED), 1 the job FAILED / was CANCELLED / TIMED_OUT,
 2 usage or environment error, 3 the job is invalid, 4 the endpoint refused or could not be reached.
 """
@@ -173,6 +174,8 @@ def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
             print("ftw submit: the job is invalid and was not sent (--no-validate sends it anyway, e.g. when a "
                   "path exists only where the worker runs)", file=sys.stderr)
             return EXIT_INVALID
+    if args.estimate:
+        show_estimate(request["input"], client_env)
     client = Client(client_env)
     job = client.call("POST", "run", request)
     print(f"submitted job {job['id']} ({job['status']}) to {client.base}/{client.id}", file=sys.stderr, flush=True)
@@ -180,6 +183,14 @@ def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
         print(json.dumps(job), flush=True)
         return EXIT_OK
     return finish(follow(client, job["id"]))
+
+
+def show_estimate(job_input: Any, env: dict[str, str]) -> None:
+    """`ftw estimate`'s table for the job's config on stderr; a job it cannot estimate is still sent."""
+    from worker.estimate.cli import estimate_text
+
+    text, problem = estimate_text(job_input, env)
+    print(text if problem is None else f"ftw submit: no estimate ({problem}); submitting anyway", file=sys.stderr, flush=True)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -193,6 +204,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--execution-timeout", type=duration_ms, help="policy.executionTimeout (default 24h)")
     s.add_argument("--ttl", type=duration_ms, help="policy.ttl (default executionTimeout + 24h, at most 7d)")
     s.add_argument("--no-validate", action="store_true", help="send without validating the job here first")
+    s.add_argument("--estimate", action="store_true", help="print peak memory, time and cost on each GPU type first")
     for name, text in (("status", "print the job's status"), ("stream", "follow the job's progress"),
                        ("cancel", "cancel the job")):
         sub.add_parser(name, help=text).add_argument("job_id")

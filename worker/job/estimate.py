@@ -34,6 +34,31 @@ class ModelShape:
     kv_dim: int = 0
     intermediate: int = 0
     source: str = "unknown"
+    vocab: int = 0
+    tied: bool = False
+    experts: int = 1  # MoE: experts per layer, of which experts_per_token run for each token
+    experts_per_token: int = 1
+    expert_intermediate: int = 0
+
+    @property
+    def attention_params(self) -> int:
+        return 2 * self.hidden * (self.q_dim + self.kv_dim)
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder layers' linear layers (what LoRA wraps and 4-bit quantises)."""
+        mlp = 3 * self.hidden * (self.expert_intermediate * self.experts if self.experts > 1 else self.intermediate)
+        return self.layers * (self.attention_params + mlp)
+
+    @property
+    def active_linear_params(self) -> int:
+        """The linear weights one token goes through (all of them, but top-k experts of an MoE)."""
+        mlp = 3 * self.hidden * (self.expert_intermediate * self.experts_per_token if self.experts > 1 else self.intermediate)
+        return self.layers * (self.attention_params + mlp)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
 
 
 @dataclass
@@ -73,12 +98,15 @@ def shape_from_config(config: dict[str, Any], bytes_on_disk: int = 0, source: st
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     attn = hidden * q_dim * 2 + hidden * kv_dim * 2
     mlp = 3 * hidden * (moe_inter * experts if experts > 1 else inter)
-    embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
+    tied = bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings")))
+    embeddings = vocab * hidden * (1 if tied else 2)
     params = layers * (attn + mlp + 2 * hidden) + embeddings
     if not bytes_on_disk:
         dtype = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "bfloat16")
         bytes_on_disk = params * (4 if "32" in dtype else 2)
-    return ModelShape(params, bytes_on_disk, hidden, layers, q_dim, kv_dim, inter, source)
+    per_token = int(text.get("num_experts_per_tok") or 1) if experts > 1 else 1
+    return ModelShape(params, bytes_on_disk, hidden, layers, q_dim, kv_dim, inter, source, vocab, tied,
+                      experts, per_token, moe_inter if experts > 1 else 0)
 
 
 def local_model_shape(folder: Path) -> ModelShape | None:
@@ -127,9 +155,16 @@ def adapter_params(cfg: TrainingConfig, shape: ModelShape) -> int:
         names = LINEAR_MODULES
     else:
         names = tuple(t for t in ([targets] if isinstance(targets, str) else targets) if t in LINEAR_MODULES) or LINEAR_MODULES[:4]
-    h, q, kv, i = shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
-    io = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h, "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
-    return cfg.lora_r * shape.layers * sum(io[n] for n in names)
+    return lora_param_count(shape, cfg.lora_r, names)
+
+
+def lora_param_count(shape: ModelShape, r: int, names: tuple[str, ...]) -> int:
+    """A and B of rank r on each named linear layer (an MoE's experts each get their own)."""
+    h, q, kv = shape.hidden, shape.q_dim, shape.kv_dim
+    i, copies = (shape.expert_intermediate, shape.experts) if shape.experts > 1 else (shape.intermediate, 1)
+    io = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+          "gate_proj": (h + i) * copies, "up_proj": (h + i) * copies, "down_proj": (i + h) * copies}
+    return r * shape.layers * sum(io[n] for n in names)
 
 
 def dataset_bytes(cfg: TrainingConfig, env: dict[str, str]) -> tuple[int, list[str]]:
@@ -191,14 +226,3 @@ def check_disk(est: DiskEstimate, volume: Path) -> dict[str, Any]:
             details=report,
         )
     return report
-
-
-def gpu_memory_need(cfg: TrainingConfig, shape: ModelShape | None, gpu_count: int = 1) -> int:
-    """A floor per GPU: the weights as loaded (4-bit, 8-bit or 16-bit). Activations are not counted,
-    so this only refuses jobs that cannot possibly fit."""
-    if shape is None:
-        return 0
-    per_param = 0.55 if cfg.load_in_4bit else 1.0 if cfg.load_in_8bit else 2.0
-    sharded = bool(cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3")))
-    world = max(gpu_count, 1) if sharded else 1
-    return int(shape.params * per_param / world)

@@ -28,8 +28,9 @@ from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
 from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values, s3_config_problem
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
+from worker.estimate.job import Prediction, check_fits, predict, run_metrics
 from worker.job import gpu, stages, template
-from worker.job.estimate import check_disk, estimate_disk, gpu_memory_need
+from worker.job.estimate import check_disk, estimate_disk
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
@@ -111,6 +112,8 @@ class JobPipeline:
         self.warnings: list[dict[str, str]] = []
         self.gpu_env: dict[str, str] = {}
         self.gpu_count = 0
+        self.gpu_probe = gpu.GpuProbe(cpu_only=True)
+        self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
         self.config_secrets: list[list[Any]] = []  # config values config.json holds masked (schemas.secrets.masked_values)
@@ -164,13 +167,17 @@ class JobPipeline:
             with self.step("checks", "checking disk and GPU"):
                 estimate, shape = estimate_disk(self.job.config, self.env)
                 disk = check_disk(estimate, run.base)
-                self.probe_gpu(gpu_memory_need(self.job.config, shape, max(self.visible_count(), 1)))
+                self.prediction = predict(self.job.config, shape, self.env, max(self.visible_count(), 1))
+                self.probe_gpu(self.prediction.weights_bytes if self.prediction else 0)
+                memory = check_fits(self.prediction, self.gpu_probe.devices, self.job.allow_oom_risk)
                 check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run),
                               datasets=not run.stage_done("preprocess"))
-                write_json_atomic(run.path / "checks.json", self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict()}))
+                write_json_atomic(run.path / "checks.json",
+                                  self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict(), "memory": memory}))
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)
         artifacts = self.publish(run)
+        metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {
             "run_id": self.job.run_id, "status": "completed", "artifacts": artifacts, "metrics": metrics,
             "run_dir": str(run.path), "warnings": self.warnings,

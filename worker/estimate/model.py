@@ -1,0 +1,190 @@
+"""Peak GPU memory and tokens/s of one training run, from the model's shape and the config alone.
+
+The model (docs/estimate.md derives it; bench/estimate_check.py prints it against every H200 row
+of docs/benchmarks.md):
+
+    peak  = weights + trainable state + activations + logits + OVERHEAD
+    step  = FLOPs per micro-batch / (bf16 peak × efficiency(hidden)) + host time per micro-batch
+
+Activations are bytes per token per layer, a·hidden + b·intermediate (bf16), for the kernel path
+the run takes (MODES); with gradient checkpointing only each layer's input is kept (or none, when
+it is offloaded to host memory) plus a share of one layer's activations during its recompute.
+Efficiency is the fraction of the GPU's bf16 peak the step's useful FLOPs reach; it grows with the
+hidden size (bigger matmuls), e_max·h/(h + h0). The coefficients are fitted to the H200 rows; other
+GPUs get the same efficiency against their own datasheet peak.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from worker.job.estimate import ModelShape
+
+GiB = 1 << 30
+Method = Literal["lora", "qlora", "lora8", "full"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Calibration of one kernel path: activation bytes, logits bytes, matmul efficiency."""
+
+    act_hidden: float  # bf16 tensors of width `hidden` kept per token per layer
+    act_intermediate: float  # bf16 tensors of width `intermediate` kept per token per layer
+    logits_bytes: float  # bytes per token per vocabulary entry at the peak
+    e_max: float
+    h0: float
+    host_synced: bool = False  # the step waits for the host even in a bare loop
+
+
+    def efficiency(self, hidden: int) -> float:
+        return self.e_max * hidden / (hidden + self.h0)
+
+
+MODES = {
+    # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
+    "fused": Mode(act_hidden=8.0, act_intermediate=2.0, logits_bytes=1.0, e_max=0.642, h0=1011),
+    # LoRA over a 4-bit (bitsandbytes) base: norm/RoPE/SwiGLU/CE kernels, no fused LoRA
+    "qlora": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
+    # kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
+    # mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
+    "hf": Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True),
+}
+OVERHEAD_BYTES = GiB // 2  # CUDA workspaces, allocator slack, the step's small buffers
+CKPT_LAYER_SHARE = 0.5  # of one layer's activations alive while it is recomputed
+HOST_S_PER_MICRO = 0.045  # the training loop's host time per micro-batch (real path, not overlapped)
+BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
+LORA_STATE_BYTES = 18  # fp32 weight + fp32 grad + two fp32 AdamW moments + a bf16 copy
+FULL_STATE_BYTES = 6  # bf16 grad + two bf16 AdamW moments (weights counted apart)
+HOST_LINK_BYTES_PER_S = 25e9  # PCIe 4/5 x16 as measured by copy benchmarks, pinned memory (not calibrated)
+H200_TFLOPS = 989.4
+PACKED_FILL = 0.99  # share of a packed bin holding tokens (ftw's FFD packer: 99.9% measured)
+SPAN_PER_MEAN = 1.9  # Σs²/Σs over mean sample length for a lognormal σ=0.8 length mix
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one micro-batch of this run costs: the shape and the config's choices that matter."""
+
+    shape: ModelShape
+    method: Method
+    kernels: bool
+    micro_batch_size: int
+    sequence_len: int
+    packed: bool
+    grad_accum: int = 1
+    checkpointing: bool = False
+    offload: bool = False
+    lora_params: int = 0
+    mean_sample_tokens: float | None = None  # None: unknown (taken as half the sequence)
+    micro_tokens: float | None = None  # real tokens of an average micro-batch, when the data says
+    data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
+    shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
+    real_path: bool = True  # False: the bare kernel loop of bench/train_throughput.py (no host time)
+
+    @property
+    def mode(self) -> str:
+        if not self.kernels or self.method == "full":
+            return "hf"
+        return "qlora" if self.method in ("qlora", "lora8") else "fused"
+
+    @property
+    def peak_tokens(self) -> int:
+        """Tokens of the largest micro-batch (a full packed bin; or mbs rows of the longest samples)."""
+        full = self.micro_batch_size * self.sequence_len
+        return full if self.data_tokens is None else min(full, self.data_tokens)
+
+    @property
+    def sample_tokens(self) -> float:
+        return min(float(self.sequence_len), self.mean_sample_tokens or self.sequence_len / 2)
+
+    @property
+    def attention_span(self) -> float:
+        """Σ s² / Σ s over the samples: how many earlier tokens a token attends to, times two."""
+        return min(float(self.sequence_len), SPAN_PER_MEAN * self.sample_tokens)
+
+    @property
+    def real_tokens(self) -> float:
+        """Tokens that count (not padding) in an average micro-batch."""
+        if self.micro_tokens is not None:
+            return self.micro_tokens
+        return self.peak_tokens * PACKED_FILL if self.packed else self.micro_batch_size * self.sample_tokens
+
+    @property
+    def compute_tokens(self) -> float:
+        """Tokens the GPU computes on in an average micro-batch: a packed bin as it is, unpacked
+        rows padded to the longest of the micro-batch (taken as the attention span)."""
+        if self.packed:
+            return self.real_tokens
+        return self.micro_batch_size * self.attention_span
+
+    def replace(self, **changes) -> Workload:
+        return dataclasses.replace(self, **changes)
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def memory_parts(w: Workload) -> dict[str, int]:
+    """Bytes of each part of the peak, on one GPU."""
+    s, mode = w.shape, MODES[w.mode]
+    dense = s.params - s.linear_params
+    # peft's prepare_model_for_kbit_training casts what is not quantised (embeddings, lm_head, norms) to fp32
+    if w.method == "qlora":
+        weights = s.linear_params * BYTES_4BIT + dense * 4
+    elif w.method == "lora8":
+        weights = s.linear_params * 1.0 + dense * 4
+    else:
+        weights = s.params * 2
+    state = s.params * FULL_STATE_BYTES if w.method == "full" else w.lora_params * LORA_STATE_BYTES
+    per_token_layer = 2 * (mode.act_hidden * s.hidden + mode.act_intermediate * active_intermediate(s))
+    tokens = w.peak_tokens
+    if w.checkpointing:
+        kept = 0 if w.offload else tokens * s.layers * s.hidden * 2
+        activations = kept + CKPT_LAYER_SHARE * tokens * per_token_layer
+    elif w.offload:  # every saved activation goes to host memory but the last ones backward needs first
+        activations = CKPT_LAYER_SHARE * tokens * per_token_layer
+    else:
+        activations = tokens * s.layers * per_token_layer
+    return {
+        "weights": int(weights / w.shards), "trainable_state": int(state / w.shards), "activations": int(activations),
+        "logits": int(tokens * s.vocab * mode.logits_bytes), "overhead": OVERHEAD_BYTES,
+    }
+
+
+def peak_bytes(w: Workload) -> int:
+    return sum(memory_parts(w).values())
+
+
+def weight_bytes(w: Workload) -> int:
+    return memory_parts(w)["weights"]
+
+
+def active_intermediate(s: ModelShape) -> int:
+    return s.expert_intermediate * s.experts_per_token if s.experts > 1 else s.intermediate
+
+
+# ---- speed -----------------------------------------------------------------------------------
+def flops_per_token(w: Workload) -> float:
+    """Useful FLOPs per computed token: frozen matmuls forward + input-gradient, LoRA (or all
+    weights, full) forward + both gradients, causal attention; a recompute forward with checkpointing."""
+    s = w.shape
+    frozen = s.active_linear_params + s.vocab * s.hidden  # the lm_head runs for every token
+    attention = 6 * s.layers * s.q_dim * w.attention_span / 2
+    if w.method == "full":
+        flops = 6 * frozen + attention
+        recompute = 2 * frozen + attention / 3
+    else:
+        flops = 4 * frozen + 6 * w.lora_params + attention
+        recompute = 2 * frozen + 2 * w.lora_params + attention / 3
+    return flops + (recompute if w.checkpointing else 0)
+
+
+def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+    gpu = w.compute_tokens * flops_per_token(w) / (bf16_tflops * 1e12 * MODES[w.mode].efficiency(w.shape.hidden))
+    if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
+        per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
+        gpu = max(gpu, 2 * w.compute_tokens * per_token_layer * w.shape.layers / HOST_LINK_BYTES_PER_S)
+    return gpu + (HOST_S_PER_MICRO if w.real_path or MODES[w.mode].host_synced else 0.0)
+
+
+def tokens_per_s(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+    return w.real_tokens / micro_batch_seconds(w, bf16_tflops)

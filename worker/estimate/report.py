@@ -1,0 +1,208 @@
+"""One config's estimate on every GPU type: peak memory, tokens/s, whole-run time and cost, whether
+it fits, the cheapest type that fits, and what to change where it does not fit.
+
+    est = estimate(cfg, env)                  # Estimate: per-GPU rows, the plan, advice
+    est.as_json()                             # {"gpus": [...], "cheapest": NAME}
+
+Whole-run time = startup (STARTUP_S + loading the weights + preprocessing when no prepared cache
+holds the data) + optimizer steps × micro-batches a step × seconds a micro-batch. The steps are
+max_steps, or the data's packed bins (tokens / bin capacity) or rows, × num_epochs. Cost = time
+(rounded up to a second, as RunPod bills) × the GPU type's price per second.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.config import TrainingConfig
+from worker.estimate.data_tokens import DatasetSize, dataset_size
+from worker.estimate.gpus import GpuType, gpu_table
+from worker.estimate.model import GiB, PACKED_FILL, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
+from worker.estimate.shapes import resolve_shape
+from worker.job.estimate import ModelShape, adapter_params
+from worker.job.gpu import CONTEXT_HEADROOM
+
+STARTUP_S = 45.0  # imports, tokenizer and model set-up, first step's kernel compilation (H200 job, docs/benchmarks.md)
+LOAD_BYTES_PER_S = 1 << 30  # reading (or downloading) the base model's weights; not calibrated
+PREPROCESS_TOKENS_PER_S = 100_000  # ftw's tokenise + pack (bench/preprocess.py: 57-130k on 2 loaded cores)
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    gpu: GpuType
+    peak_bytes: int
+    tokens_per_s: float
+    time_s: float | None
+    cost_usd: float | None
+
+    @property
+    def fits(self) -> bool:
+        return fits_in(self.peak_bytes, self.gpu.memory_gib * GiB)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.gpu.name, "memory_gib": self.gpu.memory_gib, "fits": self.fits,
+            "peak_memory_gib": round(self.peak_bytes / GiB, 2), "tokens_per_s": round(self.tokens_per_s),
+            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2),
+        }
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One change to the config and what it does on the GPU it is given for."""
+
+    change: str
+    peak_bytes: int
+    speed_ratio: float  # tokens/s after the change / before
+    fits: bool
+    workload: Workload
+
+
+@dataclass
+class Estimate:
+    workload: Workload
+    steps: int | None
+    data: DatasetSize
+    startup_s: float
+    rows: list[GpuEstimate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cheapest(self) -> GpuEstimate | None:
+        """The cheapest type that fits: lowest whole-run cost, or price per token when the run's length is unknown."""
+        fitting = [r for r in self.rows if r.fits]
+        if not fitting:
+            return None
+        return min(fitting, key=lambda r: (r.cost_usd if r.cost_usd is not None else r.gpu.usd_per_s / r.tokens_per_s, r.gpu.usd_per_s))
+
+    def time_and_cost(self, w: Workload, gpu: GpuType) -> tuple[float | None, float | None]:
+        """Whole-run seconds and dollars of workload `w` (this run or a changed one) on `gpu`."""
+        if self.steps is None:
+            return None, None
+        seconds = self.startup_s + self.steps * w.grad_accum * micro_batch_seconds(w, gpu.bf16_tflops)
+        return seconds, math.ceil(seconds) * gpu.usd_per_s
+
+    def as_json(self) -> dict[str, Any]:
+        cheapest = self.cheapest
+        return {"gpus": [r.as_json() for r in self.rows], "cheapest": cheapest.gpu.name if cheapest else None}
+
+
+def fits_in(peak: int, memory_bytes: float) -> bool:
+    """The peak plus the CUDA context (worker/job/gpu.py's headroom) within the memory."""
+    return peak + CONTEXT_HEADROOM <= memory_bytes
+
+
+# ---- from a config to a workload -------------------------------------------------------------
+def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Workload:
+    method = "full" if cfg.is_full_finetune() else "qlora" if cfg.load_in_4bit or cfg.adapter == "qlora" else "lora8" if cfg.load_in_8bit else "lora"
+    mbs, accum = cfg.batch_shape()
+    packed = cfg.sample_packing
+    micro_tokens = None
+    if data.tokens and data.samples:
+        micros = micro_batches_per_epoch(cfg, data)
+        micro_tokens = data.tokens / micros if micros else None
+        if packed and micro_tokens:
+            micro_tokens = min(micro_tokens, mbs * cfg.sequence_len * PACKED_FILL)
+    return Workload(
+        shape=shape, method=method, kernels=cfg.use_kernels is not False, micro_batch_size=mbs, sequence_len=cfg.sequence_len,
+        packed=packed, grad_accum=accum, checkpointing=bool(cfg.gradient_checkpointing),
+        offload=bool(cfg.activation_offloading) or cfg.gradient_checkpointing == "offload",
+        lora_params=0 if method == "full" else adapter_params(cfg, shape), mean_sample_tokens=data.mean_sample_tokens,
+        micro_tokens=micro_tokens, data_tokens=data.tokens if packed and data.tokens else None,
+    )
+
+
+def micro_batches_per_epoch(cfg: TrainingConfig, data: DatasetSize) -> int:
+    """Packed: one bin of micro_batch_size × sequence_len tokens each; else micro_batch_size rows."""
+    mbs = cfg.batch_shape()[0]
+    if cfg.sample_packing:
+        return max(1, math.ceil((data.tokens or 0) / (mbs * cfg.sequence_len * PACKED_FILL)))
+    return max(1, math.ceil((data.samples or 0) / mbs))
+
+
+def total_steps(cfg: TrainingConfig, data: DatasetSize) -> int | None:
+    if cfg.max_steps:
+        return cfg.max_steps
+    if not data.tokens:
+        return None
+    per_epoch = math.ceil(micro_batches_per_epoch(cfg, data) / cfg.batch_shape()[1])
+    return max(1, math.ceil(per_epoch * cfg.num_epochs))
+
+
+# ---- the estimate ----------------------------------------------------------------------------
+def estimate(cfg: TrainingConfig, env: Mapping[str, str], gpu_name: str | None = None, shape: ModelShape | None = None,
+             tokens: int | None = None) -> Estimate:
+    """`shape`/`tokens` override what the config's model and data say (e.g. `--tokens`)."""
+    shape = shape or resolve_shape(cfg.base_model, cfg.revision_of_model, env)
+    data = DatasetSize(tokens, None, "given") if tokens else dataset_size(cfg, env)
+    w = workload_of(cfg, shape, data)
+    steps = total_steps(cfg, data)
+    preprocess = 0.0 if "prepared cache" in data.source or not data.tokens else data.tokens / PREPROCESS_TOKENS_PER_S
+    est = Estimate(w, steps, data, STARTUP_S + shape.bytes_on_disk / LOAD_BYTES_PER_S + preprocess, notes=list(data.notes))
+    table = gpu_table()
+    gpus = table.gpus
+    if gpu_name:
+        found = table.find(gpu_name)
+        if found is None:
+            raise ValueError(f"unknown GPU type {gpu_name!r}; RunPod's serverless types are: {', '.join(g.name for g in table.gpus)}")
+        gpus = (found,)
+    peak = peak_bytes(w)
+    for gpu in gpus:
+        time_s, cost = est.time_and_cost(w, gpu)
+        est.rows.append(GpuEstimate(gpu, peak, tokens_per_s(w, gpu.bf16_tflops), time_s, cost))
+    if steps is None:
+        est.notes.append("the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not given; "
+                         "set max_steps or pass --tokens N")
+    if w.mode == "hf" and w.method == "full":
+        est.notes.append("full fine-tuning is not calibrated (no measured row): its figures come from the kernels-off LoRA rows")
+    return est
+
+
+# ---- advice ----------------------------------------------------------------------------------
+CHANGES: list[tuple[Callable[[Workload], bool], Callable[[Workload], tuple[str, Workload]]]] = [
+    (lambda w: not w.checkpointing,
+     lambda w: ("gradient_checkpointing: true", w.replace(checkpointing=True))),
+    (lambda w: not (w.checkpointing and w.offload),
+     lambda w: ("gradient_checkpointing: offload (checkpointing + layer inputs in host memory)", w.replace(checkpointing=True, offload=True))),
+    (lambda w: w.method == "lora",
+     lambda w: ("adapter: qlora, load_in_4bit: true", w.replace(method="qlora"))),
+    (lambda w: w.method == "full",
+     lambda w: ("adapter: lora (r 16 on all linear layers)", w.replace(method="lora", lora_params=lora_all_linear(w)))),
+    (lambda w: w.micro_batch_size > 1,
+     lambda w: (f"micro_batch_size: {w.micro_batch_size // 2}, gradient_accumulation_steps: {w.grad_accum * 2} (same batch)",
+                smaller_batch(w, w.micro_batch_size // 2))),
+    (lambda w: w.micro_batch_size > 2,
+     lambda w: (f"micro_batch_size: 1, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size} (same batch)", smaller_batch(w, 1))),
+]
+
+
+def lora_all_linear(w: Workload) -> int:
+    from worker.job.estimate import LINEAR_MODULES, lora_param_count
+
+    return lora_param_count(w.shape, 16, LINEAR_MODULES)
+
+
+def smaller_batch(w: Workload, mbs: int) -> Workload:
+    scale = mbs / w.micro_batch_size
+    micro = None if w.micro_tokens is None else w.micro_tokens * scale
+    return w.replace(micro_batch_size=mbs, grad_accum=w.grad_accum * w.micro_batch_size // mbs, micro_tokens=micro)
+
+
+def advice(w: Workload, memory_bytes: float, bf16_tflops: float) -> list[Advice]:
+    """Each change alone, then all of them together when none alone is enough."""
+    speed = tokens_per_s(w, bf16_tflops)
+
+    def judged(text: str, changed: Workload) -> Advice:
+        peak = peak_bytes(changed)
+        return Advice(text, peak, tokens_per_s(changed, bf16_tflops) / speed, fits_in(peak, memory_bytes), changed)
+
+    out = [judged(*change(w)) for applies, change in CHANGES if applies(w)]
+    everything = smaller_batch(w.replace(checkpointing=True, offload=True, method="lora" if w.method == "full" else w.method,
+                                         lora_params=w.lora_params or lora_all_linear(w)), 1)
+    if w.method in ("lora", "full"):
+        everything = everything.replace(method="qlora")
+    if out and not any(a.fits for a in out) and everything != w:
+        out.append(judged("all of these together (checkpointing with offload, QLoRA, micro_batch_size 1)", everything))
+    return out
