@@ -9,7 +9,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from schemas.limits import EXCERPT_CHARS, excerpt
+from schemas.limits import EXCERPT_CHARS, clip, excerpt
 
 # Why an error blocks the job: the value is wrong ("invalid"), the feature is a real axolotl
 # feature ftw does not implement ("unsupported"), or the endpoint operator has to allow it
@@ -27,10 +27,8 @@ class Issue:
 
     def __post_init__(self) -> None:
         """A location built from a pasted blob used as a key, or a message that quotes one, stays a line."""
-        for name, limit in (("loc", 4 * EXCERPT_CHARS), ("msg", MAX_MESSAGE)):
-            text = getattr(self, name)
-            if len(text) > limit:
-                object.__setattr__(self, name, f"{text[:limit]}... ({len(text):,} characters)")
+        object.__setattr__(self, "loc", clip(self.loc, 4 * EXCERPT_CHARS))
+        object.__setattr__(self, "msg", clip(self.msg, MAX_MESSAGE))
 
     def as_dict(self) -> dict[str, str]:
         return {"loc": self.loc, "msg": self.msg}

@@ -45,6 +45,11 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
     return _SHORT_REPR.repr(value)
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was: for messages that may quote a value."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def shape_problem(value: Any) -> str | None:
     """What makes `value` too deep or too wide to validate (None when it is within the limits);
     checked without recursion, and each value visited once, so the check itself is linear."""

@@ -51,6 +51,15 @@ def test_a_9mb_invalid_value_fails_the_job_with_a_short_result(volume):
     assert len(json.dumps(result)) < 10_000 and "(9,000,000 characters)" in result["error"]["message"]
 
 
+def test_an_invalid_job_with_thousands_of_problems_gets_a_readable_failure(volume):
+    from worker.job.pipeline import run_job
+
+    result = run_job({"input": example_job(config={"datasets": [{"path": "org/data", "type": "nope"}] * 5000})})
+    error = result["error"]
+    assert error["code"] == "invalid_job" and len(error["details"]["errors"]) == 100
+    assert error["message"].count("is not a known prompt strategy") == 10 and "and 90 more (details.errors)" in error["message"]
+
+
 def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volume):
     """RunPod's s3Config arrives beside the input; a non-object one crashed the orchestrator, and a value
     with a NUL byte would have failed as an environment variable of the first stage."""

@@ -178,6 +178,19 @@ def test_error_file_becomes_the_typed_error(tmp_path):
     assert "line 3" in failure.message and failure.hint.startswith("add the field") and failure.stage == "train"
 
 
+def test_a_huge_error_message_of_a_child_is_clipped(tmp_path):
+    """A child's message may quote a user's value (a 9 MB field name); the job's failure stays short."""
+    stage = child(tmp_path, """
+        from worker.errors import DataError
+        from worker.events import run_child
+        def main():
+            raise DataError("field " + "f" * 5_000_000 + " is missing", "set field_messages")
+        run_child(main)
+    """)
+    failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
+    assert type(failure) is errors.DataError and len(failure.message) < 5000 and "(5,000,017 characters)" in failure.message
+
+
 def test_kill_9_is_a_crash_with_log_tail(tmp_path):
     stage = child(tmp_path, """
         import os, signal

@@ -38,6 +38,7 @@ from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
 PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
+SHOWN_PROBLEMS = 10  # in the failure message of an invalid job; details.errors has them all (at most 100)
 MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
 STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
 
@@ -57,7 +58,9 @@ def run_job(
     if (problem := s3_config_problem(s3_config)) is not None:
         report.error("s3Config", problem)
     if not report.valid:
-        problems = "; ".join(str(i) for i in report.errors)
+        problems = "; ".join(str(i) for i in report.errors[:SHOWN_PROBLEMS])
+        if len(report.errors) > SHOWN_PROBLEMS:
+            problems += f"; and {len(report.errors) - SHOWN_PROBLEMS} more (details.errors)"
         error = JobSpecError(
             f"the job is invalid ({len(report.errors)} problem(s)): {problems}",
             "fix every problem listed (the same list as `ftw validate JOB.json`); nothing was started",

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.issues import MAX_MESSAGE
+from schemas.limits import clip
 from schemas.secrets import Redactor, StreamRedactor
 from worker import errors
 from worker.events import EXIT_PREEMPTED, read_error
@@ -297,7 +299,8 @@ def stage_failure(run: StageRun) -> errors.FtwError | None:
     record = run.error_record
     if record and record.get("code") and record.get("code") != "crash":
         cls = ERROR_CLASSES.get(record["code"], errors.FtwError)
-        return cls(str(record.get("message") or f"{name} failed"), str(record.get("hint") or HINTS.get(cls.code, "")), details={**details, **(record.get("details") or {})}, **common)
+        message, hint = clip(str(record.get("message") or f"{name} failed"), MAX_MESSAGE), clip(str(record.get("hint") or HINTS.get(cls.code, "")), MAX_MESSAGE)
+        return cls(message, hint, details={**details, **(record.get("details") or {})}, **common)
     lowered = tail.lower()
     if "out of memory" in lowered or "outofmemoryerror" in lowered:
         return errors.OutOfMemory(f"{name} ran out of GPU memory", HINTS["oom"], details=details, **common)
@@ -306,5 +309,5 @@ def stage_failure(run: StageRun) -> errors.FtwError | None:
     if rc is not None and rc < 0:
         signame = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
         return errors.ChildCrash(f"{name} was killed by {signame}", HINTS["crash"], details={**details, "signal": signame}, **common)
-    message = (record or {}).get("message") or f"{name} exited with code {rc}"
+    message = clip(str((record or {}).get("message") or f"{name} exited with code {rc}"), MAX_MESSAGE)
     return errors.ChildCrash(f"{name} crashed: {message}", HINTS["crash"], details=details, **common)

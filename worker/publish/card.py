@@ -15,6 +15,7 @@ from typing import Any
 
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, is_remote
+from schemas.secrets import Redactor
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 # An absolute path: '/' or '~/' not preceded by a URL or word character, followed by at least one segment.
@@ -55,9 +56,7 @@ def public_name(name: str) -> str:
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    for s in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(s, "***")
-    return LOCAL_PATH.sub("<local path>", text)
+    return LOCAL_PATH.sub("<local path>", Redactor(secrets).text(text))
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
