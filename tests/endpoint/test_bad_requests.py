@@ -8,6 +8,7 @@ import requests
 import runpod
 
 from tests.endpoint.conftest import Api, start_endpoint
+from worker.endpoint.server import worker_token
 
 MB = 1024 * 1024
 
@@ -60,6 +61,13 @@ def test_the_runpod_client_reports_a_wrong_key(bare, monkeypatch):
     (b'{"input": {}, "policy": {"ttl": "1h"}}', "policy.ttl"),
     (b'{"input": {}, "policy": []}', "policy must be an object"),
     (b'{"input": {}, "webhook": "ftp://x"}', "webhook must be an http(s) URL"),
+    (b'{"input": {}, "webhook": "http://[::1"}', "no valid host"),
+    (b'{"input": {}, "webhook": "http://h.example.com:99999/"}', "no valid host"),
+    (b'{"input": {}, "webhook": "http://169.254.169.254/latest/meta-data"}', "link-local"),
+    (b'{"input": {}, "webhook": "http://[::ffff:10.0.0.1]/hook"}', "private"),
+    (b'{"input": {}, "webhook": "http://0x7f000001/hook"}', "non-standard form"),
+    (b'{"input": {}, "webhook": "http://metadata.google.internal/"}', "inside a network"),
+    (b'{"input": {}, "webhook": "http://127.0.0.2:9/"}', "loopback"),  # FTW_ALLOWED_HOSTS=127.0.0.1 only
     (b'{"input": {}, "s3Config": "s3://x"}', "s3Config must be an object"),
 ])
 def test_malformed_requests_are_400(api, body, fragment):
@@ -85,8 +93,8 @@ def test_unknown_job_ids_and_endpoints_are_404(api):
 
 def test_a_worker_cannot_report_on_a_job_it_does_not_run(api):
     job_id = api.run({"x": 1})
-    response = api.session.post(api.url(f"job-done/intruder/{job_id}?gpu=x&isStream=false"),
-                                data=json.dumps({"output": "forged"}))
+    response = requests.post(api.url(f"job-done/intruder/{job_id}?gpu=x&isStream=false"), data=json.dumps({"output": "forged"}),
+                             headers={"Authorization": worker_token(api.endpoint.worker_key, "intruder")})
     expect_error(response, 409, "IN_QUEUE")
     assert api.status(job_id) == {"id": job_id, "status": "IN_QUEUE"}
 

@@ -56,7 +56,7 @@ def test_real_handler_trains_then_a_cancel_stops_its_training_child(tmp_path, ti
                "OMP_NUM_THREADS": "2"}
     webhooks = WebhookListener()
     endpoint = LocalEndpoint(tmp_path / "endpoint.sqlite3", API_KEY, args=("--take-wait-s", "5"),
-                             log_path=tmp_path / "endpoint.log").start()
+                             log_path=tmp_path / "endpoint.log", env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}).start()
     try:
         worker = endpoint.start_worker(HANDLER, env=job_env, log_path=tmp_path / "worker.log")
         job_file = tmp_path / "job.json"
