@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VENV_VLLM ?= .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: setup test demo clean vllm-env
+.PHONY: setup test demo demo-volume clean vllm-env
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test: setup vllm-env
 
 demo: setup
 	$(PY) -m worker.demo
+
+# the inputs examples/demo_job.json names (tiny model, example data) in ./volume, for README's rehearsal;
+# order-only on setup: an existing .venv is used as it is
+demo-volume: | $(STAMP)
+	$(PY) -m worker.demo --prepare
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) volume .pytest_cache .hypothesis
