@@ -22,7 +22,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 ALLOW_ENV = "FTW_ALLOWED_HOSTS"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -127,9 +127,9 @@ def check_url(url: str, env: Mapping[str, str], what: str = "URL") -> str | None
             return f"{what} must be http:// or https://"
         host, _ = host_of(url)
     except ValueError as e:
-        return f"{what} {shorten(url)!r} has no valid host ({e})"
+        return f"{what} {shorten(public_form(url))!r} has no valid host ({e})"
     problem = literal_problem(host, HostPolicy.from_env(env))
-    return problem and f"{what} {shorten(url)!r} is refused: {problem}; use a public host, {WIDEN}"
+    return problem and f"{what} {shorten(public_form(url))!r} is refused: {problem}; use a public host, {WIDEN}"
 
 
 def allowed_addresses(host: str, port: int, env: Mapping[str, str]) -> list[tuple]:
@@ -149,6 +149,18 @@ def allowed_addresses(host: str, port: int, env: Mapping[str, str]) -> list[tupl
         if problem:
             raise PermissionError(f"host {host[:80]!r} resolves to a refused address: {problem}; {WIDEN}")
     return infos
+
+
+def public_form(url: str) -> str:
+    """A URL as messages may show it: no user:password, no query string (presigned signatures)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return url.split("://", 1)[0] + "://(unparsable)"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def shorten(text: str, limit: int = 200) -> str:

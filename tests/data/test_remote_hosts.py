@@ -167,3 +167,10 @@ def test_the_connection_goes_to_the_checked_address_so_a_second_answer_cannot_sw
         port = url.rsplit(":", 1)[1]
         got = download_http(f"http://data.example.com:{port}/data.jsonl", tmp_path, env={"FTW_ALLOWED_HOSTS": "127.0.0.1/32"})
     assert got.read_bytes() == BODY and seen == ["/data.jsonl"] and len(asked) == 1
+
+
+def test_a_refusal_quotes_neither_a_password_nor_a_signature():
+    report = validate_config({"base_model": "org/model", "learning_rate": 1e-4, "datasets": [
+        {"path": "https://user:hunter2pass@10.0.0.1/d.jsonl?X-Amz-Signature=SECRETSIG", "type": "alpaca"}]}, env={})
+    [error] = report.errors
+    assert "10.0.0.1/d.jsonl" in error.msg and "hunter2pass" not in error.msg and "SECRETSIG" not in error.msg

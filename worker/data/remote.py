@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.hosts import allowed_addresses, check_url
+from schemas.hosts import public_form as redact
 from worker.errors import DataError
 
 MB = 1 << 20
@@ -80,14 +81,6 @@ def download_s3(uri: str, dest: Path) -> Path:
         return dest
     except (BotoCoreError, ClientError) as e:
         raise DataError(f"{uri}: cannot download from S3 ({type(e).__name__}: {e})", hint=CREDENTIAL_HINT) from e
-
-
-def redact(uri: str) -> str:
-    """A URI as messages may show it: no user:password, no query string (presigned signatures)."""
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class GuardedConnection:

@@ -52,9 +52,13 @@ class WebhookSender:
         self.session: aiohttp.ClientSession | None = None
         self.in_flight: set[int] = set()
 
-    async def run(self, poll_s: float = 0.1) -> None:
+    def open(self) -> None:
+        """The HTTP session: names resolved by CheckedResolver, no proxy from the environment."""
         connector = aiohttp.TCPConnector(resolver=CheckedResolver(self.env), use_dns_cache=False)
         self.session = aiohttp.ClientSession(timeout=self.timeout, connector=connector, trust_env=False)
+
+    async def run(self, poll_s: float = 0.1) -> None:
+        self.open()
         while True:
             for hook in self.store.due_webhooks(time.time()):
                 if hook["id"] not in self.in_flight:
