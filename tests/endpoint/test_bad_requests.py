@@ -123,3 +123,21 @@ def test_runsync_answers_with_the_id_when_the_wait_runs_out(api):
     assert body["id"].startswith("sync-") and body["status"] == "IN_QUEUE"
     expect_error(api.session.post(api.url("runsync?wait=10"), json={"input": {}}), 400, "wait must be in [1000, 300000]")
     expect_error(api.session.post(api.url("runsync?wait=soon"), json={"input": {}}), 400, "wait must be an integer")
+
+
+def test_an_upload_cut_off_midway_creates_nothing_and_is_no_internal_error(api):
+    """A client that dies mid-body (network drop, Ctrl-C) is an ordinary event: one log line, no job."""
+    import socket
+    import time
+
+    before = api.session.get(api.url("health")).json()["jobs"]
+    with socket.create_connection(("127.0.0.1", api.endpoint.port)) as sock:
+        sock.sendall(b"POST /v2/local/run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api.endpoint.api_key.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b'{"input": {"a": "' + b"x" * 1000)
+    log = api.endpoint.log_path
+    deadline = time.monotonic() + 30
+    while "before its body arrived" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    assert "internal error" not in log.read_text() and "Traceback" not in log.read_text()
+    assert api.session.get(api.url("health")).json()["jobs"] == before

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from schemas.hosts import check_url
 from worker.endpoint.scrub import RESUBMIT_WITH_SECRETS
@@ -167,7 +167,12 @@ class Endpoint:
         if request.content_length is not None and request.content_length > limit:
             raise fail(413, f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
                             "of this route; put large data in S3 and pass its URI")
-        body = await request.read()
+        try:
+            body = await request.read()
+        except (ConnectionResetError, ClientPayloadError) as e:  # the client went away mid-upload: nothing to do
+            log.info("%s %s: the client closed the connection before its body arrived (%s)", request.method,
+                     request.path, type(e).__name__)
+            raise fail(400, "request body incomplete: the connection closed before all of it arrived") from None
         if len(body) > limit:
             raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
         try:
