@@ -48,7 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, api_key: str, worker_key: str) -> None:
+async def serve(args: argparse.Namespace, api_key: str, worker_key: str, worker_key_made_up: bool) -> None:
     from aiohttp import web
 
     from worker.endpoint.local import spawn_worker
@@ -71,6 +71,8 @@ async def serve(args: argparse.Namespace, api_key: str, worker_key: str) -> None
           "RUNPOD_API_KEY=<FTW_ENDPOINT_API_KEY>", flush=True)
     print("  workers: RUNPOD_POD_ID=<name> RUNPOD_AI_API_KEY=<ftw endpoint --worker-token name> "
           + " ".join(f"{k}='{v}'" for k, v in worker_urls(base, args.endpoint_id).items()), flush=True)
+    if worker_key_made_up:
+        print("  FTW_ENDPOINT_WORKER_KEY is not set: only the workers started here with --worker can join", flush=True)
     print(f"  jobs stored in {args.db}", flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"  note: listening on {host}, beyond loopback: anyone who reaches it with the key can submit jobs",
@@ -118,6 +120,7 @@ def main(argv: list[str]) -> int:
         print("ftw endpoint: FTW_ENDPOINT_WORKER_KEY must differ from FTW_ENDPOINT_API_KEY (a client must not be "
               "able to act as a worker)", file=sys.stderr)
         return EXIT_USAGE
+    made_up = not worker_key
     worker_key = worker_key or secrets.token_hex(32)  # known only to this process and the workers it starts
     missing = [str(h) for h in args.worker if not h.is_file()]
     if missing:
@@ -126,7 +129,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(serve(args, api_key, worker_key))
+        asyncio.run(serve(args, api_key, worker_key, made_up))
     except OSError as e:
         print(f"ftw endpoint: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
