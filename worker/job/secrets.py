@@ -30,7 +30,7 @@ S3CONFIG_ENV = {
 }
 S3CONFIG_SECRET_KEYS = ("accessId", "accessSecret")
 # Variables a stage child never needs: the worker's own platform credentials.
-CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY")
+CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY", "FTW_ENDPOINT_WORKER_KEY")
 MIN_SECRET_LEN = 4
 URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 MASK = "***"
