@@ -149,3 +149,12 @@ def test_ftw_pull_help_says_what_happens_without_a_folder():
     shown = subprocess.run([sys.executable, "-m", "worker.cli", "pull", "--help"], cwd=REPO, env=child_env(),
                            capture_output=True, text=True, timeout=60).stdout
     assert "Without DIR nothing is copied" in shown and "cache/adapters" in shown and "holds exactly this artifact" in shown
+
+
+def test_ftw_pull_without_s3_credentials_says_so_at_once(tmp_path):
+    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "FTW_PUBLISH_BACKOFF_S": "0.05"}
+    done = run_ftw_pull("s3://bucket/run-1/adapter", env=env)
+    assert done.returncode == 1 and "no S3 credentials" in done.stderr and "BUCKET_ACCESS_KEY_ID" in done.stderr
+    assert "retrying" not in done.stderr and "Traceback" not in done.stderr
