@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -158,3 +160,23 @@ def test_ftw_pull_without_s3_credentials_says_so_at_once(tmp_path):
     done = run_ftw_pull("s3://bucket/run-1/adapter", env=env)
     assert done.returncode == 1 and "no S3 credentials" in done.stderr and "BUCKET_ACCESS_KEY_ID" in done.stderr
     assert "retrying" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ftw_pull_stopped_while_the_store_does_not_answer_exits_130_without_a_traceback(tmp_path, signum):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "BUCKET_ACCESS_KEY_ID": "id", "BUCKET_SECRET_ACCESS_KEY": "secret"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "pull", "s3://bucket/run-1/adapter", str(tmp_path / "d")],
+                            cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        silent.settimeout(60)
+        conn, _ = silent.accept()  # the pull is now waiting on the store
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()

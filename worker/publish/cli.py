@@ -5,17 +5,23 @@ hf://org/name@revision (or org/name@revision) or a local folder. With DIR the ar
 there (DIR absent or empty; a DIR that already holds exactly this artifact is left as it is, so a
 repeated pull succeeds). Without DIR nothing is copied: a remote artifact stays in the cache
 (BASE_VOLUME/cache/adapters/<manifest sha256>), a local one where it is; either way the verified
-folder's path is printed. Exit 0 done, 1 failed (the message says what to change), 2 usage error.
+folder's path is printed. Exit 0 done, 1 failed (the message says what to change), 2 usage error,
+130 interrupted (Ctrl-C or SIGTERM: a partial download is removed, DIR is left as it was).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from worker.errors import FtwError
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str]) -> int:
@@ -32,8 +38,12 @@ def main(argv: list[str]) -> int:
         return 2 if e.code else 0
     from worker.publish.pull import pull
 
+    signal.signal(signal.SIGTERM, interrupted)  # as Ctrl-C: the partial download's folder is removed on the way out
     try:
         pulled = pull(args.source, os.environ, dest=args.dest, kind=args.kind)
+    except KeyboardInterrupt:
+        print("ftw pull: interrupted; nothing was copied into DIR (run it again to finish)", file=sys.stderr)
+        return 130
     except FtwError as e:
         print(f"ftw pull: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         if args.json:
