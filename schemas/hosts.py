@@ -53,8 +53,15 @@ class HostPolicy:
                 continue
             try:
                 networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+                continue
             except ValueError:
-                names.add(item)
+                pass
+            # a URL or host:port written where a host is meant: the host is what the operator means
+            host = urlsplit(item if "://" in item else f"//{item}").hostname or item
+            try:
+                networks.append(ipaddress.ip_network(host, strict=False))
+            except ValueError:
+                names.add(host.rstrip("."))
         return cls(frozenset(names), tuple(networks))
 
     def name_allowed(self, host: str) -> bool:

@@ -95,6 +95,9 @@ def test_a_public_host_passes_and_the_operator_can_allow_names_and_ranges():
     assert errors("http://minio.lan/d.jsonl", {"FTW_ALLOWED_HOSTS": "minio.lan, 10.0.0.0/8"}) == []
     assert errors("http://11.1.2.3/d.jsonl", {"FTW_ALLOWED_HOSTS": "10.0.0.0/8"}) == []  # public anyway
     assert errors("http://192.168.0.1/d.jsonl", {"FTW_ALLOWED_HOSTS": "10.0.0.0/8"}) != []
+    # written as host:port or as a URL, an entry still means its host
+    assert errors("http://minio.lan:9000/d.jsonl", {"FTW_ALLOWED_HOSTS": "minio.lan:9000"}) == []
+    assert errors("http://10.9.8.7:9000/d.jsonl", {"FTW_ALLOWED_HOSTS": "http://10.9.8.7:9000/"}) == []
 
 
 def test_a_base_model_that_is_a_url_is_refused_by_name():
