@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def test_a_real_sdk_worker_with_the_client_key_takes_nothing(bare, tmp_path):
         assert api.wait(job_id)["workerId"] == "real-worker"
         real.stop()
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the SDK's heartbeat is a child process: the whole group goes
         proc.wait()
 
 
