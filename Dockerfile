@@ -1,11 +1,13 @@
 # The ftw training worker as a RunPod serverless image.
 #   docker build -t ftw-train .
-# CUDA runtime base + Python 3.12; torch from PyTorch's CUDA 12.8 wheel index (pinned), then ftw's
-# pinned direct dependencies (requirements.txt) on top. The worker process (handler.py) never
-# imports torch; the preprocess/train children do. Everything that grows lives on the network
-# volume: run folders, prepared-data caches and the local store under BASE_VOLUME, and the
-# Hugging Face caches under HF_HOME, so a retried job on another worker finds them again.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# CUDA 13.0 runtime base + Python 3.12 (Ubuntu 24.04). Python packages: requirements-image.lock, the
+# whole closure of requirements.txt + requirements-image.txt (torch 2.11.0, PyPI's CUDA 13.0 build,
+# the build the GPU benchmarks ran on) resolved for linux x86_64 / Python 3.12 (`make image-lock`),
+# installed without resolving again. The worker process (handler.py) never imports torch; the
+# preprocess/train children do. Everything that grows lives on the network volume: run folders,
+# prepared-data caches and the local store under BASE_VOLUME, and the Hugging Face caches under
+# HF_HOME, so a retried job on another worker finds them again.
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -17,19 +19,23 @@ ENV DEBIAN_FRONTEND=noninteractive \
     FTW_ALLOW_CPU=0 \
     HF_HOME=/runpod-volume/huggingface \
     HF_HUB_ENABLE_HF_TRANSFER=0 \
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    TOKENIZERS_PARALLELISM=false
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# a switch of the tokenizers library, not a secret
+# hadolint ignore=DL3064
+ENV TOKENIZERS_PARALLELISM=false
 
+# Ubuntu's archive keeps only the newest build of a package within a release, so a pinned apt version
+# stops building once it is superseded; the base image's tag fixes the release. Triton compiles its
+# launchers at run time: it needs the C compiler and the Python headers.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential ca-certificates git \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv $VIRTUAL_ENV
 
-RUN pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128
-
 WORKDIR /app
-COPY requirements.txt ./
-RUN pip install -r requirements.txt bitsandbytes==0.50.2  # QLoRA and 8-bit optimizers (CUDA only)
+COPY requirements-image.lock ./
+RUN pip install --no-deps -r requirements-image.lock && pip check
 
 COPY pyproject.toml handler.py ./
 COPY schemas/ schemas/

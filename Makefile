@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VENV_VLLM ?= .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
 
-.PHONY: setup test demo clean vllm-env
+.PHONY: setup test demo demo-volume clean vllm-env lint lint-docker image-lock
 
 setup: $(STAMP)
 
@@ -36,6 +36,23 @@ test: setup vllm-env
 
 demo: setup
 	$(PY) -m worker.demo
+
+# the inputs examples/demo_job.json names (tiny model, example data) in ./volume, for README's rehearsal;
+# order-only on setup: an existing .venv is used as it is
+demo-volume: | $(STAMP)
+	$(PY) -m worker.demo --prepare
+
+lint: lint-docker
+
+# both images' Dockerfiles, by hadolint (requirements-dev.txt pins it)
+lint-docker: setup
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.serve
+
+# the images' whole Python closures, resolved for their platform (linux x86_64, Python 3.12) from PyPI
+IMAGE_PLATFORM := --python-platform x86_64-manylinux_2_28 --python-version 3.12 --no-header -q
+image-lock: setup
+	$(VENV)/bin/uv pip compile requirements.txt requirements-image.txt $(IMAGE_PLATFORM) -o requirements-image.lock
+	$(VENV)/bin/uv pip compile requirements-serve-image.txt $(IMAGE_PLATFORM) -o requirements-serve-image.lock
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) volume .pytest_cache .hypothesis

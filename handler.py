@@ -3,8 +3,10 @@
 Thin on purpose: the job runs in `worker.job.pipeline.run_job`, the same function `ftw run` calls.
 This file only adapts it to the runpod SDK:
 
-- `stream_job` is an async generator: each progress update (stage, step, loss, tokens/s, ETA) is
-  yielded to RunPod's stream; the last item is the result `{run_id, status: "completed",
+- `stream_job` is an async generator: each progress update (stage, step, loss, tokens/s, ETA; every
+  2 s or 5% of the steps) is posted with `runpod.serverless.progress_update`, so /status shows it
+  as the output while the job runs; stage changes and one step update per 10 s are also yielded to
+  RunPod's stream; the last item is the result `{run_id, status: "completed",
   artifacts, metrics, timings, ...}`. With `return_aggregate_stream` the job's output is the list of
   items, so the result is `output[-1]`. A failed job yields `{"error": "<JSON>"}` last, which the
   SDK turns into a FAILED job whose error is that JSON: `{run_id, status, code, stage, message,
@@ -30,10 +32,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from worker.job.pipeline import run_job
-from worker.job.progress import format_line
+from worker.job.progress import ProgressSink, Throttle, format_line
 from worker.job.supervisor import StopSignal
 
 POLL_S = 0.2
+STREAM_INTERVAL_S = 10.0  # every streamed item is kept in the job's aggregated output: a day stays under ~2 MB
 RUNNING: set[StopSignal] = set()
 _sigterm_forwarding = False
 
@@ -62,13 +65,31 @@ def final_item(result: dict[str, Any]) -> dict[str, Any]:
     return {"error": json.dumps({"run_id": result.get("run_id"), "status": result.get("status"), **error, "timings": result.get("timings")})}
 
 
+def status_poster(job: dict[str, Any]) -> ProgressSink:
+    """RunPod's way to show progress on /status while a job runs (platform mode only)."""
+    if not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return lambda update: None
+    from runpod.serverless import progress_update
+
+    return lambda update: progress_update(job, update)
+
+
 async def stream_job(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     stop = StopSignal()
     updates: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     outcome: dict[str, Any] = {}
+    post_status, to_stream = status_poster(job), Throttle(updates.put, STREAM_INTERVAL_S)
+
+    def on_progress(update: dict[str, Any]) -> None:
+        post_status(update)
+        to_stream(update)
 
     def work() -> None:
-        outcome["result"] = run_job(job.get("input"), job_id=job.get("id"), s3_config=job.get("s3Config"), on_progress=updates.put, stop=stop)
+        try:
+            outcome["result"] = run_job(job.get("input"), job_id=job.get("id"), s3_config=job.get("s3Config"),
+                                        on_progress=on_progress, stop=stop)
+        finally:
+            to_stream.flush()
 
     forward_sigterm()
     thread = threading.Thread(target=work, name=f"ftw-job-{job.get('id')}", daemon=True)
@@ -115,9 +136,8 @@ def main() -> None:
     # The SDK logs at DEBUG by default, and its local test mode then prints the whole job — credentials
     # included. INFO keeps them out of the worker's log; an operator may still ask for more.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-    # Every streamed item is also kept in the job's aggregated output: one step update per 10 s keeps a
-    # day of training under ~2 MB.
-    os.environ.setdefault("FTW_PROGRESS_INTERVAL_S", "10")
+    # progress_update (/status) every 2 s or 5% of the steps; the stream thins them to one per 10 s
+    os.environ.setdefault("FTW_PROGRESS_INTERVAL_S", "2")
     import runpod
 
     handler = run_to_result if local_test_mode(sys.argv, dict(os.environ)) else stream_job

@@ -1,36 +1,43 @@
 #!/usr/bin/env bash
 # The job worker on a real GPU machine (run from the repository root; results under $OUT):
 #
-#   OUT=/tmp/out bash bench/gpu_worker.sh          # on the device machine: `bash bench/gpu_worker.sh`
+#   .venv/bin/python bench/gpu_wheels.py               # here: the wheelhouse .whl/ (~44 MiB) it carries
+#   OUT=/tmp/out bash bench/gpu_worker.sh              # on the device machine, with .whl carried
 #
 # 1. probe.json          the GPU probe's figures (devices, free memory, driver, foreign processes, time)
 # 2. probe_missing.json  CUDA_VISIBLE_DEVICES naming a device that does not exist: must fail in seconds
-# 3. job_result.json     one real job through handler.py (the runpod SDK's local API server, /runsync)
-#                        — or through `ftw run` (the same pipeline function) when runpod is not installed —
-#                        a tiny Llama-shaped model built on the machine (no Hub), LoRA, bf16, on the GPU;
-#                        run/ holds its checks.json, summary.json and logs.
+# 3. job_result.json     one real job through handler.py, as on RunPod: an unmodified `python handler.py`
+#                        in the runpod SDK's platform mode, taking the job from `ftw endpoint` and
+#                        submitted with `ftw submit --wait`; a tiny Llama-shaped model built on the
+#                        machine (no Hub), LoRA, bf16, on the GPU; run/ holds its checks.json,
+#                        summary.json and logs.
 # 4. summary.txt         one table of the figures above.
-# Packages the machine lacks (datasets, runpod, ...) are installed from wheels in $FTW_WHEELS (default
-# .whl) when that folder exists: pip download them on a machine with internet, as /work/shared/peers
-# describes, and carry the folder.
+# What the machine's image lacks (runpod, datasets, pydantic, matplotlib, ... for Python 3.12) is
+# installed offline from the wheels in $FTW_WHEELS (default .whl, built by bench/gpu_wheels.py) into
+# a folder put first on PYTHONPATH. Anything still missing after that stops the script (exit 1): the
+# job always goes through handler.py, never around it.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-worker-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 WHEELS=${FTW_WHEELS:-.whl}
-export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${FTW_SITE:-/tmp/ftw-site}
+export PYTHONPATH="$(pwd):$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 log() { echo "[gpu_worker] $*" | tee -a "$OUT/summary.txt"; }
+NEEDED="import runpod, runpod.serverless, datasets, pydantic, yaml, matplotlib, boto3, filelock, psutil, aiohttp, handler, worker.endpoint.server"
 
-missing=$($PY - <<'EOF'
-import importlib.util
-need = ["pydantic", "yaml", "datasets", "filelock", "psutil", "matplotlib", "runpod", "boto3"]
-print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
-EOF
-)
-if [ -n "$missing" ] && [ -d "$WHEELS" ]; then
-  log "installing from $WHEELS: $missing"
-  $PY -m pip install -q --no-index --find-links "$WHEELS" $(echo "$missing" | sed 's/yaml/pyyaml/') >"$OUT/pip.log" 2>&1 || log "pip install failed (see pip.log)"
+if ! $PY -c "$NEEDED" 2>/dev/null; then
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    log "FAILED: this Python lacks ftw's worker packages and there are no wheels in $WHEELS (build them with bench/gpu_wheels.py and carry the folder)"
+    exit 1
+  fi
+  log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE (offline)"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 \
+    || { log "FAILED: pip install from $WHEELS (see pip.log)"; tail -n 20 "$OUT/pip.log"; exit 1; }
+  if ! $PY -c "$NEEDED" >"$OUT/import.log" 2>&1; then
+    log "FAILED: the worker still cannot import what it needs (see import.log)"; tail -n 20 "$OUT/import.log"; exit 1
+  fi
 fi
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv; \
@@ -80,40 +87,41 @@ cat >"$OUT/job.json" <<EOF
  "publish": ["adapter"], "limits": {"preprocess_s": 600, "train_s": 900}}}
 EOF
 export BASE_VOLUME="$VOL"
+[ "${DRY_RUN_CPU:-}" = 1 ] || unset FTW_ALLOW_CPU   # DRY_RUN_CPU=1 FTW_ALLOW_CPU=1: rehearse on a CPU machine
 # the import floor of one process: the yardstick of time to first step (issue 13: fresh ≤ 1.3×, warm ≤ 0.3×)
 $PY -c "import subprocess, sys, time; t = time.monotonic(); subprocess.run([sys.executable, '-c', 'import torch, transformers, datasets, peft'], check=True); print(time.monotonic() - t)" >"$OUT/floor_s"
-[ "${DRY_RUN_CPU:-}" = 1 ] || unset FTW_ALLOW_CPU   # DRY_RUN_CPU=1 FTW_ALLOW_CPU=1: rehearse on a CPU machine
 started=$(date +%s)
-if $PY -c "import runpod" 2>/dev/null; then
-  PORT=18765
-  $PY handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port $PORT >"$OUT/handler.log" 2>&1 &
-  HPID=$!
-  $PY - "$OUT" $PORT <<'EOF'
-import json, sys, time, urllib.request
-out, port = sys.argv[1], sys.argv[2]
-for _ in range(120):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=2); break
-    except Exception:
-        time.sleep(0.5)
-body = json.dumps({"input": json.load(open(f"{out}/job.json"))["input"]}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=body, headers={"Content-Type": "application/json"})
-response = json.load(urllib.request.urlopen(req, timeout=1500))
-json.dump(response, open(f"{out}/runsync_response.json", "w"), indent=2)
-json.dump(response["output"][-1], open(f"{out}/job_result.json", "w"), indent=2)
-# the same worker's next job: its stages fork from the warm stage template
-job = json.load(open(f"{out}/job.json"))["input"]
-body = json.dumps({"input": {**job, "run_id": job["run_id"] + "-2"}}).encode()
-req = urllib.request.Request(f"http://127.0.0.1:{port}/runsync", data=body, headers={"Content-Type": "application/json"})
-json.dump(json.load(urllib.request.urlopen(req, timeout=1500))["output"][-1], open(f"{out}/job_result_2.json", "w"), indent=2)
-EOF
-  kill $HPID 2>/dev/null; wait $HPID 2>/dev/null
-  via="handler.py (runpod SDK local API, /runsync)"
-else
-  $PY -m worker.cli run "$OUT/job.json" >"$OUT/ftw_run.stdout" 2>"$OUT/ftw_run.stderr"
-  tail -n 1 "$OUT/ftw_run.stdout" >"$OUT/job_result.json"
-  via="ftw run (runpod is not installed here; same pipeline function as handler.py)"
+export FTW_ENDPOINT_API_KEY=$($PY -c "import secrets; print(secrets.token_hex(16))")
+$PY -m worker.cli endpoint --port 0 --db "$OUT/endpoint.sqlite3" --take-wait-s 5 --worker handler.py >"$OUT/endpoint.log" 2>&1 &
+EPID=$!
+URL=""
+for _ in $(seq 120); do
+  URL=$(sed -n 's/^ftw endpoint listening on //p' "$OUT/endpoint.log" | head -n 1)
+  { [ -n "$URL" ] || ! kill -0 $EPID 2>/dev/null; } && break
+  sleep 0.5
+done
+if [ -z "$URL" ]; then
+  log "FAILED: ftw endpoint did not start (see endpoint.log)"; tail -n 20 "$OUT/endpoint.log"; kill $EPID 2>/dev/null; exit 1
 fi
+export RUNPOD_ENDPOINT_BASE_URL="$URL/v2" RUNPOD_ENDPOINT_ID=local RUNPOD_API_KEY="$FTW_ENDPOINT_API_KEY"
+timeout 480 $PY -m worker.cli submit "$OUT/job.json" --wait >"$OUT/submit.stdout" 2>"$OUT/submit.stderr"
+submitted=$?
+# the same worker's next job: its stages fork from the warm stage template
+sed 's/"run_id": "gpu-smoke"/"run_id": "gpu-smoke-2"/' "$OUT/job.json" >"$OUT/job2.json"
+timeout 480 $PY -m worker.cli submit "$OUT/job2.json" --wait >"$OUT/submit2.stdout" 2>"$OUT/submit2.stderr"
+kill -TERM $EPID 2>/dev/null; wait $EPID 2>/dev/null   # the endpoint stops its worker too
+$PY - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+for n in ("", "2"):
+    lines = open(f"{out}/submit{n}.stdout").read().strip().splitlines()
+    final = json.loads(lines[-1]) if lines else {"status": "none", "error": f"ftw submit printed nothing (see submit{n}.stderr)"}
+    json.dump(final, open(f"{out}/status_response{n}.json", "w"), indent=2)
+    output = final.get("output")
+    result = output[-1] if isinstance(output, list) and output else {"error": final.get("error") or final.get("status")}
+    json.dump(result, open(f"{out}/job_result{'_2' if n else ''}.json", "w"), indent=2)
+EOF
+via="handler.py (runpod SDK platform mode via ftw endpoint; ftw submit exit $submitted)"
 elapsed=$(( $(date +%s) - started ))
 mkdir -p "$OUT/run"
 for f in checks.json summary.json result.json config.json; do cp "$VOL/runs/gpu-smoke/$f" "$OUT/run/" 2>/dev/null; done
@@ -145,6 +153,8 @@ try:
 except (OSError, ValueError):
     floor = None
 second = load("job_result_2.json")
+if isinstance(second.get("error"), str):
+    second = json.loads(second["error"])
 rows += [("import floor s (torch, transformers, datasets, peft)", None if floor is None else round(floor, 2))]
 for label, result in (("job 1 (fresh worker)", r), ("job 2 (warm worker)", second)):
     first = (result.get("timings") or {}).get("first_step_s")

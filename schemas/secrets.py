@@ -36,7 +36,7 @@ S3CONFIG_ENV = {
 }
 S3CONFIG_SECRET_KEYS = ("accessId", "accessSecret")
 # Variables a stage child never needs: the worker's own platform credentials.
-CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY")
+CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY", "FTW_ENDPOINT_WORKER_KEY")
 # The values config.json holds masked (a presigned dataset URL) reach the stage children here, as
 # JSON [[path, value], ...]: a child's environment is the one place a secret may go.
 CONFIG_SECRETS_ENV = "FTW_CONFIG_SECRETS"

@@ -22,6 +22,7 @@ from schemas.issues import Issue, Report, format_loc, pydantic_issues
 from schemas.limits import shape_problem
 from schemas.keys import is_off
 from schemas.normalize import normalize_keys
+from schemas.hosts import check_url
 from schemas.paths import check_local_path
 from schemas.rules import cross_field_errors
 
@@ -83,7 +84,8 @@ def typed_model(cfg: dict[str, Any], skipped: set[str], report: Report) -> Train
 
 
 def check_paths(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> None:
-    """Local paths must resolve under BASE_VOLUME or FTW_ALLOWED_PATHS (schemas.paths)."""
+    """Local paths must resolve under BASE_VOLUME or FTW_ALLOWED_PATHS (schemas.paths), URLs must name
+    public hosts (schemas.hosts), and a model or folder key is never a URL."""
     candidates: list[tuple[str, Any]] = [(k, cfg.get(k)) for k in PATH_KEYS]
     for list_key in DATASET_LISTS:
         entries = cfg.get(list_key)
@@ -97,6 +99,10 @@ def check_paths(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) 
                     candidates.append((format_loc([list_key, i, "data_files", j]), f))
     for loc, value in candidates:
         if isinstance(value, str):
-            problem = check_local_path(value, env)
+            if value.lower().startswith(("http://", "https://")):
+                problem = (f"{loc} is a URL, which ftw does not download models or folders from; give a Hub id "
+                           "(org/name) or a local folder under BASE_VOLUME") if loc in PATH_KEYS else check_url(value, env)
+            else:
+                problem = check_local_path(value, env)
             if problem:
                 report.errors.append(Issue(loc, problem, "gated"))

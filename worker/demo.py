@@ -1,6 +1,9 @@
 """`make demo` — one real fine-tuning job on this machine, along the path it takes on RunPod.
 
-    python -m worker.demo [--volume ./volume]
+    python -m worker.demo [--volume ./volume] [--prepare]
+
+`--prepare` (`make demo-volume`) only does step 1: the inputs examples/demo_job.json names, for the
+README's rehearsal with `ftw endpoint` and `ftw submit`.
 
 1. builds the tiny base model locally (BASE_VOLUME/models/ftw-tiny-chatml; no Hub needed) and
    copies the bundled example data (examples/data/greetings.jsonl) into the volume;
@@ -124,7 +127,8 @@ def run_demo(volume: Path) -> int:
     logs = volume / "logs"
     webhook = WebhookListener()
     print(f"starting the local endpoint and a runpod worker (logs in {logs}) ...", flush=True)
-    with LocalEndpoint(db=volume / "endpoint.sqlite3", api_key=secrets.token_hex(16), log_path=logs / "endpoint.log") as endpoint:
+    with LocalEndpoint(db=volume / "endpoint.sqlite3", api_key=secrets.token_hex(16), log_path=logs / "endpoint.log",
+                       env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}) as endpoint:  # the webhook listener is on loopback
         endpoint.start_worker(REPO / "handler.py", log_path=logs / "worker.log",
                               env={"BASE_VOLUME": str(volume), "FTW_ALLOW_CPU": "1", "FTW_PROGRESS_INTERVAL_S": "1"})
         client = Client(endpoint.client_env())
@@ -158,6 +162,8 @@ def run_demo(volume: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--volume", type=Path, default=Path(os.environ.get("BASE_VOLUME") or "volume"))
+    parser.add_argument("--prepare", action="store_true",
+                        help="only put the demo job's inputs (tiny model, example data) into the volume")
     parser.add_argument("--build-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sample", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -167,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         base, adapter, *prompts = args.sample
         sample(Path(base), Path(adapter), prompts)
+        return 0
+    if args.prepare:
+        prepare_volume(args.volume.resolve())
+        print(f"the demo job's inputs are in {args.volume.resolve()}: models/{MODEL_NAME}, data/{EXAMPLE_DATA.name}")
         return 0
     return run_demo(args.volume.resolve())
 

@@ -85,7 +85,8 @@ def http_server(root):
         server.server_close()
 
 
-def test_http_source(volume, tokenizer_dir, tmp_path):
+def test_http_source(volume, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTW_ALLOWED_HOSTS", "127.0.0.1")  # the operator allows the loopback server
     served = tmp_path / "www"
     write_jsonl(served / "data.jsonl", alpaca_rows(12))
     with http_server(served) as url:

@@ -112,7 +112,8 @@ class WebhookListener:
 
 
 def start_endpoint(tmp: Path, *, handler_kind: str | None = "generator", args: tuple[str, ...] = FAST) -> LocalEndpoint:
-    endpoint = LocalEndpoint(tmp / "endpoint.sqlite3", API_KEY, args=args, log_path=tmp / "endpoint.log").start()
+    endpoint = LocalEndpoint(tmp / "endpoint.sqlite3", API_KEY, args=args, log_path=tmp / "endpoint.log",
+                             env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}).start()  # the webhook listener is on loopback
     if handler_kind:
         endpoint.start_worker(PROTOCOL_HANDLER, env={"HANDLER_KIND": handler_kind}, log_path=tmp / "worker.log")
     return endpoint

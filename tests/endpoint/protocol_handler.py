@@ -4,13 +4,15 @@ HANDLER_KIND=generator (default): an async generator; each step is yielded (job-
 aggregate is the output. HANDLER_KIND=progress: an async function that reports steps with
 runpod.serverless.progress_update and returns a dict. Input: {"steps", "step_s", "mode"} with
 mode "ok" | "fail" (raises after the steps) | "child" (starts a child process, streams its pid,
-waits for it; a stop from the endpoint cancels the task and the child's group is killed).
+waits for it; a stop from the endpoint cancels the task and the child's group is killed) |
+"block" (progress handler: blocks the SDK's event loop for "block_s" seconds, a stuck worker).
 HANDLER_CONCURRENCY=N (default 1): jobs at once; above 1 the SDK takes jobs with job-take-batch.
 """
 import asyncio
 import os
 import signal
 import threading
+import time
 
 import runpod
 
@@ -58,6 +60,8 @@ async def progress_handler(job):
     for step in range(1, steps + 1):
         await asyncio.sleep(args.get("step_s", 0.1))
         await posted_in_order(job, {"stage": "train", "step": step, "total_steps": steps})
+    if args.get("mode") == "block":
+        time.sleep(args.get("block_s", 30))  # on purpose: nothing else in this worker runs meanwhile
     if args.get("mode") == "fail":
         return {"error": "the test handler failed on purpose"}
     return {"result": {"echo": args.get("echo")}}

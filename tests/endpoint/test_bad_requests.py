@@ -8,6 +8,7 @@ import requests
 import runpod
 
 from tests.endpoint.conftest import Api, start_endpoint
+from worker.endpoint.server import worker_token
 
 MB = 1024 * 1024
 
@@ -60,6 +61,13 @@ def test_the_runpod_client_reports_a_wrong_key(bare, monkeypatch):
     (b'{"input": {}, "policy": {"ttl": "1h"}}', "policy.ttl"),
     (b'{"input": {}, "policy": []}', "policy must be an object"),
     (b'{"input": {}, "webhook": "ftp://x"}', "webhook must be an http(s) URL"),
+    (b'{"input": {}, "webhook": "http://[::1"}', "no valid host"),
+    (b'{"input": {}, "webhook": "http://h.example.com:99999/"}', "no valid host"),
+    (b'{"input": {}, "webhook": "http://169.254.169.254/latest/meta-data"}', "link-local"),
+    (b'{"input": {}, "webhook": "http://[::ffff:10.0.0.1]/hook"}', "private"),
+    (b'{"input": {}, "webhook": "http://0x7f000001/hook"}', "non-standard form"),
+    (b'{"input": {}, "webhook": "http://metadata.google.internal/"}', "inside a network"),
+    (b'{"input": {}, "webhook": "http://127.0.0.2:9/"}', "loopback"),  # FTW_ALLOWED_HOSTS=127.0.0.1 only
     (b'{"input": {}, "s3Config": "s3://x"}', "s3Config must be an object"),
 ])
 def test_malformed_requests_are_400(api, body, fragment):
@@ -85,8 +93,8 @@ def test_unknown_job_ids_and_endpoints_are_404(api):
 
 def test_a_worker_cannot_report_on_a_job_it_does_not_run(api):
     job_id = api.run({"x": 1})
-    response = api.session.post(api.url(f"job-done/intruder/{job_id}?gpu=x&isStream=false"),
-                                data=json.dumps({"output": "forged"}))
+    response = requests.post(api.url(f"job-done/intruder/{job_id}?gpu=x&isStream=false"), data=json.dumps({"output": "forged"}),
+                             headers={"Authorization": worker_token(api.endpoint.worker_key, "intruder")})
     expect_error(response, 409, "IN_QUEUE")
     assert api.status(job_id) == {"id": job_id, "status": "IN_QUEUE"}
 
@@ -115,3 +123,21 @@ def test_runsync_answers_with_the_id_when_the_wait_runs_out(api):
     assert body["id"].startswith("sync-") and body["status"] == "IN_QUEUE"
     expect_error(api.session.post(api.url("runsync?wait=10"), json={"input": {}}), 400, "wait must be in [1000, 300000]")
     expect_error(api.session.post(api.url("runsync?wait=soon"), json={"input": {}}), 400, "wait must be an integer")
+
+
+def test_an_upload_cut_off_midway_creates_nothing_and_is_no_internal_error(api):
+    """A client that dies mid-body (network drop, Ctrl-C) is an ordinary event: one log line, no job."""
+    import socket
+    import time
+
+    before = api.session.get(api.url("health")).json()["jobs"]
+    with socket.create_connection(("127.0.0.1", api.endpoint.port)) as sock:
+        sock.sendall(b"POST /v2/local/run HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + api.endpoint.api_key.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b'{"input": {"a": "' + b"x" * 1000)
+    log = api.endpoint.log_path
+    deadline = time.monotonic() + 30
+    while "before its body arrived" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    assert "internal error" not in log.read_text() and "Traceback" not in log.read_text()
+    assert api.session.get(api.url("health")).json()["jobs"] == before

@@ -59,3 +59,16 @@ def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_pa
         assert wait_gone(endpoint_pid, timeout=15) and wait_gone(worker_pid, timeout=15)
     finally:
         parent.kill()
+
+
+def test_worker_tokens_come_from_the_worker_key_and_the_two_keys_must_differ(tmp_path):
+    from worker.endpoint.server import worker_token
+
+    token = subprocess.run([sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"], cwd=REPO,
+                           env=child_env(FTW_ENDPOINT_WORKER_KEY="wk"), capture_output=True, text=True, timeout=60)
+    assert token.returncode == 0 and token.stdout.strip() == worker_token("wk", "gpu-7") != worker_token("wk", "gpu-8")
+    no_key = subprocess.run([sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=60)
+    assert no_key.returncode == 2 and "FTW_ENDPOINT_WORKER_KEY" in no_key.stderr
+    same = ftw_endpoint(tmp_path, FTW_ENDPOINT_API_KEY=API_KEY, FTW_ENDPOINT_WORKER_KEY=API_KEY)
+    assert same.wait(timeout=60) == 2 and "must differ" in same.stderr.read()

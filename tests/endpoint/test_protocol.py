@@ -9,7 +9,7 @@ import pytest
 import runpod
 
 from tests.conftest import pid_alive, wait_gone
-from tests.endpoint.conftest import PROTOCOL_HANDLER, Api, start_endpoint
+from tests.endpoint.conftest import PROTOCOL_HANDLER, TERMINAL, Api, start_endpoint
 
 
 @pytest.fixture
@@ -144,15 +144,22 @@ def test_s3config_reaches_the_handler_and_no_secret_reaches_the_log(api, endpoin
     assert job_id in log and secret not in log and endpoint.api_key not in log
 
 
-def test_progress_update_handler_streams_and_completes(tmp_path):
+def test_progress_update_shows_on_status_while_in_progress_and_is_not_streamed(tmp_path):
+    """As on RunPod: progress_update sets /status's output while IN_PROGRESS; /stream carries none of it."""
     endpoint = start_endpoint(tmp_path, handler_kind="progress")
     try:
         api = Api(endpoint)
-        job_id = api.run({"steps": 3, "step_s": 0.1, "echo": "p"})
-        items = api.collect_stream(job_id, lambda items: False)
-        status = api.wait(job_id)
+        job_id = api.run({"steps": 3, "step_s": 0.5, "echo": "p"})
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while (status := api.status(job_id))["status"] not in TERMINAL:
+            if status["status"] == "IN_PROGRESS" and "output" in status:
+                seen.append(status["output"]["step"])
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
         assert status["status"] == "COMPLETED" and status["output"] == {"result": {"echo": "p"}}
-        assert [i["step"] for i in items + [c["output"] for c in api.stream(job_id)["stream"]]] == [1, 2, 3]
+        assert seen and seen == sorted(seen) and set(seen) <= {1, 2, 3}
+        assert api.stream(job_id)["stream"] == []
         failed = api.wait(api.run({"steps": 1, "mode": "fail"}))
         assert failed["status"] == "FAILED" and failed["error"] == "the test handler failed on purpose"
     finally:

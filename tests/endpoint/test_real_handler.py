@@ -1,8 +1,8 @@
 """The project's own handler.py, unmodified, as a RunPod worker of the local endpoint.
 
 One job is submitted with `ftw submit --wait` and trains a tiny model for real (COMPLETED, adapter
-published, webhook sent); a second is cancelled while its training child runs, and that child
-must be gone afterwards.
+published, webhook sent); a second shows its training steps on /status while it runs
+(progress_update), is cancelled while its training child runs, and that child must be gone after.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_real_handler_trains_then_a_cancel_stops_its_training_child(tmp_path, ti
                "OMP_NUM_THREADS": "2"}
     webhooks = WebhookListener()
     endpoint = LocalEndpoint(tmp_path / "endpoint.sqlite3", API_KEY, args=("--take-wait-s", "5"),
-                             log_path=tmp_path / "endpoint.log").start()
+                             log_path=tmp_path / "endpoint.log", env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}).start()
     try:
         worker = endpoint.start_worker(HANDLER, env=job_env, log_path=tmp_path / "worker.log")
         job_file = tmp_path / "job.json"
@@ -81,6 +81,11 @@ def test_real_handler_trains_then_a_cancel_stops_its_training_child(tmp_path, ti
             assert api.status(job_id)["status"] in ("IN_QUEUE", "IN_PROGRESS"), api.status(job_id)
             assert time.monotonic() < deadline, "the training child never started"
             time.sleep(0.2)
+        # progress_update: while training runs, /status carries the newest step (RunPod's way)
+        while not isinstance((status := api.status(job_id)).get("output"), dict) or "step" not in status["output"]:
+            assert status["status"] == "IN_PROGRESS" and time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert status["output"]["stage"] == "train" and status["output"]["total_steps"] == 100_000
         assert api.post(f"cancel/{job_id}").json()["status"] == "CANCELLED"
         for child in children:
             assert wait_gone(child.pid, timeout=90), f"training child {child.pid} outlived the cancel"

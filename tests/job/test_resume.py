@@ -6,6 +6,7 @@ generator (`stream_job`), which must not let go before the training child has sa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -118,6 +119,16 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     assert sorted(p.name for p in (run_dir / "logs" / "preprocess").iterdir()) == ["attempt-1"]
     left = [t.name for t in threading.enumerate() if t.ident not in threads_before and ("ftw-" in t.name or "_pump" in t.name)]
     assert left == [], f"threads left behind: {left}"  # no uploader, pump, publish or release threads
+
+    # 4. A finished run is read-only: resubmits that come while another holds its folder all report it done.
+    holder = open_run_dir(demo_volume, "resume")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            again = list(pool.map(lambda _: run_job({"input": job}), range(5)))
+    finally:
+        holder.close()
+    assert [r["status"] for r in again] == ["completed"] * 5, again
+    assert all(r["artifacts"] == third["artifacts"] and r["metrics"] == third["metrics"] for r in again)
 
 
 def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(demo_volume, s3_server, monkeypatch):

@@ -187,3 +187,15 @@ def test_a_bug_in_the_orchestrator_still_gives_the_failure_shape_and_frees_the_r
     from worker.job.rundir import open_run_dir
 
     open_run_dir(demo_volume, "demo-tiny-lora").close()  # the lock was released
+
+
+def test_a_probe_of_another_job_in_this_process_is_not_a_read_only_volume(tmp_path):
+    """Jobs run in threads of one process (several handler jobs, concurrent resubmits): each probes the
+    run folder with its own file, so another's probe in flight is not taken for an unwritable volume."""
+    from worker.job.rundir import open_run_dir
+
+    folder = tmp_path / "runs" / "same"
+    folder.mkdir(parents=True)
+    (folder / f".ftw-probe-{os.getpid()}").write_text("another thread's probe, right now")
+    run = open_run_dir(tmp_path, "same")
+    run.close()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO, child_env
 from tests.publish.conftest import make_job, make_run_dir
-from worker.errors import PublishError
+from worker.errors import InfraError, PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
 from worker.publish.vllm_check import check_adapter
@@ -59,8 +61,16 @@ def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
     assert record["sha256_manifest"] == adapter["sha256_manifest"] and record["path"] == str(out)
     assert Manifest.of_folder(out).files == Manifest.of_folder(run / "adapter").files
 
+    again = run_ftw_pull(adapter["uri"], str(out), "--json", env=env)  # the same artifact: nothing to do
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1]) == {**record, "source": adapter["uri"], "cached": True}
+    (out / "adapter_config.json").write_text("{}")
     not_empty = run_ftw_pull(adapter["uri"], str(out), env=env)
-    assert not_empty.returncode == 1 and "not empty" in not_empty.stderr
+    assert not_empty.returncode == 1 and "not empty and does not hold this artifact" in not_empty.stderr
+    assert (out / "adapter_config.json").read_text() == "{}"  # what was there is left alone
+    for bad in ("s3://", "s3:///prefix"):
+        refused = run_ftw_pull(bad, env=env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr and "hint: write s3://BUCKET" in refused.stderr
     missing = run_ftw_pull(f"s3://{bucket}/nope/adapter", env=env)
     assert missing.returncode == 1 and "no manifest.json" in missing.stderr and "hint:" in missing.stderr
     assert run_ftw_pull(env=env).returncode == 2
@@ -119,3 +129,54 @@ def test_pulling_a_kind_the_run_did_not_publish_names_what_it_did(tiny_adapter, 
     absent = run_ftw_pull("never-ran", str(tmp_path / "n"), env=local_env(env))
     assert absent.returncode == 1
     assert "not in the local store" in absent.stderr and "BUCKET_NAME" in absent.stderr
+
+
+def test_a_store_folder_that_is_a_symlink_out_of_the_volume_is_refused(tiny_adapter, tmp_path, env, volume):
+    """As the run folder's: a link planted at BASE_VOLUME/store/<run_id> is neither written nor read through."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (volume / "store").mkdir(parents=True, exist_ok=True)
+    (volume / "store" / "linked-1").symlink_to(outside)
+    run = make_run_dir(tmp_path, tiny_adapter)
+    with pytest.raises(InfraError, match="is a symlink") as err:
+        publish_run(run, make_job("linked-1"), local_env(env))
+    assert "replace the link" in err.value.hint and list(outside.iterdir()) == []
+    shutil.copytree(tiny_adapter, outside / "adapter")
+    Manifest.of_folder(outside / "adapter").write(outside / "adapter")
+    refused = run_ftw_pull("linked-1", env=local_env(env))
+    assert refused.returncode == 1 and "is a symlink" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_ftw_pull_help_says_what_happens_without_a_folder():
+    shown = subprocess.run([sys.executable, "-m", "worker.cli", "pull", "--help"], cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "Without DIR nothing is copied" in shown and "cache/adapters" in shown and "holds exactly this artifact" in shown
+
+
+def test_ftw_pull_without_s3_credentials_says_so_at_once(tmp_path):
+    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "FTW_PUBLISH_BACKOFF_S": "0.05"}
+    done = run_ftw_pull("s3://bucket/run-1/adapter", env=env)
+    assert done.returncode == 1 and "no S3 credentials" in done.stderr and "BUCKET_ACCESS_KEY_ID" in done.stderr
+    assert "retrying" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ftw_pull_stopped_while_the_store_does_not_answer_exits_130_without_a_traceback(tmp_path, signum):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "BUCKET_ACCESS_KEY_ID": "id", "BUCKET_SECRET_ACCESS_KEY": "secret"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "pull", "s3://bucket/run-1/adapter", str(tmp_path / "d")],
+                            cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        silent.settimeout(60)
+        conn, _ = silent.accept()  # the pull is now waiting on the store
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        conn.close()
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()

@@ -31,7 +31,7 @@ def config_with_path(path):
 def test_paths_inside_are_allowed(roots):
     env, vol, extra, _ = roots
     for value in (str(vol / "data" / "train.jsonl"), "./data/train.jsonl", "data/train.jsonl", f"file://{vol}/data",
-                  str(vol / "link-in" / "train.jsonl"), str(extra), f"{extra}/sub/not-yet-there", "org/dataset", "s3://b/k", "https://h/x.jsonl"):
+                  str(vol / "link-in" / "train.jsonl"), str(extra), f"{extra}/sub/not-yet-there", "org/dataset", "s3://b/k", "https://h.example.com/x.jsonl"):
         assert check_local_path(value, env) is None, value
         assert validate_config(config_with_path(value), env).valid, value
 

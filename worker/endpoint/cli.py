@@ -3,11 +3,15 @@
     FTW_ENDPOINT_API_KEY=secret ftw endpoint [--host 127.0.0.1] [--port 8000] [--db PATH]
         [--endpoint-id local] [--execution-timeout-ms 600000] [--webhook-retry-delay-s 10]
         [--worker handler.py ...]
+    FTW_ENDPOINT_WORKER_KEY=other ftw endpoint --worker-token NAME   # prints worker NAME's token
 
 Clients: RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2 RUNPOD_ENDPOINT_ID=local
-RUNPOD_API_KEY=secret ftw submit job.json. Workers: `--worker handler.py` starts one (an
-unmodified `python handler.py` in RunPod's platform mode, its log on this terminal); or start
-your own with the variables printed at start-up. `--port 0` picks a free port; the first stdout line is
+RUNPOD_API_KEY=secret ftw submit job.json. Workers have their own key, as on RunPod: `--worker
+handler.py` starts one (an unmodified `python handler.py` in RunPod's platform mode, its log on
+this terminal) with its own token. To start workers elsewhere, set FTW_ENDPOINT_WORKER_KEY (a
+different secret) where the endpoint runs, and give each worker RUNPOD_POD_ID=NAME,
+RUNPOD_AI_API_KEY=$(ftw endpoint --worker-token NAME) and the variables printed at start-up;
+without FTW_ENDPOINT_WORKER_KEY the endpoint makes up a worker key that only `--worker` knows. `--port 0` picks a free port; the first stdout line is
 always `ftw endpoint listening on http://HOST:PORT` so scripts can read the address.
 Jobs live in the SQLite file (`--db`, default ./volume/endpoint.sqlite3): a restart loses nothing.
 """
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -38,10 +43,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-lost-s", type=float, default=120.0, help="no heartbeat for this long fails the job")
     p.add_argument("--worker", type=Path, action="append", default=[], metavar="HANDLER",
                    help="start `python HANDLER` as a worker of this endpoint (repeat for more)")
+    p.add_argument("--worker-token", metavar="NAME",
+                   help="print the token of worker NAME (from FTW_ENDPOINT_WORKER_KEY) and exit")
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, api_key: str) -> None:
+async def serve(args: argparse.Namespace, api_key: str, worker_key: str, worker_key_made_up: bool) -> None:
     from aiohttp import web
 
     from worker.endpoint.local import spawn_worker
@@ -49,7 +56,7 @@ async def serve(args: argparse.Namespace, api_key: str) -> None:
     from worker.endpoint.store import JobStore
 
     settings = EndpointSettings(
-        api_key=api_key, endpoint_id=args.endpoint_id, default_execution_timeout_ms=args.execution_timeout_ms,
+        api_key=api_key, worker_key=worker_key, endpoint_id=args.endpoint_id, default_execution_timeout_ms=args.execution_timeout_ms,
         take_wait_s=args.take_wait_s, stop_wait_s=args.take_wait_s, worker_lost_s=args.worker_lost_s,
         webhook_retry_delay_s=args.webhook_retry_delay_s,
     )
@@ -62,14 +69,16 @@ async def serve(args: argparse.Namespace, api_key: str) -> None:
     print(f"ftw endpoint listening on {base}", flush=True)
     print(f"  clients: RUNPOD_ENDPOINT_BASE_URL={base}/v2 RUNPOD_ENDPOINT_ID={args.endpoint_id} "
           "RUNPOD_API_KEY=<FTW_ENDPOINT_API_KEY>", flush=True)
-    print("  workers: RUNPOD_AI_API_KEY=<FTW_ENDPOINT_API_KEY> RUNPOD_POD_ID=<name> "
+    print("  workers: RUNPOD_POD_ID=<name> RUNPOD_AI_API_KEY=<ftw endpoint --worker-token name> "
           + " ".join(f"{k}='{v}'" for k, v in worker_urls(base, args.endpoint_id).items()), flush=True)
+    if worker_key_made_up:
+        print("  FTW_ENDPOINT_WORKER_KEY is not set: only the workers started here with --worker can join", flush=True)
     print(f"  jobs stored in {args.db}", flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"  note: listening on {host}, beyond loopback: anyone who reaches it with the key can submit jobs",
               flush=True)
     local = f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "::") else base
-    workers = [spawn_worker(handler, local, args.endpoint_id, api_key) for handler in args.worker]
+    workers = [spawn_worker(handler, local, args.endpoint_id, worker_key) for handler in args.worker]
     for handler, worker in zip(args.worker, workers):
         print(f"  worker {worker.worker_id}: python {handler} (pid {worker.pid})", flush=True)
     stop = asyncio.Event()
@@ -93,11 +102,26 @@ def main(argv: list[str]) -> int:
         args = parse(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else 0
+    worker_key = os.environ.get("FTW_ENDPOINT_WORKER_KEY", "")
+    if args.worker_token is not None:
+        from worker.endpoint.server import worker_token
+
+        if not worker_key:
+            print("ftw endpoint: set FTW_ENDPOINT_WORKER_KEY (the endpoint's) to print a worker's token", file=sys.stderr)
+            return EXIT_USAGE
+        print(worker_token(worker_key, args.worker_token))
+        return 0
     api_key = os.environ.get("FTW_ENDPOINT_API_KEY", "")
     if not api_key:
         print("ftw endpoint: set FTW_ENDPOINT_API_KEY to the API key clients and workers must send "
               "(e.g. export FTW_ENDPOINT_API_KEY=$(openssl rand -hex 16))", file=sys.stderr)
         return EXIT_USAGE
+    if worker_key == api_key:
+        print("ftw endpoint: FTW_ENDPOINT_WORKER_KEY must differ from FTW_ENDPOINT_API_KEY (a client must not be "
+              "able to act as a worker)", file=sys.stderr)
+        return EXIT_USAGE
+    made_up = not worker_key
+    worker_key = worker_key or secrets.token_hex(32)  # known only to this process and the workers it starts
     missing = [str(h) for h in args.worker if not h.is_file()]
     if missing:
         print(f"ftw endpoint: no handler file {', '.join(missing)} (--worker takes the path of a handler.py)",
@@ -105,7 +129,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(serve(args, api_key))
+        asyncio.run(serve(args, api_key, worker_key, made_up))
     except OSError as e:
         print(f"ftw endpoint: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -9,17 +9,19 @@
     # leaving the block stops the workers, then the endpoint (SIGTERM to each process group)
 
 API
-- `LocalEndpoint(db, api_key, endpoint_id="local", port=0, args=(), log_path=None)`: `.start()`
+- `LocalEndpoint(db, api_key, endpoint_id="local", port=0, args=(), log_path=None, worker_key=None,
+  env=None)`: `worker_key` (FTW_ENDPOINT_WORKER_KEY, random when None) is what workers' tokens derive
+  from; `env` is added to the endpoint process's environment (e.g. FTW_ALLOWED_HOSTS); `.start()`
   (also `__enter__`) runs `python -m worker.endpoint.cli` and waits until it listens; `.url`
   (`http://127.0.0.1:PORT`), `.base_url` (`.url + "/v2"`), `.port`; `.stop()`; `.restart()` keeps
   the port and database (a restarted endpoint loses no job). `args` are extra `ftw endpoint` flags.
 - `.client_env()` → the variables the runpod client / `ftw submit|status|stream|cancel` read.
 - `.worker_env(worker_id)` → the variables that put an unmodified `python handler.py` in platform
-  mode against this endpoint (RUNPOD_WEBHOOK_*, RUNPOD_AI_API_KEY, RUNPOD_POD_ID; the SDK's
-  system fitness checks are skipped: they need internet).
+  mode against this endpoint (RUNPOD_WEBHOOK_*, RUNPOD_AI_API_KEY = the worker's own token,
+  RUNPOD_POD_ID; the SDK's system fitness checks are skipped: they need internet).
 - `.start_worker(handler_path, env=None, worker_id=None, log_path=None)` → `LocalWorker` with
   `.pid`, `.alive()`, `.stop()`; `env` is added to this process's environment.
-- Module functions `worker_env(url, endpoint_id, api_key, worker_id)` and `spawn_worker(...)` do
+- Module functions `worker_env(url, endpoint_id, worker_key, worker_id)` and `spawn_worker(...)` do
   the same for an endpoint started some other way (`ftw endpoint --worker handler.py` uses them).
 Logs of each process go to `log_path` (appended) or, when None, to this process's stderr. On
 Linux every process started here gets SIGTERM when the process (thread) that started it dies, so
@@ -28,6 +30,7 @@ a killed demo or test run leaves no endpoint or worker behind.
 from __future__ import annotations
 
 import os
+import secrets
 import selectors
 import signal
 import subprocess
@@ -83,8 +86,10 @@ class LocalWorker:
 
 class LocalEndpoint:
     def __init__(self, db: str | os.PathLike[str], api_key: str, endpoint_id: str = "local", port: int = 0,
-                 args: tuple[str, ...] | list[str] = (), log_path: str | os.PathLike[str] | None = None):
+                 args: tuple[str, ...] | list[str] = (), log_path: str | os.PathLike[str] | None = None,
+                 worker_key: str | None = None, env: dict[str, str] | None = None):
         self.db, self.api_key, self.endpoint_id, self.port = Path(db), api_key, endpoint_id, port
+        self.worker_key, self.env = worker_key or secrets.token_hex(32), dict(env or {})
         self.args, self.log_path = list(args), Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
         self.workers: list[LocalWorker] = []
@@ -99,7 +104,8 @@ class LocalEndpoint:
         return f"{self.url}/v2"
 
     def start(self, timeout_s: float = 30.0) -> "LocalEndpoint":
-        env = {**os.environ, "FTW_ENDPOINT_API_KEY": self.api_key, "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, **self.env, "FTW_ENDPOINT_API_KEY": self.api_key,
+               "FTW_ENDPOINT_WORKER_KEY": self.worker_key, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self._sink = _log_sink(self.log_path)
         cmd = [sys.executable, "-m", "worker.endpoint.cli", "--host", "127.0.0.1", "--port", str(self.port),
@@ -162,23 +168,23 @@ class LocalEndpoint:
                 "RUNPOD_API_KEY": self.api_key}
 
     def worker_env(self, worker_id: str) -> dict[str, str]:
-        return worker_env(self.url, self.endpoint_id, self.api_key, worker_id)
+        return worker_env(self.url, self.endpoint_id, self.worker_key, worker_id)
 
     def start_worker(self, handler_path: str | os.PathLike[str], env: dict[str, str] | None = None,
                      worker_id: str | None = None, log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
-        worker = spawn_worker(handler_path, self.url, self.endpoint_id, self.api_key, env=env, worker_id=worker_id,
+        worker = spawn_worker(handler_path, self.url, self.endpoint_id, self.worker_key, env=env, worker_id=worker_id,
                               log_path=log_path or self.log_path)
         self.workers.append(worker)
         return worker
 
 
-def worker_env(url: str, endpoint_id: str, api_key: str, worker_id: str, ping_interval_ms: int = 5000) -> dict[str, str]:
+def worker_env(url: str, endpoint_id: str, worker_key: str, worker_id: str, ping_interval_ms: int = 5000) -> dict[str, str]:
     """What puts an unmodified runpod handler in platform mode against the endpoint at `url`."""
-    from worker.endpoint.server import worker_urls
+    from worker.endpoint.server import worker_token, worker_urls
 
     return {
         **worker_urls(url, endpoint_id),
-        "RUNPOD_AI_API_KEY": api_key,
+        "RUNPOD_AI_API_KEY": worker_token(worker_key, worker_id),
         "RUNPOD_POD_ID": worker_id,
         "RUNPOD_PING_INTERVAL": str(ping_interval_ms),
         "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",  # they include a connection to 8.8.8.8
@@ -186,13 +192,15 @@ def worker_env(url: str, endpoint_id: str, api_key: str, worker_id: str, ping_in
     }
 
 
-def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: str, api_key: str,
+def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: str, worker_key: str,
                  env: dict[str, str] | None = None, worker_id: str | None = None,
                  log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
     """`python HANDLER` in its own process group, in its folder, with the repository importable."""
     handler_path = Path(handler_path).resolve()
     worker_id = worker_id or f"local-{uuid.uuid4().hex[:8]}"
-    full_env = {**os.environ, **(env or {}), **worker_env(url, endpoint_id, api_key, worker_id)}
+    full_env = {**os.environ, **(env or {}), **worker_env(url, endpoint_id, worker_key, worker_id)}
+    full_env.pop("FTW_ENDPOINT_WORKER_KEY", None)  # the worker holds its own token, not the key behind every token
+    full_env.pop("FTW_ENDPOINT_API_KEY", None)  # nor the clients' key
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     sink = _log_sink(Path(log_path) if log_path else None)
     proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,

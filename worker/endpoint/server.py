@@ -1,5 +1,10 @@
 """A local RunPod serverless endpoint: the client API and the worker API, over one job store.
 
+Two keys, as on RunPod: clients send the endpoint's API key (FTW_ENDPOINT_API_KEY); each worker
+sends its own worker token, `worker_token(FTW_ENDPOINT_WORKER_KEY, worker_id)` (its RUNPOD_AI_API_KEY),
+valid only on the worker routes of that worker id. So a client key cannot take a job (and read
+its credentials) or forge a result, and a worker can report only on jobs it took itself.
+
 Client face (what `runpod.Endpoint` and curl call, `Authorization: Bearer KEY`):
     POST /v2/{endpoint}/run          {input, webhook?, policy?: {executionTimeout, ttl, lowPriority}, s3Config?}
     POST /v2/{endpoint}/runsync      same, waits ?wait=ms (default 90000, 1000..300000) for the result
@@ -17,7 +22,7 @@ Worker face (what the runpod worker SDK calls in platform mode; see `worker_urls
 Take and stop are long-polls, so a worker gets a job or a stop signal within milliseconds.
 Every error is a JSON `{"error": "..."}` with the right status; nothing logs a job's input or a key.
 Differences from RunPod: finished jobs stay in the database (RunPod drops results 30 min after
-completion); /purge-queue ends queued jobs as CANCELLED (RunPod removes them); progress_update() calls are also delivered on /stream (RunPod shows them on /status only); a job
+completion); /purge-queue ends queued jobs as CANCELLED (RunPod removes them); a job
 that times out or is cancelled is stopped through the worker's stop channel only, so a handler
 that blocks the SDK's event loop (a sync handler) runs on until it returns (RunPod would stop the
 worker), and what it then reports is discarded.
@@ -25,19 +30,20 @@ worker), and what it then reports is discarded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
+from schemas.hosts import check_url
 from schemas.limits import DocumentError, parse_json
-
 from worker.endpoint.scrub import RESUBMIT_WITH_SECRETS
 from worker.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
 from worker.endpoint.webhooks import WebhookSender
@@ -50,7 +56,8 @@ DAY_MS = 24 * 3600 * 1000
 
 @dataclass(frozen=True)
 class EndpointSettings:
-    api_key: str
+    api_key: str                           # clients'
+    worker_key: str                        # workers' tokens derive from it (worker_token)
     endpoint_id: str = "local"
     max_run_bytes: int = 10 * MB           # RunPod: /run 10 MB, /runsync 20 MB
     max_runsync_bytes: int = 20 * MB
@@ -73,6 +80,11 @@ def worker_urls(base_url: str, endpoint_id: str) -> dict[str, str]:
         "RUNPOD_WEBHOOK_POST_STREAM": f"{root}/job-stream/$RUNPOD_POD_ID/$ID?gpu=local",
         "RUNPOD_WEBHOOK_PING": f"{root}/ping/$RUNPOD_POD_ID?gpu=local",
     }
+
+
+def worker_token(worker_key: str, worker_id: str) -> str:
+    """The key one worker sends (RUNPOD_AI_API_KEY): it names that worker and no other."""
+    return "ftw-worker-" + hmac.new(worker_key.encode(), worker_id.encode(), hashlib.sha256).hexdigest()
 
 
 def fail(status: int, message: str) -> web.HTTPException:
@@ -132,9 +144,15 @@ class Endpoint:
         if not header:
             raise fail(401, "missing Authorization header: send 'Authorization: Bearer <key>' with the endpoint's "
                             "API key (FTW_ENDPOINT_API_KEY where the endpoint runs)")
-        key = header[7:] if header[:7].lower() == "bearer " else header
-        if not hmac.compare_digest(key.strip().encode(), self.settings.api_key.encode()):
-            raise fail(401, "invalid API key for this endpoint")
+        key = (header[7:] if header[:7].lower() == "bearer " else header).strip().encode()
+        worker_id = request.match_info.get("worker_id")
+        if worker_id is not None:
+            if not hmac.compare_digest(key, worker_token(self.settings.worker_key, worker_id).encode()):
+                raise fail(401, f"this is a worker route: it takes the worker token of worker {worker_id[:64]!r} "
+                                "(its RUNPOD_AI_API_KEY, from FTW_ENDPOINT_WORKER_KEY), not a client's API key")
+        elif not hmac.compare_digest(key, self.settings.api_key.encode()):
+            raise fail(401, "invalid API key for this endpoint (clients send FTW_ENDPOINT_API_KEY; a worker's "
+                            "token is valid on its worker routes only)")
         if request.match_info.get("endpoint") not in (None, self.settings.endpoint_id):
             raise fail(404, f"no endpoint {request.match_info['endpoint']!r} here; this one is "
                             f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)")
@@ -150,7 +168,12 @@ class Endpoint:
         if request.content_length is not None and request.content_length > limit:
             raise fail(413, f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
                             "of this route; put large data in S3 and pass its URI")
-        body = await request.read()
+        try:
+            body = await request.read()
+        except (ConnectionResetError, ClientPayloadError) as e:  # the client went away mid-upload: nothing to do
+            log.info("%s %s: the client closed the connection before its body arrived (%s)", request.method,
+                     request.path, type(e).__name__)
+            raise fail(400, "request body incomplete: the connection closed before all of it arrived") from None
         if len(body) > limit:
             raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
         try:
@@ -166,9 +189,11 @@ class Endpoint:
             raise fail(400, "request body has no 'input': the job goes under the key input")
         webhook = body.get("webhook")
         if webhook is not None:
-            parts = urlsplit(webhook) if isinstance(webhook, str) else None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            if not isinstance(webhook, str) or not webhook.startswith(("http://", "https://")):
                 raise fail(400, f"webhook must be an http(s) URL, got {str(webhook)[:200]!r}")
+            problem = check_url(webhook, os.environ, "webhook")
+            if problem:
+                raise fail(400, problem)
         policy = {} if body.get("policy") is None else body["policy"]
         if not isinstance(policy, dict):
             raise fail(400, "policy must be an object: {\"executionTimeout\": ms, \"ttl\": ms}")

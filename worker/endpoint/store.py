@@ -182,9 +182,11 @@ class JobStore:
         }
 
     def workers(self, alive_after: float) -> dict[str, int]:
-        rows = self.db.execute("SELECT id FROM workers WHERE last_seen >= ?", (alive_after,)).fetchall()
+        """Workers heard from since `alive_after`: running when they hold a job, or their heartbeat says
+        they still run one (a job the endpoint already ended on a timeout, in a handler that never returned)."""
+        rows = self.db.execute("SELECT id, last_ping, job_ids FROM workers WHERE last_seen >= ?", (alive_after,)).fetchall()
         busy = {r["worker_id"] for r in self.db.execute("SELECT worker_id FROM jobs WHERE status = ?", (IN_PROGRESS,))}
-        running = sum(1 for r in rows if r["id"] in busy)
+        running = sum(1 for r in rows if r["id"] in busy or (r["job_ids"] and (r["last_ping"] or 0) >= alive_after))
         return {"idle": len(rows) - running, "running": running}
 
     def read_stream(self, job_id: str) -> list[Any]:
@@ -278,10 +280,8 @@ class JobStore:
             self.db.execute("INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, _dumps(output)))
 
     def set_progress(self, job_id: str, output: Any) -> None:
-        """`progress_update`: shown as the output of /status while in progress, and streamed."""
-        with self._tx():
-            self.db.execute("UPDATE jobs SET output = ? WHERE id = ?", (_dumps(output), job_id))
-            self.append_stream(job_id, output)
+        """`progress_update`: the output of /status while in progress (RunPod does not stream it)."""
+        self.db.execute("UPDATE jobs SET output = ? WHERE id = ?", (_dumps(output), job_id))
 
     def finish(self, job: Job, output: Any, error: str | None) -> Job:
         status = FAILED if error else COMPLETED
@@ -306,7 +306,9 @@ class JobStore:
 
     def worker_idle(self, worker_id: str) -> None:
         """The worker says it runs no job: every stop it was sent has taken effect."""
-        self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
+        with self._tx():
+            self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE worker_id = ? AND stop_pending = 1", (worker_id,))
+            self.db.execute("UPDATE workers SET job_ids = '' WHERE id = ?", (worker_id,))
 
     def stop_unconfirmed(self, job_id: str) -> bool:
         return self.db.execute("SELECT stop_pending FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] == 1

@@ -2,22 +2,49 @@
 
 Deliveries live in the job store (enqueued with the terminal transition), so an endpoint restart
 resumes the ones still owed. A delivery counts when the receiver answers 2xx.
+A webhook goes only to a public host (schemas.hosts, widened by FTW_ALLOWED_HOSTS where the
+endpoint runs): checked when the job is submitted, and again at delivery, where the name is
+resolved once, every address checked, and the connection made to a checked one; redirects are
+not followed.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
+from schemas.hosts import allowed_addresses, check_url
 from worker.endpoint.store import JobStore
 
 log = logging.getLogger("ftw.endpoint")
 
 
+class CheckedResolver(AbstractResolver):
+    """Host names resolved once and checked (schemas.hosts); aiohttp connects to what this returns."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        infos = await asyncio.to_thread(allowed_addresses, host.rstrip(".").lower(), port, self.env)
+        return [{"hostname": host, "host": address[0], "port": address[1], "family": fam, "proto": proto,
+                 "flags": socket.AI_NUMERICHOST} for fam, _, proto, _, address in infos]
+
+    async def close(self) -> None:
+        pass
+
+
 class WebhookSender:
-    def __init__(self, store: JobStore, attempts: int, retry_delay_s: float, timeout_s: float = 10.0):
+    def __init__(self, store: JobStore, attempts: int, retry_delay_s: float, timeout_s: float = 10.0,
+                 env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
         self.store = store
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s
@@ -25,8 +52,13 @@ class WebhookSender:
         self.session: aiohttp.ClientSession | None = None
         self.in_flight: set[int] = set()
 
+    def open(self) -> None:
+        """The HTTP session: names resolved by CheckedResolver, no proxy from the environment."""
+        connector = aiohttp.TCPConnector(resolver=CheckedResolver(self.env), use_dns_cache=False)
+        self.session = aiohttp.ClientSession(timeout=self.timeout, connector=connector, trust_env=False)
+
     async def run(self, poll_s: float = 0.1) -> None:
-        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        self.open()
         while True:
             for hook in self.store.due_webhooks(time.time()):
                 if hook["id"] not in self.in_flight:
@@ -37,7 +69,10 @@ class WebhookSender:
     async def deliver(self, hook_id: int, job_id: str, url: str, body: str, attempts: int) -> None:
         assert self.session is not None
         try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            if check_url(url, self.env, "webhook"):  # checked at submission; FTW_ALLOWED_HOSTS may have changed since
+                raise PermissionError("its host is refused by the host policy (FTW_ALLOWED_HOSTS)")
+            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                         allow_redirects=False) as response:
                 delivered = 200 <= response.status < 300
                 outcome = f"HTTP {response.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:

@@ -32,7 +32,7 @@ from worker.estimate.job import Prediction, check_fits, predict, run_metrics
 from worker.job import gpu, stages, template
 from worker.job.estimate import check_disk, estimate_disk
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
-from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, write_json_atomic
+from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, resolve_run_dir, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.preflight import check_machine
 
@@ -127,6 +127,10 @@ class JobPipeline:
     def run(self) -> dict[str, Any]:
         """The result (success or typed failure), also left in RUN_DIR/result.json before the lock goes."""
         with self.step("run_dir", "preparing the run folder"):
+            done = self.finished_result()
+            if done is not None:
+                self.progress(stage_update(self.job.run_id, "run_dir", "this run finished earlier: its result stands"))
+                return self.finish({k: v for k, v in done.items() if k != "timings"})
             run = open_run_dir(base_volume(self.env), self.job.run_id)
         try:
             try:
@@ -152,6 +156,15 @@ class JobPipeline:
                 threading.Thread(target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True).start()
             else:
                 self.release(run)
+
+    def finished_result(self) -> dict[str, Any] | None:
+        """The result of this run when it completed before with the same config: a finished run is
+        read-only, so any number of resubmits at once (no lock taken) all report it done."""
+        path = resolve_run_dir(base_volume(self.env), self.job.run_id)
+        result, previous = read_json(path / "result.json"), read_json(path / "job.json")
+        if not result or result.get("status") != "completed" or not previous or not self.job.resume:
+            return None
+        return None if changed_keys(previous.get("config") or {}, self.public_job()["config"]) else result
 
     def release(self, run: RunDir) -> None:
         if self.uploader is not None:  # its final sweep uploads what training saved last

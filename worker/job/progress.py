@@ -3,9 +3,11 @@
     {"type": "progress", "run_id", "stage", "message"?, "step", "total_steps", "loss",
      "tokens_per_s", "eta_s", "elapsed_s"}
 
-The RunPod handler yields them (the job's stream), `ftw run` prints them to stderr as one line
-each. `Throttle` keeps the stream small: every stage change passes, step updates at most every
-`interval_s` seconds (and the last one of a stage is sent with the stage's end).
+The RunPod handler posts them with `progress_update` (/status's output while the job runs) and
+yields some to the job's stream; `ftw run` prints them to stderr as one line each. `Throttle`
+keeps them few: every stage change passes, step updates when `interval_s` seconds have passed or
+the step moved by 5% of total_steps since the last one sent (the last one of a stage is sent with
+the stage's end).
 """
 from __future__ import annotations
 
@@ -58,22 +60,35 @@ def format_line(update: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+STEP_FRACTION = 0.05
+
+
 class Throttle:
-    """Passes stage changes and messages at once, step updates at most every interval_s."""
+    """Passes stage changes and messages at once, step updates every interval_s or 5% of the steps."""
 
     def __init__(self, sink: ProgressSink, interval_s: float = 2.0):
         self.sink, self.interval_s = sink, interval_s
         self.last_sent = 0.0
         self.last_stage: str | None = None
+        self.last_step = 0
         self.held: dict[str, Any] | None = None
+
+    def far_enough(self, update: dict[str, Any]) -> bool:
+        step, total = update.get("step"), update.get("total_steps")
+        if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+            return False
+        return step - self.last_step >= max(1.0, total * STEP_FRACTION)
 
     def __call__(self, update: dict[str, Any]) -> None:
         now = time.monotonic()
-        if update.get("stage") != self.last_stage or update.get("message") or now - self.last_sent >= self.interval_s:
+        if (update.get("stage") != self.last_stage or update.get("message") or now - self.last_sent >= self.interval_s
+                or self.far_enough(update)):
             if self.held is not None and self.held.get("stage") == self.last_stage and update.get("stage") != self.last_stage:
                 self.sink(self.held)
             self.held = None
             self.last_stage, self.last_sent = update.get("stage"), now
+            if isinstance(update.get("step"), int):
+                self.last_step = update["step"]
             self.sink(update)
         else:
             self.held = update

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ def resolve_run_dir(base: Path, run_id: str) -> Path:
 
 def probe_writable(folder: Path) -> None:
     """Create, fsync and delete a file: a read-only or full volume fails here, not mid-training."""
-    probe = folder / f".ftw-probe-{os.getpid()}"
+    probe = folder / f".ftw-probe-{os.getpid()}-{secrets.token_hex(4)}"  # jobs in threads of one process: one each
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:

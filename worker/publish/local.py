@@ -2,7 +2,9 @@
 
 An artifact is copied into a temp folder beside its place, verified against its manifest, given
 its manifest.json, and renamed into place in one step; an older version at the same place is
-swapped out and removed after. A reader never sees a half-copied folder.
+swapped out and removed after. A reader never sees a half-copied folder. A run's folder in the
+store (`store_run_dir`) is refused when a symlink would lead it out of the store, as the run
+folder is: ftw neither writes nor reads outside BASE_VOLUME through a planted link.
 """
 from __future__ import annotations
 
@@ -12,12 +14,24 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from schemas.paths import base_volume
-from worker.errors import PublishError
+from worker.errors import InfraError, PublishError
 from worker.publish.manifest import Manifest, folder_files
 
 
 def store_root(env: Mapping[str, str]) -> Path:
     return base_volume(env) / "store"
+
+
+def store_run_dir(env: Mapping[str, str], run_id: str) -> Path:
+    """BASE_VOLUME/store/<run_id>; an InfraError when the store or the run's folder is a symlink."""
+    root = store_root(env)
+    path = root / run_id
+    for link in (root, path):
+        if link.is_symlink():
+            raise InfraError(f"{link} is a symlink to {link.resolve()}",
+                             "ftw only writes and reads the local store inside BASE_VOLUME; replace the link with a folder",
+                             details={"base_volume": str(base_volume(env))})
+    return path
 
 
 def store_uri(path: Path) -> str:

@@ -27,8 +27,8 @@ from schemas.job import RUN_ID_PATTERN
 from schemas.paths import base_volume, check_local_path, is_local, local_path
 from worker.errors import PublishError
 from worker.publish.hub import hub_call
-from worker.publish.local import publish_local, store_root
-from worker.publish.manifest import MANIFEST_NAME, Manifest, read_manifest
+from worker.publish.local import publish_local, store_root, store_run_dir
+from worker.publish.manifest import MANIFEST_NAME, Manifest, folder_files, read_manifest
 from worker.publish.s3 import S3Location, S3Settings, download_folder, make_client, read_remote_manifest
 from worker.publish.transfer import TransferSettings
 
@@ -49,29 +49,49 @@ def cache_root(env: Mapping[str, str]) -> Path:
 
 
 def pull(source: str, env: Mapping[str, str], dest: Path | None = None, kind: str = "adapter") -> Pulled:
-    """Fetch `source` (verified); into `dest` (which must be empty or absent) when given."""
+    """Fetch `source` (verified); into `dest` when given: absent or empty, or already holding exactly
+    this artifact (a repeated pull changes nothing)."""
     pulled = _resolve_and_fetch(source.strip(), env, kind)
     if dest is None:
         return pulled
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise PublishError(f"{dest} is a file", "pull into a new or empty folder")
     if dest.exists() and any(dest.iterdir()):
-        raise PublishError(f"{dest} is not empty", "pull into a new or empty folder")
+        if _holds(dest, pulled):
+            return Pulled(dest, pulled.source, pulled.manifest_sha256, cached=True)
+        raise PublishError(f"{dest} is not empty and does not hold this artifact",
+                           "pull into a new or empty folder (a folder that holds exactly this artifact is left as it is)")
     publish_local(pulled.path, dest)
     return Pulled(dest, pulled.source, pulled.manifest_sha256, pulled.cached)
+
+
+def _holds(folder: Path, pulled: Pulled) -> bool:
+    """Whether `folder` is a verified copy of the pulled artifact: its manifest, every file, nothing else."""
+    manifest = read_manifest(folder)
+    want = pulled.manifest_sha256 or Manifest.of_folder(pulled.path).sha256
+    return (manifest is not None and manifest.sha256 == want and not manifest.problems(folder)
+            and {p.relative_to(folder).as_posix() for p in folder_files(folder)} == set(manifest.files))
 
 
 def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled:
     transfer = TransferSettings.from_env(env)
     if source.startswith("s3://"):
-        return _pull_s3(S3Location.parse(source), env, transfer)
+        try:
+            location = S3Location.parse(source)
+        except ValueError as e:
+            raise PublishError(str(e), "write s3://BUCKET/PREFIX, as the job result lists it") from None
+        return _pull_s3(location, env, transfer)
     if is_local(source):
         problem = check_local_path(source, env)
         if problem:
             raise PublishError(problem, "pull from under BASE_VOLUME or FTW_ALLOWED_PATHS")
         return _pull_local(local_path(source), source)
     if "/" not in source and RUN_ID_PATTERN.fullmatch(source):
-        local = store_root(env) / source / kind
+        local = store_run_dir(env, source) / kind
         if (local / MANIFEST_NAME).is_file():
+            if not local.resolve().is_relative_to(store_root(env).resolve()):
+                raise PublishError(f"{local} is a symlink out of the local store", "replace the link with the folder")
             return _pull_local(local, source)
         if env.get("BUCKET_NAME"):
             loc = S3Location(env["BUCKET_NAME"], (env.get("FTW_S3_PREFIX") or "").strip("/")).child(source, kind)

@@ -241,11 +241,10 @@ def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) ->
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
-            fatal_or_raise(e, f"read {loc.uri}")
             raise
 
-    try:
-        data = with_retries(get, f"read {loc.key(MANIFEST_NAME)}", transfer)
+    try:  # no credentials, access denied, no such bucket: said at once, not after every retry
+        data = with_retries(_guarded(get, f"read {loc.uri}"), f"read {loc.key(MANIFEST_NAME)}", transfer)
     except PublishError:
         raise
     except Exception as e:

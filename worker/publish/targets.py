@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.publish.hub import HubTarget
-from worker.publish.local import store_root
+from worker.publish.local import store_run_dir
 from worker.publish.s3 import S3Location, S3Settings
 from worker.publish.transfer import TransferSettings
 
@@ -37,5 +37,5 @@ class Targets:
         elif env.get("BUCKET_NAME"):
             s3 = S3Location(env["BUCKET_NAME"], (env.get("FTW_S3_PREFIX") or "").strip("/")).child(job.run_id)
         hub = HubTarget.resolve(outputs.hub, job.credentials, env) if outputs.hub is not None else None
-        local = store_root(env) / job.run_id if s3 is None and hub is None else None
+        local = store_run_dir(env, job.run_id) if s3 is None and hub is None else None
         return cls(job.run_id, s3, S3Settings.resolve(env, outputs.s3, job.credentials), hub, local, TransferSettings.from_env(env))

@@ -1,0 +1,17 @@
+"""Progress reaches the caller every interval_s or every 5% of the steps, whichever comes first."""
+from __future__ import annotations
+
+from worker.job.progress import Throttle
+
+
+def test_step_updates_pass_every_5_percent_of_the_steps_even_within_the_interval():
+    sent = []
+    throttle = Throttle(sent.append, interval_s=3600)
+    for step in range(1, 101):
+        throttle({"stage": "train", "step": step, "total_steps": 100})
+    assert [u["step"] for u in sent] == [1, *range(6, 101, 5)]
+    few = []
+    throttle = Throttle(few.append, interval_s=3600)
+    for step in range(1, 5):  # 5% of 4 steps is less than one: every step
+        throttle({"stage": "train", "step": step, "total_steps": 4})
+    assert [u["step"] for u in few] == [1, 2, 3, 4]
