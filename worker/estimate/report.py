@@ -1,8 +1,9 @@
 """One config's estimate on every GPU type: peak memory, tokens/s, whole-run time and cost, whether
 it fits, the cheapest type that fits, and what to change where it does not fit.
 
-    est = estimate(cfg, env)                  # Estimate: per-GPU rows, the plan, advice
+    est = estimate(cfg, env)                  # Estimate: the workload, steps, per-GPU rows
     est.as_json()                             # {"gpus": [...], "cheapest": NAME}
+    advice(est.workload, memory, tflops)      # each change that lowers the peak, judged on one GPU
 
 Whole-run time = startup (STARTUP_S + loading the weights + preprocessing when no prepared cache
 holds the data) + optimizer steps × micro-batches a step × seconds a micro-batch. The steps are
@@ -45,7 +46,7 @@ class GpuEstimate:
         return {
             "name": self.gpu.name, "memory_gib": self.gpu.memory_gib, "fits": self.fits,
             "peak_memory_gib": round(self.peak_bytes / GiB, 2), "tokens_per_s": round(self.tokens_per_s),
-            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2),
+            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
         }
 
 
@@ -115,11 +116,13 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
 
 
 def micro_batches_per_epoch(cfg: TrainingConfig, data: DatasetSize) -> int:
-    """Packed: one bin of micro_batch_size × sequence_len tokens each; else micro_batch_size rows."""
+    """Packed: one bin of micro_batch_size × sequence_len tokens each; else micro_batch_size rows
+    (rows of unknown length taken as half a sequence, as the workload takes them)."""
     mbs = cfg.batch_shape()[0]
     if cfg.sample_packing:
         return max(1, math.ceil((data.tokens or 0) / (mbs * cfg.sequence_len * PACKED_FILL)))
-    return max(1, math.ceil((data.samples or 0) / mbs))
+    samples = data.samples or (data.tokens or 0) / (cfg.sequence_len / 2)
+    return max(1, math.ceil(samples / mbs))
 
 
 def total_steps(cfg: TrainingConfig, data: DatasetSize) -> int | None:
