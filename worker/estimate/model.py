@@ -36,7 +36,6 @@ class Mode:
     h0: float
     host_synced: bool = False  # the step waits for the host even in a bare loop
 
-
     def efficiency(self, hidden: int) -> float:
         return self.e_max * hidden / (hidden + self.h0)
 
@@ -56,7 +55,7 @@ HOST_S_PER_MICRO = 0.045  # the training loop's host time per micro-batch (real 
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 LORA_STATE_BYTES = 18  # fp32 weight + fp32 grad + two fp32 AdamW moments + a bf16 copy
 FULL_STATE_BYTES = 6  # bf16 grad + two bf16 AdamW moments (weights counted apart)
-HOST_LINK_BYTES_PER_S = 25e9  # PCIe 4/5 x16 as measured by copy benchmarks, pinned memory (not calibrated)
+HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
 H200_TFLOPS = 989.4
 PACKED_FILL = 0.99  # share of a packed bin holding tokens (ftw's FFD packer: 99.9% measured)
 SPAN_PER_MEAN = 1.9  # Σs²/Σs over mean sample length for a lognormal σ=0.8 length mix
