@@ -71,6 +71,14 @@ def test_allow_oom_risk_lets_it_run_and_a_gpu_with_room_passes():
         check_fits(p, [roomy[0], gpu("NVIDIA H200", 143771, 30000, index=1)], allow_oom_risk=False)
 
 
+def test_a_tight_fit_passes_with_a_warning():
+    p = prediction()
+    free_mib = int((p.peak_bytes + 1.05 * GiB) / (1 << 20))  # fits, but inside the model's ±15%
+    record = check_fits(p, [gpu("NVIDIA A40", 46068, free_mib)], allow_oom_risk=False)
+    assert record["fits"] and "within the estimate's ±15% error" in record["warning"]
+    assert "warning" not in check_fits(p, [gpu("NVIDIA H200", 143771, 143156)], allow_oom_risk=False)
+
+
 def test_checkpointing_in_the_config_is_what_makes_it_fit():
     assert check_fits(prediction(gradient_checkpointing=True), [gpu("NVIDIA L4", 23034, 22500)], allow_oom_risk=False)["fits"]
 
