@@ -146,7 +146,9 @@ rows = [("probe: failed", p.get("message", False)), ("probe: GPUs", p.get("count
         ("missing device: failed", m.get("failed")), ("missing device: wall s", m.get("wall_s")),
         ("job via", via), ("job status", r.get("status")), ("job wall s", elapsed)]
 metrics = r.get("metrics") or {}
-rows += [(f"job metric {k}", metrics.get(k)) for k in ("steps", "final_loss", "tokens_per_s", "precision", "peak_memory_gib", "peak_memory_kind")]
+rows += [(f"job metric {k}", metrics.get(k)) for k in ("steps", "final_loss", "tokens_per_s", "precision", "peak_memory_gib", "peak_memory_kind",
+                                                    "gpu_type", "gpu_seconds", "estimated_cost_usd", "predicted_peak_memory_gib",
+                                                    "predicted_tokens_per_s", "peak_memory_vs_predicted", "tokens_per_s_vs_predicted")]
 rows += [(f"job timing {k}", v) for k, v in (r.get("timings") or {}).items()]
 try:
     floor = float(open(f"{out}/floor_s").read())

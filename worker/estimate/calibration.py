@@ -15,14 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.estimate.model import Workload, peak_bytes, tokens_per_s, GiB
+from worker.estimate.model import MEMORY_TOLERANCE, SPEED_TOLERANCE, GiB, Workload, peak_bytes, tokens_per_s
 from worker.estimate.shapes import known_shape
 from worker.job.estimate import LINEAR_MODULES, lora_param_count
 
 CALIBRATION_HEADING = "## Calibration rows of `ftw estimate` (H200)"
 COLUMNS = ("date", "source", "model", "method", "kernels", "mbs", "seq", "samples", "ckpt", "loop", "tokens/s", "peak GiB")
 BENCH_LORA_R = 16  # every bench arm: LoRA r=16 on all seven linear layers
-MEMORY_TOLERANCE, SPEED_TOLERANCE = 0.15, 0.20
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftw estimate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ftw estimate", description="Peak GPU memory, tokens/s, whole-run time and cost of a "
+                                     "config or job on each RunPod serverless GPU type, before paying for it (docs/estimate.md).")
     parser.add_argument("path", type=Path, help="training config or job (YAML or JSON)")
     parser.add_argument("--gpu", help='only this GPU type, e.g. "NVIDIA H200"')
     parser.add_argument("--json", action="store_true", help="machine-readable output")

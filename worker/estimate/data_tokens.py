@@ -137,7 +137,7 @@ def estimate_file(path: Path) -> tuple[int, int]:
     return int((chars / CHARS_PER_TOKEN + messages * TEMPLATE_TOKENS) * scale), int(rows * scale)
 
 
-def sample_rows(path: Path) -> Iterator[tuple[Any, int]]:
+def sample_rows(path: Path) -> Iterator[tuple[Any, float]]:
     """(row, bytes) of the first SAMPLE_BYTES of a JSON Lines file, or of a JSON array."""
     with open(path, "rb") as stream:
         head = stream.read(SAMPLE_BYTES)
@@ -145,11 +145,12 @@ def sample_rows(path: Path) -> Iterator[tuple[Any, int]]:
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
-        except ValueError:  # an array longer than the sample: count its bytes instead
+        except (ValueError, RecursionError):  # an array longer than the sample: count its bytes instead
             yield {"text": text}, len(head)
             return
-        for row in rows:
-            yield row, len(json.dumps(row))
+        rows = rows if isinstance(rows, list) else [rows]
+        for row in rows:  # the whole array was read: its bytes, shared out
+            yield row, len(head) / max(len(rows), 1)
         return
     lines = text.splitlines(keepends=True)
     if len(head) == SAMPLE_BYTES and len(lines) > 1:
@@ -158,7 +159,7 @@ def sample_rows(path: Path) -> Iterator[tuple[Any, int]]:
         if line.strip():
             try:
                 yield json.loads(line), len(line.encode())
-            except ValueError:
+            except (ValueError, RecursionError):  # not a JSON line (preprocessing says which): not counted
                 continue
 
 

@@ -19,7 +19,7 @@ from schemas.config import TrainingConfig
 from worker.errors import PredictedOutOfMemory
 from worker.estimate.data_tokens import dataset_size
 from worker.estimate.gpus import gpu_table
-from worker.estimate.model import GiB, Workload, peak_bytes, tokens_per_s, weight_bytes
+from worker.estimate.model import MEMORY_TOLERANCE, GiB, Workload, peak_bytes, tokens_per_s, weight_bytes
 from worker.estimate.report import advice, fits_in, workload_of
 from worker.estimate.shapes import known_shape
 from worker.job.estimate import ModelShape
@@ -58,6 +58,10 @@ def check_fits(prediction: Prediction | None, devices: Sequence[Gpu], allow_oom_
     fits = fits_in(prediction.peak_bytes, free)
     record = {"checked": True, "predicted_peak_gib": round(prediction.peak_bytes / GiB, 2), "gpu": tightest.name,
               "free_gib": round(free / GiB, 2), "fits": fits, "allow_oom_risk": allow_oom_risk}
+    if fits and prediction.peak_bytes * (1 + MEMORY_TOLERANCE) + CONTEXT_HEADROOM > free:
+        record["warning"] = (f"the predicted peak GPU memory, {prediction.peak_bytes / GiB:.1f} GiB (+1 GiB for CUDA), is within the "
+                             f"estimate's ±{MEMORY_TOLERANCE:.0%} error of the {free / GiB:.1f} GiB free on {tightest.name}: "
+                             "the run may still run out of memory (docs/estimate.md)")
     if fits or allow_oom_risk:
         return record
     gpu = gpu_table().find(tightest.name)

@@ -1,8 +1,9 @@
 """One config's estimate on every GPU type: peak memory, tokens/s, whole-run time and cost, whether
 it fits, the cheapest type that fits, and what to change where it does not fit.
 
-    est = estimate(cfg, env)                  # Estimate: per-GPU rows, the plan, advice
+    est = estimate(cfg, env)                  # Estimate: the workload, steps, per-GPU rows
     est.as_json()                             # {"gpus": [...], "cheapest": NAME}
+    advice(est.workload, memory, tflops)      # each change that lowers the peak, judged on one GPU
 
 Whole-run time = startup (STARTUP_S + loading the weights + preprocessing when no prepared cache
 holds the data) + optimizer steps × micro-batches a step × seconds a micro-batch. The steps are
@@ -12,7 +13,7 @@ max_steps, or the data's packed bins (tokens / bin capacity) or rows, × num_epo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from worker.estimate.data_tokens import DatasetSize, dataset_size
 from worker.estimate.gpus import GpuType, gpu_table
 from worker.estimate.model import GiB, PACKED_FILL, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
 from worker.estimate.shapes import resolve_shape
-from worker.job.estimate import ModelShape, adapter_params
+from worker.job.estimate import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count
 from worker.job.gpu import CONTEXT_HEADROOM
 
 STARTUP_S = 45.0  # imports, tokenizer and model set-up, first step's kernel compilation (H200 job, docs/benchmarks.md)
@@ -45,7 +46,7 @@ class GpuEstimate:
         return {
             "name": self.gpu.name, "memory_gib": self.gpu.memory_gib, "fits": self.fits,
             "peak_memory_gib": round(self.peak_bytes / GiB, 2), "tokens_per_s": round(self.tokens_per_s),
-            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2),
+            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
         }
 
 
@@ -115,11 +116,13 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
 
 
 def micro_batches_per_epoch(cfg: TrainingConfig, data: DatasetSize) -> int:
-    """Packed: one bin of micro_batch_size × sequence_len tokens each; else micro_batch_size rows."""
+    """Packed: one bin of micro_batch_size × sequence_len tokens each; else micro_batch_size rows
+    (rows of unknown length taken as half a sequence, as the workload takes them)."""
     mbs = cfg.batch_shape()[0]
     if cfg.sample_packing:
         return max(1, math.ceil((data.tokens or 0) / (mbs * cfg.sequence_len * PACKED_FILL)))
-    return max(1, math.ceil((data.samples or 0) / mbs))
+    samples = data.samples or (data.tokens or 0) / (cfg.sequence_len / 2)
+    return max(1, math.ceil(samples / mbs))
 
 
 def total_steps(cfg: TrainingConfig, data: DatasetSize) -> int | None:
@@ -161,32 +164,34 @@ def estimate(cfg: TrainingConfig, env: Mapping[str, str], gpu_name: str | None =
 
 
 # ---- advice ----------------------------------------------------------------------------------
-CHANGES: list[tuple[Callable[[Workload], bool], Callable[[Workload], tuple[str, Workload]]]] = [
-    (lambda w: not w.checkpointing,
-     lambda w: ("gradient_checkpointing: true", w.replace(checkpointing=True))),
-    (lambda w: not (w.checkpointing and w.offload),
-     lambda w: ("gradient_checkpointing: offload (checkpointing + layer inputs in host memory)", w.replace(checkpointing=True, offload=True))),
-    (lambda w: w.method == "lora",
-     lambda w: ("adapter: qlora, load_in_4bit: true", w.replace(method="qlora"))),
-    (lambda w: w.method == "full",
-     lambda w: ("adapter: lora (r 16 on all linear layers)", w.replace(method="lora", lora_params=lora_all_linear(w)))),
-    (lambda w: w.micro_batch_size > 1,
-     lambda w: (f"micro_batch_size: {w.micro_batch_size // 2}, gradient_accumulation_steps: {w.grad_accum * 2} (same batch)",
-                smaller_batch(w, w.micro_batch_size // 2))),
-    (lambda w: w.micro_batch_size > 2,
-     lambda w: (f"micro_batch_size: 1, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size} (same batch)", smaller_batch(w, 1))),
-]
+def changes(w: Workload) -> list[tuple[str, Workload]]:
+    """The config changes that lower the peak, each as (what to set, the changed workload)."""
+    out = []
+    if not w.checkpointing:
+        out.append(("gradient_checkpointing: true", w.replace(checkpointing=True)))
+    if not (w.checkpointing and w.offload):
+        out.append(("gradient_checkpointing: offload (layer inputs wait in host memory)", w.replace(checkpointing=True, offload=True)))
+    if w.method == "lora":  # ftw's QLoRA keeps more activations than its fused LoRA: alone it can cost memory
+        out.append(("adapter: qlora, load_in_4bit: true", w.replace(method="qlora")))
+        if not w.checkpointing:
+            out.append(("adapter: qlora, load_in_4bit: true, gradient_checkpointing: true", w.replace(method="qlora", checkpointing=True)))
+    if w.method == "full":
+        out.append(("adapter: lora, lora_r: 16, lora_target_linear: true", w.replace(method="lora", lora_params=lora_all_linear(w))))
+    if w.micro_batch_size > 1:
+        half = w.micro_batch_size // 2
+        out.append((f"micro_batch_size: {half}, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size // half} (same batch)",
+                    smaller_batch(w, half)))
+    if w.micro_batch_size > 2:
+        out.append((f"micro_batch_size: 1, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size} (same batch)", smaller_batch(w, 1)))
+    return out
 
 
 def lora_all_linear(w: Workload) -> int:
-    from worker.job.estimate import LINEAR_MODULES, lora_param_count
-
     return lora_param_count(w.shape, 16, LINEAR_MODULES)
 
 
 def smaller_batch(w: Workload, mbs: int) -> Workload:
-    scale = mbs / w.micro_batch_size
-    micro = None if w.micro_tokens is None else w.micro_tokens * scale
+    micro = None if w.micro_tokens is None else w.micro_tokens * mbs / w.micro_batch_size
     return w.replace(micro_batch_size=mbs, grad_accum=w.grad_accum * w.micro_batch_size // mbs, micro_tokens=micro)
 
 
@@ -198,11 +203,9 @@ def advice(w: Workload, memory_bytes: float, bf16_tflops: float) -> list[Advice]
         peak = peak_bytes(changed)
         return Advice(text, peak, tokens_per_s(changed, bf16_tflops) / speed, fits_in(peak, memory_bytes), changed)
 
-    out = [judged(*change(w)) for applies, change in CHANGES if applies(w)]
-    everything = smaller_batch(w.replace(checkpointing=True, offload=True, method="lora" if w.method == "full" else w.method,
-                                         lora_params=w.lora_params or lora_all_linear(w)), 1)
-    if w.method in ("lora", "full"):
-        everything = everything.replace(method="qlora")
+    out = [judged(text, changed) for text, changed in changes(w)]
+    adapter = "qlora" if w.method in ("lora", "full") else w.method
+    everything = smaller_batch(w.replace(checkpointing=True, offload=True, method=adapter, lora_params=w.lora_params or lora_all_linear(w)), 1)
     if out and not any(a.fits for a in out) and everything != w:
-        out.append(judged("all of these together (checkpointing with offload, QLoRA, micro_batch_size 1)", everything))
+        out.append(judged("all together: QLoRA, gradient_checkpointing: offload, micro_batch_size: 1", everything))
     return out

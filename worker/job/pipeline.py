@@ -186,6 +186,8 @@ class JobPipeline:
                 self.prediction = predict(self.job.config, shape, self.env, max(self.visible_count(), 1))
                 self.probe_gpu(self.prediction.weights_bytes if self.prediction else 0)
                 memory = check_fits(self.prediction, self.gpu_probe.devices, self.job.allow_oom_risk)
+                if memory.get("warning"):
+                    self.warnings.append({"loc": "config", "msg": memory["warning"]})
                 check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run),
                               datasets=not run.stage_done("preprocess"))
                 write_json_atomic(run.path / "checks.json",
