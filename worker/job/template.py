@@ -201,6 +201,7 @@ def serve(path: str) -> None:
     import importlib
 
     name_process("ftw-template")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # an import asking torch.cuda.is_available() must not init CUDA
     for name in PRELOAD:
         importlib.import_module(name)
     for name in OPTIONAL:
@@ -208,6 +209,8 @@ def serve(path: str) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    if sys.modules["torch"].cuda.is_initialized():  # children could not use CUDA: no template (fresh stages)
+        raise SystemExit("ftw stage template: an import initialised CUDA; stages start as fresh processes")
     gc.freeze()  # what is imported stays shared with the children (no copy-on-write by collections)
     arm_pdeathsig = die_with_parent()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
