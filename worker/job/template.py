@@ -185,6 +185,8 @@ def shared(env: Mapping[str, str]) -> StageTemplate | None:
     if not enabled(env):
         return None
     with _lock:
+        if _shared is not None and _shared.env == dict(env) and not _shared.alive() and not _shared.ready:
+            return None  # it failed before it could fork anything: this worker's stages start fresh
         if _shared is not None and (_shared.env != dict(env) or not _shared.alive()):
             _shared.close()  # another environment: imports may have read it, so a new template
             _shared = None
