@@ -31,6 +31,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from schemas.secrets import child_env
+from worker.job import template
 from worker.job.pipeline import run_job
 from worker.job.progress import ProgressSink, Throttle, format_line
 from worker.job.supervisor import StopSignal
@@ -140,7 +142,10 @@ def main() -> None:
     os.environ.setdefault("FTW_PROGRESS_INTERVAL_S", "2")
     import runpod
 
-    handler = run_to_result if local_test_mode(sys.argv, dict(os.environ)) else stream_job
+    local = local_test_mode(sys.argv, dict(os.environ))
+    if not local:  # the stage template imports while the worker waits for its first job
+        template.shared(child_env(dict(os.environ), {}, {}))
+    handler = run_to_result if local else stream_job
     runpod.serverless.start({"handler": handler, "return_aggregate_stream": True})
 
 

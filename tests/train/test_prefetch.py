@@ -84,7 +84,8 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     assert [e["resumed_from"] for e in events(run_dir) if e.get("event") == "start"] == [None, "checkpoint-5"]
     assert len(seen) == len(expected) == 8 * 2
     for i, (got, want) in enumerate(zip(seen, expected)):
-        assert set(got) == set(want), f"micro-batch {i}"
+        # on a GPU the varlen kernel's packed rows also carry an all-ones mask (kernels/attention.py)
+        assert set(got) - set(want) <= ({"attention_mask"} if packed and torch.cuda.is_available() else set()), f"micro-batch {i}"
         for key in want:
             assert torch.equal(got[key], want[key]), f"micro-batch {i} (step {i // 2}): {key} differs"
 

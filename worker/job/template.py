@@ -185,6 +185,8 @@ def shared(env: Mapping[str, str]) -> StageTemplate | None:
     if not enabled(env):
         return None
     with _lock:
+        if _shared is not None and _shared.env == dict(env) and not _shared.alive() and not _shared.ready:
+            return None  # it failed before it could fork anything: this worker's stages start fresh
         if _shared is not None and (_shared.env != dict(env) or not _shared.alive()):
             _shared.close()  # another environment: imports may have read it, so a new template
             _shared = None
@@ -201,6 +203,7 @@ def serve(path: str) -> None:
     import importlib
 
     name_process("ftw-template")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # an import asking torch.cuda.is_available() must not init CUDA
     for name in PRELOAD:
         importlib.import_module(name)
     for name in OPTIONAL:
@@ -208,6 +211,8 @@ def serve(path: str) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    if sys.modules["torch"].cuda.is_initialized():  # children could not use CUDA: no template (fresh stages)
+        raise SystemExit("ftw stage template: an import initialised CUDA; stages start as fresh processes")
     gc.freeze()  # what is imported stays shared with the children (no copy-on-write by collections)
     arm_pdeathsig = die_with_parent()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
