@@ -139,7 +139,8 @@ class Routing:
         self.num_experts = num_experts
         sorted_experts, self.perm = torch.sort(flat, stable=True)  # perm[r]: routing slot (token·k + j) of sorted row r
         self.token = self.perm // self.top_k                           # token of sorted row r
-        counts = torch.bincount(sorted_experts, minlength=num_experts)[:num_experts]
+        # scatter_add, not bincount: bincount reads its maximum back to the host (a sync per layer)
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
         ends = counts.cumsum(0)
         self.offsets = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)  # expert e's rows: offsets[e]:offsets[e+1]
         blocks = (counts + BM - 1) // BM
