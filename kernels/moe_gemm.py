@@ -23,13 +23,20 @@ import triton
 import triton.language as tl
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# row, column and reduction blocks; small under the CPU interpreter (its cost is per element)
-BM, BN, BK = (16, 16, 16) if INTERPRETED else (64, 128, 64)
-TN_BP, TN_BQ, TN_BM = (16, 16, 16) if INTERPRETED else (64, 64, 64)
+# Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
+# autotuned per shape, under the CPU interpreter they are small fixed ones (its cost is per element).
+BM = 16 if INTERPRETED else 64
+BN, BK = 16, 16
+TN_BP, TN_BQ, TN_BM = 16, 16, 16
 
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32/fp64 products exact ("ieee", not TF32); half-precision inputs ignore it."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _rank_block(r: int) -> int:
@@ -43,7 +50,7 @@ def _scatter_mm_kernel(
     N, R, scale,
     sxm, sxk, swe, swn, swk, sae, sar, sak, sbe, sbn, sbr, sym, syn, sxam, sxar, shm, shn,
     GATHER_X: tl.constexpr, SCATTER_Y: tl.constexpr, HAS_LORA: tl.constexpr, WRITE_XA: tl.constexpr,
-    SWIGLU: tl.constexpr, ACC: tl.constexpr, K: tl.constexpr,
+    SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -69,19 +76,19 @@ def _scatter_mm_kernel(
             x = tl.load(X + x_rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w_ptr = W + e * swe + cols[None, :] * swn + ks[:, None] * swk
             w_ok = k_ok[:, None] & col_ok[None, :]
-            acc += tl.dot(x, tl.load(w_ptr, mask=w_ok, other=0.0), out_dtype=ACC)
+            acc += tl.dot(x, tl.load(w_ptr, mask=w_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if SWIGLU:  # the up half of [gate; up] sits N rows below the gate half
-                acc_up += tl.dot(x, tl.load(w_ptr + N * swn, mask=w_ok, other=0.0), out_dtype=ACC)
+                acc_up += tl.dot(x, tl.load(w_ptr + N * swn, mask=w_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if HAS_LORA:
                 a = tl.load(A + e * sae + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-                xa += tl.dot(x, a, out_dtype=ACC)
+                xa += tl.dot(x, a, out_dtype=ACC, input_precision=PREC)
         if HAS_LORA:
             xa_low = xa.to(B.dtype.element_ty)
             b_ptr = B + e * sbe + cols[None, :] * sbn + ranks[:, None] * sbr
             b_ok = rank_ok[:, None] & col_ok[None, :]
-            acc += scale * tl.dot(xa_low, tl.load(b_ptr, mask=b_ok, other=0.0), out_dtype=ACC)
+            acc += scale * tl.dot(xa_low, tl.load(b_ptr, mask=b_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if SWIGLU:
-                acc_up += scale * tl.dot(xa_low, tl.load(b_ptr + N * sbn, mask=b_ok, other=0.0), out_dtype=ACC)
+                acc_up += scale * tl.dot(xa_low, tl.load(b_ptr + N * sbn, mask=b_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if WRITE_XA:
                 if pid_n == 0:
                     tl.store(XA + rows[:, None] * sxam + ranks[None, :] * sxar, xa.to(XA.dtype.element_ty),
@@ -104,7 +111,7 @@ def _scatter_mm_kernel(
 def _grouped_tn_kernel(
     L, R, G, l_index, r_index, offsets, P, Q, scale,
     slm, slp, srm, srq, sge, sgp, sgq,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, ACC: tl.constexpr,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     e = tl.program_id(0)
@@ -124,10 +131,29 @@ def _grouped_tn_kernel(
         rr = tl.load(r_index + rows, mask=row_ok, other=0).to(tl.int64) if GATHER_R else rows
         lt = tl.load(L + lr[None, :] * slm + ps[:, None] * slp, mask=row_ok[None, :] & p_ok[:, None], other=0.0)
         r = tl.load(R + rr[:, None] * srm + qs[None, :] * srq, mask=row_ok[:, None] & q_ok[None, :], other=0.0)
-        acc += tl.dot(lt, r.to(lt.dtype), out_dtype=ACC)
+        acc += tl.dot(lt, r.to(lt.dtype), out_dtype=ACC, input_precision=PREC)
         m0 += BLOCK_M
     tl.store(G + e.to(tl.int64) * sge + ps[:, None] * sgp + qs[None, :] * sgq, (acc * scale).to(G.dtype.element_ty),
              mask=p_ok[:, None] & q_ok[None, :])
+
+
+def _tuned(kernel, space: list[dict], key: list[str]):
+    """`kernel` autotuned over `space` on a GPU; as it is under the interpreter."""
+    if INTERPRETED:
+        return kernel
+    configs = [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"], num_stages=c["stages"])
+               for c in space]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+_scatter_mm = _tuned(_scatter_mm_kernel, [
+    {"BLOCK_N": n, "BLOCK_K": k, "warps": w, "stages": st}
+    for n, k, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 4), (256, 64, 8, 3))
+], key=["N", "K", "R", "SWIGLU", "HAS_LORA", "GATHER_X", "SCATTER_Y"])
+_grouped_tn = _tuned(_grouped_tn_kernel, [
+    {"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_M": m, "warps": w, "stages": st}
+    for p, q, m, w, st in ((64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (32, 64, 64, 4, 4), (128, 128, 32, 8, 3))
+], key=["P", "Q"])
 
 
 class Routing:
@@ -168,8 +194,9 @@ def scatter_mm(x, w, routing: Routing, out, *, a=None, b=None, scale=0.0, x_inde
     a_, b_ = (a, b) if lora else (dummy.new_empty(1, 1, 1), dummy.new_empty(1, 1, 1))
     xa_ = xa_out if xa_out is not None else dummy
     h_ = h_out if h_out is not None else dummy
-    grid = (routing.block_expert.numel(), triton.cdiv(n, BN))
-    _scatter_mm_kernel[grid](
+    blocks = routing.block_expert.numel()
+    tiles = {"BLOCK_N": BN, "BLOCK_K": BK} if INTERPRETED else {}
+    _scatter_mm[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](
         x, w, a_, b_, out, xa_, h_,
         x_index if x_index is not None else routing.perm, y_index if y_index is not None else routing.perm,
         routing.block_expert, routing.block_start, routing.block_end,
@@ -178,21 +205,21 @@ def scatter_mm(x, w, routing: Routing, out, *, a=None, b=None, scale=0.0, x_inde
         b_.stride(0), b_.stride(1), b_.stride(2), out.stride(0), out.stride(1), xa_.stride(0), xa_.stride(1),
         h_.stride(0), h_.stride(1),
         GATHER_X=x_index is not None, SCATTER_Y=y_index is not None, HAS_LORA=lora, WRITE_XA=xa_out is not None,
-        SWIGLU=h_out is not None, ACC=_acc_dtype(x.dtype), K=k,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_rank_block(rank),
+        SWIGLU=h_out is not None, ACC=_acc_dtype(x.dtype), PREC=_precision(x.dtype), K=k,
+        BLOCK_M=BM, BLOCK_R=_rank_block(rank), **tiles,
     )
 
 
 def grouped_tn(left, right, routing: Routing, out, *, scale=1.0, l_index=None, r_index=None) -> torch.Tensor:
     """out[e] = s·left[rows of e]ᵀ right[rows of e]: (E, P, Q) from left (·, P) and right (·, Q)."""
     p, q = left.shape[1], right.shape[1]
-    grid = (routing.num_experts, triton.cdiv(p, TN_BP), triton.cdiv(q, TN_BQ))
-    _grouped_tn_kernel[grid](
+    tiles = {"BLOCK_P": TN_BP, "BLOCK_Q": TN_BQ, "BLOCK_M": TN_BM} if INTERPRETED else {}
+    _grouped_tn[lambda meta: (routing.num_experts, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))](
         left, right, out, l_index if l_index is not None else routing.perm, r_index if r_index is not None else routing.perm,
         routing.offsets, p, q, float(scale),
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        GATHER_L=l_index is not None, GATHER_R=r_index is not None, ACC=_acc_dtype(left.dtype),
-        BLOCK_P=TN_BP, BLOCK_Q=TN_BQ, BLOCK_M=TN_BM,
+        GATHER_L=l_index is not None, GATHER_R=r_index is not None, ACC=_acc_dtype(left.dtype), PREC=_precision(left.dtype),
+        **tiles,
     )
     return out
 
@@ -219,6 +246,7 @@ def swiglu_rows_backward(dh: torch.Tensor, gu: torch.Tensor, want_h: bool) -> to
     """In place: gu ([gate | up], rows × 2N) becomes [dgate | dup]; returns h when asked."""
     rows, n = dh.shape
     h = torch.empty_like(dh) if want_h else dh
-    grid = (triton.cdiv(rows, BM), triton.cdiv(n, BN))
-    _swiglu_rows_bwd[grid](dh, gu, h, rows, n, dh.stride(0), gu.stride(0), h.stride(0), WRITE_H=want_h, BLOCK_M=BM, BLOCK_N=BN)
+    block_m, block_n = (16, 16) if INTERPRETED else (32, 128)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    _swiglu_rows_bwd[grid](dh, gu, h, rows, n, dh.stride(0), gu.stride(0), h.stride(0), WRITE_H=want_h, BLOCK_M=block_m, BLOCK_N=block_n)
     return h if want_h else None
