@@ -112,3 +112,37 @@ def test_router_aux_loss_is_added_once_per_step(micro_per_step):
         out = model(input_ids=ids, labels=ids)
     assert out.aux_loss is not None and out.aux_loss > 0
     torch.testing.assert_close(out.loss, plain + 0.5 / micro_per_step * out.aux_loss)
+
+
+@pytest.mark.parametrize("family, router, fused", [("olmoe", "gate", True), ("mixtral", "gate", True), ("gpt_oss", "router", False)])
+def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(family, router, fused):
+    """OLMoE and Mixtral share Qwen3-MoE's experts layout (fused); GPT-OSS's biased, transposed experts
+    with their clamped gate run transformers' grouped_mm under PEFT, with the same LoRA targets."""
+    from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, OlmoeConfig
+
+    from kernels import apply_kernels
+    from worker.train.adapters import attach
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  tie_word_embeddings=False, intermediate_size=32, num_experts_per_tok=2)
+    model_config = {"olmoe": lambda: OlmoeConfig(**common, num_experts=8),
+                    "mixtral": lambda: MixtralConfig(**common, head_dim=32, num_local_experts=8),
+                    "gpt_oss": lambda: GptOssConfig(**common, head_dim=32, num_local_experts=8)}[family]()
+    cfg = config(lora_target_modules=["q_proj", "v_proj", router])
+    torch.manual_seed(0)
+    reference = attach(AutoModelForCausalLM.from_config(model_config), cfg)
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ours = copy.deepcopy(reference)
+    assert apply_kernels(ours, cfg) == (["scattermoe_lora"] if fused else [])
+    ids = torch.randint(0, 128, (1, 9))
+    out_ref, out = reference(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert rel_err(out.logits, out_ref.logits) < 1e-5
+    trained = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("experts" in n for n in trained) and any(f"{router}." in n for n in trained)
+    for (name, p), (_, q) in zip(ours.named_parameters(), reference.named_parameters()):
+        if p.requires_grad:
+            assert rel_err(p.grad, q.grad) < 1e-5, name
