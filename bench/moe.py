@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,25 +52,23 @@ def model_config(shape: str, layers: int | None):
                           decoder_sparse_step=1, norm_topk_prob=True)
 
 
-def training_config():
-    from schemas.validate import validate_config
+def lora_config():
+    """What ftw's adapter builder makes of `lora_target_modules: [q_proj, k_proj, v_proj, o_proj]` and
+    `lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]` (built here with PEFT
+    alone: the GPU image has no pydantic for ftw's config schema)."""
+    from peft import LoraConfig
 
-    raw = {"base_model": "bench/moe", "learning_rate": 1e-4, "datasets": [{"path": "bench", "type": "completion"}],
-           "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0,
-           "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-           "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "use_kernels": True}
-    report = validate_config(raw, {"BASE_VOLUME": str(REPO)})
-    assert report.valid, report.errors
-    return report.value
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
 
 
 def run_arm(arm: str, args) -> dict:
     """One arm in this process: build, patch, warm up, time."""
     import torch
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from worker.train.adapters import attach
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -77,14 +76,13 @@ def run_arm(arm: str, args) -> dict:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(model_config(args.shape, args.layers), dtype=dtype)
     model.config.use_cache = False
-    cfg = training_config()
     if arm == "axolotl":
         try:
             from axolotl.integrations.kernels.libs.scattermoe_lora.experts import register_scattermoe_experts
         except ImportError as e:
             return {"arm": arm, "skipped": f"axolotl is not importable ({e})"}
         register_scattermoe_experts()
-    model = attach(model, cfg)
+    model = get_peft_model(model, lora_config())
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -94,7 +92,8 @@ def run_arm(arm: str, args) -> dict:
     if arm == "ftw":
         from kernels import apply_kernels
 
-        applied = apply_kernels(model, cfg)
+        switches = types.SimpleNamespace(use_kernels=True, use_scattermoe=True, experts_implementation=None)
+        applied = apply_kernels(model, switches)
     elif arm == "axolotl":
         model.get_base_model().set_experts_implementation("scattermoe")
         applied = ["axolotl scattermoe"]

@@ -99,6 +99,11 @@ def scattermoe_lora(x, top_k_index, top_k_weights, w_gu, w_d, lora=None) -> torc
 
 
 # ---- the experts implementation -----------------------------------------------------------------
+def experts_modules(model) -> list[torch.nn.Module]:
+    """Modules under transformers' `@use_experts_implementation` (3-D expert tensors)."""
+    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_concatenated")]
+
+
 def _peft_factors(wrapper) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A (E, r, in), B (E, out, r), scale) of a PEFT ParamWrapper over a (E, out, in) parameter,
     as views of its lora_A / lora_B weights (autograd maps the gradients back)."""

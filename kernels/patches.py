@@ -133,10 +133,8 @@ def _experts_wrapper_forward(self, x, *args, **kwargs):
 def install_experts(model: torch.nn.Module) -> list[str]:
     """Switch every experts module of `model` (a PeftModel or plain model) to ftw's ScatterMoE
     experts; the LoRA that PEFT put on their tensors is fused in. [] when it has no experts."""
-    from worker.train.moe import experts_modules
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    experts = experts_modules(base)
+    experts = moe.experts_modules(base)
     if not experts:
         return []
     moe.register()

@@ -17,16 +17,12 @@ import logging
 
 import torch
 
+from kernels.moe import experts_modules
 from schemas.config import TrainingConfig
 from worker.errors import JobSpecError
 
 log = logging.getLogger("ftw.train")
 ROUTER_NAMES = ("gate", "router")
-
-
-def experts_modules(model) -> list[torch.nn.Module]:
-    """Modules under transformers' `@use_experts_implementation` (3-D expert tensors)."""
-    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "is_concatenated")]
 
 
 def is_moe(model) -> bool:
