@@ -74,7 +74,6 @@ def test_disabled_adapters_fall_back_to_the_base_experts():
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad(), model.disable_adapter():
         without = model(input_ids=ids).logits
-        base = model.get_base_model()
     with torch.no_grad():
         with_lora = model(input_ids=ids).logits
     plain = tiny_moe()
@@ -82,7 +81,6 @@ def test_disabled_adapters_fall_back_to_the_base_experts():
         expected = plain(input_ids=ids).logits
     assert rel_err(without, expected) < 1e-5
     assert rel_err(with_lora, expected) > 1e-3
-    assert base is model.get_base_model()
 
 
 def test_adapter_saves_in_peft_format_and_reloads(tmp_path):

@@ -71,8 +71,7 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(moe_model_dir, vol
     with start_service("transformers", serve, tmp_path / "engine.log") as service:
         outputs = run(collect(service.app, {"openai_route": "/v1/completions", "openai_input": {
             "model": "moe-successor", "prompt": [p for p, _ in prompts], "temperature": 0, "max_tokens": 8, "stop": ["<|im_end|>"]}}))
-        await_close = service.app.client.close
-        run(await_close())
+        run(service.app.client.close())
     choices = sorted(outputs[0]["choices"], key=lambda c: c["index"])
     exact = sum(c["text"] == want for c, (_, want) in zip(choices, prompts)) / len(prompts)
     assert exact >= 0.9, [(c["text"], want) for c, (_, want) in zip(choices[:5], prompts[:5])]
