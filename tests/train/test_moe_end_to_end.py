@@ -16,16 +16,7 @@ from tests.train.helpers import successor_task
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def moe_model_dir(tmp_path_factory):
-    from worker.tiny import build_model
-
-    train, _ = successor_task()
-    return build_model(tmp_path_factory.mktemp("tiny-moe"), style="chatml", extra_text=[p + a for p, a in train[:200]],
-                       arch="qwen3_moe", hidden=128, intermediate=256)
-
-
-def test_ftw_run_trains_expert_lora_that_learns_and_is_served(moe_model_dir, volume, tmp_path, s3_server, hub_server):
+def test_ftw_run_trains_expert_lora_that_learns_and_is_served(task_moe_model_dir, volume, tmp_path, s3_server, hub_server):
     from tests.serve.conftest import collect, run, serve_env, start_service
 
     train, held = successor_task()
@@ -35,7 +26,7 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(moe_model_dir, vol
             f.write(json.dumps({"segments": [{"label": False, "text": prompt}, {"label": True, "text": answer},
                                              {"label": True, "text": "<|im_end|>"}]}) + "\n")
     config = {
-        "base_model": str(moe_model_dir), "datasets": [{"path": str(data), "type": "input_output"}],
+        "base_model": str(task_moe_model_dir), "datasets": [{"path": str(data), "type": "input_output"}],
         "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0,
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
@@ -46,7 +37,7 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(moe_model_dir, vol
     }
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"input": {"run_id": "moe-successor", "allow_cpu": True, "config": config, "publish": ["adapter"]}}))
-    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(moe_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
+    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_moe_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(job)], env=env, cwd=REPO, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,8 +56,8 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(moe_model_dir, vol
     assert aux and all(a > 0 for a in aux)  # the router loss is on and logged on its own
 
     # the serving worker (transformers engine) loads the published adapter by run id and answers held-out prompts
-    serve = serve_env(moe_model_dir, s3_server, hub_server, volume, FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=sys.executable,
-                      FTW_ALLOWED_PATHS=str(moe_model_dir))
+    serve = serve_env(task_moe_model_dir, s3_server, hub_server, volume, FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=sys.executable,
+                      FTW_ALLOWED_PATHS=str(task_moe_model_dir))
     prompts = held[:50]
     with start_service("transformers", serve, tmp_path / "engine.log") as service:
         outputs = run(collect(service.app, {"openai_route": "/v1/completions", "openai_input": {
