@@ -68,8 +68,8 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     family = FAMILIES.get(model_type)
     on_cuda = next(base.parameters()).is_cuda
     asked_moe = bool(config.use_scattermoe) or config.experts_implementation == "scattermoe"
-    enabled = _switch(config.use_kernels, on_cuda) or asked_moe
-    if not enabled:
+    enabled = _switch(config.use_kernels, on_cuda)  # the dense families' patches
+    if not (enabled or asked_moe):
         log.info("kernels: off (%s)", "use_kernels: false" if config.use_kernels is False else "model not on CUDA")
         return []
     version = ".".join(transformers.__version__.split(".")[:2])
@@ -84,6 +84,9 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         if moe:
             log.info("kernels applied to %s: %s", model_type, ", ".join(moe))
             return moe
+    if not enabled:
+        log.info("kernels: no others for %s: use_kernels is off here (only the experts kernel was asked for)", model_type)
+        return []
     if family is None:
         log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
         return []

@@ -144,3 +144,17 @@ def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(fami
     for (name, p), (_, q) in zip(ours.named_parameters(), reference.named_parameters()):
         if p.requires_grad:
             assert rel_err(p.grad, q.grad) < 1e-5, name
+
+
+def test_use_scattermoe_on_a_dense_model_patches_nothing_when_kernels_are_off_here():
+    """use_scattermoe asks for the experts kernel only: on CPU (use_kernels unset) a dense model keeps
+    its own forwards instead of getting the dense Triton patches."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels import apply_kernels
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=1))
+    cfg = config(use_kernels=None, use_scattermoe=True, lora_target_parameters=None, lora_target_modules=["q_proj"])
+    assert apply_kernels(dense, cfg) == []
+    assert not any(hasattr(m, "_ftw_original_forward") for m in dense.modules())
