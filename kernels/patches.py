@@ -6,17 +6,20 @@ LoRA functions do not model) back to the module's original forward.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
 import torch
 
-from kernels import attention
+from kernels import attention, moe
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
 from kernels.rmsnorm import rmsnorm_forward
 from kernels.rope import apply_rope
 from kernels.swiglu import swiglu_mlp_forward
+
+log = logging.getLogger("ftw.kernels")
 
 
 def lora_fusable(config) -> bool:
@@ -115,6 +118,43 @@ def _plain_output_layer(head) -> bool:
     inner = getattr(head, "modules_to_save", None) if type(head).__name__ == "ModulesToSaveWrapper" else None
     layers = list(inner.values()) if inner is not None else [head]
     return all(type(m) is torch.nn.Linear and m.bias is None for m in layers)
+
+
+# ---- MoE experts ------------------------------------------------------------------------------
+def _experts_wrapper_forward(self, x, *args, **kwargs):
+    """Outermost PEFT ParamWrapper over an experts module: call the module itself, whose experts
+    function (kernels/moe.py) reads the LoRA factors, instead of PEFT's W + BA parametrization."""
+    experts = self._ftw_experts
+    if moe.expert_lora(experts) is False or experts.config._experts_implementation != moe.NAME:
+        return self._ftw_original_forward(x, *args, **kwargs)
+    return experts(x, *args, **kwargs)
+
+
+def install_experts(model: torch.nn.Module) -> list[str]:
+    """Switch every experts module of `model` (a PeftModel or plain model) to ftw's ScatterMoE
+    experts; the LoRA that PEFT put on their tensors is fused in. [] when it has no experts."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    experts = moe.experts_modules(base)
+    if not experts:
+        return []
+    moe.register()
+    base.set_experts_implementation(moe.NAME)
+    wrappers = [m for m in base.modules() if type(m).__name__ == "ParamWrapper"]
+    inner = {id(w.base_layer) for w in wrappers}
+    fused = 0
+    for module in experts:
+        own = [w for w in wrappers if w.get_base_layer() is module]
+        if not own:
+            continue
+        module._ftw_expert_lora = {w.parameter_name: w for w in own}
+        for outer in (w for w in own if id(w) not in inner):
+            outer._ftw_experts = module
+            _replace_forward(outer, _experts_wrapper_forward)
+        fused += moe.expert_lora(module) not in (None, False)
+    if not moe.module_fusable(experts[0]):  # e.g. GPT-OSS's biased, transposed experts; full fine-tuning
+        log.info("kernels: %s experts are not a layout the ScatterMoE kernel covers: grouped_mm serves them", type(experts[0]).__name__)
+        return []
+    return ["scattermoe_lora" if fused else "scattermoe"]
 
 
 # ---- installer --------------------------------------------------------------------------------

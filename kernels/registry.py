@@ -8,6 +8,11 @@ version nothing is applied and the log says why.
 Switches (axolotl's names): `use_kernels` (None: on when the model is on CUDA; true: force, e.g.
 on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_kernel`,
 `lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
+
+MoE models (any family whose experts use transformers' `@use_experts_implementation`) get ftw's
+ScatterMoE LoRA experts (kernels/moe.py) through transformers' experts registry, unless the config
+names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
+ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
 """
 from __future__ import annotations
 
@@ -62,17 +67,28 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     model_type = getattr(base.config, "model_type", None)
     family = FAMILIES.get(model_type)
     on_cuda = next(base.parameters()).is_cuda
-    enabled = _switch(config.use_kernels, on_cuda)
-    if not enabled:
+    asked_moe = bool(config.use_scattermoe) or config.experts_implementation == "scattermoe"
+    enabled = _switch(config.use_kernels, on_cuda)  # the dense families' patches
+    if not (enabled or asked_moe):
         log.info("kernels: off (%s)", "use_kernels: false" if config.use_kernels is False else "model not on CUDA")
-        return []
-    if family is None:
-        log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
         return []
     version = ".".join(transformers.__version__.split(".")[:2])
     if version not in VERIFIED_TRANSFORMERS:
         log.warning("kernels: not applied: transformers %s is not one the patches were verified against (%s)",
                     transformers.__version__, ", ".join(VERIFIED_TRANSFORMERS))
+        return []
+    if config.experts_implementation in (None, "scattermoe"):
+        from kernels import patches
+
+        moe = patches.install_experts(model)
+        if moe:
+            log.info("kernels applied to %s: %s", model_type, ", ".join(moe))
+            return moe
+    if not enabled:
+        log.info("kernels: no others for %s: use_kernels is off here (only the experts kernel was asked for)", model_type)
+        return []
+    if family is None:
+        log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
         return []
     if getattr(base.config, "hidden_act", "silu") != "silu":
         log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)

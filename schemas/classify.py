@@ -15,7 +15,7 @@ from schemas.config import LEGACY_ATTENTION_FLAGS, TrainingConfig
 from schemas.datasets import KNOWN_UNSUPPORTED_TYPES, SUPPORTED_TYPES, DatasetConfig, PretrainingDatasetConfig
 from schemas.environment import env_flag
 from schemas.issues import Report, format_loc
-from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
+from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NATIVE_PLUGINS, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
                           is_off, unsupported_reason)
 from schemas.limits import EXCERPT_CHARS, excerpt
 from schemas.secrets import CREDENTIAL_ENV, secret_key
@@ -69,6 +69,10 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
 
 def _gated(key: str, value: Any, env: Mapping[str, str], clean: dict[str, Any], report: Report) -> None:
     if is_off(value):
+        return
+    if key == "plugins" and isinstance(value, list) and all(isinstance(p, str) and p in NATIVE_PLUGINS for p in value):
+        for plugin in value:
+            report.warn(key, f"plugin {plugin} is not loaded: {NATIVE_PLUGINS[plugin]}")
         return
     if not env_flag(env, GATED[key]):
         report.error(key, f"{key} runs code on the worker and is refused; the endpoint operator can allow it with {GATED[key]}=1", "gated")

@@ -25,6 +25,9 @@ LR_SCHEDULERS = (
     "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "rex",
     "one_cycle",
 )
+# transformers' experts dispatch (`experts_implementation`); "scattermoe" is ftw's fused LoRA kernel
+# (kernels/moe.py), registered under that name so axolotl configs carry over unchanged
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "scattermoe")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py); None: not supported
 LEGACY_ATTENTION_FLAGS = {
@@ -101,6 +104,12 @@ class TrainingConfig(Frozen):
     lora_mlp_kernel: Optional[bool] = None
     lora_qkv_kernel: Optional[bool] = None
     lora_o_kernel: Optional[bool] = None
+    # ---- mixture of experts --------------------------------------------------------------------
+    lora_target_parameters: Optional[Union[str, list[str]]] = None  # 3-D expert tensors, e.g. experts.gate_up_proj
+    use_scattermoe: Optional[bool] = None
+    experts_implementation: Optional[str] = None
+    output_router_logits: Optional[bool] = None
+    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0.0)
     # ---- data ----------------------------------------------------------------------------------
     datasets: Optional[list[DatasetConfig]] = None
     test_datasets: Optional[list[DatasetConfig]] = None

@@ -99,13 +99,13 @@ UNSUPPORTED = {
     **_group("diffusion language models", "diffusion"),
     **_group("logging integrations other than W&B, MLflow and TensorBoard", "use_swanlab use_trackio use_comet use_otel_metrics"),
     **_group("tiled MLP", "tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp"),
-    **_group("custom MoE expert kernels and quantisation",
-             "quantize_moe_experts use_scattermoe use_sonicmoe experts_implementation llama4_linearized_experts "
-             "use_glm_dsa_kernels use_dsv4_kernels dsv4_fp4_grouped_mode"),
+    **_group("MoE expert kernels other than ScatterMoE (use_scattermoe: true is ftw's own)",
+             "use_sonicmoe llama4_linearized_experts use_glm_dsa_kernels use_dsv4_kernels dsv4_fp4_grouped_mode"),
+    "quantize_moe_experts": ("quantising the 3-D expert tensors is not built: bitsandbytes quantises nn.Linear layers only, "
+                             "so under load_in_4bit the experts load in bf16; remove the key and plan memory for bf16 experts"),
     **_group("custom quantisation configs", "model_quantization_config model_quantization_config_kwargs nvfp4_merge_aware bnb_config_kwargs use_onebitllms"),
     **_group("mistral-common tokenizers", "tokenizer_use_mistral_common"),
     **_group("multimodal models", "freeze_mm_modules image_size image_resize_algorithm role_boundaries"),
-    **_group("LoRA on raw parameters (MoE experts)", "lora_target_parameters"),
     **_group("LoftQ and other custom PEFT initialisation",
              "peft loftq_config peft_init_lora_weights peft_layer_replication peft_layers_pattern peft_trainable_token_indices "
              "peft_autocast_adapter_dtype peft_ensure_weight_tying lora_rank_pattern lora_alpha_pattern lora_embedding_kernel"),
@@ -158,6 +158,12 @@ GATED = {
     "torchdistx_path": "FTW_ALLOW_PLUGINS",
     "trainer_cls": "FTW_ALLOW_PLUGINS",
     "trust_remote_code": "FTW_ALLOW_REMOTE_CODE",
+}
+
+# axolotl plugins whose work ftw does natively: listed alone under `plugins`, they only warn
+NATIVE_PLUGINS = {
+    "axolotl.integrations.kernels.KernelsPlugin": "ftw's own kernels (kernels/) apply, ScatterMoE with use_scattermoe",
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": "ftw fuses the loss itself where kernels/ has a family entry",
 }
 
 # prefixes of keys that belong to an unsupported integration (swanlab_*, trackio_*, ...)

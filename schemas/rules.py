@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 
-from schemas.config import ATTN_IMPLEMENTATIONS, DEEPSPEED_PRESETS, LR_SCHEDULERS, OPTIMIZERS, TrainingConfig
+from schemas.config import (ATTN_IMPLEMENTATIONS, DEEPSPEED_PRESETS, EXPERTS_IMPLEMENTATIONS, LR_SCHEDULERS, OPTIMIZERS,
+                            TrainingConfig)
 from schemas.issues import Issue
 from schemas.keys import KNOWN_OPTIMIZERS
 from schemas.limits import excerpt
@@ -51,6 +52,46 @@ def _needs_adapter(cfg: TrainingConfig) -> Problems:
         yield Issue("lora_model_dir", "lora_model_dir needs adapter: lora or qlora")
     if cfg.merge_lora and cfg.adapter is None:
         yield Issue("merge_lora", "merge_lora needs an adapter (full fine-tuning already produces a merged model)")
+
+
+# ---- mixture of experts -------------------------------------------------------------------------
+# experts implementations transformers registers that need packages or hardware ftw does not ship
+UNSHIPPED_EXPERTS = {"sonicmoe": "the sonic-moe package", "deepgemm": "the deep_gemm package"}
+
+
+@rule("adapter", "lora_target_parameters", "lora_dropout", "peft_use_dora", "lora_bias", "lora_fan_in_fan_out")
+def _target_parameters(cfg: TrainingConfig) -> Problems:
+    """PEFT's LoRA on raw parameters cannot factor dropout, DoRA, a bias or fan_in_fan_out out of W + BA."""
+    if not cfg.lora_target_parameters:
+        return
+    if cfg.adapter is None:
+        yield Issue("lora_target_parameters", "lora_target_parameters needs adapter: lora or qlora")
+    if cfg.lora_dropout:
+        yield Issue("lora_dropout", "LoRA on parameters (lora_target_parameters) does not work with lora_dropout: set lora_dropout: 0")
+    for key, on in (("peft_use_dora", cfg.peft_use_dora), ("lora_bias", cfg.lora_bias != "none"), ("lora_fan_in_fan_out", cfg.lora_fan_in_fan_out)):
+        if on:
+            yield Issue(key, f"{key} does not work with LoRA on parameters (lora_target_parameters): remove one of them")
+
+
+@rule("experts_implementation", "use_scattermoe", "use_kernels")
+def _experts(cfg: TrainingConfig) -> Problems:
+    impl = cfg.experts_implementation
+    if impl in UNSHIPPED_EXPERTS:
+        yield Issue("experts_implementation", f"experts_implementation {impl!r} is not supported by ftw (it needs {UNSHIPPED_EXPERTS[impl]}); "
+                                              f"use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}", "unsupported")
+    elif impl is not None and impl not in EXPERTS_IMPLEMENTATIONS:
+        yield Issue("experts_implementation", f"experts_implementation {impl!r} is not known; use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+    if cfg.use_scattermoe and impl not in (None, "scattermoe"):
+        yield Issue("use_scattermoe", f"use_scattermoe: true asks for experts_implementation scattermoe, but it is {impl!r}: keep one")
+    if (cfg.use_scattermoe or impl == "scattermoe") and cfg.use_kernels is False:
+        yield Issue("use_kernels", "use_kernels: false switches the ScatterMoE kernel off, but use_scattermoe / experts_implementation asks for it: keep one")
+
+
+@rule("output_router_logits", "router_aux_loss_coef")
+def _router_loss(cfg: TrainingConfig) -> Problems:
+    if cfg.router_aux_loss_coef is not None and not cfg.output_router_logits:
+        yield Issue("router_aux_loss_coef", "router_aux_loss_coef has no effect without output_router_logits: true (the router "
+                                            "auxiliary loss is only computed then): add output_router_logits: true or remove it")
 
 
 # ---- batch arithmetic and schedule --------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tiny base models and tokenizers built locally: the demo's model and the tests' (no Hub here).
 
-    python -m worker.tiny OUT_DIR [--style chatml|llama3] [--hidden 128] [--layers 2]
+    python -m worker.tiny OUT_DIR [--style chatml|llama3] [--hidden 128] [--layers 2] [--arch llama|qwen3_moe]
 
 The tokenizer is a byte-level BPE trained on a small built-in corpus plus any text given, with a
 real chat template of the chosen style, so every code path that loads a Hub model (AutoTokenizer,
@@ -76,16 +76,22 @@ def build_model(
     seed: int = 0,
     extra_text: Iterable[str] = (),
     initializer_range: float = 0.02,
+    arch: str = "llama",
+    experts: int = 8,
 ) -> Path:
-    """A random-init Llama-architecture model + tokenizer, saved as safetensors in `out_dir`."""
+    """A random-init model + tokenizer, saved as safetensors in `out_dir`: Llama, or Qwen3-MoE
+    (`experts` experts of width intermediate/2, top-2, every layer sparse)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
     out = Path(out_dir)
     build_tokenizer(out, style=style, extra_text=extra_text)
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    moe = {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": intermediate // 2,
+           "decoder_sparse_step": 1, "norm_topk_prob": True} if arch == "qwen3_moe" else {}
+    config = (Qwen3MoeConfig if arch == "qwen3_moe" else LlamaConfig)(
+        **moe,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -101,9 +107,9 @@ def build_model(
         torch_dtype="float32",
         initializer_range=initializer_range,
     )
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
-    (out / "ftw_tiny.json").write_text(json.dumps({"style": style, "hidden": hidden, "layers": layers, "seed": seed}))
+    (out / "ftw_tiny.json").write_text(json.dumps({"style": style, "hidden": hidden, "layers": layers, "seed": seed, "arch": arch}))
     return out
 
 
@@ -113,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", choices=sorted(STYLES), default="chatml")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--arch", choices=["llama", "qwen3_moe"], default="llama")
     args = parser.parse_args(argv)
-    print(build_model(args.out_dir, style=args.style, hidden=args.hidden, layers=args.layers))
+    print(build_model(args.out_dir, style=args.style, hidden=args.hidden, layers=args.layers, arch=args.arch))
     return 0
 
 

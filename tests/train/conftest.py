@@ -18,6 +18,16 @@ def task_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def task_moe_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE (8 experts, top-2) with the task model's tokenizer."""
+    from worker.tiny import build_model
+
+    train, _ = successor_task()
+    return build_model(tmp_path_factory.mktemp("tiny-moe"), style="chatml", extra_text=[p + a for p, a in train[:200]],
+                       arch="qwen3_moe", hidden=128, intermediate=256)
+
+
+@pytest.fixture(scope="session")
 def task_rows(task_model_dir):
     from transformers import AutoTokenizer
 

@@ -15,13 +15,15 @@ def summed_loss(model, batch) -> float:
         return float(model(**batch, num_items_in_batch=torch.tensor(1.0)).loss)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # flex_attention passes too, but compiles for 4 min on CPU
-def test_packed_row_loss_equals_samples_one_by_one(task_model_dir, task_rows, attn):
+@pytest.mark.parametrize("attn, model_dir", [("sdpa", "task_model_dir"), ("eager", "task_model_dir"), ("sdpa", "task_moe_model_dir")])
+def test_packed_row_loss_equals_samples_one_by_one(request, task_rows, attn, model_dir):
+    """(flex_attention passes too, but compiles for 4 min on CPU.) The MoE model: Qwen3-MoE."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(task_model_dir, attn_implementation=attn, use_cache=False).eval()  # a KV cache turns packing detection off
+    model_dir = request.getfixturevalue(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, use_cache=False).eval()  # a KV cache turns packing detection off
     train, _, _ = task_rows
     # train on inputs too, so the first tokens of every sample would be targets if attention leaked
     samples = [{**r, "labels": list(r["input_ids"])} for r in train[:5]]

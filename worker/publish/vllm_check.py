@@ -61,11 +61,27 @@ def check_adapter(adapter_dir: Path, env: Mapping[str, str]) -> list[str]:
     if leaves & EMBEDDING_MODULES:
         warnings.append(f"LoRA on {sorted(leaves & EMBEDDING_MODULES)}: vLLM does not apply LoRA to embeddings/lm_head; "
                         "drop them from lora_target_modules")
+    warnings += _parameter_targets(cfg.get("target_parameters") or [])
     unknown = sorted(leaves - VLLM_LORA_MODULES - EMBEDDING_MODULES)
     if unknown:
         warnings.append(f"target modules {unknown} are not LoRA layers vLLM is known to wrap; check that your vLLM "
                         "version supports them for this architecture, or target q_proj/k_proj/v_proj/o_proj/"
                         "gate_proj/up_proj/down_proj")
+    return warnings
+
+
+def _parameter_targets(parameters: list[str]) -> list[str]:
+    """LoRA through PEFT's target_parameters: MoE expert tensors (and router weights)."""
+    experts = sorted(p for p in parameters if p.split(".")[-1] in ("gate_up_proj", "down_proj", "up_proj"))
+    others = sorted(set(parameters) - set(experts))
+    warnings = []
+    if experts:
+        warnings.append(f"target parameters {experts}: LoRA on MoE experts is served by vLLM only on CUDA (its Triton "
+                        "fused-MoE LoRA path); vLLM on CPU cannot load it (its CPU MoE kernel has no LoRA): there, serve "
+                        "this adapter with the transformers engine (FTW_SERVE_ENGINE=transformers) or publish the merged model")
+    if others:
+        warnings.append(f"target parameters {others}: vLLM applies no LoRA to these (router weights); serve with the "
+                        "transformers engine or publish the merged model, or drop them from the targets")
     return warnings
 
 

@@ -83,7 +83,7 @@ def verify_adapter(path: Path, settings: ServeSettings, name: str) -> Adapter:
                            hint="publish the adapter folder as PEFT saves it (adapter_config.json + adapter_model.safetensors)") from e
     # vLLM's own refusals, from the publish stage's check; unknown target names stay a warning there and here
     problems = [w for w in check_adapter(path, {"FTW_MAX_LORA_RANK": str(settings.max_lora_rank)})
-                if not w.startswith("target modules")]
+                if not w.startswith(("target modules", "target parameters"))]
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         problems.append("adapter_model.safetensors is missing")
     base = str(config.get("base_model_name_or_path") or "").rstrip("/")

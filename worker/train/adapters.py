@@ -12,6 +12,7 @@ from pathlib import Path
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import JobSpecError, ModelError
+from worker.train.moe import lora_targets
 
 log = logging.getLogger("ftw.train")
 
@@ -44,13 +45,18 @@ def target_modules(cfg: TrainingConfig, model) -> list[str] | None:
 
 
 def lora_config(cfg: TrainingConfig, model):
+    """LoRA on modules and, for MoE models, on parameters (3-D expert tensors, router weights)."""
     from peft import LoraConfig
 
+    modules, parameters = target_modules(cfg, model), cfg.lora_target_parameters
+    if not isinstance(modules, str):  # a regex is PEFT's to match as it is
+        modules, parameters = lora_targets(modules, [parameters] if isinstance(parameters, str) else parameters, model)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha_value(),
         lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg, model),
+        target_modules=modules,
+        target_parameters=parameters,
         modules_to_save=cfg.lora_modules_to_save,
         fan_in_fan_out=cfg.lora_fan_in_fan_out,
         bias=cfg.lora_bias,
@@ -84,7 +90,7 @@ def attach(model, cfg: TrainingConfig):
         try:
             peft_model = get_peft_model(model, lora_config(cfg, model))
         except ValueError as e:
-            raise JobSpecError(f"cannot attach LoRA: {e}", hint="check lora_target_modules against the model's module names") from e
+            raise JobSpecError(f"cannot attach LoRA: {e}", hint="check lora_target_modules (and lora_target_parameters) against the model's module and parameter names") from e
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info("adapter %s: %d trainable of %d parameters (%.3f%%)", cfg.adapter, trainable, total, 100 * trainable / max(total, 1))

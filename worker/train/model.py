@@ -18,6 +18,7 @@ from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import JobSpecError, ModelError
 from worker.preflight import attention_backend, check_machine
+from worker.train.moe import set_experts_dispatch
 
 log = logging.getLogger("ftw.train")
 
@@ -122,6 +123,7 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
     if model.device != device and quant is None:
         model.to(device)
     resize_embeddings(cfg, model, tokenizer)
+    set_experts_dispatch(model, cfg)
     model.config.use_cache = False  # no KV cache in training
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})

@@ -56,6 +56,7 @@ from worker.train.adapters import attach
 from worker.data.cache import PreparedData
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens, to_device
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
+from worker.train.moe import configure_router_loss
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
@@ -106,7 +107,7 @@ class Readout:
 @dataclass
 class QueuedStep:
     """An optimizer step whose work is queued on the device; `readout` brings back
-    [loss, grad norm, global target tokens, global tokens]."""
+    [loss, grad norm, global target tokens, global tokens, router aux loss]."""
 
     step: int  # steps done once it completes (1-based, as reported)
     lr: float
@@ -146,6 +147,7 @@ class Trainer:
         self.strategy = dist_.strategy(cfg, topo)["kind"]
         mbs, gas = cfg.batch_shape()
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
+        self.router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
@@ -188,16 +190,22 @@ class Trainer:
             torch.distributed.all_reduce(counts)  # the global counts, still on the device
         n_items = counts[0].clamp(min=1).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=topo.device)  # MoE router loss, logged on its own
         for i, micro in enumerate(batch.micro):
             micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
-                    loss = self.engine(**micro, num_items_in_batch=n_items).loss
+                    out = self.engine(**micro, num_items_in_batch=n_items)
+                    loss = out.loss
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 self.scaler.scale(loss * topo.world_size).backward()
             loss_sum += loss.detach()
+            if self.router_loss and out.aux_loss is not None:
+                aux_sum += out.aux_loss.detach() / self.plan.micro_per_step
         if topo.world_size > 1:
             torch.distributed.all_reduce(loss_sum)  # every rank's share of the global mean
+            if self.router_loss:
+                torch.distributed.all_reduce(aux_sum)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
@@ -209,11 +217,11 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
-        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm, counts[0], counts[1]])))
+        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm, counts[0], counts[1], aux_sum])))
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
-        loss, grad_norm, targets, tokens = queued.readout.values()
+        loss, grad_norm, targets, tokens, aux_loss = queued.readout.values()
         state, cfg = self.state, self.cfg
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
@@ -221,7 +229,10 @@ class Trainer:
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
             self.progress.event(step=queued.step, event="first_step")
-        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+        metrics = {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+        if self.router_loss:
+            metrics["aux_loss"] = aux_loss  # the router's load-balancing loss (its coef × this is inside loss)
+        self.progress.step(queued.step, metrics)
         self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(

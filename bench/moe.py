@@ -1,0 +1,193 @@
+"""MoE LoRA training step on the GPU: transformers grouped_mm + PEFT, axolotl's ScatterMoE LoRA, ftw.
+
+    python bench/moe.py                                  # OLMoE-1B-7B and Qwen3-30B-A3B shapes, every arm
+    python bench/moe.py --shapes olmoe --steps 20
+    python bench/moe.py --shapes qwen3-30b --layers 24   # fewer layers where all 48 do not fit one GPU
+    python bench/moe.py --shapes tiny                    # smoke test, also on CPU (Triton interpreted)
+
+Each arm runs in a fresh process (`--arm NAME`, one JSON line back) on the same random-init model
+(bf16, seeded) and the same tokens: one packed row of `--seq` tokens (2048), LoRA r=16 α=32 on
+q/k/v/o and on the experts' gate_up_proj / down_proj (PEFT target_parameters), AdamW on the LoRA
+parameters, no gradient checkpointing. Arms:
+- peft: transformers' `grouped_mm` experts; PEFT forms W + B·A per expert tensor on every forward;
+- axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
+  "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
+- ftw: kernels.apply_kernels (ftw's ScatterMoE LoRA experts, kernels/moe.py).
+Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
+tokens/s = seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
+included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = ("peft", "axolotl", "ftw")
+# model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
+SHAPES = {
+    "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
+    "qwen3-30b": ("qwen3_moe", 2048, 48, 32, 4, 128, 128, 8, 768, 151936),
+    "tiny": ("qwen3_moe", 64, 2, 2, 1, 32, 8, 2, 32, 256),
+}
+
+
+def model_config(shape: str, layers: int | None):
+    from transformers import OlmoeConfig, Qwen3MoeConfig
+
+    kind, hidden, n_layers, heads, kv, head_dim, experts, top_k, width, vocab = SHAPES[shape]
+    common = dict(hidden_size=hidden, num_hidden_layers=layers or n_layers, num_attention_heads=heads, num_key_value_heads=kv,
+                  num_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab, max_position_embeddings=4096,
+                  tie_word_embeddings=False)
+    if kind == "olmoe":
+        return OlmoeConfig(**common, intermediate_size=width)
+    return Qwen3MoeConfig(**common, head_dim=head_dim, moe_intermediate_size=width, intermediate_size=4 * width,
+                          decoder_sparse_step=1, norm_topk_prob=True)
+
+
+def lora_config():
+    """What ftw's adapter builder makes of `lora_target_modules: [q_proj, k_proj, v_proj, o_proj]` and
+    `lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]` (built here with PEFT
+    alone: the GPU image has no pydantic for ftw's config schema)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
+
+
+def run_arm(arm: str, args) -> dict:
+    """One arm in this process: build, patch, warm up, time."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(args.shape, args.layers), dtype=dtype)
+    model.config.use_cache = False
+    if arm == "axolotl":
+        try:
+            from axolotl.integrations.kernels.libs.scattermoe_lora.experts import register_scattermoe_experts
+        except ImportError as e:
+            return {"arm": arm, "skipped": f"axolotl is not importable ({e})"}
+        register_scattermoe_experts()
+    model = get_peft_model(model, lora_config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)  # a live LoRA term, the same in every arm
+    applied = []
+    if arm == "ftw":
+        from kernels import apply_kernels
+
+        switches = types.SimpleNamespace(use_kernels=True, use_scattermoe=True, experts_implementation=None)
+        applied = apply_kernels(model, switches)
+    elif arm == "axolotl":
+        model.get_base_model().set_experts_implementation("scattermoe")
+        applied = ["axolotl scattermoe"]
+    else:
+        model.get_base_model().set_experts_implementation("grouped_mm")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> float:
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    loss0 = float(step())
+    for _ in range(args.warmup - 1):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    median = statistics.median(times)
+    return {"arm": arm, "tokens_per_s": args.seq / median, "step_s": median, "peak_gib": peak, "loss0": loss0,
+            "applied": applied, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["olmoe", "qwen3-30b"], choices=sorted(SHAPES))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.arm:
+        print(json.dumps(run_arm(args.arm, args)), flush=True)
+        return 0
+    env = dict(os.environ)
+    if "tiny" in args.shapes and not _has_cuda():
+        env.setdefault("TRITON_INTERPRET", "1")
+    rows = []
+    for shape in args.shapes:
+        for arm in args.arms:
+            cmd = [sys.executable, __file__, "--arm", arm, "--shape", shape, "--seq", str(args.seq), "--warmup", str(args.warmup),
+                   "--steps", str(args.steps)] + (["--layers", str(args.layers)] if args.layers else [])
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+                rows.append({"shape": shape, "arm": arm, "skipped": f"failed: {tail[0][:160]}"})
+                continue
+            rows.append({"shape": shape, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(table(rows, args))
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} steps",
+             "", "| shape | arm | tokens/s | vs peft | peak GiB | loss0 | kernels |", "|---|---|---|---|---|---|---|"]
+    for shape in args.shapes:
+        base = next((r for r in rows if r["shape"] == shape and r["arm"] == "peft" and "tokens_per_s" in r), None)
+        for r in (r for r in rows if r["shape"] == shape):
+            if "tokens_per_s" not in r:
+                lines.append(f"| {shape} | {r['arm']} | skipped: {r['skipped']} | | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+            lines.append(f"| {shape} | {r['arm']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
+                         f"{', '.join(r['applied']) or '-'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

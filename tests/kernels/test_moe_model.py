@@ -1,0 +1,160 @@
+"""A tiny Qwen3-MoE with LoRA on attention, router and experts (PEFT target_parameters): ftw's
+experts kernel, installed through the kernel registry, against PEFT + transformers' own path."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from schemas.validate import validate_config
+from tests.kernels.conftest import rel_err
+
+
+def tiny_moe():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=32, moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                            tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def config(**extra):
+    raw = {"base_model": "org/tiny-moe", "learning_rate": 1e-3, "datasets": [{"path": "org/d", "type": "alpaca"}],
+           "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj", "gate"],
+           "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "use_kernels": True, **extra}
+    report = validate_config(raw, {"BASE_VOLUME": "/tmp"})
+    assert report.valid, report.errors
+    return report.value
+
+
+def lora_model(cfg):
+    from worker.train.adapters import attach
+
+    model = attach(tiny_moe(), cfg)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at 0; a non-zero B makes the LoRA term count
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def test_fused_experts_match_peft_and_never_form_w_plus_ba():
+    from kernels import apply_kernels
+
+    cfg = config()
+    reference = lora_model(cfg)
+    ours = copy.deepcopy(reference)
+    assert apply_kernels(ours, cfg) == ["scattermoe_lora"]
+    parametrized = []
+    for m in ours.modules():
+        if type(m).__name__ == "Qwen3MoeExperts":
+            m.register_forward_pre_hook(lambda mod, args: parametrized.append(torch.nn.utils.parametrize.is_parametrized(mod)))
+    ids = torch.randint(0, 128, (2, 10))
+    out_ref, out = reference(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert parametrized == [False, False]  # both layers ran the kernel, on the frozen W and the factors
+    assert rel_err(out.logits, out_ref.logits) < 1e-5
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() and any("experts" in n for n in grads) and any("gate" in n for n in grads)
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_disabled_adapters_fall_back_to_the_base_experts():
+    from kernels import apply_kernels
+
+    cfg = config()
+    model = lora_model(cfg)
+    apply_kernels(model, cfg)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad(), model.disable_adapter():
+        without = model(input_ids=ids).logits
+    with torch.no_grad():
+        with_lora = model(input_ids=ids).logits
+    plain = tiny_moe()
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+    assert rel_err(without, expected) < 1e-5
+    assert rel_err(with_lora, expected) > 1e-3
+
+
+def test_adapter_saves_in_peft_format_and_reloads(tmp_path):
+    from peft import PeftModel
+
+    cfg = config()
+    model = lora_model(cfg)
+    model.save_pretrained(tmp_path)
+    saved = (tmp_path / "adapter_config.json").read_text()
+    assert '"target_parameters"' in saved and "gate_up_proj" in saved
+    reloaded = PeftModel.from_pretrained(tiny_moe(), tmp_path)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert rel_err(reloaded(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-6
+
+
+@pytest.mark.parametrize("micro_per_step", [1, 4])
+def test_router_aux_loss_is_added_once_per_step(micro_per_step):
+    from worker.train.moe import configure_router_loss
+
+    cfg = config(output_router_logits=True, router_aux_loss_coef=0.5)
+    model = lora_model(cfg)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids).loss
+        assert configure_router_loss(model, cfg, micro_per_step)
+        out = model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, plain + 0.5 / micro_per_step * out.aux_loss)
+
+
+@pytest.mark.parametrize("family, router, fused", [("olmoe", "gate", True), ("mixtral", "gate", True), ("gpt_oss", "router", False)])
+def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(family, router, fused):
+    """OLMoE and Mixtral share Qwen3-MoE's experts layout (fused); GPT-OSS's biased, transposed experts
+    with their clamped gate run transformers' grouped_mm under PEFT, with the same LoRA targets."""
+    from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, OlmoeConfig
+
+    from kernels import apply_kernels
+    from worker.train.adapters import attach
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  tie_word_embeddings=False, intermediate_size=32, num_experts_per_tok=2)
+    model_config = {"olmoe": lambda: OlmoeConfig(**common, num_experts=8),
+                    "mixtral": lambda: MixtralConfig(**common, head_dim=32, num_local_experts=8),
+                    "gpt_oss": lambda: GptOssConfig(**common, head_dim=32, num_local_experts=8)}[family]()
+    cfg = config(lora_target_modules=["q_proj", "v_proj", router])
+    torch.manual_seed(0)
+    reference = attach(AutoModelForCausalLM.from_config(model_config), cfg)
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ours = copy.deepcopy(reference)
+    assert apply_kernels(ours, cfg) == (["scattermoe_lora"] if fused else [])
+    ids = torch.randint(0, 128, (1, 9))
+    out_ref, out = reference(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert rel_err(out.logits, out_ref.logits) < 1e-5
+    trained = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("experts" in n for n in trained) and any(f"{router}." in n for n in trained)
+    for (name, p), (_, q) in zip(ours.named_parameters(), reference.named_parameters()):
+        if p.requires_grad:
+            assert rel_err(p.grad, q.grad) < 1e-5, name
+
+
+def test_use_scattermoe_on_a_dense_model_patches_nothing_when_kernels_are_off_here():
+    """use_scattermoe asks for the experts kernel only: on CPU (use_kernels unset) a dense model keeps
+    its own forwards instead of getting the dense Triton patches."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kernels import apply_kernels
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                         num_attention_heads=2, num_key_value_heads=1))
+    cfg = config(use_kernels=None, use_scattermoe=True, lora_target_parameters=None, lora_target_modules=["q_proj"])
+    assert apply_kernels(dense, cfg) == []
+    assert not any(hasattr(m, "_ftw_original_forward") for m in dense.modules())
