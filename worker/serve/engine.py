@@ -105,6 +105,7 @@ class EngineProcess:
         if self.engine == "transformers":  # our server module; vLLM's child must not see our top-level names
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded on demand
+        env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(ENGINE_KEEP_ALIVE_S)  # what EngineClient's pool is sized against
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         return env
 
@@ -184,6 +185,17 @@ def _unreachable_as_error() -> Iterator[None]:
                          hint="the engine process may have died; the worker's log has its last lines") from e
 
 
+# The engine closes a connection idle for ENGINE_KEEP_ALIVE_S (uvicorn's default, which vLLM keeps); the
+# client lets its pooled connections go well before that, so a request after an idle gap never picks one
+# the engine is closing. A connection lost before any byte of the answer (a close racing the request,
+# or one the client's busy loop had not noticed yet) means the engine did not take the request:
+# it is sent again on a fresh connection.
+ENGINE_KEEP_ALIVE_S = 5
+CLIENT_KEEP_ALIVE_S = 2.0
+SEND_ATTEMPTS = 3
+NOT_TAKEN = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)  # ClientOSError: reset, broken pipe, refused
+
+
 class EngineClient:
     """Async HTTP calls to the engine; its 4xx answers become ServeErrors with its message."""
 
@@ -192,12 +204,14 @@ class EngineClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.resent = 0  # requests sent again after their connection dropped before the answer
 
     def session(self) -> aiohttp.ClientSession:
         """One pooled session per event loop (RunPod's loop, a test's asyncio.run, ftw serve's)."""
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(limit=256))
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=CLIENT_KEEP_ALIVE_S)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
             self._loop = loop
         return self._session
 
@@ -205,21 +219,36 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, route: str, body: dict[str, Any]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _response(self, route: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The engine's response once its status line arrived; sent again when the connection dropped before."""
         with _unreachable_as_error():
-            async with self.session().post(self.url + route, json=body) as r:
-                return await self._json_or_raise(r)
+            for attempt in range(1, SEND_ATTEMPTS + 1):
+                try:
+                    response = await self.session().post(self.url + route, json=body)
+                    break
+                except NOT_TAKEN:
+                    if attempt == SEND_ATTEMPTS:
+                        raise
+                    self.resent += 1
+            try:
+                yield response
+            finally:
+                response.release()
+
+    async def post(self, route: str, body: dict[str, Any]) -> Any:
+        async with self._response(route, body) as r:
+            return await self._json_or_raise(r)
 
     async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[str]:
         """The engine's server-sent events, one `data: ...` payload string at a time."""
-        with _unreachable_as_error():
-            async with self.session().post(self.url + route, json=body) as r:
-                if r.status != 200:
-                    await self._json_or_raise(r)
-                async for raw in r.content:
-                    line = raw.decode("utf-8").strip()
-                    if line.startswith("data:"):
-                        yield line[5:].strip()
+        async with self._response(route, body) as r:
+            if r.status != 200:
+                await self._json_or_raise(r)
+            async for raw in r.content:
+                line = raw.decode("utf-8").strip()
+                if line.startswith("data:"):
+                    yield line[5:].strip()
 
     @staticmethod
     async def _json_or_raise(r: aiohttp.ClientResponse) -> Any:
