@@ -247,23 +247,48 @@ def test_an_unknown_model_is_404_model_not_found(tmp_path):
 
 
 def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
+    out = ask(serve_app(), "org/base")  # the base model: straight to the engine, whose port nobody listens on
+    assert out["error"]["code"] == 503 and "did not answer" in out["error"]["message"]
+
+
+def test_an_engine_failing_mid_stream_ends_the_stream_with_an_error_event_then_done():
+    """The engine dies after its first event (a real server that cuts the connection): the client gets what
+    was sent, an error event and [DONE], as OpenAI streams end on an error."""
     import asyncio
+
+    from aiohttp import web
 
     from tests.s3server import free_port
     from worker.serve.app import ServeApp
     from worker.serve.engine import EngineClient
 
-    app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{free_port()}"), fetch=None)
-    job = {"openai_route": "/v1/chat/completions", "openai_input": {"model": "org/base", "messages": [{"role": "user", "content": "hi"}]}}
+    async def dies_mid_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hel"}}]}\n\n')
+        request.transport.close()  # the engine process is gone
+        return response
 
     async def scenario():
+        engine = web.Application()
+        engine.router.add_post("/v1/chat/completions", dies_mid_stream)
+        runner = web.AppRunner(engine)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{port}"), fetch=None)
+        job = {"openai_route": "/v1/chat/completions", "openai_input": {
+            "model": "org/base", "messages": [{"role": "user", "content": "hi"}], "stream": True}}
         try:
             return [out async for out in app.handle_job(job)]
         finally:
             await app.client.close()
+            await runner.cleanup()
 
-    (out,) = asyncio.run(scenario())
-    assert out["error"]["code"] == 503 and "did not answer" in out["error"]["message"]
+    events = asyncio.run(scenario())
+    assert len(events) == 3 and "hel" in events[0], events
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == 503
+    assert events[2] == "data: [DONE]\n\n"
 
 
 def test_the_worker_process_never_imports_torch_transformers_or_vllm():

@@ -43,7 +43,8 @@ class Service:
 def running_service(settings: ServeSettings, engine: str | None = None, fetch: Fetch | None = None,
                     log_path: Path | None = None) -> Iterator[Service]:
     process = EngineProcess(settings, engine, log_path=log_path)
-    print(f"ftw serve: starting the {process.engine} engine for {settings.model} (log: {process.log_path})", flush=True)
+    print(f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} (log: {process.log_path})",
+          flush=True)
     process.start()
     try:
         app = ServeApp(settings, EngineClient(process.url), fetch or pull_fetch(settings))
