@@ -301,3 +301,21 @@ def test_the_worker_process_never_imports_torch_transformers_or_vllm():
             "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_transformers_engine_counts_the_eos_as_vllm_does(tiny_model_dir, tmp_path):
+    """vLLM returns the EOS in token_ids and counts it in completion_tokens (an EOS-ended answer of n
+    tokens is n+1); the transformers engine must too. A copy of the tiny model whose EOS is the token it
+    answers first ends every greedy answer there."""
+    import shutil
+
+    from worker.serve.hf_engine import HFEngine, SamplingSettings
+
+    greedy = SamplingSettings(max_tokens=8, temperature=0)
+    first = HFEngine(str(tiny_model_dir)).generate([75, 76], None, greedy).token_ids[0]
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**config, "eos_token_id": first}))
+    out = HFEngine(str(model)).generate([75, 76], None, greedy)
+    assert (out.finish_reason, out.token_ids, out.text) == ("stop", [first], "")
