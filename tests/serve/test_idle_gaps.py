@@ -21,7 +21,7 @@ from tests.serve.conftest import chat, collect, run
 from worker.serve.engine import ENGINE_KEEP_ALIVE_S, EngineClient
 
 
-async def bursts_across_gaps(send, gaps: list[float], keep_alive_s: float, burst: int = 8) -> list:
+async def bursts_across_gaps(send, gaps: list[float], burst: int = 8) -> list:
     """`burst` concurrent sends, then each gap (negative: the loop blocked that long), then a burst: the failures."""
     failures = []
     for gap in [*gaps, None]:
@@ -76,7 +76,7 @@ def test_a_connection_dropped_before_the_answer_is_sent_again():
 
         async def scenario():
             try:
-                return await bursts_across_gaps(lambda: client.post("/v1/echo", {}), around(1.0), 1.0)
+                return await bursts_across_gaps(lambda: client.post("/v1/echo", {}), around(1.0))
             finally:
                 await client.close()
 
@@ -94,7 +94,7 @@ def test_no_request_is_dropped_after_idle_gaps_around_the_engines_keep_alive(eng
     async def scenario():
         resent = client.resent
         failures = await bursts_across_gaps(lambda: collect(service.app, chat(model, max_tokens=2)),
-                                            around(ENGINE_KEEP_ALIVE_S), ENGINE_KEEP_ALIVE_S)
+                                            around(ENGINE_KEEP_ALIVE_S))
         return failures, client.resent - resent
 
     failures, resent = run(scenario())
