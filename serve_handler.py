@@ -29,7 +29,9 @@ def stop_when_engine_dies(engine) -> None:
     code = engine.proc.wait()
     if engine.stopping:
         return
-    print(f"serve_handler: the {engine.engine} engine exited with code {code}; stopping this worker\n"
+    reason = engine.failure_reason(chars=50_000)  # its last words, not an old request's error
+    print(f"serve_handler: the {engine.engine} engine exited with code {code}" + (f" ({reason})" if reason else "")
+          + "; stopping this worker\n"
           f"--- engine log tail ---\n{engine.log_tail()}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 

@@ -1,29 +1,37 @@
-"""Serving throughput on CPU: vLLM against the transformers+peft engine in the same run, plus adapter cold-pull latency.
+"""Serving on CPU over HTTP: vLLM against the transformers+peft engine, measured in the same run with the real `openai` client.
 
-    .venv/bin/python bench/serve.py [--requests 32] [--max-tokens 32] [--threads 1]
+    .venv/bin/python bench/serve.py [--requests 32] [--concurrency 32] [--max-tokens 32] [--threads 1]
 
-Builds the tiny model (worker/tiny.py), trains one LoRA adapter for real, publishes it to a loopback
-S3 server (rclone), then for each engine in turn (one at a time, same thread count): starts the
-serving worker as serve_handler.py does, measures the cold pull (what the first request naming the
-adapter waits for: manifest read, download, verify, engine load) and one request, then fires `--requests`
-concurrent chat requests with the adapter and reports requests/s and output tokens/s.
-Needs .venv-vllm (`make vllm-env`). Prints a markdown table; ratios are against the transformers engine.
+Builds the tiny model (worker/tiny.py), trains one LoRA adapter for real and publishes it to a loopback S3
+server (rclone). Then, for each engine in turn with the same settings (dtype the model's, MAX_NUM_SEQS,
+OpenMP threads, `--enforce-eager` for vLLM as the tests use): starts `ftw serve` as a user does
+(a subprocess, its own port) and measures
+- start-up: from the command to `/health` answering (engine loaded, HTTP listening);
+- cold adapter: the first request naming the adapter's s3:// URI (pull, verify, engine load, 1 token),
+  then the same request warm;
+- load: `--requests` chat requests naming the adapter, `--concurrency` at a time, sampled (temperature 0.8,
+  a seed each), up to `--max-tokens` new tokens: requests/s, p50/p99 latency, output tokens/s.
+Needs .venv-vllm (`make vllm-env`). Prints a markdown table; the ratio column is vLLM / transformers.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.s3server import running_s3_server  # noqa: E402
-from tests.serve.conftest import chat, collect, serve_env, start_service, upload_adapter  # noqa: E402
+from tests.s3server import free_port, running_s3_server  # noqa: E402
+from tests.serve.conftest import serve_env, upload_adapter  # noqa: E402
 from tests.serve.tiny_adapter import train_tiny_adapter  # noqa: E402
 
 
@@ -31,38 +39,84 @@ class NoHub:
     endpoint_url, token = "http://127.0.0.1:9", "unused"
 
 
-async def measure(service, adapter_uri: str, requests: int, max_tokens: int) -> dict[str, float]:
-    app = service.app
+def start_ftw_serve(engine: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, float]:
+    """`ftw serve` as a user starts it; returns once its /health answers, with the seconds that took."""
+    port = free_port()
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--engine", engine, "--port", str(port)],
+                                cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"ftw serve ({engine}) exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"ftw serve ({engine}) did not answer /health in 900 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
     try:
-        return await _measure(app, adapter_uri, requests, max_tokens)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def measure(url: str, adapter: str, requests: int, concurrency: int, max_tokens: int) -> dict[str, float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    hello = [{"role": "user", "content": "hello"}]
+
+    async def timed(**kw) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        out = await client.chat.completions.create(model=adapter, **kw)
+        return time.perf_counter() - t0, out.usage.completion_tokens
+
+    try:
+        cold, _ = await timed(messages=hello, max_tokens=1, temperature=0)
+        warm, _ = await timed(messages=hello, max_tokens=1, temperature=0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> tuple[float, int]:
+            async with gate:
+                return await timed(messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=max_tokens,
+                                   temperature=0.8, seed=i)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
+        wall = time.perf_counter() - t0
     finally:
-        await app.client.close()
+        await client.close()
+    latencies = sorted(r[0] for r in results)
+    return {"cold_s": cold, "warm_s": warm, "req_s": requests / wall, "p50_s": statistics.median(latencies),
+            "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+            "tok_s": sum(r[1] for r in results) / wall}
 
 
-async def _measure(app, adapter_uri: str, requests: int, max_tokens: int) -> dict[str, float]:
-    t0 = time.perf_counter()
-    await app.adapters.get(adapter_uri)  # what a first request waits for: manifest, download, verify, engine load
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    first = await collect(app, chat(adapter_uri, max_tokens=max_tokens))
-    warm = time.perf_counter() - t0
-    assert "error" not in first[0], first
-    prompts = [f"hello {i}" for i in range(requests)]
-    t0 = time.perf_counter()
-    outs = await asyncio.gather(*(collect(app, chat(adapter_uri, content=p, max_tokens=max_tokens, temperature=0.8, seed=i))
-                                  for i, p in enumerate(prompts)))
-    wall = time.perf_counter() - t0
-    failed = [o for o in outs if "error" in o[0]]
-    assert not failed, failed[:2]
-    tokens = sum(o[0]["usage"]["completion_tokens"] for o in outs)
-    return {"cold_s": cold, "warm_s": warm, "wall_s": wall, "req_s": requests / wall, "tok_s": tokens / wall, "tokens": tokens}
+ROWS = [("start-up: command to /health (s)", "startup_s", "{:.1f}"),
+        ("cold adapter: first request naming it, 1 token (s)", "cold_s", "{:.2f}"),
+        ("the same request, adapter loaded (s)", "warm_s", "{:.2f}"),
+        ("requests/s", "req_s", "{:.2f}"),
+        ("latency p50 (s)", "p50_s", "{:.2f}"),
+        ("latency p99 (s)", "p99_s", "{:.2f}"),
+        ("output tokens/s", "tok_s", "{:.1f}")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="OMP threads of each engine")
+    parser.add_argument("--threads", type=int, default=1, help="OpenMP threads of each engine")
     args = parser.parse_args(argv)
     from worker.tiny import build_model
 
@@ -76,26 +130,26 @@ def main(argv: list[str] | None = None) -> int:
         adapter = train_tiny_adapter(base, root / "adapter", "hello world hello world hello world")
         s3.make_bucket("bench")
         uri = upload_adapter(s3.client(), adapter, "bench", "runs/r1/adapter")
-        results = {}
-        for engine, python in (("vllm", str(vllm_python)), ("transformers", sys.executable)):
-            env = serve_env(base, s3, NoHub, root / f"volume-{engine}", FTW_SERVE_PYTHON=python,
-                            OMP_NUM_THREADS=str(args.threads), MAX_NUM_SEQS=str(max(8, args.requests)))
-            t0 = time.perf_counter()
-            with start_service(engine, env, root / f"{engine}.log") as service:
-                startup = time.perf_counter() - t0
-                results[engine] = {"startup_s": startup, **asyncio.run(measure(service, uri, args.requests, args.max_tokens))}
-            print(f"{engine}: done ({results[engine]})", flush=True)
-    ref = results["transformers"]
-    print(f"\n{args.requests} concurrent chat requests with one LoRA adapter, ≤{args.max_tokens} new tokens each, "
-          f"tiny Llama (worker/tiny.py), CPU, {args.threads} thread(s) per engine\n")
-    print("| engine | startup s | adapter cold pull + load s | one answer s | requests/s | output tokens/s | × transformers |")
-    print("|---|---|---|---|---|---|---|")
-    for engine, r in results.items():
-        print(f"| {engine} | {r['startup_s']:.1f} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | {r['req_s']:.2f} | "
-              f"{r['tok_s']:.1f} | {r['tok_s'] / ref['tok_s']:.2f} |")
+        results: dict[str, dict[str, float]] = {}
+        for engine, python in (("transformers", sys.executable), ("vllm", str(vllm_python))):
+            env = serve_env(base, s3, NoHub, root / f"volume-{engine}", FTW_SERVE_PYTHON=python, OMP_NUM_THREADS=str(args.threads),
+                            MAX_NUM_SEQS=str(max(8, args.concurrency)))
+            proc, url, startup = start_ftw_serve(engine, env, root / f"{engine}.log")
+            try:
+                results[engine] = {"startup_s": startup, **asyncio.run(measure(url, uri, args.requests, args.concurrency,
+                                                                               args.max_tokens))}
+            finally:
+                stop(proc)
+            print(f"{engine}: {results[engine]}", file=sys.stderr, flush=True)
+    ref, fast = results["transformers"], results["vllm"]
+    print(f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} new tokens, "
+          f"sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, {args.threads} thread(s) per engine\n")
+    print("| measure | transformers | vLLM | vLLM / transformers |")
+    print("|---|---:|---:|---:|")
+    for label, key, fmt in ROWS:
+        print(f"| {label} | {fmt.format(ref[key])} | {fmt.format(fast[key])} | {fast[key] / ref[key]:.2f} |")
     return 0
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())

@@ -113,9 +113,10 @@ class ServeError(FtwError):
     """A serving request cannot be answered as sent; `status` is the HTTP status it maps to."""
     code = "bad_request"
 
-    def __init__(self, message: str, hint: str = "", *, status: int = 400, **kw):
+    def __init__(self, message: str, hint: str = "", *, status: int = 400, error_code: str | None = None, **kw):
         super().__init__(message, hint, stage="serve", **kw)
         self.status = status
+        self.error_code = error_code  # OpenAI's machine-readable code (e.g. model_not_found); else the status
 
 
 class AdapterError(ServeError):

@@ -88,10 +88,10 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
     env.update(
         MODEL_NAME=str(model_dir), BASE_VOLUME=str(volume), HF_ENDPOINT=hub_server.endpoint_url, HF_TOKEN=hub_server.token,
         BUCKET_NAME=BUCKET, FTW_S3_PREFIX="runs", MAX_LORA_RANK="16", MAX_LORAS="2", MAX_CPU_LORAS="4",
-        MAX_MODEL_LEN="256", MAX_NUM_SEQS="8", DTYPE="float32", HF_HUB_DISABLE_TELEMETRY="1",
-        # vLLM on 2 shared CPU cores: the model runs in the engine-core process (no worker child), eager, 1 GiB of KV cache
+        MAX_MODEL_LEN="256", MAX_NUM_SEQS="8", HF_HUB_DISABLE_TELEMETRY="1",
+        # vLLM on 2 shared CPU cores, for start-up time only: eager, one thread; dtype and memory are ftw's defaults
         VLLM_EXTRA_ARGS="--distributed-executor-backend uni --enforce-eager",
-        VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
         FTW_SERVE_START_TIMEOUT_S="600",
     )
     env.update(extra)

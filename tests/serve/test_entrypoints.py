@@ -122,8 +122,39 @@ def test_ftw_serve_http_routes(hf_service, published):
                 async with http.post(f"{base}/v1/chat/completions", json={**body, "max_tokens": 100000}) as r:
                     assert r.status == 400 and "context" in (await r.json())["error"]["message"]
                 async with http.post(f"{base}/v1/chat/completions", json={**body, "model": "ghost/adapter"}) as r:
-                    assert r.status in (400, 404) and "ghost/adapter" in (await r.json())["error"]["message"]
+                    assert r.status == 404 and "ghost/adapter" in (await r.json())["error"]["message"]
         finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_openai_client_sees_refusals_as_openai_errors_before_any_stream(hf_service, published):
+    """With the real `openai` client: an unknown model is NotFoundError model_not_found; a streamed request the
+    engine refuses is a 400 before the stream starts, not a 200 with an error inside."""
+    import openai
+
+    from worker.serve.cli import http_app
+
+    async def scenario():
+        runner = web.AppRunner(http_app(hf_service.app))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        hello = [{"role": "user", "content": "hello"}]
+        try:
+            for model in ("ghost/adapter", "no-such-run"):
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await client.chat.completions.create(model=model, messages=hello, stream=True)
+                assert missing.value.code == "model_not_found" and model in missing.value.message
+            with pytest.raises(openai.BadRequestError) as too_long:
+                await client.chat.completions.create(model=published.s3["alpha"], messages=hello, max_tokens=250, stream=True)
+            assert too_long.value.code == "context_length_exceeded"
+            stream = await client.chat.completions.create(model=published.s3["alpha"], messages=hello, max_tokens=4, stream=True)
+            assert [c.model async for c in stream][-1] == published.s3["alpha"]
+        finally:
+            await client.close()
             await runner.cleanup()
 
     asyncio.run(scenario())

@@ -149,15 +149,18 @@ def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
 
 
 # ---- the adapter registry's own logic (fetch/load/unload are injected: here they record calls)
-def test_registry_single_flight_lru_slots_and_failures(tmp_path):
+def test_registry_single_flight_lru_slots_one_slot_per_content_and_failures(tmp_path):
     import asyncio
+    import hashlib
+    import shutil
     from dataclasses import replace
 
-    from worker.serve.adapters import AdapterRegistry
+    from worker.serve.adapters import AdapterRegistry, Fetched
 
     s = replace(settings(BASE_VOLUME=str(tmp_path)), max_cpu_loras=2)
-    for name in ("a", "b", "c"):
-        write_adapter(tmp_path / name)
+    for rank, name in enumerate(("a", "b", "c"), start=4):
+        write_adapter(tmp_path / name, r=rank)
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")  # the same content under another name
     calls: list[tuple[str, str]] = []
 
     async def fetch(ref):
@@ -165,7 +168,8 @@ def test_registry_single_flight_lru_slots_and_failures(tmp_path):
         await asyncio.sleep(0.05)
         if ref.name.endswith("/missing"):
             raise AdapterError("no such folder")
-        return Path(ref.source)
+        folder = Path(ref.source)
+        return Fetched(folder, hashlib.sha256((folder / "adapter_config.json").read_bytes()).hexdigest())
 
     async def load(adapter):
         calls.append(("load", adapter.name))
@@ -177,15 +181,18 @@ def test_registry_single_flight_lru_slots_and_failures(tmp_path):
     ref = lambda n: f"file://{tmp_path}/{n}"  # noqa: E731
 
     async def scenario():
-        await asyncio.gather(*(registry.get(ref("a")) for _ in range(5)))
-        assert calls == [("fetch", ref("a")), ("load", ref("a"))]
+        a = (await asyncio.gather(*(registry.get(ref("a")) for _ in range(5))))[0]
+        assert calls == [("fetch", ref("a")), ("load", a.name)]
+        same = await asyncio.gather(registry.get(ref("a-copy")), registry.get(str(tmp_path / "a")))
+        assert {x.name for x in same} == {a.name} and registry.loads == 1 and len(registry.loaded) == 1
+        assert set(registry.names()) == {ref("a"), ref("a-copy"), str(tmp_path / "a")}
         results = await asyncio.gather(*(registry.get(ref("missing")) for _ in range(3)), return_exceptions=True)
         assert all(isinstance(r, AdapterError) and "no such folder" in r.message for r in results)
         assert calls.count(("fetch", ref("missing"))) == 1
-        await registry.get(ref("b"))
-        async with registry.use(ref("a")):  # a busy, b idle: c takes b's slot
-            await registry.get(ref("c"))
-            assert ("unload", ref("b")) in calls and registry.names() == [ref("a"), ref("c")]
+        b = await registry.get(ref("b"))
+        async with registry.use(ref("a-copy")):  # a busy, b idle: c takes b's slot
+            c = await registry.get(ref("c"))
+            assert ("unload", b.name) in calls and list(registry.loaded.values()) == [a, c]
             async with registry.use(ref("c")):
                 with pytest.raises(AdapterError) as busy:
                     await registry.get(ref("b"))
@@ -194,15 +201,25 @@ def test_registry_single_flight_lru_slots_and_failures(tmp_path):
     asyncio.run(scenario())
 
 
-def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
-    import asyncio
-
+def unreachable_port() -> str:
     from tests.s3server import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def serve_app(**env):
     from worker.serve.app import ServeApp
     from worker.serve.engine import EngineClient
+    from worker.serve.service import pull_fetch
 
-    app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{free_port()}"), fetch=None)
-    job = {"openai_route": "/v1/chat/completions", "openai_input": {"model": "org/base", "messages": [{"role": "user", "content": "hi"}]}}
+    s = settings(**env)
+    return ServeApp(s, EngineClient(unreachable_port()), pull_fetch(s))
+
+
+def ask(app, model: str) -> dict:
+    import asyncio
+
+    job = {"openai_route": "/v1/chat/completions", "openai_input": {"model": model, "messages": [{"role": "user", "content": "hi"}]}}
 
     async def scenario():
         try:
@@ -211,7 +228,67 @@ def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
             await app.client.close()
 
     (out,) = asyncio.run(scenario())
+    return out
+
+
+def test_an_unreachable_hub_fails_the_request_with_503_and_a_retry_hint(tmp_path):
+    app = serve_app(HF_ENDPOINT=unreachable_port(), BASE_VOLUME=str(tmp_path), FTW_PUBLISH_BACKOFF_S="0")
+    error = ask(app, "org/adapter@v1")["error"]
+    assert error["code"] == 503 and "could not be reached" in error["message"] and "retry" in error["hint"], error
+    assert error["type"] == "server_error"
+
+
+def test_an_unknown_model_is_404_model_not_found(tmp_path):
+    (tmp_path / "store").mkdir()
+    for model in ("no-such-run", "what is this?"):
+        error = ask(serve_app(BASE_VOLUME=str(tmp_path)), model)["error"]
+        assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error"), error
+        assert model in error["message"]
+
+
+def test_an_engine_that_does_not_answer_is_a_clear_503(tmp_path):
+    out = ask(serve_app(), "org/base")  # the base model: straight to the engine, whose port nobody listens on
     assert out["error"]["code"] == 503 and "did not answer" in out["error"]["message"]
+
+
+def test_an_engine_failing_mid_stream_ends_the_stream_with_an_error_event_then_done():
+    """The engine dies after its first event (a real server that cuts the connection): the client gets what
+    was sent, an error event and [DONE], as OpenAI streams end on an error."""
+    import asyncio
+
+    from aiohttp import web
+
+    from tests.s3server import free_port
+    from worker.serve.app import ServeApp
+    from worker.serve.engine import EngineClient
+
+    async def dies_mid_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hel"}}]}\n\n')
+        request.transport.close()  # the engine process is gone
+        return response
+
+    async def scenario():
+        engine = web.Application()
+        engine.router.add_post("/v1/chat/completions", dies_mid_stream)
+        runner = web.AppRunner(engine)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{port}"), fetch=None)
+        job = {"openai_route": "/v1/chat/completions", "openai_input": {
+            "model": "org/base", "messages": [{"role": "user", "content": "hi"}], "stream": True}}
+        try:
+            return [out async for out in app.handle_job(job)]
+        finally:
+            await app.client.close()
+            await runner.cleanup()
+
+    events = asyncio.run(scenario())
+    assert len(events) == 3 and "hel" in events[0], events
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == 503
+    assert events[2] == "data: [DONE]\n\n"
 
 
 def test_the_worker_process_never_imports_torch_transformers_or_vllm():
@@ -224,3 +301,21 @@ def test_the_worker_process_never_imports_torch_transformers_or_vllm():
             "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_transformers_engine_counts_the_eos_as_vllm_does(tiny_model_dir, tmp_path):
+    """vLLM returns the EOS in token_ids and counts it in completion_tokens (an EOS-ended answer of n
+    tokens is n+1); the transformers engine must too. A copy of the tiny model whose EOS is the token it
+    answers first ends every greedy answer there."""
+    import shutil
+
+    from worker.serve.hf_engine import HFEngine, SamplingSettings
+
+    greedy = SamplingSettings(max_tokens=8, temperature=0)
+    first = HFEngine(str(tiny_model_dir)).generate([75, 76], None, greedy).token_ids[0]
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**config, "eos_token_id": first}))
+    out = HFEngine(str(model)).generate([75, 76], None, greedy)
+    assert (out.finish_reason, out.token_ids, out.text) == ("stop", [first], "")

@@ -106,14 +106,14 @@ def test_bad_requests_get_clear_errors_and_the_worker_goes_on(vllm_service, publ
     cases = {
         "unknown key": chat(base, temprature=0.5),
         "valid integer": chat(base, max_tokens="many"),
-        "max_model_len": chat(base, max_tokens=5000),  # the engine's own length check, passed on as a 400
+        "maximum context length": chat(base, max_tokens=5000),
         "neither the base model": chat("not an adapter!"),
     }
     for needle, job in cases.items():
         error = only(run(collect(app, job)))["error"]
-        assert error["code"] in (400, 404) and needle in error["message"], (needle, error)
+        assert error["code"] in (400, "model_not_found", "context_length_exceeded") and needle in error["message"], (needle, error)
     too_long = chat(base, content="hello world " * 200)
-    assert only(run(collect(app, too_long)))["error"]["code"] == 400
+    assert only(run(collect(app, too_long)))["error"]["code"] == "context_length_exceeded"
     assert answer(vllm_service, base)["token_ids"]
 
 
@@ -130,7 +130,7 @@ def test_batch_shape_and_models_list(vllm_service, published):
                "top_p": 0.9, "max_tokens": 12, "generation_kwargs": {"seed": 1, "top_k": 20}}
     first, too_long = only(run(collect(vllm_service.app, sampled)))["outputs"]
     assert len(first["choices"]) == 3 and all(isinstance(c, str) for c in first["choices"])
-    assert too_long["error"]["code"] == 400  # this conversation alone fails; the other's work is kept
+    assert too_long["error"]["code"] == "context_length_exceeded"  # this conversation alone fails; the other's work is kept
     models = only(run(collect(vllm_service.app, {"openai_route": "/v1/models"})))
     ids = [m["id"] for m in models["data"]]
     assert ids[0] == vllm_service.settings.served_name and uri in ids
@@ -179,3 +179,67 @@ def test_completions_route_matches_transformers_too(vllm_service, hf_service, pu
     assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == \
            [c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])]
     assert [c["text"] for c in got["choices"]] and got["object"] == "text_completion"
+
+
+def engine_models(service) -> list[str]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{service.engine.url}/v1/models", timeout=30) as r:
+        return [m["id"] for m in json.loads(r.read())["data"]]
+
+
+def test_one_adapter_named_four_ways_is_loaded_once(vllm_service, published):
+    import shutil
+    from pathlib import Path
+
+    local = Path(vllm_service.settings.env["BASE_VOLUME"]) / "alpha-copy"
+    shutil.copytree(published.local["alpha"], local)
+    names = ["alpha", str(local), f"file://{local}", published.s3["alpha"], published.hub["alpha"]]  # run id, path, file://, s3://, Hub
+    before = set(engine_models(vllm_service))
+    answers = [answer(vllm_service, n)["token_ids"] for n in names]
+    assert all(a == answers[0] for a in answers)
+    assert len(set(engine_models(vllm_service)) - before) <= 1  # one engine slot (none new if an earlier test loaded it)
+    assert len({vllm_service.app.adapters.aliases[n] for n in names}) == 1  # one content identity: the manifest's digest
+
+
+def test_both_engines_refuse_a_request_beyond_the_context_alike(vllm_service, hf_service, published):
+    """prompt + max_tokens > MAX_MODEL_LEN (256): vLLM alone would shorten max_tokens and answer."""
+    uri = published.s3["alpha"]
+
+    def prompt_tokens(content: str) -> int:
+        return only(run(collect(vllm_service.app, chat(uri, content=content, max_tokens=1))))["usage"]["prompt_tokens"]
+
+    one, fifty_one = prompt_tokens("hello"), prompt_tokens("hello " * 51)
+    content = "hello " * (1 + (240 - one) * 50 // (fifty_one - one))  # a prompt that leaves a few tokens of room
+    room = int(vllm_service.settings.max_model_len) - prompt_tokens(content)
+    assert 0 < room < 40
+    for service in (vllm_service, hf_service):
+        fits = only(run(collect(service.app, chat(uri, content=content, max_tokens=room))))
+        assert "error" not in fits, fits
+        error = only(run(collect(service.app, chat(uri, content=content, max_tokens=room + 1))))["error"]
+        assert error["code"] == "context_length_exceeded" and "maximum context length is 256" in error["message"], error
+
+
+def test_an_engine_that_cannot_start_says_why(tiny_model_dir, s3_server, hub_server, tmp_path):
+    """vLLM's CPU build refuses to reserve more memory than the node has free; its reason leads the error."""
+    from tests.serve.conftest import VLLM_PYTHON, serve_env, start_service
+    from worker.errors import InfraError
+
+    env = serve_env(tiny_model_dir, s3_server, hub_server, tmp_path / "volume", FTW_SERVE_PYTHON=str(VLLM_PYTHON),
+                    GPU_MEMORY_UTILIZATION="0.99")
+    with pytest.raises(InfraError) as e:
+        with start_service("vllm", env, tmp_path / "engine.log"):
+            pass
+    assert "Available memory on node" in e.value.message and "--gpu-memory-utilization" in e.value.message, e.value.message
+
+
+def test_engines_agree_token_for_token_at_the_default_dtype(vllm_service, hf_service):
+    """Nothing sets DTYPE: both serve the float32 model in float32 (vLLM's own default would be bfloat16,
+    and the random base model's near-tied greedy choices then differ on some of these prompts)."""
+    assert "DTYPE" not in vllm_service.settings.env
+    prompts = [f"{word} {i}" for i, word in enumerate(["hello", "zero", "the fox", "a b c", "world", "one two", "xyz", "ok"] * 2)]
+    job = {"openai_route": "/v1/completions", "openai_input": {
+        "model": vllm_service.settings.served_name, "prompt": prompts, "temperature": 0, "max_tokens": 16, "return_token_ids": True}}
+    got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
+    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == \
+           [c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])]

@@ -36,6 +36,10 @@ HUB_SOURCE = re.compile(r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w
 LOCK_TIMEOUT_S = 3600
 
 
+class ArtifactMissing(PublishError):
+    """The source names nothing published (no such run, repo, revision or manifest): not worth a retry."""
+
+
 @dataclass(frozen=True)
 class Pulled:
     path: Path
@@ -104,21 +108,21 @@ def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled
                        "use s3://bucket/prefix, hf://org/name@revision, org/name@revision, a local folder or a run id")
 
 
-def _not_in_local_store(run_id: str, kind: str, run_folder: Path) -> PublishError:
+def _not_in_local_store(run_id: str, kind: str, run_folder: Path) -> ArtifactMissing:
     """What the local store holds of the run decides the advice: another kind, or the bucket."""
     published = sorted(p.parent.name for p in run_folder.glob(f"*/{MANIFEST_NAME}"))
     if published:
-        return PublishError(f"run {run_id!r} did not publish {kind}: the local store ({run_folder}) holds only "
-                            f"{', '.join(published)}",
-                            f"pull one of those (--kind {published[0]})"
-                            + ("; for a merged model, run the job again with merged in publish" if kind == "merged" else ""))
-    return PublishError(f"run {run_id!r} is not in the local store ({run_folder}) and no bucket is configured",
-                        "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME")
+        return ArtifactMissing(f"run {run_id!r} did not publish {kind}: the local store ({run_folder}) holds only "
+                               f"{', '.join(published)}",
+                               f"pull one of those (--kind {published[0]})"
+                               + ("; for a merged model, run the job again with merged in publish" if kind == "merged" else ""))
+    return ArtifactMissing(f"run {run_id!r} is not in the local store ({run_folder}) and no bucket is configured",
+                           "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME")
 
 
 def _pull_local(folder: Path, source: str) -> Pulled:
     if not folder.is_dir():
-        raise PublishError(f"{folder} is not a folder", "check the path")
+        raise ArtifactMissing(f"{folder} is not a folder", "check the path")
     manifest = read_manifest(folder)
     if manifest is not None:
         problems = manifest.problems(folder)
@@ -162,14 +166,14 @@ def _pull_s3(loc: S3Location, env: Mapping[str, str], transfer: TransferSettings
     client = make_client(S3Settings.resolve(env), transfer)
     manifest = read_remote_manifest(client, loc, transfer)
     if manifest is None:
-        raise PublishError(f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
-                           "check the URI (the job result lists every artifact); an unfinished publish is never used")
+        raise ArtifactMissing(f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
+                              "check the URI (the job result lists every artifact); an unfinished publish is never used")
     return _cached(manifest.sha256, env, loc.uri, lambda tmp: download_folder(client, loc, tmp, transfer, manifest))
 
 
 def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str], transfer: TransferSettings) -> Pulled:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     token, endpoint = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None, env.get("HF_ENDPOINT") or None
     source = f"hf://{repo_id}@{revision}" + (f" ({subfolder.rstrip('/')})" if subfolder else "")
@@ -184,8 +188,9 @@ def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str
             except EntryNotFoundError:
                 manifest = None
     except HfHubHTTPError as e:
-        raise PublishError(f"cannot read {source} from the Hub: {str(e).splitlines()[0][:300]}",
-                           "check the repo id and revision, and that HF_TOKEN may read it (private repos need a token)") from e
+        error = ArtifactMissing if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)) else PublishError
+        raise error(f"cannot read {source} from the Hub: {str(e).splitlines()[0][:300]}",
+                    "check the repo id and revision, and that HF_TOKEN may read it (private repos need a token)") from e
     except ValueError as e:
         raise PublishError(f"{source}: {e}", "the repo's manifest.json was not written by ftw, or was altered") from e
 

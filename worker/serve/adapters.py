@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Optional
 
 from schemas.paths import allowed_roots
 from worker.errors import AdapterError, FtwError
+from worker.publish.pull import ArtifactMissing
 from worker.serve.settings import ServeSettings
 
 HUB_REF = re.compile(r"(?:hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(?:@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199})?")
@@ -46,7 +49,8 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class Adapter:
-    name: str
+    name: str  # the engine's name for it: one per content digest
+    digest: str
     path: Path
     rank: int
     chat_template: Optional[str]
@@ -68,11 +72,15 @@ def parse_ref(name: str, settings: ServeSettings) -> AdapterRef:
         f"the model {name!r} is neither the base model ({settings.served_name}) nor an adapter name",
         hint="name an adapter as org/repo[@revision] (Hub), s3://bucket/prefix, a run id, or one of the preloaded "
              f"names {sorted(preloaded) or '(none)'}",
-        status=404,
+        status=404, error_code="model_not_found",
     )
 
 
-def verify_adapter(path: Path, settings: ServeSettings, name: str) -> Adapter:
+def engine_name(digest: str) -> str:
+    return "ftw-" + hashlib.sha256(digest.encode()).hexdigest()[:16]
+
+
+def verify_adapter(path: Path, settings: ServeSettings, name: str, digest: str = "") -> Adapter:
     """Check a pulled folder before the engine sees it: every reason it would fail, said plainly."""
     from worker.publish.vllm_check import check_adapter
 
@@ -93,7 +101,8 @@ def verify_adapter(path: Path, settings: ServeSettings, name: str) -> Adapter:
     if problems:
         raise AdapterError(f"adapter {name!r} cannot be served: " + "; ".join(problems), status=400)
     ranks = [int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
-    return Adapter(name=name, path=path, rank=max(ranks), chat_template=adapter_chat_template(path))
+    digest = digest or str(path.resolve())
+    return Adapter(name=engine_name(digest), digest=digest, path=path, rank=max(ranks), chat_template=adapter_chat_template(path))
 
 
 def adapter_chat_template(path: Path) -> Optional[str]:
@@ -124,69 +133,129 @@ def prune_disk_cache(root: Path, max_bytes: int, keep: set[Path]) -> list[Path]:
     return removed
 
 
-Fetch = Callable[[AdapterRef], Awaitable[Path]]
+@dataclass(frozen=True)
+class Fetched:
+    """A pulled adapter folder and its content identity: the manifest's digest (the folder itself for a
+    local folder without one), so that every name of the same adapter shares one engine slot."""
+
+    path: Path
+    digest: str
+
+
+Fetch = Callable[[AdapterRef], Awaitable[Fetched]]
 Load = Callable[[Adapter], Awaitable[None]]
 Unload = Callable[[str], Awaitable[None]]
 
 
+def unreachable(e: BaseException) -> bool:
+    """A network failure reaching the adapter's source: socket errors, the Hub's (httpx), S3's (botocore)."""
+    import httpx
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(e, (ConnectionError, TimeoutError, socket.gaierror, httpx.TransportError, BotoConnectionError,
+                          HTTPClientError))
+
+
+def pull_failure(name: str, ref: AdapterRef, e: FtwError | Exception) -> AdapterError:
+    """What a request is told when its adapter cannot be pulled: 404 when nothing is published under the
+    name, 503 with a retry hint when the source could not be reached, else 400 with the pull's reason."""
+    if unreachable(e) or unreachable(e.__cause__):
+        return AdapterError(f"adapter {name!r} could not be pulled: {ref.source} could not be reached "
+                            f"({type(e).__name__}: {str(e)[:300]})", status=503,
+                            hint="the Hub or the bucket did not answer (network or outage); retry in a minute")
+    missing = isinstance(e, ArtifactMissing)
+    message, hint = (e.message, e.hint) if isinstance(e, FtwError) else (f"{type(e).__name__}: {e}", "")
+    return AdapterError(f"the model {name!r} does not exist: {message}" if missing
+                        else f"adapter {name!r} could not be pulled from {ref.source}: {message}",
+                        hint=hint, status=404 if missing else 400, error_code="model_not_found" if missing else None)
+
+
+async def single_flight(pending: dict[str, asyncio.Future], key: str, make: Callable[[], Awaitable]):
+    """`make()` once for concurrent callers with the same key; all get its result or its error."""
+    if key in pending:
+        return await asyncio.shield(pending[key])
+    future = asyncio.get_running_loop().create_future()
+    pending[key] = future
+    try:
+        result = await make()
+        future.set_result(result)
+        return result
+    except BaseException as e:
+        future.set_exception(e if isinstance(e, Exception) else AdapterError(f"loading {key!r} was cancelled"))
+        future.exception()  # retrieved here, so a failure nobody else awaited is not logged as lost
+        raise
+    finally:
+        del pending[key]
+
+
 class AdapterRegistry:
-    """Adapters loaded in the engine, keyed by request name; single-flight loading; LRU slots."""
+    """Adapters loaded in the engine, keyed by content digest; request names are aliases of a digest.
+
+    A name is resolved (pulled: verified and cached by content) once, concurrent requests sharing it;
+    the digest is loaded once, whatever names lead to it, under the engine name `ftw-<digest>`.
+    """
 
     def __init__(self, settings: ServeSettings, fetch: Fetch, load: Load, unload: Unload):
         self.settings, self._fetch, self._load, self._unload = settings, fetch, load, unload
-        self.loaded: OrderedDict[str, Adapter] = OrderedDict()
-        self._pending: dict[str, asyncio.Future] = {}
+        self.loaded: OrderedDict[str, Adapter] = OrderedDict()  # digest -> adapter, least recently used first
+        self.aliases: dict[str, str] = {}  # request name -> digest of a loaded adapter
+        self._resolving: dict[str, asyncio.Future] = {}
+        self._loading: dict[str, asyncio.Future] = {}
         self._in_use: Counter[str] = Counter()
         self.pulls = 0  # completed pulls (tests check that concurrent requests share one)
+        self.loads = 0  # adapters loaded into the engine
 
     def names(self) -> list[str]:
-        return list(self.loaded)
+        """The names clients used for the loaded adapters."""
+        return [n for n, digest in self.aliases.items() if digest in self.loaded]
 
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[Adapter]:
         """The adapter, loaded and kept from eviction while the request runs."""
         adapter = await self.get(name)
-        self._in_use[name] += 1
+        self._in_use[adapter.digest] += 1
         try:
             yield adapter
         finally:
-            self._in_use[name] -= 1
+            self._in_use[adapter.digest] -= 1
 
     async def get(self, name: str) -> Adapter:
-        if name in self.loaded:
-            self.loaded.move_to_end(name)
-            return self.loaded[name]
-        if name in self._pending:
-            return await asyncio.shield(self._pending[name])
-        future = asyncio.get_running_loop().create_future()
-        self._pending[name] = future
-        try:
-            adapter = await self._bring(name)
-            future.set_result(adapter)
-            return adapter
-        except BaseException as e:
-            future.set_exception(e if isinstance(e, Exception) else AdapterError(f"loading adapter {name!r} was cancelled"))
-            future.exception()  # retrieved here, so a failure nobody else awaited is not logged as lost
-            raise
-        finally:
-            del self._pending[name]
+        digest = self.aliases.get(name)
+        if digest in self.loaded:
+            self.loaded.move_to_end(digest)
+            return self.loaded[digest]
+        return await single_flight(self._resolving, name, lambda: self._bring(name))
 
     async def _bring(self, name: str) -> Adapter:
         ref = parse_ref(name, self.settings)
         try:
-            path = await self._fetch(ref)
-        except FtwError as e:
-            raise AdapterError(f"adapter {name!r} could not be pulled from {ref.source}: {e.message}", hint=e.hint) from e
+            fetched = await self._fetch(ref)
+        except AdapterError:
+            raise
+        except Exception as e:  # network errors of the Hub (httpx) and S3 (botocore) arrive bare or wrapped in a PublishError
+            if not (isinstance(e, FtwError) or unreachable(e)):
+                raise
+            raise pull_failure(name, ref, e) from e
         self.pulls += 1
-        await asyncio.to_thread(self._keep_disk_cache_small, path)
-        adapter = verify_adapter(path, self.settings, name)
+        adapter = await single_flight(self._loading, fetched.digest, lambda: self._load_digest(fetched, name))
+        self.aliases[name] = adapter.digest
+        return adapter
+
+    async def _load_digest(self, fetched: Fetched, name: str) -> Adapter:
+        if fetched.digest in self.loaded:  # another name of the same content is loaded already
+            self.loaded.move_to_end(fetched.digest)
+            return self.loaded[fetched.digest]
+        await asyncio.to_thread(self._keep_disk_cache_small, fetched.path)
+        adapter = verify_adapter(fetched.path, self.settings, name, fetched.digest)
         await self._make_room()
         try:
             await self._load(adapter)
         except FtwError as e:
             raise AdapterError(f"adapter {name!r} was pulled but the engine could not load it: {e.message}",
                                hint="the adapter's files are damaged or do not fit the base model") from e
-        self.loaded[name] = adapter
+        self.loads += 1
+        self.loaded[fetched.digest] = adapter
         return adapter
 
     def _keep_disk_cache_small(self, pulled: Path) -> None:
@@ -201,9 +270,10 @@ class AdapterRegistry:
 
     async def _make_room(self) -> None:
         while len(self.loaded) >= self.settings.max_cpu_loras:
-            idle = next((n for n in self.loaded if not self._in_use[n]), None)
+            idle = next((d for d in self.loaded if not self._in_use[d]), None)
             if idle is None:
                 raise AdapterError(f"all {len(self.loaded)} adapter slots are busy", hint="retry shortly or raise MAX_CPU_LORAS",
                                    status=429)
-            del self.loaded[idle]
-            await self._unload(idle)
+            evicted = self.loaded.pop(idle)
+            self.aliases = {n: d for n, d in self.aliases.items() if d != idle}
+            await self._unload(evicted.name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Optional
 
@@ -29,7 +30,15 @@ def error_body(e: ServeError | RequestInvalid) -> dict[str, Any]:
         return {"error": {"message": f"invalid request: {e}", "type": "invalid_request_error", "code": 400,
                           "details": [i.as_dict() for i in e.issues]}}
     kind = "invalid_request_error" if e.status < 500 else "server_error"
-    return {"error": {"message": e.message, "type": kind, "code": e.status, **({"hint": e.hint} if e.hint else {})}}
+    param = {"param": "model"} if e.error_code == "model_not_found" else {}
+    return {"error": {"message": e.message, "type": kind, **param, "code": e.error_code or e.status,
+                      **({"hint": e.hint} if e.hint else {})}}
+
+
+def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> ServeError:
+    return ServeError(f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
+                      f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} in the completion)",
+                      hint="shorten the messages or lower max_tokens", error_code="context_length_exceeded")
 
 
 class ServeApp:
@@ -66,7 +75,8 @@ class ServeApp:
         if self.is_base(model):
             return contextlib.nullcontext()
         if not self.settings.enable_lora:
-            raise ServeError(f"the model {model!r} is not served here (adapters are off: ENABLE_LORA=false)", status=404)
+            raise ServeError(f"the model {model!r} is not served here (adapters are off: ENABLE_LORA=false)", status=404,
+                             error_code="model_not_found")
         return self.adapters.use(model)
 
     # ---- the routes
@@ -76,17 +86,54 @@ class ServeApp:
             {"id": n, "object": "model", "owned_by": "ftw", "parent": None if i == 0 else self.settings.served_name}
             for i, n in enumerate(names)]}
 
+    async def check_context(self, body: dict[str, Any]) -> None:
+        """One rule on both engines: prompt + max_tokens beyond the context is a 400 (vLLM alone would
+        shorten max_tokens silently, transformers refuse)."""
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if limit is None:
+            return  # the engine fills the context; a prompt that does not fit is its own 400
+        if "messages" in body:
+            queries = [{k: body[k] for k in ("model", "messages", "chat_template") if k in body}]
+        else:
+            prompts = [body["prompt"]] if isinstance(body["prompt"], str) else body["prompt"]
+            queries = [{"model": body["model"], "prompt": p} for p in prompts]
+        counts = await asyncio.gather(*(self.client.post("/tokenize", q) for q in queries))
+        longest = max(counts, key=lambda c: c["count"])
+        if longest["count"] + limit > longest["max_model_len"]:
+            raise context_error(longest["count"], limit, longest["max_model_len"])
+
     async def complete(self, route: str, request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         async with await self._adapter_for(request.model) as adapter:
-            response = await self.client.post(route, self._engine_body(request, adapter))
+            body = self._engine_body(request, adapter)
+            await self.check_context(body)
+            response = await self.client.post(route, body)
         response["model"] = request.model
         return response
 
     async def stream(self, route: str, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[str]:
-        """SSE payloads (the text after `data: `), `[DONE]` last, as the engine sends them."""
+        """SSE payloads (the text after `data: `), `[DONE]` last, as the engine sends them (named as the request named the model)."""
         async with await self._adapter_for(request.model) as adapter:
-            async for payload in self.client.stream(route, self._engine_body(request, adapter)):
+            body = self._engine_body(request, adapter)
+            await self.check_context(body)
+            async for payload in self.client.stream(route, body):
+                if adapter and payload.startswith("{"):
+                    payload = json.dumps({**json.loads(payload), "model": request.model})
                 yield payload
+
+    async def stream_events(self, route: str, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[str]:
+        """SSE events. A failure before the first (bad adapter, the engine's refusal) is raised, so the caller
+        answers it with a status; one after it ends the stream as OpenAI's does: an error event, then [DONE]."""
+        payloads = self.stream(route, request)
+        first = await anext(payloads, None)
+        if first is None:
+            return
+        yield f"data: {first}\n\n"
+        try:
+            async for payload in payloads:
+                yield f"data: {payload}\n\n"
+        except ServeError as e:
+            yield f"data: {json.dumps(error_body(e))}\n\n"
+            yield "data: [DONE]\n\n"
 
     async def batch(self, request: BatchRequest) -> dict[str, Any]:
         model = request.model or self.settings.served_name
@@ -124,7 +171,7 @@ class ServeApp:
         elif isinstance(request, ModelsRequest):
             yield await self.models()
         elif request.stream:
-            async for payload in self.stream(route, request):
-                yield f"data: {payload}\n\n"
+            async for event in self.stream_events(route, request):
+                yield event
         else:
             yield await self.complete(route, request)

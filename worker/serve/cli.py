@@ -10,7 +10,6 @@ flags override MODEL_NAME, FTW_SERVE_ENGINE and FTW_SERVE_PYTHON. Ctrl-C stops t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -34,15 +33,15 @@ def http_app(app: ServeApp) -> web.Application:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = await read_json(request) if request.method == "POST" else None
             parsed = parse_route(route, body)
+            events = app.run(route, parsed)
+            first = await anext(events)  # every refusal comes before it: answered with its status by `errors`
             if not getattr(parsed, "stream", False):
-                return web.json_response(await anext(app.run(route, parsed)))
+                return web.json_response(first)
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            try:
-                async for chunk in app.run(route, parsed):
-                    await response.write(chunk.encode())
-            except ServeError as e:  # after the headers went out: the error travels as an event
-                await response.write(f"data: {json.dumps(error_body(e))}\n\n".encode())
+            await response.write(first.encode())
+            async for event in events:  # a failure after this point arrives as an error event, then [DONE]
+                await response.write(event.encode())
             await response.write_eof()
             return response
         return handle

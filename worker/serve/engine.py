@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,17 @@ import aiohttp
 
 from worker.errors import InfraError, ServeError
 from worker.lifeline import die_with_parent
+from worker.serve.engine_defaults import (cpu_kv_cache_gib, failure_reason, model_dtype, sizes_its_own_memory,
+                                          vllm_build)
 from worker.serve.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def has_vllm(python: str) -> bool:
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
-    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
-
-
 def resolve_engine(settings: ServeSettings) -> str:
     if settings.engine != "auto":
         return settings.engine
-    return "vllm" if has_vllm(settings.python) else "transformers"
+    return "vllm" if vllm_build(settings.python) else "transformers"
 
 
 def vllm_args(settings: ServeSettings, port: int) -> list[str]:
@@ -67,6 +65,7 @@ def vllm_args(settings: ServeSettings, port: int) -> list[str]:
 
 
 def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]:
+    """The child's command line; `settings.dtype` is already the model's when DTYPE was not set."""
     if engine == "vllm":
         return [settings.python, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(settings, port)]
     args = [settings.python, "-m", "worker.serve.hf_server", "--model", settings.model,
@@ -78,6 +77,15 @@ def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]
     return args
 
 
+# The engine closes a connection idle for ENGINE_KEEP_ALIVE_S (uvicorn's default, which vLLM keeps); the
+# client lets its pooled connections go well before that, so a request after an idle gap never picks one
+# the engine is closing. A connection lost before any byte of the answer (a close racing the request,
+# or one the client's busy loop had not noticed yet) means the engine did not take the request:
+# it is sent again on a fresh connection.
+ENGINE_KEEP_ALIVE_S = 5
+CLIENT_KEEP_ALIVE_S = 2.0
+SEND_ATTEMPTS = 3
+NOT_TAKEN = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)  # ClientOSError: reset, broken pipe, refused
 PORT_TAKEN = "address already in use"  # what uvicorn (vLLM) and aiohttp log when the bind fails
 PORT_ATTEMPTS = 3
 
@@ -92,19 +100,35 @@ class EngineProcess:
     """One engine child: `start()` returns once it answers, `stop()` ends its process group."""
 
     def __init__(self, settings: ServeSettings, engine: str | None = None, log_path: Path | None = None):
-        self.settings = settings
         self.engine = engine or resolve_engine(settings)
+        self.settings = replace(settings, dtype=settings.dtype or model_dtype(settings))
+        self.cpu_kv_cache_gib = None  # set where vLLM's CPU build would otherwise reserve 92% of the node's memory
+        if self.engine == "vllm" and not sizes_its_own_memory(settings) and vllm_build(settings.python) == "cpu":
+            self.cpu_kv_cache_gib = cpu_kv_cache_gib()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(tempfile.mkdtemp(prefix="ftw-engine-")) / "engine.log"
         self.proc: subprocess.Popen | None = None
         self.stopping = False  # set by stop(): an exit after it is expected
 
+    def describe(self) -> str:
+        """The settings ftw chose for the engine, said plainly (and how to change them)."""
+        dtype = self.settings.dtype
+        said = (f"dtype {dtype} (DTYPE)" if self.settings.dtype == self.settings.env.get("DTYPE", "").strip()
+                else f"dtype {dtype}, the model's (DTYPE changes it)" if dtype else "dtype chosen by the engine (DTYPE sets it)")
+        if self.cpu_kv_cache_gib:
+            said += (f"; vLLM CPU KV cache {self.cpu_kv_cache_gib} GiB, a quarter of the memory available "
+                     "(VLLM_CPU_KVCACHE_SPACE changes it)")
+        return said
+
     def child_env(self) -> dict[str, str]:
         env = dict(self.settings.env or os.environ)
         if self.engine == "transformers":  # our server module; vLLM's child must not see our top-level names
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded on demand
+        env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(ENGINE_KEEP_ALIVE_S)  # what EngineClient's pool is sized against
+        if self.cpu_kv_cache_gib:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_gib)
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         return env
 
@@ -120,7 +144,7 @@ class EngineProcess:
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                              env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent())
             try:
-                self._wait_healthy(self.settings.start_timeout_s)
+                self._wait_healthy(self.settings.start_timeout_s, since=log_start)
                 return self
             except InfraError:
                 port_taken = self.proc.poll() is not None and PORT_TAKEN in self.log_tail(since=log_start).lower()
@@ -139,13 +163,21 @@ class EngineProcess:
         except OSError:
             return ""
 
-    def _wait_healthy(self, timeout_s: float) -> None:
+    def failure_reason(self, since: int = 0, chars: int = 10_000_000) -> str | None:
+        """The engine's own reason for exiting, from the last `chars` of its log after byte `since` (see engine_defaults)."""
+        return failure_reason(self.log_tail(chars=chars, since=since))
+
+    def _wait_healthy(self, timeout_s: float, since: int = 0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise InfraError(f"the {self.engine} engine exited with code {self.proc.returncode} while starting",
-                                 hint="read the log tail: a wrong MODEL_NAME, too little memory or a bad engine setting",
-                                 stage="serve", log_tail=self.log_tail())
+                reason = self.failure_reason(since)
+                raise InfraError(f"the {self.engine} engine exited with code {self.proc.returncode} while starting"
+                                 + (f": {reason}" if reason else ""),
+                                 hint=("the engine's reason is above (memory: set VLLM_CPU_KVCACHE_SPACE in GiB on CPU, "
+                                       "GPU_MEMORY_UTILIZATION on a GPU)" if reason else
+                                       "read the log tail: a wrong MODEL_NAME, too little memory or a bad engine setting"),
+                                 stage="serve", log_tail=self.log_tail(since=since))
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -192,12 +224,14 @@ class EngineClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.resent = 0  # requests sent again after their connection dropped before the answer
 
     def session(self) -> aiohttp.ClientSession:
         """One pooled session per event loop (RunPod's loop, a test's asyncio.run, ftw serve's)."""
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(limit=256))
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=CLIENT_KEEP_ALIVE_S)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
             self._loop = loop
         return self._session
 
@@ -205,21 +239,36 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, route: str, body: dict[str, Any]) -> Any:
+    @contextlib.asynccontextmanager
+    async def _response(self, route: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The engine's response once its status line arrived; sent again when the connection dropped before."""
         with _unreachable_as_error():
-            async with self.session().post(self.url + route, json=body) as r:
-                return await self._json_or_raise(r)
+            for attempt in range(1, SEND_ATTEMPTS + 1):
+                try:
+                    response = await self.session().post(self.url + route, json=body)
+                    break
+                except NOT_TAKEN:
+                    if attempt == SEND_ATTEMPTS:
+                        raise
+                    self.resent += 1
+            try:
+                yield response
+            finally:
+                response.release()
+
+    async def post(self, route: str, body: dict[str, Any]) -> Any:
+        async with self._response(route, body) as r:
+            return await self._json_or_raise(r)
 
     async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[str]:
         """The engine's server-sent events, one `data: ...` payload string at a time."""
-        with _unreachable_as_error():
-            async with self.session().post(self.url + route, json=body) as r:
-                if r.status != 200:
-                    await self._json_or_raise(r)
-                async for raw in r.content:
-                    line = raw.decode("utf-8").strip()
-                    if line.startswith("data:"):
-                        yield line[5:].strip()
+        async with self._response(route, body) as r:
+            if r.status != 200:
+                await self._json_or_raise(r)
+            async for raw in r.content:
+                line = raw.decode("utf-8").strip()
+                if line.startswith("data:"):
+                    yield line[5:].strip()
 
     @staticmethod
     async def _json_or_raise(r: aiohttp.ClientResponse) -> Any:

@@ -146,10 +146,10 @@ class HFEngine:
                 out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                                           streamer=streamer, **kwargs)
         new = out[0, len(prompt_ids):].tolist()
-        finish = "length"
-        if new and new[-1] in self.eos_ids:
-            new, finish = new[:-1], "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        # vLLM's (and OpenAI's) rule: the EOS was generated, so it is one of the completion's tokens
+        ended = bool(new) and new[-1] in self.eos_ids
+        finish = "stop" if ended else "length"
+        text = self.tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True)
         for s in sampling.stop:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"

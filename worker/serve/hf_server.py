@@ -4,7 +4,7 @@
 
 Routes (the subset ftw's worker uses, shaped as vLLM answers them): GET /health, GET /v1/models,
 POST /v1/chat/completions, /v1/completions (stream or not; `chat_template` and
-`return_token_ids` as vLLM's extensions), /v1/load_lora_adapter, /v1/unload_lora_adapter.
+`return_token_ids` as vLLM's extensions), /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize.
 Bodies arrive already validated by the worker (schemas/serve.py); errors answer
 `{"error": {message, type, code}}` with a 4xx status, as vLLM's do.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.errors import ServeError
+from worker.serve.engine import ENGINE_KEEP_ALIVE_S
 from worker.serve.hf_engine import HFEngine, SamplingSettings
 
 
@@ -42,6 +43,7 @@ class HFServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/load_lora_adapter", self.load_adapter)
         app.router.add_post("/v1/unload_lora_adapter", self.unload_adapter)
+        app.router.add_post("/tokenize", self.tokenize)
         return app
 
     @web.middleware
@@ -61,6 +63,13 @@ class HFServer:
         return web.json_response({"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "ftw", "root": self.engine.adapters.get(n, self.served_name),
              "parent": None if n == self.served_name else self.served_name} for n in names]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: the prompt's token count and the context it must fit in."""
+        body = await request.json()
+        ids = (self.engine.chat_prompt(body["messages"], body.get("chat_template")) if "messages" in body
+               else self.engine.text_prompt(body["prompt"]))
+        return web.json_response({"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids})
 
     async def load_adapter(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -177,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engine = HFEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     server = HFServer(engine, args.served_model_name or args.model)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True,
+                keepalive_timeout=ENGINE_KEEP_ALIVE_S)  # closes idle connections as vLLM's uvicorn does
     return 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.serve.adapters import AdapterRef, Fetch
+from worker.serve.adapters import AdapterRef, Fetch, Fetched
 from worker.serve.app import ServeApp
 from worker.serve.engine import EngineClient, EngineProcess
 from worker.serve.settings import ServeSettings
@@ -23,11 +23,11 @@ from worker.serve.settings import ServeSettings
 def pull_fetch(settings: ServeSettings) -> Fetch:
     """Adapters come through the publish stage's pull (one implementation of S3/Hub/local reads)."""
 
-    async def fetch(ref: AdapterRef) -> Path:
+    async def fetch(ref: AdapterRef) -> Fetched:
         from worker.publish.pull import pull
 
         pulled = await asyncio.to_thread(pull, ref.source, settings.env)
-        return pulled.path
+        return Fetched(pulled.path, pulled.manifest_sha256 or str(pulled.path.resolve()))
 
     return fetch
 
@@ -43,7 +43,8 @@ class Service:
 def running_service(settings: ServeSettings, engine: str | None = None, fetch: Fetch | None = None,
                     log_path: Path | None = None) -> Iterator[Service]:
     process = EngineProcess(settings, engine, log_path=log_path)
-    print(f"ftw serve: starting the {process.engine} engine for {settings.model} (log: {process.log_path})", flush=True)
+    print(f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} (log: {process.log_path})",
+          flush=True)
     process.start()
     try:
         app = ServeApp(settings, EngineClient(process.url), fetch or pull_fetch(settings))
