@@ -1,6 +1,7 @@
 """Secret handling of the orchestrator: where secrets come from, where they may go, redaction."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -31,6 +32,15 @@ def test_sources_of_secrets_and_the_child_environment():
     redactor = Redactor.for_job(env, creds, {"accessSecret": "s3cfg-secret-5"})
     text = redactor.text("hf_env_token_1 hf_job_token_2 s3cfg-secret-5 https://user:pw@host/x pw-123456")
     assert text == "*** *** *** https://***@host/x ***"
+
+
+def test_settings_named_like_secrets_do_not_mask_plain_words_in_a_stage_summary():
+    # TOKENIZERS_PARALLELISM=false is in many endpoints' environment: masking "false" broke the
+    # preprocess summary of every cached (built: false) resubmit
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TOKEN_CHECK": "true", "SERVICE_TOKEN": "s-tok-123"}
+    assert env_secrets(env) == ["s-tok-123"]
+    summary = '{"complete": true, "built": false, "cache_dir": "/v/cache/x"}'
+    assert json.loads(Redactor.for_job(env, {}, None).text(summary))["built"] is False
 
 
 def test_redactor_walks_json_structures():
