@@ -49,7 +49,8 @@ from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows
+from worker.train.objective import build_objective
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
@@ -124,6 +125,7 @@ class Trainer:
         base = load_model(cfg, self.tokenizer, self.precision, topo.device)
         self.model = attach(base, cfg)
         self.kernels = apply_kernel_patches(self.model, cfg)
+        self.objective = build_objective(cfg, self.model)  # SFT, the DPO family or GRPO: what a micro-batch's loss is
         self.model.train()
         # one offloader a run: its side stream and pinned buffers serve every step
         offload = cfg.activation_offloading or cfg.gradient_checkpointing == "offload"
@@ -178,17 +180,18 @@ class Trainer:
         if topo.world_size > 1:
             torch.distributed.all_reduce(counts)  # the global counts, still on the device
         n_items = counts[0].clamp(min=1).float()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
+        sums = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device)  # loss, then metric sums
         for i, micro in enumerate(batch.micro):
             micro = {k: v.to(topo.device, non_blocking=True) for k, v in micro.items()}
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
-                    loss = self.engine(**micro, num_items_in_batch=n_items).loss
+                    loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 self.scaler.scale(loss * topo.world_size).backward()
-            loss_sum += loss.detach()
+            sums += torch.cat([loss.detach().double().reshape(1), metric_sums])
         if topo.world_size > 1:
-            torch.distributed.all_reduce(loss_sum)  # every rank's share of the global mean
+            torch.distributed.all_reduce(sums)  # every rank's share of the global mean (and metric sums)
+        loss_sum = sums[0]
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
@@ -200,17 +203,18 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
-        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm, counts[0], counts[1]])))
+        return QueuedStep(batch.step + 1, lr, Readout(torch.cat([torch.stack([loss_sum, grad_norm, counts[0], counts[1]]), sums[1:]])))
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
-        loss, grad_norm, targets, tokens = queued.readout.values()
+        loss, grad_norm, targets, tokens, *metric_sums = queued.readout.values()
         state, cfg = self.state, self.cfg
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
-        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+        extra = self.objective.metrics(metric_sums, targets)  # rewards/chosen ... for the DPO family
+        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra})
         self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(
@@ -230,7 +234,7 @@ class Trainer:
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
-                             range(state.step, sched.total_steps), topo.device)
+                             range(state.step, sched.total_steps), topo.device, count=self.objective.count)
         queued: QueuedStep | None = None
         try:
             while state.step < sched.total_steps:
@@ -281,23 +285,24 @@ class Trainer:
     # ---- eval ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per target token over the whole eval split (sharded over ranks)."""
+        """Mean loss per item (target token; pair for the DPO family) over the whole eval split (sharded over ranks)."""
         ds, topo = self.data.eval.with_format("numpy"), self.topo
         per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
         chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
         per_rank = math.ceil(len(chunks) / topo.world_size)
         mine = [(chunks[j], True) if j < len(chunks) else (chunks[0], False) for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)]
-        loss_sum, count, as_sum = torch.zeros((), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
+        sums, count, as_sum = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
         self.engine.eval()
         for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
             batch = collate(read_rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed)
             with self._autocast():
-                loss = self.engine(**{k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, num_items_in_batch=as_sum).loss
+                loss, metric_sums = self.objective.loss(self.engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum)
             if real:
-                loss_sum += loss
-                count += target_tokens(batch)
+                sums += torch.cat([loss.double().reshape(1), metric_sums])
+                count += self.objective.count(batch)
         self.engine.train()
-        loss_sum, count = dist_.all_sum([float(loss_sum), count], topo)
+        loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
+        self.eval_metrics = self.objective.metrics(metric_sums, count)
         return loss_sum / max(count, 1)
 
     def evaluate_and_track(self) -> bool:
@@ -305,7 +310,7 @@ class Trainer:
         loss = self.evaluate()
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
-        self.progress.eval(state.step, loss)
+        self.progress.eval(state.step, loss, self.eval_metrics)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(loss)
         if state.best_eval is None or loss < state.best_eval:

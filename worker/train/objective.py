@@ -1,0 +1,59 @@
+"""What one micro-batch's loss is: the contract between the training loop and a training method.
+
+    objective = build_objective(cfg, model)
+    n = objective.count(batch)                       # host side, in the prefetch thread
+    loss, sums = objective.loss(engine, batch, n_items)   # loss already divided by the global n_items
+    objective.metrics(summed_sums, n_items)          # → extra progress metrics of a step
+
+`count` is what the loss is averaged over: target tokens for SFT, pairs for the DPO family,
+completions for KTO, prompts for GRPO; the trainer sums it over micro-batches and ranks
+(`n_items`), so a step's loss is the mean over the global batch whatever the split. `sums` is a
+fixed-length vector the trainer adds up across micro-batches and ranks and hands to `metrics`.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from schemas.config import TrainingConfig
+from worker.train.batches import target_tokens
+
+
+class Objective(Protocol):
+    metric_names: tuple[str, ...]
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def metrics(self, sums: list[float], n_items: float) -> dict[str, float]: ...
+
+
+class SupervisedObjective:
+    """Next-token cross-entropy over the target tokens (transformers' loss, or kernels' fused one)."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return target_tokens(batch)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = engine(**batch, num_items_in_batch=n_items).loss
+        return loss, torch.zeros(0, dtype=torch.float64, device=loss.device)
+
+    def metrics(self, sums: list[float], n_items: float) -> dict[str, float]:
+        return {}
+
+
+def build_objective(cfg: TrainingConfig, model: torch.nn.Module) -> Objective:
+    method = cfg.rl_method()
+    if method is None:
+        return SupervisedObjective()
+    if method == "grpo":
+        from worker.train.grpo import GrpoObjective
+
+        return GrpoObjective(cfg, model)
+    from worker.train.preference import PreferenceObjective
+
+    return PreferenceObjective(cfg, model)
