@@ -62,6 +62,7 @@ class TrlConfig(BaseModel):
     num_iterations: int = Field(default=1, ge=1)
     mask_truncated_completions: bool = False
     use_vllm: bool = False
+    reward_regex: Optional[str] = None  # ftw's own: the pattern of the regex_format reward (default: digits)
     log_completions: Optional[bool] = None
     num_completions_to_print: Optional[int] = Field(default=None, ge=0)
 

@@ -8,6 +8,7 @@ built-ins are user code, behind FTW_ALLOW_PLUGINS like plugins).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +88,11 @@ def _grpo(cfg: TrainingConfig) -> Problems:
         yield Issue("trl.reward_funcs", f"rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: {', '.join(BUILTIN_REWARDS)})")
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
         yield Issue("trl.reward_weights", f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward functions; give one per function")
+    if trl.reward_regex is not None:
+        try:
+            re.compile(trl.reward_regex)
+        except re.error as e:
+            yield Issue("trl.reward_regex", f"trl.reward_regex is not a valid regular expression: {e}")
     if trl.use_vllm:
         yield Issue("trl.use_vllm", "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated with transformers)", "unsupported")
     if trl.num_iterations > 1:

@@ -152,6 +152,8 @@ def test_rl_dpo_with_a_preference_type_is_valid():
     ({"rl": "grpo", "trl": {"reward_funcs": ["rwd.mine", "exact_mach"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
      {("trl.reward_funcs[0]", "gated"), ("trl.reward_funcs[1]", "invalid")}),
     ({"trl": {"beta": 0.1}}, {("trl", "invalid")}),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["regex_format"], "reward_regex": "("}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
+     {("trl.reward_regex", "invalid")}),
 ])
 def test_rl_keys_fail_where_they_are_wrong(raw, want):
     base = {**GOOD, "adapter": "lora", "datasets": [{"path": "org/prefs", "type": "chatml.intel" if raw.get("rl") else "alpaca"}]}

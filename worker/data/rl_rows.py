@@ -11,7 +11,7 @@ Layout (docs/contracts.md): pairs and kto samples go micro_batch_size at a time 
 row (position_ids restart at every sequence, so chosen and rejected of a pair run in one forward
 with per-sample attention and no padding); a pair's chosen is always the sequence right before its
 rejected. kto rows carry `desirable` (one flag per sequence). grpo rows are one prompt each with its
-`answer` text.
+answer as UTF-8 bytes (`answer_bytes`: batches carry tensors only).
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def layout(table: pa.Table, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, An
     """micro_batch_size pairs (or kto samples) per packed row; grpo: one prompt per row."""
     if cfg.rl == "grpo":
         out = pack_columns(table, [[i] for i in range(table.num_rows)])
-        return out.append_column("answer", table.column("_answer").combine_chunks()), {"enabled": False, "fill": None, "bins": table.num_rows}
+        answers = [list(a.encode("utf-8")) for a in table.column("_answer").to_pylist()]  # bytes: batches carry tensors only
+        return out.append_column("answer_bytes", pa.array(answers, pa.list_(pa.int32()))), {"enabled": False, "fill": None, "bins": table.num_rows}
     starts, lengths = sequences(table)
     ids, labels = flat(table, "input_ids"), flat(table, "labels")
     offsets = pa.array(np.r_[starts, starts[-1] + lengths[-1]].astype(np.int32)) if len(starts) else pa.array([0], pa.int32())

@@ -1,6 +1,6 @@
 """What one micro-batch's loss is: the contract between the training loop and a training method.
 
-    objective = build_objective(cfg, model)
+    objective = build_objective(cfg, model, tokenizer)
     n = objective.count(batch)                       # host side, in the prefetch thread
     loss, sums = objective.loss(engine, batch, n_items)   # loss already divided by the global n_items
     objective.metrics(summed_sums, n_items)          # → extra progress metrics of a step
@@ -46,14 +46,14 @@ class SupervisedObjective:
         return {}
 
 
-def build_objective(cfg: TrainingConfig, model: torch.nn.Module) -> Objective:
+def build_objective(cfg: TrainingConfig, model: torch.nn.Module, tokenizer) -> Objective:
     method = cfg.rl_method()
     if method is None:
         return SupervisedObjective()
     if method == "grpo":
         from worker.train.grpo import GrpoObjective
 
-        return GrpoObjective(cfg, model)
+        return GrpoObjective(cfg, model, tokenizer)
     from worker.train.preference import PreferenceObjective
 
     return PreferenceObjective(cfg, model)

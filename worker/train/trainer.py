@@ -125,7 +125,7 @@ class Trainer:
         base = load_model(cfg, self.tokenizer, self.precision, topo.device)
         self.model = attach(base, cfg)
         self.kernels = apply_kernel_patches(self.model, cfg)
-        self.objective = build_objective(cfg, self.model)  # SFT, the DPO family or GRPO: what a micro-batch's loss is
+        self.objective = build_objective(cfg, self.model, self.tokenizer)  # SFT, the DPO family or GRPO: what a micro-batch's loss is
         self.model.train()
         # one offloader a run: its side stream and pinned buffers serve every step
         offload = cfg.activation_offloading or cfg.gradient_checkpointing == "offload"
