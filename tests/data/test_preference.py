@@ -131,3 +131,27 @@ def test_prepared_pairs_are_packed_chosen_then_rejected(tokenizer_dir, volume):
         texts = [tok.decode([t for t, lab in zip(r["input_ids"][a:b], r["labels"][a:b]) if lab != IGNORE]) for a, b in zip(starts, starts[1:])]
         assert texts[0::2] == [GOOD + "<|im_end|>"] * (len(texts) // 2)
         assert all(t.startswith(BAD) for t in texts[1::2])
+
+
+def test_prepared_kto_rows_carry_flags_and_grpo_rows_their_answers(tokenizer_dir, volume):
+    from datasets import load_from_disk
+
+    from worker.data.pipeline import prepare
+
+    kto = volume / "kto.jsonl"
+    kto.write_text("".join(json.dumps({"prompt": f"{PROMPT} {i}", "completion": GOOD, "label": i % 3 == 0}) + "\n" for i in range(5)))
+    cfg = TrainingConfig(base_model=str(tokenizer_dir), learning_rate=1e-4, rl="kto", adapter="lora", micro_batch_size=2, sequence_len=64,
+                         shuffle_merged_datasets=False, datasets=[{"path": str(kto), "type": "chatml.prompt_pairs"}])
+    train = load_from_disk(prepare(cfg)["cache_dir"] + "/train")
+    assert [r["desirable"] for r in train] == [[1, 0], [0, 1], [0]]
+    assert [sum(1 for p in r["position_ids"] if p == 0) for r in train] == [2, 2, 1]
+
+    grpo = volume / "grpo.jsonl"
+    grpo.write_text("".join(json.dumps({"prompt": f"{PROMPT} {i}", "answer": f"é{i}"}) + "\n" for i in range(3)))
+    cfg = TrainingConfig(base_model=str(tokenizer_dir), learning_rate=1e-4, rl="grpo", adapter="lora", sequence_len=64, chat_template="chatml",
+                         shuffle_merged_datasets=False, trl={"reward_funcs": ["exact_match"], "max_completion_length": 16},
+                         datasets=[{"path": str(grpo), "type": "prompt_answer"}])
+    summary = prepare(cfg)
+    train = load_from_disk(summary["cache_dir"] + "/train")
+    assert [bytes(r["answer_bytes"]).decode() for r in train] == ["é0", "é1", "é2"]
+    assert all(set(r["labels"]) == {IGNORE} for r in train) and summary["packing"]["enabled"] is False

@@ -29,7 +29,7 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
     train, _ = successor_task()
     cache = write_cache(tmp_path / "sft-cache", [chat_row(tok, p, a) for p, a in train], sequence_len=32)
     sft = volume / "sft"
-    assert run_inprocess(base_config(task_model_dir, max_steps=150, micro_batch_size=16, learning_rate=5e-3, merge_lora=True,
+    assert run_inprocess(base_config(task_model_dir, max_steps=150, micro_batch_size=16, learning_rate=5e-3, merge_lora=True, sequence_len=32,
                                      lr_scheduler="constant"), sft, cache) == 0
 
     (volume / "rl.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a.strip()}) + "\n" for p, a in train[:400]))
@@ -38,7 +38,7 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
         "trl": {"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["exact_match"], "beta": 0.04, "temperature": 0.2},
         "datasets": [{"path": str(volume / "rl.jsonl"), "type": "prompt_answer"}],
         "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "sequence_len": 32, "micro_batch_size": 8,
-        "max_steps": 40, "learning_rate": 3e-3, "optimizer": "adamw_torch", "lr_scheduler": "constant", "logging_steps": 1, "seed": 1,
+        "max_steps": 50, "learning_rate": 1.5e-3, "optimizer": "adamw_torch", "lr_scheduler": "constant", "logging_steps": 1, "seed": 1,
     }}}
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
@@ -52,7 +52,7 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
 
     events = [json.loads(line) for f in (volume / "runs" / "grpo-successor").rglob("events.jsonl") for line in f.read_text().splitlines()]
     steps = sorted((e["step"], e) for e in events if e.get("stage") == "train" and "reward" in e and "lr" in e)
-    assert len(steps) == 40 and {"reward", "reward_std", "kl", "completion_length", "rewards/exact_match"} <= set(steps[-1][1])
+    assert len(steps) == 50 and {"reward", "reward_std", "kl", "completion_length", "rewards/exact_match"} <= set(steps[-1][1])
     first = sum(e["reward"] for _, e in steps[:10]) / 10
     last = sum(e["reward"] for _, e in steps[-10:]) / 10
-    assert last >= first + 0.15 and last >= 1.5 * first, (first, last)
+    assert last >= first + 0.2, (first, last)

@@ -28,8 +28,6 @@ from schemas.config import TrainingConfig
 from schemas.rl import TrlConfig
 from worker.train.rewards import rewards as reward_values
 
-IGNORE = -100
-
 
 @dataclass(frozen=True)
 class Rollout:
