@@ -18,6 +18,7 @@ from schemas.issues import Report, format_loc
 from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NATIVE_PLUGINS, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
                           is_off, unsupported_reason)
 from schemas.limits import EXCERPT_CHARS, excerpt
+from schemas.rl_rules import RL_ROW_FIELDS, check_rl_entry
 from schemas.secrets import CREDENTIAL_ENV, secret_key
 
 TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
@@ -49,14 +50,14 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
             report.error(format_loc([str(key)]), f"config keys must be non-empty strings, got {excerpt(key)}")
         elif key in GATED:
             _gated(key, value, env, clean, report)
+        elif key in TYPED_FIELDS:  # before the prefixes: dpo_loss_type is typed, other dpo_* keys are not
+            if key in FTW_DECIDES and value is not None:
+                report.warn(key, f"{key} is set by ftw: {FTW_DECIDES[key]}; the job's value is not used")
+            clean[key] = value
         elif (reason := unsupported_reason(key)) is not None:
             if not is_off(value):
                 shown = f"{key}: {value if len(value) <= EXCERPT_CHARS else excerpt(value)}" if isinstance(value, str) else key
                 report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
-        elif key in TYPED_FIELDS:
-            if key in FTW_DECIDES and value is not None:
-                report.warn(key, f"{key} is set by ftw: {FTW_DECIDES[key]}; the job's value is not used")
-            clean[key] = value
         elif key in NO_EFFECT:
             report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
         elif secret_key(key):
@@ -83,19 +84,23 @@ def _gated(key: str, value: Any, env: Mapping[str, str], clean: dict[str, Any], 
 
 
 def classify_dataset_lists(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> dict[str, Any]:
-    """`cfg` with each dataset entry reduced to its typed keys (entries that are not mappings are left to pydantic)."""
+    """`cfg` with each dataset entry reduced to its typed keys (entries that are not mappings are left to pydantic).
+
+    With `rl` set, a dataset's type is checked against that method's types (schemas/rl.py); with an
+    `rl` ftw does not know, types are not checked (the rl error says what to change)."""
     out = dict(cfg)
+    rl = cfg.get("rl")
     for list_key, model in DATASET_LISTS.items():
         entries = cfg.get(list_key)
         if isinstance(entries, list):
             out[list_key] = [
-                _classify_entry(ds, model, format_loc([list_key, i]), env, report) if isinstance(ds, Mapping) else ds
+                _classify_entry(ds, model, format_loc([list_key, i]), env, report, rl) if isinstance(ds, Mapping) else ds
                 for i, ds in enumerate(entries)
             ]
     return out
 
 
-def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report) -> dict[str, Any]:
+def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report, rl: Any = None) -> dict[str, Any]:
     fields = model.model_fields
     clean: dict[str, Any] = {}
     for key, value in ds.items():
@@ -110,8 +115,13 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
                 clean[key] = value
         else:
             report.warn(where, f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
-    if model is DatasetConfig:
+    if model is DatasetConfig and rl:
+        check_rl_entry(clean, loc, rl, report)
+    elif model is DatasetConfig:
         _check_type(clean.get("type"), f"{loc}.type", env, report)
+        for key in RL_ROW_FIELDS:
+            if clean.get(key) is not None:
+                report.error(f"{loc}.{key}", f"{key} is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it")
         jinja = clean.get("chat_template_jinja")
         if isinstance(jinja, str) and jinja.strip().endswith((".jinja", ".j2")):
             report.error(f"{loc}.chat_template_jinja", "chat_template_jinja must be the template text, not a file path")

@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field
 
 from schemas.base import Frozen
 from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
+from schemas.rl import TrlConfig
 
 Auto = Literal["auto"]
 
@@ -213,8 +214,18 @@ class TrainingConfig(Frozen):
     fsdp_version: Optional[Literal[1, 2]] = None
     ddp_find_unused_parameters: Optional[bool] = None
     ddp_timeout: Optional[int] = Field(default=None, ge=1)
-    # ---- rl ------------------------------------------------------------------------------------
+    # ---- preference and RL training (schemas/rl.py, worker/train/preference.py, grpo.py) ----------
     rl: Optional[str] = None
+    rl_beta: Optional[float] = Field(default=None, gt=0.0)
+    dpo_loss_type: Optional[list[str]] = Field(default=None, min_length=1)
+    dpo_label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    orpo_alpha: Optional[float] = Field(default=None, gt=0.0)
+    simpo_gamma: float = Field(default=0.5, ge=0.0)
+    cpo_alpha: float = Field(default=1.0, ge=0.0)
+    kto_desirable_weight: float = Field(default=1.0, gt=0.0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0.0)
+    max_prompt_len: Optional[int] = Field(default=None, ge=1)
+    trl: Optional[TrlConfig] = None
 
     # ---- derived values (pure) -----------------------------------------------------------------
     def batch_shape(self) -> tuple[int, int]:
@@ -229,3 +240,16 @@ class TrainingConfig(Frozen):
 
     def is_full_finetune(self) -> bool:
         return self.adapter is None
+
+    def rl_method(self) -> Optional[str]:
+        """dpo, ipo, orpo, kto, simpo or grpo; `rl: dpo` with dpo_loss_type [ipo] is ipo (axolotl's two spellings)."""
+        if self.rl == "dpo" and self.dpo_loss_type == ["ipo"]:
+            return "ipo"
+        return self.rl
+
+    def rl_beta_value(self) -> float:
+        """axolotl's order: trl.beta, rl_beta, orpo_alpha (TRL's ORPO calls λ beta), else TRL's 0.1 (GRPO: 0.0)."""
+        for value in (self.trl.beta if self.trl else None, self.rl_beta, self.orpo_alpha):
+            if value is not None:
+                return value
+        return 0.0 if self.rl == "grpo" else 0.1

@@ -47,6 +47,13 @@ class UserDefinedFormat(Frozen):
     system_format: Optional[str] = None
     format: Optional[str] = None
     no_input_format: Optional[str] = None
+    # preference pairs (rl: dpo/ipo/orpo/simpo): raw text, axolotl's user_defined.default
+    field_prompt: Optional[str] = None
+    field_chosen: Optional[str] = None
+    field_rejected: Optional[str] = None
+    prompt_format: Optional[str] = None
+    chosen_format: Optional[str] = None
+    rejected_format: Optional[str] = None
 
 
 class MessagePropertyMappings(Frozen):
@@ -86,6 +93,13 @@ class DatasetConfig(Frozen):
     train_on_eos: Optional[TRAIN_ON_EOS] = None
     train_on_eot: Optional[TRAIN_ON_EOS] = None
     drop_system_message: Optional[bool] = None
+    # preference and RL rows (rl: ...): where chosen / rejected / completion / label / answer are
+    field_prompt: Optional[str] = None
+    field_chosen: Optional[str] = None
+    field_rejected: Optional[str] = None
+    field_completion: Optional[str] = None
+    field_label: Optional[str] = None
+    field_answer: Optional[str] = None
     # per-dataset overrides
     train_on_inputs: Optional[bool] = None
 

@@ -25,6 +25,7 @@ ALIASES = {
     "adam_eps": "adam_epsilon",
     "dataset_processes": "dataset_num_proc",
     "evaluation_strategy": "eval_strategy",
+    "dpo_beta": "rl_beta",
 }
 # torch_dtype is folded into bf16/fp16 by schemas.normalize; the legacy attention booleans
 # (flash_attention, sdp_attention, ...) into attn_implementation (schemas.config).
@@ -78,13 +79,14 @@ NO_EFFECT = {
     "profiler_steps_start": "use bench/ scripts for profiling",
     "hub_revision": "the Hub revision comes from the job's outputs.hub.revision",
     "hf_mlflow_log_artifacts": "artifacts are published by ftw (outputs)",
+    "precompute_ref_log_probs": "reference log-probs are computed in the same step as the policy's, with the adapter disabled (see docs/config.md)",
 }
 
 # key -> why; set to a value other than None/False/0/[]/{}/"" it is an error.
 UNSUPPORTED = {
-    **_group("preference and RL training (dpo, ipo, kto, orpo, simpo, grpo, gdpo, ebft); ftw trains supervised fine-tuning only",
-             "rl trl vllm rl_beta dpo_beta rpo_alpha orpo_alpha simpo_gamma cpo_alpha kto_desirable_weight "
-             "kto_undesirable_weight precompute_ref_log_probs max_prompt_len ebft"),
+    **_group("energy-based fine-tuning (rl: ebft)", "ebft"),
+    **_group("a vLLM server for RL generation (ftw generates with transformers; see trl.use_vllm)", "vllm"),
+    **_group("RPO (DPO plus an NLL term)", "rpo_alpha"),
     **_group("GPTQ-quantised base models", "gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama"),
     **_group("quantisation-aware training and post-training quantisation", "qat quantization"),
     **_group("llm-compressor sparsity", "llmcompressor"),
@@ -173,15 +175,15 @@ UNSUPPORTED_PREFIXES = {
     "otel_": "OpenTelemetry metrics",
     "comet_": "Comet logging",
     "expert_parallel_": "expert parallelism",
-    "dpo_": "preference training (rl: dpo); ftw trains supervised fine-tuning only",
-    "kto_": "preference training (rl: kto); ftw trains supervised fine-tuning only",
-    "grpo_": "RL training (rl: grpo); ftw trains supervised fine-tuning only",
+    "dpo_": "this DPO option; ftw has dpo_loss_type (sigmoid, ipo) and dpo_label_smoothing",
+    "kto_": "this KTO option; ftw has kto_desirable_weight and kto_undesirable_weight",
+    "grpo_": "this GRPO option; GRPO options go in the trl: block",
 }
 
 # ---- keys of one `datasets:` entry --------------------------------------------------------------
 DATASET_UNSUPPORTED = {
-    **_group("preference datasets (rl: dpo/ipo/orpo/kto/simpo); ftw trains supervised fine-tuning only",
-             "field_chosen field_rejected field_prompt field_completion field_label chosen_format rejected_format prompt_format completion_format"),
+    **_group("formats at the entry level (give prompt_format, chosen_format, rejected_format inside the dict form of type)",
+             "chosen_format rejected_format prompt_format completion_format"),
     **_group("stepwise-supervised (process reward) datasets", "step_separator max_completion_length train_on_last_step_only"),
     **_group("reasoning/thinking field mapping", "field_thinking template_thinking_key split_thinking"),
     **_group("per-token training detail of a message (use a per-message training flag)", "message_field_training_detail"),

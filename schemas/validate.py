@@ -19,11 +19,12 @@ from schemas.classify import DATASET_LISTS, classify_dataset_lists, classify_key
 from schemas.config import TrainingConfig
 from schemas.environment import operator_layers
 from schemas.issues import Issue, Report, format_loc, pydantic_issues
-from schemas.limits import shape_problem
 from schemas.keys import is_off
+from schemas.limits import shape_problem
 from schemas.normalize import normalize_keys
 from schemas.hosts import check_url
 from schemas.paths import check_local_path
+from schemas.rl_rules import check_reward_funcs
 from schemas.rules import cross_field_errors
 
 PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir", "dataset_prepared_path", "resume_from_checkpoint")
@@ -45,16 +46,10 @@ def validate_config(raw: Any, env: Mapping[str, str] | None = None) -> Report:
     layers = operator_layers(env, report)
     local = Report()
     normalized = normalize_keys(layers.apply(raw, local), local)
-    cfg = classify_keys(normalized, env, local)
-    skipped: set[str] = set()
-    if not is_off(normalized.get("rl")):
-        # preference/RL datasets have their own keys; the rl error already says what to change
-        skipped = {k for k in DATASET_LISTS if k in cfg}
-        cfg = {k: v for k, v in cfg.items() if k not in skipped}
-    else:
-        cfg = classify_dataset_lists(cfg, env, local)
+    cfg = classify_dataset_lists(classify_keys(normalized, env, local), env, local)
+    check_reward_funcs(cfg, env, local)
     check_paths(cfg, env, local)
-    model = typed_model(cfg, skipped, local)
+    model = typed_model(cfg, set(), local)
     report.errors += [layers.blame(i, raw) for i in local.errors]
     report.warnings += local.warnings
     if model is not None and report.valid:

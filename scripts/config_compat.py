@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from schemas.issues import Issue  # noqa: E402
+from schemas.rl import BUILTIN_REWARDS, GRPO_TYPES, KTO_TYPES, PAIR_METHODS, PAIR_TYPES  # noqa: E402
 from schemas.validate import validate_config  # noqa: E402
 
 DOC = REPO / "docs" / "config-compat.md"
@@ -85,6 +86,17 @@ def render(outcomes: list[Outcome]) -> str:
         "| kind | key | files |",
         "|---|---|---|",
         *(f"| {kind} | `{key}` | {n} |" for (kind, key), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "",
+        "## Preference and RL dataset types (`rl:`)",
+        "",
+        "The family before the dot picks the chat template (`chatml`, `llama3`; `chat_template.*` uses the config's), "
+        "and the rows are tokenised by the same chat-template code as supervised fine-tuning (worker/data/preference.py).",
+        "",
+        "| rl | dataset types ftw reads |",
+        "|---|---|",
+        f"| {', '.join(PAIR_METHODS)} | {', '.join(f'`{t}`' for t in PAIR_TYPES)}, the dict form (`field_prompt`, `field_chosen`, `field_rejected`, `*_format`) |",
+        f"| kto | {', '.join(f'`{t}`' for t in KTO_TYPES)} |",
+        f"| grpo | {', '.join(f'`{t}`' for t in GRPO_TYPES)}; reward functions: {', '.join(f'`{r}`' for r in BUILTIN_REWARDS)} |",
         "",
         "## Per file",
         "",

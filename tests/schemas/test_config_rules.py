@@ -38,10 +38,13 @@ def test_registries_are_disjoint_and_do_not_shadow_typed_fields():
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not groups[a] & groups[b], (a, b, groups[a] & groups[b])
-    # a typed field may be gated (trust_remote_code) or refused while kept for compatibility (rl)
+    # a typed field may be gated (trust_remote_code), never unsupported, no-effect or an alias
     assert (typed & (set(NO_EFFECT) | set(ALIASES))) == set()
-    assert typed & set(UNSUPPORTED) == {"rl"}
-    assert not [f for f in typed if f.startswith(tuple(UNSUPPORTED_PREFIXES))]
+    assert typed & set(UNSUPPORTED) == set()
+    # typed fields under an unsupported prefix (dpo_loss_type under dpo_) are read as typed: classified first
+    shadowed = [f for f in typed if f.startswith(tuple(UNSUPPORTED_PREFIXES))]
+    assert shadowed and all(validate_config({**GOOD, "datasets": [{"path": "org/p", "type": "chatml.intel"}], "adapter": "lora", "rl": "kto" if f.startswith("kto") else "dpo", f: 0.1 if "weight" in f or "smoothing" in f else ["ipo"]},
+                                            ENV).valid for f in shadowed)
     assert not set(DATASET_UNSUPPORTED) & (set(DatasetConfig.model_fields) - {"trust_remote_code"})
 
 
@@ -123,21 +126,54 @@ def test_validation_does_not_mutate_its_input():
     assert cfg.datasets[0].split == "train"
 
 
-def test_rl_is_refused_by_name_and_its_dataset_keys_are_not_blamed():
-    raw = {**GOOD, "rl": "dpo", "datasets": [{"path": "org/prefs", "type": "chatml.intel", "field_chosen": "c", "field_rejected": "r"}]}
+def test_rl_dpo_with_a_preference_type_is_valid():
+    raw = {**GOOD, "adapter": "lora", "rl": "dpo", "rl_beta": 0.2, "datasets": [{"path": "org/prefs", "type": "chatml.intel"}]}
     report = validate_config(raw, ENV)
-    assert [(i.loc, i.kind) for i in report.errors] == [("rl", "unsupported")]
-    assert "rl: dpo" in report.errors[0].msg and "supervised fine-tuning only" in report.errors[0].msg
+    assert report.valid, report.errors
+    assert (report.value.rl_method(), report.value.rl_beta_value()) == ("dpo", 0.2)
+
+
+@pytest.mark.parametrize("raw, want", [
+    ({"rl": "ppo"}, {("rl", "invalid")}),
+    ({"rl": "ebft"}, {("rl", "unsupported")}),
+    ({"rl": "dpo", "orpo_alpha": 0.1}, {("orpo_alpha", "invalid")}),
+    ({"rl": "dpo", "dpo_loss_type": ["hinge"]}, {("dpo_loss_type", "unsupported")}),
+    ({"rl": "dpo", "dpo_use_weighting": True}, {("dpo_use_weighting", "unsupported")}),
+    ({"rl": "dpo", "adapter": None}, {("rl", "unsupported")}),
+    ({"rl": "orpo", "adapter": None}, set()),
+    ({"rl": "dpo", "datasets": [{"path": "org/p", "type": "chatml.intl"}]}, {("datasets[0].type", "unsupported")}),
+    ({"rl": "kto", "datasets": [{"path": "org/p", "type": {"field_prompt": "p"}}]}, {("datasets[0].type", "invalid")}),
+    ({"rl": "grpo", "datasets": [{"path": "org/p", "type": "prompt_answer"}]}, {("trl.reward_funcs", "invalid")}),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["exact_match"], "reward_weights": [1, 2]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
+     {("trl.reward_weights", "invalid")}),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_mode": "server", "num_generaton": 4},
+      "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
+     {("trl.use_vllm", "unsupported"), ("trl.vllm_mode", "unsupported"), ("trl.num_generaton", "invalid")}),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["rwd.mine", "exact_mach"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
+     {("trl.reward_funcs[0]", "gated"), ("trl.reward_funcs[1]", "invalid")}),
+    ({"trl": {"beta": 0.1}}, {("trl", "invalid")}),
+    ({"rl": "grpo", "trl": {"reward_funcs": ["regex_format"], "reward_regex": "("}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
+     {("trl.reward_regex", "invalid")}),
+])
+def test_rl_keys_fail_where_they_are_wrong(raw, want):
+    base = {**GOOD, "adapter": "lora", "datasets": [{"path": "org/prefs", "type": "chatml.intel" if raw.get("rl") else "alpaca"}]}
+    report = validate_config({**base, **raw}, ENV)
+    assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
+
+
+def test_user_reward_code_is_refused_even_when_the_operator_allows_plugins():
+    raw = {**GOOD, "adapter": "lora", "rl": "grpo", "trl": {"reward_funcs": ["rwd.mine"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]}
+    report = validate_config(raw, {**ENV, "FTW_ALLOW_PLUGINS": "1"})
+    assert [(i.loc, i.kind) for i in report.errors] == [("trl.reward_funcs[0]", "unsupported")]
 
 
 def test_preference_keys_without_rl_name_the_feature():
     raw = {**GOOD, "datasets": [{"path": "org/prefs", "type": "alpaca", "field_chosen": "c"}]}
-    assert errors(raw) == {("datasets[0].field_chosen", "unsupported"):
-                           "field_chosen is not supported by ftw (preference datasets (rl: dpo/ipo/orpo/kto/simpo); "
-                           "ftw trains supervised fine-tuning only); remove it"}
+    assert errors(raw) == {("datasets[0].field_chosen", "invalid"):
+                           "field_chosen is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it"}
 
 
-@pytest.mark.parametrize("key, value", [("liger_rope", True), ("swanlab_project", "p"), ("dpo_beta", 0.1), ("peft", {"loftq_config": {}})])
+@pytest.mark.parametrize("key, value", [("liger_rope", True), ("swanlab_project", "p"), ("peft", {"loftq_config": {}})])
 def test_unsupported_keys_are_named(key, value):
     report = validate_config({**GOOD, key: value}, ENV)
     assert [(i.loc, i.kind) for i in report.errors] == [(key, "unsupported")]

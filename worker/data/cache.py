@@ -70,6 +70,8 @@ def fingerprint(cfg: TrainingConfig, tokenizer_digest: str, content_ids: list[st
     subset = {
         "config": cfg.model_dump(mode="json", include=set(TOKEN_KEYS)),
         "pack_capacity": cfg.batch_shape()[0] * cfg.sequence_len if packing else None,
+        # rl rows: micro_batch_size pairs per packed row, grpo prompts sized for the completion length
+        "rl_layout": [cfg.rl, cfg.batch_shape()[0], cfg.trl.max_completion_length if cfg.trl else None] if cfg.rl else None,
         "tokenizer": tokenizer_digest,
         "data": content_ids,
         "code": code_digest(),

@@ -27,8 +27,9 @@ import pyarrow as pa
 
 from schemas.config import TrainingConfig
 from schemas.datasets import DatasetConfig
-from worker.data import cache, rows, sources
+from worker.data import cache, rl_rows, rows, sources
 from worker.data.packing import fill, first_fit_decreasing, pack_columns
+from worker.data.preference import build_rl_strategy
 from worker.data.progress import Progress
 from worker.data.strategies import Context, build_strategy
 from worker.data.tokenizer import load_tokenizer, tokenizer_digest
@@ -100,10 +101,9 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
     train = tokenize_all(cfg, tokenizer, train_sources, 0, scratch, tally, progress)
     evaluation = tokenize_all(cfg, tokenizer, eval_sources, len(train_sources), scratch, tally, progress) if eval_sources else None
     progress.phase("filter", samples=tally.samples)
-    policy = (cfg.sequence_len, cfg.excess_length_strategy, cfg.min_sample_len, labels, tally.dropped)
-    train = rows.apply_length_policy(train, *policy)
+    train = length_policy(cfg, train, labels, tally)
     if evaluation is not None:
-        evaluation = rows.apply_length_policy(evaluation, *policy)
+        evaluation = length_policy(cfg, evaluation, labels, tally)
     truncated = tally.dropped.pop("truncated", 0)
     if cfg.dataset_exact_deduplication:
         train, seen = rows.deduplicate(train, tally.dropped)
@@ -122,11 +122,12 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
     progress.phase("pack", rows=train.num_rows)
     capacity = cfg.batch_shape()[0] * cfg.sequence_len
     eval_packing = cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
-    train_out, train_pack = layout(train, cfg.sample_packing, capacity, cfg)
+    lay_out = (lambda table, packing: rl_rows.layout(table, cfg)) if cfg.rl else (lambda table, packing: layout(table, packing, capacity, cfg))
+    train_out, train_pack = lay_out(train, cfg.sample_packing)
     splits = {"train": train_out}
     eval_pack: dict[str, Any] = {}
     if evaluation is not None and evaluation.num_rows:
-        splits["eval"], eval_pack = layout(evaluation, eval_packing, capacity, cfg)
+        splits["eval"], eval_pack = lay_out(evaluation, eval_packing)
     progress.phase("save", folder=str(out))
     import datasets
 
@@ -149,8 +150,15 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
         "packing": {**train_pack, "eval": eval_pack or None},
         "sequence_len": cfg.sequence_len,
         "micro_batch_size": cfg.batch_shape()[0],
+        "rl": cfg.rl,
         "sources": [{"label": s.resolved.label, "content_id": s.resolved.content_id} for s in train_sources + eval_sources],
     }
+
+
+def length_policy(cfg: TrainingConfig, table: pa.Table, labels: list[str], tally: Tally) -> pa.Table:
+    if cfg.rl:
+        return rl_rows.length_policy(table, cfg, labels, tally.dropped)
+    return rows.apply_length_policy(table, cfg.sequence_len, cfg.excess_length_strategy, cfg.min_sample_len, labels, tally.dropped)
 
 
 def layout(table: pa.Table, packing: bool, capacity: int, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, Any]]:
@@ -206,28 +214,28 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
         if item.skip:
             data = data.select(range(min(item.skip, len(data)), len(data)))
         ctx = Context(item.entry, cfg, tokenizer, label)
-        strategy = build_strategy(ctx)
-        missing = [c for c in strategy.columns if c not in data.column_names]
+        strategy = build_rl_strategy(ctx) if cfg.rl else build_strategy(ctx)
+        missing = [c for c in getattr(strategy, "columns", ()) if c not in data.column_names]
         if missing:
             raise ctx.row_error(0, missing[0], f"column missing from the dataset (it has: {', '.join(data.column_names)})", hint="map your columns with the dataset entry's field keys, or pick the matching type")
         procs = max(1, min(cfg.dataset_num_proc or os.cpu_count() or 1, len(data) // ROWS_PER_PROCESS))
         progress.phase("tokenize", source=label, rows=len(data), processes=procs)
         tally.rows_in += len(data)
-        tables.append(tokenize_source(data, strategy, first + n, item.skip, procs, label, progress))
+        tables.append(tokenize_source(data, strategy, first + n, item.skip, procs, label, progress, rl=bool(cfg.rl)))
         tally.samples += tables[-1].num_rows
     return pa.concat_tables(tables)
 
 
-def tokenize_source(data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress) -> pa.Table:
+def tokenize_source(data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress, rl: bool = False) -> pa.Table:
     """datasets.map over chunks of ROWS_PER_CHUNK rows (MAX_CHUNKS at most), with a progress event (rows/s, tokens/s, ETA) after each."""
     chunks = min(MAX_CHUNKS, max(1, -(-len(data) // ROWS_PER_CHUNK)))
     tables, done, tokens, started = [], 0, 0, time.monotonic()
     for c in range(chunks):
         part = data.shard(num_shards=chunks, index=c, contiguous=True)
         mapped = part.map(
-            tokenize_batch, fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done}, batched=True, batch_size=256,
+            rl_rows.tokenize_batch if rl else tokenize_batch, fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done}, batched=True, batch_size=256,
             with_indices=True, remove_columns=part.column_names, num_proc=procs if procs > 1 else None,
-            features=features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
+            features=rl_rows.features() if rl else features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
         )
         tables.append(mapped.flatten_indices().data.table)
         done += len(part)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import queue
+from collections.abc import Callable
 import threading
 from dataclasses import dataclass
 
@@ -89,6 +90,13 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, packed: bool) -> dict
         mask[i, :n] = 1
     labels[pos == 0] = IGNORE  # a sample's first token has no context of its own
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if "desirable" in rows[0]:  # kto: one flag per sequence of the packed rows
+        batch["desirable"] = torch.cat([torch.as_tensor(r["desirable"], dtype=torch.long) for r in rows])
+    if "answer_bytes" in rows[0]:  # grpo: each prompt's answer, UTF-8 bytes padded with -1
+        answers = torch.full((len(rows), max(1, max(len(r["answer_bytes"]) for r in rows))), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            answers[i, : len(r["answer_bytes"])] = torch.as_tensor(r["answer_bytes"], dtype=torch.long)
+        batch["answer_bytes"] = answers
     if not packed:  # packed padding has position 0 everywhere: each pad token is its own 1-token sample
         batch["attention_mask"] = mask
     return batch
@@ -108,7 +116,8 @@ def read_rows(ds, indices: list[int]) -> list[dict]:
     """Rows `indices` of a prepared split (a `datasets.Dataset` formatted as numpy: Arrow → numpy
     arrays: a 16k-token row read and collated in ~4 ms, against ~33 ms through Python lists)."""
     cols = ds[indices]
-    return [{k: cols[k][i] for k in ("input_ids", "labels", "position_ids")} for i in range(len(indices))]
+    keys = [k for k in ("input_ids", "labels", "position_ids", "desirable", "answer_bytes") if k in cols]
+    return [{k: cols[k][i] for k in keys} for i in range(len(indices))]
 
 
 @dataclass
@@ -135,11 +144,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def read_step(ds, plan: BatchPlan, step: int, rank: int, pad_id: int, packed: bool, order: list[int] | None = None,
-              varlen: bool = False) -> StepInput:
+              varlen: bool = False, count: Callable[[dict[str, torch.Tensor]], int] = target_tokens) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
-    `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host."""
+    `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
+    `count`: the items the loss averages over (worker/train/objective.py)."""
     micro = [collate(read_rows(ds, m), pad_id, packed) for m in plan.micro_batches(step, rank, order)]
-    step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(target_tokens(b) for b in micro))
+    step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     if varlen:
         from kernels.attention import host_segments
 
@@ -155,9 +165,10 @@ class Prefetcher:
     too, so nothing it does can keep the interpreter from exiting)."""
 
     def __init__(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, depth: int = 2,
-                 varlen: bool = False):
+                 varlen: bool = False, count: Callable[[dict[str, torch.Tensor]], int] = target_tokens):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._count = count
         args = (ds.with_format("numpy"), plan, rank, pad_id, packed, steps, device, varlen)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
         self._thread.start()
@@ -171,7 +182,7 @@ class Prefetcher:
                 if step // plan.steps_per_epoch != epoch:
                     epoch = step // plan.steps_per_epoch
                     order = plan.epoch_order(epoch)
-                batch = read_step(ds, plan, step, rank, pad_id, packed, order, varlen)
+                batch = read_step(ds, plan, step, rank, pad_id, packed, order, varlen, self._count)
                 if not self._put(batch.pinned() if device.type == "cuda" else batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step

@@ -95,10 +95,11 @@ class Progress:
         if self.enabled:
             emit({"stage": "train", "total_steps": self.total, **fields})
 
-    def eval(self, step: int, loss: float) -> None:
+    def eval(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> None:
         if self.enabled:
-            emit({"stage": "eval", "step": step, "total_steps": self.total, "eval_loss": loss})
-            self.trackers.log({"eval/loss": loss}, step)
+            extra = {f"eval_{k}": v for k, v in (metrics or {}).items()}
+            emit({"stage": "eval", "step": step, "total_steps": self.total, "eval_loss": loss, **extra})
+            self.trackers.log({"eval/loss": loss, **{f"eval/{k}": v for k, v in (metrics or {}).items()}}, step)
             log.info("eval at step %d: loss %.4f", step, loss)
 
     def close(self) -> None:

@@ -54,7 +54,8 @@ from worker.train import checkpoint as ckpt
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, target_tokens, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
+from worker.train.objective import build_objective
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.offload import ActivationOffloader
@@ -107,7 +108,7 @@ class Readout:
 @dataclass
 class QueuedStep:
     """An optimizer step whose work is queued on the device; `readout` brings back
-    [loss, grad norm, global target tokens, global tokens, router aux loss]."""
+    [loss, grad norm, global target tokens, global tokens, then the objective's metric sums]."""
 
     step: int  # steps done once it completes (1-based, as reported)
     lr: float
@@ -147,7 +148,9 @@ class Trainer:
         self.strategy = dist_.strategy(cfg, topo)["kind"]
         mbs, gas = cfg.batch_shape()
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
-        self.router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
+        router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
+        # SFT, the DPO family or GRPO: what a micro-batch's loss is (and the router's aux loss, logged)
+        self.objective = build_objective(cfg, self.model, self.tokenizer, router_loss=router_loss)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
@@ -189,23 +192,18 @@ class Trainer:
         if topo.world_size > 1:
             torch.distributed.all_reduce(counts)  # the global counts, still on the device
         n_items = counts[0].clamp(min=1).float()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=topo.device)
-        aux_sum = torch.zeros((), dtype=torch.float64, device=topo.device)  # MoE router loss, logged on its own
+        sums = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device)  # loss, then metric sums
         for i, micro in enumerate(batch.micro):
             micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
-                    out = self.engine(**micro, num_items_in_batch=n_items)
-                    loss = out.loss
+                    loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
                 # DDP/FSDP average gradients over ranks; the loss is already a global mean
                 self.scaler.scale(loss * topo.world_size).backward()
-            loss_sum += loss.detach()
-            if self.router_loss and out.aux_loss is not None:
-                aux_sum += out.aux_loss.detach() / self.plan.micro_per_step
+            sums += torch.cat([loss.detach().double().reshape(1), metric_sums])
         if topo.world_size > 1:
-            torch.distributed.all_reduce(loss_sum)  # every rank's share of the global mean
-            if self.router_loss:
-                torch.distributed.all_reduce(aux_sum)
+            torch.distributed.all_reduce(sums)  # every rank's share of the global mean (and metric sums)
+        loss_sum = sums[0]
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
@@ -217,11 +215,11 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
-        return QueuedStep(batch.step + 1, lr, Readout(torch.stack([loss_sum, grad_norm, counts[0], counts[1], aux_sum])))
+        return QueuedStep(batch.step + 1, lr, Readout(torch.cat([torch.stack([loss_sum, grad_norm, counts[0], counts[1]]), sums[1:]])))
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
-        loss, grad_norm, targets, tokens, aux_loss = queued.readout.values()
+        loss, grad_norm, targets, tokens, *metric_sums = queued.readout.values()
         state, cfg = self.state, self.cfg
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
@@ -229,10 +227,8 @@ class Trainer:
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
             self.progress.event(step=queued.step, event="first_step")
-        metrics = {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
-        if self.router_loss:
-            metrics["aux_loss"] = aux_loss  # the router's load-balancing loss (its coef × this is inside loss)
-        self.progress.step(queued.step, metrics)
+        extra = self.objective.metrics(metric_sums, targets)  # rewards/chosen ... (DPO family), aux_loss (MoE router)
+        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra})
         self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(
@@ -253,7 +249,8 @@ class Trainer:
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
-                             range(state.step, sched.total_steps), topo.device, varlen="varlen_attention" in self.kernels)
+                             range(state.step, sched.total_steps), topo.device, varlen="varlen_attention" in self.kernels,
+                             count=self.objective.count)
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         try:
             while state.step < sched.total_steps:
@@ -304,23 +301,24 @@ class Trainer:
     # ---- eval ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per target token over the whole eval split (sharded over ranks)."""
+        """Mean loss per item (target token; pair for the DPO family) over the whole eval split (sharded over ranks)."""
         ds, topo = self.data.eval.with_format("numpy"), self.topo
         per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
         chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
         per_rank = math.ceil(len(chunks) / topo.world_size)
         mine = [(chunks[j], True) if j < len(chunks) else (chunks[0], False) for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)]
-        loss_sum, count, as_sum = torch.zeros((), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
+        sums, count, as_sum = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
         self.engine.eval()
         for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
             batch = collate(read_rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed)
             with self._autocast():
-                loss = self.engine(**{k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, num_items_in_batch=as_sum).loss
+                loss, metric_sums = self.objective.loss(self.engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum)
             if real:
-                loss_sum += loss
-                count += target_tokens(batch)
+                sums += torch.cat([loss.double().reshape(1), metric_sums])
+                count += self.objective.count(batch)
         self.engine.train()
-        loss_sum, count = dist_.all_sum([float(loss_sum), count], topo)
+        loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
+        self.eval_metrics = self.objective.metrics(metric_sums, count)
         return loss_sum / max(count, 1)
 
     def evaluate_and_track(self) -> bool:
@@ -328,7 +326,7 @@ class Trainer:
         loss = self.evaluate()
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
-        self.progress.eval(state.step, loss)
+        self.progress.eval(state.step, loss, self.eval_metrics)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(loss)
         if state.best_eval is None or loss < state.best_eval:

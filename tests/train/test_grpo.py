@@ -1,0 +1,93 @@
+"""GRPO's pieces against plain-PyTorch formulas on small tensors, the built-in rewards, and the
+direction of one update on a tiny model (the rewarded completion becomes more likely)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.config import TrainingConfig
+from schemas.rl import BUILTIN_REWARDS, TrlConfig
+from worker.train.grpo import Rollout, completion_logps, decode_answers, group_advantages, left_aligned, policy_loss
+from worker.train.rewards import REWARDS, rewards
+
+
+def test_every_builtin_the_schema_names_exists():
+    assert set(BUILTIN_REWARDS) == set(REWARDS)
+
+
+def test_builtin_rewards():
+    cfg = TrainingConfig(base_model="m", learning_rate=1e-4, adapter="lora", rl="grpo",
+                         trl={"reward_funcs": ["exact_match", "contains_answer", "regex_format", "length"], "max_completion_length": 10})
+    got = rewards(cfg, [" 4 8 2", "so 4 8 2!", "abc"], ["4 8 2", "4 8 2", "4 8 2"], [4, 6, 10])
+    assert got == {"exact_match": [1.0, 0.0, 0.0], "contains_answer": [1.0, 1.0, 0.0], "regex_format": [1.0, 0.0, 0.0], "length": [-0.4, -0.6, -1.0]}
+    custom = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"reward_regex": r"[a-c]+"})})
+    assert rewards(custom, ["abc", "4"], ["", ""], [1, 1])["regex_format"] == [1.0, 0.0]
+
+
+def test_group_advantages_are_normalised_per_prompt():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 5.0, 3.0])
+    a = group_advantages(r, 4, scale=True)
+    for k in (0, 4):
+        g = r[k:k + 4]
+        assert torch.allclose(a[k:k + 4], (g - g.mean()) / (g.std() + 1e-4))
+    assert torch.allclose(group_advantages(r, 4, scale=False), torch.cat([r[:4] - r[:4].mean(), r[4:] - r[4:].mean()]))
+    assert torch.all(group_advantages(torch.ones(4), 4, scale=True) == 0)  # no signal where every completion scores the same
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_policy_loss_matches_the_formula(loss_type):
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(4, 5, generator=g) - 2
+    old = logp + 0.3 * torch.randn(4, 5, generator=g)  # a ratio away from 1, so the clip bites
+    ref = logp + 0.2 * torch.randn(4, 5, generator=g)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    trl = TrlConfig(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, max_completion_length=5)
+    loss, kl = policy_loss(logp, old, ref, adv, mask, trl, beta=0.04)
+    per_token = torch.zeros(4, 5)
+    kls = []
+    for i in range(4):
+        for t in range(5):
+            rho = float(torch.exp(logp[i, t] - old[i, t]))
+            a = float(adv[i])
+            surrogate = min(rho * a, min(max(rho, 0.8), 1.28) * a)
+            d = float(ref[i, t] - logp[i, t])
+            k3 = pow(2.718281828459045, d) - d - 1
+            per_token[i, t] = -surrogate + 0.04 * k3
+            if mask[i, t]:
+                kls.append(k3)
+    m = mask.float()
+    want = {"grpo": ((per_token * m).sum(1) / m.sum(1)).mean(), "bnpo": (per_token * m).sum() / m.sum(),
+            "dr_grpo": (per_token * m).sum() / (4 * 5)}[loss_type]
+    assert torch.isclose(loss, want, rtol=1e-5)
+    assert abs(float(kl) - sum(kls) / len(kls)) < 1e-5
+
+
+def test_left_alignment_and_answers_round_trip():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    left, left_mask = left_aligned(ids, mask, pad_id=0)
+    assert left.tolist() == [[5, 6, 7], [0, 8, 9]] and left_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert decode_answers(torch.tensor([[52, 50, -1], [195, 169, -1]])) == ["42", "é"]
+
+
+def test_one_update_makes_the_rewarded_completion_more_likely(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    prompt = [11, 12, 13, 14]
+    ids = torch.tensor([prompt + [t, t + 1] for t in (40, 50, 60, 70)])
+    rollout = Rollout(ids, torch.ones_like(ids), torch.ones(4, 2, dtype=torch.long), len(prompt))
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, scale=True)
+    trl = TrlConfig(max_completion_length=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = completion_logps(model, rollout).sum(1).detach()
+    logp = completion_logps(model, rollout)
+    loss, _ = policy_loss(logp, logp.detach(), None, advantages, rollout.completion_mask, trl, beta=0.0)
+    loss.backward()
+    optimizer.step()
+    after = completion_logps(model, rollout).sum(1).detach()
+    change = after - before
+    assert change[0] > 0 and change[0] > change[1:].max() and change[1:].mean() < 0

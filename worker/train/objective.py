@@ -1,0 +1,67 @@
+"""What one micro-batch's loss is: the contract between the training loop and a training method.
+
+    objective = build_objective(cfg, model, tokenizer)
+    n = objective.count(batch)                       # host side, in the prefetch thread
+    loss, sums = objective.loss(engine, batch, n_items)   # loss already divided by the global n_items
+    objective.metrics(summed_sums, n_items)          # → extra progress metrics of a step
+
+`count` is what the loss is averaged over: target tokens for SFT, pairs for the DPO family,
+completions for KTO, prompts for GRPO; the trainer sums it over micro-batches and ranks
+(`n_items`), so a step's loss is the mean over the global batch whatever the split. `sums` is a
+fixed-length vector the trainer adds up across micro-batches and ranks and hands to `metrics`.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from schemas.config import TrainingConfig
+from worker.train.batches import target_tokens
+
+
+class Objective(Protocol):
+    metric_names: tuple[str, ...]
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def metrics(self, sums: list[float], n_items: float) -> dict[str, float]: ...
+
+
+class SupervisedObjective:
+    """Next-token cross-entropy over the target tokens (transformers' loss, or kernels' fused one).
+    With the MoE router's aux loss on (`router_loss`), its value is summed per micro-batch and
+    logged as `aux_loss`, the mean over the step's micro-batches on every rank (its coef × it is
+    already inside the loss: worker/train/moe.py)."""
+
+    def __init__(self, router_loss: bool = False):
+        self.router_loss = router_loss
+        self.metric_names: tuple[str, ...] = ("aux_loss_sum", "micro_batches") if router_loss else ()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return target_tokens(batch)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = engine(**batch, num_items_in_batch=n_items)
+        sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=out.loss.device)
+        if self.router_loss and out.aux_loss is not None:
+            sums[0], sums[1] = out.aux_loss.detach().double(), 1.0
+        return out.loss, sums
+
+    def metrics(self, sums: list[float], n_items: float) -> dict[str, float]:
+        return {"aux_loss": sums[0] / sums[1]} if self.router_loss and sums[1] else {}
+
+
+def build_objective(cfg: TrainingConfig, model: torch.nn.Module, tokenizer, router_loss: bool = False) -> Objective:
+    method = cfg.rl_method()
+    if method is None:
+        return SupervisedObjective(router_loss)
+    if method == "grpo":
+        from worker.train.grpo import GrpoObjective
+
+        return GrpoObjective(cfg, model, tokenizer)
+    from worker.train.preference import PreferenceObjective
+
+    return PreferenceObjective(cfg, model)
