@@ -73,7 +73,8 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     }
     (work / "ftw.yml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "FTW_EVENTS": str(work / "ftw-events.jsonl"), "BASE_VOLUME": str(work), "FTW_ALLOW_CPU": "1",
-           "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]), "PYTHONPATH": str(REPO)}
+           "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     (work / "ftw-events.jsonl").unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
                           env=env, capture_output=True, text=True, timeout=a.arm_timeout, cwd=REPO)
@@ -156,7 +157,7 @@ def reference_share(model_dir: Path, a: argparse.Namespace) -> dict:
 def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> dict:
     env = dict(os.environ)
     if name == "trl" and a.trl_path:
-        env["PYTHONPATH"] = os.pathsep.join([a.trl_path, str(REPO)])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (a.trl_path, str(REPO), env.get("PYTHONPATH", "")) if p)
     argv = [sys.executable, __file__, "--arm", name, "--work", str(a.work), "--shape", a.shape, "--mbs", str(a.mbs), "--steps", str(a.steps),
             "--warmup", str(a.warmup), "--prompt", str(a.prompt), "--answer", str(a.answer), "--arm-timeout", str(a.arm_timeout)]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.arm_timeout + 60)
