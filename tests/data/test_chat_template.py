@@ -101,6 +101,20 @@ def test_eot_tokens_apart_from_eos(chatml_tok):
     assert got == expected(tok, chatml_pieces(CONVERSATION, *EOS_MODES["last"]))
 
 
+@pytest.mark.parametrize("key", ["train_on_eos", "train_on_eot"])
+def test_last_is_the_end_of_the_last_trained_turn(chatml_tok, key):
+    # a conversation that ends on an untrained message: `last` trains the end of the last trained
+    # one (the final answer), not the end of the trailing user message
+    tok = chatml_tok.__class__.from_pretrained(chatml_tok.name_or_path)
+    keys = {}
+    if key == "train_on_eot":
+        tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+        keys = {"eot_tokens": ["<|im_end|>"]}
+    messages = [*CONVERSATION, {"role": "user", "content": "thanks"}]
+    got = run(tok, messages, {key: "last"}, **keys)
+    assert got == expected(tok, chatml_pieces(messages, [0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 0]))
+
+
 def test_eos_in_eot_tokens_with_conflicting_modes_is_refused(chatml_tok):
     with pytest.raises(JobSpecError, match="disagree"):
         build_strategy(context(chatml_tok, {"type": "chat_template", "train_on_eos": "turn", "train_on_eot": "all"}))
