@@ -86,8 +86,11 @@ def test_llama3_named_template_trims_and_masks(llama3_tok, mode):
 def test_roles_to_train_training_flag_and_train_on_inputs(chatml_tok):
     messages = [dict(m) for m in CONVERSATION]
     messages[2]["training"] = False  # the per-message flag wins over roles_to_train
-    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"]})
+    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"], "message_field_training": "training"})
     assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [0, 1, 0, 1, 1], [0, 1, 0, 1, 1]))
+    # without message_field_training no flag is read, as in axolotl
+    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"]})
+    assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [0, 1, 1, 1, 1], [0, 1, 1, 1, 1]))
     got = run(chatml_tok, CONVERSATION, train_on_inputs=True)
     assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [1] * 5, [1] * 5))
 

@@ -85,10 +85,16 @@ def test_bad_tool_call_arguments_name_the_row(qwen3_tok):
         strategy.tokenize([tool_row("{city: Paris")], [4])
 
 
+def test_a_template_that_drops_tool_calls_is_an_error_naming_the_row(qwen3_tok):
+    strategy = build_strategy(context(qwen3_tok, {"type": "chat_template"}, chat_template="chatml"))
+    with pytest.raises(DataError, match=r"row 2: field 'messages\[1\]\.tool_calls': the chat template does not render tool calls"):
+        strategy.tokenize([tool_row({"city": "Paris"}, "Let me check.")], [2])
+
+
 def test_qwen3_multi_turn_masks_each_turn_where_the_full_conversation_puts_it(qwen3_tok):
     # Qwen3 writes an empty think block into the last assistant turn only. axolotl locates an earlier
     # turn in a conversation cut after it, where that turn is last and gets the think block, so its
-    # labels land 4 tokens early; ftw locates every turn in the one full render.
+    # labels land 4 tokens late (on the next turn's header); ftw locates every turn in the one full render.
     pieces = [
         ("<|im_start|>", False), ("system\nBe brief.", False), ("<|im_end|>", False), ("\n", False),
         ("<|im_start|>", False), ("user\nHi there", False), ("<|im_end|>", False), ("\n", False),

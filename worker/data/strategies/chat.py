@@ -19,8 +19,9 @@ tool calls removed, as axolotl finds it. `tools` in the row go to the template; 
 arguments and tool parameters given as JSON strings are decoded first, and nulls inside them (left
 by the datasets library's schema merge across rows) are dropped, as axolotl does.
 
-A message is trained when its own training flag (message_field_training, default `training`)
-says so, else when train_on_inputs, else when its role is in roles_to_train (default assistant).
+A message is trained when its own training flag says so (the key named by message_field_training;
+unset, as in axolotl, means no flag is read), else when train_on_inputs, else when its role is in
+roles_to_train (default assistant).
 After each message, the first end-of-turn token (eot_tokens, default [eos_token]) before the next
 message is trained per train_on_eot: all (after every message), turn (after trained messages),
 last (only the one after the last trained message), none; EOS likewise per train_on_eos (default turn).
@@ -56,7 +57,7 @@ class ChatTemplateStrategy:
         self.role_key, self.content_key = ds.role_key(), ds.content_key()
         mappings = ds.message_property_mappings
         self.extra_keys = dict(mappings.model_extra or {}) if mappings is not None else {}
-        self.training_key = ds.message_field_training or "training"
+        self.training_key = ds.message_field_training
         if ds.roles:
             self.roles = {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
         else:
@@ -118,7 +119,7 @@ class ChatTemplateStrategy:
                 message["tool_calls"] = self.tool_calls(message["tool_calls"], index, f"{where}.tool_calls")
             message |= {key: m[src] for key, src in self.extra_keys.items() if m.get(src) is not None}
             messages.append(message)
-            train.append(self.trained(role, m.get(self.training_key)))
+            train.append(self.trained(role, m.get(self.training_key) if self.training_key else None))
         system = row.get(self.field_system)
         if isinstance(system, str) and system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
@@ -189,13 +190,17 @@ class ChatTemplateStrategy:
             spans = [self.diff_span(messages, tools, full, k, marks[0], index) for k in range(len(messages))]
         return [self.tool_call_span(messages, tools, full, k, marks[0], spans[k], index) if messages[k].get("tool_calls") else spans[k] for k in range(len(messages))]
 
-    def tool_call_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, content: tuple[int, int] | None, index: int) -> tuple[int, int] | None:
+    def tool_call_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, content: tuple[int, int] | None, index: int) -> tuple[int, int]:
         """What the template renders for message k's content and tool calls together."""
         bare = {key: v for key, v in messages[k].items() if key != "tool_calls"}
         probe = self.render([*messages[:k], {**bare, "content": mark}, *messages[k + 1 :]], tools, index)
         a, b = differing_span(full, probe)
-        if a >= b:
-            return content
+        if (a, b) == content or a >= b:  # nothing but the content differs: the template drops tool calls
+            raise self.ctx.row_error(
+                index, f"{self.field_messages}[{k}].tool_calls",
+                "the chat template does not render tool calls, so they would be dropped from training",
+                hint="use the model's own template (chat_template: tokenizer_default) or another that renders `tool_calls`",
+            )
         if content is not None and content[0] < content[1] and not (a <= content[0] and content[1] <= b):
             raise self.ctx.row_error(
                 index, f"{self.field_messages}[{k}].tool_calls",
