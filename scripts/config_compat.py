@@ -26,6 +26,7 @@ from schemas.issues import Issue  # noqa: E402
 from schemas.validate import validate_config  # noqa: E402
 
 DOC = REPO / "docs" / "config-compat.md"
+DATA_DIFFERENCES = Path(__file__).with_name("config_compat_data.md")  # hand-written, appended
 DEFAULT_EXAMPLES = REPO / "tests" / "schemas" / "axolotl_examples"
 FRESH_ENDPOINT = {"BASE_VOLUME": "/volume"}
 
@@ -94,7 +95,7 @@ def render(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         keys = ", ".join(f"`{k}`" for k in sorted({reason_key(i) for i in o.errors})) or "—"
         lines.append(f"| {o.file} | {o.outcome} | {keys} | {len(o.warnings)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + DATA_DIFFERENCES.read_text(encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:

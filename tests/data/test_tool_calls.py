@@ -10,35 +10,16 @@ import pytest
 
 from tests.data.test_chat_template import CONVERSATION, expected
 from tests.data.conftest import context
+from tests.data.helpers import TOOL, tool_row
 from worker.data.strategies import build_strategy
 from worker.errors import DataError
 
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TOOLS_HEADER = (  # Qwen3's system block when the row has tools (its template's text)
     "system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + json.dumps(TOOL) + "\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
     "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
 )
-
-
-def tool_row(arguments, content=""):
-    return {
-        "tools": [TOOL],
-        "messages": [
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": content, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
-            {"role": "tool", "content": '{"temp": 21}'},
-            {"role": "assistant", "content": "It is 21 degrees."},
-        ],
-    }
 
 
 def run(tok, row, dataset=None, **keys):
