@@ -136,14 +136,7 @@ class ChatTemplateStrategy:
     def tool_calls(self, calls: Any, index: int, where: str) -> list[dict[str, Any]]:
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
             raise self.ctx.row_error(index, where, "expected a list of tool call objects ({type, function: {name, arguments}})")
-        decoded = []
-        for n, call in enumerate(calls):
-            function = call.get("function")
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                function = {**function, "arguments": self.json_value(function["arguments"], index, f"{where}[{n}].function.arguments")}
-                call = {**call, "function": function}
-            decoded.append(call)
-        return decoded
+        return self.decode_function_field(calls, "arguments", index, where)
 
     def tools(self, row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
         tools = without_nulls(row.get(self.field_tools))
@@ -153,14 +146,17 @@ class ChatTemplateStrategy:
             return None
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise self.ctx.row_error(index, self.field_tools, "expected a list of tool definitions ({type: function, function: {name, description, parameters}})")
-        decoded = []
-        for n, tool in enumerate(tools):
-            function = tool.get("function")
-            if isinstance(function, dict) and isinstance(function.get("parameters"), str):
-                function = {**function, "parameters": self.json_value(function["parameters"], index, f"{self.field_tools}[{n}].function.parameters")}
-                tool = {**tool, "function": function}
-            decoded.append(tool)
-        return decoded
+        return self.decode_function_field(tools, "parameters", index, self.field_tools)
+
+    def decode_function_field(self, items: list[dict[str, Any]], key: str, index: int, where: str) -> list[dict[str, Any]]:
+        """`function.<key>` given as a JSON string (common in exported datasets) decoded, as axolotl does."""
+        out = []
+        for n, item in enumerate(items):
+            function = item.get("function")
+            if isinstance(function, dict) and isinstance(function.get(key), str):
+                item = {**item, "function": {**function, key: self.json_value(function[key], index, f"{where}[{n}].function.{key}")}}
+            out.append(item)
+        return out
 
     def json_value(self, text: str, index: int, where: str) -> Any:
         try:
