@@ -49,6 +49,13 @@ def test_tool_calls_after_text_train_both(qwen3_tok):
     assert run(qwen3_tok, tool_row({"city": "Paris"}, "Let me check.")) == expected(qwen3_tok, tool_call_pieces("Let me check."))
 
 
+def test_tool_role_is_known_beside_a_roles_mapping(qwen3_tok):
+    row = tool_row({"city": "Paris"})
+    row["messages"] = [{**m, "role": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"])} for m in row["messages"]]
+    got = run(qwen3_tok, row, {"roles": {"user": ["human"], "assistant": ["gpt"]}})
+    assert got == expected(qwen3_tok, tool_call_pieces(""))
+
+
 def test_nulls_from_schema_merge_are_dropped_from_tool_calls(qwen3_tok):
     # datasets fills a key another row has (here `unit`) with null; the template must not see it
     assert run(qwen3_tok, tool_row({"city": "Paris", "unit": None})) == expected(qwen3_tok, tool_call_pieces(""))

@@ -59,7 +59,9 @@ class ChatTemplateStrategy:
         self.extra_keys = dict(mappings.model_extra or {}) if mappings is not None else {}
         self.training_key = ds.message_field_training
         if ds.roles:
-            self.roles = {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
+            # the standard roles stay known beside the mapped ones (axolotl passes any unmapped role through)
+            standard = {r: r for r in ("system", "user", "assistant", "tool")}
+            self.roles = standard | {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
         else:
             self.roles = DEFAULT_ROLES
         to_train = ds.roles_to_train if ds.roles_to_train is not None else ["assistant"]
