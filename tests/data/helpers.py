@@ -30,6 +30,29 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_row(arguments, content: str = "") -> dict:
+    """A tool-calling conversation: the assistant calls get_weather, the tool answers, the assistant replies."""
+    return {
+        "tools": [TOOL],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": content, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "It is 21 degrees."},
+        ],
+    }
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -86,8 +86,11 @@ def test_llama3_named_template_trims_and_masks(llama3_tok, mode):
 def test_roles_to_train_training_flag_and_train_on_inputs(chatml_tok):
     messages = [dict(m) for m in CONVERSATION]
     messages[2]["training"] = False  # the per-message flag wins over roles_to_train
-    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"]})
+    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"], "message_field_training": "training"})
     assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [0, 1, 0, 1, 1], [0, 1, 0, 1, 1]))
+    # without message_field_training no flag is read, as in axolotl
+    got = run(chatml_tok, messages, {"roles_to_train": ["assistant", "user"]})
+    assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [0, 1, 1, 1, 1], [0, 1, 1, 1, 1]))
     got = run(chatml_tok, CONVERSATION, train_on_inputs=True)
     assert got == expected(chatml_tok, chatml_pieces(CONVERSATION, [1] * 5, [1] * 5))
 
@@ -99,6 +102,20 @@ def test_eot_tokens_apart_from_eos(chatml_tok):
     assert got == expected(tok, chatml_pieces(CONVERSATION, *EOS_MODES["turn"]))
     got = run(tok, CONVERSATION, {"train_on_eot": "last", "train_on_eos": "all"}, eot_tokens=["<|im_end|>"])
     assert got == expected(tok, chatml_pieces(CONVERSATION, *EOS_MODES["last"]))
+
+
+@pytest.mark.parametrize("key", ["train_on_eos", "train_on_eot"])
+def test_last_is_the_end_of_the_last_trained_turn(chatml_tok, key):
+    # a conversation that ends on an untrained message: `last` trains the end of the last trained
+    # one (the final answer), not the end of the trailing user message
+    tok = chatml_tok.__class__.from_pretrained(chatml_tok.name_or_path)
+    keys = {}
+    if key == "train_on_eot":
+        tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+        keys = {"eot_tokens": ["<|im_end|>"]}
+    messages = [*CONVERSATION, {"role": "user", "content": "thanks"}]
+    got = run(tok, messages, {key: "last"}, **keys)
+    assert got == expected(tok, chatml_pieces(messages, [0, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 0]))
 
 
 def test_eos_in_eot_tokens_with_conflicting_modes_is_refused(chatml_tok):

@@ -50,12 +50,13 @@ def test_alpaca_styles(llama3_tok, kind, with_input):
 
 
 @pytest.mark.parametrize("mode", ["turn", "all", "last", "none"])
-def test_alpaca_train_on_inputs_and_eos(chatml_tok, mode):
+def test_alpaca_always_trains_the_response_eos(chatml_tok, mode):
+    # train_on_eos is chat_template's; axolotl's instruction strategies never read it
     tok = chatml_tok
     prompt = enc(tok, PROMPTS["alpaca"][0])
-    ids = prompt + enc(tok, "1 2 3") + [tok.eos_token_id]
-    eos_label = IGNORE if mode == "none" else tok.eos_token_id
-    assert one(tok, {"type": "alpaca", "train_on_eos": mode}, ROW, train_on_inputs=True) == (ids, ids[:-1] + [eos_label])
+    response = enc(tok, "1 2 3") + [tok.eos_token_id]
+    assert one(tok, {"type": "alpaca", "train_on_eos": mode}, ROW) == (prompt + response, [IGNORE] * len(prompt) + response)
+    assert one(tok, {"type": "alpaca", "train_on_eos": mode}, ROW, train_on_inputs=True) == (prompt + response, prompt + response)
 
 
 def test_user_defined_format(chatml_tok):
@@ -81,13 +82,15 @@ def test_completion_splits_into_sequence_len_chunks(llama3_tok):
     assert all(s.labels == s.input_ids for s in samples)
 
 
-def test_input_output_segments(llama3_tok):
-    tok = llama3_tok
+def test_input_output_segments_add_nothing(llama3_tok):
+    tok = llama3_tok  # adds BOS itself: input_output still adds none (the segments are the whole text)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
     row = {"segments": [{"label": False, "text": "Q: sort 3 1 2\n"}, {"label": True, "text": "A: 1 2 3"}, {"label": False, "text": "\n"}]}
     first, second, third = enc(tok, "Q: sort 3 1 2\n"), enc(tok, "A: 1 2 3"), enc(tok, "\n")
-    want_ids = [tok.bos_token_id] + first + second + third
-    want_labels = [IGNORE] * (1 + len(first)) + second + [IGNORE] * len(third)
-    assert one(tok, {"type": "input_output"}, row) == (want_ids, want_labels)
+    want_labels = [IGNORE] * len(first) + second + [IGNORE] * len(third)
+    assert one(tok, {"type": "input_output"}, row) == (first + second + third, want_labels)
+    with_bos = {"segments": [{"label": False, "text": "<|begin_of_text|>"}, *row["segments"]]}  # a user who wants BOS writes it
+    assert one(tok, {"type": "input_output"}, with_bos) == ([tok.bos_token_id] + first + second + third, [IGNORE] + want_labels)
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,23 @@ A span that is not the message's text, a trained message the template does not r
 edge inside a token that also holds template text (other than whitespace) is a DataError naming
 the row and message: never a silent mis-mask.
 
-A message is trained when its own training flag (message_field_training, default `training`)
-says so, else when train_on_inputs, else when its role is in roles_to_train (default assistant).
+An assistant message with `tool_calls` is trained over everything the template renders for it
+(its content and the tool calls, e.g. Qwen3's `<tool_call>{...}</tool_call>` blocks): that span is
+where the full render differs from one with the message's content replaced by a sentinel and its
+tool calls removed, as axolotl finds it. `tools` in the row go to the template; tool call
+arguments and tool parameters given as JSON strings are decoded first, and nulls inside them (left
+by the datasets library's schema merge across rows) are dropped, as axolotl does.
+
+A message is trained when its own training flag says so (the key named by message_field_training;
+unset, as in axolotl, means no flag is read), else when train_on_inputs, else when its role is in
+roles_to_train (default assistant).
 After each message, the first end-of-turn token (eot_tokens, default [eos_token]) before the next
 message is trained per train_on_eot: all (after every message), turn (after trained messages),
-last (only the last one of the conversation), none; EOS likewise per train_on_eos (default turn).
+last (only the one after the last trained message), none; EOS likewise per train_on_eos (default turn).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from bisect import bisect_left, bisect_right
@@ -48,9 +57,11 @@ class ChatTemplateStrategy:
         self.role_key, self.content_key = ds.role_key(), ds.content_key()
         mappings = ds.message_property_mappings
         self.extra_keys = dict(mappings.model_extra or {}) if mappings is not None else {}
-        self.training_key = ds.message_field_training or "training"
+        self.training_key = ds.message_field_training
         if ds.roles:
-            self.roles = {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
+            # the standard roles stay known beside the mapped ones (axolotl passes any unmapped role through)
+            standard = {r: r for r in ("system", "user", "assistant", "tool")}
+            self.roles = standard | {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
         else:
             self.roles = DEFAULT_ROLES
         to_train = ds.roles_to_train if ds.roles_to_train is not None else ["assistant"]
@@ -105,10 +116,12 @@ class ChatTemplateStrategy:
                 problem = "missing content" if content is None else f"content must be text, got {type(content).__name__}"
                 raise self.ctx.row_error(index, f"{where}.{self.content_key}", problem)
             message = {"role": role, "content": content}
-            message |= {key: m[key] for key in CARRIED_KEYS if m.get(key) is not None}
+            message |= {key: without_nulls(m[key]) for key in CARRIED_KEYS if m.get(key) is not None}
+            if "tool_calls" in message:
+                message["tool_calls"] = self.tool_calls(message["tool_calls"], index, f"{where}.tool_calls")
             message |= {key: m[src] for key, src in self.extra_keys.items() if m.get(src) is not None}
             messages.append(message)
-            train.append(self.trained(role, m.get(self.training_key)))
+            train.append(self.trained(role, m.get(self.training_key) if self.training_key else None))
         system = row.get(self.field_system)
         if isinstance(system, str) and system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
@@ -121,6 +134,37 @@ class ChatTemplateStrategy:
         if not messages:
             raise self.ctx.row_error(index, self.field_messages, "no messages left after drop_system_message")
         return messages, train
+
+    def tool_calls(self, calls: Any, index: int, where: str) -> list[dict[str, Any]]:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise self.ctx.row_error(index, where, "expected a list of tool call objects ({type, function: {name, arguments}})")
+        return self.decode_function_field(calls, "arguments", index, where)
+
+    def tools(self, row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
+        tools = without_nulls(row.get(self.field_tools))
+        if isinstance(tools, str):
+            tools = self.json_value(tools, index, self.field_tools)
+        if tools is None:
+            return None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise self.ctx.row_error(index, self.field_tools, "expected a list of tool definitions ({type: function, function: {name, description, parameters}})")
+        return self.decode_function_field(tools, "parameters", index, self.field_tools)
+
+    def decode_function_field(self, items: list[dict[str, Any]], key: str, index: int, where: str) -> list[dict[str, Any]]:
+        """`function.<key>` given as a JSON string (common in exported datasets) decoded, as axolotl does."""
+        out = []
+        for n, item in enumerate(items):
+            function = item.get("function")
+            if isinstance(function, dict) and isinstance(function.get(key), str):
+                item = {**item, "function": {**function, key: self.json_value(function[key], index, f"{where}[{n}].function.{key}")}}
+            out.append(item)
+        return out
+
+    def json_value(self, text: str, index: int, where: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise self.ctx.row_error(index, where, f"not valid JSON: {e}", hint="give it as a JSON object, or a string holding valid JSON") from e
 
     def render(self, messages: list[dict[str, Any]], tools: Any, index: int) -> str:
         try:
@@ -139,17 +183,35 @@ class ChatTemplateStrategy:
         for texts in (contents, [c.strip() for c in contents]):
             spans = substituted_spans(marked, marks, texts, full)
             if spans is not None:
-                return spans
-        return [self.diff_span(messages, tools, full, k, marks[0], index) for k in range(len(messages))]
+                break
+        else:
+            spans = [self.diff_span(messages, tools, full, k, marks[0], index) for k in range(len(messages))]
+        return [self.tool_call_span(messages, tools, full, k, marks[0], spans[k], index) if messages[k].get("tool_calls") else spans[k] for k in range(len(messages))]
+
+    def tool_call_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, content: tuple[int, int] | None, index: int) -> tuple[int, int]:
+        """What the template renders for message k's content and tool calls together."""
+        bare = {key: v for key, v in messages[k].items() if key != "tool_calls"}
+        probe = self.render([*messages[:k], {**bare, "content": mark}, *messages[k + 1 :]], tools, index)
+        a, b = differing_span(full, probe)
+        if (a, b) == content or a >= b:  # nothing but the content differs: the template drops tool calls
+            raise self.ctx.row_error(
+                index, f"{self.field_messages}[{k}].tool_calls",
+                "the chat template does not render tool calls, so they would be dropped from training",
+                hint="use the model's own template (chat_template: tokenizer_default) or another that renders `tool_calls`",
+            )
+        if content is not None and content[0] < content[1] and not (a <= content[0] and content[1] <= b):
+            raise self.ctx.row_error(
+                index, f"{self.field_messages}[{k}].tool_calls",
+                "the chat template renders this message's tool calls apart from its content, so the span to train cannot be located exactly",
+                hint="use a template that renders an assistant message's content and tool calls together (chat_template_jinja)",
+            )
+        return a, b
 
     def diff_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, index: int) -> tuple[int, int] | None:
         probe = self.render([*messages[:k], {**messages[k], "content": mark}, *messages[k + 1 :]], tools, index)
         if probe == full:
             return None  # the template does not show this content
-        p = len(os.path.commonprefix([full, probe]))
-        limit = min(len(full), len(probe)) - p
-        q = len(os.path.commonprefix([full[::-1], probe[::-1]])) if limit > 0 else 0
-        a, b = p, len(full) - min(q, limit)
+        a, b = differing_span(full, probe)
         if a < b and full[a:b] not in messages[k]["content"]:
             raise self.ctx.row_error(
                 index, f"{self.field_messages}[{k}].{self.content_key}",
@@ -204,7 +266,8 @@ class ChatTemplateStrategy:
                 j = next((j for j in range(t1, limit) if ids[j] in wanted), -1)
                 if j < 0:
                     continue
-                last_found[kind] = j
+                if train[k]:
+                    last_found[kind] = j
                 if mode == "all" or (mode == "turn" and train[k]):
                     labels[j] = ids[j]
         for kind, _, mode in passes:
@@ -216,7 +279,7 @@ class ChatTemplateStrategy:
         prepared = []
         for row, index in zip(rows, indices):
             messages, train = self.conversation(row, index)
-            tools = row.get(self.field_tools)
+            tools = self.tools(row, index)
             full = self.render(messages, tools, index)
             prepared.append((full, self.content_spans(messages, tools, full, index), train))
         # the backend directly: ids and character offsets in one pass, without the Python wrapper's copies
@@ -245,3 +308,20 @@ def substituted_spans(marked: str, marks: list[str], texts: list[str], full: str
         pieces.append(part)
         length += len(part)
     return spans if "".join(pieces) == full else None
+
+
+def differing_span(full: str, probe: str) -> tuple[int, int]:
+    """The part of `full` that differs from `probe` (common prefix and suffix removed, never overlapping)."""
+    p = len(os.path.commonprefix([full, probe]))
+    limit = min(len(full), len(probe)) - p
+    q = len(os.path.commonprefix([full[::-1], probe[::-1]])) if limit > 0 else 0
+    return p, len(full) - min(q, limit)
+
+
+def without_nulls(value: Any) -> Any:
+    """Nested nulls dropped: the datasets library fills keys a row lacks with null when it merges schemas."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value

@@ -3,7 +3,8 @@
 The prompt (system + instruction/input turn) is tokenised on its own, with the tokenizer's leading
 special tokens; the response is tokenised without them and gets EOS appended. So the boundary
 between masked prompt and trained response is exact by construction: no merge across it.
-Prompt tokens are -100 unless train_on_inputs; the EOS is trained unless train_on_eos is none.
+Prompt tokens are -100 unless train_on_inputs; the response's EOS is always trained (as axolotl's
+instruction strategies do: train_on_eos belongs to chat_template and is not read here).
 Formats are axolotl's (prompters.AlpacaPrompter).
 """
 from __future__ import annotations
@@ -58,7 +59,6 @@ class InstructStrategy:
         self.columns = tuple(c for k, c in fields.items() if c and k in ("instruction", "output"))
         self.eos = ctx.eos_id()
         self.lead = ctx.lead_ids()
-        self.train_eos = ctx.dataset.train_on_eos != "none"
 
     def prompt(self, row: dict[str, Any], index: int) -> str:
         f = self.fields
@@ -85,7 +85,7 @@ class InstructStrategy:
             p = self.lead + list(p)
             r = list(r) + [self.eos]
             prompt_labels = list(p) if self.ctx.train_on_inputs else [IGNORE] * len(p)
-            labels = prompt_labels + r[:-1] + [self.eos if self.train_eos else IGNORE]
+            labels = prompt_labels + r
             out.append([Sample(p + r, labels)])
         return out
 

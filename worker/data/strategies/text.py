@@ -1,8 +1,9 @@
 """Plain-text strategies: `completion` / pretraining (every token trained, long texts split into
 sequence_len chunks) and `input_output` (segments, each trained or not by its `label` flag).
 
-Both start with the tokenizer's leading special tokens (BOS where it adds one, never trained in
-input_output); completion ends each text with EOS. Segments are tokenised one by one, so a segment
+completion starts each text with the tokenizer's leading special tokens (BOS where it adds one)
+and ends it with EOS. input_output is the segments' tokens and nothing else (no BOS, no EOS: as
+axolotl does, the text is the user's to write); segments are tokenised one by one, so a segment
 boundary is a token boundary; train_on_inputs trains every segment.
 """
 from __future__ import annotations
@@ -36,7 +37,6 @@ class InputOutputStrategy:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.lead = ctx.lead_ids()
 
     def segments(self, row: dict[str, Any], index: int) -> list[tuple[str, bool]]:
         segs = row.get("segments")
@@ -58,7 +58,8 @@ class InputOutputStrategy:
         for row, index in zip(rows, indices):
             segs = self.segments(row, index)
             pieces = self.ctx.tokenizer([t for t, _ in segs], add_special_tokens=False)["input_ids"]
-            ids, labels = list(self.lead), [IGNORE] * len(self.lead)
+            ids: list[int] = []
+            labels: list[int] = []
             for (_, trained), piece in zip(segs, pieces):
                 ids += piece
                 labels += list(piece) if trained or self.ctx.train_on_inputs else [IGNORE] * len(piece)
