@@ -103,7 +103,7 @@ Conversation = Annotated[list[ChatMessage], Field(min_length=1)]
 
 class CompletionRequest(Sampling):
     model: str = Field(min_length=1, max_length=512)
-    prompt: Union[str, list[str]]
+    prompt: Union[str, Annotated[list[str], Field(max_length=MAX_BATCH_CONVERSATIONS)]]  # each one a completion: as many as a batch
 
     @field_validator("prompt")
     @classmethod
