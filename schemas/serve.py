@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.issues import Issue, pydantic_issues
 
 MAX_BATCH_CONVERSATIONS = 256
+MAX_STOP_CHARS = 256  # transformers' stop-string tables cost time in length x vocabulary: 1 MB held the engine for minutes
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
@@ -60,6 +61,8 @@ class GenerationKwargs(Strict):
     def _stop_list(self) -> "GenerationKwargs":
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in ([self.stop] if isinstance(self.stop, str) else self.stop or ())):
+            raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return self
 
 
