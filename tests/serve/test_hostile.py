@@ -65,3 +65,11 @@ def test_a_completion_takes_no_more_prompts_than_a_batch_takes_conversations():
         parse_request({"openai_route": "/v1/completions", "openai_input": {
             "model": "m", "prompt": ["hi"] * (MAX_BATCH_CONVERSATIONS + 1), "max_tokens": 1}})
     assert any(i.loc.startswith("prompt") for i in e.value.issues)
+
+
+@pytest.mark.parametrize("stop", ["x" * 1_000_000, ["\n", "y" * 300]])
+def test_a_stop_sequence_longer_than_the_limit_is_refused_before_the_engine(stop):
+    """A 1 MB stop string made transformers build its stop tables for minutes while every other request waited."""
+    with pytest.raises(RequestInvalid) as e:
+        parse_request({"messages": [[{"role": "user", "content": "hi"}]], "generation_kwargs": {"stop": stop}})
+    assert any("256 characters" in i.msg for i in e.value.issues), [str(i) for i in e.value.issues]
