@@ -73,3 +73,16 @@ def test_a_stop_sequence_longer_than_the_limit_is_refused_before_the_engine(stop
     with pytest.raises(RequestInvalid) as e:
         parse_request({"messages": [[{"role": "user", "content": "hi"}]], "generation_kwargs": {"stop": stop}})
     assert any("256 characters" in i.msg for i in e.value.issues), [str(i) for i in e.value.issues]
+
+
+@pytest.mark.parametrize("params, loc", [
+    ({"max_tokens": int("9" * 4000)}, "max_tokens"),
+    ({"max_completion_tokens": 2**40}, "max_completion_tokens"),
+    ({"seed": 2**70}, "seed"),
+])
+def test_out_of_range_integers_are_refused_with_a_short_message(params, loc):
+    """A 4,000-digit max_tokens came back whole in the context error; a seed past 64 bits was the engine's overflow."""
+    with pytest.raises(RequestInvalid) as e:
+        parse_request({"openai_route": "/v1/chat/completions", "openai_input": {
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], **params}})
+    assert [i.loc for i in e.value.issues] == [loc] and len(str(e.value)) < 300, str(e.value)
