@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
 
             web_app = http_app(service.app)
             web_app.on_startup.append(on_startup)
-            web.run_app(web_app, host=args.host, port=args.port, print=None)
+            web.run_app(web_app, host=args.host, port=args.port, print=None, handler_cancellation=True)
     except FtwError as e:
         print(f"ftw serve: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
               + (f"\n--- engine log tail ---\n{e.log_tail}" if e.log_tail else ""), file=sys.stderr)
