@@ -43,7 +43,10 @@ def _method_keys(cfg: TrainingConfig) -> Problems:
     if cfg.rl is not None and cfg.rl not in RL_METHODS:
         return  # the rl error says what to change
     for key, methods in METHOD_KEYS.items():
-        if key in cfg.model_fields_set and getattr(cfg, key) is not None and cfg.rl not in methods:
+        value = getattr(cfg, key)
+        # set, and not to its default: a config written back in full (a run's config.json) names every key
+        if key in cfg.model_fields_set and value is not None and value != TrainingConfig.model_fields[key].default \
+                and cfg.rl not in methods:
             now = f"rl is {cfg.rl}" if cfg.rl else "rl is not set"
             yield Issue(key, f"{key} applies to rl: {' / '.join(methods)} ({now}); remove it or set rl")
 

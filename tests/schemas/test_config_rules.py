@@ -161,6 +161,14 @@ def test_rl_keys_fail_where_they_are_wrong(raw, want):
     assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
 
 
+def test_a_config_written_back_in_full_validates_again():
+    """A run's config.json is the validated config dumped with every key (defaults included): the
+    stage children validate it again, so a key at its default is no method's option."""
+    report = validate_config({**GOOD, "adapter": "lora"}, ENV)
+    again = validate_config(report.value.model_dump(mode="json"), ENV)
+    assert again.valid, again.errors
+
+
 def test_user_reward_code_is_refused_even_when_the_operator_allows_plugins():
     raw = {**GOOD, "adapter": "lora", "rl": "grpo", "trl": {"reward_funcs": ["rwd.mine"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]}
     report = validate_config(raw, {**ENV, "FTW_ALLOW_PLUGINS": "1"})
