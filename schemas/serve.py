@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.issues import Issue, pydantic_issues
 
 MAX_BATCH_CONVERSATIONS = 256
+MAX_TOKENS = 2**31 - 1  # above any context; a 4,000-digit max_tokens was quoted whole in the context error
+MAX_SEED = 2**63 - 1  # what torch and vLLM take (a larger one was the engine's "Overflow when unpacking long long")
+MAX_STOP_CHARS = 256  # transformers' stop-string tables cost time in length x vocabulary: 1 MB held the engine for minutes
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
@@ -51,7 +54,7 @@ class GenerationKwargs(Strict):
     top_k: Optional[int] = Field(default=None, ge=-1)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(default=None, gt=0, le=10)
@@ -60,6 +63,8 @@ class GenerationKwargs(Strict):
     def _stop_list(self) -> "GenerationKwargs":
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in ([self.stop] if isinstance(self.stop, str) else self.stop or ())):
+            raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return self
 
 
@@ -69,8 +74,8 @@ def check_greedy_n(n: int, temperature: Optional[float]) -> None:
 
 
 class Sampling(GenerationKwargs):
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -103,7 +108,7 @@ Conversation = Annotated[list[ChatMessage], Field(min_length=1)]
 
 class CompletionRequest(Sampling):
     model: str = Field(min_length=1, max_length=512)
-    prompt: Union[str, list[str]]
+    prompt: Union[str, Annotated[list[str], Field(max_length=MAX_BATCH_CONVERSATIONS)]]  # each one a completion: as many as a batch
 
     @field_validator("prompt")
     @classmethod
@@ -128,7 +133,7 @@ class BatchRequest(Strict):
     n: int = Field(default=1, ge=1, le=16)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
     generation_kwargs: GenerationKwargs = GenerationKwargs()
 
     @model_validator(mode="after")

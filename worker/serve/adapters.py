@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from schemas.limits import excerpt
 from schemas.paths import allowed_roots
 from worker.errors import AdapterError, FtwError
 from worker.publish.pull import ArtifactMissing
@@ -63,6 +64,9 @@ def parse_ref(name: str, settings: ServeSettings) -> AdapterRef:
     if source.startswith(("s3://", "hf://")) or HUB_REF.fullmatch(source) or RUN_ID.fullmatch(source):
         return AdapterRef(name, source)
     if source.startswith(("/", "file://")):
+        if "\0" in source:  # no file name holds one; resolve() would raise on it
+            raise AdapterError(f"the local folder {excerpt(source)} holds a NUL character", status=400,
+                               hint="name the adapter's folder as it is on disk")
         folder = Path(source.removeprefix("file://")).resolve()
         if any(folder.is_relative_to(root) for root in allowed_roots(settings.env)):
             return AdapterRef(name, str(folder))

@@ -15,19 +15,24 @@ import sys
 
 from aiohttp import web
 
+from schemas.limits import DocumentError, parse_json
 from schemas.serve import RequestInvalid, parse_batch, parse_route
 from worker.errors import FtwError, ServeError
 from worker.serve.app import ServeApp, error_body
+
+MAX_BODY_BYTES = 64 * 2**20  # a long context's prompt fits many times over
 
 
 def http_app(app: ServeApp) -> web.Application:
     """aiohttp routes over a ServeApp (also used by tests and bench/serve.py)."""
 
     async def read_json(request: web.Request):
+        """The body within schemas/limits.py's limits: a body nested thousands deep, a key given twice,
+        NaN or a lone surrogate is a 400 that says so, never a crash or a silent pick."""
         try:
-            return await request.json()
-        except ValueError as e:
-            raise ServeError(f"the request body is not valid JSON ({e})") from e
+            return parse_json(await request.read(), "the request body", max_bytes=MAX_BODY_BYTES)
+        except DocumentError as e:
+            raise ServeError(str(e), hint="send one JSON object, UTF-8 encoded, as the OpenAI API takes it") from e
 
     def openai_route(route: str):
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -67,7 +72,7 @@ def http_app(app: ServeApp) -> web.Application:
         except ServeError as e:
             return web.json_response(error_body(e), status=e.status)
 
-    web_app = web.Application(middlewares=[errors], client_max_size=64 * 2**20)
+    web_app = web.Application(middlewares=[errors], client_max_size=MAX_BODY_BYTES)
     web_app.router.add_post("/v1/chat/completions", openai_route("/v1/chat/completions"))
     web_app.router.add_post("/v1/completions", openai_route("/v1/completions"))
     web_app.router.add_get("/v1/models", openai_route("/v1/models"))
@@ -105,7 +110,7 @@ def main(argv: list[str]) -> int:
 
             web_app = http_app(service.app)
             web_app.on_startup.append(on_startup)
-            web.run_app(web_app, host=args.host, port=args.port, print=None)
+            web.run_app(web_app, host=args.host, port=args.port, print=None, handler_cancellation=True)
     except FtwError as e:
         print(f"ftw serve: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
               + (f"\n--- engine log tail ---\n{e.log_tail}" if e.log_tail else ""), file=sys.stderr)

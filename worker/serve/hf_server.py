@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engine = HFEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     server = HFServer(engine, args.served_model_name or args.model)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True,
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True, handler_cancellation=True,
                 keepalive_timeout=ENGINE_KEEP_ALIVE_S)  # closes idle connections as vLLM's uvicorn does
     return 0
 
