@@ -1,13 +1,15 @@
 """DeepSpeed's engine for real: two processes on CPU (gloo) under torchrun, ZeRO-1/2/3 from the
 presets axolotl's bundled files map to and from a user's dict, give the loss curve and adapter
 one process gives with the same global batch; a checkpoint written under ZeRO resumes to the
-same adapter; SIGTERM saves and exits 75; `deepspeed_as_fsdp: true` is what selects FSDP2."""
+same adapter; SIGTERM saves; `deepspeed_as_fsdp: true` is what selects FSDP2."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -59,59 +61,60 @@ def test_zero_stages_match_one_process(reference, deepspeed):
 
 
 def test_user_dict_with_auto_values(reference):
-    """A user's DeepSpeed JSON as HF/axolotl write it: "auto" for what the trainer fills."""
+    """A user's DeepSpeed JSON as HF/axolotl write it ("auto" for what the trainer fills), with
+    gradient accumulation inside each rank: 2 ranks × micro-batch 1 × 2 accumulation steps."""
     cfg, cache, root = reference
     user = {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}, "bf16": {"enabled": "auto"},
             "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
-    proc = run_train(two_ranks(cfg, deepspeed=user), root / "user", cache, nproc=2, timeout=800)
+    proc = run_train({**cfg, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "deepspeed": user}, root / "user", cache, nproc=2, timeout=800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_matches_single(root, "user")
 
 
 def test_resume_under_zero2_reaches_the_uninterrupted_adapter(reference):
-    """Stop after step 2 (max_steps 2), resume to step 4 with the same run dir: the adapter equals
-    the 4-step run's, so optimizer partitions, schedule and loop state all came back."""
+    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the uninterrupted run's, so DeepSpeed's optimizer partitions,
+    the schedule and the loop state all came back."""
     cfg, cache, root = reference
     run = root / "resumed"
-    first = two_ranks(cfg, deepspeed="zero2", save_strategy="steps", save_steps=2, max_steps=2, auto_resume_from_checkpoints=True)
-    # the schedule of a 4-step run even though this one stops at 2: warmup/decay over 4
-    first["lr_scheduler_kwargs"] = None
-    proc = run_train({**first, "max_steps": 4, "save_steps": 2}, run, cache, nproc=2, timeout=800)
+    over = two_ranks(cfg, deepspeed="zero2", save_strategy="steps", save_steps=2, auto_resume_from_checkpoints=True)
+    proc = run_train(over, run, cache, nproc=2, timeout=800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt2 = run / "checkpoints" / "checkpoint-2"
     assert (ckpt2 / "deepspeed").is_dir() and not (ckpt2 / "optimizer.pt").exists()
-    # a second run resumes from checkpoint-4 (the newest); to test resume, drop it and go again from 2
-    import shutil
-
-    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
-    proc = run_train({**first, "max_steps": 4, "save_steps": 2}, run, cache, nproc=2, timeout=800)
+    for later in (p for p in (run / "checkpoints").glob("checkpoint-*") if p != ckpt2):
+        shutil.rmtree(later)
+    shutil.rmtree(run / "adapter")
+    proc = run_train(over, run, cache, nproc=2, timeout=800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert any(e.get("event") == "start" and e.get("resumed_from") == "checkpoint-2" for e in events(run))
-    assert_matches_single(root, "resumed", rel=1e-4)
+    assert_matches_single(root, "resumed")
 
 
 def test_sigterm_saves_a_resumable_checkpoint(reference):
-    """SIGTERM to the torchrun group mid-run: exit 75, a complete checkpoint with DeepSpeed's state."""
+    """SIGTERM to the torchrun group mid-run under ZeRO-3: a preempted stop and a complete checkpoint with
+    the adapter and DeepSpeed's state, written by both ranks."""
     from worker.train.checkpoint import newest_complete, read_state
 
     cfg, cache, root = reference
     run = root / "sigterm"
-    over = two_ranks(cfg, deepspeed="zero3", max_steps=10_000, eval_steps=None, save_strategy="no")
-    config = write_config(run, over)
+    config = write_config(run, two_ranks(cfg, deepspeed="zero3", max_steps=10_000, eval_steps=None))
     child = subprocess.Popen(train_argv(config, run, cache, nproc=2), env=train_env(run), cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(2400):  # wait for real steps (readiness, not a timer)
-            if any(e.get("stage") == "train" and (e.get("step") or 0) >= 2 for e in events(run)) or child.poll() is not None:
+        for _ in range(2400):  # wait for real steps (readiness, not a timer), bounded
+            if child.poll() is not None or any("loss" in e and (e.get("step") or 0) >= 2 for e in events(run)):
                 break
-            child.wait(timeout=0.25) if False else __import__("time").sleep(0.25)
+            time.sleep(0.25)
         assert child.poll() is None, child.stderr.read()[-4000:]
         os.killpg(child.pid, signal.SIGTERM)
         _, err = child.communicate(timeout=600)
     finally:
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == 75, err[-4000:]
+    # torchrun's agent, signalled too, exits 1; the ranks saved and stopped (the job's supervisor
+    # reports Preempted from its own stop reason)
+    assert any(e.get("event") == "preempted" for e in events(run)), err[-4000:]
     saved = newest_complete(run / "checkpoints")
-    assert saved is not None and (saved / "deepspeed").is_dir() and (saved / "adapter_model.safetensors").is_file()
+    assert saved is not None and (saved / "adapter_model.safetensors").is_file()
     assert read_state(saved)["world_size"] == 2
+    assert {p.name for p in (saved / "deepspeed" / "state").glob("*optim_states.pt")} >= {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
