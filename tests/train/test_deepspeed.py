@@ -38,12 +38,12 @@ def two_ranks(cfg: dict, **over) -> dict:
     return {**cfg, "gradient_accumulation_steps": 1, **over}  # 2 ranks × micro-batch 2 = the same 4 rows per step
 
 
-def assert_matches_single(root, name: str, rel: float = 1e-5) -> dict:
+def assert_matches_single(root, name: str, reference: str = "single", rel: float = 1e-5) -> dict:
     summary = json.loads((root / name / "summary.json").read_text())
-    single = json.loads((root / "single" / "summary.json").read_text())
+    single = json.loads((root / reference / "summary.json").read_text())
     assert [l for _, l in summary["loss_curve"]] == pytest.approx([l for _, l in single["loss_curve"]], rel=rel)
     assert summary["eval_curve"][-1][1] == pytest.approx(single["eval_curve"][-1][1], rel=rel)
-    ours, ref = adapter_tensors(root / name / "adapter"), adapter_tensors(root / "single" / "adapter")
+    ours, ref = adapter_tensors(root / name / "adapter"), adapter_tensors(root / reference / "adapter")
     assert set(ours) == set(ref)
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -62,13 +62,17 @@ def test_zero_stages_match_one_process(reference, deepspeed):
 
 def test_user_dict_with_auto_values(reference):
     """A user's DeepSpeed JSON as HF/axolotl write it ("auto" for what the trainer fills), with
-    gradient accumulation inside each rank: 2 ranks × micro-batch 1 × 2 accumulation steps."""
+    gradient accumulation inside each rank (2 ranks × micro-batch 1 × 2 steps). Plain SGD, no clip:
+    its update follows the gradient's scale, so a loss DeepSpeed divided again by the accumulation
+    steps would show (Adam or a biting clip would hide it)."""
     cfg, cache, root = reference
+    sgd = {**cfg, "optimizer": "sgd", "learning_rate": 0.5, "max_grad_norm": None}
+    assert run_inprocess(sgd, root / "single-sgd", cache) == 0
     user = {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}, "bf16": {"enabled": "auto"},
             "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
-    proc = run_train({**cfg, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "deepspeed": user}, root / "user", cache, nproc=2, timeout=800)
+    proc = run_train({**sgd, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "deepspeed": user}, root / "user", cache, nproc=2, timeout=800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert_matches_single(root, "user")
+    assert_matches_single(root, "user", reference="single-sgd")
 
 
 def test_resume_under_zero2_reaches_the_uninterrupted_adapter(reference):

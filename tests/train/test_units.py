@@ -189,7 +189,7 @@ def test_deepspeed_config_fills_the_keys_ftw_owns():
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
     assert ds["gradient_clipping"] == 0.7 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False, "loss_scale": 0}
-    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_allow_untested_optimizer"] is True
     assert build_config(cfg(deepspeed="zero3_offload"), 1, 1, 2, None)["zero_optimization"]["offload_param"] == {"device": "cpu"}
 
 

@@ -63,6 +63,7 @@ def build_config(cfg: TrainingConfig, rows_per_micro: int, grad_accum: int, worl
     ds["bf16"] = {**_section(user.get("bf16")), "enabled": precision_dtype == torch.bfloat16}
     ds["fp16"] = {**_section(user.get("fp16")), "enabled": precision_dtype == torch.float16}
     ds["zero_force_ds_cpu_optimizer"] = False  # ftw's torch optimizer, also when offloaded
+    ds["zero_allow_untested_optimizer"] = True  # any optimizer ftw builds (sgd, adafactor, muon, bnb), not only Adam/Lamb
     ds.setdefault("steps_per_print", 2**31 - 1)  # ftw reports progress itself
     ds.setdefault("wall_clock_breakdown", False)
     return _drop_auto(ds)
