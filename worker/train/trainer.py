@@ -7,7 +7,8 @@
   internals would be longer and more fragile than the ~150 lines of loop below.
 - Everything the loop needs from the ecosystem is still used as is: models and loss from
   transformers (packed position_ids → per-sample attention), adapters and their files from peft,
-  schedulers from transformers, DDP / FSDP2 and distributed state dicts from torch.
+  schedulers from transformers, DDP / FSDP2 and distributed state dicts from torch, ZeRO from
+  DeepSpeed's engine (worker/train/deepspeed_engine.py).
 
 Shape (torchtune's recipe layout): `setup()` builds tokenizer → model → adapter → kernels →
 sharding → optimizer → scheduler → resume; `train()` runs steps until max steps, early stop or
