@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+# TOKEN, but not TOKENIZERS_PARALLELISM=false: its value would mask every "false" in the logs
+SECRET_NAME = re.compile(r"TOKEN(?!IZER)|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
 # Names of the job's `credentials` fields → the environment variable each becomes in a child.
 CREDENTIAL_ENV = {
     "hf_token": "HF_TOKEN",
