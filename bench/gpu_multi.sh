@@ -18,11 +18,11 @@ mkdir -p "$OUT"
 source bench/gpu_env.sh
 log() { echo "[gpu_multi] $*" | tee -a "$OUT/summary.txt"; }
 ensure_imports "import runpod, datasets, pydantic, yaml, boto3, deepspeed, handler, worker.job.pipeline"
-export BASE_VOLUME="$OUT/volume"
+export BASE_VOLUME="${BASE_VOLUME:-$OUT/volume}"   # a folder outside OUT keeps models/caches across calls on a warm machine
 
 if [ "${DRY_RUN_CPU:-}" = 1 ]; then
   export FTW_ALLOW_CPU=1
-  ARGS="--dry-run-cpu --steps 6 --warmup 2 --save-steps 2 --seq 128 --mbs 2 --rows 300 --arm-timeout 600"
+  ARGS="--dry-run-cpu --steps 6 --warmup 2 --save-steps 2 --kill-steps 300 --seq 128 --mbs 2 --rows 300 --arm-timeout 600"
 else
   unset FTW_ALLOW_CPU
   export CUDA_VISIBLE_DEVICES=0,1
