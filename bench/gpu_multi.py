@@ -99,7 +99,7 @@ def launch(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace, w
     else:
         run_dir = Path(os.environ["BASE_VOLUME"]) / "runs" / name
         path = work / f"{name}.job.json"
-        path.write_text(json.dumps({"input": {"run_id": name, "config": cfg, "publish": ["adapter" if cfg.get("adapter") else "merged"]}}))
+        path.write_text(json.dumps({"input": {"run_id": name, "config": cfg}}))  # publishes the adapter (LoRA) or the model (full)
         argv = [sys.executable, "-m", "worker.cli", "run", str(path)]
     log = open(work / f"{name}.log", "a")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
