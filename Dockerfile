@@ -35,7 +35,7 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY requirements-image.lock ./
-RUN pip install --no-deps -r requirements-image.lock && pip check
+RUN DS_BUILD_OPS=0 pip install --no-deps -r requirements-image.lock && pip check
 
 COPY pyproject.toml handler.py ./
 COPY schemas/ schemas/

@@ -13,6 +13,7 @@ this fails when the folder would be larger. Prints one line per wheel and the to
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 60  # the device tool's 64 MiB, less room for the rest of what travels
 PLATFORM = ["--python-platform", "x86_64-manylinux_2_28", "--python-version", "3.12"]
 WORKER_NEEDS = ("runpod", "datasets", "pydantic", "pyyaml", "boto3", "filelock", "psutil", "matplotlib", "aiohttp")
+# DeepSpeed is an sdist on PyPI: built here into a pure-Python wheel (DS_BUILD_OPS=0, no ops), its
+# dependencies other than torch downloaded as wheels (bench/gpu_multi.sh's ZeRO arms need it)
+DEEPSPEED_DEPS = ("hjson", "msgpack", "einops", "ninja", "py-cpuinfo")
 IMAGE_HAS = {"numpy", "pandas", "pyarrow", "huggingface-hub", "hf-xet", "jinja2", "markupsafe", "packaging",
              "typing-extensions"}
 # the runpod SDK's local FastAPI server (--rp_serve_api), its CLI and their extras: platform mode imports none
@@ -79,6 +83,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         carry = [pin for pin in closure(Path(tmp)) if not skip(pin)]
+        locked = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line)
+        carry += [f"{name}=={locked[name]}" for name in DEEPSPEED_DEPS if not any(p.lower().startswith(name + "==") for p in carry)]
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(args.out), f"deepspeed=={locked['deepspeed']}"],
+                       env={**os.environ, "DS_BUILD_OPS": "0"}, check=True)
         (Path(tmp) / "carry.txt").write_text("\n".join(carry) + "\n")
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",

@@ -19,26 +19,10 @@
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-worker-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-WHEELS=${FTW_WHEELS:-.whl}
-SITE=${FTW_SITE:-/tmp/ftw-site}
-export PYTHONPATH="$(pwd):$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_env.sh
 log() { echo "[gpu_worker] $*" | tee -a "$OUT/summary.txt"; }
 NEEDED="import runpod, runpod.serverless, datasets, pydantic, yaml, matplotlib, boto3, filelock, psutil, aiohttp, handler, worker.endpoint.server"
-
-if ! $PY -c "$NEEDED" 2>/dev/null; then
-  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    log "FAILED: this Python lacks ftw's worker packages and there are no wheels in $WHEELS (build them with bench/gpu_wheels.py and carry the folder)"
-    exit 1
-  fi
-  log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE (offline)"
-  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 \
-    || { log "FAILED: pip install from $WHEELS (see pip.log)"; tail -n 20 "$OUT/pip.log"; exit 1; }
-  if ! $PY -c "$NEEDED" >"$OUT/import.log" 2>&1; then
-    log "FAILED: the worker still cannot import what it needs (see import.log)"; tail -n 20 "$OUT/import.log"; exit 1
-  fi
-fi
+ensure_imports "$NEEDED"
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv; \
   $PY -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)"; } >"$OUT/env.txt" 2>&1

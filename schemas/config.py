@@ -209,6 +209,8 @@ class TrainingConfig(Frozen):
     push_dataset_to_hub: Optional[str] = None
     # ---- distributed ---------------------------------------------------------------------------
     deepspeed: Optional[Union[str, dict[str, Any]]] = None
+    # ftw's own key: run a deepspeed preset/dict as FSDP2 with the same sharding instead of DeepSpeed's engine
+    deepspeed_as_fsdp: Optional[bool] = None
     fsdp: Optional[Union[list[str], str]] = None
     fsdp_config: Optional[FSDPConfig] = None
     fsdp_version: Optional[Literal[1, 2]] = None

@@ -185,10 +185,16 @@ def _distributed(cfg: TrainingConfig) -> Problems:
         yield Issue("fsdp" if cfg.fsdp else "fsdp_config", "fsdp and deepspeed are exclusive: keep one")
 
 
-@rule("deepspeed")
+@rule("deepspeed", "deepspeed_as_fsdp")
 def _deepspeed(cfg: TrainingConfig) -> Problems:
     if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
         yield Issue("deepspeed", (
             f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
             "config files are not read from a job (they would read files on the worker)"
         ), "unsupported")
+    if isinstance(cfg.deepspeed, dict):
+        for section, keys in (("optimizer", "optimizer, learning_rate, weight_decay, adam_beta1/2"), ("scheduler", "lr_scheduler, warmup_steps")):
+            if section in cfg.deepspeed:
+                yield Issue(f"deepspeed.{section}", f"ftw builds the {section} from its own keys and would not use this one: remove it and set {keys}")
+    if cfg.deepspeed_as_fsdp and not cfg.deepspeed:
+        yield Issue("deepspeed_as_fsdp", "deepspeed_as_fsdp runs a deepspeed config as FSDP2, and there is no deepspeed key: remove it, or use fsdp_config")

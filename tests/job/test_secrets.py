@@ -19,7 +19,7 @@ SECRET = "s3cr3t-VALUE-0123456789"
 
 def test_sources_of_secrets_and_the_child_environment():
     env = {"HF_TOKEN": "hf_env_token_1", "MY_SERVICE_PASSWORD": "pw-123456", "PATH": "/usr/bin", "RUNPOD_AI_API_KEY": "rp-key-123",
-           "RUNPOD_WEBHOOK_GET_JOB": "http://x", "FTW_ENDPOINT_API_KEY": "ep-key-123"}
+           "RUNPOD_WEBHOOK_GET_JOB": "http://x", "FTW_ENDPOINT_API_KEY": "ep-key-123", "TOKENIZERS_PARALLELISM": "false"}
     assert set(env_secrets(env)) == {"hf_env_token_1", "pw-123456", "rp-key-123", "ep-key-123"}
     job = validate_job({"input": example_job(credentials={"hf_token": "hf_job_token_2", "aws_secret_access_key": "aws-job-3"})}, env={}).value
     creds = job_credential_env(job.credentials, {"accessId": "AKIA-4", "accessSecret": "s3cfg-secret-5", "bucketName": "b"})

@@ -1,5 +1,5 @@
 """Two processes on CPU (gloo) under torchrun: DDP and FSDP2 give the adapter one process gives
-with the same global batch. (deepspeed presets run as FSDP2: see test_units.py for the mapping.)"""
+with the same global batch. (DeepSpeed ZeRO: test_deepspeed.py.)"""
 from __future__ import annotations
 
 import json

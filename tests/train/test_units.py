@@ -169,11 +169,28 @@ def test_sharding_keys_map_to_ddp_or_fsdp2():
     assert strategy(cfg(fsdp=["full_shard", "auto_wrap"]), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
     assert strategy(cfg(fsdp=["shard_grad_op", "offload"]), two) == {"kind": "fsdp2", "reshard": False, "offload": True}
     assert strategy(cfg(fsdp_config={"fsdp_version": 2, "reshard_after_forward": False}), two)["reshard"] is False
-    # DeepSpeed ZeRO presets: the FSDP2 sharding that does the same thing
-    assert strategy(cfg(deepspeed="zero2"), two) == {"kind": "fsdp2", "reshard": False, "offload": False}
-    assert strategy(cfg(deepspeed="zero3"), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
-    assert strategy(cfg(deepspeed="zero3_offload"), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
-    assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two)["reshard"] is True
+    # DeepSpeed configs run DeepSpeed's engine; FSDP2 with the same sharding only when asked for
+    assert strategy(cfg(deepspeed="zero2"), two) == {"kind": "deepspeed", "stage": 2}
+    assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two) == {"kind": "deepspeed", "stage": 3}
+    assert strategy(cfg(deepspeed="zero2", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": False, "offload": False}
+    assert strategy(cfg(deepspeed="zero3", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
+    assert strategy(cfg(deepspeed="zero3_offload", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
+    assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}, deepspeed_as_fsdp=True), two)["reshard"] is True
+
+
+def test_deepspeed_config_fills_the_keys_ftw_owns():
+    """A user's HF/axolotl-style DeepSpeed JSON: "auto" and stale numbers give way to the ftw config's
+    batch shape, clip and precision; the user's other ZeRO settings are kept."""
+    from worker.train.deepspeed_engine import build_config
+
+    user = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto", "overlap_comm": True},
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": True, "loss_scale": 0}, "train_batch_size": 999, "gradient_clipping": "auto"}
+    ds = build_config(cfg(deepspeed=user, max_grad_norm=0.7), rows_per_micro=2, grad_accum=3, world_size=2, precision_dtype=torch.bfloat16)
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
+    assert ds["gradient_clipping"] == 0.7 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False, "loss_scale": 0}
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_allow_untested_optimizer"] is True
+    assert build_config(cfg(deepspeed="zero3_offload"), 1, 1, 2, None)["zero_optimization"]["offload_param"] == {"device": "cpu"}
 
 
 def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeypatch):

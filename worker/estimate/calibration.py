@@ -47,7 +47,6 @@ class MeasuredRow:
             micro_batch_size=int(c["mbs"]), sequence_len=int(c["seq"]), packed=packed,
             checkpointing=c["ckpt"] != "off", offload=c["ckpt"] == "offload",
             lora_params=lora_param_count(shape, BENCH_LORA_R, LINEAR_MODULES), mean_sample_tokens=mean,
-            real_path=c["loop"] == "real",
         )
 
     def predicted(self) -> tuple[float, float]:

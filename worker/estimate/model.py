@@ -52,7 +52,9 @@ MODES = {
 MEMORY_TOLERANCE, SPEED_TOLERANCE = 0.15, 0.20  # the model's stated error on the measured rows (tests hold it)
 OVERHEAD_BYTES = GiB // 8  # CUDA workspaces, allocator slack, the step's small buffers
 CKPT_LAYER_SHARE = 0.5  # of one layer's activations alive while it is recomputed
-HOST_S_PER_MICRO = 0.045  # the training loop's host time per micro-batch (real path, not overlapped)
+# host time per micro-batch the GPU waits on in a loop that syncs every forward (the hf mode's mask
+# checks); ftw's real path overlaps its host work with the GPU's since 2026-12-02 (docs/benchmarks.md)
+HOST_S_PER_MICRO = 0.045
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 LORA_STATE_BYTES = 18  # fp32 weight + fp32 grad + two fp32 AdamW moments + a bf16 copy
 FULL_STATE_BYTES = 6  # bf16 grad + two bf16 AdamW moments (weights counted apart)
@@ -80,7 +82,6 @@ class Workload:
     micro_tokens: float | None = None  # real tokens of an average micro-batch, when the data says
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
-    real_path: bool = True  # False: the bare kernel loop of bench/train_throughput.py (no host time)
 
     @property
     def mode(self) -> str:
@@ -183,7 +184,7 @@ def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
     if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
         per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
         gpu = max(gpu, 2 * w.compute_tokens * per_token_layer * w.shape.layers / HOST_LINK_BYTES_PER_S)
-    return gpu + (HOST_S_PER_MICRO if w.real_path or MODES[w.mode].host_synced else 0.0)
+    return gpu + (HOST_S_PER_MICRO if MODES[w.mode].host_synced else 0.0)
 
 
 def tokens_per_s(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:

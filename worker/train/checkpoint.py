@@ -4,6 +4,7 @@
         adapter_config.json + adapter_model.safetensors   (LoRA: PEFT format, publishable as is)
         model.safetensors + config.json                   (full fine-tuning)
         optimizer.pt, scheduler.pt                         (not with save_only_model)
+        deepspeed/                                         (DeepSpeed: its partitioned optimizer state instead of optimizer.pt)
         rng-<rank>.pt                                      (every rank's random state)
         ftw_state.json                                     step, epoch, trainer state, sha256 per file
 
@@ -125,6 +126,10 @@ def save(trainer) -> Path | None:
         tmp_dir(root, step)
     dist_.barrier(topo)
     torch.save(_rng_state(), tmp / f"rng-{topo.rank}.pt")
+    if trainer.strategy == "deepspeed" and not cfg.save_only_model:
+        from worker.train.deepspeed_engine import save_state
+
+        save_state(trainer, tmp)  # every rank writes its partition into the checkpoint being built
     dist_.barrier(topo)
     final = None
     if topo.is_main:
@@ -135,6 +140,7 @@ def save(trainer) -> Path | None:
         trainer.tokenizer.save_pretrained(str(tmp))
         if optim_sd is not None:
             torch.save(optim_sd, tmp / "optimizer.pt")
+        if not cfg.save_only_model:
             torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(trainer.scaler.state_dict(), tmp / "scaler.pt")
         final = finalize(tmp, step, trainer.state_record())
@@ -173,9 +179,10 @@ def load(trainer, path: Path) -> None:
         )
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(trainer.model, model_sd, options=opts)
-    if (path / "optimizer.pt").is_file():
+    if (path / "optimizer.pt").is_file() and trainer.strategy != "deepspeed":
         optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=opts)
+    if (path / "scheduler.pt").is_file():  # DeepSpeed's optimizer partitions load with its engine
         trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         trainer.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     else:

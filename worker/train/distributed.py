@@ -1,10 +1,11 @@
-"""One process per device: DDP, or FSDP2 (`fully_shard`) for fsdp/fsdp_config and deepspeed presets.
+"""One process per device: DDP, FSDP2 (`fully_shard`) for fsdp/fsdp_config, DeepSpeed ZeRO for deepspeed.
 
 The child is started by torchrun (see `worker.train.launch`), which sets RANK/WORLD_SIZE; a
-lone child runs without a process group. DeepSpeed is not a dependency of ftw: its ZeRO presets
-map onto the FSDP2 sharding that does the same thing (ZeRO-1/2: gradients and optimizer state
-sharded, parameters kept whole after forward → `reshard_after_forward=False`; ZeRO-3: parameters
-sharded too → `True`; `*_offload` → CPU offload), and the mapping is logged.
+lone child runs without a process group. `deepspeed:` runs DeepSpeed's engine
+(worker/train/deepspeed_engine.py); `deepspeed_as_fsdp: true` asks instead for the FSDP2
+sharding that does the same thing (ZeRO-1/2: gradients and optimizer state sharded, parameters
+kept whole after forward → `reshard_after_forward=False`; ZeRO-3: parameters sharded too →
+`True`; `*_offload` → CPU offload). Never one for the other without the config saying so.
 """
 from __future__ import annotations
 
@@ -57,14 +58,19 @@ def shutdown() -> None:
 
 
 def strategy(cfg: TrainingConfig, topo: Topology) -> dict:
-    """{"kind": single|ddp|fsdp2, "reshard": bool, "offload": bool} from the config's keys."""
+    """{"kind": single|ddp|fsdp2|deepspeed, ...} from the config's keys."""
     if topo.world_size == 1:
         return {"kind": "single"}
     if cfg.deepspeed:
-        stage = cfg.deepspeed if isinstance(cfg.deepspeed, str) else f"zero{cfg.deepspeed.get('zero_optimization', {}).get('stage', 2)}"
-        offload = "offload" in stage or bool(isinstance(cfg.deepspeed, dict) and cfg.deepspeed.get("zero_optimization", {}).get("offload_param"))
-        log.info("deepspeed %s runs as FSDP2 with the same sharding (DeepSpeed is not installed in ftw)", stage)
-        return {"kind": "fsdp2", "reshard": stage.startswith("zero3"), "offload": offload}
+        from worker.train.deepspeed_engine import zero_section
+
+        zero = zero_section(cfg)
+        stage = int(zero.get("stage", 0))
+        if not cfg.deepspeed_as_fsdp:
+            return {"kind": "deepspeed", "stage": stage}
+        offload = bool(zero.get("offload_param") or zero.get("offload_optimizer"))
+        log.info("deepspeed ZeRO-%d runs as FSDP2 with the same sharding (deepspeed_as_fsdp: true)", stage)
+        return {"kind": "fsdp2", "reshard": stage >= 3, "offload": offload}
     if cfg.fsdp or cfg.fsdp_config is not None:
         opts = (cfg.fsdp_config.model_dump() if cfg.fsdp_config is not None else {})
         flags = cfg.fsdp if isinstance(cfg.fsdp, list) else (cfg.fsdp or "").split()
@@ -86,7 +92,7 @@ def _layer_classes(model, cfg: TrainingConfig) -> set[str]:
 def wrap(model: torch.nn.Module, cfg: TrainingConfig, topo: Topology) -> torch.nn.Module:
     """The module to call for forward/backward (the same object, sharded in place, under FSDP2)."""
     plan = strategy(cfg, topo)
-    if plan["kind"] == "single":
+    if plan["kind"] in ("single", "deepspeed"):  # DeepSpeed's engine wraps the model with its optimizer
         return model
     if plan["kind"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -111,7 +117,7 @@ def wrap(model: torch.nn.Module, cfg: TrainingConfig, topo: Topology) -> torch.n
 
 def no_grad_sync(engine: torch.nn.Module, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if sync:
+    if sync or hasattr(engine, "is_gradient_accumulation_boundary"):  # DeepSpeed syncs at its own boundary
         return contextlib.nullcontext()
     if hasattr(engine, "no_sync"):
         return engine.no_sync()

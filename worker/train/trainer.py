@@ -7,7 +7,8 @@
   internals would be longer and more fragile than the ~150 lines of loop below.
 - Everything the loop needs from the ecosystem is still used as is: models and loss from
   transformers (packed position_ids → per-sample attention), adapters and their files from peft,
-  schedulers from transformers, DDP / FSDP2 and distributed state dicts from torch.
+  schedulers from transformers, DDP / FSDP2 and distributed state dicts from torch, ZeRO from
+  DeepSpeed's engine (worker/train/deepspeed_engine.py).
 
 Shape (torchtune's recipe layout): `setup()` builds tokenizer → model → adapter → kernels →
 sharding → optimizer → scheduler → resume; `train()` runs steps until max steps, early stop or
@@ -51,6 +52,7 @@ from schemas.config import TrainingConfig
 from worker.errors import JobSpecError, OutOfMemory, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
+from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.data.cache import PreparedData
@@ -141,11 +143,11 @@ class Trainer:
         self.offloader = ActivationOffloader(topo.device) if offload else None
         if cfg.activation_offloading in ("disk", "legacy"):
             log.warning("activation_offloading: %s offloads to host memory (ftw has no disk offload)", cfg.activation_offloading)
+        self.strategy = dist_.strategy(cfg, topo)["kind"]
         self.engine = dist_.wrap(self.model, cfg, topo)
         if cfg.torch_compile is True or (cfg.torch_compile == "auto" and topo.device.type == "cuda"):
             # in place: parameter names, state dicts and the DDP/FSDP wrapping stay as they are
             self.model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
-        self.strategy = dist_.strategy(cfg, topo)["kind"]
         mbs, gas = cfg.batch_shape()
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
         router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
@@ -154,11 +156,14 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
-        self.scaler = torch.amp.GradScaler(topo.device.type, enabled=self.precision.autocast_dtype == torch.float16)
+        fp16_scaler = self.precision.autocast_dtype == torch.float16 and self.strategy != "deepspeed"  # DeepSpeed scales its own
+        self.scaler = torch.amp.GradScaler(topo.device.type, enabled=fp16_scaler)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         resume = self.resume_point()
         if resume is not None:
-            self.load_checkpoint(resume)
+            self.load_checkpoint(resume)  # under DeepSpeed: into the plain model, before its engine exists
+        if self.strategy == "deepspeed":
+            self.engine = ds_.initialize(self, resume)
         log.info(
             "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
             "packed" if self.data.packed else "unpacked", self.plan.num_rows, self.plan.steps_per_epoch,
@@ -198,18 +203,24 @@ class Trainer:
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
-                # DDP/FSDP average gradients over ranks; the loss is already a global mean
-                self.scaler.scale(loss * topo.world_size).backward()
+                # DDP/FSDP/DeepSpeed average gradients over ranks; the loss is already a global mean
+                if self.strategy == "deepspeed":
+                    ds_.backward(self.engine, loss * topo.world_size)
+                else:
+                    self.scaler.scale(loss * topo.world_size).backward()
             sums += torch.cat([loss.detach().double().reshape(1), metric_sums])
         if topo.world_size > 1:
             torch.distributed.all_reduce(sums)  # every rank's share of the global mean (and metric sums)
         loss_sum = sums[0]
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.strategy == "deepspeed":  # its step at the boundary clipped and stepped already
+            grad_norm = ds_.grad_norm(self.engine, topo.device)
+        else:
+            self.scaler.unscale_(self.optimizer)
+            max_norm = self.cfg.max_grad_norm or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
@@ -340,6 +351,8 @@ class Trainer:
         """Trainable weights (and optimizer state) gathered whole on every rank's CPU — collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
+        if self.strategy == "deepspeed":  # its optimizer state is saved by DeepSpeed, partitioned (ckpt.save)
+            return ds_.trainable_state_dict(self), None
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not self.cfg.is_full_finetune())
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None

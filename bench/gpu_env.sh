@@ -1,0 +1,24 @@
+# Sourced by bench/gpu_*.sh on the device machine: Python, PYTHONPATH, and what the image lacks
+# installed offline from the wheels bench/gpu_wheels.py built ($FTW_WHEELS, default .whl) into a
+# folder put first on PYTHONPATH. `ensure_imports "import a, b"` stops the script (exit 1) when
+# the modules still cannot be imported: a job always goes through handler.py, never around it.
+# Needs OUT and a `log` function.
+PY=${PYTHON:-python3}
+WHEELS=${FTW_WHEELS:-.whl}
+SITE=${FTW_SITE:-/tmp/ftw-site}
+export PYTHONPATH="$(pwd):$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+ensure_imports() {
+  $PY -c "$1" 2>/dev/null && return 0
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    log "FAILED: this Python lacks ftw's worker packages and there are no wheels in $WHEELS (build them with bench/gpu_wheels.py and carry the folder)"
+    exit 1
+  fi
+  log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE (offline)"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 \
+    || { log "FAILED: pip install from $WHEELS (see pip.log)"; tail -n 20 "$OUT/pip.log"; exit 1; }
+  if ! $PY -c "$1" >"$OUT/import.log" 2>&1; then
+    log "FAILED: the worker still cannot import what it needs (see import.log)"; tail -n 20 "$OUT/import.log"; exit 1
+  fi
+}
