@@ -27,6 +27,7 @@ from typing import Any
 from schemas.config import TrainingConfig
 from schemas.paths import base_volume
 from worker.errors import DataError
+from worker.lifeline import pid_alive
 
 # TrainingConfig keys that change the prepared tokens (the tokenizer's own content is hashed apart)
 TOKEN_KEYS = (
@@ -132,16 +133,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return time.time()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fresh_build_dir(root: Path, fp: str) -> Path:

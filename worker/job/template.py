@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from worker.lifeline import die_with_parent
+from worker.lifeline import die_with_parent, pid_alive
 
 READY_TIMEOUT_S = 300.0
 PR_SET_NAME = 15
@@ -88,7 +88,7 @@ class ForkedChild:
     def _lost(self) -> int:
         self.conn.close()
         deadline = time.monotonic() + 60
-        while _alive(self.pid) and time.monotonic() < deadline:
+        while pid_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         return -signal.SIGKILL
 
@@ -105,16 +105,6 @@ class ForkedChild:
                 raise subprocess.TimeoutExpired("stage", timeout)
             self._read(left)
         return self.returncode
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StageTemplate:
