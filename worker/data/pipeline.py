@@ -189,9 +189,7 @@ def features() -> Any:
 
 def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0) -> dict[str, list]:
     """One datasets.map batch → samples, each tagged with its source and row (for error messages)."""
-    indices = [i + offset for i in indices]
-    keys = list(batch)
-    raw = [dict(zip(keys, values)) for values in zip(*batch.values())]
+    raw, indices = rows.batch_rows(batch, indices, offset)
     out: dict[str, list] = {"input_ids": [], "labels": [], "_source": [], "_row": []}
     for index, samples in zip(indices, strategy.tokenize(raw, indices)):
         for s in samples:

@@ -45,9 +45,7 @@ def features() -> Any:
 
 def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0) -> dict[str, list]:
     """One datasets.map batch → one table row per dataset row (see the module docstring)."""
-    indices = [i + offset for i in indices]
-    keys = list(batch)
-    raw = [dict(zip(keys, values)) for values in zip(*batch.values())]
+    raw, indices = rows.batch_rows(batch, indices, offset)
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "_split", "_flag", "_answer", "_source", "_row")}
     for index, s in zip(indices, strategy.tokenize_rows(raw, indices)):
         second = s.rejected

@@ -14,6 +14,12 @@ from worker.data.strategies.base import IGNORE
 from worker.errors import DataError
 
 
+def batch_rows(batch: dict[str, list], indices: list[int], offset: int) -> tuple[list[dict], list[int]]:
+    """A datasets.map batch (columns) as row dicts, with each row's index in its whole source."""
+    keys = list(batch)
+    return [dict(zip(keys, values)) for values in zip(*batch.values())], [i + offset for i in indices]
+
+
 def lengths(table: pa.Table) -> np.ndarray:
     return pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
 
