@@ -59,17 +59,15 @@ MAX_LINE_HOLD = 65536  # a log line is held back until complete (so a URL split 
 MASK = "***"
 
 
-# Settings whose names look like a secret's but whose values are plain words that fill every log
-# (`TOKENIZERS_PARALLELISM=false` would turn each JSON `false` into the mask, and break the stage
-# summary the orchestrator reads), and values no credential can have.
-NOT_SECRET_NAME = re.compile(r"^TOKENIZERS_", re.I)
+# A variable named like a secret whose value is a plain word is a setting, not a credential
+# (`TOKENIZERS_PARALLELISM=false`, `HF_HUB_DISABLE_TOKEN_CHECK=true`): masking it would turn every
+# JSON `false` in a log into the mask and break the stage summary the orchestrator reads.
 NOT_SECRET_VALUE = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off"})
 
 
 def env_secrets(env: Mapping[str, str]) -> list[str]:
     return [v for k, v in env.items()
-            if SECRET_NAME.search(k) and not NOT_SECRET_NAME.search(k)
-            and len(v or "") >= MIN_SECRET_LEN and v.strip().lower() not in NOT_SECRET_VALUE]
+            if SECRET_NAME.search(k) and len(v or "") >= MIN_SECRET_LEN and v.strip().lower() not in NOT_SECRET_VALUE]
 
 
 def job_credential_env(credentials: Any, s3_config: Mapping[str, Any] | None) -> dict[str, str]:
