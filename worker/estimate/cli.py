@@ -64,16 +64,13 @@ def main(argv: list[str]) -> int:
 
 def estimate_text(job_input: Any, env: dict[str, str]) -> tuple[str, str | None]:
     """(the rendered estimate, None) for a job's config, or ("", why not)."""
-    from schemas.job import unwrap_input
-    from schemas.validate import validate_config
+    from schemas.job import validate_job
 
-    inner = unwrap_input(job_input)
-    config = inner.get("config", inner.get("args")) if isinstance(inner, dict) else None
-    report = validate_config(config, env) if config is not None else None
-    if report is None or not report.valid:
-        return "", "the job has no valid config" if report is None else f"invalid config: {report.errors[0]}"
+    report = validate_job(job_input, env=env)  # the config as the worker will run it (operator defaults too)
+    if not report.valid:
+        return "", f"invalid job: {report.errors[0]}"
     try:
-        return render(estimate(report.value, env), None), None
+        return render(estimate(report.value.config, env), None), None
     except (UnknownShape, ValueError) as e:
         return "", str(e)
 
