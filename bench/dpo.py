@@ -193,12 +193,14 @@ def main() -> int:
     ap.add_argument("--answer", type=int, default=600)
     ap.add_argument("--arms", default="ftw,trl")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/ftw-bench-dpo"))
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp/ftw-bench-dpo-SHAPE, one per shape: "
+                    "the ftw arm's run folder there belongs to one config)")
     ap.add_argument("--trl-path", default="", help="folder with trl installed (--target), added to the trl arm's PYTHONPATH")
     ap.add_argument("--arm-timeout", type=int, default=900)
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ref-share", action="store_true", help="measure the reference forward's share of a DPO step instead")
     a = ap.parse_args()
+    a.work = a.work or Path(f"/tmp/ftw-bench-dpo-{a.shape}")
     a.work.mkdir(parents=True, exist_ok=True)
     model_dir, data = a.work / f"model-{a.shape}", a.work / "pairs.jsonl"
     if a.arm:
