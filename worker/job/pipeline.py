@@ -14,6 +14,7 @@ as finished in its state.json are skipped, and training continues from its newes
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -164,7 +165,7 @@ class JobPipeline:
         result, previous = read_json(path / "result.json"), read_json(path / "job.json")
         if not result or result.get("status") != "completed" or not previous or not self.job.resume:
             return None
-        return None if changed_keys(previous.get("config") or {}, self.public_job()["config"]) else result
+        return None if changed_keys(previous.get("config") or {}, self.public_job["config"]) else result
 
     def release(self, run: RunDir) -> None:
         if self.uploader is not None:  # its final sweep uploads what training saved last
@@ -323,7 +324,7 @@ class JobPipeline:
                 "submit with resume: true to continue it, or with a new run_id to start over (nothing is deleted)",
                 stage="run_dir",
             )
-        old, new = previous.get("config") or {}, self.public_job()["config"]
+        old, new = previous.get("config") or {}, self.public_job["config"]
         changed = changed_keys(old, new)
         if changed:
             raise JobSpecError(
@@ -332,14 +333,21 @@ class JobPipeline:
                 stage="run_dir", details={"changed_keys": changed},
             )
 
+    @functools.cached_property
+    def job_dict(self) -> dict[str, Any]:
+        """The job as written to disk, before redaction (dumped once: a config may be megabytes)."""
+        return self.job.public_dict()
+
+    @functools.cached_property
     def public_job(self) -> dict[str, Any]:
-        return self.redactor.data(self.job.public_dict())
+        """job.json's content: the job without credentials, every secret masked (redacted once)."""
+        return self.redactor.data(self.job_dict)
 
     def write_config(self, run: RunDir) -> Path:
         """config.json for the children (output_dir pinned inside the run folder) and job.json, both
         secret-free; what was masked in the config (a presigned URL) reaches the children in their environment."""
-        public = self.public_job()
-        self.config_secrets = masked_values(self.job.public_dict()["config"], public["config"])
+        public = self.public_job
+        self.config_secrets = masked_values(self.job_dict["config"], public["config"])
         if len(json.dumps(self.config_secrets)) > MAX_ENV_VALUE:
             raise JobSpecError(f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
                                "keep such values to the URLs themselves (a presigned URL is well under 4 KB)", stage="run_dir")
