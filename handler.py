@@ -73,7 +73,13 @@ def status_poster(job: dict[str, Any]) -> ProgressSink:
         return lambda update: None
     from runpod.serverless import progress_update
 
-    return lambda update: progress_update(job, update)
+    def post(update: dict[str, Any]) -> None:
+        try:
+            progress_update(job, update)
+        except Exception as e:  # /status is a view of the job: a failed post must not fail the training
+            print(f"ftw: progress_update failed ({type(e).__name__}: {e}); the job goes on", file=sys.stderr, flush=True)
+
+    return post
 
 
 async def stream_job(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
