@@ -98,3 +98,17 @@ def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_pat
         assert needle not in response.content, secret
         assert needle not in handler_log, secret
         assert every_file_contains(demo_volume, needle) == [], secret
+
+
+def test_a_failed_status_post_does_not_fail_the_job(monkeypatch, capsys):
+    import runpod.serverless
+
+    import handler
+
+    def refused(job, update):
+        raise ConnectionError("the platform is unreachable")
+
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/post")
+    monkeypatch.setattr(runpod.serverless, "progress_update", refused)
+    handler.status_poster({"id": "j1"})({"stage": "train", "step": 1})
+    assert "progress_update failed (ConnectionError" in capsys.readouterr().err
