@@ -38,7 +38,7 @@ from worker.job.progress import ProgressSink, Throttle, format_line
 from worker.job.supervisor import StopSignal
 
 POLL_S = 0.2
-STREAM_INTERVAL_S = 10.0  # every streamed item is kept in the job's aggregated output: a day stays under ~2 MB
+STREAM_INTERVAL_S = 10.0  # every streamed item is kept in the job's aggregated output: a day stays under ~2 MB (FTW_STREAM_INTERVAL_S)
 RUNNING: set[StopSignal] = set()
 _sigterm_forwarding = False
 
@@ -86,7 +86,7 @@ async def stream_job(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     stop = StopSignal()
     updates: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     outcome: dict[str, Any] = {}
-    post_status, to_stream = status_poster(job), Throttle(updates.put, STREAM_INTERVAL_S)
+    post_status, to_stream = status_poster(job), Throttle(updates.put, float(os.environ.get("FTW_STREAM_INTERVAL_S") or STREAM_INTERVAL_S))
 
     def on_progress(update: dict[str, Any]) -> None:
         post_status(update)

@@ -76,6 +76,7 @@ async def cancel_at_train_step(job: dict, step: int) -> tuple[list[dict], float]
 
 def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     monkeypatch.setenv("FTW_PROGRESS_INTERVAL_S", "0")
+    monkeypatch.setenv("FTW_STREAM_INTERVAL_S", "0")  # the cancel waits on a streamed step update
     monkeypatch.setenv("FTW_STOP_GRACE_S", str(GRACE_S))
     job = example_job(run_id="resume", config=CONFIG)
     run_dir = demo_volume / "runs" / "resume"
