@@ -19,6 +19,7 @@ This file only adapts it to the runpod SDK:
 The job input: see schemas/job.py (`config`/`args`, `outputs`, `publish`, `run_id`, `limits`, ...)
 and RunPod's `s3Config`. This process never imports torch or transformers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,9 @@ from worker.job.progress import ProgressSink, Throttle, format_line
 from worker.job.supervisor import StopSignal
 
 POLL_S = 0.2
-STREAM_INTERVAL_S = 10.0  # every streamed item is kept in the job's aggregated output: a day stays under ~2 MB (FTW_STREAM_INTERVAL_S)
+STREAM_INTERVAL_S = (
+    10.0  # every streamed item is kept in the job's aggregated output: a day stays under ~2 MB (FTW_STREAM_INTERVAL_S)
+)
 RUNNING: set[StopSignal] = set()
 _sigterm_forwarding = False
 
@@ -64,7 +67,11 @@ def final_item(result: dict[str, Any]) -> dict[str, Any]:
     if result.get("status") == "completed":
         return result
     error = result.get("error") or {}
-    return {"error": json.dumps({"run_id": result.get("run_id"), "status": result.get("status"), **error, "timings": result.get("timings")})}
+    return {
+        "error": json.dumps(
+            {"run_id": result.get("run_id"), "status": result.get("status"), **error, "timings": result.get("timings")}
+        )
+    }
 
 
 def status_poster(job: dict[str, Any]) -> ProgressSink:
@@ -77,7 +84,9 @@ def status_poster(job: dict[str, Any]) -> ProgressSink:
         try:
             progress_update(job, update)
         except Exception as e:  # /status is a view of the job: a failed post must not fail the training
-            print(f"ftw: progress_update failed ({type(e).__name__}: {e}); the job goes on", file=sys.stderr, flush=True)
+            print(
+                f"ftw: progress_update failed ({type(e).__name__}: {e}); the job goes on", file=sys.stderr, flush=True
+            )
 
     return post
 
@@ -86,7 +95,10 @@ async def stream_job(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     stop = StopSignal()
     updates: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     outcome: dict[str, Any] = {}
-    post_status, to_stream = status_poster(job), Throttle(updates.put, float(os.environ.get("FTW_STREAM_INTERVAL_S") or STREAM_INTERVAL_S))
+    post_status, to_stream = (
+        status_poster(job),
+        Throttle(updates.put, float(os.environ.get("FTW_STREAM_INTERVAL_S") or STREAM_INTERVAL_S)),
+    )
 
     def on_progress(update: dict[str, Any]) -> None:
         post_status(update)
@@ -94,8 +106,13 @@ async def stream_job(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
 
     def work() -> None:
         try:
-            outcome["result"] = run_job(job.get("input"), job_id=job.get("id"), s3_config=job.get("s3Config"),
-                                        on_progress=on_progress, stop=stop)
+            outcome["result"] = run_job(
+                job.get("input"),
+                job_id=job.get("id"),
+                s3_config=job.get("s3Config"),
+                on_progress=on_progress,
+                stop=stop,
+            )
         finally:
             to_stream.flush()
 

@@ -11,6 +11,7 @@ A bad request yields `{"error": {message, type, code, hint?}}`, which fails that
 Settings: environment variables, see worker/serve/settings.py. This process never imports vLLM
 or torch; the engine runs as a child on loopback and gets SIGTERM when the worker stops.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,9 +31,14 @@ def stop_when_engine_dies(engine) -> None:
     if engine.stopping:
         return
     reason = engine.failure_reason(chars=50_000)  # its last words, not an old request's error
-    print(f"serve_handler: the {engine.engine} engine exited with code {code}" + (f" ({reason})" if reason else "")
-          + "; stopping this worker\n"
-          f"--- engine log tail ---\n{engine.log_tail()}", file=sys.stderr, flush=True)
+    print(
+        f"serve_handler: the {engine.engine} engine exited with code {code}"
+        + (f" ({reason})" if reason else "")
+        + "; stopping this worker\n"
+        f"--- engine log tail ---\n{engine.log_tail()}",
+        file=sys.stderr,
+        flush=True,
+    )
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -54,11 +60,13 @@ def main() -> int:
                 async for output in service.app.handle_job(job["input"]):
                     yield output
 
-            runpod.serverless.start({
-                "handler": handler,
-                "concurrency_modifier": lambda current: settings.concurrency(service.engine.engine),
-                "return_aggregate_stream": True,
-            })
+            runpod.serverless.start(
+                {
+                    "handler": handler,
+                    "concurrency_modifier": lambda current: settings.concurrency(service.engine.engine),
+                    "return_aggregate_stream": True,
+                }
+            )
     except FtwError as e:  # the engine did not start: say why, with its last log lines
         print(f"serve_handler: {e.message}\nhint: {e.hint}\n--- engine log tail ---\n{e.log_tail}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ Prints a table (pairs/s, ms/step, peak GiB, ratios to trl) and writes OUT_DIR/dp
 TRL is not in ftw's requirements: pass its wheel folder with --trl-path (PYTHONPATH of the trl arm)
 or install it (pinned: trl==1.16.0, needs pandas).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ sys.path.insert(0, str(REPO))
 from bench.gpu_train import SHAPES, build_model, device  # noqa: E402
 from bench.train_throughput import TARGETS  # noqa: E402
 
-WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort count".split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort count".split()
+)
 BETA = 0.1
 
 
@@ -55,7 +58,16 @@ def write_pairs(path: Path, tokenizer_dir: Path, pairs: int, prompt: int, answer
     tok, rng = AutoTokenizer.from_pretrained(tokenizer_dir), random.Random(0)
     with path.open("w") as f:
         for _ in range(pairs):
-            f.write(json.dumps({"prompt": text_of(tok, prompt, rng), "chosen": " " + text_of(tok, answer, rng), "rejected": " " + text_of(tok, answer, rng)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": text_of(tok, prompt, rng),
+                        "chosen": " " + text_of(tok, answer, rng),
+                        "rejected": " " + text_of(tok, answer, rng),
+                    }
+                )
+                + "\n"
+            )
 
 
 # ---- arms (each runs in its own process: `python bench/dpo.py --arm NAME ...`) ---------------------
@@ -64,20 +76,50 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
 
     run_dir = work / "ftw-run"
     cfg = {
-        "base_model": str(model_dir), "rl": "dpo", "rl_beta": BETA,
-        "datasets": [{"path": str(data), "type": {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"}}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "sequence_len": a.prompt + a.answer + 16,
-        "micro_batch_size": a.mbs, "max_steps": a.warmup + a.steps, "learning_rate": 5e-6, "optimizer": "adamw_torch_fused",
-        "lr_scheduler": "constant", "save_strategy": "no", "bf16": "auto", "attn_implementation": "sdpa", "logging_steps": 1,
-        "shuffle_merged_datasets": False, "dataset_prepared_path": str(work / "cache"),
+        "base_model": str(model_dir),
+        "rl": "dpo",
+        "rl_beta": BETA,
+        "datasets": [
+            {
+                "path": str(data),
+                "type": {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"},
+            }
+        ],
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_linear": True,
+        "sequence_len": a.prompt + a.answer + 16,
+        "micro_batch_size": a.mbs,
+        "max_steps": a.warmup + a.steps,
+        "learning_rate": 5e-6,
+        "optimizer": "adamw_torch_fused",
+        "lr_scheduler": "constant",
+        "save_strategy": "no",
+        "bf16": "auto",
+        "attn_implementation": "sdpa",
+        "logging_steps": 1,
+        "shuffle_merged_datasets": False,
+        "dataset_prepared_path": str(work / "cache"),
     }
     (work / "ftw.yml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "FTW_EVENTS": str(work / "ftw-events.jsonl"), "BASE_VOLUME": str(work), "FTW_ALLOW_CPU": "1",
-           "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "FTW_EVENTS": str(work / "ftw-events.jsonl"),
+        "BASE_VOLUME": str(work),
+        "FTW_ALLOW_CPU": "1",
+        "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
     (work / "ftw-events.jsonl").unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
-                          env=env, capture_output=True, text=True, timeout=a.arm_timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=a.arm_timeout,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
     events = [json.loads(line) for line in (work / "ftw-events.jsonl").read_text().splitlines()]
@@ -85,8 +127,13 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     summary = json.loads((run_dir / "summary.json").read_text())
     last = a.warmup + a.steps
     step_s = (ts[last] - ts[a.warmup]) / a.steps
-    return {"pairs_per_s": round(a.mbs / step_s, 3), "ms_per_step": round(step_s * 1e3, 1), "peak_memory_gib": summary["peak_memory_gib"],
-            "final_loss": summary["final_loss"], "kernels": summary["kernels"]}
+    return {
+        "pairs_per_s": round(a.mbs / step_s, 3),
+        "ms_per_step": round(step_s * 1e3, 1),
+        "peak_memory_gib": summary["peak_memory_gib"],
+        "final_loss": summary["final_loss"],
+        "kernels": summary["kernels"],
+    }
 
 
 def trl_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> dict:
@@ -105,23 +152,49 @@ def trl_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
             stamps.append(time.perf_counter())
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                                                 attn_implementation="sdpa", device_map={"": dev})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+        attn_implementation="sdpa",
+        device_map={"": dev},
+    )
     args = DPOConfig(
-        output_dir=str(work / "trl-out"), per_device_train_batch_size=a.mbs, max_steps=a.warmup + a.steps, learning_rate=5e-6,
-        lr_scheduler_type="constant", optim="adamw_torch_fused" if dev.type == "cuda" else "adamw_torch", beta=BETA,
-        bf16=dev.type == "cuda", max_length=a.prompt + 2 * a.answer + 16, logging_steps=1, save_strategy="no", report_to=[],
-        gradient_checkpointing=False, dataloader_num_workers=0, use_cpu=dev.type != "cuda", seed=0,
+        output_dir=str(work / "trl-out"),
+        per_device_train_batch_size=a.mbs,
+        max_steps=a.warmup + a.steps,
+        learning_rate=5e-6,
+        lr_scheduler_type="constant",
+        optim="adamw_torch_fused" if dev.type == "cuda" else "adamw_torch",
+        beta=BETA,
+        bf16=dev.type == "cuda",
+        max_length=a.prompt + 2 * a.answer + 16,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        use_cpu=dev.type != "cuda",
+        seed=0,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(data), split="train"),
-                         processing_class=tok, peft_config=lora, callbacks=[Stamp()])
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_dataset("json", data_files=str(data), split="train"),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[Stamp()],
+    )
     trainer.train()
     step_s = (stamps[-1] - stamps[a.warmup - 1]) / a.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"pairs_per_s": round(a.mbs / step_s, 3), "ms_per_step": round(step_s * 1e3, 1),
-            "peak_memory_gib": None if peak is None else round(peak, 2), "final_loss": losses[-1] if losses else None}
+    return {
+        "pairs_per_s": round(a.mbs / step_s, 3),
+        "ms_per_step": round(step_s * 1e3, 1),
+        "peak_memory_gib": None if peak is None else round(peak, 2),
+        "final_loss": losses[-1] if losses else None,
+    }
 
 
 def reference_share(model_dir: Path, a: argparse.Namespace) -> dict:
@@ -135,7 +208,10 @@ def reference_share(model_dir: Path, a: argparse.Namespace) -> dict:
     from worker.train.preference import PreferenceObjective
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"), LoraConfig(r=16, target_modules=TARGETS))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
+        LoraConfig(r=16, target_modules=TARGETS),
+    )
     objective = PreferenceObjective(TrainingConfig(base_model="m", learning_rate=1e-4, adapter="lora", rl="dpo"), model)
     n, p = a.prompt + a.answer, a.prompt
     ids = torch.randint(5, 500, (2 * a.mbs * n,)).tolist()
@@ -151,15 +227,39 @@ def reference_share(model_dir: Path, a: argparse.Namespace) -> dict:
 
     step = timed(lambda: objective.loss(model, batch, torch.tensor(float(a.mbs)))[0].backward())
     reference = timed(lambda: objective.reference(model, batch))
-    return {"step_ms": round(step * 1e3, 1), "reference_ms": round(reference * 1e3, 1), "reference_share": round(reference / step, 3)}
+    return {
+        "step_ms": round(step * 1e3, 1),
+        "reference_ms": round(reference * 1e3, 1),
+        "reference_share": round(reference / step, 3),
+    }
 
 
 def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> dict:
     env = dict(os.environ)
     if name == "trl" and a.trl_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (a.trl_path, str(REPO), env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, __file__, "--arm", name, "--work", str(a.work), "--shape", a.shape, "--mbs", str(a.mbs), "--steps", str(a.steps),
-            "--warmup", str(a.warmup), "--prompt", str(a.prompt), "--answer", str(a.answer), "--arm-timeout", str(a.arm_timeout)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--arm",
+        name,
+        "--work",
+        str(a.work),
+        "--shape",
+        a.shape,
+        "--mbs",
+        str(a.mbs),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--prompt",
+        str(a.prompt),
+        "--answer",
+        str(a.answer),
+        "--arm-timeout",
+        str(a.arm_timeout),
+    ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.arm_timeout + 60)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -169,16 +269,25 @@ def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> di
 
 def table(results: dict, a: argparse.Namespace) -> str:
     base = results.get("trl", {})
-    rows = [f"DPO LoRA, {a.shape}, {a.mbs} pairs/step of {a.prompt}+{a.answer}+{a.answer} tokens, {a.steps} timed steps",
-            "| arm | pairs/s | ms/step | peak GiB | × trl pairs/s | × trl memory |", "|---|---|---|---|---|---|"]
+    rows = [
+        f"DPO LoRA, {a.shape}, {a.mbs} pairs/step of {a.prompt}+{a.answer}+{a.answer} tokens, {a.steps} timed steps",
+        "| arm | pairs/s | ms/step | peak GiB | × trl pairs/s | × trl memory |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if "error" in r:
             rows.append(f"| {name} | error: {r['error'][-200:]!r} | | | | |")
             continue
         speed = r["pairs_per_s"] / base["pairs_per_s"] if base.get("pairs_per_s") else None
-        mem = r["peak_memory_gib"] / base["peak_memory_gib"] if base.get("peak_memory_gib") and r.get("peak_memory_gib") else None
-        rows.append(f"| {name} | {r['pairs_per_s']} | {r['ms_per_step']} | {r['peak_memory_gib']} | "
-                    f"{'' if speed is None else f'{speed:.2f}'} | {'' if mem is None else f'{mem:.2f}'} |")
+        mem = (
+            r["peak_memory_gib"] / base["peak_memory_gib"]
+            if base.get("peak_memory_gib") and r.get("peak_memory_gib")
+            else None
+        )
+        rows.append(
+            f"| {name} | {r['pairs_per_s']} | {r['ms_per_step']} | {r['peak_memory_gib']} | "
+            f"{'' if speed is None else f'{speed:.2f}'} | {'' if mem is None else f'{mem:.2f}'} |"
+        )
     return "\n".join(rows)
 
 
@@ -193,12 +302,21 @@ def main() -> int:
     ap.add_argument("--answer", type=int, default=600)
     ap.add_argument("--arms", default="ftw,trl")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: /tmp/ftw-bench-dpo-SHAPE, one per shape: "
-                    "the ftw arm's run folder there belongs to one config)")
-    ap.add_argument("--trl-path", default="", help="folder with trl installed (--target), added to the trl arm's PYTHONPATH")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="scratch folder (default: /tmp/ftw-bench-dpo-SHAPE, one per shape: "
+        "the ftw arm's run folder there belongs to one config)",
+    )
+    ap.add_argument(
+        "--trl-path", default="", help="folder with trl installed (--target), added to the trl arm's PYTHONPATH"
+    )
     ap.add_argument("--arm-timeout", type=int, default=900)
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--ref-share", action="store_true", help="measure the reference forward's share of a DPO step instead")
+    ap.add_argument(
+        "--ref-share", action="store_true", help="measure the reference forward's share of a DPO step instead"
+    )
     a = ap.parse_args()
     a.work = a.work or Path(f"/tmp/ftw-bench-dpo-{a.shape}")
     a.work.mkdir(parents=True, exist_ok=True)
@@ -217,7 +335,11 @@ def main() -> int:
     print(table(results, a))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "dpo.json").write_text(json.dumps({"shape": a.shape, "mbs": a.mbs, "prompt": a.prompt, "answer": a.answer, "results": results}, indent=1))
+        (a.out / "dpo.json").write_text(
+            json.dumps(
+                {"shape": a.shape, "mbs": a.mbs, "prompt": a.prompt, "answer": a.answer, "results": results}, indent=1
+            )
+        )
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

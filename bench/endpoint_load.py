@@ -8,6 +8,7 @@ Starts `ftw endpoint` (a subprocess, fresh SQLite file, no worker so /run jobs s
 error is any other status or a transport failure; the run fails (exit 1) if there is one. GET
 /health is measured first alone, as the baseline the other rows are compared with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,26 +93,35 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--threads", type=int, default=8)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, LocalEndpoint(Path(tmp) / "bench.sqlite3", KEY,
-                                                             log_path=Path(tmp) / "endpoint.log") as endpoint:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalEndpoint(Path(tmp) / "bench.sqlite3", KEY, log_path=Path(tmp) / "endpoint.log") as endpoint,
+    ):
         load = Load(endpoint)
         baseline_s = load.run(["GET /health"] * (args.requests // 4), args.threads)
         load.run(["POST /run"] * args.threads * 4, args.threads)  # jobs for /status to read
         load.latencies.pop("POST /run")
         rng = random.Random(0)
-        ops = rng.choices(["POST /run", "GET /status", "bad JSON (400)", "wrong key (401)"],
-                          weights=[45, 45, 5, 5], k=args.requests)
+        ops = rng.choices(
+            ["POST /run", "GET /status", "bad JSON (400)", "wrong key (401)"], weights=[45, 45, 5, 5], k=args.requests
+        )
         mixed_s = load.run(ops, args.threads)
 
     base_p50 = statistics.median(load.latencies["GET /health"])
-    print(f"endpoint load: {args.requests} mixed requests + {args.requests // 4} /health, {args.threads} client "
-          f"threads, loopback, SQLite WAL; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"endpoint load: {args.requests} mixed requests + {args.requests // 4} /health, {args.threads} client "
+        f"threads, loopback, SQLite WAL; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'request':<18}{'count':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p50 / health':>14}")
     for op, values in load.latencies.items():
-        print(f"{op:<18}{len(values):>7}{1000 * statistics.median(values):>9.2f}{1000 * percentile(values, 0.99):>9.2f}"
-              f"{1000 * max(values):>9.2f}{statistics.median(values) / base_p50:>14.2f}")
-    print(f"throughput: /health alone {args.requests // 4 / baseline_s:,.0f} req/s; "
-          f"mixed {args.requests / mixed_s:,.0f} req/s")
+        print(
+            f"{op:<18}{len(values):>7}{1000 * statistics.median(values):>9.2f}{1000 * percentile(values, 0.99):>9.2f}"
+            f"{1000 * max(values):>9.2f}{statistics.median(values) / base_p50:>14.2f}"
+        )
+    print(
+        f"throughput: /health alone {args.requests // 4 / baseline_s:,.0f} req/s; "
+        f"mixed {args.requests / mixed_s:,.0f} req/s"
+    )
     print(f"errors: {len(load.errors)}" + (f" — {sorted(set(load.errors))[:5]}" if load.errors else ""))
     return 1 if load.errors else 0
 

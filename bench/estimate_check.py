@@ -9,6 +9,7 @@ CPU only, no GPU, in a second: it reads the rows (worker/estimate/calibration.py
 with worker/estimate/model.py and prints predicted / measured; tests/estimate/test_calibration.py
 asserts the same ratios against the tolerances (memory ±15%, tokens/s ±20%).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,17 @@ def main() -> int:
         peak_ratios = [peak / m for m in row.peak_gib]
         worst["tokens_per_s"] = max([worst["tokens_per_s"], *(abs(r - 1) for r in speed_ratios)])
         worst["peak_gib"] = max([worst["peak_gib"], *(abs(r - 1) for r in peak_ratios)])
-        out.append({"row": row.label, "tokens_per_s": row.tokens_per_s, "predicted_tokens_per_s": round(speed),
-                    "speed_ratio": [round(r, 3) for r in speed_ratios], "peak_gib": row.peak_gib,
-                    "predicted_peak_gib": round(peak, 2), "peak_ratio": [round(r, 3) for r in peak_ratios]})
+        out.append(
+            {
+                "row": row.label,
+                "tokens_per_s": row.tokens_per_s,
+                "predicted_tokens_per_s": round(speed),
+                "speed_ratio": [round(r, 3) for r in speed_ratios],
+                "peak_gib": row.peak_gib,
+                "predicted_peak_gib": round(peak, 2),
+                "peak_ratio": [round(r, 3) for r in peak_ratios],
+            }
+        )
     if args.json:
         print(json.dumps({"rows": out, "worst_error": worst}, indent=1))
         return 0
@@ -47,10 +56,14 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in out:
         fmt = lambda xs: "–".join(f"{x:,.0f}" for x in xs) or "—"  # noqa: E731
-        print(f"| {r['row']} | {fmt(r['tokens_per_s'])} | {r['predicted_tokens_per_s']:,} | {', '.join(f'{x:.2f}' for x in r['speed_ratio']) or '—'} "
-              f"| {'–'.join(f'{x:g}' for x in r['peak_gib']) or '—'} | {r['predicted_peak_gib']:.1f} | {', '.join(f'{x:.2f}' for x in r['peak_ratio']) or '—'} |")
-    print(f"\nworst error: tokens/s {worst['tokens_per_s']:.1%} (tolerance {SPEED_TOLERANCE:.0%}), "
-          f"peak memory {worst['peak_gib']:.1%} (tolerance {MEMORY_TOLERANCE:.0%}); {len(out)} rows")
+        print(
+            f"| {r['row']} | {fmt(r['tokens_per_s'])} | {r['predicted_tokens_per_s']:,} | {', '.join(f'{x:.2f}' for x in r['speed_ratio']) or '—'} "
+            f"| {'–'.join(f'{x:g}' for x in r['peak_gib']) or '—'} | {r['predicted_peak_gib']:.1f} | {', '.join(f'{x:.2f}' for x in r['peak_ratio']) or '—'} |"
+        )
+    print(
+        f"\nworst error: tokens/s {worst['tokens_per_s']:.1%} (tolerance {SPEED_TOLERANCE:.0%}), "
+        f"peak memory {worst['peak_gib']:.1%} (tolerance {MEMORY_TOLERANCE:.0%}); {len(out)} rows"
+    )
     return 0
 
 
@@ -65,7 +78,10 @@ def compare_token_counts(tokenizer_json: Path, files: list[Path]) -> int:
 
     def count(value) -> int:
         if isinstance(value, dict) and isinstance(value.get("messages"), list):
-            return sum(len(tok.encode(f"<|im_start|>{m.get('role', '')}\n{m.get('content', '')}<|im_end|>\n").ids) for m in value["messages"])
+            return sum(
+                len(tok.encode(f"<|im_start|>{m.get('role', '')}\n{m.get('content', '')}<|im_end|>\n").ids)
+                for m in value["messages"]
+            )
         if isinstance(value, str):
             return len(tok.encode(value).ids)
         if isinstance(value, dict):

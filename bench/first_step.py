@@ -13,6 +13,7 @@ orchestrator from the train child's first-step event):
 Targets (issue 13): a fresh worker ≤ 1.3× the floor, a warm worker's next job ≤ 0.3× the floor.
 The tiny model and data are built under --work (examples/demo_job.json's, max_steps --steps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,19 @@ def floor_s() -> float:
 
 
 def run_worker(volume: Path, steps: int, template: bool) -> list[dict]:
-    env = {**os.environ, "BASE_VOLUME": str(volume), "FTW_ALLOW_CPU": "1", "PYTHONPATH": str(REPO),
-           "FTW_STAGE_TEMPLATE": "1" if template else "0"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(volume), "--steps", str(steps)], env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "BASE_VOLUME": str(volume),
+        "FTW_ALLOW_CPU": "1",
+        "PYTHONPATH": str(REPO),
+        "FTW_STAGE_TEMPLATE": "1" if template else "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", str(volume), "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if not line:
         raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
@@ -63,8 +73,20 @@ def run_worker(volume: Path, steps: int, template: bool) -> list[dict]:
 
 def prepare(volume: Path) -> None:
     if not (volume / "models" / "ftw-tiny-chatml" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "worker.demo", "--volume", str(volume), "--build-model",
-                        str(volume / "models" / "ftw-tiny-chatml")], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.demo",
+                "--volume",
+                str(volume),
+                "--build-model",
+                str(volume / "models" / "ftw-tiny-chatml"),
+            ],
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     (volume / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "examples" / "data" / "greetings.jsonl", volume / "data" / "greetings.jsonl")
 

@@ -18,6 +18,7 @@ On CPU (`--dry-run-cpu`) the job path has one process (no GPU to count), so the 
 kill go through `ftw train --nproc 2` (the same torchrun child, gloo) and the typed job error is not
 checked; everything else is the same code. Writes OUT_DIR/gpu_multi.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,20 @@ def dataset(path: Path, rows: int) -> None:
 
 def config(model: Path, data: Path, adapter: str, a: argparse.Namespace, **over) -> dict:
     cfg = {
-        "base_model": str(model), "datasets": [{"path": str(data), "type": "completion"}],
-        "sequence_len": a.seq, "sample_packing": True, "micro_batch_size": a.mbs, "gradient_accumulation_steps": 1,
-        "max_steps": a.steps, "learning_rate": 1e-4 if adapter == "full" else 2e-4, "optimizer": "adamw_torch_fused",
-        "lr_scheduler": "constant", "bf16": "auto", "logging_steps": 1, "save_strategy": "no", "gradient_checkpointing": adapter == "full",
+        "base_model": str(model),
+        "datasets": [{"path": str(data), "type": "completion"}],
+        "sequence_len": a.seq,
+        "sample_packing": True,
+        "micro_batch_size": a.mbs,
+        "gradient_accumulation_steps": 1,
+        "max_steps": a.steps,
+        "learning_rate": 1e-4 if adapter == "full" else 2e-4,
+        "optimizer": "adamw_torch_fused",
+        "lr_scheduler": "constant",
+        "bf16": "auto",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "gradient_checkpointing": adapter == "full",
     }
     if adapter == "lora":
         cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True)
@@ -72,8 +83,11 @@ class MemorySampler:
         self.peak: dict[int, int] = {}
         self.proc = None
         if enabled:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
-                                         stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -99,7 +113,9 @@ def launch(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace, w
     else:
         run_dir = Path(os.environ["BASE_VOLUME"]) / "runs" / name
         path = work / f"{name}.job.json"
-        path.write_text(json.dumps({"input": {"run_id": name, "config": cfg}}))  # publishes the adapter (LoRA) or the model (full)
+        path.write_text(
+            json.dumps({"input": {"run_id": name, "config": cfg}})
+        )  # publishes the adapter (LoRA) or the model (full)
         argv = [sys.executable, "-m", "worker.cli", "run", str(path)]
     log = open(work / f"{name}.log", "a")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
@@ -128,10 +144,20 @@ def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace) -> d
     steps = {e["step"]: e["ts"] for e in train_events(run_dir) if "loss" in e and "ts" in e}
     tokens_per_step = summary["tokens"] / max(summary["steps"], 1)
     timed = [s for s in sorted(steps) if s >= a.warmup]
-    tps = tokens_per_step * (timed[-1] - timed[0]) / (steps[timed[-1]] - steps[timed[0]]) if len(timed) > 1 else summary["tokens_per_s"]
-    return {**row, "strategy": summary["strategy"], "world_size": summary["world_size"], "tokens_per_s": round(tps, 1),
-            "tokens_per_s_per_gpu": round(tps / summary["world_size"], 1), "final_loss": summary["final_loss"],
-            "peak_mib_per_gpu": peak or {"rank0_gib": summary["peak_memory_gib"], "kind": summary["peak_memory_kind"]}}
+    tps = (
+        tokens_per_step * (timed[-1] - timed[0]) / (steps[timed[-1]] - steps[timed[0]])
+        if len(timed) > 1
+        else summary["tokens_per_s"]
+    )
+    return {
+        **row,
+        "strategy": summary["strategy"],
+        "world_size": summary["world_size"],
+        "tokens_per_s": round(tps, 1),
+        "tokens_per_s_per_gpu": round(tps / summary["world_size"], 1),
+        "final_loss": summary["final_loss"],
+        "peak_mib_per_gpu": peak or {"rank0_gib": summary["peak_memory_gib"], "kind": summary["peak_memory_kind"]},
+    }
 
 
 def kill_one_rank(model: Path, data: Path, work: Path, a: argparse.Namespace) -> dict:
@@ -140,17 +166,30 @@ def kill_one_rank(model: Path, data: Path, work: Path, a: argparse.Namespace) ->
     cfg = config(model, data, "lora", a, max_steps=a.kill_steps, save_strategy="steps", save_steps=a.save_steps)
     proc, run_dir = launch(name, cfg, 2, work, a, wait=False)
     deadline = time.monotonic() + a.arm_timeout
-    while time.monotonic() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("checkpoint-*")):
+    while (
+        time.monotonic() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("checkpoint-*"))
+    ):
         time.sleep(0.2)
-    rank1 = [pid for pid in _pids() if b"RANK=1\0" in _environ(pid) and b"worker.train" in _cmdline(pid) and b"torch.distributed.run" not in _cmdline(pid)]
+    rank1 = [
+        pid
+        for pid in _pids()
+        if b"RANK=1\0" in _environ(pid)
+        and b"worker.train" in _cmdline(pid)
+        and b"torch.distributed.run" not in _cmdline(pid)
+    ]
     if proc.poll() is not None or not rank1:
         proc.kill()
         return {"failed": f"no checkpoint or no rank-1 process to kill (rc {proc.poll()}); see {name}.log"}
     os.kill(rank1[0], signal.SIGKILL)
     killed = time.monotonic()
     out = proc.communicate(timeout=a.arm_timeout)[0]
-    row = {"killed_pid": rank1[0], "killed_after": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")), "seconds_to_failure": round(time.monotonic() - killed, 1), "rc": proc.returncode,
-           "failure": _last_json(out)}
+    row = {
+        "killed_pid": rank1[0],
+        "killed_after": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")),
+        "seconds_to_failure": round(time.monotonic() - killed, 1),
+        "rc": proc.returncode,
+        "failure": _last_json(out),
+    }
     again, _ = launch(name, cfg, 2, work, a)
     summaries = list(run_dir.rglob("summary.json"))
     summary = json.loads(summaries[0].read_text()) if summaries else {}
@@ -192,13 +231,19 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--save-steps", type=int, default=10)
-    p.add_argument("--kill-steps", type=int, default=150, help="steps of the kill run (killed after its first checkpoint)")
+    p.add_argument(
+        "--kill-steps", type=int, default=150, help="steps of the kill run (killed after its first checkpoint)"
+    )
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--arm-timeout", type=float, default=1800)
-    p.add_argument("--shapes", default=",".join(ARMS), help="comma-separated; empty for none (e.g. a call that only kills)")
-    p.add_argument("--no-kill", action="store_true", help="skip the rank-kill run (one device call may not fit everything)")
+    p.add_argument(
+        "--shapes", default=",".join(ARMS), help="comma-separated; empty for none (e.g. a call that only kills)"
+    )
+    p.add_argument(
+        "--no-kill", action="store_true", help="skip the rank-kill run (one device call may not fit everything)"
+    )
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     a = p.parse_args()
     from bench.gpu_train import build_model
@@ -220,7 +265,9 @@ def main() -> int:
         one = arm(f"{shape}-{adapter}-1gpu", config(model, data, adapter, a), 1, work, a)
         results["arms"].append(one)
         for strat in a.strategies.split(","):
-            row = arm(f"{shape}-{adapter}-{strat}-2gpu", config(model, data, adapter, a, **STRATEGIES[strat]), 2, work, a)
+            row = arm(
+                f"{shape}-{adapter}-{strat}-2gpu", config(model, data, adapter, a, **STRATEGIES[strat]), 2, work, a
+            )
             if "tokens_per_s" in row and "tokens_per_s" in one:
                 row["scaling_efficiency"] = round(row["tokens_per_s"] / (2 * one["tokens_per_s"]), 3)
             results["arms"].append(row)
@@ -236,13 +283,17 @@ def main() -> int:
 
 
 def table(r: dict) -> str:
-    lines = [f"{'arm':38} {'gpus':>4} {'strategy':>9} {'tok/s':>10} {'tok/s/GPU':>10} {'scaling':>8}  peak memory per GPU"]
+    lines = [
+        f"{'arm':38} {'gpus':>4} {'strategy':>9} {'tok/s':>10} {'tok/s/GPU':>10} {'scaling':>8}  peak memory per GPU"
+    ]
     for row in r["arms"]:
         if "failed" in row:
             lines.append(f"{row['arm']:38} {row['gpus']:>4} FAILED rc={row['rc']}: {row['failed']}")
             continue
-        lines.append(f"{row['arm']:38} {row['gpus']:>4} {row['strategy']:>9} {row['tokens_per_s']:>10} {row['tokens_per_s_per_gpu']:>10} "
-                     f"{row.get('scaling_efficiency', ''):>8}  {row['peak_mib_per_gpu']}")
+        lines.append(
+            f"{row['arm']:38} {row['gpus']:>4} {row['strategy']:>9} {row['tokens_per_s']:>10} {row['tokens_per_s_per_gpu']:>10} "
+            f"{row.get('scaling_efficiency', ''):>8}  {row['peak_mib_per_gpu']}"
+        )
     if "kill" in r:
         lines.append(f"kill of rank 1: {json.dumps(r['kill'])}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ seven linear layers, bf16, on those same tokens, one process each:
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
 same shape, mbs, seq and step counts reuses the model and cache under --work (e.g. one arm a call).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.train_throughput import DEFAULT_MBS, SHAPES as PUBLIC_SHAPES, TARGETS, packed_batches  # noqa: E402
+from bench.train_throughput import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
+from bench.train_throughput import SHAPES as PUBLIC_SHAPES
 
-SHAPES = {**PUBLIC_SHAPES, "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True, rope_theta=500000.0)}
+SHAPES = {
+    **PUBLIC_SHAPES,
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+}
 MBS = {**DEFAULT_MBS, "tiny": 2}
 PROFILED_STEPS = 3
 
@@ -95,8 +109,16 @@ def build_cache(folder: Path, steps: int, mbs: int, seq: int, vocab: int) -> Non
         out.append({k: batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids")})
     feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
     Dataset.from_list(out, features=feats).save_to_disk(str(folder / "train"))
-    manifest = {"complete": True, "fingerprint": "bench", "rows": {"train": steps}, "tokens": {"train": steps * mbs * seq},
-                "packing": {"enabled": True, "fill": 1.0, "bins": steps}, "sequence_len": seq, "micro_batch_size": mbs, "versions": {}}
+    manifest = {
+        "complete": True,
+        "fingerprint": "bench",
+        "rows": {"train": steps},
+        "tokens": {"train": steps * mbs * seq},
+        "packing": {"enabled": True, "fill": 1.0, "bins": steps},
+        "sequence_len": seq,
+        "micro_batch_size": mbs,
+        "versions": {},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -109,13 +131,17 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq:
     from transformers import AutoModelForCausalLM
 
     dev = device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map={"": dev})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map={"": dev}
+    )
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=dev.type == "cuda")
     rows = load_from_disk(str(cache / "train")).with_format("torch")
     batches = []
     for i in range(warmup + steps):
-        batch = {k: rows[i % len(rows)][k].long().view(mbs, seq).to(dev) for k in ("input_ids", "labels", "position_ids")}
+        batch = {
+            k: rows[i % len(rows)][k].long().view(mbs, seq).to(dev) for k in ("input_ids", "labels", "position_ids")
+        }
         assert bool((batch["position_ids"][:, 0] == 0).all()), "every row of seq tokens must start a sample"
         batch["labels"][batch["position_ids"] == 0] = -100
         batches.append(batch)
@@ -135,8 +161,12 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq:
     torch.cuda.synchronize() if dev.type == "cuda" else None
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    return {"tokens_per_s": round(tokens / dt), "ms_per_step": round(dt / steps * 1e3, 1),
-            "peak_memory_gib": None if peak is None else round(peak, 2), "final_loss": round(float(loss), 4)}
+    return {
+        "tokens_per_s": round(tokens / dt),
+        "ms_per_step": round(dt / steps * 1e3, 1),
+        "peak_memory_gib": None if peak is None else round(peak, 2),
+        "final_loss": round(float(loss), 4),
+    }
 
 
 def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Namespace) -> dict:
@@ -148,12 +178,25 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     warmup, steps = a.warmup, a.steps
     profiled = PROFILED_STEPS if name == "ftw" and a.profile else 0
     cfg = {
-        "base_model": str(model_dir), "datasets": [{"path": "bench.jsonl", "type": "completion"}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "merge_lora": name == "ftw" and a.merge,
+        "base_model": str(model_dir),
+        "datasets": [{"path": "bench.jsonl", "type": "completion"}],
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_linear": True,
+        "merge_lora": name == "ftw" and a.merge,
         # the profiled window starts one step after the last timed one: that step's event is not delayed by it
-        "sequence_len": a.seq, "sample_packing": True, "micro_batch_size": a.mbs, "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
-        "learning_rate": 1e-4, "optimizer": "adamw_torch_fused", "lr_scheduler": "constant", "save_strategy": "no",
-        "bf16": "auto", "attn_implementation": "sdpa", "logging_steps": 1,
+        "sequence_len": a.seq,
+        "sample_packing": True,
+        "micro_batch_size": a.mbs,
+        "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
+        "learning_rate": 1e-4,
+        "optimizer": "adamw_torch_fused",
+        "lr_scheduler": "constant",
+        "save_strategy": "no",
+        "bf16": "auto",
+        "attn_implementation": "sdpa",
+        "logging_steps": 1,
     }
     if name == "ftw-nokernels":
         cfg["use_kernels"] = False
@@ -161,13 +204,32 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         cfg.update(adapter="qlora", load_in_4bit=True)
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "FTW_EVENTS": str(run_dir / "events.jsonl"), "FTW_ERROR_FILE": str(run_dir / "error.json"), "PYTHONPATH": path}
+    env = {
+        **os.environ,
+        "FTW_EVENTS": str(run_dir / "events.jsonl"),
+        "FTW_ERROR_FILE": str(run_dir / "error.json"),
+        "PYTHONPATH": path,
+    }
     if profiled:
         env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "worker.train", str(run_dir / "config.json"), "--run-dir", str(run_dir), "--data", str(cache)],
-                              env=env, capture_output=True, text=True, timeout=a.arm_timeout)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.train",
+                str(run_dir / "config.json"),
+                "--run-dir",
+                str(run_dir),
+                "--data",
+                str(cache),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=a.arm_timeout,
+        )
     except subprocess.TimeoutExpired as e:
         return {"error": f"timed out after {a.arm_timeout} s: {(e.stderr or b'')[-800:]!r}", "exit": None}
     wall = time.monotonic() - started
@@ -181,9 +243,12 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     per_step = summary["tokens"] / summary["steps"]
     step_s = (ts[last] - ts[warmup]) / (last - warmup)
     result = {
-        "tokens_per_s": round(per_step / step_s), "ms_per_step": round(step_s * 1e3, 1),
-        "peak_memory_gib": summary["peak_memory_gib"], "final_loss": dict(summary["loss_curve"])[last],
-        "kernels": summary["kernels"], "child_wall_s": round(wall, 1),
+        "tokens_per_s": round(per_step / step_s),
+        "ms_per_step": round(step_s * 1e3, 1),
+        "peak_memory_gib": summary["peak_memory_gib"],
+        "final_loss": dict(summary["loss_curve"])[last],
+        "kernels": summary["kernels"],
+        "child_wall_s": round(wall, 1),
     }
     if profiled:
         result.update(profile_figures(run_dir / "profile.txt", profiled))
@@ -191,7 +256,9 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     done = [e["ts"] for e in events if e.get("event") == "done"]
     if merge and done:
         result["merge_s"] = round(done[-1] - merge[0], 1)
-        result["merged_gib"] = round(sum(p.stat().st_size for p in (run_dir / "merged").glob("*.safetensors")) / 2**30, 2)
+        result["merged_gib"] = round(
+            sum(p.stat().st_size for p in (run_dir / "merged").glob("*.safetensors")) / 2**30, 2
+        )
     return result
 
 
@@ -199,13 +266,32 @@ def bare_arm(a: argparse.Namespace) -> dict:
     """train_throughput's ftw arm (its own child process) in this table's units."""
     from bench import train_throughput
 
-    args = ["--arm", "ftw", "--shape", a.shape, "--gc", "off", "--mbs", str(a.mbs), "--seq", str(a.seq),
-            "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    args = [
+        "--arm",
+        "ftw",
+        "--shape",
+        a.shape,
+        "--gc",
+        "off",
+        "--mbs",
+        str(a.mbs),
+        "--seq",
+        str(a.seq),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+    ]
     r = train_throughput.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}
-    return {"tokens_per_s": r["tokens_per_s"], "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
-            "peak_memory_gib": r["peak_alloc_gib"], "final_loss": r["loss_last"], "kernels": r["kernels"]}
+    return {
+        "tokens_per_s": r["tokens_per_s"],
+        "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
+        "peak_memory_gib": r["peak_alloc_gib"],
+        "final_loss": r["loss_last"],
+        "kernels": r["kernels"],
+    }
 
 
 def profile_figures(path: Path, steps: int) -> dict:
@@ -218,7 +304,9 @@ def profile_figures(path: Path, steps: int) -> dict:
     out = {"profiled_host_ms_per_step": round(1e3 * sum(walls) / len(walls), 1)}
     gpu = re.search(r"Self CUDA time total: ([\d.]+)(us|ms|s)\n", text)
     if gpu:
-        out["gpu_busy_ms_per_step"] = round(float(gpu.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[gpu.group(2)] / steps, 1)
+        out["gpu_busy_ms_per_step"] = round(
+            float(gpu.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[gpu.group(2)] / steps, 1
+        )
     return out
 
 
@@ -226,14 +314,34 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ftw-gpu-bench"))
-    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="a public shape of bench/train_throughput.py, or tiny (CPU dry run)")
+    ap.add_argument(
+        "--shape",
+        default="llama-1b",
+        choices=sorted(SHAPES),
+        help="a public shape of bench/train_throughput.py, or tiny (CPU dry run)",
+    )
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--mbs", type=int, default=0, help="rows of --seq tokens per step (default: train_throughput's, 8 for 1B, 4 for 7-8B)")
+    ap.add_argument(
+        "--mbs",
+        type=int,
+        default=0,
+        help="rows of --seq tokens per step (default: train_throughput's, 8 for 1B, 4 for 7-8B)",
+    )
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--arms", default="hf,bare,ftw,qlora,ftw-nokernels")
-    ap.add_argument("--no-merge", dest="merge", action="store_false", help="ftw arm without merge_lora (saves minutes on 7-8B shapes)")
-    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the ftw arm's 3 profiled steps after the timed ones")
+    ap.add_argument(
+        "--no-merge",
+        dest="merge",
+        action="store_false",
+        help="ftw arm without merge_lora (saves minutes on 7-8B shapes)",
+    )
+    ap.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the ftw arm's 3 profiled steps after the timed ones",
+    )
     ap.add_argument("--arm-timeout", type=int, default=0, help="seconds per arm (default: 150 for 1B, 420 for 7-8B)")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run the hf arm in this process
     a = ap.parse_args()
@@ -245,8 +353,16 @@ def main() -> int:
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"shape": a.shape, "seq": a.seq, "mbs": a.mbs, "tokens_per_step": a.seq * a.mbs, "warmup": a.warmup, "steps": a.steps,
-                     "matmul_peak_tflops": matmul_peak_tflops(), "arms": {}}
+    results: dict = {
+        "shape": a.shape,
+        "seq": a.seq,
+        "mbs": a.mbs,
+        "tokens_per_step": a.seq * a.mbs,
+        "warmup": a.warmup,
+        "steps": a.steps,
+        "matmul_peak_tflops": matmul_peak_tflops(),
+        "arms": {},
+    }
     t = time.monotonic()
     spec = {"shape": a.shape, "seq": a.seq, "mbs": a.mbs, "rows": a.warmup + a.steps + PROFILED_STEPS + 1}
     built = a.work / "built.json"  # a warm machine's earlier call with the same spec: model and cache reused
@@ -262,9 +378,31 @@ def main() -> int:
         print(f"--- {arm}", flush=True)
         if arm == "hf":
             try:
-                proc = subprocess.run([sys.executable, __file__, "--arm", "hf", "--out", str(a.out), "--work", str(a.work), "--shape", a.shape,
-                                       "--mbs", str(a.mbs), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps)],
-                                      capture_output=True, text=True, timeout=a.arm_timeout)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--arm",
+                        "hf",
+                        "--out",
+                        str(a.out),
+                        "--work",
+                        str(a.work),
+                        "--shape",
+                        a.shape,
+                        "--mbs",
+                        str(a.mbs),
+                        "--seq",
+                        str(a.seq),
+                        "--warmup",
+                        str(a.warmup),
+                        "--steps",
+                        str(a.steps),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=a.arm_timeout,
+                )
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
@@ -292,19 +430,34 @@ def _has_cuda_bnb() -> bool:
 def table(r: dict) -> str:
     base = r["arms"].get("hf", {}).get("tokens_per_s")
     bare = r["arms"].get("bare", {}).get("tokens_per_s")
-    lines = [f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
-             "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
+        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for arm, v in r["arms"].items():
         if "error" in v:
-            lines.append(f"| {arm} | — | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |")
+            lines.append(
+                f"| {arm} | — | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |"
+            )
             continue
         ratio = f"{v['tokens_per_s'] / base:.2f}×" if base else "—"
         vs_bare = f"{v['tokens_per_s'] / bare:.2f}×" if bare else "—"
-        notes = ", ".join(filter(None, [f"kernels: {'+'.join(v['kernels']) or 'none'}" if "kernels" in v else "",
-                                        f"merge {v['merge_s']} s → {v['merged_gib']} GiB" if "merge_s" in v else "",
-                                        f"host ≤ {v['profiled_host_ms_per_step']} ms/step (profiled)" if "profiled_host_ms_per_step" in v else ""]))
-        lines.append(f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |")
+        notes = ", ".join(
+            filter(
+                None,
+                [
+                    f"kernels: {'+'.join(v['kernels']) or 'none'}" if "kernels" in v else "",
+                    f"merge {v['merge_s']} s → {v['merged_gib']} GiB" if "merge_s" in v else "",
+                    f"host ≤ {v['profiled_host_ms_per_step']} ms/step (profiled)"
+                    if "profiled_host_ms_per_step" in v
+                    else "",
+                ],
+            )
+        )
+        lines.append(
+            f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |"
+        )
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ Timing: CUDA events around each iteration, `--warmup` untimed, the median of `--
 GPU kernels (and memcpy/memset) of one iteration under torch.profiler. Peak: memory allocated above
 the inputs and weights during one iteration. dx err: ‖dx − dx_peft‖/‖dx_peft‖ of the MLP input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def build_layer(shape: str, device: torch.device) -> torch.nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     _, d, q, kv, inter = SHAPES[shape]
-    sizes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-             "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    sizes = {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, inter),
+        "up_proj": (d, inter),
+        "down_proj": (inter, d),
+    }
     torch.manual_seed(0)
     layer = torch.nn.Module()
     for name, (i, o) in sizes.items():
@@ -88,6 +96,7 @@ def fused_step(module):
         q, k, v = module.lora_projections(x, [p["q_proj"], p["k_proj"], p["v_proj"]])
         (o,) = module.lora_projections(attn, [p["o_proj"]])
         return q, k, v, o, module.lora_gated_mlp(h, p["gate_proj"], p["up_proj"], p["down_proj"])
+
     return step
 
 
@@ -98,7 +107,9 @@ def previous_module(rev: str):
         source = Path(rev).read_text()
     else:
         try:
-            source = subprocess.run(["git", "show", f"{rev}:kernels/lora.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+            source = subprocess.run(
+                ["git", "show", f"{rev}:kernels/lora.py"], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
     spec = importlib.util.spec_from_loader("previous_lora", loader=None)
@@ -178,7 +189,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="8b,1b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous kernels/lora.py, or a copy's path")
+    ap.add_argument(
+        "--previous", default=PREVIOUS, help="git revision of the previous kernels/lora.py, or a copy's path"
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous = previous_module(args.previous)
@@ -192,7 +205,9 @@ def main() -> None:
         layer = build_layer(shape, device)
         adapters = [p for n, p in layer.named_parameters() if "lora_" in n]
         torch.manual_seed(1)
-        inputs = [torch.randn(tokens, width, device=device, dtype=torch.bfloat16).requires_grad_() for width in (d, q, d)]
+        inputs = [
+            torch.randn(tokens, width, device=device, dtype=torch.bfloat16).requires_grad_() for width in (d, q, d)
+        ]
         with torch.no_grad():
             grads = [torch.randn_like(t) for t in peft_step(layer, *inputs)]
         arms = [("peft", peft_step, True)]
@@ -206,7 +221,9 @@ def main() -> None:
         base = results[0]
         for r in results:
             err = ((r["dx"] - base["dx"]).norm() / base["dx"].norm()).item()
-            rows.append(f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | {r['peak']:.2f} | {err:.1e} |")
+            rows.append(
+                f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | {r['peak']:.2f} | {err:.1e} |"
+            )
         del layer, adapters, inputs, grads, results
     print("| shape | arm | ms / layer fwd+bwd | × peft | GPU kernels | peak GiB | dx err vs peft |")
     print("|---|---|---:|---:|---:|---:|---:|")

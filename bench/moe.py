@@ -17,6 +17,7 @@ Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the med
 tokens/s = seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,27 @@ def model_config(shape: str, layers: int | None):
     from transformers import OlmoeConfig, Qwen3MoeConfig
 
     kind, hidden, n_layers, heads, kv, head_dim, experts, top_k, width, vocab = SHAPES[shape]
-    common = dict(hidden_size=hidden, num_hidden_layers=layers or n_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                  num_experts=experts, num_experts_per_tok=top_k, vocab_size=vocab, max_position_embeddings=4096,
-                  tie_word_embeddings=False)
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers or n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     if kind == "olmoe":
         return OlmoeConfig(**common, intermediate_size=width)
-    return Qwen3MoeConfig(**common, head_dim=head_dim, moe_intermediate_size=width, intermediate_size=4 * width,
-                          decoder_sparse_step=1, norm_topk_prob=True)
+    return Qwen3MoeConfig(
+        **common,
+        head_dim=head_dim,
+        moe_intermediate_size=width,
+        intermediate_size=4 * width,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+    )
 
 
 def lora_config():
@@ -58,8 +73,14 @@ def lora_config():
     alone: the GPU image has no pydantic for ftw's config schema)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        task_type="CAUSAL_LM",
+    )
 
 
 def run_arm(arm: str, args) -> dict:
@@ -131,8 +152,15 @@ def run_arm(arm: str, args) -> dict:
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     median = statistics.median(times)
-    return {"arm": arm, "tokens_per_s": args.seq / median, "step_s": median, "peak_gib": peak, "loss0": loss0,
-            "applied": applied, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    return {
+        "arm": arm,
+        "tokens_per_s": args.seq / median,
+        "step_s": median,
+        "peak_gib": peak,
+        "loss0": loss0,
+        "applied": applied,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes:
         for arm in args.arms:
-            cmd = [sys.executable, __file__, "--arm", arm, "--shape", shape, "--seq", str(args.seq), "--warmup", str(args.warmup),
-                   "--steps", str(args.steps)] + (["--layers", str(args.layers)] if args.layers else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--arm",
+                arm,
+                "--shape",
+                shape,
+                "--seq",
+                str(args.seq),
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+            ] + (["--layers", str(args.layers)] if args.layers else [])
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -175,8 +215,12 @@ def _has_cuda() -> bool:
 
 
 def table(rows: list[dict], args) -> str:
-    lines = [f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} steps",
-             "", "| shape | arm | tokens/s | vs peft | peak GiB | loss0 | kernels |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} steps",
+        "",
+        "| shape | arm | tokens/s | vs peft | peak GiB | loss0 | kernels |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for shape in args.shapes:
         base = next((r for r in rows if r["shape"] == shape and r["arm"] == "peft" and "tokens_per_s" in r), None)
         for r in (r for r in rows if r["shape"] == shape):
@@ -184,8 +228,10 @@ def table(rows: list[dict], args) -> str:
                 lines.append(f"| {shape} | {r['arm']} | skipped: {r['skipped']} | | | | |")
                 continue
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-            lines.append(f"| {shape} | {r['arm']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
-                         f"{', '.join(r['applied']) or '-'} |")
+            lines.append(
+                f"| {shape} | {r['arm']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
+                f"{', '.join(r['applied']) or '-'} |"
+            )
     return "\n".join(lines)
 
 

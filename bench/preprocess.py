@@ -10,6 +10,7 @@ ChatML BPE tokenizer (vocab 4096, so a word is about a token). Measured, in this
   packing    first-fit-decreasing vs next-fit (the simple baseline) on the prepared lengths
 Prints a markdown table; ratios are against the baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,18 +73,33 @@ def main() -> int:
         return {"input_ids": tok(texts, add_special_tokens=False)["input_ids"]}
 
     t = time.perf_counter()
-    base = data.map(baseline, batched=True, batch_size=256, num_proc=procs, remove_columns=data.column_names, new_fingerprint="b")
+    base = data.map(
+        baseline, batched=True, batch_size=256, num_proc=procs, remove_columns=data.column_names, new_fingerprint="b"
+    )
     base_s = time.perf_counter() - t
     base_tokens = int(sum(len(x) for x in base["input_ids"]))
 
     cfg = TrainingConfig(
-        base_model=str(tok_dir), learning_rate=1e-4, sequence_len=args.sequence_len, micro_batch_size=args.micro_batch_size,
-        sample_packing=True, dataset_num_proc=args.num_proc, datasets=[{"path": str(data_path), "type": "chat_template"}],
+        base_model=str(tok_dir),
+        learning_rate=1e-4,
+        sequence_len=args.sequence_len,
+        micro_batch_size=args.micro_batch_size,
+        sample_packing=True,
+        dataset_num_proc=args.num_proc,
+        datasets=[{"path": str(data_path), "type": "chat_template"}],
     )
     strategy = build_strategy(Context(cfg.datasets[0], cfg, tok, str(data_path)))
     t = time.perf_counter()
-    ours = data.map(tokenize_batch, fn_kwargs={"strategy": strategy, "source": 0}, batched=True, batch_size=256, with_indices=True,
-                    num_proc=procs, remove_columns=data.column_names, new_fingerprint="o")
+    ours = data.map(
+        tokenize_batch,
+        fn_kwargs={"strategy": strategy, "source": 0},
+        batched=True,
+        batch_size=256,
+        with_indices=True,
+        num_proc=procs,
+        remove_columns=data.column_names,
+        new_fingerprint="o",
+    )
     ours_s = time.perf_counter() - t
     assert int(sum(len(x) for x in ours["input_ids"])) == base_tokens, "ftw and the baseline disagree on the tokens"
 
@@ -103,20 +119,26 @@ def main() -> int:
     nf_s = time.perf_counter() - t
 
     n = args.rows
-    print(f"\n{n} chat rows, {base_tokens} tokens ({base_tokens / n:.0f}/row), {os.cpu_count()} CPUs, num_proc {args.num_proc}\n")
+    print(
+        f"\n{n} chat rows, {base_tokens} tokens ({base_tokens / n:.0f}/row), {os.cpu_count()} CPUs, num_proc {args.num_proc}\n"
+    )
     print("| step | seconds | rows/s | tokens/s | vs baseline |")
     print("|---|---:|---:|---:|---:|")
-    for name, s in (("baseline: datasets.map + apply_chat_template + tokenizer (ids only)", base_s),
-                    ("ftw strategy in the same map (ids + exact labels)", ours_s),
-                    ("ftw prepare() end to end (load, mask, filter, pack, save)", total_s)):
+    for name, s in (
+        ("baseline: datasets.map + apply_chat_template + tokenizer (ids only)", base_s),
+        ("ftw strategy in the same map (ids + exact labels)", ours_s),
+        ("ftw prepare() end to end (load, mask, filter, pack, save)", total_s),
+    ):
         print(f"| {name} | {s:.1f} | {n / s:,.0f} | {base_tokens / s:,.0f} | {base_s / s:.2f}× |")
     print(f"\npacking {len(lengths)} samples into bins of {capacity} tokens:\n")
     print("| packer | seconds | bins | fill |")
     print("|---|---:|---:|---:|")
     print(f"| first-fit-decreasing (ftw) | {ffd_s:.2f} | {len(ffd)} | {fill(lengths, ffd, capacity):.2%} |")
     print(f"| next-fit, shuffled order (baseline) | {nf_s:.2f} | {len(nf)} | {fill(lengths, nf, capacity):.2%} |")
-    print(f"\nprepare(): trained-token share {summary['tokens']['trained_share']:.1%}, packing fill {summary['packing']['fill']:.2%}, "
-          f"dropped {summary['rows']['dropped'] or 'none'}")
+    print(
+        f"\nprepare(): trained-token share {summary['tokens']['trained_share']:.1%}, packing fill {summary['packing']['fill']:.2%}, "
+        f"dropped {summary['rows']['dropped'] or 'none'}"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ and times, alternately:
   rename into the content-addressed cache).
 Prints a table of MiB/s per side and the ratio ftw / baseline (> 1: ftw faster).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,29 +53,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args(argv)
     size = args.size_mb * MiB
-    with tempfile.TemporaryDirectory(prefix="ftw-bench-publish-") as tmp_name, running_s3_server(Path(tmp_name) / "s3") as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="ftw-bench-publish-") as tmp_name,
+        running_s3_server(Path(tmp_name) / "s3") as server,
+    ):
         tmp = Path(tmp_name)
         server.make_bucket("bench")
         src = tmp / "checkpoint"
         src.mkdir()
         write_random(src / "model.safetensors", size)
-        env = {**server.env(), "BASE_VOLUME": str(tmp / "volume"), "FTW_S3_PART_MB": str(args.part_mb),
-               "FTW_S3_CONCURRENCY": str(args.concurrency)}
+        env = {
+            **server.env(),
+            "BASE_VOLUME": str(tmp / "volume"),
+            "FTW_S3_PART_MB": str(args.part_mb),
+            "FTW_S3_CONCURRENCY": str(args.concurrency),
+        }
         transfer = TransferSettings.from_env(env)
         client = make_client(S3Settings.resolve(env), transfer)
         baseline_client = server.client()
         results: dict[str, list[float]] = {k: [] for k in ("base_up", "ftw_up", "base_down", "ftw_down")}
         for i in range(args.repeat):
-            results["base_up"].append(timed(lambda: baseline_client.upload_file(str(src / "model.safetensors"), "bench", f"plain{i}/model.safetensors")))
+            results["base_up"].append(
+                timed(
+                    lambda: baseline_client.upload_file(
+                        str(src / "model.safetensors"), "bench", f"plain{i}/model.safetensors"
+                    )
+                )
+            )
             loc = S3Location("bench", f"ftw{i}")
             results["ftw_up"].append(timed(lambda: upload_folder(client, src, loc, transfer)))
             out = tmp / f"plain-{i}.bin"
-            results["base_down"].append(timed(lambda: baseline_client.download_file("bench", f"plain{i}/model.safetensors", str(out))))
+            results["base_down"].append(
+                timed(lambda: baseline_client.download_file("bench", f"plain{i}/model.safetensors", str(out)))
+            )
             out.unlink()
             results["ftw_down"].append(timed(lambda: pull(loc.uri, env)))
             shutil.rmtree(tmp / "volume" / "cache")
     best = {k: min(v) for k, v in results.items()}
-    print(f"\nsize {args.size_mb} MiB, part {args.part_mb} MiB, concurrency {args.concurrency}, best of {args.repeat}\n")
+    print(
+        f"\nsize {args.size_mb} MiB, part {args.part_mb} MiB, concurrency {args.concurrency}, best of {args.repeat}\n"
+    )
     print("| transfer | boto3 plain (MiB/s) | ftw (MiB/s) | ftw / plain |")
     print("|---|---:|---:|---:|")
     for name, base, ours in (("upload", "base_up", "ftw_up"), ("download", "base_down", "ftw_down")):

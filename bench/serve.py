@@ -13,6 +13,7 @@ OpenMP threads, `--enforce-eager` for vLLM as the tests use): starts `ftw serve`
   a seed each), up to `--max-tokens` new tokens: requests/s, p50/p99 latency, output tokens/s.
 Needs .venv-vllm (`make vllm-env`). Prints a markdown table; the ratio column is vLLM / transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,14 @@ def start_ftw_serve(engine: str, env: dict[str, str], log: Path) -> tuple[subpro
     port = free_port()
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--engine", engine, "--port", str(port)],
-                                cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "serve", "--engine", engine, "--port", str(port)],
+            cwd=REPO,
+            env={**env, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -88,8 +94,9 @@ async def measure(url: str, adapter: str, requests: int, concurrency: int, max_t
 
         async def one(i: int) -> tuple[float, int]:
             async with gate:
-                return await timed(messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=max_tokens,
-                                   temperature=0.8, seed=i)
+                return await timed(
+                    messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=max_tokens, temperature=0.8, seed=i
+                )
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one(i) for i in range(requests)))
@@ -97,18 +104,25 @@ async def measure(url: str, adapter: str, requests: int, concurrency: int, max_t
     finally:
         await client.close()
     latencies = sorted(r[0] for r in results)
-    return {"cold_s": cold, "warm_s": warm, "req_s": requests / wall, "p50_s": statistics.median(latencies),
-            "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-            "tok_s": sum(r[1] for r in results) / wall}
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "req_s": requests / wall,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "tok_s": sum(r[1] for r in results) / wall,
+    }
 
 
-ROWS = [("start-up: command to /health (s)", "startup_s", "{:.1f}"),
-        ("cold adapter: first request naming it, 1 token (s)", "cold_s", "{:.2f}"),
-        ("the same request, adapter loaded (s)", "warm_s", "{:.2f}"),
-        ("requests/s", "req_s", "{:.2f}"),
-        ("latency p50 (s)", "p50_s", "{:.2f}"),
-        ("latency p99 (s)", "p99_s", "{:.2f}"),
-        ("output tokens/s", "tok_s", "{:.1f}")]
+ROWS = [
+    ("start-up: command to /health (s)", "startup_s", "{:.1f}"),
+    ("cold adapter: first request naming it, 1 token (s)", "cold_s", "{:.2f}"),
+    ("the same request, adapter loaded (s)", "warm_s", "{:.2f}"),
+    ("requests/s", "req_s", "{:.2f}"),
+    ("latency p50 (s)", "p50_s", "{:.2f}"),
+    ("latency p99 (s)", "p99_s", "{:.2f}"),
+    ("output tokens/s", "tok_s", "{:.1f}"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,18 +146,29 @@ def main(argv: list[str] | None = None) -> int:
         uri = upload_adapter(s3.client(), adapter, "bench", "runs/r1/adapter")
         results: dict[str, dict[str, float]] = {}
         for engine, python in (("transformers", sys.executable), ("vllm", str(vllm_python))):
-            env = serve_env(base, s3, NoHub, root / f"volume-{engine}", FTW_SERVE_PYTHON=python, OMP_NUM_THREADS=str(args.threads),
-                            MAX_NUM_SEQS=str(max(8, args.concurrency)))
+            env = serve_env(
+                base,
+                s3,
+                NoHub,
+                root / f"volume-{engine}",
+                FTW_SERVE_PYTHON=python,
+                OMP_NUM_THREADS=str(args.threads),
+                MAX_NUM_SEQS=str(max(8, args.concurrency)),
+            )
             proc, url, startup = start_ftw_serve(engine, env, root / f"{engine}.log")
             try:
-                results[engine] = {"startup_s": startup, **asyncio.run(measure(url, uri, args.requests, args.concurrency,
-                                                                               args.max_tokens))}
+                results[engine] = {
+                    "startup_s": startup,
+                    **asyncio.run(measure(url, uri, args.requests, args.concurrency, args.max_tokens)),
+                }
             finally:
                 stop(proc)
             print(f"{engine}: {results[engine]}", file=sys.stderr, flush=True)
     ref, fast = results["transformers"], results["vllm"]
-    print(f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} new tokens, "
-          f"sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, {args.threads} thread(s) per engine\n")
+    print(
+        f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} new tokens, "
+        f"sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, {args.threads} thread(s) per engine\n"
+    )
     print("| measure | transformers | vLLM | vLLM / transformers |")
     print("|---|---:|---:|---:|")
     for label, key, fmt in ROWS:

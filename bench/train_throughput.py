@@ -23,6 +23,7 @@ seed-0 weights, its offloaded checkpointing for `--gc on`, packed steps in its p
 `--shapes llama-8b --arms ftw --gc on --offload`.
 Peer wheels (Liger, Unsloth): `bench/gpu_peers.sh`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,39 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
-                     rope_theta=500000.0),
-    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                     rope_theta=500000.0),
-    "qwen-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                    rope_theta=1000000.0),
+    "llama-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "llama-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
+    "qwen-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+    ),
 }
 DEFAULT_MBS = {"llama-1b": 8, "llama-8b": 4, "qwen-7b": 4}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,10 +104,12 @@ def packed_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, fu
             at = 0
             while at < seq:
                 n = min(next(lengths), seq - at)
-                motif = torch.randint(0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen)
-                ids[r, at:at + n] = motif.repeat(n // len(motif) + 1)[:n]
-                pos[r, at:at + n] = torch.arange(n)
-                labels[r, at:at + n] = ids[r, at:at + n]
+                motif = torch.randint(
+                    0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen
+                )
+                ids[r, at : at + n] = motif.repeat(n // len(motif) + 1)[:n]
+                pos[r, at : at + n] = torch.arange(n)
+                labels[r, at : at + n] = ids[r, at : at + n]
                 labels[r, at] = -100  # the previous sample's last token has no target here
                 sum_sq += n * n
                 at += n
@@ -140,8 +167,17 @@ def build(arm: str, shape: str, gc: bool, seq: int):
         from kernels import apply_kernels
         from schemas.config import TrainingConfig
 
-        applied = apply_kernels(model, TrainingConfig(base_model=shape, learning_rate=1e-4, adapter="lora", lora_r=16,
-                                                      lora_alpha=32, gradient_checkpointing=gc))
+        applied = apply_kernels(
+            model,
+            TrainingConfig(
+                base_model=shape,
+                learning_rate=1e-4,
+                adapter="lora",
+                lora_r=16,
+                lora_alpha=32,
+                gradient_checkpointing=gc,
+            ),
+        )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), cfg, n_frozen, n_lora, applied
 
@@ -162,8 +198,16 @@ def run_arm(a: argparse.Namespace) -> dict:
         from kernels.attention import host_segments
 
         layout = lambda b: {**b, **host_segments(b["position_ids"], None)}  # noqa: E731
-    batches = [({k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) and k != "packed_seq_lengths" else v for k, v in layout(b).items()}, sq)
-               for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)]
+    batches = [
+        (
+            {
+                k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) and k != "packed_seq_lengths" else v
+                for k, v in layout(b).items()
+            },
+            sq,
+        )
+        for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)
+    ]
     losses: list[float] = []
     offloader = None
     if a.offload and a.arm == "ftw":
@@ -184,25 +228,36 @@ def run_arm(a: argparse.Namespace) -> dict:
         losses.append(step(b))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for b, _ in batches[a.warmup:]:
+    for b, _ in batches[a.warmup :]:
         losses.append(step(b))
     end.record()
     torch.cuda.synchronize()
     seconds = start.elapsed_time(end) / 1e3
     if a.profile:
-        profile_steps(step, batches[a.warmup: a.warmup + 3], a.profile)
+        profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile)
     tokens = a.steps * a.mbs * a.seq
-    sum_sq = sum(sq for _, sq in batches[a.warmup:])
+    sum_sq = sum(sq for _, sq in batches[a.warmup :])
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     flops = 4 * n_frozen * tokens + 6 * n_lora * tokens + 6 * cfg.num_hidden_layers * d_attn * sum_sq
-    return dict(arm=a.arm + ("+offload" if offloader else ""), shape=a.shape, mbs=a.mbs, seq=a.seq, gc=a.gc, full_length=a.full_length, steps=a.steps,
-                tokens_per_s=round(tokens / seconds),
-                mfu=round(flops / seconds / (peak * 1e12), 4), peak_tflops=round(peak, 1),
-                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                loss_first=round(float(losses[0]), 4), loss_last=round(float(losses[-1]), 4),
-                losses=[round(float(x), 5) for x in losses] if a.keep_losses else None, kernels=applied,
-                offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None)
+    return dict(
+        arm=a.arm + ("+offload" if offloader else ""),
+        shape=a.shape,
+        mbs=a.mbs,
+        seq=a.seq,
+        gc=a.gc,
+        full_length=a.full_length,
+        steps=a.steps,
+        tokens_per_s=round(tokens / seconds),
+        mfu=round(flops / seconds / (peak * 1e12), 4),
+        peak_tflops=round(peak, 1),
+        peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        loss_first=round(float(losses[0]), 4),
+        loss_last=round(float(losses[-1]), 4),
+        losses=[round(float(x), 5) for x in losses] if a.keep_losses else None,
+        kernels=applied,
+        offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None,
+    )
 
 
 def profile_steps(step, batches, path: str) -> None:
@@ -220,8 +275,9 @@ def profile_steps(step, batches, path: str) -> None:
 # ---- the parent: one process per arm, then the table --------------------------------------------
 def start_child(args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def finish_child(proc: subprocess.Popen, args: list[str], timeout: float | None = None) -> dict:
@@ -244,8 +300,11 @@ def child(args: list[str], timeout: float | None = None) -> dict:
 def table(results: list[dict]) -> str:
     """One row per arm; speed and peak allocated memory also as ratios to hf's and to Unsloth's run of
     the same shape and checkpointing mode (the issue's targets are ratios to Unsloth)."""
-    rows = ["| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | peak alloc / reserved GiB | "
-            "alloc × unsloth | loss first → last | kernels |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | peak alloc / reserved GiB | "
+        "alloc × unsloth | loss first → last | kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     done = [r for r in results if "tokens_per_s" in r]
     by_arm = {(r["arm"], r["shape"], r["gc"]): r for r in done}
 
@@ -258,14 +317,18 @@ def table(results: list[dict]) -> str:
             last = [line for line in (r.get("error") or "?").splitlines() if line.strip()][-1:] or ["?"]
             rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | |")
             continue
-        rows.append(f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | "
-                    f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
-                    f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
-                    f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
-                    f"{', '.join(r['kernels']) or '-'} |")
+        rows.append(
+            f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | "
+            f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
+            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
+            f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
+            f"{', '.join(r['kernels']) or '-'} |"
+        )
     if any(r["arm"] == "unsloth" and not r.get("full_length") for r in done):
-        rows.append("\nunsloth, packed: each step's rows end to end as one row with `packed_seq_lengths` (its padding-free "
-                    "layout; it splits attention per sample only so), the same tokens and targets as the other arms.")
+        rows.append(
+            "\nunsloth, packed: each step's rows end to end as one row with `packed_seq_lengths` (its padding-free "
+            "layout; it splits attention per sample only so), the same tokens and targets as the other arms."
+        )
     return "\n".join(rows)
 
 
@@ -281,13 +344,24 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
     ap.add_argument("--offload", action="store_true", help="ftw arm: activation offloading to host memory")
-    ap.add_argument("--loss-curve", type=int, default=0,
-                    help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses")
+    ap.add_argument(
+        "--loss-curve",
+        type=int,
+        default=0,
+        help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses",
+    )
     ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--arm-timeout", type=float, default=0,
-                    help="seconds an arm may take (load included) before it is killed and shown as an error row")
-    ap.add_argument("--profile", help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
-                                      "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)")
+    ap.add_argument(
+        "--arm-timeout",
+        type=float,
+        default=0,
+        help="seconds an arm may take (load included) before it is killed and shown as an error row",
+    )
+    ap.add_argument(
+        "--profile",
+        help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
+        "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -309,34 +383,78 @@ def main() -> None:
     if a.loss_curve:
         shape = a.shapes.split(",")[0]
         mbs = str(a.mbs or 2)
-        common = ["--shape", shape, "--mbs", mbs, "--seq", str(a.seq), "--steps", str(a.loss_curve), "--warmup", "0",
-                  "--lr", str(a.lr), "--keep-losses"]
+        common = [
+            "--shape",
+            shape,
+            "--mbs",
+            mbs,
+            "--seq",
+            str(a.seq),
+            "--steps",
+            str(a.loss_curve),
+            "--warmup",
+            "0",
+            "--lr",
+            str(a.lr),
+            "--keep-losses",
+        ]
         # the three runs share the GPU at once: only their losses count here, not their speed
-        procs = {name: ([*arm_args, *common], start_child([*arm_args, *common]))
-                 for name, arm_args in (("hf", ["--arm", "hf"]), ("hf_again", ["--arm", "hf"]), ("ftw", ["--arm", "ftw"]))}
+        procs = {
+            name: ([*arm_args, *common], start_child([*arm_args, *common]))
+            for name, arm_args in (("hf", ["--arm", "hf"]), ("hf_again", ["--arm", "hf"]), ("ftw", ["--arm", "ftw"]))
+        }
         runs = {name: finish_child(proc, args) for name, (args, proc) in procs.items()}
         results = list(runs.values())
         if all("losses" in r for r in results):
+
             def gap(x, y):
                 d = [abs(p - q) for p, q in zip(x["losses"], y["losses"])]
                 return dict(max=round(max(d), 4), mean=round(sum(d) / len(d), 5))
-            summary = dict(shape=shape, steps=a.loss_curve, hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
-                           ftw_vs_hf=gap(runs["ftw"], runs["hf"]),
-                           every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()})
+
+            summary = dict(
+                shape=shape,
+                steps=a.loss_curve,
+                hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
+                ftw_vs_hf=gap(runs["ftw"], runs["hf"]),
+                every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()},
+            )
             print("LOSS_CURVE " + json.dumps(summary))
             results.append(summary)
         else:
             print(json.dumps(results, indent=1)[-3000:])
     else:
         for shape in a.shapes.split(","):
-            for gc in (["off", "on"] if a.gc == "both" else [a.gc]):
+            for gc in ["off", "on"] if a.gc == "both" else [a.gc]:
                 for arm in a.arms.split(","):
-                    prof = (["--profile-to", f"{a.profile}-{shape}-gc{gc}{'' if arm == 'ftw' else '-' + arm}.txt"]
-                            if a.profile and arm in ("ftw", "unsloth") else [])
-                    r = child(["--arm", arm, "--shape", shape, "--gc", gc, "--mbs", str(a.mbs or DEFAULT_MBS[shape]),
-                               "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), *prof,
-                               *(["--full-length"] if a.full_length else []), *(["--offload"] if a.offload and arm == "ftw" else [])],
-                              timeout=a.arm_timeout or None)
+                    prof = (
+                        ["--profile-to", f"{a.profile}-{shape}-gc{gc}{'' if arm == 'ftw' else '-' + arm}.txt"]
+                        if a.profile and arm in ("ftw", "unsloth")
+                        else []
+                    )
+                    r = child(
+                        [
+                            "--arm",
+                            arm,
+                            "--shape",
+                            shape,
+                            "--gc",
+                            gc,
+                            "--mbs",
+                            str(a.mbs or DEFAULT_MBS[shape]),
+                            "--seq",
+                            str(a.seq),
+                            "--steps",
+                            str(a.steps),
+                            "--warmup",
+                            str(a.warmup),
+                            "--lr",
+                            str(a.lr),
+                            *prof,
+                            *(["--full-length"] if a.full_length else []),
+                            *(["--offload"] if a.offload and arm == "ftw" else []),
+                        ],
+                        timeout=a.arm_timeout or None,
+                    )
                     print(json.dumps(r), flush=True)
                     results.append(r)
         print(table(results))

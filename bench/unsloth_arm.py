@@ -8,6 +8,7 @@ plus `packed_seq_lengths` (rows whose position ids restart but come without leng
 samples), so `one_row` hands it each step's rows end to end: the same tokens, targets and attention
 as the other arms get.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,8 +39,9 @@ def save_random_init(cfg, folder: Path) -> None:
     vocab = {**{f"t{i}": i for i in range(v - 3)}, "<s>": v - 3, "</s>": v - 2, "<pad>": v - 1}
     words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="t0").save_pretrained(partial)
+    PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="t0"
+    ).save_pretrained(partial)
     partial.rename(folder)
 
 
@@ -47,11 +49,16 @@ def prepare(script: str, shape: str, seq: int) -> None:
     """The weights saved (once per shape on this machine) by `script --save-model`, then Unsloth imported,
     offline (the GPU machine has no internet)."""
     if not (model_folder(shape, seq) / "tokenizer_config.json").exists():
-        saver = subprocess.run([sys.executable, script, "--save-model", "--shape", shape, "--seq", str(seq)],
-                               capture_output=True, text=True)
+        saver = subprocess.run(
+            [sys.executable, script, "--save-model", "--shape", shape, "--seq", str(seq)],
+            capture_output=True,
+            text=True,
+        )
         if saver.returncode:
             sys.stderr.write(saver.stderr)
-            cause = [line for line in saver.stderr.splitlines() if line.strip()][-1:] or [f"exit code {saver.returncode}"]
+            cause = [line for line in saver.stderr.splitlines() if line.strip()][-1:] or [
+                f"exit code {saver.returncode}"
+            ]
             raise RuntimeError(f"saving the random-init {shape} model failed: {cause[0]}")
     for switch in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):
         os.environ.setdefault(switch, "1")
@@ -66,12 +73,24 @@ def build(shape: str, gc: bool, seq: int, targets: list[str]):
     from unsloth import FastLanguageModel
 
     checkpointing = "unsloth" if gc else False
-    model, _ = FastLanguageModel.from_pretrained(str(model_folder(shape, seq)), max_seq_length=seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=False, use_gradient_checkpointing=checkpointing)
+    model, _ = FastLanguageModel.from_pretrained(
+        str(model_folder(shape, seq)),
+        max_seq_length=seq,
+        dtype=torch.bfloat16,
+        load_in_4bit=False,
+        use_gradient_checkpointing=checkpointing,
+    )
     n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
-                                             target_modules=targets, use_gradient_checkpointing=checkpointing,
-                                             random_state=0)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=targets,
+        use_gradient_checkpointing=checkpointing,
+        random_state=0,
+    )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), model.config, n_frozen, n_lora, [f"unsloth {'offloaded gc' if gc else 'no gc'}"]
 
@@ -84,5 +103,9 @@ def one_row(batch: dict) -> dict:
     pos = batch["position_ids"].reshape(1, -1)
     starts = (pos[0] == 0).nonzero().flatten()
     lengths = torch.diff(starts, append=torch.tensor([pos.shape[1]]))
-    return dict(input_ids=batch["input_ids"].reshape(1, -1), position_ids=pos, labels=batch["labels"].reshape(1, -1),
-                packed_seq_lengths=lengths.to(torch.int32))
+    return dict(
+        input_ids=batch["input_ids"].reshape(1, -1),
+        position_ids=pos,
+        labels=batch["labels"].reshape(1, -1),
+        packed_seq_lengths=lengths.to(torch.int32),
+    )

@@ -12,6 +12,7 @@ that imports pydantic and yaml and builds a one-field model (what any pydantic C
 also gives the CPU time of the child (user + system), which a machine shared with other work
 inflates much less than wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,20 +32,49 @@ sys.path.insert(0, str(REPO))
 FTW = REPO / ".venv" / "bin" / "ftw"
 PYTHON = REPO / ".venv" / "bin" / "python"
 CONFIG = {
-    "base_model": "meta-llama/Llama-3.2-1B", "adapter": "qlora", "load_in_4bit": True, "lora_r": 16, "lora_alpha": 32,
-    "lora_dropout": 0.05, "lora_target_linear": True, "sequence_len": 2048, "sample_packing": True, "micro_batch_size": 2,
-    "gradient_accumulation_steps": 4, "num_epochs": 1, "learning_rate": 2e-4, "optimizer": "adamw_torch_fused",
-    "lr_scheduler": "cosine", "warmup_ratio": 0.05, "bf16": "auto", "gradient_checkpointing": True, "flash_attention": True,
-    "chat_template": "llama3", "val_set_size": 0.05, "saves_per_epoch": 2, "logging_steps": 1, "strict": False,
+    "base_model": "meta-llama/Llama-3.2-1B",
+    "adapter": "qlora",
+    "load_in_4bit": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "lora_target_linear": True,
+    "sequence_len": 2048,
+    "sample_packing": True,
+    "micro_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "num_epochs": 1,
+    "learning_rate": 2e-4,
+    "optimizer": "adamw_torch_fused",
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.05,
+    "bf16": "auto",
+    "gradient_checkpointing": True,
+    "flash_attention": True,
+    "chat_template": "llama3",
+    "val_set_size": 0.05,
+    "saves_per_epoch": 2,
+    "logging_steps": 1,
+    "strict": False,
     "datasets": [
-        {"path": "org/chat-data", "type": "chat_template", "field_messages": "conversations",
-         "message_property_mappings": {"role": "from", "content": "value"}, "roles_to_train": ["assistant"]},
+        {
+            "path": "org/chat-data",
+            "type": "chat_template",
+            "field_messages": "conversations",
+            "message_property_mappings": {"role": "from", "content": "value"},
+            "roles_to_train": ["assistant"],
+        },
         {"path": "org/alpaca-data", "type": "alpaca", "split": "train[:90%]"},
     ],
 }
-JOB = {"input": {"run_id": "bench-run-1", "args": CONFIG, "outputs": {"s3": {"bucket": "my-bucket", "prefix": "runs"},
-                                                                      "hub": {"repo_id": "me/adapter"}},
-                 "credentials": {"hf_token": "hf_xxxxxxxxxxxxxxxx"}}}
+JOB = {
+    "input": {
+        "run_id": "bench-run-1",
+        "args": CONFIG,
+        "outputs": {"s3": {"bucket": "my-bucket", "prefix": "runs"}, "hub": {"repo_id": "me/adapter"}},
+        "credentials": {"hf_token": "hf_xxxxxxxxxxxxxxxx"},
+    }
+}
 
 
 # what any pydantic + yaml CLI pays before its own work: the imports and building one model
@@ -117,8 +147,14 @@ def hostile_table(runs: int) -> None:
     typical = sized_job({"chat_template": "jinja", "chat_template_jinja": "{# @PAD #}" + TEMPLATE}, 10_000)
     jobs = [
         ("typical job, 10 KB (baseline)", typical),
-        ("10 MB chat_template_jinja of letters (valid)", sized_job({"chat_template": "jinja", "chat_template_jinja": "{# @PAD #}" + TEMPLATE}, TEN_MB)),
-        ("10 MB datasets[0].type of letters (invalid)", sized_job({"datasets": [{"path": "org/d", "type": "@PAD"}]}, TEN_MB)),
+        (
+            "10 MB chat_template_jinja of letters (valid)",
+            sized_job({"chat_template": "jinja", "chat_template_jinja": "{# @PAD #}" + TEMPLATE}, TEN_MB),
+        ),
+        (
+            "10 MB datasets[0].type of letters (invalid)",
+            sized_job({"datasets": [{"path": "org/d", "type": "@PAD"}]}, TEN_MB),
+        ),
         ("10 MB base_model URL without '@' (invalid)", sized_job({"base_model": "https://@PAD"}, TEN_MB)),
     ]
     results = [(name, len(doc), timed_call(lambda doc=doc: front_door(doc), runs)) for name, doc in jobs]
@@ -127,8 +163,10 @@ def hostile_table(runs: int) -> None:
     print("| job | bytes | median | × typical job | size × typical job |")
     print("|---|---|---|---|---|")
     for name, size, times in results:
-        print(f"| {name} | {size:,} | {statistics.median(times) * 1000:.1f} ms | {statistics.median(times) / base:.0f}× | "
-              f"{size / results[0][1]:.0f}× |")
+        print(
+            f"| {name} | {size:,} | {statistics.median(times) * 1000:.1f} ms | {statistics.median(times) / base:.0f}× | "
+            f"{size / results[0][1]:.0f}× |"
+        )
 
 
 def main() -> int:
@@ -157,8 +195,10 @@ def main() -> int:
     in_config = timed_call(lambda: validate_config(CONFIG, env), args.inproc_runs)
 
     base = statistics.median(libs[0])
-    print(f"validation timings ({args.runs} launches, {args.inproc_runs} in-process calls; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print(
+        f"validation timings ({args.runs} launches, {args.inproc_runs} in-process calls; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n"
+    )
     print("| what | median wall | p90 wall | median CPU | wall × pydantic baseline | target | met (wall) | met (CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     print(row("python -c pass (baseline)", *bare, 0, base))

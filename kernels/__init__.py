@@ -11,6 +11,7 @@ patched forwards were verified against, switched by axolotl's keys (`use_kernels
 `lora_mlp_kernel`, `lora_qkv_kernel`, `lora_o_kernel`). On by default on CUDA; off on CPU unless
 `use_kernels: true` forces them (the tests do, with TRITON_INTERPRET=1).
 """
+
 from kernels.registry import apply_kernels
 
 __all__ = ["apply_kernels"]

@@ -17,6 +17,7 @@ unsharded parameters whose storage is all-gathered with the version counter pres
 tensor subclasses (DTensor), in inference mode, or with `ENABLED` off, every use casts afresh.
 Writes through `.data` outside an optimizer step are not seen: nothing in training does that.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -51,7 +52,7 @@ class _Copies:
         for group in groups:
             start = offset
             for t in group:
-                self.views.append(flat[offset: offset + t.numel()].view(t.shape))
+                self.views.append(flat[offset : offset + t.numel()].view(t.shape))
                 offset += t.numel()
             self.stacks.append(flat[start:offset].view(-1, group[0].shape[-1]))
         self.stamp: tuple | None = None
@@ -70,8 +71,12 @@ def _count_step(optimizer, args, kwargs) -> None:
 
 
 def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
-    return (ENABLED and not torch.is_inference_mode_enabled() and all(type(t) in _PLAIN for t in tensors)
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    return (
+        ENABLED
+        and not torch.is_inference_mode_enabled()
+        and all(type(t) in _PLAIN for t in tensors)
+        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    )
 
 
 def stacked(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ names (`cu_seq_lens_q/_k`, `max_length_q/_k`). The mask function registered with
 2D padding mask as is: transformers' flash one reads `mask.all()` back, and with an explicit mask
 transformers does not inspect position_ids for packing (another read-back) either.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,8 +32,9 @@ def varlen_attn_fn():
     return varlen_attn
 
 
-def segment_starts(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq: int,
-                   device: torch.device) -> tuple[torch.Tensor, int]:
+def segment_starts(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32, segments of the flattened batch) and the longest segment's length."""
     starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     starts[:, 0] = True
@@ -50,7 +52,12 @@ def host_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     """The varlen keyword arguments of one batch, from its CPU tensors (no device involved)."""
     batch, seq = position_ids.shape
     cu, longest = segment_starts(position_ids, attention_mask, batch, seq, position_ids.device)
-    out: dict[str, torch.Tensor | int] = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    out: dict[str, torch.Tensor | int] = {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
     if attention_mask is None:  # packed: with an explicit mask transformers skips its packing check (a sync)
         out["attention_mask"] = torch.ones_like(position_ids)
     return out
@@ -58,7 +65,11 @@ def host_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 def _cached_segments(position_ids, attention_mask, batch, seq, device):
     key = (position_ids, attention_mask, getattr(position_ids, "_version", None), batch, seq)
-    if _segments_cache and all(a is b for a, b in zip(_segments_cache[0][:2], key[:2])) and _segments_cache[0][2:] == key[2:]:
+    if (
+        _segments_cache
+        and all(a is b for a, b in zip(_segments_cache[0][:2], key[:2]))
+        and _segments_cache[0][2:] == key[2:]
+    ):
         return _segments_cache[1]
     value = segment_starts(position_ids, attention_mask, batch, seq, device)
     _segments_cache[:] = [key, value]
@@ -81,13 +92,24 @@ def _cached_attention(query, key, value, attention_mask, scaling, sliding_window
     mask = allowed[None, None]
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, -k_len:].bool()
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                           enable_gqa=key.shape[1] != query.shape[1])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return out.transpose(1, 2), None
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             sliding_window=None, position_ids=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    position_ids=None,
+    **kwargs,
+):
     """transformers attention interface: query (b, h, s, d), key/value (b, h_kv, s, d) →
     output (b, s, h, d), no weights."""
     if dropout:
@@ -116,7 +138,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.view(batch, seq, heads, dim), None
 
 
-def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
+def padding_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
     """The 2D padding mask (its last kv_length columns), or None: what varlen attention reads.
     Unlike transformers' flash_attention_mask it never drops an all-ones mask (reading that would sync)."""
     return None if attention_mask is None else attention_mask[:, -kv_length:]

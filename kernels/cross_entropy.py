@@ -9,6 +9,7 @@ no gradient and no matmul for one; a trainable one accumulates in fp32.
 Peak extra memory: one chunk of logits plus dL/dhidden (tokens × hidden), against HF's
 tokens × vocab logits in fp32 and their gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,14 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, ignore_index, N_COLS: tl.constexpr, 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                divisor: torch.Tensor | float | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        divisor: torch.Tensor | float | None,
+    ) -> torch.Tensor:
         dtype = compute_dtype(hidden)
         with no_autocast(hidden):
             return FusedLinearCrossEntropy._forward(ctx, hidden, weight, targets, ignore_index, divisor, dtype)
@@ -78,8 +85,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:end]
             logits = h @ weight.t()
             # the 1/denominator is applied once at the end: it is a device tensor (reading it would sync)
-            _ce_rows[(end - start,)](logits, targets[start:end], losses[start:end], logits.stride(0),
-                                     ignore_index, N_COLS=vocab, BLOCK=block, num_warps=8 if hidden.is_cuda else 1)
+            _ce_rows[(end - start,)](
+                logits,
+                targets[start:end],
+                losses[start:end],
+                logits.stride(0),
+                ignore_index,
+                N_COLS=vocab,
+                BLOCK=block,
+                num_warps=8 if hidden.is_cuda else 1,
+            )
             if grad_hidden is not None:
                 torch.matmul(logits, weight, out=grad_hidden[start:end])
             if want_dw:
@@ -101,7 +116,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, divisor: torch.Tensor | float | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    divisor: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Mean token loss of `hidden @ weight.T` (sum / divisor when given: HF's num_items_in_batch)."""
-    return FusedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, divisor)
+    return FusedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, divisor
+    )

@@ -14,6 +14,7 @@ when the scales agree): the tokens × hidden input is read once instead of n tim
 (fp32 when PEFT upcasts them) come in the compute dtype from `kernels.adapter_copies`, cast once
 per optimizer step; their gradients come back in their own dtype.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,11 @@ def projection_of(module: torch.nn.Module) -> Projection | None:
     if isinstance(module, torch.nn.Linear):
         return Projection(module.weight, module.bias, None, None, 0.0)
     base = getattr(module, "base_layer", None)
-    if not isinstance(base, torch.nn.Linear) or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+    if (
+        not isinstance(base, torch.nn.Linear)
+        or getattr(module, "merged", False)
+        or getattr(module, "disable_adapters", False)
+    ):
         return None
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1:
@@ -50,7 +55,9 @@ def projection_of(module: torch.nn.Module) -> Projection | None:
     name = active[0]
     if module.use_dora.get(name) or not isinstance(module.lora_dropout[name], torch.nn.Identity):
         return None
-    return Projection(base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+    return Projection(
+        base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+    )
 
 
 def _rank_rows(projections: list[Projection]) -> list[slice | None]:
@@ -62,7 +69,9 @@ def _rank_rows(projections: list[Projection]) -> list[slice | None]:
     return rows
 
 
-def _adapters(projections: list[Projection], dtype: torch.dtype) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+def _adapters(
+    projections: list[Projection], dtype: torch.dtype
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """(the A's of the LoRA projections stacked, each projection's B or None), in `dtype`."""
     lora = [p for p in projections if p.lora_a is not None]
     if not lora:
@@ -146,7 +155,7 @@ class LoRAProjections(torch.autograd.Function):
 
 
 def _projections(params, scales) -> list[Projection]:
-    return [Projection(*params[4 * i: 4 * i + 4], s) for i, s in enumerate(scales)]
+    return [Projection(*params[4 * i : 4 * i + 4], s) for i, s in enumerate(scales)]
 
 
 def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:

@@ -17,6 +17,7 @@ makes the wrappers call the module directly, so PEFT's W + BA is never formed. A
 kernel does not model (trainable W, biases, transposed or interleaved layouts, a custom gate,
 merged or several adapters, no Triton device) runs transformers' `grouped_mm` instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,9 @@ class ScatterMoELoRA(torch.autograd.Function):
             gu = x.new_empty(routing.rows, 2 * inter)
             h = x.new_empty(routing.rows, inter)
             xa_gu = x.new_empty(routing.rows, a_gu.shape[1]) if lora else None
-            scatter_mm(x, w_gu, routing, gu, a=a_gu, b=b_gu, scale=scales[0], x_index=routing.token, xa_out=xa_gu, h_out=h)
+            scatter_mm(
+                x, w_gu, routing, gu, a=a_gu, b=b_gu, scale=scales[0], x_index=routing.token, xa_out=xa_gu, h_out=h
+            )
             y = x.new_empty(routing.rows, w_d.shape[1])
             xa_d = x.new_empty(routing.rows, a_d.shape[1]) if lora else None
             scatter_mm(h, w_d, routing, y, a=a_d, b=b_d, scale=scales[1], y_index=routing.perm, xa_out=xa_d)
@@ -63,25 +66,45 @@ class ScatterMoELoRA(torch.autograd.Function):
         # down: dh = dy W + s·(dy B) A — the forward kernel over Wᵀ, with Bᵀ in A's place and Aᵀ in B's
         dh = x.new_empty(rows, inter)
         dyb = x.new_empty(rows, a_d.shape[1]) if lora else None
-        scatter_mm(dy, w_d.transpose(1, 2), routing, dh, a=b_d.transpose(1, 2) if lora else None,
-                   b=a_d.transpose(1, 2) if lora else None, scale=s_d, x_index=routing.perm, xa_out=dyb)
+        scatter_mm(
+            dy,
+            w_d.transpose(1, 2),
+            routing,
+            dh,
+            a=b_d.transpose(1, 2) if lora else None,
+            b=a_d.transpose(1, 2) if lora else None,
+            scale=s_d,
+            x_index=routing.perm,
+            xa_out=dyb,
+        )
         h = swiglu_rows_backward(dh, gu, want_h=lora)  # gu now holds [dgate | dup]
         del dh
         grads = [None] * 4
         if lora:
-            grads[2] = grouped_tn(dyb, h, routing, x.new_empty(a_d.shape), scale=s_d)                       # dA_down
+            grads[2] = grouped_tn(dyb, h, routing, x.new_empty(a_d.shape), scale=s_d)  # dA_down
             grads[3] = grouped_tn(dy, xa_d, routing, x.new_empty(b_d.shape), scale=s_d, l_index=routing.perm)  # dB_down
         del h
         dx = None
         if ctx.needs_input_grad[0] or lora:
             dx_rows = x.new_empty(rows, x.shape[1])
             dgub = x.new_empty(rows, a_gu.shape[1]) if lora else None
-            scatter_mm(gu, w_gu.transpose(1, 2), routing, dx_rows, a=b_gu.transpose(1, 2) if lora else None,
-                       b=a_gu.transpose(1, 2) if lora else None, scale=s_gu, y_index=routing.perm, xa_out=dgub)
+            scatter_mm(
+                gu,
+                w_gu.transpose(1, 2),
+                routing,
+                dx_rows,
+                a=b_gu.transpose(1, 2) if lora else None,
+                b=a_gu.transpose(1, 2) if lora else None,
+                scale=s_gu,
+                y_index=routing.perm,
+                xa_out=dgub,
+            )
             dx = dx_rows.view(-1, routing.top_k, x.shape[1]).sum(1) if ctx.needs_input_grad[0] else None
             if lora:
-                grads[0] = grouped_tn(dgub, x, routing, x.new_empty(a_gu.shape), scale=s_gu, r_index=routing.token)  # dA_gate_up
-                grads[1] = grouped_tn(gu, xa_gu, routing, x.new_empty(b_gu.shape), scale=s_gu)                     # dB_gate_up
+                grads[0] = grouped_tn(
+                    dgub, x, routing, x.new_empty(a_gu.shape), scale=s_gu, r_index=routing.token
+                )  # dA_gate_up
+                grads[1] = grouped_tn(gu, xa_gu, routing, x.new_empty(b_gu.shape), scale=s_gu)  # dB_gate_up
         if dx is not None:
             dx = dx.to(ctx.x_dtype)
         grads = [g.to(ctx.lora_dtype) if g is not None else None for g in grads]
@@ -111,13 +134,19 @@ def _peft_factors(wrapper) -> tuple[torch.Tensor, torch.Tensor, float]:
     a = wrapper.lora_A[name].weight
     b = wrapper.lora_B[name].weight
     experts = wrapper.num_experts
-    return a.view(experts, -1, a.shape[-1]), b.view(b.shape[0], -1, experts).permute(2, 0, 1), float(wrapper.scaling[name])
+    return (
+        a.view(experts, -1, a.shape[-1]),
+        b.view(b.shape[0], -1, experts).permute(2, 0, 1),
+        float(wrapper.scaling[name]),
+    )
 
 
 def wrapper_fusable(wrapper) -> bool:
     """One active adapter, not merged, adapters enabled: the state the fused kernel reproduces."""
     active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-    return len(active) == 1 and not wrapper.merged and not wrapper.disable_adapters and wrapper._did_swap_in_out_features
+    return (
+        len(active) == 1 and not wrapper.merged and not wrapper.disable_adapters and wrapper._did_swap_in_out_features
+    )
 
 
 def expert_lora(module) -> tuple | None | bool:
@@ -134,13 +163,19 @@ def module_fusable(module) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
     w = getattr(module, "gate_up_proj", None)
-    return (getattr(module, "has_gate", False) and not getattr(module, "has_bias", True)
-            and not getattr(module, "is_transposed", True) and getattr(module, "is_concatenated", False)
-            and type(module)._apply_gate is _default_apply_gate
-            and type(getattr(module, "act_fn", None)).__name__ == "SiLUActivation"
-            and isinstance(w, torch.nn.Parameter) and not w.requires_grad and not module.down_proj.requires_grad
-            and not torch.nn.utils.parametrize.is_parametrized(module)
-            and (w.is_cuda or INTERPRETED))
+    return (
+        getattr(module, "has_gate", False)
+        and not getattr(module, "has_bias", True)
+        and not getattr(module, "is_transposed", True)
+        and getattr(module, "is_concatenated", False)
+        and type(module)._apply_gate is _default_apply_gate
+        and type(getattr(module, "act_fn", None)).__name__ == "SiLUActivation"
+        and isinstance(w, torch.nn.Parameter)
+        and not w.requires_grad
+        and not module.down_proj.requires_grad
+        and not torch.nn.utils.parametrize.is_parametrized(module)
+        and (w.is_cuda or INTERPRETED)
+    )
 
 
 def scattermoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -159,5 +194,3 @@ def register() -> None:
 
     if NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(NAME, scattermoe_experts_forward)
-
-

@@ -14,6 +14,7 @@ program multiplies its rows by one expert's weight. Two kernels:
 
 Strides are passed as they are, so a transposed weight (Wᵀ in the backward) is a view, not a copy.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,13 +46,50 @@ def _rank_block(r: int) -> int:
 
 @triton.jit
 def _scatter_mm_kernel(
-    X, W, A, B, Y, XA, HOUT,
-    x_index, y_index, block_expert, block_start, block_end,
-    N, R, scale,
-    sxm, sxk, swe, swn, swk, sae, sar, sak, sbe, sbn, sbr, sym, syn, sxam, sxar, shm, shn,
-    GATHER_X: tl.constexpr, SCATTER_Y: tl.constexpr, HAS_LORA: tl.constexpr, WRITE_XA: tl.constexpr,
-    SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    X,
+    W,
+    A,
+    B,
+    Y,
+    XA,
+    HOUT,
+    x_index,
+    y_index,
+    block_expert,
+    block_start,
+    block_end,
+    N,
+    R,
+    scale,
+    sxm,
+    sxk,
+    swe,
+    swn,
+    swk,
+    sae,
+    sar,
+    sak,
+    sbe,
+    sbn,
+    sbr,
+    sym,
+    syn,
+    sxam,
+    sxar,
+    shm,
+    shn,
+    GATHER_X: tl.constexpr,
+    SCATTER_Y: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    WRITE_XA: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -80,7 +118,11 @@ def _scatter_mm_kernel(
             if SWIGLU:  # the up half of [gate; up] sits N rows below the gate half
                 acc_up += tl.dot(x, tl.load(w_ptr + N * swn, mask=w_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if HAS_LORA:
-                a = tl.load(A + e * sae + ranks[None, :] * sar + ks[:, None] * sak, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+                a = tl.load(
+                    A + e * sae + ranks[None, :] * sar + ks[:, None] * sak,
+                    mask=k_ok[:, None] & rank_ok[None, :],
+                    other=0.0,
+                )
                 xa += tl.dot(x, a, out_dtype=ACC, input_precision=PREC)
         if HAS_LORA:
             xa_low = xa.to(B.dtype.element_ty)
@@ -88,11 +130,16 @@ def _scatter_mm_kernel(
             b_ok = rank_ok[:, None] & col_ok[None, :]
             acc += scale * tl.dot(xa_low, tl.load(b_ptr, mask=b_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
             if SWIGLU:
-                acc_up += scale * tl.dot(xa_low, tl.load(b_ptr + N * sbn, mask=b_ok, other=0.0), out_dtype=ACC, input_precision=PREC)
+                acc_up += scale * tl.dot(
+                    xa_low, tl.load(b_ptr + N * sbn, mask=b_ok, other=0.0), out_dtype=ACC, input_precision=PREC
+                )
             if WRITE_XA:
                 if pid_n == 0:
-                    tl.store(XA + rows[:, None] * sxam + ranks[None, :] * sxar, xa.to(XA.dtype.element_ty),
-                             mask=row_ok[:, None] & rank_ok[None, :])
+                    tl.store(
+                        XA + rows[:, None] * sxam + ranks[None, :] * sxar,
+                        xa.to(XA.dtype.element_ty),
+                        mask=row_ok[:, None] & rank_ok[None, :],
+                    )
         y_rows = tl.load(y_index + rows, mask=row_ok, other=0).to(tl.int64) if SCATTER_Y else rows
         out_ok = row_ok[:, None] & col_ok[None, :]
         if SWIGLU:
@@ -109,10 +156,29 @@ def _scatter_mm_kernel(
 
 @triton.jit
 def _grouped_tn_kernel(
-    L, R, G, l_index, r_index, offsets, P, Q, scale,
-    slm, slp, srm, srq, sge, sgp, sgq,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    L,
+    R,
+    G,
+    l_index,
+    r_index,
+    offsets,
+    P,
+    Q,
+    scale,
+    slm,
+    slp,
+    srm,
+    srq,
+    sge,
+    sgp,
+    sgq,
+    GATHER_L: tl.constexpr,
+    GATHER_R: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     e = tl.program_id(0)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -133,27 +199,55 @@ def _grouped_tn_kernel(
         r = tl.load(R + rr[:, None] * srm + qs[None, :] * srq, mask=row_ok[:, None] & q_ok[None, :], other=0.0)
         acc += tl.dot(lt, r.to(lt.dtype), out_dtype=ACC, input_precision=PREC)
         m0 += BLOCK_M
-    tl.store(G + e.to(tl.int64) * sge + ps[:, None] * sgp + qs[None, :] * sgq, (acc * scale).to(G.dtype.element_ty),
-             mask=p_ok[:, None] & q_ok[None, :])
+    tl.store(
+        G + e.to(tl.int64) * sge + ps[:, None] * sgp + qs[None, :] * sgq,
+        (acc * scale).to(G.dtype.element_ty),
+        mask=p_ok[:, None] & q_ok[None, :],
+    )
 
 
 def _tuned(kernel, space: list[dict], key: list[str]):
     """`kernel` autotuned over `space` on a GPU; as it is under the interpreter."""
     if INTERPRETED:
         return kernel
-    configs = [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"], num_stages=c["stages"])
-               for c in space]
+    configs = [
+        triton.Config(
+            {k: v for k, v in c.items() if k not in ("warps", "stages")}, num_warps=c["warps"], num_stages=c["stages"]
+        )
+        for c in space
+    ]
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-_scatter_mm = _tuned(_scatter_mm_kernel, [
-    {"BLOCK_N": n, "BLOCK_K": k, "warps": w, "stages": st}
-    for n, k, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 8, 4), (256, 64, 8, 3))
-], key=["N", "K", "R", "SWIGLU", "HAS_LORA", "GATHER_X", "SCATTER_Y"])
-_grouped_tn = _tuned(_grouped_tn_kernel, [
-    {"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_M": m, "warps": w, "stages": st}
-    for p, q, m, w, st in ((64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (32, 64, 64, 4, 4), (128, 128, 32, 8, 3))
-], key=["P", "Q"])
+_scatter_mm = _tuned(
+    _scatter_mm_kernel,
+    [
+        {"BLOCK_N": n, "BLOCK_K": k, "warps": w, "stages": st}
+        for n, k, w, st in (
+            (64, 64, 4, 3),
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (64, 32, 4, 4),
+            (128, 32, 8, 4),
+            (256, 64, 8, 3),
+        )
+    ],
+    key=["N", "K", "R", "SWIGLU", "HAS_LORA", "GATHER_X", "SCATTER_Y"],
+)
+_grouped_tn = _tuned(
+    _grouped_tn_kernel,
+    [
+        {"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_M": m, "warps": w, "stages": st}
+        for p, q, m, w, st in (
+            (64, 64, 64, 4, 3),
+            (128, 64, 32, 4, 3),
+            (64, 128, 32, 4, 3),
+            (32, 64, 64, 4, 4),
+            (128, 128, 32, 8, 3),
+        )
+    ],
+    key=["P", "Q"],
+)
 
 
 class Routing:
@@ -164,9 +258,11 @@ class Routing:
         self.top_k = top_k_index.shape[-1]
         self.num_experts = num_experts
         sorted_experts, self.perm = torch.sort(flat, stable=True)  # perm[r]: routing slot (token·k + j) of sorted row r
-        self.token = self.perm // self.top_k                           # token of sorted row r
+        self.token = self.perm // self.top_k  # token of sorted row r
         # scatter_add, not bincount: bincount reads its maximum back to the host (a sync per layer)
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts))
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+            0, sorted_experts, torch.ones_like(sorted_experts)
+        )
         ends = counts.cumsum(0)
         self.offsets = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)  # expert e's rows: offsets[e]:offsets[e+1]
         blocks = (counts + BM - 1) // BM
@@ -180,8 +276,9 @@ class Routing:
         self.rows = flat.numel()
 
 
-def scatter_mm(x, w, routing: Routing, out, *, a=None, b=None, scale=0.0, x_index=None, y_index=None,
-               xa_out=None, h_out=None) -> None:
+def scatter_mm(
+    x, w, routing: Routing, out, *, a=None, b=None, scale=0.0, x_index=None, y_index=None, xa_out=None, h_out=None
+) -> None:
     """out[y_index[r]] = x[x_index[r]] Wₑᵀ (+ s·(x Aₑᵀ) Bₑᵀ) for every sorted row r of expert e.
 
     w: (E, N, K) (or (E, 2N, K) with h_out: SwiGLU, `out` then gets the 2N pre-activations and
@@ -197,16 +294,49 @@ def scatter_mm(x, w, routing: Routing, out, *, a=None, b=None, scale=0.0, x_inde
     blocks = routing.block_expert.numel()
     tiles = {"BLOCK_N": BN, "BLOCK_K": BK} if INTERPRETED else {}
     _scatter_mm[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](
-        x, w, a_, b_, out, xa_, h_,
-        x_index if x_index is not None else routing.perm, y_index if y_index is not None else routing.perm,
-        routing.block_expert, routing.block_start, routing.block_end,
-        n, rank, float(scale),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), a_.stride(0), a_.stride(1), a_.stride(2),
-        b_.stride(0), b_.stride(1), b_.stride(2), out.stride(0), out.stride(1), xa_.stride(0), xa_.stride(1),
-        h_.stride(0), h_.stride(1),
-        GATHER_X=x_index is not None, SCATTER_Y=y_index is not None, HAS_LORA=lora, WRITE_XA=xa_out is not None,
-        SWIGLU=h_out is not None, ACC=_acc_dtype(x.dtype), PREC=_precision(x.dtype), K=k,
-        BLOCK_M=BM, BLOCK_R=_rank_block(rank), **tiles,
+        x,
+        w,
+        a_,
+        b_,
+        out,
+        xa_,
+        h_,
+        x_index if x_index is not None else routing.perm,
+        y_index if y_index is not None else routing.perm,
+        routing.block_expert,
+        routing.block_start,
+        routing.block_end,
+        n,
+        rank,
+        float(scale),
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        a_.stride(0),
+        a_.stride(1),
+        a_.stride(2),
+        b_.stride(0),
+        b_.stride(1),
+        b_.stride(2),
+        out.stride(0),
+        out.stride(1),
+        xa_.stride(0),
+        xa_.stride(1),
+        h_.stride(0),
+        h_.stride(1),
+        GATHER_X=x_index is not None,
+        SCATTER_Y=y_index is not None,
+        HAS_LORA=lora,
+        WRITE_XA=xa_out is not None,
+        SWIGLU=h_out is not None,
+        ACC=_acc_dtype(x.dtype),
+        PREC=_precision(x.dtype),
+        K=k,
+        BLOCK_M=BM,
+        BLOCK_R=_rank_block(rank),
+        **tiles,
     )
 
 
@@ -215,17 +345,35 @@ def grouped_tn(left, right, routing: Routing, out, *, scale=1.0, l_index=None, r
     p, q = left.shape[1], right.shape[1]
     tiles = {"BLOCK_P": TN_BP, "BLOCK_Q": TN_BQ, "BLOCK_M": TN_BM} if INTERPRETED else {}
     _grouped_tn[lambda meta: (routing.num_experts, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))](
-        left, right, out, l_index if l_index is not None else routing.perm, r_index if r_index is not None else routing.perm,
-        routing.offsets, p, q, float(scale),
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        GATHER_L=l_index is not None, GATHER_R=r_index is not None, ACC=_acc_dtype(left.dtype), PREC=_precision(left.dtype),
+        left,
+        right,
+        out,
+        l_index if l_index is not None else routing.perm,
+        r_index if r_index is not None else routing.perm,
+        routing.offsets,
+        p,
+        q,
+        float(scale),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        GATHER_L=l_index is not None,
+        GATHER_R=r_index is not None,
+        ACC=_acc_dtype(left.dtype),
+        PREC=_precision(left.dtype),
         **tiles,
     )
     return out
 
 
 @triton.jit
-def _swiglu_rows_bwd(DH, GU, H, n_rows, N, sdm, sgm, shm, WRITE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _swiglu_rows_bwd(
+    DH, GU, H, n_rows, N, sdm, sgm, shm, WRITE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """dgate, dup written over [gate | up]; h = silu(gate)·up recomputed when asked."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,5 +396,7 @@ def swiglu_rows_backward(dh: torch.Tensor, gu: torch.Tensor, want_h: bool) -> to
     h = torch.empty_like(dh) if want_h else dh
     block_m, block_n = (16, 16) if INTERPRETED else (32, 128)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-    _swiglu_rows_bwd[grid](dh, gu, h, rows, n, dh.stride(0), gu.stride(0), h.stride(0), WRITE_H=want_h, BLOCK_M=block_m, BLOCK_N=block_n)
+    _swiglu_rows_bwd[grid](
+        dh, gu, h, rows, n, dh.stride(0), gu.stride(0), h.stride(0), WRITE_H=want_h, BLOCK_M=block_m, BLOCK_N=block_n
+    )
     return h if want_h else None

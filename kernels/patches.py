@@ -4,6 +4,7 @@ Each forward reproduces the transformers 5.17 forward of its module with the ker
 and hands anything it does not cover (a KV cache, eval-time logits, an adapter state the fused
 LoRA functions do not model) back to the module's original forward.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,13 @@ log = logging.getLogger("ftw.kernels")
 
 def lora_fusable(config) -> bool:
     """The fused LoRA functions model plain LoRA: no dropout, DoRA, bias training or 4-bit base."""
-    return (config.adapter == "lora" and not config.load_in_8bit and config.lora_dropout == 0.0
-            and not config.peft_use_dora and config.lora_bias == "none")
+    return (
+        config.adapter == "lora"
+        and not config.load_in_8bit
+        and config.lora_dropout == 0.0
+        and not config.peft_use_dora
+        and config.lora_bias == "none"
+    )
 
 
 def varlen_available() -> bool:
@@ -58,10 +64,17 @@ def _projections(modules, fused: bool) -> list[Projection] | None:
     return found if all(p is not None and p.lora_a is not None for p in found) else None
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
     if past_key_values is not None:
-        return self._ftw_original_forward(hidden_states, position_embeddings=position_embeddings,
-                                          attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        return self._ftw_original_forward(
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
     bsz, seq, _ = hidden_states.shape
     qkv = _projections((self.q_proj, self.k_proj, self.v_proj), self._ftw_fuse_qkv)
     if qkv is not None:
@@ -76,12 +89,22 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     modeling = sys.modules[type(self).__module__]
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, modeling.eager_attention_forward
+    )
     window = getattr(self.config if self._ftw_window_in_config else self, "sliding_window", None)
     if window is not None:
         kwargs["sliding_window"] = window
-    out, weights = interface(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+    out, weights = interface(
+        self,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        **kwargs,
+    )
     out = out.reshape(bsz, seq, -1)
     o = _projections((self.o_proj,), self._ftw_fuse_o)
     out = lora_projections(out, o)[0] if o is not None else self.o_proj(out)
@@ -89,27 +112,53 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 
 # ---- loss -------------------------------------------------------------------------------------
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     """Training forward with labels: the loss straight from the last hidden states (no logits
     returned). Everything else goes to the original forward."""
     if labels is None or not self.training:
-        return self._ftw_original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return self._ftw_original_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("ignore_index", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=False,
+        **kwargs,
+    )
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # HF's ForCausalLMLoss: token t predicts label t+1
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), -100, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return CausalLMOutputWithPast(
+        loss=loss, logits=None, past_key_values=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
 
 
 def _plain_output_layer(head) -> bool:
@@ -152,7 +201,10 @@ def install_experts(model: torch.nn.Module) -> list[str]:
             _replace_forward(outer, _experts_wrapper_forward)
         fused += moe.expert_lora(module) not in (None, False)
     if not moe.module_fusable(experts[0]):  # e.g. GPT-OSS's biased, transposed experts; full fine-tuning
-        log.info("kernels: %s experts are not a layout the ScatterMoE kernel covers: grouped_mm serves them", type(experts[0]).__name__)
+        log.info(
+            "kernels: %s experts are not a layout the ScatterMoE kernel covers: grouped_mm serves them",
+            type(experts[0]).__name__,
+        )
         return []
     return ["scattermoe_lora" if fused else "scattermoe"]
 
@@ -175,7 +227,9 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
     for m in mlps:
         _replace_forward(m, _lora_mlp_forward if wanted["lora_mlp"] else swiglu_mlp_forward)
     if mlps:
-        fused = wanted["lora_mlp"] and _mlp_fusable([projection_of(x) for x in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj)])
+        fused = wanted["lora_mlp"] and _mlp_fusable(
+            [projection_of(x) for x in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj)]
+        )
         applied.append("lora_mlp" if fused else "swiglu")
 
     attns = by_class.get(family.attention_class, [])

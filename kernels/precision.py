@@ -1,6 +1,7 @@
 """The dtype a fused op computes in: autocast's when it is on (as the unfused ops would), else
 its input's. The autograd functions switch autocast off inside and cast explicitly, so an
 fp32-weight model under fp16/bf16 autocast (full fine-tuning with fp16) gets matching dtypes."""
+
 from __future__ import annotations
 
 import torch

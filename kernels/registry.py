@@ -14,6 +14,7 @@ ScatterMoE LoRA experts (kernels/moe.py) through transformers' experts registry,
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
 ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,10 +31,10 @@ VERIFIED_TRANSFORMERS = ("5.17",)
 class Family:
     """What the patches need to know of one model family's modeling code."""
 
-    norm_class: str          # RMSNorm class name
-    mlp_class: str           # gated-MLP class name (silu)
+    norm_class: str  # RMSNorm class name
+    mlp_class: str  # gated-MLP class name (silu)
     attention_class: str
-    qk_norm: bool = False    # Qwen3: RMSNorm on each head's q and k before rope
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before rope
     window_in_config: bool = False  # Mistral reads sliding_window off the config, Qwen2/3 off the layer
 
 
@@ -74,8 +75,11 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         return []
     version = ".".join(transformers.__version__.split(".")[:2])
     if version not in VERIFIED_TRANSFORMERS:
-        log.warning("kernels: not applied: transformers %s is not one the patches were verified against (%s)",
-                    transformers.__version__, ", ".join(VERIFIED_TRANSFORMERS))
+        log.warning(
+            "kernels: not applied: transformers %s is not one the patches were verified against (%s)",
+            transformers.__version__,
+            ", ".join(VERIFIED_TRANSFORMERS),
+        )
         return []
     if config.experts_implementation in (None, "scattermoe"):
         from kernels import patches
@@ -85,7 +89,9 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
             log.info("kernels applied to %s: %s", model_type, ", ".join(moe))
             return moe
     if not enabled:
-        log.info("kernels: no others for %s: use_kernels is off here (only the experts kernel was asked for)", model_type)
+        log.info(
+            "kernels: no others for %s: use_kernels is off here (only the experts kernel was asked for)", model_type
+        )
         return []
     if family is None:
         log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
@@ -102,9 +108,11 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         "lora_qkv": lora_ok and _switch(config.lora_qkv_kernel, True),
         "lora_o": lora_ok and _switch(config.lora_o_kernel, True),
         # flash-attention kernels: CUDA, half precision, no attention dropout
-        "varlen_attention": on_cuda and base.dtype in (torch.bfloat16, torch.float16)
+        "varlen_attention": on_cuda
+        and base.dtype in (torch.bfloat16, torch.float16)
         and not getattr(base.config, "attention_dropout", 0.0)
-        and config.attn_implementation in (None, "sdpa", "flash_attention_2") and patches.varlen_available(),
+        and config.attn_implementation in (None, "sdpa", "flash_attention_2")
+        and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)
     if applied:

@@ -3,6 +3,7 @@
 y = w * x / sqrt(mean(x²) + eps). The backward gives dx always and dw only when the weight trains
 (frozen in LoRA runs, so its reduction is skipped).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,21 @@ def _rmsnorm_fwd(X, W, Y, RSTD, stride, n_rows, n_cols, eps, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _rmsnorm_bwd(DY, X, W, RSTD, DX, DW, stride, n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, WANT_DW: tl.constexpr):
+def _rmsnorm_bwd(
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW,
+    stride,
+    n_rows,
+    n_cols,
+    ROWS_PER_PROGRAM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WANT_DW: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -64,8 +78,9 @@ class RMSNormFunction(torch.autograd.Function):
         block, block_r, warps = _tiles(n_rows, n_cols, x.is_cuda)
         y = torch.empty_like(x2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](x2, weight, y, rstd, x2.stride(0), n_rows, n_cols, eps,
-                                                       BLOCK_R=block_r, BLOCK=block, num_warps=warps)
+        _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](
+            x2, weight, y, rstd, x2.stride(0), n_rows, n_cols, eps, BLOCK_R=block_r, BLOCK=block, num_warps=warps
+        )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(shape)
@@ -83,9 +98,22 @@ class RMSNormFunction(torch.autograd.Function):
         rows_per_program = max(block_r, triton.next_power_of_2(triton.cdiv(n_rows, programs_wanted)))
         n_programs = triton.cdiv(n_rows, rows_per_program)
         dw_partial = torch.empty((n_programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=x2.device)
-        _rmsnorm_bwd[(n_programs,)](dy2, x2, weight, rstd, dx, dw_partial, x2.stride(0), n_rows, n_cols,
-                                    ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK=block,
-                                    WANT_DW=want_dw, num_warps=warps)
+        _rmsnorm_bwd[(n_programs,)](
+            dy2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            x2.stride(0),
+            n_rows,
+            n_cols,
+            ROWS_PER_PROGRAM=rows_per_program,
+            BLOCK_R=block_r,
+            BLOCK=block,
+            WANT_DW=want_dw,
+            num_warps=warps,
+        )
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
         return dx.view(ctx.shape), dw, None
 

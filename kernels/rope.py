@@ -6,6 +6,7 @@ Taking cos/sin (rather than recomputing them from inv_freq) keeps every rope sca
 (llama3, yarn, linear) the model's rotary module implements. The backward is the same rotation
 by -θ, so nothing but cos/sin is saved.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope(X, COS, SIN, Y, n_rows, seq_len, n_heads, stride_cb, stride_cs, HALF: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+def _rope(
+    X,
+    COS,
+    SIN,
+    Y,
+    n_rows,
+    seq_len,
+    n_heads,
+    stride_cb,
+    stride_cs,
+    HALF: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
     """Programs take BLOCK_R (batch·seq) rows × all heads; the tile is (rows·heads, head_dim/2)."""
     idx = tl.arange(0, BLOCK_R * BLOCK_H)
     row = tl.program_id(0) * BLOCK_R + idx // BLOCK_H
@@ -55,8 +70,22 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     budget = 4096 if x.is_cuda else 65536
     block_r = max(1, min(triton.next_power_of_2(n_rows), budget // (block_h * block_d)))
     stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
-    _rope[(triton.cdiv(n_rows, block_r),)](x, cos, sin, y, n_rows, seq, heads, stride_cb, cos.stride(1), HALF=half,
-                                           BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward)
+    _rope[(triton.cdiv(n_rows, block_r),)](
+        x,
+        cos,
+        sin,
+        y,
+        n_rows,
+        seq,
+        heads,
+        stride_cb,
+        cos.stride(1),
+        HALF=half,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        BACKWARD=backward,
+    )
     return y
 
 

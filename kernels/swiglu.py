@@ -3,6 +3,7 @@
 `swiglu_backward` is shared with the fused LoRA MLP, which has it write dg and du over g and u
 (no new activation-sized buffers) and returns h, recomputed, for the down projection's LoRA grads.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ JSON's and YAML's `true` is a Python bool, and a bool is an int, so pydantic's l
 lie within ±2**53 (what a float holds exactly; no training setting comes near it), so `seed: 2**70`
 is refused at validation instead of failing in the trainer. Ranges of their own stay on the fields.
 """
+
 # No `from __future__ import annotations`: see schemas/config.py.
 import functools
 from typing import Any, Literal, Union, get_args, get_origin
@@ -17,7 +18,9 @@ MAX_NUMBER = 2**53
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -34,7 +37,11 @@ class Frozen(BaseModel):
 @functools.cache
 def number_fields(model: type[BaseModel]) -> frozenset[str]:
     """Fields that take an int or a float and never a boolean."""
-    return frozenset(name for name, f in model.model_fields.items() if _types(f.annotation) & {int, float} and bool not in _types(f.annotation))
+    return frozenset(
+        name
+        for name, f in model.model_fields.items()
+        if _types(f.annotation) & {int, float} and bool not in _types(f.annotation)
+    )
 
 
 def _types(annotation: Any) -> set[Any]:

@@ -4,6 +4,7 @@ Returns new dicts holding only typed keys; the rest become warnings (no effect, 
 "did you mean") or errors that name the key (unsupported, gated). Dataset entries get the same
 treatment with their own registries, and their `type` is checked against the strategies ftw has.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -15,19 +16,44 @@ from schemas.config import LEGACY_ATTENTION_FLAGS, TrainingConfig
 from schemas.datasets import KNOWN_UNSUPPORTED_TYPES, SUPPORTED_TYPES, DatasetConfig, PretrainingDatasetConfig
 from schemas.environment import env_flag
 from schemas.issues import Report, format_loc
-from schemas.keys import (ALIASES, DATASET_UNSUPPORTED, GATED, NATIVE_PLUGINS, NO_EFFECT, TORCH_DTYPE_KEY, UNSUPPORTED,
-                          is_off, unsupported_reason)
+from schemas.keys import (
+    ALIASES,
+    DATASET_UNSUPPORTED,
+    GATED,
+    NATIVE_PLUGINS,
+    NO_EFFECT,
+    TORCH_DTYPE_KEY,
+    UNSUPPORTED,
+    is_off,
+    unsupported_reason,
+)
 from schemas.limits import EXCERPT_CHARS, excerpt
 from schemas.rl_rules import RL_ROW_FIELDS, check_rl_entry
 from schemas.secrets import CREDENTIAL_ENV, secret_key
 
 TYPED_FIELDS = frozenset(TrainingConfig.model_fields)
-ALL_KNOWN = TYPED_FIELDS | set(ALIASES) | set(NO_EFFECT) | set(UNSUPPORTED) | set(GATED) | set(LEGACY_ATTENTION_FLAGS) | {TORCH_DTYPE_KEY}
-DATASET_LISTS = {"datasets": DatasetConfig, "test_datasets": DatasetConfig, "pretraining_dataset": PretrainingDatasetConfig}
+ALL_KNOWN = (
+    TYPED_FIELDS
+    | set(ALIASES)
+    | set(NO_EFFECT)
+    | set(UNSUPPORTED)
+    | set(GATED)
+    | set(LEGACY_ATTENTION_FLAGS)
+    | {TORCH_DTYPE_KEY}
+)
+DATASET_LISTS = {
+    "datasets": DatasetConfig,
+    "test_datasets": DatasetConfig,
+    "pretraining_dataset": PretrainingDatasetConfig,
+}
 # where ftw decides itself: accepted as typed fields (others read them), but the job's value is not used
-CREDENTIALS_HINT = (f"a credential goes under the job's credentials ({', '.join(CREDENTIAL_ENV)}) or in the endpoint's "
-                    "environment (HF_TOKEN, WANDB_API_KEY, AWS_*)")
-FTW_DECIDES = {"output_dir": "a job (ftw run, the endpoint) writes to BASE_VOLUME/runs/<run_id>; only `ftw train` uses output_dir"}
+CREDENTIALS_HINT = (
+    f"a credential goes under the job's credentials ({', '.join(CREDENTIAL_ENV)}) or in the endpoint's "
+    "environment (HF_TOKEN, WANDB_API_KEY, AWS_*)"
+)
+FTW_DECIDES = {
+    "output_dir": "a job (ftw run, the endpoint) writes to BASE_VOLUME/runs/<run_id>; only `ftw train` uses output_dir"
+}
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -56,13 +82,20 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
             clean[key] = value
         elif (reason := unsupported_reason(key)) is not None:
             if not is_off(value):
-                shown = f"{key}: {value if len(value) <= EXCERPT_CHARS else excerpt(value)}" if isinstance(value, str) else key
+                shown = (
+                    f"{key}: {value if len(value) <= EXCERPT_CHARS else excerpt(value)}"
+                    if isinstance(value, str)
+                    else key
+                )
                 report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
         elif key in NO_EFFECT:
             report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
         elif secret_key(key):
-            report.warn(key, f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
-                             f"kept; {CREDENTIALS_HINT}")
+            report.warn(
+                key,
+                f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
+                f"kept; {CREDENTIALS_HINT}",
+            )
         else:
             report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, ALL_KNOWN)}")
     return clean
@@ -76,11 +109,19 @@ def _gated(key: str, value: Any, env: Mapping[str, str], clean: dict[str, Any], 
             report.warn(key, f"plugin {plugin} is not loaded: {NATIVE_PLUGINS[plugin]}")
         return
     if not env_flag(env, GATED[key]):
-        report.error(key, f"{key} runs code on the worker and is refused; the endpoint operator can allow it with {GATED[key]}=1", "gated")
+        report.error(
+            key,
+            f"{key} runs code on the worker and is refused; the endpoint operator can allow it with {GATED[key]}=1",
+            "gated",
+        )
     elif key in TYPED_FIELDS:
         clean[key] = value
     else:
-        report.error(key, f"{key} is allowed by the operator ({GATED[key]}), but ftw does not load plugins or extra module paths", "unsupported")
+        report.error(
+            key,
+            f"{key} is allowed by the operator ({GATED[key]}), but ftw does not load plugins or extra module paths",
+            "unsupported",
+        )
 
 
 def classify_dataset_lists(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> dict[str, Any]:
@@ -94,13 +135,17 @@ def classify_dataset_lists(cfg: Mapping[str, Any], env: Mapping[str, str], repor
         entries = cfg.get(list_key)
         if isinstance(entries, list):
             out[list_key] = [
-                _classify_entry(ds, model, format_loc([list_key, i]), env, report, rl) if isinstance(ds, Mapping) else ds
+                _classify_entry(ds, model, format_loc([list_key, i]), env, report, rl)
+                if isinstance(ds, Mapping)
+                else ds
                 for i, ds in enumerate(entries)
             ]
     return out
 
 
-def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report, rl: Any = None) -> dict[str, Any]:
+def _classify_entry(
+    ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report, rl: Any = None
+) -> dict[str, Any]:
     fields = model.model_fields
     clean: dict[str, Any] = {}
     for key, value in ds.items():
@@ -109,19 +154,27 @@ def _classify_entry(ds: Mapping[str, Any], model: type, loc: str, env: Mapping[s
             report.error(loc, f"dataset keys must be non-empty strings, got {excerpt(key)}")
         elif key in DATASET_UNSUPPORTED:
             if not is_off(value):
-                report.error(where, f"{key} is not supported by ftw ({DATASET_UNSUPPORTED[key]}); remove it", "unsupported")
+                report.error(
+                    where, f"{key} is not supported by ftw ({DATASET_UNSUPPORTED[key]}); remove it", "unsupported"
+                )
         elif key in fields:
             if value is not None or fields[key].default is None:
                 clean[key] = value
         else:
-            report.warn(where, f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}")
+            report.warn(
+                where,
+                f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}",
+            )
     if model is DatasetConfig and rl:
         check_rl_entry(clean, loc, rl, report)
     elif model is DatasetConfig:
         _check_type(clean.get("type"), f"{loc}.type", env, report)
         for key in RL_ROW_FIELDS:
             if clean.get(key) is not None:
-                report.error(f"{loc}.{key}", f"{key} is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it")
+                report.error(
+                    f"{loc}.{key}",
+                    f"{key} is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it",
+                )
         jinja = clean.get("chat_template_jinja")
         if isinstance(jinja, str) and jinja.strip().endswith((".jinja", ".j2")):
             report.error(f"{loc}.chat_template_jinja", "chat_template_jinja must be the template text, not a file path")
@@ -134,18 +187,33 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
     base = kind.split(":")[0]
     family = base.split(".")[0]
     if family.startswith("sharegpt"):
-        report.error(loc, f"type {excerpt(kind)} was removed from axolotl; use type: chat_template with field_messages "
-                          "(and message_property_mappings for from/value keys)", "unsupported")
+        report.error(
+            loc,
+            f"type {excerpt(kind)} was removed from axolotl; use type: chat_template with field_messages "
+            "(and message_property_mappings for from/value keys)",
+            "unsupported",
+        )
     elif family == "pretrain":
         report.error(loc, "type 'pretrain' belongs to pretraining_dataset entries; under datasets use type: completion")
     elif family in KNOWN_UNSUPPORTED_TYPES:
-        report.error(loc, f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}", "unsupported")
+        report.error(
+            loc,
+            f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}",
+            "unsupported",
+        )
     elif "." in kind:
         if not env_flag(env, "FTW_ALLOW_PLUGINS"):
-            report.error(loc, f"type {excerpt(kind)} names a Python module, which would run code on the worker; "
-                              "refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1", "gated")
+            report.error(
+                loc,
+                f"type {excerpt(kind)} names a Python module, which would run code on the worker; "
+                "refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1",
+                "gated",
+            )
         else:
             report.error(loc, f"type {excerpt(kind)}: custom strategy modules are not supported by ftw", "unsupported")
     else:
-        report.error(loc, f"type {excerpt(kind)} is not a known prompt strategy{did_you_mean(kind, SUPPORTED_TYPES)} "
-                          f"(known: {', '.join(SUPPORTED_TYPES)}, or the dict form)")
+        report.error(
+            loc,
+            f"type {excerpt(kind)} is not a known prompt strategy{did_you_mean(kind, SUPPORTED_TYPES)} "
+            f"(known: {', '.join(SUPPORTED_TYPES)}, or the dict form)",
+        )

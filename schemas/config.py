@@ -4,9 +4,10 @@ Keys ftw knows but does not implement, keys that have no effect here, and keys t
 live in `schemas/keys.py`; `schemas/validate.py` runs the whole check. Field validators only
 check; derived values (the attention backend, the batch arithmetic) are pure methods.
 """
+
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than
 # from strings, and these models are built on every `ftw validate` start.
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -17,13 +18,36 @@ from schemas.rl import TrlConfig
 Auto = Literal["auto"]
 
 OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_torch_8bit", "adamw_bnb_8bit", "adamw_8bit",
-    "paged_adamw_8bit", "paged_adamw_32bit", "adamw_hf", "adafactor", "sgd", "adagrad", "lion_8bit",
-    "paged_lion_8bit", "rmsprop", "muon",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_hf",
+    "adafactor",
+    "sgd",
+    "adagrad",
+    "lion_8bit",
+    "paged_lion_8bit",
+    "rmsprop",
+    "muon",
 )
 LR_SCHEDULERS = (
-    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
-    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "rex",
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "rex",
     "one_cycle",
 )
 # transformers' experts dispatch (`experts_implementation`); "scattermoe" is ftw's fused LoRA kernel
@@ -42,22 +66,27 @@ LEGACY_ATTENTION_FLAGS = {
 DEEPSPEED_PRESETS = ("zero1", "zero2", "zero3", "zero3_offload", "zero2_offload")
 # the JSON files axolotl ships under deepspeed_configs/, read as the preset they are
 DEEPSPEED_BUNDLED_FILES = {
-    "zero1.json": "zero1", "zero1_torch_compile.json": "zero1", "zero2.json": "zero2", "zero2_torch_compile.json": "zero2",
-    "zero3.json": "zero3", "zero3_bf16.json": "zero3",
-    "zero3_bf16_cpuoffload_all.json": "zero3_offload", "zero3_bf16_cpuoffload_params.json": "zero3_offload",
+    "zero1.json": "zero1",
+    "zero1_torch_compile.json": "zero1",
+    "zero2.json": "zero2",
+    "zero2_torch_compile.json": "zero2",
+    "zero3.json": "zero3",
+    "zero3_bf16.json": "zero3",
+    "zero3_bf16_cpuoffload_all.json": "zero3_offload",
+    "zero3_bf16_cpuoffload_params.json": "zero3_offload",
 }
 
 
 class SpecialTokens(Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    bos_token: Optional[str] = None
-    eos_token: Optional[str] = None
-    pad_token: Optional[str] = None
-    unk_token: Optional[str] = None
-    sep_token: Optional[str] = None
-    cls_token: Optional[str] = None
-    mask_token: Optional[str] = None
-    additional_special_tokens: Optional[list[str]] = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    sep_token: str | None = None
+    cls_token: str | None = None
+    mask_token: str | None = None
+    additional_special_tokens: list[str] | None = None
 
 
 class FSDPConfig(Frozen):
@@ -69,165 +98,167 @@ class FSDPConfig(Frozen):
 class TrainingConfig(Frozen):
     # ---- model and tokenizer -------------------------------------------------------------------
     base_model: str
-    base_model_config: Optional[str] = None
-    revision_of_model: Optional[str] = None
-    type_of_model: Optional[str] = None
-    tokenizer_config: Optional[str] = None
-    tokenizer_type: Optional[str] = None
+    base_model_config: str | None = None
+    revision_of_model: str | None = None
+    type_of_model: str | None = None
+    tokenizer_config: str | None = None
+    tokenizer_type: str | None = None
     tokenizer_use_fast: bool = True
-    tokenizer_legacy: Optional[bool] = None
-    tokenizer_padding_side: Optional[Literal["left", "right"]] = None
-    special_tokens: Optional[SpecialTokens] = None
-    tokens: Optional[list[str]] = None
+    tokenizer_legacy: bool | None = None
+    tokenizer_padding_side: Literal["left", "right"] | None = None
+    special_tokens: SpecialTokens | None = None
+    tokens: list[str] | None = None
     resize_token_embeddings_to_32x: bool = False
     trust_remote_code: bool = False
-    overrides_of_model_config: Optional[dict[str, Any]] = None
-    low_cpu_mem_usage: Optional[bool] = None
+    overrides_of_model_config: dict[str, Any] | None = None
+    low_cpu_mem_usage: bool | None = None
     # ---- adapters ------------------------------------------------------------------------------
-    adapter: Optional[Literal["lora", "qlora"]] = None
+    adapter: Literal["lora", "qlora"] | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     lora_r: int = Field(default=8, ge=1, le=4096)
-    lora_alpha: Optional[int] = Field(default=None, ge=1)
+    lora_alpha: int | None = Field(default=None, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    lora_target_modules: Optional[Union[str, list[str]]] = None
-    lora_target_linear: Optional[bool] = None
-    lora_modules_to_save: Optional[list[str]] = None
+    lora_target_modules: str | list[str] | None = None
+    lora_target_linear: bool | None = None
+    lora_modules_to_save: list[str] | None = None
     lora_fan_in_fan_out: bool = False
-    lora_model_dir: Optional[str] = None
+    lora_model_dir: str | None = None
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     peft_use_dora: bool = False
     peft_use_rslora: bool = False
-    peft_layers_to_transform: Optional[list[int]] = None
+    peft_layers_to_transform: list[int] | None = None
     merge_lora: bool = False
-    lora_mlp_kernel: Optional[bool] = None
-    lora_qkv_kernel: Optional[bool] = None
-    lora_o_kernel: Optional[bool] = None
+    lora_mlp_kernel: bool | None = None
+    lora_qkv_kernel: bool | None = None
+    lora_o_kernel: bool | None = None
     # ---- mixture of experts --------------------------------------------------------------------
-    lora_target_parameters: Optional[Union[str, list[str]]] = None  # 3-D expert tensors, e.g. experts.gate_up_proj
-    use_scattermoe: Optional[bool] = None
-    experts_implementation: Optional[str] = None
-    output_router_logits: Optional[bool] = None
-    router_aux_loss_coef: Optional[float] = Field(default=None, ge=0.0)
+    lora_target_parameters: str | list[str] | None = None  # 3-D expert tensors, e.g. experts.gate_up_proj
+    use_scattermoe: bool | None = None
+    experts_implementation: str | None = None
+    output_router_logits: bool | None = None
+    router_aux_loss_coef: float | None = Field(default=None, ge=0.0)
     # ---- data ----------------------------------------------------------------------------------
-    datasets: Optional[list[DatasetConfig]] = None
-    test_datasets: Optional[list[DatasetConfig]] = None
-    pretraining_dataset: Optional[list[PretrainingDatasetConfig]] = None
-    dataset_prepared_path: Optional[str] = None
-    dataset_num_proc: Optional[int] = Field(default=None, ge=1)
+    datasets: list[DatasetConfig] | None = None
+    test_datasets: list[DatasetConfig] | None = None
+    pretraining_dataset: list[PretrainingDatasetConfig] | None = None
+    dataset_prepared_path: str | None = None
+    dataset_num_proc: int | None = Field(default=None, ge=1)
     shuffle_merged_datasets: bool = True
     dataset_exact_deduplication: bool = False
     val_set_size: float = Field(default=0.0, ge=0.0)
-    chat_template: Optional[str] = None
-    chat_template_jinja: Optional[str] = None
-    default_system_message: Optional[str] = None
-    eot_tokens: Optional[list[str]] = None
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+    default_system_message: str | None = None
+    eot_tokens: list[str] | None = None
     train_on_inputs: bool = False
     sequence_len: int = Field(default=512, ge=8, le=1_048_576)
     excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
     min_sample_len: int = Field(default=2, ge=1)
     sample_packing: bool = False
-    eval_sample_packing: Optional[bool] = None
+    eval_sample_packing: bool | None = None
     sample_packing_bin_size: int = Field(default=200, ge=1)
     sample_packing_group_size: int = Field(default=100_000, ge=1)
-    pad_to_sequence_len: Optional[bool] = None
+    pad_to_sequence_len: bool | None = None
     skip_prepare_dataset: bool = False
-    remove_unused_columns: Optional[bool] = None
+    remove_unused_columns: bool | None = None
     # ---- hyperparameters -----------------------------------------------------------------------
     learning_rate: float = Field(gt=0.0, le=10.0)
-    micro_batch_size: Optional[int] = Field(default=None, ge=1)
-    gradient_accumulation_steps: Optional[int] = Field(default=None, ge=1)
-    batch_size: Optional[int] = Field(default=None, ge=1)
-    eval_batch_size: Optional[int] = Field(default=None, ge=1)
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
     num_epochs: float = Field(default=1.0, gt=0.0)
-    max_steps: Optional[int] = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
     optimizer: str = "adamw_torch_fused"
-    optim_args: Optional[Union[str, dict[str, Any]]] = None
+    optim_args: str | dict[str, Any] | None = None
     lr_scheduler: str = "cosine"
-    lr_scheduler_kwargs: Optional[dict[str, Any]] = None
-    cosine_min_lr_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    cosine_min_lr_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     # transformers reads a value below 1 as a fraction of the total steps
-    warmup_steps: Optional[Union[int, float]] = Field(default=None, ge=0)
-    warmup_ratio: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    warmup_steps: int | float | None = Field(default=None, ge=0)
+    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    adam_beta1: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
-    adam_beta2: Optional[float] = Field(default=None, gt=0.0, lt=1.0)
-    adam_epsilon: Optional[float] = Field(default=None, gt=0.0)
-    max_grad_norm: Optional[float] = Field(default=1.0, ge=0.0)
+    adam_beta1: float | None = Field(default=None, gt=0.0, lt=1.0)
+    adam_beta2: float | None = Field(default=None, gt=0.0, lt=1.0)
+    adam_epsilon: float | None = Field(default=None, gt=0.0)
+    max_grad_norm: float | None = Field(default=1.0, ge=0.0)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)  # numpy's and torch's seed range
-    early_stopping_patience: Optional[int] = Field(default=None, ge=1)
-    loss_watchdog_threshold: Optional[float] = None
-    loss_watchdog_patience: Optional[int] = None
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    loss_watchdog_threshold: float | None = None
+    loss_watchdog_patience: int | None = None
     # ---- precision and attention ---------------------------------------------------------------
-    bf16: Union[bool, Auto] = "auto"
-    fp16: Optional[bool] = None
-    tf32: Union[bool, Auto] = "auto"
-    bfloat16: Optional[bool] = None
-    float16: Optional[bool] = None
-    attn_implementation: Optional[str] = None
-    gradient_checkpointing: Union[bool, Literal["offload"]] = False
-    gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None
-    activation_offloading: Union[bool, Literal["legacy", "disk"]] = False
-    torch_compile: Union[bool, Auto] = False
-    torch_compile_backend: Optional[Literal["inductor", "eager", "aot_eager", "cudagraphs"]] = None
-    torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
-    use_kernels: Optional[bool] = None
+    bf16: bool | Auto = "auto"
+    fp16: bool | None = None
+    tf32: bool | Auto = "auto"
+    bfloat16: bool | None = None
+    float16: bool | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool | Literal["offload"] = False
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    activation_offloading: bool | Literal["legacy", "disk"] = False
+    torch_compile: bool | Auto = False
+    torch_compile_backend: Literal["inductor", "eager", "aot_eager", "cudagraphs"] | None = None
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = (
+        None
+    )
+    use_kernels: bool | None = None
     # ---- checkpoints ---------------------------------------------------------------------------
-    output_dir: Optional[str] = None
-    save_strategy: Optional[Literal["steps", "epoch", "no", "best"]] = None
-    save_steps: Optional[Union[int, float]] = Field(default=None, gt=0)
-    saves_per_epoch: Optional[int] = Field(default=None, ge=1)
+    output_dir: str | None = None
+    save_strategy: Literal["steps", "epoch", "no", "best"] | None = None
+    save_steps: int | float | None = Field(default=None, gt=0)
+    saves_per_epoch: int | None = Field(default=None, ge=1)
     save_total_limit: int = Field(default=4, ge=1)
     save_only_model: bool = False
     save_safetensors: bool = True
     save_first_step: bool = False
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: str | None = None
     auto_resume_from_checkpoints: bool = True
     # ---- eval and logging ----------------------------------------------------------------------
-    eval_steps: Optional[Union[int, float]] = Field(default=None, gt=0)
-    evals_per_epoch: Optional[int] = Field(default=None, ge=0)
-    eval_strategy: Optional[Literal["steps", "epoch", "no"]] = None
-    logging_steps: Optional[int] = Field(default=None, ge=1)
+    eval_steps: int | float | None = Field(default=None, gt=0)
+    evals_per_epoch: int | None = Field(default=None, ge=0)
+    eval_strategy: Literal["steps", "epoch", "no"] | None = None
+    logging_steps: int | None = Field(default=None, ge=1)
     use_tensorboard: bool = False
-    use_wandb: Optional[bool] = None
-    wandb_project: Optional[str] = None
-    wandb_entity: Optional[str] = None
-    wandb_name: Optional[str] = None
-    wandb_run_id: Optional[str] = None
-    wandb_mode: Optional[str] = None
-    wandb_log_model: Optional[str] = None
-    use_mlflow: Optional[bool] = None
-    mlflow_tracking_uri: Optional[str] = None
-    mlflow_experiment_name: Optional[str] = None
-    mlflow_run_name: Optional[str] = None
+    use_wandb: bool | None = None
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    wandb_run_id: str | None = None
+    wandb_mode: str | None = None
+    wandb_log_model: str | None = None
+    use_mlflow: bool | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_name: str | None = None
+    mlflow_run_name: str | None = None
     # ---- hub -----------------------------------------------------------------------------------
-    hub_model_id: Optional[str] = None
-    hub_strategy: Optional[str] = None
-    hub_private_repo: Optional[bool] = None
-    push_dataset_to_hub: Optional[str] = None
+    hub_model_id: str | None = None
+    hub_strategy: str | None = None
+    hub_private_repo: bool | None = None
+    push_dataset_to_hub: str | None = None
     # ---- distributed ---------------------------------------------------------------------------
-    deepspeed: Optional[Union[str, dict[str, Any]]] = None
+    deepspeed: str | dict[str, Any] | None = None
     # ftw's own key: run a deepspeed preset/dict as FSDP2 with the same sharding instead of DeepSpeed's engine
-    deepspeed_as_fsdp: Optional[bool] = None
-    fsdp: Optional[Union[list[str], str]] = None
-    fsdp_config: Optional[FSDPConfig] = None
-    fsdp_version: Optional[Literal[1, 2]] = None
-    ddp_find_unused_parameters: Optional[bool] = None
-    ddp_timeout: Optional[int] = Field(default=None, ge=1)
+    deepspeed_as_fsdp: bool | None = None
+    fsdp: list[str] | str | None = None
+    fsdp_config: FSDPConfig | None = None
+    fsdp_version: Literal[1, 2] | None = None
+    ddp_find_unused_parameters: bool | None = None
+    ddp_timeout: int | None = Field(default=None, ge=1)
     # ---- preference and RL training (schemas/rl.py, worker/train/preference.py, grpo.py) ----------
-    rl: Optional[str] = None
-    rl_beta: Optional[float] = Field(default=None, gt=0.0)
-    dpo_loss_type: Optional[list[str]] = Field(default=None, min_length=1)
+    rl: str | None = None
+    rl_beta: float | None = Field(default=None, gt=0.0)
+    dpo_loss_type: list[str] | None = Field(default=None, min_length=1)
     dpo_label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
-    orpo_alpha: Optional[float] = Field(default=None, gt=0.0)
+    orpo_alpha: float | None = Field(default=None, gt=0.0)
     simpo_gamma: float = Field(default=0.5, ge=0.0)
     cpo_alpha: float = Field(default=1.0, ge=0.0)
     kto_desirable_weight: float = Field(default=1.0, gt=0.0)
     kto_undesirable_weight: float = Field(default=1.0, gt=0.0)
-    max_prompt_len: Optional[int] = Field(default=None, ge=1)
-    trl: Optional[TrlConfig] = None
+    max_prompt_len: int | None = Field(default=None, ge=1)
+    trl: TrlConfig | None = None
 
     # ---- derived values (pure) -----------------------------------------------------------------
     def batch_shape(self) -> tuple[int, int]:
@@ -243,7 +274,7 @@ class TrainingConfig(Frozen):
     def is_full_finetune(self) -> bool:
         return self.adapter is None
 
-    def rl_method(self) -> Optional[str]:
+    def rl_method(self) -> str | None:
         """dpo, ipo, orpo, kto, simpo or grpo; `rl: dpo` with dpo_loss_type [ipo] is ipo (axolotl's two spellings)."""
         if self.rl == "dpo" and self.dpo_loss_type == ["ipo"]:
             return "ipo"

@@ -4,9 +4,10 @@ A `type` is either a prompt-strategy name from the closed list below, or the dic
 (user-defined instruction format). Dotted module types (`pkg.mod`) execute code on the worker
 and are refused by `schemas.validate` unless the operator allows plugins.
 """
+
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than
 # from strings, and these models are built on every `ftw validate` start.
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -27,10 +28,36 @@ SUPPORTED_TYPES = (
 
 # axolotl strategy families that exist but ftw does not implement: a clear error, not a guess.
 KNOWN_UNSUPPORTED_TYPES = (
-    "bradley_terry", "ebft", "ebft_pretrain", "ebft_strided_chat", "ebft_strided_structured", "ebft_opencode", "orpo", "dpo", "kto", "stepwise_supervised",
-    "metharme", "pygmalion", "oasst", "gpteacher", "reflection", "explainchoice", "concisechoice",
-    "summarizetldr", "jeopardy", "context_qa", "creative_acr", "alpaca_w_system", "llama2_chat",
-    "user_defined", "messages", "orcamini", "alpaca_chat", "alpaca_instruct", "base", "chatml",
+    "bradley_terry",
+    "ebft",
+    "ebft_pretrain",
+    "ebft_strided_chat",
+    "ebft_strided_structured",
+    "ebft_opencode",
+    "orpo",
+    "dpo",
+    "kto",
+    "stepwise_supervised",
+    "metharme",
+    "pygmalion",
+    "oasst",
+    "gpteacher",
+    "reflection",
+    "explainchoice",
+    "concisechoice",
+    "summarizetldr",
+    "jeopardy",
+    "context_qa",
+    "creative_acr",
+    "alpaca_w_system",
+    "llama2_chat",
+    "user_defined",
+    "messages",
+    "orcamini",
+    "alpaca_chat",
+    "alpaca_instruct",
+    "base",
+    "chatml",
 )
 
 TRAIN_ON_EOS = Literal["all", "turn", "last", "none"]
@@ -39,21 +66,21 @@ TRAIN_ON_EOS = Literal["all", "turn", "last", "none"]
 class UserDefinedFormat(Frozen):
     """The dict form of `type`: field names and a format string with {instruction}/{input}."""
 
-    field_system: Optional[str] = None
-    field_instruction: Optional[str] = None
-    field_input: Optional[str] = None
-    field_output: Optional[str] = None
-    system_prompt: Optional[str] = None
-    system_format: Optional[str] = None
-    format: Optional[str] = None
-    no_input_format: Optional[str] = None
+    field_system: str | None = None
+    field_instruction: str | None = None
+    field_input: str | None = None
+    field_output: str | None = None
+    system_prompt: str | None = None
+    system_format: str | None = None
+    format: str | None = None
+    no_input_format: str | None = None
     # preference pairs (rl: dpo/ipo/orpo/simpo): raw text, axolotl's user_defined.default
-    field_prompt: Optional[str] = None
-    field_chosen: Optional[str] = None
-    field_rejected: Optional[str] = None
-    prompt_format: Optional[str] = None
-    chosen_format: Optional[str] = None
-    rejected_format: Optional[str] = None
+    field_prompt: str | None = None
+    field_chosen: str | None = None
+    field_rejected: str | None = None
+    prompt_format: str | None = None
+    chosen_format: str | None = None
+    rejected_format: str | None = None
 
 
 class MessagePropertyMappings(Frozen):
@@ -65,43 +92,43 @@ class MessagePropertyMappings(Frozen):
 class DatasetConfig(Frozen):
     # the source
     path: str
-    name: Optional[str] = None
+    name: str | None = None
     split: str = "train"
-    data_files: Optional[Union[str, list[str]]] = None
-    ds_type: Optional[Literal["json", "jsonl", "parquet", "csv", "arrow", "text"]] = None
-    revision: Optional[str] = None
-    shards: Optional[int] = Field(default=None, ge=1)
-    shards_idx: Optional[int] = Field(default=None, ge=0)
-    preprocess_shards: Optional[int] = None
+    data_files: str | list[str] | None = None
+    ds_type: Literal["json", "jsonl", "parquet", "csv", "arrow", "text"] | None = None
+    revision: str | None = None
+    shards: int | None = Field(default=None, ge=1)
+    shards_idx: int | None = Field(default=None, ge=0)
+    preprocess_shards: int | None = None
     # the prompt strategy
-    type: Optional[Union[str, UserDefinedFormat]] = None
-    field: Optional[str] = None
-    text_column: Optional[str] = None
-    train_on_split: Optional[str] = None
+    type: str | UserDefinedFormat | None = None
+    field: str | None = None
+    text_column: str | None = None
+    train_on_split: str | None = None
     # chat_template strategy
-    chat_template: Optional[str] = None
-    chat_template_jinja: Optional[str] = None
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
     field_messages: str = "messages"
-    field_system: Optional[str] = None
-    field_tools: Optional[str] = None
-    message_property_mappings: Optional[MessagePropertyMappings] = None
-    message_field_role: Optional[str] = None
-    message_field_content: Optional[str] = None
-    message_field_training: Optional[str] = None
-    roles: Optional[dict[str, list[str]]] = None
-    roles_to_train: Optional[list[str]] = None
-    train_on_eos: Optional[TRAIN_ON_EOS] = None
-    train_on_eot: Optional[TRAIN_ON_EOS] = None
-    drop_system_message: Optional[bool] = None
+    field_system: str | None = None
+    field_tools: str | None = None
+    message_property_mappings: MessagePropertyMappings | None = None
+    message_field_role: str | None = None
+    message_field_content: str | None = None
+    message_field_training: str | None = None
+    roles: dict[str, list[str]] | None = None
+    roles_to_train: list[str] | None = None
+    train_on_eos: TRAIN_ON_EOS | None = None
+    train_on_eot: TRAIN_ON_EOS | None = None
+    drop_system_message: bool | None = None
     # preference and RL rows (rl: ...): where chosen / rejected / completion / label / answer are
-    field_prompt: Optional[str] = None
-    field_chosen: Optional[str] = None
-    field_rejected: Optional[str] = None
-    field_completion: Optional[str] = None
-    field_label: Optional[str] = None
-    field_answer: Optional[str] = None
+    field_prompt: str | None = None
+    field_chosen: str | None = None
+    field_rejected: str | None = None
+    field_completion: str | None = None
+    field_label: str | None = None
+    field_answer: str | None = None
     # per-dataset overrides
-    train_on_inputs: Optional[bool] = None
+    train_on_inputs: bool | None = None
 
     @field_validator("path")
     @classmethod
@@ -133,9 +160,9 @@ class DatasetConfig(Frozen):
 
 class PretrainingDatasetConfig(Frozen):
     path: str
-    name: Optional[str] = None
+    name: str | None = None
     split: str = "train"
-    data_files: Optional[Union[str, list[str]]] = None
-    type: Optional[str] = "pretrain"
+    data_files: str | list[str] | None = None
+    type: str | None = "pretrain"
     text_column: str = "text"
-    skip: Optional[int] = None
+    skip: int | None = None

@@ -9,6 +9,7 @@
 Both layers go through the same validation as the job's own keys; an error about a key that
 came from a layer says so, because only the operator can fix it.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ class OperatorLayers:
         """A new dict: defaults under the job's keys, overrides over them (warning where they differ)."""
         for key, value in self.overrides.items():
             if key in job and job[key] != value:
-                report.warn(key, f"the endpoint operator fixes {key} (FTW_CONFIG_OVERRIDES); the job's value is not used")
+                report.warn(
+                    key, f"the endpoint operator fixes {key} (FTW_CONFIG_OVERRIDES); the job's value is not used"
+                )
         return {**self.defaults, **job, **self.overrides}
 
     def source_of(self, key: str, job: Mapping[str, Any]) -> str | None:
@@ -53,7 +56,11 @@ class OperatorLayers:
         source = self.source_of(top, job)
         if source is None:
             return issue
-        return Issue(issue.loc, f"{issue.msg} [this value comes from the endpoint's {source}: the operator must fix it]", issue.kind)
+        return Issue(
+            issue.loc,
+            f"{issue.msg} [this value comes from the endpoint's {source}: the operator must fix it]",
+            issue.kind,
+        )
 
 
 def operator_layers(env: Mapping[str, str], report: Report) -> OperatorLayers:
@@ -64,10 +71,15 @@ def operator_layers(env: Mapping[str, str], report: Report) -> OperatorLayers:
         try:
             value = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as e:
-            report.error(name, f"environment variable {name} is not valid JSON ({e.msg}); the endpoint operator must fix it")
+            report.error(
+                name, f"environment variable {name} is not valid JSON ({e.msg}); the endpoint operator must fix it"
+            )
             value = {}
         if not isinstance(value, dict):
-            report.error(name, f"environment variable {name} must be a JSON object of config keys; the endpoint operator must fix it")
+            report.error(
+                name,
+                f"environment variable {name} must be a JSON object of config keys; the endpoint operator must fix it",
+            )
             value = {}
         layers.append(value)
     return OperatorLayers(*layers)

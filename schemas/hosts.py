@@ -15,6 +15,7 @@ The operator widens the rule with FTW_ALLOWED_HOSTS: comma-separated host names 
 trusted, whatever they resolve to) and IP ranges in CIDR form (`10.0.0.0/8`, `127.0.0.1`,
 `fd00::/8`). Import-light (stdlib only): validation runs it in the orchestrator.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,14 +28,29 @@ from urllib.parse import urlsplit, urlunsplit
 ALLOW_ENV = "FTW_ALLOWED_HOSTS"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # names that resolve to a machine's own services or a cloud's instance metadata
-INTERNAL_NAMES = frozenset({
-    "localhost", "metadata", "metadata.google.internal", "metadata.goog", "instance-data",
-    "instance-data.ec2.internal", "metadata.azure.internal", "kubernetes", "kubernetes.default",
-    "kubernetes.default.svc", "host.docker.internal", "gateway.docker.internal",
-})
+INTERNAL_NAMES = frozenset(
+    {
+        "localhost",
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.azure.internal",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "host.docker.internal",
+        "gateway.docker.internal",
+    }
+)
 INTERNAL_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa", ".svc", ".cluster.local")
 # IPv6 prefixes whose low 32 bits are an IPv4 address a packet may end up at
-EMBEDDED_V4 = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+EMBEDDED_V4 = (
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+)
 NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*$", re.I)
 WIDEN = f"or ask the endpoint operator to allow the host in {ALLOW_ENV}"
 
@@ -45,7 +61,7 @@ class HostPolicy:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "HostPolicy":
+    def from_env(cls, env: Mapping[str, str]) -> HostPolicy:
         names, networks = set(), []
         for item in (env.get(ALLOW_ENV) or "").split(","):
             item = item.strip().lower().rstrip(".")
@@ -94,8 +110,14 @@ def embedded_v4(address: IPAddress) -> ipaddress.IPv4Address | None:
 
 
 def non_public_kind(address: IPAddress) -> str | None:
-    for kind, test in (("unspecified", "is_unspecified"), ("loopback", "is_loopback"), ("link-local", "is_link_local"),
-                       ("multicast", "is_multicast"), ("private", "is_private"), ("reserved", "is_reserved")):
+    for kind, test in (
+        ("unspecified", "is_unspecified"),
+        ("loopback", "is_loopback"),
+        ("link-local", "is_link_local"),
+        ("multicast", "is_multicast"),
+        ("private", "is_private"),
+        ("reserved", "is_reserved"),
+    ):
         if getattr(address, test):
             return kind
     return None if address.is_global else "non-public"
@@ -121,7 +143,9 @@ def literal_problem(host: str, policy: HostPolicy) -> str | None:
     if address is not None:
         return policy.address_problem(address)
     if NUMERIC_HOST.fullmatch(host):
-        return f"host {host[:80]!r} is a numeric address written in a non-standard form (hex, octal, decimal or shortened)"
+        return (
+            f"host {host[:80]!r} is a numeric address written in a non-standard form (hex, octal, decimal or shortened)"
+        )
     if host in INTERNAL_NAMES or host.endswith(INTERNAL_SUFFIXES) or "." not in host:
         return f"host {host[:80]!r} names a machine inside a network (local, metadata or cluster-internal name)"
     return None

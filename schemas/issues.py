@@ -3,6 +3,7 @@
 Validation never stops at the first problem: every stage appends to a list of `Issue`s and the
 caller gets all of them with their locations (`datasets[0].type`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection
@@ -70,7 +71,7 @@ class Report:
     def warn(self, loc: str, msg: str) -> None:
         self.warnings.append(Issue(loc, msg))
 
-    def extend(self, other: "Report", prefix: str = "") -> None:
+    def extend(self, other: Report, prefix: str = "") -> None:
         def shift(i: Issue) -> Issue:
             if not prefix:
                 return i
@@ -82,14 +83,18 @@ class Report:
         self.errors += [shift(i) for i in other.errors]
         self.warnings += [shift(i) for i in other.warnings]
 
-    def capped(self, limit: int = MAX_ISSUES) -> "Report":
+    def capped(self, limit: int = MAX_ISSUES) -> Report:
         """At most `limit` errors and warnings each, the last one saying how many more there were:
         a list of 10,000 bad entries makes a readable answer, not 10,000 lines."""
         for name in ("errors", "warnings"):
             issues = getattr(self, name)
             if len(issues) > limit:
                 more = len(issues) - limit + 1
-                setattr(self, name, issues[:limit - 1] + [Issue("", f"... and {more:,} more {name} like these", issues[-1].kind)])
+                setattr(
+                    self,
+                    name,
+                    issues[: limit - 1] + [Issue("", f"... and {more:,} more {name} like these", issues[-1].kind)],
+                )
         return self
 
     def as_dict(self) -> dict[str, Any]:

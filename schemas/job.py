@@ -8,12 +8,13 @@ match, as unknown config keys are. Inside `outputs`, `limits` and `credentials` 
 still an error: a typo there would publish to the wrong place or drop a limit. Credentials are
 SecretStr: never printed, never dumped (`JobInput.public_dict` drops them).
 """
+
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than
 # from strings, and these models are built on every `ftw validate` start.
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
@@ -34,8 +35,8 @@ MIN_MASKED_LEN = 6  # shorter strings are too common in messages to mask, and to
 class S3Output(Frozen):
     bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
     prefix: str = ""
-    endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://")
-    region: Optional[str] = None
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
+    region: str | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -48,24 +49,24 @@ class S3Output(Frozen):
 class HubOutput(Frozen):
     repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
     private: bool = True
-    revision: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
+    revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
 
 
 class Outputs(Frozen):
-    s3: Optional[S3Output] = None
-    hub: Optional[HubOutput] = None
+    s3: S3Output | None = None
+    hub: HubOutput | None = None
 
 
 class Credentials(Frozen):
-    hf_token: Optional[SecretStr] = None
-    wandb_api_key: Optional[SecretStr] = None
-    aws_access_key_id: Optional[SecretStr] = None
-    aws_secret_access_key: Optional[SecretStr] = None
-    aws_session_token: Optional[SecretStr] = None
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
 
     @field_validator("*")
     @classmethod
-    def _fits_an_environment_variable(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+    def _fits_an_environment_variable(cls, v: SecretStr | None) -> SecretStr | None:
         """A credential reaches the stage children as an environment variable, which cannot hold a NUL."""
         if v is not None and any(c in v.get_secret_value() for c in "\x00\n\r"):
             raise ValueError("contains a NUL byte or a line break; paste the credential alone")
@@ -78,10 +79,10 @@ class Credentials(Frozen):
 class TimeLimits(Frozen):
     """Seconds; None means no limit for that stage."""
 
-    preprocess_s: Optional[float] = Field(default=3600, gt=0)
-    train_s: Optional[float] = Field(default=None, gt=0)
-    publish_s: Optional[float] = Field(default=1800, gt=0)
-    no_progress_s: Optional[float] = Field(default=900, gt=0)
+    preprocess_s: float | None = Field(default=3600, gt=0)
+    train_s: float | None = Field(default=None, gt=0)
+    publish_s: float | None = Field(default=1800, gt=0)
+    no_progress_s: float | None = Field(default=900, gt=0)
 
 
 class JobInput(Frozen):
@@ -94,8 +95,8 @@ class JobInput(Frozen):
     credentials: Credentials = Credentials()
     allow_cpu: bool = False
     allow_oom_risk: bool = False  # run even when the predicted peak exceeds the GPU's free memory
-    user_id: Optional[str] = None  # axolotl's worker payloads carry these; kept in job.json for the caller
-    model_id: Optional[str] = None
+    user_id: str | None = None  # axolotl's worker payloads carry these; kept in job.json for the caller
+    model_id: str | None = None
 
     def public_dict(self) -> dict[str, Any]:
         """The job as it may be written to disk or shown: no credentials."""
@@ -104,10 +105,12 @@ class JobInput(Frozen):
 
 JOB_KEYS = frozenset({"args"}).union(*(m.model_fields for m in (JobInput, Outputs, S3Output, HubOutput, TimeLimits)))
 # axolotl's RunPod worker: keys of its payloads (.runpod/test-input.json) that its handler never reads
-AXOLOTL_WORKER_KEYS = {"name": None,
-                       "timeout": "timeout is the RunPod Hub test runner's wait (ms) in axolotl's worker payloads, not a "
-                                  "job limit; ftw's limits are limits.preprocess_s/train_s/publish_s/no_progress_s, and "
-                                  "the request's policy.executionTimeout bounds the whole job"}
+AXOLOTL_WORKER_KEYS = {
+    "name": None,
+    "timeout": "timeout is the RunPod Hub test runner's wait (ms) in axolotl's worker payloads, not a "
+    "job limit; ftw's limits are limits.preprocess_s/train_s/publish_s/no_progress_s, and "
+    "the request's policy.executionTimeout bounds the whole job",
+}
 
 
 def check_run_id(value: Any) -> str | None:
@@ -171,9 +174,12 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     config_raw = data.pop("config", data.pop("args", None))
     config_report = Report()
     if config_raw is None and ("base_model" in data or "datasets" in data):  # a bare training config, not a job
-        report.error("input", "this is a training config, not a job: a job holds it under config, as "
-                              '{"input": {"run_id": "...", "config": {<these keys>}}} (see docs/config.md, Job input); '
-                              "ftw validate and ftw train take the config file as it is")
+        report.error(
+            "input",
+            "this is a training config, not a job: a job holds it under config, as "
+            '{"input": {"run_id": "...", "config": {<these keys>}}} (see docs/config.md, Job input); '
+            "ftw validate and ftw train take the config file as it is",
+        )
         return report
     if config_raw is None:
         report.error("config", "required key is missing: the training config (axolotl YAML keys) goes under config")
@@ -206,7 +212,12 @@ CREDENTIAL_NAME = re.compile(r"[a-z][a-z0-9]{0,15}(?:_[a-z0-9]{1,16})*|[A-Z][A-Z
 
 
 def _shows_as_name(key: Any) -> bool:
-    return isinstance(key, str) and len(key) <= 40 and sum(c.isdigit() for c in key) <= 3 and bool(CREDENTIAL_NAME.fullmatch(key))
+    return (
+        isinstance(key, str)
+        and len(key) <= 40
+        and sum(c.isdigit() for c in key) <= 3
+        and bool(CREDENTIAL_NAME.fullmatch(key))
+    )
 
 
 def _credential_issues(exc: ValidationError) -> list[Issue]:
@@ -218,14 +229,23 @@ def _credential_issues(exc: ValidationError) -> list[Issue]:
         if not loc or loc[0] != "credentials":
             continue
         if len(loc) == 1:
-            issues.append(Issue("credentials", f"must be an object of credential names to strings; accepted names: {accepted}"))
+            issues.append(
+                Issue("credentials", f"must be an object of credential names to strings; accepted names: {accepted}")
+            )
             continue
         key = loc[1]
         if not _shows_as_name(key):
-            issues.append(Issue("credentials", "a key that looks like a secret value (not shown) is not a credential "
-                                               f"name; accepted names: {accepted}"))
+            issues.append(
+                Issue(
+                    "credentials",
+                    "a key that looks like a secret value (not shown) is not a credential "
+                    f"name; accepted names: {accepted}",
+                )
+            )
         elif err["type"] == "extra_forbidden":
-            issues.append(Issue(f"credentials.{key}", f"unknown key; accepted: {accepted}{did_you_mean(key, CREDENTIAL_KEYS)}"))
+            issues.append(
+                Issue(f"credentials.{key}", f"unknown key; accepted: {accepted}{did_you_mean(key, CREDENTIAL_KEYS)}")
+            )
         elif err["type"] == "string_type":
             issues.append(Issue(f"credentials.{key}", "must be a string"))
         else:
@@ -250,8 +270,11 @@ def _drop_unknown_keys(data: dict[str, Any], report: Report) -> None:
         elif not _shows_as_name(key):
             report.warn("input", "a key that is not a name (not shown) is ignored")
         elif secret_key(key):
-            report.warn(key, f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
-                             f"kept; {CREDENTIALS_HINT}")
+            report.warn(
+                key,
+                f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
+                f"kept; {CREDENTIALS_HINT}",
+            )
         else:
             report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, JOB_KEYS)}")
 

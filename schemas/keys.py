@@ -11,6 +11,7 @@
 Every key of axolotl's schema (commit 067b021c) is in one of these or is a typed field; keys
 outside all of them are unknown and warned about with the closest known key.
 """
+
 from __future__ import annotations
 
 
@@ -90,55 +91,100 @@ UNSUPPORTED = {
     **_group("GPTQ-quantised base models", "gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama"),
     **_group("quantisation-aware training and post-training quantisation", "qat quantization"),
     **_group("llm-compressor sparsity", "llmcompressor"),
-    **_group("reward-model and classification heads", "reward_model process_reward_model num_labels center_rewards_coefficient cls_model_config"),
-    **_group("context/tensor/expert parallelism and custom device meshes",
-             "context_parallel_size tensor_parallel_size expert_parallel_size dp_shard_size dp_replicate_size "
-             "sequence_parallel_degree heads_k_stride ring_attn_func"),
+    **_group(
+        "reward-model and classification heads",
+        "reward_model process_reward_model num_labels center_rewards_coefficient cls_model_config",
+    ),
+    **_group(
+        "context/tensor/expert parallelism and custom device meshes",
+        "context_parallel_size tensor_parallel_size expert_parallel_size dp_shard_size dp_replicate_size "
+        "sequence_parallel_degree heads_k_stride ring_attn_func",
+    ),
     **_group("Ray launching", "use_ray ray_num_workers ray_run_name resources_per_worker"),
     **_group("partial freezing by name", "unfrozen_parameters"),
     **_group("LISA layer sampling", "lisa_n_layers lisa_step_interval lisa_layers_attribute"),
     **_group("ReLoRA", "relora relora_steps relora_cpu_offload relora_prune_method relora_prune_ratio"),
     **_group("diffusion language models", "diffusion"),
-    **_group("logging integrations other than W&B, MLflow and TensorBoard", "use_swanlab use_trackio use_comet use_otel_metrics"),
+    **_group(
+        "logging integrations other than W&B, MLflow and TensorBoard",
+        "use_swanlab use_trackio use_comet use_otel_metrics",
+    ),
     **_group("tiled MLP", "tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp"),
-    **_group("MoE expert kernels other than ScatterMoE (use_scattermoe: true is ftw's own)",
-             "use_sonicmoe llama4_linearized_experts use_glm_dsa_kernels use_dsv4_kernels dsv4_fp4_grouped_mode"),
-    "quantize_moe_experts": ("quantising the 3-D expert tensors is not built: bitsandbytes quantises nn.Linear layers only, "
-                             "so under load_in_4bit the experts load in bf16; remove the key and plan memory for bf16 experts"),
-    **_group("custom quantisation configs", "model_quantization_config model_quantization_config_kwargs nvfp4_merge_aware bnb_config_kwargs use_onebitllms"),
+    **_group(
+        "MoE expert kernels other than ScatterMoE (use_scattermoe: true is ftw's own)",
+        "use_sonicmoe llama4_linearized_experts use_glm_dsa_kernels use_dsv4_kernels dsv4_fp4_grouped_mode",
+    ),
+    "quantize_moe_experts": (
+        "quantising the 3-D expert tensors is not built: bitsandbytes quantises nn.Linear layers only, "
+        "so under load_in_4bit the experts load in bf16; remove the key and plan memory for bf16 experts"
+    ),
+    **_group(
+        "custom quantisation configs",
+        "model_quantization_config model_quantization_config_kwargs nvfp4_merge_aware bnb_config_kwargs use_onebitllms",
+    ),
     **_group("mistral-common tokenizers", "tokenizer_use_mistral_common"),
     **_group("multimodal models", "freeze_mm_modules image_size image_resize_algorithm role_boundaries"),
-    **_group("LoftQ and other custom PEFT initialisation",
-             "peft loftq_config peft_init_lora_weights peft_layer_replication peft_layers_pattern peft_trainable_token_indices "
-             "peft_autocast_adapter_dtype peft_ensure_weight_tying lora_rank_pattern lora_alpha_pattern lora_embedding_kernel"),
-    **_group("LoRA+ and per-group learning rates", "loraplus_lr_ratio loraplus_lr_embedding lr_groups embedding_lr embedding_lr_scale"),
-    **_group("plugin and fused kernels (ftw ships its own, see kernels/)",
-             "cut_cross_entropy liger_rms_norm liger_glu_activation liger_layer_norm liger_rope liger_fused_linear_cross_entropy "
-             "liger_rms_norm_gated liger_cross_entropy flash_attn_cross_entropy flash_attn_rms_norm flash_attn_fuse_mlp "
-             "fused_attn_kernel flash_attn_d512 chunked_cross_entropy chunked_cross_entropy_num_chunks scaling_softmax "
-             "scaling_softmax_bias scaling_softmax_factor large_head_attention sdpa_varlen"),
+    **_group(
+        "LoftQ and other custom PEFT initialisation",
+        "peft loftq_config peft_init_lora_weights peft_layer_replication peft_layers_pattern peft_trainable_token_indices "
+        "peft_autocast_adapter_dtype peft_ensure_weight_tying lora_rank_pattern lora_alpha_pattern lora_embedding_kernel",
+    ),
+    **_group(
+        "LoRA+ and per-group learning rates",
+        "loraplus_lr_ratio loraplus_lr_embedding lr_groups embedding_lr embedding_lr_scale",
+    ),
+    **_group(
+        "plugin and fused kernels (ftw ships its own, see kernels/)",
+        "cut_cross_entropy liger_rms_norm liger_glu_activation liger_layer_norm liger_rope liger_fused_linear_cross_entropy "
+        "liger_rms_norm_gated liger_cross_entropy flash_attn_cross_entropy flash_attn_rms_norm flash_attn_fuse_mlp "
+        "fused_attn_kernel flash_attn_d512 chunked_cross_entropy chunked_cross_entropy_num_chunks scaling_softmax "
+        "scaling_softmax_bias scaling_softmax_factor large_head_attention sdpa_varlen",
+    ),
     **_group("custom attention implementations", "gemma4_hybrid_attn_impl flex_attn_compile_kwargs s2_attention"),
     "xformers_attention": "xFormers attention (use attn_implementation: sdpa or flash_attention_2)",
     "sage_attention": "SageAttention (use attn_implementation: sdpa or flash_attention_2)",
     **_group("DeepSpeed deepcompile", "deepcompile"),
     **_group("download filters", "base_model_ignore_patterns"),
-    **_group("special embedding handling", "mean_resizing_embeddings shrink_embeddings fix_untrained_tokens embeddings_skip_upcast reinit_weights"),
-    **_group("alternative batching and sampling", "multipack_real_batches curriculum_sampling batch_flattening sample_packing_sequentially auto_find_batch_size"),
-    **_group("optimizer-specific options of optimizers ftw does not ship",
-             "adam_beta3 adam_epsilon2 optim_target_modules dion_lr dion_momentum dion_rank_fraction dion_rank_multiple_of "
-             "qgalore_cos_threshold qgalore_gamma_proj qgalore_proj_bits qgalore_proj_group_size qgalore_proj_quant "
-             "qgalore_proj_type qgalore_queue_size qgalore_rank qgalore_scale qgalore_update_proj_gap lr_div_factor "
-             "jagged_restart_steps jagged_restart_warmup_steps jagged_restart_anneal_steps"),
-    **_group("streaming and iterable datasets", "streaming streaming_multipack_buffer_size preprocess_iterable pretrain_multipack_buffer_size pretrain_multipack_attn pretraining_sample_concatenation"),
-    **_group("dataset sharding on save", "dataset_shard_num dataset_shard_idx num_dataset_shards_to_save dataset_keep_in_memory shuffle_before_merging_datasets"),
+    **_group(
+        "special embedding handling",
+        "mean_resizing_embeddings shrink_embeddings fix_untrained_tokens embeddings_skip_upcast reinit_weights",
+    ),
+    **_group(
+        "alternative batching and sampling",
+        "multipack_real_batches curriculum_sampling batch_flattening sample_packing_sequentially auto_find_batch_size",
+    ),
+    **_group(
+        "optimizer-specific options of optimizers ftw does not ship",
+        "adam_beta3 adam_epsilon2 optim_target_modules dion_lr dion_momentum dion_rank_fraction dion_rank_multiple_of "
+        "qgalore_cos_threshold qgalore_gamma_proj qgalore_proj_bits qgalore_proj_group_size qgalore_proj_quant "
+        "qgalore_proj_type qgalore_queue_size qgalore_rank qgalore_scale qgalore_update_proj_gap lr_div_factor "
+        "jagged_restart_steps jagged_restart_warmup_steps jagged_restart_anneal_steps",
+    ),
+    **_group(
+        "streaming and iterable datasets",
+        "streaming streaming_multipack_buffer_size preprocess_iterable pretrain_multipack_buffer_size pretrain_multipack_attn pretraining_sample_concatenation",
+    ),
+    **_group(
+        "dataset sharding on save",
+        "dataset_shard_num dataset_shard_idx num_dataset_shards_to_save dataset_keep_in_memory shuffle_before_merging_datasets",
+    ),
     **_group("PoSE context extension", "use_pose pose_split_on_token_ids pose_max_context_len pose_num_chunks"),
     **_group("rope scaling by key (set it inside overrides_of_model_config)", "rope_scaling"),
-    **_group("sample generation during training", "generate_samples num_generation_samples generation_max_new_tokens generation_temperature generation_top_k generation_top_p generation_do_sample generation_prompt_ratio"),
-    **_group("Gradio inference UI", "gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens gradio_temperature"),
+    **_group(
+        "sample generation during training",
+        "generate_samples num_generation_samples generation_max_new_tokens generation_temperature generation_top_k generation_top_p generation_do_sample generation_prompt_ratio",
+    ),
+    **_group(
+        "Gradio inference UI",
+        "gradio_title gradio_share gradio_server_name gradio_server_port gradio_max_new_tokens gradio_temperature",
+    ),
     **_group("benchmark evaluation", "do_bench_eval bench_dataset bench_split"),
     **_group("best-model selection", "load_best_model_at_end metric_for_best_model greater_is_better"),
     **_group("layer and activation offloading variants", "layer_offloading selective_checkpointing dynamic_checkpoint"),
-    **_group("FP8 / float32-norm training", "fp8 fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k"),
+    **_group(
+        "FP8 / float32-norm training",
+        "fp8 fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k",
+    ),
     **_group("merge methods other than PEFT's merge_and_unload", "merge_method"),
     **_group("QLoRA sharded model loading", "qlora_sharded_model_loading"),
     **_group("extra model kwargs", "overrides_of_model_kwargs"),
@@ -182,26 +228,37 @@ UNSUPPORTED_PREFIXES = {
 
 # ---- keys of one `datasets:` entry --------------------------------------------------------------
 DATASET_UNSUPPORTED = {
-    **_group("formats at the entry level (give prompt_format, chosen_format, rejected_format inside the dict form of type)",
-             "chosen_format rejected_format prompt_format completion_format"),
-    **_group("stepwise-supervised (process reward) datasets", "step_separator max_completion_length train_on_last_step_only"),
+    **_group(
+        "formats at the entry level (give prompt_format, chosen_format, rejected_format inside the dict form of type)",
+        "chosen_format rejected_format prompt_format completion_format",
+    ),
+    **_group(
+        "stepwise-supervised (process reward) datasets", "step_separator max_completion_length train_on_last_step_only"
+    ),
     **_group("reasoning/thinking field mapping", "field_thinking template_thinking_key split_thinking"),
-    **_group("per-token training detail of a message (use a per-message training flag)", "message_field_training_detail"),
-    **_group("input transforms and legacy conversation formats", "input_transform conversation input_format field_human field_model"),
+    **_group(
+        "per-token training detail of a message (use a per-message training flag)", "message_field_training_detail"
+    ),
+    **_group(
+        "input transforms and legacy conversation formats",
+        "input_transform conversation input_format field_human field_model",
+    ),
     **_group("distillation from logprobs", "logprobs_field temperature"),
     **_group("dataset loading scripts (they run code; datasets 4 no longer runs them)", "trust_remote_code"),
 }
 
 # Optimizers that exist in transformers or axolotl but that ftw does not ship: named as
 # unsupported (not as typos) in the error.
-KNOWN_OPTIMIZERS = frozenset((
-    "adamw_torch_xla adamw_torch_npu_fused adamw_anyprecision ademamix ademamix_8bit lion_32bit "
-    "paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit "
-    "galore_adamw galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_layerwise "
-    "galore_adafactor_layerwise lomo adalomo grokadamw schedule_free_radam schedule_free_adamw schedule_free_sgd "
-    "apollo_adamw apollo_adamw_layerwise stable_adamw optimi_adamw ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8 "
-    "adopt_adamw came_pytorch dion sinkgd flash_adamw flash_adam flash_sgd flash_sgdw flash_lion q_galore_adamw8bit"
-).split())
+KNOWN_OPTIMIZERS = frozenset(
+    (
+        "adamw_torch_xla adamw_torch_npu_fused adamw_anyprecision ademamix ademamix_8bit lion_32bit "
+        "paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit "
+        "galore_adamw galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_layerwise "
+        "galore_adafactor_layerwise lomo adalomo grokadamw schedule_free_radam schedule_free_adamw schedule_free_sgd "
+        "apollo_adamw apollo_adamw_layerwise stable_adamw optimi_adamw ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8 "
+        "adopt_adamw came_pytorch dion sinkgd flash_adamw flash_adam flash_sgd flash_sgdw flash_lion q_galore_adamw8bit"
+    ).split()
+)
 
 
 def unsupported_reason(key: str) -> str | None:

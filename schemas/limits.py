@@ -8,11 +8,11 @@ overflows recursive code, a YAML alias chain expands to billions of nodes, a 50 
 The caps on keys per mapping and items per list bound the work of validation itself (each key
 is classified, each dataset entry checked). Everything here is linear in the size of the input.
 """
+
 from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Mapping
 from typing import Any
 
 MAX_DOCUMENT_BYTES = 10 * 1024 * 1024  # a job file or /run body; put data in S3/Hub and name it
@@ -38,7 +38,7 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
         from schemas.secrets import SHAPES  # a URL's password or signature is masked before the cut
 
         if len(value) > limit:
-            return f"{SHAPES.text(value[:limit + 256])[:limit]!r}... ({len(value):,} characters)"
+            return f"{SHAPES.text(value[: limit + 256])[:limit]!r}... ({len(value):,} characters)"
         return repr(SHAPES.text(value))
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
         return f"<an integer of {value.bit_length():,} bits>"
@@ -73,7 +73,9 @@ def shape_problem(value: Any) -> str | None:
     return None
 
 
-def parse_json(data: bytes | str, what: str = "the document", max_bytes: int = MAX_DOCUMENT_BYTES, strict: bool = True) -> Any:
+def parse_json(
+    data: bytes | str, what: str = "the document", max_bytes: int = MAX_DOCUMENT_BYTES, strict: bool = True
+) -> Any:
     """A JSON document within the limits: no NaN/Infinity (not JSON), no key twice in one object,
     no lone UTF-16 surrogate (it cannot be written back as UTF-8), a UTF-8 BOM tolerated.
     `strict=False` (what ftw's own processes post, such as a worker's result with its long progress
@@ -119,14 +121,18 @@ def parse_yaml(data: bytes | str, what: str = "the document") -> Any:
 def _text(data: bytes | str, what: str, max_bytes: int) -> str:
     """The document as text, after the size check; a UTF-8 byte order mark is dropped."""
     if len(data) > max_bytes:
-        raise DocumentError(f"{what} is {len(data):,} bytes, over the {max_bytes / (1024 * 1024):g} MB limit; "
-                            "put large data (datasets, templates) in a file on S3 or the Hub and name it")
+        raise DocumentError(
+            f"{what} is {len(data):,} bytes, over the {max_bytes / (1024 * 1024):g} MB limit; "
+            "put large data (datasets, templates) in a file on S3 or the Hub and name it"
+        )
     if isinstance(data, str):
         return data.removeprefix("\ufeff")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DocumentError(f"{what} is not valid JSON or YAML: it is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
+        raise DocumentError(
+            f"{what} is not valid JSON or YAML: it is not UTF-8 text (byte {e.start} is {data[e.start : e.start + 1]!r})"
+        ) from None
 
 
 def _check_events(events: Any, what: str) -> None:
@@ -134,7 +140,9 @@ def _check_events(events: Any, what: str) -> None:
     import yaml
 
     sizes: dict[str, int] = {}  # anchor -> expanded node count of the value it names
-    stack: list[tuple[str | None, int, set[str] | None, list[Any]]] = []  # (anchor, nodes at start, keys seen, [at key, items])
+    stack: list[
+        tuple[str | None, int, set[str] | None, list[Any]]
+    ] = []  # (anchor, nodes at start, keys seen, [at key, items])
     nodes = 0
 
     def value_done(count: int, key: str | None) -> None:
@@ -175,8 +183,10 @@ def _check_events(events: Any, what: str) -> None:
             nodes += sizes.get(event.anchor, 1)
             value_done(0, None)
         if nodes > MAX_NODES:
-            raise DocumentError(f"{what} expands to more than {MAX_NODES:,} values (YAML aliases repeat what they "
-                                "name); write the values out or use fewer aliases")
+            raise DocumentError(
+                f"{what} expands to more than {MAX_NODES:,} values (YAML aliases repeat what they "
+                "name); write the values out or use fewer aliases"
+            )
 
 
 def _check_tree(value: Any, what: str) -> None:
@@ -186,8 +196,9 @@ def _check_tree(value: Any, what: str) -> None:
     try:  # C speed; fails on the first lone surrogate ("\ud800" in JSON), which no file or log can hold
         json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
-        raise DocumentError(f"{what} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
-                            "send text as valid Unicode") from None
+        raise DocumentError(
+            f"{what} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); send text as valid Unicode"
+        ) from None
     except (ValueError, TypeError, RecursionError):  # not JSON-shaped (YAML dates, sets): the validators say more
         pass
 
@@ -207,4 +218,3 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:300]
-

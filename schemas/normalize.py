@@ -5,6 +5,7 @@ Returns a new dict and never changes its input: aliases (`model_type` → `type_
 bundled deepspeed JSON file names → presets, and `key: null` → the key's default (YAML's empty
 value, as axolotl reads it; for bf16/tf32 null means off).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -50,7 +51,9 @@ def _torch_dtype(value: Any, raw: Mapping[str, Any], out: dict[str, Any], report
         if "fp16" not in raw:
             out["fp16"] = True
     elif value not in (None, "auto", "float32", "fp32"):
-        report.error(TORCH_DTYPE_KEY, f"torch_dtype {excerpt(value)} is not known; use bf16: true, fp16: true or leave it unset")
+        report.error(
+            TORCH_DTYPE_KEY, f"torch_dtype {excerpt(value)} is not known; use bf16: true, fp16: true or leave it unset"
+        )
 
 
 def _legacy_attention(key: str, value: Any, raw: Mapping[str, Any], out: dict[str, Any], report: Report) -> None:
@@ -60,9 +63,13 @@ def _legacy_attention(key: str, value: Any, raw: Mapping[str, Any], out: dict[st
     if impl is None:
         report.error(key, f"{key} is not supported by ftw ({UNSUPPORTED[key]}); remove it", "unsupported")
     elif raw.get("attn_implementation") not in (None, impl):
-        report.error(key, f"{key}: true conflicts with attn_implementation: {excerpt(raw['attn_implementation'])}; keep one")
+        report.error(
+            key, f"{key}: true conflicts with attn_implementation: {excerpt(raw['attn_implementation'])}; keep one"
+        )
     elif out.get("attn_implementation") not in (None, impl):
-        report.error(key, f"{key} and another legacy attention flag are both set; keep one (or set attn_implementation)")
+        report.error(
+            key, f"{key} and another legacy attention flag are both set; keep one (or set attn_implementation)"
+        )
     else:
         out["attn_implementation"] = impl
 
@@ -73,5 +80,8 @@ def _deepspeed_preset(value: str, report: Report) -> str:
     preset = DEEPSPEED_BUNDLED_FILES.get(name)
     if preset is None or name == value.strip():
         return value
-    report.warn("deepspeed", f"{excerpt(value)} is one of axolotl's bundled DeepSpeed files; ftw uses its built-in preset {preset!r}")
+    report.warn(
+        "deepspeed",
+        f"{excerpt(value)} is one of axolotl's bundled DeepSpeed files; ftw uses its built-in preset {preset!r}",
+    )
     return preset

@@ -8,6 +8,7 @@ uses. Resolution follows symlinks, so a link planted inside an allowed root cann
 of it. A `..` segment is refused in every non-remote value, local or not, since a Hub id or a
 `data_files` name is later joined onto a folder.
 """
+
 from __future__ import annotations
 
 import os

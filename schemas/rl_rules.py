@@ -5,6 +5,7 @@ rule); `check_rl_entry` runs per dataset entry from schemas.classify, `check_rew
 schemas.validate (it needs the operator's environment: reward functions other than the
 built-ins are user code, behind FTW_ALLOW_PLUGINS like plugins).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -15,16 +16,31 @@ from typing import Any
 from schemas.config import TrainingConfig
 from schemas.environment import env_flag
 from schemas.issues import Issue, Report
-from schemas.rl import (BUILTIN_REWARDS, DPO_LOSS_TYPES, NEEDS_REFERENCE, NOT_BUILT, PAIR_METHODS, RL_METHODS,
-                        TRL_NOT_BUILT, TrlConfig, dataset_types)
+from schemas.rl import (
+    BUILTIN_REWARDS,
+    DPO_LOSS_TYPES,
+    NEEDS_REFERENCE,
+    NOT_BUILT,
+    PAIR_METHODS,
+    RL_METHODS,
+    TRL_NOT_BUILT,
+    TrlConfig,
+    dataset_types,
+)
 from schemas.rules import Problems, rule
 
 RL_ROW_FIELDS = ("field_prompt", "field_chosen", "field_rejected", "field_completion", "field_label", "field_answer")
 # options that belong to one method: set with another, they would silently do nothing
 METHOD_KEYS = {
-    "rl_beta": RL_METHODS, "dpo_loss_type": ("dpo", "ipo"), "dpo_label_smoothing": ("dpo", "ipo"),
-    "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
-    "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",), "trl": ("grpo",),
+    "rl_beta": RL_METHODS,
+    "dpo_loss_type": ("dpo", "ipo"),
+    "dpo_label_smoothing": ("dpo", "ipo"),
+    "orpo_alpha": ("orpo",),
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "trl": ("grpo",),
 }
 
 
@@ -33,7 +49,11 @@ def _method(cfg: TrainingConfig) -> Problems:
     if cfg.rl is None or cfg.rl in RL_METHODS:
         return
     if cfg.rl in NOT_BUILT:
-        yield Issue("rl", f"rl: {cfg.rl} ({NOT_BUILT[cfg.rl]}) is not supported by ftw; supported: {', '.join(RL_METHODS)}", "unsupported")
+        yield Issue(
+            "rl",
+            f"rl: {cfg.rl} ({NOT_BUILT[cfg.rl]}) is not supported by ftw; supported: {', '.join(RL_METHODS)}",
+            "unsupported",
+        )
     else:
         yield Issue("rl", f"rl: {cfg.rl!r} is not a known method; use one of {', '.join(RL_METHODS)}")
 
@@ -45,8 +65,12 @@ def _method_keys(cfg: TrainingConfig) -> Problems:
     for key, methods in METHOD_KEYS.items():
         value = getattr(cfg, key)
         # set, and not to its default: a config written back in full (a run's config.json) names every key
-        if key in cfg.model_fields_set and value is not None and value != TrainingConfig.model_fields[key].default \
-                and cfg.rl not in methods:
+        if (
+            key in cfg.model_fields_set
+            and value is not None
+            and value != TrainingConfig.model_fields[key].default
+            and cfg.rl not in methods
+        ):
             now = f"rl is {cfg.rl}" if cfg.rl else "rl is not set"
             yield Issue(key, f"{key} applies to rl: {' / '.join(methods)} ({now}); remove it or set rl")
 
@@ -56,30 +80,47 @@ def _dpo_loss_type(cfg: TrainingConfig) -> Problems:
     kinds = cfg.dpo_loss_type or []
     unknown = [k for k in kinds if k not in DPO_LOSS_TYPES]
     if unknown:
-        yield Issue("dpo_loss_type", f"dpo_loss_type {unknown[0]!r} is not supported by ftw; use one of {', '.join(DPO_LOSS_TYPES)}", "unsupported")
+        yield Issue(
+            "dpo_loss_type",
+            f"dpo_loss_type {unknown[0]!r} is not supported by ftw; use one of {', '.join(DPO_LOSS_TYPES)}",
+            "unsupported",
+        )
     elif len(kinds) > 1:
-        yield Issue("dpo_loss_type", "a weighted mix of DPO losses is not supported by ftw; give one loss type", "unsupported")
+        yield Issue(
+            "dpo_loss_type", "a weighted mix of DPO losses is not supported by ftw; give one loss type", "unsupported"
+        )
 
 
 @rule("rl", "adapter")
 def _reference_model(cfg: TrainingConfig) -> Problems:
     if cfg.rl in NEEDS_REFERENCE and cfg.adapter is None and (cfg.rl != "grpo" or cfg.rl_beta_value() > 0):
-        yield Issue("rl", (
-            f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; ftw uses the base "
-            "model with the adapter disabled: set adapter: lora (or qlora)" + (", or use rl: orpo / simpo (no reference)" if cfg.rl != "grpo" else ", or trl.beta: 0")
-        ), "unsupported")
+        yield Issue(
+            "rl",
+            (
+                f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; ftw uses the base "
+                "model with the adapter disabled: set adapter: lora (or qlora)"
+                + (", or use rl: orpo / simpo (no reference)" if cfg.rl != "grpo" else ", or trl.beta: 0")
+            ),
+            "unsupported",
+        )
 
 
 @rule("rl", "pretraining_dataset")
 def _rl_data(cfg: TrainingConfig) -> Problems:
     if cfg.rl and cfg.pretraining_dataset:
-        yield Issue("pretraining_dataset", f"rl: {cfg.rl} trains on preference/prompt datasets under datasets:, not pretraining_dataset")
+        yield Issue(
+            "pretraining_dataset",
+            f"rl: {cfg.rl} trains on preference/prompt datasets under datasets:, not pretraining_dataset",
+        )
 
 
 @rule("rl", "max_prompt_len", "sequence_len")
 def _prompt_len(cfg: TrainingConfig) -> Problems:
     if cfg.max_prompt_len is not None and cfg.max_prompt_len >= cfg.sequence_len:
-        yield Issue("max_prompt_len", f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within sequence_len {cfg.sequence_len}")
+        yield Issue(
+            "max_prompt_len",
+            f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within sequence_len {cfg.sequence_len}",
+        )
 
 
 @rule("rl", "trl")
@@ -88,24 +129,42 @@ def _grpo(cfg: TrainingConfig) -> Problems:
         return
     trl = cfg.trl or TrlConfig()
     if not trl.reward_funcs:
-        yield Issue("trl.reward_funcs", f"rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: {', '.join(BUILTIN_REWARDS)})")
+        yield Issue(
+            "trl.reward_funcs",
+            f"rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: {', '.join(BUILTIN_REWARDS)})",
+        )
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
-        yield Issue("trl.reward_weights", f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward functions; give one per function")
+        yield Issue(
+            "trl.reward_weights",
+            f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward functions; give one per function",
+        )
     if trl.reward_regex is not None:
         try:
             re.compile(trl.reward_regex)
         except re.error as e:
             yield Issue("trl.reward_regex", f"trl.reward_regex is not a valid regular expression: {e}")
     if trl.use_vllm:
-        yield Issue("trl.use_vllm", "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated with transformers)", "unsupported")
+        yield Issue(
+            "trl.use_vllm",
+            "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated with transformers)",
+            "unsupported",
+        )
     if trl.num_iterations > 1:
-        yield Issue("trl.num_iterations", "trl.num_iterations above 1 (reusing a generation batch) is not supported by ftw; remove it", "unsupported")
+        yield Issue(
+            "trl.num_iterations",
+            "trl.num_iterations above 1 (reusing a generation batch) is not supported by ftw; remove it",
+            "unsupported",
+        )
     for key in sorted(trl.model_extra or {}):
         if key in TRL_NOT_BUILT:
-            yield Issue(f"trl.{key}", f"trl.{key} is not supported by ftw ({TRL_NOT_BUILT[key]}); remove it", "unsupported")
+            yield Issue(
+                f"trl.{key}", f"trl.{key} is not supported by ftw ({TRL_NOT_BUILT[key]}); remove it", "unsupported"
+            )
         else:
             close = difflib.get_close_matches(key, [*TrlConfig.model_fields, *TRL_NOT_BUILT], n=1, cutoff=0.75)
-            yield Issue(f"trl.{key}", f"unknown key {key!r} in trl" + (f"; did you mean {close[0]!r}?" if close else ""))
+            yield Issue(
+                f"trl.{key}", f"unknown key {key!r} in trl" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
 
 
 def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) -> None:
@@ -116,13 +175,24 @@ def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) 
     known = dataset_types(rl)
     if isinstance(kind, Mapping):
         if rl not in PAIR_METHODS:
-            report.error(f"{loc}.type", f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); for rl: {rl} use one of {', '.join(known)}")
+            report.error(
+                f"{loc}.type",
+                f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); for rl: {rl} use one of {', '.join(known)}",
+            )
     elif kind is None:
-        report.error(f"{loc}.type", f"rl: {rl} needs a dataset type: one of {', '.join(known)}" + (", or the dict form" if rl in PAIR_METHODS else ""))
+        report.error(
+            f"{loc}.type",
+            f"rl: {rl} needs a dataset type: one of {', '.join(known)}"
+            + (", or the dict form" if rl in PAIR_METHODS else ""),
+        )
     elif isinstance(kind, str) and kind not in known:
         close = difflib.get_close_matches(kind, known, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        report.error(f"{loc}.type", f"type {kind!r} is not a dataset type of rl: {rl}{hint} (supported: {', '.join(known)})", "unsupported")
+        report.error(
+            f"{loc}.type",
+            f"type {kind!r} is not a dataset type of rl: {rl}{hint} (supported: {', '.join(known)})",
+            "unsupported",
+        )
 
 
 def check_reward_funcs(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> None:
@@ -137,8 +207,21 @@ def check_reward_funcs(cfg: Mapping[str, Any], env: Mapping[str, str], report: R
         loc = f"trl.reward_funcs[{i}]"
         if "." not in name:
             close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1, cutoff=0.6)
-            report.error(loc, f"trl.reward_funcs: {name!r} is not a built-in reward function" + (f"; did you mean {close[0]!r}?" if close else "") + f" (built-ins: {', '.join(BUILTIN_REWARDS)})")
+            report.error(
+                loc,
+                f"trl.reward_funcs: {name!r} is not a built-in reward function"
+                + (f"; did you mean {close[0]!r}?" if close else "")
+                + f" (built-ins: {', '.join(BUILTIN_REWARDS)})",
+            )
         elif not env_flag(env, "FTW_ALLOW_PLUGINS"):
-            report.error(loc, f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1", "gated")
+            report.error(
+                loc,
+                f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1",
+                "gated",
+            )
         else:
-            report.error(loc, f"trl.reward_funcs: {name!r} is allowed by the operator (FTW_ALLOW_PLUGINS), but ftw does not load reward modules; use the built-ins ({', '.join(BUILTIN_REWARDS)})", "unsupported")
+            report.error(
+                loc,
+                f"trl.reward_funcs: {name!r} is allowed by the operator (FTW_ALLOW_PLUGINS), but ftw does not load reward modules; use the built-ins ({', '.join(BUILTIN_REWARDS)})",
+                "unsupported",
+            )

@@ -5,12 +5,19 @@ its keys is in `broken` (its value failed its own check, so `cfg` holds a stand-
 config with a bad learning_rate still gets the adapter rules checked, and no rule fires on a
 placeholder. Rules only read; they yield Issues (location, what to change).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 
-from schemas.config import (ATTN_IMPLEMENTATIONS, DEEPSPEED_PRESETS, EXPERTS_IMPLEMENTATIONS, LR_SCHEDULERS, OPTIMIZERS,
-                            TrainingConfig)
+from schemas.config import (
+    ATTN_IMPLEMENTATIONS,
+    DEEPSPEED_PRESETS,
+    EXPERTS_IMPLEMENTATIONS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    TrainingConfig,
+)
 from schemas.issues import Issue
 from schemas.keys import KNOWN_OPTIMIZERS
 from schemas.limits import excerpt
@@ -39,7 +46,9 @@ def _quantisation(cfg: TrainingConfig) -> Problems:
         yield Issue("adapter", "adapter: qlora needs load_in_4bit: true")
     if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
         key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
-        yield Issue(key, f"{key} needs an adapter (lora or qlora); full fine-tuning of a quantised model is not possible")
+        yield Issue(
+            key, f"{key} needs an adapter (lora or qlora); full fine-tuning of a quantised model is not possible"
+        )
     if cfg.load_in_4bit and cfg.load_in_8bit:
         yield Issue("load_in_4bit", "load_in_4bit and load_in_8bit are exclusive: keep one")
     if cfg.adapter == "lora" and cfg.load_in_4bit:
@@ -67,31 +76,56 @@ def _target_parameters(cfg: TrainingConfig) -> Problems:
     if cfg.adapter is None:
         yield Issue("lora_target_parameters", "lora_target_parameters needs adapter: lora or qlora")
     if cfg.lora_dropout:
-        yield Issue("lora_dropout", "LoRA on parameters (lora_target_parameters) does not work with lora_dropout: set lora_dropout: 0")
-    for key, on in (("peft_use_dora", cfg.peft_use_dora), ("lora_bias", cfg.lora_bias != "none"), ("lora_fan_in_fan_out", cfg.lora_fan_in_fan_out)):
+        yield Issue(
+            "lora_dropout",
+            "LoRA on parameters (lora_target_parameters) does not work with lora_dropout: set lora_dropout: 0",
+        )
+    for key, on in (
+        ("peft_use_dora", cfg.peft_use_dora),
+        ("lora_bias", cfg.lora_bias != "none"),
+        ("lora_fan_in_fan_out", cfg.lora_fan_in_fan_out),
+    ):
         if on:
-            yield Issue(key, f"{key} does not work with LoRA on parameters (lora_target_parameters): remove one of them")
+            yield Issue(
+                key, f"{key} does not work with LoRA on parameters (lora_target_parameters): remove one of them"
+            )
 
 
 @rule("experts_implementation", "use_scattermoe", "use_kernels")
 def _experts(cfg: TrainingConfig) -> Problems:
     impl = cfg.experts_implementation
     if impl in UNSHIPPED_EXPERTS:
-        yield Issue("experts_implementation", f"experts_implementation {impl!r} is not supported by ftw (it needs {UNSHIPPED_EXPERTS[impl]}); "
-                                              f"use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}", "unsupported")
+        yield Issue(
+            "experts_implementation",
+            f"experts_implementation {impl!r} is not supported by ftw (it needs {UNSHIPPED_EXPERTS[impl]}); "
+            f"use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}",
+            "unsupported",
+        )
     elif impl is not None and impl not in EXPERTS_IMPLEMENTATIONS:
-        yield Issue("experts_implementation", f"experts_implementation {impl!r} is not known; use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
+        yield Issue(
+            "experts_implementation",
+            f"experts_implementation {impl!r} is not known; use one of {', '.join(EXPERTS_IMPLEMENTATIONS)}",
+        )
     if cfg.use_scattermoe and impl not in (None, "scattermoe"):
-        yield Issue("use_scattermoe", f"use_scattermoe: true asks for experts_implementation scattermoe, but it is {impl!r}: keep one")
+        yield Issue(
+            "use_scattermoe",
+            f"use_scattermoe: true asks for experts_implementation scattermoe, but it is {impl!r}: keep one",
+        )
     if (cfg.use_scattermoe or impl == "scattermoe") and cfg.use_kernels is False:
-        yield Issue("use_kernels", "use_kernels: false switches the ScatterMoE kernel off, but use_scattermoe / experts_implementation asks for it: keep one")
+        yield Issue(
+            "use_kernels",
+            "use_kernels: false switches the ScatterMoE kernel off, but use_scattermoe / experts_implementation asks for it: keep one",
+        )
 
 
 @rule("output_router_logits", "router_aux_loss_coef")
 def _router_loss(cfg: TrainingConfig) -> Problems:
     if cfg.router_aux_loss_coef is not None and not cfg.output_router_logits:
-        yield Issue("router_aux_loss_coef", "router_aux_loss_coef has no effect without output_router_logits: true (the router "
-                                            "auxiliary loss is only computed then): add output_router_logits: true or remove it")
+        yield Issue(
+            "router_aux_loss_coef",
+            "router_aux_loss_coef has no effect without output_router_logits: true (the router "
+            "auxiliary loss is only computed then): add output_router_logits: true or remove it",
+        )
 
 
 # ---- batch arithmetic and schedule --------------------------------------------------------------
@@ -101,11 +135,19 @@ def _batch(cfg: TrainingConfig) -> Problems:
     if cfg.batch_size is None:
         return
     if cfg.gradient_accumulation_steps is not None:
-        yield Issue("batch_size", "gradient_accumulation_steps and batch_size are exclusive: give micro_batch_size and one of them")
+        yield Issue(
+            "batch_size",
+            "gradient_accumulation_steps and batch_size are exclusive: give micro_batch_size and one of them",
+        )
     elif cfg.micro_batch_size is None:
-        yield Issue("batch_size", "batch_size needs micro_batch_size (gradient_accumulation_steps = batch_size / micro_batch_size): add micro_batch_size")
+        yield Issue(
+            "batch_size",
+            "batch_size needs micro_batch_size (gradient_accumulation_steps = batch_size / micro_batch_size): add micro_batch_size",
+        )
     elif cfg.batch_size % cfg.micro_batch_size:
-        yield Issue("batch_size", f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
+        yield Issue(
+            "batch_size", f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}"
+        )
 
 
 @rule("warmup_steps", "warmup_ratio")
@@ -132,7 +174,11 @@ def _evals(cfg: TrainingConfig) -> Problems:
 @rule("optimizer")
 def _optimizer(cfg: TrainingConfig) -> Problems:
     if cfg.optimizer in KNOWN_OPTIMIZERS:
-        yield Issue("optimizer", f"optimizer {excerpt(cfg.optimizer)} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}", "unsupported")
+        yield Issue(
+            "optimizer",
+            f"optimizer {excerpt(cfg.optimizer)} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}",
+            "unsupported",
+        )
     elif cfg.optimizer not in OPTIMIZERS:
         yield Issue("optimizer", f"optimizer {excerpt(cfg.optimizer)} is not known; use one of {', '.join(OPTIMIZERS)}")
 
@@ -140,7 +186,10 @@ def _optimizer(cfg: TrainingConfig) -> Problems:
 @rule("lr_scheduler")
 def _scheduler(cfg: TrainingConfig) -> Problems:
     if cfg.lr_scheduler not in LR_SCHEDULERS:
-        yield Issue("lr_scheduler", f"lr_scheduler {excerpt(cfg.lr_scheduler)} is not known; use one of {', '.join(LR_SCHEDULERS)}")
+        yield Issue(
+            "lr_scheduler",
+            f"lr_scheduler {excerpt(cfg.lr_scheduler)} is not known; use one of {', '.join(LR_SCHEDULERS)}",
+        )
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -153,7 +202,10 @@ def _has_data(cfg: TrainingConfig) -> Problems:
 @rule("chat_template_jinja")
 def _jinja_is_text(cfg: TrainingConfig) -> Problems:
     if cfg.chat_template_jinja and cfg.chat_template_jinja.strip().endswith((".jinja", ".j2")):
-        yield Issue("chat_template_jinja", "chat_template_jinja must be the template text, not a file path (files are not read from a job)")
+        yield Issue(
+            "chat_template_jinja",
+            "chat_template_jinja must be the template text, not a file path (files are not read from a job)",
+        )
 
 
 @rule("val_set_size")
@@ -188,13 +240,26 @@ def _distributed(cfg: TrainingConfig) -> Problems:
 @rule("deepspeed", "deepspeed_as_fsdp")
 def _deepspeed(cfg: TrainingConfig) -> Problems:
     if isinstance(cfg.deepspeed, str) and cfg.deepspeed not in DEEPSPEED_PRESETS:
-        yield Issue("deepspeed", (
-            f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
-            "config files are not read from a job (they would read files on the worker)"
-        ), "unsupported")
+        yield Issue(
+            "deepspeed",
+            (
+                f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
+                "config files are not read from a job (they would read files on the worker)"
+            ),
+            "unsupported",
+        )
     if isinstance(cfg.deepspeed, dict):
-        for section, keys in (("optimizer", "optimizer, learning_rate, weight_decay, adam_beta1/2"), ("scheduler", "lr_scheduler, warmup_steps")):
+        for section, keys in (
+            ("optimizer", "optimizer, learning_rate, weight_decay, adam_beta1/2"),
+            ("scheduler", "lr_scheduler, warmup_steps"),
+        ):
             if section in cfg.deepspeed:
-                yield Issue(f"deepspeed.{section}", f"ftw builds the {section} from its own keys and would not use this one: remove it and set {keys}")
+                yield Issue(
+                    f"deepspeed.{section}",
+                    f"ftw builds the {section} from its own keys and would not use this one: remove it and set {keys}",
+                )
     if cfg.deepspeed_as_fsdp and not cfg.deepspeed:
-        yield Issue("deepspeed_as_fsdp", "deepspeed_as_fsdp runs a deepspeed config as FSDP2, and there is no deepspeed key: remove it, or use fsdp_config")
+        yield Issue(
+            "deepspeed_as_fsdp",
+            "deepspeed_as_fsdp runs a deepspeed config as FSDP2, and there is no deepspeed key: remove it, or use fsdp_config",
+        )

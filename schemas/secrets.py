@@ -11,6 +11,7 @@ a secret (`hf_token`, `apiKey`, `password`) wherever they sit. Every scan is lin
 (one pass per known secret, and patterns that cannot backtrack), so a 10 MB value costs a
 fraction of a second, never minutes (bench/validate.py). Pure functions; no I/O.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,13 @@ S3CONFIG_ENV = {
 }
 S3CONFIG_SECRET_KEYS = ("accessId", "accessSecret")
 # Variables a stage child never needs: the worker's own platform credentials.
-CHILD_EXCLUDED = ("RUNPOD_AI_API_KEY", "RUNPOD_API_KEY", "RUNPOD_WEBHOOK_", "FTW_ENDPOINT_API_KEY", "FTW_ENDPOINT_WORKER_KEY")
+CHILD_EXCLUDED = (
+    "RUNPOD_AI_API_KEY",
+    "RUNPOD_API_KEY",
+    "RUNPOD_WEBHOOK_",
+    "FTW_ENDPOINT_API_KEY",
+    "FTW_ENDPOINT_WORKER_KEY",
+)
 # The values config.json holds masked (a presigned dataset URL) reach the stage children here, as
 # JSON [[path, value], ...]: a child's environment is the one place a secret may go.
 CONFIG_SECRETS_ENV = "FTW_CONFIG_SECRETS"
@@ -46,14 +53,18 @@ MIN_SECRET_LEN = 4
 # scanned twice. (The same pattern starting with the lookbehind is 70x slower: no literal prefix.)
 URL_USERINFO = r"://(?<=[A-Za-z0-9+.-]://)[^/?#@\s]+@"
 # the secret parameters of presigned URLs (S3/GCS/Azure SAS) and of tokens passed in a query
-QUERY_SECRET = (r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
-                r"|sig|signature|token|access_token|id_token|refresh_token|auth|api_key|apikey|key|password|secret"
-                r"|client_secret)=)[^&#\s\"'<>]+")
+QUERY_SECRET = (
+    r"(?i)([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential"
+    r"|sig|signature|token|access_token|id_token|refresh_token|auth|api_key|apikey|key|password|secret"
+    r"|client_secret)=)[^&#\s\"'<>]+"
+)
 # a key whose string value is a secret, in snake_case after camelCase is split (apiKey -> api_key);
 # `pad_token`/`eos_token` (tokenizer tokens) are not secrets, hence the named *_token prefixes
-SECRET_KEY = re.compile(r"(?:^|_)(?:password|passwd|passphrase|secret|credentials?|api_?key|access_?key|private_?key"
-                        r"|(?:hf|hub|api|auth|access|refresh|session|id|bearer|github|gh|gitlab|wandb|oauth)_?token)(?:_|$)"
-                        r"|^token$")
+SECRET_KEY = re.compile(
+    r"(?:^|_)(?:password|passwd|passphrase|secret|credentials?|api_?key|access_?key|private_?key"
+    r"|(?:hf|hub|api|auth|access|refresh|session|id|bearer|github|gh|gitlab|wandb|oauth)_?token)(?:_|$)"
+    r"|^token$"
+)
 MAX_KEY_NAME = 64  # a longer "key" is no name; its text is still masked as text
 MAX_LINE_HOLD = 65536  # a log line is held back until complete (so a URL split across reads is caught) up to this size
 MASK = "***"
@@ -66,8 +77,11 @@ NOT_SECRET_VALUE = frozenset({"true", "false", "none", "null", "yes", "no", "on"
 
 
 def env_secrets(env: Mapping[str, str]) -> list[str]:
-    return [v for k, v in env.items()
-            if SECRET_NAME.search(k) and len(v or "") >= MIN_SECRET_LEN and v.strip().lower() not in NOT_SECRET_VALUE]
+    return [
+        v
+        for k, v in env.items()
+        if SECRET_NAME.search(k) and len(v or "") >= MIN_SECRET_LEN and v.strip().lower() not in NOT_SECRET_VALUE
+    ]
 
 
 def job_credential_env(credentials: Any, s3_config: Mapping[str, Any] | None) -> dict[str, str]:
@@ -125,7 +139,9 @@ class Redactor:
         self.longest = max((len(b) for b in self._bsecrets), default=0)
 
     @classmethod
-    def for_job(cls, env: Mapping[str, str], credential_env: Mapping[str, str], s3_config: Mapping[str, Any] | None = None) -> Redactor:
+    def for_job(
+        cls, env: Mapping[str, str], credential_env: Mapping[str, str], s3_config: Mapping[str, Any] | None = None
+    ) -> Redactor:
         values = env_secrets(env) + list(credential_env.values())
         s3 = s3_config if isinstance(s3_config, Mapping) else {}
         values += [str(v) for k, v in s3.items() if k in S3CONFIG_SECRET_KEYS and v]
@@ -149,7 +165,10 @@ class Redactor:
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, Mapping):
-            return {self.text(str(k)): MASK if isinstance(v, str) and v and secret_key(k) else self.data(v) for k, v in value.items()}
+            return {
+                self.text(str(k)): MASK if isinstance(v, str) and v and secret_key(k) else self.data(v)
+                for k, v in value.items()
+            }
         if isinstance(value, (list, tuple)):
             return [self.data(v) for v in value]
         return value
@@ -199,7 +218,7 @@ class StreamRedactor:
         keep = len(data) - line_end
         if keep > MAX_LINE_HOLD:
             keep = max(self.redactor.longest - 1, 0)
-        self.pending, data = (data[len(data) - keep:], data[:len(data) - keep]) if keep else (b"", data)
+        self.pending, data = (data[len(data) - keep :], data[: len(data) - keep]) if keep else (b"", data)
         return data
 
     def flush(self) -> bytes:

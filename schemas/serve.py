@@ -10,10 +10,11 @@ Shapes (`parse_request` tells them apart and returns one typed request):
 Unknown fields are errors (a typo must not silently change sampling); every problem is reported
 at once as `{loc, msg}` issues.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -22,7 +23,9 @@ from schemas.issues import Issue, pydantic_issues
 MAX_BATCH_CONVERSATIONS = 256
 MAX_TOKENS = 2**31 - 1  # above any context; a 4,000-digit max_tokens was quoted whole in the context error
 MAX_SEED = 2**63 - 1  # what torch and vLLM take (a larger one was the engine's "Overflow when unpacking long long")
-MAX_STOP_CHARS = 256  # transformers' stop-string tables cost time in length x vocabulary: 1 MB held the engine for minutes
+MAX_STOP_CHARS = (
+    256  # transformers' stop-string tables cost time in length x vocabulary: 1 MB held the engine for minutes
+)
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
@@ -37,8 +40,8 @@ class TextPart(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: str | list[TextPart]
+    name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -51,16 +54,16 @@ class StreamOptions(Strict):
 class GenerationKwargs(Strict):
     """Sampling settings beyond the OpenAI basics that both engines implement."""
 
-    top_k: Optional[int] = Field(default=None, ge=-1)
-    min_p: Optional[float] = Field(default=None, ge=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
-    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=10)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
 
     @model_validator(mode="after")
-    def _stop_list(self) -> "GenerationKwargs":
+    def _stop_list(self) -> GenerationKwargs:
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
         if any(len(s) > MAX_STOP_CHARS for s in ([self.stop] if isinstance(self.stop, str) else self.stop or ())):
@@ -68,24 +71,24 @@ class GenerationKwargs(Strict):
         return self
 
 
-def check_greedy_n(n: int, temperature: Optional[float]) -> None:
+def check_greedy_n(n: int, temperature: float | None) -> None:
     if n > 1 and temperature == 0:
         raise ValueError(f"n={n} needs temperature > 0: greedy decoding (temperature 0) gives one answer, not {n}")
 
 
 class Sampling(GenerationKwargs):
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: the generated token ids in each choice
 
     @model_validator(mode="after")
-    def _one_length_limit(self) -> "Sampling":
+    def _one_length_limit(self) -> Sampling:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         if self.stream_options is not None and not self.stream:
@@ -94,7 +97,7 @@ class Sampling(GenerationKwargs):
         return self
 
     @property
-    def token_limit(self) -> Optional[int]:
+    def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
@@ -108,11 +111,13 @@ Conversation = Annotated[list[ChatMessage], Field(min_length=1)]
 
 class CompletionRequest(Sampling):
     model: str = Field(min_length=1, max_length=512)
-    prompt: Union[str, Annotated[list[str], Field(max_length=MAX_BATCH_CONVERSATIONS)]]  # each one a completion: as many as a batch
+    prompt: (
+        str | Annotated[list[str], Field(max_length=MAX_BATCH_CONVERSATIONS)]
+    )  # each one a completion: as many as a batch
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_present(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+    def _prompt_present(cls, v: str | list[str]) -> str | list[str]:
         if not v or (isinstance(v, list) and not all(v)):
             raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
         return v
@@ -129,23 +134,28 @@ class BatchRequest(Strict):
     """Many conversations in one job: each gets `n` chat completions with the same settings."""
 
     messages: list[Conversation] = Field(min_length=1, max_length=MAX_BATCH_CONVERSATIONS)
-    model: Optional[str] = Field(default=None, min_length=1, max_length=512)
+    model: str | None = Field(default=None, min_length=1, max_length=512)
     n: int = Field(default=1, ge=1, le=16)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     generation_kwargs: GenerationKwargs = GenerationKwargs()
 
     @model_validator(mode="after")
-    def _greedy_n(self) -> "BatchRequest":
+    def _greedy_n(self) -> BatchRequest:
         check_greedy_n(self.n, self.temperature)
         return self
 
     def chat_request(self, model: str, conversation: list[ChatMessage]) -> ChatCompletionRequest:
         extra = self.generation_kwargs.model_dump(exclude_none=True)
         return ChatCompletionRequest(
-            model=model, messages=conversation, n=self.n, temperature=self.temperature, top_p=self.top_p,
-            max_tokens=self.max_tokens, **extra,
+            model=model,
+            messages=conversation,
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            **extra,
         )
 
 
@@ -179,7 +189,7 @@ def parse_route(route: str, body: Any) -> ServeRequest:
         raise RequestInvalid(pydantic_issues(e)) from e
 
 
-def parse_request(raw: Any) -> tuple[Optional[str], ServeRequest]:
+def parse_request(raw: Any) -> tuple[str | None, ServeRequest]:
     """A RunPod job input → (OpenAI route or None for the batch shape, typed request)."""
     if isinstance(raw, Mapping) and "input" in raw and len(raw) == 1:
         raw = raw["input"]
@@ -188,13 +198,17 @@ def parse_request(raw: Any) -> tuple[Optional[str], ServeRequest]:
     if "openai_route" in raw:
         extra = sorted(set(raw) - {"openai_route", "openai_input"})
         if extra:
-            raise RequestInvalid([Issue(k, "unknown field next to openai_route (only openai_input goes there)") for k in extra])
+            raise RequestInvalid(
+                [Issue(k, "unknown field next to openai_route (only openai_input goes there)") for k in extra]
+            )
         route = raw["openai_route"]
         if not isinstance(route, str):
             raise RequestInvalid([Issue("openai_route", "must be a string such as /v1/chat/completions")])
         return route, parse_route(route, raw.get("openai_input"))
     if "messages" not in raw:
-        raise RequestInvalid([Issue("input", "give either openai_route + openai_input (OpenAI shape) or messages (batch shape)")])
+        raise RequestInvalid(
+            [Issue("input", "give either openai_route + openai_input (OpenAI shape) or messages (batch shape)")]
+        )
     return None, parse_batch(raw)
 
 

@@ -7,6 +7,7 @@ problem; the rules run even when some fields are wrong, skipping only the rules 
 wrong field. Imports nothing heavy: it runs in the orchestrator and in `ftw validate`, before
 anything is spent.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,16 +19,22 @@ from pydantic import ValidationError
 from schemas.classify import DATASET_LISTS, classify_dataset_lists, classify_keys
 from schemas.config import TrainingConfig
 from schemas.environment import operator_layers
+from schemas.hosts import check_url
 from schemas.issues import Issue, Report, format_loc, pydantic_issues
-from schemas.keys import is_off
 from schemas.limits import shape_problem
 from schemas.normalize import normalize_keys
-from schemas.hosts import check_url
 from schemas.paths import check_local_path
 from schemas.rl_rules import check_reward_funcs
 from schemas.rules import cross_field_errors
 
-PATH_KEYS = ("base_model", "base_model_config", "tokenizer_config", "lora_model_dir", "dataset_prepared_path", "resume_from_checkpoint")
+PATH_KEYS = (
+    "base_model",
+    "base_model_config",
+    "tokenizer_config",
+    "lora_model_dir",
+    "dataset_prepared_path",
+    "resume_from_checkpoint",
+)
 # stand-ins for required keys that failed, so the rules that do not read them still run
 PLACEHOLDERS = {"base_model": "placeholder/model", "learning_rate": 1e-4}
 
@@ -95,8 +102,14 @@ def check_paths(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) 
     for loc, value in candidates:
         if isinstance(value, str):
             if value.lower().startswith(("http://", "https://")):
-                problem = (f"{loc} is a URL, which ftw does not download models or folders from; give a Hub id "
-                           "(org/name) or a local folder under BASE_VOLUME") if loc in PATH_KEYS else check_url(value, env)
+                problem = (
+                    (
+                        f"{loc} is a URL, which ftw does not download models or folders from; give a Hub id "
+                        "(org/name) or a local folder under BASE_VOLUME"
+                    )
+                    if loc in PATH_KEYS
+                    else check_url(value, env)
+                )
             else:
                 problem = check_local_path(value, env)
             if problem:

@@ -8,6 +8,7 @@ unmodified from axolotl commit 067b021c, Apache-2.0). Validation runs
 with an environment that allows nothing (no FTW_ALLOW_*, BASE_VOLUME=/volume), as a fresh
 endpoint would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def example_files(root: Path) -> list[Path]:
 def outcome_of(path: Path, root: Path) -> Outcome:
     report = validate_config(yaml.safe_load(path.read_text(encoding="utf-8")), FRESH_ENDPOINT)
     kinds = {i.kind for i in report.errors}
-    outcome = "valid" if not kinds else "invalid" if "invalid" in kinds else "gated" if kinds == {"gated"} else "unsupported"
+    outcome = (
+        "valid" if not kinds else "invalid" if "invalid" in kinds else "gated" if kinds == {"gated"} else "unsupported"
+    )
     return Outcome(str(path.relative_to(root)), outcome, tuple(report.errors), tuple(report.warnings))
 
 

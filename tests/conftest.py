@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and tokenizers built locally once per session (no Hub here)."""
+
 from __future__ import annotations
 
 import os

@@ -23,6 +23,7 @@ Commits are content-addressed (sha1 of parent, tree and message), blobs are git 
 everything lives under a temp folder; `HubServer.requests` records (method, path) for assertions and
 `HubServer.fail_next(path_part, status, times)` makes the next matching requests fail.
 """
+
 from __future__ import annotations
 
 import base64
@@ -106,7 +107,16 @@ class RepoStore:
     def blob(self, repo_type: str, repo_id: str, blob_sha: str) -> bytes:
         return (self._dir(repo_type, repo_id) / "objects" / blob_sha).read_bytes()
 
-    def commit(self, repo_type: str, repo_id: str, branch: str, message: str, files: dict[str, bytes], deletions: list[str], parent: str | None = None) -> str:
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        branch: str,
+        message: str,
+        files: dict[str, bytes],
+        deletions: list[str],
+        parent: str | None = None,
+    ) -> str:
         with self.lock:
             refs = self.refs(repo_type, repo_id)
             if branch not in refs:
@@ -115,7 +125,9 @@ class RepoStore:
                 raise HubError(412, "A commit has happened since. Please refresh and try again.")
             return self._commit_locked(repo_type, repo_id, branch, message, files, deletions)
 
-    def _commit_locked(self, repo_type: str, repo_id: str, branch: str, message: str, files: dict[str, bytes], deletions: list[str]) -> str:
+    def _commit_locked(
+        self, repo_type: str, repo_id: str, branch: str, message: str, files: dict[str, bytes], deletions: list[str]
+    ) -> str:
         d = self._dir(repo_type, repo_id)
         refs = json.loads((d / "refs.json").read_text())
         parent = refs.get(branch)
@@ -197,7 +209,13 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         # -- plumbing ------------------------------------------------------------------------
-        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, content_type: str = "application/json") -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict[str, str] | None = None,
+            content_type: str = "application/json",
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -281,21 +299,42 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if op in ("", "revision"):
                 sha, tree = store.tree(repo_type, repo_id, rev)
                 meta = store.meta(repo_type, repo_id)
-                return self._json({
-                    "id": repo_id, "sha": sha, "private": meta["private"],
-                    "siblings": [{"rfilename": p} for p in tree], "tags": [], "lastModified": "2026-01-01T00:00:00.000Z",
-                })
+                return self._json(
+                    {
+                        "id": repo_id,
+                        "sha": sha,
+                        "private": meta["private"],
+                        "siblings": [{"rfilename": p} for p in tree],
+                        "tags": [],
+                        "lastModified": "2026-01-01T00:00:00.000Z",
+                    }
+                )
             if op == "refs":
                 refs = store.refs(repo_type, repo_id)
-                return self._json({"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in refs.items()], "tags": [], "converts": []})
+                return self._json(
+                    {
+                        "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in refs.items()],
+                        "tags": [],
+                        "converts": [],
+                    }
+                )
             if op == "tree":
-                return self._tree(repo_type, repo_id, rev, unquote("/".join(rest[2:])), query.get("recursive", ["False"])[0].lower() == "true")
+                return self._tree(
+                    repo_type,
+                    repo_id,
+                    rev,
+                    unquote("/".join(rest[2:])),
+                    query.get("recursive", ["False"])[0].lower() == "true",
+                )
             raise HubError(404, f"unknown API {op!r}")
 
         def _preupload(self, repo_type: str, repo_id: str, rev: str) -> None:
             payload = json.loads(self._body())
             _, tree = store.tree(repo_type, repo_id, rev)
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": tree.get(f["path"])} for f in payload["files"]]
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": tree.get(f["path"])}
+                for f in payload["files"]
+            ]
             self._json({"files": files, "commitOid": store.resolve(repo_type, repo_id, rev)})
 
         def _commit(self, repo_type: str, repo_id: str, rev: str) -> None:
@@ -311,8 +350,12 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     deletions.append(value["path"].rstrip("/") + ("/" if item["key"] == "deletedFolder" else ""))
                 elif item["key"] == "lfsFile":
                     raise HubError(400, "this test Hub takes regular (base64) files only")
-            sha = store.commit(repo_type, repo_id, rev, header.get("summary", ""), files, deletions, header.get("parentCommit"))
-            self._json({"commitUrl": f"{server.endpoint_url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+            sha = store.commit(
+                repo_type, repo_id, rev, header.get("summary", ""), files, deletions, header.get("parentCommit")
+            )
+            self._json(
+                {"commitUrl": f"{server.endpoint_url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+            )
 
         def _tree(self, repo_type: str, repo_id: str, rev: str, path: str, recursive: bool) -> None:
             _, tree = store.tree(repo_type, repo_id, rev)
@@ -321,7 +364,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             for p, blob_sha in tree.items():
                 if not p.startswith(prefix):
                     continue
-                sub = p[len(prefix):].split("/")
+                sub = p[len(prefix) :].split("/")
                 for i in range(1, len(sub) if recursive else min(2, len(sub))):
                     folders.add(prefix + "/".join(sub[:i]))
                 if recursive or len(sub) == 1:
@@ -329,7 +372,10 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     entries.append({"type": "file", "oid": blob_sha, "size": size, "path": p})
             if prefix and not entries and not folders:
                 raise HubError(404, f"{path} does not exist", "EntryNotFound")
-            dirs = [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f} for f in sorted(folders)]
+            dirs = [
+                {"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
+                for f in sorted(folders)
+            ]
             self._json(dirs + entries)
 
         # -- downloads -----------------------------------------------------------------------
@@ -355,7 +401,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if range_header.startswith("bytes="):
                 start_s, _, end_s = range_header[6:].partition("-")
                 start, end = int(start_s or 0), int(end_s) if end_s else len(data) - 1
-                status, body = 206, data[start:end + 1]
+                status, body = 206, data[start : end + 1]
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             self._send(status, body, headers, "application/octet-stream")
 

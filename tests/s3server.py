@@ -10,6 +10,7 @@
 The server speaks SigV4 with the key pair below; rclone's CreateBucket makes the folder, and every
 top-level folder of `root` is a bucket.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -127,8 +128,18 @@ def running_s3_server(root: Path | None = None) -> Iterator[S3Server]:
         log = root.parent / f".rclone-{root.name}.log"
         url = f"http://127.0.0.1:{free_port()}"
         cmd = [
-            rclone_binary(), "serve", "s3", "--addr", url.removeprefix("http://"),
-            "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--config", os.devnull, "--log-file", str(log), str(root),
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--addr",
+            url.removeprefix("http://"),
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--config",
+            os.devnull,
+            "--log-file",
+            str(log),
+            str(root),
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

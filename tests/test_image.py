@@ -1,5 +1,6 @@
 """The images users deploy, checked without a Docker daemon: hadolint on both Dockerfiles, and their
 locks (requirements-image.lock, requirements-serve-image.lock) against the pins they were made from."""
+
 from __future__ import annotations
 
 import re
@@ -33,10 +34,13 @@ def test_the_dockerfile_is_hadolint_clean(dockerfile):
     assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("lock, sources", [
-    ("requirements-image.lock", ["requirements.txt", "requirements-image.txt"]),
-    ("requirements-serve-image.lock", ["requirements-serve-image.txt"]),
-])
+@pytest.mark.parametrize(
+    "lock, sources",
+    [
+        ("requirements-image.lock", ["requirements.txt", "requirements-image.txt"]),
+        ("requirements-serve-image.lock", ["requirements-serve-image.txt"]),
+    ],
+)
 def test_each_image_lock_holds_every_pin_it_was_made_from(lock, sources):
     locked = pins(REPO / lock)
     for source in sources:
@@ -55,10 +59,14 @@ def test_the_serving_image_pins_what_the_training_side_pins_and_its_vllm_is_the_
     assert "torch" not in pins(REPO / "requirements-serve-image.lock")  # the worker's venv never holds an ML stack
 
 
-@pytest.mark.parametrize("dockerfile, lock", [("Dockerfile", "requirements-image.lock"),
-                                              ("Dockerfile.serve", "requirements-serve-image.lock")])
+@pytest.mark.parametrize(
+    "dockerfile, lock",
+    [("Dockerfile", "requirements-image.lock"), ("Dockerfile.serve", "requirements-serve-image.lock")],
+)
 def test_the_dockerfile_installs_its_lock_without_resolving_again(dockerfile, lock):
     text = (REPO / dockerfile).read_text()
     assert f"COPY {lock} " in text
-    installs = [line for line in re.split(r"\n(?!\s)", text.replace("\\\n", " ")) if "install" in line and "-r " in line]
+    installs = [
+        line for line in re.split(r"\n(?!\s)", text.replace("\\\n", " ")) if "install" in line and "-r " in line
+    ]
     assert installs and all(f"--no-deps -r {lock}" in line for line in installs), installs

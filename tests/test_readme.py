@@ -8,6 +8,7 @@ followed until it trains (validated, data prepared, model loaded, steps logged: 
 before); its 120 steps to the end take minutes on a CPU and the rest of the path is
 tests/endpoint/test_real_handler.py's.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,14 +32,19 @@ ANCHOR = "To rehearse the whole flow locally"
 
 def rehearsal_blocks(readme: str) -> list[str]:
     """The fenced blocks after the anchor sentence, up to the next heading: one per terminal."""
-    section = readme[readme.index(ANCHOR):]
-    section = section[:section.index("\n## ")]
+    section = readme[readme.index(ANCHOR) :]
+    section = section[: section.index("\n## ")]
     return re.findall(r"```\n(.*?)```", section, re.S)
 
 
 def fresh_copy(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file() and not src.is_symlink() and not rel.startswith(".venv"):
@@ -65,17 +71,34 @@ def test_the_readme_rehearsal_works_as_shown(tmp_path):
     assert "make demo-volume" in endpoint_block and "ftw endpoint" in endpoint_block and "ftw submit" in submit_block
     port = str(free_port())
     clone = fresh_copy(tmp_path / "ftw")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BASE_VOLUME", "FTW_", "RUNPOD_", "AWS_", "BUCKET_", "HF_TOKEN", "VIRTUAL_ENV"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BASE_VOLUME", "FTW_", "RUNPOD_", "AWS_", "BUCKET_", "HF_TOKEN", "VIRTUAL_ENV"))
+    }
     env.update(PYTHONPATH=str(clone), OMP_NUM_THREADS="2")
-    endpoint = subprocess.Popen(["bash", "-c", endpoint_block.replace("8000", port)], cwd=clone, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    endpoint = subprocess.Popen(
+        ["bash", "-c", endpoint_block.replace("8000", port)],
+        cwd=clone,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     try:
         read_until(endpoint, lambda line: line.startswith("ftw endpoint listening on"), 300)  # after make demo-volume
         drained: list[str] = []  # the worker logs to this terminal too: keep reading, or it blocks on a full pipe
         threading.Thread(target=lambda: drained.extend(endpoint.stdout), daemon=True).start()
-        submit = subprocess.Popen(["bash", "-c", submit_block.replace("8000", port)], cwd=clone, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        submit = subprocess.Popen(
+            ["bash", "-c", submit_block.replace("8000", port)],
+            cwd=clone,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+        )
         try:
             lines = read_until(submit, lambda line: line.startswith("train") and " step " in line, 600)
         finally:

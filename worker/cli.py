@@ -12,6 +12,7 @@
 
 Each subcommand module exposes `main(argv: list[str]) -> int`; nothing heavy is imported here.
 """
+
 from __future__ import annotations
 
 import importlib

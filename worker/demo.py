@@ -16,6 +16,7 @@ README's rehearsal with `ftw endpoint` and `ftw submit`.
 Embedded defaults: local volume, local store, CPU (FTW_ALLOW_CPU=1). Logs: BASE_VOLUME/logs/.
 The heavy libraries are only imported in the children (`--build-model`, `--sample`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,20 @@ def sample(base: Path, adapter: Path, prompts: list[str]) -> None:
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
 
     def generate(prompt: str) -> str:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     for prompt in prompts:
         with model.disable_adapter():
@@ -127,10 +136,17 @@ def run_demo(volume: Path) -> int:
     logs = volume / "logs"
     webhook = WebhookListener()
     print(f"starting the local endpoint and a runpod worker (logs in {logs}) ...", flush=True)
-    with LocalEndpoint(db=volume / "endpoint.sqlite3", api_key=secrets.token_hex(16), log_path=logs / "endpoint.log",
-                       env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}) as endpoint:  # the webhook listener is on loopback
-        endpoint.start_worker(REPO / "handler.py", log_path=logs / "worker.log",
-                              env={"BASE_VOLUME": str(volume), "FTW_ALLOW_CPU": "1", "FTW_PROGRESS_INTERVAL_S": "1"})
+    with LocalEndpoint(
+        db=volume / "endpoint.sqlite3",
+        api_key=secrets.token_hex(16),
+        log_path=logs / "endpoint.log",
+        env={"FTW_ALLOWED_HOSTS": "127.0.0.1"},
+    ) as endpoint:  # the webhook listener is on loopback
+        endpoint.start_worker(
+            REPO / "handler.py",
+            log_path=logs / "worker.log",
+            env={"BASE_VOLUME": str(volume), "FTW_ALLOW_CPU": "1", "FTW_PROGRESS_INTERVAL_S": "1"},
+        )
         client = Client(endpoint.client_env())
         submitted = client.call("POST", "run", build_request({"input": job}, webhook.url, None, None))
         print(f"submitted job {submitted['id']} (run_id {job['run_id']}); progress:", flush=True)
@@ -150,8 +166,10 @@ def run_demo(volume: Path) -> int:
     adapter = next(a for a in result["artifacts"] if a["kind"] == "adapter")
     folder = Path(adapter["uri"].removeprefix("file://"))
     metrics = result["metrics"]
-    print(f"\ndone in {result['timings']['total_s']:.0f} s: {metrics.get('steps')} steps, final loss {metrics.get('final_loss')}, "
-          f"{metrics.get('tokens_per_s')} tokens/s")
+    print(
+        f"\ndone in {result['timings']['total_s']:.0f} s: {metrics.get('steps')} steps, final loss {metrics.get('final_loss')}, "
+        f"{metrics.get('tokens_per_s')} tokens/s"
+    )
     print(f"adapter: {folder}  (sha256 manifest {adapter['sha256_manifest'][:16]}…, {adapter['files']} files)")
     print(f"run folder: {result['run_dir']}")
     print("sample generation, base model + adapter:", flush=True)
@@ -162,8 +180,11 @@ def run_demo(volume: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--volume", type=Path, default=Path(os.environ.get("BASE_VOLUME") or "volume"))
-    parser.add_argument("--prepare", action="store_true",
-                        help="only put the demo job's inputs (tiny model, example data) into the volume")
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only put the demo job's inputs (tiny model, example data) into the volume",
+    )
     parser.add_argument("--build-model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sample", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

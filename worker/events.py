@@ -6,6 +6,7 @@ pattern) before exiting non-zero. The orchestrator tails the events file and rea
 to build a typed failure. Exit codes: 0 done, 1 failed (see the error file), EXIT_PREEMPTED when
 SIGTERM stopped the stage after it saved what it had.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,13 @@ def emit(event: dict[str, Any]) -> None:
 
 def write_error(code: str, message: str, hint: str = "", details: dict[str, Any] | None = None) -> None:
     path = os.environ.get("FTW_ERROR_FILE")
-    record = {"code": code, "message": message, "hint": hint, "traceback": traceback.format_exc(limit=20), "details": details or {}}
+    record = {
+        "code": code,
+        "message": message,
+        "hint": hint,
+        "traceback": traceback.format_exc(limit=20),
+        "details": details or {},
+    }
     if path:
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -6,6 +6,7 @@ training child then saves a checkpoint of its current step before it exits, so n
 The libc function is looked up here, in the parent: the child between fork and exec must not
 load libraries (another thread may hold the loader's lock).
 """
+
 from __future__ import annotations
 
 import ctypes

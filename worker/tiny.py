@@ -6,6 +6,7 @@ The tokenizer is a byte-level BPE trained on a small built-in corpus plus any te
 real chat template of the chosen style, so every code path that loads a Hub model (AutoTokenizer,
 AutoModelForCausalLM, vLLM) runs unchanged on the folder. head_dim is 32 (vLLM's CPU minimum).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,10 @@ STYLES = {
     "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"], None, "<|im_end|>", "<pad>", CHATML_TEMPLATE),
     "llama3": (
         ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>"],
-        "<|begin_of_text|>", "<|eot_id|>", "<pad>", LLAMA3_TEMPLATE,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<pad>",
+        LLAMA3_TEMPLATE,
     ),
 }
 BASE_CORPUS = [
@@ -45,7 +49,9 @@ BASE_CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str | Path, style: str = "chatml", extra_text: Iterable[str] = (), vocab_size: int = 512) -> Path:
+def build_tokenizer(
+    out_dir: str | Path, style: str = "chatml", extra_text: Iterable[str] = (), vocab_size: int = 512
+) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +60,10 @@ def build_tokenizer(out_dir: str | Path, style: str = "chatml", extra_text: Iter
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([*BASE_CORPUS, *extra_text], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=None)
@@ -88,8 +97,17 @@ def build_model(
     build_tokenizer(out, style=style, extra_text=extra_text)
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(seed)
-    moe = {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": intermediate // 2,
-           "decoder_sparse_step": 1, "norm_topk_prob": True} if arch == "qwen3_moe" else {}
+    moe = (
+        {
+            "num_experts": experts,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": intermediate // 2,
+            "decoder_sparse_step": 1,
+            "norm_topk_prob": True,
+        }
+        if arch == "qwen3_moe"
+        else {}
+    )
     config = (Qwen3MoeConfig if arch == "qwen3_moe" else LlamaConfig)(
         **moe,
         vocab_size=len(tokenizer),
@@ -109,7 +127,9 @@ def build_model(
     )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out, safe_serialization=True)
-    (out / "ftw_tiny.json").write_text(json.dumps({"style": style, "hidden": hidden, "layers": layers, "seed": seed, "arch": arch}))
+    (out / "ftw_tiny.json").write_text(
+        json.dumps({"style": style, "hidden": hidden, "layers": layers, "seed": seed, "arch": arch})
+    )
     return out
 
 

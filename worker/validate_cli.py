@@ -8,6 +8,7 @@ YAML/JSON). Validation uses this process's environment, as the endpoint would: B
 FTW_ALLOWED_PATHS, FTW_ALLOW_*, FTW_CONFIG_DEFAULTS/OVERRIDES (docs/config.md). Imports only
 pydantic and yaml (never torch or transformers), so it answers in well under a second.
 """
+
 from __future__ import annotations
 
 import argparse

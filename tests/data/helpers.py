@@ -1,4 +1,5 @@
 """Small data writers shared by the pipeline tests."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,11 @@ WORDS = ["hello", "world", "answer", "yes", "no", "sort", "copy", "upper", "reve
 def alpaca_rows(n: int, seed: int = 0, max_words: int = 30) -> list[dict]:
     rng = random.Random(seed)
     return [
-        {"instruction": f"task {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 8))), "input": "", "output": " ".join(rng.choices(WORDS, k=rng.randint(1, max_words)))}
+        {
+            "instruction": f"task {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+            "input": "",
+            "output": " ".join(rng.choices(WORDS, k=rng.randint(1, max_words))),
+        }
         for i in range(n)
     ]
 
@@ -46,7 +51,11 @@ def tool_row(arguments, content: str = "") -> dict:
         "tools": [TOOL],
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": content, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {
+                "role": "assistant",
+                "content": content,
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}],
+            },
             {"role": "tool", "content": '{"temp": 21}'},
             {"role": "assistant", "content": "It is 21 degrees."},
         ],

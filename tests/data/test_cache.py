@@ -1,6 +1,7 @@
 """The cache cannot go stale: content edits, tokenizer changes and incomplete folders all miss;
 dataset_prepared_path is honoured; remote sources (loopback HTTP, rclone S3) are fingerprinted by
 their bytes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +68,9 @@ def test_incomplete_cache_is_never_used(volume, tokenizer_dir):
 def test_dataset_prepared_path_relative_is_under_the_volume(volume, tokenizer_dir, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     path = write_jsonl(volume / "a.jsonl", alpaca_rows(10))
-    summary = prepare(config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], dataset_prepared_path="last_run_prepared"))
+    summary = prepare(
+        config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], dataset_prepared_path="last_run_prepared")
+    )
     assert summary["cache_dir"].startswith(str(volume / "last_run_prepared") + "/")
     assert not (tmp_path / "last_run_prepared").exists()
 
@@ -105,8 +108,12 @@ def test_s3_object_and_prefix(volume, tokenizer_dir, s3_server, monkeypatch):  #
     client = s3_server.client()
     body = "".join(json.dumps(r) + "\n" for r in alpaca_rows(20))
     client.put_object(Bucket=bucket, Key="one/train.jsonl", Body=body.encode())
-    client.put_object(Bucket=bucket, Key="parts/a.jsonl", Body="".join(json.dumps(r) + "\n" for r in alpaca_rows(5, seed=1)).encode())
-    client.put_object(Bucket=bucket, Key="parts/b.jsonl", Body="".join(json.dumps(r) + "\n" for r in alpaca_rows(6, seed=2)).encode())
+    client.put_object(
+        Bucket=bucket, Key="parts/a.jsonl", Body="".join(json.dumps(r) + "\n" for r in alpaca_rows(5, seed=1)).encode()
+    )
+    client.put_object(
+        Bucket=bucket, Key="parts/b.jsonl", Body="".join(json.dumps(r) + "\n" for r in alpaca_rows(6, seed=2)).encode()
+    )
     single = config(tokenizer_dir, [{"path": f"s3://{bucket}/one/train.jsonl", "type": "alpaca"}])
     first = prepare(single)
     assert first["rows"]["train"] == 20 and first["built"]
@@ -131,7 +138,9 @@ def test_scratch_of_dead_processes_is_reaped_only_on_their_own_host(tmp_path):
 
     from worker.data.cache import scratch_dir
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = socket.gethostname().replace("-", "_")
     mine, theirs = tmp_path / f".scratch-{host}-{dead}-0000", tmp_path / f".scratch-other_host-{dead}-0000"
     for folder in (mine, theirs):

@@ -1,6 +1,7 @@
 """Golden tests of the chat_template strategy: expected input_ids/labels built by hand from the
 template's known pieces, each tokenised on its own (special tokens by id), never from our output.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,7 +41,13 @@ def run(tok, messages, dataset=None, **keys):
 def chatml_pieces(messages, content_trained, end_trained):
     pieces = []
     for m, c, e in zip(messages, content_trained, end_trained):
-        pieces += [("<|im_start|>", False), (m["role"] + "\n", False), (m["content"], c), ("<|im_end|>", e), ("\n", False)]
+        pieces += [
+            ("<|im_start|>", False),
+            (m["role"] + "\n", False),
+            (m["content"], c),
+            ("<|im_end|>", e),
+            ("\n", False),
+        ]
     return pieces
 
 
@@ -67,7 +74,14 @@ def test_chatml_default_is_turn(chatml_tok):
 def llama3_pieces(tok, messages, content_trained, end_trained):
     pieces = [("<|begin_of_text|>", False)]
     for m, c, e in zip(messages, content_trained, end_trained):
-        pieces += [("<|start_header_id|>", False), (m["role"], False), ("<|end_header_id|>", False), ("\n\n", False), (m["content"].strip(), c), ("<|eot_id|>", e)]
+        pieces += [
+            ("<|start_header_id|>", False),
+            (m["role"], False),
+            ("<|end_header_id|>", False),
+            ("\n\n", False),
+            (m["content"].strip(), c),
+            ("<|eot_id|>", e),
+        ]
     return pieces
 
 
@@ -77,7 +91,9 @@ def test_llama3_named_template_trims_and_masks(llama3_tok, mode):
     messages = [dict(m) for m in CONVERSATION]
     messages[2]["content"] = "  hello world \n"
     for m in messages:  # precondition of the hand derivation: "\n\n" + content tokenises as the two parts
-        assert llama3_tok.encode("\n\n" + m["content"].strip(), add_special_tokens=False) == llama3_tok.encode("\n\n", add_special_tokens=False) + llama3_tok.encode(m["content"].strip(), add_special_tokens=False)
+        assert llama3_tok.encode("\n\n" + m["content"].strip(), add_special_tokens=False) == llama3_tok.encode(
+            "\n\n", add_special_tokens=False
+        ) + llama3_tok.encode(m["content"].strip(), add_special_tokens=False)
     contents, ends = EOS_MODES[mode]
     want = expected(llama3_tok, llama3_pieces(llama3_tok, messages, contents, ends))
     assert run(llama3_tok, messages, {"train_on_eos": mode}, chat_template="llama3") == want
@@ -124,14 +140,24 @@ def test_eos_in_eot_tokens_with_conflicting_modes_is_refused(chatml_tok):
 
 
 def test_sharegpt_keys_roles_mapping_and_legacy_fields(chatml_tok):
-    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CONVERSATION]
+    sharegpt = [
+        {"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+        for m in CONVERSATION
+    ]
     want = expected(chatml_tok, chatml_pieces(CONVERSATION, *EOS_MODES["turn"]))
-    mapped = {"message_property_mappings": {"role": "from", "content": "value"}, "roles": {"user": ["human"], "assistant": ["gpt"], "system": ["system"]}}
+    mapped = {
+        "message_property_mappings": {"role": "from", "content": "value"},
+        "roles": {"user": ["human"], "assistant": ["gpt"], "system": ["system"]},
+    }
     assert run(chatml_tok, sharegpt, mapped) == want
-    strategy = build_strategy(context(chatml_tok, {"type": "chat_template", "field_messages": "conversations", **mapped}))
+    strategy = build_strategy(
+        context(chatml_tok, {"type": "chat_template", "field_messages": "conversations", **mapped})
+    )
     [[sample]] = strategy.tokenize([{"conversations": sharegpt}], [0])
     assert (sample.input_ids, sample.labels) == want
-    assert run(chatml_tok, sharegpt, {"message_field_role": "from", "message_field_content": "value"}) == want  # default roles know human/gpt
+    assert (
+        run(chatml_tok, sharegpt, {"message_field_role": "from", "message_field_content": "value"}) == want
+    )  # default roles know human/gpt
 
 
 def test_system_message_handling(chatml_tok):
@@ -160,7 +186,12 @@ def test_template_that_rewrites_earlier_turns_is_masked_exactly(chatml_tok):
         {"role": "user", "content": "sort 3 1 2"},
         {"role": "assistant", "content": "<think>yes</think>1 2 3"},
     ]
-    rendered = [dict(messages[0]), {"role": "assistant", "content": "hello world"}, dict(messages[2]), dict(messages[3])]
+    rendered = [
+        dict(messages[0]),
+        {"role": "assistant", "content": "hello world"},
+        dict(messages[2]),
+        dict(messages[3]),
+    ]
     want = expected(chatml_tok, chatml_pieces(rendered, [0, 1, 0, 1], [0, 1, 0, 1]))
     assert run(chatml_tok, messages, {"chat_template_jinja": REWRITING}) == want
 

@@ -1,6 +1,7 @@
 """The preprocess child as the orchestrator runs it (`python -m worker.data CONFIG_JSON`), with
 real processes and signals: kill -9 mid-build leaves no complete cache and the next run rebuilds;
 two runs at once make one cache and both succeed. And `ftw preprocess` exit codes and output."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,21 @@ pytestmark = pytest.mark.slow
 def start_child(volume, cfg, name, **env_extra):
     config_json = volume / f"{name}.json"
     config_json.write_text(cfg.model_dump_json())
-    env = child_env(BASE_VOLUME=str(volume), FTW_EVENTS=str(volume / f"{name}.events"), FTW_ERROR_FILE=str(volume / f"{name}.error"), OMP_NUM_THREADS="1", **env_extra)
-    return subprocess.Popen([sys.executable, "-m", "worker.data", str(config_json)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = child_env(
+        BASE_VOLUME=str(volume),
+        FTW_EVENTS=str(volume / f"{name}.events"),
+        FTW_ERROR_FILE=str(volume / f"{name}.error"),
+        OMP_NUM_THREADS="1",
+        **env_extra,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.data", str(config_json)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def events(volume, name):
@@ -54,7 +68,9 @@ def test_kill_9_mid_build_leaves_no_complete_cache_and_next_run_rebuilds(volume,
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["built"] and summary["rows"]["train"] == 5000
     assert read_manifest(volume / "cache" / summary["cache_dir"])
-    assert not [p for p in cache.iterdir() if p.name.startswith((".tmp-", ".scratch-"))]  # the dead builder's folders are gone
+    assert not [
+        p for p in cache.iterdir() if p.name.startswith((".tmp-", ".scratch-"))
+    ]  # the dead builder's folders are gone
 
 
 def test_two_concurrent_runs_make_one_cache_and_both_succeed(volume, tokenizer_dir):
@@ -79,7 +95,9 @@ def test_two_concurrent_runs_make_one_cache_and_both_succeed(volume, tokenizer_d
 def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):
     path = write_jsonl(volume / "a.jsonl", alpaca_rows(20))
     good = volume / "good.yml"
-    good.write_text(f"base_model: {tokenizer_dir}\nlearning_rate: 0.0001\nsequence_len: 128\ndatasets:\n  - path: {path}\n    type: alpaca\n")
+    good.write_text(
+        f"base_model: {tokenizer_dir}\nlearning_rate: 0.0001\nsequence_len: 128\ndatasets:\n  - path: {path}\n    type: alpaca\n"
+    )
     monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tokenizer_dir))
     assert ftw(["preprocess", str(good)]) == 0
     out = capsys.readouterr().out
@@ -113,7 +131,9 @@ def test_hub_dataset_is_fingerprinted_by_its_revision(volume, tokenizer_dir, hub
 
     def push(rows):
         body = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        return api.upload_file(path_or_fileobj=body, path_in_repo="train.jsonl", repo_id="data-tests/alpaca", repo_type="dataset").oid
+        return api.upload_file(
+            path_or_fileobj=body, path_in_repo="train.jsonl", repo_id="data-tests/alpaca", repo_type="dataset"
+        ).oid
 
     first_sha = push(alpaca_rows(7))
     cfg = config(tokenizer_dir, [{"path": "data-tests/alpaca", "type": "alpaca"}])
@@ -123,7 +143,14 @@ def test_hub_dataset_is_fingerprinted_by_its_revision(volume, tokenizer_dir, hub
     push(alpaca_rows(9, seed=1))
     second = finish(start_child(volume, cfg, "hub2", **hub_env))
     assert second["built"] and second["rows"]["train"] == 9 and second["cache_dir"] != first["cache_dir"]
-    pinned = finish(start_child(volume, cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"revision": first_sha})]}), "hub3", **hub_env))
+    pinned = finish(
+        start_child(
+            volume,
+            cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"revision": first_sha})]}),
+            "hub3",
+            **hub_env,
+        )
+    )
     assert pinned["rows"]["train"] == 7 and pinned["sources"] == first["sources"]
     no_token = start_child(volume, cfg, "hub4", HF_ENDPOINT=endpoint, HF_HOME=str(volume / "hf-home2"))
     _, err = no_token.communicate(timeout=300)

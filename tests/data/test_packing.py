@@ -1,5 +1,6 @@
 """Packing: every sample exactly once, no bin over capacity or sample count, position_ids restart
 at each sample, the tokens unchanged; and the fill on a lognormal length mix."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,6 +44,8 @@ def test_fill_on_a_lognormal_mix_beats_next_fit_and_reaches_97_percent():
     lengths = np.clip(rng.lognormal(np.log(300), 0.8, 20_000).astype(int), 16, 2048)
     ffd = first_fit_decreasing(lengths, 2048, 200)
     baseline = next_fit(lengths, 2048)
-    print(f"fill: ffd {fill(lengths, ffd, 2048):.4f} ({len(ffd)} bins), next-fit {fill(lengths, baseline, 2048):.4f} ({len(baseline)} bins)")
+    print(
+        f"fill: ffd {fill(lengths, ffd, 2048):.4f} ({len(ffd)} bins), next-fit {fill(lengths, baseline, 2048):.4f} ({len(baseline)} bins)"
+    )
     assert fill(lengths, ffd, 2048) >= 0.97
     assert len(ffd) < len(baseline)

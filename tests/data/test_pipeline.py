@@ -1,5 +1,6 @@
 """The pipeline end to end, in process: sources of every local format, merge, dedup, shuffle,
 split, length policy, packing, the manifest, and data errors naming file, row and field."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def test_every_local_format_gives_the_same_rows(volume, tokenizer_dir):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(data / "saved_dict"))
     results = {}
     for name in ("a.jsonl", "a.json", "a.parquet", "a.csv", "a.arrow", "folder", "saved", "saved_dict"):
-        summary = prepare(config(tokenizer_dir, [{"path": str(data / name), "type": "alpaca"}], shuffle_merged_datasets=False))
+        summary = prepare(
+            config(tokenizer_dir, [{"path": str(data / name), "type": "alpaca"}], shuffle_merged_datasets=False)
+        )
         assert summary["rows"]["in"] == 40 and summary["rows"]["train"] == 40, name
         results[name] = rows_of(summary)
     assert all(r == results["a.jsonl"] for r in results.values())
@@ -45,8 +48,13 @@ def test_merge_dedup_shuffle_and_eval_split(volume, tokenizer_dir):
     rows = alpaca_rows(60)
     first = write_jsonl(volume / "one.jsonl", rows[:40])
     second = write_jsonl(volume / "two.jsonl", rows[30:60])  # rows 30..39 appear twice
-    cfg = config(tokenizer_dir, [{"path": str(first), "type": "alpaca"}, {"path": str(second), "type": "alpaca"}],
-                 dataset_exact_deduplication=True, val_set_size=0.25, seed=7)
+    cfg = config(
+        tokenizer_dir,
+        [{"path": str(first), "type": "alpaca"}, {"path": str(second), "type": "alpaca"}],
+        dataset_exact_deduplication=True,
+        val_set_size=0.25,
+        seed=7,
+    )
     summary = prepare(cfg)
     assert summary["rows"]["in"] == 70
     assert summary["rows"]["dropped"] == {"duplicate": 10}
@@ -57,8 +65,14 @@ def test_merge_dedup_shuffle_and_eval_split(volume, tokenizer_dir):
     assert len({tuple(r) for r in train + evaluation}) == 60
     again = prepare(cfg.model_copy(update={"dataset_prepared_path": str(volume / "elsewhere")}))
     assert list(load_prepared(again["cache_dir"]).train["input_ids"]) == train  # same seed, same order
-    in_order = list(load_prepared(prepare(cfg.model_copy(update={"shuffle_merged_datasets": False, "val_set_size": 0.0}))["cache_dir"]).train["input_ids"])
-    shuffled = list(load_prepared(prepare(cfg.model_copy(update={"val_set_size": 0.0}))["cache_dir"]).train["input_ids"])
+    in_order = list(
+        load_prepared(
+            prepare(cfg.model_copy(update={"shuffle_merged_datasets": False, "val_set_size": 0.0}))["cache_dir"]
+        ).train["input_ids"]
+    )
+    shuffled = list(
+        load_prepared(prepare(cfg.model_copy(update={"val_set_size": 0.0}))["cache_dir"]).train["input_ids"]
+    )
     assert sorted(in_order) == sorted(shuffled) and in_order != shuffled
 
 
@@ -71,7 +85,9 @@ def test_length_policy_drop_truncate_raise(volume, tokenizer_dir):
     truncated = prepare(config(tokenizer_dir, entry, sequence_len=80, excess_length_strategy="truncate"))
     assert truncated["rows"]["train"] == 50 and truncated["rows"]["truncated"] == n_long
     assert max(len(r) for r in load_prepared(truncated["cache_dir"]).train["input_ids"]) == 80
-    with pytest.raises(DataError, match=rf"{path}: row \d+: \d+ tokens, more than sequence_len 80 \({n_long} such rows\)"):
+    with pytest.raises(
+        DataError, match=rf"{path}: row \d+: \d+ tokens, more than sequence_len 80 \({n_long} such rows\)"
+    ):
         prepare(config(tokenizer_dir, entry, sequence_len=80, excess_length_strategy="raise"))
     short = prepare(config(tokenizer_dir, entry, sequence_len=400, min_sample_len=60))
     assert short["rows"]["dropped"]["too_short"] > 0
@@ -104,10 +120,23 @@ def test_packing_layout_and_manifest(volume, tokenizer_dir):
 def test_test_datasets_and_pretraining(volume, tokenizer_dir):
     train = write_jsonl(volume / "train.jsonl", alpaca_rows(20))
     evaluation = write_jsonl(volume / "eval.jsonl", alpaca_rows(5, seed=3))
-    summary = prepare(config(tokenizer_dir, [{"path": str(train), "type": "alpaca"}], test_datasets=[{"path": str(evaluation), "type": "alpaca"}]))
+    summary = prepare(
+        config(
+            tokenizer_dir,
+            [{"path": str(train), "type": "alpaca"}],
+            test_datasets=[{"path": str(evaluation), "type": "alpaca"}],
+        )
+    )
     assert (summary["rows"]["train"], summary["rows"]["eval"]) == (20, 5)
     with pytest.raises(JobSpecError, match="exclusive"):
-        prepare(config(tokenizer_dir, [{"path": str(train), "type": "alpaca"}], test_datasets=[{"path": str(evaluation), "type": "alpaca"}], val_set_size=0.1))
+        prepare(
+            config(
+                tokenizer_dir,
+                [{"path": str(train), "type": "alpaca"}],
+                test_datasets=[{"path": str(evaluation), "type": "alpaca"}],
+                val_set_size=0.1,
+            )
+        )
     text = write_jsonl(volume / "text.jsonl", [{"body": " ".join(["hello world"] * 200)}])
     cfg = config(tokenizer_dir, None, pretraining_dataset=[{"path": str(text), "text_column": "body"}], sequence_len=64)
     pre = prepare(cfg)
@@ -118,11 +147,27 @@ def test_test_datasets_and_pretraining(volume, tokenizer_dir):
 @pytest.mark.parametrize(
     "content, entry, match",
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', {"type": "alpaca"}, r"bad\.jsonl: line 2: not valid JSON"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+            {"type": "alpaca"},
+            r"bad\.jsonl: line 2: not valid JSON",
+        ),
         ("", {"type": "alpaca"}, r"bad\.jsonl: the file is empty"),
-        ('{"instruction": "a", "answer": "b"}\n', {"type": "alpaca"}, r"bad\.jsonl: row 0: field 'output': column missing from the dataset \(it has: instruction, answer\)"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n', {"type": "alpaca"}, r"bad\.jsonl: row 1: field 'output': missing"),
-        ('{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n', {"type": "chat_template"}, r"bad\.jsonl: row 0: field 'messages\[1\]\.role': unknown role 'bot'"),
+        (
+            '{"instruction": "a", "answer": "b"}\n',
+            {"type": "alpaca"},
+            r"bad\.jsonl: row 0: field 'output': column missing from the dataset \(it has: instruction, answer\)",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": null}\n',
+            {"type": "alpaca"},
+            r"bad\.jsonl: row 1: field 'output': missing",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n',
+            {"type": "chat_template"},
+            r"bad\.jsonl: row 0: field 'messages\[1\]\.role': unknown role 'bot'",
+        ),
     ],
 )
 def test_data_errors_name_file_row_and_field(volume, tokenizer_dir, content, entry, match):
@@ -143,8 +188,18 @@ def test_dataset_num_proc_gives_the_same_rows_and_errors(volume, tokenizer_dir):
     path = write_jsonl(volume / "a.jsonl", rows)
     entry = [{"path": str(path), "type": "alpaca"}]
     one = prepare(config(tokenizer_dir, entry, dataset_num_proc=1, shuffle_merged_datasets=False))
-    two = prepare(config(tokenizer_dir, entry, dataset_num_proc=2, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "two")))
-    assert list(load_prepared(one["cache_dir"]).train["input_ids"]) == list(load_prepared(two["cache_dir"]).train["input_ids"])
+    two = prepare(
+        config(
+            tokenizer_dir,
+            entry,
+            dataset_num_proc=2,
+            shuffle_merged_datasets=False,
+            dataset_prepared_path=str(volume / "two"),
+        )
+    )
+    assert list(load_prepared(one["cache_dir"]).train["input_ids"]) == list(
+        load_prepared(two["cache_dir"]).train["input_ids"]
+    )
     rows[3500]["output"] = None  # in the second worker's half: the error crosses the process boundary intact
     write_jsonl(path, rows)
     with pytest.raises(DataError, match=r"a\.jsonl: row 3500: field 'output': missing") as e:
@@ -173,8 +228,11 @@ def test_empty_shards_of_a_folder_are_skipped_and_an_all_empty_folder_is_named(v
         prepare(config(tokenizer_dir, [{"path": str(folder), "type": "alpaca"}]))
 
 
-@pytest.mark.parametrize("name, text", [("a.jsonl", "\n\n  \n"), ("a.json", "[]"), ("a.csv", "instruction,output\n")],
-                         ids=["whitespace-jsonl", "empty-json-list", "csv-header-only"])
+@pytest.mark.parametrize(
+    "name, text",
+    [("a.jsonl", "\n\n  \n"), ("a.json", "[]"), ("a.csv", "instruction,output\n")],
+    ids=["whitespace-jsonl", "empty-json-list", "csv-header-only"],
+)
 def test_a_file_that_holds_no_rows_says_the_dataset_is_empty(volume, tokenizer_dir, name, text):
     """It used to say datasets' 'Instruction "train" corresponds to no data!'."""
     path = volume / name
@@ -193,9 +251,19 @@ def test_chunked_tokenisation_keeps_order_and_row_numbers(volume, tokenizer_dir,
     monkeypatch.setattr(pipeline, "ROWS_PER_CHUNK", 7)
     monkeypatch.setattr(pipeline, "MAX_CHUNKS", 5)  # 8 chunks of 7 rows would start the worker pool 8 times
     capsys.readouterr()
-    chunked = prepare(config(tokenizer_dir, entry, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "chunked")))
-    assert [line.split()[2] for line in capsys.readouterr().err.splitlines() if "] tokenized " in line] == ["10/50", "20/50", "30/50", "40/50", "50/50"]
-    assert list(load_prepared(chunked["cache_dir"]).train["input_ids"]) == list(load_prepared(whole["cache_dir"]).train["input_ids"])
+    chunked = prepare(
+        config(tokenizer_dir, entry, shuffle_merged_datasets=False, dataset_prepared_path=str(volume / "chunked"))
+    )
+    assert [line.split()[2] for line in capsys.readouterr().err.splitlines() if "] tokenized " in line] == [
+        "10/50",
+        "20/50",
+        "30/50",
+        "40/50",
+        "50/50",
+    ]
+    assert list(load_prepared(chunked["cache_dir"]).train["input_ids"]) == list(
+        load_prepared(whole["cache_dir"]).train["input_ids"]
+    )
     rows[45]["output"] = None  # in the last chunk: its row number counts the chunks before it
     write_jsonl(path, rows)
     with pytest.raises(DataError, match=r"row 45: field 'output'"):

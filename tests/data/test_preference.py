@@ -1,6 +1,7 @@
 """Goldens of the preference/RL dataset types: each row's prompt, chosen and rejected tokenised with the
 chat template piece by piece (expected ids built by hand, as in test_chat_template), and the prepared
 cache's layout (pairs back to back, position_ids restarting, kto flags, grpo answers)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,12 @@ ROWS = {  # axolotl's documented row shape of each layout (docs/rlhf.qmd)
     "chatml.prompt_pairs": {"system": SYSTEM, "prompt": PROMPT, "chosen": GOOD, "rejected": BAD},
     "chatml.icr": {"system": SYSTEM, "input": PROMPT, "chosen": GOOD, "rejected": BAD},
     "chatml.argilla": {"system": SYSTEM, "instruction": PROMPT, "chosen_response": GOOD, "rejected_response": BAD},
-    "chatml.ultra": {"system": SYSTEM, "prompt": PROMPT, "chosen": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
-                     "rejected": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": BAD}]},
+    "chatml.ultra": {
+        "system": SYSTEM,
+        "prompt": PROMPT,
+        "chosen": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": BAD}],
+    },
     "chatml": {"system": SYSTEM, "question": PROMPT, "chosen": GOOD, "rejected": BAD},
 }
 
@@ -53,32 +58,61 @@ def test_chatml_pair_layouts_mask_all_but_the_answer_and_its_end_of_turn(chatml_
 
 
 def test_argilla_chat_takes_the_first_user_turn_and_has_no_system(chatml_tok):
-    row = {"chosen": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
-           "rejected": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": BAD}]}
+    row = {
+        "chosen": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": BAD}],
+    }
     sample = tokenize(chatml_tok, {"type": "chatml.argilla_chat"}, row)
     chosen, rejected = pair_golden(chatml_pieces, chatml_tok)
-    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (sample.rejected.input_ids, sample.rejected.labels) == rejected
+    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (
+        sample.rejected.input_ids,
+        sample.rejected.labels,
+    ) == rejected
 
 
 def test_llama3_family_uses_the_llama3_template_on_any_tokenizer(llama3_tok):
     sample = tokenize(llama3_tok, {"type": "llama3.intel"}, ROWS["chatml.intel"])
     chosen, rejected = pair_golden(lambda m, c, e: llama3_pieces(llama3_tok, m, c, e), llama3_tok, SYSTEM)
-    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (sample.rejected.input_ids, sample.rejected.labels) == rejected
+    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (
+        sample.rejected.input_ids,
+        sample.rejected.labels,
+    ) == rejected
 
 
 def test_chat_template_default_reads_the_configured_fields_and_roles(chatml_tok):
     """axolotl's llama-3 DPO examples: field_messages / field_chosen / field_rejected, mapped role keys."""
-    dataset = {"type": "chat_template.default", "field_messages": "conversation", "field_chosen": "good", "field_rejected": "bad",
-               "message_property_mappings": {"role": "from", "content": "value"}, "roles": {"system": ["system"], "user": ["human"], "assistant": ["gpt"]}}
-    row = {"conversation": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": PROMPT}],
-           "good": {"from": "gpt", "value": GOOD}, "bad": {"from": "gpt", "value": BAD}}
+    dataset = {
+        "type": "chat_template.default",
+        "field_messages": "conversation",
+        "field_chosen": "good",
+        "field_rejected": "bad",
+        "message_property_mappings": {"role": "from", "content": "value"},
+        "roles": {"system": ["system"], "user": ["human"], "assistant": ["gpt"]},
+    }
+    row = {
+        "conversation": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": PROMPT}],
+        "good": {"from": "gpt", "value": GOOD},
+        "bad": {"from": "gpt", "value": BAD},
+    }
     sample = tokenize(chatml_tok, dataset, row, chat_template="chatml")
     chosen, rejected = pair_golden(chatml_pieces, chatml_tok, SYSTEM)
-    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (sample.rejected.input_ids, sample.rejected.labels) == rejected
+    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and (
+        sample.rejected.input_ids,
+        sample.rejected.labels,
+    ) == rejected
 
 
 def test_dict_form_is_raw_text_with_eos(chatml_tok):
-    dataset = {"type": {"field_prompt": "q", "field_chosen": "a", "field_rejected": "b", "prompt_format": "Q: {prompt}\nA:", "chosen_format": " {chosen}", "rejected_format": " {rejected}"}}
+    dataset = {
+        "type": {
+            "field_prompt": "q",
+            "field_chosen": "a",
+            "field_rejected": "b",
+            "prompt_format": "Q: {prompt}\nA:",
+            "chosen_format": " {chosen}",
+            "rejected_format": " {rejected}",
+        }
+    }
     sample = tokenize(chatml_tok, dataset, {"q": PROMPT, "a": GOOD, "b": BAD})
     p = chatml_tok.encode(f"Q: {PROMPT}\nA:", add_special_tokens=False)
     for got, answer in ((sample.chosen, GOOD), (sample.rejected, BAD)):
@@ -90,15 +124,36 @@ def test_kto_completion_and_label(chatml_tok):
     row = {"prompt": PROMPT, "completion": GOOD, "label": False}
     sample = tokenize(chatml_tok, {"type": "chatml.prompt_pairs"}, row, rl="kto")
     chosen, _ = pair_golden(chatml_pieces, chatml_tok)
-    assert (sample.chosen.input_ids, sample.chosen.labels) == chosen and sample.rejected is None and sample.desirable is False
+    assert (
+        (sample.chosen.input_ids, sample.chosen.labels) == chosen
+        and sample.rejected is None
+        and sample.desirable is False
+    )
     with pytest.raises(DataError, match="row 0: field 'label': expected true"):
         tokenize(chatml_tok, {"type": "chatml.prompt_pairs"}, {**row, "label": "yes"}, rl="kto")
 
 
 def test_grpo_prompt_ends_with_the_generation_header(chatml_tok):
-    sample = tokenize(chatml_tok, {"type": "prompt_answer"}, {"prompt": PROMPT, "answer": 123}, rl="grpo", chat_template="chatml",
-                      trl={"reward_funcs": ["exact_match"]})
-    want, _ = expected(chatml_tok, [("<|im_start|>", 0), ("user\n", 0), (PROMPT, 0), ("<|im_end|>", 0), ("\n", 0), ("<|im_start|>", 0), ("assistant\n", 0)])
+    sample = tokenize(
+        chatml_tok,
+        {"type": "prompt_answer"},
+        {"prompt": PROMPT, "answer": 123},
+        rl="grpo",
+        chat_template="chatml",
+        trl={"reward_funcs": ["exact_match"]},
+    )
+    want, _ = expected(
+        chatml_tok,
+        [
+            ("<|im_start|>", 0),
+            ("user\n", 0),
+            (PROMPT, 0),
+            ("<|im_end|>", 0),
+            ("\n", 0),
+            ("<|im_start|>", 0),
+            ("assistant\n", 0),
+        ],
+    )
     assert sample.chosen.input_ids == want and sample.answer == "123"
 
 
@@ -117,8 +172,15 @@ def test_prepared_pairs_are_packed_chosen_then_rejected(tokenizer_dir, volume):
     rows.append({"question": "long", "chosen": GOOD, "rejected": "yes " * 200})  # too long: the whole pair goes
     path = volume / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainingConfig(base_model=str(tokenizer_dir), learning_rate=1e-4, rl="dpo", adapter="lora", micro_batch_size=4, sequence_len=64,
-                         datasets=[{"path": str(path), "type": "chatml.intel"}])
+    cfg = TrainingConfig(
+        base_model=str(tokenizer_dir),
+        learning_rate=1e-4,
+        rl="dpo",
+        adapter="lora",
+        micro_batch_size=4,
+        sequence_len=64,
+        datasets=[{"path": str(path), "type": "chatml.intel"}],
+    )
     summary = prepare(cfg)
     assert summary["rows"]["dropped"] == {"too_long": 1} and summary["rows"]["train"] == 10 and summary["rl"] == "dpo"
     train = load_from_disk(summary["cache_dir"] + "/train")
@@ -128,7 +190,10 @@ def test_prepared_pairs_are_packed_chosen_then_rejected(tokenizer_dir, volume):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     for r in train:
         starts = [i for i, p in enumerate(r["position_ids"]) if p == 0] + [len(r["input_ids"])]
-        texts = [tok.decode([t for t, lab in zip(r["input_ids"][a:b], r["labels"][a:b]) if lab != IGNORE]) for a, b in zip(starts, starts[1:])]
+        texts = [
+            tok.decode([t for t, lab in zip(r["input_ids"][a:b], r["labels"][a:b]) if lab != IGNORE])
+            for a, b in zip(starts, starts[1:])
+        ]
         assert texts[0::2] == [GOOD + "<|im_end|>"] * (len(texts) // 2)
         assert all(t.startswith(BAD) for t in texts[1::2])
 
@@ -139,18 +204,38 @@ def test_prepared_kto_rows_carry_flags_and_grpo_rows_their_answers(tokenizer_dir
     from worker.data.pipeline import prepare
 
     kto = volume / "kto.jsonl"
-    kto.write_text("".join(json.dumps({"prompt": f"{PROMPT} {i}", "completion": GOOD, "label": i % 3 == 0}) + "\n" for i in range(5)))
-    cfg = TrainingConfig(base_model=str(tokenizer_dir), learning_rate=1e-4, rl="kto", adapter="lora", micro_batch_size=2, sequence_len=64,
-                         shuffle_merged_datasets=False, datasets=[{"path": str(kto), "type": "chatml.prompt_pairs"}])
+    kto.write_text(
+        "".join(
+            json.dumps({"prompt": f"{PROMPT} {i}", "completion": GOOD, "label": i % 3 == 0}) + "\n" for i in range(5)
+        )
+    )
+    cfg = TrainingConfig(
+        base_model=str(tokenizer_dir),
+        learning_rate=1e-4,
+        rl="kto",
+        adapter="lora",
+        micro_batch_size=2,
+        sequence_len=64,
+        shuffle_merged_datasets=False,
+        datasets=[{"path": str(kto), "type": "chatml.prompt_pairs"}],
+    )
     train = load_from_disk(prepare(cfg)["cache_dir"] + "/train")
     assert [r["desirable"] for r in train] == [[1, 0], [0, 1], [0]]
     assert [sum(1 for p in r["position_ids"] if p == 0) for r in train] == [2, 2, 1]
 
     grpo = volume / "grpo.jsonl"
     grpo.write_text("".join(json.dumps({"prompt": f"{PROMPT} {i}", "answer": f"é{i}"}) + "\n" for i in range(3)))
-    cfg = TrainingConfig(base_model=str(tokenizer_dir), learning_rate=1e-4, rl="grpo", adapter="lora", sequence_len=64, chat_template="chatml",
-                         shuffle_merged_datasets=False, trl={"reward_funcs": ["exact_match"], "max_completion_length": 16},
-                         datasets=[{"path": str(grpo), "type": "prompt_answer"}])
+    cfg = TrainingConfig(
+        base_model=str(tokenizer_dir),
+        learning_rate=1e-4,
+        rl="grpo",
+        adapter="lora",
+        sequence_len=64,
+        chat_template="chatml",
+        shuffle_merged_datasets=False,
+        trl={"reward_funcs": ["exact_match"], "max_completion_length": 16},
+        datasets=[{"path": str(grpo), "type": "prompt_answer"}],
+    )
     summary = prepare(cfg)
     train = load_from_disk(summary["cache_dir"] + "/train")
     assert [bytes(r["answer_bytes"]).decode() for r in train] == ["é0", "é1", "é2"]

@@ -3,6 +3,7 @@
 Every request here goes to loopback: refused targets are refused before any connection. DNS
 cannot be served here, so the two tests about what a name resolves to replace getaddrinfo.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -54,41 +55,46 @@ def server() -> Iterator[tuple[str, list[str]]]:
         httpd.server_close()
 
 
-@pytest.mark.parametrize("url, fragment", [
-    ("http://127.0.0.1/d.jsonl", "loopback"),
-    ("http://localhost:8080/d.jsonl", "inside a network"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local"),
-    ("http://[fe80::1]/d.jsonl", "link-local"),
-    ("http://10.0.0.5/d.jsonl", "private"),
-    ("http://172.16.3.4/d.jsonl", "private"),
-    ("http://192.168.1.1/d.jsonl", "private"),
-    ("http://[fd12::1]/d.jsonl", "private"),
-    ("http://0.0.0.0/d.jsonl", "unspecified"),
-    ("http://[::]/d.jsonl", "unspecified"),
-    ("http://239.1.2.3/d.jsonl", "multicast"),
-    ("http://[::ffff:127.0.0.1]/d.jsonl", "loopback"),
-    ("http://[::ffff:a9fe:a9fe]/d.jsonl", "link-local"),
-    ("http://[64:ff9b::a00:1]/d.jsonl", "private"),
-    ("http://2130706433/d.jsonl", "non-standard form"),
-    ("http://0x7f000001/d.jsonl", "non-standard form"),
-    ("http://0177.0.0.1/d.jsonl", "non-standard form"),
-    ("http://127.1/d.jsonl", "non-standard form"),
-    ("http://metadata.google.internal/computeMetadata/v1/", "inside a network"),
-    ("http://METADATA.google.internal./x", "inside a network"),
-    ("http://instance-data/latest/", "inside a network"),
-    ("http://100.100.100.200/latest/meta-data", "non-public"),  # shared address space (Alibaba metadata)
-])
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("http://127.0.0.1/d.jsonl", "loopback"),
+        ("http://localhost:8080/d.jsonl", "inside a network"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[fe80::1]/d.jsonl", "link-local"),
+        ("http://10.0.0.5/d.jsonl", "private"),
+        ("http://172.16.3.4/d.jsonl", "private"),
+        ("http://192.168.1.1/d.jsonl", "private"),
+        ("http://[fd12::1]/d.jsonl", "private"),
+        ("http://0.0.0.0/d.jsonl", "unspecified"),
+        ("http://[::]/d.jsonl", "unspecified"),
+        ("http://239.1.2.3/d.jsonl", "multicast"),
+        ("http://[::ffff:127.0.0.1]/d.jsonl", "loopback"),
+        ("http://[::ffff:a9fe:a9fe]/d.jsonl", "link-local"),
+        ("http://[64:ff9b::a00:1]/d.jsonl", "private"),
+        ("http://2130706433/d.jsonl", "non-standard form"),
+        ("http://0x7f000001/d.jsonl", "non-standard form"),
+        ("http://0177.0.0.1/d.jsonl", "non-standard form"),
+        ("http://127.1/d.jsonl", "non-standard form"),
+        ("http://metadata.google.internal/computeMetadata/v1/", "inside a network"),
+        ("http://METADATA.google.internal./x", "inside a network"),
+        ("http://instance-data/latest/", "inside a network"),
+        ("http://100.100.100.200/latest/meta-data", "non-public"),  # shared address space (Alibaba metadata)
+    ],
+)
 def test_literal_internal_hosts_are_refused_at_validation_at_the_key(url, fragment):
-    report = validate_config({"base_model": "org/model", "learning_rate": 1e-4,
-                              "datasets": [{"path": url, "type": "alpaca"}]}, env={})
+    report = validate_config(
+        {"base_model": "org/model", "learning_rate": 1e-4, "datasets": [{"path": url, "type": "alpaca"}]}, env={}
+    )
     [error] = report.errors
     assert error.loc == "datasets[0].path" and fragment in error.msg and "FTW_ALLOWED_HOSTS" in error.msg
 
 
 def test_a_public_host_passes_and_the_operator_can_allow_names_and_ranges():
     def errors(url, env):
-        return validate_config({"base_model": "org/model", "learning_rate": 1e-4,
-                                "datasets": [{"path": url, "type": "alpaca"}]}, env=env).errors
+        return validate_config(
+            {"base_model": "org/model", "learning_rate": 1e-4, "datasets": [{"path": url, "type": "alpaca"}]}, env=env
+        ).errors
 
     assert errors("https://data.example.com/d.jsonl", {}) == []
     assert errors("http://10.1.2.3/d.jsonl", {"FTW_ALLOWED_HOSTS": "minio.lan, 10.0.0.0/8"}) == []
@@ -101,8 +107,14 @@ def test_a_public_host_passes_and_the_operator_can_allow_names_and_ranges():
 
 
 def test_a_base_model_that_is_a_url_is_refused_by_name():
-    report = validate_config({"base_model": "https://huggingface.co/org/model", "learning_rate": 1e-4,
-                              "datasets": [{"path": "org/data", "type": "alpaca"}]}, env={})
+    report = validate_config(
+        {
+            "base_model": "https://huggingface.co/org/model",
+            "learning_rate": 1e-4,
+            "datasets": [{"path": "org/data", "type": "alpaca"}],
+        },
+        env={},
+    )
     [error] = report.errors
     assert error.loc == "base_model" and "is a URL" in error.msg
 
@@ -121,8 +133,11 @@ def test_allowed_loopback_downloads_and_a_redirect_to_a_refused_host_is_not_foll
         for target in (f"http://127.0.0.2:{port}/data.jsonl", f"http://[::ffff:127.0.0.2]:{port}/data.jsonl"):
             with pytest.raises(DataError, match="redirect target .* refused: 127.0.0.2 is a loopback"):
                 download_http(f"{url}/hop?to={target}", tmp_path / "x", env=ALLOW)
-        assert seen == ["/data.jsonl", f"/hop?to=http://127.0.0.2:{port}/data.jsonl",
-                        f"/hop?to=http://[::ffff:127.0.0.2]:{port}/data.jsonl"]
+        assert seen == [
+            "/data.jsonl",
+            f"/hop?to=http://127.0.0.2:{port}/data.jsonl",
+            f"/hop?to=http://[::ffff:127.0.0.2]:{port}/data.jsonl",
+        ]
         (tmp_path / "ok").mkdir()
         assert download_http(f"{url}/hop?to={url}/data.jsonl", tmp_path / "ok", env=ALLOW).read_bytes() == BODY
 
@@ -168,12 +183,22 @@ def test_the_connection_goes_to_the_checked_address_so_a_second_answer_cannot_sw
     asked = fake_dns(monkeypatch, ["127.0.0.1", "127.0.0.2"])
     with server() as (url, seen):
         port = url.rsplit(":", 1)[1]
-        got = download_http(f"http://data.example.com:{port}/data.jsonl", tmp_path, env={"FTW_ALLOWED_HOSTS": "127.0.0.1/32"})
+        got = download_http(
+            f"http://data.example.com:{port}/data.jsonl", tmp_path, env={"FTW_ALLOWED_HOSTS": "127.0.0.1/32"}
+        )
     assert got.read_bytes() == BODY and seen == ["/data.jsonl"] and len(asked) == 1
 
 
 def test_a_refusal_quotes_neither_a_password_nor_a_signature():
-    report = validate_config({"base_model": "org/model", "learning_rate": 1e-4, "datasets": [
-        {"path": "https://user:hunter2pass@10.0.0.1/d.jsonl?X-Amz-Signature=SECRETSIG", "type": "alpaca"}]}, env={})
+    report = validate_config(
+        {
+            "base_model": "org/model",
+            "learning_rate": 1e-4,
+            "datasets": [
+                {"path": "https://user:hunter2pass@10.0.0.1/d.jsonl?X-Amz-Signature=SECRETSIG", "type": "alpaca"}
+            ],
+        },
+        env={},
+    )
     [error] = report.errors
     assert "10.0.0.1/d.jsonl" in error.msg and "hunter2pass" not in error.msg and "SECRETSIG" not in error.msg

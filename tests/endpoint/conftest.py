@@ -1,4 +1,5 @@
 """Fixtures: a real `ftw endpoint` subprocess, real runpod workers, a loopback webhook listener."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,12 @@ class Api:
     def post(self, path: str) -> requests.Response:
         return self.session.post(self.url(path), timeout=10)
 
-    def wait(self, job_id: str, until: Callable[[dict[str, Any]], bool] = lambda s: s["status"] in TERMINAL,
-             timeout: float = 30.0) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, Any]], bool] = lambda s: s["status"] in TERMINAL,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             status = self.status(job_id)
@@ -112,8 +117,13 @@ class WebhookListener:
 
 
 def start_endpoint(tmp: Path, *, handler_kind: str | None = "generator", args: tuple[str, ...] = FAST) -> LocalEndpoint:
-    endpoint = LocalEndpoint(tmp / "endpoint.sqlite3", API_KEY, args=args, log_path=tmp / "endpoint.log",
-                             env={"FTW_ALLOWED_HOSTS": "127.0.0.1"}).start()  # the webhook listener is on loopback
+    endpoint = LocalEndpoint(
+        tmp / "endpoint.sqlite3",
+        API_KEY,
+        args=args,
+        log_path=tmp / "endpoint.log",
+        env={"FTW_ALLOWED_HOSTS": "127.0.0.1"},
+    ).start()  # the webhook listener is on loopback
     if handler_kind:
         endpoint.start_worker(PROTOCOL_HANDLER, env={"HANDLER_KIND": handler_kind}, log_path=tmp / "worker.log")
     return endpoint

@@ -8,6 +8,7 @@ waits for it; a stop from the endpoint cancels the task and the child's group is
 "block" (progress handler: blocks the SDK's event loop for "block_s" seconds, a stuck worker).
 HANDLER_CONCURRENCY=N (default 1): jobs at once; above 1 the SDK takes jobs with job-take-batch.
 """
+
 import asyncio
 import os
 import signal

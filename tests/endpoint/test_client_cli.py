@@ -1,4 +1,5 @@
 """`ftw submit|status|stream|cancel` as a user runs them, against the local endpoint and a real worker."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ H = 3_600_000
 def ftw(endpoint, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """`ftw ARGS` in a subprocess, as a user runs it."""
     env = child_env(**(endpoint.client_env() if env is None else env))
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -112,21 +114,27 @@ def test_environment_and_connection_errors_are_explained(endpoint, ftw_here, tmp
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     started = time.monotonic()
-    code, _, err = ftw_here("status", "x", env={**endpoint.client_env(),
-                                                "RUNPOD_ENDPOINT_BASE_URL": f"http://127.0.0.1:{closed_port}/v2"})
+    code, _, err = ftw_here(
+        "status", "x", env={**endpoint.client_env(), "RUNPOD_ENDPOINT_BASE_URL": f"http://127.0.0.1:{closed_port}/v2"}
+    )
     assert code == 4 and "cannot reach" in err
     assert time.monotonic() - started < 10
 
 
 def test_policies_default_to_training_lengths_and_flags_override():
     assert build_request({"run_id": "r"}, None, None, None) == {
-        "input": {"run_id": "r"}, "policy": {"executionTimeout": 24 * H, "ttl": 48 * H}}
-    request = build_request({"input": {"a": 1}, "policy": {"executionTimeout": 2 * H}, "s3Config": {"b": 1}},
-                            "http://h", None, None)
+        "input": {"run_id": "r"},
+        "policy": {"executionTimeout": 24 * H, "ttl": 48 * H},
+    }
+    request = build_request(
+        {"input": {"a": 1}, "policy": {"executionTimeout": 2 * H}, "s3Config": {"b": 1}}, "http://h", None, None
+    )
     assert request["policy"] == {"executionTimeout": 2 * H, "ttl": 26 * H} and request["webhook"] == "http://h"
     assert request["s3Config"] == {"b": 1}
     assert build_request({}, None, duration_ms("90m"), duration_ms("2d"))["policy"] == {
-        "executionTimeout": 90 * 60_000, "ttl": 48 * H}
+        "executionTimeout": 90 * 60_000,
+        "ttl": 48 * H,
+    }
     assert build_request({}, None, duration_ms("6d"), None)["policy"]["ttl"] == 7 * 24 * H  # RunPod's cap
     with pytest.raises(ClientError, match="at least the executionTimeout"):
         build_request({}, None, duration_ms("10h"), duration_ms("1h"))
@@ -136,8 +144,14 @@ def test_policies_default_to_training_lengths_and_flags_override():
 
 def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(endpoint, api, tmp_path):
     job_id = api.run({"steps": 1, "mode": "child"})
-    follower = subprocess.Popen([sys.executable, "-m", "worker.cli", "stream", job_id], env=child_env(**endpoint.client_env()),
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "stream", job_id],
+        env=child_env(**endpoint.client_env()),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "child_pid" in follower.stdout.readline() + follower.stdout.readline()  # it is following
         follower.send_signal(signal.SIGINT)
@@ -150,14 +164,28 @@ def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(endpoint, api
 
 
 def test_submit_estimate_prints_the_estimate_before_sending(ftw_here, tmp_path):
-    config = {"base_model": "meta-llama/Llama-3.2-1B", "datasets": [{"path": "org/data", "type": "alpaca"}], "adapter": "lora",
-              "sequence_len": 2048, "sample_packing": True, "micro_batch_size": 8, "max_steps": 100, "learning_rate": 1e-4}
+    config = {
+        "base_model": "meta-llama/Llama-3.2-1B",
+        "datasets": [{"path": "org/data", "type": "alpaca"}],
+        "adapter": "lora",
+        "sequence_len": 2048,
+        "sample_packing": True,
+        "micro_batch_size": 8,
+        "max_steps": 100,
+        "learning_rate": 1e-4,
+    }
     # the protocol worker of these tests runs {"steps": ...}; the config rides along for the estimate
-    code, out, err = ftw_here("submit", write_job(tmp_path, {"steps": 1, "config": config}), "--no-validate", "--estimate")
+    code, out, err = ftw_here(
+        "submit", write_job(tmp_path, {"steps": 1, "config": config}), "--no-validate", "--estimate"
+    )
     assert code == 0, err
     table, sent = err.index("NVIDIA H200"), err.index("submitted job")
     assert table < sent and "cheapest that fits:" in err and "model: table:llama-3.2-1b" in err
     assert json.loads(out.strip().splitlines()[-1])["status"] == "IN_QUEUE"
-    code, out, err = ftw_here("submit", write_job(tmp_path, {"steps": 1, "config": {**config, "base_model": "x/unknown"}}),
-                              "--no-validate", "--estimate")
+    code, out, err = ftw_here(
+        "submit",
+        write_job(tmp_path, {"steps": 1, "config": {**config, "base_model": "x/unknown"}}),
+        "--no-validate",
+        "--estimate",
+    )
     assert code == 0 and "no estimate (x/unknown: shape unknown" in err and "submitting anyway" in err

@@ -1,4 +1,5 @@
 """`ftw endpoint` as a user starts it: refusals without a key, and `--worker` running a handler."""
+
 from __future__ import annotations
 
 import re
@@ -6,16 +7,20 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import REPO, child_env
-from tests.conftest import wait_gone
+from tests.conftest import REPO, child_env, wait_gone
 from tests.endpoint.conftest import API_KEY, PROTOCOL_HANDLER, Api
 from worker.endpoint.local import LocalEndpoint
 
 
 def ftw_endpoint(tmp_path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", "endpoint", "--port", "0",
-                             "--db", str(tmp_path / "e.sqlite3"), *args],
-                            env=child_env(**env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "endpoint", "--port", "0", "--db", str(tmp_path / "e.sqlite3"), *args],
+        env=child_env(**env),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_no_key_or_no_handler_is_a_usage_error(tmp_path):
@@ -51,7 +56,9 @@ def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_pa
         "print(e.proc.pid, w.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], env=child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], env=child_env(), cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         endpoint_pid, worker_pid = map(int, parent.stdout.readline().split())
         parent.kill()
@@ -64,11 +71,23 @@ def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_pa
 def test_worker_tokens_come_from_the_worker_key_and_the_two_keys_must_differ(tmp_path):
     from worker.endpoint.server import worker_token
 
-    token = subprocess.run([sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"], cwd=REPO,
-                           env=child_env(FTW_ENDPOINT_WORKER_KEY="wk"), capture_output=True, text=True, timeout=60)
+    token = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"],
+        cwd=REPO,
+        env=child_env(FTW_ENDPOINT_WORKER_KEY="wk"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert token.returncode == 0 and token.stdout.strip() == worker_token("wk", "gpu-7") != worker_token("wk", "gpu-8")
-    no_key = subprocess.run([sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"], cwd=REPO,
-                            env=child_env(), capture_output=True, text=True, timeout=60)
+    no_key = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert no_key.returncode == 2 and "FTW_ENDPOINT_WORKER_KEY" in no_key.stderr
     same = ftw_endpoint(tmp_path, FTW_ENDPOINT_API_KEY=API_KEY, FTW_ENDPOINT_WORKER_KEY=API_KEY)
     assert same.wait(timeout=60) == 2 and "must differ" in same.stderr.read()

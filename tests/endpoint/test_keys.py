@@ -1,4 +1,5 @@
 """Clients and workers hold different keys (as on RunPod), and a worker speaks only for itself."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,14 @@ def as_worker(endpoint, worker_id: str) -> requests.Session:
 def test_the_client_key_opens_no_worker_route_and_a_worker_token_no_client_route(bare):
     api = Api(bare)
     job_id = api.run({"secret-bearing": "input"})
-    for method, path in [("GET", "job-take/w1?gpu=x&job_in_progress=0"), ("GET", "job-take-batch/w1?gpu=x&batch_size=2"),
-                         ("GET", "job-stop/w1?gpu=x"), ("POST", f"job-done/w1/{job_id}?gpu=x&isStream=false"),
-                         ("POST", f"job-stream/w1/{job_id}?gpu=x"), ("GET", "ping/w1?job_id=x")]:
+    for method, path in [
+        ("GET", "job-take/w1?gpu=x&job_in_progress=0"),
+        ("GET", "job-take-batch/w1?gpu=x&batch_size=2"),
+        ("GET", "job-stop/w1?gpu=x"),
+        ("POST", f"job-done/w1/{job_id}?gpu=x&isStream=false"),
+        ("POST", f"job-stream/w1/{job_id}?gpu=x"),
+        ("GET", "ping/w1?job_id=x"),
+    ]:
         expect_error(api.session.request(method, api.url(path), data=b'{"output": "forged"}'), 401, "worker route")
     worker = as_worker(bare, "w1")
     for method, path in [("POST", "run"), ("GET", f"status/{job_id}"), ("GET", "health"), ("POST", f"cancel/{job_id}")]:
@@ -64,8 +70,13 @@ def test_a_real_sdk_worker_with_the_client_key_takes_nothing(bare, tmp_path):
     env = {**os.environ, **bare.worker_env("impostor"), "RUNPOD_AI_API_KEY": API_KEY, "PYTHONPATH": os.getcwd()}
     log = tmp_path / "impostor.log"
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, str(PROTOCOL_HANDLER)], env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(PROTOCOL_HANDLER)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while "401" not in log.read_text(errors="replace"):  # the SDK logs its refused job-take

@@ -1,4 +1,5 @@
 """The real runpod worker SDK (platform mode) against `ftw endpoint`: states, stream, webhooks, stop."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,9 @@ def hook_path() -> str:
 def test_job_goes_queue_progress_completed_with_stream_and_one_webhook(api, sdk, webhooks):
     blocker = sdk.run({"input": {"steps": 6, "step_s": 0.15}})  # keeps the single worker busy
     path = hook_path()
-    job = sdk.run({"input": {"steps": 4, "step_s": 0.3, "echo": "hello"}, "webhook": webhooks.url(path)})  # 1.2 s to be seen IN_PROGRESS
+    job = sdk.run(
+        {"input": {"steps": 4, "step_s": 0.3, "echo": "hello"}, "webhook": webhooks.url(path)}
+    )  # 1.2 s to be seen IN_PROGRESS
 
     seen = [api.status(job.job_id)["status"]]
     items = []
@@ -131,13 +134,16 @@ def test_retry_runs_a_failed_job_again_under_the_same_id(api):
 
 def test_runsync_returns_the_output(sdk):
     assert sdk.run_sync({"input": {"steps": 2, "step_s": 0.05, "echo": "sync"}}, timeout=30)[-1] == {
-        "result": {"echo": "sync", "s3": False}}
+        "result": {"echo": "sync", "s3": False}
+    }
 
 
 def test_s3config_reaches_the_handler_and_no_secret_reaches_the_log(api, endpoint):
     secret = f"s3-secret-{uuid.uuid4().hex}"
-    job_id = api.run({"steps": 1}, s3Config={"accessId": "a", "accessSecret": secret, "bucketName": "c",
-                                             "endpointUrl": "http://127.0.0.1:1"})
+    job_id = api.run(
+        {"steps": 1},
+        s3Config={"accessId": "a", "accessSecret": secret, "bucketName": "c", "endpointUrl": "http://127.0.0.1:1"},
+    )
     assert api.wait(job_id)["output"][-1]["result"]["s3"] is True
     assert secret not in json.dumps(api.status(job_id))
     log = endpoint.log_path.read_text()

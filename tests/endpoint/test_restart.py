@@ -1,4 +1,5 @@
 """Killing the endpoint (SIGKILL) in the middle of a job and starting it again loses nothing."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,9 @@ def test_endpoint_killed_mid_job_loses_no_queued_running_or_finished_job(tmp_pat
         assert finished_status["status"] == "COMPLETED"
 
         # the running job waits for a child process, so it outlasts the restart however slow that is
-        running = api.run({"steps": 2, "step_s": 0.1, "mode": "child", "echo": "across"}, webhook=webhooks.url("/running"))
+        running = api.run(
+            {"steps": 2, "step_s": 0.1, "mode": "child", "echo": "across"}, webhook=webhooks.url("/running")
+        )
         queued = api.run({"steps": 1, "echo": "queued"}, webhook=webhooks.url("/queued"))
         seen = api.collect_stream(running, lambda items: any("child_pid" in i for i in items))
         child_pid = next(i["child_pid"] for i in seen if "child_pid" in i)

@@ -1,4 +1,5 @@
 """The job store's rules, with the clock passed in: ttl, executionTimeout, lost workers, persistence."""
+
 from __future__ import annotations
 
 import stat
@@ -106,7 +107,9 @@ def test_a_file_from_before_stop_sent_at_is_upgraded_on_open(tmp_path):
 
     from worker.endpoint import store as store_module
 
-    old_schema = store_module.SCHEMA.replace("    stop_sent_at REAL,                        -- last time the stop channel carried it\n", "")
+    old_schema = store_module.SCHEMA.replace(
+        "    stop_sent_at REAL,                        -- last time the stop channel carried it\n", ""
+    )
     assert old_schema != store_module.SCHEMA
     sqlite3.connect(tmp_path / "jobs.sqlite3").executescript(old_schema)
     store, job = make(tmp_path)

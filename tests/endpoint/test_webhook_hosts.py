@@ -3,6 +3,7 @@
 In-process: the real WebhookSender and aiohttp against a loopback listener. DNS cannot be served
 here, so getaddrinfo answers for one made-up public name.
 """
+
 from __future__ import annotations
 
 import asyncio

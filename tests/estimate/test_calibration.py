@@ -1,18 +1,24 @@
 """The estimate against every ftw training row measured on the H200 (docs/benchmarks.md's calibration
 table, read from the document itself, so a row added there is checked here with no other change)."""
+
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import REPO
-from worker.estimate.calibration import CALIBRATION_HEADING, MEMORY_TOLERANCE, SPEED_TOLERANCE, read_doc, read_rows
+from worker.estimate.calibration import CALIBRATION_HEADING, read_doc, read_rows
+from worker.estimate.model import MEMORY_TOLERANCE, SPEED_TOLERANCE
 
 ROWS = read_doc(REPO / "docs" / "benchmarks.md")
 
 
 def test_the_table_is_read_whole():
     assert len(ROWS) >= 23
-    assert {r.cells["method"] for r in ROWS} >= {"lora", "qlora"} and {r.cells["ckpt"] for r in ROWS} == {"off", "on", "offload"}
+    assert {r.cells["method"] for r in ROWS} >= {"lora", "qlora"} and {r.cells["ckpt"] for r in ROWS} == {
+        "off",
+        "on",
+        "offload",
+    }
     assert all(r.tokens_per_s or r.peak_gib for r in ROWS)
 
 
@@ -22,7 +28,9 @@ def test_prediction_within_tolerance_of_the_measurement(row):
     for measured in row.peak_gib:
         assert abs(peak / measured - 1) <= MEMORY_TOLERANCE, f"peak {peak:.1f} GiB predicted, {measured} measured"
     for measured in row.tokens_per_s:
-        assert abs(speed / measured - 1) <= SPEED_TOLERANCE, f"{speed:,.0f} tokens/s predicted, {measured:,.0f} measured"
+        assert abs(speed / measured - 1) <= SPEED_TOLERANCE, (
+            f"{speed:,.0f} tokens/s predicted, {measured:,.0f} measured"
+        )
 
 
 def test_a_new_row_is_picked_up_and_a_wrong_one_fails():

@@ -1,6 +1,7 @@
 """`ftw estimate` as a user runs it: a config or a job, every RunPod GPU type or one, text or JSON,
 CPU only and without torch; the model's shape from a local folder or ftw's table of common models;
 the data's size from a prepared cache (exact) or from the local files (estimated)."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,17 @@ JSON_KEYS = {"name", "memory_gib", "fits", "peak_memory_gib", "tokens_per_s", "t
 
 def config(**overrides) -> dict:
     return {
-        "base_model": "meta-llama/Llama-3.1-8B-Instruct", "datasets": [{"path": "./data/chat.jsonl", "type": "chat_template"}],
-        "adapter": "lora", "lora_r": 16, "lora_target_linear": True, "sequence_len": 2048, "sample_packing": True,
-        "micro_batch_size": 4, "max_steps": 500, "learning_rate": 1e-4, **overrides,
+        "base_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "datasets": [{"path": "./data/chat.jsonl", "type": "chat_template"}],
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_target_linear": True,
+        "sequence_len": 2048,
+        "sample_packing": True,
+        "micro_batch_size": 4,
+        "max_steps": 500,
+        "learning_rate": 1e-4,
+        **overrides,
     }
 
 
@@ -38,16 +47,27 @@ def data_volume(tmp_path) -> Path:
     with open(tmp_path / "vol" / "data" / "chat.jsonl", "w") as f:
         for i in range(3000):
             text = " ".join(words[(i + k) % len(words)] for k in range(170))
-            f.write(json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]})
+                + "\n"
+            )
     return tmp_path / "vol"
 
 
 def estimate(path: Path, volume: Path, *flags: str) -> subprocess.CompletedProcess:
     # in a child that fails if anything imported torch: the estimate is for the orchestrator side
-    code = ("import sys; from worker.cli import main; rc = main(['estimate', *sys.argv[1:]]); "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'; sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code, str(path), *flags], capture_output=True, text=True, cwd=REPO,
-                          env=child_env(BASE_VOLUME=str(volume), HF_HUB_OFFLINE="1"), timeout=120)
+    code = (
+        "import sys; from worker.cli import main; rc = main(['estimate', *sys.argv[1:]]); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path), *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(BASE_VOLUME=str(volume), HF_HUB_OFFLINE="1"),
+        timeout=120,
+    )
 
 
 def write(path: Path, doc: dict) -> Path:
@@ -95,9 +115,20 @@ def test_a_job_file_and_a_local_model_folder(tmp_path, data_volume):
     """Only the folder's config.json is read (no weights needed)."""
     model = data_volume / "models" / "small"
     model.mkdir(parents=True)
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": True}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 512,
+                "intermediate_size": 1536,
+                "num_hidden_layers": 8,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+                "vocab_size": 32000,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     job = {"input": {"run_id": "est", "config": config(base_model=str(model), max_steps=None, num_epochs=2)}}
     r = estimate(write(tmp_path / "job.json", job), data_volume, "--json", "--gpu", "NVIDIA RTX A4000")
     assert r.returncode == 0, r.stderr
@@ -127,24 +158,48 @@ def test_without_max_steps_or_readable_data_the_time_is_unknown_but_memory_is_no
 def test_the_prepared_cache_gives_the_exact_token_count(tmp_path, data_volume, tiny_model_dir):
     """After `ftw preprocess`, the estimate counts the cache's tokens, not the files' characters."""
     model = shutil.copytree(tiny_model_dir, data_volume / "models" / "tiny")
-    cfg = write(tmp_path / "c.yml", config(base_model=str(model), sequence_len=256, micro_batch_size=2, max_steps=None,
-                                                datasets=[{"path": "./data/greetings.jsonl", "type": "chat_template"}]))
+    cfg = write(
+        tmp_path / "c.yml",
+        config(
+            base_model=str(model),
+            sequence_len=256,
+            micro_batch_size=2,
+            max_steps=None,
+            datasets=[{"path": "./data/greetings.jsonl", "type": "chat_template"}],
+        ),
+    )
     before = estimate(cfg, data_volume).stdout
-    done = subprocess.run([sys.executable, "-m", "worker.cli", "preprocess", str(cfg)], capture_output=True, text=True, cwd=REPO,
-                          env=child_env(BASE_VOLUME=str(data_volume)), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "preprocess", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=child_env(BASE_VOLUME=str(data_volume)),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     after = estimate(cfg, data_volume).stdout
     assert "estimated from the local files" in before
-    assert f"data: {summary['tokens']['train']:,} tokens (counted in the prepared cache {summary['cache_dir']})" in after
+    assert (
+        f"data: {summary['tokens']['train']:,} tokens (counted in the prepared cache {summary['cache_dir']})" in after
+    )
 
 
-@pytest.mark.parametrize("model_id, name, billions", [
-    ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b", 1.24), ("meta-llama/Llama-3.1-8B", "llama-3.1-8b", 8.03),
-    ("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", None, None), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b", 7.62),
-    ("Qwen/Qwen3-8B", "qwen3-8b", 8.19), ("Qwen/Qwen3-0.6B", "qwen3-0.6b", 0.60), ("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b", 30.5),
-    ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b", 7.25), ("google/gemma-2-9b-it", "gemma-2-9b", 9.24),
-])
+@pytest.mark.parametrize(
+    "model_id, name, billions",
+    [
+        ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b", 1.24),
+        ("meta-llama/Llama-3.1-8B", "llama-3.1-8b", 8.03),
+        ("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", None, None),
+        ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b", 7.62),
+        ("Qwen/Qwen3-8B", "qwen3-8b", 8.19),
+        ("Qwen/Qwen3-0.6B", "qwen3-0.6b", 0.60),
+        ("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b", 30.5),
+        ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b", 7.25),
+        ("google/gemma-2-9b-it", "gemma-2-9b", 9.24),
+    ],
+)
 def test_the_table_has_the_published_sizes(model_id, name, billions):
     shape = known_shape(model_id)
     if name is None:  # not a name of the table: the Hub or a local folder has to say

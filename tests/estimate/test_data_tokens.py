@@ -1,5 +1,6 @@
 """The data-size estimate from local files: the same rows as JSON Lines or a JSON array read the
 same; a file larger than the sample is scaled by its size; lines that are not JSON are skipped."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,12 @@ import json
 from worker.estimate import data_tokens
 from worker.estimate.data_tokens import estimate_file
 
-ROW = {"messages": [{"role": "user", "content": "How far is the moon? " * 5}, {"role": "assistant", "content": "About 384,400 km. " * 8}]}
+ROW = {
+    "messages": [
+        {"role": "user", "content": "How far is the moon? " * 5},
+        {"role": "assistant", "content": "About 384,400 km. " * 8},
+    ]
+}
 
 
 def test_jsonl_and_a_json_array_of_the_same_rows_read_the_same(tmp_path):

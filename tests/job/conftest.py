@@ -1,4 +1,5 @@
 """Fixtures of the job-worker tests: a volume holding the bundled example's model and data."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """Disk estimate against a real small filesystem: a 16 MiB tmpfs mounted as BASE_VOLUME inside a user
 + mount namespace (`unshare -r -m`), so the free-space figure is the kernel's, not a stub."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,12 @@ from tests.conftest import child_env
 from tests.job.conftest import EXAMPLE_DATA, example_job
 from worker.job.estimate import estimate_disk, local_model_shape
 
-MOUNT_OK = subprocess.run(["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+MOUNT_OK = (
+    subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True
+    ).returncode
+    == 0
+)
 needs_mount = pytest.mark.skipif(not MOUNT_OK, reason="this machine allows no user+mount namespace for a small tmpfs")
 
 
@@ -39,8 +45,17 @@ def test_estimate_counts_checkpoints_by_save_total_limit(tiny_model_dir, volume,
 def test_not_enough_disk_fails_before_preprocessing_with_the_numbers(tmp_path, tiny_model_dir):
     volume = tmp_path / "volume"
     volume.mkdir()
-    full = example_job(run_id="full-ft", config={"base_model": str(tiny_model_dir), "adapter": None, "lora_r": 8, "lora_alpha": None,
-                                                 "lora_target_linear": None, "save_total_limit": 10})
+    full = example_job(
+        run_id="full-ft",
+        config={
+            "base_model": str(tiny_model_dir),
+            "adapter": None,
+            "lora_r": 8,
+            "lora_alpha": None,
+            "lora_target_linear": None,
+            "save_total_limit": 10,
+        },
+    )
     lora = example_job(run_id="lora", config={"base_model": str(tiny_model_dir)})
     probe = (
         "import json, sys; from pathlib import Path; from schemas.job import validate_job; "
@@ -60,7 +75,9 @@ def test_not_enough_disk_fails_before_preprocessing_with_the_numbers(tmp_path, t
         f"{py} -m worker.cli run --quiet {job_file}; echo exit=$?; ls -R {volume}/runs"
     )
     env = child_env(BASE_VOLUME=str(volume), FTW_ALLOW_CPU="1", FTW_ALLOWED_PATHS=str(tiny_model_dir))
-    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     lines = out.stdout.splitlines()
     verdicts, result = json.loads(lines[0]), json.loads(lines[1])
     assert verdicts["lora"] == "fits", verdicts

@@ -1,5 +1,6 @@
 """Time to first step: every job's timings say when its first optimizer step was done, and a warm
 worker's next job forks its stages from the template the first job started (no imports again)."""
+
 from __future__ import annotations
 
 import re

@@ -1,6 +1,7 @@
 """The GPU probe. No GPU here, so `nvidia-smi` is a script that prints what the real one prints
 (the same CSV query output); the probe still runs it as a real child with its real timeout.
 bench/gpu_worker.sh runs the same probe against a real nvidia-smi on an H200."""
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,17 @@ def fake_smi(tmp_path: Path, gpus: str = GPUS, apps: str = "", gpu_cmd: str = ""
     return {"FTW_NVIDIA_SMI": str(script), "PATH": os.environ["PATH"]}
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, None), ("", []), ("-1", []), ("0", ["0"]), ("1,0", ["1", "0"]), ("GPU-bbbb", ["GPU-bbbb"]),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", []),
+        ("-1", []),
+        ("0", ["0"]),
+        ("1,0", ["1", "0"]),
+        ("GPU-bbbb", ["GPU-bbbb"]),
+    ],
+)
 def test_visible_devices_parse(value, expected):
     assert parse_visible_devices(value) == expected
 
@@ -100,10 +109,18 @@ def test_no_gpu_needs_an_explicit_cpu_permission(tmp_path):
     assert "allows no CPU runs" in e.value.hint
 
 
-@pytest.mark.parametrize("operator, job_asks, allowed", [
-    ("1", False, True), ("1", True, True), ("", True, True), ("", False, False),
-    ("0", True, False), ("false", True, False), ("0", False, False),
-])
+@pytest.mark.parametrize(
+    "operator, job_asks, allowed",
+    [
+        ("1", False, True),
+        ("1", True, True),
+        ("", True, True),
+        ("", False, False),
+        ("0", True, False),
+        ("false", True, False),
+        ("0", False, False),
+    ],
+)
 def test_cpu_runs_are_the_operators_call(operator, job_asks, allowed):
     env = {"FTW_ALLOW_CPU": operator} if operator else {}
     assert cpu_allowed(env, job_asks) is allowed

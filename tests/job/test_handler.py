@@ -7,6 +7,7 @@
 - `python handler.py --test_input ...` (the SDK's local test mode): an invalid job fails fast.
 The platform protocol (job-take, stream, cancel) is covered by tests/endpoint with this handler.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,11 @@ SECRETS = {
     "WANDB_API_KEY": "wandbEnvKey0000ffff9999",
     "AWS_SECRET_ACCESS_KEY": "awsEnvSecretZZZZ8888",
 }
-JOB_SECRETS = {"hf_token": "hf_jobTokenCCCC2222dddd", "aws_secret_access_key": "awsJobSecretYYYY7777", "wandb_api_key": "wandbJobKeyXXXX6666"}
+JOB_SECRETS = {
+    "hf_token": "hf_jobTokenCCCC2222dddd",
+    "aws_secret_access_key": "awsJobSecretYYYY7777",
+    "wandb_api_key": "wandbJobKeyXXXX6666",
+}
 HEAVY_IMPORT = re.compile(r"\|\s+(torch|transformers|datasets|peft|accelerate)(\.|\s*$)", re.M)
 
 
@@ -40,8 +45,14 @@ def every_file_contains(root: Path, needle: bytes) -> list[Path]:
 
 def test_invalid_job_fails_in_the_sdk_local_test_mode(volume):
     bad = {"input": example_job(credentials=JOB_SECRETS, config={"learning_rate": -1, "datasets": []})}
-    out = subprocess.run([sys.executable, "-X", "importtime", "handler.py", "--test_input", json.dumps(bad)], cwd=REPO,
-                         capture_output=True, text=True, env=child_env(BASE_VOLUME=str(volume)), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "handler.py", "--test_input", json.dumps(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=child_env(BASE_VOLUME=str(volume)),
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "invalid_job" in out.stdout + out.stderr and "config.learning_rate" in out.stdout + out.stderr
     assert not HEAVY_IMPORT.search(out.stderr), "an invalid job loaded ML libraries before it was rejected"
@@ -54,8 +65,23 @@ def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_pat
     port = free_port()
     env = child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1", FTW_PROGRESS_INTERVAL_S="0", **SECRETS)
     log = (tmp_path / "handler.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-X", "importtime", "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-                               "--rp_api_port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "handler.py",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "127.0.0.1",
+            "--rp_api_port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -63,7 +89,9 @@ def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_pat
                 requests.get(f"http://127.0.0.1:{port}/docs", timeout=2)
                 break
             except requests.RequestException:  # not listening yet, or too busy starting to answer
-                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "handler.log").read_text()[-3000:]
+                assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "handler.log").read_text()[
+                    -3000:
+                ]
                 time.sleep(0.3)
         job = example_job(run_id="e2e", credentials=JOB_SECRETS, config=FAST)
         response = requests.post(f"http://127.0.0.1:{port}/runsync", json={"input": job}, timeout=600)
@@ -91,7 +119,9 @@ def test_end_to_end_through_the_runpod_sdk_leaves_no_secret(demo_volume, tmp_pat
     assert json.loads((demo_volume / "runs" / "e2e" / "result.json").read_text())["status"] == "completed"
 
     handler_log = (tmp_path / "handler.log").read_bytes()
-    assert not HEAVY_IMPORT.findall(handler_log.decode(errors="replace")), "the handler process imported a heavy library"
+    assert not HEAVY_IMPORT.findall(handler_log.decode(errors="replace")), (
+        "the handler process imported a heavy library"
+    )
     assert b"import time:" in handler_log  # the check above did see the import trace
     for secret in [*SECRETS.values(), *JOB_SECRETS.values()]:
         needle = secret.encode()

@@ -4,6 +4,7 @@ A 9 MB `datasets[0].type` kept a worker busy until its job TIMED_OUT, and `ftw r
 SIGTERM meanwhile: the orchestrator's redaction of the job (config.json, the failure result) was
 quadratic, and a signal handler only runs between Python bytecodes, never inside one long regex.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,19 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
 
 
 def test_ftw_run_with_a_9mb_value_still_obeys_sigterm(demo_volume, tmp_path):
-    job = example_job(run_id="big-template", config={"chat_template": "jinja", "chat_template_jinja": "{# " + "x" * BIG + " #}" + TEMPLATE})
+    job = example_job(
+        run_id="big-template",
+        config={"chat_template": "jinja", "chat_template_jinja": "{# " + "x" * BIG + " #}" + TEMPLATE},
+    )
     path = write_job(tmp_path / "job.json", job)
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", str(path)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1", FTW_PROGRESS_INTERVAL_S="0"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", str(path)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1", FTW_PROGRESS_INTERVAL_S="0"),
+    )
     lines: queue.SimpleQueue[str] = queue.SimpleQueue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
@@ -57,7 +66,10 @@ def test_an_invalid_job_with_thousands_of_problems_gets_a_readable_failure(volum
     result = run_job({"input": example_job(config={"datasets": [{"path": "org/data", "type": "nope"}] * 5000})})
     error = result["error"]
     assert error["code"] == "invalid_job" and len(error["details"]["errors"]) == 100
-    assert error["message"].count("is not a known prompt strategy") == 10 and "and 90 more (details.errors)" in error["message"]
+    assert (
+        error["message"].count("is not a known prompt strategy") == 10
+        and "and 90 more (details.errors)" in error["message"]
+    )
 
 
 def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volume):
@@ -65,8 +77,11 @@ def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volum
     with a NUL byte would have failed as an environment variable of the first stage."""
     from worker.job.pipeline import run_job
 
-    for s3_config, says in (("not-an-object", "must be an object"), ({"accessSecret": "s3cret\x00VALUE99"}, "NUL byte"),
-                            ({"accessId": 12345678}, "accessId must be a string")):
+    for s3_config, says in (
+        ("not-an-object", "must be an object"),
+        ({"accessSecret": "s3cret\x00VALUE99"}, "NUL byte"),
+        ({"accessId": 12345678}, "accessId must be a string"),
+    ):
         result = run_job({"input": example_job()}, s3_config=s3_config)
         assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result
         assert result["error"]["details"]["errors"][-1]["loc"] == "s3Config" and says in result["error"]["message"]
@@ -78,6 +93,8 @@ def test_a_huge_value_holding_a_url_secret_fails_clearly_before_any_stage(demo_v
     from worker.job.pipeline import run_job
 
     template = "{# https://u:p@host/x " + "y" * 200_000 + " #}" + TEMPLATE
-    result = run_job({"input": example_job(run_id="env-cap", config={"chat_template": "jinja", "chat_template_jinja": template})})
+    result = run_job(
+        {"input": example_job(run_id="env-cap", config={"chat_template": "jinja", "chat_template_jinja": template})}
+    )
     assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result["error"]
     assert "URL password or signature" in result["error"]["message"] and "yyyy" not in json.dumps(result)

@@ -4,6 +4,7 @@ the GPU type, the estimated cost and predicted against measured memory and speed
 
 The check and the metrics are pure functions of the probe's data, so these tests hand them the
 devices an H200 or an L4 worker reports; the end-to-end run is a real `ftw run` on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,16 @@ from worker.job.gpu import Gpu, GpuProbe
 from worker.job.pipeline import run_job
 
 CONFIG_8B = {
-    "base_model": "meta-llama/Llama-3.1-8B-Instruct", "datasets": [{"path": "org/chat-data", "type": "chat_template"}],
-    "adapter": "lora", "lora_r": 16, "lora_target_linear": True, "sequence_len": 2048, "sample_packing": True,
-    "micro_batch_size": 4, "max_steps": 100, "learning_rate": 1e-4,
+    "base_model": "meta-llama/Llama-3.1-8B-Instruct",
+    "datasets": [{"path": "org/chat-data", "type": "chat_template"}],
+    "adapter": "lora",
+    "lora_r": 16,
+    "lora_target_linear": True,
+    "sequence_len": 2048,
+    "sample_packing": True,
+    "micro_batch_size": 4,
+    "max_steps": 100,
+    "learning_rate": 1e-4,
 }
 
 
@@ -52,9 +60,16 @@ def test_a_job_that_does_not_fit_the_probed_gpu_fails_with_the_numbers_and_the_a
     e = caught.value
     assert e.code == "predicted_oom" and e.stage == "checks" and not e.retryable
     assert f"{p.peak_bytes / GiB:.1f} GiB" in e.message and "43.9 GiB free on GPU 0 (NVIDIA L40S)" in e.message
-    assert "gradient_checkpointing: true" in e.hint and "allow_oom_risk: true" in e.hint and "micro_batch_size: 2" in e.hint
+    assert (
+        "gradient_checkpointing: true" in e.hint
+        and "allow_oom_risk: true" in e.hint
+        and "micro_batch_size: 2" in e.hint
+    )
     advice = {a["change"].split(" (")[0]: a for a in e.details["advice"]}
-    assert advice["gradient_checkpointing: true"]["fits"] and advice["gradient_checkpointing: true"]["peak_memory_gib"] < 25
+    assert (
+        advice["gradient_checkpointing: true"]["fits"]
+        and advice["gradient_checkpointing: true"]["peak_memory_gib"] < 25
+    )
     assert 0.6 < advice["gradient_checkpointing: true"]["speed_ratio"] < 0.75  # a recompute forward: ~1/3 more FLOPs
     assert e.details["predicted_peak_gib"] == round(p.peak_bytes / GiB, 2) and e.details["fits"] is False
 
@@ -80,7 +95,9 @@ def test_a_tight_fit_passes_with_a_warning():
 
 
 def test_checkpointing_in_the_config_is_what_makes_it_fit():
-    assert check_fits(prediction(gradient_checkpointing=True), [gpu("NVIDIA L4", 23034, 22500)], allow_oom_risk=False)["fits"]
+    assert check_fits(prediction(gradient_checkpointing=True), [gpu("NVIDIA L4", 23034, 22500)], allow_oom_risk=False)[
+        "fits"
+    ]
 
 
 def test_no_gpu_or_unknown_model_is_not_checked():
@@ -108,8 +125,14 @@ def test_run_metrics_price_the_gpu_seconds_and_compare_with_the_prediction():
 def test_ftw_run_on_cpu_reports_the_new_metrics(demo_volume, tmp_path):
     job = example_job(config={"max_steps": 3, "save_steps": 2, "logging_steps": 1})
     path = write_job(tmp_path / "job.json", job)
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--quiet", str(path)], cwd=REPO, capture_output=True, text=True,
-                          env=child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1"), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", "--quiet", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=child_env(BASE_VOLUME=str(demo_volume), FTW_ALLOW_CPU="1"),
+        timeout=600,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = result["metrics"]
@@ -117,7 +140,9 @@ def test_ftw_run_on_cpu_reports_the_new_metrics(demo_volume, tmp_path):
     cfg = validate_job({"input": job}, env=env).value.config
     expected = predict(cfg, model_shape(cfg, env)[0], env)
     assert m["gpu_type"] == "cpu" and m["gpu_count"] == 0 and m["gpu_seconds"] == 0
-    assert m["estimated_cost_usd"] is None and m["predicted_tokens_per_s"] is None  # no RunPod GPU type to price or predict
+    assert (
+        m["estimated_cost_usd"] is None and m["predicted_tokens_per_s"] is None
+    )  # no RunPod GPU type to price or predict
     assert m["predicted_peak_memory_gib"] == round(expected.peak_bytes / GiB, 3) > 0
     assert m["peak_memory_vs_predicted"] is None  # the CPU's peak is RSS, not GPU memory
     checks = json.loads((demo_volume / "runs" / job["run_id"] / "checks.json").read_text())
@@ -127,7 +152,9 @@ def test_ftw_run_on_cpu_reports_the_new_metrics(demo_volume, tmp_path):
 def test_the_job_path_stops_at_the_checks_before_any_data_or_weights(demo_volume, tmp_path):
     """The probe reads a (scripted) nvidia-smi: an L4 with 1,100 MiB free fits the tiny model's
     weights (+1 GiB for CUDA) but not its predicted peak (the workspaces take 128 MiB more)."""
-    smi = fake_smi(tmp_path, gpus="0, GPU-cccc3333-0000-0000-0000-000000000000, NVIDIA L4, 23034, 21934, 1100, 570.124.06\n")
+    smi = fake_smi(
+        tmp_path, gpus="0, GPU-cccc3333-0000-0000-0000-000000000000, NVIDIA L4, 23034, 21934, 1100, 570.124.06\n"
+    )
     env = {**os.environ, **smi, "BASE_VOLUME": str(demo_volume)}
     env.pop("FTW_ALLOW_CPU", None)
     # short limits: were the check missing, the job would fail later, and fast, not train

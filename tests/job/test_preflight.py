@@ -1,4 +1,5 @@
 """A job this machine cannot train is refused after the GPU probe, before preprocessing spends anything."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,13 +11,17 @@ from worker.errors import JobSpecError
 from worker.job.pipeline import run_job
 
 
-@pytest.mark.parametrize("config, says", [
-    ({"adapter": "qlora", "load_in_4bit": True}, "needs a CUDA GPU"),
-    ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
-    ({"use_mlflow": True}, "mlflow logging is configured, but not installed"),
-    ({"optimizer": "adamw_bnb_8bit"}, "needs bitsandbytes on a CUDA GPU"),
-    ({"optimizer": "adamw_torch_4bit"}, "not available in this build"),
-], ids=["qlora-on-cpu", "flash-attn", "tracker", "8bit-optimizer-on-cpu", "unbuilt-optimizer"])
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"adapter": "qlora", "load_in_4bit": True}, "needs a CUDA GPU"),
+        ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
+        ({"use_mlflow": True}, "mlflow logging is configured, but not installed"),
+        ({"optimizer": "adamw_bnb_8bit"}, "needs bitsandbytes on a CUDA GPU"),
+        ({"optimizer": "adamw_torch_4bit"}, "not available in this build"),
+    ],
+    ids=["qlora-on-cpu", "flash-attn", "tracker", "8bit-optimizer-on-cpu", "unbuilt-optimizer"],
+)
 def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_volume, config, says):
     if "use_mlflow" in config and importlib.util.find_spec("mlflow") is not None:
         pytest.skip("mlflow is installed here")
@@ -40,16 +45,24 @@ def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume,
             (no_tokenizer / f.name).write_bytes(f.read_bytes())
     cases = {
         "missing-model": ({"base_model": "./models/nope"}, "base_model: ./models/nope does not exist"),
-        "missing-data": ({"datasets": [{"path": "./data/nope.jsonl", "type": "alpaca"}]}, "datasets[0].path: ./data/nope.jsonl does not exist"),
-        "no-tokenizer": ({"base_model": "./models/no-tokenizer"}, "base_model: ./models/no-tokenizer has no tokenizer files"),
+        "missing-data": (
+            {"datasets": [{"path": "./data/nope.jsonl", "type": "alpaca"}]},
+            "datasets[0].path: ./data/nope.jsonl does not exist",
+        ),
+        "no-tokenizer": (
+            {"base_model": "./models/no-tokenizer"},
+            "base_model: ./models/no-tokenizer has no tokenizer files",
+        ),
     }
     for run_id, (config, says) in cases.items():
         error = run_job({"input": example_job(run_id=run_id, config=config)})["error"]
         assert error["code"] == JobSpecError.code and error["stage"] == "checks" and says in error["message"], error
         assert "BASE_VOLUME" in error["hint"] or "tokenizer_config" in error["hint"]
     assert not (demo_volume / "cache").exists()
-    tokenizer_elsewhere = example_job(run_id="tokenizer-elsewhere", config={"base_model": "./models/no-tokenizer",
-                                                                           "tokenizer_config": "./models/ftw-tiny-chatml", "max_steps": 1})
+    tokenizer_elsewhere = example_job(
+        run_id="tokenizer-elsewhere",
+        config={"base_model": "./models/no-tokenizer", "tokenizer_config": "./models/ftw-tiny-chatml", "max_steps": 1},
+    )
     from worker.errors import DataError
     from worker.job.pipeline import JobPipeline
 
@@ -58,7 +71,10 @@ def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume,
 
     monkeypatch.setattr(JobPipeline, "preprocess", stop_after_the_checks)
     result = run_job({"input": tokenizer_elsewhere})  # the tokenizer named by tokenizer_config is enough
-    assert result["error"]["message"] == "stopped by the test after the checks" and (demo_volume / "runs" / "tokenizer-elsewhere" / "checks.json").is_file(), result
+    assert (
+        result["error"]["message"] == "stopped by the test after the checks"
+        and (demo_volume / "runs" / "tokenizer-elsewhere" / "checks.json").is_file()
+    ), result
 
 
 def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, monkeypatch):
@@ -72,6 +88,10 @@ def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, m
 
     monkeypatch.setattr(pipeline, "estimate_disk", broken)
     result = run_job({"input": example_job(run_id="buggy")})
-    assert result["status"] == "failed" and result["error"]["stage"] == "orchestrator" and "KeyError" in result["error"]["message"]
+    assert (
+        result["status"] == "failed"
+        and result["error"]["stage"] == "orchestrator"
+        and "KeyError" in result["error"]["message"]
+    )
     on_disk = json.loads((demo_volume / "runs" / "buggy" / "result.json").read_text())
     assert on_disk["error"] == result["error"]

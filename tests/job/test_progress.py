@@ -1,4 +1,5 @@
 """Progress reaches the caller every interval_s or every 5% of the steps, whichever comes first."""
+
 from __future__ import annotations
 
 from worker.job.progress import Throttle

@@ -3,17 +3,17 @@
 The cancel goes the way RunPod's does: the SDK cancels the asyncio task running the handler's
 generator (`stream_job`), which must not let go before the training child has saved and is gone.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import threading
 import time
-
-import shutil
 
 import psutil
 import pytest
@@ -48,7 +48,9 @@ def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
 
 
 def train_child() -> psutil.Process:
-    found = [p for p in live_children() if "worker.train" in " ".join(p.cmdline()) or p.name() == "worker.train"]  # forked: named
+    found = [
+        p for p in live_children() if "worker.train" in " ".join(p.cmdline()) or p.name() == "worker.train"
+    ]  # forked: named
     assert found, "the train child is not running (it finished before the test could stop it: raise max_steps)"
     return found[0]
 
@@ -88,7 +90,9 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     assert took < GRACE_S + 5
     assert live_children(before) == []
     first = json.loads((run_dir / "result.json").read_text())
-    assert first["status"] == "cancelled" and first["error"]["code"] == "cancelled" and first["error"]["stage"] == "train"
+    assert (
+        first["status"] == "cancelled" and first["error"]["code"] == "cancelled" and first["error"]["stage"] == "train"
+    )
     saved = newest_checkpoint(run_dir)
     assert saved is not None and saved >= 2 and first["error"]["details"]["checkpoint_step"] == saved
 
@@ -97,7 +101,11 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
 
     def kill_when_past(update: dict) -> None:
         updates.append(update)
-        if update.get("stage") == "train" and update.get("step", 0) >= saved + 1 and not getattr(kill_when_past, "done", False):
+        if (
+            update.get("stage") == "train"
+            and update.get("step", 0) >= saved + 1
+            and not getattr(kill_when_past, "done", False)
+        ):
             kill_when_past.done = True
             os.kill(train_child().pid, signal.SIGKILL)
 
@@ -118,7 +126,11 @@ def test_cancel_then_kill_9_then_resume(demo_volume, monkeypatch):
     attempts = sorted(p.name for p in (run_dir / "logs" / "train").iterdir())
     assert attempts == ["attempt-1", "attempt-2", "attempt-3"]
     assert sorted(p.name for p in (run_dir / "logs" / "preprocess").iterdir()) == ["attempt-1"]
-    left = [t.name for t in threading.enumerate() if t.ident not in threads_before and ("ftw-" in t.name or "_pump" in t.name)]
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in threads_before and ("ftw-" in t.name or "_pump" in t.name)
+    ]
     assert left == [], f"threads left behind: {left}"  # no uploader, pump, publish or release threads
 
     # 4. A finished run is read-only: resubmits that come while another holds its folder all report it done.
@@ -140,8 +152,11 @@ def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(dem
 
     # 1. SIGTERM-style preemption at step 2: the train child saves, its checkpoint goes to the bucket.
     stop = StopSignal()
-    first = run_job({"input": job}, stop=stop,
-                    on_progress=lambda u: u.get("stage") == "train" and u.get("step", 0) >= 2 and stop.request("preempted"))
+    first = run_job(
+        {"input": job},
+        stop=stop,
+        on_progress=lambda u: u.get("stage") == "train" and u.get("step", 0) >= 2 and stop.request("preempted"),
+    )
     assert first["status"] == "preempted" and first["error"]["retryable"], first
     step = first["error"]["details"]["checkpoint_step"]
     manifest = f"runs/restore/checkpoints/checkpoint-{step}/manifest.json"
@@ -159,14 +174,20 @@ def test_preempted_run_resumes_on_a_new_volume_from_the_published_checkpoint(dem
     assert adapter["target"] == "s3" and adapter["uri"] == f"s3://{bucket}/runs/restore/adapter"
 
 
-def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_retraining(demo_volume, s3_server, monkeypatch):
+def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_retraining(
+    demo_volume, s3_server, monkeypatch
+):
     bucket = s3_server.make_bucket("ftw-job-publish-limit")
     before = frozenset(p.pid for p in live_children())  # servers the fixtures started
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     config = {**CONFIG, "max_steps": 2, "save_steps": None}
-    job = example_job(run_id="publish-limit", outputs={"s3": {"bucket": bucket, "prefix": "runs"}}, config=config,
-                      limits={"publish_s": 0.001})
+    job = example_job(
+        run_id="publish-limit",
+        outputs={"s3": {"bucket": bucket, "prefix": "runs"}},
+        config=config,
+        limits={"publish_s": 0.001},
+    )
     monkeypatch.setattr(pipeline, "PUBLISH_LET_GO_S", 0.2)  # the job returns while the upload is still stuck
     with s3_server.frozen(hold_s=3.0) as freeze:  # the upload cannot finish within the limit, however fast
         first = run_job({"input": job}, on_progress=lambda u: u.get("stage") == "publish" and freeze())
@@ -186,7 +207,10 @@ def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_ret
     second = run_job({"input": {**job, "limits": {"publish_s": 600}}}, on_progress=updates.append)
     assert second["status"] == "completed", second
     assert not any(u.get("stage") == "train" and u.get("step") for u in updates), "training ran again"
-    assert next(a for a in second["artifacts"] if a["kind"] == "adapter")["uri"] == f"s3://{bucket}/runs/publish-limit/adapter"
+    assert (
+        next(a for a in second["artifacts"] if a["kind"] == "adapter")["uri"]
+        == f"s3://{bucket}/runs/publish-limit/adapter"
+    )
 
 
 def test_a_bucket_that_cannot_be_listed_does_not_stop_training(demo_volume, s3_server, monkeypatch):
@@ -194,8 +218,11 @@ def test_a_bucket_that_cannot_be_listed_does_not_stop_training(demo_volume, s3_s
     bucket) leaves training to go on from the volume and fails only the publish, saying which key to fix."""
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    job = example_job(run_id="no-bucket", outputs={"s3": {"bucket": "ftw-no-such-bucket", "prefix": "runs"}},
-                      config={**CONFIG, "max_steps": 2, "save_steps": None})
+    job = example_job(
+        run_id="no-bucket",
+        outputs={"s3": {"bucket": "ftw-no-such-bucket", "prefix": "runs"}},
+        config={**CONFIG, "max_steps": 2, "save_steps": None},
+    )
     updates: list[dict] = []
     result = run_job({"input": job}, on_progress=updates.append)
     assert result["status"] == "failed" and result["error"]["stage"] == "publish", result

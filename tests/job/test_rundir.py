@@ -1,4 +1,5 @@
 """Before any work: invalid jobs, path escapes, symlinks planted in the volume, concurrent run_ids."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from worker.job.pipeline import run_job
 @pytest.fixture
 def no_children(monkeypatch):
     """Any attempt to start a process fails the test."""
+
     def refuse(*a, **k):
         raise AssertionError(f"a child process was started: {a[:1]}")
+
     monkeypatch.setattr(pipeline.gpu.subprocess, "Popen", refuse)
     monkeypatch.setattr("worker.job.supervisor.subprocess.Popen", refuse)
 
@@ -38,7 +41,23 @@ def test_invalid_job_fails_fast_listing_every_problem(volume, no_children):
     assert list(volume.iterdir()) == []  # no run dir, nothing at all
 
 
-RUN_ID_CORPUS = ["..", "../evil", "/abs", "a/b", "a\\b", "a\x00b", "ｅｖｉｌ", "evil\u2215x", "\u202eevil", "evil\n", "a" * 65, "", ".hidden", "-x", " x"]
+RUN_ID_CORPUS = [
+    "..",
+    "../evil",
+    "/abs",
+    "a/b",
+    "a\\b",
+    "a\x00b",
+    "ｅｖｉｌ",
+    "evil\u2215x",
+    "\u202eevil",
+    "evil\n",
+    "a" * 65,
+    "",
+    ".hidden",
+    "-x",
+    " x",
+]
 
 
 @pytest.mark.parametrize("run_id", RUN_ID_CORPUS)
@@ -49,10 +68,30 @@ def test_run_id_corpus_never_names_a_folder(volume, no_children, run_id):
     assert list(volume.iterdir()) == []
 
 
-PATH_FIELDS = ["base_model", "base_model_config", "tokenizer_config", "dataset_prepared_path", "resume_from_checkpoint", "datasets[0].path",
-               "datasets[0].data_files[0]"]
-PATH_CORPUS = ["../../etc/passwd", "/etc/passwd", "./../outside", "file:///etc/passwd", "file://host/etc", "~/x", "./data/\x00x",
-               "./link/passwd", "..\\..\\etc", "./data/../../etc", "./data/\u2025/x", "./data/\uff0e\uff0e/x", "./d\u202eata/x"]
+PATH_FIELDS = [
+    "base_model",
+    "base_model_config",
+    "tokenizer_config",
+    "dataset_prepared_path",
+    "resume_from_checkpoint",
+    "datasets[0].path",
+    "datasets[0].data_files[0]",
+]
+PATH_CORPUS = [
+    "../../etc/passwd",
+    "/etc/passwd",
+    "./../outside",
+    "file:///etc/passwd",
+    "file://host/etc",
+    "~/x",
+    "./data/\x00x",
+    "./link/passwd",
+    "..\\..\\etc",
+    "./data/../../etc",
+    "./data/\u2025/x",
+    "./data/\uff0e\uff0e/x",
+    "./d\u202eata/x",
+]
 
 
 def set_field(job: dict, field: str, value: str) -> None:
@@ -125,9 +164,15 @@ def test_symlink_planted_in_the_volume_is_not_followed(volume, tmp_path, plant, 
 
 def test_same_run_id_twice_at_once_the_second_fails_clearly(demo_volume):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from worker.job.rundir import open_run_dir; "
-         "open_run_dir(Path(sys.argv[1]), 'demo-tiny-lora'); print('locked', flush=True); time.sleep(60)", str(demo_volume)],
-        stdout=subprocess.PIPE, env=child_env(),
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from worker.job.rundir import open_run_dir; "
+            "open_run_dir(Path(sys.argv[1]), 'demo-tiny-lora'); print('locked', flush=True); time.sleep(60)",
+            str(demo_volume),
+        ],
+        stdout=subprocess.PIPE,
+        env=child_env(),
     )
     try:
         assert holder.stdout.readline().strip() == b"locked"
@@ -150,6 +195,7 @@ def test_resubmitting_a_run_with_another_config_is_refused(demo_volume, stop_at_
     assert result_json.read_bytes() == kept  # a refused job leaves the run's own result as it was
 
     from worker.job.rundir import open_run_dir
+
     run = open_run_dir(demo_volume, "demo-tiny-lora")
     run.mark_done("preprocess", {"cache_dir": str(demo_volume / "cache" / "x"), "summary": {}})
     run.close()
@@ -168,8 +214,13 @@ def test_unwritable_volume_fails_before_any_work(tmp_path):
         "print(json.dumps(run_job({'input': json.loads(sys.argv[1])})))"
     )
     env = child_env(BASE_VOLUME=str(ro), FTW_ALLOW_CPU="1")
-    script = f"mount -t tmpfs -o size=1m,ro tmpfs {ro} && exec {sys.executable} -c \"$0\" \"$1\""
-    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script, code, json.dumps(example_job())], capture_output=True, text=True, env=env)
+    script = f'mount -t tmpfs -o size=1m,ro tmpfs {ro} && exec {sys.executable} -c "$0" "$1"'
+    out = subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", script, code, json.dumps(example_job())],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["error"]["code"] == "infra" and "Read-only file system" in result["error"]["message"], out.stderr
     assert "writable" in result["error"]["hint"]
@@ -182,7 +233,11 @@ def test_a_bug_in_the_orchestrator_still_gives_the_failure_shape_and_frees_the_r
     monkeypatch.setenv("HF_TOKEN", "hf_bugReportSecret99")
     monkeypatch.setattr(pipeline, "estimate_disk", broken)
     result = run_job({"input": example_job()})
-    assert result["status"] == "failed" and result["error"]["code"] == "error" and "RuntimeError" in result["error"]["message"]
+    assert (
+        result["status"] == "failed"
+        and result["error"]["code"] == "error"
+        and "RuntimeError" in result["error"]["message"]
+    )
     assert "hf_bugReportSecret99" not in json.dumps(result) + capsys.readouterr().err
     from worker.job.rundir import open_run_dir
 

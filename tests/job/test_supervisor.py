@@ -1,6 +1,7 @@
 """The supervisor against real child processes: logs as bytes, signals, limits, typed failures —
 every test twice: children started as fresh interpreters, and forked from the stage template
 (worker/job/template.py), which must keep the same contract."""
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,15 @@ def child(tmp_path: Path, body: str, **kw) -> Stage:
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return Stage("train", [sys.executable, str(script)], env, log_dir, grace_s=kw.pop("grace_s", 5.0), template=LAUNCH["template"], **kw)
+    return Stage(
+        "train",
+        [sys.executable, str(script)],
+        env,
+        log_dir,
+        grace_s=kw.pop("grace_s", 5.0),
+        template=LAUNCH["template"],
+        **kw,
+    )
 
 
 def forked_from_template(run) -> bool:
@@ -54,10 +63,13 @@ def forked_from_template(run) -> bool:
 
 
 def test_the_child_is_forked_from_the_template_when_there_is_one(tmp_path, launch):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         import os, sys
         print(os.getpid(), os.getpgid(0), os.environ["MARK"], "torch" in sys.modules, flush=True)
-    """)
+    """,
+    )
     stage.env["MARK"] = "from-this-stage"
     run = run_stage(stage, StopSignal(), Redactor([]))
     pid, pgid, mark, preimported = run.last_stdout_line().split()
@@ -67,14 +79,17 @@ def test_the_child_is_forked_from_the_template_when_there_is_one(tmp_path, launc
 
 
 def test_carriage_return_progress_and_huge_line_do_not_stall(tmp_path):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         import sys
         for i in range(2000):
             sys.stderr.write(f"\\rprogress {i}/2000"); sys.stderr.flush()
         sys.stdout.write("x" * 3_000_000); sys.stdout.flush()
         print()
         print('{"cache_dir": "/somewhere"}')
-    """)
+    """,
+    )
     run = run_stage(stage, StopSignal(), Redactor([]))
     assert run.returncode == 0 and stage_failure(run) is None
     assert run.last_stdout_line() == '{"cache_dir": "/somewhere"}'
@@ -83,13 +98,16 @@ def test_carriage_return_progress_and_huge_line_do_not_stall(tmp_path):
 
 
 def test_secrets_are_redacted_even_when_split_across_writes(tmp_path):
-    stage = child(tmp_path, f"""
+    stage = child(
+        tmp_path,
+        f"""
         import sys, time
         s = {SECRET!r}
         sys.stdout.write("token=" + s[:7]); sys.stdout.flush(); time.sleep(0.3)
         sys.stdout.write(s[7:] + " done\\n"); sys.stdout.flush()
         raise SystemExit("bad token " + s)
-    """)
+    """,
+    )
     run = run_stage(stage, StopSignal(), Redactor([SECRET]))
     failure = stage_failure(run)
     assert isinstance(failure, errors.ChildCrash)
@@ -101,7 +119,9 @@ def test_secrets_are_redacted_even_when_split_across_writes(tmp_path):
 
 
 def test_sigterm_gives_grace_to_checkpoint_then_preempted(tmp_path, monkeypatch):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         import signal, sys, time
         from worker.events import emit
         def on_term(*_):
@@ -112,7 +132,8 @@ def test_sigterm_gives_grace_to_checkpoint_then_preempted(tmp_path, monkeypatch)
         for step in range(1000):
             emit({"stage": "train", "step": step, "loss": 1.0})
             time.sleep(0.05)
-    """)
+    """,
+    )
     monkeypatch.chdir(tmp_path)
     stop, events = StopSignal(), []
 
@@ -129,7 +150,9 @@ def test_sigterm_gives_grace_to_checkpoint_then_preempted(tmp_path, monkeypatch)
 
 
 def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_path):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         import signal, subprocess, sys, time
         from worker.events import emit
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -139,7 +162,10 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_pat
         print(g.pid, flush=True)
         emit({"stage": "train", "step": 1})  # both now ignore SIGTERM: the test cancels here
         time.sleep(600)
-    """, grace_s=1.0, time_limit_s=60)  # no event: a StageTimeout in a minute, not a 600 s hang
+    """,
+        grace_s=1.0,
+        time_limit_s=60,
+    )  # no event: a StageTimeout in a minute, not a 600 s hang
     stop, cancelled_at = StopSignal(), []
 
     def cancel(event: dict) -> None:
@@ -154,25 +180,35 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_pat
 
 
 def test_time_limit_and_no_progress_watchdog(tmp_path):
-    stage = child(tmp_path, "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.1)\n", time_limit_s=3.0, grace_s=0.5)
+    stage = child(
+        tmp_path,
+        "import time\nwhile True:\n    print('tick', flush=True); time.sleep(0.1)\n",
+        time_limit_s=3.0,
+        grace_s=0.5,
+    )
     failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
     assert isinstance(failure, errors.StageTimeout) and not isinstance(failure, errors.NoProgress)
     assert "tick" in failure.log_tail
 
-    quiet = child(tmp_path, "import time\nprint('start', flush=True)\ntime.sleep(600)\n", no_progress_s=1.0, grace_s=0.5)
+    quiet = child(
+        tmp_path, "import time\nprint('start', flush=True)\ntime.sleep(600)\n", no_progress_s=1.0, grace_s=0.5
+    )
     started = time.monotonic()
     failure = stage_failure(run_stage(quiet, StopSignal(), Redactor([])))
     assert isinstance(failure, errors.NoProgress) and time.monotonic() - started < 10
 
 
 def test_error_file_becomes_the_typed_error(tmp_path):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         from worker.errors import DataError
         from worker.events import run_child
         def main():
             raise DataError("data.jsonl line 3: missing field 'messages'", "add the field or set field_messages")
         run_child(main)
-    """)
+    """,
+    )
     failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
     assert type(failure) is errors.DataError
     assert "line 3" in failure.message and failure.hint.startswith("add the field") and failure.stage == "train"
@@ -180,30 +216,45 @@ def test_error_file_becomes_the_typed_error(tmp_path):
 
 def test_a_huge_error_message_of_a_child_is_clipped(tmp_path):
     """A child's message may quote a user's value (a 9 MB field name); the job's failure stays short."""
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         from worker.errors import DataError
         from worker.events import run_child
         def main():
             raise DataError("field " + "f" * 5_000_000 + " is missing", "set field_messages")
         run_child(main)
-    """)
+    """,
+    )
     failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
-    assert type(failure) is errors.DataError and len(failure.message) < 5000 and "(5,000,017 characters)" in failure.message
+    assert (
+        type(failure) is errors.DataError
+        and len(failure.message) < 5000
+        and "(5,000,017 characters)" in failure.message
+    )
 
 
 def test_kill_9_is_a_crash_with_log_tail(tmp_path):
-    stage = child(tmp_path, """
+    stage = child(
+        tmp_path,
+        """
         import os, signal
         print("step 7 loss 1.23", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    """)
+    """,
+    )
     failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
     assert type(failure) is errors.ChildCrash and failure.retryable
     assert "SIGKILL" in failure.message and "step 7 loss 1.23" in failure.log_tail
 
 
-@pytest.mark.parametrize("text, cls", [("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", errors.OutOfMemory),
-                                       ("NCCL error: unhandled system error", errors.DistributedError)])
+@pytest.mark.parametrize(
+    "text, cls",
+    [
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate", errors.OutOfMemory),
+        ("NCCL error: unhandled system error", errors.DistributedError),
+    ],
+)
 def test_oom_and_nccl_are_recognised_from_the_log(tmp_path, text, cls):
     stage = child(tmp_path, f"import sys\nprint({text!r}, file=sys.stderr)\nsys.exit(1)\n")
     assert type(stage_failure(run_stage(stage, StopSignal(), Redactor([])))) is cls
@@ -213,7 +264,8 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
     """No orphaned training run: the child hears SIGTERM (its save-and-exit path) when the worker is SIGKILLed."""
     marker = tmp_path / "got-sigterm"
     stage_script = tmp_path / "stage.py"
-    stage_script.write_text(textwrap.dedent(f"""
+    stage_script.write_text(
+        textwrap.dedent(f"""
         import os, signal, sys, time
         def on_term(*_):
             open({str(marker)!r}, "w").write("checkpoint saved")
@@ -222,9 +274,11 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
         open({str(tmp_path / "stage.pid.tmp")!r}, "w").write(str(os.getpid()))
         os.replace({str(tmp_path / "stage.pid.tmp")!r}, {str(tmp_path / "stage.pid")!r})  # seen whole or not at all
         time.sleep(600)
-    """))
+    """)
+    )
     supervisor_script = tmp_path / "supervisor.py"
-    supervisor_script.write_text(textwrap.dedent(f"""
+    supervisor_script.write_text(
+        textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
         from schemas.secrets import Redactor
@@ -233,7 +287,8 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
         logs = Path({str(tmp_path / "logs")!r}); logs.mkdir()
         template = StageTemplate(dict(os.environ)) if {launch == "template"} else None  # this supervisor's own
         run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0, template=template), StopSignal(), Redactor([]))
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     supervisor = subprocess.Popen([sys.executable, str(supervisor_script)], env=env)
     pid_file, stage_pid = tmp_path / "stage.pid", None

@@ -1,5 +1,6 @@
 """Kernel tests run the Triton kernels on CPU through Triton's interpreter (small shapes), and on
 CUDA natively when a GPU is present (tests/kernels/test_gpu.py, through the device tool)."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 never a stale copy (in-place writes, optimizer steps that bypass the version counter), the same
 numbers as casting at every use, one batched refresh per change, and stacked q/k/v and gate/up
 against separate float64 projections (unequal output sizes, ranks and scales)."""
+
 from __future__ import annotations
 
 import gc
@@ -42,7 +43,11 @@ def mlp_reference(x, gate, up, down):
 def qkv_and_mlp(dtype=torch.bfloat16):
     d, inter = 32, 40
     qkv = [projection(32, d, 4, 2.0, dtype), projection(16, d, 4, 2.0, dtype), projection(16, d, 4, 2.0, dtype)]
-    mlp = [projection(inter, d, 4, 0.5, dtype), projection(inter, d, 4, 0.5, dtype), projection(d, inter, 4, 0.5, dtype)]
+    mlp = [
+        projection(inter, d, 4, 0.5, dtype),
+        projection(inter, d, 4, 0.5, dtype),
+        projection(d, inter, 4, 0.5, dtype),
+    ]
     return qkv, mlp
 
 
@@ -81,8 +86,11 @@ class _RawWrite(torch.optim.Optimizer):
                 p.data.add_(p.grad, alpha=-group["lr"])
 
 
-@pytest.mark.parametrize("make_optimizer", [lambda ps: _RawWrite(ps, lr=0.5),
-                                            lambda ps: torch.optim.AdamW(ps, lr=0.5, fused=True)], ids=["raw-write", "fused-adamw"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [lambda ps: _RawWrite(ps, lr=0.5), lambda ps: torch.optim.AdamW(ps, lr=0.5, fused=True)],
+    ids=["raw-write", "fused-adamw"],
+)
 def test_optimizer_step_refreshes_the_copies(make_optimizer, rng_seed):
     qkv, mlp = qkv_and_mlp()
     params = [t for p in qkv + mlp for t in (p.lora_a, p.lora_b)]
@@ -149,9 +157,16 @@ def test_stacked_down_projections_match_separate_ones(dtype, bound, mlp_bound, s
     against its own projection in float64: outputs, dx, dA, dB. (The SwiGLU kernel between gate/up
     and down computes in fp32 whatever its inputs: the MLP's bound in float64.)"""
     d = 24
-    qkv = [projection(32, d, 4, scales[0], dtype, bias=True), projection(8, d, 4, scales[1], dtype, bias=True),
-           projection(8, d, 2, scales[2], dtype, bias=True)]
-    mlp = [projection(40, d, 4, scales[0], dtype), projection(40, d, 3, scales[1], dtype), projection(d, 40, 4, scales[2], dtype)]
+    qkv = [
+        projection(32, d, 4, scales[0], dtype, bias=True),
+        projection(8, d, 4, scales[1], dtype, bias=True),
+        projection(8, d, 2, scales[2], dtype, bias=True),
+    ]
+    mlp = [
+        projection(40, d, 4, scales[0], dtype),
+        projection(40, d, 3, scales[1], dtype),
+        projection(d, 40, 4, scales[2], dtype),
+    ]
     if dtype == torch.float64:
         for p in qkv + mlp:
             p.lora_a.data, p.lora_b.data = p.lora_a.data.double(), p.lora_b.data.double()

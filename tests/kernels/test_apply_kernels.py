@@ -1,5 +1,6 @@
 """The registry on real (tiny) PEFT models: what it applies and when, and that a patched model
 computes the same loss and adapter gradients as the unpatched one, packed batches included."""
+
 from __future__ import annotations
 
 import copy
@@ -22,11 +23,21 @@ FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross
 
 def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, **extra):
     torch.manual_seed(0)
-    cfg = config_cls(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, **extra)
+    cfg = config_cls(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=VOCAB,
+        **extra,
+    )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
-                                             modules_to_save=modules_to_save))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, modules_to_save=modules_to_save),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
             torch.nn.init.normal_(p, std=0.2)
@@ -55,8 +66,10 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 6}), (Qwen2Config, {}),
-                                              (Qwen3Config, {})])
+@pytest.mark.parametrize(
+    "config_cls,extra",
+    [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 6}), (Qwen2Config, {}), (Qwen3Config, {})],
+)
 def test_patched_model_matches_reference(config_cls, extra, caplog):
     ref = tiny(config_cls, **extra)
     model = copy.deepcopy(ref)
@@ -158,7 +171,9 @@ def test_switches():
     if DEVICE == "cpu":  # use_kernels unset: off on CPU
         assert apply_kernels(tiny(LlamaConfig), training_config()) == []
     assert apply_kernels(tiny(LlamaConfig), training_config(use_kernels=False)) == []
-    no_mlp = apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False, lora_o_kernel=False))
+    no_mlp = apply_kernels(
+        tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False, lora_o_kernel=False)
+    )
     assert "swiglu" in no_mlp and "lora_mlp" not in no_mlp and "lora_o" not in no_mlp and "lora_qkv" in no_mlp
     # LoRA dropout is not modelled by the fused LoRA functions: only the non-LoRA kernels apply
     with_dropout = apply_kernels(tiny(LlamaConfig, dropout=0.1), training_config(use_kernels=True, lora_dropout=0.1))

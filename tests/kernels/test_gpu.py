@@ -1,6 +1,7 @@
 """Real shapes on a GPU (run through the device tool; skipped on CPU): each kernel in bf16 against
 an fp32/fp64 reference computed from the same bf16 inputs, packed varlen attention against
 per-sample attention, and a whole patched model against the unpatched one."""
+
 from __future__ import annotations
 
 import copy
@@ -125,7 +126,12 @@ def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
     for row, spans in ((0, [(0, 300), (300, 1300), (1300, 2048)]), (1, [(0, 2048)])):
         for s, e in spans:
             o = torch.nn.functional.scaled_dot_product_attention(
-                q32[row:row + 1, :, s:e], k32[row:row + 1, :, s:e], v32[row:row + 1, :, s:e], is_causal=True, enable_gqa=True)
+                q32[row : row + 1, :, s:e],
+                k32[row : row + 1, :, s:e],
+                v32[row : row + 1, :, s:e],
+                is_causal=True,
+                enable_gqa=True,
+            )
             refs.append((row, s, e, o))
     ref = torch.zeros(2, 32, 2048, 128, device="cuda")
     for row, s, e, o in refs:
@@ -144,12 +150,24 @@ def test_patched_model_matches_unpatched_on_gpu(rng_seed):
     from kernels import apply_kernels
     from schemas.config import TrainingConfig
 
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                      num_key_value_heads=4, vocab_size=32000)
+    cfg = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
     with torch.device("cuda"):
         base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    ref = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                             "gate_proj", "up_proj", "down_proj"]))
+    ref = get_peft_model(
+        base,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for n, p in ref.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)

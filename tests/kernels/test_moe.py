@@ -5,6 +5,7 @@ built in float64 by autograd; the kernel runs in float32 (under Triton's interpr
 Routings cover the cases a grouped GEMM gets wrong: experts with no tokens, one token, tied
 router scores, and loads so uneven that one expert spans several row blocks while others get one row.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -45,14 +46,24 @@ def run_case(case: str, tokens: int, dtype=torch.float32):
 
     weights, index = routing(case, tokens)
     w_gu, w_d = torch.randn(E, 2 * INTER, HIDDEN) * 0.2, torch.randn(E, HIDDEN, INTER) * 0.2
-    factors = [torch.randn(E, RANK, HIDDEN) * 0.3, torch.randn(E, 2 * INTER, RANK) * 0.3,
-               torch.randn(E, RANK, INTER) * 0.3, torch.randn(E, HIDDEN, RANK) * 0.3]
+    factors = [
+        torch.randn(E, RANK, HIDDEN) * 0.3,
+        torch.randn(E, 2 * INTER, RANK) * 0.3,
+        torch.randn(E, RANK, INTER) * 0.3,
+        torch.randn(E, HIDDEN, RANK) * 0.3,
+    ]
     s_gu, s_d = 0.5, 2.0
     x = torch.randn(tokens, HIDDEN)
 
     ours = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in [x, *factors]]
-    y = scattermoe_lora(ours[0], index.to(DEVICE), weights.to(DEVICE, dtype), w_gu.to(DEVICE, dtype), w_d.to(DEVICE, dtype),
-                        ((ours[1], ours[2], s_gu), (ours[3], ours[4], s_d)))
+    y = scattermoe_lora(
+        ours[0],
+        index.to(DEVICE),
+        weights.to(DEVICE, dtype),
+        w_gu.to(DEVICE, dtype),
+        w_d.to(DEVICE, dtype),
+        ((ours[1], ours[2], s_gu), (ours[3], ours[4], s_d)),
+    )
     dy = torch.randn(tokens, HIDDEN, dtype=torch.float64)
     y.backward(dy.to(DEVICE, dtype))
 
@@ -92,8 +103,13 @@ def test_base_weights_alone_without_lora(rng_seed):
     torch.nn.init.normal_(experts.down_proj, std=0.2)
     x = torch.randn(6, HIDDEN, dtype=torch.float64)
     xs = x.float().to(DEVICE).requires_grad_()
-    y = scattermoe_lora(xs, index.to(DEVICE), weights.float().to(DEVICE), experts.gate_up_proj.detach().float().to(DEVICE),
-                        experts.down_proj.detach().float().to(DEVICE))
+    y = scattermoe_lora(
+        xs,
+        index.to(DEVICE),
+        weights.float().to(DEVICE),
+        experts.gate_up_proj.detach().float().to(DEVICE),
+        experts.down_proj.detach().float().to(DEVICE),
+    )
     x64 = x.clone().requires_grad_()
     y_ref = experts(x64, index, weights.double())
     dy = torch.randn_like(y_ref)

@@ -1,5 +1,6 @@
 """A tiny Qwen3-MoE with LoRA on attention, router and experts (PEFT target_parameters): ftw's
 experts kernel, installed through the kernel registry, against PEFT + transformers' own path."""
+
 from __future__ import annotations
 
 import copy
@@ -15,16 +16,35 @@ def tiny_moe():
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                            head_dim=32, moe_intermediate_size=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
-                            tie_word_embeddings=False)
+    config = Qwen3MoeConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
 def config(**extra):
-    raw = {"base_model": "org/tiny-moe", "learning_rate": 1e-3, "datasets": [{"path": "org/d", "type": "alpaca"}],
-           "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj", "v_proj", "gate"],
-           "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "use_kernels": True, **extra}
+    raw = {
+        "base_model": "org/tiny-moe",
+        "learning_rate": 1e-3,
+        "datasets": [{"path": "org/d", "type": "alpaca"}],
+        "adapter": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj", "gate"],
+        "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        "use_kernels": True,
+        **extra,
+    }
     report = validate_config(raw, {"BASE_VOLUME": "/tmp"})
     assert report.valid, report.errors
     return report.value
@@ -51,7 +71,9 @@ def test_fused_experts_match_peft_and_never_form_w_plus_ba():
     parametrized = []
     for m in ours.modules():
         if type(m).__name__ == "Qwen3MoeExperts":
-            m.register_forward_pre_hook(lambda mod, args: parametrized.append(torch.nn.utils.parametrize.is_parametrized(mod)))
+            m.register_forward_pre_hook(
+                lambda mod, args: parametrized.append(torch.nn.utils.parametrize.is_parametrized(mod))
+            )
     ids = torch.randint(0, 128, (2, 10))
     out_ref, out = reference(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
     out_ref.loss.backward()
@@ -112,7 +134,9 @@ def test_router_aux_loss_is_added_once_per_step(micro_per_step):
     torch.testing.assert_close(out.loss, plain + 0.5 / micro_per_step * out.aux_loss)
 
 
-@pytest.mark.parametrize("family, router, fused", [("olmoe", "gate", True), ("mixtral", "gate", True), ("gpt_oss", "router", False)])
+@pytest.mark.parametrize(
+    "family, router, fused", [("olmoe", "gate", True), ("mixtral", "gate", True), ("gpt_oss", "router", False)]
+)
 def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(family, router, fused):
     """OLMoE and Mixtral share Qwen3-MoE's experts layout (fused); GPT-OSS's biased, transposed experts
     with their clamped gate run transformers' grouped_mm under PEFT, with the same LoRA targets."""
@@ -121,11 +145,21 @@ def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(fami
     from kernels import apply_kernels
     from worker.train.adapters import attach
 
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                  tie_word_embeddings=False, intermediate_size=32, num_experts_per_tok=2)
-    model_config = {"olmoe": lambda: OlmoeConfig(**common, num_experts=8),
-                    "mixtral": lambda: MixtralConfig(**common, head_dim=32, num_local_experts=8),
-                    "gpt_oss": lambda: GptOssConfig(**common, head_dim=32, num_local_experts=8)}[family]()
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        intermediate_size=32,
+        num_experts_per_tok=2,
+    )
+    model_config = {
+        "olmoe": lambda: OlmoeConfig(**common, num_experts=8),
+        "mixtral": lambda: MixtralConfig(**common, head_dim=32, num_local_experts=8),
+        "gpt_oss": lambda: GptOssConfig(**common, head_dim=32, num_local_experts=8),
+    }[family]()
     cfg = config(lora_target_modules=["q_proj", "v_proj", router])
     torch.manual_seed(0)
     reference = attach(AutoModelForCausalLM.from_config(model_config), cfg)
@@ -153,8 +187,16 @@ def test_use_scattermoe_on_a_dense_model_patches_nothing_when_kernels_are_off_he
 
     from kernels import apply_kernels
 
-    dense = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                         num_attention_heads=2, num_key_value_heads=1))
+    dense = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     cfg = config(use_kernels=None, use_scattermoe=True, lora_target_parameters=None, lora_target_modules=["q_proj"])
     assert apply_kernels(dense, cfg) == []
     assert not any(hasattr(m, "_ftw_original_forward") for m in dense.modules())

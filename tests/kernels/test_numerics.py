@@ -3,6 +3,7 @@
 Inputs are rounded to the kernel's dtype first, so the reference sees exactly what the kernel
 sees; bounds: fp32 kernels ≲ 1e-5, bf16 ones ≲ 1e-2 (bf16 has 8 mantissa bits).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -80,7 +81,9 @@ def test_rope_packed_positions(dtype, rng_seed):
     ref.backward(dy)
     assert rel_err(y, ref) < BOUND[dtype] and rel_err(x.grad, x64.grad) < BOUND[dtype], rng_seed
     # the second sample of row 0 is rotated exactly like the start of row 1
-    torch.testing.assert_close(y[0, 3:], apply_rope(x[0:1, 3:], cos[1:2, :3].to(DEVICE, dtype), sin[1:2, :3].to(DEVICE, dtype))[0])
+    torch.testing.assert_close(
+        y[0, 3:], apply_rope(x[0:1, 3:], cos[1:2, :3].to(DEVICE, dtype), sin[1:2, :3].to(DEVICE, dtype))[0]
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,14 +197,20 @@ def test_fp32_weights_under_autocast(rng_seed):
     hidden, h64 = leaf(torch.randn(6, 16), torch.float32)
     weight = torch.randn(40, 16, device=DEVICE)
     targets = torch.randint(0, 40, (6,), device=DEVICE)
-    proj = Projection(torch.randn(8, 16, device=DEVICE) / 4, None, torch.randn(2, 16, device=DEVICE, requires_grad=True),
-                      torch.randn(8, 2, device=DEVICE, requires_grad=True), 1.0)
+    proj = Projection(
+        torch.randn(8, 16, device=DEVICE) / 4,
+        None,
+        torch.randn(2, 16, device=DEVICE, requires_grad=True),
+        torch.randn(8, 2, device=DEVICE, requires_grad=True),
+        1.0,
+    )
     with torch.autocast(DEVICE, dtype=half):
         loss = fused_linear_cross_entropy(hidden, weight, targets)
         (out,) = lora_projections(hidden, [proj])
     (loss + out.float().sum() * 1e-3).backward()
     ref = torch.nn.functional.cross_entropy(h64 @ weight.double().t(), targets) + (
-        (h64 @ proj.weight.double().t() + (h64 @ proj.lora_a.double().t()) @ proj.lora_b.double().t()).sum() * 1e-3)
+        (h64 @ proj.weight.double().t() + (h64 @ proj.lora_a.double().t()) @ proj.lora_b.double().t()).sum() * 1e-3
+    )
     ref.backward()
     assert out.dtype == half and hidden.grad.dtype == torch.float32
     assert rel_err(loss, ref) < BOUND[half] and rel_err(hidden.grad, h64.grad) < BOUND[half], rng_seed

@@ -9,6 +9,7 @@ that step in prepare_datasets (length filter, dedup, shuffle, save) is left out:
 and kept in order, and a full prepare_datasets costs ~20 s a case on a busy CI machine.
 OUT.json: {name: {"input_ids", "labels"} | {"error": text}}, one entry of lists per sample.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,13 @@ def run(job: dict, work: str) -> dict:
     key = json.dumps({k: v for k, v in job["config"].items() if k != "datasets"}, sort_keys=True)
     if key not in TOKENIZERS:
         TOKENIZERS[key] = load_tokenizer(cfg)
-    train, _ = _load_and_process_single_dataset(cfg.datasets[0], cfg, TOKENIZERS[key], split="train", seed=cfg.seed or 42)
-    return {"input_ids": [list(map(int, r)) for r in train["input_ids"]], "labels": [list(map(int, r)) for r in train["labels"]]}
+    train, _ = _load_and_process_single_dataset(
+        cfg.datasets[0], cfg, TOKENIZERS[key], split="train", seed=cfg.seed or 42
+    )
+    return {
+        "input_ids": [list(map(int, r)) for r in train["input_ids"]],
+        "labels": [list(map(int, r)) for r in train["labels"]],
+    }
 
 
 def main() -> None:

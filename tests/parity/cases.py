@@ -5,6 +5,7 @@ A case is one dataset entry (axolotl keys, as a user writes them) on one tokeniz
 `deliberate` names a difference that docs/config-compat.md lists as ftw's choice (the suite checks
 it is still there, so the docs stay true); every other case must give identical input_ids and labels.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,17 @@ ROWS: dict[str, list[dict]] = {
     "single": [  # one exchange each: what every chat template renders alike for the last turn
         {"messages": [SYSTEM, TURNS[0], TURNS[1]]},
         {"messages": [{"role": "user", "content": "Say yes or no."}, {"role": "assistant", "content": "  yes \n"}]},
-        {"messages": [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "one two three"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "Count to three"},
+                {"role": "assistant", "content": "one two three"},
+            ]
+        },
     ],
-    "multi": [{"messages": [SYSTEM, *TURNS]}, {"messages": [*TURNS, {"role": "user", "content": "again"}, {"role": "assistant", "content": "3 2 1"}]}],
+    "multi": [
+        {"messages": [SYSTEM, *TURNS]},
+        {"messages": [*TURNS, {"role": "user", "content": "again"}, {"role": "assistant", "content": "3 2 1"}]},
+    ],
     "trailing_user": [{"messages": [SYSTEM, *TURNS, {"role": "user", "content": "thanks"}]}],
     "flagged": [{"messages": [SYSTEM, TURNS[0], {**TURNS[1], "training": False}, TURNS[2], TURNS[3]]}],
     "tool_calls_json": [tool_row('{"city": "Paris"}', ""), tool_row('{"city": "Lyon"}', "Let me check.")],
@@ -42,8 +51,19 @@ ROWS: dict[str, list[dict]] = {
     "completion": [{"text": "The quick brown fox jumps over the lazy dog. " * 4}, {"text": "hello world"}],
     "completion_long": [{"text": " ".join(f"word{i}" for i in range(400))}],
     "input_output": [
-        {"segments": [{"label": False, "text": "Q: sort 3 1 2\n"}, {"label": True, "text": "A: 1 2 3"}, {"label": False, "text": "\n"}]},
-        {"segments": [{"label": False, "text": "<|im_start|>user\nhi<|im_end|>\n"}, {"label": True, "text": "<|im_start|>assistant\nhello<|im_end|>"}]},
+        {
+            "segments": [
+                {"label": False, "text": "Q: sort 3 1 2\n"},
+                {"label": True, "text": "A: 1 2 3"},
+                {"label": False, "text": "\n"},
+            ]
+        },
+        {
+            "segments": [
+                {"label": False, "text": "<|im_start|>user\nhi<|im_end|>\n"},
+                {"label": True, "text": "<|im_start|>assistant\nhello<|im_end|>"},
+            ]
+        },
     ],
 }
 
@@ -60,13 +80,32 @@ class Case:
 
     @property
     def name(self) -> str:
-        extra = json.dumps({**self.dataset, **self.config}, sort_keys=True, separators=(",", ":")) if (self.dataset or self.config) else ""
+        extra = (
+            json.dumps({**self.dataset, **self.config}, sort_keys=True, separators=(",", ":"))
+            if (self.dataset or self.config)
+            else ""
+        )
         return f"{self.strategy}|{self.template}|{self.tokenizer}|{self.rows}|{extra}"
 
 
-def chat(template: str, tokenizer: str, rows: str, dataset: dict | None = None, config: dict | None = None, deliberate: str = "") -> Case:
+def chat(
+    template: str,
+    tokenizer: str,
+    rows: str,
+    dataset: dict | None = None,
+    config: dict | None = None,
+    deliberate: str = "",
+) -> Case:
     named = {} if template == "tokenizer_default" else {"chat_template": template}
-    return Case("chat_template", template, tokenizer, rows, {"type": "chat_template", **(dataset or {})}, {**named, **(config or {})}, deliberate)
+    return Case(
+        "chat_template",
+        template,
+        tokenizer,
+        rows,
+        {"type": "chat_template", **(dataset or {})},
+        {**named, **(config or {})},
+        deliberate,
+    )
 
 
 LLAMA_EOT = {"eot_tokens": ["<|eot_id|>"]}
@@ -81,7 +120,9 @@ TOOL_TEMPLATE = (
 )
 TOOLS = {"chat_template_jinja": TOOL_TEMPLATE}
 QWEN3_MULTI_TURN = "deliberate: Qwen3 multi-turn, axolotl labels earlier assistant turns 4 tokens late"
-DROPPED_TOOL_CALLS = "deliberate: a template that drops tool calls is an error in ftw (axolotl trains nothing of that turn)"
+DROPPED_TOOL_CALLS = (
+    "deliberate: a template that drops tool calls is an error in ftw (axolotl trains nothing of that turn)"
+)
 COMPLETION_CAP = "deliberate: axolotl drops a completion text's tokens past 64 × sequence_len"
 
 CASES: list[Case] = [
@@ -101,7 +142,10 @@ CASES: list[Case] = [
     chat("chatml", "qwen3", "flagged", {"message_field_training": "training"}),
     chat("chatml", "qwen3", "trailing_user", {"train_on_eos": "last"}),
     chat("chatml", "qwen3", "tool_calls_object", deliberate=DROPPED_TOOL_CALLS),
-    *[chat("llama3", "llama3.2", "multi", {"train_on_eos": mode}, LLAMA_EOT) for mode in ("turn", "all", "last", "none")],
+    *[
+        chat("llama3", "llama3.2", "multi", {"train_on_eos": mode}, LLAMA_EOT)
+        for mode in ("turn", "all", "last", "none")
+    ],
     chat("llama3", "llama3.2", "multi"),  # default eot_tokens: the EOS, which this template never writes
     chat("llama3", "llama3.2", "trailing_user", {"train_on_eot": "last", "train_on_eos": "none"}, LLAMA_EOT),
     chat("phi_3", "qwen3", "multi"),
@@ -109,19 +153,54 @@ CASES: list[Case] = [
     chat("tokenizer_default", "tiny-chatml", "multi"),
     chat("llama3", "tiny-llama3", "multi", config=LLAMA_EOT),
     # instruction formats, with and without a BOS-adding tokenizer
-    *[Case(kind, style, tok, "alpaca", {"type": kind}) for kind, style in (("alpaca", "instruct"), ("alpaca:chat", "chat"), ("alpaca:chatml", "chatml"), ("alpaca:phi", "phi")) for tok in ("qwen3", "llama3.2")],
+    *[
+        Case(kind, style, tok, "alpaca", {"type": kind})
+        for kind, style in (
+            ("alpaca", "instruct"),
+            ("alpaca:chat", "chat"),
+            ("alpaca:chatml", "chatml"),
+            ("alpaca:phi", "phi"),
+        )
+        for tok in ("qwen3", "llama3.2")
+    ],
     Case("alpaca", "instruct", "qwen3", "alpaca", {"type": "alpaca", "train_on_eos": "none"}),
     Case("alpaca", "instruct", "tiny-llama3", "alpaca", {"type": "alpaca"}, {"train_on_inputs": True}),
     *[
-        Case("dict form", "user format", tok, "user_defined", {"type": {
-            "field_instruction": "question", "field_input": "context", "field_output": "answer",
-            "format": "[INST] {instruction} {input} [/INST]", "no_input_format": "[INST] {instruction} [/INST]", "system_prompt": "",
-        }})
+        Case(
+            "dict form",
+            "user format",
+            tok,
+            "user_defined",
+            {
+                "type": {
+                    "field_instruction": "question",
+                    "field_input": "context",
+                    "field_output": "answer",
+                    "format": "[INST] {instruction} {input} [/INST]",
+                    "no_input_format": "[INST] {instruction} [/INST]",
+                    "system_prompt": "",
+                }
+            },
+        )
         for tok in ("qwen3", "llama3.2")
     ],
     # plain text
-    *[Case("completion", "-", tok, "completion", {"type": "completion"}, {"sequence_len": 16}) for tok in ("qwen3", "llama3.2", "tiny-llama3")],
-    Case("completion", "-", "qwen3", "completion_long", {"type": "completion"}, {"sequence_len": 8}, deliberate=COMPLETION_CAP),
-    *[Case("input_output", "-", tok, "input_output", {"type": "input_output"}) for tok in ("qwen3", "llama3.2", "tiny-llama3")],
+    *[
+        Case("completion", "-", tok, "completion", {"type": "completion"}, {"sequence_len": 16})
+        for tok in ("qwen3", "llama3.2", "tiny-llama3")
+    ],
+    Case(
+        "completion",
+        "-",
+        "qwen3",
+        "completion_long",
+        {"type": "completion"},
+        {"sequence_len": 8},
+        deliberate=COMPLETION_CAP,
+    ),
+    *[
+        Case("input_output", "-", tok, "input_output", {"type": "input_output"})
+        for tok in ("qwen3", "llama3.2", "tiny-llama3")
+    ],
     Case("input_output", "-", "qwen3", "input_output", {"type": "input_output"}, {"train_on_inputs": True}),
 ]

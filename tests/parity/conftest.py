@@ -1,4 +1,5 @@
 """With FTW_PARITY_TABLE=1 (`make parity`), the session ends with the table of docs/parity.md."""
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ into ftw's venv. Both read the same JSONL files with the same tokenizer folders.
     results = run_all(workdir)        # {case name: Outcome}
     print(table(results))             # strategy × template × tokenizer: identical input_ids / labels
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,29 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_AXOLOTL = Path(os.environ.get("VENV_AXOLOTL", REPO / ".venv-axolotl"))
 AXOLOTL_PYTHON = VENV_AXOLOTL / "bin" / "python"
 MODEL_CONFIGS = {  # axolotl's config loader reads the model's config.json beside the tokenizer
-    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 4096},
-    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096},
+    "qwen3": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 4096,
+    },
+    "llama": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 4096,
+    },
 }
 
 
@@ -38,7 +58,11 @@ class Outcome:
 
     @property
     def same_ids(self) -> bool:
-        return "error" not in self.ftw and "error" not in self.axolotl and self.ftw["input_ids"] == self.axolotl["input_ids"]
+        return (
+            "error" not in self.ftw
+            and "error" not in self.axolotl
+            and self.ftw["input_ids"] == self.axolotl["input_ids"]
+        )
 
     @property
     def same_labels(self) -> bool:
@@ -55,7 +79,7 @@ class Outcome:
             for row, (x, y) in enumerate(zip(a[key], b[key])):
                 if x != y:
                     at = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-                    return f"{key} of sample {row} from token {at}: ftw {x[at:at + 6]}, axolotl {y[at:at + 6]}"
+                    return f"{key} of sample {row} from token {at}: ftw {x[at : at + 6]}, axolotl {y[at : at + 6]}"
         return ""
 
 
@@ -86,19 +110,24 @@ def make_tokenizers(folder: Path) -> dict[str, Path]:
 
 
 def config_of(case: Case, tokenizers: dict[str, Path], data: Path) -> dict[str, Any]:
-    return {"base_model": str(tokenizers[case.tokenizer]), "sequence_len": 512, **case.config, "datasets": [{"path": str(data / f"{case.rows}.jsonl"), **case.dataset}]}
+    return {
+        "base_model": str(tokenizers[case.tokenizer]),
+        "sequence_len": 512,
+        **case.config,
+        "datasets": [{"path": str(data / f"{case.rows}.jsonl"), **case.dataset}],
+    }
 
 
 TOKENIZERS: dict[str, Any] = {}  # by the config less its datasets, as on axolotl's side
 
 
 def ftw_side(config: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    from pydantic import ValidationError
+
     from schemas.config import TrainingConfig
     from worker.data import sources
     from worker.data.strategies import Context, build_strategy
     from worker.data.tokenizer import load_tokenizer
-    from pydantic import ValidationError
-
     from worker.errors import FtwError
 
     try:
@@ -118,11 +147,29 @@ def axolotl_side(jobs: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
     if not AXOLOTL_PYTHON.exists():
         raise FileNotFoundError(f"{AXOLOTL_PYTHON} is missing: build it with `make axolotl-env`")
     (folder / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": ""}
+    env = {
+        **os.environ,
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": "",
+    }
     log = folder / "axolotl.log"  # axolotl's own logging and one line per case with its time
     with log.open("w") as out:
-        proc = subprocess.run([str(AXOLOTL_PYTHON), str(Path(__file__).with_name("axolotl_side.py")), str(folder / "jobs.json"), str(folder / "axolotl.json")],
-                              env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+        proc = subprocess.run(
+            [
+                str(AXOLOTL_PYTHON),
+                str(Path(__file__).with_name("axolotl_side.py")),
+                str(folder / "jobs.json"),
+                str(folder / "axolotl.json"),
+            ],
+            env=env,
+            cwd=folder,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=1800,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"axolotl's side failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
     return json.loads((folder / "axolotl.json").read_text())
@@ -141,12 +188,21 @@ def run_all(folder: Path, cases: list[Case] = CASES) -> dict[str, Outcome]:
 
 
 def table(results: dict[str, Outcome], cases: list[Case] = CASES) -> str:
-    lines = ["| strategy | template / style | tokenizer | rows | options | input_ids | labels | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | template / style | tokenizer | rows | options | input_ids | labels | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case in cases:
         out = results[case.name]
-        shown = {k: v for k, v in {**case.dataset, **case.config}.items() if k not in ("type", "chat_template", "chat_template_jinja")}
+        shown = {
+            k: v
+            for k, v in {**case.dataset, **case.config}.items()
+            if k not in ("type", "chat_template", "chat_template_jinja")
+        }
         options = ", ".join(f"{k}: {json.dumps(v)}" for k, v in shown.items())
         note = case.deliberate or ("" if out.same_labels else out.first_difference())
         mark = {True: "identical", False: "differ"}
-        lines.append(f"| {case.strategy} | {case.template} | {case.tokenizer} | {case.rows} | {options} | {mark[out.same_ids]} | {mark[out.same_labels]} | {note} |")
+        lines.append(
+            f"| {case.strategy} | {case.template} | {case.tokenizer} | {case.rows} | {options} | {mark[out.same_ids]} | {mark[out.same_labels]} | {note} |"
+        )
     return "\n".join(lines)

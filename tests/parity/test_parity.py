@@ -1,6 +1,7 @@
 """ftw's input_ids and labels against axolotl's own prompt strategies, row by row, for every case of
 tests/parity/cases.py. Identical, or the deliberate difference docs/config-compat.md explains
 (checked to be still there, so the docs stay true)."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,9 @@ def test_same_tokens_as_axolotl(results, case: Case):
     outcome = results[case.name]
     assert "error" not in outcome.axolotl, outcome.axolotl.get("trace", outcome.axolotl)
     if case.deliberate:
-        assert not outcome.same_labels, f"the documented difference ({case.deliberate}) is gone: update docs/config-compat.md and the case"
+        assert not outcome.same_labels, (
+            f"the documented difference ({case.deliberate}) is gone: update docs/config-compat.md and the case"
+        )
     else:
         assert "error" not in outcome.ftw, outcome.ftw
         assert outcome.same_ids and outcome.same_labels, outcome.first_difference()

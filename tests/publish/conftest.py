@@ -1,4 +1,5 @@
 """Fixtures of the publish tests: a real tiny PEFT adapter, run folders, jobs, buckets, env."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,10 +20,16 @@ _names = itertools.count()
 
 def tiny_png() -> bytes:
     """A valid 1×1 PNG (the loss curve stand-in; the train stage draws the real one)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +42,9 @@ def tiny_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
@@ -47,10 +56,18 @@ def make_run_dir(root: Path, adapter: Path, checkpoints: tuple[int, ...] = (), m
     shutil.copytree(adapter, run / "adapter")
     if merged:
         shutil.copytree(adapter, run / "merged")
-    (run / "summary.json").write_text(json.dumps({
-        "final_loss": 1.2345, "steps": 10, "tokens_per_s": 1000.5, "runtime_s": 12.0,
-        "loss_curve": [[1, 2.0], [10, 1.2345]], "output_dir": str(run / "out"),
-    }))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "final_loss": 1.2345,
+                "steps": 10,
+                "tokens_per_s": 1000.5,
+                "runtime_s": 12.0,
+                "loss_curve": [[1, 2.0], [10, 1.2345]],
+                "output_dir": str(run / "out"),
+            }
+        )
+    )
     (run / "loss.png").write_bytes(tiny_png())
     (run / "config.json").write_text(json.dumps({"base_model": BASE_MODEL_ID}))
     (run / "logs").mkdir()
@@ -72,15 +89,29 @@ def add_checkpoint(run: Path, step: int, size: int = 1000) -> Path:
     return final
 
 
-def make_job(run_id: str, outputs: dict | None = None, publish: list[str] | None = None, credentials: dict | None = None,
-             env: dict | None = None, **config):
+def make_job(
+    run_id: str,
+    outputs: dict | None = None,
+    publish: list[str] | None = None,
+    credentials: dict | None = None,
+    env: dict | None = None,
+    **config,
+):
     from schemas.job import validate_job
 
     raw = {
         "run_id": run_id,
-        "config": {"base_model": BASE_MODEL_ID, "adapter": "lora", "lora_r": 8, "learning_rate": 1e-3,
-                   "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}], **config},
-        "outputs": outputs or {}, "publish": publish or ["adapter"], "credentials": credentials or {},
+        "config": {
+            "base_model": BASE_MODEL_ID,
+            "adapter": "lora",
+            "lora_r": 8,
+            "learning_rate": 1e-3,
+            "datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}],
+            **config,
+        },
+        "outputs": outputs or {},
+        "publish": publish or ["adapter"],
+        "credentials": credentials or {},
     }
     report = validate_job(raw, env=env or {})
     assert report.valid, report.errors
@@ -95,8 +126,14 @@ def bucket(s3_server) -> str:
 @pytest.fixture
 def env(volume, s3_server) -> dict[str, str]:
     """The endpoint environment of a test: its volume, the S3 server's BUCKET_* credentials, fast retries."""
-    return {"BASE_VOLUME": str(volume), **s3_server.env(), "FTW_PUBLISH_BACKOFF_S": "0.05", "FTW_S3_PART_MB": "5",
-            "FTW_S3_CONCURRENCY": "4", "SOME_API_KEY": ENV_SECRET}
+    return {
+        "BASE_VOLUME": str(volume),
+        **s3_server.env(),
+        "FTW_PUBLISH_BACKOFF_S": "0.05",
+        "FTW_S3_PART_MB": "5",
+        "FTW_S3_CONCURRENCY": "4",
+        "SOME_API_KEY": ENV_SECRET,
+    }
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@
 It counts the bytes each way and the multipart parts seen (`partNumber=` in request lines), so
 tests can assert what went over the wire.
 """
+
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Optional
 
 
 class FaultProxy:
@@ -20,9 +20,9 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.lock = threading.Lock()
-        self.upload_after: Optional[int] = None
-        self.download_after: Optional[int] = None
-        self.cuts_left: Optional[int] = 0
+        self.upload_after: int | None = None
+        self.download_after: int | None = None
+        self.cuts_left: int | None = 0
         self.cuts_done = 0
         self.bytes_up = 0
         self.bytes_down = 0
@@ -30,7 +30,7 @@ class FaultProxy:
         self._stop = threading.Event()
         self._conns: list[socket.socket] = []
 
-    def cut(self, upload_after: Optional[int] = None, download_after: Optional[int] = None, times: Optional[int] = 1) -> None:
+    def cut(self, upload_after: int | None = None, download_after: int | None = None, times: int | None = 1) -> None:
         """Cut connections that carry more than the given bytes; `times=None` cuts every one."""
         with self.lock:
             self.upload_after, self.download_after, self.cuts_left = upload_after, download_after, times
@@ -70,7 +70,9 @@ class FaultProxy:
             self.cuts_done += 1
             return True
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, pair: tuple[socket.socket, socket.socket]) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, direction: str, pair: tuple[socket.socket, socket.socket]
+    ) -> None:
         moved, tail = 0, b""
         try:
             while data := src.recv(65536):

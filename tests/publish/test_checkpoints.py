@@ -1,4 +1,5 @@
 """Checkpoints uploaded while training runs, rotated in the bucket, and restored when the volume is gone."""
+
 from __future__ import annotations
 
 import shutil
@@ -46,7 +47,9 @@ def test_uploader_publishes_each_complete_checkpoint_once_and_rotates(tiny_adapt
     assert {a["kind"] for a in artifacts} == {"adapter", "logs", "checkpoints"}
 
 
-def test_restore_brings_back_the_newest_checkpoint_when_the_volume_is_lost(tiny_adapter, tmp_path, env, bucket, s3_server):
+def test_restore_brings_back_the_newest_checkpoint_when_the_volume_is_lost(
+    tiny_adapter, tmp_path, env, bucket, s3_server
+):
     run = make_run_dir(tmp_path, tiny_adapter, checkpoints=(10, 20))
     job = make_job("ckpt-2", outputs={"s3": {"bucket": bucket}}, publish=["checkpoints"])
     publish_run(run, job, env)

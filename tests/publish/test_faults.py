@@ -1,5 +1,6 @@
 """Connections cut mid-upload and mid-download (a loopback TCP proxy in front of the real S3 server):
 retries succeed; when they run out the publish fails clearly and no manifest exists."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def manifest_keys(s3_server, bucket: str) -> list[str]:
 
 def test_upload_survives_cut_connections(big_run, env, bucket, proxy, s3_server):
     proxy.cut(upload_after=1 * MiB, times=3)
-    artifacts = publish_run(big_run, make_job("cut-up", outputs={"s3": {"bucket": bucket}}), {**env, "BUCKET_ENDPOINT_URL": proxy.url})
+    artifacts = publish_run(
+        big_run, make_job("cut-up", outputs={"s3": {"bucket": bucket}}), {**env, "BUCKET_ENDPOINT_URL": proxy.url}
+    )
     assert proxy.cuts_done == 3
     adapter = next(a for a in artifacts if a["kind"] == "adapter")
     proxy.heal()
@@ -61,7 +64,11 @@ def test_republish_over_a_failed_attempt_replaces_the_old_manifest_last(big_run,
 
 
 def test_download_survives_cut_connections(big_run, env, bucket, proxy):
-    (adapter,) = [a for a in publish_run(big_run, make_job("cut-down", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
+    (adapter,) = [
+        a
+        for a in publish_run(big_run, make_job("cut-down", outputs={"s3": {"bucket": bucket}}), env)
+        if a["kind"] == "adapter"
+    ]
     proxy.cut(download_after=2 * MiB, times=2)
     pulled = pull(adapter["uri"], {**env, "BUCKET_ENDPOINT_URL": proxy.url})
     assert proxy.cuts_done == 2
@@ -69,7 +76,11 @@ def test_download_survives_cut_connections(big_run, env, bucket, proxy):
 
 
 def test_download_that_keeps_failing_caches_nothing(big_run, env, bucket, proxy, volume):
-    (adapter,) = [a for a in publish_run(big_run, make_job("cut-down-forever", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
+    (adapter,) = [
+        a
+        for a in publish_run(big_run, make_job("cut-down-forever", outputs={"s3": {"bucket": bucket}}), env)
+        if a["kind"] == "adapter"
+    ]
     proxy.cut(download_after=2 * MiB, times=None)
     with pytest.raises(PublishError, match="failed after retries"):
         pull(adapter["uri"], {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"})
@@ -77,13 +88,17 @@ def test_download_that_keeps_failing_caches_nothing(big_run, env, bucket, proxy,
     assert [p.name for p in cache.iterdir() if not p.name.startswith(".lock-")] == []
 
 
-def test_checkpoint_upload_failure_fails_the_publish_and_leaves_no_manifest(tiny_adapter, tmp_path, env, bucket, proxy, s3_server):
+def test_checkpoint_upload_failure_fails_the_publish_and_leaves_no_manifest(
+    tiny_adapter, tmp_path, env, bucket, proxy, s3_server
+):
     from worker.publish import start_uploader
 
     run = make_run_dir(tmp_path, tiny_adapter, checkpoints=(3,))
     job = make_job("cut-ckpt", outputs={"s3": {"bucket": bucket}}, publish=["checkpoints"])
     proxy.cut(upload_after=200, times=None)  # the uploader's path to the bucket is broken; the final publish's is not
-    uploader = start_uploader(run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}, interval_s=0.1)
+    uploader = start_uploader(
+        run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}, interval_s=0.1
+    )
     with pytest.raises(PublishError, match=r"checkpoint upload failed for step\(s\) \[3\]") as err:
         publish_run(run, job, env, uploader=uploader)
     assert "still in the run folder" in err.value.hint

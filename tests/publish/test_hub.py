@@ -1,4 +1,5 @@
 """Hub publishing through the real huggingface_hub client against tests/hubserver.py."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ def hub_env(env, hub_server):
 
 def test_adapter_commit_card_and_config(tiny_adapter, tmp_path, hub_env, hub_server, volume):
     run = make_run_dir(tmp_path, tiny_adapter, merged=True)
-    job = make_job("hub-1", outputs={"hub": {"repo_id": "team/tiny-lora"}}, publish=["adapter", "merged"],
-                   credentials={"aws_secret_access_key": "job-aws-secret-xyz"})
+    job = make_job(
+        "hub-1",
+        outputs={"hub": {"repo_id": "team/tiny-lora"}},
+        publish=["adapter", "merged"],
+        credentials={"aws_secret_access_key": "job-aws-secret-xyz"},
+    )
     (record,) = publish_run(run, job, hub_env)
 
     commits = hub_server.commits("team/tiny-lora")
@@ -80,8 +85,13 @@ def test_bad_token_fails_with_a_hint_and_no_commit(tiny_adapter, tmp_path, hub_e
 def test_hub_answers_worth_a_retry_are_retried_and_refusals_are_not(tiny_adapter, tmp_path, hub_env, hub_server):
     """One rule for publish and pull: network errors, 5xx, 408 and 429 are retried; any other 4xx is the
     Hub saying no, so it fails at once (and the job is not marked worth resubmitting as is)."""
+
     def commit_posts() -> int:
-        return sum(1 for method, path in hub_server.requests if method == "POST" and path.startswith("/api/models/team/flaky/commit/"))
+        return sum(
+            1
+            for method, path in hub_server.requests
+            if method == "POST" and path.startswith("/api/models/team/flaky/commit/")
+        )
 
     run = make_run_dir(tmp_path, tiny_adapter)
     hub_server.fail_next("/api/models/team/flaky/commit/", 503, times=2)
@@ -115,8 +125,14 @@ def test_pull_of_a_repo_not_published_by_ftw_is_cached_by_commit(hub_env, hub_se
 
     api = HfApi(endpoint=hub_server.endpoint_url, token=hub_server.token)
     api.create_repo("other/plain", private=True)
-    api.create_commit("other/plain", operations=[CommitOperationAdd("adapter_config.json", b'{"r": 8}'),
-                                                 CommitOperationAdd("sub/w.bin", b"w" * 1000)], commit_message="m")
+    api.create_commit(
+        "other/plain",
+        operations=[
+            CommitOperationAdd("adapter_config.json", b'{"r": 8}'),
+            CommitOperationAdd("sub/w.bin", b"w" * 1000),
+        ],
+        commit_message="m",
+    )
     first = pull("other/plain", hub_env)
     assert first.manifest_sha256 is None and not first.cached
     assert (first.path / "sub" / "w.bin").read_bytes() == b"w" * 1000 and not (first.path / ".cache").exists()
@@ -125,17 +141,27 @@ def test_pull_of_a_repo_not_published_by_ftw_is_cached_by_commit(hub_env, hub_se
         pull("other/plain", {k: v for k, v in hub_env.items() if k != "HF_TOKEN"})  # private: a token is needed
 
 
-@pytest.mark.parametrize("folder, expected", [
-    ("hub-cache/models--meta-llama--Llama-3-8B/snapshots/0123abcd", "meta-llama/Llama-3-8B"),
-    ("models/my-own-base", None),
-])
-def test_local_base_model_and_data_never_leak_their_paths(tiny_adapter, tmp_path, hub_env, hub_server, volume, folder, expected):
+@pytest.mark.parametrize(
+    "folder, expected",
+    [
+        ("hub-cache/models--meta-llama--Llama-3-8B/snapshots/0123abcd", "meta-llama/Llama-3-8B"),
+        ("models/my-own-base", None),
+    ],
+)
+def test_local_base_model_and_data_never_leak_their_paths(
+    tiny_adapter, tmp_path, hub_env, hub_server, volume, folder, expected
+):
     run = make_run_dir(tmp_path, tiny_adapter)
     base = volume / folder
     data = volume / "data" / "private-set.jsonl"
     repo = f"team/local-{expected is None}"
-    job = make_job("hub-local", outputs={"hub": {"repo_id": repo}}, env=hub_env, base_model=str(base),
-                   datasets=[{"path": str(data), "type": "alpaca"}])
+    job = make_job(
+        "hub-local",
+        outputs={"hub": {"repo_id": repo}},
+        env=hub_env,
+        base_model=str(base),
+        datasets=[{"path": str(data), "type": "alpaca"}],
+    )
     (record,) = publish_run(run, job, hub_env)
     tree = hub_server.commits(repo)[0]["tree"]
     card = hub_server.store.blob("model", repo, tree["README.md"]).decode()

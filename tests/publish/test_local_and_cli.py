@@ -1,4 +1,5 @@
 """The local store (the default target), `ftw pull` as a real subprocess, and the vLLM adapter check."""
+
 from __future__ import annotations
 
 import json
@@ -47,13 +48,23 @@ def test_missing_merged_folder_fails_before_anything_is_published(tiny_adapter, 
 
 
 def run_ftw_pull(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.cli", "pull", *args], cwd=REPO, env=child_env(**env),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "pull", *args],
+        cwd=REPO,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
     run = make_run_dir(tmp_path, tiny_adapter)
-    (adapter,) = [a for a in publish_run(run, make_job("cli-1", outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"]
+    (adapter,) = [
+        a
+        for a in publish_run(run, make_job("cli-1", outputs={"s3": {"bucket": bucket}}), env)
+        if a["kind"] == "adapter"
+    ]
     out = tmp_path / "pulled"
     done = run_ftw_pull("cli-1", str(out), "--json", env={**env, "BUCKET_NAME": bucket})
     assert done.returncode == 0, done.stderr
@@ -70,7 +81,11 @@ def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
     assert (out / "adapter_config.json").read_text() == "{}"  # what was there is left alone
     for bad in ("s3://", "s3:///prefix"):
         refused = run_ftw_pull(bad, env=env)
-        assert refused.returncode == 1 and "Traceback" not in refused.stderr and "hint: write s3://BUCKET" in refused.stderr
+        assert (
+            refused.returncode == 1
+            and "Traceback" not in refused.stderr
+            and "hint: write s3://BUCKET" in refused.stderr
+        )
     missing = run_ftw_pull(f"s3://{bucket}/nope/adapter", env=env)
     assert missing.returncode == 1 and "no manifest.json" in missing.stderr and "hint:" in missing.stderr
     assert run_ftw_pull(env=env).returncode == 2
@@ -148,15 +163,30 @@ def test_a_store_folder_that_is_a_symlink_out_of_the_volume_is_refused(tiny_adap
 
 
 def test_ftw_pull_help_says_what_happens_without_a_folder():
-    shown = subprocess.run([sys.executable, "-m", "worker.cli", "pull", "--help"], cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=60).stdout
-    assert "Without DIR nothing is copied" in shown and "cache/adapters" in shown and "holds exactly this artifact" in shown
+    shown = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "pull", "--help"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert (
+        "Without DIR nothing is copied" in shown
+        and "cache/adapters" in shown
+        and "holds exactly this artifact" in shown
+    )
 
 
 def test_ftw_pull_without_s3_credentials_says_so_at_once(tmp_path):
-    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
-           "FTW_PUBLISH_BACKOFF_S": "0.05"}
+    env = {
+        "BASE_VOLUME": str(tmp_path / "v"),
+        "BUCKET_ENDPOINT_URL": "http://127.0.0.1:1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "FTW_PUBLISH_BACKOFF_S": "0.05",
+    }
     done = run_ftw_pull("s3://bucket/run-1/adapter", env=env)
     assert done.returncode == 1 and "no S3 credentials" in done.stderr and "BUCKET_ACCESS_KEY_ID" in done.stderr
     assert "retrying" not in done.stderr and "Traceback" not in done.stderr
@@ -165,10 +195,20 @@ def test_ftw_pull_without_s3_credentials_says_so_at_once(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ftw_pull_stopped_while_the_store_does_not_answer_exits_130_without_a_traceback(tmp_path, signum):
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
-    env = {"BASE_VOLUME": str(tmp_path / "v"), "BUCKET_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
-           "BUCKET_ACCESS_KEY_ID": "id", "BUCKET_SECRET_ACCESS_KEY": "secret"}
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "pull", "s3://bucket/run-1/adapter", str(tmp_path / "d")],
-                            cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        "BASE_VOLUME": str(tmp_path / "v"),
+        "BUCKET_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "BUCKET_ACCESS_KEY_ID": "id",
+        "BUCKET_SECRET_ACCESS_KEY": "secret",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "pull", "s3://bucket/run-1/adapter", str(tmp_path / "d")],
+        cwd=REPO,
+        env=child_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         silent.settimeout(60)
         conn, _ = silent.accept()  # the pull is now waiting on the store

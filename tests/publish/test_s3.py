@@ -1,4 +1,5 @@
 """Publishing to and pulling from a real S3 server (rclone serve s3 on loopback)."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,13 @@ def test_publish_adapter_and_logs_then_pull_by_uri_and_run_id(tiny_adapter, tmp_
     assert set(by_kind) == {"adapter", "logs"} and all(a["target"] == "s3" for a in artifacts)
     assert by_kind["adapter"]["uri"] == f"s3://{bucket}/team/ft/run-s3/adapter"
     stored = objects(s3_server, bucket)
-    manifest = Manifest.from_bytes(s3_server.client().get_object(Bucket=bucket, Key="team/ft/run-s3/adapter/manifest.json")["Body"].read())
+    manifest = Manifest.from_bytes(
+        s3_server.client().get_object(Bucket=bucket, Key="team/ft/run-s3/adapter/manifest.json")["Body"].read()
+    )
     assert manifest.sha256 == by_kind["adapter"]["sha256_manifest"]
-    assert set(manifest.files) == {p.relative_to(run / "adapter").as_posix() for p in (run / "adapter").rglob("*") if p.is_file()}
+    assert set(manifest.files) == {
+        p.relative_to(run / "adapter").as_posix() for p in (run / "adapter").rglob("*") if p.is_file()
+    }
     assert all(stored[f"team/ft/run-s3/adapter/{rel}"] == e["size"] for rel, e in manifest.files.items())
     assert "team/ft/run-s3/logs/summary.json" in stored and "team/ft/run-s3/logs/logs/train.log" in stored
 
@@ -72,7 +77,9 @@ def published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, run_id: str) -> 
     """The adapter record of a run whose adapter carries 8 MiB of weights, published straight (no proxy)."""
     run = make_run_dir(tmp_path, tiny_adapter)
     (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
-    return next(a for a in publish_run(run, make_job(run_id, outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter")
+    return next(
+        a for a in publish_run(run, make_job(run_id, outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"
+    )
 
 
 def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter, tmp_path, env, bucket, proxy):
@@ -81,7 +88,9 @@ def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter
     big.write_bytes(os.urandom(24 * 1024 * 1024))
     proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
     events = []
-    artifacts = publish_run(run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append)
+    artifacts = publish_run(
+        run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append
+    )
     (adapter,) = [a for a in artifacts if a["kind"] == "adapter"]
     assert proxy.parts_seen >= 5  # 24 MiB in 5 MiB parts
     last = [e for e in events if e["what"] == "upload adapter"][-1]
@@ -123,8 +132,13 @@ def test_wrong_secret_fails_fast_with_a_hint(tiny_adapter, tmp_path, env, bucket
 def test_job_credentials_win_over_the_environment(tiny_adapter, tmp_path, env, bucket, s3_server):
     run = make_run_dir(tmp_path, tiny_adapter)
     creds = {"aws_access_key_id": s3_server.key, "aws_secret_access_key": s3_server.secret}
-    job = make_job("run-creds", outputs={"s3": {"bucket": bucket, "endpoint_url": s3_server.endpoint_url}}, credentials=creds)
-    bad_env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")} | {"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "nothing"}
+    job = make_job(
+        "run-creds", outputs={"s3": {"bucket": bucket, "endpoint_url": s3_server.endpoint_url}}, credentials=creds
+    )
+    bad_env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")} | {
+        "AWS_ACCESS_KEY_ID": "nobody",
+        "AWS_SECRET_ACCESS_KEY": "nothing",
+    }
     artifacts = publish_run(run, job, bad_env)
     assert {a["kind"] for a in artifacts} == {"adapter", "logs"}
 
@@ -137,8 +151,12 @@ def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env
 
     adapter = published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, "run-procs")
     cmd = [sys.executable, "-m", "worker.cli", "pull", adapter["uri"], "--json"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=child_env(**{**env, "BUCKET_ENDPOINT_URL": proxy.url}), stdout=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(**{**env, "BUCKET_ENDPOINT_URL": proxy.url}), stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     records = [json.loads(p.communicate(timeout=120)[0].splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len({r["path"] for r in records}) == 1 and sum(not r["cached"] for r in records) == 1
@@ -148,5 +166,9 @@ def test_concurrent_ftw_pull_processes_download_once(tiny_adapter, tmp_path, env
 def test_missing_bucket_is_named_and_not_retried(tiny_adapter, tmp_path, env):
     run = make_run_dir(tmp_path, tiny_adapter)
     with pytest.raises(PublishError) as err:
-        publish_run(run, make_job("run-nobucket", outputs={"s3": {"bucket": "no-such-bucket"}}), {**env, "FTW_PUBLISH_BACKOFF_S": "30"})
+        publish_run(
+            run,
+            make_job("run-nobucket", outputs={"s3": {"bucket": "no-such-bucket"}}),
+            {**env, "FTW_PUBLISH_BACKOFF_S": "30"},
+        )
     assert "NoSuchBucket" in err.value.message and "outputs.s3.bucket" in err.value.hint and not err.value.retryable

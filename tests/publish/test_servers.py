@@ -1,4 +1,5 @@
 """The loopback S3 and Hub test servers answer the real clients (boto3, huggingface_hub)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,13 @@ def test_s3_server_refuses_a_wrong_secret(s3_server):
     import boto3
     from botocore.exceptions import ClientError
 
-    bad = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id=s3_server.key,
-                       aws_secret_access_key="wrong", region_name="us-east-1")
+    bad = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.key,
+        aws_secret_access_key="wrong",
+        region_name="us-east-1",
+    )
     with pytest.raises(ClientError):
         bad.list_buckets()
 
@@ -30,7 +36,9 @@ def test_hub_server_commit_and_download(hub_server, tmp_path):
     endpoint, token = hub_server
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo("tester/servers", private=True)
-    info = api.create_commit("tester/servers", operations=[CommitOperationAdd("x/y.txt", b"payload")], commit_message="m")
+    info = api.create_commit(
+        "tester/servers", operations=[CommitOperationAdd("x/y.txt", b"payload")], commit_message="m"
+    )
     assert api.model_info("tester/servers").sha == info.oid == hub_server.commits("tester/servers")[0]["sha"]
     path = hf_hub_download("tester/servers", "x/y.txt", endpoint=endpoint, token=token, cache_dir=tmp_path)
     assert open(path, "rb").read() == b"payload"

@@ -1,18 +1,31 @@
 """Where a job's artifacts go and with which credentials: resolved from the job and the endpoint env."""
+
 from __future__ import annotations
 
 from tests.publish.conftest import make_job
 from worker.publish.targets import Targets
 
-ENV = {"BASE_VOLUME": "/vol", "BUCKET_ACCESS_KEY_ID": "bucket-key", "BUCKET_SECRET_ACCESS_KEY": "bucket-secret",
-       "BUCKET_ENDPOINT_URL": "http://r2.example", "AWS_ACCESS_KEY_ID": "aws-key", "AWS_SECRET_ACCESS_KEY": "aws-secret",
-       "AWS_REGION": "eu-west-1", "HF_TOKEN": "hf_env_token"}
+ENV = {
+    "BASE_VOLUME": "/vol",
+    "BUCKET_ACCESS_KEY_ID": "bucket-key",
+    "BUCKET_SECRET_ACCESS_KEY": "bucket-secret",
+    "BUCKET_ENDPOINT_URL": "http://r2.example",
+    "AWS_ACCESS_KEY_ID": "aws-key",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret",
+    "AWS_REGION": "eu-west-1",
+    "HF_TOKEN": "hf_env_token",
+}
 
 
 def test_job_outputs_and_credential_precedence():
-    job = make_job("t1", outputs={"s3": {"bucket": "my-bucket", "prefix": "/a/b/", "endpoint_url": "https://minio.local"},
-                                  "hub": {"repo_id": "me/x"}},
-                   credentials={"aws_access_key_id": "job-key", "aws_secret_access_key": "job-secret", "hf_token": "hf_job"})
+    job = make_job(
+        "t1",
+        outputs={
+            "s3": {"bucket": "my-bucket", "prefix": "/a/b/", "endpoint_url": "https://minio.local"},
+            "hub": {"repo_id": "me/x"},
+        },
+        credentials={"aws_access_key_id": "job-key", "aws_secret_access_key": "job-secret", "hf_token": "hf_job"},
+    )
     t = Targets.for_job(job, ENV)
     assert t.s3.uri == "s3://my-bucket/a/b/t1" and t.local is None
     assert (t.s3_settings.access_key, t.s3_settings.secret_key) == ("job-key", "job-secret")

@@ -3,6 +3,7 @@
 The examples are axolotl's own (tests/schemas/axolotl_examples, unmodified). The committed
 table docs/config-compat.md must match what scripts/config_compat.py generates from them.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -63,14 +64,21 @@ def test_dpo_examples_validate_and_other_rl_methods_are_named():
 
 
 def test_compat_doc_is_up_to_date():
-    r = subprocess.run([sys.executable, "scripts/config_compat.py", "--check"], cwd=REPO, capture_output=True, text=True,
-                       env=child_env())
+    r = subprocess.run(
+        [sys.executable, "scripts/config_compat.py", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_compat_doc_counts_match_the_files():
     text = (REPO / "docs" / "config-compat.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 5 and "outcome" not in line]
+    rows = [
+        line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 5 and "outcome" not in line
+    ]
     assert len(rows) == len(FILES)
     valid = sum(1 for p in FILES if validate_config(yaml.safe_load(p.read_text()), FRESH_ENDPOINT).valid)
     assert f"| valid | {valid} |" in text
@@ -84,5 +92,7 @@ def test_every_key_of_axolotls_schema_is_classified():
     assert len(config_keys) > 350 and len(dataset_keys) > 30, "the key lists are axolotl's, not a sample"
     report = validate_config({k: True for k in config_keys}, FRESH_ENDPOINT)
     assert not [w for w in report.warnings if w.msg.startswith("unknown")]
-    report = validate_config({"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{k: "x" for k in dataset_keys}]}, FRESH_ENDPOINT)
+    report = validate_config(
+        {"base_model": "org/m", "learning_rate": 1e-4, "datasets": [{k: "x" for k in dataset_keys}]}, FRESH_ENDPOINT
+    )
     assert not [w for w in report.warnings if w.msg.startswith("unknown")]

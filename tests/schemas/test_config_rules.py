@@ -1,4 +1,5 @@
 """Training-config validation: key classes, cross-field rules, every error at once, no mutation."""
+
 from __future__ import annotations
 
 import copy
@@ -27,30 +28,65 @@ def test_good_config_has_axolotl_defaults():
     report = validate_config(GOOD, ENV)
     assert report.valid and report.warnings == []
     cfg = report.value
-    assert (cfg.sequence_len, cfg.num_epochs, cfg.optimizer, cfg.lr_scheduler) == (512, 1.0, "adamw_torch_fused", "cosine")
-    assert (cfg.bf16, cfg.tf32, cfg.lora_dropout, cfg.save_total_limit, cfg.batch_shape()) == ("auto", "auto", 0.0, 4, (1, 1))
+    assert (cfg.sequence_len, cfg.num_epochs, cfg.optimizer, cfg.lr_scheduler) == (
+        512,
+        1.0,
+        "adamw_torch_fused",
+        "cosine",
+    )
+    assert (cfg.bf16, cfg.tf32, cfg.lora_dropout, cfg.save_total_limit, cfg.batch_shape()) == (
+        "auto",
+        "auto",
+        0.0,
+        4,
+        (1, 1),
+    )
 
 
 def test_registries_are_disjoint_and_do_not_shadow_typed_fields():
     typed = set(TrainingConfig.model_fields)
-    groups = {"aliases": set(ALIASES), "no_effect": set(NO_EFFECT), "unsupported": set(UNSUPPORTED), "gated": set(GATED)}
+    groups = {
+        "aliases": set(ALIASES),
+        "no_effect": set(NO_EFFECT),
+        "unsupported": set(UNSUPPORTED),
+        "gated": set(GATED),
+    }
     names = list(groups)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not groups[a] & groups[b], (a, b, groups[a] & groups[b])
     # a typed field may be gated (trust_remote_code), never unsupported, no-effect or an alias
     assert (typed & (set(NO_EFFECT) | set(ALIASES))) == set()
     assert typed & set(UNSUPPORTED) == set()
     # typed fields under an unsupported prefix (dpo_loss_type under dpo_) are read as typed: classified first
     shadowed = [f for f in typed if f.startswith(tuple(UNSUPPORTED_PREFIXES))]
-    assert shadowed and all(validate_config({**GOOD, "datasets": [{"path": "org/p", "type": "chatml.intel"}], "adapter": "lora", "rl": "kto" if f.startswith("kto") else "dpo", f: 0.1 if "weight" in f or "smoothing" in f else ["ipo"]},
-                                            ENV).valid for f in shadowed)
+    assert shadowed and all(
+        validate_config(
+            {
+                **GOOD,
+                "datasets": [{"path": "org/p", "type": "chatml.intel"}],
+                "adapter": "lora",
+                "rl": "kto" if f.startswith("kto") else "dpo",
+                f: 0.1 if "weight" in f or "smoothing" in f else ["ipo"],
+            },
+            ENV,
+        ).valid
+        for f in shadowed
+    )
     assert not set(DATASET_UNSUPPORTED) & (set(DatasetConfig.model_fields) - {"trust_remote_code"})
 
 
 def test_every_error_at_once_field_errors_and_cross_field_rules():
-    bad = {**GOOD, "learning_rate": "fast", "adapter": "qlora", "warmup_steps": 10, "warmup_ratio": 0.1,
-           "micro_batch_size": 0, "batch_size": 8, "lora_rr": 4}
+    bad = {
+        **GOOD,
+        "learning_rate": "fast",
+        "adapter": "qlora",
+        "warmup_steps": 10,
+        "warmup_ratio": 0.1,
+        "micro_batch_size": 0,
+        "batch_size": 8,
+        "lora_rr": 4,
+    }
     found = locs(bad)
     assert {"learning_rate", "adapter", "warmup_steps", "micro_batch_size"} <= found
     # batch rules read micro_batch_size, which is broken: they must not fire on a stand-in
@@ -71,46 +107,60 @@ def test_broken_datasets_do_not_also_claim_datasets_are_missing():
     assert "list" in report.errors[0].msg
 
 
-@pytest.mark.parametrize("extra, loc, fragment", [
-    ({"adapter": "qlora"}, "adapter", "load_in_4bit: true"),
-    ({"load_in_8bit": True}, "load_in_8bit", "needs an adapter"),
-    ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit", "adapter: qlora"),
-    ({"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit", "exclusive"),
-    ({"gradient_accumulation_steps": 2, "batch_size": 8}, "batch_size", "exclusive"),
-    ({"batch_size": 8}, "batch_size", "add micro_batch_size"),
-    ({"micro_batch_size": 3, "batch_size": 8}, "batch_size", "not a multiple"),
-    ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps", "exclusive"),
-    ({"warmup_steps": 2.5}, "warmup_steps", "fraction below 1"),
-    ({"save_steps": 5, "saves_per_epoch": 2}, "save_steps", "exclusive"),
-    ({"eval_steps": 5, "evals_per_epoch": 2}, "eval_steps", "exclusive"),
-    ({"fsdp": ["full_shard"], "deepspeed": "zero2"}, "fsdp", "exclusive"),
-    ({"bf16": True, "fp16": True}, "bf16", "exclusive"),
-    ({"merge_lora": True}, "merge_lora", "needs an adapter"),
-    ({"lora_model_dir": "org/adapter"}, "lora_model_dir", "adapter"),
-    ({"val_set_size": 1.5}, "val_set_size", "fraction"),
-    ({"optimizer": "adamw_torchh"}, "optimizer", "not known"),
-    ({"lr_scheduler": "cosin"}, "lr_scheduler", "not known"),
-    ({"deepspeed": "/etc/ds.json"}, "deepspeed", "not read from a job"),
-    ({"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}}, "deepspeed.optimizer", "learning_rate"),
-    ({"deepspeed": {"scheduler": {"type": "WarmupLR"}}}, "deepspeed.scheduler", "lr_scheduler"),
-    ({"deepspeed_as_fsdp": True}, "deepspeed_as_fsdp", "no deepspeed key"),
-    ({"datasets": []}, "datasets", "required"),
-    ({"chat_template_jinja": "templates/llama.jinja"}, "chat_template_jinja", "not a file path"),
-    ({"datasets": [{"path": "org/d", "type": "chat_template", "chat_template_jinja": "/etc/t.j2"}]}, "datasets[0].chat_template_jinja", "not a file path"),
-])
+@pytest.mark.parametrize(
+    "extra, loc, fragment",
+    [
+        ({"adapter": "qlora"}, "adapter", "load_in_4bit: true"),
+        ({"load_in_8bit": True}, "load_in_8bit", "needs an adapter"),
+        ({"adapter": "lora", "load_in_4bit": True}, "load_in_4bit", "adapter: qlora"),
+        ({"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit", "exclusive"),
+        ({"gradient_accumulation_steps": 2, "batch_size": 8}, "batch_size", "exclusive"),
+        ({"batch_size": 8}, "batch_size", "add micro_batch_size"),
+        ({"micro_batch_size": 3, "batch_size": 8}, "batch_size", "not a multiple"),
+        ({"warmup_steps": 5, "warmup_ratio": 0.1}, "warmup_steps", "exclusive"),
+        ({"warmup_steps": 2.5}, "warmup_steps", "fraction below 1"),
+        ({"save_steps": 5, "saves_per_epoch": 2}, "save_steps", "exclusive"),
+        ({"eval_steps": 5, "evals_per_epoch": 2}, "eval_steps", "exclusive"),
+        ({"fsdp": ["full_shard"], "deepspeed": "zero2"}, "fsdp", "exclusive"),
+        ({"bf16": True, "fp16": True}, "bf16", "exclusive"),
+        ({"merge_lora": True}, "merge_lora", "needs an adapter"),
+        ({"lora_model_dir": "org/adapter"}, "lora_model_dir", "adapter"),
+        ({"val_set_size": 1.5}, "val_set_size", "fraction"),
+        ({"optimizer": "adamw_torchh"}, "optimizer", "not known"),
+        ({"lr_scheduler": "cosin"}, "lr_scheduler", "not known"),
+        ({"deepspeed": "/etc/ds.json"}, "deepspeed", "not read from a job"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
+            "deepspeed.optimizer",
+            "learning_rate",
+        ),
+        ({"deepspeed": {"scheduler": {"type": "WarmupLR"}}}, "deepspeed.scheduler", "lr_scheduler"),
+        ({"deepspeed_as_fsdp": True}, "deepspeed_as_fsdp", "no deepspeed key"),
+        ({"datasets": []}, "datasets", "required"),
+        ({"chat_template_jinja": "templates/llama.jinja"}, "chat_template_jinja", "not a file path"),
+        (
+            {"datasets": [{"path": "org/d", "type": "chat_template", "chat_template_jinja": "/etc/t.j2"}]},
+            "datasets[0].chat_template_jinja",
+            "not a file path",
+        ),
+    ],
+)
 def test_cross_field_rules(extra, loc, fragment):
     report = validate_config({**GOOD, **extra}, ENV)
     assert not report.valid
     assert any(i.loc == loc and fragment in i.msg for i in report.errors), report.errors
 
 
-@pytest.mark.parametrize("extra, shape", [
-    ({}, (1, 1)),
-    ({"micro_batch_size": 4}, (4, 1)),
-    ({"micro_batch_size": 2, "gradient_accumulation_steps": 8}, (2, 8)),
-    ({"micro_batch_size": 2, "batch_size": 16}, (2, 8)),
-    ({"gradient_accumulation_steps": 4}, (1, 4)),
-])
+@pytest.mark.parametrize(
+    "extra, shape",
+    [
+        ({}, (1, 1)),
+        ({"micro_batch_size": 4}, (4, 1)),
+        ({"micro_batch_size": 2, "gradient_accumulation_steps": 8}, (2, 8)),
+        ({"micro_batch_size": 2, "batch_size": 16}, (2, 8)),
+        ({"gradient_accumulation_steps": 4}, (1, 4)),
+    ],
+)
 def test_batch_shape(extra, shape):
     report = validate_config({**GOOD, **extra}, ENV)
     assert report.valid, report.errors
@@ -118,48 +168,100 @@ def test_batch_shape(extra, shape):
 
 
 def test_validation_does_not_mutate_its_input():
-    raw = {**GOOD, "flash_attention": True, "model_type": "AutoModelForCausalLM", "lora_r": None, "tf32": None,
-           "deepspeed": "deepspeed_configs/zero3_bf16.json", "datasets": [{"path": "org/data", "type": "alpaca", "split": None}]}
+    raw = {
+        **GOOD,
+        "flash_attention": True,
+        "model_type": "AutoModelForCausalLM",
+        "lora_r": None,
+        "tf32": None,
+        "deepspeed": "deepspeed_configs/zero3_bf16.json",
+        "datasets": [{"path": "org/data", "type": "alpaca", "split": None}],
+    }
     before = copy.deepcopy(raw)
     report = validate_config(raw, ENV)
     assert raw == before
     cfg = report.value
     assert report.valid, report.errors
-    assert (cfg.attn_implementation, cfg.type_of_model, cfg.lora_r, cfg.tf32, cfg.deepspeed) == ("flash_attention_2", "AutoModelForCausalLM", 8, False, "zero3")
+    assert (cfg.attn_implementation, cfg.type_of_model, cfg.lora_r, cfg.tf32, cfg.deepspeed) == (
+        "flash_attention_2",
+        "AutoModelForCausalLM",
+        8,
+        False,
+        "zero3",
+    )
     assert cfg.datasets[0].split == "train"
 
 
 def test_rl_dpo_with_a_preference_type_is_valid():
-    raw = {**GOOD, "adapter": "lora", "rl": "dpo", "rl_beta": 0.2, "datasets": [{"path": "org/prefs", "type": "chatml.intel"}]}
+    raw = {
+        **GOOD,
+        "adapter": "lora",
+        "rl": "dpo",
+        "rl_beta": 0.2,
+        "datasets": [{"path": "org/prefs", "type": "chatml.intel"}],
+    }
     report = validate_config(raw, ENV)
     assert report.valid, report.errors
     assert (report.value.rl_method(), report.value.rl_beta_value()) == ("dpo", 0.2)
 
 
-@pytest.mark.parametrize("raw, want", [
-    ({"rl": "ppo"}, {("rl", "invalid")}),
-    ({"rl": "ebft"}, {("rl", "unsupported")}),
-    ({"rl": "dpo", "orpo_alpha": 0.1}, {("orpo_alpha", "invalid")}),
-    ({"rl": "dpo", "dpo_loss_type": ["hinge"]}, {("dpo_loss_type", "unsupported")}),
-    ({"rl": "dpo", "dpo_use_weighting": True}, {("dpo_use_weighting", "unsupported")}),
-    ({"rl": "dpo", "adapter": None}, {("rl", "unsupported")}),
-    ({"rl": "orpo", "adapter": None}, set()),
-    ({"rl": "dpo", "datasets": [{"path": "org/p", "type": "chatml.intl"}]}, {("datasets[0].type", "unsupported")}),
-    ({"rl": "kto", "datasets": [{"path": "org/p", "type": {"field_prompt": "p"}}]}, {("datasets[0].type", "invalid")}),
-    ({"rl": "grpo", "datasets": [{"path": "org/p", "type": "prompt_answer"}]}, {("trl.reward_funcs", "invalid")}),
-    ({"rl": "grpo", "trl": {"reward_funcs": ["exact_match"], "reward_weights": [1, 2]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
-     {("trl.reward_weights", "invalid")}),
-    ({"rl": "grpo", "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_mode": "server", "num_generaton": 4},
-      "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
-     {("trl.use_vllm", "unsupported"), ("trl.vllm_mode", "unsupported"), ("trl.num_generaton", "invalid")}),
-    ({"rl": "grpo", "trl": {"reward_funcs": ["rwd.mine", "exact_mach"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
-     {("trl.reward_funcs[0]", "gated"), ("trl.reward_funcs[1]", "invalid")}),
-    ({"trl": {"beta": 0.1}}, {("trl", "invalid")}),
-    ({"rl": "grpo", "trl": {"reward_funcs": ["regex_format"], "reward_regex": "("}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]},
-     {("trl.reward_regex", "invalid")}),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ({"rl": "ppo"}, {("rl", "invalid")}),
+        ({"rl": "ebft"}, {("rl", "unsupported")}),
+        ({"rl": "dpo", "orpo_alpha": 0.1}, {("orpo_alpha", "invalid")}),
+        ({"rl": "dpo", "dpo_loss_type": ["hinge"]}, {("dpo_loss_type", "unsupported")}),
+        ({"rl": "dpo", "dpo_use_weighting": True}, {("dpo_use_weighting", "unsupported")}),
+        ({"rl": "dpo", "adapter": None}, {("rl", "unsupported")}),
+        ({"rl": "orpo", "adapter": None}, set()),
+        ({"rl": "dpo", "datasets": [{"path": "org/p", "type": "chatml.intl"}]}, {("datasets[0].type", "unsupported")}),
+        (
+            {"rl": "kto", "datasets": [{"path": "org/p", "type": {"field_prompt": "p"}}]},
+            {("datasets[0].type", "invalid")},
+        ),
+        ({"rl": "grpo", "datasets": [{"path": "org/p", "type": "prompt_answer"}]}, {("trl.reward_funcs", "invalid")}),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["exact_match"], "reward_weights": [1, 2]},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.reward_weights", "invalid")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_mode": "server", "num_generaton": 4},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.use_vllm", "unsupported"), ("trl.vllm_mode", "unsupported"), ("trl.num_generaton", "invalid")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["rwd.mine", "exact_mach"]},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.reward_funcs[0]", "gated"), ("trl.reward_funcs[1]", "invalid")},
+        ),
+        ({"trl": {"beta": 0.1}}, {("trl", "invalid")}),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["regex_format"], "reward_regex": "("},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.reward_regex", "invalid")},
+        ),
+    ],
+)
 def test_rl_keys_fail_where_they_are_wrong(raw, want):
-    base = {**GOOD, "adapter": "lora", "datasets": [{"path": "org/prefs", "type": "chatml.intel" if raw.get("rl") else "alpaca"}]}
+    base = {
+        **GOOD,
+        "adapter": "lora",
+        "datasets": [{"path": "org/prefs", "type": "chatml.intel" if raw.get("rl") else "alpaca"}],
+    }
     report = validate_config({**base, **raw}, ENV)
     assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
 
@@ -173,15 +275,25 @@ def test_a_config_written_back_in_full_validates_again():
 
 
 def test_user_reward_code_is_refused_even_when_the_operator_allows_plugins():
-    raw = {**GOOD, "adapter": "lora", "rl": "grpo", "trl": {"reward_funcs": ["rwd.mine"]}, "datasets": [{"path": "org/p", "type": "prompt_answer"}]}
+    raw = {
+        **GOOD,
+        "adapter": "lora",
+        "rl": "grpo",
+        "trl": {"reward_funcs": ["rwd.mine"]},
+        "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+    }
     report = validate_config(raw, {**ENV, "FTW_ALLOW_PLUGINS": "1"})
     assert [(i.loc, i.kind) for i in report.errors] == [("trl.reward_funcs[0]", "unsupported")]
 
 
 def test_preference_keys_without_rl_name_the_feature():
     raw = {**GOOD, "datasets": [{"path": "org/prefs", "type": "alpaca", "field_chosen": "c"}]}
-    assert errors(raw) == {("datasets[0].field_chosen", "invalid"):
-                           "field_chosen is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it"}
+    assert errors(raw) == {
+        (
+            "datasets[0].field_chosen",
+            "invalid",
+        ): "field_chosen is a key of preference/RL datasets; set rl (dpo, ipo, orpo, kto, simpo, grpo) or remove it"
+    }
 
 
 @pytest.mark.parametrize("key, value", [("liger_rope", True), ("swanlab_project", "p"), ("peft", {"loftq_config": {}})])
@@ -196,7 +308,9 @@ def test_unsupported_keys_set_off_are_harmless():
 
 
 def test_unknown_keys_warn_with_the_closest_key_and_never_block():
-    report = validate_config({**GOOD, "learnin_rate": 1, "datasets": [{"path": "org/data", "type": "alpaca", "feild": "x"}]}, ENV)
+    report = validate_config(
+        {**GOOD, "learnin_rate": 1, "datasets": [{"path": "org/data", "type": "alpaca", "feild": "x"}]}, ENV
+    )
     assert report.valid
     msgs = {w.loc: w.msg for w in report.warnings}
     assert "did you mean 'learning_rate'" in msgs["learnin_rate"]
@@ -209,12 +323,15 @@ def test_no_effect_keys_warn():
     assert {w.loc for w in report.warnings} == {"strict", "output_dir"}
 
 
-@pytest.mark.parametrize("key, value, var", [
-    ("plugins", ["axolotl.integrations.liger.LigerPlugin"], "FTW_ALLOW_PLUGINS"),
-    ("trust_remote_code", True, "FTW_ALLOW_REMOTE_CODE"),
-    ("torchdistx_path", "/opt/x", "FTW_ALLOW_PLUGINS"),
-    ("trainer_cls", "my.Trainer", "FTW_ALLOW_PLUGINS"),
-])
+@pytest.mark.parametrize(
+    "key, value, var",
+    [
+        ("plugins", ["axolotl.integrations.liger.LigerPlugin"], "FTW_ALLOW_PLUGINS"),
+        ("trust_remote_code", True, "FTW_ALLOW_REMOTE_CODE"),
+        ("torchdistx_path", "/opt/x", "FTW_ALLOW_PLUGINS"),
+        ("trainer_cls", "my.Trainer", "FTW_ALLOW_PLUGINS"),
+    ],
+)
 def test_gated_keys_need_the_operator(key, value, var):
     report = validate_config({**GOOD, key: value}, ENV)
     assert [(i.loc, i.kind) for i in report.errors] == [(key, "gated")]
@@ -226,15 +343,18 @@ def test_gated_keys_need_the_operator(key, value, var):
         assert [(i.loc, i.kind) for i in allowed.errors] == [(key, "unsupported")]
 
 
-@pytest.mark.parametrize("kind, expected_kind, fragment", [
-    ("sharegpt", "unsupported", "chat_template"),
-    ("sharegpt:chat", "unsupported", "chat_template"),
-    ("orpo.chat_template", "unsupported", "not supported"),
-    ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
-    ("alpacaa", "invalid", "not a known prompt strategy; did you mean 'alpaca'?"),
-    ("pretrain", "invalid", "pretraining_dataset"),
-    ("ebft_opencode.transform", "unsupported", "not supported"),
-])
+@pytest.mark.parametrize(
+    "kind, expected_kind, fragment",
+    [
+        ("sharegpt", "unsupported", "chat_template"),
+        ("sharegpt:chat", "unsupported", "chat_template"),
+        ("orpo.chat_template", "unsupported", "not supported"),
+        ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
+        ("alpacaa", "invalid", "not a known prompt strategy; did you mean 'alpaca'?"),
+        ("pretrain", "invalid", "pretraining_dataset"),
+        ("ebft_opencode.transform", "unsupported", "not supported"),
+    ],
+)
 def test_dataset_types(kind, expected_kind, fragment):
     report = validate_config({**GOOD, "datasets": [{"path": "org/data", "type": kind}]}, ENV)
     assert [(i.loc, i.kind) for i in report.errors] == [("datasets[0].type", expected_kind)]
@@ -242,9 +362,17 @@ def test_dataset_types(kind, expected_kind, fragment):
 
 
 def test_dataset_type_dict_form_and_chat_template_keys():
-    ds = [{"path": "org/data", "type": {"field_instruction": "q", "field_output": "a", "format": "{instruction}"}},
-          {"path": "org/chat", "type": "chat_template", "field_messages": "conversations",
-           "message_property_mappings": {"role": "from", "content": "value"}, "roles_to_train": ["gpt"], "train_on_eos": "turn"}]
+    ds = [
+        {"path": "org/data", "type": {"field_instruction": "q", "field_output": "a", "format": "{instruction}"}},
+        {
+            "path": "org/chat",
+            "type": "chat_template",
+            "field_messages": "conversations",
+            "message_property_mappings": {"role": "from", "content": "value"},
+            "roles_to_train": ["gpt"],
+            "train_on_eos": "turn",
+        },
+    ]
     report = validate_config({**GOOD, "datasets": ds}, ENV)
     assert report.valid, report.errors
     assert report.value.datasets[0].strategy_name() == "user_defined"
@@ -280,25 +408,40 @@ def test_infinity_and_nan_are_rejected(key):
 
 def test_config_json_round_trip_is_exact():
     """The stage children load RUN_DIR/config.json with model_validate_json (docs/contracts.md)."""
-    raw = {**GOOD, "adapter": "qlora", "load_in_4bit": True, "warmup_steps": 0.1, "fsdp_config": {"fsdp_version": 2, "offload_params": True},
-           "special_tokens": {"pad_token": "<pad>"}, "optim_args": {"betas": [0.9, 0.95]},
-           "datasets": [{"path": "org/d", "type": {"field_instruction": "q", "field_output": "a"}},
-                        {"path": "org/c", "type": "chat_template", "message_property_mappings": {"role": "from", "content": "value", "weight": "w"}}]}
+    raw = {
+        **GOOD,
+        "adapter": "qlora",
+        "load_in_4bit": True,
+        "warmup_steps": 0.1,
+        "fsdp_config": {"fsdp_version": 2, "offload_params": True},
+        "special_tokens": {"pad_token": "<pad>"},
+        "optim_args": {"betas": [0.9, 0.95]},
+        "datasets": [
+            {"path": "org/d", "type": {"field_instruction": "q", "field_output": "a"}},
+            {
+                "path": "org/c",
+                "type": "chat_template",
+                "message_property_mappings": {"role": "from", "content": "value", "weight": "w"},
+            },
+        ],
+    }
     cfg = validate_config(raw, ENV).value
     assert cfg is not None
     assert TrainingConfig.model_validate_json(cfg.model_dump_json()) == cfg
 
 
-
-@pytest.mark.parametrize("extra, attr, value", [
-    ({"torch_dtype": "bfloat16"}, "bf16", True),
-    ({"torch_dtype": "float16", "bf16": False}, "fp16", True),
-    ({"torch_dtype": "bfloat16", "bf16": False}, "bf16", False),  # the explicit key wins
-    ({"model_config": {"rope_theta": 1e6}}, "overrides_of_model_config", {"rope_theta": 1e6}),
-    ({"evaluation_strategy": "steps"}, "eval_strategy", "steps"),
-    ({"warmup_steps": 0.1}, "warmup_steps", 0.1),
-    ({"evals_per_epoch": 0}, "evals_per_epoch", 0),
-])
+@pytest.mark.parametrize(
+    "extra, attr, value",
+    [
+        ({"torch_dtype": "bfloat16"}, "bf16", True),
+        ({"torch_dtype": "float16", "bf16": False}, "fp16", True),
+        ({"torch_dtype": "bfloat16", "bf16": False}, "bf16", False),  # the explicit key wins
+        ({"model_config": {"rope_theta": 1e6}}, "overrides_of_model_config", {"rope_theta": 1e6}),
+        ({"evaluation_strategy": "steps"}, "eval_strategy", "steps"),
+        ({"warmup_steps": 0.1}, "warmup_steps", 0.1),
+        ({"evals_per_epoch": 0}, "evals_per_epoch", 0),
+    ],
+)
 def test_axolotl_spellings_map_onto_current_keys(extra, attr, value):
     report = validate_config({**GOOD, **extra}, ENV)
     assert report.valid, report.errors
@@ -321,16 +464,25 @@ def test_own_deepspeed_file_is_not_mistaken_for_a_bundled_one():
     assert locs({**GOOD, "deepspeed": "deepspeed_configs/custom.json"}) == {"deepspeed"}
 
 
-@pytest.mark.parametrize("extra, loc", [
-    ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha"),
-    ({"noisy_embedding_alpha": 5.0}, "noisy_embedding_alpha"),
-    ({"lr_quadratic_warmup": True}, "lr_quadratic_warmup"),
-    ({"cosine_constant_lr_ratio": 0.8}, "cosine_constant_lr_ratio"),
-    ({"group_by_length": True}, "group_by_length"),
-    ({"added_tokens_overrides": {"5": "<x>"}}, "added_tokens_overrides"),
-    ({"datasets": [{"path": "org/c", "type": "chat_template", "split_thinking": True}]}, "datasets[0].split_thinking"),
-    ({"datasets": [{"path": "org/c", "type": "chat_template", "message_field_training_detail": "d"}]}, "datasets[0].message_field_training_detail"),
-])
+@pytest.mark.parametrize(
+    "extra, loc",
+    [
+        ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha"),
+        ({"noisy_embedding_alpha": 5.0}, "noisy_embedding_alpha"),
+        ({"lr_quadratic_warmup": True}, "lr_quadratic_warmup"),
+        ({"cosine_constant_lr_ratio": 0.8}, "cosine_constant_lr_ratio"),
+        ({"group_by_length": True}, "group_by_length"),
+        ({"added_tokens_overrides": {"5": "<x>"}}, "added_tokens_overrides"),
+        (
+            {"datasets": [{"path": "org/c", "type": "chat_template", "split_thinking": True}]},
+            "datasets[0].split_thinking",
+        ),
+        (
+            {"datasets": [{"path": "org/c", "type": "chat_template", "message_field_training_detail": "d"}]},
+            "datasets[0].message_field_training_detail",
+        ),
+    ],
+)
 def test_features_ftw_does_not_implement_fail_at_validation_not_after_preprocessing(extra, loc):
     report = validate_config({**GOOD, **extra}, ENV)
     assert not report.valid
@@ -338,13 +490,18 @@ def test_features_ftw_does_not_implement_fail_at_validation_not_after_preprocess
     assert "not supported" in report.errors[0].msg
 
 
-@pytest.mark.parametrize("extra", [{"group_by_length": False}, {"lr_quadratic_warmup": False}, {"neftune_noise_alpha": None}])
+@pytest.mark.parametrize(
+    "extra", [{"group_by_length": False}, {"lr_quadratic_warmup": False}, {"neftune_noise_alpha": None}]
+)
 def test_unimplemented_features_switched_off_are_accepted(extra):
     assert validate_config({**GOOD, **extra}, ENV).valid
 
 
 def test_torch_compile_backend_and_mode_are_checked_before_any_work():
     """torch would raise these only after the model is loaded, with no hint."""
-    assert {"torch_compile_backend", "torch_compile_mode"} <= locs({**GOOD, "torch_compile": True, "torch_compile_backend": "nope",
-                                                                   "torch_compile_mode": "fastest"})
-    assert not errors({**GOOD, "torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune"})
+    assert {"torch_compile_backend", "torch_compile_mode"} <= locs(
+        {**GOOD, "torch_compile": True, "torch_compile_backend": "nope", "torch_compile_mode": "fastest"}
+    )
+    assert not errors(
+        {**GOOD, "torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune"}
+    )

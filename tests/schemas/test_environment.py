@@ -1,4 +1,5 @@
 """Operator defaults and overrides from the environment (FTW_CONFIG_DEFAULTS / FTW_CONFIG_OVERRIDES)."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,17 @@ def env(**layers):
 
 
 def test_defaults_fill_only_what_the_job_leaves_out():
-    report = validate_config({**GOOD, "sequence_len": 1024}, env(defaults={"sequence_len": 4096, "gradient_checkpointing": True}))
+    report = validate_config(
+        {**GOOD, "sequence_len": 1024}, env(defaults={"sequence_len": 4096, "gradient_checkpointing": True})
+    )
     assert report.valid and report.warnings == []
     assert (report.value.sequence_len, report.value.gradient_checkpointing) == (1024, True)
 
 
 def test_overrides_win_and_the_job_is_told():
-    report = validate_config({**GOOD, "micro_batch_size": 64}, env(overrides={"micro_batch_size": 2, "save_total_limit": 1}))
+    report = validate_config(
+        {**GOOD, "micro_batch_size": 64}, env(overrides={"micro_batch_size": 2, "save_total_limit": 1})
+    )
     assert report.valid
     assert (report.value.micro_batch_size, report.value.save_total_limit) == (2, 1)
     assert [(w.loc, "FTW_CONFIG_OVERRIDES" in w.msg) for w in report.warnings] == [("micro_batch_size", True)]
@@ -68,7 +73,9 @@ def test_malformed_layers_are_errors_not_half_applied():
 
 
 def test_defaults_can_supply_required_keys_for_a_single_model_endpoint():
-    report = validate_config({"datasets": GOOD["datasets"]}, env(defaults={"base_model": "org/model", "learning_rate": 1e-4}))
+    report = validate_config(
+        {"datasets": GOOD["datasets"]}, env(defaults={"base_model": "org/model", "learning_rate": 1e-4})
+    )
     assert report.valid and report.value.base_model == "org/model"
 
 

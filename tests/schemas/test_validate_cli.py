@@ -1,4 +1,5 @@
 """`ftw validate` as users script it: exit codes and the --json shape."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,21 @@ import yaml
 
 from tests.conftest import child_env
 
-GOOD = {"base_model": "org/model", "learning_rate": 2e-4, "adapter": "lora", "datasets": [{"path": "org/data", "type": "alpaca"}]}
+GOOD = {
+    "base_model": "org/model",
+    "learning_rate": 2e-4,
+    "adapter": "lora",
+    "datasets": [{"path": "org/data", "type": "alpaca"}],
+}
 
 
 def run_validate(path, *flags):
-    return subprocess.run([sys.executable, "-m", "worker.cli", "validate", str(path), *flags], capture_output=True, text=True, env=child_env())
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "validate", str(path), *flags],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
 
 
 def test_valid_config_exits_0(tmp_path):
@@ -27,7 +38,13 @@ def test_valid_config_exits_0(tmp_path):
 
 
 def test_every_error_reported_at_once_with_locations(tmp_path):
-    bad = {**GOOD, "learning_rate": -1, "datasets": [{"path": "x", "type": "sharegpt"}], "lora_rr": 4, "plugins": ["evil.mod"]}
+    bad = {
+        **GOOD,
+        "learning_rate": -1,
+        "datasets": [{"path": "x", "type": "sharegpt"}],
+        "lora_rr": 4,
+        "plugins": ["evil.mod"],
+    }
     p = tmp_path / "c.yml"
     p.write_text(yaml.safe_dump(bad))
     r = run_validate(p, "--json")
@@ -82,8 +99,11 @@ def test_console_script_text_report(tmp_path):
 
 
 def test_job_shapes_are_recognised(tmp_path):
-    for name, doc in [("wrapped.json", {"input": {"run_id": "r1", "args": GOOD}}), ("bare.json", {"run_id": "r1", "config": GOOD}),
-                      ("job.yml", {"input": {"run_id": "r1", "config": GOOD}})]:
+    for name, doc in [
+        ("wrapped.json", {"input": {"run_id": "r1", "args": GOOD}}),
+        ("bare.json", {"run_id": "r1", "config": GOOD}),
+        ("job.yml", {"input": {"run_id": "r1", "config": GOOD}}),
+    ]:
         p = tmp_path / name
         p.write_text(json.dumps(doc) if name.endswith(".json") else yaml.safe_dump(doc))
         r = run_validate(p, "--json")
@@ -94,8 +114,12 @@ def test_environment_reaches_the_cli(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text(yaml.safe_dump({**GOOD, "trust_remote_code": True}))
     assert run_validate(p).returncode == 3
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "validate", str(p)], capture_output=True, text=True,
-                       env=child_env(FTW_ALLOW_REMOTE_CODE="1"))
+    r = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "validate", str(p)],
+        capture_output=True,
+        text=True,
+        env=child_env(FTW_ALLOW_REMOTE_CODE="1"),
+    )
     assert r.returncode == 0, r.stdout
 
 
@@ -119,14 +143,25 @@ def test_a_document_that_is_not_a_mapping_is_invalid_not_a_crash(tmp_path):
 
 def test_usage(tmp_path):
     assert run_validate("--help").returncode == 0
-    r = subprocess.run([sys.executable, "-m", "worker.cli", "validate"], capture_output=True, text=True, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "validate"], capture_output=True, text=True, env=child_env()
+    )
     assert r.returncode == 2
 
 
 def test_credential_errors_in_json_output_name_keys_not_values(tmp_path):
     p = tmp_path / "job.json"
-    p.write_text(json.dumps({"input": {"run_id": "r1", "args": GOOD,
-                                       "credentials": {"hf_token": ["hf_CLIsecretVALUE1"], "openai_key": "sk-CLIsecretVALUE2"}}}))
+    p.write_text(
+        json.dumps(
+            {
+                "input": {
+                    "run_id": "r1",
+                    "args": GOOD,
+                    "credentials": {"hf_token": ["hf_CLIsecretVALUE1"], "openai_key": "sk-CLIsecretVALUE2"},
+                }
+            }
+        )
+    )
     for flags in (["--json"], []):
         r = run_validate(p, *flags)
         assert r.returncode == 3, r.stderr

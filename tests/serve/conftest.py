@@ -4,6 +4,7 @@ local Hub, and one engine per kind shared by the tests of this package (vLLM on 
 The vLLM engine runs in `.venv-vllm` (built by `make vllm-env`; the fixture builds it when missing),
 as a child of the test process, exactly as serve_handler.py runs it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +54,10 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     from huggingface_hub import HfApi
 
     root = tmp_path_factory.mktemp("adapters")
-    local = {name: train_tiny_adapter(tiny_model_dir, root / name, text, seed=i) for i, (name, text) in enumerate(TEXTS.items())}
+    local = {
+        name: train_tiny_adapter(tiny_model_dir, root / name, text, seed=i)
+        for i, (name, text) in enumerate(TEXTS.items())
+    }
     s3_server.make_bucket(BUCKET)
     client = s3_server.client()
     s3 = {name: upload_adapter(client, folder, BUCKET, f"runs/{name}/adapter") for name, folder in local.items()}
@@ -68,7 +72,8 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     templated = root / "templated"
     subprocess.run(["cp", "-r", str(local["alpha"]), str(templated)], check=True)
     (templated / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}")
+        "{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+    )
     Manifest.of_folder(templated).write(templated)
     templated_s3 = upload_adapter(client, templated, BUCKET, "runs/templated/adapter")
 
@@ -86,12 +91,22 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_", "BUCKET_", "RUNPOD_"))}
     env.update(s3_server.env())
     env.update(
-        MODEL_NAME=str(model_dir), BASE_VOLUME=str(volume), HF_ENDPOINT=hub_server.endpoint_url, HF_TOKEN=hub_server.token,
-        BUCKET_NAME=BUCKET, FTW_S3_PREFIX="runs", MAX_LORA_RANK="16", MAX_LORAS="2", MAX_CPU_LORAS="4",
-        MAX_MODEL_LEN="256", MAX_NUM_SEQS="8", HF_HUB_DISABLE_TELEMETRY="1",
+        MODEL_NAME=str(model_dir),
+        BASE_VOLUME=str(volume),
+        HF_ENDPOINT=hub_server.endpoint_url,
+        HF_TOKEN=hub_server.token,
+        BUCKET_NAME=BUCKET,
+        FTW_S3_PREFIX="runs",
+        MAX_LORA_RANK="16",
+        MAX_LORAS="2",
+        MAX_CPU_LORAS="4",
+        MAX_MODEL_LEN="256",
+        MAX_NUM_SEQS="8",
+        HF_HUB_DISABLE_TELEMETRY="1",
         # vLLM on 2 shared CPU cores, for start-up time only: eager, one thread; dtype and memory are ftw's defaults
         VLLM_EXTRA_ARGS="--distributed-executor-backend uni --enforce-eager",
-        VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        OMP_NUM_THREADS="1",
         FTW_SERVE_START_TIMEOUT_S="600",
     )
     env.update(extra)
@@ -136,6 +151,7 @@ STARTED: list = []  # services of this session: their engine clients are closed 
 
 def run(coro):
     """One event loop per call (as RunPod's and ftw serve's loops are separate from the tests')."""
+
     async def main():
         try:
             return await coro
@@ -151,6 +167,12 @@ async def collect(app, job_input) -> list:
 
 
 def chat(model: str, content: str = "hello", **params) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 12,
-            "return_token_ids": True, **params}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 12,
+        "return_token_ids": True,
+        **params,
+    }
     return {"openai_route": "/v1/chat/completions", "openai_input": body}

@@ -1,5 +1,6 @@
 """The two entry points over the transformers+peft engine: serve_handler.py under the real runpod SDK
 (its local API, a real subprocess, SIGTERM) and `ftw serve`'s HTTP routes (real aiohttp server)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,16 +36,30 @@ def post(url: str, body, timeout: float = 120) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_runpod_handler_serves_adapters_and_stops_its_engine_on_sigterm(tiny_model_dir, s3_server, hub_server, published,
-                                                                        hf_service, tmp_path):
+def test_runpod_handler_serves_adapters_and_stops_its_engine_on_sigterm(
+    tiny_model_dir, s3_server, hub_server, published, hf_service, tmp_path
+):
     port = free_port()
-    env = serve_env(tiny_model_dir, s3_server, hub_server, tmp_path / "volume", FTW_SERVE_ENGINE="transformers",
-                    FTW_SERVE_PYTHON=sys.executable, FTW_SERVE_ADAPTERS=f"alpha={published.s3['alpha']}",
-                    PYTHONPATH=str(REPO))
+    env = serve_env(
+        tiny_model_dir,
+        s3_server,
+        hub_server,
+        tmp_path / "volume",
+        FTW_SERVE_ENGINE="transformers",
+        FTW_SERVE_PYTHON=sys.executable,
+        FTW_SERVE_ADAPTERS=f"alpha={published.s3['alpha']}",
+        PYTHONPATH=str(REPO),
+    )
     log = tmp_path / "handler.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "serve_handler.py", "--rp_serve_api", "--rp_api_port", str(port)], cwd=REPO,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "serve_handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}/runsync"
     try:
         deadline = time.monotonic() + 300
@@ -61,10 +76,22 @@ def test_runpod_handler_serves_adapters_and_stops_its_engine_on_sigterm(tiny_mod
         assert out["output"][0]["choices"][0]["token_ids"] == want["token_ids"]  # the preloaded name, same adapter
         assert out["output"][0]["model"] == "alpha"
 
-        _, bad = post(url, {"input": {"openai_route": "/v1/chat/completions", "openai_input": {"model": "alpha", "messages": "hi"}}})
+        _, bad = post(
+            url,
+            {"input": {"openai_route": "/v1/chat/completions", "openai_input": {"model": "alpha", "messages": "hi"}}},
+        )
         assert "messages" in json.dumps(bad) and "error" in json.dumps(bad)
-        _, batch = post(url, {"input": {"messages": [[{"role": "user", "content": "hello"}]] * 2, "model": "alpha",
-                                        "temperature": 0, "max_tokens": 12}})
+        _, batch = post(
+            url,
+            {
+                "input": {
+                    "messages": [[{"role": "user", "content": "hello"}]] * 2,
+                    "model": "alpha",
+                    "temperature": 0,
+                    "max_tokens": 12,
+                }
+            },
+        )
         assert batch["output"][0]["outputs"][1]["choices"] == [want["message"]["content"]]
     finally:
         engine_pids = [child.pid for child in psutil.Process(proc.pid).children()]
@@ -100,17 +127,29 @@ def test_ftw_serve_http_routes(hf_service, published):
                 async with http.post(f"{base}/v1/chat/completions", json=body) as r:
                     whole = (await r.json())["choices"][0]["message"]["content"]
                     assert r.status == 200
-                async with http.post(f"{base}/v1/chat/completions", json={**body, "stream": True, "return_token_ids": False}) as r:
+                async with http.post(
+                    f"{base}/v1/chat/completions", json={**body, "stream": True, "return_token_ids": False}
+                ) as r:
                     events = [line.decode().strip() for line in [x async for x in r.content] if line.strip()]
-                streamed = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events if e != "data: [DONE]")
+                streamed = "".join(
+                    json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events if e != "data: [DONE]"
+                )
                 assert events[-1] == "data: [DONE]" and streamed == whole
-                async with http.post(f"{base}/v1/completions", json={"model": uri, "prompt": "hello", "max_tokens": 4,
-                                                                     "temperature": 0}) as r:
+                async with http.post(
+                    f"{base}/v1/completions", json={"model": uri, "prompt": "hello", "max_tokens": 4, "temperature": 0}
+                ) as r:
                     assert r.status == 200 and (await r.json())["object"] == "text_completion"
                 async with http.get(f"{base}/v1/models") as r:
                     assert uri in [m["id"] for m in (await r.json())["data"]]
-                async with http.post(f"{base}/v1/batch", json={"messages": [[{"role": "user", "content": "hello"}]],
-                                                              "model": uri, "temperature": 0, "max_tokens": 12}) as r:
+                async with http.post(
+                    f"{base}/v1/batch",
+                    json={
+                        "messages": [[{"role": "user", "content": "hello"}]],
+                        "model": uri,
+                        "temperature": 0,
+                        "max_tokens": 12,
+                    },
+                ) as r:
                     assert (await r.json())["outputs"][0]["choices"] == [whole]
                 async with http.post(f"{base}/runsync", json={"input": chat(uri)}) as r:
                     done = await r.json()
@@ -149,9 +188,13 @@ def test_openai_client_sees_refusals_as_openai_errors_before_any_stream(hf_servi
                     await client.chat.completions.create(model=model, messages=hello, stream=True)
                 assert missing.value.code == "model_not_found" and model in missing.value.message
             with pytest.raises(openai.BadRequestError) as too_long:
-                await client.chat.completions.create(model=published.s3["alpha"], messages=hello, max_tokens=250, stream=True)
+                await client.chat.completions.create(
+                    model=published.s3["alpha"], messages=hello, max_tokens=250, stream=True
+                )
             assert too_long.value.code == "context_length_exceeded"
-            stream = await client.chat.completions.create(model=published.s3["alpha"], messages=hello, max_tokens=4, stream=True)
+            stream = await client.chat.completions.create(
+                model=published.s3["alpha"], messages=hello, max_tokens=4, stream=True
+            )
             assert [c.model async for c in stream][-1] == published.s3["alpha"]
         finally:
             await client.close()
@@ -160,7 +203,9 @@ def test_openai_client_sees_refusals_as_openai_errors_before_any_stream(hf_servi
     asyncio.run(scenario())
 
 
-def test_an_engine_whose_port_was_taken_meanwhile_starts_again_on_a_free_one(tiny_model_dir, s3_server, hub_server, tmp_path):
+def test_an_engine_whose_port_was_taken_meanwhile_starts_again_on_a_free_one(
+    tiny_model_dir, s3_server, hub_server, tmp_path
+):
     from worker.serve.engine import EngineProcess
     from worker.serve.settings import ServeSettings
 

@@ -1,5 +1,6 @@
 """Hostile requests to the serving worker (issue 12's sweep): each is refused with a clear 4xx before any
 engine work, and the worker carries on. No engine is started: the refusals come before it is asked."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,9 @@ def post_raw(app, path: str, body: bytes) -> tuple[int, dict]:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
             async with aiohttp.ClientSession() as http:
-                async with http.post(f"http://127.0.0.1:{port}{path}", data=body,
-                                     headers={"Content-Type": "application/json"}) as r:
+                async with http.post(
+                    f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": "application/json"}
+                ) as r:
                     return r.status, await r.json(content_type=None)
         finally:
             await app.client.close()
@@ -38,14 +40,18 @@ def post_raw(app, path: str, body: bytes) -> tuple[int, dict]:
     return asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("path, body, says", [
-    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, "deep"),
-    ("/runsync", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deep"),
-    ("/v1/chat/completions", CHAT + b', "max_tokens": 4, "max_tokens": 100000}', "max_tokens"),
-    ("/v1/chat/completions", CHAT + b', "top_p": NaN}', "NaN"),
-    ("/v1/chat/completions", CHAT + b', "user": "\\ud800"}', "surrogate"),
-    ("/v1/chat/completions", CHAT + b', "user": "\xff\xfe"}', "UTF-8"),
-], ids=["deep", "deep-runsync", "duplicate-key", "nan", "lone-surrogate", "invalid-utf8"])
+@pytest.mark.parametrize(
+    "path, body, says",
+    [
+        ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, "deep"),
+        ("/runsync", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deep"),
+        ("/v1/chat/completions", CHAT + b', "max_tokens": 4, "max_tokens": 100000}', "max_tokens"),
+        ("/v1/chat/completions", CHAT + b', "top_p": NaN}', "NaN"),
+        ("/v1/chat/completions", CHAT + b', "user": "\\ud800"}', "surrogate"),
+        ("/v1/chat/completions", CHAT + b', "user": "\xff\xfe"}', "UTF-8"),
+    ],
+    ids=["deep", "deep-runsync", "duplicate-key", "nan", "lone-surrogate", "invalid-utf8"],
+)
 def test_hostile_bodies_are_a_400_that_says_why(path, body, says):
     status, answer = post_raw(serve_app(), path, body)
     assert status == 400, answer
@@ -62,8 +68,12 @@ def test_an_adapter_path_with_a_nul_is_refused_not_a_crash(tmp_path, model):
 def test_a_completion_takes_no_more_prompts_than_a_batch_takes_conversations():
     """5,000 prompts in one request kept the transformers engine busy for minutes, every other request waiting."""
     with pytest.raises(RequestInvalid) as e:
-        parse_request({"openai_route": "/v1/completions", "openai_input": {
-            "model": "m", "prompt": ["hi"] * (MAX_BATCH_CONVERSATIONS + 1), "max_tokens": 1}})
+        parse_request(
+            {
+                "openai_route": "/v1/completions",
+                "openai_input": {"model": "m", "prompt": ["hi"] * (MAX_BATCH_CONVERSATIONS + 1), "max_tokens": 1},
+            }
+        )
     assert any(i.loc.startswith("prompt") for i in e.value.issues)
 
 
@@ -75,14 +85,21 @@ def test_a_stop_sequence_longer_than_the_limit_is_refused_before_the_engine(stop
     assert any("256 characters" in i.msg for i in e.value.issues), [str(i) for i in e.value.issues]
 
 
-@pytest.mark.parametrize("params, loc", [
-    ({"max_tokens": int("9" * 4000)}, "max_tokens"),
-    ({"max_completion_tokens": 2**40}, "max_completion_tokens"),
-    ({"seed": 2**70}, "seed"),
-])
+@pytest.mark.parametrize(
+    "params, loc",
+    [
+        ({"max_tokens": int("9" * 4000)}, "max_tokens"),
+        ({"max_completion_tokens": 2**40}, "max_completion_tokens"),
+        ({"seed": 2**70}, "seed"),
+    ],
+)
 def test_out_of_range_integers_are_refused_with_a_short_message(params, loc):
     """A 4,000-digit max_tokens came back whole in the context error; a seed past 64 bits was the engine's overflow."""
     with pytest.raises(RequestInvalid) as e:
-        parse_request({"openai_route": "/v1/chat/completions", "openai_input": {
-            "model": "m", "messages": [{"role": "user", "content": "hi"}], **params}})
+        parse_request(
+            {
+                "openai_route": "/v1/chat/completions",
+                "openai_input": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **params},
+            }
+        )
     assert [i.loc for i in e.value.issues] == [loc] and len(str(e.value)) < 300, str(e.value)

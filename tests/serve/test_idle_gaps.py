@@ -5,6 +5,7 @@ whose event loop was busy and has not noticed the close yet) gets ServerDisconne
 reset before any byte of the answer. Gaps: just under, at and just over the timeout, and a busy loop
 (a blocking call in a handler) across it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +44,7 @@ def around(keep_alive_s: float) -> list[float]:
 @contextlib.contextmanager
 def server_closing_idle_connections(keep_alive_s: float) -> Iterator[str]:
     """A real aiohttp server (own thread, own loop) that closes connections idle for `keep_alive_s`."""
+
     async def answer(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"ok": True})
@@ -93,8 +95,9 @@ def test_no_request_is_dropped_after_idle_gaps_around_the_engines_keep_alive(eng
 
     async def scenario():
         resent = client.resent
-        failures = await bursts_across_gaps(lambda: collect(service.app, chat(model, max_tokens=2)),
-                                            around(ENGINE_KEEP_ALIVE_S))
+        failures = await bursts_across_gaps(
+            lambda: collect(service.app, chat(model, max_tokens=2)), around(ENGINE_KEEP_ALIVE_S)
+        )
         return failures, client.resent - resent
 
     failures, resent = run(scenario())

@@ -1,4 +1,5 @@
 """Request validation, settings, engine flags, adapter naming and checks: no engine started."""
+
 from __future__ import annotations
 
 import json
@@ -19,26 +20,57 @@ def settings(**env) -> ServeSettings:
 
 # ---- requests
 def test_openai_route_shape_parses_to_typed_requests():
-    route, req = parse_request({"input": {"openai_route": "/v1/chat/completions", "openai_input": {
-        "model": "org/ad@v1", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}}})
+    route, req = parse_request(
+        {
+            "input": {
+                "openai_route": "/v1/chat/completions",
+                "openai_input": {
+                    "model": "org/ad@v1",
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                    "max_completion_tokens": 5,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            }
+        }
+    )
     assert route == "/v1/chat/completions" and isinstance(req, ChatCompletionRequest)
     assert req.token_limit == 5 and req.messages[0].text() == "hi"
 
 
-@pytest.mark.parametrize("job, locs", [
-    ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "m", "messages": [], "temprature": 1}}, {"messages", "temprature"}),
-    ({"openai_route": "/v1/chat/completions", "openai_input": {"model": "m", "messages": [{"role": "robot", "content": "x"}]}}, {"messages[0].role"}),
-    ({"openai_route": "/v1/completions", "openai_input": {"model": "m", "prompt": "", "n": 99, "top_p": 0}}, {"prompt", "n", "top_p"}),
-    ({"openai_route": "/v1/embeddings", "openai_input": {}}, {"openai_route"}),
-    ({"openai_route": "/v1/models", "extra": 1}, {"extra"}),
-    ({"messages": [[{"role": "user", "content": "x"}], []], "generation_kwargs": {"top_k": "a", "beam": 2}},
-     {"messages[1]", "generation_kwargs.top_k", "generation_kwargs.beam"}),
-    ({"messages": [[{"role": "user", "content": "x"}]], "max_tokens": 0, "temperature": "hot"}, {"max_tokens", "temperature"}),
-    ({"messages": [[{"role": "user", "content": "x"}]], "n": 2, "temperature": 0}, {""}),
-    ({"prompt": "hi"}, {"input"}),
-    (["not", "an", "object"], {"input"}),
-])
+@pytest.mark.parametrize(
+    "job, locs",
+    [
+        (
+            {"openai_route": "/v1/chat/completions", "openai_input": {"model": "m", "messages": [], "temprature": 1}},
+            {"messages", "temprature"},
+        ),
+        (
+            {
+                "openai_route": "/v1/chat/completions",
+                "openai_input": {"model": "m", "messages": [{"role": "robot", "content": "x"}]},
+            },
+            {"messages[0].role"},
+        ),
+        (
+            {"openai_route": "/v1/completions", "openai_input": {"model": "m", "prompt": "", "n": 99, "top_p": 0}},
+            {"prompt", "n", "top_p"},
+        ),
+        ({"openai_route": "/v1/embeddings", "openai_input": {}}, {"openai_route"}),
+        ({"openai_route": "/v1/models", "extra": 1}, {"extra"}),
+        (
+            {"messages": [[{"role": "user", "content": "x"}], []], "generation_kwargs": {"top_k": "a", "beam": 2}},
+            {"messages[1]", "generation_kwargs.top_k", "generation_kwargs.beam"},
+        ),
+        (
+            {"messages": [[{"role": "user", "content": "x"}]], "max_tokens": 0, "temperature": "hot"},
+            {"max_tokens", "temperature"},
+        ),
+        ({"messages": [[{"role": "user", "content": "x"}]], "n": 2, "temperature": 0}, {""}),
+        ({"prompt": "hi"}, {"input"}),
+        (["not", "an", "object"], {"input"}),
+    ],
+)
 def test_bad_requests_report_every_problem_with_its_location(job, locs):
     with pytest.raises(RequestInvalid) as e:
         parse_request(job)
@@ -47,22 +79,49 @@ def test_bad_requests_report_every_problem_with_its_location(job, locs):
 
 
 def test_batch_request_becomes_one_chat_request_per_conversation():
-    _, batch = parse_request({"messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
-                              "n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 7, "generation_kwargs": {"top_k": 5, "stop": ["\n"]}})
+    _, batch = parse_request(
+        {
+            "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]],
+            "n": 2,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "max_tokens": 7,
+            "generation_kwargs": {"top_k": 5, "stop": ["\n"]},
+        }
+    )
     assert isinstance(batch, BatchRequest)
     req = batch.chat_request("m", batch.messages[1])
-    assert (req.model, req.n, req.temperature, req.top_p, req.max_tokens, req.top_k, req.stop) == ("m", 2, 0.5, 0.9, 7, 5, ["\n"])
+    assert (req.model, req.n, req.temperature, req.top_p, req.max_tokens, req.top_k, req.stop) == (
+        "m",
+        2,
+        0.5,
+        0.9,
+        7,
+        5,
+        ["\n"],
+    )
     assert req.messages[0].text() == "b"
 
 
 # ---- settings and engine flags
 def test_settings_from_env_and_vllm_flags():
-    s = settings(MAX_LORAS="3", MAX_LORA_RANK="32", MAX_CPU_LORAS="6", MAX_MODEL_LEN="4096", MAX_NUM_SEQS="12",
-                 DTYPE="bfloat16", ENFORCE_EAGER="true", VLLM_EXTRA_ARGS="--kv-cache-dtype fp8", FTW_SERVE_ADAPTERS="a=org/x@v2")
+    s = settings(
+        MAX_LORAS="3",
+        MAX_LORA_RANK="32",
+        MAX_CPU_LORAS="6",
+        MAX_MODEL_LEN="4096",
+        MAX_NUM_SEQS="12",
+        DTYPE="bfloat16",
+        ENFORCE_EAGER="true",
+        VLLM_EXTRA_ARGS="--kv-cache-dtype fp8",
+        FTW_SERVE_ADAPTERS="a=org/x@v2",
+    )
     args = vllm_args(s, 8123)
     flags = dict(zip(args[::2], args[1::2]))
     assert flags["--model"] == "org/base" and flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
-    assert ["--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "6"] == args[args.index("--max-loras"):args.index("--max-loras") + 6]
+    assert ["--max-loras", "3", "--max-lora-rank", "32", "--max-cpu-loras", "6"] == args[
+        args.index("--max-loras") : args.index("--max-loras") + 6
+    ]
     assert "--enable-lora" in args and "--enforce-eager" in args and args[-2:] == ["--kv-cache-dtype", "fp8"]
     assert s.concurrency("vllm") == 12 and s.concurrency("transformers") == 2 and s.preload == (("a", "org/x@v2"),)
     assert "--enable-lora" not in vllm_args(settings(ENABLE_LORA="false"), 1)
@@ -70,7 +129,9 @@ def test_settings_from_env_and_vllm_flags():
 
 def test_bad_settings_are_all_reported_at_once():
     with pytest.raises(JobSpecError) as e:
-        ServeSettings.from_env({"MAX_LORAS": "x", "MAX_LORA_RANK": "0", "FTW_SERVE_ENGINE": "tgi", "FTW_SERVE_ADAPTERS": "noequals"})
+        ServeSettings.from_env(
+            {"MAX_LORAS": "x", "MAX_LORA_RANK": "0", "FTW_SERVE_ENGINE": "tgi", "FTW_SERVE_ADAPTERS": "noequals"}
+        )
     for name in ("MODEL_NAME", "MAX_LORAS", "MAX_LORA_RANK", "FTW_SERVE_ENGINE", "FTW_SERVE_ADAPTERS"):
         assert name in e.value.message
     with pytest.raises(JobSpecError, match="holds no config.json"):
@@ -104,8 +165,12 @@ def test_verify_adapter_names_every_reason_it_cannot_be_served(tmp_path):
     s = settings(MAX_LORA_RANK="16", FTW_SERVE_BASE_ALIASES="meta/base-v1")
     ok = verify_adapter(write_adapter(tmp_path / "ok", r=16), s, "ok")
     assert ok.rank == 16 and ok.chat_template is None
-    assert verify_adapter(write_adapter(tmp_path / "alias", base_model_name_or_path="meta/base-v1"), s, "alias").rank == 8
-    bad = write_adapter(tmp_path / "bad", r=64, base_model_name_or_path="other/model", modules_to_save=["lm_head"], use_dora=True)
+    assert (
+        verify_adapter(write_adapter(tmp_path / "alias", base_model_name_or_path="meta/base-v1"), s, "alias").rank == 8
+    )
+    bad = write_adapter(
+        tmp_path / "bad", r=64, base_model_name_or_path="other/model", modules_to_save=["lm_head"], use_dora=True
+    )
     with pytest.raises(AdapterError) as e:
         verify_adapter(bad, s, "bad")
     for needle in ("rank 64", "other/model", "modules_to_save", "DoRA"):
@@ -145,7 +210,9 @@ def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
     assert resolve_engine(settings(FTW_SERVE_PYTHON=sys.executable)) == "transformers"  # the main venv: no vLLM
     if VLLM_PYTHON.exists():
         assert resolve_engine(settings(FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "vllm"
-    assert resolve_engine(settings(FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "transformers"
+    assert (
+        resolve_engine(settings(FTW_SERVE_ENGINE="transformers", FTW_SERVE_PYTHON=str(VLLM_PYTHON))) == "transformers"
+    )
 
 
 # ---- the adapter registry's own logic (fetch/load/unload are injected: here they record calls)
@@ -219,7 +286,10 @@ def serve_app(**env):
 def ask(app, model: str) -> dict:
     import asyncio
 
-    job = {"openai_route": "/v1/chat/completions", "openai_input": {"model": model, "messages": [{"role": "user", "content": "hi"}]}}
+    job = {
+        "openai_route": "/v1/chat/completions",
+        "openai_input": {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    }
 
     async def scenario():
         try:
@@ -242,7 +312,11 @@ def test_an_unknown_model_is_404_model_not_found(tmp_path):
     (tmp_path / "store").mkdir()
     for model in ("no-such-run", "what is this?"):
         error = ask(serve_app(BASE_VOLUME=str(tmp_path)), model)["error"]
-        assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error"), error
+        assert (error["code"], error["param"], error["type"]) == (
+            "model_not_found",
+            "model",
+            "invalid_request_error",
+        ), error
         assert model in error["message"]
 
 
@@ -277,8 +351,10 @@ def test_an_engine_failing_mid_stream_ends_the_stream_with_an_error_event_then_d
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         app = ServeApp(settings(), EngineClient(f"http://127.0.0.1:{port}"), fetch=None)
-        job = {"openai_route": "/v1/chat/completions", "openai_input": {
-            "model": "org/base", "messages": [{"role": "user", "content": "hi"}], "stream": True}}
+        job = {
+            "openai_route": "/v1/chat/completions",
+            "openai_input": {"model": "org/base", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        }
         try:
             return [out async for out in app.handle_job(job)]
         finally:
@@ -297,9 +373,13 @@ def test_the_worker_process_never_imports_torch_transformers_or_vllm():
 
     from tests.conftest import REPO, child_env
 
-    code = ("import sys, serve_handler, worker.serve.cli, worker.publish.pull, worker.publish.vllm_check; "
-            "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
+    code = (
+        "import sys, serve_handler, worker.serve.cli, worker.publish.pull, worker.publish.vllm_check; "
+        "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 

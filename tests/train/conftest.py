@@ -1,4 +1,5 @@
 """Fixtures of the train tests: a tiny model whose tokenizer knows the task, and its caches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,14 @@ def task_moe_model_dir(tmp_path_factory) -> Path:
     from worker.tiny import build_model
 
     train, _ = successor_task()
-    return build_model(tmp_path_factory.mktemp("tiny-moe"), style="chatml", extra_text=[p + a for p, a in train[:200]],
-                       arch="qwen3_moe", hidden=128, intermediate=256)
+    return build_model(
+        tmp_path_factory.mktemp("tiny-moe"),
+        style="chatml",
+        extra_text=[p + a for p, a in train[:200]],
+        arch="qwen3_moe",
+        hidden=128,
+        intermediate=256,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +53,6 @@ def small_cache(tmp_path_factory, task_rows) -> Path:
 @pytest.fixture(scope="session")
 def packed_cache(tmp_path_factory, task_rows) -> Path:
     train, held, _ = task_rows
-    return write_cache(tmp_path_factory.mktemp("cache") / "packed", pack(train[:64], 64), pack(held[:16], 64), packed=True)
+    return write_cache(
+        tmp_path_factory.mktemp("cache") / "packed", pack(train[:64], 64), pack(held[:16], 64), packed=True
+    )

@@ -1,5 +1,6 @@
 """Test helpers of the train stage: a synthetic task, a prepared cache written to the contract
 (docs/contracts.md), and the real train child started as a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,14 @@ def pack(rows: list[dict[str, list[int]]], capacity: int) -> list[dict[str, list
     return bins
 
 
-def write_cache(root: Path, train: list[dict], evaluation: list[dict] | None = None, packed: bool = False, sequence_len: int = 64, micro_batch_size: int = 1) -> Path:
+def write_cache(
+    root: Path,
+    train: list[dict],
+    evaluation: list[dict] | None = None,
+    packed: bool = False,
+    sequence_len: int = 64,
+    micro_batch_size: int = 1,
+) -> Path:
     """A prepared-data cache exactly as docs/contracts.md defines it (manifest written last)."""
     from datasets import Dataset, Features, Sequence, Value
 
@@ -59,10 +67,14 @@ def write_cache(root: Path, train: list[dict], evaluation: list[dict] | None = N
     if evaluation:
         Dataset.from_list(evaluation, features=feats).save_to_disk(str(root / "eval"))
     manifest = {
-        "complete": True, "fingerprint": root.name, "rows": {"train": len(train), "eval": len(evaluation or [])},
+        "complete": True,
+        "fingerprint": root.name,
+        "rows": {"train": len(train), "eval": len(evaluation or [])},
         "tokens": {"train": sum(len(r["input_ids"]) for r in train)},
         "packing": {"enabled": packed, "fill": None, "bins": len(train) if packed else None},
-        "sequence_len": sequence_len, "micro_batch_size": micro_batch_size, "versions": {},
+        "sequence_len": sequence_len,
+        "micro_batch_size": micro_batch_size,
+        "versions": {},
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -70,10 +82,20 @@ def write_cache(root: Path, train: list[dict], evaluation: list[dict] | None = N
 
 def base_config(model_dir: Path, **over: Any) -> dict[str, Any]:
     cfg = {
-        "base_model": str(model_dir), "datasets": [{"path": "unused.jsonl", "type": "completion"}],
-        "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
-        "learning_rate": 1e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 4,
-        "optimizer": "adamw_torch", "lr_scheduler": "constant", "sequence_len": 64, "seed": 7,
+        "base_model": str(model_dir),
+        "datasets": [{"path": "unused.jsonl", "type": "completion"}],
+        "adapter": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_target_linear": True,
+        "learning_rate": 1e-3,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 4,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "sequence_len": 64,
+        "seed": 7,
     }
     cfg.update(over)
     return cfg
@@ -96,12 +118,26 @@ def train_argv(config_json: Path, run_dir: Path, cache: Path, nproc: int = 1) ->
 
 
 def train_env(run_dir: Path, threads: int = 1) -> dict[str, str]:
-    return child_env(FTW_EVENTS=str(run_dir / "events.jsonl"), FTW_ERROR_FILE=str(run_dir / "error.json"), OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    return child_env(
+        FTW_EVENTS=str(run_dir / "events.jsonl"),
+        FTW_ERROR_FILE=str(run_dir / "error.json"),
+        OMP_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+    )
 
 
-def run_train(cfg: dict[str, Any], run_dir: Path, cache: Path, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(
+    cfg: dict[str, Any], run_dir: Path, cache: Path, nproc: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
     config_json = write_config(run_dir, cfg)
-    return subprocess.run(train_argv(config_json, run_dir, cache, nproc), env=train_env(run_dir), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        train_argv(config_json, run_dir, cache, nproc),
+        env=train_env(run_dir),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Adapters: LoRA options reach peft, an adapter continued from lora_model_dir is applied once
 (axolotl #2568 applied it twice), full fine-tuning trains and saves the whole model."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,19 @@ def load(model_dir):
 
 
 def test_lora_keys_reach_peft(task_model_dir):
-    cfg = TrainingConfig.model_validate(base_config(task_model_dir, lora_r=4, lora_alpha=8, lora_dropout=0.05, peft_use_dora=True,
-                                                    peft_use_rslora=True, lora_modules_to_save=["lm_head"], lora_target_linear=None,
-                                                    lora_target_modules=["q_proj", "v_proj"]))
+    cfg = TrainingConfig.model_validate(
+        base_config(
+            task_model_dir,
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.05,
+            peft_use_dora=True,
+            peft_use_rslora=True,
+            lora_modules_to_save=["lm_head"],
+            lora_target_linear=None,
+            lora_target_modules=["q_proj", "v_proj"],
+        )
+    )
     lc = lora_config(cfg, load(task_model_dir))
     assert (lc.r, lc.lora_alpha, lc.lora_dropout, lc.use_dora, lc.use_rslora) == (4, 8, 0.05, True, True)
     assert set(lc.target_modules) == {"q_proj", "v_proj"} and lc.modules_to_save == ["lm_head"]
@@ -33,7 +44,10 @@ def test_adapter_from_lora_model_dir_is_applied_once_and_trainable(task_model_di
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(0)
-    trained = get_peft_model(load(task_model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    trained = get_peft_model(
+        load(task_model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     trained.save_pretrained(tmp_path / "previous")
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
@@ -52,18 +66,27 @@ def test_adapter_from_lora_model_dir_is_applied_once_and_trainable(task_model_di
 
 
 def test_full_finetune_trains_every_weight_and_saves_a_model(task_model_dir, task_rows, tmp_path):
-    from tests.train.helpers import write_cache
     from transformers import AutoModelForCausalLM
+
+    from tests.train.helpers import write_cache
 
     train, _, _ = task_rows
     cache = write_cache(tmp_path / "cache", train[:8])
-    cfg = base_config(task_model_dir, adapter=None, lora_target_linear=None, max_steps=2, learning_rate=1e-3, save_strategy="no")
+    cfg = base_config(
+        task_model_dir, adapter=None, lora_target_linear=None, max_steps=2, learning_rate=1e-3, save_strategy="no"
+    )
     assert run_inprocess(cfg, tmp_path / "run", cache) == 0
     out = tmp_path / "run" / "model"
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (
+        (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    )
     before, after = load(task_model_dir).state_dict(), AutoModelForCausalLM.from_pretrained(out).state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert "model.embed_tokens.weight" in changed and "model.layers.0.mlp.down_proj.weight" in changed and "lm_head.weight" in changed
+    assert (
+        "model.embed_tokens.weight" in changed
+        and "model.layers.0.mlp.down_proj.weight" in changed
+        and "lm_head.weight" in changed
+    )
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["adapter"] == "full"
 
 
@@ -76,11 +99,22 @@ def test_added_tokens_resize_embeddings_and_must_train_them(task_model_dir):
     cfg = TrainingConfig.model_validate(base_config(task_model_dir, **keys))
     tok = load_tokenizer(cfg)
     before = load(task_model_dir).get_input_embeddings().weight.shape[0]
-    assert len(tok) == before + 3 and tok.convert_tokens_to_ids("<think>") >= before and len(tok.tokenize("<tool_call>")) == 1
+    assert (
+        len(tok) == before + 3
+        and tok.convert_tokens_to_ids("<think>") >= before
+        and len(tok.tokenize("<tool_call>")) == 1
+    )
     with pytest.raises(JobSpecError, match="untrained") as e:
         load_model(cfg, tok, resolve_precision(cfg, cpu), cpu)
     assert "lora_modules_to_save" in e.value.hint
-    cfg = TrainingConfig.model_validate(base_config(task_model_dir, lora_modules_to_save=["embed_tokens", "lm_head"], resize_token_embeddings_to_32x=True, **keys))
+    cfg = TrainingConfig.model_validate(
+        base_config(
+            task_model_dir,
+            lora_modules_to_save=["embed_tokens", "lm_head"],
+            resize_token_embeddings_to_32x=True,
+            **keys,
+        )
+    )
     model = load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, cpu), cpu)
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows >= len(tok) and rows % 32 == 0

@@ -2,6 +2,7 @@
 presets axolotl's bundled files map to and from a user's dict, give the loss curve and adapter
 one process gives with the same global batch; a checkpoint written under ZeRO resumes to the
 same adapter; SIGTERM saves; `deepspeed_as_fsdp: true` is what selects FSDP2."""
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,31 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.train.helpers import adapter_tensors, base_config, events, run_inprocess, run_train, train_argv, train_env, write_cache, write_config
+from tests.train.helpers import (
+    adapter_tensors,
+    base_config,
+    events,
+    run_inprocess,
+    run_train,
+    train_argv,
+    train_env,
+    write_cache,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # a schedule that moves and a clip that bites: DeepSpeed's optimizer wrapper must leave both to ftw's numbers
-SETTINGS = dict(micro_batch_size=2, gradient_accumulation_steps=2, max_steps=4, lr_scheduler="linear", warmup_steps=1, max_grad_norm=0.5, save_strategy="no", eval_steps=2)
+SETTINGS = dict(
+    micro_batch_size=2,
+    gradient_accumulation_steps=2,
+    max_steps=4,
+    lr_scheduler="linear",
+    warmup_steps=1,
+    max_grad_norm=0.5,
+    save_strategy="no",
+    eval_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +88,21 @@ def test_user_dict_with_auto_values(reference):
     cfg, cache, root = reference
     sgd = {**cfg, "optimizer": "sgd", "learning_rate": 0.5, "max_grad_norm": None}
     assert run_inprocess(sgd, root / "single-sgd", cache) == 0
-    user = {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}, "bf16": {"enabled": "auto"},
-            "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
-    proc = run_train({**sgd, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "deepspeed": user}, root / "user", cache, nproc=2, timeout=800)
+    user = {
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": "auto"},
+        "gradient_accumulation_steps": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+    }
+    proc = run_train(
+        {**sgd, "micro_batch_size": 1, "gradient_accumulation_steps": 2, "deepspeed": user},
+        root / "user",
+        cache,
+        nproc=2,
+        timeout=800,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_matches_single(root, "user", reference="single-sgd")
 
@@ -102,8 +134,15 @@ def test_sigterm_saves_a_resumable_checkpoint(reference):
     cfg, cache, root = reference
     run = root / "sigterm"
     config = write_config(run, two_ranks(cfg, deepspeed="zero3", max_steps=10_000, eval_steps=None))
-    child = subprocess.Popen(train_argv(config, run, cache, nproc=2), env=train_env(run), cwd=REPO, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        train_argv(config, run, cache, nproc=2),
+        env=train_env(run),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(2400):  # wait for real steps (readiness, not a timer), bounded
             if child.poll() is not None or any("loss" in e and (e.get("step") or 0) >= 2 for e in events(run)):
@@ -121,4 +160,7 @@ def test_sigterm_saves_a_resumable_checkpoint(reference):
     saved = newest_complete(run / "checkpoints")
     assert saved is not None and (saved / "adapter_model.safetensors").is_file()
     assert read_state(saved)["world_size"] == 2
-    assert {p.name for p in (saved / "deepspeed" / "state").glob("*optim_states.pt")} >= {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert {p.name for p in (saved / "deepspeed" / "state").glob("*optim_states.pt")} >= {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }

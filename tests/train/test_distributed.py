@@ -1,5 +1,6 @@
 """Two processes on CPU (gloo) under torchrun: DDP and FSDP2 give the adapter one process gives
 with the same global batch. (DeepSpeed ZeRO: test_deepspeed.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,16 @@ def reference(task_model_dir, task_rows, tmp_path_factory):
     train, held, _ = task_rows
     root = tmp_path_factory.mktemp("dist")
     cache = write_cache(root / "cache", train[:32], held[:8])
-    cfg = base_config(task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=4, save_strategy="no", eval_steps=2)
+    cfg = base_config(
+        task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=4, save_strategy="no", eval_steps=2
+    )
     assert run_inprocess(cfg, root / "single", cache) == 0
     return cfg, cache, root
 
 
-@pytest.mark.parametrize("sharding", [{}, {"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize(
+    "sharding", [{}, {"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}}], ids=["ddp", "fsdp2"]
+)
 def test_two_processes_match_one(reference, sharding):
     cfg, cache, root = reference
     name = next(iter(sharding), "ddp")

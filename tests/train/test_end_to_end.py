@@ -1,5 +1,6 @@
 """`ftw train CONFIG` end to end on CPU: preprocess (worker.data) → LoRA training → adapter,
 merged model, summary, loss curve; the tiny Llama then answers held-out prompts of the task."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
 def greedy(model, tok, prompt: str) -> str:
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, tmp_path):
@@ -28,19 +36,58 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
     data = volume / "successor.jsonl"
     with data.open("w") as f:
         for prompt, answer in train:
-            f.write(json.dumps({"segments": [{"label": False, "text": prompt}, {"label": True, "text": answer}, {"label": True, "text": "<|im_end|>"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "segments": [
+                            {"label": False, "text": prompt},
+                            {"label": True, "text": answer},
+                            {"label": True, "text": "<|im_end|>"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     config = {
-        "base_model": str(task_model_dir), "datasets": [{"path": str(data), "type": "input_output"}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "merge_lora": True,
-        "sequence_len": 16, "sample_packing": True, "micro_batch_size": 16, "num_epochs": 4,
-        "learning_rate": 5e-3, "lr_scheduler": "cosine", "warmup_steps": 10, "optimizer": "adamw_torch",
-        "val_set_size": 0.05, "evals_per_epoch": 1, "saves_per_epoch": 1, "logging_steps": 5, "seed": 3,
+        "base_model": str(task_model_dir),
+        "datasets": [{"path": str(data), "type": "input_output"}],
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_target_linear": True,
+        "merge_lora": True,
+        "sequence_len": 16,
+        "sample_packing": True,
+        "micro_batch_size": 16,
+        "num_epochs": 4,
+        "learning_rate": 5e-3,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 10,
+        "optimizer": "adamw_torch",
+        "val_set_size": 0.05,
+        "evals_per_epoch": 1,
+        "saves_per_epoch": 1,
+        "logging_steps": 5,
+        "seed": 3,
     }
     path = tmp_path / "successor.yml"
     path.write_text(yaml.safe_dump(config))
     run_dir = volume / "runs" / "successor"
-    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1", FTW_EVENTS=str(tmp_path / "events.jsonl"))
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "train", str(path), "--run-dir", str(run_dir)], env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
+    env = child_env(
+        BASE_VOLUME=str(volume),
+        FTW_ALLOWED_PATHS=str(task_model_dir),
+        FTW_ALLOW_CPU="1",
+        OMP_NUM_THREADS="1",
+        FTW_EVENTS=str(tmp_path / "events.jsonl"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "train", str(path), "--run-dir", str(run_dir)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["run_dir"] == str(run_dir)
@@ -54,10 +101,14 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0 and summary["peak_memory_gib"] > 0
     assert summary["loss_curve"][-1][1] < summary["loss_curve"][0][1] and summary["eval_curve"]
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) and all((p / "ftw_state.json").is_file() for p in (run_dir / "checkpoints").iterdir())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) and all(
+        (p / "ftw_state.json").is_file() for p in (run_dir / "checkpoints").iterdir()
+    )
     steps = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     step_events = [e for e in steps if e.get("stage") == "train" and "loss" in e and "lr" in e]
-    assert step_events and all({"step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in step_events)
+    assert step_events and all(
+        {"step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in step_events
+    )
 
     # held-out prompts, greedy: base + adapter, and the merged model gives the same answers
     from peft import PeftModel

@@ -1,5 +1,6 @@
 """GRPO's pieces against plain-PyTorch formulas on small tensors, the built-in rewards, and the
 direction of one update on a tiny model (the rewarded completion becomes more likely)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,20 @@ def test_every_builtin_the_schema_names_exists():
 
 
 def test_builtin_rewards():
-    cfg = TrainingConfig(base_model="m", learning_rate=1e-4, adapter="lora", rl="grpo",
-                         trl={"reward_funcs": ["exact_match", "contains_answer", "regex_format", "length"], "max_completion_length": 10})
+    cfg = TrainingConfig(
+        base_model="m",
+        learning_rate=1e-4,
+        adapter="lora",
+        rl="grpo",
+        trl={"reward_funcs": ["exact_match", "contains_answer", "regex_format", "length"], "max_completion_length": 10},
+    )
     got = rewards(cfg, [" 4 8 2", "so 4 8 2!", "abc"], ["4 8 2", "4 8 2", "4 8 2"], [4, 6, 10])
-    assert got == {"exact_match": [1.0, 0.0, 0.0], "contains_answer": [1.0, 1.0, 0.0], "regex_format": [1.0, 0.0, 0.0], "length": [-0.4, -0.6, -1.0]}
+    assert got == {
+        "exact_match": [1.0, 0.0, 0.0],
+        "contains_answer": [1.0, 1.0, 0.0],
+        "regex_format": [1.0, 0.0, 0.0],
+        "length": [-0.4, -0.6, -1.0],
+    }
     custom = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"reward_regex": r"[a-c]+"})})
     assert rewards(custom, ["abc", "4"], ["", ""], [1, 1])["regex_format"] == [1.0, 0.0]
 
@@ -28,10 +39,12 @@ def test_group_advantages_are_normalised_per_prompt():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 5.0, 3.0])
     a = group_advantages(r, 4, scale=True)
     for k in (0, 4):
-        g = r[k:k + 4]
-        assert torch.allclose(a[k:k + 4], (g - g.mean()) / (g.std() + 1e-4))
+        g = r[k : k + 4]
+        assert torch.allclose(a[k : k + 4], (g - g.mean()) / (g.std() + 1e-4))
     assert torch.allclose(group_advantages(r, 4, scale=False), torch.cat([r[:4] - r[:4].mean(), r[4:] - r[4:].mean()]))
-    assert torch.all(group_advantages(torch.ones(4), 4, scale=True) == 0)  # no signal where every completion scores the same
+    assert torch.all(
+        group_advantages(torch.ones(4), 4, scale=True) == 0
+    )  # no signal where every completion scores the same
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
@@ -57,8 +70,11 @@ def test_policy_loss_matches_the_formula(loss_type):
             if mask[i, t]:
                 kls.append(k3)
     m = mask.float()
-    want = {"grpo": ((per_token * m).sum(1) / m.sum(1)).mean(), "bnpo": (per_token * m).sum() / m.sum(),
-            "dr_grpo": (per_token * m).sum() / (4 * 5)}[loss_type]
+    want = {
+        "grpo": ((per_token * m).sum(1) / m.sum(1)).mean(),
+        "bnpo": (per_token * m).sum() / m.sum(),
+        "dr_grpo": (per_token * m).sum() / (4 * 5),
+    }[loss_type]
     assert torch.isclose(loss, want, rtol=1e-5)
     assert abs(float(kl) - sum(kls) / len(kls)) < 1e-5
 
@@ -76,7 +92,10 @@ def test_one_update_makes_the_rewarded_completion_more_likely(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     prompt = [11, 12, 13, 14]
     ids = torch.tensor([prompt + [t, t + 1] for t in (40, 50, 60, 70)])
     rollout = Rollout(ids, torch.ones_like(ids), torch.ones(4, 2, dtype=torch.long), len(prompt))

@@ -2,6 +2,7 @@
 (SFT, merged: it answers in the right shape, often wrongly), then GRPO with the exact_match reward
 on the task's prompts; the reward logged per step rises by a clear margin and the adapter is
 published like any other."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def chat_row(tok, prompt: str, answer: str) -> dict[str, list[int]]:
-    head = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    head = tok(
+        tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    ).input_ids
     ans = tok(answer + "<|im_end|>", add_special_tokens=False).input_ids
-    return {"input_ids": head + ans, "labels": [-100] * len(head) + ans, "position_ids": list(range(len(head) + len(ans)))}
+    return {
+        "input_ids": head + ans,
+        "labels": [-100] * len(head) + ans,
+        "position_ids": list(range(len(head) + len(ans))),
+    }
 
 
 def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volume, tmp_path):
@@ -29,30 +37,84 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
     train, _ = successor_task()
     cache = write_cache(tmp_path / "sft-cache", [chat_row(tok, p, a) for p, a in train], sequence_len=32)
     sft = volume / "sft"
-    assert run_inprocess(base_config(task_model_dir, max_steps=150, micro_batch_size=16, learning_rate=5e-3, merge_lora=True, sequence_len=32,
-                                     lr_scheduler="constant"), sft, cache) == 0
+    assert (
+        run_inprocess(
+            base_config(
+                task_model_dir,
+                max_steps=150,
+                micro_batch_size=16,
+                learning_rate=5e-3,
+                merge_lora=True,
+                sequence_len=32,
+                lr_scheduler="constant",
+            ),
+            sft,
+            cache,
+        )
+        == 0
+    )
 
-    (volume / "rl.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a.strip()}) + "\n" for p, a in train[:400]))
-    job = {"input": {"run_id": "grpo-successor", "allow_cpu": True, "publish": ["adapter"], "config": {
-        "base_model": str(sft / "merged"), "rl": "grpo", "chat_template": "chatml",
-        "trl": {"num_generations": 8, "max_completion_length": 8, "reward_funcs": ["exact_match"], "beta": 0.04, "temperature": 0.2},
-        "datasets": [{"path": str(volume / "rl.jsonl"), "type": "prompt_answer"}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "sequence_len": 32, "micro_batch_size": 8,
-        "max_steps": 50, "learning_rate": 1.5e-3, "optimizer": "adamw_torch", "lr_scheduler": "constant", "logging_steps": 1, "seed": 1,
-    }}}
+    (volume / "rl.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "answer": a.strip()}) + "\n" for p, a in train[:400])
+    )
+    job = {
+        "input": {
+            "run_id": "grpo-successor",
+            "allow_cpu": True,
+            "publish": ["adapter"],
+            "config": {
+                "base_model": str(sft / "merged"),
+                "rl": "grpo",
+                "chat_template": "chatml",
+                "trl": {
+                    "num_generations": 8,
+                    "max_completion_length": 8,
+                    "reward_funcs": ["exact_match"],
+                    "beta": 0.04,
+                    "temperature": 0.2,
+                },
+                "datasets": [{"path": str(volume / "rl.jsonl"), "type": "prompt_answer"}],
+                "adapter": "lora",
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "lora_target_linear": True,
+                "sequence_len": 32,
+                "micro_batch_size": 8,
+                "max_steps": 50,
+                "learning_rate": 1.5e-3,
+                "optimizer": "adamw_torch",
+                "lr_scheduler": "constant",
+                "logging_steps": 1,
+                "seed": 1,
+            },
+        }
+    }
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
     env = child_env(BASE_VOLUME=str(volume), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", str(path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["status"] == "completed", result
     adapter = next(a for a in result["artifacts"] if a["kind"] == "adapter")
     assert adapter["uri"].startswith("file://" + str(volume / "store"))
 
-    events = [json.loads(line) for f in (volume / "runs" / "grpo-successor").rglob("events.jsonl") for line in f.read_text().splitlines()]
+    events = [
+        json.loads(line)
+        for f in (volume / "runs" / "grpo-successor").rglob("events.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     steps = sorted((e["step"], e) for e in events if e.get("stage") == "train" and "reward" in e and "lr" in e)
-    assert len(steps) == 50 and {"reward", "reward_std", "kl", "completion_length", "rewards/exact_match"} <= set(steps[-1][1])
+    assert len(steps) == 50 and {"reward", "reward_std", "kl", "completion_length", "rewards/exact_match"} <= set(
+        steps[-1][1]
+    )
     first = sum(e["reward"] for _, e in steps[:10]) / 10
     last = sum(e["reward"] for _, e in steps[-10:]) / 10
     assert last >= first + 0.2, (first, last)

@@ -5,6 +5,7 @@ the ops that would block the host on a GPU (`aten::_local_scalar_dense` behind `
 `bool(tensor)`, `aten::nonzero`, reductions read as a bool). CPU has no flash kernel, so torch's
 `varlen_attn` is stood in for by an exact CPU one that itself reads nothing back; on a GPU the
 same property is asserted with CUDA's sync debug mode (tests/kernels/test_gpu.py)."""
+
 from __future__ import annotations
 
 import collections
@@ -67,13 +68,17 @@ def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, p
     micro = batch.micro[0]
     assert micro["max_length_q"] == int(micro["cu_seq_lens_q"].diff().max())
     # the same micro-batch as collate builds it for every other attention: no boundaries given
-    without = {k: v for k, v in micro.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    without = {
+        k: v for k, v in micro.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    }
     if packed:
         without.pop("attention_mask")
     varlen_model.set_attn_implementation(attention.NAME)
 
     def step(inputs):  # fresh tensors, as every step has (the device path caches by identity)
-        return lambda: varlen_model(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).loss.backward()
+        return lambda: varlen_model(
+            **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        ).loss.backward()
 
     # the boundaries found on the device (one read-back per forward) give the same loss
     assert torch.equal(varlen_model(**micro).loss, varlen_model(**without).loss)
@@ -103,7 +108,13 @@ def test_a_cuda_training_step_never_waits_for_the_device(task_model_dir, task_ro
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(Trainer, "train_step", strict_step)
-    cfg = base_config(task_model_dir, micro_batch_size=1 if packed else 4, gradient_accumulation_steps=2, max_steps=4, save_strategy="no",
-                      optimizer="adamw_torch_fused")
+    cfg = base_config(
+        task_model_dir,
+        micro_batch_size=1 if packed else 4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        save_strategy="no",
+        optimizer="adamw_torch_fused",
+    )
     assert run_inprocess(cfg, tmp_path / "run", cache) == 0
     assert len(kernels) == 4 and "varlen_attention" in kernels[0]

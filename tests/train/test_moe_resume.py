@@ -1,5 +1,6 @@
 """A tiny Qwen3-MoE with LoRA on its experts resumes from a checkpoint to the same adapter (and the
 same router aux loss) as an uninterrupted run."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,13 +15,31 @@ def test_expert_lora_resumes_to_the_same_adapter(task_rows, tmp_path):
     from worker.tiny import build_model
 
     train, _ = successor_task()
-    model = build_model(tmp_path / "moe", style="chatml", extra_text=[p + a for p, a in train[:200]], arch="qwen3_moe",
-                        hidden=64, heads=2, kv_heads=1, intermediate=128, experts=4)
+    model = build_model(
+        tmp_path / "moe",
+        style="chatml",
+        extra_text=[p + a for p, a in train[:200]],
+        arch="qwen3_moe",
+        hidden=64,
+        heads=2,
+        kv_heads=1,
+        intermediate=128,
+        experts=4,
+    )
     rows, _, _ = task_rows
     cache = write_cache(tmp_path / "cache", pack(rows[:96], 64), packed=True, sequence_len=64)
-    cfg = base_config(model, lora_target_linear=None, lora_target_modules=["q_proj", "v_proj"],
-                      lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"], output_router_logits=True,
-                      micro_batch_size=1, gradient_accumulation_steps=2, max_steps=6, save_steps=3, learning_rate=3e-3)
+    cfg = base_config(
+        model,
+        lora_target_linear=None,
+        lora_target_modules=["q_proj", "v_proj"],
+        lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        output_router_logits=True,
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        save_steps=3,
+        learning_rate=3e-3,
+    )
     assert run_inprocess(cfg, tmp_path / "reference", cache) == 0
     reference = adapter_tensors(tmp_path / "reference" / "adapter")
     assert any("experts" in k for k in reference)

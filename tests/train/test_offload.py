@@ -4,6 +4,7 @@ The CUDA side stream cannot run here; its stand-in `QueuedCopies` behaves like o
 only when something waits on it (or on a later copy), in issue order, and a fetched tensor holds
 NaN until then, so a tensor read before its copy was waited for shows up in the gradients.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,7 +127,7 @@ def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_l
         sent[checkpointing] = {t.untyped_storage().data_ptr() for t in copies.sent}
     # with checkpointing the hooks see the inputs torch.utils.checkpoint saves, one a layer, and
     # outside the layers only the final norm's and the head's few
-    assert {t.untyped_storage().data_ptr() for t in layer_inputs[:len(layers)]} <= sent[True]
+    assert {t.untyped_storage().data_ptr() for t in layer_inputs[: len(layers)]} <= sent[True]
     assert len(sent[True]) <= len(layers) + 3
     assert len(sent[False]) > 4 * len(sent[True])
 
@@ -193,7 +194,11 @@ def test_host_buffers_are_reused_from_step_to_step_and_return_when_a_graph_is_dr
     assert sum(b.numel() for bufs in offloader.pool.free.values() for b in bufs) == held
 
 
-@pytest.mark.parametrize("memory", [{"activation_offloading": True}, {"gradient_checkpointing": "offload"}], ids=["offload", "checkpointing-offload"])
+@pytest.mark.parametrize(
+    "memory",
+    [{"activation_offloading": True}, {"gradient_checkpointing": "offload"}],
+    ids=["offload", "checkpointing-offload"],
+)
 def test_training_with_offloading_reaches_the_same_losses(task_model_dir, small_cache, tmp_path, caplog, memory):
     reference = {"gradient_checkpointing": True} if memory.get("gradient_checkpointing") else {}
     summaries = {}
@@ -215,8 +220,15 @@ def cuda_lora_model(kernels: bool):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -230,8 +242,17 @@ def cuda_lora_model(kernels: bool):
         from kernels import apply_kernels
         from schemas.config import TrainingConfig
 
-        assert apply_kernels(model, TrainingConfig(base_model="x", learning_rate=1e-4, adapter="lora", lora_r=16, lora_alpha=32,
-                                                   gradient_checkpointing=True))
+        assert apply_kernels(
+            model,
+            TrainingConfig(
+                base_model="x",
+                learning_rate=1e-4,
+                adapter="lora",
+                lora_r=16,
+                lora_alpha=32,
+                gradient_checkpointing=True,
+            ),
+        )
     return model.train()
 
 

@@ -1,6 +1,7 @@
 """DPO through `ftw run` end to end on CPU: a synthetic preference task (the successor answer preferred
 over the predecessor one), preprocess → DPO with LoRA → adapter published to the local store; the
 published adapter then prefers the right answer on held-out prompts it never saw."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def answer_logp(model, ids: list[int], start: int) -> float:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    return float(logp[start - 1:].sum())
+    return float(logp[start - 1 :].sum())
 
 
 def preference_accuracy(policy, reference, tok, pairs) -> float:
@@ -40,7 +41,9 @@ def preference_accuracy(policy, reference, tok, pairs) -> float:
     right = 0
     for prompt, good, bad in pairs:
         (gi, gs), (bi, bs) = chat_ids(tok, prompt, good), chat_ids(tok, prompt, bad)
-        margin = (answer_logp(policy, gi, gs) - answer_logp(reference, gi, gs)) - (answer_logp(policy, bi, bs) - answer_logp(reference, bi, bs))
+        margin = (answer_logp(policy, gi, gs) - answer_logp(reference, gi, gs)) - (
+            answer_logp(policy, bi, bs) - answer_logp(reference, bi, bs)
+        )
         right += margin > 0
     return right / len(pairs)
 
@@ -49,17 +52,47 @@ def test_dpo_through_ftw_run_learns_held_out_preferences(task_model_dir, volume,
     train, held = successor_task()
     rows = [{"prompt": p, "chosen": a, "rejected": predecessor(a)} for p, a in train[:480]]
     (volume / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    job = {"input": {"run_id": "dpo-successor", "allow_cpu": True, "publish": ["adapter"], "config": {
-        "base_model": str(task_model_dir), "rl": "dpo", "rl_beta": 0.1,
-        "datasets": [{"path": str(volume / "prefs.jsonl"), "type": "chatml.prompt_pairs"}],
-        "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
-        "sequence_len": 32, "micro_batch_size": 8, "num_epochs": 2, "learning_rate": 3e-3, "optimizer": "adamw_torch",
-        "lr_scheduler": "cosine", "warmup_steps": 5, "val_set_size": 0.1, "evals_per_epoch": 1, "logging_steps": 5, "seed": 1,
-    }}}
+    job = {
+        "input": {
+            "run_id": "dpo-successor",
+            "allow_cpu": True,
+            "publish": ["adapter"],
+            "config": {
+                "base_model": str(task_model_dir),
+                "rl": "dpo",
+                "rl_beta": 0.1,
+                "datasets": [{"path": str(volume / "prefs.jsonl"), "type": "chatml.prompt_pairs"}],
+                "adapter": "lora",
+                "lora_r": 16,
+                "lora_alpha": 32,
+                "lora_target_linear": True,
+                "sequence_len": 32,
+                "micro_batch_size": 8,
+                "num_epochs": 2,
+                "learning_rate": 3e-3,
+                "optimizer": "adamw_torch",
+                "lr_scheduler": "cosine",
+                "warmup_steps": 5,
+                "val_set_size": 0.1,
+                "evals_per_epoch": 1,
+                "logging_steps": 5,
+                "seed": 1,
+            },
+        }
+    }
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
-    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "run", str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=560)
+    env = child_env(
+        BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", str(path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=560,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["status"] == "completed", result
@@ -68,10 +101,16 @@ def test_dpo_through_ftw_run_learns_held_out_preferences(task_model_dir, volume,
     adapter = next(a for a in result["artifacts"] if a["kind"] == "adapter")
     folder = adapter["uri"].removeprefix("file://")
     assert (volume / "store").exists() and folder.startswith(str(volume / "store"))
-    events = [json.loads(line) for f in (volume / "runs" / "dpo-successor").rglob("events.jsonl") for line in f.read_text().splitlines()]
+    events = [
+        json.loads(line)
+        for f in (volume / "runs" / "dpo-successor").rglob("events.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     train_steps = [e for e in events if e.get("stage") == "train" and "loss" in e and "lr" in e]
     evals = [e for e in events if e.get("stage") == "eval"]
-    assert train_steps and {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(train_steps[-1])
+    assert train_steps and {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(
+        train_steps[-1]
+    )
     assert evals and evals[-1]["eval_rewards/accuracies"] >= 0.9, evals
 
     from peft import PeftModel

@@ -1,6 +1,7 @@
 """Loss parity of the DPO family: ftw's packed objective (chosen and rejected in one row, reference =
 adapter disabled) against a plain-PyTorch reference that runs every sequence alone, with a separate
 copy of the base model as the reference, and writes each paper's formula out by hand."""
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,9 @@ def models(tiny_model_dir):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
     frozen = copy.deepcopy(base).eval()
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    )
     with torch.no_grad():  # B = 0 at init: make the adapter change the outputs
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -59,7 +62,7 @@ def alone_logps(model, ids: list[int], prompt: int) -> tuple[torch.Tensor, int]:
     """Summed log p(answer tokens | prefix) of one sequence, run on its own."""
     logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-    return logp[prompt - 1:].sum(), len(ids) - prompt
+    return logp[prompt - 1 :].sum(), len(ids) - prompt
 
 
 def reference_loss(method: str, cfg: TrainingConfig, model, frozen, seqs, flags=None) -> torch.Tensor:
@@ -69,8 +72,12 @@ def reference_loss(method: str, cfg: TrainingConfig, model, frozen, seqs, flags=
     if method == "kto":
         ratios = torch.stack([pol[i][0] - ref[i] for i in range(len(seqs))])
         z0 = max(ratios.detach().mean().item(), 0.0)
-        losses = [(1 - torch.sigmoid(BETA * (r - z0))) * cfg.kto_desirable_weight if f else (1 - torch.sigmoid(BETA * (z0 - r))) * cfg.kto_undesirable_weight
-                  for r, f in zip(ratios, flags)]
+        losses = [
+            (1 - torch.sigmoid(BETA * (r - z0))) * cfg.kto_desirable_weight
+            if f
+            else (1 - torch.sigmoid(BETA * (z0 - r))) * cfg.kto_undesirable_weight
+            for r, f in zip(ratios, flags)
+        ]
         return torch.stack(losses).mean()
     losses = []
     for i in range(0, len(seqs), 2):
@@ -103,8 +110,17 @@ def lora_grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("method, extra", [("dpo", {}), ("dpo", {"dpo_label_smoothing": 0.1}), ("ipo", {}), ("orpo", {}),
-                                           ("simpo", {"simpo_gamma": 0.7, "cpo_alpha": 0.5}), ("kto", {"kto_undesirable_weight": 1.5})])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("dpo", {}),
+        ("dpo", {"dpo_label_smoothing": 0.1}),
+        ("ipo", {}),
+        ("orpo", {}),
+        ("simpo", {"simpo_gamma": 0.7, "cpo_alpha": 0.5}),
+        ("kto", {"kto_undesirable_weight": 1.5}),
+    ],
+)
 def test_packed_loss_and_gradients_match_the_formula_run_sequence_by_sequence(models, method, extra):
     model, frozen = models
     cfg = config(method, **extra)
@@ -129,7 +145,12 @@ def test_packed_loss_and_gradients_match_the_formula_run_sequence_by_sequence(mo
     metrics = objective.metrics(sums.tolist(), float(n_items))
     assert set(metrics) >= {"rewards/chosen", "rewards/rejected"}
     if method != "kto":
-        assert math.isclose(metrics["rewards/margins"], metrics["rewards/chosen"] - metrics["rewards/rejected"], rel_tol=1e-6, abs_tol=1e-9)
+        assert math.isclose(
+            metrics["rewards/margins"],
+            metrics["rewards/chosen"] - metrics["rewards/rejected"],
+            rel_tol=1e-6,
+            abs_tol=1e-9,
+        )
         assert 0.0 <= metrics["rewards/accuracies"] <= 1.0
 
 

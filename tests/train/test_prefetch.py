@@ -1,6 +1,7 @@
 """The batch prefetcher changes when batches are built, never which: the model sees, step by step,
 exactly the rows (seed, step) names — across epochs and after a mid-epoch resume — and the thread
 never outlives the loop (normal end, error, SIGTERM in a real child process)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.train.helpers import base_config, events, pack, run_inprocess, train_argv, train_env, write_cache, write_config
+from tests.train.helpers import (
+    base_config,
+    events,
+    pack,
+    run_inprocess,
+    train_argv,
+    train_env,
+    write_cache,
+    write_config,
+)
 from worker.train.batches import BatchPlan, Prefetcher, collate, real_tokens, target_tokens
 
 KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
@@ -51,11 +61,17 @@ def direct_batches(cache, plan: BatchPlan, steps: int, pad_id: int, packed: bool
     from datasets import load_from_disk
 
     ds = load_from_disk(str(cache / "train"))
-    return [collate([ds[i] for i in micro], pad_id, packed) for step in range(steps) for micro in plan.micro_batches(step, rank=0)]
+    return [
+        collate([ds[i] for i in micro], pad_id, packed)
+        for step in range(steps)
+        for micro in plan.micro_batches(step, rank=0)
+    ]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume(task_model_dir, task_rows, tmp_path, monkeypatch, packed):
+def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume(
+    task_model_dir, task_rows, tmp_path, monkeypatch, packed
+):
     from transformers import AutoTokenizer
 
     train, _, _ = task_rows
@@ -63,7 +79,9 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     cache = write_cache(tmp_path / "cache", rows, packed=packed)
     mbs = 1 if packed else 2
     # 4 rows a step over 10 rows (or the packed bins): a partial last step, wrap-around, 3+ epochs
-    cfg = base_config(task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=8, save_strategy="no")
+    cfg = base_config(
+        task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=8, save_strategy="no"
+    )
     plan = BatchPlan(len(rows), mbs, 2, 1, cfg["seed"])
     assert 1 < plan.steps_per_epoch < 4  # 8 steps cross two epoch boundaries
     pad_id = AutoTokenizer.from_pretrained(task_model_dir).pad_token_id or 0
@@ -85,7 +103,9 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     assert len(seen) == len(expected) == 8 * 2
     for i, (got, want) in enumerate(zip(seen, expected)):
         # on a GPU the varlen kernel's packed rows also carry an all-ones mask (kernels/attention.py)
-        assert set(got) - set(want) <= ({"attention_mask"} if packed and torch.cuda.is_available() else set()), f"micro-batch {i}"
+        assert set(got) - set(want) <= ({"attention_mask"} if packed and torch.cuda.is_available() else set()), (
+            f"micro-batch {i}"
+        )
         for key in want:
             assert torch.equal(got[key], want[key]), f"micro-batch {i} (step {i // 2}): {key} differs"
 
@@ -101,7 +121,9 @@ def test_a_training_error_stops_the_prefetcher(task_model_dir, task_rows, tmp_pa
 
     train, _, _ = task_rows
     cache = write_cache(tmp_path / "cache", train[:16])
-    cfg = base_config(task_model_dir, max_steps=50, loss_watchdog_threshold=0.5, loss_watchdog_patience=2, save_strategy="no")
+    cfg = base_config(
+        task_model_dir, max_steps=50, loss_watchdog_threshold=0.5, loss_watchdog_patience=2, save_strategy="no"
+    )
     with pytest.raises(TrainingError, match="at step 2"):
         run_inprocess(cfg, tmp_path / "run", cache)
     assert not prefetch_threads()
@@ -112,7 +134,9 @@ def test_a_read_error_in_the_thread_is_raised_at_its_step(task_rows, tmp_path):
 
     train, _, _ = task_rows
     ds = load_from_disk(str(write_cache(tmp_path / "cache", train[:6]) / "train"))
-    plan = BatchPlan(num_rows=12, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)  # rows 6.. do not exist
+    plan = BatchPlan(
+        num_rows=12, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False
+    )  # rows 6.. do not exist
     batches = Prefetcher(ds, plan, 0, 0, False, range(0, 6), torch.device("cpu"))
     try:
         assert [batches.get(step).step for step in range(3)] == [0, 1, 2]
@@ -130,8 +154,14 @@ def test_sigterm_while_batches_are_prefetched_saves_and_exits_75(task_model_dir,
     cache = write_cache(tmp_path / "cache", pack(train[:200], 128), packed=True, sequence_len=128)
     run_dir = tmp_path / "run"
     cfg = base_config(task_model_dir, micro_batch_size=1, max_steps=400, save_strategy="no", sequence_len=128)
-    proc = subprocess.Popen(train_argv(write_config(run_dir, cfg), run_dir, cache), env=train_env(run_dir), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_argv(write_config(run_dir, cfg), run_dir, cache),
+        env=train_env(run_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(e.get("step", 0) >= 3 and "loss" in e for e in events(run_dir)):

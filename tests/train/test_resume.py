@@ -6,6 +6,7 @@ a random step, restarted (it resumes from the newest complete checkpoint), stopp
 restart resumes from the one before and finishes. Its adapter must equal the reference's within
 rtol 1e-5 / atol 1e-7 (same data order, RNG with lora_dropout, optimizer and schedule state).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,17 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.train.helpers import adapter_tensors, base_config, events, pack, run_inprocess, train_argv, train_env, write_cache, write_config
+from tests.train.helpers import (
+    adapter_tensors,
+    base_config,
+    events,
+    pack,
+    run_inprocess,
+    train_argv,
+    train_env,
+    write_cache,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -38,7 +49,14 @@ def wait_for(proc, run_dir, predicate, timeout=120.0):
 
 def start(cfg, run_dir, cache):
     config_json = write_config(run_dir, cfg)
-    return subprocess.Popen(train_argv(config_json, run_dir, cache), env=train_env(run_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        train_argv(config_json, run_dir, cache),
+        env=train_env(run_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def train_step_at_least(n):
@@ -49,8 +67,17 @@ def test_kill9_sigterm_and_damaged_checkpoint_resume_to_the_same_adapter(task_mo
     train, _, _ = task_rows
     cache = write_cache(tmp_path / "cache", pack(train[:240], 128), packed=True, sequence_len=128)
     cfg = base_config(
-        task_model_dir, micro_batch_size=1, gradient_accumulation_steps=2, max_steps=20, save_steps=3, save_total_limit=4,
-        lora_dropout=0.1, lr_scheduler="cosine", warmup_steps=3, learning_rate=2e-3, sequence_len=128,
+        task_model_dir,
+        micro_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=20,
+        save_steps=3,
+        save_total_limit=4,
+        lora_dropout=0.1,
+        lr_scheduler="cosine",
+        warmup_steps=3,
+        learning_rate=2e-3,
+        sequence_len=128,
     )
     assert run_inprocess(cfg, tmp_path / "reference", cache) == 0
     reference = adapter_tensors(tmp_path / "reference" / "adapter")
@@ -65,7 +92,9 @@ def test_kill9_sigterm_and_damaged_checkpoint_resume_to_the_same_adapter(task_mo
     proc.wait()
     killed_step = max(e["step"] for e in events(run_dir) if "loss" in e)
     checkpoints = run_dir / "checkpoints"
-    complete = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "ftw_state.json").is_file())
+    complete = sorted(
+        int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if (p / "ftw_state.json").is_file()
+    )
     assert complete and complete[-1] <= killed_step
 
     # restart: resumes from the newest complete checkpoint; then SIGTERM → save this step, exit 75

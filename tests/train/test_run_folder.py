@@ -2,6 +2,7 @@
 another config's training there is refused before preprocessing or model load (exit 3, the
 changed keys named), a finished run is reported as done, an interrupted one resumes; output_dir
 names the run folder (relative: under BASE_VOLUME), without a warning that it is not used."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,12 @@ def train_env(volume, task_model_dir, monkeypatch, tmp_path) -> Path:
         for n in range(64):
             f.write(json.dumps({"text": " ".join(f"{n:03d}") + " -> done"}) + "\n")
     events = tmp_path / "events.jsonl"
-    for key, value in {"FTW_ALLOWED_PATHS": str(task_model_dir), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FTW_EVENTS": str(events)}.items():
+    for key, value in {
+        "FTW_ALLOWED_PATHS": str(task_model_dir),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "FTW_EVENTS": str(events),
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     return events
@@ -31,10 +37,21 @@ def train_env(volume, task_model_dir, monkeypatch, tmp_path) -> Path:
 
 def write_config(path: Path, model_dir: Path, **over) -> Path:
     cfg = {
-        "base_model": str(model_dir), "datasets": [{"path": "./digits.jsonl", "type": "completion"}],
-        "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
-        "learning_rate": 1e-3, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
-        "save_steps": 1, "optimizer": "adamw_torch", "lr_scheduler": "constant", "sequence_len": 32, "seed": 7,
+        "base_model": str(model_dir),
+        "datasets": [{"path": "./digits.jsonl", "type": "completion"}],
+        "adapter": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_target_linear": True,
+        "learning_rate": 1e-3,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "save_steps": 1,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "sequence_len": 32,
+        "seed": 7,
         **over,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +98,9 @@ def test_a_run_folder_is_reused_only_by_the_config_that_made_it(train_env, task_
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].startswith("checkpoint-")
 
 
-def test_output_dir_is_the_run_folder_and_relative_means_under_base_volume(train_env, task_model_dir, volume, tmp_path, capfd):
+def test_output_dir_is_the_run_folder_and_relative_means_under_base_volume(
+    train_env, task_model_dir, volume, tmp_path, capfd
+):
     config = write_config(tmp_path / "cfg.yml", task_model_dir, output_dir="./outputs/lora-out")
     assert main([str(config)]) == 0
     out, err = capfd.readouterr()
@@ -89,5 +108,7 @@ def test_output_dir_is_the_run_folder_and_relative_means_under_base_volume(train
     assert json.loads(out.strip().splitlines()[-1])["run_dir"] == str(run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "outputs").exists()  # never under the current folder
-    assert not [line for line in err.splitlines() if line.startswith("warning")]  # not "output_dir is set by ftw": it is used
+    assert not [
+        line for line in err.splitlines() if line.startswith("warning")
+    ]  # not "output_dir is set by ftw": it is used
     assert json.loads((run_dir / "config.json").read_text())["output_dir"] == str(run_dir)

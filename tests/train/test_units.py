@@ -1,5 +1,6 @@
 """The pure parts of the train stage: batch order, schedule arithmetic, checkpoint files, optimizer
 and scheduler registries, machine checks."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,9 @@ from worker.train.schedule import Schedule
 
 
 def cfg(**over) -> TrainingConfig:
-    return TrainingConfig.model_validate({"base_model": "/m", "learning_rate": 1e-3, "datasets": [{"path": "d.jsonl", "type": "completion"}], **over})
+    return TrainingConfig.model_validate(
+        {"base_model": "/m", "learning_rate": 1e-3, "datasets": [{"path": "d.jsonl", "type": "completion"}], **over}
+    )
 
 
 # ---- batch order ----------------------------------------------------------------------------------
@@ -48,7 +51,9 @@ def test_schedule_follows_axolotl_keys():
     s = Schedule.from_config(cfg(saves_per_epoch=2, evals_per_epoch=5), steps_per_epoch=10, has_eval=True)
     assert (s.save_every, s.eval_every) == (5, 2)
     assert Schedule.from_config(cfg(save_strategy="no"), 10, False).save_every is None
-    assert not Schedule.from_config(cfg(max_steps=10, save_steps=5), 10, False).save_due(10)  # results follow the last step
+    assert not Schedule.from_config(cfg(max_steps=10, save_steps=5), 10, False).save_due(
+        10
+    )  # results follow the last step
 
 
 # ---- checkpoint files ------------------------------------------------------------------------------
@@ -89,20 +94,32 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
 # ---- optimizers and schedules ----------------------------------------------------------------------
 def test_optimizers_by_axolotl_name_and_decay_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = build_optimizer(cfg(optimizer="adamw_torch", weight_decay=0.1, adam_beta2=0.95), model.named_parameters(), torch.device("cpu"))
+    opt = build_optimizer(
+        cfg(optimizer="adamw_torch", weight_decay=0.1, adam_beta2=0.95), model.named_parameters(), torch.device("cpu")
+    )
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # biases and norms are not decayed
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
-    assert isinstance(build_optimizer(cfg(optimizer="sgd", optim_args="momentum=0.9"), model.named_parameters(), torch.device("cpu")), torch.optim.SGD)
+    assert isinstance(
+        build_optimizer(cfg(optimizer="sgd", optim_args="momentum=0.9"), model.named_parameters(), torch.device("cpu")),
+        torch.optim.SGD,
+    )
     with pytest.raises(JobSpecError, match="bitsandbytes"):
         build_optimizer(cfg(optimizer="paged_adamw_8bit"), model.named_parameters(), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup", "rex", "one_cycle", "warmup_stable_decay", "cosine_with_min_lr"])
+@pytest.mark.parametrize(
+    "name",
+    ["cosine", "linear", "constant_with_warmup", "rex", "one_cycle", "warmup_stable_decay", "cosine_with_min_lr"],
+)
 def test_schedulers_warm_up_then_decay(name):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = build_scheduler(cfg(lr_scheduler=name, warmup_steps=5, cosine_min_lr_ratio=0.1 if name == "cosine_with_min_lr" else None), opt, total_steps=50)
+    sched = build_scheduler(
+        cfg(lr_scheduler=name, warmup_steps=5, cosine_min_lr_ratio=0.1 if name == "cosine_with_min_lr" else None),
+        opt,
+        total_steps=50,
+    )
     lrs = []
     for _ in range(50):
         lrs.append(opt.param_groups[0]["lr"])
@@ -128,7 +145,11 @@ def test_every_unmet_machine_requirement_is_named_with_its_fix(monkeypatch):
     monkeypatch.setattr(preflight, "installed", lambda module: module in present)
     preflight.check_machine(cfg(base_model="org/m", adapter="qlora", load_in_4bit=True), True, {})
     with pytest.raises(JobSpecError) as e:
-        preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True), True, {})
+        preflight.check_machine(
+            cfg(base_model="org/m", attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True),
+            True,
+            {},
+        )
     assert "flash-attn" in e.value.message and "wandb, tensorboard logging" in e.value.message
     assert "attn_implementation: sdpa" in e.value.hint and "remove the wandb, tensorboard keys" in e.value.hint
     present.clear()
@@ -172,9 +193,21 @@ def test_sharding_keys_map_to_ddp_or_fsdp2():
     # DeepSpeed configs run DeepSpeed's engine; FSDP2 with the same sharding only when asked for
     assert strategy(cfg(deepspeed="zero2"), two) == {"kind": "deepspeed", "stage": 2}
     assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}), two) == {"kind": "deepspeed", "stage": 3}
-    assert strategy(cfg(deepspeed="zero2", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": False, "offload": False}
-    assert strategy(cfg(deepspeed="zero3", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": True, "offload": False}
-    assert strategy(cfg(deepspeed="zero3_offload", deepspeed_as_fsdp=True), two) == {"kind": "fsdp2", "reshard": True, "offload": True}
+    assert strategy(cfg(deepspeed="zero2", deepspeed_as_fsdp=True), two) == {
+        "kind": "fsdp2",
+        "reshard": False,
+        "offload": False,
+    }
+    assert strategy(cfg(deepspeed="zero3", deepspeed_as_fsdp=True), two) == {
+        "kind": "fsdp2",
+        "reshard": True,
+        "offload": False,
+    }
+    assert strategy(cfg(deepspeed="zero3_offload", deepspeed_as_fsdp=True), two) == {
+        "kind": "fsdp2",
+        "reshard": True,
+        "offload": True,
+    }
     assert strategy(cfg(deepspeed={"zero_optimization": {"stage": 3}}, deepspeed_as_fsdp=True), two)["reshard"] is True
 
 
@@ -183,14 +216,35 @@ def test_deepspeed_config_fills_the_keys_ftw_owns():
     batch shape, clip and precision; the user's other ZeRO settings are kept."""
     from worker.train.deepspeed_engine import build_config
 
-    user = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto", "overlap_comm": True},
-            "bf16": {"enabled": "auto"}, "fp16": {"enabled": True, "loss_scale": 0}, "train_batch_size": 999, "gradient_clipping": "auto"}
-    ds = build_config(cfg(deepspeed=user, max_grad_norm=0.7), rows_per_micro=2, grad_accum=3, world_size=2, precision_dtype=torch.bfloat16)
+    user = {
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto", "overlap_comm": True},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": True, "loss_scale": 0},
+        "train_batch_size": 999,
+        "gradient_clipping": "auto",
+    }
+    ds = build_config(
+        cfg(deepspeed=user, max_grad_norm=0.7),
+        rows_per_micro=2,
+        grad_accum=3,
+        world_size=2,
+        precision_dtype=torch.bfloat16,
+    )
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 12)
-    assert ds["gradient_clipping"] == 0.7 and ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False, "loss_scale": 0}
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        3,
+        12,
+    )
+    assert (
+        ds["gradient_clipping"] == 0.7
+        and ds["bf16"] == {"enabled": True}
+        and ds["fp16"] == {"enabled": False, "loss_scale": 0}
+    )
     assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_allow_untested_optimizer"] is True
-    assert build_config(cfg(deepspeed="zero3_offload"), 1, 1, 2, None)["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert build_config(cfg(deepspeed="zero3_offload"), 1, 1, 2, None)["zero_optimization"]["offload_param"] == {
+        "device": "cpu"
+    }
 
 
 def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeypatch):
@@ -212,7 +266,9 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     progress.close()
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [2, 4]
-    assert all({"stage", "step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in events)
+    assert all(
+        {"stage", "step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in events
+    )
     assert events[0]["eta_s"] is not None and events[-1]["eta_s"] == 0
     assert "4/4" in screen.getvalue() and "loss=0.5000" in screen.getvalue()
 
@@ -230,14 +286,16 @@ def wandb_history(run_file) -> list[dict]:
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = pb.Record.FromString(pending)
             pending = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -247,7 +305,9 @@ def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_di
     from tests.train.helpers import base_config, events, run_train
 
     run_dir = tmp_path / "run"
-    cfg = base_config(task_model_dir, max_steps=3, logging_steps=1, eval_steps=3, wandb_project="ftw-test", wandb_mode="offline")
+    cfg = base_config(
+        task_model_dir, max_steps=3, logging_steps=1, eval_steps=3, wandb_project="ftw-test", wandb_mode="offline"
+    )
     proc = run_train(cfg, run_dir, small_cache, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
@@ -255,7 +315,11 @@ def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_di
     steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
     assert [h["_step"] for h in history] == [e["step"] for e in steps] == [1, 2, 3]
     for row, event in zip(history, steps):
-        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (event["loss"], event["lr"], event["grad_norm"])
+        assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
+            event["loss"],
+            event["lr"],
+            event["grad_norm"],
+        )
     assert history[-1]["eval/loss"] > 0
 
 
@@ -266,7 +330,12 @@ def test_tensorboard_events_hold_the_numbers_the_trainer_reports(task_model_dir,
     from tests.train.helpers import base_config, events, run_train
 
     run_dir = tmp_path / "run"
-    proc = run_train(base_config(task_model_dir, max_steps=3, logging_steps=1, use_tensorboard=True), run_dir, small_cache, timeout=300)
+    proc = run_train(
+        base_config(task_model_dir, max_steps=3, logging_steps=1, use_tensorboard=True),
+        run_dir,
+        small_cache,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]

@@ -3,6 +3,7 @@
 Progress goes to FTW_EVENTS, a failure to FTW_ERROR_FILE (worker.events.run_child); the summary,
 with "cache_dir", is the last stdout line.
 """
+
 from __future__ import annotations
 
 import json

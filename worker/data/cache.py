@@ -9,6 +9,7 @@ fingerprint name is complete or absent. One build per fingerprint at a time (`<f
 an flock the kernel releases when its holder dies, even by kill -9); a process that waited finds
 the finished cache and uses it. Stale temporary folders of a dead builder are removed by the next.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,11 +32,29 @@ from worker.lifeline import pid_alive
 
 # TrainingConfig keys that change the prepared tokens (the tokenizer's own content is hashed apart)
 TOKEN_KEYS = (
-    "datasets", "test_datasets", "pretraining_dataset", "shuffle_merged_datasets", "dataset_exact_deduplication",
-    "val_set_size", "seed", "chat_template", "chat_template_jinja", "default_system_message", "eot_tokens",
-    "train_on_inputs", "sequence_len", "excess_length_strategy", "min_sample_len", "sample_packing",
-    "eval_sample_packing", "sample_packing_bin_size", "sample_packing_group_size",
-    "special_tokens", "tokens", "tokenizer_use_fast", "tokenizer_legacy",
+    "datasets",
+    "test_datasets",
+    "pretraining_dataset",
+    "shuffle_merged_datasets",
+    "dataset_exact_deduplication",
+    "val_set_size",
+    "seed",
+    "chat_template",
+    "chat_template_jinja",
+    "default_system_message",
+    "eot_tokens",
+    "train_on_inputs",
+    "sequence_len",
+    "excess_length_strategy",
+    "min_sample_len",
+    "sample_packing",
+    "eval_sample_packing",
+    "sample_packing_bin_size",
+    "sample_packing_group_size",
+    "special_tokens",
+    "tokens",
+    "tokenizer_use_fast",
+    "tokenizer_legacy",
 )
 LIBRARIES = ("datasets", "tokenizers", "transformers", "pyarrow")
 MANIFEST = "manifest.json"
@@ -72,7 +91,9 @@ def fingerprint(cfg: TrainingConfig, tokenizer_digest: str, content_ids: list[st
         "config": cfg.model_dump(mode="json", include=set(TOKEN_KEYS)),
         "pack_capacity": cfg.batch_shape()[0] * cfg.sequence_len if packing else None,
         # rl rows: micro_batch_size pairs per packed row, grpo prompts sized for the completion length
-        "rl_layout": [cfg.rl, cfg.batch_shape()[0], cfg.trl.max_completion_length if cfg.trl else None] if cfg.rl else None,
+        "rl_layout": [cfg.rl, cfg.batch_shape()[0], cfg.trl.max_completion_length if cfg.trl else None]
+        if cfg.rl
+        else None,
         "tokenizer": tokenizer_digest,
         "data": content_ids,
         "code": code_digest(),
@@ -157,7 +178,9 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     os.rename(tmp, final)
 
 
-def get_or_build(root: Path, fp: str, build: Callable[[Path], dict[str, Any]], waiting: Callable[[float], None]) -> tuple[dict[str, Any], bool]:
+def get_or_build(
+    root: Path, fp: str, build: Callable[[Path], dict[str, Any]], waiting: Callable[[float], None]
+) -> tuple[dict[str, Any], bool]:
     """(manifest, built): the complete cache under `fp`, or one built now by `build(tmp_folder)`.
 
     Checked again after taking the lock: a process that waited uses what the other one built."""
@@ -192,6 +215,9 @@ def load_prepared(cache_dir: str | Path) -> PreparedData:
     folder = Path(cache_dir)
     manifest = read_manifest(folder)
     if manifest is None:
-        raise DataError(f"{folder} is not a complete prepared-data cache (no manifest with complete: true)", hint="run `ftw preprocess CONFIG` again")
+        raise DataError(
+            f"{folder} is not a complete prepared-data cache (no manifest with complete: true)",
+            hint="run `ftw preprocess CONFIG` again",
+        )
     evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
     return PreparedData(load_from_disk(str(folder / "train")), evaluation, manifest)

@@ -5,6 +5,7 @@ pipeline as the preprocess child. Prints a summary table, and the summary as JSO
 stdout line. Exit 0 done, 1 when the data or the config cannot be prepared (the message names the
 file, row and field), 2 on usage errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # an invalid config exits as `ftw va
 def summary_table(s: dict[str, Any]) -> str:
     rows, tokens, packing = s["rows"], s["tokens"], s["packing"]
     dropped = ", ".join(f"{k} {v}" for k, v in rows["dropped"].items()) or "none"
-    fill = f"{packing['fill']:.2%} in {packing['bins']} bins of {packing['capacity']} tokens" if packing["enabled"] else "off"
+    fill = (
+        f"{packing['fill']:.2%} in {packing['bins']} bins of {packing['capacity']} tokens"
+        if packing["enabled"]
+        else "off"
+    )
     lines = [
         ("rows in", f"{rows['in']} ({rows['samples']} samples)"),
         ("kept", f"{rows['kept']} (train {rows['train']}, eval {rows['eval']})"),

@@ -7,6 +7,7 @@ next sample does not fit) is the simple baseline the bench compares with. `pack_
 bins out as rows: the samples back to back, position_ids restarting at 0 at each sample, so the
 trainer splits attention per sample.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ import pyarrow.compute as pc
 MAX_TOKENS_PER_CHUNK = 1 << 28  # int32 list offsets: an Arrow chunk stays far below 2**31 values
 
 
-def first_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int, max_per_bin: int = 1 << 30) -> list[list[int]]:
+def first_fit_decreasing(
+    lengths: Sequence[int] | np.ndarray, capacity: int, max_per_bin: int = 1 << 30
+) -> list[list[int]]:
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:

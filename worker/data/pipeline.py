@@ -12,6 +12,7 @@
 The summary (also the manifest's content) counts rows in / kept / dropped by reason, tokens, the
 trained-token share and the packing fill.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,11 +56,15 @@ class Tally:
 
 
 def pretraining_entry(p: Any) -> DatasetConfig:
-    return DatasetConfig(path=p.path, name=p.name, split=p.split, data_files=p.data_files, type="pretraining", text_column=p.text_column)
+    return DatasetConfig(
+        path=p.path, name=p.name, split=p.split, data_files=p.data_files, type="pretraining", text_column=p.text_column
+    )
 
 
 def dataset_entries(cfg: TrainingConfig) -> tuple[list[tuple[DatasetConfig, int]], list[tuple[DatasetConfig, int]]]:
-    train = [(d, 0) for d in cfg.datasets or []] + [(pretraining_entry(p), p.skip or 0) for p in cfg.pretraining_dataset or []]
+    train = [(d, 0) for d in cfg.datasets or []] + [
+        (pretraining_entry(p), p.skip or 0) for p in cfg.pretraining_dataset or []
+    ]
     evaluation = [(d, 0) for d in cfg.test_datasets or []]
     if evaluation and cfg.val_set_size:
         raise JobSpecError("test_datasets and val_set_size are exclusive", hint="remove val_set_size, or test_datasets")
@@ -81,10 +86,14 @@ def prepare(cfg: TrainingConfig, progress: Progress | None = None) -> dict[str, 
         progress.phase("resolve", datasets=len(train_entries) + len(eval_entries))
         train_sources = [Source(e, sources.resolve(e, scratch / "downloads"), skip) for e, skip in train_entries]
         eval_sources = [Source(e, sources.resolve(e, scratch / "downloads"), skip) for e, skip in eval_entries]
-        content_ids = [s.resolved.content_id for s in train_sources] + ["eval"] + [s.resolved.content_id for s in eval_sources]
+        content_ids = (
+            [s.resolved.content_id for s in train_sources] + ["eval"] + [s.resolved.content_id for s in eval_sources]
+        )
         fp = cache.fingerprint(cfg, tokenizer_digest(tokenizer), content_ids)
         manifest, built = cache.get_or_build(
-            root, fp, lambda out: build(cfg, tokenizer, train_sources, eval_sources, scratch, out, progress),
+            root,
+            fp,
+            lambda out: build(cfg, tokenizer, train_sources, eval_sources, scratch, out, progress),
             waiting=lambda s: progress.phase("waiting", detail=f"another process is preparing {fp} ({s:.0f}s)"),
         )
     finally:
@@ -95,11 +104,23 @@ def prepare(cfg: TrainingConfig, progress: Progress | None = None) -> dict[str, 
     return summary
 
 
-def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval_sources: list[Source], scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
+def build(
+    cfg: TrainingConfig,
+    tokenizer: Any,
+    train_sources: list[Source],
+    eval_sources: list[Source],
+    scratch: Path,
+    out: Path,
+    progress: Progress,
+) -> dict[str, Any]:
     tally = Tally()
     labels = [s.resolved.label for s in train_sources + eval_sources]
     train = tokenize_all(cfg, tokenizer, train_sources, 0, scratch, tally, progress)
-    evaluation = tokenize_all(cfg, tokenizer, eval_sources, len(train_sources), scratch, tally, progress) if eval_sources else None
+    evaluation = (
+        tokenize_all(cfg, tokenizer, eval_sources, len(train_sources), scratch, tally, progress)
+        if eval_sources
+        else None
+    )
     progress.phase("filter", samples=tally.samples)
     train = length_policy(cfg, train, labels, tally)
     if evaluation is not None:
@@ -122,7 +143,11 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
     progress.phase("pack", rows=train.num_rows)
     capacity = cfg.batch_shape()[0] * cfg.sequence_len
     eval_packing = cfg.sample_packing if cfg.eval_sample_packing is None else cfg.eval_sample_packing
-    lay_out = (lambda table, packing: rl_rows.layout(table, cfg)) if cfg.rl else (lambda table, packing: layout(table, packing, capacity, cfg))
+    lay_out = (
+        (lambda table, packing: rl_rows.layout(table, cfg))
+        if cfg.rl
+        else (lambda table, packing: layout(table, packing, capacity, cfg))
+    )
     train_out, train_pack = lay_out(train, cfg.sample_packing)
     splits = {"train": train_out}
     eval_pack: dict[str, Any] = {}
@@ -137,13 +162,17 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
     trained = int(rows.trained_counts(train).sum())
     return {
         "rows": {
-            "in": tally.rows_in, "samples": tally.samples, "kept": train.num_rows + (evaluation.num_rows if evaluation is not None else 0),
-            "train": train.num_rows, "eval": evaluation.num_rows if evaluation is not None else 0,
+            "in": tally.rows_in,
+            "samples": tally.samples,
+            "kept": train.num_rows + (evaluation.num_rows if evaluation is not None else 0),
+            "train": train.num_rows,
+            "eval": evaluation.num_rows if evaluation is not None else 0,
             "dropped": {k: v for k, v in tally.dropped.items() if v},
             "truncated": truncated,
         },
         "tokens": {
-            "train": int(train_lengths.sum()), "trained": trained,
+            "train": int(train_lengths.sum()),
+            "trained": trained,
             "trained_share": round(trained / max(1, int(train_lengths.sum())), 4),
             "eval": int(rows.lengths(evaluation).sum()) if evaluation is not None else 0,
         },
@@ -151,21 +180,29 @@ def build(cfg: TrainingConfig, tokenizer: Any, train_sources: list[Source], eval
         "sequence_len": cfg.sequence_len,
         "micro_batch_size": cfg.batch_shape()[0],
         "rl": cfg.rl,
-        "sources": [{"label": s.resolved.label, "content_id": s.resolved.content_id} for s in train_sources + eval_sources],
+        "sources": [
+            {"label": s.resolved.label, "content_id": s.resolved.content_id} for s in train_sources + eval_sources
+        ],
     }
 
 
 def length_policy(cfg: TrainingConfig, table: pa.Table, labels: list[str], tally: Tally) -> pa.Table:
     if cfg.rl:
         return rl_rows.length_policy(table, cfg, labels, tally.dropped)
-    return rows.apply_length_policy(table, cfg.sequence_len, cfg.excess_length_strategy, cfg.min_sample_len, labels, tally.dropped)
+    return rows.apply_length_policy(
+        table, cfg.sequence_len, cfg.excess_length_strategy, cfg.min_sample_len, labels, tally.dropped
+    )
 
 
 def layout(table: pa.Table, packing: bool, capacity: int, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, Any]]:
     """Packed bins (FFD per group of sample_packing_group_size, bins shuffled) or one sample per row."""
     lengths = rows.lengths(table)
     if not packing:
-        return pack_columns(table, [[i] for i in range(table.num_rows)]), {"enabled": False, "fill": None, "bins": table.num_rows}
+        return pack_columns(table, [[i] for i in range(table.num_rows)]), {
+            "enabled": False,
+            "fill": None,
+            "bins": table.num_rows,
+        }
     bins: list[list[int]] = []
     group = cfg.sample_packing_group_size
     for start in range(0, len(lengths), group):
@@ -173,21 +210,30 @@ def layout(table: pa.Table, packing: bool, capacity: int, cfg: TrainingConfig) -
         bins += [[start + i for i in b] for b in part]
     order = np.random.default_rng(cfg.seed).permutation(len(bins))
     bins = [bins[i] for i in order]
-    return pack_columns(table, bins), {"enabled": True, "fill": round(fill(lengths, bins, capacity), 4), "bins": len(bins), "capacity": capacity}
+    return pack_columns(table, bins), {
+        "enabled": True,
+        "fill": round(fill(lengths, bins, capacity), 4),
+        "bins": len(bins),
+        "capacity": capacity,
+    }
 
 
 def features() -> Any:
     import datasets
 
-    return datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "_source": datasets.Value("int32"),
-        "_row": datasets.Value("int64"),
-    })
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "_source": datasets.Value("int32"),
+            "_row": datasets.Value("int64"),
+        }
+    )
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0) -> dict[str, list]:
+def tokenize_batch(
+    batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0
+) -> dict[str, list]:
     """One datasets.map batch → samples, each tagged with its source and row (for error messages)."""
     raw, indices = rows.batch_rows(batch, indices, offset)
     out: dict[str, list] = {"input_ids": [], "labels": [], "_source": [], "_row": []}
@@ -200,7 +246,15 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, so
     return out
 
 
-def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first: int, scratch: Path, tally: Tally, progress: Progress) -> pa.Table:
+def tokenize_all(
+    cfg: TrainingConfig,
+    tokenizer: Any,
+    items: list[Source],
+    first: int,
+    scratch: Path,
+    tally: Tally,
+    progress: Progress,
+) -> pa.Table:
     import datasets
 
     datasets.disable_caching()
@@ -215,7 +269,12 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
         strategy = build_rl_strategy(ctx) if cfg.rl else build_strategy(ctx)
         missing = [c for c in getattr(strategy, "columns", ()) if c not in data.column_names]
         if missing:
-            raise ctx.row_error(0, missing[0], f"column missing from the dataset (it has: {', '.join(data.column_names)})", hint="map your columns with the dataset entry's field keys, or pick the matching type")
+            raise ctx.row_error(
+                0,
+                missing[0],
+                f"column missing from the dataset (it has: {', '.join(data.column_names)})",
+                hint="map your columns with the dataset entry's field keys, or pick the matching type",
+            )
         procs = max(1, min(cfg.dataset_num_proc or os.cpu_count() or 1, len(data) // ROWS_PER_PROCESS))
         progress.phase("tokenize", source=label, rows=len(data), processes=procs)
         tally.rows_in += len(data)
@@ -224,20 +283,35 @@ def tokenize_all(cfg: TrainingConfig, tokenizer: Any, items: list[Source], first
     return pa.concat_tables(tables)
 
 
-def tokenize_source(data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress, rl: bool = False) -> pa.Table:
+def tokenize_source(
+    data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress, rl: bool = False
+) -> pa.Table:
     """datasets.map over chunks of ROWS_PER_CHUNK rows (MAX_CHUNKS at most), with a progress event (rows/s, tokens/s, ETA) after each."""
     chunks = min(MAX_CHUNKS, max(1, -(-len(data) // ROWS_PER_CHUNK)))
     tables, done, tokens, started = [], 0, 0, time.monotonic()
     for c in range(chunks):
         part = data.shard(num_shards=chunks, index=c, contiguous=True)
         mapped = part.map(
-            rl_rows.tokenize_batch if rl else tokenize_batch, fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done}, batched=True, batch_size=256,
-            with_indices=True, remove_columns=part.column_names, num_proc=procs if procs > 1 else None,
-            features=rl_rows.features() if rl else features(), new_fingerprint=os.urandom(8).hex(), desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
+            rl_rows.tokenize_batch if rl else tokenize_batch,
+            fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done},
+            batched=True,
+            batch_size=256,
+            with_indices=True,
+            remove_columns=part.column_names,
+            num_proc=procs if procs > 1 else None,
+            features=rl_rows.features() if rl else features(),
+            new_fingerprint=os.urandom(8).hex(),
+            desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
         )
         tables.append(mapped.flatten_indices().data.table)
         done += len(part)
         tokens += int(rows.lengths(tables[-1]).sum())
         elapsed = max(time.monotonic() - started, 1e-6)
-        progress.rows(source=label, done=done, total=len(data), tokens_per_s=round(tokens / elapsed), eta_s=round((len(data) - done) * elapsed / done, 1))
+        progress.rows(
+            source=label,
+            done=done,
+            total=len(data),
+            tokens_per_s=round(tokens / elapsed),
+            eta_s=round((len(data) - done) * elapsed / done, 1),
+        )
     return pa.concat_tables(tables)

@@ -12,6 +12,7 @@ masking is exactly the SFT path's, so a DPO pair's tokens are the tokens SFT wou
 The dict form of `type` (axolotl's user_defined.default) is raw text: the formatted prompt
 (masked) then the formatted answer + EOS (trained), as the instruction strategies do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,7 +26,14 @@ from worker.data.strategies.chat import ChatTemplateStrategy
 from worker.data.strategies.templates import template_for
 
 PROMPT_KEYS = ("prompt", "input", "question", "instruction")  # chatml.default: the first one present
-LAYOUT_PROMPT = {"argilla": "instruction", "icr": "input", "intel": "question", "prompt_pairs": "prompt", "ultra": "prompt", "prompt_answer": "prompt"}
+LAYOUT_PROMPT = {
+    "argilla": "instruction",
+    "icr": "input",
+    "intel": "question",
+    "prompt_pairs": "prompt",
+    "ultra": "prompt",
+    "prompt_answer": "prompt",
+}
 TRAINING_FLAG = "training"
 
 
@@ -56,10 +64,26 @@ class ChatRows:
         family, self.layout = split_type(ctx.dataset.type)
         ds = ctx.dataset
         if family in TEMPLATE_FAMILIES:  # rows in plain role/content form, the family's template
-            ds = ds.model_copy(update={"chat_template": family, "chat_template_jinja": None, "message_property_mappings": None,
-                                       "message_field_role": None, "message_field_content": None, "roles": None})
-        self.messages_field = ds.field_messages if self.layout == "default" and family == "chat_template" else "messages"
-        ds = ds.model_copy(update={"field_messages": self.messages_field, "message_field_training": TRAINING_FLAG, "type": "chat_template"})
+            ds = ds.model_copy(
+                update={
+                    "chat_template": family,
+                    "chat_template_jinja": None,
+                    "message_property_mappings": None,
+                    "message_field_role": None,
+                    "message_field_content": None,
+                    "roles": None,
+                }
+            )
+        self.messages_field = (
+            ds.field_messages if self.layout == "default" and family == "chat_template" else "messages"
+        )
+        ds = ds.model_copy(
+            update={
+                "field_messages": self.messages_field,
+                "message_field_training": TRAINING_FLAG,
+                "type": "chat_template",
+            }
+        )
         self.chat = ChatTemplateStrategy(Context(ds, ctx.config, ctx.tokenizer, ctx.source))
         self.role_key, self.content_key = ds.role_key(), ds.content_key()
         self.template = template_for(ds, ctx.config, ctx.tokenizer)
@@ -80,7 +104,9 @@ class ChatRows:
 
     def prompt(self, row: dict[str, Any], index: int) -> list[dict[str, Any]]:
         ds = self.ctx.dataset
-        if self.layout == "default" and self.messages_field != "messages":  # chat_template.default: the row's own conversation
+        if (
+            self.layout == "default" and self.messages_field != "messages"
+        ):  # chat_template.default: the row's own conversation
             conv = row.get(self.messages_field)
             if not isinstance(conv, list):
                 raise self.ctx.row_error(index, self.messages_field, "expected a list of messages (the prompt)")
@@ -88,7 +114,11 @@ class ChatRows:
         if self.layout == "argilla_chat":
             first = ds.field_chosen or "chosen" if self.ctx.config.rl != "kto" else ds.field_completion or "completion"
             return [self.message("user", self.turn(row, index, first, 0))]
-        key = ds.field_prompt or LAYOUT_PROMPT.get(self.layout) or next((k for k in PROMPT_KEYS if row.get(k) is not None), "prompt")
+        key = (
+            ds.field_prompt
+            or LAYOUT_PROMPT.get(self.layout)
+            or next((k for k in PROMPT_KEYS if row.get(k) is not None), "prompt")
+        )
         out = [self.message("user", self.text(row, index, key))]
         system = row.get("system")
         if isinstance(system, str) and system:
@@ -98,7 +128,9 @@ class ChatRows:
     def answer(self, row: dict[str, Any], index: int, side: str) -> dict[str, Any]:
         """The chosen / rejected (/ completion) message of a row."""
         ds = self.ctx.dataset
-        key = {"chosen": ds.field_chosen, "rejected": ds.field_rejected, "completion": ds.field_completion}[side] or side
+        key = {"chosen": ds.field_chosen, "rejected": ds.field_rejected, "completion": ds.field_completion}[
+            side
+        ] or side
         if self.layout == "default" and self.messages_field != "messages":
             value = row.get(key)
             if isinstance(value, dict):
@@ -151,8 +183,12 @@ class ChatRows:
         answer_key = ds.field_answer or "answer"
         answer = row.get(answer_key)
         if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-            raise self.ctx.row_error(index, answer_key, f"expected the reference answer as text or a number, got {type(answer).__name__}")
-        text = self.ctx.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False, add_generation_prompt=True)
+            raise self.ctx.row_error(
+                index, answer_key, f"expected the reference answer as text or a number, got {type(answer).__name__}"
+            )
+        text = self.ctx.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
         ids = list(self.ctx.tokenizer(text, add_special_tokens=False)["input_ids"])
         return RlSample(Sample(ids, [IGNORE] * len(ids)), answer=str(answer))
 
@@ -169,11 +205,16 @@ class RawPairRows:
         out = []
         for row, i in zip(rows, indices):
             field = {k: getattr(s, f"field_{k}") or k for k in ("prompt", "system", "chosen", "rejected")}
-            prompt = (s.prompt_format or "{prompt}").format(prompt=self.ctx.require_str(row.get(field["prompt"]), i, field["prompt"]), system=row.get(field["system"]) or "")
+            prompt = (s.prompt_format or "{prompt}").format(
+                prompt=self.ctx.require_str(row.get(field["prompt"]), i, field["prompt"]),
+                system=row.get(field["system"]) or "",
+            )
             p = self.lead + list(tok(prompt, add_special_tokens=False)["input_ids"])
             sides = []
             for side in ("chosen", "rejected"):
-                text = (getattr(s, f"{side}_format") or "{%s}" % side).format(**{side: self.ctx.require_str(row.get(field[side]), i, field[side])})
+                text = (getattr(s, f"{side}_format") or "{%s}" % side).format(
+                    **{side: self.ctx.require_str(row.get(field[side]), i, field[side])}
+                )
                 a = list(tok(text, add_special_tokens=False)["input_ids"]) + [self.eos]
                 sides.append(Sample(p + a, [IGNORE] * len(p) + a))
             out.append(RlSample(*sides))

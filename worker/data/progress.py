@@ -3,6 +3,7 @@
 datasets' own progress bar runs on the terminal and `rows` events (step = rows done, total_steps =
 rows, tokens_per_s, eta_s) follow each chunk.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,31 @@ class Progress:
         elapsed = time.monotonic() - self.started
         details = " ".join(f"{k}={v}" for k, v in info.items())
         print(f"[preprocess {elapsed:6.1f}s] {name} {details}".rstrip(), file=self.stream, flush=True)
-        emit({"stage": "preprocess", "phase": name, "step": PHASES.index(name) + 1, "total_steps": len(PHASES), "elapsed_s": round(elapsed, 2), **info})
+        emit(
+            {
+                "stage": "preprocess",
+                "phase": name,
+                "step": PHASES.index(name) + 1,
+                "total_steps": len(PHASES),
+                "elapsed_s": round(elapsed, 2),
+                **info,
+            }
+        )
 
     def rows(self, source: str, done: int, total: int, tokens_per_s: float, eta_s: float) -> None:
-        print(f"[preprocess] tokenized {done}/{total} rows of {source}, {tokens_per_s:.0f} tokens/s, ETA {eta_s:.0f}s", file=self.stream, flush=True)
-        emit({"stage": "preprocess", "phase": "tokenize", "source": source, "step": done, "total_steps": total, "tokens_per_s": tokens_per_s, "eta_s": eta_s})
+        print(
+            f"[preprocess] tokenized {done}/{total} rows of {source}, {tokens_per_s:.0f} tokens/s, ETA {eta_s:.0f}s",
+            file=self.stream,
+            flush=True,
+        )
+        emit(
+            {
+                "stage": "preprocess",
+                "phase": "tokenize",
+                "source": source,
+                "step": done,
+                "total_steps": total,
+                "tokens_per_s": tokens_per_s,
+                "eta_s": eta_s,
+            }
+        )

@@ -9,6 +9,7 @@ An http(s) URL is fetched only from a public host (schemas.hosts: the name is re
 address checked, the connection made to a checked one; each redirect hop the same; no proxy), and
 at most FTW_MAX_DOWNLOAD_MB (20480) of it: a job cannot make the worker reach its own network.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,9 @@ def s3_client():
         aws_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or env.get("AWS_SECRET_ACCESS_KEY") or None,
         aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
         region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=Config(s3={"addressing_style": "path"} if endpoint else {}, retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(
+            s3={"addressing_style": "path"} if endpoint else {}, retries={"max_attempts": 5, "mode": "standard"}
+        ),
     )
 
 
@@ -73,9 +76,11 @@ def download_s3(uri: str, dest: Path) -> Path:
         if not inside:
             raise DataError(f"{uri}: no object or folder at this URI", hint=CREDENTIAL_HINT)
         for k in inside:
-            target = dest / k[len(prefix):]
-            if ".." in Path(k[len(prefix):]).parts or Path(k[len(prefix):]).is_absolute():
-                raise DataError(f"{uri}: object key {k!r} would be written outside the download folder", hint="rename the object")
+            target = dest / k[len(prefix) :]
+            if ".." in Path(k[len(prefix) :]).parts or Path(k[len(prefix) :]).is_absolute():
+                raise DataError(
+                    f"{uri}: object key {k!r} would be written outside the download folder", hint="rename the object"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, k, str(target))
         return dest
@@ -89,7 +94,9 @@ class GuardedConnection:
 
     def __init__(self, *args: Any, env: Mapping[str, str], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._create_connection = lambda address, timeout, source=None: connect_checked(self.host, self.port, timeout, env)
+        self._create_connection = lambda address, timeout, source=None: connect_checked(
+            self.host, self.port, timeout, env
+        )
 
 
 class GuardedHTTPConnection(GuardedConnection, http.client.HTTPConnection):
@@ -151,8 +158,9 @@ class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
 
 def guarded_opener(env: Mapping[str, str]) -> urllib.request.OpenerDirector:
     """urllib without proxies (a proxy would reach what the policy refuses), every hop checked."""
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), GuardedHTTPHandler(env),
-                                       GuardedHTTPSHandler(env), CheckedRedirects(env))
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), GuardedHTTPHandler(env), GuardedHTTPSHandler(env), CheckedRedirects(env)
+    )
 
 
 def max_download_bytes(env: Mapping[str, str]) -> int:
@@ -160,7 +168,9 @@ def max_download_bytes(env: Mapping[str, str]) -> int:
     try:
         return int(float(raw) * MB)
     except ValueError:
-        raise DataError(f"{MAX_DOWNLOAD_ENV}={raw[:40]!r} is not a number of MB", hint="the operator sets it, e.g. 20480") from None
+        raise DataError(
+            f"{MAX_DOWNLOAD_ENV}={raw[:40]!r} is not a number of MB", hint="the operator sets it, e.g. 20480"
+        ) from None
 
 
 def download_http(url: str, dest: Path, env: Mapping[str, str] | None = None) -> Path:
@@ -185,18 +195,27 @@ def download_http(url: str, dest: Path, env: Mapping[str, str] | None = None) ->
                 f.write(chunk)
     except TooLarge as e:
         target.unlink(missing_ok=True)
-        raise DataError(f"{redact(url)}: the download is larger than the {limit // MB} MB cap ({e.args[0]} bytes or more)",
-                        hint=f"ask the endpoint operator to raise {MAX_DOWNLOAD_ENV}, or put the data in S3") from None
+        raise DataError(
+            f"{redact(url)}: the download is larger than the {limit // MB} MB cap ({e.args[0]} bytes or more)",
+            hint=f"ask the endpoint operator to raise {MAX_DOWNLOAD_ENV}, or put the data in S3",
+        ) from None
     except PermissionError as e:
         target.unlink(missing_ok=True)
-        raise DataError(f"{redact(url)}: {e}", hint="download the file to BASE_VOLUME and name it there, or use a public URL") from None
+        raise DataError(
+            f"{redact(url)}: {e}", hint="download the file to BASE_VOLUME and name it there, or use a public URL"
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         target.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         if isinstance(reason, PermissionError):
-            raise DataError(f"{redact(url)}: {reason}", hint="download the file to BASE_VOLUME and name it there, or use a public URL") from None
+            raise DataError(
+                f"{redact(url)}: {reason}",
+                hint="download the file to BASE_VOLUME and name it there, or use a public URL",
+            ) from None
         detail = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else str(reason)
-        raise DataError(f"{redact(url)}: cannot download ({detail[:300]})", hint="check that the URL is reachable from the worker") from e
+        raise DataError(
+            f"{redact(url)}: cannot download ({detail[:300]})", hint="check that the URL is reachable from the worker"
+        ) from e
     return target
 
 

@@ -13,6 +13,7 @@ with per-sample attention and no padding); a pair's chosen is always the sequenc
 rejected. kto rows carry `desirable` (one flag per sequence). grpo rows are one prompt each with its
 answer as UTF-8 bytes (`answer_bytes`: batches carry tensors only).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -32,18 +33,22 @@ from worker.errors import DataError
 def features() -> Any:
     import datasets
 
-    return datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "_split": datasets.Value("int32"),
-        "_flag": datasets.Value("int32"),
-        "_answer": datasets.Value("string"),
-        "_source": datasets.Value("int32"),
-        "_row": datasets.Value("int64"),
-    })
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "_split": datasets.Value("int32"),
+            "_flag": datasets.Value("int32"),
+            "_answer": datasets.Value("string"),
+            "_source": datasets.Value("int32"),
+            "_row": datasets.Value("int64"),
+        }
+    )
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0) -> dict[str, list]:
+def tokenize_batch(
+    batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0
+) -> dict[str, list]:
     """One datasets.map batch → one table row per dataset row (see the module docstring)."""
     raw, indices = rows.batch_rows(batch, indices, offset)
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "_split", "_flag", "_answer", "_source", "_row")}
@@ -93,7 +98,8 @@ def length_policy(table: pa.Table, cfg: TrainingConfig, labels: list[str], dropp
         raise DataError(
             f"{source}: row {row}: longer than sequence_len {cfg.sequence_len}{room} ({int(too_long.sum())} such rows)",
             hint="raise sequence_len, or set excess_length_strategy: drop (or truncate, for pairs)",
-            stage="preprocess", details={"source": source, "row": row, "field": "input_ids"},
+            stage="preprocess",
+            details={"source": source, "row": row, "field": "input_ids"},
         )
     if too_long.any() and strategy == "truncate":
         dropped["truncated"] += int(too_long.sum())
@@ -128,13 +134,25 @@ def layout(table: pa.Table, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, An
     """micro_batch_size pairs (or kto samples) per packed row; grpo: one prompt per row."""
     if cfg.rl == "grpo":
         out = pack_columns(table, [[i] for i in range(table.num_rows)])
-        answers = [list(a.encode("utf-8")) for a in table.column("_answer").to_pylist()]  # bytes: batches carry tensors only
-        return out.append_column("answer_bytes", pa.array(answers, pa.list_(pa.int32()))), {"enabled": False, "fill": None, "bins": table.num_rows}
+        answers = [
+            list(a.encode("utf-8")) for a in table.column("_answer").to_pylist()
+        ]  # bytes: batches carry tensors only
+        return out.append_column("answer_bytes", pa.array(answers, pa.list_(pa.int32()))), {
+            "enabled": False,
+            "fill": None,
+            "bins": table.num_rows,
+        }
     starts, lengths = sequences(table)
     ids, labels = flat(table, "input_ids"), flat(table, "labels")
-    offsets = pa.array(np.r_[starts, starts[-1] + lengths[-1]].astype(np.int32)) if len(starts) else pa.array([0], pa.int32())
-    seqs = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-                     "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32()))})
+    offsets = (
+        pa.array(np.r_[starts, starts[-1] + lengths[-1]].astype(np.int32)) if len(starts) else pa.array([0], pa.int32())
+    )
+    seqs = pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
+        }
+    )
     per_row = 2 if cfg.rl in PAIR_METHODS else 1
     mbs = cfg.batch_shape()[0]
     bins = [list(range(r * per_row, min(r + mbs, table.num_rows) * per_row)) for r in range(0, table.num_rows, mbs)]
@@ -143,4 +161,10 @@ def layout(table: pa.Table, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, An
         flags = table.column("_flag").to_numpy()
         out = out.append_column("desirable", pa.array([[int(flags[i]) for i in b] for b in bins], pa.list_(pa.int32())))
     capacity = mbs * per_row * cfg.sequence_len
-    return out, {"enabled": True, "fill": round(float(lengths.sum()) / max(1, len(bins) * capacity), 4), "bins": len(bins), "capacity": capacity, "per_bin": mbs}
+    return out, {
+        "enabled": True,
+        "fill": round(float(lengths.sum()) / max(1, len(bins) * capacity), 4),
+        "bins": len(bins),
+        "capacity": capacity,
+        "per_bin": mbs,
+    }

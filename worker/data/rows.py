@@ -1,6 +1,7 @@
 """Row-level passes over tokenised samples as Arrow tables (input_ids, labels, _source, _row):
 length policy, exact deduplication, shuffle and the eval split. Vectorised with numpy/pyarrow.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,9 @@ def trained_counts(table: pa.Table) -> np.ndarray:
     return totals[ends] - totals[np.r_[0, ends[:-1]]]
 
 
-def apply_length_policy(table: pa.Table, sequence_len: int, strategy: str, min_len: int, sources: list[str], dropped: Counter) -> pa.Table:
+def apply_length_policy(
+    table: pa.Table, sequence_len: int, strategy: str, min_len: int, sources: list[str], dropped: Counter
+) -> pa.Table:
     """excess_length_strategy drop|truncate|raise, then min_sample_len, then samples with nothing to train.
 
     Counts go to `dropped` by reason; truncated (kept) samples are counted under "truncated"."""
@@ -44,12 +47,19 @@ def apply_length_policy(table: pa.Table, sequence_len: int, strategy: str, min_l
             raise DataError(
                 f"{source}: row {row}: {int(lengths(table)[first])} tokens, more than sequence_len {sequence_len} ({int(too_long.sum())} such rows)",
                 hint="raise sequence_len, or set excess_length_strategy: drop or truncate",
-                stage="preprocess", details={"source": source, "row": row, "field": "input_ids"},
+                stage="preprocess",
+                details={"source": source, "row": row, "field": "input_ids"},
             )
         if strategy == "truncate":
             dropped["truncated"] += int(too_long.sum())
-            table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", pc.list_slice(table.column("input_ids"), 0, sequence_len))
-            table = table.set_column(table.schema.get_field_index("labels"), "labels", pc.list_slice(table.column("labels"), 0, sequence_len))
+            table = table.set_column(
+                table.schema.get_field_index("input_ids"),
+                "input_ids",
+                pc.list_slice(table.column("input_ids"), 0, sequence_len),
+            )
+            table = table.set_column(
+                table.schema.get_field_index("labels"), "labels", pc.list_slice(table.column("labels"), 0, sequence_len)
+            )
         else:
             dropped["too_long"] += int(too_long.sum())
             table = table.filter(pa.array(~too_long))
@@ -66,10 +76,15 @@ def row_digests(table: pa.Table) -> list[bytes]:
     starts = np.r_[0, ends[:-1]]
     ids = pc.list_flatten(table.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.int32)
     labels = pc.list_flatten(table.column("labels").combine_chunks()).to_numpy(zero_copy_only=False).astype(np.int32)
-    return [hashlib.blake2b(ids[a:b].tobytes() + b"|" + labels[a:b].tobytes(), digest_size=16).digest() for a, b in zip(starts.tolist(), ends.tolist())]
+    return [
+        hashlib.blake2b(ids[a:b].tobytes() + b"|" + labels[a:b].tobytes(), digest_size=16).digest()
+        for a, b in zip(starts.tolist(), ends.tolist())
+    ]
 
 
-def deduplicate(table: pa.Table, dropped: Counter, seen: set[bytes] | None = None, reason: str = "duplicate") -> tuple[pa.Table, set[bytes]]:
+def deduplicate(
+    table: pa.Table, dropped: Counter, seen: set[bytes] | None = None, reason: str = "duplicate"
+) -> tuple[pa.Table, set[bytes]]:
     """Keep the first of identical samples (same input_ids and labels); `seen` also removes those."""
     seen = set() if seen is None else set(seen)
     keep = np.zeros(table.num_rows, dtype=bool)

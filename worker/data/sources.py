@@ -5,6 +5,7 @@ sha256 of every file's bytes (remote files are downloaded first), or the Hub's r
 `load(resolved, entry, scratch)` reads it as a `datasets.Dataset`; a file that cannot be parsed
 is a DataError naming the file and line. datasets' own cache goes to `scratch`, never reused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +46,9 @@ def file_digest(files: list[Path], root: Path) -> str:
 
 
 def is_saved_dataset(folder: Path) -> bool:
-    return (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
 
 
 def inside(root: Path, path: Path) -> bool:
@@ -60,17 +63,29 @@ def data_files_of(folder: Path, entry: Entry, label: str) -> list[Path]:
         files = [folder / f for f in ([wanted] if isinstance(wanted, str) else wanted)]
         escaping = [str(f) for f in files if not inside(folder, f)]
         if escaping:
-            raise DataError(f"{label}: data_files outside the dataset folder: {', '.join(escaping)}", hint="data_files are relative to the dataset folder and stay inside it")
+            raise DataError(
+                f"{label}: data_files outside the dataset folder: {', '.join(escaping)}",
+                hint="data_files are relative to the dataset folder and stay inside it",
+            )
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise DataError(f"{label}: data_files not found: {', '.join(missing)}", hint="data_files are relative to the dataset folder")
+            raise DataError(
+                f"{label}: data_files not found: {', '.join(missing)}",
+                hint="data_files are relative to the dataset folder",
+            )
         return files
     files = sorted(
-        f for f in folder.rglob("*")
-        if f.is_file() and f.suffix in BUILDERS and inside(folder, f) and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+        f
+        for f in folder.rglob("*")
+        if f.is_file()
+        and f.suffix in BUILDERS
+        and inside(folder, f)
+        and not any(p.startswith(".") for p in f.relative_to(folder).parts)
     )
     if not files:
-        raise DataError(f"{label}: no data files in this folder", hint=f"put {', '.join(BUILDERS)} files in it, or give data_files")
+        raise DataError(
+            f"{label}: no data files in this folder", hint=f"put {', '.join(BUILDERS)} files in it, or give data_files"
+        )
     return files
 
 
@@ -80,19 +95,28 @@ def resolve_local(path: Path, entry: Entry, label: str) -> Resolved:
     if path.is_dir() and is_saved_dataset(path):
         files = sorted(f for f in path.rglob("*") if f.is_file())
         if not all(inside(path, f) for f in files):
-            raise DataError(f"{label}: the saved dataset links to files outside its folder", hint="copy the files into the folder")
+            raise DataError(
+                f"{label}: the saved dataset links to files outside its folder", hint="copy the files into the folder"
+            )
         return Resolved(label, file_digest(files, path), "saved", (str(path),))
     files = data_files_of(path, entry, label) if path.is_dir() else [path]
     ds_type = getattr(entry, "ds_type", None)
     builders = {DS_TYPES[ds_type]} if ds_type else {BUILDERS.get(f.suffix) for f in files}
     if None in builders:
-        raise DataError(f"{label}: cannot tell the file format from its name", hint=f"set ds_type to one of {', '.join(DS_TYPES)}")
+        raise DataError(
+            f"{label}: cannot tell the file format from its name", hint=f"set ds_type to one of {', '.join(DS_TYPES)}"
+        )
     if len(builders) > 1:
-        raise DataError(f"{label}: mixes file formats ({', '.join(sorted(builders))})", hint="give one format per dataset entry (data_files or ds_type)")
+        raise DataError(
+            f"{label}: mixes file formats ({', '.join(sorted(builders))})",
+            hint="give one format per dataset entry (data_files or ds_type)",
+        )
     files = [f for f in files if f.stat().st_size > 0]  # an empty shard of an export holds no rows
     if not files:
-        raise DataError(f"{label}: {'the file is' if path.is_file() else 'every data file is'} empty",
-                        hint="check that the file was written completely")
+        raise DataError(
+            f"{label}: {'the file is' if path.is_file() else 'every data file is'} empty",
+            hint="check that the file was written completely",
+        )
     root = path if path.is_dir() else path.parent
     return Resolved(label, file_digest(files, root), "files", tuple(str(f) for f in files), builders.pop())
 
@@ -138,14 +162,23 @@ def load(res: Resolved, entry: Entry, scratch: Path) -> Any:
             if isinstance(data, datasets.DatasetDict):
                 split = entry.split.split("[")[0]
                 if split not in data:
-                    raise DataError(f"{res.label}: saved dataset has no split {split!r} (it has {', '.join(data)})", hint="set split")
+                    raise DataError(
+                        f"{res.label}: saved dataset has no split {split!r} (it has {', '.join(data)})",
+                        hint="set split",
+                    )
                 data = data[split]
         elif res.kind == "files":
-            data = datasets.load_dataset(res.builder, data_files=list(res.files), split=split_of(entry), cache_dir=str(scratch))
+            data = datasets.load_dataset(
+                res.builder, data_files=list(res.files), split=split_of(entry), cache_dir=str(scratch)
+            )
         else:
             data = datasets.load_dataset(
-                entry.path, name=entry.name, split=entry.split, revision=res.revision or None,
-                data_files=entry.data_files, cache_dir=str(scratch),
+                entry.path,
+                name=entry.name,
+                split=entry.split,
+                revision=res.revision or None,
+                data_files=entry.data_files,
+                cache_dir=str(scratch),
             )
     except DataError:
         raise
@@ -164,18 +197,28 @@ NO_ROWS = "corresponds to no data"  # datasets' words for a file that parsed to 
 
 def diagnose(res: Resolved, error: Exception) -> DataError:
     if res.kind == "files" and NO_ROWS in str(error):
-        return DataError(f"{res.label}: the dataset is empty: its files hold no rows (only whitespace, an empty JSON "
-                         "list or a CSV header)", hint="check that the file was written completely", stage="preprocess")
+        return DataError(
+            f"{res.label}: the dataset is empty: its files hold no rows (only whitespace, an empty JSON "
+            "list or a CSV header)",
+            hint="check that the file was written completely",
+            stage="preprocess",
+        )
     if res.kind == "files" and res.builder == "json":
         for f in res.files:
             problem = first_bad_json_line(Path(f))
             if problem:
                 line, msg = problem
                 return DataError(
-                    f"{f}: line {line}: not valid JSON ({msg})", hint="fix or remove that line",
-                    stage="preprocess", details={"source": f, "row": line - 1, "field": None},
+                    f"{f}: line {line}: not valid JSON ({msg})",
+                    hint="fix or remove that line",
+                    stage="preprocess",
+                    details={"source": f, "row": line - 1, "field": None},
                 )
-    return DataError(f"{res.label}: cannot be read as {res.builder or 'a dataset'} ({type(error).__name__}: {error})", hint="check the file format (ds_type) and that every row has the same fields and types", stage="preprocess")
+    return DataError(
+        f"{res.label}: cannot be read as {res.builder or 'a dataset'} ({type(error).__name__}: {error})",
+        hint="check the file format (ds_type) and that every row has the same fields and types",
+        stage="preprocess",
+    )
 
 
 def first_bad_json_line(path: Path) -> tuple[int, str] | None:

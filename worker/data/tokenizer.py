@@ -3,6 +3,7 @@ content digest for the cache fingerprint: the serialised backend (vocabulary, me
 tokens, normaliser, pre-tokeniser, post-processor), the special tokens and the chat template, as
 loaded — so a changed file, revision, `special_tokens` or `tokens` entry changes the digest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,10 @@ def tokenizer_digest(tokenizer: Any) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    meta = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map, "template": tokenizer.chat_template}
+    meta = {
+        "class": type(tokenizer).__name__,
+        "special": tokenizer.special_tokens_map,
+        "template": tokenizer.chat_template,
+    }
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()

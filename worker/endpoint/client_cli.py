@@ -16,6 +16,7 @@ prints (on stderr) `ftw estimate`'s table: peak memory, time and cost on each GP
 Exit codes: 0 done (for --wait/stream: COMPLETED), 1 the job FAILED / was CANCELLED / TIMED_OUT,
 2 usage or environment error, 3 the job is invalid, 4 the endpoint refused or could not be reached.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def duration_ms(text: str) -> int:
     return int(float(match[1]) * UNITS_MS[match[2] or "s"])
 
 
-def build_request(doc: Any, webhook: str | None, execution_timeout_ms: int | None, ttl_ms: int | None) -> dict[str, Any]:
+def build_request(
+    doc: Any, webhook: str | None, execution_timeout_ms: int | None, ttl_ms: int | None
+) -> dict[str, Any]:
     """The /run body: the document as input (or as the request), with policies fit for training."""
     request = dict(doc) if isinstance(doc, dict) and "input" in doc else {"input": doc}
     policy = dict(request.get("policy") or {})
@@ -61,8 +64,11 @@ def build_request(doc: Any, webhook: str | None, execution_timeout_ms: int | Non
         if policy[key] > MAX_POLICY_MS:
             raise ClientError(f"policy.{key} of {policy[key]} ms is over RunPod's maximum of 7 days", EXIT_USAGE)
     if policy["ttl"] < policy["executionTimeout"]:
-        raise ClientError("policy.ttl counts queue time plus run time: make it at least the executionTimeout "
-                          f"({policy['ttl']} ms < {policy['executionTimeout']} ms)", EXIT_USAGE)
+        raise ClientError(
+            "policy.ttl counts queue time plus run time: make it at least the executionTimeout "
+            f"({policy['ttl']} ms < {policy['executionTimeout']} ms)",
+            EXIT_USAGE,
+        )
     request["policy"] = policy
     if webhook:
         request["webhook"] = webhook
@@ -86,8 +92,11 @@ class Client:
 
         endpoint_id, api_key = env.get("RUNPOD_ENDPOINT_ID"), env.get("RUNPOD_API_KEY")
         if not endpoint_id or not api_key:
-            raise ClientError("set RUNPOD_ENDPOINT_ID and RUNPOD_API_KEY (for `ftw endpoint` on this machine also "
-                              "RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2)", EXIT_USAGE)
+            raise ClientError(
+                "set RUNPOD_ENDPOINT_ID and RUNPOD_API_KEY (for `ftw endpoint` on this machine also "
+                "RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2)",
+                EXIT_USAGE,
+            )
         if env.get("RUNPOD_ENDPOINT_BASE_URL"):
             runpod.endpoint_url_base = env["RUNPOD_ENDPOINT_BASE_URL"].rstrip("/")
         self.base = runpod.endpoint_url_base
@@ -117,11 +126,14 @@ class Client:
         except RuntimeError as e:  # the SDK's 401
             raise ClientError(f"{self.base} refused the API key (401): check RUNPOD_API_KEY") from e
         except requests.HTTPError as e:
-            raise ClientError(f"{self.base}/{self.id}/{path}: HTTP {e.response.status_code}: "
-                              f"{_error_text(e.response)}") from e
+            raise ClientError(
+                f"{self.base}/{self.id}/{path}: HTTP {e.response.status_code}: {_error_text(e.response)}"
+            ) from e
         except requests.RequestException as e:
-            raise ClientError(f"cannot reach {self.base} ({type(e).__name__}); is the endpoint running and "
-                              "RUNPOD_ENDPOINT_BASE_URL right?") from e
+            raise ClientError(
+                f"cannot reach {self.base} ({type(e).__name__}); is the endpoint running and "
+                "RUNPOD_ENDPOINT_BASE_URL right?"
+            ) from e
 
 
 def _error_text(response) -> str:
@@ -142,15 +154,20 @@ def follow(client: Client, job_id: str, poll_s: float = 1.0) -> dict[str, Any]:
                 return client.call("GET", f"status/{job_id}")
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        raise ClientError(f"stopped following; job {job_id} keeps running: `ftw stream {job_id}` follows it again, "
-                          f"`ftw cancel {job_id}` stops it", EXIT_INTERRUPTED) from None
+        raise ClientError(
+            f"stopped following; job {job_id} keeps running: `ftw stream {job_id}` follows it again, "
+            f"`ftw cancel {job_id}` stops it",
+            EXIT_INTERRUPTED,
+        ) from None
 
 
 def finish(status: dict[str, Any]) -> int:
     print(json.dumps(status), flush=True)
     if status.get("status") != "COMPLETED":
-        print(f"job {status.get('id')} ended {status.get('status')}: {status.get('error', 'no error message')}",
-              file=sys.stderr)
+        print(
+            f"job {status.get('id')} ended {status.get('status')}: {status.get('error', 'no error message')}",
+            file=sys.stderr,
+        )
         return EXIT_JOB_FAILED
     return EXIT_OK
 
@@ -171,8 +188,11 @@ def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
         if not report.valid:
             for issue in report.errors:
                 print(f"error   {issue}", file=sys.stderr)
-            print("ftw submit: the job is invalid and was not sent (--no-validate sends it anyway, e.g. when a "
-                  "path exists only where the worker runs)", file=sys.stderr)
+            print(
+                "ftw submit: the job is invalid and was not sent (--no-validate sends it anyway, e.g. when a "
+                "path exists only where the worker runs)",
+                file=sys.stderr,
+            )
             return EXIT_INVALID
     if args.estimate:
         show_estimate(request["input"], client_env)
@@ -190,12 +210,20 @@ def show_estimate(job_input: Any, env: dict[str, str]) -> None:
     from worker.estimate.cli import estimate_text
 
     text, problem = estimate_text(job_input, env)
-    print(text if problem is None else f"ftw submit: no estimate ({problem}); submitting anyway", file=sys.stderr, flush=True)
+    print(
+        text if problem is None else f"ftw submit: no estimate ({problem}); submitting anyway",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ftw", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="ftw",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="send a job (POST /run)")
     s.add_argument("job", type=Path)
@@ -205,8 +233,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--ttl", type=duration_ms, help="policy.ttl (default executionTimeout + 24h, at most 7d)")
     s.add_argument("--no-validate", action="store_true", help="send without validating the job here first")
     s.add_argument("--estimate", action="store_true", help="print peak memory, time and cost on each GPU type first")
-    for name, text in (("status", "print the job's status"), ("stream", "follow the job's progress"),
-                       ("cancel", "cancel the job")):
+    for name, text in (
+        ("status", "print the job's status"),
+        ("stream", "follow the job's progress"),
+        ("cancel", "cancel the job"),
+    ):
         sub.add_parser(name, help=text).add_argument("job_id")
     return p.parse_args(argv)
 

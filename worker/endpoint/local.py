@@ -27,6 +27,7 @@ Logs of each process go to `log_path` (appended) or, when None, to this process'
 Linux every process started here gets SIGTERM when the process (thread) that started it dies, so
 a killed demo or test run leaves no endpoint or worker behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,9 +86,17 @@ class LocalWorker:
 
 
 class LocalEndpoint:
-    def __init__(self, db: str | os.PathLike[str], api_key: str, endpoint_id: str = "local", port: int = 0,
-                 args: tuple[str, ...] | list[str] = (), log_path: str | os.PathLike[str] | None = None,
-                 worker_key: str | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        db: str | os.PathLike[str],
+        api_key: str,
+        endpoint_id: str = "local",
+        port: int = 0,
+        args: tuple[str, ...] | list[str] = (),
+        log_path: str | os.PathLike[str] | None = None,
+        worker_key: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.db, self.api_key, self.endpoint_id, self.port = Path(db), api_key, endpoint_id, port
         self.worker_key, self.env = worker_key or secrets.token_hex(32), dict(env or {})
         self.args, self.log_path = list(args), Path(log_path) if log_path else None
@@ -103,20 +112,46 @@ class LocalEndpoint:
     def base_url(self) -> str:
         return f"{self.url}/v2"
 
-    def start(self, timeout_s: float = 30.0) -> "LocalEndpoint":
-        env = {**os.environ, **self.env, "FTW_ENDPOINT_API_KEY": self.api_key,
-               "FTW_ENDPOINT_WORKER_KEY": self.worker_key, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    def start(self, timeout_s: float = 30.0) -> LocalEndpoint:
+        env = {
+            **os.environ,
+            **self.env,
+            "FTW_ENDPOINT_API_KEY": self.api_key,
+            "FTW_ENDPOINT_WORKER_KEY": self.worker_key,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         self._sink = _log_sink(self.log_path)
-        cmd = [sys.executable, "-m", "worker.endpoint.cli", "--host", "127.0.0.1", "--port", str(self.port),
-               "--db", str(self.db), "--endpoint-id", self.endpoint_id, *self.args]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self._sink,
-                                     start_new_session=True, preexec_fn=die_with_parent(), cwd=REPO)
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker.endpoint.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.db),
+            "--endpoint-id",
+            self.endpoint_id,
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._sink,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+            cwd=REPO,
+        )
         line = self._first_line(timeout_s)
         if not line.startswith(READY_PREFIX):
             self.stop()
-            raise RuntimeError(f"ftw endpoint did not start (exit {self.proc.returncode}): {line.strip()!r}; "
-                               f"see {self.log_path or 'stderr'}")
+            raise RuntimeError(
+                f"ftw endpoint did not start (exit {self.proc.returncode}): {line.strip()!r}; "
+                f"see {self.log_path or 'stderr'}"
+            )
         self.port = int(line.strip().rsplit(":", 1)[1])
         return self
 
@@ -153,32 +188,49 @@ class LocalEndpoint:
             self._sink.close()
             self._sink = None
 
-    def restart(self) -> "LocalEndpoint":
+    def restart(self) -> LocalEndpoint:
         self.stop_endpoint_only()
         return self.start()
 
-    def __enter__(self) -> "LocalEndpoint":
+    def __enter__(self) -> LocalEndpoint:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def client_env(self) -> dict[str, str]:
-        return {"RUNPOD_ENDPOINT_BASE_URL": self.base_url, "RUNPOD_ENDPOINT_ID": self.endpoint_id,
-                "RUNPOD_API_KEY": self.api_key}
+        return {
+            "RUNPOD_ENDPOINT_BASE_URL": self.base_url,
+            "RUNPOD_ENDPOINT_ID": self.endpoint_id,
+            "RUNPOD_API_KEY": self.api_key,
+        }
 
     def worker_env(self, worker_id: str) -> dict[str, str]:
         return worker_env(self.url, self.endpoint_id, self.worker_key, worker_id)
 
-    def start_worker(self, handler_path: str | os.PathLike[str], env: dict[str, str] | None = None,
-                     worker_id: str | None = None, log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
-        worker = spawn_worker(handler_path, self.url, self.endpoint_id, self.worker_key, env=env, worker_id=worker_id,
-                              log_path=log_path or self.log_path)
+    def start_worker(
+        self,
+        handler_path: str | os.PathLike[str],
+        env: dict[str, str] | None = None,
+        worker_id: str | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+    ) -> LocalWorker:
+        worker = spawn_worker(
+            handler_path,
+            self.url,
+            self.endpoint_id,
+            self.worker_key,
+            env=env,
+            worker_id=worker_id,
+            log_path=log_path or self.log_path,
+        )
         self.workers.append(worker)
         return worker
 
 
-def worker_env(url: str, endpoint_id: str, worker_key: str, worker_id: str, ping_interval_ms: int = 5000) -> dict[str, str]:
+def worker_env(
+    url: str, endpoint_id: str, worker_key: str, worker_id: str, ping_interval_ms: int = 5000
+) -> dict[str, str]:
     """What puts an unmodified runpod handler in platform mode against the endpoint at `url`."""
     from worker.endpoint.server import worker_token, worker_urls
 
@@ -192,9 +244,15 @@ def worker_env(url: str, endpoint_id: str, worker_key: str, worker_id: str, ping
     }
 
 
-def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: str, worker_key: str,
-                 env: dict[str, str] | None = None, worker_id: str | None = None,
-                 log_path: str | os.PathLike[str] | None = None) -> LocalWorker:
+def spawn_worker(
+    handler_path: str | os.PathLike[str],
+    url: str,
+    endpoint_id: str,
+    worker_key: str,
+    env: dict[str, str] | None = None,
+    worker_id: str | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+) -> LocalWorker:
     """`python HANDLER` in its own process group, in its folder, with the repository importable."""
     handler_path = Path(handler_path).resolve()
     worker_id = worker_id or f"local-{uuid.uuid4().hex[:8]}"
@@ -203,7 +261,13 @@ def spawn_worker(handler_path: str | os.PathLike[str], url: str, endpoint_id: st
     full_env.pop("FTW_ENDPOINT_API_KEY", None)  # nor the clients' key
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     sink = _log_sink(Path(log_path) if log_path else None)
-    proc = subprocess.Popen([sys.executable, str(handler_path)], env=full_env, cwd=handler_path.parent,
-                            stdout=sink, stderr=subprocess.STDOUT if sink else None, start_new_session=True,
-                            preexec_fn=die_with_parent())
+    proc = subprocess.Popen(
+        [sys.executable, str(handler_path)],
+        env=full_env,
+        cwd=handler_path.parent,
+        stdout=sink,
+        stderr=subprocess.STDOUT if sink else None,
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
+    )
     return LocalWorker(proc, worker_id, sink)

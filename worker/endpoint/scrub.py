@@ -6,6 +6,7 @@ while the job may still be taken; after that the store keeps only their key name
 other value that is secret by its shape (a presigned URL's signature, a password in a URL, a
 config key named like a credential) is masked by the one masker, schemas.secrets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -27,6 +27,7 @@ that times out or is cancelled is stopped through the worker's stop channel only
 that blocks the SDK's event loop (a sync handler) runs on until it returns (RunPod would stop the
 worker), and what it then reports is discarded.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,17 +57,17 @@ DAY_MS = 24 * 3600 * 1000
 
 @dataclass(frozen=True)
 class EndpointSettings:
-    api_key: str                           # clients'
-    worker_key: str                        # workers' tokens derive from it (worker_token)
+    api_key: str  # clients'
+    worker_key: str  # workers' tokens derive from it (worker_token)
     endpoint_id: str = "local"
-    max_run_bytes: int = 10 * MB           # RunPod: /run 10 MB, /runsync 20 MB
+    max_run_bytes: int = 10 * MB  # RunPod: /run 10 MB, /runsync 20 MB
     max_runsync_bytes: int = 20 * MB
-    default_execution_timeout_ms: int = 600_000   # RunPod's default: 10 minutes
+    default_execution_timeout_ms: int = 600_000  # RunPod's default: 10 minutes
     default_ttl_ms: int = DAY_MS
-    take_wait_s: float = 20.0              # how long job-take and job-stop hold a request open
+    take_wait_s: float = 20.0  # how long job-take and job-stop hold a request open
     stop_wait_s: float = 20.0
-    worker_lost_s: float = 120.0           # no heartbeat for this long: the worker's job fails
-    webhook_attempts: int = 3              # RunPod: the first POST and 2 retries, 10 s apart
+    worker_lost_s: float = 120.0  # no heartbeat for this long: the worker's job fails
+    webhook_attempts: int = 3  # RunPod: the first POST and 2 retries, 10 s apart
     webhook_retry_delay_s: float = 10.0
     sweep_interval_s: float = 0.25
 
@@ -88,8 +89,13 @@ def worker_token(worker_key: str, worker_id: str) -> str:
 
 
 def fail(status: int, message: str) -> web.HTTPException:
-    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound,
-           409: web.HTTPConflict, 413: web.HTTPRequestEntityTooLarge}[status]
+    cls = {
+        400: web.HTTPBadRequest,
+        401: web.HTTPUnauthorized,
+        404: web.HTTPNotFound,
+        409: web.HTTPConflict,
+        413: web.HTTPRequestEntityTooLarge,
+    }[status]
     kwargs = {"max_size": 0, "actual_size": 0} if status == 413 else {}
     return cls(text=json.dumps({"error": message}), content_type="application/json", **kwargs)
 
@@ -135,27 +141,39 @@ class Endpoint:
                 return result
             try:
                 await asyncio.wait_for(event.wait(), min(remaining, tick or remaining))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     @web.middleware
     async def auth(self, request: web.Request, handler):
         header = request.headers.get("Authorization", "")
         if not header:
-            raise fail(401, "missing Authorization header: send 'Authorization: Bearer <key>' with the endpoint's "
-                            "API key (FTW_ENDPOINT_API_KEY where the endpoint runs)")
+            raise fail(
+                401,
+                "missing Authorization header: send 'Authorization: Bearer <key>' with the endpoint's "
+                "API key (FTW_ENDPOINT_API_KEY where the endpoint runs)",
+            )
         key = (header[7:] if header[:7].lower() == "bearer " else header).strip().encode()
         worker_id = request.match_info.get("worker_id")
         if worker_id is not None:
             if not hmac.compare_digest(key, worker_token(self.settings.worker_key, worker_id).encode()):
-                raise fail(401, f"this is a worker route: it takes the worker token of worker {worker_id[:64]!r} "
-                                "(its RUNPOD_AI_API_KEY, from FTW_ENDPOINT_WORKER_KEY), not a client's API key")
+                raise fail(
+                    401,
+                    f"this is a worker route: it takes the worker token of worker {worker_id[:64]!r} "
+                    "(its RUNPOD_AI_API_KEY, from FTW_ENDPOINT_WORKER_KEY), not a client's API key",
+                )
         elif not hmac.compare_digest(key, self.settings.api_key.encode()):
-            raise fail(401, "invalid API key for this endpoint (clients send FTW_ENDPOINT_API_KEY; a worker's "
-                            "token is valid on its worker routes only)")
+            raise fail(
+                401,
+                "invalid API key for this endpoint (clients send FTW_ENDPOINT_API_KEY; a worker's "
+                "token is valid on its worker routes only)",
+            )
         if request.match_info.get("endpoint") not in (None, self.settings.endpoint_id):
-            raise fail(404, f"no endpoint {request.match_info['endpoint']!r} here; this one is "
-                            f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)")
+            raise fail(
+                404,
+                f"no endpoint {request.match_info['endpoint']!r} here; this one is "
+                f"{self.settings.endpoint_id!r} (set RUNPOD_ENDPOINT_ID to it)",
+            )
         return await handler(request)
 
     def job_or_404(self, job_id: str) -> Job:
@@ -166,13 +184,20 @@ class Endpoint:
 
     async def read_json(self, request: web.Request, limit: int, strict: bool = True) -> Any:
         if request.content_length is not None and request.content_length > limit:
-            raise fail(413, f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
-                            "of this route; put large data in S3 and pass its URI")
+            raise fail(
+                413,
+                f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
+                "of this route; put large data in S3 and pass its URI",
+            )
         try:
             body = await request.read()
         except (ConnectionResetError, ClientPayloadError) as e:  # the client went away mid-upload: nothing to do
-            log.info("%s %s: the client closed the connection before its body arrived (%s)", request.method,
-                     request.path, type(e).__name__)
+            log.info(
+                "%s %s: the client closed the connection before its body arrived (%s)",
+                request.method,
+                request.path,
+                type(e).__name__,
+            )
             raise fail(400, "request body incomplete: the connection closed before all of it arrived") from None
         if len(body) > limit:
             raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
@@ -184,7 +209,7 @@ class Endpoint:
     # ---- client face -------------------------------------------------------------------------
     def parse_request(self, body: Any) -> tuple[dict[str, Any], str | None, int, int]:
         if not isinstance(body, dict):
-            raise fail(400, "request body must be a JSON object like {\"input\": {...}}")
+            raise fail(400, 'request body must be a JSON object like {"input": {...}}')
         if body.get("input") is None:
             raise fail(400, "request body has no 'input': the job goes under the key input")
         webhook = body.get("webhook")
@@ -196,9 +221,10 @@ class Endpoint:
                 raise fail(400, problem)
         policy = {} if body.get("policy") is None else body["policy"]
         if not isinstance(policy, dict):
-            raise fail(400, "policy must be an object: {\"executionTimeout\": ms, \"ttl\": ms}")
-        execution_timeout = self._policy_ms(policy, "executionTimeout", self.settings.default_execution_timeout_ms,
-                                            low=5001, high=7 * DAY_MS)
+            raise fail(400, 'policy must be an object: {"executionTimeout": ms, "ttl": ms}')
+        execution_timeout = self._policy_ms(
+            policy, "executionTimeout", self.settings.default_execution_timeout_ms, low=5001, high=7 * DAY_MS
+        )
         ttl = self._policy_ms(policy, "ttl", self.settings.default_ttl_ms, low=10_000, high=7 * DAY_MS)
         payload = {"input": body["input"]}
         if body.get("s3Config") is not None:
@@ -211,15 +237,19 @@ class Endpoint:
     def _policy_ms(policy: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
         value = policy.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise fail(400, f"policy.{key} must be an integer number of milliseconds in [{low}, {high}], "
-                            f"got {value!r}")
+            raise fail(400, f"policy.{key} must be an integer number of milliseconds in [{low}, {high}], got {value!r}")
         return value
 
     def submit(self, body: Any, id_prefix: str = "") -> Job:
         payload, webhook, execution_timeout, ttl = self.parse_request(body)
         job = self.store.create(payload, webhook, execution_timeout, ttl, id_prefix=id_prefix)
-        log.info("job %s IN_QUEUE (executionTimeout %d ms, ttl %d ms%s)", job.id, execution_timeout, ttl,
-                 ", webhook" if webhook else "")
+        log.info(
+            "job %s IN_QUEUE (executionTimeout %d ms, ttl %d ms%s)",
+            job.id,
+            execution_timeout,
+            ttl,
+            ", webhook" if webhook else "",
+        )
         self.changed()
         return job
 
@@ -263,11 +293,17 @@ class Endpoint:
         if job.status not in RETRYABLE:
             raise fail(409, f"job {job.id} is {job.status}; only FAILED or TIMED_OUT jobs can be retried")
         if job.removed_secrets:
-            raise fail(409, f"job {job.id} carried {', '.join(sorted(job.removed_secrets))}, which the endpoint deletes "
-                            f"when a job ends (no secret is kept at rest); {RESUBMIT_WITH_SECRETS}")
+            raise fail(
+                409,
+                f"job {job.id} carried {', '.join(sorted(job.removed_secrets))}, which the endpoint deletes "
+                f"when a job ends (no secret is kept at rest); {RESUBMIT_WITH_SECRETS}",
+            )
         if self.store.stop_unconfirmed(job.id):
-            raise fail(409, f"job {job.id}'s worker has not yet confirmed that it stopped the previous attempt; "
-                            "retry in a few seconds")
+            raise fail(
+                409,
+                f"job {job.id}'s worker has not yet confirmed that it stopped the previous attempt; "
+                "retry in a few seconds",
+            )
         job = self.store.retry(job.id)
         log.info("job %s IN_QUEUE again (retry %d)", job.id, job.retries)
         self.changed()
@@ -298,7 +334,9 @@ class Endpoint:
         if not jobs:
             return web.Response(status=204)
         for job in jobs:
-            log.info("job %s IN_PROGRESS on worker %s%s", job.id, worker_id, f" (batch of {len(jobs)})" if batch else "")
+            log.info(
+                "job %s IN_PROGRESS on worker %s%s", job.id, worker_id, f" (batch of {len(jobs)})" if batch else ""
+            )
         self.changed()
         items = [job.work_item() for job in jobs]
         return web.json_response(items if batch else items[0])
@@ -306,8 +344,11 @@ class Endpoint:
     async def job_stop(self, request: web.Request) -> web.Response:
         worker_id = request.match_info["worker_id"]
         self.store.seen(worker_id)
-        await self.wait_for(lambda: self.store.has_stop_signal(worker_id, time.time()), self.settings.stop_wait_s,
-                            tick=STOP_REPEAT_S / 2)
+        await self.wait_for(
+            lambda: self.store.has_stop_signal(worker_id, time.time()),
+            self.settings.stop_wait_s,
+            tick=STOP_REPEAT_S / 2,
+        )
         ids = self.store.stop_signals(worker_id, time.time())
         if not ids:
             return web.Response(status=204)
@@ -365,24 +406,26 @@ def create_app(store: JobStore, settings: EndpointSettings) -> web.Application:
     app = web.Application(middlewares=[json_errors, endpoint.auth], client_max_size=settings.max_runsync_bytes + MB)
     root = "/v2/{endpoint}"
     job = "{job_id:[^/]+}"
-    app.add_routes([
-        web.post(f"{root}/run", endpoint.run),
-        web.post(f"{root}/runsync", endpoint.runsync),
-        web.get(f"{root}/status/{job}", endpoint.status),
-        web.post(f"{root}/status/{job}", endpoint.status),
-        web.get(f"{root}/stream/{job}", endpoint.stream),
-        web.post(f"{root}/stream/{job}", endpoint.stream),
-        web.post(f"{root}/cancel/{job}", endpoint.cancel),
-        web.post(f"{root}/retry/{job}", endpoint.retry),
-        web.get(f"{root}/health", endpoint.health),
-        web.post(f"{root}/purge-queue", endpoint.purge_queue),
-        web.get(f"{root}/job-take/{{worker_id}}", endpoint.job_take),
-        web.get(f"{root}/job-take-batch/{{worker_id}}", endpoint.job_take),
-        web.get(f"{root}/job-stop/{{worker_id}}", endpoint.job_stop),
-        web.post(f"{root}/job-done/{{worker_id}}/{job}", endpoint.job_done),
-        web.post(f"{root}/job-stream/{{worker_id}}/{job}", endpoint.job_stream),
-        web.get(f"{root}/ping/{{worker_id}}", endpoint.ping),
-    ])
+    app.add_routes(
+        [
+            web.post(f"{root}/run", endpoint.run),
+            web.post(f"{root}/runsync", endpoint.runsync),
+            web.get(f"{root}/status/{job}", endpoint.status),
+            web.post(f"{root}/status/{job}", endpoint.status),
+            web.get(f"{root}/stream/{job}", endpoint.stream),
+            web.post(f"{root}/stream/{job}", endpoint.stream),
+            web.post(f"{root}/cancel/{job}", endpoint.cancel),
+            web.post(f"{root}/retry/{job}", endpoint.retry),
+            web.get(f"{root}/health", endpoint.health),
+            web.post(f"{root}/purge-queue", endpoint.purge_queue),
+            web.get(f"{root}/job-take/{{worker_id}}", endpoint.job_take),
+            web.get(f"{root}/job-take-batch/{{worker_id}}", endpoint.job_take),
+            web.get(f"{root}/job-stop/{{worker_id}}", endpoint.job_stop),
+            web.post(f"{root}/job-done/{{worker_id}}/{job}", endpoint.job_done),
+            web.post(f"{root}/job-stream/{{worker_id}}/{job}", endpoint.job_stream),
+            web.get(f"{root}/ping/{{worker_id}}", endpoint.ping),
+        ]
+    )
 
     async def background(app: web.Application):
         store.refresh_workers()

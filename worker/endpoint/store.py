@@ -14,6 +14,7 @@ that carried them cannot be retried (the secrets are gone); it is submitted agai
 All methods are synchronous and meant to be called from one thread (the server's event loop);
 each is a handful of indexed statements.
 """
+
 from __future__ import annotations
 
 import json
@@ -165,10 +166,19 @@ class JobStore:
         if row is None:
             return None
         return Job(
-            id=row["id"], status=row["status"], payload=json.loads(row["payload"]), webhook=row["webhook"],
-            execution_timeout_ms=row["execution_timeout_ms"], ttl_ms=row["ttl_ms"], created_at=row["created_at"],
-            started_at=row["started_at"], finished_at=row["finished_at"], worker_id=row["worker_id"],
-            output=_loads(row["output"]), error=row["error"], retries=row["retries"],
+            id=row["id"],
+            status=row["status"],
+            payload=json.loads(row["payload"]),
+            webhook=row["webhook"],
+            execution_timeout_ms=row["execution_timeout_ms"],
+            ttl_ms=row["ttl_ms"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            worker_id=row["worker_id"],
+            output=_loads(row["output"]),
+            error=row["error"],
+            retries=row["retries"],
         )
 
     def counts(self) -> dict[str, int]:
@@ -176,15 +186,20 @@ class JobStore:
         by = {r["status"]: r["n"] for r in rows}
         retried = self.db.execute("SELECT COUNT(*) FROM jobs WHERE retries > 0").fetchone()[0]
         return {
-            "completed": by.get(COMPLETED, 0), "failed": by.get(FAILED, 0) + by.get(TIMED_OUT, 0),
-            "cancelled": by.get(CANCELLED, 0), "inProgress": by.get(IN_PROGRESS, 0),
-            "inQueue": by.get(IN_QUEUE, 0), "retried": retried,
+            "completed": by.get(COMPLETED, 0),
+            "failed": by.get(FAILED, 0) + by.get(TIMED_OUT, 0),
+            "cancelled": by.get(CANCELLED, 0),
+            "inProgress": by.get(IN_PROGRESS, 0),
+            "inQueue": by.get(IN_QUEUE, 0),
+            "retried": retried,
         }
 
     def workers(self, alive_after: float) -> dict[str, int]:
         """Workers heard from since `alive_after`: running when they hold a job, or their heartbeat says
         they still run one (a job the endpoint already ended on a timeout, in a handler that never returned)."""
-        rows = self.db.execute("SELECT id, last_ping, job_ids FROM workers WHERE last_seen >= ?", (alive_after,)).fetchall()
+        rows = self.db.execute(
+            "SELECT id, last_ping, job_ids FROM workers WHERE last_seen >= ?", (alive_after,)
+        ).fetchall()
         busy = {r["worker_id"] for r in self.db.execute("SELECT worker_id FROM jobs WHERE status = ?", (IN_PROGRESS,))}
         running = sum(1 for r in rows if r["id"] in busy or (r["job_ids"] and (r["last_ping"] or 0) >= alive_after))
         return {"idle": len(rows) - running, "running": running}
@@ -201,8 +216,9 @@ class JobStore:
         return [json.loads(r["output"]) for r in rows]
 
     # ---- client side -------------------------------------------------------------------------
-    def create(self, payload: dict[str, Any], webhook: str | None, execution_timeout_ms: int, ttl_ms: int,
-               id_prefix: str = "") -> Job:
+    def create(
+        self, payload: dict[str, Any], webhook: str | None, execution_timeout_ms: int, ttl_ms: int, id_prefix: str = ""
+    ) -> Job:
         job_id = f"{id_prefix}{uuid.uuid4()}"
         now = time.time()
         self.db.execute(
@@ -277,7 +293,9 @@ class JobStore:
     def append_stream(self, job_id: str, output: Any) -> None:
         with self._tx():
             last = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM stream WHERE job_id = ?", (job_id,)).fetchone()[0]
-            self.db.execute("INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, _dumps(output)))
+            self.db.execute(
+                "INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, _dumps(output))
+            )
 
     def set_progress(self, job_id: str, output: Any) -> None:
         """`progress_update`: the output of /status while in progress (RunPod does not stream it)."""
@@ -291,9 +309,14 @@ class JobStore:
     def stop_signals(self, worker_id: str, now: float) -> list[str]:
         """Jobs the worker must stop, each repeated every STOP_REPEAT_S until confirmed."""
         with self._tx():
-            ids = [r["id"] for r in self.db.execute(
-                "SELECT id FROM jobs WHERE worker_id = ? AND stop_pending = 1"
-                " AND (stop_sent_at IS NULL OR stop_sent_at <= ?)", (worker_id, now - STOP_REPEAT_S))]
+            ids = [
+                r["id"]
+                for r in self.db.execute(
+                    "SELECT id FROM jobs WHERE worker_id = ? AND stop_pending = 1"
+                    " AND (stop_sent_at IS NULL OR stop_sent_at <= ?)",
+                    (worker_id, now - STOP_REPEAT_S),
+                )
+            ]
             for job_id in ids:
                 self.db.execute("UPDATE jobs SET stop_sent_at = ? WHERE id = ?", (now, job_id))
         return ids
@@ -301,7 +324,9 @@ class JobStore:
     def has_stop_signal(self, worker_id: str, now: float) -> bool:
         row = self.db.execute(
             "SELECT 1 FROM jobs WHERE worker_id = ? AND stop_pending = 1"
-            " AND (stop_sent_at IS NULL OR stop_sent_at <= ?) LIMIT 1", (worker_id, now - STOP_REPEAT_S))
+            " AND (stop_sent_at IS NULL OR stop_sent_at <= ?) LIMIT 1",
+            (worker_id, now - STOP_REPEAT_S),
+        )
         return row.fetchone() is not None
 
     def worker_idle(self, worker_id: str) -> None:
@@ -316,8 +341,9 @@ class JobStore:
     # ---- the clock ---------------------------------------------------------------------------
     def expire(self, now: float, worker_lost_s: float) -> list[str]:
         """Enforce executionTimeout and ttl, and fail jobs whose worker went silent."""
-        self.db.execute("UPDATE jobs SET stop_pending = 0 WHERE stop_pending = 1 AND finished_at < ?",
-                        (now - STOP_GIVE_UP_S,))
+        self.db.execute(
+            "UPDATE jobs SET stop_pending = 0 WHERE stop_pending = 1 AND finished_at < ?", (now - STOP_GIVE_UP_S,)
+        )
         changed = []
         rows = self.db.execute(
             "SELECT j.id, j.status, j.created_at, j.started_at, j.execution_timeout_ms, j.ttl_ms, w.last_ping"
@@ -331,18 +357,32 @@ class JobStore:
             if job is None:
                 continue
             if now > r["created_at"] + r["ttl_ms"] / 1000:
-                status, reason = TIMED_OUT, (
-                    f"the job's ttl of {r['ttl_ms']} ms (policy.ttl, counted from submission) expired while it was "
-                    f"{r['status']}; submit with a larger policy.ttl")
+                status, reason = (
+                    TIMED_OUT,
+                    (
+                        f"the job's ttl of {r['ttl_ms']} ms (policy.ttl, counted from submission) expired while it was "
+                        f"{r['status']}; submit with a larger policy.ttl"
+                    ),
+                )
             elif r["status"] == IN_PROGRESS and now > r["started_at"] + r["execution_timeout_ms"] / 1000:
-                status, reason = TIMED_OUT, (
-                    f"the job ran longer than its executionTimeout of {r['execution_timeout_ms']} ms "
-                    "(policy.executionTimeout); submit with a larger one for long fine-tuning runs")
+                status, reason = (
+                    TIMED_OUT,
+                    (
+                        f"the job ran longer than its executionTimeout of {r['execution_timeout_ms']} ms "
+                        "(policy.executionTimeout); submit with a larger one for long fine-tuning runs"
+                    ),
+                )
             elif r["status"] == IN_PROGRESS and r["last_ping"] is not None and now > r["last_ping"] + worker_lost_s:
-                again = RESUBMIT_WITH_SECRETS if has_secrets(job.payload) else f"POST /retry/{job.id} runs the job again"
-                status, reason = FAILED, (
-                    f"the worker running this job sent no heartbeat for {worker_lost_s:.0f} s (it died or lost its "
-                    f"network); {again}")
+                again = (
+                    RESUBMIT_WITH_SECRETS if has_secrets(job.payload) else f"POST /retry/{job.id} runs the job again"
+                )
+                status, reason = (
+                    FAILED,
+                    (
+                        f"the worker running this job sent no heartbeat for {worker_lost_s:.0f} s (it died or lost its "
+                        f"network); {again}"
+                    ),
+                )
             else:
                 continue
             self._terminate(job, status, error=reason)
@@ -351,8 +391,10 @@ class JobStore:
 
     def refresh_workers(self) -> None:
         """After an endpoint restart, give every worker a fresh grace period before it counts as lost."""
-        self.db.execute("UPDATE workers SET last_seen = ?, last_ping = CASE WHEN last_ping IS NULL THEN NULL ELSE ? END",
-                        (time.time(), time.time()))
+        self.db.execute(
+            "UPDATE workers SET last_seen = ?, last_ping = CASE WHEN last_ping IS NULL THEN NULL ELSE ? END",
+            (time.time(), time.time()),
+        )
 
     # ---- webhooks ----------------------------------------------------------------------------
     def due_webhooks(self, now: float) -> list[sqlite3.Row]:
@@ -374,8 +416,9 @@ class JobStore:
         return [dict(r) for r in rows]
 
     # ---- internals ---------------------------------------------------------------------------
-    def _terminate(self, job: Job, status: str, output: Any = None, error: str | None = None,
-                   replace_output: bool = False) -> None:
+    def _terminate(
+        self, job: Job, status: str, output: Any = None, error: str | None = None, replace_output: bool = False
+    ) -> None:
         """The worker's own result replaces the last progress update; a cancel or timeout keeps it."""
         now = time.time()
         stop = job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT)
@@ -384,8 +427,16 @@ class JobStore:
             self.db.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, output = CASE WHEN ? THEN ? ELSE output END,"
                 " error = ?, stop_pending = ?, payload = ? WHERE id = ?",
-                (status, now, replace_output, None if output is None else _dumps(output), error, int(stop),
-                 _dumps(payload), job.id),
+                (
+                    status,
+                    now,
+                    replace_output,
+                    None if output is None else _dumps(output),
+                    error,
+                    int(stop),
+                    _dumps(payload),
+                    job.id,
+                ),
             )
             if job.webhook:
                 body = self.get(job.id).status_body()  # type: ignore[union-attr]
@@ -399,7 +450,9 @@ class JobStore:
     def _remove_ended_jobs_secrets(self) -> None:
         rows = self.db.execute(
             f"SELECT id, payload FROM jobs WHERE status IN ({','.join('?' * len(TERMINAL))})"
-            " AND (payload LIKE '%\"s3Config\"%' OR payload LIKE '%\"credentials\"%')", tuple(TERMINAL)).fetchall()
+            " AND (payload LIKE '%\"s3Config\"%' OR payload LIKE '%\"credentials\"%')",
+            tuple(TERMINAL),
+        ).fetchall()
         changed = False
         for row in rows:
             payload = json.loads(row["payload"])

@@ -9,18 +9,32 @@ mean length); `ckpt`: off, on or offload; `loop`: bare (bench/train_throughput.p
 (`ftw train`, bench/gpu_train.py); figures may be a range (a–b) or — (not measured). A row added
 to the table is checked by tests/estimate/test_calibration.py without any other change.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.estimate.model import MEMORY_TOLERANCE, SPEED_TOLERANCE, GiB, Workload, peak_bytes, tokens_per_s
+from worker.estimate.model import GiB, Workload, peak_bytes, tokens_per_s
 from worker.estimate.shapes import known_shape
 from worker.job.estimate import LINEAR_MODULES, lora_param_count
 
 CALIBRATION_HEADING = "## Calibration rows of `ftw estimate` (H200)"
-COLUMNS = ("date", "source", "model", "method", "kernels", "mbs", "seq", "samples", "ckpt", "loop", "tokens/s", "peak GiB")
+COLUMNS = (
+    "date",
+    "source",
+    "model",
+    "method",
+    "kernels",
+    "mbs",
+    "seq",
+    "samples",
+    "ckpt",
+    "loop",
+    "tokens/s",
+    "peak GiB",
+)
 BENCH_LORA_R = 16  # every bench arm: LoRA r=16 on all seven linear layers
 
 
@@ -43,10 +57,16 @@ class MeasuredRow:
         packed = c["samples"].startswith("packed")
         mean = float(c["samples"].split("~")[1]) if packed else float(c["seq"])
         return Workload(
-            shape=shape, method=c["method"], kernels=c["kernels"] == "on",  # type: ignore[arg-type]
-            micro_batch_size=int(c["mbs"]), sequence_len=int(c["seq"]), packed=packed,
-            checkpointing=c["ckpt"] != "off", offload=c["ckpt"] == "offload",
-            lora_params=lora_param_count(shape, BENCH_LORA_R, LINEAR_MODULES), mean_sample_tokens=mean,
+            shape=shape,
+            method=c["method"],
+            kernels=c["kernels"] == "on",  # type: ignore[arg-type]
+            micro_batch_size=int(c["mbs"]),
+            sequence_len=int(c["seq"]),
+            packed=packed,
+            checkpointing=c["ckpt"] != "off",
+            offload=c["ckpt"] == "offload",
+            lora_params=lora_param_count(shape, BENCH_LORA_R, LINEAR_MODULES),
+            mean_sample_tokens=mean,
         )
 
     def predicted(self) -> tuple[float, float]:
@@ -61,7 +81,7 @@ def figures(cell: str) -> tuple[float, ...]:
 
 def read_rows(text: str) -> list[MeasuredRow]:
     start = text.index(CALIBRATION_HEADING)
-    section = text[start + len(CALIBRATION_HEADING):]
+    section = text[start + len(CALIBRATION_HEADING) :]
     end = section.find("\n## ")
     section = section if end < 0 else section[:end]
     rows = []

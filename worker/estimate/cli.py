@@ -10,6 +10,7 @@ CPU only, no weights downloaded: the model's shape comes from its local config.j
 common models (docs/estimate.md). Exit 0 with an estimate (whether or not it fits), 2 usage error
 (unreadable file, unknown GPU type, unknown model shape), 3 invalid config or job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,18 @@ EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftw estimate", description="Peak GPU memory, tokens/s, whole-run time and cost of a "
-                                     "config or job on each RunPod serverless GPU type, before paying for it (docs/estimate.md).")
+    parser = argparse.ArgumentParser(
+        prog="ftw estimate",
+        description="Peak GPU memory, tokens/s, whole-run time and cost of a "
+        "config or job on each RunPod serverless GPU type, before paying for it (docs/estimate.md).",
+    )
     parser.add_argument("path", type=Path, help="training config or job (YAML or JSON)")
     parser.add_argument("--gpu", help='only this GPU type, e.g. "NVIDIA H200"')
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--tokens", type=int, help="training tokens of the data (when it cannot be read here)")
-    parser.add_argument("--shape-from", type=Path, help="a folder with the model's config.json (when base_model is not known here)")
+    parser.add_argument(
+        "--shape-from", type=Path, help="a folder with the model's config.json (when base_model is not known here)"
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -99,15 +105,24 @@ def duration(seconds: float | None) -> str:
 def describe(est: Estimate) -> list[str]:
     w, s = est.workload, est.workload.shape
     layout = "packed" if w.packed else "one sample a row"
-    ckpt = "checkpointing with offload" if w.checkpointing and w.offload else "checkpointing" if w.checkpointing else "no checkpointing"
+    ckpt = (
+        "checkpointing with offload"
+        if w.checkpointing and w.offload
+        else "checkpointing"
+        if w.checkpointing
+        else "no checkpointing"
+    )
     lines = [
         f"model: {s.source} — {s.params / 1e9:.2f}B parameters, {s.layers} layers × {s.hidden} wide",
         f"run: {w.method}, {w.micro_batch_size} × {w.sequence_len} tokens {layout}, {w.grad_accum} micro-batch(es) a step, {ckpt}, "
-        f"kernels {'on' if w.kernels else 'off'}" + (" (full fine-tuning: not calibrated)" if w.method == "full" else ""),
+        f"kernels {'on' if w.kernels else 'off'}"
+        + (" (full fine-tuning: not calibrated)" if w.method == "full" else ""),
     ]
     data = f"{est.data.tokens:,} tokens ({est.data.source})" if est.data.tokens else f"size unknown ({est.data.source})"
     lines.append(f"data: {data}; {est.steps:,} optimizer steps" if est.steps else f"data: {data}")
-    lines.append(f"startup (imports, model load{', preprocessing' if 'cache' not in est.data.source else ''}): about {duration(est.startup_s)}")
+    lines.append(
+        f"startup (imports, model load{', preprocessing' if 'cache' not in est.data.source else ''}): about {duration(est.startup_s)}"
+    )
     return lines
 
 
@@ -118,19 +133,25 @@ def render(est: Estimate, gpu_name: str | None) -> str:
     lines += [head, "-" * len(head)]
     for r in est.rows:
         cost = "—" if r.cost_usd is None else f"${r.cost_usd:,.2f}"
-        lines.append(f"{r.gpu.name:<32} {r.gpu.memory_gib:>5.0f} GiB {r.gpu.usd_per_s * 3600:>6.2f} {r.peak_bytes / GiB:>5.1f} GiB "
-                     f"{'yes' if r.fits else 'no':>4} {r.tokens_per_s:>9,.0f} {duration(r.time_s):>12} {cost:>9}")
+        lines.append(
+            f"{r.gpu.name:<32} {r.gpu.memory_gib:>5.0f} GiB {r.gpu.usd_per_s * 3600:>6.2f} {r.peak_bytes / GiB:>5.1f} GiB "
+            f"{'yes' if r.fits else 'no':>4} {r.tokens_per_s:>9,.0f} {duration(r.time_s):>12} {cost:>9}"
+        )
     cheapest = est.cheapest
     lines.append("")
     if cheapest:
         cost = "" if cheapest.cost_usd is None else f": {duration(cheapest.time_s)}, ${cheapest.cost_usd:,.2f}"
         lines.append(f"cheapest that fits: {cheapest.gpu.name}{cost}")
     else:
-        lines.append(f"does not fit on {gpu_name} as configured" if gpu_name else "fits on none of these GPU types as configured")
+        lines.append(
+            f"does not fit on {gpu_name} as configured" if gpu_name else "fits on none of these GPU types as configured"
+        )
     target = advice_target(est, gpu_name)
     if target is not None:
-        lines.append(f"\nto fit on {target.gpu.name} ({target.gpu.memory_gib:.0f} GiB, ${target.gpu.usd_per_s * 3600:.2f}/h), "
-                     f"predicted peak {target.peak_bytes / GiB:.1f} GiB:")
+        lines.append(
+            f"\nto fit on {target.gpu.name} ({target.gpu.memory_gib:.0f} GiB, ${target.gpu.usd_per_s * 3600:.2f}/h), "
+            f"predicted peak {target.peak_bytes / GiB:.1f} GiB:"
+        )
         lines += advice_lines(est, target.gpu)
     lines += [f"note: {n}" for n in est.notes]
     lines.append(f"prices: {table.source}, read {table.read_on}; the model and its error: docs/estimate.md")
@@ -142,8 +163,10 @@ def advice_lines(est: Estimate, gpu: GpuType) -> list[str]:
     for a in advice(est.workload, gpu.memory_gib * GiB, gpu.bf16_tflops):
         seconds, cost = est.time_and_cost(a.workload, gpu)
         run = "" if cost is None or not a.fits else f": {duration(seconds)}, ${cost:,.2f}"
-        lines.append(f"  {a.change}: peak {a.peak_bytes / GiB:.1f} GiB ({'fits' if a.fits else 'does not fit'}), "
-                     f"{a.speed_ratio:.2f}× the tokens/s{run}")
+        lines.append(
+            f"  {a.change}: peak {a.peak_bytes / GiB:.1f} GiB ({'fits' if a.fits else 'does not fit'}), "
+            f"{a.speed_ratio:.2f}× the tokens/s{run}"
+        )
     return lines
 
 

@@ -11,6 +11,7 @@
 3. Hub, s3:// and http(s) datasets are not read: their size is unknown (the estimate then asks for
    max_steps or --tokens).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,15 +84,22 @@ def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) 
         manifest = read_manifest(folder) if folder.is_dir() else None
         if manifest is None or manifest.get("sequence_len") != cfg.sequence_len:
             continue
-        if manifest.get("micro_batch_size") != cfg.batch_shape()[0] or bool((manifest.get("packing") or {}).get("enabled")) != cfg.sample_packing:
+        if (
+            manifest.get("micro_batch_size") != cfg.batch_shape()[0]
+            or bool((manifest.get("packing") or {}).get("enabled")) != cfg.sample_packing
+        ):
             continue
         ids = [s.get("content_id", "") for s in manifest.get("sources") or []][: len(wanted)]
-        if len(ids) == len(wanted) and all(i == w or (w.endswith("@") and i.startswith(w)) for i, w in zip(ids, wanted)):
+        if len(ids) == len(wanted) and all(
+            i == w or (w.endswith("@") and i.startswith(w)) for i, w in zip(ids, wanted)
+        ):
             candidates.append((folder.stat().st_mtime, folder, manifest))
     if not candidates:
         return None
     _, folder, manifest = max(candidates, key=lambda c: c[0])
-    return DatasetSize(int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"counted in the prepared cache {folder}")
+    return DatasetSize(
+        int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"counted in the prepared cache {folder}"
+    )
 
 
 def source_id(entry: Any, env: Mapping[str, str]) -> str:

@@ -1,4 +1,5 @@
 """RunPod's serverless GPU types with their memory, price and bf16 peak (runpod_gpus.toml)."""
+
 from __future__ import annotations
 
 import tomllib
@@ -33,5 +34,8 @@ class GpuTable:
 @lru_cache(maxsize=1)
 def gpu_table(path: Path = TABLE) -> GpuTable:
     data = tomllib.loads(path.read_text(encoding="utf-8"))
-    gpus = tuple(GpuType(g["name"], g["group"], float(g["memory_gib"]), float(g["usd_per_s"]), float(g["bf16_tflops"])) for g in data["gpu"])
+    gpus = tuple(
+        GpuType(g["name"], g["group"], float(g["memory_gib"]), float(g["usd_per_s"]), float(g["bf16_tflops"]))
+        for g in data["gpu"]
+    )
     return GpuTable(gpus, data["source"], data["read_on"])

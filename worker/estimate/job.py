@@ -8,6 +8,7 @@ put what the run cost and how far the prediction was off into the result's metri
 Both checks are pure functions of data (the probe's devices are a list of `Gpu`), so tests give
 them any GPU without one.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,13 +38,17 @@ class Prediction:
         return None if gpu is None else tokens_per_s(self.workload, gpu.bf16_tflops)
 
 
-def predict(cfg: TrainingConfig, shape: ModelShape | None, env: Mapping[str, str], gpu_count: int = 1) -> Prediction | None:
+def predict(
+    cfg: TrainingConfig, shape: ModelShape | None, env: Mapping[str, str], gpu_count: int = 1
+) -> Prediction | None:
     """Per-GPU peak of this job; `shape` as the disk estimate found it (local folder or the Hub),
     else ftw's table of common models; None when neither knows the model."""
     shape = shape if shape is not None and shape.layers else known_shape(cfg.base_model)
     if shape is None:
         return None
-    sharded = bool(cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3")))
+    sharded = bool(
+        cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3"))
+    )
     w = workload_of(cfg, shape, dataset_size(cfg, env)).replace(shards=max(gpu_count, 1) if sharded else 1)
     return Prediction(w, peak_bytes(w), weight_bytes(w))
 
@@ -56,30 +61,53 @@ def check_fits(prediction: Prediction | None, devices: Sequence[Gpu], allow_oom_
     tightest = min(devices, key=lambda g: g.free_mib)
     free = tightest.free_mib * (1 << 20)
     fits = fits_in(prediction.peak_bytes, free)
-    record = {"checked": True, "predicted_peak_gib": round(prediction.peak_bytes / GiB, 2), "gpu": tightest.name,
-              "free_gib": round(free / GiB, 2), "fits": fits, "allow_oom_risk": allow_oom_risk}
+    record = {
+        "checked": True,
+        "predicted_peak_gib": round(prediction.peak_bytes / GiB, 2),
+        "gpu": tightest.name,
+        "free_gib": round(free / GiB, 2),
+        "fits": fits,
+        "allow_oom_risk": allow_oom_risk,
+    }
     if fits and prediction.peak_bytes * (1 + MEMORY_TOLERANCE) + CONTEXT_HEADROOM > free:
-        record["warning"] = (f"the predicted peak GPU memory, {prediction.peak_bytes / GiB:.1f} GiB (+1 GiB for CUDA), is within the "
-                             f"estimate's ±{MEMORY_TOLERANCE:.0%} error of the {free / GiB:.1f} GiB free on {tightest.name}: "
-                             "the run may still run out of memory (docs/estimate.md)")
+        record["warning"] = (
+            f"the predicted peak GPU memory, {prediction.peak_bytes / GiB:.1f} GiB (+1 GiB for CUDA), is within the "
+            f"estimate's ±{MEMORY_TOLERANCE:.0%} error of the {free / GiB:.1f} GiB free on {tightest.name}: "
+            "the run may still run out of memory (docs/estimate.md)"
+        )
     if fits or allow_oom_risk:
         return record
     gpu = gpu_table().find(tightest.name)
     options = advice(prediction.workload, free, gpu.bf16_tflops if gpu else 989.4)
-    listed = "; ".join(f"{a.change} → {a.peak_bytes / GiB:.1f} GiB{'' if a.fits else ' (still too much)'}, "
-                       f"{a.speed_ratio:.2f}× the speed" for a in options)
+    listed = "; ".join(
+        f"{a.change} → {a.peak_bytes / GiB:.1f} GiB{'' if a.fits else ' (still too much)'}, "
+        f"{a.speed_ratio:.2f}× the speed"
+        for a in options
+    )
     raise PredictedOutOfMemory(
         f"predicted peak GPU memory {prediction.peak_bytes / GiB:.1f} GiB (+{CONTEXT_HEADROOM / GiB:.0f} GiB for CUDA) exceeds the "
         f"{free / GiB:.1f} GiB free on GPU {tightest.index} ({tightest.name}); nothing was downloaded or trained",
         f"change the config: {listed}; or use a larger GPU (`ftw estimate JOB.json` lists them), "
         "or set allow_oom_risk: true in the job to run anyway",
         stage="checks",
-        details={**record, "advice": [{"change": a.change, "peak_memory_gib": round(a.peak_bytes / GiB, 2), "fits": a.fits,
-                                       "speed_ratio": round(a.speed_ratio, 3)} for a in options]},
+        details={
+            **record,
+            "advice": [
+                {
+                    "change": a.change,
+                    "peak_memory_gib": round(a.peak_bytes / GiB, 2),
+                    "fits": a.fits,
+                    "speed_ratio": round(a.speed_ratio, 3),
+                }
+                for a in options
+            ],
+        },
     )
 
 
-def run_metrics(prediction: Prediction | None, probe: GpuProbe, measured: Mapping[str, Any], job_seconds: float) -> dict[str, Any]:
+def run_metrics(
+    prediction: Prediction | None, probe: GpuProbe, measured: Mapping[str, Any], job_seconds: float
+) -> dict[str, Any]:
     """GPU-seconds, GPU type, estimated cost (RunPod's price of that type, seconds rounded up), and
     predicted against measured peak memory and tokens/s (measured / predicted)."""
     name = probe.devices[0].name if probe.devices else "cpu"
@@ -89,7 +117,9 @@ def run_metrics(prediction: Prediction | None, probe: GpuProbe, measured: Mappin
     predicted_speed = None if prediction is None or gpu is None else prediction.tokens_per_s(gpu.name)
     on_gpu = measured.get("peak_memory_kind") == "cuda_allocated"
     return {
-        "gpu_type": name, "gpu_count": probe.count, "gpu_seconds": round(gpu_seconds, 1),
+        "gpu_type": name,
+        "gpu_count": probe.count,
+        "gpu_seconds": round(gpu_seconds, 1),
         "estimated_cost_usd": None if gpu is None else round(math.ceil(gpu_seconds) * gpu.usd_per_s, 4),
         "predicted_peak_memory_gib": None if predicted_peak is None else round(predicted_peak, 3),
         "predicted_tokens_per_s": None if predicted_speed is None else round(predicted_speed, 1),

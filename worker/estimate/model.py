@@ -13,6 +13,7 @@ Efficiency is the fraction of the GPU's bf16 peak the step's useful FLOPs reach;
 hidden size (bigger matmuls), e_max·h/(h + h0). The coefficients are fitted to the H200 rows; other
 GPUs get the same efficiency against their own datasheet peak.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -146,8 +147,11 @@ def memory_parts(w: Workload) -> dict[str, int]:
     else:
         activations = tokens * s.layers * per_token_layer
     return {
-        "weights": int(weights / w.shards), "trainable_state": int(state / w.shards), "activations": int(activations),
-        "logits": int(tokens * s.vocab * mode.logits_bytes), "overhead": OVERHEAD_BYTES,
+        "weights": int(weights / w.shards),
+        "trainable_state": int(state / w.shards),
+        "activations": int(activations),
+        "logits": int(tokens * s.vocab * mode.logits_bytes),
+        "overhead": OVERHEAD_BYTES,
     }
 
 

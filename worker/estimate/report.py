@@ -10,6 +10,7 @@ holds the data) + optimizer steps × micro-batches a step × seconds a micro-bat
 max_steps, or the data's packed bins (tokens / bin capacity) or rows, × num_epochs. Cost = time
 (rounded up to a second, as RunPod bills) × the GPU type's price per second.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ from typing import Any
 from schemas.config import TrainingConfig
 from worker.estimate.data_tokens import DatasetSize, dataset_size
 from worker.estimate.gpus import GpuType, gpu_table
-from worker.estimate.model import GiB, PACKED_FILL, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
+from worker.estimate.model import PACKED_FILL, GiB, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
 from worker.estimate.shapes import resolve_shape
 from worker.job.estimate import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count
 from worker.job.gpu import CONTEXT_HEADROOM
@@ -44,9 +45,13 @@ class GpuEstimate:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "name": self.gpu.name, "memory_gib": self.gpu.memory_gib, "fits": self.fits,
-            "peak_memory_gib": round(self.peak_bytes / GiB, 2), "tokens_per_s": round(self.tokens_per_s),
-            "time_s": None if self.time_s is None else round(self.time_s), "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
+            "name": self.gpu.name,
+            "memory_gib": self.gpu.memory_gib,
+            "fits": self.fits,
+            "peak_memory_gib": round(self.peak_bytes / GiB, 2),
+            "tokens_per_s": round(self.tokens_per_s),
+            "time_s": None if self.time_s is None else round(self.time_s),
+            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
         }
 
 
@@ -76,7 +81,10 @@ class Estimate:
         fitting = [r for r in self.rows if r.fits]
         if not fitting:
             return None
-        return min(fitting, key=lambda r: (r.cost_usd if r.cost_usd is not None else r.gpu.usd_per_s / r.tokens_per_s, r.gpu.usd_per_s))
+        return min(
+            fitting,
+            key=lambda r: (r.cost_usd if r.cost_usd is not None else r.gpu.usd_per_s / r.tokens_per_s, r.gpu.usd_per_s),
+        )
 
     def time_and_cost(self, w: Workload, gpu: GpuType) -> tuple[float | None, float | None]:
         """Whole-run seconds and dollars of workload `w` (this run or a changed one) on `gpu`."""
@@ -97,7 +105,15 @@ def fits_in(peak: int, memory_bytes: float) -> bool:
 
 # ---- from a config to a workload -------------------------------------------------------------
 def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Workload:
-    method = "full" if cfg.is_full_finetune() else "qlora" if cfg.load_in_4bit or cfg.adapter == "qlora" else "lora8" if cfg.load_in_8bit else "lora"
+    method = (
+        "full"
+        if cfg.is_full_finetune()
+        else "qlora"
+        if cfg.load_in_4bit or cfg.adapter == "qlora"
+        else "lora8"
+        if cfg.load_in_8bit
+        else "lora"
+    )
     mbs, accum = cfg.batch_shape()
     packed = cfg.sample_packing
     micro_tokens = None
@@ -107,11 +123,19 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
         if packed and micro_tokens:
             micro_tokens = min(micro_tokens, mbs * cfg.sequence_len * PACKED_FILL)
     return Workload(
-        shape=shape, method=method, kernels=cfg.use_kernels is not False, micro_batch_size=mbs, sequence_len=cfg.sequence_len,
-        packed=packed, grad_accum=accum, checkpointing=bool(cfg.gradient_checkpointing),
+        shape=shape,
+        method=method,
+        kernels=cfg.use_kernels is not False,
+        micro_batch_size=mbs,
+        sequence_len=cfg.sequence_len,
+        packed=packed,
+        grad_accum=accum,
+        checkpointing=bool(cfg.gradient_checkpointing),
         offload=bool(cfg.activation_offloading) or cfg.gradient_checkpointing == "offload",
-        lora_params=0 if method == "full" else adapter_params(cfg, shape), mean_sample_tokens=data.mean_sample_tokens,
-        micro_tokens=micro_tokens, data_tokens=data.tokens if packed and data.tokens else None,
+        lora_params=0 if method == "full" else adapter_params(cfg, shape),
+        mean_sample_tokens=data.mean_sample_tokens,
+        micro_tokens=micro_tokens,
+        data_tokens=data.tokens if packed and data.tokens else None,
     )
 
 
@@ -135,31 +159,44 @@ def total_steps(cfg: TrainingConfig, data: DatasetSize) -> int | None:
 
 
 # ---- the estimate ----------------------------------------------------------------------------
-def estimate(cfg: TrainingConfig, env: Mapping[str, str], gpu_name: str | None = None, shape: ModelShape | None = None,
-             tokens: int | None = None) -> Estimate:
+def estimate(
+    cfg: TrainingConfig,
+    env: Mapping[str, str],
+    gpu_name: str | None = None,
+    shape: ModelShape | None = None,
+    tokens: int | None = None,
+) -> Estimate:
     """`shape`/`tokens` override what the config's model and data say (e.g. `--tokens`)."""
     shape = shape or resolve_shape(cfg.base_model, cfg.revision_of_model, env)
     data = DatasetSize(tokens, None, "given") if tokens else dataset_size(cfg, env)
     w = workload_of(cfg, shape, data)
     steps = total_steps(cfg, data)
     preprocess = 0.0 if "prepared cache" in data.source or not data.tokens else data.tokens / PREPROCESS_TOKENS_PER_S
-    est = Estimate(w, steps, data, STARTUP_S + shape.bytes_on_disk / LOAD_BYTES_PER_S + preprocess, notes=list(data.notes))
+    est = Estimate(
+        w, steps, data, STARTUP_S + shape.bytes_on_disk / LOAD_BYTES_PER_S + preprocess, notes=list(data.notes)
+    )
     table = gpu_table()
     gpus = table.gpus
     if gpu_name:
         found = table.find(gpu_name)
         if found is None:
-            raise ValueError(f"unknown GPU type {gpu_name!r}; RunPod's serverless types are: {', '.join(g.name for g in table.gpus)}")
+            raise ValueError(
+                f"unknown GPU type {gpu_name!r}; RunPod's serverless types are: {', '.join(g.name for g in table.gpus)}"
+            )
         gpus = (found,)
     peak = peak_bytes(w)
     for gpu in gpus:
         time_s, cost = est.time_and_cost(w, gpu)
         est.rows.append(GpuEstimate(gpu, peak, tokens_per_s(w, gpu.bf16_tflops), time_s, cost))
     if steps is None:
-        est.notes.append("the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not given; "
-                         "set max_steps or pass --tokens N")
+        est.notes.append(
+            "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not given; "
+            "set max_steps or pass --tokens N"
+        )
     if w.mode == "hf" and w.method == "full":
-        est.notes.append("full fine-tuning is not calibrated (no measured row): its figures come from the kernels-off LoRA rows")
+        est.notes.append(
+            "full fine-tuning is not calibrated (no measured row): its figures come from the kernels-off LoRA rows"
+        )
     return est
 
 
@@ -170,19 +207,43 @@ def changes(w: Workload) -> list[tuple[str, Workload]]:
     if not w.checkpointing:
         out.append(("gradient_checkpointing: true", w.replace(checkpointing=True)))
     if not (w.checkpointing and w.offload):
-        out.append(("gradient_checkpointing: offload (layer inputs wait in host memory)", w.replace(checkpointing=True, offload=True)))
+        out.append(
+            (
+                "gradient_checkpointing: offload (layer inputs wait in host memory)",
+                w.replace(checkpointing=True, offload=True),
+            )
+        )
     if w.method == "lora":  # ftw's QLoRA keeps more activations than its fused LoRA: alone it can cost memory
         out.append(("adapter: qlora, load_in_4bit: true", w.replace(method="qlora")))
         if not w.checkpointing:
-            out.append(("adapter: qlora, load_in_4bit: true, gradient_checkpointing: true", w.replace(method="qlora", checkpointing=True)))
+            out.append(
+                (
+                    "adapter: qlora, load_in_4bit: true, gradient_checkpointing: true",
+                    w.replace(method="qlora", checkpointing=True),
+                )
+            )
     if w.method == "full":
-        out.append(("adapter: lora, lora_r: 16, lora_target_linear: true", w.replace(method="lora", lora_params=lora_all_linear(w))))
+        out.append(
+            (
+                "adapter: lora, lora_r: 16, lora_target_linear: true",
+                w.replace(method="lora", lora_params=lora_all_linear(w)),
+            )
+        )
     if w.micro_batch_size > 1:
         half = w.micro_batch_size // 2
-        out.append((f"micro_batch_size: {half}, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size // half} (same batch)",
-                    smaller_batch(w, half)))
+        out.append(
+            (
+                f"micro_batch_size: {half}, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size // half} (same batch)",
+                smaller_batch(w, half),
+            )
+        )
     if w.micro_batch_size > 2:
-        out.append((f"micro_batch_size: 1, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size} (same batch)", smaller_batch(w, 1)))
+        out.append(
+            (
+                f"micro_batch_size: 1, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size} (same batch)",
+                smaller_batch(w, 1),
+            )
+        )
     return out
 
 
@@ -205,7 +266,9 @@ def advice(w: Workload, memory_bytes: float, bf16_tflops: float) -> list[Advice]
 
     out = [judged(text, changed) for text, changed in changes(w)]
     adapter = "qlora" if w.method in ("lora", "full") else w.method
-    everything = smaller_batch(w.replace(checkpointing=True, offload=True, method=adapter, lora_params=w.lora_params or lora_all_linear(w)), 1)
+    everything = smaller_batch(
+        w.replace(checkpointing=True, offload=True, method=adapter, lora_params=w.lora_params or lora_all_linear(w)), 1
+    )
     if out and not any(a.fits for a in out) and everything != w:
         out.append(judged("all together: QLoRA, gradient_checkpointing: offload, micro_batch_size: 1", everything))
     return out

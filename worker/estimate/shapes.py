@@ -4,6 +4,7 @@ models (their published config.json values), or the Hub's config.json when it ca
 The table makes `ftw estimate` work offline and in seconds for the models most jobs name; a
 fine-tuned or quantised variant (`-Instruct`, `-it`, `unsloth/...-bnb-4bit`) has its base's shape.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,9 +17,28 @@ from worker.job.estimate import ModelShape, hub_model_shape, local_model_shape, 
 LLAMA3_VOCAB, QWEN_VOCAB, QWEN25_BIG_VOCAB = 128256, 151936, 152064
 
 
-def _cfg(hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int, tied: bool, head_dim: int | None = None, **more: Any) -> dict[str, Any]:
-    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "intermediate_size": inter, "vocab_size": vocab, "tie_word_embeddings": tied, "head_dim": head_dim or hidden // heads, **more}
+def _cfg(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    inter: int,
+    vocab: int,
+    tied: bool,
+    head_dim: int | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "head_dim": head_dim or hidden // heads,
+        **more,
+    }
 
 
 # name (lower case, without organisation and variant suffix) → its config.json's shape keys
@@ -43,8 +63,19 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3-8b": _cfg(4096, 36, 32, 8, 12288, QWEN_VOCAB, False, head_dim=128),
     "qwen3-14b": _cfg(5120, 40, 40, 8, 17408, QWEN_VOCAB, False, head_dim=128),
     "qwen3-32b": _cfg(5120, 64, 64, 8, 25600, QWEN_VOCAB, False, head_dim=128),
-    "qwen3-30b-a3b": _cfg(2048, 48, 32, 4, 6144, QWEN_VOCAB, False, head_dim=128, num_experts=128,
-                          num_experts_per_tok=8, moe_intermediate_size=768),
+    "qwen3-30b-a3b": _cfg(
+        2048,
+        48,
+        32,
+        4,
+        6144,
+        QWEN_VOCAB,
+        False,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+    ),
     "gemma-2-2b": _cfg(2304, 26, 8, 4, 9216, 256000, True, head_dim=256),
     "gemma-2-9b": _cfg(3584, 42, 16, 8, 14336, 256000, True, head_dim=256),
     "phi-3-mini-4k": _cfg(3072, 32, 32, 32, 8192, 32064, False),

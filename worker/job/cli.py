@@ -5,6 +5,7 @@ stdout. Exit 0 when the job completed, 1 when it failed, 2 on usage errors. SIGT
 as a preemption (the training child saves a checkpoint first), Ctrl-C as a cancellation; either
 way the same run_id resumes. JOB.json is a job (`{"input": {...}}` or the bare input, YAML too).
 """
+
 from __future__ import annotations
 
 import argparse

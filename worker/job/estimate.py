@@ -6,6 +6,7 @@ metadata when reachable. Disk = model download (Hub models only) + datasets + th
 cache + checkpoints × save_total_limit + final adapter/model + merged model, plus a margin.
 Each part is reported, so a failure can say exactly what does not fit.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,11 @@ class ModelShape:
     @property
     def active_linear_params(self) -> int:
         """The linear weights one token goes through (all of them, but top-k experts of an MoE)."""
-        mlp = 3 * self.hidden * (self.expert_intermediate * self.experts_per_token if self.experts > 1 else self.intermediate)
+        mlp = (
+            3
+            * self.hidden
+            * (self.expert_intermediate * self.experts_per_token if self.experts > 1 else self.intermediate)
+        )
         return self.layers * (self.attention_params + mlp)
 
     @property
@@ -105,8 +110,21 @@ def shape_from_config(config: dict[str, Any], bytes_on_disk: int = 0, source: st
         dtype = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "bfloat16")
         bytes_on_disk = params * (4 if "32" in dtype else 2)
     per_token = int(text.get("num_experts_per_tok") or 1) if experts > 1 else 1
-    return ModelShape(params, bytes_on_disk, hidden, layers, q_dim, kv_dim, inter, source, vocab, tied,
-                      experts, per_token, moe_inter if experts > 1 else 0)
+    return ModelShape(
+        params,
+        bytes_on_disk,
+        hidden,
+        layers,
+        q_dim,
+        kv_dim,
+        inter,
+        source,
+        vocab,
+        tied,
+        experts,
+        per_token,
+        moe_inter if experts > 1 else 0,
+    )
 
 
 def local_model_shape(folder: Path) -> ModelShape | None:
@@ -117,7 +135,9 @@ def local_model_shape(folder: Path) -> ModelShape | None:
     if index.is_file():
         size = int((json.loads(index.read_text()).get("metadata") or {}).get("total_size") or 0)
     if not size:
-        size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(p.stat().st_size for p in folder.glob("*.bin"))
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(
+            p.stat().st_size for p in folder.glob("*.bin")
+        )
     if config is None:
         return ModelShape(params=size // 2, bytes_on_disk=size, source="files") if size else None
     return shape_from_config(config, size, source=str(folder))
@@ -154,7 +174,10 @@ def adapter_params(cfg: TrainingConfig, shape: ModelShape) -> int:
     if cfg.lora_target_linear or targets in (None, "all-linear"):
         names = LINEAR_MODULES
     else:
-        names = tuple(t for t in ([targets] if isinstance(targets, str) else targets) if t in LINEAR_MODULES) or LINEAR_MODULES[:4]
+        names = (
+            tuple(t for t in ([targets] if isinstance(targets, str) else targets) if t in LINEAR_MODULES)
+            or LINEAR_MODULES[:4]
+        )
     return lora_param_count(shape, cfg.lora_r, names)
 
 
@@ -162,8 +185,15 @@ def lora_param_count(shape: ModelShape, r: int, names: tuple[str, ...]) -> int:
     """A and B of rank r on each named linear layer (an MoE's experts each get their own)."""
     h, q, kv = shape.hidden, shape.q_dim, shape.kv_dim
     i, copies = (shape.expert_intermediate, shape.experts) if shape.experts > 1 else (shape.intermediate, 1)
-    io = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
-          "gate_proj": (h + i) * copies, "up_proj": (h + i) * copies, "down_proj": (i + h) * copies}
+    io = {
+        "q_proj": h + q,
+        "k_proj": h + kv,
+        "v_proj": h + kv,
+        "o_proj": q + h,
+        "gate_proj": (h + i) * copies,
+        "up_proj": (h + i) * copies,
+        "down_proj": (i + h) * copies,
+    }
     return r * shape.layers * sum(io[n] for n in names)
 
 

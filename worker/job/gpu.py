@@ -7,6 +7,7 @@ visible (unless CPU runs are allowed: see cpu_allowed), when a device has
 less free memory than the model's weights need, or when a foreign process is computing on it
 (operators who share GPUs on purpose set FTW_ALLOW_SHARED_GPU=1). No CUDA library is loaded here.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,12 @@ class GpuProbe:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "cpu_only": self.cpu_only, "count": self.count, "visible_devices": self.visible, "driver": self.driver,
-            "devices": [asdict(d) for d in self.devices], "foreign_processes": [asdict(p) for p in self.processes],
+            "cpu_only": self.cpu_only,
+            "count": self.count,
+            "visible_devices": self.visible,
+            "driver": self.driver,
+            "devices": [asdict(d) for d in self.devices],
+            "foreign_processes": [asdict(p) for p in self.processes],
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -88,7 +93,9 @@ def parse_visible_devices(value: str | None) -> list[str] | None:
 
 def run_with_deadline(argv: list[str], timeout_s: float) -> str:
     """stdout of a command that must answer within timeout_s; its whole session is killed otherwise."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent())
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent()
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -128,14 +135,18 @@ def _int(value: str) -> int:
 
 def query_devices(binary: str, timeout_s: float) -> tuple[list[Gpu], list[ComputeProcess], str]:
     gpus, driver = [], ""
-    for row in _rows(run_with_deadline([binary, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"], timeout_s)):
+    for row in _rows(
+        run_with_deadline([binary, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"], timeout_s)
+    ):
         if len(row) < 6:
             continue
         gpus.append(Gpu(_int(row[0]), row[1], row[2], _int(row[3]), _int(row[4]), _int(row[5])))
         driver = row[6] if len(row) > 6 else driver
     procs = [
         ComputeProcess(row[0], _int(row[1]), _int(row[2]), row[3] if len(row) > 3 else "")
-        for row in _rows(run_with_deadline([binary, f"--query-compute-apps={APP_QUERY}", "--format=csv,noheader,nounits"], timeout_s))
+        for row in _rows(
+            run_with_deadline([binary, f"--query-compute-apps={APP_QUERY}", "--format=csv,noheader,nounits"], timeout_s)
+        )
         if len(row) >= 3 and row[1].isdigit()
     ]
     return gpus, procs, driver
@@ -189,12 +200,19 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
         if allow_cpu:
             result.cpu_only = True
             return result
-        why = "CUDA_VISIBLE_DEVICES hides every device" if wanted == [] else "nvidia-smi is not installed" if not binary else "nvidia-smi lists no GPU"
+        why = (
+            "CUDA_VISIBLE_DEVICES hides every device"
+            if wanted == []
+            else "nvidia-smi is not installed"
+            if not binary
+            else "nvidia-smi lists no GPU"
+        )
         forbidden = not cpu_allowed(env, job_asks=True)
         raise InfraError(
             f"no GPU available to this job ({why})",
-            "run on a GPU worker; this endpoint allows no CPU runs (FTW_ALLOW_CPU=0)" if forbidden else
-            "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint or allow_cpu: true in the job",
+            "run on a GPU worker; this endpoint allows no CPU runs (FTW_ALLOW_CPU=0)"
+            if forbidden
+            else "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint or allow_cpu: true in the job",
             details=result.as_dict(),
         )
     shared_ok = (env.get("FTW_ALLOW_SHARED_GPU") or "") in ("1", "true", "yes")
@@ -208,7 +226,9 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
         )
     short = [g for g in result.devices if g.free_mib * (1 << 20) < need_bytes + CONTEXT_HEADROOM]
     if need_bytes and short:
-        listed = "; ".join(f"GPU {g.index} ({g.name}): {human(g.free_mib << 20)} free of {human(g.total_mib << 20)}" for g in short)
+        listed = "; ".join(
+            f"GPU {g.index} ({g.name}): {human(g.free_mib << 20)} free of {human(g.total_mib << 20)}" for g in short
+        )
         raise InfraError(
             f"not enough GPU memory: the model's weights alone need about {human(need_bytes)} per GPU (+1 GiB for CUDA), but {listed}",
             "use a larger GPU or more GPUs with fsdp/deepspeed zero3, or load_in_4bit with adapter: qlora",

@@ -11,6 +11,7 @@ runs; `stop.request("cancelled"|"preempted")` from another thread ends it cleanl
 child gets SIGTERM and a grace period to checkpoint). A run_id seen before resumes: stages recorded
 as finished in its state.json are skipped, and training continues from its newest checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,14 @@ from typing import Any
 
 from schemas.job import JobInput, check_run_id, validate_job
 from schemas.paths import base_volume
-from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values, s3_config_problem
+from schemas.secrets import (
+    CONFIG_SECRETS_ENV,
+    Redactor,
+    child_env,
+    job_credential_env,
+    masked_values,
+    s3_config_problem,
+)
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
 from worker.estimate.job import Prediction, check_fits, predict, run_metrics
 from worker.job import gpu, stages, template
@@ -66,7 +74,10 @@ def run_job(
             f"the job is invalid ({len(report.errors)} problem(s)): {problems}",
             "fix every problem listed (the same list as `ftw validate JOB.json`); nothing was started",
             stage="validate",
-            details={"errors": [i.as_dict() for i in report.errors], "warnings": [i.as_dict() for i in report.warnings]},
+            details={
+                "errors": [i.as_dict() for i in report.errors],
+                "warnings": [i.as_dict() for i in report.warnings],
+            },
         )
         result = failure_result(error, raw_run_id(raw))
         result["timings"] = {"validate_s": round(time.monotonic() - started, 4)}
@@ -74,7 +85,9 @@ def run_job(
     job: JobInput = report.value
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
-    pipeline = JobPipeline(job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started)
+    pipeline = JobPipeline(
+        job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started
+    )
     pipeline.timings["validate_s"] = round(time.monotonic() - started, 4)
     pipeline.warnings = [i.as_dict() for i in report.warnings]
     try:
@@ -88,8 +101,11 @@ def run_job(
 def internal_error(e: Exception, redactor: Redactor) -> FtwError:
     """A bug in ftw as the one failure shape (its traceback, redacted, in the worker's log)."""
     print(redactor.text(traceback.format_exc()), file=sys.stderr, flush=True)
-    return FtwError(f"internal error in the orchestrator: {type(e).__name__}: {e}",
-                    "this is a bug in ftw; resubmitting the same run_id keeps every finished stage", stage="orchestrator")
+    return FtwError(
+        f"internal error in the orchestrator: {type(e).__name__}: {e}",
+        "this is a bug in ftw; resubmitting the same run_id keeps every finished stage",
+        stage="orchestrator",
+    )
 
 
 def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
@@ -107,8 +123,16 @@ def raw_run_id(raw: Any) -> str | None:
 class JobPipeline:
     """The steps of one validated job, in order; each raises a typed FtwError when it cannot go on."""
 
-    def __init__(self, job: JobInput, env: dict[str, str], credentials: dict[str, str], redactor: Redactor,
-                 sink: ProgressSink, stop: StopSignal, started: float):
+    def __init__(
+        self,
+        job: JobInput,
+        env: dict[str, str],
+        credentials: dict[str, str],
+        redactor: Redactor,
+        sink: ProgressSink,
+        stop: StopSignal,
+        started: float,
+    ):
         self.job, self.env, self.credentials, self.redactor, self.stop = job, env, credentials, redactor, stop
         self.started = started
         self.progress = Throttle(sink, float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
@@ -120,7 +144,9 @@ class JobPipeline:
         self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
-        self.config_secrets: list[list[Any]] = []  # config values config.json holds masked (schemas.secrets.masked_values)
+        self.config_secrets: list[
+            list[Any]
+        ] = []  # config values config.json holds masked (schemas.secrets.masked_values)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
 
@@ -154,7 +180,9 @@ class JobPipeline:
             if self.publisher is not None and self.publisher.is_alive():
                 # still in a call that reports nothing (a Hub commit, a stalled connection): the run
                 # stays locked until it returns, so a resubmit cannot publish beside it
-                threading.Thread(target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True).start()
+                threading.Thread(
+                    target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True
+                ).start()
             else:
                 self.release(run)
 
@@ -189,17 +217,27 @@ class JobPipeline:
                 memory = check_fits(self.prediction, self.gpu_probe.devices, self.job.allow_oom_risk)
                 if memory.get("warning"):
                     self.warnings.append({"loc": "config", "msg": memory["warning"]})
-                check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(run),
-                              datasets=not run.stage_done("preprocess"))
-                write_json_atomic(run.path / "checks.json",
-                                  self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict(), "memory": memory}))
+                check_machine(
+                    self.job.config,
+                    self.gpu_probe.count > 0,
+                    self.stage_env(run),
+                    datasets=not run.stage_done("preprocess"),
+                )
+                write_json_atomic(
+                    run.path / "checks.json",
+                    self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict(), "memory": memory}),
+                )
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {
-            "run_id": self.job.run_id, "status": "completed", "artifacts": artifacts, "metrics": metrics,
-            "run_dir": str(run.path), "warnings": self.warnings,
+            "run_id": self.job.run_id,
+            "status": "completed",
+            "artifacts": artifacts,
+            "metrics": metrics,
+            "run_dir": str(run.path),
+            "warnings": self.warnings,
         }
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +273,9 @@ class JobPipeline:
             self.uploader = start_uploader(run.path, self.job, self.stage_env(run))
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
-            except FtwError as e:  # run() stops the uploader: a preempted run's last checkpoint still reaches the bucket
+            except (
+                FtwError
+            ) as e:  # run() stops the uploader: a preempted run's last checkpoint still reaches the bucket
                 e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
                 raise
             outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
@@ -257,7 +297,12 @@ class JobPipeline:
                 if e.retryable:  # a passing fault: the resubmit restores it (prepared data is cached)
                     raise
                 # e.g. no s3:ListBucket permission: publishing may still work, so train from what the volume has
-                self.warnings.append({"loc": "outputs.s3", "msg": f"could not look for a published checkpoint to resume from: {e.message}"})
+                self.warnings.append(
+                    {
+                        "loc": "outputs.s3",
+                        "msg": f"could not look for a published checkpoint to resume from: {e.message}",
+                    }
+                )
         step = stages.newest_checkpoint(run.path)
         if step is not None:
             self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))
@@ -287,7 +332,9 @@ class JobPipeline:
 
         def work() -> None:
             try:
-                outcome["artifacts"] = publish_run(run.path, self.job, self.stage_env(run), self.uploader, progress=report)
+                outcome["artifacts"] = publish_run(
+                    run.path, self.job, self.stage_env(run), self.uploader, progress=report
+                )
             except BaseException as e:  # handed to the job's thread below
                 outcome["error"] = e
 
@@ -309,7 +356,11 @@ class JobPipeline:
         if isinstance(error, FtwError):
             raise error
         if error is not None:
-            raise PublishError(f"publishing failed: {type(error).__name__}: {error}", "resubmit the same run_id: training is not redone", stage="publish") from error
+            raise PublishError(
+                f"publishing failed: {type(error).__name__}: {error}",
+                "resubmit the same run_id: training is not redone",
+                stage="publish",
+            ) from error
         return outcome["artifacts"]
 
     # ---- the checks before any work ------------------------------------------------------------
@@ -330,7 +381,8 @@ class JobPipeline:
             raise JobSpecError(
                 f"run {self.job.run_id!r} exists with a different training config (changed: {', '.join(changed)})",
                 "resubmit the original config to resume it, or use a new run_id for the new config",
-                stage="run_dir", details={"changed_keys": changed},
+                stage="run_dir",
+                details={"changed_keys": changed},
             )
 
     @functools.cached_property
@@ -349,8 +401,11 @@ class JobPipeline:
         public = self.public_job
         self.config_secrets = masked_values(self.job_dict["config"], public["config"])
         if len(json.dumps(self.config_secrets)) > MAX_ENV_VALUE:
-            raise JobSpecError(f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
-                               "keep such values to the URLs themselves (a presigned URL is well under 4 KB)", stage="run_dir")
+            raise JobSpecError(
+                f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
+                "keep such values to the URLs themselves (a presigned URL is well under 4 KB)",
+                stage="run_dir",
+            )
         write_json_atomic(run.path / "job.json", public)
         config = {**public["config"], "output_dir": str(run.path)}
         path = run.path / "config.json"
@@ -365,7 +420,11 @@ class JobPipeline:
         self.gpu_probe = gpu.probe(self.env, need_bytes, gpu.cpu_allowed(self.env, self.job.allow_cpu))
         self.gpu_env = gpu.stage_env(self.gpu_probe, self.env)
         self.gpu_count = self.gpu_probe.count
-        found = "CPU only" if self.gpu_probe.cpu_only else ", ".join(f"{d.name} ({d.free_mib} MiB free)" for d in self.gpu_probe.devices)
+        found = (
+            "CPU only"
+            if self.gpu_probe.cpu_only
+            else ", ".join(f"{d.name} ({d.free_mib} MiB free)" for d in self.gpu_probe.devices)
+        )
         self.progress(stage_update(self.job.run_id, "checks", f"devices: {found}"))
 
     # ---- running children ----------------------------------------------------------------------
@@ -378,8 +437,14 @@ class JobPipeline:
     def supervise(self, run: RunDir, name: str, argv: list[str], limit_s: float | None) -> StageRun:
         self.check_stop()
         stage = Stage(
-            name, argv, self.stage_env(run), next_attempt_dir(run.logs, name), time_limit_s=limit_s,
-            no_progress_s=self.job.limits.no_progress_s, grace_s=float(self.env.get("FTW_STOP_GRACE_S") or 60), template=self.template,
+            name,
+            argv,
+            self.stage_env(run),
+            next_attempt_dir(run.logs, name),
+            time_limit_s=limit_s,
+            no_progress_s=self.job.limits.no_progress_s,
+            grace_s=float(self.env.get("FTW_STOP_GRACE_S") or 60),
+            template=self.template,
         )
         child = run_stage(stage, self.stop, self.redactor, lambda event: self.on_event(name, event))
         error = stage_failure(child)

@@ -9,6 +9,7 @@ keeps them few: every stage change passes, step updates when `interval_s` second
 the step moved by 5% of total_steps since the last one sent (the last one of a stage is sent with
 the stage's end).
 """
+
 from __future__ import annotations
 
 import time
@@ -19,7 +20,18 @@ from worker.events import EVENT_KEYS
 
 ProgressSink = Callable[[dict[str, Any]], None]
 MiB = 1 << 20
-SHOWN = (*EVENT_KEYS[1:], "epoch", "rows", "tokens", "message", "fill", "what", "bytes_done", "bytes_total", "bytes_per_s")
+SHOWN = (
+    *EVENT_KEYS[1:],
+    "epoch",
+    "rows",
+    "tokens",
+    "message",
+    "fill",
+    "what",
+    "bytes_done",
+    "bytes_total",
+    "bytes_per_s",
+)
 
 
 def stage_update(run_id: str, stage: str, message: str = "", **extra: Any) -> dict[str, Any]:
@@ -81,9 +93,17 @@ class Throttle:
 
     def __call__(self, update: dict[str, Any]) -> None:
         now = time.monotonic()
-        if (update.get("stage") != self.last_stage or update.get("message") or now - self.last_sent >= self.interval_s
-                or self.far_enough(update)):
-            if self.held is not None and self.held.get("stage") == self.last_stage and update.get("stage") != self.last_stage:
+        if (
+            update.get("stage") != self.last_stage
+            or update.get("message")
+            or now - self.last_sent >= self.interval_s
+            or self.far_enough(update)
+        ):
+            if (
+                self.held is not None
+                and self.held.get("stage") == self.last_stage
+                and update.get("stage") != self.last_stage
+            ):
                 self.sink(self.held)
             self.held = None
             self.last_stage, self.last_sent = update.get("stage"), now

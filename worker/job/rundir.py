@@ -6,6 +6,7 @@ instead of sharing the folder), and proves the volume writable (create, fsync, d
 is held until `RunDir.close()`. `state.json` records which stages finished, so a resubmitted
 run_id skips them. Files are written to a temporary name and renamed, never through a symlink.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -134,7 +135,11 @@ def _lock(path: Path, run_id: str) -> int:
             details={"holder": holder},
         ) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode(), 0)
+    os.pwrite(
+        fd,
+        f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode(),
+        0,
+    )
     return fd
 
 
@@ -143,7 +148,10 @@ def open_run_dir(base: Path, run_id: str) -> RunDir:
     base = base.resolve()
     runs = base / "runs"
     if runs.is_symlink():
-        raise InfraError(f"{runs} is a symlink to {runs.resolve()}", "ftw only writes inside BASE_VOLUME; replace the link with a folder")
+        raise InfraError(
+            f"{runs} is a symlink to {runs.resolve()}",
+            "ftw only writes inside BASE_VOLUME; replace the link with a folder",
+        )
     path = resolve_run_dir(base, run_id)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ A stage whose module has not landed in this build fails with StageMissing — it
 Nothing here imports the stages: their presence is checked on disk, so the orchestrator stays
 free of torch/transformers/datasets.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,11 @@ def training_outputs(run_dir: Path, full_finetune: bool, merge: bool) -> dict[st
             stage="train",
         )
     if merge and not (run_dir / "merged").is_dir():
-        raise TrainingError("merge_lora was asked but the merged model is missing from the run folder", "resubmit with the same run_id", stage="train")
+        raise TrainingError(
+            "merge_lora was asked but the merged model is missing from the run folder",
+            "resubmit with the same run_id",
+            stage="train",
+        )
     return {"metrics": training_metrics(run_dir), "output": out_dir.name}
 
 
@@ -89,7 +94,11 @@ def training_metrics(run_dir: Path) -> dict[str, Any]:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, dict)} if isinstance(summary, dict) else {}
+    return (
+        {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, dict)}
+        if isinstance(summary, dict)
+        else {}
+    )
 
 
 def newest_checkpoint(run_dir: Path) -> int | None:

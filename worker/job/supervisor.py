@@ -10,6 +10,7 @@ stopped — SIGTERM to the group, a grace period (training saves a checkpoint), 
 cancellation, preemption, its time limit, or when neither events nor output moved for
 `no_progress_s`. No member of the group outlives `run_stage`.
 """
+
 from __future__ import annotations
 
 import json
@@ -178,10 +179,21 @@ def start_child(stage: Stage, env: dict[str, str], out_w: int, err_w: int) -> su
             return stage.template.spawn(stage.argv, env, out_w, err_w)
         except OSError as e:  # a dead template costs the imports, not the job
             os.write(err_w, f"ftw: stage template unavailable ({e}); starting a fresh process\n".encode())
-    return subprocess.Popen(stage.argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env, start_new_session=True, close_fds=True, preexec_fn=die_with_parent())
+    return subprocess.Popen(
+        stage.argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out_w,
+        stderr=err_w,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+        preexec_fn=die_with_parent(),
+    )
 
 
-def run_stage(stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> StageRun:
+def run_stage(
+    stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Callable[[dict[str, Any]], None] = lambda e: None
+) -> StageRun:
     """Run the child to its end (or stop it); always returns, with every group member gone."""
     run = StageRun(stage)
     events_path, error_path = stage.log_dir / "events.jsonl", stage.log_dir / "error.json"
@@ -201,8 +213,12 @@ def run_stage(stage: Stage, stop: StopSignal, redactor: Redactor, on_event: Call
         os.close(err_w)
     run.pid = proc.pid
     pumps = [
-        threading.Thread(target=_pump, args=(out_r, stage.log_dir / "stdout.log", run.stdout, redactor, touch), daemon=True),
-        threading.Thread(target=_pump, args=(err_r, stage.log_dir / "stderr.log", run.stderr, redactor, touch), daemon=True),
+        threading.Thread(
+            target=_pump, args=(out_r, stage.log_dir / "stdout.log", run.stdout, redactor, touch), daemon=True
+        ),
+        threading.Thread(
+            target=_pump, args=(err_r, stage.log_dir / "stderr.log", run.stderr, redactor, touch), daemon=True
+        ),
     ]
     for t in pumps:
         t.start()
@@ -291,23 +307,42 @@ def stage_failure(run: StageRun) -> errors.FtwError | None:
     if run.stop_reason == "cancelled":
         return errors.Cancelled(f"{name} was cancelled", HINTS["cancelled"], details=details, **common)
     if run.stop_reason == "preempted" or rc == EXIT_PREEMPTED:
-        return errors.Preempted(f"{name} was stopped by SIGTERM (preemption) after saving", HINTS["preempted"], details=details, **common)
+        return errors.Preempted(
+            f"{name} was stopped by SIGTERM (preemption) after saving", HINTS["preempted"], details=details, **common
+        )
     if run.stop_reason == "timeout":
-        return errors.StageTimeout(f"{name} ran past its time limit of {run.stage.time_limit_s:.0f} s", HINTS["timeout"].format(stage=name), details=details, **common)
+        return errors.StageTimeout(
+            f"{name} ran past its time limit of {run.stage.time_limit_s:.0f} s",
+            HINTS["timeout"].format(stage=name),
+            details=details,
+            **common,
+        )
     if run.stop_reason == "no_progress":
-        return errors.NoProgress(f"{name} made no progress for {run.stage.no_progress_s:.0f} s and was stopped", HINTS["no_progress"], details=details, **common)
+        return errors.NoProgress(
+            f"{name} made no progress for {run.stage.no_progress_s:.0f} s and was stopped",
+            HINTS["no_progress"],
+            details=details,
+            **common,
+        )
     record = run.error_record
     if record and record.get("code") and record.get("code") != "crash":
         cls = ERROR_CLASSES.get(record["code"], errors.FtwError)
-        message, hint = clip(str(record.get("message") or f"{name} failed"), MAX_MESSAGE), clip(str(record.get("hint") or HINTS.get(cls.code, "")), MAX_MESSAGE)
+        message, hint = (
+            clip(str(record.get("message") or f"{name} failed"), MAX_MESSAGE),
+            clip(str(record.get("hint") or HINTS.get(cls.code, "")), MAX_MESSAGE),
+        )
         return cls(message, hint, details={**details, **(record.get("details") or {})}, **common)
     lowered = tail.lower()
     if "out of memory" in lowered or "outofmemoryerror" in lowered:
         return errors.OutOfMemory(f"{name} ran out of GPU memory", HINTS["oom"], details=details, **common)
     if "nccl" in lowered and ("error" in lowered or "timeout" in lowered):
-        return errors.DistributedError(f"{name}: a distributed (NCCL) operation failed", HINTS["nccl"], details=details, **common)
+        return errors.DistributedError(
+            f"{name}: a distributed (NCCL) operation failed", HINTS["nccl"], details=details, **common
+        )
     if rc is not None and rc < 0:
         signame = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else f"signal {-rc}"
-        return errors.ChildCrash(f"{name} was killed by {signame}", HINTS["crash"], details={**details, "signal": signame}, **common)
+        return errors.ChildCrash(
+            f"{name} was killed by {signame}", HINTS["crash"], details={**details, "signal": signame}, **common
+        )
     message = clip(str((record or {}).get("message") or f"{name} exited with code {rc}"), MAX_MESSAGE)
     return errors.ChildCrash(f"{name} crashed: {message}", HINTS["crash"], details=details, **common)

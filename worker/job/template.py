@@ -21,6 +21,7 @@ in the template process. FTW_STAGE_TEMPLATE=0 turns the template off (every stag
 interpreter); a command the template cannot run in place (torchrun for several GPUs) is always
 started fresh.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,18 +37,32 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from worker.lifeline import die_with_parent, pid_alive
 
 READY_TIMEOUT_S = 300.0
 PR_SET_NAME = 15
-PRELOAD = ("torch", "transformers", "datasets", "peft", "worker.data.pipeline", "worker.train.stage",
-           "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "peft.tuners.lora",
-           "torch.distributed.checkpoint.state_dict", "matplotlib")
+PRELOAD = (
+    "torch",
+    "transformers",
+    "datasets",
+    "peft",
+    "worker.data.pipeline",
+    "worker.train.stage",
+    "transformers.modeling_utils",
+    "transformers.models.auto.modeling_auto",
+    "peft.tuners.lora",
+    "torch.distributed.checkpoint.state_dict",
+    "matplotlib",
+)
 # imported when available: the patched families' modeling code, the kernels (triton)
-OPTIONAL = ("transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral",
-            "transformers.models.qwen2.modeling_qwen2", "transformers.models.qwen3.modeling_qwen3", "kernels.patches")
+OPTIONAL = (
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.mistral.modeling_mistral",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen3.modeling_qwen3",
+    "kernels.patches",
+)
 
 
 # ---- the orchestrator's side (no torch) ---------------------------------------------------------
@@ -73,7 +88,7 @@ class ForkedChild:
         self.conn.settimeout(timeout)
         try:
             data = self.conn.recv(4096)
-        except (BlockingIOError, TimeoutError, socket.timeout):
+        except (BlockingIOError, TimeoutError):
             return
         except OSError:
             data = b""
@@ -114,8 +129,15 @@ class StageTemplate:
         self.env = dict(env)
         self.folder = tempfile.mkdtemp(prefix="ftw-template-")
         self.path = os.path.join(self.folder, "socket")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.job.template", self.path], env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True, preexec_fn=die_with_parent())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.job.template", self.path],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=die_with_parent(),
+        )
         self.ready = False
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
@@ -302,8 +324,11 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
     os.chdir(request["cwd"])
     argv = request["argv"]  # ["-m", module, *args] or [script, *args]
     name_process(argv[1] if argv[0] == "-m" else os.path.basename(argv[0]))
-    print(f"ftw: stage forked from the template (pid {os.getppid()}); torch, transformers, datasets, peft were imported there",
-          file=sys.stderr, flush=True)
+    print(
+        f"ftw: stage forked from the template (pid {os.getppid()}); torch, transformers, datasets, peft were imported there",
+        file=sys.stderr,
+        flush=True,
+    )
     code = 0
     try:
         if argv[0] == "-m":

@@ -10,6 +10,7 @@
 A published prefix is complete only when its manifest.json (sha256 per file) exists, written last.
 Nothing here imports torch; boto3 and huggingface_hub are imported when first used.
 """
+
 from __future__ import annotations
 
 from worker.publish.checkpoints import CheckpointUploader, restore_checkpoint, start_uploader

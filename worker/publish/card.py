@@ -5,6 +5,7 @@ the loss curve (loss.png, committed beside it) and how to load the result with p
 Local names are shown as `local file <name>` (never a path), and the finished text goes through
 `scrub`, which masks every known secret and any absolute path that slipped in.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,28 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 # An absolute path: '/' or '~/' not preceded by a URL or word character, followed by at least one segment.
 LOCAL_PATH = re.compile(r"(?<![\w:/.\-])(?:~|[A-Za-z]:)?/(?:[\w.\-]+/)*[\w.\-]+")
 HYPERPARAMETERS = (
-    "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear", "learning_rate",
-    "lr_scheduler", "optimizer", "num_epochs", "max_steps", "micro_batch_size", "gradient_accumulation_steps",
-    "sequence_len", "sample_packing", "warmup_steps", "warmup_ratio", "weight_decay", "seed", "bf16",
-    "load_in_4bit", "train_on_inputs",
+    "adapter",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_linear",
+    "learning_rate",
+    "lr_scheduler",
+    "optimizer",
+    "num_epochs",
+    "max_steps",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "sequence_len",
+    "sample_packing",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "seed",
+    "bf16",
+    "load_in_4bit",
+    "train_on_inputs",
 )
 
 
@@ -76,17 +95,40 @@ def _yaml_list(key: str, values: list[str]) -> list[str]:
     return [f"{key}:"] + [f"- {json.dumps(v)}" for v in values] if values else []
 
 
-def model_card(cfg: TrainingConfig, repo_id: str, run_id: str, run_dir: Path, *, base_id: str | None,
-               has_loss_png: bool, merged_path: str | None, secrets: Iterable[str]) -> str:
+def model_card(
+    cfg: TrainingConfig,
+    repo_id: str,
+    run_id: str,
+    run_dir: Path,
+    *,
+    base_id: str | None,
+    has_loss_png: bool,
+    merged_path: str | None,
+    secrets: Iterable[str],
+) -> str:
     datasets = [public_name(d.path) for d in (cfg.datasets or [])]
     hub_datasets = [d.path for d in (cfg.datasets or []) if hub_id(d.path)]
     base = base_id or public_name(cfg.base_model)
     is_adapter = cfg.adapter is not None
-    front = ["---", *( [f"base_model: {base_id}"] if base_id else []), f"library_name: {'peft' if is_adapter else 'transformers'}",
-             *_yaml_list("datasets", hub_datasets), *_yaml_list("tags", ["ftw", *( [cfg.adapter] if is_adapter else ["full-fine-tune"])]), "---"]
-    lines = [*front, "", f"# {repo_id.split('/')[-1]}", "",
-             f"{'A ' + cfg.adapter.upper() + ' adapter' if is_adapter else 'A full fine-tune'} of **{base}**, "
-             f"trained with ftw (run `{run_id}`).", "", "## Training data", ""]
+    front = [
+        "---",
+        *([f"base_model: {base_id}"] if base_id else []),
+        f"library_name: {'peft' if is_adapter else 'transformers'}",
+        *_yaml_list("datasets", hub_datasets),
+        *_yaml_list("tags", ["ftw", *([cfg.adapter] if is_adapter else ["full-fine-tune"])]),
+        "---",
+    ]
+    lines = [
+        *front,
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"{'A ' + cfg.adapter.upper() + ' adapter' if is_adapter else 'A full fine-tune'} of **{base}**, "
+        f"trained with ftw (run `{run_id}`).",
+        "",
+        "## Training data",
+        "",
+    ]
     lines += [f"- {name}" for name in datasets] or ["- (not recorded)"]
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
     for key in HYPERPARAMETERS:
@@ -95,23 +137,50 @@ def model_card(cfg: TrainingConfig, repo_id: str, run_id: str, run_dir: Path, *,
             lines.append(f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |")
     metrics = _metrics(run_dir)
     if metrics:
-        lines += ["", "## Results", "", "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in metrics.items())]
+        lines += [
+            "",
+            "## Results",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in metrics.items()),
+        ]
     if has_loss_png:
         lines += ["", "![training loss](loss.png)"]
     lines += ["", "## Use it", ""]
     if is_adapter:
-        lines += ["With peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
-                  "from transformers import AutoTokenizer", "",
-                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
-                  "With vLLM:", "", "```bash",
-                  f"vllm serve {base_id or '<base model>'} --enable-lora --max-lora-rank {max(cfg.lora_r, 8)} \\",
-                  f"  --lora-modules adapter={repo_id}", "```"]
+        lines += [
+            "With peft:",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            "```",
+            "",
+            "With vLLM:",
+            "",
+            "```bash",
+            f"vllm serve {base_id or '<base model>'} --enable-lora --max-lora-rank {max(cfg.lora_r, 8)} \\",
+            f"  --lora-modules adapter={repo_id}",
+            "```",
+        ]
         if merged_path:
             lines += ["", f"The merged model (base + adapter) is in the `{merged_path}/` folder of this repo."]
     else:
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "", "```bash", f"vllm serve {repo_id}", "```"]
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            "```",
+            "",
+            "```bash",
+            f"vllm serve {repo_id}",
+            "```",
+        ]
     lines += ["", "Every file is listed with its sha256 in `manifest.json`; `ftw pull` verifies them.", ""]
     return scrub("\n".join(lines), secrets)

@@ -15,6 +15,7 @@ orchestrator calls; `restore_checkpoint` brings the newest complete remote check
 RUN_DIR/checkpoints when it is newer than any local one, through a temp folder verified against
 its manifest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,15 @@ from typing import Any
 
 from worker.errors import PublishError
 from worker.publish.manifest import Manifest
-from worker.publish.s3 import S3Location, delete_prefix, download_folder, list_children, make_client, read_remote_manifest, upload_folder
+from worker.publish.s3 import (
+    S3Location,
+    delete_prefix,
+    download_folder,
+    list_children,
+    make_client,
+    read_remote_manifest,
+    upload_folder,
+)
 from worker.publish.targets import Targets
 
 log = logging.getLogger("ftw.publish")
@@ -49,7 +58,11 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def remote_checkpoint_steps(client, root: S3Location, transfer) -> list[int]:
-    return sorted(int(m[1]) for name in list_children(client, root.child("checkpoints"), transfer) if (m := CHECKPOINT.match(name)))
+    return sorted(
+        int(m[1])
+        for name in list_children(client, root.child("checkpoints"), transfer)
+        if (m := CHECKPOINT.match(name))
+    )
 
 
 class CheckpointUploader:
@@ -112,8 +125,11 @@ class CheckpointUploader:
         try:
             local = Manifest.of_folder(folder)
             remote = read_remote_manifest(self._client, loc, self.targets.transfer)
-            manifest = local if remote is not None and remote.sha256 == local.sha256 else \
-                upload_folder(self._client, folder, loc, self.targets.transfer, label=f"upload {folder.name}")
+            manifest = (
+                local
+                if remote is not None and remote.sha256 == local.sha256
+                else upload_folder(self._client, folder, loc, self.targets.transfer, label=f"upload {folder.name}")
+            )
             if not folder.is_dir():
                 raise FileNotFoundError(folder)
         except FileNotFoundError:
@@ -123,11 +139,24 @@ class CheckpointUploader:
         except PublishError as e:
             self._failures[step] = self._failures.get(step, 0) + 1
             self.errors.append(f"{folder.name}: {e.message}")
-            log.warning("checkpoint upload failed (%s); %s", e.message, "will retry" if self._failures[step] < GIVE_UP_AFTER else "giving up")
+            log.warning(
+                "checkpoint upload failed (%s); %s",
+                e.message,
+                "will retry" if self._failures[step] < GIVE_UP_AFTER else "giving up",
+            )
             return
         self._done.add(step)
-        self.artifacts.append({"kind": "checkpoints", "target": "s3", "uri": loc.uri, "step": step,
-                               "sha256_manifest": manifest.sha256, "files": len(manifest.files), "bytes": manifest.total_bytes})
+        self.artifacts.append(
+            {
+                "kind": "checkpoints",
+                "target": "s3",
+                "uri": loc.uri,
+                "step": step,
+                "sha256_manifest": manifest.sha256,
+                "files": len(manifest.files),
+                "bytes": manifest.total_bytes,
+            }
+        )
         self._rotate(step)
 
     def _rotate(self, uploaded: int) -> None:
@@ -137,7 +166,7 @@ class CheckpointUploader:
             return
         transfer = self.targets.transfer
         steps = [s for s in remote_checkpoint_steps(self._client, self.targets.s3, transfer) if s <= uploaded]
-        for step in steps[:-self.keep_last]:
+        for step in steps[: -self.keep_last]:
             try:
                 delete_prefix(self._client, self.targets.s3.child("checkpoints", f"checkpoint-{step}"), transfer)
                 self.artifacts = [a for a in self.artifacts if a.get("step") != step]
@@ -182,4 +211,3 @@ def restore_checkpoint(run_dir: Path, job: Any, env: Mapping[str, str]) -> Path 
         log.info("restored checkpoint-%d from %s", step, loc.uri)
         return final
     return None
-

@@ -8,6 +8,7 @@ repeated pull succeeds). Without DIR nothing is copied: a remote artifact stays 
 folder's path is printed. Exit 0 done, 1 failed (the message says what to change), 2 usage error,
 130 interrupted (Ctrl-C or SIGTERM: a partial download is removed, DIR is left as it was).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,17 @@ def interrupted(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftw pull", description=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ftw pull", description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", help="run id, s3://…, hf://org/name@revision, org/name@revision or a local folder")
-    parser.add_argument("dest", nargs="?", type=Path, metavar="DIR",
-                        help="copy the artifact into this folder (default: none; the cached or local folder's path is printed)")
+    parser.add_argument(
+        "dest",
+        nargs="?",
+        type=Path,
+        metavar="DIR",
+        help="copy the artifact into this folder (default: none; the cached or local folder's path is printed)",
+    )
     parser.add_argument("--kind", default="adapter", choices=["adapter", "merged", "model", "logs"])
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     try:
@@ -49,6 +56,11 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps(e.as_result()))
         return 1
-    record = {"path": str(pulled.path), "source": pulled.source, "sha256_manifest": pulled.manifest_sha256, "cached": pulled.cached}
+    record = {
+        "path": str(pulled.path),
+        "source": pulled.source,
+        "sha256_manifest": pulled.manifest_sha256,
+        "cached": pulled.cached,
+    }
     print(json.dumps(record) if args.json else pulled.path)
     return 0

@@ -8,6 +8,7 @@ adapter_config.json's base_model_name_or_path set to the base model's Hub id, th
 README.md (replacing peft's), loss.png, manifest.json (sha256 of every file as committed), and a
 merged model under `merged/` when asked. A commit is atomic on the Hub, so a failed publish changes nothing there.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ class HubTarget:
         token = getattr(credentials, "hf_token", None)
         token = token.get_secret_value() if token is not None else None
         token = token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
-        return cls(outputs_hub.repo_id, outputs_hub.private, outputs_hub.revision, token, env.get("HF_ENDPOINT") or None)
+        return cls(
+            outputs_hub.repo_id, outputs_hub.private, outputs_hub.revision, token, env.get("HF_ENDPOINT") or None
+        )
 
 
 def _operations(root: Path, prefix: str, replace: dict[str, bytes]) -> tuple[list[Any], Manifest]:
@@ -89,6 +92,7 @@ def refused(status: int | None) -> bool:
 
 def hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
     """`fn` with the transfer's retries; a refusal is raised at once."""
+
     def call() -> T:
         try:
             return fn()
@@ -96,6 +100,7 @@ def hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
             if refused(hub_status(e)):
                 raise Fatal(e) from e
             raise
+
     return with_retries(call, what, transfer)
 
 
@@ -106,26 +111,47 @@ def _hub_error(e: Exception, target: HubTarget) -> PublishError:
         403: f"the token may not write to {target.repo_id.split('/')[0]}: use a write token of that user/organization",
         404: f"{target.repo_id} was not found for this token: check outputs.hub.repo_id",
     }
-    err = PublishError(f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                       hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
-                       details={"repo_id": target.repo_id, **({"http_status": status} if status else {})})
+    err = PublishError(
+        f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+        hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
+        details={"repo_id": target.repo_id, **({"http_status": status} if status else {})},
+    )
     err.retryable = not refused(status)
     return err
 
 
-def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_dir: Path, main_kind: str,
-                merged_dir: Path | None, secrets: list[str], settings: TransferSettings) -> dict[str, Any]:
+def publish_hub(
+    target: HubTarget,
+    cfg: Any,
+    run_id: str,
+    run_dir: Path,
+    main_dir: Path,
+    main_kind: str,
+    merged_dir: Path | None,
+    secrets: list[str],
+    settings: TransferSettings,
+) -> dict[str, Any]:
     """One commit to the Hub; the artifact record with the commit sha."""
     from huggingface_hub import HfApi
 
     if not target.token:
-        raise PublishError(f"no Hugging Face token to publish to {target.repo_id}",
-                           "set HF_TOKEN on the endpoint, or send credentials.hf_token with the job")
+        raise PublishError(
+            f"no Hugging Face token to publish to {target.repo_id}",
+            "set HF_TOKEN on the endpoint, or send credentials.hf_token with the job",
+        )
     api = HfApi(endpoint=target.endpoint, token=target.token)
     base_id = base_model_id(cfg.base_model)
     loss_png = run_dir / "loss.png"
-    card = model_card(cfg, target.repo_id, run_id, run_dir, base_id=base_id, has_loss_png=loss_png.is_file(),
-                      merged_path=MERGED_DIR if merged_dir is not None else None, secrets=secrets)
+    card = model_card(
+        cfg,
+        target.repo_id,
+        run_id,
+        run_dir,
+        base_id=base_id,
+        has_loss_png=loss_png.is_file(),
+        merged_path=MERGED_DIR if merged_dir is not None else None,
+        secrets=secrets,
+    )
     # the card replaces the README peft writes; loss.png sits beside it
     replace = {"README.md": card.encode(), **({"loss.png": loss_png.read_bytes()} if loss_png.is_file() else {})}
     if main_kind == "adapter":
@@ -139,17 +165,28 @@ def publish_hub(target: HubTarget, cfg: Any, run_id: str, run_dir: Path, main_di
         api.create_repo(target.repo_id, private=target.private, exist_ok=True)
         if branch != "main":
             api.create_branch(target.repo_id, branch=branch, exist_ok=True)
-        return api.create_commit(target.repo_id, operations=ops, revision=branch,
-                                 commit_message=f"ftw: publish {main_kind} of run {run_id}")
+        return api.create_commit(
+            target.repo_id, operations=ops, revision=branch, commit_message=f"ftw: publish {main_kind} of run {run_id}"
+        )
 
     try:
         info = hub_call(commit, f"Hub commit to {target.repo_id}", settings)
     except Exception as e:
         raise _hub_error(e, target) from e
-    record = {"kind": main_kind, "target": "hub", "uri": f"hf://{target.repo_id}", "revision": branch,
-              "commit": info.oid, "sha256_manifest": manifest.sha256, "files": len(manifest.files),
-              "bytes": manifest.total_bytes, **({"merged_path": MERGED_DIR} if merged_dir is not None else {})}
+    record = {
+        "kind": main_kind,
+        "target": "hub",
+        "uri": f"hf://{target.repo_id}",
+        "revision": branch,
+        "commit": info.oid,
+        "sha256_manifest": manifest.sha256,
+        "files": len(manifest.files),
+        "bytes": manifest.total_bytes,
+        **({"merged_path": MERGED_DIR} if merged_dir is not None else {}),
+    }
     if base_id is None and main_kind == "adapter":
-        record["warnings"] = [f"the base model is a local folder ({public_name(cfg.base_model)}): adapter_config.json names it "
-                              "by its folder name, which servers cannot resolve; train from a Hub id to fix this"]
+        record["warnings"] = [
+            f"the base model is a local folder ({public_name(cfg.base_model)}): adapter_config.json names it "
+            "by its folder name, which servers cannot resolve; train from a Hub id to fix this"
+        ]
     return record

@@ -6,6 +6,7 @@ swapped out and removed after. A reader never sees a half-copied folder. A run's
 store (`store_run_dir`) is refused when a symlink would lead it out of the store, as the run
 folder is: ftw neither writes nor reads outside BASE_VOLUME through a planted link.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,11 @@ def store_run_dir(env: Mapping[str, str], run_id: str) -> Path:
     path = root / run_id
     for link in (root, path):
         if link.is_symlink():
-            raise InfraError(f"{link} is a symlink to {link.resolve()}",
-                             "ftw only writes and reads the local store inside BASE_VOLUME; replace the link with a folder",
-                             details={"base_volume": str(base_volume(env))})
+            raise InfraError(
+                f"{link} is a symlink to {link.resolve()}",
+                "ftw only writes and reads the local store inside BASE_VOLUME; replace the link with a folder",
+                details={"base_volume": str(base_volume(env))},
+            )
     return path
 
 
@@ -51,8 +54,10 @@ def publish_local(folder: Path, dest: Path) -> Manifest:
             shutil.copy2(src, target)
         problems = manifest.problems(tmp)
         if problems:
-            raise PublishError(f"copy of {folder.name} to the local store does not match its source: {'; '.join(problems[:5])}",
-                               "a file changed while it was being published, or the volume is failing")
+            raise PublishError(
+                f"copy of {folder.name} to the local store does not match its source: {'; '.join(problems[:5])}",
+                "a file changed while it was being published, or the volume is failing",
+            )
         manifest.write(tmp)
         old = dest.parent / f".old-{dest.name}-{os.getpid()}"
         if dest.exists():
@@ -61,7 +66,9 @@ def publish_local(folder: Path, dest: Path) -> Manifest:
         shutil.rmtree(old, ignore_errors=True)
         return manifest
     except OSError as e:
-        raise PublishError(f"cannot write the local store at {dest.parent}: {e.strerror or e}",
-                           "free space on the volume (BASE_VOLUME) or check its permissions") from e
+        raise PublishError(
+            f"cannot write the local store at {dest.parent}: {e.strerror or e}",
+            "free space on the volume (BASE_VOLUME) or check its permissions",
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

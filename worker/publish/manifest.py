@@ -9,6 +9,7 @@ it. The manifest lists each file's relative path, size and sha256:
 `manifest_sha256` (the sha256 of its canonical bytes) is the content address of the whole
 artifact: the pull cache is keyed by it and results report it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,12 @@ def folder_files(folder: Path) -> list[Path]:
     out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if path.is_file() and not path.is_symlink() and rel.as_posix() != MANIFEST_NAME and not rel.name.startswith((".tmp-", ".lock")):
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and rel.as_posix() != MANIFEST_NAME
+            and not rel.name.startswith((".tmp-", ".lock"))
+        ):
             out.append(path)
     return out
 

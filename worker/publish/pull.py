@@ -13,6 +13,7 @@ makes concurrent pulls (threads or processes, the serving worker's included) dow
 files are fetched into a temp folder, checked against the manifest and renamed into place.
 A Hub repo not published by ftw (no manifest.json) is cached by its commit sha instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ def pull(source: str, env: Mapping[str, str], dest: Path | None = None, kind: st
     if dest.exists() and any(dest.iterdir()):
         if _holds(dest, pulled):
             return Pulled(dest, pulled.source, pulled.manifest_sha256, cached=True)
-        raise PublishError(f"{dest} is not empty and does not hold this artifact",
-                           "pull into a new or empty folder (a folder that holds exactly this artifact is left as it is)")
+        raise PublishError(
+            f"{dest} is not empty and does not hold this artifact",
+            "pull into a new or empty folder (a folder that holds exactly this artifact is left as it is)",
+        )
     publish_local(pulled.path, dest)
     return Pulled(dest, pulled.source, pulled.manifest_sha256, pulled.cached)
 
@@ -74,8 +77,12 @@ def _holds(folder: Path, pulled: Pulled) -> bool:
     """Whether `folder` is a verified copy of the pulled artifact: its manifest, every file, nothing else."""
     manifest = read_manifest(folder)
     want = pulled.manifest_sha256 or Manifest.of_folder(pulled.path).sha256
-    return (manifest is not None and manifest.sha256 == want and not manifest.problems(folder)
-            and {p.relative_to(folder).as_posix() for p in folder_files(folder)} == set(manifest.files))
+    return (
+        manifest is not None
+        and manifest.sha256 == want
+        and not manifest.problems(folder)
+        and {p.relative_to(folder).as_posix() for p in folder_files(folder)} == set(manifest.files)
+    )
 
 
 def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled:
@@ -104,20 +111,25 @@ def _resolve_and_fetch(source: str, env: Mapping[str, str], kind: str) -> Pulled
     m = HUB_SOURCE.match(source)
     if m:
         return _pull_hub(m["repo"], m["rev"] or "main", "merged/" if kind == "merged" else "", env, transfer)
-    raise PublishError(f"cannot tell what {source!r} is",
-                       "use s3://bucket/prefix, hf://org/name@revision, org/name@revision, a local folder or a run id")
+    raise PublishError(
+        f"cannot tell what {source!r} is",
+        "use s3://bucket/prefix, hf://org/name@revision, org/name@revision, a local folder or a run id",
+    )
 
 
 def _not_in_local_store(run_id: str, kind: str, run_folder: Path) -> ArtifactMissing:
     """What the local store holds of the run decides the advice: another kind, or the bucket."""
     published = sorted(p.parent.name for p in run_folder.glob(f"*/{MANIFEST_NAME}"))
     if published:
-        return ArtifactMissing(f"run {run_id!r} did not publish {kind}: the local store ({run_folder}) holds only "
-                               f"{', '.join(published)}",
-                               f"pull one of those (--kind {published[0]})"
-                               + ("; for a merged model, run the job again with merged in publish" if kind == "merged" else ""))
-    return ArtifactMissing(f"run {run_id!r} is not in the local store ({run_folder}) and no bucket is configured",
-                           "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME")
+        return ArtifactMissing(
+            f"run {run_id!r} did not publish {kind}: the local store ({run_folder}) holds only {', '.join(published)}",
+            f"pull one of those (--kind {published[0]})"
+            + ("; for a merged model, run the job again with merged in publish" if kind == "merged" else ""),
+        )
+    return ArtifactMissing(
+        f"run {run_id!r} is not in the local store ({run_folder}) and no bucket is configured",
+        "give the artifact's URI from the job result (s3://…, hf://…), or set BUCKET_NAME",
+    )
 
 
 def _pull_local(folder: Path, source: str) -> Pulled:
@@ -127,8 +139,10 @@ def _pull_local(folder: Path, source: str) -> Pulled:
     if manifest is not None:
         problems = manifest.problems(folder)
         if problems:
-            raise PublishError(f"{folder} does not match its manifest: {'; '.join(problems[:5])}",
-                               "the folder was altered after it was published; publish it again")
+            raise PublishError(
+                f"{folder} does not match its manifest: {'; '.join(problems[:5])}",
+                "the folder was altered after it was published; publish it again",
+            )
     return Pulled(folder, source, manifest.sha256 if manifest else None, cached=True)
 
 
@@ -150,15 +164,19 @@ def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path
                 manifest = fetch(tmp)
                 problems = manifest.problems(tmp)
                 if problems:
-                    raise PublishError(f"{source}: downloaded files do not match the manifest: {'; '.join(problems[:5])}",
-                                       "the stored artifact was altered or corrupted; publish it again")
+                    raise PublishError(
+                        f"{source}: downloaded files do not match the manifest: {'; '.join(problems[:5])}",
+                        "the stored artifact was altered or corrupted; publish it again",
+                    )
                 manifest.write(tmp)
                 shutil.rmtree(final, ignore_errors=True)
                 tmp.rename(final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     except Timeout as e:
-        raise PublishError(f"waited {LOCK_TIMEOUT_S}s for another pull of {source}", "retry; a stuck puller holds the lock") from e
+        raise PublishError(
+            f"waited {LOCK_TIMEOUT_S}s for another pull of {source}", "retry; a stuck puller holds the lock"
+        ) from e
     return Pulled(final, source, manifest.sha256, cached=False)
 
 
@@ -166,31 +184,51 @@ def _pull_s3(loc: S3Location, env: Mapping[str, str], transfer: TransferSettings
     client = make_client(S3Settings.resolve(env), transfer)
     manifest = read_remote_manifest(client, loc, transfer)
     if manifest is None:
-        raise ArtifactMissing(f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
-                              "check the URI (the job result lists every artifact); an unfinished publish is never used")
+        raise ArtifactMissing(
+            f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
+            "check the URI (the job result lists every artifact); an unfinished publish is never used",
+        )
     return _cached(manifest.sha256, env, loc.uri, lambda tmp: download_folder(client, loc, tmp, transfer, manifest))
 
 
-def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str], transfer: TransferSettings) -> Pulled:
+def _pull_hub(
+    repo_id: str, revision: str, subfolder: str, env: Mapping[str, str], transfer: TransferSettings
+) -> Pulled:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     token, endpoint = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None, env.get("HF_ENDPOINT") or None
     source = f"hf://{repo_id}@{revision}" + (f" ({subfolder.rstrip('/')})" if subfolder else "")
     try:
-        commit = hub_call(lambda: HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha,
-                           f"resolve {source}", transfer)
+        commit = hub_call(
+            lambda: HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision).sha,
+            f"resolve {source}",
+            transfer,
+        )
         with tempfile.TemporaryDirectory() as scratch:
             try:
-                path = hf_hub_download(repo_id, f"{subfolder}{MANIFEST_NAME}", revision=commit, endpoint=endpoint,
-                                       token=token, local_dir=scratch)
+                path = hf_hub_download(
+                    repo_id,
+                    f"{subfolder}{MANIFEST_NAME}",
+                    revision=commit,
+                    endpoint=endpoint,
+                    token=token,
+                    local_dir=scratch,
+                )
                 manifest = Manifest.from_bytes(Path(path).read_bytes())
             except EntryNotFoundError:
                 manifest = None
     except HfHubHTTPError as e:
         error = ArtifactMissing if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)) else PublishError
-        raise error(f"cannot read {source} from the Hub: {str(e).splitlines()[0][:300]}",
-                    "check the repo id and revision, and that HF_TOKEN may read it (private repos need a token)") from e
+        raise error(
+            f"cannot read {source} from the Hub: {str(e).splitlines()[0][:300]}",
+            "check the repo id and revision, and that HF_TOKEN may read it (private repos need a token)",
+        ) from e
     except ValueError as e:
         raise PublishError(f"{source}: {e}", "the repo's manifest.json was not written by ftw, or was altered") from e
 
@@ -198,11 +236,18 @@ def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str
         raw = tmp / ".raw"
         patterns = [f"{subfolder}{rel}" for rel in manifest.files] if manifest else [f"{subfolder}*"]
         try:
-            hub_call(lambda: snapshot_download(repo_id, revision=commit, endpoint=endpoint, token=token,
-                                                local_dir=raw, allow_patterns=patterns), f"download {source}", transfer)
+            hub_call(
+                lambda: snapshot_download(
+                    repo_id, revision=commit, endpoint=endpoint, token=token, local_dir=raw, allow_patterns=patterns
+                ),
+                f"download {source}",
+                transfer,
+            )
         except Exception as e:
-            raise PublishError(f"download of {source} failed after retries: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                               "the Hub or the network failed repeatedly; retry the pull") from e
+            raise PublishError(
+                f"download of {source} failed after retries: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                "the Hub or the network failed repeatedly; retry the pull",
+            ) from e
         shutil.rmtree(raw / ".cache", ignore_errors=True)  # snapshot_download's own bookkeeping
         base = raw / subfolder if subfolder else raw
         got = manifest or Manifest.of_folder(base)
@@ -212,6 +257,8 @@ def _pull_hub(repo_id: str, revision: str, subfolder: str, env: Mapping[str, str
         shutil.rmtree(raw)
         return got
 
-    key = manifest.sha256 if manifest else "hub-" + hashlib.sha256(f"{repo_id}@{commit}/{subfolder}".encode()).hexdigest()
+    key = (
+        manifest.sha256 if manifest else "hub-" + hashlib.sha256(f"{repo_id}@{commit}/{subfolder}".encode()).hexdigest()
+    )
     pulled = _cached(key, env, source, fetch)
     return pulled if manifest else Pulled(pulled.path, source, None, pulled.cached)

@@ -14,6 +14,7 @@ Each record: {kind, target: s3|hub|local, uri, sha256_manifest, files, bytes} pl
 (manifest written last) or absent; when one fails, the PublishError's details list what was
 already published, so nothing done is lost and a resubmitted run_id publishes again.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -41,9 +42,11 @@ def _main_folder(run_dir: Path, job: Any) -> tuple[str, Path]:
 
 def _require(folder: Path, kind: str) -> Path:
     if not folder.is_dir() or not any(folder.iterdir()):
-        raise PublishError(f"nothing to publish as {kind}: {folder.name}/ is missing or empty in the run folder",
-                           f"training did not produce {folder.name}/; check the train stage's log"
-                           + ("; for merged, set merge_lora: true" if kind == "merged" else ""))
+        raise PublishError(
+            f"nothing to publish as {kind}: {folder.name}/ is missing or empty in the run folder",
+            f"training did not produce {folder.name}/; check the train stage's log"
+            + ("; for merged, set merge_lora: true" if kind == "merged" else ""),
+        )
     return folder
 
 
@@ -67,8 +70,14 @@ def _secrets(job: Any, env: Mapping[str, str]) -> list[str]:
     return job.credentials.secrets() + env_secrets(env)
 
 
-def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: CheckpointUploader | None = None, *,
-                progress: ProgressSink | None = None) -> list[dict[str, Any]]:
+def publish_run(
+    run_dir: Path,
+    job: Any,
+    env: Mapping[str, str],
+    uploader: CheckpointUploader | None = None,
+    *,
+    progress: ProgressSink | None = None,
+) -> list[dict[str, Any]]:
     """Publish the run's artifacts to the job's targets; PublishError (with what got published) on failure.
     `progress` receives {stage: publish, what, bytes_done, bytes_total, bytes_per_s, eta_s} events, and
     {stage: publish, message} as each step begins."""
@@ -93,15 +102,19 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
             client = make_client(targets.s3_settings, targets.transfer)
             for kind, folder in folders + ([("logs", logs)] if logs else []):
                 loc = targets.s3.child(kind)
-                manifest = upload_folder(client, folder, loc, targets.transfer, label=f"upload {kind}", progress_sink=progress)
+                manifest = upload_folder(
+                    client, folder, loc, targets.transfer, label=f"upload {kind}", progress_sink=progress
+                )
                 published.append(_record(kind, "s3", loc.uri, manifest))
             if "checkpoints" in job.publish:
                 starting("uploading checkpoints")
                 uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)
                 published += uploader.stop()
                 if uploader.failed_steps():
-                    raise PublishError(f"checkpoint upload failed for step(s) {uploader.failed_steps()}: {uploader.errors[-1]}",
-                                       "the checkpoints are still in the run folder; resubmit the run_id to upload them")
+                    raise PublishError(
+                        f"checkpoint upload failed for step(s) {uploader.failed_steps()}: {uploader.errors[-1]}",
+                        "the checkpoints are still in the run folder; resubmit the run_id to upload them",
+                    )
             elif uploader is not None:  # they were resume insurance while training ran; not asked for as results
                 uploader.stop()
                 uploader.discard()
@@ -126,14 +139,31 @@ def publish_run(run_dir: Path, job: Any, env: Mapping[str, str], uploader: Check
     return published
 
 
-def _to_hub(targets: Targets, job: Any, run_dir: Path, folders: dict[str, Path], env: Mapping[str, str]) -> dict[str, Any]:
+def _to_hub(
+    targets: Targets, job: Any, run_dir: Path, folders: dict[str, Path], env: Mapping[str, str]
+) -> dict[str, Any]:
     """The repo root gets the adapter (or model); `merged/` the merged model — or the root when only it was asked."""
     main_kind = next((k for k in folders if k != "merged"), "merged")
     merged = folders.get("merged") if main_kind != "merged" else None
-    return publish_hub(targets.hub, job.config, job.run_id, run_dir, folders[main_kind], main_kind, merged,
-                       _secrets(job, env), targets.transfer)
+    return publish_hub(
+        targets.hub,
+        job.config,
+        job.run_id,
+        run_dir,
+        folders[main_kind],
+        main_kind,
+        merged,
+        _secrets(job, env),
+        targets.transfer,
+    )
 
 
 def _record(kind: str, target: str, uri: str, manifest: Any) -> dict[str, Any]:
-    return {"kind": kind, "target": target, "uri": uri, "sha256_manifest": manifest.sha256,
-            "files": len(manifest.files), "bytes": manifest.total_bytes}
+    return {
+        "kind": kind,
+        "target": target,
+        "uri": uri,
+        "sha256_manifest": manifest.sha256,
+        "files": len(manifest.files),
+        "bytes": manifest.total_bytes,
+    }

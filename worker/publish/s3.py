@@ -10,6 +10,7 @@ or AWS_ENDPOINT_URL; region from outputs.s3.region, AWS_REGION or AWS_DEFAULT_RE
 parts through s3transfer, each file retried with backoff), checks every object's size, and puts
 `manifest.json` last. A publish that fails anywhere leaves no manifest, so no reader takes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,8 +83,13 @@ class S3Settings:
             (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN")),
         ]
         key, secret_key, token = next(((k, s, t) for k, s, t in pairs if k and s), (None, None, None))
-        endpoint = (getattr(outputs_s3, "endpoint_url", None) or env.get("BUCKET_ENDPOINT_URL")
-                    or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None)
+        endpoint = (
+            getattr(outputs_s3, "endpoint_url", None)
+            or env.get("BUCKET_ENDPOINT_URL")
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
+            or None
+        )
         region = getattr(outputs_s3, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
         return cls(endpoint, region, key, secret_key, token)
 
@@ -108,16 +114,26 @@ def make_client(settings: S3Settings, transfer: TransferSettings):
         global _SESSION
         _SESSION = _SESSION or boto3.session.Session()
         return _SESSION.client(
-            "s3", endpoint_url=settings.endpoint_url, config=config, region_name=settings.region or ("us-east-1" if custom else None),
-            aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key, aws_session_token=settings.session_token,
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            config=config,
+            region_name=settings.region or ("us-east-1" if custom else None),
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            aws_session_token=settings.session_token,
         )
 
 
 def _transfer_config(transfer: TransferSettings):
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=transfer.part_bytes, multipart_chunksize=transfer.part_bytes,
-                          max_concurrency=transfer.concurrency, use_threads=True, num_download_attempts=2)
+    return TransferConfig(
+        multipart_threshold=transfer.part_bytes,
+        multipart_chunksize=transfer.part_bytes,
+        max_concurrency=transfer.concurrency,
+        use_threads=True,
+        num_download_attempts=2,
+    )
 
 
 def fatal_or_raise(e: Exception, what: str) -> None:
@@ -125,8 +141,12 @@ def fatal_or_raise(e: Exception, what: str) -> None:
     from botocore.exceptions import ClientError, NoCredentialsError
 
     if isinstance(e, NoCredentialsError):
-        raise Fatal(PublishError(f"{what}: no S3 credentials",
-                                 "set BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY (or AWS_*) on the endpoint, or send s3Config"))
+        raise Fatal(
+            PublishError(
+                f"{what}: no S3 credentials",
+                "set BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY (or AWS_*) on the endpoint, or send s3Config",
+            )
+        )
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         if code in FATAL_CODES:
@@ -142,15 +162,19 @@ def _guarded(fn, what: str):
         except Exception as e:
             fatal_or_raise(e, what)
             raise
+
     return call
 
 
 def _failed(what: str, e: Exception, loc: S3Location) -> PublishError:
     if isinstance(e, PublishError):
         return e
-    return PublishError(f"{what} failed after retries: {type(e).__name__}: {e}",
-                        "the store or the network failed repeatedly; the run folder is intact, so resubmitting the "
-                        "same run_id publishes again (nothing partial was marked complete)", details={"uri": loc.uri})
+    return PublishError(
+        f"{what} failed after retries: {type(e).__name__}: {e}",
+        "the store or the network failed repeatedly; the run folder is intact, so resubmitting the "
+        "same run_id publishes again (nothing partial was marked complete)",
+        details={"uri": loc.uri},
+    )
 
 
 @contextlib.contextmanager
@@ -166,33 +190,61 @@ def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseE
         raise _failed(label, e, loc) from e
 
 
-def upload_folder(client, folder: Path, loc: S3Location, transfer: TransferSettings, label: str = "",
-                  progress_sink: ProgressSink | None = None) -> Manifest:
+def upload_folder(
+    client,
+    folder: Path,
+    loc: S3Location,
+    transfer: TransferSettings,
+    label: str = "",
+    progress_sink: ProgressSink | None = None,
+) -> Manifest:
     """Upload `folder` to `loc`; manifest.json last. Returns the manifest; PublishError on failure."""
     from boto3.s3.transfer import create_transfer_manager
 
     label = label or f"upload {loc.uri}"
     manifest = Manifest.of_folder(folder)
     progress = Progress(label, manifest.total_bytes, progress_sink)
-    with _as_publish_error(label, loc, passthrough=(PublishError, FileNotFoundError)):  # a local file gone (a rotated checkpoint) is the caller's to judge
-        with_retries(_guarded(lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME)), label), label, transfer)
+    with _as_publish_error(
+        label, loc, passthrough=(PublishError, FileNotFoundError)
+    ):  # a local file gone (a rotated checkpoint) is the caller's to judge
+        with_retries(
+            _guarded(lambda: client.delete_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME)), label),
+            label,
+            transfer,
+        )
         with create_transfer_manager(client, _transfer_config(transfer)) as manager:
             pending = list(manifest.files)
             for attempt in range(transfer.attempts):
-                futures = {rel: manager.upload(str(folder / rel), loc.bucket, loc.key(rel), subscribers=[_Bytes(progress)])
-                           for rel in pending}
+                futures = {
+                    rel: manager.upload(str(folder / rel), loc.bucket, loc.key(rel), subscribers=[_Bytes(progress)])
+                    for rel in pending
+                }
                 pending = _failed_files(futures, label, progress, manifest, last=attempt == transfer.attempts - 1)
                 if not pending:
                     break
                 _pause(transfer, attempt, label, pending)
         for rel, entry in manifest.files.items():  # every object there, at its size, before the manifest
-            head = with_retries(_guarded(lambda rel=rel: client.head_object(Bucket=loc.bucket, Key=loc.key(rel)), label), label, transfer)
+            head = with_retries(
+                _guarded(lambda rel=rel: client.head_object(Bucket=loc.bucket, Key=loc.key(rel)), label),
+                label,
+                transfer,
+            )
             if head["ContentLength"] != entry["size"]:
-                raise PublishError(f"{label}: {rel} is {head['ContentLength']} bytes in the store, expected {entry['size']}",
-                                   "another writer may be using the same prefix; use a distinct run_id or prefix")
+                raise PublishError(
+                    f"{label}: {rel} is {head['ContentLength']} bytes in the store, expected {entry['size']}",
+                    "another writer may be using the same prefix; use a distinct run_id or prefix",
+                )
         body = manifest.to_bytes()
-        with_retries(_guarded(lambda: client.put_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME), Body=body,
-                                                        ContentType="application/json"), label), label, transfer)
+        with_retries(
+            _guarded(
+                lambda: client.put_object(
+                    Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME), Body=body, ContentType="application/json"
+                ),
+                label,
+            ),
+            label,
+            transfer,
+        )
     progress.report()
     return manifest
 
@@ -227,7 +279,14 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
 
 def _pause(transfer: TransferSettings, attempt: int, label: str, pending: list[str]) -> None:
     delay = transfer.backoff_s * 2**attempt
-    log.warning("%s: %d file(s) failed (try %d/%d); retrying in %.1fs", label, len(pending), attempt + 1, transfer.attempts, delay)
+    log.warning(
+        "%s: %d file(s) failed (try %d/%d); retrying in %.1fs",
+        label,
+        len(pending),
+        attempt + 1,
+        transfer.attempts,
+        delay,
+    )
     time.sleep(delay)
 
 
@@ -254,17 +313,23 @@ def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) ->
     try:
         return Manifest.from_bytes(data)
     except ValueError as e:
-        raise PublishError(f"{loc.uri}/{MANIFEST_NAME}: {e}", "the prefix was not written by ftw, or was altered") from e
+        raise PublishError(
+            f"{loc.uri}/{MANIFEST_NAME}: {e}", "the prefix was not written by ftw, or was altered"
+        ) from e
 
 
-def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None) -> Manifest:
+def download_folder(
+    client, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None
+) -> Manifest:
     """Download the files of `loc`'s manifest into `dest` (which should be empty), each verified by sha256."""
     from boto3.s3.transfer import create_transfer_manager
 
     manifest = manifest or read_remote_manifest(client, loc, transfer)
     if manifest is None:
-        raise PublishError(f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
-                           "check the URI (ftw lists artifacts in the job result); an unfinished publish is never used")
+        raise PublishError(
+            f"{loc.uri} has no {MANIFEST_NAME}: it was never published, or its publish did not finish",
+            "check the URI (ftw lists artifacts in the job result); an unfinished publish is never used",
+        )
     label = f"download {loc.uri}"
     progress = Progress(label, manifest.total_bytes)
     pending = list(manifest.files)
@@ -274,16 +339,22 @@ def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSetti
                 futures = {}
                 for rel in pending:
                     (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                    futures[rel] = manager.download(loc.bucket, loc.key(rel), str(dest / rel), subscribers=[_Bytes(progress)])
+                    futures[rel] = manager.download(
+                        loc.bucket, loc.key(rel), str(dest / rel), subscribers=[_Bytes(progress)]
+                    )
                 pending = _failed_files(futures, label, progress, manifest, last=attempt == transfer.attempts - 1)
-                bad = [rel for rel in futures if rel not in pending and Manifest({rel: manifest.files[rel]}).problems(dest)]
+                bad = [
+                    rel for rel in futures if rel not in pending and Manifest({rel: manifest.files[rel]}).problems(dest)
+                ]
                 pending += bad
                 if not pending:
                     break
                 if attempt == transfer.attempts - 1:
-                    raise PublishError(f"{label}: {', '.join(bad)} did not match the manifest's sha256 after {transfer.attempts} tries",
-                                       "the stored object differs from what was published (altered or corrupted in the store)",
-                                       details={"uri": loc.uri, "files": bad})
+                    raise PublishError(
+                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 after {transfer.attempts} tries",
+                        "the stored object differs from what was published (altered or corrupted in the store)",
+                        details={"uri": loc.uri, "files": bad},
+                    )
                 _pause(transfer, attempt, label, pending)
     progress.report()
     return manifest
@@ -291,12 +362,18 @@ def download_folder(client, loc: S3Location, dest: Path, transfer: TransferSetti
 
 def list_children(client, loc: S3Location, transfer: TransferSettings) -> list[str]:
     """Names of the 'folders' directly under `loc` (CommonPrefixes)."""
+
     def listing() -> list[str]:
         names, token = [], None
         while True:
-            kw = {"Bucket": loc.bucket, "Prefix": loc.key(""), "Delimiter": "/", **({"ContinuationToken": token} if token else {})}
+            kw = {
+                "Bucket": loc.bucket,
+                "Prefix": loc.key(""),
+                "Delimiter": "/",
+                **({"ContinuationToken": token} if token else {}),
+            }
             page = client.list_objects_v2(**kw)
-            names += [p["Prefix"][len(loc.key("")):].strip("/") for p in page.get("CommonPrefixes", [])]
+            names += [p["Prefix"][len(loc.key("")) :].strip("/") for p in page.get("CommonPrefixes", [])]
             if not page.get("IsTruncated"):
                 return names
             token = page["NextContinuationToken"]
@@ -317,8 +394,9 @@ def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
         keys += [o["Key"] for o in page.get("Contents", [])]
     manifest_key = loc.key(MANIFEST_NAME)
     if manifest_key in keys:
-        with_retries(lambda: client.delete_object(Bucket=loc.bucket, Key=manifest_key), f"delete {manifest_key}", transfer)
+        with_retries(
+            lambda: client.delete_object(Bucket=loc.bucket, Key=manifest_key), f"delete {manifest_key}", transfer
+        )
     for key in keys:
         if key != manifest_key:
             with_retries(lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), f"delete {key}", transfer)
-

@@ -6,6 +6,7 @@
 - The Hub when the job has outputs.hub.
 - The local store BASE_VOLUME/store/<run_id>/ when neither is given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -38,4 +39,11 @@ class Targets:
             s3 = S3Location(env["BUCKET_NAME"], (env.get("FTW_S3_PREFIX") or "").strip("/")).child(job.run_id)
         hub = HubTarget.resolve(outputs.hub, job.credentials, env) if outputs.hub is not None else None
         local = store_run_dir(env, job.run_id) if s3 is None and hub is None else None
-        return cls(job.run_id, s3, S3Settings.resolve(env, outputs.s3, job.credentials), hub, local, TransferSettings.from_env(env))
+        return cls(
+            job.run_id,
+            s3,
+            S3Settings.resolve(env, outputs.s3, job.credentials),
+            hub,
+            local,
+            TransferSettings.from_env(env),
+        )

@@ -1,10 +1,11 @@
 """What every transfer shares: retries with backoff, byte progress, and the settings from the env.
 
-    FTW_PUBLISH_ATTEMPTS   tries per file before a publish or pull fails (default 4)
-    FTW_PUBLISH_BACKOFF_S  first pause between tries, doubled each time (default 1.0)
-    FTW_S3_PART_MB         multipart part size and threshold in MiB (default 64)
-    FTW_S3_CONCURRENCY     parallel parts/files per transfer (default 8)
+FTW_PUBLISH_ATTEMPTS   tries per file before a publish or pull fails (default 4)
+FTW_PUBLISH_BACKOFF_S  first pause between tries, doubled each time (default 1.0)
+FTW_S3_PART_MB         multipart part size and threshold in MiB (default 64)
+FTW_S3_CONCURRENCY     parallel parts/files per transfer (default 8)
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,9 @@ def with_retries(fn: Callable[[], T], what: str, settings: TransferSettings) -> 
         except Exception as e:
             if attempt == settings.attempts:
                 raise
-            log.warning("%s failed (attempt %d/%d: %s); retrying in %.1fs", what, attempt, settings.attempts, _short(e), delay)
+            log.warning(
+                "%s failed (attempt %d/%d: %s); retrying in %.1fs", what, attempt, settings.attempts, _short(e), delay
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -105,7 +108,21 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-6)
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else None
-        log.info("%s: %.1f/%.1f MiB (%.1f MiB/s%s)", self.label, self.done / 2**20, self.total / 2**20, rate / 2**20,
-                 f", ETA {eta:.0f}s" if eta is not None else "")
-        self.sink({"stage": "publish", "what": self.label, "bytes_done": self.done, "bytes_total": self.total,
-              "bytes_per_s": round(rate), "eta_s": round(eta, 1) if eta is not None else None})
+        log.info(
+            "%s: %.1f/%.1f MiB (%.1f MiB/s%s)",
+            self.label,
+            self.done / 2**20,
+            self.total / 2**20,
+            rate / 2**20,
+            f", ETA {eta:.0f}s" if eta is not None else "",
+        )
+        self.sink(
+            {
+                "stage": "publish",
+                "what": self.label,
+                "bytes_done": self.done,
+                "bytes_total": self.total,
+                "bytes_per_s": round(rate),
+                "eta_s": round(eta, 1) if eta is not None else None,
+            }
+        )

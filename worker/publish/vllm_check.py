@@ -6,6 +6,7 @@ no modules_to_save (vLLM refuses adapters that carry full embed_tokens / lm_head
 DoRA, no LoRA bias, targets among the linear projections vLLM's models wrap. Each problem comes
 back as a warning that says what to change; publishing goes on (other servers may load it).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,38 @@ from pathlib import Path
 
 DEFAULT_MAX_LORA_RANK = 64
 # Linear layers vLLM wraps with LoRA across its decoder models (packed names included).
-VLLM_LORA_MODULES = frozenset({
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
-    "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc",
-    "w1", "w2", "w3", "wqkv", "wo", "fc1", "fc2", "out_proj", "in_proj", "Wqkv", "gate", "experts",
-})
+VLLM_LORA_MODULES = frozenset(
+    {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "qkv_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "gate_up_proj",
+        "query_key_value",
+        "dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+        "c_attn",
+        "c_proj",
+        "c_fc",
+        "w1",
+        "w2",
+        "w3",
+        "wqkv",
+        "wo",
+        "fc1",
+        "fc2",
+        "out_proj",
+        "in_proj",
+        "Wqkv",
+        "gate",
+        "experts",
+    }
+)
 EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"})
 
 
@@ -40,18 +68,24 @@ def check_adapter(adapter_dir: Path, env: Mapping[str, str]) -> list[str]:
         warnings.append(f"peft_type {cfg.get('peft_type')} is not LoRA: vLLM serves LoRA adapters only")
     rank, limit = int(cfg.get("r") or 0), max_lora_rank(env)
     if rank > limit:
-        warnings.append(f"LoRA rank {rank} is above the server's max_lora_rank {limit}: lower lora_r to ≤ {limit}, "
-                        f"or start vLLM with --max-lora-rank {rank} (and set FTW_MAX_LORA_RANK)")
+        warnings.append(
+            f"LoRA rank {rank} is above the server's max_lora_rank {limit}: lower lora_r to ≤ {limit}, "
+            f"or start vLLM with --max-lora-rank {rank} (and set FTW_MAX_LORA_RANK)"
+        )
     rank_pattern = cfg.get("rank_pattern") or {}
     if rank_pattern and max(rank_pattern.values()) > limit:
         warnings.append(f"rank_pattern has a rank above max_lora_rank {limit}: lower it or raise --max-lora-rank")
     saved = set(cfg.get("modules_to_save") or [])
     if saved:
-        warnings.append(f"modules_to_save {sorted(saved)}: vLLM rejects adapters with fully trained modules "
-                        "(embed_tokens/lm_head); remove lora_modules_to_save (and added tokens that need it), "
-                        "or publish the merged model (merge_lora: true) and serve that")
+        warnings.append(
+            f"modules_to_save {sorted(saved)}: vLLM rejects adapters with fully trained modules "
+            "(embed_tokens/lm_head); remove lora_modules_to_save (and added tokens that need it), "
+            "or publish the merged model (merge_lora: true) and serve that"
+        )
     if cfg.get("use_dora"):
-        warnings.append("DoRA (peft_use_dora) adapters are not supported by vLLM: train without DoRA or serve the merged model")
+        warnings.append(
+            "DoRA (peft_use_dora) adapters are not supported by vLLM: train without DoRA or serve the merged model"
+        )
     if cfg.get("bias", "none") != "none":
         warnings.append(f"lora bias {cfg.get('bias')!r}: vLLM loads LoRA without bias; set lora_bias: none")
     targets = cfg.get("target_modules") or []
@@ -59,14 +93,18 @@ def check_adapter(adapter_dir: Path, env: Mapping[str, str]) -> list[str]:
         targets = _module_names_from_weights(adapter_dir) or []
     leaves = {t.split(".")[-1] for t in targets}
     if leaves & EMBEDDING_MODULES:
-        warnings.append(f"LoRA on {sorted(leaves & EMBEDDING_MODULES)}: vLLM does not apply LoRA to embeddings/lm_head; "
-                        "drop them from lora_target_modules")
+        warnings.append(
+            f"LoRA on {sorted(leaves & EMBEDDING_MODULES)}: vLLM does not apply LoRA to embeddings/lm_head; "
+            "drop them from lora_target_modules"
+        )
     warnings += _parameter_targets(cfg.get("target_parameters") or [])
     unknown = sorted(leaves - VLLM_LORA_MODULES - EMBEDDING_MODULES)
     if unknown:
-        warnings.append(f"target modules {unknown} are not LoRA layers vLLM is known to wrap; check that your vLLM "
-                        "version supports them for this architecture, or target q_proj/k_proj/v_proj/o_proj/"
-                        "gate_proj/up_proj/down_proj")
+        warnings.append(
+            f"target modules {unknown} are not LoRA layers vLLM is known to wrap; check that your vLLM "
+            "version supports them for this architecture, or target q_proj/k_proj/v_proj/o_proj/"
+            "gate_proj/up_proj/down_proj"
+        )
     return warnings
 
 
@@ -76,12 +114,16 @@ def _parameter_targets(parameters: list[str]) -> list[str]:
     others = sorted(set(parameters) - set(experts))
     warnings = []
     if experts:
-        warnings.append(f"target parameters {experts}: LoRA on MoE experts is served by vLLM only on CUDA (its Triton "
-                        "fused-MoE LoRA path); vLLM on CPU cannot load it (its CPU MoE kernel has no LoRA): there, serve "
-                        "this adapter with the transformers engine (FTW_SERVE_ENGINE=transformers) or publish the merged model")
+        warnings.append(
+            f"target parameters {experts}: LoRA on MoE experts is served by vLLM only on CUDA (its Triton "
+            "fused-MoE LoRA path); vLLM on CPU cannot load it (its CPU MoE kernel has no LoRA): there, serve "
+            "this adapter with the transformers engine (FTW_SERVE_ENGINE=transformers) or publish the merged model"
+        )
     if others:
-        warnings.append(f"target parameters {others}: vLLM applies no LoRA to these (router weights); serve with the "
-                        "transformers engine or publish the merged model, or drop them from the targets")
+        warnings.append(
+            f"target parameters {others}: vLLM applies no LoRA to these (router weights); serve with the "
+            "transformers engine or publish the merged model, or drop them from the targets"
+        )
     return warnings
 
 

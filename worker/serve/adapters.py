@@ -13,6 +13,7 @@ Concurrent requests for the same new adapter share one pull; a broken adapter fa
 requests with an AdapterError and nothing else. Engine slots: at most MAX_CPU_LORAS loaded, the
 least recently used idle one unloaded first; the disk cache is pruned the same way.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +28,6 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from schemas.limits import excerpt
 from schemas.paths import allowed_roots
@@ -35,7 +35,9 @@ from worker.errors import AdapterError, FtwError
 from worker.publish.pull import ArtifactMissing
 from worker.serve.settings import ServeSettings
 
-HUB_REF = re.compile(r"(?:hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(?:@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199})?")
+HUB_REF = re.compile(
+    r"(?:hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(?:@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199})?"
+)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -54,7 +56,7 @@ class Adapter:
     digest: str
     path: Path
     rank: int
-    chat_template: Optional[str]
+    chat_template: str | None
 
 
 def parse_ref(name: str, settings: ServeSettings) -> AdapterRef:
@@ -65,18 +67,25 @@ def parse_ref(name: str, settings: ServeSettings) -> AdapterRef:
         return AdapterRef(name, source)
     if source.startswith(("/", "file://")):
         if "\0" in source:  # no file name holds one; resolve() would raise on it
-            raise AdapterError(f"the local folder {excerpt(source)} holds a NUL character", status=400,
-                               hint="name the adapter's folder as it is on disk")
+            raise AdapterError(
+                f"the local folder {excerpt(source)} holds a NUL character",
+                status=400,
+                hint="name the adapter's folder as it is on disk",
+            )
         folder = Path(source.removeprefix("file://")).resolve()
         if any(folder.is_relative_to(root) for root in allowed_roots(settings.env)):
             return AdapterRef(name, str(folder))
-        raise AdapterError(f"the local folder {folder} is outside BASE_VOLUME and FTW_ALLOWED_PATHS", status=403,
-                           hint="serve adapters from S3 or the Hub, or list the folder in FTW_ALLOWED_PATHS")
+        raise AdapterError(
+            f"the local folder {folder} is outside BASE_VOLUME and FTW_ALLOWED_PATHS",
+            status=403,
+            hint="serve adapters from S3 or the Hub, or list the folder in FTW_ALLOWED_PATHS",
+        )
     raise AdapterError(
         f"the model {name!r} is neither the base model ({settings.served_name}) nor an adapter name",
         hint="name an adapter as org/repo[@revision] (Hub), s3://bucket/prefix, a run id, or one of the preloaded "
-             f"names {sorted(preloaded) or '(none)'}",
-        status=404, error_code="model_not_found",
+        f"names {sorted(preloaded) or '(none)'}",
+        status=404,
+        error_code="model_not_found",
     )
 
 
@@ -91,25 +100,34 @@ def verify_adapter(path: Path, settings: ServeSettings, name: str, digest: str =
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
-        raise AdapterError(f"adapter {name!r} has no readable adapter_config.json ({e})",
-                           hint="publish the adapter folder as PEFT saves it (adapter_config.json + adapter_model.safetensors)") from e
+        raise AdapterError(
+            f"adapter {name!r} has no readable adapter_config.json ({e})",
+            hint="publish the adapter folder as PEFT saves it (adapter_config.json + adapter_model.safetensors)",
+        ) from e
     # vLLM's own refusals, from the publish stage's check; unknown target names stay a warning there and here
-    problems = [w for w in check_adapter(path, {"FTW_MAX_LORA_RANK": str(settings.max_lora_rank)})
-                if not w.startswith(("target modules", "target parameters"))]
+    problems = [
+        w
+        for w in check_adapter(path, {"FTW_MAX_LORA_RANK": str(settings.max_lora_rank)})
+        if not w.startswith(("target modules", "target parameters"))
+    ]
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         problems.append("adapter_model.safetensors is missing")
     base = str(config.get("base_model_name_or_path") or "").rstrip("/")
     if base and base not in settings.base_names():
-        problems.append(f"it was trained on {base!r}, but this worker serves {settings.model!r} "
-                        "(add the name to FTW_SERVE_BASE_ALIASES if they are the same model)")
+        problems.append(
+            f"it was trained on {base!r}, but this worker serves {settings.model!r} "
+            "(add the name to FTW_SERVE_BASE_ALIASES if they are the same model)"
+        )
     if problems:
         raise AdapterError(f"adapter {name!r} cannot be served: " + "; ".join(problems), status=400)
     ranks = [int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())]
     digest = digest or str(path.resolve())
-    return Adapter(name=engine_name(digest), digest=digest, path=path, rank=max(ranks), chat_template=adapter_chat_template(path))
+    return Adapter(
+        name=engine_name(digest), digest=digest, path=path, rank=max(ranks), chat_template=adapter_chat_template(path)
+    )
 
 
-def adapter_chat_template(path: Path) -> Optional[str]:
+def adapter_chat_template(path: Path) -> str | None:
     """The adapter's own chat template (a tokenizer saved with it), if it has one."""
     jinja = path / "chat_template.jinja"
     if jinja.is_file():
@@ -157,22 +175,31 @@ def unreachable(e: BaseException) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
 
-    return isinstance(e, (ConnectionError, TimeoutError, socket.gaierror, httpx.TransportError, BotoConnectionError,
-                          HTTPClientError))
+    return isinstance(
+        e, (ConnectionError, TimeoutError, socket.gaierror, httpx.TransportError, BotoConnectionError, HTTPClientError)
+    )
 
 
 def pull_failure(name: str, ref: AdapterRef, e: FtwError | Exception) -> AdapterError:
     """What a request is told when its adapter cannot be pulled: 404 when nothing is published under the
     name, 503 with a retry hint when the source could not be reached, else 400 with the pull's reason."""
     if unreachable(e) or unreachable(e.__cause__):
-        return AdapterError(f"adapter {name!r} could not be pulled: {ref.source} could not be reached "
-                            f"({type(e).__name__}: {str(e)[:300]})", status=503,
-                            hint="the Hub or the bucket did not answer (network or outage); retry in a minute")
+        return AdapterError(
+            f"adapter {name!r} could not be pulled: {ref.source} could not be reached "
+            f"({type(e).__name__}: {str(e)[:300]})",
+            status=503,
+            hint="the Hub or the bucket did not answer (network or outage); retry in a minute",
+        )
     missing = isinstance(e, ArtifactMissing)
     message, hint = (e.message, e.hint) if isinstance(e, FtwError) else (f"{type(e).__name__}: {e}", "")
-    return AdapterError(f"the model {name!r} does not exist: {message}" if missing
-                        else f"adapter {name!r} could not be pulled from {ref.source}: {message}",
-                        hint=hint, status=404 if missing else 400, error_code="model_not_found" if missing else None)
+    return AdapterError(
+        f"the model {name!r} does not exist: {message}"
+        if missing
+        else f"adapter {name!r} could not be pulled from {ref.source}: {message}",
+        hint=hint,
+        status=404 if missing else 400,
+        error_code="model_not_found" if missing else None,
+    )
 
 
 async def single_flight(pending: dict[str, asyncio.Future], key: str, make: Callable[[], Awaitable]):
@@ -237,7 +264,9 @@ class AdapterRegistry:
             fetched = await self._fetch(ref)
         except AdapterError:
             raise
-        except Exception as e:  # network errors of the Hub (httpx) and S3 (botocore) arrive bare or wrapped in a PublishError
+        except (
+            Exception
+        ) as e:  # network errors of the Hub (httpx) and S3 (botocore) arrive bare or wrapped in a PublishError
             if not (isinstance(e, FtwError) or unreachable(e)):
                 raise
             raise pull_failure(name, ref, e) from e
@@ -256,8 +285,10 @@ class AdapterRegistry:
         try:
             await self._load(adapter)
         except FtwError as e:
-            raise AdapterError(f"adapter {name!r} was pulled but the engine could not load it: {e.message}",
-                               hint="the adapter's files are damaged or do not fit the base model") from e
+            raise AdapterError(
+                f"adapter {name!r} was pulled but the engine could not load it: {e.message}",
+                hint="the adapter's files are damaged or do not fit the base model",
+            ) from e
         self.loads += 1
         self.loaded[fetched.digest] = adapter
         return adapter
@@ -276,8 +307,11 @@ class AdapterRegistry:
         while len(self.loaded) >= self.settings.max_cpu_loras:
             idle = next((d for d in self.loaded if not self._in_use[d]), None)
             if idle is None:
-                raise AdapterError(f"all {len(self.loaded)} adapter slots are busy", hint="retry shortly or raise MAX_CPU_LORAS",
-                                   status=429)
+                raise AdapterError(
+                    f"all {len(self.loaded)} adapter slots are busy",
+                    hint="retry shortly or raise MAX_CPU_LORAS",
+                    status=429,
+                )
             evicted = self.loaded.pop(idle)
             self.aliases = {n: d for n, d in self.aliases.items() if d != idle}
             await self._unload(evicted.name)

@@ -9,16 +9,24 @@ an adapter (worker/serve/adapters.py), and forwards to the engine child over loo
 Every failure a request can cause is a ServeError whose `error_body` is the OpenAI error shape
 plus a hint; the engine and the other requests carry on.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Optional
+from typing import Any
 
-from schemas.serve import (BatchRequest, ChatCompletionRequest, CompletionRequest, ModelsRequest, RequestInvalid,
-                           ServeRequest, parse_request)
+from schemas.serve import (
+    BatchRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelsRequest,
+    RequestInvalid,
+    ServeRequest,
+    parse_request,
+)
 from worker.errors import ServeError
 from worker.serve.adapters import Adapter, AdapterRegistry, Fetch
 from worker.serve.engine import EngineClient
@@ -27,18 +35,34 @@ from worker.serve.settings import ServeSettings
 
 def error_body(e: ServeError | RequestInvalid) -> dict[str, Any]:
     if isinstance(e, RequestInvalid):
-        return {"error": {"message": f"invalid request: {e}", "type": "invalid_request_error", "code": 400,
-                          "details": [i.as_dict() for i in e.issues]}}
+        return {
+            "error": {
+                "message": f"invalid request: {e}",
+                "type": "invalid_request_error",
+                "code": 400,
+                "details": [i.as_dict() for i in e.issues],
+            }
+        }
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     param = {"param": "model"} if e.error_code == "model_not_found" else {}
-    return {"error": {"message": e.message, "type": kind, **param, "code": e.error_code or e.status,
-                      **({"hint": e.hint} if e.hint else {})}}
+    return {
+        "error": {
+            "message": e.message,
+            "type": kind,
+            **param,
+            "code": e.error_code or e.status,
+            **({"hint": e.hint} if e.hint else {}),
+        }
+    }
 
 
 def context_error(prompt_tokens: int, max_tokens: int, max_model_len: int) -> ServeError:
-    return ServeError(f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
-                      f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} in the completion)",
-                      hint="shorten the messages or lower max_tokens", error_code="context_length_exceeded")
+    return ServeError(
+        f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
+        f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} in the completion)",
+        hint="shorten the messages or lower max_tokens",
+        error_code="context_length_exceeded",
+    )
 
 
 class ServeApp:
@@ -61,10 +85,12 @@ class ServeApp:
                 print(f"ftw serve: preloaded adapter {name!r} skipped: {e.message}", flush=True)
 
     # ---- the model a request names
-    def is_base(self, model: Optional[str]) -> bool:
+    def is_base(self, model: str | None) -> bool:
         return model in (None, self.settings.served_name, self.settings.model)
 
-    def _engine_body(self, request: ChatCompletionRequest | CompletionRequest, adapter: Optional[Adapter]) -> dict[str, Any]:
+    def _engine_body(
+        self, request: ChatCompletionRequest | CompletionRequest, adapter: Adapter | None
+    ) -> dict[str, Any]:
         body = request.model_dump(exclude_none=True)
         body["model"] = adapter.name if adapter else self.settings.served_name
         if adapter and adapter.chat_template and isinstance(request, ChatCompletionRequest):
@@ -75,16 +101,23 @@ class ServeApp:
         if self.is_base(model):
             return contextlib.nullcontext()
         if not self.settings.enable_lora:
-            raise ServeError(f"the model {model!r} is not served here (adapters are off: ENABLE_LORA=false)", status=404,
-                             error_code="model_not_found")
+            raise ServeError(
+                f"the model {model!r} is not served here (adapters are off: ENABLE_LORA=false)",
+                status=404,
+                error_code="model_not_found",
+            )
         return self.adapters.use(model)
 
     # ---- the routes
     async def models(self) -> dict[str, Any]:
         names = [self.settings.served_name, *self.adapters.names()]
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "owned_by": "ftw", "parent": None if i == 0 else self.settings.served_name}
-            for i, n in enumerate(names)]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "owned_by": "ftw", "parent": None if i == 0 else self.settings.served_name}
+                for i, n in enumerate(names)
+            ],
+        }
 
     async def check_context(self, body: dict[str, Any]) -> None:
         """One rule on both engines: prompt + max_tokens beyond the context is a 400 (vLLM alone would
@@ -138,8 +171,9 @@ class ServeApp:
     async def batch(self, request: BatchRequest) -> dict[str, Any]:
         model = request.model or self.settings.served_name
         async with await self._adapter_for(model):
-            results = await asyncio.gather(*(self._one_conversation(request, model, i, conv)
-                                             for i, conv in enumerate(request.messages)))
+            results = await asyncio.gather(
+                *(self._one_conversation(request, model, i, conv) for i, conv in enumerate(request.messages))
+            )
         usage = {k: sum(r.get("usage", {}).get(k, 0) for r in results) for k in ("prompt_tokens", "completion_tokens")}
         return {"model": model, "outputs": results, "usage": usage}
 
@@ -149,8 +183,12 @@ class ServeApp:
         except ServeError as e:
             return {"index": index, **error_body(e)}
         choices = sorted(response["choices"], key=lambda c: c["index"])
-        return {"index": index, "choices": [c["message"]["content"] for c in choices],
-                "finish_reasons": [c["finish_reason"] for c in choices], "usage": response.get("usage", {})}
+        return {
+            "index": index,
+            "choices": [c["message"]["content"] for c in choices],
+            "finish_reasons": [c["finish_reason"] for c in choices],
+            "usage": response.get("usage", {}),
+        }
 
     # ---- one RunPod job
     async def handle_job(self, raw: Any) -> AsyncIterator[Any]:
@@ -165,7 +203,7 @@ class ServeApp:
         except (ServeError, RequestInvalid) as e:
             yield error_body(e)
 
-    async def run(self, route: Optional[str], request: ServeRequest) -> AsyncIterator[Any]:
+    async def run(self, route: str | None, request: ServeRequest) -> AsyncIterator[Any]:
         if isinstance(request, BatchRequest):
             yield await self.batch(request)
         elif isinstance(request, ModelsRequest):

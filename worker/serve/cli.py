@@ -7,6 +7,7 @@ Routes: POST /v1/chat/completions, /v1/completions (stream or not), GET /v1/mode
 GET /health. Every other setting comes from the environment (worker/serve/settings.py); the
 flags override MODEL_NAME, FTW_SERVE_ENGINE and FTW_SERVE_PYTHON. Ctrl-C stops the engine too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def http_app(app: ServeApp) -> web.Application:
                 await response.write(event.encode())
             await response.write_eof()
             return response
+
         return handle
 
     async def batch(request: web.Request) -> web.Response:
@@ -78,6 +80,7 @@ def http_app(app: ServeApp) -> web.Application:
     web_app.router.add_get("/v1/models", openai_route("/v1/models"))
     web_app.router.add_post("/v1/batch", batch)
     web_app.router.add_post("/runsync", runsync)
+
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "adapters": app.adapters.names()})
 
@@ -89,7 +92,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftw serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="base model (Hub id or folder); default: MODEL_NAME")
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="default: FTW_SERVE_ENGINE or auto")
-    parser.add_argument("--python", help="Python of the engine child (e.g. .venv-vllm/bin/python); default: FTW_SERVE_PYTHON")
+    parser.add_argument(
+        "--python", help="Python of the engine child (e.g. .venv-vllm/bin/python); default: FTW_SERVE_PYTHON"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
@@ -98,21 +103,33 @@ def main(argv: list[str]) -> int:
     from worker.serve.settings import ServeSettings
 
     env = dict(os.environ)
-    for key, value in (("MODEL_NAME", args.model), ("FTW_SERVE_ENGINE", args.engine), ("FTW_SERVE_PYTHON", args.python)):
+    for key, value in (
+        ("MODEL_NAME", args.model),
+        ("FTW_SERVE_ENGINE", args.engine),
+        ("FTW_SERVE_PYTHON", args.python),
+    ):
         if value:
             env[key] = value
     try:
         settings = ServeSettings.from_env(env)
         with running_service(settings) as service:
+
             async def on_startup(_app: web.Application) -> None:
                 await service.app.preload()
-                print(f"ftw serve: {service.engine.engine} engine ready; listening on http://{args.host}:{args.port}", flush=True)
+                print(
+                    f"ftw serve: {service.engine.engine} engine ready; listening on http://{args.host}:{args.port}",
+                    flush=True,
+                )
 
             web_app = http_app(service.app)
             web_app.on_startup.append(on_startup)
             web.run_app(web_app, host=args.host, port=args.port, print=None, handler_cancellation=True)
     except FtwError as e:
-        print(f"ftw serve: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else "")
-              + (f"\n--- engine log tail ---\n{e.log_tail}" if e.log_tail else ""), file=sys.stderr)
+        print(
+            f"ftw serve: {e.code}: {e.message}"
+            + (f"\nhint: {e.hint}" if e.hint else "")
+            + (f"\n--- engine log tail ---\n{e.log_tail}" if e.log_tail else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0

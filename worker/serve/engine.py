@@ -9,6 +9,7 @@ in another Python (`FTW_SERVE_PYTHON`, e.g. a venv holding vLLM's pins).
 Start: own session, logs to a file, wait for /health with a monotonic deadline, fail fast with
 the log tail if the child dies. Stop: SIGTERM to the group, wait, SIGKILL.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,7 @@ import aiohttp
 
 from worker.errors import InfraError, ServeError
 from worker.lifeline import die_with_parent
-from worker.serve.engine_defaults import (cpu_kv_cache_gib, failure_reason, model_dtype, sizes_its_own_memory,
-                                          vllm_build)
+from worker.serve.engine_defaults import cpu_kv_cache_gib, failure_reason, model_dtype, sizes_its_own_memory, vllm_build
 from worker.serve.settings import ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,16 +45,35 @@ def resolve_engine(settings: ServeSettings) -> str:
 
 def vllm_args(settings: ServeSettings, port: int) -> list[str]:
     """`vllm serve` flags from the settings (pure: tested without starting anything)."""
-    args = ["--model", settings.model, "--served-model-name", settings.served_name,
-            "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
-            "--trust-request-chat-template"]  # only ftw sets chat_template (an adapter's own); users cannot
+    args = [
+        "--model",
+        settings.model,
+        "--served-model-name",
+        settings.served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        "--trust-request-chat-template",
+    ]  # only ftw sets chat_template (an adapter's own); users cannot
     if settings.enable_lora:
-        args += ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank),
-                 "--max-cpu-loras", str(settings.max_cpu_loras)]
+        args += [
+            "--enable-lora",
+            "--max-loras",
+            str(settings.max_loras),
+            "--max-lora-rank",
+            str(settings.max_lora_rank),
+            "--max-cpu-loras",
+            str(settings.max_cpu_loras),
+        ]
     optional = {
-        "--max-model-len": settings.max_model_len, "--max-num-seqs": settings.max_num_seqs, "--dtype": settings.dtype,
+        "--max-model-len": settings.max_model_len,
+        "--max-num-seqs": settings.max_num_seqs,
+        "--dtype": settings.dtype,
         "--gpu-memory-utilization": settings.gpu_memory_utilization,
-        "--tensor-parallel-size": settings.tensor_parallel_size, "--seed": settings.seed,
+        "--tensor-parallel-size": settings.tensor_parallel_size,
+        "--seed": settings.seed,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -68,8 +87,17 @@ def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]
     """The child's command line; `settings.dtype` is already the model's when DTYPE was not set."""
     if engine == "vllm":
         return [settings.python, "-m", "vllm.entrypoints.openai.api_server", *vllm_args(settings, port)]
-    args = [settings.python, "-m", "worker.serve.hf_server", "--model", settings.model,
-            "--served-model-name", settings.served_name, "--port", str(port)]
+    args = [
+        settings.python,
+        "-m",
+        "worker.serve.hf_server",
+        "--model",
+        settings.model,
+        "--served-model-name",
+        settings.served_name,
+        "--port",
+        str(port),
+    ]
     if settings.max_model_len:
         args += ["--max-model-len", str(settings.max_model_len)]
     if settings.dtype:
@@ -114,11 +142,18 @@ class EngineProcess:
     def describe(self) -> str:
         """The settings ftw chose for the engine, said plainly (and how to change them)."""
         dtype = self.settings.dtype
-        said = (f"dtype {dtype} (DTYPE)" if self.settings.dtype == self.settings.env.get("DTYPE", "").strip()
-                else f"dtype {dtype}, the model's (DTYPE changes it)" if dtype else "dtype chosen by the engine (DTYPE sets it)")
+        said = (
+            f"dtype {dtype} (DTYPE)"
+            if self.settings.dtype == self.settings.env.get("DTYPE", "").strip()
+            else f"dtype {dtype}, the model's (DTYPE changes it)"
+            if dtype
+            else "dtype chosen by the engine (DTYPE sets it)"
+        )
         if self.cpu_kv_cache_gib:
-            said += (f"; vLLM CPU KV cache {self.cpu_kv_cache_gib} GiB, a quarter of the memory available "
-                     "(VLLM_CPU_KVCACHE_SPACE changes it)")
+            said += (
+                f"; vLLM CPU KV cache {self.cpu_kv_cache_gib} GiB, a quarter of the memory available "
+                "(VLLM_CPU_KVCACHE_SPACE changes it)"
+            )
         return said
 
     def child_env(self) -> dict[str, str]:
@@ -132,7 +167,7 @@ class EngineProcess:
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         return env
 
-    def start(self) -> "EngineProcess":
+    def start(self) -> EngineProcess:
         """The port was free when picked, not necessarily when the engine binds it (minutes later for
         vLLM): an engine that exits because the port was taken starts again on a new one."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +176,15 @@ class EngineProcess:
             cmd = engine_command(self.settings, self.engine, self.port)
             log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent())
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.child_env(),
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(),
+                )
             try:
                 self._wait_healthy(self.settings.start_timeout_s, since=log_start)
                 return self
@@ -172,12 +214,18 @@ class EngineProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 reason = self.failure_reason(since)
-                raise InfraError(f"the {self.engine} engine exited with code {self.proc.returncode} while starting"
-                                 + (f": {reason}" if reason else ""),
-                                 hint=("the engine's reason is above (memory: set VLLM_CPU_KVCACHE_SPACE in GiB on CPU, "
-                                       "GPU_MEMORY_UTILIZATION on a GPU)" if reason else
-                                       "read the log tail: a wrong MODEL_NAME, too little memory or a bad engine setting"),
-                                 stage="serve", log_tail=self.log_tail(since=since))
+                raise InfraError(
+                    f"the {self.engine} engine exited with code {self.proc.returncode} while starting"
+                    + (f": {reason}" if reason else ""),
+                    hint=(
+                        "the engine's reason is above (memory: set VLLM_CPU_KVCACHE_SPACE in GiB on CPU, "
+                        "GPU_MEMORY_UTILIZATION on a GPU)"
+                        if reason
+                        else "read the log tail: a wrong MODEL_NAME, too little memory or a bad engine setting"
+                    ),
+                    stage="serve",
+                    log_tail=self.log_tail(since=since),
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -186,9 +234,12 @@ class EngineProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise InfraError(f"the {self.engine} engine did not answer /health within {timeout_s:.0f}s",
-                         hint="raise FTW_SERVE_START_TIMEOUT_S or check the log tail", stage="serve",
-                         log_tail=self.log_tail())
+        raise InfraError(
+            f"the {self.engine} engine did not answer /health within {timeout_s:.0f}s",
+            hint="raise FTW_SERVE_START_TIMEOUT_S or check the log tail",
+            stage="serve",
+            log_tail=self.log_tail(),
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -211,9 +262,12 @@ class EngineProcess:
 def _unreachable_as_error() -> Iterator[None]:
     try:
         yield
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        raise ServeError(f"the engine did not answer ({type(e).__name__}: {e})", status=503,
-                         hint="the engine process may have died; the worker's log has its last lines") from e
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise ServeError(
+            f"the engine did not answer ({type(e).__name__}: {e})",
+            status=503,
+            hint="the engine process may have died; the worker's log has its last lines",
+        ) from e
 
 
 class EngineClient:

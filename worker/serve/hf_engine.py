@@ -6,13 +6,14 @@ engine trades throughput for having no dependency beyond transformers and peft (
 measures what that costs against vLLM). Sampling follows vLLM's meaning of each setting, so the
 two engines answer the same request the same way (greedy output is equal token for token).
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,20 +24,23 @@ from worker.errors import AdapterError, ServeError
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: tuple[str, ...] = ()
 
     @classmethod
-    def from_request(cls, body: dict[str, Any]) -> "SamplingSettings":
+    def from_request(cls, body: dict[str, Any]) -> SamplingSettings:
         for key in ("presence_penalty", "frequency_penalty"):
             if body.get(key):
-                raise ServeError(f"{key} is not supported by the transformers engine", hint="use repetition_penalty, or serve with vLLM")
+                raise ServeError(
+                    f"{key} is not supported by the transformers engine",
+                    hint="use repetition_penalty, or serve with vLLM",
+                )
         stop = body.get("stop") or ()
         return cls(
             max_tokens=body.get("max_completion_tokens") or body.get("max_tokens"),
@@ -113,7 +117,9 @@ class HFEngine:
     def chat_prompt(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
         plain = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
         try:
-            ids = self.tokenizer.apply_chat_template(plain, chat_template=chat_template, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                plain, chat_template=chat_template, add_generation_prompt=True, tokenize=True
+            )
         except Exception as e:  # a template that raises (e.g. roles must alternate) is the request's problem
             raise ServeError(f"the chat template rejected these messages: {e}") from e
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -121,7 +127,7 @@ class HFEngine:
     def text_prompt(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def check_length(self, prompt_len: int, max_tokens: Optional[int]) -> int:
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         room = self.max_model_len - prompt_len
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = f" + max_tokens {max_tokens}" if max_tokens is not None else ""
@@ -132,8 +138,13 @@ class HFEngine:
         return max_tokens if max_tokens is not None else room
 
     # ---- generation
-    def generate(self, prompt_ids: list[int], adapter: str | None, sampling: SamplingSettings,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        sampling: SamplingSettings,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation:
         max_new = self.check_length(len(prompt_ids), sampling.max_tokens)
         kwargs = self._generate_kwargs(sampling, max_new)
         with self.lock:
@@ -143,9 +154,13 @@ class HFEngine:
                 torch.manual_seed(sampling.seed)
             streamer = _TokenSink(on_token) if on_token else None
             with torch.inference_mode(), self._adapter(adapter):
-                out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                          streamer=streamer, **kwargs)
-        new = out[0, len(prompt_ids):].tolist()
+                out = self.model.generate(
+                    torch.tensor([prompt_ids]),
+                    attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                    streamer=streamer,
+                    **kwargs,
+                )
+        new = out[0, len(prompt_ids) :].tolist()
         # vLLM's (and OpenAI's) rule: the EOS was generated, so it is one of the completion's tokens
         ended = bool(new) and new[-1] in self.eos_ids
         finish = "stop" if ended else "length"
@@ -163,15 +178,24 @@ class HFEngine:
 
     def _generate_kwargs(self, s: SamplingSettings, max_new: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new, "min_new_tokens": 0, "eos_token_id": sorted(self.eos_ids) or None,
-            "pad_token_id": self.tokenizer.pad_token_id, "repetition_penalty": s.repetition_penalty,
+            "max_new_tokens": max_new,
+            "min_new_tokens": 0,
+            "eos_token_id": sorted(self.eos_ids) or None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": s.repetition_penalty,
         }
         if s.stop:
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         if s.temperature == 0:
             return {**kwargs, "do_sample": False, "top_k": None, "top_p": None, "temperature": None}
-        return {**kwargs, "do_sample": True, "temperature": s.temperature, "top_p": s.top_p,
-                "top_k": s.top_k if s.top_k > 0 else 0, "min_p": s.min_p or None}
+        return {
+            **kwargs,
+            "do_sample": True,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k > 0 else 0,
+            "min_p": s.min_p or None,
+        }
 
 
 def _text(content: Any) -> str:

@@ -8,6 +8,7 @@ POST /v1/chat/completions, /v1/completions (stream or not; `chat_template` and
 Bodies arrive already validated by the worker (schemas/serve.py); errors answer
 `{"error": {message, type, code}}` with a 4xx status, as vLLM's do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,30 @@ class HFServer:
 
     async def models(self, request: web.Request) -> web.Response:
         names = [self.served_name, *self.engine.adapters]
-        return web.json_response({"object": "list", "data": [
-            {"id": n, "object": "model", "owned_by": "ftw", "root": self.engine.adapters.get(n, self.served_name),
-             "parent": None if n == self.served_name else self.served_name} for n in names]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": n,
+                        "object": "model",
+                        "owned_by": "ftw",
+                        "root": self.engine.adapters.get(n, self.served_name),
+                        "parent": None if n == self.served_name else self.served_name,
+                    }
+                    for n in names
+                ],
+            }
+        )
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's /tokenize: the prompt's token count and the context it must fit in."""
         body = await request.json()
-        ids = (self.engine.chat_prompt(body["messages"], body.get("chat_template")) if "messages" in body
-               else self.engine.text_prompt(body["prompt"]))
+        ids = (
+            self.engine.chat_prompt(body["messages"], body.get("chat_template"))
+            if "messages" in body
+            else self.engine.text_prompt(body["prompt"])
+        )
         return web.json_response({"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids})
 
     async def load_adapter(self, request: web.Request) -> web.Response:
@@ -115,20 +131,37 @@ class HFServer:
             for i in range(n):
                 gen = await self._run(self.engine.generate, prompt, adapter, sampling)
                 usage["completion_tokens"] += len(gen.token_ids)
-                choice: dict[str, Any] = {"index": p_index * n + i, "finish_reason": gen.finish_reason, "logprobs": None}
+                choice: dict[str, Any] = {
+                    "index": p_index * n + i,
+                    "finish_reason": gen.finish_reason,
+                    "logprobs": None,
+                }
                 choice.update({"message": {"role": "assistant", "content": gen.text}} if chat else {"text": gen.text})
                 if body.get("return_token_ids"):
                     choice["token_ids"] = gen.token_ids
                 choices.append(choice)
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return web.json_response({"id": rid, "object": kind, "created": int(time.time()), "model": body["model"],
-                                  "choices": choices, "usage": usage})
+        return web.json_response(
+            {
+                "id": rid,
+                "object": kind,
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": choices,
+                "usage": usage,
+            }
+        )
 
     async def _stream(self, request, body, adapter, prompts, n, sampling, kind, rid) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chat = kind == "chat.completion"
-        base = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()), "model": body["model"]}
+        base = {
+            "id": rid,
+            "object": f"{kind}.chunk" if chat else kind,
+            "created": int(time.time()),
+            "model": body["model"],
+        }
 
         async def send(choice: dict[str, Any]) -> None:
             await response.write(f"data: {json.dumps({**base, 'choices': [choice]})}\n\n".encode())
@@ -139,8 +172,12 @@ class HFServer:
             for i in range(n):
                 index = p_index * n + i
                 queue: asyncio.Queue[int | None] = asyncio.Queue()
-                job = loop.run_in_executor(self.pool, lambda p=prompt, q=queue: self.engine.generate(
-                    p, adapter, sampling, lambda t: loop.call_soon_threadsafe(q.put_nowait, t)))
+                job = loop.run_in_executor(
+                    self.pool,
+                    lambda p=prompt, q=queue: self.engine.generate(
+                        p, adapter, sampling, lambda t: loop.call_soon_threadsafe(q.put_nowait, t)
+                    ),
+                )
                 job.add_done_callback(lambda _f, q=queue: loop.call_soon_threadsafe(q.put_nowait, None))
                 if chat:
                     await send({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
@@ -152,14 +189,18 @@ class HFServer:
                     text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
                     if text.endswith("\ufffd") or any(s in text for s in sampling.stop):
                         continue  # an incomplete UTF-8 sequence, or a stop string to cut at the end
-                    await send(_delta(chat, index, text[len(sent):]))
+                    await send(_delta(chat, index, text[len(sent) :]))
                     sent = text
                 gen = await job  # raises the engine's error, if any
                 completion_tokens += len(gen.token_ids)
-                await send({**_delta(chat, index, gen.text[len(sent):]), "finish_reason": gen.finish_reason})
+                await send({**_delta(chat, index, gen.text[len(sent) :]), "finish_reason": gen.finish_reason})
         if (body.get("stream_options") or {}).get("include_usage"):
             prompt_tokens = sum(len(p) for p in prompts)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
             await response.write(f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -186,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engine = HFEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     server = HFServer(engine, args.served_model_name or args.model)
-    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True, handler_cancellation=True,
-                keepalive_timeout=ENGINE_KEEP_ALIVE_S)  # closes idle connections as vLLM's uvicorn does
+    web.run_app(
+        server.app(),
+        host=args.host,
+        port=args.port,
+        print=None,
+        handle_signals=True,
+        handler_cancellation=True,
+        keepalive_timeout=ENGINE_KEEP_ALIVE_S,
+    )  # closes idle connections as vLLM's uvicorn does
     return 0
 
 

@@ -6,6 +6,7 @@
 Adapters are pulled with `worker.publish.pull` into BASE_VOLUME/cache/adapters (verified against
 their manifest, cached by content; the least recently used pruned past FTW_SERVE_CACHE_GB).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +41,14 @@ class Service:
 
 
 @contextlib.contextmanager
-def running_service(settings: ServeSettings, engine: str | None = None, fetch: Fetch | None = None,
-                    log_path: Path | None = None) -> Iterator[Service]:
+def running_service(
+    settings: ServeSettings, engine: str | None = None, fetch: Fetch | None = None, log_path: Path | None = None
+) -> Iterator[Service]:
     process = EngineProcess(settings, engine, log_path=log_path)
-    print(f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} (log: {process.log_path})",
-          flush=True)
+    print(
+        f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} (log: {process.log_path})",
+        flush=True,
+    )
     process.start()
     try:
         app = ServeApp(settings, EngineClient(process.url), fetch or pull_fetch(settings))

@@ -19,6 +19,7 @@
 | `FTW_SERVE_BASE_ALIASES` | other names of the base model accepted in adapters' `base_model_name_or_path` |
 | `FTW_SERVE_START_TIMEOUT_S` | how long the engine may take to answer /health (900) |
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from worker.errors import JobSpecError
 
@@ -44,15 +44,15 @@ class ServeSettings:
     max_loras: int = 4
     max_lora_rank: int = 64
     max_cpu_loras: int = 16
-    max_model_len: Optional[int] = None
-    max_num_seqs: Optional[int] = None
-    dtype: Optional[str] = None
-    gpu_memory_utilization: Optional[float] = None
-    tensor_parallel_size: Optional[int] = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    dtype: str | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int | None = None
     enforce_eager: bool = False
-    seed: Optional[int] = None
+    seed: int | None = None
     vllm_extra_args: tuple[str, ...] = ()
-    max_concurrency: Optional[int] = None
+    max_concurrency: int | None = None
     preload: tuple[tuple[str, str], ...] = ()
     cache_bytes: int = 20 * 2**30
     base_aliases: tuple[str, ...] = ()
@@ -60,12 +60,12 @@ class ServeSettings:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServeSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
         """Every bad setting at once, as one JobSpecError naming the variables."""
         env = dict(os.environ if env is None else env)
         problems: list[str] = []
 
-        def get_int(name: str, default: Optional[int], low: int = 1) -> Optional[int]:
+        def get_int(name: str, default: int | None, low: int = 1) -> int | None:
             raw = env.get(name, "").strip()
             if not raw:
                 return default
@@ -136,8 +136,10 @@ class ServeSettings:
         if settings.max_cpu_loras < settings.max_loras:
             problems.append(f"MAX_CPU_LORAS={settings.max_cpu_loras} must be at least MAX_LORAS={settings.max_loras}")
         if problems:
-            raise JobSpecError("the serving worker's settings are invalid: " + "; ".join(problems),
-                               hint="fix these endpoint environment variables and restart the worker")
+            raise JobSpecError(
+                "the serving worker's settings are invalid: " + "; ".join(problems),
+                hint="fix these endpoint environment variables and restart the worker",
+            )
         return settings
 
     def concurrency(self, engine: str) -> int:

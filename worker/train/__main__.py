@@ -3,6 +3,7 @@
 The config is the orchestrator's already-validated `RUN_DIR/config.json`. Under torchrun every
 rank runs this; rank 0 alone reports progress. See worker/train/stage.py for the contract.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.train", description=__doc__.splitlines()[0])
     parser.add_argument("config_json", type=Path)
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="prepared-data cache folder (manifest.json, train/, eval/)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="prepared-data cache folder (manifest.json, train/, eval/)"
+    )
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s [rank{rank}] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s [rank{rank}] %(message)s"
+    )
     from schemas.config import TrainingConfig
     from worker.train.stage import run
 

@@ -4,6 +4,7 @@
 set to requires_grad. An adapter continued from `lora_model_dir` is loaded once, as the trainable
 adapter, instead of being created and then loaded on top (axolotl #2568 applied it twice).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,11 @@ def linear_module_names(model) -> list[str]:
         linear_types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
     except ImportError:
         pass
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, tuple(linear_types)) and m is not head}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, tuple(linear_types)) and m is not head
+    }
     return sorted(names)
 
 
@@ -80,18 +85,33 @@ def attach(model, cfg: TrainingConfig):
     if cfg.lora_model_dir:
         source = str(local_path(cfg.lora_model_dir)) if is_local(cfg.lora_model_dir) else cfg.lora_model_dir
         if is_local(cfg.lora_model_dir) and not (Path(source) / "adapter_config.json").is_file():
-            raise JobSpecError(f"lora_model_dir {cfg.lora_model_dir!r} holds no adapter_config.json", hint="point lora_model_dir at a PEFT adapter folder")
+            raise JobSpecError(
+                f"lora_model_dir {cfg.lora_model_dir!r} holds no adapter_config.json",
+                hint="point lora_model_dir at a PEFT adapter folder",
+            )
         try:
             peft_model = PeftModel.from_pretrained(model, source, is_trainable=True)
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the adapter in lora_model_dir {cfg.lora_model_dir!r}: {e}", hint="it must be a PEFT LoRA adapter for this base_model") from e
+            raise ModelError(
+                f"cannot load the adapter in lora_model_dir {cfg.lora_model_dir!r}: {e}",
+                hint="it must be a PEFT LoRA adapter for this base_model",
+            ) from e
         log.info("continuing adapter from %s (loaded once, trainable)", cfg.lora_model_dir)
     else:
         try:
             peft_model = get_peft_model(model, lora_config(cfg, model))
         except ValueError as e:
-            raise JobSpecError(f"cannot attach LoRA: {e}", hint="check lora_target_modules (and lora_target_parameters) against the model's module and parameter names") from e
+            raise JobSpecError(
+                f"cannot attach LoRA: {e}",
+                hint="check lora_target_modules (and lora_target_parameters) against the model's module and parameter names",
+            ) from e
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    log.info("adapter %s: %d trainable of %d parameters (%.3f%%)", cfg.adapter, trainable, total, 100 * trainable / max(total, 1))
+    log.info(
+        "adapter %s: %d trainable of %d parameters (%.3f%%)",
+        cfg.adapter,
+        trainable,
+        total,
+        100 * trainable / max(total, 1),
+    )
     return peft_model

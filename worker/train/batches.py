@@ -18,12 +18,13 @@ straight from Arrow, tensors pinned on CUDA), so the training loop only copies t
 kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
 forward reads them back from the device (kernels/attention.py).
 """
+
 from __future__ import annotations
 
 import math
 import queue
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,8 +144,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def read_step(ds, plan: BatchPlan, step: int, rank: int, pad_id: int, packed: bool, order: list[int] | None = None,
-              varlen: bool = False, count: Callable[[dict[str, torch.Tensor]], int] = target_tokens) -> StepInput:
+def read_step(
+    ds,
+    plan: BatchPlan,
+    step: int,
+    rank: int,
+    pad_id: int,
+    packed: bool,
+    order: list[int] | None = None,
+    varlen: bool = False,
+    count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
+) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
     `count`: the items the loss averages over (worker/train/objective.py)."""
@@ -164,8 +174,19 @@ class Prefetcher:
     in order; an error in the thread is raised there. `close()` stops the thread (it is a daemon
     too, so nothing it does can keep the interpreter from exiting)."""
 
-    def __init__(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, depth: int = 2,
-                 varlen: bool = False, count: Callable[[dict[str, torch.Tensor]], int] = target_tokens):
+    def __init__(
+        self,
+        ds,
+        plan: BatchPlan,
+        rank: int,
+        pad_id: int,
+        packed: bool,
+        steps: range,
+        device: torch.device,
+        depth: int = 2,
+        varlen: bool = False,
+        count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._count = count
@@ -173,7 +194,17 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, ds, plan: BatchPlan, rank: int, pad_id: int, packed: bool, steps: range, device: torch.device, varlen: bool) -> None:
+    def _run(
+        self,
+        ds,
+        plan: BatchPlan,
+        rank: int,
+        pad_id: int,
+        packed: bool,
+        steps: range,
+        device: torch.device,
+        varlen: bool,
+    ) -> None:
         try:
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context

@@ -13,6 +13,7 @@ last, then the folder renamed: a kill at any moment leaves either no `checkpoint
 whole one. `newest_complete` re-hashes every file listed before it trusts a checkpoint, so one
 truncated or damaged on disk afterwards is skipped for the next older one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,12 @@ def finalize(tmp: Path, step: int, state: dict[str, Any]) -> Path:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for p in files:
         _fsync(p)
-    record = {**state, "step": step, "complete": True, "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}
+    record = {
+        **state,
+        "step": step,
+        "complete": True,
+        "files": {str(p.relative_to(tmp)): sha256_file(p) for p in files},
+    }
     (tmp / STATE_FILE).write_text(json.dumps(record, indent=1))
     _fsync(tmp / STATE_FILE)
     final = tmp.parent / f"checkpoint-{step}"
@@ -171,7 +177,11 @@ def load(trainer, path: Path) -> None:
     expected = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     missing = expected - set(model_sd)
     if trainer.cfg.is_full_finetune():  # tied weights are stored once
-        missing = {n for n in missing if not (n.endswith("lm_head.weight") and getattr(trainer.model.config, "tie_word_embeddings", False))}
+        missing = {
+            n
+            for n in missing
+            if not (n.endswith("lm_head.weight") and getattr(trainer.model.config, "tie_word_embeddings", False))
+        }
     if missing:
         raise JobSpecError(
             f"checkpoint {path.name} does not match this model/adapter ({len(missing)} trainable tensors missing, e.g. {sorted(missing)[0]})",
@@ -191,9 +201,19 @@ def load(trainer, path: Path) -> None:
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     loop = state["loop"]
-    trainer.state = LoopState(**{**loop, "train_loss": [tuple(x) for x in loop["train_loss"]], "eval_loss": [tuple(x) for x in loop["eval_loss"]]})
+    trainer.state = LoopState(
+        **{
+            **loop,
+            "train_loss": [tuple(x) for x in loop["train_loss"]],
+            "eval_loss": [tuple(x) for x in loop["eval_loss"]],
+        }
+    )
     if state.get("world_size") != trainer.topo.world_size:
-        log.warning("checkpoint written by %s process(es), resumed by %d: the global batch changes", state.get("world_size"), trainer.topo.world_size)
+        log.warning(
+            "checkpoint written by %s process(es), resumed by %d: the global batch changes",
+            state.get("world_size"),
+            trainer.topo.world_size,
+        )
 
 
 def _rng_state() -> dict[str, Any]:

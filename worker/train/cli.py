@@ -9,6 +9,7 @@ holds training of another config is refused before any work; one that finished w
 is reported as done. Exit codes: 0 done, 1 failed, 2 usage, 3 invalid config or run folder,
 75 stopped by SIGTERM (saved; run the same command again to resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,17 @@ def check_run_folder(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     if old is None:
         raise JobSpecError(
             f"run folder {run_dir} holds training results but no readable config.json, so ftw cannot tell whether they come from this config",
-            "pass --run-dir with a new folder for this config (nothing is deleted)", stage="run_dir")
+            "pass --run-dir with a new folder for this config (nothing is deleted)",
+            stage="run_dir",
+        )
     changed = changed_keys(training_keys(old), training_keys(config))
     if changed:
         raise JobSpecError(
             f"run folder {run_dir} holds training of a different config (changed: {', '.join(changed)})",
             "pass --run-dir with a new folder (or set output_dir) for this config, or train the original config to resume it; nothing was started or deleted",
-            stage="run_dir", details={"changed_keys": changed})
+            stage="run_dir",
+            details={"changed_keys": changed},
+        )
     return read_json(run_dir / "summary.json")
 
 
@@ -87,7 +92,11 @@ def preprocess(config_json: Path) -> Path | int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ftw train", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="axolotl-style training config (YAML or JSON)")
-    parser.add_argument("--run-dir", type=Path, help="run folder (default: output_dir, relative under BASE_VOLUME; else BASE_VOLUME/runs/<config name>)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="run folder (default: output_dir, relative under BASE_VOLUME; else BASE_VOLUME/runs/<config name>)",
+    )
     parser.add_argument("--nproc", type=int, help="processes (one per GPU); default: the visible GPUs")
     try:
         args = parser.parse_args(argv)
@@ -106,8 +115,11 @@ def main(argv: list[str]) -> int:
     except FtwError as e:
         return _report(e, EXIT_INVALID)
     if done is not None:
-        print(f"ftw train: {run_dir} already finished this config ({done['steps']} steps); nothing was redone. "
-              "To train it again, pass --run-dir with a new folder", file=sys.stderr)
+        print(
+            f"ftw train: {run_dir} already finished this config ({done['steps']} steps); nothing was redone. "
+            "To train it again, pass --run-dir with a new folder",
+            file=sys.stderr,
+        )
         return _print_result(run_dir, done)
     print(f"ftw train: run folder {run_dir}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,5 +156,8 @@ def _failed(stage: str, rc: int, error_file: Path) -> int:
         print("ftw train: stopped after saving a checkpoint; run the same command again to resume", file=sys.stderr)
         return rc
     if read_error(error_file) is None:
-        print(f"ftw train: the {stage} stage exited with code {rc} without reporting an error (killed, or out of memory?)", file=sys.stderr)
+        print(
+            f"ftw train: the {stage} stage exited with code {rc} without reporting an error (killed, or out of memory?)",
+            file=sys.stderr,
+        )
     return EXIT_FAILED

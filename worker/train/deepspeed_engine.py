@@ -19,6 +19,7 @@ ftw way, then the optimizer partitions with `load_checkpoint`; those need the sa
 processes (ZeRO partitions by rank), a different count resumes the weights and restarts the
 optimizer, with a warning.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,9 @@ def zero_section(cfg: TrainingConfig) -> dict[str, Any]:
     return copy.deepcopy((cfg.deepspeed or {}).get("zero_optimization") or {"stage": 0})
 
 
-def build_config(cfg: TrainingConfig, rows_per_micro: int, grad_accum: int, world_size: int, precision_dtype: torch.dtype | None) -> dict[str, Any]:
+def build_config(
+    cfg: TrainingConfig, rows_per_micro: int, grad_accum: int, world_size: int, precision_dtype: torch.dtype | None
+) -> dict[str, Any]:
     """The dict handed to `deepspeed.initialize` (see the module docstring for who owns which key)."""
     user = copy.deepcopy(cfg.deepspeed) if isinstance(cfg.deepspeed, dict) else {}
     ds = {k: v for k, v in user.items() if k not in ("optimizer", "scheduler")}
@@ -63,7 +66,9 @@ def build_config(cfg: TrainingConfig, rows_per_micro: int, grad_accum: int, worl
     ds["bf16"] = {**_section(user.get("bf16")), "enabled": precision_dtype == torch.bfloat16}
     ds["fp16"] = {**_section(user.get("fp16")), "enabled": precision_dtype == torch.float16}
     ds["zero_force_ds_cpu_optimizer"] = False  # ftw's torch optimizer, also when offloaded
-    ds["zero_allow_untested_optimizer"] = True  # any optimizer ftw builds (sgd, adafactor, muon, bnb), not only Adam/Lamb
+    ds["zero_allow_untested_optimizer"] = (
+        True  # any optimizer ftw builds (sgd, adafactor, muon, bnb), not only Adam/Lamb
+    )
     ds.setdefault("steps_per_print", 2**31 - 1)  # ftw reports progress itself
     ds.setdefault("wall_clock_breakdown", False)
     return _drop_auto(ds)
@@ -88,20 +93,41 @@ def initialize(trainer, resume: Path | None):
 
     cfg, topo, plan = trainer.cfg, trainer.topo, trainer.plan
     config = build_config(cfg, plan.rows_per_micro, plan.grad_accum, topo.world_size, trainer.precision.autocast_dtype)
-    engine, _, _, _ = deepspeed.initialize(model=trainer.model, optimizer=trainer.optimizer, config=config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=trainer.model, optimizer=trainer.optimizer, config=config, dist_init_required=False
+    )
     zero = config["zero_optimization"]
-    log.info("DeepSpeed %s over %d ranks: ZeRO stage %d, optimizer offload %s, parameter offload %s",
-             deepspeed.__version__, topo.world_size, zero.get("stage", 0), _device(zero, "offload_optimizer"), _device(zero, "offload_param"))
+    log.info(
+        "DeepSpeed %s over %d ranks: ZeRO stage %d, optimizer offload %s, parameter offload %s",
+        deepspeed.__version__,
+        topo.world_size,
+        zero.get("stage", 0),
+        _device(zero, "offload_optimizer"),
+        _device(zero, "offload_param"),
+    )
     state = resume / STATE_DIR if resume is not None else None
     if state is not None and state.is_dir():
         written_by = json.loads((resume / "ftw_state.json").read_text()).get("world_size")
         if written_by == topo.world_size:
-            engine.load_checkpoint(str(state), tag=TAG, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
+            engine.load_checkpoint(
+                str(state),
+                tag=TAG,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         else:
-            log.warning("checkpoint %s holds DeepSpeed optimizer partitions of %s process(es), this run has %d: weights resumed, optimizer state restarts",
-                        resume.name, written_by, topo.world_size)
+            log.warning(
+                "checkpoint %s holds DeepSpeed optimizer partitions of %s process(es), this run has %d: weights resumed, optimizer state restarts",
+                resume.name,
+                written_by,
+                topo.world_size,
+            )
     elif resume is not None:
-        log.warning("checkpoint %s has no DeepSpeed optimizer state (save_only_model or another strategy): the optimizer restarts", resume.name)
+        log.warning(
+            "checkpoint %s has no DeepSpeed optimizer state (save_only_model or another strategy): the optimizer restarts",
+            resume.name,
+        )
     return engine
 
 
@@ -141,4 +167,6 @@ def trainable_state_dict(trainer) -> dict[str, torch.Tensor]:
 
 def save_state(trainer, folder: Path) -> None:
     """DeepSpeed's optimizer partitions (and its engine counters) into `folder` — every rank."""
-    trainer.engine.save_checkpoint(str(folder / STATE_DIR), tag=TAG, exclude_frozen_parameters=not trainer.cfg.is_full_finetune())
+    trainer.engine.save_checkpoint(
+        str(folder / STATE_DIR), tag=TAG, exclude_frozen_parameters=not trainer.cfg.is_full_finetune()
+    )

@@ -7,6 +7,7 @@ sharding that does the same thing (ZeRO-1/2: gradients and optimizer state shard
 kept whole after forward → `reshard_after_forward=False`; ZeRO-3: parameters sharded too →
 `True`; `*_offload` → CPU offload). Never one for the other without the config saying so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,11 @@ def init(cfg: TrainingConfig) -> Topology:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.ddp_timeout or 1800), device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=cfg.ddp_timeout or 1800),
+            device_id=device if device.type == "cuda" else None,
+        )
     return Topology(int(os.environ.get("RANK", "0")), local_rank, world, device)
 
 
@@ -72,9 +77,11 @@ def strategy(cfg: TrainingConfig, topo: Topology) -> dict:
         log.info("deepspeed ZeRO-%d runs as FSDP2 with the same sharding (deepspeed_as_fsdp: true)", stage)
         return {"kind": "fsdp2", "reshard": stage >= 3, "offload": offload}
     if cfg.fsdp or cfg.fsdp_config is not None:
-        opts = (cfg.fsdp_config.model_dump() if cfg.fsdp_config is not None else {})
+        opts = cfg.fsdp_config.model_dump() if cfg.fsdp_config is not None else {}
         flags = cfg.fsdp if isinstance(cfg.fsdp, list) else (cfg.fsdp or "").split()
-        reshard = opts.get("reshard_after_forward", opts.get("fsdp_reshard_after_forward", "shard_grad_op" not in flags))
+        reshard = opts.get(
+            "reshard_after_forward", opts.get("fsdp_reshard_after_forward", "shard_grad_op" not in flags)
+        )
         offload = bool(opts.get("offload_params", opts.get("fsdp_offload_params", "offload" in flags)))
         return {"kind": "fsdp2", "reshard": bool(reshard), "offload": offload}
     return {"kind": "ddp"}
@@ -111,7 +118,14 @@ def wrap(model: torch.nn.Module, cfg: TrainingConfig, topo: Topology) -> torch.n
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    log.info("FSDP2 over %d ranks: %d %s blocks sharded, reshard_after_forward=%s, offload=%s", topo.world_size, len(layers), "/".join(sorted(classes)), plan["reshard"], plan["offload"])
+    log.info(
+        "FSDP2 over %d ranks: %d %s blocks sharded, reshard_after_forward=%s, offload=%s",
+        topo.world_size,
+        len(layers),
+        "/".join(sorted(classes)),
+        plan["reshard"],
+        plan["offload"],
+    )
     return model
 
 

@@ -17,6 +17,7 @@ Per micro-batch of prompts (worker/train/objective.py's contract; a prompt is on
 These pieces are functions of tensors (generation and scoring apart from the loss) so EBFT can reuse
 the generation, the advantages and the policy loss with its own rewards.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -39,28 +40,41 @@ class Rollout:
     prompt_width: int  # completions start at this column
 
 
-def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_aligned(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded prompts (as collate makes them) → left-padded, as generate wants them."""
     lengths = attention_mask.sum(1)
     width = int(lengths.max())
     ids = torch.full((input_ids.shape[0], width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths.tolist()):
-        ids[i, width - n:] = input_ids[i, :n]
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = input_ids[i, :n]
+        mask[i, width - n :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trl: TrlConfig, eos_id: int, pad_id: int) -> Rollout:
+def generate(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trl: TrlConfig, eos_id: int, pad_id: int
+) -> Rollout:
     prompts, prompt_mask = left_aligned(input_ids, attention_mask, pad_id)
     was_training = model.training
     model.eval()
     try:
         out = model.generate(
-            input_ids=prompts, attention_mask=prompt_mask, do_sample=True, temperature=trl.temperature, top_p=trl.top_p,
-            top_k=trl.top_k or 0, min_p=trl.min_p, repetition_penalty=trl.repetition_penalty, max_new_tokens=trl.max_completion_length,
-            num_return_sequences=trl.num_generations, eos_token_id=eos_id, pad_token_id=pad_id,
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=trl.temperature,
+            top_p=trl.top_p,
+            top_k=trl.top_k or 0,
+            min_p=trl.min_p,
+            repetition_penalty=trl.repetition_penalty,
+            max_new_tokens=trl.max_completion_length,
+            num_return_sequences=trl.num_generations,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
         )
     finally:
         model.train(was_training)
@@ -87,14 +101,23 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Te
 def completion_logps(model, rollout: Rollout) -> torch.Tensor:
     """Per-token log-probs of the completion tokens (B·G × completion width); positions follow the left padding."""
     positions = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions, use_cache=False).logits
-    logits = logits[:, rollout.prompt_width - 1:-1].float()
-    targets = rollout.input_ids[:, rollout.prompt_width:]
+    logits = model(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions, use_cache=False
+    ).logits
+    logits = logits[:, rollout.prompt_width - 1 : -1].float()
+    targets = rollout.input_ids[:, rollout.prompt_width :]
     return torch.log_softmax(logits, -1).gather(2, targets[..., None])[..., 0]
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                mask: torch.Tensor, trl: TrlConfig, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    trl: TrlConfig,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss of the micro-batch per trl.loss_type, mean KL per completion token)."""
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - trl.epsilon, 1 + (trl.epsilon_high or trl.epsilon))
@@ -129,8 +152,10 @@ class GrpoObjective:
 
     def score(self, rollout: Rollout, answers: list[str]) -> tuple[torch.Tensor, dict[str, list[float]]]:
         tok, g = self.tokenizer, self.trl.num_generations
-        completions = rollout.input_ids[:, rollout.prompt_width:]
-        texts = tok.batch_decode([c[m.bool()].tolist() for c, m in zip(completions, rollout.completion_mask)], skip_special_tokens=True)
+        completions = rollout.input_ids[:, rollout.prompt_width :]
+        texts = tok.batch_decode(
+            [c[m.bool()].tolist() for c, m in zip(completions, rollout.completion_mask)], skip_special_tokens=True
+        )
         lengths = rollout.completion_mask.sum(1).tolist()
         per_func = reward_values(self.cfg, texts, [a for a in answers for _ in range(g)], lengths)
         table = torch.tensor([per_func[f] for f in self.funcs], dtype=torch.float32)  # funcs × completions
@@ -141,7 +166,9 @@ class GrpoObjective:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0
         rollout = generate(self.model, batch["input_ids"], batch["attention_mask"], self.trl, eos, pad)
         total, per_func = self.score(rollout, answers)
-        advantages = group_advantages(total, self.trl.num_generations, self.trl.scale_rewards).to(rollout.input_ids.device)
+        advantages = group_advantages(total, self.trl.num_generations, self.trl.scale_rewards).to(
+            rollout.input_ids.device
+        )
         ref = None
         if self.beta > 0:
             disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
@@ -151,8 +178,13 @@ class GrpoObjective:
         loss, kl = policy_loss(logp, logp.detach(), ref, advantages, rollout.completion_mask, self.trl, self.beta)
         prompts = float(batch["input_ids"].shape[0])
         groups = total.view(-1, self.trl.num_generations)
-        stats = [groups.mean(), groups.std(1).mean(), rollout.completion_mask.sum(1).float().mean(), kl.cpu(),
-                 *(torch.tensor(per_func[f]).mean() for f in self.funcs)]
+        stats = [
+            groups.mean(),
+            groups.std(1).mean(),
+            rollout.completion_mask.sum(1).float().mean(),
+            kl.cpu(),
+            *(torch.tensor(per_func[f]).mean() for f in self.funcs),
+        ]
         sums = torch.stack([torch.as_tensor(s).detach().double().cpu() for s in stats]) * prompts
         return loss * prompts / n_items, sums.to(loss.device)
 

@@ -5,6 +5,7 @@ TrainingConfig and return the Hugging Face objects, placed on the current device
 checks the things that depend on this machine (CUDA for QLoRA, installed attention packages)
 before anything is downloaded or loaded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,7 @@ class Precision:
 
 
 def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
-    """"auto" follows the hardware; on CPU training runs in fp32 whatever the config says."""
+    """ "auto" follows the hardware; on CPU training runs in fp32 whatever the config says."""
     if device.type != "cuda":
         return Precision(torch.float32, None, False)
     bf16_ok = torch.cuda.is_bf16_supported()
@@ -69,9 +70,16 @@ def load_tokenizer(cfg: TrainingConfig):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(**pretrained_source(cfg.tokenizer_config or cfg.base_model, cfg), use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            **pretrained_source(cfg.tokenizer_config or cfg.base_model, cfg),
+            use_fast=cfg.tokenizer_use_fast,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}", hint="check base_model / tokenizer_config and revision_of_model") from e
+        raise ModelError(
+            f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}",
+            hint="check base_model / tokenizer_config and revision_of_model",
+        ) from e
     if cfg.special_tokens is not None:
         special = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
         tok.add_special_tokens(special)
@@ -106,7 +114,9 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
 
     quant = _quantization(cfg, precision)
     try:
-        model_config = AutoConfig.from_pretrained(**pretrained_source(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(
+            **pretrained_source(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code
+        )
         for key, value in (cfg.overrides_of_model_config or {}).items():
             setattr(model_config, key, value)
         model = AutoModelForCausalLM.from_pretrained(
@@ -119,14 +129,19 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load base_model {cfg.base_model!r}: {e}", hint="check base_model and revision_of_model; gated Hub models need HF_TOKEN") from e
+        raise ModelError(
+            f"cannot load base_model {cfg.base_model!r}: {e}",
+            hint="check base_model and revision_of_model; gated Hub models need HF_TOKEN",
+        ) from e
     if model.device != device and quant is None:
         model.to(device)
     resize_embeddings(cfg, model, tokenizer)
     set_experts_dispatch(model, cfg)
     model.config.use_cache = False  # no KV cache in training
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        )
         model.enable_input_require_grads()
     return model
 
@@ -143,7 +158,9 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
                 f"the config adds {len(tokenizer) - current} tokens to the vocabulary, but their embeddings would stay untrained under {cfg.adapter}",
                 hint="add lora_modules_to_save: [embed_tokens, lm_head]",
             )
-    model.resize_token_embeddings(max(len(tokenizer), current), pad_to_multiple_of=32 if cfg.resize_token_embeddings_to_32x else None)
+    model.resize_token_embeddings(
+        max(len(tokenizer), current), pad_to_multiple_of=32 if cfg.resize_token_embeddings_to_32x else None
+    )
     log.info("embeddings resized to %d rows", model.get_input_embeddings().weight.shape[0])
 
 

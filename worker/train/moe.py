@@ -11,6 +11,7 @@ the experts dispatch, and the router's auxiliary loss.
   step, so the coefficient is divided by the micro-batches per step (gradient accumulation ×
   ranks): the aux term then weighs what router_aux_loss_coef says, once per step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ def is_moe(model) -> bool:
     return bool(experts_modules(model))
 
 
-def lora_targets(modules: list[str] | None, parameters: list[str] | None, model) -> tuple[list[str] | None, list[str] | None]:
+def lora_targets(
+    modules: list[str] | None, parameters: list[str] | None, model
+) -> tuple[list[str] | None, list[str] | None]:
     """(target_modules, target_parameters) for PEFT: routers named as modules move to parameters."""
     parameters = list(parameters or [])
     if not modules:
@@ -37,8 +40,13 @@ def lora_targets(modules: list[str] | None, parameters: list[str] | None, model)
     kept = []
     for name in modules:
         found = [m for n, m in model.named_modules() if n == name or n.endswith("." + name)]
-        router = found and all(not isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
-                               and m.weight.dim() == 2 and type(m).__name__.endswith("Router") for m in found)
+        router = found and all(
+            not isinstance(m, torch.nn.Linear)
+            and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+            and m.weight.dim() == 2
+            and type(m).__name__.endswith("Router")
+            for m in found
+        )
         if router:
             parameters.append(f"{name}.weight")
         else:
@@ -63,8 +71,10 @@ def configure_router_loss(model, cfg: TrainingConfig, micro_per_step: int) -> bo
     if not cfg.output_router_logits:
         return False
     if not hasattr(base, "router_aux_loss_coef"):
-        raise JobSpecError(f"output_router_logits: true, but {type(base).__name__} has no router auxiliary loss",
-                           hint="remove output_router_logits / router_aux_loss_coef for this model")
+        raise JobSpecError(
+            f"output_router_logits: true, but {type(base).__name__} has no router auxiliary loss",
+            hint="remove output_router_logits / router_aux_loss_coef for this model",
+        )
     coef = cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None else base.config.router_aux_loss_coef
     base.config.output_router_logits = True
     base.router_aux_loss_coef = coef / micro_per_step  # read by the model's forward on each micro-batch

@@ -10,6 +10,7 @@ completions for KTO, prompts for GRPO; the trainer sums it over micro-batches an
 (`n_items`), so a step's loss is the mean over the global batch whatever the split. `sums` is a
 fixed-length vector the trainer adds up across micro-batches and ranks and hands to `metrics`.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -25,7 +26,9 @@ class Objective(Protocol):
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def loss(
+        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def metrics(self, sums: list[float], n_items: float) -> dict[str, float]: ...
 

@@ -28,14 +28,16 @@ CPU), so the bookkeeping is the same code on both and the CPU tests exercise it.
 Like every saved-tensor hook, this relies on saved tensors not being modified in place after they
 are saved (autograd refuses that anyway when no hook is installed).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import weakref
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -162,8 +164,10 @@ def _of_parameter(t: torch.Tensor) -> bool:
     if isinstance(t._base, torch.nn.Parameter):
         return True
     fn = t.grad_fn
-    return fn is not None and fn.name() == "ToCopyBackward0" and any(
-        isinstance(getattr(node, "variable", None), torch.nn.Parameter) for node, _ in fn.next_functions
+    return (
+        fn is not None
+        and fn.name() == "ToCopyBackward0"
+        and any(isinstance(getattr(node, "variable", None), torch.nn.Parameter) for node, _ in fn.next_functions)
     )
 
 
@@ -179,8 +183,12 @@ class _Pass:
 
     def eligible(self, t: torch.Tensor) -> bool:
         return (
-            type(t) is torch.Tensor and t.layout == torch.strided and t.device == self.off.device
-            and t.numel() * t.element_size() >= self.off.min_bytes and not _of_parameter(t) and _dense(t)
+            type(t) is torch.Tensor
+            and t.layout == torch.strided
+            and t.device == self.off.device
+            and t.numel() * t.element_size() >= self.off.min_bytes
+            and not _of_parameter(t)
+            and _dense(t)
         )
 
     def pack(self, t: torch.Tensor) -> torch.Tensor | _Saved:
@@ -227,7 +235,7 @@ class _Pass:
             self.fetch(packed)
         # backward runs roughly in reverse: the tensors offloaded just before this one come next
         below = packed.slot if packed.slot is not None else len(self.offloaded)
-        for ref in reversed(self.offloaded[max(below - self.off.prefetch, 0):below]):
+        for ref in reversed(self.offloaded[max(below - self.off.prefetch, 0) : below]):
             nxt = ref()
             if nxt is not None and nxt.device is None:
                 self.fetch(nxt)
@@ -241,8 +249,14 @@ class ActivationOffloader:
     what they free); `keep_last`: the last tensors of a forward that stay; `prefetch`: how many
     tensors backward fetches ahead of the one it asks for (one is a whole layer ahead)."""
 
-    def __init__(self, device: torch.device, min_bytes: int = 1 << 14, keep_last: int = 3, prefetch: int = 1,
-                 copies: Copies | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        min_bytes: int = 1 << 14,
+        keep_last: int = 3,
+        prefetch: int = 1,
+        copies: Copies | None = None,
+    ):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -258,6 +272,11 @@ class ActivationOffloader:
             yield run.stats
         run.stats.kept_tensors = sum(ref() is not None for ref in run.queued)
         if self.last is None:
-            log.info("activation offloading: %d tensors (%.1f MiB) of a forward go to host memory, %d stay on the %s",
-                     run.stats.offloaded_tensors, run.stats.offloaded_bytes / 2**20, run.stats.kept_tensors, self.device.type)
+            log.info(
+                "activation offloading: %d tensors (%.1f MiB) of a forward go to host memory, %d stay on the %s",
+                run.stats.offloaded_tensors,
+                run.stats.offloaded_bytes / 2**20,
+                run.stats.kept_tensors,
+                self.device.type,
+            )
         self.last = run.stats

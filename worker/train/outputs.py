@@ -4,6 +4,7 @@ Each folder is written under a temporary name and renamed, like the checkpoints,
 stage never sees half an adapter. The merged model is built from the saved adapter on a freshly
 loaded base in the training dtype (never from a 4-bit base), so LoRA and QLoRA merge the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,10 @@ def save_trained(model, state_dict: dict[str, Any], tokenizer, out: Path, is_ada
     if is_adapter and not (tmp / "adapter_model.safetensors").is_file():
         from worker.errors import TrainingError
 
-        raise TrainingError("peft wrote no adapter_model.safetensors", hint="this is a bug in ftw's train stage; the checkpoints are kept, resubmit to retry")
+        raise TrainingError(
+            "peft wrote no adapter_model.safetensors",
+            hint="this is a bug in ftw's train stage; the checkpoints are kept, resubmit to retry",
+        )
     return publish_dir(tmp, out)
 
 

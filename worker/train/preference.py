@@ -23,6 +23,7 @@ Formulas (per pair; l = summed log-prob of the answer tokens, ā = l / tokens, �
 Rewards: dpo β(l − ref) (ipo on ā); orpo and simpo β·ā. The loss of a micro-batch is the sum over
 its pairs divided by the global batch's pair count, so a step is the mean over the global batch.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -37,7 +38,9 @@ IGNORE = -100
 LOGIT_CHUNK = 4096  # rows of logits upcast to fp32 at a time for the log-softmax
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each sequence's target tokens, their count), sequences split at position resets."""
     logits, labels, positions = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), position_ids.reshape(-1)
     segment = torch.cumsum(positions == 0, 0) - 1
@@ -62,7 +65,9 @@ class PairTerms:
     rejected_reward: torch.Tensor
 
 
-def pair_terms(method: str, cfg: TrainingConfig, policy: tuple[torch.Tensor, torch.Tensor], reference: torch.Tensor | None) -> PairTerms:
+def pair_terms(
+    method: str, cfg: TrainingConfig, policy: tuple[torch.Tensor, torch.Tensor], reference: torch.Tensor | None
+) -> PairTerms:
     """The formulas above; `policy` = (summed logps, token counts) of sequences c0, r0, c1, r1, ..."""
     beta, eps = cfg.rl_beta_value(), cfg.dpo_label_smoothing
     logps, tokens = policy
@@ -72,11 +77,17 @@ def pair_terms(method: str, cfg: TrainingConfig, policy: tuple[torch.Tensor, tor
         if method == "ipo":
             lc, lr, refc, refr = lc / nc, lr / nr, refc / nc, refr / nr
         z = (lc - lr) - (refc - refr)
-        loss = (z - 1 / (2 * beta)) ** 2 if method == "ipo" else -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+        loss = (
+            (z - 1 / (2 * beta)) ** 2
+            if method == "ipo"
+            else -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+        )
         return PairTerms(loss, beta * (lc - refc).detach(), beta * (lr - refr).detach())
     ac, ar = lc / nc, lr / nr
     if method == "orpo":
-        odds = (ac - ar) - (torch.log1p(-torch.exp(ac).clamp(max=1 - 1e-6)) - torch.log1p(-torch.exp(ar).clamp(max=1 - 1e-6)))
+        odds = (ac - ar) - (
+            torch.log1p(-torch.exp(ac).clamp(max=1 - 1e-6)) - torch.log1p(-torch.exp(ar).clamp(max=1 - 1e-6))
+        )
         loss = -ac - beta * F.logsigmoid(odds)
     elif method == "simpo":
         z = (ac - ar) - cfg.simpo_gamma / beta
@@ -92,8 +103,11 @@ def kto_terms(cfg: TrainingConfig, policy: torch.Tensor, reference: torch.Tensor
     ratio = policy - reference
     z0 = ratio.mean().clamp(min=0).detach()
     good = desirable.bool()
-    loss = torch.where(good, cfg.kto_desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
-                       cfg.kto_undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))))
+    loss = torch.where(
+        good,
+        cfg.kto_desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+        cfg.kto_undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))),
+    )
     reward = beta * ratio.detach()
     return PairTerms(loss, torch.where(good, reward, 0.0), torch.where(good, 0.0, reward))
 
@@ -101,7 +115,14 @@ def kto_terms(cfg: TrainingConfig, policy: torch.Tensor, reference: torch.Tensor
 class PreferenceObjective:
     """The loss of one packed micro-batch for the trainer loop (worker/train/objective.py's contract)."""
 
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "_chosen_n", "_rejected_n")
+    metric_names = (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "_chosen_n",
+        "_rejected_n",
+    )
 
     def __init__(self, cfg: TrainingConfig, model: torch.nn.Module):
         self.cfg, self.model = cfg, model

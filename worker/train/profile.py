@@ -5,6 +5,7 @@
 The table lists ops by self CPU time and by GPU time, plus the steps' wall times, so a loop that
 is bound by host work (launches, syncs, collation) is told apart from one bound by kernels.
 """
+
 from __future__ import annotations
 
 import os

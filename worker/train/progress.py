@@ -4,6 +4,7 @@ Only rank 0 reports. Trackers are optional imports, used only when the config tu
 (use_wandb / wandb_project, use_mlflow / mlflow_tracking_uri, use_tensorboard); a tracker that is
 configured but not installed is refused before preprocessing (worker/preflight.py), not a silent no-op.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,21 @@ class Trackers:
         if "wandb" in names:
             import wandb
 
-            self.sinks.append(("wandb", wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name, id=cfg.wandb_run_id, mode=cfg.wandb_mode, config=config, dir=str(run_dir), resume="allow")))
+            self.sinks.append(
+                (
+                    "wandb",
+                    wandb.init(
+                        project=cfg.wandb_project,
+                        entity=cfg.wandb_entity,
+                        name=cfg.wandb_name,
+                        id=cfg.wandb_run_id,
+                        mode=cfg.wandb_mode,
+                        config=config,
+                        dir=str(run_dir),
+                        resume="allow",
+                    ),
+                )
+            )
         if "mlflow" in names:
             import mlflow
 
@@ -53,7 +68,9 @@ class Trackers:
 
     def close(self) -> None:
         for kind, sink in self.sinks:
-            {"wandb": lambda s: s.finish(), "mlflow": lambda s: s.end_run(), "tensorboard": lambda s: s.close()}[kind](sink)
+            {"wandb": lambda s: s.finish(), "mlflow": lambda s: s.end_run(), "tensorboard": lambda s: s.close()}[kind](
+                sink
+            )
 
 
 class Progress:
@@ -86,10 +103,25 @@ class Progress:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if step % self.every == 0 or step == self.total:
             eta = self.eta(step)
-            emit({"stage": "train", "step": step, "total_steps": self.total, **metrics, "eta_s": None if eta is None else round(eta, 1)})
+            emit(
+                {
+                    "stage": "train",
+                    "step": step,
+                    "total_steps": self.total,
+                    **metrics,
+                    "eta_s": None if eta is None else round(eta, 1),
+                }
+            )
             self.trackers.log({f"train/{k}": v for k, v in metrics.items() if v is not None}, step)
             if self.bar is None:
-                log.info("step %d/%d loss %.4f lr %.3g tokens/s %.0f", step, self.total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"])
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g tokens/s %.0f",
+                    step,
+                    self.total,
+                    metrics["loss"],
+                    metrics["lr"],
+                    metrics["tokens_per_s"],
+                )
 
     def event(self, **fields: Any) -> None:
         if self.enabled:

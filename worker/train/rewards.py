@@ -9,6 +9,7 @@ module paths unless the operator allows plugins, and ftw does not load them).
                    answer of digits, signs and spaces, `[-+0-9 .]+`)
 - length:          −(completion tokens / trl.max_completion_length): shorter is better, in [−1, 0]
 """
+
 from __future__ import annotations
 
 import re
@@ -38,10 +39,15 @@ def length(completions: list[str], answers: list[str], lengths: list[int], cfg: 
 
 
 REWARDS: dict[str, Callable[[list[str], list[str], list[int], TrainingConfig], list[float]]] = {
-    "exact_match": exact_match, "contains_answer": contains_answer, "regex_format": regex_format, "length": length,
+    "exact_match": exact_match,
+    "contains_answer": contains_answer,
+    "regex_format": regex_format,
+    "length": length,
 }
 
 
-def rewards(cfg: TrainingConfig, completions: list[str], answers: list[str], lengths: list[int]) -> dict[str, list[float]]:
+def rewards(
+    cfg: TrainingConfig, completions: list[str], answers: list[str], lengths: list[int]
+) -> dict[str, list[float]]:
     """Every configured reward function's values, by name (the weighted sum is the caller's)."""
     return {name: REWARDS[name](completions, answers, lengths, cfg) for name in cfg.trl.reward_funcs}

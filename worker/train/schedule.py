@@ -5,6 +5,7 @@ eval_steps / save_steps are a step count, or a fraction (≤ 1) of the total ste
 evals_per_epoch / saves_per_epoch divide an epoch. Without any save key a checkpoint is written
 at the end of each epoch, and `save_strategy: no` writes none (SIGTERM still saves).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ class Schedule:
     save_best: bool
 
     @classmethod
-    def from_config(cls, cfg: TrainingConfig, steps_per_epoch: int, has_eval: bool) -> "Schedule":
+    def from_config(cls, cfg: TrainingConfig, steps_per_epoch: int, has_eval: bool) -> Schedule:
         total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
         eval_every = None
         if has_eval and cfg.eval_strategy != "no":

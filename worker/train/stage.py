@@ -6,6 +6,7 @@
 Exit 0 with adapter/ (or model/), merged/ when merge_lora, summary.json and loss.png written;
 exit 75 after SIGTERM once a checkpoint of the current step is saved; exit 1 with the error file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,16 +54,35 @@ def finish(trainer: Trainer) -> None:
     if not topo.is_main:
         return
     is_adapter = not cfg.is_full_finetune()
-    out = outputs.save_trained(trainer.model, model_sd, trainer.tokenizer, run_dir / ("adapter" if is_adapter else "model"), is_adapter)
+    out = outputs.save_trained(
+        trainer.model, model_sd, trainer.tokenizer, run_dir / ("adapter" if is_adapter else "model"), is_adapter
+    )
     summary = trainer.summary()
     summary["artifacts"] = {"adapter" if is_adapter else "model": str(out)}
     if cfg.merge_lora and is_adapter:
         emit({"stage": "merge", "event": "start"})
         dtype = trainer.precision.autocast_dtype or trainer.precision.load_dtype
         source = pretrained_source(cfg.base_model, cfg)
-        summary["artifacts"]["merged"] = str(outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, source))
+        summary["artifacts"]["merged"] = str(
+            outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, source)
+        )
     png = outputs.plot_loss(run_dir, trainer.state.train_loss, trainer.state.eval_loss)
     summary["artifacts"]["loss_png"] = str(png) if png else None
     outputs.write_summary(run_dir, summary)
-    emit({"stage": "train", "event": "done", "step": summary["steps"], "total_steps": summary["total_steps"], "loss": summary["final_loss"], "tokens_per_s": summary["tokens_per_s"]})
-    log.info("training done: %d steps, final loss %s, %.0f tokens/s → %s", summary["steps"], summary["final_loss"], summary["tokens_per_s"], out)
+    emit(
+        {
+            "stage": "train",
+            "event": "done",
+            "step": summary["steps"],
+            "total_steps": summary["total_steps"],
+            "loss": summary["final_loss"],
+            "tokens_per_s": summary["tokens_per_s"],
+        }
+    )
+    log.info(
+        "training done: %d steps, final loss %s, %.0f tokens/s → %s",
+        summary["steps"],
+        summary["final_loss"],
+        summary["tokens_per_s"],
+        out,
+    )

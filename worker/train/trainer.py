@@ -34,6 +34,7 @@ Keeping the GPU busy (the host must never be what a step waits for):
   error and the same last checkpoint.
   With several processes the SIGTERM vote (`preempted`) is a collective that syncs every step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,17 +50,17 @@ from typing import Any
 import torch
 
 from schemas.config import TrainingConfig
+from worker.data.cache import PreparedData
 from worker.errors import JobSpecError, OutOfMemory, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.data.cache import PreparedData
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
-from worker.train.objective import build_objective
 from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
 from worker.train.moe import configure_router_loss
+from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
@@ -142,7 +143,9 @@ class Trainer:
         offload = cfg.activation_offloading or cfg.gradient_checkpointing == "offload"
         self.offloader = ActivationOffloader(topo.device) if offload else None
         if cfg.activation_offloading in ("disk", "legacy"):
-            log.warning("activation_offloading: %s offloads to host memory (ftw has no disk offload)", cfg.activation_offloading)
+            log.warning(
+                "activation_offloading: %s offloads to host memory (ftw has no disk offload)", cfg.activation_offloading
+            )
         self.strategy = dist_.strategy(cfg, topo)["kind"]
         self.engine = dist_.wrap(self.model, cfg, topo)
         if cfg.torch_compile is True or (cfg.torch_compile == "auto" and topo.device.type == "cuda"):
@@ -156,7 +159,9 @@ class Trainer:
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
-        fp16_scaler = self.precision.autocast_dtype == torch.float16 and self.strategy != "deepspeed"  # DeepSpeed scales its own
+        fp16_scaler = (
+            self.precision.autocast_dtype == torch.float16 and self.strategy != "deepspeed"
+        )  # DeepSpeed scales its own
         self.scaler = torch.amp.GradScaler(topo.device.type, enabled=fp16_scaler)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         resume = self.resume_point()
@@ -166,15 +171,23 @@ class Trainer:
             self.engine = ds_.initialize(self, resume)
         log.info(
             "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
-            "packed" if self.data.packed else "unpacked", self.plan.num_rows, self.plan.steps_per_epoch,
-            self.schedule.total_steps, self.precision.name, self.strategy, topo.world_size,
+            "packed" if self.data.packed else "unpacked",
+            self.plan.num_rows,
+            self.plan.steps_per_epoch,
+            self.schedule.total_steps,
+            self.precision.name,
+            self.strategy,
+            topo.world_size,
         )
 
     def resume_point(self) -> Path | None:
         if self.cfg.resume_from_checkpoint:
             path = Path(self.cfg.resume_from_checkpoint).expanduser()
             if ckpt.read_state(path) is None:
-                raise JobSpecError(f"resume_from_checkpoint {path} is not a complete ftw checkpoint", hint="point it at a checkpoint-<step> folder with a valid ftw_state.json, or remove the key")
+                raise JobSpecError(
+                    f"resume_from_checkpoint {path} is not a complete ftw checkpoint",
+                    hint="point it at a checkpoint-<step> folder with a valid ftw_state.json, or remove the key",
+                )
             return path
         if self.cfg.auto_resume_from_checkpoints:
             return ckpt.newest_complete(self.run_dir / "checkpoints")
@@ -197,7 +210,9 @@ class Trainer:
         if topo.world_size > 1:
             torch.distributed.all_reduce(counts)  # the global counts, still on the device
         n_items = counts[0].clamp(min=1).float()
-        sums = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device)  # loss, then metric sums
+        sums = torch.zeros(
+            1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device
+        )  # loss, then metric sums
         for i, micro in enumerate(batch.micro):
             micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
@@ -226,7 +241,9 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
-        return QueuedStep(batch.step + 1, lr, Readout(torch.cat([torch.stack([loss_sum, grad_norm, counts[0], counts[1]]), sums[1:]])))
+        return QueuedStep(
+            batch.step + 1, lr, Readout(torch.cat([torch.stack([loss_sum, grad_norm, counts[0], counts[1]]), sums[1:]]))
+        )
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
@@ -239,15 +256,24 @@ class Trainer:
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
             self.progress.event(step=queued.step, event="first_step")
         extra = self.objective.metrics(metric_sums, targets)  # rewards/chosen ... (DPO family), aux_loss (MoE router)
-        self.progress.step(queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra})
-        self.loss_high_steps = self.loss_high_steps + 1 if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold else 0
+        self.progress.step(
+            queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra}
+        )
+        self.loss_high_steps = (
+            self.loss_high_steps + 1
+            if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold
+            else 0
+        )
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(
                 f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
                 hint="lower learning_rate or raise warmup; the last checkpoint is kept",
             )
         if not math.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at step {queued.step}", hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)")
+            raise TrainingError(
+                f"the loss became {loss} at step {queued.step}",
+                hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)",
+            )
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -259,9 +285,17 @@ class Trainer:
         self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
-        batches = Prefetcher(self.data.train, self.plan, topo.rank, self.tokenizer.pad_token_id or 0, self.data.packed,
-                             range(state.step, sched.total_steps), topo.device, varlen="varlen_attention" in self.kernels,
-                             count=self.objective.count)
+        batches = Prefetcher(
+            self.data.train,
+            self.plan,
+            topo.rank,
+            self.tokenizer.pad_token_id or 0,
+            self.data.packed,
+            range(state.step, sched.total_steps),
+            topo.device,
+            varlen="varlen_attention" in self.kernels,
+            count=self.objective.count,
+        )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         try:
             while state.step < sched.total_steps:
@@ -294,7 +328,9 @@ class Trainer:
                     log.warning("SIGTERM: checkpoint-%d saved, stopping (exit %d)", state.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
                 if stop_early:
-                    log.info("early stopping at step %d: eval loss did not improve %d times", state.step, state.bad_evals)
+                    log.info(
+                        "early stopping at step %d: eval loss did not improve %d times", state.step, state.bad_evals
+                    )
                     break
             if self.data.eval is not None and (not state.eval_loss or state.eval_loss[-1][0] != state.step):
                 self.evaluate_and_track()
@@ -317,13 +353,22 @@ class Trainer:
         per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
         chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
         per_rank = math.ceil(len(chunks) / topo.world_size)
-        mine = [(chunks[j], True) if j < len(chunks) else (chunks[0], False) for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)]
-        sums, count, as_sum = torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device), 0, torch.ones((), device=topo.device)
+        mine = [
+            (chunks[j], True) if j < len(chunks) else (chunks[0], False)
+            for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)
+        ]
+        sums, count, as_sum = (
+            torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device),
+            0,
+            torch.ones((), device=topo.device),
+        )
         self.engine.eval()
         for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
             batch = collate(read_rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed)
             with self._autocast():
-                loss, metric_sums = self.objective.loss(self.engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum)
+                loss, metric_sums = self.objective.loss(
+                    self.engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum
+                )
             if real:
                 sums += torch.cat([loss.double().reshape(1), metric_sums])
                 count += self.objective.count(batch)
@@ -349,11 +394,17 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def full_state_dicts(self, with_optimizer: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Trainable weights (and optimizer state) gathered whole on every rank's CPU — collective."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         if self.strategy == "deepspeed":  # its optimizer state is saved by DeepSpeed, partitioned (ckpt.save)
             return ds_.trainable_state_dict(self), None
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not self.cfg.is_full_finetune())
+        opts = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=not self.cfg.is_full_finetune()
+        )
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None
         return model_sd, optim_sd
@@ -375,15 +426,31 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         s = self.state
         return {
-            "steps": s.step, "total_steps": self.schedule.total_steps, "epochs": round(s.step / self.plan.steps_per_epoch, 4),
-            "tokens": s.tokens, "target_tokens": s.target_tokens,
-            "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1), "runtime_s": round(self.runtime_s, 2),
-            "peak_memory_gib": round(self.peak_memory_gib(), 3), "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
-            "final_loss": s.train_loss[-1][1] if s.train_loss else None, "best_eval_loss": s.best_eval,
-            "loss_curve": s.train_loss, "eval_curve": s.eval_loss, "resumed_from": self.resumed_from,
-            "precision": self.precision.name, "strategy": self.strategy, "world_size": self.topo.world_size,
-            "packed": self.data.packed, "adapter": self.cfg.adapter or "full", "kernels": self.kernels,
+            "steps": s.step,
+            "total_steps": self.schedule.total_steps,
+            "epochs": round(s.step / self.plan.steps_per_epoch, 4),
+            "tokens": s.tokens,
+            "target_tokens": s.target_tokens,
+            "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1),
+            "runtime_s": round(self.runtime_s, 2),
+            "peak_memory_gib": round(self.peak_memory_gib(), 3),
+            "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
+            "final_loss": s.train_loss[-1][1] if s.train_loss else None,
+            "best_eval_loss": s.best_eval,
+            "loss_curve": s.train_loss,
+            "eval_curve": s.eval_loss,
+            "resumed_from": self.resumed_from,
+            "precision": self.precision.name,
+            "strategy": self.strategy,
+            "world_size": self.topo.world_size,
+            "packed": self.data.packed,
+            "adapter": self.cfg.adapter or "full",
+            "kernels": self.kernels,
         }
 
     def state_record(self) -> dict[str, Any]:
-        return {"loop": asdict(self.state), "epoch": self.state.step / self.plan.steps_per_epoch, "world_size": self.topo.world_size}
+        return {
+            "loop": asdict(self.state),
+            "epoch": self.state.step / self.plan.steps_per_epoch,
+            "world_size": self.topo.world_size,
+        }

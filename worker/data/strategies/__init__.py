@@ -6,6 +6,7 @@ Names follow axolotl: alpaca, alpaca:chat, alpaca:chatml, alpaca:phi, chat_templ
 (chat_template.default), completion, input_output, the dict form (user-defined instruction
 format), and pretraining (entries of pretraining_dataset).
 """
+
 from __future__ import annotations
 
 from schemas.datasets import UserDefinedFormat
@@ -35,7 +36,9 @@ def build_strategy(ctx: Context) -> Strategy:
     if kind is None:
         kind = "chat_template" if ctx.dataset.strategy_name() == "chat_template" else "alpaca"
     if kind not in BUILDERS:
-        raise JobSpecError(f"prompt strategy {kind!r} is not available", hint=f"use one of: {', '.join(BUILDERS)}, or the dict form")
+        raise JobSpecError(
+            f"prompt strategy {kind!r} is not available", hint=f"use one of: {', '.join(BUILDERS)}, or the dict form"
+        )
     return BUILDERS[kind](ctx)
 
 

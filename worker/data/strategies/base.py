@@ -4,6 +4,7 @@ A strategy turns a batch of raw rows into samples: (input_ids, labels) pairs whe
 -100 at every position that is not trained. One row may give several samples (completion chunks)
 and every problem with a row is a DataError that names the source, the row and the field.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,7 +47,9 @@ class Context:
 
     def require_str(self, value: Any, row: int, field: str) -> str:
         if value is None:
-            raise self.row_error(row, field, "missing (null or absent)", f"every row needs {field!r}; fix or remove the row")
+            raise self.row_error(
+                row, field, "missing (null or absent)", f"every row needs {field!r}; fix or remove the row"
+            )
         if not isinstance(value, str):
             raise self.row_error(row, field, f"expected text, got {type(value).__name__}")
         return value
@@ -54,7 +57,9 @@ class Context:
     def eos_id(self) -> int:
         eos = self.tokenizer.eos_token_id
         if eos is None:
-            raise JobSpecError("the tokenizer has no eos_token", hint="set special_tokens: {eos_token: ...} in the config")
+            raise JobSpecError(
+                "the tokenizer has no eos_token", hint="set special_tokens: {eos_token: ...} in the config"
+            )
         return eos
 
     def lead_ids(self) -> list[int]:

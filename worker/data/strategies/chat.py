@@ -26,6 +26,7 @@ After each message, the first end-of-turn token (eot_tokens, default [eos_token]
 message is trained per train_on_eot: all (after every message), turn (after trained messages),
 last (only the one after the last trained message), none; EOS likewise per train_on_eos (default turn).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,17 +40,26 @@ from worker.data.strategies.base import IGNORE, Context, Sample
 from worker.data.strategies.templates import template_for
 from worker.errors import JobSpecError
 
-DEFAULT_ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "system": "system", "tool": "tool"}
+DEFAULT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 CARRIED_KEYS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 SENTINEL_BASE = 0xF0000  # Unicode plane 15, private use
-PRIVATE_USE = re.compile("[\U000F0000-\U000FFFFD]")
+PRIVATE_USE = re.compile("[\U000f0000-\U000ffffd]")
 
 
 class ChatTemplateStrategy:
     def __init__(self, ctx: Context):
         ds, tok = ctx.dataset, ctx.tokenizer
         if not getattr(tok, "is_fast", False):
-            raise JobSpecError("type: chat_template needs a fast tokenizer (character offsets)", hint="set tokenizer_use_fast: true")
+            raise JobSpecError(
+                "type: chat_template needs a fast tokenizer (character offsets)", hint="set tokenizer_use_fast: true"
+            )
         self.ctx = ctx
         self.template = template_for(ds, ctx.config, tok)
         self.field_messages = ds.field_messages
@@ -61,7 +71,9 @@ class ChatTemplateStrategy:
         if ds.roles:
             # the standard roles stay known beside the mapped ones (axolotl passes any unmapped role through)
             standard = {r: r for r in ("system", "user", "assistant", "tool")}
-            self.roles = standard | {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
+            self.roles = (
+                standard | {t: t for t in ds.roles} | {src: t for t, sources in ds.roles.items() for src in sources}
+            )
         else:
             self.roles = DEFAULT_ROLES
         to_train = ds.roles_to_train if ds.roles_to_train is not None else ["assistant"]
@@ -84,7 +96,10 @@ class ChatTemplateStrategy:
     def single_token(self, text: str) -> int:
         ids = self.ctx.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
-            raise JobSpecError(f"end-of-turn token {text!r} is {len(ids)} tokens in this tokenizer, not one", hint="add it under `tokens:` or fix eot_tokens")
+            raise JobSpecError(
+                f"end-of-turn token {text!r} is {len(ids)} tokens in this tokenizer, not one",
+                hint="add it under `tokens:` or fix eot_tokens",
+            )
         return ids[0]
 
     # ---- rows → messages ------------------------------------------------------------------------
@@ -106,14 +121,18 @@ class ChatTemplateStrategy:
             role = self.roles.get(source_role)
             if role is None:
                 raise self.ctx.row_error(
-                    index, f"{where}.{self.role_key}", f"unknown role {source_role!r}",
+                    index,
+                    f"{where}.{self.role_key}",
+                    f"unknown role {source_role!r}",
                     hint=f"map it with `roles:` in the dataset entry (e.g. roles: {{assistant: [{source_role}]}}); known roles: {', '.join(sorted(self.roles))}",
                 )
             content = m.get(self.content_key)
             if content is None and m.get("tool_calls"):
                 content = ""
             if not isinstance(content, str):
-                problem = "missing content" if content is None else f"content must be text, got {type(content).__name__}"
+                problem = (
+                    "missing content" if content is None else f"content must be text, got {type(content).__name__}"
+                )
                 raise self.ctx.row_error(index, f"{where}.{self.content_key}", problem)
             message = {"role": role, "content": content}
             message |= {key: without_nulls(m[key]) for key in CARRIED_KEYS if m.get(key) is not None}
@@ -137,7 +156,9 @@ class ChatTemplateStrategy:
 
     def tool_calls(self, calls: Any, index: int, where: str) -> list[dict[str, Any]]:
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-            raise self.ctx.row_error(index, where, "expected a list of tool call objects ({type, function: {name, arguments}})")
+            raise self.ctx.row_error(
+                index, where, "expected a list of tool call objects ({type, function: {name, arguments}})"
+            )
         return self.decode_function_field(calls, "arguments", index, where)
 
     def tools(self, row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
@@ -147,16 +168,28 @@ class ChatTemplateStrategy:
         if tools is None:
             return None
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise self.ctx.row_error(index, self.field_tools, "expected a list of tool definitions ({type: function, function: {name, description, parameters}})")
+            raise self.ctx.row_error(
+                index,
+                self.field_tools,
+                "expected a list of tool definitions ({type: function, function: {name, description, parameters}})",
+            )
         return self.decode_function_field(tools, "parameters", index, self.field_tools)
 
-    def decode_function_field(self, items: list[dict[str, Any]], key: str, index: int, where: str) -> list[dict[str, Any]]:
+    def decode_function_field(
+        self, items: list[dict[str, Any]], key: str, index: int, where: str
+    ) -> list[dict[str, Any]]:
         """`function.<key>` given as a JSON string (common in exported datasets) decoded, as axolotl does."""
         out = []
         for n, item in enumerate(items):
             function = item.get("function")
             if isinstance(function, dict) and isinstance(function.get(key), str):
-                item = {**item, "function": {**function, key: self.json_value(function[key], index, f"{where}[{n}].function.{key}")}}
+                item = {
+                    **item,
+                    "function": {
+                        **function,
+                        key: self.json_value(function[key], index, f"{where}[{n}].function.{key}"),
+                    },
+                }
             out.append(item)
         return out
 
@@ -164,21 +197,31 @@ class ChatTemplateStrategy:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise self.ctx.row_error(index, where, f"not valid JSON: {e}", hint="give it as a JSON object, or a string holding valid JSON") from e
+            raise self.ctx.row_error(
+                index, where, f"not valid JSON: {e}", hint="give it as a JSON object, or a string holding valid JSON"
+            ) from e
 
     def render(self, messages: list[dict[str, Any]], tools: Any, index: int) -> str:
         try:
-            return self.ctx.tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.template, tokenize=False)
+            return self.ctx.tokenizer.apply_chat_template(
+                messages, tools=tools or None, chat_template=self.template, tokenize=False
+            )
         except Exception as e:  # jinja2 errors and the template's raise_exception: the row is the problem
-            raise self.ctx.row_error(index, self.field_messages, f"the chat template rejected this conversation: {e}") from e
+            raise self.ctx.row_error(
+                index, self.field_messages, f"the chat template rejected this conversation: {e}"
+            ) from e
 
     # ---- where each content lies in the rendered text -------------------------------------------
-    def content_spans(self, messages: list[dict[str, Any]], tools: Any, full: str, index: int) -> list[tuple[int, int] | None]:
+    def content_spans(
+        self, messages: list[dict[str, Any]], tools: Any, full: str, index: int
+    ) -> list[tuple[int, int] | None]:
         contents = [m["content"] for m in messages]
         marks = [chr(SENTINEL_BASE + k) for k in range(len(messages))]
         if PRIVATE_USE.search("".join(contents)) or PRIVATE_USE.search(self.template):  # rare: pick unused ones
             taken = set("".join(contents)) | set(self.template)
-            marks = [chr(c) for c in range(SENTINEL_BASE, SENTINEL_BASE + 0xFFFD) if chr(c) not in taken][: len(messages)]
+            marks = [chr(c) for c in range(SENTINEL_BASE, SENTINEL_BASE + 0xFFFD) if chr(c) not in taken][
+                : len(messages)
+            ]
         marked = self.render([{**m, "content": s} for m, s in zip(messages, marks)], tools, index)
         for texts in (contents, [c.strip() for c in contents]):
             spans = substituted_spans(marked, marks, texts, full)
@@ -186,42 +229,68 @@ class ChatTemplateStrategy:
                 break
         else:
             spans = [self.diff_span(messages, tools, full, k, marks[0], index) for k in range(len(messages))]
-        return [self.tool_call_span(messages, tools, full, k, marks[0], spans[k], index) if messages[k].get("tool_calls") else spans[k] for k in range(len(messages))]
+        return [
+            self.tool_call_span(messages, tools, full, k, marks[0], spans[k], index)
+            if messages[k].get("tool_calls")
+            else spans[k]
+            for k in range(len(messages))
+        ]
 
-    def tool_call_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, content: tuple[int, int] | None, index: int) -> tuple[int, int]:
+    def tool_call_span(
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any,
+        full: str,
+        k: int,
+        mark: str,
+        content: tuple[int, int] | None,
+        index: int,
+    ) -> tuple[int, int]:
         """What the template renders for message k's content and tool calls together."""
         bare = {key: v for key, v in messages[k].items() if key != "tool_calls"}
         probe = self.render([*messages[:k], {**bare, "content": mark}, *messages[k + 1 :]], tools, index)
         a, b = differing_span(full, probe)
         if (a, b) == content or a >= b:  # nothing but the content differs: the template drops tool calls
             raise self.ctx.row_error(
-                index, f"{self.field_messages}[{k}].tool_calls",
+                index,
+                f"{self.field_messages}[{k}].tool_calls",
                 "the chat template does not render tool calls, so they would be dropped from training",
                 hint="use the model's own template (chat_template: tokenizer_default) or another that renders `tool_calls`",
             )
         if content is not None and content[0] < content[1] and not (a <= content[0] and content[1] <= b):
             raise self.ctx.row_error(
-                index, f"{self.field_messages}[{k}].tool_calls",
+                index,
+                f"{self.field_messages}[{k}].tool_calls",
                 "the chat template renders this message's tool calls apart from its content, so the span to train cannot be located exactly",
                 hint="use a template that renders an assistant message's content and tool calls together (chat_template_jinja)",
             )
         return a, b
 
-    def diff_span(self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, index: int) -> tuple[int, int] | None:
+    def diff_span(
+        self, messages: list[dict[str, Any]], tools: Any, full: str, k: int, mark: str, index: int
+    ) -> tuple[int, int] | None:
         probe = self.render([*messages[:k], {**messages[k], "content": mark}, *messages[k + 1 :]], tools, index)
         if probe == full:
             return None  # the template does not show this content
         a, b = differing_span(full, probe)
         if a < b and full[a:b] not in messages[k]["content"]:
             raise self.ctx.row_error(
-                index, f"{self.field_messages}[{k}].{self.content_key}",
+                index,
+                f"{self.field_messages}[{k}].{self.content_key}",
                 "the chat template changes this message's text depending on its content, so its tokens cannot be located exactly",
                 hint="use a template that inserts message content unchanged (chat_template_jinja), or set the message's training flag to false",
             )
         return a, b
 
     # ---- tokens and labels ----------------------------------------------------------------------
-    def token_ranges(self, spans: list[tuple[int, int] | None], offsets: list[tuple[int, int]], full: str, train: list[bool], index: int) -> list[tuple[int, int] | None]:
+    def token_ranges(
+        self,
+        spans: list[tuple[int, int] | None],
+        offsets: list[tuple[int, int]],
+        full: str,
+        train: list[bool],
+        index: int,
+    ) -> list[tuple[int, int] | None]:
         starts = [o[0] for o in offsets]
         ends = [o[1] for o in offsets]
         ranges: list[tuple[int, int] | None] = []
@@ -229,7 +298,11 @@ class ChatTemplateStrategy:
         for k, span in enumerate(spans):
             if span is None:
                 if train[k]:
-                    raise self.ctx.row_error(index, f"{self.field_messages}[{k}]", "this message is trained but the chat template does not render it")
+                    raise self.ctx.row_error(
+                        index,
+                        f"{self.field_messages}[{k}]",
+                        "this message is trained but the chat template does not render it",
+                    )
                 ranges.append(None)
                 continue
             a, b = span
@@ -241,12 +314,17 @@ class ChatTemplateStrategy:
                 straddle_end = ends[t1 - 1] > b and full[b : ends[t1 - 1]].strip()
                 if train[k] and (straddle_start or straddle_end):
                     raise self.ctx.row_error(
-                        index, f"{self.field_messages}[{k}]",
+                        index,
+                        f"{self.field_messages}[{k}]",
                         "the tokenizer merges this message's first or last characters with the template's text into one token, so the trained span is not exact",
                         hint="use a chat template that separates content from markup with a special token or newline",
                     )
             if a < previous_end:
-                raise self.ctx.row_error(index, f"{self.field_messages}[{k}]", "the template renders messages out of order; cannot mask exactly")
+                raise self.ctx.row_error(
+                    index,
+                    f"{self.field_messages}[{k}]",
+                    "the template renders messages out of order; cannot mask exactly",
+                )
             previous_end = b
             ranges.append((t0, t1))
         return ranges
@@ -283,7 +361,9 @@ class ChatTemplateStrategy:
             full = self.render(messages, tools, index)
             prepared.append((full, self.content_spans(messages, tools, full, index), train))
         # the backend directly: ids and character offsets in one pass, without the Python wrapper's copies
-        encodings = self.ctx.tokenizer.backend_tokenizer.encode_batch([p[0] for p in prepared], add_special_tokens=False)
+        encodings = self.ctx.tokenizer.backend_tokenizer.encode_batch(
+            [p[0] for p in prepared], add_special_tokens=False
+        )
         out = []
         for (full, spans, train), index, enc in zip(prepared, indices, encodings):
             ids = enc.ids
@@ -292,7 +372,9 @@ class ChatTemplateStrategy:
         return out
 
 
-def substituted_spans(marked: str, marks: list[str], texts: list[str], full: str) -> list[tuple[int, int] | None] | None:
+def substituted_spans(
+    marked: str, marks: list[str], texts: list[str], full: str
+) -> list[tuple[int, int] | None] | None:
     """Content spans in `full` when putting `texts` in place of `marks` in `marked` gives `full`; else None."""
     parts = re.split("([" + "".join(marks) + "])", marked)
     slot = {m: k for k, m in enumerate(marks)}

@@ -7,6 +7,7 @@ Prompt tokens are -100 unless train_on_inputs; the response's EOS is always trai
 instruction strategies do: train_on_eos belongs to chat_template and is not read here).
 Formats are axolotl's (prompters.AlpacaPrompter).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ from worker.data.strategies.base import IGNORE, Context, Sample
 from worker.errors import JobSpecError
 
 ALPACA_SYSTEM = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request."
-ALPACA_SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ ALPACA_STYLES = {
         "### Instruction:\n{instruction}\n\n### Response:\n",
         "{system}\n\n",
     ),
-    "chat": PromptFormat("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:", "SYSTEM: {system}\n"),
+    "chat": PromptFormat(
+        "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:", "SYSTEM: {system}\n"
+    ),
     "chatml": PromptFormat(
         "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
         "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
@@ -76,7 +81,10 @@ class InstructStrategy:
 
     def tokenize(self, rows: Sequence[dict[str, Any]], indices: Sequence[int]) -> list[list[Sample]]:
         prompts = [self.prompt(row, i) for row, i in zip(rows, indices)]
-        responses = [self.ctx.require_str(row.get(self.fields["output"]), i, self.fields["output"]) for row, i in zip(rows, indices)]
+        responses = [
+            self.ctx.require_str(row.get(self.fields["output"]), i, self.fields["output"])
+            for row, i in zip(rows, indices)
+        ]
         tok = self.ctx.tokenizer
         prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
         response_ids = tok(responses, add_special_tokens=False)["input_ids"]
@@ -92,14 +100,18 @@ class InstructStrategy:
 
 def alpaca(ctx: Context, style: str) -> InstructStrategy:
     if style not in ALPACA_STYLES:
-        raise JobSpecError(f"unknown alpaca style {style!r}", hint=f"use one of: {', '.join('alpaca:' + s for s in ALPACA_STYLES)}")
-    return InstructStrategy(ctx, ALPACA_STYLES[style], {"instruction": "instruction", "input": "input", "output": "output", "system": None})
+        raise JobSpecError(
+            f"unknown alpaca style {style!r}", hint=f"use one of: {', '.join('alpaca:' + s for s in ALPACA_STYLES)}"
+        )
+    return InstructStrategy(
+        ctx, ALPACA_STYLES[style], {"instruction": "instruction", "input": "input", "output": "output", "system": None}
+    )
 
 
 def user_defined(ctx: Context, spec: UserDefinedFormat) -> InstructStrategy:
     """The dict form of `type`: {field_*, format, no_input_format, system_format, system_prompt}."""
     if not spec.format:
-        raise JobSpecError("the dict form of `type` needs `format` (e.g. \"[INST] {instruction} {input} [/INST]\")")
+        raise JobSpecError('the dict form of `type` needs `format` (e.g. "[INST] {instruction} {input} [/INST]")')
     fmt = PromptFormat(
         turn=spec.format,
         turn_no_input=spec.no_input_format or spec.format.replace("{input}", ""),

@@ -4,6 +4,7 @@ Order: the dataset's chat_template_jinja, the dataset's chat_template, the confi
 chat_template_jinja, the config's chat_template, else the tokenizer's own (tokenizer_default).
 `tokenizer_default_fallback_<name>` uses the tokenizer's template when it has one, else <name>.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,7 +48,10 @@ FALLBACK_PREFIX = "tokenizer_default_fallback_"
 def named_template(name: str) -> str:
     if name not in NAMED_TEMPLATES:
         known = ", ".join([*NAMED_TEMPLATES, "tokenizer_default", FALLBACK_PREFIX + "<name>", "jinja"])
-        raise JobSpecError(f"unknown chat_template {name!r}", hint=f"use one of: {known}, or give the template text in chat_template_jinja")
+        raise JobSpecError(
+            f"unknown chat_template {name!r}",
+            hint=f"use one of: {known}, or give the template text in chat_template_jinja",
+        )
     return NAMED_TEMPLATES[name]
 
 

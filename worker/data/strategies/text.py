@@ -6,6 +6,7 @@ and ends it with EOS. input_output is the segments' tokens and nothing else (no 
 axolotl does, the text is the user's to write); segments are tokenised one by one, so a segment
 boundary is a token boundary; train_on_inputs trains every segment.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,7 +29,9 @@ class CompletionStrategy:
         out = []
         for ids in self.ctx.tokenizer(texts, add_special_tokens=False)["input_ids"]:
             ids = self.lead + list(ids) + [self.eos]
-            out.append([Sample(ids[k : k + self.chunk], ids[k : k + self.chunk]) for k in range(0, len(ids), self.chunk)])
+            out.append(
+                [Sample(ids[k : k + self.chunk], ids[k : k + self.chunk]) for k in range(0, len(ids), self.chunk)]
+            )
         return out
 
 
