@@ -8,6 +8,7 @@ is refused at validation instead of failing in the trainer. Ranges of their own 
 
 # No `from __future__ import annotations`: see schemas/config.py.
 import functools
+import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
@@ -47,7 +48,7 @@ def number_fields(model: type[BaseModel]) -> frozenset[str]:
 def _types(annotation: Any) -> set[Any]:
     """The plain types a field annotation admits (through Optional/Union; Literal values by their type)."""
     origin = get_origin(annotation)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:  # Optional[int] and int | None
         return set().union(*(_types(a) for a in get_args(annotation)))
     if origin is Literal:
         return {type(a) for a in get_args(annotation)}
