@@ -180,7 +180,7 @@ def _check_events(events: Any, what: str) -> None:
                 sizes[event.anchor] = 1
             value_done(1, event.value)
         elif isinstance(event, yaml.AliasEvent):
-            nodes += sizes.get(event.anchor, 1)
+            nodes += sizes.get(event.anchor, 1) if event.anchor else 1
             value_done(0, None)
         if nodes > MAX_NODES:
             raise DocumentError(
