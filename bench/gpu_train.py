@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.train_throughput import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
-from bench.train_throughput import SHAPES as PUBLIC_SHAPES
+from bench.train_throughput import SHAPES as PUBLIC_SHAPES  # noqa: E402
 
 SHAPES = {
     **PUBLIC_SHAPES,
@@ -403,7 +403,7 @@ def main() -> int:
                     text=True,
                     timeout=a.arm_timeout,
                 )
-                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT ")]
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
                 results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.job import JobInput, check_run_id, run_id_from_job_id, validate_job
 
@@ -203,7 +204,7 @@ def test_malformed_credentials_are_rejected_without_echoing_them(credentials):
 
 
 def test_job_input_model_refuses_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="nope"):
         JobInput.model_validate({"run_id": "r", "config": CONFIG, "nope": 1})
 
 

@@ -212,7 +212,7 @@ class RawPairRows:
             p = self.lead + list(tok(prompt, add_special_tokens=False)["input_ids"])
             sides = []
             for side in ("chosen", "rejected"):
-                text = (getattr(s, f"{side}_format") or "{%s}" % side).format(
+                text = (getattr(s, f"{side}_format") or f"{{{side}}}").format(
                     **{side: self.ctx.require_str(row.get(field[side]), i, field[side])}
                 )
                 a = list(tok(text, add_special_tokens=False)["input_ids"]) + [self.eos]

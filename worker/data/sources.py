@@ -12,14 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
 from schemas.paths import is_local, local_path
 from worker.data.remote import download_http, download_s3, redact
 from worker.errors import DataError
 
-Entry = Union[DatasetConfig, PretrainingDatasetConfig]
+Entry = DatasetConfig | PretrainingDatasetConfig
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 DS_TYPES = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow", "text": "text"}
 
