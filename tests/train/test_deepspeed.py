@@ -61,7 +61,9 @@ def two_ranks(cfg: dict, **over) -> dict:
 def assert_matches_single(root, name: str, reference: str = "single", rel: float = 1e-5) -> dict:
     summary = json.loads((root / name / "summary.json").read_text())
     single = json.loads((root / reference / "summary.json").read_text())
-    assert [loss for _, loss in summary["loss_curve"]] == pytest.approx([loss for _, loss in single["loss_curve"]], rel=rel)
+    assert [loss for _, loss in summary["loss_curve"]] == pytest.approx(
+        [loss for _, loss in single["loss_curve"]], rel=rel
+    )
     assert summary["eval_curve"][-1][1] == pytest.approx(single["eval_curve"][-1][1], rel=rel)
     ours, ref = adapter_tensors(root / name / "adapter"), adapter_tensors(root / reference / "adapter")
     assert set(ours) == set(ref)
