@@ -165,7 +165,8 @@ def _classify_entry(
         else:
             report.warn(
                 where,
-                f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}",
+                f"unknown dataset key {excerpt(key)} is "
+                f"ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}",
             )
     if model is DatasetConfig and rl:
         check_rl_entry(clean, loc, rl, report)
@@ -200,7 +201,8 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
     elif family in KNOWN_UNSUPPORTED_TYPES:
         report.error(
             loc,
-            f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}",
+            f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: "
+            f"{', '.join(SUPPORTED_TYPES)}",
             "unsupported",
         )
     elif "." in kind:

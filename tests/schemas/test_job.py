@@ -281,10 +281,14 @@ def test_credential_errors_name_the_key_and_never_show_the_value():
     assert messages == {
         "credentials.hf_token": "must be a string",
         "credentials.aws_secret_access_key": "must be a string",
-        "credentials.openai_key": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
-        "aws_session_token",
-        "credentials.hf_tokn": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
-        "aws_session_token; did you mean 'hf_token'?",
+        "credentials.openai_key": (
+            "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+            "aws_session_token"
+        ),
+        "credentials.hf_tokn": (
+            "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+            "aws_session_token; did you mean 'hf_token'?"
+        ),
     }
     text = json.dumps(report.as_dict()) + repr(report.errors)
     for value in ("hf_SECRETinLIST123", "98765432101234", "sk-SECRETopenai777", "hf_SECRETmistyped42"):

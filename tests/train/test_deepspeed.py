@@ -110,8 +110,8 @@ def test_user_dict_with_auto_values(reference):
 
 
 def test_resume_under_zero2_reaches_the_uninterrupted_adapter(reference):
-    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the uninterrupted run's, so DeepSpeed's optimizer partitions,
-    the schedule and the loop state all came back."""
+    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the
+    uninterrupted run's, so DeepSpeed's optimizer partitions, the schedule and the loop state all came back."""
     cfg, cache, root = reference
     run = root / "resumed"
     over = two_ranks(cfg, deepspeed="zero2", save_strategy="steps", save_steps=2, auto_resume_from_checkpoints=True)

@@ -129,8 +129,12 @@ def resolve_hub(entry: Entry) -> Resolved:
         sha = HfApi().dataset_info(entry.path, revision=revision).sha
     except Exception as e:  # offline, private without a token, no such repo: the message says which
         raise DataError(
-            f"{entry.path}: cannot resolve this Hub dataset{f' at revision {revision}' if revision else ''} ({type(e).__name__}: {e})",
-            hint="check the dataset id, that HF_TOKEN can read it, and that the Hub is reachable; or give a local path, s3:// or https:// URI",
+            f"{entry.path}: cannot resolve this Hub dataset{f' at revision {revision}' if revision else ''} "
+            f"({type(e).__name__}: {e})",
+            hint=(
+                "check the dataset id, that HF_TOKEN can read it, and that the Hub is reachable; or give a local "
+                "path, s3:// or https:// URI"
+            ),
         ) from e
     return Resolved(entry.path, f"hub:{entry.path}@{sha}", "hub", revision=sha or "")
 
