@@ -65,7 +65,7 @@ class Import:
     source: str
     target: str
     where: str  # file:line
-    how: str = ""  # "", "lazy" or "by name" (importlib.import_module)
+    how: str = ""  # "", "lazy", "type-checking only" or "by name" (importlib.import_module)
 
     def __str__(self) -> str:
         return f"{self.source} imports {self.target} at {self.where}" + (f" ({self.how})" if self.how else "")
@@ -95,11 +95,30 @@ def unit_of(module: str) -> str | None:
     return None
 
 
-def _statements(tree: ast.AST, lazy: bool = False) -> Iterator[tuple[ast.AST, bool]]:
-    """Every node with whether it runs only when a function is called."""
+def _type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _statements(tree: ast.AST, how: str = "") -> Iterator[tuple[ast.AST, str]]:
+    """Every node, with "lazy" where it runs only when a function is called, "type-checking only" under
+    `if TYPE_CHECKING:` (such an import still ties the two modules together, so it counts)."""
     for node in ast.iter_child_nodes(tree):
-        yield node, lazy
-        yield from _statements(node, lazy or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+        yield node, how
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield from _statements(node, how or "lazy")
+        elif _type_checking(node):
+            assert isinstance(node, ast.If)
+            for child in node.body:
+                yield child, "type-checking only"
+                yield from _statements(child, "type-checking only")
+            for child in node.orelse:
+                yield child, how
+                yield from _statements(child, how)
+        else:
+            yield from _statements(node, how)
 
 
 def _resolve(name: str, modules: dict[str, Module]) -> str | None:
@@ -137,9 +156,8 @@ def imports_of(module: Module, modules: dict[str, Module], root: Path) -> tuple[
         or (isinstance(node, ast.Name) and node.id == "import_module")
         for node in ast.walk(tree)
     )
-    for node, lazy in _statements(tree):
+    for node, how in _statements(tree):
         names = _targets(node, module, modules)
-        how = "lazy" if lazy else ""
         if by_name and isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
             names, how = [node.value], "by name"
         for name in dict.fromkeys(names):  # `from pkg import a, b` imports pkg once
@@ -315,6 +333,7 @@ def test_an_import_up_a_layer_is_listed_lazy_relative_and_by_name_ones_included(
                 **CLEAN,
                 "schemas/job.py": "import pydantic\n\n\ndef f():\n    from worker.job import pipeline\n",
                 "worker/events.py": "from .job.pipeline import run\n",
+                "worker/lifeline.py": "import typing\nif typing.TYPE_CHECKING:\n    from worker.train.model import M\n",
                 "worker/data/manifest.py": "import importlib\nimportlib.import_module('handler')\n",
             },
         )
@@ -324,6 +343,8 @@ def test_an_import_up_a_layer_is_listed_lazy_relative_and_by_name_ones_included(
         "up a layer (stage libraries -> entries): worker.data.manifest imports handler at worker/data/manifest.py:2 "
         "(by name)",
         "up a layer (foundation -> orchestrator): worker.events imports worker.job.pipeline at worker/events.py:1",
+        "up a layer (foundation -> stages): worker.lifeline imports worker.train.model at worker/lifeline.py:3 "
+        "(type-checking only)",
     ]
 
 
