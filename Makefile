@@ -13,7 +13,7 @@ VLLM_STAMP := $(VENV_VLLM)/.installed
 VENV_AXOLOTL ?= .venv-axolotl
 AXOLOTL_STAMP := $(VENV_AXOLOTL)/.installed
 
-.PHONY: setup test demo demo-volume clean vllm-env axolotl-env parity lint lint-docker image-lock
+.PHONY: setup test demo demo-volume clean vllm-env axolotl-env parity lint lint-python lint-docker image-lock
 
 # A side venv (serving engine, parity reference): the local CPU torch first, then a full lock with --no-deps.
 define side_venv
@@ -59,7 +59,14 @@ demo: setup
 demo-volume: | $(STAMP)
 	$(PY) -m worker.demo --prepare
 
-lint: lint-docker
+# what CI runs before the tests: Python lint, format and types, then the Dockerfiles
+lint: lint-python lint-docker
+
+# ruff (lint, then format --check) and mypy, as pyproject.toml configures them (requirements-dev.txt pins them)
+lint-python: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # both images' Dockerfiles, by hadolint (requirements-dev.txt pins it)
 lint-docker: setup

@@ -2,7 +2,8 @@
 
     python bench/dpo.py --out OUT_DIR                                   # Llama-3.2-1B shape, arms ftw,trl
     python bench/dpo.py --out OUT_DIR --shape llama-8b --mbs 2
-    python bench/dpo.py --out OUT_DIR --shape tiny --pairs 8 --steps 2 --warmup 1 --prompt 16 --answer 24   # CPU dry run
+    # CPU dry run
+    python bench/dpo.py --out OUT_DIR --shape tiny --pairs 8 --steps 2 --warmup 1 --prompt 16 --answer 24
     python bench/dpo.py --ref-share --shape tiny                        # reference forward's share of a step (CPU)
 
 A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny

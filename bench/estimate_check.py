@@ -57,8 +57,10 @@ def main() -> int:
     for r in out:
         fmt = lambda xs: "–".join(f"{x:,.0f}" for x in xs) or "—"  # noqa: E731
         print(
-            f"| {r['row']} | {fmt(r['tokens_per_s'])} | {r['predicted_tokens_per_s']:,} | {', '.join(f'{x:.2f}' for x in r['speed_ratio']) or '—'} "
-            f"| {'–'.join(f'{x:g}' for x in r['peak_gib']) or '—'} | {r['predicted_peak_gib']:.1f} | {', '.join(f'{x:.2f}' for x in r['peak_ratio']) or '—'} |"
+            f"| {r['row']} | {fmt(r['tokens_per_s'])} | {r['predicted_tokens_per_s']:,} | "
+            f"{', '.join(f'{x:.2f}' for x in r['speed_ratio']) or '—'} "
+            f"| {'–'.join(f'{x:g}' for x in r['peak_gib']) or '—'} | {r['predicted_peak_gib']:.1f} | "
+            f"{', '.join(f'{x:.2f}' for x in r['peak_ratio']) or '—'} |"
         )
     print(
         f"\nworst error: tokens/s {worst['tokens_per_s']:.1%} (tolerance {SPEED_TOLERANCE:.0%}), "

@@ -110,7 +110,10 @@ def main() -> int:
         for n in (0, 1):
             values = sorted(r[n]["first_step_s"] for r in runs)
             total = sorted(r[n]["total_s"] for r in runs)[len(runs) // 2]
-            label = f"{'template' if template else 'fresh (FTW_STAGE_TEMPLATE=0)'}, job {n + 1}{' (warm worker)' if n else ' (fresh worker)'}"
+            label = (
+                f"{'template' if template else 'fresh (FTW_STAGE_TEMPLATE=0)'}, job "
+                f"{n + 1}{' (warm worker)' if n else ' (fresh worker)'}"
+            )
             rows.append((label, values[len(values) // 2], total))
     print(f"tiny job, {a.steps} steps, CPU, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print("| row | time to first step s | × floor | job total s |")

@@ -291,7 +291,8 @@ def table(r: dict) -> str:
             lines.append(f"{row['arm']:38} {row['gpus']:>4} FAILED rc={row['rc']}: {row['failed']}")
             continue
         lines.append(
-            f"{row['arm']:38} {row['gpus']:>4} {row['strategy']:>9} {row['tokens_per_s']:>10} {row['tokens_per_s_per_gpu']:>10} "
+            f"{row['arm']:38} {row['gpus']:>4} {row['strategy']:>9} {row['tokens_per_s']:>10} "
+            f"{row['tokens_per_s_per_gpu']:>10} "
             f"{row.get('scaling_efficiency', ''):>8}  {row['peak_mib_per_gpu']}"
         )
     if "kill" in r:

@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.train_throughput import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
-from bench.train_throughput import SHAPES as PUBLIC_SHAPES
+from bench.train_throughput import SHAPES as PUBLIC_SHAPES  # noqa: E402
 
 SHAPES = {
     **PUBLIC_SHAPES,
@@ -403,7 +403,7 @@ def main() -> int:
                     text=True,
                     timeout=a.arm_timeout,
                 )
-                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                line = [row for row in proc.stdout.splitlines() if row.startswith("RESULT ")]
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
                 results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}
@@ -432,13 +432,15 @@ def table(r: dict) -> str:
     bare = r["arms"].get("bare", {}).get("tokens_per_s")
     lines = [
         f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
-        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last timed step | notes |",
+        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last "
+        "timed step | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for arm, v in r["arms"].items():
         if "error" in v:
             lines.append(
-                f"| {arm} | — | — | — | — | — | — | — | failed: {v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |"
+                f"| {arm} | — | — | — | — | — | — | — | failed: "
+                f"{v['error'].strip().splitlines()[-1][:120] if v['error'].strip() else v.get('exit')} |"
             )
             continue
         ratio = f"{v['tokens_per_s'] / base:.2f}×" if base else "—"
@@ -456,7 +458,8 @@ def table(r: dict) -> str:
             )
         )
         lines.append(
-            f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | {v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |"
+            f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | "
+            f"{v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |"
         )
     return "\n".join(lines)
 

@@ -133,7 +133,9 @@ def slim_botocore(wheel: Path) -> None:
                 continue
             data = src.read(item)
             if item.filename.endswith(".dist-info/RECORD"):
-                data = "".join(l for l in data.decode().splitlines(keepends=True) if kept(l.split(",")[0])).encode()
+                data = "".join(
+                    row for row in data.decode().splitlines(keepends=True) if kept(row.split(",")[0])
+                ).encode()
             dst.writestr(item, data)
     slim.replace(wheel)
 

@@ -222,7 +222,8 @@ def main() -> None:
         for r in results:
             err = ((r["dx"] - base["dx"]).norm() / base["dx"].norm()).item()
             rows.append(
-                f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | {r['peak']:.2f} | {err:.1e} |"
+                f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | "
+                f"{r['peak']:.2f} | {err:.1e} |"
             )
         del layer, adapters, inputs, grads, results
     print("| shape | arm | ms / layer fwd+bwd | × peft | GPU kernels | peak GiB | dx err vs peft |")

@@ -216,7 +216,8 @@ def _has_cuda() -> bool:
 
 def table(rows: list[dict], args) -> str:
     lines = [
-        f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} steps",
+        f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} "
+        "steps",
         "",
         "| shape | arm | tokens/s | vs peft | peak GiB | loss0 | kernels |",
         "|---|---|---|---|---|---|---|",
@@ -229,8 +230,8 @@ def table(rows: list[dict], args) -> str:
                 continue
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
             lines.append(
-                f"| {shape} | {r['arm']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
-                f"{', '.join(r['applied']) or '-'} |"
+                f"| {shape} | {r['arm']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_gib']:.1f} "
+                f"| {r['loss0']:.4f} | {', '.join(r['applied']) or '-'} |"
             )
     return "\n".join(lines)
 

@@ -120,7 +120,8 @@ def main() -> int:
 
     n = args.rows
     print(
-        f"\n{n} chat rows, {base_tokens} tokens ({base_tokens / n:.0f}/row), {os.cpu_count()} CPUs, num_proc {args.num_proc}\n"
+        f"\n{n} chat rows, {base_tokens} tokens ({base_tokens / n:.0f}/row), {os.cpu_count()} CPUs, num_proc "
+        f"{args.num_proc}\n"
     )
     print("| step | seconds | rows/s | tokens/s | vs baseline |")
     print("|---|---:|---:|---:|---:|")
@@ -136,7 +137,8 @@ def main() -> int:
     print(f"| first-fit-decreasing (ftw) | {ffd_s:.2f} | {len(ffd)} | {fill(lengths, ffd, capacity):.2%} |")
     print(f"| next-fit, shuffled order (baseline) | {nf_s:.2f} | {len(nf)} | {fill(lengths, nf, capacity):.2%} |")
     print(
-        f"\nprepare(): trained-token share {summary['tokens']['trained_share']:.1%}, packing fill {summary['packing']['fill']:.2%}, "
+        f"\nprepare(): trained-token share {summary['tokens']['trained_share']:.1%}, packing fill "
+        f"{summary['packing']['fill']:.2%}, "
         f"dropped {summary['rows']['dropped'] or 'none'}"
     )
     return 0

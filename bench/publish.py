@@ -20,6 +20,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +41,7 @@ def write_random(path: Path, size: int) -> None:
         f.write(os.urandom(size % (16 * MiB)))
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -73,21 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         baseline_client = server.client()
         results: dict[str, list[float]] = {k: [] for k in ("base_up", "ftw_up", "base_down", "ftw_down")}
         for i in range(args.repeat):
+            key = f"plain{i}/model.safetensors"
             results["base_up"].append(
-                timed(
-                    lambda: baseline_client.upload_file(
-                        str(src / "model.safetensors"), "bench", f"plain{i}/model.safetensors"
-                    )
-                )
+                timed(partial(baseline_client.upload_file, str(src / "model.safetensors"), "bench", key))
             )
             loc = S3Location("bench", f"ftw{i}")
-            results["ftw_up"].append(timed(lambda: upload_folder(client, src, loc, transfer)))
+            results["ftw_up"].append(timed(partial(upload_folder, client, src, loc, transfer)))
             out = tmp / f"plain-{i}.bin"
-            results["base_down"].append(
-                timed(lambda: baseline_client.download_file("bench", f"plain{i}/model.safetensors", str(out)))
-            )
+            results["base_down"].append(timed(partial(baseline_client.download_file, "bench", key, str(out))))
             out.unlink()
-            results["ftw_down"].append(timed(lambda: pull(loc.uri, env)))
+            results["ftw_down"].append(timed(partial(pull, loc.uri, env)))
             shutil.rmtree(tmp / "volume" / "cache")
     best = {k: min(v) for k, v in results.items()}
     print(

@@ -1,4 +1,5 @@
-"""Serving on CPU over HTTP: vLLM against the transformers+peft engine, measured in the same run with the real `openai` client.
+"""Serving on CPU over HTTP: vLLM against the transformers+peft engine, measured in the same run with the real
+`openai` client.
 
     .venv/bin/python bench/serve.py [--requests 32] [--concurrency 32] [--max-tokens 32] [--threads 1]
 
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{engine}: {results[engine]}", file=sys.stderr, flush=True)
     ref, fast = results["transformers"], results["vllm"]
     print(
-        f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} new tokens, "
-        f"sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, {args.threads} thread(s) per engine\n"
+        f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} "
+        "new tokens, sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, "
+        f"{args.threads} thread(s) per engine\n"
     )
     print("| measure | transformers | vLLM | vLLM / transformers |")
     print("|---|---:|---:|---:|")

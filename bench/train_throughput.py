@@ -320,7 +320,8 @@ def table(results: list[dict]) -> str:
         rows.append(
             f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | "
             f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
-            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / {r['peak_reserved_gib']} | "
+            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / "
+            f"{r['peak_reserved_gib']} | "
             f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
             f"{', '.join(r['kernels']) or '-'} |"
         )
@@ -359,8 +360,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--profile",
-        help="profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
-        "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)",
+        help=(
+            "profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
+            "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)"
+        ),
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)

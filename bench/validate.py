@@ -164,8 +164,8 @@ def hostile_table(runs: int) -> None:
     print("|---|---|---|---|---|")
     for name, size, times in results:
         print(
-            f"| {name} | {size:,} | {statistics.median(times) * 1000:.1f} ms | {statistics.median(times) / base:.0f}× | "
-            f"{size / results[0][1]:.0f}× |"
+            f"| {name} | {size:,} | {statistics.median(times) * 1000:.1f} ms "
+            f"| {statistics.median(times) / base:.0f}× | {size / results[0][1]:.0f}× |"
         )
 
 

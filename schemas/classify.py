@@ -12,6 +12,8 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 from schemas.config import LEGACY_ATTENTION_FLAGS, TrainingConfig
 from schemas.datasets import KNOWN_UNSUPPORTED_TYPES, SUPPORTED_TYPES, DatasetConfig, PretrainingDatasetConfig
 from schemas.environment import env_flag
@@ -41,7 +43,7 @@ ALL_KNOWN = (
     | set(LEGACY_ATTENTION_FLAGS)
     | {TORCH_DTYPE_KEY}
 )
-DATASET_LISTS = {
+DATASET_LISTS: dict[str, type[BaseModel]] = {
     "datasets": DatasetConfig,
     "test_datasets": DatasetConfig,
     "pretraining_dataset": PretrainingDatasetConfig,
@@ -56,7 +58,7 @@ FTW_DECIDES = {
 }
 
 
-def did_you_mean(key: str, known: Iterable[str]) -> str:
+def did_you_mean(key: object, known: Iterable[str]) -> str:
     if not isinstance(key, str) or len(key) > EXCERPT_CHARS:  # no key that long is a typo of a known one
         return ""
     return _closest(key, tuple(sorted(known)))
@@ -144,7 +146,7 @@ def classify_dataset_lists(cfg: Mapping[str, Any], env: Mapping[str, str], repor
 
 
 def _classify_entry(
-    ds: Mapping[str, Any], model: type, loc: str, env: Mapping[str, str], report: Report, rl: Any = None
+    ds: Mapping[str, Any], model: type[BaseModel], loc: str, env: Mapping[str, str], report: Report, rl: Any = None
 ) -> dict[str, Any]:
     fields = model.model_fields
     clean: dict[str, Any] = {}
@@ -163,7 +165,8 @@ def _classify_entry(
         else:
             report.warn(
                 where,
-                f"unknown dataset key {excerpt(key)} is ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}",
+                f"unknown dataset key {excerpt(key)} is "
+                f"ignored{did_you_mean(key, list(fields) + list(DATASET_UNSUPPORTED))}",
             )
     if model is DatasetConfig and rl:
         check_rl_entry(clean, loc, rl, report)
@@ -198,7 +201,8 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
     elif family in KNOWN_UNSUPPORTED_TYPES:
         report.error(
             loc,
-            f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: {', '.join(SUPPORTED_TYPES)}",
+            f"type {excerpt(kind)}: this prompt strategy is not supported by ftw; supported: "
+            f"{', '.join(SUPPORTED_TYPES)}",
             "unsupported",
         )
     elif "." in kind:

@@ -21,12 +21,16 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 ALLOW_ENV = "FTW_ALLOWED_HOSTS"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# one answer of socket.getaddrinfo: (family, type, proto, canonname, sockaddr); typeshed's sockaddr also
+# admits (int, bytes), a Python built without IPv6
+SocketAddress = tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, SocketAddress]
 # names that resolve to a machine's own services or a cloud's instance metadata
 INTERNAL_NAMES = frozenset(
     {
@@ -98,14 +102,14 @@ class HostPolicy:
 def embedded_v4(address: IPAddress) -> ipaddress.IPv4Address | None:
     if address.version != 6:
         return None
-    if address.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return address.ipv4_mapped  # type: ignore[union-attr]
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
     if any(address in net for net in EMBEDDED_V4) and int(address) > 1:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if address.sixtofour is not None:  # type: ignore[union-attr]
-        return address.sixtofour  # type: ignore[union-attr]
-    if address.teredo is not None:  # type: ignore[union-attr]
-        return address.teredo[1]  # type: ignore[union-attr]
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
     return None
 
 
@@ -163,7 +167,7 @@ def check_url(url: str, env: Mapping[str, str], what: str = "URL") -> str | None
     return problem and f"{what} {shorten(public_form(url))!r} is refused: {problem}; use a public host, {WIDEN}"
 
 
-def allowed_addresses(host: str, port: int, env: Mapping[str, str]) -> list[tuple]:
+def allowed_addresses(host: str, port: int, env: Mapping[str, str]) -> Sequence[AddressInfo]:
     """getaddrinfo's answers for (host, port), all checked; OSError (with the reason) when any is refused.
 
     Connect to these and nothing else: the name is not resolved again.
@@ -176,7 +180,7 @@ def allowed_addresses(host: str, port: int, env: Mapping[str, str]) -> list[tupl
     if policy.name_allowed(host):
         return infos
     for info in infos:
-        problem = policy.address_problem(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+        problem = policy.address_problem(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
         if problem:
             raise PermissionError(f"host {host[:80]!r} resolves to a refused address: {problem}; {WIDEN}")
     return infos

@@ -192,7 +192,8 @@ def validate_job(raw: Any, job_id: str | None = None, env: Mapping[str, str] | N
     if problem:
         report.error("run_id", problem)
     _drop_unknown_keys(data, report)
-    placeholder = config_report.value or TrainingConfig.model_construct()
+    # while the config has errors, a stand-in (never returned) lets the job's other keys be checked
+    placeholder = config_report.value or TrainingConfig.model_construct(base_model="", learning_rate=0.0)
     try:
         job = JobInput.model_validate({**data, "config": placeholder})
     except ValidationError as e:
@@ -265,8 +266,9 @@ def _drop_unknown_keys(data: dict[str, Any], report: Report) -> None:
     for key in [k for k in data if k not in JobInput.model_fields]:
         value = data.pop(key)
         if key in AXOLOTL_WORKER_KEYS:
-            if AXOLOTL_WORKER_KEYS[key] and value is not None:
-                report.warn(key, AXOLOTL_WORKER_KEYS[key])
+            hint = AXOLOTL_WORKER_KEYS[key]
+            if hint and value is not None:
+                report.warn(key, hint)
         elif not _shows_as_name(key):
             report.warn("input", "a key that is not a name (not shown) is ignored")
         elif secret_key(key):

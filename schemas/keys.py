@@ -80,7 +80,10 @@ NO_EFFECT = {
     "profiler_steps_start": "use bench/ scripts for profiling",
     "hub_revision": "the Hub revision comes from the job's outputs.hub.revision",
     "hf_mlflow_log_artifacts": "artifacts are published by ftw (outputs)",
-    "precompute_ref_log_probs": "reference log-probs are computed in the same step as the policy's, with the adapter disabled (see docs/config.md)",
+    "precompute_ref_log_probs": (
+        "reference log-probs are computed in the same step as the policy's, with the adapter "
+        "disabled (see docs/config.md)"
+    ),
 }
 
 # key -> why; set to a value other than None/False/0/[]/{}/"" it is an error.
@@ -126,8 +129,9 @@ UNSUPPORTED = {
     **_group("multimodal models", "freeze_mm_modules image_size image_resize_algorithm role_boundaries"),
     **_group(
         "LoftQ and other custom PEFT initialisation",
-        "peft loftq_config peft_init_lora_weights peft_layer_replication peft_layers_pattern peft_trainable_token_indices "
-        "peft_autocast_adapter_dtype peft_ensure_weight_tying lora_rank_pattern lora_alpha_pattern lora_embedding_kernel",
+        "peft loftq_config peft_init_lora_weights peft_layer_replication peft_layers_pattern "
+        "peft_trainable_token_indices peft_autocast_adapter_dtype peft_ensure_weight_tying lora_rank_pattern "
+        "lora_alpha_pattern lora_embedding_kernel",
     ),
     **_group(
         "LoRA+ and per-group learning rates",
@@ -135,8 +139,9 @@ UNSUPPORTED = {
     ),
     **_group(
         "plugin and fused kernels (ftw ships its own, see kernels/)",
-        "cut_cross_entropy liger_rms_norm liger_glu_activation liger_layer_norm liger_rope liger_fused_linear_cross_entropy "
-        "liger_rms_norm_gated liger_cross_entropy flash_attn_cross_entropy flash_attn_rms_norm flash_attn_fuse_mlp "
+        "cut_cross_entropy liger_rms_norm liger_glu_activation liger_layer_norm liger_rope "
+        "liger_fused_linear_cross_entropy liger_rms_norm_gated liger_cross_entropy flash_attn_cross_entropy "
+        "flash_attn_rms_norm flash_attn_fuse_mlp "
         "fused_attn_kernel flash_attn_d512 chunked_cross_entropy chunked_cross_entropy_num_chunks scaling_softmax "
         "scaling_softmax_bias scaling_softmax_factor large_head_attention sdpa_varlen",
     ),
@@ -162,17 +167,20 @@ UNSUPPORTED = {
     ),
     **_group(
         "streaming and iterable datasets",
-        "streaming streaming_multipack_buffer_size preprocess_iterable pretrain_multipack_buffer_size pretrain_multipack_attn pretraining_sample_concatenation",
+        "streaming streaming_multipack_buffer_size preprocess_iterable pretrain_multipack_buffer_size "
+        "pretrain_multipack_attn pretraining_sample_concatenation",
     ),
     **_group(
         "dataset sharding on save",
-        "dataset_shard_num dataset_shard_idx num_dataset_shards_to_save dataset_keep_in_memory shuffle_before_merging_datasets",
+        "dataset_shard_num dataset_shard_idx num_dataset_shards_to_save dataset_keep_in_memory "
+        "shuffle_before_merging_datasets",
     ),
     **_group("PoSE context extension", "use_pose pose_split_on_token_ids pose_max_context_len pose_num_chunks"),
     **_group("rope scaling by key (set it inside overrides_of_model_config)", "rope_scaling"),
     **_group(
         "sample generation during training",
-        "generate_samples num_generation_samples generation_max_new_tokens generation_temperature generation_top_k generation_top_p generation_do_sample generation_prompt_ratio",
+        "generate_samples num_generation_samples generation_max_new_tokens generation_temperature generation_top_k "
+        "generation_top_p generation_do_sample generation_prompt_ratio",
     ),
     **_group(
         "Gradio inference UI",
@@ -211,7 +219,9 @@ GATED = {
 # axolotl plugins whose work ftw does natively: listed alone under `plugins`, they only warn
 NATIVE_PLUGINS = {
     "axolotl.integrations.kernels.KernelsPlugin": "ftw's own kernels (kernels/) apply, ScatterMoE with use_scattermoe",
-    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": "ftw fuses the loss itself where kernels/ has a family entry",
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
+        "ftw fuses the loss itself where kernels/ has a family entry"
+    ),
 }
 
 # prefixes of keys that belong to an unsupported integration (swanlab_*, trackio_*, ...)

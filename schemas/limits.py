@@ -131,7 +131,8 @@ def _text(data: bytes | str, what: str, max_bytes: int) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DocumentError(
-            f"{what} is not valid JSON or YAML: it is not UTF-8 text (byte {e.start} is {data[e.start : e.start + 1]!r})"
+            f"{what} is not valid JSON or YAML: it is not UTF-8 text (byte {e.start} is "
+            f"{data[e.start : e.start + 1]!r})"
         ) from None
 
 
@@ -180,7 +181,7 @@ def _check_events(events: Any, what: str) -> None:
                 sizes[event.anchor] = 1
             value_done(1, event.value)
         elif isinstance(event, yaml.AliasEvent):
-            nodes += sizes.get(event.anchor, 1)
+            nodes += sizes.get(event.anchor, 1) if event.anchor else 1
             value_done(0, None)
         if nodes > MAX_NODES:
             raise DocumentError(

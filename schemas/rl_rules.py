@@ -97,8 +97,8 @@ def _reference_model(cfg: TrainingConfig) -> Problems:
         yield Issue(
             "rl",
             (
-                f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; ftw uses the base "
-                "model with the adapter disabled: set adapter: lora (or qlora)"
+                f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; ftw uses "
+                "the base model with the adapter disabled: set adapter: lora (or qlora)"
                 + (", or use rl: orpo / simpo (no reference)" if cfg.rl != "grpo" else ", or trl.beta: 0")
             ),
             "unsupported",
@@ -119,7 +119,8 @@ def _prompt_len(cfg: TrainingConfig) -> Problems:
     if cfg.max_prompt_len is not None and cfg.max_prompt_len >= cfg.sequence_len:
         yield Issue(
             "max_prompt_len",
-            f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within sequence_len {cfg.sequence_len}",
+            f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within sequence_len "
+            f"{cfg.sequence_len}",
         )
 
 
@@ -131,12 +132,14 @@ def _grpo(cfg: TrainingConfig) -> Problems:
     if not trl.reward_funcs:
         yield Issue(
             "trl.reward_funcs",
-            f"rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: {', '.join(BUILTIN_REWARDS)})",
+            "rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: "
+            f"{', '.join(BUILTIN_REWARDS)})",
         )
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
         yield Issue(
             "trl.reward_weights",
-            f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward functions; give one per function",
+            f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward "
+            "functions; give one per function",
         )
     if trl.reward_regex is not None:
         try:
@@ -146,7 +149,8 @@ def _grpo(cfg: TrainingConfig) -> Problems:
     if trl.use_vllm:
         yield Issue(
             "trl.use_vllm",
-            "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated with transformers)",
+            "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated "
+            "with transformers)",
             "unsupported",
         )
     if trl.num_iterations > 1:
@@ -177,7 +181,8 @@ def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) 
         if rl not in PAIR_METHODS:
             report.error(
                 f"{loc}.type",
-                f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); for rl: {rl} use one of {', '.join(known)}",
+                f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); for rl: {rl} use one "
+                f"of {', '.join(known)}",
             )
     elif kind is None:
         report.error(
@@ -216,12 +221,14 @@ def check_reward_funcs(cfg: Mapping[str, Any], env: Mapping[str, str], report: R
         elif not env_flag(env, "FTW_ALLOW_PLUGINS"):
             report.error(
                 loc,
-                f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused unless the endpoint operator sets FTW_ALLOW_PLUGINS=1",
+                f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused unless "
+                "the endpoint operator sets FTW_ALLOW_PLUGINS=1",
                 "gated",
             )
         else:
             report.error(
                 loc,
-                f"trl.reward_funcs: {name!r} is allowed by the operator (FTW_ALLOW_PLUGINS), but ftw does not load reward modules; use the built-ins ({', '.join(BUILTIN_REWARDS)})",
+                f"trl.reward_funcs: {name!r} is allowed by the operator (FTW_ALLOW_PLUGINS), but ftw does not load "
+                f"reward modules; use the built-ins ({', '.join(BUILTIN_REWARDS)})",
                 "unsupported",
             )

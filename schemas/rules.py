@@ -114,7 +114,8 @@ def _experts(cfg: TrainingConfig) -> Problems:
     if (cfg.use_scattermoe or impl == "scattermoe") and cfg.use_kernels is False:
         yield Issue(
             "use_kernels",
-            "use_kernels: false switches the ScatterMoE kernel off, but use_scattermoe / experts_implementation asks for it: keep one",
+            "use_kernels: false switches the ScatterMoE kernel off, but use_scattermoe / experts_implementation asks "
+            "for it: keep one",
         )
 
 
@@ -142,7 +143,8 @@ def _batch(cfg: TrainingConfig) -> Problems:
     elif cfg.micro_batch_size is None:
         yield Issue(
             "batch_size",
-            "batch_size needs micro_batch_size (gradient_accumulation_steps = batch_size / micro_batch_size): add micro_batch_size",
+            "batch_size needs micro_batch_size (gradient_accumulation_steps = batch_size / micro_batch_size): add "
+            "micro_batch_size",
         )
     elif cfg.batch_size % cfg.micro_batch_size:
         yield Issue(
@@ -226,7 +228,8 @@ def _attention(cfg: TrainingConfig) -> Problems:
     if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
         yield Issue(
             "attn_implementation",
-            f"attn_implementation {excerpt(cfg.attn_implementation)} is not supported by ftw; use one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+            f"attn_implementation {excerpt(cfg.attn_implementation)} is not supported by ftw; use one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}",
             "unsupported",
         )
 
@@ -243,8 +246,8 @@ def _deepspeed(cfg: TrainingConfig) -> Problems:
         yield Issue(
             "deepspeed",
             (
-                f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the config as a dict; "
-                "config files are not read from a job (they would read files on the worker)"
+                f"deepspeed {excerpt(cfg.deepspeed)}: give a preset name ({', '.join(DEEPSPEED_PRESETS)}) or the "
+                "config as a dict; config files are not read from a job (they would read files on the worker)"
             ),
             "unsupported",
         )
@@ -261,5 +264,6 @@ def _deepspeed(cfg: TrainingConfig) -> Problems:
     if cfg.deepspeed_as_fsdp and not cfg.deepspeed:
         yield Issue(
             "deepspeed_as_fsdp",
-            "deepspeed_as_fsdp runs a deepspeed config as FSDP2, and there is no deepspeed key: remove it, or use fsdp_config",
+            "deepspeed_as_fsdp runs a deepspeed config as FSDP2, and there is no deepspeed key: remove it, or use "
+            "fsdp_config",
         )

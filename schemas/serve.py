@@ -14,7 +14,7 @@ at once as `{loc, msg}` issues.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -159,8 +159,8 @@ class BatchRequest(Strict):
         )
 
 
-ServeRequest = Union[ChatCompletionRequest, CompletionRequest, ModelsRequest, BatchRequest]
-ROUTE_MODELS: dict[str, type[BaseModel]] = {
+ServeRequest = ChatCompletionRequest | CompletionRequest | ModelsRequest | BatchRequest
+ROUTE_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest] | type[ModelsRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/models": ModelsRequest,

@@ -131,7 +131,7 @@ class ServeError(FtwError):
 
     code = "bad_request"
 
-    def __init__(self, message: str, hint: str = "", *, status: int = 400, error_code: str | None = None, **kw):
+    def __init__(self, message: str, hint: str = "", *, status: int = 400, error_code: str | None = None, **kw: Any):
         super().__init__(message, hint, stage="serve", **kw)
         self.status = status
         self.error_code = error_code  # OpenAI's machine-readable code (e.g. model_not_found); else the status

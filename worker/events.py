@@ -50,9 +50,10 @@ def write_error(code: str, message: str, hint: str = "", details: dict[str, Any]
 def read_error(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 def run_child(main: Callable[[], int | None]) -> None:

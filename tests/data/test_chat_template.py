@@ -197,7 +197,10 @@ def test_template_that_rewrites_earlier_turns_is_masked_exactly(chatml_tok):
 
 
 def test_template_that_branches_on_content_is_an_error_naming_the_row(chatml_tok):
-    branching = "{% for m in messages %}{% if 'secret' in m['content'] %}[hidden]{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+    branching = (
+        "{% for m in messages %}{% if 'secret' in m['content'] %}[hidden]{% else %}{{ m['content'] }}{% endif %}"
+        "{{ eos_token }}{% endfor %}"
+    )
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "secret hello"}]
     strategy = build_strategy(context(chatml_tok, {"type": "chat_template", "chat_template_jinja": branching}))
     with pytest.raises(DataError, match=r"row 7: field 'messages\[1\]\.content'") as e:

@@ -96,7 +96,8 @@ def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):
     path = write_jsonl(volume / "a.jsonl", alpaca_rows(20))
     good = volume / "good.yml"
     good.write_text(
-        f"base_model: {tokenizer_dir}\nlearning_rate: 0.0001\nsequence_len: 128\ndatasets:\n  - path: {path}\n    type: alpaca\n"
+        f"base_model: {tokenizer_dir}\nlearning_rate: 0.0001\nsequence_len: 128\n"
+        f"datasets:\n  - path: {path}\n    type: alpaca\n"
     )
     monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tokenizer_dir))
     assert ftw(["preprocess", str(good)]) == 0

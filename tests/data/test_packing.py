@@ -45,7 +45,8 @@ def test_fill_on_a_lognormal_mix_beats_next_fit_and_reaches_97_percent():
     ffd = first_fit_decreasing(lengths, 2048, 200)
     baseline = next_fit(lengths, 2048)
     print(
-        f"fill: ffd {fill(lengths, ffd, 2048):.4f} ({len(ffd)} bins), next-fit {fill(lengths, baseline, 2048):.4f} ({len(baseline)} bins)"
+        f"fill: ffd {fill(lengths, ffd, 2048):.4f} ({len(ffd)} bins), next-fit {fill(lengths, baseline, 2048):.4f} "
+        f"({len(baseline)} bins)"
     )
     assert fill(lengths, ffd, 2048) >= 0.97
     assert len(ffd) < len(baseline)

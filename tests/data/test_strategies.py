@@ -12,7 +12,10 @@ from worker.errors import DataError, JobSpecError
 SYSTEM_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
-SYSTEM_INPUT = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request."
+SYSTEM_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
 ROW = {"instruction": "sort these", "input": "", "output": "1 2 3"}
 ROW_WITH_INPUT = {"instruction": "sort these", "input": "3 1 2", "output": "1 2 3"}
 
@@ -26,8 +29,10 @@ PROMPTS = {  # type -> (prompt without input, prompt with input), as axolotl's A
         f"SYSTEM: {SYSTEM_INPUT}\nUSER: sort these\n3 1 2\nASSISTANT:",
     ),
     "alpaca:chatml": (
-        f"<|im_start|>system\n{SYSTEM_NO_INPUT}<|im_end|>\n<|im_start|>user\nsort these<|im_end|>\n<|im_start|>assistant\n",
-        f"<|im_start|>system\n{SYSTEM_INPUT}<|im_end|>\n<|im_start|>user\nsort these\n3 1 2<|im_end|>\n<|im_start|>assistant\n",
+        f"<|im_start|>system\n{SYSTEM_NO_INPUT}<|im_end|>\n"
+        "<|im_start|>user\nsort these<|im_end|>\n<|im_start|>assistant\n",
+        f"<|im_start|>system\n{SYSTEM_INPUT}<|im_end|>\n"
+        "<|im_start|>user\nsort these\n3 1 2<|im_end|>\n<|im_start|>assistant\n",
     ),
     "alpaca:phi": (
         f"<|system|>\n{SYSTEM_NO_INPUT}<|end|>\n<|user|>\nsort these<|end|>\n<|assistant|>\n",

@@ -20,7 +20,8 @@ TOOLS_HEADER = (  # Qwen3's system block when the row has tools (its template's 
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
     + json.dumps(TOOL)
     + "\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML "
+    "tags:\n"
     '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 

@@ -156,8 +156,9 @@ def test_cancel_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_pat
         import signal, subprocess, sys, time
         from worker.events import emit
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        g = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                              "print('ignoring', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+        ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        g = subprocess.Popen([sys.executable, "-c", ignore + "print('ignoring', flush=True); time.sleep(600)"],
+                             stdout=subprocess.PIPE)
         g.stdout.readline()
         print(g.pid, flush=True)
         emit({"stage": "train", "step": 1})  # both now ignore SIGTERM: the test cancels here
@@ -286,7 +287,9 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
         from worker.job.template import StageTemplate
         logs = Path({str(tmp_path / "logs")!r}); logs.mkdir()
         template = StageTemplate(dict(os.environ)) if {launch == "template"} else None  # this supervisor's own
-        run_stage(Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0, template=template), StopSignal(), Redactor([]))
+        stage = Stage("train", [sys.executable, {str(stage_script)!r}], dict(os.environ), logs, grace_s=5.0,
+                      template=template)
+        run_stage(stage, StopSignal(), Redactor([]))
     """)
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

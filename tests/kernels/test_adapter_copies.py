@@ -183,8 +183,8 @@ def test_stacked_down_projections_match_separate_ones(dtype, bound, mlp_bound, s
     for i, (o, r) in enumerate(zip(outs, refs)):
         assert rel_err(o, r) < (bound if i < 3 else mlp_bound), rng_seed
     assert rel_err(x.grad, x64.grad) < mlp_bound, rng_seed
-    for i, (got, p) in enumerate(zip(fused, [t for p in qkv + mlp for t in (p.lora_a, p.lora_b)])):
-        assert got.dtype == p.dtype and rel_err(got, p.grad) < (bound if i < 6 else mlp_bound), rng_seed
+    for i, (got, param) in enumerate(zip(fused, [t for p in qkv + mlp for t in (p.lora_a, p.lora_b)])):
+        assert got.dtype == param.dtype and rel_err(got, param.grad) < (bound if i < 6 else mlp_bound), rng_seed
 
 
 def test_plain_projection_among_lora_ones(rng_seed):

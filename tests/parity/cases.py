@@ -111,10 +111,13 @@ def chat(
 LLAMA_EOT = {"eot_tokens": ["<|eot_id|>"]}
 # ChatML with tools and Qwen-style <tool_call> blocks, rendering every turn alike (unlike Qwen3's own)
 TOOL_TEMPLATE = (
-    "{%- if tools %}{{- '<|im_start|>system\\nTools:' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- if tools %}{{- '<|im_start|>system\\nTools:' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content }}"
-    "{%- if message.tool_calls %}{%- for call in message.tool_calls %}{%- if call.function %}{%- set call = call.function %}{%- endif %}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' + (call.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
+    "{%- if call.function %}{%- set call = call.function %}{%- endif %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + call.name + \'", "arguments": \' + (call.arguments | tojson)'
+    " + '}\\n</tool_call>' }}"
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

@@ -203,6 +203,7 @@ def table(results: dict[str, Outcome], cases: list[Case] = CASES) -> str:
         note = case.deliberate or ("" if out.same_labels else out.first_difference())
         mark = {True: "identical", False: "differ"}
         lines.append(
-            f"| {case.strategy} | {case.template} | {case.tokenizer} | {case.rows} | {options} | {mark[out.same_ids]} | {mark[out.same_labels]} | {note} |"
+            f"| {case.strategy} | {case.template} | {case.tokenizer} | {case.rows} | {options} | {mark[out.same_ids]} "
+            f"| {mark[out.same_labels]} | {note} |"
         )
     return "\n".join(lines)

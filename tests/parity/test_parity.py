@@ -14,7 +14,10 @@ pytestmark = [
     pytest.mark.parity,
     pytest.mark.skipif(
         not (VENV_AXOLOTL / ".installed").exists(),
-        reason=f"axolotl's reference venv {VENV_AXOLOTL} is not built (`make axolotl-env`; `make test` and `make parity` build it)",
+        reason=(
+            f"axolotl's reference venv {VENV_AXOLOTL} is not built "
+            "(`make axolotl-env`; `make test` and `make parity` build it)"
+        ),
     ),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.job import JobInput, check_run_id, run_id_from_job_id, validate_job
 
@@ -203,7 +204,7 @@ def test_malformed_credentials_are_rejected_without_echoing_them(credentials):
 
 
 def test_job_input_model_refuses_unknown_keys():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="nope"):
         JobInput.model_validate({"run_id": "r", "config": CONFIG, "nope": 1})
 
 
@@ -280,10 +281,14 @@ def test_credential_errors_name_the_key_and_never_show_the_value():
     assert messages == {
         "credentials.hf_token": "must be a string",
         "credentials.aws_secret_access_key": "must be a string",
-        "credentials.openai_key": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
-        "aws_session_token",
-        "credentials.hf_tokn": "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
-        "aws_session_token; did you mean 'hf_token'?",
+        "credentials.openai_key": (
+            "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+            "aws_session_token"
+        ),
+        "credentials.hf_tokn": (
+            "unknown key; accepted: hf_token, wandb_api_key, aws_access_key_id, aws_secret_access_key, "
+            "aws_session_token; did you mean 'hf_token'?"
+        ),
     }
     text = json.dumps(report.as_dict()) + repr(report.errors)
     for value in ("hf_SECRETinLIST123", "98765432101234", "sk-SECRETopenai777", "hf_SECRETmistyped42"):

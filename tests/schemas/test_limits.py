@@ -160,7 +160,8 @@ def test_an_error_quotes_a_short_excerpt_of_a_9mb_value():
     ids=["seed-negative", "seed-2**70", "max_steps-true", "batch-2**70", "lr-false", "dataset-shards-true"],
 )
 def test_booleans_are_not_numbers_and_out_of_range_numbers_are_refused(config, loc, says):
-    """`seed: -1` and `2**70` used to pass, then fail in training as a retryable crash; `max_steps: true` trained one step."""
+    """`seed: -1` and `2**70` used to pass, then fail in training as a retryable crash; `max_steps: true` trained
+    one step."""
     report = validate_job(example_job(config=config), env={})
     assert [i.loc for i in report.errors] == [loc] and says in report.errors[0].msg, report.errors
 

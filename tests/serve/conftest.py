@@ -1,5 +1,6 @@
 """Serving fixtures: real adapters trained on the tiny model, published to the loopback S3 server and the
-local Hub, and one engine per kind shared by the tests of this package (vLLM on CPU starts slowly; both stop after them).
+local Hub, and one engine per kind shared by the tests of this package (vLLM on CPU starts slowly; both stop after
+them).
 
 The vLLM engine runs in `.venv-vllm` (built by `make vllm-env`; the fixture builds it when missing),
 as a child of the test process, exactly as serve_handler.py runs it.
@@ -72,7 +73,8 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     templated = root / "templated"
     subprocess.run(["cp", "-r", str(local["alpha"]), str(templated)], check=True)
     (templated / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+        "{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
     )
     Manifest.of_folder(templated).write(templated)
     templated_s3 = upload_adapter(client, templated, BUCKET, "runs/templated/adapter")

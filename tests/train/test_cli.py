@@ -23,7 +23,8 @@ def test_a_preprocess_failure_is_reported_once(tmp_path, capfd, volume, tiny_mod
     monkeypatch.setenv("FTW_ALLOWED_PATHS", str(tiny_model_dir))
     path = tmp_path / "nodata.yml"
     path.write_text(
-        f"base_model: {tiny_model_dir}\ndatasets:\n  - path: ./data/nope.jsonl\n    type: completion\nlearning_rate: 0.001\n"
+        f"base_model: {tiny_model_dir}\ndatasets:\n  - path: ./data/nope.jsonl\n    type: completion\n"
+        "learning_rate: 0.001\n"
     )
     assert main([str(path)]) == 1
     err = capfd.readouterr().err

@@ -61,7 +61,9 @@ def two_ranks(cfg: dict, **over) -> dict:
 def assert_matches_single(root, name: str, reference: str = "single", rel: float = 1e-5) -> dict:
     summary = json.loads((root / name / "summary.json").read_text())
     single = json.loads((root / reference / "summary.json").read_text())
-    assert [l for _, l in summary["loss_curve"]] == pytest.approx([l for _, l in single["loss_curve"]], rel=rel)
+    assert [loss for _, loss in summary["loss_curve"]] == pytest.approx(
+        [loss for _, loss in single["loss_curve"]], rel=rel
+    )
     assert summary["eval_curve"][-1][1] == pytest.approx(single["eval_curve"][-1][1], rel=rel)
     ours, ref = adapter_tensors(root / name / "adapter"), adapter_tensors(root / reference / "adapter")
     assert set(ours) == set(ref)
@@ -108,8 +110,8 @@ def test_user_dict_with_auto_values(reference):
 
 
 def test_resume_under_zero2_reaches_the_uninterrupted_adapter(reference):
-    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the uninterrupted run's, so DeepSpeed's optimizer partitions,
-    the schedule and the loop state all came back."""
+    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the
+    uninterrupted run's, so DeepSpeed's optimizer partitions, the schedule and the loop state all came back."""
     cfg, cache, root = reference
     run = root / "resumed"
     over = two_ranks(cfg, deepspeed="zero2", save_strategy="steps", save_steps=2, auto_resume_from_checkpoints=True)

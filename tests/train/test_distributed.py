@@ -38,7 +38,9 @@ def test_two_processes_match_one(reference, sharding):
     summary = json.loads((root / name / "summary.json").read_text())
     single = json.loads((root / "single" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == ("ddp" if name == "ddp" else "fsdp2")
-    assert [l for _, l in summary["loss_curve"]] == pytest.approx([l for _, l in single["loss_curve"]], rel=1e-5)
+    assert [loss for _, loss in summary["loss_curve"]] == pytest.approx(
+        [loss for _, loss in single["loss_curve"]], rel=1e-5
+    )
     assert summary["eval_curve"][-1][1] == pytest.approx(single["eval_curve"][-1][1], rel=1e-5)
     ours, ref = adapter_tensors(root / name / "adapter"), adapter_tensors(root / "single" / "adapter")
     assert set(ours) == set(ref)

@@ -120,7 +120,9 @@ def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_l
         copies = RecordingCopies()
         offloader = ActivationOffloader(CPU, keep_last=0, copies=copies)
         layers = model.get_base_model().model.layers
-        hooks = [layer.register_forward_pre_hook(lambda _, args: layer_inputs.append(args[0])) for layer in layers]
+        hooks = [
+            layer.register_forward_pre_hook(lambda _, args, seen=layer_inputs: seen.append(args[0])) for layer in layers
+        ]
         loss_and_grads(model, batch_of(model), offloader)
         for hook in hooks:
             hook.remove()

@@ -129,4 +129,6 @@ def test_kill9_sigterm_and_damaged_checkpoint_resume_to_the_same_adapter(task_mo
     assert summary["steps"] == 20 and summary["resumed_from"] == f"checkpoint-{older}"
     # the loss curve carried through the checkpoints equals the uninterrupted one
     assert [s for s, _ in summary["loss_curve"]] == list(range(1, 21))
-    assert [l for _, l in summary["loss_curve"]] == pytest.approx([l for _, l in ref_summary["loss_curve"]], rel=1e-5)
+    assert [loss for _, loss in summary["loss_curve"]] == pytest.approx(
+        [loss for _, loss in ref_summary["loss_curve"]], rel=1e-5
+    )

@@ -138,7 +138,10 @@ def build(
         reasons = ", ".join(f"{n} {why}" for why, n in tally.dropped.items() if n) or "none"
         raise DataError(
             f"no training rows left: {tally.samples} samples from {tally.rows_in} rows, dropped: {reasons}",
-            hint="check sequence_len, excess_length_strategy (truncate keeps long rows), min_sample_len and which turns are trained",
+            hint=(
+                "check sequence_len, excess_length_strategy (truncate keeps long rows), min_sample_len and which "
+                "turns are trained"
+            ),
         )
     progress.phase("pack", rows=train.num_rows)
     capacity = cfg.batch_shape()[0] * cfg.sequence_len
@@ -286,7 +289,8 @@ def tokenize_all(
 def tokenize_source(
     data: Any, strategy: Any, source: int, skip: int, procs: int, label: str, progress: Progress, rl: bool = False
 ) -> pa.Table:
-    """datasets.map over chunks of ROWS_PER_CHUNK rows (MAX_CHUNKS at most), with a progress event (rows/s, tokens/s, ETA) after each."""
+    """datasets.map over chunks of ROWS_PER_CHUNK rows (MAX_CHUNKS at most), with a progress event (rows/s,
+    tokens/s, ETA) after each."""
     chunks = min(MAX_CHUNKS, max(1, -(-len(data) // ROWS_PER_CHUNK)))
     tables, done, tokens, started = [], 0, 0, time.monotonic()
     for c in range(chunks):

@@ -49,7 +49,8 @@ class RlSample:
 
 
 def split_type(kind: str) -> tuple[str, str]:
-    """'chatml.intel' → ('chatml', 'intel'); 'chatml' → ('chatml', 'default'); 'prompt_answer' → ('chat_template', 'prompt_answer')."""
+    """'chatml.intel' → ('chatml', 'intel'); 'chatml' → ('chatml', 'default');
+    'prompt_answer' → ('chat_template', 'prompt_answer')."""
     family, _, layout = kind.partition(".")
     if not layout:
         return (family, "default") if family in TEMPLATE_FAMILIES else ("chat_template", family)
@@ -194,7 +195,8 @@ class ChatRows:
 
 
 class RawPairRows:
-    """The dict form (user_defined.default): prompt_format / chosen_format / rejected_format over row fields, no template."""
+    """The dict form (user_defined.default): prompt_format / chosen_format / rejected_format over row fields, no
+    template."""
 
     def __init__(self, ctx: Context, spec: UserDefinedFormat):
         self.ctx, self.spec = ctx, spec
@@ -212,7 +214,7 @@ class RawPairRows:
             p = self.lead + list(tok(prompt, add_special_tokens=False)["input_ids"])
             sides = []
             for side in ("chosen", "rejected"):
-                text = (getattr(s, f"{side}_format") or "{%s}" % side).format(
+                text = (getattr(s, f"{side}_format") or f"{{{side}}}").format(
                     **{side: self.ctx.require_str(row.get(field[side]), i, field[side])}
                 )
                 a = list(tok(text, add_special_tokens=False)["input_ids"]) + [self.eos]

@@ -45,7 +45,8 @@ def apply_length_policy(
             first = int(np.argmax(too_long))
             source, row = sources[table.column("_source")[first].as_py()], table.column("_row")[first].as_py()
             raise DataError(
-                f"{source}: row {row}: {int(lengths(table)[first])} tokens, more than sequence_len {sequence_len} ({int(too_long.sum())} such rows)",
+                f"{source}: row {row}: {int(lengths(table)[first])} tokens, more than sequence_len {sequence_len} "
+                f"({int(too_long.sum())} such rows)",
                 hint="raise sequence_len, or set excess_length_strategy: drop or truncate",
                 stage="preprocess",
                 details={"source": source, "row": row, "field": "input_ids"},

@@ -12,14 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
 from schemas.paths import is_local, local_path
 from worker.data.remote import download_http, download_s3, redact
 from worker.errors import DataError
 
-Entry = Union[DatasetConfig, PretrainingDatasetConfig]
+Entry = DatasetConfig | PretrainingDatasetConfig
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 DS_TYPES = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow", "text": "text"}
 
@@ -129,8 +129,12 @@ def resolve_hub(entry: Entry) -> Resolved:
         sha = HfApi().dataset_info(entry.path, revision=revision).sha
     except Exception as e:  # offline, private without a token, no such repo: the message says which
         raise DataError(
-            f"{entry.path}: cannot resolve this Hub dataset{f' at revision {revision}' if revision else ''} ({type(e).__name__}: {e})",
-            hint="check the dataset id, that HF_TOKEN can read it, and that the Hub is reachable; or give a local path, s3:// or https:// URI",
+            f"{entry.path}: cannot resolve this Hub dataset{f' at revision {revision}' if revision else ''} "
+            f"({type(e).__name__}: {e})",
+            hint=(
+                "check the dataset id, that HF_TOKEN can read it, and that the Hub is reachable; or give a local "
+                "path, s3:// or https:// URI"
+            ),
         ) from e
     return Resolved(entry.path, f"hub:{entry.path}@{sha}", "hub", revision=sha or "")
 

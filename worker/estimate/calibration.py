@@ -47,7 +47,10 @@ class MeasuredRow:
     @property
     def label(self) -> str:
         c = self.cells
-        return f"{c['model']} {c['method']} kernels {c['kernels']} mbs {c['mbs']} {c['samples']} ckpt {c['ckpt']} {c['loop']} ({c['date']})"
+        return (
+            f"{c['model']} {c['method']} kernels {c['kernels']} mbs {c['mbs']} {c['samples']} ckpt {c['ckpt']} "
+            f"{c['loop']} ({c['date']})"
+        )
 
     def workload(self) -> Workload:
         c = self.cells

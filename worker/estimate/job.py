@@ -85,8 +85,9 @@ def check_fits(prediction: Prediction | None, devices: Sequence[Gpu], allow_oom_
         for a in options
     )
     raise PredictedOutOfMemory(
-        f"predicted peak GPU memory {prediction.peak_bytes / GiB:.1f} GiB (+{CONTEXT_HEADROOM / GiB:.0f} GiB for CUDA) exceeds the "
-        f"{free / GiB:.1f} GiB free on GPU {tightest.index} ({tightest.name}); nothing was downloaded or trained",
+        f"predicted peak GPU memory {prediction.peak_bytes / GiB:.1f} GiB (+{CONTEXT_HEADROOM / GiB:.0f} GiB for CUDA) "
+        f"exceeds the {free / GiB:.1f} GiB free on GPU {tightest.index} ({tightest.name}); nothing was downloaded or "
+        "trained",
         f"change the config: {listed}; or use a larger GPU (`ftw estimate JOB.json` lists them), "
         "or set allow_oom_risk: true in the job to run anyway",
         stage="checks",

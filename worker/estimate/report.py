@@ -190,8 +190,8 @@ def estimate(
         est.rows.append(GpuEstimate(gpu, peak, tokens_per_s(w, gpu.bf16_tflops), time_s, cost))
     if steps is None:
         est.notes.append(
-            "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not given; "
-            "set max_steps or pass --tokens N"
+            "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not "
+            "given; set max_steps or pass --tokens N"
         )
     if w.mode == "hf" and w.method == "full":
         est.notes.append(
@@ -233,7 +233,8 @@ def changes(w: Workload) -> list[tuple[str, Workload]]:
         half = w.micro_batch_size // 2
         out.append(
             (
-                f"micro_batch_size: {half}, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size // half} (same batch)",
+                f"micro_batch_size: {half}, gradient_accumulation_steps: {w.grad_accum * w.micro_batch_size // half} "
+                "(same batch)",
                 smaller_batch(w, half),
             )
         )

@@ -144,7 +144,8 @@ class ServeApp:
         return response
 
     async def stream(self, route: str, request: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[str]:
-        """SSE payloads (the text after `data: `), `[DONE]` last, as the engine sends them (named as the request named the model)."""
+        """SSE payloads (the text after `data: `), `[DONE]` last, as the engine sends them (named as the request
+        named the model)."""
         async with await self._adapter_for(request.model) as adapter:
             body = self._engine_body(request, adapter)
             await self.check_context(body)

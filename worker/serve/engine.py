@@ -206,7 +206,8 @@ class EngineProcess:
             return ""
 
     def failure_reason(self, since: int = 0, chars: int = 10_000_000) -> str | None:
-        """The engine's own reason for exiting, from the last `chars` of its log after byte `since` (see engine_defaults)."""
+        """The engine's own reason for exiting, from the last `chars` of its log after byte `since`
+        (see engine_defaults)."""
         return failure_reason(self.log_tail(chars=chars, since=since))
 
     def _wait_healthy(self, timeout_s: float, since: int = 0) -> None:

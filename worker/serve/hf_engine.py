@@ -132,7 +132,8 @@ class HFEngine:
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = f" + max_tokens {max_tokens}" if max_tokens is not None else ""
             raise ServeError(
-                f"this request needs {prompt_len} prompt tokens{asked}, more than the model's {self.max_model_len}-token context",
+                f"this request needs {prompt_len} prompt tokens{asked}, more than the model's "
+                f"{self.max_model_len}-token context",
                 hint="shorten the messages or lower max_tokens",
             )
         return max_tokens if max_tokens is not None else room

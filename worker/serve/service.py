@@ -46,7 +46,8 @@ def running_service(
 ) -> Iterator[Service]:
     process = EngineProcess(settings, engine, log_path=log_path)
     print(
-        f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} (log: {process.log_path})",
+        f"ftw serve: starting the {process.engine} engine for {settings.model}: {process.describe()} "
+        f"(log: {process.log_path})",
         flush=True,
     )
     process.start()

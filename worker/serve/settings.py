@@ -7,9 +7,10 @@
 | `FTW_SERVE_ENGINE` | `vllm`, `transformers` or `auto` (vLLM when the engine Python has it) |
 | `FTW_SERVE_PYTHON` | Python that runs the engine child (this one) |
 | `ENABLE_LORA` / `MAX_LORAS` / `MAX_LORA_RANK` / `MAX_CPU_LORAS` | adapter slots (true / 4 / 64 / 16) |
-| `MAX_MODEL_LEN` / `MAX_NUM_SEQS` / `GPU_MEMORY_UTILIZATION` / `TENSOR_PARALLEL_SIZE` / `ENFORCE_EAGER` / `SEED` | engine settings (the engine's own defaults) |
+| `MAX_MODEL_LEN` / `MAX_NUM_SEQS` / `GPU_MEMORY_UTILIZATION` | engine settings (the engine's own defaults) |
+| `TENSOR_PARALLEL_SIZE` / `ENFORCE_EAGER` / `SEED` | engine settings (the engine's own defaults) |
 | `DTYPE` | the engines' dtype (the model's own, from its config.json, on both engines) |
-| `VLLM_CPU_KVCACHE_SPACE` | vLLM CPU build: KV cache GiB (a quarter of the memory available at start, 1–8, unless this or `GPU_MEMORY_UTILIZATION` is set) |
+| `VLLM_CPU_KVCACHE_SPACE` | vLLM CPU KV cache GiB (¼ of memory at start, 1–8; not when `GPU_MEMORY_UTILIZATION` is) |
 | `VLLM_EXTRA_ARGS` | further `vllm serve` flags, shell-quoted |
 | `MAX_CONCURRENCY` | jobs one worker takes at once (vLLM: `MAX_NUM_SEQS` or 8; transformers: 2) |
 | `FTW_SERVE_ADAPTERS` | adapters loaded at start: `name=ref,name=ref` (ref: as in a request) |

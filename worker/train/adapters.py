@@ -103,7 +103,10 @@ def attach(model, cfg: TrainingConfig):
         except ValueError as e:
             raise JobSpecError(
                 f"cannot attach LoRA: {e}",
-                hint="check lora_target_modules (and lora_target_parameters) against the model's module and parameter names",
+                hint=(
+                    "check lora_target_modules (and lora_target_parameters) against the model's module and parameter "
+                    "names"
+                ),
             ) from e
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())

@@ -1,4 +1,5 @@
-"""From the prepared-data cache (worker.data.cache.load_prepared) to micro-batches, in an order that a resumed run can recompute.
+"""From the prepared-data cache (worker.data.cache.load_prepared) to micro-batches, in an order that a resumed run
+can recompute.
 
 The order of an epoch is a permutation seeded by (seed, epoch), extended by wrap-around to a whole
 number of optimizer steps (no row is dropped; every rank does the same work, as

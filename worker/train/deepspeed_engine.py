@@ -118,14 +118,16 @@ def initialize(trainer, resume: Path | None):
             )
         else:
             log.warning(
-                "checkpoint %s holds DeepSpeed optimizer partitions of %s process(es), this run has %d: weights resumed, optimizer state restarts",
+                "checkpoint %s holds DeepSpeed optimizer partitions of %s process(es), this run has %d: weights "
+                "resumed, optimizer state restarts",
                 resume.name,
                 written_by,
                 topo.world_size,
             )
     elif resume is not None:
         log.warning(
-            "checkpoint %s has no DeepSpeed optimizer state (save_only_model or another strategy): the optimizer restarts",
+            "checkpoint %s has no DeepSpeed optimizer state (save_only_model or another strategy): the optimizer "
+            "restarts",
             resume.name,
         )
     return engine

@@ -155,7 +155,8 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
         saved = set(cfg.lora_modules_to_save or [])
         if not {"embed_tokens", "lm_head"} <= saved:
             raise JobSpecError(
-                f"the config adds {len(tokenizer) - current} tokens to the vocabulary, but their embeddings would stay untrained under {cfg.adapter}",
+                f"the config adds {len(tokenizer) - current} tokens to the vocabulary, but their embeddings would stay "
+                f"untrained under {cfg.adapter}",
                 hint="add lora_modules_to_save: [embed_tokens, lm_head]",
             )
     model.resize_token_embeddings(

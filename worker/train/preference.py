@@ -8,8 +8,9 @@ position resets, as for packed SFT), so chosen and rejected share the forward wi
 The reference model is the same model with the LoRA adapter disabled (peft's `disable_adapter()`),
 run under no_grad on the same row right before the policy forward: on the fly, not precomputed.
 Why, measured on CPU (`python bench/dpo.py --ref-share --shape tiny --mbs 2 --steps 3 --prompt 100
---answer 500`): the reference forward is 16% of a whole DPO step. Precomputing costs the same forward once per pair before the first step — the same total
-in a one-epoch run, the share saved per further epoch — and needs each row's identity carried into
+--answer 500`): the reference forward is 16% of a whole DPO step. Precomputing costs the same forward once per
+pair before the first step — the same total in a one-epoch run, the share saved per further epoch — and needs
+each row's identity carried into
 the step and a whole pass over the data before any progress; on the fly keeps resume, eval and the
 data contract as they are. `precompute_ref_log_probs` is accepted with a warning (no effect).
 

@@ -85,7 +85,8 @@ class ChatTemplateStrategy:
         self.eot_ids = {self.single_token(t) for t in eot_tokens}
         if self.eos in self.eot_ids and self.train_on_eos != self.train_on_eot:
             raise JobSpecError(
-                f"train_on_eos ({self.train_on_eos}) and train_on_eot ({self.train_on_eot}) disagree, and eos_token is one of eot_tokens",
+                f"train_on_eos ({self.train_on_eos}) and train_on_eot ({self.train_on_eot}) disagree, and eos_token is "
+                "one of eot_tokens",
                 hint="set them equal, or leave train_on_eot unset",
             )
         self.field_system = ds.field_system or "system"
@@ -124,7 +125,10 @@ class ChatTemplateStrategy:
                     index,
                     f"{where}.{self.role_key}",
                     f"unknown role {source_role!r}",
-                    hint=f"map it with `roles:` in the dataset entry (e.g. roles: {{assistant: [{source_role}]}}); known roles: {', '.join(sorted(self.roles))}",
+                    hint=(
+                        f"map it with `roles:` in the dataset entry (e.g. roles: {{assistant: [{source_role}]}}); "
+                        f"known roles: {', '.join(sorted(self.roles))}"
+                    ),
                 )
             content = m.get(self.content_key)
             if content is None and m.get("tool_calls"):
@@ -255,14 +259,21 @@ class ChatTemplateStrategy:
                 index,
                 f"{self.field_messages}[{k}].tool_calls",
                 "the chat template does not render tool calls, so they would be dropped from training",
-                hint="use the model's own template (chat_template: tokenizer_default) or another that renders `tool_calls`",
+                hint=(
+                    "use the model's own template (chat_template: tokenizer_default) or another that renders "
+                    "`tool_calls`"
+                ),
             )
         if content is not None and content[0] < content[1] and not (a <= content[0] and content[1] <= b):
             raise self.ctx.row_error(
                 index,
                 f"{self.field_messages}[{k}].tool_calls",
-                "the chat template renders this message's tool calls apart from its content, so the span to train cannot be located exactly",
-                hint="use a template that renders an assistant message's content and tool calls together (chat_template_jinja)",
+                "the chat template renders this message's tool calls apart from its content, so the span to train "
+                "cannot be located exactly",
+                hint=(
+                    "use a template that renders an assistant message's content and tool calls together "
+                    "(chat_template_jinja)"
+                ),
             )
         return a, b
 
@@ -277,8 +288,12 @@ class ChatTemplateStrategy:
             raise self.ctx.row_error(
                 index,
                 f"{self.field_messages}[{k}].{self.content_key}",
-                "the chat template changes this message's text depending on its content, so its tokens cannot be located exactly",
-                hint="use a template that inserts message content unchanged (chat_template_jinja), or set the message's training flag to false",
+                "the chat template changes this message's text depending on its content, so its tokens cannot be "
+                "located exactly",
+                hint=(
+                    "use a template that inserts message content unchanged (chat_template_jinja), or set the "
+                    "message's training flag to false"
+                ),
             )
         return a, b
 
@@ -316,7 +331,8 @@ class ChatTemplateStrategy:
                     raise self.ctx.row_error(
                         index,
                         f"{self.field_messages}[{k}]",
-                        "the tokenizer merges this message's first or last characters with the template's text into one token, so the trained span is not exact",
+                        "the tokenizer merges this message's first or last characters with the template's text into "
+                        "one token, so the trained span is not exact",
                         hint="use a chat template that separates content from markup with a special token or newline",
                     )
             if a < previous_end:

@@ -18,7 +18,10 @@ from schemas.datasets import UserDefinedFormat
 from worker.data.strategies.base import IGNORE, Context, Sample
 from worker.errors import JobSpecError
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
 ALPACA_SYSTEM_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
