@@ -349,8 +349,7 @@ class JobPipeline:
                 self.check_stop("while publishing (training is done and kept)")
                 raise PublishError(
                     f"publishing did not finish within limits.publish_s = {limit:g} s",
-                    "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: "
-                    "training is not redone",
+                    "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: training is not redone",
                     stage="publish",
                 )
         error = outcome.get("error")

@@ -135,8 +135,11 @@ def _lock(path: Path, run_id: str) -> int:
             details={"holder": holder},
         ) from None
     os.ftruncate(fd, 0)
-    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}".encode(), 0)
+    os.pwrite(
+        fd,
+        f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}".encode(),
+        0,
+    )
     return fd
 
 

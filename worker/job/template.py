@@ -8,11 +8,10 @@ the command line, the full environment (with the job's secrets: over the socket,
 the working directory and the write ends of its stdout/stderr pipes (SCM_RIGHTS); the template
 forks, and the child becomes the stage: its own session (process group), the pipes as fd 1/2,
 the environment replaced, PR_SET_PDEATHSIG armed, its process name set to the module's (it keeps
-the template's command line), then `python -m MODULE ARGS` run in place (runpy). CUDA is
-initialised by the child only, after the fork (a forked CUDA context is unusable, which is why the
-template never touches it). The template reaps the child and sends its exit status back on the
-same connection, so to the supervisor a `ForkedChild` is a Popen: pid, poll, wait, returncode —
-limits, SIGTERM/SIGKILL to the group, logs and exit codes are unchanged.
+the template's command line), then `python -m MODULE ARGS` run in place (runpy). CUDA is initialised by the child only, after the fork (a forked CUDA context is unusable,
+which is why the template never touches it). The template reaps the child and sends its exit
+status back on the same connection, so to the supervisor a `ForkedChild` is a Popen: pid, poll,
+wait, returncode — limits, SIGTERM/SIGKILL to the group, logs and exit codes are unchanged.
 
 Parent death: the template dies with the worker (PR_SET_PDEATHSIG), and each child with the
 template, by SIGTERM: a training child saves its step, as with a plain child.
@@ -326,8 +325,7 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
     argv = request["argv"]  # ["-m", module, *args] or [script, *args]
     name_process(argv[1] if argv[0] == "-m" else os.path.basename(argv[0]))
     print(
-        f"ftw: stage forked from the template (pid {os.getppid()}); "
-        "torch, transformers, datasets, peft were imported there",
+        f"ftw: stage forked from the template (pid {os.getppid()}); torch, transformers, datasets, peft were imported there",
         file=sys.stderr,
         flush=True,
     )

@@ -107,10 +107,7 @@ def hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
 def _hub_error(e: Exception, target: HubTarget) -> PublishError:
     status = hub_status(e)
     hints = {
-        401: (
-            "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) "
-            "to a token with write access"
-        ),
+        401: "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) to a token with write access",
         403: f"the token may not write to {target.repo_id.split('/')[0]}: use a write token of that user/organization",
         404: f"{target.repo_id} was not found for this token: check outputs.hub.repo_id",
     }

@@ -351,8 +351,7 @@ def download_folder(
                     break
                 if attempt == transfer.attempts - 1:
                     raise PublishError(
-                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 "
-                        f"after {transfer.attempts} tries",
+                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 after {transfer.attempts} tries",
                         "the stored object differs from what was published (altered or corrupted in the store)",
                         details={"uri": loc.uri, "files": bad},
                     )

@@ -4,7 +4,7 @@
         adapter_config.json + adapter_model.safetensors   (LoRA: PEFT format, publishable as is)
         model.safetensors + config.json                   (full fine-tuning)
         optimizer.pt, scheduler.pt                         (not with save_only_model)
-        deepspeed/                                         (DeepSpeed: partitioned optimizer state, not optimizer.pt)
+        deepspeed/                                         (DeepSpeed: its partitioned optimizer state instead of optimizer.pt)
         rng-<rank>.pt                                      (every rank's random state)
         ftw_state.json                                     step, epoch, trainer state, sha256 per file
 
@@ -184,8 +184,7 @@ def load(trainer, path: Path) -> None:
         }
     if missing:
         raise JobSpecError(
-            f"checkpoint {path.name} does not match this model/adapter ({len(missing)} trainable tensors missing, e.g. "
-            f"{sorted(missing)[0]})",
+            f"checkpoint {path.name} does not match this model/adapter ({len(missing)} trainable tensors missing, e.g. {sorted(missing)[0]})",
             hint="resume with the same base_model and adapter settings, or start a new run_id",
         )
     opts = StateDictOptions(full_state_dict=True, strict=False)

@@ -55,8 +55,7 @@ def check_run_folder(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     old = read_json(run_dir / "config.json")
     if old is None:
         raise JobSpecError(
-            f"run folder {run_dir} holds training results but no readable config.json, so ftw cannot tell whether they "
-            "come from this config",
+            f"run folder {run_dir} holds training results but no readable config.json, so ftw cannot tell whether they come from this config",
             "pass --run-dir with a new folder for this config (nothing is deleted)",
             stage="run_dir",
         )
@@ -64,8 +63,7 @@ def check_run_folder(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     if changed:
         raise JobSpecError(
             f"run folder {run_dir} holds training of a different config (changed: {', '.join(changed)})",
-            "pass --run-dir with a new folder (or set output_dir) for this config, or train the original config to "
-            "resume it; nothing was started or deleted",
+            "pass --run-dir with a new folder (or set output_dir) for this config, or train the original config to resume it; nothing was started or deleted",
             stage="run_dir",
             details={"changed_keys": changed},
         )
@@ -159,8 +157,7 @@ def _failed(stage: str, rc: int, error_file: Path) -> int:
         return rc
     if read_error(error_file) is None:
         print(
-            f"ftw train: the {stage} stage exited with code {rc} without reporting an error "
-            "(killed, or out of memory?)",
+            f"ftw train: the {stage} stage exited with code {rc} without reporting an error (killed, or out of memory?)",
             file=sys.stderr,
         )
     return EXIT_FAILED

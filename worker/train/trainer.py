@@ -266,8 +266,7 @@ class Trainer:
         )
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(
-                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} for "
-                f"{self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
+                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
                 hint="lower learning_rate or raise warmup; the last checkpoint is kept",
             )
         if not math.isfinite(loss):
@@ -305,13 +304,8 @@ class Trainer:
                     queued.append(self.train_step(batches.get(state.step)))
                 except torch.cuda.OutOfMemoryError as e:
                     raise OutOfMemory(
-                        f"out of GPU memory at step {state.step + 1} "
-                        f"({self.peak_memory_gib():.1f} GiB in use at the peak)",
-                        hint=(
-                            "lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set "
-                            "gradient_checkpointing: true, or use a larger GPU; "
-                            "the run resumes from its last checkpoint"
-                        ),
+                        f"out of GPU memory at step {state.step + 1} ({self.peak_memory_gib():.1f} GiB in use at the peak)",
+                        hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set gradient_checkpointing: true, or use a larger GPU; the run resumes from its last checkpoint",
                     ) from e
                 state.step += 1
                 profiler.after_step(state.step)
