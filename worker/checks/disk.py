@@ -49,15 +49,16 @@ def human(n: float) -> str:
 
 def dataset_bytes(cfg: TrainingConfig, env: Mapping[str, str]) -> tuple[int, list[str]]:
     total, notes = 0, []
-    for ds in [*(cfg.datasets or []), *(cfg.test_datasets or []), *(cfg.pretraining_dataset or [])]:
-        if is_local(ds.path):
-            p = resolve_local_path(ds.path, env)
+    paths = [ds.path for ds in [*(cfg.datasets or []), *(cfg.test_datasets or [])]]
+    for path in paths + [ds.path for ds in cfg.pretraining_dataset or []]:
+        if is_local(path):
+            p = resolve_local_path(path, env)
             if p.is_file():
                 total += p.stat().st_size
             elif p.is_dir():
                 total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         else:
-            notes.append(f"dataset {ds.path}: size not known before download (not counted)")
+            notes.append(f"dataset {path}: size not known before download (not counted)")
     return total, notes
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, is_remote, resolve_local_path
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def model_shape(cfg: TrainingConfig, env: Mapping[str, str]) -> tuple[ModelShape
 
 def adapter_params(cfg: TrainingConfig, shape: ModelShape) -> int:
     targets = cfg.lora_target_modules
+    names: tuple[str, ...]
     if cfg.lora_target_linear or targets in (None, "all-linear"):
         names = LINEAR_MODULES
     else:

@@ -76,7 +76,8 @@ def _torch(
             f"optimizer {name} needs torch.optim.{spec.class_name}, which torch {torch.__version__} does not have",
             hint="use adamw_torch_fused, adamw_torch, adafactor or sgd",
         )
-    return cls(groups, **kwargs)
+    optimizer: torch.optim.Optimizer = cls(groups, **kwargs)
+    return optimizer
 
 
 def _muon(
@@ -95,7 +96,8 @@ def _transformers(
 ) -> torch.optim.Optimizer:
     from transformers import optimization
 
-    return getattr(optimization, spec.class_name)(groups, **kwargs)
+    optimizer: torch.optim.Optimizer = getattr(optimization, spec.class_name)(groups, **kwargs)
+    return optimizer
 
 
 def _bitsandbytes(
@@ -103,7 +105,8 @@ def _bitsandbytes(
 ) -> torch.optim.Optimizer:
     import bitsandbytes.optim as bnb_optim
 
-    return getattr(bnb_optim, spec.class_name)(groups, **kwargs)
+    optimizer: torch.optim.Optimizer = getattr(bnb_optim, spec.class_name)(groups, **kwargs)
+    return optimizer
 
 
 Builder = Callable[[str, OptimizerSpec, ParamGroups, dict[str, Any], torch.device], torch.optim.Optimizer]
