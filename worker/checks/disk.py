@@ -20,7 +20,7 @@ from schemas.paths import is_local, resolve_local_path
 from worker.errors import InfraError
 from worker.estimate.shapes import ModelShape, adapter_params, model_shape
 
-MiB, GiB = 1 << 20, 1 << 30
+MiB = 1 << 20
 MARGIN = 0.10
 FIXED_OVERHEAD = 4 * MiB  # logs, config, state, events
 
@@ -40,6 +40,7 @@ class DiskEstimate:
 
 
 def human(n: float) -> str:
+    """Bytes as a person reads them: 512 B, 1.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
