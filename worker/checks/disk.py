@@ -102,8 +102,8 @@ def check_disk(est: DiskEstimate, volume: Path) -> dict[str, Any]:
     if est.total > free:
         parts = ", ".join(f"{k} {human(v)}" for k, v in est.parts.items())
         raise InfraError(
-            f"not enough disk on {volume}: the job needs about {human(est.total)} ({parts}, +{int(MARGIN * 100)}% margin) "
-            f"but only {human(free)} is free",
+            f"not enough disk on {volume}: the job needs about {human(est.total)} "
+            f"({parts}, +{int(MARGIN * 100)}% margin) but only {human(free)} is free",
             "attach a larger network volume, lower save_total_limit, use save_only_model, or skip merge_lora",
             details=report,
         )

@@ -168,7 +168,8 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
             f"no GPU available to this job ({why})",
             "run on a GPU worker; this endpoint allows no CPU runs (FTW_ALLOW_CPU=0)"
             if forbidden
-            else "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint or allow_cpu: true in the job",
+            else "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint "
+            "or allow_cpu: true in the job",
             details=result.as_dict(),
         )
     shared_ok = (env.get("FTW_ALLOW_SHARED_GPU") or "") in ("1", "true", "yes")
@@ -186,7 +187,8 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
             f"GPU {g.index} ({g.name}): {human(g.free_mib << 20)} free of {human(g.total_mib << 20)}" for g in short
         )
         raise InfraError(
-            f"not enough GPU memory: the model's weights alone need about {human(need_bytes)} per GPU (+1 GiB for CUDA), but {listed}",
+            f"not enough GPU memory: the model's weights alone need about {human(need_bytes)} per GPU "
+            f"(+1 GiB for CUDA), but {listed}",
             "use a larger GPU or more GPUs with fsdp/deepspeed zero3, or load_in_4bit with adapter: qlora",
             details={**result.as_dict(), "need_bytes": need_bytes},
         )

@@ -79,7 +79,8 @@ def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str], datasets: 
             problems.append(
                 (
                     f"base_model: {cfg.base_model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …)",
-                    "copy the tokenizer files into the model folder, or set tokenizer_config to a folder or Hub id that has them",
+                    "copy the tokenizer files into the model folder, "
+                    "or set tokenizer_config to a folder or Hub id that has them",
                 )
             )
     return problems
@@ -106,7 +107,8 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
     if impl in FLASH_MODULES and not installed(FLASH_MODULES[impl][0]):
         problems.append(
             (
-                f"attn_implementation: {impl} needs the {FLASH_MODULES[impl][1]} package, which this worker does not have",
+                f"attn_implementation: {impl} needs the {FLASH_MODULES[impl][1]} package, "
+                "which this worker does not have",
                 "use attn_implementation: sdpa (packed samples stay separated) or flex_attention",
             )
         )
@@ -122,7 +124,8 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
         problems.append(
             (
                 "wandb logging is on (online) but no WANDB_API_KEY reaches the worker",
-                "pass credentials.wandb_api_key with the job, set WANDB_API_KEY on the endpoint, or set wandb_mode: offline",
+                "pass credentials.wandb_api_key with the job, set WANDB_API_KEY on the endpoint, "
+                "or set wandb_mode: offline",
             )
         )
     if problems:

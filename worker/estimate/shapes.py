@@ -272,6 +272,7 @@ def resolve_shape(base_model: str, revision: str | None, env: Mapping[str, str],
         if shape is not None and shape.layers:
             return shape
     raise UnknownShape(
-        f"{base_model}: shape unknown (not in ftw's table of common models, and the Hub's config.json could not be read); "
+        f"{base_model}: shape unknown (not in ftw's table of common models, "
+        "and the Hub's config.json could not be read); "
         "point base_model at a local folder holding its config.json (no weights needed), or pass --shape-from FOLDER"
     )
