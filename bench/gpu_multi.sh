@@ -29,7 +29,7 @@ else
   { nvidia-smi -L; nvidia-smi topo -m; $PY -c "import sys, torch, deepspeed; print(sys.version.split()[0], torch.__version__, deepspeed.__version__)"; } >"$OUT/env.txt" 2>&1
   $PY -c "
 import json, os, sys
-from worker.job.gpu import probe
+from worker.checks.gpu import probe
 r = probe(dict(os.environ), need_bytes=2 << 30)
 json.dump(r.as_dict(), open(sys.argv[1], 'w'), indent=2)
 print(f'probe: {r.count} GPU(s)')" "$OUT/probe.json" | tee -a "$OUT/summary.txt" || log "probe FAILED"

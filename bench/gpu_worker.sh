@@ -31,7 +31,7 @@ ensure_imports "$NEEDED"
 $PY - "$OUT" <<'EOF'
 import json, os, sys, time
 from worker.errors import InfraError
-from worker.job.gpu import probe
+from worker.checks.gpu import probe
 out = sys.argv[1]
 t = time.monotonic()
 try:

@@ -17,24 +17,6 @@ from schemas.rl import TrlConfig
 
 Auto = Literal["auto"]
 
-OPTIMIZERS = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adamw_torch_4bit",
-    "adamw_torch_8bit",
-    "adamw_bnb_8bit",
-    "adamw_8bit",
-    "paged_adamw_8bit",
-    "paged_adamw_32bit",
-    "adamw_hf",
-    "adafactor",
-    "sgd",
-    "adagrad",
-    "lion_8bit",
-    "paged_lion_8bit",
-    "rmsprop",
-    "muon",
-)
 LR_SCHEDULERS = (
     "cosine",
     "linear",
@@ -273,6 +255,21 @@ class TrainingConfig(Frozen):
 
     def is_full_finetune(self) -> bool:
         return self.adapter is None
+
+    def attention_backend(self) -> str:
+        """The attn_implementation the model is loaded with (sdpa unless the config names one)."""
+        return self.attn_implementation or "sdpa"
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers the config turns on, in axolotl's terms."""
+        wanted = []
+        if self.use_wandb or (self.use_wandb is None and self.wandb_project):
+            wanted.append("wandb")
+        if self.use_mlflow or (self.use_mlflow is None and self.mlflow_tracking_uri):
+            wanted.append("mlflow")
+        if self.use_tensorboard:
+            wanted.append("tensorboard")
+        return wanted
 
     def rl_method(self) -> str | None:
         """dpo, ipo, orpo, kto, simpo or grpo; `rl: dpo` with dpo_loss_type [ipo] is ipo (axolotl's two spellings)."""

@@ -257,19 +257,6 @@ DATASET_UNSUPPORTED = {
     **_group("dataset loading scripts (they run code; datasets 4 no longer runs them)", "trust_remote_code"),
 }
 
-# Optimizers that exist in transformers or axolotl but that ftw does not ship: named as
-# unsupported (not as typos) in the error.
-KNOWN_OPTIMIZERS = frozenset(
-    (
-        "adamw_torch_xla adamw_torch_npu_fused adamw_anyprecision ademamix ademamix_8bit lion_32bit "
-        "paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit "
-        "galore_adamw galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_layerwise "
-        "galore_adafactor_layerwise lomo adalomo grokadamw schedule_free_radam schedule_free_adamw schedule_free_sgd "
-        "apollo_adamw apollo_adamw_layerwise stable_adamw optimi_adamw ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8 "
-        "adopt_adamw came_pytorch dion sinkgd flash_adamw flash_adam flash_sgd flash_sgdw flash_lion q_galore_adamw8bit"
-    ).split()
-)
-
 
 def unsupported_reason(key: str) -> str | None:
     """Why `key` is refused, or None when it is not an unsupported key."""

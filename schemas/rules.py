@@ -15,12 +15,11 @@ from schemas.config import (
     DEEPSPEED_PRESETS,
     EXPERTS_IMPLEMENTATIONS,
     LR_SCHEDULERS,
-    OPTIMIZERS,
     TrainingConfig,
 )
 from schemas.issues import Issue
-from schemas.keys import KNOWN_OPTIMIZERS
 from schemas.limits import excerpt
+from schemas.optimizers import NOT_SHIPPED, OPTIMIZERS
 
 Problems = Iterator[Issue]
 RULES: list[tuple[frozenset[str], Callable[[TrainingConfig], Problems]]] = []
@@ -175,7 +174,7 @@ def _evals(cfg: TrainingConfig) -> Problems:
 
 @rule("optimizer")
 def _optimizer(cfg: TrainingConfig) -> Problems:
-    if cfg.optimizer in KNOWN_OPTIMIZERS:
+    if cfg.optimizer in NOT_SHIPPED:
         yield Issue(
             "optimizer",
             f"optimizer {excerpt(cfg.optimizer)} is not supported by ftw; use one of {', '.join(OPTIMIZERS)}",

@@ -17,15 +17,15 @@ import pytest
 
 from schemas.job import validate_job
 from schemas.validate import validate_config
+from tests.checks.test_gpu_probe import fake_smi
 from tests.conftest import REPO, child_env
 from tests.job.conftest import example_job, write_job
-from tests.job.test_gpu_probe import fake_smi
 from worker.errors import PredictedOutOfMemory
+from worker.estimate.devices import Gpu, GpuProbe
 from worker.estimate.gpus import gpu_table
 from worker.estimate.job import check_fits, predict, run_metrics
 from worker.estimate.model import GiB
-from worker.job.estimate import model_shape
-from worker.job.gpu import Gpu, GpuProbe
+from worker.estimate.shapes import model_shape
 from worker.job.pipeline import run_job
 
 CONFIG_8B = {

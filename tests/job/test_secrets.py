@@ -195,7 +195,7 @@ def test_no_file_of_a_run_keeps_a_url_secret_and_the_stage_children_still_get_it
         raise DataError("stopped by the test before preprocessing")
 
     monkeypatch.setattr(JobPipeline, "preprocess", capture_and_stop)
-    monkeypatch.setattr("worker.job.pipeline.check_machine", lambda *a, **k: None)  # it would fetch the URLs
+    monkeypatch.setattr("worker.checks.stage.check_machine", lambda *a, **k: None)  # it would fetch the URLs
     result = run_job({"input": job})
     assert result["error"]["message"] == "stopped by the test before preprocessing", result
     run = demo_volume / "runs" / "url-secrets"

@@ -1,15 +1,19 @@
 """The pure parts of the train stage: batch order, schedule arithmetic, checkpoint files, optimizer
-and scheduler registries, machine checks."""
+and scheduler registries, what the train child checks itself."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from schemas.config import TrainingConfig
+from schemas.optimizers import OPTIMIZERS
+from tests.conftest import child_env
 from worker.errors import JobSpecError
 from worker.train import checkpoint as ckpt
 from worker.train.batches import BatchPlan
@@ -130,54 +134,51 @@ def test_schedulers_warm_up_then_decay(name):
         assert lrs[-1] < max(lrs)
 
 
-def test_qlora_without_cuda_is_a_clear_error_before_any_load():
-    from worker.train.model import preflight
+def test_every_registered_optimizer_builds_on_a_tiny_model_or_names_what_it_needs():
+    """schemas/optimizers.py is the one list: what the CPU can build is built here, with the config's
+    learning rate (and betas for the Adam family); what needs a CUDA GPU says so."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 2, bias=False))  # 2-D: muon too
+    for name, spec in OPTIMIZERS.items():
+        config = cfg(optimizer=name, learning_rate=0.01, adam_beta2=0.95)
+        if spec.needs_cuda:
+            with pytest.raises(JobSpecError, match=f"optimizer {name} needs bitsandbytes on a CUDA GPU"):
+                build_optimizer(config, model.named_parameters(), torch.device("cpu"))
+            continue
+        opt = build_optimizer(config, model.named_parameters(), torch.device("cpu"))
+        assert type(opt).__name__ == spec.class_name and opt.param_groups[0]["lr"] == 0.01, name
+        assert opt.defaults.get("betas") == ((0.9, 0.95) if spec.adam else opt.defaults.get("betas")), name
+        for key, value in spec.fixed.items():
+            assert opt.defaults[key] == value, (name, key)
+        loss = model(torch.ones(1, 4)).sum()
+        loss.backward()
+        opt.step()  # it trains
+        opt.zero_grad()
 
-    with pytest.raises(JobSpecError, match="CUDA") as e:
-        preflight(cfg(adapter="qlora", load_in_4bit=True))
-    assert "adapter: lora" in e.value.hint
+
+def test_the_train_child_does_not_run_the_machine_checks_again():
+    """The orchestrator's checks stage runs them once per job; the train child used to re-run
+    check_machine before loading (worker/train/model.py's preflight)."""
+    probe = (
+        "import sys, worker.train.stage, worker.train.trainer, worker.train.model; "
+        "print(sorted(m for m in sys.modules if m.startswith(('worker.checks', 'worker.preflight'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
-def test_every_unmet_machine_requirement_is_named_with_its_fix(monkeypatch):
-    from worker import preflight
+def test_quantized_loading_without_cuda_in_the_child_is_a_clear_error_before_any_load():
+    """What the child's check_machine guaranteed (torch's view of CUDA) still holds where it is used."""
+    from worker.train.model import Precision, load_model
 
-    present = {"bitsandbytes"}
-    monkeypatch.setattr(preflight, "installed", lambda module: module in present)
-    preflight.check_machine(cfg(base_model="org/m", adapter="qlora", load_in_4bit=True), True, {})
-    with pytest.raises(JobSpecError) as e:
-        preflight.check_machine(
-            cfg(base_model="org/m", attn_implementation="flash_attention_2", wandb_project="p", use_tensorboard=True),
-            True,
-            {},
+    with pytest.raises(JobSpecError, match="need a CUDA GPU") as e:
+        load_model(
+            cfg(base_model="/nowhere", adapter="qlora", load_in_4bit=True),
+            None,
+            Precision(torch.float32, None, False),
+            torch.device("cpu"),
         )
-    assert "flash-attn" in e.value.message and "wandb, tensorboard logging" in e.value.message
-    assert "attn_implementation: sdpa" in e.value.hint and "remove the wandb, tensorboard keys" in e.value.hint
-    present.clear()
-    with pytest.raises(JobSpecError, match="bitsandbytes"):
-        preflight.check_machine(cfg(base_model="org/m", adapter="qlora", load_in_4bit=True), True, {})
-    assert preflight.wanted_trackers(cfg()) == [] and preflight.wanted_trackers(cfg(use_mlflow=True)) == ["mlflow"]
-
-
-def test_flash_attention_3_is_checked_by_its_own_package(monkeypatch):
-    from worker import preflight
-
-    monkeypatch.setattr(preflight, "installed", lambda module: module == "flash_attn")  # flash-attn 2 only
-    preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_2"), True, {})
-    with pytest.raises(JobSpecError, match="needs the flash-attn-3 package"):
-        preflight.check_machine(cfg(base_model="org/m", attn_implementation="flash_attention_3"), True, {})
-
-
-def test_online_wandb_without_a_key_is_refused_offline_or_with_a_key_is_not(tmp_path):
-    from worker.preflight import check_machine
-
-    online = cfg(base_model="org/m", wandb_project="p")
-    with pytest.raises(JobSpecError, match="WANDB_API_KEY") as e:
-        check_machine(online, False, {"HOME": str(tmp_path)})
-    assert "wandb_mode: offline" in e.value.hint and "credentials.wandb_api_key" in e.value.hint
-    check_machine(online, False, {"HOME": str(tmp_path), "WANDB_API_KEY": "k" * 40})
-    check_machine(cfg(base_model="org/m", wandb_project="p", wandb_mode="offline"), False, {"HOME": str(tmp_path)})
-    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    check_machine(online, False, {"HOME": str(tmp_path)})
+    assert "adapter: lora" in e.value.hint
 
 
 # ---- multi-process strategy -------------------------------------------------------------------------

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.estimate.model import GiB, Workload, peak_bytes, tokens_per_s
-from worker.estimate.shapes import known_shape
-from worker.job.estimate import LINEAR_MODULES, lora_param_count
+from worker.estimate.shapes import LINEAR_MODULES, known_shape, lora_param_count
 
 CALIBRATION_HEADING = "## Calibration rows of `ftw estimate` (H200)"
 COLUMNS = (

@@ -23,8 +23,7 @@ from typing import Any
 from worker.estimate.gpus import GpuType, gpu_table
 from worker.estimate.model import GiB
 from worker.estimate.report import Estimate, advice, estimate
-from worker.estimate.shapes import UnknownShape
-from worker.job.estimate import local_model_shape
+from worker.estimate.shapes import UnknownShape, local_model_shape
 from worker.validate_cli import looks_like_job, read_document, validate_document
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3

@@ -19,12 +19,11 @@ from typing import Any
 from schemas.config import TrainingConfig
 from worker.errors import PredictedOutOfMemory
 from worker.estimate.data_tokens import dataset_size
+from worker.estimate.devices import CONTEXT_HEADROOM, Gpu, GpuProbe
 from worker.estimate.gpus import gpu_table
 from worker.estimate.model import MEMORY_TOLERANCE, GiB, Workload, peak_bytes, tokens_per_s, weight_bytes
 from worker.estimate.report import advice, fits_in, workload_of
-from worker.estimate.shapes import known_shape
-from worker.job.estimate import ModelShape
-from worker.job.gpu import CONTEXT_HEADROOM, Gpu, GpuProbe
+from worker.estimate.shapes import ModelShape, known_shape
 
 
 @dataclass(frozen=True)

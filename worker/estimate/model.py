@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from worker.job.estimate import ModelShape
+from worker.estimate.shapes import ModelShape
 
 GiB = 1 << 30
 Method = Literal["lora", "qlora", "lora8", "full"]

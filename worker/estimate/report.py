@@ -20,11 +20,10 @@ from typing import Any
 
 from schemas.config import TrainingConfig
 from worker.estimate.data_tokens import DatasetSize, dataset_size
+from worker.estimate.devices import CONTEXT_HEADROOM
 from worker.estimate.gpus import GpuType, gpu_table
 from worker.estimate.model import PACKED_FILL, GiB, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
-from worker.estimate.shapes import resolve_shape
-from worker.job.estimate import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count
-from worker.job.gpu import CONTEXT_HEADROOM
+from worker.estimate.shapes import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count, resolve_shape
 
 STARTUP_S = 45.0  # imports, tokenizer and model set-up, first step's kernel compilation (H200 job, docs/benchmarks.md)
 LOAD_BYTES_PER_S = 1 << 30  # reading (or downloading) the base model's weights; not calibrated
@@ -99,7 +98,7 @@ class Estimate:
 
 
 def fits_in(peak: int, memory_bytes: float) -> bool:
-    """The peak plus the CUDA context (worker/job/gpu.py's headroom) within the memory."""
+    """The peak plus the CUDA context (worker/estimate/devices.py) within the memory."""
     return peak + CONTEXT_HEADROOM <= memory_bytes
 
 

@@ -36,14 +36,14 @@ from schemas.secrets import (
     masked_values,
     s3_config_problem,
 )
+from worker.checks import CheckInput, run_checks
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
-from worker.estimate.job import Prediction, check_fits, predict, run_metrics
-from worker.job import gpu, stages, template
-from worker.job.estimate import check_disk, estimate_disk
+from worker.estimate.devices import GpuProbe
+from worker.estimate.job import Prediction, run_metrics
+from worker.job import stages, template
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, resolve_run_dir, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
-from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
 PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
@@ -140,7 +140,7 @@ class JobPipeline:
         self.warnings: list[dict[str, str]] = []
         self.gpu_env: dict[str, str] = {}
         self.gpu_count = 0
-        self.gpu_probe = gpu.GpuProbe(cpu_only=True)
+        self.gpu_probe = GpuProbe(cpu_only=True)
         self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
         self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
@@ -210,23 +210,22 @@ class JobPipeline:
         if not run.stage_done("train"):
             self.template = template.shared(child_env(self.env, {}, {}))  # imports while the checks run
             with self.step("checks", "checking disk and GPU"):
-                estimate, shape = estimate_disk(self.job.config, self.env)
-                disk = check_disk(estimate, run.base)
-                self.prediction = predict(self.job.config, shape, self.env, max(self.visible_count(), 1))
-                self.probe_gpu(self.prediction.weights_bytes if self.prediction else 0)
-                memory = check_fits(self.prediction, self.gpu_probe.devices, self.job.allow_oom_risk)
-                if memory.get("warning"):
-                    self.warnings.append({"loc": "config", "msg": memory["warning"]})
-                check_machine(
-                    self.job.config,
-                    self.gpu_probe.count > 0,
-                    self.stage_env(run),
-                    datasets=not run.stage_done("preprocess"),
+                checks = run_checks(
+                    CheckInput(
+                        self.job.config,
+                        self.env,
+                        self.stage_env(run),
+                        run.base,
+                        allow_cpu=self.job.allow_cpu,
+                        allow_oom_risk=self.job.allow_oom_risk,
+                        datasets=not run.stage_done("preprocess"),
+                    ),
+                    lambda text: self.progress(stage_update(self.job.run_id, "checks", text)),
                 )
-                write_json_atomic(
-                    run.path / "checks.json",
-                    self.redactor.data({"disk": disk, "gpu": self.gpu_probe.as_dict(), "memory": memory}),
-                )
+                self.gpu_probe, self.gpu_env, self.prediction = checks.gpus, checks.gpu_env, checks.prediction
+                self.gpu_count = checks.gpus.count
+                self.warnings += [{"loc": "config", "msg": warning} for warning in checks.warnings]
+                write_json_atomic(run.path / "checks.json", self.redactor.data(checks.as_dict()))
         cache_dir = self.preprocess(run, config_path)
         metrics = self.train(run, config_path, cache_dir)
         artifacts = self.publish(run)
@@ -411,21 +410,6 @@ class JobPipeline:
         path = run.path / "config.json"
         write_json_atomic(path, config)
         return path
-
-    def visible_count(self) -> int:
-        wanted = gpu.parse_visible_devices(self.env.get("CUDA_VISIBLE_DEVICES"))
-        return len(wanted) if wanted else 1
-
-    def probe_gpu(self, need_bytes: int) -> None:
-        self.gpu_probe = gpu.probe(self.env, need_bytes, gpu.cpu_allowed(self.env, self.job.allow_cpu))
-        self.gpu_env = gpu.stage_env(self.gpu_probe, self.env)
-        self.gpu_count = self.gpu_probe.count
-        found = (
-            "CPU only"
-            if self.gpu_probe.cpu_only
-            else ", ".join(f"{d.name} ({d.free_mib} MiB free)" for d in self.gpu_probe.devices)
-        )
-        self.progress(stage_update(self.job.run_id, "checks", f"devices: {found}"))
 
     # ---- running children ----------------------------------------------------------------------
     def stage_env(self, run: RunDir) -> dict[str, str]:

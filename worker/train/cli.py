@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.paths import base_volume, resolve_local_path
+from worker.checks.machine import check_machine
 from worker.errors import FtwError, JobSpecError
 from worker.events import EXIT_FAILED, EXIT_PREEMPTED, read_error
 from worker.job.rundir import changed_keys, read_json
-from worker.preflight import check_machine
 from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, config_from_file
 
 # what a run folder holds once training has saved anything: a config change there is refused

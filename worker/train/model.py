@@ -1,15 +1,14 @@
 """Model and tokenizer builder: precision, attention backend, tokens, checkpointing, kernels.
 
 `load_tokenizer(cfg)` and `load_model(cfg, tokenizer, precision)` take the validated
-TrainingConfig and return the Hugging Face objects, placed on the current device. `preflight(cfg)`
-checks the things that depend on this machine (CUDA for QLoRA, installed attention packages)
-before anything is downloaded or loaded.
+TrainingConfig and return the Hugging Face objects, placed on the current device. What they need
+from the machine (CUDA for QLoRA, installed attention packages) was checked once per job, by the
+orchestrator's checks stage (worker/checks), before this child started.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,6 @@ import torch
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import JobSpecError, ModelError
-from worker.preflight import attention_backend, check_machine
 from worker.train.moe import set_experts_dispatch
 
 log = logging.getLogger("ftw.train")
@@ -51,12 +49,6 @@ def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
     if cfg.bf16 is True or cfg.bfloat16 or (cfg.bf16 == "auto" and bf16_ok):
         return Precision(torch.bfloat16, torch.bfloat16, tf32)
     return Precision(torch.float32, None, tf32)
-
-
-def preflight(cfg: TrainingConfig) -> None:
-    """Machine-dependent checks, before any download or model load (the job pipeline ran the same
-    before preprocessing; keys ftw does not implement are refused earlier, at validation)."""
-    check_machine(cfg, torch.cuda.is_available(), os.environ)
 
 
 def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
@@ -112,6 +104,11 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
     """The base model on `device` (before adapters), embeddings resized to the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":  # the checks saw a GPU torch cannot use
+        raise JobSpecError(
+            "load_in_4bit/load_in_8bit need a CUDA GPU (bitsandbytes), and torch sees none in the train stage",
+            hint="use adapter: lora without load_in_4bit/load_in_8bit, or run on a GPU worker whose CUDA torch can use",
+        )
     quant = _quantization(cfg, precision)
     try:
         model_config = AutoConfig.from_pretrained(
@@ -123,7 +120,7 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
             **pretrained_source(cfg.base_model, cfg),
             config=model_config,
             dtype=precision.load_dtype,
-            attn_implementation=attention_backend(cfg),
+            attn_implementation=cfg.attention_backend(),
             quantization_config=quant,
             device_map={"": device} if quant is not None or device.type == "cuda" else None,  # straight onto the GPU
             trust_remote_code=cfg.trust_remote_code,

@@ -1,4 +1,4 @@
-"""Optimizers by axolotl name and learning-rate schedules (a closed registry: names, not paths).
+"""Optimizers by axolotl name (the registry in schemas/optimizers.py: names, not paths) and learning-rate schedules.
 
 Schedules come from `transformers.get_scheduler` where it has them; axolotl's extras (REX,
 one_cycle, cosine_min_lr_ratio) are built here on torch's LambdaLR / OneCycleLR.
@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from schemas.config import TrainingConfig
+from schemas.optimizers import OPTIMIZERS, Family, OptimizerSpec
 from worker.errors import JobSpecError
-from worker.preflight import BNB_OPTIMIZERS
 
 
 def _optim_args(cfg: TrainingConfig) -> dict[str, Any]:
@@ -34,9 +34,13 @@ def _optim_args(cfg: TrainingConfig) -> dict[str, Any]:
     return out
 
 
+ParamGroups = list[dict[str, Any]]
+
+
 def build_optimizer(
     cfg: TrainingConfig, named_params: Iterable[tuple[str, torch.nn.Parameter]], device: torch.device
 ) -> torch.optim.Optimizer:
+    """The optimizer the registry (schemas/optimizers.py) names, built by its family's builder."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
     # no weight decay on biases and norms (HF Trainer's rule)
     decay = [p for n, p in params if p.ndim >= 2 and "norm" not in n.lower()]
@@ -46,44 +50,72 @@ def build_optimizer(
         for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if g["params"]
     ]
-    betas = (cfg.adam_beta1 or 0.9, cfg.adam_beta2 or 0.999)
-    eps = cfg.adam_epsilon or 1e-8
-    extra = _optim_args(cfg)
-    name, lr = cfg.optimizer, cfg.learning_rate
-    if name in ("adamw_torch", "adamw_hf", "adamw_torch_fused"):
-        fused = name == "adamw_torch_fused" and device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, **extra)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, **extra)
-    if name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=lr, **extra)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr, **extra)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+    spec = OPTIMIZERS.get(cfg.optimizer)
+    if spec is None:  # validation refuses it; a config that skipped validation gets the same answer
+        raise JobSpecError(f"optimizer {cfg.optimizer!r} is not known", hint=f"use one of {', '.join(OPTIMIZERS)}")
+    missing = [package for package in spec.packages if importlib.util.find_spec(package) is None]
+    if missing or (spec.needs_cuda and device.type != "cuda"):  # the checks said yes on another view of the machine
+        raise JobSpecError(
+            f"optimizer {cfg.optimizer} needs {spec.requirement()}", hint="use optimizer: adamw_torch_fused"
+        )
+    kwargs: dict[str, Any] = {"lr": cfg.learning_rate, **spec.fixed}
+    if spec.adam:
+        kwargs.update(betas=(cfg.adam_beta1 or 0.9, cfg.adam_beta2 or 0.999), eps=cfg.adam_epsilon or 1e-8)
+    if spec.fused_on_cuda and device.type == "cuda":
+        kwargs["fused"] = True
+    kwargs.update(_optim_args(cfg))
+    return BUILDERS[spec.family](cfg.optimizer, spec, groups, kwargs, device)
 
-        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, **extra)
-    if name == "muon" and hasattr(torch.optim, "Muon"):
-        if no_decay and any(p.ndim != 2 for p in no_decay):
-            raise JobSpecError(
-                "optimizer: muon trains 2-D weights only, and this model has other trainable parameters",
-                hint="use muon with a LoRA adapter, or adamw_torch",
-            )
-        return torch.optim.Muon(groups, lr=lr, **extra)
-    if name in BNB_OPTIMIZERS:
-        if importlib.util.find_spec("bitsandbytes") is None or device.type != "cuda":
-            raise JobSpecError(
-                f"optimizer {name} needs bitsandbytes on a CUDA GPU", hint="use optimizer: adamw_torch_fused"
-            )
-        import bitsandbytes.optim as bnb_optim
 
-        cls = getattr(bnb_optim, BNB_OPTIMIZERS[name])
-        kwargs = {} if "lion" in name else {"betas": betas, "eps": eps}
-        return cls(groups, lr=lr, **kwargs, **extra)
-    raise JobSpecError(
-        f"optimizer {name!r} is not available in this build of ftw",
-        hint="use adamw_torch_fused, adamw_torch, adafactor or sgd",
-    )
+def _torch(
+    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, spec.class_name, None)
+    if cls is None:
+        raise JobSpecError(
+            f"optimizer {name} needs torch.optim.{spec.class_name}, which torch {torch.__version__} does not have",
+            hint="use adamw_torch_fused, adamw_torch, adafactor or sgd",
+        )
+    optimizer: torch.optim.Optimizer = cls(groups, **kwargs)
+    return optimizer
+
+
+def _muon(
+    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    if any(p.ndim != 2 for g in groups for p in g["params"]):
+        raise JobSpecError(
+            "optimizer: muon trains 2-D weights only, and this model has other trainable parameters",
+            hint="use muon with a LoRA adapter, or adamw_torch",
+        )
+    return _torch(name, spec, groups, kwargs, device)
+
+
+def _transformers(
+    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    from transformers import optimization
+
+    optimizer: torch.optim.Optimizer = getattr(optimization, spec.class_name)(groups, **kwargs)
+    return optimizer
+
+
+def _bitsandbytes(
+    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    import bitsandbytes.optim as bnb_optim
+
+    optimizer: torch.optim.Optimizer = getattr(bnb_optim, spec.class_name)(groups, **kwargs)
+    return optimizer
+
+
+Builder = Callable[[str, OptimizerSpec, ParamGroups, dict[str, Any], torch.device], torch.optim.Optimizer]
+BUILDERS: dict[Family, Builder] = {
+    "torch": _torch,
+    "muon": _muon,
+    "transformers": _transformers,
+    "bitsandbytes": _bitsandbytes,
+}
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:

@@ -2,7 +2,7 @@
 
 Only rank 0 reports. Trackers are optional imports, used only when the config turns them on
 (use_wandb / wandb_project, use_mlflow / mlflow_tracking_uri, use_tensorboard); a tracker that is
-configured but not installed is refused before preprocessing (worker/preflight.py), not a silent no-op.
+configured but not installed is refused before preprocessing (worker/checks/machine.py), not a silent no-op.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any
 
 from schemas.config import TrainingConfig
 from worker.events import emit
-from worker.preflight import wanted_trackers
 
 log = logging.getLogger("ftw.train")
 
@@ -82,7 +81,7 @@ class Progress:
         self.every = cfg.logging_steps or 1
         self.start_time = time.monotonic()
         self.start_step = first_step
-        self.trackers = Trackers(cfg, run_dir, wanted_trackers(cfg)) if enabled else None
+        self.trackers = Trackers(cfg, run_dir, cfg.trackers()) if enabled else None
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm

@@ -58,7 +58,7 @@ from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
-from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
+from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
@@ -129,7 +129,6 @@ class Trainer:
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, topo = self.cfg, self.topo
-        preflight(cfg)
         torch.manual_seed(cfg.seed)  # the same seed on every rank: identical adapter init
         self.precision = resolve_precision(cfg, topo.device)
         if self.precision.tf32:

@@ -1,4 +1,4 @@
-"""The GPU probe, run before any preprocessing: which devices this job gets, and are they usable.
+"""The GPU probe, the first of the machine checks: which devices this job gets, and are they usable.
 
 CUDA_VISIBLE_DEVICES (indices, GPU-/MIG- UUIDs or prefixes, "" or -1 for none) is matched against
 what `nvidia-smi` reports, run as a child with a hard timeout (a hung driver costs seconds, not the
@@ -16,61 +16,17 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
+from worker.checks.disk import human
 from worker.errors import InfraError
-from worker.job.estimate import human
+from worker.estimate.devices import CONTEXT_HEADROOM, ComputeProcess, Gpu, GpuProbe
 from worker.lifeline import die_with_parent
 
 GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version"
 APP_QUERY = "gpu_uuid,pid,used_memory,process_name"
 DEFAULT_TIMEOUT_S = 15.0
-CONTEXT_HEADROOM = 1 << 30  # CUDA context + allocator slack per device
 ALLOC_CONF = "expandable_segments:True"
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    uuid: str
-    name: str
-    total_mib: int
-    used_mib: int
-    free_mib: int
-
-
-@dataclass(frozen=True)
-class ComputeProcess:
-    gpu_uuid: str
-    pid: int
-    used_mib: int
-    name: str
-
-
-@dataclass
-class GpuProbe:
-    devices: list[Gpu] = field(default_factory=list)
-    processes: list[ComputeProcess] = field(default_factory=list)
-    visible: str | None = None
-    driver: str = ""
-    cpu_only: bool = False
-    elapsed_s: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return len(self.devices)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "cpu_only": self.cpu_only,
-            "count": self.count,
-            "visible_devices": self.visible,
-            "driver": self.driver,
-            "devices": [asdict(d) for d in self.devices],
-            "foreign_processes": [asdict(p) for p in self.processes],
-            "elapsed_s": round(self.elapsed_s, 3),
-        }
 
 
 def parse_visible_devices(value: str | None) -> list[str] | None:
@@ -212,7 +168,8 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
             f"no GPU available to this job ({why})",
             "run on a GPU worker; this endpoint allows no CPU runs (FTW_ALLOW_CPU=0)"
             if forbidden
-            else "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint or allow_cpu: true in the job",
+            else "run on a GPU worker; for a CPU-only test run set FTW_ALLOW_CPU=1 on the endpoint "
+            "or allow_cpu: true in the job",
             details=result.as_dict(),
         )
     shared_ok = (env.get("FTW_ALLOW_SHARED_GPU") or "") in ("1", "true", "yes")
@@ -230,7 +187,8 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
             f"GPU {g.index} ({g.name}): {human(g.free_mib << 20)} free of {human(g.total_mib << 20)}" for g in short
         )
         raise InfraError(
-            f"not enough GPU memory: the model's weights alone need about {human(need_bytes)} per GPU (+1 GiB for CUDA), but {listed}",
+            f"not enough GPU memory: the model's weights alone need about {human(need_bytes)} per GPU "
+            f"(+1 GiB for CUDA), but {listed}",
             "use a larger GPU or more GPUs with fsdp/deepspeed zero3, or load_in_4bit with adapter: qlora",
             details={**result.as_dict(), "need_bytes": need_bytes},
         )

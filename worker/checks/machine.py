@@ -1,7 +1,8 @@
 """What a config needs from the machine it runs on, checked without importing torch or any of the
-packages it asks about. The job pipeline runs it right after the GPU probe, before preprocessing,
-so a job this worker cannot train is refused before anything is spent; the train child runs it
-again before loading (for `ftw train` on its own)."""
+packages it asks about. It runs once per job, in the orchestrator's checks stage, right after the
+GPU probe and before preprocessing, so a job this worker cannot train is refused before anything is
+spent (the train child and the stage children share this worker's packages and get the environment
+checked here)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from schemas.config import TrainingConfig
+from schemas.optimizers import OPTIMIZERS
 from schemas.paths import is_local, resolve_local_path
 from worker.errors import JobSpecError
-
-# optimizer name → bitsandbytes.optim class (worker/train/optim.py builds them)
-BNB_OPTIMIZERS = {
-    "adamw_bnb_8bit": "AdamW8bit",
-    "adamw_8bit": "AdamW8bit",
-    "paged_adamw_8bit": "PagedAdamW8bit",
-    "paged_adamw_32bit": "PagedAdamW32bit",
-    "lion_8bit": "Lion8bit",
-    "paged_lion_8bit": "PagedLion8bit",
-}
-# the rest that worker/train/optim.py builds (muon where torch has it)
-TORCH_OPTIMIZERS = ("adamw_torch", "adamw_hf", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "muon")
-
 
 # attn_implementation → (the module transformers imports for it, the package that has it)
 FLASH_MODULES = {
@@ -33,25 +22,8 @@ FLASH_MODULES = {
 }
 
 
-def attention_backend(cfg: TrainingConfig) -> str:
-    """The attn_implementation the model is loaded with (sdpa unless the config names one)."""
-    return cfg.attn_implementation or "sdpa"
-
-
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def wanted_trackers(cfg: TrainingConfig) -> list[str]:
-    """The experiment trackers the config turns on, in axolotl's terms."""
-    wanted = []
-    if cfg.use_wandb or (cfg.use_wandb is None and cfg.wandb_project):
-        wanted.append("wandb")
-    if cfg.use_mlflow or (cfg.use_mlflow is None and cfg.mlflow_tracking_uri):
-        wanted.append("mlflow")
-    if cfg.use_tensorboard:
-        wanted.append("tensorboard")
-    return wanted
 
 
 def wandb_can_log_in(cfg: TrainingConfig, env: Mapping[str, str]) -> bool:
@@ -107,7 +79,8 @@ def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str], datasets: 
             problems.append(
                 (
                     f"base_model: {cfg.base_model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …)",
-                    "copy the tokenizer files into the model folder, or set tokenizer_config to a folder or Hub id that has them",
+                    "copy the tokenizer files into the model folder, "
+                    "or set tokenizer_config to a folder or Hub id that has them",
                 )
             )
     return problems
@@ -129,30 +102,17 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
             problems.append(
                 ("load_in_4bit/load_in_8bit need bitsandbytes, which is not installed", "use adapter: lora")
             )
-    if cfg.optimizer in BNB_OPTIMIZERS and not (has_cuda and installed("bitsandbytes")):
-        problems.append(
-            (
-                f"optimizer {cfg.optimizer} needs bitsandbytes on a CUDA GPU, and this machine has "
-                + ("no CUDA GPU" if not has_cuda else "no bitsandbytes"),
-                "use optimizer: adamw_torch_fused",
-            )
-        )
-    elif cfg.optimizer not in BNB_OPTIMIZERS and cfg.optimizer not in TORCH_OPTIMIZERS:
-        problems.append(
-            (
-                f"optimizer {cfg.optimizer} is not available in this build of ftw",
-                "use adamw_torch_fused (or adamw_bnb_8bit on a GPU worker for 8-bit optimizer states)",
-            )
-        )
-    impl = attention_backend(cfg)
+    problems += optimizer_problems(cfg.optimizer, has_cuda)
+    impl = cfg.attention_backend()
     if impl in FLASH_MODULES and not installed(FLASH_MODULES[impl][0]):
         problems.append(
             (
-                f"attn_implementation: {impl} needs the {FLASH_MODULES[impl][1]} package, which this worker does not have",
+                f"attn_implementation: {impl} needs the {FLASH_MODULES[impl][1]} package, "
+                "which this worker does not have",
                 "use attn_implementation: sdpa (packed samples stay separated) or flex_attention",
             )
         )
-    missing = [name for name in wanted_trackers(cfg) if not installed(name)]
+    missing = [name for name in cfg.trackers() if not installed(name)]
     if missing:
         problems.append(
             (
@@ -160,12 +120,28 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
                 f"remove the {', '.join(missing)} keys, or use an image with the package",
             )
         )
-    if "wandb" not in missing and "wandb" in wanted_trackers(cfg) and not wandb_can_log_in(cfg, env):
+    if "wandb" not in missing and "wandb" in cfg.trackers() and not wandb_can_log_in(cfg, env):
         problems.append(
             (
                 "wandb logging is on (online) but no WANDB_API_KEY reaches the worker",
-                "pass credentials.wandb_api_key with the job, set WANDB_API_KEY on the endpoint, or set wandb_mode: offline",
+                "pass credentials.wandb_api_key with the job, set WANDB_API_KEY on the endpoint, "
+                "or set wandb_mode: offline",
             )
         )
     if problems:
         raise JobSpecError("; ".join(m for m, _ in problems), hint="; ".join(h for _, h in problems))
+
+
+def optimizer_problems(name: str, has_cuda: bool) -> list[tuple[str, str]]:
+    """What the registry says the optimizer needs (schemas/optimizers.py) that this machine lacks."""
+    spec = OPTIMIZERS[name]
+    missing = [f"no {package}" for package in spec.packages if not installed(package)]
+    lacks = "no CUDA GPU" if spec.needs_cuda and not has_cuda else next(iter(missing), None)
+    if lacks is None:
+        return []
+    return [
+        (
+            f"optimizer {name} needs {spec.requirement()}, and this machine has {lacks}",
+            "use optimizer: adamw_torch_fused",
+        )
+    ]

@@ -18,9 +18,8 @@ from worker.job.pipeline import run_job
         ({"attn_implementation": "flash_attention_2"}, "flash-attn"),
         ({"use_mlflow": True}, "mlflow logging is configured, but not installed"),
         ({"optimizer": "adamw_bnb_8bit"}, "needs bitsandbytes on a CUDA GPU"),
-        ({"optimizer": "adamw_torch_4bit"}, "not available in this build"),
     ],
-    ids=["qlora-on-cpu", "flash-attn", "tracker", "8bit-optimizer-on-cpu", "unbuilt-optimizer"],
+    ids=["qlora-on-cpu", "flash-attn", "tracker", "8bit-optimizer-on-cpu"],
 )
 def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_volume, config, says):
     if "use_mlflow" in config and importlib.util.find_spec("mlflow") is not None:
@@ -33,6 +32,17 @@ def test_unmet_machine_requirements_fail_at_the_checks_before_any_stage(demo_vol
     assert says in error["message"] and error["hint"]
     run = demo_volume / "runs" / "cannot-train"
     assert not (run / "logs" / "preprocess").exists() and not (demo_volume / "cache").exists()
+
+
+def test_an_optimizer_ftw_does_not_build_is_refused_at_validation_naming_those_it_does(demo_volume):
+    """adamw_torch_4bit (torchao's) used to pass validation and be refused only at the checks."""
+    for name in ("adamw_torch_4bit", "adamw_torch_8bit"):
+        result = run_job({"input": example_job(run_id=f"low-bit-{name}", config={"optimizer": name})})
+        error = result["error"]
+        assert error["code"] == JobSpecError.code and error["stage"] == "validate", error
+        assert f"optimizer '{name}' is not supported by ftw; use one of adamw_torch, " in error["message"]
+        assert "adamw_bnb_8bit" in error["message"]
+        assert not (demo_volume / "runs" / f"low-bit-{name}").exists()
 
 
 def test_local_inputs_that_are_not_there_are_named_before_any_stage(demo_volume, monkeypatch):
@@ -81,12 +91,12 @@ def test_a_bug_in_a_stage_still_leaves_the_failure_in_result_json(demo_volume, m
     """An exception that is not an FtwError (a bug) is reported in the one failure shape, on disk too."""
     import json
 
-    from worker.job import pipeline
+    from worker.checks import stage
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(pipeline, "estimate_disk", broken)
+    monkeypatch.setattr(stage, "estimate_disk", broken)
     result = run_job({"input": example_job(run_id="buggy")})
     assert (
         result["status"] == "failed"

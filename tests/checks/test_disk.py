@@ -13,7 +13,8 @@ import pytest
 from schemas.job import validate_job
 from tests.conftest import child_env
 from tests.job.conftest import EXAMPLE_DATA, example_job
-from worker.job.estimate import estimate_disk, local_model_shape
+from worker.checks.disk import estimate_disk
+from worker.estimate.shapes import local_model_shape
 
 MOUNT_OK = (
     subprocess.run(
@@ -59,7 +60,7 @@ def test_not_enough_disk_fails_before_preprocessing_with_the_numbers(tmp_path, t
     lora = example_job(run_id="lora", config={"base_model": str(tiny_model_dir)})
     probe = (
         "import json, sys; from pathlib import Path; from schemas.job import validate_job; "
-        "from worker.job.estimate import estimate_disk, check_disk; from worker.errors import InfraError; out = {}\n"
+        "from worker.checks.disk import estimate_disk, check_disk; from worker.errors import InfraError; out = {}\n"
         "for job in json.loads(sys.argv[1]):\n"
         "    est = estimate_disk(validate_job({'input': job}).value.config, {'BASE_VOLUME': sys.argv[2]})[0]\n"
         "    try: check_disk(est, Path(sys.argv[2])); out[job['run_id']] = 'fits'\n"

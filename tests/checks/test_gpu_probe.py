@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.checks.gpu import cpu_allowed, parse_visible_devices, probe, stage_env
 from worker.errors import InfraError
-from worker.job.gpu import cpu_allowed, parse_visible_devices, probe, stage_env
 
 GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
 1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
