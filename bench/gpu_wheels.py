@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,12 +121,17 @@ def skip(pin: str) -> bool:
 
 
 def slim_botocore(wheel: Path) -> None:
-    """Keep botocore/data's top-level files and the S3/STS/SSO services; drop their RECORD lines too."""
+    """Keep botocore/data's top-level files and the S3/STS/SSO services."""
 
     def kept(name: str) -> bool:
         parts = name.split("/")
         return not (parts[0] == "botocore" and len(parts) > 3 and parts[1] == "data" and parts[2] not in BOTOCORE_KEEP)
 
+    slim_wheel(wheel, kept)
+
+
+def slim_wheel(wheel: Path, kept: Callable[[str], bool]) -> None:
+    """Rewrite `wheel` in place with only the files `kept` accepts; their RECORD lines go too."""
     slim = wheel.with_suffix(".slim")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
@@ -133,7 +139,8 @@ def slim_botocore(wheel: Path) -> None:
                 continue
             data = src.read(item)
             if item.filename.endswith(".dist-info/RECORD"):
-                data = "".join(l for l in data.decode().splitlines(keepends=True) if kept(l.split(",")[0])).encode()
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if kept(line.split(",")[0])).encode()
             dst.writestr(item, data)
     slim.replace(wheel)
 
