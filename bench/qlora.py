@@ -73,7 +73,7 @@ def build(arm: str, shape: str, gc: bool, seq: int) -> tuple[Any, Any, int, int,
         dtype=torch.bfloat16,
         attn_implementation="sdpa",
         quantization_config=quant,
-        device_map={"": 0},
+        device_map={"": "cuda" if torch.cuda.is_available() else "cpu"},  # CPU: a dry run of the arm
         use_cache=False,
     )
     n_frozen = linear_numel(model)
