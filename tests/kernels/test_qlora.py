@@ -1,5 +1,6 @@
 """QLoRA through the fused LoRA functions (kernels/qlora.py) on real bitsandbytes nf4 weights (its
-CPU backend quantises and dequantises), against PEFT's own bitsandbytes LoRA layers on the same
+CPU backend quantises and dequantises here; on a GPU the same tests run on CUDA, through the shared
+dequantisation buffer), against PEFT's own bitsandbytes LoRA layers on the same
 tiny model: loss and adapter gradients, packed rows, gradient checkpointing, and what autograd
 keeps for backward (the packed 4-bit weights, never a dequantised copy)."""
 
@@ -19,7 +20,7 @@ from kernels import apply_kernels  # noqa: E402
 from kernels.qlora import dense, is_4bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
-from tests.kernels.test_apply_kernels import TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
+from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
 
 FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
 
@@ -52,7 +53,7 @@ def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) 
         head_dim=16,
         vocab_size=VOCAB,
     )
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(DEVICE)
     quantise_linears(model, dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
