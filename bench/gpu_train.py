@@ -24,7 +24,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
          functions over the 4-bit weights (kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
-`--gc on|both` runs the ftw-family arms with gradient_checkpointing (shown as ARM+gc), `--full-length`
+`--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
+the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
 gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
 same shape, mbs, seq and step counts reuses the model and cache under --work (e.g. one arm a call).
@@ -208,6 +209,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         cfg.update(adapter="qlora", load_in_4bit=True)
     if name.endswith("+gc"):
         cfg["gradient_checkpointing"] = True
+    if name.endswith("+offload"):
+        cfg["gradient_checkpointing"] = "offload"
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {
@@ -339,8 +342,9 @@ def main() -> int:
     ap.add_argument(
         "--gc",
         default="off",
-        choices=("off", "on", "both"),
-        help="gradient_checkpointing for the ftw, qlora and ftw-nokernels arms (on: shown as ARM+gc)",
+        choices=("off", "on", "both", "offload"),
+        help="gradient_checkpointing for the ftw, qlora and ftw-nokernels arms (on: shown as ARM+gc; "
+        "offload: checkpoints offloaded to host memory, as ARM+offload)",
     )
     ap.add_argument("--full-length", action="store_true", help="one sample of --seq tokens per row (no packing)")
     ap.add_argument(
@@ -447,13 +451,13 @@ def main() -> int:
 
 def with_checkpointing(arms: list[str], gc: str) -> list[str]:
     """The arms to run: ftw, qlora and ftw-nokernels as ARM+gc (gradient_checkpointing on) for --gc on,
-    as both for --gc both; hf and bare as they are."""
+    as both for --gc both, as ARM+offload for --gc offload; hf and bare as they are."""
     out = []
     for arm in arms:
         if arm not in ("ftw", "qlora", "ftw-nokernels") or gc == "off":
             out.append(arm)
         else:
-            out += [arm, f"{arm}+gc"] if gc == "both" else [f"{arm}+gc"]
+            out += {"on": [f"{arm}+gc"], "both": [arm, f"{arm}+gc"], "offload": [f"{arm}+offload"]}[gc]
     return out
 
 

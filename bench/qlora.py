@@ -7,7 +7,9 @@ Every arm is a fresh process on the same seed-0 random-init model of a public sh
 local folder and loaded with bitsandbytes nf4 (double quantisation, bf16 compute and storage) as each
 tool's users load it; LoRA r=16 α=32 on all seven linear layers, bf16, fused AdamW, seq 2048,
 full-length rows (one sample per row: Unsloth's packed layout runs without flash-attn on that
-machine, ../shared/peers/README.md), `--mbs` rows a step. Arms, per checkpointing mode (`--gc`):
+machine, ../shared/peers/README.md), `--mbs` rows a step. Checkpointing on (`--gc on|both`) is
+Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host memory too
+(`gradient_checkpointing: offload`; `--no-offload`: plain checkpointing). Arms, per mode:
   unsloth   bench/train_throughput.py's unsloth arm with `load_in_4bit=True` (its offloaded
             checkpointing for gc on);
   peft      its hf arm over the nf4 base: PEFT's recipe, prepare_model_for_kbit_training then
@@ -112,15 +114,16 @@ def real_path(a: argparse.Namespace, gc: bool) -> dict:
     """bench/gpu_train.py's qlora arm on the same saved model, in its own processes."""
     from bench import unsloth_arm
 
-    out = a.out / f"gpu_train-{a.shape}-gc{'on' if gc else 'off'}"
+    mode = ("offload" if a.offload else "on") if gc else "off"
+    out = a.out / f"gpu_train-{a.shape}-gc{mode}"
     cmd = [sys.executable, str(REPO / "bench" / "gpu_train.py"), "--out", str(out), "--shape", a.shape]
     cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", "qlora"]
-    cmd += ["--gc", "on" if gc else "off", "--full-length", "--no-merge", "--no-profile", "--mbs", str(a.mbs)]
+    cmd += ["--gc", mode, "--full-length", "--no-merge", "--no-profile", "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
-        arm = json.loads((out / "gpu_train.json").read_text())["arms"]["qlora+gc" if gc else "qlora"]
+        arm = json.loads((out / "gpu_train.json").read_text())["arms"]["qlora" if mode == "off" else f"qlora+{mode}"]
     except (OSError, KeyError, ValueError):
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     if "error" in arm:
@@ -129,15 +132,18 @@ def real_path(a: argparse.Namespace, gc: bool) -> dict:
         "tokens_per_s": arm["tokens_per_s"],
         "peak_alloc_gib": arm["peak_memory_gib"],
         "loss_last": arm["final_loss"],
-        "kernels": arm["kernels"],
+        "kernels": [*arm["kernels"], *(["offloaded checkpoints"] if mode == "offload" else [])],
     }
 
 
 def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
     args = ["--arm", THROUGHPUT_ARM[arm], "--shape", a.shape, "--gc", "on" if gc else "off", "--4bit"]
     args += ["--full-length", "--mbs", str(a.mbs), "--seq", str(a.seq), "--steps", str(a.steps)]
-    args += ["--warmup", str(a.warmup)]
-    return tt.child(args, timeout=a.arm_timeout)
+    args += ["--warmup", str(a.warmup), *(["--offload"] if arm == "ftw" and gc and a.offload else [])]
+    r = tt.child(args, timeout=a.arm_timeout)
+    if r.get("offloaded_mib_per_step"):
+        r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
+    return r
 
 
 def table(results: list[dict]) -> str:
@@ -173,6 +179,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--no-offload",
+        dest="offload",
+        action="store_false",
+        help="checkpointing on: ftw's arms keep their checkpoints on the GPU (Unsloth offloads its own)",
+    )
     ap.add_argument("--arm-timeout", type=int, default=300, help="seconds an arm may take, load included")
     a = ap.parse_args()
     a.mbs = a.mbs or tt.DEFAULT_MBS[a.shape]

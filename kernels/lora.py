@@ -24,7 +24,7 @@ import torch
 
 from kernels.adapter_copies import stacked
 from kernels.precision import compute_dtype, no_autocast
-from kernels.qlora import dense, usable
+from kernels.qlora import dense, save_for_backward, saved_tensors, usable
 from kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
@@ -144,13 +144,13 @@ class LoRAProjections(torch.autograd.Function):
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             outs, xa = _forward(x2, _projections(params, scales))
-        ctx.save_for_backward(x2, xa, *params)
+        save_for_backward(ctx, x2, xa, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
     def backward(ctx, *douts):
-        x2, xa, *params = ctx.saved_tensors
+        x2, xa, *params = saved_tensors(ctx)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
         dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
@@ -178,13 +178,13 @@ class LoRAGatedMLP(torch.autograd.Function):
             h = swiglu_forward_raw(g, u)
             (y,), had = _forward(h, [down])
             del h
-        ctx.save_for_backward(x2, g, u, xa, had, *params)
+        save_for_backward(ctx, x2, g, u, xa, had, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, g, u, xa, had, *params = ctx.saved_tensors
+        x2, g, u, xa, had, *params = saved_tensors(ctx)
         gate, up, down = _mlp_projections(params, ctx.scales)
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")

@@ -5,13 +5,15 @@ format of the Hub's QLoRA checkpoints). The fused functions need it dense for tw
 forward's x·Wᵀ and the backward's dy·W. `dense` dequantises it for one matmul into a buffer shared
 by every layer of the device (one per dtype, as large as the largest weight), which the next
 dequantisation overwrites: ops on one CUDA stream run in order, so a matmul has read the buffer
-before the next weight is written into it. The functions save the packed `Params4bit` for backward
+before the next weight is written into it. The functions keep the packed `Params4bit` for backward
 and dequantise again there, so autograd never holds a dequantised weight (PEFT's bitsandbytes path
 through `bnb.matmul_4bit` does not either, but it saves the adapters' fp32 input copies and runs
 every projection unfused).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -47,3 +49,16 @@ def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = _BUFFERS[key] = torch.empty(numel, dtype=state.dtype, device=weight.device)
     return dequantize_4bit(weight, state, out=buffer[:numel].view(state.shape)).to(dtype)
+
+
+def save_for_backward(ctx: Any, *tensors: torch.Tensor | None) -> None:
+    """`ctx.save_for_backward`, but a 4-bit weight is kept on `ctx` as it is: saved-tensor hooks (the
+    activation offloading of `gradient_checkpointing: offload`) hand a tensor subclass back detached,
+    as a plain tensor without its `quant_state`. It is a frozen parameter: keeping it costs nothing."""
+    ctx.four_bit = {i: t for i, t in enumerate(tensors) if t is not None and is_4bit(t)}
+    ctx.save_for_backward(*(None if i in ctx.four_bit else t for i, t in enumerate(tensors)))
+
+
+def saved_tensors(ctx: Any) -> list[torch.Tensor | None]:
+    """What `save_for_backward` saved, in its order."""
+    return [ctx.four_bit.get(i, t) for i, t in enumerate(ctx.saved_tensors)]
