@@ -123,7 +123,8 @@ def real_path(a: argparse.Namespace, gc: bool) -> dict:
     cmd += ["--arm-timeout", str(a.arm_timeout)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
-        arm = json.loads((out / "gpu_train.json").read_text())["arms"]["qlora" if mode == "off" else f"qlora+{mode}"]
+        name = {"off": "qlora", "on": "qlora+gc", "offload": "qlora+offload"}[mode]  # gpu_train's arm names
+        arm = json.loads((out / "gpu_train.json").read_text())["arms"][name]
     except (OSError, KeyError, ValueError):
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
     if "error" in arm:
