@@ -2,16 +2,21 @@
 # bench/train_throughput.py on the GPU machine with the peer arms' packages (run from the repository root):
 #
 #   OUT=/tmp/out bash bench/gpu_peers.sh --shapes llama-8b --gc both    # any train_throughput.py options
+#   OUT=/tmp/out WHEELS=.whl-qlora BENCH=bench/qlora.py bash bench/gpu_peers.sh --shape llama-8b --gc off
 #
-# The machine has no internet: the wheels travel in .whl-train/ and .whl-peers/ (git-ignored; carry both).
-# They go to /tmp/site, first on PYTHONPATH; .whl-peers/if-missing/ only where the image lacks the module.
-# Results: $OUT/train_throughput.{txt,json} when OUT is set.
+# The machine has no internet: the wheels travel in .whl-train/ and .whl-peers/ (git-ignored; carry both),
+# or in the folders WHEELS names (bench/qlora_wheels.py builds .whl-qlora). They go to /tmp/site, first
+# on PYTHONPATH; .whl-peers/if-missing/ only where the image lacks the module.
+# Results: $OUT/train_throughput.{txt,json} when OUT is set; with BENCH (another bench script, given
+# --out $OUT) its printout in $OUT/<script>.txt.
 set -uo pipefail
 PY=${PYTHON:-python3}
 SITE=/tmp/site
 shopt -s nullglob
-wheels=(.whl-train/*.whl .whl-peers/*.whl)
-[ ${#wheels[@]} -gt 0 ] || { echo "gpu_peers.sh: no wheels in .whl-train/ or .whl-peers/ (carry them with the call)" >&2; exit 1; }
+folders=(${WHEELS:-.whl-train .whl-peers})
+wheels=()
+for f in "${folders[@]}"; do wheels+=("$f"/*.whl); done
+[ ${#wheels[@]} -gt 0 ] || { echo "gpu_peers.sh: no wheels in ${folders[*]} (carry them with the call)" >&2; exit 1; }
 for w in .whl-peers/if-missing/*.whl; do
   name=$(basename "$w" | cut -d- -f1)
   module=${name/#pillow/PIL}
@@ -24,7 +29,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export UNSLOTH_DISABLE_STATISTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -n "${OUT:-}" ]; then
+if [ -n "${BENCH:-}" ]; then
+  mkdir -p "${OUT:?BENCH needs OUT}"
+  $PY "$BENCH" --out "$OUT" "$@" | tee "$OUT/$(basename "$BENCH" .py).txt"
+elif [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   $PY bench/train_throughput.py --json "$OUT/train_throughput.json" "$@" | tee "$OUT/train_throughput.txt"
 else

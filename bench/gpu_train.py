@@ -22,7 +22,11 @@ seven linear layers, bf16, on those same tokens, one process each:
          --no-merge, timed. Then 3 more steps under torch.profiler (FTW_PROFILE_STEPS, not timed):
          GPU busy ms per step against the timed ms per step says whether the GPU waits for the host;
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
-  qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes), when importable.
+  qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
+         functions over the 4-bit weights (kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
+`--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
+the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
+gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
 same shape, mbs, seq and step counts reuses the model and cache under --work (e.g. one arm a call).
 """
@@ -100,12 +104,13 @@ def build_model(folder: Path, shape: str, seq: int) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def build_cache(folder: Path, steps: int, mbs: int, seq: int, vocab: int) -> None:
-    """One packed row per step: train_throughput's `mbs` rows of that step, back to back."""
+def build_cache(folder: Path, steps: int, mbs: int, seq: int, vocab: int, full_length: bool = False) -> None:
+    """One packed row per step: train_throughput's `mbs` rows of that step, back to back (each row one
+    sample of `seq` tokens with `full_length`, the peers' protocol)."""
     from datasets import Dataset, Features, Sequence, Value
 
     out = []
-    for batch, _ in packed_batches(steps, mbs, seq, vocab):
+    for batch, _ in packed_batches(steps, mbs, seq, vocab, full_length=full_length):
         out.append({k: batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids")})
     feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
     Dataset.from_list(out, features=feats).save_to_disk(str(folder / "train"))
@@ -176,7 +181,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
     run_dir.mkdir(parents=True)
     warmup, steps = a.warmup, a.steps
-    profiled = PROFILED_STEPS if name == "ftw" and a.profile else 0
+    profiled = PROFILED_STEPS if name in ("ftw", "qlora") and a.profile else 0
     cfg = {
         "base_model": str(model_dir),
         "datasets": [{"path": "bench.jsonl", "type": "completion"}],
@@ -200,8 +205,12 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     }
     if name == "ftw-nokernels":
         cfg["use_kernels"] = False
-    if name == "qlora":
+    if name.startswith("qlora"):
         cfg.update(adapter="qlora", load_in_4bit=True)
+    if name.endswith("+gc"):
+        cfg["gradient_checkpointing"] = True
+    if name.endswith("+offload"):
+        cfg["gradient_checkpointing"] = "offload"
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {
@@ -331,6 +340,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--arms", default="hf,bare,ftw,qlora,ftw-nokernels")
     ap.add_argument(
+        "--gc",
+        default="off",
+        choices=("off", "on", "both", "offload"),
+        help="gradient_checkpointing for the ftw, qlora and ftw-nokernels arms (on: shown as ARM+gc; "
+        "offload: checkpoints offloaded to host memory, as ARM+offload)",
+    )
+    ap.add_argument("--full-length", action="store_true", help="one sample of --seq tokens per row (no packing)")
+    ap.add_argument(
+        "--model-dir",
+        type=Path,
+        help="a saved model of --shape to train (bench/qlora.py passes the one Unsloth loads) instead of building one",
+    )
+    ap.add_argument(
         "--no-merge",
         dest="merge",
         action="store_false",
@@ -347,7 +369,7 @@ def main() -> int:
     a = ap.parse_args()
     a.mbs = a.mbs or MBS[a.shape]
     a.arm_timeout = a.arm_timeout or (150 if a.shape in ("tiny", "llama-1b") else 420)
-    model_dir, cache = a.work / "model", a.work / "cache"
+    model_dir, cache = a.model_dir or a.work / "model", a.work / "cache"
     if a.arm == "hf":
         print("RESULT " + json.dumps(hf_arm(model_dir, cache, a.warmup, a.steps, a.mbs, a.seq)), flush=True)
         return 0
@@ -364,17 +386,25 @@ def main() -> int:
         "arms": {},
     }
     t = time.monotonic()
-    spec = {"shape": a.shape, "seq": a.seq, "mbs": a.mbs, "rows": a.warmup + a.steps + PROFILED_STEPS + 1}
+    spec = {
+        "shape": a.shape,
+        "seq": a.seq,
+        "mbs": a.mbs,
+        "rows": a.warmup + a.steps + PROFILED_STEPS + 1,
+        "full_length": a.full_length,
+        "model": str(a.model_dir or ""),
+    }
     built = a.work / "built.json"  # a warm machine's earlier call with the same spec: model and cache reused
     if not built.is_file() or json.loads(built.read_text()) != spec:
         built.unlink(missing_ok=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-        build_model(model_dir, a.shape, a.seq)
-        build_cache(cache, spec["rows"], a.mbs, a.seq, SHAPES[a.shape]["vocab_size"])
+        if a.model_dir is None:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            build_model(model_dir, a.shape, a.seq)
+        build_cache(cache, spec["rows"], a.mbs, a.seq, SHAPES[a.shape]["vocab_size"], a.full_length)
         built.write_text(json.dumps(spec))
     results["setup_s"] = round(time.monotonic() - t, 1)
-    for arm in a.arms.split(","):
+    for arm in with_checkpointing(a.arms.split(","), a.gc):
         print(f"--- {arm}", flush=True)
         if arm == "hf":
             try:
@@ -409,7 +439,7 @@ def main() -> int:
                 results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}
         elif arm == "bare":
             results["arms"][arm] = bare_arm(a)
-        elif arm == "qlora" and not _has_cuda_bnb():
+        elif arm.startswith("qlora") and not _has_cuda_bnb():
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
             results["arms"][arm] = ftw_arm(arm, model_dir, cache, a.work, a)
@@ -417,6 +447,18 @@ def main() -> int:
         (a.out / "gpu_train.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     return 0
+
+
+def with_checkpointing(arms: list[str], gc: str) -> list[str]:
+    """The arms to run: ftw, qlora and ftw-nokernels as ARM+gc (gradient_checkpointing on) for --gc on,
+    as both for --gc both, as ARM+offload for --gc offload; hf and bare as they are."""
+    out = []
+    for arm in arms:
+        if arm not in ("ftw", "qlora", "ftw-nokernels") or gc == "off":
+            out.append(arm)
+        else:
+            out += {"on": [f"{arm}+gc"], "both": [arm, f"{arm}+gc"], "offload": [f"{arm}+offload"]}[gc]
+    return out
 
 
 def _has_cuda_bnb() -> bool:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,12 +121,17 @@ def skip(pin: str) -> bool:
 
 
 def slim_botocore(wheel: Path) -> None:
-    """Keep botocore/data's top-level files and the S3/STS/SSO services; drop their RECORD lines too."""
+    """Keep botocore/data's top-level files and the S3/STS/SSO services."""
 
     def kept(name: str) -> bool:
         parts = name.split("/")
         return not (parts[0] == "botocore" and len(parts) > 3 and parts[1] == "data" and parts[2] not in BOTOCORE_KEEP)
 
+    slim_wheel(wheel, kept)
+
+
+def slim_wheel(wheel: Path, kept: Callable[[str], bool]) -> None:
+    """Rewrite `wheel` in place with only the files `kept` accepts; their RECORD lines go too."""
     slim = wheel.with_suffix(".slim")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():

@@ -140,7 +140,7 @@ def model_config(shape: str, seq: int):
     return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
 
 
-def build(arm: str, shape: str, gc: bool, seq: int):
+def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -148,7 +148,11 @@ def build(arm: str, shape: str, gc: bool, seq: int):
     if arm == "unsloth":
         from bench import unsloth_arm
 
-        return unsloth_arm.build(shape, gc, seq, TARGETS)
+        return unsloth_arm.build(shape, gc, seq, TARGETS, four_bit)
+    if four_bit:  # QLoRA: PEFT's recipe (hf) or ftw's (ftw) over the nf4 base
+        from bench import qlora
+
+        return qlora.build(arm, shape, gc, seq)
     cfg = model_config(shape, seq)
     if arm == "liger":
         import liger_kernel.transformers as liger
@@ -187,10 +191,12 @@ def run_arm(a: argparse.Namespace) -> dict:
 
     if a.arm == "unsloth":  # before torch and transformers: see bench/unsloth_arm.py
         unsloth_arm.prepare(__file__, a.shape, a.seq)
+    elif a.four_bit:  # the nf4 arms load the folder Unsloth loads
+        unsloth_arm.save_once(__file__, a.shape, a.seq)
     import torch
 
     peak = measure_peak_tflops()
-    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq)
+    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
@@ -245,6 +251,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         mbs=a.mbs,
         seq=a.seq,
         gc=a.gc,
+        four_bit=a.four_bit,
         full_length=a.full_length,
         steps=a.steps,
         tokens_per_s=round(tokens / seconds),
@@ -318,7 +325,8 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | |")
             continue
         rows.append(
-            f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''} | "
+            f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''}"
+            f"{' (nf4 base)' if r.get('four_bit') else ''} | "
             f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
             f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / "
             f"{r['peak_reserved_gib']} | "
@@ -344,6 +352,12 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
+    ap.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        help="QLoRA: every arm over a bitsandbytes nf4 base (bench/qlora.py runs the side-by-side)",
+    )
     ap.add_argument("--offload", action="store_true", help="ftw arm: activation offloading to host memory")
     ap.add_argument(
         "--loss-curve",
@@ -454,6 +468,7 @@ def main() -> None:
                             str(a.lr),
                             *prof,
                             *(["--full-length"] if a.full_length else []),
+                            *(["--4bit"] if a.four_bit else []),
                             *(["--offload"] if a.offload and arm == "ftw" else []),
                         ],
                         timeout=a.arm_timeout or None,

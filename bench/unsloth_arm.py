@@ -48,6 +48,15 @@ def save_random_init(cfg, folder: Path) -> None:
 def prepare(script: str, shape: str, seq: int) -> None:
     """The weights saved (once per shape on this machine) by `script --save-model`, then Unsloth imported,
     offline (the GPU machine has no internet)."""
+    save_once(script, shape, seq)
+    for switch in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(switch, "1")
+    importlib.import_module("unsloth")
+
+
+def save_once(script: str, shape: str, seq: int) -> Path:
+    """`model_folder`, saved by `script --save-model` in a process of its own unless it already is (the
+    QLoRA arms load the same folder with bitsandbytes)."""
     if not (model_folder(shape, seq) / "tokenizer_config.json").exists():
         saver = subprocess.run(
             [sys.executable, script, "--save-model", "--shape", shape, "--seq", str(seq)],
@@ -60,27 +69,29 @@ def prepare(script: str, shape: str, seq: int) -> None:
                 f"exit code {saver.returncode}"
             ]
             raise RuntimeError(f"saving the random-init {shape} model failed: {cause[0]}")
-    for switch in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):
-        os.environ.setdefault(switch, "1")
-    importlib.import_module("unsloth")
+    return model_folder(shape, seq)
 
 
-def build(shape: str, gc: bool, seq: int, targets: list[str]):
+def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = False):
     """Unsloth's loader and LoRA as its users call them (its defaults otherwise), `--gc on` as its
-    offloaded checkpointing; counted as train_throughput's `build` counts: frozen = every nn.Linear of
+    offloaded checkpointing, QLoRA (`four_bit`, or UNSLOTH_4BIT=1) as its `load_in_4bit` (bitsandbytes
+    nf4, double quantisation); counted as train_throughput's `build` counts: frozen = every nn.Linear of
     the loaded model (lm_head included), LoRA = what trains."""
     import torch
     from unsloth import FastLanguageModel
 
+    from bench.qlora import linear_numel
+
     checkpointing = "unsloth" if gc else False
+    four_bit = four_bit or os.environ.get("UNSLOTH_4BIT") == "1"
     model, _ = FastLanguageModel.from_pretrained(
         str(model_folder(shape, seq)),
         max_seq_length=seq,
         dtype=torch.bfloat16,
-        load_in_4bit=False,
+        load_in_4bit=four_bit,
         use_gradient_checkpointing=checkpointing,
     )
-    n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_frozen = linear_numel(model)
     model = FastLanguageModel.get_peft_model(
         model,
         r=16,
@@ -92,7 +103,8 @@ def build(shape: str, gc: bool, seq: int, targets: list[str]):
         random_state=0,
     )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model.train(), model.config, n_frozen, n_lora, [f"unsloth {'offloaded gc' if gc else 'no gc'}"]
+    mode = f"unsloth {'offloaded gc' if gc else 'no gc'}{', nf4 base' if four_bit else ''}"
+    return model.train(), model.config, n_frozen, n_lora, [mode]
 
 
 def one_row(batch: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Fused LoRA projections with hand-written backwards.
+"""Fused LoRA projections with hand-written backwards, over a floating-point or a bitsandbytes 4-bit
+base weight (QLoRA: dequantised per matmul, never saved dense; kernels/qlora.py).
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ for frozen W and trainable A, B. Autograd through PEFT keeps, per
 projection, the input and the rank-sized intermediates of each matmul, and for the gated MLP also
@@ -23,6 +24,7 @@ import torch
 
 from kernels.adapter_copies import stacked
 from kernels.precision import compute_dtype, no_autocast
+from kernels.qlora import dense, save_for_backward, saved_tensors, usable
 from kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
@@ -38,13 +40,15 @@ class Projection:
 
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
-    """A PEFT lora.Linear (one active adapter, no dropout/DoRA, not merged) or a plain Linear;
-    None when the module is in a state these kernels do not reproduce."""
+    """A PEFT lora.Linear (one active adapter, no dropout/DoRA, not merged) or a plain Linear, over
+    a floating-point or bitsandbytes 4-bit base weight (kernels/qlora.py); None when the module is
+    in a state these kernels do not reproduce (an 8-bit base among them)."""
     if isinstance(module, torch.nn.Linear):
-        return Projection(module.weight, module.bias, None, None, 0.0)
+        return Projection(module.weight, module.bias, None, None, 0.0) if usable(module.weight) else None
     base = getattr(module, "base_layer", None)
     if (
         not isinstance(base, torch.nn.Linear)
+        or not usable(base.weight)
         or getattr(module, "merged", False)
         or getattr(module, "disable_adapters", False)
     ):
@@ -87,7 +91,7 @@ def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torc
     xa = x2 @ a_rows.t() if a_rows is not None else None
     outs = []
     for p, b, rows in zip(projections, bs, _rank_rows(projections)):
-        y = torch.nn.functional.linear(x2, p.weight.to(x2.dtype), None if p.bias is None else p.bias.to(x2.dtype))
+        y = torch.nn.functional.linear(x2, dense(p.weight, x2.dtype), None if p.bias is None else p.bias.to(x2.dtype))
         if b is not None:
             y.addmm_(xa[:, rows], b.t(), alpha=p.scale)
         outs.append(y)
@@ -106,7 +110,7 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
         return None, dyb
     dx = None
     for p, dy in zip(projections, dys):
-        w = p.weight.to(dy.dtype)
+        w = dense(p.weight, dy.dtype)  # a 4-bit weight: dequantised again, never saved dense
         dx = dy @ w if dx is None else dx.addmm_(dy, w)
     scales = {p.scale for p, *_ in parts}
     if len(scales) == 1:  # one GEMM over the stacked A
@@ -140,15 +144,15 @@ class LoRAProjections(torch.autograd.Function):
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             outs, xa = _forward(x2, _projections(params, scales))
-        ctx.save_for_backward(x2, xa, *params)
+        save_for_backward(ctx, x2, xa, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
     def backward(ctx, *douts):
-        x2, xa, *params = ctx.saved_tensors
+        x2, xa, *params = saved_tensors(ctx)
         projections = _projections(params, ctx.scales)
-        dys = [d.reshape(-1, p.weight.shape[0]) for d, p in zip(douts, projections)]
+        dys = [d.reshape(-1, d.shape[-1]) for d in douts]
         dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
         grads = _weight_grads(dys, dyb, x2, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, *grads
@@ -174,13 +178,13 @@ class LoRAGatedMLP(torch.autograd.Function):
             h = swiglu_forward_raw(g, u)
             (y,), had = _forward(h, [down])
             del h
-        ctx.save_for_backward(x2, g, u, xa, had, *params)
+        save_for_backward(ctx, x2, g, u, xa, had, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, g, u, xa, had, *params = ctx.saved_tensors
+        x2, g, u, xa, had, *params = saved_tensors(ctx)
         gate, up, down = _mlp_projections(params, ctx.scales)
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")

@@ -24,9 +24,10 @@ log = logging.getLogger("ftw.kernels")
 
 
 def lora_fusable(config) -> bool:
-    """The fused LoRA functions model plain LoRA: no dropout, DoRA, bias training or 4-bit base."""
+    """The fused LoRA functions model plain LoRA, over a bf16/fp16/fp32 base or a bitsandbytes 4-bit
+    one (QLoRA, kernels/qlora.py): no dropout, DoRA, bias training or 8-bit base."""
     return (
-        config.adapter == "lora"
+        config.adapter in ("lora", "qlora")
         and not config.load_in_8bit
         and config.lora_dropout == 0.0
         and not config.peft_use_dora

@@ -9,6 +9,10 @@ Switches (axolotl's names): `use_kernels` (None: on when the model is on CUDA; t
 on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_kernel`,
 `lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
 
+QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: their base weights are
+bitsandbytes 4-bit tensors, dequantised per matmul into one shared buffer (kernels/qlora.py) and never
+kept dense for backward; the applied list then names `dequant_4bit` after the fused projections.
+
 MoE models (any family whose experts use transformers' `@use_experts_implementation`) get ftw's
 ScatterMoE LoRA experts (kernels/moe.py) through transformers' experts registry, unless the config
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
@@ -100,7 +104,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
         return []
 
-    from kernels import patches
+    from kernels import patches, qlora
 
     lora_ok = patches.lora_fusable(config)
     wanted = {
@@ -115,6 +119,8 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)
+    if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied) and any(qlora.is_4bit(p) for p in base.parameters()):
+        applied.append("dequant_4bit")
     if applied:
         log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
     return applied

@@ -118,3 +118,23 @@ def test_added_tokens_resize_embeddings_and_must_train_them(task_model_dir):
     model = load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, cpu), cpu)
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows >= len(tok) and rows % 32 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_bf16_4bit_base_stays_bf16(dtype: torch.dtype) -> None:
+    """QLoRA under bf16: the non-4-bit weights (embeddings, norms, output layer) stay bf16, so the
+    residual stream and the activations kept for backward do too (PEFT's kbit preparation casts them
+    to fp32: 2× the memory); an fp16 base keeps that preparation (fp16 needs the fp32 norms)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.kernels.test_qlora import qlora_config, quantise_linears
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    quantise_linears(model, dtype)
+    model = attach(model, qlora_config(base_model="/m", datasets=[{"path": "d.jsonl", "type": "completion"}]))
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all("lora_" in n for n in trains)
+    kept = {p.dtype for n, p in model.named_parameters() if "norm" in n or "embed" in n}
+    assert kept == ({torch.bfloat16} if dtype == torch.bfloat16 else {torch.float32})

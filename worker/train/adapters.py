@@ -72,16 +72,37 @@ def lora_config(cfg: TrainingConfig, model):
     )
 
 
+def prepare_quantized(model, cfg: TrainingConfig):
+    """A 4-bit base under bf16 is only frozen. PEFT's prepare_model_for_kbit_training also casts every
+    bf16 weight but the 4-bit ones to fp32 (embeddings, norms, output layer): the residual stream
+    then runs in fp32, doubling the activations kept for backward (issue 13: 76 GiB at 8B where
+    Unsloth needs 36) for a stability that bf16, unlike fp16, does not need; checkpointing and the
+    inputs' gradients are load_model's already. fp16 and 8-bit bases keep PEFT's preparation, with
+    the config's checkpointing options (PEFT would otherwise re-enable checkpointing reentrant)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit and model.dtype == torch.bfloat16:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False},
+    )
+
+
 def attach(model, cfg: TrainingConfig):
     """The trainable model: a PeftModel for lora/qlora, the model itself for full fine-tuning."""
     if cfg.is_full_finetune():
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model
 
     if cfg.load_in_4bit or cfg.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        model = prepare_quantized(model, cfg)
     if cfg.lora_model_dir:
         source = str(local_path(cfg.lora_model_dir)) if is_local(cfg.lora_model_dir) else cfg.lora_model_dir
         if is_local(cfg.lora_model_dir) and not (Path(source) / "adapter_config.json").is_file():

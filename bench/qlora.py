@@ -1,0 +1,207 @@
+"""QLoRA side by side on one GPU: ftw against Unsloth and transformers+peft over the same nf4 base.
+
+    .venv/bin/python bench/qlora_wheels.py          # here, once: .whl-qlora (carried with the call)
+    WHEELS=.whl-qlora BENCH=bench/qlora.py bash bench/gpu_peers.sh --shape llama-8b --gc off   # on the GPU
+
+Every arm is a fresh process on the same seed-0 random-init model of a public shape, saved once to a
+local folder and loaded with bitsandbytes nf4 (double quantisation, bf16 compute and storage) as each
+tool's users load it; LoRA r=16 α=32 on all seven linear layers, bf16, fused AdamW, seq 2048,
+full-length rows (one sample per row: Unsloth's packed layout runs without flash-attn on that
+machine, ../shared/peers/README.md), `--mbs` rows a step. Checkpointing on (`--gc on|both`) is
+Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host memory too
+(`gradient_checkpointing: offload`; `--no-offload`: plain checkpointing). Arms, per mode:
+  unsloth   bench/train_throughput.py's unsloth arm with `load_in_4bit=True` (its offloaded
+            checkpointing for gc on);
+  peft      its hf arm over the nf4 base: PEFT's recipe, prepare_model_for_kbit_training then
+            get_peft_model (PEFT's bitsandbytes LoRA layers);
+  ftw       its ftw arm over the nf4 base: worker.train.adapters.prepare_quantized, get_peft_model,
+            kernels.apply_kernels (the fused LoRA functions over the 4-bit weights) in a bare loop;
+  ftw-real  bench/gpu_train.py's qlora arm: `python -m worker.train`, the child `ftw train` runs, on the
+            same rows (each step's rows in one packed row, position ids restarting per row), timed
+            from its own per-step events, peak memory from its summary.
+Prints one table, tokens/s and peak allocated GiB also as ratios to Unsloth's in the same mode (the
+issue's target: ≥ 1.15× its tokens/s at ≤ its memory), and writes OUT/qlora.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench import train_throughput as tt  # noqa: E402
+
+ARMS = ("unsloth", "peft", "ftw", "ftw-real")
+THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw"}  # this table's names → train_throughput's
+
+
+def linear_numel(model: Any) -> int:
+    """Weights of every nn.Linear (lm_head included), a 4-bit one counted by its dense shape."""
+    import torch
+
+    from kernels.qlora import is_4bit
+
+    return sum(
+        m.weight.quant_state.shape.numel() if is_4bit(m.weight) else m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+def build(arm: str, shape: str, gc: bool, seq: int) -> tuple[Any, Any, int, int, list[str]]:
+    """train_throughput's `build` over the nf4 base saved by bench/unsloth_arm.py: arm hf is PEFT's
+    QLoRA recipe, arm ftw ftw's (the same preparation as `ftw train`, then the kernels)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from bench import unsloth_arm
+    from schemas.config import TrainingConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        unsloth_arm.model_folder(shape, seq),
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        quantization_config=quant,
+        device_map={"": "cuda" if torch.cuda.is_available() else "cpu"},  # CPU: a dry run of the arm
+        use_cache=False,
+    )
+    n_frozen = linear_numel(model)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tt.TARGETS)
+    applied: list[str] = []
+    if arm == "hf":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        model = get_peft_model(model, lora)
+    elif arm == "ftw":
+        from kernels import apply_kernels
+        from worker.train.adapters import prepare_quantized
+
+        cfg = TrainingConfig(
+            base_model=shape,
+            learning_rate=1e-4,
+            adapter="qlora",
+            load_in_4bit=True,
+            lora_r=16,
+            lora_alpha=32,
+            gradient_checkpointing=gc,
+        )
+        if gc:  # as worker.train.model.load_model does
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(prepare_quantized(model, cfg), lora)
+        applied = apply_kernels(model, cfg)
+    else:
+        raise ValueError(f"no QLoRA build for arm {arm!r}")
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model.train(), model.config, n_frozen, n_lora, applied
+
+
+def real_path(a: argparse.Namespace, gc: bool) -> dict:
+    """bench/gpu_train.py's qlora arm on the same saved model, in its own processes."""
+    from bench import unsloth_arm
+
+    mode = ("offload" if a.offload else "on") if gc else "off"
+    out = a.out / f"gpu_train-{a.shape}-gc{mode}"
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_train.py"), "--out", str(out), "--shape", a.shape]
+    cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", "qlora"]
+    cmd += ["--gc", mode, "--full-length", "--no-merge", "--no-profile", "--mbs", str(a.mbs)]
+    cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    cmd += ["--arm-timeout", str(a.arm_timeout)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        name = {"off": "qlora", "on": "qlora+gc", "offload": "qlora+offload"}[mode]  # gpu_train's arm names
+        arm = json.loads((out / "gpu_train.json").read_text())["arms"][name]
+    except (OSError, KeyError, ValueError):
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    if "error" in arm:
+        return arm
+    return {
+        "tokens_per_s": arm["tokens_per_s"],
+        "peak_alloc_gib": arm["peak_memory_gib"],
+        "loss_last": arm["final_loss"],
+        "kernels": [*arm["kernels"], *(["offloaded checkpoints"] if mode == "offload" else [])],
+    }
+
+
+def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
+    args = ["--arm", THROUGHPUT_ARM[arm], "--shape", a.shape, "--gc", "on" if gc else "off", "--4bit"]
+    args += ["--full-length", "--mbs", str(a.mbs), "--seq", str(a.seq), "--steps", str(a.steps)]
+    args += ["--warmup", str(a.warmup), *(["--offload"] if arm == "ftw" and gc and a.offload else [])]
+    r = tt.child(args, timeout=a.arm_timeout)
+    if r.get("offloaded_mib_per_step"):
+        r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
+    return r
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| shape, mbs × seq (full-length, nf4 base) | grad ckpt | arm | tokens/s | × unsloth | peak alloc GiB "
+        "| memory × unsloth | loss (last step) | kernels / mode |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    peer = {r["gc"]: r for r in results if r["arm"] == "unsloth" and "tokens_per_s" in r}
+    for r in results:
+        head = f"| {r['shape']}, {r['mbs']} × {r['seq']} | {'on' if r['gc'] else 'off'} | {r['arm']} |"
+        if "tokens_per_s" not in r:
+            last = [line for line in (r.get("error") or "?").splitlines() if line.strip()][-1:] or ["?"]
+            rows.append(f"{head} failed: {last[0][:160].replace('|', '/')} | | | | | |")
+            continue
+        ref = peer.get(r["gc"])
+        speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "—"
+        memory = f"{r['peak_alloc_gib'] / ref['peak_alloc_gib']:.2f}×" if ref else "—"
+        rows.append(
+            f"{head} {r['tokens_per_s']:,} | {speed} | {r['peak_alloc_gib']} | {memory} | {r.get('loss_last')} | "
+            f"{', '.join(r.get('kernels') or []) or '-'} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", default="llama-8b", choices=sorted(tt.SHAPES))
+    ap.add_argument("--gc", default="both", choices=("off", "on", "both"))
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
+    ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--no-offload",
+        dest="offload",
+        action="store_false",
+        help="checkpointing on: ftw's arms keep their checkpoints on the GPU (Unsloth offloads its own)",
+    )
+    ap.add_argument("--arm-timeout", type=int, default=300, help="seconds an arm may take, load included")
+    a = ap.parse_args()
+    a.mbs = a.mbs or tt.DEFAULT_MBS[a.shape]
+    a.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for gc in {"off": [False], "on": [True], "both": [False, True]}[a.gc]:
+        for arm in a.arms.split(","):
+            print(f"--- {a.shape} gc {'on' if gc else 'off'}: {arm}", flush=True)
+            r = real_path(a, gc) if arm == "ftw-real" else throughput_arm(a, arm, gc)
+            r.update(arm=arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=gc)
+            print(json.dumps(r)[:1500], flush=True)
+            results.append(r)
+            (a.out / "qlora.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""QLoRA through the fused LoRA functions (kernels/qlora.py) on real bitsandbytes nf4 weights (its
+CPU backend quantises and dequantises here; on a GPU the same tests run on CUDA, through the shared
+dequantisation buffer), against PEFT's own bitsandbytes LoRA layers on the same
+tiny model: loss and adapter gradients, packed rows, gradient checkpointing, and what autograd
+keeps for backward (the packed 4-bit weights, never a dequantised copy)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from kernels import apply_kernels  # noqa: E402
+from kernels.qlora import dense, is_4bit  # noqa: E402
+from schemas.config import TrainingConfig  # noqa: E402
+from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
+
+FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
+
+
+def quantise_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every Linear but the output layer as a bitsandbytes nf4 Linear4bit (double quantisation,
+    storage in `dtype`), what `load_in_4bit` builds on a GPU."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=False, compute_dtype=dtype, quant_storage=dtype
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, quant_storage=dtype
+            )
+            setattr(parent, name, layer.to(child.weight.device))  # .to quantises
+    model.is_loaded_in_4bit = True  # PEFT then wraps them in its bitsandbytes LoRA layers
+
+
+def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(DEVICE)
+    quantise_linears(model, dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
+            torch.nn.init.normal_(p, std=0.2)
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj).__module__ == "peft.tuners.lora.bnb"
+    return model.train()
+
+
+def qlora_config(**kw: object) -> TrainingConfig:
+    base = {"base_model": "tiny", "learning_rate": 1e-3, "adapter": "qlora", "load_in_4bit": True, "use_kernels": True}
+    return TrainingConfig.model_validate({**base, **kw})
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_fused_qlora_matches_peft_bitsandbytes(checkpointing: bool) -> None:
+    ref = tiny_qlora(checkpointing=checkpointing)
+    model = copy.deepcopy(ref)
+    applied = apply_kernels(model, qlora_config(gradient_checkpointing=checkpointing))
+    assert set(FUSED) <= set(applied), applied
+    batch = packed_batch()  # two samples packed in row 0: position ids restart
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 modules × 2 layers
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_bf16_fused_qlora_follows_peft() -> None:
+    """bf16 weights, fp32 adapters (PEFT's default): the fused path casts the adapters to bf16 where
+    PEFT casts the input to fp32, so the two agree to bf16 rounding."""
+    ref = tiny_qlora(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    assert set(FUSED) <= set(apply_kernels(model, qlora_config()))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-2
+    assert ref_grads.keys() == grads.keys()
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 5e-2, name
+
+
+def test_no_dequantised_weight_is_kept_for_backward() -> None:
+    """Everything autograd saves in a forward: the packed 4-bit weights appear, their dense
+    (out × in) form never does."""
+    model = tiny_qlora()
+    apply_kernels(model, qlora_config())
+    weights = [p for p in model.parameters() if is_4bit(p)]
+    dense_shapes = {tuple(p.quant_state.shape) for p in weights}
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    batch = packed_batch()  # 20 tokens: no activation has a weight's shape
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    assert saved and not [tuple(t.shape) for t in saved if tuple(t.shape) in dense_shapes]
+
+
+def test_activation_offloading_keeps_the_4bit_weights_usable() -> None:
+    """`activation_offloading: true` runs the forward under saved-tensor hooks that hand back what
+    they do not move detached, and a detached `Params4bit` is a plain tensor without its quant_state:
+    the fused functions must not route the 4-bit weights through those hooks."""
+    from worker.train.offload import ActivationOffloader
+
+    ref = tiny_qlora()
+    model = copy.deepcopy(ref)
+    apply_kernels(model, qlora_config(activation_offloading=True))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    offloader = ActivationOffloader(torch.device(DEVICE), min_bytes=1024, keep_last=1)
+    model.zero_grad(set_to_none=True)
+    with offloader.saving() as stats:
+        loss = model(**batch).loss
+    loss.backward()
+    assert stats.offloaded_tensors > 0  # the hooks did move activations
+    assert rel_err(loss.detach(), ref_loss) < 1e-5
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert rel_err(p.grad, ref_grads[name]) < 1e-4, name
+
+
+def test_dense_matches_bitsandbytes_dequantisation() -> None:
+    model = tiny_qlora(torch.bfloat16)
+    weight = model.get_base_model().model.layers[0].mlp.down_proj.weight
+    from bitsandbytes.functional import dequantize_4bit
+
+    expected = dequantize_4bit(weight, weight.quant_state)
+    assert torch.equal(dense(weight, torch.bfloat16), expected)
+    assert torch.equal(dense(weight, torch.float32), expected.float())
+    plain = torch.randn(3, 4)
+    assert dense(plain, torch.bfloat16).dtype == torch.bfloat16
