@@ -8,8 +8,16 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import BUILTIN_REWARDS, TrlConfig
-from worker.train.grpo import Rollout, completion_logps, decode_answers, group_advantages, left_aligned, policy_loss
-from worker.train.rewards import REWARDS, rewards
+from worker.train.grpo import (
+    Rollout,
+    completion_logps,
+    decode_answers,
+    group_advantages,
+    left_aligned,
+    policy_loss,
+    rollout_of,
+)
+from worker.train.rewards import REWARDS, Rewards
 
 
 def test_every_builtin_the_schema_names_exists():
@@ -24,7 +32,8 @@ def test_builtin_rewards():
         rl="grpo",
         trl={"reward_funcs": ["exact_match", "contains_answer", "regex_format", "length"], "max_completion_length": 10},
     )
-    got = rewards(cfg, [" 4 8 2", "so 4 8 2!", "abc"], ["4 8 2", "4 8 2", "4 8 2"], [4, 6, 10])
+    ids = [[1] * 4, [1] * 6, [1] * 10]
+    got = Rewards(cfg, {})(["p"] * 3, [" 4 8 2", "so 4 8 2!", "abc"], ids, ["4 8 2", "4 8 2", "4 8 2"])
     assert got == {
         "exact_match": [1.0, 0.0, 0.0],
         "contains_answer": [1.0, 1.0, 0.0],
@@ -32,7 +41,7 @@ def test_builtin_rewards():
         "length": [-0.4, -0.6, -1.0],
     }
     custom = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"reward_regex": r"[a-c]+"})})
-    assert rewards(custom, ["abc", "4"], ["", ""], [1, 1])["regex_format"] == [1.0, 0.0]
+    assert Rewards(custom, {})(["p", "p"], ["abc", "4"], [[1], [1]], ["", ""])["regex_format"] == [1.0, 0.0]
 
 
 def test_group_advantages_are_normalised_per_prompt():
@@ -85,6 +94,25 @@ def test_left_alignment_and_answers_round_trip():
     left, left_mask = left_aligned(ids, mask, pad_id=0)
     assert left.tolist() == [[5, 6, 7], [0, 8, 9]] and left_mask.tolist() == [[1, 1, 1], [0, 1, 1]]
     assert decode_answers(torch.tensor([[52, 50, -1], [195, 169, -1]])) == ["42", "é"]
+
+
+def test_a_rollout_joins_left_padded_prompts_and_right_padded_completions():
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    eos = 2
+    completions = [[30, 2], [31, 32, 33], [40], [41, 2]]  # two per prompt; the second and third never ended
+    for drop in (False, True):
+        r = rollout_of(ids, mask, completions, 2, eos, pad_id=0, mask_truncated=drop)
+        assert r.prompt_width == 3
+        assert r.input_ids.tolist() == [
+            [5, 6, 7, 30, 2, 0],
+            [5, 6, 7, 31, 32, 33],
+            [0, 8, 9, 40, 0, 0],
+            [0, 8, 9, 41, 2, 0],
+        ]
+        ended = [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+        want = [row if not drop or c[-1] == eos else [0, 0, 0] for row, c in zip(ended, completions)]
+        assert r.completion_mask.tolist() == want
+        assert r.attention_mask.tolist() == [p + w for p, w in zip([[1, 1, 1]] * 2 + [[0, 1, 1]] * 2, want)]
 
 
 def test_one_update_makes_the_rewarded_completion_more_likely(tiny_model_dir):
