@@ -100,7 +100,9 @@ def render(outcomes: list[Outcome]) -> str:
         "|---|---|",
         f"| {', '.join(PAIR_METHODS)} | {', '.join(f'`{t}`' for t in PAIR_TYPES)}, the dict form (`field_prompt`, `field_chosen`, `field_rejected`, `*_format`) |",
         f"| kto | {', '.join(f'`{t}`' for t in KTO_TYPES)} |",
-        f"| grpo | {', '.join(f'`{t}`' for t in GRPO_TYPES)}; reward functions: {', '.join(f'`{r}`' for r in BUILTIN_REWARDS)} |",
+        f"| grpo | {', '.join(f'`{t}`' for t in GRPO_TYPES)}; reward functions: "
+        f"{', '.join(f'`{r}`' for r in BUILTIN_REWARDS)}, or your own `module.function` where the operator sets "
+        "`FTW_ALLOW_PLUGINS=1` (docs/config.md); generation: transformers, or vLLM with `trl.use_vllm` (LoRA/QLoRA) |",
         "",
         "## Per file",
         "",
