@@ -12,7 +12,7 @@ import torch
 from schemas.config import TrainingConfig
 from tests.serve.conftest import ensure_vllm_env
 from tests.train.vllm_helpers import engine_gone, group_members, vllm_env
-from worker.train.generation import Sampling, TransformersGenerator, cut_at_stop
+from worker.train.generation import Sampling, TransformersGenerator, VllmOptions, cut_at_stop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -46,13 +46,13 @@ def generator(tiny_model_dir, policy, tmp_path_factory) -> Iterator:
     with pytest.MonkeyPatch.context() as mp:
         for k, v in vllm_env(ensure_vllm_env()).items():
             mp.setenv(k, v)
-        gen = VllmGenerator(cfg, policy, tmp_path_factory.mktemp("run"))
+        gen = VllmGenerator(cfg, policy, tmp_path_factory.mktemp("run"), VllmOptions.from_trl(cfg.trl))
     yield gen
     gen.close()
 
 
-def greedy(n: int = 1) -> Sampling:
-    return Sampling(n=n, max_tokens=MAX_TOKENS, temperature=0.0, stop_id=2)
+def greedy() -> Sampling:
+    return Sampling(n=1, max_tokens=MAX_TOKENS, temperature=0.0, stop_id=2)
 
 
 def reference(policy, prompt: list[int]) -> list[int]:
@@ -67,15 +67,15 @@ def reference(policy, prompt: list[int]) -> list[int]:
 def test_completions_come_per_prompt_and_match_the_policy(generator, policy):
     generator.sync(0)
     assert generator.adapter == "policy-0"
-    got = generator.completions(PROMPTS, greedy(n=2))
-    assert len(got) == 4
-    for i, prompt in enumerate(PROMPTS):  # prompt-major: prompt i's n completions together
-        want = reference(policy, prompt)
-        assert got[2 * i] == got[2 * i + 1] == want, (i, got, want)
-        assert 0 < len(want) <= MAX_TOKENS
+    got = generator.completions(PROMPTS, greedy())
+    assert got == [reference(policy, p) for p in PROMPTS]
+    assert all(0 < len(c) <= MAX_TOKENS for c in got)
     sampled = generator.completions(PROMPTS, Sampling(n=3, max_tokens=MAX_TOKENS, temperature=1.0, stop_id=2))
     assert len(sampled) == 6 and all(0 < len(c) <= MAX_TOKENS for c in sampled)
     assert all(2 not in c[:-1] for c in sampled)  # cut after the first stop token
+    # prompt-major: prompt i's 3 completions together (a near-greedy temperature makes each group its prompt's)
+    cold = generator.completions(PROMPTS, Sampling(n=3, max_tokens=MAX_TOKENS, temperature=1e-4, stop_id=2))
+    assert cold == [got[0]] * 3 + [got[1]] * 3
 
 
 def test_a_stop_token_ends_a_completion_and_is_kept(generator, policy):

@@ -1,6 +1,6 @@
 """Where an RL method's completions come from: one function call, two backends.
 
-    generator = build_generator(cfg, model, tokenizer, run_dir, use_vllm)
+    generator = build_generator(model, tokenizer, vllm_options, cfg, run_dir)   # vllm_options: None = transformers
     generator.sync(step)                                   # the engine follows the policy (vLLM; no-op here)
     completions = generator.completions(prompts, sampling)  # token ids, `sampling.n` per prompt, prompt-major
 
@@ -50,6 +50,20 @@ class Sampling:
             min_p=trl.min_p,
             repetition_penalty=trl.repetition_penalty,
         )
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """What the vLLM backend needs beyond the training config: GRPO takes these from `trl:`; EBFT's structured
+    mode passes its own (its completion length, the same axolotl/TRL key names for the engine)."""
+
+    sync_interval: int  # optimizer steps between adapter syncs
+    gpu_memory_utilization: float  # the engine's share of the GPU
+    max_tokens: int  # the longest completion asked for: the engine's context is sequence_len + this
+
+    @classmethod
+    def from_trl(cls, trl: TrlConfig) -> VllmOptions:
+        return cls(trl.vllm_sync_interval, trl.vllm_gpu_memory_utilization, trl.max_completion_length)
 
 
 class Generator(Protocol):
@@ -114,11 +128,17 @@ class TransformersGenerator:
 
 
 def build_generator(
-    cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path | None, use_vllm: bool
+    model: torch.nn.Module,
+    tokenizer: Any,
+    vllm: VllmOptions | None = None,
+    cfg: TrainingConfig | None = None,
+    run_dir: Path | None = None,
 ) -> Generator:
-    """vLLM where the config asks for it (the engine starts here and answers before this returns)."""
-    if not use_vllm:
+    """transformers' `generate`, or vLLM with `vllm` options (the engine starts here, answering before this
+    returns; it needs the training config and the run folder)."""
+    if vllm is None:
         return TransformersGenerator(model, tokenizer.pad_token_id or 0)
     from worker.train.vllm_generation import VllmGenerator
 
-    return VllmGenerator(cfg, model, run_dir)
+    assert cfg is not None, "vLLM generation needs the training config"
+    return VllmGenerator(cfg, model, run_dir, vllm)

@@ -32,7 +32,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import TrlConfig
-from worker.train.generation import Sampling, build_generator
+from worker.train.generation import Sampling, VllmOptions, build_generator
 from worker.train.rewards import Rewards
 
 
@@ -146,7 +146,8 @@ class GrpoObjective:
         self.sampling = Sampling.from_trl(self.trl, tokenizer.eos_token_id)
         self.micro_per_step = cfg.batch_shape()[1]  # one process (use_vllm refuses more): micro-batches per step
         self.micro_seen = 0  # training micro-batches so far in this process
-        self.generator = build_generator(cfg, model, tokenizer, run_dir, self.trl.use_vllm)
+        vllm = VllmOptions.from_trl(self.trl) if self.trl.use_vllm else None
+        self.generator = build_generator(model, tokenizer, vllm, cfg, run_dir)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])

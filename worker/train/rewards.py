@@ -15,6 +15,7 @@ import importlib.util
 import math
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from schemas.config import TrainingConfig
 from schemas.environment import env_flag
@@ -81,9 +82,10 @@ class UserReward:
             raise JobSpecError(
                 f"trl.reward_funcs: importing {path} failed ({type(e).__name__}: {e})", hint=f"fix {path}"
             ) from e
-        self.fn = getattr(code, function, None)
-        if not callable(self.fn):
+        fn = getattr(code, function, None)
+        if not callable(fn):
             raise JobSpecError(f"trl.reward_funcs: {path} has no function {function!r}", hint=f"define it in {path}")
+        self.fn: Callable[..., Any] = fn
 
     def __call__(
         self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], answers: list[str]

@@ -23,12 +23,15 @@ Where vLLM lives: `FTW_VLLM_PYTHON` (a Python with vLLM, e.g. a separate venv), 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,24 +41,25 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
-from schemas.rl import TrlConfig
 from worker.errors import InfraError, JobSpecError, TrainingError
 from worker.serve.engine import EngineProcess
 from worker.serve.engine_defaults import vllm_build
 from worker.serve.settings import ServeSettings
-from worker.train.generation import Sampling, cut_at_stop
+from worker.train.generation import Sampling, VllmOptions, cut_at_stop
 
 log = logging.getLogger(__name__)
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 BASE_NAME = "ftw-base"
 REQUEST_TIMEOUT_S = 3600.0
+GROUP_EXIT_S = 30.0  # the engine's own children (engine core, workers) after its API server has exited
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def engine_settings(cfg: TrainingConfig, dtype: str, env: dict[str, str], on_gpu: bool) -> ServeSettings:
+def engine_settings(
+    cfg: TrainingConfig, options: VllmOptions, dtype: str, env: dict[str, str], on_gpu: bool
+) -> ServeSettings:
     """The engine's settings from the training config (pure: tested without starting anything)."""
-    trl = cfg.trl or TrlConfig()
     rank = cfg.lora_r or 8
     model = str(local_path(cfg.base_model)) if is_local(cfg.base_model) else cfg.base_model
     extra = shlex.split(env.get("VLLM_EXTRA_ARGS", ""))
@@ -70,9 +74,9 @@ def engine_settings(cfg: TrainingConfig, dtype: str, env: dict[str, str], on_gpu
         max_loras=1,  # one policy at a time; the outgoing one waits in the CPU cache until unloaded
         max_lora_rank=next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1]),
         max_cpu_loras=2,
-        max_model_len=cfg.sequence_len + trl.max_completion_length,
+        max_model_len=cfg.sequence_len + options.max_tokens,
         dtype=dtype,
-        gpu_memory_utilization=trl.vllm_gpu_memory_utilization if on_gpu else None,
+        gpu_memory_utilization=options.gpu_memory_utilization if on_gpu else None,
         seed=cfg.seed,
         vllm_extra_args=tuple(extra),
         start_timeout_s=float(env.get("FTW_VLLM_START_TIMEOUT_S", "").strip() or 900),
@@ -91,7 +95,7 @@ class VllmGenerator:
 
     name = "vllm"
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, run_dir: Path | None):
+    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, run_dir: Path | None, options: VllmOptions):
         if cfg.lora_r is None or not hasattr(model, "save_pretrained"):
             raise JobSpecError("trl.use_vllm syncs a LoRA adapter into the engine", hint="set adapter: lora")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -102,12 +106,12 @@ class VllmGenerator:
                     hint="train on one GPU (CUDA_VISIBLE_DEVICES) or remove trl.use_vllm",
                 )
         self.model = model
-        self.interval = (cfg.trl or TrlConfig()).vllm_sync_interval
+        self.interval = options.sync_interval
         self.folder = Path(run_dir or ".").resolve() / "vllm"
         self.adapter: str | None = None  # the engine's name of the policy now generating
         self.synced_step = -1
         env = dict(os.environ)
-        settings = engine_settings(cfg, model_dtype(model), env, torch.cuda.is_available())
+        settings = engine_settings(cfg, options, model_dtype(model), env, torch.cuda.is_available())
         if vllm_build(settings.python) is None:
             raise InfraError(
                 f"trl.use_vllm needs vLLM, and {settings.python} has none",
@@ -214,6 +218,25 @@ class VllmGenerator:
             return text  # load/unload_lora_adapter answer plain text
 
     def close(self) -> None:
-        """Stop the engine (idempotent: called at the end of training and again at exit)."""
-        if self.engine.proc is not None and not self.engine.stopping:
-            self.engine.stop()
+        """Stop the engine and wait until its whole process group is gone, so that its memory is free for what
+        follows (merging, the next job); idempotent: it runs at the end of training and again at exit."""
+        if self.engine.proc is None or self.engine.stopping:
+            return
+        group = self.engine.proc.pid
+        self.engine.stop()
+        deadline = time.monotonic() + GROUP_EXIT_S
+        while group_alive(group):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        log.info("vLLM stopped")
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
