@@ -63,7 +63,7 @@ class UserReward:
         module, _, function = name.rpartition(".")
         if not env_flag(env, "FTW_ALLOW_PLUGINS"):
             raise JobSpecError(
-                f"trl.reward_funcs: {name!r} is user code, refused on this endpoint",
+                f"trl.reward_funcs: {name!r} is user code, refused unless the operator sets FTW_ALLOW_PLUGINS=1",
                 hint="use the built-ins, or ask the endpoint operator to set FTW_ALLOW_PLUGINS=1",
             )
         path = find_module_file(module, env)
