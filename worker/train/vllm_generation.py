@@ -231,6 +231,7 @@ class VllmGenerator:
                     os.killpg(group, signal.SIGKILL)
                 break
             time.sleep(0.2)
+        shutil.rmtree(self.folder / "adapters", ignore_errors=True)  # the trainer saves the adapter itself
         log.info("vLLM stopped")
 
 
