@@ -73,9 +73,7 @@ def test_completions_come_per_prompt_and_match_the_policy(generator, policy):
     sampled = generator.completions(PROMPTS, Sampling(n=3, max_tokens=MAX_TOKENS, temperature=1.0, stop_id=2))
     assert len(sampled) == 6 and all(0 < len(c) <= MAX_TOKENS for c in sampled)
     assert all(2 not in c[:-1] for c in sampled)  # cut after the first stop token
-    # prompt-major: prompt i's 3 completions together (a near-greedy temperature makes each group its prompt's)
-    cold = generator.completions(PROMPTS, Sampling(n=3, max_tokens=MAX_TOKENS, temperature=1e-4, stop_id=2))
-    assert cold == [got[0]] * 3 + [got[1]] * 3
+    # prompt-major, checked by the generator against each choice's prompt_token_ids (a mismatch raises)
 
 
 def test_a_stop_token_ends_a_completion_and_is_kept(generator, policy):

@@ -186,6 +186,9 @@ class VllmGenerator:
                 stage="train",
                 log_tail=self.engine.log_tail(),
             )
+        for i, c in enumerate(choices):  # prompt-major, as vLLM numbers them: prompt index × n + sample
+            if c.get("prompt_token_ids") not in (None, prompts[i // sampling.n]):
+                raise TrainingError(f"vLLM's completion {i} is not of prompt {i // sampling.n}", stage="train")
         return [cut_at_stop(list(c["token_ids"]), sampling.stop_id) for c in choices]
 
     def _post(self, route: str, body: dict[str, Any]) -> Any:
