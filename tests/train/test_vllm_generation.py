@@ -4,6 +4,7 @@ before and after a LoRA sync; a sync follows vllm_sync_interval; closing it ends
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -100,6 +101,36 @@ def test_lora_sync_follows_the_interval_and_the_engine_follows_the_new_weights(g
     assert not (generator.folder / "adapters" / "step-0").exists()  # the outgoing adapter's folder is deleted
     generator.sync(2, force=True)  # already synced at this step: nothing to do
     assert generator.adapter == "policy-2"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"FTW_VLLM_PYTHON": sys.executable}, "trl.use_vllm needs vLLM, and"),  # this Python has no vLLM
+        ({"VLLM_EXTRA_ARGS": "--no-such-flag"}, "vLLM for trl.use_vllm did not start: the vllm engine exited"),
+    ],
+)
+def test_an_engine_that_cannot_start_is_a_clear_error(tiny_model_dir, policy, tmp_path, env, message):
+    from worker.errors import InfraError
+    from worker.train.vllm_generation import VllmGenerator
+
+    cfg = TrainingConfig(
+        base_model=str(tiny_model_dir),
+        learning_rate=1e-4,
+        adapter="lora",
+        lora_r=8,
+        rl="grpo",
+        trl={"use_vllm": True, "reward_funcs": ["exact_match"]},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**vllm_env(ensure_vllm_env()), **env}.items():
+            mp.setenv(k, v)
+        with pytest.raises(InfraError, match=message) as failed:
+            VllmGenerator(cfg, policy, tmp_path, VllmOptions.from_trl(cfg.trl))
+    assert "trl.use_vllm: false" in failed.value.hint or "remove trl.use_vllm" in failed.value.hint
+    if "VLLM_EXTRA_ARGS" in env:
+        assert "no-such-flag" in failed.value.log_tail  # the engine's own words, for the user
+    assert not (tmp_path / "vllm" / "engine.pid").exists()  # no engine was handed to training
 
 
 def test_transformers_generator_gives_the_same_shape(policy):
