@@ -189,7 +189,7 @@ class GrpoObjective:
         advantages = group_advantages(total, g, self.trl.scale_rewards).to(rollout.input_ids.device)
         ref = None
         if self.beta > 0:
-            disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+            disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()  # type: ignore[operator]
             with torch.no_grad(), disabled:
                 ref = completion_logps(engine, rollout)
         logp = completion_logps(engine, rollout)
