@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,7 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
     import yaml
 
     run_dir = work / f"{name}-run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # scratch: a finished run there would be reused, not timed
     cfg = {
         "base_model": str(model_dir),
         "rl": "grpo",
