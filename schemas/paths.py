@@ -81,3 +81,20 @@ def check_local_path(value: str, env: Mapping[str, str]) -> str | None:
         f"local path {excerpt(value)} is outside the allowed folders ({', '.join(str(r) for r in roots)}); "
         "put the file under BASE_VOLUME or ask the endpoint operator to add its folder to FTW_ALLOWED_PATHS"
     )
+
+
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def find_module_file(module: str, env: Mapping[str, str]) -> Path | None:
+    """The file of a dotted Python module (`pkg.rewards` → pkg/rewards.py, or pkg/rewards/__init__.py) in the
+    first allowed root that holds it, symlinks resolved and still inside that root; None where none does."""
+    if not MODULE_NAME.fullmatch(module):
+        return None
+    parts = module.split(".")
+    for root in allowed_roots(env):
+        for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+            resolved = candidate.resolve()
+            if resolved.is_file() and root in resolved.parents:
+                return resolved
+    return None

@@ -68,6 +68,10 @@ class TrlConfig(BaseModel):
     num_iterations: int = Field(default=1, ge=1)
     mask_truncated_completions: bool = False
     use_vllm: bool = False
+    vllm_mode: Literal["server", "colocate"] | None = None  # ftw runs its own engine: colocate only (schemas.rl_rules)
+    vllm_sync_interval: int = Field(default=1, ge=1)  # optimizer steps between adapter syncs to the engine
+    vllm_lora_sync: bool | None = None  # ftw always syncs LoRA by loading the adapter (the only way it has)
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, lt=1.0)  # the engine's share of the GPU
     reward_regex: str | None = None  # ftw's own: the pattern of the regex_format reward (default: digits)
     log_completions: bool | None = None
     num_completions_to_print: int | None = Field(default=None, ge=0)
@@ -76,10 +80,13 @@ class TrlConfig(BaseModel):
 # trl keys of axolotl's schema that ftw does not build: named as unsupported, never ignored
 TRL_NOT_BUILT = {
     **dict.fromkeys(
-        "vllm_mode vllm_server_host vllm_server_port vllm_server_timeout vllm_guided_decoding_regex "
-        "vllm_enable_sleep_mode vllm_sync_interval vllm_lora_sync vllm_importance_sampling_correction "
+        "vllm_server_host vllm_server_port vllm_server_timeout".split(),
+        "an external vLLM server: ftw starts its own engine on the training GPU",
+    ),
+    **dict.fromkeys(
+        "vllm_guided_decoding_regex vllm_enable_sleep_mode vllm_importance_sampling_correction "
         "vllm_importance_sampling_mode vllm_importance_sampling_cap".split(),
-        "vLLM generation",
+        "this vLLM generation option",
     ),
     **dict.fromkeys(
         "async_prefetch use_data_producer prefetch_depth streaming_partial_batch streaming_min_groups "

@@ -16,6 +16,7 @@ from typing import Any
 from schemas.config import TrainingConfig
 from schemas.environment import env_flag
 from schemas.issues import Issue, Report
+from schemas.paths import find_module_file
 from schemas.rl import (
     BUILTIN_REWARDS,
     DPO_LOSS_TYPES,
@@ -30,6 +31,7 @@ from schemas.rl import (
 from schemas.rules import Problems, rule
 
 RL_ROW_FIELDS = ("field_prompt", "field_chosen", "field_rejected", "field_completion", "field_label", "field_answer")
+VLLM_KEYS = {"vllm_mode", "vllm_sync_interval", "vllm_lora_sync", "vllm_gpu_memory_utilization"}
 # options that belong to one method: set with another, they would silently do nothing
 METHOD_KEYS = {
     "rl_beta": RL_METHODS,
@@ -97,8 +99,8 @@ def _reference_model(cfg: TrainingConfig) -> Problems:
         yield Issue(
             "rl",
             (
-                f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; ftw uses "
-                "the base model with the adapter disabled: set adapter: lora (or qlora)"
+                f"rl: {cfg.rl} with full fine-tuning would need a second copy of the model as the reference; "
+                "ftw uses the base model with the adapter disabled: set adapter: lora (or qlora)"
                 + (", or use rl: orpo / simpo (no reference)" if cfg.rl != "grpo" else ", or trl.beta: 0")
             ),
             "unsupported",
@@ -119,8 +121,8 @@ def _prompt_len(cfg: TrainingConfig) -> Problems:
     if cfg.max_prompt_len is not None and cfg.max_prompt_len >= cfg.sequence_len:
         yield Issue(
             "max_prompt_len",
-            f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within sequence_len "
-            f"{cfg.sequence_len}",
+            f"max_prompt_len {cfg.max_prompt_len} leaves no room for a completion within "
+            f"sequence_len {cfg.sequence_len}",
         )
 
 
@@ -132,14 +134,14 @@ def _grpo(cfg: TrainingConfig) -> Problems:
     if not trl.reward_funcs:
         yield Issue(
             "trl.reward_funcs",
-            "rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] (built-ins: "
-            f"{', '.join(BUILTIN_REWARDS)})",
+            "rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] "
+            f"(built-ins: {', '.join(BUILTIN_REWARDS)}; your own: module.function)",
         )
     if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
         yield Issue(
             "trl.reward_weights",
-            f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} reward "
-            "functions; give one per function",
+            f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} "
+            "reward functions; give one per function",
         )
     if trl.reward_regex is not None:
         try:
@@ -147,12 +149,11 @@ def _grpo(cfg: TrainingConfig) -> Problems:
         except re.error as e:
             yield Issue("trl.reward_regex", f"trl.reward_regex is not a valid regular expression: {e}")
     if trl.use_vllm:
-        yield Issue(
-            "trl.use_vllm",
-            "trl.use_vllm: vLLM generation for GRPO is not supported by ftw yet; remove it (completions are generated "
-            "with transformers)",
-            "unsupported",
-        )
+        yield from _vllm(cfg, trl)
+    else:
+        for key in sorted(VLLM_KEYS & trl.model_fields_set):
+            if getattr(trl, key) != TrlConfig.model_fields[key].default:
+                yield Issue(f"trl.{key}", f"trl.{key} applies to vLLM generation: set trl.use_vllm: true or remove it")
     if trl.num_iterations > 1:
         yield Issue(
             "trl.num_iterations",
@@ -171,6 +172,31 @@ def _grpo(cfg: TrainingConfig) -> Problems:
             )
 
 
+def _vllm(cfg: TrainingConfig, trl: TrlConfig) -> Problems:
+    """trl.use_vllm: ftw starts vLLM itself beside the trainer and syncs the LoRA adapter into it."""
+    if cfg.adapter is None:
+        yield Issue(
+            "trl.use_vllm",
+            "trl.use_vllm with full fine-tuning would need the full weights copied into the engine every sync; "
+            "ftw syncs LoRA adapters only: set adapter: lora (or qlora), or remove trl.use_vllm",
+            "unsupported",
+        )
+    if trl.vllm_mode == "server":
+        yield Issue(
+            "trl.vllm_mode",
+            "trl.vllm_mode: server (an external `trl vllm-serve`) is not supported by ftw; it starts its own engine "
+            "on the training GPU: remove vllm_mode or set colocate",
+            "unsupported",
+        )
+    if trl.vllm_lora_sync is False:
+        yield Issue(
+            "trl.vllm_lora_sync",
+            "trl.vllm_lora_sync: false (merged weights copied into the engine) is not supported by ftw; it loads the "
+            "LoRA adapter into the engine: remove the key",
+            "unsupported",
+        )
+
+
 def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) -> None:
     """A dataset entry of an rl config: its type must be one its method reads."""
     if rl not in RL_METHODS:
@@ -181,8 +207,8 @@ def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) 
         if rl not in PAIR_METHODS:
             report.error(
                 f"{loc}.type",
-                f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); for rl: {rl} use one "
-                f"of {', '.join(known)}",
+                f"the dict form of type is for preference pairs (rl: {', '.join(PAIR_METHODS)}); "
+                f"for rl: {rl} use one of {', '.join(known)}",
             )
     elif kind is None:
         report.error(
@@ -201,7 +227,8 @@ def check_rl_entry(entry: Mapping[str, Any], loc: str, rl: Any, report: Report) 
 
 
 def check_reward_funcs(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report) -> None:
-    """trl.reward_funcs: built-in names pass; anything else is user code (a module path), behind FTW_ALLOW_PLUGINS."""
+    """trl.reward_funcs: built-in names pass; anything else is user code, `module.function` with the module's file
+    under BASE_VOLUME or FTW_ALLOWED_PATHS, and only where the operator sets FTW_ALLOW_PLUGINS."""
     trl = cfg.get("trl")
     funcs = trl.get("reward_funcs") if isinstance(trl, Mapping) else None
     if not isinstance(funcs, list):
@@ -210,25 +237,25 @@ def check_reward_funcs(cfg: Mapping[str, Any], env: Mapping[str, str], report: R
         if not isinstance(name, str) or name in BUILTIN_REWARDS:
             continue
         loc = f"trl.reward_funcs[{i}]"
-        if "." not in name:
+        module, _, function = name.rpartition(".")
+        if not module:
             close = difflib.get_close_matches(name, BUILTIN_REWARDS, n=1, cutoff=0.6)
             report.error(
                 loc,
                 f"trl.reward_funcs: {name!r} is not a built-in reward function"
                 + (f"; did you mean {close[0]!r}?" if close else "")
-                + f" (built-ins: {', '.join(BUILTIN_REWARDS)})",
+                + f" (built-ins: {', '.join(BUILTIN_REWARDS)}; your own: module.function)",
             )
         elif not env_flag(env, "FTW_ALLOW_PLUGINS"):
             report.error(
                 loc,
-                f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused unless "
-                "the endpoint operator sets FTW_ALLOW_PLUGINS=1",
+                f"trl.reward_funcs: {name!r} names a Python module, which would run code on the worker; refused "
+                f"unless the endpoint operator sets FTW_ALLOW_PLUGINS=1 (built-ins: {', '.join(BUILTIN_REWARDS)})",
                 "gated",
             )
-        else:
+        elif not function.isidentifier() or find_module_file(module, env) is None:
             report.error(
                 loc,
-                f"trl.reward_funcs: {name!r} is allowed by the operator (FTW_ALLOW_PLUGINS), but ftw does not load "
-                f"reward modules; use the built-ins ({', '.join(BUILTIN_REWARDS)})",
-                "unsupported",
+                f"trl.reward_funcs: {name!r} must be module.function with the module's file "
+                f"({module.replace('.', '/')}.py) under BASE_VOLUME or a folder of FTW_ALLOWED_PATHS; none holds it",
             )

@@ -104,7 +104,8 @@ def render(outcomes: list[Outcome]) -> str:
         "`field_chosen`, `field_rejected`, `*_format`) |",
         f"| kto | {', '.join(f'`{t}`' for t in KTO_TYPES)} |",
         f"| grpo | {', '.join(f'`{t}`' for t in GRPO_TYPES)}; reward functions: "
-        f"{', '.join(f'`{r}`' for r in BUILTIN_REWARDS)} |",
+        f"{', '.join(f'`{r}`' for r in BUILTIN_REWARDS)}, or your own `module.function` where the operator sets "
+        "`FTW_ALLOW_PLUGINS=1` (docs/config.md); generation: transformers, or vLLM with `trl.use_vllm` (LoRA/QLoRA) |",
         "",
         "## Per file",
         "",

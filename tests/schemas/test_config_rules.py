@@ -235,7 +235,40 @@ def test_rl_dpo_with_a_preference_type_is_valid():
                 "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_mode": "server", "num_generaton": 4},
                 "datasets": [{"path": "org/p", "type": "prompt_answer"}],
             },
-            {("trl.use_vllm", "unsupported"), ("trl.vllm_mode", "unsupported"), ("trl.num_generaton", "invalid")},
+            {("trl.vllm_mode", "unsupported"), ("trl.num_generaton", "invalid")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "adapter": None,
+                "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "beta": 0, "vllm_server_port": 8000},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.use_vllm", "unsupported"), ("trl.vllm_server_port", "unsupported")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["exact_match"], "vllm_sync_interval": 4},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.vllm_sync_interval", "invalid")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_gpu_memory_utilization": 1.5},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            {("trl.vllm_gpu_memory_utilization", "invalid")},
+        ),
+        (
+            {
+                "rl": "grpo",
+                "trl": {"reward_funcs": ["exact_match"], "use_vllm": True, "vllm_sync_interval": 4},
+                "datasets": [{"path": "org/p", "type": "prompt_answer"}],
+            },
+            set(),
         ),
         (
             {
@@ -274,16 +307,29 @@ def test_a_config_written_back_in_full_validates_again():
     assert again.valid, again.errors
 
 
-def test_user_reward_code_is_refused_even_when_the_operator_allows_plugins():
+def test_user_reward_code_needs_the_gate_and_a_module_under_an_allowed_root(tmp_path):
+    (tmp_path / "rwd").mkdir()
+    (tmp_path / "rwd" / "mine.py").write_text(
+        "def score(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+    )
     raw = {
         **GOOD,
         "adapter": "lora",
         "rl": "grpo",
-        "trl": {"reward_funcs": ["rwd.mine"]},
+        "trl": {"reward_funcs": ["rwd.mine.score", "rwd.other.score", "exact_match"]},
         "datasets": [{"path": "org/p", "type": "prompt_answer"}],
     }
-    report = validate_config(raw, {**ENV, "FTW_ALLOW_PLUGINS": "1"})
-    assert [(i.loc, i.kind) for i in report.errors] == [("trl.reward_funcs[0]", "unsupported")]
+    closed = validate_config(raw, {"BASE_VOLUME": str(tmp_path)})
+    assert [(i.loc, i.kind) for i in closed.errors] == [
+        ("trl.reward_funcs[0]", "gated"),
+        ("trl.reward_funcs[1]", "gated"),
+    ]
+    assert "FTW_ALLOW_PLUGINS=1" in closed.errors[0].msg
+    report = validate_config(raw, {"BASE_VOLUME": str(tmp_path), "FTW_ALLOW_PLUGINS": "1"})
+    assert [(i.loc, i.kind) for i in report.errors] == [("trl.reward_funcs[1]", "invalid")]
+    assert "rwd/other.py" in report.errors[0].msg
+    outside = validate_config(raw, {"BASE_VOLUME": str(tmp_path / "rwd"), "FTW_ALLOW_PLUGINS": "1"})
+    assert [i.loc for i in outside.errors] == ["trl.reward_funcs[0]", "trl.reward_funcs[1]"]
 
 
 def test_preference_keys_without_rl_name_the_feature():

@@ -8,8 +8,16 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import BUILTIN_REWARDS, TrlConfig
-from worker.train.grpo import Rollout, completion_logps, decode_answers, group_advantages, left_aligned, policy_loss
-from worker.train.rewards import REWARDS, rewards
+from worker.train.grpo import (
+    Rollout,
+    completion_logps,
+    decode_answers,
+    group_advantages,
+    left_aligned,
+    policy_loss,
+    rollout_of,
+)
+from worker.train.rewards import REWARDS, Rewards
 
 
 def test_every_builtin_the_schema_names_exists():
@@ -24,7 +32,8 @@ def test_builtin_rewards():
         rl="grpo",
         trl={"reward_funcs": ["exact_match", "contains_answer", "regex_format", "length"], "max_completion_length": 10},
     )
-    got = rewards(cfg, [" 4 8 2", "so 4 8 2!", "abc"], ["4 8 2", "4 8 2", "4 8 2"], [4, 6, 10])
+    ids = [[1] * 4, [1] * 6, [1] * 10]
+    got = Rewards(cfg, {})(["p"] * 3, [" 4 8 2", "so 4 8 2!", "abc"], ids, ["4 8 2", "4 8 2", "4 8 2"])
     assert got == {
         "exact_match": [1.0, 0.0, 0.0],
         "contains_answer": [1.0, 1.0, 0.0],
@@ -32,7 +41,7 @@ def test_builtin_rewards():
         "length": [-0.4, -0.6, -1.0],
     }
     custom = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"reward_regex": r"[a-c]+"})})
-    assert rewards(custom, ["abc", "4"], ["", ""], [1, 1])["regex_format"] == [1.0, 0.0]
+    assert Rewards(custom, {})(["p", "p"], ["abc", "4"], [[1], [1]], ["", ""])["regex_format"] == [1.0, 0.0]
 
 
 def test_group_advantages_are_normalised_per_prompt():
@@ -87,6 +96,25 @@ def test_left_alignment_and_answers_round_trip():
     assert decode_answers(torch.tensor([[52, 50, -1], [195, 169, -1]])) == ["42", "é"]
 
 
+def test_a_rollout_joins_left_padded_prompts_and_right_padded_completions():
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    eos = 2
+    completions = [[30, 2], [31, 32, 33], [40], [41, 2]]  # two per prompt; the second and third never ended
+    for drop in (False, True):
+        r = rollout_of(ids, mask, completions, 2, eos, pad_id=0, mask_truncated=drop)
+        assert r.prompt_width == 3
+        assert r.input_ids.tolist() == [
+            [5, 6, 7, 30, 2, 0],
+            [5, 6, 7, 31, 32, 33],
+            [0, 8, 9, 40, 0, 0],
+            [0, 8, 9, 41, 2, 0],
+        ]
+        ended = [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]
+        want = [row if not drop or c[-1] == eos else [0, 0, 0] for row, c in zip(ended, completions)]
+        assert r.completion_mask.tolist() == want
+        assert r.attention_mask.tolist() == [p + w for p, w in zip([[1, 1, 1]] * 2 + [[0, 1, 1]] * 2, want)]
+
+
 def test_one_update_makes_the_rewarded_completion_more_likely(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -110,3 +138,62 @@ def test_one_update_makes_the_rewarded_completion_more_likely(tiny_model_dir):
     after = completion_logps(model, rollout).sum(1).detach()
     change = after - before
     assert change[0] > 0 and change[0] > change[1:].max() and change[1:].mean() < 0
+
+
+def test_user_reward_functions_load_behind_the_gate_and_fail_clearly(tmp_path):
+    from worker.errors import JobSpecError, TrainingError
+
+    (tmp_path / "mine.py").write_text(
+        "def half(prompts, completions, completion_ids, answer, **kw):\n"
+        "    return [None if c == 'skip' else len(i) / 2 for c, i in zip(completions, completion_ids)]\n"
+        "def boom(**kw):\n    raise KeyError('x')\n"
+        "def short(completions, **kw):\n    return [1.0]\n"
+    )
+    cfg = TrainingConfig(
+        base_model="m",
+        learning_rate=1e-4,
+        adapter="lora",
+        rl="grpo",
+        trl={"reward_funcs": ["exact_match", "mine.half"]},
+    )
+    allowed = {"BASE_VOLUME": str(tmp_path), "FTW_ALLOW_PLUGINS": "1"}
+    got = Rewards(cfg, allowed)(["p", "p"], ["4", "skip"], [[7, 8], [9]], ["4", "4"])
+    assert got["exact_match"] == [1.0, 0.0]
+    assert got["mine.half"][0] == 1.0 and got["mine.half"][1] != got["mine.half"][1]  # None → NaN
+    with pytest.raises(JobSpecError, match="FTW_ALLOW_PLUGINS=1"):
+        Rewards(cfg, {"BASE_VOLUME": str(tmp_path)})
+    with pytest.raises(JobSpecError, match="no function 'nope'"):
+        Rewards(cfg.model_copy(update={"trl": TrlConfig(reward_funcs=["mine.nope"])}), allowed)
+    with pytest.raises(TrainingError, match="reward function mine.boom raised KeyError"):
+        Rewards(cfg.model_copy(update={"trl": TrlConfig(reward_funcs=["mine.boom"])}), allowed)(
+            ["p"], ["c"], [[1]], ["a"]
+        )
+    with pytest.raises(TrainingError, match="must return 2 numbers"):
+        Rewards(cfg.model_copy(update={"trl": TrlConfig(reward_funcs=["mine.short"])}), allowed)(
+            ["p", "p"], ["c", "d"], [[1], [2]], ["a", "a"]
+        )
+
+
+def test_the_engine_settings_follow_the_training_config(tmp_path):
+    from worker.train.generation import VllmOptions
+    from worker.train.vllm_generation import engine_settings
+
+    cfg = TrainingConfig(
+        base_model=str(tmp_path),
+        learning_rate=1e-4,
+        adapter="lora",
+        lora_r=24,
+        sequence_len=512,
+        seed=7,
+        rl="grpo",
+        trl={"reward_funcs": ["exact_match"], "use_vllm": True, "max_completion_length": 128},
+    )
+    options = VllmOptions(sync_interval=1, gpu_memory_utilization=0.4, max_tokens=128)
+    env = {"FTW_VLLM_PYTHON": "/opt/vllm/bin/python", "VLLM_EXTRA_ARGS": "--enforce-eager"}
+    gpu = engine_settings(cfg, options, "bfloat16", env, on_gpu=True)
+    assert (gpu.model, gpu.python, gpu.dtype, gpu.seed) == (str(tmp_path), "/opt/vllm/bin/python", "bfloat16", 7)
+    assert gpu.max_lora_rank == 32 and gpu.max_model_len == 640 and gpu.gpu_memory_utilization == 0.4
+    assert gpu.enable_lora and gpu.vllm_extra_args == ("--enforce-eager",)
+    assert engine_settings(cfg, options, "bfloat16", env, on_gpu=False).gpu_memory_utilization is None
+    hub = cfg.model_copy(update={"base_model": "org/model", "revision_of_model": "abc123"})
+    assert engine_settings(hub, options, "bfloat16", {}, on_gpu=True).vllm_extra_args == ("--revision", "abc123")

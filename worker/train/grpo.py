@@ -1,10 +1,12 @@
 """GRPO's core for the trainer loop: generate, reward, group-normalise, clipped objective with KL.
 
 Per micro-batch of prompts (worker/train/objective.py's contract; a prompt is one item):
-1. `generate`: num_generations completions per prompt with transformers' `generate` (adapter on,
-   eval mode, no grad; temperature / top_p / top_k / min_p / repetition_penalty from `trl:`),
-   cut at the first EOS (`mask_truncated_completions` drops completions that never end).
-2. `score`: the built-in rewards (worker/train/rewards.py), weighted by `reward_weights`.
+1. `generate`: num_generations completions per prompt from the generator (worker/train/generation.py:
+   transformers' `generate` with the live adapter, or vLLM with the adapter synced every
+   `vllm_sync_interval` steps; temperature / top_p / top_k / min_p / repetition_penalty from `trl:`),
+   cut at the first EOS (`mask_truncated_completions` drops completions that never end from the loss).
+2. `score`: the reward functions (worker/train/rewards.py: built-ins, or the user's where the operator
+   allows it), weighted by `reward_weights` (a None from a user's function counts 0, as in TRL).
 3. `advantages`: per group of one prompt's completions, A = r − mean (÷ (std + 1e-4) when
    `scale_rewards`).
 4. `loss`: per completion token, ρ = π/π_old, −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·KL(π‖π_ref)
@@ -20,14 +22,18 @@ the generation, the advantages and the policy loss with its own rewards.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import TrlConfig
-from worker.train.rewards import rewards as reward_values
+from worker.train.generation import Sampling, VllmOptions, build_generator
+from worker.train.rewards import Rewards
 
 
 @dataclass(frozen=True)
@@ -54,39 +60,29 @@ def left_aligned(
     return ids, mask
 
 
-@torch.no_grad()
-def generate(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trl: TrlConfig, eos_id: int, pad_id: int
+def rollout_of(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completions: list[list[int]],
+    group: int,
+    eos_id: int,
+    pad_id: int,
+    mask_truncated: bool,
 ) -> Rollout:
+    """The micro-batch's prompts (right-padded, as collate makes them) and their completions (`group` per prompt,
+    prompt-major, each cut after its first EOS) as one batch: prompts left-padded, completions right-padded."""
     prompts, prompt_mask = left_aligned(input_ids, attention_mask, pad_id)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            input_ids=prompts,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=trl.temperature,
-            top_p=trl.top_p,
-            top_k=trl.top_k or 0,
-            min_p=trl.min_p,
-            repetition_penalty=trl.repetition_penalty,
-            max_new_tokens=trl.max_completion_length,
-            num_return_sequences=trl.num_generations,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )
-    finally:
-        model.train(was_training)
-    width = prompts.shape[1]
-    completions = out[:, width:]
-    is_eos = completions == eos_id
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completions.shape[1])
-    completion_mask = (torch.arange(completions.shape[1], device=out.device)[None] <= first_eos[:, None]).long()
-    if trl.mask_truncated_completions:
-        completion_mask *= is_eos.any(1, keepdim=True).long()
-    prompt_mask = prompt_mask.repeat_interleave(trl.num_generations, 0)
-    return Rollout(out, torch.cat([prompt_mask, completion_mask], 1), completion_mask, width)
+    width = max(1, max(len(c) for c in completions))
+    tail = torch.full((len(completions), width), pad_id, dtype=input_ids.dtype)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        tail[i, : len(c)] = torch.tensor(c, dtype=input_ids.dtype)
+        ended = bool(c) and c[-1] == eos_id
+        completion_mask[i, : len(c)] = 0 if mask_truncated and not ended else 1
+    tail, completion_mask = tail.to(input_ids.device), completion_mask.to(input_ids.device)
+    ids = torch.cat([prompts.repeat_interleave(group, 0), tail], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(group, 0), completion_mask], 1)
+    return Rollout(ids, mask, completion_mask, prompts.shape[1])
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
@@ -140,56 +136,81 @@ def policy_loss(
 class GrpoObjective:
     """The trainer loop's objective for rl: grpo (one item = one prompt of the micro-batch)."""
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer):
+    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path | None = None):
         self.cfg, self.model, self.tokenizer, self.trl = cfg, model, tokenizer, cfg.trl or TrlConfig()
         self.beta = cfg.rl_beta_value()
-        self.funcs = list(self.trl.reward_funcs or [])
+        self.rewards = Rewards(cfg, os.environ)  # the user's functions load (and fail) here, before any step
+        self.funcs = self.rewards.names
         self.weights = torch.tensor(self.trl.reward_weights or [1.0] * len(self.funcs), dtype=torch.float32)
         self.metric_names = ("reward", "reward_std", "completion_length", "kl", *(f"rewards/{f}" for f in self.funcs))
+        self.sampling = Sampling.from_trl(self.trl, tokenizer.eos_token_id)
+        self.micro_per_step = cfg.batch_shape()[1]  # one process (use_vllm refuses more): micro-batches per step
+        self.micro_seen = 0  # training micro-batches so far in this process
+        vllm = VllmOptions.from_trl(self.trl) if self.trl.use_vllm else None
+        self.generator = build_generator(model, tokenizer, vllm, cfg, run_dir)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])
 
-    def score(self, rollout: Rollout, answers: list[str]) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    def score(
+        self, batch: dict[str, torch.Tensor], completions: list[list[int]]
+    ) -> tuple[torch.Tensor, dict[str, list[float]]]:
         tok, g = self.tokenizer, self.trl.num_generations
-        completions = rollout.input_ids[:, rollout.prompt_width :]
-        texts = tok.batch_decode(
-            [c[m.bool()].tolist() for c, m in zip(completions, rollout.completion_mask)], skip_special_tokens=True
-        )
-        lengths = rollout.completion_mask.sum(1).tolist()
-        per_func = reward_values(self.cfg, texts, [a for a in answers for _ in range(g)], lengths)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        prompts = [p for p in tok.batch_decode(rows, skip_special_tokens=True) for _ in range(g)]
+        texts = tok.batch_decode(completions, skip_special_tokens=True)
+        answers = [a for a in decode_answers(batch["answer_bytes"]) for _ in range(g)]
+        per_func = self.rewards(prompts, texts, completions, answers)
         table = torch.tensor([per_func[f] for f in self.funcs], dtype=torch.float32)  # funcs × completions
-        return (self.weights[:, None] * table).sum(0), per_func
+        return (self.weights[:, None] * table).nansum(0), per_func
+
+    def generate(self, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+        """num_generations completions per prompt from the generator, synced to this optimizer step first."""
+        training = self.model.training
+        self.generator.sync(self.micro_seen // self.micro_per_step, force=not training)
+        self.micro_seen += int(training)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        return self.generator.completions(rows, self.sampling)
 
     def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        answers = decode_answers(batch["answer_bytes"])
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id or 0
-        rollout = generate(self.model, batch["input_ids"], batch["attention_mask"], self.trl, eos, pad)
-        total, per_func = self.score(rollout, answers)
-        advantages = group_advantages(total, self.trl.num_generations, self.trl.scale_rewards).to(
-            rollout.input_ids.device
+        pad = self.tokenizer.pad_token_id or 0
+        completions = self.generate(batch)
+        g = self.trl.num_generations
+        rollout = rollout_of(
+            batch["input_ids"],
+            batch["attention_mask"],
+            completions,
+            g,
+            self.sampling.stop_id,
+            pad,
+            self.trl.mask_truncated_completions,
         )
+        total, per_func = self.score(batch, completions)
+        advantages = group_advantages(total, g, self.trl.scale_rewards).to(rollout.input_ids.device)
         ref = None
         if self.beta > 0:
-            disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+            disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()  # type: ignore[operator]
             with torch.no_grad(), disabled:
                 ref = completion_logps(engine, rollout)
         logp = completion_logps(engine, rollout)
         loss, kl = policy_loss(logp, logp.detach(), ref, advantages, rollout.completion_mask, self.trl, self.beta)
         prompts = float(batch["input_ids"].shape[0])
-        groups = total.view(-1, self.trl.num_generations)
+        groups = total.view(-1, g)
         stats = [
             groups.mean(),
             groups.std(1).mean(),
-            rollout.completion_mask.sum(1).float().mean(),
+            torch.tensor([len(c) for c in completions], dtype=torch.float32).mean(),
             kl.cpu(),
-            *(torch.tensor(per_func[f]).mean() for f in self.funcs),
+            *(torch.tensor(per_func[f]).nanmean() for f in self.funcs),
         ]
         sums = torch.stack([torch.as_tensor(s).detach().double().cpu() for s in stats]) * prompts
         return loss * prompts / n_items, sums.to(loss.device)
 
     def metrics(self, sums: list[float], n_items: float) -> dict[str, float]:
         return {name: value / max(n_items, 1) for name, value in zip(self.metric_names, sums)}
+
+    def close(self) -> None:
+        self.generator.close()
 
 
 def decode_answers(answer_bytes: torch.Tensor) -> list[str]:

@@ -4,6 +4,7 @@
     n = objective.count(batch)                       # host side, in the prefetch thread
     loss, sums = objective.loss(engine, batch, n_items)   # loss already divided by the global n_items
     objective.metrics(summed_sums, n_items)          # → extra progress metrics of a step
+    objective.close()                                # at the end of training: e.g. GRPO's vLLM engine stops
 
 `count` is what the loss is averaged over: target tokens for SFT, pairs for the DPO family,
 completions for KTO, prompts for GRPO; the trainer sums it over micro-batches and ranks
@@ -13,7 +14,8 @@ fixed-length vector the trainer adds up across micro-batches and ranks and hands
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +33,8 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def metrics(self, sums: list[float], n_items: float) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
 class SupervisedObjective:
@@ -56,15 +60,25 @@ class SupervisedObjective:
     def metrics(self, sums: list[float], n_items: float) -> dict[str, float]:
         return {"aux_loss": sums[0] / sums[1]} if self.router_loss and sums[1] else {}
 
+    def close(self) -> None:
+        """Nothing to release."""
 
-def build_objective(cfg: TrainingConfig, model: torch.nn.Module, tokenizer, router_loss: bool = False) -> Objective:
+
+def build_objective(
+    cfg: TrainingConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    router_loss: bool = False,
+    run_dir: Path | None = None,
+) -> Objective:
+    """The run's objective; GRPO's starts its generator here (vLLM: a child process, folders under `run_dir`)."""
     method = cfg.rl_method()
     if method is None:
         return SupervisedObjective(router_loss)
     if method == "grpo":
         from worker.train.grpo import GrpoObjective
 
-        return GrpoObjective(cfg, model, tokenizer)
+        return GrpoObjective(cfg, model, tokenizer, run_dir)
     from worker.train.preference import PreferenceObjective
 
     return PreferenceObjective(cfg, model)

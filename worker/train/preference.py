@@ -169,3 +169,6 @@ class PreferenceObjective:
         if self.method != "kto":
             out |= {"rewards/margins": margin / max(n_items, 1), "rewards/accuracies": accuracy / max(n_items, 1)}
         return out
+
+    def close(self) -> None:
+        """Nothing to release."""
