@@ -69,25 +69,27 @@ def main(argv: list[str] | None = None) -> int:
             "FTW_S3_CONCURRENCY": str(args.concurrency),
         }
         transfer = TransferSettings.from_env(env)
-        client = make_client(S3Settings.resolve(env), transfer)
+        client = make_client(S3Settings.from_env(env), transfer)
         baseline_client = server.client()
         results: dict[str, list[float]] = {k: [] for k in ("base_up", "ftw_up", "base_down", "ftw_down")}
         for i in range(args.repeat):
             results["base_up"].append(
                 timed(
-                    lambda: baseline_client.upload_file(
+                    lambda i=i: baseline_client.upload_file(
                         str(src / "model.safetensors"), "bench", f"plain{i}/model.safetensors"
                     )
                 )
             )
             loc = S3Location("bench", f"ftw{i}")
-            results["ftw_up"].append(timed(lambda: upload_folder(client, src, loc, transfer)))
+            results["ftw_up"].append(timed(lambda loc=loc: upload_folder(client, src, loc, transfer)))
             out = tmp / f"plain-{i}.bin"
             results["base_down"].append(
-                timed(lambda: baseline_client.download_file("bench", f"plain{i}/model.safetensors", str(out)))
+                timed(
+                    lambda i=i, out=out: baseline_client.download_file("bench", f"plain{i}/model.safetensors", str(out))
+                )
             )
             out.unlink()
-            results["ftw_down"].append(timed(lambda: pull(loc.uri, env)))
+            results["ftw_down"].append(timed(lambda loc=loc: pull(loc.uri, env)))
             shutil.rmtree(tmp / "volume" / "cache")
     best = {k: min(v) for k, v in results.items()}
     print(

@@ -181,7 +181,7 @@ def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path
 
 
 def _pull_s3(loc: S3Location, env: Mapping[str, str], transfer: TransferSettings) -> Pulled:
-    client = make_client(S3Settings.resolve(env), transfer)
+    client = make_client(S3Settings.from_env(env), transfer)
     manifest = read_remote_manifest(client, loc, transfer)
     if manifest is None:
         raise ArtifactMissing(

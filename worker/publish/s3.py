@@ -1,10 +1,9 @@
 """S3 and S3-compatible stores (R2, MinIO, B2, rclone…): verified, retried, never partial uploads.
 
-Credentials, in this order: the job's `credentials` (aws_*), RunPod's names in the endpoint's
-environment (BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY / BUCKET_ENDPOINT_URL — also what a
-job's `s3Config` becomes), then AWS_* and boto3's own chain (instance roles). Never a file the job
-names. The endpoint comes from outputs.s3.endpoint_url, BUCKET_ENDPOINT_URL, AWS_ENDPOINT_URL_S3
-or AWS_ENDPOINT_URL; region from outputs.s3.region, AWS_REGION or AWS_DEFAULT_REGION.
+A client is made from one `S3Settings` (endpoint, region, key pair) and nothing else: a job's
+settings come from its PublishPlan (targets.py: the job's credentials, its s3Config, then the
+endpoint's), a pull's from the endpoint's environment (`S3Settings.from_env`). Only with no key
+pair anywhere does boto3 look further (its own chain: instance roles). Never a file the job names.
 
 `upload_folder` deletes the prefix's old manifest, uploads every file (multipart with parallel
 parts through s3transfer, each file retried with backoff), checks every object's size, and puts
@@ -72,26 +71,18 @@ class S3Settings:
     session_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def resolve(cls, env: Mapping[str, str], outputs_s3: Any = None, credentials: Any = None) -> S3Settings:
-        def secret(name: str) -> str | None:
-            value = getattr(credentials, name, None) if credentials is not None else None
-            return value.get_secret_value() if value is not None and value.get_secret_value() else None
-
+    def from_env(cls, env: Mapping[str, str]) -> S3Settings:
+        """The endpoint's own S3 settings: RunPod's BUCKET_* key pair, else AWS_*."""
         pairs = [
-            (secret("aws_access_key_id"), secret("aws_secret_access_key"), secret("aws_session_token")),
             (env.get("BUCKET_ACCESS_KEY_ID"), env.get("BUCKET_SECRET_ACCESS_KEY"), None),
             (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN")),
         ]
-        key, secret_key, token = next(((k, s, t) for k, s, t in pairs if k and s), (None, None, None))
+        key, secret, token = next(((k, s, t) for k, s, t in pairs if k and s), (None, None, None))
         endpoint = (
-            getattr(outputs_s3, "endpoint_url", None)
-            or env.get("BUCKET_ENDPOINT_URL")
-            or env.get("AWS_ENDPOINT_URL_S3")
-            or env.get("AWS_ENDPOINT_URL")
-            or None
+            env.get("BUCKET_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         )
-        region = getattr(outputs_s3, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        return cls(endpoint, region, key, secret_key, token)
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return cls(endpoint, region, key, secret, token or None)
 
 
 def make_client(settings: S3Settings, transfer: TransferSettings):
@@ -351,7 +342,8 @@ def download_folder(
                     break
                 if attempt == transfer.attempts - 1:
                     raise PublishError(
-                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 after {transfer.attempts} tries",
+                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 "
+                        f"after {transfer.attempts} tries",
                         "the stored object differs from what was published (altered or corrupted in the store)",
                         details={"uri": loc.uri, "files": bad},
                     )
