@@ -127,7 +127,8 @@ class Redactor:
     def for_job(
         cls, env: Mapping[str, str], credential_env: Mapping[str, str], s3_config: Mapping[str, Any] | None = None
     ) -> Redactor:
-        values = env_secrets(env) + list(credential_env.values())
+        # the job's credentials by their variable names: s3Config's bucket name and endpoint are no secret
+        values = env_secrets(env) + env_secrets(credential_env)
         s3 = s3_config if isinstance(s3_config, Mapping) else {}
         values += [str(v) for k, v in s3.items() if k in S3CONFIG_SECRET_KEYS and v]
         return cls(values)
