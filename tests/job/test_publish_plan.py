@@ -60,7 +60,7 @@ def test_one_plan_per_job_takes_s3config_credentials_to_the_bucket(demo_volume, 
         "accessSecret": s3_server.secret,
         "endpointUrl": s3_server.endpoint_url,
     }
-    config = {"max_steps": 2, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
+    config = {"max_steps": 3, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
     job = example_job(run_id="s3config", config=config, publish=["adapter", "checkpoints"])
 
     result = run_job({"input": job}, s3_config=s3_config)
