@@ -176,3 +176,30 @@ def test_missing_bucket_is_named_and_not_retried(tiny_adapter, tmp_path, env):
             ),
         )
     assert "NoSuchBucket" in err.value.message and "outputs.s3.bucket" in err.value.hint and not err.value.retryable
+
+
+def test_s3config_credentials_reach_the_store_through_the_plan_alone(
+    tiny_adapter, tmp_path, env, bucket, s3_server, monkeypatch
+):
+    """RunPod's s3Config names the bucket, the endpoint and the key pair; the endpoint's env has none, and
+    the process env holds a wrong AWS key pair that boto3's own chain would take: the client must use
+    the plan's explicit pair, and nothing is put into the process env."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
+    for name in ("BUCKET_NAME", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint_env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")}
+    s3_config = {
+        "bucketName": bucket,
+        "accessId": s3_server.key,
+        "accessSecret": s3_server.secret,
+        "endpointUrl": s3_server.endpoint_url,
+    }
+    before = dict(os.environ)
+    run = make_run_dir(tmp_path, tiny_adapter, checkpoints=(3,))
+    plan = plan_for(make_job("run-s3config", publish=["adapter", "checkpoints"]), endpoint_env, s3_config)
+    artifacts = publish_run(run, plan)
+    assert {a["kind"] for a in artifacts} == {"adapter", "checkpoints", "logs"}
+    assert all(a["uri"].startswith(f"s3://{bucket}/run-s3config/") for a in artifacts)
+    assert "run-s3config/adapter/manifest.json" in objects(s3_server, bucket)
+    assert dict(os.environ) == before
