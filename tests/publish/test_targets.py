@@ -23,7 +23,7 @@ S3_CONFIG = {
 }
 
 
-def test_job_outputs_and_credential_precedence():
+def test_job_outputs_and_credential_precedence() -> None:
     job = make_job(
         "t1",
         outputs={
@@ -43,7 +43,7 @@ def test_job_outputs_and_credential_precedence():
         assert secret not in repr(plan)
 
 
-def test_s3config_comes_before_the_endpoint_env_and_after_the_job():
+def test_s3config_comes_before_the_endpoint_env_and_after_the_job() -> None:
     """RunPod's per-job s3Config names the bucket, the endpoint and the key pair when the job does not."""
     plan = plan_for(make_job("t4"), ENV, S3_CONFIG)
     assert plan.s3 is not None and plan.s3.root.uri == "s3://runpod-job-bucket/t4" and plan.local is None
@@ -58,7 +58,7 @@ def test_s3config_comes_before_the_endpoint_env_and_after_the_job():
     )
 
 
-def test_runpod_bucket_names_then_aws():
+def test_runpod_bucket_names_then_aws() -> None:
     plan = plan_for(make_job("t2", outputs={"s3": {"bucket": "b-1"}}), ENV)
     assert plan.s3 is not None
     assert (plan.s3.settings.access_key, plan.s3.settings.endpoint_url) == ("bucket-key", "http://r2.example")
@@ -68,7 +68,7 @@ def test_runpod_bucket_names_then_aws():
     assert (plan.s3.settings.access_key, plan.s3.settings.endpoint_url) == ("aws-key", None)
 
 
-def test_bucket_from_the_endpoint_else_the_local_store():
+def test_bucket_from_the_endpoint_else_the_local_store() -> None:
     plan = plan_for(make_job("t3"), {**ENV, "BUCKET_NAME": "runpod-bucket", "FTW_S3_PREFIX": "ft/"})
     assert plan.s3 is not None and plan.s3.root.uri == "s3://runpod-bucket/ft/t3"
     assert plan.local is None and plan.hub is None
@@ -76,7 +76,7 @@ def test_bucket_from_the_endpoint_else_the_local_store():
     assert plan.s3 is None and str(plan.local) == "/vol/store/t3"
 
 
-def test_what_is_published_comes_from_the_job():
+def test_what_is_published_comes_from_the_job() -> None:
     job = make_job("t5", publish=["adapter", "checkpoints"], save_total_limit=3)
     plan = plan_for(job, ENV)
     assert plan.kinds == {"adapter", "checkpoints"} and plan.keep_checkpoints == 3 and plan.main_kind == "adapter"

@@ -122,7 +122,7 @@ def model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"{'A ' + cfg.adapter.upper() + ' adapter' if is_adapter else 'A full fine-tune'} of **{base}**, "
+        f"{f'A {cfg.adapter.upper()} adapter' if cfg.adapter is not None else 'A full fine-tune'} of **{base}**, "
         f"trained with ftw (run `{run_id}`).",
         "",
         "## Training data",

@@ -117,7 +117,7 @@ def _hub_error(e: Exception, target: HubTarget) -> PublishError:
     }
     err = PublishError(
         f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-        hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
+        hints.get(status or 0, "the Hub or the network failed; resubmit the same run_id to publish again"),
         details={"repo_id": target.repo_id, **({"http_status": status} if status else {})},
     )
     err.retryable = not refused(status)
@@ -165,7 +165,7 @@ def publish_hub(
         ops += _operations(merged_dir, f"{MERGED_DIR}/", {})[0]
     branch = target.revision or "main"
 
-    def commit():
+    def commit() -> Any:
         api.create_repo(target.repo_id, private=target.private, exist_ok=True)
         if branch != "main":
             api.create_branch(target.repo_id, branch=branch, exist_ok=True)

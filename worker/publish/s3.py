@@ -13,13 +13,14 @@ parts through s3transfer, each file retried with backoff), checks every object's
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.errors import PublishError
 from worker.publish.manifest import MANIFEST_NAME, Manifest
@@ -36,6 +37,7 @@ FATAL_CODES = {
 }
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
+T = TypeVar("T")
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
 
 
@@ -85,7 +87,7 @@ class S3Settings:
         return cls(endpoint, region, key, secret, token or None)
 
 
-def make_client(settings: S3Settings, transfer: TransferSettings):
+def make_client(settings: S3Settings, transfer: TransferSettings) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -115,7 +117,7 @@ def make_client(settings: S3Settings, transfer: TransferSettings):
         )
 
 
-def _transfer_config(transfer: TransferSettings):
+def _transfer_config(transfer: TransferSettings) -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(
@@ -146,8 +148,8 @@ def fatal_or_raise(e: Exception, what: str) -> None:
             raise Fatal(err)
 
 
-def _guarded(fn, what: str):
-    def call():
+def _guarded(fn: Callable[[], T], what: str) -> Callable[[], T]:
+    def call() -> T:
         try:
             return fn()
         except Exception as e:
@@ -169,7 +171,9 @@ def _failed(what: str, e: Exception, loc: S3Location) -> PublishError:
 
 
 @contextlib.contextmanager
-def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseException], ...] = (PublishError,)):
+def _as_publish_error(
+    label: str, loc: S3Location, passthrough: tuple[type[BaseException], ...] = (PublishError,)
+) -> Iterator[None]:
     """Any failure of a transfer becomes one PublishError naming it; typed ones pass through."""
     try:
         yield
@@ -182,7 +186,7 @@ def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseE
 
 
 def upload_folder(
-    client,
+    client: Any,
     folder: Path,
     loc: S3Location,
     transfer: TransferSettings,
@@ -216,7 +220,7 @@ def upload_folder(
                 _pause(transfer, attempt, label, pending)
         for rel, entry in manifest.files.items():  # every object there, at its size, before the manifest
             head = with_retries(
-                _guarded(lambda rel=rel: client.head_object(Bucket=loc.bucket, Key=loc.key(rel)), label),
+                _guarded(functools.partial(client.head_object, Bucket=loc.bucket, Key=loc.key(rel)), label),
                 label,
                 transfer,
             )
@@ -252,7 +256,8 @@ class _Bytes:
 
 def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manifest: Manifest, last: bool) -> list[str]:
     """Wait for every future; the files that failed (a fatal error or the last try raises)."""
-    failed, first_error = [], None
+    failed: list[str] = []
+    first_error: Exception | None = None
     for rel, future in futures.items():
         try:
             future.result()
@@ -263,7 +268,7 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
             failed.append(rel)
             first_error = first_error or e
             progress.rewind(int(manifest.files[rel]["size"]))
-    if failed and last:
+    if first_error is not None and last:
         raise first_error
     return failed
 
@@ -281,13 +286,14 @@ def _pause(transfer: TransferSettings, attempt: int, label: str, pending: list[s
     time.sleep(delay)
 
 
-def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) -> Manifest | None:
+def read_remote_manifest(client: Any, loc: S3Location, transfer: TransferSettings) -> Manifest | None:
     """The manifest at `loc`, or None when the prefix has none (not published, or not complete)."""
     from botocore.exceptions import ClientError
 
     def get() -> bytes | None:
         try:
-            return client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME))["Body"].read()
+            data: bytes = client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME))["Body"].read()
+            return data
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -310,7 +316,7 @@ def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) ->
 
 
 def download_folder(
-    client, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None
+    client: Any, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None
 ) -> Manifest:
     """Download the files of `loc`'s manifest into `dest` (which should be empty), each verified by sha256."""
     from boto3.s3.transfer import create_transfer_manager
@@ -352,7 +358,7 @@ def download_folder(
     return manifest
 
 
-def list_children(client, loc: S3Location, transfer: TransferSettings) -> list[str]:
+def list_children(client: Any, loc: S3Location, transfer: TransferSettings) -> list[str]:
     """Names of the 'folders' directly under `loc` (CommonPrefixes)."""
 
     def listing() -> list[str]:
@@ -378,7 +384,7 @@ def list_children(client, loc: S3Location, transfer: TransferSettings) -> list[s
         raise _failed(f"list {loc.uri}", e, loc) from e
 
 
-def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
+def delete_prefix(client: Any, loc: S3Location, transfer: TransferSettings) -> None:
     """Remove an artifact: its manifest first (it stops being complete), then its objects."""
     keys = []
     paginator = client.get_paginator("list_objects_v2")
@@ -391,4 +397,4 @@ def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
         )
     for key in keys:
         if key != manifest_key:
-            with_retries(lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), f"delete {key}", transfer)
+            with_retries(functools.partial(client.delete_object, Bucket=loc.bucket, Key=key), f"delete {key}", transfer)
