@@ -41,6 +41,7 @@ def test_job_outputs_and_credential_precedence() -> None:
     assert plan.hub.token == "hf_job" and plan.hub.private is True
     for secret in ("job-secret", "hf_job", "bucket-secret", "aws-secret", "s3config-secret"):
         assert secret not in repr(plan)
+    assert "TrainingConfig" not in repr(plan)  # a dataset URL in the config may carry a signature
 
 
 def test_s3config_comes_before_the_endpoint_env_and_after_the_job() -> None:

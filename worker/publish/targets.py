@@ -36,13 +36,13 @@ class S3Target:
     settings: S3Settings  # endpoint, region and the key pair (never shown: repr=False there)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PublishPlan:
     """What a job publishes, where, and with which credentials (repr shows no secret)."""
 
     run_id: str
     kinds: frozenset[PublishKind]  # job.publish
-    config: TrainingConfig  # what the model card and the artifact kinds are made from
+    config: TrainingConfig = field(repr=False)  # for the model card and the main kind (a URL in it may be signed)
     s3: S3Target | None
     hub: HubTarget | None
     local: Path | None  # BASE_VOLUME/store/<run_id> when it is the target
