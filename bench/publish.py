@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "FTW_S3_CONCURRENCY": str(args.concurrency),
         }
         transfer = TransferSettings.from_env(env)
-        client = make_client(S3Settings.resolve(env), transfer)
+        client = make_client(S3Settings.from_env(env), transfer)
         baseline_client = server.client()
         results: dict[str, list[float]] = {k: [] for k in ("base_up", "ftw_up", "base_down", "ftw_down")}
         for i in range(args.repeat):

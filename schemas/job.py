@@ -32,11 +32,44 @@ SECRET_KEYS = ("credentials",)
 MIN_MASKED_LEN = 6  # shorter strings are too common in messages to mask, and too short to be a credential
 
 
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+S3_ENDPOINT_URL = re.compile(r"^https?://")
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an S3 bucket's name, or None: the one rule for outputs.s3.bucket and s3Config.bucketName."""
+    if BUCKET_NAME.fullmatch(name):
+        return None
+    return (
+        f"{excerpt(name)} is not a bucket name: use 3-63 lowercase letters, digits, '.' or '-', "
+        "starting and ending with a letter or digit"
+    )
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an S3 endpoint, or None: one rule for outputs.s3.endpoint_url and s3Config.endpointUrl."""
+    return None if S3_ENDPOINT_URL.match(url) else f"{excerpt(url)} is not an http:// or https:// URL"
+
+
 class S3Output(Frozen):
-    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    bucket: str
     prefix: str = ""
-    endpoint_url: str | None = Field(default=None, pattern=r"^https?://")
+    endpoint_url: str | None = None
     region: str | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        if (problem := bucket_name_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and (problem := endpoint_url_problem(v)) is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -74,6 +107,52 @@ class Credentials(Frozen):
 
     def secrets(self) -> list[str]:
         return [v.get_secret_value() for v in self.__dict__.values() if v is not None and v.get_secret_value()]
+
+
+class S3Config(Frozen):
+    """RunPod's per-job `s3Config` (beside `input`): a bucket and its credentials, which come before the
+    endpoint's BUCKET_* (parse_s3_config builds it; its secrets are never shown)."""
+
+    bucket_name: str | None = None
+    access_id: SecretStr | None = None
+    access_secret: SecretStr | None = None
+    endpoint_url: str | None = None
+
+    def secrets(self) -> list[str]:
+        return [v.get_secret_value() for v in (self.access_id, self.access_secret) if v is not None]
+
+
+# s3Config's keys (RunPod's names) → S3Config's fields
+S3CONFIG_FIELDS = {
+    "bucketName": "bucket_name",
+    "accessId": "access_id",
+    "accessSecret": "access_secret",
+    "endpointUrl": "endpoint_url",
+}
+S3CONFIG_RULES = {"bucketName": bucket_name_problem, "endpointUrl": endpoint_url_problem}
+
+
+def parse_s3_config(raw: Any) -> tuple[S3Config | None, list[Issue]]:
+    """RunPod's s3Config as an S3Config (None when absent), or every problem at `s3Config.<key>`; a
+    credential's value is never quoted. Empty values count as absent; unknown keys are ignored."""
+    if raw is None:
+        return None, []
+    if not isinstance(raw, Mapping):
+        return None, [Issue("s3Config", f"must be an object of {', '.join(S3CONFIG_FIELDS)}, got {type(raw).__name__}")]
+    issues, values = [], {}
+    for key, name in S3CONFIG_FIELDS.items():
+        value = raw.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            issues.append(Issue(f"s3Config.{key}", f"must be a string, got {type(value).__name__}"))
+        elif any(c in value for c in "\x00\n\r"):
+            issues.append(Issue(f"s3Config.{key}", "contains a NUL byte or a line break"))
+        elif key in S3CONFIG_RULES and (problem := S3CONFIG_RULES[key](value)) is not None:
+            issues.append(Issue(f"s3Config.{key}", problem))
+        else:
+            values[name] = value
+    return (None, issues) if issues else (S3Config(**values), [])
 
 
 class TimeLimits(Frozen):

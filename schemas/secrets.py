@@ -98,21 +98,6 @@ def job_credential_env(credentials: Any, s3_config: Mapping[str, Any] | None) ->
     return out
 
 
-def s3_config_problem(s3_config: Any) -> str | None:
-    """Why RunPod's per-job s3Config cannot be used (its values become environment variables), or None."""
-    if s3_config is None:
-        return None
-    if not isinstance(s3_config, Mapping):
-        return f"must be an object of {', '.join(S3CONFIG_ENV)}, got {type(s3_config).__name__}"
-    for key in S3CONFIG_ENV:
-        value = s3_config.get(key)
-        if value is not None and not isinstance(value, str):
-            return f"{key} must be a string, got {type(value).__name__}"
-        if isinstance(value, str) and any(c in value for c in "\x00\n\r"):
-            return f"{key} contains a NUL byte or a line break"
-    return None
-
-
 def child_env(base: Mapping[str, str], credential_env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of a stage child: the endpoint's, minus platform keys, plus the job's secrets."""
     env = {k: v for k, v in base.items() if not k.startswith(CHILD_EXCLUDED)}
@@ -142,7 +127,8 @@ class Redactor:
     def for_job(
         cls, env: Mapping[str, str], credential_env: Mapping[str, str], s3_config: Mapping[str, Any] | None = None
     ) -> Redactor:
-        values = env_secrets(env) + list(credential_env.values())
+        # the job's credentials by their variable names: s3Config's bucket name and endpoint are no secret
+        values = env_secrets(env) + env_secrets(credential_env)
         s3 = s3_config if isinstance(s3_config, Mapping) else {}
         values += [str(v) for k, v in s3.items() if k in S3CONFIG_SECRET_KEYS and v]
         return cls(values)

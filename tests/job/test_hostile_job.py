@@ -73,19 +73,23 @@ def test_an_invalid_job_with_thousands_of_problems_gets_a_readable_failure(volum
 
 
 def test_an_unusable_s3config_fails_the_job_as_invalid_and_is_never_quoted(volume):
-    """RunPod's s3Config arrives beside the input; a non-object one crashed the orchestrator, and a value
-    with a NUL byte would have failed as an environment variable of the first stage."""
+    """RunPod's s3Config arrives beside the input; a non-object one crashed the orchestrator, a value
+    with a NUL byte would have failed as an environment variable of the first stage, and a bucket name
+    or endpoint that outputs.s3 refuses would have failed only at publish, after training."""
     from worker.job.pipeline import run_job
 
-    for s3_config, says in (
-        ("not-an-object", "must be an object"),
-        ({"accessSecret": "s3cret\x00VALUE99"}, "NUL byte"),
-        ({"accessId": 12345678}, "accessId must be a string"),
+    for s3_config, loc, says in (
+        ("not-an-object", "s3Config", "must be an object"),
+        ({"accessSecret": "s3cret\x00VALUE99"}, "s3Config.accessSecret", "NUL byte"),
+        ({"accessId": 12345678}, "s3Config.accessId", "must be a string"),
+        ({"bucketName": "My_Bucket", "accessSecret": "VALUE99-secret"}, "s3Config.bucketName", "not a bucket name"),
+        ({"bucketName": "ok-bucket", "endpointUrl": "minio.local:9000"}, "s3Config.endpointUrl", "not an http"),
     ):
         result = run_job({"input": example_job()}, s3_config=s3_config)
         assert result["status"] == "failed" and result["error"]["code"] == "invalid_job", result
-        assert result["error"]["details"]["errors"][-1]["loc"] == "s3Config" and says in result["error"]["message"]
-        assert "VALUE99" not in json.dumps(result)
+        assert result["error"]["details"]["errors"][-1]["loc"] == loc and says in result["error"]["message"]
+        assert f"{loc}: " in result["error"]["message"] and "VALUE99" not in json.dumps(result)
+        assert not (volume / "runs").exists() and not (volume / "store").exists()  # nothing was started
 
 
 def test_a_huge_value_holding_a_url_secret_fails_clearly_before_any_stage(demo_volume):

@@ -53,6 +53,10 @@ def test_sources_of_secrets_and_the_child_environment():
     redactor = Redactor.for_job(env, creds, {"accessSecret": "s3cfg-secret-5"})
     text = redactor.text("hf_env_token_1 hf_job_token_2 s3cfg-secret-5 https://user:pw@host/x pw-123456")
     assert text == "*** *** *** https://***@host/x ***"
+    # s3Config's bucket and endpoint are where artifacts go, not secrets: the result's URIs keep them
+    s3_config = {"accessId": "AKIA-4", "accessSecret": "s3cfg-secret-5", "bucketName": "my-bucket"}
+    redactor = Redactor.for_job(env, job_credential_env(job.credentials, s3_config), s3_config)
+    assert redactor.text("s3://my-bucket/run AKIA-4 s3cfg-secret-5") == "s3://my-bucket/run *** ***"
 
 
 def test_settings_named_like_secrets_do_not_mask_plain_words_in_a_stage_summary():

@@ -8,10 +8,14 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from schemas.job import JobInput, parse_s3_config
+from schemas.secrets import Redactor, job_credential_env
 from tests.publish.faultproxy import FaultProxy
+from worker.publish import PublishPlan
 
 BASE_MODEL_ID = "ftw-tests/tiny-llama"
 ENV_SECRET = "env-secret-value-never-in-a-card-123"
@@ -116,6 +120,14 @@ def make_job(
     report = validate_job(raw, env=env or {})
     assert report.valid, report.errors
     return report.value
+
+
+def plan_for(job: JobInput, env: dict[str, str], s3_config: dict[str, Any] | None = None) -> PublishPlan:
+    """The job's PublishPlan, built as the orchestrator builds it (once, right after validation)."""
+    bucket_config, problems = parse_s3_config(s3_config)
+    assert not problems, problems
+    redactor = Redactor.for_job(env, job_credential_env(job.credentials, s3_config), s3_config)
+    return PublishPlan.resolve(job, bucket_config, env, redactor)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.publish.conftest import make_job, make_run_dir
+from tests.publish.conftest import make_job, make_run_dir, plan_for
 from worker.errors import PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
@@ -30,7 +30,8 @@ def manifest_keys(s3_server, bucket: str) -> list[str]:
 def test_upload_survives_cut_connections(big_run, env, bucket, proxy, s3_server):
     proxy.cut(upload_after=1 * MiB, times=3)
     artifacts = publish_run(
-        big_run, make_job("cut-up", outputs={"s3": {"bucket": bucket}}), {**env, "BUCKET_ENDPOINT_URL": proxy.url}
+        big_run,
+        plan_for(make_job("cut-up", outputs={"s3": {"bucket": bucket}}), {**env, "BUCKET_ENDPOINT_URL": proxy.url}),
     )
     assert proxy.cuts_done == 3
     adapter = next(a for a in artifacts if a["kind"] == "adapter")
@@ -43,7 +44,7 @@ def test_upload_that_keeps_failing_leaves_no_manifest(big_run, env, bucket, prox
     proxy.cut(upload_after=1 * MiB, times=None)
     job = make_job("cut-up-forever", outputs={"s3": {"bucket": bucket}})
     with pytest.raises(PublishError) as err:
-        publish_run(big_run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"})
+        publish_run(big_run, plan_for(job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}))
     assert "failed after retries" in err.value.message and "resubmitting the same run_id" in err.value.hint
     assert err.value.retryable and err.value.details["published"] == []
     assert manifest_keys(s3_server, bucket) == []
@@ -54,11 +55,11 @@ def test_upload_that_keeps_failing_leaves_no_manifest(big_run, env, bucket, prox
 
 def test_republish_over_a_failed_attempt_replaces_the_old_manifest_last(big_run, env, bucket, proxy, s3_server):
     job = make_job("again", outputs={"s3": {"bucket": bucket}})
-    publish_run(big_run, job, env)
+    publish_run(big_run, plan_for(job, env))
     (big_run / "adapter" / "weights.bin").write_bytes(os.urandom(12 * MiB))
     proxy.cut(upload_after=1 * MiB, times=None)
     with pytest.raises(PublishError):
-        publish_run(big_run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"})
+        publish_run(big_run, plan_for(job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}))
     # the old manifest went first: nobody can take the half-replaced prefix for the old artifact
     assert "again/adapter/manifest.json" not in manifest_keys(s3_server, bucket)
 
@@ -66,7 +67,7 @@ def test_republish_over_a_failed_attempt_replaces_the_old_manifest_last(big_run,
 def test_download_survives_cut_connections(big_run, env, bucket, proxy):
     (adapter,) = [
         a
-        for a in publish_run(big_run, make_job("cut-down", outputs={"s3": {"bucket": bucket}}), env)
+        for a in publish_run(big_run, plan_for(make_job("cut-down", outputs={"s3": {"bucket": bucket}}), env))
         if a["kind"] == "adapter"
     ]
     proxy.cut(download_after=2 * MiB, times=2)
@@ -78,7 +79,7 @@ def test_download_survives_cut_connections(big_run, env, bucket, proxy):
 def test_download_that_keeps_failing_caches_nothing(big_run, env, bucket, proxy, volume):
     (adapter,) = [
         a
-        for a in publish_run(big_run, make_job("cut-down-forever", outputs={"s3": {"bucket": bucket}}), env)
+        for a in publish_run(big_run, plan_for(make_job("cut-down-forever", outputs={"s3": {"bucket": bucket}}), env))
         if a["kind"] == "adapter"
     ]
     proxy.cut(download_after=2 * MiB, times=None)
@@ -97,10 +98,10 @@ def test_checkpoint_upload_failure_fails_the_publish_and_leaves_no_manifest(
     job = make_job("cut-ckpt", outputs={"s3": {"bucket": bucket}}, publish=["checkpoints"])
     proxy.cut(upload_after=200, times=None)  # the uploader's path to the bucket is broken; the final publish's is not
     uploader = start_uploader(
-        run, job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}, interval_s=0.1
+        run, plan_for(job, {**env, "BUCKET_ENDPOINT_URL": proxy.url, "FTW_PUBLISH_ATTEMPTS": "2"}), interval_s=0.1
     )
     with pytest.raises(PublishError, match=r"checkpoint upload failed for step\(s\) \[3\]") as err:
-        publish_run(run, job, env, uploader=uploader)
+        publish_run(run, plan_for(job, env), uploader=uploader)
     assert "still in the run folder" in err.value.hint
     assert [a["kind"] for a in err.value.details["published"]] == ["logs"]  # what did get published is reported
     assert manifest_keys(s3_server, bucket) == ["cut-ckpt/logs/manifest.json"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.publish.conftest import BASE_MODEL_ID, ENV_SECRET, make_job, make_run_dir
+from tests.publish.conftest import BASE_MODEL_ID, ENV_SECRET, make_job, make_run_dir, plan_for
 from worker.errors import PublishError
 from worker.publish import publish_run, pull
 from worker.publish.card import LOCAL_PATH
@@ -27,7 +27,7 @@ def test_adapter_commit_card_and_config(tiny_adapter, tmp_path, hub_env, hub_ser
         publish=["adapter", "merged"],
         credentials={"aws_secret_access_key": "job-aws-secret-xyz"},
     )
-    (record,) = publish_run(run, job, hub_env)
+    (record,) = publish_run(run, plan_for(job, hub_env))
 
     commits = hub_server.commits("team/tiny-lora")
     assert len(commits) == 2  # the repo's initial commit + exactly one for this publish
@@ -60,8 +60,8 @@ def test_adapter_commit_card_and_config(tiny_adapter, tmp_path, hub_env, hub_ser
 def test_branch_revision_and_pull_back(tiny_adapter, tmp_path, hub_env, hub_server):
     run = make_run_dir(tmp_path, tiny_adapter)
     job = make_job("hub-2", outputs={"hub": {"repo_id": "team/branchy", "private": False, "revision": "exp/v1"}})
-    (first,) = publish_run(run, job, hub_env)
-    (second,) = publish_run(run, job, hub_env)  # same content again: no new files, same commit
+    (first,) = publish_run(run, plan_for(job, hub_env))
+    (second,) = publish_run(run, plan_for(job, hub_env))  # same content again: no new files, same commit
     assert first["revision"] == "exp/v1" and second["commit"] == first["commit"]
     assert [c["sha"] for c in hub_server.commits("team/branchy", "exp/v1")][0] == first["commit"]
     assert len(hub_server.commits("team/branchy", "main")) == 1  # main untouched
@@ -76,7 +76,7 @@ def test_bad_token_fails_with_a_hint_and_no_commit(tiny_adapter, tmp_path, hub_e
     run = make_run_dir(tmp_path, tiny_adapter)
     job = make_job("hub-3", outputs={"hub": {"repo_id": "team/denied"}})
     with pytest.raises(PublishError) as err:
-        publish_run(run, job, {**hub_env, "HF_TOKEN": "hf_wrong_token_123"})
+        publish_run(run, plan_for(job, {**hub_env, "HF_TOKEN": "hf_wrong_token_123"}))
     assert "HF_TOKEN" in err.value.hint and not err.value.retryable
     assert "hf_wrong_token_123" not in json.dumps(err.value.as_result())
     assert not hub_server.store.exists("model", "team/denied")
@@ -95,13 +95,13 @@ def test_hub_answers_worth_a_retry_are_retried_and_refusals_are_not(tiny_adapter
 
     run = make_run_dir(tmp_path, tiny_adapter)
     hub_server.fail_next("/api/models/team/flaky/commit/", 503, times=2)
-    (record,) = publish_run(run, make_job("hub-flaky", outputs={"hub": {"repo_id": "team/flaky"}}), hub_env)
+    (record,) = publish_run(run, plan_for(make_job("hub-flaky", outputs={"hub": {"repo_id": "team/flaky"}}), hub_env))
     assert record["commit"] == hub_server.commits("team/flaky")[0]["sha"] and commit_posts() == 3
 
     (run / "adapter" / "extra.txt").write_text("a change, so that a new commit is needed")
     hub_server.fail_next("/api/models/team/flaky/commit/", 422)  # one refusal: a retry would get through
     with pytest.raises(PublishError) as err:
-        publish_run(run, make_job("hub-flaky", outputs={"hub": {"repo_id": "team/flaky"}}), hub_env)
+        publish_run(run, plan_for(make_job("hub-flaky", outputs={"hub": {"repo_id": "team/flaky"}}), hub_env))
     assert commit_posts() == 4 and err.value.details["http_status"] == 422 and not err.value.retryable
 
     hub_server.fail_next("/api/models/team/flaky", 429)
@@ -117,7 +117,7 @@ def test_missing_token_is_named(tiny_adapter, tmp_path, hub_env):
     run = make_run_dir(tmp_path, tiny_adapter)
     env = {k: v for k, v in hub_env.items() if k != "HF_TOKEN"}
     with pytest.raises(PublishError, match="no Hugging Face token"):
-        publish_run(run, make_job("hub-4", outputs={"hub": {"repo_id": "team/none"}}), env)
+        publish_run(run, plan_for(make_job("hub-4", outputs={"hub": {"repo_id": "team/none"}}), env))
 
 
 def test_pull_of_a_repo_not_published_by_ftw_is_cached_by_commit(hub_env, hub_server):
@@ -162,7 +162,7 @@ def test_local_base_model_and_data_never_leak_their_paths(
         base_model=str(base),
         datasets=[{"path": str(data), "type": "alpaca"}],
     )
-    (record,) = publish_run(run, job, hub_env)
+    (record,) = publish_run(run, plan_for(job, hub_env))
     tree = hub_server.commits(repo)[0]["tree"]
     card = hub_server.store.blob("model", repo, tree["README.md"]).decode()
     config = json.loads(hub_server.store.blob("model", repo, tree["adapter_config.json"]))

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, child_env
-from tests.publish.conftest import make_job, make_run_dir
+from tests.publish.conftest import make_job, make_run_dir, plan_for
 from worker.errors import InfraError, PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
@@ -25,7 +25,7 @@ def local_env(env):
 
 def test_local_store_is_the_default_and_pull_verifies_it(tiny_adapter, tmp_path, env, volume):
     run = make_run_dir(tmp_path, tiny_adapter, merged=True)
-    artifacts = publish_run(run, make_job("loc-1", publish=["adapter", "merged"]), local_env(env))
+    artifacts = publish_run(run, plan_for(make_job("loc-1", publish=["adapter", "merged"]), local_env(env)))
     by_kind = {a["kind"]: a for a in artifacts}
     assert set(by_kind) == {"adapter", "merged", "logs"} and all(a["target"] == "local" for a in artifacts)
     store = volume.resolve() / "store" / "loc-1"
@@ -42,7 +42,7 @@ def test_local_store_is_the_default_and_pull_verifies_it(tiny_adapter, tmp_path,
 def test_missing_merged_folder_fails_before_anything_is_published(tiny_adapter, tmp_path, env, volume):
     run = make_run_dir(tmp_path, tiny_adapter)
     with pytest.raises(PublishError, match="merged/ is missing") as err:
-        publish_run(run, make_job("loc-2", publish=["adapter", "merged"]), local_env(env))
+        publish_run(run, plan_for(make_job("loc-2", publish=["adapter", "merged"]), local_env(env)))
     assert "merge_lora: true" in err.value.hint
     assert not (volume / "store").exists()
 
@@ -62,7 +62,7 @@ def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
     run = make_run_dir(tmp_path, tiny_adapter)
     (adapter,) = [
         a
-        for a in publish_run(run, make_job("cli-1", outputs={"s3": {"bucket": bucket}}), env)
+        for a in publish_run(run, plan_for(make_job("cli-1", outputs={"s3": {"bucket": bucket}}), env))
         if a["kind"] == "adapter"
     ]
     out = tmp_path / "pulled"
@@ -92,25 +92,25 @@ def test_ftw_pull_cli(tiny_adapter, tmp_path, env, bucket):
 
 
 def test_vllm_check_passes_a_plain_lora_and_names_what_to_change(tiny_adapter, tmp_path):
-    assert check_adapter(tiny_adapter, {}) == []
+    assert check_adapter(tiny_adapter) == []
     bad = tmp_path / "bad"
     shutil.copytree(tiny_adapter, bad)
     cfg = json.loads((bad / "adapter_config.json").read_text())
     cfg.update(r=128, modules_to_save=["embed_tokens", "lm_head"], target_modules=["q_proj", "lm_head"], use_dora=True)
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    warnings = check_adapter(bad, {})
+    warnings = check_adapter(bad)
     text = " ".join(warnings)
     assert len(warnings) == 4
     assert "rank 128" in text and "--max-lora-rank 128" in text and "modules_to_save" in text
     assert "lora_modules_to_save" in text and "DoRA" in text and "lm_head" in text
-    assert not any("rank" in w for w in check_adapter(bad, {"FTW_MAX_LORA_RANK": "256"}))
+    assert not any("rank" in w for w in check_adapter(bad, 256))
 
 
 def test_vllm_warnings_reach_the_result(tiny_adapter, tmp_path, env):
     run = make_run_dir(tmp_path, tiny_adapter)
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 96}))
-    (adapter,) = [a for a in publish_run(run, make_job("loc-3"), local_env(env)) if a["kind"] == "adapter"]
+    (adapter,) = [a for a in publish_run(run, plan_for(make_job("loc-3"), local_env(env))) if a["kind"] == "adapter"]
     assert any("rank 96" in w for w in adapter["warnings"])
 
 
@@ -118,14 +118,14 @@ def test_full_fine_tune_publishes_the_model_folder(tiny_adapter, tmp_path, env, 
     run = make_run_dir(tmp_path, tiny_adapter)
     shutil.move(run / "adapter", run / "model")
     job = make_job("loc-full", adapter=None, lora_r=8)
-    (model,) = [a for a in publish_run(run, job, local_env(env)) if a["kind"] != "logs"]
+    (model,) = [a for a in publish_run(run, plan_for(job, local_env(env))) if a["kind"] != "logs"]
     assert model["kind"] == "model" and model["uri"].endswith("/store/loc-full/model") and "warnings" not in model
     assert pull("loc-full", local_env(env), kind="model").manifest_sha256 == model["sha256_manifest"]
 
 
 def test_ftw_pull_takes_options_after_the_positionals(tiny_adapter, tmp_path, env, volume):
     run = make_run_dir(tmp_path, tiny_adapter)
-    publish_run(run, make_job("order-1"), local_env(env))
+    publish_run(run, plan_for(make_job("order-1"), local_env(env)))
     out = tmp_path / "logs"
     done = run_ftw_pull("order-1", "--kind", "logs", str(out), "--json", env=local_env(env))
     assert done.returncode == 0, done.stderr
@@ -135,7 +135,7 @@ def test_ftw_pull_takes_options_after_the_positionals(tiny_adapter, tmp_path, en
 
 def test_pulling_a_kind_the_run_did_not_publish_names_what_it_did(tiny_adapter, tmp_path, env, volume):
     run = make_run_dir(tmp_path, tiny_adapter)
-    publish_run(run, make_job("kinds-1"), local_env(env))  # publishes adapter (and logs), no merged
+    publish_run(run, plan_for(make_job("kinds-1"), local_env(env)))  # publishes adapter (and logs), no merged
     wrong_kind = run_ftw_pull("kinds-1", str(tmp_path / "m"), "--kind", "merged", env=local_env(env))
     assert wrong_kind.returncode == 1
     assert "did not publish merged" in wrong_kind.stderr and "holds only adapter, logs" in wrong_kind.stderr
@@ -154,7 +154,7 @@ def test_a_store_folder_that_is_a_symlink_out_of_the_volume_is_refused(tiny_adap
     (volume / "store" / "linked-1").symlink_to(outside)
     run = make_run_dir(tmp_path, tiny_adapter)
     with pytest.raises(InfraError, match="is a symlink") as err:
-        publish_run(run, make_job("linked-1"), local_env(env))
+        publish_run(run, plan_for(make_job("linked-1"), local_env(env)))
     assert "replace the link" in err.value.hint and list(outside.iterdir()) == []
     shutil.copytree(tiny_adapter, outside / "adapter")
     Manifest.of_folder(outside / "adapter").write(outside / "adapter")

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.publish.conftest import make_job, make_run_dir
+from tests.publish.conftest import make_job, make_run_dir, plan_for
 from worker.errors import PublishError
 from worker.publish import publish_run, pull
 from worker.publish.manifest import Manifest
@@ -25,7 +25,7 @@ def objects(s3_server, bucket: str) -> dict[str, int]:
 def test_publish_adapter_and_logs_then_pull_by_uri_and_run_id(tiny_adapter, tmp_path, env, bucket, s3_server):
     run = make_run_dir(tmp_path, tiny_adapter)
     job = make_job("run-s3", outputs={"s3": {"bucket": bucket, "prefix": "team/ft"}})
-    artifacts = publish_run(run, job, env)
+    artifacts = publish_run(run, plan_for(job, env))
 
     by_kind = {a["kind"]: a for a in artifacts}
     assert set(by_kind) == {"adapter", "logs"} and all(a["target"] == "s3" for a in artifacts)
@@ -58,7 +58,7 @@ def env_volume(env):
 def test_pull_refuses_a_tampered_object_and_caches_nothing(tiny_adapter, tmp_path, env, bucket, s3_server):
     run = make_run_dir(tmp_path, tiny_adapter)
     job = make_job("run-tamper", outputs={"s3": {"bucket": bucket}})
-    (adapter,) = [a for a in publish_run(run, job, env) if a["kind"] == "adapter"]
+    (adapter,) = [a for a in publish_run(run, plan_for(job, env)) if a["kind"] == "adapter"]
     s3_server.client().put_object(Bucket=bucket, Key="run-tamper/adapter/adapter_config.json", Body=b'{"r": 4096}')
 
     with pytest.raises(PublishError, match="adapter_config.json") as err:
@@ -78,7 +78,9 @@ def published_8mib_adapter(tmp_path, tiny_adapter, env, bucket, run_id: str) -> 
     run = make_run_dir(tmp_path, tiny_adapter)
     (run / "adapter" / "weights.bin").write_bytes(os.urandom(8 * 1024 * 1024))
     return next(
-        a for a in publish_run(run, make_job(run_id, outputs={"s3": {"bucket": bucket}}), env) if a["kind"] == "adapter"
+        a
+        for a in publish_run(run, plan_for(make_job(run_id, outputs={"s3": {"bucket": bucket}}), env))
+        if a["kind"] == "adapter"
     )
 
 
@@ -89,7 +91,7 @@ def test_large_file_goes_up_in_parallel_parts_and_comes_back_intact(tiny_adapter
     proxied = {**env, "BUCKET_ENDPOINT_URL": proxy.url}
     events = []
     artifacts = publish_run(
-        run, make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied, progress=events.append
+        run, plan_for(make_job("run-big", outputs={"s3": {"bucket": bucket}}), proxied), progress=events.append
     )
     (adapter,) = [a for a in artifacts if a["kind"] == "adapter"]
     assert proxy.parts_seen >= 5  # 24 MiB in 5 MiB parts
@@ -124,7 +126,7 @@ def test_wrong_secret_fails_fast_with_a_hint(tiny_adapter, tmp_path, env, bucket
     run = make_run_dir(tmp_path, tiny_adapter)
     job = make_job("run-auth", outputs={"s3": {"bucket": bucket}})
     with pytest.raises(PublishError) as err:
-        publish_run(run, job, {**env, "BUCKET_SECRET_ACCESS_KEY": "wrong-secret"})
+        publish_run(run, plan_for(job, {**env, "BUCKET_SECRET_ACCESS_KEY": "wrong-secret"}))
     assert "SignatureDoesNotMatch" in err.value.message and "BUCKET_SECRET_ACCESS_KEY" in err.value.hint
     assert not err.value.retryable and "wrong-secret" not in json.dumps(err.value.as_result())
 
@@ -139,7 +141,7 @@ def test_job_credentials_win_over_the_environment(tiny_adapter, tmp_path, env, b
         "AWS_ACCESS_KEY_ID": "nobody",
         "AWS_SECRET_ACCESS_KEY": "nothing",
     }
-    artifacts = publish_run(run, job, bad_env)
+    artifacts = publish_run(run, plan_for(job, bad_env))
     assert {a["kind"] for a in artifacts} == {"adapter", "logs"}
 
 
@@ -168,7 +170,36 @@ def test_missing_bucket_is_named_and_not_retried(tiny_adapter, tmp_path, env):
     with pytest.raises(PublishError) as err:
         publish_run(
             run,
-            make_job("run-nobucket", outputs={"s3": {"bucket": "no-such-bucket"}}),
-            {**env, "FTW_PUBLISH_BACKOFF_S": "30"},
+            plan_for(
+                make_job("run-nobucket", outputs={"s3": {"bucket": "no-such-bucket"}}),
+                {**env, "FTW_PUBLISH_BACKOFF_S": "30"},
+            ),
         )
     assert "NoSuchBucket" in err.value.message and "outputs.s3.bucket" in err.value.hint and not err.value.retryable
+
+
+def test_s3config_credentials_reach_the_store_through_the_plan_alone(
+    tiny_adapter, tmp_path, env, bucket, s3_server, monkeypatch
+):
+    """RunPod's s3Config names the bucket, the endpoint and the key pair; the endpoint's env has none, and
+    the process env holds a wrong AWS key pair that boto3's own chain would take: the client must use
+    the plan's explicit pair, and nothing is put into the process env."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nothing")
+    for name in ("BUCKET_NAME", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint_env = {k: v for k, v in env.items() if not k.startswith("BUCKET_")}
+    s3_config = {
+        "bucketName": bucket,
+        "accessId": s3_server.key,
+        "accessSecret": s3_server.secret,
+        "endpointUrl": s3_server.endpoint_url,
+    }
+    before = dict(os.environ)
+    run = make_run_dir(tmp_path, tiny_adapter, checkpoints=(3,))
+    plan = plan_for(make_job("run-s3config", publish=["adapter", "checkpoints"]), endpoint_env, s3_config)
+    artifacts = publish_run(run, plan)
+    assert {a["kind"] for a in artifacts} == {"adapter", "checkpoints", "logs"}
+    assert all(a["uri"].startswith(f"s3://{bucket}/run-s3config/") for a in artifacts)
+    assert "run-s3config/adapter/manifest.json" in objects(s3_server, bucket)
+    assert dict(os.environ) == before

@@ -15,18 +15,16 @@ def adapter(tmp_path, **config):
 
 
 def test_expert_lora_says_vllm_cpu_cannot_serve_it_and_what_can(tmp_path):
-    warnings = check_adapter(
-        adapter(tmp_path, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), {}
-    )
+    warnings = check_adapter(adapter(tmp_path, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     assert len(warnings) == 1
     assert "vLLM on CPU cannot load it" in warnings[0] and "FTW_SERVE_ENGINE=transformers" in warnings[0]
     assert "mlp.experts.gate_up_proj" in warnings[0]
 
 
 def test_router_lora_is_named_apart(tmp_path):
-    warnings = check_adapter(adapter(tmp_path, target_parameters=["gate.weight"]), {})
+    warnings = check_adapter(adapter(tmp_path, target_parameters=["gate.weight"]))
     assert warnings and "gate.weight" in warnings[0] and "router" in warnings[0]
 
 
 def test_plain_adapter_has_no_moe_warning(tmp_path):
-    assert check_adapter(adapter(tmp_path), {}) == []
+    assert check_adapter(adapter(tmp_path)) == []

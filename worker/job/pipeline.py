@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from schemas.job import JobInput, check_run_id, validate_job
+from schemas.job import JobInput, check_run_id, parse_s3_config, validate_job
 from schemas.paths import base_volume
 from schemas.secrets import (
     CONFIG_SECRETS_ENV,
@@ -34,7 +34,6 @@ from schemas.secrets import (
     child_env,
     job_credential_env,
     masked_values,
-    s3_config_problem,
 )
 from worker.checks import CheckInput, run_checks
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
@@ -44,6 +43,7 @@ from worker.job import stages, template
 from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, resolve_run_dir, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
+from worker.publish import CheckpointUploader, PublishPlan, publish_run, restore_checkpoint, start_uploader
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
 PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
@@ -64,8 +64,8 @@ def run_job(
     env = dict(os.environ if env is None else env)
     started = time.monotonic()
     report = validate_job(raw, job_id, env)
-    if (problem := s3_config_problem(s3_config)) is not None:
-        report.error("s3Config", problem)
+    bucket_config, s3_config_problems = parse_s3_config(s3_config)
+    report.errors += s3_config_problems
     if not report.valid:
         problems = "; ".join(str(i) for i in report.errors[:SHOWN_PROBLEMS])
         if len(report.errors) > SHOWN_PROBLEMS:
@@ -85,8 +85,9 @@ def run_job(
     job: JobInput = report.value
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
+    plan = PublishPlan.resolve(job, bucket_config, env, redactor)
     pipeline = JobPipeline(
-        job, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started
+        job, plan, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started
     )
     pipeline.timings["validate_s"] = round(time.monotonic() - started, 4)
     pipeline.warnings = [i.as_dict() for i in report.warnings]
@@ -126,6 +127,7 @@ class JobPipeline:
     def __init__(
         self,
         job: JobInput,
+        plan: PublishPlan,
         env: dict[str, str],
         credentials: dict[str, str],
         redactor: Redactor,
@@ -134,6 +136,7 @@ class JobPipeline:
         started: float,
     ):
         self.job, self.env, self.credentials, self.redactor, self.stop = job, env, credentials, redactor, stop
+        self.plan = plan  # where artifacts go and with which credentials: resolved once, used by every publish step
         self.started = started
         self.progress = Throttle(sink, float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
         self.timings: dict[str, float] = {}
@@ -142,7 +145,7 @@ class JobPipeline:
         self.gpu_count = 0
         self.gpu_probe = GpuProbe(cpu_only=True)
         self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
-        self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
+        self.uploader: CheckpointUploader | None = None  # checkpoints to S3 while and after training
         self.publisher: threading.Thread | None = None  # publish_run, when it ran
         self.config_secrets: list[
             list[Any]
@@ -267,9 +270,7 @@ class JobPipeline:
         with self.step("train", "fine-tuning"):
             resume_from = self.restore_checkpoint(run)
             argv = stages.train_argv(config_path, run.path, cache_dir, self.gpu_count)
-            from worker.publish import start_uploader
-
-            self.uploader = start_uploader(run.path, self.job, self.stage_env(run))
+            self.uploader = start_uploader(run.path, self.plan)
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
             except (
@@ -287,10 +288,8 @@ class JobPipeline:
         """The step training resumes from: the newest checkpoint on the volume, or the published one
         brought back from the bucket when it is newer (a new worker, a lost volume)."""
         if self.job.resume:
-            from worker.publish import restore_checkpoint
-
             try:
-                if restore_checkpoint(run.path, self.job, self.stage_env(run)) is not None:
+                if restore_checkpoint(run.path, self.plan) is not None:
                     self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
             except PublishError as e:
                 if e.retryable:  # a passing fault: the resubmit restores it (prepared data is cached)
@@ -319,8 +318,6 @@ class JobPipeline:
     def publish_within_limit(self, run: RunDir) -> list[dict[str, Any]]:
         """publish_run in a thread, so that limits.publish_s and a cancel end the stage on time; the
         abandoned upload stops at its next progress report (the sink raises)."""
-        from worker.publish import publish_run
-
         abandoned = threading.Event()
         outcome: dict[str, Any] = {}
 
@@ -331,9 +328,7 @@ class JobPipeline:
 
         def work() -> None:
             try:
-                outcome["artifacts"] = publish_run(
-                    run.path, self.job, self.stage_env(run), self.uploader, progress=report
-                )
+                outcome["artifacts"] = publish_run(run.path, self.plan, self.uploader, progress=report)
             except BaseException as e:  # handed to the job's thread below
                 outcome["error"] = e
 

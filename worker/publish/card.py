@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +73,8 @@ def public_name(name: str) -> str:
     return Path(name.removeprefix("file://")).name + " (local file)"
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    return LOCAL_PATH.sub("<local path>", Redactor(secrets).text(text))
+def scrub(text: str, redactor: Redactor) -> str:
+    return LOCAL_PATH.sub("<local path>", redactor.text(text))
 
 
 def _metrics(run_dir: Path) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def model_card(
     base_id: str | None,
     has_loss_png: bool,
     merged_path: str | None,
-    secrets: Iterable[str],
+    redactor: Redactor,
 ) -> str:
     datasets = [public_name(d.path) for d in (cfg.datasets or [])]
     hub_datasets = [d.path for d in (cfg.datasets or []) if hub_id(d.path)]
@@ -123,7 +122,7 @@ def model_card(
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"{'A ' + cfg.adapter.upper() + ' adapter' if is_adapter else 'A full fine-tune'} of **{base}**, "
+        f"{f'A {cfg.adapter.upper()} adapter' if cfg.adapter is not None else 'A full fine-tune'} of **{base}**, "
         f"trained with ftw (run `{run_id}`).",
         "",
         "## Training data",
@@ -183,4 +182,4 @@ def model_card(
             "```",
         ]
     lines += ["", "Every file is listed with its sha256 in `manifest.json`; `ftw pull` verifies them.", ""]
-    return scrub("\n".join(lines), secrets)
+    return scrub("\n".join(lines), redactor)

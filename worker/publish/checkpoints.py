@@ -10,10 +10,10 @@ same manifest (a resumed run) is not uploaded again. It runs whenever the job ha
 the uploads are resume insurance; `publish_run` removes them after success unless the job asked
 for `checkpoints`.
 
-`start_uploader(run_dir, job, env)` and `restore_checkpoint(run_dir, job, env)` are what the
-orchestrator calls; `restore_checkpoint` brings the newest complete remote checkpoint into
-RUN_DIR/checkpoints when it is newer than any local one, through a temp folder verified against
-its manifest.
+`start_uploader(run_dir, plan)` and `restore_checkpoint(run_dir, plan)` are what the orchestrator
+calls, with the job's one PublishPlan (targets.py); `restore_checkpoint` brings the newest complete
+remote checkpoint into RUN_DIR/checkpoints when it is newer than any local one, through a temp
+folder verified against its manifest.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ from worker.publish.s3 import (
     read_remote_manifest,
     upload_folder,
 )
-from worker.publish.targets import Targets
+from worker.publish.targets import PublishPlan, S3Target
+from worker.publish.transfer import TransferSettings
 
 log = logging.getLogger("ftw.publish")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -57,7 +57,7 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def remote_checkpoint_steps(client, root: S3Location, transfer) -> list[int]:
+def remote_checkpoint_steps(client: Any, root: S3Location, transfer: TransferSettings) -> list[int]:
     return sorted(
         int(m[1])
         for name in list_children(client, root.child("checkpoints"), transfer)
@@ -68,8 +68,10 @@ def remote_checkpoint_steps(client, root: S3Location, transfer) -> list[int]:
 class CheckpointUploader:
     """Uploads each new complete checkpoint once, in a background thread (a no-op without S3)."""
 
-    def __init__(self, run_dir: Path, targets: Targets, keep_last: int | None = None, interval_s: float = 10.0):
-        self.run_dir, self.targets, self.keep_last, self.interval_s = Path(run_dir), targets, keep_last, interval_s
+    def __init__(self, run_dir: Path, plan: PublishPlan, interval_s: float = 10.0):
+        self.run_dir, self.plan, self.interval_s = Path(run_dir), plan, interval_s
+        self.s3: S3Target | None = plan.s3
+        self.transfer, self.keep_last = plan.transfer, plan.keep_checkpoints
         self.artifacts: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._done: set[int] = set()
@@ -77,7 +79,7 @@ class CheckpointUploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._client = make_client(targets.s3_settings, targets.transfer) if targets.s3 is not None else None
+        self._client = make_client(self.s3.settings, self.transfer) if self.s3 is not None else None
 
     def start(self) -> CheckpointUploader:
         if self._client is not None and self._thread is None:
@@ -101,7 +103,7 @@ class CheckpointUploader:
         """Remove from the bucket the checkpoints this uploader put there (best effort: housekeeping)."""
         for record in self.artifacts:
             try:
-                delete_prefix(self._client, S3Location.parse(record["uri"]), self.targets.transfer)
+                delete_prefix(self._client, S3Location.parse(record["uri"]), self.transfer)
             except Exception as e:
                 log.warning("could not remove %s: %s", record["uri"], e)
         self.artifacts = []
@@ -112,23 +114,23 @@ class CheckpointUploader:
 
     def sweep(self) -> None:
         """Upload every complete checkpoint not uploaded yet (safe to call from any thread)."""
-        if self._client is None:
+        if self._client is None or self.s3 is None:
             return
         with self._lock:
             for step, folder in complete_checkpoints(self.run_dir):
                 if step in self._done or self._failures.get(step, 0) >= GIVE_UP_AFTER:
                     continue
-                self._upload(step, folder)
+                self._upload(self.s3.root, step, folder)
 
-    def _upload(self, step: int, folder: Path) -> None:
-        loc = self.targets.s3.child("checkpoints", folder.name)
+    def _upload(self, root: S3Location, step: int, folder: Path) -> None:
+        loc = root.child("checkpoints", folder.name)
         try:
             local = Manifest.of_folder(folder)
-            remote = read_remote_manifest(self._client, loc, self.targets.transfer)
+            remote = read_remote_manifest(self._client, loc, self.transfer)
             manifest = (
                 local
                 if remote is not None and remote.sha256 == local.sha256
-                else upload_folder(self._client, folder, loc, self.targets.transfer, label=f"upload {folder.name}")
+                else upload_folder(self._client, folder, loc, self.transfer, label=f"upload {folder.name}")
             )
             if not folder.is_dir():
                 raise FileNotFoundError(folder)
@@ -157,44 +159,42 @@ class CheckpointUploader:
                 "bytes": manifest.total_bytes,
             }
         )
-        self._rotate(step)
+        self._rotate(root, step)
 
-    def _rotate(self, uploaded: int) -> None:
+    def _rotate(self, root: S3Location, uploaded: int) -> None:
         """Keep the newest `keep_last` remote checkpoints up to `uploaded`, the one just completed (a
         higher step there may be an unfinished upload, which must not count as one of those kept)."""
         if not self.keep_last:
             return
-        transfer = self.targets.transfer
-        steps = [s for s in remote_checkpoint_steps(self._client, self.targets.s3, transfer) if s <= uploaded]
+        transfer = self.transfer
+        steps = [s for s in remote_checkpoint_steps(self._client, root, transfer) if s <= uploaded]
         for step in steps[: -self.keep_last]:
             try:
-                delete_prefix(self._client, self.targets.s3.child("checkpoints", f"checkpoint-{step}"), transfer)
+                delete_prefix(self._client, root.child("checkpoints", f"checkpoint-{step}"), transfer)
                 self.artifacts = [a for a in self.artifacts if a.get("step") != step]
             except Exception as e:  # rotation is housekeeping: the newest checkpoints are safe either way
                 log.warning("could not remove old remote checkpoint-%d: %s", step, e)
 
 
-def start_uploader(run_dir: Path, job: Any, env: Mapping[str, str], interval_s: float = 10.0) -> CheckpointUploader:
-    """The running uploader of a job (a no-op when the job has no S3 target); `stop()` it after training."""
-    # asked-for checkpoints keep save_total_limit in the bucket; resume insurance needs only the newest
-    keep = job.config.save_total_limit if "checkpoints" in job.publish else 1
-    return CheckpointUploader(run_dir, Targets.for_job(job, env), keep_last=keep, interval_s=interval_s).start()
+def start_uploader(run_dir: Path, plan: PublishPlan, interval_s: float = 10.0) -> CheckpointUploader:
+    """The running uploader of a job (a no-op when the plan has no S3 target); `stop()` it after training."""
+    return CheckpointUploader(run_dir, plan, interval_s=interval_s).start()
 
 
-def restore_checkpoint(run_dir: Path, job: Any, env: Mapping[str, str]) -> Path | None:
+def restore_checkpoint(run_dir: Path, plan: PublishPlan) -> Path | None:
     """Download the newest complete remote checkpoint when it is newer than the local ones; its folder or None."""
     run_dir = Path(run_dir)
-    targets = Targets.for_job(job, env)
-    if targets.s3 is None:
+    if plan.s3 is None:
         return None
-    client = make_client(targets.s3_settings, targets.transfer)
+    transfer = plan.transfer
+    client = make_client(plan.s3.settings, transfer)
     local = complete_checkpoints(run_dir)
     newest_local = local[-1][0] if local else -1
-    for step in reversed(remote_checkpoint_steps(client, targets.s3, targets.transfer)):
+    for step in reversed(remote_checkpoint_steps(client, plan.s3.root, transfer)):
         if step <= newest_local:
             return None
-        loc = targets.s3.child("checkpoints", f"checkpoint-{step}")
-        manifest = read_remote_manifest(client, loc, targets.transfer)
+        loc = plan.s3.root.child("checkpoints", f"checkpoint-{step}")
+        manifest = read_remote_manifest(client, loc, transfer)
         if manifest is None:
             continue  # an upload that never finished: not a checkpoint
         root = run_dir / "checkpoints"
@@ -202,7 +202,7 @@ def restore_checkpoint(run_dir: Path, job: Any, env: Mapping[str, str]) -> Path 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            download_folder(client, loc, tmp, targets.transfer, manifest)
+            download_folder(client, loc, tmp, transfer, manifest)
             final = root / f"checkpoint-{step}"
             shutil.rmtree(final, ignore_errors=True)  # an incomplete local copy (no ftw_state.json)
             tmp.rename(final)

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from schemas.config import TrainingConfig
+from schemas.job import Credentials, HubOutput
+from schemas.secrets import Redactor
 from worker.errors import PublishError
 from worker.publish.card import base_model_id, model_card, public_name
 from worker.publish.manifest import MANIFEST_NAME, Manifest, folder_files, sha256_file
@@ -36,10 +39,10 @@ class HubTarget:
     endpoint: str | None = None
 
     @classmethod
-    def resolve(cls, outputs_hub: Any, credentials: Any, env: Mapping[str, str]) -> HubTarget:
-        token = getattr(credentials, "hf_token", None)
-        token = token.get_secret_value() if token is not None else None
-        token = token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+    def resolve(cls, outputs_hub: HubOutput, credentials: Credentials, env: Mapping[str, str]) -> HubTarget:
+        """The job's repo with the job's token, else the endpoint's (HF_TOKEN)."""
+        job_token = credentials.hf_token.get_secret_value() if credentials.hf_token is not None else None
+        token = job_token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
         return cls(
             outputs_hub.repo_id, outputs_hub.private, outputs_hub.revision, token, env.get("HF_ENDPOINT") or None
         )
@@ -107,13 +110,14 @@ def hub_call(fn: Callable[[], T], what: str, transfer: TransferSettings) -> T:
 def _hub_error(e: Exception, target: HubTarget) -> PublishError:
     status = hub_status(e)
     hints = {
-        401: "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) to a token with write access",
+        401: "the Hub refused the token: set HF_TOKEN on the endpoint (or credentials.hf_token) to a token with "
+        "write access",
         403: f"the token may not write to {target.repo_id.split('/')[0]}: use a write token of that user/organization",
         404: f"{target.repo_id} was not found for this token: check outputs.hub.repo_id",
     }
     err = PublishError(
         f"Hub publish to {target.repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-        hints.get(status, "the Hub or the network failed; resubmit the same run_id to publish again"),
+        hints.get(status or 0, "the Hub or the network failed; resubmit the same run_id to publish again"),
         details={"repo_id": target.repo_id, **({"http_status": status} if status else {})},
     )
     err.retryable = not refused(status)
@@ -122,13 +126,13 @@ def _hub_error(e: Exception, target: HubTarget) -> PublishError:
 
 def publish_hub(
     target: HubTarget,
-    cfg: Any,
+    cfg: TrainingConfig,
     run_id: str,
     run_dir: Path,
     main_dir: Path,
     main_kind: str,
     merged_dir: Path | None,
-    secrets: list[str],
+    redactor: Redactor,
     settings: TransferSettings,
 ) -> dict[str, Any]:
     """One commit to the Hub; the artifact record with the commit sha."""
@@ -150,7 +154,7 @@ def publish_hub(
         base_id=base_id,
         has_loss_png=loss_png.is_file(),
         merged_path=MERGED_DIR if merged_dir is not None else None,
-        secrets=secrets,
+        redactor=redactor,
     )
     # the card replaces the README peft writes; loss.png sits beside it
     replace = {"README.md": card.encode(), **({"loss.png": loss_png.read_bytes()} if loss_png.is_file() else {})}
@@ -161,7 +165,7 @@ def publish_hub(
         ops += _operations(merged_dir, f"{MERGED_DIR}/", {})[0]
     branch = target.revision or "main"
 
-    def commit():
+    def commit() -> Any:
         api.create_repo(target.repo_id, private=target.private, exist_ok=True)
         if branch != "main":
             api.create_branch(target.repo_id, branch=branch, exist_ok=True)

@@ -25,14 +25,17 @@ def store_root(env: Mapping[str, str]) -> Path:
 
 def store_run_dir(env: Mapping[str, str], run_id: str) -> Path:
     """BASE_VOLUME/store/<run_id>; an InfraError when the store or the run's folder is a symlink."""
-    root = store_root(env)
-    path = root / run_id
-    for link in (root, path):
+    return checked_store_dir(store_root(env) / run_id)
+
+
+def checked_store_dir(path: Path) -> Path:
+    """A run's folder in the store, `path`, when neither it nor the store is a symlink; else an InfraError."""
+    for link in (path.parent, path):
         if link.is_symlink():
             raise InfraError(
                 f"{link} is a symlink to {link.resolve()}",
                 "ftw only writes and reads the local store inside BASE_VOLUME; replace the link with a folder",
-                details={"base_volume": str(base_volume(env))},
+                details={"base_volume": str(path.parent.parent)},
             )
     return path
 

@@ -146,19 +146,19 @@ def _pull_local(folder: Path, source: str) -> Pulled:
     return Pulled(folder, source, manifest.sha256 if manifest else None, cached=True)
 
 
-def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path], Manifest | None]) -> Pulled:
+def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path], Manifest]) -> Pulled:
     """The cache entry `key`, filled by `fetch(tmp_folder)` under a file lock when missing."""
     from filelock import FileLock, Timeout
 
     root = cache_root(env)
     final = root / key
-    if (final / MANIFEST_NAME).is_file():
-        return Pulled(final, source, read_manifest(final).sha256, cached=True)
+    if (done := read_manifest(final)) is not None:
+        return Pulled(final, source, done.sha256, cached=True)
     root.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(root / f".lock-{key}"), timeout=LOCK_TIMEOUT_S):
-            if (final / MANIFEST_NAME).is_file():  # another puller finished while we waited
-                return Pulled(final, source, read_manifest(final).sha256, cached=True)
+            if (done := read_manifest(final)) is not None:  # another puller finished while we waited
+                return Pulled(final, source, done.sha256, cached=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
             try:
                 manifest = fetch(tmp)
@@ -181,7 +181,7 @@ def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path
 
 
 def _pull_s3(loc: S3Location, env: Mapping[str, str], transfer: TransferSettings) -> Pulled:
-    client = make_client(S3Settings.resolve(env), transfer)
+    client = make_client(S3Settings.from_env(env), transfer)
     manifest = read_remote_manifest(client, loc, transfer)
     if manifest is None:
         raise ArtifactMissing(

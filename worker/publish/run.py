@@ -1,13 +1,14 @@
 """`publish_run`: the publish stage of a job — a run folder in, artifact records out.
 
-    artifacts = publish_run(run_dir, job, env)        # list of dicts, or PublishError
+    artifacts = publish_run(run_dir, plan)        # list of dicts, or PublishError
 
-What is published (job.publish): `adapter` (RUN_DIR/adapter; RUN_DIR/model for a full fine-tune,
+What is published (the plan's kinds, from job.publish): `adapter` (RUN_DIR/adapter; RUN_DIR/model for a full fine-tune,
 kind "model"), `merged` (RUN_DIR/merged), `checkpoints` (every complete checkpoint; S3 only, the
 local volume already holds them — the training-time uploader sends them to S3 as resume insurance
 in any case, and they are removed from the bucket after a successful publish that did not ask for
 them), and always `logs` (RUN_DIR/logs, summary.json, loss.png,
-config.json) next to them on S3 and in the local store. Targets: see targets.py.
+config.json) next to them on S3 and in the local store. Targets and credentials: the job's one
+PublishPlan (targets.py).
 
 Each record: {kind, target: s3|hub|local, uri, sha256_manifest, files, bytes} plus `revision` and
 `commit` for the Hub and `warnings` (vLLM compatibility) for an adapter. Every artifact is complete
@@ -18,26 +19,20 @@ already published, so nothing done is lost and a resubmitted run_id publishes ag
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from worker.errors import PublishError
 from worker.publish.checkpoints import CheckpointUploader
-from worker.publish.hub import publish_hub
-from worker.publish.local import publish_local, store_uri
+from worker.publish.hub import HubTarget, publish_hub
+from worker.publish.local import checked_store_dir, publish_local, store_uri
+from worker.publish.manifest import Manifest
 from worker.publish.s3 import make_client, upload_folder
-from worker.publish.targets import Targets
+from worker.publish.targets import PublishPlan
 from worker.publish.transfer import ProgressSink
 from worker.publish.vllm_check import check_adapter
 
 LOG_FILES = ("summary.json", "loss.png", "config.json")
-
-
-def _main_folder(run_dir: Path, job: Any) -> tuple[str, Path]:
-    if job.config.adapter is not None:
-        return "adapter", run_dir / "adapter"
-    return "model", run_dir / "model"
 
 
 def _require(folder: Path, kind: str) -> Path:
@@ -64,16 +59,9 @@ def _stage_logs(run_dir: Path) -> Path | None:
     return stage if stage.is_dir() else None
 
 
-def _secrets(job: Any, env: Mapping[str, str]) -> list[str]:
-    from schemas.secrets import env_secrets
-
-    return job.credentials.secrets() + env_secrets(env)
-
-
 def publish_run(
     run_dir: Path,
-    job: Any,
-    env: Mapping[str, str],
+    plan: PublishPlan,
     uploader: CheckpointUploader | None = None,
     *,
     progress: ProgressSink | None = None,
@@ -82,14 +70,14 @@ def publish_run(
     `progress` receives {stage: publish, what, bytes_done, bytes_total, bytes_per_s, eta_s} events, and
     {stage: publish, message} as each step begins."""
     run_dir = Path(run_dir)
-    targets = Targets.for_job(job, env)
-    main_kind, main_dir = _main_folder(run_dir, job)
+    main_kind = plan.main_kind
+    main_dir = run_dir / main_kind
     folders: list[tuple[str, Path]] = []
-    if "adapter" in job.publish:
+    if "adapter" in plan.kinds:
         folders.append((main_kind, _require(main_dir, main_kind)))
-    if "merged" in job.publish:
+    if "merged" in plan.kinds:
         folders.append(("merged", _require(run_dir / "merged", "merged")))
-    warnings = check_adapter(main_dir, env) if main_kind == "adapter" and "adapter" in job.publish else []
+    warnings = check_adapter(main_dir, plan.max_lora_rank) if main_kind == "adapter" and "adapter" in plan.kinds else []
     published: list[dict[str, Any]] = []
     logs = _stage_logs(run_dir)
 
@@ -98,17 +86,17 @@ def publish_run(
             progress({"stage": "publish", "message": what})
 
     try:
-        if targets.s3 is not None:
-            client = make_client(targets.s3_settings, targets.transfer)
+        if plan.s3 is not None:
+            client = make_client(plan.s3.settings, plan.transfer)
             for kind, folder in folders + ([("logs", logs)] if logs else []):
-                loc = targets.s3.child(kind)
+                loc = plan.s3.root.child(kind)
                 manifest = upload_folder(
-                    client, folder, loc, targets.transfer, label=f"upload {kind}", progress_sink=progress
+                    client, folder, loc, plan.transfer, label=f"upload {kind}", progress_sink=progress
                 )
                 published.append(_record(kind, "s3", loc.uri, manifest))
-            if "checkpoints" in job.publish:
+            if "checkpoints" in plan.kinds:
                 starting("uploading checkpoints")
-                uploader = uploader or CheckpointUploader(run_dir, targets, keep_last=job.config.save_total_limit)
+                uploader = uploader or CheckpointUploader(run_dir, plan)
                 published += uploader.stop()
                 if uploader.failed_steps():
                     raise PublishError(
@@ -118,13 +106,14 @@ def publish_run(
             elif uploader is not None:  # they were resume insurance while training ran; not asked for as results
                 uploader.stop()
                 uploader.discard()
-        if targets.hub is not None and folders:
-            starting(f"committing to the Hub repo {targets.hub.repo_id}")
-            published.append(_to_hub(targets, job, run_dir, dict(folders), env))
-        if targets.local is not None:
+        if plan.hub is not None and folders:
+            starting(f"committing to the Hub repo {plan.hub.repo_id}")
+            published.append(_to_hub(plan, plan.hub, run_dir, dict(folders)))
+        if plan.local is not None:
             starting("copying to the local store")
+            store = checked_store_dir(plan.local)
             for kind, folder in folders + ([("logs", logs)] if logs else []):
-                dest = targets.local / kind
+                dest = store / kind
                 published.append(_record(kind, "local", store_uri(dest), publish_local(folder, dest)))
     except PublishError as e:
         e.stage = e.stage or "publish"
@@ -139,26 +128,16 @@ def publish_run(
     return published
 
 
-def _to_hub(
-    targets: Targets, job: Any, run_dir: Path, folders: dict[str, Path], env: Mapping[str, str]
-) -> dict[str, Any]:
+def _to_hub(plan: PublishPlan, hub: HubTarget, run_dir: Path, folders: dict[str, Path]) -> dict[str, Any]:
     """The repo root gets the adapter (or model); `merged/` the merged model — or the root when only it was asked."""
     main_kind = next((k for k in folders if k != "merged"), "merged")
     merged = folders.get("merged") if main_kind != "merged" else None
     return publish_hub(
-        targets.hub,
-        job.config,
-        job.run_id,
-        run_dir,
-        folders[main_kind],
-        main_kind,
-        merged,
-        _secrets(job, env),
-        targets.transfer,
+        hub, plan.config, plan.run_id, run_dir, folders[main_kind], main_kind, merged, plan.redactor, plan.transfer
     )
 
 
-def _record(kind: str, target: str, uri: str, manifest: Any) -> dict[str, Any]:
+def _record(kind: str, target: str, uri: str, manifest: Manifest) -> dict[str, Any]:
     return {
         "kind": kind,
         "target": target,

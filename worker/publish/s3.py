@@ -1,10 +1,9 @@
 """S3 and S3-compatible stores (R2, MinIO, B2, rclone…): verified, retried, never partial uploads.
 
-Credentials, in this order: the job's `credentials` (aws_*), RunPod's names in the endpoint's
-environment (BUCKET_ACCESS_KEY_ID / BUCKET_SECRET_ACCESS_KEY / BUCKET_ENDPOINT_URL — also what a
-job's `s3Config` becomes), then AWS_* and boto3's own chain (instance roles). Never a file the job
-names. The endpoint comes from outputs.s3.endpoint_url, BUCKET_ENDPOINT_URL, AWS_ENDPOINT_URL_S3
-or AWS_ENDPOINT_URL; region from outputs.s3.region, AWS_REGION or AWS_DEFAULT_REGION.
+A client is made from one `S3Settings` (endpoint, region, key pair) and nothing else: a job's
+settings come from its PublishPlan (targets.py: the job's credentials, its s3Config, then the
+endpoint's), a pull's from the endpoint's environment (`S3Settings.from_env`). Only with no key
+pair anywhere does boto3 look further (its own chain: instance roles). Never a file the job names.
 
 `upload_folder` deletes the prefix's old manifest, uploads every file (multipart with parallel
 parts through s3transfer, each file retried with backoff), checks every object's size, and puts
@@ -14,13 +13,14 @@ parts through s3transfer, each file retried with backoff), checks every object's
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker.errors import PublishError
 from worker.publish.manifest import MANIFEST_NAME, Manifest
@@ -37,6 +37,7 @@ FATAL_CODES = {
 }
 _SESSION = None
 _SESSION_LOCK = threading.Lock()
+T = TypeVar("T")
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<key>.*)$")
 
 
@@ -72,29 +73,21 @@ class S3Settings:
     session_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def resolve(cls, env: Mapping[str, str], outputs_s3: Any = None, credentials: Any = None) -> S3Settings:
-        def secret(name: str) -> str | None:
-            value = getattr(credentials, name, None) if credentials is not None else None
-            return value.get_secret_value() if value is not None and value.get_secret_value() else None
-
+    def from_env(cls, env: Mapping[str, str]) -> S3Settings:
+        """The endpoint's own S3 settings: RunPod's BUCKET_* key pair, else AWS_*."""
         pairs = [
-            (secret("aws_access_key_id"), secret("aws_secret_access_key"), secret("aws_session_token")),
             (env.get("BUCKET_ACCESS_KEY_ID"), env.get("BUCKET_SECRET_ACCESS_KEY"), None),
             (env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN")),
         ]
-        key, secret_key, token = next(((k, s, t) for k, s, t in pairs if k and s), (None, None, None))
+        key, secret, token = next(((k, s, t) for k, s, t in pairs if k and s), (None, None, None))
         endpoint = (
-            getattr(outputs_s3, "endpoint_url", None)
-            or env.get("BUCKET_ENDPOINT_URL")
-            or env.get("AWS_ENDPOINT_URL_S3")
-            or env.get("AWS_ENDPOINT_URL")
-            or None
+            env.get("BUCKET_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         )
-        region = getattr(outputs_s3, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        return cls(endpoint, region, key, secret_key, token)
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return cls(endpoint, region, key, secret, token or None)
 
 
-def make_client(settings: S3Settings, transfer: TransferSettings):
+def make_client(settings: S3Settings, transfer: TransferSettings) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -124,7 +117,7 @@ def make_client(settings: S3Settings, transfer: TransferSettings):
         )
 
 
-def _transfer_config(transfer: TransferSettings):
+def _transfer_config(transfer: TransferSettings) -> Any:
     from boto3.s3.transfer import TransferConfig
 
     return TransferConfig(
@@ -155,8 +148,8 @@ def fatal_or_raise(e: Exception, what: str) -> None:
             raise Fatal(err)
 
 
-def _guarded(fn, what: str):
-    def call():
+def _guarded(fn: Callable[[], T], what: str) -> Callable[[], T]:
+    def call() -> T:
         try:
             return fn()
         except Exception as e:
@@ -178,7 +171,9 @@ def _failed(what: str, e: Exception, loc: S3Location) -> PublishError:
 
 
 @contextlib.contextmanager
-def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseException], ...] = (PublishError,)):
+def _as_publish_error(
+    label: str, loc: S3Location, passthrough: tuple[type[BaseException], ...] = (PublishError,)
+) -> Iterator[None]:
     """Any failure of a transfer becomes one PublishError naming it; typed ones pass through."""
     try:
         yield
@@ -191,7 +186,7 @@ def _as_publish_error(label: str, loc: S3Location, passthrough: tuple[type[BaseE
 
 
 def upload_folder(
-    client,
+    client: Any,
     folder: Path,
     loc: S3Location,
     transfer: TransferSettings,
@@ -225,7 +220,7 @@ def upload_folder(
                 _pause(transfer, attempt, label, pending)
         for rel, entry in manifest.files.items():  # every object there, at its size, before the manifest
             head = with_retries(
-                _guarded(lambda rel=rel: client.head_object(Bucket=loc.bucket, Key=loc.key(rel)), label),
+                _guarded(functools.partial(client.head_object, Bucket=loc.bucket, Key=loc.key(rel)), label),
                 label,
                 transfer,
             )
@@ -261,7 +256,8 @@ class _Bytes:
 
 def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manifest: Manifest, last: bool) -> list[str]:
     """Wait for every future; the files that failed (a fatal error or the last try raises)."""
-    failed, first_error = [], None
+    failed: list[str] = []
+    first_error: Exception | None = None
     for rel, future in futures.items():
         try:
             future.result()
@@ -272,7 +268,7 @@ def _failed_files(futures: dict[str, Any], label: str, progress: Progress, manif
             failed.append(rel)
             first_error = first_error or e
             progress.rewind(int(manifest.files[rel]["size"]))
-    if failed and last:
+    if first_error is not None and last:
         raise first_error
     return failed
 
@@ -290,13 +286,14 @@ def _pause(transfer: TransferSettings, attempt: int, label: str, pending: list[s
     time.sleep(delay)
 
 
-def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) -> Manifest | None:
+def read_remote_manifest(client: Any, loc: S3Location, transfer: TransferSettings) -> Manifest | None:
     """The manifest at `loc`, or None when the prefix has none (not published, or not complete)."""
     from botocore.exceptions import ClientError
 
     def get() -> bytes | None:
         try:
-            return client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME))["Body"].read()
+            data: bytes = client.get_object(Bucket=loc.bucket, Key=loc.key(MANIFEST_NAME))["Body"].read()
+            return data
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -319,7 +316,7 @@ def read_remote_manifest(client, loc: S3Location, transfer: TransferSettings) ->
 
 
 def download_folder(
-    client, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None
+    client: Any, loc: S3Location, dest: Path, transfer: TransferSettings, manifest: Manifest | None = None
 ) -> Manifest:
     """Download the files of `loc`'s manifest into `dest` (which should be empty), each verified by sha256."""
     from boto3.s3.transfer import create_transfer_manager
@@ -351,7 +348,8 @@ def download_folder(
                     break
                 if attempt == transfer.attempts - 1:
                     raise PublishError(
-                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 after {transfer.attempts} tries",
+                        f"{label}: {', '.join(bad)} did not match the manifest's sha256 "
+                        f"after {transfer.attempts} tries",
                         "the stored object differs from what was published (altered or corrupted in the store)",
                         details={"uri": loc.uri, "files": bad},
                     )
@@ -360,7 +358,7 @@ def download_folder(
     return manifest
 
 
-def list_children(client, loc: S3Location, transfer: TransferSettings) -> list[str]:
+def list_children(client: Any, loc: S3Location, transfer: TransferSettings) -> list[str]:
     """Names of the 'folders' directly under `loc` (CommonPrefixes)."""
 
     def listing() -> list[str]:
@@ -386,7 +384,7 @@ def list_children(client, loc: S3Location, transfer: TransferSettings) -> list[s
         raise _failed(f"list {loc.uri}", e, loc) from e
 
 
-def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
+def delete_prefix(client: Any, loc: S3Location, transfer: TransferSettings) -> None:
     """Remove an artifact: its manifest first (it stops being complete), then its objects."""
     keys = []
     paginator = client.get_paginator("list_objects_v2")
@@ -399,4 +397,4 @@ def delete_prefix(client, loc: S3Location, transfer: TransferSettings) -> None:
         )
     for key in keys:
         if key != manifest_key:
-            with_retries(lambda key=key: client.delete_object(Bucket=loc.bucket, Key=key), f"delete {key}", transfer)
+            with_retries(functools.partial(client.delete_object, Bucket=loc.bucket, Key=key), f"delete {key}", transfer)

@@ -57,7 +57,7 @@ def max_lora_rank(env: Mapping[str, str]) -> int:
         return DEFAULT_MAX_LORA_RANK
 
 
-def check_adapter(adapter_dir: Path, env: Mapping[str, str]) -> list[str]:
+def check_adapter(adapter_dir: Path, max_rank: int = DEFAULT_MAX_LORA_RANK) -> list[str]:
     """Warnings (what vLLM would refuse, and what to change); [] when vLLM should load it."""
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
@@ -66,7 +66,7 @@ def check_adapter(adapter_dir: Path, env: Mapping[str, str]) -> list[str]:
     warnings: list[str] = []
     if cfg.get("peft_type", "LORA") != "LORA":
         warnings.append(f"peft_type {cfg.get('peft_type')} is not LoRA: vLLM serves LoRA adapters only")
-    rank, limit = int(cfg.get("r") or 0), max_lora_rank(env)
+    rank, limit = int(cfg.get("r") or 0), max_rank
     if rank > limit:
         warnings.append(
             f"LoRA rank {rank} is above the server's max_lora_rank {limit}: lower lora_r to ≤ {limit}, "

@@ -107,7 +107,7 @@ def verify_adapter(path: Path, settings: ServeSettings, name: str, digest: str =
     # vLLM's own refusals, from the publish stage's check; unknown target names stay a warning there and here
     problems = [
         w
-        for w in check_adapter(path, {"FTW_MAX_LORA_RANK": str(settings.max_lora_rank)})
+        for w in check_adapter(path, settings.max_lora_rank)
         if not w.startswith(("target modules", "target parameters"))
     ]
     if not any((path / f).is_file() for f in WEIGHT_FILES):
