@@ -7,8 +7,9 @@
 
 `count` is what the loss is averaged over: target tokens for SFT, pairs for the DPO family,
 completions for KTO, prompts for GRPO and EBFT structured, documents for EBFT strided; the trainer
-sums it over micro-batches and ranks (`n_items`), so a step's loss is the mean over the global batch whatever the split. `sums` is a
-fixed-length vector the trainer adds up across micro-batches and ranks and hands to `metrics`.
+sums it over micro-batches and ranks (`n_items`), so a step's loss is the mean over the global batch
+whatever the split. `sums` is a fixed-length vector the trainer adds up across micro-batches and
+ranks and hands to `metrics`.
 """
 
 from __future__ import annotations
