@@ -101,6 +101,7 @@ class StridedEbftObjective:
         "ebft/num_blocks",
         "ebft/advantages_std",
     )
+    plotted = ("ebft/cfm_loss",)  # beside the loss in loss.png (whose eval loss is the held-out CE)
 
     def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any):
         self.cfg, self.model = cfg, model
