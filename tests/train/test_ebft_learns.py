@@ -56,10 +56,10 @@ def test_strided_ebft_through_ftw_run_lowers_cfm_and_held_out_ce(task_model_dir:
                 },
                 "datasets": [{"path": str(volume / "docs.jsonl"), "type": "ebft_pretrain.transform"}],
                 "val_set_size": 0.04,
-                "eval_steps": 10,
+                "eval_steps": 8,
                 "sequence_len": 64,
                 "micro_batch_size": 2,
-                "max_steps": 40,
+                "max_steps": 32,
                 "learning_rate": 1e-3,
                 "optimizer": "adamw_torch",
                 "lr_scheduler": "constant",
@@ -87,7 +87,7 @@ def test_strided_ebft_through_ftw_run_lowers_cfm_and_held_out_ce(task_model_dir:
     run = volume / "runs" / "ebft-strided"
     events = [json.loads(line) for f in run.rglob("events.jsonl") for line in f.read_text().splitlines()]
     steps = sorted((e["step"], e) for e in events if e.get("stage") == "train" and "ebft/cfm_loss" in e and "lr" in e)
-    assert len(steps) == 40
+    assert len(steps) == 32
     cfm = [e["ebft/cfm_loss"] for _, e in steps]
     assert mean(cfm[-8:]) < 0.3 * mean(cfm[:8]), cfm
     summary = json.loads(next(run.rglob("summary.json")).read_text())
