@@ -257,8 +257,9 @@ def _ebft_mode(cfg: TrainingConfig, ebft: EbftConfig) -> Problems:
     if cfg.torch_compile is True:
         yield Issue(
             "torch_compile",
-            "torch_compile with ebft.mode: strided: flex attention compiles its own kernels and a compiled model "
-            "around it recompiles at every block mask; remove torch_compile",
+            "torch_compile with ebft.mode: strided is not supported by ftw (flex attention compiles its own kernels "
+            "and a compiled model around it recompiles at every block mask); remove torch_compile",
+            "unsupported",
         )
     if cfg.sequence_len < ebft.context_length + ebft.generate_max_len:
         yield Issue(
