@@ -191,3 +191,41 @@ def test_sampling_top_p_keeps_the_nucleus():
     share = (drawn == 0).float().mean()
     assert abs(share - 0.5 / 0.8) < 0.05
     assert set(sample(logits, 1.0, 1.0).tolist()) == {0, 1, 2, 3}
+
+
+def test_flex_block_mask_and_dense_mask_give_the_same_evaluation(task_model_dir):
+    """The GPU path (flex_attention with the BlockMask) and the CPU path (dense mask) agree on a whole
+    document's generation, features, rewards and CE (flex runs forward-only on the CPU)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from schemas.config import TrainingConfig
+    from worker.train.ebft_strided import StridedEbftObjective
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(task_model_dir), LoraConfig(r=8, target_modules="all-linear")
+    )
+    model.eval()
+    cfg = TrainingConfig(
+        base_model=str(task_model_dir),
+        learning_rate=1e-3,
+        rl="ebft",
+        adapter="lora",
+        datasets=[{"path": "x.jsonl", "type": "ebft_pretrain.transform"}],
+        ebft={"mode": "strided", "stride": 4, "context_length": 4, "generate_max_len": 4, "n_samples_per_prompt": 3},
+    )
+    torch.manual_seed(6)
+    ids = torch.randint(5, 300, (1, 40))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    results = []
+    for path in ("dense", "flex"):
+        objective = StridedEbftObjective(cfg, model, None)
+        objective.path = path
+        torch.manual_seed(0)
+        with torch.no_grad():
+            loss, sums = objective.loss(model, batch, torch.tensor(1.0))
+        results.append((loss, sums))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
