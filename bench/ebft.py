@@ -35,8 +35,8 @@ def build(shape: str, device: Any, max_len: int) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(SHAPES[shape])
-    config = AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(max_len, 4096), **spec)
+    spec: dict[str, Any] = dict(SHAPES[shape])
+    config = AutoConfig.for_model(str(spec.pop("model_type")), max_position_embeddings=max(max_len, 4096), **spec)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with device:
@@ -53,14 +53,16 @@ def arm(model: Any, path: str, doc_len: int, args: argparse.Namespace) -> dict[s
     from worker.train.ebft_strided import StridedEbftObjective
 
     device = next(model.parameters()).device
-    cfg = TrainingConfig(
-        base_model="bench",
-        learning_rate=1e-5,
-        rl="ebft",
-        adapter="lora",
-        sequence_len=doc_len,
-        datasets=[{"path": "bench.jsonl", "type": "ebft_pretrain.transform"}],
-        ebft={"mode": "strided", "use_whitening": True, "ce_coef": 0.03},
+    cfg = TrainingConfig.model_validate(
+        {
+            "base_model": "bench",
+            "learning_rate": 1e-5,
+            "rl": "ebft",
+            "adapter": "lora",
+            "sequence_len": doc_len,
+            "datasets": [{"path": "bench.jsonl", "type": "ebft_pretrain.transform"}],
+            "ebft": {"mode": "strided", "use_whitening": True, "ce_coef": 0.03},
+        }
     )
     objective = StridedEbftObjective(cfg, model, None)
     objective.path = path

@@ -38,7 +38,7 @@ LOGIT_CHUNK = 1024  # positions per lm_head chunk
 REINFORCE = TrlConfig(loss_type="bnpo")  # ratio 1 (one pass per generation): the clip never bites
 
 
-def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def body_and_head(model: Any) -> tuple[Any, Any]:
     """The decoder stack and the lm_head of a causal LM (PEFT-wrapped or not)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
@@ -54,7 +54,7 @@ def attention_path(device: torch.device) -> str:
 
 
 @contextmanager
-def attention_implementation(model: torch.nn.Module, name: str | None) -> Iterator[None]:
+def attention_implementation(model: Any, name: str | None) -> Iterator[None]:
     """The model's attention backend set to `name` for the block (None: unchanged)."""
     if name is None:
         yield
@@ -68,7 +68,7 @@ def attention_implementation(model: torch.nn.Module, name: str | None) -> Iterat
         config._attn_implementation = saved
 
 
-def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log π(target) at each (…, P) position from hidden (…, P, H), LOGIT_CHUNK positions at a time;
     with grad, each chunk's logits are recomputed in the backward instead of kept."""
 
@@ -103,7 +103,7 @@ class StridedEbftObjective:
     )
     plotted = ("ebft/cfm_loss",)  # beside the loss in loss.png (whose eval loss is the held-out CE)
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any):
+    def __init__(self, cfg: TrainingConfig, model: Any, tokenizer: Any):
         self.cfg, self.model = cfg, model
         self.ebft = cfg.ebft or EbftConfig(mode="strided")
         self.samples = self.ebft.n_samples_per_prompt
@@ -129,7 +129,7 @@ class StridedEbftObjective:
 
     def forward(
         self,
-        model: torch.nn.Module,
+        model: Any,
         ids: torch.Tensor,
         mask: Any,
         backend: str | None,

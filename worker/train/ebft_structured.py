@@ -29,7 +29,7 @@ from worker.train import ebft
 from worker.train.batches import IGNORE
 from worker.train.grpo import Rollout, completion_logps, generate, group_advantages, policy_loss
 
-Generate = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, TrlConfig, int, int], Rollout]
+Generate = Callable[[Any, torch.Tensor, torch.Tensor, TrlConfig, int, int], Rollout]
 
 
 def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ class StructuredEbftObjective:
     )
     plotted = ("ebft/cfm_loss",)
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any):
+    def __init__(self, cfg: TrainingConfig, model: Any, tokenizer: Any):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.ebft, self.trl = cfg.ebft or EbftConfig(), cfg.trl or TrlConfig()
         self.beta = cfg.rl_beta_value()
