@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from schemas.config import TrainingConfig
 from schemas.rl import EbftConfig, TrlConfig
+from worker.errors import TrainingError
 from worker.train import ebft
 from worker.train.batches import IGNORE
 from worker.train.ebft_blocks import StridedLayout, block_mask, dense_mask, sample
@@ -104,6 +105,13 @@ class StridedEbftObjective:
     plotted = ("ebft/cfm_loss",)  # beside the loss in loss.png (whose eval loss is the held-out CE)
 
     def __init__(self, cfg: TrainingConfig, model: Any, tokenizer: Any):
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # its forwards call the decoder stack directly (to chunk the lm_head): a DDP/FSDP wrapper would not sync
+            raise TrainingError(
+                "rl: ebft with ebft.mode: strided runs on one GPU, and this job has "
+                f"{torch.distributed.get_world_size()} processes",
+                hint="run it on one GPU (CUDA_VISIBLE_DEVICES or a one-GPU endpoint), or use ebft.mode: structured",
+            )
         self.cfg, self.model = cfg, model
         self.ebft = cfg.ebft or EbftConfig(mode="strided")
         self.samples = self.ebft.n_samples_per_prompt
