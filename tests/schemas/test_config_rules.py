@@ -566,3 +566,16 @@ def test_torch_compile_backend_and_mode_are_checked_before_any_work():
     assert not errors(
         {**GOOD, "torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune"}
     )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"ebft": {"mode": "strided", "n_samples_per_prompt": 1}, "datasets": [STRIDED]},
+        {"trl": {"num_generations": 4}, "datasets": [STRUCTURED]},
+    ],
+)
+def test_an_ebft_config_written_back_in_full_validates_again(raw):
+    report = validate_config({**GOOD, "adapter": "lora", "rl": "ebft", **raw}, ENV)
+    again = validate_config(report.value.model_dump(mode="json"), ENV)
+    assert again.valid, again.errors
