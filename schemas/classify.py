@@ -196,6 +196,8 @@ def _check_type(kind: Any, loc: str, env: Mapping[str, str], report: Report) -> 
             "(and message_property_mappings for from/value keys)",
             "unsupported",
         )
+    elif family.startswith("ebft"):
+        report.error(loc, f"type {excerpt(kind)} is a dataset type of rl: ebft; set rl: ebft (and its ebft: block)")
     elif family == "pretrain":
         report.error(loc, "type 'pretrain' belongs to pretraining_dataset entries; under datasets use type: completion")
     elif family in KNOWN_UNSUPPORTED_TYPES:

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 
 from schemas.base import Frozen
 from schemas.datasets import DatasetConfig, PretrainingDatasetConfig
-from schemas.rl import TrlConfig
+from schemas.rl import EbftConfig, TrlConfig
 
 Auto = Literal["auto"]
 
@@ -229,7 +229,7 @@ class TrainingConfig(Frozen):
     fsdp_version: Literal[1, 2] | None = None
     ddp_find_unused_parameters: bool | None = None
     ddp_timeout: int | None = Field(default=None, ge=1)
-    # ---- preference and RL training (schemas/rl.py, worker/train/preference.py, grpo.py) ----------
+    # ---- preference and RL training (schemas/rl.py, worker/train/preference.py, grpo.py, ebft*.py) -
     rl: str | None = None
     rl_beta: float | None = Field(default=None, gt=0.0)
     dpo_loss_type: list[str] | None = Field(default=None, min_length=1)
@@ -241,6 +241,7 @@ class TrainingConfig(Frozen):
     kto_undesirable_weight: float = Field(default=1.0, gt=0.0)
     max_prompt_len: int | None = Field(default=None, ge=1)
     trl: TrlConfig | None = None
+    ebft: EbftConfig | None = None
 
     # ---- derived values (pure) -----------------------------------------------------------------
     def batch_shape(self) -> tuple[int, int]:

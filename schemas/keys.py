@@ -88,7 +88,6 @@ NO_EFFECT = {
 
 # key -> why; set to a value other than None/False/0/[]/{}/"" it is an error.
 UNSUPPORTED = {
-    **_group("energy-based fine-tuning (rl: ebft)", "ebft"),
     **_group("a vLLM server for RL generation (ftw generates with transformers; see trl.use_vllm)", "vllm"),
     **_group("RPO (DPO plus an NLL term)", "rpo_alpha"),
     **_group("GPTQ-quantised base models", "gptq gptq_groupsize gptq_model_v1 gptq_disable_exllama"),

@@ -2,6 +2,7 @@
 
     rl: dpo | ipo | orpo | kto | simpo      preference pairs (kto: single completions with a label)
     rl: grpo                                 prompts + verifiable answers, rewards from built-ins
+    rl: ebft                                 ground-truth continuations, rewards from feature matching (`ebft:`)
 
 Key names and defaults are axolotl's (which passes them to TRL): beta is `trl.beta`, else `rl_beta`,
 else `orpo_alpha` (TRL's ORPO calls λ beta), else 0.1. The dataset types are axolotl's
@@ -16,9 +17,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 PAIR_METHODS = ("dpo", "ipo", "orpo", "simpo")
-RL_METHODS = (*PAIR_METHODS, "kto", "grpo")
+RL_METHODS = (*PAIR_METHODS, "kto", "grpo", "ebft")
 NEEDS_REFERENCE = ("dpo", "ipo", "kto", "grpo")  # orpo and simpo have no reference model
-NOT_BUILT = {"gdpo": "GDPO (multi-objective GRPO)", "ebft": "energy-based fine-tuning (EBFT)"}
+NOT_BUILT = {"gdpo": "GDPO (multi-objective GRPO)"}
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 # where prompt / chosen / rejected (or completion) live in a row, by the name after the family's dot
@@ -34,6 +35,10 @@ PAIR_TYPES = (
 )
 KTO_TYPES = (*TEMPLATE_FAMILIES, *(f"{f}.{k}" for f in TEMPLATE_FAMILIES for k in KTO_LAYOUTS))
 GRPO_TYPES = ("prompt_answer", "chat_template.prompt_answer")
+# EBFT's transforms (axolotl's names): structured rows are a chat prompt + its ground truth; strided
+# rows are one document (raw prompt + completion, a chat conversation, or plain text)
+EBFT_STRUCTURED_TYPES = ("ebft_opencode.transform",)
+EBFT_STRIDED_TYPES = ("ebft_strided_structured.transform", "ebft_strided_chat.transform", "ebft_pretrain.transform")
 
 # built-in GRPO rewards (worker/train/rewards.py); anything else would be user code
 BUILTIN_REWARDS = ("exact_match", "contains_answer", "regex_format", "length")
@@ -44,6 +49,8 @@ def dataset_types(rl: str) -> tuple[str, ...]:
         return KTO_TYPES
     if rl == "grpo":
         return GRPO_TYPES
+    if rl == "ebft":
+        return (*EBFT_STRUCTURED_TYPES, *EBFT_STRIDED_TYPES)
     return PAIR_TYPES
 
 
@@ -102,3 +109,62 @@ TRL_NOT_BUILT = {
         "this GRPO option",
     ),
 }
+
+
+class EbftConfig(BaseModel):
+    """axolotl's `ebft:` block (energy-based fine-tuning; worker/train/ebft*.py).
+
+    Structured mode generates `trl.num_generations` completions per prompt (GRPO's generation and
+    policy loss); strided mode generates `n_samples_per_prompt` rollouts of `generate_max_len`
+    tokens at anchors every `stride` tokens of a document, all in one forward. Each block of a
+    document conditions on the whole document before its anchor; the first anchor is at least
+    `context_length` tokens in (and `min_completion_prefix` past the prompt, for documents that
+    have one), as axolotl's trainer places them.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+    mode: Literal["structured", "strided"] = "structured"
+    feature_layers: list[float] = Field(default=[0.25, 0.5, 0.75], min_length=1, max_length=64)
+    embed_method: Literal["last_token", "mean_pooling", "completion_mean", "concat"] = "last_token"
+    use_whitening: bool = False
+    alignment_coef: float = Field(default=1.0, ge=0.0)
+    diversity_coef: float | None = Field(default=None, ge=0.0)  # None: 1.0, or 0.0 with one sample
+    ce_coef: float = Field(default=0.0, ge=0.0)
+    rl_coef: float = Field(default=1.0, ge=0.0)
+    # structured mode (generation through trl:)
+    adaptive_max_tokens: bool = True
+    gt_length_multiplier: float = Field(default=1.5, ge=0.1)
+    # strided mode
+    stride: int = Field(default=8, ge=1)
+    context_length: int = Field(default=8, ge=1)
+    generate_max_len: int = Field(default=8, ge=1, le=1024)
+    n_samples_per_prompt: int = Field(default=4, ge=1, le=256)
+    temperature: float = Field(default=0.6, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # None: rloo, or reinforce with one sample
+    advantage_estimator: Literal["rloo", "group_norm", "reinforce"] | None = None
+    min_completion_prefix: int = Field(default=0, ge=0)
+
+    def samples(self, trl: TrlConfig | None) -> int:
+        """Rollouts per prompt or document: trl.num_generations (structured) or n_samples_per_prompt (strided)."""
+        return self.n_samples_per_prompt if self.mode == "strided" else (trl or TrlConfig()).num_generations
+
+    def estimator(self, trl: TrlConfig | None) -> str:
+        """axolotl's default: rloo, and reinforce with one sample (a leave-one-out baseline needs two)."""
+        if self.advantage_estimator is not None:
+            return self.advantage_estimator
+        return "reinforce" if self.samples(trl) == 1 else "rloo"
+
+    def diversity(self, trl: TrlConfig | None) -> float:
+        """axolotl's default: 1.0, and 0.0 with one sample (the diversity term compares samples)."""
+        if self.diversity_coef is not None:
+            return self.diversity_coef
+        return 0.0 if self.samples(trl) == 1 else 1.0
+
+
+# keys of one mode only: set in the other they would do nothing
+EBFT_STRIDED_KEYS = (
+    "stride context_length generate_max_len n_samples_per_prompt temperature top_p advantage_estimator "
+    "min_completion_prefix rl_coef"
+).split()
+EBFT_STRUCTURED_KEYS = ("adaptive_max_tokens", "gt_length_multiplier")

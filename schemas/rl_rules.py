@@ -20,11 +20,16 @@ from schemas.paths import find_module_file
 from schemas.rl import (
     BUILTIN_REWARDS,
     DPO_LOSS_TYPES,
+    EBFT_STRIDED_KEYS,
+    EBFT_STRIDED_TYPES,
+    EBFT_STRUCTURED_KEYS,
+    EBFT_STRUCTURED_TYPES,
     NEEDS_REFERENCE,
     NOT_BUILT,
     PAIR_METHODS,
     RL_METHODS,
     TRL_NOT_BUILT,
+    EbftConfig,
     TrlConfig,
     dataset_types,
 )
@@ -42,7 +47,8 @@ METHOD_KEYS = {
     "cpo_alpha": ("simpo",),
     "kto_desirable_weight": ("kto",),
     "kto_undesirable_weight": ("kto",),
-    "trl": ("grpo",),
+    "trl": ("grpo", "ebft"),
+    "ebft": ("ebft",),
 }
 
 
@@ -126,18 +132,26 @@ def _prompt_len(cfg: TrainingConfig) -> Problems:
         )
 
 
-@rule("rl", "trl")
+@rule("rl", "trl", "ebft")
 def _grpo(cfg: TrainingConfig) -> Problems:
-    if cfg.rl != "grpo":
+    """GRPO's trl: block, and EBFT structured mode's (its generation and policy loss are GRPO's)."""
+    ebft = cfg.ebft or EbftConfig()
+    if cfg.rl != "grpo" and (cfg.rl != "ebft" or ebft.mode != "structured"):
         return
     trl = cfg.trl or TrlConfig()
-    if not trl.reward_funcs:
+    if cfg.rl == "ebft":
+        if trl.reward_funcs or trl.reward_weights:
+            key = "trl.reward_funcs" if trl.reward_funcs else "trl.reward_weights"
+            yield Issue(
+                key, f"{key}: rl: ebft rewards completions by feature matching (ebft:), not reward functions; remove it"
+            )
+    elif not trl.reward_funcs:
         yield Issue(
             "trl.reward_funcs",
             "rl: grpo needs reward functions: trl.reward_funcs, e.g. [exact_match] "
             f"(built-ins: {', '.join(BUILTIN_REWARDS)}; your own: module.function)",
         )
-    if trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
+    if cfg.rl == "grpo" and trl.reward_weights is not None and len(trl.reward_weights) != len(trl.reward_funcs or []):
         yield Issue(
             "trl.reward_weights",
             f"trl.reward_weights has {len(trl.reward_weights)} weights for {len(trl.reward_funcs or [])} "
@@ -194,6 +208,94 @@ def _vllm(cfg: TrainingConfig, trl: TrlConfig) -> Problems:
             "trl.vllm_lora_sync: false (merged weights copied into the engine) is not supported by ftw; it loads the "
             "LoRA adapter into the engine: remove the key",
             "unsupported",
+        )
+
+
+@rule("rl", "ebft", "trl", "datasets", "torch_compile", "sequence_len", "adapter")
+def _ebft(cfg: TrainingConfig) -> Problems:
+    """The ebft: block: its keys, which mode each belongs to, and what one sample per prompt allows."""
+    if cfg.rl != "ebft":
+        return
+    ebft = cfg.ebft or EbftConfig()
+    for key in sorted(ebft.model_extra or {}):
+        close = difflib.get_close_matches(key, list(EbftConfig.model_fields), n=1, cutoff=0.75)
+        yield Issue(f"ebft.{key}", f"unknown key {key!r} in ebft" + (f"; did you mean {close[0]!r}?" if close else ""))
+    other, other_mode = (
+        (EBFT_STRUCTURED_KEYS, "structured") if ebft.mode == "strided" else (EBFT_STRIDED_KEYS, "strided")
+    )
+    for key in other:
+        if key in ebft.model_fields_set and getattr(ebft, key) != EbftConfig.model_fields[key].default:
+            yield Issue(
+                f"ebft.{key}",
+                f"ebft.{key} applies to ebft.mode: {other_mode} (mode is {ebft.mode}); remove it or set the mode",
+            )
+    samples = ebft.samples(cfg.trl)
+    if samples == 1 and ebft.advantage_estimator in ("rloo", "group_norm"):
+        yield Issue(
+            "ebft.advantage_estimator",
+            f"ebft.advantage_estimator {ebft.advantage_estimator} needs at least 2 samples per prompt "
+            "(ebft.n_samples_per_prompt is 1): use reinforce, or raise n_samples_per_prompt",
+        )
+    if samples == 1 and ebft.diversity_coef:
+        yield Issue(
+            "ebft.diversity_coef",
+            "ebft.diversity_coef compares a prompt's samples with each other and ebft.n_samples_per_prompt is 1: "
+            "set it to 0, or raise n_samples_per_prompt",
+        )
+    if ebft.rl_coef == 0 and ebft.ce_coef == 0:
+        yield Issue("ebft.rl_coef", "ebft.rl_coef and ebft.ce_coef are both 0: nothing would be trained; raise one")
+    for i, depth in enumerate(ebft.feature_layers):
+        if not 0.0 <= depth <= 1.0:
+            yield Issue(
+                f"ebft.feature_layers[{i}]",
+                "ebft.feature_layers are fractions of the model's depth (0.0 the embeddings, 1.0 the last layer); "
+                f"got {depth}",
+            )
+    if cfg.adapter is None and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
+        yield Issue(
+            "adapter",
+            "rl: ebft with full fine-tuning keeps a frozen copy of the model for its features, which ftw builds on "
+            "one GPU only: set adapter: lora (the features then come from the base with the adapter disabled), "
+            "or drop fsdp/deepspeed",
+            "unsupported",
+        )
+    yield from _ebft_mode(cfg, ebft)
+
+
+def _ebft_mode(cfg: TrainingConfig, ebft: EbftConfig) -> Problems:
+    this, that = ebft.mode, "structured" if ebft.mode == "strided" else "strided"
+    types, other = (
+        (EBFT_STRIDED_TYPES, EBFT_STRUCTURED_TYPES)
+        if ebft.mode == "strided"
+        else (EBFT_STRUCTURED_TYPES, EBFT_STRIDED_TYPES)
+    )
+    for i, ds in enumerate(cfg.datasets or []):
+        if isinstance(ds.type, str) and ds.type in other:
+            yield Issue(
+                f"datasets[{i}].type",
+                f"type {ds.type} is a dataset type of ebft.mode: {that}; "
+                f"with mode {this} use one of {', '.join(types)}",
+            )
+    if ebft.mode != "strided":
+        return
+    if cfg.trl is not None and "trl" in cfg.model_fields_set:
+        yield Issue(
+            "trl",
+            "trl: configures structured mode's generation; strided mode samples with ebft.n_samples_per_prompt, "
+            "temperature, top_p and generate_max_len: remove trl or set ebft.mode: structured",
+        )
+    if cfg.torch_compile is True:
+        yield Issue(
+            "torch_compile",
+            "torch_compile with ebft.mode: strided is not supported by ftw (flex attention compiles its own kernels "
+            "and a compiled model around it recompiles at every block mask); remove torch_compile",
+            "unsupported",
+        )
+    if cfg.sequence_len < ebft.context_length + ebft.generate_max_len:
+        yield Issue(
+            "sequence_len",
+            f"sequence_len {cfg.sequence_len} leaves no anchor: a strided block needs ebft.context_length "
+            f"({ebft.context_length}) tokens before it and generate_max_len ({ebft.generate_max_len}) after",
         )
 
 

@@ -57,10 +57,16 @@ def test_dpo_examples_validate_and_other_rl_methods_are_named():
         report = validate_config(raw, FRESH_ENDPOINT)
         if raw["rl"] == "dpo" and not raw.get("plugins"):
             assert report.valid, (name, report.errors)
-        elif raw["rl"] in ("gdpo", "ebft"):
+        elif raw["rl"] == "gdpo":
             rl_error = next(i for i in report.errors if i.loc == "rl")
             assert rl_error.kind == "unsupported" and f"rl: {raw['rl']}" in rl_error.msg
             assert not any(i.loc.startswith("datasets") for i in report.errors), (name, report.errors)
+        elif raw["rl"] == "ebft":  # strided validates (bar torch_compile, which strided refuses); async is named
+            assert not any(i.loc.startswith(("datasets", "ebft")) for i in report.errors), (name, report.errors)
+            if (raw.get("ebft") or {}).get("mode") == "strided":
+                assert {i.loc for i in report.errors} <= {"torch_compile"}, (name, report.errors)
+            else:
+                assert any(i.loc == "trl.async_prefetch" for i in report.errors) or not raw["trl"].get("async_prefetch")
 
 
 def test_compat_doc_is_up_to_date():

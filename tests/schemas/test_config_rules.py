@@ -209,7 +209,7 @@ def test_rl_dpo_with_a_preference_type_is_valid():
     "raw, want",
     [
         ({"rl": "ppo"}, {("rl", "invalid")}),
-        ({"rl": "ebft"}, {("rl", "unsupported")}),
+        ({"rl": "gdpo"}, {("rl", "unsupported")}),
         ({"rl": "dpo", "orpo_alpha": 0.1}, {("orpo_alpha", "invalid")}),
         ({"rl": "dpo", "dpo_loss_type": ["hinge"]}, {("dpo_loss_type", "unsupported")}),
         ({"rl": "dpo", "dpo_use_weighting": True}, {("dpo_use_weighting", "unsupported")}),
@@ -297,6 +297,67 @@ def test_rl_keys_fail_where_they_are_wrong(raw, want):
     }
     report = validate_config({**base, **raw}, ENV)
     assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
+
+
+STRIDED = {"path": "org/docs", "type": "ebft_pretrain.transform"}
+STRUCTURED = {"path": "org/qa", "type": "ebft_opencode.transform"}
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ({"ebft": {"mode": "strided"}, "datasets": [STRIDED]}, set()),
+        ({"datasets": [STRUCTURED]}, set()),  # structured is the default mode
+        ({"ebft": {"mode": "strided", "strid": 4}, "datasets": [STRIDED]}, {("ebft.strid", "invalid")}),
+        ({"ebft": {"stride": 4}, "datasets": [STRUCTURED]}, {("ebft.stride", "invalid")}),
+        (
+            {"ebft": {"mode": "strided", "gt_length_multiplier": 2.0}, "datasets": [STRIDED]},
+            {("ebft.gt_length_multiplier", "invalid")},
+        ),
+        ({"ebft": {"mode": "strided"}, "datasets": [STRUCTURED]}, {("datasets[0].type", "invalid")}),
+        ({"ebft": {"mode": "structured"}, "datasets": [STRIDED]}, {("datasets[0].type", "invalid")}),
+        (
+            {
+                "ebft": {
+                    "mode": "strided",
+                    "n_samples_per_prompt": 1,
+                    "advantage_estimator": "rloo",
+                    "diversity_coef": 1.0,
+                },
+                "datasets": [STRIDED],
+            },
+            {("ebft.advantage_estimator", "invalid"), ("ebft.diversity_coef", "invalid")},
+        ),
+        (
+            {"ebft": {"mode": "strided", "feature_layers": [0.5, 1.5]}, "datasets": [STRIDED]},
+            {("ebft.feature_layers[1]", "invalid")},
+        ),
+        ({"ebft": {"mode": "strided", "rl_coef": 0}, "datasets": [STRIDED]}, {("ebft.rl_coef", "invalid")}),
+        ({"ebft": {"mode": "strided", "stride": 0}, "datasets": [STRIDED]}, {("ebft.stride", "invalid")}),
+        (
+            {"ebft": {"mode": "strided"}, "torch_compile": True, "datasets": [STRIDED]},
+            {("torch_compile", "unsupported")},
+        ),
+        ({"ebft": {"mode": "strided"}, "sequence_len": 12, "datasets": [STRIDED]}, {("sequence_len", "invalid")}),
+        ({"ebft": {"mode": "strided"}, "trl": {"num_generations": 4}, "datasets": [STRIDED]}, {("trl", "invalid")}),
+        ({"trl": {"reward_funcs": ["exact_match"]}, "datasets": [STRUCTURED]}, {("trl.reward_funcs", "invalid")}),
+        ({"trl": {"use_vllm": True}, "datasets": [STRUCTURED]}, {("trl.use_vllm", "unsupported")}),
+        ({"trl": {"async_prefetch": True}, "datasets": [STRUCTURED]}, {("trl.async_prefetch", "unsupported")}),
+        ({"adapter": None, "deepspeed": "zero2", "datasets": [STRUCTURED]}, {("adapter", "unsupported")}),
+        ({"datasets": [{"path": "org/p", "type": "chatml.intel"}]}, {("datasets[0].type", "unsupported")}),
+    ],
+)
+def test_ebft_keys_fail_where_they_are_wrong(raw, want):
+    report = validate_config({**GOOD, "adapter": "lora", "rl": "ebft", **raw}, ENV)
+    assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
+
+
+def test_ebft_one_sample_defaults_to_reinforce_without_diversity():
+    raw = {**GOOD, "adapter": "lora", "rl": "ebft", "datasets": [STRIDED]}
+    cfg = validate_config({**raw, "ebft": {"mode": "strided", "n_samples_per_prompt": 1}}, ENV).value
+    assert (cfg.ebft.estimator(cfg.trl), cfg.ebft.diversity(cfg.trl)) == ("reinforce", 0.0)
+    cfg = validate_config({**raw, "ebft": {"mode": "strided"}}, ENV).value
+    assert (cfg.ebft.estimator(cfg.trl), cfg.ebft.diversity(cfg.trl)) == ("rloo", 1.0)
 
 
 def test_a_config_written_back_in_full_validates_again():
@@ -398,7 +459,7 @@ def test_gated_keys_need_the_operator(key, value, var):
         ("my_pkg.my_strategy", "gated", "FTW_ALLOW_PLUGINS=1"),
         ("alpacaa", "invalid", "not a known prompt strategy; did you mean 'alpaca'?"),
         ("pretrain", "invalid", "pretraining_dataset"),
-        ("ebft_opencode.transform", "unsupported", "not supported"),
+        ("ebft_opencode.transform", "invalid", "set rl: ebft"),
     ],
 )
 def test_dataset_types(kind, expected_kind, fragment):
@@ -551,3 +612,16 @@ def test_torch_compile_backend_and_mode_are_checked_before_any_work():
     assert not errors(
         {**GOOD, "torch_compile": True, "torch_compile_backend": "inductor", "torch_compile_mode": "max-autotune"}
     )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"ebft": {"mode": "strided", "n_samples_per_prompt": 1}, "datasets": [STRIDED]},
+        {"trl": {"num_generations": 4}, "datasets": [STRUCTURED]},
+    ],
+)
+def test_an_ebft_config_written_back_in_full_validates_again(raw):
+    report = validate_config({**GOOD, "adapter": "lora", "rl": "ebft", **raw}, ENV)
+    again = validate_config(report.value.model_dump(mode="json"), ENV)
+    assert again.valid, again.errors

@@ -29,6 +29,7 @@ import pyarrow as pa
 from schemas.config import TrainingConfig
 from schemas.datasets import DatasetConfig
 from worker.data import cache, rl_rows, rows, sources
+from worker.data.ebft_rows import EbftRows
 from worker.data.packing import fill, first_fit_decreasing, pack_columns
 from worker.data.preference import build_rl_strategy
 from worker.data.progress import Progress
@@ -269,7 +270,7 @@ def tokenize_all(
         if item.skip:
             data = data.select(range(min(item.skip, len(data)), len(data)))
         ctx = Context(item.entry, cfg, tokenizer, label)
-        strategy = build_rl_strategy(ctx) if cfg.rl else build_strategy(ctx)
+        strategy = (EbftRows(ctx) if cfg.rl == "ebft" else build_rl_strategy(ctx)) if cfg.rl else build_strategy(ctx)
         missing = [c for c in getattr(strategy, "columns", ()) if c not in data.column_names]
         if missing:
             raise ctx.row_error(

@@ -5,13 +5,15 @@ dedup, shuffle, eval split); what differs is one table row per dataset row, what
 - pairs (dpo, ipo, orpo, simpo): `input_ids`/`labels` hold chosen then rejected, `_split` where
   rejected starts. Dedup, shuffle and the eval split therefore keep a pair together.
 - kto: one completion, `_flag` 1 when desirable. grpo: the rendered prompt, `_answer` its answer.
+- ebft: one document (worker/data/ebft_rows.py): prompt masked, then the trained ground truth; the
+  SFT length policy applies to it whole, and a strided document with no room for one block goes.
 The length policy applies to each sequence (chosen and rejected each within sequence_len).
 
 Layout (docs/contracts.md): pairs and kto samples go micro_batch_size at a time into one packed
 row (position_ids restart at every sequence, so chosen and rejected of a pair run in one forward
 with per-sample attention and no padding); a pair's chosen is always the sequence right before its
 rejected. kto rows carry `desirable` (one flag per sequence). grpo rows are one prompt each with its
-answer as UTF-8 bytes (`answer_bytes`: batches carry tensors only).
+answer as UTF-8 bytes (`answer_bytes`: batches carry tensors only). ebft rows are one document each.
 """
 
 from __future__ import annotations
@@ -81,6 +83,39 @@ def sequences(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def length_policy(table: pa.Table, cfg: TrainingConfig, labels: list[str], dropped: Counter) -> pa.Table:
+    if cfg.rl == "ebft":
+        return ebft_length_policy(table, cfg, labels, dropped)
+    return pair_length_policy(table, cfg, labels, dropped)
+
+
+def prompt_lengths(table: pa.Table) -> np.ndarray:
+    """Per row, the tokens before the first trained label (the prompt); 0 for a row trained from its start."""
+    n = rows.lengths(table)
+    starts = np.r_[0, np.cumsum(n)[:-1]]
+    trained = np.flatnonzero(flat(table, "labels") != -100)
+    first = n.copy()
+    row_of = np.searchsorted(starts, trained, side="right") - 1
+    np.minimum.at(first, row_of, trained - starts[row_of])
+    return np.where(first <= 1, 0, first)  # a document's first token has no context: trained from token 1 is no prompt
+
+
+def ebft_length_policy(table: pa.Table, cfg: TrainingConfig, labels: list[str], dropped: Counter) -> pa.Table:
+    """The SFT policy on the whole document; strided: then documents too short for one block
+    (anchor after max(prompt + min_completion_prefix, context_length), generate_max_len tokens after it)."""
+    table = rows.apply_length_policy(
+        table, cfg.sequence_len, cfg.excess_length_strategy, cfg.min_sample_len, labels, dropped
+    )
+    ebft = cfg.ebft
+    if ebft is None or ebft.mode != "strided" or table.num_rows == 0:
+        return table
+    prompt = prompt_lengths(table)
+    first_anchor = np.maximum(np.where(prompt > 0, prompt + ebft.min_completion_prefix, 0), ebft.context_length)
+    short = rows.lengths(table) < first_anchor + ebft.generate_max_len
+    dropped["no_room_for_a_block"] += int(short.sum())
+    return table.filter(pa.array(~short))
+
+
+def pair_length_policy(table: pa.Table, cfg: TrainingConfig, labels: list[str], dropped: Counter) -> pa.Table:
     """excess_length_strategy per sequence (a pair goes when either side does; truncate cuts each side;
     a grpo prompt needs room for trl.max_completion_length and is never cut), then rows with a side
     that trains nothing."""
@@ -131,7 +166,13 @@ def truncate_sides(table: pa.Table, limit: int) -> pa.Table:
 
 
 def layout(table: pa.Table, cfg: TrainingConfig) -> tuple[pa.Table, dict[str, Any]]:
-    """micro_batch_size pairs (or kto samples) per packed row; grpo: one prompt per row."""
+    """micro_batch_size pairs (or kto samples) per packed row; grpo: one prompt per row; ebft: one document per row."""
+    if cfg.rl == "ebft":
+        return pack_columns(table, [[i] for i in range(table.num_rows)]), {
+            "enabled": False,
+            "fill": None,
+            "bins": table.num_rows,
+        }
     if cfg.rl == "grpo":
         out = pack_columns(table, [[i] for i in range(table.num_rows)])
         answers = [

@@ -114,10 +114,12 @@ def policy_loss(
     trl: TrlConfig,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss of the micro-batch per trl.loss_type, mean KL per completion token)."""
+    """(loss of the micro-batch per trl.loss_type, mean KL per completion token). `advantages`: one per
+    completion (GRPO), or one per completion token (EBFT's strided blocks)."""
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - trl.epsilon, 1 + (trl.epsilon_high or trl.epsilon))
-    per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    per_token = -torch.min(ratio * adv, clipped * adv)
     mask = mask.float()
     kl = torch.zeros_like(logp)
     if ref_logp is not None and beta > 0:

@@ -7,9 +7,10 @@
     objective.close()                                # at the end of training: e.g. GRPO's vLLM engine stops
 
 `count` is what the loss is averaged over: target tokens for SFT, pairs for the DPO family,
-completions for KTO, prompts for GRPO; the trainer sums it over micro-batches and ranks
-(`n_items`), so a step's loss is the mean over the global batch whatever the split. `sums` is a
-fixed-length vector the trainer adds up across micro-batches and ranks and hands to `metrics`.
+completions for KTO, prompts for GRPO and EBFT structured, documents for EBFT strided; the trainer
+sums it over micro-batches and ranks (`n_items`), so a step's loss is the mean over the global batch
+whatever the split. `sums` is a fixed-length vector the trainer adds up across micro-batches and
+ranks and hands to `metrics`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def build_objective(
         from worker.train.grpo import GrpoObjective
 
         return GrpoObjective(cfg, model, tokenizer, run_dir)
+    if method == "ebft" and cfg.ebft is not None and cfg.ebft.mode == "strided":
+        from worker.train.ebft_strided import StridedEbftObjective
+
+        return StridedEbftObjective(cfg, model, tokenizer)
+    if method == "ebft":
+        from worker.train.ebft_structured import StructuredEbftObjective
+
+        return StructuredEbftObjective(cfg, model, tokenizer, run_dir)
     from worker.train.preference import PreferenceObjective
 
     return PreferenceObjective(cfg, model)

@@ -71,7 +71,13 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def plot_loss(run_dir: Path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> Path | None:
+def plot_loss(
+    run_dir: Path,
+    train: list[tuple[int, float]],
+    evals: list[tuple[int, float]],
+    curves: dict[str, list[tuple[int, float]]] | None = None,
+) -> Path | None:
+    """loss.png: train and eval loss, and under them the objective's plotted metrics (EBFT's CFM), one panel each."""
     if not train:
         return None
     import matplotlib
@@ -79,14 +85,20 @@ def plot_loss(run_dir: Path, train: list[tuple[int, float]], evals: list[tuple[i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    extra = {name: points for name, points in (curves or {}).items() if points}
+    fig, axes = plt.subplots(1 + len(extra), 1, figsize=(7, 4 + 2.5 * len(extra)), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for row, (name, points) in enumerate(extra.items(), start=1):
+        axes[row, 0].plot(*zip(*points), label=name, linewidth=1, color=f"C{row + 1}")
+        axes[row, 0].set_ylabel(name)
+    for panel in axes[:, 0]:
+        panel.grid(alpha=0.3)
+        panel.legend()
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=100)

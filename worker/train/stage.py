@@ -66,7 +66,7 @@ def finish(trainer: Trainer) -> None:
         summary["artifacts"]["merged"] = str(
             outputs.merge_adapter(out, run_dir / "merged", dtype, trainer.tokenizer, source)
         )
-    png = outputs.plot_loss(run_dir, trainer.state.train_loss, trainer.state.eval_loss)
+    png = outputs.plot_loss(run_dir, trainer.state.train_loss, trainer.state.eval_loss, trainer.state.curves)
     summary["artifacts"]["loss_png"] = str(png) if png else None
     outputs.write_summary(run_dir, summary)
     emit(

@@ -80,6 +80,7 @@ class LoopState:
     target_tokens: int = 0
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # the objective's `plotted` metrics
     best_eval: float | None = None
     best_checkpoint: str | None = None
     bad_evals: int = 0
@@ -255,6 +256,9 @@ class Trainer:
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
             self.progress.event(step=queued.step, event="first_step")
         extra = self.objective.metrics(metric_sums, targets)  # rewards/chosen ... (DPO family), aux_loss (MoE router)
+        for name in getattr(self.objective, "plotted", ()):  # drawn in loss.png beside the loss (EBFT's CFM)
+            if name in extra:
+                state.curves.setdefault(name, []).append((queued.step, round(extra[name], 6)))
         self.progress.step(
             queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra}
         )
