@@ -22,9 +22,9 @@ import handler
 from tests.job.conftest import example_job
 from worker.errors import PublishError, RunInUse
 from worker.job import pipeline
+from worker.job.children import newest_checkpoint
 from worker.job.pipeline import run_job
 from worker.job.rundir import open_run_dir
-from worker.job.stages import newest_checkpoint
 from worker.job.supervisor import StopSignal
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from schemas.job import validate_job
 from schemas.secrets import Redactor, StreamRedactor, child_env, env_secrets, job_credential_env
 from tests.conftest import REPO
 from tests.job.conftest import example_job
-from worker.job.progress import Throttle, format_line
+from worker.job.updates import Throttle, format_line
 
 SECRET = "s3cr3t-VALUE-0123456789"
 
@@ -42,7 +42,7 @@ def test_sources_of_secrets_and_the_child_environment():
         "BUCKET_SECRET_ACCESS_KEY": "s3cfg-secret-5",
         "BUCKET_NAME": "b",
     }
-    child = child_env(env, creds, {"FTW_RUN_ID": "r"})
+    child = child_env(env, creds, {"BASE_VOLUME": "/runpod-volume"})
     assert child["HF_TOKEN"] == "hf_job_token_2"  # the job's own token wins over the endpoint's
     assert (
         "RUNPOD_AI_API_KEY" not in child

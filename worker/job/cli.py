@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from worker.job.pipeline import run_job
-from worker.job.progress import format_line
 from worker.job.supervisor import StopSignal
+from worker.job.updates import format_line
 from worker.validate_cli import read_document
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -38,11 +38,11 @@ from schemas.secrets import (
 )
 from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
 from worker.estimate.job import Prediction, check_fits, predict, run_metrics
-from worker.job import gpu, stages, template
+from worker.job import children, gpu, template
 from worker.job.estimate import check_disk, estimate_disk
-from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
 from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, resolve_run_dir, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
+from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
 from worker.preflight import check_machine
 
 STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
@@ -246,13 +246,15 @@ class JobPipeline:
 
     def preprocess(self, run: RunDir, config_path: Path) -> Path:
         done = run.stage_done("preprocess")
-        if done and stages.read_manifest(Path(done["cache_dir"])):
+        if done and children.read_manifest(Path(done["cache_dir"])):
             self.progress(stage_update(self.job.run_id, "preprocess", "prepared data found from an earlier attempt"))
             return Path(done["cache_dir"])
         with self.step("preprocess", "preparing the datasets"):
-            child = self.supervise(run, "preprocess", stages.preprocess_argv(config_path), self.job.limits.preprocess_s)
+            child = self.supervise(
+                run, "preprocess", children.preprocess_argv(config_path), self.job.limits.preprocess_s
+            )
             try:
-                cache_dir, summary = stages.prepared_cache(child.last_stdout_line())
+                cache_dir, summary = children.prepared_cache(child.last_stdout_line())
             except FtwError as e:
                 e.log_tail = child.log_tail()
                 raise
@@ -267,7 +269,7 @@ class JobPipeline:
             return done["metrics"]
         with self.step("train", "fine-tuning"):
             resume_from = self.restore_checkpoint(run)
-            argv = stages.train_argv(config_path, run.path, cache_dir, self.gpu_count)
+            argv = children.train_argv(config_path, run.path, cache_dir, self.gpu_count)
             from worker.publish import start_uploader
 
             self.uploader = start_uploader(run.path, self.job, self.stage_env(run))
@@ -276,9 +278,9 @@ class JobPipeline:
             except (
                 FtwError
             ) as e:  # run() stops the uploader: a preempted run's last checkpoint still reaches the bucket
-                e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
+                e.details["checkpoint_step"] = children.newest_checkpoint(run.path)
                 raise
-            outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
+            outputs = children.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
         if resume_from is not None:
             outputs["metrics"]["resumed_from_step"] = resume_from
         run.mark_done("train", outputs)
@@ -303,7 +305,7 @@ class JobPipeline:
                         "msg": f"could not look for a published checkpoint to resume from: {e.message}",
                     }
                 )
-        step = stages.newest_checkpoint(run.path)
+        step = children.newest_checkpoint(run.path)
         if step is not None:
             self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))
         return step
@@ -429,7 +431,7 @@ class JobPipeline:
 
     # ---- running children ----------------------------------------------------------------------
     def stage_env(self, run: RunDir) -> dict[str, str]:
-        extra = {**self.gpu_env, "BASE_VOLUME": str(run.base), "FTW_RUN_ID": self.job.run_id}
+        extra = {**self.gpu_env, "BASE_VOLUME": str(run.base)}
         if self.config_secrets:
             extra[CONFIG_SECRETS_ENV] = json.dumps(self.config_secrets)
         return child_env(self.env, self.credentials, extra)

@@ -77,7 +77,7 @@ def training_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 def preprocess(config_json: Path) -> Path | int:
     """The prepared cache folder, or the preprocess child's exit code when it failed."""
-    from worker.job.stages import prepared_cache, preprocess_argv
+    from worker.job.children import prepared_cache, preprocess_argv
 
     proc = subprocess.run(preprocess_argv(config_json), stdout=subprocess.PIPE, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     cfg, code = config_from_file(args.config, "ftw train", honours=frozenset({"output_dir"}))
     if cfg is None:
         return code
-    from worker.job.stages import train_argv
+    from worker.job.children import train_argv
 
     run_dir = run_dir_for(args.config, cfg.output_dir, args.run_dir)
     config = {**cfg.model_dump(mode="json"), "output_dir": str(run_dir)}

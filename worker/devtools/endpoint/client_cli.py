@@ -77,7 +77,7 @@ def build_request(
 
 def format_progress(output: Any) -> str:
     """A progress update as the terminal line `ftw run` prints; anything else as compact JSON."""
-    from worker.job.progress import format_line
+    from worker.job.updates import format_line
 
     if isinstance(output, dict) and "stage" in output and ("step" in output or output.get("type") == "progress"):
         return format_line(output)
