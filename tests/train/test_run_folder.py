@@ -12,27 +12,30 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker.train.cli import main
+from worker import cli
 
 pytestmark = pytest.mark.timeout(300)
 
 
+def main(argv: list[str]) -> int:
+    """`ftw train ARGV`."""
+    return cli.main(["train", *argv])
+
+
 @pytest.fixture
 def train_env(volume, task_model_dir, monkeypatch, tmp_path) -> Path:
-    """BASE_VOLUME with a small completion dataset; the events file every stage child appends to."""
+    """BASE_VOLUME with a small completion dataset."""
     with (volume / "digits.jsonl").open("w") as f:
         for n in range(64):
             f.write(json.dumps({"text": " ".join(f"{n:03d}") + " -> done"}) + "\n")
-    events = tmp_path / "events.jsonl"
     for key, value in {
         "FTW_ALLOWED_PATHS": str(task_model_dir),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "FTW_EVENTS": str(events),
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    return events
+    return volume
 
 
 def write_config(path: Path, model_dir: Path, **over) -> Path:
@@ -59,6 +62,11 @@ def write_config(path: Path, model_dir: Path, **over) -> Path:
     return path
 
 
+def stage_attempts(run_dir: Path) -> list[str]:
+    """Every stage child started in the run folder (each gets logs/<stage>/attempt-N)."""
+    return sorted(str(p.relative_to(run_dir)) for p in (run_dir / "logs").glob("*/attempt-*"))
+
+
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
@@ -69,7 +77,7 @@ def test_a_run_folder_is_reused_only_by_the_config_that_made_it(train_env, task_
     run_dir = volume / "runs" / "long"
     assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])["run_dir"] == str(run_dir)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    done, events = snapshot(run_dir), train_env.read_text()
+    done, events = snapshot(run_dir), stage_attempts(run_dir)
 
     # the same file name, another config (the user's lora_r 16): refused before any work
     other = write_config(tmp_path / "cfg" / "x" / "long.yml", task_model_dir, lora_r=16)
@@ -80,14 +88,14 @@ def test_a_run_folder_is_reused_only_by_the_config_that_made_it(train_env, task_
     # only the learning rate changed: refused too, never silently resumed
     assert main([str(write_config(tmp_path / "lr" / "long.yml", task_model_dir, learning_rate=5e-4))]) == 3
     assert "(changed: learning_rate)" in capfd.readouterr().err
-    assert snapshot(run_dir) == done and train_env.read_text() == events  # no stage child started
+    assert snapshot(run_dir) == done and stage_attempts(run_dir) == events  # no stage child started
 
     # the original config again: already done, its result printed, nothing redone
     assert main([str(first)]) == 0
     out, err = capfd.readouterr()
     assert "already finished this config (2 steps)" in err
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 2
-    assert snapshot(run_dir) == done and train_env.read_text() == events
+    assert snapshot(run_dir) == done and stage_attempts(run_dir) == events
 
     # stopped after its last checkpoint: another config is still refused, its own config resumes
     for name in ("summary.json", "adapter"):

@@ -12,32 +12,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from worker.errors import FtwError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # an invalid config exits as `ftw validate` does (3)
-
-
-def summary_table(s: dict[str, Any]) -> str:
-    rows, tokens, packing = s["rows"], s["tokens"], s["packing"]
-    dropped = ", ".join(f"{k} {v}" for k, v in rows["dropped"].items()) or "none"
-    fill = (
-        f"{packing['fill']:.2%} in {packing['bins']} bins of {packing['capacity']} tokens"
-        if packing["enabled"]
-        else "off"
-    )
-    lines = [
-        ("rows in", f"{rows['in']} ({rows['samples']} samples)"),
-        ("kept", f"{rows['kept']} (train {rows['train']}, eval {rows['eval']})"),
-        ("dropped", dropped + (f"; truncated {rows['truncated']}" if rows.get("truncated") else "")),
-        ("tokens", f"{tokens['train']} train, {tokens['eval']} eval"),
-        ("trained tokens", f"{tokens['trained']} ({tokens['trained_share']:.1%} of train)"),
-        ("packing", fill),
-        ("cache", f"{s['cache_dir']} ({'built' if s['built'] else 'reused'})"),
-        ("time", f"{s['seconds']:.1f}s"),
-    ]
-    return "\n".join(f"{k:>15}  {v}" for k, v in lines)
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +30,7 @@ def main(argv: list[str]) -> int:
     cfg, code = config_from_file(args.config, "ftw preprocess")
     if cfg is None:
         return code
-    from worker.data.pipeline import prepare
+    from worker.data.pipeline import prepare, summary_table
 
     try:
         summary = prepare(cfg)

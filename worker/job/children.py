@@ -1,8 +1,11 @@
-"""The stage children's command lines and the checks of what they left behind (docs/contracts.md).
+"""The stage children's command lines, and their typed outputs read back from the run folder.
+
+    preprocess  python -m worker.data RUN_DIR/config.json --output RUN_DIR/prepared.json → PreparedData
+    train       python -m worker.train RUN_DIR/config.json --run-dir RUN_DIR --data CACHE → TrainSummary
 
 A stage whose module has not landed in this build fails with StageMissing — it is never faked.
-Nothing here imports the stages: their presence is checked on disk, so the orchestrator stays
-free of torch/transformers/datasets.
+Nothing here imports the stages' code: their presence is checked on disk and their outputs are
+small JSON files, so the orchestrator stays free of torch/transformers/datasets.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker.data.prepared import PreparedData
 from worker.errors import DataError, StageMissing, TrainingError
+from worker.train.summary import TrainSummary
 
 PACKAGE = Path(__file__).resolve().parents[1]
+PREPARED_NAME = "prepared.json"
 
 
 def require_module(stage: str, module: str) -> None:
@@ -28,16 +34,16 @@ def require_module(stage: str, module: str) -> None:
         )
 
 
-def preprocess_argv(config_json: Path) -> list[str]:
+def preprocess_argv(config_json: Path, output: Path) -> list[str]:
     require_module("preprocess", "worker.data")
-    return [sys.executable, "-m", "worker.data", str(config_json)]
+    return [sys.executable, "-m", "worker.data", str(config_json), "--output", str(output)]
 
 
-def train_argv(config_json: Path, run_dir: Path, cache_dir: Path, gpu_count: int) -> list[str]:
+def train_argv(config_json: Path, run_dir: Path, cache_dir: Path, processes: int) -> list[str]:
     require_module("train", "worker.train")
     args = ["-m", "worker.train", str(config_json), "--run-dir", str(run_dir), "--data", str(cache_dir)]
-    if gpu_count > 1:  # one process per GPU; torchrun's agent stays in the group we supervise
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpu_count}", *args]
+    if processes > 1:  # one process per GPU; torchrun's agent stays in the group we supervise
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
     return [sys.executable, *args]
 
 
@@ -49,56 +55,44 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("complete") is True else None
 
 
-def prepared_cache(last_stdout_line: str) -> tuple[Path, dict[str, Any]]:
-    """The cache the preprocess child announced, verified complete (train never starts otherwise)."""
-    try:
-        summary = json.loads(last_stdout_line)
-        cache_dir = Path(summary["cache_dir"])
-    except (ValueError, KeyError, TypeError):
+def prepared_data(output: Path) -> PreparedData:
+    """The cache the preprocess child reported, verified complete (train never starts otherwise)."""
+    prepared = PreparedData.read(output)
+    if prepared is None:
         raise DataError(
-            "preprocessing ended without announcing its cache (no JSON summary with cache_dir on its last output line)",
+            f"preprocessing ended without writing its output ({output.name} is missing or malformed)",
             "this is a bug in ftw's preprocess stage; the log tail shows its last output",
             stage="preprocess",
-        ) from None
-    manifest = read_manifest(cache_dir)
-    if manifest is None:
+        )
+    if read_manifest(prepared.cache_dir) is None:
         raise DataError(
-            f"preprocessing reported {cache_dir}, but its manifest.json is missing or not complete",
+            f"preprocessing reported {prepared.cache_dir}, but its manifest.json is missing or not complete",
             "resubmit the job: an incomplete cache is never used, it is rebuilt",
             stage="preprocess",
         )
-    return cache_dir, {k: v for k, v in summary.items() if k != "cache_dir"}
+    return prepared
 
 
-def training_outputs(run_dir: Path, full_finetune: bool, merge: bool) -> dict[str, Any]:
-    """What train left in the run folder, checked: the adapter (or model), merged, summary metrics."""
+def trained_output(run_dir: Path, full_finetune: bool, merge: bool) -> TrainSummary | None:
+    """What a finished train stage left in the run folder (summary.json and the weights), or None."""
     out_dir = run_dir / ("model" if full_finetune else "adapter")
     marker = out_dir / ("config.json" if full_finetune else "adapter_config.json")
-    if not marker.is_file():
+    if not marker.is_file() or (merge and not (run_dir / "merged").is_dir()):
+        return None
+    return TrainSummary.read(run_dir)
+
+
+def training_outputs(run_dir: Path, full_finetune: bool, merge: bool) -> TrainSummary:
+    """What train left in the run folder, checked: the adapter (or model), merged, summary.json."""
+    summary = trained_output(run_dir, full_finetune, merge)
+    if summary is None:
         raise TrainingError(
-            f"training exited successfully but {marker.relative_to(run_dir)} is missing from the run folder",
+            "training exited successfully but its output is incomplete in the run folder "
+            f"({'model/' if full_finetune else 'adapter/'}{', merged/' if merge else ''} or summary.json missing)",
             "this is a bug in ftw's train stage; resubmit with the same run_id to retry from the last checkpoint",
             stage="train",
         )
-    if merge and not (run_dir / "merged").is_dir():
-        raise TrainingError(
-            "merge_lora was asked but the merged model is missing from the run folder",
-            "resubmit with the same run_id",
-            stage="train",
-        )
-    return {"metrics": training_metrics(run_dir), "output": out_dir.name}
-
-
-def training_metrics(run_dir: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return (
-        {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, dict)}
-        if isinstance(summary, dict)
-        else {}
-    )
+    return summary
 
 
 def newest_checkpoint(run_dir: Path) -> int | None:
