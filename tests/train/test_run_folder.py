@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from worker import cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,6 +33,7 @@ def train_env(volume, task_model_dir, monkeypatch, tmp_path) -> Path:
         "FTW_ALLOWED_PATHS": str(task_model_dir),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),  # the stage children import this tree, not the shared venv's install, from tmp_path
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
