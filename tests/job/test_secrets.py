@@ -189,7 +189,7 @@ def test_no_file_of_a_run_keeps_a_url_secret_and_the_stage_children_still_get_it
     seen = {}
 
     def capture_and_stop(self, run, config_path):
-        seen["env"] = self.stage_env(run)
+        seen["env"] = self.stage_env()
         monkeypatch.setattr(os, "environ", {**os.environ, **seen["env"]})
         seen["config"] = config_from_file(config_path, "test")[0]
         raise DataError("stopped by the test before preprocessing")
