@@ -19,7 +19,6 @@ import contextlib
 import functools
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -38,10 +37,11 @@ from schemas.secrets import (
     s3_config_problem,
 )
 from worker.data.prepared import PreparedData
-from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
+from worker.errors import FtwError, JobSpecError
 from worker.estimate.job import Prediction, check_fits, predict, run_metrics
 from worker.job import children, gpu, template
 from worker.job.estimate import check_disk, estimate_disk
+from worker.job.publishing import Publishing
 from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
 from worker.job.rundir import RunDir, RunFolder, open_folder, read_json, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
@@ -49,8 +49,6 @@ from worker.job.updates import ProgressSink, Throttle, event_update, stage_updat
 from worker.preflight import check_machine
 from worker.train.summary import TrainSummary
 
-STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
-PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
 MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
 
 
@@ -95,7 +93,7 @@ def run_job(
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
     pipeline = JobPipeline(job, env, credentials, redactor, on_progress, stop, started)
-    pipeline.warnings = [i.as_dict() for i in report.warnings]
+    pipeline.warnings.extend(i.as_dict() for i in report.warnings)
     return pipeline.run()
 
 
@@ -149,8 +147,7 @@ class JobPipeline:
         self.gpu_count = 0
         self.gpu_probe = gpu.GpuProbe(cpu_only=True)
         self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
-        self.uploader: Any = None  # worker.publish's checkpoint uploader while and after training
-        self.publisher: threading.Thread | None = None  # publish_run, when it ran
+        self.publishing = None if local else Publishing(job, self.stage_env, self.progress, self.stop, self.warnings)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
 
@@ -233,24 +230,10 @@ class JobPipeline:
         return self.redactor.data(result)
 
     def let_go(self, run: RunDir) -> None:
-        if self.publisher is not None:  # an abandoned publish stops at its next progress report
-            self.publisher.join(PUBLISH_LET_GO_S)
-        if self.publisher is not None and self.publisher.is_alive():
-            # still in a call that reports nothing (a Hub commit, a stalled connection): the run
-            # stays locked until it returns, so a resubmit cannot publish beside it
-            threading.Thread(target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True).start()
+        if self.publishing is None:
+            run.close()
         else:
-            self.release(run)
-
-    def release(self, run: RunDir) -> None:
-        if self.uploader is not None:  # its final sweep uploads what training saved last
-            self.uploader.stop()
-        run.close()
-
-    def release_after_publisher(self, run: RunDir) -> None:
-        assert self.publisher is not None
-        self.publisher.join()
-        self.release(run)
+            self.publishing.let_go(run.close)
 
     def checks(self, state: dict[str, Any]) -> None:
         """What this machine must have for this job, before any expensive work."""
@@ -301,12 +284,10 @@ class JobPipeline:
             return (run.stage_done("train") or {})["metrics"]
         run.forget("publish")  # training (re)starts: anything published came from other weights
         with self.step("train", "fine-tuning"):
-            resume_from = self.restore_checkpoint(run)
+            resume_from = self.resume_step(run)
             argv = children.train_argv(config_path, run.path, prepared.cache_dir, self.processes())
-            if self.local is None:
-                from worker.publish import start_uploader
-
-                self.uploader = start_uploader(run.path, self.job, self.stage_env())
+            if self.publishing is not None:
+                self.publishing.start_uploader(run.path)
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
             except (
@@ -326,89 +307,26 @@ class JobPipeline:
         nproc = self.local.nproc if self.local is not None else None
         return nproc if nproc is not None else self.gpu_count
 
-    def restore_checkpoint(self, run: RunDir) -> int | None:
-        """The step training resumes from: the newest checkpoint on the volume, or the published one
-        brought back from the bucket when it is newer (a new worker, a lost volume)."""
-        if self.job.resume and self.local is None:
-            from worker.publish import restore_checkpoint
-
-            try:
-                if restore_checkpoint(run.path, self.job, self.stage_env()) is not None:
-                    self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
-            except PublishError as e:
-                if e.retryable:  # a passing fault: the resubmit restores it (prepared data is cached)
-                    raise
-                # e.g. no s3:ListBucket permission: publishing may still work, so train from what the volume has
-                self.warnings.append(
-                    {
-                        "loc": "outputs.s3",
-                        "msg": f"could not look for a published checkpoint to resume from: {e.message}",
-                    }
-                )
+    def resume_step(self, run: RunDir) -> int | None:
+        """The step training resumes from: the newest checkpoint on the volume (after the published
+        one was brought back, when it is newer)."""
+        if self.publishing is not None:
+            self.publishing.restore_checkpoint(run.path)
         step = children.newest_checkpoint(run.path)
         if step is not None:
             self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))
         return step
 
     def publish(self, run: RunDir) -> list[dict[str, Any]]:
-        if self.local is not None:  # ftw train: the results stay in the run folder
+        if self.publishing is None:  # ftw train: the results stay in the run folder
             return []
         done = run.stage_done("publish")
         if done:
             return done["artifacts"]
         with self.step("publish", "publishing"):
-            artifacts = self.publish_within_limit(run)
+            artifacts = self.publishing.publish(run.path)
         run.mark_done("publish", {"artifacts": artifacts})
         return artifacts
-
-    def publish_within_limit(self, run: RunDir) -> list[dict[str, Any]]:
-        """publish_run in a thread, so that limits.publish_s and a cancel end the stage on time; the
-        abandoned upload stops at its next progress report (the sink raises)."""
-        from worker.publish import publish_run
-
-        abandoned = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def report(event: dict[str, Any]) -> None:
-            if abandoned.is_set():
-                raise PublishError("publishing was abandoned", "see the job's error", stage="publish")
-            self.progress(event_update(self.job.run_id, "publish", event))
-
-        def work() -> None:
-            try:
-                outcome["artifacts"] = publish_run(run.path, self.job, self.stage_env(), self.uploader, progress=report)
-            except BaseException as e:  # handed to the job's thread below
-                outcome["error"] = e
-
-        publisher = self.publisher = threading.Thread(target=work, name="ftw-publish", daemon=True)
-        publisher.start()
-        limit = self.job.limits.publish_s
-        deadline = time.monotonic() + limit if limit else float("inf")
-        while publisher.is_alive():
-            publisher.join(min(0.1, max(0.0, deadline - time.monotonic())))
-            if publisher.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
-                abandoned.set()
-                self.check_stop("while publishing (training is done and kept)")
-                raise PublishError(
-                    f"publishing did not finish within limits.publish_s = {limit:g} s",
-                    "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: "
-                    "training is not redone",
-                    stage="publish",
-                )
-        return self.published(outcome)
-
-    @staticmethod
-    def published(outcome: dict[str, Any]) -> list[dict[str, Any]]:
-        error = outcome.get("error")
-        if isinstance(error, FtwError):
-            raise error
-        if error is not None:
-            raise PublishError(
-                f"publishing failed: {type(error).__name__}: {error}",
-                "resubmit the same run_id: training is not redone",
-                stage="publish",
-            ) from error
-        return outcome["artifacts"]
 
     # ---- the run folder ------------------------------------------------------------------------
     def finished_result(self, folder: RunFolder) -> dict[str, Any] | None:
@@ -485,7 +403,7 @@ class JobPipeline:
         return child_env(self.env, self.credentials, extra)
 
     def supervise(self, run: RunDir, name: str, argv: list[str], limit_s: float | None) -> StageRun:
-        self.check_stop()
+        self.stop.check()
         stage = Stage(
             name,
             argv,
@@ -507,15 +425,9 @@ class JobPipeline:
             self.timings.setdefault("first_step_s", round(max(event["ts"] - self.started_wall, 0.0), 3))
         self.progress(event_update(self.job.run_id, stage, event))
 
-    def check_stop(self, during: str = "before its next stage started") -> None:
-        if self.stop.is_set():
-            reason = self.stop.reason or "cancelled"
-            cls = STOP_ERRORS.get(reason, Cancelled)
-            raise cls(f"the job was {reason} {during}", "submit it again with the same run_id to continue")
-
     @contextlib.contextmanager
     def step(self, name: str, message: str) -> Iterator[None]:
-        self.check_stop()
+        self.stop.check()
         self.progress(stage_update(self.job.run_id, name, message))
         started = time.monotonic()
         try:
