@@ -171,9 +171,9 @@ def test_no_file_of_a_run_keeps_a_url_secret_and_the_stage_children_still_get_it
     import json
     import os
 
+    from worker.documents import config_from_file
     from worker.errors import DataError
     from worker.job.pipeline import JobPipeline, run_job
-    from worker.validate_cli import config_from_file
 
     url_with_password = "https://alice:pa55word-FAKE@data.example.com/extra.jsonl"
     job = example_job(

@@ -173,7 +173,7 @@ def finish(status: dict[str, Any]) -> int:
 
 
 def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
-    from worker.validate_cli import read_document
+    from worker.documents import read_document
 
     doc, readable = read_document(args.job, "ftw submit")
     if not readable:
@@ -207,7 +207,7 @@ def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
 
 def show_estimate(job_input: Any, env: dict[str, str]) -> None:
     """`ftw estimate`'s table for the job's config on stderr; a job it cannot estimate is still sent."""
-    from worker.estimate.cli import estimate_text
+    from worker.estimate.command import estimate_text
 
     text, problem = estimate_text(job_input, env)
     print(
