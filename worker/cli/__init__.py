@@ -34,14 +34,13 @@ EXIT_CODES: dict[Outcome, int] = {
     "stopped": EXIT_STOPPED,  # SIGTERM: saved first; the same command resumes
     "interrupted": EXIT_INTERRUPTED,
 }
-# subcommands whose parsing still lives beside their body (dev tools and the serving worker)
+# the dev tools' subcommands: their parsing lives beside their body (worker/devtools/endpoint/)
 DELEGATED = {
     "endpoint": "worker.devtools.endpoint.cli",
     "submit": "worker.devtools.endpoint.client_cli",
     "status": "worker.devtools.endpoint.client_cli",
     "stream": "worker.devtools.endpoint.client_cli",
     "cancel": "worker.devtools.endpoint.client_cli",
-    "serve": "worker.serve.cli",
 }
 USAGE = __doc__.split("\n\n")[1]
 
@@ -82,6 +81,12 @@ def pull(a: argparse.Namespace) -> Outcome:
     return pull_artifact(a.source, a.dest, a.kind, a.json)
 
 
+def serve(a: argparse.Namespace) -> Outcome:
+    from worker.serve.httpserver import serve_http
+
+    return serve_http(a.model, a.engine, a.python, a.host, a.port)
+
+
 Command = tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], Outcome]]
 COMMANDS: dict[str, Command] = {
     "validate": (parsers.validate, validate),
@@ -90,6 +95,7 @@ COMMANDS: dict[str, Command] = {
     "run": (parsers.run, run),
     "estimate": (parsers.estimate, estimate),
     "pull": (parsers.pull, pull),
+    "serve": (parsers.serve, serve),
 }
 
 

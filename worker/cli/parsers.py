@@ -101,3 +101,19 @@ def pull() -> argparse.ArgumentParser:
     parser.add_argument("--kind", default="adapter", choices=["adapter", "merged", "model", "logs"])
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return parser
+
+
+def serve() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftw serve",
+        description="The serving worker behind a local HTTP server (the same engine and requests as "
+        "serve_handler.py); routes and settings: worker/serve/httpserver.py. Exit 0 stopped, 1 failed.",
+    )
+    parser.add_argument("--model", help="base model (Hub id or folder); default: MODEL_NAME")
+    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="default: FTW_SERVE_ENGINE or auto")
+    parser.add_argument(
+        "--python", help="Python of the engine child (e.g. .venv-vllm/bin/python); default: FTW_SERVE_PYTHON"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    return parser
