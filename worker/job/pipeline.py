@@ -43,7 +43,7 @@ from worker.job import children, gpu, template
 from worker.job.estimate import check_disk, estimate_disk
 from worker.job.publishing import Publishing
 from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
-from worker.job.rundir import RunDir, RunFolder, open_folder, read_json, write_json_atomic
+from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
 from worker.preflight import check_machine
@@ -160,7 +160,7 @@ class JobPipeline:
                 return early
             assert self.folder is not None
             if self.folder.claimed_by == "training":  # nothing is written into a user's folder before the checks pass
-                self.checks(read_json(self.folder.path / "state.json") or {})
+                self.checks(self.folder.state())
             with self.step("run_dir", "opening the run folder"):
                 run = open_folder(self.folder)
         except FtwError as e:  # nothing of this job is on disk
@@ -332,22 +332,11 @@ class JobPipeline:
     def finished_result(self, folder: RunFolder) -> dict[str, Any] | None:
         """The result of this run when it completed before with the same config and its output is still
         there: a finished run is read-only, so any number of resubmits at once (no lock) all report it done."""
-        result = read_json(folder.path / "result.json")
-        if not result or result.get("status") != "completed" or not self.job.resume:
-            return None
-        if not folder.claimed() or folder.refusal(self.public_job["config"]) is not None:
-            return None
-        return result if self.trained(folder.path, read_json(folder.path / "state.json") or {}) else None
+        result = folder.completed_result(self.public_job["config"]) if self.job.resume else None
+        return result if result and self.trained(folder.path, folder.state()) else None
 
     def refusal(self, folder: RunFolder) -> JobSpecError | None:
-        """A run folder continues only with the config that made it (and, for a job, resume: true)."""
-        if not self.job.resume and (read_json(folder.path / "state.json") or {}).get("stages"):
-            return JobSpecError(
-                f"run {self.job.run_id!r} already has results and the job says resume: false",
-                "submit with resume: true to continue it, or with a new run_id to start over (nothing is deleted)",
-                stage="run_dir",
-            )
-        return folder.refusal(self.public_job["config"])
+        return folder.refusal(self.public_job["config"], self.job.resume)
 
     @functools.cached_property
     def job_dict(self) -> dict[str, Any]:
@@ -361,22 +350,21 @@ class JobPipeline:
 
     @functools.cached_property
     def config_secrets(self) -> list[list[Any]]:
-        """The config values config.json holds masked (schemas.secrets.masked_values)."""
-        return masked_values(self.job_dict["config"], self.public_job["config"])
-
-    def write_config(self, run: RunDir) -> Path:
-        """config.json for the children (output_dir pinned to the run folder) and job.json, both
-        secret-free; what was masked in the config (a presigned URL) reaches the children in their environment."""
-        if len(json.dumps(self.config_secrets)) > MAX_ENV_VALUE:
+        """The config values config.json holds masked (schemas.secrets.masked_values); the children
+        get them in their environment."""
+        values = masked_values(self.job_dict["config"], self.public_job["config"])
+        if len(json.dumps(values)) > MAX_ENV_VALUE:
             raise JobSpecError(
                 f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
                 "keep such values to the URLs themselves (a presigned URL is well under 4 KB)",
                 stage="run_dir",
             )
-        write_json_atomic(run.path / "job.json", self.public_job)
-        path = run.path / "config.json"
-        write_json_atomic(path, {**self.public_job["config"], "output_dir": str(run.path)})
-        return path
+        return values
+
+    def write_config(self, run: RunDir) -> Path:
+        """job.json and config.json (for the children), both secret-free."""
+        _ = self.config_secrets  # a config whose masked values cannot reach the children is refused first
+        return run.write_job(self.public_job)
 
     # ---- the machine ---------------------------------------------------------------------------
     def visible_count(self) -> int:

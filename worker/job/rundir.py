@@ -152,9 +152,26 @@ class RunFolder:
         config = read_json(self.path / CONFIG_NAME) or (read_json(self.path / JOB_NAME) or {}).get("config")
         return training_keys(config) if isinstance(config, dict) else None
 
-    def refusal(self, config: dict[str, Any]) -> JobSpecError | None:
+    def state(self) -> dict[str, Any]:
+        """state.json as it is now (read without the lock)."""
+        return read_json(self.path / STATE_NAME) or {}
+
+    def completed_result(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """result.json of a run that completed with `config` here (None otherwise)."""
+        result = read_json(self.path / "result.json")
+        if not result or result.get("status") != "completed" or not self.claimed() or self.refusal(config):
+            return None
+        return result
+
+    def refusal(self, config: dict[str, Any], resume: bool = True) -> JobSpecError | None:
         """Why this folder cannot take a run of `config` (None when it can): once claimed, a folder
-        continues only with the config that made it."""
+        continues only with the config that made it, and only when the job asks to resume."""
+        if not resume and self.state().get("stages"):
+            return JobSpecError(
+                f"{self.label} already has results and the job says resume: false",
+                "submit with resume: true to continue it, or with a new run_id to start over (nothing is deleted)",
+                stage="run_dir",
+            )
         if not self.claimed():
             return None
         old = self.recorded_config()
@@ -201,6 +218,14 @@ class RunDir:
     def forget(self, stage: str) -> None:
         if (self.state.get("stages") or {}).pop(stage, None) is not None:
             write_json_atomic(self.path / STATE_NAME, self.state)
+
+    def write_job(self, public_job: dict[str, Any]) -> Path:
+        """job.json (the job without credentials, secrets masked) and config.json, the children's
+        config, with output_dir pinned to this folder; config.json's path."""
+        write_json_atomic(self.path / JOB_NAME, public_job)
+        path = self.path / CONFIG_NAME
+        write_json_atomic(path, {**public_job["config"], "output_dir": str(self.path)})
+        return path
 
     def close(self) -> None:
         if self.lock_fd is not None:
