@@ -122,3 +122,39 @@ def test_output_dir_is_the_run_folder_and_relative_means_under_base_volume(
         line for line in err.splitlines() if line.startswith("warning")
     ]  # not "output_dir is set by ftw": it is used
     assert json.loads((run_dir / "config.json").read_text())["output_dir"] == str(run_dir)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_after_a_checkpoint_with_exit_75_and_the_same_command_resumes(
+    train_env, task_model_dir, volume, tmp_path
+):
+    """ftw train runs the job path: SIGTERM reaches the train child through the supervisor, which
+    lets it save first; the same command then continues from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tmp_path / "long.yml", task_model_dir, max_steps=200)
+    run_dir = volume / "runs" / "long"
+    argv = [sys.executable, "-m", "worker.cli", "train", str(config)]
+    proc = subprocess.Popen(argv, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run_dir / "checkpoints").glob("checkpoint-*/ftw_state.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped after saving a checkpoint; run the same command again to resume" in err
+    assert not (run_dir / "adapter").exists() and out == ""
+
+    again = subprocess.run(argv, env=dict(os.environ), capture_output=True, text=True, timeout=280)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"].startswith("checkpoint-")
