@@ -17,7 +17,7 @@ from tests.conftest import child_env
 from tests.data.helpers import alpaca_rows, config, write_jsonl
 from worker.cli import main as ftw
 from worker.data.cache import read_manifest
-from worker.data.prepared import PreparedData
+from worker.data.prepared import PreparedCache
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +46,9 @@ def start_child(volume, cfg, name, **env_extra):
 
 
 def reported(child) -> dict:
-    """What the child reported in its output file (PreparedData), as {"cache_dir", **summary}."""
-    prepared = PreparedData.read(child.output)
-    assert prepared is not None, f"no PreparedData in {child.output}"
+    """What the child reported in its output file (PreparedCache), as {"cache_dir", **summary}."""
+    prepared = PreparedCache.read(child.output)
+    assert prepared is not None, f"no PreparedCache in {child.output}"
     return {"cache_dir": str(prepared.cache_dir), **prepared.summary}
 
 

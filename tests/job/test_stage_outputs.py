@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from worker.data.prepared import PreparedData
+from worker.data.prepared import PreparedCache
 from worker.errors import DataError
 from worker.job.children import prepared_data, trained_output
 from worker.train.summary import TrainSummary
@@ -22,8 +22,8 @@ def complete_cache(folder):
 def test_the_prepared_data_comes_back_from_its_file_and_only_when_the_cache_is_complete(tmp_path):
     cache = complete_cache(tmp_path / "cache")
     output = tmp_path / "prepared.json"
-    PreparedData(cache, {"rows": {"in": 3}, "built": True}).write(output)
-    assert prepared_data(output) == PreparedData(cache, {"rows": {"in": 3}, "built": True})
+    PreparedCache(cache, {"rows": {"in": 3}, "built": True}).write(output)
+    assert prepared_data(output) == PreparedCache(cache, {"rows": {"in": 3}, "built": True})
 
     (cache / "manifest.json").write_text(json.dumps({"complete": False}))
     with pytest.raises(DataError, match="not complete"):

@@ -15,12 +15,12 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class PreparedData:
+class PreparedCache:
     cache_dir: Path
     summary: dict[str, Any]  # rows, tokens, packing, built, seconds (worker.data.pipeline.prepare)
 
     @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> PreparedData:
+    def from_summary(cls, summary: dict[str, Any]) -> PreparedCache:
         return cls(Path(summary["cache_dir"]), {k: v for k, v in summary.items() if k != "cache_dir"})
 
     def write(self, path: Path) -> None:
@@ -29,7 +29,7 @@ class PreparedData:
         os.replace(tmp, path)
 
     @classmethod
-    def read(cls, path: Path) -> PreparedData | None:
+    def read(cls, path: Path) -> PreparedCache | None:
         """What the child wrote, or None when the file is missing or not this shape."""
         try:
             value = json.loads(path.read_text(encoding="utf-8"))

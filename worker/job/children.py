@@ -1,6 +1,6 @@
 """The stage children's command lines, and their typed outputs read back from the run folder.
 
-    preprocess  python -m worker.data RUN_DIR/config.json --output RUN_DIR/prepared.json → PreparedData
+    preprocess  python -m worker.data RUN_DIR/config.json --output RUN_DIR/prepared.json → PreparedCache
     train       python -m worker.train RUN_DIR/config.json --run-dir RUN_DIR --data CACHE → TrainSummary
 
 A stage whose module has not landed in this build fails with StageMissing — it is never faked.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from worker.data.prepared import PreparedData
+from worker.data.prepared import PreparedCache
 from worker.errors import DataError, StageMissing, TrainingError
 from worker.train.summary import TrainSummary
 
@@ -55,9 +55,9 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("complete") is True else None
 
 
-def prepared_data(output: Path) -> PreparedData:
+def prepared_data(output: Path) -> PreparedCache:
     """The cache the preprocess child reported, verified complete (train never starts otherwise)."""
-    prepared = PreparedData.read(output)
+    prepared = PreparedCache.read(output)
     if prepared is None:
         raise DataError(
             f"preprocessing ended without writing its output ({output.name} is missing or malformed)",

@@ -36,7 +36,7 @@ from schemas.secrets import (
     masked_values,
     s3_config_problem,
 )
-from worker.data.prepared import PreparedData
+from worker.data.prepared import PreparedCache
 from worker.errors import FtwError, JobSpecError
 from worker.estimate.job import Prediction, check_fits, predict, run_metrics
 from worker.job import children, gpu, template
@@ -252,11 +252,11 @@ class JobPipeline:
             check_machine(self.job.config, self.gpu_probe.count > 0, self.stage_env(), datasets=datasets)
             self.checks_report = {"disk": disk, "gpu": self.gpu_probe.as_dict(), "memory": memory}
 
-    def preprocess(self, run: RunDir, config_path: Path) -> PreparedData:
+    def preprocess(self, run: RunDir, config_path: Path) -> PreparedCache:
         done = run.stage_done("preprocess")
         if done and children.read_manifest(Path(done["cache_dir"])):
             self.progress(stage_update(self.job.run_id, "preprocess", "prepared data found from an earlier attempt"))
-            return PreparedData(Path(done["cache_dir"]), done.get("summary") or {})
+            return PreparedCache(Path(done["cache_dir"]), done.get("summary") or {})
         with self.step("preprocess", "preparing the datasets"):
             output = run.path / children.PREPARED_NAME
             output.unlink(missing_ok=True)  # what an earlier attempt reported is not this one's
@@ -277,7 +277,7 @@ class JobPipeline:
         cfg = self.job.config
         return children.trained_output(run_path, cfg.is_full_finetune(), cfg.merge_lora)
 
-    def train(self, run: RunDir, config_path: Path, prepared: PreparedData) -> dict[str, Any]:
+    def train(self, run: RunDir, config_path: Path, prepared: PreparedCache) -> dict[str, Any]:
         cfg = self.job.config
         if self.trained(run.path, run.state) is not None:
             self.progress(stage_update(self.job.run_id, "train", "training finished in an earlier attempt"))
