@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_JOB = REPO / "examples" / "demo_job.json"
 EXAMPLE_DATA = REPO / "examples" / "data" / "greetings.jsonl"
 MODEL_NAME = "ftw-tiny-chatml"

@@ -43,7 +43,7 @@ from typing import IO, Any
 
 from worker.lifeline import die_with_parent
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 READY_PREFIX = "ftw endpoint listening on "
 
 
