@@ -52,12 +52,12 @@ parity: setup axolotl-env
 	FTW_PARITY_TABLE=1 $(PY) -m pytest -q -m parity tests/parity
 
 demo: setup
-	$(PY) -m worker.demo
+	$(PY) -m worker.devtools.demo
 
 # the inputs examples/demo_job.json names (tiny model, example data) in ./volume, for README's rehearsal;
 # order-only on setup: an existing .venv is used as it is
 demo-volume: | $(STAMP)
-	$(PY) -m worker.demo --prepare
+	$(PY) -m worker.devtools.demo --prepare
 
 # what CI runs before the tests: Python lint, format and types, then the Dockerfiles
 lint: lint-python lint-docker

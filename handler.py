@@ -35,8 +35,8 @@ from typing import Any
 from schemas.secrets import child_env
 from worker.job import template
 from worker.job.pipeline import run_job
-from worker.job.progress import ProgressSink, Throttle, format_line
 from worker.job.supervisor import StopSignal
+from worker.job.updates import ProgressSink, Throttle, format_line
 
 POLL_S = 0.2
 STREAM_INTERVAL_S = (

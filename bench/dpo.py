@@ -106,13 +106,11 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     (work / "ftw.yml").write_text(yaml.safe_dump(cfg))
     env = {
         **os.environ,
-        "FTW_EVENTS": str(work / "ftw-events.jsonl"),
         "BASE_VOLUME": str(work),
         "FTW_ALLOW_CPU": "1",
         "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
-    (work / "ftw-events.jsonl").unlink(missing_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
         env=env,
@@ -123,7 +121,8 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     )
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    events = [json.loads(line) for line in (work / "ftw-events.jsonl").read_text().splitlines()]
+    # the train child's events, in the run folder's stage logs (ftw train runs the job path's supervisor)
+    events = [json.loads(line) for path in run_dir.glob("logs/train/*/events.jsonl") for line in path.open()]
     ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     summary = json.loads((run_dir / "summary.json").read_text())
     last = a.warmup + a.steps

@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from worker.endpoint.local import LocalEndpoint  # noqa: E402
+from worker.devtools.endpoint.local import LocalEndpoint  # noqa: E402
 
 KEY = "bench-key"
 

@@ -77,7 +77,7 @@ def prepare(volume: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "worker.demo",
+                "worker.devtools.demo",
                 "--volume",
                 str(volume),
                 "--build-model",

@@ -93,7 +93,7 @@ def build_model(folder: Path, shape: str, seq: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from worker.tiny import build_tokenizer
+    from worker.devtools.tiny import build_tokenizer
 
     build_tokenizer(folder)
     spec = dict(SHAPES[shape])

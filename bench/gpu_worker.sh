@@ -21,7 +21,7 @@ OUT=${OUT:-$(pwd)/gpu-worker-out}
 mkdir -p "$OUT"
 source bench/gpu_env.sh
 log() { echo "[gpu_worker] $*" | tee -a "$OUT/summary.txt"; }
-NEEDED="import runpod, runpod.serverless, datasets, pydantic, yaml, matplotlib, boto3, filelock, psutil, aiohttp, handler, worker.endpoint.server"
+NEEDED="import runpod, runpod.serverless, datasets, pydantic, yaml, matplotlib, boto3, filelock, psutil, aiohttp, handler, worker.devtools.endpoint.server"
 ensure_imports "$NEEDED"
 
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv; \
@@ -59,7 +59,7 @@ EOF
 VOL="$OUT/volume"
 mkdir -p "$VOL/models" "$VOL/data"
 cp examples/data/greetings.jsonl "$VOL/data/"
-$PY -m worker.tiny "$VOL/models/tiny-gpu" --hidden 256 --layers 4 >"$OUT/build_model.log" 2>&1 || log "model build failed"
+$PY -m worker.devtools.tiny "$VOL/models/tiny-gpu" --hidden 256 --layers 4 >"$OUT/build_model.log" 2>&1 || log "model build failed"
 cat >"$OUT/job.json" <<EOF
 {"input": {"run_id": "gpu-smoke", "config": {
   "base_model": "./models/tiny-gpu",

@@ -54,7 +54,7 @@ def main() -> int:
     from worker.data.packing import fill, first_fit_decreasing, next_fit
     from worker.data.pipeline import prepare, tokenize_batch
     from worker.data.strategies import Context, build_strategy
-    from worker.tiny import build_tokenizer
+    from worker.devtools.tiny import build_tokenizer
 
     datasets.disable_caching()
     work = Path(tempfile.mkdtemp(prefix="ftw-bench-pre-"))

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/serve.py [--requests 32] [--concurrency 32] [--max-tokens 32] [--threads 1]
 
-Builds the tiny model (worker/tiny.py), trains one LoRA adapter for real and publishes it to a loopback S3
+Builds the tiny model (worker/devtools/tiny.py), trains one LoRA adapter for real and publishes it to a loopback S3
 server (rclone). Then, for each engine in turn with the same settings (dtype the model's, MAX_NUM_SEQS,
 OpenMP threads, `--enforce-eager` for vLLM as the tests use): starts `ftw serve` as a user does
 (a subprocess, its own port) and measures
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads of each engine")
     args = parser.parse_args(argv)
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     vllm_python = REPO / ".venv-vllm" / "bin" / "python"
     if not vllm_python.exists():
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ref, fast = results["transformers"], results["vllm"]
     print(
         f"\n{args.requests} chat requests naming one LoRA adapter ({args.concurrency} at a time, ≤{args.max_tokens} "
-        "new tokens, sampled), over HTTP with the openai client; tiny Llama (worker/tiny.py, float32), CPU, "
+        "new tokens, sampled), over HTTP with the openai client; tiny Llama (worker/devtools/tiny.py, float32), CPU, "
         f"{args.threads} thread(s) per engine\n"
     )
     print("| measure | transformers | vLLM | vLLM / transformers |")

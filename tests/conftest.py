@@ -16,14 +16,14 @@ pytest_plugins = ["tests.s3server", "tests.hubserver"]
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-init Llama-architecture model with a ChatML tokenizer."""
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-chatml"), style="chatml")
 
 
 @pytest.fixture(scope="session")
 def llama3_model_dir(tmp_path_factory) -> Path:
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-llama3"), style="llama3")
 

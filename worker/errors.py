@@ -7,7 +7,10 @@ whether a retry can help, and the log tail where a child process failed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+# how a command ended; worker/cli.py maps each to its exit code (the one place)
+Outcome = Literal["ok", "failed", "usage", "invalid", "stopped", "interrupted"]
 
 
 class FtwError(Exception):

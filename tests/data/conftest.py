@@ -17,7 +17,7 @@ def build(path: Path, style: str, bos_post_processor: bool = False):
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from worker.tiny import build_tokenizer
+    from worker.devtools.tiny import build_tokenizer
 
     build_tokenizer(path, style=style, extra_text=CORPUS)
     tok = AutoTokenizer.from_pretrained(path)

@@ -17,6 +17,7 @@ from tests.conftest import child_env
 from tests.data.helpers import alpaca_rows, config, write_jsonl
 from worker.cli import main as ftw
 from worker.data.cache import read_manifest
+from worker.data.prepared import PreparedCache
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +32,24 @@ def start_child(volume, cfg, name, **env_extra):
         OMP_NUM_THREADS="1",
         **env_extra,
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.data", str(config_json)],
+    output = volume / f"{name}.prepared.json"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "worker.data", str(config_json), "--output", str(output)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+    child.output = output  # type: ignore[attr-defined]
+    return child
+
+
+def reported(child) -> dict:
+    """What the child reported in its output file (PreparedCache), as {"cache_dir", **summary}."""
+    prepared = PreparedCache.read(child.output)
+    assert prepared is not None, f"no PreparedCache in {child.output}"
+    return {"cache_dir": str(prepared.cache_dir), **prepared.summary}
 
 
 def events(volume, name):
@@ -65,7 +76,7 @@ def test_kill_9_mid_build_leaves_no_complete_cache_and_next_run_rebuilds(volume,
     rerun = start_child(volume, cfg, "rerun")
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = reported(rerun)
     assert summary["built"] and summary["rows"]["train"] == 5000
     assert read_manifest(volume / "cache" / summary["cache_dir"])
     assert not [
@@ -81,7 +92,7 @@ def test_two_concurrent_runs_make_one_cache_and_both_succeed(volume, tokenizer_d
     for child in children:
         out, err = child.communicate(timeout=300)
         assert child.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(reported(child))
     assert results[0]["cache_dir"] == results[1]["cache_dir"]
     assert sorted(r["built"] for r in results) == [False, True]
     entries = sorted(p.name for p in (volume / "cache").iterdir() if not p.name.endswith(".lock"))
@@ -119,7 +130,7 @@ def test_ftw_preprocess_cli(volume, tokenizer_dir, capsys, monkeypatch):
 def finish(child) -> dict:
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    return reported(child)
 
 
 def test_hub_dataset_is_fingerprinted_by_its_revision(volume, tokenizer_dir, hub_server):  # noqa: F811

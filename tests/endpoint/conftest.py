@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from worker.endpoint.local import LocalEndpoint
+from worker.devtools.endpoint.local import LocalEndpoint
 
 HERE = Path(__file__).resolve().parent
 PROTOCOL_HANDLER = HERE / "protocol_handler.py"

@@ -9,7 +9,7 @@ import requests
 import runpod
 
 from tests.endpoint.conftest import Api, start_endpoint
-from worker.endpoint.server import worker_token
+from worker.devtools.endpoint.server import worker_token
 
 MB = 1024 * 1024
 

@@ -14,7 +14,7 @@ import runpod
 
 from tests.conftest import REPO, child_env
 from tests.endpoint.conftest import WebhookListener
-from worker.endpoint.client_cli import ClientError, build_request, duration_ms, main
+from worker.devtools.endpoint.client_cli import ClientError, build_request, duration_ms, main
 
 H = 3_600_000
 

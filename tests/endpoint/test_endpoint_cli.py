@@ -9,7 +9,7 @@ import sys
 
 from tests.conftest import REPO, child_env, wait_gone
 from tests.endpoint.conftest import API_KEY, PROTOCOL_HANDLER, Api
-from worker.endpoint.local import LocalEndpoint
+from worker.devtools.endpoint.local import LocalEndpoint
 
 
 def ftw_endpoint(tmp_path, *args: str, **env: str) -> subprocess.Popen:
@@ -50,7 +50,7 @@ def test_worker_flag_runs_a_handler_and_sigterm_stops_both(tmp_path):
 def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_path):
     script = (
         "import sys, time\n"
-        "from worker.endpoint.local import LocalEndpoint\n"
+        "from worker.devtools.endpoint.local import LocalEndpoint\n"
         f"e = LocalEndpoint({str(tmp_path / 'o.sqlite3')!r}, 'k').start()\n"
         f"w = e.start_worker({str(PROTOCOL_HANDLER)!r})\n"
         "print(e.proc.pid, w.pid, flush=True)\n"
@@ -69,7 +69,7 @@ def test_a_parent_killed_with_sigkill_leaves_no_endpoint_or_worker_behind(tmp_pa
 
 
 def test_worker_tokens_come_from_the_worker_key_and_the_two_keys_must_differ(tmp_path):
-    from worker.endpoint.server import worker_token
+    from worker.devtools.endpoint.server import worker_token
 
     token = subprocess.run(
         [sys.executable, "-m", "worker.cli", "endpoint", "--worker-token", "gpu-7"],

@@ -14,7 +14,7 @@ import requests
 
 from tests.endpoint.conftest import API_KEY, PROTOCOL_HANDLER, Api, start_endpoint
 from tests.endpoint.test_bad_requests import expect_error
-from worker.endpoint.server import worker_token
+from worker.devtools.endpoint.server import worker_token
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import REPO, child_env, wait_gone
 from tests.endpoint.conftest import API_KEY, Api, WebhookListener
-from worker.endpoint.local import LocalEndpoint
+from worker.devtools.endpoint.local import LocalEndpoint
 
 pytestmark = pytest.mark.slow
 HANDLER = REPO / "handler.py"

@@ -14,7 +14,7 @@ import uuid
 
 from tests.conftest import REPO, child_env
 from tests.endpoint.conftest import Api, start_endpoint
-from worker.endpoint.store import JobStore
+from worker.devtools.endpoint.store import JobStore
 
 
 def fake_secrets() -> dict[str, str]:

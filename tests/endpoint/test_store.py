@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import stat
 
-from worker.endpoint.store import JobStore
+from worker.devtools.endpoint.store import JobStore
 
 
 def make(tmp_path, **kw):
@@ -105,7 +105,7 @@ def test_everything_survives_reopening_the_file(tmp_path):
 def test_a_file_from_before_stop_sent_at_is_upgraded_on_open(tmp_path):
     import sqlite3
 
-    from worker.endpoint import store as store_module
+    from worker.devtools.endpoint import store as store_module
 
     old_schema = store_module.SCHEMA.replace(
         "    stop_sent_at REAL,                        -- last time the stop channel carried it\n", ""

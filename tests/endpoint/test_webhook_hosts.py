@@ -10,8 +10,8 @@ import asyncio
 import socket
 
 from tests.endpoint.conftest import WebhookListener
-from worker.endpoint.store import JobStore
-from worker.endpoint.webhooks import WebhookSender
+from worker.devtools.endpoint.store import JobStore
+from worker.devtools.endpoint.webhooks import WebhookSender
 
 
 def deliver(tmp_path, url: str, env: dict[str, str]) -> list[dict]:

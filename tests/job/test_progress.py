@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.job.progress import Throttle
+from worker.job.updates import Throttle
 
 
 def test_step_updates_pass_every_5_percent_of_the_steps_even_within_the_interval():

@@ -21,10 +21,10 @@ import pytest
 import handler
 from tests.job.conftest import example_job
 from worker.errors import PublishError, RunInUse
-from worker.job import pipeline
+from worker.job import publishing
+from worker.job.children import newest_checkpoint
 from worker.job.pipeline import run_job
 from worker.job.rundir import open_run_dir
-from worker.job.stages import newest_checkpoint
 from worker.job.supervisor import StopSignal
 
 pytestmark = pytest.mark.slow
@@ -188,7 +188,7 @@ def test_publish_time_limit_fails_clearly_and_the_resubmit_publishes_without_ret
         config=config,
         limits={"publish_s": 0.001},
     )
-    monkeypatch.setattr(pipeline, "PUBLISH_LET_GO_S", 0.2)  # the job returns while the upload is still stuck
+    monkeypatch.setattr(publishing, "LET_GO_S", 0.2)  # the job returns while the upload is still stuck
     with s3_server.frozen(hold_s=3.0) as freeze:  # the upload cannot finish within the limit, however fast
         first = run_job({"input": job}, on_progress=lambda u: u.get("stage") == "publish" and freeze())
         with pytest.raises(RunInUse):  # no resubmit can publish beside the stuck upload

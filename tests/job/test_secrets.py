@@ -13,7 +13,7 @@ from schemas.job import validate_job
 from schemas.secrets import Redactor, StreamRedactor, child_env, env_secrets, job_credential_env
 from tests.conftest import REPO
 from tests.job.conftest import example_job
-from worker.job.progress import Throttle, format_line
+from worker.job.updates import Throttle, format_line
 
 SECRET = "s3cr3t-VALUE-0123456789"
 
@@ -42,7 +42,7 @@ def test_sources_of_secrets_and_the_child_environment():
         "BUCKET_SECRET_ACCESS_KEY": "s3cfg-secret-5",
         "BUCKET_NAME": "b",
     }
-    child = child_env(env, creds, {"FTW_RUN_ID": "r"})
+    child = child_env(env, creds, {"BASE_VOLUME": "/runpod-volume"})
     assert child["HF_TOKEN"] == "hf_job_token_2"  # the job's own token wins over the endpoint's
     assert (
         "RUNPOD_AI_API_KEY" not in child
@@ -175,9 +175,9 @@ def test_no_file_of_a_run_keeps_a_url_secret_and_the_stage_children_still_get_it
     import json
     import os
 
+    from worker.documents import config_from_file
     from worker.errors import DataError
     from worker.job.pipeline import JobPipeline, run_job
-    from worker.validate_cli import config_from_file
 
     url_with_password = "https://alice:pa55word-FAKE@data.example.com/extra.jsonl"
     job = example_job(
@@ -193,7 +193,7 @@ def test_no_file_of_a_run_keeps_a_url_secret_and_the_stage_children_still_get_it
     seen = {}
 
     def capture_and_stop(self, run, config_path):
-        seen["env"] = self.stage_env(run)
+        seen["env"] = self.stage_env()
         monkeypatch.setattr(os, "environ", {**os.environ, **seen["env"]})
         seen["config"] = config_from_file(config_path, "test")[0]
         raise DataError("stopped by the test before preprocessing")

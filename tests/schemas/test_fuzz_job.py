@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from schemas.config import TrainingConfig
 from tests.conftest import REPO, child_env
 from tests.job.conftest import example_job
-from worker.validate_cli import EXIT_INVALID, EXIT_USAGE, EXIT_VALID, main
+from worker import cli
+from worker.cli import EXIT_INVALID, EXIT_USAGE
+from worker.cli import EXIT_OK as EXIT_VALID
 
 CONFIG_KEYS = sorted(TrainingConfig.model_fields)
 HOSTILE_STRINGS = st.sampled_from(
@@ -146,7 +148,7 @@ def test_every_job_document_gets_an_answer_never_a_traceback(job, how, cut, suff
     ):
         path = Path(folder) / f"job{suffix}"
         path.write_bytes(mutate(text, how, cut))
-        code = main([str(path), "--json"])
+        code = cli.main(["validate", str(path), "--json"])
     out, err = stdout.getvalue(), stderr.getvalue()
     assert code in (EXIT_VALID, EXIT_USAGE, EXIT_INVALID)
     if code == EXIT_USAGE:

@@ -111,7 +111,7 @@ def only_choice(outputs: list) -> dict:
 
 
 def test_ftw_serve_http_routes(hf_service, published):
-    from worker.serve.cli import http_app
+    from worker.serve.httpserver import http_app
 
     uri = published.s3["digits"]
 
@@ -173,7 +173,7 @@ def test_openai_client_sees_refusals_as_openai_errors_before_any_stream(hf_servi
     engine refuses is a 400 before the stream starts, not a 200 with an error inside."""
     import openai
 
-    from worker.serve.cli import http_app
+    from worker.serve.httpserver import http_app
 
     async def scenario():
         runner = web.AppRunner(http_app(hf_service.app))

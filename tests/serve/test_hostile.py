@@ -20,7 +20,7 @@ CHAT = b'{"model": "org/base", "messages": [{"role": "user", "content": "hi"}]'
 def post_raw(app, path: str, body: bytes) -> tuple[int, dict]:
     """POST `body` as-is to `ftw serve`'s HTTP routes over a real socket."""
     from tests.s3server import free_port
-    from worker.serve.cli import http_app
+    from worker.serve.httpserver import http_app
 
     async def scenario():
         runner = web.AppRunner(http_app(app))

@@ -374,7 +374,7 @@ def test_the_worker_process_never_imports_torch_transformers_or_vllm():
     from tests.conftest import REPO, child_env
 
     code = (
-        "import sys, serve_handler, worker.serve.cli, worker.publish.pull, worker.publish.vllm_check; "
+        "import sys, serve_handler, worker.serve.httpserver, worker.publish.pull, worker.publish.vllm_check; "
         "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -1,4 +1,4 @@
-"""Real LoRA adapters for the serving tests and bench: peft on a worker/tiny.py model, trained for real.
+"""Real LoRA adapters for the serving tests and bench: peft on a worker/devtools/tiny.py model, trained for real.
 
 `train_tiny_adapter(base, out, text)` runs a few AdamW steps on one repeated text so the adapter's
 greedy output differs from the base model's, then saves it as training publishes it: PEFT files,

@@ -11,7 +11,7 @@ from tests.train.helpers import pack, successor_task, tokenize, write_cache
 
 @pytest.fixture(scope="session")
 def task_model_dir(tmp_path_factory) -> Path:
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     train, held = successor_task()
     text = [p + a for p, a in train[:200]]
@@ -21,7 +21,7 @@ def task_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def task_moe_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen3-MoE (8 experts, top-2) with the task model's tokenizer."""
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     train, _ = successor_task()
     return build_model(

@@ -156,7 +156,7 @@ def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
     import torch
 
     from schemas.config import TrainingConfig
-    from worker.train.stage import run
+    from worker.train.child import run
 
     torch.set_num_threads(1)
     return run(TrainingConfig.model_validate(cfg), run_dir, cache)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from worker.train.cli import main
+from worker import cli
+
+
+def main(argv: list[str]) -> int:
+    """`ftw train ARGV`."""
+    return cli.main(["train", *argv])
 
 
 def test_invalid_config_exits_3_before_any_stage_runs(tmp_path, capsys, volume):

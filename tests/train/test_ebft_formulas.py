@@ -159,7 +159,7 @@ def test_dense_mask_forward_is_each_block_run_alone(tmp_path):
     their own block: their logits equal a plain causal forward of prefix + that block alone."""
     from transformers import AutoModelForCausalLM
 
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     model = AutoModelForCausalLM.from_pretrained(build_model(tmp_path / "m", layers=2), attn_implementation="sdpa")
     layout = StridedLayout.for_document(

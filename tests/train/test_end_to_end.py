@@ -78,7 +78,6 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
         FTW_ALLOWED_PATHS=str(task_model_dir),
         FTW_ALLOW_CPU="1",
         OMP_NUM_THREADS="1",
-        FTW_EVENTS=str(tmp_path / "events.jsonl"),
     )
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "train", str(path), "--run-dir", str(run_dir)],
@@ -104,7 +103,8 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) and all(
         (p / "ftw_state.json").is_file() for p in (run_dir / "checkpoints").iterdir()
     )
-    steps = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    # the train child's events, in the run folder's stage logs (the job path's supervisor names the file)
+    steps = [json.loads(line) for path in run_dir.glob("logs/train/*/events.jsonl") for line in path.open()]
     step_events = [e for e in steps if e.get("stage") == "train" and "loss" in e and "lr" in e]
     assert step_events and all(
         {"step", "total_steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"} <= set(e) for e in step_events

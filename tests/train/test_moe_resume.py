@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def test_expert_lora_resumes_to_the_same_adapter(task_rows, tmp_path):
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     train, _ = successor_task()
     model = build_model(

@@ -63,7 +63,7 @@ class QueuedCopies(HostCopies):
 
 @pytest.fixture(scope="module")
 def four_layer_model_dir(tmp_path_factory):
-    from worker.tiny import build_model
+    from worker.devtools.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
 

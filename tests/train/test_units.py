@@ -159,7 +159,7 @@ def test_the_train_child_does_not_run_the_machine_checks_again():
     """The orchestrator's checks stage runs them once per job; the train child used to re-run
     check_machine before loading (worker/train/model.py's preflight)."""
     probe = (
-        "import sys, worker.train.stage, worker.train.trainer, worker.train.model; "
+        "import sys, worker.train.child, worker.train.trainer, worker.train.model; "
         "print(sorted(m for m in sys.modules if m.startswith(('worker.checks', 'worker.preflight'))))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(), timeout=300)

@@ -6,5 +6,6 @@ rows.py         length policy, deduplication, shuffle, eval split (Arrow tables)
 packing.py      first-fit-decreasing bins, position_ids restarting per sample
 cache.py        fingerprint, build lock, atomic publish, load_prepared(cache_dir)
 pipeline.py     prepare(cfg): the whole stage, top to bottom
-cli.py          `ftw preprocess CONFIG`;  __main__.py: the child `python -m worker.data CONFIG_JSON`
+command.py      `ftw preprocess CONFIG`;  __main__.py: the child `python -m worker.data CONFIG_JSON --output FILE`
+prepared.py     PreparedCache: the preprocess stage's typed output
 """

@@ -320,3 +320,24 @@ def tokenize_source(
             eta_s=round((len(data) - done) * elapsed / done, 1),
         )
     return pa.concat_tables(tables)
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    rows, tokens, packing = s["rows"], s["tokens"], s["packing"]
+    dropped = ", ".join(f"{k} {v}" for k, v in rows["dropped"].items()) or "none"
+    fill = (
+        f"{packing['fill']:.2%} in {packing['bins']} bins of {packing['capacity']} tokens"
+        if packing["enabled"]
+        else "off"
+    )
+    lines = [
+        ("rows in", f"{rows['in']} ({rows['samples']} samples)"),
+        ("kept", f"{rows['kept']} (train {rows['train']}, eval {rows['eval']})"),
+        ("dropped", dropped + (f"; truncated {rows['truncated']}" if rows.get("truncated") else "")),
+        ("tokens", f"{tokens['train']} train, {tokens['eval']} eval"),
+        ("trained tokens", f"{tokens['trained']} ({tokens['trained_share']:.1%} of train)"),
+        ("packing", fill),
+        ("cache", f"{s['cache_dir']} ({'built' if s['built'] else 'reused'})"),
+        ("time", f"{s['seconds']:.1f}s"),
+    ]
+    return "\n".join(f"{k:>15}  {v}" for k, v in lines)

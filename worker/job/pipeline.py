@@ -1,6 +1,7 @@
-"""One job, top to bottom — the function both `handler.py` (RunPod) and `ftw run` call.
+"""One job, top to bottom — the one orchestrator: `handler.py` (RunPod) and `ftw run` call `run_job`,
+`ftw train` calls `train_config` (the same job, built from a config and a run folder).
 
-    validate → run dir (safe path, lock, writable, disk estimate) → GPU probe
+    validate → run folder (safe path, lock, resumable or refused) → checks (disk, GPU, memory, machine)
              → preprocess (child) → train (child) → publish → result
 
 `run_job(raw, ...)` never raises for anything a job can cause: it returns the result
@@ -18,38 +19,50 @@ import contextlib
 import functools
 import json
 import os
-import sys
-import threading
 import time
-import traceback
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.job import JobInput, check_run_id, parse_s3_config, validate_job
+from schemas.config import TrainingConfig
+from schemas.job import JobInput, parse_s3_config, run_id_from_job_id, validate_job
 from schemas.paths import base_volume
-from schemas.secrets import (
-    CONFIG_SECRETS_ENV,
-    Redactor,
-    child_env,
-    job_credential_env,
-    masked_values,
-)
+from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values
 from worker.checks import CheckInput, run_checks
-from worker.errors import Cancelled, FtwError, JobSpecError, Preempted, PublishError
+from worker.data.prepared import PreparedCache
+from worker.errors import FtwError, JobSpecError
 from worker.estimate.devices import GpuProbe
 from worker.estimate.job import Prediction, run_metrics
-from worker.job import stages, template
-from worker.job.progress import ProgressSink, Throttle, event_update, stage_update
-from worker.job.rundir import RunDir, changed_keys, open_run_dir, read_json, resolve_run_dir, write_json_atomic
+from worker.job import children, template
+from worker.job.publishing import Publishing
+from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
+from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
-from worker.publish import CheckpointUploader, PublishPlan, publish_run, restore_checkpoint, start_uploader
+from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
+from worker.publish import PublishPlan
+from worker.train.summary import TrainSummary
 
-STOP_ERRORS = {"cancelled": Cancelled, "preempted": Preempted}
-PUBLISH_LET_GO_S = 30.0  # how long the job waits for an abandoned publish to stop (the run stays locked until it has)
-SHOWN_PROBLEMS = 10  # in the failure message of an invalid job; details.errors has them all (at most 100)
 MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
-STATUS_BY_CODE = {"cancelled": "cancelled", "preempted": "preempted"}
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What `ftw train` changes in a job: a run folder of the user's, nothing published (the results
+    stay in the folder), and how many train processes to start."""
+
+    run_dir: Path
+    nproc: int | None = None  # None: one per visible GPU
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """`ftw train`'s job result, with what a terminal shows of it."""
+
+    result: dict[str, Any]
+    run_dir: Path
+    finished_before: bool  # the folder held this config's finished training: nothing was redone
+    summary: TrainSummary | None  # summary.json, when training finished
 
 
 def run_job(
@@ -67,58 +80,38 @@ def run_job(
     bucket_config, s3_config_problems = parse_s3_config(s3_config)
     report.errors += s3_config_problems
     if not report.valid:
-        problems = "; ".join(str(i) for i in report.errors[:SHOWN_PROBLEMS])
-        if len(report.errors) > SHOWN_PROBLEMS:
-            problems += f"; and {len(report.errors) - SHOWN_PROBLEMS} more (details.errors)"
-        error = JobSpecError(
-            f"the job is invalid ({len(report.errors)} problem(s)): {problems}",
-            "fix every problem listed (the same list as `ftw validate JOB.json`); nothing was started",
-            stage="validate",
-            details={
-                "errors": [i.as_dict() for i in report.errors],
-                "warnings": [i.as_dict() for i in report.warnings],
-            },
-        )
-        result = failure_result(error, raw_run_id(raw))
+        result = failure_result(invalid_job(report), raw_run_id(raw))
         result["timings"] = {"validate_s": round(time.monotonic() - started, 4)}
         return Redactor.for_job(env, {}, s3_config).data(result)
     job: JobInput = report.value
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
-    plan = PublishPlan.resolve(job, bucket_config, env, redactor)
-    pipeline = JobPipeline(
-        job, plan, env, credentials, redactor, on_progress or (lambda u: None), stop or StopSignal(), started
+    plan = PublishPlan.resolve(job, bucket_config, env, redactor)  # targets and credentials: once per job
+    pipeline = JobPipeline(job, env, credentials, redactor, on_progress, stop, started, plan=plan)
+    pipeline.warnings.extend(i.as_dict() for i in report.warnings)
+    return pipeline.run()
+
+
+def train_config(
+    cfg: TrainingConfig,
+    local: LocalTraining,
+    *,
+    env: Mapping[str, str] | None = None,
+    on_progress: ProgressSink | None = None,
+    stop: StopSignal | None = None,
+) -> TrainOutcome:
+    """`ftw train`: the job of a validated config in the user's run folder, published nowhere."""
+    env = dict(os.environ if env is None else env)
+    started = time.monotonic()
+    # a terminal run uses the CPU where there is no GPU; a predicted OOM is a warning, not a refusal
+    job = JobInput(
+        run_id=run_id_from_job_id(local.run_dir.name), config=cfg, publish=[], allow_cpu=True, allow_oom_risk=True
     )
-    pipeline.timings["validate_s"] = round(time.monotonic() - started, 4)
-    pipeline.warnings = [i.as_dict() for i in report.warnings]
-    try:
-        return pipeline.run()
-    except FtwError as e:  # the run folder could not be opened: nothing of this job is on disk
-        return pipeline.finish(failure_result(e, job.run_id))
-    except Exception as e:  # a bug before the run folder was open
-        return pipeline.finish(failure_result(internal_error(e, redactor), job.run_id))
-
-
-def internal_error(e: Exception, redactor: Redactor) -> FtwError:
-    """A bug in ftw as the one failure shape (its traceback, redacted, in the worker's log)."""
-    print(redactor.text(traceback.format_exc()), file=sys.stderr, flush=True)
-    return FtwError(
-        f"internal error in the orchestrator: {type(e).__name__}: {e}",
-        "this is a bug in ftw; resubmitting the same run_id keeps every finished stage",
-        stage="orchestrator",
-    )
-
-
-def failure_result(error: FtwError, run_id: str | None) -> dict[str, Any]:
-    result = error.as_result(run_id)
-    result["status"] = STATUS_BY_CODE.get(error.code, "failed")
-    return result
-
-
-def raw_run_id(raw: Any) -> str | None:
-    inner = raw.get("input", raw) if isinstance(raw, dict) else None
-    value = inner.get("run_id") if isinstance(inner, dict) else None
-    return value if check_run_id(value) is None else None
+    pipeline = JobPipeline(job, env, {}, Redactor.for_job(env, {}), on_progress, stop, started, local=local)
+    result = pipeline.run()
+    run_dir = RunFolder.of_user(local.run_dir, base_volume(env), job.run_id).path
+    summary = TrainSummary.read(run_dir) if result.get("status") == "completed" else None
+    return TrainOutcome(result, run_dir, pipeline.finished_before, summary)
 
 
 class JobPipeline:
@@ -127,110 +120,97 @@ class JobPipeline:
     def __init__(
         self,
         job: JobInput,
-        plan: PublishPlan,
         env: dict[str, str],
         credentials: dict[str, str],
         redactor: Redactor,
-        sink: ProgressSink,
-        stop: StopSignal,
+        sink: ProgressSink | None,
+        stop: StopSignal | None,
         started: float,
+        *,
+        plan: PublishPlan | None = None,
+        local: LocalTraining | None = None,
     ):
-        self.job, self.env, self.credentials, self.redactor, self.stop = job, env, credentials, redactor, stop
-        self.plan = plan  # where artifacts go and with which credentials: resolved once, used by every publish step
+        self.job, self.env, self.credentials, self.redactor = job, env, credentials, redactor
+        self.stop = stop or StopSignal()
+        self.local = local  # ftw train; None for a job from RunPod or `ftw run`
         self.started = started
-        self.progress = Throttle(sink, float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
-        self.timings: dict[str, float] = {}
+        self.progress = Throttle(sink or (lambda u: None), float(env.get("FTW_PROGRESS_INTERVAL_S") or 2.0))
+        self.timings: dict[str, float] = {"validate_s": round(time.monotonic() - started, 4)}
         self.warnings: list[dict[str, str]] = []
+        self.finished_before = False
+        self.folder: RunFolder | None = None
+        self.checks_report: dict[str, Any] | None = None  # checks.json, once the checks passed
         self.gpu_env: dict[str, str] = {}
         self.gpu_count = 0
         self.gpu_probe = GpuProbe(cpu_only=True)
         self.prediction: Prediction | None = None  # ftw estimate's peak memory and speed for this job
-        self.uploader: CheckpointUploader | None = None  # checkpoints to S3 while and after training
-        self.publisher: threading.Thread | None = None  # publish_run, when it ran
-        self.config_secrets: list[
-            list[Any]
-        ] = []  # config values config.json holds masked (schemas.secrets.masked_values)
+        # a job's publish side (None for ftw train, whose results stay in the run folder)
+        self.publishing = None if plan is None else Publishing(job, plan, self.progress, self.stop, self.warnings)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """The result (success or typed failure), also left in RUN_DIR/result.json before the lock goes."""
+        """The result (success or typed failure), also left in RUN_DIR/result.json once the folder is open."""
+        try:
+            early = self.look_at_folder()
+            if early is not None:
+                return early
+            assert self.folder is not None
+            if self.folder.claimed_by == "training":  # nothing is written into a user's folder before the checks pass
+                self.checks(self.folder.state())
+            with self.step("run_dir", "opening the run folder"):
+                run = open_folder(self.folder)
+        except FtwError as e:  # nothing of this job is on disk
+            return self.finish(failure_result(e, self.job.run_id))
+        except Exception as e:  # a bug before the run folder was open
+            return self.finish(failure_result(internal_error(e, self.redactor), self.job.run_id))
+        try:
+            return self.run_in(run)
+        finally:
+            self.let_go(run)
+
+    def look_at_folder(self) -> dict[str, Any] | None:
+        """The result, when the run folder already answers the job: finished earlier, or refused."""
         with self.step("run_dir", "preparing the run folder"):
-            done = self.finished_result()
+            folder = self.folder = self.run_folder()
+            done = self.finished_result(folder)
             if done is not None:
+                self.finished_before = True
                 self.progress(stage_update(self.job.run_id, "run_dir", "this run finished earlier: its result stands"))
                 return self.finish({k: v for k, v in done.items() if k != "timings"})
-            run = open_run_dir(base_volume(self.env), self.job.run_id)
+            refused = self.refusal(folder)  # before anything is written: a refused run leaves the folder as it was
+            return None if refused is None else self.finish(failure_result(refused, self.job.run_id))
+
+    def run_folder(self) -> RunFolder:
+        base = base_volume(self.env)
+        if self.local is None:
+            return RunFolder.of_job(base, self.job.run_id)
+        return RunFolder.of_user(self.local.run_dir, base, self.job.run_id)
+
+    def run_in(self, run: RunDir) -> dict[str, Any]:
+        assert self.folder is not None
+        refused = self.refusal(self.folder)  # again under the lock: another job may have claimed it meanwhile
+        if refused is not None:  # the run folder (and its result.json) stays as the earlier job left it
+            return self.finish(failure_result(refused, self.job.run_id))
         try:
-            try:
-                self.check_resumable(run)
-            except JobSpecError as e:  # refused: the run folder (and its result.json) stays as the earlier job left it
-                return self.finish(failure_result(e, self.job.run_id))
-            try:
-                result = self.run_stages(run)
-            except FtwError as e:
-                result = failure_result(e, self.job.run_id)
-            except Exception as e:  # a bug in ftw: the same failure shape, and result.json is still written
-                result = failure_result(internal_error(e, self.redactor), self.job.run_id)
-            result = self.finish(result)
-            write_json_atomic(run.path / "result.json", result)
-            return result
-        finally:
-            self.progress.flush()
-            if self.publisher is not None:  # an abandoned publish stops at its next progress report
-                self.publisher.join(PUBLISH_LET_GO_S)
-            if self.publisher is not None and self.publisher.is_alive():
-                # still in a call that reports nothing (a Hub commit, a stalled connection): the run
-                # stays locked until it returns, so a resubmit cannot publish beside it
-                threading.Thread(
-                    target=self.release_after_publisher, args=(run,), name="ftw-release", daemon=True
-                ).start()
-            else:
-                self.release(run)
-
-    def finished_result(self) -> dict[str, Any] | None:
-        """The result of this run when it completed before with the same config: a finished run is
-        read-only, so any number of resubmits at once (no lock taken) all report it done."""
-        path = resolve_run_dir(base_volume(self.env), self.job.run_id)
-        result, previous = read_json(path / "result.json"), read_json(path / "job.json")
-        if not result or result.get("status") != "completed" or not previous or not self.job.resume:
-            return None
-        return None if changed_keys(previous.get("config") or {}, self.public_job["config"]) else result
-
-    def release(self, run: RunDir) -> None:
-        if self.uploader is not None:  # its final sweep uploads what training saved last
-            self.uploader.stop()
-        run.close()
-
-    def release_after_publisher(self, run: RunDir) -> None:
-        assert self.publisher is not None
-        self.publisher.join()
-        self.release(run)
+            result = self.run_stages(run)
+        except FtwError as e:
+            result = failure_result(e, self.job.run_id)
+        except Exception as e:  # a bug in ftw: the same failure shape, and result.json is still written
+            result = failure_result(internal_error(e, self.redactor), self.job.run_id)
+        result = self.finish(result)
+        write_json_atomic(run.path / "result.json", result)
+        return result
 
     def run_stages(self, run: RunDir) -> dict[str, Any]:
         config_path = self.write_config(run)
-        if not run.stage_done("train"):
-            self.template = template.shared(child_env(self.env, {}, {}))  # imports while the checks run
-            with self.step("checks", "checking disk and GPU"):
-                checks = run_checks(
-                    CheckInput(
-                        self.job.config,
-                        self.env,
-                        self.stage_env(run),
-                        run.base,
-                        allow_cpu=self.job.allow_cpu,
-                        allow_oom_risk=self.job.allow_oom_risk,
-                        datasets=not run.stage_done("preprocess"),
-                    ),
-                    lambda text: self.progress(stage_update(self.job.run_id, "checks", text)),
-                )
-                self.gpu_probe, self.gpu_env, self.prediction = checks.gpus, checks.gpu_env, checks.prediction
-                self.gpu_count = checks.gpus.count
-                self.warnings += [{"loc": "config", "msg": warning} for warning in checks.warnings]
-                write_json_atomic(run.path / "checks.json", self.redactor.data(checks.as_dict()))
-        cache_dir = self.preprocess(run, config_path)
-        metrics = self.train(run, config_path, cache_dir)
+        if self.checks_report is None and self.trained(run.path, run.state) is None:
+            self.checks(run.state)
+        if self.checks_report is not None:
+            write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
+        prepared = self.preprocess(run, config_path)
+        metrics = self.train(run, config_path, prepared)
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {
@@ -243,141 +223,122 @@ class JobPipeline:
         }
 
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        self.progress.flush()
         result["timings"] = {**self.timings, "total_s": round(time.monotonic() - self.started, 3)}
         return self.redactor.data(result)
 
-    def preprocess(self, run: RunDir, config_path: Path) -> Path:
+    def let_go(self, run: RunDir) -> None:
+        if self.publishing is None:
+            run.close()
+        else:
+            self.publishing.let_go(run.close)
+
+    def checks(self, state: dict[str, Any]) -> None:
+        """What this machine must have for this job, before any expensive work."""
+        assert self.folder is not None
+        self.template = template.shared(child_env(self.env, {}, {}))  # imports while the checks run
+        with self.step("checks", "checking disk and GPU"):
+            check = CheckInput(
+                self.job.config,
+                self.env,
+                self.stage_env(),
+                self.folder.base,
+                allow_cpu=self.job.allow_cpu,
+                allow_oom_risk=self.job.allow_oom_risk,
+                # ftw train leaves the dataset files to its preprocess child, which names file, row and field
+                datasets=self.local is None and "preprocess" not in (state.get("stages") or {}),
+            )
+            report = run_checks(check, lambda text: self.progress(stage_update(self.job.run_id, "checks", text)))
+            self.gpu_probe, self.gpu_env, self.prediction = report.gpus, report.gpu_env, report.prediction
+            self.gpu_count = report.gpus.count
+            self.warnings.extend({"loc": "config", "msg": warning} for warning in report.warnings)
+            self.checks_report = report.as_dict()
+
+    def preprocess(self, run: RunDir, config_path: Path) -> PreparedCache:
         done = run.stage_done("preprocess")
-        if done and stages.read_manifest(Path(done["cache_dir"])):
+        if done and children.read_manifest(Path(done["cache_dir"])):
             self.progress(stage_update(self.job.run_id, "preprocess", "prepared data found from an earlier attempt"))
-            return Path(done["cache_dir"])
+            return PreparedCache(Path(done["cache_dir"]), done.get("summary") or {})
         with self.step("preprocess", "preparing the datasets"):
-            child = self.supervise(run, "preprocess", stages.preprocess_argv(config_path), self.job.limits.preprocess_s)
+            output = run.path / children.PREPARED_NAME
+            output.unlink(missing_ok=True)  # what an earlier attempt reported is not this one's
+            argv = children.preprocess_argv(config_path, output)
+            child = self.supervise(run, "preprocess", argv, self.job.limits.preprocess_s)
             try:
-                cache_dir, summary = stages.prepared_cache(child.last_stdout_line())
+                prepared = children.prepared_data(output)
             except FtwError as e:
                 e.log_tail = child.log_tail()
                 raise
-        run.mark_done("preprocess", {"cache_dir": str(cache_dir), "summary": summary})
-        return cache_dir
+        run.mark_done("preprocess", {"cache_dir": str(prepared.cache_dir), "summary": prepared.summary})
+        return prepared
 
-    def train(self, run: RunDir, config_path: Path, cache_dir: Path) -> dict[str, Any]:
+    def trained(self, run_path: Path, state: dict[str, Any]) -> TrainSummary | None:
+        """Training's output when an earlier attempt finished it and it is still in the run folder."""
+        if "train" not in (state.get("stages") or {}):
+            return None
         cfg = self.job.config
-        done = run.stage_done("train")
-        if done:
+        return children.trained_output(run_path, cfg.is_full_finetune(), cfg.merge_lora)
+
+    def train(self, run: RunDir, config_path: Path, prepared: PreparedCache) -> dict[str, Any]:
+        cfg = self.job.config
+        if self.trained(run.path, run.state) is not None:
             self.progress(stage_update(self.job.run_id, "train", "training finished in an earlier attempt"))
-            return done["metrics"]
+            return (run.stage_done("train") or {})["metrics"]
+        run.forget("publish")  # training (re)starts: anything published came from other weights
         with self.step("train", "fine-tuning"):
-            resume_from = self.restore_checkpoint(run)
-            argv = stages.train_argv(config_path, run.path, cache_dir, self.gpu_count)
-            self.uploader = start_uploader(run.path, self.plan)
+            resume_from = self.resume_step(run)
+            argv = children.train_argv(config_path, run.path, prepared.cache_dir, self.processes())
+            if self.publishing is not None:
+                self.publishing.start_uploader(run.path)
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
             except (
                 FtwError
             ) as e:  # run() stops the uploader: a preempted run's last checkpoint still reaches the bucket
-                e.details["checkpoint_step"] = stages.newest_checkpoint(run.path)
+                e.details["checkpoint_step"] = children.newest_checkpoint(run.path)
                 raise
-            outputs = stages.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
+            summary = children.training_outputs(run.path, cfg.is_full_finetune(), cfg.merge_lora)
+        metrics = dict(summary.metrics)
         if resume_from is not None:
-            outputs["metrics"]["resumed_from_step"] = resume_from
-        run.mark_done("train", outputs)
-        return outputs["metrics"]
+            metrics["resumed_from_step"] = resume_from
+        run.mark_done("train", {"metrics": metrics, "output": "model" if cfg.is_full_finetune() else "adapter"})
+        return metrics
 
-    def restore_checkpoint(self, run: RunDir) -> int | None:
-        """The step training resumes from: the newest checkpoint on the volume, or the published one
-        brought back from the bucket when it is newer (a new worker, a lost volume)."""
-        if self.job.resume:
-            try:
-                if restore_checkpoint(run.path, self.plan) is not None:
-                    self.progress(stage_update(self.job.run_id, "train", "restored the newest published checkpoint"))
-            except PublishError as e:
-                if e.retryable:  # a passing fault: the resubmit restores it (prepared data is cached)
-                    raise
-                # e.g. no s3:ListBucket permission: publishing may still work, so train from what the volume has
-                self.warnings.append(
-                    {
-                        "loc": "outputs.s3",
-                        "msg": f"could not look for a published checkpoint to resume from: {e.message}",
-                    }
-                )
-        step = stages.newest_checkpoint(run.path)
+    def processes(self) -> int:
+        """Train processes: what `ftw train --nproc` says, else one per GPU the checks found."""
+        nproc = self.local.nproc if self.local is not None else None
+        return nproc if nproc is not None else self.gpu_count
+
+    def resume_step(self, run: RunDir) -> int | None:
+        """The step training resumes from: the newest checkpoint on the volume (after the published
+        one was brought back, when it is newer)."""
+        if self.publishing is not None:
+            self.publishing.restore_checkpoint(run.path)
+        step = children.newest_checkpoint(run.path)
         if step is not None:
             self.progress(stage_update(self.job.run_id, "train", f"resuming from checkpoint-{step}"))
         return step
 
     def publish(self, run: RunDir) -> list[dict[str, Any]]:
+        if self.publishing is None:  # ftw train: the results stay in the run folder
+            return []
         done = run.stage_done("publish")
         if done:
             return done["artifacts"]
         with self.step("publish", "publishing"):
-            artifacts = self.publish_within_limit(run)
+            artifacts = self.publishing.publish(run.path)
         run.mark_done("publish", {"artifacts": artifacts})
         return artifacts
 
-    def publish_within_limit(self, run: RunDir) -> list[dict[str, Any]]:
-        """publish_run in a thread, so that limits.publish_s and a cancel end the stage on time; the
-        abandoned upload stops at its next progress report (the sink raises)."""
-        abandoned = threading.Event()
-        outcome: dict[str, Any] = {}
+    # ---- the run folder ------------------------------------------------------------------------
+    def finished_result(self, folder: RunFolder) -> dict[str, Any] | None:
+        """The result of this run when it completed before with the same config and its output is still
+        there: a finished run is read-only, so any number of resubmits at once (no lock) all report it done."""
+        result = folder.completed_result(self.public_job["config"]) if self.job.resume else None
+        return result if result and self.trained(folder.path, folder.state()) else None
 
-        def report(event: dict[str, Any]) -> None:
-            if abandoned.is_set():
-                raise PublishError("publishing was abandoned", "see the job's error", stage="publish")
-            self.progress(event_update(self.job.run_id, "publish", event))
-
-        def work() -> None:
-            try:
-                outcome["artifacts"] = publish_run(run.path, self.plan, self.uploader, progress=report)
-            except BaseException as e:  # handed to the job's thread below
-                outcome["error"] = e
-
-        publisher = self.publisher = threading.Thread(target=work, name="ftw-publish", daemon=True)
-        publisher.start()
-        limit = self.job.limits.publish_s
-        deadline = time.monotonic() + limit if limit else float("inf")
-        while publisher.is_alive():
-            publisher.join(min(0.1, max(0.0, deadline - time.monotonic())))
-            if publisher.is_alive() and (self.stop.is_set() or time.monotonic() > deadline):
-                abandoned.set()
-                self.check_stop("while publishing (training is done and kept)")
-                raise PublishError(
-                    f"publishing did not finish within limits.publish_s = {limit:g} s",
-                    "raise limits.publish_s (large artifacts or a slow target), then resubmit the same run_id: training is not redone",
-                    stage="publish",
-                )
-        error = outcome.get("error")
-        if isinstance(error, FtwError):
-            raise error
-        if error is not None:
-            raise PublishError(
-                f"publishing failed: {type(error).__name__}: {error}",
-                "resubmit the same run_id: training is not redone",
-                stage="publish",
-            ) from error
-        return outcome["artifacts"]
-
-    # ---- the checks before any work ------------------------------------------------------------
-    def check_resumable(self, run: RunDir) -> None:
-        """A run_id seen before continues only with the same training config (and resume: true)."""
-        previous = read_json(run.path / "job.json")
-        if previous is None:
-            return
-        if not self.job.resume and run.state.get("stages"):
-            raise JobSpecError(
-                f"run {self.job.run_id!r} already has results and the job says resume: false",
-                "submit with resume: true to continue it, or with a new run_id to start over (nothing is deleted)",
-                stage="run_dir",
-            )
-        old, new = previous.get("config") or {}, self.public_job["config"]
-        changed = changed_keys(old, new)
-        if changed:
-            raise JobSpecError(
-                f"run {self.job.run_id!r} exists with a different training config (changed: {', '.join(changed)})",
-                "resubmit the original config to resume it, or use a new run_id for the new config",
-                stage="run_dir",
-                details={"changed_keys": changed},
-            )
+    def refusal(self, folder: RunFolder) -> JobSpecError | None:
+        return folder.refusal(self.public_job["config"], self.job.resume)
 
     @functools.cached_property
     def job_dict(self) -> dict[str, Any]:
@@ -389,36 +350,38 @@ class JobPipeline:
         """job.json's content: the job without credentials, every secret masked (redacted once)."""
         return self.redactor.data(self.job_dict)
 
-    def write_config(self, run: RunDir) -> Path:
-        """config.json for the children (output_dir pinned inside the run folder) and job.json, both
-        secret-free; what was masked in the config (a presigned URL) reaches the children in their environment."""
-        public = self.public_job
-        self.config_secrets = masked_values(self.job_dict["config"], public["config"])
-        if len(json.dumps(self.config_secrets)) > MAX_ENV_VALUE:
+    @functools.cached_property
+    def config_secrets(self) -> list[list[Any]]:
+        """The config values config.json holds masked (schemas.secrets.masked_values); the children
+        get them in their environment."""
+        values = masked_values(self.job_dict["config"], self.public_job["config"])
+        if len(json.dumps(values)) > MAX_ENV_VALUE:
             raise JobSpecError(
                 f"config values holding a URL password or signature add up to over {MAX_ENV_VALUE // 1024} KB",
                 "keep such values to the URLs themselves (a presigned URL is well under 4 KB)",
                 stage="run_dir",
             )
-        write_json_atomic(run.path / "job.json", public)
-        config = {**public["config"], "output_dir": str(run.path)}
-        path = run.path / "config.json"
-        write_json_atomic(path, config)
-        return path
+        return values
+
+    def write_config(self, run: RunDir) -> Path:
+        """job.json and config.json (for the children), both secret-free."""
+        _ = self.config_secrets  # a config whose masked values cannot reach the children is refused first
+        return run.write_job(self.public_job)
 
     # ---- running children ----------------------------------------------------------------------
-    def stage_env(self, run: RunDir) -> dict[str, str]:
-        extra = {**self.gpu_env, "BASE_VOLUME": str(run.base), "FTW_RUN_ID": self.job.run_id}
+    def stage_env(self) -> dict[str, str]:
+        assert self.folder is not None
+        extra = {**self.gpu_env, "BASE_VOLUME": str(self.folder.base)}
         if self.config_secrets:
             extra[CONFIG_SECRETS_ENV] = json.dumps(self.config_secrets)
         return child_env(self.env, self.credentials, extra)
 
     def supervise(self, run: RunDir, name: str, argv: list[str], limit_s: float | None) -> StageRun:
-        self.check_stop()
+        self.stop.check()
         stage = Stage(
             name,
             argv,
-            self.stage_env(run),
+            self.stage_env(),
             next_attempt_dir(run.logs, name),
             time_limit_s=limit_s,
             no_progress_s=self.job.limits.no_progress_s,
@@ -436,15 +399,9 @@ class JobPipeline:
             self.timings.setdefault("first_step_s", round(max(event["ts"] - self.started_wall, 0.0), 3))
         self.progress(event_update(self.job.run_id, stage, event))
 
-    def check_stop(self, during: str = "before its next stage started") -> None:
-        if self.stop.is_set():
-            reason = self.stop.reason or "cancelled"
-            cls = STOP_ERRORS.get(reason, Cancelled)
-            raise cls(f"the job was {reason} {during}", "submit it again with the same run_id to continue")
-
     @contextlib.contextmanager
     def step(self, name: str, message: str) -> Iterator[None]:
-        self.check_stop()
+        self.stop.check()
         self.progress(stage_update(self.job.run_id, name, message))
         started = time.monotonic()
         try:

@@ -57,6 +57,13 @@ class StopSignal:
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 
+    def check(self, during: str = "before its next stage started") -> None:
+        """Cancelled or Preempted (as asked) once a stop was requested."""
+        if self.is_set():
+            reason = self.reason or "cancelled"
+            cls = errors.Preempted if reason == "preempted" else errors.Cancelled
+            raise cls(f"the job was {reason} {during}", "submit it again with the same run_id to continue")
+
 
 class LineRing:
     """The last lines of a byte stream, split on \\n and \\r; an endless line is cut at MAX_LINE."""

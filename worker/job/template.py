@@ -48,7 +48,7 @@ PRELOAD = (
     "datasets",
     "peft",
     "worker.data.pipeline",
-    "worker.train.stage",
+    "worker.train.child",
     "transformers.modeling_utils",
     "transformers.models.auto.modeling_auto",
     "peft.tuners.lora",

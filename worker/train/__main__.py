@@ -1,7 +1,7 @@
 """Child entry of the train stage: `python -m worker.train CONFIG_JSON --run-dir RUN_DIR --data CACHE_DIR`.
 
 The config is the orchestrator's already-validated `RUN_DIR/config.json`. Under torchrun every
-rank runs this; rank 0 alone reports progress. See worker/train/stage.py for the contract.
+rank runs this; rank 0 alone reports progress. See worker/train/child.py for the contract.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s [rank{rank}] %(message)s"
     )
     from schemas.config import TrainingConfig
-    from worker.train.stage import run
+    from worker.train.child import run
 
     cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
     return run(cfg, args.run_dir, args.data)

@@ -1,4 +1,4 @@
-"""`ftw serve`: the serving worker behind a local HTTP server (the same engine and requests as serve_handler.py).
+"""`ftw serve`'s body: the serving worker behind a local HTTP server (the same engine and requests as serve_handler.py).
 
     ftw serve --model DIR_OR_ID [--engine auto|vllm|transformers] [--port 8000] [--host 127.0.0.1]
 
@@ -10,7 +10,6 @@ flags override MODEL_NAME, FTW_SERVE_ENGINE and FTW_SERVE_PYTHON. Ctrl-C stops t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from schemas.limits import DocumentError, parse_json
 from schemas.serve import RequestInvalid, parse_batch, parse_route
-from worker.errors import FtwError, ServeError
+from worker.errors import FtwError, Outcome, ServeError
 from worker.serve.app import ServeApp, error_body
 
 MAX_BODY_BYTES = 64 * 2**20  # a long context's prompt fits many times over
@@ -88,26 +87,13 @@ def http_app(app: ServeApp) -> web.Application:
     return web_app
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftw serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="base model (Hub id or folder); default: MODEL_NAME")
-    parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="default: FTW_SERVE_ENGINE or auto")
-    parser.add_argument(
-        "--python", help="Python of the engine child (e.g. .venv-vllm/bin/python); default: FTW_SERVE_PYTHON"
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
-
+def serve_http(model: str | None, engine: str | None, python: str | None, host: str, port: int) -> Outcome:
+    """`ftw serve`'s body: the flags override MODEL_NAME, FTW_SERVE_ENGINE and FTW_SERVE_PYTHON."""
     from worker.serve.service import running_service
     from worker.serve.settings import ServeSettings
 
     env = dict(os.environ)
-    for key, value in (
-        ("MODEL_NAME", args.model),
-        ("FTW_SERVE_ENGINE", args.engine),
-        ("FTW_SERVE_PYTHON", args.python),
-    ):
+    for key, value in (("MODEL_NAME", model), ("FTW_SERVE_ENGINE", engine), ("FTW_SERVE_PYTHON", python)):
         if value:
             env[key] = value
     try:
@@ -117,13 +103,13 @@ def main(argv: list[str]) -> int:
             async def on_startup(_app: web.Application) -> None:
                 await service.app.preload()
                 print(
-                    f"ftw serve: {service.engine.engine} engine ready; listening on http://{args.host}:{args.port}",
+                    f"ftw serve: {service.engine.engine} engine ready; listening on http://{host}:{port}",
                     flush=True,
                 )
 
             web_app = http_app(service.app)
             web_app.on_startup.append(on_startup)
-            web.run_app(web_app, host=args.host, port=args.port, print=None, handler_cancellation=True)
+            web.run_app(web_app, host=host, port=port, print=None, handler_cancellation=True)
     except FtwError as e:
         print(
             f"ftw serve: {e.code}: {e.message}"
@@ -131,5 +117,5 @@ def main(argv: list[str]) -> int:
             + (f"\n--- engine log tail ---\n{e.log_tail}" if e.log_tail else ""),
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return "failed"
+    return "ok"

@@ -1,6 +1,6 @@
 """`make demo` — one real fine-tuning job on this machine, along the path it takes on RunPod.
 
-    python -m worker.demo [--volume ./volume] [--prepare]
+    python -m worker.devtools.demo [--volume ./volume] [--prepare]
 
 `--prepare` (`make demo-volume`) only does step 1: the inputs examples/demo_job.json names, for the
 README's rehearsal with `ftw endpoint` and `ftw submit`.
@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_JOB = REPO / "examples" / "demo_job.json"
 EXAMPLE_DATA = REPO / "examples" / "data" / "greetings.jsonl"
 MODEL_NAME = "ftw-tiny-chatml"
@@ -45,7 +45,7 @@ def build_model(out: Path) -> None:
     Initialised 10× wider than transformers' 0.02: with a frozen random head at 0.02 the logits of
     a 128-wide model cannot exceed ~2.5, so LoRA alone never makes a confident prediction; at 0.2
     the adapter learns to answer "Hello, <name>!" with the asked name within the demo's steps."""
-    from worker.tiny import build_model as build
+    from worker.devtools.tiny import build_model as build
 
     rows = [json.loads(line) for line in EXAMPLE_DATA.read_text().splitlines()]
     text = [m["content"] for r in rows for m in r["messages"]]
@@ -114,7 +114,7 @@ class WebhookListener:
 
 def child(*args: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-m", "worker.demo", *args], check=True, env=env, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "worker.devtools.demo", *args], check=True, env=env, cwd=REPO)
 
 
 def prepare_volume(volume: Path) -> None:
@@ -127,8 +127,8 @@ def prepare_volume(volume: Path) -> None:
 
 
 def run_demo(volume: Path) -> int:
-    from worker.endpoint.client_cli import EXIT_INTERRUPTED, Client, ClientError, build_request, follow
-    from worker.endpoint.local import LocalEndpoint
+    from worker.devtools.endpoint.client_cli import EXIT_INTERRUPTED, Client, ClientError, build_request, follow
+    from worker.devtools.endpoint.local import LocalEndpoint
 
     prepare_volume(volume)
     job = json.loads(EXAMPLE_JOB.read_text())["input"]
@@ -178,7 +178,7 @@ def run_demo(volume: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m worker.devtools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--volume", type=Path, default=Path(os.environ.get("BASE_VOLUME") or "volume"))
     parser.add_argument(
         "--prepare",

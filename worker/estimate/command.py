@@ -7,64 +7,46 @@ whether it fits, the cheapest type that fits, and what to change where it does n
     ftw estimate config.yml --json                 # {"gpus": [{name, memory_gib, fits, peak_memory_gib,
                                                    #   tokens_per_s, time_s, cost_usd}, ...], "cheapest": NAME}
 CPU only, no weights downloaded: the model's shape comes from its local config.json or ftw's table of
-common models (docs/estimate.md). Exit 0 with an estimate (whether or not it fits), 2 usage error
-(unreadable file, unknown GPU type, unknown model shape), 3 invalid config or job.
+common models (docs/estimate.md). An estimate (whether or not it fits), a usage error (unreadable
+file, unknown GPU type, unknown model shape), or an invalid config or job.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from worker.documents import looks_like_job, read_document, validate_document
+from worker.errors import Outcome
 from worker.estimate.gpus import GpuType, gpu_table
 from worker.estimate.model import GiB
 from worker.estimate.report import Estimate, advice, estimate
 from worker.estimate.shapes import UnknownShape, local_model_shape
-from worker.validate_cli import looks_like_job, read_document, validate_document
-
-EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ftw estimate",
-        description="Peak GPU memory, tokens/s, whole-run time and cost of a "
-        "config or job on each RunPod serverless GPU type, before paying for it (docs/estimate.md).",
-    )
-    parser.add_argument("path", type=Path, help="training config or job (YAML or JSON)")
-    parser.add_argument("--gpu", help='only this GPU type, e.g. "NVIDIA H200"')
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--tokens", type=int, help="training tokens of the data (when it cannot be read here)")
-    parser.add_argument(
-        "--shape-from", type=Path, help="a folder with the model's config.json (when base_model is not known here)"
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return EXIT_USAGE if e.code else EXIT_OK
-    doc, readable = read_document(args.path, "ftw estimate")
+def estimate_file(path: Path, gpu: str | None, as_json: bool, tokens: int | None, shape_from: Path | None) -> Outcome:
+    doc, readable = read_document(path, "ftw estimate")
     if not readable:
-        return EXIT_USAGE
+        return "usage"
     cfg = config_of(doc)
     if cfg is None:
-        return EXIT_INVALID
+        return "invalid"
     shape = None
-    if args.shape_from:
-        shape = local_model_shape(args.shape_from) if args.shape_from.is_dir() else None
+    if shape_from:
+        shape = local_model_shape(shape_from) if shape_from.is_dir() else None
         if shape is None or not shape.layers:
-            print(f"ftw estimate: {args.shape_from} holds no config.json with the model's dimensions", file=sys.stderr)
-            return EXIT_USAGE
+            print(f"ftw estimate: {shape_from} holds no config.json with the model's dimensions", file=sys.stderr)
+            return "usage"
     try:
-        est = estimate(cfg, dict(os.environ), args.gpu, shape, args.tokens)
+        est = estimate(cfg, dict(os.environ), gpu, shape, tokens)
     except (UnknownShape, ValueError) as e:
         print(f"ftw estimate: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(est.as_json()) if args.json else render(est, args.gpu))
-    return EXIT_OK
+        return "usage"
+    print(json.dumps(est.as_json()) if as_json else render(est, gpu))
+    return "ok"
 
 
 def estimate_text(job_input: Any, env: dict[str, str]) -> tuple[str, str | None]:

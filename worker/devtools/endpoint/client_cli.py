@@ -77,7 +77,7 @@ def build_request(
 
 def format_progress(output: Any) -> str:
     """A progress update as the terminal line `ftw run` prints; anything else as compact JSON."""
-    from worker.job.progress import format_line
+    from worker.job.updates import format_line
 
     if isinstance(output, dict) and "stage" in output and ("step" in output or output.get("type") == "progress"):
         return format_line(output)
@@ -173,7 +173,7 @@ def finish(status: dict[str, Any]) -> int:
 
 
 def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
-    from worker.validate_cli import read_document
+    from worker.documents import read_document
 
     doc, readable = read_document(args.job, "ftw submit")
     if not readable:
@@ -207,7 +207,7 @@ def submit(args: argparse.Namespace, client_env: dict[str, str]) -> int:
 
 def show_estimate(job_input: Any, env: dict[str, str]) -> None:
     """`ftw estimate`'s table for the job's config on stderr; a job it cannot estimate is still sent."""
-    from worker.estimate.cli import estimate_text
+    from worker.estimate.command import estimate_text
 
     text, problem = estimate_text(job_input, env)
     print(

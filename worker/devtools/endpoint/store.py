@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, has_secrets, without_secrets
+from worker.devtools.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, has_secrets, without_secrets
 
 IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"

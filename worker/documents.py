@@ -1,17 +1,17 @@
-"""`ftw validate PATH [--json]`: a training config (YAML/JSON) or a job JSON, every problem at once.
+"""Config and job files as every command reads them, and `ftw validate PATH [--json]`'s body: a
+training config (YAML/JSON) or a job JSON, every problem at once.
 
     ftw validate config.yml            # axolotl YAML
     ftw validate job.json --json       # {"input": {...}} or the bare input; machine-readable report
 
-Exit 0 when valid (warnings allowed), 3 when invalid, 2 on usage errors (unreadable file, bad
-YAML/JSON). Validation uses this process's environment, as the endpoint would: BASE_VOLUME,
+Valid (warnings allowed), invalid, or a usage error (unreadable file, bad YAML/JSON). Validation
+uses this process's environment, as the endpoint would: BASE_VOLUME,
 FTW_ALLOWED_PATHS, FTW_ALLOW_*, FTW_CONFIG_DEFAULTS/OVERRIDES (docs/config.md). Imports only
 pydantic and yaml (never torch or transformers), so it answers in well under a second.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.issues import Report
-
-EXIT_VALID, EXIT_USAGE, EXIT_INVALID = 0, 2, 3
+from worker.errors import Outcome
 
 
 def load_document(path: Path) -> Any:
@@ -49,8 +48,8 @@ def read_document(path: Path, prog: str) -> tuple[Any, bool]:
     return None, False
 
 
-def config_from_file(path: Path, prog: str, honours: frozenset[str] = frozenset()) -> tuple[Any, int]:
-    """(TrainingConfig, 0) for a readable, valid config file; else (None, exit code) after printing
+def config_from_file(path: Path, prog: str, honours: frozenset[str] = frozenset()) -> tuple[Any, Outcome]:
+    """(TrainingConfig, "ok") for a readable, valid config file; else (None, why) after printing
     why on stderr: the shared front door of `ftw preprocess` and `ftw train`. `honours`: keys that
     ftw decides for jobs (schemas.classify.FTW_DECIDES) but this command takes from the config, so
     their "set by ftw" warning would be false here."""
@@ -59,14 +58,14 @@ def config_from_file(path: Path, prog: str, honours: frozenset[str] = frozenset(
 
     doc, readable = read_document(path, prog)
     if not readable:
-        return None, EXIT_USAGE
+        return None, "usage"
     report = validate_config(restore_masked(doc, os.environ.get(CONFIG_SECRETS_ENV)))
     for issue in report.warnings:
         if issue.loc not in honours:
             print(f"warning {issue}", file=sys.stderr)
     for issue in report.errors:
         print(f"error   {issue}", file=sys.stderr)
-    return (report.value, EXIT_VALID) if report.valid else (None, EXIT_INVALID)
+    return (report.value, "ok") if report.valid else (None, "invalid")
 
 
 def looks_like_job(doc: Any) -> bool:
@@ -83,19 +82,13 @@ def validate_document(doc: Any) -> Report:
     return validate_config(doc)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ftw validate", description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path, help="training config (.yml/.yaml/.json) or job JSON")
-    parser.add_argument("--json", action="store_true", help='print {"valid", "errors": [{"loc", "msg"}], "warnings"}')
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return EXIT_USAGE if e.code else EXIT_VALID
-    doc, readable = read_document(args.path, "ftw validate")
+def validate_file(path: Path, as_json: bool) -> Outcome:
+    """`ftw validate`: every problem of the file, as text or as the --json report."""
+    doc, readable = read_document(path, "ftw validate")
     if not readable:
-        return EXIT_USAGE
+        return "usage"
     report = validate_document(doc)
-    if args.json:
+    if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for issue in report.errors:
@@ -103,4 +96,4 @@ def main(argv: list[str]) -> int:
         for issue in report.warnings:
             print(f"warning {issue}")
         print("valid" if report.valid else f"invalid: {len(report.errors)} error(s)")
-    return EXIT_VALID if report.valid else EXIT_INVALID
+    return "ok" if report.valid else "invalid"

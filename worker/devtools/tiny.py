@@ -1,6 +1,6 @@
 """Tiny base models and tokenizers built locally: the demo's model and the tests' (no Hub here).
 
-    python -m worker.tiny OUT_DIR [--style chatml|llama3] [--hidden 128] [--layers 2] [--arch llama|qwen3_moe]
+    python -m worker.devtools.tiny OUT_DIR [--style chatml|llama3] [--hidden 128] [--layers 2] [--arch llama|qwen3_moe]
 
 The tokenizer is a byte-level BPE trained on a small built-in corpus plus any text given, with a
 real chat template of the chosen style, so every code path that loads a Hub model (AutoTokenizer,
@@ -134,7 +134,7 @@ def build_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m worker.devtools.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--style", choices=sorted(STYLES), default="chatml")
     parser.add_argument("--hidden", type=int, default=128)

@@ -45,9 +45,9 @@ from aiohttp import ClientPayloadError, web
 
 from schemas.hosts import check_url
 from schemas.limits import DocumentError, parse_json
-from worker.endpoint.scrub import RESUBMIT_WITH_SECRETS
-from worker.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
-from worker.endpoint.webhooks import WebhookSender
+from worker.devtools.endpoint.scrub import RESUBMIT_WITH_SECRETS
+from worker.devtools.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
+from worker.devtools.endpoint.webhooks import WebhookSender
 
 log = logging.getLogger("ftw.endpoint")
 T = TypeVar("T")

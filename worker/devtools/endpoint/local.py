@@ -1,6 +1,6 @@
 """Start "local endpoint + real runpod workers" as subprocesses on loopback (demo, tests, bench).
 
-    from worker.endpoint.local import LocalEndpoint
+    from worker.devtools.endpoint.local import LocalEndpoint
 
     with LocalEndpoint(db="volume/endpoint.sqlite3", api_key="k") as endpoint:
         worker = endpoint.start_worker("handler.py", env={"BASE_VOLUME": "volume"})
@@ -12,7 +12,7 @@ API
 - `LocalEndpoint(db, api_key, endpoint_id="local", port=0, args=(), log_path=None, worker_key=None,
   env=None)`: `worker_key` (FTW_ENDPOINT_WORKER_KEY, random when None) is what workers' tokens derive
   from; `env` is added to the endpoint process's environment (e.g. FTW_ALLOWED_HOSTS); `.start()`
-  (also `__enter__`) runs `python -m worker.endpoint.cli` and waits until it listens; `.url`
+  (also `__enter__`) runs `python -m worker.devtools.endpoint.cli` and waits until it listens; `.url`
   (`http://127.0.0.1:PORT`), `.base_url` (`.url + "/v2"`), `.port`; `.stop()`; `.restart()` keeps
   the port and database (a restarted endpoint loses no job). `args` are extra `ftw endpoint` flags.
 - `.client_env()` → the variables the runpod client / `ftw submit|status|stream|cancel` read.
@@ -43,7 +43,7 @@ from typing import IO, Any
 
 from worker.lifeline import die_with_parent
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 READY_PREFIX = "ftw endpoint listening on "
 
 
@@ -125,7 +125,7 @@ class LocalEndpoint:
         cmd = [
             sys.executable,
             "-m",
-            "worker.endpoint.cli",
+            "worker.devtools.endpoint.cli",
             "--host",
             "127.0.0.1",
             "--port",
@@ -232,7 +232,7 @@ def worker_env(
     url: str, endpoint_id: str, worker_key: str, worker_id: str, ping_interval_ms: int = 5000
 ) -> dict[str, str]:
     """What puts an unmodified runpod handler in platform mode against the endpoint at `url`."""
-    from worker.endpoint.server import worker_token, worker_urls
+    from worker.devtools.endpoint.server import worker_token, worker_urls
 
     return {
         **worker_urls(url, endpoint_id),

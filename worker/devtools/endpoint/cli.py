@@ -67,9 +67,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, api_key: str, worker_key: str, worker_key_made_up: bool) -> None:
     from aiohttp import web
 
-    from worker.endpoint.local import spawn_worker
-    from worker.endpoint.server import EndpointSettings, create_app, worker_urls
-    from worker.endpoint.store import JobStore
+    from worker.devtools.endpoint.local import spawn_worker
+    from worker.devtools.endpoint.server import EndpointSettings, create_app, worker_urls
+    from worker.devtools.endpoint.store import JobStore
 
     settings = EndpointSettings(
         api_key=api_key,
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE if e.code else 0
     worker_key = os.environ.get("FTW_ENDPOINT_WORKER_KEY", "")
     if args.worker_token is not None:
-        from worker.endpoint.server import worker_token
+        from worker.devtools.endpoint.server import worker_token
 
         if not worker_key:
             print(

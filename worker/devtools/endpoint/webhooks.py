@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 
 from schemas.hosts import allowed_addresses, check_url
-from worker.endpoint.store import JobStore
+from worker.devtools.endpoint.store import JobStore
 
 log = logging.getLogger("ftw.endpoint")
 

@@ -1,0 +1,7 @@
+"""`python -m worker.cli ARGS` is `ftw ARGS`."""
+
+import sys
+
+from worker.cli import main
+
+sys.exit(main())
