@@ -1,7 +1,8 @@
-"""Model and tokenizer builder: precision, attention backend, tokens, checkpointing, kernels.
+"""Model builder: precision, attention backend, tokens, checkpointing, kernels.
 
-`load_tokenizer(cfg)` and `load_model(cfg, tokenizer, precision)` take the validated
-TrainingConfig and return the Hugging Face objects, placed on the current device. `preflight(cfg)`
+`load_model(cfg, tokenizer, precision)` takes the validated TrainingConfig and the tokenizer
+(worker/data/tokenizer.py, the one both stages load) and returns the Hugging Face model, placed
+on the current device. `preflight(cfg)`
 checks the things that depend on this machine (CUDA for QLoRA, installed attention packages)
 before anything is downloaded or loaded.
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from schemas.config import TrainingConfig
-from schemas.paths import is_local, local_path
+from worker.data.tokenizer import pretrained_source
 from worker.errors import JobSpecError, ModelError
 from worker.preflight import attention_backend, check_machine
 from worker.train.moe import set_experts_dispatch
@@ -57,39 +57,6 @@ def preflight(cfg: TrainingConfig) -> None:
     """Machine-dependent checks, before any download or model load (the job pipeline ran the same
     before preprocessing; keys ftw does not implement are refused earlier, at validation)."""
     check_machine(cfg, torch.cuda.is_available(), os.environ)
-
-
-def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
-    """A local folder, or a Hub id at revision_of_model (the token comes from HF_TOKEN)."""
-    if is_local(name):
-        return {"pretrained_model_name_or_path": str(local_path(name))}
-    return {"pretrained_model_name_or_path": name, "revision": cfg.revision_of_model}
-
-
-def load_tokenizer(cfg: TrainingConfig):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            **pretrained_source(cfg.tokenizer_config or cfg.base_model, cfg),
-            use_fast=cfg.tokenizer_use_fast,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}",
-            hint="check base_model / tokenizer_config and revision_of_model",
-        ) from e
-    if cfg.special_tokens is not None:
-        special = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
-        tok.add_special_tokens(special)
-    if cfg.tokens:
-        tok.add_tokens(list(cfg.tokens))
-    if tok.pad_token is None:  # batches are padded; the pad id is never trained (labels -100)
-        tok.pad_token = tok.eos_token
-    if cfg.tokenizer_padding_side:
-        tok.padding_side = cfg.tokenizer_padding_side
-    return tok
 
 
 def _quantization(cfg: TrainingConfig, precision: Precision):
@@ -155,7 +122,8 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
         saved = set(cfg.lora_modules_to_save or [])
         if not {"embed_tokens", "lm_head"} <= saved:
             raise JobSpecError(
-                f"the config adds {len(tokenizer) - current} tokens to the vocabulary, but their embeddings would stay untrained under {cfg.adapter}",
+                f"the config adds {len(tokenizer) - current} tokens to the vocabulary, "
+                f"but their embeddings would stay untrained under {cfg.adapter}",
                 hint="add lora_modules_to_save: [embed_tokens, lm_head]",
             )
     model.resize_token_embeddings(

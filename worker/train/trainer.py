@@ -51,6 +51,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
+from worker.data.tokenizer import load_tokenizer
 from worker.errors import JobSpecError, OutOfMemory, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
@@ -59,7 +60,7 @@ from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
-from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, preflight, resolve_precision
+from worker.train.model import apply_kernel_patches, load_model, preflight, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
