@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench.train_throughput import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.train_throughput import SHAPES as PUBLIC_SHAPES
 
@@ -203,7 +203,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     if name == "qlora":
         cfg.update(adapter="qlora", load_in_4bit=True)
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH")]))
     env = {
         **os.environ,
         "FTW_EVENTS": str(run_dir / "events.jsonl"),

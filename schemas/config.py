@@ -51,7 +51,7 @@ LR_SCHEDULERS = (
     "one_cycle",
 )
 # transformers' experts dispatch (`experts_implementation`); "scattermoe" is ftw's fused LoRA kernel
-# (kernels/moe.py), registered under that name so axolotl configs carry over unchanged
+# (kernels/ftw_kernels/moe.py), registered under that name so axolotl configs carry over unchanged
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "scattermoe")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py); None: not supported

@@ -241,7 +241,7 @@ def cuda_lora_model(kernels: bool):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     if kernels:
-        from kernels import apply_kernels
+        from ftw_kernels import apply_kernels
         from schemas.config import TrainingConfig
 
         assert apply_kernels(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftw_kernels import apply_kernels
 from schemas.config import TrainingConfig
 from worker.data.tokenizer import pretrained_source
 from worker.errors import JobSpecError, ModelError
@@ -133,11 +134,7 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
 
 
 def apply_kernel_patches(model, cfg: TrainingConfig) -> list[str]:
-    """Model patching lives in kernels/ alone; this only calls it when that package provides it."""
-    try:
-        from kernels import apply_kernels
-    except ImportError:
-        return []
+    """Model patching lives in ftw_kernels (kernels/ftw_kernels/registry.py) alone; this calls it."""
     applied = list(apply_kernels(model, cfg))
     log.info("kernels applied: %s", ", ".join(applied) or "none")
     return applied

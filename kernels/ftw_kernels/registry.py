@@ -10,7 +10,7 @@ on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_ke
 `lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
 
 MoE models (any family whose experts use transformers' `@use_experts_implementation`) get ftw's
-ScatterMoE LoRA experts (kernels/moe.py) through transformers' experts registry, unless the config
+ScatterMoE LoRA experts (kernels/ftw_kernels/moe.py) through transformers' experts registry, unless the config
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
 ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
 """
@@ -82,7 +82,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         )
         return []
     if config.experts_implementation in (None, "scattermoe"):
-        from kernels import patches
+        from ftw_kernels import patches
 
         moe = patches.install_experts(model)
         if moe:
@@ -100,7 +100,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
         return []
 
-    from kernels import patches
+    from ftw_kernels import patches
 
     lora_ok = patches.lora_fusable(config)
     wanted = {

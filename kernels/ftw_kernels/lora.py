@@ -11,7 +11,7 @@ silu(g) and silu(g)·u. Here:
 The rank-r down-projections that share an input are one GEMM against the stacked A's, forward
 (x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [dy₁B₁ … dyₙBₙ]ᵀ·x, and their dx term as one addmm
 when the scales agree): the tokens × hidden input is read once instead of n times. Adapter weights
-(fp32 when PEFT upcasts them) come in the compute dtype from `kernels.adapter_copies`, cast once
+(fp32 when PEFT upcasts them) come in the compute dtype from `ftw_kernels.adapter_copies`, cast once
 per optimizer step; their gradients come back in their own dtype.
 """
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.adapter_copies import stacked
-from kernels.precision import compute_dtype, no_autocast
-from kernels.swiglu import swiglu_backward, swiglu_forward_raw
+from ftw_kernels.adapter_copies import stacked
+from ftw_kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
 @dataclass(frozen=True)
