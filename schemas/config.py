@@ -78,7 +78,6 @@ DEEPSPEED_BUNDLED_FILES = {
 
 
 class SpecialTokens(Frozen):
-    model_config = ConfigDict(frozen=True, extra="forbid")
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
@@ -92,7 +91,7 @@ class SpecialTokens(Frozen):
 class FSDPConfig(Frozen):
     """Both spellings axolotl accepts: `fsdp_` prefixed (v1) and plain (v2)."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
 
 
 class TrainingConfig(Frozen):

@@ -13,7 +13,9 @@ part after it names where prompt, chosen and rejected live in a row (worker/data
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than from strings.
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from schemas.base import Frozen
 
 PAIR_METHODS = ("dpo", "ipo", "orpo", "simpo")
 RL_METHODS = (*PAIR_METHODS, "kto", "grpo")
@@ -47,10 +49,10 @@ def dataset_types(rl: str) -> tuple[str, ...]:
     return PAIR_TYPES
 
 
-class TrlConfig(BaseModel):
+class TrlConfig(Frozen):
     """axolotl's `trl:` block (GRPO options). Keys it has that ftw does not build are named by schemas.rl_rules."""
 
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     beta: float | None = Field(default=None, ge=0.0)
     num_generations: int = Field(default=8, ge=2, le=256)
     max_completion_length: int = Field(default=256, ge=1)

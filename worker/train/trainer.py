@@ -66,7 +66,7 @@ from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
-from worker.train.progress import Progress
+from worker.train.reporting import Progress
 from worker.train.schedule import Schedule
 
 log = logging.getLogger("ftw.train")
