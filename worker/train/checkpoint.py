@@ -33,6 +33,8 @@ from worker.errors import JobSpecError
 
 if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: the file functions need none
     import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
     from worker.train.distributed import Topology
 
@@ -164,7 +166,7 @@ class CheckpointState:
 class TrainingObjects:
     """The live objects a checkpoint is written from and loaded into, handed over by the trainer."""
 
-    model: torch.nn.Module  # a PEFT model or, in full fine-tuning, the model itself
+    model: PeftModel | PreTrainedModel  # the PEFT model, or in full fine-tuning the model itself
     tokenizer: Any  # a transformers tokenizer, saved beside the weights
     optimizer: torch.optim.Optimizer
     scheduler: Any  # a torch LR scheduler (state_dict / load_state_dict)
@@ -240,7 +242,7 @@ def load(path: Path, objects: TrainingObjects, cfg: TrainingConfig, topo: Topolo
         raise JobSpecError(f"checkpoint {path} is incomplete or damaged", hint="remove it, or resume from an older one")
     model = objects.model
     weights = path / ("model.safetensors" if cfg.is_full_finetune() else "trainable.safetensors")
-    model_sd = load_file(str(weights))
+    model_sd: dict[str, Any] = load_file(str(weights))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = expected - set(model_sd)
     if cfg.is_full_finetune():  # tied weights are stored once
