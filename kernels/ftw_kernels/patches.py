@@ -13,7 +13,8 @@ import types
 
 import torch
 
-from ftw_kernels import attention, moe
+import ftw_kernels.attention as attention
+import ftw_kernels.moe as moe
 from ftw_kernels.cross_entropy import fused_linear_cross_entropy
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
 from ftw_kernels.rmsnorm import rmsnorm_forward

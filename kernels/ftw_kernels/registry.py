@@ -82,7 +82,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         )
         return []
     if config.experts_implementation in (None, "scattermoe"):
-        from ftw_kernels import patches
+        import ftw_kernels.patches as patches  # the submodule, not the package (whose __init__ imports this one)
 
         moe = patches.install_experts(model)
         if moe:
@@ -100,7 +100,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
         return []
 
-    from ftw_kernels import patches
+    import ftw_kernels.patches as patches
 
     lora_ok = patches.lora_fusable(config)
     wanted = {
