@@ -42,7 +42,8 @@ COPY schemas/ schemas/
 COPY worker/ worker/
 COPY kernels/ kernels/
 COPY examples/ examples/
-RUN pip install --no-deps -e . && python -c "import handler, worker.job.pipeline"
+# kernels/ holds the package ftw_kernels (pyproject.toml maps it); `import kernels` stays Hugging Face's
+RUN pip install --no-deps -e . && python -c "import handler, worker.job.pipeline, ftw_kernels.registry"
 
 # The SDK's heartbeat and job loop; SIGTERM (preemption) reaches the handler, which lets training
 # save a checkpoint before the container goes.

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench.gpu_train import SHAPES, build_model, device  # noqa: E402
 from bench.train_throughput import TARGETS  # noqa: E402
 
@@ -109,7 +109,9 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "BASE_VOLUME": str(work),
         "FTW_ALLOW_CPU": "1",
         "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p
+        ),
     }
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
@@ -237,7 +239,9 @@ def reference_share(model_dir: Path, a: argparse.Namespace) -> dict:
 def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> dict:
     env = dict(os.environ)
     if name == "trl" and a.trl_path:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (a.trl_path, str(REPO), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (a.trl_path, str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH", "")) if p
+        )
     argv = [
         sys.executable,
         __file__,

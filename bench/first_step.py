@@ -31,7 +31,7 @@ FLOOR = "import torch, transformers, datasets, peft"
 
 def worker(volume: Path, steps: int) -> None:
     """One worker process: two jobs, one after the other, as a warm serverless worker takes them."""
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
     from worker.job.pipeline import run_job
 
     job = json.loads((REPO / "examples" / "demo_job.json").read_text())["input"]
@@ -56,7 +56,7 @@ def run_worker(volume: Path, steps: int, template: bool) -> list[dict]:
         **os.environ,
         "BASE_VOLUME": str(volume),
         "FTW_ALLOW_CPU": "1",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")]),
         "FTW_STAGE_TEMPLATE": "1" if template else "0",
     }
     proc = subprocess.run(
@@ -85,7 +85,7 @@ def prepare(volume: Path) -> None:
             ],
             check=True,
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])},
         )
     (volume / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "examples" / "data" / "greetings.jsonl", volume / "data" / "greetings.jsonl")

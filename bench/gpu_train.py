@@ -23,7 +23,7 @@ seven linear layers, bf16, on those same tokens, one process each:
          GPU busy ms per step against the timed ms per step says whether the GPU waits for the host;
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
-         functions over the 4-bit weights (kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
+         functions over the 4-bit weights (kernels/ftw_kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
 `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
 the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
 gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench.train_throughput import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.train_throughput import SHAPES as PUBLIC_SHAPES  # noqa: E402
 
@@ -212,7 +212,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     if name.endswith("+offload"):
         cfg["gradient_checkpointing"] = "offload"
     (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH")]))
     env = {
         **os.environ,
         "FTW_EVENTS": str(run_dir / "events.jsonl"),

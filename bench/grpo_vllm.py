@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench.gpu_train import SHAPES, build_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort".split()
@@ -91,7 +91,9 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
         "BASE_VOLUME": str(work),
         "FTW_ALLOW_CPU": "1",
         "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p
+        ),
     }
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "train", str(work / f"{name}.yml"), "--run-dir", str(run_dir)],

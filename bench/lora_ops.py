@@ -9,14 +9,14 @@ A layer here is its seven projections, LoRA r=16 α=32 on each, bf16 frozen weig
 gate/up → SwiGLU → down of a third; attention itself is not in it. Arms, on the same weights, inputs
 and output gradients:
 - peft: PEFT's lora.Linear modules under bf16 autocast (what transformers+peft runs);
-- previous: kernels/lora.py as of `--previous` (default: the commit before the adapter copies and
-  stacked A's), read with `git show`, or from a file when `--previous` is a path; skipped where
-  there is no git history (the device tool sends the working tree only: carry `.git`, or
-  `git show 364d27e:kernels/lora.py > .prev/lora.py` into an ignored, carried folder and pass
-  `--previous .prev/lora.py`);
-- casts: today's kernels/lora.py with kernels.adapter_copies.ENABLED off (A's stacked, adapters
-  cast at every use);
-- ftw: kernels/lora.py as it is.
+- previous: ftw_kernels' lora.py as of `--previous` (default: the commit before the adapter copies
+  and stacked A's, when it was kernels/lora.py), read with `git show`, or from a file when
+  `--previous` is a path; skipped where there is no git history (the device tool sends the working
+  tree only: carry `.git`, or `git show 364d27e:kernels/lora.py > .prev/lora.py` into an ignored,
+  carried folder and pass `--previous .prev/lora.py`);
+- casts: today's kernels/ftw_kernels/lora.py with ftw_kernels.adapter_copies.ENABLED off (A's
+  stacked, adapters cast at every use);
+- ftw: kernels/ftw_kernels/lora.py as it is.
 Before each iteration the adapters are written in place (`add_(0)`, as an optimizer step would),
 so ftw pays one refresh of its copies per iteration, as in training with one micro-batch a step.
 Timing: CUDA events around each iteration, `--warmup` untimed, the median of `--iters`. Kernels:
@@ -39,14 +39,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the SwiGLU kernel on CPU (smoke test)
 
-from kernels import adapter_copies  # noqa: E402
-from kernels import lora as ftw_lora  # noqa: E402
+from ftw_kernels import adapter_copies  # noqa: E402
+from ftw_kernels import lora as ftw_lora  # noqa: E402
 
 PREVIOUS = "364d27e"  # kernels/lora.py before the adapter copies and the stacked down-projections
+# where lora.py lives: since ftw_kernels got its own import name, and before
+LORA_PATHS = ("kernels/ftw_kernels/lora.py", "kernels/lora.py")
 SHAPES = {  # tokens, hidden, q out, k/v out, intermediate
     "8b": (8192, 4096, 4096, 1024, 14336),
     "1b": (16384, 2048, 2048, 512, 8192),
@@ -101,22 +103,27 @@ def fused_step(module):
 
 
 def previous_module(rev: str):
-    """kernels/lora.py at git revision `rev` (or the file at path `rev`) as a module of its own;
+    """ftw_kernels' lora.py at git revision `rev` (or the file at path `rev`) as a module of its own;
     None without git history."""
     if Path(rev).is_file():
         source = Path(rev).read_text()
     else:
-        try:
-            source = subprocess.run(
-                ["git", "show", f"{rev}:kernels/lora.py"], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout
-        except (OSError, subprocess.CalledProcessError):
+        source = next(filter(None, (git_show(rev, path) for path in LORA_PATHS)), None)
+        if source is None:
             return None
     spec = importlib.util.spec_from_loader("previous_lora", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:kernels/lora.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:lora.py", "exec"), module.__dict__)
     return module
+
+
+def git_show(rev: str, path: str) -> str | None:
+    try:
+        command = ["git", "show", f"{rev}:{path}"]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 @contextlib.contextmanager
@@ -189,16 +196,14 @@ def main() -> None:
     ap.add_argument("--shapes", default="8b,1b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument(
-        "--previous", default=PREVIOUS, help="git revision of the previous kernels/lora.py, or a copy's path"
-    )
+    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous lora.py, or a copy's path")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous = previous_module(args.previous)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}; median of {args.iters} iterations after {args.warmup} warm-up")
     if previous is None:
-        print(f"arm 'previous' skipped: no git history here to read kernels/lora.py at {args.previous}")
+        print(f"arm 'previous' skipped: no git history here to read lora.py at {args.previous}")
     rows = []
     for shape in args.shapes.split(","):
         tokens, d, q, _, _ = SHAPES[shape]

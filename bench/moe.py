@@ -12,7 +12,7 @@ parameters, no gradient checkpointing. Arms:
 - peft: transformers' `grouped_mm` experts; PEFT forms W + B·A per expert tensor on every forward;
 - axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
   "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
-- ftw: kernels.apply_kernels (ftw's ScatterMoE LoRA experts, kernels/moe.py).
+- ftw: ftw_kernels.apply_kernels (ftw's ScatterMoE LoRA experts, kernels/ftw_kernels/moe.py).
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
 tokens/s = seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
@@ -89,7 +89,7 @@ def run_arm(arm: str, args) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -111,7 +111,7 @@ def run_arm(arm: str, args) -> dict:
                 p.normal_(std=0.02)  # a live LoRA term, the same in every arm
     applied = []
     if arm == "ftw":
-        from kernels import apply_kernels
+        from ftw_kernels import apply_kernels
 
         switches = types.SimpleNamespace(use_kernels=True, use_scattermoe=True, experts_implementation=None)
         applied = apply_kernels(model, switches)

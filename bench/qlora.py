@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
@@ -44,7 +44,7 @@ def linear_numel(model: Any) -> int:
     """Weights of every nn.Linear (lm_head included), a 4-bit one counted by its dense shape."""
     import torch
 
-    from kernels.qlora import is_4bit
+    from ftw_kernels.qlora import is_4bit
 
     return sum(
         m.weight.quant_state.shape.numel() if is_4bit(m.weight) else m.weight.numel()
@@ -87,7 +87,7 @@ def build(arm: str, shape: str, gc: bool, seq: int) -> tuple[Any, Any, int, int,
         )
         model = get_peft_model(model, lora)
     elif arm == "ftw":
-        from kernels import apply_kernels
+        from ftw_kernels import apply_kernels
         from worker.train.adapters import prepare_quantized
 
         cfg = TrainingConfig(

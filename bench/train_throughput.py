@@ -14,7 +14,7 @@ over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
 4·N_frozen + 6·N_lora + 6·L·d_attn·Σsᵢ²/T per token (packed attention costs Σsᵢ², not S²),
 against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
-liger = hf + Liger Kernel (when importable); ftw = hf + `kernels.apply_kernels` (the call the
+liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
 trainer makes after get_peft_model); unsloth = Unsloth's FastLanguageModel and LoRA on the same
 seed-0 weights, its offloaded checkpointing for `--gc on`, packed steps in its padding-free layout
 (bench/unsloth_arm.py). The table gives tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -168,7 +168,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     applied: list[str] = []
     if arm == "ftw":
-        from kernels import apply_kernels
+        from ftw_kernels import apply_kernels
         from schemas.config import TrainingConfig
 
         applied = apply_kernels(
@@ -201,7 +201,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     total = a.warmup + a.steps
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
     if "varlen_attention" in applied:  # the boundaries from the host, as the trainer's prefetcher hands them over
-        from kernels.attention import host_segments
+        from ftw_kernels.attention import host_segments
 
         layout = lambda b: {**b, **host_segments(b["position_ids"], None)}  # noqa: E731
     batches = [
@@ -281,7 +281,8 @@ def profile_steps(step, batches, path: str) -> None:
 
 # ---- the parent: one process per arm, then the table --------------------------------------------
 def start_child(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])  # ftw_kernels
+    env = dict(os.environ, PYTHONPATH=path)
     return subprocess.Popen(
         [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )

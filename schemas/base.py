@@ -4,12 +4,14 @@ JSON's and YAML's `true` is a Python bool, and a bool is an int, so pydantic's l
 `max_steps: true` as one step. A field typed as a number refuses a boolean here, and a number must
 lie within ±2**53 (what a float holds exactly; no training setting comes near it), so `seed: 2**70`
 is refused at validation instead of failing in the trainer. Ranges of their own stay on the fields.
+A model whose numbers are integers beyond that (the serving requests' 64-bit seed) raises
+`largest_number`.
 """
 
 # No `from __future__ import annotations`: see schemas/config.py.
 import functools
 import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
@@ -22,6 +24,7 @@ class Frozen(BaseModel):
     model_config = ConfigDict(
         frozen=True, extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False
     )
+    largest_number: ClassVar[int] = MAX_NUMBER
 
     @field_validator("*", mode="before")
     @classmethod
@@ -30,8 +33,10 @@ class Frozen(BaseModel):
             return value
         if isinstance(value, bool):
             raise ValueError(f"must be a number, not {str(value).lower()}")
-        if isinstance(value, (int, float)) and abs(value) > MAX_NUMBER:
-            raise ValueError(f"{excerpt(value)} is out of range: a number here is at most {MAX_NUMBER:,} in size")
+        if isinstance(value, (int, float)) and abs(value) > cls.largest_number:
+            raise ValueError(
+                f"{excerpt(value)} is out of range: a number here is at most {cls.largest_number:,} in size"
+            )
         return value
 
 

@@ -33,7 +33,7 @@ LR_SCHEDULERS = (
     "one_cycle",
 )
 # transformers' experts dispatch (`experts_implementation`); "scattermoe" is ftw's fused LoRA kernel
-# (kernels/moe.py), registered under that name so axolotl configs carry over unchanged
+# (kernels/ftw_kernels/moe.py), registered under that name so axolotl configs carry over unchanged
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "scattermoe")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 # axolotl's legacy booleans → attn_implementation (applied in schemas/normalize.py); None: not supported
@@ -60,7 +60,6 @@ DEEPSPEED_BUNDLED_FILES = {
 
 
 class SpecialTokens(Frozen):
-    model_config = ConfigDict(frozen=True, extra="forbid")
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
@@ -74,7 +73,7 @@ class SpecialTokens(Frozen):
 class FSDPConfig(Frozen):
     """Both spellings axolotl accepts: `fsdp_` prefixed (v1) and plain (v2)."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
 
 
 class TrainingConfig(Frozen):

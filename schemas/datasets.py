@@ -84,7 +84,7 @@ class UserDefinedFormat(Frozen):
 
 
 class MessagePropertyMappings(Frozen):
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(extra="allow")
     role: str = "role"
     content: str = "content"
 

@@ -14,7 +14,9 @@ part after it names where prompt, chosen and rejected live in a row (worker/data
 # No `from __future__ import annotations` here: pydantic builds models from real types faster than from strings.
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from schemas.base import Frozen
 
 PAIR_METHODS = ("dpo", "ipo", "orpo", "simpo")
 RL_METHODS = (*PAIR_METHODS, "kto", "grpo", "ebft")
@@ -54,10 +56,10 @@ def dataset_types(rl: str) -> tuple[str, ...]:
     return PAIR_TYPES
 
 
-class TrlConfig(BaseModel):
+class TrlConfig(Frozen):
     """axolotl's `trl:` block (GRPO options). Keys it has that ftw does not build are named by schemas.rl_rules."""
 
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     beta: float | None = Field(default=None, ge=0.0)
     num_generations: int = Field(default=8, ge=2, le=256)
     max_completion_length: int = Field(default=256, ge=1)
@@ -111,7 +113,7 @@ TRL_NOT_BUILT = {
 }
 
 
-class EbftConfig(BaseModel):
+class EbftConfig(Frozen):
     """axolotl's `ebft:` block (energy-based fine-tuning; worker/train/ebft*.py).
 
     Structured mode generates `trl.num_generations` completions per prompt (GRPO's generation and
@@ -122,7 +124,7 @@ class EbftConfig(BaseModel):
     have one), as axolotl's trainer places them.
     """
 
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     mode: Literal["structured", "strided"] = "structured"
     feature_layers: list[float] = Field(default=[0.25, 0.5, 0.75], min_length=1, max_length=64)
     embed_method: Literal["last_token", "mean_pooling", "completion_mean", "concat"] = "last_token"

@@ -14,10 +14,11 @@ at once as `{loc, msg}` issues.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from schemas.base import Frozen
 from schemas.issues import Issue, pydantic_issues
 
 MAX_BATCH_CONVERSATIONS = 256
@@ -29,8 +30,10 @@ MAX_STOP_CHARS = (
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+class Strict(Frozen):
+    """A request's part: the input models' base, with room for a 64-bit seed."""
+
+    largest_number: ClassVar[int] = MAX_SEED + 1
 
 
 class TextPart(Strict):

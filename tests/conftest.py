@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# This checkout's code, for the tests and every child they start, whatever a shared venv's editable
+# install points at: the repo root, and kernels/, the folder that holds the package ftw_kernels
+# (an install maps it there through pyproject.toml).
+IMPORT_PATH = [str(REPO), str(REPO / "kernels")]
+sys.path[:0] = [p for p in IMPORT_PATH if p not in sys.path]
+os.environ["PYTHONPATH"] = os.pathsep.join([*IMPORT_PATH, *filter(None, [os.environ.get("PYTHONPATH")])])
 # fixtures `s3_server` (real rclone S3 on loopback) and `hub_server` (local Hub HTTP API)
 pytest_plugins = ["tests.s3server", "tests.hubserver"]
 
@@ -41,7 +48,7 @@ def volume(tmp_path, monkeypatch) -> Path:
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses of tests: the repo importable, no stray credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_TOKEN", "WANDB_", "RUNPOD_"))}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(IMPORT_PATH)
     env.update(extra)
     return env
 

@@ -10,8 +10,8 @@ import gc
 import pytest
 import torch
 
-from kernels import adapter_copies
-from kernels.lora import Projection, lora_gated_mlp, lora_projections
+from ftw_kernels import adapter_copies
+from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
 from tests.kernels.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from kernels import apply_kernels, registry
+from ftw_kernels import apply_kernels, registry
 from schemas.config import TrainingConfig
 from tests.kernels.conftest import rel_err
 
@@ -200,7 +200,7 @@ def test_patches_stay_on_the_instance():
 
 
 def test_segment_starts_split_samples_and_padding():
-    from kernels.attention import segment_starts
+    from ftw_kernels.attention import segment_starts
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
@@ -213,7 +213,7 @@ def test_segment_starts_split_samples_and_padding():
 def test_varlen_attention_with_a_kv_cache_attends_to_the_past_only():
     """Generation hands the attention a query shorter than the keys: the new tokens see every
     cached key before them and their own, none after, none padded."""
-    from kernels.attention import varlen_attention_forward
+    from ftw_kernels.attention import varlen_attention_forward
 
     q = torch.randn(2, 4, 2, 8)
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)

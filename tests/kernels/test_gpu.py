@@ -21,8 +21,8 @@ def bf16_pair(*shape, scale=1.0):
 
 
 def test_rmsnorm_and_swiglu_8b_shapes(rng_seed):
-    from kernels.rmsnorm import rms_norm
-    from kernels.swiglu import swiglu
+    from ftw_kernels.rmsnorm import rms_norm
+    from ftw_kernels.swiglu import swiglu
 
     x, x32 = bf16_pair(8192, 4096, scale=3)
     w = (torch.rand(4096, device="cuda") + 0.5).bfloat16()
@@ -45,7 +45,7 @@ def test_rmsnorm_and_swiglu_8b_shapes(rng_seed):
 def test_rope_real_shape(rng_seed):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kernels.rope import apply_rope
+    from ftw_kernels.rope import apply_rope
 
     pos = torch.cat([torch.arange(700), torch.arange(1348)]).expand(4, -1).cuda()
     inv = 1.0 / 500000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128)
@@ -61,7 +61,7 @@ def test_rope_real_shape(rng_seed):
 
 
 def test_fused_linear_cross_entropy_128k_vocab(rng_seed):
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from ftw_kernels.cross_entropy import fused_linear_cross_entropy
 
     h, h32 = bf16_pair(8192, 4096)
     w = (torch.randn(128256, 4096, device="cuda") * 0.02).bfloat16()
@@ -78,7 +78,7 @@ def test_fused_linear_cross_entropy_128k_vocab(rng_seed):
 
 
 def test_lora_mlp_and_qkv_8b_shapes(rng_seed):
-    from kernels.lora import Projection, lora_gated_mlp, lora_projections
+    from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
 
     def proj(out, inp):
         w = (torch.randn(out, inp, device="cuda") / inp**0.5).bfloat16()
@@ -109,7 +109,7 @@ def test_lora_mlp_and_qkv_8b_shapes(rng_seed):
 
 
 def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
-    from kernels.attention import varlen_attention_forward
+    from ftw_kernels.attention import varlen_attention_forward
 
     lengths = [300, 1000, 748, 2048]  # rows of 2048: [300, 1000, 748] and [2048]
     pos = torch.stack([torch.cat([torch.arange(n) for n in lengths[:3]]), torch.arange(2048)]).cuda()
@@ -147,7 +147,7 @@ def test_patched_model_matches_unpatched_on_gpu(rng_seed):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kernels import apply_kernels
+    from ftw_kernels import apply_kernels
     from schemas.config import TrainingConfig
 
     cfg = LlamaConfig(

@@ -42,7 +42,7 @@ def routing(case: str, tokens: int, k: int = 2):
 
 
 def run_case(case: str, tokens: int, dtype=torch.float32):
-    from kernels.moe import scattermoe_lora
+    from ftw_kernels.moe import scattermoe_lora
 
     weights, index = routing(case, tokens)
     w_gu, w_d = torch.randn(E, 2 * INTER, HIDDEN) * 0.2, torch.randn(E, HIDDEN, INTER) * 0.2
@@ -95,7 +95,7 @@ def test_experts_with_no_tokens_get_zero_gradients(rng_seed):
 
 
 def test_base_weights_alone_without_lora(rng_seed):
-    from kernels.moe import scattermoe_lora
+    from ftw_kernels.moe import scattermoe_lora
 
     weights, index = routing("random", 6)
     experts = eager_experts()

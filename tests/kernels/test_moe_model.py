@@ -62,7 +62,7 @@ def lora_model(cfg):
 
 
 def test_fused_experts_match_peft_and_never_form_w_plus_ba():
-    from kernels import apply_kernels
+    from ftw_kernels import apply_kernels
 
     cfg = config()
     reference = lora_model(cfg)
@@ -88,7 +88,7 @@ def test_fused_experts_match_peft_and_never_form_w_plus_ba():
 
 
 def test_disabled_adapters_fall_back_to_the_base_experts():
-    from kernels import apply_kernels
+    from ftw_kernels import apply_kernels
 
     cfg = config()
     model = lora_model(cfg)
@@ -142,7 +142,7 @@ def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(fami
     with their clamped gate run transformers' grouped_mm under PEFT, with the same LoRA targets."""
     from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, OlmoeConfig
 
-    from kernels import apply_kernels
+    from ftw_kernels import apply_kernels
     from worker.train.adapters import attach
 
     common = dict(
@@ -185,7 +185,7 @@ def test_use_scattermoe_on_a_dense_model_patches_nothing_when_kernels_are_off_he
     its own forwards instead of getting the dense Triton patches."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kernels import apply_kernels
+    from ftw_kernels import apply_kernels
 
     dense = AutoModelForCausalLM.from_config(
         LlamaConfig(

@@ -25,7 +25,7 @@ def leaf(t: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_rmsnorm(dtype, weight_trains, rng_seed):
-    from kernels.rmsnorm import rms_norm
+    from ftw_kernels.rmsnorm import rms_norm
 
     x, x64 = leaf(torch.randn(3, 5, 48) * 3, dtype)
     w, w64 = leaf(torch.rand(48) + 0.5, dtype)
@@ -46,7 +46,7 @@ def test_rmsnorm(dtype, weight_trains, rng_seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu(dtype, rng_seed):
-    from kernels.swiglu import swiglu
+    from ftw_kernels.swiglu import swiglu
 
     g, g64 = leaf(torch.randn(4, 37) * 2, dtype)
     u, u64 = leaf(torch.randn(4, 37), dtype)
@@ -64,7 +64,7 @@ def test_rope_packed_positions(dtype, rng_seed):
     """Position ids restarting inside a row (two packed samples) rotate each sample from 0."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from kernels.rope import apply_rope
+    from ftw_kernels.rope import apply_rope
 
     bsz, seq, heads, dim = 2, 6, 3, 16
     pos = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
@@ -89,7 +89,7 @@ def test_rope_packed_positions(dtype, rng_seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_trains", [False, True])
 def test_fused_linear_cross_entropy(dtype, weight_trains, rng_seed, monkeypatch):
-    from kernels import cross_entropy
+    from ftw_kernels import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS_BYTES", 4 * 211 * 4)  # several chunks even here
     hidden, h64 = leaf(torch.randn(13, 24), dtype)
@@ -112,7 +112,7 @@ def test_fused_linear_cross_entropy(dtype, weight_trains, rng_seed, monkeypatch)
 
 def test_fused_linear_cross_entropy_divisor(rng_seed):
     """num_items_in_batch (gradient accumulation) divides the summed loss instead of the count."""
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from ftw_kernels.cross_entropy import fused_linear_cross_entropy
 
     hidden = torch.randn(9, 16, device=DEVICE)
     weight = torch.randn(50, 16, device=DEVICE)
@@ -130,7 +130,7 @@ def _lora(x, w, b, a, bb, s):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_projections_qkv(dtype, rng_seed):
     """Three projections of one input (q, k, v with bias, as Qwen2), grads of x, A and B."""
-    from kernels.lora import Projection, lora_projections
+    from ftw_kernels.lora import Projection, lora_projections
 
     x, x64 = leaf(torch.randn(2, 5, 32), dtype)
     made, refs = [], []
@@ -161,7 +161,7 @@ def test_lora_projections_qkv(dtype, rng_seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_gated_mlp(dtype, rng_seed):
-    from kernels.lora import Projection, lora_gated_mlp
+    from ftw_kernels.lora import Projection, lora_gated_mlp
 
     d, inter, r = 24, 40, 4
     x, x64 = leaf(torch.randn(3, 4, d), dtype)
@@ -190,8 +190,8 @@ def test_lora_gated_mlp(dtype, rng_seed):
 def test_fp32_weights_under_autocast(rng_seed):
     """Full fine-tuning with fp16/bf16 autocast keeps fp32 weights: the fused ops compute in the
     autocast dtype, as the unfused ones would, and hand back fp32 gradients."""
-    from kernels.cross_entropy import fused_linear_cross_entropy
-    from kernels.lora import Projection, lora_projections
+    from ftw_kernels.cross_entropy import fused_linear_cross_entropy
+    from ftw_kernels.lora import Projection, lora_projections
 
     half = torch.bfloat16
     hidden, h64 = leaf(torch.randn(6, 16), torch.float32)

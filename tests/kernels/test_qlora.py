@@ -1,4 +1,4 @@
-"""QLoRA through the fused LoRA functions (kernels/qlora.py) on real bitsandbytes nf4 weights (its
+"""QLoRA through the fused LoRA functions (kernels/ftw_kernels/qlora.py) on real bitsandbytes nf4 weights (its
 CPU backend quantises and dequantises here; on a GPU the same tests run on CUDA, through the shared
 dequantisation buffer), against PEFT's own bitsandbytes LoRA layers on the same
 tiny model: loss and adapter gradients, packed rows, gradient checkpointing, and what autograd
@@ -16,8 +16,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from kernels import apply_kernels  # noqa: E402
-from kernels.qlora import dense, is_4bit  # noqa: E402
+from ftw_kernels import apply_kernels  # noqa: E402
+from ftw_kernels.qlora import dense, is_4bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402

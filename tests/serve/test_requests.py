@@ -78,6 +78,17 @@ def test_bad_requests_report_every_problem_with_its_location(job, locs):
     assert locs <= got, (got, [str(i) for i in e.value.issues])
 
 
+def test_a_boolean_is_no_count_in_a_request_and_a_64_bit_seed_passes():
+    """Requests derive from the input models' base (schemas/base.py's Frozen): `n: true` is refused
+    as it is in a job, while the seed keeps its 64-bit range."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(RequestInvalid) as e:
+        parse_request({"openai_route": "/v1/chat/completions", "openai_input": {**chat, "n": True}})
+    assert [(i.loc, "must be a number, not true" in i.msg) for i in e.value.issues] == [("n", True)]
+    _, request = parse_request({"openai_route": "/v1/chat/completions", "openai_input": {**chat, "seed": 2**63 - 1}})
+    assert isinstance(request, ChatCompletionRequest) and request.seed == 2**63 - 1
+
+
 def test_batch_request_becomes_one_chat_request_per_conversation():
     _, batch = parse_request(
         {

@@ -91,8 +91,9 @@ def test_full_finetune_trains_every_weight_and_saves_a_model(task_model_dir, tas
 
 
 def test_added_tokens_resize_embeddings_and_must_train_them(task_model_dir):
+    from worker.data.tokenizer import load_tokenizer
     from worker.errors import JobSpecError
-    from worker.train.model import load_model, load_tokenizer, resolve_precision
+    from worker.train.model import load_model, resolve_precision
 
     cpu = torch.device("cpu")
     keys = dict(tokens=["<tool_call>", "</tool_call>"], special_tokens={"additional_special_tokens": ["<think>"]})

@@ -43,7 +43,7 @@ def syncing_ops(fn) -> collections.Counter:
 def varlen_model(task_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from kernels import attention
+    from ftw_kernels import attention
 
     monkeypatch.setattr(attention, "varlen_attn_fn", lambda: cpu_varlen_attn)
     attention.register()
@@ -54,7 +54,7 @@ def varlen_model(task_model_dir, monkeypatch):
 def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, packed):
     from datasets import Dataset
 
-    from kernels import attention
+    from ftw_kernels import attention
 
     train, _, _ = task_rows
     rows = pack(train[:24], 64) if packed else train[:8]

@@ -71,8 +71,9 @@ def four_layer_model_dir(tmp_path_factory):
 def lora_model(model_dir, checkpointing: bool):
     """The tiny model as ftw builds it: its loader (checkpointing included) and its LoRA."""
     from schemas.config import TrainingConfig
+    from worker.data.tokenizer import load_tokenizer
     from worker.train.adapters import attach
-    from worker.train.model import load_model, load_tokenizer, resolve_precision
+    from worker.train.model import load_model, resolve_precision
 
     torch.set_num_threads(1)
     cfg = TrainingConfig.model_validate(base_config(model_dir, gradient_checkpointing=checkpointing, lora_dropout=0.0))
@@ -120,9 +121,8 @@ def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_l
         copies = RecordingCopies()
         offloader = ActivationOffloader(CPU, keep_last=0, copies=copies)
         layers = model.get_base_model().model.layers
-        hooks = [
-            layer.register_forward_pre_hook(lambda _, args, seen=layer_inputs: seen.append(args[0])) for layer in layers
-        ]
+        record = layer_inputs.append  # this pass's list (the hooks are removed before the next)
+        hooks = [layer.register_forward_pre_hook(lambda _, args, record=record: record(args[0])) for layer in layers]
         loss_and_grads(model, batch_of(model), offloader)
         for hook in hooks:
             hook.remove()
@@ -241,7 +241,7 @@ def cuda_lora_model(kernels: bool):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     if kernels:
-        from kernels import apply_kernels
+        from ftw_kernels import apply_kernels
         from schemas.config import TrainingConfig
 
         assert apply_kernels(

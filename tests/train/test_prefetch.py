@@ -102,7 +102,7 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     assert [e["resumed_from"] for e in events(run_dir) if e.get("event") == "start"] == [None, "checkpoint-5"]
     assert len(seen) == len(expected) == 8 * 2
     for i, (got, want) in enumerate(zip(seen, expected)):
-        # on a GPU the varlen kernel's packed rows also carry an all-ones mask (kernels/attention.py)
+        # on a GPU the varlen kernel's packed rows also carry an all-ones mask (kernels/ftw_kernels/attention.py)
         assert set(got) - set(want) <= ({"attention_mask"} if packed and torch.cuda.is_available() else set()), (
             f"micro-batch {i}"
         )

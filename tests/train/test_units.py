@@ -252,7 +252,7 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     import io
     import sys
 
-    from worker.train.progress import Progress
+    from worker.train.reporting import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

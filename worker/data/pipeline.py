@@ -31,8 +31,8 @@ from schemas.datasets import DatasetConfig
 from worker.data import cache, rl_rows, rows, sources
 from worker.data.ebft_rows import EbftRows
 from worker.data.packing import fill, first_fit_decreasing, pack_columns
+from worker.data.phases import Progress
 from worker.data.preference import build_rl_strategy
-from worker.data.progress import Progress
 from worker.data.strategies import Context, build_strategy
 from worker.data.tokenizer import load_tokenizer, tokenizer_digest
 from worker.errors import DataError, JobSpecError

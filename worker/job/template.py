@@ -61,7 +61,7 @@ OPTIONAL = (
     "transformers.models.mistral.modeling_mistral",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.qwen3.modeling_qwen3",
-    "kernels.patches",
+    "ftw_kernels.patches",
 )
 
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.job import RUN_ID_PATTERN
 from schemas.limits import excerpt
 from schemas.paths import allowed_roots
 from worker.errors import AdapterError, FtwError
@@ -38,7 +39,6 @@ from worker.serve.settings import ServeSettings
 HUB_REF = re.compile(
     r"(?:hf://)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(?:@[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199})?"
 )
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -63,7 +63,7 @@ def parse_ref(name: str, settings: ServeSettings) -> AdapterRef:
     """The request's model string → where to pull it from (AdapterError when it names nothing)."""
     preloaded = dict(settings.preload)
     source = preloaded.get(name, name)
-    if source.startswith(("s3://", "hf://")) or HUB_REF.fullmatch(source) or RUN_ID.fullmatch(source):
+    if source.startswith(("s3://", "hf://")) or HUB_REF.fullmatch(source) or RUN_ID_PATTERN.fullmatch(source):
         return AdapterRef(name, source)
     if source.startswith(("/", "file://")):
         if "\0" in source:  # no file name holds one; resolve() would raise on it

@@ -17,7 +17,7 @@ sample is never a target, so no sample learns from its neighbour's last token.
 straight from Arrow, tensors pinned on CUDA), so the training loop only copies them to the device
 (non-blocking) and the GPU never waits for the host to build a batch. With the varlen attention
 kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
-forward reads them back from the device (kernels/attention.py).
+forward reads them back from the device (kernels/ftw_kernels/attention.py).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def read_step(
     micro = [collate(read_rows(ds, m), pad_id, packed) for m in plan.micro_batches(step, rank, order)]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     if varlen:
-        from kernels.attention import host_segments
+        from ftw_kernels.attention import host_segments
 
         for b in micro:
             b.update(host_segments(b["position_ids"], b.get("attention_mask")))

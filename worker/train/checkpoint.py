@@ -4,7 +4,8 @@
         adapter_config.json + adapter_model.safetensors   (LoRA: PEFT format, publishable as is)
         model.safetensors + config.json                   (full fine-tuning)
         optimizer.pt, scheduler.pt                         (not with save_only_model)
-        deepspeed/                                         (DeepSpeed: its partitioned optimizer state instead of optimizer.pt)
+        deepspeed/                                         (DeepSpeed: its partitioned optimizer state,
+                                                            instead of optimizer.pt)
         rng-<rank>.pt                                      (every rank's random state)
         ftw_state.json                                     step, epoch, trainer state, sha256 per file
 
@@ -22,8 +23,20 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from schemas.config import TrainingConfig
+from worker.errors import JobSpecError
+
+if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: the file functions need none
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from worker.train.distributed import Topology
 
 log = logging.getLogger("ftw.train")
 
@@ -116,104 +129,154 @@ def rotate(checkpoints: Path, keep: int, protect: Path | None = None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-# ---- a trainer's state in and out of a checkpoint (every rank calls these: they are collective) --
-def save(trainer) -> Path | None:
-    """checkpoint-<step> of `trainer` (a worker.train.trainer.Trainer); the path on rank 0."""
+# ---- the training state in and out of a checkpoint (every rank calls these: they are collective) -
+@dataclass
+class LoopState:
+    """Everything about the run's progress that a checkpoint carries besides tensors."""
+
+    step: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # the objective's `plotted` metrics
+    best_eval: float | None = None
+    best_checkpoint: str | None = None
+    bad_evals: int = 0
+
+
+@dataclass
+class CheckpointState:
+    """What ftw_state.json records besides the file hashes: written by `save`, returned by `load`."""
+
+    loop: LoopState
+    epoch: float | None
+    world_size: int | None  # the processes that wrote it (None in a record that does not say)
+
+    def record(self) -> dict[str, Any]:
+        return {"loop": asdict(self.loop), "epoch": self.epoch, "world_size": self.world_size}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CheckpointState:
+        loop = record["loop"]
+        losses = {key: [tuple(point) for point in loop[key]] for key in ("train_loss", "eval_loss")}
+        curves = {name: [tuple(point) for point in points] for name, points in (loop.get("curves") or {}).items()}
+        return cls(LoopState(**{**loop, **losses, "curves": curves}), record.get("epoch"), record.get("world_size"))
+
+
+@dataclass
+class TrainingObjects:
+    """The live objects a checkpoint is written from and loaded into, handed over by the trainer."""
+
+    model: PeftModel | PreTrainedModel  # the PEFT model, or in full fine-tuning the model itself
+    tokenizer: Any  # a transformers tokenizer, saved beside the weights
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler (state_dict / load_state_dict)
+    scaler: torch.amp.GradScaler
+    # under DeepSpeed: writes its partitioned optimizer state into the folder being built (its engine
+    # loads it back on resume); None when the optimizer state is ftw's own optimizer.pt
+    save_optimizer_partitions: Callable[[Path], None] | None = None
+
+
+@dataclass
+class GatheredWeights:
+    """Trainable weights (every weight in full fine-tuning) and optimizer state, whole on the CPU."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None  # None with save_only_model or DeepSpeed (which saves its own)
+
+
+def save(
+    root: Path,
+    objects: TrainingObjects,
+    state: CheckpointState,
+    weights: GatheredWeights,
+    cfg: TrainingConfig,
+    topo: Topology,
+    mark_best: bool,
+) -> Path | None:
+    """checkpoint-<step> under `root`; its path on rank 0. `mark_best` (save_strategy: best, eval
+    improved) makes it `state.loop.best_checkpoint`, the one rotation keeps."""
     import torch
     from safetensors.torch import save_file
 
     from worker.train import distributed as dist_
 
-    cfg, topo, step = trainer.cfg, trainer.topo, trainer.state.step
-    root = trainer.run_dir / "checkpoints"
-    model_sd, optim_sd = trainer.full_state_dicts(with_optimizer=not cfg.save_only_model)
+    step = state.loop.step
     tmp = root / f".tmp-checkpoint-{step}"
     if topo.is_main:
         tmp_dir(root, step)
     dist_.barrier(topo)
     torch.save(_rng_state(), tmp / f"rng-{topo.rank}.pt")
-    if trainer.strategy == "deepspeed" and not cfg.save_only_model:
-        from worker.train.deepspeed_engine import save_state
-
-        save_state(trainer, tmp)  # every rank writes its partition into the checkpoint being built
+    if objects.save_optimizer_partitions is not None and not cfg.save_only_model:
+        objects.save_optimizer_partitions(tmp)  # every rank writes its partition into the checkpoint being built
     dist_.barrier(topo)
     final = None
     if topo.is_main:
         # a full model or PEFT adapter files, publishable as they are
-        trainer.model.save_pretrained(str(tmp), state_dict=model_sd, safe_serialization=True)
+        objects.model.save_pretrained(str(tmp), state_dict=weights.model, safe_serialization=True)
         if not cfg.is_full_finetune():  # and for resume, the trainable tensors by their names in this model
-            save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "trainable.safetensors"))
-        trainer.tokenizer.save_pretrained(str(tmp))
-        if optim_sd is not None:
-            torch.save(optim_sd, tmp / "optimizer.pt")
+            save_file({k: v.contiguous() for k, v in weights.model.items()}, str(tmp / "trainable.safetensors"))
+        objects.tokenizer.save_pretrained(str(tmp))
+        if weights.optimizer is not None:
+            torch.save(weights.optimizer, tmp / "optimizer.pt")
         if not cfg.save_only_model:
-            torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(trainer.scaler.state_dict(), tmp / "scaler.pt")
-        final = finalize(tmp, step, trainer.state_record())
-        if trainer.schedule.save_best and trainer.state.bad_evals == 0:
-            trainer.state.best_checkpoint = final.name
-        best = root / trainer.state.best_checkpoint if trainer.state.best_checkpoint else None
-        rotate(root, cfg.save_total_limit, protect=best)
-        trainer.progress.event(step=step, event="checkpoint", path=str(final))
+            torch.save(objects.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(objects.scaler.state_dict(), tmp / "scaler.pt")
+        final = finalize(tmp, step, state.record())
+        loop = state.loop
+        if mark_best:
+            loop.best_checkpoint = final.name
+        rotate(root, cfg.save_total_limit, protect=root / loop.best_checkpoint if loop.best_checkpoint else None)
         log.info("checkpoint saved: %s", final)
     dist_.barrier(topo)
     return final
 
 
-def load(trainer, path: Path) -> None:
-    """Weights, optimizer, scheduler, RNG and loop state of checkpoint `path` into `trainer`."""
+def load(path: Path, objects: TrainingObjects, cfg: TrainingConfig, topo: Topology) -> CheckpointState:
+    """Weights, optimizer, scheduler and RNG of checkpoint `path` into `objects`; its recorded state."""
     import torch
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    from worker.errors import JobSpecError
-    from worker.train.trainer import LoopState
-
-    state = read_state(path)
-    if state is None:
+    record = read_state(path)
+    if record is None:
         raise JobSpecError(f"checkpoint {path} is incomplete or damaged", hint="remove it, or resume from an older one")
-    weights = path / ("model.safetensors" if trainer.cfg.is_full_finetune() else "trainable.safetensors")
-    model_sd = load_file(str(weights))
-    expected = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    model = objects.model
+    weights = path / ("model.safetensors" if cfg.is_full_finetune() else "trainable.safetensors")
+    model_sd: dict[str, Any] = load_file(str(weights))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = expected - set(model_sd)
-    if trainer.cfg.is_full_finetune():  # tied weights are stored once
-        missing = {
-            n
-            for n in missing
-            if not (n.endswith("lm_head.weight") and getattr(trainer.model.config, "tie_word_embeddings", False))
-        }
+    if cfg.is_full_finetune():  # tied weights are stored once
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        missing = {n for n in missing if not (n.endswith("lm_head.weight") and tied)}
     if missing:
         raise JobSpecError(
-            f"checkpoint {path.name} does not match this model/adapter ({len(missing)} trainable tensors missing, e.g. {sorted(missing)[0]})",
+            f"checkpoint {path.name} does not match this model/adapter "
+            f"({len(missing)} trainable tensors missing, e.g. {sorted(missing)[0]})",
             hint="resume with the same base_model and adapter settings, or start a new run_id",
         )
     opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(trainer.model, model_sd, options=opts)
-    if (path / "optimizer.pt").is_file() and trainer.strategy != "deepspeed":
+    set_model_state_dict(model, model_sd, options=opts)
+    if (path / "optimizer.pt").is_file() and objects.save_optimizer_partitions is None:
         optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(trainer.model, trainer.optimizer, optim_sd, options=opts)
+        set_optimizer_state_dict(model, objects.optimizer, optim_sd, options=opts)
     if (path / "scheduler.pt").is_file():  # DeepSpeed's optimizer partitions load with its engine
-        trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        trainer.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        objects.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        objects.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
     else:
         log.warning("checkpoint %s was saved with save_only_model: optimizer and schedule restart", path.name)
-    rng = path / f"rng-{trainer.topo.rank}.pt"
+    rng = path / f"rng-{topo.rank}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    loop = state["loop"]
-    trainer.state = LoopState(
-        **{
-            **loop,
-            "train_loss": [tuple(x) for x in loop["train_loss"]],
-            "eval_loss": [tuple(x) for x in loop["eval_loss"]],
-        }
-    )
-    if state.get("world_size") != trainer.topo.world_size:
+    state = CheckpointState.from_record(record)
+    if state.world_size != topo.world_size:
         log.warning(
             "checkpoint written by %s process(es), resumed by %d: the global batch changes",
-            state.get("world_size"),
-            trainer.topo.world_size,
+            state.world_size,
+            topo.world_size,
         )
+    return state
 
 
 def _rng_state() -> dict[str, Any]:

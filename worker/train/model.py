@@ -1,21 +1,22 @@
-"""Model and tokenizer builder: precision, attention backend, tokens, checkpointing, kernels.
+"""Model builder: precision, attention backend, tokens, checkpointing, kernels.
 
-`load_tokenizer(cfg)` and `load_model(cfg, tokenizer, precision)` take the validated
-TrainingConfig and return the Hugging Face objects, placed on the current device. What they need
-from the machine (CUDA for QLoRA, installed attention packages) was checked once per job, by the
-orchestrator's checks stage (worker/checks), before this child started.
+`load_model(cfg, tokenizer, precision)` takes the validated TrainingConfig and the tokenizer
+(worker/data/tokenizer.py, the one both stages load) and returns the Hugging Face model, placed on
+the current device. What it needs from the machine (CUDA for QLoRA, installed attention packages)
+was checked once per job, by the orchestrator's checks stage (worker/checks), before this child
+started.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ftw_kernels import apply_kernels
 from schemas.config import TrainingConfig
-from schemas.paths import is_local, local_path
+from worker.data.tokenizer import pretrained_source
 from worker.errors import JobSpecError, ModelError
 from worker.train.moe import set_experts_dispatch
 
@@ -49,39 +50,6 @@ def resolve_precision(cfg: TrainingConfig, device: torch.device) -> Precision:
     if cfg.bf16 is True or cfg.bfloat16 or (cfg.bf16 == "auto" and bf16_ok):
         return Precision(torch.bfloat16, torch.bfloat16, tf32)
     return Precision(torch.float32, None, tf32)
-
-
-def pretrained_source(name: str, cfg: TrainingConfig) -> dict[str, Any]:
-    """A local folder, or a Hub id at revision_of_model (the token comes from HF_TOKEN)."""
-    if is_local(name):
-        return {"pretrained_model_name_or_path": str(local_path(name))}
-    return {"pretrained_model_name_or_path": name, "revision": cfg.revision_of_model}
-
-
-def load_tokenizer(cfg: TrainingConfig):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            **pretrained_source(cfg.tokenizer_config or cfg.base_model, cfg),
-            use_fast=cfg.tokenizer_use_fast,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"cannot load the tokenizer of {cfg.tokenizer_config or cfg.base_model!r}: {e}",
-            hint="check base_model / tokenizer_config and revision_of_model",
-        ) from e
-    if cfg.special_tokens is not None:
-        special = {k: v for k, v in cfg.special_tokens.model_dump().items() if v is not None}
-        tok.add_special_tokens(special)
-    if cfg.tokens:
-        tok.add_tokens(list(cfg.tokens))
-    if tok.pad_token is None:  # batches are padded; the pad id is never trained (labels -100)
-        tok.pad_token = tok.eos_token
-    if cfg.tokenizer_padding_side:
-        tok.padding_side = cfg.tokenizer_padding_side
-    return tok
 
 
 def _quantization(cfg: TrainingConfig, precision: Precision):
@@ -163,11 +131,7 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
 
 
 def apply_kernel_patches(model, cfg: TrainingConfig) -> list[str]:
-    """Model patching lives in kernels/ alone; this only calls it when that package provides it."""
-    try:
-        from kernels import apply_kernels
-    except ImportError:
-        return []
+    """Model patching lives in ftw_kernels (kernels/ftw_kernels/registry.py) alone; this calls it."""
     applied = list(apply_kernels(model, cfg))
     log.info("kernels applied: %s", ", ".join(applied) or "none")
     return applied

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from kernels.moe import experts_modules
+from ftw_kernels.moe import experts_modules
 from schemas.config import TrainingConfig
 from worker.errors import JobSpecError
 

@@ -43,7 +43,7 @@ import math
 import resource
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
+from worker.data.tokenizer import load_tokenizer
 from worker.errors import JobSpecError, OutOfMemory, TrainingError
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
@@ -58,32 +59,18 @@ from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
-from worker.train.model import apply_kernel_patches, load_model, load_tokenizer, resolve_precision
+from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
+from worker.train.model import apply_kernel_patches, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
-from worker.train.progress import Progress
+from worker.train.reporting import Progress
 from worker.train.schedule import Schedule
 
 log = logging.getLogger("ftw.train")
 STEPS_AHEAD = 2  # queued steps the host may be ahead of the oldest one whose numbers it has not read
-
-
-@dataclass
-class LoopState:
-    """Everything about the run's progress that a checkpoint carries besides tensors."""
-
-    step: int = 0
-    tokens: int = 0
-    target_tokens: int = 0
-    train_loss: list[tuple[int, float]] = field(default_factory=list)
-    eval_loss: list[tuple[int, float]] = field(default_factory=list)
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # the objective's `plotted` metrics
-    best_eval: float | None = None
-    best_checkpoint: str | None = None
-    bad_evals: int = 0
 
 
 class Readout:
@@ -269,7 +256,8 @@ class Trainer:
         )
         if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
             raise TrainingError(
-                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
+                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} "
+                f"for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
                 hint="lower learning_rate or raise warmup; the last checkpoint is kept",
             )
         if not math.isfinite(loss):
@@ -307,8 +295,11 @@ class Trainer:
                     queued.append(self.train_step(batches.get(state.step)))
                 except torch.cuda.OutOfMemoryError as e:
                     raise OutOfMemory(
-                        f"out of GPU memory at step {state.step + 1} ({self.peak_memory_gib():.1f} GiB in use at the peak)",
-                        hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set gradient_checkpointing: true, or use a larger GPU; the run resumes from its last checkpoint",
+                        f"out of GPU memory at step {state.step + 1} "
+                        f"({self.peak_memory_gib():.1f} GiB in use at the peak)",
+                        hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
+                        "set gradient_checkpointing: true, or use a larger GPU; "
+                        "the run resumes from its last checkpoint",
                     ) from e
                 state.step += 1
                 profiler.after_step(state.step)
@@ -413,11 +404,35 @@ class Trainer:
         optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None
         return model_sd, optim_sd
 
+    def checkpoint_objects(self) -> TrainingObjects:
+        """What a checkpoint is written from and loaded into (under DeepSpeed, before its engine exists too)."""
+
+        def save_partitions(folder: Path) -> None:
+            ds_.save_state(self, folder)
+
+        deepspeed = self.strategy == "deepspeed"
+        return TrainingObjects(
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            save_partitions if deepspeed else None,
+        )
+
     def save_checkpoint(self) -> Path | None:
-        return ckpt.save(self)
+        cfg, state = self.cfg, self.state
+        weights = GatheredWeights(*self.full_state_dicts(with_optimizer=not cfg.save_only_model))
+        record = CheckpointState(state, state.step / self.plan.steps_per_epoch, self.topo.world_size)
+        mark_best = self.schedule.save_best and state.bad_evals == 0
+        root = self.run_dir / "checkpoints"
+        final = ckpt.save(root, self.checkpoint_objects(), record, weights, cfg, self.topo, mark_best)
+        if final is not None:
+            self.progress.event(step=state.step, event="checkpoint", path=str(final))
+        return final
 
     def load_checkpoint(self, path: Path) -> None:
-        ckpt.load(self, path)
+        self.state = ckpt.load(path, self.checkpoint_objects(), self.cfg, self.topo).loop
         self.resumed_from = path.name
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -450,11 +465,4 @@ class Trainer:
             "packed": self.data.packed,
             "adapter": self.cfg.adapter or "full",
             "kernels": self.kernels,
-        }
-
-    def state_record(self) -> dict[str, Any]:
-        return {
-            "loop": asdict(self.state),
-            "epoch": self.state.step / self.plan.steps_per_epoch,
-            "world_size": self.topo.world_size,
         }

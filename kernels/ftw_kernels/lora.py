@@ -1,5 +1,5 @@
 """Fused LoRA projections with hand-written backwards, over a floating-point or a bitsandbytes 4-bit
-base weight (QLoRA: dequantised per matmul, never saved dense; kernels/qlora.py).
+base weight (QLoRA: dequantised per matmul, never saved dense; kernels/ftw_kernels/qlora.py).
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ for frozen W and trainable A, B. Autograd through PEFT keeps, per
 projection, the input and the rank-sized intermediates of each matmul, and for the gated MLP also
@@ -12,7 +12,7 @@ silu(g) and silu(g)·u. Here:
 The rank-r down-projections that share an input are one GEMM against the stacked A's, forward
 (x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [dy₁B₁ … dyₙBₙ]ᵀ·x, and their dx term as one addmm
 when the scales agree): the tokens × hidden input is read once instead of n times. Adapter weights
-(fp32 when PEFT upcasts them) come in the compute dtype from `kernels.adapter_copies`, cast once
+(fp32 when PEFT upcasts them) come in the compute dtype from `ftw_kernels.adapter_copies`, cast once
 per optimizer step; their gradients come back in their own dtype.
 """
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.adapter_copies import stacked
-from kernels.precision import compute_dtype, no_autocast
-from kernels.qlora import dense, save_for_backward, saved_tensors, usable
-from kernels.swiglu import swiglu_backward, swiglu_forward_raw
+from ftw_kernels.adapter_copies import stacked
+from ftw_kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.qlora import dense, save_for_backward, saved_tensors, usable
+from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Projection:
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
     """A PEFT lora.Linear (one active adapter, no dropout/DoRA, not merged) or a plain Linear, over
-    a floating-point or bitsandbytes 4-bit base weight (kernels/qlora.py); None when the module is
+    a floating-point or bitsandbytes 4-bit base weight (kernels/ftw_kernels/qlora.py); None when the module is
     in a state these kernels do not reproduce (an 8-bit base among them)."""
     if isinstance(module, torch.nn.Linear):
         return Projection(module.weight, module.bias, None, None, 0.0) if usable(module.weight) else None

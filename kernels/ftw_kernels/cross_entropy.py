@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.precision import compute_dtype, no_autocast
 
 CHUNK_LOGITS_BYTES = 1 << 30  # one chunk's bf16 logits: 1 GiB (4096 rows of a 128k vocab)
 

@@ -1,4 +1,4 @@
-"""The patched forwards for the decoder families of `kernels/registry.py`, and their installer.
+"""The patched forwards for the decoder families of `kernels/ftw_kernels/registry.py`, and their installer.
 
 Each forward reproduces the transformers 5.17 forward of its module with the kernels swapped in,
 and hands anything it does not cover (a KV cache, eval-time logits, an adapter state the fused
@@ -13,19 +13,20 @@ import types
 
 import torch
 
-from kernels import attention, moe
-from kernels.cross_entropy import fused_linear_cross_entropy
-from kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
-from kernels.rmsnorm import rmsnorm_forward
-from kernels.rope import apply_rope
-from kernels.swiglu import swiglu_mlp_forward
+import ftw_kernels.attention as attention
+import ftw_kernels.moe as moe
+from ftw_kernels.cross_entropy import fused_linear_cross_entropy
+from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
+from ftw_kernels.rmsnorm import rmsnorm_forward
+from ftw_kernels.rope import apply_rope
+from ftw_kernels.swiglu import swiglu_mlp_forward
 
 log = logging.getLogger("ftw.kernels")
 
 
 def lora_fusable(config) -> bool:
     """The fused LoRA functions model plain LoRA, over a bf16/fp16/fp32 base or a bitsandbytes 4-bit
-    one (QLoRA, kernels/qlora.py): no dropout, DoRA, bias training or 8-bit base."""
+    one (QLoRA, kernels/ftw_kernels/qlora.py): no dropout, DoRA, bias training or 8-bit base."""
     return (
         config.adapter in ("lora", "qlora")
         and not config.load_in_8bit
@@ -173,7 +174,7 @@ def _plain_output_layer(head) -> bool:
 # ---- MoE experts ------------------------------------------------------------------------------
 def _experts_wrapper_forward(self, x, *args, **kwargs):
     """Outermost PEFT ParamWrapper over an experts module: call the module itself, whose experts
-    function (kernels/moe.py) reads the LoRA factors, instead of PEFT's W + BA parametrization."""
+    function (kernels/ftw_kernels/moe.py) reads the LoRA factors, instead of PEFT's W + BA parametrization."""
     experts = self._ftw_experts
     if moe.expert_lora(experts) is False or experts.config._experts_implementation != moe.NAME:
         return self._ftw_original_forward(x, *args, **kwargs)

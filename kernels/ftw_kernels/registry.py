@@ -10,11 +10,11 @@ on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_ke
 `lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
 
 QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: their base weights are
-bitsandbytes 4-bit tensors, dequantised per matmul into one shared buffer (kernels/qlora.py) and never
+bitsandbytes 4-bit tensors, dequantised per matmul into one shared buffer (kernels/ftw_kernels/qlora.py) and never
 kept dense for backward; the applied list then names `dequant_4bit` after the fused projections.
 
 MoE models (any family whose experts use transformers' `@use_experts_implementation`) get ftw's
-ScatterMoE LoRA experts (kernels/moe.py) through transformers' experts registry, unless the config
+ScatterMoE LoRA experts (kernels/ftw_kernels/moe.py) through transformers' experts registry, unless the config
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
 ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
 """
@@ -86,7 +86,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         )
         return []
     if config.experts_implementation in (None, "scattermoe"):
-        from kernels import patches
+        import ftw_kernels.patches as patches  # the submodule, not the package (whose __init__ imports this one)
 
         moe = patches.install_experts(model)
         if moe:
@@ -104,7 +104,8 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
         log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
         return []
 
-    from kernels import patches, qlora
+    import ftw_kernels.patches as patches
+    import ftw_kernels.qlora as qlora
 
     lora_ok = patches.lora_fusable(config)
     wanted = {

@@ -1,4 +1,4 @@
-"""Frozen bitsandbytes 4-bit base weights (QLoRA) for the fused LoRA functions of kernels/lora.py.
+"""Frozen bitsandbytes 4-bit base weights (QLoRA) for the fused LoRA functions of kernels/ftw_kernels/lora.py.
 
 A QLoRA projection keeps its base weight as a bitsandbytes `Params4bit` (nf4 or fp4, the storage
 format of the Hub's QLoRA checkpoints). The fused functions need it dense for two matmuls only: the

@@ -2,7 +2,7 @@
 
 transformers 5 dispatches every `@use_experts_implementation` experts module (Qwen3-MoE, OLMoE,
 Mixtral, ...) through `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. `register()` adds
-`scattermoe_experts_forward` there under NAME; `kernels/registry.py` switches a model to it.
+`scattermoe_experts_forward` there under NAME; `kernels/ftw_kernels/registry.py` switches a model to it.
 
 Per layer: tokens are sorted by expert (`Routing`), gate_up runs as one grouped GEMM that reads
 the tokens in place, adds s·(x Aₑᵀ) Bₑᵀ from the same K loop and applies SwiGLU in its epilogue;
@@ -12,7 +12,7 @@ recomputes h from the saved pre-activations, writes dgate/dup over them, and get
 LoRA gradients from the same two kernels (with transposed weight views) and `grouped_tn`.
 
 The LoRA factors come from PEFT's ParamWrappers around the experts module (LoRA through
-`target_parameters`): `kernels/patches.py` records them on the module (`_ftw_expert_lora`) and
+`target_parameters`): `kernels/ftw_kernels/patches.py` records them on the module (`_ftw_expert_lora`) and
 makes the wrappers call the module directly, so PEFT's W + BA is never formed. Anything the
 kernel does not model (trainable W, biases, transposed or interleaved layouts, a custom gate,
 merged or several adapters, no Triton device) runs transformers' `grouped_mm` instead.
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, scatter_mm, swiglu_rows_backward
-from kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, scatter_mm, swiglu_rows_backward
+from ftw_kernels.precision import compute_dtype, no_autocast
 
 NAME = "scattermoe"
 
