@@ -139,7 +139,8 @@ def parse_s3_config(raw: Any) -> tuple[S3Config | None, list[Issue]]:
         return None, []
     if not isinstance(raw, Mapping):
         return None, [Issue("s3Config", f"must be an object of {', '.join(S3CONFIG_FIELDS)}, got {type(raw).__name__}")]
-    issues, values = [], {}
+    issues: list[Issue] = []
+    values: dict[str, str] = {}
     for key, name in S3CONFIG_FIELDS.items():
         value = raw.get(key)
         if value is None or value == "":
@@ -152,7 +153,7 @@ def parse_s3_config(raw: Any) -> tuple[S3Config | None, list[Issue]]:
             issues.append(Issue(f"s3Config.{key}", problem))
         else:
             values[name] = value
-    return (None, issues) if issues else (S3Config(**values), [])
+    return (None, issues) if issues else (S3Config.model_validate(values), [])
 
 
 class TimeLimits(Frozen):

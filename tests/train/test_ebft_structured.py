@@ -11,8 +11,8 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.train.ebft_structured import StructuredEbftObjective, right_padded
-from worker.train.generation import Sampling
 from worker.train.grpo import Rollout
+from worker.train.sampling import Sampling
 
 
 def objective(model_dir: Path, **ebft: Any) -> tuple[StructuredEbftObjective, Any]:

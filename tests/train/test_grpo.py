@@ -175,7 +175,7 @@ def test_user_reward_functions_load_behind_the_gate_and_fail_clearly(tmp_path):
 
 
 def test_the_engine_settings_follow_the_training_config(tmp_path):
-    from worker.train.generation import VllmOptions
+    from worker.train.sampling import VllmOptions
     from worker.train.vllm_generation import engine_settings
 
     cfg = TrainingConfig(

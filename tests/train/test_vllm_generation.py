@@ -13,7 +13,8 @@ import torch
 from schemas.config import TrainingConfig
 from tests.serve.conftest import ensure_vllm_env
 from tests.train.vllm_helpers import engine_gone, group_members, vllm_env
-from worker.train.generation import Sampling, TransformersGenerator, VllmOptions, cut_at_stop
+from worker.train.generation import TransformersGenerator
+from worker.train.sampling import Sampling, VllmOptions, cut_at_stop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

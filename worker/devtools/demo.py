@@ -167,7 +167,8 @@ def run_demo(volume: Path) -> int:
     folder = Path(adapter["uri"].removeprefix("file://"))
     metrics = result["metrics"]
     print(
-        f"\ndone in {result['timings']['total_s']:.0f} s: {metrics.get('steps')} steps, final loss {metrics.get('final_loss')}, "
+        f"\ndone in {result['timings']['total_s']:.0f} s: {metrics.get('steps')} steps, "
+        f"final loss {metrics.get('final_loss')}, "
         f"{metrics.get('tokens_per_s')} tokens/s"
     )
     print(f"adapter: {folder}  (sha256 manifest {adapter['sha256_manifest'][:16]}…, {adapter['files']} files)")

@@ -95,14 +95,16 @@ def describe(est: Estimate) -> list[str]:
     )
     lines = [
         f"model: {s.source} — {s.params / 1e9:.2f}B parameters, {s.layers} layers × {s.hidden} wide",
-        f"run: {w.method}, {w.micro_batch_size} × {w.sequence_len} tokens {layout}, {w.grad_accum} micro-batch(es) a step, {ckpt}, "
+        f"run: {w.method}, {w.micro_batch_size} × {w.sequence_len} tokens {layout}, "
+        f"{w.grad_accum} micro-batch(es) a step, {ckpt}, "
         f"kernels {'on' if w.kernels else 'off'}"
         + (" (full fine-tuning: not calibrated)" if w.method == "full" else ""),
     ]
     data = f"{est.data.tokens:,} tokens ({est.data.source})" if est.data.tokens else f"size unknown ({est.data.source})"
     lines.append(f"data: {data}; {est.steps:,} optimizer steps" if est.steps else f"data: {data}")
     lines.append(
-        f"startup (imports, model load{', preprocessing' if 'cache' not in est.data.source else ''}): about {duration(est.startup_s)}"
+        f"startup (imports, model load{', preprocessing' if 'cache' not in est.data.source else ''}): "
+        f"about {duration(est.startup_s)}"
     )
     return lines
 
@@ -115,7 +117,8 @@ def render(est: Estimate, gpu_name: str | None) -> str:
     for r in est.rows:
         cost = "—" if r.cost_usd is None else f"${r.cost_usd:,.2f}"
         lines.append(
-            f"{r.gpu.name:<32} {r.gpu.memory_gib:>5.0f} GiB {r.gpu.usd_per_s * 3600:>6.2f} {r.peak_bytes / GiB:>5.1f} GiB "
+            f"{r.gpu.name:<32} {r.gpu.memory_gib:>5.0f} GiB {r.gpu.usd_per_s * 3600:>6.2f} "
+            f"{r.peak_bytes / GiB:>5.1f} GiB "
             f"{'yes' if r.fits else 'no':>4} {r.tokens_per_s:>9,.0f} {duration(r.time_s):>12} {cost:>9}"
         )
     cheapest = est.cheapest

@@ -296,11 +296,14 @@ HINTS = {
     "no_progress": "the stage printed nothing and sent no progress for limits.no_progress_s; "
     "look at the log tail — a hung download or collective? — and raise limits.no_progress_s if the wait is expected",
     "cancelled": "the job was cancelled; submit it again with the same run_id to continue from its last checkpoint",
-    "preempted": "the worker was stopped by the platform; submit again with the same run_id to resume from the saved checkpoint",
+    "preempted": "the worker was stopped by the platform; submit again with the same run_id to resume from the "
+    "saved checkpoint",
     "oom": "lower micro_batch_size or sequence_len, turn on gradient_checkpointing, or use a GPU with more memory",
-    "nccl": "a collective between GPUs failed; resubmit (it resumes from the last checkpoint); if it repeats, try fewer GPUs",
+    "nccl": "a collective between GPUs failed; resubmit (it resumes from the last checkpoint); if it repeats, "
+    "try fewer GPUs",
     "crash": "the process died without reporting an error; resubmit with the same run_id to resume; "
-    "if it repeats, the log tail says where (a kill -9 or the kernel's out-of-memory killer leave no trace of their own)",
+    "if it repeats, the log tail says where (a kill -9 or the kernel's out-of-memory killer leave no trace of "
+    "their own)",
 }
 
 

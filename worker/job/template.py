@@ -8,8 +8,9 @@ the command line, the full environment (with the job's secrets: over the socket,
 the working directory and the write ends of its stdout/stderr pipes (SCM_RIGHTS); the template
 forks, and the child becomes the stage: its own session (process group), the pipes as fd 1/2,
 the environment replaced, PR_SET_PDEATHSIG armed, its process name set to the module's (it keeps
-the template's command line), then `python -m MODULE ARGS` run in place (runpy). CUDA is initialised by the child only, after the fork (a forked CUDA context is unusable,
-which is why the template never touches it). The template reaps the child and sends its exit
+the template's command line), then `python -m MODULE ARGS` run in place (runpy). CUDA is
+initialised by the child only, after the fork (a forked CUDA context is unusable, which is why the
+template never touches it). The template reaps the child and sends its exit
 status back on the same connection, so to the supervisor a `ForkedChild` is a Popen: pid, poll,
 wait, returncode — limits, SIGTERM/SIGKILL to the group, logs and exit codes are unchanged.
 
@@ -39,6 +40,7 @@ import time
 from collections.abc import Mapping
 
 from worker.lifeline import die_with_parent, pid_alive
+from worker.train import LAZY_IMPORTS
 
 READY_TIMEOUT_S = 300.0
 PR_SET_NAME = 15
@@ -55,14 +57,7 @@ PRELOAD = (
     "torch.distributed.checkpoint.state_dict",
     "matplotlib",
 )
-# imported when available: the patched families' modeling code, the kernels (triton)
-OPTIONAL = (
-    "transformers.models.llama.modeling_llama",
-    "transformers.models.mistral.modeling_mistral",
-    "transformers.models.qwen2.modeling_qwen2",
-    "transformers.models.qwen3.modeling_qwen3",
-    "ftw_kernels.patches",
-)
+OPTIONAL = LAZY_IMPORTS  # imported when available: what the train child imports lazily on a GPU
 
 
 # ---- the orchestrator's side (no torch) ---------------------------------------------------------
@@ -325,7 +320,8 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
     argv = request["argv"]  # ["-m", module, *args] or [script, *args]
     name_process(argv[1] if argv[0] == "-m" else os.path.basename(argv[0]))
     print(
-        f"ftw: stage forked from the template (pid {os.getppid()}); torch, transformers, datasets, peft were imported there",
+        f"ftw: stage forked from the template (pid {os.getppid()}); "
+        "torch, transformers, datasets, peft were imported there",
         file=sys.stderr,
         flush=True,
     )

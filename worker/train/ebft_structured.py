@@ -28,8 +28,9 @@ from schemas.config import TrainingConfig
 from schemas.rl import EbftConfig, TrlConfig
 from worker.train import ebft
 from worker.train.batches import IGNORE
-from worker.train.generation import Sampling, build_generator
+from worker.train.generation import build_generator
 from worker.train.grpo import Rollout, completion_logps, group_advantages, policy_loss, rollout_of
+from worker.train.sampling import Sampling
 
 
 def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,8 +32,9 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import TrlConfig
-from worker.train.generation import Sampling, VllmOptions, build_generator
+from worker.train.generation import build_generator
 from worker.train.rewards import Rewards
+from worker.train.sampling import Sampling, VllmOptions
 
 
 @dataclass(frozen=True)

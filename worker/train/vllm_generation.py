@@ -45,7 +45,7 @@ from worker.errors import InfraError, JobSpecError, TrainingError
 from worker.serve.engine import EngineProcess
 from worker.serve.engine_defaults import vllm_build
 from worker.serve.settings import ServeSettings
-from worker.train.generation import Sampling, VllmOptions, cut_at_stop
+from worker.train.sampling import Sampling, VllmOptions, cut_at_stop
 
 log = logging.getLogger(__name__)
 

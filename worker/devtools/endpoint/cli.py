@@ -11,8 +11,9 @@ handler.py` starts one (an unmodified `python handler.py` in RunPod's platform m
 this terminal) with its own token. To start workers elsewhere, set FTW_ENDPOINT_WORKER_KEY (a
 different secret) where the endpoint runs, and give each worker RUNPOD_POD_ID=NAME,
 RUNPOD_AI_API_KEY=$(ftw endpoint --worker-token NAME) and the variables printed at start-up;
-without FTW_ENDPOINT_WORKER_KEY the endpoint makes up a worker key that only `--worker` knows. `--port 0` picks a free port; the first stdout line is
-always `ftw endpoint listening on http://HOST:PORT` so scripts can read the address.
+without FTW_ENDPOINT_WORKER_KEY the endpoint makes up a worker key that only `--worker` knows.
+`--port 0` picks a free port; the first stdout line is always
+`ftw endpoint listening on http://HOST:PORT` so scripts can read the address.
 Jobs live in the SQLite file (`--db`, default ./volume/endpoint.sqlite3): a restart loses nothing.
 """
 

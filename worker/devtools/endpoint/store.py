@@ -242,7 +242,8 @@ class JobStore:
             self.db.execute("DELETE FROM stream WHERE job_id = ?", (job_id,))
             self.db.execute(
                 "UPDATE jobs SET status = ?, created_at = ?, queued_at = ?, started_at = NULL, finished_at = NULL,"
-                " worker_id = NULL, output = NULL, error = NULL, stop_pending = 0, stop_sent_at = NULL, stream_read = 0,"
+                " worker_id = NULL, output = NULL, error = NULL, stop_pending = 0, stop_sent_at = NULL,"
+                " stream_read = 0,"
                 " retries = retries + 1 WHERE id = ?",
                 (IN_QUEUE, now, now, job_id),
             )
