@@ -159,6 +159,11 @@ class Redactor:
             return [self.data(v) for v in value]
         return value
 
+    def record(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        """`data` of a JSON object (a result, a job), typed as the object it stays."""
+        redacted: dict[str, Any] = self.data(value)
+        return redacted
+
 
 _URL_USERINFO, _BURL_USERINFO = re.compile(URL_USERINFO), re.compile(URL_USERINFO.encode())
 _QUERY_SECRET, _BQUERY_SECRET = re.compile(QUERY_SECRET), re.compile(QUERY_SECRET.encode())

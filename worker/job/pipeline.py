@@ -82,7 +82,7 @@ def run_job(
     if not report.valid:
         result = failure_result(invalid_job(report), raw_run_id(raw))
         result["timings"] = {"validate_s": round(time.monotonic() - started, 4)}
-        return Redactor.for_job(env, {}, s3_config).data(result)
+        return Redactor.for_job(env, {}, s3_config).record(result)
     job: JobInput = report.value
     credentials = job_credential_env(job.credentials, s3_config)
     redactor = Redactor.for_job(env, credentials, s3_config)
@@ -225,7 +225,7 @@ class JobPipeline:
     def finish(self, result: dict[str, Any]) -> dict[str, Any]:
         self.progress.flush()
         result["timings"] = {**self.timings, "total_s": round(time.monotonic() - self.started, 3)}
-        return self.redactor.data(result)
+        return self.redactor.record(result)
 
     def let_go(self, run: RunDir) -> None:
         if self.publishing is None:
@@ -283,7 +283,8 @@ class JobPipeline:
         cfg = self.job.config
         if self.trained(run.path, run.state) is not None:
             self.progress(stage_update(self.job.run_id, "train", "training finished in an earlier attempt"))
-            return (run.stage_done("train") or {})["metrics"]
+            metrics: dict[str, Any] = (run.stage_done("train") or {})["metrics"]
+            return metrics
         run.forget("publish")  # training (re)starts: anything published came from other weights
         with self.step("train", "fine-tuning"):
             resume_from = self.resume_step(run)
@@ -324,7 +325,8 @@ class JobPipeline:
             return []
         done = run.stage_done("publish")
         if done:
-            return done["artifacts"]
+            artifacts: list[dict[str, Any]] = done["artifacts"]
+            return artifacts
         with self.step("publish", "publishing"):
             artifacts = self.publishing.publish(run.path)
         run.mark_done("publish", {"artifacts": artifacts})
@@ -348,7 +350,7 @@ class JobPipeline:
     @functools.cached_property
     def public_job(self) -> dict[str, Any]:
         """job.json's content: the job without credentials, every secret masked (redacted once)."""
-        return self.redactor.data(self.job_dict)
+        return self.redactor.record(self.job_dict)
 
     @functools.cached_property
     def config_secrets(self) -> list[list[Any]]:

@@ -115,4 +115,5 @@ def published(outcome: dict[str, Any]) -> list[dict[str, Any]]:
             "resubmit the same run_id: training is not redone",
             stage="publish",
         ) from error
-    return outcome["artifacts"]
+    artifacts: list[dict[str, Any]] = outcome["artifacts"]
+    return artifacts

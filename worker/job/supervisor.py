@@ -178,7 +178,7 @@ def next_attempt_dir(log_root: Path, name: str) -> Path:
     return attempt
 
 
-def start_child(stage: Stage, env: dict[str, str], out_w: int, err_w: int) -> subprocess.Popen | ForkedChild:
+def start_child(stage: Stage, env: dict[str, str], out_w: int, err_w: int) -> subprocess.Popen[bytes] | ForkedChild:
     """The child in its own session, dying with us: forked from the stage template when there is
     one that can run the command, else a fresh interpreter."""
     if stage.template is not None and runnable_in_place(stage.argv):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import io
 import json
 import os
 import selectors
@@ -37,7 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from worker.lifeline import die_with_parent, pid_alive
 from worker.train import LAZY_IMPORTS
@@ -76,7 +78,8 @@ class ForkedChild:
     """A stage child forked by the template, seen as a Popen (pid, poll, wait, returncode)."""
 
     def __init__(self, conn: socket.socket, pid: int):
-        self.conn, self.pid, self.returncode = conn, pid, None
+        self.conn, self.pid = conn, pid
+        self.returncode: int | None = None
         self.buffer = b""
 
     def _read(self, timeout: float | None) -> None:
@@ -112,7 +115,7 @@ class ForkedChild:
         while self.returncode is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired("stage", timeout)
+                raise subprocess.TimeoutExpired("stage", timeout or 0.0)
             self._read(left)
         return self.returncode
 
@@ -247,21 +250,22 @@ def serve(path: str) -> None:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            conn = children.pop(pid, None)
-            if conn is not None:
+            finished = children.pop(pid, None)
+            if finished is not None:
                 try:
-                    conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+                    finished.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
                 except OSError:
                     pass
-                conn.close()
+                finished.close()
 
 
-def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+def _recv_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     size = int.from_bytes(_recv_exactly(conn, 8), "big")
     data, fds, _, _ = socket.recv_fds(conn, size, 2)
     while len(data) < size:
         data += _recv_exactly(conn, size - len(data))
-    return json.loads(data), fds
+    request: dict[str, Any] = json.loads(data)
+    return request, fds
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes:
@@ -274,7 +278,13 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
     return out
 
 
-def _fork_stage(conn: socket.socket, server: socket.socket, wake_r: int, wake_w: int, arm_pdeathsig) -> int | None:
+def _fork_stage(
+    conn: socket.socket,
+    server: socket.socket,
+    wake_r: int,
+    wake_w: int,
+    arm_pdeathsig: Callable[[], None] | None,
+) -> int | None:
     try:
         request, fds = _recv_request(conn)
     except (OSError, ValueError):
@@ -295,7 +305,7 @@ def _fork_stage(conn: socket.socket, server: socket.socket, wake_r: int, wake_w:
     return pid
 
 
-def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
+def _become_stage(request: dict[str, Any], fds: list[int], arm_pdeathsig: Callable[[], None] | None) -> int:
     """In the forked child: the stage's session, fds, environment and signals, then its module."""
     import runpy
 
@@ -312,8 +322,9 @@ def _become_stage(request: dict, fds: list[int], arm_pdeathsig) -> int:
     os.dup2(fds[1], 2)
     for fd in (devnull, *fds):
         os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True, write_through=True)
-    sys.stderr.reconfigure(line_buffering=True, write_through=True)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True, write_through=True)
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
