@@ -64,6 +64,18 @@ def did_you_mean(key: object, known: Iterable[str]) -> str:
     return _closest(key, tuple(sorted(known)))
 
 
+def warn_unknown(key: str, known: Iterable[str], report: Report) -> None:
+    """An unknown key is ignored; one that looks like a credential is not echoed with a typo hint."""
+    if secret_key(key):
+        report.warn(
+            key,
+            f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
+            f"kept; {CREDENTIALS_HINT}",
+        )
+    else:
+        report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, known)}")
+
+
 @functools.lru_cache(maxsize=1024)  # a list of 10,000 entries repeats the same typo 10,000 times
 def _closest(key: str, known: tuple[str, ...]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
@@ -92,14 +104,8 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
                 report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
         elif key in NO_EFFECT:
             report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
-        elif secret_key(key):
-            report.warn(
-                key,
-                f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
-                f"kept; {CREDENTIALS_HINT}",
-            )
         else:
-            report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, ALL_KNOWN)}")
+            warn_unknown(key, ALL_KNOWN, report)
     return clean
 
 

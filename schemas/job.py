@@ -19,11 +19,11 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from schemas.base import Frozen
-from schemas.classify import CREDENTIALS_HINT, did_you_mean
+from schemas.classify import did_you_mean, warn_unknown
 from schemas.config import TrainingConfig
 from schemas.issues import Issue, Report, pydantic_issues
 from schemas.limits import excerpt, shape_problem
-from schemas.secrets import Redactor, secret_key
+from schemas.secrets import Redactor
 from schemas.validate import validate_config
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -351,14 +351,8 @@ def _drop_unknown_keys(data: dict[str, Any], report: Report) -> None:
                 report.warn(key, hint)
         elif not _shows_as_name(key):
             report.warn("input", "a key that is not a name (not shown) is ignored")
-        elif secret_key(key):
-            report.warn(
-                key,
-                f"unknown key {excerpt(key)} looks like a credential: it is ignored and its value is not "
-                f"kept; {CREDENTIALS_HINT}",
-            )
         else:
-            report.warn(key, f"unknown key {excerpt(key)} is ignored{did_you_mean(key, JOB_KEYS)}")
+            warn_unknown(key, JOB_KEYS, report)
 
 
 def _suggest(issue: Issue) -> Issue:

@@ -222,19 +222,6 @@ def layout(table: pa.Table, packing: bool, capacity: int, cfg: TrainingConfig) -
     }
 
 
-def features() -> Any:
-    import datasets
-
-    return datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "labels": datasets.Sequence(datasets.Value("int32")),
-            "_source": datasets.Value("int32"),
-            "_row": datasets.Value("int64"),
-        }
-    )
-
-
 def tokenize_batch(
     batch: dict[str, list], indices: list[int], strategy: Any, source: int, offset: int = 0
 ) -> dict[str, list]:
@@ -304,7 +291,7 @@ def tokenize_source(
             with_indices=True,
             remove_columns=part.column_names,
             num_proc=procs if procs > 1 else None,
-            features=rl_rows.features() if rl else features(),
+            features=rl_rows.features() if rl else rows.sample_features(),
             new_fingerprint=os.urandom(8).hex(),
             desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
         )

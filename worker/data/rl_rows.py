@@ -33,19 +33,7 @@ from worker.errors import DataError
 
 
 def features() -> Any:
-    import datasets
-
-    return datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "labels": datasets.Sequence(datasets.Value("int32")),
-            "_split": datasets.Value("int32"),
-            "_flag": datasets.Value("int32"),
-            "_answer": datasets.Value("string"),
-            "_source": datasets.Value("int32"),
-            "_row": datasets.Value("int64"),
-        }
-    )
+    return rows.sample_features(_split="int32", _flag="int32", _answer="string")
 
 
 def tokenize_batch(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +14,22 @@ import pyarrow.compute as pc
 
 from worker.data.strategies.base import IGNORE
 from worker.errors import DataError
+
+
+def sample_features(**extra: str) -> Any:
+    """The datasets.Features of tokenised samples: input_ids and labels, the `extra` columns (name=dtype)
+    in their order, then the _source/_row tags (for error messages)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            **{name: datasets.Value(dtype) for name, dtype in extra.items()},
+            "_source": datasets.Value("int32"),
+            "_row": datasets.Value("int64"),
+        }
+    )
 
 
 def batch_rows(batch: dict[str, list], indices: list[int], offset: int) -> tuple[list[dict], list[int]]:

@@ -190,21 +190,17 @@ class Prefetcher:
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._count = count
-        args = (ds.with_format("numpy"), plan, rank, pad_id, packed, steps, device, varlen)
+        rows = ds.with_format("numpy")
+
+        def read(step: int, order: list[int] | None) -> StepInput:
+            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count)
+
+        args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
         self._thread.start()
 
     def _run(
-        self,
-        ds,
-        plan: BatchPlan,
-        rank: int,
-        pad_id: int,
-        packed: bool,
-        steps: range,
-        device: torch.device,
-        varlen: bool,
+        self, read: Callable[[int, list[int] | None], StepInput], plan: BatchPlan, steps: range, device: torch.device
     ) -> None:
         try:
             if device.type == "cuda":
@@ -214,7 +210,7 @@ class Prefetcher:
                 if step // plan.steps_per_epoch != epoch:
                     epoch = step // plan.steps_per_epoch
                     order = plan.epoch_order(epoch)
-                batch = read_step(ds, plan, step, rank, pad_id, packed, order, varlen, self._count)
+                batch = read(step, order)
                 if not self._put(batch.pinned() if device.type == "cuda" else batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from worker.train.grpo import group_advantages
 
 WHITEN_TOL = 1e-5
+REWARD_METRICS = ("ebft/mean_reward", "ebft/alignment", "ebft/diversity", "ebft/cfm_loss")  # Rewards.means()
 
 
 def layer_indices(fractions: list[float], num_layers: int) -> list[int]:
@@ -67,6 +68,10 @@ class Rewards:
     alignment: torch.Tensor  # (…, n), 2·cos
     diversity: torch.Tensor  # (…, n), 2·mean dot with the other samples
     cfm: torch.Tensor  # (…,)
+
+    def means(self) -> list[torch.Tensor]:
+        """The batch means logged under REWARD_METRICS, in that order."""
+        return [self.reward.mean(), self.alignment.mean(), self.diversity.mean(), self.cfm.mean()]
 
 
 def rewards(gen: torch.Tensor, gt: torch.Tensor, alignment_coef: float, diversity_coef: float) -> Rewards:

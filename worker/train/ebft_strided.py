@@ -93,10 +93,7 @@ def prompt_length(labels: torch.Tensor) -> int:
 
 class StridedEbftObjective:
     metric_names = (
-        "ebft/mean_reward",
-        "ebft/alignment",
-        "ebft/diversity",
-        "ebft/cfm_loss",
+        *ebft.REWARD_METRICS,
         "ebft/ce_loss",
         "ebft/rl_loss",
         "ebft/num_blocks",
@@ -215,10 +212,7 @@ class StridedEbftObjective:
         loss = self.ebft.rl_coef * rl + self.ebft.ce_coef * ce if training else ce
         stats = torch.stack(
             [
-                scored.reward.mean(),
-                scored.alignment.mean(),
-                scored.diversity.mean(),
-                scored.cfm.mean(),
+                *scored.means(),
                 ce.detach().float(),
                 rl.detach().float(),
                 torch.tensor(float(layout.blocks), device=device),

@@ -51,10 +51,7 @@ def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 class StructuredEbftObjective:
     metric_names = (
-        "ebft/mean_reward",
-        "ebft/alignment",
-        "ebft/diversity",
-        "ebft/cfm_loss",
+        *ebft.REWARD_METRICS,
         "ebft/ce_loss",
         "completion_length",
         "kl",
@@ -140,10 +137,7 @@ class StructuredEbftObjective:
             loss = ce.mean()
         prompts = float(ids.shape[0])
         stats = [
-            scored.reward.mean(),
-            scored.alignment.mean(),
-            scored.diversity.mean(),
-            scored.cfm.mean(),
+            *scored.means(),
             ce.detach().mean(),
             rollout.completion_mask.sum(1).float().mean(),
             kl,
