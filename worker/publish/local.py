@@ -55,12 +55,11 @@ def publish_local(folder: Path, dest: Path) -> Manifest:
             target = tmp / src.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
-        problems = manifest.problems(tmp)
-        if problems:
-            raise PublishError(
-                f"copy of {folder.name} to the local store does not match its source: {'; '.join(problems[:5])}",
-                "a file changed while it was being published, or the volume is failing",
-            )
+        manifest.verify(
+            tmp,
+            f"copy of {folder.name} to the local store does not match its source",
+            "a file changed while it was being published, or the volume is failing",
+        )
         manifest.write(tmp)
         old = dest.parent / f".old-{dest.name}-{os.getpid()}"
         if dest.exists():

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.errors import PublishError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ftw-manifest/1"
 CHUNK = 8 * 1024 * 1024
@@ -97,6 +99,12 @@ class Manifest:
             elif sha256_file(path) != entry["sha256"]:
                 out.append(f"{rel}: sha256 mismatch")
         return out
+
+    def verify(self, folder: Path, what: str, hint: str) -> None:
+        """PublishError `what: <the first five problems>` with `hint` where `folder` does not match."""
+        problems = self.problems(folder)
+        if problems:
+            raise PublishError(f"{what}: {'; '.join(problems[:5])}", hint)
 
     def write(self, folder: Path) -> Path:
         """Write manifest.json into `folder` (through a temp name: readers never see half of it)."""

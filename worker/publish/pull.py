@@ -137,12 +137,11 @@ def _pull_local(folder: Path, source: str) -> Pulled:
         raise ArtifactMissing(f"{folder} is not a folder", "check the path")
     manifest = read_manifest(folder)
     if manifest is not None:
-        problems = manifest.problems(folder)
-        if problems:
-            raise PublishError(
-                f"{folder} does not match its manifest: {'; '.join(problems[:5])}",
-                "the folder was altered after it was published; publish it again",
-            )
+        manifest.verify(
+            folder,
+            f"{folder} does not match its manifest",
+            "the folder was altered after it was published; publish it again",
+        )
     return Pulled(folder, source, manifest.sha256 if manifest else None, cached=True)
 
 
@@ -162,12 +161,11 @@ def _cached(key: str, env: Mapping[str, str], source: str, fetch: Callable[[Path
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
             try:
                 manifest = fetch(tmp)
-                problems = manifest.problems(tmp)
-                if problems:
-                    raise PublishError(
-                        f"{source}: downloaded files do not match the manifest: {'; '.join(problems[:5])}",
-                        "the stored artifact was altered or corrupted; publish it again",
-                    )
+                manifest.verify(
+                    tmp,
+                    f"{source}: downloaded files do not match the manifest",
+                    "the stored artifact was altered or corrupted; publish it again",
+                )
                 manifest.write(tmp)
                 shutil.rmtree(final, ignore_errors=True)
                 tmp.rename(final)
