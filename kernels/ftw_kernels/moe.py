@@ -62,21 +62,7 @@ class ScatterMoELoRA(torch.autograd.Function):
         routing, (s_gu, s_d) = ctx.routing, ctx.scales
         lora = a_gu is not None
         dy = dy.to(x.dtype).contiguous()
-        rows, inter = gu.shape[0], w_d.shape[2]
-        # down: dh = dy W + s·(dy B) A — the forward kernel over Wᵀ, with Bᵀ in A's place and Aᵀ in B's
-        dh = x.new_empty(rows, inter)
-        dyb = x.new_empty(rows, a_d.shape[1]) if lora else None
-        scatter_mm(
-            dy,
-            w_d.transpose(1, 2),
-            routing,
-            dh,
-            a=b_d.transpose(1, 2) if lora else None,
-            b=a_d.transpose(1, 2) if lora else None,
-            scale=s_d,
-            x_index=routing.perm,
-            xa_out=dyb,
-        )
+        dh, dyb = _input_grad(dy, w_d, a_d, b_d, s_d, routing, x_index=routing.perm)  # down
         h = swiglu_rows_backward(dh, gu, want_h=lora)  # gu now holds [dgate | dup]
         del dh
         grads = [None] * 4
@@ -86,19 +72,7 @@ class ScatterMoELoRA(torch.autograd.Function):
         del h
         dx = None
         if ctx.needs_input_grad[0] or lora:
-            dx_rows = x.new_empty(rows, x.shape[1])
-            dgub = x.new_empty(rows, a_gu.shape[1]) if lora else None
-            scatter_mm(
-                gu,
-                w_gu.transpose(1, 2),
-                routing,
-                dx_rows,
-                a=b_gu.transpose(1, 2) if lora else None,
-                b=a_gu.transpose(1, 2) if lora else None,
-                scale=s_gu,
-                y_index=routing.perm,
-                xa_out=dgub,
-            )
+            dx_rows, dgub = _input_grad(gu, w_gu, a_gu, b_gu, s_gu, routing, y_index=routing.perm)  # gate_up
             dx = dx_rows.view(-1, routing.top_k, x.shape[1]).sum(1) if ctx.needs_input_grad[0] else None
             if lora:
                 grads[0] = grouped_tn(
@@ -109,6 +83,26 @@ class ScatterMoELoRA(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype)
         grads = [g.to(ctx.lora_dtype) if g is not None else None for g in grads]
         return dx, None, None, None, None, *grads
+
+
+def _input_grad(dy, w, a, b, scale, routing, **index) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dx = dy W + s·(dy B) A of one grouped LoRA linear (W (E, out, in), A (E, r, in), B (E, out, r)):
+    the forward kernel over Wᵀ, with Bᵀ in A's place and Aᵀ in B's. Also dy B (for dA), with LoRA."""
+    lora = a is not None
+    dx = dy.new_empty(dy.shape[0], w.shape[2])
+    dyb = dy.new_empty(dy.shape[0], a.shape[1]) if lora else None
+    scatter_mm(
+        dy,
+        w.transpose(1, 2),
+        routing,
+        dx,
+        a=b.transpose(1, 2) if lora else None,
+        b=a.transpose(1, 2) if lora else None,
+        scale=scale,
+        xa_out=dyb,
+        **index,
+    )
+    return dx, dyb
 
 
 def scattermoe_lora(x, top_k_index, top_k_weights, w_gu, w_d, lora=None) -> torch.Tensor:
