@@ -160,3 +160,46 @@ def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
 
     torch.set_num_threads(1)
     return run(TrainingConfig.model_validate(cfg), run_dir, cache)
+
+
+def write_segments(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """The pairs as input_output rows (prompt untrained; answer and <|im_end|> trained), one JSON line each."""
+    rows = (
+        {
+            "segments": [
+                {"label": False, "text": prompt},
+                {"label": True, "text": answer},
+                {"label": True, "text": "<|im_end|>"},
+            ]
+        }
+        for prompt, answer in pairs
+    )
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def ftw_cli(args: list[str], volume: Path, timeout: float, **env: str) -> dict[str, Any]:
+    """`python -m worker.cli ARGS` on CPU over `volume` (BASE_VOLUME), with `env` added; it must exit 0.
+    Its result: the JSON of its last stdout line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=child_env(BASE_VOLUME=str(volume), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1", **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_job(job: dict[str, Any], folder: Path, volume: Path, timeout: float, **env: str) -> dict[str, Any]:
+    """`ftw run` of `job` (written to folder/job.json), as `ftw_cli` runs it."""
+    path = folder / "job.json"
+    path.write_text(json.dumps(job))
+    return ftw_cli(["run", str(path)], volume, timeout, **env)
+
+
+def run_events(run_dir: Path) -> list[dict[str, Any]]:
+    """Every event of a run folder (each stage's events.jsonl, wherever it lies under the folder)."""
+    return [json.loads(line) for f in run_dir.rglob("events.jsonl") for line in f.read_text().splitlines()]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, child_env
+from tests.train.helpers import run_events, run_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -68,24 +66,12 @@ def test_strided_ebft_through_ftw_run_lowers_cfm_and_held_out_ce(task_model_dir:
             },
         }
     }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
-    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run", str(path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_job(job, tmp_path, volume, timeout=500)
     assert result["status"] == "completed", result
     assert result["artifacts"], result
 
     run = volume / "runs" / "ebft-strided"
-    events = [json.loads(line) for f in run.rglob("events.jsonl") for line in f.read_text().splitlines()]
+    events = run_events(run)
     steps = sorted((e["step"], e) for e in events if e.get("stage") == "train" and "ebft/cfm_loss" in e and "lr" in e)
     assert len(steps) == 32
     cfm = [e["ebft/cfm_loss"] for _, e in steps]

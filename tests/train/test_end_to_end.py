@@ -4,14 +4,11 @@ merged model, summary, loss curve; the tiny Llama then answers held-out prompts 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, child_env
-from tests.train.helpers import successor_task
+from tests.train.helpers import ftw_cli, successor_task, write_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
@@ -33,21 +30,7 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
     import yaml
 
     train, held = successor_task()
-    data = volume / "successor.jsonl"
-    with data.open("w") as f:
-        for prompt, answer in train:
-            f.write(
-                json.dumps(
-                    {
-                        "segments": [
-                            {"label": False, "text": prompt},
-                            {"label": True, "text": answer},
-                            {"label": True, "text": "<|im_end|>"},
-                        ]
-                    }
-                )
-                + "\n"
-            )
+    data = write_segments(volume / "successor.jsonl", train)
     config = {
         "base_model": str(task_model_dir),
         "datasets": [{"path": str(data), "type": "input_output"}],
@@ -73,22 +56,9 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
     path = tmp_path / "successor.yml"
     path.write_text(yaml.safe_dump(config))
     run_dir = volume / "runs" / "successor"
-    env = child_env(
-        BASE_VOLUME=str(volume),
-        FTW_ALLOWED_PATHS=str(task_model_dir),
-        FTW_ALLOW_CPU="1",
-        OMP_NUM_THREADS="1",
+    result = ftw_cli(
+        ["train", str(path), "--run-dir", str(run_dir)], volume, timeout=480, FTW_ALLOWED_PATHS=str(task_model_dir)
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "train", str(path), "--run-dir", str(run_dir)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=480,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["run_dir"] == str(run_dir)
 
     # the run folder of docs/contracts.md

@@ -6,13 +6,10 @@ published like any other."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, child_env
-from tests.train.helpers import base_config, run_inprocess, successor_task, write_cache
+from tests.train.helpers import base_config, run_events, run_inprocess, run_job, successor_task, write_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -89,28 +86,12 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
             },
         }
     }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
-    env = child_env(BASE_VOLUME=str(volume), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run", str(path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_job(job, tmp_path, volume, timeout=800)
     assert result["status"] == "completed", result
     adapter = next(a for a in result["artifacts"] if a["kind"] == "adapter")
     assert adapter["uri"].startswith("file://" + str(volume / "store"))
 
-    events = [
-        json.loads(line)
-        for f in (volume / "runs" / "grpo-successor").rglob("events.jsonl")
-        for line in f.read_text().splitlines()
-    ]
+    events = run_events(volume / "runs" / "grpo-successor")
     steps = sorted((e["step"], e) for e in events if e.get("stage") == "train" and "reward" in e and "lr" in e)
     assert len(steps) == 50 and {"reward", "reward_std", "kl", "completion_length", "rewards/exact_match"} <= set(
         steps[-1][1]

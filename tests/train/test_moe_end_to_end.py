@@ -6,13 +6,11 @@ publish step says so) and answers held-out prompts of a task it was never shown.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, child_env
-from tests.train.helpers import successor_task
+from tests.train.helpers import run_job, successor_task, write_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,21 +21,7 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(
     from tests.serve.conftest import collect, run, serve_env, start_service
 
     train, held = successor_task()
-    data = volume / "successor.jsonl"
-    with data.open("w") as f:
-        for prompt, answer in train:
-            f.write(
-                json.dumps(
-                    {
-                        "segments": [
-                            {"label": False, "text": prompt},
-                            {"label": True, "text": answer},
-                            {"label": True, "text": "<|im_end|>"},
-                        ]
-                    }
-                )
-                + "\n"
-            )
+    data = write_segments(volume / "successor.jsonl", train)
     config = {
         "base_model": str(task_moe_model_dir),
         "datasets": [{"path": str(data), "type": "input_output"}],
@@ -61,23 +45,8 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(
         "logging_steps": 5,
         "seed": 3,
     }
-    job = tmp_path / "job.json"
-    job.write_text(
-        json.dumps({"input": {"run_id": "moe-successor", "allow_cpu": True, "config": config, "publish": ["adapter"]}})
-    )
-    env = child_env(
-        BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_moe_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run", str(job)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=840,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    job = {"input": {"run_id": "moe-successor", "allow_cpu": True, "config": config, "publish": ["adapter"]}}
+    result = run_job(job, tmp_path, volume, timeout=840, FTW_ALLOWED_PATHS=str(task_moe_model_dir))
     assert result["status"] == "completed", result
 
     # the adapter in PEFT's format, LoRA on the expert tensors; publish says plainly where it can be served

@@ -5,14 +5,11 @@ published adapter then prefers the right answer on held-out prompts it never saw
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, child_env
-from tests.train.helpers import successor_task
+from tests.train.helpers import run_events, run_job, successor_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -80,32 +77,14 @@ def test_dpo_through_ftw_run_learns_held_out_preferences(task_model_dir, volume,
             },
         }
     }
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(job))
-    env = child_env(
-        BASE_VOLUME=str(volume), FTW_ALLOWED_PATHS=str(task_model_dir), FTW_ALLOW_CPU="1", OMP_NUM_THREADS="1"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run", str(path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=560,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_job(job, tmp_path, volume, timeout=560, FTW_ALLOWED_PATHS=str(task_model_dir))
     assert result["status"] == "completed", result
 
     # published like any adapter
     adapter = next(a for a in result["artifacts"] if a["kind"] == "adapter")
     folder = adapter["uri"].removeprefix("file://")
     assert (volume / "store").exists() and folder.startswith(str(volume / "store"))
-    events = [
-        json.loads(line)
-        for f in (volume / "runs" / "dpo-successor").rglob("events.jsonl")
-        for line in f.read_text().splitlines()
-    ]
+    events = run_events(volume / "runs" / "dpo-successor")
     train_steps = [e for e in events if e.get("stage") == "train" and "loss" in e and "lr" in e]
     evals = [e for e in events if e.get("stage") == "eval"]
     assert train_steps and {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(
