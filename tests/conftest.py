@@ -45,6 +45,16 @@ def volume(tmp_path, monkeypatch) -> Path:
     return root
 
 
+def randomise_lora_b(model, std: float) -> None:
+    """Normal(0, std) LoRA B weights: PEFT starts B at zero, where the adapter path carries nothing."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses of tests: the repo importable, no stray credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_TOKEN", "WANDB_", "RUNPOD_"))}

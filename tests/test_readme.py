@@ -54,6 +54,20 @@ def fresh_copy(dest: Path) -> Path:
     return dest
 
 
+def terminal(block: str, clone: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A README block run by bash in the copy, as in a terminal of its own: output as text lines on
+    stdout, in a new session (stopped as a group)."""
+    return subprocess.Popen(
+        ["bash", "-c", block],
+        cwd=clone,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
+
+
 def read_until(proc: subprocess.Popen, done, timeout_s: float) -> list[str]:
     """proc's output lines until `done(line)`; fails when it exits or the time is up first."""
     selector = selectors.DefaultSelector()
@@ -77,28 +91,12 @@ def test_the_readme_rehearsal_works_as_shown(tmp_path):
         if not k.startswith(("BASE_VOLUME", "FTW_", "RUNPOD_", "AWS_", "BUCKET_", "HF_TOKEN", "VIRTUAL_ENV"))
     }
     env.update(PYTHONPATH=str(clone), OMP_NUM_THREADS="2")
-    endpoint = subprocess.Popen(
-        ["bash", "-c", endpoint_block.replace("8000", port)],
-        cwd=clone,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        text=True,
-    )
+    endpoint = terminal(endpoint_block.replace("8000", port), clone, env)
     try:
         read_until(endpoint, lambda line: line.startswith("ftw endpoint listening on"), 300)  # after make demo-volume
         drained: list[str] = []  # the worker logs to this terminal too: keep reading, or it blocks on a full pipe
         threading.Thread(target=lambda: drained.extend(endpoint.stdout), daemon=True).start()
-        submit = subprocess.Popen(
-            ["bash", "-c", submit_block.replace("8000", port)],
-            cwd=clone,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            text=True,
-        )
+        submit = terminal(submit_block.replace("8000", port), clone, env)
         try:
             lines = read_until(submit, lambda line: line.startswith("train") and " step " in line, 600)
         finally:

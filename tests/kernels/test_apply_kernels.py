@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from ftw_kernels import apply_kernels, registry
 from schemas.config import TrainingConfig
+from tests.conftest import randomise_lora_b
 from tests.kernels.conftest import rel_err
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,9 +39,7 @@ def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None
         model,
         LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, modules_to_save=modules_to_save),
     )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
-            torch.nn.init.normal_(p, std=0.2)
+    randomise_lora_b(model, std=0.2)
     return model.to(DEVICE).train()
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from schemas.validate import validate_config
+from tests.conftest import randomise_lora_b
 from tests.kernels.conftest import rel_err
 
 
@@ -55,9 +56,7 @@ def lora_model(cfg):
 
     model = attach(tiny_moe(), cfg)
     torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at 0; a non-zero B makes the LoRA term count
-            torch.nn.init.normal_(p, std=0.2)
+    randomise_lora_b(model, std=0.2)
     return model
 
 
@@ -163,9 +162,7 @@ def test_other_moe_families_train_expert_lora_fused_where_the_layout_allows(fami
     cfg = config(lora_target_modules=["q_proj", "v_proj", router])
     torch.manual_seed(0)
     reference = attach(AutoModelForCausalLM.from_config(model_config), cfg)
-    for name, p in reference.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
+    randomise_lora_b(reference, std=0.2)
     ours = copy.deepcopy(reference)
     assert apply_kernels(ours, cfg) == (["scattermoe_lora"] if fused else [])
     ids = torch.randint(0, 128, (1, 9))

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from ftw_kernels import apply_kernels  # noqa: E402
 from ftw_kernels.qlora import dense, is_4bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
+from tests.conftest import randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
 
@@ -59,9 +60,7 @@ def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero: give the adapter path something to carry
-            torch.nn.init.normal_(p, std=0.2)
+    randomise_lora_b(model, std=0.2)
     assert type(model.get_base_model().model.layers[0].mlp.up_proj).__module__ == "peft.tuners.lora.bnb"
     return model.train()
 

@@ -18,6 +18,22 @@ def only(outputs: list) -> dict:
     return outputs[0]
 
 
+def greedy_completions(services, model: str, prompts: list[str], max_tokens: int) -> list[list[list[int]]]:
+    """Each service's greedy /v1/completions token ids for `prompts`, in prompt order."""
+    job = {
+        "openai_route": "/v1/completions",
+        "openai_input": {
+            "model": model,
+            "prompt": prompts,
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "return_token_ids": True,
+        },
+    }
+    results = (only(run(collect(s.app, job))) for s in services)
+    return [[c["token_ids"] for c in sorted(r["choices"], key=lambda c: c["index"])] for r in results]
+
+
 def answer(service, model: str, **params) -> dict:
     out = only(run(collect(service.app, chat(model, **params))))
     assert "error" not in out, out
@@ -194,20 +210,8 @@ def test_adapters_vllm_would_refuse_are_refused_before_loading(vllm_service, pub
 
 
 def test_completions_route_matches_transformers_too(vllm_service, hf_service, published):
-    job = {
-        "openai_route": "/v1/completions",
-        "openai_input": {
-            "model": published.s3["digits"],
-            "prompt": ["hello", "0 1 2"],
-            "temperature": 0,
-            "max_tokens": 8,
-            "return_token_ids": True,
-        },
-    }
-    got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
-    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == [
-        c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])
-    ]
+    got, want = greedy_completions((vllm_service, hf_service), published.s3["digits"], ["hello", "0 1 2"], 8)
+    assert got == want
     assert [c["text"] for c in got["choices"]] and got["object"] == "text_completion"
 
 
@@ -289,17 +293,5 @@ def test_engines_agree_token_for_token_at_the_default_dtype(vllm_service, hf_ser
         f"{word} {i}"
         for i, word in enumerate(["hello", "zero", "the fox", "a b c", "world", "one two", "xyz", "ok"] * 2)
     ]
-    job = {
-        "openai_route": "/v1/completions",
-        "openai_input": {
-            "model": vllm_service.settings.served_name,
-            "prompt": prompts,
-            "temperature": 0,
-            "max_tokens": 16,
-            "return_token_ids": True,
-        },
-    }
-    got, want = (only(run(collect(s.app, job))) for s in (vllm_service, hf_service))
-    assert [c["token_ids"] for c in sorted(got["choices"], key=lambda c: c["index"])] == [
-        c["token_ids"] for c in sorted(want["choices"], key=lambda c: c["index"])
-    ]
+    got, want = greedy_completions((vllm_service, hf_service), vllm_service.settings.served_name, prompts, 16)
+    assert got == want

@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 
+from tests.conftest import randomise_lora_b
 from tests.train.helpers import base_config, run_inprocess
 from worker.train.offload import ActivationOffloader, HostCopies
 
@@ -80,10 +81,7 @@ def lora_model(model_dir, checkpointing: bool):
     torch.manual_seed(0)
     tok = load_tokenizer(cfg)
     model = attach(load_model(cfg, tok, resolve_precision(cfg, CPU), CPU), cfg)
-    # B starts at zero; a random B makes every LoRA gradient path carry signal
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    randomise_lora_b(model, std=0.02)  # every LoRA gradient path carries signal
     return model.train()
 
 
@@ -237,9 +235,7 @@ def cuda_lora_model(kernels: bool):
     model.enable_input_require_grads()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    randomise_lora_b(model, std=0.02)
     if kernels:
         from ftw_kernels import apply_kernels
         from schemas.config import TrainingConfig

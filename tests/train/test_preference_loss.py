@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas.config import TrainingConfig
+from tests.conftest import randomise_lora_b
 from worker.train.batches import collate
 from worker.train.preference import PreferenceObjective
 
@@ -29,10 +30,7 @@ def models(tiny_model_dir):
     model = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     )
-    with torch.no_grad():  # B = 0 at init: make the adapter change the outputs
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    randomise_lora_b(model, std=0.05)  # make the adapter change the outputs
     return model.eval(), frozen
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.train.helpers import base_config
 from worker import cli
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,24 +42,8 @@ def train_env(volume, task_model_dir, monkeypatch, tmp_path) -> Path:
 
 
 def write_config(path: Path, model_dir: Path, **over) -> Path:
-    cfg = {
-        "base_model": str(model_dir),
-        "datasets": [{"path": "./digits.jsonl", "type": "completion"}],
-        "adapter": "lora",
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_target_linear": True,
-        "learning_rate": 1e-3,
-        "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 2,
-        "save_steps": 1,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "sequence_len": 32,
-        "seed": 7,
-        **over,
-    }
+    digits = {"datasets": [{"path": "./digits.jsonl", "type": "completion"}], "max_steps": 2, "save_steps": 1}
+    cfg = base_config(model_dir, **{**digits, "sequence_len": 32, **over})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path

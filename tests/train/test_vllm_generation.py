@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from schemas.config import TrainingConfig
+from tests.conftest import randomise_lora_b
 from tests.serve.conftest import ensure_vllm_env
 from tests.train.vllm_helpers import engine_gone, group_members, vllm_env
 from worker.train.generation import TransformersGenerator
@@ -88,10 +89,7 @@ def test_lora_sync_follows_the_interval_and_the_engine_follows_the_new_weights(g
     generator.sync(0)
     before = generator.completions(PROMPTS, greedy())
     torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a policy far from the base
+    randomise_lora_b(policy, std=0.5)  # a policy far from the base
     want = [reference(policy, p) for p in PROMPTS]
     assert want != before
     generator.sync(1)  # one step since the last sync, interval 2: the engine keeps the old adapter
