@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import SHAPES, build_model, device  # noqa: E402
+from bench.gpu_train import LORA_16, SHAPES, TIMED_RUN, build_model, device  # noqa: E402
 from bench.train_throughput import TARGETS  # noqa: E402
 
 WORDS = (
@@ -86,20 +86,13 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
                 "type": {"field_prompt": "prompt", "field_chosen": "chosen", "field_rejected": "rejected"},
             }
         ],
-        "adapter": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_target_linear": True,
+        **LORA_16,
         "sequence_len": a.prompt + a.answer + 16,
         "micro_batch_size": a.mbs,
         "max_steps": a.warmup + a.steps,
         "learning_rate": 5e-6,
         "optimizer": "adamw_torch_fused",
-        "lr_scheduler": "constant",
-        "save_strategy": "no",
-        "bf16": "auto",
-        "attn_implementation": "sdpa",
-        "logging_steps": 1,
+        **TIMED_RUN,
         "shuffle_merged_datasets": False,
         "dataset_prepared_path": str(work / "cache"),
     }

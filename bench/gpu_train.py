@@ -63,6 +63,15 @@ SHAPES = {
     ),
 }
 MBS = {**DEFAULT_MBS, "tiny": 2}
+# what every ftw arm of the benches trains: one LoRA recipe, bf16, no saves, an event every step
+LORA_16 = {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True}
+TIMED_RUN = {
+    "lr_scheduler": "constant",
+    "save_strategy": "no",
+    "bf16": "auto",
+    "attn_implementation": "sdpa",
+    "logging_steps": 1,
+}
 PROFILED_STEPS = 3
 
 
@@ -185,10 +194,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     cfg = {
         "base_model": str(model_dir),
         "datasets": [{"path": "bench.jsonl", "type": "completion"}],
-        "adapter": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_target_linear": True,
+        **LORA_16,
         "merge_lora": name == "ftw" and a.merge,
         # the profiled window starts one step after the last timed one: that step's event is not delayed by it
         "sequence_len": a.seq,
@@ -197,11 +203,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
         "learning_rate": 1e-4,
         "optimizer": "adamw_torch_fused",
-        "lr_scheduler": "constant",
-        "save_strategy": "no",
-        "bf16": "auto",
-        "attn_implementation": "sdpa",
-        "logging_steps": 1,
+        **TIMED_RUN,
     }
     if name == "ftw-nokernels":
         cfg["use_kernels"] = False

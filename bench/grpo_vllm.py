@@ -31,7 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import SHAPES, build_model  # noqa: E402
+from bench.gpu_train import LORA_16, SHAPES, TIMED_RUN, build_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort".split()
 
@@ -66,20 +66,13 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
             ),
         },
         "datasets": [{"path": str(data), "type": "prompt_answer"}],
-        "adapter": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_target_linear": True,
+        **LORA_16,
         "sequence_len": a.prompt * 2 + 32,
         "micro_batch_size": a.prompts,
         "max_steps": a.warmup + a.steps,
         "learning_rate": 1e-5,
         "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "save_strategy": "no",
-        "bf16": "auto",
-        "attn_implementation": "sdpa",
-        "logging_steps": 1,
+        **TIMED_RUN,
         "dataset_prepared_path": str(work / "cache"),
     }
     (work / f"{name}.yml").write_text(yaml.safe_dump(cfg))
