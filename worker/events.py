@@ -47,7 +47,8 @@ def write_error(code: str, message: str, hint: str = "", details: dict[str, Any]
         os.replace(tmp, path)
 
 
-def read_error(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A file's JSON object (an error file, a run folder's state); None when missing, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)

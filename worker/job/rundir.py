@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.errors import InfraError, JobSpecError, RunInUse
+from worker.events import read_json_object
 
 LOCK_NAME = ".lock"
 STATE_NAME = "state.json"
@@ -93,15 +94,6 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 @dataclass(frozen=True)
 class RunFolder:
     """Where a run lives, and from when it belongs to one training config.
@@ -149,16 +141,18 @@ class RunFolder:
     def recorded_config(self) -> dict[str, Any] | None:
         """The training config the folder's run used (config.json, as its children read it; job.json's
         when a crash left none), without output_dir, which names the folder rather than the training."""
-        config = read_json(self.path / CONFIG_NAME) or (read_json(self.path / JOB_NAME) or {}).get("config")
+        config = read_json_object(self.path / CONFIG_NAME) or (read_json_object(self.path / JOB_NAME) or {}).get(
+            "config"
+        )
         return training_keys(config) if isinstance(config, dict) else None
 
     def state(self) -> dict[str, Any]:
         """state.json as it is now (read without the lock)."""
-        return read_json(self.path / STATE_NAME) or {}
+        return read_json_object(self.path / STATE_NAME) or {}
 
     def completed_result(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """result.json of a run that completed with `config` here (None otherwise)."""
-        result = read_json(self.path / "result.json")
+        result = read_json_object(self.path / "result.json")
         if not result or result.get("status") != "completed" or not self.claimed() or self.refusal(config):
             return None
         return result
@@ -272,6 +266,6 @@ def open_folder(folder: RunFolder) -> RunDir:
         raise volume_error(f"cannot create the run folder {path}", path, e) from e
     probe_writable(path)
     run = RunDir(run_id=run_id, path=path, base=base, lock_fd=_lock(path, run_id))
-    run.state = read_json(path / STATE_NAME) or {"run_id": run_id}
+    run.state = read_json_object(path / STATE_NAME) or {"run_id": run_id}
     (path / "logs").mkdir(exist_ok=True)
     return run

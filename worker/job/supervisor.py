@@ -29,7 +29,7 @@ from schemas.issues import MAX_MESSAGE
 from schemas.limits import clip
 from schemas.secrets import Redactor, StreamRedactor
 from worker import errors
-from worker.events import EXIT_PREEMPTED, read_error
+from worker.events import EXIT_PREEMPTED, read_json_object
 from worker.job.template import ForkedChild, StageTemplate, runnable_in_place
 from worker.lifeline import die_with_parent
 
@@ -261,7 +261,7 @@ def run_stage(
         on_event(event)
     run.returncode = proc.returncode
     run.elapsed_s = time.monotonic() - start
-    run.error_record = read_error(error_path)
+    run.error_record = read_json_object(error_path)
     scrub_file(error_path, redactor)
     scrub_file(events_path, redactor)
     return run
