@@ -162,6 +162,22 @@ def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
     return run(TrainingConfig.model_validate(cfg), run_dir, cache)
 
 
+# the schedule that teaches a tiny model the successor task (input_output rows) in minutes on a CPU
+SUCCESSOR_SCHEDULE: dict[str, Any] = {
+    "sequence_len": 16,
+    "sample_packing": True,
+    "micro_batch_size": 16,
+    "num_epochs": 4,
+    "learning_rate": 5e-3,
+    "lr_scheduler": "cosine",
+    "warmup_steps": 10,
+    "optimizer": "adamw_torch",
+    "saves_per_epoch": 1,
+    "logging_steps": 5,
+    "seed": 3,
+}
+
+
 def write_segments(path: Path, pairs: list[tuple[str, str]]) -> Path:
     """The pairs as input_output rows (prompt untrained; answer and <|im_end|> trained), one JSON line each."""
     rows = (

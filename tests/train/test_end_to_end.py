@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.train.helpers import ftw_cli, successor_task, write_segments
+from tests.train.helpers import SUCCESSOR_SCHEDULE, ftw_cli, successor_task, write_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
@@ -39,19 +39,9 @@ def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, t
         "lora_alpha": 32,
         "lora_target_linear": True,
         "merge_lora": True,
-        "sequence_len": 16,
-        "sample_packing": True,
-        "micro_batch_size": 16,
-        "num_epochs": 4,
-        "learning_rate": 5e-3,
-        "lr_scheduler": "cosine",
-        "warmup_steps": 10,
-        "optimizer": "adamw_torch",
+        **SUCCESSOR_SCHEDULE,
         "val_set_size": 0.05,
         "evals_per_epoch": 1,
-        "saves_per_epoch": 1,
-        "logging_steps": 5,
-        "seed": 3,
     }
     path = tmp_path / "successor.yml"
     path.write_text(yaml.safe_dump(config))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.train.helpers import run_job, successor_task, write_segments
+from tests.train.helpers import SUCCESSOR_SCHEDULE, run_job, successor_task, write_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,17 +33,7 @@ def test_ftw_run_trains_expert_lora_that_learns_and_is_served(
         "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
         "output_router_logits": True,
         "router_aux_loss_coef": 0.01,
-        "sequence_len": 16,
-        "sample_packing": True,
-        "micro_batch_size": 16,
-        "num_epochs": 4,
-        "learning_rate": 5e-3,
-        "lr_scheduler": "cosine",
-        "warmup_steps": 10,
-        "optimizer": "adamw_torch",
-        "saves_per_epoch": 1,
-        "logging_steps": 5,
-        "seed": 3,
+        **SUCCESSOR_SCHEDULE,
     }
     job = {"input": {"run_id": "moe-successor", "allow_cpu": True, "config": config, "publish": ["adapter"]}}
     result = run_job(job, tmp_path, volume, timeout=840, FTW_ALLOWED_PATHS=str(task_moe_model_dir))
