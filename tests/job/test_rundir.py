@@ -14,7 +14,8 @@ from schemas.job import validate_job
 from schemas.paths import resolve_local_path
 from tests.conftest import child_env
 from tests.job.conftest import example_job
-from worker.job import pipeline
+from worker.checks import gpu as checks_gpu
+from worker.checks import stage as checks_stage
 from worker.job.pipeline import run_job
 
 
@@ -25,7 +26,7 @@ def no_children(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError(f"a child process was started: {a[:1]}")
 
-    monkeypatch.setattr(pipeline.gpu.subprocess, "Popen", refuse)
+    monkeypatch.setattr(checks_gpu.subprocess, "Popen", refuse)
     monkeypatch.setattr("worker.job.supervisor.subprocess.Popen", refuse)
 
 
@@ -231,7 +232,7 @@ def test_a_bug_in_the_orchestrator_still_gives_the_failure_shape_and_frees_the_r
         raise RuntimeError(f"unexpected, token {os.environ['HF_TOKEN']}")
 
     monkeypatch.setenv("HF_TOKEN", "hf_bugReportSecret99")
-    monkeypatch.setattr(pipeline, "estimate_disk", broken)
+    monkeypatch.setattr(checks_stage, "estimate_disk", broken)
     result = run_job({"input": example_job()})
     assert (
         result["status"] == "failed"
