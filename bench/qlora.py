@@ -30,7 +30,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
@@ -38,76 +37,6 @@ from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
 THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw"}  # this table's names → train_throughput's
-
-
-def linear_numel(model: Any) -> int:
-    """Weights of every nn.Linear (lm_head included), a 4-bit one counted by its dense shape."""
-    import torch
-
-    from ftw_kernels.qlora import is_4bit
-
-    return sum(
-        m.weight.quant_state.shape.numel() if is_4bit(m.weight) else m.weight.numel()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
-    )
-
-
-def build(arm: str, shape: str, gc: bool, seq: int) -> tuple[Any, Any, int, int, list[str]]:
-    """train_throughput's `build` over the nf4 base saved by bench/unsloth_arm.py: arm hf is PEFT's
-    QLoRA recipe, arm ftw ftw's (the same preparation as `ftw train`, then the kernels)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from bench import unsloth_arm
-    from schemas.config import TrainingConfig
-
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        unsloth_arm.model_folder(shape, seq),
-        dtype=torch.bfloat16,
-        attn_implementation="sdpa",
-        quantization_config=quant,
-        device_map={"": "cuda" if torch.cuda.is_available() else "cpu"},  # CPU: a dry run of the arm
-        use_cache=False,
-    )
-    n_frozen = linear_numel(model)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tt.TARGETS)
-    applied: list[str] = []
-    if arm == "hf":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-        model = get_peft_model(model, lora)
-    elif arm == "ftw":
-        from ftw_kernels import apply_kernels
-        from worker.train.adapters import prepare_quantized
-
-        cfg = TrainingConfig(
-            base_model=shape,
-            learning_rate=1e-4,
-            adapter="qlora",
-            load_in_4bit=True,
-            lora_r=16,
-            lora_alpha=32,
-            gradient_checkpointing=gc,
-        )
-        if gc:  # as worker.train.model.load_model does
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = get_peft_model(prepare_quantized(model, cfg), lora)
-        applied = apply_kernels(model, cfg)
-    else:
-        raise ValueError(f"no QLoRA build for arm {arm!r}")
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model.train(), model.config, n_frozen, n_lora, applied
 
 
 def real_path(a: argparse.Namespace, gc: bool) -> dict:

@@ -150,9 +150,9 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
 
         return unsloth_arm.build(shape, gc, seq, TARGETS, four_bit)
     if four_bit:  # QLoRA: PEFT's recipe (hf) or ftw's (ftw) over the nf4 base
-        from bench import qlora
+        from bench import nf4_arms
 
-        return qlora.build(arm, shape, gc, seq)
+        return nf4_arms.build(arm, shape, gc, seq, TARGETS)
     cfg = model_config(shape, seq)
     if arm == "liger":
         import liger_kernel.transformers as liger

@@ -80,8 +80,6 @@ def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = F
     import torch
     from unsloth import FastLanguageModel
 
-    from bench.qlora import linear_numel
-
     checkpointing = "unsloth" if gc else False
     four_bit = four_bit or os.environ.get("UNSLOTH_4BIT") == "1"
     model, _ = FastLanguageModel.from_pretrained(
@@ -120,4 +118,17 @@ def one_row(batch: dict) -> dict:
         position_ids=pos,
         labels=batch["labels"].reshape(1, -1),
         packed_seq_lengths=lengths.to(torch.int32),
+    )
+
+
+def linear_numel(model: object) -> int:
+    """Weights of every nn.Linear (lm_head included), a 4-bit one counted by its dense shape."""
+    import torch
+
+    from ftw_kernels.qlora import is_4bit
+
+    return sum(
+        m.weight.quant_state.shape.numel() if is_4bit(m.weight) else m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
     )
