@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def model_folder(shape: str, seq: int) -> Path:
@@ -121,7 +122,7 @@ def one_row(batch: dict) -> dict:
     )
 
 
-def linear_numel(model: object) -> int:
+def linear_numel(model: Any) -> int:
     """Weights of every nn.Linear (lm_head included), a 4-bit one counted by its dense shape."""
     import torch
 
