@@ -6,7 +6,7 @@
 PY=${PYTHON:-python3}
 WHEELS=${FTW_WHEELS:-.whl}
 SITE=${FTW_SITE:-/tmp/ftw-site}
-export PYTHONPATH="$(pwd):$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$(pwd):$(pwd)/kernels:$SITE${PYTHONPATH:+:$PYTHONPATH}"  # kernels/: the package ftw_kernels
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 ensure_imports() {

@@ -27,7 +27,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}" || exit 1
   echo "${wheels[*]}" >"$stamp"
 fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE:$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"  # kernels/: the package ftw_kernels
 export UNSLOTH_DISABLE_STATISTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -n "${BENCH:-}" ]; then
   mkdir -p "${OUT:?BENCH needs OUT}"
