@@ -4,6 +4,7 @@ CUDA natively when a GPU is present (tests/kernels/test_gpu.py, through the devi
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -21,8 +22,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def rng_seed() -> int:
-    """Fresh inputs each run (the seed is in the failure message to replay it)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def rng_seed(request: pytest.FixtureRequest) -> int:
+    """One fixed seed per test, so tolerances hold the same way on every run (CI included);
+    FTW_TEST_SEED=random draws fresh inputs to explore, FTW_TEST_SEED=<n> replays a failure's seed
+    (it is in the failure message)."""
+    asked = os.environ.get("FTW_TEST_SEED", "")
+    if asked == "random":
+        seed = int.from_bytes(os.urandom(4), "little")
+    elif asked:
+        seed = int(asked)
+    else:
+        seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return seed
