@@ -11,7 +11,11 @@ from tests.train.helpers import adapter_tensors, base_config, run_inprocess, wri
 
 
 def reference_step(model_dir, rows, cfg):
-    """The textbook loop: padded batch, mean loss, backward, clip, AdamW."""
+    """The textbook loop: padded batch, mean loss, backward, clip, SGD.
+
+    SGD, not AdamW: Adam's first step moves every element by ±lr whatever the gradient's size, so
+    a gradient element within rounding of zero (whose sign differs between CPUs' matmul kernels)
+    would flip a whole ±lr; SGD's update is the clipped gradient itself, compared with a tolerance."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -35,7 +39,7 @@ def reference_step(model_dir, rows, cfg):
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
-    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0)
+    opt = torch.optim.SGD(params, lr=cfg["learning_rate"])
     opt.step()
     from peft import get_peft_model_state_dict
 
@@ -56,7 +60,8 @@ def test_one_step_matches_transformers_peft_reference(task_model_dir, task_rows,
         task_model_dir,
         micro_batch_size=4,
         max_steps=1,
-        learning_rate=1e-2,
+        optimizer="sgd",
+        learning_rate=1.0,
         max_grad_norm=1.0,
         save_strategy="no",
         **memory,
