@@ -27,29 +27,60 @@ def chat_row(tok, prompt: str, answer: str) -> dict[str, list[int]]:
     }
 
 
+def exact_rate(model_dir, tok, pairs: list[tuple[str, str]]) -> float:
+    """Greedy exact answers of the merged model on `pairs`, as the exact_match reward reads them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hits = 0
+    for prompt, answer in pairs:
+        ids = torch.tensor([chat_row(tok, prompt, "")["input_ids"][:-1]])  # the prompt up to the assistant turn
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        hits += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer.strip()
+    return hits / len(pairs)
+
+
+def partly_taught(task_model_dir, tok, cache, root) -> tuple[object, float]:
+    """SFT in short rounds, each from the last merged model, until greedy answers are right 10-60% of
+    the time: the answer's shape learnt, room left for GRPO. How many steps that takes depends on
+    the CPU's rounding (a fixed step count overshot to 99% on one machine and stayed at 0% on another)."""
+    model, rate = task_model_dir, 0.0
+    for n in range(12):
+        out = root / f"sft-{n}"
+        cfg = base_config(
+            model,
+            max_steps=20,
+            micro_batch_size=16,
+            learning_rate=2e-3,
+            merge_lora=True,
+            sequence_len=32,
+            lr_scheduler="constant",
+            seed=n,
+        )
+        assert run_inprocess(cfg, out, cache) == 0
+        model, rate = out / "merged", exact_rate(out / "merged", tok, successor_task()[0][:50])
+        if rate >= 0.1:
+            break
+    assert 0.1 <= rate <= 0.6, f"SFT rounds ended at {rate:.0%} exact: not a partly taught model"
+    return model, rate
+
+
 def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volume, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(task_model_dir)
     train, _ = successor_task()
     cache = write_cache(tmp_path / "sft-cache", [chat_row(tok, p, a) for p, a in train], sequence_len=32)
-    sft = volume / "sft"
-    assert (
-        run_inprocess(
-            base_config(
-                task_model_dir,
-                max_steps=150,
-                micro_batch_size=16,
-                learning_rate=5e-3,
-                merge_lora=True,
-                sequence_len=32,
-                lr_scheduler="constant",
-            ),
-            sft,
-            cache,
-        )
-        == 0
-    )
+    sft, _ = partly_taught(task_model_dir, tok, cache, volume)
 
     (volume / "rl.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "answer": a.strip()}) + "\n" for p, a in train[:400])
@@ -60,7 +91,7 @@ def test_grpo_through_ftw_run_raises_the_exact_match_reward(task_model_dir, volu
             "allow_cpu": True,
             "publish": ["adapter"],
             "config": {
-                "base_model": str(sft / "merged"),
+                "base_model": str(sft),
                 "rl": "grpo",
                 "chat_template": "chatml",
                 "trl": {
