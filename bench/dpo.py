@@ -63,10 +63,17 @@ MATCHED = {
 
 
 def text_of(tok, n_tokens: int, rng: random.Random) -> str:
-    """Random words until the tokenizer counts n_tokens (within a word)."""
+    """Random words of at most n_tokens tokens, short of it by less than a word: both arms keep every pair whole
+    (a longer answer is a row ftw drops as too long for sequence_len and TRL keeps)."""
+
+    def count(words: list[str]) -> int:
+        return len(tok(" " + " ".join(words), add_special_tokens=False)["input_ids"])
+
     words: list[str] = []
-    while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < n_tokens:
-        words += rng.choices(WORDS, k=max(1, (n_tokens - len(words)) // 2))
+    while count(words) < n_tokens:
+        words += rng.choices(WORDS, k=max(1, (n_tokens - count(words)) // 2))
+    while count(words) > n_tokens:
+        words.pop()
     return " ".join(words)
 
 
@@ -79,7 +86,7 @@ def write_pairs(path: Path, tokenizer_dir: Path, pairs: int, prompt: int, answer
             f.write(
                 json.dumps(
                     {
-                        "prompt": text_of(tok, prompt, rng),
+                        "prompt": " " + text_of(tok, prompt, rng),
                         "chosen": " " + text_of(tok, answer, rng),
                         "rejected": " " + text_of(tok, answer, rng),
                     }
@@ -141,6 +148,9 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     steps = {e["step"]: e for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     ts = {step: e["ts"] for step, e in steps.items()}
     summary = json.loads((run_dir / "summary.json").read_text())
+    rows = json.loads((run_dir / "prepared.json").read_text())["summary"]["rows"]
+    if rows["dropped"] or rows["truncated"]:  # the arms would not train on the same pairs
+        return {"error": f"ftw's preprocessing dropped or truncated pairs: {rows}"}
     last = a.warmup + a.steps
     step_s = (ts[last] - ts[a.warmup]) / a.steps
     return {
