@@ -90,13 +90,13 @@ def engine_settings(
     )
 
 
-def start_heartbeat(timeout_s: float, every_s: float = HEARTBEAT_S) -> Callable[[float], None]:
+def start_heartbeat(timeout_s: float) -> Callable[[float], None]:
     """What the engine's start calls at each poll: a progress event (the channel the supervisor watches) at most
-    every `every_s`, saying how long the start has taken of its timeout."""
+    every HEARTBEAT_S, saying how long the start has taken of its timeout."""
     last: list[float] = []
 
     def beat(waited_s: float) -> None:
-        if last and waited_s - last[0] < every_s:
+        if last and waited_s - last[0] < HEARTBEAT_S:
             return
         last[:] = [waited_s]
         emit(
