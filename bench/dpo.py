@@ -2,23 +2,28 @@
 
     python bench/dpo.py --out OUT_DIR                                   # Llama-3.2-1B shape, arms ftw,trl
     python bench/dpo.py --out OUT_DIR --shape llama-8b --mbs 2
-    # CPU dry run
-    python bench/dpo.py --out OUT_DIR --shape tiny --pairs 8 --steps 2 --warmup 1 --prompt 16 --answer 24
+    # CPU: both arms' losses side by side (the same pairs every step, a learning rate that moves them)
+    python bench/dpo.py --shape tiny --mbs 4 --pairs 4 --steps 8 --warmup 1 --prompt 16 --answer 48 --lr 1e-3
     python bench/dpo.py --ref-share --shape tiny                        # reference forward's share of a step (CPU)
 
 A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny
 ByteLevel tokenizer) and a JSONL of preference pairs: a `--prompt`-token prompt and `--answer`-token
 chosen and rejected answers of random words (defaults 100 + 600 + 600: pairs of ~600+600 tokens).
 Both arms read that file as raw text (ftw: the dict form of `type`; TRL: its non-conversational
-prompt/chosen/rejected), train LoRA r=16 α=32 on all seven linear layers, bf16, sdpa, beta 0.1,
-`--mbs` pairs a step, adamw fused, no gradient checkpointing, reference = adapter disabled (TRL does
-the same for a PEFT model), each arm in a fresh process:
+prompt/chosen/rejected), train LoRA r=16 α=32 on all seven linear layers, bf16, sdpa, `--mbs` pairs a
+step, no gradient checkpointing, reference = adapter disabled (TRL does the same for a PEFT model), with
+the same optimisation set explicitly on both sides (MATCHED: TRL 1.16's DPOConfig defaults — sigmoid
+loss, beta 0.1, no label smoothing, AdamW β 0.9/0.999 ε 1e-8, no weight decay, grad norm 1.0 — with
+`--lr` (5e-6) constant and no warmup), each arm in a fresh process:
   ftw  `python -m worker.cli train` (preprocess, then the train child: chosen and rejected of
        `--mbs` pairs packed in one row); timed from its per-step events after --warmup; peak memory
        from its summary.json (torch.cuda.max_memory_allocated).
   trl  DPOTrainer(DPOConfig(...), peft_config=LoraConfig(...)); timed by a callback's per-step
        timestamps after --warmup; peak torch.cuda.max_memory_allocated.
-Prints a table (pairs/s, ms/step, peak GiB, ratios to trl) and writes OUT_DIR/dpo.json.
+Prints a table (pairs/s, ms/step, peak GiB, ratios to trl, the loss of the first and last step) and
+writes OUT_DIR/dpo.json (each arm's loss at every step). The LoRA B matrices start at zero in both arms,
+so the first step's loss is ln 2 in both; with `--pairs` = `--mbs` every step sees the same pairs in
+both arms (their data orders differ), so the loss curves are comparable step by step.
 TRL is not in ftw's requirements: pass its wheel folder with --trl-path (PYTHONPATH of the trl arm)
 or install it (pinned: trl==1.16.0, needs pandas).
 """
@@ -42,14 +47,33 @@ from bench.train_throughput import TARGETS  # noqa: E402
 WORDS = (
     "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort count".split()
 )
-BETA = 0.1
+# Both arms' optimisation, set explicitly on each side: TRL 1.16 DPOConfig's defaults (its TrainingArguments')
+MATCHED = {
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "lr_scheduler": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+}
 
 
 def text_of(tok, n_tokens: int, rng: random.Random) -> str:
-    """Random words until the tokenizer counts n_tokens (within a word)."""
+    """Random words of at most n_tokens tokens, short of it by less than a word: both arms keep every pair whole
+    (a longer answer is a row ftw drops as too long for sequence_len and TRL keeps)."""
+
+    def count(words: list[str]) -> int:
+        return len(tok(" " + " ".join(words), add_special_tokens=False)["input_ids"])
+
     words: list[str] = []
-    while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < n_tokens:
-        words += rng.choices(WORDS, k=max(1, (n_tokens - len(words)) // 2))
+    while count(words) < n_tokens:
+        words += rng.choices(WORDS, k=max(1, (n_tokens - count(words)) // 2))
+    while count(words) > n_tokens:
+        words.pop()
     return " ".join(words)
 
 
@@ -62,7 +86,7 @@ def write_pairs(path: Path, tokenizer_dir: Path, pairs: int, prompt: int, answer
             f.write(
                 json.dumps(
                     {
-                        "prompt": text_of(tok, prompt, rng),
+                        "prompt": " " + text_of(tok, prompt, rng),
                         "chosen": " " + text_of(tok, answer, rng),
                         "rejected": " " + text_of(tok, answer, rng),
                     }
@@ -79,7 +103,8 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     cfg = {
         "base_model": str(model_dir),
         "rl": "dpo",
-        "rl_beta": BETA,
+        "rl_beta": MATCHED["beta"],
+        "dpo_label_smoothing": MATCHED["label_smoothing"],
         "datasets": [
             {
                 "path": str(data),
@@ -90,9 +115,11 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "sequence_len": a.prompt + a.answer + 16,
         "micro_batch_size": a.mbs,
         "max_steps": a.warmup + a.steps,
-        "learning_rate": 5e-6,
+        "learning_rate": a.lr,
         "optimizer": "adamw_torch_fused",
         **TIMED_RUN,
+        **{k: MATCHED[k] for k in ("lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm", "seed")},
+        **{k: MATCHED[k] for k in ("adam_beta1", "adam_beta2", "adam_epsilon")},
         "shuffle_merged_datasets": False,
         "dataset_prepared_path": str(work / "cache"),
     }
@@ -118,15 +145,19 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         return {"error": proc.stderr[-1500:]}
     # the train child's events, in the run folder's stage logs (ftw train runs the job path's supervisor)
     events = [json.loads(line) for path in run_dir.glob("logs/train/*/events.jsonl") for line in path.open()]
-    ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
+    steps = {e["step"]: e for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
+    ts = {step: e["ts"] for step, e in steps.items()}
     summary = json.loads((run_dir / "summary.json").read_text())
+    rows = json.loads((run_dir / "prepared.json").read_text())["summary"]["rows"]
+    if rows["dropped"] or rows["truncated"]:  # the arms would not train on the same pairs
+        return {"error": f"ftw's preprocessing dropped or truncated pairs: {rows}"}
     last = a.warmup + a.steps
     step_s = (ts[last] - ts[a.warmup]) / a.steps
     return {
         "pairs_per_s": round(a.mbs / step_s, 3),
         "ms_per_step": round(step_s * 1e3, 1),
         "peak_memory_gib": summary["peak_memory_gib"],
-        "final_loss": summary["final_loss"],
+        "losses": [steps[step]["loss"] for step in sorted(steps)],
         "kernels": summary["kernels"],
     }
 
@@ -157,10 +188,18 @@ def trl_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         output_dir=str(work / "trl-out"),
         per_device_train_batch_size=a.mbs,
         max_steps=a.warmup + a.steps,
-        learning_rate=5e-6,
-        lr_scheduler_type="constant",
+        learning_rate=a.lr,
+        lr_scheduler_type=MATCHED["lr_scheduler"],
+        warmup_steps=MATCHED["warmup_steps"],
+        weight_decay=MATCHED["weight_decay"],
+        adam_beta1=MATCHED["adam_beta1"],
+        adam_beta2=MATCHED["adam_beta2"],
+        adam_epsilon=MATCHED["adam_epsilon"],
+        max_grad_norm=MATCHED["max_grad_norm"],
         optim="adamw_torch_fused" if dev.type == "cuda" else "adamw_torch",
-        beta=BETA,
+        loss_type=["sigmoid"],
+        beta=MATCHED["beta"],
+        label_smoothing=MATCHED["label_smoothing"],
         bf16=dev.type == "cuda",
         max_length=a.prompt + 2 * a.answer + 16,
         logging_steps=1,
@@ -169,7 +208,7 @@ def trl_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         use_cpu=dev.type != "cuda",
-        seed=0,
+        seed=MATCHED["seed"],
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     trainer = DPOTrainer(
@@ -188,7 +227,7 @@ def trl_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "pairs_per_s": round(a.mbs / step_s, 3),
         "ms_per_step": round(step_s * 1e3, 1),
         "peak_memory_gib": None if peak is None else round(peak, 2),
-        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
     }
 
 
@@ -256,6 +295,8 @@ def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> di
         str(a.answer),
         "--arm-timeout",
         str(a.arm_timeout),
+        "--lr",
+        str(a.lr),
     ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.arm_timeout + 60)
     lines = proc.stdout.strip().splitlines()
@@ -267,13 +308,14 @@ def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> di
 def table(results: dict, a: argparse.Namespace) -> str:
     base = results.get("trl", {})
     rows = [
-        f"DPO LoRA, {a.shape}, {a.mbs} pairs/step of {a.prompt}+{a.answer}+{a.answer} tokens, {a.steps} timed steps",
-        "| arm | pairs/s | ms/step | peak GiB | × trl pairs/s | × trl memory |",
-        "|---|---|---|---|---|---|",
+        f"DPO LoRA, {a.shape}, {a.mbs} pairs/step of {a.prompt}+{a.answer}+{a.answer} tokens, {a.steps} timed steps, "
+        f"lr {a.lr:g}",
+        "| arm | pairs/s | ms/step | peak GiB | × trl pairs/s | × trl memory | loss step 1 | loss last step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "error" in r:
-            rows.append(f"| {name} | error: {r['error'][-200:]!r} | | | | |")
+            rows.append(f"| {name} | error: {r['error'][-200:]!r} | | | | | | |")
             continue
         speed = r["pairs_per_s"] / base["pairs_per_s"] if base.get("pairs_per_s") else None
         mem = (
@@ -283,8 +325,16 @@ def table(results: dict, a: argparse.Namespace) -> str:
         )
         rows.append(
             f"| {name} | {r['pairs_per_s']} | {r['ms_per_step']} | {r['peak_memory_gib']} | "
-            f"{'' if speed is None else f'{speed:.2f}'} | {'' if mem is None else f'{mem:.2f}'} |"
+            f"{'' if speed is None else f'{speed:.2f}'} | {'' if mem is None else f'{mem:.2f}'} | "
+            f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |"
         )
+    curves = {name: r["losses"] for name, r in results.items() if "losses" in r}
+    if len(curves) > 1:
+        rows += ["", "loss by step: " + ", ".join(curves)]
+        rows += [
+            f"{i + 1:>3}  " + "  ".join(f"{c[i]:.4f}" for c in curves.values())
+            for i in range(len(min(curves.values(), key=len)))
+        ]
     return "\n".join(rows)
 
 
@@ -297,6 +347,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=100)
     ap.add_argument("--answer", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=5e-6, help="both arms' learning rate (constant, no warmup)")
     ap.add_argument("--arms", default="ftw,trl")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(

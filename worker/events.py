@@ -31,7 +31,10 @@ def emit(event: dict[str, Any]) -> None:
         f.write(line + "\n")
 
 
-def write_error(code: str, message: str, hint: str = "", details: dict[str, Any] | None = None) -> None:
+def write_error(
+    code: str, message: str, hint: str = "", details: dict[str, Any] | None = None, log_tail: str = ""
+) -> None:
+    """`log_tail`: the error's own (a grandchild's log, e.g. the vLLM engine's), which the child's output lacks."""
     path = os.environ.get("FTW_ERROR_FILE")
     record = {
         "code": code,
@@ -39,6 +42,7 @@ def write_error(code: str, message: str, hint: str = "", details: dict[str, Any]
         "hint": hint,
         "traceback": traceback.format_exc(limit=20),
         "details": details or {},
+        **({"log_tail": log_tail} if log_tail else {}),
     }
     if path:
         tmp = f"{path}.tmp"
@@ -64,7 +68,7 @@ def run_child(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except FtwError as e:
-        write_error(e.code, e.message, e.hint, e.details)
+        write_error(e.code, e.message, e.hint, e.details, e.log_tail)
         print(f"ftw: {e.code}: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:

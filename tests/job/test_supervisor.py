@@ -215,6 +215,25 @@ def test_error_file_becomes_the_typed_error(tmp_path):
     assert "line 3" in failure.message and failure.hint.startswith("add the field") and failure.stage == "train"
 
 
+def test_an_errors_own_log_tail_reaches_the_failure(tmp_path):
+    """An error that quotes another process's log (the vLLM engine's) keeps it: the child's own output does not
+    have it; a long one keeps its end."""
+    stage = child(
+        tmp_path,
+        """
+        from worker.errors import InfraError
+        from worker.events import run_child
+        def main():
+            print("child's own line", flush=True)
+            raise InfraError("the engine did not start", "raise X", log_tail="x" * 20_000 + "engine: out of memory")
+        run_child(main)
+    """,
+    )
+    failure = stage_failure(run_stage(stage, StopSignal(), Redactor([])))
+    assert type(failure) is errors.InfraError and failure.message == "the engine did not start"
+    assert failure.log_tail.endswith("engine: out of memory") and len(failure.log_tail) < 10_000
+
+
 def test_a_huge_error_message_of_a_child_is_clipped(tmp_path):
     """A child's message may quote a user's value (a 9 MB field name); the job's failure stays short."""
     stage = child(

@@ -5,112 +5,21 @@ fails, not when it is stopped with SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, child_env
 from tests.serve.conftest import ensure_vllm_env
-from tests.train.vllm_helpers import engine_gone, parent_of, vllm_env
+from tests.train.vllm_helpers import engine_gone, ftw_run, grpo_job, parent_of, result_of, train_events, vllm_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REWARD = """
-def length_bonus(prompts, completions, completion_ids, answer, **kwargs):
-    assert len(prompts) == len(completions) == len(completion_ids) == len(answer)
-    return [len(ids) / 10 for ids in completion_ids]
-
-
-def broken(prompts, completions, **kwargs):
-    raise ValueError("no score for " + repr(completions[0]))
-"""
-
-
-def grpo_job(volume: Path, model: Path, run_id: str, reward: str, steps: int) -> Path:
-    (volume / "rl.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"{i} {i + 1} ->", "answer": f"{i + 2}"}) + "\n" for i in range(16))
-    )
-    (volume / "myrewards.py").write_text(REWARD)
-    job = {
-        "input": {
-            "run_id": run_id,
-            "allow_cpu": True,
-            "publish": ["adapter"],
-            "config": {
-                "base_model": str(model),
-                "rl": "grpo",
-                "chat_template": "chatml",
-                "trl": {
-                    "use_vllm": True,
-                    "vllm_sync_interval": 2,
-                    "num_generations": 2,
-                    "max_completion_length": 6,
-                    "reward_funcs": ["exact_match", f"myrewards.{reward}"],
-                },
-                "datasets": [{"path": str(volume / "rl.jsonl"), "type": "prompt_answer"}],
-                "adapter": "lora",
-                "lora_r": 8,
-                "lora_alpha": 16,
-                "lora_target_modules": ["q_proj", "v_proj"],
-                "sequence_len": 64,
-                "micro_batch_size": 2,
-                "max_steps": steps,
-                "learning_rate": 1e-3,
-                "optimizer": "adamw_torch",
-                "logging_steps": 1,
-                "seed": 1,
-            },
-        }
-    }
-    path = volume / f"{run_id}.json"
-    path.write_text(json.dumps(job))
-    return path
-
-
-def ftw_run(volume: Path, model: Path, job: Path) -> subprocess.Popen:
-    env = child_env(
-        BASE_VOLUME=str(volume),
-        FTW_ALLOWED_PATHS=str(model),
-        FTW_ALLOW_CPU="1",
-        FTW_ALLOW_PLUGINS="1",
-        OMP_NUM_THREADS="1",
-        FTW_PROGRESS_INTERVAL_S="0",
-        **vllm_env(ensure_vllm_env()),
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run", str(job)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def result_of(proc: subprocess.Popen) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=800)
-    assert out.strip(), err[-4000:]
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def train_events(run_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for f in run_dir.rglob("events.jsonl")
-        for line in f.read_text().splitlines()
-        if line.strip() and json.loads(line).get("stage") == "train"
-    ]
-
 
 def test_grpo_generates_with_vllm_syncs_the_adapter_and_stops_the_engine(tiny_model_dir, volume):
-    proc = ftw_run(volume, tiny_model_dir, grpo_job(volume, tiny_model_dir, "grpo-vllm", "length_bonus", steps=3))
+    job = grpo_job(volume, tiny_model_dir, "grpo-vllm", "length_bonus", steps=3)
+    proc = ftw_run(volume, tiny_model_dir, job, vllm_env(ensure_vllm_env()))
     result = result_of(proc)
     assert proc.returncode == 0 and result["status"] == "completed", result
     assert any(a["kind"] == "adapter" for a in result["artifacts"])
@@ -126,7 +35,8 @@ def test_grpo_generates_with_vllm_syncs_the_adapter_and_stops_the_engine(tiny_mo
 
 
 def test_a_failing_reward_fails_the_job_clearly_and_the_engine_goes_with_it(tiny_model_dir, volume):
-    proc = ftw_run(volume, tiny_model_dir, grpo_job(volume, tiny_model_dir, "grpo-vllm-fails", "broken", steps=3))
+    job = grpo_job(volume, tiny_model_dir, "grpo-vllm-fails", "broken", steps=3)
+    proc = ftw_run(volume, tiny_model_dir, job, vllm_env(ensure_vllm_env()))
     result = result_of(proc)
     assert result["status"] == "failed", result
     error = result["error"]
@@ -136,9 +46,8 @@ def test_a_failing_reward_fails_the_job_clearly_and_the_engine_goes_with_it(tiny
 
 
 def test_sigterm_to_the_train_child_stops_the_engine(tiny_model_dir, volume):
-    proc = ftw_run(
-        volume, tiny_model_dir, grpo_job(volume, tiny_model_dir, "grpo-vllm-term", "length_bonus", steps=200)
-    )
+    job = grpo_job(volume, tiny_model_dir, "grpo-vllm-term", "length_bonus", steps=200)
+    proc = ftw_run(volume, tiny_model_dir, job, vllm_env(ensure_vllm_env()))
     run_dir = volume / "runs" / "grpo-vllm-term"
     pid_file = run_dir / "vllm" / "engine.pid"
     deadline = time.monotonic() + 700

@@ -36,6 +36,7 @@ from worker.lifeline import die_with_parent
 POLL_S = 0.2
 TAIL_LINES = 40
 MAX_LINE = 4096
+TAIL_CHARS = 8000  # of an error's own log tail read from the child's error record
 DEFAULT_GRACE_S = 60.0
 
 
@@ -341,6 +342,9 @@ def stage_failure(run: StageRun) -> errors.FtwError | None:
             clip(str(record.get("message") or f"{name} failed"), MAX_MESSAGE),
             clip(str(record.get("hint") or HINTS.get(cls.code, "")), MAX_MESSAGE),
         )
+        own_tail = record.get("log_tail")  # the error's own log (e.g. the vLLM engine's) says more than the child's
+        if isinstance(own_tail, str) and own_tail.strip():
+            common["log_tail"] = own_tail[-TAIL_CHARS:]
         return cls(message, hint, details={**details, **(record.get("details") or {})}, **common)
     lowered = tail.lower()
     if "out of memory" in lowered or "outofmemoryerror" in lowered:

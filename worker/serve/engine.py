@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,11 @@ class EngineProcess:
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         return env
 
-    def start(self) -> EngineProcess:
+    def start(self, waiting: Callable[[float], None] = lambda waited_s: None) -> EngineProcess:
         """The port was free when picked, not necessarily when the engine binds it (minutes later for
-        vLLM): an engine that exits because the port was taken starts again on a new one."""
+        vLLM): an engine that exits because the port was taken starts again on a new one. `waiting` is
+        called with the seconds waited so far at every poll until the engine answers (a caller's liveness
+        signal: a start of minutes is not a hang)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         attempt = 1
         while True:
@@ -186,7 +188,7 @@ class EngineProcess:
                     preexec_fn=die_with_parent(),
                 )
             try:
-                self._wait_healthy(self.settings.start_timeout_s, since=log_start)
+                self._wait_healthy(self.settings.start_timeout_s, waiting, since=log_start)
                 return self
             except InfraError:
                 port_taken = self.proc.poll() is not None and PORT_TAKEN in self.log_tail(since=log_start).lower()
@@ -210,9 +212,11 @@ class EngineProcess:
         (see engine_defaults)."""
         return failure_reason(self.log_tail(chars=chars, since=since))
 
-    def _wait_healthy(self, timeout_s: float, since: int = 0) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_healthy(self, timeout_s: float, waiting: Callable[[float], None], since: int = 0) -> None:
+        started = time.monotonic()
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
+            waiting(time.monotonic() - started)
             if self.proc.poll() is not None:
                 reason = self.failure_reason(since)
                 raise InfraError(
@@ -226,6 +230,7 @@ class EngineProcess:
                     ),
                     stage="serve",
                     log_tail=self.log_tail(since=since),
+                    details={"engine_start": "exited", "engine_log": str(self.log_path)},
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
@@ -239,7 +244,8 @@ class EngineProcess:
             f"the {self.engine} engine did not answer /health within {timeout_s:.0f}s",
             hint="raise FTW_SERVE_START_TIMEOUT_S or check the log tail",
             stage="serve",
-            log_tail=self.log_tail(),
+            log_tail=self.log_tail(since=since),
+            details={"engine_start": "timed_out", "engine_log": str(self.log_path), "timeout_s": timeout_s},
         )
 
     def alive(self) -> bool:

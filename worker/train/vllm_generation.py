@@ -4,7 +4,9 @@ the train process, and the LoRA adapter synced into it.
 Start: `vllm serve` on loopback with runtime LoRA loading, the base model the trainer loaded (local folder,
 or Hub id at revision_of_model), its dtype, `trl.vllm_gpu_memory_utilization` of the GPU (on a GPU; the
 CPU build sizes its KV cache as the serving worker does), a context of sequence_len + the completion
-length. It starts before the first step and must answer /health within FTW_VLLM_START_TIMEOUT_S.
+length. It starts before the first step and must answer /health within FTW_VLLM_START_TIMEOUT_S; while it
+starts, the train child sends a progress event every HEARTBEAT_S, so that the supervisor's limits.no_progress_s
+does not stop a slow start (the start timeout does, with the engine's log tail).
 
 Sync (every `trl.vllm_sync_interval` optimizer steps, and before the first generation): the adapter is
 saved to `<run>/vllm/adapters/step-<n>`, loaded under the new name `policy-<n>` through
@@ -34,6 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,7 @@ import torch
 from schemas.config import TrainingConfig
 from schemas.paths import is_local, local_path
 from worker.errors import InfraError, JobSpecError, TrainingError
+from worker.events import emit
 from worker.serve.engine import EngineProcess
 from worker.serve.engine_defaults import vllm_build
 from worker.serve.settings import ServeSettings
@@ -54,6 +58,8 @@ BASE_NAME = "ftw-base"
 REQUEST_TIMEOUT_S = 3600.0
 GROUP_EXIT_S = 30.0  # the engine's own children (engine core, workers) after its API server has exited
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+HEARTBEAT_S = 10.0  # well under any sensible limits.no_progress_s; one progress line per beat
+START_TIMEOUT_VAR = "FTW_VLLM_START_TIMEOUT_S"
 
 
 def engine_settings(
@@ -79,8 +85,54 @@ def engine_settings(
         gpu_memory_utilization=options.gpu_memory_utilization if on_gpu else None,
         seed=cfg.seed,
         vllm_extra_args=tuple(extra),
-        start_timeout_s=float(env.get("FTW_VLLM_START_TIMEOUT_S", "").strip() or 900),
+        start_timeout_s=float(env.get(START_TIMEOUT_VAR, "").strip() or 900),
         env=env,
+    )
+
+
+def start_heartbeat(timeout_s: float) -> Callable[[float], None]:
+    """What the engine's start calls at each poll: a progress event (the channel the supervisor watches) at most
+    every HEARTBEAT_S, saying how long the start has taken of its timeout."""
+    last: list[float] = []
+
+    def beat(waited_s: float) -> None:
+        if last and waited_s - last[0] < HEARTBEAT_S:
+            return
+        last[:] = [waited_s]
+        emit(
+            {
+                "stage": "train",
+                "event": "vllm_starting",
+                "message": f"vLLM starting: {waited_s:.0f} s of {START_TIMEOUT_VAR}={timeout_s:.0f}",
+                "waited_s": round(waited_s, 1),
+            }
+        )
+
+    return beat
+
+
+def start_failure(e: InfraError) -> InfraError:
+    """The engine's start error as training reports it: the knob to turn is training's (the engine's own hint
+    names the serving worker's variables)."""
+    details = e.details
+    if details.get("engine_start") == "timed_out":
+        hint = (
+            f"raise {START_TIMEOUT_VAR} (now {details['timeout_s']:.0f} s) if the engine was still loading; the log "
+            f"tail (all of it in {details['engine_log']}) says where it was; trl.use_vllm: false generates with "
+            "transformers instead"
+        )
+    else:
+        hint = (
+            "lower trl.vllm_gpu_memory_utilization if the GPU is short of memory (or raise it if the engine found no "
+            f"room for its KV cache); read the engine log tail (all of it in {details.get('engine_log')}); "
+            "trl.use_vllm: false generates with transformers instead"
+        )
+    return InfraError(
+        f"vLLM for trl.use_vllm did not start: {e.message}",
+        hint=hint,
+        stage="train",
+        log_tail=e.log_tail,
+        details=details,
     )
 
 
@@ -123,16 +175,9 @@ class VllmGenerator:
         atexit.register(self.close)
         log.info("starting vLLM for generation (%s)", self.engine.describe())
         try:
-            self.engine.start()
+            self.engine.start(waiting=start_heartbeat(settings.start_timeout_s))
         except InfraError as e:
-            raise InfraError(
-                f"vLLM for trl.use_vllm did not start: {e.message}",
-                hint="lower trl.vllm_gpu_memory_utilization if the GPU is short of memory (or raise it if the engine "
-                "found no room for its KV cache); read the engine log tail; trl.use_vllm: false generates with "
-                "transformers instead",
-                stage="train",
-                log_tail=e.log_tail,
-            ) from e
+            raise start_failure(e) from e
         assert self.engine.proc is not None
         (self.folder / "engine.pid").write_text(str(self.engine.proc.pid))
         log.info("vLLM answers at %s (log: %s)", self.engine.url, self.engine.log_path)
