@@ -8,17 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, child_env
-from tests.serve.conftest import ensure_vllm_env
-from tests.train.vllm_helpers import engine_gone, parent_of, vllm_env
+from tests.train.vllm_helpers import engine_gone, ftw_run, parent_of, result_of, train_events
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,41 +67,6 @@ def grpo_job(volume: Path, model: Path, run_id: str, reward: str, steps: int) ->
     path = volume / f"{run_id}.json"
     path.write_text(json.dumps(job))
     return path
-
-
-def ftw_run(volume: Path, model: Path, job: Path) -> subprocess.Popen:
-    env = child_env(
-        BASE_VOLUME=str(volume),
-        FTW_ALLOWED_PATHS=str(model),
-        FTW_ALLOW_CPU="1",
-        FTW_ALLOW_PLUGINS="1",
-        OMP_NUM_THREADS="1",
-        FTW_PROGRESS_INTERVAL_S="0",
-        **vllm_env(ensure_vllm_env()),
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run", str(job)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def result_of(proc: subprocess.Popen) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=800)
-    assert out.strip(), err[-4000:]
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def train_events(run_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for f in run_dir.rglob("events.jsonl")
-        for line in f.read_text().splitlines()
-        if line.strip() and json.loads(line).get("stage") == "train"
-    ]
 
 
 def test_grpo_generates_with_vllm_syncs_the_adapter_and_stops_the_engine(tiny_model_dir, volume):

@@ -1,10 +1,17 @@
-"""What the vLLM tests of training share: the engine's environment on 2 shared CPU cores, and the check that
-no process of the engine is left."""
+"""What the vLLM tests of training share: the engine's environment on 2 shared CPU cores, a job through
+`ftw run` with it, and the check that no process of the engine is left."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, child_env
+from tests.serve.conftest import ensure_vllm_env
 
 
 def vllm_env(python: Path) -> dict[str, str]:
@@ -45,3 +52,51 @@ def engine_gone(pid_file: Path, timeout_s: float = 60.0) -> bool:
 
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+
+
+def ftw_run(volume: Path, model: Path, job: Path, **env: str) -> subprocess.Popen:
+    """`ftw run` of a job file in a child process, vLLM's environment set (`env` on top)."""
+    full = child_env(
+        BASE_VOLUME=str(volume),
+        FTW_ALLOWED_PATHS=str(model),
+        FTW_ALLOW_CPU="1",
+        FTW_ALLOW_PLUGINS="1",
+        OMP_NUM_THREADS="1",
+        FTW_PROGRESS_INTERVAL_S="0",
+        **{**vllm_env(ensure_vllm_env()), **env},
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", str(job)],
+        env=full,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def result_of(proc: subprocess.Popen) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=800)
+    assert out.strip(), err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def train_events(run_dir: Path) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for f in run_dir.rglob("events.jsonl")
+        for line in f.read_text().splitlines()
+        if line.strip() and json.loads(line).get("stage") == "train"
+    ]
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (an engine's model folder, unique to one test)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found

@@ -128,8 +128,9 @@ class VllmGenerator:
             raise InfraError(
                 f"vLLM for trl.use_vllm did not start: {e.message}",
                 hint="lower trl.vllm_gpu_memory_utilization if the GPU is short of memory (or raise it if the engine "
-                "found no room for its KV cache); read the engine log tail; trl.use_vllm: false generates with "
-                "transformers instead",
+                "found no room for its KV cache); an engine still loading when the time ran out: raise "
+                f"FTW_VLLM_START_TIMEOUT_S (now {settings.start_timeout_s:.0f} s); read the engine log tail; "
+                "trl.use_vllm: false generates with transformers instead",
                 stage="train",
                 log_tail=e.log_tail,
             ) from e
