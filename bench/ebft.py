@@ -143,7 +143,7 @@ def arm(model: Any, path: str, doc_len: int, args: argparse.Namespace) -> dict[s
 def axolotl_rows(args: argparse.Namespace, lengths: list[int]) -> list[dict[str, Any]]:
     """bench/ebft_axolotl.py in a fresh process, --axolotl-site first on its path; its rows, or one error row per
     length with the reason."""
-    env = dict(os.environ)
+    env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     site = [str(args.axolotl_site.resolve())] if args.axolotl_site else []
     env["PYTHONPATH"] = os.pathsep.join([*site, *filter(None, [env.get("PYTHONPATH", "")])])
     with tempfile.TemporaryDirectory() as tmp:
