@@ -28,9 +28,9 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,22 +141,24 @@ def arm(model: Any, path: str, doc_len: int, args: argparse.Namespace) -> dict[s
 
 
 def axolotl_rows(args: argparse.Namespace, lengths: list[int]) -> list[dict[str, Any]]:
-    """bench/ebft_axolotl.py in a fresh process, --axolotl-site first on its path; its rows, or one error row per
-    length with the reason."""
+    """bench/ebft_axolotl.py in a fresh process, --axolotl-site first on its path: the rows it printed (one JSON
+    line per length, as each finishes), and for each length it did not finish an error row with the reason."""
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     site = [str(args.axolotl_site.resolve())] if args.axolotl_site else []
     env["PYTHONPATH"] = os.pathsep.join([*site, *filter(None, [env.get("PYTHONPATH", "")])])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "axolotl.json"
-        cmd = [sys.executable, str(REPO / "bench" / "ebft_axolotl.py"), "--shape", args.shape]
-        cmd += ["--doc-lens", ",".join(map(str, lengths)), "--docs", str(args.docs), "--steps", str(args.steps)]
-        cmd += ["--warmup", str(args.warmup), "--out", str(out)] + (["--cpu"] if args.tiny else [])
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        sys.stderr.write(done.stderr[-4000:])
-        if done.returncode != 0 or not out.exists():
-            reason = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            return [{"path": "axolotl", "doc_len": n, "error": f"failed: {reason}"} for n in lengths]
-        return list(json.loads(out.read_text())["rows"])
+    cmd = [sys.executable, str(REPO / "bench" / "ebft_axolotl.py"), "--shape", args.shape]
+    cmd += ["--doc-lens", ",".join(map(str, lengths)), "--docs", str(args.docs), "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup)] + (["--cpu"] if args.tiny else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-4000:])
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = [r for r in printed if isinstance(r, dict) and r.get("path") == "axolotl"]
+    reason = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    if done.returncode < 0:  # a crash in a kernel leaves no Python error
+        reason = f"the process died of {signal.Signals(-done.returncode).name}"
+    finished = {r["doc_len"] for r in rows}
+    missing = [n for n in lengths if n not in finished]
+    return rows + [{"path": "axolotl", "doc_len": n, "error": f"failed: {reason}"} for n in missing]
 
 
 def table(rows: list[dict[str, Any]], baseline: str) -> None:

@@ -1,7 +1,7 @@
 """The axolotl arm of bench/ebft.py: axolotl 0.18.0's strided EBFT trainer (AxolotlStridedEBFTTrainer.compute_loss,
 from its wheel) on the model, settings and documents of ftw's arms, in its own process.
 
-    PYTHONPATH=SITE python bench/ebft_axolotl.py --shape llama-1b --doc-lens 1024,2048 --out rows.json
+    PYTHONPATH=SITE python bench/ebft_axolotl.py --shape llama-1b --doc-lens 1024,2048   # a JSON row per line
 
 SITE holds what axolotl's trainer imports beyond the GPU image and ftw's wheels (`pip install --no-deps
 --target SITE` of axolotl 0.18.0, addict, trl 1.8.0 — the version axolotl pins; trl 1.15's lacks
@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cpu", action="store_true", help="the dry run on the CPU")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     numba = numba_stand_in()
     import torch
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     lengths = [int(x) for x in args.doc_lens.split(",")]
     model = build(args.shape, device, max(lengths) * 2, dtype=torch.bfloat16)  # axolotl's masks are bf16
-    rows = []
     with tempfile.TemporaryDirectory() as folder:
         trainer = trainer_for(model, args.docs, device, folder)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
@@ -128,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.zero_grad(set_to_none=True)
 
             row = measure("axolotl", doc_len, step, device, args)
-            rows.append({**row, "axolotl": __version__, "numba": numba, "settings": settings_of(trainer)})
-            print(json.dumps(rows[-1]), flush=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=1))
+            row |= {"axolotl": __version__, "numba": numba, "settings": settings_of(trainer)}
+            print(json.dumps(row), flush=True)  # bench/ebft.py reads the rows of the lengths finished
     return 0
 
 

@@ -1,6 +1,7 @@
 """bench/ebft.py's axolotl arm on the CPU at the tiny shape: axolotl 0.18.0's strided EBFT trainer (axolotl, addict
 and trl 1.8.0 of .venv-axolotl: what the GPU run installs from .whl-ebft) runs in its own process beside ftw's
-packages, with ftw's arm's settings, and the bench reports a row per arm and document length."""
+packages, with ftw's arm's settings, and the bench reports a row per arm and document length; an arm that cannot
+run is a row saying why."""
 
 from __future__ import annotations
 
@@ -76,3 +77,22 @@ def test_the_axolotl_arm_runs_axolotls_trainer_with_ftws_settings(axolotl_site: 
         assert r["settings"] == want
     table = [line.split() for line in proc.stdout.splitlines() if line.startswith(("dense ", "axolotl "))]
     assert [t[:2] for t in table] == [["dense", "48"], ["axolotl", "48"], ["dense", "96"], ["axolotl", "96"]]
+
+
+def test_an_axolotl_arm_that_cannot_run_is_a_row_saying_why(tmp_path: Path):
+    empty = tmp_path / "no-axolotl"
+    empty.mkdir()
+    out = tmp_path / "ebft.json"
+    arms = ["--arms", "axolotl", "--axolotl-site", str(empty)]
+    proc = subprocess.run(
+        [sys.executable, "bench/ebft.py", "--tiny", *arms, "--out", str(out)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["doc_len"]) for r in rows] == [("axolotl", 48), ("axolotl", 96)]
+    assert all(r["error"] == "failed: ModuleNotFoundError: No module named 'axolotl'" for r in rows), rows
