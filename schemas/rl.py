@@ -101,7 +101,7 @@ TRL_NOT_BUILT = {
         "async_prefetch use_data_producer prefetch_depth streaming_partial_batch streaming_min_groups "
         "replay_buffer_size replay_recompute_logps reroll_start_fraction reroll_max_groups "
         "skip_zero_advantage_batches off_policy_mask_threshold reward_num_workers".split(),
-        "asynchronous GRPO",
+        "asynchronous generation: GRPO's and EBFT structured mode's async mode; ftw generates in sync",
     ),
     **dict.fromkeys("sync_ref_model ref_model_mixup_alpha ref_model_sync_steps".split(), "reference-model syncing"),
     **dict.fromkeys("rollout_func multi_objective_aggregation".split(), "custom rollouts and GDPO aggregation"),

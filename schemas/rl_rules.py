@@ -276,13 +276,6 @@ def _ebft_mode(cfg: TrainingConfig, ebft: EbftConfig) -> Problems:
                 f"type {ds.type} is a dataset type of ebft.mode: {that}; "
                 f"with mode {this} use one of {', '.join(types)}",
             )
-    if ebft.mode == "structured" and cfg.trl is not None and cfg.trl.use_vllm:
-        yield Issue(
-            "trl.use_vllm",
-            "trl.use_vllm with rl: ebft is not supported by ftw yet (structured EBFT generates with the policy's "
-            "own generate); remove it",
-            "unsupported",
-        )
     if ebft.mode != "strided":
         return
     if cfg.trl is not None and "trl" in cfg.model_fields_set:

@@ -341,7 +341,8 @@ STRUCTURED = {"path": "org/qa", "type": "ebft_opencode.transform"}
         ({"ebft": {"mode": "strided"}, "sequence_len": 12, "datasets": [STRIDED]}, {("sequence_len", "invalid")}),
         ({"ebft": {"mode": "strided"}, "trl": {"num_generations": 4}, "datasets": [STRIDED]}, {("trl", "invalid")}),
         ({"trl": {"reward_funcs": ["exact_match"]}, "datasets": [STRUCTURED]}, {("trl.reward_funcs", "invalid")}),
-        ({"trl": {"use_vllm": True}, "datasets": [STRUCTURED]}, {("trl.use_vllm", "unsupported")}),
+        ({"trl": {"use_vllm": True, "vllm_sync_interval": 2}, "datasets": [STRUCTURED]}, set()),  # sync mode
+        ({"adapter": None, "trl": {"use_vllm": True}, "datasets": [STRUCTURED]}, {("trl.use_vllm", "unsupported")}),
         ({"trl": {"async_prefetch": True}, "datasets": [STRUCTURED]}, {("trl.async_prefetch", "unsupported")}),
         ({"adapter": None, "deepspeed": "zero2", "datasets": [STRUCTURED]}, {("adapter", "unsupported")}),
         ({"datasets": [{"path": "org/p", "type": "chatml.intel"}]}, {("datasets[0].type", "unsupported")}),
@@ -350,6 +351,13 @@ STRUCTURED = {"path": "org/qa", "type": "ebft_opencode.transform"}
 def test_ebft_keys_fail_where_they_are_wrong(raw, want):
     report = validate_config({**GOOD, "adapter": "lora", "rl": "ebft", **raw}, ENV)
     assert {(i.loc, i.kind) for i in report.errors} == want, report.errors
+
+
+def test_ebft_async_mode_is_refused_by_name():
+    raw = {**GOOD, "adapter": "lora", "rl": "ebft", "datasets": [STRUCTURED]}
+    report = validate_config({**raw, "trl": {"use_vllm": True, "async_prefetch": True}}, ENV)
+    (issue,) = report.errors
+    assert issue.loc == "trl.async_prefetch" and "EBFT structured mode's async mode" in issue.msg, issue
 
 
 def test_ebft_one_sample_defaults_to_reinforce_without_diversity():

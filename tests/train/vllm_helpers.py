@@ -143,3 +143,15 @@ def train_events(run_dir: Path) -> list[dict[str, Any]]:
         for line in f.read_text().splitlines()
         if line.strip() and json.loads(line).get("stage") == "train"
     ]
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (an engine's model folder, unique to one test)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found

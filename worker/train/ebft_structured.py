@@ -2,9 +2,10 @@
 
 Per micro-batch of rows (prompt masked, then the ground-truth answer: worker/data/ebft_rows.py):
 1. generate: trl.num_generations completions per prompt from `self.generator` (worker/train/generation.py,
-   the backend GRPO uses: the policy's own `generate`; vLLM is refused at validation for EBFT until its
-   run is tested end to end). With ebft.adaptive_max_tokens, at most gt_length_multiplier × the longest
-   ground truth of the micro-batch is generated (never more than trl.max_completion_length).
+   the backends GRPO uses: the policy's own `generate`, or with trl.use_vllm the vLLM engine beside the
+   trainer, the adapter synced into it every trl.vllm_sync_interval optimizer steps). With
+   ebft.adaptive_max_tokens, at most gt_length_multiplier × the longest ground truth of the micro-batch is
+   generated (never more than trl.max_completion_length, which sizes the engine's context).
 2. features of prompt + completion and of prompt + ground truth from the frozen model (the adapter
    disabled; a frozen copy for full fine-tuning), pooled by embed_method over the real tokens
    (completion_mean: the completion's only), optionally whitened per prompt.
@@ -30,7 +31,7 @@ from worker.train import ebft
 from worker.train.batches import IGNORE
 from worker.train.generation import build_generator
 from worker.train.grpo import Rollout, completion_logps, group_advantages, policy_loss, rollout_of
-from worker.train.sampling import Sampling
+from worker.train.sampling import Sampling, VllmOptions
 
 
 def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,7 +69,8 @@ class StructuredEbftObjective:
         self.sampling = Sampling.from_trl(self.trl, tokenizer.eos_token_id)
         self.micro_per_step = cfg.batch_shape()[1]  # micro-batches per optimizer step (one process)
         self.micro_seen = 0  # training micro-batches so far in this process
-        self.generator = build_generator(model, tokenizer, None, cfg, run_dir)
+        vllm = VllmOptions.from_trl(self.trl) if self.trl.use_vllm else None
+        self.generator = build_generator(model, tokenizer, vllm, cfg, run_dir)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])

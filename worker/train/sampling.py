@@ -38,8 +38,8 @@ class Sampling:
 
 @dataclass(frozen=True)
 class VllmOptions:
-    """What the vLLM backend needs beyond the training config: GRPO takes these from `trl:`; EBFT's structured
-    mode passes its own (its completion length, the same axolotl/TRL key names for the engine)."""
+    """What the vLLM backend needs beyond the training config, from `trl:` (GRPO's and EBFT structured mode's:
+    their completion length sizes the engine's context)."""
 
     sync_interval: int  # optimizer steps between adapter syncs
     gpu_memory_utilization: float  # the engine's share of the GPU
