@@ -1,0 +1,100 @@
+"""Triton kernels of the FP8 base weights (kernels/ftw_kernels/fp8.py): activations quantised per row on the fly,
+and the fp8 weight transposed for the backward's GEMM.
+
+`quantise_rows(x, col_scale)` writes float8_e4m3fn q and fp32 scales s (M×1) with x·diag(col_scale) ≈ s·q, in
+one read of x per pass (amax, then scale and cast; the second pass mostly hits L2): plain torch would run
+abs, amax, a division, a clamp and a cast over fp32 temporaries, several times the bytes of the matmul's
+input on every projection. `col_scale` (optional, length N) folds the weight's per-output-channel scales
+into dy before dy is quantised for dx = dy·W (fp8.py says why).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale and zeros, never a division by zero
+
+
+@triton.jit
+def _quantise_rows(
+    X, COL, Q, S, stride_x, stride_q, N_COLS: tl.constexpr, HAS_COL: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row, q_row = X + row * stride_x, Q + row * stride_q
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N_COLS
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL:
+            x = x * tl.load(COL + cols, mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x))
+    top = tl.maximum(tl.max(amax, axis=0), 1e-12)
+    tl.store(S + row, top / FMAX)
+    inv = FMAX / top
+    for start in range(0, N_COLS, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N_COLS
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_COL:
+            x = x * tl.load(COL + cols, mask=mask, other=0.0)
+        q = tl.minimum(tl.maximum(x * inv, -FMAX), FMAX)
+        tl.store(q_row + cols, q.to(Q.dtype.element_ty), mask=mask)
+
+
+def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): x (M×N, rows contiguous) times diag(col_scale) as float8_e4m3fn q and fp32 s (M×1), one scale a row."""
+    m, n = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, n, dtype=FP8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        col = col_scale.reshape(-1) if col_scale is not None else s  # a dummy pointer when there is none
+        block = min(4096, triton.next_power_of_2(n))
+        _quantise_rows[(m,)](
+            x,
+            col,
+            q,
+            s,
+            x.stride(0),
+            q.stride(0),
+            N_COLS=n,
+            HAS_COL=col_scale is not None,
+            BLOCK=block,
+            FMAX=FP8_MAX,
+            num_warps=8 if block >= 2048 else 4,
+        )
+    return q, s
+
+
+def quantise_rows_reference(
+    x: torch.Tensor, col_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `quantise_rows` computes, in torch (the tests' reference)."""
+    x = x.float() * (col_scale.reshape(1, -1) if col_scale is not None else 1.0)
+    amax = x.abs().amax(dim=1, keepdim=True).clamp_min(MIN_AMAX)
+    return (x * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / FP8_MAX
+
+
+@triton.jit
+def _transpose(SRC, DST, n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    tile = tl.load(SRC + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask)
+    tl.store(DST + cols.to(tl.int64)[None, :] * n_rows + rows[:, None], tile, mask=mask)
+
+
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of wᵀ (w: R×C contiguous, one-byte elements), moved as bytes."""
+    r, c = w.shape
+    out = torch.empty(c, r, dtype=w.dtype, device=w.device)
+    if w.numel():
+        grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
+        _transpose[grid](w.view(torch.uint8), out.view(torch.uint8), r, c, BR=64, BC=64)
+    return out
