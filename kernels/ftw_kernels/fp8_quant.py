@@ -10,9 +10,15 @@ into dy before dy is quantised for dx = dy·W (fp8.py says why).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# the interpreter's float8 cast mis-rounds values that round up into the next power of two (124.7 → 64):
+# under it the kernel rounds to e4m3's grid itself and the cast only copies (CUDA's cvt rounds right)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -21,7 +27,17 @@ MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale and zeros, never a divisio
 
 @triton.jit
 def _quantise_rows(
-    X, COL, Q, S, stride_x, stride_q, N_COLS: tl.constexpr, HAS_COL: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr
+    X,
+    COL,
+    Q,
+    S,
+    stride_x,
+    stride_q,
+    N_COLS: tl.constexpr,
+    HAS_COL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FMAX: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row, q_row = X + row * stride_x, Q + row * stride_q
@@ -43,6 +59,9 @@ def _quantise_rows(
         if HAS_COL:
             x = x * tl.load(COL + cols, mask=mask, other=0.0)
         q = tl.minimum(tl.maximum(x * inv, -FMAX), FMAX)
+        if ROUND_FIRST:  # e4m3: 3 mantissa bits, subnormal spacing 2⁻⁹
+            step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(q), 0.015625))) - 3.0)
+            q = tl.floor(q / step + 0.5) * step
         tl.store(q_row + cols, q.to(Q.dtype.element_ty), mask=mask)
 
 
@@ -67,6 +86,7 @@ def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
             HAS_COL=col_scale is not None,
             BLOCK=block,
             FMAX=FP8_MAX,
+            ROUND_FIRST=INTERPRETED,
             num_warps=8 if block >= 2048 else 4,
         )
     return q, s
