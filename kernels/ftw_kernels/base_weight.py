@@ -24,10 +24,11 @@ def _stored(weight: torch.Tensor) -> bool:
     return fp8.is_fp8(weight) or qlora.is_4bit(weight)
 
 
-def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2·Wᵀ (+ bias) in x2's dtype."""
+def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quantised: dict) -> torch.Tensor:
+    """x2·Wᵀ (+ bias) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy
+    for the next projection of the same input."""
     if fp8.is_fp8(weight):
-        y = fp8.linear(x2, weight)
+        y = fp8.linear(x2, weight, quantised)
         return y if bias is None else y.add_(bias.to(y.dtype))
     return torch.nn.functional.linear(x2, qlora.dense(weight, x2.dtype), None if bias is None else bias.to(x2.dtype))
 

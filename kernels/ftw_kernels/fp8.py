@@ -93,9 +93,13 @@ def matmul(aq: torch.Tensor, sa: torch.Tensor, bq_t: torch.Tensor, sb: torch.Ten
     return ((aq.float() * sa) @ (bq_t.float() * sb)).to(dtype)
 
 
-def linear(x2: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
-    """x2·Wᵀ (x2: tokens × K in the compute dtype), x2 quantised per row."""
-    xq, sx = quantise_rows(x2)
+def linear(x2: torch.Tensor, weight: Fp8Weight, quantised: dict | None = None) -> torch.Tensor:
+    """x2·Wᵀ (x2: tokens × K in the compute dtype), x2 quantised per row: once for all the projections of
+    one input when they pass the same `quantised` dict."""
+    memo = {} if quantised is None else quantised
+    if "x" not in memo:
+        memo["x"] = quantise_rows(x2)
+    xq, sx = memo["x"]
     return matmul(xq, sx, weight.t(), weight.scale, x2.dtype, fast=True)
 
 

@@ -23,6 +23,30 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 MIN_AMAX = 1e-12  # an all-zero row gets a tiny scale and zeros, never a division by zero
+# a row up to this many columns (an 8B model's 14336-wide MLP) stays in registers: read once (16 warps: 32 a thread);
+# under the interpreter small blocks, whose cost is per element, exercise the two-pass path too
+MAX_BLOCK = 64 if INTERPRETED else 16384
+
+
+@triton.jit
+def _load(x_row, COL, start, N_COLS: tl.constexpr, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK)
+    x = tl.load(x_row + cols, mask=cols < N_COLS, other=0.0).to(tl.float32)
+    if HAS_COL:
+        x = x * tl.load(COL + cols, mask=cols < N_COLS, other=0.0)
+    return x
+
+
+@triton.jit
+def _store(
+    q_row, x, inv, start, N_COLS: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, ROUND_FIRST: tl.constexpr
+):
+    cols = start + tl.arange(0, BLOCK)
+    q = tl.minimum(tl.maximum(x * inv, -FMAX), FMAX)
+    if ROUND_FIRST:  # e4m3: 3 mantissa bits, subnormal spacing 2⁻⁹
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(q), 0.015625))) - 3.0)
+        q = tl.floor(q / step + 0.5) * step
+    tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=cols < N_COLS)
 
 
 @triton.jit
@@ -39,30 +63,31 @@ def _quantise_rows(
     FMAX: tl.constexpr,
     ROUND_FIRST: tl.constexpr,
 ):
+    """One row a program: a row that fits one block is read once, a longer one twice (amax, then the cast)."""
     row = tl.program_id(0).to(tl.int64)
     x_row, q_row = X + row * stride_x, Q + row * stride_q
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, N_COLS, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < N_COLS
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL:
-            x = x * tl.load(COL + cols, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x))
-    top = tl.maximum(tl.max(amax, axis=0), 1e-12)
-    tl.store(S + row, top / FMAX)
-    inv = FMAX / top
-    for start in range(0, N_COLS, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < N_COLS
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL:
-            x = x * tl.load(COL + cols, mask=mask, other=0.0)
-        q = tl.minimum(tl.maximum(x * inv, -FMAX), FMAX)
-        if ROUND_FIRST:  # e4m3: 3 mantissa bits, subnormal spacing 2⁻⁹
-            step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(q), 0.015625))) - 3.0)
-            q = tl.floor(q / step + 0.5) * step
-        tl.store(q_row + cols, q.to(Q.dtype.element_ty), mask=mask)
+    if N_COLS <= BLOCK:
+        x = _load(x_row, COL, 0, N_COLS, HAS_COL, BLOCK)
+        top = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+        tl.store(S + row, top / FMAX)
+        _store(q_row, x, FMAX / top, 0, N_COLS, BLOCK, FMAX, ROUND_FIRST)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N_COLS, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_load(x_row, COL, start, N_COLS, HAS_COL, BLOCK)))
+        top = tl.maximum(tl.max(amax, axis=0), 1e-12)
+        tl.store(S + row, top / FMAX)
+        for start in range(0, N_COLS, BLOCK):
+            _store(
+                q_row,
+                _load(x_row, COL, start, N_COLS, HAS_COL, BLOCK),
+                FMAX / top,
+                start,
+                N_COLS,
+                BLOCK,
+                FMAX,
+                ROUND_FIRST,
+            )
 
 
 def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +99,7 @@ def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         col = col_scale.reshape(-1) if col_scale is not None else s  # a dummy pointer when there is none
-        block = min(4096, triton.next_power_of_2(n))
+        block = min(MAX_BLOCK, triton.next_power_of_2(n))
         _quantise_rows[(m,)](
             x,
             col,
@@ -87,7 +112,7 @@ def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
             BLOCK=block,
             FMAX=FP8_MAX,
             ROUND_FIRST=INTERPRETED,
-            num_warps=8 if block >= 2048 else 4,
+            num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
         )
     return q, s
 

@@ -90,9 +90,10 @@ def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torc
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr)."""
     a_rows, bs = _adapters(projections, x2.dtype)
     xa = x2 @ a_rows.t() if a_rows is not None else None
-    outs = []
+    outs: list[torch.Tensor] = []
+    quantised: dict = {}  # x2 in float8, once for every float8 base
     for p, b, rows in zip(projections, bs, _rank_rows(projections)):
-        y = linear(x2, p.weight, p.bias)
+        y = linear(x2, p.weight, p.bias, quantised)
         if b is not None:
             y.addmm_(xa[:, rows], b.t(), alpha=p.scale)
         outs.append(y)

@@ -105,6 +105,29 @@ def test_projection_gradients_against_float64():
     assert rel_err(as_.grad, a64.grad) < 1e-5 and rel_err(bs.grad, b64.grad) < 1e-5
 
 
+def test_projections_of_one_input_quantise_it_once(monkeypatch):
+    """q, k and v (or gate and up) read one input: it is quantised once forward; each dy once backward."""
+    import ftw_kernels.fp8 as fp8
+
+    calls: list[tuple[int, ...]] = []
+
+    def counted(x, col_scale=None):
+        calls.append(tuple(x.shape))
+        return quantise_rows(x, col_scale)
+
+    monkeypatch.setattr(fp8, "quantise_rows", counted)
+    torch.manual_seed(10)
+    x = torch.randn(20, 32, requires_grad=True)
+    qkv = [
+        Projection(quantise_weight(channels(n, 32)), None, torch.randn(4, 32), torch.randn(n, 4), 2.0)
+        for n in (32, 16, 16)
+    ]
+    outs = lora_projections(x, qkv)
+    assert calls == [(20, 32)]
+    torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    assert calls == [(20, 32), (20, 32), (20, 16), (20, 16)] and x.grad is not None
+
+
 def fp8_model():
     ref = tiny(LlamaConfig)
     model = copy.deepcopy(ref)
