@@ -2,7 +2,8 @@
 trip bounds, the Triton kernels under the interpreter against torch), the fused projection's gradients
 against float64, and a tiny PEFT model over a float8 base: it trains, its unfused paths run, autograd keeps
 no dense weight, and its saved adapter is the ordinary PEFT adapter that loads on the dense base. The
-`torch._scaled_mm` path itself runs on a GPU (tests/kernels/test_fp8_gpu.py); here `matmul` dequantises.
+`torch._scaled_mm` path itself runs in bf16 on a GPU (tests/kernels/test_fp8_gpu.py); these fp32 tests take
+`matmul`'s dequantising reference (on a GPU too, where the Triton kernels then run natively).
 Fixed seeds: the tolerances are fp8's (e4m3 keeps 3 mantissa bits: one rounding is ≤ 2⁻⁴ relative). Under the
 interpreter the row kernel rounds to e4m3's grid itself (kernels/ftw_kernels/fp8_quant.py says why)."""
 
@@ -31,7 +32,7 @@ def fp8_config(**kw):
 
 def channels(n: int, k: int) -> torch.Tensor:
     """N×K with output channels spanning five decades (what per-channel scales are for)."""
-    return torch.randn(n, k) * torch.logspace(-3, 2, n)[:, None]
+    return torch.randn(n, k, device=DEVICE) * torch.logspace(-3, 2, n, device=DEVICE)[:, None]
 
 
 def test_weight_round_trip_scale_shapes_and_memory():
@@ -40,7 +41,9 @@ def test_weight_round_trip_scale_shapes_and_memory():
     q = quantise_weight(w)
     assert isinstance(q, Fp8Weight) and q.dtype == FP8 and q.shape == w.shape and not q.requires_grad
     assert q.scale.shape == (1, 48) and q.scale.dtype == torch.float32
-    assert torch.equal(q.data.float().abs().amax(dim=1), torch.full((48,), FP8_MAX))  # each row uses the range
+    assert torch.equal(
+        q.data.float().abs().amax(dim=1), torch.full((48,), FP8_MAX, device=DEVICE)
+    )  # each row uses the range
     err = (q.dequantised(torch.float32) - w).abs()
     assert (err <= w.abs() * ULP / 2 + q.scale.t() * 2.0**-9).all()  # half a step (subnormals: 2⁻⁹ of the scale)
     assert rel_err(q.dequantised(torch.float32), w) < 0.04
@@ -51,10 +54,10 @@ def test_weight_round_trip_scale_shapes_and_memory():
 
 def test_row_quantisation_kernel_matches_torch():
     torch.manual_seed(1)
-    x = torch.randn(37, 200) * torch.logspace(-4, 3, 37)[:, None]
+    x = torch.randn(37, 200, device=DEVICE) * torch.logspace(-4, 3, 37, device=DEVICE)[:, None]
     x[5] = 0.0  # an all-zero row: zeros and a finite scale
-    wide = torch.cat([x, torch.ones(37, 8)], dim=1)[:, :200]  # rows not contiguous with each other
-    col = torch.rand(200) + 0.5
+    wide = torch.cat([x, torch.ones(37, 8, device=DEVICE)], dim=1)[:, :200]  # rows not contiguous with each other
+    col = torch.rand(200, device=DEVICE) + 0.5
     for inp, col_scale in ((x, None), (wide, col)):
         q, s = quantise_rows(inp, col_scale)
         ref_q, ref_s = quantise_rows_reference(inp, col_scale)
@@ -76,12 +79,12 @@ def test_scaled_mm_takes_the_layout_matmul_assumes():
     """The arguments `matmul` hands `torch._scaled_mm` (a row-major, b a transposed row-major, (M,1) and
     (1,N) fp32 scales) mean what its reference computes, where this CPU build has the op."""
     torch.manual_seed(3)
-    x, w = torch.randn(32, 64), quantise_weight(channels(48, 64))
+    x, w = torch.randn(32, 64, device=DEVICE), quantise_weight(channels(48, 64))
     xq, sx = quantise_rows_reference(x)
     try:
         got = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=w.scale, out_dtype=torch.bfloat16)
     except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"no CPU _scaled_mm here: {e}")
+        pytest.skip(f"no _scaled_mm for these operands here: {e}")
     ref = matmul(xq, sx, w.t(), w.scale, torch.float32, fast=False)
     assert rel_err(got, ref) < 1e-2  # bf16 output
 
@@ -90,10 +93,10 @@ def test_projection_gradients_against_float64():
     """One fused projection (LoRA + bias) over a float8 base: y and dx carry fp8's error (x, dy and W rounded
     once each), the LoRA gradients none (their matmuls stay in the compute dtype)."""
     torch.manual_seed(4)
-    w, bias = channels(64, 96) / 30, torch.randn(64)
-    a, b = torch.randn(8, 96) / 10, torch.randn(64, 8) / 10
-    x = torch.randn(50, 96)
-    dy = torch.randn(50, 64)
+    w, bias = channels(64, 96) / 30, torch.randn(64, device=DEVICE)
+    a, b = torch.randn(8, 96, device=DEVICE) / 10, torch.randn(64, 8, device=DEVICE) / 10
+    x = torch.randn(50, 96, device=DEVICE)
+    dy = torch.randn(50, 64, device=DEVICE)
     xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
     (y,) = lora_projections(xs, [Projection(quantise_weight(w), bias, as_, bs, 2.0)])
     y.backward(dy)
@@ -117,9 +120,15 @@ def test_projections_of_one_input_quantise_it_once(monkeypatch):
 
     monkeypatch.setattr(fp8, "quantise_rows", counted)
     torch.manual_seed(10)
-    x = torch.randn(20, 32, requires_grad=True)
+    x = torch.randn(20, 32, device=DEVICE, requires_grad=True)
     qkv = [
-        Projection(quantise_weight(channels(n, 32)), None, torch.randn(4, 32), torch.randn(n, 4), 2.0)
+        Projection(
+            quantise_weight(channels(n, 32)),
+            None,
+            torch.randn(4, 32, device=DEVICE),
+            torch.randn(n, 4, device=DEVICE),
+            2.0,
+        )
         for n in (32, 16, 16)
     ]
     outs = lora_projections(x, qkv)
