@@ -39,9 +39,6 @@ class Fp8Weight(torch.nn.Parameter):
     def __deepcopy__(self, memo: dict) -> Fp8Weight:
         return Fp8Weight(self.data.clone(), self.scale.clone())
 
-    def __reduce_ex__(self, protocol):
-        return (Fp8Weight, (self.data, self.scale))
-
     def dequantised(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.data.float() * self.scale.t()).to(dtype)
 
