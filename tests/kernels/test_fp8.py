@@ -230,7 +230,8 @@ def train(model, batch, steps: int) -> list[float]:
 def test_trained_adapter_is_an_ordinary_peft_adapter_for_the_dense_base(tmp_path):
     torch.manual_seed(9)
     ref, model = fp8_model()
-    dense_base = copy.deepcopy(ref.get_base_model())  # tiny()'s weights: what the Hub base would hold
+    dense_base = copy.deepcopy(ref).unload()  # tiny()'s base weights, no LoRA layers: what the Hub base would hold
+    assert not any("lora_" in name for name, _ in dense_base.named_parameters())
     batch = packed_batch()
     fp8_losses, dense_losses = (train(m, batch, steps=8) for m in (model, ref))
     assert fp8_losses[-1] < fp8_losses[0] - 0.1, fp8_losses
@@ -243,6 +244,7 @@ def test_trained_adapter_is_an_ordinary_peft_adapter_for_the_dense_base(tmp_path
     loaded = PeftModel.from_pretrained(dense_base, str(tmp_path)).eval()
     assert not any(is_fp8(p) for p in loaded.parameters())
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum("lora_" in name for name, _ in loaded.named_parameters()) == len(trained) == 2 * 7 * 2
     for name, p in loaded.named_parameters():
         if "lora_" in name:
             assert torch.equal(p, trained[name]), name
