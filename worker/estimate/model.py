@@ -159,11 +159,13 @@ def memory_parts(w: Workload) -> dict[str, int]:
 
 
 def peak_bytes(w: Workload) -> int:
-    return sum(memory_parts(w).values())
+    """The training step's peak, or loading's where that is higher (a float8 base loads as bf16 first)."""
+    return max(sum(memory_parts(w).values()), weight_bytes(w) + OVERHEAD_BYTES)
 
 
 def weight_bytes(w: Workload) -> int:
-    return memory_parts(w)["weights"]
+    """What loading the weights needs: `fp8_base_weights` loads bf16 and converts it on the GPU afterwards."""
+    return int(w.shape.params * 2 / w.shards) if w.fp8_base else memory_parts(w)["weights"]
 
 
 def active_intermediate(s: ModelShape) -> int:
