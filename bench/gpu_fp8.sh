@@ -4,7 +4,7 @@
 #   .venv/bin/python bench/gpu_wheels.py     # here: the wheelhouse .whl/ (pydantic & co. for schemas/)
 #   OUT=/tmp/out bash bench/gpu_fp8.sh       # on the device machine, with .whl carried (~170 s)
 #
-# 1. tests.txt        tests/kernels/test_fp8_gpu.py (test_fp8.py is the CPU side; it passes on a GPU too)
+# 1. tests.txt        tests/kernels/test_fp8_gpu.py (tests/kernels/test_fp8.py is the CPU side)
 # 2. throughput.txt   bench/train_throughput.py, Llama-3.1-8B shape, mbs 4 × 2048 packed: ftw (bf16 base)
 #                     then ftw-fp8, each a fresh process, $STEPS timed steps (12), kernel profiles in prof-*
 # 3. loss_curve.txt   --loss-curve $CURVE_STEPS (200), Llama-3.2-1B shape, 1 × 2048 a step, lr 1e-3: hf, hf
