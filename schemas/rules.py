@@ -89,7 +89,7 @@ def _fp8_base_weights(cfg: TrainingConfig) -> Problems:
         )
     if cfg.fp16 or cfg.float16 or cfg.bf16 is False:
         yield Issue(key, f"fp8_base_weights computes in bf16 (its fp8 GEMMs write bf16): set bf16: true, or {fix}")
-    if cfg.torch_compile is True:
+    if cfg.torch_compile is True or cfg.torch_compile == "auto":  # auto compiles on CUDA, where fp8 runs
         yield Issue(key, f"fp8_base_weights is not supported under torch_compile yet: remove torch_compile, or {fix}")
     if cfg.fsdp or cfg.fsdp_config is not None or cfg.deepspeed:
         yield Issue(key, f"fp8_base_weights keeps a whole float8 copy on each GPU (no fsdp/deepspeed sharding): {fix}")

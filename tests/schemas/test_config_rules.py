@@ -638,6 +638,7 @@ def test_an_ebft_config_written_back_in_full_validates_again(raw):
         ({"adapter": "lora", "fp16": True, "bf16": False}, "set bf16: true"),
         ({"adapter": "lora", "bf16": False}, "set bf16: true"),
         ({"adapter": "lora", "torch_compile": True}, "torch_compile"),
+        ({"adapter": "lora", "torch_compile": "auto"}, "torch_compile"),
         ({"adapter": "lora", "fsdp_config": {"fsdp_version": 2}}, "no fsdp/deepspeed"),
         ({"adapter": "lora", "deepspeed": "zero2"}, "no fsdp/deepspeed"),
     ],
