@@ -87,6 +87,9 @@ def test_fp8_base_weights_needs_a_gpu_of_compute_capability_8_9() -> None:
     with pytest.raises(JobSpecError, match="compute capability 8.9 or more, and this GPU has 8.0") as e:
         check_machine(fp8, True, {}, capabilities=["9.0", "8.0"])
     assert "H100" in e.value.hint
-    check_machine(fp8, True, {}, capabilities=["8.9", "9.0", "10.0"])
-    check_machine(fp8, True, {}, capabilities=[""])  # unknown: the train stage checks with torch
+    for cap in ("8.9", "9.0", "10.0", ""):  # unknown: the train stage checks with torch
+        check_machine(fp8, True, {}, capabilities=[cap])
+    with pytest.raises(JobSpecError, match="trains on one GPU .* this job sees 2") as e:
+        check_machine(fp8, True, {}, capabilities=["9.0", "9.0"])
+    assert "one-GPU worker" in e.value.hint
     check_machine(cfg(adapter="lora"), True, {}, capabilities=["7.5"])  # only fp8 asks

@@ -142,15 +142,26 @@ def check_machine(
 
 
 def fp8_problems(has_cuda: bool, capabilities: Sequence[str]) -> list[tuple[str, str]]:
-    """float8 tensor cores (`torch._scaled_mm`) need compute capability 8.9 (Ada) or later: Hopper, Blackwell.
-    An unknown capability passes here; the train stage checks again with torch."""
+    """float8 tensor cores (`torch._scaled_mm`) need compute capability 8.9 (Ada) or later: Hopper, Blackwell;
+    and one GPU (no DDP of the float8 weights yet). An unknown capability passes here; the train stage checks
+    again with torch."""
     fix = "remove fp8_base_weights (a bf16 base), or run on an Ada/Hopper GPU (L4, L40S, RTX 4090, H100, H200)"
     if not has_cuda:
         return [("fp8_base_weights needs a CUDA GPU with float8 tensor cores, and this machine has none", fix)]
+    problems = []
     older = sorted({c for c in capabilities if c and tuple(map(int, c.split("."))) < (8, 9)})
     if older:
-        return [(f"fp8_base_weights needs compute capability 8.9 or more, and this GPU has {', '.join(older)}", fix)]
-    return []
+        problems.append(
+            (f"fp8_base_weights needs compute capability 8.9 or more, and this GPU has {', '.join(older)}", fix)
+        )
+    if len(capabilities) > 1:  # DDP would broadcast the float8 weights without their scales
+        problems.append(
+            (
+                f"fp8_base_weights trains on one GPU (not several yet), and this job sees {len(capabilities)}",
+                "run it on a one-GPU worker, or remove fp8_base_weights",
+            )
+        )
+    return problems
 
 
 def optimizer_problems(name: str, has_cuda: bool) -> list[tuple[str, str]]:
