@@ -154,7 +154,7 @@ def fp8_problems(has_cuda: bool, capabilities: Sequence[str]) -> list[tuple[str,
         problems.append(
             (f"fp8_base_weights needs compute capability 8.9 or more, and this GPU has {', '.join(older)}", fix)
         )
-    if len(capabilities) > 1:  # DDP would broadcast the float8 weights without their scales
+    if len(capabilities) > 1:  # untested: DDP broadcasting float8 parameters (a Parameter subclass) at start-up
         problems.append(
             (
                 f"fp8_base_weights trains on one GPU (not several yet), and this job sees {len(capabilities)}",
