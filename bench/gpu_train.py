@@ -24,6 +24,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
          functions over the 4-bit weights (kernels/ftw_kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
+  ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
+         default arms: it needs compute capability ≥ 8.9).
 `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
 the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
 gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
@@ -209,6 +211,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         cfg["use_kernels"] = False
     if name.startswith("qlora"):
         cfg.update(adapter="qlora", load_in_4bit=True)
+    if name.startswith("ftw-fp8"):
+        cfg["fp8_base_weights"] = True
     if name.endswith("+gc"):
         cfg["gradient_checkpointing"] = True
     if name.endswith("+offload"):

@@ -4,6 +4,7 @@
     bash bench/gpu_peers.sh --shapes llama-8b --gc both    # the same on the GPU machine, peer wheels installed
     python bench/train_throughput.py --shapes llama-1b --arms hf,ftw --steps 30 --json OUT.json
     python bench/train_throughput.py --loss-curve 200 --shapes llama-1b   # kernels on vs off
+    python bench/train_throughput.py --loss-curve 200 --shapes llama-1b --arms ftw,ftw-fp8   # each against hf
 
 Every arm runs in its own process (Liger patches transformers classes process-wide) on the same
 token stream: samples of lognormal length (mean ~600, capped at 2048) packed back to back into
@@ -15,9 +16,11 @@ over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
 against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
-trainer makes after get_peft_model); unsloth = Unsloth's FastLanguageModel and LoRA on the same
-seed-0 weights, its offloaded checkpointing for `--gc on`, packed steps in its padding-free layout
-(bench/unsloth_arm.py). The table gives tokens/s and peak memory also as ratios to hf's and Unsloth's.
+trainer makes after get_peft_model); ftw-fp8 = ftw with `fp8_base_weights: true` (the frozen
+Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); unsloth =
+Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
+`--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
+tokens/s and peak memory also as ratios to hf's and Unsloth's.
 `--offload`: the ftw arm's forward runs under worker/train/offload.py's activation offloading (what
 `gradient_checkpointing: offload` does in training), shown as arm ftw+offload; e.g.
 `--shapes llama-8b --arms ftw --gc on --offload`.
@@ -167,7 +170,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     applied: list[str] = []
-    if arm == "ftw":
+    if arm in ("ftw", "ftw-fp8"):
         from ftw_kernels import apply_kernels
         from schemas.config import TrainingConfig
 
@@ -180,6 +183,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
                 lora_r=16,
                 lora_alpha=32,
                 gradient_checkpointing=gc,
+                fp8_base_weights=arm == "ftw-fp8",
             ),
         )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -345,7 +349,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
-    ap.add_argument("--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw (default: all)")
+    ap.add_argument("--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8")
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
@@ -364,7 +368,7 @@ def main() -> None:
         "--loss-curve",
         type=int,
         default=0,
-        help="instead: N steps of hf, hf again and ftw (concurrently); compare their losses",
+        help="instead: N steps of hf, hf again and each ftw arm of --arms (default ftw), concurrently; compare losses",
     )
     ap.add_argument("--json", help="write all results here")
     ap.add_argument(
@@ -416,11 +420,10 @@ def main() -> None:
             str(a.lr),
             "--keep-losses",
         ]
-        # the three runs share the GPU at once: only their losses count here, not their speed
-        procs = {
-            name: ([*arm_args, *common], start_child([*arm_args, *common]))
-            for name, arm_args in (("hf", ["--arm", "hf"]), ("hf_again", ["--arm", "hf"]), ("ftw", ["--arm", "ftw"]))
-        }
+        # the runs share the GPU at once: only their losses count here, not their speed
+        compared = [arm for arm in a.arms.split(",") if arm.startswith("ftw")] or ["ftw"]
+        arms = {"hf": "hf", "hf_again": "hf", **{arm: arm for arm in compared}}
+        procs = {name: ([*common, "--arm", arm], start_child([*common, "--arm", arm])) for name, arm in arms.items()}
         runs = {name: finish_child(proc, args) for name, (args, proc) in procs.items()}
         results = list(runs.values())
         if all("losses" in r for r in results):
@@ -433,7 +436,7 @@ def main() -> None:
                 shape=shape,
                 steps=a.loss_curve,
                 hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
-                ftw_vs_hf=gap(runs["ftw"], runs["hf"]),
+                **{f"{arm}_vs_hf": gap(runs[arm], runs["hf"]) for arm in compared},
                 every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()},
             )
             print("LOSS_CURVE " + json.dumps(summary))
@@ -446,7 +449,7 @@ def main() -> None:
                 for arm in a.arms.split(","):
                     prof = (
                         ["--profile-to", f"{a.profile}-{shape}-gc{gc}{'' if arm == 'ftw' else '-' + arm}.txt"]
-                        if a.profile and arm in ("ftw", "unsloth")
+                        if a.profile and arm in ("ftw", "ftw-fp8", "unsloth")
                         else []
                     )
                     r = child(

@@ -115,6 +115,10 @@ class TrainingConfig(Frozen):
     lora_mlp_kernel: bool | None = None
     lora_qkv_kernel: bool | None = None
     lora_o_kernel: bool | None = None
+    # ftw's own key: the frozen base's Linears stored as float8 with per-channel scales, their matmuls as
+    # torch._scaled_mm (LoRA on Ada/Hopper; kernels/ftw_kernels/fp8.py). axolotl's `fp8` is torchao's float8
+    # training of every Linear, which ftw does not ship.
+    fp8_base_weights: bool = False
     # ---- mixture of experts --------------------------------------------------------------------
     lora_target_parameters: str | list[str] | None = None  # 3-D expert tensors, e.g. experts.gate_up_proj
     use_scattermoe: bool | None = None

@@ -189,9 +189,11 @@ UNSUPPORTED = {
     **_group("best-model selection", "load_best_model_at_end metric_for_best_model greater_is_better"),
     **_group("layer and activation offloading variants", "layer_offloading selective_checkpointing dynamic_checkpoint"),
     **_group(
-        "FP8 / float32-norm training",
-        "fp8 fp8_enable_fsdp_float8_all_gather fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k",
+        "torchao FP8 training of every Linear; for LoRA on Ada/Hopper GPUs fp8_base_weights: true runs the frozen "
+        "base in FP8",
+        "fp8 fp8_enable_fsdp_float8_all_gather",
     ),
+    **_group("float32-norm training", "fp32_norms fp32_norm_classes float32 use_eaft eaft_alpha eaft_k"),
     **_group("merge methods other than PEFT's merge_and_unload", "merge_method"),
     **_group("QLoRA sharded model loading", "qlora_sharded_model_loading"),
     **_group("extra model kwargs", "overrides_of_model_kwargs"),

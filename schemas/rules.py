@@ -54,6 +54,47 @@ def _quantisation(cfg: TrainingConfig) -> Problems:
         yield Issue("load_in_4bit", "load_in_4bit with adapter: lora — set adapter: qlora")
 
 
+@rule(
+    "fp8_base_weights",
+    "adapter",
+    "load_in_4bit",
+    "load_in_8bit",
+    "peft_use_dora",
+    "use_kernels",
+    "bf16",
+    "fp16",
+    "float16",
+    "torch_compile",
+    "fsdp",
+    "fsdp_config",
+    "deepspeed",
+)
+def _fp8_base_weights(cfg: TrainingConfig) -> Problems:
+    """The float8 base is a frozen LoRA base run by ftw's kernels in bf16 on one unsharded GPU copy."""
+    if not cfg.fp8_base_weights:
+        return
+    key, fix = "fp8_base_weights", "remove fp8_base_weights"
+    if cfg.adapter != "lora" or cfg.load_in_4bit or cfg.load_in_8bit:
+        what = "full fine-tuning" if cfg.adapter is None else "a 4-bit or 8-bit base (qlora/load_in_*bit)"
+        yield Issue(
+            key,
+            f"fp8_base_weights stores a frozen LoRA base in float8, not {what}: use adapter: lora "
+            f"without load_in_4bit/load_in_8bit, or {fix}",
+        )
+    if cfg.peft_use_dora:
+        yield Issue(key, f"fp8_base_weights does not work with peft_use_dora (DoRA reads the dense base weight): {fix}")
+    if cfg.use_kernels is False:
+        yield Issue(
+            key, f"fp8_base_weights runs through ftw's kernels, and use_kernels is false: remove use_kernels, or {fix}"
+        )
+    if cfg.fp16 or cfg.float16 or cfg.bf16 is False:
+        yield Issue(key, f"fp8_base_weights computes in bf16 (its fp8 GEMMs write bf16): set bf16: true, or {fix}")
+    if cfg.torch_compile is True or cfg.torch_compile == "auto":  # auto compiles on CUDA, where fp8 runs
+        yield Issue(key, f"fp8_base_weights is not supported under torch_compile yet: remove torch_compile, or {fix}")
+    if cfg.fsdp or cfg.fsdp_config is not None or cfg.deepspeed:
+        yield Issue(key, f"fp8_base_weights keeps a whole float8 copy on each GPU (no fsdp/deepspeed sharding): {fix}")
+
+
 @rule("adapter", "lora_model_dir", "merge_lora")
 def _needs_adapter(cfg: TrainingConfig) -> Problems:
     if cfg.lora_model_dir and cfg.adapter is None:

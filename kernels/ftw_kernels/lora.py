@@ -1,5 +1,6 @@
-"""Fused LoRA projections with hand-written backwards, over a floating-point or a bitsandbytes 4-bit
-base weight (QLoRA: dequantised per matmul, never saved dense; kernels/ftw_kernels/qlora.py).
+"""Fused LoRA projections with hand-written backwards, over a floating-point, a bitsandbytes 4-bit (QLoRA:
+dequantised per matmul, never saved dense) or a float8 base weight (`fp8_base_weights`: `torch._scaled_mm`);
+kernels/ftw_kernels/base_weight.py runs the base matmuls in each storage.
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ for frozen W and trainable A, B. Autograd through PEFT keeps, per
 projection, the input and the rank-sized intermediates of each matmul, and for the gated MLP also
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ftw_kernels.adapter_copies import stacked
+from ftw_kernels.base_weight import add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.precision import compute_dtype, no_autocast
-from ftw_kernels.qlora import dense, save_for_backward, saved_tensors, usable
 from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
@@ -41,8 +42,8 @@ class Projection:
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
     """A PEFT lora.Linear (one active adapter, no dropout/DoRA, not merged) or a plain Linear, over
-    a floating-point or bitsandbytes 4-bit base weight (kernels/ftw_kernels/qlora.py); None when the module is
-    in a state these kernels do not reproduce (an 8-bit base among them)."""
+    a floating-point, bitsandbytes 4-bit or float8 base weight (kernels/ftw_kernels/base_weight.py); None when the
+    module is in a state these kernels do not reproduce (an 8-bit base among them)."""
     if isinstance(module, torch.nn.Linear):
         return Projection(module.weight, module.bias, None, None, 0.0) if usable(module.weight) else None
     base = getattr(module, "base_layer", None)
@@ -89,9 +90,10 @@ def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torc
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr)."""
     a_rows, bs = _adapters(projections, x2.dtype)
     xa = x2 @ a_rows.t() if a_rows is not None else None
-    outs = []
+    outs: list[torch.Tensor] = []
+    quantised: dict = {}  # x2 in float8, once for every float8 base
     for p, b, rows in zip(projections, bs, _rank_rows(projections)):
-        y = torch.nn.functional.linear(x2, dense(p.weight, x2.dtype), None if p.bias is None else p.bias.to(x2.dtype))
+        y = linear(x2, p.weight, p.bias, quantised)
         if b is not None:
             y.addmm_(xa[:, rows], b.t(), alpha=p.scale)
         outs.append(y)
@@ -110,8 +112,7 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
         return None, dyb
     dx = None
     for p, dy in zip(projections, dys):
-        w = dense(p.weight, dy.dtype)  # a 4-bit weight: dequantised again, never saved dense
-        dx = dy @ w if dx is None else dx.addmm_(dy, w)
+        dx = add_input_grad(dx, dy, p.weight)  # a 4-bit weight: dequantised again, never saved dense
     scales = {p.scale for p, *_ in parts}
     if len(scales) == 1:  # one GEMM over the stacked A
         dx.addmm_(dyb.t(), a_rows, alpha=scales.pop())

@@ -14,6 +14,7 @@ import types
 import torch
 
 import ftw_kernels.attention as attention
+import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
 from ftw_kernels.cross_entropy import fused_linear_cross_entropy
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
@@ -209,6 +210,32 @@ def install_experts(model: torch.nn.Module) -> list[str]:
         )
         return []
     return ["scattermoe_lora" if fused else "scattermoe"]
+
+
+# ---- FP8 base weights -------------------------------------------------------------------------
+def _fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A frozen Linear over a float8 weight, through the fused function (a LoRA wrapper above it adds its term)."""
+    return lora_projections(x, [Projection(self.weight, self.bias, None, None, 0.0)])[0]
+
+
+def install_fp8_base(base: torch.nn.Module, family) -> int:
+    """Every frozen Linear of the attention and MLP modules as float8 (kernels/ftw_kernels/fp8.py), each one's forward
+    through the fused function, which the fused LoRA projections call too; returns how many."""
+    if next(base.parameters()).is_cuda and torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY:
+        raise RuntimeError(
+            f"fp8_base_weights needs a GPU of compute capability 8.9 or more (Ada, Hopper), this one has "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability()))}: remove fp8_base_weights"
+        )
+    converted = 0
+    for module in base.modules():
+        if type(module).__name__ not in (family.attention_class, family.mlp_class):
+            continue
+        for linear in module.modules():
+            if fp8.convertible(linear):
+                fp8.convert(linear)
+                _replace_forward(linear, _fp8_linear_forward)
+                converted += 1
+    return converted
 
 
 # ---- installer --------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ every projection unfused).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 _BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -49,16 +47,3 @@ def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if buffer is None or buffer.numel() < numel:
         buffer = _BUFFERS[key] = torch.empty(numel, dtype=state.dtype, device=weight.device)
     return dequantize_4bit(weight, state, out=buffer[:numel].view(state.shape)).to(dtype)
-
-
-def save_for_backward(ctx: Any, *tensors: torch.Tensor | None) -> None:
-    """`ctx.save_for_backward`, but a 4-bit weight is kept on `ctx` as it is: saved-tensor hooks (the
-    activation offloading of `gradient_checkpointing: offload`) hand a tensor subclass back detached,
-    as a plain tensor without its `quant_state`. It is a frozen parameter: keeping it costs nothing."""
-    ctx.four_bit = {i: t for i, t in enumerate(tensors) if t is not None and is_4bit(t)}
-    ctx.save_for_backward(*(None if i in ctx.four_bit else t for i, t in enumerate(tensors)))
-
-
-def saved_tensors(ctx: Any) -> list[torch.Tensor | None]:
-    """What `save_for_backward` saved, in its order."""
-    return [ctx.four_bit.get(i, t) for i, t in enumerate(ctx.saved_tensors)]

@@ -13,6 +13,11 @@ QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: th
 bitsandbytes 4-bit tensors, dequantised per matmul into one shared buffer (kernels/ftw_kernels/qlora.py) and never
 kept dense for backward; the applied list then names `dequant_4bit` after the fused projections.
 
+`fp8_base_weights: true` stores the frozen Linears of the attention and MLP modules as float8 with per-channel
+scales and runs their matmuls as `torch._scaled_mm` (kernels/ftw_kernels/fp8.py): the applied list names
+`fp8_base`. It needs the family's patches; where they do not apply, `apply_kernels` refuses instead of
+training a bf16 base the config did not ask for.
+
 MoE models (any family whose experts use transformers' `@use_experts_implementation`) get ftw's
 ScatterMoE LoRA experts (kernels/ftw_kernels/moe.py) through transformers' experts registry, unless the config
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
@@ -63,8 +68,20 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     """Patch `model` (a PeftModel after get_peft_model, or a plain HF causal LM) in place.
 
     Returns the names of the patches applied, in order; an empty list when the family, the
-    transformers version or the switches rule them out (the reason is logged).
+    transformers version or the switches rule them out (the reason is logged). RuntimeError when
+    `fp8_base_weights` is asked for and the family's patches do not apply.
     """
+    applied = _apply(model, config)
+    if config.fp8_base_weights and "fp8_base" not in applied:
+        raise RuntimeError(
+            "fp8_base_weights: true runs the frozen base through ftw's fused kernels, which do not apply to this "
+            f"model (applied: {', '.join(applied) or 'none'}; the log says why): remove fp8_base_weights, or use a "
+            f"{'/'.join(FAMILIES)} model with use_kernels not false"
+        )
+    return applied
+
+
+def _apply(model: Any, config: Any) -> list[str]:
     import torch
     import transformers
 
@@ -122,6 +139,8 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     applied = patches.apply_family(base, family, wanted)
     if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied) and any(qlora.is_4bit(p) for p in base.parameters()):
         applied.append("dequant_4bit")
+    if config.fp8_base_weights and patches.install_fp8_base(base, family):
+        applied.append("fp8_base")
     if applied:
         log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
     return applied

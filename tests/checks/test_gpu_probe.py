@@ -13,8 +13,8 @@ import pytest
 from worker.checks.gpu import cpu_allowed, parse_visible_devices, probe, stage_env
 from worker.errors import InfraError
 
-GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
-1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06
+GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06, 9.0
+1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06, 9.0
 """
 
 
@@ -61,6 +61,13 @@ def test_probe_selects_by_index_and_uuid_prefix(tmp_path):
     assert [d.index for d in chosen.devices] == [1]
     assert stage_env(chosen, {})["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb2222-0000-0000-0000-000000000000"
     assert stage_env(chosen, {})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_probe_reads_the_compute_capability_where_nvidia_smi_gives_it(tmp_path):
+    """fp8_base_weights needs 8.9 or more (worker/checks/machine.py); a row without the column reads as unknown."""
+    assert [d.compute_capability for d in probe(fake_smi(tmp_path)).devices] == ["9.0", "9.0"]
+    old = "0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA A100, 81920, 1, 81919, 535.1\n"
+    assert [d.compute_capability for d in probe(fake_smi(tmp_path, gpus=old)).devices] == [""]
 
 
 def test_nonexistent_device_fails_in_seconds_naming_what_exists(tmp_path):

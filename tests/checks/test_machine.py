@@ -77,3 +77,19 @@ def test_every_registered_optimizer_passes_on_a_machine_with_what_it_needs(
         with pytest.raises(JobSpecError, match=f"this machine has no {package}") as e:
             check_machine(cfg(optimizer=name), True, {})
         assert e.value.hint == "use optimizer: adamw_torch_fused"
+
+
+def test_fp8_base_weights_needs_a_gpu_of_compute_capability_8_9() -> None:
+    fp8 = cfg(adapter="lora", fp8_base_weights=True)
+    with pytest.raises(JobSpecError, match="fp8_base_weights needs a CUDA GPU") as e:
+        check_machine(fp8, False, {})
+    assert "remove fp8_base_weights" in e.value.hint
+    with pytest.raises(JobSpecError, match="compute capability 8.9 or more, and this GPU has 8.0") as e:
+        check_machine(fp8, True, {}, capabilities=["9.0", "8.0"])
+    assert "H100" in e.value.hint
+    for cap in ("8.9", "9.0", "10.0", ""):  # unknown: the train stage checks with torch
+        check_machine(fp8, True, {}, capabilities=[cap])
+    with pytest.raises(JobSpecError, match="trains on one GPU .* this job sees 2") as e:
+        check_machine(fp8, True, {}, capabilities=["9.0", "9.0"])
+    assert "one-GPU worker" in e.value.hint
+    check_machine(cfg(adapter="lora"), True, {}, capabilities=["7.5"])  # only fp8 asks

@@ -633,3 +633,32 @@ def test_an_ebft_config_written_back_in_full_validates_again(raw):
     report = validate_config({**GOOD, "adapter": "lora", "rl": "ebft", **raw}, ENV)
     again = validate_config(report.value.model_dump(mode="json"), ENV)
     assert again.valid, again.errors
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({}, "not full fine-tuning"),
+        ({"adapter": "qlora", "load_in_4bit": True}, "not a 4-bit or 8-bit base"),
+        ({"adapter": "lora", "load_in_8bit": True}, "not a 4-bit or 8-bit base"),
+        ({"adapter": "lora", "peft_use_dora": True}, "peft_use_dora"),
+        ({"adapter": "lora", "use_kernels": False}, "remove use_kernels"),
+        ({"adapter": "lora", "fp16": True, "bf16": False}, "set bf16: true"),
+        ({"adapter": "lora", "bf16": False}, "set bf16: true"),
+        ({"adapter": "lora", "torch_compile": True}, "torch_compile"),
+        ({"adapter": "lora", "torch_compile": "auto"}, "torch_compile"),
+        ({"adapter": "lora", "fsdp_config": {"fsdp_version": 2}}, "no fsdp/deepspeed"),
+        ({"adapter": "lora", "deepspeed": "zero2"}, "no fsdp/deepspeed"),
+    ],
+)
+def test_fp8_base_weights_is_refused_where_it_cannot_run(extra, says):
+    found = errors({**GOOD, "fp8_base_weights": True, **extra})
+    assert says in found.get(("fp8_base_weights", "invalid"), ""), found
+    assert "remove fp8_base_weights" in found[("fp8_base_weights", "invalid")]
+
+
+def test_fp8_base_weights_with_lora_is_valid_and_axolotl_fp8_points_to_it():
+    report = validate_config({**GOOD, "adapter": "lora", "fp8_base_weights": True}, ENV)
+    assert report.valid and report.value.fp8_base_weights is True
+    found = errors({**GOOD, "adapter": "lora", "fp8": True})
+    assert "torchao" in found[("fp8", "unsupported")] and "fp8_base_weights: true" in found[("fp8", "unsupported")]

@@ -23,7 +23,7 @@ from worker.errors import InfraError
 from worker.estimate.devices import CONTEXT_HEADROOM, ComputeProcess, Gpu, GpuProbe
 from worker.lifeline import die_with_parent
 
-GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version"
+GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version,compute_cap"
 APP_QUERY = "gpu_uuid,pid,used_memory,process_name"
 DEFAULT_TIMEOUT_S = 15.0
 ALLOC_CONF = "expandable_segments:True"
@@ -96,7 +96,8 @@ def query_devices(binary: str, timeout_s: float) -> tuple[list[Gpu], list[Comput
     ):
         if len(row) < 6:
             continue
-        gpus.append(Gpu(_int(row[0]), row[1], row[2], _int(row[3]), _int(row[4]), _int(row[5])))
+        cap = row[7] if len(row) > 7 and row[7][:1].isdigit() else ""
+        gpus.append(Gpu(_int(row[0]), row[1], row[2], _int(row[3]), _int(row[4]), _int(row[5]), cap))
         driver = row[6] if len(row) > 6 else driver
     procs = [
         ComputeProcess(row[0], _int(row[1]), _int(row[2]), row[3] if len(row) > 3 else "")

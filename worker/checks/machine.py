@@ -7,7 +7,7 @@ checked here)."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from schemas.config import TrainingConfig
@@ -86,10 +86,19 @@ def missing_local_inputs(cfg: TrainingConfig, env: Mapping[str, str], datasets: 
     return problems
 
 
-def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], datasets: bool = False) -> None:
+def check_machine(
+    cfg: TrainingConfig,
+    has_cuda: bool,
+    env: Mapping[str, str],
+    datasets: bool = False,
+    capabilities: Sequence[str] = (),
+) -> None:
     """JobSpecError listing every requirement of `cfg` this machine (and `env`, the environment the
-    train child gets) does not meet, each with its fix; `datasets`: the local dataset files too."""
+    train child gets) does not meet, each with its fix; `datasets`: the local dataset files too;
+    `capabilities`: the probed GPUs' compute capabilities ("9.0", "" where unknown)."""
     problems = missing_local_inputs(cfg, env, datasets)
+    if cfg.fp8_base_weights:
+        problems += fp8_problems(has_cuda, capabilities)
     if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
         if not has_cuda:
             problems.append(
@@ -130,6 +139,29 @@ def check_machine(cfg: TrainingConfig, has_cuda: bool, env: Mapping[str, str], d
         )
     if problems:
         raise JobSpecError("; ".join(m for m, _ in problems), hint="; ".join(h for _, h in problems))
+
+
+def fp8_problems(has_cuda: bool, capabilities: Sequence[str]) -> list[tuple[str, str]]:
+    """float8 tensor cores (`torch._scaled_mm`) need compute capability 8.9 (Ada) or later: Hopper, Blackwell;
+    and one GPU (no DDP of the float8 weights yet). An unknown capability passes here; the train stage checks
+    again with torch."""
+    fix = "remove fp8_base_weights (a bf16 base), or run on an Ada/Hopper GPU (L4, L40S, RTX 4090, H100, H200)"
+    if not has_cuda:
+        return [("fp8_base_weights needs a CUDA GPU with float8 tensor cores, and this machine has none", fix)]
+    problems = []
+    older = sorted({c for c in capabilities if c and tuple(map(int, c.split("."))) < (8, 9)})
+    if older:
+        problems.append(
+            (f"fp8_base_weights needs compute capability 8.9 or more, and this GPU has {', '.join(older)}", fix)
+        )
+    if len(capabilities) > 1:  # untested: DDP broadcasting float8 parameters (a Parameter subclass) at start-up
+        problems.append(
+            (
+                f"fp8_base_weights trains on one GPU (not several yet), and this job sees {len(capabilities)}",
+                "run it on a one-GPU worker, or remove fp8_base_weights",
+            )
+        )
+    return problems
 
 
 def optimizer_problems(name: str, has_cuda: bool) -> list[tuple[str, str]]:

@@ -60,7 +60,8 @@ def run_checks(check: CheckInput, progress: Callable[[str], None] = lambda text:
     gpus = probe(check.env, prediction.weights_bytes if prediction else 0, cpu_allowed(check.env, check.allow_cpu))
     progress(f"devices: {devices_text(gpus)}")
     memory = check_fits(prediction, gpus.devices, check.allow_oom_risk)
-    check_machine(cfg, gpus.count > 0, check.child_env, datasets=check.datasets)
+    capabilities = [d.compute_capability for d in gpus.devices]
+    check_machine(cfg, gpus.count > 0, check.child_env, datasets=check.datasets, capabilities=capabilities)
     warnings = [memory["warning"]] if memory.get("warning") else []
     return CheckReport(gpus, stage_env(gpus, check.env), disk, prediction, memory, warnings)
 

@@ -17,6 +17,7 @@ class Gpu:
     total_mib: int
     used_mib: int
     free_mib: int
+    compute_capability: str = ""  # "9.0"; "" where nvidia-smi did not say
 
 
 @dataclass(frozen=True)

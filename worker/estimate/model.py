@@ -83,6 +83,7 @@ class Workload:
     micro_tokens: float | None = None  # real tokens of an average micro-batch, when the data says
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
+    fp8_base: bool = False  # fp8_base_weights: the decoder layers' Linears stored as float8 (1 byte a weight)
 
     @property
     def mode(self) -> str:
@@ -134,6 +135,8 @@ def memory_parts(w: Workload) -> dict[str, int]:
         weights = s.linear_params * BYTES_4BIT + dense * 4
     elif w.method == "lora8":
         weights = s.linear_params * 1.0 + dense * 4
+    elif w.fp8_base:
+        weights = s.linear_params * 1 + dense * 2
     else:
         weights = s.params * 2
     state = s.params * FULL_STATE_BYTES if w.method == "full" else w.lora_params * LORA_STATE_BYTES
@@ -156,11 +159,13 @@ def memory_parts(w: Workload) -> dict[str, int]:
 
 
 def peak_bytes(w: Workload) -> int:
-    return sum(memory_parts(w).values())
+    """The training step's peak, or loading's where that is higher (a float8 base loads as bf16 first)."""
+    return max(sum(memory_parts(w).values()), weight_bytes(w) + OVERHEAD_BYTES)
 
 
 def weight_bytes(w: Workload) -> int:
-    return memory_parts(w)["weights"]
+    """What loading the weights needs: `fp8_base_weights` loads bf16 and converts it on the GPU afterwards."""
+    return int(w.shape.params * 2 / w.shards) if w.fp8_base else memory_parts(w)["weights"]
 
 
 def active_intermediate(s: ModelShape) -> int:

@@ -135,6 +135,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
         mean_sample_tokens=data.mean_sample_tokens,
         micro_tokens=micro_tokens,
         data_tokens=data.tokens if packed and data.tokens else None,
+        fp8_base=cfg.fp8_base_weights,
     )
 
 

@@ -1,0 +1,55 @@
+"""The frozen base weight of a fused LoRA projection in whichever storage it has, and the two matmuls the
+fused functions (kernels/ftw_kernels/lora.py) need of it: the forward's x·Wᵀ and the backward's dy·W.
+
+Floating point: as it is. bitsandbytes 4-bit (QLoRA, kernels/ftw_kernels/qlora.py): dequantised per matmul into a
+shared buffer. float8 (`fp8_base_weights`, kernels/ftw_kernels/fp8.py): `torch._scaled_mm` over activations
+quantised per row. A quantised weight is kept on the autograd context as it is, never saved dense.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftw_kernels import fp8, qlora
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """A weight the fused functions can multiply by: floating point, quantised 4-bit or float8."""
+    return fp8.is_fp8(weight) or qlora.usable(weight)
+
+
+def _stored(weight: torch.Tensor) -> bool:
+    return fp8.is_fp8(weight) or qlora.is_4bit(weight)
+
+
+def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quantised: dict) -> torch.Tensor:
+    """x2·Wᵀ (+ bias) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy
+    for the next projection of the same input."""
+    if fp8.is_fp8(weight):
+        y = fp8.linear(x2, weight, quantised)
+        return y if bias is None else y.add_(bias.to(y.dtype))
+    return torch.nn.functional.linear(x2, qlora.dense(weight, x2.dtype), None if bias is None else bias.to(x2.dtype))
+
+
+def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
+    if fp8.is_fp8(weight):
+        part = fp8.input_grad(dy, weight)
+        return part if dx is None else dx.add_(part)
+    w = qlora.dense(weight, dy.dtype)
+    return dy @ w if dx is None else dx.addmm_(dy, w)
+
+
+def save_for_backward(ctx: Any, *tensors: torch.Tensor | None) -> None:
+    """`ctx.save_for_backward`, but a quantised weight is kept on `ctx` as it is: saved-tensor hooks (the
+    activation offloading of `gradient_checkpointing: offload`) hand a tensor subclass back detached, as a
+    plain tensor without its `quant_state` or scales. It is a frozen parameter: keeping it costs nothing."""
+    ctx.stored = {i: t for i, t in enumerate(tensors) if t is not None and _stored(t)}
+    ctx.save_for_backward(*(None if i in ctx.stored else t for i, t in enumerate(tensors)))
+
+
+def saved_tensors(ctx: Any) -> list[torch.Tensor | None]:
+    """What `save_for_backward` saved, in its order."""
+    return [ctx.stored.get(i, t) for i, t in enumerate(ctx.saved_tensors)]
