@@ -240,7 +240,12 @@ def install_experts(model: torch.nn.Module) -> list[str]:
             type(experts[0]).__name__,
         )
         return []
-    return ["scattermoe_lora" if fused else "scattermoe"]
+    first = experts[0]
+    lora = moe.expert_lora(first)
+    rank = lora[0][0].shape[1] if lora else None
+    gemm = moe.gemm(first.gate_up_proj.device, first.gate_up_proj.dtype, first.gate_up_proj, first.down_proj, rank)
+    name = "scattermoe" if gemm == "triton" else "grouped_mm"  # the GEMMs at the weights' dtype (moe.gemm)
+    return [f"{name}_lora" if fused else name]
 
 
 # ---- installer --------------------------------------------------------------------------------
