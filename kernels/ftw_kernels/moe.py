@@ -30,7 +30,7 @@ import os
 import torch
 
 from ftw_kernels import moe_grouped
-from ftw_kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, scatter_mm
+from ftw_kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, in_compute_dtype, scatter_mm
 from ftw_kernels.moe_swiglu import swiglu_rows_backward
 from ftw_kernels.precision import compute_dtype, no_autocast
 
@@ -44,14 +44,9 @@ class ScatterMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_index, w_gu, w_d, scales, a_gu, b_gu, a_d, b_d):
-        dtype = compute_dtype(x)  # read before autocast is switched off
-        ctx.x_dtype, ctx.lora_dtype = x.dtype, a_gu.dtype if a_gu is not None else None
+        x, w_gu, w_d, (a_gu, b_gu, a_d, b_d) = in_compute_dtype(ctx, x, w_gu, w_d, (a_gu, b_gu, a_d, b_d))
+        lora = a_gu is not None
         with no_autocast(x):
-            x = x.to(dtype)
-            w_gu, w_d = w_gu.to(dtype), w_d.to(dtype)
-            lora = a_gu is not None
-            if lora:
-                a_gu, b_gu, a_d, b_d = (t.to(dtype) for t in (a_gu, b_gu, a_d, b_d))
             routing = Routing(top_k_index, w_gu.shape[0])
             inter = w_d.shape[2]
             gu = x.new_empty(routing.rows, 2 * inter)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.precision import compute_dtype
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
 # autotuned per shape, under the CPU interpreter they are small fixed ones (its cost is per element).
@@ -248,6 +250,17 @@ _grouped_tn = _tuned(
     ],
     key=["P", "Q"],
 )
+
+
+def in_compute_dtype(ctx, x, w_gu, w_d, factors: tuple, contiguous: bool = False) -> tuple:
+    """(x, w_gu, w_d, factors) in the dtype the experts compute in: autocast's (call this before
+    switching it off) or x's; `ctx` keeps x's and the factors' own dtypes for their gradients."""
+    dtype = compute_dtype(x)
+    lora = factors[0] is not None
+    ctx.x_dtype, ctx.lora_dtype = x.dtype, factors[0].dtype if lora else None
+    if lora:
+        factors = tuple(t.to(dtype).contiguous() if contiguous else t.to(dtype) for t in factors)
+    return x.to(dtype), w_gu.to(dtype), w_d.to(dtype), factors
 
 
 class Routing:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ftw_kernels.moe_gemm import Routing
+from ftw_kernels.moe_gemm import Routing, in_compute_dtype
 from ftw_kernels.moe_swiglu import swiglu_rows, swiglu_rows_backward
-from ftw_kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.precision import no_autocast
 
 
 def usable(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
@@ -70,12 +70,10 @@ class GroupedMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_index, w_gu, w_d, scales, a_gu, b_gu, a_d, b_d):
-        dtype = compute_dtype(x)
-        ctx.x_dtype, ctx.lora_dtype = x.dtype, a_gu.dtype if a_gu is not None else None
+        # contiguous: the B's come as PEFT views with the expert dimension innermost (no grouped_mm layout)
+        operands = in_compute_dtype(ctx, x, w_gu, w_d, (a_gu, b_gu, a_d, b_d), contiguous=True)
+        x, w_gu, w_d, (a_gu, b_gu, a_d, b_d) = operands
         with no_autocast(x):
-            x, w_gu, w_d = x.to(dtype), w_gu.to(dtype), w_d.to(dtype)
-            if a_gu is not None:  # B's come as PEFT views with the expert dimension innermost
-                a_gu, b_gu, a_d, b_d = (t.to(dtype).contiguous() for t in (a_gu, b_gu, a_d, b_d))
             routing = Routing(top_k_index, w_gu.shape[0], block_table=False)
             gu, xa_gu = _lora_linear(x.index_select(0, routing.token), w_gu, a_gu, b_gu, scales[0], routing.ends)
             y_sorted, xa_d = _lora_linear(swiglu_rows(gu), w_d, a_d, b_d, scales[1], routing.ends)
