@@ -10,7 +10,7 @@ the four LoRA gradients from grouped GEMMs too, the A/B ones as 2-D × 2-D produ
 split the rows (`offs` on the reduction dimension).
 
 grouped_mm wants 16-byte aligned rows (hidden, expert width and rank multiples of 8 in bf16) and, on
-CUDA, bf16: `usable` says so; elsewhere the Triton kernel serves.
+CUDA, bf16 on sm90/sm100 (Hopper, Blackwell): `usable` says so; elsewhere the Triton kernel serves.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from ftw_kernels.precision import no_autocast
 
 
 def usable(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
-    """grouped_mm runs these operands: bf16 on an sm80+ GPU (fp32 and bf16 on CPU), 16-byte rows."""
+    """grouped_mm runs these operands fast: bf16 on an sm90/sm100 GPU (its CUTLASS kernel; elsewhere
+    torch loops over the groups after a host sync), fp32 and bf16 on CPU; 16-byte rows."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cuda":
-        ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+        ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
     else:
         ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     size = torch.finfo(dtype).bits // 8
