@@ -132,8 +132,10 @@ def scattermoe_lora(x, top_k_index, top_k_weights, w_gu, w_d, lora=None, gemm_na
     function = moe_grouped.GroupedMoELoRA if gemm_name == "grouped_mm" else ScatterMoELoRA
     y = function.apply(x, top_k_index, w_gu, w_d, (s_gu, s_d), a_gu, b_gu, a_d, b_d)
     tokens, k = top_k_index.shape
-    weighted = y.view(tokens, k, -1) * top_k_weights.to(y.dtype).unsqueeze(-1)
-    return weighted.sum(1).to(x.dtype)
+    # Σⱼ wⱼ·yⱼ per token as one batched (1 × k)(k × hidden) product: y is read once each way, no
+    # weighted copy (autograd gives the router weights their gradient from the same y)
+    out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y.view(tokens, k, -1))
+    return out.squeeze(1).to(x.dtype)
 
 
 # ---- the experts implementation -----------------------------------------------------------------
