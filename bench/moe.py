@@ -3,18 +3,23 @@
     python bench/moe.py                                  # OLMoE-1B-7B and Qwen3-30B-A3B shapes, every arm
     python bench/moe.py --shapes olmoe --steps 20
     python bench/moe.py --shapes qwen3-30b --layers 24   # fewer layers where all 48 do not fit one GPU
+    python bench/moe.py --shapes olmoe --mbs 4            # 4 rows of 2048 tokens per step
+    python bench/moe.py --shapes olmoe --profile          # + each arm's top CUDA kernels of one step
     python bench/moe.py --shapes tiny                    # smoke test, also on CPU (Triton interpreted)
 
 Each arm runs in a fresh process (`--arm NAME`, one JSON line back) on the same random-init model
-(bf16, seeded) and the same tokens: one packed row of `--seq` tokens (2048), LoRA r=16 α=32 on
+(bf16, seeded) and the same tokens: `--mbs` rows (1) of `--seq` tokens (2048), LoRA r=16 α=32 on
 q/k/v/o and on the experts' gate_up_proj / down_proj (PEFT target_parameters), AdamW on the LoRA
 parameters, no gradient checkpointing. Arms:
 - peft: transformers' `grouped_mm` experts; PEFT forms W + B·A per expert tensor on every forward;
 - axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
   "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
-- ftw: ftw_kernels.apply_kernels (ftw's ScatterMoE LoRA experts, kernels/ftw_kernels/moe.py).
+- ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
+  by default: torch's grouped_mm on a GPU; and the dense kernels: norms, rope, fused LoRA q/k/v/o,
+  varlen attention, fused linear cross-entropy);
+- ftw-triton: the same with FTW_MOE_GEMM=triton (the experts' fused Triton GEMMs).
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
-tokens/s = seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
+tokens/s = mbs × seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
 """
 
@@ -31,7 +36,8 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("peft", "axolotl", "ftw")
+ARMS = ("peft", "axolotl", "ftw", "ftw-triton")
+GEMM_OF_ARM = {"ftw": "auto", "ftw-triton": "triton"}  # FTW_MOE_GEMM of the ftw arms' processes
 # model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
 SHAPES = {
     "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
@@ -110,10 +116,23 @@ def run_arm(arm: str, args) -> dict:
             if "lora_B" in name:
                 p.normal_(std=0.02)  # a live LoRA term, the same in every arm
     applied = []
-    if arm == "ftw":
+    if arm in GEMM_OF_ARM:
         from ftw_kernels import apply_kernels
 
-        switches = types.SimpleNamespace(use_kernels=True, use_scattermoe=True, experts_implementation=None)
+        switches = types.SimpleNamespace(  # the keys apply_kernels reads, at a LoRA config's values
+            use_kernels=True,
+            use_scattermoe=True,
+            experts_implementation=None,
+            adapter="lora",
+            load_in_8bit=False,
+            lora_dropout=0.0,
+            peft_use_dora=False,
+            lora_bias="none",
+            lora_mlp_kernel=None,
+            lora_qkv_kernel=None,
+            lora_o_kernel=None,
+            attn_implementation=None,
+        )
         applied = apply_kernels(model, switches)
     elif arm == "axolotl":
         model.get_base_model().set_experts_implementation("scattermoe")
@@ -123,7 +142,7 @@ def run_arm(arm: str, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), generator=g).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (args.mbs, args.seq), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> float:
@@ -154,12 +173,36 @@ def run_arm(arm: str, args) -> dict:
     median = statistics.median(times)
     return {
         "arm": arm,
-        "tokens_per_s": args.seq / median,
+        "tokens_per_s": args.mbs * args.seq / median,
         "step_s": median,
         "peak_gib": peak,
         "loss0": loss0,
         "applied": applied,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        **({"profile": profile_step(step, sync)} if args.profile and device.type == "cuda" else {}),
+    }
+
+
+def profile_step(step, sync, top: int = 12) -> dict:
+    """One more step under torch.profiler: the CUDA kernels' busy time against the step's wall time
+    (a gap is host overhead), and the kernels that took longest in all."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            step()
+            sync()
+            wall = time.perf_counter() - t
+    except RuntimeError as e:  # no CUPTI here: the arm's timing stands without its profile
+        return {"error": str(e)[:200]}
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "wall_ms": wall * 1e3,
+        "cuda_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+        "top": [[e.key[:70], e.count, round(e.self_device_time_total / 1e3, 2)] for e in kernels[:top]],
     }
 
 
@@ -169,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--mbs", type=int, default=1, help="rows of --seq tokens per step")
+    parser.add_argument("--profile", action="store_true", help="also profile one step per arm (CUDA)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # the child process
@@ -183,20 +228,27 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes:
         for arm in args.arms:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--arm",
-                arm,
-                "--shape",
-                shape,
-                "--seq",
-                str(args.seq),
-                "--warmup",
-                str(args.warmup),
-                "--steps",
-                str(args.steps),
-            ] + (["--layers", str(args.layers)] if args.layers else [])
+            env["FTW_MOE_GEMM"] = GEMM_OF_ARM.get(arm, "auto")
+            cmd = (
+                [
+                    sys.executable,
+                    __file__,
+                    "--arm",
+                    arm,
+                    "--shape",
+                    shape,
+                    "--seq",
+                    str(args.seq),
+                    "--mbs",
+                    str(args.mbs),
+                    "--warmup",
+                    str(args.warmup),
+                    "--steps",
+                    str(args.steps),
+                ]
+                + (["--layers", str(args.layers)] if args.layers else [])
+                + (["--profile"] if args.profile else [])
+            )
             proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -205,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"shape": shape, **json.loads(proc.stdout.strip().splitlines()[-1])})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows, args))
+    for r in (r for r in rows if "profile" in r):
+        p = r["profile"]
+        if "error" in p:
+            print(f"\n{r['shape']} {r['arm']}: no profile ({p['error']})")
+            continue
+        print(f"\n{r['shape']} {r['arm']}: one step {p['wall_ms']:.1f} ms, CUDA kernels busy {p['cuda_ms']:.1f} ms")
+        print("\n".join(f"  {ms:8.2f} ms  {n:5d}×  {name}" for name, n, ms in p["top"]))
     return 0
 
 
@@ -216,8 +275,8 @@ def _has_cuda() -> bool:
 
 def table(rows: list[dict], args) -> str:
     lines = [
-        f"seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, median of {args.steps} "
-        "steps",
+        f"{args.mbs} × seq {args.seq}, LoRA r16 on q/k/v/o + experts, bf16, layers {args.layers or 'all'}, "
+        f"median of {args.steps} steps",
         "",
         "| shape | arm | tokens/s | vs peft | peak GiB | loss0 | kernels |",
         "|---|---|---|---|---|---|---|",

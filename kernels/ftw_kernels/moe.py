@@ -4,6 +4,11 @@ transformers 5 dispatches every `@use_experts_implementation` experts module (Qw
 Mixtral, ...) through `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. `register()` adds
 `scattermoe_experts_forward` there under NAME; `kernels/ftw_kernels/registry.py` switches a model to it.
 
+Two implementations of the same function, `gemm` picks one per call (FTW_MOE_GEMM forces it):
+`grouped_mm` (kernels/ftw_kernels/moe_grouped.py: torch's grouped GEMM for the base products, the
+LoRA term as rank-r grouped GEMMs beside it; a GPU's default where its operands allow) and `triton`,
+this file's fused kernels:
+
 Per layer: tokens are sorted by expert (`Routing`), gate_up runs as one grouped GEMM that reads
 the tokens in place, adds s·(x Aₑᵀ) Bₑᵀ from the same K loop and applies SwiGLU in its epilogue;
 down runs as a second one whose output rows land in routing order; the routing weights and the
@@ -20,12 +25,18 @@ merged or several adapters, no Triton device) runs transformers' `grouped_mm` in
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ftw_kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, scatter_mm, swiglu_rows_backward
+from ftw_kernels import moe_grouped
+from ftw_kernels.moe_gemm import INTERPRETED, Routing, grouped_tn, in_compute_dtype, scatter_mm
+from ftw_kernels.moe_swiglu import swiglu_rows_backward
 from ftw_kernels.precision import compute_dtype, no_autocast
 
 NAME = "scattermoe"
+GEMM_ENV = "FTW_MOE_GEMM"  # "triton" | "grouped_mm" | "auto" (unset): which GEMMs run the experts
+GEMMS = ("auto", "triton", "grouped_mm")
 
 
 class ScatterMoELoRA(torch.autograd.Function):
@@ -33,14 +44,9 @@ class ScatterMoELoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_index, w_gu, w_d, scales, a_gu, b_gu, a_d, b_d):
-        dtype = compute_dtype(x)  # read before autocast is switched off
-        ctx.x_dtype, ctx.lora_dtype = x.dtype, a_gu.dtype if a_gu is not None else None
+        x, w_gu, w_d, (a_gu, b_gu, a_d, b_d) = in_compute_dtype(ctx, x, w_gu, w_d, (a_gu, b_gu, a_d, b_d))
+        lora = a_gu is not None
         with no_autocast(x):
-            x = x.to(dtype)
-            w_gu, w_d = w_gu.to(dtype), w_d.to(dtype)
-            lora = a_gu is not None
-            if lora:
-                a_gu, b_gu, a_d, b_d = (t.to(dtype) for t in (a_gu, b_gu, a_d, b_d))
             routing = Routing(top_k_index, w_gu.shape[0])
             inter = w_d.shape[2]
             gu = x.new_empty(routing.rows, 2 * inter)
@@ -105,14 +111,31 @@ def _input_grad(dy, w, a, b, scale, routing, **index) -> tuple[torch.Tensor, tor
     return dx, dyb
 
 
-def scattermoe_lora(x, top_k_index, top_k_weights, w_gu, w_d, lora=None) -> torch.Tensor:
+def gemm(device: torch.device, dtype: torch.dtype, w_gu, w_d, rank: int | None) -> str:
+    """The GEMMs that run experts of these weights computing in `dtype`: "grouped_mm" or "triton".
+    FTW_MOE_GEMM forces one (bench/moe.py's arms); by default a GPU takes grouped_mm where its
+    operands allow, the CPU (Triton's interpreter, the tests) the Triton kernels."""
+    choice = os.environ.get(GEMM_ENV) or "auto"
+    if choice not in GEMMS:
+        raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {', '.join(GEMMS)}")
+    if choice == "triton" or (choice == "auto" and device.type != "cuda"):
+        return "triton"
+    dims = (w_gu.shape[1], w_gu.shape[2], w_d.shape[2], *([rank] if rank else []))
+    return "grouped_mm" if moe_grouped.usable(device, dtype, dims) else "triton"
+
+
+def scattermoe_lora(x, top_k_index, top_k_weights, w_gu, w_d, lora=None, gemm_name: str = "triton") -> torch.Tensor:
     """The experts' output for `x` (tokens × hidden); `lora`: ((A, B, s) of gate_up, (A, B, s) of
-    down) with A (E, r, in), B (E, out, r), or None for the base weights alone."""
+    down) with A (E, r, in), B (E, out, r), or None for the base weights alone; `gemm_name`: the
+    GEMMs that run it (`gemm`)."""
     (a_gu, b_gu, s_gu), (a_d, b_d, s_d) = lora if lora is not None else ((None, None, 0.0), (None, None, 0.0))
-    y = ScatterMoELoRA.apply(x, top_k_index, w_gu, w_d, (s_gu, s_d), a_gu, b_gu, a_d, b_d)
+    function = moe_grouped.GroupedMoELoRA if gemm_name == "grouped_mm" else ScatterMoELoRA
+    y = function.apply(x, top_k_index, w_gu, w_d, (s_gu, s_d), a_gu, b_gu, a_d, b_d)
     tokens, k = top_k_index.shape
-    weighted = y.view(tokens, k, -1) * top_k_weights.to(y.dtype).unsqueeze(-1)
-    return weighted.sum(1).to(x.dtype)
+    # Σⱼ wⱼ·yⱼ per token as one batched (1 × k)(k × hidden) product: y is read once each way, no
+    # weighted copy (autograd gives the router weights their gradient from the same y)
+    out = torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y.view(tokens, k, -1))
+    return out.squeeze(1).to(x.dtype)
 
 
 # ---- the experts implementation -----------------------------------------------------------------
@@ -179,7 +202,10 @@ def scattermoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    return scattermoe_lora(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, lora)
+    w_gu, w_d = self.gate_up_proj, self.down_proj
+    rank = lora[0][0].shape[1] if lora is not None else None
+    gemm_name = gemm(hidden_states.device, compute_dtype(hidden_states), w_gu, w_d, rank)
+    return scattermoe_lora(hidden_states, top_k_index, top_k_weights, w_gu, w_d, lora, gemm_name)
 
 
 def register() -> None:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.precision import compute_dtype
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
 # autotuned per shape, under the CPU interpreter they are small fixed ones (its cost is per element).
@@ -250,30 +252,47 @@ _grouped_tn = _tuned(
 )
 
 
-class Routing:
-    """Rows sorted by expert and the block table the kernels walk (built without a host sync)."""
+def in_compute_dtype(ctx, x, w_gu, w_d, factors: tuple, contiguous: bool = False) -> tuple:
+    """(x, w_gu, w_d, factors) in the dtype the experts compute in: autocast's (call this before
+    switching it off) or x's; `ctx` keeps x's and the factors' own dtypes for their gradients."""
+    dtype = compute_dtype(x)
+    lora = factors[0] is not None
+    ctx.x_dtype, ctx.lora_dtype = x.dtype, factors[0].dtype if lora else None
+    if lora:
+        factors = tuple(t.to(dtype).contiguous() if contiguous else t.to(dtype) for t in factors)
+    return x.to(dtype), w_gu.to(dtype), w_d.to(dtype), factors
 
-    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
+
+class Routing:
+    """Rows sorted by expert, and (`block_table`) the row blocks the Triton kernels walk; built
+    without a host sync."""
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, block_table: bool = True):
         flat = top_k_index.reshape(-1)
         self.top_k = top_k_index.shape[-1]
         self.num_experts = num_experts
+        self.rows = flat.numel()
         sorted_experts, self.perm = torch.sort(flat, stable=True)  # perm[r]: routing slot (token·k + j) of sorted row r
         self.token = self.perm // self.top_k  # token of sorted row r
         # scatter_add, not bincount: bincount reads its maximum back to the host (a sync per layer)
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        self.counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
             0, sorted_experts, torch.ones_like(sorted_experts)
         )
-        ends = counts.cumsum(0)
-        self.offsets = torch.cat([ends.new_zeros(1), ends]).to(torch.int32)  # expert e's rows: offsets[e]:offsets[e+1]
+        self.ends = self.counts.cumsum(0).to(torch.int32)  # expert e's rows end at ends[e] (grouped_mm's offs)
+        self.offsets = torch.cat([self.ends.new_zeros(1), self.ends])  # expert e's rows: offsets[e]:offsets[e+1]
+        if block_table:
+            self._block_table()
+
+    def _block_table(self) -> None:
+        counts, ends, num_experts = self.counts, self.ends.long(), self.num_experts
         blocks = (counts + BM - 1) // BM
         cum = blocks.cumsum(0)
-        b = torch.arange(triton.cdiv(flat.numel(), BM) + num_experts, device=flat.device)  # an upper bound on blocks
+        b = torch.arange(triton.cdiv(self.rows, BM) + num_experts, device=counts.device)  # an upper bound on blocks
         expert = torch.searchsorted(cum, b, right=True)
         e = expert.clamp(max=num_experts - 1)
         self.block_expert = torch.where(expert < num_experts, e, -1).to(torch.int32)
         self.block_start = (ends[e] - counts[e] + (b - (cum[e] - blocks[e])) * BM).to(torch.int32)
         self.block_end = ends[e].to(torch.int32)
-        self.rows = flat.numel()
 
 
 def scatter_mm(
@@ -368,35 +387,3 @@ def grouped_tn(left, right, routing: Routing, out, *, scale=1.0, l_index=None, r
         **tiles,
     )
     return out
-
-
-@triton.jit
-def _swiglu_rows_bwd(
-    DH, GU, H, n_rows, N, sdm, sgm, shm, WRITE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    """dgate, dup written over [gate | up]; h = silu(gate)·up recomputed when asked."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (rows < n_rows)[:, None] & (cols < N)[None, :]
-    dh = tl.load(DH + rows[:, None] * sdm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    gp = GU + rows[:, None] * sgm + cols[None, :]
-    g = tl.load(gp, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(gp + N, mask=ok, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    if WRITE_H:
-        tl.store(H + rows[:, None] * shm + cols[None, :], (silu * u).to(H.dtype.element_ty), mask=ok)
-    tl.store(gp, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(GU.dtype.element_ty), mask=ok)
-    tl.store(gp + N, (dh * silu).to(GU.dtype.element_ty), mask=ok)
-
-
-def swiglu_rows_backward(dh: torch.Tensor, gu: torch.Tensor, want_h: bool) -> torch.Tensor | None:
-    """In place: gu ([gate | up], rows × 2N) becomes [dgate | dup]; returns h when asked."""
-    rows, n = dh.shape
-    h = torch.empty_like(dh) if want_h else dh
-    block_m, block_n = (16, 16) if INTERPRETED else (32, 128)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-    _swiglu_rows_bwd[grid](
-        dh, gu, h, rows, n, dh.stride(0), gu.stride(0), h.stride(0), WRITE_H=want_h, BLOCK_M=block_m, BLOCK_N=block_n
-    )
-    return h if want_h else None

@@ -84,8 +84,13 @@ def _attention_forward(
         q, k, v = lora_projections(hidden_states, qkv)
     else:
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    if self._ftw_qk_norm == "projection":
+        q, k = self.q_norm(q), self.k_norm(k)
+    clip = getattr(self.config, "clip_qkv", None)  # OLMoE
+    if clip is not None:
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
     q, k, v = (t.view(bsz, seq, -1, self.head_dim) for t in (q, k, v))
-    if self._ftw_qk_norm:
+    if self._ftw_qk_norm == "head":
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -128,7 +133,8 @@ def _causal_lm_forward(
     **kwargs,
 ):
     """Training forward with labels: the loss straight from the last hidden states (no logits
-    returned). Everything else goes to the original forward."""
+    returned), plus the router's aux loss where an MoE model is asked for it. Everything else goes
+    to the original forward."""
     if labels is None or not self.training:
         return self._ftw_original_forward(
             input_ids=input_ids,
@@ -146,6 +152,10 @@ def _causal_lm_forward(
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("ignore_index", None)
+    moe = hasattr(self, "router_aux_loss_coef")
+    if moe:  # the MoE causal LMs' own argument, defaulting to their config
+        router = kwargs.get("output_router_logits")
+        kwargs["output_router_logits"] = self.config.output_router_logits if router is None else router
     outputs = self.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -159,8 +169,30 @@ def _causal_lm_forward(
     if shift_labels is None:  # HF's ForCausalLMLoss: token t predicts label t+1
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), -100, num_items)
+    if moe:
+        return _with_router_loss(self, loss, outputs, attention_mask, kwargs["output_router_logits"])
     return CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
+
+
+def _with_router_loss(self, loss, outputs, attention_mask, router_logits: bool):
+    """What the MoE causal LMs return: loss + coef × the load-balancing aux loss when router logits
+    are asked for (the module's own `load_balancing_loss_func`, the model's attention mask)."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    aux = None
+    if router_logits:
+        balance = sys.modules[type(self).__module__].load_balancing_loss_func
+        aux = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+        loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+    return MoeCausalLMOutputWithPast(
+        loss=loss,
+        aux_loss=aux,
+        logits=None,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        router_logits=outputs.router_logits,
     )
 
 
@@ -209,7 +241,12 @@ def install_experts(model: torch.nn.Module) -> list[str]:
             type(experts[0]).__name__,
         )
         return []
-    return ["scattermoe_lora" if fused else "scattermoe"]
+    first = experts[0]
+    lora = moe.expert_lora(first)
+    rank = lora[0][0].shape[1] if lora else None
+    gemm = moe.gemm(first.gate_up_proj.device, first.gate_up_proj.dtype, first.gate_up_proj, first.down_proj, rank)
+    name = "scattermoe" if gemm == "triton" else "grouped_mm"  # the GEMMs at the weights' dtype (moe.gemm)
+    return [f"{name}_lora" if fused else name]
 
 
 # ---- FP8 base weights -------------------------------------------------------------------------
@@ -252,7 +289,7 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
     if norms:
         applied.append("rmsnorm")
 
-    mlps = by_class.get(family.mlp_class, [])
+    mlps = by_class.get(family.mlp_class, []) if family.mlp_class else []
     for m in mlps:
         _replace_forward(m, _lora_mlp_forward if wanted["lora_mlp"] else swiglu_mlp_forward)
     if mlps:

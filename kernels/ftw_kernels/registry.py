@@ -22,6 +22,8 @@ MoE models (any family whose experts use transformers' `@use_experts_implementat
 ScatterMoE LoRA experts (kernels/ftw_kernels/moe.py) through transformers' experts registry, unless the config
 names another experts_implementation; `use_scattermoe: true` / `experts_implementation: scattermoe`
 ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
+The MoE families of FAMILIES (qwen3_moe, olmoe, mixtral) get the dense patches too (norms, rope,
+fused LoRA attention projections, varlen attention, the fused loss with the router's aux loss).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ class Family:
     """What the patches need to know of one model family's modeling code."""
 
     norm_class: str  # RMSNorm class name
-    mlp_class: str  # gated-MLP class name (silu)
+    mlp_class: str | None  # dense gated-MLP class name (silu); None: the family's MLPs are all experts
     attention_class: str
-    qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before rope
+    # RMSNorm on q and k before rope: "head" over each head (Qwen3), "projection" over the whole q
+    # and k projections before the split into heads (OLMoE)
+    qk_norm: str | None = None
     window_in_config: bool = False  # Mistral reads sliding_window off the config, Qwen2/3 off the layer
 
 
@@ -51,7 +55,10 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaRMSNorm", "LlamaMLP", "LlamaAttention"),
     "mistral": Family("MistralRMSNorm", "MistralMLP", "MistralAttention", window_in_config=True),
     "qwen2": Family("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"),
-    "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm=True),
+    "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm="head"),
+    "qwen3_moe": Family("Qwen3MoeRMSNorm", "Qwen3MoeMLP", "Qwen3MoeAttention", qk_norm="head"),
+    "olmoe": Family("OlmoeRMSNorm", None, "OlmoeAttention", qk_norm="projection", window_in_config=True),
+    "mixtral": Family("MixtralRMSNorm", None, "MixtralAttention", window_in_config=True),
 }
 
 
@@ -82,7 +89,6 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
 
 
 def _apply(model: Any, config: Any) -> list[str]:
-    import torch
     import transformers
 
     base = _unwrap(model)
@@ -102,28 +108,36 @@ def _apply(model: Any, config: Any) -> list[str]:
             ", ".join(VERIFIED_TRANSFORMERS),
         )
         return []
+    applied: list[str] = []
     if config.experts_implementation in (None, "scattermoe"):
         import ftw_kernels.patches as patches  # the submodule, not the package (whose __init__ imports this one)
 
-        moe = patches.install_experts(model)
-        if moe:
-            log.info("kernels applied to %s: %s", model_type, ", ".join(moe))
-            return moe
-    if not enabled:
-        log.info(
-            "kernels: no others for %s: use_kernels is off here (only the experts kernel was asked for)", model_type
-        )
-        return []
+        applied += patches.install_experts(model)
+    if enabled:
+        applied += _dense_patches(base, family, config)
+    else:
+        log.info("kernels: no dense ones for %s: use_kernels is off here", model_type)
+    if applied:
+        log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
+    return applied
+
+
+def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
+    """The family's norm, MLP, attention and loss patches, as far as the config allows."""
+    import torch
+
+    model_type = getattr(base.config, "model_type", None)
     if family is None:
-        log.info("kernels: none for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
+        log.info("kernels: no dense ones for model_type %r (families: %s)", model_type, ", ".join(FAMILIES))
         return []
     if getattr(base.config, "hidden_act", "silu") != "silu":
-        log.info("kernels: none: hidden_act %r is not silu", base.config.hidden_act)
+        log.info("kernels: no dense ones: hidden_act %r is not silu", base.config.hidden_act)
         return []
 
     import ftw_kernels.patches as patches
     import ftw_kernels.qlora as qlora
 
+    on_cuda = next(base.parameters()).is_cuda
     lora_ok = patches.lora_fusable(config)
     wanted = {
         "lora_mlp": lora_ok and _switch(config.lora_mlp_kernel, True),
@@ -141,6 +155,4 @@ def _apply(model: Any, config: Any) -> list[str]:
         applied.append("dequant_4bit")
     if config.fp8_base_weights and patches.install_fp8_base(base, family):
         applied.append("fp8_base")
-    if applied:
-        log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
     return applied

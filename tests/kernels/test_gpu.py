@@ -186,3 +186,97 @@ def test_patched_model_matches_unpatched_on_gpu(rng_seed):
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.grad is not None]))
     assert rel_err(losses[1], losses[0]) < 5e-3, rng_seed
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99, rng_seed
+
+
+@pytest.mark.parametrize("gemm", ["grouped_mm", "triton"])
+def test_moe_lora_experts_olmoe_shape(gemm, rng_seed):
+    """Both implementations of the experts' LoRA step in bf16 at OLMoE-1B-7B's expert shapes against
+    transformers' eager experts over W + s·B·A in fp32, from the same bf16 inputs; a few experts get
+    no tokens (their LoRA gradients are 0, whatever the grouped GEMM leaves in an empty group)."""
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    from ftw_kernels.moe import scattermoe_lora
+
+    experts, hidden, inter, rank, k, tokens = 64, 2048, 1024, 16, 8, 2048
+    scores = torch.randn(tokens, experts, device="cuda").softmax(-1)
+    scores[:, :4] = 0  # experts 0-3 idle
+    weights, index = torch.topk(scores, k, dim=-1)
+    w_gu = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16()
+    w_d = (torch.randn(experts, hidden, inter, device="cuda") / inter**0.5).bfloat16()
+    shapes = [(experts, rank, hidden), (experts, 2 * inter, rank), (experts, rank, inter), (experts, hidden, rank)]
+    factors = [(torch.randn(*s, device="cuda") * 0.05).requires_grad_() for s in shapes]
+    x, x32 = bf16_pair(tokens, hidden)
+    lora = ((factors[0], factors[1], 2.0), (factors[2], factors[3], 2.0))
+    y = scattermoe_lora(x, index, weights.bfloat16(), w_gu, w_d, lora, gemm)
+    dy = torch.randn(tokens, hidden, device="cuda")
+    y.backward(dy.bfloat16())
+    grads = [f.grad.clone() for f in factors]
+    for f in factors:
+        f.grad = None
+    cfg = OlmoeConfig(hidden_size=hidden, intermediate_size=inter, num_experts=experts, num_experts_per_tok=k)
+    cfg._experts_implementation = "eager"
+    ref = OlmoeExperts(cfg).cuda()
+    del ref.gate_up_proj, ref.down_proj
+    ref.gate_up_proj = w_gu.float() + 2.0 * factors[1] @ factors[0]
+    ref.down_proj = w_d.float() + 2.0 * factors[3] @ factors[2]
+    y_ref = ref(x32, index, weights)
+    y_ref.backward(dy)
+    assert rel_err(y, y_ref) < BF16 and rel_err(x.grad, x32.grad) < BF16, rng_seed
+    for got, f in zip(grads, factors):
+        assert rel_err(got, f.grad) < 2 * BF16, rng_seed
+        assert torch.count_nonzero(got[:4]) == 0, rng_seed
+
+
+def test_patched_moe_model_matches_unpatched_on_gpu(rng_seed):
+    """A Qwen3-MoE with every kernel (varlen attention, the grouped_mm experts, the fused loss with the
+    router's aux loss) against PEFT + transformers' grouped_mm, bf16, packed rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from ftw_kernels import apply_kernels
+    from schemas.config import TrainingConfig
+
+    cfg = Qwen3MoeConfig(
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        moe_intermediate_size=512,
+        num_experts=32,
+        num_experts_per_tok=4,
+        vocab_size=32000,
+        output_router_logits=True,
+    )
+    with torch.device("cuda"):
+        base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    base.set_experts_implementation("grouped_mm")
+    ref = get_peft_model(
+        base,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
+    for n, p in ref.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    model = copy.deepcopy(ref)
+    applied = apply_kernels(model, TrainingConfig(base_model="x", learning_rate=1e-4, adapter="lora"))
+    assert applied[0] == "grouped_mm_lora" and {"varlen_attention", "lora_qkv", "fused_linear_cross_entropy"} <= set(
+        applied
+    )
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+    pos = torch.stack([torch.cat([torch.arange(400), torch.arange(624)]), torch.arange(1024)]).cuda()
+    losses, aux, grads = [], [], []
+    for m in (ref.train(), model.train()):
+        out = m(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        aux.append(out.aux_loss.detach())
+        grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.grad is not None]))
+    assert rel_err(losses[1], losses[0]) < 5e-3 and rel_err(aux[1], aux[0]) < 5e-3, rng_seed
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99, rng_seed

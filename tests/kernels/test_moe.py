@@ -15,6 +15,11 @@ from tests.kernels.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 E, HIDDEN, INTER, RANK = 6, 32, 24, 4
+# both implementations of the experts function; grouped_mm's float32 runs on CPU (on CUDA it is
+# bf16-only: tests/kernels/test_gpu.py checks it there against the Triton one)
+GEMMS = pytest.mark.parametrize(
+    "gemm", ["triton", pytest.param("grouped_mm", marks=pytest.mark.skipif(DEVICE == "cuda", reason="bf16 only"))]
+)
 
 
 def eager_experts():
@@ -41,7 +46,7 @@ def routing(case: str, tokens: int, k: int = 2):
     return weights, index
 
 
-def run_case(case: str, tokens: int, dtype=torch.float32):
+def run_case(case: str, tokens: int, gemm: str, dtype=torch.float32):
     from ftw_kernels.moe import scattermoe_lora
 
     weights, index = routing(case, tokens)
@@ -63,6 +68,7 @@ def run_case(case: str, tokens: int, dtype=torch.float32):
         w_gu.to(DEVICE, dtype),
         w_d.to(DEVICE, dtype),
         ((ours[1], ours[2], s_gu), (ours[3], ours[4], s_d)),
+        gemm,
     )
     dy = torch.randn(tokens, HIDDEN, dtype=torch.float64)
     y.backward(dy.to(DEVICE, dtype))
@@ -78,23 +84,26 @@ def run_case(case: str, tokens: int, dtype=torch.float32):
     return y, y_ref, ours, ref
 
 
+@GEMMS
 @pytest.mark.parametrize("case, tokens", [("random", 9), ("ties", 5), ("uneven", 40), ("random", 1)])
-def test_forward_and_every_gradient_match_eager_experts(case, tokens, rng_seed):
-    y, y_ref, ours, ref = run_case(case, tokens)
+def test_forward_and_every_gradient_match_eager_experts(case, tokens, gemm, rng_seed):
+    y, y_ref, ours, ref = run_case(case, tokens, gemm)
     assert rel_err(y, y_ref) < 1e-5, rng_seed
     for name, a, b in zip(["x", "A_gate_up", "B_gate_up", "A_down", "B_down"], ours, ref):
         assert a.grad is not None and rel_err(a.grad, b.grad) < 1e-5, (name, rng_seed)
 
 
-def test_experts_with_no_tokens_get_zero_gradients(rng_seed):
-    _, _, ours, _ = run_case("uneven", 12)
+@GEMMS
+def test_experts_with_no_tokens_get_zero_gradients(gemm, rng_seed):
+    _, _, ours, _ = run_case("uneven", 12, gemm)
     idle = [e for e in range(E) if e not in (0, 3)]
     for grad in (ours[1].grad, ours[2].grad, ours[3].grad, ours[4].grad):
         assert torch.count_nonzero(grad[idle]) == 0
         assert torch.count_nonzero(grad[[0, 3]]) > 0
 
 
-def test_base_weights_alone_without_lora(rng_seed):
+@GEMMS
+def test_base_weights_alone_without_lora(gemm, rng_seed):
     from ftw_kernels.moe import scattermoe_lora
 
     weights, index = routing("random", 6)
@@ -109,6 +118,7 @@ def test_base_weights_alone_without_lora(rng_seed):
         weights.float().to(DEVICE),
         experts.gate_up_proj.detach().float().to(DEVICE),
         experts.down_proj.detach().float().to(DEVICE),
+        gemm_name=gemm,
     )
     x64 = x.clone().requires_grad_()
     y_ref = experts(x64, index, weights.double())
