@@ -125,6 +125,7 @@ def run_arm(arm: str, args) -> dict:
             experts_implementation=None,
             adapter="lora",
             load_in_8bit=False,
+            fp8_base_weights=False,
             lora_dropout=0.0,
             peft_use_dora=False,
             lora_bias="none",
