@@ -101,6 +101,18 @@ def matmul_peak_tflops() -> float | None:
 
 
 def build_model(folder: Path, shape: str, seq: int) -> None:
+    """In a spawned process: the caller never initialises CUDA, so the arms it starts find the GPU
+    clean (ftw's GPU probe refuses memory held by another process)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_build_model, args=(folder, shape, seq))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"building the {shape} model failed (exit {proc.exitcode})")
+
+
+def _build_model(folder: Path, shape: str, seq: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
