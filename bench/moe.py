@@ -17,7 +17,7 @@ parameters, no gradient checkpointing. Arms:
 - ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
   by default: torch's grouped_mm on a GPU; and the dense kernels: norms, rope, fused LoRA q/k/v/o,
   varlen attention, fused linear cross-entropy);
-- ftw-triton: the same with FTW_MOE_GEMM=triton (the experts' fused Triton GEMMs).
+- ftw-grouped: the same with FTW_MOE_GEMM=grouped_mm (torch's grouped GEMM for the experts, where it runs).
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
 tokens/s = mbs × seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
@@ -36,8 +36,8 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("peft", "axolotl", "ftw", "ftw-triton")
-GEMM_OF_ARM = {"ftw": "auto", "ftw-triton": "triton"}  # FTW_MOE_GEMM of the ftw arms' processes
+ARMS = ("peft", "axolotl", "ftw", "ftw-grouped")
+GEMM_OF_ARM = {"ftw": "triton", "ftw-grouped": "grouped_mm"}  # FTW_MOE_GEMM of the ftw arms' processes
 # model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
 SHAPES = {
     "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes:
         for arm in args.arms:
-            env["FTW_MOE_GEMM"] = GEMM_OF_ARM.get(arm, "auto")
+            env["FTW_MOE_GEMM"] = GEMM_OF_ARM.get(arm, "triton")
             cmd = (
                 [
                     sys.executable,

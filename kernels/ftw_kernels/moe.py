@@ -35,8 +35,8 @@ from ftw_kernels.moe_swiglu import swiglu_rows_backward
 from ftw_kernels.precision import compute_dtype, no_autocast
 
 NAME = "scattermoe"
-GEMM_ENV = "FTW_MOE_GEMM"  # "triton" | "grouped_mm" | "auto" (unset): which GEMMs run the experts
-GEMMS = ("auto", "triton", "grouped_mm")
+GEMM_ENV = "FTW_MOE_GEMM"  # "triton" (unset) | "grouped_mm": which GEMMs run the experts
+GEMMS = ("triton", "grouped_mm")
 
 
 class ScatterMoELoRA(torch.autograd.Function):
@@ -113,12 +113,14 @@ def _input_grad(dy, w, a, b, scale, routing, **index) -> tuple[torch.Tensor, tor
 
 def gemm(device: torch.device, dtype: torch.dtype, w_gu, w_d, rank: int | None) -> str:
     """The GEMMs that run experts of these weights computing in `dtype`: "grouped_mm" or "triton".
-    FTW_MOE_GEMM forces one (bench/moe.py's arms); by default a GPU takes grouped_mm where its
-    operands allow, the CPU (Triton's interpreter, the tests) the Triton kernels."""
-    choice = os.environ.get(GEMM_ENV) or "auto"
+    The fused Triton kernels by default (measured on the H200: bench/moe.py); FTW_MOE_GEMM=grouped_mm
+    asks for torch's grouped GEMM, which runs where its operands allow (bf16 on Hopper/Blackwell,
+    dimensions multiples of 8) and falls back to Triton elsewhere. Not the default until a GPU run
+    of bench/moe.py and tests/kernels/test_gpu.py shows it faster and right."""
+    choice = os.environ.get(GEMM_ENV) or "triton"
     if choice not in GEMMS:
         raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {', '.join(GEMMS)}")
-    if choice == "triton" or (choice == "auto" and device.type != "cuda"):
+    if choice == "triton":
         return "triton"
     dims = (w_gu.shape[1], w_gu.shape[2], w_d.shape[2], *([rank] if rank else []))
     return "grouped_mm" if moe_grouped.usable(device, dtype, dims) else "triton"

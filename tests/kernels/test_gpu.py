@@ -228,9 +228,11 @@ def test_moe_lora_experts_olmoe_shape(gemm, rng_seed):
         assert torch.count_nonzero(got[:4]) == 0, rng_seed
 
 
-def test_patched_moe_model_matches_unpatched_on_gpu(rng_seed):
-    """A Qwen3-MoE with every kernel (varlen attention, the grouped_mm experts, the fused loss with the
-    router's aux loss) against PEFT + transformers' grouped_mm, bf16, packed rows."""
+@pytest.mark.parametrize("gemm", ["triton", "grouped_mm"])
+def test_patched_moe_model_matches_unpatched_on_gpu(rng_seed, gemm, monkeypatch):
+    """A Qwen3-MoE with every kernel (varlen attention, the experts of either GEMMs, the fused loss with
+    the router's aux loss) against PEFT + transformers' grouped_mm, bf16, packed rows."""
+    monkeypatch.setenv("FTW_MOE_GEMM", gemm)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
@@ -266,9 +268,11 @@ def test_patched_moe_model_matches_unpatched_on_gpu(rng_seed):
             torch.nn.init.normal_(p, std=0.02)
     model = copy.deepcopy(ref)
     applied = apply_kernels(model, TrainingConfig(base_model="x", learning_rate=1e-4, adapter="lora"))
-    assert applied[0] == "grouped_mm_lora" and {"varlen_attention", "lora_qkv", "fused_linear_cross_entropy"} <= set(
-        applied
-    )
+    assert applied[0] == {"triton": "scattermoe_lora", "grouped_mm": "grouped_mm_lora"}[gemm] and {
+        "varlen_attention",
+        "lora_qkv",
+        "fused_linear_cross_entropy",
+    } <= set(applied)
     ids = torch.randint(0, 32000, (2, 1024), device="cuda")
     pos = torch.stack([torch.cat([torch.arange(400), torch.arange(624)]), torch.arange(1024)]).cuda()
     losses, aux, grads = [], [], []
