@@ -30,7 +30,8 @@ def train_tiny_adapter(base: Path, out: Path, text: str, steps: int = 30, rank: 
     model = get_peft_model(model, config)
     conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": text}]
     ids = torch.tensor([tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)  # 3e-2 collapsed to one repeated token on some CPUs
+    # lr 3e-2 collapsed both adapters to one repeated token on some CPUs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
