@@ -78,3 +78,29 @@ def test_a_start_past_the_timeout_fails_with_the_engines_log_and_the_variable_to
 
 def test_no_process_of_the_engine_is_left(slow_start):
     assert engine_gone(slow_start["pid_file"], timeout_s=10)
+
+
+def test_sigterm_while_the_engine_starts_stops_the_job_at_once_and_the_engine_with_it(tiny_model_dir, tmp_path):
+    """Preemption before the first step: nothing to save, so the train child exits 75 at once (with a
+    `preempted` event at step 0) instead of waiting out the engine's start and the supervisor's grace
+    period, which ends in SIGKILL; the engine goes with it."""
+    import signal
+    import time
+
+    engine = tmp_path / "stand-in-python"
+    engine.write_text(STAND_IN)
+    engine.chmod(0o755)
+    pid_file = tmp_path / "stand-in.pid"
+    job = grpo_job(tmp_path, tiny_model_dir, "vllm-preempted", "length_bonus", steps=2)
+    env = {"FTW_VLLM_PYTHON": str(engine), "FTW_VLLM_START_TIMEOUT_S": "600", "STAND_IN_PID_FILE": str(pid_file)}
+    proc = ftw_run(tmp_path, tiny_model_dir, job, env)
+    deadline = time.monotonic() + 300
+    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the stand-in engine never started"
+    proc.send_signal(signal.SIGTERM)
+    result = result_of(proc)
+    assert result["status"] == "preempted", result
+    events = train_events(tmp_path / "runs" / "vllm-preempted")
+    assert any(e.get("event") == "preempted" and e.get("step") == 0 for e in events), events[-3:]
+    assert engine_gone(pid_file, timeout_s=10)

@@ -4,7 +4,8 @@
     torchrun --nproc-per-node N -m worker.train ...      (more than one device)
 
 Exit 0 with adapter/ (or model/), merged/ when merge_lora, summary.json and loss.png written;
-exit 75 after SIGTERM once a checkpoint of the current step is saved; exit 1 with the error file.
+exit 75 after SIGTERM once a checkpoint of the current step is saved (at once when it comes before the
+first step: nothing to save); exit 1 with the error file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from schemas.config import TrainingConfig
 from worker.data.cache import load_prepared
-from worker.events import EXIT_OK, emit
+from worker.events import EXIT_OK, EXIT_PREEMPTED, emit
 from worker.train import distributed as dist_
 from worker.train import outputs
 from worker.train.model import pretrained_source
@@ -24,18 +25,35 @@ from worker.train.trainer import Trainer
 log = logging.getLogger("ftw.train")
 
 
+class StoppedInSetup(BaseException):
+    """SIGTERM before the first step (model load, a vLLM engine's start): a BaseException so that no
+    `except Exception` on the way (an engine start's retries) swallows it."""
+
+
 def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     topo = dist_.init(cfg)
     try:
         data = load_prepared(cache_dir)
         trainer = Trainer(cfg, run_dir, data, topo)
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        in_setup = [True]
+
+        def on_sigterm(*_: object) -> None:
+            trainer.stop_requested = True
+            if in_setup[0]:  # nothing trained yet, so nothing to save: stop now, not after a long setup
+                raise StoppedInSetup
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             if topo.is_main:
                 emit({"stage": "train", "event": "loading", "base_model": cfg.base_model})
             trainer.setup()
+            in_setup[0] = False
             code = trainer.train()
+        except StoppedInSetup:
+            log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)
+            emit({"stage": "train", "event": "preempted", "step": 0})
+            return EXIT_PREEMPTED
         finally:
             signal.signal(signal.SIGTERM, previous)
         if code != EXIT_OK:
