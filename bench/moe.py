@@ -26,6 +26,7 @@ included). loss0: the first step's loss (the arms compute the same function: equ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -224,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_arm(args.arm, args)), flush=True)
         return 0
     env = dict(os.environ)
-    if "tiny" in args.shapes and not _has_cuda():
+    if "tiny" in args.shapes and "TRITON_INTERPRET" not in env and not _has_cuda():  # set: no torch import here
         env.setdefault("TRITON_INTERPRET", "1")
     rows = []
     for shape in args.shapes:
         for arm in args.arms:
+            if arm == "axolotl" and importlib.util.find_spec("axolotl") is None:  # skipped without a child
+                rows.append({"shape": shape, "arm": arm, "skipped": "axolotl is not importable (no module 'axolotl')"})
+                continue
             env["FTW_MOE_GEMM"] = GEMM_OF_ARM.get(arm, "triton")
             cmd = (
                 [

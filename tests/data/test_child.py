@@ -153,18 +153,15 @@ def test_hub_dataset_is_fingerprinted_by_its_revision(volume, tokenizer_dir, hub
     first = finish(start_child(volume, cfg, "hub1", **hub_env))
     assert first["rows"]["train"] == 7 and first["sources"][0]["content_id"] == f"hub:data-tests/alpaca@{first_sha}"
     push(alpaca_rows(9, seed=1))
-    second = finish(start_child(volume, cfg, "hub2", **hub_env))
-    assert second["built"] and second["rows"]["train"] == 9 and second["cache_dir"] != first["cache_dir"]
-    pinned = finish(
-        start_child(
-            volume,
-            cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"revision": first_sha})]}),
-            "hub3",
-            **hub_env,
-        )
-    )
-    assert pinned["rows"]["train"] == 7 and pinned["sources"] == first["sources"]
+    # the three runs after the second push are independent of one another: they run at once
+    latest = start_child(volume, cfg, "hub2", **hub_env)
+    pinned_cfg = cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"revision": first_sha})]})
+    pinned_child = start_child(volume, pinned_cfg, "hub3", **hub_env)
     no_token = start_child(volume, cfg, "hub4", HF_ENDPOINT=endpoint, HF_HOME=str(volume / "hf-home2"))
+    second = finish(latest)
+    assert second["built"] and second["rows"]["train"] == 9 and second["cache_dir"] != first["cache_dir"]
+    pinned = finish(pinned_child)
+    assert pinned["rows"]["train"] == 7 and pinned["sources"] == first["sources"]
     _, err = no_token.communicate(timeout=300)
     assert no_token.returncode == 1
     error = json.loads((volume / "hub4.error").read_text())

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,11 @@ def run_all(folder: Path, cases: list[Case] = CASES) -> dict[str, Outcome]:
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizers = make_tokenizers(folder / "tokenizers")
     configs = {c.name: config_of(c, tokenizers, data) for c in cases}
-    theirs = axolotl_side([{"name": name, "config": config} for name, config in configs.items()], folder)
-    return {name: Outcome(ftw_side(config, folder / "scratch"), theirs[name]) for name, config in configs.items()}
+    jobs = [{"name": name, "config": config} for name, config in configs.items()]
+    with ThreadPoolExecutor(1) as pool:  # axolotl's subprocess runs while ftw's side tokenises here
+        theirs = pool.submit(axolotl_side, jobs, folder)
+        ours = {name: ftw_side(config, folder / "scratch") for name, config in configs.items()}
+        return {name: Outcome(ours[name], theirs.result()[name]) for name in configs}
 
 
 def table(results: dict[str, Outcome], cases: list[Case] = CASES) -> str:

@@ -110,6 +110,7 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
         VLLM_CPU_OMP_THREADS_BIND="nobind",
         OMP_NUM_THREADS="1",
         FTW_SERVE_START_TIMEOUT_S="600",
+        FTW_ENGINE_KEEP_ALIVE_S="1",  # test_idle_gaps' gaps are around it: 1 s, not uvicorn's 5
     )
     env.update(extra)
     return env

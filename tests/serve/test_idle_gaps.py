@@ -1,15 +1,16 @@
 """Requests after idle gaps around the engine's keep-alive timeout: none dropped (issue 21, item 1).
 
-The engine closes a connection idle for ENGINE_KEEP_ALIVE_S; a client that reuses it just then (or
-whose event loop was busy and has not noticed the close yet) gets ServerDisconnected / connection
-reset before any byte of the answer. Gaps: just under, at and just over the timeout, and a busy loop
-(a blocking call in a handler) across it.
+The engine closes a connection idle for FTW_ENGINE_KEEP_ALIVE_S (5 s; 1 s in tests/serve, so the gaps
+are short); a client that reuses it just then (or whose event loop was busy and has not noticed the
+close yet) gets ServerDisconnected / connection reset before any byte of the answer. Gaps: just under,
+at and just over the timeout, and a busy loop (a blocking call in a handler) across it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from tests.s3server import free_port
 from tests.serve.conftest import chat, collect, run
-from worker.serve.engine import ENGINE_KEEP_ALIVE_S, EngineClient
+from worker.serve.engine import EngineClient
 
 
 async def bursts_across_gaps(send, gaps: list[float], burst: int = 8) -> list:
@@ -39,6 +40,29 @@ async def bursts_across_gaps(send, gaps: list[float], burst: int = 8) -> list:
 
 def around(keep_alive_s: float) -> list[float]:
     return [keep_alive_s - 0.2, keep_alive_s, keep_alive_s + 0.2, -(keep_alive_s + 0.5)]
+
+
+def idle_connection_closed_after(url: str, keep_alive_s: float) -> tuple[bool, bool]:
+    """(still open at half the keep-alive, closed by 3 s past it): the engine was given `keep_alive_s`."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        sock = conn.sock
+        sock.settimeout(keep_alive_s / 2)
+        try:
+            open_at_half = sock.recv(1) != b""
+        except TimeoutError:
+            open_at_half = True
+        sock.settimeout(keep_alive_s / 2 + 3)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return open_at_half, closed
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager
@@ -92,11 +116,13 @@ def test_no_request_is_dropped_after_idle_gaps_around_the_engines_keep_alive(eng
     service = request.getfixturevalue(engine)
     model = published.s3["alpha"]
     client = service.app.client
+    keep_alive_s = service.settings.engine_keep_alive_s
+    assert idle_connection_closed_after(service.engine.url, keep_alive_s) == (True, True)
 
     async def scenario():
         resent = client.resent
         failures = await bursts_across_gaps(
-            lambda: collect(service.app, chat(model, max_tokens=2)), around(ENGINE_KEEP_ALIVE_S)
+            lambda: collect(service.app, chat(model, max_tokens=2)), around(keep_alive_s)
         )
         return failures, client.resent - resent
 

@@ -141,9 +141,15 @@ def test_settings_from_env_and_vllm_flags():
 def test_bad_settings_are_all_reported_at_once():
     with pytest.raises(JobSpecError) as e:
         ServeSettings.from_env(
-            {"MAX_LORAS": "x", "MAX_LORA_RANK": "0", "FTW_SERVE_ENGINE": "tgi", "FTW_SERVE_ADAPTERS": "noequals"}
+            {
+                "MAX_LORAS": "x",
+                "MAX_LORA_RANK": "0",
+                "FTW_SERVE_ENGINE": "tgi",
+                "FTW_SERVE_ADAPTERS": "noequals",
+                "FTW_ENGINE_KEEP_ALIVE_S": "0",
+            }
         )
-    for name in ("MODEL_NAME", "MAX_LORAS", "MAX_LORA_RANK", "FTW_SERVE_ENGINE", "FTW_SERVE_ADAPTERS"):
+    for name in ("MODEL_NAME", "MAX_LORAS", "MAX_LORA_RANK", "FTW_SERVE_ENGINE", "FTW_SERVE_ADAPTERS", "KEEP_ALIVE"):
         assert name in e.value.message
     with pytest.raises(JobSpecError, match="holds no config.json"):
         ServeSettings.from_env({"MODEL_NAME": "/nonexistent/model"})

@@ -72,14 +72,18 @@ def assert_matches_single(root, name: str, reference: str = "single", rel: float
     return summary
 
 
-@pytest.mark.parametrize("deepspeed", ["zero1", "zero2", "zero3"])
+def assert_zero_stage_matches_single(proc, root, name: str, stage: int) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = assert_matches_single(root, name)
+    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed"
+    assert f"ZeRO stage {stage}" in proc.stderr  # DeepSpeed's engine ran, not a stand-in
+
+
+@pytest.mark.parametrize("deepspeed", ["zero1", "zero3"])  # zero2: the uninterrupted run of the resume test
 def test_zero_stages_match_one_process(reference, deepspeed):
     cfg, cache, root = reference
     proc = run_train(two_ranks(cfg, deepspeed=deepspeed), root / deepspeed, cache, nproc=2, timeout=800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = assert_matches_single(root, deepspeed)
-    assert summary["world_size"] == 2 and summary["strategy"] == "deepspeed"
-    assert f"ZeRO stage {deepspeed[-1]}" in proc.stderr  # DeepSpeed's engine ran, not a stand-in
+    assert_zero_stage_matches_single(proc, root, deepspeed, int(deepspeed[-1]))
 
 
 def test_user_dict_with_auto_values(reference):
@@ -109,14 +113,16 @@ def test_user_dict_with_auto_values(reference):
     assert_matches_single(root, "user", reference="single-sgd")
 
 
-def test_resume_under_zero2_reaches_the_uninterrupted_adapter(reference):
-    """A run to step 4 saving every 2 steps, then the same run again from checkpoint-2: the adapter equals the
-    uninterrupted run's, so DeepSpeed's optimizer partitions, the schedule and the loop state all came back."""
+def test_zero2_matches_one_process_and_resumes_to_the_same_adapter(reference):
+    """ZeRO-2 over two ranks, run to step 4 saving every 2 steps, gives one process's curve and adapter
+    (ZeRO-1/3: test_zero_stages_match_one_process); then the same run again from checkpoint-2: the adapter
+    equals the uninterrupted run's, so DeepSpeed's optimizer partitions, the schedule and the loop state all
+    came back."""
     cfg, cache, root = reference
     run = root / "resumed"
     over = two_ranks(cfg, deepspeed="zero2", save_strategy="steps", save_steps=2, auto_resume_from_checkpoints=True)
     proc = run_train(over, run, cache, nproc=2, timeout=800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_zero_stage_matches_single(proc, root, "resumed", 2)
     ckpt2 = run / "checkpoints" / "checkpoint-2"
     assert (ckpt2 / "deepspeed").is_dir() and not (ckpt2 / "optimizer.pt").exists()
     for later in (p for p in (run / "checkpoints").glob("checkpoint-*") if p != ckpt2):

@@ -32,7 +32,7 @@ import aiohttp
 from worker.errors import InfraError, ServeError
 from worker.lifeline import die_with_parent
 from worker.serve.engine_defaults import cpu_kv_cache_gib, failure_reason, model_dtype, sizes_its_own_memory, vllm_build
-from worker.serve.settings import ServeSettings
+from worker.serve.settings import ENGINE_KEEP_ALIVE_S, ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,16 +102,15 @@ def engine_command(settings: ServeSettings, engine: str, port: int) -> list[str]
         args += ["--max-model-len", str(settings.max_model_len)]
     if settings.dtype:
         args += ["--dtype", settings.dtype]
-    return args
+    return [*args, "--keep-alive-s", str(settings.engine_keep_alive_s)]
 
 
-# The engine closes a connection idle for ENGINE_KEEP_ALIVE_S (uvicorn's default, which vLLM keeps); the
-# client lets its pooled connections go well before that, so a request after an idle gap never picks one
-# the engine is closing. A connection lost before any byte of the answer (a close racing the request,
-# or one the client's busy loop had not noticed yet) means the engine did not take the request:
-# it is sent again on a fresh connection.
-ENGINE_KEEP_ALIVE_S = 5
-CLIENT_KEEP_ALIVE_S = 2.0
+# The engine closes a connection idle for settings.engine_keep_alive_s (ENGINE_KEEP_ALIVE_S); the
+# client lets its pooled connections go well before that (CLIENT_KEEP_ALIVE_SHARE of it: 2 s of 5), so a
+# request after an idle gap never picks one the engine is closing. A connection lost before any byte of
+# the answer (a close racing the request, or one the client's busy loop had not noticed yet) means the
+# engine did not take the request: it is sent again on a fresh connection.
+CLIENT_KEEP_ALIVE_SHARE = 0.4
 SEND_ATTEMPTS = 3
 NOT_TAKEN = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)  # ClientOSError: reset, broken pipe, refused
 PORT_TAKEN = "address already in use"  # what uvicorn (vLLM) and aiohttp log when the bind fails
@@ -161,7 +160,7 @@ class EngineProcess:
         if self.engine == "transformers":  # our server module; vLLM's child must not see our top-level names
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # adapters are loaded on demand
-        env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(ENGINE_KEEP_ALIVE_S)  # what EngineClient's pool is sized against
+        env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(self.settings.engine_keep_alive_s)  # EngineClient's pool: 0.4× it
         if self.cpu_kv_cache_gib:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kv_cache_gib)
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
@@ -280,8 +279,9 @@ def _unreachable_as_error() -> Iterator[None]:
 class EngineClient:
     """Async HTTP calls to the engine; its 4xx answers become ServeErrors with its message."""
 
-    def __init__(self, url: str, timeout_s: float = 3600):
+    def __init__(self, url: str, timeout_s: float = 3600, engine_keep_alive_s: float = ENGINE_KEEP_ALIVE_S):
         self.url = url
+        self.keep_alive_s = CLIENT_KEEP_ALIVE_SHARE * engine_keep_alive_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=10)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -291,7 +291,7 @@ class EngineClient:
         """One pooled session per event loop (RunPod's loop, a test's asyncio.run, ftw serve's)."""
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
-            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=CLIENT_KEEP_ALIVE_S)
+            connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=self.keep_alive_s)
             self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
             self._loop = loop
         return self._session

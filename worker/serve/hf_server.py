@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 
 from worker.errors import ServeError
-from worker.serve.engine import ENGINE_KEEP_ALIVE_S
 from worker.serve.hf_engine import HFEngine, SamplingSettings
+from worker.serve.settings import ENGINE_KEEP_ALIVE_S
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--dtype")
+    parser.add_argument("--keep-alive-s", type=int, default=ENGINE_KEEP_ALIVE_S)
     args = parser.parse_args(argv)
     engine = HFEngine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
     server = HFServer(engine, args.served_model_name or args.model)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print=None,
         handle_signals=True,
         handler_cancellation=True,
-        keepalive_timeout=ENGINE_KEEP_ALIVE_S,
+        keepalive_timeout=args.keep_alive_s,
     )  # closes idle connections as vLLM's uvicorn does
     return 0
 

@@ -52,7 +52,11 @@ def running_service(
     )
     process.start()
     try:
-        app = ServeApp(settings, EngineClient(process.url), fetch or pull_fetch(settings))
+        app = ServeApp(
+            settings,
+            EngineClient(process.url, engine_keep_alive_s=settings.engine_keep_alive_s),
+            fetch or pull_fetch(settings),
+        )
         yield Service(settings, process, app)
     finally:
         process.stop()

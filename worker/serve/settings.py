@@ -19,6 +19,7 @@
 | `FTW_SERVE_CACHE_GB` | adapter disk cache size under `BASE_VOLUME/cache/adapters` (20); least recently used go first |
 | `FTW_SERVE_BASE_ALIASES` | other names of the base model accepted in adapters' `base_model_name_or_path` |
 | `FTW_SERVE_START_TIMEOUT_S` | how long the engine may take to answer /health (900) |
+| `FTW_ENGINE_KEEP_ALIVE_S` | seconds the engine keeps an idle connection (5, uvicorn's); ftw's pool lets go at 0.4× |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from worker.errors import JobSpecError
 
 ENGINES = ("auto", "vllm", "transformers")
+ENGINE_KEEP_ALIVE_S = 5  # uvicorn's default, which vLLM keeps
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ServeSettings:
     cache_bytes: int = 20 * 2**30
     base_aliases: tuple[str, ...] = ()
     start_timeout_s: float = 900.0
+    engine_keep_alive_s: int = ENGINE_KEEP_ALIVE_S
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -132,6 +135,7 @@ class ServeSettings:
             cache_bytes=cache_bytes,
             base_aliases=tuple(a.strip() for a in env.get("FTW_SERVE_BASE_ALIASES", "").split(",") if a.strip()),
             start_timeout_s=float(get_int("FTW_SERVE_START_TIMEOUT_S", 900) or 900),
+            engine_keep_alive_s=get_int("FTW_ENGINE_KEEP_ALIVE_S", ENGINE_KEEP_ALIVE_S) or ENGINE_KEEP_ALIVE_S,
             env=env,
         )
         if settings.max_cpu_loras < settings.max_loras:
