@@ -219,3 +219,20 @@ def run_job(job: dict[str, Any], folder: Path, volume: Path, timeout: float, **e
 def run_events(run_dir: Path) -> list[dict[str, Any]]:
     """Every event of a run folder (each stage's events.jsonl, wherever it lies under the folder)."""
     return [json.loads(line) for f in run_dir.rglob("events.jsonl") for line in f.read_text().splitlines()]
+
+
+def greedy(model: Any, tok: Any, prompt: str) -> str:
+    """The model's greedy answer to `prompt` (text, no special tokens added), up to 8 tokens."""
+    import torch
+
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

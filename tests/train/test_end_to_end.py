@@ -8,22 +8,9 @@ import json
 import pytest
 import torch
 
-from tests.train.helpers import SUCCESSOR_SCHEDULE, ftw_cli, successor_task, write_segments
+from tests.train.helpers import SUCCESSOR_SCHEDULE, ftw_cli, greedy, successor_task, write_segments
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
-
-
-def greedy(model, tok, prompt: str) -> str:
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_ftw_train_lora_learns_a_task_it_was_not_shown(task_model_dir, volume, tmp_path):

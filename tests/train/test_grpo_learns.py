@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.train.helpers import base_config, run_events, run_inprocess, run_job, successor_task, write_cache
+from tests.train.helpers import base_config, greedy, run_events, run_inprocess, run_job, successor_task, write_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -29,24 +29,12 @@ def chat_row(tok, prompt: str, answer: str) -> dict[str, list[int]]:
 
 def exact_rate(model_dir, tok, pairs: list[tuple[str, str]]) -> float:
     """Greedy exact answers of the merged model on `pairs`, as the exact_match reward reads them."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    hits = 0
-    for prompt, answer in pairs:
-        ids = torch.tensor([chat_row(tok, prompt, "")["input_ids"][:-1]])  # the prompt up to the assistant turn
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        hits += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer.strip()
-    return hits / len(pairs)
+    chat = [[{"role": "user", "content": p}] for p, _ in pairs]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chat]
+    return sum(greedy(model, tok, p).strip() == a.strip() for p, (_, a) in zip(prompts, pairs)) / len(pairs)
 
 
 def partly_taught(task_model_dir, tok, cache, root) -> tuple[object, float]:
