@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from tests.serve.conftest import ensure_vllm_env
-from tests.train.vllm_helpers import engine_gone, ftw_run, processes_naming, result_of, train_events, vllm_env
+from tests.train.vllm_helpers import (
+    LORA_RUN,
+    engine_gone,
+    ftw_run,
+    processes_naming,
+    result_of,
+    train_events,
+    vllm_env,
+    write_job,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -45,23 +54,12 @@ def ebft_job(volume: Path, model: Path, run_id: str) -> Path:
                     "beta": 0.04,
                 },
                 "datasets": [{"path": str(volume / "qa.jsonl"), "type": "ebft_opencode.transform"}],
-                "adapter": "lora",
-                "lora_r": 8,
-                "lora_alpha": 16,
-                "lora_target_modules": ["q_proj", "v_proj"],
-                "sequence_len": 64,
-                "micro_batch_size": 2,
+                **LORA_RUN,
                 "max_steps": STEPS,
-                "learning_rate": 1e-3,
-                "optimizer": "adamw_torch",
-                "logging_steps": 1,
-                "seed": 1,
             },
         }
     }
-    path = volume / f"{run_id}.json"
-    path.write_text(json.dumps(job))
-    return path
+    return write_job(volume, run_id, job)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,28 @@ def broken(prompts, completions, **kwargs):
 """
 
 
+# the training half of every vLLM test job: a small LoRA on q/v of the tiny model, a few logged steps
+LORA_RUN: dict[str, Any] = {
+    "adapter": "lora",
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_target_modules": ["q_proj", "v_proj"],
+    "sequence_len": 64,
+    "micro_batch_size": 2,
+    "learning_rate": 1e-3,
+    "optimizer": "adamw_torch",
+    "logging_steps": 1,
+    "seed": 1,
+}
+
+
+def write_job(volume: Path, run_id: str, job: dict[str, Any]) -> Path:
+    """The job file `ftw run` reads, in the volume."""
+    path = volume / f"{run_id}.json"
+    path.write_text(json.dumps(job))
+    return path
+
+
 def grpo_job(
     volume: Path, model: Path, run_id: str, reward: str, steps: int, limits: dict[str, float] | None = None
 ) -> Path:
@@ -90,23 +112,12 @@ def grpo_job(
                     "reward_funcs": ["exact_match", f"myrewards.{reward}"],
                 },
                 "datasets": [{"path": str(volume / "rl.jsonl"), "type": "prompt_answer"}],
-                "adapter": "lora",
-                "lora_r": 8,
-                "lora_alpha": 16,
-                "lora_target_modules": ["q_proj", "v_proj"],
-                "sequence_len": 64,
-                "micro_batch_size": 2,
+                **LORA_RUN,
                 "max_steps": steps,
-                "learning_rate": 1e-3,
-                "optimizer": "adamw_torch",
-                "logging_steps": 1,
-                "seed": 1,
             },
         }
     }
-    path = volume / f"{run_id}.json"
-    path.write_text(json.dumps(job))
-    return path
+    return write_job(volume, run_id, job)
 
 
 def ftw_run(volume: Path, model: Path, job: Path, engine_env: dict[str, str]) -> subprocess.Popen:
