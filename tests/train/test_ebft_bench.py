@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,24 +34,38 @@ def axolotl_site(tmp_path: Path) -> Path:
     return site
 
 
+def tiny_run(tmp_path: Path, arms: str, axolotl_site: Path, timeout: float) -> tuple[list[dict[str, Any]], str]:
+    """bench/ebft.py's tiny CPU run of `arms`: the rows of the JSON it writes and its table (it must exit 0)."""
+    out = tmp_path / "ebft.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/ebft.py",
+            "--tiny",
+            "--arms",
+            arms,
+            "--axolotl-site",
+            str(axolotl_site),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"], proc.stdout
+
+
 def test_the_axolotl_arm_runs_axolotls_trainer_with_ftws_settings(axolotl_site: Path, tmp_path: Path):
     from bench.ebft import EBFT
     from bench.gpu_train import SHAPES
     from schemas.rl import EbftConfig
     from worker.train.ebft import layer_indices
 
-    out = tmp_path / "ebft.json"
-    arms = ["--arms", "dense,axolotl", "--axolotl-site", str(axolotl_site)]
-    proc = subprocess.run(
-        [sys.executable, "bench/ebft.py", "--tiny", *arms, "--out", str(out)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=580,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows, table_text = tiny_run(tmp_path, "dense,axolotl", axolotl_site, timeout=580)
     assert [(r["path"], r["doc_len"]) for r in rows] == [("dense", 48), ("axolotl", 48), ("dense", 96), ("axolotl", 96)]
     assert all("error" not in r and r["doc_tokens_per_s"] > 0 for r in rows), rows
     ftw = EbftConfig(**EBFT)
@@ -75,24 +90,13 @@ def test_the_axolotl_arm_runs_axolotls_trainer_with_ftws_settings(axolotl_site: 
     for r in rows[1::2]:
         assert r["axolotl"] == "0.18.0" and r["numba"] in ("stand-in", "installed")
         assert r["settings"] == want
-    table = [line.split() for line in proc.stdout.splitlines() if line.startswith(("dense ", "axolotl "))]
+    table = [line.split() for line in table_text.splitlines() if line.startswith(("dense ", "axolotl "))]
     assert [t[:2] for t in table] == [["dense", "48"], ["axolotl", "48"], ["dense", "96"], ["axolotl", "96"]]
 
 
 def test_an_axolotl_arm_that_cannot_run_is_a_row_saying_why(tmp_path: Path):
     empty = tmp_path / "no-axolotl"
     empty.mkdir()
-    out = tmp_path / "ebft.json"
-    arms = ["--arms", "axolotl", "--axolotl-site", str(empty)]
-    proc = subprocess.run(
-        [sys.executable, "bench/ebft.py", "--tiny", *arms, "--out", str(out)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows, _ = tiny_run(tmp_path, "axolotl", empty, timeout=300)
     assert [(r["path"], r["doc_len"]) for r in rows] == [("axolotl", 48), ("axolotl", 96)]
     assert all(r["error"] == "failed: ModuleNotFoundError: No module named 'axolotl'" for r in rows), rows
