@@ -117,6 +117,7 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "max_steps": a.warmup + a.steps,
         "learning_rate": a.lr,
         "optimizer": "adamw_torch_fused",
+        **({"use_kernels": True} if a.use_kernels else {}),  # on CUDA they are on anyway
         **TIMED_RUN,
         **{k: MATCHED[k] for k in ("lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm", "seed")},
         **{k: MATCHED[k] for k in ("adam_beta1", "adam_beta2", "adam_epsilon")},
@@ -297,6 +298,7 @@ def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> di
         str(a.arm_timeout),
         "--lr",
         str(a.lr),
+        *(["--use-kernels"] if a.use_kernels else []),
     ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.arm_timeout + 60)
     lines = proc.stdout.strip().splitlines()
@@ -361,6 +363,7 @@ def main() -> int:
         "--trl-path", default="", help="folder with trl installed (--target), added to the trl arm's PYTHONPATH"
     )
     ap.add_argument("--arm-timeout", type=int, default=900)
+    ap.add_argument("--use-kernels", action="store_true", help="ftw arm: use_kernels: true (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     ap.add_argument(
         "--ref-share", action="store_true", help="measure the reference forward's share of a DPO step instead"

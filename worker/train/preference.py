@@ -14,6 +14,10 @@ each row's identity carried into
 the step and a whole pass over the data before any progress; on the fly keeps resume, eval and the
 data contract as they are. `precompute_ref_log_probs` is accepted with a warning (no effect).
 
+With ftw's kernels applied ("fused_linear_cross_entropy"), both forwards return each token's loss
+from the last hidden states (kernels/ftw_kernels/cross_entropy.py's `fused_linear_token_losses`)
+instead of the tokens × vocab logits (128k wide for Llama 3), which the plain path upcasts in chunks.
+
 Formulas (per pair; l = summed log-prob of the answer tokens, ā = l / tokens, β = `rl_beta_value()`):
 - dpo:   z = (lc − lr) − (refc − refr); loss = −(1−ε)·logσ(βz) − ε·logσ(−βz)   (ε dpo_label_smoothing)
 - ipo:   z as dpo on ā;                loss = (z − 1/(2β))²
