@@ -5,6 +5,7 @@
     # CPU: both arms' losses side by side (the same pairs every step, a learning rate that moves them)
     python bench/dpo.py --shape tiny --mbs 4 --pairs 4 --steps 8 --warmup 1 --prompt 16 --answer 48 --lr 1e-3
     python bench/dpo.py --ref-share --shape tiny                        # reference forward's share of a step (CPU)
+    TRITON_INTERPRET=1 python bench/dpo.py --shape tiny ... --use-kernels  # CPU: the ftw arm through ftw's kernels
 
 A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny
 ByteLevel tokenizer) and a JSONL of preference pairs: a `--prompt`-token prompt and `--answer`-token
