@@ -5,6 +5,7 @@
     # CPU: both arms' losses side by side (the same pairs every step, a learning rate that moves them)
     python bench/dpo.py --shape tiny --mbs 4 --pairs 4 --steps 8 --warmup 1 --prompt 16 --answer 48 --lr 1e-3
     python bench/dpo.py --ref-share --shape tiny                        # reference forward's share of a step (CPU)
+    TRITON_INTERPRET=1 python bench/dpo.py --shape tiny ... --use-kernels  # CPU: the ftw arm through ftw's kernels
 
 A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny
 ByteLevel tokenizer) and a JSONL of preference pairs: a `--prompt`-token prompt and `--answer`-token
@@ -117,6 +118,7 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "max_steps": a.warmup + a.steps,
         "learning_rate": a.lr,
         "optimizer": "adamw_torch_fused",
+        **({"use_kernels": True} if a.use_kernels else {}),  # on CUDA they are on anyway
         **TIMED_RUN,
         **{k: MATCHED[k] for k in ("lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm", "seed")},
         **{k: MATCHED[k] for k in ("adam_beta1", "adam_beta2", "adam_epsilon")},
@@ -297,6 +299,7 @@ def run_arm(name: str, a: argparse.Namespace, model_dir: Path, data: Path) -> di
         str(a.arm_timeout),
         "--lr",
         str(a.lr),
+        *(["--use-kernels"] if a.use_kernels else []),
     ]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.arm_timeout + 60)
     lines = proc.stdout.strip().splitlines()
@@ -361,6 +364,7 @@ def main() -> int:
         "--trl-path", default="", help="folder with trl installed (--target), added to the trl arm's PYTHONPATH"
     )
     ap.add_argument("--arm-timeout", type=int, default=900)
+    ap.add_argument("--use-kernels", action="store_true", help="ftw arm: use_kernels: true (CPU: TRITON_INTERPRET=1)")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     ap.add_argument(
         "--ref-share", action="store_true", help="measure the reference forward's share of a DPO step instead"

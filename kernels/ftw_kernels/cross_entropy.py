@@ -8,6 +8,9 @@ no gradient and no matmul for one; a trainable one accumulates in fp32.
 
 Peak extra memory: one chunk of logits plus dL/dhidden (tokens × hidden), against HF's
 tokens × vocab logits in fp32 and their gradient.
+
+`fused_linear_token_losses` is the per-row variant (the DPO family's log-probabilities): the same
+chunks, each row's loss returned, dL/dhidden kept unscaled and scaled row by row in backward.
 """
 
 from __future__ import annotations
@@ -52,6 +55,32 @@ def _ce_rows(LOGITS, TARGETS, LOSS, stride, ignore_index, N_COLS: tl.constexpr, 
             tl.store(ptr + cols, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
+def _row_chunks(hidden: torch.Tensor, weight: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of the row chunks whose logits take CHUNK_LOGITS_BYTES each."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    chunk = max(1, min(n_rows, CHUNK_LOGITS_BYTES // (vocab * hidden.element_size())))
+    return [(start, min(start + chunk, n_rows)) for start in range(0, n_rows, chunk)]
+
+
+def _chunk_dlogits(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """One chunk's dL/dlogits (softmax − onehot, unscaled; zero on ignored rows), its row losses written to `losses`."""
+    vocab = weight.shape[0]
+    logits = h @ weight.t()
+    _ce_rows[(h.shape[0],)](
+        logits,
+        targets,
+        losses,
+        logits.stride(0),
+        ignore_index,
+        N_COLS=vocab,
+        BLOCK=min(triton.next_power_of_2(vocab), 4096 if h.is_cuda else 1024),
+        num_warps=8 if h.is_cuda else 1,
+    )
+    return logits
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -69,36 +98,21 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden_in, weight_in, targets, ignore_index, divisor, dtype):
         hidden, weight = hidden_in.to(dtype), weight_in.to(dtype)
-        n_rows, dim = hidden.shape
-        vocab = weight.shape[0]
         targets = targets.contiguous()
         n_valid = (targets != ignore_index).sum()
         denom = (n_valid.clamp(min=1) if divisor is None else torch.as_tensor(divisor, device=hidden.device)).float()
         want_dw = ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
-        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        chunk = max(1, min(n_rows, CHUNK_LOGITS_BYTES // (vocab * hidden.element_size())))
-        block = min(triton.next_power_of_2(vocab), 4096 if hidden.is_cuda else 1024)
-        for start in range(0, n_rows, chunk):
-            end = min(start + chunk, n_rows)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # the 1/denominator is applied once at the end: it is a device tensor (reading it would sync)
+        for start, end in _row_chunks(hidden, weight):
             h = hidden[start:end]
-            logits = h @ weight.t()
-            # the 1/denominator is applied once at the end: it is a device tensor (reading it would sync)
-            _ce_rows[(end - start,)](
-                logits,
-                targets[start:end],
-                losses[start:end],
-                logits.stride(0),
-                ignore_index,
-                N_COLS=vocab,
-                BLOCK=block,
-                num_warps=8 if hidden.is_cuda else 1,
-            )
+            dlogits = _chunk_dlogits(h, weight, targets[start:end], losses[start:end], ignore_index)
             if grad_hidden is not None:
-                torch.matmul(logits, weight, out=grad_hidden[start:end])
+                torch.matmul(dlogits, weight, out=grad_hidden[start:end])
             if want_dw:
-                grad_weight.addmm_(logits.t().float(), h.float())
+                grad_weight.addmm_(dlogits.t().float(), h.float())
         loss = losses.sum() / denom
         if grad_hidden is not None:
             grad_hidden.div_(denom.to(grad_hidden.dtype))
@@ -116,6 +130,48 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
+class FusedLinearTokenLosses(torch.autograd.Function):
+    """Per-row losses (the DPO family sums them per sequence). A row's loss depends on its hidden
+    row alone, so the forward keeps the unscaled dL/dhidden rows ((softmax − onehot)·W, rows ×
+    hidden) and backward scales each by its incoming gradient. A trainable output weight's gradient
+    Σᵣ gᵣ·dlogitsᵣᵀ·hᵣ needs those per-row g, so backward recomputes each chunk's logits for it."""
+
+    @staticmethod
+    def forward(ctx, hidden_in: torch.Tensor, weight_in: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+        dtype = compute_dtype(hidden_in)
+        with no_autocast(hidden_in):
+            hidden, weight = hidden_in.to(dtype), weight_in.to(dtype)
+            targets = targets.contiguous()
+            want_dh = ctx.needs_input_grad[0]
+            grad_rows = torch.empty_like(hidden) if want_dh else None
+            losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            for start, end in _row_chunks(hidden, weight):
+                dlogits = _chunk_dlogits(hidden[start:end], weight, targets[start:end], losses[start:end], ignore_index)
+                if grad_rows is not None:
+                    torch.matmul(dlogits, weight, out=grad_rows[start:end])
+        want_dw = ctx.needs_input_grad[1]
+        ctx.save_for_backward(grad_rows, *((hidden, weight, targets) if want_dw else (None, None, None)))
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.ignore_index = hidden_in.dtype, weight_in.dtype, ignore_index
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        grad_rows, hidden, weight, targets = ctx.saved_tensors
+        g = grad_losses.float()[:, None]
+        dh = (grad_rows.float() * g).to(ctx.hidden_dtype) if grad_rows is not None else None
+        dw = None
+        if weight is not None:
+            with no_autocast(hidden):
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                scratch = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+                for start, end in _row_chunks(hidden, weight):
+                    h = hidden[start:end]
+                    dlogits = _chunk_dlogits(h, weight, targets[start:end], scratch[start:end], ctx.ignore_index)
+                    grad_weight.addmm_(dlogits.t().float(), h.float() * g[start:end])
+            dw = grad_weight.to(ctx.weight_dtype)
+        return dh, dw, None, None
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -127,3 +183,15 @@ def fused_linear_cross_entropy(
     return FusedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index, divisor
     )
+
+
+def fused_linear_token_losses(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Each row's cross-entropy of `hidden @ weight.T` against its target (fp32, 0 at ignored rows),
+    as F.cross_entropy(reduction="none") on the logits would give, without them. Under no_grad
+    (the DPO reference forward) nothing is kept for a backward: inside an autograd.Function's
+    forward, needs_input_grad does not see the grad mode, so the inputs go in detached."""
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()
+    return FusedLinearTokenLosses.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index)

@@ -16,7 +16,7 @@ import torch
 import ftw_kernels.attention as attention
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
-from ftw_kernels.cross_entropy import fused_linear_cross_entropy
+from ftw_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_token_losses
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
 from ftw_kernels.rmsnorm import rmsnorm_forward
 from ftw_kernels.rope import apply_rope
@@ -133,9 +133,12 @@ def _causal_lm_forward(
     **kwargs,
 ):
     """Training forward with labels: the loss straight from the last hidden states (no logits
-    returned), plus the router's aux loss where an MoE model is asked for it. Everything else goes
-    to the original forward."""
-    if labels is None or not self.training:
+    returned), plus the router's aux loss where an MoE model is asked for it. `token_losses=True`
+    (the DPO family, worker/train/preference.py; in eval too): `loss` is each token's loss instead,
+    (batch × seq,) fp32, 0 where the shifted label is ignored, with no router aux loss in it.
+    Everything else goes to the original forward."""
+    token_losses = kwargs.pop("token_losses", False)
+    if labels is None or not (self.training or token_losses):
         return self._ftw_original_forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -168,8 +171,12 @@ def _causal_lm_forward(
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # HF's ForCausalLMLoss: token t predicts label t+1
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-    loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), -100, num_items)
-    if moe:
+    targets = shift_labels.to(hidden.device)
+    if token_losses:
+        loss = fused_linear_token_losses(hidden, self.lm_head.weight, targets, -100)
+    else:
+        loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, targets, -100, num_items)
+    if moe and not token_losses:
         return _with_router_loss(self, loss, outputs, attention_mask, kwargs["output_router_logits"])
     return CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions

@@ -88,7 +88,10 @@ def test_rope_packed_positions(dtype, rng_seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_fused_linear_cross_entropy(dtype, weight_trains, rng_seed, monkeypatch):
+@pytest.mark.parametrize("per_token", [False, True], ids=["mean", "per-token"])
+def test_fused_linear_cross_entropy(dtype, weight_trains, per_token, rng_seed, monkeypatch):
+    """The mean loss (SFT), or each row's loss (`fused_linear_token_losses`, the DPO family's
+    log-probs) under a different upstream gradient per row, against F.cross_entropy on the logits."""
     from ftw_kernels import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS_BYTES", 4 * 211 * 4)  # several chunks even here
@@ -97,17 +100,25 @@ def test_fused_linear_cross_entropy(dtype, weight_trains, rng_seed, monkeypatch)
     weight.requires_grad_(weight_trains)
     w64.requires_grad_(weight_trains)
     targets = torch.randint(0, 211, (13,), device=DEVICE)
-    targets[[0, 5, 6]] = -100
-    loss = cross_entropy.fused_linear_cross_entropy(hidden, weight, targets)
-    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets)
-    (loss * 2).backward()
-    (ref * 2).backward()
+    ignored = [0, 5, 6]
+    targets[ignored] = -100
+    if per_token:
+        loss = cross_entropy.fused_linear_token_losses(hidden, weight, targets)
+        ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets, reduction="none")
+        upstream = torch.randn(13, dtype=torch.float64, device=DEVICE) * 3
+        assert loss.dtype == torch.float32 and loss.shape == (13,) and loss[ignored].abs().sum() == 0
+    else:
+        loss = cross_entropy.fused_linear_cross_entropy(hidden, weight, targets)
+        ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets)
+        upstream = torch.tensor(2.0, dtype=torch.float64, device=DEVICE)
+    loss.backward(upstream.to(loss.dtype))
+    ref.backward(upstream)
     b = BOUND[dtype]
     assert rel_err(loss, ref) < b and rel_err(hidden.grad, h64.grad) < b, rng_seed
     assert (weight.grad is not None) == weight_trains, "a frozen output weight must get no gradient"
     if weight_trains:
         assert rel_err(weight.grad, w64.grad) < b, rng_seed
-    assert hidden.grad[[0, 5, 6]].abs().sum() == 0  # ignored rows: no gradient
+    assert hidden.grad[ignored].abs().sum() == 0  # ignored rows: no gradient
 
 
 def test_fused_linear_cross_entropy_divisor(rng_seed):

@@ -15,6 +15,7 @@ ranks and hands to `metrics`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,8 +72,10 @@ def build_objective(
     tokenizer: Any,
     router_loss: bool = False,
     run_dir: Path | None = None,
+    kernels: Sequence[str] = (),
 ) -> Objective:
-    """The run's objective; GRPO's starts its generator here (vLLM: a child process, folders under `run_dir`)."""
+    """The run's objective; GRPO's starts its generator here (vLLM: a child process, folders under `run_dir`);
+    `kernels`: the kernel patches applied (the DPO family takes per-token losses from the fused loss)."""
     method = cfg.rl_method()
     if method is None:
         return SupervisedObjective(router_loss)
@@ -90,4 +93,4 @@ def build_objective(
         return StructuredEbftObjective(cfg, model, tokenizer, run_dir)
     from worker.train.preference import PreferenceObjective
 
-    return PreferenceObjective(cfg, model)
+    return PreferenceObjective(cfg, model, fused_token_losses="fused_linear_cross_entropy" in kernels)

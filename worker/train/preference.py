@@ -14,6 +14,10 @@ each row's identity carried into
 the step and a whole pass over the data before any progress; on the fly keeps resume, eval and the
 data contract as they are. `precompute_ref_log_probs` is accepted with a warning (no effect).
 
+With ftw's kernels applied ("fused_linear_cross_entropy"), both forwards return each token's loss
+from the last hidden states (kernels/ftw_kernels/cross_entropy.py's `fused_linear_token_losses`)
+instead of the tokens × vocab logits (128k wide for Llama 3), which the plain path upcasts in chunks.
+
 Formulas (per pair; l = summed log-prob of the answer tokens, ā = l / tokens, β = `rl_beta_value()`):
 - dpo:   z = (lc − lr) − (refc − refr); loss = −(1−ε)·logσ(βz) − ε·logσ(−βz)   (ε dpo_label_smoothing)
 - ipo:   z as dpo on ā;                loss = (z − 1/(2β))²
@@ -39,21 +43,29 @@ IGNORE = -100
 LOGIT_CHUNK = 4096  # rows of logits upcast to fp32 at a time for the log-softmax
 
 
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each sequence's target tokens, their count), sequences split at position resets."""
-    logits, labels, positions = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), position_ids.reshape(-1)
-    segment = torch.cumsum(positions == 0, 0) - 1
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label t+1 | logits t) over the flattened rows, 0 where that label is ignored; the
+    logits upcast to fp32 LOGIT_CHUNK rows at a time."""
+    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     targets = labels[1:]  # token t predicts label t+1; a sequence's first label is IGNORE (collate)
     token_logp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for a in range(0, targets.numel(), LOGIT_CHUNK):
         b = min(a + LOGIT_CHUNK, targets.numel())
         token_logp[a:b] = -F.cross_entropy(logits[a:b].float(), targets[a:b], ignore_index=IGNORE, reduction="none")
-    mask = (targets != IGNORE).float()
+    return token_logp
+
+
+def sequence_sums(
+    token_logp: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each sequence's target tokens, their count), sequences split at position
+    resets; `token_logp[t]` is the flattened rows' log p(label t+1), as `token_logps` gives."""
+    labels, positions = labels.reshape(-1), position_ids.reshape(-1)
+    segment = torch.cumsum(positions == 0, 0) - 1
+    mask = (labels[1:] != IGNORE).float()
     count = int(segment[-1]) + 1
-    sums = torch.zeros(count, dtype=torch.float32, device=logits.device).index_add(0, segment[1:], token_logp * mask)
-    tokens = torch.zeros(count, dtype=torch.float32, device=logits.device).index_add(0, segment[1:], mask)
+    sums = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, segment[1:], token_logp * mask)
+    tokens = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, segment[1:], mask)
     return sums, tokens
 
 
@@ -125,8 +137,10 @@ class PreferenceObjective:
         "_rejected_n",
     )
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module):
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, fused_token_losses: bool = False):
+        """`fused_token_losses`: the model's forward is ftw_kernels' fused loss (kernels applied
+        "fused_linear_cross_entropy"), asked for per-token losses instead of the logits."""
+        self.cfg, self.model, self.fused_token_losses = cfg, model, fused_token_losses
         self.method = cfg.rl_method()
         self.needs_reference = self.method in ("dpo", "ipo", "kto")
 
@@ -136,8 +150,15 @@ class PreferenceObjective:
         return sequences if self.method == "kto" else sequences // 2
 
     def logps(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        return sequence_logps(out.logits, batch["labels"], batch["position_ids"])
+        """Each sequence's (summed log-prob, target count); through the fused loss, the tokens ×
+        vocab logits are never materialised (kernels/ftw_kernels/cross_entropy.py)."""
+        ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        if self.fused_token_losses:
+            out = engine(input_ids=ids, position_ids=positions, labels=labels, token_losses=True, use_cache=False)
+            token_logp = -out.loss[:-1]  # the last token of the batch has no label to predict
+        else:
+            token_logp = token_logps(engine(input_ids=ids, position_ids=positions, use_cache=False).logits, labels)
+        return sequence_sums(token_logp, labels, positions)
 
     def reference(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.needs_reference:

@@ -142,7 +142,9 @@ class Trainer:
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
         router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
         # SFT, the DPO family or GRPO: what a micro-batch's loss is (and the router's aux loss, logged)
-        self.objective = build_objective(cfg, self.model, self.tokenizer, router_loss=router_loss, run_dir=self.run_dir)
+        self.objective = build_objective(
+            cfg, self.model, self.tokenizer, router_loss=router_loss, run_dir=self.run_dir, kernels=self.kernels
+        )
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
