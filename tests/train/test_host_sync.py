@@ -86,6 +86,31 @@ def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, p
     assert syncing_ops(step(without))  # what the prefetcher's boundaries save
 
 
+def test_a_dpo_step_with_host_segments_reads_nothing_back(varlen_model):
+    """The DPO family's two forwards (reference and policy) take the prefetcher's segments too, and
+    the number of sequences comes from their shape: the step reads nothing back. Without them
+    every forward finds the boundaries on the device."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftw_kernels import attention
+    from tests.train.test_preference_loss import config, packed, sequences
+    from worker.train.preference import PreferenceObjective
+
+    model = get_peft_model(varlen_model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model.base_model.model.set_attn_implementation(attention.NAME)
+    objective = PreferenceObjective(config("dpo"), model)
+    without = packed(sequences(3, 6, model.config.vocab_size))
+    micro = without | attention.host_segments(without["position_ids"], None)
+    n_items = torch.tensor(float(objective.count(micro)))
+
+    def step(batch):
+        return lambda: objective.loss(model, batch, n_items)[0].backward()
+
+    assert torch.equal(objective.loss(model, micro, n_items)[0], objective.loss(model, without, n_items)[0])
+    assert syncing_ops(step(micro)) == collections.Counter()
+    assert syncing_ops(step(without))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 def test_a_cuda_training_step_never_waits_for_the_device(task_model_dir, task_rows, tmp_path, monkeypatch, packed):

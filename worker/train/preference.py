@@ -40,6 +40,9 @@ import torch.nn.functional as F
 from schemas.config import TrainingConfig
 
 IGNORE = -100
+# batches.read_step's varlen segments, found on the host (with the all-ones mask of a packed row,
+# which spares transformers its packing check); rl rows are always packed (docs/contracts.md)
+VARLEN_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "attention_mask")
 LOGIT_CHUNK = 4096  # rows of logits upcast to fp32 at a time for the log-softmax
 
 
@@ -56,14 +59,15 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_sums(
-    token_logp: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+    token_logp: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each sequence's target tokens, their count), sequences split at position
-    resets; `token_logp[t]` is the flattened rows' log p(label t+1), as `token_logps` gives."""
+    resets; `token_logp[t]` is the flattened rows' log p(label t+1), as `token_logps` gives.
+    `count`: the number of sequences when the host knows it (else it is read back from the device)."""
     labels, positions = labels.reshape(-1), position_ids.reshape(-1)
     segment = torch.cumsum(positions == 0, 0) - 1
     mask = (labels[1:] != IGNORE).float()
-    count = int(segment[-1]) + 1
+    count = int(segment[-1]) + 1 if count is None else count
     sums = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, segment[1:], token_logp * mask)
     tokens = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, segment[1:], mask)
     return sums, tokens
@@ -152,13 +156,17 @@ class PreferenceObjective:
     def logps(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's (summed log-prob, target count); through the fused loss, the tokens ×
         vocab logits are never materialised (kernels/ftw_kernels/cross_entropy.py)."""
-        ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        positions, labels = batch["position_ids"], batch["labels"]
+        inputs, count = {"input_ids": batch["input_ids"], "position_ids": positions}, None
+        if "cu_seq_lens_q" in batch:  # varlen attention: the segments the prefetcher found on the host (no sync)
+            inputs |= {k: batch[k] for k in VARLEN_INPUTS}
+            count = batch["cu_seq_lens_q"].numel() - 1  # rl rows are packed: a segment is a sequence
         if self.fused_token_losses:
-            out = engine(input_ids=ids, position_ids=positions, labels=labels, token_losses=True, use_cache=False)
+            out = engine(**inputs, labels=labels, token_losses=True, use_cache=False)
             token_logp = -out.loss[:-1]  # the last token of the batch has no label to predict
         else:
-            token_logp = token_logps(engine(input_ids=ids, position_ids=positions, use_cache=False).logits, labels)
-        return sequence_sums(token_logp, labels, positions)
+            token_logp = token_logps(engine(**inputs, use_cache=False).logits, labels)
+        return sequence_sums(token_logp, labels, positions, count)
 
     def reference(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.needs_reference:
