@@ -15,9 +15,9 @@ parameters, no gradient checkpointing. Arms:
 - axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
   "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
 - ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
-  by default: torch's grouped_mm on a GPU; and the dense kernels: norms, rope, fused LoRA q/k/v/o,
-  varlen attention, fused linear cross-entropy);
-- ftw-grouped: the same with FTW_MOE_GEMM=grouped_mm (torch's grouped GEMM for the experts, where it runs).
+  by default: torch's grouped GEMM where it runs, bf16 on Hopper/Blackwell; and the dense kernels: norms,
+  rope, fused LoRA q/k/v/o, varlen attention, fused linear cross-entropy);
+- ftw-triton: the same with FTW_MOE_GEMM=triton (ftw's fused Triton GEMMs for the experts).
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
 tokens/s = mbs × seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
@@ -37,8 +37,8 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("peft", "axolotl", "ftw", "ftw-grouped")
-GEMM_OF_ARM = {"ftw": "triton", "ftw-grouped": "grouped_mm"}  # FTW_MOE_GEMM of the ftw arms' processes
+ARMS = ("peft", "axolotl", "ftw", "ftw-triton")
+GEMM_OF_ARM = {"ftw": "", "ftw-triton": "triton"}  # FTW_MOE_GEMM of the ftw arms' processes ("": the default)
 # model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
 SHAPES = {
     "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             if arm == "axolotl" and importlib.util.find_spec("axolotl") is None:  # skipped without a child
                 rows.append({"shape": shape, "arm": arm, "skipped": "axolotl is not importable (no module 'axolotl')"})
                 continue
-            env["FTW_MOE_GEMM"] = GEMM_OF_ARM.get(arm, "triton")
+            env.pop("FTW_MOE_GEMM", None)
+            if GEMM_OF_ARM.get(arm):
+                env["FTW_MOE_GEMM"] = GEMM_OF_ARM[arm]
             cmd = (
                 [
                     sys.executable,

@@ -35,7 +35,7 @@ from ftw_kernels.moe_swiglu import swiglu_rows_backward
 from ftw_kernels.precision import compute_dtype, no_autocast
 
 NAME = "scattermoe"
-GEMM_ENV = "FTW_MOE_GEMM"  # "triton" (unset) | "grouped_mm": which GEMMs run the experts
+GEMM_ENV = "FTW_MOE_GEMM"  # unset: grouped_mm on a GPU where it runs, else triton; "triton" | "grouped_mm" force one
 GEMMS = ("triton", "grouped_mm")
 
 
@@ -113,11 +113,11 @@ def _input_grad(dy, w, a, b, scale, routing, **index) -> tuple[torch.Tensor, tor
 
 def gemm(device: torch.device, dtype: torch.dtype, w_gu, w_d, rank: int | None) -> str:
     """The GEMMs that run experts of these weights computing in `dtype`: "grouped_mm" or "triton".
-    The fused Triton kernels by default (measured on the H200: bench/moe.py); FTW_MOE_GEMM=grouped_mm
-    asks for torch's grouped GEMM, which runs where its operands allow (bf16 on Hopper/Blackwell,
-    dimensions multiples of 8) and falls back to Triton elsewhere. Not the default until a GPU run
-    of bench/moe.py and tests/kernels/test_gpu.py shows it faster and right."""
-    choice = os.environ.get(GEMM_ENV) or "triton"
+    On a GPU, torch's grouped GEMM wherever its operands allow (bf16 on Hopper/Blackwell, dimensions
+    multiples of 8): on the H200 it ran OLMoE at 4 × 2048 tokens 1.62× and Qwen3-30B-A3B at 2 × 2048
+    1.50× the fused Triton kernels' speed (bench/moe.py; docs/benchmarks.md). The Triton kernels
+    elsewhere (on CPU: interpreted, as the tests run them); FTW_MOE_GEMM forces either."""
+    choice = os.environ.get(GEMM_ENV) or ("grouped_mm" if device.type == "cuda" else "triton")
     if choice not in GEMMS:
         raise ValueError(f"{GEMM_ENV}={choice!r}: expected one of {', '.join(GEMMS)}")
     if choice == "triton":
