@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 IMPORT_PATH = [str(REPO), str(REPO / "kernels")]
 sys.path[:0] = [p for p in IMPORT_PATH if p not in sys.path]
 os.environ["PYTHONPATH"] = os.pathsep.join([*IMPORT_PATH, *filter(None, [os.environ.get("PYTHONPATH")])])
+# A shell that starts the suite in the background (`make test &`) hands it SIGINT ignored, and every
+# child would inherit that: the Ctrl-C tests' children would never see their SIGINT. A handler here
+# is reset to the default in each child that is exec'd, so they start as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # fixtures `s3_server` (real rclone S3 on loopback) and `hub_server` (local Hub HTTP API)
 pytest_plugins = ["tests.s3server", "tests.hubserver"]
 
