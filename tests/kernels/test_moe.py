@@ -126,3 +126,26 @@ def test_base_weights_alone_without_lora(gemm, rng_seed):
     y.backward(dy.float().to(DEVICE))
     y_ref.backward(dy)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(xs.grad, x64.grad) < 1e-5, rng_seed
+
+
+def test_gemm_choice_grouped_on_a_gpu_that_runs_it_triton_elsewhere_and_the_variable_forces_either(monkeypatch):
+    """The experts' default GEMMs: torch's grouped GEMM on a GPU whose operands it takes (measured
+    faster on the H200: docs/benchmarks.md), the Triton kernels on CPU and where it does not run."""
+    from ftw_kernels import moe, moe_grouped
+
+    w_gu, w_d = torch.empty(4, 64, 32), torch.empty(4, 32, 32)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(moe.GEMM_ENV, raising=False)
+    monkeypatch.setattr(moe_grouped, "usable", lambda device, dtype, dims: True)
+    assert moe.gemm(gpu, torch.bfloat16, w_gu, w_d, 16) == "grouped_mm"
+    assert moe.gemm(cpu, torch.bfloat16, w_gu, w_d, 16) == "triton"
+    monkeypatch.setenv(moe.GEMM_ENV, "triton")
+    assert moe.gemm(gpu, torch.bfloat16, w_gu, w_d, 16) == "triton"
+    monkeypatch.setenv(moe.GEMM_ENV, "grouped_mm")
+    assert moe.gemm(cpu, torch.bfloat16, w_gu, w_d, 16) == "grouped_mm"
+    monkeypatch.setattr(moe_grouped, "usable", lambda device, dtype, dims: False)
+    monkeypatch.delenv(moe.GEMM_ENV)
+    assert moe.gemm(gpu, torch.float16, w_gu, w_d, 16) == "triton"
+    monkeypatch.setenv(moe.GEMM_ENV, "cutlass")
+    with pytest.raises(ValueError, match="FTW_MOE_GEMM='cutlass'"):
+        moe.gemm(gpu, torch.bfloat16, w_gu, w_d, 16)
