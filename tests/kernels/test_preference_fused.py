@@ -72,3 +72,33 @@ def test_fused_token_losses_in_eval():
         got, _ = objective.loss(fused, batch, torch.tensor(2.0))
         want, _ = PreferenceObjective(cfg, fused).loss(fused, batch, torch.tensor(2.0))
     assert math.isclose(got.item(), want.item(), rel_tol=1e-5)
+
+
+def test_grpo_completion_logps_through_the_fused_loss():
+    """GRPO's log-probs of left-padded prompts + right-padded completions: the fused per-token losses
+    give the logits path's values on every counted completion token, and the same adapter gradients
+    for a loss over them (masked tokens count nowhere: the objective multiplies by the mask)."""
+    from worker.train.grpo import completion_logps, rollout_of
+
+    model = tiny(LlamaConfig)
+    cfg = training_config(use_kernels=True, rl="grpo")
+    assert "fused_linear_cross_entropy" in apply_kernels(model, cfg)
+    prompts = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    prompt_mask = (torch.arange(5) < torch.tensor([[3], [5]])).long()
+    completions = [[20, 21, 22, 3], [23, 24], [25, 3], [26, 27, 28, 29, 30]]
+    rollout = rollout_of(prompts, prompt_mask, completions, 2, eos_id=3, pad_id=0, mask_truncated=True)
+    rollout = type(rollout)(*(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in vars(rollout).values()))
+    mask = rollout.completion_mask.bool()
+    assert mask.any() and not mask.all()  # two completions end without EOS: masked
+
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp = completion_logps(model, rollout, fused=fused)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    assert got.shape == want.shape and torch.allclose(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name

@@ -32,6 +32,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from schemas.rl import TrlConfig
+from worker.train.batches import IGNORE
 from worker.train.generation import build_generator
 from worker.train.rewards import Rewards
 from worker.train.sampling import Sampling, VllmOptions
@@ -95,14 +96,20 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Te
     return centred.reshape(-1)
 
 
-def completion_logps(model, rollout: Rollout) -> torch.Tensor:
-    """Per-token log-probs of the completion tokens (B·G × completion width); positions follow the left padding."""
+def completion_logps(model, rollout: Rollout, fused: bool = False) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens (B·G × completion width); positions follow the left padding.
+    `fused`: the model's forward is ftw_kernels' fused loss (kernels applied "fused_linear_cross_entropy"),
+    asked for per-token losses with the completion tokens as labels: no B·G × width × vocab logits."""
     positions = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=positions, use_cache=False
-    ).logits
-    logits = logits[:, rollout.prompt_width - 1 : -1].float()
+    inputs = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "position_ids": positions}
     targets = rollout.input_ids[:, rollout.prompt_width :]
+    if fused:
+        labels = torch.full_like(rollout.input_ids, IGNORE)
+        labels[:, rollout.prompt_width :] = torch.where(rollout.completion_mask.bool(), targets, IGNORE)
+        losses = model(**inputs, labels=labels, token_losses=True, use_cache=False).loss
+        # loss[t] is token t's prediction of label t+1: the completion's columns shifted left by one
+        return -losses.view(rollout.input_ids.shape)[:, rollout.prompt_width - 1 : -1]
+    logits = model(**inputs, use_cache=False).logits[:, rollout.prompt_width - 1 : -1].float()
     return torch.log_softmax(logits, -1).gather(2, targets[..., None])[..., 0]
 
 
@@ -139,8 +146,17 @@ def policy_loss(
 class GrpoObjective:
     """The trainer loop's objective for rl: grpo (one item = one prompt of the micro-batch)."""
 
-    def __init__(self, cfg: TrainingConfig, model: torch.nn.Module, tokenizer: Any, run_dir: Path | None = None):
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        run_dir: Path | None = None,
+        fused_token_losses: bool = False,
+    ):
+        """`fused_token_losses`: log-probs from the kernels' fused loss (`completion_logps`)."""
         self.cfg, self.model, self.tokenizer, self.trl = cfg, model, tokenizer, cfg.trl or TrlConfig()
+        self.fused_token_losses = fused_token_losses
         self.beta = cfg.rl_beta_value()
         self.rewards = Rewards(cfg, os.environ)  # the user's functions load (and fail) here, before any step
         self.funcs = self.rewards.names
@@ -194,8 +210,8 @@ class GrpoObjective:
         if self.beta > 0:
             disabled = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()  # type: ignore[operator]
             with torch.no_grad(), disabled:
-                ref = completion_logps(engine, rollout)
-        logp = completion_logps(engine, rollout)
+                ref = completion_logps(engine, rollout, self.fused_token_losses)
+        logp = completion_logps(engine, rollout, self.fused_token_losses)
         loss, kl = policy_loss(logp, logp.detach(), ref, advantages, rollout.completion_mask, self.trl, self.beta)
         prompts = float(batch["input_ids"].shape[0])
         groups = total.view(-1, g)

@@ -75,14 +75,15 @@ def build_objective(
     kernels: Sequence[str] = (),
 ) -> Objective:
     """The run's objective; GRPO's starts its generator here (vLLM: a child process, folders under `run_dir`);
-    `kernels`: the kernel patches applied (the DPO family takes per-token losses from the fused loss)."""
+    `kernels`: the kernel patches applied (the DPO family and GRPO take per-token losses from the fused loss)."""
     method = cfg.rl_method()
+    fused = "fused_linear_cross_entropy" in kernels
     if method is None:
         return SupervisedObjective(router_loss)
     if method == "grpo":
         from worker.train.grpo import GrpoObjective
 
-        return GrpoObjective(cfg, model, tokenizer, run_dir)
+        return GrpoObjective(cfg, model, tokenizer, run_dir, fused_token_losses=fused)
     if method == "ebft" and cfg.ebft is not None and cfg.ebft.mode == "strided":
         from worker.train.ebft_strided import StridedEbftObjective
 
@@ -93,4 +94,4 @@ def build_objective(
         return StructuredEbftObjective(cfg, model, tokenizer, run_dir)
     from worker.train.preference import PreferenceObjective
 
-    return PreferenceObjective(cfg, model, fused_token_losses="fused_linear_cross_entropy" in kernels)
+    return PreferenceObjective(cfg, model, fused_token_losses=fused)
