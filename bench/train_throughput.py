@@ -5,6 +5,7 @@
     python bench/train_throughput.py --shapes llama-1b --arms hf,ftw --steps 30 --json OUT.json
     python bench/train_throughput.py --loss-curve 200 --shapes llama-1b   # kernels on vs off
     python bench/train_throughput.py --loss-curve 200 --shapes llama-1b --arms ftw,ftw-fp8   # each against hf
+      (with hf run again on the same seed: bf16's nondeterminism, and on another LoRA seed: a rerun's spread)
 
 Every arm runs in its own process (Liger patches transformers classes process-wide) on the same
 token stream: samples of lognormal length (mean ~600, capped at 2048) packed back to back into
@@ -143,7 +144,7 @@ def model_config(shape: str, seq: int):
     return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
 
 
-def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
+def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora_seed: int | None = None):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -168,6 +169,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False):
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if lora_seed is not None:  # the same base weights, another draw of the LoRA A's
+        torch.manual_seed(lora_seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     applied: list[str] = []
     if arm in ("ftw", "ftw-fp8"):
@@ -200,7 +203,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     import torch
 
     peak = measure_peak_tflops()
-    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit)
+    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
@@ -368,7 +371,8 @@ def main() -> None:
         "--loss-curve",
         type=int,
         default=0,
-        help="instead: N steps of hf, hf again and each ftw arm of --arms (default ftw), concurrently; compare losses",
+        help="instead: N steps of hf, hf again, hf with another LoRA seed and each ftw arm of --arms (default ftw), "
+        "concurrently; compare losses",
     )
     ap.add_argument("--json", help="write all results here")
     ap.add_argument(
@@ -388,6 +392,7 @@ def main() -> None:
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--keep-losses", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lora-seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-to", dest="profile_to", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -422,8 +427,10 @@ def main() -> None:
         ]
         # the runs share the GPU at once: only their losses count here, not their speed
         compared = [arm for arm in a.arms.split(",") if arm.startswith("ftw")] or ["ftw"]
-        arms = {"hf": "hf", "hf_again": "hf", **{arm: arm for arm in compared}}
-        procs = {name: ([*common, "--arm", arm], start_child([*common, "--arm", arm])) for name, arm in arms.items()}
+        # hf_again: bf16's nondeterminism alone; hf_seed1: a user's rerun with another seed (other LoRA A's)
+        arms = {"hf": ["hf"], "hf_again": ["hf"], "hf_seed1": ["hf", "--lora-seed", "1"]}
+        arms.update({arm: [arm] for arm in compared})
+        procs = {name: ([*common, "--arm", *arm], start_child([*common, "--arm", *arm])) for name, arm in arms.items()}
         runs = {name: finish_child(proc, args) for name, (args, proc) in procs.items()}
         results = list(runs.values())
         if all("losses" in r for r in results):
@@ -436,6 +443,7 @@ def main() -> None:
                 shape=shape,
                 steps=a.loss_curve,
                 hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
+                hf_vs_hf_seed1=gap(runs["hf"], runs["hf_seed1"]),
                 **{f"{arm}_vs_hf": gap(runs[arm], runs["hf"]) for arm in compared},
                 every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()},
             )
