@@ -16,23 +16,8 @@ SIGTERM; `save_checkpoint()` / `load_checkpoint()`; `finish()` writes the run fo
 The loss of a step is the mean over every target token of the global batch (all micro-batches,
 all ranks), whatever the split: `num_items_in_batch` is the global count.
 
-Keeping the GPU busy (the host must never be what a step waits for):
-- Batches come from `batches.Prefetcher`: read, collated and pinned one step ahead in a background
-  thread, copied with non_blocking; their token and target counts, and the varlen attention's
-  segment boundaries, are taken on the host.
-- `train_step` only queues work: nothing in it reads a number back from the device (fp16's loss
-  scaler aside, which must look for overflows before the optimizer steps). Its loss and
-  grad norm travel to pinned host memory behind a CUDA event (`Readout`). After queuing a step
-  the loop records every earlier step whose event has completed (a query, no wait), and waits for
-  the oldest only when more than `STEPS_AHEAD` are queued beyond it: the host keeps preparing
-  steps while the GPU works, and a pause on the host (a collection, a slow event write) is
-  absorbed by the queued work instead of idling the GPU. Chosen over one sync per step because it
-  costs nothing in semantics: every point that needs a step's numbers or its state — eval, early
-  stopping, a checkpoint, SIGTERM, the end — first records every queued step (`record`), exactly
-  as before. Only the loss watchdog and the non-finite-loss check may fire a step or two later
-  than the step they name; nothing is saved in between, so the run still stops with the same
-  error and the same last checkpoint.
-  With several processes the SIGTERM vote (`preempted`) is a collective that syncs every step.
+The host never waits for the device inside a step: batches come from `batches.Prefetcher`, and each
+step's numbers come back through `step_queue` (its docstring says how and why).
 """
 
 from __future__ import annotations
@@ -43,7 +28,6 @@ import math
 import resource
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +42,9 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, collate, read_rows, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
+from worker.train.evaluation import evaluate
 from worker.train.model import apply_kernel_patches, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
@@ -68,42 +53,9 @@ from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
 from worker.train.reporting import Progress
 from worker.train.schedule import Schedule
+from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout
 
 log = logging.getLogger("ftw.train")
-STEPS_AHEAD = 2  # queued steps the host may be ahead of the oldest one whose numbers it has not read
-
-
-class Readout:
-    """A step's numbers on their way to the host: a non-blocking copy to pinned memory behind a
-    CUDA event, so queuing the copy waits for nothing and `values()` waits only for that step."""
-
-    def __init__(self, values: torch.Tensor):
-        self.ready = None
-        if values.is_cuda:
-            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            self.host.copy_(values, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-        else:
-            self.host = values
-
-    def done(self) -> bool:
-        return self.ready is None or self.ready.query()
-
-    def values(self) -> list[float]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
-
-
-@dataclass
-class QueuedStep:
-    """An optimizer step whose work is queued on the device; `readout` brings back
-    [loss, grad norm, global target tokens, global tokens, then the objective's metric sums]."""
-
-    step: int  # steps done once it completes (1-based, as reported)
-    lr: float
-    readout: Readout
 
 
 class Trainer:
@@ -343,43 +295,14 @@ class Trainer:
         return flag > 0
 
     # ---- eval ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per item (target token; pair for the DPO family) over the whole eval split (sharded over ranks)."""
-        ds, topo = self.data.eval.with_format("numpy"), self.topo
-        per_micro = 1 if self.data.packed else (self.cfg.eval_batch_size or self.cfg.batch_shape()[0])
-        chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
-        per_rank = math.ceil(len(chunks) / topo.world_size)
-        mine = [
-            (chunks[j], True) if j < len(chunks) else (chunks[0], False)
-            for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)
-        ]
-        sums, count, as_sum = (
-            torch.zeros(1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device),
-            0,
-            torch.ones((), device=topo.device),
-        )
-        self.engine.eval()
-        for indices, real in mine:  # every rank runs the same number of forwards (FSDP needs it)
-            batch = collate(read_rows(ds, indices), self.tokenizer.pad_token_id or 0, self.data.packed)
-            with self._autocast():
-                loss, metric_sums = self.objective.loss(
-                    self.engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum
-                )
-            if real:
-                sums += torch.cat([loss.double().reshape(1), metric_sums])
-                count += self.objective.count(batch)
-        self.engine.train()
-        loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
-        self.eval_metrics = self.objective.metrics(metric_sums, count)
-        return loss_sum / max(count, 1)
-
     def evaluate_and_track(self) -> bool:
         """Evaluate, record, step a plateau scheduler; True when early stopping says stop."""
-        loss = self.evaluate()
+        loss, metrics = evaluate(
+            self.engine, self.objective, self.data, self.tokenizer, self.cfg, self.topo, self._autocast
+        )
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
-        self.progress.eval(state.step, loss, self.eval_metrics)
+        self.progress.eval(state.step, loss, metrics)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(loss)
         if state.best_eval is None or loss < state.best_eval:

@@ -1,0 +1,54 @@
+"""The eval split's loss and the objective's metrics, sharded over the ranks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from schemas.config import TrainingConfig
+from worker.data.cache import PreparedData
+from worker.train import distributed as dist_
+from worker.train.batches import collate, read_rows
+from worker.train.objective import Objective
+
+
+@torch.no_grad()
+def evaluate(
+    engine: torch.nn.Module,
+    objective: Objective,
+    data: PreparedData,
+    tokenizer: Any,
+    cfg: TrainingConfig,
+    topo: dist_.Topology,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[float, dict[str, float]]:
+    """(mean loss per item: a target token, or a pair for the DPO family; the objective's metrics) over the
+    whole eval split. Every rank runs the same number of forwards (FSDP needs it): a rank short of
+    chunks repeats the first one and does not count it."""
+    ds = data.eval.with_format("numpy")
+    per_micro = 1 if data.packed else (cfg.eval_batch_size or cfg.batch_shape()[0])
+    chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
+    per_rank = math.ceil(len(chunks) / topo.world_size)
+    mine = [
+        (chunks[j], True) if j < len(chunks) else (chunks[0], False)
+        for j in range(topo.rank, per_rank * topo.world_size, topo.world_size)
+    ]
+    sums = torch.zeros(1 + len(objective.metric_names), dtype=torch.float64, device=topo.device)
+    count, as_sum = 0, torch.ones((), device=topo.device)
+    engine.eval()
+    for indices, real in mine:
+        batch = collate(read_rows(ds, indices), tokenizer.pad_token_id or 0, data.packed)
+        with autocast():
+            loss, metric_sums = objective.loss(
+                engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum
+            )
+        if real:
+            sums += torch.cat([loss.double().reshape(1), metric_sums])
+            count += objective.count(batch)
+    engine.train()
+    loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
+    return loss_sum / max(count, 1), objective.metrics(metric_sums, count)
