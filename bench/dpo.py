@@ -7,7 +7,7 @@
     python bench/dpo.py --ref-share --shape tiny                        # reference forward's share of a step (CPU)
     TRITON_INTERPRET=1 python bench/dpo.py --shape tiny ... --use-kernels  # CPU: the ftw arm through ftw's kernels
 
-A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny
+A random-init model of a public shape (bench/models.py's build_model: bf16 safetensors, the tiny
 ByteLevel tokenizer) and a JSONL of preference pairs: a `--prompt`-token prompt and `--answer`-token
 chosen and rejected answers of random words (defaults 100 + 600 + 600: pairs of ~600+600 tokens).
 Both arms read that file as raw text (ftw: the dict form of `type`; TRL: its non-conversational
@@ -42,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import LORA_16, SHAPES, TIMED_RUN, build_model, device  # noqa: E402
+from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model, device  # noqa: E402
 from bench.train_throughput import TARGETS  # noqa: E402
 
 WORDS = (

@@ -3,7 +3,7 @@
     python bench/dpo_logps.py --out OUT_DIR --shape llama-1b --mbs 4          # GPU: ms/step, peak GiB, ratios
     TRITON_INTERPRET=1 python bench/dpo_logps.py --shape tiny --mbs 2 --prompt 16 --answer 48 --steps 2   # CPU
 
-One process, one random-init model of a public shape (bench/gpu_train.py's build_model) with LoRA
+One process, one random-init model of a public shape (bench/models.py's build_model) with LoRA
 r=16 α=32 on all seven linear layers and ftw's kernels applied (`use_kernels: true`), one packed row
 of `--mbs` pairs (`--prompt` + 2 × `--answer` tokens each, LoRA B random so policy ≠ reference). A
 step is worker/train/preference.py's DPO loss (reference forward under no_grad, then the policy's)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import SHAPES, build_model, device  # noqa: E402
+from bench.models import SHAPES, build_model, device  # noqa: E402
 from bench.train_throughput import TARGETS  # noqa: E402
 
 

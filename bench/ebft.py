@@ -5,7 +5,7 @@ and axolotl's strided EBFT trainer as a peer.
     python bench/ebft.py --tiny               # tiny shape on the CPU (a dry run of the same code)
     python bench/ebft.py --arms flex,dense,axolotl --axolotl-site DIR   # with the peer (bench/ebft_axolotl.py)
 
-The model is built from the shape's config (bench/gpu_train.py's SHAPES) with random weights, bf16
+The model is built from the shape's config (bench/models.py's SHAPES) with random weights, bf16
 on a GPU (fp32 on the CPU), LoRA r=16 α=32 on all linear layers, sdpa for ordinary forwards. Each
 step is one micro-batch of `--docs` random documents of each `--doc-lens` length (the same documents
 for every arm: step i's are drawn from seed i) and an AdamW step; ebft settings are axolotl's
@@ -38,7 +38,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import SHAPES  # noqa: E402
+from bench.models import SHAPES  # noqa: E402
 
 EBFT = {"mode": "strided", "use_whitening": True, "ce_coef": 0.03}  # the rest at axolotl's defaults (ftw's too)
 LEARNING_RATE = 1e-5

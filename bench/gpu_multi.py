@@ -4,7 +4,7 @@ probe, preprocess, torchrun, train, publish — with CUDA_VISIBLE_DEVICES naming
     python bench/gpu_multi.py --out OUT_DIR                     # on nvidia-h200-x2 (bench/gpu_multi.sh)
     python bench/gpu_multi.py --out OUT_DIR --dry-run-cpu       # rehearsal on CPU: tiny shape, gloo
 
-Arms, on random-init models of public shapes (bench/gpu_train.py's builder; no Hub):
+Arms, on random-init models of public shapes (bench/models.py's builder; no Hub):
   llama-8b  LoRA r=16 on the seven linear layers, bf16  — one GPU, then 2 × {ddp, fsdp2, zero2, zero3}
   llama-1b  full fine-tuning, bf16                      — one GPU, then 2 × {ddp, fsdp2, zero2, zero3}
 Each arm trains the same packed rows (a text dataset in BASE_VOLUME, tokenized by the job's own
@@ -246,7 +246,7 @@ def main() -> int:
     )
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     a = p.parse_args()
-    from bench.gpu_train import build_model
+    from bench.models import build_model
 
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python bench/grpo_vllm.py --out OUT_DIR                          # Llama-3.2-1B shape, arms transformers,vllm
     python bench/grpo_vllm.py --shape tiny --prompts 2 --generations 2 --completion 8 --steps 2 --warmup 1   # CPU
 
-A random-init model of a public shape (bench/gpu_train.py's build_model: bf16 safetensors, the tiny ByteLevel
+A random-init model of a public shape (bench/models.py's build_model: bf16 safetensors, the tiny ByteLevel
 tokenizer) and a JSONL of `--prompt`-token prompts (random words) with answers. Each arm is one
 `python -m worker.cli train` of `rl: grpo` (LoRA r=16 α=32 on all linear layers, `--prompts` prompts a step,
 `--generations` completions each of up to `--completion` tokens, temperature 1, the `length` reward so that
@@ -31,7 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train import LORA_16, SHAPES, TIMED_RUN, build_model  # noqa: E402
+from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort".split()
 

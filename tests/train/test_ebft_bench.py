@@ -61,7 +61,7 @@ def tiny_run(tmp_path: Path, arms: str, axolotl_site: Path, timeout: float) -> t
 
 def test_the_axolotl_arm_runs_axolotls_trainer_with_ftws_settings(axolotl_site: Path, tmp_path: Path):
     from bench.ebft import EBFT
-    from bench.gpu_train import SHAPES
+    from bench.models import SHAPES
     from schemas.rl import EbftConfig
     from worker.train.ebft import layer_indices
 

@@ -1,0 +1,213 @@
+"""The arms of bench/gpu_train.py (its docstring says what each measures): the plain transformers+peft loop,
+`python -m worker.train` as `ftw train` runs it, and train_throughput's bare loop with the same kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.models import LORA_16, PROFILED_STEPS, TIMED_RUN, device
+from bench.train_throughput import TARGETS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq: int) -> dict:
+    """The plain loop, in its own process (see main)."""
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dev = device()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", use_cache=False, device_map={"": dev}
+    )
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=dev.type == "cuda")
+    rows = load_from_disk(str(cache / "train")).with_format("torch")
+    batches = []
+    for i in range(warmup + steps):
+        batch = {
+            k: rows[i % len(rows)][k].long().view(mbs, seq).to(dev) for k in ("input_ids", "labels", "position_ids")
+        }
+        assert bool((batch["position_ids"][:, 0] == 0).all()), "every row of seq tokens must start a sample"
+        batch["labels"][batch["position_ids"] == 0] = -100
+        batches.append(batch)
+    tokens, t0 = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            torch.cuda.synchronize() if dev.type == "cuda" else None
+            t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += batch["input_ids"].numel()
+    torch.cuda.synchronize() if dev.type == "cuda" else None
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    return {
+        "tokens_per_s": round(tokens / dt),
+        "ms_per_step": round(dt / steps * 1e3, 1),
+        "peak_memory_gib": None if peak is None else round(peak, 2),
+        "final_loss": round(float(loss), 4),
+    }
+
+
+def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Namespace) -> dict:
+    from schemas.config import TrainingConfig
+
+    run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
+    run_dir.mkdir(parents=True)
+    warmup, steps = a.warmup, a.steps
+    profiled = PROFILED_STEPS if name in ("ftw", "qlora") and a.profile else 0
+    cfg = {
+        "base_model": str(model_dir),
+        "datasets": [{"path": "bench.jsonl", "type": "completion"}],
+        **LORA_16,
+        "merge_lora": name == "ftw" and a.merge,
+        # the profiled window starts one step after the last timed one: that step's event is not delayed by it
+        "sequence_len": a.seq,
+        "sample_packing": True,
+        "micro_batch_size": a.mbs,
+        "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
+        "learning_rate": 1e-4,
+        "optimizer": "adamw_torch_fused",
+        **TIMED_RUN,
+    }
+    if name == "ftw-nokernels":
+        cfg["use_kernels"] = False
+    if name.startswith("qlora"):
+        cfg.update(adapter="qlora", load_in_4bit=True)
+    if name.startswith("ftw-fp8"):
+        cfg["fp8_base_weights"] = True
+    if name.endswith("+gc"):
+        cfg["gradient_checkpointing"] = True
+    if name.endswith("+offload"):
+        cfg["gradient_checkpointing"] = "offload"
+    (run_dir / "config.json").write_text(TrainingConfig.model_validate(cfg).model_dump_json())
+    path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH")]))
+    env = {
+        **os.environ,
+        "FTW_EVENTS": str(run_dir / "events.jsonl"),
+        "FTW_ERROR_FILE": str(run_dir / "error.json"),
+        "PYTHONPATH": path,
+    }
+    if profiled:
+        env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker.train",
+                str(run_dir / "config.json"),
+                "--run-dir",
+                str(run_dir),
+                "--data",
+                str(cache),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=a.arm_timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {a.arm_timeout} s: {(e.stderr or b'')[-800:]!r}", "exit": None}
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or "")[-1500:], "exit": proc.returncode}
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    # per-step events only: the closing "done" event also carries the loss, after the outputs are written
+    ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = warmup + steps
+    per_step = summary["tokens"] / summary["steps"]
+    step_s = (ts[last] - ts[warmup]) / (last - warmup)
+    result = {
+        "tokens_per_s": round(per_step / step_s),
+        "ms_per_step": round(step_s * 1e3, 1),
+        "peak_memory_gib": summary["peak_memory_gib"],
+        "final_loss": dict(summary["loss_curve"])[last],
+        "kernels": summary["kernels"],
+        "child_wall_s": round(wall, 1),
+    }
+    if profiled:
+        result.update(profile_figures(run_dir / "profile.txt", profiled))
+    merge = [e["ts"] for e in events if e.get("stage") == "merge"]
+    done = [e["ts"] for e in events if e.get("event") == "done"]
+    if merge and done:
+        result["merge_s"] = round(done[-1] - merge[0], 1)
+        result["merged_gib"] = round(
+            sum(p.stat().st_size for p in (run_dir / "merged").glob("*.safetensors")) / 2**30, 2
+        )
+    return result
+
+
+def bare_arm(a: argparse.Namespace) -> dict:
+    """train_throughput's ftw arm (its own child process) in this table's units."""
+    from bench import train_throughput
+
+    args = [
+        "--arm",
+        "ftw",
+        "--shape",
+        a.shape,
+        "--gc",
+        "off",
+        "--mbs",
+        str(a.mbs),
+        "--seq",
+        str(a.seq),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+    ]
+    r = train_throughput.child(args, timeout=a.arm_timeout)
+    if "tokens_per_s" not in r:
+        return {"error": r.get("error") or "no result"}
+    return {
+        "tokens_per_s": r["tokens_per_s"],
+        "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
+        "peak_memory_gib": r["peak_alloc_gib"],
+        "final_loss": r["loss_last"],
+        "kernels": r["kernels"],
+    }
+
+
+def profile_figures(path: Path, steps: int) -> dict:
+    """GPU busy time and host time per step from worker/train/profile.py's table. The host time
+    is inflated by the profiler's own per-op cost: read it as an upper bound."""
+    if not path.is_file():
+        return {"profile": "missing"}
+    text = path.read_text()
+    walls = json.loads(re.search(r"step wall s: (\[.*?\])", text).group(1))
+    out = {"profiled_host_ms_per_step": round(1e3 * sum(walls) / len(walls), 1)}
+    gpu = re.search(r"Self CUDA time total: ([\d.]+)(us|ms|s)\n", text)
+    if gpu:
+        out["gpu_busy_ms_per_step"] = round(
+            float(gpu.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[gpu.group(2)] / steps, 1
+        )
+    return out
+
+
+def has_cuda_bnb() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
