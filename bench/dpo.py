@@ -42,8 +42,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model, device  # noqa: E402
-from bench.train_throughput import TARGETS  # noqa: E402
+from bench.models import (  # noqa: E402
+    LORA_16,
+    SHAPES,
+    TARGETS,  # noqa: E402
+    TIMED_RUN,
+    build_model,
+    device,
+)
 
 WORDS = (
     "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort count".split()

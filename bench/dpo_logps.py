@@ -24,8 +24,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.models import SHAPES, build_model, device  # noqa: E402
-from bench.train_throughput import TARGETS  # noqa: E402
+from bench.models import (  # noqa: E402
+    SHAPES,
+    TARGETS,  # noqa: E402
+    build_model,
+    device,
+)
 
 
 def measure(model, batch, fused: bool, steps: int) -> dict:

@@ -4,9 +4,9 @@
     python bench/gpu_train.py --out OUT_DIR --shape llama-8b --arms hf,ftw --no-merge
     python bench/gpu_train.py --out OUT_DIR --shape tiny --steps 3 --warmup 1 --arms hf,ftw   # CPU dry run
 
-A random-init model of a public shape (bench/train_throughput.py's SHAPES: llama-1b, llama-8b,
+A random-init model of a public shape (bench/models.py's SHAPES: llama-1b, llama-8b,
 qwen-7b) is saved to a local folder (bf16 safetensors) and a prepared-data cache is written to
-docs/contracts.md from train_throughput's token stream: each step's `--mbs` rows of `--seq`
+docs/contracts.md from bench/models.py's token stream: each step's `--mbs` rows of `--seq`
 tokens (lognormal samples, mean ~600, ≤ 2048, position_ids restarting per sample; mbs 8 for 1B,
 4 for 7-8B as there) concatenated into one packed row of mbs × seq tokens — the row ftw's
 preprocessing builds for micro_batch_size × sequence_len. Every arm trains LoRA r=16 α=32 on all

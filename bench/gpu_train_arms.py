@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.models import LORA_16, PROFILED_STEPS, TIMED_RUN, device
-from bench.train_throughput import TARGETS
+from bench.models import LORA_16, PROFILED_STEPS, TARGETS, TIMED_RUN, device
 
 REPO = Path(__file__).resolve().parents[1]
 

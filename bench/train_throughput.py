@@ -33,91 +33,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "llama-1b": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    ),
-    "llama-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        tie_word_embeddings=False,
-        rope_theta=500000.0,
-    ),
-    "qwen-7b": dict(
-        model_type="qwen2",
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-        rope_theta=1000000.0,
-    ),
-}
-DEFAULT_MBS = {"llama-1b": 8, "llama-8b": 4, "qwen-7b": 4}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ---- the token stream (identical for every arm) -------------------------------------------------
-def sample_lengths(n: int, seed: int, mean: float = 600.0, sigma: float = 0.8, cap: int = 2048) -> list[int]:
-    import random
-
-    rng = random.Random(seed)
-    mu = math.log(mean) - sigma**2 / 2  # lognormal with this mean
-    return [max(16, min(cap, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
-
-
-def packed_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, full_length: bool = False):
-    """Rows filled with whole samples back to back (the last one cut to fit), or with one sample
-    of `seq` tokens each (`full_length`, the protocol of the issue's peer table). Each sample
-    repeats a short random motif, so the loss falls as the model learns to copy. Yields CPU
-    tensors and the Σs² of the batch's samples."""
-    import itertools
-
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    lengths = itertools.repeat(seq) if full_length else iter(sample_lengths(steps * mbs * 64, seed))
-    for _ in range(steps):
-        ids = torch.empty(mbs, seq, dtype=torch.long)
-        pos = torch.empty(mbs, seq, dtype=torch.long)
-        labels = torch.empty(mbs, seq, dtype=torch.long)
-        sum_sq = 0
-        for r in range(mbs):
-            at = 0
-            while at < seq:
-                n = min(next(lengths), seq - at)
-                motif = torch.randint(
-                    0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen
-                )
-                ids[r, at : at + n] = motif.repeat(n // len(motif) + 1)[:n]
-                pos[r, at : at + n] = torch.arange(n)
-                labels[r, at : at + n] = ids[r, at : at + n]
-                labels[r, at] = -100  # the previous sample's last token has no target here
-                sum_sq += n * n
-                at += n
-        yield dict(input_ids=ids, position_ids=pos, labels=labels), sum_sq
+sys.path[:0] = [str(REPO)]
+from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
+from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
