@@ -160,22 +160,7 @@ def bare_arm(a: argparse.Namespace) -> dict:
     """train_throughput's ftw arm (its own child process) in this table's units."""
     from bench import train_throughput
 
-    args = [
-        "--arm",
-        "ftw",
-        "--shape",
-        a.shape,
-        "--gc",
-        "off",
-        "--mbs",
-        str(a.mbs),
-        "--seq",
-        str(a.seq),
-        "--steps",
-        str(a.steps),
-        "--warmup",
-        str(a.warmup),
-    ]
+    args = train_throughput.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
     r = train_throughput.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}

@@ -67,9 +67,8 @@ def real_path(a: argparse.Namespace, gc: bool) -> dict:
 
 
 def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
-    args = ["--arm", THROUGHPUT_ARM[arm], "--shape", a.shape, "--gc", "on" if gc else "off", "--4bit"]
-    args += ["--full-length", "--mbs", str(a.mbs), "--seq", str(a.seq), "--steps", str(a.steps)]
-    args += ["--warmup", str(a.warmup), *(["--offload"] if arm == "ftw" and gc and a.offload else [])]
+    args = tt.arm_args(THROUGHPUT_ARM[arm], a.shape, "on" if gc else "off", a.mbs, a.seq, a.steps, a.warmup)
+    args += ["--4bit", "--full-length", *(["--offload"] if arm == "ftw" and gc and a.offload else [])]
     r = tt.child(args, timeout=a.arm_timeout)
     if r.get("offloaded_mib_per_step"):
         r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]

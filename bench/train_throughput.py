@@ -232,6 +232,12 @@ def finish_child(proc: subprocess.Popen, args: list[str], timeout: float | None 
     return dict(error=(err or out)[-1500:], args=" ".join(args))
 
 
+def arm_args(arm: str, shape: str, gc: str, mbs: int, seq: int, steps: int, warmup: int) -> list[str]:
+    """A child's arguments for one timed arm run; callers append their own switches."""
+    sizes = {"--mbs": mbs, "--seq": seq, "--steps": steps, "--warmup": warmup}
+    return ["--arm", arm, "--shape", shape, "--gc", gc, *(x for k, v in sizes.items() for x in (k, str(v)))]
+
+
 def child(args: list[str], timeout: float | None = None) -> dict:
     return finish_child(start_child(args), args, timeout)
 
@@ -386,20 +392,7 @@ def main() -> None:
                     )
                     r = child(
                         [
-                            "--arm",
-                            arm,
-                            "--shape",
-                            shape,
-                            "--gc",
-                            gc,
-                            "--mbs",
-                            str(a.mbs or DEFAULT_MBS[shape]),
-                            "--seq",
-                            str(a.seq),
-                            "--steps",
-                            str(a.steps),
-                            "--warmup",
-                            str(a.warmup),
+                            *arm_args(arm, shape, gc, a.mbs or DEFAULT_MBS[shape], a.seq, a.steps, a.warmup),
                             "--lr",
                             str(a.lr),
                             *prof,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 
@@ -21,7 +20,7 @@ def evaluate(
     engine: torch.nn.Module,
     objective: Objective,
     data: PreparedData,
-    tokenizer: Any,
+    pad_id: int,
     cfg: TrainingConfig,
     topo: dist_.Topology,
     autocast: Callable[[], AbstractContextManager],
@@ -41,7 +40,7 @@ def evaluate(
     count, as_sum = 0, torch.ones((), device=topo.device)
     engine.eval()
     for indices, real in mine:
-        batch = collate(read_rows(ds, indices), tokenizer.pad_token_id or 0, data.packed)
+        batch = collate(read_rows(ds, indices), pad_id, data.packed)
         with autocast():
             loss, metric_sums = objective.loss(
                 engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum

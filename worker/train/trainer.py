@@ -298,7 +298,13 @@ class Trainer:
     def evaluate_and_track(self) -> bool:
         """Evaluate, record, step a plateau scheduler; True when early stopping says stop."""
         loss, metrics = evaluate(
-            self.engine, self.objective, self.data, self.tokenizer, self.cfg, self.topo, self._autocast
+            self.engine,
+            self.objective,
+            self.data,
+            self.tokenizer.pad_token_id or 0,
+            self.cfg,
+            self.topo,
+            self._autocast,
         )
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
