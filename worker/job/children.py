@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ def require_module(stage: str, module: str) -> None:
             "use an image built from a version of ftw that includes it; nothing was started",
             stage=stage,
         )
+
+
+def compile_cache_env(env: Mapping[str, str], volume: Path) -> dict[str, str]:
+    """Triton's and Inductor's compiled kernels on the volume, not on the container's disk: a fresh
+    worker of the endpoint loads what an earlier worker compiled instead of compiling it again
+    before its first step (both caches key their entries on the GPU, the versions and the source).
+    The endpoint's own setting wins."""
+    root = volume / "cache" / "compile"
+    wanted = {"TRITON_CACHE_DIR": root / "triton", "TORCHINDUCTOR_CACHE_DIR": root / "inductor"}
+    return {key: str(path) for key, path in wanted.items() if not env.get(key)}
 
 
 def preprocess_argv(config_json: Path, output: Path) -> list[str]:

@@ -35,6 +35,7 @@ from worker.errors import FtwError, JobSpecError
 from worker.estimate.devices import GpuProbe
 from worker.estimate.job import Prediction, run_metrics
 from worker.job import children, template
+from worker.job.first_step import FirstStepClock
 from worker.job.publishing import Publishing
 from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
 from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
@@ -148,6 +149,7 @@ class JobPipeline:
         self.publishing = None if plan is None else Publishing(job, plan, self.progress, self.stop, self.warnings)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
+        self.first_step = FirstStepClock(self.started_wall)
 
     # ---- the job path -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -291,6 +293,7 @@ class JobPipeline:
             argv = children.train_argv(config_path, run.path, prepared.cache_dir, self.processes())
             if self.publishing is not None:
                 self.publishing.start_uploader(run.path)
+            self.first_step.train_started()
             try:
                 self.supervise(run, "train", argv, self.job.limits.train_s)
             except (
@@ -373,7 +376,11 @@ class JobPipeline:
     # ---- running children ----------------------------------------------------------------------
     def stage_env(self) -> dict[str, str]:
         assert self.folder is not None
-        extra = {**self.gpu_env, "BASE_VOLUME": str(self.folder.base)}
+        extra = {
+            **children.compile_cache_env(self.env, self.folder.base),
+            **self.gpu_env,
+            "BASE_VOLUME": str(self.folder.base),
+        }
         if self.config_secrets:
             extra[CONFIG_SECRETS_ENV] = json.dumps(self.config_secrets)
         return child_env(self.env, self.credentials, extra)
@@ -397,8 +404,7 @@ class JobPipeline:
         return child
 
     def on_event(self, stage: str, event: dict[str, Any]) -> None:
-        if event.get("event") == "first_step" and isinstance(event.get("ts"), (int, float)):  # what a user waits for
-            self.timings.setdefault("first_step_s", round(max(event["ts"] - self.started_wall, 0.0), 3))
+        self.timings.update(self.first_step.observe(stage, event))  # what a user waits for, and where it went
         self.progress(event_update(self.job.run_id, stage, event))
 
     @contextlib.contextmanager

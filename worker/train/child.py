@@ -49,6 +49,8 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
                 emit({"stage": "train", "event": "loading", "base_model": cfg.base_model})
             trainer.setup()
             in_setup[0] = False
+            if topo.is_main:  # the end of the model's set-up: timings.model_setup_s (worker/job/first_step.py)
+                emit({"stage": "train", "event": "ready", "message": "model ready, starting the first step"})
             code = trainer.train()
         except StoppedInSetup:
             log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)
