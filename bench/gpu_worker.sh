@@ -6,11 +6,12 @@
 #
 # 1. probe.json          the GPU probe's figures (devices, free memory, driver, foreign processes, time)
 # 2. probe_missing.json  CUDA_VISIBLE_DEVICES naming a device that does not exist: must fail in seconds
-# 3. job_result.json     one real job through handler.py, as on RunPod: an unmodified `python handler.py`
+# 3. job_result*.json    real jobs through handler.py, as on RunPod: an unmodified `python handler.py`
 #                        in the runpod SDK's platform mode, taking the job from `ftw endpoint` and
 #                        submitted with `ftw submit --wait`; a tiny Llama-shaped model built on the
 #                        machine (no Hub), LoRA, bf16, on the GPU; run/ holds its checks.json,
-#                        summary.json and logs.
+#                        summary.json and logs. Then the same worker's second job, and a third job on a
+#                        fresh worker over the same volume (its compiled kernels kept there).
 # 4. summary.txt         one table of the figures above.
 # What the machine's image lacks (runpod, datasets, pydantic, matplotlib, ... for Python 3.12) is
 # installed offline from the wheels in $FTW_WHEELS (default .whl, built by bench/gpu_wheels.py) into
@@ -76,34 +77,42 @@ export BASE_VOLUME="$VOL"
 $PY -c "import subprocess, sys, time; t = time.monotonic(); subprocess.run([sys.executable, '-c', 'import torch, transformers, datasets, peft'], check=True); print(time.monotonic() - t)" >"$OUT/floor_s"
 started=$(date +%s)
 export FTW_ENDPOINT_API_KEY=$($PY -c "import secrets; print(secrets.token_hex(16))")
-$PY -m worker.cli endpoint --port 0 --db "$OUT/endpoint.sqlite3" --take-wait-s 5 --worker handler.py >"$OUT/endpoint.log" 2>&1 &
-EPID=$!
-URL=""
-for _ in $(seq 120); do
-  URL=$(sed -n 's/^ftw endpoint listening on //p' "$OUT/endpoint.log" | head -n 1)
-  { [ -n "$URL" ] || ! kill -0 $EPID 2>/dev/null; } && break
-  sleep 0.5
-done
-if [ -z "$URL" ]; then
-  log "FAILED: ftw endpoint did not start (see endpoint.log)"; tail -n 20 "$OUT/endpoint.log"; kill $EPID 2>/dev/null; exit 1
-fi
-export RUNPOD_ENDPOINT_BASE_URL="$URL/v2" RUNPOD_ENDPOINT_ID=local RUNPOD_API_KEY="$FTW_ENDPOINT_API_KEY"
+start_worker() {  # a local endpoint with one fresh `python handler.py` worker; $1: the log's suffix
+  $PY -m worker.cli endpoint --port 0 --db "$OUT/endpoint$1.sqlite3" --take-wait-s 5 --worker handler.py >"$OUT/endpoint$1.log" 2>&1 &
+  EPID=$!
+  URL=""
+  for _ in $(seq 120); do
+    URL=$(sed -n 's/^ftw endpoint listening on //p' "$OUT/endpoint$1.log" | head -n 1)
+    { [ -n "$URL" ] || ! kill -0 $EPID 2>/dev/null; } && break
+    sleep 0.5
+  done
+  if [ -z "$URL" ]; then
+    log "FAILED: ftw endpoint did not start (see endpoint$1.log)"; tail -n 20 "$OUT/endpoint$1.log"; kill $EPID 2>/dev/null; exit 1
+  fi
+  export RUNPOD_ENDPOINT_BASE_URL="$URL/v2" RUNPOD_ENDPOINT_ID=local RUNPOD_API_KEY="$FTW_ENDPOINT_API_KEY"
+}
+start_worker ""
 timeout 480 $PY -m worker.cli submit "$OUT/job.json" --wait >"$OUT/submit.stdout" 2>"$OUT/submit.stderr"
 submitted=$?
 # the same worker's next job: its stages fork from the warm stage template
 sed 's/"run_id": "gpu-smoke"/"run_id": "gpu-smoke-2"/' "$OUT/job.json" >"$OUT/job2.json"
 timeout 480 $PY -m worker.cli submit "$OUT/job2.json" --wait >"$OUT/submit2.stdout" 2>"$OUT/submit2.stderr"
 kill -TERM $EPID 2>/dev/null; wait $EPID 2>/dev/null   # the endpoint stops its worker too
+# a fresh worker on the volume the first one used, as RunPod starts one: its kernels are compiled there
+start_worker 3
+sed 's/"run_id": "gpu-smoke"/"run_id": "gpu-smoke-3"/' "$OUT/job.json" >"$OUT/job3.json"
+timeout 480 $PY -m worker.cli submit "$OUT/job3.json" --wait >"$OUT/submit3.stdout" 2>"$OUT/submit3.stderr"
+kill -TERM $EPID 2>/dev/null; wait $EPID 2>/dev/null
 $PY - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-for n in ("", "2"):
+for n in ("", "2", "3"):
     lines = open(f"{out}/submit{n}.stdout").read().strip().splitlines()
     final = json.loads(lines[-1]) if lines else {"status": "none", "error": f"ftw submit printed nothing (see submit{n}.stderr)"}
     json.dump(final, open(f"{out}/status_response{n}.json", "w"), indent=2)
     output = final.get("output")
     result = output[-1] if isinstance(output, list) and output else {"error": final.get("error") or final.get("status")}
-    json.dump(result, open(f"{out}/job_result{'_2' if n else ''}.json", "w"), indent=2)
+    json.dump(result, open(f"{out}/job_result{'_' + n if n else ''}.json", "w"), indent=2)
 EOF
 via="handler.py (runpod SDK platform mode via ftw endpoint; ftw submit exit $submitted)"
 elapsed=$(( $(date +%s) - started ))
@@ -138,14 +147,17 @@ try:
     floor = float(open(f"{out}/floor_s").read())
 except (OSError, ValueError):
     floor = None
-second = load("job_result_2.json")
-if isinstance(second.get("error"), str):
-    second = json.loads(second["error"])
+second, third = load("job_result_2.json"), load("job_result_3.json")
+second, third = ((json.loads(x["error"]) if isinstance(x.get("error"), str) else x) for x in (second, third))
 rows += [("import floor s (torch, transformers, datasets, peft)", None if floor is None else round(floor, 2))]
-for label, result in (("job 1 (fresh worker)", r), ("job 2 (warm worker)", second)):
-    first = (result.get("timings") or {}).get("first_step_s")
+jobs = (("job 1 (fresh worker)", r), ("job 2 (warm worker)", second), ("job 3 (fresh worker, the volume used before)", third))
+for label, result in jobs:
+    t = result.get("timings") or {}
+    first = t.get("first_step_s")
     rows.append((f"time to first step, {label} s", first))
     rows.append((f"time to first step, {label} × floor", round(first / floor, 2) if first and floor else None))
+    parts = ("preprocess_s", "train_startup_s", "model_setup_s", "first_step_compute_s")
+    rows.append((f"where it went, {label}", ", ".join(f"{k} {t.get(k)}" for k in parts)))
 if r.get("status") != "completed":
     rows.append(("job error", json.dumps(r.get("error"))[:400]))
 print("| figure | value |\n|---|---|")
