@@ -187,7 +187,8 @@ def run_arm(arm: str, args) -> dict:
 
 def profile_step(step, sync, top: int = 12) -> dict:
     """One more step under torch.profiler: the CUDA kernels' busy time against the step's wall time
-    (a gap is host overhead), and the kernels that took longest in all."""
+    (a gap is host overhead), the kernels that took longest in all, and the host-side ops (their count
+    and those whose own CPU time was longest: what a launch-bound step waits on)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -199,12 +200,17 @@ def profile_step(step, sync, top: int = 12) -> dict:
             wall = time.perf_counter() - t
     except RuntimeError as e:  # no CUPTI here: the arm's timing stands without its profile
         return {"error": str(e)[:200]}
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]  # where a host-bound step waits
+    host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "wall_ms": wall * 1e3,
         "cuda_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
         "top": [[e.key[:70], e.count, round(e.self_device_time_total / 1e3, 2)] for e in kernels[:top]],
+        "host_ops": sum(e.count for e in host),
+        "host_top": [[e.key[:70], e.count, round(e.self_cpu_time_total / 1e3, 2)] for e in host[:top]],
     }
 
 
@@ -271,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n{r['shape']} {r['arm']}: one step {p['wall_ms']:.1f} ms, CUDA kernels busy {p['cuda_ms']:.1f} ms")
         print("\n".join(f"  {ms:8.2f} ms  {n:5d}×  {name}" for name, n, ms in p["top"]))
+        print(f"  host: {p['host_ops']} ops; their own CPU time, longest first:")
+        print("\n".join(f"  {ms:8.2f} ms  {n:5d}×  {name}" for name, n, ms in p["host_top"]))
     return 0
 
 
