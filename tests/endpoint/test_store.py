@@ -105,12 +105,12 @@ def test_everything_survives_reopening_the_file(tmp_path):
 def test_a_file_from_before_stop_sent_at_is_upgraded_on_open(tmp_path):
     import sqlite3
 
-    from worker.devtools.endpoint import store as store_module
+    from worker.devtools.endpoint import database
 
-    old_schema = store_module.SCHEMA.replace(
+    old_schema = database.SCHEMA.replace(
         "    stop_sent_at REAL,                        -- last time the stop channel carried it\n", ""
     )
-    assert old_schema != store_module.SCHEMA
+    assert old_schema != database.SCHEMA
     sqlite3.connect(tmp_path / "jobs.sqlite3").executescript(old_schema)
     store, job = make(tmp_path)
     store.take("w1", 1)

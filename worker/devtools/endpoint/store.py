@@ -23,9 +23,9 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from worker.devtools.endpoint.database import Transaction, checkpoint, from_json, open_database, to_json
 from worker.devtools.endpoint.scrub import REMOVED_SECRETS, RESUBMIT_WITH_SECRETS, has_secrets, without_secrets
 
 IN_QUEUE, IN_PROGRESS = "IN_QUEUE", "IN_PROGRESS"
@@ -36,51 +36,6 @@ RETRYABLE = frozenset({FAILED, TIMED_OUT})
 # so a stop is repeated until the worker confirms it (job-take with job_in_progress=0) or gives up.
 STOP_REPEAT_S = 2.0
 STOP_GIVE_UP_S = 60.0
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    payload TEXT NOT NULL,            -- what the worker receives besides the id: input, s3Config
-    webhook TEXT,
-    execution_timeout_ms INTEGER NOT NULL,
-    ttl_ms INTEGER NOT NULL,
-    created_at REAL NOT NULL,         -- the ttl clock starts here (reset by /retry)
-    queued_at REAL NOT NULL,          -- queue order
-    started_at REAL,
-    finished_at REAL,
-    worker_id TEXT,
-    output TEXT,                      -- JSON of the handler's output (or last progress update)
-    error TEXT,
-    retries INTEGER NOT NULL DEFAULT 0,
-    stop_pending INTEGER NOT NULL DEFAULT 0,  -- the worker must stop this job and has not confirmed it
-    stop_sent_at REAL,                        -- last time the stop channel carried it
-    stream_read INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, queued_at);
-CREATE TABLE IF NOT EXISTS stream (
-    job_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    output TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-CREATE TABLE IF NOT EXISTS webhooks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    body TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending'   -- pending | delivered | failed
-);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    last_seen REAL NOT NULL,          -- any request: job-take, job-stop, results, ping
-    last_ping REAL,                   -- heartbeats only (a separate process: alive while a sync handler blocks)
-    job_ids TEXT NOT NULL DEFAULT ''
-);
-"""
-
 
 @dataclass(frozen=True)
 class Job:
@@ -124,41 +79,16 @@ class Job:
         return body
 
 
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-# jobs columns added after the first release, with their declarations: added to older files on open
-ADDED_COLUMNS = {"stop_sent_at": "REAL"}
-
-
 class JobStore:
     def __init__(self, path: str | os.PathLike[str]):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.touch(mode=0o600)
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash of the process loses nothing
-        self.db.execute("PRAGMA secure_delete=ON")  # a removed secret is zeroed, not left in a page's free space
-        self.db.executescript(SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        for name, decl in ADDED_COLUMNS.items():  # a file an older ftw endpoint wrote
-            if name not in columns:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self.db = open_database(path)
         self._remove_ended_jobs_secrets()  # a file an older ftw endpoint wrote kept them
 
     def close(self) -> None:
         self.db.close()
 
-    def _tx(self):
-        return _Transaction(self.db)
+    def _tx(self) -> Transaction:
+        return Transaction(self.db)
 
     # ---- reads -------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -176,7 +106,7 @@ class JobStore:
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             worker_id=row["worker_id"],
-            output=_loads(row["output"]),
+            output=from_json(row["output"]),
             error=row["error"],
             retries=row["retries"],
         )
@@ -224,7 +154,7 @@ class JobStore:
         self.db.execute(
             "INSERT INTO jobs (id, status, payload, webhook, execution_timeout_ms, ttl_ms, created_at, queued_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, IN_QUEUE, _dumps(payload), webhook, execution_timeout_ms, ttl_ms, now, now),
+            (job_id, IN_QUEUE, to_json(payload), webhook, execution_timeout_ms, ttl_ms, now, now),
         )
         return self.get(job_id)  # type: ignore[return-value]
 
@@ -295,12 +225,12 @@ class JobStore:
         with self._tx():
             last = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM stream WHERE job_id = ?", (job_id,)).fetchone()[0]
             self.db.execute(
-                "INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, _dumps(output))
+                "INSERT INTO stream (job_id, seq, output) VALUES (?, ?, ?)", (job_id, last + 1, to_json(output))
             )
 
     def set_progress(self, job_id: str, output: Any) -> None:
         """`progress_update`: the output of /status while in progress (RunPod does not stream it)."""
-        self.db.execute("UPDATE jobs SET output = ? WHERE id = ?", (_dumps(output), job_id))
+        self.db.execute("UPDATE jobs SET output = ? WHERE id = ?", (to_json(output), job_id))
 
     def finish(self, job: Job, output: Any, error: str | None) -> Job:
         status = FAILED if error else COMPLETED
@@ -432,10 +362,10 @@ class JobStore:
                     status,
                     now,
                     replace_output,
-                    None if output is None else _dumps(output),
+                    None if output is None else to_json(output),
                     error,
                     int(stop),
-                    _dumps(payload),
+                    to_json(payload),
                     job.id,
                 ),
             )
@@ -443,10 +373,10 @@ class JobStore:
                 body = self.get(job.id).status_body()  # type: ignore[union-attr]
                 self.db.execute(
                     "INSERT INTO webhooks (job_id, url, body, next_at) VALUES (?, ?, ?, ?)",
-                    (job.id, job.webhook, _dumps(body), now),
+                    (job.id, job.webhook, to_json(body), now),
                 )
         if payload != job.payload:
-            self._checkpoint()
+            checkpoint(self.db)
 
     def _remove_ended_jobs_secrets(self) -> None:
         rows = self.db.execute(
@@ -458,30 +388,8 @@ class JobStore:
         for row in rows:
             payload = json.loads(row["payload"])
             if (clean := without_secrets(payload)) != payload:
-                self.db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (_dumps(clean), row["id"]))
+                self.db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (to_json(clean), row["id"]))
                 changed = True
         if changed:
-            self._checkpoint()
+            checkpoint(self.db)
 
-    def _checkpoint(self) -> None:
-        """Copy the WAL into the file and empty it: the frames still holding a removed secret go."""
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT; nested uses join the outer transaction."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-        self.outer = False
-
-    def __enter__(self):
-        if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.outer = True
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if self.outer:
-            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        return False
