@@ -35,24 +35,20 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiohttp import ClientPayloadError, web
+from aiohttp import web
 
-from schemas.hosts import check_url
-from schemas.limits import DocumentError, parse_json
 from worker.devtools.endpoint.scrub import RESUBMIT_WITH_SECRETS
 from worker.devtools.endpoint.store import IN_PROGRESS, RETRYABLE, STOP_REPEAT_S, TERMINAL, Job, JobStore
+from worker.devtools.endpoint.validation import DAY_MS, MB, fail, json_errors, parse_request, read_json
 from worker.devtools.endpoint.webhooks import WebhookSender
 
 log = logging.getLogger("ftw.endpoint")
 T = TypeVar("T")
-MB = 1024 * 1024
-DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -86,35 +82,6 @@ def worker_urls(base_url: str, endpoint_id: str) -> dict[str, str]:
 def worker_token(worker_key: str, worker_id: str) -> str:
     """The key one worker sends (RUNPOD_AI_API_KEY): it names that worker and no other."""
     return "ftw-worker-" + hmac.new(worker_key.encode(), worker_id.encode(), hashlib.sha256).hexdigest()
-
-
-def fail(status: int, message: str) -> web.HTTPException:
-    cls = {
-        400: web.HTTPBadRequest,
-        401: web.HTTPUnauthorized,
-        404: web.HTTPNotFound,
-        409: web.HTTPConflict,
-        413: web.HTTPRequestEntityTooLarge,
-    }[status]
-    kwargs = {"max_size": 0, "actual_size": 0} if status == 413 else {}
-    return cls(text=json.dumps({"error": message}), content_type="application/json", **kwargs)
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler):
-    """Every refusal as JSON; an unexpected exception is a 500 that the server survives."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.content_type == "application/json" or e.status < 400:
-            raise
-        reason = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
-        if e.status == 413:
-            reason = f"request body too large ({reason})"
-        return web.json_response({"error": reason}, status=e.status)
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        return web.json_response({"error": "internal error of the endpoint (see its log)"}, status=500)
 
 
 class Endpoint:
@@ -182,66 +149,11 @@ class Endpoint:
             raise fail(404, f"no job with id {job_id!r} on this endpoint")
         return job
 
-    async def read_json(self, request: web.Request, limit: int, strict: bool = True) -> Any:
-        if request.content_length is not None and request.content_length > limit:
-            raise fail(
-                413,
-                f"request body of {request.content_length} bytes is over the {limit // MB} MB limit "
-                "of this route; put large data in S3 and pass its URI",
-            )
-        try:
-            body = await request.read()
-        except (ConnectionResetError, ClientPayloadError) as e:  # the client went away mid-upload: nothing to do
-            log.info(
-                "%s %s: the client closed the connection before its body arrived (%s)",
-                request.method,
-                request.path,
-                type(e).__name__,
-            )
-            raise fail(400, "request body incomplete: the connection closed before all of it arrived") from None
-        if len(body) > limit:
-            raise fail(413, f"request body of {len(body)} bytes is over the {limit // MB} MB limit of this route")
-        try:
-            return parse_json(body, "request body", limit, strict)
-        except DocumentError as e:
-            raise fail(400, str(e)) from None
-
     # ---- client face -------------------------------------------------------------------------
-    def parse_request(self, body: Any) -> tuple[dict[str, Any], str | None, int, int]:
-        if not isinstance(body, dict):
-            raise fail(400, 'request body must be a JSON object like {"input": {...}}')
-        if body.get("input") is None:
-            raise fail(400, "request body has no 'input': the job goes under the key input")
-        webhook = body.get("webhook")
-        if webhook is not None:
-            if not isinstance(webhook, str) or not webhook.startswith(("http://", "https://")):
-                raise fail(400, f"webhook must be an http(s) URL, got {str(webhook)[:200]!r}")
-            problem = check_url(webhook, os.environ, "webhook")
-            if problem:
-                raise fail(400, problem)
-        policy = {} if body.get("policy") is None else body["policy"]
-        if not isinstance(policy, dict):
-            raise fail(400, 'policy must be an object: {"executionTimeout": ms, "ttl": ms}')
-        execution_timeout = self._policy_ms(
-            policy, "executionTimeout", self.settings.default_execution_timeout_ms, low=5001, high=7 * DAY_MS
-        )
-        ttl = self._policy_ms(policy, "ttl", self.settings.default_ttl_ms, low=10_000, high=7 * DAY_MS)
-        payload = {"input": body["input"]}
-        if body.get("s3Config") is not None:
-            if not isinstance(body["s3Config"], dict):
-                raise fail(400, "s3Config must be an object: {accessId, accessSecret, bucketName, endpointUrl}")
-            payload["s3Config"] = body["s3Config"]
-        return payload, webhook, execution_timeout, ttl
-
-    @staticmethod
-    def _policy_ms(policy: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-        value = policy.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise fail(400, f"policy.{key} must be an integer number of milliseconds in [{low}, {high}], got {value!r}")
-        return value
-
     def submit(self, body: Any, id_prefix: str = "") -> Job:
-        payload, webhook, execution_timeout, ttl = self.parse_request(body)
+        payload, webhook, execution_timeout, ttl = parse_request(
+            body, self.settings.default_execution_timeout_ms, self.settings.default_ttl_ms
+        )
         job = self.store.create(payload, webhook, execution_timeout, ttl, id_prefix=id_prefix)
         log.info(
             "job %s IN_QUEUE (executionTimeout %d ms, ttl %d ms%s)",
@@ -254,7 +166,7 @@ class Endpoint:
         return job
 
     async def run(self, request: web.Request) -> web.Response:
-        job = self.submit(await self.read_json(request, self.settings.max_run_bytes))
+        job = self.submit(await read_json(request, self.settings.max_run_bytes))
         return web.json_response({"id": job.id, "status": job.status})
 
     async def runsync(self, request: web.Request) -> web.Response:
@@ -264,7 +176,7 @@ class Endpoint:
             raise fail(400, "wait must be an integer number of milliseconds") from None
         if not 1000 <= wait_ms <= 300_000:
             raise fail(400, f"wait must be in [1000, 300000] ms, got {wait_ms}")
-        job = self.submit(await self.read_json(request, self.settings.max_runsync_bytes), id_prefix="sync-")
+        job = self.submit(await read_json(request, self.settings.max_runsync_bytes), id_prefix="sync-")
         done = await self.wait_for(lambda: (j := self.store.get(job.id)) and j.status in TERMINAL and j, wait_ms / 1000)
         if done:
             return web.json_response(done.status_body())
@@ -359,7 +271,7 @@ class Endpoint:
         """The job a worker posts about (it must be the one running it) and the posted body."""
         worker_id, job_id = request.match_info["worker_id"], request.match_info["job_id"]
         self.store.seen(worker_id)
-        body = await self.read_json(request, self.settings.max_runsync_bytes, strict=False)  # ftw's own output
+        body = await read_json(request, self.settings.max_runsync_bytes, strict=False)  # ftw's own output
         job = self.job_or_404(job_id)
         if self.store.owned_in_progress(job_id, worker_id) is None:
             raise fail(409, f"job {job_id} is {job.status} (worker {job.worker_id}); this result is discarded")

@@ -37,6 +37,7 @@ RETRYABLE = frozenset({FAILED, TIMED_OUT})
 STOP_REPEAT_S = 2.0
 STOP_GIVE_UP_S = 60.0
 
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -392,4 +393,3 @@ class JobStore:
                 changed = True
         if changed:
             checkpoint(self.db)
-
