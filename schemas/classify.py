@@ -22,6 +22,7 @@ from schemas.keys import (
     ALIASES,
     DATASET_UNSUPPORTED,
     GATED,
+    KERNEL_SWITCHES,
     NATIVE_PLUGINS,
     NO_EFFECT,
     TORCH_DTYPE_KEY,
@@ -38,6 +39,7 @@ ALL_KNOWN = (
     TYPED_FIELDS
     | set(ALIASES)
     | set(NO_EFFECT)
+    | set(KERNEL_SWITCHES)
     | set(UNSUPPORTED)
     | set(GATED)
     | set(LEGACY_ATTENTION_FLAGS)
@@ -104,6 +106,9 @@ def classify_keys(cfg: Mapping[str, Any], env: Mapping[str, str], report: Report
                 report.error(key, f"{shown} is not supported by ftw ({reason}); remove it", "unsupported")
         elif key in NO_EFFECT:
             report.warn(key, f"{key} has no effect in ftw: {NO_EFFECT[key]}")
+        elif key in KERNEL_SWITCHES:
+            if not is_off(value):
+                report.warn(key, f"{key}: {KERNEL_SWITCHES[key]}")
         else:
             warn_unknown(key, ALL_KNOWN, report)
     return clean

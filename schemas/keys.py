@@ -2,6 +2,8 @@
 
 - ALIASES: old names mapped onto the current field (axolotl accepts both).
 - NO_EFFECT: accepted, but ftw decides this itself (a warning says so).
+- KERNEL_SWITCHES: other projects' fused kernels (Liger, ...): accepted; set on, a warning says
+  which of ftw's own kernels does the work, or that the model's own code runs.
 - UNSUPPORTED: real axolotl features ftw does not implement: an error naming the key when set
   to anything but its "off" value.
 - GATED: keys that execute code or read files on the worker; refused unless the operator sets
@@ -86,6 +88,26 @@ NO_EFFECT = {
     ),
 }
 
+_FTW_KERNEL = "is not loaded: ftw's own {} does this with use_kernels (on by default on CUDA) for the model families "
+_FTW_KERNEL += "kernels/ covers (docs/config.md, Kernels); on others the model's own code runs, with the same result"
+_NO_KERNEL = "is not loaded: ftw has no fused {}, so the model's own runs (the same result, unfused)"
+# axolotl's switches for other projects' fused kernels (Liger, Cut Cross-Entropy, flash-attn's): speed, not
+# results. Set on, they warn with what runs instead; set off, nothing is said.
+KERNEL_SWITCHES = {
+    **_group(f"Liger's RMSNorm {_FTW_KERNEL.format('fused RMSNorm')}", "liger_rms_norm"),
+    **_group(f"flash-attn's RMSNorm {_FTW_KERNEL.format('fused RMSNorm')}", "flash_attn_rms_norm"),
+    **_group(f"Liger's RoPE {_FTW_KERNEL.format('fused rotary embedding')}", "liger_rope"),
+    **_group(f"Liger's SwiGLU {_FTW_KERNEL.format('fused SwiGLU (and LoRA MLP)')}", "liger_glu_activation"),
+    **_group(f"flash-attn's fused MLP {_FTW_KERNEL.format('fused SwiGLU (and LoRA MLP)')}", "flash_attn_fuse_mlp"),
+    **_group(
+        f"this loss kernel {_FTW_KERNEL.format('fused linear cross-entropy (chunked, no full logits)')}",
+        "liger_fused_linear_cross_entropy liger_cross_entropy cut_cross_entropy flash_attn_cross_entropy "
+        "chunked_cross_entropy chunked_cross_entropy_num_chunks",
+    ),
+    **_group(f"Liger's LayerNorm {_NO_KERNEL.format('LayerNorm')}", "liger_layer_norm"),
+    **_group(f"Liger's gated RMSNorm {_NO_KERNEL.format('gated RMSNorm')}", "liger_rms_norm_gated"),
+}
+
 # key -> why; set to a value other than None/False/0/[]/{}/"" it is an error.
 UNSUPPORTED = {
     **_group("a vLLM server for RL generation (ftw generates with transformers; see trl.use_vllm)", "vllm"),
@@ -138,11 +160,8 @@ UNSUPPORTED = {
     ),
     **_group(
         "plugin and fused kernels (ftw ships its own, see kernels/)",
-        "cut_cross_entropy liger_rms_norm liger_glu_activation liger_layer_norm liger_rope "
-        "liger_fused_linear_cross_entropy liger_rms_norm_gated liger_cross_entropy flash_attn_cross_entropy "
-        "flash_attn_rms_norm flash_attn_fuse_mlp "
-        "fused_attn_kernel flash_attn_d512 chunked_cross_entropy chunked_cross_entropy_num_chunks scaling_softmax "
-        "scaling_softmax_bias scaling_softmax_factor large_head_attention sdpa_varlen",
+        "fused_attn_kernel flash_attn_d512 scaling_softmax scaling_softmax_bias scaling_softmax_factor "
+        "large_head_attention sdpa_varlen",
     ),
     **_group("custom attention implementations", "gemma4_hybrid_attn_impl flex_attn_compile_kwargs s2_attention"),
     "xformers_attention": "xFormers attention (use attn_implementation: sdpa or flash_attention_2)",
@@ -219,6 +238,10 @@ GATED = {
 
 # axolotl plugins whose work ftw does natively: listed alone under `plugins`, they only warn
 NATIVE_PLUGINS = {
+    "axolotl.integrations.liger.LigerPlugin": (
+        "ftw's own kernels (kernels/) do Liger's work: fused RMSNorm, rotary embedding, SwiGLU and linear "
+        "cross-entropy; its liger_* switches warn with what runs"
+    ),
     "axolotl.integrations.kernels.KernelsPlugin": "ftw's own kernels (kernels/) apply, ScatterMoE with use_scattermoe",
     "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": (
         "ftw fuses the loss itself where kernels/ has a family entry"

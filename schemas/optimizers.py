@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # the builder that makes it: a torch.optim class, torch's Muon (2-D weights only), a class of
-# transformers.optimization, or a class of bitsandbytes.optim
-Family = Literal["torch", "muon", "transformers", "bitsandbytes"]
+# transformers.optimization, of bitsandbytes.optim or of torchao.optim
+Family = Literal["torch", "muon", "transformers", "bitsandbytes", "torchao"]
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,23 @@ class OptimizerSpec:
     fixed: Mapping[str, object] = field(default_factory=dict)  # keyword arguments ftw always passes
     needs_cuda: bool = False
     packages: tuple[str, ...] = ()  # import names the worker must have installed
+    moment_bits: int | None = None  # bits a moment value takes when kept quantised (None: the parameter's own)
 
     def requirement(self) -> str:
         """What the machine must have, in words ("bitsandbytes on a CUDA GPU")."""
         return " and ".join(self.packages or ("torch",)) + (" on a CUDA GPU" if self.needs_cuda else "")
 
 
-def _bnb(class_name: str, adam: bool = True) -> OptimizerSpec:
-    return OptimizerSpec("bitsandbytes", class_name, adam=adam, needs_cuda=True, packages=("bitsandbytes",))
+def _bnb(class_name: str, adam: bool = True, moment_bits: int | None = 8) -> OptimizerSpec:
+    return OptimizerSpec(
+        "bitsandbytes", class_name, adam=adam, needs_cuda=True, packages=("bitsandbytes",), moment_bits=moment_bits
+    )
+
+
+def _torchao(class_name: str, moment_bits: int) -> OptimizerSpec:
+    """torchao's low-bit AdamW: states kept in 8 or 4 bits (block-wise scales) or float8; its step is
+    compiled with torch.compile on first use, on CPU too."""
+    return OptimizerSpec("torchao", class_name, adam=True, packages=("torchao",), moment_bits=moment_bits)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -43,7 +52,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw_bnb_8bit": _bnb("AdamW8bit"),
     "adamw_8bit": _bnb("AdamW8bit"),
     "paged_adamw_8bit": _bnb("PagedAdamW8bit"),
-    "paged_adamw_32bit": _bnb("PagedAdamW32bit"),
+    "paged_adamw_32bit": _bnb("PagedAdamW32bit", moment_bits=None),
     "adamw_hf": OptimizerSpec("torch", "AdamW", adam=True),  # transformers' own AdamW is gone: torch's
     "adafactor": OptimizerSpec(
         "transformers",
@@ -55,19 +64,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion_8bit": _bnb("Lion8bit", adam=False),
     "paged_lion_8bit": _bnb("PagedLion8bit", adam=False),
     "rmsprop": OptimizerSpec("torch", "RMSprop"),
+    "adamw_torch_8bit": _torchao("AdamW8bit", 8),  # transformers' names for torchao's
+    "adamw_torch_4bit": _torchao("AdamW4bit", 4),
+    "ao_adamw_8bit": _torchao("AdamW8bit", 8),  # axolotl's names for the same
+    "ao_adamw_4bit": _torchao("AdamW4bit", 4),
+    "ao_adamw_fp8": _torchao("AdamWFp8", 8),
     "muon": OptimizerSpec("muon", "Muon"),
 }
 
-# in transformers or axolotl, not built by ftw; adamw_torch_4bit/adamw_torch_8bit are torchao's
-# low-bit AdamW, which the image does not ship (bitsandbytes' adamw_bnb_8bit keeps 8-bit states)
+# in transformers or axolotl, not built by ftw
 NOT_SHIPPED = frozenset(
     (
-        "adamw_torch_4bit adamw_torch_8bit "
         "adamw_torch_xla adamw_torch_npu_fused adamw_anyprecision ademamix ademamix_8bit lion_32bit "
         "paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit rmsprop_bnb rmsprop_bnb_8bit rmsprop_bnb_32bit "
         "galore_adamw galore_adamw_8bit galore_adafactor galore_adamw_layerwise galore_adamw_8bit_layerwise "
         "galore_adafactor_layerwise lomo adalomo grokadamw schedule_free_radam schedule_free_adamw schedule_free_sgd "
-        "apollo_adamw apollo_adamw_layerwise stable_adamw optimi_adamw ao_adamw_4bit ao_adamw_8bit ao_adamw_fp8 "
+        "apollo_adamw apollo_adamw_layerwise stable_adamw optimi_adamw "
         "adopt_adamw came_pytorch dion sinkgd flash_adamw flash_adam flash_sgd flash_sgdw flash_lion q_galore_adamw8bit"
     ).split()
 )

@@ -45,7 +45,7 @@ def test_registries_are_disjoint_and_do_not_shadow_typed_fields():
     assert not set(DATASET_UNSUPPORTED) & (set(DatasetConfig.model_fields) - {"trust_remote_code"})
 
 
-@pytest.mark.parametrize("key, value", [("liger_rope", True), ("swanlab_project", "p"), ("peft", {"loftq_config": {}})])
+@pytest.mark.parametrize("key, value", [("qat", {"x": 1}), ("swanlab_project", "p"), ("peft", {"loftq_config": {}})])
 def test_unsupported_keys_are_named(key, value):
     report = validate_config({**GOOD, key: value}, ENV)
     assert [(i.loc, i.kind) for i in report.errors] == [(key, "unsupported")]
@@ -53,7 +53,7 @@ def test_unsupported_keys_are_named(key, value):
 
 
 def test_unsupported_keys_set_off_are_harmless():
-    assert validate_config({**GOOD, "liger_rope": False, "qat": None, "unfrozen_parameters": []}, ENV).valid
+    assert validate_config({**GOOD, "tiled_mlp": False, "qat": None, "unfrozen_parameters": []}, ENV).valid
 
 
 def test_unknown_keys_warn_with_the_closest_key_and_never_block():
@@ -66,6 +66,38 @@ def test_unknown_keys_warn_with_the_closest_key_and_never_block():
     assert "did you mean 'field'" in msgs["datasets[0].feild"]
 
 
+@pytest.mark.parametrize(
+    "key, runs",
+    [
+        ("liger_rms_norm", "fused RMSNorm"),
+        ("flash_attn_rms_norm", "fused RMSNorm"),
+        ("liger_rope", "fused rotary embedding"),
+        ("liger_glu_activation", "fused SwiGLU"),
+        ("liger_fused_linear_cross_entropy", "fused linear cross-entropy"),
+        ("cut_cross_entropy", "fused linear cross-entropy"),
+        ("liger_layer_norm", "no fused LayerNorm"),
+        ("liger_rms_norm_gated", "no fused gated RMSNorm"),
+    ],
+)
+def test_other_projects_kernel_switches_are_accepted_and_say_what_runs(key, runs):
+    on = validate_config({**GOOD, key: True}, ENV)
+    assert on.valid and [w.loc for w in on.warnings] == [key]
+    assert runs in on.warnings[0].msg and "is not loaded" in on.warnings[0].msg
+    off = validate_config({**GOOD, key: False}, ENV)
+    assert off.valid and not off.warnings  # set off: nothing to say
+
+
+def test_the_liger_plugin_is_not_loaded_and_does_not_need_the_operator():
+    plugins = ["axolotl.integrations.liger.LigerPlugin", "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
+    report = validate_config({**GOOD, "plugins": plugins, "liger_rope": True, "liger_rms_norm": True}, ENV)
+    assert report.valid, report.errors
+    assert sum(w.loc == "plugins" for w in report.warnings) == 2
+    assert all("not loaded" in w.msg for w in report.warnings)
+    # with a plugin that imports code, the list is gated as a whole
+    gated = validate_config({**GOOD, "plugins": [*plugins, "my_company.Plugin"]}, ENV)
+    assert [(i.loc, i.kind) for i in gated.errors] == [("plugins", "gated")]
+
+
 def test_no_effect_keys_warn():
     report = validate_config({**GOOD, "strict": True, "output_dir": "./out"}, ENV)
     assert report.valid
@@ -75,7 +107,7 @@ def test_no_effect_keys_warn():
 @pytest.mark.parametrize(
     "key, value, var",
     [
-        ("plugins", ["axolotl.integrations.liger.LigerPlugin"], "FTW_ALLOW_PLUGINS"),
+        ("plugins", ["axolotl.integrations.swanlab.SwanLabPlugin"], "FTW_ALLOW_PLUGINS"),
         ("trust_remote_code", True, "FTW_ALLOW_REMOTE_CODE"),
         ("torchdistx_path", "/opt/x", "FTW_ALLOW_PLUGINS"),
         ("trainer_cls", "my.Trainer", "FTW_ALLOW_PLUGINS"),

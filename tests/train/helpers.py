@@ -162,6 +162,22 @@ def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
     return run(TrainingConfig.model_validate(cfg), run_dir, cache)
 
 
+def resumed_matches_uninterrupted(cfg: dict[str, Any], cache: Path, tmp_path: Path, step: int) -> dict[str, Any]:
+    """Train `cfg` uninterrupted, then again from its checkpoint at `step`: both adapters must agree
+    (rtol 1e-5, atol 1e-7). The uninterrupted run's adapter is returned."""
+    import torch
+
+    assert run_inprocess(cfg, tmp_path / "reference", cache) == 0
+    reference = adapter_tensors(tmp_path / "reference" / "adapter")
+    checkpoint = tmp_path / "reference" / "checkpoints" / f"checkpoint-{step}"
+    assert run_inprocess({**cfg, "resume_from_checkpoint": str(checkpoint)}, tmp_path / "resumed", cache) == 0
+    got = adapter_tensors(tmp_path / "resumed" / "adapter")
+    assert got.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    return reference
+
+
 # the schedule that teaches a tiny model the successor task (input_output rows) in minutes on a CPU
 SUCCESSOR_SCHEDULE: dict[str, Any] = {
     "sequence_len": 16,

@@ -57,8 +57,6 @@ CKPT_LAYER_SHARE = 0.5  # of one layer's activations alive while it is recompute
 # checks); ftw's real path overlaps its host work with the GPU's since 2026-12-02 (docs/benchmarks.md)
 HOST_S_PER_MICRO = 0.045
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
-LORA_STATE_BYTES = 18  # fp32 weight + fp32 grad + two fp32 AdamW moments + a bf16 copy
-FULL_STATE_BYTES = 6  # bf16 grad + two bf16 AdamW moments (weights counted apart)
 HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
 H200_TFLOPS = 989.4
 PACKED_FILL = 0.99  # share of a packed bin holding tokens (ftw's FFD packer: 99.9% measured)
@@ -84,6 +82,7 @@ class Workload:
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
     fp8_base: bool = False  # fp8_base_weights: the decoder layers' Linears stored as float8 (1 byte a weight)
+    moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
 
     @property
     def mode(self) -> str:
@@ -126,6 +125,15 @@ class Workload:
 
 
 # ---- memory ----------------------------------------------------------------------------------
+def trainable_state_bytes(w: Workload) -> float:
+    """Bytes each trainable parameter carries besides its frozen weight: full fine-tuning a bf16 grad and
+    AdamW's two moments (bf16); an adapter an fp32 weight, fp32 grad, two fp32 moments and a bf16 copy.
+    A low-bit optimizer keeps the moments in `moment_bits` instead."""
+    full = w.method == "full"
+    moment = (2 if full else 4) if w.moment_bits is None else w.moment_bits / 8
+    return 2 + 2 * moment if full else 4 + 4 + 2 * moment + 2
+
+
 def memory_parts(w: Workload) -> dict[str, int]:
     """Bytes of each part of the peak, on one GPU."""
     s, mode = w.shape, MODES[w.mode]
@@ -139,7 +147,7 @@ def memory_parts(w: Workload) -> dict[str, int]:
         weights = s.linear_params * 1 + dense * 2
     else:
         weights = s.params * 2
-    state = s.params * FULL_STATE_BYTES if w.method == "full" else w.lora_params * LORA_STATE_BYTES
+    state = (s.params if w.method == "full" else w.lora_params) * trainable_state_bytes(w)
     per_token_layer = 2 * (mode.act_hidden * s.hidden + mode.act_intermediate * active_intermediate(s))
     tokens = w.peak_tokens
     if w.checkpointing:

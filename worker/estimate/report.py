@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.config import TrainingConfig
+from schemas.optimizers import OPTIMIZERS
 from worker.estimate.data_tokens import DatasetSize, dataset_size
 from worker.estimate.devices import CONTEXT_HEADROOM
 from worker.estimate.gpus import GpuType, gpu_table
@@ -136,6 +137,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
         micro_tokens=micro_tokens,
         data_tokens=data.tokens if packed and data.tokens else None,
         fp8_base=cfg.fp8_base_weights,
+        moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
     )
 
 

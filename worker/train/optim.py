@@ -91,30 +91,27 @@ def _muon(
     return _torch(name, spec, groups, kwargs, device)
 
 
-def _transformers(
-    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
-) -> torch.optim.Optimizer:
-    from transformers import optimization
-
-    optimizer: torch.optim.Optimizer = getattr(optimization, spec.class_name)(groups, **kwargs)
-    return optimizer
-
-
-def _bitsandbytes(
-    name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
-) -> torch.optim.Optimizer:
-    import bitsandbytes.optim as bnb_optim
-
-    optimizer: torch.optim.Optimizer = getattr(bnb_optim, spec.class_name)(groups, **kwargs)
-    return optimizer
-
-
 Builder = Callable[[str, OptimizerSpec, ParamGroups, dict[str, Any], torch.device], torch.optim.Optimizer]
+
+
+def _class_in(module: str) -> Builder:
+    """A builder for a family whose optimizers are classes of `module`, imported when one is built."""
+
+    def build(
+        name: str, spec: OptimizerSpec, groups: ParamGroups, kwargs: dict[str, Any], device: torch.device
+    ) -> torch.optim.Optimizer:
+        optimizer: torch.optim.Optimizer = getattr(importlib.import_module(module), spec.class_name)(groups, **kwargs)
+        return optimizer
+
+    return build
+
+
 BUILDERS: dict[Family, Builder] = {
     "torch": _torch,
     "muon": _muon,
-    "transformers": _transformers,
-    "bitsandbytes": _bitsandbytes,
+    "transformers": _class_in("transformers.optimization"),
+    "bitsandbytes": _class_in("bitsandbytes.optim"),
+    "torchao": _class_in("torchao.optim"),
 }
 
 
