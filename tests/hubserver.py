@@ -157,12 +157,17 @@ class RepoStore:
             (self._dir(repo_type, repo_id) / "refs.json").write_text(json.dumps(refs))
 
 
+CHUNK = 1 << 16
+
+
 class HubServer:
     """The running server: unpacks to (endpoint_url, token); `store` and `requests` for assertions."""
 
     def __init__(self, endpoint_url: str, token: str, store: RepoStore):
         self.endpoint_url, self.token, self.store = endpoint_url, token, store
         self.requests: list[tuple[str, str]] = []
+        self.request_times: list[float] = []  # time.time() of each request, in the order of `requests`
+        self.file_bytes_per_s: float | None = None  # a slow link for file downloads (bench/model_prefetch.py)
         self.faults: list[list[Any]] = []  # [path substring, status, times left]: see fail_next
         self.faults_lock = threading.Lock()  # the server answers on many threads
 
@@ -222,8 +227,15 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            if self.command != "HEAD":
+            if self.command == "HEAD":
+                return
+            rate = server.file_bytes_per_s if content_type == "application/octet-stream" else None
+            if rate is None:
                 self.wfile.write(body)
+                return
+            for start in range(0, len(body), CHUNK):  # a slow link: a chunk at a time
+                self.wfile.write(body[start : start + CHUNK])
+                time.sleep(CHUNK / rate)
 
         def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
             self._send(status, json.dumps(obj).encode(), headers)
@@ -249,6 +261,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             self.raw_body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             url = urlsplit(self.path)
             server.requests.append((self.command, url.path))
+            server.request_times.append(time.time())
             parts = url.path.strip("/").split("/")  # still quoted: a revision may hold an encoded '/'
             query = parse_qs(url.query)
             try:

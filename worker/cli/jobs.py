@@ -21,7 +21,8 @@ def train_file(config: Path, run_dir: Path | None, nproc: int | None) -> Outcome
 
     from schemas.paths import base_volume, resolve_local_path
     from worker.documents import config_from_file
-    from worker.job.pipeline import LocalTraining, train_config
+    from worker.job.local_training import train_config
+    from worker.job.pipeline import LocalTraining
 
     cfg, outcome = config_from_file(config, "ftw train", honours=frozenset({"output_dir"}))
     if cfg is None:

@@ -1,8 +1,8 @@
 """One job, top to bottom — the one orchestrator: `handler.py` (RunPod) and `ftw run` call `run_job`,
-`ftw train` calls `train_config` (the same job, built from a config and a run folder).
+`ftw train` calls `worker.job.local_training.train_config` (the same job, from a config and a run folder).
 
     validate → run folder (safe path, lock, resumable or refused) → checks (disk, GPU, memory, machine)
-             → preprocess (child) → train (child) → publish → result
+             → preprocess (child; a Hub base model downloads beside it) → train (child) → publish → result
 
 `run_job(raw, ...)` never raises for anything a job can cause: it returns the result
 `{run_id, status: "completed", artifacts, metrics, timings, run_dir, warnings}` or the failure
@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.config import TrainingConfig
-from schemas.job import JobInput, parse_s3_config, run_id_from_job_id, validate_job
+from schemas.job import JobInput, parse_s3_config, validate_job
 from schemas.paths import base_volume
 from schemas.secrets import CONFIG_SECRETS_ENV, Redactor, child_env, job_credential_env, masked_values
 from worker.checks import CheckInput, run_checks
@@ -36,6 +35,7 @@ from worker.estimate.devices import GpuProbe
 from worker.estimate.job import Prediction, run_metrics
 from worker.job import children, template
 from worker.job.first_step import FirstStepClock
+from worker.job.prefetch import WAITING, ModelPrefetch
 from worker.job.publishing import Publishing
 from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
 from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
@@ -54,16 +54,6 @@ class LocalTraining:
 
     run_dir: Path
     nproc: int | None = None  # None: one per visible GPU
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    """`ftw train`'s job result, with what a terminal shows of it."""
-
-    result: dict[str, Any]
-    run_dir: Path
-    finished_before: bool  # the folder held this config's finished training: nothing was redone
-    summary: TrainSummary | None  # summary.json, when training finished
 
 
 def run_job(
@@ -91,28 +81,6 @@ def run_job(
     pipeline = JobPipeline(job, env, credentials, redactor, on_progress, stop, started, plan=plan)
     pipeline.warnings.extend(i.as_dict() for i in report.warnings)
     return pipeline.run()
-
-
-def train_config(
-    cfg: TrainingConfig,
-    local: LocalTraining,
-    *,
-    env: Mapping[str, str] | None = None,
-    on_progress: ProgressSink | None = None,
-    stop: StopSignal | None = None,
-) -> TrainOutcome:
-    """`ftw train`: the job of a validated config in the user's run folder, published nowhere."""
-    env = dict(os.environ if env is None else env)
-    started = time.monotonic()
-    # a terminal run uses the CPU where there is no GPU; a predicted OOM is a warning, not a refusal
-    job = JobInput(
-        run_id=run_id_from_job_id(local.run_dir.name), config=cfg, publish=[], allow_cpu=True, allow_oom_risk=True
-    )
-    pipeline = JobPipeline(job, env, {}, Redactor.for_job(env, {}), on_progress, stop, started, local=local)
-    result = pipeline.run()
-    run_dir = RunFolder.of_user(local.run_dir, base_volume(env), job.run_id).path
-    summary = TrainSummary.read(run_dir) if result.get("status") == "completed" else None
-    return TrainOutcome(result, run_dir, pipeline.finished_before, summary)
 
 
 class JobPipeline:
@@ -211,8 +179,12 @@ class JobPipeline:
             self.checks(run.state)
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
-        prepared = self.preprocess(run, config_path)
-        metrics = self.train(run, config_path, prepared)
+        wanted = self.trained(run.path, run.state) is None  # a Hub base model downloads beside preprocessing
+        with ModelPrefetch.beside(self.job.config, self.stage_env(), run.logs, self.redactor, wanted) as prefetch:
+            prepared = self.preprocess(run, config_path)
+            if prefetch is not None:
+                prefetch.wait(self.stop, lambda: self.progress(stage_update(self.job.run_id, "train", WAITING)))
+            metrics = self.train(run, config_path, prepared)
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {

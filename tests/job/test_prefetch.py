@@ -1,0 +1,86 @@
+"""A Hub base model downloads beside preprocessing (worker/job/prefetch.py): its weights are fetched
+before the train child starts, once; a failed prefetch costs nothing but the overlap; without it
+(FTW_MODEL_PREFETCH=0) the train child downloads them itself, as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+from huggingface_hub import HfApi
+
+from tests.job.conftest import example_job
+from worker.job.pipeline import run_job
+from worker.job.prefetch import files_to_fetch
+
+pytestmark = pytest.mark.slow
+CONFIG = {"max_steps": 2, "save_steps": None, "logging_steps": 1, "sequence_len": 64, "micro_batch_size": 2}
+
+
+@pytest.fixture
+def hub_model(hub_server, tiny_model_dir, request) -> str:
+    endpoint, token = hub_server
+    repo = f"prefetch-tests/{request.node.name[:40]}"
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo, private=True)
+    api.upload_folder(folder_path=str(tiny_model_dir), repo_id=repo)
+    return repo
+
+
+def run(volume, hub_server, repo: str, run_id: str, **env: str) -> dict:
+    endpoint, token = hub_server
+    hub = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(volume / "hf-home")}
+    config = {**CONFIG, "base_model": repo}
+    return run_job({"input": example_job(run_id=run_id, config=config)}, env={**os.environ, **hub, **env})
+
+
+def weights_requests(hub_server, repo: str) -> list[float]:
+    """When the weights file was sent (GET), one time a download."""
+    return [
+        t
+        for (method, path), t in zip(hub_server.requests, hub_server.request_times, strict=True)
+        if method == "GET" and path.startswith(f"/{repo}/resolve/") and path.endswith("model.safetensors")
+    ]
+
+
+def train_loading(volume, run_id: str) -> float:
+    """When the train child began loading the model (its own event)."""
+    lines = (volume / "runs" / run_id / "logs" / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()
+    return next(e["ts"] for e in map(json.loads, lines) if e.get("event") == "loading")
+
+
+def test_the_weights_download_before_the_train_stage_starts_and_once(demo_volume, hub_server, hub_model):
+    result = run(demo_volume, hub_server, hub_model, "prefetched")
+    assert result["status"] == "completed", result
+    (sent,) = weights_requests(hub_server, hub_model)  # once: the train child found them in the cache
+    assert sent < train_loading(demo_volume, "prefetched")
+    log = (demo_volume / "runs" / "prefetched" / "logs" / "prefetch.log").read_text()
+    assert re.search(rf"prefetched \d+ files of {hub_model} \(", log) and hub_server.token not in log
+
+
+def test_without_the_prefetch_the_train_child_downloads_them(demo_volume, hub_server, hub_model):
+    result = run(demo_volume, hub_server, hub_model, "not-prefetched", FTW_MODEL_PREFETCH="0")
+    assert result["status"] == "completed", result
+    (sent,) = weights_requests(hub_server, hub_model)
+    assert sent > train_loading(demo_volume, "not-prefetched")
+    assert not (demo_volume / "runs" / "not-prefetched" / "logs" / "prefetch.log").exists()
+
+
+def test_a_failed_prefetch_only_loses_the_overlap(demo_volume, hub_server, hub_model):
+    hub_server.fail_next("/model.safetensors", 403, times=1)  # the prefetch's request for the weights
+    result = run(demo_volume, hub_server, hub_model, "prefetch-failed")
+    assert result["status"] == "completed", result
+    log = (demo_volume / "runs" / "prefetch-failed" / "logs" / "prefetch.log").read_text()
+    assert f"prefetch of {hub_model} failed" in log
+    (sent,) = weights_requests(hub_server, hub_model)  # the train child fetched what was missing
+    assert sent > train_loading(demo_volume, "prefetch-failed")
+
+
+def test_the_files_are_the_config_and_one_weights_format():
+    repo = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.pth", "README.md"]
+    assert files_to_fetch(repo) == ["config.json", "model.safetensors"]
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert files_to_fetch([*shards, "tokenizer.json", "original/params.json"]) == sorted([*shards, "tokenizer.json"])
+    assert files_to_fetch(["config.json", "pytorch_model.bin"]) == ["config.json", "pytorch_model.bin"]

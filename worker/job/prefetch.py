@@ -1,0 +1,137 @@
+"""The base model's weights, fetched from the Hub while the data is prepared.
+
+The train child used to download a Hub model only once preprocessing was done: on a job's first run of
+a model, the user paid for the two one after the other (an 8B model is 16 GB). Once the checks pass, the
+job starts this child beside the preprocess stage. It lists the repository at the job's revision and
+downloads what transformers loads for training (the config files and the weights of one format,
+safetensors where the repository has them) into the Hugging Face cache the train child reads. The
+job waits for it before the train stage starts. If it fails, the job only logs that: the train child
+downloads what is missing and reports its own errors. It is killed with the job.
+
+    python -m worker.job.prefetch REPO_ID [--revision REV]      (HF_TOKEN, HF_ENDPOINT, HF_HOME: the job's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from schemas.paths import is_local, is_remote
+
+if TYPE_CHECKING:  # the child imports this module: it needs huggingface_hub, not pydantic's config
+    from schemas.config import TrainingConfig
+    from schemas.secrets import Redactor
+    from worker.job.supervisor import StopSignal
+
+log = logging.getLogger("ftw.job")
+WAITING = "waiting for the base model's download"  # the progress message while the train stage waits
+SWITCH = "FTW_MODEL_PREFETCH"  # "0": the train child downloads the model itself, after preprocessing
+
+
+def files_to_fetch(names: list[str]) -> list[str]:
+    """The repository's top-level files transformers reads to load the model: its JSON files and the
+    weights of one format (safetensors if any, else PyTorch .bin); never both, never subfolders."""
+    top = [n for n in names if "/" not in n]
+    weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+    return sorted([n for n in top if n.endswith(".json")] + weights)
+
+
+class ModelPrefetch:
+    """The running download child of one job."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, redactor: Redactor):
+        self.proc, self.log, self.redactor = proc, log, redactor
+
+    @classmethod
+    def start(cls, cfg: TrainingConfig, env: Mapping[str, str], log: Path, redactor: Redactor) -> ModelPrefetch | None:
+        """The child for a Hub base model; None for a local or remote one, offline, or switched off."""
+        name = cfg.base_model
+        offline = (env.get("HF_HUB_OFFLINE") or "") in ("1", "true")
+        if is_local(name) or is_remote(name) or offline or env.get(SWITCH) == "0":
+            return None
+        argv = [sys.executable, "-m", "worker.job.prefetch", name]
+        if cfg.revision_of_model:
+            argv += ["--revision", cfg.revision_of_model]
+        child_env = {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its output is a few lines, read at the end
+        proc = subprocess.Popen(
+            argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return cls(proc, log, redactor)
+
+    @classmethod
+    @contextlib.contextmanager
+    def beside(
+        cls, cfg: TrainingConfig, env: Mapping[str, str], logs: Path, redactor: Redactor, wanted: bool
+    ) -> Iterator[ModelPrefetch | None]:
+        """The download child while the block runs (None where there is nothing to fetch); killed at its end."""
+        prefetch = cls.start(cfg, env, logs / "prefetch.log", redactor) if wanted else None
+        try:
+            yield prefetch
+        finally:
+            if prefetch is not None:
+                prefetch.kill()
+
+    def wait(self, stop: StopSignal, on_wait: Callable[[], None]) -> bool:
+        """Until the download ends (a cancel raises through `stop`; `on_wait` once if it is still running);
+        whether it fetched everything."""
+        if self.proc.poll() is None:
+            on_wait()
+        while self.proc.poll() is None:
+            if stop.wait(0.2):
+                stop.check("while the base model was downloading")
+        self._keep_output()
+        if self.proc.returncode != 0:
+            log.warning("%s; the train stage downloads what is missing", self.last_line())
+        return self.proc.returncode == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the download's threads go with it
+            self.proc.wait()
+            self._keep_output()
+
+    def _keep_output(self) -> None:
+        assert self.proc.stdout is not None
+        text = self.proc.stdout.read().decode(errors="replace")
+        self.proc.stdout.close()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.write_text(self.redactor.text(text), encoding="utf-8")
+
+    def last_line(self) -> str:
+        lines = self.log.read_text(encoding="utf-8").strip().splitlines() if self.log.is_file() else []
+        return lines[-1] if lines else f"exit code {self.proc.returncode}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="download a Hub model's config and weights into the HF cache")
+    parser.add_argument("repo_id")
+    parser.add_argument("--revision", default=None)
+    args = parser.parse_args(argv)
+    from huggingface_hub import HfApi, snapshot_download
+
+    token = os.environ.get("HF_TOKEN") or None
+    started = time.monotonic()
+    try:
+        info = HfApi(token=token).model_info(args.repo_id, revision=args.revision)
+        names = files_to_fetch([s.rfilename for s in info.siblings or []])
+        folder = snapshot_download(args.repo_id, revision=args.revision, allow_patterns=names, token=token)
+    except Exception as e:  # the train child meets the same problem and reports it in full
+        print(f"prefetch of {args.repo_id} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return 1
+    size = sum((Path(folder) / n).stat().st_size for n in names if (Path(folder) / n).is_file())
+    took = time.monotonic() - started
+    print(f"prefetched {len(names)} files of {args.repo_id} ({size / 2**20:.1f} MiB) in {took:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
