@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 
 import pytest
 from huggingface_hub import HfApi
@@ -29,11 +31,11 @@ def hub_model(hub_server, tiny_model_dir, request) -> str:
     return repo
 
 
-def run(volume, hub_server, repo: str, run_id: str, **env: str) -> dict:
+def run(volume, hub_server, repo: str, run_id: str, stop=None, **env: str) -> dict:
     endpoint, token = hub_server
     hub = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(volume / "hf-home")}
     config = {**CONFIG, "base_model": repo}
-    return run_job({"input": example_job(run_id=run_id, config=config)}, env={**os.environ, **hub, **env})
+    return run_job({"input": example_job(run_id=run_id, config=config)}, env={**os.environ, **hub, **env}, stop=stop)
 
 
 def weights_requests(hub_server, repo: str) -> list[float]:
@@ -76,6 +78,29 @@ def test_a_failed_prefetch_only_loses_the_overlap(demo_volume, hub_server, hub_m
     assert f"prefetch of {hub_model} failed" in log
     (sent,) = weights_requests(hub_server, hub_model)  # the train child fetched what was missing
     assert sent > train_loading(demo_volume, "prefetch-failed")
+
+
+def test_a_cancelled_job_leaves_no_download_running(demo_volume, hub_server, hub_model):
+    import psutil
+
+    from worker.job.supervisor import StopSignal
+
+    hub_server.file_bytes_per_s = 64 * 1024  # the weights take ~25 s: the download is running when the job stops
+    stop, results = StopSignal(), []
+    try:
+        job = threading.Thread(target=lambda: results.append(run(demo_volume, hub_server, hub_model, "cut", stop=stop)))
+        job.start()
+        deadline = time.monotonic() + 120
+        while not weights_requests(hub_server, hub_model) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert weights_requests(hub_server, hub_model), "the prefetch never asked for the weights"
+        stop.request("cancelled")
+        job.join(timeout=120)
+    finally:
+        hub_server.file_bytes_per_s = None
+    assert results and results[0]["status"] == "cancelled", results
+    downloading = [p for p in psutil.process_iter(["cmdline"]) if "worker.job.prefetch" in (p.info["cmdline"] or [])]
+    assert not downloading
 
 
 def test_the_files_are_the_config_and_one_weights_format():

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -50,6 +51,16 @@ class ModelPrefetch:
 
     def __init__(self, proc: subprocess.Popen[bytes], log: Path, redactor: Redactor):
         self.proc, self.log, self.redactor = proc, log, redactor
+        self.output: list[bytes] = []
+        self.kept = False
+        # read as it comes, so a chatty child never blocks on a full pipe; written out redacted at the end
+        self.reader = threading.Thread(target=self._read, name="prefetch-output", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
 
     @classmethod
     def start(cls, cfg: TrainingConfig, env: Mapping[str, str], log: Path, redactor: Redactor) -> ModelPrefetch | None:
@@ -78,7 +89,7 @@ class ModelPrefetch:
             yield prefetch
         finally:
             if prefetch is not None:
-                prefetch.kill()
+                prefetch.close()
 
     def wait(self, stop: StopSignal, on_wait: Callable[[], None]) -> bool:
         """Until the download ends (a cancel raises through `stop`; `on_wait` once if it is still running);
@@ -93,17 +104,21 @@ class ModelPrefetch:
             log.warning("%s; the train stage downloads what is missing", self.last_line())
         return self.proc.returncode == 0
 
-    def kill(self) -> None:
+    def close(self) -> None:
+        """Kill the child if it still runs, and keep what it printed (redacted) in its log."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the download's threads go with it
             self.proc.wait()
-            self._keep_output()
+        self._keep_output()
 
     def _keep_output(self) -> None:
-        assert self.proc.stdout is not None
-        text = self.proc.stdout.read().decode(errors="replace")
-        self.proc.stdout.close()
+        """Once the child has ended: its output, redacted, in its log (once; an earlier attempt's is replaced)."""
+        if self.kept:
+            return
+        self.kept = True
+        self.reader.join()  # the pipe's end came with the child's
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        text = b"".join(self.output).decode(errors="replace")
         self.log.write_text(self.redactor.text(text), encoding="utf-8")
 
     def last_line(self) -> str:
