@@ -312,12 +312,16 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if op in ("", "revision"):
                 sha, tree = store.tree(repo_type, repo_id, rev)
                 meta = store.meta(repo_type, repo_id)
+                with_blobs = query.get("blobs", ["false"])[0].lower() == "true"  # files_metadata=True asks for sizes
                 return self._json(
                     {
                         "id": repo_id,
                         "sha": sha,
                         "private": meta["private"],
-                        "siblings": [{"rfilename": p} for p in tree],
+                        "siblings": [
+                            {"rfilename": p, **({"size": len(store.blob(repo_type, repo_id, b))} if with_blobs else {})}
+                            for p, b in tree.items()
+                        ],
                         "tags": [],
                         "lastModified": "2026-01-01T00:00:00.000Z",
                     }

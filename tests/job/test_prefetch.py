@@ -103,6 +103,38 @@ def test_a_cancelled_job_leaves_no_download_running(demo_volume, hub_server, hub
     assert not downloading
 
 
+def test_the_wait_shows_the_bytes_downloaded_so_far(tmp_path, hub_server, hub_model, tiny_model_dir):
+    from schemas.config import TrainingConfig
+    from schemas.secrets import Redactor
+    from worker.job.prefetch import WAITING, ModelPrefetch
+    from worker.job.supervisor import StopSignal
+    from worker.job.updates import format_line
+
+    endpoint, token = hub_server
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf")}
+    data = [{"path": "org/data", "type": "alpaca"}]
+    cfg = TrainingConfig.model_validate({"base_model": hub_model, "learning_rate": 1e-4, "datasets": data})
+    hub_server.file_bytes_per_s = 256 * 1024  # the weights (1.6 MiB) take ~6 s
+    updates: list[dict] = []
+    try:
+        prefetch = ModelPrefetch.start(cfg, env, tmp_path / "prefetch.log", Redactor([token]))
+        assert prefetch is not None and prefetch.wait(StopSignal(), updates.append, "run-1")
+        prefetch.close()
+    finally:
+        hub_server.file_bytes_per_s = None
+    assert updates[0]["message"] == WAITING and updates[0]["stage"] == "train"
+    counted = [u for u in updates if "bytes_done" in u]
+    fetched = files_to_fetch([p.name for p in tiny_model_dir.iterdir()])
+    assert len(counted) >= 3 and {u["bytes_total"] for u in counted} == {
+        sum((tiny_model_dir / n).stat().st_size for n in fetched)
+    }
+    done = [u["bytes_done"] for u in counted]
+    assert done == sorted(done) and done[0] < done[-1] <= counted[-1]["bytes_total"]
+    assert "base model" in format_line(counted[-1]) and "MiB" in format_line(counted[-1])
+    log = (tmp_path / "prefetch.log").read_text()
+    assert "prefetched" in log and "bytes " not in log  # progress lines are not kept in the log
+
+
 def test_the_files_are_the_config_and_one_weights_format():
     repo = ["config.json", "model.safetensors", "pytorch_model.bin", "original/consolidated.pth", "README.md"]
     assert files_to_fetch(repo) == ["config.json", "model.safetensors"]

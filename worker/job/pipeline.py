@@ -35,7 +35,7 @@ from worker.estimate.devices import GpuProbe
 from worker.estimate.job import Prediction, run_metrics
 from worker.job import children, template
 from worker.job.first_step import FirstStepClock
-from worker.job.prefetch import WAITING, ModelPrefetch
+from worker.job.prefetch import ModelPrefetch
 from worker.job.publishing import Publishing
 from worker.job.result import failure_result, internal_error, invalid_job, raw_run_id
 from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
@@ -183,7 +183,7 @@ class JobPipeline:
         with ModelPrefetch.beside(self.job.config, self.stage_env(), run.logs, self.redactor, wanted) as prefetch:
             prepared = self.preprocess(run, config_path)
             if prefetch is not None:
-                prefetch.wait(self.stop, lambda: self.progress(stage_update(self.job.run_id, "train", WAITING)))
+                prefetch.wait(self.stop, self.progress, self.job.run_id)
             metrics = self.train(run, config_path, prepared)
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}

@@ -22,11 +22,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from schemas.paths import is_local, is_remote
+from worker.job.updates import ProgressSink, stage_update
 
 if TYPE_CHECKING:  # the child imports this module: it needs huggingface_hub, not pydantic's config
     from schemas.config import TrainingConfig
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # the child imports this module: it needs huggingface_hub, no
 
 log = logging.getLogger("ftw.job")
 WAITING = "waiting for the base model's download"  # the progress message while the train stage waits
+PROGRESS = b"bytes "  # the child's progress lines: "bytes DONE TOTAL"
 SWITCH = "FTW_MODEL_PREFETCH"  # "0": the train child downloads the model itself, after preprocessing
 
 
@@ -91,13 +93,16 @@ class ModelPrefetch:
             if prefetch is not None:
                 prefetch.close()
 
-    def wait(self, stop: StopSignal, on_wait: Callable[[], None]) -> bool:
-        """Until the download ends (a cancel raises through `stop`; `on_wait` once if it is still running);
-        whether it fetched everything."""
-        if self.proc.poll() is None:
-            on_wait()
+    def wait(self, stop: StopSignal, progress: ProgressSink, run_id: str) -> bool:
+        """Until the download ends (a cancel raises through `stop`), showing it to the user meanwhile (a
+        message, then the bytes so far; `progress` throttles them). Whether it fetched everything."""
+        message = WAITING
         while self.proc.poll() is None:
-            if stop.wait(0.2):
+            done, total = self.bytes_so_far()
+            counted = {"bytes_done": done, "bytes_total": total} if done is not None else {}
+            progress(stage_update(run_id, "train", message, what="base model", **counted))
+            message = ""
+            if stop.wait(0.5):
                 stop.check("while the base model was downloading")
         self._keep_output()
         if self.proc.returncode != 0:
@@ -111,6 +116,14 @@ class ModelPrefetch:
             self.proc.wait()
         self._keep_output()
 
+    def bytes_so_far(self) -> tuple[int | None, int | None]:
+        """(done, total) of the child's newest progress line."""
+        for line in reversed(self.output):
+            if line.startswith(PROGRESS):
+                done, total = line[len(PROGRESS) :].split()
+                return int(done), int(total)
+        return None, None
+
     def _keep_output(self) -> None:
         """Once the child has ended: its output, redacted, in its log (once; an earlier attempt's is replaced)."""
         if self.kept:
@@ -118,12 +131,25 @@ class ModelPrefetch:
         self.kept = True
         self.reader.join()  # the pipe's end came with the child's
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        text = b"".join(self.output).decode(errors="replace")
+        text = b"".join(line for line in self.output if not line.startswith(PROGRESS)).decode(errors="replace")
         self.log.write_text(self.redactor.text(text), encoding="utf-8")
 
     def last_line(self) -> str:
         lines = self.log.read_text(encoding="utf-8").strip().splitlines() if self.log.is_file() else []
         return lines[-1] if lines else f"exit code {self.proc.returncode}"
+
+
+def report_bytes(repo_id: str, total: int) -> None:
+    """Every half second, "bytes DONE TOTAL": what the repository's blobs in the HF cache hold so far
+    (partial downloads included), for the job's progress while the train stage waits."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = Path(HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    while True:
+        done = sum(p.stat().st_size for p in blobs.glob("*") if p.is_file()) if blobs.is_dir() else 0
+        print(f"{PROGRESS.decode()}{min(done, total)} {total}", flush=True)
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     token = os.environ.get("HF_TOKEN") or None
     started = time.monotonic()
     try:
-        info = HfApi(token=token).model_info(args.repo_id, revision=args.revision)
+        info = HfApi(token=token).model_info(args.repo_id, revision=args.revision, files_metadata=True)
         names = files_to_fetch([s.rfilename for s in info.siblings or []])
+        total = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in names)
+        threading.Thread(target=report_bytes, args=(args.repo_id, total), daemon=True).start()
         folder = snapshot_download(args.repo_id, revision=args.revision, allow_patterns=names, token=token)
     except Exception as e:  # the train child meets the same problem and reports it in full
         print(f"prefetch of {args.repo_id} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
