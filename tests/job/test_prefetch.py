@@ -141,3 +141,6 @@ def test_the_files_are_the_config_and_one_weights_format():
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     assert files_to_fetch([*shards, "tokenizer.json", "original/params.json"]) == sorted([*shards, "tokenizer.json"])
     assert files_to_fetch(["config.json", "pytorch_model.bin"]) == ["config.json", "pytorch_model.bin"]
+    mistral = ["consolidated.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert files_to_fetch([*mistral, "params.json"]) == [*mistral[1:], "params.json"]  # not the second copy
+    assert files_to_fetch(["weights.safetensors", "config.json"]) == ["config.json", "weights.safetensors"]

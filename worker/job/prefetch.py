@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,11 +41,21 @@ PROGRESS = b"bytes "  # the child's progress lines: "bytes DONE TOTAL"
 SWITCH = "FTW_MODEL_PREFETCH"  # "0": the train child downloads the model itself, after preprocessing
 
 
+# the weights files transformers writes and reads: one file or numbered shards, safetensors or PyTorch's
+WEIGHTS = re.compile(r"(?:model|pytorch_model)(?:-\d+-of-\d+)?\.(safetensors|bin)")
+
+
 def files_to_fetch(names: list[str]) -> list[str]:
     """The repository's top-level files transformers reads to load the model: its JSON files and the
-    weights of one format (safetensors if any, else PyTorch .bin); never both, never subfolders."""
+    weights of one format (safetensors if any, else PyTorch .bin), by transformers' own file names where
+    the repository has them (a Mistral repository's consolidated.safetensors is another copy); never
+    subfolders."""
     top = [n for n in names if "/" not in n]
-    weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
+    for ext in ("safetensors", "bin"):
+        weights = [n for n in top if (m := WEIGHTS.fullmatch(n)) and m.group(1) == ext]
+        weights = weights or [n for n in top if n.endswith(f".{ext}")]
+        if weights:
+            break
     return sorted([n for n in top if n.endswith(".json")] + weights)
 
 
