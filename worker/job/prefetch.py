@@ -157,9 +157,14 @@ def report_bytes(repo_id: str, total: int) -> None:
     from huggingface_hub.file_download import repo_folder_name
 
     blobs = Path(HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    done = 0
     while True:
-        done = sum(p.stat().st_size for p in blobs.glob("*") if p.is_file()) if blobs.is_dir() else 0
-        print(f"{PROGRESS.decode()}{min(done, total)} {total}", flush=True)
+        counted = 0
+        for blob in blobs.glob("*") if blobs.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):  # an .incomplete file renamed meanwhile
+                counted += blob.stat().st_size
+        done = max(done, min(counted, total))  # never backwards: a file between two names is missed once
+        print(f"{PROGRESS.decode()}{done} {total}", flush=True)
         time.sleep(0.5)
 
 
