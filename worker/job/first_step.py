@@ -19,6 +19,7 @@ from typing import Any
 
 # the train child's events that end each part (worker/train/child.py, worker/train/trainer.py)
 PARTS = (("loading", "train_startup_s"), ("ready", "model_setup_s"), ("first_step", "first_step_compute_s"))
+MARKS = {event for event, _ in PARTS}
 
 
 class FirstStepClock:
@@ -32,7 +33,7 @@ class FirstStepClock:
     def observe(self, stage: str, event: dict[str, Any]) -> dict[str, float]:
         """The timings this event settles (none for most events)."""
         name, ts = event.get("event"), event.get("ts")
-        if stage != "train" or name not in dict(PARTS) or not isinstance(ts, (int, float)) or name in self.marks:
+        if stage != "train" or name not in MARKS or not isinstance(ts, (int, float)) or name in self.marks:
             return {}
         self.marks[name] = float(ts)
         timings = {}

@@ -175,12 +175,13 @@ class JobPipeline:
 
     def run_stages(self, run: RunDir) -> dict[str, Any]:
         config_path = self.write_config(run)
-        if self.checks_report is None and self.trained(run.path, run.state) is None:
+        untrained = self.trained(run.path, run.state) is None
+        if self.checks_report is None and untrained:
             self.checks(run.state)
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
-        wanted = self.trained(run.path, run.state) is None  # a Hub base model downloads beside preprocessing
-        with ModelPrefetch.beside(self.job.config, self.stage_env(), run.logs, self.redactor, wanted) as prefetch:
+        # a Hub base model downloads beside preprocessing
+        with ModelPrefetch.beside(self.job.config, self.stage_env(), run.logs, self.redactor, untrained) as prefetch:
             prepared = self.preprocess(run, config_path)
             if prefetch is not None:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)

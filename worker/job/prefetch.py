@@ -146,8 +146,10 @@ class ModelPrefetch:
         self.log.write_text(self.redactor.text(text), encoding="utf-8")
 
     def last_line(self) -> str:
-        lines = self.log.read_text(encoding="utf-8").strip().splitlines() if self.log.is_file() else []
-        return lines[-1] if lines else f"exit code {self.proc.returncode}"
+        """The child's last line of its own (not a progress line), redacted: why it failed."""
+        lines = [line for line in self.output if line.strip() and not line.startswith(PROGRESS)]
+        last = lines[-1].decode(errors="replace").strip() if lines else f"exit code {self.proc.returncode}"
+        return self.redactor.text(last)
 
 
 def report_bytes(repo_id: str, total: int) -> None:
