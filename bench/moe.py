@@ -4,7 +4,7 @@
     python bench/moe.py --shapes olmoe --steps 20
     python bench/moe.py --shapes qwen3-30b --layers 24   # fewer layers where all 48 do not fit one GPU
     python bench/moe.py --shapes olmoe --mbs 4            # 4 rows of 2048 tokens per step
-    python bench/moe.py --shapes olmoe --profile          # + each arm's top CUDA kernels of one step
+    python bench/moe.py --shapes olmoe --profile          # + each arm's top CUDA kernels and host ops of one step
     python bench/moe.py --shapes tiny                    # smoke test, also on CPU (Triton interpreted)
 
 Each arm runs in a fresh process (`--arm NAME`, one JSON line back) on the same random-init model
@@ -17,7 +17,9 @@ parameters, no gradient checkpointing. Arms:
 - ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
   by default: torch's grouped GEMM where it runs, bf16 on Hopper/Blackwell; and the dense kernels: norms,
   rope, fused LoRA q/k/v/o, varlen attention, fused linear cross-entropy);
-- ftw-triton: the same with FTW_MOE_GEMM=triton (ftw's fused Triton GEMMs for the experts).
+- ftw-triton: the same with FTW_MOE_GEMM=triton (ftw's fused Triton GEMMs for the experts);
+- ftw-graphs: ftw with each layer's MoE block (router + experts) replayed as CUDA graphs, forward and
+  backward (`torch.cuda.make_graphed_callables`, one shared pool): what a launch-bound step gains.
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
 tokens/s = mbs × seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
@@ -37,8 +39,8 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("peft", "axolotl", "ftw", "ftw-triton")
-GEMM_OF_ARM = {"ftw": "", "ftw-triton": "triton"}  # FTW_MOE_GEMM of the ftw arms' processes ("": the default)
+ARMS = ("peft", "axolotl", "ftw", "ftw-triton", "ftw-graphs")
+GEMM_OF_ARM = {"ftw": "", "ftw-triton": "triton", "ftw-graphs": ""}  # FTW_MOE_GEMM of the ftw arms' processes ("": the default)
 # model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
 SHAPES = {
     "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
@@ -136,6 +138,8 @@ def run_arm(arm: str, args) -> dict:
             attn_implementation=None,
         )
         applied = apply_kernels(model, switches)
+        if arm == "ftw-graphs":
+            applied.append(graph_moe_blocks(model, args, device))
     elif arm == "axolotl":
         model.get_base_model().set_experts_implementation("scattermoe")
         applied = ["axolotl scattermoe"]
@@ -181,19 +185,34 @@ def run_arm(arm: str, args) -> dict:
         "loss0": loss0,
         "applied": applied,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        **({"profile": profile_step(step, sync)} if args.profile and device.type == "cuda" else {}),
+        **({"profile": profile_step(step, sync, cuda=device.type == "cuda")} if args.profile else {}),
     }
 
 
-def profile_step(step, sync, top: int = 12) -> dict:
+def graph_moe_blocks(model, args, device) -> str:
+    """Each decoder layer's MoE block as a CUDA graph pair (forward, backward) in one memory pool."""
+    import torch
+
+    blocks = tuple(layer.mlp for layer in model.get_base_model().model.layers)
+    hidden = model.config.hidden_size
+    samples = tuple(
+        (torch.randn(args.mbs, args.seq, hidden, device=device, dtype=torch.bfloat16, requires_grad=True),)
+        for _ in blocks
+    )
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        torch.cuda.make_graphed_callables(blocks, samples)
+    return f"moe graphs x{len(blocks)}"
+
+
+def profile_step(step, sync, cuda: bool, top: int = 12) -> dict:
     """One more step under torch.profiler: the CUDA kernels' busy time against the step's wall time
     (a gap is host overhead), the kernels that took longest in all, and the host-side ops (their count
-    and those whose own CPU time was longest: what a launch-bound step waits on)."""
+    and those whose own CPU time was longest: what a launch-bound step waits on; on CPU only these)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
             t = time.perf_counter()
             step()
             sync()
