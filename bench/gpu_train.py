@@ -24,6 +24,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
          functions over the 4-bit weights (kernels/ftw_kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
+  ftw-nographs  ftw with FTW_MOE_GRAPHS=0: a MoE shape's blocks launched op by op, not replayed as
+         CUDA graphs (kernels/ftw_kernels/moe_graphs.py);
   ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
          default arms: it needs compute capability ≥ 8.9).
 `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with

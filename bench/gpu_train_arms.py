@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.models import LORA_16, PROFILED_STEPS, TARGETS, TIMED_RUN, device
+from bench.models import LORA_16, LORA_16_MOE, PROFILED_STEPS, SHAPES, TARGETS, TIMED_RUN, device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     cfg = {
         "base_model": str(model_dir),
         "datasets": [{"path": "bench.jsonl", "type": "completion"}],
-        **LORA_16,
+        **(LORA_16_MOE if SHAPES[a.shape]["model_type"].endswith("_moe") else LORA_16),
         "merge_lora": name == "ftw" and a.merge,
         # the profiled window starts one step after the last timed one: that step's event is not delayed by it
         "sequence_len": a.seq,
@@ -104,6 +104,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         "FTW_ERROR_FILE": str(run_dir / "error.json"),
         "PYTHONPATH": path,
     }
+    if name == "ftw-nographs":
+        env["FTW_MOE_GRAPHS"] = "0"
     if profiled:
         env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
     started = time.monotonic()

@@ -104,9 +104,34 @@ SHAPES = {
         rope_theta=500000.0,
     ),
 }
-MBS = {**DEFAULT_MBS, "tiny": 2}
+# Qwen3-30B-A3B's layer, 12 of its 48 layers (bench/moe.py's MoE shape, for the real path)
+SHAPES["qwen3-moe-12l"] = dict(
+    model_type="qwen3_moe",
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    decoder_sparse_step=1,
+    norm_topk_prob=True,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+MBS = {**DEFAULT_MBS, "tiny": 2, "qwen3-moe-12l": 2}
 # what every ftw arm of the benches trains: one LoRA recipe, bf16, no saves, an event every step
 LORA_16 = {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True}
+# a MoE shape's: LoRA on the attention projections and on the routed experts (bench/moe.py's recipe)
+LORA_16_MOE = {
+    "adapter": "lora",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+}
 TIMED_RUN = {
     "lr_scheduler": "constant",
     "save_strategy": "no",

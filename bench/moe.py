@@ -15,11 +15,11 @@ parameters, no gradient checkpointing. Arms:
 - axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
   "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
 - ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
-  by default: torch's grouped GEMM where it runs, bf16 on Hopper/Blackwell; and the dense kernels: norms,
-  rope, fused LoRA q/k/v/o, varlen attention, fused linear cross-entropy);
+  by default: torch's grouped GEMM where it runs, bf16 on Hopper/Blackwell; each MoE block replayed as
+  CUDA graphs, kernels/ftw_kernels/moe_graphs.py, as for a config with pad_to_sequence_len; and the dense
+  kernels: norms, rope, fused LoRA q/k/v/o, varlen attention, fused linear cross-entropy);
 - ftw-triton: the same with FTW_MOE_GEMM=triton (ftw's fused Triton GEMMs for the experts);
-- ftw-graphs: ftw with each layer's MoE block (router + experts) replayed as CUDA graphs, forward and
-  backward (`torch.cuda.make_graphed_callables`, one shared pool): what a launch-bound step gains.
+- ftw-eager: the same with FTW_MOE_GRAPHS=0 (the MoE blocks launched op by op, as before the graphs).
 Timing: CUDA-synchronised wall time of each step after `--warmup` steps, the median of `--steps`;
 tokens/s = mbs × seq / median. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
 included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
@@ -39,8 +39,8 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("peft", "axolotl", "ftw", "ftw-triton", "ftw-graphs")
-GEMM_OF_ARM = {"ftw": "", "ftw-triton": "triton", "ftw-graphs": ""}  # FTW_MOE_GEMM of the ftw arms' processes ("": the default)
+ARMS = ("peft", "axolotl", "ftw", "ftw-triton", "ftw-eager")
+ENV_OF_ARM = {"ftw": {}, "ftw-triton": {"FTW_MOE_GEMM": "triton"}, "ftw-eager": {"FTW_MOE_GRAPHS": "0"}}  # ftw's arms
 # model_type, hidden, layers, heads, kv heads, head_dim, experts, top-k, expert width, vocab
 SHAPES = {
     "olmoe": ("olmoe", 2048, 16, 16, 16, 128, 64, 8, 1024, 50304),
@@ -119,7 +119,7 @@ def run_arm(arm: str, args) -> dict:
             if "lora_B" in name:
                 p.normal_(std=0.02)  # a live LoRA term, the same in every arm
     applied = []
-    if arm in GEMM_OF_ARM:
+    if arm in ENV_OF_ARM:
         from ftw_kernels import apply_kernels
 
         switches = types.SimpleNamespace(  # the keys apply_kernels reads, at a LoRA config's values
@@ -136,10 +136,16 @@ def run_arm(arm: str, args) -> dict:
             lora_qkv_kernel=None,
             lora_o_kernel=None,
             attn_implementation=None,
+            micro_batch_size=args.mbs,  # every row is --seq tokens: the layout pad_to_sequence_len gives
+            sequence_len=args.seq,
+            sample_packing=False,
+            pad_to_sequence_len=True,
+            gradient_checkpointing=False,
+            activation_offloading=False,
+            output_router_logits=None,
+            torch_compile=False,
         )
         applied = apply_kernels(model, switches)
-        if arm == "ftw-graphs":
-            applied.append(graph_moe_blocks(model, args, device))
     elif arm == "axolotl":
         model.get_base_model().set_experts_implementation("scattermoe")
         applied = ["axolotl scattermoe"]
@@ -187,21 +193,6 @@ def run_arm(arm: str, args) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         **({"profile": profile_step(step, sync, cuda=device.type == "cuda")} if args.profile else {}),
     }
-
-
-def graph_moe_blocks(model, args, device) -> str:
-    """Each decoder layer's MoE block as a CUDA graph pair (forward, backward) in one memory pool."""
-    import torch
-
-    blocks = tuple(layer.mlp for layer in model.get_base_model().model.layers)
-    hidden = model.config.hidden_size
-    samples = tuple(
-        (torch.randn(args.mbs, args.seq, hidden, device=device, dtype=torch.bfloat16, requires_grad=True),)
-        for _ in blocks
-    )
-    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-        torch.cuda.make_graphed_callables(blocks, samples)
-    return f"moe graphs x{len(blocks)}"
 
 
 def profile_step(step, sync, cuda: bool, top: int = 12) -> dict:
@@ -258,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             if arm == "axolotl" and importlib.util.find_spec("axolotl") is None:  # skipped without a child
                 rows.append({"shape": shape, "arm": arm, "skipped": "axolotl is not importable (no module 'axolotl')"})
                 continue
-            env.pop("FTW_MOE_GEMM", None)
-            if GEMM_OF_ARM.get(arm):
-                env["FTW_MOE_GEMM"] = GEMM_OF_ARM[arm]
+            for name in ("FTW_MOE_GEMM", "FTW_MOE_GRAPHS"):
+                env.pop(name, None)
+            env.update(ENV_OF_ARM.get(arm, {}))
             cmd = (
                 [
                     sys.executable,

@@ -24,6 +24,10 @@ names another experts_implementation; `use_scattermoe: true` / `experts_implemen
 ask for it explicitly (on CPU it runs only under TRITON_INTERPRET; elsewhere grouped_mm serves).
 The MoE families of FAMILIES (qwen3_moe, olmoe, mixtral) get the dense patches too (norms, rope,
 fused LoRA attention projections, varlen attention, the fused loss with the router's aux loss).
+On CUDA their MoE blocks then replay as CUDA graphs (kernels/ftw_kernels/moe_graphs.py: `moe_graphs`)
+when micro-batches keep one layout (sample_packing, or pad_to_sequence_len) and nothing reads the
+blocks from outside (no checkpointing or offloading, no router aux loss, no torch_compile, one
+process); FTW_MOE_GRAPHS=0 turns that off.
 """
 
 from __future__ import annotations
@@ -117,9 +121,46 @@ def _apply(model: Any, config: Any) -> list[str]:
         applied += _dense_patches(base, family, config)
     else:
         log.info("kernels: no dense ones for %s: use_kernels is off here", model_type)
+    if on_cuda and set(applied) & MOE_EXPERTS:
+        applied += _moe_graphs(model, config)
     if applied:
         log.info("kernels applied to %s: %s", model_type, ", ".join(applied))
     return applied
+
+
+MOE_EXPERTS = {"grouped_mm_lora", "grouped_mm", "scattermoe_lora", "scattermoe"}  # install_experts' names
+MOE_GRAPHS_ENV = "FTW_MOE_GRAPHS"  # "0": MoE blocks never replayed as CUDA graphs
+
+
+def _moe_graphs(model: Any, config: Any) -> list[str]:
+    """The MoE blocks replayed as CUDA graphs (kernels/ftw_kernels/moe_graphs.py) where a replay is the
+    same computation and the micro-batches keep one layout; [] with the reason logged otherwise."""
+    import os
+
+    import torch
+
+    mbs, seq = config.micro_batch_size or 1, config.sequence_len
+    shape = (1, mbs * seq) if config.sample_packing else (mbs, seq) if config.pad_to_sequence_len else None
+    offload = config.activation_offloading or config.gradient_checkpointing
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    refusals = (
+        (os.environ.get(MOE_GRAPHS_ENV) == "0", f"{MOE_GRAPHS_ENV}=0"),
+        (offload, "gradient checkpointing or activation offloading is on"),
+        (
+            config.output_router_logits or getattr(_unwrap(model).config, "output_router_logits", False),
+            "output_router_logits: the aux loss reads the router through hooks",
+        ),
+        (config.torch_compile, "torch_compile is on"),
+        (distributed, "several processes train"),
+        (shape is None, "micro-batches change shape (neither sample_packing nor pad_to_sequence_len)"),
+    )
+    reason = next((why for refused, why in refusals if refused), None)
+    if reason is not None:
+        log.info("kernels: MoE blocks not replayed as CUDA graphs: %s", reason)
+        return []
+    from ftw_kernels import moe_graphs
+
+    return ["moe_graphs"] if moe_graphs.install(model, shape) is not None else []
 
 
 def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:

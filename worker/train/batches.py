@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ftw_kernels.moe_graphs import CAPTURE_LOCK
+
 IGNORE = -100
 
 
@@ -77,9 +79,12 @@ class BatchPlan:
         return micros[rank :: self.world_size]
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch; padded rows get an attention mask, packed rows do not."""
-    width = max(len(r["input_ids"]) for r in rows)
+def collate(
+    rows: list[dict[str, list[int]]], pad_id: int, packed: bool, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch; padded rows get an attention mask, packed rows do not.
+    `pad_to`: the width every micro-batch is padded to (pad_to_sequence_len), else its longest row's."""
+    width = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
@@ -155,11 +160,12 @@ def read_step(
     order: list[int] | None = None,
     varlen: bool = False,
     count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
+    pad_to: int | None = None,
 ) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
-    `count`: the items the loss averages over (worker/train/objective.py)."""
-    micro = [collate(read_rows(ds, m), pad_id, packed) for m in plan.micro_batches(step, rank, order)]
+    `count`: the items the loss averages over (worker/train/objective.py); `pad_to`: see `collate`."""
+    micro = [collate(read_rows(ds, m), pad_id, packed, pad_to) for m in plan.micro_batches(step, rank, order)]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     if varlen:
         from ftw_kernels.attention import host_segments
@@ -187,13 +193,14 @@ class Prefetcher:
         depth: int = 2,
         varlen: bool = False,
         count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
+        pad_to: int | None = None,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
 
         def read(step: int, order: list[int] | None) -> StepInput:
-            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count)
+            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to)
 
         args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
@@ -211,7 +218,10 @@ class Prefetcher:
                     epoch = step // plan.steps_per_epoch
                     order = plan.epoch_order(epoch)
                 batch = read(step, order)
-                if not self._put(batch.pinned() if device.type == "cuda" else batch):
+                if device.type == "cuda":
+                    with CAPTURE_LOCK:  # no CUDA call from this thread while a graph is captured
+                        batch = batch.pinned()
+                if not self._put(batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step
             self._put(e)

@@ -240,6 +240,7 @@ class Trainer:
             topo.device,
             varlen="varlen_attention" in self.kernels,
             count=self.objective.count,
+            pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         try:
