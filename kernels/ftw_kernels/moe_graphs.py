@@ -101,7 +101,11 @@ class MoEBlockGraphs:
 
     def _eligible(self, i: int, x: torch.Tensor) -> bool:
         """A call a graph can stand for: training with grad on the GPU, the adapters as captured."""
-        if self.capturing or self.failed or not (x.device.type == self.device_type and torch.is_grad_enabled() and self.blocks[i].training):
+        if (
+            self.capturing
+            or self.failed
+            or not (x.device.type == self.device_type and torch.is_grad_enabled() and self.blocks[i].training)
+        ):
             return False
         state = self._adapter_state(i)
         if self.adapters is not None:
@@ -150,7 +154,8 @@ class MoEBlockGraphs:
         self.capturing = True
         try:
             with CAPTURE_LOCK, torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-                self.make_graphs(tuple(self.blocks), samples)
+                # allow_unused_input: a trainable parameter no call reaches gets no grad, not an error
+                self.make_graphs(tuple(self.blocks), samples, allow_unused_input=True)
             self.graphed = [b.forward for b in self.blocks]  # what make_graphed_callables put there
             self.adapters = [self._adapter_state(i) for i in range(len(self.blocks))]
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager path, which is correct

@@ -25,7 +25,7 @@ class RecordingGraphs:
         self.captures: list[list[tuple]] = []
         self.fail = fail
 
-    def __call__(self, blocks, samples):
+    def __call__(self, blocks, samples, **options):
         self.captures.append([(tuple(x.shape), x.requires_grad) for (x,) in samples])
         for block, (x,) in zip(blocks, samples):
             block(x)  # a warm-up call, as make_graphed_callables makes: must run eagerly
