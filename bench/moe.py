@@ -22,8 +22,9 @@ parameters, no gradient checkpointing. Arms:
 - ftw-eager: the same with FTW_MOE_GRAPHS=0 (the MoE blocks launched op by op, as before the graphs).
 Timing: the wall time of `--steps` steps run back to back after `--warmup` steps, synchronised once
 at the end (a training loop never waits for the GPU between steps; a step synchronised on its own
-would also time the empty queue it starts with); tokens/s = mbs × seq / that mean. Peak: torch.cuda.max_memory_allocated over the timed steps (weights
-included). loss0: the first step's loss (the arms compute the same function: equal to ~1e-2).
+would also time the empty queue it starts with); tokens/s = mbs × seq / that mean. Peak:
+torch.cuda.max_memory_allocated over the timed steps (weights included). loss0: the first step's
+loss (the arms compute the same function: equal to ~1e-2).
 """
 
 from __future__ import annotations
