@@ -143,13 +143,3 @@ def test_the_registry_installs_graphs_only_where_a_replay_is_the_same_computatio
         assert model._ftw_moe_graphs.capture_shape == shape
     else:
         assert applied == [] and reason in caplog.text and not hasattr(model, "_ftw_moe_graphs")
-
-
-def test_pad_to_sequence_len_gives_every_micro_batch_the_same_width():
-    from worker.train.batches import collate
-
-    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 2]}]
-    assert collate(rows, 0, packed=False)["input_ids"].shape == (1, 3)
-    batch = collate(rows, 0, packed=False, pad_to=8)
-    assert batch["input_ids"].shape == (1, 8) and batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
-    assert (batch["labels"][0, 3:] == -100).all()

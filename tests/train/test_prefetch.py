@@ -178,3 +178,18 @@ def test_sigterm_while_batches_are_prefetched_saves_and_exits_75(task_model_dir,
     state = json.loads((run_dir / "checkpoints" / f"checkpoint-{preempted[0]['step']}" / "ftw_state.json").read_text())
     assert state["complete"] is True and state["step"] == preempted[0]["step"]
     assert [s for s, _ in state["loop"]["train_loss"]] == list(range(1, state["step"] + 1))
+
+
+def test_pad_to_sequence_len_gives_every_prefetched_micro_batch_its_width():
+    """Unpacked rows of any length come out `pad_to` wide (pad_to_sequence_len: one shape every step)."""
+    rows = [{"input_ids": [1] * n, "labels": [1] * n, "position_ids": list(range(n))} for n in (3, 9, 5, 7)]
+    from datasets import Dataset
+
+    ds = Dataset.from_list(rows)
+    plan = BatchPlan(num_rows=4, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)
+    batches = Prefetcher(ds, plan, 0, 0, False, range(2), torch.device("cpu"), pad_to=16)
+    try:
+        widths = [m["input_ids"].shape for step in range(2) for m in batches.get(step).micro]
+    finally:
+        batches.close()
+    assert widths == [(2, 16), (2, 16)]
