@@ -19,8 +19,9 @@ gradient (its LoRA products, its SwiGLU output and its upstream gradient are all
 The registry installs this only where a replay is the same computation: CUDA, one process, no
 gradient checkpointing (its recompute would replay a forward inside the backward), no router aux
 loss (transformers reads the router's logits through hooks that a replay does not run), no
-torch_compile. Threads that call CUDA while a graph may be captured (the trainer's prefetcher, which
-pins memory) take CAPTURE_LOCK.
+torch_compile, no DeepSpeed or FSDP (their hooks move parameters around each module's call).
+Threads that call CUDA while a graph may be captured (the trainer's prefetcher, which pins memory)
+take CAPTURE_LOCK.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class MoEBlockGraphs:
         self.adapters: list[tuple] | None = None  # each block's adapter state at capture
         self.failed = False
         self.capturing = False
-        self.replays = 0  # calls served by a graph (the tests and the log read it)
+        self.replays = 0  # calls served by a graph (what the tests read)
         self.tuners = [
             [m for m in b.modules() if hasattr(m, "disable_adapters") and hasattr(m, "merged")] for b in blocks
         ]

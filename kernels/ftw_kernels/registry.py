@@ -26,8 +26,8 @@ The MoE families of FAMILIES (qwen3_moe, olmoe, mixtral) get the dense patches t
 fused LoRA attention projections, varlen attention, the fused loss with the router's aux loss).
 On CUDA their MoE blocks then replay as CUDA graphs (kernels/ftw_kernels/moe_graphs.py: `moe_graphs`)
 when micro-batches keep one layout (sample_packing, or pad_to_sequence_len) and nothing reads the
-blocks from outside (no checkpointing or offloading, no router aux loss, no torch_compile, one
-process); FTW_MOE_GRAPHS=0 turns that off.
+blocks from outside (no checkpointing or offloading, no router aux loss, no torch_compile, no
+DeepSpeed or FSDP, one process); FTW_MOE_GRAPHS=0 turns that off.
 """
 
 from __future__ import annotations
@@ -141,17 +141,19 @@ def _moe_graphs(model: Any, config: Any) -> list[str]:
 
     mbs, seq = config.micro_batch_size or 1, config.sequence_len
     shape = (1, mbs * seq) if config.sample_packing else (mbs, seq) if config.pad_to_sequence_len else None
-    offload = config.activation_offloading or config.gradient_checkpointing
+    recompute_or_offload = config.activation_offloading or config.gradient_checkpointing
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     refusals = (
         (os.environ.get(MOE_GRAPHS_ENV) == "0", f"{MOE_GRAPHS_ENV}=0"),
-        (offload, "gradient checkpointing or activation offloading is on"),
+        (recompute_or_offload, "gradient checkpointing or activation offloading is on"),
         (
             config.output_router_logits or getattr(_unwrap(model).config, "output_router_logits", False),
             "output_router_logits: the aux loss reads the router through hooks",
         ),
         (config.torch_compile, "torch_compile is on"),
         (distributed, "several processes train"),
+        # their hooks gather, reduce or partition parameters around each module's call
+        (config.deepspeed or config.fsdp or config.fsdp_config, "DeepSpeed or FSDP wraps the model"),
         (shape is None, "micro-batches change shape (neither sample_packing nor pad_to_sequence_len)"),
     )
     reason = next((why for refused, why in refusals if refused), None)

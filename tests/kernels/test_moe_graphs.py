@@ -123,6 +123,7 @@ def test_a_failed_capture_leaves_the_eager_path_and_says_why(caplog):
         ({"sample_packing": True, "gradient_checkpointing": True}, {}, "gradient checkpointing"),
         ({"sample_packing": True, "output_router_logits": True}, {}, "output_router_logits"),
         ({"sample_packing": True, "torch_compile": True}, {}, "torch_compile"),
+        ({"sample_packing": True, "deepspeed": "zero2"}, {}, "DeepSpeed or FSDP"),
         ({"sample_packing": True}, {"FTW_MOE_GRAPHS": "0"}, "FTW_MOE_GRAPHS=0"),
     ],
 )
