@@ -14,7 +14,8 @@ parameters, no gradient checkpointing. Arms:
 - peft: transformers' `grouped_mm` experts; PEFT forms W + B·A per expert tensor on every forward;
 - axolotl: axolotl's ScatterMoE LoRA (`register_scattermoe_experts`, experts_implementation
   "scattermoe"), from its wheel: put axolotl (and `addict`) on PYTHONPATH; skipped when absent;
-- ftw: ftw_kernels.apply_kernels (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
+- ftw: ftw_kernels.apply_kernels with a job's TrainingConfig (pydantic: on the GPU machine from the wheels
+  of bench/gpu_wheels.py) (ftw's LoRA experts, kernels/ftw_kernels/moe.py, with the GEMMs it picks
   by default: torch's grouped GEMM where it runs, bf16 on Hopper/Blackwell; each MoE block replayed as
   CUDA graphs, kernels/ftw_kernels/moe_graphs.py, as for a config with pad_to_sequence_len; and the dense
   kernels: norms, rope, fused LoRA q/k/v/o, varlen attention, fused linear cross-entropy);
@@ -36,7 +37,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +79,8 @@ def model_config(shape: str, layers: int | None):
 
 def lora_config():
     """What ftw's adapter builder makes of `lora_target_modules: [q_proj, k_proj, v_proj, o_proj]` and
-    `lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]` (built here with PEFT
-    alone: the GPU image has no pydantic for ftw's config schema)."""
+    `lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]`, built with PEFT alone so
+    that every arm, the peers' included, trains the same adapter."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -122,31 +122,19 @@ def run_arm(arm: str, args) -> dict:
     applied = []
     if arm in ENV_OF_ARM:
         from ftw_kernels import apply_kernels
+        from schemas.config import TrainingConfig
 
-        switches = types.SimpleNamespace(  # the keys apply_kernels reads, at a LoRA config's values
+        config = TrainingConfig(  # what a job of this LoRA runs: every row is --seq tokens (pad_to_sequence_len)
+            base_model="bench",
+            learning_rate=1e-5,
+            adapter="lora",
             use_kernels=True,
             use_scattermoe=True,
-            experts_implementation=None,
-            adapter="lora",
-            load_in_8bit=False,
-            fp8_base_weights=False,
-            lora_dropout=0.0,
-            peft_use_dora=False,
-            lora_bias="none",
-            lora_mlp_kernel=None,
-            lora_qkv_kernel=None,
-            lora_o_kernel=None,
-            attn_implementation=None,
-            micro_batch_size=args.mbs,  # every row is --seq tokens: the layout pad_to_sequence_len gives
+            micro_batch_size=args.mbs,
             sequence_len=args.seq,
-            sample_packing=False,
             pad_to_sequence_len=True,
-            gradient_checkpointing=False,
-            activation_offloading=False,
-            output_router_logits=None,
-            torch_compile=False,
         )
-        applied = apply_kernels(model, switches)
+        applied = apply_kernels(model, config)
     elif arm == "axolotl":
         model.get_base_model().set_experts_implementation("scattermoe")
         applied = ["axolotl scattermoe"]
