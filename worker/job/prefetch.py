@@ -85,7 +85,7 @@ class ModelPrefetch:
         argv = [sys.executable, "-m", "worker.job.prefetch", name]
         if cfg.revision_of_model:
             argv += ["--revision", cfg.revision_of_model]
-        child_env = {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its output is a few lines, read at the end
+        child_env = {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its own "bytes" lines say how far it is
         proc = subprocess.Popen(
             argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -184,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         names = files_to_fetch([s.rfilename for s in info.siblings or []])
         total = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in names)
         threading.Thread(target=report_bytes, args=(args.repo_id, total), daemon=True).start()
-        folder = snapshot_download(args.repo_id, revision=args.revision, allow_patterns=names, token=token)
+        snapshot_download(args.repo_id, revision=args.revision, allow_patterns=names, token=token)
     except Exception as e:  # the train child meets the same problem and reports it in full
         print(f"prefetch of {args.repo_id} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return 1
-    size = sum((Path(folder) / n).stat().st_size for n in names if (Path(folder) / n).is_file())
     took = time.monotonic() - started
-    print(f"prefetched {len(names)} files of {args.repo_id} ({size / 2**20:.1f} MiB) in {took:.1f} s", flush=True)
+    print(f"prefetched {len(names)} files of {args.repo_id} ({total / 2**20:.1f} MiB) in {took:.1f} s", flush=True)
     return 0
 
 
