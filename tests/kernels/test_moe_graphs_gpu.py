@@ -10,39 +10,24 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import randomise_lora_b
 from tests.kernels.conftest import rel_err
-from tests.kernels.test_moe_model import config
+from tests.kernels.test_moe_model import config, lora_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOKENS = 512
 
 
-def moe_on_gpu(cfg):
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    from worker.train.adapters import attach
-
-    torch.manual_seed(0)
-    shape = Qwen3MoeConfig(
-        vocab_size=4096,
-        hidden_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=64,
-        moe_intermediate_size=256,
-        intermediate_size=1024,
-        num_experts=16,
-        num_experts_per_tok=4,
-        tie_word_embeddings=False,
-    )
-    with torch.device("cuda"):
-        base = AutoModelForCausalLM.from_config(shape, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = attach(base, cfg)
-    torch.manual_seed(1)
-    randomise_lora_b(model, std=0.2)
-    return model
+GPU_SHAPE = dict(  # several experts a token, sizes of a real layer's proportions
+    vocab_size=4096,
+    hidden_size=512,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    moe_intermediate_size=256,
+    intermediate_size=1024,
+    num_experts=16,
+    num_experts_per_tok=4,
+)
 
 
 def packed(tokens: int, seed: int):
@@ -59,7 +44,7 @@ def test_moe_blocks_as_cuda_graphs_train_like_eager_blocks(rng_seed, monkeypatch
     from ftw_kernels import apply_kernels
 
     cfg = config(sample_packing=True, micro_batch_size=2, sequence_len=TOKENS // 2, lora_dropout=0.0)
-    graphed = moe_on_gpu(cfg)
+    graphed = lora_model(cfg, device="cuda", dtype=torch.bfloat16, **GPU_SHAPE)
     eager = copy.deepcopy(graphed)
     assert "moe_graphs" in apply_kernels(graphed, cfg)
     monkeypatch.setenv("FTW_MOE_GRAPHS", "0")

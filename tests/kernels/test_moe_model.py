@@ -13,24 +13,26 @@ from tests.conftest import randomise_lora_b
 from tests.kernels.conftest import rel_err
 
 
-def tiny_moe():
+def tiny_moe(device: str = "cpu", dtype: torch.dtype | None = None, **shape):
+    """A random Qwen3-MoE of a tiny shape (`shape` overrides its config's sizes)."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        moe_intermediate_size=32,
-        intermediate_size=64,
-        num_experts=8,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config)
+    sizes = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "moe_intermediate_size": 32,
+        "intermediate_size": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        **shape,
+    }
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(Qwen3MoeConfig(**sizes, tie_word_embeddings=False), dtype=dtype)
 
 
 def config(**extra):
@@ -51,10 +53,11 @@ def config(**extra):
     return report.value
 
 
-def lora_model(cfg):
+def lora_model(cfg, **model):
+    """`tiny_moe(**model)` with the config's adapter, its LoRA B's random (a live LoRA term)."""
     from worker.train.adapters import attach
 
-    model = attach(tiny_moe(), cfg)
+    model = attach(tiny_moe(**model), cfg)
     torch.manual_seed(1)
     randomise_lora_b(model, std=0.2)
     return model
