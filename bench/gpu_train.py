@@ -26,6 +26,7 @@ seven linear layers, bf16, on those same tokens, one process each:
          functions over the 4-bit weights (kernels/ftw_kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
   ftw-nographs  ftw with FTW_MOE_GRAPHS=0: a MoE shape's blocks launched op by op, not replayed as
          CUDA graphs (kernels/ftw_kernels/moe_graphs.py);
+  qlora-fp8  qlora with fp8_base_weights: true: the 4-bit weights' matmuls in float8;
   ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
          default arms: it needs compute capability ≥ 8.9).
 `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
@@ -193,7 +194,7 @@ def with_checkpointing(arms: list[str], gc: str) -> list[str]:
     as both for --gc both, as ARM+offload for --gc offload; hf and bare as they are."""
     out = []
     for arm in arms:
-        if arm not in ("ftw", "qlora", "ftw-nokernels") or gc == "off":
+        if arm not in ("ftw", "qlora", "qlora-fp8", "ftw-nokernels") or gc == "off":
             out.append(arm)
         else:
             out += {"on": [f"{arm}+gc"], "both": [arm, f"{arm}+gc"], "offload": [f"{arm}+offload"]}[gc]

@@ -90,7 +90,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         cfg["use_kernels"] = False
     if name.startswith("qlora"):
         cfg.update(adapter="qlora", load_in_4bit=True)
-    if name.startswith("ftw-fp8"):
+    if name.startswith(("ftw-fp8", "qlora-fp8")):
         cfg["fp8_base_weights"] = True
     if name.endswith("+gc"):
         cfg["gradient_checkpointing"] = True

@@ -1,5 +1,6 @@
 """The QLoRA arms of bench/train_throughput.py over one saved nf4 base (bench/qlora.py runs them side by
-side with Unsloth's): PEFT's QLoRA recipe, and ftw's (the preparation `ftw train` does, then the kernels)."""
+side with Unsloth's): PEFT's QLoRA recipe, and ftw's (the preparation `ftw train` does, then the kernels; ftw-fp8
+with `fp8_base_weights`: the 4-bit weights' matmuls in float8)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
         model = get_peft_model(model, lora)
-    elif arm == "ftw":
+    elif arm in ("ftw", "ftw-fp8"):
         from ftw_kernels import apply_kernels
         from worker.train.adapters import prepare_quantized
 
@@ -52,6 +53,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
             lora_r=16,
             lora_alpha=32,
             gradient_checkpointing=gc,
+            fp8_base_weights=arm == "ftw-fp8",  # the 4-bit weights' matmuls in float8
         )
         if gc:  # as worker.train.model.load_model does
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -18,7 +18,10 @@ Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host mem
             kernels.apply_kernels (the fused LoRA functions over the 4-bit weights) in a bare loop;
   ftw-real  bench/gpu_train.py's qlora arm: `python -m worker.train`, the child `ftw train` runs, on the
             same rows (each step's rows in one packed row, position ids restarting per row), timed
-            from its own per-step events, peak memory from its summary.
+            from its own per-step events, peak memory from its summary;
+  ftw-fp8, ftw-real-fp8  the same two with `fp8_base_weights: true`: the 4-bit weights stay 4-bit and each
+            of their matmuls runs in float8 (Ada/Hopper; kernels/ftw_kernels/base_weight.py), not in the
+            default arms.
 Prints one table, tokens/s and peak allocated GiB also as ratios to Unsloth's in the same mode (the
 issue's target: ≥ 1.15× its tokens/s at ≤ its memory), and writes OUT/qlora.json.
 """
@@ -36,39 +39,41 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_k
 from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
-THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw"}  # this table's names → train_throughput's
+FP8_ARMS = ("ftw-fp8", "ftw-real-fp8")
+THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8"}  # → train_throughput's
 
 
-def real_path(a: argparse.Namespace, gc: bool) -> dict:
-    """bench/gpu_train.py's qlora arm on the same saved model, in its own processes."""
+def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
+    """bench/gpu_train.py's qlora (or qlora-fp8) arm on the same saved model, in its own processes."""
     from bench import unsloth_arm
 
     mode = ("offload" if a.offload else "on") if gc else "off"
-    out = a.out / f"gpu_train-{a.shape}-gc{mode}"
+    arm = "qlora-fp8" if fp8 else "qlora"
+    out = a.out / f"gpu_train-{a.shape}-{arm}-gc{mode}"
     cmd = [sys.executable, str(REPO / "bench" / "gpu_train.py"), "--out", str(out), "--shape", a.shape]
-    cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", "qlora"]
+    cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", arm]
     cmd += ["--gc", mode, "--full-length", "--no-merge", "--no-profile", "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
-        name = {"off": "qlora", "on": "qlora+gc", "offload": "qlora+offload"}[mode]  # gpu_train's arm names
-        arm = json.loads((out / "gpu_train.json").read_text())["arms"][name]
+        name = arm + {"off": "", "on": "+gc", "offload": "+offload"}[mode]  # gpu_train's arm names
+        result = json.loads((out / "gpu_train.json").read_text())["arms"][name]
     except (OSError, KeyError, ValueError):
         return {"error": (proc.stderr or proc.stdout)[-1500:]}
-    if "error" in arm:
-        return arm
+    if "error" in result:
+        return result
     return {
-        "tokens_per_s": arm["tokens_per_s"],
-        "peak_alloc_gib": arm["peak_memory_gib"],
-        "loss_last": arm["final_loss"],
-        "kernels": [*arm["kernels"], *(["offloaded checkpoints"] if mode == "offload" else [])],
+        "tokens_per_s": result["tokens_per_s"],
+        "peak_alloc_gib": result["peak_memory_gib"],
+        "loss_last": result["final_loss"],
+        "kernels": [*result["kernels"], *(["offloaded checkpoints"] if mode == "offload" else [])],
     }
 
 
 def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
     args = tt.arm_args(THROUGHPUT_ARM[arm], a.shape, "on" if gc else "off", a.mbs, a.seq, a.steps, a.warmup)
-    args += ["--4bit", "--full-length", *(["--offload"] if arm == "ftw" and gc and a.offload else [])]
+    args += ["--4bit", "--full-length", *(["--offload"] if arm.startswith("ftw") and gc and a.offload else [])]
     r = tt.child(args, timeout=a.arm_timeout)
     if r.get("offloaded_mib_per_step"):
         r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
@@ -103,7 +108,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="llama-8b", choices=sorted(tt.SHAPES))
     ap.add_argument("--gc", default="both", choices=("off", "on", "both"))
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS)}")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS + FP8_ARMS)}")
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=15)
@@ -122,7 +127,8 @@ def main() -> int:
     for gc in {"off": [False], "on": [True], "both": [False, True]}[a.gc]:
         for arm in a.arms.split(","):
             print(f"--- {a.shape} gc {'on' if gc else 'off'}: {arm}", flush=True)
-            r = real_path(a, gc) if arm == "ftw-real" else throughput_arm(a, arm, gc)
+            real = arm.startswith("ftw-real")
+            r = real_path(a, gc, arm.endswith("fp8")) if real else throughput_arm(a, arm, gc)
             r.update(arm=arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=gc)
             print(json.dumps(r)[:1500], flush=True)
             results.append(r)

@@ -147,7 +147,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     ]
     losses: list[float] = []
     offloader = None
-    if a.offload and a.arm == "ftw":
+    if a.offload and a.arm in ("ftw", "ftw-fp8"):
         from worker.train.offload import ActivationOffloader
 
         offloader = ActivationOffloader(torch.device("cuda"))
@@ -398,7 +398,7 @@ def main() -> None:
                             *prof,
                             *(["--full-length"] if a.full_length else []),
                             *(["--4bit"] if a.four_bit else []),
-                            *(["--offload"] if a.offload and arm == "ftw" else []),
+                            *(["--offload"] if a.offload and arm in ("ftw", "ftw-fp8") else []),
                         ],
                         timeout=a.arm_timeout or None,
                     )

@@ -70,16 +70,17 @@ def _quantisation(cfg: TrainingConfig) -> Problems:
     "deepspeed",
 )
 def _fp8_base_weights(cfg: TrainingConfig) -> Problems:
-    """The float8 base is a frozen LoRA base run by ftw's kernels in bf16 on one unsharded GPU copy."""
+    """The float8 base is a frozen LoRA base (bf16-loaded, or 4-bit whose matmuls then run in float8) run by
+    ftw's kernels in bf16 on one unsharded GPU copy."""
     if not cfg.fp8_base_weights:
         return
     key, fix = "fp8_base_weights", "remove fp8_base_weights"
-    if cfg.adapter != "lora" or cfg.load_in_4bit or cfg.load_in_8bit:
-        what = "full fine-tuning" if cfg.adapter is None else "a 4-bit or 8-bit base (qlora/load_in_*bit)"
+    if cfg.adapter not in ("lora", "qlora") or cfg.load_in_8bit:
+        what = "full fine-tuning" if cfg.adapter is None else "an 8-bit base (load_in_8bit)"
         yield Issue(
             key,
-            f"fp8_base_weights stores a frozen LoRA base in float8, not {what}: use adapter: lora "
-            f"without load_in_4bit/load_in_8bit, or {fix}",
+            f"fp8_base_weights runs a frozen LoRA base's matmuls in float8, not {what}: use adapter: lora "
+            f"(float8 storage) or adapter: qlora with load_in_4bit (4-bit storage, float8 matmuls), or {fix}",
         )
     if cfg.peft_use_dora:
         yield Issue(key, f"fp8_base_weights does not work with peft_use_dora (DoRA reads the dense base weight): {fix}")

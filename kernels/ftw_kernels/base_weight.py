@@ -3,7 +3,10 @@ fused functions (kernels/ftw_kernels/lora.py) need of it: the forward's x·Wᵀ 
 
 Floating point: as it is. bitsandbytes 4-bit (QLoRA, kernels/ftw_kernels/qlora.py): dequantised per matmul into a
 shared buffer. float8 (`fp8_base_weights`, kernels/ftw_kernels/fp8.py): `torch._scaled_mm` over activations
-quantised per row. A quantised weight is kept on the autograd context as it is, never saved dense.
+quantised per row. A 4-bit weight marked for float8 matmuls (`fp8_base_weights` with QLoRA, `mark_fp8_matmuls`):
+dequantised into the shared buffer, quantised per output channel into a transient float8 copy, then as float8;
+the forward and the backward quantise the same dequantised weight, so both differentiate one operator.
+A quantised weight is kept on the autograd context as it is, never saved dense.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 import torch
 
 from ftw_kernels import fp8, qlora
+from ftw_kernels.fp8_quant import quantise_rows
+
+FP8_MATMULS = "ftw_fp8_matmuls"  # the attribute that marks a 4-bit weight for float8 matmuls
 
 
 def usable(weight: torch.Tensor) -> bool:
@@ -24,19 +30,42 @@ def _stored(weight: torch.Tensor) -> bool:
     return fp8.is_fp8(weight) or qlora.is_4bit(weight)
 
 
+def mark_fp8_matmuls(linear: torch.nn.Module) -> bool:
+    """Run the matmuls of `linear`'s 4-bit weight in float8 (QLoRA with `fp8_base_weights`); False where its
+    weight is not 4-bit or a dimension is no multiple of 16 (`torch._scaled_mm`'s rule)."""
+    weight = getattr(linear, "weight", None)  # a LoRA wrapper's `weight` is its base layer's: not it
+    if not isinstance(linear, torch.nn.Linear) or weight is None or not qlora.is_4bit(weight):
+        return False
+    rows, cols = weight.quant_state.shape  # type: ignore[attr-defined]  # a bitsandbytes Params4bit
+    if rows % 16 or cols % 16:
+        return False
+    setattr(weight, FP8_MATMULS, True)
+    return True
+
+
+def _as_fp8(weight: torch.Tensor) -> fp8.Fp8Weight | None:
+    """A marked 4-bit weight as a transient `Fp8Weight` (per-output-channel scales), else None."""
+    if not getattr(weight, FP8_MATMULS, False):
+        return None
+    data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype))  # type: ignore[attr-defined]
+    return fp8.Fp8Weight(data, scale.view(1, -1))
+
+
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quantised: dict) -> torch.Tensor:
     """x2·Wᵀ (+ bias) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy
     for the next projection of the same input."""
-    if fp8.is_fp8(weight):
-        y = fp8.linear(x2, weight, quantised)
+    as_fp8 = weight if fp8.is_fp8(weight) else _as_fp8(weight)
+    if as_fp8 is not None:
+        y = fp8.linear(x2, as_fp8, quantised)
         return y if bias is None else y.add_(bias.to(y.dtype))
     return torch.nn.functional.linear(x2, qlora.dense(weight, x2.dtype), None if bias is None else bias.to(x2.dtype))
 
 
 def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
-    if fp8.is_fp8(weight):
-        part = fp8.input_grad(dy, weight)
+    as_fp8 = weight if fp8.is_fp8(weight) else _as_fp8(weight)
+    if as_fp8 is not None:
+        part = fp8.input_grad(dy, as_fp8)
         return part if dx is None else dx.add_(part)
     w = qlora.dense(weight, dy.dtype)
     return dy @ w if dx is None else dx.addmm_(dy, w)

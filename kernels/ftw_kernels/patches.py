@@ -14,6 +14,7 @@ import types
 import torch
 
 import ftw_kernels.attention as attention
+import ftw_kernels.base_weight as base_weight
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
 from ftw_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_token_losses
@@ -263,8 +264,9 @@ def _fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def install_fp8_base(base: torch.nn.Module, family) -> int:
-    """Every frozen Linear of the attention and MLP modules as float8 (kernels/ftw_kernels/fp8.py), each one's forward
-    through the fused function, which the fused LoRA projections call too; returns how many."""
+    """Every frozen Linear of the attention and MLP modules as float8 (kernels/ftw_kernels/fp8.py), or, over a 4-bit
+    base (QLoRA), its matmuls in float8 (base_weight.mark_fp8_matmuls); each one's forward through the fused
+    function, which the fused LoRA projections call too; returns how many."""
     if next(base.parameters()).is_cuda and torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY:
         raise RuntimeError(
             f"fp8_base_weights needs a GPU of compute capability 8.9 or more (Ada, Hopper), this one has "
@@ -277,8 +279,10 @@ def install_fp8_base(base: torch.nn.Module, family) -> int:
         for linear in module.modules():
             if fp8.convertible(linear):
                 fp8.convert(linear)
-                _replace_forward(linear, _fp8_linear_forward)
-                converted += 1
+            elif not base_weight.mark_fp8_matmuls(linear):
+                continue
+            _replace_forward(linear, _fp8_linear_forward)
+            converted += 1
     return converted
 
 

@@ -28,3 +28,15 @@ def test_fp8_base_weights_halve_the_linear_weights_only():
     assert peak_bytes(big[1]) == sum(memory_parts(big[1]).values()) < peak_bytes(big[0])
     tiny_batch = work[1].replace(micro_batch_size=1, sequence_len=16)  # the load's peak above the step's
     assert peak_bytes(tiny_batch) == shape.params * 2 + OVERHEAD_BYTES > sum(memory_parts(tiny_batch).values())
+
+
+def test_a_4bit_base_with_float8_matmuls_loads_and_stays_4bit():
+    shape = known_shape("meta-llama/Llama-3.1-8B")
+    assert shape is not None
+    base = {"base_model": "meta-llama/Llama-3.1-8B", "learning_rate": 1e-4, "adapter": "qlora", "load_in_4bit": True}
+    plain, fp8 = (
+        workload_of(TrainingConfig.model_validate({**base, "fp8_base_weights": on}), shape, DatasetSize())
+        for on in (False, True)
+    )
+    assert memory_parts(fp8) == memory_parts(plain)  # the float8 copy is transient, one weight at a time
+    assert weight_bytes(fp8) == weight_bytes(plain) < shape.params  # no bf16 load first

@@ -147,6 +147,49 @@ def test_activation_offloading_keeps_the_4bit_weights_usable() -> None:
             assert rel_err(p.grad, ref_grads[name]) < 1e-4, name
 
 
+def test_fp8_matmuls_over_the_4bit_base_follow_peft_and_keep_it_packed() -> None:
+    """`fp8_base_weights` with QLoRA: each 4-bit projection stays packed and its matmuls run over the per-channel
+    float8 quantisation of its dequantised weight: the loss and adapter gradients follow PEFT's bitsandbytes
+    layers within float8's rounding (e4m3 keeps 3 mantissa bits), and autograd keeps neither a dense nor a
+    float8 copy of a weight (the same shapes, either orientation)."""
+    from ftw_kernels.base_weight import FP8_MATMULS
+
+    ref = tiny_qlora()
+    model = copy.deepcopy(ref)
+    assert {*FUSED, "fp8_base"} <= set(apply_kernels(model, qlora_config(fp8_base_weights=True)))
+    weights = [p for p in model.parameters() if is_4bit(p)]
+    assert len(weights) == 2 * 7 and all(getattr(w, FP8_MATMULS, False) for w in weights)
+    assert not any(getattr(p, FP8_MATMULS, False) for p in ref.parameters())
+    shapes = {tuple(w.quant_state.shape) for w in weights} | {tuple(w.quant_state.shape)[::-1] for w in weights}
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, grads = loss_and_grads(model, batch)
+    assert saved and not [tuple(t.shape) for t in saved if tuple(t.shape) in shapes]
+    assert 0 < rel_err(loss, ref_loss) < 2e-3  # not 0: the matmuls did run in float8
+    assert grads.keys() == ref_grads.keys()
+    flat, ref_flat = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads, ref_grads))
+    assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.995
+    assert rel_err(flat, ref_flat) < 0.1
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs CUDA with fp8 (≥ 8.9)"
+)
+def test_bf16_fp8_matmuls_over_the_4bit_base_run_scaled_mm_and_follow_peft() -> None:
+    """The same in bf16 on a GPU, where the matmuls are `torch._scaled_mm`: float8's rounding on top of bf16's."""
+    ref = tiny_qlora(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    assert "fp8_base" in apply_kernels(model, qlora_config(fp8_base_weights=True))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-2
+    flat, ref_flat = (torch.cat([g[n].float().flatten() for n in sorted(g)]) for g in (grads, ref_grads))
+    assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.99
+
+
 def test_dense_matches_bitsandbytes_dequantisation() -> None:
     model = tiny_qlora(torch.bfloat16)
     weight = model.get_base_model().model.layers[0].mlp.down_proj.weight

@@ -204,8 +204,7 @@ def test_torch_compile_backend_and_mode_are_checked_before_any_work():
     "extra, says",
     [
         ({}, "not full fine-tuning"),
-        ({"adapter": "qlora", "load_in_4bit": True}, "not a 4-bit or 8-bit base"),
-        ({"adapter": "lora", "load_in_8bit": True}, "not a 4-bit or 8-bit base"),
+        ({"adapter": "lora", "load_in_8bit": True}, "not an 8-bit base"),
         ({"adapter": "lora", "peft_use_dora": True}, "peft_use_dora"),
         ({"adapter": "lora", "use_kernels": False}, "remove use_kernels"),
         ({"adapter": "lora", "fp16": True, "bf16": False}, "set bf16: true"),
@@ -225,5 +224,7 @@ def test_fp8_base_weights_is_refused_where_it_cannot_run(extra, says):
 def test_fp8_base_weights_with_lora_is_valid_and_axolotl_fp8_points_to_it():
     report = validate_config({**GOOD, "adapter": "lora", "fp8_base_weights": True}, ENV)
     assert report.valid and report.value.fp8_base_weights is True
+    qlora = validate_config({**GOOD, "adapter": "qlora", "load_in_4bit": True, "fp8_base_weights": True}, ENV)
+    assert qlora.valid and qlora.value.fp8_base_weights is True  # 4-bit storage, float8 matmuls
     found = errors({**GOOD, "adapter": "lora", "fp8": True})
     assert "torchao" in found[("fp8", "unsupported")] and "fp8_base_weights: true" in found[("fp8", "unsupported")]

@@ -172,8 +172,10 @@ def peak_bytes(w: Workload) -> int:
 
 
 def weight_bytes(w: Workload) -> int:
-    """What loading the weights needs: `fp8_base_weights` loads bf16 and converts it on the GPU afterwards."""
-    return int(w.shape.params * 2 / w.shards) if w.fp8_base else memory_parts(w)["weights"]
+    """What loading the weights needs: `fp8_base_weights` over a bf16 base loads bf16 and converts it on the GPU
+    afterwards."""
+    bf16_first = w.fp8_base and w.method != "qlora"  # a 4-bit base loads quantised and stays so
+    return int(w.shape.params * 2 / w.shards) if bf16_first else memory_parts(w)["weights"]
 
 
 def active_intermediate(s: ModelShape) -> int:

@@ -1,0 +1,146 @@
+"""Attention forward + backward at a training step's shape, by backend: what ftw's varlen attention costs, and what
+the other kernels torch ships would cost on the same tokens.
+
+    PYTHONPATH=$PWD:$PWD/kernels python3 bench/attention.py            # on the GPU (device tool)
+
+Shape: Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, causal, 4 rows × 2048 tokens,
+either full-length rows or packed rows (samples of bench/train_throughput.py's lognormal lengths, attention kept
+inside each sample). Arms:
+  ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward (grouped kv heads, no copies);
+  expanded   torch's varlen_attn with k/v expanded to the 32 query heads (ftw's path on torch 2.11 before);
+  sdpa-flash F.scaled_dot_product_attention, flash backend, enable_gqa (full-length rows only: no varlen);
+  sdpa-cudnn the same with the cuDNN backend, k/v expanded (its GQA support varies by version);
+Per arm: ms of forward + backward (CUDA events, mean of --iters after 3 warm-ups), and the MiB autograd keeps
+between forward and backward. Prints one markdown table; ratios against the ftw arm of the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels")]
+
+HEADS, KV_HEADS, DIM, ROWS, SEQ = 32, 8, 128, 4, 2048
+
+
+def packed_positions(rows: int, seq: int, seed: int = 0):
+    """Position ids restarting per sample: lognormal lengths (mean ~600, capped at seq), cut at each row's end."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        parts, filled = [], 0
+        while filled < seq:
+            n = int(min(seq - filled, max(16, torch.empty(1).log_normal_(6.2, 0.6, generator=g).item())))
+            parts.append(torch.arange(n))
+            filled += n
+        out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
+def expand(t, rep: int):
+    return t[:, :, None].expand(-1, -1, rep, -1, -1).reshape(t.shape[0], t.shape[1] * rep, *t.shape[2:])
+
+
+def arm_fn(arm: str, positions):
+    import torch
+    import torch.nn.functional as F
+
+    from ftw_kernels import attention
+
+    scale = DIM**-0.5
+    if arm == "ftw":
+        return lambda q, k, v: attention.varlen_attention_forward(
+            torch.nn.Module(), q, k, v, None, scaling=scale, position_ids=positions
+        )[0]
+    if arm == "expanded":
+        segments = attention.host_segments(positions.cpu(), None)
+        cu, longest = segments["cu_seq_lens_q"].cuda(), segments["max_length_q"]
+
+        def run(q, k, v):
+            b, h, s, d = q.shape
+            flat = [
+                t.transpose(1, 2).reshape(b * s, -1, d)
+                for t in (q, expand(k, h // k.shape[1]), expand(v, h // v.shape[1]))
+            ]
+            out = attention.varlen_attn_fn()(*flat, cu, cu, longest, longest, scale=scale, window_size=(-1, 0))
+            return out.view(b, s, h, d)
+
+        return run
+    backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}[arm]
+
+    def sdpa(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            if arm == "sdpa-cudnn":
+                k, v = expand(k, q.shape[1] // k.shape[1]), expand(v, q.shape[1] // v.shape[1])
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+
+    return sdpa
+
+
+def measure(arm: str, layout: str, iters: int) -> dict:
+    import torch
+
+    positions = (packed_positions(ROWS, SEQ) if layout == "packed" else torch.arange(SEQ).expand(ROWS, -1)).cuda()
+    fn = arm_fn(arm, positions)
+    torch.manual_seed(0)
+    q = torch.randn(ROWS, HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(ROWS, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(ROWS, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(ROWS, SEQ, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        fn(q, k, v).backward(grad)
+
+    try:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = fn(q, k, v)
+        kept = torch.cuda.memory_allocated() - before
+        out.backward(grad)
+        del out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        return {"error": str(e).splitlines()[0][:120]}
+    return {"ms": start.elapsed_time(end) / iters, "kept_mib": kept / 2**20}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--arms", default="ftw,expanded,sdpa-flash,sdpa-cudnn")
+    a = ap.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {ROWS} × {SEQ} tokens, {HEADS}/{KV_HEADS} heads")
+    print("| rows | arm | fwd+bwd ms | × ftw | MiB kept for backward |\n|---|---|---:|---:|---:|")
+    for layout in ("full-length", "packed"):
+        base = None
+        for arm in a.arms.split(","):
+            if arm.startswith("sdpa") and layout == "packed":
+                continue
+            r = measure(arm, layout, a.iters)
+            if "error" in r:
+                print(f"| {layout} | {arm} | failed: {r['error']} | | |", flush=True)
+                continue
+            base = base or r["ms"]
+            print(f"| {layout} | {arm} | {r['ms']:.2f} | {base / r['ms']:.2f}× | {r['kept_mib']:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
