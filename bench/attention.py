@@ -6,10 +6,13 @@ the other kernels torch ships would cost on the same tokens.
 Shape: Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, causal, 4 rows × 2048 tokens,
 either full-length rows or packed rows (samples of bench/train_throughput.py's lognormal lengths, attention kept
 inside each sample). Arms:
-  ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward (grouped kv heads, no copies);
+  ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward: cuDNN for full-length rows (its whole-row
+             path), flash varlen with grouped kv heads for packed ones;
+  flash      the same with the whole-row path off (`WHOLE_ROWS`): flash varlen for every layout;
   expanded   torch's varlen_attn with k/v expanded to the 32 query heads (ftw's path on torch 2.11 before);
   sdpa-flash F.scaled_dot_product_attention, flash backend, enable_gqa (full-length rows only: no varlen);
-  sdpa-cudnn the same with the cuDNN backend, k/v expanded (its GQA support varies by version);
+  sdpa-cudnn the same with the cuDNN backend, k/v expanded;
+  sdpa-cudnn-gqa  the cuDNN backend asked for enable_gqa (whether this torch's cuDNN path takes grouped heads);
 Per arm: ms of forward + backward (CUDA events, mean of --iters after 3 warm-ups), and the MiB autograd keeps
 between forward and backward. Prints one markdown table; ratios against the ftw arm of the same layout.
 """
@@ -53,7 +56,8 @@ def arm_fn(arm: str, positions):
     from ftw_kernels import attention
 
     scale = DIM**-0.5
-    if arm == "ftw":
+    if arm in ("ftw", "flash"):
+        attention.WHOLE_ROWS["cudnn"] = arm == "ftw"
         return lambda q, k, v: attention.varlen_attention_forward(
             torch.nn.Module(), q, k, v, None, scaling=scale, position_ids=positions
         )[0]
@@ -71,7 +75,9 @@ def arm_fn(arm: str, positions):
             return out.view(b, s, h, d)
 
         return run
-    backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION"}[arm]
+    backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-cudnn-gqa": "CUDNN_ATTENTION"}[
+        arm
+    ]
 
     def sdpa(q, k, v):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,13 +97,16 @@ def measure(arm: str, layout: str, iters: int) -> dict:
     positions = (packed_positions(ROWS, SEQ) if layout == "packed" else torch.arange(SEQ).expand(ROWS, -1)).cuda()
     fn = arm_fn(arm, positions)
     torch.manual_seed(0)
-    q = torch.randn(ROWS, HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(ROWS, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(ROWS, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # the model's layout: (rows, seq, heads, dim) memory (the projections' and RoPE's output) seen as (b, h, s, d)
+    leaves = [
+        torch.randn(ROWS, SEQ, h, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (HEADS, KV_HEADS, KV_HEADS)
+    ]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
     grad = torch.randn(ROWS, SEQ, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        fn(q, k, v).backward(grad)
+        fn(q, k, v).backward(grad, retain_graph=True)
 
     try:
         for _ in range(3):
@@ -106,7 +115,7 @@ def measure(arm: str, layout: str, iters: int) -> dict:
         before = torch.cuda.memory_allocated()
         out = fn(q, k, v)
         kept = torch.cuda.memory_allocated() - before
-        out.backward(grad)
+        out.backward(grad, retain_graph=True)
         del out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -122,7 +131,7 @@ def measure(arm: str, layout: str, iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--arms", default="ftw,expanded,sdpa-flash,sdpa-cudnn")
+    ap.add_argument("--arms", default="ftw,flash,expanded,sdpa-flash,sdpa-cudnn,sdpa-cudnn-gqa")
     a = ap.parse_args()
     import torch
 

@@ -143,6 +143,29 @@ def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
         assert rel_err(got, t.grad) < 2 * BF16, rng_seed
 
 
+def test_whole_rows_run_cudnn_attention_like_the_reference(rng_seed):
+    """Full-length rows (every row one sample) take cuDNN's fused attention, grouped kv heads as they are, over
+    the model's (b, s, h, d) memory: output and gradients as fp32 causal attention's."""
+    from ftw_kernels.attention import WHOLE_ROWS, varlen_attention_forward
+
+    leaves = [torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8, 8)]
+    q, k, v = (t.transpose(1, 2) for t in leaves)
+    pos = torch.arange(2048, device="cuda").expand(2, -1)
+    out, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=128**-0.5, position_ids=pos)
+    assert WHOLE_ROWS["cudnn"], "cuDNN refused the whole rows (the log says why)"
+    assert "Cudnn" in type(out.grad_fn.next_functions[0][0]).__name__, out.grad_fn.next_functions
+    do = torch.randn_like(out)
+    out.backward(do)
+    refs = [t.detach().float().requires_grad_() for t in leaves]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in refs), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    ref.backward(do.float())
+    assert rel_err(out, ref) < BF16, rng_seed
+    for got, want in zip(leaves, refs):
+        assert rel_err(got.grad, want.grad) < 2 * BF16, rng_seed
+
+
 def test_varlen_attention_keeps_grouped_kv_heads_for_backward():
     """k and v are saved at their 8 heads: expanded to the 32 query heads they would keep 3 GiB more a
     step at Llama-8B (4 × 2048 tokens); only q and the output are query-head wide."""
