@@ -100,4 +100,9 @@ def test_health_counts_a_stuck_worker_as_running_after_its_job_timed_out(tmp_pat
         # the handler still blocks its worker: the heartbeat says so, the worker is not idle
         assert api.session.get(api.url("health")).json()["workers"] == {"idle": 0, "running": 1}
     finally:
+        # the worker is stuck on purpose (40 s in a sleep that outlasts SIGTERM): no grace period to wait out
+        for worker in endpoint.workers:
+            if worker.alive():
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.proc.wait()
         endpoint.stop()

@@ -174,7 +174,7 @@ def test_varlen_attention_keeps_grouped_kv_heads_for_backward():
     q = torch.randn(2, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    pos = torch.arange(2048, device="cuda").expand(2, -1)
+    pos = torch.cat([torch.arange(1000), torch.arange(1048)]).cuda().expand(2, -1)  # packed: the flash kernel
     shapes = []
 
     def keep(t):

@@ -17,7 +17,9 @@ from tests.train.vllm_helpers import engine_gone, ftw_run, grpo_job, result_of, 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 NO_PROGRESS_S = 20  # the heartbeat (every 10 s) keeps the train child under it
-START_TIMEOUT_S = 45  # past NO_PROGRESS_S: without the heartbeat the supervisor stops the job first
+# past NO_PROGRESS_S: without the heartbeat the supervisor stops the job first; and past the beat at 30 s
+# (beats at 0, 10, 20, 30 s), the first one later than NO_PROGRESS_S; no longer, as the job waits all of it
+START_TIMEOUT_S = 34
 ENGINE_LINE = "stand-in vLLM: loading weights, slowly"
 
 STAND_IN = f"""#!{sys.executable}
