@@ -300,20 +300,34 @@ def wandb_history(run_file) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_dir, small_cache, tmp_path):
-    """The real wandb client (offline mode, no network) gets each step's loss, lr and grad norm as
-    the trainer's own events report them, and the eval loss."""
+@pytest.fixture(scope="module")
+def reported_run(task_model_dir, small_cache, tmp_path_factory):
+    """One 3-step train child with both reporters on (wandb offline and TensorBoard): each test below reads
+    its own reporter's files from it (one run instead of two: a train child's start is most of its time)."""
     from tests.train.helpers import base_config, events, run_train
 
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("reported") / "run"
     cfg = base_config(
-        task_model_dir, max_steps=3, logging_steps=1, eval_steps=3, wandb_project="ftw-test", wandb_mode="offline"
+        task_model_dir,
+        max_steps=3,
+        logging_steps=1,
+        eval_steps=3,
+        wandb_project="ftw-test",
+        wandb_mode="offline",
+        use_tensorboard=True,
     )
     proc = run_train(cfg, run_dir, small_cache, timeout=300)
+    steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
+    return proc, run_dir, steps
+
+
+def test_wandb_offline_run_records_the_numbers_the_trainer_reports(reported_run):
+    """The real wandb client (offline mode, no network) gets each step's loss, lr and grad norm as
+    the trainer's own events report them, and the eval loss."""
+    proc, run_dir, steps = reported_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
-    steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
     assert [h["_step"] for h in history] == [e["step"] for e in steps] == [1, 2, 3]
     for row, event in zip(history, steps):
         assert (row["train/loss"], row["train/lr"], row["train/grad_norm"]) == (
@@ -324,22 +338,13 @@ def test_wandb_offline_run_records_the_numbers_the_trainer_reports(task_model_di
     assert history[-1]["eval/loss"] > 0
 
 
-def test_tensorboard_events_hold_the_numbers_the_trainer_reports(task_model_dir, small_cache, tmp_path):
+def test_tensorboard_events_hold_the_numbers_the_trainer_reports(reported_run):
     """Read back with TensorBoard's own EventAccumulator: each step's loss as the events report it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.train.helpers import base_config, events, run_train
-
-    run_dir = tmp_path / "run"
-    proc = run_train(
-        base_config(task_model_dir, max_steps=3, logging_steps=1, use_tensorboard=True),
-        run_dir,
-        small_cache,
-        timeout=300,
-    )
+    proc, run_dir, steps = reported_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    steps = [e for e in events(run_dir) if e.get("stage") == "train" and "loss" in e and "event" not in e]
     logged = board.Scalars("train/loss")
     assert [s.step for s in logged] == [e["step"] for e in steps] == [1, 2, 3]
     assert all(abs(s.value - e["loss"]) < 1e-5 for s, e in zip(logged, steps))  # stored as float32
