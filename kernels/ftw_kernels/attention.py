@@ -6,9 +6,10 @@ each run of padding, becomes one causal segment of the flattened (tokens, heads,
 batch, so no token attends across samples, and no padded-batch token attends to padding. No
 (seq × seq) mask is ever built, and the whole pack costs Σ sᵢ² instead of S².
 
-Where every row is one whole segment (full-length rows: no packing boundary, no padding) and no
-sliding window applies, the same causal attention runs as cuDNN's fused attention through
-`scaled_dot_product_attention`: on an H200 it takes 0.5× the flash kernels' time at Llama-8B's shape
+Where every segment has the same length (full-length rows, or full-length samples packed into one
+row) and no sliding window cuts it, the segments are a batch of equal rows (a view of the same
+memory), and the same causal attention runs as cuDNN's fused attention through
+`scaled_dot_product_attention`: on an H200 it takes 0.58× the flash kernels' time at Llama-8B's shape
 (bench/attention.py), with grouped kv heads as they are. A torch or GPU whose cuDNN refuses the call
 falls back to flash for the rest of the process (`WHOLE_ROWS`), with the reason in the log.
 
@@ -160,25 +161,30 @@ def _cached_attention(query, key, value, attention_mask, scaling, sliding_window
     return out.transpose(1, 2), None
 
 
-def whole_rows(cu: torch.Tensor, longest: int, batch: int, seq: int) -> bool:
-    """Every row one segment: batch + 1 boundaries over batch·seq tokens, the longest seq long."""
-    return cu.numel() == batch + 1 and longest == seq
+def equal_segments(cu: torch.Tensor, longest: int, batch: int, seq: int) -> int:
+    """How many segments of one length the batch's batch·seq tokens are (each `longest` long), else 0: as many
+    boundaries as that many equal segments need leaves no room for a shorter one."""
+    tokens = batch * seq
+    return tokens // longest if tokens % longest == 0 and cu.numel() - 1 == tokens // longest else 0
 
 
-def _cudnn_attention(query, key, value, scaling):
-    """Causal attention of whole rows by cuDNN, or None where this torch/GPU refuses it (then never again)."""
+def _cudnn_attention(query, key, value, scaling, segments: int):
+    """Causal attention of `segments` equal segments by cuDNN, as (batch, seq, heads, dim); None where this
+    torch/GPU refuses it (then never again)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    batch, heads, seq, dim = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(segments, -1, t.shape[1], dim).transpose(1, 2) for t in (query, key, value))
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+                q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
             )
     except RuntimeError as e:  # no cuDNN attention for this shape, dtype, GPU or torch build
         WHOLE_ROWS["cudnn"] = False
-        log.warning("cuDNN attention refused whole rows (%s); flash attention from now on", str(e).splitlines()[0])
+        log.warning("cuDNN attention refused equal segments (%s); flash attention from now on", str(e).splitlines()[0])
         return None
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).reshape(batch, seq, heads, dim)
 
 
 def varlen_attention_forward(
@@ -204,13 +210,9 @@ def varlen_attention_forward(
     cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or longest is None:  # not given by the caller: from the device (one sync)
         cu, longest = _cached_segments(position_ids, attention_mask, batch, seq, query.device)
-    if (
-        WHOLE_ROWS["cudnn"]
-        and query.is_cuda
-        and (not sliding_window or sliding_window >= seq)
-        and whole_rows(cu, longest, batch, seq)
-    ):
-        out = _cudnn_attention(query, key, value, scaling)
+    segments = equal_segments(cu, longest, batch, seq)
+    if WHOLE_ROWS["cudnn"] and segments and query.is_cuda and (not sliding_window or sliding_window >= longest):
+        out = _cudnn_attention(query, key, value, scaling, segments)
         if out is not None:
             return out, None
     varlen_attn = varlen_attn_fn()

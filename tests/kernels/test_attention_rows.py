@@ -1,28 +1,35 @@
-"""Which attention kernel a batch's rows take (kernels/ftw_kernels/attention.py): whole rows (every row one
-sample, no padding) may run cuDNN's fused attention; packed rows and padded ones need the varlen kernel's
-segments. Decided from the host's segments, so the choice costs no device sync."""
+"""Which attention kernel a batch's rows take (kernels/ftw_kernels/attention.py): segments of one length
+(full-length rows, or full-length samples packed into a row) may run cuDNN's fused attention as a batch of
+equal rows; samples of different lengths, and padding, need the varlen kernel's segments. Decided from the
+host's segments, so the choice costs no device sync."""
 
 from __future__ import annotations
 
 import torch
 
-from ftw_kernels.attention import host_segments, whole_rows
+from ftw_kernels.attention import equal_segments, host_segments
 
 
-def decide(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
-    segments = host_segments(position_ids, attention_mask)
+def segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
+    found = host_segments(position_ids, attention_mask)
     batch, seq = position_ids.shape
-    return whole_rows(segments["cu_seq_lens_q"], segments["max_length_q"], batch, seq)
+    return equal_segments(found["cu_seq_lens_q"], found["max_length_q"], batch, seq)
 
 
-def test_full_length_rows_are_whole():
-    assert decide(torch.arange(16).expand(3, -1))
+def test_full_length_rows_are_equal_segments():
+    assert segments(torch.arange(16).expand(3, -1)) == 3
+    assert segments(torch.arange(16).expand(3, -1), torch.ones(3, 16, dtype=torch.long)) == 3
 
 
-def test_a_packed_row_or_a_padded_one_is_not():
+def test_equal_samples_packed_into_a_row_are_too():
+    assert segments(torch.arange(8).repeat(2)[None]) == 2
+    assert segments(torch.arange(4).repeat(4).expand(2, -1)) == 8
+
+
+def test_samples_of_different_lengths_or_padding_are_not():
     packed = torch.cat([torch.arange(10), torch.arange(6)])
-    assert not decide(torch.stack([torch.arange(16), packed]))
+    assert segments(torch.stack([torch.arange(16), packed])) == 0
+    assert segments(torch.cat([torch.arange(4), torch.arange(4), torch.arange(8)])[None]) == 0
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 12:] = 0  # the second row ends in padding: its own segment
-    assert not decide(torch.arange(16).expand(2, -1), mask)
-    assert decide(torch.arange(16).expand(2, -1), torch.ones(2, 16, dtype=torch.long))
+    assert segments(torch.arange(16).expand(2, -1), mask) == 0

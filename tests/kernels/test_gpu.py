@@ -143,23 +143,33 @@ def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
         assert rel_err(got, t.grad) < 2 * BF16, rng_seed
 
 
-def test_whole_rows_run_cudnn_attention_like_the_reference(rng_seed):
-    """Full-length rows (every row one sample) take cuDNN's fused attention, grouped kv heads as they are, over
-    the model's (b, s, h, d) memory: output and gradients as fp32 causal attention's."""
+@pytest.mark.parametrize("rows", [2, 1], ids=["full-length-rows", "equal-samples-packed"])
+def test_equal_segments_run_cudnn_attention_like_the_reference(rows, rng_seed):
+    """Full-length rows, or full-length samples packed into one row, take cuDNN's fused attention, grouped kv
+    heads as they are, over the model's (b, s, h, d) memory: output and gradients as fp32 causal attention's
+    over each 2048-token sample."""
     from ftw_kernels.attention import WHOLE_ROWS, varlen_attention_forward
 
-    leaves = [torch.randn(2, 2048, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8, 8)]
+    seq = 4096 // rows
+    leaves = [
+        torch.randn(rows, seq, h, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (32, 8, 8)
+    ]
     q, k, v = (t.transpose(1, 2) for t in leaves)
-    pos = torch.arange(2048, device="cuda").expand(2, -1)
+    pos = torch.arange(2048, device="cuda").repeat(seq // 2048).expand(rows, -1)
     out, _ = varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=128**-0.5, position_ids=pos)
-    assert WHOLE_ROWS["cudnn"], "cuDNN refused the whole rows (the log says why)"
-    assert "Cudnn" in type(out.grad_fn.next_functions[0][0]).__name__, out.grad_fn.next_functions
+    assert WHOLE_ROWS["cudnn"], "cuDNN refused the equal segments (the log says why)"
+    names, pending = [], [out.grad_fn]
+    while pending and len(names) < 20:  # the autograd nodes just above the output
+        fn = pending.pop()
+        names.append(type(fn).__name__)
+        pending += [f for f, _ in fn.next_functions if f is not None]
+    assert any("Cudnn" in n for n in names), names
     do = torch.randn_like(out)
     out.backward(do)
     refs = [t.detach().float().requires_grad_() for t in leaves]
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in refs), is_causal=True, enable_gqa=True
-    ).transpose(1, 2)
+    samples = [t.reshape(2, 2048, t.shape[2], 128).transpose(1, 2) for t in refs]  # the two 2048-token samples
+    ref = torch.nn.functional.scaled_dot_product_attention(*samples, is_causal=True, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(rows, seq, 32, 128)
     ref.backward(do.float())
     assert rel_err(out, ref) < BF16, rng_seed
     for got, want in zip(leaves, refs):
