@@ -105,7 +105,8 @@ def serve_env(model_dir: Path, s3_server, hub_server, volume: Path, **extra: str
         MAX_MODEL_LEN="256",
         MAX_NUM_SEQS="8",
         HF_HUB_DISABLE_TELEMETRY="1",
-        # vLLM on 2 shared CPU cores, for start-up time only: eager, one thread; dtype and memory are ftw's defaults
+        # vLLM on 2 shared CPU cores, for start-up time only: eager, one thread; dtype is ftw's default (memory:
+        # vllm_service sizes the KV cache)
         VLLM_EXTRA_ARGS="--distributed-executor-backend uni --enforce-eager",
         VLLM_CPU_OMP_THREADS_BIND="nobind",
         OMP_NUM_THREADS="1",
@@ -134,7 +135,17 @@ def start_service(engine: str, env: dict[str, str], log: Path):
 def vllm_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterator:
     """The real vLLM (CPU build) serving the tiny model, adapters on demand."""
     python = ensure_vllm_env()
-    env = serve_env(tiny_model_dir, s3_server, hub_server, serve_volume / "vllm", FTW_SERVE_PYTHON=str(python))
+    # a 1 GiB KV cache (256-token context, 8 sequences): ftw's default, a quarter of the memory available (5 GiB
+    # here), takes vLLM ~17 s more to allocate and changes no output; test_requests checks that default without
+    # an engine (vLLM sees an explicit VLLM_CPU_KVCACHE_SPACE either way)
+    env = serve_env(
+        tiny_model_dir,
+        s3_server,
+        hub_server,
+        serve_volume / "vllm",
+        FTW_SERVE_PYTHON=str(python),
+        VLLM_CPU_KVCACHE_SPACE="1",
+    )
     with start_service("vllm", env, serve_volume / "vllm-engine.log") as service:
         STARTED.append(service)
         yield service

@@ -232,6 +232,30 @@ def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
     )
 
 
+def test_vllm_cpu_kv_cache_is_a_quarter_of_the_available_memory_unless_the_operator_sizes_it(tiny_model_dir):
+    """vLLM's CPU build would reserve 92% of the node's memory: ftw gives its KV cache a quarter of what is
+    available (1-8 GiB) and says so, and leaves the operator's own sizing alone (vllm_service sizes its own)."""
+    import psutil
+
+    from tests.serve.conftest import ensure_vllm_env
+    from worker.serve.engine import EngineProcess
+
+    model = {"MODEL_NAME": str(tiny_model_dir), "FTW_SERVE_PYTHON": str(ensure_vllm_env())}
+    engine = EngineProcess(settings(**model), "vllm")
+    quarter = max(1, min(8, psutil.virtual_memory().available / 2**30 / 4))
+    assert engine.cpu_kv_cache_gib in range(1, 9) and abs(engine.cpu_kv_cache_gib - quarter) <= 1, quarter
+    assert engine.child_env()["VLLM_CPU_KVCACHE_SPACE"] == str(engine.cpu_kv_cache_gib)
+    assert "a quarter of the memory available (VLLM_CPU_KVCACHE_SPACE changes it)" in engine.describe()
+    for own in (
+        {"VLLM_CPU_KVCACHE_SPACE": "2"},
+        {"GPU_MEMORY_UTILIZATION": "0.5"},
+        {"VLLM_EXTRA_ARGS": "--kv-cache-memory-bytes 1000000"},
+    ):
+        chosen = EngineProcess(settings(**model, **own), "vllm")
+        assert chosen.cpu_kv_cache_gib is None and "quarter" not in chosen.describe(), own
+        assert chosen.child_env().get("VLLM_CPU_KVCACHE_SPACE") == own.get("VLLM_CPU_KVCACHE_SPACE"), own
+
+
 # ---- the adapter registry's own logic (fetch/load/unload are injected: here they record calls)
 def test_registry_single_flight_lru_slots_one_slot_per_content_and_failures(tmp_path):
     import asyncio

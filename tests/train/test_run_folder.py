@@ -121,7 +121,9 @@ def test_sigterm_stops_after_a_checkpoint_with_exit_75_and_the_same_command_resu
     import sys
     import time
 
-    config = write_config(tmp_path / "long.yml", task_model_dir, max_steps=200)
+    # long enough that the SIGTERM lands mid-run (it did at step ~8, a checkpoint every step), short enough
+    # that the resumed run's remaining steps are few
+    config = write_config(tmp_path / "long.yml", task_model_dir, max_steps=60)
     run_dir = volume / "runs" / "long"
     argv = [sys.executable, "-m", "worker.cli", "train", str(config)]
     proc = subprocess.Popen(argv, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
