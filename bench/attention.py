@@ -13,8 +13,9 @@ inside each sample). Arms:
   sdpa-flash F.scaled_dot_product_attention, flash backend, enable_gqa (full-length rows only: no varlen);
   sdpa-cudnn the same with the cuDNN backend, k/v expanded;
   sdpa-cudnn-gqa  the cuDNN backend asked for enable_gqa (whether this torch's cuDNN path takes grouped heads);
-Per arm: ms of forward + backward (CUDA events, mean of --iters after 3 warm-ups), and the MiB autograd keeps
-between forward and backward. Prints one markdown table; ratios against the ftw arm of the same layout.
+Per arm: ms of forward + backward (CUDA events, mean of --iters after 3 warm-ups: bench/fp8_ops.py's `timed`), and
+the MiB autograd keeps between forward and backward. Prints one markdown table; ratios against the ftw arm of the
+same layout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]
+from bench.fp8_ops import timed  # noqa: E402  (CUDA events, 3 warm-ups)
 
 HEADS, KV_HEADS, DIM, ROWS, SEQ = 32, 8, 128, 4, 2048
 
@@ -109,23 +111,16 @@ def measure(arm: str, layout: str, iters: int) -> dict:
         fn(q, k, v).backward(grad, retain_graph=True)
 
     try:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+        step()  # the kernels' first call out of the measured memory
         before = torch.cuda.memory_allocated()
         out = fn(q, k, v)
         kept = torch.cuda.memory_allocated() - before
         out.backward(grad, retain_graph=True)
         del out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
+        ms = timed(step, iters)
     except RuntimeError as e:
         return {"error": str(e).splitlines()[0][:120]}
-    return {"ms": start.elapsed_time(end) / iters, "kept_mib": kept / 2**20}
+    return {"ms": ms, "kept_mib": kept / 2**20}
 
 
 def main() -> int:

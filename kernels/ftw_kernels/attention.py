@@ -98,47 +98,18 @@ class GroupedVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu, longest: int, scale: float | None, left: int):  # type: ignore[override]
-        out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(
-            q,
-            k,
-            v,
-            cu,
-            cu,
-            longest,
-            longest,
-            0.0,
-            left < 0,
-            False,
-            scale=scale,
-            window_size_left=left,
-            window_size_right=0,
-        )
-        ctx.save_for_backward(q, k, v, cu, out, lse, rng)
-        ctx.args = (longest, scale, left)
+        ctx.segments = (cu, cu, longest, longest, 0.0, left < 0)  # no dropout; causal unless a window
+        ctx.window = {"scale": scale, "window_size_left": left, "window_size_right": 0}
+        out, lse, rng, _, _ = torch.ops.aten._flash_attention_forward(q, k, v, *ctx.segments, False, **ctx.window)
+        ctx.save_for_backward(q, k, v, out, lse, rng)
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, k, v, cu, out, lse, rng = ctx.saved_tensors
-        longest, scale, left = ctx.args
+        q, k, v, out, lse, rng = ctx.saved_tensors
+        unused = torch.empty(0, device=q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu,
-            cu,
-            longest,
-            longest,
-            0.0,
-            left < 0,
-            rng,
-            torch.empty(0, device=q.device),
-            scale=scale,
-            window_size_left=left,
-            window_size_right=0,
+            dout.contiguous(), q, k, v, out, lse, *ctx.segments, rng, unused, **ctx.window
         )
         return dq, dk, dv, None, None, None, None
 
