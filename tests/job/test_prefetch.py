@@ -114,7 +114,7 @@ def test_the_wait_shows_the_bytes_downloaded_so_far(tmp_path, hub_server, hub_mo
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf")}
     data = [{"path": "org/data", "type": "alpaca"}]
     cfg = TrainingConfig.model_validate({"base_model": hub_model, "learning_rate": 1e-4, "datasets": data})
-    hub_server.file_bytes_per_s = 256 * 1024  # the weights (1.6 MiB) take ~6 s
+    hub_server.file_bytes_per_s = 512 * 1024  # the weights (1.6 MiB) take ~3 s: ~6 progress lines, 2 a second
     updates: list[dict] = []
     try:
         prefetch = ModelPrefetch.start(cfg, env, tmp_path / "prefetch.log", Redactor([token]))
