@@ -6,9 +6,9 @@ the other kernels torch ships would cost on the same tokens.
 Shape: Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, causal, 4 rows × 2048 tokens,
 either full-length rows or packed rows (samples of bench/train_throughput.py's lognormal lengths, attention kept
 inside each sample). Arms:
-  ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward: cuDNN for full-length rows (its whole-row
+  ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward: cuDNN for full-length rows (its equal-segments
              path), flash varlen with grouped kv heads for packed ones;
-  flash      the same with the whole-row path off (`WHOLE_ROWS`): flash varlen for every layout;
+  flash      the same with the equal-segments path off (`CUDNN_EQUAL_SEGMENTS`): flash varlen for every layout;
   expanded   torch's varlen_attn with k/v expanded to the 32 query heads (ftw's path on torch 2.11 before);
   sdpa-flash F.scaled_dot_product_attention, flash backend, enable_gqa (full-length rows only: no varlen);
   sdpa-cudnn the same with the cuDNN backend, k/v expanded;
@@ -59,7 +59,7 @@ def arm_fn(arm: str, positions):
 
     scale = DIM**-0.5
     if arm in ("ftw", "flash"):
-        attention.WHOLE_ROWS["cudnn"] = arm == "ftw"
+        attention.CUDNN_EQUAL_SEGMENTS["on"] = arm == "ftw"
         return lambda q, k, v: attention.varlen_attention_forward(
             torch.nn.Module(), q, k, v, None, scaling=scale, position_ids=positions
         )[0]

@@ -5,8 +5,11 @@ host's segments, so the choice costs no device sync."""
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+import ftw_kernels.attention as attention
 from ftw_kernels.attention import equal_segments, host_segments
 
 
@@ -33,3 +36,13 @@ def test_samples_of_different_lengths_or_padding_are_not():
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[1, 12:] = 0  # the second row ends in padding: its own segment
     assert segments(torch.arange(16).expand(2, -1), mask) == 0
+
+
+def test_ftw_cudnn_attention_0_keeps_the_flash_kernel(monkeypatch):
+    try:
+        monkeypatch.setenv("FTW_CUDNN_ATTENTION", "0")
+        assert importlib.reload(attention).CUDNN_EQUAL_SEGMENTS == {"on": False}
+        monkeypatch.delenv("FTW_CUDNN_ATTENTION")
+        assert importlib.reload(attention).CUDNN_EQUAL_SEGMENTS == {"on": True}
+    finally:
+        importlib.reload(attention)
