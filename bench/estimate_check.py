@@ -19,7 +19,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from worker.estimate.calibration import MEMORY_TOLERANCE, SPEED_TOLERANCE, read_doc  # noqa: E402
+from worker.estimate.calibration import read_doc  # noqa: E402
+from worker.estimate.model import MEMORY_TOLERANCE, SPEED_TOLERANCE  # noqa: E402
 
 
 def main() -> int:

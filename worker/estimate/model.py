@@ -44,8 +44,9 @@ class Mode:
 MODES = {
     # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
     "fused": Mode(act_hidden=8.0, act_intermediate=2.0, logits_bytes=1.0, e_max=0.642, h0=1011),
-    # LoRA over a 4-bit (bitsandbytes) base: norm/RoPE/SwiGLU/CE kernels, no fused LoRA
-    "qlora": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
+    # LoRA over a base PEFT prepares for k-bit training (8-bit: fp32 embeddings, norms and output layer), no fused
+    # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
+    "kbit": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
     # kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
     # mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
     "hf": Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True),
@@ -88,7 +89,7 @@ class Workload:
     def mode(self) -> str:
         if not self.kernels or self.method == "full":
             return "hf"
-        return "qlora" if self.method in ("qlora", "lora8") else "fused"
+        return "kbit" if self.method == "lora8" else "fused"  # a bf16 4-bit base runs the fused path
 
     @property
     def peak_tokens(self) -> int:
@@ -138,9 +139,10 @@ def memory_parts(w: Workload) -> dict[str, int]:
     """Bytes of each part of the peak, on one GPU."""
     s, mode = w.shape, MODES[w.mode]
     dense = s.params - s.linear_params
-    # peft's prepare_model_for_kbit_training casts what is not quantised (embeddings, lm_head, norms) to fp32
+    # a bf16 4-bit base is only frozen (worker/train/adapters.prepare_quantized); for an 8-bit one peft's
+    # prepare_model_for_kbit_training casts what is not quantised (embeddings, lm_head, norms) to fp32
     if w.method == "qlora":
-        weights = s.linear_params * BYTES_4BIT + dense * 4
+        weights = s.linear_params * BYTES_4BIT + dense * 2
     elif w.method == "lora8":
         weights = s.linear_params * 1.0 + dense * 4
     elif w.fp8_base:
