@@ -21,8 +21,10 @@ from worker.train.batches import BatchPlan, Prefetcher
 SYNCING_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::all", "aten::any")
 
 
-def cpu_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **_):
-    """torch's varlen_attn semantics (causal segments of the flattened batch) in plain ops."""
+def cpu_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch's varlen_attn semantics (causal segments of the flattened batch, grouped kv heads) in plain ops."""
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     n = q.shape[0]
     token = torch.arange(n)
     segment = torch.searchsorted(cu_q[1:].long(), token, right=True)  # no host read
