@@ -8,7 +8,7 @@ either full-length rows or packed rows (samples of bench/train_throughput.py's l
 inside each sample). Arms:
   ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward: cuDNN for full-length rows (its equal-segments
              path), flash varlen with grouped kv heads for packed ones;
-  flash      the same with the equal-segments path off (`CUDNN_EQUAL_SEGMENTS`): flash varlen for every layout;
+  flash      the same with the equal-segments path off (FTW_CUDNN_ATTENTION=0): flash varlen for every layout;
   expanded   torch's varlen_attn with k/v expanded to the 32 query heads (ftw's path on torch 2.11 before);
   sdpa-flash F.scaled_dot_product_attention, flash backend, enable_gqa (full-length rows only: no varlen);
   sdpa-cudnn the same with the cuDNN backend, k/v expanded;
@@ -21,6 +21,7 @@ same layout.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def arm_fn(arm: str, positions):
 
     scale = DIM**-0.5
     if arm in ("ftw", "flash"):
-        attention.CUDNN_EQUAL_SEGMENTS["on"] = arm == "ftw"
+        os.environ["FTW_CUDNN_ATTENTION"] = "1" if arm == "ftw" else "0"
         return lambda q, k, v: attention.varlen_attention_forward(
             torch.nn.Module(), q, k, v, None, scaling=scale, position_ids=positions
         )[0]

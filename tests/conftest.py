@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the tests' vLLM engines (CPU build): a 128 MiB KV cache, ~130k tokens of the tiny models, far more than their
+# 8 short sequences; ftw's default (a quarter of available memory) took vLLM 10-20 s more to allocate in the suite,
+# and VLLM_CPU_KVCACHE_SPACE takes whole GiB only. tests/serve/test_requests.py checks that default without an engine.
+VLLM_TEST_KV_CACHE = "--kv-cache-memory-bytes 134217728"
 # This checkout's code, for the tests and every child they start, whatever a shared venv's editable
 # install points at: the repo root, and kernels/, the folder that holds the package ftw_kernels
 # (an install maps it there through pyproject.toml).

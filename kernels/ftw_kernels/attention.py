@@ -11,7 +11,7 @@ row) and no sliding window cuts it, the segments are a batch of equal rows (a vi
 memory), and the same causal attention runs as cuDNN's fused attention through
 `scaled_dot_product_attention`: on an H200 it takes 0.58× the flash kernels' time at Llama-8B's shape
 (bench/attention.py), with grouped kv heads as they are. A torch or GPU whose cuDNN refuses the call
-falls back to flash for the rest of the process (`CUDNN_EQUAL_SEGMENTS`), with the reason in the log;
+falls back to flash for the rest of the process (`CUDNN_REFUSED`), with the reason in the log;
 `FTW_CUDNN_ATTENTION=0` keeps flash from the start.
 
 The segment boundaries depend on the batch's data, so computing them on the device costs a host
@@ -24,6 +24,7 @@ transformers does not inspect position_ids for packing (another read-back) eithe
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -32,8 +33,7 @@ import torch
 
 NAME = "ftw_varlen"
 _segments_cache: list = []  # one entry: the layers of one forward share position ids and mask
-# cuDNN for equal segments until a call is refused; FTW_CUDNN_ATTENTION=0: never (docs/operations.md)
-CUDNN_EQUAL_SEGMENTS = {"on": os.environ.get("FTW_CUDNN_ATTENTION", "1") != "0"}
+CUDNN_REFUSED: list[str] = []  # why cuDNN refused a call of this process: flash from then on
 log = logging.getLogger("ftw.kernels")
 
 
@@ -89,6 +89,12 @@ def _cached_segments(position_ids, attention_mask, batch, seq, device):
     return value
 
 
+def cudnn_for_equal_segments() -> bool:
+    """Equal segments go to cuDNN unless it refused a call or FTW_CUDNN_ATTENTION=0 (docs/operations.md)."""
+    return not CUDNN_REFUSED and os.environ.get("FTW_CUDNN_ATTENTION", "1") != "0"
+
+
+@functools.cache  # read once per function, not in every layer's forward
 def _supports_gqa(fn) -> bool:
     return "enable_gqa" in inspect.signature(fn).parameters
 
@@ -155,8 +161,8 @@ def _cudnn_attention(query, key, value, scaling, segments: int):
                 q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
             )
     except RuntimeError as e:  # no cuDNN attention for this shape, dtype, GPU or torch build
-        CUDNN_EQUAL_SEGMENTS["on"] = False
-        log.warning("cuDNN attention refused equal segments (%s); flash attention from now on", str(e).splitlines()[0])
+        CUDNN_REFUSED.append(str(e).splitlines()[0])
+        log.warning("cuDNN attention refused equal segments (%s); flash attention from now on", CUDNN_REFUSED[0])
         return None
     return out.transpose(1, 2).reshape(batch, seq, heads, dim)
 
@@ -185,7 +191,7 @@ def varlen_attention_forward(
     if cu is None or longest is None:  # not given by the caller: from the device (one sync)
         cu, longest = _cached_segments(position_ids, attention_mask, batch, seq, query.device)
     segments = equal_segments(cu, longest, batch, seq)
-    if CUDNN_EQUAL_SEGMENTS["on"] and segments and query.is_cuda and (not sliding_window or sliding_window >= longest):
+    if segments and query.is_cuda and (not sliding_window or sliding_window >= longest) and cudnn_for_equal_segments():
         out = _cudnn_attention(query, key, value, scaling, segments)
         if out is not None:
             return out, None

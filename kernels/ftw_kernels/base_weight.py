@@ -44,7 +44,10 @@ def mark_fp8_matmuls(linear: torch.nn.Module) -> bool:
 
 
 def _as_fp8(weight: torch.Tensor) -> fp8.Fp8Weight | None:
-    """A marked 4-bit weight as a transient `Fp8Weight` (per-output-channel scales), else None."""
+    """The weight its float8 matmuls take: itself when stored as float8, a transient `Fp8Weight` (per-output-channel
+    scales) of a marked 4-bit one; None for any other."""
+    if fp8.is_fp8(weight):
+        return weight  # type: ignore[return-value]  # is_fp8: an Fp8Weight
     if not getattr(weight, FP8_MATMULS, False):
         return None
     data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype))  # type: ignore[attr-defined]
@@ -54,7 +57,7 @@ def _as_fp8(weight: torch.Tensor) -> fp8.Fp8Weight | None:
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, quantised: dict) -> torch.Tensor:
     """x2·Wᵀ (+ bias) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy
     for the next projection of the same input."""
-    as_fp8 = weight if fp8.is_fp8(weight) else _as_fp8(weight)
+    as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         y = fp8.linear(x2, as_fp8, quantised)
         return y if bias is None else y.add_(bias.to(y.dtype))
@@ -63,7 +66,7 @@ def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, qu
 
 def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
-    as_fp8 = weight if fp8.is_fp8(weight) else _as_fp8(weight)
+    as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         part = fp8.input_grad(dy, as_fp8)
         return part if dx is None else dx.add_(part)

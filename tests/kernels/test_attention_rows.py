@@ -5,12 +5,9 @@ host's segments, so the choice costs no device sync."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-import ftw_kernels.attention as attention
-from ftw_kernels.attention import equal_segments, host_segments
+from ftw_kernels.attention import cudnn_for_equal_segments, equal_segments, host_segments
 
 
 def segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
@@ -39,10 +36,7 @@ def test_samples_of_different_lengths_or_padding_are_not():
 
 
 def test_ftw_cudnn_attention_0_keeps_the_flash_kernel(monkeypatch):
-    try:
-        monkeypatch.setenv("FTW_CUDNN_ATTENTION", "0")
-        assert importlib.reload(attention).CUDNN_EQUAL_SEGMENTS == {"on": False}
-        monkeypatch.delenv("FTW_CUDNN_ATTENTION")
-        assert importlib.reload(attention).CUDNN_EQUAL_SEGMENTS == {"on": True}
-    finally:
-        importlib.reload(attention)
+    monkeypatch.delenv("FTW_CUDNN_ATTENTION", raising=False)
+    assert cudnn_for_equal_segments()
+    monkeypatch.setenv("FTW_CUDNN_ATTENTION", "0")
+    assert not cudnn_for_equal_segments()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, VLLM_TEST_KV_CACHE
 from tests.serve.tiny_adapter import train_tiny_adapter
 
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -135,11 +135,8 @@ def start_service(engine: str, env: dict[str, str], log: Path):
 def vllm_service(tiny_model_dir, s3_server, hub_server, serve_volume) -> Iterator:
     """The real vLLM (CPU build) serving the tiny model, adapters on demand."""
     python = ensure_vllm_env()
-    # a 128 MiB KV cache (~130k tokens; 8 sequences of 256 need 2k): ftw's default, a quarter of the memory
-    # available (5 GiB here), takes vLLM 10-20 s more to allocate and changes no output; test_requests checks
-    # that default without an engine
     env = serve_env(tiny_model_dir, s3_server, hub_server, serve_volume / "vllm", FTW_SERVE_PYTHON=str(python))
-    env["VLLM_EXTRA_ARGS"] += " --kv-cache-memory-bytes 134217728"
+    env["VLLM_EXTRA_ARGS"] += f" {VLLM_TEST_KV_CACHE}"  # 8 sequences of 256 tokens need 2k
     with start_service("vllm", env, serve_volume / "vllm-engine.log") as service:
         STARTED.append(service)
         yield service

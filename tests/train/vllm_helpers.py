@@ -10,16 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, VLLM_TEST_KV_CACHE, child_env
 
 
 def vllm_env(python: Path) -> dict[str, str]:
-    """The train child's environment for vLLM on CPU (start-up time only: eager, small KV cache). The KV cache:
-    128 MiB (~130k tokens of the tiny model; 8 sequences of ~70 need 600), as VLLM_CPU_KVCACHE_SPACE takes
-    whole GiB and allocating 1 GiB took vLLM up to 10 s within the suite."""
+    """The train child's environment for vLLM on CPU (start-up time only: eager, the tests' small KV cache:
+    8 sequences of ~70 tokens need 600)."""
     return {
         "FTW_VLLM_PYTHON": str(python),
-        "VLLM_EXTRA_ARGS": "--enforce-eager --max-num-seqs 8 --kv-cache-memory-bytes 134217728",
+        "VLLM_EXTRA_ARGS": f"--enforce-eager --max-num-seqs 8 {VLLM_TEST_KV_CACHE}",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "FTW_VLLM_START_TIMEOUT_S": "600",
     }
