@@ -18,7 +18,8 @@ Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host mem
             kernels.apply_kernels (the fused LoRA functions over the 4-bit weights) in a bare loop;
   ftw-real  bench/gpu_train.py's qlora arm: `python -m worker.train`, the child `ftw train` runs, on the
             same rows (each step's rows in one packed row, position ids restarting per row), timed
-            from its own per-step events, peak memory from its summary;
+            from its own per-step events, peak memory from its summary; `--profile`: then 3 more steps
+            under torch.profiler (GPU time by kernel: profile.txt in the arm's run folder, /tmp/ftw-gpu-bench/ARM);
   ftw-fp8, ftw-real-fp8  the same two with `fp8_base_weights: true`: the 4-bit weights stay 4-bit and each
             of their matmuls runs in float8 (Ada/Hopper; kernels/ftw_kernels/base_weight.py), not in the
             default arms.
@@ -52,7 +53,7 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
     out = a.out / f"gpu_train-{a.shape}-{arm}-gc{mode}"
     cmd = [sys.executable, str(REPO / "bench" / "gpu_train.py"), "--out", str(out), "--shape", a.shape]
     cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", arm]
-    cmd += ["--gc", mode, "--full-length", "--no-merge", "--no-profile", "--mbs", str(a.mbs)]
+    cmd += ["--gc", mode, "--full-length", "--no-merge", *([] if a.profile else ["--no-profile"]), "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -64,6 +65,7 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
     if "error" in result:
         return result
     return {
+        **{k: v for k, v in result.items() if k.startswith(("gpu_busy", "profiled_"))},
         "tokens_per_s": result["tokens_per_s"],
         "peak_alloc_gib": result["peak_memory_gib"],
         "loss_last": result["final_loss"],
@@ -120,6 +122,11 @@ def main() -> int:
         help="checkpointing on: ftw's arms keep their checkpoints on the GPU (Unsloth offloads its own)",
     )
     ap.add_argument("--arm-timeout", type=int, default=300, help="seconds an arm may take, load included")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="ftw-real arms: 3 more steps under torch.profiler after the timed ones (gpu_train's profile.txt)",
+    )
     a = ap.parse_args()
     a.mbs = a.mbs or tt.DEFAULT_MBS[a.shape]
     a.out.mkdir(parents=True, exist_ok=True)
