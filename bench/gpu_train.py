@@ -105,6 +105,13 @@ def main() -> int:
         help="skip the ftw arm's 3 profiled steps after the timed ones",
     )
     ap.add_argument("--arm-timeout", type=int, default=0, help="seconds per arm (default: 150 for 1B, 420 for 7-8B)")
+    ap.add_argument(
+        "--config",
+        type=json.loads,
+        default={},
+        help="JSON merged into every ftw-family arm's training config, e.g. "
+        '\'{"gradient_checkpointing_kwargs": {"use_reentrant": true}}\'',
+    )
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run the hf arm in this process
     a = ap.parse_args()
     a.mbs = a.mbs or MBS[a.shape]

@@ -71,7 +71,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
     run_dir.mkdir(parents=True)
     warmup, steps = a.warmup, a.steps
-    profiled = PROFILED_STEPS if name in ("ftw", "qlora") and a.profile else 0
+    profiled = PROFILED_STEPS if a.profile else 0  # every arm here is ftw's real path
     cfg = {
         "base_model": str(model_dir),
         "datasets": [{"path": "bench.jsonl", "type": "completion"}],
@@ -92,6 +92,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         cfg.update(adapter="qlora", load_in_4bit=True)
     if name.startswith(("ftw-fp8", "qlora-fp8")):
         cfg["fp8_base_weights"] = True
+    cfg.update(a.config)
     if name.endswith("+gc"):
         cfg["gradient_checkpointing"] = True
     if name.endswith("+offload"):

@@ -55,7 +55,7 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
     cmd += ["--model-dir", str(unsloth_arm.save_once(tt.__file__, a.shape, a.seq)), "--arms", arm]
     cmd += ["--gc", mode, "--full-length", "--no-merge", *([] if a.profile else ["--no-profile"]), "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    cmd += ["--arm-timeout", str(a.arm_timeout)]
+    cmd += ["--arm-timeout", str(a.arm_timeout), "--config", json.dumps(a.config)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
         name = arm + {"off": "", "on": "+gc", "offload": "+offload"}[mode]  # gpu_train's arm names
@@ -122,6 +122,7 @@ def main() -> int:
         help="checkpointing on: ftw's arms keep their checkpoints on the GPU (Unsloth offloads its own)",
     )
     ap.add_argument("--arm-timeout", type=int, default=300, help="seconds an arm may take, load included")
+    ap.add_argument("--config", type=json.loads, default={}, help="ftw-real arms: JSON merged into the training config")
     ap.add_argument(
         "--profile",
         action="store_true",
