@@ -9,7 +9,7 @@ silu(g) and silu(g)·u. Here:
   once plus the (tokens × Σr) x·[A₁;…;Aₙ]ᵀ, and sums dx with in-place addmm.
 - `LoRAGatedMLP` runs gate/up/down with the SwiGLU kernel between; it saves x, g and u only and
   recomputes h = silu(g)·u inside the backward's one elementwise pass, which writes dg and du over
-  g and u (no new activation-sized buffers).
+  g and u and h over dh (no new activation-sized buffers).
 The rank-r down-projections that share an input are one GEMM against the stacked A's, forward
 (x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [dy₁B₁ … dyₙBₙ]ᵀ·x, and their dx term as one addmm
 when the scales agree): the tokens × hidden input is read once instead of n times. Adapter weights
@@ -191,9 +191,9 @@ class LoRAGatedMLP(torch.autograd.Function):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
         dh, dyb = _input_grad([dy], [down], want_dx=True)
-        # one pass: h recomputed (for dA_down), dg and du written over g and u
+        # one pass: dg and du written over g and u, h recomputed (for dA_down) over dh
         want_h = down.lora_a is not None and down.lora_a.requires_grad
-        h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
+        h = swiglu_backward(dh, g, u, g, u, want_h=want_h, h_over_dh=True)
         del dh
         down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h

@@ -1,7 +1,7 @@
 """SwiGLU h = silu(g) * u, elementwise, with a backward that needs only g and u.
 
-`swiglu_backward` is shared with the fused LoRA MLP, which has it write dg and du over g and u
-(no new activation-sized buffers) and returns h, recomputed, for the down projection's LoRA grads.
+`swiglu_backward` is shared with the fused LoRA MLP, which has it write dg and du over g and u, and h,
+recomputed for the down projection's LoRA grads, over dh (no new activation-sized buffers).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def _swiglu_bwd(DH, G, U, H, DG, DU, n, BLOCK: tl.constexpr, WRITE_H: tl.constex
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
-    if WRITE_H:
-        tl.store(H + offs, (silu * u).to(H.dtype.element_ty), mask=mask)
     tl.store(DG + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, (dh * silu).to(DU.dtype.element_ty), mask=mask)
+    if WRITE_H:  # last: H may be DH's memory
+        tl.store(H + offs, (silu * u).to(H.dtype.element_ty), mask=mask)
 
 
 def swiglu_forward_raw(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -45,10 +45,15 @@ def swiglu_forward_raw(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def swiglu_backward(dh, g, u, dg, du, want_h: bool) -> torch.Tensor | None:
+def swiglu_backward(dh, g, u, dg, du, want_h: bool, h_over_dh: bool = False) -> torch.Tensor | None:
     """Write dL/dg and dL/du into dg and du (they may be g and u themselves: in place);
-    return h = silu(g)*u, recomputed, when asked."""
-    h = torch.empty_like(g) if want_h else g
+    return h = silu(g)*u, recomputed, when asked: written over dh with `h_over_dh` (each element's dh is
+    read before its h is stored, and the caller needs dh no more), which saves a tokens × intermediate
+    buffer at the MLP backward's peak."""
+    if want_h:
+        h = dh if h_over_dh and dh.dtype == g.dtype and dh.is_contiguous() else torch.empty_like(g)
+    else:
+        h = g
     n = g.numel()
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dh, g, u, h, dg, du, n, BLOCK=BLOCK, WRITE_H=want_h)
     return h if want_h else None

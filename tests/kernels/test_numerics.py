@@ -59,6 +59,22 @@ def test_swiglu(dtype, rng_seed):
     assert rel_err(h, ref) < b and rel_err(g.grad, g64.grad) < b and rel_err(u.grad, u64.grad) < b, rng_seed
 
 
+def test_swiglu_backward_writes_the_recomputed_h_over_dh(rng_seed):
+    """The fused MLP's backward keeps no extra tokens × intermediate buffer: h takes dh's memory, each element's
+    dh read before its h is written (dg and du are right), and h is silu(g)·u."""
+    from ftw_kernels.swiglu import swiglu_backward
+
+    g, u, dh = (torch.randn(5, 3000) for _ in range(3))
+    g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
+    (torch.nn.functional.silu(g64) * u64).backward(dh.double())
+    dh_memory = dh.data_ptr()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    h = swiglu_backward(dh, g, u, dg, du, want_h=True, h_over_dh=True)
+    assert h.data_ptr() == dh_memory
+    assert rel_err(h, torch.nn.functional.silu(g.double()) * u.double()) < 1e-5, rng_seed
+    assert rel_err(dg, g64.grad) < 1e-5 and rel_err(du, u64.grad) < 1e-5, rng_seed
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_packed_positions(dtype, rng_seed):
     """Position ids restarting inside a row (two packed samples) rotate each sample from 0."""

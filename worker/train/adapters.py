@@ -78,8 +78,10 @@ def prepare_quantized(model, cfg: TrainingConfig):
     then runs in fp32, doubling the activations kept for backward (issue 13: 76 GiB at 8B where
     Unsloth needs 36) for a stability that bf16, unlike fp16, does not need; checkpointing and the
     inputs' gradients are load_model's already. fp16 and 8-bit bases keep PEFT's preparation, with
-    the config's checkpointing options (PEFT would otherwise re-enable checkpointing reentrant)."""
+    the checkpointing options load_model chose (PEFT re-enables checkpointing with its own otherwise)."""
     import torch
+
+    from worker.train.model import checkpointing_kwargs
     from peft import prepare_model_for_kbit_training
 
     if cfg.load_in_4bit and model.dtype == torch.bfloat16:
@@ -89,7 +91,7 @@ def prepare_quantized(model, cfg: TrainingConfig):
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        gradient_checkpointing_kwargs=cfg.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        gradient_checkpointing_kwargs=checkpointing_kwargs(cfg),
     )
 
 

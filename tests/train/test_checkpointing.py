@@ -1,0 +1,95 @@
+"""Which gradient checkpointing a run gets (worker/train/model.checkpointing_kwargs) and that it changes no number.
+
+A lone process checkpoints reentrant: each layer's first forward runs without autograd, so the graph the
+host builds per step holds one node a layer instead of the layer's ops (the host time that made QLoRA
+with float8 matmuls 1.44× faster under checkpointing, docs/benchmarks.md). Under a process group, and
+whenever the config names its own `gradient_checkpointing_kwargs`, it is what the config or DDP needs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import randomise_lora_b
+from tests.train.helpers import base_config
+
+CPU = torch.device("cpu")
+
+
+def lora_model(model_dir, **overrides):
+    from schemas.config import TrainingConfig
+    from worker.data.tokenizer import load_tokenizer
+    from worker.train.adapters import attach
+    from worker.train.model import load_model, resolve_precision
+
+    cfg = TrainingConfig.model_validate(base_config(model_dir, lora_dropout=0.0, **overrides))
+    torch.manual_seed(0)
+    model = attach(load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, CPU), CPU), cfg)
+    randomise_lora_b(model, std=0.02)
+    return model.train()
+
+
+def graph_nodes(loss: torch.Tensor) -> int:
+    """The autograd nodes backward will run: what the forward built on the host."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return len(seen)
+
+
+def loss_graph_and_grads(model) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    nodes = graph_nodes(loss)
+    loss.backward()
+    return loss.detach(), nodes, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def four_layer_model_dir(tmp_path_factory):
+    from worker.devtools.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
+
+
+def test_a_lone_process_checkpoints_reentrant_builds_one_node_a_layer_and_the_same_gradients(four_layer_model_dir):
+    torch.set_num_threads(1)
+    plain_loss, plain_nodes, plain = loss_graph_and_grads(lora_model(four_layer_model_dir))
+    loss, nodes, grads = loss_graph_and_grads(lora_model(four_layer_model_dir, gradient_checkpointing=True))
+    kept = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    _, non_reentrant_nodes, non_reentrant = loss_graph_and_grads(lora_model(four_layer_model_dir, **kept))
+    layers = 4
+    # the non-reentrant kind builds every op's node in forward (and recomputes them); the default builds
+    # one per layer: what is left is the embedding, final norm and head around them
+    assert non_reentrant_nodes >= plain_nodes > 5 * layers
+    assert nodes <= plain_nodes - 5 * layers
+    assert torch.equal(loss, plain_loss)
+    for name, g in plain.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(non_reentrant[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_the_config_or_a_process_group_chooses_the_non_reentrant_kind(tmp_path):
+    import torch.distributed as dist
+
+    from schemas.config import TrainingConfig
+    from worker.train.model import checkpointing_kwargs
+
+    cfg = TrainingConfig.model_validate(base_config(tmp_path, gradient_checkpointing=True))
+    assert checkpointing_kwargs(cfg) == {"use_reentrant": True}
+    named = {"use_reentrant": False, "preserve_rng_state": False}
+    own = TrainingConfig.model_validate(
+        base_config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=named)
+    )
+    assert checkpointing_kwargs(own) == named
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert checkpointing_kwargs(cfg) == {"use_reentrant": False}
+    finally:
+        dist.destroy_process_group()
