@@ -80,9 +80,9 @@ def prepare_quantized(model, cfg: TrainingConfig):
     inputs' gradients are load_model's already. fp16 and 8-bit bases keep PEFT's preparation, with
     the checkpointing options load_model chose (PEFT re-enables checkpointing with its own otherwise)."""
     import torch
+    from peft import prepare_model_for_kbit_training
 
     from worker.train.model import checkpointing_kwargs
-    from peft import prepare_model_for_kbit_training
 
     if cfg.load_in_4bit and model.dtype == torch.bfloat16:
         for p in model.parameters():
