@@ -91,7 +91,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # reentrant: what ftw checkpoints with in one process (worker/train/model.checkpointing_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     if lora_seed is not None:  # the same base weights, another draw of the LoRA A's
         torch.manual_seed(lora_seed)
