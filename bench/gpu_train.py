@@ -214,8 +214,8 @@ def table(r: dict) -> str:
     bare = r["arms"].get("bare", {}).get("tokens_per_s")
     lines = [
         f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
-        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB | loss at the last "
-        "timed step | notes |",
+        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB (the steps' / the "
+        "process's, loading included) | loss at the last timed step | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for arm, v in r["arms"].items():
@@ -239,9 +239,12 @@ def table(r: dict) -> str:
                 ],
             )
         )
+        peak = v["peak_memory_gib"]
+        if v.get("step_peak_memory_gib") is not None:
+            peak = f"{v['step_peak_memory_gib']} / {peak}"
         lines.append(
             f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | "
-            f"{v.get('gpu_busy_ms_per_step', '—')} | {v['peak_memory_gib']} | {v['final_loss']} | {notes} |"
+            f"{v.get('gpu_busy_ms_per_step', '—')} | {peak} | {v['final_loss']} | {notes} |"
         )
     return "\n".join(lines)
 

@@ -142,7 +142,8 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     result = {
         "tokens_per_s": round(per_step / step_s),
         "ms_per_step": round(step_s * 1e3, 1),
-        "peak_memory_gib": summary["peak_memory_gib"],
+        "peak_memory_gib": summary["peak_memory_gib"],  # the process's, loading included
+        "step_peak_memory_gib": summary.get("step_peak_memory_gib"),  # the steps' own (CUDA)
         "final_loss": dict(summary["loss_curve"])[last],
         "kernels": summary["kernels"],
         "child_wall_s": round(wall, 1),

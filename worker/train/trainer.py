@@ -65,6 +65,7 @@ class Trainer:
         self.stop_requested = False  # set by the SIGTERM handler of the entry point
         self.resumed_from: str | None = None
         self.kernels: list[str] = []
+        self.setup_peak_bytes = 0  # CUDA: the allocator's peak before the first step (loading, set-up)
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -229,6 +230,9 @@ class Trainer:
         self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
         self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
+        if topo.device.type == "cuda":  # from here the allocator's peak is the steps' own (loading's is kept)
+            self.setup_peak_bytes = torch.cuda.max_memory_allocated(topo.device)
+            torch.cuda.reset_peak_memory_stats(topo.device)
         profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
         batches = Prefetcher(
             self.data.train,
@@ -370,9 +374,16 @@ class Trainer:
 
     # ---- results -------------------------------------------------------------------------------
     def peak_memory_gib(self) -> float:
+        """The process's peak: loading and set-up (a float8 base is converted from bf16) or the steps'."""
+        if self.topo.device.type == "cuda":
+            return max(self.setup_peak_bytes, torch.cuda.max_memory_allocated(self.topo.device)) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def step_peak_memory_gib(self) -> float | None:
+        """The training steps' own peak (CUDA): what a step needs once the model is set up."""
         if self.topo.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.topo.device) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return None
 
     def summary(self) -> dict[str, Any]:
         s = self.state
@@ -385,6 +396,7 @@ class Trainer:
             "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1),
             "runtime_s": round(self.runtime_s, 2),
             "peak_memory_gib": round(self.peak_memory_gib(), 3),
+            "step_peak_memory_gib": None if (step := self.step_peak_memory_gib()) is None else round(step, 3),
             "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
             "final_loss": s.train_loss[-1][1] if s.train_loss else None,
             "best_eval_loss": s.best_eval,
