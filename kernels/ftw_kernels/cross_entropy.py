@@ -113,6 +113,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 torch.matmul(dlogits, weight, out=grad_hidden[start:end])
             if want_dw:
                 grad_weight.addmm_(dlogits.t().float(), h.float())
+            del dlogits  # freed before the next chunk's logits are allocated: one chunk alive, not two
         loss = losses.sum() / denom
         if grad_hidden is not None:
             grad_hidden.div_(denom.to(grad_hidden.dtype))
@@ -149,6 +150,7 @@ class FusedLinearTokenLosses(torch.autograd.Function):
                 dlogits = _chunk_dlogits(hidden[start:end], weight, targets[start:end], losses[start:end], ignore_index)
                 if grad_rows is not None:
                     torch.matmul(dlogits, weight, out=grad_rows[start:end])
+                del dlogits  # one chunk alive at a time
         want_dw = ctx.needs_input_grad[1]
         ctx.save_for_backward(grad_rows, *((hidden, weight, targets) if want_dw else (None, None, None)))
         ctx.hidden_dtype, ctx.weight_dtype, ctx.ignore_index = hidden_in.dtype, weight_in.dtype, ignore_index
@@ -168,6 +170,7 @@ class FusedLinearTokenLosses(torch.autograd.Function):
                     h = hidden[start:end]
                     dlogits = _chunk_dlogits(h, weight, targets[start:end], scratch[start:end], ctx.ignore_index)
                     grad_weight.addmm_(dlogits.t().float(), h.float() * g[start:end])
+                    del dlogits  # one chunk alive at a time
             dw = grad_weight.to(ctx.weight_dtype)
         return dh, dw, None, None
 

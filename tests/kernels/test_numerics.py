@@ -137,6 +137,37 @@ def test_fused_linear_cross_entropy(dtype, weight_trains, per_token, rng_seed, m
     assert hidden.grad[ignored].abs().sum() == 0  # ignored rows: no gradient
 
 
+@pytest.mark.parametrize("weight_trains", [False, True])
+@pytest.mark.parametrize("per_token", [False, True], ids=["mean", "per-token"])
+def test_fused_linear_cross_entropy_keeps_one_chunk_of_logits_alive(weight_trains, per_token, monkeypatch):
+    """Each chunk's logits (1 GiB at a 128k vocabulary) are freed before the next chunk's are made, in the
+    forward and in the per-token backward: two alive at once were the peak of an 8B QLoRA step."""
+    import weakref
+
+    from ftw_kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS_BYTES", 4 * 211 * 4)  # 4 rows a chunk: 4 chunks
+    made, alive_at_each_call = [], []
+    chunk = cross_entropy._chunk_dlogits
+
+    def recording(*args):
+        alive_at_each_call.append(sum(ref() is not None for ref in made))
+        logits = chunk(*args)
+        made.append(weakref.ref(logits))
+        return logits
+
+    monkeypatch.setattr(cross_entropy, "_chunk_dlogits", recording)
+    hidden = torch.randn(13, 24, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(211, 24, device=DEVICE) * 0.3).requires_grad_(weight_trains)
+    targets = torch.randint(0, 211, (13,), device=DEVICE)
+    if per_token:
+        cross_entropy.fused_linear_token_losses(hidden, weight, targets).sum().backward()
+    else:
+        cross_entropy.fused_linear_cross_entropy(hidden, weight, targets).backward()
+    assert len(alive_at_each_call) == 4 * (2 if per_token and weight_trains else 1)
+    assert alive_at_each_call == [0] * len(alive_at_each_call)
+
+
 def test_fused_linear_cross_entropy_divisor(rng_seed):
     """num_items_in_batch (gradient accumulation) divides the summed loss instead of the count."""
     from ftw_kernels.cross_entropy import fused_linear_cross_entropy
