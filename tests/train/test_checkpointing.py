@@ -1,9 +1,10 @@
 """Which gradient checkpointing a run gets (worker/train/model.checkpointing_kwargs) and that it changes no number.
 
-A lone process checkpoints reentrant: each layer's first forward runs without autograd, so the graph the
-host builds per step holds one node a layer instead of the layer's ops (the host time that made QLoRA
-with float8 matmuls 1.44× faster under checkpointing, docs/benchmarks.md). Under a process group, and
-whenever the config names its own `gradient_checkpointing_kwargs`, it is what the config or DDP needs.
+Supervised training of a dense model in a lone process checkpoints reentrant: each layer's first forward
+runs without autograd, so the graph the host builds per step holds one node a layer instead of the layer's
+ops (the host time that made QLoRA with float8 matmuls up to 1.44× faster under checkpointing,
+docs/benchmarks.md). A config's own `gradient_checkpointing_kwargs`, a process group, a MoE model and the
+preference/RL objectives get what they need (worker/train/model.checkpointing_kwargs says why).
 """
 
 from __future__ import annotations
@@ -75,21 +76,34 @@ def test_a_lone_process_checkpoints_reentrant_builds_one_node_a_layer_and_the_sa
         torch.testing.assert_close(non_reentrant[name], g, rtol=0, atol=0, msg=name)
 
 
-def test_the_config_or_a_process_group_chooses_the_non_reentrant_kind(tmp_path):
+def test_the_config_moe_rl_or_a_process_group_choose_the_non_reentrant_kind(tmp_path):
     import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from schemas.config import TrainingConfig
+    from tests.kernels.test_moe_model import tiny_moe
     from worker.train.model import checkpointing_kwargs
 
+    dense = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    )
     cfg = TrainingConfig.model_validate(base_config(tmp_path, gradient_checkpointing=True))
-    assert checkpointing_kwargs(cfg) == {"use_reentrant": True}
+    assert checkpointing_kwargs(cfg, dense) == {"use_reentrant": True}
     named = {"use_reentrant": False, "preserve_rng_state": False}
     own = TrainingConfig.model_validate(
         base_config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs=named)
     )
-    assert checkpointing_kwargs(own) == named
+    assert checkpointing_kwargs(own, dense) == named
+    # the router's aux loss reads logits recorded in the forward: a reentrant one would record them without grad
+    assert checkpointing_kwargs(cfg, tiny_moe()) == {"use_reentrant": False}
+    dpo = TrainingConfig.model_validate(
+        base_config(
+            tmp_path, gradient_checkpointing=True, rl="dpo", datasets=[{"path": "p.jsonl", "type": "chatml.intel"}]
+        )
+    )
+    assert checkpointing_kwargs(dpo, dense) == {"use_reentrant": False}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        assert checkpointing_kwargs(cfg) == {"use_reentrant": False}
+        assert checkpointing_kwargs(cfg, dense) == {"use_reentrant": False}
     finally:
         dist.destroy_process_group()

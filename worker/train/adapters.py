@@ -91,7 +91,7 @@ def prepare_quantized(model, cfg: TrainingConfig):
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        gradient_checkpointing_kwargs=checkpointing_kwargs(cfg),
+        gradient_checkpointing_kwargs=checkpointing_kwargs(cfg, model),
     )
 
 

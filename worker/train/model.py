@@ -18,7 +18,7 @@ from ftw_kernels import apply_kernels
 from schemas.config import TrainingConfig
 from worker.data.tokenizer import pretrained_source
 from worker.errors import JobSpecError, ModelError
-from worker.train.moe import set_experts_dispatch
+from worker.train.moe import is_moe, set_experts_dispatch
 
 log = logging.getLogger("ftw.train")
 
@@ -104,25 +104,30 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
     set_experts_dispatch(model, cfg)
     model.config.use_cache = False  # no KV cache in training
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg, model))
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     return model
 
 
-def checkpointing_kwargs(cfg: TrainingConfig) -> dict:
+def checkpointing_kwargs(cfg: TrainingConfig, model) -> dict:
     """What `gradient_checkpointing` passes to torch's checkpoint: the config's `gradient_checkpointing_kwargs`,
-    else the reentrant kind in a lone process and the non-reentrant kind under a process group.
+    else the reentrant kind for supervised training of a dense model in a lone process, the non-reentrant
+    kind otherwise.
 
     Reentrant: the first forward of each layer runs without autograd and builds no graph, so the host
-    issues a third less per step. Where the host is the bound (QLoRA with float8 matmuls, 8B at 4 × 2048
-    tokens on an H200) that is 1.44× the tokens/s at the same memory; where the GPU is, it is the same
-    (docs/benchmarks.md). Non-reentrant under DDP, FSDP and DeepSpeed: their gradient hooks expect each
-    parameter's gradient inside the one backward they watch, which a reentrant recompute's nested
-    backward is not."""
+    issues a third less per step. Where the host is the bound (QLoRA with float8 matmuls at 8B, 4 × 2048
+    tokens on an H200) that was 1.44× the tokens/s in one call, at the same memory; where the GPU is, it
+    is the same (docs/benchmarks.md). Non-reentrant elsewhere:
+    - under DDP, FSDP and DeepSpeed: their gradient hooks expect each parameter's gradient inside the
+      one backward they watch, which a reentrant recompute's nested backward is not;
+    - for a MoE model: the router logits its aux loss reads are recorded by hooks during the forward,
+      which a reentrant forward runs without autograd, so that loss would reach no weight;
+    - for preference and RL objectives: their reference and old-policy passes run without grad in train
+      mode, where the reentrant kind warns that no input requires grad."""
     if cfg.gradient_checkpointing_kwargs:
         return cfg.gradient_checkpointing_kwargs
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return {"use_reentrant": not distributed}
+    return {"use_reentrant": not distributed and not is_moe(model) and cfg.rl_method() is None}
 
 
 def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
