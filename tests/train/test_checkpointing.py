@@ -3,8 +3,8 @@
 Supervised training of a dense model in a lone process checkpoints reentrant: each layer's first forward
 runs without autograd, so the graph the host builds per step holds one node a layer instead of the layer's
 ops (the host time that made QLoRA with float8 matmuls up to 1.44× faster under checkpointing,
-docs/benchmarks.md). A config's own `gradient_checkpointing_kwargs`, a process group, a MoE model and the
-preference/RL objectives get what they need (worker/train/model.checkpointing_kwargs says why).
+docs/benchmarks.md). A config's own `gradient_checkpointing_kwargs`, a process group, a MoE model, the
+preference/RL objectives and torch_compile get what they need (worker/train/model.checkpointing_kwargs says why).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_a_lone_process_checkpoints_reentrant_builds_one_node_a_layer_and_the_sa
         torch.testing.assert_close(non_reentrant[name], g, rtol=0, atol=0, msg=name)
 
 
-def test_the_config_moe_rl_or_a_process_group_choose_the_non_reentrant_kind(tmp_path):
+def test_the_config_moe_rl_compile_or_a_process_group_choose_the_non_reentrant_kind(tmp_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -102,6 +102,11 @@ def test_the_config_moe_rl_or_a_process_group_choose_the_non_reentrant_kind(tmp_
         )
     )
     assert checkpointing_kwargs(dpo, dense) == {"use_reentrant": False}
+    for compiled in (True, "auto"):
+        compiling = TrainingConfig.model_validate(
+            base_config(tmp_path, gradient_checkpointing=True, torch_compile=compiled)
+        )
+        assert checkpointing_kwargs(compiling, dense) == {"use_reentrant": False}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         assert checkpointing_kwargs(cfg, dense) == {"use_reentrant": False}

@@ -123,11 +123,14 @@ def checkpointing_kwargs(cfg: TrainingConfig, model) -> dict:
     - for a MoE model: the router logits its aux loss reads are recorded by hooks during the forward,
       which a reentrant forward runs without autograd, so that loss would reach no weight;
     - for preference and RL objectives: their reference and old-policy passes run without grad in train
-      mode, where the reentrant kind warns that no input requires grad."""
+      mode, where the reentrant kind warns that no input requires grad;
+    - under `torch_compile`: torch.compile traces the non-reentrant kind into its graph and breaks the
+      graph at each reentrant one."""
     if cfg.gradient_checkpointing_kwargs:
         return cfg.gradient_checkpointing_kwargs
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return {"use_reentrant": not distributed and not is_moe(model) and cfg.rl_method() is None}
+    supervised_dense = not is_moe(model) and cfg.rl_method() is None
+    return {"use_reentrant": supervised_dense and not distributed and cfg.torch_compile is False}
 
 
 def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
