@@ -114,10 +114,10 @@ def checkpointing_kwargs(cfg: TrainingConfig, model) -> dict:
     else the reentrant kind for supervised training of a dense model in a lone process, the non-reentrant
     kind otherwise.
 
-    Reentrant: the first forward of each layer runs without autograd and builds no graph, so the host
-    issues a third less per step. Where the host is the bound (QLoRA with float8 matmuls at 8B, 4 × 2048
-    tokens on an H200) that was 1.44× the tokens/s in one call, at the same memory; where the GPU is, it
-    is the same (docs/benchmarks.md). Non-reentrant elsewhere:
+    Reentrant: the first forward of each layer runs without autograd and builds no graph, which the
+    non-reentrant kind builds there and again in the recompute. Where the host is the bound (QLoRA with
+    float8 matmuls at 8B, 4 × 2048 tokens on an H200) that was 1.44× the tokens/s in one call, at the same
+    memory; where the GPU is, it is the same (docs/benchmarks.md). Non-reentrant elsewhere:
     - under DDP, FSDP and DeepSpeed: their gradient hooks expect each parameter's gradient inside the
       one backward they watch, which a reentrant recompute's nested backward is not;
     - for a MoE model: the router logits its aux loss reads are recorded by hooks during the forward,
