@@ -197,12 +197,11 @@ def main() -> int:
 
 
 def with_checkpointing(arms: list[str], gc: str) -> list[str]:
-    """The arms to run: the ftw family (ftw, ftw-fp8, qlora, qlora-fp8, ftw-nokernels) as ARM+gc
-    (gradient_checkpointing on) for --gc on, as both for --gc both, as ARM+offload for --gc offload; hf and
-    bare as they are."""
+    """The arms to run: ftw's real-path arms (all but hf and bare) as ARM+gc (gradient_checkpointing on)
+    for --gc on, as both for --gc both, as ARM+offload for --gc offload; hf and bare as they are."""
     out = []
     for arm in arms:
-        if arm not in ("ftw", "ftw-fp8", "qlora", "qlora-fp8", "ftw-nokernels") or gc == "off":
+        if arm in ("hf", "bare") or gc == "off":
             out.append(arm)
         else:
             out += {"on": [f"{arm}+gc"], "both": [arm, f"{arm}+gc"], "offload": [f"{arm}+offload"]}[gc]

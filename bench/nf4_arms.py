@@ -44,6 +44,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
     elif arm in ("ftw", "ftw-fp8"):
         from ftw_kernels import apply_kernels
         from worker.train.adapters import prepare_quantized
+        from worker.train.model import checkpointing_kwargs
 
         cfg = TrainingConfig(
             base_model=shape,
@@ -56,7 +57,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
             fp8_base_weights=arm == "ftw-fp8",  # the 4-bit weights' matmuls in float8
         )
         if gc:  # as worker.train.model.load_model does
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg, model))
             model.enable_input_require_grads()
         model = get_peft_model(prepare_quantized(model, cfg), lora)
         applied = apply_kernels(model, cfg)

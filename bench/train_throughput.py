@@ -81,6 +81,9 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
         from bench import nf4_arms
 
         return nf4_arms.build(arm, shape, gc, seq, TARGETS)
+    from schemas.config import TrainingConfig
+    from worker.train.model import checkpointing_kwargs
+
     cfg = model_config(shape, seq)
     if arm == "liger":
         import liger_kernel.transformers as liger
@@ -90,9 +93,17 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     n_frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    if gc:
-        # reentrant: what ftw checkpoints with in one process (worker/train/model.checkpointing_kwargs)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ftw_cfg = TrainingConfig(
+        base_model=shape,
+        learning_rate=1e-4,
+        adapter="lora",
+        lora_r=16,
+        lora_alpha=32,
+        gradient_checkpointing=gc,
+        fp8_base_weights=arm == "ftw-fp8",
+    )
+    if gc:  # the kind ftw's trainer would choose for this run
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(ftw_cfg, model))
         model.enable_input_require_grads()
     if lora_seed is not None:  # the same base weights, another draw of the LoRA A's
         torch.manual_seed(lora_seed)
@@ -100,20 +111,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
     applied: list[str] = []
     if arm in ("ftw", "ftw-fp8"):
         from ftw_kernels import apply_kernels
-        from schemas.config import TrainingConfig
 
-        applied = apply_kernels(
-            model,
-            TrainingConfig(
-                base_model=shape,
-                learning_rate=1e-4,
-                adapter="lora",
-                lora_r=16,
-                lora_alpha=32,
-                gradient_checkpointing=gc,
-                fp8_base_weights=arm == "ftw-fp8",
-            ),
-        )
+        applied = apply_kernels(model, ftw_cfg)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), cfg, n_frozen, n_lora, applied
 

@@ -193,7 +193,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         dh, dyb = _input_grad([dy], [down], want_dx=True)
         # one pass: dg and du written over g and u, h recomputed (for dA_down) over dh
         want_h = down.lora_a is not None and down.lora_a.requires_grad
-        h = swiglu_backward(dh, g, u, g, u, want_h=want_h, h_over_dh=True)
+        h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
         del dh
         down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h

@@ -45,13 +45,12 @@ def swiglu_forward_raw(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def swiglu_backward(dh, g, u, dg, du, want_h: bool, h_over_dh: bool = False) -> torch.Tensor | None:
+def swiglu_backward(dh, g, u, dg, du, want_h: bool) -> torch.Tensor | None:
     """Write dL/dg and dL/du into dg and du (they may be g and u themselves: in place);
-    return h = silu(g)*u, recomputed, when asked: written over dh with `h_over_dh` (each element's dh is
-    read before its h is stored, and the caller needs dh no more), which saves a tokens × intermediate
-    buffer at the MLP backward's peak."""
+    return h = silu(g)*u, recomputed, when asked: written over dh (each element's dh is read before its h
+    is stored; dh is spent by then), which saves a tokens × intermediate buffer at the MLP backward's peak."""
     if want_h:
-        h = dh if h_over_dh and dh.dtype == g.dtype and dh.is_contiguous() else torch.empty_like(g)
+        h = dh if dh.dtype == g.dtype and dh.is_contiguous() else torch.empty_like(g)
     else:
         h = g
     n = g.numel()

@@ -69,7 +69,7 @@ def test_swiglu_backward_writes_the_recomputed_h_over_dh(rng_seed):
     (torch.nn.functional.silu(g64) * u64).backward(dh.double())
     dh_memory = dh.data_ptr()
     dg, du = torch.empty_like(g), torch.empty_like(u)
-    h = swiglu_backward(dh, g, u, dg, du, want_h=True, h_over_dh=True)
+    h = swiglu_backward(dh, g, u, dg, du, want_h=True)
     assert h.data_ptr() == dh_memory
     assert rel_err(h, torch.nn.functional.silu(g.double()) * u.double()) < 1e-5, rng_seed
     assert rel_err(dg, g64.grad) < 1e-5 and rel_err(du, u64.grad) < 1e-5, rng_seed

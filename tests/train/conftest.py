@@ -19,6 +19,13 @@ def task_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def four_layer_model_dir(tmp_path_factory) -> Path:
+    from worker.devtools.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
+
+
+@pytest.fixture(scope="session")
 def task_moe_model_dir(tmp_path_factory) -> Path:
     """A tiny Qwen3-MoE (8 experts, top-2) with the task model's tokenizer."""
     from worker.devtools.tiny import build_model

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, randomise_lora_b
 
 DIGITS = "0123456789"
 
@@ -252,3 +252,22 @@ def greedy(model: Any, tok: Any, prompt: str) -> str:
             pad_token_id=tok.pad_token_id,
         )
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def cpu_lora_model(model_dir: Path, **overrides: Any):
+    """The tiny model as ftw's trainer builds it on the CPU (its loader, checkpointing included, and its LoRA,
+    no dropout), every LoRA B randomised so each gradient path carries signal; one thread, so numbers repeat."""
+    import torch
+
+    from schemas.config import TrainingConfig
+    from worker.data.tokenizer import load_tokenizer
+    from worker.train.adapters import attach
+    from worker.train.model import load_model, resolve_precision
+
+    cpu = torch.device("cpu")
+    torch.set_num_threads(1)
+    cfg = TrainingConfig.model_validate(base_config(model_dir, lora_dropout=0.0, **overrides))
+    torch.manual_seed(0)
+    model = attach(load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, cpu), cpu), cfg)
+    randomise_lora_b(model, std=0.02)
+    return model.train()

@@ -9,26 +9,11 @@ preference/RL objectives and torch_compile get what they need (worker/train/mode
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from tests.conftest import randomise_lora_b
-from tests.train.helpers import base_config
+from tests.train.helpers import base_config, cpu_lora_model
 
 CPU = torch.device("cpu")
-
-
-def lora_model(model_dir, **overrides):
-    from schemas.config import TrainingConfig
-    from worker.data.tokenizer import load_tokenizer
-    from worker.train.adapters import attach
-    from worker.train.model import load_model, resolve_precision
-
-    cfg = TrainingConfig.model_validate(base_config(model_dir, lora_dropout=0.0, **overrides))
-    torch.manual_seed(0)
-    model = attach(load_model(cfg, load_tokenizer(cfg), resolve_precision(cfg, CPU), CPU), cfg)
-    randomise_lora_b(model, std=0.02)
-    return model.train()
 
 
 def graph_nodes(loss: torch.Tensor) -> int:
@@ -52,19 +37,11 @@ def loss_graph_and_grads(model) -> tuple[torch.Tensor, int, dict[str, torch.Tens
     return loss.detach(), nodes, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.fixture(scope="module")
-def four_layer_model_dir(tmp_path_factory):
-    from worker.devtools.tiny import build_model
-
-    return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
-
-
 def test_a_lone_process_checkpoints_reentrant_builds_one_node_a_layer_and_the_same_gradients(four_layer_model_dir):
-    torch.set_num_threads(1)
-    plain_loss, plain_nodes, plain = loss_graph_and_grads(lora_model(four_layer_model_dir))
-    loss, nodes, grads = loss_graph_and_grads(lora_model(four_layer_model_dir, gradient_checkpointing=True))
+    plain_loss, plain_nodes, plain = loss_graph_and_grads(cpu_lora_model(four_layer_model_dir))
+    loss, nodes, grads = loss_graph_and_grads(cpu_lora_model(four_layer_model_dir, gradient_checkpointing=True))
     kept = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    _, non_reentrant_nodes, non_reentrant = loss_graph_and_grads(lora_model(four_layer_model_dir, **kept))
+    _, non_reentrant_nodes, non_reentrant = loss_graph_and_grads(cpu_lora_model(four_layer_model_dir, **kept))
     layers = 4
     # the non-reentrant kind builds every op's node in forward (and recomputes them); the default builds
     # one per layer: what is left is the embedding, final norm and head around them

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import randomise_lora_b
-from tests.train.helpers import base_config, run_inprocess
+from tests.train.helpers import base_config, cpu_lora_model, run_inprocess
 from worker.train.offload import ActivationOffloader, HostCopies
 
 CPU = torch.device("cpu")
@@ -62,29 +62,6 @@ class QueuedCopies(HostCopies):
                 self.done += 1
 
 
-@pytest.fixture(scope="module")
-def four_layer_model_dir(tmp_path_factory):
-    from worker.devtools.tiny import build_model
-
-    return build_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
-
-
-def lora_model(model_dir, checkpointing: bool):
-    """The tiny model as ftw builds it: its loader (checkpointing included) and its LoRA."""
-    from schemas.config import TrainingConfig
-    from worker.data.tokenizer import load_tokenizer
-    from worker.train.adapters import attach
-    from worker.train.model import load_model, resolve_precision
-
-    torch.set_num_threads(1)
-    cfg = TrainingConfig.model_validate(base_config(model_dir, gradient_checkpointing=checkpointing, lora_dropout=0.0))
-    torch.manual_seed(0)
-    tok = load_tokenizer(cfg)
-    model = attach(load_model(cfg, tok, resolve_precision(cfg, CPU), CPU), cfg)
-    randomise_lora_b(model, std=0.02)  # every LoRA gradient path carries signal
-    return model.train()
-
-
 def batch_of(model, rows: int = 2, length: int = 32) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(1))
     return {"input_ids": ids, "labels": ids.clone()}
@@ -100,7 +77,7 @@ def loss_and_grads(model, batch, offloader: ActivationOffloader | None):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_gradients_are_exactly_those_without_offloading(four_layer_model_dir, checkpointing):
-    model = lora_model(four_layer_model_dir, checkpointing)
+    model = cpu_lora_model(four_layer_model_dir, gradient_checkpointing=checkpointing)
     batch = batch_of(model)
     ref_loss, ref = loss_and_grads(model, batch, None)
     for offloader in (ActivationOffloader(CPU), ActivationOffloader(CPU, min_bytes=1, keep_last=0, prefetch=3)):
@@ -115,7 +92,7 @@ def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_l
     sent = {}
     for checkpointing in (False, True):
         layer_inputs = []  # forward's, then the recomputation's
-        model = lora_model(four_layer_model_dir, checkpointing)
+        model = cpu_lora_model(four_layer_model_dir, gradient_checkpointing=checkpointing)
         copies = RecordingCopies()
         offloader = ActivationOffloader(CPU, keep_last=0, copies=copies)
         layers = model.get_base_model().model.layers
@@ -133,7 +110,7 @@ def test_with_checkpointing_each_layer_input_goes_to_host_and_little_else(four_l
 
 
 def test_parameters_their_views_and_small_tensors_stay(four_layer_model_dir):
-    model = lora_model(four_layer_model_dir, checkpointing=False)
+    model = cpu_lora_model(four_layer_model_dir)
     copies = RecordingCopies()
     offloader = ActivationOffloader(CPU, min_bytes=4096, keep_last=0, copies=copies)
     loss_and_grads(model, batch_of(model), offloader)
@@ -159,7 +136,7 @@ def test_a_tensor_saved_by_several_ops_goes_once():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_backward_waits_for_every_copy_and_fetches_ahead(four_layer_model_dir, checkpointing):
-    model = lora_model(four_layer_model_dir, checkpointing)
+    model = cpu_lora_model(four_layer_model_dir, gradient_checkpointing=checkpointing)
     batch = batch_of(model)
     ref_loss, ref = loss_and_grads(model, batch, None)
     copies = QueuedCopies()
@@ -176,7 +153,7 @@ def test_backward_waits_for_every_copy_and_fetches_ahead(four_layer_model_dir, c
 
 
 def test_host_buffers_are_reused_from_step_to_step_and_return_when_a_graph_is_dropped(four_layer_model_dir):
-    model = lora_model(four_layer_model_dir, checkpointing=True)
+    model = cpu_lora_model(four_layer_model_dir, gradient_checkpointing=True)
     batch = batch_of(model)
     offloader = ActivationOffloader(CPU, keep_last=0)
     loss_and_grads(model, batch, offloader)
