@@ -36,14 +36,29 @@ class Mode:
     e_max: float
     h0: float
     host_synced: bool = False  # the step waits for the host even in a bare loop
+    logits_cap: float | None = None  # the loss head's chunked logits: at most one chunk alive (bytes)
+    recompute_share: float = 1.0  # of the checkpointed forward's FLOPs that costs step time
 
     def efficiency(self, hidden: int) -> float:
         return self.e_max * hidden / (hidden + self.h0)
 
 
+FUSED_CE_CHUNK_BYTES = float(1 << 30)
+RECOMPUTE_SHARE_REENTRANT = 0.5
 MODES = {
     # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
-    "fused": Mode(act_hidden=8.0, act_intermediate=2.0, logits_bytes=1.0, e_max=0.642, h0=1011),
+    # (the fused cross-entropy computes 1 GiB of bf16 logits at a time and frees each chunk before the next:
+    # FUSED_CE_CHUNK_BYTES, kernels/ftw_kernels/cross_entropy.CHUNK_LOGITS_BYTES; reentrant checkpointing,
+    # ftw's default here, recomputes for about half what the FLOPs say: fitted on the rows of 2026-12-03)
+    "fused": Mode(
+        act_hidden=8.0,
+        act_intermediate=2.0,
+        logits_bytes=2.0,
+        e_max=0.642,
+        h0=1011,
+        logits_cap=FUSED_CE_CHUNK_BYTES,
+        recompute_share=RECOMPUTE_SHARE_REENTRANT,
+    ),
     # LoRA over a base PEFT prepares for k-bit training (8-bit: fp32 embeddings, norms and output layer), no fused
     # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
     "kbit": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
@@ -163,7 +178,7 @@ def memory_parts(w: Workload) -> dict[str, int]:
         "weights": int(weights / w.shards),
         "trainable_state": int(state / w.shards),
         "activations": int(activations),
-        "logits": int(tokens * s.vocab * mode.logits_bytes),
+        "logits": int(min(tokens * s.vocab * mode.logits_bytes, mode.logits_cap or float("inf"))),
         "overhead": OVERHEAD_BYTES,
     }
 
@@ -197,7 +212,7 @@ def flops_per_token(w: Workload) -> float:
     else:
         flops = 4 * frozen + 6 * w.lora_params + attention
         recompute = 2 * frozen + 2 * w.lora_params + attention / 3
-    return flops + (recompute if w.checkpointing else 0)
+    return flops + (recompute * MODES[w.mode].recompute_share if w.checkpointing else 0)
 
 
 def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
