@@ -4,11 +4,11 @@ A QLoRA projection keeps its base weight as a bitsandbytes `Params4bit` (nf4 or 
 format of the Hub's QLoRA checkpoints). The fused functions need it dense for two matmuls only: the
 forward's x·Wᵀ and the backward's dy·W. `dense` dequantises it for one matmul into a buffer shared
 by every layer of the device (one per dtype, as large as the largest weight), which the next
-dequantisation (on CUDA one Triton kernel, kernels/ftw_kernels/dequant_4bit.py) overwrites: ops on
-one CUDA stream run in order, so a matmul has read the buffer before the next weight is written into
-it. The functions keep the packed `Params4bit` for backward and dequantise again there, so autograd
-never holds a dequantised weight (PEFT's bitsandbytes path through `bnb.matmul_4bit` does not either,
-but it saves the adapters' fp32 input copies and runs every projection unfused).
+dequantisation overwrites: ops on one CUDA stream run in order, so a matmul has read the buffer
+before the next weight is written into it. The functions keep the packed `Params4bit` for backward
+and dequantise again there, so autograd never holds a dequantised weight (PEFT's bitsandbytes path
+through `bnb.matmul_4bit` does not either, but it saves the adapters' fp32 input copies and runs
+every projection unfused).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return weight.to(dtype)
     from bitsandbytes.functional import dequantize_4bit
 
-    from ftw_kernels.dequant_4bit import dequantise_into
-
     state = weight.quant_state  # type: ignore[attr-defined]  # a bitsandbytes Params4bit
     if weight.device.type != "cuda":  # bitsandbytes' CPU backend has no `out=` variant
         return dequantize_4bit(weight, state).to(dtype)
@@ -48,4 +46,4 @@ def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     buffer = _BUFFERS.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = _BUFFERS[key] = torch.empty(numel, dtype=state.dtype, device=weight.device)
-    return dequantise_into(weight, buffer[:numel].view(state.shape)).to(dtype)
+    return dequantize_4bit(weight, state, out=buffer[:numel].view(state.shape)).to(dtype)

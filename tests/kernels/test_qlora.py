@@ -200,36 +200,3 @@ def test_dense_matches_bitsandbytes_dequantisation() -> None:
     assert torch.equal(dense(weight, torch.float32), expected.float())
     plain = torch.randn(3, 4)
     assert dense(plain, torch.bfloat16).dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("nested", [True, False], ids=["nested", "flat"])
-@pytest.mark.parametrize("shape", [(48, 320), (5, 7)], ids=["even", "odd-count"])
-def test_triton_dequantisation_is_bitsandbytes_arithmetic(quant_type: str, nested: bool, shape) -> None:
-    """The one-kernel dequantisation `dense` runs on CUDA gives bitsandbytes' values: exactly in fp32, and in
-    bf16 exactly on CUDA (the interpreter's bf16 cast truncates where CUDA's rounds: one unit there)."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    from ftw_kernels.dequant_4bit import dequantise_into
-
-    torch.manual_seed(1)
-    # bitsandbytes 0.50.2's CPU backend dequantises blocksizes other than 64 wrongly (its own round trip is off
-    # by more than the quantisation step): larger blocks are checked on CUDA only
-    blocksizes = (64, 128) if DEVICE == "cuda" else (64,)
-    for dtype, blocksize in ((d, b) for d in (torch.float32, torch.bfloat16) for b in blocksizes):
-        packed, state = quantize_4bit(
-            (torch.randn(*shape) * 3).to(dtype).to(DEVICE),
-            blocksize=blocksize,
-            compress_statistics=nested,
-            quant_type=quant_type,
-        )
-        packed.quant_state = state
-        expected = dequantize_4bit(packed, state)
-        out = dequantise_into(packed, torch.full(shape, float("nan"), dtype=dtype, device=DEVICE))
-        if dtype == torch.float32 or DEVICE == "cuda":
-            assert torch.equal(out, expected), (dtype, blocksize)
-        else:
-            ulp = expected.float().abs() * 2.0**-7
-            assert ((out.float() - expected.float()).abs() <= ulp).all()
-    with pytest.raises(ValueError, match="contiguous"):
-        dequantise_into(packed, torch.empty(shape[1], shape[0], dtype=dtype, device=DEVICE).t())
