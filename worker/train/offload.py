@@ -6,8 +6,8 @@
     loss.backward()                                         # they come back, each fetched ahead
 
 Switched on by `activation_offloading: true` or `gradient_checkpointing: offload` (worker/train/
-trainer.py). With gradient checkpointing (HF's non-reentrant kind, as ftw enables it) the only
-tensors saved outside the checkpointed layers are each layer's input and the loss head's, so those
+trainer.py). With gradient checkpointing (HF's, of either kind: worker/train/model.checkpointing_kwargs) the
+only tensors saved outside the checkpointed layers are each layer's input and the loss head's, so those
 are what move: Llama-3.1-8B at 4 × 2048 tokens, 32 layer inputs of 64 MiB, 2 GiB off the GPU.
 
 Why not `torch.autograd.graph.save_on_cpu`: its copies run on the compute stream, so each one, out
