@@ -281,6 +281,15 @@ class TrainingConfig(Frozen):
             return "ipo"
         return self.rl
 
+    def checkpoints_reentrant(self, moe: bool, distributed: bool) -> bool:
+        """Whether gradient checkpointing recomputes with torch's reentrant kind: as the config's own
+        `gradient_checkpointing_kwargs` say (transformers' default when they omit it: reentrant), else only for
+        supervised training of a dense model in one process, not compiled (worker/train/model.checkpointing_kwargs
+        says why; the estimate prices the two kinds' recompute differently)."""
+        if self.gradient_checkpointing_kwargs:
+            return bool(self.gradient_checkpointing_kwargs.get("use_reentrant", True))
+        return not moe and not distributed and self.rl_method() is None and self.torch_compile is False
+
     def rl_beta_value(self) -> float:
         """axolotl's order: trl.beta, rl_beta, orpo_alpha (TRL's ORPO calls λ beta), else TRL's 0.1 (GRPO: 0.0)."""
         for value in (self.trl.beta if self.trl else None, self.rl_beta, self.orpo_alpha):

@@ -48,7 +48,10 @@ def predict(
     sharded = bool(
         cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3"))
     )
-    w = workload_of(cfg, shape, dataset_size(cfg, env)).replace(shards=max(gpu_count, 1) if sharded else 1)
+    w = workload_of(cfg, shape, dataset_size(cfg, env)).replace(
+        shards=max(gpu_count, 1) if sharded else 1,
+        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=gpu_count > 1),  # DDP/FSDP: not
+    )
     return Prediction(w, peak_bytes(w), weight_bytes(w))
 
 

@@ -37,7 +37,7 @@ class Mode:
     h0: float
     host_synced: bool = False  # the step waits for the host even in a bare loop
     logits_cap: float | None = None  # the loss head's chunked logits: at most one chunk alive (bytes)
-    recompute_share: float = 1.0  # of the checkpointed forward's FLOPs that costs step time
+    recompute_share: float = 1.0  # of a reentrant checkpointed forward's FLOPs that costs step time
 
     def efficiency(self, hidden: int) -> float:
         return self.e_max * hidden / (hidden + self.h0)
@@ -98,6 +98,7 @@ class Workload:
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
     fp8_base: bool = False  # fp8_base_weights: the decoder layers' Linears stored as float8 (1 byte a weight)
+    reentrant: bool = True  # checkpointing's kind (TrainingConfig.checkpoints_reentrant): its recompute's cost
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
 
     @property
@@ -212,7 +213,8 @@ def flops_per_token(w: Workload) -> float:
     else:
         flops = 4 * frozen + 6 * w.lora_params + attention
         recompute = 2 * frozen + 2 * w.lora_params + attention / 3
-    return flops + (recompute * MODES[w.mode].recompute_share if w.checkpointing else 0)
+    share = MODES[w.mode].recompute_share if w.reentrant else 1.0
+    return flops + (recompute * share if w.checkpointing else 0)
 
 
 def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:

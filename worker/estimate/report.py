@@ -137,6 +137,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
         micro_tokens=micro_tokens,
         data_tokens=data.tokens if packed and data.tokens else None,
         fp8_base=cfg.fp8_base_weights,
+        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=False),  # one GPU: the estimate's
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
     )
 

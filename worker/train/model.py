@@ -129,8 +129,7 @@ def checkpointing_kwargs(cfg: TrainingConfig, model) -> dict:
     if cfg.gradient_checkpointing_kwargs:
         return cfg.gradient_checkpointing_kwargs
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    supervised_dense = not is_moe(model) and cfg.rl_method() is None
-    return {"use_reentrant": supervised_dense and not distributed and cfg.torch_compile is False}
+    return {"use_reentrant": cfg.checkpoints_reentrant(moe=is_moe(model), distributed=distributed)}
 
 
 def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
