@@ -23,7 +23,15 @@ from schemas.optimizers import OPTIMIZERS
 from worker.estimate.data_tokens import DatasetSize, dataset_size
 from worker.estimate.devices import CONTEXT_HEADROOM
 from worker.estimate.gpus import GpuType, gpu_table
-from worker.estimate.model import PACKED_FILL, GiB, Workload, micro_batch_seconds, peak_bytes, tokens_per_s
+from worker.estimate.model import (
+    PACKED_FILL,
+    GiB,
+    Workload,
+    micro_batch_seconds,
+    peak_bytes,
+    slower_settings,
+    tokens_per_s,
+)
 from worker.estimate.shapes import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count, resolve_shape
 
 STARTUP_S = 45.0  # imports, tokenizer and model set-up, first step's kernel compilation (H200 job, docs/benchmarks.md)
@@ -196,6 +204,7 @@ def estimate(
             "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not "
             "given; set max_steps or pass --tokens N"
         )
+    est.notes.extend(slower_settings(w))
     if w.mode == "hf" and w.method == "full":
         est.notes.append(
             "full fine-tuning is not calibrated (no measured row): its figures come from the kernels-off LoRA rows"
