@@ -45,13 +45,7 @@ def predict(
     shape = shape if shape is not None and shape.layers else known_shape(cfg.base_model)
     if shape is None:
         return None
-    sharded = bool(
-        cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3"))
-    )
-    w = workload_of(cfg, shape, dataset_size(cfg, env)).replace(
-        shards=max(gpu_count, 1) if sharded else 1,
-        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=gpu_count > 1),  # DDP/FSDP: not
-    )
+    w = workload_of(cfg, shape, dataset_size(cfg, env), gpu_count)
     return Prediction(w, peak_bytes(w), weight_bytes(w))
 
 

@@ -112,7 +112,12 @@ def fits_in(peak: int, memory_bytes: float) -> bool:
 
 
 # ---- from a config to a workload -------------------------------------------------------------
-def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Workload:
+def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_count: int = 1) -> Workload:
+    """What one micro-batch of `cfg` costs on each of `gpu_count` GPUs: FSDP / ZeRO-3 split the weights over them,
+    and several GPUs checkpoint with the non-reentrant kind (TrainingConfig.checkpoints_reentrant)."""
+    sharded = bool(
+        cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3"))
+    )
     method = (
         "full"
         if cfg.is_full_finetune()
@@ -145,7 +150,8 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize) -> Wo
         micro_tokens=micro_tokens,
         data_tokens=data.tokens if packed and data.tokens else None,
         fp8_base=cfg.fp8_base_weights,
-        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=False),  # one GPU: the estimate's
+        shards=max(gpu_count, 1) if sharded else 1,
+        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=gpu_count > 1),
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
     )
 
