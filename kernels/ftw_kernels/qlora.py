@@ -2,20 +2,24 @@
 
 A QLoRA projection keeps its base weight as a bitsandbytes `Params4bit` (nf4 or fp4, the storage
 format of the Hub's QLoRA checkpoints). The fused functions need it dense for two matmuls only: the
-forward's x·Wᵀ and the backward's dy·W. `dense` dequantises it for one matmul into a buffer shared
-by every layer of the device (one per dtype, as large as the largest weight), which the next
-dequantisation overwrites: ops on one CUDA stream run in order, so a matmul has read the buffer
-before the next weight is written into it. The functions keep the packed `Params4bit` for backward
-and dequantise again there, so autograd never holds a dequantised weight (PEFT's bitsandbytes path
-through `bnb.matmul_4bit` does not either, but it saves the adapters' fp32 input copies and runs
-every projection unfused).
+forward's x·Wᵀ and the backward's dy·W. `dense` dequantises it (kernels/ftw_kernels/dequant.py, one
+Triton launch) into a small cache of the most recently used weights, bounded by `keep_recent`: one
+decoder layer's worth when the registry sets it. With checkpointing a layer's backward comes right
+after its recomputed forward, so its seven weights are still there: each is dequantised twice per
+step instead of three times. Without checkpointing the cache costs one layer's weights and saves
+the last layer's backward. The functions keep the packed `Params4bit` for backward, so autograd never
+holds a dequantised weight; the cache is bounded and shared, not per saved activation. Ops on one
+CUDA stream run in order, so a matmul has read an evicted weight before its memory is reused.
 """
 
 from __future__ import annotations
 
-import torch
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
-_BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+import torch
 
 
 def is_4bit(weight: torch.Tensor) -> bool:
@@ -31,19 +35,89 @@ def usable(weight: torch.Tensor) -> bool:
     return weight.is_floating_point()
 
 
+def dense_bytes(weight: torch.Tensor) -> int:
+    """The bytes of a 4-bit weight's dequantised form (0 for any other weight)."""
+    if not is_4bit(weight):
+        return 0
+    state = weight.quant_state  # type: ignore[attr-defined]  # a bitsandbytes Params4bit
+    return state.shape.numel() * state.dtype.itemsize
+
+
+@dataclass
+class _RecentWeights:
+    """Dequantised weights, least recently used first, evicted beyond `capacity` bytes (the newest always stays)."""
+
+    capacity: int = 0
+    entries: OrderedDict[int, tuple[weakref.ref, torch.Tensor]] = field(default_factory=OrderedDict)
+    held: int = 0
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        entry = self.entries.get(id(weight))
+        if entry is None or entry[0]() is not weight:
+            return None
+        self.entries.move_to_end(id(weight))
+        return entry[1]
+
+    def make_room(self, weight: torch.Tensor, nbytes: int) -> None:
+        """Evict `weight`'s stale entry and the oldest ones until `nbytes` more fit (all of them when they never do)."""
+        self.evict(id(weight))
+        while self.entries and self.held + nbytes > self.capacity:
+            self.evict(next(iter(self.entries)))
+
+    def put(self, weight: torch.Tensor, values: torch.Tensor) -> None:
+        self.entries[id(weight)] = (weakref.ref(weight), values)
+        self.held += values.numel() * values.element_size()
+
+    def evict(self, key: int) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.held -= entry[1].numel() * entry[1].element_size()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.held = 0
+
+
+_RECENT: dict[tuple[torch.device, torch.dtype], _RecentWeights] = {}
+_CAPACITY = 0
+
+
+def keep_recent(nbytes: int) -> None:
+    """Keep up to `nbytes` of recently dequantised weights per device and dtype (0: only the last one);
+    the registry sets one decoder layer's 4-bit weights. Drops what is cached."""
+    global _CAPACITY
+    _CAPACITY = nbytes
+    for recent in _RECENT.values():
+        recent.clear()
+        recent.capacity = nbytes
+
+
+def _by_triton(weight: torch.Tensor) -> bool:
+    """The Triton kernel serves CUDA, and CPU tensors under Triton's interpreter (the kernel tests);
+    otherwise bitsandbytes' CPU backend dequantises."""
+    from ftw_kernels.dequant import supported
+
+    on_triton = weight.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_triton and supported(weight)
+
+
 def dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype` for one matmul. A 4-bit weight is dequantised into the device's shared
-    buffer: the result is valid until the next call on that device, so use it at once, never save it."""
+    """`weight` in `dtype` for a matmul. A 4-bit weight comes from the cache of recent ones: valid until
+    `keep_recent`'s bound evicts it, so use it at once and never save it."""
     if not is_4bit(weight):
         return weight.to(dtype)
-    from bitsandbytes.functional import dequantize_4bit
-
     state = weight.quant_state  # type: ignore[attr-defined]  # a bitsandbytes Params4bit
-    if weight.device.type != "cuda":  # bitsandbytes' CPU backend has no `out=` variant
+    if not _by_triton(weight):
+        from bitsandbytes.functional import dequantize_4bit
+
         return dequantize_4bit(weight, state).to(dtype)
-    numel = state.shape.numel()
+    from ftw_kernels.dequant import dequantize_4bit as triton_dequantize_4bit
+
     key = (weight.device, state.dtype)
-    buffer = _BUFFERS.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _BUFFERS[key] = torch.empty(numel, dtype=state.dtype, device=weight.device)
-    return dequantize_4bit(weight, state, out=buffer[:numel].view(state.shape)).to(dtype)
+    recent = _RECENT.setdefault(key, _RecentWeights(_CAPACITY))
+    values = recent.get(weight)
+    if values is None:
+        recent.make_room(weight, dense_bytes(weight))  # before allocating: the evicted memory is reused
+        values = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
+        recent.put(weight, triton_dequantize_4bit(weight, values))
+    return values.to(dtype)

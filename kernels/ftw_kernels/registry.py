@@ -10,8 +10,9 @@ on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_ke
 `lora_qkv_kernel`, `lora_o_kernel` (None: follow use_kernels; false: off).
 
 QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: their base weights are
-bitsandbytes 4-bit tensors, dequantised per matmul into one shared buffer (kernels/ftw_kernels/qlora.py) and never
-kept dense for backward; the applied list then names `dequant_4bit` after the fused projections.
+bitsandbytes 4-bit tensors, dequantised by one Triton kernel into a cache bounded by one decoder layer's weights
+(kernels/ftw_kernels/qlora.py) and never kept dense for backward; the applied list then names `dequant_4bit` after
+the fused projections.
 
 `fp8_base_weights: true` stores the frozen Linears of the attention and MLP modules as float8 with per-channel
 scales and runs their matmuls as `torch._scaled_mm` (kernels/ftw_kernels/fp8.py): the applied list names
@@ -195,7 +196,24 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
     }
     applied = patches.apply_family(base, family, wanted)
     if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied) and any(qlora.is_4bit(p) for p in base.parameters()):
+        qlora.keep_recent(_largest_layer_4bit_bytes(base))
         applied.append("dequant_4bit")
     if config.fp8_base_weights and patches.install_fp8_base(base, family):
         applied.append("fp8_base")
     return applied
+
+
+def _largest_layer_4bit_bytes(base: Any) -> int:
+    """The dequantised bytes of the decoder layer (`….layers.<i>.…`) with the most 4-bit weights: the bound of
+    QLoRA's cache of recent weights (kernels/ftw_kernels/qlora.py), so that a checkpointed layer's backward finds
+    the weights its recomputed forward dequantised."""
+    import re
+
+    import ftw_kernels.qlora as qlora
+
+    per_layer: dict[str, int] = {}
+    for name, p in base.named_parameters():
+        found = re.search(r"\.layers\.(\d+)\.", f".{name}")
+        if found:
+            per_layer[found.group(1)] = per_layer.get(found.group(1), 0) + qlora.dense_bytes(p)
+    return max(per_layer.values(), default=0)

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from ftw_kernels import apply_kernels  # noqa: E402
-from ftw_kernels.qlora import dense, is_4bit  # noqa: E402
+from ftw_kernels.qlora import is_4bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
 from tests.conftest import randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
@@ -47,7 +47,7 @@ def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=128,  # whole 64-value blocks per row: bitsandbytes' CPU kernel mis-reads blocks across rows
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -188,15 +188,3 @@ def test_bf16_fp8_matmuls_over_the_4bit_base_run_scaled_mm_and_follow_peft() -> 
     assert rel_err(loss, ref_loss) < 1e-2
     flat, ref_flat = (torch.cat([g[n].float().flatten() for n in sorted(g)]) for g in (grads, ref_grads))
     assert torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0) > 0.99
-
-
-def test_dense_matches_bitsandbytes_dequantisation() -> None:
-    model = tiny_qlora(torch.bfloat16)
-    weight = model.get_base_model().model.layers[0].mlp.down_proj.weight
-    from bitsandbytes.functional import dequantize_4bit
-
-    expected = dequantize_4bit(weight, weight.quant_state)
-    assert torch.equal(dense(weight, torch.bfloat16), expected)
-    assert torch.equal(dense(weight, torch.float32), expected.float())
-    plain = torch.randn(3, 4)
-    assert dense(plain, torch.bfloat16).dtype == torch.bfloat16
