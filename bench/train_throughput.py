@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,17 +153,25 @@ def run_arm(a: argparse.Namespace) -> dict:
 
         offloader = ActivationOffloader(torch.device("cuda"))
 
+    host_s = dict(forward=0.0, backward=0.0, optimizer=0.0)  # the host's time per phase (launches, no sync)
+
     def step(batch):
+        t0 = time.perf_counter()
         with offloader.saving() if offloader else contextlib.nullcontext():
             loss = model(**batch, use_cache=False).loss
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for phase, seconds in zip(host_s, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            host_s[phase] += seconds
         return loss.detach()
 
     torch.cuda.reset_peak_memory_stats()
     for b, _ in batches[: a.warmup]:
         losses.append(step(b))
+    host_s.update(dict.fromkeys(host_s, 0.0))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for b, _ in batches[a.warmup :]:
@@ -170,6 +179,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     end.record()
     torch.cuda.synchronize()
     seconds = start.elapsed_time(end) / 1e3
+    syncs = sync_sites(step, batches[-1][0])
     if a.profile:
         profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile)
     tokens = a.steps * a.mbs * a.seq
@@ -195,7 +205,39 @@ def run_arm(a: argparse.Namespace) -> dict:
         losses=[round(float(x), 5) for x in losses] if a.keep_losses else None,
         kernels=applied,
         offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None,
+        step_ms=round(seconds * 1e3 / a.steps, 1),
+        host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
+        host_syncs=syncs,
     )
+
+
+def sync_sites(step, batch) -> dict[str, int]:
+    """Where one more step makes the host wait for the GPU (torch's sync debug mode): the innermost
+    frames outside torch → count. A step without any lets the host run ahead; each one drains the queue."""
+    import traceback
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    sites: dict[str, int] = {}
+
+    def record(message, *_args, **_kwargs):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
+        site = " < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(frames[-3:]))
+        sites[site] = sites.get(site, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
 
 
 def profile_steps(step, batches, path: str) -> None:
