@@ -22,25 +22,9 @@ from schemas.config import TrainingConfig  # noqa: E402
 from tests.conftest import randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
+from worker.train.warmup import quantise_linears  # noqa: E402  # what load_in_4bit builds, on any device
 
 FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
-
-
-def quantise_linears(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Every Linear but the output layer as a bitsandbytes nf4 Linear4bit (double quantisation,
-    storage in `dtype`), what `load_in_4bit` builds on a GPU."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear or name == "lm_head":
-                continue
-            layer = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=False, compute_dtype=dtype, quant_storage=dtype
-            )
-            layer.weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, quant_storage=dtype
-            )
-            setattr(parent, name, layer.to(child.weight.device))  # .to quantises
-    model.is_loaded_in_4bit = True  # PEFT then wraps them in its bitsandbytes LoRA layers
 
 
 def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> torch.nn.Module:
@@ -55,7 +39,7 @@ def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) 
         vocab_size=VOCAB,
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(DEVICE)
-    quantise_linears(model, dtype)
+    quantise_linears(model, "nf4", True, dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -129,11 +129,12 @@ def test_a_bf16_4bit_base_stays_bf16(dtype: torch.dtype) -> None:
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tests.kernels.test_qlora import qlora_config, quantise_linears
+    from tests.kernels.test_qlora import qlora_config
+    from worker.train.warmup import quantise_linears
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    quantise_linears(model, dtype)
+    quantise_linears(model, "nf4", True, dtype)
     model = attach(model, qlora_config(base_model="/m", datasets=[{"path": "d.jsonl", "type": "completion"}]))
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains and all("lora_" in n for n in trains)

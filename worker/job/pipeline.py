@@ -41,6 +41,7 @@ from worker.job.result import failure_result, internal_error, invalid_job, raw_r
 from worker.job.rundir import RunDir, RunFolder, open_folder, write_json_atomic
 from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir, run_stage, stage_failure
 from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
+from worker.job.warmup import KernelWarmup
 from worker.publish import PublishPlan
 from worker.train.summary import TrainSummary
 
@@ -180,12 +181,16 @@ class JobPipeline:
             self.checks(run.state)
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
-        # a Hub base model downloads beside preprocessing
-        with ModelPrefetch.beside(self.job.config, self.stage_env(), run.logs, self.redactor, untrained) as prefetch:
+        # a Hub base model downloads, and the job's kernels compile, beside preprocessing
+        env, gpus, template = self.stage_env(), self.gpu_count, self.template
+        with (
+            ModelPrefetch.beside(self.job.config, env, run.logs, self.redactor, untrained) as prefetch,
+            KernelWarmup.beside(self.job.config, config_path, env, gpus, template, run.logs, self.redactor, untrained),
+        ):
             prepared = self.preprocess(run, config_path)
             if prefetch is not None:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)
-            metrics = self.train(run, config_path, prepared)
+        metrics = self.train(run, config_path, prepared)
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {

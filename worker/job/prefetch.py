@@ -18,8 +18,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from schemas.paths import is_local, is_remote
+from worker.job.side_child import SideChild
 from worker.job.updates import ProgressSink, stage_update
 
 if TYPE_CHECKING:  # the child imports this module: it needs huggingface_hub, not pydantic's config
@@ -59,21 +58,8 @@ def files_to_fetch(names: list[str]) -> list[str]:
     return sorted([n for n in top if n.endswith(".json")] + weights)
 
 
-class ModelPrefetch:
+class ModelPrefetch(SideChild):
     """The running download child of one job."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, redactor: Redactor):
-        self.proc, self.log, self.redactor = proc, log, redactor
-        self.output: list[bytes] = []
-        self.kept = False
-        # read as it comes, so a chatty child never blocks on a full pipe; written out redacted at the end
-        self.reader = threading.Thread(target=self._read, name="prefetch-output", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
 
     @classmethod
     def start(cls, cfg: TrainingConfig, env: Mapping[str, str], log: Path, redactor: Redactor) -> ModelPrefetch | None:
@@ -85,11 +71,9 @@ class ModelPrefetch:
         argv = [sys.executable, "-m", "worker.job.prefetch", name]
         if cfg.revision_of_model:
             argv += ["--revision", cfg.revision_of_model]
-        child_env = {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # its own "bytes" lines say how far it is
-        proc = subprocess.Popen(
-            argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        return cls(proc, log, redactor)
+        # a fresh interpreter, not the stage template: the download starts before the template's imports end
+        proc, output = cls.launch(argv, {**env, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})  # its "bytes" lines say how far
+        return cls(proc, output, log, redactor, noise=PROGRESS)
 
     @classmethod
     @contextlib.contextmanager
@@ -115,17 +99,10 @@ class ModelPrefetch:
             message = ""
             if stop.wait(0.5):
                 stop.check("while the base model was downloading")
-        self._keep_output()
+        self.keep_output()
         if self.proc.returncode != 0:
             log.warning("%s; the train stage downloads what is missing", self.last_line())
         return self.proc.returncode == 0
-
-    def close(self) -> None:
-        """Kill the child if it still runs, and keep what it printed (redacted) in its log."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the download's threads go with it
-            self.proc.wait()
-        self._keep_output()
 
     def bytes_so_far(self) -> tuple[int | None, int | None]:
         """(done, total) of the child's newest progress line."""
@@ -134,22 +111,6 @@ class ModelPrefetch:
                 done, total = line[len(PROGRESS) :].split()
                 return int(done), int(total)
         return None, None
-
-    def _keep_output(self) -> None:
-        """Once the child has ended: its output, redacted, in its log (once; an earlier attempt's is replaced)."""
-        if self.kept:
-            return
-        self.kept = True
-        self.reader.join()  # the pipe's end came with the child's
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        text = b"".join(line for line in self.output if not line.startswith(PROGRESS)).decode(errors="replace")
-        self.log.write_text(self.redactor.text(text), encoding="utf-8")
-
-    def last_line(self) -> str:
-        """The child's last line of its own (not a progress line), redacted: why it failed."""
-        lines = [line for line in self.output if line.strip() and not line.startswith(PROGRESS)]
-        last = lines[-1].decode(errors="replace").strip() if lines else f"exit code {self.proc.returncode}"
-        return self.redactor.text(last)
 
 
 def report_bytes(repo_id: str, total: int) -> None:

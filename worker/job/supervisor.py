@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,19 +180,25 @@ def next_attempt_dir(log_root: Path, name: str) -> Path:
 
 
 def start_child(stage: Stage, env: dict[str, str], out_w: int, err_w: int) -> subprocess.Popen[bytes] | ForkedChild:
-    """The child in its own session, dying with us: forked from the stage template when there is
+    return start_process(stage.argv, env, stage.template, out_w, err_w)
+
+
+def start_process(
+    argv: list[str], env: Mapping[str, str], template: StageTemplate | None, out_w: int, err_w: int
+) -> subprocess.Popen[bytes] | ForkedChild:
+    """A child in its own session, dying with us: forked from the stage template when there is
     one that can run the command, else a fresh interpreter."""
-    if stage.template is not None and runnable_in_place(stage.argv):
+    if template is not None and runnable_in_place(argv):
         try:
-            return stage.template.spawn(stage.argv, env, out_w, err_w)
+            return template.spawn(argv, env, out_w, err_w)
         except OSError as e:  # a dead template costs the imports, not the job
             os.write(err_w, f"ftw: stage template unavailable ({e}); starting a fresh process\n".encode())
     return subprocess.Popen(
-        stage.argv,
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=out_w,
         stderr=err_w,
-        env=env,
+        env=dict(env),
         start_new_session=True,
         close_fds=True,
         preexec_fn=die_with_parent(),

@@ -70,7 +70,7 @@ def _quantization(cfg: TrainingConfig, precision: Precision):
 
 def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: torch.device):
     """The base model on `device` (before adapters), embeddings resized to the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if (cfg.load_in_4bit or cfg.load_in_8bit) and device.type != "cuda":  # the checks saw a GPU torch cannot use
         raise JobSpecError(
@@ -79,14 +79,9 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
         )
     quant = _quantization(cfg, precision)
     try:
-        model_config = AutoConfig.from_pretrained(
-            **pretrained_source(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code
-        )
-        for key, value in (cfg.overrides_of_model_config or {}).items():
-            setattr(model_config, key, value)
         model = AutoModelForCausalLM.from_pretrained(
             **pretrained_source(cfg.base_model, cfg),
-            config=model_config,
+            config=model_config(cfg),
             dtype=precision.load_dtype,
             attn_implementation=cfg.attention_backend(),
             quantization_config=quant,
@@ -100,13 +95,31 @@ def load_model(cfg: TrainingConfig, tokenizer, precision: Precision, device: tor
         ) from e
     if model.device != device and quant is None:
         model.to(device)
+    prepare_for_training(cfg, model, tokenizer)
+    return model
+
+
+def model_config(cfg: TrainingConfig):
+    """The base model's transformers config with the job's `overrides_of_model_config`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        **pretrained_source(cfg.base_model_config or cfg.base_model, cfg), trust_remote_code=cfg.trust_remote_code
+    )
+    for key, value in (cfg.overrides_of_model_config or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def prepare_for_training(cfg: TrainingConfig, model, tokenizer) -> None:
+    """What every base model gets before its adapter: the tokenizer's embeddings, the experts' dispatch,
+    no KV cache, and the config's checkpointing."""
     resize_embeddings(cfg, model, tokenizer)
     set_experts_dispatch(model, cfg)
     model.config.use_cache = False  # no KV cache in training
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg, model))
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    return model
 
 
 def checkpointing_kwargs(cfg: TrainingConfig, model) -> dict:

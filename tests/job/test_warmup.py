@@ -1,0 +1,82 @@
+"""The kernel warm-up beside preprocessing and the model's download (worker/job/warmup.py): it runs where the
+first step compiles kernels, finishes inside the download's time, is stopped (with everything it started)
+when the train stage starts, and a warm-up that cannot run costs the job nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+from schemas.config import TrainingConfig
+from schemas.secrets import Redactor
+from tests.job.conftest import example_job
+from tests.job.test_prefetch import CONFIG, hub_model  # noqa: F401  # the fixture: the tiny model on the local Hub
+from worker.job.pipeline import run_job
+from worker.job.warmup import KernelWarmup, compiles_kernels
+
+
+def cfg(**kw) -> TrainingConfig:
+    return TrainingConfig.model_validate({"base_model": "org/model", "learning_rate": 1e-4, **kw})
+
+
+def test_it_runs_where_the_first_step_compiles_kernels():
+    assert compiles_kernels(cfg(), gpus=1)  # ftw's Triton kernels
+    assert not compiles_kernels(cfg(use_kernels=False), gpus=1)
+    assert compiles_kernels(cfg(use_kernels=False, torch_compile=True), gpus=1)
+    assert not compiles_kernels(cfg(), gpus=0)  # the CPU runs no Triton kernel
+    assert compiles_kernels(cfg(torch_compile=True), gpus=0)  # Inductor's, on the CPU
+    assert not compiles_kernels(cfg(torch_compile="auto"), gpus=0)  # auto compiles on a GPU only
+
+
+def test_it_is_not_started_when_off_useless_or_blind(tmp_path):
+    def start(config: TrainingConfig, gpus: int = 1, **env: str):
+        return KernelWarmup.start(config, tmp_path / "c.json", env, gpus, None, tmp_path / "w.log", Redactor([]))
+
+    assert start(cfg(), FTW_KERNEL_WARMUP="0") is None
+    assert start(cfg(), gpus=0) is None
+    assert start(cfg(base_model="s3://bucket/model")) is None  # no config to read before the train stage fetches it
+    assert not (tmp_path / "w.log").exists()
+
+
+def test_stopping_it_kills_it_and_keeps_its_output_redacted(tmp_path):
+    script = "import time; print('compiling with secret-token-123', flush=True); time.sleep(120)"
+    warmup = KernelWarmup(
+        [sys.executable, "-c", script], dict(os.environ), None, tmp_path / "warmup.log", Redactor(["secret-token-123"])
+    )
+    deadline = time.monotonic() + 30
+    while not (warmup.child and warmup.child.output) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = warmup.child.proc.pid
+    warmup.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    log = (tmp_path / "warmup.log").read_text()
+    assert "compiling with" in log and "secret-token-123" not in log
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, hub_model):  # noqa: F811
+    """On the CPU, torch_compile is what compiles (its eager backend here: the trace without Inductor's
+    minutes); the slowed download leaves the warm-up its time, and it ends before the train stage starts."""
+    endpoint, token = hub_server
+    hub = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(demo_volume / "hf-home")}
+    config = {**CONFIG, "base_model": hub_model, "torch_compile": True, "torch_compile_backend": "eager"}
+    hub_server.file_bytes_per_s = 96 * 1024  # the weights (1.6 MiB) take ~17 s
+    try:
+        result = run_job({"input": example_job(run_id="warm", config=config)}, env={**os.environ, **hub})
+    finally:
+        hub_server.file_bytes_per_s = None
+    assert result["status"] == "completed", result
+    logs = demo_volume / "runs" / "warm" / "logs"
+    warm_log = (logs / "warmup.log").read_text()
+    assert "kernel warm-up done" in warm_log and token not in warm_log
+    events = [json.loads(x) for x in (logs / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
+    loading = next(e["ts"] for e in events if e.get("event") == "loading")
+    assert (logs / "warmup.log").stat().st_mtime <= loading  # it had ended when the train child began
+    names = ["name", "cmdline"]  # a child forked from the stage template is named after its module
+    warming = [p for p in psutil.process_iter(names) if "worker.train.wa" in f"{p.info['name']} {p.info['cmdline']}"]
+    assert not warming

@@ -1,0 +1,154 @@
+"""The job's kernels compiled while its data is prepared: the kernel warm-up child.
+
+A job's first step compiles every kernel it runs that the compile caches do not hold yet (Triton's and
+Inductor's, on the volume: worker/job/children.compile_cache_env): a quarter of a fresh worker's time to
+first step on an H200 for ftw's Triton kernels, and most of it under `torch_compile` — paid after
+preprocessing, on the GPU-seconds the user buys. This child runs beside the preprocess stage
+(worker/job/warmup.py starts it and stops it when preprocessing ends). It builds the job's model with one
+decoder layer and random weights (the model's config alone: no weights are downloaded or read), 4-bit as
+`load_in_4bit` loads it, with the job's adapter and kernels as the train stage puts them on, compiled as
+`torch_compile` asks, and runs one forward and backward on a batch of the job's shape. What it compiles
+lands in the caches the train stage then reads; what it has not finished when preprocessing ends, the
+train stage compiles as before. Nothing it does can fail the job: its exit code and output go to
+logs/warmup.log.
+
+    python -m worker.train.warmup RUN_DIR/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from schemas.config import TrainingConfig
+from worker.data.tokenizer import load_tokenizer
+from worker.train.adapters import attach
+from worker.train.batches import collate
+from worker.train.model import apply_kernel_patches, model_config, prepare_for_training, resolve_precision
+
+log = logging.getLogger("ftw.warmup")
+
+
+def one_layer(config):
+    """A copy of a transformers model config with one decoder layer (per-layer lists cut to match)."""
+    layers = config.num_hidden_layers
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == layers > 1:  # layer_types and the like
+            setattr(small, key, value[:1])
+    return small
+
+
+def quantise_linears(model: torch.nn.Module, quant_type: str, double_quant: bool, storage: torch.dtype) -> None:
+    """Every Linear but the output layer as a bitsandbytes Linear4bit (what `load_in_4bit` loads: the output layer
+    stays in `storage`'s dtype), quantised on the Linear's device."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or name == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=storage,
+                quant_type=quant_type,
+                compress_statistics=double_quant,
+                quant_storage=storage,
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data,
+                requires_grad=False,
+                quant_type=quant_type,
+                compress_statistics=double_quant,
+                quant_storage=storage,
+            )
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(child.weight.device))  # .to quantises
+    model.is_loaded_in_4bit = True  # PEFT then wraps them in its bitsandbytes LoRA layers
+
+
+def build(cfg: TrainingConfig, device: torch.device):
+    """The job's model as the train stage builds it (worker/train/trainer.Trainer.setup), one layer deep."""
+    from transformers import AutoModelForCausalLM
+
+    precision = resolve_precision(cfg, device)
+    tokenizer = load_tokenizer(cfg)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            one_layer(model_config(cfg)),
+            dtype=precision.load_dtype,
+            attn_implementation=cfg.attention_backend(),
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if cfg.load_in_4bit:
+        quantise_linears(model, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, precision.load_dtype)
+    elif cfg.load_in_8bit:  # no fused path over 8-bit weights: the shared kernels warm up over bf16 ones
+        cfg = cfg.model_copy(update={"load_in_8bit": False, "adapter": "lora"})
+    prepare_for_training(cfg, model, tokenizer)
+    model = attach(model, cfg)
+    apply_kernel_patches(model, cfg)
+    model.train()
+    if cfg.torch_compile is True or (cfg.torch_compile == "auto" and device.type == "cuda"):
+        model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
+    return model, tokenizer, precision
+
+
+def batch(cfg: TrainingConfig, tokenizer) -> dict:
+    """A micro-batch of the job's shape on the host: one packed row of micro_batch_size × sequence_len tokens
+    holding two samples (sample_packing), or micro_batch_size rows of sequence_len tokens."""
+    mbs, _ = cfg.batch_shape()
+    width = cfg.sequence_len * (mbs if cfg.sample_packing else 1)
+    ids = [(7 * i) % max(len(tokenizer) - 1, 1) + 1 for i in range(width)]
+    positions = list(range(width // 2)) + list(range(width - width // 2))
+    rows = [{"input_ids": ids, "labels": ids, "position_ids": positions}] * (1 if cfg.sample_packing else mbs)
+    return collate(rows, tokenizer.pad_token_id or 0, packed=cfg.sample_packing)
+
+
+def warm(cfg: TrainingConfig) -> float:
+    """One forward and backward of the one-layer model; the seconds they took (the compilation, mostly)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, precision = build(cfg, device)
+    micro = batch(cfg, tokenizer)
+    from ftw_kernels.attention import NAME, host_segments
+
+    if getattr(model.config, "_attn_implementation", None) == NAME:  # as the trainer's prefetcher hands them over
+        micro.update(host_segments(micro["position_ids"], micro.get("attention_mask")))
+    micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+    started = time.monotonic()
+    autocast = torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None)
+    with autocast:
+        loss = model(**micro, use_cache=False).loss
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.train.warmup", description=__doc__.splitlines()[0])
+    parser.add_argument("config_json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.monotonic()
+    try:
+        cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
+        step_s = warm(cfg)
+    except Exception as e:  # the train stage meets the same problem and reports it in full
+        print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return 1
+    print(f"kernel warm-up done in {time.monotonic() - started:.1f} s (its step {step_s:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
