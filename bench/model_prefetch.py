@@ -51,7 +51,7 @@ def worker(volume: Path, repo: str, config: dict) -> None:
     lines = warm_log.read_text().strip().splitlines() if warm_log.is_file() else []
     done = [x for x in lines if x.startswith("kernel warm-up")]
     warmup = "not run" if not warm_log.is_file() else (done[-1].removeprefix("kernel warm-up ") if done else "stopped")
-    print("RESULT " + json.dumps({**result["timings"], "warmup": warmup}), flush=True)
+    print("RESULT " + json.dumps({**result["timings"], "warmup": warmup, "logs": str(warm_log.parent)}), flush=True)
 
 
 def main() -> int:
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--mib-per-s", type=float, default=2.0, help="the Hub link's speed for file downloads")
     ap.add_argument("--repeat", type=int, default=1, help="workers per mode (the table shows the median)")
     ap.add_argument("--config", default="{}", help="config keys over the example job's, e.g. '{\"bf16\": true}'")
+    ap.add_argument("--logs", type=Path, help="copy each mode's last job logs (the warm-up's among them) here")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -95,7 +96,7 @@ def main() -> int:
                     "HF_TOKEN": hub.token,
                     "HF_HOME": str(volume / "hf-home"),
                     **switches,
-                    "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")]),
+                    "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")]),
                 }
                 cmd = [sys.executable, __file__, "--worker", str(volume), "bench/tiny", "--config", a.config]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -103,6 +104,10 @@ def main() -> int:
                 if not line:
                     raise SystemExit(f"worker failed:\n{proc.stderr[-3000:]}")
                 runs[label].append(json.loads(line[-1][7:]))
+                if a.logs:
+                    kept = a.logs / label.split(" (")[0].replace(" ", "-").replace(",", "")
+                    shutil.rmtree(kept, ignore_errors=True)
+                    shutil.copytree(runs[label][-1]["logs"], kept)
         for label, done in runs.items():
             rows.append(
                 (label, {**{k: median([r.get(k) for r in done]) for k in COLUMNS}, "warmup": done[-1]["warmup"]})
@@ -128,7 +133,7 @@ def main() -> int:
         print(
             f"| {label} | "
             + " | ".join("" if t[k] is None else f"{t[k]:.2f}" for k in COLUMNS)
-            + f" | {t['first_step_s'] / base:.2f}× |"
+            + f" | {t['first_step_s'] / base:.2f}× | {t['warmup']} |"
         )
     return 0
 

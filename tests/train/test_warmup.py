@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from schemas.config import TrainingConfig
 from worker.train.batches import IGNORE
-from worker.train.warmup import batch, build, one_layer, warm
+from worker.train.warmup import batches, build, one_layer, warm
 
 
 def config(model_dir, **kw) -> TrainingConfig:
@@ -35,17 +35,19 @@ def test_one_layer_keeps_the_shapes_and_cuts_the_per_layer_lists(tiny_model_dir)
     assert full.num_hidden_layers > 1 and len(full.layer_types) == full.num_hidden_layers  # the original untouched
 
 
-def test_the_batch_has_the_jobs_shape(tiny_model_dir):
+def test_the_batches_have_the_jobs_shape_and_both_kinds_of_length(tiny_model_dir):
     from worker.data.tokenizer import load_tokenizer
 
     packed_cfg = config(tiny_model_dir)
     tokenizer = load_tokenizer(packed_cfg)
-    packed = batch(packed_cfg, tokenizer)
-    assert packed["input_ids"].shape == (1, 2 * 64) and "attention_mask" not in packed
-    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
-    assert starts == [0, 64] and (packed["labels"][0, starts] == IGNORE).all()
-    rows = batch(config(tiny_model_dir, sample_packing=False), tokenizer)
-    assert rows["input_ids"].shape == (2, 64) and rows["attention_mask"].shape == (2, 64)
+    packed = batches(packed_cfg, tokenizer)
+    assert [b["input_ids"].shape for b in packed] == [(1, 128), (1, 127)]  # a multiple of 16 and not
+    assert all("attention_mask" not in b for b in packed)
+    starts = (packed[0]["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, 85] and (packed[0]["labels"][0, starts] == IGNORE).all()  # two samples, unequal
+    rows = batches(config(tiny_model_dir, sample_packing=False), tokenizer)
+    assert [b["input_ids"].shape for b in rows] == [(2, 64), (2, 63)]
+    assert rows[0]["attention_mask"].sum(dim=1).tolist() == [64, 42]  # padded rows, as an unpacked batch has
 
 
 def test_a_qlora_job_warms_up_over_4bit_weights_with_its_adapter(tiny_model_dir):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -103,32 +104,42 @@ def build(cfg: TrainingConfig, device: torch.device):
     return model, tokenizer, precision
 
 
-def batch(cfg: TrainingConfig, tokenizer) -> dict:
-    """A micro-batch of the job's shape on the host: one packed row of micro_batch_size × sequence_len tokens
-    holding two samples (sample_packing), or micro_batch_size rows of sequence_len tokens."""
+def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
+    """Micro-batches of the job's shape on the host: one packed row of micro_batch_size × sequence_len tokens
+    holding two samples of unequal lengths, as packing makes them (sample_packing), or micro_batch_size rows
+    of up to sequence_len tokens, padded; then the same one token shorter. Triton compiles a kernel once per
+    kind of integer argument (a multiple of 16 or not), and a job's token counts vary from step to step:
+    both kinds are then in the cache."""
     mbs, _ = cfg.batch_shape()
-    width = cfg.sequence_len * (mbs if cfg.sample_packing else 1)
-    ids = [(7 * i) % max(len(tokenizer) - 1, 1) + 1 for i in range(width)]
-    positions = list(range(width // 2)) + list(range(width - width // 2))
-    rows = [{"input_ids": ids, "labels": ids, "position_ids": positions}] * (1 if cfg.sample_packing else mbs)
-    return collate(rows, tokenizer.pad_token_id or 0, packed=cfg.sample_packing)
+    out = []
+    for width in (cfg.sequence_len * (mbs if cfg.sample_packing else 1),) * 2:
+        width -= len(out)
+        ids = [(7 * i) % max(len(tokenizer) - 1, 1) + 1 for i in range(width)]
+        if cfg.sample_packing:
+            first = 2 * width // 3
+            rows = [{"input_ids": ids, "labels": ids, "position_ids": [*range(first), *range(width - first)]}]
+        else:  # the first row full, the others shorter
+            lengths = [width] + [max(1, width * 2 // 3)] * (mbs - 1)
+            rows = [{"input_ids": ids[:n], "labels": ids[:n], "position_ids": list(range(n))} for n in lengths]
+        out.append(collate(rows, tokenizer.pad_token_id or 0, packed=cfg.sample_packing))
+    return out
 
 
 def warm(cfg: TrainingConfig) -> float:
-    """One forward and backward of the one-layer model; the seconds they took (the compilation, mostly)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, precision = build(cfg, device)
-    micro = batch(cfg, tokenizer)
+    """A forward and backward of the one-layer model per micro-batch of `batches`; the seconds they took
+    (the compilation, mostly)."""
     from ftw_kernels.attention import NAME, host_segments
 
-    if getattr(model.config, "_attn_implementation", None) == NAME:  # as the trainer's prefetcher hands them over
-        micro.update(host_segments(micro["position_ids"], micro.get("attention_mask")))
-    micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, precision = build(cfg, device)
     started = time.monotonic()
-    autocast = torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None)
-    with autocast:
-        loss = model(**micro, use_cache=False).loss
-    loss.backward()
+    for micro in batches(cfg, tokenizer):
+        if getattr(model.config, "_attn_implementation", None) == NAME:  # as the trainer's prefetcher hands them over
+            micro.update(host_segments(micro["position_ids"], micro.get("attention_mask")))
+        micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
+        with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None):
+            loss = model(**micro, use_cache=False).loss
+        loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.monotonic() - started
@@ -139,15 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config_json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    started = time.monotonic()
+    started, cached = time.monotonic(), cache_files()
     try:
         cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
         step_s = warm(cfg)
     except Exception as e:  # the train stage meets the same problem and reports it in full
         print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return 1
-    print(f"kernel warm-up done in {time.monotonic() - started:.1f} s (its step {step_s:.1f} s)", flush=True)
+    took, added = time.monotonic() - started, cache_files() - cached
+    print(f"kernel warm-up done in {took:.1f} s (its step {step_s:.1f} s; {added} new files in the caches)", flush=True)
     return 0
+
+
+def cache_files() -> int:
+    """Files in the compile caches this process writes to (Triton's, Inductor's)."""
+    roots = [os.environ.get(key) for key in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")]
+    return sum(1 for root in roots if root and Path(root).is_dir() for p in Path(root).rglob("*") if p.is_file())
 
 
 if __name__ == "__main__":
