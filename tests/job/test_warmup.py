@@ -17,7 +17,7 @@ from schemas.secrets import Redactor
 from tests.job.conftest import example_job
 from tests.job.test_prefetch import CONFIG, hub_model  # noqa: F401  # the fixture: the tiny model on the local Hub
 from worker.job.pipeline import run_job
-from worker.job.warmup import KernelWarmup, compiles_kernels
+from worker.job.warmup import KernelWarmup, compiles_kernels, warmup_argv
 
 
 def cfg(**kw) -> TrainingConfig:
@@ -34,13 +34,13 @@ def test_it_runs_where_the_first_step_compiles_kernels():
 
 
 def test_it_is_not_started_when_off_useless_or_blind(tmp_path):
-    def start(config: TrainingConfig, gpus: int = 1, **env: str):
-        return KernelWarmup.start(config, tmp_path / "c.json", env, gpus, None, tmp_path / "w.log", Redactor([]))
+    def argv(config: TrainingConfig, gpus: int = 1, **env: str) -> list[str] | None:
+        return warmup_argv(config, tmp_path / "config.json", env, gpus)
 
-    assert start(cfg(), FTW_KERNEL_WARMUP="0") is None
-    assert start(cfg(), gpus=0) is None
-    assert start(cfg(base_model="s3://bucket/model")) is None  # no config to read before the train stage fetches it
-    assert not (tmp_path / "w.log").exists()
+    assert argv(cfg()) == [sys.executable, "-m", "worker.train.warmup", str(tmp_path / "config.json")]
+    assert argv(cfg(), FTW_KERNEL_WARMUP="0") is None
+    assert argv(cfg(), gpus=0) is None
+    assert argv(cfg(base_model="s3://bucket/model")) is None  # no config to read before the train stage fetches it
 
 
 def test_stopping_it_kills_it_and_keeps_its_output_redacted(tmp_path):

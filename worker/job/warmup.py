@@ -40,6 +40,15 @@ def compiles_kernels(cfg: TrainingConfig, gpus: int) -> bool:
     return compiled or (gpus > 0 and cfg.use_kernels is not False)
 
 
+def warmup_argv(cfg: TrainingConfig, config_path: Path, env: Mapping[str, str], gpus: int) -> list[str] | None:
+    """The warm-up's command, or None where the first step compiles nothing, the base model's config is not at
+    hand before the train stage fetches it (a remote base model), or it is switched off."""
+    model = cfg.base_model_config or cfg.base_model
+    if env.get(SWITCH) == "0" or not compiles_kernels(cfg, gpus) or is_remote(model):
+        return None
+    return [sys.executable, "-m", "worker.train.warmup", str(config_path)]
+
+
 class KernelWarmup:
     """The warm-up child of one job, launched from a thread: forking from the stage template waits until
     the template's imports are done, which the orchestrator does not."""
@@ -56,24 +65,6 @@ class KernelWarmup:
         self.launcher.start()
 
     @classmethod
-    def start(
-        cls,
-        cfg: TrainingConfig,
-        config_path: Path,
-        env: Mapping[str, str],
-        gpus: int,
-        template: StageTemplate | None,
-        log: Path,
-        redactor: Redactor,
-    ) -> KernelWarmup | None:
-        """The warm-up, or None where the first step compiles nothing, the base model's config is not at hand
-        before the train stage fetches it (a remote base model), or it is switched off."""
-        model = cfg.base_model_config or cfg.base_model
-        if env.get(SWITCH) == "0" or not compiles_kernels(cfg, gpus) or is_remote(model):
-            return None
-        return cls([sys.executable, "-m", "worker.train.warmup", str(config_path)], env, template, log, redactor)
-
-    @classmethod
     @contextlib.contextmanager
     def beside(
         cls,
@@ -87,7 +78,8 @@ class KernelWarmup:
         wanted: bool,
     ) -> Iterator[KernelWarmup | None]:
         """The warm-up while the block runs (preprocessing, the model's download); stopped at its end."""
-        warmup = cls.start(cfg, config_path, env, gpus, template, logs / "warmup.log", redactor) if wanted else None
+        argv = warmup_argv(cfg, config_path, env, gpus) if wanted else None
+        warmup = None if argv is None else cls(argv, env, template, logs / "warmup.log", redactor)
         try:
             yield warmup
         finally:
