@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
+from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -211,48 +212,6 @@ def run_arm(a: argparse.Namespace) -> dict:
     )
 
 
-def sync_sites(step, batch) -> dict[str, int]:
-    """Where one more step makes the host wait for the GPU (torch's sync debug mode): the innermost
-    frames outside torch → count. A step without any lets the host run ahead; each one drains the queue."""
-    import traceback
-    import warnings
-
-    import torch
-
-    torch.cuda.synchronize()
-    sites: dict[str, int] = {}
-
-    def record(message, *_args, **_kwargs):
-        if "synchroniz" not in str(message):
-            return
-        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename]
-        site = " < ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(frames[-3:]))
-        sites[site] = sites.get(site, 0) + 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step(batch)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sites
-
-
-def profile_steps(step, batches, path: str) -> None:
-    """Where the time goes: three steps under the torch profiler, kernels by total GPU time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b, _ in batches:
-            step(b)
-        torch.cuda.synchronize()
-    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
-
-
-# ---- the parent: one process per arm, then the table --------------------------------------------
 def start_child(args: list[str]) -> subprocess.Popen:
     path = os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])  # ftw_kernels
     env = dict(os.environ, PYTHONPATH=path)
