@@ -3,14 +3,14 @@
 A job's first step compiles every kernel it runs that the compile caches do not hold yet (Triton's and
 Inductor's, on the volume: worker/job/children.compile_cache_env): a quarter of a fresh worker's time to
 first step on an H200 for ftw's Triton kernels, and most of it under `torch_compile` — paid after
-preprocessing, on the GPU-seconds the user buys. This child runs beside the preprocess stage
-(worker/job/warmup.py starts it and stops it when preprocessing ends). It builds the job's model with one
-decoder layer and random weights (the model's config alone: no weights are downloaded or read), 4-bit as
-`load_in_4bit` loads it, with the job's adapter and kernels as the train stage puts them on, compiled as
-`torch_compile` asks, and runs one forward and backward on a batch of the job's shape. What it compiles
-lands in the caches the train stage then reads; what it has not finished when preprocessing ends, the
-train stage compiles as before. Nothing it does can fail the job: its exit code and output go to
-logs/warmup.log.
+preprocessing, on the GPU-seconds the user buys. This child runs beside the preprocess stage and the base
+model's download (worker/job/warmup.py starts it, and stops it when the train stage starts). It builds the
+job's model with one decoder layer and random weights (the model's config alone: no weights are downloaded
+or read), 4-bit as `load_in_4bit` loads it, with the job's adapter and kernels as the train stage puts them
+on, compiled as `torch_compile` asks, and runs a forward and backward on micro-batches of the job's shape.
+What it compiles lands in the caches the train stage then reads; what it has not finished when it is
+stopped, the train stage compiles as before. Nothing it does can fail the job: its exit code and output go
+to logs/warmup.log.
 
     python -m worker.train.warmup RUN_DIR/config.json
 """
@@ -32,8 +32,6 @@ from worker.data.tokenizer import load_tokenizer
 from worker.train.adapters import attach
 from worker.train.batches import collate
 from worker.train.model import apply_kernel_patches, model_config, prepare_for_training, resolve_precision
-
-log = logging.getLogger("ftw.warmup")
 
 
 def one_layer(config):
