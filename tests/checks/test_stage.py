@@ -66,16 +66,3 @@ def test_the_machine_checks_read_the_childrens_env_and_the_datasets_only_when_st
     run_checks(
         CheckInput(config(demo_volume), env, env, demo_volume, allow_cpu=True, datasets=False)
     )  # prepared already
-
-
-def test_float8_matmuls_over_a_small_4bit_model_warn_that_they_measured_slower(
-    demo_volume: Path, tmp_path: Path
-) -> None:
-    """The demo model is far narrower than 2048: fp8_base_weights over its 4-bit base is what ran 0.73× plain QLoRA
-    at Llama-3.2-1B (docs/benchmarks.md), so the job is told before it pays for it; plain QLoRA is not."""
-    env = {**fake_smi(tmp_path), "BASE_VOLUME": str(demo_volume), "CUDA_VISIBLE_DEVICES": "0"}  # fp8: one GPU
-    qlora = {"adapter": "qlora", "load_in_4bit": True}
-    slow = run_checks(CheckInput(config(demo_volume, **qlora, fp8_base_weights=True), env, env, demo_volume))
-    plain = run_checks(CheckInput(config(demo_volume, **qlora), env, env, demo_volume))
-    assert len(slow.warnings) == 1 and "leave fp8_base_weights out" in slow.warnings[0], slow.warnings
-    assert "0.73× plain QLoRA" in slow.warnings[0] and plain.warnings == []

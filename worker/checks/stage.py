@@ -24,7 +24,6 @@ from worker.checks.gpu import cpu_allowed, parse_visible_devices, probe, stage_e
 from worker.checks.machine import check_machine
 from worker.estimate.devices import GpuProbe
 from worker.estimate.job import Prediction, check_fits, predict
-from worker.estimate.model import slower_settings
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ def run_checks(check: CheckInput, progress: Callable[[str], None] = lambda text:
     capabilities = [d.compute_capability for d in gpus.devices]
     check_machine(cfg, gpus.count > 0, check.child_env, datasets=check.datasets, capabilities=capabilities)
     warnings = [memory["warning"]] if memory.get("warning") else []
-    warnings += slower_settings(prediction.workload) if prediction else []
     return CheckReport(gpus, stage_env(gpus, check.env), disk, prediction, memory, warnings)
 
 

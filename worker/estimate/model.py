@@ -200,23 +200,6 @@ def active_intermediate(s: ModelShape) -> int:
     return s.expert_intermediate * s.experts_per_token if s.experts > 1 else s.intermediate
 
 
-# ---- settings measured slower at a shape -------------------------------------------------------
-FP8_OVER_4BIT_SLOW_HIDDEN = 2048  # the widest hidden size where float8 matmuls over a 4-bit base measured slower
-
-
-def slower_settings(w: Workload) -> list[str]:
-    """The run's settings that measured slower than leaving them out at its shape (the speed model above prices them
-    as the settings' measured rows at other shapes do, so it cannot say so itself)."""
-    if w.fp8_base and w.method == "qlora" and w.shape.hidden <= FP8_OVER_4BIT_SLOW_HIDDEN:
-        return [
-            f"fp8_base_weights over a 4-bit base ran 0.73× plain QLoRA's tokens/s at hidden size 2048 (Llama-3.2-1B "
-            "on an H200: each weight is dequantised and quantised before every matmul, and at that width the host "
-            f"bounds the step); this model's hidden size is {w.shape.hidden}, so leave fp8_base_weights out (it pays "
-            "from hidden 4096: 1.45× Unsloth's QLoRA at Llama-3.1-8B; docs/config.md)"
-        ]
-    return []
-
-
 # ---- speed -----------------------------------------------------------------------------------
 def flops_per_token(w: Workload) -> float:
     """Useful FLOPs per computed token: frozen matmuls forward + input-gradient, LoRA (or all

@@ -29,7 +29,6 @@ from worker.estimate.model import (
     Workload,
     micro_batch_seconds,
     peak_bytes,
-    slower_settings,
     tokens_per_s,
 )
 from worker.estimate.shapes import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count, resolve_shape
@@ -210,7 +209,6 @@ def estimate(
             "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not "
             "given; set max_steps or pass --tokens N"
         )
-    est.notes.extend(slower_settings(w))
     if w.mode == "hf" and w.method == "full":
         est.notes.append(
             "full fine-tuning is not calibrated (no measured row): its figures come from the kernels-off LoRA rows"
