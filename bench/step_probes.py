@@ -45,6 +45,3 @@ def profile_steps(step, batches, path: str) -> None:
             step(b)
         torch.cuda.synchronize()
     Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
-
-
-# ---- the parent: one process per arm, then the table --------------------------------------------

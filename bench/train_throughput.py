@@ -212,6 +212,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     )
 
 
+# ---- the parent: one process per arm, then the table --------------------------------------------
 def start_child(args: list[str]) -> subprocess.Popen:
     path = os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])  # ftw_kernels
     env = dict(os.environ, PYTHONPATH=path)

@@ -290,6 +290,11 @@ class TrainingConfig(Frozen):
             return bool(self.gradient_checkpointing_kwargs.get("use_reentrant", True))
         return not moe and not distributed and self.rl_method() is None and self.torch_compile is False
 
+    def compiles_model(self, on_gpu: bool) -> bool:
+        """Whether the model runs under torch.compile: `torch_compile: true`, or `auto` on a GPU (the trainer, the
+        kernel warm-up and the orchestrator's decision to start it read this one answer)."""
+        return self.torch_compile is True or (self.torch_compile == "auto" and on_gpu)
+
     def rl_beta_value(self) -> float:
         """axolotl's order: trl.beta, rl_beta, orpo_alpha (TRL's ORPO calls λ beta), else TRL's 0.1 (GRPO: 0.0)."""
         for value in (self.trl.beta if self.trl else None, self.rl_beta, self.orpo_alpha):

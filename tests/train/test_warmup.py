@@ -53,7 +53,7 @@ def test_the_batches_have_the_jobs_shape_and_both_kinds_of_length(tiny_model_dir
 def test_a_qlora_job_warms_up_over_4bit_weights_with_its_adapter(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     cfg = config(tiny_model_dir, adapter="qlora", load_in_4bit=True)
-    model, _, _ = build(cfg, torch.device("cpu"))
+    model, _, _, _ = build(cfg, torch.device("cpu"))
     base = model.get_base_model()
     assert len(base.model.layers) == 1
     up = base.model.layers[0].mlp.up_proj

@@ -9,7 +9,6 @@ is kept, redacted, in its log once it ends; `close()` kills it with everything i
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -23,8 +22,6 @@ from worker.job.supervisor import start_process
 if TYPE_CHECKING:
     from schemas.secrets import Redactor
     from worker.job.template import ForkedChild, StageTemplate
-
-log = logging.getLogger("ftw.job")
 
 
 class SideChild:

@@ -1,7 +1,7 @@
 """The kernel warm-up beside the preprocess stage: the job's kernels compile while its data is prepared.
 
-worker/train/warmup.py is the child (a one-layer copy of the job's model, one forward and backward); this
-is the orchestrator's side. It starts once the checks pass, forked from the stage template like the
+worker/train/warmup.py is the child (a one-layer copy of the job's model, a forward and backward per
+micro-batch); this is the orchestrator's side. It starts once the checks pass, forked from the stage template like the
 stages, wherever the job's first step would compile kernels: on a GPU (ftw's Triton kernels, unless
 `use_kernels: false`) or under `torch_compile`. It has preprocessing and the base model's download
 (worker/job/prefetch.py: minutes on a job's first run of a Hub model) to do its work in; when the train
@@ -36,8 +36,7 @@ SWITCH = "FTW_KERNEL_WARMUP"
 def compiles_kernels(cfg: TrainingConfig, gpus: int) -> bool:
     """Whether the job's first step compiles kernels on this machine: ftw's Triton kernels on a GPU, or
     torch.compile (`torch_compile: auto` compiles on a GPU only)."""
-    compiled = cfg.torch_compile is True or (cfg.torch_compile == "auto" and gpus > 0)
-    return compiled or (gpus > 0 and cfg.use_kernels is not False)
+    return cfg.compiles_model(gpus > 0) or (gpus > 0 and cfg.use_kernels is not False)
 
 
 def warmup_argv(cfg: TrainingConfig, config_path: Path, env: Mapping[str, str], gpus: int) -> list[str] | None:

@@ -9,6 +9,7 @@ started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ class Precision:
     load_dtype: torch.dtype  # dtype of the frozen base weights
     autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
     tf32: bool
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The forward's autocast context (none in fp32)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     @property
     def name(self) -> str:
@@ -162,6 +168,13 @@ def resize_embeddings(cfg: TrainingConfig, model, tokenizer) -> None:
         max(len(tokenizer), current), pad_to_multiple_of=32 if cfg.resize_token_embeddings_to_32x else None
     )
     log.info("embeddings resized to %d rows", model.get_input_embeddings().weight.shape[0])
+
+
+def compile_if_asked(model, cfg: TrainingConfig, device: torch.device) -> None:
+    """torch.compile in place, where the config asks for it on this device (parameter names, state dicts and a
+    DDP/FSDP wrapping stay as they are)."""
+    if cfg.compiles_model(device.type == "cuda"):
+        model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
 
 
 def apply_kernel_patches(model, cfg: TrainingConfig) -> list[str]:

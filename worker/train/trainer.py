@@ -45,7 +45,7 @@ from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import evaluate
-from worker.train.model import apply_kernel_patches, load_model, resolve_precision
+from worker.train.model import apply_kernel_patches, compile_if_asked, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
@@ -88,9 +88,7 @@ class Trainer:
             )
         self.strategy = dist_.strategy(cfg, topo)["kind"]
         self.engine = dist_.wrap(self.model, cfg, topo)
-        if cfg.torch_compile is True or (cfg.torch_compile == "auto" and topo.device.type == "cuda"):
-            # in place: parameter names, state dicts and the DDP/FSDP wrapping stay as they are
-            self.model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
+        compile_if_asked(self.model, cfg, topo.device)
         mbs, gas = cfg.batch_shape()
         self.plan = BatchPlan(len(self.data.train), 1 if self.data.packed else mbs, gas, topo.world_size, cfg.seed)
         router_loss = configure_router_loss(self.model, cfg, self.plan.micro_per_step)
@@ -137,8 +135,7 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------
     def _autocast(self):
-        dtype = self.precision.autocast_dtype
-        return torch.autocast(self.topo.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return self.precision.autocast(self.topo.device.type)
 
     def _offload(self):
         """Saved activations wait in host memory (worker/train/offload.py)."""

@@ -30,8 +30,14 @@ import torch
 from schemas.config import TrainingConfig
 from worker.data.tokenizer import load_tokenizer
 from worker.train.adapters import attach
-from worker.train.batches import collate
-from worker.train.model import apply_kernel_patches, model_config, prepare_for_training, resolve_precision
+from worker.train.batches import collate, to_device
+from worker.train.model import (
+    apply_kernel_patches,
+    compile_if_asked,
+    model_config,
+    prepare_for_training,
+    resolve_precision,
+)
 
 
 def one_layer(config):
@@ -77,7 +83,8 @@ def quantise_linears(model: torch.nn.Module, quant_type: str, double_quant: bool
 
 
 def build(cfg: TrainingConfig, device: torch.device):
-    """The job's model as the train stage builds it (worker/train/trainer.Trainer.setup), one layer deep."""
+    """The job's model as the train stage builds it (worker/train/trainer.Trainer.setup), one layer deep: the model,
+    its tokenizer, its precision and the kernels applied."""
     from transformers import AutoModelForCausalLM
 
     precision = resolve_precision(cfg, device)
@@ -95,11 +102,10 @@ def build(cfg: TrainingConfig, device: torch.device):
         cfg = cfg.model_copy(update={"load_in_8bit": False, "adapter": "lora"})
     prepare_for_training(cfg, model, tokenizer)
     model = attach(model, cfg)
-    apply_kernel_patches(model, cfg)
+    kernels = apply_kernel_patches(model, cfg)
     model.train()
-    if cfg.torch_compile is True or (cfg.torch_compile == "auto" and device.type == "cuda"):
-        model.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode)
-    return model, tokenizer, precision
+    compile_if_asked(model, cfg, device)
+    return model, tokenizer, precision, kernels
 
 
 def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
@@ -109,9 +115,9 @@ def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
     kind of integer argument (a multiple of 16 or not), and a job's token counts vary from step to step:
     both kinds are then in the cache."""
     mbs, _ = cfg.batch_shape()
+    full = cfg.sequence_len * (mbs if cfg.sample_packing else 1)
     out = []
-    for width in (cfg.sequence_len * (mbs if cfg.sample_packing else 1),) * 2:
-        width -= len(out)
+    for width in (full, full - 1):
         ids = [(7 * i) % max(len(tokenizer) - 1, 1) + 1 for i in range(width)]
         if cfg.sample_packing:
             first = 2 * width // 3
@@ -126,17 +132,16 @@ def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
 def warm(cfg: TrainingConfig) -> float:
     """A forward and backward of the one-layer model per micro-batch of `batches`; the seconds they took
     (the compilation, mostly)."""
-    from ftw_kernels.attention import NAME, host_segments
+    from ftw_kernels.attention import host_segments
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, precision = build(cfg, device)
+    model, tokenizer, precision, kernels = build(cfg, device)
     started = time.monotonic()
     for micro in batches(cfg, tokenizer):
-        if getattr(model.config, "_attn_implementation", None) == NAME:  # as the trainer's prefetcher hands them over
+        if "varlen_attention" in kernels:  # the boundaries from the host, as the trainer's prefetcher hands them over
             micro.update(host_segments(micro["position_ids"], micro.get("attention_mask")))
-        micro = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in micro.items()}
-        with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None):
-            loss = model(**micro, use_cache=False).loss
+        with precision.autocast(device.type):
+            loss = model(**to_device(micro, device), use_cache=False).loss
         loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
