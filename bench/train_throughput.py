@@ -169,20 +169,25 @@ def run_arm(a: argparse.Namespace) -> dict:
             host_s[phase] += seconds
         return loss.detach()
 
+    heap_frozen = a.arm.startswith("ftw") or a.freeze_heap == "all"
+    if heap_frozen:  # as ftw's trainer does before its loop
+        from worker.train.step_queue import freeze_heap
+
+        freeze_heap()
     torch.cuda.reset_peak_memory_stats()
     for b, _ in batches[: a.warmup]:
         losses.append(step(b))
     host_s.update(dict.fromkeys(host_s, 0.0))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for b, _ in batches[a.warmup :]:
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]  # before each step, after the last
+    marks[0].record()
+    for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
         losses.append(step(b))
-    end.record()
+        mark.record()
     torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3
+    each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
+    seconds = sum(each_ms) / 1e3
     syncs = sync_sites(step, batches[-1][0])
-    if a.profile:
-        profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile)
+    busy_ms = profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile) if a.profile else None
     tokens = a.steps * a.mbs * a.seq
     sum_sq = sum(sq for _, sq in batches[a.warmup :])
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
@@ -207,8 +212,11 @@ def run_arm(a: argparse.Namespace) -> dict:
         kernels=applied,
         offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None,
         step_ms=round(seconds * 1e3 / a.steps, 1),
+        step_ms_each=[round(ms, 1) for ms in each_ms],
+        heap_frozen=heap_frozen,
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
+        gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
     )
 
 
@@ -306,6 +314,13 @@ def main() -> None:
         help="instead: N steps of hf, hf again, hf with another LoRA seed and each ftw arm of --arms (default ftw), "
         "concurrently; compare losses",
     )
+    ap.add_argument(
+        "--freeze-heap",
+        choices=("ftw", "all"),
+        default="ftw",
+        help="which arms freeze the Python heap before their steps: the ftw arms, as ftw's trainer does (the "
+        "peers run as their users run them), or all, to show what the collector costs each peer here",
+    )
     ap.add_argument("--json", help="write all results here")
     ap.add_argument(
         "--arm-timeout",
@@ -340,49 +355,9 @@ def main() -> None:
         return
     results = []
     if a.loss_curve:
-        shape = a.shapes.split(",")[0]
-        mbs = str(a.mbs or 2)
-        common = [
-            "--shape",
-            shape,
-            "--mbs",
-            mbs,
-            "--seq",
-            str(a.seq),
-            "--steps",
-            str(a.loss_curve),
-            "--warmup",
-            "0",
-            "--lr",
-            str(a.lr),
-            "--keep-losses",
-        ]
-        # the runs share the GPU at once: only their losses count here, not their speed
-        compared = [arm for arm in a.arms.split(",") if arm.startswith("ftw")] or ["ftw"]
-        # hf_again: bf16's nondeterminism alone; hf_seed1: a user's rerun with another seed (other LoRA A's)
-        arms = {"hf": ["hf"], "hf_again": ["hf"], "hf_seed1": ["hf", "--lora-seed", "1"]}
-        arms.update({arm: [arm] for arm in compared})
-        procs = {name: ([*common, "--arm", *arm], start_child([*common, "--arm", *arm])) for name, arm in arms.items()}
-        runs = {name: finish_child(proc, args) for name, (args, proc) in procs.items()}
-        results = list(runs.values())
-        if all("losses" in r for r in results):
+        from bench.loss_curve import compare_losses
 
-            def gap(x, y):
-                d = [abs(p - q) for p, q in zip(x["losses"], y["losses"])]
-                return dict(max=round(max(d), 4), mean=round(sum(d) / len(d), 5))
-
-            summary = dict(
-                shape=shape,
-                steps=a.loss_curve,
-                hf_vs_hf_again=gap(runs["hf"], runs["hf_again"]),
-                hf_vs_hf_seed1=gap(runs["hf"], runs["hf_seed1"]),
-                **{f"{arm}_vs_hf": gap(runs[arm], runs["hf"]) for arm in compared},
-                every_20_steps={k: r["losses"][::20] + r["losses"][-1:] for k, r in runs.items()},
-            )
-            print("LOSS_CURVE " + json.dumps(summary))
-            results.append(summary)
-        else:
-            print(json.dumps(results, indent=1)[-3000:])
+        results = compare_losses(a, start_child, finish_child)
     else:
         for shape in a.shapes.split(","):
             for gc in ["off", "on"] if a.gc == "both" else [a.gc]:
@@ -397,6 +372,8 @@ def main() -> None:
                             *arm_args(arm, shape, gc, a.mbs or DEFAULT_MBS[shape], a.seq, a.steps, a.warmup),
                             "--lr",
                             str(a.lr),
+                            "--freeze-heap",
+                            a.freeze_heap,
                             *prof,
                             *(["--full-length"] if a.full_length else []),
                             *(["--4bit"] if a.four_bit else []),

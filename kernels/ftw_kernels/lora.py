@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ftw_kernels.adapter_copies import stacked
-from ftw_kernels.base_weight import add_input_grad, linear, save_for_backward, saved_tensors, usable
+from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.precision import compute_dtype, no_autocast
 from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
@@ -90,19 +90,20 @@ def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torc
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr)."""
     a_rows, bs = _adapters(projections, x2.dtype)
     xa = x2 @ a_rows.t() if a_rows is not None else None
-    outs: list[torch.Tensor] = []
     quantised: dict = {}  # x2 in float8, once for every float8 base
-    for p, b, rows in zip(projections, bs, _rank_rows(projections)):
-        y = linear(x2, p.weight, p.bias, quantised)
-        if b is not None:
-            y.addmm_(xa[:, rows], b.t(), alpha=p.scale)
-        outs.append(y)
-    return outs, xa
+    return [
+        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b, p.scale))
+        for p, b, rows in zip(projections, bs, _rank_rows(projections))
+    ], xa
 
 
 def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
     """(dL/dinput summed over the projections, None unless wanted; dyb: the rows Bᵢᵀ·dyᵢᵀ stacked,
-    Σr × tokens, which the A grads share)."""
+    Σr × tokens, which the A grads share).
+
+    The rank-r terms of dx are written first, one GEMM over the stacked A's, and each base GEMM adds itself
+    to them (cuBLAS's beta, the first scaled by s₁): no pass over dx is only an add. A float8 base, whose GEMM
+    cannot accumulate, takes the terms after in one addmm."""
     a_rows, bs = _adapters(projections, dys[0].dtype)
     parts = [(p, dy, b, r) for p, dy, b, r in zip(projections, dys, bs, _rank_rows(projections)) if b is not None]
     dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
@@ -110,16 +111,27 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
         torch.mm(b.t(), dy.t(), out=dyb[rows])
     if not want_dx:
         return None, dyb
-    dx = None
+    if not parts:
+        return _base_input_grad(None, dys, projections, 1.0), dyb
+    first = parts[0][0].scale
+    if first and all(accumulates(p.weight) for p in projections):
+        return _base_input_grad(dyb.t() @ _scaled_a(a_rows, parts, first), dys, projections, first), dyb
+    return _base_input_grad(None, dys, projections, 1.0).addmm_(dyb.t(), _scaled_a(a_rows, parts, 1.0)), dyb
+
+
+def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection], beta: float) -> torch.Tensor:
+    """beta·dx + Σᵢ dyᵢ·Wᵢ; a 4-bit weight is dequantised again here, never saved dense."""
     for p, dy in zip(projections, dys):
-        dx = add_input_grad(dx, dy, p.weight)  # a 4-bit weight: dequantised again, never saved dense
-    scales = {p.scale for p, *_ in parts}
-    if len(scales) == 1:  # one GEMM over the stacked A
-        dx.addmm_(dyb.t(), a_rows, alpha=scales.pop())
-    else:
-        for p, _, _, rows in parts:
-            dx.addmm_(dyb[rows].t(), a_rows[rows], alpha=p.scale)
-    return dx, dyb
+        dx, beta = add_input_grad(dx, dy, p.weight, beta), 1.0
+    return dx
+
+
+def _scaled_a(a_rows: torch.Tensor, parts, unit: float) -> torch.Tensor:
+    """The stacked A's, each projection's rows times sᵢ / unit (a Σr × hidden copy when the scales differ), so
+    the rank-r terms of dx are one GEMM."""
+    if all(p.scale == unit for p, *_ in parts):
+        return a_rows
+    return torch.cat([a_rows[rows] * (p.scale / unit) for p, _, _, rows in parts])
 
 
 def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:

@@ -64,7 +64,7 @@ def test_swiglu_backward_writes_the_recomputed_h_over_dh(rng_seed):
     dh read before its h is written (dg and du are right), and h is silu(g)·u."""
     from ftw_kernels.swiglu import swiglu_backward
 
-    g, u, dh = (torch.randn(5, 3000) for _ in range(3))
+    g, u, dh = (torch.randn(5, 3000, device=DEVICE) for _ in range(3))
     g64, u64 = g.double().requires_grad_(), u.double().requires_grad_()
     (torch.nn.functional.silu(g64) * u64).backward(dh.double())
     dh_memory = dh.data_ptr()
@@ -186,13 +186,15 @@ def _lora(x, w, b, a, bb, s):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_projections_qkv(dtype, rng_seed):
-    """Three projections of one input (q, k, v with bias, as Qwen2), grads of x, A and B."""
+@pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (0.5, 2.0, 1.0), (0.0, 1.0, 2.0)])
+def test_lora_projections_qkv(dtype, scales, rng_seed):
+    """Three projections of one input (q, k, v with bias, as Qwen2), grads of x, A and B; the scales equal
+    (one GEMM over the stacked A's), unequal (`alpha_pattern`), and the first zero."""
     from ftw_kernels.lora import Projection, lora_projections
 
     x, x64 = leaf(torch.randn(2, 5, 32), dtype)
     made, refs = [], []
-    for out in (32, 16, 16):
+    for out, scale in zip((32, 16, 16), scales):
         w, w64 = leaf(torch.randn(out, 32) / 6, dtype)
         w.requires_grad_(False)
         w64.requires_grad_(False)
@@ -201,10 +203,10 @@ def test_lora_projections_qkv(dtype, rng_seed):
         b64.requires_grad_(False)
         a, a64 = leaf(torch.randn(4, 32) / 6, torch.float32)  # PEFT keeps adapters in fp32
         bb, bb64 = leaf(torch.randn(out, 4) / 2, torch.float32)
-        made.append(Projection(w, b, a, bb, 2.0))
+        made.append(Projection(w, b, a, bb, scale))
         refs.append((w64, b64, a64, bb64))
     outs = lora_projections(x, made)
-    ref_outs = [_lora(x64, *r, 2.0) for r in refs]
+    ref_outs = [_lora(x64, *r, s) for r, s in zip(refs, scales)]
     grads = [torch.randn_like(r) for r in ref_outs]
     torch.autograd.backward(outs, [g.to(dtype) for g in grads])
     torch.autograd.backward(ref_outs, grads)

@@ -9,6 +9,7 @@ same property is asserted with CUDA's sync debug mode (tests/kernels/test_gpu.py
 from __future__ import annotations
 
 import collections
+import gc
 
 import pytest
 import torch
@@ -111,6 +112,34 @@ def test_a_dpo_step_with_host_segments_reads_nothing_back(varlen_model):
     assert torch.equal(objective.loss(model, micro, n_items)[0], objective.loss(model, without, n_items)[0])
     assert syncing_ops(step(micro)) == collections.Counter()
     assert syncing_ops(step(without))
+
+
+def test_the_steps_run_with_the_loaded_heap_out_of_the_collectors_view(
+    task_model_dir, task_rows, tmp_path, monkeypatch
+):
+    """A full collection walks every object alive, and after the imports and the model that is hundreds of
+    thousands: on an 8B model such a pause drained the GPU's queue (a step of 629 ms among ~470,
+    docs/benchmarks.md). The trainer collects once and freezes what is alive before its loop, so the steps'
+    collections walk only what the steps allocate."""
+    from tests.train.helpers import base_config, run_inprocess, write_cache
+    from worker.train.trainer import Trainer
+
+    train, _, _ = task_rows
+    cache = write_cache(tmp_path / "cache", train[:16], packed=False)
+    queue_step, seen = Trainer.train_step, []
+
+    def observed_step(self, batch):
+        seen.append((gc.get_freeze_count(), any(obj is self.engine for obj in gc.get_objects())))
+        return queue_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", observed_step)
+    before = gc.get_freeze_count()
+    try:
+        assert run_inprocess(base_config(task_model_dir, max_steps=2, save_strategy="no"), tmp_path / "run", cache) == 0
+    finally:
+        gc.unfreeze()  # this test process's own objects go back to the collector
+    assert len(seen) == 2
+    assert all(count > before + 10_000 and not model_in_view for count, model_in_view in seen), seen
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")

@@ -53,7 +53,7 @@ from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
 from worker.train.reporting import Progress
 from worker.train.schedule import Schedule
-from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout
+from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout, freeze_heap
 
 log = logging.getLogger("ftw.train")
 
@@ -244,6 +244,7 @@ class Trainer:
             pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
+        freeze_heap()
         try:
             while state.step < sched.total_steps:
                 profiler.before_step(state.step)

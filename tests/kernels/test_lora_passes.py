@@ -1,0 +1,70 @@
+"""The fused LoRA projections make no pass over an activation only to add the rank-r term: over a
+floating-point base that term is written first and the base GEMM adds itself to it (cuBLAS's beta), in the
+forward (each y) and in the backward (dx). Each such pass would read and write tokens × width."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOKENS, HIDDEN, INTER, RANK = 48, 32, 64, 4
+
+
+class _ActivationWrites(TorchDispatchMode):
+    """Each matmul or add that writes into an existing tokens-row activation: (op, its contraction length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.accumulating: list[tuple[str, int]] = []
+        self.rank_writes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in ("addmm", "addmm_", "add", "add_") and target is not None and target.shape[0] == TOKENS:
+            self.accumulating.append((name, args[1].shape[-1] if name.startswith("addmm") else 0))
+        if name == "mm" and args[0].shape[0] == TOKENS and args[0].shape[1] <= 3 * RANK:
+            self.rank_writes += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _projection(out: int, inp: int, scale: float) -> Projection:
+    a = torch.randn(RANK, inp, device=DEVICE, requires_grad=True)
+    b = torch.randn(out, RANK, device=DEVICE, requires_grad=True)
+    return Projection(torch.randn(out, inp, device=DEVICE) / inp**0.5, None, a, b, scale)
+
+
+@pytest.mark.parametrize("scales", [(2.0, 2.0, 2.0), (2.0, 0.5, 1.0)])
+def test_qkv_add_the_rank_terms_inside_the_base_gemms(scales):
+    made = [_projection(out, HIDDEN, s) for out, s in zip((HIDDEN, 16, 16), scales)]
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    with _ActivationWrites() as seen:
+        outs = lora_projections(x, made)
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    # q, k and v's outputs in the forward, dx in the backward: each one addmm whose contraction is the base's
+    assert sorted(seen.accumulating) == sorted(
+        [("addmm_", HIDDEN)] * 3 + [("addmm_", HIDDEN), ("addmm_", 16), ("addmm_", 16)]
+    )
+    assert seen.rank_writes == 3 + 1  # each output's rank-r term, then dx's over the stacked A's
+
+
+def test_gated_mlp_adds_the_rank_terms_inside_the_base_gemms():
+    made = [_projection(INTER, HIDDEN, 2.0), _projection(INTER, HIDDEN, 2.0), _projection(HIDDEN, INTER, 2.0)]
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    with _ActivationWrites() as seen:
+        lora_gated_mlp(x, *made).backward(torch.randn(TOKENS, HIDDEN, device=DEVICE))
+    # forward: gate, up (over hidden) and down (over inter); backward: dh (over hidden) and dx (gate's dx, then up's)
+    assert sorted(seen.accumulating) == sorted(
+        [
+            ("addmm_", HIDDEN),
+            ("addmm_", HIDDEN),
+            ("addmm_", INTER),
+            ("addmm_", HIDDEN),
+            ("addmm_", INTER),
+            ("addmm_", INTER),
+        ]
+    )
