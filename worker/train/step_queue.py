@@ -29,7 +29,7 @@ STEPS_AHEAD = 2  # queued steps the host may be ahead of the oldest one whose nu
 def freeze_heap() -> None:
     """Collect once, then take every object alive now (imports, modules, parameters: millions of them) out of
     the collector's view, before the loop: a full collection inside it then scans what the steps allocate
-    instead of pausing the host long enough to drain the GPU's queue."""
+    instead of pausing the host long enough to drain the GPU's queue. `gc.unfreeze()` gives them back."""
     gc.collect()
     gc.freeze()
 

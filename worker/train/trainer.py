@@ -23,6 +23,7 @@ step's numbers come back through `step_queue` (its docstring says how and why).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import resource
@@ -289,6 +290,7 @@ class Trainer:
             self.tokens_this_run = state.tokens - self.tokens0
             return EXIT_OK
         finally:
+            gc.unfreeze()  # what the loop kept out of the collector's view is collectable again
             batches.close()
             progress.close()
             self.objective.close()  # GRPO's vLLM engine stops before the adapter is saved and merged
