@@ -92,3 +92,18 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): each file goes whole to one worker, as
+    its module fixtures and order expect, and tests/serve goes whole to one (its package-scoped engines start
+    once). That group is the longest, so it is handed out first: the other worker works through the files
+    meanwhile instead of waiting for it at the end."""
+    serving = []
+    for item in items:
+        path = Path(str(item.fspath)).resolve().relative_to(REPO)
+        group = "tests/serve" if path.parts[:2] == ("tests", "serve") else path.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+        serving.append(group == "tests/serve")
+    order = sorted(range(len(items)), key=lambda i: not serving[i])
+    items[:] = [items[i] for i in order]

@@ -82,7 +82,7 @@ def published(tiny_model_dir, s3_server, hub_server, serve_volume, tmp_path_fact
     api = HfApi(endpoint=hub_server.endpoint_url, token=hub_server.token)
     hub = {}
     for name, folder in local.items():
-        api.create_repo(f"ftw-test/{name}", private=True)
+        api.create_repo(f"ftw-test/{name}", private=True, exist_ok=True)  # made again after a teardown
         commit = api.upload_folder(repo_id=f"ftw-test/{name}", folder_path=str(folder))
         hub[name] = f"ftw-test/{name}@{commit.oid}"
     return Published(local, s3, hub, broken_s3, templated_s3, serve_volume)
