@@ -14,6 +14,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from tests.job.conftest import example_job
+from tests.processes import left_behind
 from worker.job.pipeline import run_job
 from worker.job.prefetch import files_to_fetch
 
@@ -81,8 +82,6 @@ def test_a_failed_prefetch_only_loses_the_overlap(demo_volume, hub_server, hub_m
 
 
 def test_a_cancelled_job_leaves_no_download_running(demo_volume, hub_server, hub_model):
-    import psutil
-
     from worker.job.supervisor import StopSignal
 
     hub_server.file_bytes_per_s = 64 * 1024  # the weights take ~25 s: the download is running when the job stops
@@ -99,8 +98,7 @@ def test_a_cancelled_job_leaves_no_download_running(demo_volume, hub_server, hub
     finally:
         hub_server.file_bytes_per_s = None
     assert results and results[0]["status"] == "cancelled", results
-    downloading = [p for p in psutil.process_iter(["cmdline"]) if "worker.job.prefetch" in (p.info["cmdline"] or [])]
-    assert not downloading
+    assert not left_behind(lambda _, cmdline: "worker.job.prefetch" in cmdline and hub_model in cmdline)
 
 
 def test_the_wait_shows_the_bytes_downloaded_so_far(tmp_path, hub_server, hub_model, tiny_model_dir):

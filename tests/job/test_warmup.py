@@ -16,6 +16,7 @@ from schemas.config import TrainingConfig
 from schemas.secrets import Redactor
 from tests.job.conftest import example_job
 from tests.job.test_prefetch import CONFIG, hub_model  # noqa: F401  # the fixture: the tiny model on the local Hub
+from tests.processes import left_behind
 from worker.job.pipeline import run_job
 from worker.job.warmup import KernelWarmup, compiles_kernels, warmup_argv
 
@@ -77,6 +78,5 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     events = [json.loads(x) for x in (logs / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
     loading = next(e["ts"] for e in events if e.get("event") == "loading")
     assert (logs / "warmup.log").stat().st_mtime <= loading  # it had ended when the train child began
-    names = ["name", "cmdline"]  # a child forked from the stage template is named after its module
-    warming = [p for p in psutil.process_iter(names) if "worker.train.wa" in f"{p.info['name']} {p.info['cmdline']}"]
-    assert not warming
+    # a child forked from the stage template is named after its module
+    assert not left_behind(lambda name, cmdline: "worker.train.wa" in f"{name} {cmdline}")
