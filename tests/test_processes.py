@@ -15,42 +15,44 @@ from tests.conftest import REPO
 from tests.processes import left_behind
 
 PYTHON = sys.executable
-SLEEPER = "import time; time.sleep(60)  # {}"
+# a sleeper's tag is its last argument: the code that starts one names the tag too, but never ends with it
 FOUND = (
     "import json; from tests.processes import left_behind; "
-    "print(json.dumps([p.pid for p in left_behind(lambda _, c: {!r} in c)]))"
+    "print(json.dumps([p.pid for p in left_behind(lambda _, c: c.endswith({!r}))]))"
 )
 
 
-def _spawning(code: str, then: str = "") -> str:
-    """Python that starts `code` in a child process of its own, then runs `then`."""
-    return f"import subprocess; subprocess.Popen([{PYTHON!r}, '-c', {code!r}]); {then}"
+def _sleeper(tag: str) -> list[str]:
+    return [PYTHON, "-c", "import time; time.sleep(60)", tag]
+
+
+def _spawning(argv: list[str], then: str = "") -> str:
+    """Python that starts `argv` in a child process of its own, then runs `then`."""
+    return f"import subprocess; subprocess.Popen({argv!r}); {then}"
 
 
 def _tagged(tag: str):
-    return lambda _, cmdline: tag in cmdline
+    return lambda _, cmdline: cmdline.endswith(" " + tag)
 
 
-def _wait_for(tag: str) -> list[psutil.Process]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = [p for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
-        if found:
+def _running(tag: str, wait_s: float = 20) -> list[psutil.Process]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[-1] == tag]
+        if found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
-    raise AssertionError(f"{tag} never started")
 
 
 def _kill(tag: str) -> None:
-    for p in psutil.process_iter(["cmdline"]):
-        if tag in " ".join(p.info["cmdline"] or []):
-            p.kill()
+    for p in _running(tag, wait_s=0):
+        p.kill()
 
 
 def test_a_child_of_this_process_counts():
-    child = subprocess.Popen([PYTHON, "-c", SLEEPER.format("ftw-left-behind-child")])
+    child = subprocess.Popen(_sleeper("ftw-left-behind-child"))
     try:
-        _wait_for("ftw-left-behind-child")
+        assert _running("ftw-left-behind-child")
         assert [p.pid for p in left_behind(_tagged("ftw-left-behind-child"))] == [child.pid]
     finally:
         child.kill()
@@ -58,9 +60,9 @@ def test_a_child_of_this_process_counts():
 
 
 def test_an_orphan_counts():
-    subprocess.run([PYTHON, "-c", _spawning(SLEEPER.format("ftw-left-behind-orphan"))], check=True)  # outlived
+    subprocess.run([PYTHON, "-c", _spawning(_sleeper("ftw-left-behind-orphan"))], check=True)  # it outlives this
     try:
-        (orphan,) = _wait_for("ftw-left-behind-orphan")
+        (orphan,) = _running("ftw-left-behind-orphan")
         assert [p.pid for p in left_behind(_tagged("ftw-left-behind-orphan"))] == [orphan.pid]
     finally:
         _kill("ftw-left-behind-orphan")
@@ -69,13 +71,14 @@ def test_an_orphan_counts():
 def test_the_other_workers_child_does_not_count():
     """A stand-in for pytest's main process starts two workers: one runs a job (a sleeping child), the other
     looks for leftovers while it runs."""
-    worker_with_a_job = _spawning(SLEEPER.format("ftw-left-behind-sibling"), then="import time; time.sleep(60)")
+    tag = "ftw-left-behind-sibling"
+    worker_with_a_job = _spawning(_sleeper(tag), then="import time; time.sleep(60)")
     main = (
         "import subprocess, time\n"
         f"worker = subprocess.Popen([{PYTHON!r}, '-c', {worker_with_a_job!r}], "
         "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "time.sleep(1.5)\n"
-        f"print(subprocess.run([{PYTHON!r}, '-c', {FOUND.format('ftw-left-behind-sibling')!r}], "
+        f"print(subprocess.run([{PYTHON!r}, '-c', {FOUND.format(' ' + tag)!r}], "
         "capture_output=True, text=True, check=True).stdout)\n"
         "worker.kill()\n"
     )
@@ -83,7 +86,7 @@ def test_the_other_workers_child_does_not_count():
     shown_as_pytest = ["bash", "-c", f'exec -a "python -m pytest main" {PYTHON} -c "$0"', main]
     try:
         out = subprocess.run(shown_as_pytest, capture_output=True, text=True, check=True, env=env, timeout=60)
+        assert _running(tag, wait_s=0)  # it was there to be found
         assert json.loads(out.stdout) == []
-        assert _wait_for("ftw-left-behind-sibling")  # it was there to be found
     finally:
-        _kill("ftw-left-behind-sibling")
+        _kill(tag)
