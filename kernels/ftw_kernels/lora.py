@@ -115,8 +115,10 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
         return _base_input_grad(None, dys, projections, 1.0), dyb
     first = parts[0][0].scale
     if first and all(accumulates(p.weight) for p in projections):
-        return _base_input_grad(dyb.t() @ _scaled_a(a_rows, parts, first), dys, projections, first), dyb
-    return _base_input_grad(None, dys, projections, 1.0).addmm_(dyb.t(), _scaled_a(a_rows, parts, 1.0)), dyb
+        a, _ = _scaled_a(a_rows, parts, first)  # its alpha: 1 (s₁ / s₁ when the scales agree)
+        return _base_input_grad(dyb.t() @ a, dys, projections, first), dyb
+    a, alpha = _scaled_a(a_rows, parts, 1.0)
+    return _base_input_grad(None, dys, projections, 1.0).addmm_(dyb.t(), a, alpha=alpha), dyb
 
 
 def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection], beta: float) -> torch.Tensor:
@@ -126,12 +128,13 @@ def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection]
     return dx
 
 
-def _scaled_a(a_rows: torch.Tensor, parts, unit: float) -> torch.Tensor:
-    """The stacked A's, each projection's rows times sᵢ / unit (a Σr × hidden copy when the scales differ), so
-    the rank-r terms of dx are one GEMM."""
-    if all(p.scale == unit for p, *_ in parts):
-        return a_rows
-    return torch.cat([a_rows[rows] * (p.scale / unit) for p, _, _, rows in parts])
+def _scaled_a(a_rows: torch.Tensor, parts, unit: float) -> tuple[torch.Tensor, float]:
+    """(A, alpha) with alpha·dybᵀ·A = Σᵢ (sᵢ / unit)·dybᵢᵀ·Aᵢ, so the rank-r terms of dx are one GEMM: the stacked
+    A's as they are when the scales agree, else a Σr × hidden copy with each projection's rows scaled."""
+    scales = {p.scale for p, *_ in parts}
+    if len(scales) == 1:
+        return a_rows, scales.pop() / unit
+    return torch.cat([a_rows[rows] * (p.scale / unit) for p, _, _, rows in parts]), 1.0
 
 
 def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
