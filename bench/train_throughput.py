@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
-from bench.step_probes import profile_steps, sync_sites  # noqa: E402
+from bench.step_probes import ClockSampler, profile_steps, sync_sites  # noqa: E402
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -179,11 +179,12 @@ def run_arm(a: argparse.Namespace) -> dict:
         losses.append(step(b))
     host_s.update(dict.fromkeys(host_s, 0.0))
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]  # before each step, after the last
-    marks[0].record()
-    for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
-        losses.append(step(b))
-        mark.record()
-    torch.cuda.synchronize()
+    with ClockSampler() as clocks:
+        marks[0].record()
+        for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
+            losses.append(step(b))
+            mark.record()
+        torch.cuda.synchronize()
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
     seconds = sum(each_ms) / 1e3
     syncs = sync_sites(step, batches[-1][0])
@@ -217,6 +218,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
+        **clocks.medians(),
     )
 
 
@@ -256,9 +258,9 @@ def table(results: list[dict]) -> str:
     """One row per arm; speed and peak allocated memory also as ratios to hf's and to Unsloth's run of
     the same shape and checkpointing mode (the issue's targets are ratios to Unsloth)."""
     rows = [
-        "| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | peak alloc / reserved GiB | "
+        "| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | SM MHz / W | peak alloc / reserved GiB | "
         "alloc × unsloth | loss first → last | kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     done = [r for r in results if "tokens_per_s" in r]
     by_arm = {(r["arm"], r["shape"], r["gc"]): r for r in done}
@@ -270,13 +272,14 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "tokens_per_s" not in r:
             last = [line for line in (r.get("error") or "?").splitlines() if line.strip()][-1:] or ["?"]
-            rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | |")
+            rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | | |")
             continue
         rows.append(
             f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''}"
             f"{' (nf4 base)' if r.get('four_bit') else ''} | "
             f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
-            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | {r['peak_alloc_gib']} / "
+            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | "
+            f"{r.get('sm_mhz') or '-'} / {r.get('power_w') or '-'} | {r['peak_alloc_gib']} / "
             f"{r['peak_reserved_gib']} | "
             f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
             f"{', '.join(r['kernels']) or '-'} |"

@@ -137,10 +137,19 @@ def _scaled_a(a_rows: torch.Tensor, parts, unit: float) -> tuple[torch.Tensor, f
     return torch.cat([a_rows[rows] * (p.scale / unit) for p, _, _, rows in parts]), 1.0
 
 
+def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a·b in `dtype`. fp32 adapters (PEFT upcasts them) take their grads straight from the GEMM's fp32
+    accumulators on CUDA: no bf16 product rounded, then cast in another kernel (~14 a layer, each a launch)."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
 def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
     """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `inp`
     may be None when no W or A trains."""
-    ga_rows = dyb @ inp if any(p.lora_a is not None and p.lora_a.requires_grad for p in projections) else None
+    trained_a = [p.lora_a for p in projections if p.lora_a is not None and p.lora_a.requires_grad]
+    ga_rows = _product(dyb, inp, trained_a[0].dtype) if trained_a else None
     grads: list[torch.Tensor | None] = []
     for p, dy, rows in zip(projections, dys, _rank_rows(projections)):
         grads.append(dy.t() @ inp if p.weight.requires_grad else None)
@@ -148,8 +157,8 @@ def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torc
         if p.lora_a is None:
             grads += [None, None]
             continue
-        grads.append(ga_rows[rows].mul_(p.scale).to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
-        grads.append((dy.t() @ xa[:, rows]).mul_(p.scale).to(p.lora_b.dtype) if p.lora_b.requires_grad else None)
+        grads.append(ga_rows[rows].to(p.lora_a.dtype).mul_(p.scale) if p.lora_a.requires_grad else None)
+        grads.append(_product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale) if p.lora_b.requires_grad else None)
     return grads
 
 

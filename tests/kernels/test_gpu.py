@@ -93,14 +93,15 @@ def test_lora_mlp_and_qkv_8b_shapes(rng_seed):
     gate, up, down = proj(14336, 4096), proj(14336, 4096), proj(4096, 14336)
     y = lora_gated_mlp(x, gate, up, down)
     y.backward(torch.ones_like(y))
-    mine = [p.lora_a.grad.clone() for p in (gate, up, down)]
+    mine = [(p.lora_a.grad.clone(), p.lora_b.grad.clone()) for p in (gate, up, down)]
     for p in (gate, up, down):
-        p.lora_a.grad = None
+        p.lora_a.grad = p.lora_b.grad = None
     ref = ref_lora(torch.nn.functional.silu(ref_lora(x32, gate)) * ref_lora(x32, up), down)
     ref.backward(torch.ones_like(ref))
     assert rel_err(y, ref) < BF16 and rel_err(x.grad, x32.grad) < BF16, rng_seed
-    for got, p in zip(mine, (gate, up, down)):
-        assert rel_err(got, p.lora_a.grad) < 2 * BF16, rng_seed
+    for (got_a, got_b), p in zip(mine, (gate, up, down)):
+        assert got_a.dtype == got_b.dtype == torch.float32
+        assert rel_err(got_a, p.lora_a.grad) < 2 * BF16 and rel_err(got_b, p.lora_b.grad) < 2 * BF16, rng_seed
     q, k, v = proj(4096, 4096), proj(1024, 4096), proj(1024, 4096)
     outs = lora_projections(x, [q, k, v])
     refs = [ref_lora(x32, p) for p in (q, k, v)]

@@ -68,3 +68,28 @@ def test_gated_mlp_adds_the_rank_terms_inside_the_base_gemms():
             ("addmm_", INTER),
         ]
     )
+
+
+class _Casts(TorchDispatchMode):
+    """The dtype conversions run (`_to_copy`), each one more kernel over its tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket.__name__ == "_to_copy"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GEMM writes fp32 from bf16 operands on CUDA only")
+def test_fp32_adapter_grads_come_straight_from_their_gemms():
+    made = [_projection(out, HIDDEN, 2.0) for out in (HIDDEN, 16, 16)]
+    made = [Projection(p.weight.bfloat16(), None, p.lora_a, p.lora_b, p.scale) for p in made]  # PEFT's layout
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    outs = lora_projections(x, made)
+    with _Casts() as seen:
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    assert seen.casts == 0
+    for p in made:
+        assert p.lora_a.grad.dtype == p.lora_b.grad.dtype == torch.float32
