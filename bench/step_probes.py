@@ -3,10 +3,6 @@ for the GPU, and where its GPU time goes."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import statistics
-import subprocess
 from pathlib import Path
 
 
@@ -44,6 +40,8 @@ def profile_steps(step, batches, path: str) -> float:
     (PATH.trace.json.gz, chrome://tracing). Returns the GPU's busy milliseconds a step (its kernels' time
     summed): against the unprofiled step time, what the GPU idles."""
     import gzip
+    import os
+    import shutil
 
     import torch
     from torch.autograd import DeviceType
@@ -63,37 +61,3 @@ def profile_steps(step, batches, path: str) -> float:
     table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
     Path(path).write_text(f"GPU busy {busy_ms:.1f} ms a step (kernels' time summed)\n{table}")
     return busy_ms
-
-
-class ClockSampler:
-    """The GPU's SM clock and power draw while the timed steps run (`nvidia-smi -lms`, a sample every 200 ms):
-    a training step of the dense 8B shape holds an H200 at its 700 W cap, where the clock drops well below its
-    boost; arms that move fewer bytes per step keep a higher clock. Medians; None without nvidia-smi."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ClockSampler:
-        if shutil.which("nvidia-smi"):
-            index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-            query = ["--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "200", "-i", index]
-            self.proc = subprocess.Popen(["nvidia-smi", *query], stdout=subprocess.PIPE, text=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-
-    def medians(self) -> dict[str, float | None]:
-        if self.proc is None:
-            return dict(sm_mhz=None, power_w=None)
-        out, _ = self.proc.communicate()
-        samples = []
-        for line in out.splitlines():
-            try:
-                samples.append(tuple(float(v) for v in line.split(",")))
-            except ValueError:
-                continue  # a field nvidia-smi reports as [N/A]
-        if not samples:
-            return dict(sm_mhz=None, power_w=None)
-        return dict(sm_mhz=statistics.median(s[0] for s in samples), power_w=statistics.median(s[1] for s in samples))

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
-from bench.step_probes import ClockSampler, profile_steps, sync_sites  # noqa: E402
+from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -174,17 +174,21 @@ def run_arm(a: argparse.Namespace) -> dict:
         from worker.train.step_queue import freeze_heap
 
         freeze_heap()
+    from worker.train.gpu_clocks import GpuClocks, gpu_id
+
     torch.cuda.reset_peak_memory_stats()
     for b, _ in batches[: a.warmup]:
         losses.append(step(b))
     host_s.update(dict.fromkeys(host_s, 0.0))
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]  # before each step, after the last
-    with ClockSampler() as clocks:
-        marks[0].record()
-        for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
-            losses.append(step(b))
-            mark.record()
-        torch.cuda.synchronize()
+    clocks = GpuClocks(gpu_id(torch.cuda.current_device()), period_ms=200)  # the SM clock under the power cap
+    clocks.start()
+    marks[0].record()
+    for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
+        losses.append(step(b))
+        mark.record()
+    torch.cuda.synchronize()
+    clocks.stop()
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
     seconds = sum(each_ms) / 1e3
     syncs = sync_sites(step, batches[-1][0])
@@ -218,7 +222,8 @@ def run_arm(a: argparse.Namespace) -> dict:
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
-        **clocks.medians(),
+        sm_mhz=clocks.summary().get("gpu_sm_clock_mhz"),
+        power_w=clocks.summary().get("gpu_power_w"),
     )
 
 

@@ -261,7 +261,7 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
     monkeypatch.setenv("FTW_EVENTS", str(tmp_path / "events.jsonl"))
-    progress = Progress(cfg(logging_steps=2), tmp_path, total_steps=4, first_step=0, enabled=True)
+    progress = Progress(cfg(logging_steps=2), tmp_path, total_steps=4, first_step=0, enabled=True, device=None)
     for step in range(1, 5):
         progress.step(step, {"loss": 2.0 / step, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0})
     progress.close()

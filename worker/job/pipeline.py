@@ -43,6 +43,7 @@ from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir,
 from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
 from worker.job.warmup import KernelWarmup
 from worker.publish import PublishPlan
+from worker.train.gpu_clocks import slowdown_warning
 from worker.train.summary import TrainSummary
 
 MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
@@ -191,6 +192,7 @@ class JobPipeline:
             if prefetch is not None:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)
         metrics = self.train(run, config_path, prepared)
+        self.warnings.extend({"loc": "gpu", "msg": w} for w in filter(None, [slowdown_warning(metrics)]))
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {

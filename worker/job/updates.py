@@ -31,6 +31,8 @@ SHOWN = (
     "bytes_done",
     "bytes_total",
     "bytes_per_s",
+    "gpu_sm_mhz",  # the clock and power of the GPU training runs on (worker/train/gpu_clocks.py)
+    "gpu_power_w",
 )
 
 

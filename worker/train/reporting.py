@@ -15,6 +15,7 @@ from typing import Any
 
 from schemas.config import TrainingConfig
 from worker.events import emit
+from worker.train.gpu_clocks import GpuClocks, gpu_id
 
 log = logging.getLogger("ftw.train")
 
@@ -73,10 +74,15 @@ class Trackers:
 
 
 class Progress:
-    """Step reports for the orchestrator (events), a person (tqdm on a terminal) and trackers."""
+    """Step reports for the orchestrator (events), a person (tqdm on a terminal) and trackers; with them, the
+    clock and power of the GPU the steps run on (worker/train/gpu_clocks.py), when `device` is one."""
 
-    def __init__(self, cfg: TrainingConfig, run_dir: Path, total_steps: int, first_step: int, enabled: bool):
+    def __init__(self, cfg: TrainingConfig, run_dir: Path, total_steps: int, first_step: int, enabled: bool, device):
         self.enabled = enabled
+        on_gpu = enabled and getattr(device, "type", None) == "cuda"
+        self.clocks = GpuClocks(gpu_id(device.index or 0) if on_gpu else None)
+        self.clocks.start()
+        self.gpu_summary: dict[str, Any] = {}
         self.total = total_steps
         self.every = cfg.logging_steps or 1
         self.start_time = time.monotonic()
@@ -97,6 +103,7 @@ class Progress:
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        metrics = {**metrics, **self.clocks.latest()}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -134,6 +141,8 @@ class Progress:
             log.info("eval at step %d: loss %.4f", step, loss)
 
     def close(self) -> None:
+        self.clocks.stop()
+        self.gpu_summary = self.clocks.summary()
         if self.bar is not None:
             self.bar.close()
         if self.trackers is not None:

@@ -223,7 +223,9 @@ class Trainer:
     def train(self) -> int:
         """Run to the end (EXIT_OK) or until SIGTERM, after saving (EXIT_PREEMPTED)."""
         sched, state, topo = self.schedule, self.state, self.topo
-        self.progress = progress = Progress(self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main)
+        self.progress = progress = Progress(
+            self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main, topo.device
+        )
         self.t0, self.tokens0 = time.monotonic(), state.tokens  # this process's share, for tokens/s
         self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
         self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
@@ -409,4 +411,5 @@ class Trainer:
             "packed": self.data.packed,
             "adapter": self.cfg.adapter or "full",
             "kernels": self.kernels,
+            **self.progress.gpu_summary,
         }
