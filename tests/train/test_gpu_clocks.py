@@ -137,3 +137,25 @@ def test_progress_events_carry_the_clock_and_the_summary_its_figures(fake_smi, t
     events = [json.loads(line) for line in Path(tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["gpu_sm_mhz"], e["gpu_power_w"]) for e in events] == [(1545.0, 692.99)] * 2
     assert progress.gpu_summary["gpu_sm_clock_mhz"] == 1545 and progress.gpu_summary["gpu_slowdown_share"] == 0
+
+
+def test_a_train_process_killed_outright_takes_its_sampler_with_it(fake_smi, tmp_path):
+    import signal
+    import subprocess
+
+    from tests.processes import left_behind
+
+    replay, calls, smi = fake_smi
+    replay(POWER_CAPPED)
+    code = "from worker.train.gpu_clocks import GpuClocks; import time; GpuClocks('0', 10).start(); time.sleep(60)"
+    trainer = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "calls.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls(), "the sampler never started"
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while left_behind(lambda _name, command: smi in command) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left_behind(lambda _name, command: smi in command) == []

@@ -50,6 +50,7 @@ class GpuClocks:
             return
         argv = [binary, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", f"--loop-ms={self.period_ms}"]
         try:
+            # a train child killed outright closes the pipe: the sampler's next line ends it (SIGPIPE)
             self.proc = subprocess.Popen(
                 [*argv, f"--id={self.gpu}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
             )
