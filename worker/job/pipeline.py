@@ -192,7 +192,8 @@ class JobPipeline:
             if prefetch is not None:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)
         metrics = self.train(run, config_path, prepared)
-        self.warnings.extend({"loc": "gpu", "msg": w} for w in filter(None, [slowdown_warning(metrics)]))
+        if (slowed := slowdown_warning(metrics)) is not None:  # the host held the GPU's clock down
+            self.warnings.append({"loc": "gpu", "msg": slowed})
         artifacts = self.publish(run)
         metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {
