@@ -189,6 +189,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         mark.record()
     torch.cuda.synchronize()
     clocks.stop()
+    clock = clocks.summary()
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
     seconds = sum(each_ms) / 1e3
     syncs = sync_sites(step, batches[-1][0])
@@ -222,8 +223,8 @@ def run_arm(a: argparse.Namespace) -> dict:
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
-        sm_mhz=clocks.summary().get("gpu_sm_clock_mhz"),
-        power_w=clocks.summary().get("gpu_power_w"),
+        sm_mhz=clock.get("gpu_sm_clock_mhz"),
+        power_w=clock.get("gpu_power_w"),
     )
 
 

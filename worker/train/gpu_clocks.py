@@ -16,7 +16,7 @@ import shutil
 import statistics
 import subprocess
 import threading
-from typing import Any
+from typing import IO, Any
 
 QUERY = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active"
 SLOWDOWNS = {  # NVML's clock event reasons that mean the host, not the workload, held the clock down
@@ -40,7 +40,7 @@ class GpuClocks:
 
     def __init__(self, gpu: str | None, period_ms: int = 1000):
         self.gpu, self.period_ms = gpu, period_ms
-        self.samples: list[tuple[float, float, float, float, float, int]] = []
+        self.samples: list[tuple[float, ...]] = []  # clock, max clock, power, limit, temperature, reasons
         self.proc: subprocess.Popen | None = None
         self.reader: threading.Thread | None = None
 
@@ -56,32 +56,26 @@ class GpuClocks:
             )
         except OSError:
             return
-        self.reader = threading.Thread(target=self._read, name="gpu-clocks", daemon=True)
+        self.reader = threading.Thread(target=self._read, args=(self.proc.stdout,), name="gpu-clocks", daemon=True)
         self.reader.start()
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _read(self, lines: IO[str]) -> None:
+        for line in lines:
             fields = [f.strip() for f in line.split(",")]
+            if len(fields) != 6:
+                continue  # not a sample: a message of nvidia-smi's
             try:
-                *numbers, reasons = fields
-                sample = (*(float(n) for n in numbers), int(reasons, 16))
+                self.samples.append((*map(float, fields[:5]), int(fields[5], 16)))
             except ValueError:
                 continue  # a field the driver reports as [N/A] or [Not Supported]
-            if len(sample) == 6:
-                self.samples.append(sample)  # type: ignore[arg-type]  # six fields, checked
 
     def stop(self) -> None:
-        """Ends the sampler (idempotent); what it sampled stays."""
+        """Ends the sampler (idempotent); what it sampled stays. It holds no state worth a graceful stop."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.kill()
+        proc.wait()
         if self.reader is not None:
             self.reader.join(timeout=5)
 

@@ -11,11 +11,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.config import TrainingConfig
 from worker.events import emit
 from worker.train.gpu_clocks import GpuClocks, gpu_id
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("ftw.train")
 
@@ -77,10 +80,18 @@ class Progress:
     """Step reports for the orchestrator (events), a person (tqdm on a terminal) and trackers; with them, the
     clock and power of the GPU the steps run on (worker/train/gpu_clocks.py), when `device` is one."""
 
-    def __init__(self, cfg: TrainingConfig, run_dir: Path, total_steps: int, first_step: int, enabled: bool, device):
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        run_dir: Path,
+        total_steps: int,
+        first_step: int,
+        enabled: bool,
+        device: torch.device | None,
+    ):
         self.enabled = enabled
-        on_gpu = enabled and getattr(device, "type", None) == "cuda"
-        self.clocks = GpuClocks(gpu_id(device.index or 0) if on_gpu else None)
+        gpu = gpu_id(device.index or 0) if enabled and device is not None and device.type == "cuda" else None
+        self.clocks = GpuClocks(gpu)
         self.clocks.start()
         self.gpu_summary: dict[str, Any] = {}
         self.total = total_steps
