@@ -1,11 +1,11 @@
 """Attention forward + backward at a training step's shape, by backend: what ftw's varlen attention costs, and what
 the other kernels torch ships would cost on the same tokens.
 
-    PYTHONPATH=$PWD:$PWD/kernels python3 bench/attention.py            # on the GPU (device tool)
+    PYTHONPATH=$PWD:$PWD/kernels python3 bench/attention.py [--shape llama-1b]    # on the GPU (device tool)
 
-Shape: Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, causal, 4 rows × 2048 tokens,
-either full-length rows or packed rows (samples of bench/train_throughput.py's lognormal lengths, attention kept
-inside each sample). Arms:
+Shape: Llama-3.1-8B's attention (32 query heads, 8 kv heads, head_dim 128), bf16, causal, 4 rows × 2048 tokens
+(`--shape llama-1b`: Llama-3.2-1B's, head_dim 64, 8 rows × 2048), either full-length rows or packed rows
+(samples of bench/train_throughput.py's lognormal lengths, attention kept inside each sample). Arms:
   ftw        kernels/ftw_kernels/attention.py's varlen_attention_forward: cuDNN for full-length rows (its equal-segments
              path), flash varlen with grouped kv heads for packed ones;
   flash      the same with the equal-segments path off (FTW_CUDNN_ATTENTION=0): flash varlen for every layout;
@@ -29,7 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 from bench.fp8_ops import timed  # noqa: E402  (CUDA events, 3 warm-ups)
 
-HEADS, KV_HEADS, DIM, ROWS, SEQ = 32, 8, 128, 4, 2048
+SHAPES = {  # name → (query heads, kv heads, head_dim, rows, seq): the training benches' shapes
+    "llama-8b": (32, 8, 128, 4, 2048),
+    "llama-1b": (32, 8, 64, 8, 2048),
+}
+HEADS, KV_HEADS, DIM, ROWS, SEQ = SHAPES["llama-8b"]
 
 
 def packed_positions(rows: int, seq: int, seed: int = 0):
@@ -127,11 +131,17 @@ def measure(arm: str, layout: str, iters: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     ap.add_argument("--arms", default="ftw,flash,expanded,sdpa-flash,sdpa-cudnn,sdpa-cudnn-gqa")
     a = ap.parse_args()
+    global HEADS, KV_HEADS, DIM, ROWS, SEQ
+    HEADS, KV_HEADS, DIM, ROWS, SEQ = SHAPES[a.shape]
     import torch
 
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {ROWS} × {SEQ} tokens, {HEADS}/{KV_HEADS} heads")
+    print(
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {a.shape}: {ROWS} × {SEQ} tokens, "
+        f"{HEADS}/{KV_HEADS} heads of {DIM}"
+    )
     print("| rows | arm | fwd+bwd ms | × ftw | MiB kept for backward |\n|---|---|---:|---:|---:|")
     for layout in ("full-length", "packed"):
         base = None

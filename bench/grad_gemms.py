@@ -63,6 +63,14 @@ def timed_us(fn, device: torch.device, repeats: int = 30, warmup: int = 5) -> fl
     return statistics.median(times)
 
 
+def shapes_and_device(doc: str | None, default: str = "llama-8b,llama-1b") -> tuple[list[str], torch.device]:
+    """The GEMM benches' command line (`--shapes`), and the device they run on (CPU: the harness alone)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=default)
+    args = parser.parse_args()
+    return args.shapes.split(","), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def rows_for(shape: str, device: torch.device) -> list[tuple[str, float, float | None]]:
     tokens, hidden, inter, kv = SHAPES[shape]
     rows = []
@@ -79,14 +87,11 @@ def rows_for(shape: str, device: torch.device) -> list[tuple[str, float, float |
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-8b,llama-1b")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes, device = shapes_and_device(__doc__)
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
     print("| shape | grad GEMM | bf16, scale, cast µs | fp32 out, scale µs | fp32 / cast |")
     print("|---|---|---:|---:|---:|")
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         rows = rows_for(shape, device)
         sums = (sum(r[1] for r in rows), sum(r[2] for r in rows) if device.type == "cuda" else None)
         for name, cast, wide in [*rows, ("a layer's sum", *sums)]:
