@@ -12,6 +12,8 @@ Arms, per group (every projection of a decoder layer; the stacked ones where sev
                 first and x·Wᵢᵀ added by the base GEMM (cuBLAS's beta); dx = the rank-r terms, then Σ dyᵢ·Wᵢ added
   base only     the base GEMMs without LoRA: what the rank-r terms cost is the difference
   rank-r after  the base GEMM first, then s·(x·Aᵢᵀ)·Bᵢᵀ added by a rank-r addmm (ftw before 601fe9b)
+  beta 1        ftw's order with s folded into B (forward) or A (dx), so the base GEMM adds with beta = 1
+  terms alone   the forward's rank-r GEMMs without the base GEMMs: what writing the terms costs
   bordered      LoRA as a bordered weight: x·Aᵀ written beside x (one tokens × (in + Σr) buffer), then one GEMM
                 per projection against [Wᵢ | s·Bᵢ in its rank columns, zeros in the others'] (forward only)
   stacked       the weights as one (Σ out × in) matrix: forward one rank-r GEMM (block-diagonal B) and one
@@ -59,10 +61,15 @@ def group_row(tokens: int, outs: list[int], width: int, device: torch.device, dt
     dys = [t.contiguous() for t in dy_all.split(outs, dim=1)]
     dyb = rand(tokens, RANK * len(outs))
 
-    def forward_ftw():
+    def forward_ftw(beta: float = SCALE, scaled: list[torch.Tensor] = bs):
         xa = x @ a_rows.t()
-        for i, (w, b) in enumerate(zip(weights, bs)):
-            (xa[:, i * RANK : (i + 1) * RANK] @ b.t()).addmm_(x, w.t(), beta=SCALE)
+        for i, (w, b) in enumerate(zip(weights, scaled)):
+            (xa[:, i * RANK : (i + 1) * RANK] @ b.t()).addmm_(x, w.t(), beta=beta)
+
+    def terms_only():
+        xa = x @ a_rows.t()
+        for i, b in enumerate(bs):
+            xa[:, i * RANK : (i + 1) * RANK] @ b.t()
 
     def input_grad(dx: torch.Tensor, beta: float) -> None:
         for dy, w in zip(dys, weights):
@@ -87,9 +94,12 @@ def group_row(tokens: int, outs: list[int], width: int, device: torch.device, dt
         "fwd base only": lambda: [x @ w.t() for w in weights],
         "fwd bordered": forward_bordered,
         "fwd ftw": forward_ftw,
+        "fwd beta 1": lambda: forward_ftw(1.0, [SCALE * b for b in bs]),
+        "fwd terms only": terms_only,
         "fwd rank-r after": forward_after,
         "dx base only": lambda: input_grad(torch.empty_like(x), 0.0),
         "dx ftw": lambda: input_grad(dyb @ a_rows, SCALE),
+        "dx beta 1": lambda: input_grad(dyb @ (SCALE * a_rows), 1.0),
     }
     if len(outs) > 1:
         arms |= {
@@ -121,9 +131,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {blas}")
     print(
         "| shape | group | pass | ftw µs (TFLOP/s) | base GEMMs only µs | × ftw | rank-r after µs | × ftw "
-        "| bordered µs | × ftw | stacked µs | × ftw | stacked+cat µs | × ftw |"
+        "| bordered µs | × ftw | stacked µs | × ftw | stacked+cat µs | × ftw | beta 1 µs | × ftw "
+        "| the terms alone µs |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
         tokens, hidden, inter, kv = SHAPES[shape]
         for name, outs, width in groups(hidden, inter, kv):
@@ -132,8 +143,10 @@ def main() -> None:
                 ftw_us, ftw_tflops = row[f"{direction} ftw"]
                 cells = [
                     cell(row, f"{direction} {arm}", ftw_us)
-                    for arm in ("base only", "rank-r after", "bordered", "stacked", "stacked+cat")
+                    for arm in ("base only", "rank-r after", "bordered", "stacked", "stacked+cat", "beta 1")
                 ]
+                terms = row.get(f"{direction} terms only")
+                cells.append(f"{terms[0]:.1f}" if terms else "-")
                 print(f"| {shape} | {name} | {direction} | {ftw_us:.1f} ({ftw_tflops:.0f}) | {' | '.join(cells)} |")
 
 
