@@ -44,13 +44,19 @@ def gemms(hidden: int, inter: int, kv: int) -> list[tuple[str, int, int]]:
     ]
 
 
+HOLD_CYCLES = 5_000_000  # ~3 ms of GPU spin: longer than the host takes to queue any call timed here
+
+
 def timed_us(fn, device: torch.device, repeats: int = 30, warmup: int = 5) -> float:
+    """Median µs of fn on the GPU alone: the GPU is held busy while the host queues the call, so no launch
+    latency is counted (in a training step the host runs ahead of the GPU the same way)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(HOLD_CYCLES)
             start.record()
             fn()
             end.record()

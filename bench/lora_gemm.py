@@ -1,8 +1,9 @@
 """A LoRA projection's forward as one Triton GEMM: y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ with the rank-r term added to the
 accumulator in the epilogue (a rank-sized dot per output tile from x·Aᵀ and B, which stay in L2), against
 cuBLAS as ftw runs it (the term written first, the base GEMM adding itself through its beta) and cuBLAS's base
-GEMM alone (no LoRA: the floor). bench/stacked_gemms.py measured the term costing ftw's forward 9–36% over the
-base GEMM alone; this asks whether a GEMM that carries the term for free beats cuBLAS's.
+GEMM alone (no LoRA: the floor). bench/stacked_gemms.py measured the term costing ftw's forward 9–33% over the
+base GEMM alone; this asks whether a GEMM that carries the term for free beats cuBLAS's. Found (docs/benchmarks.md):
+0.95–1.09× cuBLAS as ftw calls it, no better than a bordered weight: not built.
 
     python3 bench/lora_gemm.py --shapes llama-8b,llama-1b      # on a GPU (< 60 s)
 

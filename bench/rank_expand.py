@@ -1,7 +1,8 @@
 """The rank-r GEMM that writes a LoRA term, (x·Aᵀ)·Bᵀ: tokens × r times r × out, a tokens × out output from a
-contraction of 16. It only has to write its output, yet bench/stacked_gemms.py found cuBLAS writing these at
-1.2–2.3 TB/s (the "terms alone" column). This times cuBLAS against a Triton kernel that computes each output
-tile as one rank-sized dot and stores it, per projection of a decoder layer, by tile configuration.
+contraction of 16. It only has to write its output, yet cuBLAS writes these at 1.7–3.2 TB/s on an H200, under
+the ~4.2 TB/s ftw's flat SwiGLU kernels reach. This times cuBLAS against a Triton kernel that computes each
+output tile as one rank-sized dot and stores it, per projection of a decoder layer, by tile configuration.
+Found (docs/benchmarks.md): 1.16–1.27× cuBLAS, ~0.05 ms of an 8B layer: not worth a kernel of ftw's own.
 
     python3 bench/rank_expand.py --shapes llama-8b,llama-1b      # on a GPU (< 60 s)
     python3 bench/rank_expand.py --shapes tiny                    # the harness on CPU (TRITON_INTERPRET=1)

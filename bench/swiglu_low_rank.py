@@ -1,7 +1,7 @@
 """Gate's and up's LoRA terms added inside the SwiGLU kernels instead of by the GEMMs: would it pay?
 
 ftw's fused MLP writes s·(x·Aᵀ)·Bᵀ first and lets each base GEMM add itself to it (cuBLAS's beta), which
-bench/stacked_gemms.py measured at 9% (8B) to 30% (1B) over the gate and up GEMMs alone. The alternative
+bench/stacked_gemms.py measured at 12% (8B) and 21% (1B) over the gate and up GEMMs alone. The alternative
 tried here: the GEMMs write x·Wᵀ alone and the SwiGLU kernels take g = g_base + s·(x·Aᵀ)·Bᵀ inside each tile
 (a rank-sized dot per tile from L2-resident operands), forward and again in the backward (g and u are saved
 without their terms). A rank-sized dot needs a 2-D tile (rows × columns); ftw's kernels run flat 1-D blocks.
@@ -10,7 +10,8 @@ terms; the 2-D kernels with both terms, the dot on fp32 operands (`tf32`: bf16 v
 the bf16 operands as loaded (`native`), or as 16 outer products on the CUDA cores (`fma`); per tile shape
 and warp count. The kernels are memory-bound: GB/s is the bytes they must move over their time (the H200's
 HBM3e peak is ~4,800). Found on an H200 (docs/benchmarks.md): no tile brings the 2-D kernels to the flat
-ones' speed, and the terms inside cost about what they save in the GEMMs: ftw keeps the GEMMs' beta.
+ones' speed, and the terms inside cost nearly what they save in the GEMMs (net ~0.3% of a step): ftw keeps
+the GEMMs' beta.
 
     python3 bench/swiglu_low_rank.py --shapes llama-8b,llama-1b      # on a GPU (~100 s)
     python3 bench/swiglu_low_rank.py --shapes tiny                    # the harness on CPU (TRITON_INTERPRET=1)
