@@ -12,23 +12,23 @@ cuBLAS.
 
     python3 bench/gemm_layouts.py --shapes llama-8b,llama-1b [--json PATH]
 
-Times: CUDA events over 20 repeats after 5, median; ratios against cuBLAS in the same run."""
+Times: bench/gpu_bench.py's `timed_us` (the GPU's time alone, the median of 30 after 5); ratios against
+cuBLAS in the same run."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-SHAPES = {  # name → (tokens, hidden, intermediate, kv width)
-    "llama-8b": (8192, 4096, 14336, 1024),
-    "llama-1b": (16384, 2048, 8192, 512),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
 
 
 def groups(hidden: int, inter: int, kv: int) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -55,6 +55,16 @@ CONFIGS = [
 
 
 @triton.jit
+def tile_origin(tile, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row, column) where output tile number `tile` starts, in grouped order: GROUP_M row blocks sweep the
+    columns together, so the right operand's tiles stay in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return (first_m + (tile % per_group) % rows) * BLOCK_M, ((tile % per_group) // rows) * BLOCK_N
+
+
+@triton.jit
 def _segment(acc, a_desc, b_desc, off_m, off_n, K: tl.constexpr, BLOCK_K: tl.constexpr):
     for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
         a = a_desc.load([off_m, k * BLOCK_K])
@@ -70,14 +80,9 @@ def _nn_gemm(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
 ):  # fmt: skip
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
     tile = tl.program_id(0)
     while tile < tiles_m * tiles_n:  # persistent: one program per SM
-        # grouped order: GROUP_M row blocks sweep the columns together, so W's tiles stay in L2
-        first_m = (tile // per_group) * GROUP_M
-        rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % rows) * BLOCK_M
-        off_n = ((tile % per_group) // rows) * BLOCK_N
+        off_m, off_n = tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _segment(acc, a0, b0, off_m, off_n, K0, BLOCK_K)
         if SEGMENTS > 1:
@@ -111,18 +116,9 @@ def input_grad(dys: list[torch.Tensor], weights: list[torch.Tensor], out: torch.
     return out
 
 
-def timed(fn, repeats: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def timed(fn) -> float:
+    """Milliseconds of fn on the GPU alone (bench/gpu_bench.py's `timed_us`)."""
+    return timed_us(fn, torch.device("cuda")) / 1e3
 
 
 def best_triton(dys, ws, dx) -> tuple[float, tuple | None]:
@@ -176,11 +172,9 @@ def rows_for(shape: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-8b,llama-1b")
     parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
-    rows = [row for shape in args.shapes.split(",") for row in rows_for(shape)]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    args, _, _ = setup(__doc__, parser)
+    rows = [row for shape in args.shapes for row in rows_for(shape)]
     columns = ["shape", "dx += Σ dyᵢ·Wᵢ", "cuBLAS (addmm per W)", "cuBLAS, Wᵀ stored", "transposing the W's"]
     print("| " + " | ".join([*columns, "ftw Triton", "ftw / cuBLAS", "config"]) + " |")
     print("|---|---|---:|---:|---:|---:|---:|---|")

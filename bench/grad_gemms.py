@@ -8,21 +8,18 @@ only where it costs nothing.
     python3 bench/grad_gemms.py --shapes tiny                    # the harness on CPU: the bf16 way only
 
 Per GEMM: A's grad over a stacked input (rank rows × tokens · tokens × in) and B's (out × tokens · tokens ×
-rank); times from CUDA events, the median of 30 after 5."""
+rank); bench/gpu_bench.py's `timed_us` (the GPU's time alone, the median of 30 after 5)."""
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-SHAPES = {  # name → (tokens, hidden, intermediate, kv width)
-    "llama-8b": (8192, 4096, 14336, 1024),
-    "llama-1b": (16384, 2048, 8192, 512),
-    "tiny": (256, 64, 128, 32),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
+
 RANK = 16
 
 
@@ -44,39 +41,6 @@ def gemms(hidden: int, inter: int, kv: int) -> list[tuple[str, int, int]]:
     ]
 
 
-HOLD_CYCLES = 5_000_000  # ~3 ms of GPU spin: longer than the host takes to queue any call timed here
-
-
-def timed_us(fn, device: torch.device, repeats: int = 30, warmup: int = 5) -> float:
-    """Median µs of fn on the GPU alone: the GPU is held busy while the host queues the call, so no launch
-    latency is counted (in a training step the host runs ahead of the GPU the same way)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(HOLD_CYCLES)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
-
-
-def shapes_and_device(doc: str | None, default: str = "llama-8b,llama-1b") -> tuple[list[str], torch.device]:
-    """The GEMM benches' command line (`--shapes`), and the device they run on (CPU: the harness alone)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=default)
-    args = parser.parse_args()
-    return args.shapes.split(","), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def rows_for(shape: str, device: torch.device) -> list[tuple[str, float, float | None]]:
     tokens, hidden, inter, kv = SHAPES[shape]
     rows = []
@@ -93,11 +57,10 @@ def rows_for(shape: str, device: torch.device) -> list[tuple[str, float, float |
 
 
 def main() -> None:
-    shapes, device = shapes_and_device(__doc__)
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+    args, device, _ = setup(__doc__)
     print("| shape | grad GEMM | bf16, scale, cast µs | fp32 out, scale µs | fp32 / cast |")
     print("|---|---|---:|---:|---:|")
-    for shape in shapes:
+    for shape in args.shapes:
         rows = rows_for(shape, device)
         sums = (sum(r[1] for r in rows), sum(r[2] for r in rows) if device.type == "cuda" else None)
         for name, cast, wide in [*rows, ("a layer's sum", *sums)]:

@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gemm_layouts import CONFIGS, SHAPES  # noqa: E402  (the Triton GEMM configurations tried there)
-from bench.grad_gemms import shapes_and_device, timed_us  # noqa: E402
+from bench.gemm_layouts import CONFIGS, tile_origin  # noqa: E402  (the Triton GEMM configurations tried there)
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
 
 RANK, SCALE = 16, 2.0
 
@@ -35,13 +35,9 @@ def _lora_tn_gemm(
     GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
 ):  # fmt: skip
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
     tile = tl.program_id(0)
-    while tile < tiles_m * tiles_n:
-        first_m = (tile // per_group) * GROUP_M
-        rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % per_group) % rows) * BLOCK_M
-        off_n = ((tile % per_group) // rows) * BLOCK_N
+    while tile < tiles_m * tiles_n:  # persistent: one program per SM
+        off_m, off_n = tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             a = x_desc.load([off_m, k * BLOCK_K])
@@ -104,14 +100,14 @@ def projection_row(tokens: int, out: int, width: int) -> dict:
 
 
 def main() -> None:
-    shapes, _ = shapes_and_device(__doc__)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    args, _, _ = setup(__doc__)
+    print(f"triton {triton.__version__}")
     print(
         "| shape | projection | cuBLAS as ftw µs | cuBLAS base alone µs | Triton LoRA GEMM µs (TFLOP/s) | × ftw "
         "| config |"
     )
     print("|---|---|---:|---:|---:|---:|---|")
-    for shape in shapes:
+    for shape in args.shapes:
         tokens, hidden, inter, kv = SHAPES[shape]
         for name, out, width in [
             ("q, o", hidden, hidden), ("k, v", kv, hidden), ("gate, up", inter, hidden), ("down", hidden, inter)

@@ -7,7 +7,7 @@ Found (docs/benchmarks.md): 1.16–1.27× cuBLAS, ~0.05 ms of an 8B layer: not w
     python3 bench/rank_expand.py --shapes llama-8b,llama-1b      # on a GPU (< 60 s)
     python3 bench/rank_expand.py --shapes tiny                    # the harness on CPU (TRITON_INTERPRET=1)
 
-GB/s: the output's bytes over the time (the inputs are L2-sized). Times: CUDA events, the median of 30 after 5."""
+GB/s: the output's bytes over the time (the inputs are L2-sized). Times: bench/gpu_bench.py's `timed_us`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.grad_gemms import SHAPES, shapes_and_device, timed_us  # noqa: E402
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
 
 RANK = 16
 CONFIGS = [(64, 256, 4), (64, 256, 8), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]  # rows, cols, warps
@@ -57,12 +57,10 @@ def expand(xa: torch.Tensor, b: torch.Tensor, config) -> torch.Tensor:
 
 
 def main() -> None:
-    shapes, device = shapes_and_device(__doc__)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+    args, device, dtype = setup(__doc__)
     print("| shape | projection | cuBLAS µs (GB/s) | Triton µs (GB/s) | × cuBLAS | config |")
     print("|---|---|---:|---:|---:|---|")
-    for shape in shapes:
+    for shape in args.shapes:
         tokens, hidden, inter, kv = SHAPES[shape]
         stacked = torch.randn(tokens, 3 * RANK, device=device, dtype=dtype)  # x·[A₁;A₂;A₃]ᵀ: slices, as ftw's
         for name, out in (("q, o, down", hidden), ("k, v", kv), ("gate, up", inter)):

@@ -19,7 +19,8 @@ Arms, per group (every projection of a decoder layer; the stacked ones where sev
   stacked       the weights as one (Σ out × in) matrix: forward one rank-r GEMM (block-diagonal B) and one
                 base GEMM; dx one GEMM over [dy₁ | dy₂ | …], those taken as one buffer (written so by their producer)
   stacked+cat   the same dx with the dyᵢ concatenated first (what autograd gives when the outputs are split views)
-Times: CUDA events, the median of 30 after 5; ratios against `ftw` in the same run (> 1: faster than ftw)."""
+Times: bench/gpu_bench.py's `timed_us` (the GPU's time alone, the median of 30 after 5); ratios against `ftw`
+in the same run (> 1: faster than ftw)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.grad_gemms import SHAPES, timed_us  # noqa: E402
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
 
 RANK, SCALE = 16, 2.0
 
@@ -120,22 +121,19 @@ def cell(row: dict, name: str, base: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-8b,llama-1b")
     parser.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch.backends.cuda.preferred_blas_library")
-    args = parser.parse_args()
-    if args.blas:
-        torch.backends.cuda.preferred_blas_library(args.blas)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    blas = torch.backends.cuda.preferred_blas_library() if device.type == "cuda" else "-"
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, {blas}")
+    args, device, dtype = setup(__doc__, parser)
+    if device.type == "cuda":
+        if args.blas:
+            torch.backends.cuda.preferred_blas_library(args.blas)
+        print(f"BLAS: {torch.backends.cuda.preferred_blas_library()}")
     print(
         "| shape | group | pass | ftw µs (TFLOP/s) | base GEMMs only µs | × ftw | rank-r after µs | × ftw "
         "| bordered µs | × ftw | stacked µs | × ftw | stacked+cat µs | × ftw | beta 1 µs | × ftw "
         "| the terms alone µs |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         tokens, hidden, inter, kv = SHAPES[shape]
         for name, outs, width in groups(hidden, inter, kv):
             row = group_row(tokens, outs, width, device, dtype)

@@ -16,7 +16,7 @@ the GEMMs' beta.
     python3 bench/swiglu_low_rank.py --shapes llama-8b,llama-1b      # on a GPU (~100 s)
     python3 bench/swiglu_low_rank.py --shapes tiny                    # the harness on CPU (TRITON_INTERPRET=1)
 
-Times: CUDA events, the median of 30 after 5 (bench/grad_gemms.py's `timed_us`)."""
+Times: bench/gpu_bench.py's `timed_us` (the GPU's time alone, the median of 30 after 5)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.grad_gemms import shapes_and_device, timed_us  # noqa: E402
+from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
 from ftw_kernels import swiglu  # noqa: E402
 
-SHAPES = {"llama-8b": (8192, 14336), "llama-1b": (16384, 8192), "tiny": (70, 300)}  # tokens × intermediate
 TILES = [(32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8), (16, 256, 4), (32, 128, 4)]  # rows, cols, warps
 METHODS = ["tf32", "native", "fma"]
 RANK, SCALE = 16, 2.0
@@ -122,7 +121,7 @@ def check(device: torch.device, dtype: torch.dtype, method: str) -> float:
 
 def rows_for(shape: str, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, str, float, float]]:
     """(tile, method, terms, fwd µs, bwd µs) of each arm."""
-    tokens, inter = SHAPES[shape]
+    tokens, _, inter, _ = SHAPES[shape]
     g, u, dh = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(3))
     xa = torch.randn(tokens, 2 * RANK, device=device, dtype=dtype)
     bg, bu = (torch.randn(inter, RANK, device=device, dtype=dtype) / RANK**0.5 for _ in range(2))
@@ -132,29 +131,26 @@ def rows_for(shape: str, device: torch.device, dtype: torch.dtype) -> list[tuple
             timed_us(lambda: swiglu.swiglu_forward_raw(g, u), device),
             timed_us(lambda: swiglu.swiglu_backward(flat_dh, g, u, dg, du, True), device))]  # fmt: skip
     on_gpu = device.type == "cuda"
+    arms = [(False, "tf32"), *((True, method) for method in (METHODS if on_gpu else ["tf32", "fma"]))]
+    h = torch.empty_like(g)
     for tile in TILES if on_gpu else TILES[:1]:
-        for terms, methods in ((False, ["tf32"]), (True, METHODS if on_gpu else ["tf32", "fma"])):
-            for method in methods:
-                h = torch.empty_like(g)
-                fwd = timed_us(lambda: launch(_forward, [g, u, h], xa, bg, bu, terms, method, tile), device)  # noqa: B023
-                outs = [dg, du, h]
-                bwd = timed_us(lambda: launch(_backward, [dh, g, u, *outs], xa, bg, bu, terms, method, tile), device)  # noqa: B023
-                label = f"{tile[0]} × {tile[1]}, {tile[2]} warps"
-                out.append((label, method if terms else "-", "gate's and up's" if terms else "none", fwd, bwd))
+        for terms, method in arms:
+            fwd = timed_us(lambda: launch(_forward, [g, u, h], xa, bg, bu, terms, method, tile), device)  # noqa: B023
+            bwd = timed_us(lambda: launch(_backward, [dh, g, u, dg, du, h], xa, bg, bu, terms, method, tile), device)  # noqa: B023
+            label = f"{tile[0]} × {tile[1]}, {tile[2]} warps"
+            out.append((label, method if terms else "-", "gate's and up's" if terms else "none", fwd, bwd))
     return out
 
 
 def main() -> None:
-    shapes, device = shapes_and_device(__doc__)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+    args, device, dtype = setup(__doc__)
     for method in METHODS if device.type == "cuda" else ["tf32", "fma"]:
         print(f"the 2-D forward with terms, {method}: relative error {check(device, dtype, method):.1e}")
     print("| shape | kernel (tile) | dot | LoRA terms | fwd µs | fwd GB/s | bwd µs | bwd GB/s |")
     print("|---|---|---|---|---:|---:|---:|---:|")
-    for shape in shapes:
-        tokens, inter = SHAPES[shape]
-        size = tokens * inter * (2 if device.type == "cuda" else 4)
+    for shape in args.shapes:
+        tokens, _, inter, _ = SHAPES[shape]
+        size = tokens * inter * dtype.itemsize
         for label, method, terms, fwd, bwd in rows_for(shape, device, dtype):
             # forward: reads g, u, writes h; backward: reads dh, g, u, writes dg, du, h
             print(f"| {shape} | {label} | {method} | {terms} | {fwd:.1f} | {3 * size / fwd / 1e3:.0f} | {bwd:.1f} "

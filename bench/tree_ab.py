@@ -38,10 +38,10 @@ def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
             "--arm-timeout", str(args.arm_timeout), "--json", str(out),
         ]  # fmt: skip
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
-        results = json.loads(out.read_text()) if out.exists() else []
-        result = next((r for r in results if "tokens_per_s" in r), None)
-        if result is None:
-            lines = [line for line in (done.stdout + done.stderr).splitlines() if "rror" in line] or ["no result"]
+        # the arm's own error when it failed; the bench's stderr when it wrote no result at all
+        result = (json.loads(out.read_text()) if out.exists() else [{"error": done.stderr}])[0]
+        if "tokens_per_s" not in result:
+            lines = [line for line in str(result.get("error")).splitlines() if line.strip()] or ["no result"]
             return {"error": lines[-1][:160]}
         return {"tokens_per_s": result["tokens_per_s"], "step_ms": result["step_ms"]}
 
