@@ -9,11 +9,11 @@ A layer here is its seven projections, LoRA r=16 α=32 on each, bf16 frozen weig
 gate/up → SwiGLU → down of a third; attention itself is not in it. Arms, on the same weights, inputs
 and output gradients:
 - peft: PEFT's lora.Linear modules under bf16 autocast (what transformers+peft runs);
-- previous: ftw_kernels' lora.py as of `--previous` (default: the commit before the adapter copies
-  and stacked A's, when it was kernels/lora.py), read with `git show`, or from a file when
-  `--previous` is a path; skipped where there is no git history (the device tool sends the working
-  tree only: carry `.git`, or `git show 364d27e:kernels/lora.py > .prev/lora.py` into an ignored,
-  carried folder and pass `--previous .prev/lora.py`);
+- previous (only with `--previous REV`, or a file's path): ftw_kernels' lora.py at that revision, read with
+  `git show`, against today's other modules (a revision whose lora.py imports what no longer exists cannot be
+  loaded: use bench/tree_ab.py for those); skipped where there is no git history (the device tool sends the
+  working tree only: `git show REV:kernels/ftw_kernels/lora.py > .gpu/lora.py` into an ignored, carried folder
+  and pass `--previous .gpu/lora.py`);
 - casts: today's kernels/ftw_kernels/lora.py with ftw_kernels.adapter_copies.ENABLED off (A's
   stacked, adapters cast at every use);
 - ftw: kernels/ftw_kernels/lora.py as it is.
@@ -46,7 +46,6 @@ if not torch.cuda.is_available():
 from ftw_kernels import adapter_copies  # noqa: E402
 from ftw_kernels import lora as ftw_lora  # noqa: E402
 
-PREVIOUS = "364d27e"  # kernels/lora.py before the adapter copies and the stacked down-projections
 # where lora.py lives: since ftw_kernels got its own import name, and before
 LORA_PATHS = ("kernels/ftw_kernels/lora.py", "kernels/lora.py")
 SHAPES = {  # tokens, hidden, q out, k/v out, intermediate
@@ -196,13 +195,13 @@ def main() -> None:
     ap.add_argument("--shapes", default="8b,1b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous lora.py, or a copy's path")
+    ap.add_argument("--previous", help="git revision of a previous lora.py, or a copy's path: one more arm")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    previous = previous_module(args.previous)
+    previous = previous_module(args.previous) if args.previous else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}; median of {args.iters} iterations after {args.warmup} warm-up")
-    if previous is None:
+    if args.previous and previous is None:
         print(f"arm 'previous' skipped: no git history here to read lora.py at {args.previous}")
     rows = []
     for shape in args.shapes.split(","):

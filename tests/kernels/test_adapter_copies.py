@@ -146,6 +146,7 @@ def _count(fn, op: str) -> int:
 def test_one_batched_refresh_per_change():
     """No cast while nothing changes; after an optimizer step, one _foreach_copy_ refreshes every
     adapter of the layer (q/k/v, o, gate/up, down) at the first use, and none after it."""
+    gc.collect()  # copies of an earlier test's models, still in a reference cycle, would be refreshed too
     qkv, mlp = qkv_and_mlp()
     x = torch.randn(2, 5, 32, device=DEVICE).bfloat16()
     opt = torch.optim.SGD([t for p in qkv + mlp for t in (p.lora_a, p.lora_b)], lr=0.1)
