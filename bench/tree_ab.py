@@ -1,16 +1,19 @@
-"""One change's effect on the training step: this tree against an older one, interleaved in one device call.
+"""One change's effect on the training step: this tree against older ones, interleaved in one device call.
 
 A change's step figure is only worth the noise it beats, and two device calls differ by a few percent (the
-power cap, the machine): so both trees run in the same call, in pairs whose order alternates (new then old,
-old then new, …) to spread any drift over both. Each run is bench/train_throughput.py, a fresh process, from
-its own tree (its own `bench/`, `kernels/` and `worker/` first on PYTHONPATH).
+power cap, the machine): so the trees run in the same call, in rounds whose order rotates (new, old₁, old₂;
+then old₁, old₂, new; …) and, with two trees, alternates (new then old, old then new, …), to spread any drift
+over all of them. Each run is bench/train_throughput.py, a fresh process, from its own tree (its own `bench/`,
+`kernels/` and `worker/` first on PYTHONPATH). Several `--old` trees share the new tree's runs: one call
+measures a change against the tree before it and against a variant of it.
 
     git archive REV kernels bench schemas worker | (mkdir -p .gpu/old && tar -x -C .gpu/old)   # here
     python3 bench/tree_ab.py --old .gpu/old --shapes llama-1b,llama-8b --pairs 2                # on the GPU
+    python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --pairs 2                        # two older trees
 
-`--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of both trees.
-Prints, per shape, each run's tokens/s and step ms, and the new tree's ratio over the old per pair and as
-the geometric mean."""
+`--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of every tree.
+Prints, per shape and round, each run's tokens/s and step ms and the new tree's ratio over each old one, and
+per old tree the geometric mean of its rounds' ratios."""
 
 from __future__ import annotations
 
@@ -48,43 +51,58 @@ def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old", type=Path, required=True, help="the older tree (kernels, bench, schemas, worker)")
+    ap.add_argument(
+        "--old",
+        type=Path,
+        action="append",
+        required=True,
+        help="an older tree (kernels, bench, schemas, worker); again for more",
+    )
     ap.add_argument("--new", type=Path, default=REPO, help="the newer tree (default: this one)")
     ap.add_argument("--shapes", default="llama-1b")
     ap.add_argument("--arm", default="ftw", help="bench/train_throughput.py's arm: ftw or ftw-fp8")
-    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=2, help="rounds: each runs every tree once")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--arm-timeout", type=int, default=150)
     ap.add_argument("--site", help="a folder of installed wheels to put first on PYTHONPATH")
     args = ap.parse_args()
-    trees = {"new": args.new.resolve(), "old": args.old.resolve()}
-    print("| shape | pair | order | new tok/s (step ms) | old tok/s (step ms) | new / old |")
-    print("|---|---|---|---:|---:|---:|")
+    olds = [f"old{i + 1}" if len(args.old) > 1 else "old" for i in range(len(args.old))]
+    trees = {"new": args.new.resolve(), **{name: path.resolve() for name, path in zip(olds, args.old)}}
+    for name in olds:
+        print(f"{name}: {trees[name]}")
+    heads = " | ".join(f"{name} tok/s (step ms) | new / {name}" for name in olds)
+    print(f"| shape | round | order | new tok/s (step ms) | {heads} |")
+    print("|---|---|---|---:|" + "---:|---:|" * len(olds))
     failed = False
     for shape in args.shapes.split(","):
-        ratios = []
-        for pair in range(args.pairs):
-            order = ["new", "old"] if pair % 2 == 0 else ["old", "new"]
+        ratios: dict[str, list[float]] = {name: [] for name in olds}
+        for round_ in range(args.pairs):
+            names = list(trees)
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
             got = {name: run(trees[name], shape, args) for name in order}
-            cells = {
-                k: f"{v['tokens_per_s']:,} ({v['step_ms']:.1f})" if "error" not in v else f"failed: {v['error']}"
-                for k, v in got.items()
-            }
-            ratio = "-"
-            if all("error" not in v for v in got.values()):
-                ratios.append(got["new"]["tokens_per_s"] / got["old"]["tokens_per_s"])
-                ratio = f"{ratios[-1]:.3f}×"
-            else:
-                failed = True
+            failed |= any("error" in v for v in got.values())
+            cells = []
+            for name in olds:
+                ratio = "-"
+                if "error" not in got["new"] and "error" not in got[name]:
+                    ratios[name].append(got["new"]["tokens_per_s"] / got[name]["tokens_per_s"])
+                    ratio = f"{ratios[name][-1]:.3f}×"
+                cells += [_result(got[name]), ratio]
             print(
-                f"| {shape} | {pair + 1} | {' → '.join(order)} | {cells['new']} | {cells['old']} | {ratio} |",
+                f"| {shape} | {round_ + 1} | {' → '.join(order)} | {_result(got['new'])} | {' | '.join(cells)} |",
                 flush=True,
             )
-        if ratios:
-            mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            print(f"| {shape} | geometric mean | | | | **{mean:.3f}×** |", flush=True)
+        means = []
+        for name in olds:
+            mean = math.exp(sum(map(math.log, ratios[name])) / len(ratios[name])) if ratios[name] else None
+            means += ["", f"**{mean:.3f}×**" if mean else "-"]
+        print(f"| {shape} | geometric mean | | | {' | '.join(means)} |", flush=True)
     return 1 if failed else 0
+
+
+def _result(got: dict) -> str:
+    return f"{got['tokens_per_s']:,} ({got['step_ms']:.1f})" if "error" not in got else f"failed: {got['error']}"
 
 
 if __name__ == "__main__":
