@@ -24,16 +24,22 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 from bench.fp8_ops import timed  # noqa: E402  (CUDA events, 3 warm-ups)
 
-SHAPES = {  # name → (query heads, kv heads, head_dim, rows, seq): the training benches' shapes
-    "llama-8b": (32, 8, 128, 4, 2048),
-    "llama-1b": (32, 8, 64, 8, 2048),
-}
-HEADS, KV_HEADS, DIM, ROWS, SEQ = SHAPES["llama-8b"]
+
+class Shape(NamedTuple):
+    heads: int  # query heads
+    kv_heads: int
+    dim: int  # head_dim
+    rows: int
+    seq: int
+
+
+SHAPES = {"llama-8b": Shape(32, 8, 128, 4, 2048), "llama-1b": Shape(32, 8, 64, 8, 2048)}  # the training benches'
 
 
 def packed_positions(rows: int, seq: int, seed: int = 0):
@@ -56,13 +62,13 @@ def expand(t, rep: int):
     return t[:, :, None].expand(-1, -1, rep, -1, -1).reshape(t.shape[0], t.shape[1] * rep, *t.shape[2:])
 
 
-def arm_fn(arm: str, positions):
+def arm_fn(arm: str, positions, dim: int):
     import torch
     import torch.nn.functional as F
 
     from ftw_kernels import attention
 
-    scale = DIM**-0.5
+    scale = dim**-0.5
     if arm in ("ftw", "flash"):
         os.environ["FTW_CUDNN_ATTENTION"] = "1" if arm == "ftw" else "0"
         return lambda q, k, v: attention.varlen_attention_forward(
@@ -98,19 +104,20 @@ def arm_fn(arm: str, positions):
     return sdpa
 
 
-def measure(arm: str, layout: str, iters: int) -> dict:
+def measure(arm: str, layout: str, iters: int, shape: Shape) -> dict:
     import torch
 
-    positions = (packed_positions(ROWS, SEQ) if layout == "packed" else torch.arange(SEQ).expand(ROWS, -1)).cuda()
-    fn = arm_fn(arm, positions)
+    rows, seq = shape.rows, shape.seq
+    positions = (packed_positions(rows, seq) if layout == "packed" else torch.arange(seq).expand(rows, -1)).cuda()
+    fn = arm_fn(arm, positions, shape.dim)
     torch.manual_seed(0)
     # the model's layout: (rows, seq, heads, dim) memory (the projections' and RoPE's output) seen as (b, h, s, d)
     leaves = [
-        torch.randn(ROWS, SEQ, h, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for h in (HEADS, KV_HEADS, KV_HEADS)
+        torch.randn(rows, seq, h, shape.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (shape.heads, shape.kv_heads, shape.kv_heads)
     ]
     q, k, v = (t.transpose(1, 2) for t in leaves)
-    grad = torch.randn(ROWS, SEQ, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(rows, seq, shape.heads, shape.dim, device="cuda", dtype=torch.bfloat16)
 
     def step():
         fn(q, k, v).backward(grad, retain_graph=True)
@@ -134,13 +141,12 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
     ap.add_argument("--arms", default="ftw,flash,expanded,sdpa-flash,sdpa-cudnn,sdpa-cudnn-gqa")
     a = ap.parse_args()
-    global HEADS, KV_HEADS, DIM, ROWS, SEQ
-    HEADS, KV_HEADS, DIM, ROWS, SEQ = SHAPES[a.shape]
+    shape = SHAPES[a.shape]
     import torch
 
     print(
-        f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {a.shape}: {ROWS} × {SEQ} tokens, "
-        f"{HEADS}/{KV_HEADS} heads of {DIM}"
+        f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {a.shape}: {shape.rows} × {shape.seq} tokens, "
+        f"{shape.heads}/{shape.kv_heads} heads of {shape.dim}"
     )
     print("| rows | arm | fwd+bwd ms | × ftw | MiB kept for backward |\n|---|---|---:|---:|---:|")
     for layout in ("full-length", "packed"):
@@ -148,7 +154,7 @@ def main() -> int:
         for arm in a.arms.split(","):
             if arm.startswith("sdpa") and layout == "packed":
                 continue
-            r = measure(arm, layout, a.iters)
+            r = measure(arm, layout, a.iters, shape)
             if "error" in r:
                 print(f"| {layout} | {arm} | failed: {r['error']} | | |", flush=True)
                 continue

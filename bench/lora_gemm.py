@@ -8,8 +8,9 @@ base GEMM alone; this asks whether a GEMM that carries the term for free beats c
     python3 bench/lora_gemm.py --shapes llama-8b,llama-1b      # on a GPU (< 60 s)
 
 Kernel: persistent (one program per SM), TMA loads of x's and W's tiles (both K-major: the wgmma layout),
-grouped tile order so W's tiles stay in L2. Times: CUDA events, the median of 30 after 5; per projection, the
-best configuration whose result is right."""
+grouped tile order so W's tiles stay in L2; the term is bench/swiglu_low_rank.py's `_with_term`. Times:
+bench/gpu_bench.py's `timed_us` (the GPU's time alone, the median of 30 after 5); per projection, the best
+configuration whose result is right."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gemm_layouts import CONFIGS, tile_origin  # noqa: E402  (the Triton GEMM configurations tried there)
 from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
+from bench.swiglu_low_rank import _with_term  # noqa: E402  (a tile plus s·XA[rows]·B[cols]ᵀ)
 
 RANK, SCALE = 16, 2.0
 
@@ -43,12 +45,8 @@ def _lora_tn_gemm(
             a = x_desc.load([off_m, k * BLOCK_K])
             w = w_desc.load([off_n, k * BLOCK_K])
             acc = tl.dot(a, w.T, acc)
-        m = off_m + tl.arange(0, BLOCK_M)
-        n = off_n + tl.arange(0, BLOCK_N)
-        r = tl.arange(0, R)
-        xa = tl.load(XA + m[:, None].to(tl.int64) * R + r[None, :], mask=m[:, None] < M, other=0.0)
-        b = tl.load(B + n[:, None].to(tl.int64) * R + r[None, :], mask=n[:, None] < N, other=0.0)
-        acc += scale * tl.dot(xa, b.T)
+        m, n = off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N)
+        acc = _with_term(acc, m, n, M, N, XA, R, B, scale, R, "native")  # the tile's rank-sized dot
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
         tile += PROGRAMS
 

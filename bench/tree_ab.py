@@ -8,8 +8,8 @@ over all of them. Each run is bench/train_throughput.py, a fresh process, from i
 measures a change against the tree before it and against a variant of it.
 
     git archive REV kernels bench schemas worker | (mkdir -p .gpu/old && tar -x -C .gpu/old)   # here
-    python3 bench/tree_ab.py --old .gpu/old --shapes llama-1b,llama-8b --pairs 2                # on the GPU
-    python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --pairs 2                        # two older trees
+    python3 bench/tree_ab.py --old .gpu/old --shapes llama-1b,llama-8b --rounds 2               # on the GPU
+    python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --rounds 2                       # two older trees
 
 `--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of every tree.
 Prints, per shape and round, each run's tokens/s and step ms and the new tree's ratio over each old one, and
@@ -61,12 +61,18 @@ def main() -> int:
     ap.add_argument("--new", type=Path, default=REPO, help="the newer tree (default: this one)")
     ap.add_argument("--shapes", default="llama-1b")
     ap.add_argument("--arm", default="ftw", help="bench/train_throughput.py's arm: ftw or ftw-fp8")
-    ap.add_argument("--pairs", type=int, default=2, help="rounds: each runs every tree once")
+    ap.add_argument("--rounds", "--pairs", type=int, default=2, help="each round runs every tree once")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--arm-timeout", type=int, default=150)
     ap.add_argument("--site", help="a folder of installed wheels to put first on PYTHONPATH")
     args = ap.parse_args()
+    for tree in (args.new, *args.old):  # before any device time is spent on the others
+        if not (tree / "bench" / "train_throughput.py").is_file():
+            ap.error(
+                f"{tree} holds no bench/train_throughput.py: give a tree that "
+                "`git archive REV kernels bench schemas worker` unpacked"
+            )
     olds = [f"old{i + 1}" if len(args.old) > 1 else "old" for i in range(len(args.old))]
     trees = {"new": args.new.resolve(), **{name: path.resolve() for name, path in zip(olds, args.old)}}
     for name in olds:
@@ -77,7 +83,7 @@ def main() -> int:
     failed = False
     for shape in args.shapes.split(","):
         ratios: dict[str, list[float]] = {name: [] for name in olds}
-        for round_ in range(args.pairs):
+        for round_ in range(args.rounds):
             names = list(trees)
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             got = {name: run(trees[name], shape, args) for name in order}
