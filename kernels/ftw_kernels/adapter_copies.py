@@ -2,7 +2,8 @@
 
 PEFT keeps LoRA A/B in fp32; the fused LoRA ops multiply in bf16. Casting each A and B at every
 forward and backward costs hundreds of tiny kernels per step. `stacked` instead hands out views
-of one buffer per group of weights, copied from the parameters again only when one of them may
+of one buffer per group of weights (a group may ask for its weights times a scale: LoRA's s·B, so that no
+matmul of the fused ops has to scale), copied from the parameters again only when one of them may
 have changed since the last copy:
 - an in-place op on it (its `_version`), or a new tensor behind it (`data_ptr`);
 - any optimizer step (a global step hook): fused AdamW and bitsandbytes write the parameters
@@ -10,7 +11,8 @@ have changed since the last copy:
 All stale copies are refreshed together, with one `_foreach_copy_` per device and dtype pair, at
 the first use after a change: once per optimizer step in training. The weights of a group lie back
 to back in the buffer, so A_q, A_k, A_v stacked (one GEMM for the three down-projections) is a
-view too. The copies are the same casts as `t.to(dtype)`, only done once.
+view too. The copies are the same casts as `(s·t).to(dtype)`, only done once: the product in the weight's own
+dtype, rounded once.
 
 Only plain tensors in a single process take this path. Under torch.distributed (FSDP2 swaps in
 unsharded parameters whose storage is all-gathered with the version counter preserved), for
@@ -37,8 +39,11 @@ _hook = None
 class _Copies:
     """Copies of some weights in one flat buffer of the compute dtype."""
 
-    def __init__(self, key: tuple, groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype):
+    def __init__(
+        self, key: tuple, groups: Sequence[Sequence[torch.Tensor]], scales: Sequence[float], dtype: torch.dtype
+    ):
         tensors = [t for g in groups for t in g]
+        self.scales = [s for g, s in zip(groups, scales) for _ in g]
         me = weakref.ref(self)
 
         def forget(_, key=key):  # a weight died: drop its entry (not a newer one under the same key)
@@ -79,26 +84,35 @@ def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def stacked(groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
-    """For each group of 2-D weights with the same number of columns, their rows stacked, in
-    `dtype` (a single weight: itself, cast). Read-only: the views are shared until the next change."""
+def stacked(
+    groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, scales: Sequence[float] | None = None
+) -> list[torch.Tensor]:
+    """For each group of 2-D weights with the same number of columns, their rows stacked, times the group's
+    scale (1 unless `scales` says), in `dtype` (a single weight: itself, scaled and cast). Read-only: the views
+    are shared until the next change."""
+    scales = [1.0] * len(groups) if scales is None else [float(s) for s in scales]
     tensors = [t for g in groups for t in g]
     if not _cacheable(tensors):
-        return [g[0].to(dtype) if len(g) == 1 else torch.cat([t.to(dtype) for t in g]) for g in groups]
+        cast = [[_scaled(t, s).to(dtype) for t in g] for g, s in zip(groups, scales)]
+        return [g[0] if len(g) == 1 else torch.cat(g) for g in cast]
     global _hook
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_count_step)
-    key = (dtype, tuple(len(g) for g in groups), *map(id, tensors))
+    key = (dtype, tuple(len(g) for g in groups), tuple(scales), *map(id, tensors))
     entry = _CACHE.get(key)
     if entry is None or any(r() is not t or v.shape != t.shape for r, v, t in zip(entry.sources, entry.views, tensors)):
-        entry = _CACHE[key] = _Copies(key, groups, dtype)
+        entry = _CACHE[key] = _Copies(key, groups, scales, dtype)
     if entry.stamp != _stamp(tensors):
         _refresh_stale()
     return entry.stacks
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else t * scale
+
+
 def _refresh_stale() -> None:
-    batches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    batches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[float]]] = {}
     for key, entry in list(_CACHE.items()):
         sources = [r() for r in entry.sources]
         if any(s is None or s.shape != v.shape for s, v in zip(sources, entry.views)):
@@ -107,11 +121,17 @@ def _refresh_stale() -> None:
         stamp = _stamp(sources)
         if stamp == entry.stamp:
             continue
-        for view, src in zip(entry.views, sources):
-            dsts, srcs = batches.setdefault((src.device, src.dtype, view.dtype), ([], []))
+        for view, src, scale in zip(entry.views, sources, entry.scales):
+            dsts, srcs, scales = batches.setdefault((src.device, src.dtype, view.dtype), ([], [], []))
             dsts.append(view)
             srcs.append(src)
+            scales.append(scale)
         entry.stamp = stamp
     with torch.no_grad():
-        for dsts, srcs in batches.values():
+        for dsts, srcs, scales in batches.values():
+            scaled = [i for i, s in enumerate(scales) if s != 1.0]
+            if scaled:  # s·t in the weight's own dtype, rounded once by the copy
+                products = torch._foreach_mul([srcs[i] for i in scaled], [scales[i] for i in scaled])
+                for i, product in zip(scaled, products):
+                    srcs[i] = product
             torch._foreach_copy_(dsts, srcs)

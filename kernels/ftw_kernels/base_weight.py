@@ -59,9 +59,9 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     quantised: dict,
-    low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x2·Wᵀ (+ bias) (+ s·xa·Bᵀ for `low_rank` = (xa, B, s)) in x2's dtype; `quantised`: one dict per input,
+    """x2·Wᵀ (+ bias) (+ xa·(s·B)ᵀ for `low_rank` = (xa, s·B)) in x2's dtype; `quantised`: one dict per input,
     where a float8 base keeps x2's fp8 copy for the next projection of the same input.
 
     Over a floating-point or 4-bit weight the rank-r term is written first and the base GEMM adds itself to
@@ -73,17 +73,16 @@ def linear(
         if bias is not None:
             y.add_(bias.to(y.dtype))
         if low_rank is not None:
-            xa, b, scale = low_rank
-            y.addmm_(xa, b.t(), alpha=scale)
+            xa, b = low_rank
+            y.addmm_(xa, b.t())
         return y
     w = qlora.dense(weight, x2.dtype)
     bias = None if bias is None else bias.to(x2.dtype)
     if low_rank is None:
         return torch.nn.functional.linear(x2, w, bias)
-    xa, b, scale = low_rank
-    if bias is None:
-        return (xa @ b.t()).addmm_(x2, w.t(), beta=scale)
-    return torch.addmm(bias, xa, b.t(), alpha=scale).addmm_(x2, w.t())
+    xa, b = low_rank
+    term = xa @ b.t() if bias is None else torch.addmm(bias, xa, b.t())
+    return term.addmm_(x2, w.t())
 
 
 def accumulates(weight: torch.Tensor) -> bool:
@@ -92,15 +91,14 @@ def accumulates(weight: torch.Tensor) -> bool:
     return not fp8.is_fp8(weight) and not getattr(weight, FP8_MATMULS, False)
 
 
-def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """beta·dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here. A
-    float8 base with beta ≠ 1 is not asked for (`accumulates`)."""
+def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
     as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         part = fp8.input_grad(dy, as_fp8)
         return part if dx is None else dx.add_(part)
     w = qlora.dense(weight, dy.dtype)
-    return dy @ w if dx is None else dx.addmm_(dy, w, beta=beta)
+    return dy @ w if dx is None else dx.addmm_(dy, w)
 
 
 def save_for_backward(ctx: Any, *tensors: torch.Tensor | None) -> None:

@@ -11,10 +11,11 @@ silu(g) and silu(g)·u. Here:
   recomputes h = silu(g)·u inside the backward's one elementwise pass, which writes dg and du over
   g and u and h over dh (no new activation-sized buffers).
 The rank-r down-projections that share an input are one GEMM against the stacked A's, forward
-(x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [dy₁B₁ … dyₙBₙ]ᵀ·x, and their dx term as one addmm
-when the scales agree): the tokens × hidden input is read once instead of n times. Adapter weights
-(fp32 when PEFT upcasts them) come in the compute dtype from `ftw_kernels.adapter_copies`, cast once
-per optimizer step; their gradients come back in their own dtype.
+(x·[A₁;…;Aₙ]ᵀ) and backward (the A grads as [s₁dy₁B₁ … sₙdyₙBₙ]ᵀ·x, and their dx term as one GEMM):
+the tokens × hidden input is read once instead of n times. Adapter weights (fp32 when PEFT upcasts them)
+come in the compute dtype from `ftw_kernels.adapter_copies`, cast once per optimizer step, each B with
+its scale folded in (s·B): no matmul scales its output or its accumulator, and unequal scales cost no
+scaled copy of the A's. Their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def _rank_rows(projections: list[Projection]) -> list[slice | None]:
 def _adapters(
     projections: list[Projection], dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """(the A's of the LoRA projections stacked, each projection's B or None), in `dtype`."""
+    """(the A's of the LoRA projections stacked, each projection's s·B or None), in `dtype`: with the scale
+    inside B's copy, every matmul below adds with beta and alpha 1 and no grad takes a scaling pass but B's."""
     lora = [p for p in projections if p.lora_a is not None]
     if not lora:
         return None, [None] * len(projections)
-    a_rows, *bs = stacked([[p.lora_a for p in lora], *[[p.lora_b] for p in lora]], dtype)
+    a_rows, *bs = stacked(
+        [[p.lora_a for p in lora], *[[p.lora_b] for p in lora]], dtype, [1.0, *(p.scale for p in lora)]
+    )
     found = iter(bs)
     return a_rows, [None if p.lora_a is None else next(found) for p in projections]
 
@@ -92,49 +96,37 @@ def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torc
     xa = x2 @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base
     return [
-        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b, p.scale))
+        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b))
         for p, b, rows in zip(projections, bs, _rank_rows(projections))
     ], xa
 
 
 def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
-    """(dL/dinput summed over the projections, None unless wanted; dyb: the rows Bᵢᵀ·dyᵢᵀ stacked,
+    """(dL/dinput summed over the projections, None unless wanted; dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked,
     Σr × tokens, which the A grads share).
 
-    The rank-r terms of dx are written first, one GEMM over the stacked A's, and each base GEMM adds itself
-    to them (cuBLAS's beta, the first scaled by s₁): no pass over dx is only an add. A float8 base, whose GEMM
-    cannot accumulate, takes the terms after in one addmm."""
+    The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
+    rows of dyb), and each base GEMM adds itself to them (cuBLAS's beta): no pass over dx is only an add. A
+    float8 base, whose GEMM cannot accumulate, takes the terms after in one addmm."""
     a_rows, bs = _adapters(projections, dys[0].dtype)
-    parts = [(p, dy, b, r) for p, dy, b, r in zip(projections, dys, bs, _rank_rows(projections)) if b is not None]
+    parts = [(dy, b, r) for dy, b, r in zip(dys, bs, _rank_rows(projections)) if b is not None]
     dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
-    for _, dy, b, rows in parts:
+    for dy, b, rows in parts:
         torch.mm(b.t(), dy.t(), out=dyb[rows])
     if not want_dx:
         return None, dyb
     if not parts:
-        return _base_input_grad(None, dys, projections, 1.0), dyb
-    first = parts[0][0].scale
-    if first and all(accumulates(p.weight) for p in projections):
-        a, _ = _scaled_a(a_rows, parts, first)  # its alpha: 1 (s₁ / s₁ when the scales agree)
-        return _base_input_grad(dyb.t() @ a, dys, projections, first), dyb
-    a, alpha = _scaled_a(a_rows, parts, 1.0)
-    return _base_input_grad(None, dys, projections, 1.0).addmm_(dyb.t(), a, alpha=alpha), dyb
+        return _base_input_grad(None, dys, projections), dyb
+    if all(accumulates(p.weight) for p in projections):
+        return _base_input_grad(dyb.t() @ a_rows, dys, projections), dyb
+    return _base_input_grad(None, dys, projections).addmm_(dyb.t(), a_rows), dyb
 
 
-def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection], beta: float) -> torch.Tensor:
-    """beta·dx + Σᵢ dyᵢ·Wᵢ; a 4-bit weight is dequantised again here, never saved dense."""
+def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection]) -> torch.Tensor:
+    """dx + Σᵢ dyᵢ·Wᵢ; a 4-bit weight is dequantised again here, never saved dense."""
     for p, dy in zip(projections, dys):
-        dx, beta = add_input_grad(dx, dy, p.weight, beta), 1.0
+        dx = add_input_grad(dx, dy, p.weight)
     return dx
-
-
-def _scaled_a(a_rows: torch.Tensor, parts, unit: float) -> tuple[torch.Tensor, float]:
-    """(A, alpha) with alpha·dybᵀ·A = Σᵢ (sᵢ / unit)·dybᵢᵀ·Aᵢ, so the rank-r terms of dx are one GEMM: the stacked
-    A's as they are when the scales agree, else a Σr × hidden copy with each projection's rows scaled."""
-    scales = {p.scale for p, *_ in parts}
-    if len(scales) == 1:
-        return a_rows, scales.pop() / unit
-    return torch.cat([a_rows[rows] * (p.scale / unit) for p, _, _, rows in parts]), 1.0
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,7 +149,7 @@ def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torc
         if p.lora_a is None:
             grads += [None, None]
             continue
-        grads.append(ga_rows[rows].to(p.lora_a.dtype).mul_(p.scale) if p.lora_a.requires_grad else None)
+        grads.append(ga_rows[rows].to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
         grads.append(_product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale) if p.lora_b.requires_grad else None)
     return grads
 

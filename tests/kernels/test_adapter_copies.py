@@ -218,6 +218,27 @@ def test_plain_projection_among_lora_ones(rng_seed):
         assert rel_err(got, t.grad) < 1e-12, rng_seed
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "cast-per-use"])
+def test_scaled_copies_round_once_and_follow_their_scale(cached, monkeypatch):
+    """A group's copy times its scale is the product in the weight's dtype rounded once to the compute dtype
+    (not a rounded weight scaled and rounded again), refreshed after a step, and another scale of the same
+    weight is another copy, not the first one's."""
+    monkeypatch.setattr(adapter_copies, "ENABLED", cached)
+    a = torch.randn(4, 24, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, 4, device=DEVICE, requires_grad=True)
+    scale = 0.3  # no power of two: s·bf16(B) rounded again differs from bf16(s·B)
+    got_a, got_b = adapter_copies.stacked([[a], [b]], torch.bfloat16, [1.0, scale])
+    assert torch.equal(got_a, a.detach().bfloat16())
+    assert torch.equal(got_b, (b.detach() * scale).bfloat16())
+    assert not torch.equal(got_b, (b.detach().bfloat16() * scale).bfloat16())
+    (other,) = adapter_copies.stacked([[b]], torch.bfloat16, [2.5])
+    assert torch.equal(other, (b.detach() * 2.5).bfloat16())
+    b.grad = torch.ones_like(b)
+    torch.optim.SGD([b], lr=1.0).step()
+    (after,) = adapter_copies.stacked([[b]], torch.bfloat16, [scale])
+    assert torch.equal(after, (b.detach() * scale).bfloat16())
+
+
 def test_copies_of_dead_weights_are_dropped():
     qkv, mlp = qkv_and_mlp()
     x = torch.randn(4, 32, device=DEVICE).bfloat16()

@@ -1,6 +1,7 @@
 """The fused LoRA projections make no pass over an activation only to add the rank-r term: over a
 floating-point base that term is written first and the base GEMM adds itself to it (cuBLAS's beta), in the
-forward (each y) and in the backward (dx). Each such pass would read and write tokens × width."""
+forward (each y) and in the backward (dx). Each such pass would read and write tokens × width. LoRA's scale
+lives in B's compute-dtype copy: no matmul scales, and only B's grads take a scaling pass."""
 
 from __future__ import annotations
 
@@ -68,6 +69,43 @@ def test_gated_mlp_adds_the_rank_terms_inside_the_base_gemms():
             ("addmm_", INTER),
         ]
     )
+
+
+class _Scaling(TorchDispatchMode):
+    """The matmuls run with a beta or alpha other than 1, the multiplies, and the concatenations."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaled_matmuls: list[str] = []
+        self.muls: list[tuple[int, ...]] = []
+        self.cats = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
+        if name.startswith("addmm") and (kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1):
+            self.scaled_matmuls.append(name)
+        if name in ("mul", "mul_"):
+            self.muls.append(tuple(args[0].shape))
+        self.cats += name == "cat"
+        return func(*args, **kwargs)
+
+
+def test_scales_ride_the_adapter_copies_not_the_matmuls():
+    """Unequal scales (q 2, k 0.5, v 1; gate, up, down 0.25): no matmul is scaled, no scaled copy of the stacked
+    A's is made, and the only multiplies left are B's grads (out × rank), one per projection."""
+    qkv = [_projection(out, HIDDEN, s) for out, s in zip((HIDDEN, 16, 16), (2.0, 0.5, 1.0))]
+    mlp = [_projection(INTER, HIDDEN, 0.25), _projection(INTER, HIDDEN, 0.25), _projection(HIDDEN, INTER, 0.25)]
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    lora_projections(x, qkv)  # the adapters' copies made (and scaled) outside the counted passes
+    lora_gated_mlp(x, *mlp)
+    with _Scaling() as seen:
+        outs = lora_projections(x, qkv)
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+        lora_gated_mlp(x, *mlp).backward(torch.randn(TOKENS, HIDDEN, device=DEVICE))
+    assert seen.scaled_matmuls == []
+    assert seen.cats == 0
+    assert sorted(seen.muls) == sorted(tuple(p.lora_b.shape) for p in qkv + mlp)
 
 
 class _Casts(TorchDispatchMode):
