@@ -18,7 +18,9 @@ against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
 trainer makes after get_peft_model); ftw-fp8 = ftw with `fp8_base_weights: true` (the frozen
-Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); unsloth =
+Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); ftw-bordered = ftw
+with `FTW_BORDERED_LORA=1` (the fused q, k, v and gate, up over bordered weights,
+kernels/ftw_kernels/bordered.py; e.g. `--arms unsloth,ftw,ftw-bordered`); unsloth =
 Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
 `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
 tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -44,6 +46,8 @@ sys.path[:0] = [str(REPO)]
 from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
+
+FTW_ARMS = ("ftw", "ftw-fp8", "ftw-bordered")  # the arms that run ftw's kernels
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -111,9 +115,11 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
         torch.manual_seed(lora_seed)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     applied: list[str] = []
-    if arm in ("ftw", "ftw-fp8"):
-        from ftw_kernels import apply_kernels
+    if arm in FTW_ARMS:
+        from ftw_kernels import apply_kernels, bordered
 
+        if arm == "ftw-bordered":  # this arm's own process: the switch reaches no other arm
+            os.environ[bordered.ENV] = "1"
         applied = apply_kernels(model, ftw_cfg)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), cfg, n_frozen, n_lora, applied
@@ -149,7 +155,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     ]
     losses: list[float] = []
     offloader = None
-    if a.offload and a.arm in ("ftw", "ftw-fp8"):
+    if a.offload and a.arm in FTW_ARMS:
         from worker.train.offload import ActivationOffloader
 
         offloader = ActivationOffloader(torch.device("cuda"))
@@ -301,7 +307,9 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
-    ap.add_argument("--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8")
+    ap.add_argument(
+        "--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-bordered"
+    )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
@@ -373,7 +381,7 @@ def main() -> None:
                 for arm in a.arms.split(","):
                     prof = (
                         ["--profile-to", f"{a.profile}-{shape}-gc{gc}{'' if arm == 'ftw' else '-' + arm}.txt"]
-                        if a.profile and arm in ("ftw", "ftw-fp8", "unsloth")
+                        if a.profile and arm in (*FTW_ARMS, "unsloth")
                         else []
                     )
                     r = child(
@@ -386,7 +394,7 @@ def main() -> None:
                             *prof,
                             *(["--full-length"] if a.full_length else []),
                             *(["--4bit"] if a.four_bit else []),
-                            *(["--offload"] if a.offload and arm in ("ftw", "ftw-fp8") else []),
+                            *(["--offload"] if a.offload and arm in FTW_ARMS else []),
                         ],
                         timeout=a.arm_timeout or None,
                     )

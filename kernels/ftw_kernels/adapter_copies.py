@@ -37,10 +37,15 @@ _hook = None
 
 
 class _Copies:
-    """Copies of some weights in one flat buffer of the compute dtype."""
+    """Copies of some weights in one flat buffer of the compute dtype, or in the places given for them."""
 
     def __init__(
-        self, key: tuple, groups: Sequence[Sequence[torch.Tensor]], scales: Sequence[float], dtype: torch.dtype
+        self,
+        key: tuple,
+        groups: Sequence[Sequence[torch.Tensor]],
+        scales: Sequence[float],
+        dtype: torch.dtype,
+        into: Sequence[torch.Tensor | None],
     ):
         tensors = [t for g in groups for t in g]
         self.scales = [s for g, s in zip(groups, scales) for _ in g]
@@ -52,9 +57,14 @@ class _Copies:
                 del _CACHE[key]
 
         self.sources = [weakref.ref(t, forget) for t in tensors]
-        flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+        own = [t for g, place in zip(groups, into) if place is None for t in g]
+        flat = torch.empty(sum(t.numel() for t in own), dtype=dtype, device=tensors[0].device)
         self.views, self.stacks, offset = [], [], 0
-        for group in groups:
+        for group, place in zip(groups, into):
+            if place is not None:
+                self.views.append(place)
+                self.stacks.append(place)
+                continue
             start = offset
             for t in group:
                 self.views.append(flat[offset : offset + t.numel()].view(t.shape))
@@ -85,23 +95,33 @@ def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def stacked(
-    groups: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype, scales: Sequence[float] | None = None
+    groups: Sequence[Sequence[torch.Tensor]],
+    dtype: torch.dtype,
+    scales: Sequence[float] | None = None,
+    into: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """For each group of 2-D weights with the same number of columns, their rows stacked, times the group's
-    scale (1 unless `scales` says), in `dtype` (a single weight: itself, scaled and cast). Read-only: the views
-    are shared until the next change."""
+    scale (1 unless `scales` says), in `dtype` (a single weight: itself, scaled and cast). A single-weight group
+    may name the tensor its copy lives in (`into`: the s·B slot of a bordered weight, kernels/ftw_kernels/
+    bordered.py). Read-only: the copies are shared until the next change."""
     scales = [1.0] * len(groups) if scales is None else [float(s) for s in scales]
+    into = [None] * len(groups) if into is None else list(into)
     tensors = [t for g in groups for t in g]
     if not _cacheable(tensors):
         cast = [[_scaled(t, s).to(dtype) for t in g] for g, s in zip(groups, scales)]
-        return [g[0] if len(g) == 1 else torch.cat(g) for g in cast]
+        with torch.no_grad():
+            return [
+                place.copy_(g[0]) if place is not None else g[0] if len(g) == 1 else torch.cat(g)
+                for g, place in zip(cast, into)
+            ]
     global _hook
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_count_step)
-    key = (dtype, tuple(len(g) for g in groups), tuple(scales), *map(id, tensors))
+    places = tuple(None if p is None else (p.data_ptr(), p.shape, p.stride()) for p in into)
+    key = (dtype, tuple(len(g) for g in groups), tuple(scales), places, *map(id, tensors))
     entry = _CACHE.get(key)
     if entry is None or any(r() is not t or v.shape != t.shape for r, v, t in zip(entry.sources, entry.views, tensors)):
-        entry = _CACHE[key] = _Copies(key, groups, scales, dtype)
+        entry = _CACHE[key] = _Copies(key, groups, scales, dtype, into)
     if entry.stamp != _stamp(tensors):
         _refresh_stale()
     return entry.stacks

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ftw_kernels import bordered
 from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.precision import compute_dtype, no_autocast
@@ -79,26 +80,57 @@ def _adapters(
     projections: list[Projection], dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """(the A's of the LoRA projections stacked, each projection's s·B or None), in `dtype`: with the scale
-    inside B's copy, every matmul below adds with beta and alpha 1 and no grad takes a scaling pass but B's."""
+    inside B's copy, every matmul below adds with beta and alpha 1 and no grad takes a scaling pass but B's.
+    A bordered weight's s·B is its slot (kernels/ftw_kernels/bordered.py)."""
     lora = [p for p in projections if p.lora_a is not None]
     if not lora:
         return None, [None] * len(projections)
+    slots = [_slot(p.weight, dtype) for p in lora]
     a_rows, *bs = stacked(
-        [[p.lora_a for p in lora], *[[p.lora_b] for p in lora]], dtype, [1.0, *(p.scale for p in lora)]
+        [[p.lora_a for p in lora], *[[p.lora_b] for p in lora]], dtype, [1.0, *(p.scale for p in lora)], [None, *slots]
     )
     found = iter(bs)
     return a_rows, [None if p.lora_a is None else next(found) for p in projections]
 
 
-def _forward(x2: torch.Tensor, projections: list[Projection]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr)."""
+def _slot(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    border = bordered.border_of(weight)
+    return border[1] if border is not None and border[1].dtype == dtype else None
+
+
+def _forward(
+    x2: torch.Tensor, projections: list[Projection], room: int = 0
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr). With `room` spare columns beside
+    x2's rows (a norm's output) and every weight bordered, x2·Aᵀ is written there and each projection is one GEMM
+    over the bordered weight."""
     a_rows, bs = _adapters(projections, x2.dtype)
+    wide = _widened(x2, projections, room, a_rows)
+    if wide is not None:
+        xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] :])  # type: ignore[union-attr]
+        return [_bordered_linear(wide, p) for p in projections], xa
     xa = x2 @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base
     return [
         linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b))
         for p, b, rows in zip(projections, bs, _rank_rows(projections))
     ], xa
+
+
+def _widened(x2, projections: list[Projection], room: int, a_rows) -> torch.Tensor | None:
+    """[x2 | its room] when every projection's weight is bordered for this group, in x2's dtype."""
+    if a_rows is None or not room or any(_slot(p.weight, x2.dtype) is None for p in projections):
+        return None
+    return bordered.widened(x2, room, a_rows.shape[0])
+
+
+def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
+    """[x | x·Aᵀ]·[W | 0 … s·B]ᵀ (+ bias): the prefix of `wide` the weight's buffer spans."""
+    buffer, _ = bordered.border_of(p.weight)  # type: ignore[misc]
+    inputs = wide[:, : buffer.shape[1]]
+    if p.bias is None:
+        return inputs @ buffer.t()
+    return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
 def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
@@ -156,11 +188,11 @@ def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torc
 
 class LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], *params):
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xa = _forward(x2, _projections(params, scales))
+            outs, xa = _forward(x2, _projections(params, scales), room)
         save_for_backward(ctx, x2, xa, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
@@ -172,7 +204,7 @@ class LoRAProjections(torch.autograd.Function):
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
         dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
         grads = _weight_grads(dys, dyb, x2, xa, projections)
-        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, *grads
+        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, *grads
 
 
 def _projections(params, scales) -> list[Projection]:
@@ -181,17 +213,17 @@ def _projections(params, scales) -> list[Projection]:
 
 def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
     flat = [t for p in projections for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
-    return LoRAProjections.apply(x, tuple(p.scale for p in projections), *flat)
+    return LoRAProjections.apply(x, tuple(p.scale for p in projections), bordered.room_of(x), *flat)
 
 
 class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], *params):
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], room: int, *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             gate, up, down = _mlp_projections(params, scales)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            (g, u), xa = _forward(x2, [gate, up])
+            (g, u), xa = _forward(x2, [gate, up], room)
             h = swiglu_forward_raw(g, u)
             (y,), had = _forward(h, [down])
             del h
@@ -218,7 +250,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
-        return dx, None, *grads
+        return dx, None, None, *grads
 
 
 def _mlp_projections(params, scales) -> list[Projection]:
@@ -227,4 +259,4 @@ def _mlp_projections(params, scales) -> list[Projection]:
 
 def lora_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
-    return LoRAGatedMLP.apply(x, (gate.scale, up.scale, down.scale), *params)
+    return LoRAGatedMLP.apply(x, (gate.scale, up.scale, down.scale), bordered.room_of(x), *params)

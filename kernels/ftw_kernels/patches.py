@@ -15,6 +15,7 @@ import torch
 
 import ftw_kernels.attention as attention
 import ftw_kernels.base_weight as base_weight
+import ftw_kernels.bordered as bordered
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
 from ftw_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_token_losses
@@ -284,6 +285,46 @@ def install_fp8_base(base: torch.nn.Module, family) -> int:
             _replace_forward(linear, _fp8_linear_forward)
             converted += 1
     return converted
+
+
+# ---- bordered weights (kernels/ftw_kernels/bordered.py) ----------------------------------------
+def _plain_frozen(weight) -> bool:
+    return (
+        type(weight) is torch.nn.Parameter
+        and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and not weight.requires_grad
+        and weight.dim() == 2
+    )
+
+
+def _border_group(modules) -> int:
+    """Border one input's LoRA projections (their weights plain, frozen, of one dtype); returns Σr, 0 if not."""
+    found = [projection_of(m) for m in modules]
+    if any(p is None or p.lora_a is None or not _plain_frozen(p.weight) for p in found):
+        return 0
+    if len({p.weight.dtype for p in found}) != 1:  # type: ignore[union-attr]
+        return 0
+    return bordered.border_group([p.weight for p in found], [p.lora_a.shape[0] for p in found])  # type: ignore
+
+
+def border_layers(base: torch.nn.Module) -> list[str]:
+    """Border every decoder layer's fused q, k, v and gate, up groups and give the norm before each its room
+    (after `apply_family`); returns `bordered_qkv` / `bordered_mlp` for what it did."""
+    done = set()
+    for layer in base.modules():
+        norm, attn = getattr(layer, "input_layernorm", None), getattr(layer, "self_attn", None)
+        if norm is not None and getattr(attn, "_ftw_fuse_qkv", False):
+            room = _border_group([attn.q_proj, attn.k_proj, attn.v_proj])  # type: ignore[union-attr]
+            if room:
+                setattr(norm, bordered.ROOM, room)
+                done.add("bordered_qkv")
+        norm, mlp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
+        if norm is not None and getattr(getattr(mlp, "forward", None), "__func__", None) is _lora_mlp_forward:
+            room = _border_group([mlp.gate_proj, mlp.up_proj])  # type: ignore[union-attr]
+            if room:
+                setattr(norm, bordered.ROOM, room)
+                done.add("bordered_mlp")
+    return [name for name in ("bordered_qkv", "bordered_mlp") if name in done]
 
 
 # ---- installer --------------------------------------------------------------------------------

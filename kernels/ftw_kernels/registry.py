@@ -29,6 +29,10 @@ On CUDA their MoE blocks then replay as CUDA graphs (kernels/ftw_kernels/moe_gra
 when micro-batches keep one layout (sample_packing, or pad_to_sequence_len) and nothing reads the
 blocks from outside (no checkpointing or offloading, no router aux loss, no torch_compile, no
 DeepSpeed or FSDP, one process); FTW_MOE_GRAPHS=0 turns that off.
+
+`FTW_BORDERED_LORA=1` re-lays the frozen weights of the fused q, k, v and gate, up groups with their adapters
+beside them (kernels/ftw_kernels/bordered.py: `bordered_qkv`, `bordered_mlp`): plain frozen weights in one
+process only, not under torch_compile. Off by default until a training step on the GPU shows it faster.
 """
 
 from __future__ import annotations
@@ -200,7 +204,28 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
         applied.append("dequant_4bit")
     if config.fp8_base_weights and patches.install_fp8_base(base, family):
         applied.append("fp8_base")
+    if {"lora_mlp", "lora_qkv"} & set(applied) and _bordered_refusal(config, applied) is None:
+        applied += patches.border_layers(base)
     return applied
+
+
+def _bordered_refusal(config: Any, applied: list[str]) -> str | None:
+    """Why the fused LoRA groups' weights are not bordered (kernels/ftw_kernels/bordered.py), or None."""
+    import torch
+
+    from ftw_kernels import bordered
+
+    refusals = (
+        (not bordered.wanted(), f"{bordered.ENV} is not 1"),
+        ("fp8_base" in applied or "dequant_4bit" in applied, "the base weights are quantised"),
+        (config.torch_compile, "torch_compile is on"),
+        (config.deepspeed or config.fsdp or config.fsdp_config, "DeepSpeed or FSDP shards the weights"),
+        (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1, "several processes train"),
+    )
+    reason = next((why for refused, why in refusals if refused), None)
+    if reason is not None and bordered.wanted():
+        log.info("kernels: LoRA weights not bordered: %s", reason)
+    return reason
 
 
 def _largest_layer_4bit_bytes(base: Any) -> int:

@@ -1,7 +1,8 @@
 """RMSNorm in one pass each way: fp32 statistics, saves only the input and 1/rms per row.
 
 y = w * x / sqrt(mean(x²) + eps). The backward gives dx always and dw only when the weight trains
-(frozen in LoRA runs, so its reduction is skipped).
+(frozen in LoRA runs, so its reduction is skipped). A norm with room (`ftw_kernels.bordered`) writes its
+output rows with spare columns beside them, for the fused LoRA projections that read it.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.bordered import ROOM, mark, with_room
+
 
 @triton.jit
-def _rmsnorm_fwd(X, W, Y, RSTD, stride, n_rows, n_cols, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_fwd(X, W, Y, RSTD, stride, y_stride, n_rows, n_cols, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    y_offs = rows.to(tl.int64)[:, None] * y_stride + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
-    tl.store(Y + offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_offs, (x * rstd[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -71,15 +75,26 @@ def _tiles(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, room: int) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         n_rows, n_cols = x2.shape
         block, block_r, warps = _tiles(n_rows, n_cols, x.is_cuda)
-        y = torch.empty_like(x2)
+        y = with_room(n_rows, n_cols, room, x2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](
-            x2, weight, y, rstd, x2.stride(0), n_rows, n_cols, eps, BLOCK_R=block_r, BLOCK=block, num_warps=warps
+            x2,
+            weight,
+            y,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            n_rows,
+            n_cols,
+            eps,
+            BLOCK_R=block_r,
+            BLOCK=block,
+            num_warps=warps,
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
@@ -115,13 +130,14 @@ class RMSNormFunction(torch.autograd.Function):
             num_warps=warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
-        return dx.view(ctx.shape), dw, None
+        return dx.view(ctx.shape), dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return RMSNormFunction.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, room: int = 0) -> torch.Tensor:
+    """The norm of x's rows; with `room`, each output row has that many spare columns beside it."""
+    return mark(RMSNormFunction.apply(x, weight, eps, room), room)
 
 
 def rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """Drop-in forward for the HF *RMSNorm modules of the patched families."""
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon, getattr(self, ROOM, 0))

@@ -109,6 +109,52 @@ def test_lora_mlp_and_qkv_8b_shapes(rng_seed):
         assert rel_err(o, r) < BF16, rng_seed
 
 
+def test_bordered_qkv_and_gate_up_8b_shapes(rng_seed):
+    """The bordered weights (`FTW_BORDERED_LORA=1`) over a norm with room, in bf16 at 8B's shapes: outputs, the
+    norm output's grad and the adapters' grads against fp32 references."""
+    from ftw_kernels import bordered
+    from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
+    from ftw_kernels.rmsnorm import rms_norm
+
+    def proj(out, inp):
+        w = torch.nn.Parameter((torch.randn(out, inp, device="cuda") / inp**0.5).bfloat16(), requires_grad=False)
+        a = (torch.randn(16, inp, device="cuda") / inp**0.5).requires_grad_()
+        return Projection(w, None, a, (torch.randn(out, 16, device="cuda") * 0.1).requires_grad_(), 2.0)
+
+    def ref_lora(x, p):
+        return x @ p.weight.float().t() + p.scale * (x @ p.lora_a.t()) @ p.lora_b.t()
+
+    def check(group, room, fused, reference):
+        y = rms_norm(x0, norm_w, 1e-5, room)
+        assert y.stride(0) == 4096 + room
+        y.retain_grad()
+        y32 = y.detach().float().requires_grad_()
+        outs, refs = fused(y), reference(y32)
+        grads = [torch.randn_like(r) for r in refs]
+        torch.autograd.backward(outs, [g.bfloat16() for g in grads])
+        mine = [(p.lora_a.grad.clone(), p.lora_b.grad.clone()) for p in group]
+        for p in group:
+            p.lora_a.grad = p.lora_b.grad = None
+        torch.autograd.backward(refs, grads)
+        assert all(rel_err(o, r) < BF16 for o, r in zip(outs, refs)) and rel_err(y.grad, y32.grad) < BF16, rng_seed
+        for (got_a, got_b), p in zip(mine, group):
+            assert rel_err(got_a, p.lora_a.grad) < 2 * BF16 and rel_err(got_b, p.lora_b.grad) < 2 * BF16, rng_seed
+
+    x0 = torch.randn(8192, 4096, device="cuda").bfloat16().requires_grad_()
+    norm_w = (torch.rand(4096, device="cuda") + 0.5).bfloat16()
+    qkv = [proj(4096, 4096), proj(1024, 4096), proj(1024, 4096)]
+    room = bordered.border_group([p.weight for p in qkv], [16] * 3)
+    check(qkv, room, lambda y: lora_projections(y, qkv), lambda y: [ref_lora(y, p) for p in qkv])
+    gate, up, down = proj(14336, 4096), proj(14336, 4096), proj(4096, 14336)
+    room = bordered.border_group([gate.weight, up.weight], [16] * 2)
+    check(
+        [gate, up, down],
+        room,
+        lambda y: [lora_gated_mlp(y, gate, up, down)],
+        lambda y: [ref_lora(torch.nn.functional.silu(ref_lora(y, gate)) * ref_lora(y, up), down)],
+    )
+
+
 def test_varlen_attention_keeps_packed_samples_apart(rng_seed):
     from ftw_kernels.attention import varlen_attention_forward
 
