@@ -28,6 +28,7 @@ import torch
 ENV = "FTW_BORDERED_LORA"  # "1": the registry borders the fused LoRA groups' weights
 ROOM = "ftw_room"  # on a norm module and on its output: the spare columns beside each output row
 _BORDER = "ftw_border"  # on a re-laid weight: (its buffer, its s·B slot)
+ALIGN = 8  # columns: rows of 16-byte multiples (bf16), as cuBLAS's tensor-core kernels want their strides
 
 
 def wanted() -> bool:
@@ -52,11 +53,18 @@ def room_of(x: torch.Tensor) -> int:
 
 
 def widened(x2: torch.Tensor, room: int, needed: int) -> torch.Tensor | None:
-    """x2 (the rows of a tensor with `room` spare columns) as [x2 | the first `needed` spare columns]; None when
-    there are too few or the layout is not the norm's."""
+    """x2 (the rows of a tensor with `room` spare columns) as [x2 | its room], the room's columns past the first
+    `needed` zeroed (the bordered weights' padding multiplies them); None when the room is too small or the
+    layout is not the norm's."""
     if needed == 0 or room < needed or x2.stride(1) != 1 or x2.stride(0) != x2.shape[1] + room:
         return None
-    return x2.as_strided((x2.shape[0], x2.shape[1] + needed), (x2.stride(0), 1), x2.storage_offset())
+    # through `.data`: the room lies outside every tensor autograd tracks, so writing it must not count as an
+    # in-place change of the norm's output (autograd refuses any later use of a custom Function's view output
+    # whose base changed)
+    wide = x2.data.as_strided((x2.shape[0], x2.shape[1] + room), (x2.stride(0), 1), x2.storage_offset())
+    if room > needed:
+        wide[:, x2.shape[1] + needed :].zero_()
+    return wide
 
 
 def border_of(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -72,14 +80,18 @@ def border_of(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def border_group(weights: list[torch.Tensor], ranks: list[int]) -> int:
-    """Re-lay the frozen weights of one input's projections in place, each as [W | 0 … 0 | slot] with its slot
-    of rᵢ columns after Σⱼ₍<ᵢ₎ rⱼ zero ones; returns Σr."""
+    """Re-lay the frozen weights of one input's projections in place, each as [W | 0 … 0 | slot | 0 …] with its
+    slot of rᵢ columns after Σⱼ₍<ᵢ₎ rⱼ zero ones; returns the room its input needs, Σr rounded up to `ALIGN`."""
     offset = 0
     for weight, rank in zip(weights, ranks):
         out, inp = weight.shape
-        buffer = weight.new_zeros(out, inp + offset + rank)
+        buffer = weight.new_zeros(out, inp + _aligned(offset + rank))
         buffer[:, :inp].copy_(weight.detach())
         weight.data = buffer[:, :inp]
-        setattr(weight, _BORDER, (buffer, buffer[:, inp + offset :]))
+        setattr(weight, _BORDER, (buffer, buffer[:, inp + offset : inp + offset + rank]))
         offset += rank
-    return offset
+    return _aligned(offset)
+
+
+def _aligned(columns: int) -> int:
+    return -(-columns // ALIGN) * ALIGN

@@ -107,7 +107,7 @@ def _forward(
     a_rows, bs = _adapters(projections, x2.dtype)
     wide = _widened(x2, projections, room, a_rows)
     if wide is not None:
-        xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] :])  # type: ignore[union-attr]
+        xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] : x2.shape[1] + a_rows.shape[0]])  # type: ignore
         return [_bordered_linear(wide, p) for p in projections], xa
     xa = x2 @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base

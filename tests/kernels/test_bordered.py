@@ -41,15 +41,17 @@ def test_bordered_model_matches_reference(config_cls, bordering):
             w = m.base_layer.weight
             assert bordered.border_of(w) is not None and not w.is_contiguous(), name
         assert torch.equal(attn.k_proj.base_layer.weight, ref_layer.self_attn.k_proj.base_layer.weight)
-        assert getattr(layer.input_layernorm, bordered.ROOM) == 3 * 4  # q, k, v at rank 4
-        assert getattr(layer.post_attention_layernorm, bordered.ROOM) == 2 * 4
+        assert getattr(layer.input_layernorm, bordered.ROOM) == 16  # q, k, v at rank 4: 12, aligned to 8
+        assert getattr(layer.post_attention_layernorm, bordered.ROOM) == 8
     batch = packed_batch()
     ref_loss, ref_grads = loss_and_grads(ref, batch)
     with _Matmuls() as seen:
-        loss, grads = loss_and_grads(model, batch)
-    # per layer, q, k, v over [x | x·Aᵀ] prefixes of 4, 8, 12 columns and gate, up over 4 and 8
-    wide = sorted(k - 32 for op, _, k, _ in seen.seen if op in ("mm", "addmm") and 32 < k <= 32 + 12)
-    assert wide == sorted([4, 8, 12, 4, 8] * 2)
+        model(**batch)
+    # per layer, q, k, v over [x | x·Aᵀ] prefixes of 4, 8, 12 columns and gate, up over 4 and 8, each aligned to
+    # 8; down over its 48 inputs (the loss head, contracting over the vocabulary, left out)
+    wide = sorted(k - 32 for op, _, k, _ in seen.seen if op in ("mm", "addmm") and 32 < k <= 48)
+    assert wide == sorted([8, 8, 16, 8, 8, 16] * 2)
+    loss, grads = loss_and_grads(model, batch)
     assert rel_err(loss, ref_loss) < 1e-5
     assert ref_grads.keys() == grads.keys()
     for name in grads:
@@ -132,16 +134,18 @@ class _Matmuls(TorchDispatchMode):
 def test_each_projection_is_one_gemm_over_the_bordered_weight(bias, rng_seed):
     made = _group(bias=bias)
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    assert room == 10
+    assert room == 16  # ranks 4, 2, 4: 10 columns, aligned to 8
     x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
     norm_weight = torch.rand(HIDDEN) + 0.5
     y = rms_norm(x0, norm_weight, 1e-6, room)
     assert bordered.room_of(y) == room and y.stride(0) == HIDDEN + room
+    y.data.as_strided((TOKENS, HIDDEN + room), (HIDDEN + room, 1))[:, HIDDEN:] = float("nan")  # what it may hold
     with _Matmuls() as forward:
         outs = lora_projections(y, made)
-    # x·[A_q;A_k;A_v]ᵀ once, then q over [x | xa_q], k over [x | xa_q | xa_k], v over all: nothing added after
+    # x·[A_q;A_k;A_v]ᵀ once, then q over [x | xa_q], k over [x | xa_q | xa_k], v over all (each prefix aligned
+    # to 8 columns, the padding zero): nothing added after
     assert forward.seen == [("mm", TOKENS, HIDDEN, False)] + [
-        ("addmm" if bias else "mm", TOKENS, HIDDEN + k, False) for k in (4, 6, 10)
+        ("addmm" if bias else "mm", TOKENS, HIDDEN + k, False) for k in (8, 8, 16)
     ]
     y64 = y.detach().double().requires_grad_()
     refs = [_reference(y64, p) for p in made]
@@ -212,3 +216,15 @@ def test_without_the_copy_cache_the_borders_are_written_at_each_use(monkeypatch)
         made[2].lora_b.mul_(-2.0)
     for out, p in zip(lora_projections(y, made), made):
         assert rel_err(out, _reference(y, p)) < 1e-6
+
+
+def test_the_norm_output_stays_usable_after_its_room_is_written():
+    """Writing x·Aᵀ beside the rows is no in-place change of the norm's output: another op may still read it,
+    and its gradient still flows (autograd refuses a changed view made by a custom Function)."""
+    made = _group()
+    room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
+    x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    y = rms_norm(x0, torch.ones(HIDDEN), 1e-6, room)
+    outs = lora_projections(y, made)
+    (sum(o.sum() for o in outs) + (y * y).sum()).backward()
+    assert x0.grad is not None and torch.isfinite(x0.grad).all()
