@@ -83,6 +83,26 @@ def test_gradient_checkpointing_over_bordered_layers(bordering):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
+def test_inference_eval_generation_and_disabled_adapters(bordering):
+    """Inference mode (the copies cast at each use, written into the borders), eval, generation with a KV cache
+    (the original forwards over the strided weights) and PEFT's disable_adapter (the DPO reference: the plain
+    Linears) give the unbordered model's numbers."""
+    ref = tiny(LlamaConfig)
+    model = copy.deepcopy(ref)
+    apply_kernels(model, training_config(use_kernels=True))
+    batch = packed_batch()
+    with torch.inference_mode():
+        assert rel_err(model(**batch).loss, ref(**batch).loss) < 1e-5
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        assert rel_err(model(**batch).loss, ref(**batch).loss) < 1e-5
+        prompt = batch["input_ids"][:1, :4]
+        generated = [m.generate(input_ids=prompt, max_new_tokens=3, do_sample=False) for m in (model, ref)]
+        assert torch.equal(*generated)
+        with model.disable_adapter(), ref.disable_adapter():
+            assert rel_err(model(**batch).loss, ref(**batch).loss) < 1e-5
+
+
 def test_adapter_saved_from_a_bordered_model_is_the_same(bordering, tmp_path):
     from safetensors.torch import load_file
 
