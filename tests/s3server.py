@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from worker.lifeline import die_with_parent
+
 ACCESS_KEY = "ftw-test-key"
 SECRET_KEY = "ftw-test-secret-do-not-leak"
 
@@ -141,7 +143,13 @@ def running_s3_server(root: Path | None = None) -> Iterator[S3Server]:
             str(log),
             str(root),
         ]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(  # a killed test run (or bench script) leaves no server behind
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
+        )
         try:
             _wait_until_answering(url, proc, log)
             yield S3Server(url, ACCESS_KEY, SECRET_KEY, root, proc.pid)

@@ -90,3 +90,27 @@ def test_the_other_workers_child_does_not_count():
         assert json.loads(out.stdout) == []
     finally:
         _kill(tag)
+
+
+def test_a_killed_run_leaves_no_s3_server():
+    """The tests' rclone S3 server dies with the process that started it, even one killed by SIGKILL (a test
+    run stopped by hand, a bench script that crashed): the next run finds no stray server on its machine."""
+    starter = (
+        "import sys, tempfile, time, pathlib\n"
+        "from tests.s3server import running_s3_server\n"
+        "with running_s3_server(pathlib.Path(tempfile.mkdtemp()) / 's3') as server:\n"
+        "    print(server.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-c", starter], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    try:
+        server = psutil.Process(int(proc.stdout.readline()))
+        assert server.is_running() and "rclone" in server.name()
+        proc.kill()
+        proc.wait()
+        assert psutil.wait_procs([server], timeout=10)[1] == [], "rclone outlived the run that started it"
+    finally:
+        proc.kill()
+        proc.wait()
