@@ -49,6 +49,8 @@ from bench.models import (  # noqa: E402
     TIMED_RUN,
     build_model,
     device,
+    ftw_train,
+    train_steps,
 )
 
 WORDS = (
@@ -132,28 +134,10 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
         "dataset_prepared_path": str(work / "cache"),
     }
     (work / "ftw.yml").write_text(yaml.safe_dump(cfg))
-    env = {
-        **os.environ,
-        "BASE_VOLUME": str(work),
-        "FTW_ALLOW_CPU": "1",
-        "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p
-        ),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "train", str(work / "ftw.yml"), "--run-dir", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=a.arm_timeout,
-        cwd=REPO,
-    )
+    proc = ftw_train(work / "ftw.yml", run_dir, work, [model_dir, data.parent], a.arm_timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    # the train child's events, in the run folder's stage logs (ftw train runs the job path's supervisor)
-    events = [json.loads(line) for path in run_dir.glob("logs/train/*/events.jsonl") for line in path.open()]
-    steps = {e["step"]: e for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
+    steps = train_steps(run_dir, "loss")
     ts = {step: e["ts"] for step, e in steps.items()}
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = json.loads((run_dir / "prepared.json").read_text())["summary"]["rows"]

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model  # noqa: E402
+from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model, ftw_train, train_steps  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort".split()
 
@@ -48,7 +45,6 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
     import yaml
 
     run_dir = work / f"{name}-run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # scratch: a finished run there would be reused, not timed
     cfg = {
         "base_model": str(model_dir),
         "rl": "grpo",
@@ -76,33 +72,10 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
         "dataset_prepared_path": str(work / "cache"),
     }
     (work / f"{name}.yml").write_text(yaml.safe_dump(cfg))
-    events = work / f"{name}-events.jsonl"
-    events.unlink(missing_ok=True)
-    env = {
-        **os.environ,
-        "FTW_EVENTS": str(events),
-        "BASE_VOLUME": str(work),
-        "FTW_ALLOW_CPU": "1",
-        "FTW_ALLOWED_PATHS": os.pathsep.join([str(model_dir), str(data.parent)]),
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p
-        ),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "train", str(work / f"{name}.yml"), "--run-dir", str(run_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=a.arm_timeout,
-        cwd=REPO,
-    )
+    proc = ftw_train(work / f"{name}.yml", run_dir, work, [model_dir, data.parent], a.arm_timeout)
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    steps = {
-        e["step"]: e
-        for e in map(json.loads, events.read_text().splitlines())
-        if e.get("stage") == "train" and "reward" in e and "event" not in e
-    }
+    steps = train_steps(run_dir, "reward")
     last = a.warmup + a.steps
     step_s = (steps[last]["ts"] - steps[a.warmup]["ts"]) / a.steps
     timed = [steps[s] for s in range(a.warmup + 1, last + 1)]

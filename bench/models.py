@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 PUBLIC_SHAPES = {
     "llama-1b": dict(
@@ -140,6 +146,36 @@ TIMED_RUN = {
     "logging_steps": 1,
 }
 PROFILED_STEPS = 3
+
+
+def train_steps(run_dir: Path, key: str) -> dict[int, dict]:
+    """The train stage's per-step events that carry `key` (`loss`, `reward`), by step, from an `ftw train` run's
+    stage logs (the job path's supervisor gives each stage child its own events file)."""
+    events = [json.loads(line) for path in sorted(run_dir.glob("logs/train/*/events.jsonl")) for line in path.open()]
+    return {e["step"]: e for e in events if e.get("stage") == "train" and key in e and "event" not in e}
+
+
+def ftw_train(config: Path, run_dir: Path, volume: Path, allowed: list[Path], timeout: float, **env: str):
+    """`ftw train CONFIG --run-dir RUN_DIR` as a user runs it (the job path's supervisor and its stage
+    children), over `volume`, the model and data folders in `allowed`; `env` added to the environment. RUN_DIR
+    is scratch, emptied first: a finished run there would be reported as done, not trained and timed again."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "train", str(config), "--run-dir", str(run_dir)],
+        env={
+            **os.environ,
+            **env,
+            "BASE_VOLUME": str(volume),
+            "FTW_ALLOW_CPU": "1",
+            "FTW_ALLOWED_PATHS": os.pathsep.join(map(str, allowed)),
+            "PYTHONPATH": path,
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def device():
