@@ -67,6 +67,19 @@ def widened(x2: torch.Tensor, room: int, needed: int) -> torch.Tensor | None:
     return wide
 
 
+def joined(x2: torch.Tensor, xa: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows of x2 with all their room, as one dense tensor, when `xa` was written into that room (`widened`);
+    None otherwise. Saved for the backward instead of x2 and xa: activation offloading copies dense tensors."""
+    if xa is None or xa.stride() != x2.stride() or xa.data_ptr() != x2.data_ptr() + x2.shape[1] * x2.element_size():
+        return None
+    return x2.data.as_strided((x2.shape[0], x2.stride(0)), (x2.stride(0), 1), x2.storage_offset())
+
+
+def split(whole: torch.Tensor, cols: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x2, xa) out of what `joined` made of them."""
+    return whole[:, :cols], whole[:, cols : cols + rank]
+
+
 def border_of(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(the buffer [W | 0 … s·B], the s·B slot) of a re-laid weight; None for any other, or for one whose data
     was replaced since (`.data =`, a move to another device)."""

@@ -186,6 +186,18 @@ def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torc
     return grads
 
 
+def _input_kept(ctx, x2: torch.Tensor, xa: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the backward keeps of the input: (x2, xa), or ([x2 | room], None) when xa was written into the room
+    beside x2 (a bordered group): one dense tensor, which activation offloading moves (it keeps strided ones)."""
+    whole = bordered.joined(x2, xa)
+    ctx.split = None if whole is None else (x2.shape[1], xa.shape[1])  # type: ignore[union-attr]
+    return (x2, xa) if whole is None else (whole, None)
+
+
+def _input_of(ctx, kept: torch.Tensor, xa: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (kept, xa) if ctx.split is None else bordered.split(kept, *ctx.split)
+
+
 class LoRAProjections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, *params):
@@ -193,13 +205,14 @@ class LoRAProjections(torch.autograd.Function):
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             outs, xa = _forward(x2, _projections(params, scales), room)
-        save_for_backward(ctx, x2, xa, *params)
+        save_for_backward(ctx, *_input_kept(ctx, x2, xa), *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
     def backward(ctx, *douts):
-        x2, xa, *params = saved_tensors(ctx)
+        kept, xa, *params = saved_tensors(ctx)
+        x2, xa = _input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
         dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
@@ -227,13 +240,15 @@ class LoRAGatedMLP(torch.autograd.Function):
             h = swiglu_forward_raw(g, u)
             (y,), had = _forward(h, [down])
             del h
-        save_for_backward(ctx, x2, g, u, xa, had, *params)
+        kept, xa = _input_kept(ctx, x2, xa)
+        save_for_backward(ctx, kept, g, u, xa, had, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, g, u, xa, had, *params = saved_tensors(ctx)
+        kept, g, u, xa, had, *params = saved_tensors(ctx)
+        x2, xa = _input_of(ctx, kept, xa)
         gate, up, down = _mlp_projections(params, ctx.scales)
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")

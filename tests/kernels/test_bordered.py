@@ -248,3 +248,27 @@ def test_the_norm_output_stays_usable_after_its_room_is_written():
     outs = lora_projections(y, made)
     (sum(o.sum() for o in outs) + (y * y).sum()).backward()
     assert x0.grad is not None and torch.isfinite(x0.grad).all()
+
+
+def test_what_the_backward_keeps_is_dense():
+    """The input and x·Aᵀ are kept as one tensor (the norm's rows with their room), dense: activation offloading
+    (`gradient_checkpointing: offload`) moves dense tensors to the host and keeps strided ones on the GPU."""
+    from worker.train.offload import _dense
+
+    made = _group()
+    room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
+    x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    y = rms_norm(x0, torch.ones(HIDDEN), 1e-6, room)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = lora_projections(y, made)
+    inputs = [t for t in kept if t.shape[0] == TOKENS]
+    assert [t.shape for t in inputs] == [(TOKENS, HIDDEN + room)] and all(_dense(t) for t in inputs)
+    sum(o.sum() for o in outs).backward()
+    for p in made:
+        assert rel_err(p.lora_a.grad, torch.autograd.grad(_reference(y, p).sum(), p.lora_a)[0]) < 1e-6
