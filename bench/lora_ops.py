@@ -16,7 +16,10 @@ and output gradients:
   and pass `--previous .gpu/lora.py`);
 - casts: today's kernels/ftw_kernels/lora.py with ftw_kernels.adapter_copies.ENABLED off (A's
   stacked, adapters cast at every use);
-- ftw: kernels/ftw_kernels/lora.py as it is.
+- ftw: kernels/ftw_kernels/lora.py as it is;
+- ftw, bordered: the same over bordered weights (`FTW_BORDERED_LORA=1`, kernels/ftw_kernels/bordered.py), run
+  last (it re-lays the layer's q, k, v, gate and up weights in place); its q/k/v and MLP inputs carry the room
+  beside their rows that the norms before them leave in a model.
 Before each iteration the adapters are written in place (`add_(0)`, as an optimizer step would),
 so ftw pays one refresh of its copies per iteration, as in training with one micro-batch a step.
 Timing: CUDA events around each iteration, `--warmup` untimed, the median of `--iters`. Kernels:
@@ -43,7 +46,7 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_k
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the SwiGLU kernel on CPU (smoke test)
 
-from ftw_kernels import adapter_copies  # noqa: E402
+from ftw_kernels import adapter_copies, bordered  # noqa: E402
 from ftw_kernels import lora as ftw_lora  # noqa: E402
 
 # where lora.py lives: since ftw_kernels got its own import name, and before
@@ -123,6 +126,28 @@ def git_show(rev: str, path: str) -> str | None:
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def bordered_inputs(layer, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Border the layer's q, k, v and gate, up weights in place and give the q/k/v and MLP inputs the room a
+    norm leaves beside their rows: the bordered arm's inputs (same values, leaves of their own)."""
+    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    rooms = [
+        bordered.border_group(
+            [getattr(layer, n).base_layer.weight for n in names],
+            [getattr(layer, n).lora_A["default"].weight.shape[0] for n in names],
+        )
+        for names in groups
+    ]
+    x, attn, h = inputs
+    return [_with_room(x, rooms[0]), attn, _with_room(h, rooms[1])]
+
+
+def _with_room(t: torch.Tensor, room: int) -> torch.Tensor:
+    leaf = bordered.with_room(t.shape[0], t.shape[1], room, t)
+    with torch.no_grad():
+        leaf.copy_(t)
+    return bordered.mark(leaf.requires_grad_(), room)
 
 
 @contextlib.contextmanager
@@ -222,6 +247,8 @@ def main() -> None:
         for arm, step, copies in arms:
             with copies_enabled(copies):
                 results.append(measure(arm, step, layer, inputs, grads, adapters, args, device))
+        roomy = bordered_inputs(layer, inputs)
+        results.append(measure("ftw, bordered", fused_step(ftw_lora), layer, roomy, grads, adapters, args, device))
         base = results[0]
         for r in results:
             err = ((r["dx"] - base["dx"]).norm() / base["dx"].norm()).item()
@@ -229,7 +256,7 @@ def main() -> None:
                 f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | "
                 f"{r['peak']:.2f} | {err:.1e} |"
             )
-        del layer, adapters, inputs, grads, results
+        del layer, adapters, inputs, roomy, grads, results
     print("| shape | arm | ms / layer fwd+bwd | × peft | GPU kernels | peak GiB | dx err vs peft |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
