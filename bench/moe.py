@@ -5,7 +5,8 @@
     python bench/moe.py --shapes qwen3-30b --layers 24   # fewer layers where all 48 do not fit one GPU
     python bench/moe.py --shapes olmoe --mbs 4            # 4 rows of 2048 tokens per step
     python bench/moe.py --shapes olmoe --profile          # + each arm's top CUDA kernels and host ops of one step
-    python bench/moe.py --shapes tiny                    # smoke test, also on CPU (Triton interpreted)
+    python bench/moe.py --shapes tiny --seq 16 --layers 1 --warmup 1 --steps 1   # smoke test on CPU (Triton
+                                                         # interpreted: 2048 tokens a step there take minutes)
 
 Each arm runs in a fresh process (`--arm NAME`, one JSON line back) on the same random-init model
 (bf16, seeded) and the same tokens: `--mbs` rows (1) of `--seq` tokens (2048), LoRA r=16 α=32 on
