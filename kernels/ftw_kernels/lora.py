@@ -118,9 +118,17 @@ def _forward(
 
 
 def _widened(x2, projections: list[Projection], room: int, a_rows) -> torch.Tensor | None:
-    """[x2 | its room] when every projection's weight is bordered for this group, in x2's dtype."""
-    if a_rows is None or not room or any(_slot(p.weight, x2.dtype) is None for p in projections):
+    """[x2 | its room] when every projection's weight is bordered, in x2's dtype, for this group: each one's s·B
+    slot where its rows of x2·[A₁;…;Aₙ]ᵀ land (k's weight bordered after q's is not for k alone)."""
+    if a_rows is None or not room:
         return None
+    for p, rows in zip(projections, _rank_rows(projections)):
+        border = bordered.border_of(p.weight)
+        if rows is None or border is None or border[1].dtype != x2.dtype:
+            return None
+        buffer, slot = border
+        if slot.storage_offset() - buffer.storage_offset() - x2.shape[1] != rows.start:
+            return None
     return bordered.widened(x2, room, a_rows.shape[0])
 
 

@@ -272,3 +272,14 @@ def test_what_the_backward_keeps_is_dense():
     sum(o.sum() for o in outs).backward()
     for p in made:
         assert rel_err(p.lora_a.grad, torch.autograd.grad(_reference(y, p).sum(), p.lora_a)[0]) < 1e-6
+
+
+def test_a_projection_called_apart_from_its_group_takes_the_plain_path():
+    """k's border lies after q's: called alone, its x·Aᵀ would land where q's does, so it is not bordered there."""
+    made = _group()
+    room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
+    y = rms_norm(torch.randn(TOKENS, HIDDEN), torch.ones(HIDDEN), 1e-6, room)
+    lora_projections(y, made)  # the borders filled
+    for alone in ([made[1]], [made[2]], [made[2], made[0]]):
+        for out, p in zip(lora_projections(y, alone), alone):
+            assert rel_err(out, _reference(y, p)) < 1e-6
