@@ -289,11 +289,15 @@ def install_fp8_base(base: torch.nn.Module, family) -> int:
 
 # ---- bordered weights (kernels/ftw_kernels/bordered.py) ----------------------------------------
 def _plain_frozen(weight) -> bool:
+    """A frozen floating-point weight that owns its memory: re-laid, its old storage is freed (one inside a
+    larger buffer, e.g. a fused checkpoint's, would stay and the border would cost a second copy)."""
     return (
         type(weight) is torch.nn.Parameter
         and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and not weight.requires_grad
         and weight.dim() == 2
+        and weight.is_contiguous()
+        and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
     )
 
 

@@ -220,6 +220,12 @@ def test_not_installed_where_it_does_not_hold(monkeypatch):
     assert not set(BORDERED) & set(partial)  # k, gate unadapted: the groups are not fused
     no_mlp = apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False))
     assert no_mlp[-1:] == ["bordered_qkv"]
+    shared = tiny(LlamaConfig)  # gate and up inside one buffer (as a fused checkpoint may load them)
+    for layer in _layers(shared):
+        gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
+        both = torch.cat([gate.data, up.data])
+        gate.data, up.data = both[: gate.shape[0]], both[gate.shape[0] :]
+    assert apply_kernels(shared, training_config(use_kernels=True))[-1:] == ["bordered_qkv"]
 
 
 def test_without_the_copy_cache_the_borders_are_written_at_each_use(monkeypatch):
