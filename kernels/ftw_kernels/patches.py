@@ -302,7 +302,8 @@ def _plain_frozen(weight) -> bool:
 
 
 def _border_group(modules) -> int:
-    """Border one input's LoRA projections (their weights plain, frozen, of one dtype); returns Σr, 0 if not."""
+    """Border one input's LoRA projections (their weights plain, frozen, of one dtype); returns the room their
+    input needs (Σr, aligned), 0 where they are not bordered."""
     found = [projection_of(m) for m in modules]
     if any(p is None or p.lora_a is None or not _plain_frozen(p.weight) for p in found):
         return 0
