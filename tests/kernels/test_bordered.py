@@ -117,15 +117,17 @@ def test_adapter_saved_from_a_bordered_model_is_the_same(bordering, tmp_path):
 
 # ---- the fused function over a norm with room ---------------------------------------------------
 TOKENS, HIDDEN = 24, 32
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _group(dtype=torch.float32, bias=False) -> list[Projection]:
     made = []
     for out, rank, scale in ((32, 4, 2.0), (16, 2, 0.5), (16, 4, 1.0)):
-        w = torch.nn.Parameter(torch.randn(out, HIDDEN, dtype=dtype) / HIDDEN**0.5, requires_grad=False)
-        b = torch.randn(out, dtype=dtype) if bias else None
-        a = (torch.randn(rank, HIDDEN) / HIDDEN**0.5).requires_grad_()
-        made.append(Projection(w, b, a, torch.randn(out, rank).requires_grad_(), scale))
+        w = torch.randn(out, HIDDEN, dtype=dtype, device=DEVICE) / HIDDEN**0.5
+        b = torch.randn(out, dtype=dtype, device=DEVICE) if bias else None
+        a = (torch.randn(rank, HIDDEN, device=DEVICE) / HIDDEN**0.5).requires_grad_()
+        lora_b = torch.randn(out, rank, device=DEVICE).requires_grad_()
+        made.append(Projection(torch.nn.Parameter(w, requires_grad=False), b, a, lora_b, scale))
     return made
 
 
@@ -155,8 +157,8 @@ def test_each_projection_is_one_gemm_over_the_bordered_weight(bias, rng_seed):
     made = _group(bias=bias)
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
     assert room == 16  # ranks 4, 2, 4: 10 columns, aligned to 8
-    x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
-    norm_weight = torch.rand(HIDDEN) + 0.5
+    x0 = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    norm_weight = torch.rand(HIDDEN, device=DEVICE) + 0.5
     y = rms_norm(x0, norm_weight, 1e-6, room)
     assert bordered.room_of(y) == room and y.stride(0) == HIDDEN + room
     y.data.as_strided((TOKENS, HIDDEN + room), (HIDDEN + room, 1))[:, HIDDEN:] = float("nan")  # what it may hold
@@ -188,7 +190,7 @@ def test_columns_beside_an_unmarked_input_are_never_written():
     columns beside x keep what they held."""
     made = _group()
     bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    wide = torch.randn(TOKENS, HIDDEN + 10)
+    wide = torch.randn(TOKENS, HIDDEN + 10, device=DEVICE)
     before = wide.clone()
     x = wide[:, :HIDDEN]
     with _Matmuls() as seen:
@@ -204,7 +206,7 @@ def test_a_weight_replaced_since_takes_the_plain_path():
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
     made[1].weight.data = made[1].weight.data.contiguous()  # e.g. a move to another device
     assert bordered.border_of(made[1].weight) is None
-    y = rms_norm(torch.randn(TOKENS, HIDDEN), torch.ones(HIDDEN), 1e-6, room)
+    y = rms_norm(torch.randn(TOKENS, HIDDEN, device=DEVICE), torch.ones(HIDDEN, device=DEVICE), 1e-6, room)
     for out, p in zip(lora_projections(y, made), made):
         assert rel_err(out, _reference(y, p)) < 1e-6
 
@@ -236,7 +238,7 @@ def test_without_the_copy_cache_the_borders_are_written_at_each_use(monkeypatch)
     monkeypatch.setattr(adapter_copies, "ENABLED", False)
     made = _group()
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    y = rms_norm(torch.randn(TOKENS, HIDDEN), torch.ones(HIDDEN), 1e-6, room)
+    y = rms_norm(torch.randn(TOKENS, HIDDEN, device=DEVICE), torch.ones(HIDDEN, device=DEVICE), 1e-6, room)
     lora_projections(y, made)
     with torch.no_grad():
         made[2].lora_b.mul_(-2.0)
@@ -249,8 +251,8 @@ def test_the_norm_output_stays_usable_after_its_room_is_written():
     and its gradient still flows (autograd refuses a changed view made by a custom Function)."""
     made = _group()
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
-    y = rms_norm(x0, torch.ones(HIDDEN), 1e-6, room)
+    x0 = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    y = rms_norm(x0, torch.ones(HIDDEN, device=DEVICE), 1e-6, room)
     outs = lora_projections(y, made)
     (sum(o.sum() for o in outs) + (y * y).sum()).backward()
     assert x0.grad is not None and torch.isfinite(x0.grad).all()
@@ -263,14 +265,14 @@ def test_what_the_backward_keeps_is_dense():
 
     made = _group()
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    x0 = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    x0 = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
     kept = []
 
     def pack(t):
         kept.append(t)
         return t
 
-    y = rms_norm(x0, torch.ones(HIDDEN), 1e-6, room)
+    y = rms_norm(x0, torch.ones(HIDDEN, device=DEVICE), 1e-6, room)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outs = lora_projections(y, made)
     inputs = [t for t in kept if t.shape[0] == TOKENS]
@@ -284,7 +286,7 @@ def test_a_projection_called_apart_from_its_group_takes_the_plain_path():
     """k's border lies after q's: called alone, its x·Aᵀ would land where q's does, so it is not bordered there."""
     made = _group()
     room = bordered.border_group([p.weight for p in made], [p.lora_a.shape[0] for p in made])
-    y = rms_norm(torch.randn(TOKENS, HIDDEN), torch.ones(HIDDEN), 1e-6, room)
+    y = rms_norm(torch.randn(TOKENS, HIDDEN, device=DEVICE), torch.ones(HIDDEN, device=DEVICE), 1e-6, room)
     lora_projections(y, made)  # the borders filled
     for alone in ([made[1]], [made[2]], [made[2], made[0]]):
         for out, p in zip(lora_projections(y, alone), alone):
