@@ -13,7 +13,7 @@ and let the base GEMM add itself to it (cuBLAS's beta): one more write and read 
 The backward is unchanged: W and s·B are strided views of the buffer, x and x·Aᵀ views of the norm's output.
 
 Measured per projection group in isolation (bench/stacked_gemms.py, docs/benchmarks.md): 1.00–1.08× ftw's
-forward at 8B and 1.00–1.15× at 1B; in the H200's training step, +0.05% at 8B and +0.85% at 1B. So it is off by
+forward at 8B and 1.00–1.15× at 1B; in the H200's training step, +0.05% at 8B and +0.6–0.85% at 1B. So it is off by
 default and switched on by `FTW_BORDERED_LORA=1` (bench/train_throughput.py's arm `ftw-bordered`). The registry
 installs it (kernels/ftw_kernels/patches.py `border_layers`) only over plain frozen weights in one process: not
 over 4-bit or float8 ones, not under DeepSpeed, FSDP or torch_compile.

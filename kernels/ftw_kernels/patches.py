@@ -329,8 +329,6 @@ def border_layers(base: torch.nn.Module) -> list[str]:
             if room:
                 setattr(norm, bordered.ROOM, room)
                 done.add("bordered_mlp")
-    if done and torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the weights' old storages: freed blocks the allocator would keep reserved
     return [name for name in ("bordered_qkv", "bordered_mlp") if name in done]
 
 
