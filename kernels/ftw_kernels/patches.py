@@ -20,7 +20,7 @@ import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
 from ftw_kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_token_losses
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
-from ftw_kernels.rmsnorm import rmsnorm_forward
+from ftw_kernels.rmsnorm import rms_norm_and_residual, rmsnorm_forward
 from ftw_kernels.rope import apply_rope
 from ftw_kernels.swiglu import swiglu_mlp_forward
 
@@ -54,11 +54,13 @@ def _mlp_fusable(projections: list[Projection | None]) -> bool:
     return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
 
 
-def _lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _lora_mlp_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MLP of x, plus `residual` (the decoder layer's stream, `_decoder_layer_forward`) when given."""
     projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if not _mlp_fusable(projections):
-        return swiglu_mlp_forward(self, x)
-    return lora_gated_mlp(x, *projections)
+        y = swiglu_mlp_forward(self, x)
+        return y if residual is None else residual + y
+    return lora_gated_mlp(x, *projections, residual=residual)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -70,16 +72,18 @@ def _projections(modules, fused: bool) -> list[Projection] | None:
 
 
 def _attention_forward(
-    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, residual=None, **kwargs
 ):
+    """The attention block; with `residual` (`_decoder_layer_forward`), its output already has the stream added."""
     if past_key_values is not None:
-        return self._ftw_original_forward(
+        out, weights = self._ftw_original_forward(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
+        return (out if residual is None else residual + out), weights
     bsz, seq, _ = hidden_states.shape
     qkv = _projections((self.q_proj, self.k_proj, self.v_proj), self._ftw_fuse_qkv)
     if qkv is not None:
@@ -117,8 +121,63 @@ def _attention_forward(
     )
     out = out.reshape(bsz, seq, -1)
     o = _projections((self.o_proj,), self._ftw_fuse_o)
-    out = lora_projections(out, o)[0] if o is not None else self.o_proj(out)
-    return out, weights
+    if o is not None:
+        return lora_projections(out, o, residual)[0], weights
+    out = self.o_proj(out)
+    return (out if residual is None else residual + out), weights
+
+
+# ---- decoder layer ----------------------------------------------------------------------------
+def _decoder_layer_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    use_cache=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    """A pre-norm decoder layer whose two residual adds ride the output projections: each norm hands its input
+    on as the residual stream (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`), o_proj and down_proj
+    start their outputs from it, and the stream's grad is added inside the norm's backward. The same sums as
+    `residual + block(norm(x))`, without their two passes of their own each way."""
+    if past_key_values is not None:
+        return self._ftw_original_forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    normed, residual = rms_norm_and_residual(self.input_layernorm, hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=normed,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        residual=residual,
+        **kwargs,
+    )
+    normed, residual = rms_norm_and_residual(self.post_attention_layernorm, hidden_states)
+    return self.mlp(normed, residual=residual)
+
+
+def _patched(module, fn) -> bool:
+    return getattr(getattr(module, "forward", None), "__func__", None) is fn
+
+
+def _residual_foldable(layer, family) -> bool:
+    """A decoder layer of the family's pre-norm shape whose norms, attention and MLP carry ftw's forwards."""
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    return (
+        all(type(n).__name__ == family.norm_class and _patched(n, rmsnorm_forward) for n in norms)
+        and _patched(getattr(layer, "self_attn", None), _attention_forward)
+        and _patched(getattr(layer, "mlp", None), _lora_mlp_forward)
+    )
 
 
 # ---- loss -------------------------------------------------------------------------------------
@@ -324,7 +383,7 @@ def border_layers(base: torch.nn.Module) -> list[str]:
                 setattr(norm, bordered.ROOM, room)
                 done.add("bordered_qkv")
         norm, mlp = getattr(layer, "post_attention_layernorm", None), getattr(layer, "mlp", None)
-        if norm is not None and getattr(getattr(mlp, "forward", None), "__func__", None) is _lora_mlp_forward:
+        if norm is not None and _patched(mlp, _lora_mlp_forward):
             room = _border_group([mlp.gate_proj, mlp.up_proj])  # type: ignore[union-attr]
             if room:
                 setattr(norm, bordered.ROOM, room)
@@ -367,6 +426,12 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
             applied.append("lora_qkv")
         if _projections((first.o_proj,), wanted["lora_o"]):
             applied.append("lora_o")
+
+    layers = [m for m in by_class.get(family.decoder_class or "", []) if _residual_foldable(m, family)]
+    for m in layers:
+        _replace_forward(m, _decoder_layer_forward)
+    if layers:
+        applied.append("residual_fold")
 
     if wanted["varlen_attention"]:
         attention.register()

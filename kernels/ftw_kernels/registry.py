@@ -58,13 +58,18 @@ class Family:
     # and k projections before the split into heads (OLMoE)
     qk_norm: str | None = None
     window_in_config: bool = False  # Mistral reads sliding_window off the config, Qwen2/3 off the layer
+    # a pre-norm decoder layer (norm, attention, add; norm, dense MLP, add) whose residual adds the projections
+    # take in (patches._decoder_layer_forward); None: the family's layers are not all of that shape
+    decoder_class: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaRMSNorm", "LlamaMLP", "LlamaAttention"),
-    "mistral": Family("MistralRMSNorm", "MistralMLP", "MistralAttention", window_in_config=True),
-    "qwen2": Family("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention"),
-    "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm="head"),
+    "llama": Family("LlamaRMSNorm", "LlamaMLP", "LlamaAttention", decoder_class="LlamaDecoderLayer"),
+    "mistral": Family(
+        "MistralRMSNorm", "MistralMLP", "MistralAttention", window_in_config=True, decoder_class="MistralDecoderLayer"
+    ),
+    "qwen2": Family("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention", decoder_class="Qwen2DecoderLayer"),
+    "qwen3": Family("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention", qk_norm="head", decoder_class="Qwen3DecoderLayer"),
     "qwen3_moe": Family("Qwen3MoeRMSNorm", "Qwen3MoeMLP", "Qwen3MoeAttention", qk_norm="head"),
     "olmoe": Family("OlmoeRMSNorm", None, "OlmoeAttention", qk_norm="projection", window_in_config=True),
     "mixtral": Family("MixtralRMSNorm", None, "MixtralAttention", window_in_config=True),

@@ -3,6 +3,11 @@
 y = w * x / sqrt(mean(x²) + eps). The backward gives dx always and dw only when the weight trains
 (frozen in LoRA runs, so its reduction is skipped). A norm with room (`ftw_kernels.bordered`) writes its
 output rows with spare columns beside them, for the fused LoRA projections that read it.
+
+`rms_norm_and_residual` also hands its input back as the decoder layer's residual stream: the projection that
+ends the block adds it into its own output (kernels/ftw_kernels/lora.py), and the grad that stream brings back
+is added to dx inside this backward's one pass, instead of autograd summing the two grads of x in a kernel of
+its own (two reads and a write of a tokens × hidden tensor saved on each side of each add).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def _rmsnorm_bwd(
     X,
     W,
     RSTD,
+    DRES,
     DX,
     DW,
     stride,
@@ -43,6 +49,7 @@ def _rmsnorm_bwd(
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
     WANT_DW: tl.constexpr,
+    HAS_DRES: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
@@ -58,6 +65,8 @@ def _rmsnorm_bwd(
         xhat = x * rstd
         wdy = w[None, :] * dy
         dx = rstd * (wdy - xhat * (tl.sum(wdy * xhat, axis=1) / n_cols)[:, None])
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if WANT_DW:
             dw += dy * xhat
@@ -75,7 +84,7 @@ def _tiles(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, room: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, room: int, pass_residual: bool):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         n_rows, n_cols = x2.shape
@@ -98,13 +107,17 @@ class RMSNormFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
-        return y.view(shape)
+        ctx.set_materialize_grads(False)  # an unused residual's grad stays None: nothing to add
+        return (y.view(shape), x) if pass_residual else y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor | None, dres: torch.Tensor | None = None):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
+        if dy is None:  # only the residual stream was used
+            return dres, None, None, None, None
         dy2 = dy.reshape(-1, n_cols).contiguous()
+        dres2 = None if dres is None else dres.reshape(-1, n_cols).contiguous()
         dx = torch.empty_like(x2)
         want_dw = ctx.needs_input_grad[1]
         block, block_r, warps = _tiles(n_rows, n_cols, x2.is_cuda)
@@ -118,6 +131,7 @@ class RMSNormFunction(torch.autograd.Function):
             x2,
             weight,
             rstd,
+            dy2 if dres2 is None else dres2,
             dx,
             dw_partial,
             x2.stride(0),
@@ -127,15 +141,22 @@ class RMSNormFunction(torch.autograd.Function):
             BLOCK_R=block_r,
             BLOCK=block,
             WANT_DW=want_dw,
+            HAS_DRES=dres2 is not None,
             num_warps=warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
-        return dx.view(ctx.shape), dw, None, None
+        return dx.view(ctx.shape), dw, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, room: int = 0) -> torch.Tensor:
     """The norm of x's rows; with `room`, each output row has that many spare columns beside it."""
-    return mark(RMSNormFunction.apply(x, weight, eps, room), room)
+    return mark(RMSNormFunction.apply(x, weight, eps, room, False), room)
+
+
+def rms_norm_and_residual(norm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the norm module's output for x, x as the residual stream whose grad this norm's backward adds to dx)."""
+    y, residual = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon, getattr(norm, ROOM, 0), True)
+    return mark(y, getattr(norm, ROOM, 0)), residual
 
 
 def rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

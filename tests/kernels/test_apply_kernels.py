@@ -18,14 +18,15 @@ from tests.kernels.conftest import rel_err
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 97
+HIDDEN_SIZE = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 models: no varlen attention either way
-FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]
+FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy"]
 
 
 def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, **extra):
     torch.manual_seed(0)
     cfg = config_cls(
-        hidden_size=32,
+        hidden_size=HIDDEN_SIZE,
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,

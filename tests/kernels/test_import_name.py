@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 HF_KERNELS = ("kernels==0.16.2", "kernels-data==0.16.2")
 # the signs of pip finding no package index (as opposed to a wrong pin, which lists the versions it saw)
 UNREACHABLE = ("(from versions: none)", "Failed to establish a new connection", "Temporary failure in name resolution")
-FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]
+FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy"]
 CHECK = f"""
 import json, sys
 sys.path.insert(0, {str(REPO)!r})  # the repository root first

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The device calls that measure a change to the dense LoRA step against Unsloth and against the tree before it
+# (docs/benchmarks.md: "2026-12-05: beta one and the bordered forward", "2026-12-05: the residual adds folded"),
+# from the repository root:
+#
+#   .venv/bin/python bench/qlora_wheels.py --out .whl-qlora    # here: Unsloth, its peers and pydantic & co.
+#   git archive REV kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)  # for `ab`
+#   OUT=$OUT bash bench/gpu_step.sh tests ab                   # on the device machine, carrying .whl-qlora, .gpu
+#   ARMS=unsloth,ftw,ftw-fp8 OUT=$OUT bash bench/gpu_step.sh 8b qlora8b   # the next call
+#
+# Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
+#   tests  tests.txt      the kernels' CUDA tests
+#   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
+#   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
+#                         call: $ARMS (default unsloth,ftw,ftw-bordered)
+#   qlora8b qlora-8b/     bench/qlora.py at 8B without checkpointing: Unsloth's 4-bit arm and ftw's real path
+#   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
+#                         at $AB_SHAPES (default llama-1b)
+set -uo pipefail
+OUT=${OUT:-$(pwd)/gpu-step-out}
+ARMS=${ARMS:-unsloth,ftw,ftw-bordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
+mkdir -p "$OUT"
+export FTW_WHEELS=${FTW_WHEELS:-.whl-qlora} FTW_SITE=${FTW_SITE:-/tmp/site}
+source bench/gpu_env.sh
+export UNSLOTH_DISABLE_STATISTICS=1 TRANSFORMERS_OFFLINE=1
+log() { echo "[gpu_step] $*" | tee -a "$OUT/summary.txt"; }
+ensure_imports "import pydantic, yaml, schemas.config, ftw_kernels, peft"
+nvidia-smi -L >"$OUT/env.txt" 2>&1
+
+throughput() {  # shape, steps, arm timeout
+  log "train_throughput $1: $ARMS"
+  $PY bench/train_throughput.py --full-length --warmup 3 --shapes "$1" --arms "$ARMS" \
+    --steps "$2" --arm-timeout "$3" --json "$OUT/tokens-$1.json" 2>"$OUT/tokens-$1.stderr" \
+    | tee "$OUT/tokens-$1.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests ops 1b 8b ab)
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      log "tests"
+      $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
+        tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
+        tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
+        2>&1 | tail -n 30 >"$OUT/tests.txt"
+      tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
+    ops)
+      log "lora_ops 8b, 1b"
+      $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    1b) throughput llama-1b 12 90 ;;
+    8b) throughput llama-8b 10 160 ;;
+    qlora8b)
+      log "qlora 8b, no checkpointing: unsloth, ftw-real"
+      $PY bench/qlora.py --out "$OUT/qlora-8b" --shape llama-8b --gc off --arms unsloth,ftw-real --steps 8 \
+        --warmup 3 --arm-timeout 200 2>&1 | tee "$OUT/qlora-8b.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    ab)
+      log "tree_ab $AB_SHAPES against $OLD"
+      $PY bench/tree_ab.py --old "$OLD" --site "$FTW_SITE" --shapes "$AB_SHAPES" --rounds 2 --steps 12 \
+        2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
+    *) log "unknown part '$part' (tests, ops, 1b, 8b, qlora8b, ab)"; exit 2 ;;
+  esac
+done
