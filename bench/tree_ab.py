@@ -12,8 +12,8 @@ measures a change against the tree before it and against a variant of it.
     python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --rounds 2                       # two older trees
 
 `--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of every tree.
-Prints, per shape and round, each run's tokens/s and step ms and the new tree's ratio over each old one, and
-per old tree the geometric mean of its rounds' ratios."""
+Prints, per shape and round, each run's tokens/s, step ms, SM clock and power, and the new tree's ratio over
+each old one, and per old tree the geometric mean of its rounds' ratios."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
         if "tokens_per_s" not in result:
             lines = [line for line in str(result.get("error")).splitlines() if line.strip()] or ["no result"]
             return {"error": lines[-1][:160]}
-        return {"tokens_per_s": result["tokens_per_s"], "step_ms": result["step_ms"]}
+        return {key: result.get(key) for key in ("tokens_per_s", "step_ms", "sm_mhz", "power_w")}
 
 
 def main() -> int:
@@ -77,8 +77,8 @@ def main() -> int:
     trees = {"new": args.new.resolve(), **{name: path.resolve() for name, path in zip(olds, args.old)}}
     for name in olds:
         print(f"{name}: {trees[name]}")
-    heads = " | ".join(f"{name} tok/s (step ms) | new / {name}" for name in olds)
-    print(f"| shape | round | order | new tok/s (step ms) | {heads} |")
+    heads = " | ".join(f"{name} tok/s (step ms; SM MHz / W) | new / {name}" for name in olds)
+    print(f"| shape | round | order | new tok/s (step ms; SM MHz / W) | {heads} |")
     print("|---|---|---|---:|" + "---:|---:|" * len(olds))
     failed = False
     for shape in args.shapes.split(","):
@@ -108,7 +108,11 @@ def main() -> int:
 
 
 def _result(got: dict) -> str:
-    return f"{got['tokens_per_s']:,} ({got['step_ms']:.1f})" if "error" not in got else f"failed: {got['error']}"
+    """tokens/s (step ms; the SM clock and power the GPU held while the steps ran: a step at the power cap that
+    does less memory-bound work runs its GEMMs at a lower clock)."""
+    if "error" in got:
+        return f"failed: {got['error']}"
+    return f"{got['tokens_per_s']:,} ({got['step_ms']:.1f}; {got['sm_mhz'] or '-'} / {got['power_w'] or '-'})"
 
 
 if __name__ == "__main__":
