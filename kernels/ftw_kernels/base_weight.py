@@ -60,40 +60,29 @@ def linear(
     bias: torch.Tensor | None,
     quantised: dict,
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
-    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x2·Wᵀ (+ bias) (+ xa·(s·B)ᵀ for `low_rank` = (xa, s·B)) (+ `addend`, a tokens × out tensor in x2's dtype:
-    the residual stream) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy
-    for the next projection of the same input.
+    """x2·Wᵀ (+ bias) (+ xa·(s·B)ᵀ for `low_rank` = (xa, s·B)) in x2's dtype; `quantised`: one dict per input,
+    where a float8 base keeps x2's fp8 copy for the next projection of the same input.
 
-    Over a floating-point or 4-bit weight the output starts as the addend and the bias, the rank-r term is added
-    by its GEMM, and the base GEMM adds itself last (cuBLAS's beta): each sum rides a GEMM's epilogue instead of
-    another pass over the output. `torch._scaled_mm` cannot accumulate, so a float8 base adds them after."""
+    Over a floating-point or 4-bit weight the rank-r term is written first and the base GEMM adds itself to
+    it (cuBLAS's beta): the sum rides the big GEMM's epilogue instead of another pass over the output.
+    `torch._scaled_mm` cannot accumulate, so a float8 base adds the term after."""
     as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         y = fp8.linear(x2, as_fp8, quantised)
-        for extra in (bias, addend):
-            if extra is not None:
-                y.add_(extra.to(y.dtype))
+        if bias is not None:
+            y.add_(bias.to(y.dtype))
         if low_rank is not None:
             xa, b = low_rank
             y.addmm_(xa, b.t())
         return y
     w = qlora.dense(weight, x2.dtype)
-    start = _start(bias, addend, x2.dtype)
+    bias = None if bias is None else bias.to(x2.dtype)
     if low_rank is None:
-        return torch.nn.functional.linear(x2, w) if start is None else torch.addmm(start, x2, w.t())
+        return torch.nn.functional.linear(x2, w, bias)
     xa, b = low_rank
-    term = xa @ b.t() if start is None else torch.addmm(start, xa, b.t())
+    term = xa @ b.t() if bias is None else torch.addmm(bias, xa, b.t())
     return term.addmm_(x2, w.t())
-
-
-def _start(bias: torch.Tensor | None, addend: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """What a projection's output starts from before its GEMMs add to it: the addend, the bias, their sum or None."""
-    bias = None if bias is None else bias.to(dtype)
-    if addend is None or bias is None:
-        return bias if addend is None else addend
-    return addend + bias
 
 
 def accumulates(weight: torch.Tensor) -> bool:

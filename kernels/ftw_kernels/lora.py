@@ -99,20 +99,20 @@ def _slot(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _forward(
-    x2: torch.Tensor, projections: list[Projection], room: int = 0, residual: torch.Tensor | None = None
+    x2: torch.Tensor, projections: list[Projection], room: int = 0
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr); `residual` (tokens × out, one
-    projection) is added into its output. With `room` spare columns beside x2's rows (a norm's output) and every
-    weight bordered, x2·Aᵀ is written there and each projection is one GEMM over the bordered weight."""
+    """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr). With `room` spare columns beside
+    x2's rows (a norm's output) and every weight bordered, x2·Aᵀ is written there and each projection is one GEMM
+    over the bordered weight."""
     a_rows, bs = _adapters(projections, x2.dtype)
-    wide = _widened(x2, projections, room, a_rows) if residual is None else None
+    wide = _widened(x2, projections, room, a_rows)
     if wide is not None:
         xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] : x2.shape[1] + a_rows.shape[0]])  # type: ignore
         return [_bordered_linear(wide, p) for p in projections], xa
     xa = x2 @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base
     return [
-        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b), residual)
+        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b))
         for p, b, rows in zip(projections, bs, _rank_rows(projections))
     ], xa
 
@@ -206,22 +206,13 @@ def _input_of(ctx, kept: torch.Tensor, xa: torch.Tensor | None) -> tuple[torch.T
     return (kept, xa) if ctx.split is None else bordered.split(kept, *ctx.split)
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.reshape(-1, t.shape[-1])
-
-
-def _residual_grad(ctx, dy: torch.Tensor) -> torch.Tensor | None:
-    """The residual stream's grad: its output's, as it is (the norm that passed the stream adds it to its dx)."""
-    return dy if ctx.needs_input_grad[3] else None
-
-
 class LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, residual: torch.Tensor | None, *params):
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xa = _forward(x2, _projections(params, scales), room, _rows(residual))
+            outs, xa = _forward(x2, _projections(params, scales), room)
         save_for_backward(ctx, *_input_kept(ctx, x2, xa), *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
@@ -234,37 +225,28 @@ class LoRAProjections(torch.autograd.Function):
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
         dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
         grads = _weight_grads(dys, dyb, x2, xa, projections)
-        dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
-        return dx, None, None, _residual_grad(ctx, douts[0]), *grads
+        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, *grads
 
 
 def _projections(params, scales) -> list[Projection]:
     return [Projection(*params[4 * i : 4 * i + 4], s) for i, s in enumerate(scales)]
 
 
-def lora_projections(
-    x: torch.Tensor, projections: list[Projection], residual: torch.Tensor | None = None
-) -> tuple[torch.Tensor, ...]:
-    """Each projection of x; `residual` (one projection: the residual stream its output ends a block with) is
-    added inside the first GEMM that writes the output, when it has the compute dtype (after, when not)."""
+def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
     flat = [t for p in projections for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
-    folded = residual if residual is not None and residual.dtype == compute_dtype(x) else None
-    outs = LoRAProjections.apply(x, tuple(p.scale for p in projections), bordered.room_of(x), folded, *flat)
-    return outs if residual is None or folded is not None else (residual + outs[0],)
+    return LoRAProjections.apply(x, tuple(p.scale for p in projections), bordered.room_of(x), *flat)
 
 
 class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, scales: tuple[float, float, float], room: int, residual: torch.Tensor | None, *params
-    ):
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], room: int, *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             gate, up, down = _mlp_projections(params, scales)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             (g, u), xa = _forward(x2, [gate, up], room)
             h = swiglu_forward_raw(g, u)
-            (y,), had = _forward(h, [down], residual=_rows(residual))
+            (y,), had = _forward(h, [down])
             del h
         kept, xa = _input_kept(ctx, x2, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
@@ -291,18 +273,13 @@ class LoRAGatedMLP(torch.autograd.Function):
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
-        return dx, None, None, _residual_grad(ctx, dy.view(ctx.shape[:-1] + dy.shape[-1:])), *grads
+        return dx, None, None, *grads
 
 
 def _mlp_projections(params, scales) -> list[Projection]:
     return [Projection(params[3 * i], None, params[3 * i + 1], params[3 * i + 2], scales[i]) for i in range(3)]
 
 
-def lora_gated_mlp(
-    x: torch.Tensor, gate: Projection, up: Projection, down: Projection, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """down(silu(gate(x)) · up(x)), plus `residual` as `lora_projections` adds it."""
+def lora_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
-    folded = residual if residual is not None and residual.dtype == compute_dtype(x) else None
-    y = LoRAGatedMLP.apply(x, (gate.scale, up.scale, down.scale), bordered.room_of(x), folded, *params)
-    return y if residual is None or folded is not None else residual + y
+    return LoRAGatedMLP.apply(x, (gate.scale, up.scale, down.scale), bordered.room_of(x), *params)

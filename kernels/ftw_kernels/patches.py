@@ -54,13 +54,11 @@ def _mlp_fusable(projections: list[Projection | None]) -> bool:
     return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
 
 
-def _lora_mlp_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The MLP of x, plus `residual` (the decoder layer's stream, `_decoder_layer_forward`) when given."""
+def _lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if not _mlp_fusable(projections):
-        y = swiglu_mlp_forward(self, x)
-        return y if residual is None else residual + y
-    return lora_gated_mlp(x, *projections, residual=residual)
+        return swiglu_mlp_forward(self, x)
+    return lora_gated_mlp(x, *projections)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -72,18 +70,16 @@ def _projections(modules, fused: bool) -> list[Projection] | None:
 
 
 def _attention_forward(
-    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, residual=None, **kwargs
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
 ):
-    """The attention block; with `residual` (`_decoder_layer_forward`), its output already has the stream added."""
     if past_key_values is not None:
-        out, weights = self._ftw_original_forward(
+        return self._ftw_original_forward(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
-        return (out if residual is None else residual + out), weights
     bsz, seq, _ = hidden_states.shape
     qkv = _projections((self.q_proj, self.k_proj, self.v_proj), self._ftw_fuse_qkv)
     if qkv is not None:
@@ -121,10 +117,8 @@ def _attention_forward(
     )
     out = out.reshape(bsz, seq, -1)
     o = _projections((self.o_proj,), self._ftw_fuse_o)
-    if o is not None:
-        return lora_projections(out, o, residual)[0], weights
-    out = self.o_proj(out)
-    return (out if residual is None else residual + out), weights
+    out = lora_projections(out, o)[0] if o is not None else self.o_proj(out)
+    return out, weights
 
 
 # ---- decoder layer ----------------------------------------------------------------------------
@@ -138,10 +132,10 @@ def _decoder_layer_forward(
     position_embeddings=None,
     **kwargs,
 ):
-    """A pre-norm decoder layer whose two residual adds ride the output projections: each norm hands its input
-    on as the residual stream (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`), o_proj and down_proj
-    start their outputs from it, and the stream's grad is added inside the norm's backward. The same sums as
-    `residual + block(norm(x))`, without their two passes of their own each way."""
+    """A pre-norm decoder layer whose residual stream costs no pass of its own but the MLP's add: the attention's
+    add is written by the post-attention norm's kernel beside its output, and the grads the stream brings back
+    are added inside both norms' backward (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`) instead of
+    by autograd in kernels of their own. The same sums as transformers' `residual + block(norm(x))`."""
     if past_key_values is not None:
         return self._ftw_original_forward(
             hidden_states,
@@ -153,17 +147,16 @@ def _decoder_layer_forward(
             **kwargs,
         )
     normed, residual = rms_norm_and_residual(self.input_layernorm, hidden_states)
-    hidden_states, _ = self.self_attn(
+    attended, _ = self.self_attn(
         hidden_states=normed,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=use_cache,
         position_embeddings=position_embeddings,
-        residual=residual,
         **kwargs,
     )
-    normed, residual = rms_norm_and_residual(self.post_attention_layernorm, hidden_states)
-    return self.mlp(normed, residual=residual)
+    normed, residual = rms_norm_and_residual(self.post_attention_layernorm, residual, attended)
+    return residual + self.mlp(normed)
 
 
 def _patched(module, fn) -> bool:
@@ -171,12 +164,12 @@ def _patched(module, fn) -> bool:
 
 
 def _residual_foldable(layer, family) -> bool:
-    """A decoder layer of the family's pre-norm shape whose norms, attention and MLP carry ftw's forwards."""
+    """A decoder layer of the family's pre-norm shape (its norms carry ftw's forward, its MLP is the dense one)."""
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     return (
         all(type(n).__name__ == family.norm_class and _patched(n, rmsnorm_forward) for n in norms)
-        and _patched(getattr(layer, "self_attn", None), _attention_forward)
-        and _patched(getattr(layer, "mlp", None), _lora_mlp_forward)
+        and hasattr(layer, "self_attn")
+        and type(getattr(layer, "mlp", None)).__name__ == family.mlp_class
     )
 
 

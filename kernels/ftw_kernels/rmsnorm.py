@@ -4,10 +4,10 @@ y = w * x / sqrt(mean(x²) + eps). The backward gives dx always and dw only when
 (frozen in LoRA runs, so its reduction is skipped). A norm with room (`ftw_kernels.bordered`) writes its
 output rows with spare columns beside them, for the fused LoRA projections that read it.
 
-`rms_norm_and_residual` also hands its input back as the decoder layer's residual stream: the projection that
-ends the block adds it into its own output (kernels/ftw_kernels/lora.py), and the grad that stream brings back
-is added to dx inside this backward's one pass, instead of autograd summing the two grads of x in a kernel of
-its own (two reads and a write of a tokens × hidden tensor saved on each side of each add).
+`rms_norm_and_residual` serves a decoder layer's residual stream (kernels/ftw_kernels/patches.py): it hands the
+stream on beside the norm's output, h = x or, given the block's output d, h = x + d written by the same kernel
+(the add's separate pass and the norm's read of h saved), and the grad the stream brings back is added to dx
+inside the backward's one pass instead of autograd summing x's two grads in a kernel of its own.
 """
 
 from __future__ import annotations
@@ -20,13 +20,32 @@ from ftw_kernels.bordered import ROOM, mark, with_room
 
 
 @triton.jit
-def _rmsnorm_fwd(X, W, Y, RSTD, stride, y_stride, n_rows, n_cols, eps, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_fwd(
+    X,
+    D,
+    H,
+    W,
+    Y,
+    RSTD,
+    stride,
+    y_stride,
+    n_rows,
+    n_cols,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
     y_offs = rows.to(tl.int64)[:, None] * y_stride + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:  # h = x + d, rounded to h's dtype as a separate add would store it, then normalised
+        h = (x + tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+        x = h.to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
@@ -84,15 +103,27 @@ def _tiles(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, room: int, pass_residual: bool):
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        room: int,
+        pass_residual: bool,
+    ):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
+        d2 = None if delta is None else delta.reshape(-1, shape[-1]).contiguous()
+        h2 = x2 if d2 is None else torch.empty_like(x2, dtype=torch.result_type(x2, d2))
         n_rows, n_cols = x2.shape
         block, block_r, warps = _tiles(n_rows, n_cols, x.is_cuda)
-        y = with_room(n_rows, n_cols, room, x2)
+        y = with_room(n_rows, n_cols, room, h2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](
             x2,
+            x2 if d2 is None else d2,
+            h2,
             weight,
             y,
             rstd,
@@ -101,25 +132,29 @@ class RMSNormFunction(torch.autograd.Function):
             n_rows,
             n_cols,
             eps,
+            HAS_DELTA=d2 is not None,
             BLOCK_R=block_r,
             BLOCK=block,
             num_warps=warps,
         )
-        ctx.save_for_backward(x2, weight, rstd)
+        ctx.save_for_backward(h2, weight, rstd)
         ctx.shape = shape
-        ctx.set_materialize_grads(False)  # an unused residual's grad stays None: nothing to add
-        return (y.view(shape), x) if pass_residual else y.view(shape)
+        ctx.set_materialize_grads(False)  # an unused stream's grad stays None: nothing to add
+        if not pass_residual:
+            return y.view(shape)
+        return y.view(shape), (x if d2 is None else h2.view(shape))
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor | None, dres: torch.Tensor | None = None):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape
+        both = ctx.needs_input_grad[1]  # x and delta get the same grad: dL/dh
         if dy is None:  # only the residual stream was used
-            return dres, None, None, None, None
+            return dres, (dres if both else None), None, None, None, None
         dy2 = dy.reshape(-1, n_cols).contiguous()
         dres2 = None if dres is None else dres.reshape(-1, n_cols).contiguous()
         dx = torch.empty_like(x2)
-        want_dw = ctx.needs_input_grad[1]
+        want_dw = ctx.needs_input_grad[2]
         block, block_r, warps = _tiles(n_rows, n_cols, x2.is_cuda)
         programs_wanted = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4 if x2.is_cuda else 1
         # a power of two ≥ BLOCK_R: a compile-time loop bound with few variants
@@ -145,18 +180,23 @@ class RMSNormFunction(torch.autograd.Function):
             num_warps=warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if want_dw else None
-        return dx.view(ctx.shape), dw, None, None, None
+        dx = dx.view(ctx.shape)
+        return dx, (dx if both else None), dw, None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, room: int = 0) -> torch.Tensor:
     """The norm of x's rows; with `room`, each output row has that many spare columns beside it."""
-    return mark(RMSNormFunction.apply(x, weight, eps, room, False), room)
+    return mark(RMSNormFunction.apply(x, None, weight, eps, room, False), room)
 
 
-def rms_norm_and_residual(norm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the norm module's output for x, x as the residual stream whose grad this norm's backward adds to dx)."""
-    y, residual = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon, getattr(norm, ROOM, 0), True)
-    return mark(y, getattr(norm, ROOM, 0)), residual
+def rms_norm_and_residual(
+    norm: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the norm module's output for h, h) for h = x, or x + delta: the residual stream, whose grad this norm's
+    backward adds to its own."""
+    room = getattr(norm, ROOM, 0)
+    y, stream = RMSNormFunction.apply(x, delta, norm.weight, norm.variance_epsilon, room, True)
+    return mark(y, room), stream
 
 
 def rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,7 @@ def test_switches():
     assert "swiglu" in no_mlp and "lora_mlp" not in no_mlp and "lora_o" not in no_mlp and "lora_qkv" in no_mlp
     # LoRA dropout is not modelled by the fused LoRA functions: only the non-LoRA kernels apply
     with_dropout = apply_kernels(tiny(LlamaConfig, dropout=0.1), training_config(use_kernels=True, lora_dropout=0.1))
-    assert with_dropout == ["rmsnorm", "swiglu", "rope", "fused_linear_cross_entropy"]
+    assert with_dropout == ["rmsnorm", "swiglu", "rope", "residual_fold", "fused_linear_cross_entropy"]
 
 
 def test_unknown_family_and_unverified_transformers(monkeypatch, caplog):

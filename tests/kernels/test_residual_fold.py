@@ -1,7 +1,7 @@
-"""A patched decoder layer makes no pass over the residual stream only to add to it: o_proj and down_proj start
-their outputs from the stream (inside the GEMM that first writes them), and each norm adds the stream's grad to
-its dx inside its own backward, instead of autograd summing x's two grads in a kernel of its own. Loss and every
-adapter grad match the unpatched model for all four dense families (tests/kernels/test_apply_kernels.py)."""
+"""A patched decoder layer's residual stream costs one add of its own, the MLP's: the post-attention norm's kernel
+writes the attention's add beside its output, and each norm adds the stream's grad to its dx inside its own
+backward, instead of autograd summing the two grads in a kernel of its own. Loss and every adapter grad match the
+unpatched model for all four dense families (tests/kernels/test_apply_kernels.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 from ftw_kernels import apply_kernels
-from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
 from ftw_kernels.rmsnorm import rms_norm_and_residual
 from tests.kernels.conftest import rel_err
 from tests.kernels.test_apply_kernels import DEVICE, HIDDEN_SIZE, loss_and_grads, packed_batch, tiny, training_config
@@ -47,7 +46,7 @@ def _stream_adds(model, batch) -> int:
     return seen.adds
 
 
-def test_decoder_layers_make_no_pass_only_to_add_the_residual():
+def test_decoder_layers_add_the_stream_once():
     folded = tiny(LlamaConfig)
     assert "residual_fold" in apply_kernels(folded, training_config(use_kernels=True))
     unfolded = copy.deepcopy(folded)
@@ -55,7 +54,7 @@ def test_decoder_layers_make_no_pass_only_to_add_the_residual():
     batch = packed_batch()
     layers = len(folded.get_base_model().model.layers)
     assert _stream_adds(unfolded, batch) == 4 * layers  # two adds forward, two grad sums backward, each layer
-    assert _stream_adds(folded, batch) == 0
+    assert _stream_adds(folded, batch) == layers  # the MLP's add, in the forward
 
 
 def test_embedding_grad_matches_through_the_folded_stream():
@@ -73,61 +72,39 @@ def test_embedding_grad_matches_through_the_folded_stream():
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
+def _reference_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: fp32 statistics, the normalised rows cast back before the weight."""
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+
+
 @pytest.mark.parametrize("used", ["both", "norm", "stream"])
-def test_norm_adds_the_stream_grad_to_dx(used, rng_seed):
+@pytest.mark.parametrize("delta", [None, torch.float32, torch.bfloat16])
+def test_norm_passes_the_stream_and_adds_its_grad(used, delta, rng_seed):
+    """h = x (+ delta: an fp32 stream plus a bf16 block output too, promoted as `x + delta` is): the norm of h and
+    h itself, and the grads of x and delta, as autograd gives them for the unfused ops."""
     torch.manual_seed(rng_seed)
     norm = torch.nn.Module()
     norm.weight = torch.nn.Parameter(torch.randn(64, device=DEVICE))
     norm.variance_epsilon = 1e-6
     x = torch.randn(2, 24, 64, device=DEVICE, requires_grad=True)
+    d = None if delta is None else torch.randn(2, 24, 64, device=DEVICE, dtype=delta, requires_grad=True)
     dy, dres = torch.randn_like(x), torch.randn_like(x)
 
     def loss(y, stream):
         through_norm = [(y * dy).sum()] if used != "stream" else []
         return sum(through_norm + ([(stream * dres).sum()] if used != "norm" else []))
 
-    y, stream = rms_norm_and_residual(norm, x)
-    gx, gw = torch.autograd.grad(loss(y, stream), (x, norm.weight), allow_unused=True)
-    xr = x.detach().clone().requires_grad_(True)
-    wr = norm.weight.detach().clone().requires_grad_(True)
-    ref_y = wr * xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6)
-    ref_gx, ref_gw = torch.autograd.grad(loss(ref_y, xr), (xr, wr), allow_unused=True)
-    assert rel_err(gx, ref_gx) < 1e-5
-    if used == "stream":
-        assert gw is None and torch.equal(gx, dres)
-    else:
-        assert rel_err(gw, ref_gw) < 1e-5
-
-
-def _projection(out: int, inp: int) -> Projection:
-    a = torch.randn(4, inp, device=DEVICE, requires_grad=True)
-    b = torch.randn(out, 4, device=DEVICE, requires_grad=True)
-    return Projection(torch.randn(out, inp, device=DEVICE) / inp**0.5, None, a, b, 2.0)
-
-
-@pytest.mark.parametrize("block", ["o", "mlp"])
-@pytest.mark.parametrize("stream_dtype", [torch.float32, torch.bfloat16])
-def test_projection_output_starts_from_the_stream(block, stream_dtype, rng_seed):
-    """The stream's grad is the output's; a stream of another dtype than the compute one (an fp32 stream under
-    bf16 autocast) is added after instead, promoted as `residual + block(x)` is."""
-    torch.manual_seed(rng_seed)
-    made = [_projection(32, 32)] if block == "o" else [_projection(48, 32), _projection(48, 32), _projection(32, 48)]
-
-    def run(x, stream):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            if block == "o":
-                return lora_projections(x, made, stream)[0] if stream is not None else lora_projections(x, made)[0]
-            return lora_gated_mlp(x, *made, residual=stream)
-
-    x = torch.randn(2, 12, 32, device=DEVICE, requires_grad=True)
-    stream = torch.randn(2, 12, 32, device=DEVICE, dtype=stream_dtype, requires_grad=True)
-    out = run(x, stream)
-    ref = stream + run(x, None)
-    assert out.dtype == ref.dtype
-    assert rel_err(out, ref) < 1e-2
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (x, stream, made[-1].lora_b), dout)
-    ref_grads = torch.autograd.grad(ref, (x, stream, made[-1].lora_b), dout)
-    assert torch.equal(grads[1], ref_grads[1].to(grads[1].dtype))
-    for got, want in zip(grads, ref_grads):
-        assert rel_err(got, want) < 1e-2
+    inputs = (x, norm.weight) if d is None else (x, d, norm.weight)
+    y, stream = rms_norm_and_residual(norm, x, d)
+    got = torch.autograd.grad(loss(y, stream), inputs, allow_unused=True)
+    copies = [t.detach().clone().requires_grad_(True) for t in inputs]
+    h = copies[0] if d is None else copies[0] + copies[1]
+    ref_y = _reference_norm(h, copies[-1])
+    want = torch.autograd.grad(loss(ref_y, h), copies, allow_unused=True)
+    assert torch.equal(stream, h.detach()) and rel_err(y, ref_y) < 1e-6
+    for name, g, w in zip(("x", "weight") if d is None else ("x", "delta", "weight"), got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert g.dtype == w.dtype and rel_err(g, w) < 1e-5, name
