@@ -30,6 +30,10 @@ when micro-batches keep one layout (sample_packing, or pad_to_sequence_len) and 
 blocks from outside (no checkpointing or offloading, no router aux loss, no torch_compile, no
 DeepSpeed or FSDP, one process); FTW_MOE_GRAPHS=0 turns that off.
 
+The dense families' decoder layers (llama, mistral, qwen2, qwen3) run their residual stream through the norms
+(`residual_fold`): the post-attention norm's kernel writes the attention's add, and both norms add the stream's
+grad in their backward (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`); 1.006× the step on an H200.
+
 `FTW_BORDERED_LORA=1` re-lays the frozen weights of the fused q, k, v and gate, up groups with their adapters
 beside them (kernels/ftw_kernels/bordered.py: `bordered_qkv`, `bordered_mlp`): plain frozen weights in one
 process only, not under torch_compile. Off by default: it gained under 1% of the training step on an H200.
