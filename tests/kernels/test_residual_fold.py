@@ -15,7 +15,14 @@ from transformers import LlamaConfig
 from ftw_kernels import apply_kernels
 from ftw_kernels.rmsnorm import rms_norm_and_residual
 from tests.kernels.conftest import rel_err
-from tests.kernels.test_apply_kernels import DEVICE, HIDDEN_SIZE, loss_and_grads, packed_batch, tiny, training_config
+from tests.kernels.test_apply_kernels import (
+    DEVICE,
+    HIDDEN_SIZE,
+    assert_matches_reference,
+    packed_batch,
+    tiny,
+    training_config,
+)
 
 
 class _StreamAdds(TorchDispatchMode):
@@ -63,13 +70,7 @@ def test_embedding_grad_matches_through_the_folded_stream():
     ref = tiny(LlamaConfig, modules_to_save=["embed_tokens"])
     model = copy.deepcopy(ref)
     assert "residual_fold" in apply_kernels(model, training_config(use_kernels=True))
-    batch = packed_batch()
-    ref_loss, ref_grads = loss_and_grads(ref, batch)
-    loss, grads = loss_and_grads(model, batch)
-    embed = [n for n in grads if "embed_tokens" in n]
-    assert embed and rel_err(loss, ref_loss) < 1e-5
-    for name in grads:
-        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+    assert any("embed_tokens" in name for name in assert_matches_reference(ref, model, packed_batch()))
 
 
 def _reference_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
