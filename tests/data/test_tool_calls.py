@@ -106,6 +106,27 @@ def test_bad_tool_call_arguments_name_the_row(qwen3_tok):
         strategy.tokenize([tool_row("{city: Paris")], [4])
 
 
+@pytest.mark.parametrize(
+    "field,value,problem",
+    [
+        ("tool_calls", {"name": "get_weather"}, "expected a list of tool call objects"),
+        ("tools", [["get_weather"]], "expected a list of tool definitions"),
+        ("tools", '{"type": "function"', "not valid JSON"),
+    ],
+)
+def test_tool_fields_of_the_wrong_shape_name_the_row(qwen3_tok, field, value, problem):
+    row = tool_row({"city": "Paris"})
+    if field == "tools":
+        row["tools"] = value
+        where = "tools"
+    else:
+        row["messages"][1]["tool_calls"] = value
+        where = r"messages\[1\]\.tool_calls"
+    strategy = build_strategy(context(qwen3_tok, {"type": "chat_template"}))
+    with pytest.raises(DataError, match=rf"row 2: field '{where}': {problem}"):
+        strategy.tokenize([row], [2])
+
+
 def test_a_template_that_drops_tool_calls_is_an_error_naming_the_row(qwen3_tok):
     strategy = build_strategy(context(qwen3_tok, {"type": "chat_template"}, chat_template="chatml"))
     with pytest.raises(

@@ -17,7 +17,7 @@ An assistant message with `tool_calls` is trained over everything the template r
 where the full render differs from one with the message's content replaced by a sentinel and its
 tool calls removed, as axolotl finds it. `tools` in the row go to the template; tool call
 arguments and tool parameters given as JSON strings are decoded first, and nulls inside them (left
-by the datasets library's schema merge across rows) are dropped, as axolotl does.
+by the datasets library's schema merge across rows) are dropped, as axolotl does (chat_tools.py).
 
 A message is trained when its own training flag says so (the key named by message_field_training;
 unset, as in axolotl, means no flag is read), else when train_on_inputs, else when its role is in
@@ -29,7 +29,6 @@ last (only the one after the last trained message), none; EOS likewise per train
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from bisect import bisect_left, bisect_right
@@ -37,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from worker.data.strategies.base import IGNORE, Context, Sample
+from worker.data.strategies.chat_tools import tool_calls, tool_definitions, without_nulls
 from worker.data.strategies.templates import template_for
 from worker.errors import JobSpecError
 
@@ -141,7 +141,7 @@ class ChatTemplateStrategy:
             message = {"role": role, "content": content}
             message |= {key: without_nulls(m[key]) for key in CARRIED_KEYS if m.get(key) is not None}
             if "tool_calls" in message:
-                message["tool_calls"] = self.tool_calls(message["tool_calls"], index, f"{where}.tool_calls")
+                message["tool_calls"] = tool_calls(self.ctx, message["tool_calls"], index, f"{where}.tool_calls")
             message |= {key: m[src] for key, src in self.extra_keys.items() if m.get(src) is not None}
             messages.append(message)
             train.append(self.trained(role, m.get(self.training_key) if self.training_key else None))
@@ -157,53 +157,6 @@ class ChatTemplateStrategy:
         if not messages:
             raise self.ctx.row_error(index, self.field_messages, "no messages left after drop_system_message")
         return messages, train
-
-    def tool_calls(self, calls: Any, index: int, where: str) -> list[dict[str, Any]]:
-        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-            raise self.ctx.row_error(
-                index, where, "expected a list of tool call objects ({type, function: {name, arguments}})"
-            )
-        return self.decode_function_field(calls, "arguments", index, where)
-
-    def tools(self, row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
-        tools = without_nulls(row.get(self.field_tools))
-        if isinstance(tools, str):
-            tools = self.json_value(tools, index, self.field_tools)
-        if tools is None:
-            return None
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise self.ctx.row_error(
-                index,
-                self.field_tools,
-                "expected a list of tool definitions ({type: function, function: {name, description, parameters}})",
-            )
-        return self.decode_function_field(tools, "parameters", index, self.field_tools)
-
-    def decode_function_field(
-        self, items: list[dict[str, Any]], key: str, index: int, where: str
-    ) -> list[dict[str, Any]]:
-        """`function.<key>` given as a JSON string (common in exported datasets) decoded, as axolotl does."""
-        out = []
-        for n, item in enumerate(items):
-            function = item.get("function")
-            if isinstance(function, dict) and isinstance(function.get(key), str):
-                item = {
-                    **item,
-                    "function": {
-                        **function,
-                        key: self.json_value(function[key], index, f"{where}[{n}].function.{key}"),
-                    },
-                }
-            out.append(item)
-        return out
-
-    def json_value(self, text: str, index: int, where: str) -> Any:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise self.ctx.row_error(
-                index, where, f"not valid JSON: {e}", hint="give it as a JSON object, or a string holding valid JSON"
-            ) from e
 
     def render(self, messages: list[dict[str, Any]], tools: Any, index: int) -> str:
         try:
@@ -373,7 +326,7 @@ class ChatTemplateStrategy:
         prepared = []
         for row, index in zip(rows, indices):
             messages, train = self.conversation(row, index)
-            tools = self.tools(row, index)
+            tools = tool_definitions(self.ctx, row.get(self.field_tools), index, self.field_tools)
             full = self.render(messages, tools, index)
             prepared.append((full, self.content_spans(messages, tools, full, index), train))
         # the backend directly: ids and character offsets in one pass, without the Python wrapper's copies
@@ -414,12 +367,3 @@ def differing_span(full: str, probe: str) -> tuple[int, int]:
     limit = min(len(full), len(probe)) - p
     q = len(os.path.commonprefix([full[::-1], probe[::-1]])) if limit > 0 else 0
     return p, len(full) - min(q, limit)
-
-
-def without_nulls(value: Any) -> Any:
-    """Nested nulls dropped: the datasets library fills keys a row lacks with null when it merges schemas."""
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_nulls(v) for v in value]
-    return value
