@@ -62,8 +62,8 @@ class Family:
     # and k projections before the split into heads (OLMoE)
     qk_norm: str | None = None
     window_in_config: bool = False  # Mistral reads sliding_window off the config, Qwen2/3 off the layer
-    # a pre-norm decoder layer (norm, attention, add; norm, dense MLP, add) whose residual adds the projections
-    # take in (patches._decoder_layer_forward); None: the family's layers are not all of that shape
+    # a pre-norm decoder layer (norm, attention, add; norm, dense MLP, add) whose residual stream the norms carry
+    # (patches._decoder_layer_forward); None: the family's layers are not all of that shape
     decoder_class: str | None = None
 
 
