@@ -19,7 +19,7 @@ example's (stride 8, context 8, 8 generated tokens, 4 rollouts, whitening; EBFT 
            have freed the GPU: bench/ebft_axolotl.py
 Timed after --warmup steps; document tokens/s = docs × doc_len × steps / seconds; peak memory is
 torch.cuda.max_memory_allocated per arm (0 on the CPU). An arm that runs out of memory is reported
-as OOM. Prints a table, ratios against --baseline at the same length, and writes --out (JSON).
+as OOM. Prints a table, ratios against --baseline at the same length, and writes --out (JSON) when given.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--axolotl-site", type=Path, help="the axolotl arm's packages (axolotl 0.18.0, addict, trl 1.8.0, pillow)"
     )
-    parser.add_argument("--out", type=Path, default=Path("ebft-bench.json"))
+    parser.add_argument("--out", type=Path, help="also write the rows there (JSON)")
     args = parser.parse_args(argv)
     arms = args.arms.split(",")
     if unknown := set(arms) - {"flex", "dense", "axolotl"}:
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: (r["doc_len"], arms.index(r["path"])))
     print(f"strided EBFT, {args.shape}, {device}, {args.docs} doc(s)/step, {args.steps} steps after {args.warmup}")
     table(rows, args.baseline)
-    args.out.write_text(json.dumps({"shape": args.shape, "device": str(device), "rows": rows}, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps({"shape": args.shape, "device": str(device), "rows": rows}, indent=1))
     return 0
 
 
