@@ -155,17 +155,16 @@ def train_steps(run_dir: Path, key: str) -> dict[int, dict]:
     return {e["step"]: e for e in events if e.get("stage") == "train" and key in e and "event" not in e}
 
 
-def ftw_train(config: Path, run_dir: Path, volume: Path, allowed: list[Path], timeout: float, **env: str):
+def ftw_train(config: Path, run_dir: Path, volume: Path, allowed: list[Path], timeout: float):
     """`ftw train CONFIG --run-dir RUN_DIR` as a user runs it (the job path's supervisor and its stage
-    children), over `volume`, the model and data folders in `allowed`; `env` added to the environment. RUN_DIR
-    is scratch, emptied first: a finished run there would be reported as done, not trained and timed again."""
+    children), over `volume`, the model and data folders in `allowed`. RUN_DIR is scratch, emptied first: a
+    finished run there would be reported as done, not trained and timed again."""
     shutil.rmtree(run_dir, ignore_errors=True)
     path = os.pathsep.join(p for p in (str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [sys.executable, "-m", "worker.cli", "train", str(config), "--run-dir", str(run_dir)],
         env={
             **os.environ,
-            **env,
             "BASE_VOLUME": str(volume),
             "FTW_ALLOW_CPU": "1",
             "FTW_ALLOWED_PATHS": os.pathsep.join(map(str, allowed)),
