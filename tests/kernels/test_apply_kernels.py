@@ -140,11 +140,12 @@ def test_training_steps_follow_the_reference(fused):
     torch.testing.assert_close(torch.tensor(loss_curve(model, fused)), torch.tensor(reference), rtol=1e-4, atol=1e-5)
 
 
-def loss_curve(model, fused: bool, steps: int = 4) -> list[float]:
-    """The losses of `steps` AdamW steps on one packed batch (the same batch for every model)."""
+def loss_curve(model, fused: bool, steps: int = 4, batch: dict | None = None) -> list[float]:
+    """The losses of `steps` AdamW steps on one batch: `batch`, else one packed batch (the same for every model)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
-    torch.manual_seed(1)
-    batch = packed_batch()
+    if batch is None:
+        torch.manual_seed(1)
+        batch = packed_batch()
     curve = []
     for _ in range(steps):
         loss = model(**batch).loss

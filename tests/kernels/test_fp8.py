@@ -21,7 +21,7 @@ from ftw_kernels.fp8 import Fp8Weight, is_fp8, matmul, quantise_weight
 from ftw_kernels.fp8_quant import FP8, FP8_MAX, quantise_rows, quantise_rows_reference, transposed
 from ftw_kernels.lora import Projection, lora_projections
 from tests.kernels.conftest import rel_err
-from tests.kernels.test_apply_kernels import DEVICE, loss_and_grads, packed_batch, tiny, training_config
+from tests.kernels.test_apply_kernels import DEVICE, loss_and_grads, loss_curve, packed_batch, tiny, training_config
 
 ULP = 2.0**-3  # e4m3's spacing relative to the leading power of two
 
@@ -215,25 +215,13 @@ def test_unfused_paths_run_over_the_fp8_base():
     assert out.shape == (1, 7)
 
 
-def train(model, batch, steps: int) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_trained_adapter_is_an_ordinary_peft_adapter_for_the_dense_base(tmp_path):
     torch.manual_seed(9)
     ref, model = fp8_model()
     dense_base = copy.deepcopy(ref).unload()  # tiny()'s base weights, no LoRA layers: what the Hub base would hold
     assert not any("lora_" in name for name, _ in dense_base.named_parameters())
     batch = packed_batch()
-    fp8_losses, dense_losses = (train(m, batch, steps=8) for m in (model, ref))
+    fp8_losses, dense_losses = (loss_curve(m, fused=False, steps=8, batch=batch) for m in (model, ref))
     assert fp8_losses[-1] < fp8_losses[0] - 0.1, fp8_losses
     assert abs(fp8_losses[-1] - dense_losses[-1]) < 0.02, (fp8_losses, dense_losses)
     model.save_pretrained(str(tmp_path))
