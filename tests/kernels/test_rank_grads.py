@@ -15,6 +15,8 @@ from ftw_kernels import apply_kernels, rank_grads
 from tests.kernels.conftest import rel_err
 from tests.kernels.test_apply_kernels import assert_matches_reference, packed_batch, tiny, training_config
 
+ON_INTERPRETER = pytest.mark.skipif(not rank_grads.INTERPRETED, reason="CPU tensors through Triton's interpreter")
+
 
 def operands(tokens: int, out: int, rank: int, dtype=torch.float32):
     """(dy, s·B as a slot of a wider buffer, xa as the middle columns of a stacked one, dyb as rows of a stacked
@@ -27,6 +29,7 @@ def operands(tokens: int, out: int, rank: int, dtype=torch.float32):
     return dy, b, xa, dyb
 
 
+@ON_INTERPRETER
 @pytest.mark.parametrize(
     "tokens,out,rank,min_programs",
     [
@@ -47,6 +50,7 @@ def test_matches_the_plain_products(tokens, out, rank, min_programs, monkeypatch
     assert rel_err(dyb, (dy @ b).t()) < 1e-5
 
 
+@ON_INTERPRETER
 def test_columns_split_when_the_tokens_alone_leave_programs_idle(monkeypatch):
     """The split partials are a second path through the kernel: the grid has them, and they sum to one split's."""
     dy, b, xa, dyb = operands(32, 256, 16)
@@ -54,18 +58,22 @@ def test_columns_split_when_the_tokens_alone_leave_programs_idle(monkeypatch):
     calls = []
     launch = rank_grads._rank_grads.__getitem__
     monkeypatch.setattr(rank_grads, "MIN_PROGRAMS", 16)
-    monkeypatch.setattr(type(rank_grads._rank_grads), "__getitem__", lambda self, grid: calls.append(grid) or launch(grid))
+    monkeypatch.setattr(
+        type(rank_grads._rank_grads), "__getitem__", lambda self, grid: calls.append(grid) or launch(grid)
+    )
     split = rank_grads.rank_grads(dy, b, xa, 1.0, dyb)
     assert calls and calls[0][1] > 1
     assert rel_err(split, one[0]) < 1e-6 and rel_err(dyb, one[1]) < 1e-6
 
 
+@ON_INTERPRETER
 def test_frozen_b_writes_dyb_only():
     dy, b, _, dyb = operands(24, 48, 16)
     assert rank_grads.rank_grads(dy, b, None, 2.0, dyb) is None
     assert rel_err(dyb, (dy @ b).t()) < 1e-5
 
 
+@ON_INTERPRETER
 def test_every_run_sums_in_the_same_order(monkeypatch):
     monkeypatch.setattr(rank_grads, "MIN_PROGRAMS", 6)
     dy, b, xa, dyb = operands(64, 96, 16)
@@ -74,6 +82,7 @@ def test_every_run_sums_in_the_same_order(monkeypatch):
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+@ON_INTERPRETER
 def test_serves_half_precision_on_cuda_and_the_cpu_only_when_asked(monkeypatch):
     assert not rank_grads.serves(torch.zeros(2, 2))  # CPU, not asked
     monkeypatch.setattr(rank_grads, "ON_CPU", True)
@@ -82,6 +91,7 @@ def test_serves_half_precision_on_cuda_and_the_cpu_only_when_asked(monkeypatch):
     assert not rank_grads.serves(torch.zeros(2, 2))
 
 
+@ON_INTERPRETER
 @pytest.mark.parametrize("b_trains", [True, False])
 def test_model_trained_through_it_matches_the_reference(b_trains, monkeypatch):
     """Every LoRA projection's backward through the kernel: the loss and every grad as the unpatched model's."""
