@@ -11,7 +11,6 @@
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
-#   grads  grads.txt      bench/rank_grads.py: dy·(s·B) and B's grad per projection, cuBLAS against one read of dy
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-bordered)
 #   qlora8b qlora-8b/     bench/qlora.py at 8B without checkpointing: Unsloth's 4-bit arm and ftw's real path
@@ -44,15 +43,11 @@ for part in "${parts[@]}"; do
       $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
         tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
-        tests/kernels/test_rank_grads.py \
         2>&1 | tail -n 30 >"$OUT/tests.txt"
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
-    grads)
-      log "rank_grads 8b, 1b"
-      $PY bench/rank_grads.py --shapes llama-8b,llama-1b 2>&1 | tee "$OUT/grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     1b) throughput llama-1b 12 90 ;;
     8b) throughput llama-8b 10 160 ;;
     qlora8b)
@@ -63,6 +58,6 @@ for part in "${parts[@]}"; do
       log "tree_ab $AB_SHAPES against $OLD"
       $PY bench/tree_ab.py --old "$OLD" --site "$FTW_SITE" --shapes "$AB_SHAPES" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, grads, 1b, 8b, qlora8b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, 1b, 8b, qlora8b, ab)"; exit 2 ;;
   esac
 done

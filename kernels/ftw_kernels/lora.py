@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ftw_kernels import bordered, rank_grads
+from ftw_kernels import bordered
 from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.precision import compute_dtype, no_autocast
@@ -141,32 +141,25 @@ def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
     return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
-def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool, xa: torch.Tensor | None):
+def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
     """(dL/dinput summed over the projections, None unless wanted; dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked,
-    Σr × tokens, which the A grads share; each projection's B grad, fp32, where the kernel that writes its dyb
-    rows gives it from the same read of dy (kernels/ftw_kernels/rank_grads.py), else None).
+    Σr × tokens, which the A grads share).
 
     The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
     rows of dyb), and each base GEMM adds itself to them (cuBLAS's beta): no pass over dx is only an add. A
     float8 base, whose GEMM cannot accumulate, takes the terms after in one addmm."""
     a_rows, bs = _adapters(projections, dys[0].dtype)
-    parts = [(i, b, r) for i, (b, r) in enumerate(zip(bs, _rank_rows(projections))) if b is not None]
+    parts = [(dy, b, r) for dy, b, r in zip(dys, bs, _rank_rows(projections)) if b is not None]
     dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
-    b_grads: list[torch.Tensor | None] = [None] * len(projections)
-    for i, b, rows in parts:
-        p, dy = projections[i], dys[i]
-        if rank_grads.serves(dy):
-            trains_b = p.lora_b.requires_grad  # type: ignore[union-attr]
-            b_grads[i] = rank_grads.rank_grads(dy, b, xa[:, rows] if trains_b else None, p.scale, dyb[rows])  # type: ignore[index]
-        else:
-            torch.mm(b.t(), dy.t(), out=dyb[rows])
+    for dy, b, rows in parts:
+        torch.mm(b.t(), dy.t(), out=dyb[rows])
     if not want_dx:
-        return None, dyb, b_grads
+        return None, dyb
     if not parts:
-        return _base_input_grad(None, dys, projections), dyb, b_grads
+        return _base_input_grad(None, dys, projections), dyb
     if all(accumulates(p.weight) for p in projections):
-        return _base_input_grad(dyb.t() @ a_rows, dys, projections), dyb, b_grads
-    return _base_input_grad(None, dys, projections).addmm_(dyb.t(), a_rows), dyb, b_grads
+        return _base_input_grad(dyb.t() @ a_rows, dys, projections), dyb
+    return _base_input_grad(None, dys, projections).addmm_(dyb.t(), a_rows), dyb
 
 
 def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection]) -> torch.Tensor:
@@ -184,25 +177,20 @@ def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (a @ b).to(dtype)
 
 
-def _weight_grads(dys, dyb, b_grads, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
+def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
     """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `inp`
-    may be None when no W or A trains; `b_grads`: B grads `_input_grad` already made (fp32, scaled)."""
+    may be None when no W or A trains."""
     trained_a = [p.lora_a for p in projections if p.lora_a is not None and p.lora_a.requires_grad]
     ga_rows = _product(dyb, inp, trained_a[0].dtype) if trained_a else None
     grads: list[torch.Tensor | None] = []
-    for p, dy, rows, b_grad in zip(projections, dys, _rank_rows(projections), b_grads):
+    for p, dy, rows in zip(projections, dys, _rank_rows(projections)):
         grads.append(dy.t() @ inp if p.weight.requires_grad else None)
         grads.append(dy.sum(0) if p.bias is not None and p.bias.requires_grad else None)
         if p.lora_a is None:
             grads += [None, None]
             continue
         grads.append(ga_rows[rows].to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
-        if not p.lora_b.requires_grad:
-            grads.append(None)
-        elif b_grad is not None:
-            grads.append(b_grad.to(p.lora_b.dtype))
-        else:
-            grads.append(_product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale))
+        grads.append(_product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale) if p.lora_b.requires_grad else None)
     return grads
 
 
@@ -235,8 +223,8 @@ class LoRAProjections(torch.autograd.Function):
         x2, xa = _input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
-        dx, dyb, b_grads = _input_grad(dys, projections, ctx.needs_input_grad[0], xa)
-        grads = _weight_grads(dys, dyb, b_grads, x2, xa, projections)
+        dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
+        grads = _weight_grads(dys, dyb, x2, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, *grads
 
 
@@ -273,15 +261,15 @@ class LoRAGatedMLP(torch.autograd.Function):
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
-        dh, dyb, b_grads = _input_grad([dy], [down], True, had)
+        dh, dyb = _input_grad([dy], [down], want_dx=True)
         # one pass: dg and du written over g and u, h recomputed (for dA_down) over dh
         want_h = down.lora_a is not None and down.lora_a.requires_grad
         h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
         del dh
-        down_grads = _weight_grads([dy], dyb, b_grads, h, had, [down])
+        down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h
-        dx, dyb, b_grads = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0], xa)
-        gate_grads = _weight_grads([g, u], dyb, b_grads, x2, xa, [gate, up])
+        dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0])
+        gate_grads = _weight_grads([g, u], dyb, x2, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
