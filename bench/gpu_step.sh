@@ -12,14 +12,16 @@
 #   tests  tests.txt      the kernels' CUDA tests
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
-#                         call: $ARMS (default unsloth,ftw,ftw-bordered)
+#                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
 #   qlora8b qlora-8b/     bench/qlora.py at 8B without checkpointing: Unsloth's 4-bit arm and ftw's real path
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
-ARMS=${ARMS:-unsloth,ftw,ftw-bordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
+ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
 mkdir -p "$OUT"
+# every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export FTW_WHEELS=${FTW_WHEELS:-.whl-qlora} FTW_SITE=${FTW_SITE:-/tmp/site}
 source bench/gpu_env.sh
 export UNSLOTH_DISABLE_STATISTICS=1 TRANSFORMERS_OFFLINE=1

@@ -17,7 +17,7 @@ and output gradients:
 - casts: today's kernels/ftw_kernels/lora.py with ftw_kernels.adapter_copies.ENABLED off (A's
   stacked, adapters cast at every use);
 - ftw: kernels/ftw_kernels/lora.py as it is;
-- ftw, bordered: the same over bordered weights (`FTW_BORDERED_LORA=1`, kernels/ftw_kernels/bordered.py), run
+- ftw, bordered: the same over bordered weights (what a trained model runs: kernels/ftw_kernels/bordered.py), run
   last (it re-lays the layer's q, k, v, gate and up weights in place); its q/k/v and MLP inputs carry the room
   beside their rows that the norms before them leave in a model.
 Before each iteration the adapters are written in place (`add_(0)`, as an optimizer step would),

@@ -18,9 +18,9 @@ against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
 trainer makes after get_peft_model); ftw-fp8 = ftw with `fp8_base_weights: true` (the frozen
-Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); ftw-bordered = ftw
-with `FTW_BORDERED_LORA=1` (the fused q, k, v and gate, up over bordered weights,
-kernels/ftw_kernels/bordered.py; e.g. `--arms unsloth,ftw,ftw-bordered`); unsloth =
+Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); ftw-unbordered = ftw
+with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered weights ftw lays out by default,
+kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); unsloth =
 Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
 `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
 tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -47,7 +47,7 @@ from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 
-FTW_ARMS = ("ftw", "ftw-fp8", "ftw-bordered")  # the arms that run ftw's kernels
+FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered")  # the arms that run ftw's kernels
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -118,8 +118,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
     if arm in FTW_ARMS:
         from ftw_kernels import apply_kernels, bordered
 
-        if arm == "ftw-bordered":  # this arm's own process: the switch reaches no other arm
-            os.environ[bordered.ENV] = "1"
+        if arm == "ftw-unbordered":  # this arm's own process: the switch reaches no other arm
+            os.environ[bordered.ENV] = "0"
         applied = apply_kernels(model, ftw_cfg)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), cfg, n_frozen, n_lora, applied
@@ -308,7 +308,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
     ap.add_argument(
-        "--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-bordered"
+        "--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered"
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)

@@ -13,9 +13,10 @@ and let the base GEMM add itself to it (cuBLAS's beta): one more write and read 
 The backward is unchanged: W and s·B are strided views of the buffer, x and x·Aᵀ views of the norm's output.
 
 Measured per projection group in isolation (bench/stacked_gemms.py, docs/benchmarks.md): 1.00–1.08× ftw's
-forward at 8B and 1.00–1.15× at 1B; in the H200's training step, +0.05% at 8B and +0.6–0.85% at 1B. So it is off by
-default and switched on by `FTW_BORDERED_LORA=1` (bench/train_throughput.py's arm `ftw-bordered`). The registry
-installs it (kernels/ftw_kernels/patches.py `border_layers`) only over plain frozen weights in one process: not
+forward at 8B and 1.00–1.15× at 1B; in the H200's training step, under the allocator setting every ftw stage runs
+with (expandable segments), +0.3% at 8B and +0.8% at 1B for 0.7 and 0.2 GiB more reserved at the same allocated
+peak. On by default; `FTW_BORDERED_LORA=0` switches it off (bench/train_throughput.py's arm `ftw-unbordered`). The
+registry installs it (kernels/ftw_kernels/patches.py `border_layers`) only over plain frozen weights in one process: not
 over 4-bit or float8 ones, not under DeepSpeed, FSDP or torch_compile.
 """
 
@@ -25,14 +26,14 @@ import os
 
 import torch
 
-ENV = "FTW_BORDERED_LORA"  # "1": the registry borders the fused LoRA groups' weights
+ENV = "FTW_BORDERED_LORA"  # "0": the registry leaves the fused LoRA groups' weights as they are
 ROOM = "ftw_room"  # on a norm module and on its output: the spare columns beside each output row
 _BORDER = "ftw_border"  # on a re-laid weight: (its buffer, its s·B slot)
 ALIGN = 8  # columns: rows of 16-byte multiples (bf16), as cuBLAS's tensor-core kernels want their strides
 
 
 def wanted() -> bool:
-    return os.environ.get(ENV) == "1"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def with_room(n_rows: int, n_cols: int, room: int, like: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 VOCAB = 97
 HIDDEN_SIZE = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 models: no varlen attention either way
-FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy"]
+BORDERED = ["bordered_qkv", "bordered_mlp"]  # kernels/ftw_kernels/bordered.py, on by default
+FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy", *BORDERED]
 
 
 def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, **extra):

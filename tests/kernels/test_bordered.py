@@ -1,5 +1,5 @@
-"""LoRA over bordered weights (kernels/ftw_kernels/bordered.py, `FTW_BORDERED_LORA=1`): the same loss, gradients
-and training curve as the fused projections without borders; each projection's forward one GEMM over
+"""LoRA over bordered weights (kernels/ftw_kernels/bordered.py, on unless `FTW_BORDERED_LORA=0`): the same loss,
+gradients and training curve as the fused projections without borders; each projection's forward one GEMM over
 [x | x·Aᵀ] with no rank-r output written and added; the room beside a tensor written only where a norm made it;
 a weight whose data was replaced since falls back to the plain path; not installed where it does not hold."""
 
@@ -16,14 +16,15 @@ from ftw_kernels import apply_kernels, bordered
 from ftw_kernels.lora import Projection, lora_projections
 from ftw_kernels.rmsnorm import rms_norm
 from tests.kernels.conftest import rel_err
-from tests.kernels.test_apply_kernels import FULL, loss_and_grads, loss_curve, packed_batch, tiny, training_config
-
-BORDERED = ["bordered_qkv", "bordered_mlp"]
-
-
-@pytest.fixture
-def bordering(monkeypatch):
-    monkeypatch.setenv(bordered.ENV, "1")
+from tests.kernels.test_apply_kernels import (
+    BORDERED,
+    FULL,
+    loss_and_grads,
+    loss_curve,
+    packed_batch,
+    tiny,
+    training_config,
+)
 
 
 def _layers(model):
@@ -31,10 +32,10 @@ def _layers(model):
 
 
 @pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config, Qwen3Config])  # Qwen2: q, k, v with biases
-def test_bordered_model_matches_reference(config_cls, bordering):
+def test_bordered_model_matches_reference(config_cls):
     ref = tiny(config_cls)
     model = copy.deepcopy(ref)
-    assert apply_kernels(model, training_config(use_kernels=True)) == FULL + BORDERED
+    assert apply_kernels(model, training_config(use_kernels=True)) == FULL
     for layer, ref_layer in zip(_layers(model), _layers(ref)):
         attn, mlp = layer.self_attn, layer.mlp
         for name, m in [*((n, getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")), ("gate_proj", mlp.gate_proj)]:
@@ -58,7 +59,7 @@ def test_bordered_model_matches_reference(config_cls, bordering):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
-def test_training_steps_reach_the_borders(bordering):
+def test_training_steps_reach_the_borders():
     """Four fused-AdamW steps (the weights written behind the version counter): each step's s·B lands in the
     borders, and the loss curve is the unpatched model's."""
     reference = loss_curve(tiny(LlamaConfig), fused=True)
@@ -69,7 +70,7 @@ def test_training_steps_reach_the_borders(bordering):
     )
 
 
-def test_gradient_checkpointing_over_bordered_layers(bordering):
+def test_gradient_checkpointing_over_bordered_layers():
     ref = tiny(LlamaConfig)
     model = copy.deepcopy(ref)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -83,7 +84,7 @@ def test_gradient_checkpointing_over_bordered_layers(bordering):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
-def test_inference_eval_generation_and_disabled_adapters(bordering):
+def test_inference_eval_generation_and_disabled_adapters():
     """Inference mode (the copies cast at each use, written into the borders), eval, generation with a KV cache
     (the original forwards over the strided weights) and PEFT's disable_adapter (the DPO reference: the plain
     Linears) give the unbordered model's numbers."""
@@ -103,7 +104,7 @@ def test_inference_eval_generation_and_disabled_adapters(bordering):
             assert rel_err(model(**batch).loss, ref(**batch).loss) < 1e-5
 
 
-def test_adapter_saved_from_a_bordered_model_is_the_same(bordering, tmp_path):
+def test_adapter_saved_from_a_bordered_model_is_the_same(tmp_path):
     from safetensors.torch import load_file
 
     ref = tiny(LlamaConfig)
@@ -212,8 +213,9 @@ def test_a_weight_replaced_since_takes_the_plain_path():
 
 
 def test_not_installed_where_it_does_not_hold(monkeypatch):
-    assert BORDERED[0] not in apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True))  # not asked
-    monkeypatch.setenv(bordered.ENV, "1")
+    monkeypatch.setenv(bordered.ENV, "0")
+    assert BORDERED[0] not in apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True))  # switched off
+    monkeypatch.delenv(bordered.ENV)
     compiled = apply_kernels(tiny(LlamaConfig), training_config(use_kernels=True, torch_compile=True))
     assert "lora_qkv" in compiled and BORDERED[0] not in compiled
     partial = apply_kernels(

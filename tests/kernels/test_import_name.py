@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.kernels.test_apply_kernels import FULL
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.slow
 HF_KERNELS = ("kernels==0.16.2", "kernels-data==0.16.2")
 # the signs of pip finding no package index (as opposed to a wrong pin, which lists the versions it saw)
 UNREACHABLE = ("(from versions: none)", "Failed to establish a new connection", "Temporary failure in name resolution")
-FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy"]
 CHECK = f"""
 import json, sys
 sys.path.insert(0, {str(REPO)!r})  # the repository root first

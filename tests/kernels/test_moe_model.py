@@ -64,7 +64,8 @@ def lora_model(cfg, **model):
 
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DENSE = ["rmsnorm", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy"]  # fp32 on CPU: no varlen attention
+# fp32 on CPU: no varlen attention; q, k, v bordered (the experts are not a gate, up pair)
+DENSE = ["rmsnorm", "rope", "lora_qkv", "lora_o", "fused_linear_cross_entropy", "bordered_qkv"]
 
 
 def packed_batch(tokens: int = 10):
