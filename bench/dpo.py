@@ -50,6 +50,7 @@ from bench.models import (  # noqa: E402
     build_model,
     device,
     ftw_train,
+    seconds_per_step,
     train_steps,
 )
 
@@ -138,13 +139,12 @@ def ftw_arm(model_dir: Path, data: Path, work: Path, a: argparse.Namespace) -> d
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
     steps = train_steps(run_dir, "loss")
-    ts = {step: e["ts"] for step, e in steps.items()}
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = json.loads((run_dir / "prepared.json").read_text())["summary"]["rows"]
     if rows["dropped"] or rows["truncated"]:  # the arms would not train on the same pairs
         return {"error": f"ftw's preprocessing dropped or truncated pairs: {rows}"}
     last = a.warmup + a.steps
-    step_s = (ts[last] - ts[a.warmup]) / a.steps
+    step_s = seconds_per_step(steps, a.warmup, last)
     return {
         "pairs_per_s": round(a.mbs / step_s, 3),
         "ms_per_step": round(step_s * 1e3, 1),

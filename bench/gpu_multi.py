@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.models import seconds_per_step  # noqa: E402
 
 STRATEGIES = {
     "ddp": {},
@@ -142,12 +143,12 @@ def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace) -> d
     if proc.returncode != 0 or not summaries:
         return {**row, "failed": (proc.stdout_text or "").strip().splitlines()[-1:] or f"see {name}.log"}
     summary = json.loads(summaries[0].read_text())
-    steps = {e["step"]: e["ts"] for e in train_events(run_dir) if "loss" in e and "ts" in e}
+    steps = {e["step"]: e for e in train_events(run_dir) if "loss" in e and "ts" in e}
     tokens_per_step = summary["tokens"] / max(summary["steps"], 1)
     timed = [s for s in sorted(steps) if s >= a.warmup]
     tps = (
-        tokens_per_step * (timed[-1] - timed[0]) / (steps[timed[-1]] - steps[timed[0]])
-        if len(timed) > 1
+        tokens_per_step / seconds_per_step(steps, timed[0], timed[-1])
+        if len(timed) > 1 and timed == list(range(timed[0], timed[-1] + 1))
         else summary["tokens_per_s"]
     )
     return {

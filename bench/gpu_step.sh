@@ -13,6 +13,8 @@
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
+#   real   real-<shape>/  bench/gpu_train.py at 1B and 8B, full-length: `ftw train`'s real path against the bare
+#                         loop with the same kernels (its `bare` arm), each step timed on the GPU's clock
 #   qlora8b qlora-8b/     bench/qlora.py at 8B without checkpointing: Unsloth's 4-bit arm and ftw's real path
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
@@ -45,11 +47,20 @@ for part in "${parts[@]}"; do
       $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
         tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
+        tests/train/test_step_time.py \
         2>&1 | tail -n 30 >"$OUT/tests.txt"
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    real)
+      for shape in llama-1b:8:12:90 llama-8b:4:10:150; do
+        IFS=: read -r name mbs steps limit <<<"$shape"
+        log "gpu_train $name, full-length: bare, ftw"
+        $PY bench/gpu_train.py --out "$OUT/real-$name" --work "/tmp/real-$name" --shape "$name" --mbs "$mbs" \
+          --full-length --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
+          2>&1 | tee "$OUT/real-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+      done ;;
     1b) throughput llama-1b 12 90 ;;
     8b) throughput llama-8b 10 160 ;;
     qlora8b)
@@ -60,6 +71,6 @@ for part in "${parts[@]}"; do
       log "tree_ab $AB_SHAPES against $OLD"
       $PY bench/tree_ab.py --old "$OLD" --site "$FTW_SITE" --shapes "$AB_SHAPES" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, 1b, 8b, qlora8b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, real, 1b, 8b, qlora8b, ab)"; exit 2 ;;
   esac
 done

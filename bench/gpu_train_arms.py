@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.models import LORA_16, LORA_16_MOE, PROFILED_STEPS, SHAPES, TARGETS, TIMED_RUN, device
+from bench.models import LORA_16, LORA_16_MOE, PROFILED_STEPS, SHAPES, TARGETS, TIMED_RUN, device, seconds_per_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,11 +134,11 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         return {"error": (proc.stderr or "")[-1500:], "exit": proc.returncode}
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     # per-step events only: the closing "done" event also carries the loss, after the outputs are written
-    ts = {e["step"]: e["ts"] for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
+    steps_seen = {e["step"]: e for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     summary = json.loads((run_dir / "summary.json").read_text())
     last = warmup + steps
     per_step = summary["tokens"] / summary["steps"]
-    step_s = (ts[last] - ts[warmup]) / (last - warmup)
+    step_s = seconds_per_step(steps_seen, warmup, last)
     result = {
         "tokens_per_s": round(per_step / step_s),
         "ms_per_step": round(step_s * 1e3, 1),
@@ -165,6 +165,8 @@ def bare_arm(a: argparse.Namespace) -> dict:
     from bench import train_throughput
 
     args = train_throughput.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
+    if a.full_length:  # the same rows as the real path's cache
+        args.append("--full-length")
     r = train_throughput.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}

@@ -28,7 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model, ftw_train, train_steps  # noqa: E402
+from bench.models import LORA_16, SHAPES, TIMED_RUN, build_model, ftw_train, seconds_per_step, train_steps  # noqa: E402
 
 WORDS = "the quick brown fox jumps over lazy dog answer question hello world reverse copy upper lower sort".split()
 
@@ -77,7 +77,7 @@ def arm(name: str, model_dir: Path, data: Path, work: Path, a: argparse.Namespac
         return {"error": proc.stderr[-1500:]}
     steps = train_steps(run_dir, "reward")
     last = a.warmup + a.steps
-    step_s = (steps[last]["ts"] - steps[a.warmup]["ts"]) / a.steps
+    step_s = seconds_per_step(steps, a.warmup, last)
     timed = [steps[s] for s in range(a.warmup + 1, last + 1)]
     tokens = sum(e["completion_length"] for e in timed) / len(timed) * a.prompts * a.generations
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -155,6 +155,17 @@ def train_steps(run_dir: Path, key: str) -> dict[int, dict]:
     return {e["step"]: e for e in events if e.get("stage") == "train" and key in e and "event" not in e}
 
 
+def seconds_per_step(steps: dict[int, dict], first: int, last: int) -> float:
+    """Mean seconds a step over steps first+1 … last of an `ftw train` run's step events (`train_steps`): their
+    `step_ms`, timed on the GPU's clock (worker/train/step_queue.py), where every one has it; else the events'
+    timestamps, which the trainer writes when it reads a step back: a step or two late, several at once, and the
+    last one on time, so the window's first timestamp can be late by up to a step."""
+    window = [steps[s] for s in range(first + 1, last + 1)]
+    if all("step_ms" in e for e in window):
+        return sum(e["step_ms"] for e in window) / 1e3 / len(window)
+    return (steps[last]["ts"] - steps[first]["ts"]) / (last - first)
+
+
 def ftw_train(config: Path, run_dir: Path, volume: Path, allowed: list[Path], timeout: float):
     """`ftw train CONFIG --run-dir RUN_DIR` as a user runs it (the job path's supervisor and its stage
     children), over `volume`, the model and data folders in `allowed`. RUN_DIR is scratch, emptied first: a

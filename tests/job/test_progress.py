@@ -21,6 +21,15 @@ def test_step_updates_pass_every_5_percent_of_the_steps_even_within_the_interval
 def test_a_train_event_brings_the_gpus_clock_and_power_to_the_caller_and_no_paths():
     from worker.job.updates import event_update
 
-    event = {"stage": "train", "step": 3, "total_steps": 9, "loss": 1.5, "gpu_sm_mhz": 1545.0, "gpu_power_w": 692.9}
+    event = {
+        "stage": "train",
+        "step": 3,
+        "total_steps": 9,
+        "loss": 1.5,
+        "step_ms": 428.7,
+        "gpu_sm_mhz": 1545.0,
+        "gpu_power_w": 692.9,
+    }
     update = event_update("r1", "train", {**event, "path": "/runpod-volume/runs/r1/checkpoint-3"})
     assert update["gpu_sm_mhz"] == 1545.0 and update["gpu_power_w"] == 692.9 and "path" not in update
+    assert update["step_ms"] == 428.7

@@ -31,6 +31,7 @@ SHOWN = (
     "bytes_done",
     "bytes_total",
     "bytes_per_s",
+    "step_ms",  # the step's time on the GPU's clock (worker/train/step_queue.py)
     "gpu_sm_mhz",  # the clock and power of the GPU training runs on (worker/train/gpu_clocks.py)
     "gpu_power_w",
 )

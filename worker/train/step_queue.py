@@ -5,7 +5,9 @@
   segment boundaries, are taken on the host.
 - `Trainer.train_step` only queues work: nothing in it reads a number back from the device (fp16's loss scaler
   aside, which must look for overflows before the optimizer steps). Its loss and grad norm travel to pinned
-  host memory behind a CUDA event (`Readout`). After queuing a step the loop records every earlier step whose
+  host memory behind a CUDA event (`Readout`), which also times the step on the GPU's own clock: the host
+  records a step whenever it gets to it (a step or two late, or several at once), so the time between two
+  records is not the time between two steps. After queuing a step the loop records every earlier step whose
   event has completed (a query, no wait), and waits for the oldest only when more than `STEPS_AHEAD` are
   queued beyond it: the host keeps preparing steps while the GPU works, and a pause on the host (a collection,
   a slow event write) is absorbed by the queued work instead of idling the GPU. Chosen over one sync per step
@@ -34,6 +36,15 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def device_mark(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event queued on `device`'s stream now (None off CUDA): where the first step's time starts."""
+    if device.type != "cuda":
+        return None
+    mark = torch.cuda.Event(enable_timing=True)
+    mark.record()
+    return mark
+
+
 class Readout:
     """A step's numbers on their way to the host: a non-blocking copy to pinned memory behind a
     CUDA event, so queuing the copy waits for nothing and `values()` waits only for that step."""
@@ -43,10 +54,17 @@ class Readout:
         if values.is_cuda:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self.host.copy_(values, non_blocking=True)
-            self.ready = torch.cuda.Event()
+            self.ready = torch.cuda.Event(enable_timing=True)
             self.ready.record()
         else:
             self.host = values
+
+    def ms_after(self, earlier: torch.cuda.Event | None) -> float | None:
+        """Milliseconds on the GPU from `earlier` (the previous step's event, or the loop's start mark) to the end
+        of this step, idle time between them included; None off CUDA. Call after `values()`."""
+        if self.ready is None or earlier is None:
+            return None
+        return earlier.elapsed_time(self.ready)
 
     def done(self) -> bool:
         return self.ready is None or self.ready.query()

@@ -54,7 +54,7 @@ from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
 from worker.train.reporting import Progress
 from worker.train.schedule import Schedule
-from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout, freeze_heap
+from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout, device_mark, freeze_heap
 
 log = logging.getLogger("ftw.train")
 
@@ -193,6 +193,8 @@ class Trainer:
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
         tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
+        step_ms = queued.readout.ms_after(self.last_mark)
+        self.last_mark = queued.readout.ready or self.last_mark
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
             self.progress.event(step=queued.step, event="first_step")
         extra = self.objective.metrics(metric_sums, targets)  # rewards/chosen ... (DPO family), aux_loss (MoE router)
@@ -200,7 +202,15 @@ class Trainer:
             if name in extra:
                 state.curves.setdefault(name, []).append((queued.step, round(extra[name], 6)))
         self.progress.step(
-            queued.step, {"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **extra}
+            queued.step,
+            {
+                "loss": loss,
+                "lr": queued.lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                **({} if step_ms is None else {"step_ms": round(step_ms, 2)}),
+                **extra,
+            },
         )
         self.loss_high_steps = (
             self.loss_high_steps + 1
@@ -248,6 +258,7 @@ class Trainer:
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         freeze_heap()
+        self.last_mark = device_mark(topo.device)  # each step's time on the GPU runs from the previous one's end
         try:
             while state.step < sched.total_steps:
                 profiler.before_step(state.step)

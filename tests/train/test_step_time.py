@@ -1,0 +1,75 @@
+"""Each step's time on the GPU's own clock (`step_ms` in its event, worker/train/step_queue.py): the trainer reads a
+step back a step or two late, or several at once, so the events' timestamps do not time steps; the benches take
+`step_ms` where it is there (bench/models.py `seconds_per_step`)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from bench.models import seconds_per_step
+from tests.train.helpers import base_config, events, run_inprocess, write_cache
+from worker.train.step_queue import Readout, device_mark
+
+
+def test_off_cuda_a_readout_has_no_time_and_the_events_none(task_model_dir, task_rows, tmp_path, monkeypatch):
+    assert device_mark(torch.device("cpu")) is None
+    readout = Readout(torch.tensor([1.0, 2.0]))
+    assert readout.values() == [1.0, 2.0] and readout.ms_after(None) is None
+    train, _, _ = task_rows
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FTW_EVENTS", str(run_dir / "events.jsonl"))
+    cfg = base_config(task_model_dir, max_steps=3, save_strategy="no")
+    assert run_inprocess(cfg, run_dir, write_cache(tmp_path / "cache", train[:24])) == 0
+    steps = [e for e in events(run_dir) if "loss" in e and "event" not in e]
+    assert [e["step"] for e in steps] == [1, 2, 3]
+    assert all("step_ms" not in e and e["tokens_per_s"] > 0 for e in steps)
+
+
+def test_seconds_per_step_takes_the_gpu_times_over_the_timestamps():
+    """Timestamps of a queue two steps deep: the first of the window written a step late, the last on time; the
+    GPU's times say 0.5 s a step, the timestamps 0.45."""
+    gpu = {s: {"ts": 100.0 + 0.5 * (s + 1), "step_ms": 500.0} for s in range(1, 11)}
+    gpu[10]["ts"] = 100.0 + 0.5 * 10
+    assert seconds_per_step(gpu, 0 + 2, 10) == pytest.approx(0.5)
+    stamps = {s: {k: v for k, v in e.items() if k != "step_ms"} for s, e in gpu.items()}
+    assert seconds_per_step(stamps, 2, 10) == pytest.approx(0.4375)
+    gpu[6].pop("step_ms")  # one step without a GPU time: the whole window falls back to the timestamps
+    assert seconds_per_step(gpu, 2, 10) == pytest.approx(0.4375)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
+def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, task_rows, tmp_path, monkeypatch):
+    """Step 4 queues a spin of known length on the GPU before its work: its `step_ms` grows by that much and its
+    neighbours' do not, however late the host read it back."""
+    from worker.train.trainer import Trainer
+
+    spin_cycles = 200_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(spin_cycles)
+    end.record()
+    end.synchronize()
+    spin_ms = start.elapsed_time(end)
+    queue_step = Trainer.train_step
+
+    def step_with_spin(self, batch):
+        if batch.step == 3:  # the 4th step, as reported
+            torch.cuda._sleep(spin_cycles)
+        return queue_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step_with_spin)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    train, _, _ = task_rows
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FTW_EVENTS", str(run_dir / "events.jsonl"))
+    cfg = base_config(task_model_dir, max_steps=8, save_strategy="no", optimizer="adamw_torch_fused")
+    assert run_inprocess(cfg, run_dir, write_cache(tmp_path / "cache", train[:64])) == 0
+    times = {e["step"]: e["step_ms"] for e in events(run_dir) if "loss" in e and "event" not in e}
+    assert sorted(times) == list(range(1, 9)) and all(ms > 0 for ms in times.values())
+    usual = statistics.median(times[s] for s in (2, 3, 5, 6, 7, 8))
+    assert times[4] - usual == pytest.approx(spin_ms, rel=0.2)
+    assert max(times[s] for s in (3, 5)) < usual + spin_ms / 4
