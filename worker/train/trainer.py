@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import resource
 import time
 from collections import deque
@@ -37,7 +36,7 @@ import torch
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
 from worker.data.tokenizer import load_tokenizer
-from worker.errors import JobSpecError, OutOfMemory, TrainingError
+from worker.errors import JobSpecError, OutOfMemory
 from worker.events import EXIT_OK, EXIT_PREEMPTED
 from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
@@ -46,6 +45,7 @@ from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import evaluate
+from worker.train.loss_guard import LossGuard
 from worker.train.model import apply_kernel_patches, compile_if_asked, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
@@ -188,7 +188,7 @@ class Trainer:
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
         loss, grad_norm, targets, tokens, *metric_sums = queued.readout.values()
-        state, cfg = self.state, self.cfg
+        state = self.state
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
@@ -212,22 +212,7 @@ class Trainer:
                 **extra,
             },
         )
-        self.loss_high_steps = (
-            self.loss_high_steps + 1
-            if cfg.loss_watchdog_threshold is not None and loss > cfg.loss_watchdog_threshold
-            else 0
-        )
-        if self.loss_high_steps >= (cfg.loss_watchdog_patience or 3):
-            raise TrainingError(
-                f"the loss stayed above loss_watchdog_threshold {cfg.loss_watchdog_threshold} "
-                f"for {self.loss_high_steps} steps (last {loss:.4f} at step {queued.step})",
-                hint="lower learning_rate or raise warmup; the last checkpoint is kept",
-            )
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss} at step {queued.step}",
-                hint="lower learning_rate, or set max_grad_norm (e.g. 1.0)",
-            )
+        self.loss_guard.check(queued.step, loss)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -237,7 +222,7 @@ class Trainer:
             self.cfg, self.run_dir, sched.total_steps, state.step, topo.is_main, topo.device
         )
         self.t0, self.tokens0 = time.monotonic(), state.tokens  # this process's share, for tokens/s
-        self.loss_high_steps = 0  # consecutive steps above loss_watchdog_threshold
+        self.loss_guard = LossGuard(self.cfg)
         self.first_step = state.step + 1  # this run's first optimizer step (after a resume too)
         progress.event(step=state.step, event="start", resumed_from=self.resumed_from)
         if topo.device.type == "cuda":  # from here the allocator's peak is the steps' own (loading's is kept)
