@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The device calls that measure a change to the dense LoRA step against Unsloth and against the tree before it
-# (docs/benchmarks.md: "2026-12-05: beta one and the bordered forward", "2026-12-05: the residual adds folded"),
-# from the repository root:
+# The device calls that measure a change to the LoRA step against Unsloth and against the tree before it
+# (docs/benchmarks.md: "2026-12-05: beta one and the bordered forward", "2026-12-05: the residual adds folded",
+# "2026-12-05, afternoon: …"), from the repository root:
 #
 #   .venv/bin/python bench/qlora_wheels.py --out .whl-qlora    # here: Unsloth, its peers and pydantic & co.
 #   git archive REV kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)  # for `ab`
 #   OUT=$OUT bash bench/gpu_step.sh tests ab                   # on the device machine, carrying .whl-qlora, .gpu
-#   ARMS=unsloth,ftw,ftw-fp8 OUT=$OUT bash bench/gpu_step.sh 8b qlora8b   # the next call
+#
+# Issue 13's rows, every ftw real-path row timed on the GPU's clock (three calls, each under 10 minutes):
+#   OUT=$OUT bash bench/gpu_step.sh tests real
+#   ARMS=unsloth,ftw OUT=$OUT bash bench/gpu_step.sh 1b 8b qlora8b
+#   OUT=$OUT bash bench/gpu_step.sh offload qlora1b && QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
@@ -15,12 +19,16 @@
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
 #   real   real-<shape>/  bench/gpu_train.py at 1B and 8B, full-length: `ftw train`'s real path against the bare
 #                         loop with the same kernels (its `bare` arm), each step timed on the GPU's clock
-#   qlora8b qlora-8b/     bench/qlora.py at 8B without checkpointing: Unsloth's 4-bit arm and ftw's real path
+#   offload offload-<shape>.txt  the memory-saving rows at 1B and 8B: ftw's real path with offloaded checkpointing
+#                         (bench/gpu_train.py) and Unsloth's offloaded checkpointing (bench/train_throughput.py)
+#   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
+#                         off): Unsloth's 4-bit arm, ftw's fused path in a bare loop and ftw's real path
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
+QLORA_GC=${QLORA_GC:-off}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -63,14 +71,27 @@ for part in "${parts[@]}"; do
       done ;;
     1b) throughput llama-1b 12 90 ;;
     8b) throughput llama-8b 10 160 ;;
-    qlora8b)
-      log "qlora 8b, no checkpointing: unsloth, ftw-real"
-      $PY bench/qlora.py --out "$OUT/qlora-8b" --shape llama-8b --gc off --arms unsloth,ftw-real --steps 8 \
-        --warmup 3 --arm-timeout 200 2>&1 | tee "$OUT/qlora-8b.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    qlora8b | qlora1b)
+      shape=llama-${part#qlora}
+      log "qlora $shape, checkpointing $QLORA_GC: unsloth, ftw (bare loop), ftw-real"
+      $PY bench/qlora.py --out "$OUT/qlora-$shape-$QLORA_GC" --shape "$shape" --gc "$QLORA_GC" \
+        --arms unsloth,ftw,ftw-real --steps 8 --warmup 3 --arm-timeout 200 2>&1 \
+        | tee "$OUT/qlora-$shape-$QLORA_GC.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    offload)
+      for shape in llama-1b:8:8:80 llama-8b:4:6:150; do
+        IFS=: read -r name mbs steps limit <<<"$shape"
+        log "offloaded checkpointing $name: ftw (real path), unsloth"
+        { $PY bench/gpu_train.py --out "$OUT/offload-$name" --work "/tmp/offload-$name" --shape "$name" --mbs "$mbs" \
+            --full-length --arms ftw --gc offload --steps "$steps" --warmup 2 --no-merge --no-profile \
+            --arm-timeout "$limit"
+          $PY bench/train_throughput.py --shapes "$name" --arms unsloth --gc on --offload --full-length \
+            --steps "$steps" --warmup 2 --arm-timeout "$limit"; } 2>&1 | tee "$OUT/offload-$name.txt" | grep "^|" \
+          | tee -a "$OUT/summary.txt"
+      done ;;
     ab)
       log "tree_ab $AB_SHAPES against $OLD"
       $PY bench/tree_ab.py --old "$OLD" --site "$FTW_SITE" --shapes "$AB_SHAPES" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, real, 1b, 8b, qlora8b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, real, offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
   esac
 done
