@@ -7,10 +7,11 @@
 #   git archive REV kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)  # for `ab`
 #   OUT=$OUT bash bench/gpu_step.sh tests ab                   # on the device machine, carrying .whl-qlora, .gpu
 #
-# Issue 13's rows, every ftw real-path row timed on the GPU's clock (three calls, each under 10 minutes):
+# Issue 13's rows, every ftw real-path row timed on the GPU's clock (calls of ~6–9 minutes each, ~29 in all):
 #   OUT=$OUT bash bench/gpu_step.sh tests real
-#   ARMS=unsloth,ftw OUT=$OUT bash bench/gpu_step.sh 1b 8b qlora8b
-#   OUT=$OUT bash bench/gpu_step.sh offload qlora1b && QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b
+#   ARMS=unsloth,ftw OUT=$OUT bash bench/gpu_step.sh 1b 8b offload
+#   OUT=$OUT bash bench/gpu_step.sh qlora8b qlora1b
+#   QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora8b qlora1b
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
