@@ -98,6 +98,19 @@ def test_patched_model_matches_reference(config_cls, extra, caplog):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config])  # Qwen2: q, k, v with biases
+def test_unbordered_model_matches_reference(config_cls, monkeypatch):
+    """The fused projections over weights as loaded (`FTW_BORDERED_LORA=0`; also what several processes, a
+    quantised base or torch_compile run): the same loss and grads as the unpatched model."""
+    from ftw_kernels import bordered
+
+    monkeypatch.setenv(bordered.ENV, "0")
+    ref = tiny(config_cls)
+    model = copy.deepcopy(ref)
+    assert apply_kernels(model, training_config(use_kernels=True)) == [k for k in FULL if k not in BORDERED]
+    assert_matches_reference(ref, model, packed_batch())
+
+
 def test_lora_on_the_output_layer_keeps_the_unfused_loss():
     """A LoRA-wrapped lm_head adds its own term to the logits: the fused loss must not skip it."""
     ref = tiny(LlamaConfig, targets=[*TARGETS, "lm_head"])
