@@ -28,17 +28,16 @@ def causal_lm_forward(
     (batch × seq,) fp32, 0 where the shifted label is ignored, with no router aux loss in it.
     Everything else goes to the original forward."""
     token_losses = kwargs.pop("token_losses", False)
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+    )
     if labels is None or not (self.training or token_losses):
         return self._ftw_original_forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
+            **inputs, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
         )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -49,15 +48,7 @@ def causal_lm_forward(
     if moe:  # the MoE causal LMs' own argument, defaulting to their config
         router = kwargs.get("output_router_logits")
         kwargs["output_router_logits"] = self.config.output_router_logits if router is None else router
-    outputs = self.model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        inputs_embeds=inputs_embeds,
-        use_cache=False,
-        **kwargs,
-    )
+    outputs = self.model(**inputs, use_cache=False, **kwargs)
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # HF's ForCausalLMLoss: token t predicts label t+1
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
