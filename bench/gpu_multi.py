@@ -146,11 +146,7 @@ def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace) -> d
     steps = {e["step"]: e for e in train_events(run_dir) if "loss" in e and "ts" in e}
     tokens_per_step = summary["tokens"] / max(summary["steps"], 1)
     timed = [s for s in sorted(steps) if s >= a.warmup]
-    tps = (
-        tokens_per_step / seconds_per_step(steps, timed[0], timed[-1])
-        if len(timed) > 1 and timed == list(range(timed[0], timed[-1] + 1))
-        else summary["tokens_per_s"]
-    )
+    tps = tokens_per_step / seconds_per_step(steps, timed[0], timed[-1]) if len(timed) > 1 else summary["tokens_per_s"]
     return {
         **row,
         "strategy": summary["strategy"],

@@ -157,10 +157,11 @@ def train_steps(run_dir: Path, key: str) -> dict[int, dict]:
 
 def seconds_per_step(steps: dict[int, dict], first: int, last: int) -> float:
     """Mean seconds a step over steps first+1 … last of an `ftw train` run's step events (`train_steps`): their
-    `step_ms`, timed on the GPU's clock (worker/train/step_queue.py), where every one has it; else the events'
-    timestamps, which the trainer writes when it reads a step back: a step or two late, several at once, and the
-    last one on time, so the window's first timestamp can be late by up to a step."""
-    window = [steps[s] for s in range(first + 1, last + 1)]
+    `step_ms`, timed on the GPU's clock (worker/train/step_queue.py), where every step of the window has an event
+    with it; else (a CPU run, or `logging_steps` > 1 leaving steps without events) the timestamps of `first`'s and
+    `last`'s events, which the trainer writes when it reads a step back: a step or two late, several at once, and
+    the last one on time, so the window's first timestamp can be late by up to a step."""
+    window = [steps.get(s, {}) for s in range(first + 1, last + 1)]
     if all("step_ms" in e for e in window):
         return sum(e["step_ms"] for e in window) / 1e3 / len(window)
     return (steps[last]["ts"] - steps[first]["ts"]) / (last - first)

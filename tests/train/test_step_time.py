@@ -38,6 +38,8 @@ def test_seconds_per_step_takes_the_gpu_times_over_the_timestamps():
     assert seconds_per_step(stamps, 2, 10) == pytest.approx(0.4375)
     gpu[6].pop("step_ms")  # one step without a GPU time: the whole window falls back to the timestamps
     assert seconds_per_step(gpu, 2, 10) == pytest.approx(0.4375)
+    del gpu[7]  # no event for a step (logging_steps > 1): the same
+    assert seconds_per_step(gpu, 2, 10) == pytest.approx(0.4375)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
