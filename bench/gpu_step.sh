@@ -23,13 +23,14 @@
 #   offload offload-<shape>.txt  the memory-saving rows at 1B and 8B: ftw's real path with offloaded checkpointing
 #                         (bench/gpu_train.py) and Unsloth's offloaded checkpointing (bench/train_throughput.py)
 #   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
-#                         off): Unsloth's 4-bit arm, ftw's fused path in a bare loop and ftw's real path
+#                         off), arms $QLORA_ARMS (default: Unsloth's 4-bit arm, ftw's fused path in a bare loop and
+#                         ftw's real path, each of ftw's also with FTW_DEQUANT_AHEAD=1)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
-QLORA_GC=${QLORA_GC:-off}
+QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-ahead,ftw-real,ftw-real-ahead}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -56,7 +57,7 @@ for part in "${parts[@]}"; do
       $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
         tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
-        tests/train/test_step_time.py \
+        tests/kernels/test_qlora_ahead.py tests/train/test_step_time.py \
         2>&1 | tail -n 30 >"$OUT/tests.txt"
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
@@ -74,9 +75,9 @@ for part in "${parts[@]}"; do
     8b) throughput llama-8b 10 160 ;;
     qlora8b | qlora1b)
       shape=llama-${part#qlora}
-      log "qlora $shape, checkpointing $QLORA_GC: unsloth, ftw (bare loop), ftw-real"
+      log "qlora $shape, checkpointing $QLORA_GC: $QLORA_ARMS"
       $PY bench/qlora.py --out "$OUT/qlora-$shape-$QLORA_GC" --shape "$shape" --gc "$QLORA_GC" \
-        --arms unsloth,ftw,ftw-real --steps 8 --warmup 3 --arm-timeout 200 2>&1 \
+        --arms "$QLORA_ARMS" --steps 8 --warmup 3 --arm-timeout 200 2>&1 \
         | tee "$OUT/qlora-$shape-$QLORA_GC.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     offload)
       for shape in llama-1b:8:8:80 llama-8b:4:6:150; do

@@ -22,7 +22,9 @@ Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host mem
             under torch.profiler (GPU time by kernel: profile.txt in the arm's run folder, /tmp/ftw-gpu-bench/ARM);
   ftw-fp8, ftw-real-fp8  the same two with `fp8_base_weights: true`: the 4-bit weights stay 4-bit and each
             of their matmuls runs in float8 (Ada/Hopper; kernels/ftw_kernels/base_weight.py), not in the
-            default arms.
+            default arms;
+  ftw-ahead, ftw-real-ahead  the same two with `FTW_DEQUANT_AHEAD=1`: each next 4-bit weight dequantised on a
+            side stream while the current matmul runs (kernels/ftw_kernels/qlora.py), not in the default arms.
 Prints one table, tokens/s and peak allocated GiB also as ratios to Unsloth's in the same mode (the
 issue's target: ≥ 1.15× its tokens/s at ≤ its memory), and writes OUT/qlora.json.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +43,14 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_k
 from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
-FP8_ARMS = ("ftw-fp8", "ftw-real-fp8")
-THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8"}  # → train_throughput's
+MORE_ARMS = ("ftw-fp8", "ftw-real-fp8", "ftw-ahead", "ftw-real-ahead")
+THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8", "ftw-ahead": "ftw-ahead"}
+AHEAD = {"FTW_DEQUANT_AHEAD": "1"}  # kernels/ftw_kernels/qlora.py AHEAD_ENV
 
 
-def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
-    """bench/gpu_train.py's qlora (or qlora-fp8) arm on the same saved model, in its own processes."""
+def real_path(a: argparse.Namespace, gc: bool, fp8: bool, ahead: bool) -> dict:
+    """bench/gpu_train.py's qlora (or qlora-fp8) arm on the same saved model, in its own processes (`ahead`: with
+    `FTW_DEQUANT_AHEAD=1` in their environment)."""
     from bench import unsloth_arm
 
     mode = ("offload" if a.offload else "on") if gc else "off"
@@ -56,7 +61,7 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
     cmd += ["--gc", mode, "--full-length", "--no-merge", *([] if a.profile else ["--no-profile"]), "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout), "--config", json.dumps(a.config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(AHEAD if ahead else {})})
     try:
         name = arm + {"off": "", "on": "+gc", "offload": "+offload"}[mode]  # gpu_train's arm names
         result = json.loads((out / "gpu_train.json").read_text())["arms"][name]
@@ -112,7 +117,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="llama-8b", choices=sorted(tt.SHAPES))
     ap.add_argument("--gc", default="both", choices=("off", "on", "both"))
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS + FP8_ARMS)}")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"any of {', '.join(ARMS + MORE_ARMS)}")
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=15)
@@ -138,7 +143,8 @@ def main() -> int:
         for arm in a.arms.split(","):
             print(f"--- {a.shape} gc {'on' if gc else 'off'}: {arm}", flush=True)
             real = arm.startswith("ftw-real")
-            r = real_path(a, gc, arm.endswith("fp8")) if real else throughput_arm(a, arm, gc)
+            ahead = arm.endswith("ahead")
+            r = real_path(a, gc, arm.endswith("fp8"), ahead) if real else throughput_arm(a, arm, gc)
             r.update(arm=arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=gc)
             print(json.dumps(r)[:1500], flush=True)
             results.append(r)

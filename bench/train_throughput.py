@@ -20,7 +20,9 @@ liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kerne
 trainer makes after get_peft_model); ftw-fp8 = ftw with `fp8_base_weights: true` (the frozen
 Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); ftw-unbordered = ftw
 with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered weights ftw lays out by default,
-kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); unsloth =
+kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); ftw-ahead = ftw with `FTW_DEQUANT_AHEAD=1`
+(with `--4bit`: each next 4-bit weight dequantised on a side stream, kernels/ftw_kernels/qlora.py; the JSON's
+`dequantised` counts them); unsloth =
 Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
 `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
 tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -45,9 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
+from bench.nf4_arms import dequantised  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 
-FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered")  # the arms that run ftw's kernels
+FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered", "ftw-ahead")  # the arms that run ftw's kernels
+ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0"), "ftw-ahead": ("FTW_DEQUANT_AHEAD", "1")}  # ftw's names
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -116,10 +120,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     applied: list[str] = []
     if arm in FTW_ARMS:
-        from ftw_kernels import apply_kernels, bordered
+        from ftw_kernels import apply_kernels
 
-        if arm == "ftw-unbordered":  # this arm's own process: the switch reaches no other arm
-            os.environ[bordered.ENV] = "0"
         applied = apply_kernels(model, ftw_cfg)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model.train(), cfg, n_frozen, n_lora, applied
@@ -134,6 +136,8 @@ def run_arm(a: argparse.Namespace) -> dict:
         unsloth_arm.save_once(__file__, a.shape, a.seq)
     import torch
 
+    if a.arm in ARM_SWITCHES:  # this arm's own process: the switch reaches no other arm
+        os.environ.__setitem__(*ARM_SWITCHES[a.arm])
     peak = measure_peak_tflops()
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
@@ -228,6 +232,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         heap_frozen=heap_frozen,
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
+        dequantised=dequantised(a.warmup + a.steps) if a.four_bit and a.arm in FTW_ARMS else None,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
         sm_mhz=clock.get("gpu_sm_clock_mhz"),
         power_w=clock.get("gpu_power_w"),
@@ -308,7 +313,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
     ap.add_argument(
-        "--arms", default="hf,liger,unsloth,ftw", help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered"
+        "--arms",
+        default="hf,liger,unsloth,ftw",
+        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead",
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)

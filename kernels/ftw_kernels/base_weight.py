@@ -43,14 +43,14 @@ def mark_fp8_matmuls(linear: torch.nn.Module) -> bool:
     return True
 
 
-def _as_fp8(weight: torch.Tensor) -> fp8.Fp8Weight | None:
+def _as_fp8(weight: torch.Tensor, backward: bool) -> fp8.Fp8Weight | None:
     """The weight its float8 matmuls take: itself when stored as float8, a transient `Fp8Weight` (per-output-channel
     scales) of a marked 4-bit one; None for any other."""
     if fp8.is_fp8(weight):
         return weight  # type: ignore[return-value]  # is_fp8: an Fp8Weight
     if not getattr(weight, FP8_MATMULS, False):
         return None
-    data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype))  # type: ignore[attr-defined]
+    data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype, backward))  # type: ignore[attr-defined]
     return fp8.Fp8Weight(data, scale.view(1, -1))
 
 
@@ -67,7 +67,7 @@ def linear(
     Over a floating-point or 4-bit weight the rank-r term is written first and the base GEMM adds itself to
     it (cuBLAS's beta): the sum rides the big GEMM's epilogue instead of another pass over the output.
     `torch._scaled_mm` cannot accumulate, so a float8 base adds the term after."""
-    as_fp8 = _as_fp8(weight)
+    as_fp8 = _as_fp8(weight, backward=False)
     if as_fp8 is not None:
         y = fp8.linear(x2, as_fp8, quantised)
         if bias is not None:
@@ -76,7 +76,7 @@ def linear(
             xa, b = low_rank
             y.addmm_(xa, b.t())
         return y
-    w = qlora.dense(weight, x2.dtype)
+    w = qlora.dense(weight, x2.dtype, backward=False)
     bias = None if bias is None else bias.to(x2.dtype)
     if low_rank is None:
         return torch.nn.functional.linear(x2, w, bias)
@@ -93,11 +93,11 @@ def accumulates(weight: torch.Tensor) -> bool:
 
 def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
-    as_fp8 = _as_fp8(weight)
+    as_fp8 = _as_fp8(weight, backward=True)
     if as_fp8 is not None:
         part = fp8.input_grad(dy, as_fp8)
         return part if dx is None else dx.add_(part)
-    w = qlora.dense(weight, dy.dtype)
+    w = qlora.dense(weight, dy.dtype, backward=True)
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 

@@ -27,7 +27,9 @@ from worker.train.warmup import quantise_linears  # noqa: E402  # what load_in_4
 FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
 
 
-def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> torch.nn.Module:
+def tiny_qlora(
+    dtype: torch.dtype = torch.float32, checkpointing: bool = False, reentrant: bool = False
+) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64,
@@ -41,7 +43,7 @@ def tiny_qlora(dtype: torch.dtype = torch.float32, checkpointing: bool = False) 
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(DEVICE)
     quantise_linears(model, "nf4", True, dtype)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     randomise_lora_b(model, std=0.2)
