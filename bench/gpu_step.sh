@@ -7,20 +7,23 @@
 #   git archive REV kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)  # for `ab`
 #   OUT=$OUT bash bench/gpu_step.sh tests ab                   # on the device machine, carrying .whl-qlora, .gpu
 #
-# Issue 13's rows, every ftw real-path row timed on the GPU's clock (calls of ~6–9 minutes each, ~29 in all):
-#   OUT=$OUT bash bench/gpu_step.sh tests real
-#   ARMS=unsloth,ftw OUT=$OUT bash bench/gpu_step.sh 1b 8b offload
-#   OUT=$OUT bash bench/gpu_step.sh qlora8b qlora1b
-#   QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora8b qlora1b
+# Issue 13's rows, every ftw real-path row timed on the GPU's clock, most wanted first (one call ≤ 10 minutes; the
+# four take ~28, so call each as soon as the one before returns: a held machine keeps the models under /tmp):
+#   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh real 8b          # real path, bare loop, Unsloth
+#   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests real 1b
+#   OUT=$OUT bash bench/gpu_step.sh qlora8b                                        # FTW_DEQUANT_AHEAD's arms too
+#   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-ahead SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh qlora8b offload
+# and after them: `QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b`, `SHAPES=llama-1b … offload`, `… qlora1b`.
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
-#   real   real-<shape>/  bench/gpu_train.py at 1B and 8B, full-length: `ftw train`'s real path against the bare
-#                         loop with the same kernels (its `bare` arm), each step timed on the GPU's clock
-#   offload offload-<shape>.txt  the memory-saving rows at 1B and 8B: ftw's real path with offloaded checkpointing
+#   real   real-<shape>/  bench/gpu_train.py at $SHAPES (default llama-1b,llama-8b), full-length: `ftw train`'s real
+#                         path against the bare loop with the same kernels (its `bare` arm), each step timed on the
+#                         GPU's clock
+#   offload offload-<shape>.txt  the memory-saving rows at $SHAPES: ftw's real path with offloaded checkpointing
 #                         (bench/gpu_train.py) and Unsloth's offloaded checkpointing (bench/train_throughput.py)
 #   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
 #                         off), arms $QLORA_ARMS (default: Unsloth's 4-bit arm, ftw's fused path in a bare loop and
@@ -30,7 +33,7 @@
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
-QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-ahead,ftw-real,ftw-real-ahead}
+SHAPES=${SHAPES:-llama-1b,llama-8b} QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-ahead,ftw-real,ftw-real-ahead}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -66,6 +69,7 @@ for part in "${parts[@]}"; do
     real)
       for shape in llama-1b:8:12:90 llama-8b:4:10:150; do
         IFS=: read -r name mbs steps limit <<<"$shape"
+        [[ ",$SHAPES," == *",$name,"* ]] || continue
         log "gpu_train $name, full-length: bare, ftw"
         $PY bench/gpu_train.py --out "$OUT/real-$name" --work "/tmp/real-$name" --shape "$name" --mbs "$mbs" \
           --full-length --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
@@ -82,6 +86,7 @@ for part in "${parts[@]}"; do
     offload)
       for shape in llama-1b:8:8:80 llama-8b:4:6:150; do
         IFS=: read -r name mbs steps limit <<<"$shape"
+        [[ ",$SHAPES," == *",$name,"* ]] || continue
         log "offloaded checkpointing $name: ftw (real path), unsloth"
         { $PY bench/gpu_train.py --out "$OUT/offload-$name" --work "/tmp/offload-$name" --shape "$name" --mbs "$mbs" \
             --full-length --arms ftw --gc offload --steps "$steps" --warmup 2 --no-merge --no-profile \
