@@ -235,6 +235,9 @@ def table(r: dict) -> str:
                     f"host ≤ {v['profiled_host_ms_per_step']} ms/step (profiled)"
                     if "profiled_host_ms_per_step" in v
                     else "",
+                    f"by the events' timestamps {v['ms_per_step_by_timestamps']} ms/step"
+                    if "ms_per_step_by_timestamps" in v
+                    else "",
                 ],
             )
         )

@@ -13,7 +13,17 @@ import sys
 import time
 from pathlib import Path
 
-from bench.models import LORA_16, LORA_16_MOE, PROFILED_STEPS, SHAPES, TARGETS, TIMED_RUN, device, seconds_per_step
+from bench.models import (
+    LORA_16,
+    LORA_16_MOE,
+    PROFILED_STEPS,
+    SHAPES,
+    TARGETS,
+    TIMED_RUN,
+    device,
+    seconds_per_step,
+    seconds_per_step_by_timestamps,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,6 +152,9 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     result = {
         "tokens_per_s": round(per_step / step_s),
         "ms_per_step": round(step_s * 1e3, 1),
+        # each step's GPU time, and the window timed by its events' timestamps as before 3c5f31c (how far off that was)
+        "step_ms_each": [steps_seen.get(s, {}).get("step_ms") for s in range(warmup + 1, last + 1)],
+        "ms_per_step_by_timestamps": round(seconds_per_step_by_timestamps(steps_seen, warmup, last) * 1e3, 1),
         "peak_memory_gib": summary["peak_memory_gib"],  # the process's, loading included
         "step_peak_memory_gib": summary.get("step_peak_memory_gib"),  # the steps' own (CUDA)
         "final_loss": dict(summary["loss_curve"])[last],

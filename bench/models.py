@@ -164,6 +164,11 @@ def seconds_per_step(steps: dict[int, dict], first: int, last: int) -> float:
     window = [steps.get(s, {}) for s in range(first + 1, last + 1)]
     if all("step_ms" in e for e in window):
         return sum(e["step_ms"] for e in window) / 1e3 / len(window)
+    return seconds_per_step_by_timestamps(steps, first, last)
+
+
+def seconds_per_step_by_timestamps(steps: dict[int, dict], first: int, last: int) -> float:
+    """The same window timed by the timestamps of `first`'s and `last`'s events alone (see `seconds_per_step`)."""
     return (steps[last]["ts"] - steps[first]["ts"]) / (last - first)
 
 
