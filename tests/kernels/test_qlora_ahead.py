@@ -1,8 +1,9 @@
 """Dequantising the next 4-bit weight ahead (`FTW_DEQUANT_AHEAD=1`, kernels/ftw_kernels/qlora.py): once the steps
 have taught the cache their order (the first step, and the second's first request, which follows the first's
 last), every weight a step dequantises was dequantised ahead (none on the matmuls' path, none for nothing, no more
-than without), within one weight beyond the cache's bound, and training computes the same numbers bit for bit.
-On a GPU (DEVICE is CUDA there) the same tests run the side stream."""
+than without), within one weight beyond the cache's bound, and training computes the same numbers: bit for bit on
+the CPU; on a GPU (DEVICE is CUDA there), where the same tests run the side stream, within fp32 rounding, as
+attention's backward may sum in another order from run to run."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from ftw_kernels import apply_kernels, qlora  # noqa: E402
-from tests.kernels.test_apply_kernels import packed_batch  # noqa: E402
+from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.test_apply_kernels import DEVICE, packed_batch  # noqa: E402
 from tests.kernels.test_qlora import qlora_config, tiny_qlora  # noqa: E402
 
 STEPS = 5
@@ -61,6 +63,7 @@ def test_once_learnt_every_weight_is_dequantised_ahead(monkeypatch, checkpointin
         assert (ahead_step.inline, ahead_step.unused) == (0, 0)
         assert 0 < ahead_step.ahead <= plain_step.inline  # the weight held beyond the bound can save one
     assert max(held_ahead) <= qlora._CAPACITY + largest
+    same = torch.equal if DEVICE == "cpu" else lambda x, y: rel_err(x, y) < 1e-5
     for (loss, grads), (ref_loss, ref_grads) in zip(ahead, plain):
-        assert torch.equal(loss, ref_loss)
-        assert len(grads) == len(ref_grads) == 2 * 7 * 2 and all(map(torch.equal, grads, ref_grads))
+        assert same(loss, ref_loss)
+        assert len(grads) == len(ref_grads) == 2 * 7 * 2 and all(map(same, grads, ref_grads))
