@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
-from bench.models import DEFAULT_MBS, TARGETS, packed_batches  # noqa: E402
+from bench.models import DEFAULT_MBS, TARGETS, matmul_peak_tflops, packed_batches  # noqa: E402
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 from bench.nf4_arms import dequantised  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
@@ -55,22 +55,6 @@ ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0"), "ftw-ahead": ("FTW
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
-def measure_peak_tflops() -> float:
-    import torch
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 20 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3) / 1e12
-
-
 def model_config(shape: str, seq: int):
     from transformers import AutoConfig
 
@@ -138,7 +122,7 @@ def run_arm(a: argparse.Namespace) -> dict:
 
     if a.arm in ARM_SWITCHES:  # this arm's own process: the switch reaches no other arm
         os.environ.__setitem__(*ARM_SWITCHES[a.arm])
-    peak = measure_peak_tflops()
+    peak = matmul_peak_tflops()
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
