@@ -186,6 +186,7 @@ def bare_arm(a: argparse.Namespace) -> dict:
     return {
         "tokens_per_s": r["tokens_per_s"],
         "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
+        "step_ms_each": r.get("step_ms_each"),  # CUDA events between steps, as the real path's `step_ms`
         "peak_memory_gib": r["peak_alloc_gib"],
         "final_loss": r["loss_last"],
         "kernels": r["kernels"],
