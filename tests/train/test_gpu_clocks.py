@@ -132,7 +132,7 @@ def test_progress_events_carry_the_clock_and_the_summary_its_figures(fake_smi, t
     while not progress.clocks.samples and time.monotonic() < deadline:
         time.sleep(0.02)
     for step in (1, 2):
-        progress.step(step, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+        progress.step(step, 1000 * step, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5})
     progress.close()
     events = [json.loads(line) for line in Path(tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["gpu_sm_mhz"], e["gpu_power_w"]) for e in events] == [(1545.0, 692.99)] * 2

@@ -263,7 +263,7 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     monkeypatch.setenv("FTW_EVENTS", str(tmp_path / "events.jsonl"))
     progress = Progress(cfg(logging_steps=2), tmp_path, total_steps=4, first_step=0, enabled=True, device=None)
     for step in range(1, 5):
-        progress.step(step, {"loss": 2.0 / step, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0})
+        progress.step(step, 100 * step, {"loss": 2.0 / step, "lr": 1e-3, "grad_norm": 0.5})
     progress.close()
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [2, 4]
@@ -272,6 +272,21 @@ def test_progress_reports_events_and_draws_a_bar_on_a_terminal(tmp_path, monkeyp
     )
     assert events[0]["eta_s"] is not None and events[-1]["eta_s"] == 0
     assert "4/4" in screen.getvalue() and "loss=0.5000" in screen.getvalue()
+
+
+def test_pace_leaves_the_first_steps_compile_out_of_tokens_per_s_and_the_eta():
+    """A first step of 30 s (kernel compiles) then 1 s a step of 1,000 tokens, 100 steps: once a second step is
+    recorded, the rate and the time left are those of the steps since the first, not of the whole 30 s."""
+    from worker.train.reporting import Pace
+
+    pace = Pace(started=0.0, steps_before=0, total=100)
+    rate, left = pace.at(1, 1000, now=30.0)  # only the first step: measured from the start
+    assert rate == pytest.approx(1000 / 30) and left == pytest.approx(30.0 * 99)
+    rate, left = pace.at(11, 11_000, now=40.0)
+    assert rate == pytest.approx(1000.0) and left == pytest.approx(89.0)  # not 320 s: 40 s / 11 steps is 3.6 s a step
+    resumed = Pace(started=0.0, steps_before=50, total=100)  # a resumed run counts its own steps and tokens
+    assert resumed.at(51, 1000, now=35.0) == (pytest.approx(1000 / 35), pytest.approx(35.0 * 49))
+    assert resumed.at(61, 11_000, now=45.0) == (pytest.approx(1000.0), pytest.approx(39.0))
 
 
 def wandb_history(run_file) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,31 @@ class Trackers:
             )
 
 
+@dataclass
+class Pace:
+    """Tokens a second and the time left, measured from the first step this run recorded: the first step's own
+    time (kernel compiles and autotuning, cuDNN's plan search, the allocator's first blocks) would otherwise weigh
+    on both for most of a run, showing a slow rate and a late ETA long after the steps are fast. Until a second
+    step is recorded, both are measured from the loop's start."""
+
+    started: float  # the loop's start (time.monotonic)
+    steps_before: int  # steps done when it started (a resumed run's checkpoint)
+    total: int
+    origin: tuple[float, int, int] | None = None  # (time, steps done, tokens) at the first recorded step
+
+    def at(self, step: int, tokens: int, now: float) -> tuple[float, float | None]:
+        """(tokens a second, seconds left) with `step` steps and `tokens` tokens done by this run at `now`."""
+        if self.origin is None:
+            self.origin = (now, step, tokens)
+        since, first, first_tokens = self.origin
+        if step > first and now > since:
+            elapsed, steps, tokens = now - since, step - first, tokens - first_tokens
+        else:
+            elapsed, steps = max(now - self.started, 1e-9), step - self.steps_before
+        left = elapsed / steps * (self.total - step) if steps > 0 else None
+        return tokens / elapsed, left
+
+
 class Progress:
     """Step reports for the orchestrator (events), a person (tqdm on a terminal) and trackers; with them, the
     clock and power of the GPU the steps run on (worker/train/gpu_clocks.py), when `device` is one."""
@@ -96,8 +122,7 @@ class Progress:
         self.gpu_summary: dict[str, Any] = {}
         self.total = total_steps
         self.every = cfg.logging_steps or 1
-        self.start_time = time.monotonic()
-        self.start_step = first_step
+        self.pace = Pace(time.monotonic(), first_step, total_steps)
         self.trackers = Trackers(cfg, run_dir, cfg.trackers()) if enabled else None
         self.bar = None
         if enabled and sys.stderr.isatty():
@@ -105,21 +130,16 @@ class Progress:
 
             self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True)
 
-    def eta(self, step: int) -> float | None:
-        done = step - self.start_step
-        if done <= 0:
-            return None
-        return (time.monotonic() - self.start_time) / done * (self.total - step)
-
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def step(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        """`step` recorded, with `tokens` trained by this run so far (this process's share)."""
         if not self.enabled:
             return
-        metrics = {**metrics, **self.clocks.latest()}
+        tokens_per_s, eta = self.pace.at(step, tokens, time.monotonic())
+        metrics = {**metrics, "tokens_per_s": tokens_per_s, **self.clocks.latest()}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if step % self.every == 0 or step == self.total:
-            eta = self.eta(step)
             emit(
                 {
                     "stage": "train",

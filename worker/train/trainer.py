@@ -192,7 +192,6 @@ class Trainer:
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
         state.train_loss.append((queued.step, round(loss, 6)))
-        tokens_per_s = (state.tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
         step_ms = queued.readout.ms_after(self.last_mark)
         self.last_mark = queued.readout.ready or self.last_mark
         if queued.step == self.first_step:  # the job's time to first step is measured from this event
@@ -203,11 +202,11 @@ class Trainer:
                 state.curves.setdefault(name, []).append((queued.step, round(extra[name], 6)))
         self.progress.step(
             queued.step,
+            state.tokens - self.tokens0,
             {
                 "loss": loss,
                 "lr": queued.lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
                 **({} if step_ms is None else {"step_ms": round(step_ms, 2)}),
                 **extra,
             },
