@@ -120,6 +120,9 @@ def test_run_metrics_price_the_gpu_seconds_and_compare_with_the_prediction():
     assert m["tokens_per_s_vs_predicted"] == round(15000.0 / p.tokens_per_s("NVIDIA H200"), 3)
     two = run_metrics(p, GpuProbe(devices=[probe.devices[0], gpu("NVIDIA H200", 143771, 143156, 1)]), measured, 600.4)
     assert two["gpu_seconds"] == 1200.8 and two["estimated_cost_usd"] == round(1201 * price, 4)
+    # the steps' own rate, where the run has it: the prediction has no first-step compiles in it
+    steady = run_metrics(p, probe, {**measured, "steps_tokens_per_s": 16000.0}, job_seconds=600.4)
+    assert steady["tokens_per_s_vs_predicted"] == round(16000.0 / p.tokens_per_s("NVIDIA H200"), 3)
 
 
 @pytest.mark.slow
@@ -146,6 +149,7 @@ def test_ftw_run_on_cpu_reports_the_new_metrics(demo_volume, tmp_path):
     )  # no RunPod GPU type to price or predict
     assert m["predicted_peak_memory_gib"] == round(expected.peak_bytes / GiB, 3) > 0
     assert m["peak_memory_vs_predicted"] is None  # the CPU's peak is RSS, not GPU memory
+    assert m["steps_tokens_per_s"] > 0 and m["tokens_per_s"] > 0  # three steps: the rate from the first on
     checks = json.loads((demo_volume / "runs" / job["run_id"] / "checks.json").read_text())
     assert checks["memory"] == {"checked": False, "reason": "no GPU"}
 

@@ -88,6 +88,7 @@ class Pace:
     steps_before: int  # steps done when it started (a resumed run's checkpoint)
     total: int
     origin: tuple[float, int, int] | None = None  # (time, steps done, tokens) at the first recorded step
+    steps_rate: float | None = None  # tokens a second since then, once a second step is recorded
 
     def at(self, step: int, tokens: int, now: float) -> tuple[float, float | None]:
         """(tokens a second, seconds left) with `step` steps and `tokens` tokens done by this run at `now`."""
@@ -96,6 +97,7 @@ class Pace:
         since, first, first_tokens = self.origin
         if step > first and now > since:
             elapsed, steps, tokens = now - since, step - first, tokens - first_tokens
+            self.steps_rate = tokens / elapsed
         else:
             elapsed, steps = max(now - self.started, 1e-9), step - self.steps_before
         left = elapsed / steps * (self.total - step) if steps > 0 else None

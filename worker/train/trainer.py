@@ -391,6 +391,7 @@ class Trainer:
             "tokens": s.tokens,
             "target_tokens": s.target_tokens,
             "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1),
+            "steps_tokens_per_s": None if (rate := self.progress.pace.steps_rate) is None else round(rate, 1),
             "runtime_s": round(self.runtime_s, 2),
             "peak_memory_gib": round(self.peak_memory_gib(), 3),
             "step_peak_memory_gib": None if (step := self.step_peak_memory_gib()) is None else round(step, 3),
