@@ -289,6 +289,22 @@ def test_pace_leaves_the_first_steps_compile_out_of_tokens_per_s_and_the_eta():
     assert resumed.at(61, 11_000, now=45.0) == (pytest.approx(1000.0), pytest.approx(39.0))
 
 
+def test_pace_on_cuda_times_the_steps_on_the_gpus_clock():
+    """The host records each step 1.5 s (steps) after it ended, the last on time (its queue two steps deep): by the
+    host's clock 10 steps of 1 s would read 8.5 s, a rate 18% high; their `step_ms` say 10 s."""
+    from worker.train.reporting import Pace
+
+    pace = Pace(started=0.0, steps_before=0, total=20)
+    pace.at(1, 1000, now=31.5, step_ms=30_000.0)
+    for step in range(2, 12):
+        recorded = 40.0 if step == 11 else 30.0 + (step - 1) + 1.5  # ended at 30 + (step - 1); the last on time
+        rate, left = pace.at(step, 1000 * step, now=recorded, step_ms=1000.0)
+    assert rate == pytest.approx(1000.0) and left == pytest.approx(9.0) and pace.steps_rate == pytest.approx(1000.0)
+    host = Pace(started=0.0, steps_before=0, total=20)  # without GPU times (the CPU): the host's clock
+    host.at(1, 1000, now=31.5)
+    assert host.at(11, 11_000, now=40.0)[0] == pytest.approx(10_000 / 8.5)
+
+
 def wandb_history(run_file) -> list[dict]:
     """The history rows of an offline .wandb file: a LevelDB-style log (32 KiB blocks, 7-byte
     record headers, records split FIRST/MIDDLE/LAST) of wandb's own protobuf Records."""

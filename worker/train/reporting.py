@@ -82,21 +82,27 @@ class Pace:
     """Tokens a second and the time left, measured from the first step this run recorded: the first step's own
     time (kernel compiles and autotuning, cuDNN's plan search, the allocator's first blocks) would otherwise weigh
     on both for most of a run, showing a slow rate and a late ETA long after the steps are fast. Until a second
-    step is recorded, both are measured from the loop's start."""
+    step is recorded, both are measured from the loop's start. On CUDA the time since that first step is the
+    steps' own on the GPU's clock (their `step_ms`): the host records a step a step or two after it ran, and the
+    last one on time, which would make a short run's rate read high."""
 
     started: float  # the loop's start (time.monotonic)
     steps_before: int  # steps done when it started (a resumed run's checkpoint)
     total: int
     origin: tuple[float, int, int] | None = None  # (time, steps done, tokens) at the first recorded step
+    gpu_s: float | None = 0.0  # the GPU time of the steps since then; None once one came without it
     steps_rate: float | None = None  # tokens a second since then, once a second step is recorded
 
-    def at(self, step: int, tokens: int, now: float) -> tuple[float, float | None]:
-        """(tokens a second, seconds left) with `step` steps and `tokens` tokens done by this run at `now`."""
+    def at(self, step: int, tokens: int, now: float, step_ms: float | None = None) -> tuple[float, float | None]:
+        """(tokens a second, seconds left) with `step` steps and `tokens` tokens done by this run at `now`;
+        `step_ms`: this step's time on the GPU's clock, where there is one."""
         if self.origin is None:
             self.origin = (now, step, tokens)
+        elif self.gpu_s is not None:
+            self.gpu_s = None if step_ms is None else self.gpu_s + step_ms / 1e3
         since, first, first_tokens = self.origin
         if step > first and now > since:
-            elapsed, steps, tokens = now - since, step - first, tokens - first_tokens
+            elapsed, steps, tokens = self.gpu_s or now - since, step - first, tokens - first_tokens
             self.steps_rate = tokens / elapsed
         else:
             elapsed, steps = max(now - self.started, 1e-9), step - self.steps_before
@@ -136,7 +142,7 @@ class Progress:
         """`step` recorded, with `tokens` trained by this run so far (this process's share)."""
         if not self.enabled:
             return
-        tokens_per_s, eta = self.pace.at(step, tokens, time.monotonic())
+        tokens_per_s, eta = self.pace.at(step, tokens, time.monotonic(), metrics.get("step_ms"))
         metrics = {**metrics, "tokens_per_s": tokens_per_s, **self.clocks.latest()}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
