@@ -86,6 +86,9 @@ def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
     r = tt.child(args, timeout=a.arm_timeout)
     if r.get("offloaded_mib_per_step"):
         r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
+    if r.get("dequantised"):  # a step's dequantisations: did the ahead ones take the matmuls' place?
+        counts = ", ".join(f"{v} {k}" for k, v in r["dequantised"].items())
+        r["kernels"] = [*r["kernels"], f"dequantised a step: {counts}"]
     return r
 
 
