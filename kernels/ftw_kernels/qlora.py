@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -186,13 +186,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 _RECENT: dict[tuple[torch.device, torch.dtype], _RecentWeights] = {}
 _CAPACITY = 0
+_AHEAD = False  # `FTW_DEQUANT_AHEAD`, as `keep_recent` read it
 
 
 def keep_recent(nbytes: int) -> None:
     """Keep up to `nbytes` of recently dequantised weights per device and dtype (0: only the last one);
-    the registry sets one decoder layer's 4-bit weights. Drops what is cached and the order learnt."""
-    global _CAPACITY
-    _CAPACITY = nbytes
+    the registry sets one decoder layer's 4-bit weights. Drops what is cached and the order learnt, and reads
+    `FTW_DEQUANT_AHEAD` once for every `dense` after it."""
+    global _CAPACITY, _AHEAD
+    _CAPACITY, _AHEAD = nbytes, ahead_wanted()
     for recent in _RECENT.values():
         recent.clear()
         recent.capacity = nbytes
@@ -201,7 +203,7 @@ def keep_recent(nbytes: int) -> None:
 def counts() -> Counts:
     """The dequantisations of every device and dtype since `keep_recent`."""
     every = [recent.counts for recent in _RECENT.values()]
-    return Counts(*(sum(getattr(c, name) for c in every) for name in ("inline", "ahead", "unused")))
+    return Counts(*(sum(getattr(c, f.name) for c in every) for f in fields(Counts)))
 
 
 def _by_triton(weight: torch.Tensor) -> bool:
@@ -240,7 +242,7 @@ def dense(weight: torch.Tensor, dtype: torch.dtype, backward: bool = False) -> t
     values = recent.take(weight)
     if values is None:
         values = recent.dequantise(weight)
-    if ahead_wanted():
+    if _AHEAD:
         following = recent.next_after(weight, backward)
         if following is not None:
             recent.dequantise_ahead(following)
