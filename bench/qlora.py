@@ -45,7 +45,6 @@ from bench import train_throughput as tt  # noqa: E402
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
 MORE_ARMS = ("ftw-fp8", "ftw-real-fp8", "ftw-ahead", "ftw-real-ahead")
 THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8", "ftw-ahead": "ftw-ahead"}
-AHEAD = {"FTW_DEQUANT_AHEAD": "1"}  # kernels/ftw_kernels/qlora.py AHEAD_ENV
 
 
 def real_path(a: argparse.Namespace, gc: bool, fp8: bool, ahead: bool) -> dict:
@@ -61,7 +60,8 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool, ahead: bool) -> dict:
     cmd += ["--gc", mode, "--full-length", "--no-merge", *([] if a.profile else ["--no-profile"]), "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout), "--config", json.dumps(a.config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(AHEAD if ahead else {})})
+    switch = dict([tt.ARM_SWITCHES["ftw-ahead"]]) if ahead else {}  # the bare arm's switch, for the real path
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **switch})
     try:
         name = arm + {"off": "", "on": "+gc", "offload": "+offload"}[mode]  # gpu_train's arm names
         result = json.loads((out / "gpu_train.json").read_text())["arms"][name]
