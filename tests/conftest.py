@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # the tests' vLLM engines (CPU build): a 128 MiB KV cache, ~130k tokens of the tiny models, far more than their
@@ -26,6 +27,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join([*IMPORT_PATH, *filter(None, [os.envi
 # is reset to the default in each child that is exec'd, so they start as from a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Without a GPU the Triton kernels run through Triton's interpreter, for every test and child: the variable is read
+# when triton.jit decorates, so it is set before any test module imports ftw_kernels (the trainer's in-process runs
+# with use_kernels: true need it as much as the kernel tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # fixtures `s3_server` (real rclone S3 on loopback) and `hub_server` (local Hub HTTP API)
 pytest_plugins = ["tests.s3server", "tests.hubserver"]
 

@@ -25,9 +25,12 @@ def causal_lm_forward(
     """Training forward with labels: the loss straight from the last hidden states (no logits
     returned), plus the router's aux loss where an MoE model is asked for it. `token_losses=True`
     (the DPO family, worker/train/preference.py; in eval too): `loss` is each token's loss instead,
-    (batch × seq,) fp32, 0 where the shifted label is ignored, with no router aux loss in it.
+    (batch × seq,) fp32, 0 where the shifted label is ignored, with no router aux loss in it. `target_rows`
+    (cross_entropy.target_rows of the labels, a device copy of the host's): the mean loss's head takes only those
+    rows of the hidden states; the loss and every grad are what all rows give.
     Everything else goes to the original forward."""
     token_losses = kwargs.pop("token_losses", False)
+    rows = kwargs.pop("target_rows", None)  # cross_entropy.target_rows of the labels, computed on the host
     inputs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -56,6 +59,9 @@ def causal_lm_forward(
     if token_losses:
         loss = fused_linear_token_losses(hidden, self.lm_head.weight, targets, -100)
     else:
+        if rows is not None:  # the loss head over the rows that carry a loss only
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+            targets = targets.reshape(-1).index_select(0, rows)
         loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, targets, -100, num_items)
     if moe and not token_losses:
         return _with_router_loss(self, loss, outputs, attention_mask, kwargs["output_router_logits"])

@@ -9,6 +9,12 @@ no gradient and no matmul for one; a trainable one accumulates in fp32.
 Peak extra memory: one chunk of logits plus dL/dhidden (tokens × hidden), against HF's
 tokens × vocab logits in fp32 and their gradient.
 
+Only the rows that carry a loss need logits: a chat dataset's prompts (train_on_inputs: false) and a padded batch's
+padding are ignored rows, often half a batch or more. `target_rows` lists the others from the batch's CPU labels
+(the trainer's prefetch thread calls it, so nothing is read back from the device), and the causal LM's forward
+(kernels/ftw_kernels/causal_lm.py) gathers those rows of the hidden states before the loss head: the head's two
+GEMMs and its softmax cost what the targets cost, not what the batch does.
+
 `fused_linear_token_losses` is the per-row variant (the DPO family's log-probabilities): the same
 chunks, each row's loss returned, dL/dhidden kept unscaled and scaled row by row in backward.
 """
@@ -173,6 +179,14 @@ class FusedLinearTokenLosses(torch.autograd.Function):
                     del dlogits  # one chunk alive at a time
             dw = grad_weight.to(ctx.weight_dtype)
         return dh, dw, None, None
+
+
+def target_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The flat indices of a batch's rows whose next-token label is not ignored (HF's causal shift: row t predicts
+    label t+1, the last row of each sequence nothing), from its CPU labels: their count is known on the host, so
+    gathering them on the device needs no sync."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return (shifted.reshape(-1) != ignore_index).nonzero().squeeze(1)
 
 
 def fused_linear_cross_entropy(

@@ -4,6 +4,7 @@ micro-batch; without the kernels the whole batch's logits are alive."""
 
 from __future__ import annotations
 
+from ftw_kernels.cross_entropy import CHUNK_LOGITS_BYTES
 from schemas.config import TrainingConfig
 from worker.estimate.data_tokens import DatasetSize
 from worker.estimate.model import FUSED_CE_CHUNK_BYTES, memory_parts
@@ -20,10 +21,6 @@ def logits_bytes(micro_batch_size: int, use_kernels: bool = True) -> int:
 
 
 def test_the_estimate_holds_the_kernels_chunk_size():
-    # imported here, not at collection: tests/kernels/conftest.py must set TRITON_INTERPRET before any kernel
-    # module is decorated (a module-level import here, collected first, broke every CPU kernel test)
-    from ftw_kernels.cross_entropy import CHUNK_LOGITS_BYTES
-
     assert FUSED_CE_CHUNK_BYTES == CHUNK_LOGITS_BYTES  # the orchestrator may not import torch: a copy, held here
 
 

@@ -1,5 +1,6 @@
 """Kernel tests run the Triton kernels on CPU through Triton's interpreter (small shapes), and on
-CUDA natively when a GPU is present (tests/kernels/test_gpu.py, through the device tool)."""
+CUDA natively when a GPU is present (tests/kernels/test_gpu.py, through the device tool); tests/conftest.py
+sets TRITON_INTERPRET for the whole suite."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import zlib
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton.jit decorates: before kernels import
 
 pytest.importorskip("triton")
 

@@ -17,7 +17,9 @@ sample is never a target, so no sample learns from its neighbour's last token.
 straight from Arrow, tensors pinned on CUDA), so the training loop only copies them to the device
 (non-blocking) and the GPU never waits for the host to build a batch. With the varlen attention
 kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
-forward reads them back from the device (kernels/ftw_kernels/attention.py).
+forward reads them back from the device (kernels/ftw_kernels/attention.py); with the fused loss of the supervised
+objective, the rows that carry a loss (`target_rows`, kernels/ftw_kernels/cross_entropy.py), which are all the loss
+head computes.
 """
 
 from __future__ import annotations
@@ -161,18 +163,32 @@ def read_step(
     varlen: bool = False,
     count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
     pad_to: int | None = None,
+    target_rows: bool = False,
 ) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
-    `count`: the items the loss averages over (worker/train/objective.py); `pad_to`: see `collate`."""
+    `count`: the items the loss averages over (worker/train/objective.py); `pad_to`: see `collate`;
+    `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head."""
     micro = [collate(read_rows(ds, m), pad_id, packed, pad_to) for m in plan.micro_batches(step, rank, order)]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
+    for b in micro:
+        b.update(host_inputs(b, varlen, target_rows))
+    return step_input
+
+
+def host_inputs(batch: dict[str, torch.Tensor], varlen: bool, target_rows: bool) -> dict:
+    """What the kernels take from a micro-batch's CPU tensors instead of reading the device back: the varlen
+    attention's segment boundaries, the fused loss head's target rows."""
+    out: dict = {}
     if varlen:
         from ftw_kernels.attention import host_segments
 
-        for b in micro:
-            b.update(host_segments(b["position_ids"], b.get("attention_mask")))
-    return step_input
+        out.update(host_segments(batch["position_ids"], batch.get("attention_mask")))
+    if target_rows:
+        from ftw_kernels.cross_entropy import target_rows as rows_of
+
+        out["target_rows"] = rows_of(batch["labels"], IGNORE)
+    return out
 
 
 class Prefetcher:
@@ -194,13 +210,14 @@ class Prefetcher:
         varlen: bool = False,
         count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
         pad_to: int | None = None,
+        target_rows: bool = False,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
 
         def read(step: int, order: list[int] | None) -> StepInput:
-            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to)
+            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows)
 
         args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)

@@ -51,6 +51,7 @@ def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 
 class StructuredEbftObjective:
+    target_rows = False  # its losses are its own, not the fused mean loss over target rows
     metric_names = (
         *ebft.REWARD_METRICS,
         "ebft/ce_loss",

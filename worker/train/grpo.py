@@ -146,6 +146,8 @@ def policy_loss(
 class GrpoObjective:
     """The trainer loop's objective for rl: grpo (one item = one prompt of the micro-batch)."""
 
+    target_rows = False  # its losses are its own, not the fused mean loss over target rows
+
     def __init__(
         self,
         cfg: TrainingConfig,

@@ -27,6 +27,7 @@ from worker.train.batches import target_tokens
 
 class Objective(Protocol):
     metric_names: tuple[str, ...]
+    target_rows: bool  # its batches carry the fused loss head's target rows (batches.host_inputs)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
@@ -43,10 +44,11 @@ class SupervisedObjective:
     """Next-token cross-entropy over the target tokens (transformers' loss, or kernels' fused one).
     With the MoE router's aux loss on (`router_loss`), its value is summed per micro-batch and
     logged as `aux_loss`, the mean over the step's micro-batches on every rank (its coef × it is
-    already inside the loss: worker/train/moe.py)."""
+    already inside the loss: worker/train/moe.py). With the fused loss (`fused`), the loss head takes only the
+    target tokens' rows, which the prefetch thread lists on the host."""
 
-    def __init__(self, router_loss: bool = False):
-        self.router_loss = router_loss
+    def __init__(self, router_loss: bool = False, fused: bool = False):
+        self.router_loss, self.target_rows = router_loss, fused
         self.metric_names: tuple[str, ...] = ("aux_loss_sum", "micro_batches") if router_loss else ()
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -79,7 +81,7 @@ def build_objective(
     method = cfg.rl_method()
     fused = "fused_linear_cross_entropy" in kernels
     if method is None:
-        return SupervisedObjective(router_loss)
+        return SupervisedObjective(router_loss, fused)
     if method == "grpo":
         from worker.train.grpo import GrpoObjective
 

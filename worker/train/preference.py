@@ -132,6 +132,7 @@ def kto_terms(cfg: TrainingConfig, policy: torch.Tensor, reference: torch.Tensor
 class PreferenceObjective:
     """The loss of one packed micro-batch for the trainer loop (worker/train/objective.py's contract)."""
 
+    target_rows = False  # its losses are its own, not the fused mean loss over target rows
     metric_names = (
         "rewards/chosen",
         "rewards/rejected",

@@ -238,6 +238,7 @@ class Trainer:
             topo.device,
             varlen="varlen_attention" in self.kernels,
             count=self.objective.count,
+            target_rows=self.objective.target_rows,
             pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way

@@ -30,7 +30,7 @@ import torch
 from schemas.config import TrainingConfig
 from worker.data.tokenizer import load_tokenizer
 from worker.train.adapters import attach
-from worker.train.batches import collate, to_device
+from worker.train.batches import collate, host_inputs, to_device
 from worker.train.model import (
     apply_kernel_patches,
     compile_if_asked,
@@ -132,14 +132,12 @@ def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
 def warm(cfg: TrainingConfig) -> float:
     """A forward and backward of the one-layer model per micro-batch of `batches`; the seconds they took
     (the compilation, mostly)."""
-    from ftw_kernels.attention import host_segments
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, precision, kernels = build(cfg, device)
     started = time.monotonic()
     for micro in batches(cfg, tokenizer):
-        if "varlen_attention" in kernels:  # the boundaries from the host, as the trainer's prefetcher hands them over
-            micro.update(host_segments(micro["position_ids"], micro.get("attention_mask")))
+        # what the trainer's prefetcher hands over: the varlen boundaries, the loss head's rows
+        micro.update(host_inputs(micro, "varlen_attention" in kernels, "fused_linear_cross_entropy" in kernels))
         with precision.autocast(device.type):
             loss = model(**to_device(micro, device), use_cache=False).loss
         loss.backward()
