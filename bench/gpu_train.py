@@ -29,7 +29,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   qlora-fp8  qlora with fp8_base_weights: true: the 4-bit weights' matmuls in float8;
   ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
          default arms: it needs compute capability ≥ 8.9).
-`--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
+`--prompt-share 0.5` makes the first half of every sample a masked prompt (chat data; ftw's loss head then computes
+the target rows only). `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
 the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
 gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
@@ -88,6 +89,12 @@ def main() -> int:
     )
     ap.add_argument("--full-length", action="store_true", help="one sample of --seq tokens per row (no packing)")
     ap.add_argument(
+        "--prompt-share",
+        type=float,
+        default=0.0,
+        help="the share of each sample that is a masked prompt (labels -100), as in chat data: every arm trains on it",
+    )
+    ap.add_argument(
         "--model-dir",
         type=Path,
         help="a saved model of --shape to train (bench/qlora.py passes the one Unsloth loads) instead of building one",
@@ -139,6 +146,7 @@ def main() -> int:
         "mbs": a.mbs,
         "rows": a.warmup + a.steps + PROFILED_STEPS + 1,
         "full_length": a.full_length,
+        "prompt_share": a.prompt_share,
         "model": str(a.model_dir or ""),
     }
     built = a.work / "built.json"  # a warm machine's earlier call with the same spec: model and cache reused
@@ -148,7 +156,7 @@ def main() -> int:
         if a.model_dir is None:
             shutil.rmtree(model_dir, ignore_errors=True)
             build_model(model_dir, a.shape, a.seq)
-        build_cache(cache, spec["rows"], a.mbs, a.seq, SHAPES[a.shape]["vocab_size"], a.full_length)
+        build_cache(cache, spec["rows"], a.mbs, a.seq, SHAPES[a.shape]["vocab_size"], a.full_length, a.prompt_share)
         built.write_text(json.dumps(spec))
     results["setup_s"] = round(time.monotonic() - t, 1)
     for arm in with_checkpointing(a.arms.split(","), a.gc):

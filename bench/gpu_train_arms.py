@@ -180,6 +180,8 @@ def bare_arm(a: argparse.Namespace) -> dict:
     args = train_throughput.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
     if a.full_length:  # the same rows as the real path's cache
         args.append("--full-length")
+    if a.prompt_share:
+        args += ["--prompt-share", str(a.prompt_share)]
     r = train_throughput.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}

@@ -63,11 +63,14 @@ def sample_lengths(n: int, seed: int, mean: float = 600.0, sigma: float = 0.8, c
     return [max(16, min(cap, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
 
 
-def packed_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, full_length: bool = False):
+def packed_batches(
+    steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, full_length: bool = False, prompt_share: float = 0.0
+):
     """Rows filled with whole samples back to back (the last one cut to fit), or with one sample
     of `seq` tokens each (`full_length`, the protocol of the issue's peer table). Each sample
-    repeats a short random motif, so the loss falls as the model learns to copy. Yields CPU
-    tensors and the Σs² of the batch's samples."""
+    repeats a short random motif, so the loss falls as the model learns to copy. `prompt_share`: the first
+    that share of each sample's tokens is a prompt, its labels -100, as a chat template's (train_on_inputs: false).
+    Yields CPU tensors and the Σs² of the batch's samples."""
     import itertools
 
     import torch
@@ -89,7 +92,8 @@ def packed_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, fu
                 ids[r, at : at + n] = motif.repeat(n // len(motif) + 1)[:n]
                 pos[r, at : at + n] = torch.arange(n)
                 labels[r, at : at + n] = ids[r, at : at + n]
-                labels[r, at] = -100  # the previous sample's last token has no target here
+                # the previous sample's last token has no target here, nor has the prompt's
+                labels[r, at : at + max(1, int(n * prompt_share))] = -100
                 sum_sq += n * n
                 at += n
         yield dict(input_ids=ids, position_ids=pos, labels=labels), sum_sq
@@ -246,13 +250,15 @@ def _build_model(folder: Path, shape: str, seq: int) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def build_cache(folder: Path, steps: int, mbs: int, seq: int, vocab: int, full_length: bool = False) -> None:
+def build_cache(
+    folder: Path, steps: int, mbs: int, seq: int, vocab: int, full_length: bool = False, prompt_share: float = 0.0
+) -> None:
     """One packed row per step: train_throughput's `mbs` rows of that step, back to back (each row one
-    sample of `seq` tokens with `full_length`, the peers' protocol)."""
+    sample of `seq` tokens with `full_length`, the peers' protocol; `prompt_share`: see packed_batches)."""
     from datasets import Dataset, Features, Sequence, Value
 
     out = []
-    for batch, _ in packed_batches(steps, mbs, seq, vocab, full_length=full_length):
+    for batch, _ in packed_batches(steps, mbs, seq, vocab, full_length=full_length, prompt_share=prompt_share):
         out.append({k: batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids")})
     feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
     Dataset.from_list(out, features=feats).save_to_disk(str(folder / "train"))

@@ -13,7 +13,8 @@ rows of `--seq` tokens (position ids restart at each sample; the cross-sample ta
 `--mbs` rows a step, so every step holds the same number of real tokens. Random-init models of the
 public shapes, bf16, LoRA r=16 α=32 on all seven linear layers, fused AdamW. Timing: CUDA events
 over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
-4·N_frozen + 6·N_lora + 6·L·d_attn·Σsᵢ²/T per token (packed attention costs Σsᵢ², not S²),
+4·N_frozen + 6·N_lora + 6·L·d_attn·Σsᵢ²/T per token (packed attention costs Σsᵢ², not S²; the output head's
+4·V·d over the tokens that have a target only),
 against the bf16 matmul peak measured at the start of the same run.
 Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
 liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
@@ -22,7 +23,8 @@ Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 pea
 with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered weights ftw lays out by default,
 kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); ftw-ahead = ftw with `FTW_DEQUANT_AHEAD=1`
 (with `--4bit`: each next 4-bit weight dequantised on a side stream, kernels/ftw_kernels/qlora.py; the JSON's
-`dequantised` counts them); unsloth =
+`dequantised` counts them); ftw-all-rows = ftw with every row of the batch to the loss head, not only the target
+rows the trainer's prefetcher lists (`--prompt-share 0.5`: half of each sample a masked prompt); unsloth =
 Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
 `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
 tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -49,8 +51,9 @@ from bench.models import DEFAULT_MBS, TARGETS, matmul_peak_tflops, packed_batche
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 from bench.nf4_arms import dequantised  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
+from bench.throughput_table import table  # noqa: E402
 
-FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered", "ftw-ahead")  # the arms that run ftw's kernels
+FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered", "ftw-ahead", "ftw-all-rows")  # the arms that run ftw's kernels
 ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0"), "ftw-ahead": ("FTW_DEQUANT_AHEAD", "1")}  # ftw's names
 
 
@@ -127,10 +130,12 @@ def run_arm(a: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
-    if "varlen_attention" in applied:  # the boundaries from the host, as the trainer's prefetcher hands them over
-        from ftw_kernels.attention import host_segments
+    if a.arm in FTW_ARMS:  # what the trainer's prefetcher hands over: varlen boundaries, the loss head's rows
+        from worker.train.batches import host_inputs
 
-        layout = lambda b: {**b, **host_segments(b["position_ids"], None)}  # noqa: E731
+        rows = "fused_linear_cross_entropy" in applied and a.arm != "ftw-all-rows"
+        layout = lambda b: {**b, **host_inputs(b, "varlen_attention" in applied, rows)}  # noqa: E731
+    stream = list(packed_batches(total, a.mbs, a.seq, cfg.vocab_size, 0, a.full_length, a.prompt_share))
     batches = [
         (
             {
@@ -139,7 +144,7 @@ def run_arm(a: argparse.Namespace) -> dict:
             },
             sq,
         )
-        for b, sq in packed_batches(total, a.mbs, a.seq, cfg.vocab_size, full_length=a.full_length)
+        for b, sq in stream
     ]
     losses: list[float] = []
     offloader = None
@@ -191,7 +196,10 @@ def run_arm(a: argparse.Namespace) -> dict:
     tokens = a.steps * a.mbs * a.seq
     sum_sq = sum(sq for _, sq in batches[a.warmup :])
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    flops = 4 * n_frozen * tokens + 6 * n_lora * tokens + 6 * cfg.num_hidden_layers * d_attn * sum_sq
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in stream[a.warmup :])  # the head's useful rows
+    head = cfg.vocab_size * cfg.hidden_size
+    flops = 4 * (n_frozen - head) * tokens + 4 * head * targets + 6 * n_lora * tokens
+    flops += 6 * cfg.num_hidden_layers * d_attn * sum_sq
     return dict(
         arm=a.arm + ("+offload" if offloader else ""),
         shape=a.shape,
@@ -255,51 +263,13 @@ def child(args: list[str], timeout: float | None = None) -> dict:
     return finish_child(start_child(args), args, timeout)
 
 
-def table(results: list[dict]) -> str:
-    """One row per arm; speed and peak allocated memory also as ratios to hf's and to Unsloth's run of
-    the same shape and checkpointing mode (the issue's targets are ratios to Unsloth)."""
-    rows = [
-        "| shape, mbs | grad ckpt | arm | tokens/s | × hf | × unsloth | MFU | SM MHz / W | peak alloc / reserved GiB | "
-        "alloc × unsloth | loss first → last | kernels |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    done = [r for r in results if "tokens_per_s" in r]
-    by_arm = {(r["arm"], r["shape"], r["gc"]): r for r in done}
-
-    def ratio(r: dict, arm: str, key: str) -> str:
-        ref = by_arm.get((arm, r["shape"], r["gc"]))
-        return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"
-
-    for r in results:
-        if "tokens_per_s" not in r:
-            last = [line for line in (r.get("error") or "?").splitlines() if line.strip()][-1:] or ["?"]
-            rows.append(f"| {r.get('args')} | | | error: {last[0][:160].replace('|', '/')} | | | | | | | | |")
-            continue
-        rows.append(
-            f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''}"
-            f"{' (nf4 base)' if r.get('four_bit') else ''} | "
-            f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
-            f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | "
-            f"{r.get('sm_mhz') or '-'} / {r.get('power_w') or '-'} | {r['peak_alloc_gib']} / "
-            f"{r['peak_reserved_gib']} | "
-            f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['loss_first']} → {r['loss_last']} | "
-            f"{', '.join(r['kernels']) or '-'} |"
-        )
-    if any(r["arm"] == "unsloth" and not r.get("full_length") for r in done):
-        rows.append(
-            "\nunsloth, packed: each step's rows end to end as one row with `packed_seq_lengths` (its padding-free "
-            "layout; it splits attention per sample only so), the same tokens and targets as the other arms."
-        )
-    return "\n".join(rows)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
     ap.add_argument(
         "--arms",
         default="hf,liger,unsloth,ftw",
-        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead",
+        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead, ftw-all-rows",
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
@@ -308,6 +278,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
+    ap.add_argument("--prompt-share", type=float, default=0.0, help="each sample's masked prompt share (labels -100)")
     ap.add_argument(
         "--4bit",
         dest="four_bit",
@@ -384,6 +355,7 @@ def main() -> None:
                             a.freeze_heap,
                             *prof,
                             *(["--full-length"] if a.full_length else []),
+                            *(["--prompt-share", str(a.prompt_share)] if a.prompt_share else []),
                             *(["--4bit"] if a.four_bit else []),
                             *(["--offload"] if a.offload and arm in FTW_ARMS else []),
                         ],

@@ -184,8 +184,11 @@ def test_the_prepared_cache_gives_the_exact_token_count(tmp_path, data_volume, t
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     after = estimate(cfg, data_volume).stdout
     assert "estimated from the local files" in before
+    share = summary["tokens"]["trained_share"]
+    assert 0 < share < 1  # the chat template's prompts are not trained
     assert (
-        f"data: {summary['tokens']['train']:,} tokens (counted in the prepared cache {summary['cache_dir']})" in after
+        f"data: {summary['tokens']['train']:,} tokens (counted in the prepared cache {summary['cache_dir']}), "
+        f"{share:.0%} of them trained" in after
     )
 
 

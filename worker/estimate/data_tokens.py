@@ -41,6 +41,7 @@ class DatasetSize:
     samples: int | None = None
     source: str = "unknown"
     notes: list[str] = field(default_factory=list)
+    trained_share: float | None = None  # tokens with a label / all (a prepared cache's count); None: unknown
 
     @property
     def mean_sample_tokens(self) -> float | None:
@@ -98,7 +99,10 @@ def from_cache(cfg: TrainingConfig, env: Mapping[str, str], entries: list[Any]) 
         return None
     _, folder, manifest = max(candidates, key=lambda c: c[0])
     return DatasetSize(
-        int(manifest["tokens"]["train"]), int(manifest["rows"]["train"]), f"counted in the prepared cache {folder}"
+        int(manifest["tokens"]["train"]),
+        int(manifest["rows"]["train"]),
+        f"counted in the prepared cache {folder}",
+        trained_share=manifest["tokens"].get("trained_share"),
     )
 
 

@@ -3,6 +3,7 @@ put what the run cost and how far the prediction was off into the result's metri
 
     prediction = predict(cfg, shape, env, gpu_count)        # None when the model's shape is unknown
     check_fits(prediction, probe.devices, job.allow_oom_risk)   # raises PredictedOutOfMemory
+    prediction = with_prepared_data(prediction, cfg, prepared.summary)   # the data's trained-token share
     metrics.update(run_metrics(prediction, probe, metrics, job_seconds))
 
 Both checks are pure functions of data (the probe's devices are a list of `Gpu`), so tests give
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from schemas.config import TrainingConfig
@@ -47,6 +48,17 @@ def predict(
         return None
     w = workload_of(cfg, shape, dataset_size(cfg, env), gpu_count)
     return Prediction(w, peak_bytes(w), weight_bytes(w))
+
+
+def with_prepared_data(
+    prediction: Prediction | None, cfg: TrainingConfig, summary: Mapping[str, Any]
+) -> Prediction | None:
+    """The prediction once preprocessing has counted the trained tokens (the checks ran before it): the fused loss
+    head computes the logits of those tokens' rows only, so a prompt-masked dataset trains faster than all rows."""
+    share = (summary.get("tokens") or {}).get("trained_share")
+    if prediction is None or not isinstance(share, (int, float)) or cfg.rl_method() is not None:
+        return prediction
+    return replace(prediction, workload=replace(prediction.workload, trained_share=float(share)))
 
 
 def check_fits(prediction: Prediction | None, devices: Sequence[Gpu], allow_oom_risk: bool) -> dict[str, Any]:

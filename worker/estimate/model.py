@@ -100,6 +100,7 @@ class Workload:
     fp8_base: bool = False  # fp8_base_weights: the decoder layers' Linears stored as float8 (1 byte a weight)
     reentrant: bool = True  # checkpointing's kind (TrainingConfig.checkpoints_reentrant): its recompute's cost
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
+    trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
 
     @property
     def mode(self) -> str:
@@ -205,7 +206,7 @@ def flops_per_token(w: Workload) -> float:
     """Useful FLOPs per computed token: frozen matmuls forward + input-gradient, LoRA (or all
     weights, full) forward + both gradients, causal attention; a recompute forward with checkpointing."""
     s = w.shape
-    frozen = s.active_linear_params + s.vocab * s.hidden  # the lm_head runs for every token
+    frozen = s.active_linear_params + s.vocab * s.hidden * head_share(w)
     attention = 6 * s.layers * s.q_dim * w.attention_span / 2
     if w.method == "full":
         flops = 6 * frozen + attention
@@ -215,6 +216,12 @@ def flops_per_token(w: Workload) -> float:
         recompute = 2 * frozen + 2 * w.lora_params + attention / 3
     share = MODES[w.mode].recompute_share if w.reentrant else 1.0
     return flops + (recompute * share if w.checkpointing else 0)
+
+
+def head_share(w: Workload) -> float:
+    """The share of a batch's tokens the output head computes logits for: ftw's fused loss only the tokens that have
+    a label (kernels/ftw_kernels/cross_entropy.py `target_rows`), transformers' every token."""
+    return w.trained_share if w.kernels and w.trained_share is not None else 1.0
 
 
 def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:

@@ -152,6 +152,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         shards=max(gpu_count, 1) if sharded else 1,
         reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=gpu_count > 1),
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
+        trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
     )
 
 

@@ -32,7 +32,7 @@ from worker.checks import CheckInput, run_checks
 from worker.data.prepared import PreparedCache
 from worker.errors import FtwError, JobSpecError
 from worker.estimate.devices import GpuProbe
-from worker.estimate.job import Prediction, run_metrics
+from worker.estimate.job import Prediction, run_metrics, with_prepared_data
 from worker.job import children, template
 from worker.job.first_step import FirstStepClock
 from worker.job.prefetch import ModelPrefetch
@@ -195,7 +195,8 @@ class JobPipeline:
         if (slowed := slowdown_warning(metrics)) is not None:  # the host held the GPU's clock down
             self.warnings.append({"loc": "gpu", "msg": slowed})
         artifacts = self.publish(run)
-        metrics = {**metrics, **run_metrics(self.prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
+        prediction = with_prepared_data(self.prediction, self.job.config, prepared.summary)
+        metrics = {**metrics, **run_metrics(prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}
         return {
             "run_id": self.job.run_id,
             "status": "completed",
