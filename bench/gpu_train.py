@@ -30,8 +30,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
          default arms: it needs compute capability ≥ 8.9).
 `--prompt-share 0.5` makes the first half of every sample a masked prompt (chat data; ftw's loss head then computes
-the target rows only). `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc; ARM+offload with
-the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
+the target rows only). `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc;
+ARM+offload with the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
 gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
 same shape, mbs, seq and step counts reuses the model and cache under --work (e.g. one arm a call).

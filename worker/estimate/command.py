@@ -102,7 +102,8 @@ def describe(est: Estimate) -> list[str]:
     ]
     data = f"{est.data.tokens:,} tokens ({est.data.source})" if est.data.tokens else f"size unknown ({est.data.source})"
     if w.trained_share is not None:
-        data += f", {w.trained_share:.0%} of them trained" + (" (the loss head computes only those)" if w.kernels else "")
+        data += f", {w.trained_share:.0%} of them trained"
+        data += " (the loss head computes only those)" if w.kernels else ""
     lines.append(f"data: {data}; {est.steps:,} optimizer steps" if est.steps else f"data: {data}")
     lines.append(
         f"startup (imports, model load{', preprocessing' if 'cache' not in est.data.source else ''}): "
