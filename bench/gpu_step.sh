@@ -13,7 +13,9 @@
 #   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests real 1b
 #   OUT=$OUT bash bench/gpu_step.sh qlora8b                                        # FTW_DEQUANT_AHEAD's arms too
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-ahead SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh qlora8b offload
-# and after them: `QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b`, `SHAPES=llama-1b … offload`, `… qlora1b`.
+# and after them: `QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b`, `SHAPES=llama-1b … offload`, `… qlora1b`,
+# and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
+#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
@@ -28,6 +30,9 @@
 #   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
 #                         off), arms $QLORA_ARMS (default: Unsloth's 4-bit arm, ftw's fused path in a bare loop and
 #                         ftw's real path, each of ftw's also with FTW_DEQUANT_AHEAD=1)
+#   masked masked-<shape>.txt  bench/train_throughput.py, full-length rows whose first half is a masked prompt
+#                         (--prompt-share 0.5) at $SHAPES: Unsloth, ftw (the loss head over the target rows, as the
+#                         trainer's prefetcher lists them) and ftw-all-rows (every row to the head, as before)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
 set -uo pipefail
@@ -60,7 +65,8 @@ for part in "${parts[@]}"; do
       $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
         tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
-        tests/kernels/test_qlora_ahead.py tests/train/test_step_time.py \
+        tests/kernels/test_qlora_ahead.py tests/train/test_step_time.py tests/kernels/test_target_rows.py \
+        tests/train/test_host_sync.py tests/train/test_target_rows.py \
         2>&1 | tail -n 30 >"$OUT/tests.txt"
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
@@ -74,6 +80,15 @@ for part in "${parts[@]}"; do
         $PY bench/gpu_train.py --out "$OUT/real-$name" --work "/tmp/real-$name" --shape "$name" --mbs "$mbs" \
           --full-length --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
           2>&1 | tee "$OUT/real-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+      done ;;
+    masked)
+      for shape in llama-1b:10:90 llama-8b:8:160; do
+        IFS=: read -r name steps limit <<<"$shape"
+        [[ ",$SHAPES," == *",$name,"* ]] || continue
+        log "train_throughput $name, half of each sample a masked prompt: unsloth, ftw, ftw-all-rows"
+        $PY bench/train_throughput.py --full-length --prompt-share 0.5 --warmup 3 --shapes "$name" \
+          --arms unsloth,ftw,ftw-all-rows --steps "$steps" --arm-timeout "$limit" --json "$OUT/masked-$name.json" \
+          2>"$OUT/masked-$name.stderr" | tee "$OUT/masked-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     1b) throughput llama-1b 12 90 ;;
     8b) throughput llama-8b 10 160 ;;
