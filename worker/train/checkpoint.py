@@ -186,6 +186,20 @@ class GatheredWeights:
     optimizer: dict[str, Any] | None  # None with save_only_model or DeepSpeed (which saves its own)
 
 
+def gathered(model: Any, optimizer: Any, full_finetune: bool) -> GatheredWeights:
+    """The trainable weights (every weight in full fine-tuning) and, given `optimizer`, its state, whole on every
+    rank's CPU: a collective (FSDP's shards are gathered)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full_finetune)
+    optim_sd = None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=opts)
+    return GatheredWeights(get_model_state_dict(model, options=opts), optim_sd)
+
+
 def save(
     root: Path,
     objects: TrainingObjects,

@@ -70,7 +70,7 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
 def finish(trainer: Trainer) -> None:
     """The run folder's results (collective gather, then rank 0 writes)."""
     cfg, topo, run_dir = trainer.cfg, trainer.topo, trainer.run_dir
-    model_sd, _ = trainer.full_state_dicts(with_optimizer=False)
+    model_sd = trainer.gathered_weights(with_optimizer=False).model
     if not topo.is_main:
         return
     is_adapter = not cfg.is_full_finetune()

@@ -186,3 +186,16 @@ class Progress:
             self.bar.close()
         if self.trackers is not None:
             self.trackers.close()
+
+
+def peak_memory_gib(device: torch.device, setup_peak_bytes: int) -> tuple[float, float | None]:
+    """(the process's peak: loading and set-up's, a float8 base converted from bf16 among it, or the steps'; the steps'
+    own peak, what a step needs once the model is set up) on CUDA; on the CPU (the process's max RSS, None)."""
+    import torch
+
+    if device.type == "cuda":
+        steps = torch.cuda.max_memory_allocated(device)
+        return max(setup_peak_bytes, steps) / 2**30, steps / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # KiB on Linux

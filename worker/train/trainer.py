@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import resource
 import time
 from collections import deque
 from pathlib import Path
@@ -52,7 +51,7 @@ from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
-from worker.train.reporting import Progress
+from worker.train.reporting import Progress, peak_memory_gib
 from worker.train.schedule import Schedule
 from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout, device_mark, freeze_heap
 
@@ -252,7 +251,7 @@ class Trainer:
                 except torch.cuda.OutOfMemoryError as e:
                     raise OutOfMemory(
                         f"out of GPU memory at step {state.step + 1} "
-                        f"({self.peak_memory_gib():.1f} GiB in use at the peak)",
+                        f"({peak_memory_gib(self.topo.device, self.setup_peak_bytes)[0]:.1f} GiB in use at the peak)",
                         hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
                         "set gradient_checkpointing: true, or use a larger GPU; "
                         "the run resumes from its last checkpoint",
@@ -321,22 +320,11 @@ class Trainer:
         return self.cfg.early_stopping_patience is not None and state.bad_evals >= self.cfg.early_stopping_patience
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def full_state_dicts(self, with_optimizer: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Trainable weights (and optimizer state) gathered whole on every rank's CPU — collective."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
+    def gathered_weights(self, with_optimizer: bool) -> GatheredWeights:
+        """Trainable weights (and optimizer state) whole on every rank's CPU: a collective."""
         if self.strategy == "deepspeed":  # its optimizer state is saved by DeepSpeed, partitioned (ckpt.save)
-            return ds_.trainable_state_dict(self), None
-        opts = StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=not self.cfg.is_full_finetune()
-        )
-        model_sd = get_model_state_dict(self.model, options=opts)
-        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts) if with_optimizer else None
-        return model_sd, optim_sd
+            return GatheredWeights(ds_.trainable_state_dict(self), None)
+        return ckpt.gathered(self.model, self.optimizer if with_optimizer else None, self.cfg.is_full_finetune())
 
     def checkpoint_objects(self) -> TrainingObjects:
         """What a checkpoint is written from and loaded into (under DeepSpeed, before its engine exists too)."""
@@ -356,7 +344,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         cfg, state = self.cfg, self.state
-        weights = GatheredWeights(*self.full_state_dicts(with_optimizer=not cfg.save_only_model))
+        weights = self.gathered_weights(with_optimizer=not cfg.save_only_model)
         record = CheckpointState(state, state.step / self.plan.steps_per_epoch, self.topo.world_size)
         mark_best = self.schedule.save_best and state.bad_evals == 0
         root = self.run_dir / "checkpoints"
@@ -371,20 +359,9 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ---- results -------------------------------------------------------------------------------
-    def peak_memory_gib(self) -> float:
-        """The process's peak: loading and set-up (a float8 base is converted from bf16) or the steps'."""
-        if self.topo.device.type == "cuda":
-            return max(self.setup_peak_bytes, torch.cuda.max_memory_allocated(self.topo.device)) / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-    def step_peak_memory_gib(self) -> float | None:
-        """The training steps' own peak (CUDA): what a step needs once the model is set up."""
-        if self.topo.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.topo.device) / 2**30
-        return None
-
     def summary(self) -> dict[str, Any]:
         s = self.state
+        process_peak, steps_peak = peak_memory_gib(self.topo.device, self.setup_peak_bytes)
         return {
             "steps": s.step,
             "total_steps": self.schedule.total_steps,
@@ -394,8 +371,8 @@ class Trainer:
             "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1),
             "steps_tokens_per_s": None if (rate := self.progress.pace.steps_rate) is None else round(rate, 1),
             "runtime_s": round(self.runtime_s, 2),
-            "peak_memory_gib": round(self.peak_memory_gib(), 3),
-            "step_peak_memory_gib": None if (step := self.step_peak_memory_gib()) is None else round(step, 3),
+            "peak_memory_gib": round(process_peak, 3),
+            "step_peak_memory_gib": None if steps_peak is None else round(steps_peak, 3),
             "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
             "final_loss": s.train_loss[-1][1] if s.train_loss else None,
             "best_eval_loss": s.best_eval,
