@@ -60,28 +60,32 @@ def linear(
     bias: torch.Tensor | None,
     quantised: dict,
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x2·Wᵀ (+ bias) (+ xa·(s·B)ᵀ for `low_rank` = (xa, s·B)) in x2's dtype; `quantised`: one dict per input,
-    where a float8 base keeps x2's fp8 copy for the next projection of the same input.
+    """x2·Wᵀ (+ bias) (+ xa·(s·B)ᵀ for `low_rank` = (xa, s·B)) (+ `addend`, e.g. the residual stream the output
+    joins) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy for the next
+    projection of the same input.
 
-    Over a floating-point or 4-bit weight the rank-r term is written first and the base GEMM adds itself to
-    it (cuBLAS's beta): the sum rides the big GEMM's epilogue instead of another pass over the output.
-    `torch._scaled_mm` cannot accumulate, so a float8 base adds the term after."""
+    Over a floating-point or 4-bit weight the rank-r term is written first, on top of the addend, and the base
+    GEMM adds itself to it (cuBLAS's beta): the sums ride the GEMMs' epilogues instead of passes over the output.
+    `torch._scaled_mm` cannot accumulate, so a float8 base adds them after."""
     as_fp8 = _as_fp8(weight, backward=False)
     if as_fp8 is not None:
         y = fp8.linear(x2, as_fp8, quantised)
-        if bias is not None:
-            y.add_(bias.to(y.dtype))
+        for term in (bias, addend):
+            if term is not None:
+                y.add_(term.to(y.dtype))
         if low_rank is not None:
             xa, b = low_rank
             y.addmm_(xa, b.t())
         return y
     w = qlora.dense(weight, x2.dtype, backward=False)
     bias = None if bias is None else bias.to(x2.dtype)
+    start = addend if bias is None else (bias if addend is None else addend + bias)
     if low_rank is None:
-        return torch.nn.functional.linear(x2, w, bias)
+        return torch.nn.functional.linear(x2, w, bias) if addend is None else torch.addmm(start, x2, w.t())
     xa, b = low_rank
-    term = xa @ b.t() if bias is None else torch.addmm(bias, xa, b.t())
+    term = xa @ b.t() if start is None else torch.addmm(start, xa, b.t())
     return term.addmm_(x2, w.t())
 
 

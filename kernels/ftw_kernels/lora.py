@@ -99,11 +99,11 @@ def _slot(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _forward(
-    x2: torch.Tensor, projections: list[Projection], room: int = 0
+    x2: torch.Tensor, projections: list[Projection], room: int = 0, addend: torch.Tensor | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr). With `room` spare columns beside
     x2's rows (a norm's output) and every weight bordered, x2·Aᵀ is written there and each projection is one GEMM
-    over the bordered weight."""
+    over the bordered weight. `addend` (one projection's, not bordered): added to its output inside its GEMMs."""
     a_rows, bs = _adapters(projections, x2.dtype)
     wide = _widened(x2, projections, room, a_rows)
     if wide is not None:
@@ -112,7 +112,7 @@ def _forward(
     xa = x2 @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base
     return [
-        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b))
+        linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b), addend)
         for p, b, rows in zip(projections, bs, _rank_rows(projections))
     ], xa
 
@@ -239,14 +239,17 @@ def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[to
 
 class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple[float, float, float], room: int, *params):
+    def forward(
+        ctx, x: torch.Tensor, residual: torch.Tensor | None, scales: tuple[float, float, float], room: int, *params
+    ):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             gate, up, down = _mlp_projections(params, scales)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             (g, u), xa = _forward(x2, [gate, up], room)
             h = swiglu_forward_raw(g, u)
-            (y,), had = _forward(h, [down])
+            stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
+            (y,), had = _forward(h, [down], addend=stream)
             del h
         kept, xa = _input_kept(ctx, x2, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
@@ -273,13 +276,22 @@ class LoRAGatedMLP(torch.autograd.Function):
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
-        return dx, None, None, *grads
+        # the residual stream joined y as a plain add: its grad is y's
+        stream = dy.view(ctx.shape[:-1] + (dy.shape[-1],)) if ctx.needs_input_grad[1] else None
+        return dx, stream, None, None, *grads
 
 
 def _mlp_projections(params, scales) -> list[Projection]:
     return [Projection(params[3 * i], None, params[3 * i + 1], params[3 * i + 2], scales[i]) for i in range(3)]
 
 
-def lora_gated_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
+def lora_gated_mlp(
+    x: torch.Tensor, gate: Projection, up: Projection, down: Projection, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gated MLP of x; given the `residual` stream it joins (a decoder layer's), residual + MLP(x), the add
+    inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own."""
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
-    return LoRAGatedMLP.apply(x, (gate.scale, up.scale, down.scale), bordered.room_of(x), *params)
+    scales = (gate.scale, up.scale, down.scale)
+    if residual is not None and residual.dtype != compute_dtype(x):  # e.g. an fp32 stream under bf16 autocast
+        return residual + LoRAGatedMLP.apply(x, None, scales, bordered.room_of(x), *params)
+    return LoRAGatedMLP.apply(x, residual, scales, bordered.room_of(x), *params)

@@ -55,11 +55,13 @@ def _mlp_fusable(projections: list[Projection | None]) -> bool:
     return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
 
 
-def _lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _lora_mlp_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MLP of x, or residual + it (a patched decoder layer's stream, added inside the fused down projection)."""
     projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if not _mlp_fusable(projections):
-        return swiglu_mlp_forward(self, x)
-    return lora_gated_mlp(x, *projections)
+        out = swiglu_mlp_forward(self, x)
+        return out if residual is None else residual + out
+    return lora_gated_mlp(x, *projections, residual=residual)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -133,10 +135,11 @@ def _decoder_layer_forward(
     position_embeddings=None,
     **kwargs,
 ):
-    """A pre-norm decoder layer whose residual stream costs no pass of its own but the MLP's add: the attention's
-    add is written by the post-attention norm's kernel beside its output, and the grads the stream brings back
-    are added inside both norms' backward (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`) instead of
-    by autograd in kernels of their own. The same sums as transformers' `residual + block(norm(x))`."""
+    """A pre-norm decoder layer whose residual stream costs no pass of its own: the attention's add is written by
+    the post-attention norm's kernel beside its output, the MLP's rides the fused down projection's GEMMs (with the
+    fused LoRA MLP), and the grads the stream brings back are added inside both norms' backward
+    (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`) instead of by autograd in kernels of their own. The
+    same sums as transformers' `residual + block(norm(x))`."""
     if past_key_values is not None:
         return self._ftw_original_forward(
             hidden_states,
@@ -157,6 +160,8 @@ def _decoder_layer_forward(
         **kwargs,
     )
     normed, residual = rms_norm_and_residual(self.post_attention_layernorm, residual, attended)
+    if _patched(self.mlp, _lora_mlp_forward):
+        return self.mlp(normed, residual)
     return residual + self.mlp(normed)
 
 

@@ -1,6 +1,7 @@
-"""A patched decoder layer's residual stream costs one add of its own, the MLP's: the post-attention norm's kernel
-writes the attention's add beside its output, and each norm adds the stream's grad to its dx inside its own
-backward, instead of autograd summing the two grads in a kernel of its own. Loss and every adapter grad match the
+"""A patched decoder layer's residual stream costs no add of its own: the post-attention norm's kernel writes the
+attention's add beside its output, the fused LoRA MLP adds the stream inside its down projection's GEMMs, and each
+norm adds the stream's grad to its dx inside its own backward, instead of autograd summing the two grads in a
+kernel of its own. Loss and every adapter grad match the
 unpatched model for all four dense families (tests/kernels/test_apply_kernels.py)."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.kernels.test_apply_kernels import (
     DEVICE,
     HIDDEN_SIZE,
     assert_matches_reference,
+    loss_and_grads,
     packed_batch,
     tiny,
     training_config,
@@ -53,15 +55,21 @@ def _stream_adds(model, batch) -> int:
     return seen.adds
 
 
-def test_decoder_layers_add_the_stream_once():
+@pytest.mark.parametrize("fused_mlp", [True, False], ids=["fused-mlp", "swiglu-mlp"])
+def test_decoder_layers_add_the_stream_in_no_pass_of_its_own(fused_mlp):
     folded = tiny(LlamaConfig)
-    assert "residual_fold" in apply_kernels(folded, training_config(use_kernels=True))
+    applied = apply_kernels(folded, training_config(use_kernels=True, lora_mlp_kernel=fused_mlp))
+    assert "residual_fold" in applied and ("lora_mlp" in applied) == fused_mlp
     unfolded = copy.deepcopy(folded)
     _unfolded(unfolded)
     batch = packed_batch()
     layers = len(folded.get_base_model().model.layers)
-    assert _stream_adds(unfolded, batch) == 4 * layers  # two adds forward, two grad sums backward, each layer
-    assert _stream_adds(folded, batch) == layers  # the MLP's add, in the forward
+    adds, folded_adds = _stream_adds(unfolded, batch), _stream_adds(folded, batch)
+    if fused_mlp:
+        assert adds == 4 * layers  # two adds forward, two grad sums backward, each layer
+        assert folded_adds == 0  # the MLP's add rides the fused down projection's GEMMs
+    else:  # PEFT's MLP adds its LoRA terms; the stream's add after it is the one left
+        assert adds - folded_adds == 3 * layers
 
 
 def test_embedding_grad_matches_through_the_folded_stream():
@@ -71,6 +79,21 @@ def test_embedding_grad_matches_through_the_folded_stream():
     model = copy.deepcopy(ref)
     assert "residual_fold" in apply_kernels(model, training_config(use_kernels=True))
     assert any("embed_tokens" in name for name in assert_matches_reference(ref, model, packed_batch()))
+
+
+def test_an_fp32_stream_under_bf16_autocast_joins_after_the_mlp():
+    """fp32 weights trained under bf16 autocast: the MLP computes in bf16 and the fp32 stream cannot be its GEMMs'
+    addend; it is added after, in fp32, as transformers adds it: loss and grads as unpatched, within bf16."""
+    ref = tiny(LlamaConfig)
+    model = copy.deepcopy(ref)
+    assert "residual_fold" in apply_kernels(model, training_config(use_kernels=True))
+    batch = packed_batch()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ref_loss, ref_grads = loss_and_grads(ref, batch)
+        loss, grads = loss_and_grads(model, batch)
+    assert loss.dtype == ref_loss.dtype == torch.float32 and rel_err(loss, ref_loss) < 1e-2
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 5e-2, name
 
 
 def _reference_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
