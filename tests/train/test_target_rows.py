@@ -30,6 +30,20 @@ def test_the_prefetcher_lists_each_micro_batchs_target_rows(task_rows):
             assert 0 < micro["target_rows"].numel() == target_tokens(micro) < micro["input_ids"].numel()
 
 
+def test_a_micro_batch_where_nearly_every_row_has_a_target_keeps_them_all():
+    """Full-length rows of one sample each: only a row's last token has no target, and the gather would cost more
+    than the rows it skips."""
+    from worker.train.batches import collate, host_inputs
+
+    ids = list(range(1, 201))
+    full = collate([{"input_ids": ids, "labels": ids, "position_ids": list(range(200))}] * 2, 0, packed=False)
+    assert "target_rows" not in host_inputs(full, varlen=False, target_rows=True)
+    prompted = collate(
+        [{"input_ids": ids, "labels": [-100] * 20 + ids[20:], "position_ids": list(range(200))}], 0, False
+    )
+    assert host_inputs(prompted, varlen=False, target_rows=True)["target_rows"].numel() == 180
+
+
 def _train(task_model_dir, cache, run_dir, monkeypatch, gathered: bool) -> tuple[list[int], list[float]]:
     """(the rows of each loss-head chunk, each step's loss) of a 3-step CPU run with the kernels on."""
     from ftw_kernels import cross_entropy

@@ -35,6 +35,9 @@ import torch
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
 
 IGNORE = -100
+# the loss head gathers its target rows when at least this share of a micro-batch's rows has none: the gather and its
+# grad's scatter move ~6 hidden-sized rows a row, ~0.4% of the head's GEMMs at 1B (vocabulary 128k, hidden 2,048)
+GATHER_MIN_SKIPPED = 0.01
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,9 @@ def host_inputs(batch: dict[str, torch.Tensor], varlen: bool, target_rows: bool)
     if target_rows:
         from ftw_kernels.cross_entropy import target_rows as rows_of
 
-        out["target_rows"] = rows_of(batch["labels"], IGNORE)
+        rows = rows_of(batch["labels"], IGNORE)
+        if rows.numel() <= (1 - GATHER_MIN_SKIPPED) * batch["labels"].numel():
+            out["target_rows"] = rows
     return out
 
 
