@@ -85,7 +85,7 @@ def duration(seconds: float | None) -> str:
 
 def describe(est: Estimate) -> list[str]:
     w, s = est.workload, est.workload.shape
-    layout = "packed" if w.packed else "one sample a row"
+    layout = "packed" if w.packed else "one row of its samples (padding-free)" if w.padding_free else "one sample a row"
     ckpt = (
         "checkpointing with offload"
         if w.checkpointing and w.offload

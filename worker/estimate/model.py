@@ -101,6 +101,7 @@ class Workload:
     reentrant: bool = True  # checkpointing's kind (TrainingConfig.checkpoints_reentrant): its recompute's cost
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
     trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
+    padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
 
     @property
     def mode(self) -> str:
@@ -132,9 +133,9 @@ class Workload:
 
     @property
     def compute_tokens(self) -> float:
-        """Tokens the GPU computes on in an average micro-batch: a packed bin as it is, unpacked
-        rows padded to the longest of the micro-batch (taken as the attention span)."""
-        if self.packed:
+        """Tokens the GPU computes on in an average micro-batch: a packed bin, or a padding-free micro-batch, as it
+        is; unpacked rows padded to the longest of the micro-batch (taken as the attention span)."""
+        if self.packed or self.padding_free:
             return self.real_tokens
         return self.micro_batch_size * self.attention_span
 

@@ -20,6 +20,10 @@ kernel it also computes each micro-batch's segment boundaries there, from the CP
 forward reads them back from the device (kernels/ftw_kernels/attention.py); with the fused loss of the supervised
 objective, the rows that carry a loss (`target_rows`, kernels/ftw_kernels/cross_entropy.py), which are all the loss
 head computes.
+
+Padding-free batches (`padding_free`): an unpacked supervised run with the varlen attention joins each micro-batch's
+samples end to end into one packed row, as packing's bins are, so no layer computes a padding token; the loss, a sum
+over target tokens divided by the step's count, is the padded batch's.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
+from schemas.config import TrainingConfig
 
 IGNORE = -100
+FLATTENED = ("input_ids", "labels", "position_ids")  # the columns of a supervised row, joined by `collate(flatten=)`
 # the loss head gathers its target rows when at least this share of a micro-batch's rows has none: the gather and its
 # grad's scatter move ~6 hidden-sized rows a row, ~0.4% of the head's GEMMs at 1B (vocabulary 128k, hidden 2,048)
 GATHER_MIN_SKIPPED = 0.01
@@ -85,10 +91,13 @@ class BatchPlan:
 
 
 def collate(
-    rows: list[dict[str, list[int]]], pad_id: int, packed: bool, pad_to: int | None = None
+    rows: list[dict[str, list[int]]], pad_id: int, packed: bool, pad_to: int | None = None, flatten: bool = False
 ) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch; padded rows get an attention mask, packed rows do not.
-    `pad_to`: the width every micro-batch is padded to (pad_to_sequence_len), else its longest row's."""
+    `pad_to`: the width every micro-batch is padded to (pad_to_sequence_len), else its longest row's.
+    `flatten`: the rows (one sample each) joined end to end into one packed row, no padding (`padding_free`)."""
+    if flatten:
+        rows, packed = [{k: torch.cat([torch.as_tensor(r[k]) for r in rows]) for k in FLATTENED}], True
     width = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -112,6 +121,15 @@ def collate(
     if not packed:  # packed padding has position 0 everywhere: each pad token is its own 1-token sample
         batch["attention_mask"] = mask
     return batch
+
+
+def padding_free(cfg: TrainingConfig, packed: bool, per_token_loss: bool, kernels: list[str]) -> bool:
+    """Whether an unpacked run's micro-batches are flattened: each one's samples joined end to end into one packed
+    row, so no layer computes a padding token. It takes a loss that is a sum over tokens (the supervised one: the DPO
+    family's rows are packed already, GRPO's prompts are left-padded for generation) and the varlen attention, which
+    splits the row at the samples' position-id restarts at their own cost (Σ nᵢ², where transformers' mask for a
+    packed row costs (Σ nᵢ)²); pad_to_sequence_len asks for padded rows."""
+    return per_token_loss and not packed and "varlen_attention" in kernels and not cfg.pad_to_sequence_len
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -167,12 +185,14 @@ def read_step(
     count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
     pad_to: int | None = None,
     target_rows: bool = False,
+    flatten: bool = False,
 ) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
-    `count`: the items the loss averages over (worker/train/objective.py); `pad_to`: see `collate`;
+    `count`: the items the loss averages over (worker/train/objective.py); `pad_to`, `flatten`: see `collate`;
     `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head."""
-    micro = [collate(read_rows(ds, m), pad_id, packed, pad_to) for m in plan.micro_batches(step, rank, order)]
+    micros = plan.micro_batches(step, rank, order)
+    micro = [collate(read_rows(ds, m), pad_id, packed, pad_to, flatten) for m in micros]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     for b in micro:
         b.update(host_inputs(b, varlen, target_rows))
@@ -216,13 +236,14 @@ class Prefetcher:
         count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
         pad_to: int | None = None,
         target_rows: bool = False,
+        flatten: bool = False,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
 
         def read(step: int, order: list[int] | None) -> StepInput:
-            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows)
+            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows, flatten)
 
         args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)

@@ -41,7 +41,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, padding_free, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import evaluate
 from worker.train.loss_guard import LossGuard
@@ -96,6 +96,7 @@ class Trainer:
         self.objective = build_objective(
             cfg, self.model, self.tokenizer, router_loss=router_loss, run_dir=self.run_dir, kernels=self.kernels
         )
+        self.padding_free = padding_free(cfg, self.data.packed, self.objective.per_token_loss, self.kernels)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
@@ -111,7 +112,7 @@ class Trainer:
             self.engine = ds_.initialize(self, resume)
         log.info(
             "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
-            "packed" if self.data.packed else "unpacked",
+            "packed" if self.data.packed else "unpacked, each micro-batch one row" if self.padding_free else "unpacked",
             self.plan.num_rows,
             self.plan.steps_per_epoch,
             self.schedule.total_steps,
@@ -238,6 +239,7 @@ class Trainer:
             varlen="varlen_attention" in self.kernels,
             count=self.objective.count,
             target_rows=self.objective.target_rows,
+            flatten=self.padding_free,
             pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
@@ -383,6 +385,7 @@ class Trainer:
             "strategy": self.strategy,
             "world_size": self.topo.world_size,
             "packed": self.data.packed,
+            "padding_free": self.padding_free,
             "adapter": self.cfg.adapter or "full",
             "kernels": self.kernels,
             **self.progress.gpu_summary,

@@ -1,0 +1,90 @@
+"""Padding-free batches: an unpacked supervised run with the varlen attention joins each micro-batch's samples end to
+end into one packed row, so no layer computes a padding token, and trains as the padded batches train (the same
+losses and adapter); the runs whose rows must keep their layout (packed data, the other objectives, without the varlen
+kernel, pad_to_sequence_len) stay padded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.config import TrainingConfig
+from tests.train.helpers import (
+    adapter_tensors,
+    base_config,
+    events,
+    run_inprocess,
+    successor_task,
+    tokenize,
+    write_cache,
+)
+from tests.train.test_prefetch import capture_training_inputs
+from worker.train.batches import IGNORE, collate, padding_free, real_tokens, target_tokens
+
+KERNELS = ["rmsnorm", "varlen_attention", "fused_linear_cross_entropy"]
+
+
+@pytest.fixture(scope="module")
+def uneven_rows(task_model_dir) -> list[dict]:
+    """The successor task with 2 to 6 digits, one sample a row: rows of several lengths, prompts masked."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(task_model_dir)
+    by_digits = [tokenize(tok, successor_task(seed=d, n_digits=d)[0][:12]) for d in range(2, 7)]
+    return [rows[i] for i in range(12) for rows in by_digits]
+
+
+def test_a_flattened_micro_batch_is_its_samples_end_to_end(uneven_rows):
+    rows = uneven_rows[:4]
+    padded, flat = collate(rows, 0, packed=False), collate(rows, 0, packed=False, flatten=True)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert padded["input_ids"].shape == (4, max(lengths)) and len(set(lengths)) > 1  # rows of several lengths
+    assert flat["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in flat
+    assert flat["input_ids"][0].tolist() == [t for r in rows for t in r["input_ids"]]
+    assert flat["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    starts = [sum(lengths[:i]) for i in range(4)]
+    assert all(flat["labels"][0, s] == IGNORE for s in starts)  # no sample learns its predecessor's last token
+    assert target_tokens(flat) == target_tokens(padded) and real_tokens(flat) == real_tokens(padded) == sum(lengths)
+
+
+@pytest.mark.parametrize(
+    "packed, per_token_loss, kernels, pad_to, flattened",
+    [
+        (False, True, KERNELS, False, True),
+        (True, True, KERNELS, False, False),  # packing's bins are rows of their own
+        (False, False, KERNELS, False, False),  # GRPO's left-padded prompts, EBFT's documents
+        (False, True, ["rmsnorm"], False, False),  # transformers' mask for a joined row costs (Σ n)²
+        (False, True, KERNELS, True, False),  # pad_to_sequence_len asks for padded rows
+    ],
+)
+def test_which_runs_are_padding_free(packed, per_token_loss, kernels, pad_to, flattened):
+    cfg = TrainingConfig(base_model="m", learning_rate=1e-4, pad_to_sequence_len=pad_to)
+    assert padding_free(cfg, packed, per_token_loss, kernels) is flattened
+
+
+def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list, list[float]]:
+    """(each training forward's inputs, each step's loss) of a 3-step CPU run of unpacked rows, flattened or not."""
+    import worker.train.trainer as trainer
+
+    # the CPU has no varlen kernel: transformers' block mask for packed position ids splits the joined row instead
+    monkeypatch.setattr(trainer, "padding_free", lambda *args: flatten)
+    seen = capture_training_inputs(monkeypatch)
+    cfg = base_config(model_dir, max_steps=3, micro_batch_size=4, gradient_accumulation_steps=2, save_strategy="no")
+    assert run_inprocess(cfg, run_dir, cache) == 0
+    monkeypatch.undo()
+    return seen, [e["loss"] for e in events(run_dir) if e.get("event") == "step"]
+
+
+def test_a_padding_free_run_trains_as_the_padded_one(task_model_dir, uneven_rows, tmp_path, monkeypatch):
+    cache = write_cache(tmp_path / "cache", uneven_rows[:48], packed=False)
+    flat_inputs, flat_losses = _train(task_model_dir, cache, tmp_path / "flat", monkeypatch, flatten=True)
+    padded_inputs, padded_losses = _train(task_model_dir, cache, tmp_path / "padded", monkeypatch, flatten=False)
+    assert len(flat_inputs) == len(padded_inputs) == 6  # 3 steps × 2 micro-batches
+    for flat, padded in zip(flat_inputs, padded_inputs):
+        assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+        assert flat["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+    assert flat_losses == pytest.approx(padded_losses, rel=1e-5)
+    flat_adapter, padded_adapter = (adapter_tensors(tmp_path / d / "adapter") for d in ("flat", "padded"))
+    for name, tensor in flat_adapter.items():
+        # Adam divides each update by the grad's own size: a near-zero grad's rounding moves it by up to ~lr × 1e-2
+        torch.testing.assert_close(tensor, padded_adapter[name], rtol=1e-3, atol=1e-5)
