@@ -16,6 +16,8 @@
 # and after them: `QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b`, `SHAPES=llama-1b … offload`, `… qlora1b`,
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
+# and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
+#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
@@ -33,6 +35,9 @@
 #   masked masked-<shape>.txt  bench/train_throughput.py, full-length rows whose first half is a masked prompt
 #                         (--prompt-share 0.5) at $SHAPES: Unsloth, ftw (the loss head over the target rows, as the
 #                         trainer's prefetcher lists them) and ftw-all-rows (every row to the head, as before)
+#   unpacked unpacked-<shape>.txt  bench/train_throughput.py --unpacked at $SHAPES: mbs samples a step, one a row,
+#                         padded to the longest; Unsloth (padded rows), ftw (each micro-batch's samples joined into one
+#                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
 #                         at $AB_SHAPES (default llama-1b)
 set -uo pipefail
@@ -81,14 +86,17 @@ for part in "${parts[@]}"; do
           --full-length --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
           2>&1 | tee "$OUT/real-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
-    masked)
+    masked | unpacked)
+      [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
+      [ "$part" = unpacked ] && how="--unpacked" arms=unsloth,ftw,ftw-padded
       for shape in llama-1b:10:90 llama-8b:8:160; do
         IFS=: read -r name steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
-        log "train_throughput $name, half of each sample a masked prompt: unsloth, ftw, ftw-all-rows"
-        $PY bench/train_throughput.py --full-length --prompt-share 0.5 --warmup 3 --shapes "$name" \
-          --arms unsloth,ftw,ftw-all-rows --steps "$steps" --arm-timeout "$limit" --json "$OUT/masked-$name.json" \
-          2>"$OUT/masked-$name.stderr" | tee "$OUT/masked-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+        log "train_throughput $name $how: $arms"
+        # shellcheck disable=SC2086  # $how: several options
+        $PY bench/train_throughput.py $how --warmup 3 --shapes "$name" --arms "$arms" --steps "$steps" \
+          --arm-timeout "$limit" --json "$OUT/$part-$name.json" 2>"$OUT/$part-$name.stderr" \
+          | tee "$OUT/$part-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     1b) throughput llama-1b 12 90 ;;
     8b) throughput llama-8b 10 160 ;;

@@ -63,13 +63,24 @@ def sample_lengths(n: int, seed: int, mean: float = 600.0, sigma: float = 0.8, c
     return [max(16, min(cap, int(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
 
 
+def _sample(n: int, vocab: int, gen, prompt_share: float):
+    """(ids, labels) of one sample of n tokens: a short random motif repeated, so the loss falls as the model learns
+    to copy; its first token has no target (the previous sample's last token predicts nothing), nor has the first
+    `prompt_share` of it, a prompt as a chat template's (train_on_inputs: false)."""
+    import torch
+
+    motif = torch.randint(0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen)
+    ids = motif.repeat(n // len(motif) + 1)[:n]
+    labels = ids.clone()
+    labels[: max(1, int(n * prompt_share))] = -100
+    return ids, labels
+
+
 def packed_batches(
     steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, full_length: bool = False, prompt_share: float = 0.0
 ):
     """Rows filled with whole samples back to back (the last one cut to fit), or with one sample
-    of `seq` tokens each (`full_length`, the protocol of the issue's peer table). Each sample
-    repeats a short random motif, so the loss falls as the model learns to copy. `prompt_share`: the first
-    that share of each sample's tokens is a prompt, its labels -100, as a chat template's (train_on_inputs: false).
+    of `seq` tokens each (`full_length`, the protocol of the issue's peer table); samples as `_sample` makes them.
     Yields CPU tensors and the Σs² of the batch's samples."""
     import itertools
 
@@ -86,17 +97,46 @@ def packed_batches(
             at = 0
             while at < seq:
                 n = min(next(lengths), seq - at)
-                motif = torch.randint(
-                    0, min(vocab, 4096), (int(torch.randint(3, 24, (1,), generator=gen)),), generator=gen
-                )
-                ids[r, at : at + n] = motif.repeat(n // len(motif) + 1)[:n]
+                ids[r, at : at + n], labels[r, at : at + n] = _sample(n, vocab, gen, prompt_share)
                 pos[r, at : at + n] = torch.arange(n)
-                labels[r, at : at + n] = ids[r, at : at + n]
-                # the previous sample's last token has no target here, nor has the prompt's
-                labels[r, at : at + max(1, int(n * prompt_share))] = -100
                 sum_sq += n * n
                 at += n
         yield dict(input_ids=ids, position_ids=pos, labels=labels), sum_sq
+
+
+def padded_batches(steps: int, mbs: int, seq: int, vocab: int, seed: int = 0, prompt_share: float = 0.0):
+    """Unpacked micro-batches (sample_packing: false): `mbs` samples of the same lognormal lengths, one a row, padded
+    to the longest with an attention mask (labels -100 on the padding). Yields CPU tensors and the Σs²."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = iter(sample_lengths(steps * mbs, seed, cap=seq))
+    for _ in range(steps):
+        ns = [next(lengths) for _ in range(mbs)]
+        width = max(ns)
+        batch = dict(
+            input_ids=torch.zeros(mbs, width, dtype=torch.long),
+            position_ids=torch.zeros(mbs, width, dtype=torch.long),
+            labels=torch.full((mbs, width), -100, dtype=torch.long),
+            attention_mask=torch.zeros(mbs, width, dtype=torch.long),
+        )
+        for r, n in enumerate(ns):
+            batch["input_ids"][r, :n], batch["labels"][r, :n] = _sample(n, vocab, gen, prompt_share)
+            batch["position_ids"][r, :n] = torch.arange(n)
+            batch["attention_mask"][r, :n] = 1
+        yield batch, sum(n * n for n in ns)
+
+
+def flattened(batch: dict) -> dict:
+    """A padded micro-batch as the trainer's padding-free batches are: its samples end to end in one packed row
+    (worker/train/batches.py `collate(flatten=True)`)."""
+    from worker.train.batches import collate
+
+    rows = [
+        {k: batch[k][r][batch["attention_mask"][r].bool()] for k in ("input_ids", "labels", "position_ids")}
+        for r in range(batch["input_ids"].shape[0])
+    ]
+    return collate(rows, 0, packed=False, flatten=True)
 
 
 SHAPES = {

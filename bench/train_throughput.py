@@ -24,7 +24,9 @@ with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered 
 kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); ftw-ahead = ftw with `FTW_DEQUANT_AHEAD=1`
 (with `--4bit`: each next 4-bit weight dequantised on a side stream, kernels/ftw_kernels/qlora.py; the JSON's
 `dequantised` counts them); ftw-all-rows = ftw with every row of the batch to the loss head, not only the target
-rows the trainer's prefetcher lists (`--prompt-share 0.5`: half of each sample a masked prompt); unsloth =
+rows the trainer's prefetcher lists (`--prompt-share 0.5`: half of each sample a masked prompt); ftw-padded = ftw
+on `--unpacked` micro-batches kept as padded rows, where ftw joins each one's samples into one row as its trainer's
+padding-free batches do (tokens/s counts real tokens in every arm); unsloth =
 Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
 `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
 tokens/s and peak memory also as ratios to hf's and Unsloth's.
@@ -47,13 +49,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
-from bench.models import DEFAULT_MBS, TARGETS, matmul_peak_tflops, packed_batches  # noqa: E402
+from bench.models import (  # noqa: E402
+    DEFAULT_MBS,
+    TARGETS,
+    flattened,
+    matmul_peak_tflops,
+    packed_batches,
+    padded_batches,
+)
 from bench.models import PUBLIC_SHAPES as SHAPES  # noqa: E402
 from bench.nf4_arms import dequantised  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 from bench.throughput_table import table  # noqa: E402
 
-FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered", "ftw-ahead", "ftw-all-rows")  # the arms that run ftw's kernels
+FTW_ARMS = (
+    "ftw",
+    "ftw-fp8",
+    "ftw-unbordered",
+    "ftw-ahead",
+    "ftw-all-rows",
+    "ftw-padded",
+)  # the arms that run ftw's kernels
 ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0"), "ftw-ahead": ("FTW_DEQUANT_AHEAD", "1")}  # ftw's names
 
 
@@ -129,13 +145,23 @@ def run_arm(a: argparse.Namespace) -> dict:
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
-    layout = unsloth_arm.one_row if a.arm == "unsloth" and not a.full_length else dict
+    # Unsloth's packed steps in its padding-free layout; its unpacked ones padded (its padding-free attention wants
+    # flash-attn, which the device image lacks: docs/benchmarks.md, the packed rows of 2026-12-02)
+    layout = unsloth_arm.one_row if a.arm == "unsloth" and not (a.full_length or a.unpacked) else dict
     if a.arm in FTW_ARMS:  # what the trainer's prefetcher hands over: varlen boundaries, the loss head's rows
         from worker.train.batches import host_inputs
 
         rows = "fused_linear_cross_entropy" in applied and a.arm != "ftw-all-rows"
-        layout = lambda b: {**b, **host_inputs(b, "varlen_attention" in applied, rows)}  # noqa: E731
-    stream = list(packed_batches(total, a.mbs, a.seq, cfg.vocab_size, 0, a.full_length, a.prompt_share))
+        flat = a.unpacked and a.arm != "ftw-padded"  # the trainer's padding-free batches
+
+        def layout(b):
+            b = flattened(b) if flat else b
+            return {**b, **host_inputs(b, "varlen_attention" in applied, rows)}
+
+    if a.unpacked:
+        stream = list(padded_batches(total, a.mbs, a.seq, cfg.vocab_size, 0, a.prompt_share))
+    else:
+        stream = list(packed_batches(total, a.mbs, a.seq, cfg.vocab_size, 0, a.full_length, a.prompt_share))
     batches = [
         (
             {
@@ -193,7 +219,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     seconds = sum(each_ms) / 1e3
     syncs = sync_sites(step, batches[-1][0])
     busy_ms = profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile) if a.profile else None
-    tokens = a.steps * a.mbs * a.seq
+    tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in stream[a.warmup :])  # real
     sum_sq = sum(sq for _, sq in batches[a.warmup :])
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in stream[a.warmup :])  # the head's useful rows
@@ -208,6 +234,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         gc=a.gc,
         four_bit=a.four_bit,
         full_length=a.full_length,
+        unpacked=a.unpacked,
         steps=a.steps,
         tokens_per_s=round(tokens / seconds),
         mfu=round(flops / seconds / (peak * 1e12), 4),
@@ -269,7 +296,7 @@ def main() -> None:
     ap.add_argument(
         "--arms",
         default="hf,liger,unsloth,ftw",
-        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead, ftw-all-rows",
+        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead, ftw-all-rows, ftw-padded",
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
@@ -278,6 +305,7 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=0, help="rows per step (default: 8 for 1B, 4 for 7-8B)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
+    ap.add_argument("--unpacked", action="store_true", help="--mbs samples a step, one a row, padded to the longest")
     ap.add_argument("--prompt-share", type=float, default=0.0, help="each sample's masked prompt share (labels -100)")
     ap.add_argument(
         "--4bit",
@@ -355,6 +383,7 @@ def main() -> None:
                             a.freeze_heap,
                             *prof,
                             *(["--full-length"] if a.full_length else []),
+                            *(["--unpacked"] if a.unpacked else []),
                             *(["--prompt-share", str(a.prompt_share)] if a.prompt_share else []),
                             *(["--4bit"] if a.four_bit else []),
                             *(["--offload"] if a.offload and arm in FTW_ARMS else []),
