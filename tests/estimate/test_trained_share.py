@@ -8,24 +8,13 @@ from __future__ import annotations
 import pytest
 
 from schemas.validate import validate_config
+from tests.job.test_predicted_oom import CONFIG_8B
 from worker.estimate.data_tokens import DatasetSize
 from worker.estimate.job import predict, with_prepared_data
 from worker.estimate.model import flops_per_token, tokens_per_s
 from worker.estimate.report import workload_of
 from worker.estimate.shapes import known_shape
 
-CONFIG_8B = {
-    "base_model": "meta-llama/Llama-3.1-8B-Instruct",
-    "datasets": [{"path": "org/chat-data", "type": "chat_template"}],
-    "adapter": "lora",
-    "lora_r": 16,
-    "lora_target_linear": True,
-    "sequence_len": 2048,
-    "sample_packing": True,
-    "micro_batch_size": 4,
-    "max_steps": 100,
-    "learning_rate": 1e-4,
-}
 DATA = dict(tokens=50_000_000, samples=100_000)
 
 
