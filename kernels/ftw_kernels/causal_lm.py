@@ -22,13 +22,14 @@ def causal_lm_forward(
     logits_to_keep=0,
     **kwargs,
 ):
-    """Training forward with labels: the loss straight from the last hidden states (no logits
-    returned), plus the router's aux loss where an MoE model is asked for it. `token_losses=True`
-    (the DPO family, worker/train/preference.py; in eval too): `loss` is each token's loss instead,
+    """Forward with labels, in training and in evaluation: the loss straight from the last hidden states (no logits
+    returned: an eval batch's tokens × vocabulary logits in fp32 would outgrow a checkpointed step's whole peak), plus
+    the router's aux loss where an MoE model is asked for it. `token_losses=True`
+    (the DPO family, worker/train/preference.py): `loss` is each token's loss instead,
     (batch × seq,) fp32, 0 where the shifted label is ignored, with no router aux loss in it. `target_rows`
     (cross_entropy.target_rows of the labels, a device copy of the host's): the mean loss's head takes only those
     rows of the hidden states; the loss and every grad are what all rows give.
-    Everything else goes to the original forward."""
+    Without labels, or with a KV cache (generation), the original forward."""
     token_losses = kwargs.pop("token_losses", False)
     rows = kwargs.pop("target_rows", None)  # cross_entropy.target_rows of the labels, computed on the host
     inputs = dict(
@@ -38,7 +39,7 @@ def causal_lm_forward(
         past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
     )
-    if labels is None or not (self.training or token_losses):
+    if labels is None or past_key_values is not None:
         return self._ftw_original_forward(
             **inputs, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
         )

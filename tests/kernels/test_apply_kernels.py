@@ -170,12 +170,14 @@ def loss_curve(model, fused: bool, steps: int = 4, batch: dict | None = None) ->
     return curve
 
 
-def test_eval_and_generation_use_the_original_forward():
+def test_logits_and_generation_use_the_original_forward():
+    """Without labels (logits wanted) and with a KV cache (generation) the original forward runs; an eval forward
+    with labels takes the fused loss (tests/kernels/test_target_rows.py)."""
     model = tiny(LlamaConfig)
     apply_kernels(model, training_config(use_kernels=True))
     model.eval()
     batch = packed_batch()
-    del batch["use_cache"]
+    del batch["use_cache"], batch["labels"]
     with torch.no_grad():
         out = model(**batch)
         generated = model.generate(input_ids=batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)

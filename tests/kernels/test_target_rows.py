@@ -98,3 +98,20 @@ def test_a_micro_batch_without_targets_gives_zero_loss_and_grads(head_rows):
     assert loss.item() == all_loss.item() == 0.0
     assert grads.keys() == all_grads.keys()
     assert all(not g.any() for g in grads.values())
+
+
+def test_evaluation_takes_the_fused_loss_without_logits_or_grads(head_rows, monkeypatch):
+    """An eval forward with labels (eval mode, no_grad) gives the unpatched model's loss through the fused head: no
+    tokens × vocabulary logits (in fp32 they would outgrow a checkpointed step's peak) and no dL/dhidden GEMM."""
+    ref = tiny(LlamaConfig).eval()
+    model = copy.deepcopy(ref)
+    apply_kernels(model, training_config(use_kernels=True))
+    batch = _on_device(_prompted_batch(padded=True))
+    grad_gemms: list[int] = []
+    matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: grad_gemms.append(1) or matmul(*a, **k))
+    with torch.no_grad():
+        want = ref(**batch).loss
+        got = model(**batch)
+    assert got.logits is None and head_rows == [batch["input_ids"].numel()]
+    assert grad_gemms == [] and rel_err(got.loss, want) < 1e-6

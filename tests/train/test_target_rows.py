@@ -4,10 +4,12 @@ step's target tokens only, and training gives the losses and adapter that all ro
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from tests.train.helpers import adapter_tensors, base_config, events, pack, run_inprocess, write_cache
+from tests.train.helpers import adapter_tensors, base_config, pack, run_inprocess, write_cache
 from worker.train.batches import BatchPlan, Prefetcher, target_tokens
 
 
@@ -57,7 +59,12 @@ def _train(task_model_dir, cache, run_dir, monkeypatch, gathered: bool) -> tuple
     cfg = base_config(task_model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=2)
     assert run_inprocess({**cfg, "use_kernels": True, "save_strategy": "no"}, run_dir, cache) == 0
     monkeypatch.undo()
-    return rows, [e["loss"] for e in events(run_dir) if e.get("event") == "step"]
+    return rows, curve(run_dir, "loss_curve")
+
+
+def curve(run_dir, key: str) -> list[float]:
+    """A run's losses by step from its summary.json (`loss_curve`, `eval_curve`)."""
+    return [loss for _, loss in json.loads((run_dir / "summary.json").read_text())[key]]
 
 
 def _all_rows_init(init):
@@ -78,7 +85,21 @@ def test_training_gives_the_same_run_with_the_head_over_target_rows(task_model_d
     assert all(n == 64 for n in all_rows)
     targets = [target_tokens({"labels": torch.tensor([r["labels"]])}) for r in packed]
     assert set(rows) <= set(targets) and sum(rows) <= sum(all_rows) // 2  # half the tokens are prompts
-    assert losses == pytest.approx(all_losses, rel=1e-6)
+    assert len(losses) == 3 and losses == pytest.approx(all_losses, rel=1e-6)
     gathered, everything = (adapter_tensors(tmp_path / d / "adapter") for d in ("gathered", "all"))
     for name, tensor in gathered.items():
         torch.testing.assert_close(tensor, everything[name], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_through_the_fused_loss_reads_as_without_the_kernels(task_model_dir, task_rows, tmp_path):
+    """The eval split's loss per target token, from an eval forward through the fused loss (no logits), is the one
+    transformers' loss gives: the same sum over the tokens, divided by the same count."""
+    train, held, _ = task_rows
+    cache = write_cache(tmp_path / "cache", train[:16], held[:12])
+    cfg = base_config(task_model_dir, max_steps=3, eval_steps=2, save_strategy="no")
+    losses = {}
+    for kernels in (True, False):
+        run_dir = tmp_path / f"kernels-{kernels}"
+        assert run_inprocess({**cfg, "use_kernels": kernels}, run_dir, cache) == 0
+        losses[kernels] = curve(run_dir, "eval_curve")
+    assert len(losses[True]) >= 1 and losses[True] == pytest.approx(losses[False], rel=1e-4)
