@@ -18,6 +18,7 @@
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
+#   OUT=$OUT bash bench/gpu_step.sh real-unpacked                                # ~6 minutes
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests
@@ -27,6 +28,8 @@
 #   real   real-<shape>/  bench/gpu_train.py at $SHAPES (default llama-1b,llama-8b), full-length: `ftw train`'s real
 #                         path against the bare loop with the same kernels (its `bare` arm), each step timed on the
 #                         GPU's clock
+#   real-unpacked real-unpacked-<shape>/  the same with --unpacked rows (sample_packing: false): the trainer's
+#                         padding-free batches end to end, against the bare loop's
 #   offload offload-<shape>.txt  the memory-saving rows at $SHAPES: ftw's real path with offloaded checkpointing
 #                         (bench/gpu_train.py) and Unsloth's offloaded checkpointing (bench/train_throughput.py)
 #   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
@@ -77,14 +80,16 @@ for part in "${parts[@]}"; do
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
-    real)
+    real | real-unpacked)
+      layout=--full-length tag=real
+      [ "$part" = real-unpacked ] && layout=--unpacked tag=real-unpacked
       for shape in llama-1b:8:12:90 llama-8b:4:10:150; do
         IFS=: read -r name mbs steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
-        log "gpu_train $name, full-length: bare, ftw"
-        $PY bench/gpu_train.py --out "$OUT/real-$name" --work "/tmp/real-$name" --shape "$name" --mbs "$mbs" \
-          --full-length --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
-          2>&1 | tee "$OUT/real-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+        log "gpu_train $name, $layout: bare, ftw"
+        $PY bench/gpu_train.py --out "$OUT/$tag-$name" --work "/tmp/$tag-$name" --shape "$name" --mbs "$mbs" \
+          "$layout" --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
+          2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     masked | unpacked)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows

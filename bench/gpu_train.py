@@ -29,10 +29,12 @@ seven linear layers, bf16, on those same tokens, one process each:
   qlora-fp8  qlora with fp8_base_weights: true: the 4-bit weights' matmuls in float8;
   ftw-fp8  ftw with fp8_base_weights: true (the frozen Linears in float8, kernels/ftw_kernels/fp8.py; not in the
          default arms: it needs compute capability ≥ 8.9).
-`--prompt-share 0.5` makes the first half of every sample a masked prompt (chat data; ftw's loss head then computes
-the target rows only). `--gc on|both|offload` runs the ftw-family arms with gradient_checkpointing (ARM+gc;
-ARM+offload with the checkpoints in host memory, `gradient_checkpointing: offload`), `--full-length`
-gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains a saved model.
+`--unpacked` writes one sample a row (sample_packing: false; the trainer joins each micro-batch's samples into one
+row, the bare arm as well). `--prompt-share 0.5` makes the first half of every sample a masked prompt (chat data;
+ftw's loss head then computes the target rows only). `--gc on|both|offload` runs the ftw-family arms with
+gradient_checkpointing (ARM+gc; ARM+offload with the checkpoints in host memory, `gradient_checkpointing:
+offload`), `--full-length` gives every row one sample of --seq tokens (the peers' protocol), `--model-dir` trains
+a saved model.
 Prints a table and writes OUT_DIR/gpu_train.json. A later call on the same (warm) machine with the
 same shape, mbs, seq and step counts reuses the model and cache under --work (e.g. one arm a call).
 """
@@ -88,6 +90,11 @@ def main() -> int:
         "offload: checkpoints offloaded to host memory, as ARM+offload)",
     )
     ap.add_argument("--full-length", action="store_true", help="one sample of --seq tokens per row (no packing)")
+    ap.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="sample_packing: false: one sample a row (ftw's trainer joins each micro-batch's into one row)",
+    )
     ap.add_argument(
         "--prompt-share",
         type=float,
@@ -147,6 +154,7 @@ def main() -> int:
         "rows": a.warmup + a.steps + PROFILED_STEPS + 1,
         "full_length": a.full_length,
         "prompt_share": a.prompt_share,
+        "unpacked": a.unpacked,
         "model": str(a.model_dir or ""),
     }
     built = a.work / "built.json"  # a warm machine's earlier call with the same spec: model and cache reused
@@ -156,12 +164,15 @@ def main() -> int:
         if a.model_dir is None:
             shutil.rmtree(model_dir, ignore_errors=True)
             build_model(model_dir, a.shape, a.seq)
-        build_cache(cache, spec["rows"], a.mbs, a.seq, SHAPES[a.shape]["vocab_size"], a.full_length, a.prompt_share)
+        vocab = SHAPES[a.shape]["vocab_size"]
+        build_cache(cache, spec["rows"], a.mbs, a.seq, vocab, a.full_length, a.prompt_share, a.unpacked)
         built.write_text(json.dumps(spec))
     results["setup_s"] = round(time.monotonic() - t, 1)
     for arm in with_checkpointing(a.arms.split(","), a.gc):
         print(f"--- {arm}", flush=True)
-        if arm == "hf":
+        if arm == "hf" and a.unpacked:
+            results["arms"][arm] = {"error": "the hf arm reads packed rows only (--unpacked: arms bare, ftw)"}
+        elif arm == "hf":
             try:
                 proc = subprocess.run(
                     [

@@ -89,7 +89,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         "merge_lora": name == "ftw" and a.merge,
         # the profiled window starts one step after the last timed one: that step's event is not delayed by it
         "sequence_len": a.seq,
-        "sample_packing": True,
+        "sample_packing": not a.unpacked,
         "micro_batch_size": a.mbs,
         "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
         "learning_rate": 1e-4,
@@ -182,6 +182,8 @@ def bare_arm(a: argparse.Namespace) -> dict:
         args.append("--full-length")
     if a.prompt_share:
         args += ["--prompt-share", str(a.prompt_share)]
+    if a.unpacked:
+        args.append("--unpacked")
     r = train_throughput.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}

@@ -291,23 +291,37 @@ def _build_model(folder: Path, shape: str, seq: int) -> None:
 
 
 def build_cache(
-    folder: Path, steps: int, mbs: int, seq: int, vocab: int, full_length: bool = False, prompt_share: float = 0.0
+    folder: Path,
+    steps: int,
+    mbs: int,
+    seq: int,
+    vocab: int,
+    full_length: bool = False,
+    prompt_share: float = 0.0,
+    unpacked: bool = False,
 ) -> None:
     """One packed row per step: train_throughput's `mbs` rows of that step, back to back (each row one
-    sample of `seq` tokens with `full_length`, the peers' protocol; `prompt_share`: see packed_batches)."""
+    sample of `seq` tokens with `full_length`, the peers' protocol; `prompt_share`: see packed_batches); `unpacked`:
+    `padded_batches`' samples one a row, unpadded, and the manifest says unpacked (sample_packing: false)."""
     from datasets import Dataset, Features, Sequence, Value
 
+    keys = ("input_ids", "labels", "position_ids")
     out = []
-    for batch, _ in packed_batches(steps, mbs, seq, vocab, full_length=full_length, prompt_share=prompt_share):
-        out.append({k: batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids")})
-    feats = Features({k: Sequence(Value("int32")) for k in ("input_ids", "labels", "position_ids")})
+    if unpacked:
+        for batch, _ in padded_batches(steps, mbs, seq, vocab, prompt_share=prompt_share):
+            real = batch["attention_mask"].bool()
+            out += [{k: batch[k][r][real[r]].tolist() for k in keys} for r in range(mbs)]
+    else:
+        for batch, _ in packed_batches(steps, mbs, seq, vocab, full_length=full_length, prompt_share=prompt_share):
+            out.append({k: batch[k].flatten().tolist() for k in keys})
+    feats = Features({k: Sequence(Value("int32")) for k in keys})
     Dataset.from_list(out, features=feats).save_to_disk(str(folder / "train"))
     manifest = {
         "complete": True,
         "fingerprint": "bench",
-        "rows": {"train": steps},
-        "tokens": {"train": steps * mbs * seq},
-        "packing": {"enabled": True, "fill": 1.0, "bins": steps},
+        "rows": {"train": len(out)},
+        "tokens": {"train": sum(len(r["input_ids"]) for r in out)},
+        "packing": {"enabled": not unpacked, "fill": None if unpacked else 1.0, "bins": None if unpacked else steps},
         "sequence_len": seq,
         "micro_batch_size": mbs,
         "versions": {},
