@@ -1,7 +1,7 @@
 """Padding-free batches: an unpacked supervised run with the varlen attention joins each micro-batch's samples end to
 end into one packed row, so no layer computes a padding token, and trains as the padded batches train (the same
-losses and adapter); the runs whose rows must keep their layout (packed data, the other objectives, without the varlen
-kernel, pad_to_sequence_len) stay padded."""
+losses, eval losses and adapter); the runs whose rows must keep their layout (packed data, the other objectives,
+without the varlen kernel, pad_to_sequence_len) stay padded."""
 
 from __future__ import annotations
 
@@ -62,28 +62,40 @@ def test_which_runs_are_padding_free(packed, per_token_loss, kernels, pad_to, fl
     assert padding_free(cfg, packed, per_token_loss, kernels) is flattened
 
 
-def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list, list[float]]:
-    """(each training forward's inputs, each step's loss) of a 3-step CPU run of unpacked rows, flattened or not."""
+def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list, list[float], list[float], list]:
+    """(each training forward's inputs, each step's loss, the eval losses, each eval batch's input_ids) of a 3-step CPU
+    run of unpacked rows, flattened or not."""
+    import worker.train.evaluation as evaluation
     import worker.train.trainer as trainer
 
     # the CPU has no varlen kernel: transformers' block mask for packed position ids splits the joined row instead
     monkeypatch.setattr(trainer, "padding_free", lambda *args: flatten)
     seen = capture_training_inputs(monkeypatch)
+    evaluated: list = []
+    collate_eval = evaluation.collate
+    monkeypatch.setattr(evaluation, "collate", lambda *a, **k: evaluated.append(collate_eval(*a, **k)) or evaluated[-1])
     cfg = base_config(model_dir, max_steps=3, micro_batch_size=4, gradient_accumulation_steps=2, save_strategy="no")
-    assert run_inprocess(cfg, run_dir, cache) == 0
+    assert run_inprocess({**cfg, "eval_steps": 2}, run_dir, cache) == 0
     monkeypatch.undo()
-    return seen, curve(run_dir, "loss_curve")
+    return seen, curve(run_dir, "loss_curve"), curve(run_dir, "eval_curve"), [b["input_ids"] for b in evaluated]
 
 
 def test_a_padding_free_run_trains_as_the_padded_one(task_model_dir, uneven_rows, tmp_path, monkeypatch):
-    cache = write_cache(tmp_path / "cache", uneven_rows[:48], packed=False)
-    flat_inputs, flat_losses = _train(task_model_dir, cache, tmp_path / "flat", monkeypatch, flatten=True)
-    padded_inputs, padded_losses = _train(task_model_dir, cache, tmp_path / "padded", monkeypatch, flatten=False)
+    cache = write_cache(tmp_path / "cache", uneven_rows[:48], uneven_rows[48:], packed=False)
+    flat_inputs, flat_losses, flat_evals, flat_eval_ids = _train(
+        task_model_dir, cache, tmp_path / "flat", monkeypatch, flatten=True
+    )
+    padded_inputs, padded_losses, padded_evals, padded_eval_ids = _train(
+        task_model_dir, cache, tmp_path / "padded", monkeypatch, flatten=False
+    )
     assert len(flat_inputs) == len(padded_inputs) == 6  # 3 steps × 2 micro-batches
     for flat, padded in zip(flat_inputs, padded_inputs):
         assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
         assert flat["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
     assert len(flat_losses) == 3 and flat_losses == pytest.approx(padded_losses, rel=1e-5)
+    # the eval split's batches joined the same way, with the same loss
+    assert all(ids.shape[0] == 1 for ids in flat_eval_ids) and any(ids.shape[0] > 1 for ids in padded_eval_ids)
+    assert len(flat_evals) >= 1 and flat_evals == pytest.approx(padded_evals, rel=1e-5)
     flat_adapter, padded_adapter = (adapter_tensors(tmp_path / d / "adapter") for d in ("flat", "padded"))
     for name, tensor in flat_adapter.items():
         # Adam divides each update by the grad's own size: a near-zero grad's rounding moves it by up to ~lr × 1e-2

@@ -11,7 +11,7 @@ import torch
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
 from worker.train import distributed as dist_
-from worker.train.batches import collate, read_rows
+from worker.train.batches import collate, host_inputs, read_rows, to_device
 from worker.train.objective import Objective
 
 
@@ -24,10 +24,13 @@ def evaluate(
     cfg: TrainingConfig,
     topo: dist_.Topology,
     autocast: Callable[[], AbstractContextManager],
+    flatten: bool = False,
+    varlen: bool = False,
 ) -> tuple[float, dict[str, float]]:
     """(mean loss per item: a target token, or a pair for the DPO family; the objective's metrics) over the
     whole eval split. Every rank runs the same number of forwards (FSDP needs it): a rank short of
-    chunks repeats the first one and does not count it."""
+    chunks repeats the first one and does not count it. Its batches are laid out as the training steps' are:
+    `flatten` (padding-free), `varlen` (the boundaries from the host) and the objective's target rows."""
     ds = data.eval.with_format("numpy")
     per_micro = 1 if data.packed else (cfg.eval_batch_size or cfg.batch_shape()[0])
     chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
@@ -40,11 +43,10 @@ def evaluate(
     count, as_sum = 0, torch.ones((), device=topo.device)
     engine.eval()
     for indices, real in mine:
-        batch = collate(read_rows(ds, indices), pad_id, data.packed)
+        batch = collate(read_rows(ds, indices), pad_id, data.packed, flatten=flatten)
+        batch.update(host_inputs(batch, varlen, objective.target_rows))
         with autocast():
-            loss, metric_sums = objective.loss(
-                engine, {k: v.to(topo.device, non_blocking=True) for k, v in batch.items()}, as_sum
-            )
+            loss, metric_sums = objective.loss(engine, to_device(batch, topo.device), as_sum)
         if real:
             sums += torch.cat([loss.double().reshape(1), metric_sums])
             count += objective.count(batch)

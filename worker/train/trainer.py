@@ -309,6 +309,8 @@ class Trainer:
             self.cfg,
             self.topo,
             self._autocast,
+            flatten=self.padding_free,
+            varlen="varlen_attention" in self.kernels,
         )
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
