@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import json
 
 import pytest
 import torch
@@ -177,3 +178,6 @@ def test_a_cuda_training_step_never_waits_for_the_device(task_model_dir, task_ro
     )
     assert run_inprocess(cfg, tmp_path / "run", cache) == 0
     assert len(kernels) == 4 and "varlen_attention" in kernels[0]
+    # the unpacked rows ran padding-free, and the prompt-masked labels sent the loss head their target rows
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["padding_free"] is (not packed) and "fused_linear_cross_entropy" in kernels[0]
