@@ -281,6 +281,13 @@ class TrainingConfig(Frozen):
             return "ipo"
         return self.rl
 
+    def joins_samples(self) -> bool:
+        """Whether an unpacked run may lay each micro-batch's samples end to end in one row, so no layer computes a
+        padding token: only the supervised loss, a sum over target tokens (the DPO family's rows are packed already,
+        GRPO's prompts are left-padded for generation, EBFT's rows are its documents); pad_to_sequence_len asks for
+        padded rows. The trainer joins them where the varlen attention runs (worker/train/batches.padding_free)."""
+        return not self.sample_packing and not self.pad_to_sequence_len and self.rl_method() is None
+
     def checkpoints_reentrant(self, moe: bool, distributed: bool) -> bool:
         """Whether gradient checkpointing recomputes with torch's reentrant kind: as the config's own
         `gradient_checkpointing_kwargs` say (transformers' default when they omit it: reentrant), else only for

@@ -48,18 +48,19 @@ def test_a_flattened_micro_batch_is_its_samples_end_to_end(uneven_rows):
 
 
 @pytest.mark.parametrize(
-    "packed, per_token_loss, kernels, pad_to, flattened",
+    "packed, rl, kernels, pad_to, flattened",
     [
-        (False, True, KERNELS, False, True),
-        (True, True, KERNELS, False, False),  # packing's bins are rows of their own
-        (False, False, KERNELS, False, False),  # GRPO's left-padded prompts, EBFT's documents
-        (False, True, ["rmsnorm"], False, False),  # transformers' mask for a joined row costs (Σ n)²
-        (False, True, KERNELS, True, False),  # pad_to_sequence_len asks for padded rows
+        (False, None, KERNELS, False, True),
+        (True, None, KERNELS, False, False),  # packing's bins are rows of their own
+        (False, "grpo", KERNELS, False, False),  # GRPO's left-padded prompts
+        (False, "dpo", KERNELS, False, False),  # the DPO family's chosen and rejected rows
+        (False, None, ["rmsnorm"], False, False),  # transformers' mask for a joined row costs (Σ n)²
+        (False, None, KERNELS, True, False),  # pad_to_sequence_len asks for padded rows
     ],
 )
-def test_which_runs_are_padding_free(packed, per_token_loss, kernels, pad_to, flattened):
-    cfg = TrainingConfig(base_model="m", learning_rate=1e-4, pad_to_sequence_len=pad_to)
-    assert padding_free(cfg, packed, per_token_loss, kernels) is flattened
+def test_which_runs_are_padding_free(packed, rl, kernels, pad_to, flattened):
+    cfg = TrainingConfig(base_model="m", learning_rate=1e-4, sample_packing=packed, pad_to_sequence_len=pad_to, rl=rl)
+    assert padding_free(cfg, packed, kernels) is flattened
 
 
 def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list, list[float], list[float], list]:

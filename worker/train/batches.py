@@ -123,13 +123,12 @@ def collate(
     return batch
 
 
-def padding_free(cfg: TrainingConfig, packed: bool, per_token_loss: bool, kernels: list[str]) -> bool:
+def padding_free(cfg: TrainingConfig, packed: bool, kernels: list[str]) -> bool:
     """Whether an unpacked run's micro-batches are flattened: each one's samples joined end to end into one packed
-    row, so no layer computes a padding token. It takes a loss that is a sum over tokens (the supervised one: the DPO
-    family's rows are packed already, GRPO's prompts are left-padded for generation) and the varlen attention, which
-    splits the row at the samples' position-id restarts at their own cost (Σ nᵢ², where transformers' mask for a
-    packed row costs (Σ nᵢ)²); pad_to_sequence_len asks for padded rows."""
-    return per_token_loss and not packed and "varlen_attention" in kernels and not cfg.pad_to_sequence_len
+    row (TrainingConfig.joins_samples says which runs may). It takes the varlen attention, which splits the row at the
+    samples' position-id restarts at their own cost (Σ nᵢ², where transformers' mask for a packed row costs
+    (Σ nᵢ)²)."""
+    return cfg.joins_samples() and not packed and "varlen_attention" in kernels
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:

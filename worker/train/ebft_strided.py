@@ -93,7 +93,6 @@ def prompt_length(labels: torch.Tensor) -> int:
 
 class StridedEbftObjective:
     target_rows = False  # its losses are its own, not the fused mean loss over target rows
-    per_token_loss = False  # its rows keep their layout
     metric_names = (
         *ebft.REWARD_METRICS,
         "ebft/ce_loss",

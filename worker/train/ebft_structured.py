@@ -52,7 +52,6 @@ def right_padded(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 class StructuredEbftObjective:
     target_rows = False  # its losses are its own, not the fused mean loss over target rows
-    per_token_loss = False  # its rows keep their layout
     metric_names = (
         *ebft.REWARD_METRICS,
         "ebft/ce_loss",

@@ -147,7 +147,6 @@ class GrpoObjective:
     """The trainer loop's objective for rl: grpo (one item = one prompt of the micro-batch)."""
 
     target_rows = False  # its losses are its own, not the fused mean loss over target rows
-    per_token_loss = False  # its rows keep their layout
 
     def __init__(
         self,

@@ -28,7 +28,6 @@ from worker.train.batches import target_tokens
 class Objective(Protocol):
     metric_names: tuple[str, ...]
     target_rows: bool  # its batches carry the fused loss head's target rows (batches.host_inputs)
-    per_token_loss: bool  # a sum over target tokens: a micro-batch's samples may share a row (batches.padding_free)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
@@ -47,8 +46,6 @@ class SupervisedObjective:
     logged as `aux_loss`, the mean over the step's micro-batches on every rank (its coef × it is
     already inside the loss: worker/train/moe.py). With the fused loss (`fused`), the loss head takes only the
     target tokens' rows, which the prefetch thread lists on the host."""
-
-    per_token_loss = True
 
     def __init__(self, router_loss: bool = False, fused: bool = False):
         self.router_loss, self.target_rows = router_loss, fused

@@ -133,7 +133,6 @@ class PreferenceObjective:
     """The loss of one packed micro-batch for the trainer loop (worker/train/objective.py's contract)."""
 
     target_rows = False  # its losses are its own, not the fused mean loss over target rows
-    per_token_loss = False  # its rows keep their layout
     metric_names = (
         "rewards/chosen",
         "rewards/rejected",

@@ -96,7 +96,7 @@ class Trainer:
         self.objective = build_objective(
             cfg, self.model, self.tokenizer, router_loss=router_loss, run_dir=self.run_dir, kernels=self.kernels
         )
-        self.padding_free = padding_free(cfg, self.data.packed, self.objective.per_token_loss, self.kernels)
+        self.padding_free = padding_free(cfg, self.data.packed, self.kernels)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
