@@ -14,6 +14,7 @@ from tests.train.helpers import base_config, events, run_inprocess, write_cache
 from worker.train.step_queue import Readout, device_mark
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run's events: on a GPU machine the run takes CUDA")
 def test_off_cuda_a_readout_has_no_time_and_the_events_none(task_model_dir, task_rows, tmp_path, monkeypatch):
     assert device_mark(torch.device("cpu")) is None
     readout = Readout(torch.tensor([1.0, 2.0]))
@@ -44,11 +45,13 @@ def test_seconds_per_step_takes_the_gpu_times_over_the_timestamps():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
 def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, task_rows, tmp_path, monkeypatch):
-    """Step 4 queues a spin of known length on the GPU before its work: its `step_ms` grows by that much and its
-    neighbours' do not, however late the host read it back."""
+    """Step 4 queues a spin of known length on the GPU before its work: its `step_ms` holds the spin, and its
+    neighbours' do not, however late the host read it back. A tiny model's step is host-bound: its usual time is the
+    host's, and the spin runs while the host queues step 4, so step 4 takes the spin plus its own GPU work, which is
+    at most the usual step."""
     from worker.train.trainer import Trainer
 
-    spin_cycles = 200_000_000
+    spin_cycles = 1_000_000_000  # ~0.5 s, far above a tiny model's step
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     torch.cuda._sleep(spin_cycles)
@@ -73,5 +76,6 @@ def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, tas
     times = {e["step"]: e["step_ms"] for e in events(run_dir) if "loss" in e and "event" not in e}
     assert sorted(times) == list(range(1, 9)) and all(ms > 0 for ms in times.values())
     usual = statistics.median(times[s] for s in (2, 3, 5, 6, 7, 8))
-    assert times[4] - usual == pytest.approx(spin_ms, rel=0.2)
-    assert max(times[s] for s in (3, 5)) < usual + spin_ms / 4
+    assert usual < spin_ms / 4, times
+    assert 0.95 * spin_ms <= times[4] <= spin_ms + 1.5 * usual, (spin_ms, times)
+    assert max(times[s] for s in (3, 5)) < usual + spin_ms / 4, (spin_ms, times)

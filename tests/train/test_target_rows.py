@@ -56,8 +56,13 @@ def _train(task_model_dir, cache, run_dir, monkeypatch, gathered: bool) -> tuple
     rows: list[int] = []
     chunk = cross_entropy._chunk_dlogits
     monkeypatch.setattr(cross_entropy, "_chunk_dlogits", lambda h, *a: rows.append(h.shape[0]) or chunk(h, *a))
-    cfg = base_config(task_model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=2)
-    assert run_inprocess({**cfg, "use_kernels": True, "save_strategy": "no"}, run_dir, cache) == 0
+    # fp32 without TF32 on a GPU too (an earlier run in this process may have turned it on): both runs' GEMMs then
+    # round alike up to their order of summation
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    cfg = base_config(task_model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=2, bf16=False)
+    assert run_inprocess({**cfg, "use_kernels": True, "save_strategy": "no", "tf32": False}, run_dir, cache) == 0
     monkeypatch.undo()
     return rows, curve(run_dir, "loss_curve")
 
@@ -85,10 +90,10 @@ def test_training_gives_the_same_run_with_the_head_over_target_rows(task_model_d
     assert all(n == 64 for n in all_rows)
     targets = [target_tokens({"labels": torch.tensor([r["labels"]])}) for r in packed]
     assert set(rows) <= set(targets) and sum(rows) <= sum(all_rows) // 2  # half the tokens are prompts
-    assert len(losses) == 3 and losses == pytest.approx(all_losses, rel=1e-6)
+    assert len(losses) == 3 and losses == pytest.approx(all_losses, rel=1e-5)
     gathered, everything = (adapter_tensors(tmp_path / d / "adapter") for d in ("gathered", "all"))
     for name, tensor in gathered.items():
-        torch.testing.assert_close(tensor, everything[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tensor, everything[name], rtol=1e-4, atol=1e-6)
 
 
 def test_evaluation_through_the_fused_loss_reads_as_without_the_kernels(task_model_dir, task_rows, tmp_path):
