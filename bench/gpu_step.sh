@@ -75,7 +75,7 @@ for part in "${parts[@]}"; do
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
         tests/kernels/test_qlora_ahead.py tests/train/test_step_time.py tests/kernels/test_target_rows.py \
         tests/train/test_host_sync.py tests/train/test_target_rows.py \
-        2>&1 | tail -n 30 >"$OUT/tests.txt"
+        >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back with the call
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"
