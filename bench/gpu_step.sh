@@ -8,12 +8,14 @@
 #   OUT=$OUT bash bench/gpu_step.sh tests ab                   # on the device machine, carrying .whl-qlora, .gpu
 #
 # Issue 13's rows, every ftw real-path row timed on the GPU's clock, most wanted first (one call ≤ 10 minutes; the
-# four take ~28, so call each as soon as the one before returns: a held machine keeps the models under /tmp):
-#   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh real 8b          # real path, bare loop, Unsloth
-#   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests real 1b
+# three take ~22, so call each as soon as the one before returns: a held machine keeps the models under /tmp). The
+# 1B real path was re-timed on 2026-12-05 (third session: 1.01× the bare loop); the QLoRA and memory-saving rows,
+# timed by timestamps, are the open question:
 #   OUT=$OUT bash bench/gpu_step.sh qlora8b                                        # FTW_DEQUANT_AHEAD's arms too
+#   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests real 8b    # real path, bare loop, Unsloth
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-ahead SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh qlora8b offload
 # and after them: `QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora1b`, `SHAPES=llama-1b … offload`, `… qlora1b`,
+# `ARMS=unsloth SHAPES=llama-1b … 1b` (Unsloth's 1B row timed out on the fresh H100 of that call),
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
