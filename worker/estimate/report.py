@@ -156,6 +156,8 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         # the trainer's rule (worker/train/batches.padding_free), with the kernels' varlen attention taken as applied
         padding_free=cfg.joins_samples()
         and cfg.use_kernels is not False
+        # the attentions the varlen kernel replaces, as kernels/ftw_kernels/registry.py lists them (not imported here:
+        # only worker.train imports ftw_kernels)
         and cfg.attn_implementation in (None, "sdpa", "flash_attention_2"),
     )
 
