@@ -70,7 +70,9 @@ def test_the_head_over_target_rows_gives_every_rows_loss_and_grads(padded, head_
     assert rel_err(loss, all_loss) < 1e-6
     assert grads.keys() == all_grads.keys() and len(grads) == 2 * 7 * 2
     for name in grads:
-        assert rel_err(grads[name], all_grads[name]) < 1e-6, name
+        # fp32 sums over fewer rows in another order: on CUDA the grads part at ~2e-6 (H100, 2026-12-05), a wrong
+        # row at order one
+        assert rel_err(grads[name], all_grads[name]) < 1e-5, name
 
 
 def test_the_head_over_target_rows_divides_by_the_steps_count(head_rows):
