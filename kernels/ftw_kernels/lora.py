@@ -240,7 +240,13 @@ def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[to
 class LoRAGatedMLP(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, residual: torch.Tensor | None, scales: tuple[float, float, float], room: int, *params
+        ctx,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        scales: tuple[float, float, float],
+        room: int,
+        output_unused: bool,
+        *params,
     ):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
@@ -248,8 +254,12 @@ class LoRAGatedMLP(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             (g, u), xa = _forward(x2, [gate, up], room)
             h = swiglu_forward_raw(g, u)
-            stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
-            (y,), had = _forward(h, [down], addend=stream)
+            if output_unused:  # backward reads h·A_downᵀ, never y; the gated MLP maps hidden to hidden
+                had = h @ _adapters([down], h.dtype)[0].t()
+                y = h.new_empty(x2.shape)
+            else:
+                stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
+                (y,), had = _forward(h, [down], addend=stream)
             del h
         kept, xa = _input_kept(ctx, x2, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
@@ -278,7 +288,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
         # the residual stream joined y as a plain add: its grad is y's
         stream = dy.view(ctx.shape[:-1] + (dy.shape[-1],)) if ctx.needs_input_grad[1] else None
-        return dx, stream, None, None, *grads
+        return dx, stream, None, None, None, *grads
 
 
 def _mlp_projections(params, scales) -> list[Projection]:
@@ -286,12 +296,20 @@ def _mlp_projections(params, scales) -> list[Projection]:
 
 
 def lora_gated_mlp(
-    x: torch.Tensor, gate: Projection, up: Projection, down: Projection, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+    residual: torch.Tensor | None = None,
+    output_unused: bool = False,
 ) -> torch.Tensor:
     """The gated MLP of x; given the `residual` stream it joins (a decoder layer's), residual + MLP(x), the add
-    inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own."""
+    inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own. `output_unused`: the caller
+    needs the backward only, not the values (a checkpointed layer's recompute), so the down projection's GEMM, the
+    layer's last, does not run and the output is uninitialised memory of its shape."""
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
     scales = (gate.scale, up.scale, down.scale)
+    room = bordered.room_of(x)
     if residual is not None and residual.dtype != compute_dtype(x):  # e.g. an fp32 stream under bf16 autocast
-        return residual + LoRAGatedMLP.apply(x, None, scales, bordered.room_of(x), *params)
-    return LoRAGatedMLP.apply(x, residual, scales, bordered.room_of(x), *params)
+        return residual + LoRAGatedMLP.apply(x, None, scales, room, output_unused, *params)
+    return LoRAGatedMLP.apply(x, residual, scales, room, output_unused, *params)

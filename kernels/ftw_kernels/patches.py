@@ -21,6 +21,7 @@ import ftw_kernels.causal_lm as causal_lm
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
+from ftw_kernels.precision import in_backward
 from ftw_kernels.rmsnorm import rms_norm_and_residual, rmsnorm_forward
 from ftw_kernels.rope import apply_rope
 from ftw_kernels.swiglu import swiglu_mlp_forward
@@ -55,13 +56,16 @@ def _mlp_fusable(projections: list[Projection | None]) -> bool:
     return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
 
 
-def _lora_mlp_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The MLP of x, or residual + it (a patched decoder layer's stream, added inside the fused down projection)."""
+def _lora_mlp_forward(
+    self, x: torch.Tensor, residual: torch.Tensor | None = None, output_unused: bool = False
+) -> torch.Tensor:
+    """The MLP of x, or residual + it (a patched decoder layer's stream, added inside the fused down projection);
+    `output_unused`: a recompute's, whose values nothing reads (`lora_gated_mlp`)."""
     projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if not _mlp_fusable(projections):
         out = swiglu_mlp_forward(self, x)
         return out if residual is None else residual + out
-    return lora_gated_mlp(x, *projections, residual=residual)
+    return lora_gated_mlp(x, *projections, residual=residual, output_unused=output_unused)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -161,8 +165,17 @@ def _decoder_layer_forward(
     )
     normed, residual = rms_norm_and_residual(self.post_attention_layernorm, residual, attended)
     if _patched(self.mlp, _lora_mlp_forward):
-        return self.mlp(normed, residual)
+        return self.mlp(normed, residual, output_unused=_recomputing(self))
     return residual + self.mlp(normed)
+
+
+def _recomputing(layer) -> bool:
+    """The layer's forward run again inside autograd's backward by its own checkpoint (transformers checkpoints
+    each decoder layer; ftw checkpoints nothing around them): its output is then only the root the recompute's
+    backward starts from (reentrant) or thrown away (non-reentrant), so its values are never read."""
+    return (
+        getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled() and in_backward()
+    )
 
 
 def _patched(module, fn) -> bool:

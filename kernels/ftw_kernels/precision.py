@@ -1,6 +1,7 @@
-"""The dtype a fused op computes in: autocast's when it is on (as the unfused ops would), else
-its input's. The autograd functions switch autocast off inside and cast explicitly, so an
-fp32-weight model under fp16/bf16 autocast (full fine-tuning with fp16) gets matching dtypes."""
+"""What a fused op reads of the state it runs under. The dtype it computes in: autocast's when it is on (as the
+unfused ops would), else its input's. The autograd functions switch autocast off inside and cast explicitly, so an
+fp32-weight model under fp16/bf16 autocast (full fine-tuning with fp16) gets matching dtypes. And whether autograd's
+backward is running: a forward run there is a checkpointed layer's recompute."""
 
 from __future__ import annotations
 
@@ -14,3 +15,8 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
+
+
+def in_backward() -> bool:
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside autograd's backward
+    return graph_task is not None and graph_task() != -1

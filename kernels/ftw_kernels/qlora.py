@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ftw_kernels.precision import in_backward
+
 
 def is_4bit(weight: torch.Tensor) -> bool:
     """A quantised bitsandbytes 4-bit weight (its `quant_state` says how to dequantise it)."""
@@ -111,7 +113,7 @@ class _RecentWeights:
         is still alive: the order of every request, found in the cache or not, which does not change with what
         the cache holds. The key tells the passes apart: the forward, a checkpointed layer's recomputed forward
         (a forward matmul inside autograd's backward), the backward (`backward`: the matmul is dy·W)."""
-        key = (_in_backward(), backward, id(weight))
+        key = (in_backward(), backward, id(weight))
         if self.last is not None:
             self.after[self.last] = weakref.ref(weight)
         self.last = key
@@ -168,11 +170,6 @@ def _wait(entry: _Entry) -> None:
     if entry.ready is not None:
         torch.cuda.current_stream(entry.values.device).wait_event(entry.ready)
         entry.ready = None
-
-
-def _in_backward() -> bool:
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside autograd's backward
-    return graph_task is not None and graph_task() != -1
 
 
 _SIDE: dict[torch.device, torch.cuda.Stream] = {}

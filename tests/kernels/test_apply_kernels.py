@@ -11,7 +11,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from ftw_kernels import apply_kernels, registry
+from ftw_kernels import apply_kernels, lora, registry
+from ftw_kernels.precision import in_backward
 from schemas.config import TrainingConfig
 from tests.conftest import randomise_lora_b
 from tests.kernels.conftest import rel_err
@@ -134,13 +135,29 @@ def test_trained_output_layer_gets_its_gradient_from_the_fused_loss():
     assert any("lm_head" in name for name in assert_matches_reference(ref, model, packed_batch()))
 
 
-def test_gradient_checkpointing_recomputes_the_patched_layers():
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_last_gemm(reentrant, monkeypatch):
+    """The recompute's output is only autograd's root (or thrown away), so the down projection's GEMM runs in
+    the forward only; every grad is still the unpatched, unchecked model's."""
     ref = tiny(LlamaConfig)
     model = copy.deepcopy(ref)
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.get_base_model().enable_input_require_grads()
-    apply_kernels(model, training_config(use_kernels=True, gradient_checkpointing=True))
+    assert "residual_fold" in apply_kernels(model, training_config(use_kernels=True, gradient_checkpointing=True))
+    base_gemms: list[tuple[bool, int]] = []  # (inside backward, the weight) of each base GEMM of an unbordered input
+    real_linear = lora.linear
+    monkeypatch.setattr(
+        lora, "linear", lambda x, w, *a: base_gemms.append((in_backward(), id(w))) or real_linear(x, w, *a)
+    )
     assert_matches_reference(ref, model, packed_batch())
+    layers = model.get_base_model().model.layers
+    down, o = (
+        {id(layer.get_submodule(part).base_layer.weight) for layer in layers}
+        for part in ("mlp.down_proj", "self_attn.o_proj")
+    )
+    forward, recomputed = ([w for inside, w in base_gemms if inside is phase] for phase in (False, True))
+    assert sorted(forward) == sorted(down | o)
+    assert sorted(recomputed) == sorted(o)  # the recompute ran, without the down projection
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
