@@ -4,7 +4,6 @@ with `fp8_base_weights`: the 4-bit weights' matmuls in float8)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from bench import unsloth_arm
@@ -42,7 +41,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
         model = get_peft_model(model, lora)
-    elif arm in ("ftw", "ftw-fp8", "ftw-ahead"):
+    elif arm in ("ftw", "ftw-fp8"):
         from ftw_kernels import apply_kernels
         from worker.train.adapters import prepare_quantized
         from worker.train.model import checkpointing_kwargs
@@ -68,9 +67,8 @@ def build(arm: str, shape: str, gc: bool, seq: int, targets: list[str]) -> tuple
     return model.train(), model.config, n_frozen, n_lora, applied
 
 
-def dequantised(steps: int) -> dict[str, float]:
-    """The 4-bit weights' dequantisations a step over `steps` steps (kernels/ftw_kernels/qlora.py `counts`): on the
-    matmuls' stream, ahead on the side stream, ahead for nothing."""
+def dequantised(steps: int) -> float:
+    """The 4-bit weights' dequantisations a step over `steps` steps (kernels/ftw_kernels/qlora.py)."""
     from ftw_kernels import qlora
 
-    return {k: round(v / steps, 1) for k, v in dataclasses.asdict(qlora.counts()).items()}
+    return round(qlora.dequantisations() / steps, 1)

@@ -22,9 +22,7 @@ Unsloth's offloaded checkpointing, so ftw's arms then offload theirs to host mem
             under torch.profiler (GPU time by kernel: profile.txt in the arm's run folder, /tmp/ftw-gpu-bench/ARM);
   ftw-fp8, ftw-real-fp8  the same two with `fp8_base_weights: true`: the 4-bit weights stay 4-bit and each
             of their matmuls runs in float8 (Ada/Hopper; kernels/ftw_kernels/base_weight.py), not in the
-            default arms;
-  ftw-ahead, ftw-real-ahead  the same two with `FTW_DEQUANT_AHEAD=1`: each next 4-bit weight dequantised on a
-            side stream while the current matmul runs (kernels/ftw_kernels/qlora.py), not in the default arms.
+            default arms.
 Prints one table, tokens/s and peak allocated GiB also as ratios to Unsloth's in the same mode (the
 issue's target: ≥ 1.15× its tokens/s at ≤ its memory), and writes OUT/qlora.json.
 """
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +40,12 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_k
 from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
-MORE_ARMS = ("ftw-fp8", "ftw-real-fp8", "ftw-ahead", "ftw-real-ahead")
-THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8", "ftw-ahead": "ftw-ahead"}
+MORE_ARMS = ("ftw-fp8", "ftw-real-fp8")
+THROUGHPUT_ARM = {"unsloth": "unsloth", "peft": "hf", "ftw": "ftw", "ftw-fp8": "ftw-fp8"}
 
 
-def real_path(a: argparse.Namespace, gc: bool, fp8: bool, ahead: bool) -> dict:
-    """bench/gpu_train.py's qlora (or qlora-fp8) arm on the same saved model, in its own processes (`ahead`: with
-    `FTW_DEQUANT_AHEAD=1` in their environment)."""
+def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
+    """bench/gpu_train.py's qlora (or qlora-fp8) arm on the same saved model, in its own processes."""
     from bench import unsloth_arm
 
     mode = ("offload" if a.offload else "on") if gc else "off"
@@ -60,8 +56,7 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool, ahead: bool) -> dict:
     cmd += ["--gc", mode, "--full-length", "--no-merge", *([] if a.profile else ["--no-profile"]), "--mbs", str(a.mbs)]
     cmd += ["--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     cmd += ["--arm-timeout", str(a.arm_timeout), "--config", json.dumps(a.config)]
-    switch = dict([tt.ARM_SWITCHES["ftw-ahead"]]) if ahead else {}  # the bare arm's switch, for the real path
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **switch})
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     try:
         name = arm + {"off": "", "on": "+gc", "offload": "+offload"}[mode]  # gpu_train's arm names
         result = json.loads((out / "gpu_train.json").read_text())["arms"][name]
@@ -86,9 +81,8 @@ def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
     r = tt.child(args, timeout=a.arm_timeout)
     if r.get("offloaded_mib_per_step"):
         r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
-    if r.get("dequantised"):  # a step's dequantisations: did the ahead ones take the matmuls' place?
-        counts = ", ".join(f"{v} {k}" for k, v in r["dequantised"].items())
-        r["kernels"] = [*r["kernels"], f"dequantised a step: {counts}"]
+    if r.get("dequantised"):
+        r["kernels"] = [*r["kernels"], f"dequantised a step: {r['dequantised']}"]
     return r
 
 
@@ -146,8 +140,7 @@ def main() -> int:
         for arm in a.arms.split(","):
             print(f"--- {a.shape} gc {'on' if gc else 'off'}: {arm}", flush=True)
             real = arm.startswith("ftw-real")
-            ahead = arm.endswith("ahead")
-            r = real_path(a, gc, arm.endswith("fp8"), ahead) if real else throughput_arm(a, arm, gc)
+            r = real_path(a, gc, arm.endswith("fp8")) if real else throughput_arm(a, arm, gc)
             r.update(arm=arm, shape=a.shape, mbs=a.mbs, seq=a.seq, gc=gc)
             print(json.dumps(r)[:1500], flush=True)
             results.append(r)

@@ -16,25 +16,21 @@ over `--steps` steps after `--warmup`. MFU counts useful FLOPs only,
 4·N_frozen + 6·N_lora + 6·L·d_attn·Σsᵢ²/T per token (packed attention costs Σsᵢ², not S²; the output head's
 4·V·d over the tokens that have a target only),
 against the bf16 matmul peak measured at the start of the same run.
-Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask);
-liger = hf + Liger Kernel (when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the
-trainer makes after get_peft_model); ftw-fp8 = ftw with `fp8_base_weights: true` (the frozen
-Linears in float8, `torch._scaled_mm`; its MFU still counts against the bf16 peak); ftw-unbordered = ftw
-with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered weights ftw lays out by default,
-kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`); ftw-ahead = ftw with `FTW_DEQUANT_AHEAD=1`
-(with `--4bit`: each next 4-bit weight dequantised on a side stream, kernels/ftw_kernels/qlora.py; the JSON's
-`dequantised` counts them); ftw-all-rows = ftw with every row of the batch to the loss head, not only the target
-rows the trainer's prefetcher lists (`--prompt-share 0.5`: half of each sample a masked prompt); ftw-padded = ftw
-on `--unpacked` micro-batches kept as padded rows, where ftw joins each one's samples into one row as its trainer's
-padding-free batches do (tokens/s counts real tokens in every arm); unsloth =
-Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its offloaded checkpointing for
-`--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table gives
-tokens/s and peak memory also as ratios to hf's and Unsloth's.
-`--offload`: the ftw arm's forward runs under worker/train/offload.py's activation offloading (what
-`gradient_checkpointing: offload` does in training), shown as arm ftw+offload; e.g.
-`--shapes llama-8b --arms ftw --gc on --offload`.
-Peer wheels (Liger, Unsloth): `bench/gpu_peers.sh`.
-"""
+Arms: hf = transformers+peft, sdpa (transformers splits packed rows with a block mask); liger = hf + Liger Kernel
+(when importable); ftw = hf + `ftw_kernels.apply_kernels` (the call the trainer makes after get_peft_model); ftw-fp8
+= ftw with `fp8_base_weights: true` (the frozen Linears in float8, `torch._scaled_mm`; its MFU still counts against
+the bf16 peak); ftw-unbordered = ftw with `FTW_BORDERED_LORA=0` (the fused q, k, v and gate, up without the bordered
+weights ftw lays out by default, kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`; with `--4bit`
+the JSON's `dequantised` counts a step's 4-bit dequantisations, kernels/ftw_kernels/qlora.py); ftw-all-rows = ftw
+with every row of the batch to the loss head, not only the target rows the trainer's prefetcher lists
+(`--prompt-share 0.5`: half of each sample a masked prompt); ftw-padded = ftw on `--unpacked` micro-batches kept as
+padded rows, where ftw joins each one's samples into one row as its trainer's padding-free batches do (tokens/s
+counts real tokens in every arm); unsloth = Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its
+offloaded checkpointing for `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table
+gives tokens/s and peak memory also as ratios to hf's and Unsloth's. `--offload`: the ftw arm's forward runs under
+worker/train/offload.py's activation offloading (what `gradient_checkpointing: offload` does in training), shown as
+arm ftw+offload; e.g. `--shapes llama-8b --arms ftw --gc on --offload`. Peer wheels (Liger, Unsloth):
+`bench/gpu_peers.sh`."""
 
 from __future__ import annotations
 
@@ -66,11 +62,10 @@ FTW_ARMS = (
     "ftw",
     "ftw-fp8",
     "ftw-unbordered",
-    "ftw-ahead",
     "ftw-all-rows",
     "ftw-padded",
 )  # the arms that run ftw's kernels
-ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0"), "ftw-ahead": ("FTW_DEQUANT_AHEAD", "1")}  # ftw's names
+ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0")}  # ftw's names
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -296,7 +291,7 @@ def main() -> None:
     ap.add_argument(
         "--arms",
         default="hf,liger,unsloth,ftw",
-        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-ahead, ftw-all-rows, ftw-padded",
+        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-all-rows, ftw-padded",
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)

@@ -43,14 +43,14 @@ def mark_fp8_matmuls(linear: torch.nn.Module) -> bool:
     return True
 
 
-def _as_fp8(weight: torch.Tensor, backward: bool) -> fp8.Fp8Weight | None:
+def _as_fp8(weight: torch.Tensor) -> fp8.Fp8Weight | None:
     """The weight its float8 matmuls take: itself when stored as float8, a transient `Fp8Weight` (per-output-channel
     scales) of a marked 4-bit one; None for any other."""
     if fp8.is_fp8(weight):
         return weight  # type: ignore[return-value]  # is_fp8: an Fp8Weight
     if not getattr(weight, FP8_MATMULS, False):
         return None
-    data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype, backward))  # type: ignore[attr-defined]
+    data, scale = quantise_rows(qlora.dense(weight, weight.quant_state.dtype))  # type: ignore[attr-defined]
     return fp8.Fp8Weight(data, scale.view(1, -1))
 
 
@@ -69,7 +69,7 @@ def linear(
     Over a floating-point or 4-bit weight the rank-r term is written first, on top of the addend, and the base
     GEMM adds itself to it (cuBLAS's beta): the sums ride the GEMMs' epilogues instead of passes over the output.
     `torch._scaled_mm` cannot accumulate, so a float8 base adds them after."""
-    as_fp8 = _as_fp8(weight, backward=False)
+    as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         y = fp8.linear(x2, as_fp8, quantised)
         for term in (bias, addend):
@@ -79,7 +79,7 @@ def linear(
             xa, b = low_rank
             y.addmm_(xa, b.t())
         return y
-    w = qlora.dense(weight, x2.dtype, backward=False)
+    w = qlora.dense(weight, x2.dtype)
     bias = None if bias is None else bias.to(x2.dtype)
     start = addend if bias is None else (bias if addend is None else addend + bias)
     if low_rank is None:
@@ -97,11 +97,11 @@ def accumulates(weight: torch.Tensor) -> bool:
 
 def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
-    as_fp8 = _as_fp8(weight, backward=True)
+    as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         part = fp8.input_grad(dy, as_fp8)
         return part if dx is None else dx.add_(part)
-    w = qlora.dense(weight, dy.dtype, backward=True)
+    w = qlora.dense(weight, dy.dtype)
     return dy @ w if dx is None else dx.addmm_(dy, w)
 
 

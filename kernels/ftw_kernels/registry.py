@@ -12,8 +12,7 @@ on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_ke
 QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: their base weights are
 bitsandbytes 4-bit tensors, dequantised by one Triton kernel into a cache bounded by one decoder layer's weights
 (kernels/ftw_kernels/qlora.py) and never kept dense for backward; the applied list then names `dequant_4bit` after
-the fused projections, and `dequant_ahead` where the operator's `FTW_DEQUANT_AHEAD=1` dequantises each next weight
-on a side stream.
+the fused projections.
 
 `fp8_base_weights: true` stores the frozen Linears of the attention and MLP modules as float8 with per-channel
 scales and runs their matmuls as `torch._scaled_mm` (kernels/ftw_kernels/fp8.py): the applied list names
@@ -211,7 +210,7 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
     applied = patches.apply_family(base, family, wanted)
     if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied) and any(qlora.is_4bit(p) for p in base.parameters()):
         qlora.keep_recent(_largest_layer_4bit_bytes(base))
-        applied += ["dequant_4bit", *(["dequant_ahead"] if qlora.ahead_wanted() else [])]
+        applied.append("dequant_4bit")
     if config.fp8_base_weights and patches.install_fp8_base(base, family):
         applied.append("fp8_base")
     if {"lora_mlp", "lora_qkv"} & set(applied) and _bordered_refusal(config, applied) is None:

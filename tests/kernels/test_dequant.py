@@ -99,6 +99,7 @@ def test_dense_keeps_recent_weights_within_its_bound(launches: Counter) -> None:
     assert [launches[id(w)] for w in weights] == [2, 1, 1]
     assert torch.equal(qlora.dense(weights[1], torch.float32), refs[1])  # 1 was the oldest once 0 came back
     assert launches[id(weights[1])] == 2 and recent.held == 2 * each
+    assert qlora.dequantisations() == 5  # what the benches report
 
 
 def test_dense_with_no_room_keeps_only_the_last_weight(launches: Counter) -> None:
