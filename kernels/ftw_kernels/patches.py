@@ -172,7 +172,10 @@ def _decoder_layer_forward(
 def _recomputing(layer) -> bool:
     """The layer's forward run again inside autograd's backward by its own checkpoint (transformers checkpoints
     each decoder layer; ftw checkpoints nothing around them): its output is then only the root the recompute's
-    backward starts from (reentrant) or thrown away (non-reentrant), so its values are never read."""
+    backward starts from (reentrant) or thrown away (non-reentrant), so its values are never read. Under
+    torch.compile the compiler partitions the recompute itself, and autograd's state would break its graph."""
+    if torch.compiler.is_compiling():
+        return False
     return (
         getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled() and in_backward()
     )

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from ftw_kernels import apply_kernels, lora, registry
+from ftw_kernels import apply_kernels, lora, patches, registry
 from ftw_kernels.precision import in_backward
 from schemas.config import TrainingConfig
 from tests.conftest import randomise_lora_b
@@ -261,3 +261,17 @@ def test_varlen_attention_with_a_kv_cache_attends_to_the_past_only():
             w = torch.softmax(torch.einsum("hd,hkd->hk", q[row, :, i], kk[row, :, keys]) * 8**-0.5, -1)
             ref = torch.einsum("hk,hkd->hd", w, vv[row, :, keys])
             torch.testing.assert_close(out[row, i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_recompute_check_leaves_a_compiled_graph_whole():
+    """Under torch.compile the compiler partitions the recompute itself; reading autograd's state there would break
+    the graph (an error with fullgraph) in every checkpointed layer."""
+
+    class Layer(torch.nn.Module):
+        gradient_checkpointing = True
+
+        def forward(self, x):
+            return x * 2 if patches._recomputing(self) else x + 1
+
+    x = torch.ones(3, requires_grad=True)
+    assert torch.equal(torch.compile(Layer().train(), fullgraph=True, backend="eager")(x), x + 1)
