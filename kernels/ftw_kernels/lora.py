@@ -245,7 +245,7 @@ class LoRAGatedMLP(torch.autograd.Function):
         residual: torch.Tensor | None,
         scales: tuple[float, float, float],
         room: int,
-        output_unused: bool,
+        checkpoint: str | None,
         *params,
     ):
         dtype = compute_dtype(x)  # read before autocast is switched off
@@ -253,14 +253,13 @@ class LoRAGatedMLP(torch.autograd.Function):
             gate, up, down = _mlp_projections(params, scales)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             (g, u), xa = _forward(x2, [gate, up], room)
-            h = swiglu_forward_raw(g, u)
-            if output_unused:  # backward reads h·A_downᵀ, never y; the gated MLP maps hidden to hidden
-                had = h @ _adapters([down], h.dtype)[0].t()
-                y = h.new_empty(x2.shape)
+            if checkpoint == "recompute":  # nothing reads y; the gated MLP maps hidden to hidden
+                y, had = g.new_empty(x2.shape), None
             else:
                 stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
-                (y,), had = _forward(h, [down], addend=stream)
-            del h
+                (y,), had = _forward(swiglu_forward_raw(g, u), [down], addend=stream)
+            if checkpoint is not None:  # a recompute must save what the first forward saved
+                had = None  # formed by the backward from the h it recomputes
         kept, xa = _input_kept(ctx, x2, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
         ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
@@ -275,10 +274,13 @@ class LoRAGatedMLP(torch.autograd.Function):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
         dh, dyb = _input_grad([dy], [down], want_dx=True)
-        # one pass: dg and du written over g and u, h recomputed (for dA_down) over dh
-        want_h = down.lora_a is not None and down.lora_a.requires_grad
+        # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh
+        formed = had is None and down.lora_a is not None
+        want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
         h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
         del dh
+        if formed:
+            had = h @ _adapters([down], h.dtype)[0].t()
         down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h
         dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0])
@@ -301,15 +303,16 @@ def lora_gated_mlp(
     up: Projection,
     down: Projection,
     residual: torch.Tensor | None = None,
-    output_unused: bool = False,
+    checkpoint: str | None = None,
 ) -> torch.Tensor:
     """The gated MLP of x; given the `residual` stream it joins (a decoder layer's), residual + MLP(x), the add
-    inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own. `output_unused`: the caller
-    needs the backward only, not the values (a checkpointed layer's recompute), so the down projection's GEMM, the
-    layer's last, does not run and the output is uninitialised memory of its shape."""
+    inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own. `checkpoint`: the pass of a
+    checkpointed layer this is, "forward" or "recompute". Then the backward forms h·A_downᵀ from the h it
+    recomputes anyway, and the recompute, whose output nothing reads, runs neither the SwiGLU nor the down
+    projection: it returns uninitialised memory of the output's shape."""
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
     scales = (gate.scale, up.scale, down.scale)
     room = bordered.room_of(x)
     if residual is not None and residual.dtype != compute_dtype(x):  # e.g. an fp32 stream under bf16 autocast
-        return residual + LoRAGatedMLP.apply(x, None, scales, room, output_unused, *params)
-    return LoRAGatedMLP.apply(x, residual, scales, room, output_unused, *params)
+        return residual + LoRAGatedMLP.apply(x, None, scales, room, checkpoint, *params)
+    return LoRAGatedMLP.apply(x, residual, scales, room, checkpoint, *params)

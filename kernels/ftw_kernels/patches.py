@@ -57,15 +57,15 @@ def _mlp_fusable(projections: list[Projection | None]) -> bool:
 
 
 def _lora_mlp_forward(
-    self, x: torch.Tensor, residual: torch.Tensor | None = None, output_unused: bool = False
+    self, x: torch.Tensor, residual: torch.Tensor | None = None, checkpoint: str | None = None
 ) -> torch.Tensor:
     """The MLP of x, or residual + it (a patched decoder layer's stream, added inside the fused down projection);
-    `output_unused`: a recompute's, whose values nothing reads (`lora_gated_mlp`)."""
+    `checkpoint`: the pass of a checkpointed layer (`lora_gated_mlp`)."""
     projections = [projection_of(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
     if not _mlp_fusable(projections):
         out = swiglu_mlp_forward(self, x)
         return out if residual is None else residual + out
-    return lora_gated_mlp(x, *projections, residual=residual, output_unused=output_unused)
+    return lora_gated_mlp(x, *projections, residual=residual, checkpoint=checkpoint)
 
 
 # ---- attention --------------------------------------------------------------------------------
@@ -165,20 +165,19 @@ def _decoder_layer_forward(
     )
     normed, residual = rms_norm_and_residual(self.post_attention_layernorm, residual, attended)
     if _patched(self.mlp, _lora_mlp_forward):
-        return self.mlp(normed, residual, output_unused=_recomputing(self))
+        return self.mlp(normed, residual, checkpoint=_checkpoint_pass(self))
     return residual + self.mlp(normed)
 
 
-def _recomputing(layer) -> bool:
-    """The layer's forward run again inside autograd's backward by its own checkpoint (transformers checkpoints
-    each decoder layer; ftw checkpoints nothing around them): its output is then only the root the recompute's
-    backward starts from (reentrant) or thrown away (non-reentrant), so its values are never read. Under
-    torch.compile the compiler partitions the recompute itself, and autograd's state would break its graph."""
-    if torch.compiler.is_compiling():
-        return False
-    return (
-        getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled() and in_backward()
-    )
+def _checkpoint_pass(layer) -> str | None:
+    """Which pass of its own checkpoint runs the layer (transformers checkpoints each decoder layer; ftw checkpoints
+    nothing around them): "recompute" when autograd's backward runs it again, "forward" the first time, None when
+    it is not checkpointed. A recompute's output is only the root its backward starts from (reentrant) or thrown
+    away (non-reentrant): its values are never read. Under torch.compile the compiler partitions the recompute
+    itself, and reading autograd's state would break its graph."""
+    if torch.compiler.is_compiling() or not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+        return None
+    return "recompute" if torch.is_grad_enabled() and in_backward() else "forward"
 
 
 def _patched(module, fn) -> bool:

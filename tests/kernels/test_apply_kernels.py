@@ -136,9 +136,9 @@ def test_trained_output_layer_gets_its_gradient_from_the_fused_loss():
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_last_gemm(reentrant, monkeypatch):
-    """The recompute's output is only autograd's root (or thrown away), so the down projection's GEMM runs in
-    the forward only; every grad is still the unpatched, unchecked model's."""
+def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_mlp_tail(reentrant, monkeypatch):
+    """The recompute's output is only autograd's root (or thrown away), so the SwiGLU and the down projection's
+    GEMM run in the forward only; every grad is still the unpatched, unchecked model's."""
     ref = tiny(LlamaConfig)
     model = copy.deepcopy(ref)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -149,7 +149,11 @@ def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_last_gem
     monkeypatch.setattr(
         lora, "linear", lambda x, w, *a: base_gemms.append((in_backward(), id(w))) or real_linear(x, w, *a)
     )
+    swiglus: list[bool] = []  # inside backward, for each SwiGLU forward
+    real_swiglu = lora.swiglu_forward_raw
+    monkeypatch.setattr(lora, "swiglu_forward_raw", lambda g, u: swiglus.append(in_backward()) or real_swiglu(g, u))
     assert_matches_reference(ref, model, packed_batch())
+    assert swiglus == [False, False]  # one a layer, in the forward
     layers = model.get_base_model().model.layers
     down, o = (
         {id(layer.get_submodule(part).base_layer.weight) for layer in layers}
@@ -271,7 +275,7 @@ def test_the_recompute_check_leaves_a_compiled_graph_whole():
         gradient_checkpointing = True
 
         def forward(self, x):
-            return x * 2 if patches._recomputing(self) else x + 1
+            return x * 2 if patches._checkpoint_pass(self) else x + 1
 
     x = torch.ones(3, requires_grad=True)
     assert torch.equal(torch.compile(Layer().train(), fullgraph=True, backend="eager")(x), x + 1)
