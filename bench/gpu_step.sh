@@ -11,8 +11,11 @@
 # each as soon as the one before returns: a held machine keeps the models and Unsloth's compiled kernels under /tmp).
 # Measured on 2026-12-05 (fourth session, H100): QLoRA 8B without checkpointing, the memory-saving rows at 8B, QLoRA
 # with offloaded checkpointing at 8B and 1B. Still wanted: the 1B rows without checkpointing and the 1B
-# memory-saving row against Unsloth (its arm ran past 80 s on a fresh H100), the 8B real path and the CUDA tests:
-#   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests offload 1b   # Unsloth 1B, both modes
+# memory-saving row against Unsloth (its arm ran past 80 s on a fresh H100), the 8B real path, the CUDA tests, and the
+# recompute's two changes against the trees before them (fb41e25: recompute whole; fb5f5e2: without the down GEMM;
+# each unpacked by `git archive REV kernels bench schemas worker` into .gpu/before and .gpu/tail-gemm):
+#   OLD=.gpu/before,.gpu/tail-gemm AB_SHAPES=llama-8b AB_GC=offload OUT=$OUT bash bench/gpu_step.sh tests ab
+#   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh offload 1b         # Unsloth 1B, both modes
 #   OUT=$OUT bash bench/gpu_step.sh qlora1b
 #   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh real 8b           # real path, bare loop, Unsloth
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
@@ -42,11 +45,12 @@
 #   unpacked unpacked-<shape>.txt  bench/train_throughput.py --unpacked at $SHAPES: mbs samples a step, one a row,
 #                         padded to the longest; Unsloth (padded rows), ftw (each micro-batch's samples joined into one
 #                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
-#   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before), interleaved,
-#                         at $AB_SHAPES (default llama-1b)
+#   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
+#                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
+#                         (off, on, offload; default off)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
-ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b}
+ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b} AB_GC=${AB_GC:-off}
 SHAPES=${SHAPES:-llama-1b,llama-8b} QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-real}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
@@ -125,8 +129,9 @@ for part in "${parts[@]}"; do
           | tee -a "$OUT/summary.txt"
       done ;;
     ab)
-      log "tree_ab $AB_SHAPES against $OLD"
-      $PY bench/tree_ab.py --old "$OLD" --site "$FTW_SITE" --shapes "$AB_SHAPES" --rounds 2 --steps 12 \
+      log "tree_ab $AB_SHAPES against $OLD, checkpointing $AB_GC"
+      olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
+      $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, real, offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
   esac
