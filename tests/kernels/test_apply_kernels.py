@@ -138,7 +138,7 @@ def test_trained_output_layer_gets_its_gradient_from_the_fused_loss():
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_mlp_tail(reentrant, monkeypatch):
     """The recompute's output is only autograd's root (or thrown away), so the SwiGLU and the down projection's
-    GEMM run in the forward only; every grad is still the unpatched, unchecked model's."""
+    GEMM run in the forward only; every grad is still that of the unpatched model without checkpointing."""
     ref = tiny(LlamaConfig)
     model = copy.deepcopy(ref)
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
