@@ -1,4 +1,4 @@
-"""`ftw estimate`'s model against every measured H200 row of docs/benchmarks.md (its calibration table).
+"""`ftw estimate`'s model against every measured GPU row of docs/benchmarks.md (its calibration table).
 
     .venv/bin/python bench/estimate_check.py            # the table: measured, predicted, ratio
     .venv/bin/python bench/estimate_check.py --json     # the same as JSON

@@ -1,5 +1,5 @@
-"""The estimate against every ftw training row measured on the H200 (docs/benchmarks.md's calibration
-table, read from the document itself, so a row added there is checked here with no other change)."""
+"""The estimate against every ftw training row measured on a GPU (docs/benchmarks.md's calibration table, read from
+the document itself, so a row added there is checked here with no other change)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,21 @@ def test_prediction_within_tolerance_of_the_measurement(row):
 
 
 def test_a_new_row_is_picked_up_and_a_wrong_one_fails():
-    row = "| 2027-01-01 | a new run | Llama-3.1-8B | lora | on | 4 | 2048 | full | off | bare | 32,000 | 20.0 |"
-    text = (REPO / "docs" / "benchmarks.md").read_text()
-    start = text.index("| date | source |", text.index(CALIBRATION_HEADING))
-    table_end = text.index("\n\n", start)
-    rows = read_rows(text[:table_end] + "\n" + row + text[table_end:])
+    row = "| 2027-01-01 | {gpu} | a new run | Llama-3.1-8B | lora | on | 4 | 2048 | full | off | bare | 32,000 | 20.0 |"
+    rows = with_row(row.format(gpu="NVIDIA H100 80GB HBM3"))
     assert len(rows) == len(ROWS) + 1
     speed, peak = rows[-1].predicted()
     assert abs(speed / 32000 - 1) > SPEED_TOLERANCE and abs(peak / 20.0 - 1) > MEMORY_TOLERANCE
+    # the card's bf16 peak scales the prediction: an A100's 312 TFLOP/s against the H100's 989
+    a100 = with_row(row.format(gpu="NVIDIA A100 80GB PCIe"))[-1].predicted()[0]
+    assert abs(a100 / speed - 312 / 989.4) < 0.01
+    with pytest.raises(ValueError, match="GPU 'a GPU nobody sells' is not in runpod_gpus.toml"):
+        with_row(row.format(gpu="a GPU nobody sells"))[-1].predicted()
+
+
+def with_row(row: str) -> list:
+    """The document's rows with `row` added at the table's end."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    start = text.index("| date | gpu | source |", text.index(CALIBRATION_HEADING))
+    table_end = text.index("\n\n", start)
+    return read_rows(text[:table_end] + "\n" + row + text[table_end:])

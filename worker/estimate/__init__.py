@@ -9,7 +9,7 @@
     report.py       one config on every GPU type: fits, time, cost, the cheapest, advice
     cli.py          `ftw estimate`
     job.py          the job path: the checks' refusal (allow_oom_risk) and the result's cost metrics
-    calibration.py  the measured H200 rows of docs/benchmarks.md the model is fitted to and tested on
+    calibration.py  the measured GPU rows of docs/benchmarks.md the model is fitted to and tested on
 
 Nothing here imports torch or the orchestrator (worker/checks uses it, not the reverse): the
 orchestrator and the CLI run it on the CPU in about a second.

@@ -1,9 +1,10 @@
 """The measured rows the estimate is calibrated and checked on, read from docs/benchmarks.md.
 
-Its section CALIBRATION_HEADING holds one table; each row is one measured run on the H200:
+Its section CALIBRATION_HEADING holds one table; each row is one measured run on one GPU:
 
-    | date | source | model | method | kernels | mbs | seq | samples | ckpt | loop | tokens/s | peak GiB |
+    | date | gpu | source | model | method | kernels | mbs | seq | samples | ckpt | loop | tokens/s | peak GiB |
 
+`gpu`: the card as nvidia-smi names it, one of worker/estimate/runpod_gpus.toml's (its bf16 peak scales the speed);
 `samples`: `full` (every row one sample of `seq` tokens) or `packed ~600` (packed samples of that
 mean length); `ckpt`: off, on or offload; `loop`: bare (bench/train_throughput.py) or real
 (`ftw train`, bench/gpu_train.py); figures may be a range (a–b) or — (not measured). A row added
@@ -16,12 +17,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.estimate.gpus import TABLE, gpu_table
 from worker.estimate.model import GiB, Workload, peak_bytes, tokens_per_s
 from worker.estimate.shapes import LINEAR_MODULES, known_shape, lora_param_count
 
-CALIBRATION_HEADING = "## Calibration rows of `ftw estimate` (H200)"
+CALIBRATION_HEADING = "## Calibration rows of `ftw estimate`"
 COLUMNS = (
     "date",
+    "gpu",
     "source",
     "model",
     "method",
@@ -48,7 +51,7 @@ class MeasuredRow:
         c = self.cells
         return (
             f"{c['model']} {c['method']} kernels {c['kernels']} mbs {c['mbs']} {c['samples']} ckpt {c['ckpt']} "
-            f"{c['loop']} ({c['date']})"
+            f"{c['loop']} ({c['date']}, {c['gpu']})"
         )
 
     def workload(self) -> Workload:
@@ -73,8 +76,11 @@ class MeasuredRow:
 
     def predicted(self) -> tuple[float, float]:
         """(tokens/s, peak GiB) the estimate gives for this row."""
+        gpu = gpu_table().find(self.cells["gpu"])
+        if gpu is None:
+            raise ValueError(f"calibration row {self.label}: GPU {self.cells['gpu']!r} is not in {TABLE.name}")
         w = self.workload()
-        return tokens_per_s(w), peak_bytes(w) / GiB
+        return tokens_per_s(w, gpu.bf16_tflops), peak_bytes(w) / GiB
 
 
 def figures(cell: str) -> tuple[float, ...]:

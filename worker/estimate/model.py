@@ -37,19 +37,18 @@ class Mode:
     h0: float
     host_synced: bool = False  # the step waits for the host even in a bare loop
     logits_cap: float | None = None  # the loss head's chunked logits: at most one chunk alive (bytes)
-    recompute_share: float = 1.0  # of a reentrant checkpointed forward's FLOPs that costs step time
+    recompute_skips_down: bool = False  # a checkpointed layer's recompute runs no down projection (fused MLP)
 
     def efficiency(self, hidden: int) -> float:
         return self.e_max * hidden / (hidden + self.h0)
 
 
 FUSED_CE_CHUNK_BYTES = float(1 << 30)
-RECOMPUTE_SHARE_REENTRANT = 0.5
 MODES = {
     # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
     # (the fused cross-entropy computes 1 GiB of bf16 logits at a time and frees each chunk before the next:
-    # FUSED_CE_CHUNK_BYTES, kernels/ftw_kernels/cross_entropy.CHUNK_LOGITS_BYTES; reentrant checkpointing,
-    # ftw's default here, recomputes for about half what the FLOPs say: fitted on the rows of 2026-12-03)
+    # FUSED_CE_CHUNK_BYTES, kernels/ftw_kernels/cross_entropy.CHUNK_LOGITS_BYTES; a checkpointed layer's
+    # recompute stops before the down projection: kernels/ftw_kernels/patches.py `_checkpoint_pass`)
     "fused": Mode(
         act_hidden=8.0,
         act_intermediate=2.0,
@@ -57,7 +56,7 @@ MODES = {
         e_max=0.642,
         h0=1011,
         logits_cap=FUSED_CE_CHUNK_BYTES,
-        recompute_share=RECOMPUTE_SHARE_REENTRANT,
+        recompute_skips_down=True,
     ),
     # LoRA over a base PEFT prepares for k-bit training (8-bit: fp32 embeddings, norms and output layer), no fused
     # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
@@ -98,7 +97,6 @@ class Workload:
     data_tokens: int | None = None  # packed: all the data's tokens (a bin never holds more)
     shards: int = 1  # FSDP / ZeRO-3: weights and optimizer state split over this many GPUs
     fp8_base: bool = False  # fp8_base_weights: the decoder layers' Linears stored as float8 (1 byte a weight)
-    reentrant: bool = True  # checkpointing's kind (TrainingConfig.checkpoints_reentrant): its recompute's cost
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
     trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
     padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
@@ -208,15 +206,28 @@ def flops_per_token(w: Workload) -> float:
     weights, full) forward + both gradients, causal attention; a recompute forward with checkpointing."""
     s = w.shape
     frozen = s.active_linear_params + s.vocab * s.hidden * head_share(w)
-    attention = 6 * s.layers * s.q_dim * w.attention_span / 2
     if w.method == "full":
-        flops = 6 * frozen + attention
-        recompute = 2 * frozen + attention / 3
+        flops = 6 * frozen + attention_flops_per_token(w)
     else:
-        flops = 4 * frozen + 6 * w.lora_params + attention
-        recompute = 2 * frozen + 2 * w.lora_params + attention / 3
-    share = MODES[w.mode].recompute_share if w.reentrant else 1.0
-    return flops + (recompute * share if w.checkpointing else 0)
+        flops = 4 * frozen + 6 * w.lora_params + attention_flops_per_token(w)
+    return flops + (recompute_flops_per_token(w) if w.checkpointing else 0)
+
+
+def recompute_flops_per_token(w: Workload) -> float:
+    """What a checkpointed step runs again in its backward: each decoder layer's forward (the output head is not in
+    a layer), less the down projection where the fused MLP skips it (nothing reads a recomputed layer's output),
+    and the adapters' forward. Either kind of checkpointing runs the same FLOPs."""
+    s = w.shape
+    linear = s.active_linear_params
+    if MODES[w.mode].recompute_skips_down and s.experts <= 1:
+        linear -= s.layers * s.hidden * s.intermediate
+    adapters = 0 if w.method == "full" else 2 * w.lora_params
+    return 2 * linear + adapters + attention_flops_per_token(w) / 3
+
+
+def attention_flops_per_token(w: Workload) -> float:
+    """Causal attention forward and backward: QKᵀ and PV over half the span, three passes' worth."""
+    return 6 * w.shape.layers * w.shape.q_dim * w.attention_span / 2
 
 
 def head_share(w: Workload) -> float:

@@ -112,8 +112,7 @@ def fits_in(peak: int, memory_bytes: float) -> bool:
 
 # ---- from a config to a workload -------------------------------------------------------------
 def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_count: int = 1) -> Workload:
-    """What one micro-batch of `cfg` costs on each of `gpu_count` GPUs: FSDP / ZeRO-3 split the weights over them,
-    and several GPUs checkpoint with the non-reentrant kind (TrainingConfig.checkpoints_reentrant)."""
+    """What one micro-batch of `cfg` costs on each of `gpu_count` GPUs: FSDP / ZeRO-3 split the weights over them."""
     sharded = bool(
         cfg.fsdp or cfg.fsdp_config or (isinstance(cfg.deepspeed, str) and cfg.deepspeed.startswith("zero3"))
     )
@@ -150,7 +149,6 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         data_tokens=data.tokens if packed and data.tokens else None,
         fp8_base=cfg.fp8_base_weights,
         shards=max(gpu_count, 1) if sharded else 1,
-        reentrant=cfg.checkpoints_reentrant(moe=shape.experts > 1, distributed=gpu_count > 1),
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
         # the trainer's rule (worker/train/batches.padding_free), with the kernels' varlen attention taken as applied
