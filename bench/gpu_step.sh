@@ -9,15 +9,16 @@
 #
 # Issue 13's rows, every ftw real-path row timed on the GPU's clock, most wanted first (one call ≤ 10 minutes; call
 # each as soon as the one before returns: a held machine keeps the models and Unsloth's compiled kernels under /tmp).
-# Measured on 2026-12-05 (fourth session, H100): QLoRA 8B without checkpointing, the memory-saving rows at 8B, QLoRA
-# with offloaded checkpointing at 8B and 1B. Still wanted: the 1B rows without checkpointing and the 1B
-# memory-saving row against Unsloth (its arm ran past 80 s on a fresh H100), the 8B real path, the CUDA tests, and the
-# recompute's two changes against the trees before them (fb41e25: recompute whole; fb5f5e2: without the down GEMM;
-# each unpacked by `git archive REV kernels bench schemas worker` into .gpu/before and .gpu/tail-gemm):
+# Measured on 2026-12-05 (fifth session, H100): every QLoRA and memory-saving row at 8B and 1B, the 8B real path,
+# the CUDA tests and the recompute's two skips against the trees before them (docs/benchmarks.md "2026-12-05, fifth
+# session"), e.g.
 #   OLD=.gpu/before,.gpu/tail-gemm AB_SHAPES=llama-8b AB_GC=offload OUT=$OUT bash bench/gpu_step.sh tests ab
-#   ARMS=unsloth SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh offload 1b         # Unsloth 1B, both modes
-#   OUT=$OUT bash bench/gpu_step.sh qlora1b
-#   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh real 8b           # real path, bare loop, Unsloth
+#   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh offload
+#   QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora8b
+# Still wanted: the float8 matmuls over the 4-bit base by `step_ms` (their 1.45× of 2026-12-03 was timed by the
+# events' timestamps), with and without checkpointing:
+#   QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
+#   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
