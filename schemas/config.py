@@ -264,6 +264,11 @@ class TrainingConfig(Frozen):
         """The attn_implementation the model is loaded with (sdpa unless the config names one)."""
         return self.attn_implementation or "sdpa"
 
+    def attention_replaceable(self) -> bool:
+        """Whether ftw's varlen attention kernel may stand in for the configured one: sdpa (the default) and
+        flash_attention_2 compute the same; eager, flex or flash_attention_3 the user chose for a reason."""
+        return self.attention_backend() in ("sdpa", "flash_attention_2")
+
     def trackers(self) -> list[str]:
         """The experiment trackers the config turns on, in axolotl's terms."""
         wanted = []

@@ -204,7 +204,7 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
         "varlen_attention": on_cuda
         and base.dtype in (torch.bfloat16, torch.float16)
         and not getattr(base.config, "attention_dropout", 0.0)
-        and config.attn_implementation in (None, "sdpa", "flash_attention_2")
+        and config.attention_replaceable()
         and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)

@@ -152,11 +152,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
         # the trainer's rule (worker/train/batches.padding_free), with the kernels' varlen attention taken as applied
-        padding_free=cfg.joins_samples()
-        and cfg.use_kernels is not False
-        # the attentions the varlen kernel replaces, as kernels/ftw_kernels/registry.py lists them (not imported here:
-        # only worker.train imports ftw_kernels)
-        and cfg.attn_implementation in (None, "sdpa", "flash_attention_2"),
+        padding_free=cfg.joins_samples() and cfg.use_kernels is not False and cfg.attention_replaceable(),
     )
 
 
