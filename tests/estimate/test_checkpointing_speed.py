@@ -6,6 +6,10 @@ recompute, before the skip, ran at ~0.70×."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from schemas.config import TrainingConfig
 from worker.estimate.data_tokens import DatasetSize
 from worker.estimate.model import tokens_per_s
@@ -35,12 +39,25 @@ def speed_ratio(**config) -> float:
 
 
 def test_with_the_kernels_the_recompute_skips_the_down_projection():
-    assert 0.72 < speed_ratio() < 0.80
+    assert 0.72 < speed_ratio() < 0.78  # measured 0.76
 
 
 def test_without_the_kernels_the_recompute_runs_each_layer_whole():
     whole = speed_ratio(use_kernels=False)
-    assert 0.64 < whole < 0.72 and whole < speed_ratio() - 0.04
+    assert 0.66 < whole < 0.72 and whole < speed_ratio() - 0.04  # measured ~0.70 before the skip
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_the_output_head_is_not_recomputed(use_kernels):
+    """The time checkpointing adds to a token does not grow with the vocabulary (the head's matmul)."""
+    shape = known_shape(BASE["base_model"])
+    assert shape is not None
+    cfg = TrainingConfig.model_validate({**BASE, "use_kernels": use_kernels, "gradient_checkpointing": True})
+    added = []
+    for vocab in (32_000, 256_000):
+        w = workload_of(cfg, dataclasses.replace(shape, vocab=vocab), DatasetSize())
+        added.append(1 / tokens_per_s(w) - 1 / tokens_per_s(w.replace(checkpointing=False)))
+    assert added[0] > 0 and added[1] == pytest.approx(added[0], rel=1e-9)
 
 
 def test_the_kind_of_checkpointing_runs_the_same_flops():
