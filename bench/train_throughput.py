@@ -212,6 +212,8 @@ def run_arm(a: argparse.Namespace) -> dict:
     clock = clocks.summary()
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
     seconds = sum(each_ms) / 1e3
+    # the steps' own dequantisations, before the probes below run more steps
+    dequantised_a_step = dequantised(a.warmup + a.steps) if a.four_bit and a.arm in FTW_ARMS else None
     syncs = sync_sites(step, batches[-1][0])
     busy_ms = profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile) if a.profile else None
     tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in stream[a.warmup :])  # real
@@ -246,7 +248,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         heap_frozen=heap_frozen,
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
         host_syncs=syncs,
-        dequantised=dequantised(a.warmup + a.steps) if a.four_bit and a.arm in FTW_ARMS else None,
+        dequantised=dequantised_a_step,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
         sm_mhz=clock.get("gpu_sm_clock_mhz"),
         power_w=clock.get("gpu_power_w"),
