@@ -264,6 +264,20 @@ class TrainingConfig(Frozen):
         """The attn_implementation the model is loaded with (sdpa unless the config names one)."""
         return self.attn_implementation or "sdpa"
 
+    def lora_unfused_by(self) -> list[str]:
+        """The keys that keep this adapter off ftw's fused LoRA kernels (kernels/ftw_kernels/lora.py), which model
+        plain LoRA over a bf16/fp16/fp32 or a 4-bit base: no dropout, DoRA, bias training or 8-bit base. PEFT's
+        own LoRA layers run instead."""
+        if self.adapter not in ("lora", "qlora"):
+            return []
+        keys = {
+            "lora_dropout": self.lora_dropout != 0.0,
+            "peft_use_dora": self.peft_use_dora,
+            "lora_bias": self.lora_bias != "none",
+            "load_in_8bit": self.load_in_8bit,
+        }
+        return [key for key, unfused in keys.items() if unfused]
+
     def attention_replaceable(self) -> bool:
         """Whether ftw's varlen attention kernel may stand in for the configured one: sdpa (the default) and
         flash_attention_2 compute the same; eager, flex or flash_attention_3 the user chose for a reason."""

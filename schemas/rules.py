@@ -104,6 +104,34 @@ def _needs_adapter(cfg: TrainingConfig) -> Problems:
         yield Issue("merge_lora", "merge_lora needs an adapter (full fine-tuning already produces a merged model)")
 
 
+UNFUSED_BECAUSE = {
+    "lora_dropout": "ftw's fused LoRA has no dropout; set lora_dropout: 0",
+    "peft_use_dora": "DoRA has no fused kernel",
+    "lora_bias": "a trained bias has no fused kernel; lora_bias: none",
+    "load_in_8bit": "no fused kernel over an 8-bit base; load_in_4bit (QLoRA) has one",
+}
+
+
+def unfused_lora_warnings(cfg: TrainingConfig) -> list[Issue]:
+    """Where an adapter runs off ftw's fused LoRA kernels though the kernels are on: the run is right, only slower
+    and with more activation memory (PEFT's layers keep each projection's input and its LoRA product apart)."""
+    if cfg.use_kernels is False:
+        return []
+    return [
+        Issue(
+            key,
+            f"{key}: {_yaml(getattr(cfg, key))} keeps this LoRA off ftw's fused LoRA kernels (on the model families "
+            "that have them, docs/config.md: Kernels): PEFT's LoRA layers run q/k/v/o and the MLP instead, slower and "
+            f"with more activation memory ({UNFUSED_BECAUSE[key]})",
+        )
+        for key in cfg.lora_unfused_by()
+    ]
+
+
+def _yaml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 # ---- mixture of experts -------------------------------------------------------------------------
 # experts implementations transformers registers that need packages or hardware ftw does not ship
 UNSHIPPED_EXPERTS = {"sonicmoe": "the sonic-moe package", "deepgemm": "the deep_gemm package"}

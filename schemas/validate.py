@@ -25,7 +25,7 @@ from schemas.limits import shape_problem
 from schemas.normalize import normalize_keys
 from schemas.paths import check_local_path
 from schemas.rl_rules import check_reward_funcs
-from schemas.rules import cross_field_errors
+from schemas.rules import cross_field_errors, unfused_lora_warnings
 
 PATH_KEYS = (
     "base_model",
@@ -82,6 +82,7 @@ def typed_model(cfg: dict[str, Any], skipped: set[str], report: Report) -> Train
         report.errors += cross_field_errors(stand_in, broken | skipped | (set(PLACEHOLDERS) - set(valid_part)))
         return None
     report.errors += cross_field_errors(model, skipped)
+    report.warnings += unfused_lora_warnings(model)
     return model
 
 

@@ -29,18 +29,6 @@ from ftw_kernels.swiglu import swiglu_mlp_forward
 log = logging.getLogger("ftw.kernels")
 
 
-def lora_fusable(config) -> bool:
-    """The fused LoRA functions model plain LoRA, over a bf16/fp16/fp32 base or a bitsandbytes 4-bit
-    one (QLoRA, kernels/ftw_kernels/qlora.py): no dropout, DoRA, bias training or 8-bit base."""
-    return (
-        config.adapter in ("lora", "qlora")
-        and not config.load_in_8bit
-        and config.lora_dropout == 0.0
-        and not config.peft_use_dora
-        and config.lora_bias == "none"
-    )
-
-
 def varlen_available() -> bool:
     return attention.varlen_attn_fn() is not None
 

@@ -195,7 +195,7 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
     import ftw_kernels.qlora as qlora
 
     on_cuda = next(base.parameters()).is_cuda
-    lora_ok = patches.lora_fusable(config)
+    lora_ok = config.adapter in ("lora", "qlora") and not config.lora_unfused_by()
     wanted = {
         "lora_mlp": lora_ok and _switch(config.lora_mlp_kernel, True),
         "lora_qkv": lora_ok and _switch(config.lora_qkv_kernel, True),

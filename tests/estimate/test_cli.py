@@ -220,3 +220,26 @@ def test_the_gpu_table_is_complete_and_dated():
     assert len(names) == len(set(names)) and table.source.startswith("https://docs.runpod.io/") and table.read_on
     assert all(g.memory_gib > 8 and 0 < g.usd_per_s < 0.01 and g.bf16_tflops > 10 for g in table.gpus)
     assert table.find("nvidia  h200") is table.find("NVIDIA H200") is not None
+
+
+def test_a_lora_off_the_fused_kernels_is_estimated_as_peft_runs_it_and_told_how_to_get_them(tmp_path, data_volume):
+    """lora_dropout (axolotl's examples mostly set 0.05) keeps LoRA off ftw's fused kernels (the registry reads
+    the same TrainingConfig.lora_unfused_by): PEFT's layers keep each projection's dropped-out input, so the run
+    needs more memory and is slower, and where it does not fit the first advice is the fused kernels."""
+    runs = {}
+    for dropout in (0.0, 0.05):
+        r = estimate(write(tmp_path / f"c{dropout}.yml", config(lora_dropout=dropout)), data_volume, "--json")
+        assert r.returncode == 0, r.stderr
+        runs[dropout] = {g["name"]: g for g in json.loads(r.stdout)["gpus"]}["NVIDIA H100 80GB HBM3"]
+    assert runs[0.05]["peak_memory_gib"] > 1.3 * runs[0.0]["peak_memory_gib"]
+    assert runs[0.05]["tokens_per_s"] < 0.7 * runs[0.0]["tokens_per_s"]
+    r = estimate(
+        write(tmp_path / "c.yml", config(lora_dropout=0.05, micro_batch_size=8)),
+        data_volume,
+        "--gpu",
+        "NVIDIA H100 80GB HBM3",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "kernels on, LoRA off the fused kernels" in r.stdout
+    first = next(line for line in r.stdout.splitlines() if line.startswith("  "))
+    assert first.strip().startswith("the fused LoRA kernels (lora_dropout: 0") and "(fits)" in first

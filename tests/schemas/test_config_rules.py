@@ -10,6 +10,8 @@ from schemas.config import TrainingConfig
 from schemas.validate import validate_config
 from tests.schemas.configs import ENV, GOOD, errors, locs
 
+LORA = {**GOOD, "adapter": "lora"}
+
 
 def test_good_config_has_axolotl_defaults():
     report = validate_config(GOOD, ENV)
@@ -228,3 +230,29 @@ def test_fp8_base_weights_with_lora_is_valid_and_axolotl_fp8_points_to_it():
     assert qlora.valid and qlora.value.fp8_base_weights is True  # 4-bit storage, float8 matmuls
     found = errors({**GOOD, "adapter": "lora", "fp8": True})
     assert "torchao" in found[("fp8", "unsupported")] and "fp8_base_weights: true" in found[("fp8", "unsupported")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"lora_dropout": 0.05}, "lora_dropout"),
+        ({"peft_use_dora": True}, "peft_use_dora"),
+        ({"lora_bias": "all"}, "lora_bias"),
+        ({"load_in_8bit": True}, "load_in_8bit"),
+    ],
+)
+def test_a_lora_off_the_fused_kernels_is_valid_with_a_warning_that_names_the_key(changes, key):
+    """axolotl's examples mostly set lora_dropout: 0.05, which the fused LoRA kernels do not model (the registry
+    reads the same TrainingConfig.lora_unfused_by): the run is right, so it is a warning, and it says what to set."""
+    report = validate_config({**LORA, **changes}, ENV)
+    assert report.valid
+    assert [w.loc for w in report.warnings] == [key]
+    assert "fused LoRA kernels" in report.warnings[0].msg and "slower" in report.warnings[0].msg
+    assert validate_config({**LORA, **changes, "use_kernels": False}, ENV).warnings == []  # nothing to lose
+    assert validate_config(LORA, ENV).warnings == []
+
+
+def test_the_dropout_warning_says_to_set_zero_and_full_fine_tuning_gets_none():
+    (warning,) = validate_config({**LORA, "lora_dropout": 0.1}, ENV).warnings
+    assert warning.msg.startswith("lora_dropout: 0.1 keeps") and "set lora_dropout: 0" in warning.msg
+    assert validate_config({**GOOD, "lora_dropout": 0.1}, ENV).warnings == []  # full fine-tuning: no LoRA to fuse

@@ -98,7 +98,8 @@ def describe(est: Estimate) -> list[str]:
         f"run: {w.method}, {w.micro_batch_size} × {w.sequence_len} tokens {layout}, "
         f"{w.grad_accum} micro-batch(es) a step, {ckpt}, "
         f"kernels {'on' if w.kernels else 'off'}"
-        + (" (full fine-tuning: not calibrated)" if w.method == "full" else ""),
+        + (" (full fine-tuning: not calibrated)" if w.method == "full" else "")
+        + (", LoRA off the fused kernels (PEFT's layers: not calibrated)" if w.mode == "peft_lora" else ""),
     ]
     data = f"{est.data.tokens:,} tokens ({est.data.source})" if est.data.tokens else f"size unknown ({est.data.source})"
     if w.trained_share is not None:

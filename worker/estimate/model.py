@@ -64,6 +64,20 @@ MODES = {
     # kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
     # mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
     "hf": Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True),
+    # kernels on, but the adapter off the fused LoRA ones (lora_dropout, DoRA, a trained bias:
+    # TrainingConfig.lora_unfused_by): PEFT's LoRA layers beside the kernels' norms, attention, SwiGLU and loss head.
+    # Not calibrated (no measured row). Activations counted from what autograd keeps a layer: the fused path's
+    # tensors plus, per LoRA projection, its dropped-out input (bf16) and dropout mask (1 byte): q, k, v, o, gate and
+    # up over hidden-wide inputs (+7 hidden-wide), down over the intermediate (+1.5, and h kept apart from the SwiGLU
+    # (+1)); matmul efficiency as with the kernels off, without their host sync
+    "peft_lora": Mode(
+        act_hidden=15.0,
+        act_intermediate=4.5,
+        logits_bytes=2.0,
+        e_max=0.46,
+        h0=2731,
+        logits_cap=FUSED_CE_CHUNK_BYTES,
+    ),
 }
 MEMORY_TOLERANCE, SPEED_TOLERANCE = 0.15, 0.20  # the model's stated error on the measured rows (tests hold it)
 OVERHEAD_BYTES = GiB // 8  # CUDA workspaces, allocator slack, the step's small buffers
@@ -100,12 +114,15 @@ class Workload:
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
     trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
     padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
+    lora_fused: bool = True  # the adapter runs on the fused LoRA kernels (TrainingConfig.lora_unfused_by is empty)
 
     @property
     def mode(self) -> str:
         if not self.kernels or self.method == "full":
             return "hf"
-        return "kbit" if self.method == "lora8" else "fused"  # a bf16 4-bit base runs the fused path
+        if self.method == "lora8":
+            return "kbit"
+        return "fused" if self.lora_fused else "peft_lora"  # a bf16 4-bit base runs the fused path
 
     @property
     def peak_tokens(self) -> int:

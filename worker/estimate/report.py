@@ -148,6 +148,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         micro_tokens=micro_tokens,
         data_tokens=data.tokens if packed and data.tokens else None,
         fp8_base=cfg.fp8_base_weights,
+        lora_fused=not cfg.lora_unfused_by(),
         shards=max(gpu_count, 1) if sharded else 1,
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
@@ -221,6 +222,13 @@ def estimate(
 def changes(w: Workload) -> list[tuple[str, Workload]]:
     """The config changes that lower the peak, each as (what to set, the changed workload)."""
     out = []
+    if w.kernels and not w.lora_fused and w.method in ("lora", "qlora"):  # PEFT's layers keep more than the fused ones
+        out.append(
+            (
+                "the fused LoRA kernels (lora_dropout: 0, peft_use_dora: false, lora_bias: none)",
+                w.replace(lora_fused=True),
+            )
+        )
     if not w.checkpointing:
         out.append(("gradient_checkpointing: true", w.replace(checkpointing=True)))
     if not (w.checkpointing and w.offload):
