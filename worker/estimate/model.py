@@ -44,39 +44,41 @@ class Mode:
 
 
 FUSED_CE_CHUNK_BYTES = float(1 << 30)
+# LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
+# (the fused cross-entropy computes 1 GiB of bf16 logits at a time and frees each chunk before the next:
+# FUSED_CE_CHUNK_BYTES, kernels/ftw_kernels/cross_entropy.CHUNK_LOGITS_BYTES; a checkpointed layer's
+# recompute stops before the down projection: kernels/ftw_kernels/patches.py `_checkpoint_pass`)
+FUSED = Mode(
+    act_hidden=8.0,
+    act_intermediate=2.0,
+    logits_bytes=2.0,
+    e_max=0.642,
+    h0=1011,
+    logits_cap=FUSED_CE_CHUNK_BYTES,
+    recompute_skips_down=True,
+)
+# kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
+# mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
+HF = Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True)
 MODES = {
-    # LoRA over a bf16 base with ftw's kernels (fused LoRA MLP/QKV/O, varlen attention, fused CE)
-    # (the fused cross-entropy computes 1 GiB of bf16 logits at a time and frees each chunk before the next:
-    # FUSED_CE_CHUNK_BYTES, kernels/ftw_kernels/cross_entropy.CHUNK_LOGITS_BYTES; a checkpointed layer's
-    # recompute stops before the down projection: kernels/ftw_kernels/patches.py `_checkpoint_pass`)
-    "fused": Mode(
-        act_hidden=8.0,
-        act_intermediate=2.0,
-        logits_bytes=2.0,
-        e_max=0.642,
-        h0=1011,
-        logits_cap=FUSED_CE_CHUNK_BYTES,
-        recompute_skips_down=True,
-    ),
+    "fused": FUSED,
     # LoRA over a base PEFT prepares for k-bit training (8-bit: fp32 embeddings, norms and output layer), no fused
     # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
     "kbit": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
-    # kernels off (use_kernels: false): transformers + peft with sdpa, which builds the packed rows'
-    # mask on the host every forward; also full fine-tuning (not calibrated: no measured row)
-    "hf": Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True),
+    "hf": HF,
     # kernels on, but the adapter off the fused LoRA ones (lora_dropout, DoRA, a trained bias:
     # TrainingConfig.lora_unfused_by): PEFT's LoRA layers beside the kernels' norms, attention, SwiGLU and loss head.
     # Not calibrated (no measured row). Activations counted from what autograd keeps a layer: the fused path's
     # tensors plus, per LoRA projection, its dropped-out input (bf16) and dropout mask (1 byte): q, k, v, o, gate and
-    # up over hidden-wide inputs (+7 hidden-wide), down over the intermediate (+1.5, and h kept apart from the SwiGLU
-    # (+1)); matmul efficiency as with the kernels off, without their host sync
-    "peft_lora": Mode(
-        act_hidden=15.0,
-        act_intermediate=4.5,
-        logits_bytes=2.0,
-        e_max=0.46,
-        h0=2731,
-        logits_cap=FUSED_CE_CHUNK_BYTES,
+    # up over hidden-wide inputs (+7 hidden-wide), down over the intermediate (+1.5, and h kept apart from the SwiGLU:
+    # +1); the matmul efficiency of the kernels-off path, without its host sync
+    "peft_lora": dataclasses.replace(
+        FUSED,
+        act_hidden=FUSED.act_hidden + 7,
+        act_intermediate=FUSED.act_intermediate + 2.5,
+        e_max=HF.e_max,
+        h0=HF.h0,
+        recompute_skips_down=False,
     ),
 }
 MEMORY_TOLERANCE, SPEED_TOLERANCE = 0.15, 0.20  # the model's stated error on the measured rows (tests hold it)
