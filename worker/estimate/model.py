@@ -116,7 +116,7 @@ class Workload:
     moment_bits: int | None = None  # the optimizer keeps its moments in this many bits (None: the parameter's)
     trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
     padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
-    lora_fused: bool = True  # the adapter runs on the fused LoRA kernels (TrainingConfig.lora_unfused_by is empty)
+    lora_fused: bool = True  # no LoRA key keeps an adapter off the fused kernels (TrainingConfig.lora_unfused_by)
 
     @property
     def mode(self) -> str:
