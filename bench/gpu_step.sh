@@ -43,6 +43,10 @@
 #   masked masked-<shape>.txt  bench/train_throughput.py, full-length rows whose first half is a masked prompt
 #                         (--prompt-share 0.5) at $SHAPES: Unsloth, ftw (the loss head over the target rows, as the
 #                         trainer's prefetcher lists them) and ftw-all-rows (every row to the head, as before)
+#   dropout dropout-<shape>.txt  bench/train_throughput.py, full-length rows, lora_dropout 0.05 (most of axolotl's
+#                         examples) at $SHAPES: $DROPOUT_ARMS (default Unsloth, whose fused LoRA takes dropout since
+#                         2026.10, ftw's fused LoRA with its shared, redrawn masks, and ftw-peft-lora: PEFT's LoRA
+#                         layers beside ftw's other kernels, what such a config ran before)
 #   unpacked unpacked-<shape>.txt  bench/train_throughput.py --unpacked at $SHAPES: mbs samples a step, one a row,
 #                         padded to the longest; Unsloth (padded rows), ftw (each micro-batch's samples joined into one
 #                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
@@ -80,7 +84,7 @@ for part in "${parts[@]}"; do
         tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
         tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
         tests/train/test_step_time.py tests/kernels/test_target_rows.py \
-        tests/train/test_host_sync.py tests/train/test_target_rows.py \
+        tests/train/test_host_sync.py tests/train/test_target_rows.py tests/kernels/test_lora_dropout.py \
         >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back with the call
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
@@ -97,9 +101,10 @@ for part in "${parts[@]}"; do
           "$layout" --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
           2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
-    masked | unpacked)
+    masked | unpacked | dropout)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
       [ "$part" = unpacked ] && how="--unpacked" arms=unsloth,ftw,ftw-padded
+      [ "$part" = dropout ] && how="--full-length --lora-dropout 0.05" arms=${DROPOUT_ARMS:-unsloth,ftw,ftw-peft-lora}
       for shape in llama-1b:10:90 llama-8b:8:160; do
         IFS=: read -r name steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
@@ -134,6 +139,6 @@ for part in "${parts[@]}"; do
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
       $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, real, offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, real, real-unpacked, masked, unpacked, dropout, offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
   esac
 done

@@ -23,7 +23,9 @@ the bf16 peak); ftw-unbordered = ftw with `FTW_BORDERED_LORA=0` (the fused q, k,
 weights ftw lays out by default, kernels/ftw_kernels/bordered.py; e.g. `--arms ftw,ftw-unbordered`; with `--4bit`
 the JSON's `dequantised` counts a step's 4-bit dequantisations, kernels/ftw_kernels/qlora.py); ftw-all-rows = ftw
 with every row of the batch to the loss head, not only the target rows the trainer's prefetcher lists
-(`--prompt-share 0.5`: half of each sample a masked prompt); ftw-padded = ftw on `--unpacked` micro-batches kept as
+(`--prompt-share 0.5`: half of each sample a masked prompt); ftw-peft-lora = ftw's kernels with PEFT's LoRA layers
+(lora_qkv/o/mlp_kernel off: what a LoRA with `--lora-dropout` ran before the fused kernels took dropout, and what
+DoRA still runs); ftw-padded = ftw on `--unpacked` micro-batches kept as
 padded rows, where ftw joins each one's samples into one row as its trainer's padding-free batches do (tokens/s
 counts real tokens in every arm); unsloth = Unsloth's FastLanguageModel and LoRA on the same seed-0 weights, its
 offloaded checkpointing for `--gc on`, packed steps in its padding-free layout (bench/unsloth_arm.py). The table
@@ -64,8 +66,10 @@ FTW_ARMS = (
     "ftw-unbordered",
     "ftw-all-rows",
     "ftw-padded",
+    "ftw-peft-lora",
 )  # the arms that run ftw's kernels
 ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0")}  # ftw's names
+UNFUSED_LORA = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")  # ftw-peft-lora: PEFT's LoRA layers
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -76,7 +80,9 @@ def model_config(shape: str, seq: int):
     return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
 
 
-def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora_seed: int | None = None):
+def build(
+    arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora_seed: int | None = None, dropout: float = 0.0
+):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -84,7 +90,7 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
     if arm == "unsloth":
         from bench import unsloth_arm
 
-        return unsloth_arm.build(shape, gc, seq, TARGETS, four_bit)
+        return unsloth_arm.build(shape, gc, seq, TARGETS, four_bit, dropout)
     if four_bit:  # QLoRA: PEFT's recipe (hf) or ftw's (ftw) over the nf4 base
         from bench import nf4_arms
 
@@ -107,15 +113,17 @@ def build(arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora
         adapter="lora",
         lora_r=16,
         lora_alpha=32,
+        lora_dropout=dropout,
         gradient_checkpointing=gc,
         fp8_base_weights=arm == "ftw-fp8",
+        **(dict.fromkeys(UNFUSED_LORA, False) if arm == "ftw-peft-lora" else {}),
     )
     if gc:  # the kind ftw's trainer would choose for this run
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(ftw_cfg, model))
         model.enable_input_require_grads()
     if lora_seed is not None:  # the same base weights, another draw of the LoRA A's
         torch.manual_seed(lora_seed)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS))
     applied: list[str] = []
     if arm in FTW_ARMS:
         from ftw_kernels import apply_kernels
@@ -137,7 +145,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     if a.arm in ARM_SWITCHES:  # this arm's own process: the switch reaches no other arm
         os.environ.__setitem__(*ARM_SWITCHES[a.arm])
     peak = matmul_peak_tflops()
-    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed)
+    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed, a.lora_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     # Unsloth's packed steps in its padding-free layout; its unpacked ones padded (its padding-free attention wants
@@ -293,7 +301,10 @@ def main() -> None:
     ap.add_argument(
         "--arms",
         default="hf,liger,unsloth,ftw",
-        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-all-rows, ftw-padded",
+        help="any of hf, liger, unsloth, ftw, ftw-fp8, ftw-unbordered, ftw-all-rows, ftw-padded, ftw-peft-lora",
+    )
+    ap.add_argument(
+        "--lora-dropout", type=float, default=0.0, help="every arm's lora_dropout (axolotl's examples: 0.05)"
     )
     ap.add_argument("--gc", default="off", help="off, on, or both")
     ap.add_argument("--steps", type=int, default=30)
@@ -384,6 +395,7 @@ def main() -> None:
                             *(["--prompt-share", str(a.prompt_share)] if a.prompt_share else []),
                             *(["--4bit"] if a.four_bit else []),
                             *(["--offload"] if a.offload and arm in FTW_ARMS else []),
+                            *(["--lora-dropout", str(a.lora_dropout)] if a.lora_dropout else []),
                         ],
                         timeout=a.arm_timeout or None,
                     )

@@ -73,7 +73,7 @@ def save_once(script: str, shape: str, seq: int) -> Path:
     return model_folder(shape, seq)
 
 
-def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = False):
+def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = False, dropout: float = 0.0):
     """Unsloth's loader and LoRA as its users call them (its defaults otherwise), `--gc on` as its
     offloaded checkpointing, QLoRA (`four_bit`, or UNSLOTH_4BIT=1) as its `load_in_4bit` (bitsandbytes
     nf4, double quantisation); counted as train_throughput's `build` counts: frozen = every nn.Linear of
@@ -95,7 +95,7 @@ def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = F
         model,
         r=16,
         lora_alpha=32,
-        lora_dropout=0.0,
+        lora_dropout=dropout,  # above 0 Unsloth leaves the LoRA layers to PEFT (its fast path wants 0)
         bias="none",
         target_modules=targets,
         use_gradient_checkpointing=checkpointing,

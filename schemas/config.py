@@ -266,12 +266,11 @@ class TrainingConfig(Frozen):
 
     def lora_unfused_by(self) -> list[str]:
         """The keys that keep this adapter off ftw's fused LoRA kernels (kernels/ftw_kernels/lora.py), which model
-        plain LoRA over a bf16/fp16/fp32 or a 4-bit base: no dropout, DoRA, bias training or 8-bit base. PEFT's
-        own LoRA layers run instead."""
+        LoRA with or without dropout over a bf16/fp16/fp32 or a 4-bit base: no DoRA, bias training or 8-bit base.
+        PEFT's own LoRA layers run instead."""
         if self.adapter not in ("lora", "qlora"):
             return []
         keys = {
-            "lora_dropout": self.lora_dropout != 0.0,
             "peft_use_dora": self.peft_use_dora,
             "lora_bias": self.lora_bias != "none",
             "load_in_8bit": self.load_in_8bit,

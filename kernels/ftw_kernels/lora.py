@@ -27,25 +27,28 @@ import torch
 from ftw_kernels import bordered
 from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
+from ftw_kernels.lora_dropout import Dropout, draw, dropped
 from ftw_kernels.precision import compute_dtype, no_autocast
 from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
 
 
 @dataclass(frozen=True)
 class Projection:
-    """The tensors of one linear layer, LoRA or not (A, B and scale are None/0 for a plain one)."""
+    """The tensors of one linear layer, LoRA or not (A, B and scale are None/0 for a plain one), and the
+    probability with which LoRA's dropout zeroes its input now (0 in eval mode)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
     scale: float
+    dropout: float = 0.0
 
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
-    """A PEFT lora.Linear (one active adapter, no dropout/DoRA, not merged) or a plain Linear, over
-    a floating-point, bitsandbytes 4-bit or float8 base weight (kernels/ftw_kernels/base_weight.py); None when the
-    module is in a state these kernels do not reproduce (an 8-bit base among them)."""
+    """A PEFT lora.Linear (one active adapter, no DoRA, not merged; dropout over a frozen base) or a plain Linear,
+    over a floating-point, bitsandbytes 4-bit or float8 base weight (kernels/ftw_kernels/base_weight.py); None when
+    the module is in a state these kernels do not reproduce (an 8-bit base among them)."""
     if isinstance(module, torch.nn.Linear):
         return Projection(module.weight, module.bias, None, None, 0.0) if usable(module.weight) else None
     base = getattr(module, "base_layer", None)
@@ -60,11 +63,31 @@ def projection_of(module: torch.nn.Module) -> Projection | None:
     if len(active) != 1:
         return None
     name = active[0]
-    if module.use_dora.get(name) or not isinstance(module.lora_dropout[name], torch.nn.Identity):
+    p = _dropout_p(module.lora_dropout[name])
+    # with dropout the backward keeps the dropped input only, which a trained base weight's grad cannot use
+    if module.use_dora.get(name) or p is None or p and base.weight.requires_grad:
         return None
-    return Projection(
-        base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
-    )
+    lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
+    return Projection(base.weight, base.bias, lora_a, lora_b, float(module.scaling[name]), p)
+
+
+def _dropout_p(module: torch.nn.Module) -> float | None:
+    """The probability PEFT's dropout module zeroes an element with now; None for a module these kernels do not
+    reproduce."""
+    if isinstance(module, torch.nn.Identity):
+        return 0.0
+    if type(module) is torch.nn.Dropout and not module.inplace:
+        return float(module.p) if module.training else 0.0
+    return None
+
+
+def shared_dropout(projections: list[Projection]) -> float | None:
+    """The dropout probability the LoRA projections of one input share (they share its mask); None when they
+    differ."""
+    found = {p.dropout for p in projections if p.lora_a is not None}
+    if len(found) > 1:
+        return None
+    return found.pop() if found else 0.0
 
 
 def _rank_rows(projections: list[Projection]) -> list[slice | None]:
@@ -99,17 +122,23 @@ def _slot(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _forward(
-    x2: torch.Tensor, projections: list[Projection], room: int = 0, addend: torch.Tensor | None = None
+    x2: torch.Tensor,
+    projections: list[Projection],
+    room: int = 0,
+    addend: torch.Tensor | None = None,
+    lora_input: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr). With `room` spare columns beside
     x2's rows (a norm's output) and every weight bordered, x2·Aᵀ is written there and each projection is one GEMM
-    over the bordered weight. `addend` (one projection's, not bordered): added to its output inside its GEMMs."""
+    over the bordered weight. `addend` (one projection's, not bordered): added to its output inside its GEMMs.
+    `lora_input`: what the rank-r terms read instead of x2 (x2 after LoRA's dropout); the room then stays unused,
+    since a view of it saved for the backward would keep x2 alive beside its dropped copy."""
     a_rows, bs = _adapters(projections, x2.dtype)
-    wide = _widened(x2, projections, room, a_rows)
+    wide = _widened(x2, projections, room, a_rows) if lora_input is None else None
     if wide is not None:
         xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] : x2.shape[1] + a_rows.shape[0]])  # type: ignore
         return [_bordered_linear(wide, p) for p in projections], xa
-    xa = x2 @ a_rows.t() if a_rows is not None else None
+    xa = (x2 if lora_input is None else lora_input) @ a_rows.t() if a_rows is not None else None
     quantised: dict = {}  # x2 in float8, once for every float8 base
     return [
         linear(x2, p.weight, p.bias, quantised, None if b is None else (xa[:, rows], b), addend)
@@ -141,13 +170,13 @@ def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
     return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
-def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool):
+def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool, dropout: Dropout | None):
     """(dL/dinput summed over the projections, None unless wanted; dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked,
     Σr × tokens, which the A grads share).
 
     The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
-    rows of dyb), and each base GEMM adds itself to them (cuBLAS's beta): no pass over dx is only an add. A
-    float8 base, whose GEMM cannot accumulate, takes the terms after in one addmm."""
+    rows of dyb), masked in place by the forward's `dropout`, and each base GEMM adds itself to them (cuBLAS's
+    beta): no pass over dx is only an add. A float8 base, whose GEMM cannot accumulate, takes the terms after."""
     a_rows, bs = _adapters(projections, dys[0].dtype)
     parts = [(dy, b, r) for dy, b, r in zip(dys, bs, _rank_rows(projections)) if b is not None]
     dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
@@ -158,8 +187,15 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
     if not parts:
         return _base_input_grad(None, dys, projections), dyb
     if all(accumulates(p.weight) for p in projections):
-        return _base_input_grad(dyb.t() @ a_rows, dys, projections), dyb
-    return _base_input_grad(None, dys, projections).addmm_(dyb.t(), a_rows), dyb
+        return _base_input_grad(_rank_terms(dyb, a_rows, dropout), dys, projections), dyb
+    dx = _base_input_grad(None, dys, projections)
+    return (dx.addmm_(dyb.t(), a_rows) if dropout is None else dx.add_(_rank_terms(dyb, a_rows, dropout))), dyb
+
+
+def _rank_terms(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:
+    """dx's rank-r terms, Σᵢ(sᵢdyᵢBᵢ)·Aᵢ, through the forward's dropout mask (its derivative)."""
+    terms = dyb.t() @ a_rows
+    return terms if dropout is None else dropped(terms, dropout, out=terms)
 
 
 def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection]) -> torch.Tensor:
@@ -208,24 +244,26 @@ def _input_of(ctx, kept: torch.Tensor, xa: torch.Tensor | None) -> tuple[torch.T
 
 class LoRAProjections(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, *params):
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], room: int, dropout: Dropout | None, *params):
         dtype = compute_dtype(x)  # read before autocast is switched off
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, xa = _forward(x2, _projections(params, scales), room)
-        save_for_backward(ctx, *_input_kept(ctx, x2, xa), *params)
-        ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
+            x_lora = None if dropout is None else dropped(x2, dropout)
+            outs, xa = _forward(x2, _projections(params, scales), room, lora_input=x_lora)
+        # the backward reads the input only for the A grads: the dropped copy, when there is one
+        save_for_backward(ctx, *_input_kept(ctx, x2 if x_lora is None else x_lora, xa), *params)
+        ctx.scales, ctx.dropout, ctx.shape, ctx.x_dtype = scales, dropout, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
     def backward(ctx, *douts):
         kept, xa, *params = saved_tensors(ctx)
-        x2, xa = _input_of(ctx, kept, xa)
+        x_lora, xa = _input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
-        dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0])
-        grads = _weight_grads(dys, dyb, x2, xa, projections)
-        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, *grads
+        dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0], ctx.dropout)
+        grads = _weight_grads(dys, dyb, x_lora, xa, projections)
+        return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, None, *grads
 
 
 def _projections(params, scales) -> list[Projection]:
@@ -233,8 +271,17 @@ def _projections(params, scales) -> list[Projection]:
 
 
 def lora_projections(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
+    """The projections of one input; their LoRA dropout (`shared_dropout`) draws one mask for all of them."""
     flat = [t for p in projections for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
-    return LoRAProjections.apply(x, tuple(p.scale for p in projections), bordered.room_of(x), *flat)
+    dropout = draw(_shared(projections))
+    return LoRAProjections.apply(x, tuple(p.scale for p in projections), bordered.room_of(x), dropout, *flat)
+
+
+def _shared(projections: list[Projection]) -> float:
+    p = shared_dropout(projections)
+    if p is None:
+        raise ValueError("fused LoRA projections of one input share one dropout mask: their lora_dropout differs")
+    return p
 
 
 class LoRAGatedMLP(torch.autograd.Function):
@@ -246,51 +293,59 @@ class LoRAGatedMLP(torch.autograd.Function):
         scales: tuple[float, float, float],
         room: int,
         checkpoint: str | None,
+        dropouts: tuple[Dropout | None, Dropout | None],
         *params,
     ):
         dtype = compute_dtype(x)  # read before autocast is switched off
+        x_drop, h_drop = dropouts  # gate and up's input's, down's
         with no_autocast(x):
             gate, up, down = _mlp_projections(params, scales)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            (g, u), xa = _forward(x2, [gate, up], room)
+            x_lora = None if x_drop is None else dropped(x2, x_drop)
+            (g, u), xa = _forward(x2, [gate, up], room, lora_input=x_lora)
             if checkpoint == "recompute":  # nothing reads y; the gated MLP maps hidden to hidden
                 y, had = g.new_empty(x2.shape), None
             else:
                 stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
-                (y,), had = _forward(swiglu_forward_raw(g, u), [down], addend=stream)
+                h = swiglu_forward_raw(g, u)
+                h_lora = None if h_drop is None else dropped(h, h_drop)
+                (y,), had = _forward(h, [down], addend=stream, lora_input=h_lora)
             if checkpoint is not None:  # a recompute must save what the first forward saved
                 had = None  # formed by the backward from the h it recomputes
-        kept, xa = _input_kept(ctx, x2, xa)
+        kept, xa = _input_kept(ctx, x2 if x_lora is None else x_lora, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
-        ctx.scales, ctx.shape, ctx.x_dtype = scales, x.shape, x.dtype
+        ctx.scales, ctx.dropouts, ctx.shape, ctx.x_dtype = scales, dropouts, x.shape, x.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         kept, g, u, xa, had, *params = saved_tensors(ctx)
-        x2, xa = _input_of(ctx, kept, xa)
+        x_lora, xa = _input_of(ctx, kept, xa)
+        x_drop, h_drop = ctx.dropouts
         gate, up, down = _mlp_projections(params, ctx.scales)
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
-        dh, dyb = _input_grad([dy], [down], want_dx=True)
+        dh, dyb = _input_grad([dy], [down], True, h_drop)
         # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
         h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
         del dh
+        if h is not None and h_drop is not None:  # what down's rank-r term read: its mask drawn again
+            dropped(h, h_drop, out=h)
         if formed:
             had = h @ _adapters([down], h.dtype)[0].t()
         down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h
-        dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0])
-        gate_grads = _weight_grads([g, u], dyb, x2, xa, [gate, up])
+        dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0], x_drop)
+        gate_grads = _weight_grads([g, u], dyb, x_lora, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]
         # the residual stream joined y as a plain add: its grad is y's
         stream = dy.view(ctx.shape[:-1] + (dy.shape[-1],)) if ctx.needs_input_grad[1] else None
-        return dx, stream, None, None, None, *grads
+        return dx, stream, None, None, None, None, *grads
 
 
 def _mlp_projections(params, scales) -> list[Projection]:
@@ -309,10 +364,12 @@ def lora_gated_mlp(
     inside the down projection's GEMMs (cuBLAS's beta) instead of a pass of its own. `checkpoint`: the pass of a
     checkpointed layer this is, "forward" or "recompute". Then the backward forms h·A_downᵀ from the h it
     recomputes anyway, and the recompute, whose output nothing reads, runs neither the SwiGLU nor the down
-    projection: it returns uninitialised memory of the output's shape."""
+    projection: it returns uninitialised memory of the output's shape. LoRA's dropout draws one mask for gate and
+    up's input and one for down's, in every pass (a recompute's draws must be its first forward's)."""
     params = [t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)]
     scales = (gate.scale, up.scale, down.scale)
     room = bordered.room_of(x)
+    dropouts = (draw(_shared([gate, up])), draw(down.dropout))
     if residual is not None and residual.dtype != compute_dtype(x):  # e.g. an fp32 stream under bf16 autocast
-        return residual + LoRAGatedMLP.apply(x, None, scales, room, checkpoint, *params)
-    return LoRAGatedMLP.apply(x, residual, scales, room, checkpoint, *params)
+        return residual + LoRAGatedMLP.apply(x, None, scales, room, checkpoint, dropouts, *params)
+    return LoRAGatedMLP.apply(x, residual, scales, room, checkpoint, dropouts, *params)

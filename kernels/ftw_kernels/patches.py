@@ -20,7 +20,7 @@ import ftw_kernels.bordered as bordered
 import ftw_kernels.causal_lm as causal_lm
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
-from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of
+from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of, shared_dropout
 from ftw_kernels.precision import in_backward
 from ftw_kernels.rmsnorm import rms_norm_and_residual, rmsnorm_forward
 from ftw_kernels.rope import apply_rope
@@ -41,7 +41,9 @@ def _replace_forward(module: torch.nn.Module, fn) -> None:
 
 # ---- MLP --------------------------------------------------------------------------------------
 def _mlp_fusable(projections: list[Projection | None]) -> bool:
-    return all(p is not None and p.bias is None and p.lora_a is not None for p in projections)
+    return all(p is not None and p.bias is None and p.lora_a is not None for p in projections) and (
+        shared_dropout(projections[:2]) is not None  # type: ignore[arg-type]  # gate and up: one input, one mask
+    )
 
 
 def _lora_mlp_forward(
@@ -61,7 +63,9 @@ def _projections(modules, fused: bool) -> list[Projection] | None:
     if not fused:
         return None
     found = [projection_of(m) for m in modules]
-    return found if all(p is not None and p.lora_a is not None for p in found) else None
+    if not all(p is not None and p.lora_a is not None for p in found):
+        return None
+    return found if shared_dropout(found) is not None else None  # type: ignore[arg-type]
 
 
 def _attention_forward(

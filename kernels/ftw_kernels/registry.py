@@ -226,6 +226,7 @@ def _bordered_refusal(config: Any, applied: list[str]) -> str | None:
 
     refusals = (
         (not bordered.wanted(), f"{bordered.ENV} is 0"),
+        (config.lora_dropout, "lora_dropout: the rank-r terms read the dropped input, not the norm's"),
         ("fp8_base" in applied or "dequant_4bit" in applied, "the base weights are quantised"),
         (config.torch_compile, "torch_compile is on"),
         (config.deepspeed or config.fsdp or config.fsdp_config, "DeepSpeed or FSDP shards the weights"),

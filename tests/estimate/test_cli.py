@@ -223,18 +223,19 @@ def test_the_gpu_table_is_complete_and_dated():
 
 
 def test_a_lora_off_the_fused_kernels_is_estimated_as_peft_runs_it_and_told_how_to_get_them(tmp_path, data_volume):
-    """lora_dropout (axolotl's examples mostly set 0.05) keeps LoRA off ftw's fused kernels (the registry reads
-    the same TrainingConfig.lora_unfused_by): PEFT's layers keep each projection's dropped-out input, so the run
-    needs more memory and is slower, and where it does not fit the first advice is the fused kernels."""
+    """DoRA keeps LoRA off ftw's fused kernels (the registry reads the same TrainingConfig.lora_unfused_by): PEFT's
+    layers keep each projection's dropped-out input, so the run needs more memory and is slower, and where it does
+    not fit the first advice is the fused kernels. lora_dropout runs inside them: priced as the fused path."""
     runs = {}
-    for dropout in (0.0, 0.05):
-        r = estimate(write(tmp_path / f"c{dropout}.yml", config(lora_dropout=dropout)), data_volume, "--json")
+    for name, keys in {"plain": {}, "dropout": {"lora_dropout": 0.05}, "dora": {"peft_use_dora": True}}.items():
+        r = estimate(write(tmp_path / f"{name}.yml", config(**keys)), data_volume, "--json")
         assert r.returncode == 0, r.stderr
-        runs[dropout] = {g["name"]: g for g in json.loads(r.stdout)["gpus"]}["NVIDIA H100 80GB HBM3"]
-    assert runs[0.05]["peak_memory_gib"] > 1.3 * runs[0.0]["peak_memory_gib"]
-    assert runs[0.05]["tokens_per_s"] < 0.7 * runs[0.0]["tokens_per_s"]
+        runs[name] = {g["name"]: g for g in json.loads(r.stdout)["gpus"]}["NVIDIA H100 80GB HBM3"]
+    assert runs["dora"]["peak_memory_gib"] > 1.3 * runs["plain"]["peak_memory_gib"]
+    assert runs["dora"]["tokens_per_s"] < 0.7 * runs["plain"]["tokens_per_s"]
+    assert runs["dropout"]["peak_memory_gib"] == runs["plain"]["peak_memory_gib"]
     r = estimate(
-        write(tmp_path / "c.yml", config(lora_dropout=0.05, micro_batch_size=8)),
+        write(tmp_path / "c.yml", config(peft_use_dora=True, lora_dropout=0.05, micro_batch_size=8)),
         data_volume,
         "--gpu",
         "NVIDIA H100 80GB HBM3",
@@ -242,4 +243,4 @@ def test_a_lora_off_the_fused_kernels_is_estimated_as_peft_runs_it_and_told_how_
     assert r.returncode == 0, r.stderr
     assert "kernels on, LoRA off the fused kernels" in r.stdout
     first = next(line for line in r.stdout.splitlines() if line.startswith("  "))
-    assert first.strip().startswith("the fused LoRA kernels (lora_dropout: 0") and "(fits)" in first
+    assert first.strip().startswith("the fused LoRA kernels (peft_use_dora: false") and "(fits)" in first

@@ -25,7 +25,7 @@ BORDERED = ["bordered_qkv", "bordered_mlp"]  # kernels/ftw_kernels/bordered.py, 
 FULL = ["rmsnorm", "lora_mlp", "rope", "lora_qkv", "lora_o", "residual_fold", "fused_linear_cross_entropy", *BORDERED]
 
 
-def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, **extra):
+def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None, use_dora=False, **extra):
     torch.manual_seed(0)
     cfg = config_cls(
         hidden_size=HIDDEN_SIZE,
@@ -40,7 +40,14 @@ def tiny(config_cls, dropout: float = 0.0, targets=TARGETS, modules_to_save=None
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     model = get_peft_model(
         model,
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, modules_to_save=modules_to_save),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=targets,
+            modules_to_save=modules_to_save,
+            use_dora=use_dora,
+        ),
     )
     randomise_lora_b(model, std=0.2)
     return model.to(DEVICE).train()
@@ -214,9 +221,9 @@ def test_switches():
         tiny(LlamaConfig), training_config(use_kernels=True, lora_mlp_kernel=False, lora_o_kernel=False)
     )
     assert "swiglu" in no_mlp and "lora_mlp" not in no_mlp and "lora_o" not in no_mlp and "lora_qkv" in no_mlp
-    # LoRA dropout is not modelled by the fused LoRA functions: only the non-LoRA kernels apply
-    with_dropout = apply_kernels(tiny(LlamaConfig, dropout=0.1), training_config(use_kernels=True, lora_dropout=0.1))
-    assert with_dropout == ["rmsnorm", "swiglu", "rope", "residual_fold", "fused_linear_cross_entropy"]
+    # DoRA is not modelled by the fused LoRA functions: only the non-LoRA kernels apply
+    with_dora = apply_kernels(tiny(LlamaConfig, use_dora=True), training_config(use_kernels=True, peft_use_dora=True))
+    assert with_dora == ["rmsnorm", "swiglu", "rope", "residual_fold", "fused_linear_cross_entropy"]
 
 
 def test_unknown_family_and_unverified_transformers(monkeypatch, caplog):

@@ -235,15 +235,14 @@ def test_fp8_base_weights_with_lora_is_valid_and_axolotl_fp8_points_to_it():
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
-        ({"lora_dropout": 0.05}, "lora_dropout"),
         ({"peft_use_dora": True}, "peft_use_dora"),
         ({"lora_bias": "all"}, "lora_bias"),
         ({"load_in_8bit": True}, "load_in_8bit"),
     ],
 )
 def test_a_lora_off_the_fused_kernels_is_valid_with_a_warning_that_names_the_key(changes, key):
-    """axolotl's examples mostly set lora_dropout: 0.05, which the fused LoRA kernels do not model (the registry
-    reads the same TrainingConfig.lora_unfused_by): the run is right, so it is a warning, and it says what to set."""
+    """DoRA, a trained bias and an 8-bit base are not modelled by the fused LoRA kernels (the registry reads the same
+    TrainingConfig.lora_unfused_by): the run is right, so it is a warning, and it says what to set."""
     report = validate_config({**LORA, **changes}, ENV)
     assert report.valid
     assert [w.loc for w in report.warnings] == [key]
@@ -252,7 +251,10 @@ def test_a_lora_off_the_fused_kernels_is_valid_with_a_warning_that_names_the_key
     assert validate_config(LORA, ENV).warnings == []
 
 
-def test_the_dropout_warning_says_to_set_zero_and_full_fine_tuning_gets_none():
-    (warning,) = validate_config({**LORA, "lora_dropout": 0.1}, ENV).warnings
-    assert warning.msg.startswith("lora_dropout: 0.1 keeps") and "set lora_dropout: 0" in warning.msg
-    assert validate_config({**GOOD, "lora_dropout": 0.1}, ENV).warnings == []  # full fine-tuning: no LoRA to fuse
+def test_lora_dropout_keeps_the_fused_kernels_and_gets_no_warning():
+    """axolotl's examples mostly set lora_dropout: 0.05; the fused LoRA kernels take it (kernels/ftw_kernels/
+    lora_dropout.py)."""
+    assert validate_config({**LORA, "lora_dropout": 0.1}, ENV).warnings == []
+    (warning,) = validate_config({**LORA, "lora_dropout": 0.1, "peft_use_dora": True}, ENV).warnings
+    assert warning.msg.startswith("peft_use_dora: true keeps") and "DoRA has no fused kernel" in warning.msg
+    assert validate_config({**GOOD, "peft_use_dora": True}, ENV).warnings == []  # full fine-tuning: no LoRA to fuse

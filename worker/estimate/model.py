@@ -66,9 +66,10 @@ MODES = {
     # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
     "kbit": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
     "hf": HF,
-    # kernels on, but the adapter off the fused LoRA ones (lora_dropout, DoRA, a trained bias:
+    # kernels on, but the adapter off the fused LoRA ones (DoRA, a trained bias, an 8-bit base:
     # TrainingConfig.lora_unfused_by): PEFT's LoRA layers beside the kernels' norms, attention, SwiGLU and loss head.
-    # Not calibrated (no measured row). Activations counted from what autograd keeps a layer: the fused path's
+    # Not calibrated (no measured row). Activations counted from what autograd keeps a layer with lora_dropout (an
+    # upper bound without): the fused path's
     # tensors plus, per LoRA projection, its dropped-out input (bf16) and dropout mask (1 byte): q, k, v, o, gate and
     # up over hidden-wide inputs (+7 hidden-wide), down over the intermediate (+1.5, and h kept apart from the SwiGLU:
     # +1); the matmul efficiency of the kernels-off path, without its host sync

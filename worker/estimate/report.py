@@ -225,7 +225,7 @@ def changes(w: Workload) -> list[tuple[str, Workload]]:
     if w.kernels and not w.lora_fused and w.method in ("lora", "qlora"):  # PEFT's layers keep more than the fused ones
         out.append(
             (
-                "the fused LoRA kernels (lora_dropout: 0, peft_use_dora: false, lora_bias: none)",
+                "the fused LoRA kernels (peft_use_dora: false, lora_bias: none)",
                 w.replace(lora_fused=True),
             )
         )

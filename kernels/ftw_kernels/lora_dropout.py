@@ -1,0 +1,80 @@
+"""LoRA's dropout inside the fused projections (kernels/ftw_kernels/lora.py): the rank-r terms read
+x·keep/(1 − p), the base GEMMs read x.
+
+PEFT drops each LoRA projection's input with a mask of its own and keeps the dropped copy for A's grad, beside
+the mask. Here one mask serves all the projections of one input (q, k, v; gate, up): their stacked A's stay one
+GEMM, and the dropped copy replaces the input the backward keeps (a frozen base needs neither), so dropout costs
+no activation memory. The mask itself is never stored: a counter-based generator (Philox, `tl.rand4x`) draws it
+again from a seed and each element's (row, column), for dx's rank-r terms and for the down projection's input,
+which the backward recomputes. Each projection's update has PEFT's distribution; only the projections of one
+input share their mask.
+
+The seed comes from torch's CPU generator, so `torch.manual_seed` repeats a run, a resumed run whose RNG state
+was restored repeats its masks, and a checkpointed layer's recompute (torch.utils.checkpoint restores the CPU RNG
+state) draws the masks of its first forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # columns a program: four lanes of BLOCK // 4, one Philox call for four elements
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """One input's dropout: probability `p`, mask drawn from `seed`."""
+
+    p: float
+    seed: int
+
+
+def draw(p: float) -> Dropout | None:
+    """A fresh mask for one input (None when p is 0: eval mode, or no dropout configured)."""
+    if not p:
+        return None
+    return Dropout(p, int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+@triton.jit
+def _lane(X, Y, cols_idx, r, cols, p, scale):
+    inside = cols_idx < cols
+    x = tl.load(X + cols_idx, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + cols_idx, tl.where(r >= p, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dropout_rows(X, Y, cols, stride_x, stride_y, seed, p, scale, BLOCK: tl.constexpr):
+    QUARTER: tl.constexpr = BLOCK // 4
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    # the counters name (row, column block): the same element draws the same number whatever the strides
+    counters = (row * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)
+    r0, r1, r2, r3 = tl.rand4x(seed, counters)
+    first = part * BLOCK + tl.arange(0, QUARTER)
+    xs, ys = X + row * stride_x, Y + row * stride_y
+    _lane(xs, ys, first, r0, cols, p, scale)
+    _lane(xs, ys, first + QUARTER, r1, cols, p, scale)
+    _lane(xs, ys, first + 2 * QUARTER, r2, cols, p, scale)
+    _lane(xs, ys, first + 3 * QUARTER, r3, cols, p, scale)
+
+
+def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (rows × columns, unit column stride) with each element kept with probability 1 − p and scaled by
+    1/(1 − p), the mask drawn from (seed, row, column); into `out` (which may be x: in place), else a new
+    contiguous tensor."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"dropped: a 2-D tensor with unit column stride, not shape {tuple(x.shape)}")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    if y.shape != x.shape or y.stride(1) != 1:
+        raise ValueError("dropped: `out` must have x's shape and unit column stride")
+    rows, cols = x.shape
+    if rows and cols:
+        grid = (rows, triton.cdiv(cols, BLOCK))
+        p = float(dropout.p)
+        _dropout_rows[grid](x, y, cols, x.stride(0), y.stride(0), dropout.seed, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+    return y

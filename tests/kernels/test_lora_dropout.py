@@ -1,0 +1,218 @@
+"""LoRA's dropout inside the fused projections (kernels/ftw_kernels/lora_dropout.py): the mask's law, the fused
+functions against the same masks applied by hand, and a patched PEFT model (lora_dropout > 0) against the same
+model whose dropout modules draw the kernels' masks, with and without checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+
+from ftw_kernels import apply_kernels
+from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
+from ftw_kernels.lora_dropout import Dropout, draw, dropped
+from tests.kernels.conftest import rel_err
+from tests.kernels.test_apply_kernels import (
+    BORDERED,
+    DEVICE,
+    FULL,
+    assert_matches_reference,
+    loss_and_grads,
+    packed_batch,
+    tiny,
+    training_config,
+)
+
+TOKENS, HIDDEN, INTER, RANK, P = 40, 48, 80, 4, 0.3
+
+
+def mask(rows: int, cols: int, dropout: Dropout) -> torch.Tensor:
+    """keep/(1 − p) of every element, as the kernel draws it."""
+    return dropped(torch.ones(rows, cols, device=DEVICE), dropout)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_the_mask_keeps_one_minus_p_and_scales_what_it_keeps(p, rng_seed):
+    x = torch.randn(64, 2500, device=DEVICE, dtype=torch.bfloat16)
+    y = dropped(x, Dropout(p, 1234))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    torch.testing.assert_close(y[kept].float(), x[kept].float() / (1 - p), rtol=8e-3, atol=0)
+    # every column block and row draws numbers of its own: no stripe of the tensor repeats another's mask
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[:, :1024], kept[:, 1024:2048])
+
+
+def test_the_mask_is_a_function_of_the_seed_and_the_element():
+    x = torch.randn(33, 1500, device=DEVICE)
+    d = Dropout(0.2, 77)
+    y = dropped(x, d)
+    assert torch.equal(dropped(x, d), y)
+    assert not torch.equal(dropped(x, Dropout(0.2, 78)), y)
+    wide = torch.randn(33, 1512, device=DEVICE)
+    wide[:, :1500] = x
+    assert torch.equal(dropped(wide[:, :1500], d), y)  # a norm's output with room beside its rows
+    same = x.clone()
+    dropped(same, d, out=same)
+    assert torch.equal(same, y)
+
+
+def test_draw_follows_torch_seed_and_eval_draws_nothing():
+    torch.manual_seed(5)
+    first = draw(0.1)
+    torch.manual_seed(5)
+    assert draw(0.1) == first and draw(0.0) is None
+
+
+def _projection(out: int, inp: int, scale: float, p: float = P) -> Projection:
+    a = torch.randn(RANK, inp, device=DEVICE, requires_grad=True)
+    b = torch.randn(out, RANK, device=DEVICE, requires_grad=True)
+    bias = torch.randn(out, device=DEVICE)
+    return Projection(torch.randn(out, inp, device=DEVICE) / inp**0.5, bias, a, b, scale, p)
+
+
+def _reference(x: torch.Tensor, p: Projection, keep: torch.Tensor | None) -> torch.Tensor:
+    lora_in = x if keep is None else x * keep
+    base = x @ p.weight.t() + (0 if p.bias is None else p.bias)
+    return base + p.scale * (lora_in @ p.lora_a.t()) @ p.lora_b.t()
+
+
+def _grads(outs, inputs, douts):
+    return torch.autograd.grad(outs, inputs, douts)
+
+
+def test_projections_of_one_input_share_one_mask(rng_seed):
+    made = [_projection(out, HIDDEN, s) for out, s in zip((HIDDEN, 16, 16), (2.0, 0.5, 1.0))]
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    douts = [torch.randn(TOKENS, p.weight.shape[0], device=DEVICE) for p in made]
+    torch.manual_seed(rng_seed)
+    outs = lora_projections(x, made)
+    torch.manual_seed(rng_seed)
+    keep = mask(TOKENS, HIDDEN, draw(P))  # the one draw lora_projections made
+    refs = [_reference(x, p, keep) for p in made]
+    inputs = [x, *(t for p in made for t in (p.lora_a, p.lora_b))]
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < 1e-5
+    for got, want in zip(_grads(outs, inputs, douts), _grads(refs, inputs, douts)):
+        assert rel_err(got, want) < 1e-5
+    undropped = [_reference(x, p, None) for p in made]
+    assert all(rel_err(out, ref) > 1e-2 for out, ref in zip(outs, undropped))  # the mask did something
+
+
+@pytest.mark.parametrize("checkpoint", [None, "forward"])
+def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, rng_seed):
+    """Gate and up share one mask over x, down has its own over h = silu(g)·u, which its backward recomputes and
+    masks again (with checkpointing it also forms h·A_downᵀ from it)."""
+    gate, up, down = _projection(INTER, HIDDEN, 2.0), _projection(INTER, HIDDEN, 2.0), _projection(HIDDEN, INTER, 2.0)
+    gate, up, down = (Projection(p.weight, None, p.lora_a, p.lora_b, p.scale, p.dropout) for p in (gate, up, down))
+    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+    dy = torch.randn(TOKENS, HIDDEN, device=DEVICE)
+    torch.manual_seed(rng_seed)
+    y = lora_gated_mlp(x, gate, up, down, checkpoint=checkpoint)
+    torch.manual_seed(rng_seed)
+    keep_x, keep_h = mask(TOKENS, HIDDEN, draw(P)), mask(TOKENS, INTER, draw(P))
+    g, u = _reference(x, gate, keep_x), _reference(x, up, keep_x)
+    ref = _reference(torch.nn.functional.silu(g) * u, down, keep_h)
+    assert rel_err(y, ref) < 1e-5
+    inputs = [x, *(t for p in (gate, up, down) for t in (p.lora_a, p.lora_b))]
+    for got, want in zip(_grads([y], inputs, [dy]), _grads([ref], inputs, [dy])):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_dropout_keeps_no_more_for_the_backward(rng_seed):
+    """The dropped copy replaces the input in what the backward keeps: dropout costs no activation memory."""
+
+    def saved_bytes(p: float) -> int:
+        made = [_projection(out, HIDDEN, 2.0, p) for out in (HIDDEN, 16, 16)]
+        x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+        kept: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] == TOKENS:  # activations, not the weights
+                kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lora_projections(x, made)
+        return sum(kept)
+
+    assert saved_bytes(P) == saved_bytes(0.0) > 0
+
+
+class _KernelMaskDropout(torch.nn.Module):
+    """PEFT's lora_dropout drawing the fused kernels' masks: the first projection of an input draws, the others
+    of that input (`slot`, shared) reuse its mask, as the fused functions do."""
+
+    def __init__(self, p: float, slot: list, draws: bool):
+        super().__init__()
+        self.p, self.slot, self.draws = p, slot, draws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if self.draws:
+            self.slot[:] = [draw(self.p)]
+        rows = x.reshape(-1, x.shape[-1])
+        return (rows * mask(rows.shape[0], rows.shape[1], self.slot[0])).view_as(x)
+
+
+def _kernel_mask_reference(model, p: float):
+    """The model with each layer's LoRA dropouts drawing as the kernels do (q draws for k and v, gate for up)."""
+    for layer in model.get_base_model().model.layers:
+        for group in (["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]):
+            slot: list = []
+            for i, name in enumerate(group):
+                parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+                getattr(parent, name).lora_dropout["default"] = _KernelMaskDropout(p, slot, draws=i == 0)
+    return model
+
+
+@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config])  # Qwen2: q, k, v with biases
+def test_patched_model_with_dropout_matches_the_kernels_masks(config_cls):
+    """lora_dropout > 0 takes the fused LoRA path (not bordered: the rank-r terms read the dropped input), and
+    its loss and every grad are those of PEFT's layers under the same masks."""
+    model = tiny(config_cls, dropout=0.1)
+    ref = _kernel_mask_reference(copy.deepcopy(model), 0.1)
+    applied = apply_kernels(model, training_config(use_kernels=True, lora_dropout=0.1))
+    assert applied == [k for k in FULL if k not in BORDERED]
+    torch.manual_seed(3)
+    batch = packed_batch()
+    torch.manual_seed(11)
+    ref_loss, ref_grads = loss_and_grads(ref, batch)
+    torch.manual_seed(11)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5 and len(grads) == 2 * 7 * 2
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+    undropped, _ = loss_and_grads(tiny(config_cls), batch)
+    assert abs(loss.item() - undropped.item()) > 1e-4  # the masks changed the loss
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_recompute_draws_the_first_forwards_masks(reentrant):
+    """The recompute (which skips the down projection) must draw every mask its first forward drew, in order: the
+    grads are then those of the same masks without checkpointing."""
+    plain = tiny(LlamaConfig, dropout=0.1)
+    checkpointed = copy.deepcopy(plain)
+    apply_kernels(plain, training_config(use_kernels=True, lora_dropout=0.1))
+    base = checkpointed.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    base.enable_input_require_grads()
+    apply_kernels(checkpointed, training_config(use_kernels=True, lora_dropout=0.1, gradient_checkpointing=True))
+    batch = packed_batch()
+    torch.manual_seed(11)
+    loss, grads = loss_and_grads(plain, batch)
+    torch.manual_seed(11)
+    ck_loss, ck_grads = loss_and_grads(checkpointed, batch)
+    assert rel_err(ck_loss, loss) < 1e-6
+    for name in grads:
+        assert rel_err(ck_grads[name], grads[name]) < 1e-5, name
+
+
+def test_eval_mode_drops_nothing():
+    """PEFT's dropout is the identity in eval mode; so is the fused one."""
+    ref = tiny(LlamaConfig, dropout=0.1).eval()
+    model = copy.deepcopy(ref)
+    apply_kernels(model, training_config(use_kernels=True, lora_dropout=0.1))
+    assert_matches_reference(ref, model.eval(), packed_batch())
