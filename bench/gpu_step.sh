@@ -26,7 +26,7 @@
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked                                # ~6 minutes
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
-#   tests  tests.txt      the kernels' CUDA tests
+#   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
@@ -57,6 +57,11 @@ set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b} AB_GC=${AB_GC:-off}
 SHAPES=${SHAPES:-llama-1b,llama-8b} QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-real}
+TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/kernels/test_lora_passes.py \
+tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
+tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
+tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
+tests/kernels/test_lora_dropout.py}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -80,12 +85,8 @@ for part in "${parts[@]}"; do
   case $part in
     tests)
       log "tests"
-      $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu.py tests/kernels/test_bordered.py \
-        tests/kernels/test_lora_passes.py tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py \
-        tests/kernels/test_fp8_gpu.py tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py \
-        tests/train/test_step_time.py tests/kernels/test_target_rows.py \
-        tests/train/test_host_sync.py tests/train/test_target_rows.py tests/kernels/test_lora_dropout.py \
-        >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back with the call
+      # shellcheck disable=SC2086  # $TESTS: several paths
+      $PY -m pytest -q -p no:cacheprovider $TESTS >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back
       tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"
@@ -105,7 +106,7 @@ for part in "${parts[@]}"; do
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
       [ "$part" = unpacked ] && how="--unpacked" arms=unsloth,ftw,ftw-padded
       [ "$part" = dropout ] && how="--full-length --lora-dropout 0.05" arms=${DROPOUT_ARMS:-unsloth,ftw,ftw-peft-lora}
-      for shape in llama-1b:10:90 llama-8b:8:160; do
+      for shape in llama-1b:10:150 llama-8b:8:160; do  # Unsloth's first import on a fresh machine compiles
         IFS=: read -r name steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
         log "train_throughput $name $how: $arms"
