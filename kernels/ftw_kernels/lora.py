@@ -15,7 +15,8 @@ The rank-r down-projections that share an input are one GEMM against the stacked
 the tokens × hidden input is read once instead of n times. Adapter weights (fp32 when PEFT upcasts them)
 come in the compute dtype from `ftw_kernels.adapter_copies`, cast once per optimizer step, each B with
 its scale folded in (s·B): no matmul scales its output or its accumulator, and unequal scales cost no
-scaled copy of the A's. Their gradients come back in their own dtype.
+scaled copy of the A's. Their gradients come back in their own dtype. LoRA's dropout runs inside
+(kernels/ftw_kernels/lora_dropout.py): the rank-r terms read the dropped input, one mask an input, never stored.
 """
 
 from __future__ import annotations
