@@ -15,10 +15,11 @@
 #   OLD=.gpu/before,.gpu/tail-gemm AB_SHAPES=llama-8b AB_GC=offload OUT=$OUT bash bench/gpu_step.sh tests ab
 #   ARMS=unsloth SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh offload
 #   QLORA_GC=on OUT=$OUT bash bench/gpu_step.sh qlora8b
-# Still wanted: the float8 matmuls over the 4-bit base by `step_ms` (their 1.45× of 2026-12-03 was timed by the
-# events' timestamps), with and without checkpointing:
-#   QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
+# Measured on 2026-12-05 (sixth session, H100): the float8 matmuls over the 4-bit base at 8B by `step_ms`, without
+# checkpointing (QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b). Still wanted:
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
+# and LoRA's dropout inside the fused kernels against PEFT's layers and Unsloth's fused dropout, with the CUDA tests:
+#   TESTS=tests/kernels/test_lora_dropout.py SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
