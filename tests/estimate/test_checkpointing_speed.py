@@ -42,6 +42,11 @@ def test_with_the_kernels_the_recompute_skips_the_down_projection():
     assert 0.72 < speed_ratio() < 0.78  # measured 0.76
 
 
+def test_without_the_fused_mlp_the_recompute_runs_the_down_projection():
+    """lora_mlp_kernel: false leaves the MLP to PEFT's layers (the other kernels on): nothing skips down's GEMM."""
+    assert speed_ratio(lora_mlp_kernel=False) < speed_ratio() - 0.02
+
+
 def test_without_the_kernels_the_recompute_runs_each_layer_whole():
     whole = speed_ratio(use_kernels=False)
     assert 0.66 < whole < 0.72 and whole < speed_ratio() - 0.04  # measured ~0.70 before the skip

@@ -118,6 +118,7 @@ class Workload:
     trained_share: float | None = None  # tokens with a label / all, when the prepared data says (None: all)
     padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
     lora_fused: bool = True  # no LoRA key keeps an adapter off the fused kernels (TrainingConfig.lora_unfused_by)
+    mlp_fused: bool = True  # the fused LoRA MLP runs where the mode's kernels do (lora_mlp_kernel not false)
 
     @property
     def mode(self) -> str:
@@ -239,7 +240,7 @@ def recompute_flops_per_token(w: Workload) -> float:
     and the adapters' forward. Either kind of checkpointing runs the same FLOPs."""
     s = w.shape
     linear = s.active_linear_params
-    if MODES[w.mode].recompute_skips_down and s.experts <= 1:
+    if MODES[w.mode].recompute_skips_down and w.mlp_fused and s.experts <= 1:
         linear -= s.layers * s.hidden * s.intermediate
     adapters = 0 if w.method == "full" else 2 * w.lora_params
     return 2 * linear + adapters + attention_flops_per_token(w) / 3
