@@ -176,17 +176,36 @@ def test_patched_model_with_dropout_matches_the_kernels_masks(config_cls):
     ref = _kernel_mask_reference(copy.deepcopy(model), 0.1)
     applied = apply_kernels(model, training_config(use_kernels=True, lora_dropout=0.1))
     assert applied == [k for k in FULL if k not in BORDERED]
+    _assert_same_run(ref, model)
+    batch = packed_batch()
+    dropped, _ = loss_and_grads(model, batch)
+    undropped, _ = loss_and_grads(tiny(config_cls), batch)
+    assert abs(dropped.item() - undropped.item()) > 1e-4  # the masks changed the loss
+
+
+def test_qlora_with_dropout_matches_the_kernels_masks():
+    """Over a bitsandbytes 4-bit base too: the base GEMMs read each weight dequantised, the rank-r terms the dropped
+    input."""
+    pytest.importorskip("bitsandbytes")
+    from tests.kernels.test_qlora import FUSED, qlora_config, tiny_qlora
+
+    model = tiny_qlora(dropout=0.1)
+    ref = _kernel_mask_reference(copy.deepcopy(model), 0.1)
+    assert set(FUSED) <= set(apply_kernels(model, qlora_config(lora_dropout=0.1)))
+    _assert_same_run(ref, model)
+
+
+def _assert_same_run(ref, model) -> None:
+    """The same loss and grads from one packed batch, each model drawing from the same torch seed."""
     torch.manual_seed(3)
     batch = packed_batch()
     torch.manual_seed(11)
     ref_loss, ref_grads = loss_and_grads(ref, batch)
     torch.manual_seed(11)
     loss, grads = loss_and_grads(model, batch)
-    assert rel_err(loss, ref_loss) < 1e-5 and len(grads) == 2 * 7 * 2
+    assert rel_err(loss, ref_loss) < 1e-5 and ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2
     for name in grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
-    undropped, _ = loss_and_grads(tiny(config_cls), batch)
-    assert abs(loss.item() - undropped.item()) > 1e-4  # the masks changed the loss
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])

@@ -28,7 +28,7 @@ FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
 
 
 def tiny_qlora(
-    dtype: torch.dtype = torch.float32, checkpointing: bool = False, reentrant: bool = False
+    dtype: torch.dtype = torch.float32, checkpointing: bool = False, reentrant: bool = False, dropout: float = 0.0
 ) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -45,7 +45,7 @@ def tiny_qlora(
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS))
     randomise_lora_b(model, std=0.2)
     assert type(model.get_base_model().model.layers[0].mlp.up_proj).__module__ == "peft.tuners.lora.bnb"
     return model.train()
