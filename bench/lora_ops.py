@@ -3,6 +3,7 @@
     python bench/lora_ops.py                       # the 8B and 1B shapes, every arm (< 60 s on an H200)
     python bench/lora_ops.py --shapes 8b --iters 50
     python bench/lora_ops.py --shapes tiny         # smoke test, also on CPU
+    python bench/lora_ops.py --lora-dropout 0.05   # LoRA's dropout on every projection (axolotl's examples' 0.05)
 
 A layer here is its seven projections, LoRA r=16 α=32 on each, bf16 frozen weights, fp32 adapters
 (as PEFT keeps them): q/k/v of one input, o of another (the attention output), and the gated MLP
@@ -24,7 +25,9 @@ Before each iteration the adapters are written in place (`add_(0)`, as an optimi
 so ftw pays one refresh of its copies per iteration, as in training with one micro-batch a step.
 Timing: CUDA events around each iteration, `--warmup` untimed, the median of `--iters`. Kernels:
 GPU kernels (and memcpy/memset) of one iteration under torch.profiler. Peak: memory allocated above
-the inputs and weights during one iteration. dx err: ‖dx − dx_peft‖/‖dx_peft‖ of the MLP input.
+the inputs and weights during one iteration. dx err: ‖dx − dx_peft‖/‖dx_peft‖ of the MLP input (with
+`--lora-dropout` the arms draw other masks: the error is then the dropout's spread, not a check; the bordered arm
+is left out, since a dropped input cannot use the bordered weights: kernels/ftw_kernels/lora_dropout.py).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ SHAPES = {  # tokens, hidden, q out, k/v out, intermediate
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_layer(shape: str, device: torch.device) -> torch.nn.Module:
-    """The seven projections as PEFT LoRA modules, bf16 base, fp32 adapters, B non-zero."""
+def build_layer(shape: str, device: torch.device, dropout: float = 0.0) -> torch.nn.Module:
+    """The seven projections as PEFT LoRA modules, bf16 base, fp32 adapters, B non-zero, in training mode."""
     from peft import LoraConfig, inject_adapter_in_model
 
     _, d, q, kv, inter = SHAPES[shape]
@@ -77,7 +80,8 @@ def build_layer(shape: str, device: torch.device) -> torch.nn.Module:
     layer = torch.nn.Module()
     for name, (i, o) in sizes.items():
         setattr(layer, name, torch.nn.Linear(i, o, bias=False, device=device, dtype=torch.bfloat16))
-    layer = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules=list(PROJECTIONS)), layer)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=list(PROJECTIONS))
+    layer = inject_adapter_in_model(config, layer).train()
     for name, p in layer.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()  # PEFT's autocast_adapter_dtype
@@ -221,6 +225,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--previous", help="git revision of a previous lora.py, or a copy's path: one more arm")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="every projection's lora_dropout")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous = previous_module(args.previous) if args.previous else None
@@ -229,9 +234,10 @@ def main() -> None:
     if args.previous and previous is None:
         print(f"arm 'previous' skipped: no git history here to read lora.py at {args.previous}")
     rows = []
+    dropped = f", lora_dropout {args.lora_dropout:g}" if args.lora_dropout else ""
     for shape in args.shapes.split(","):
         tokens, d, q, _, _ = SHAPES[shape]
-        layer = build_layer(shape, device)
+        layer = build_layer(shape, device, args.lora_dropout)
         adapters = [p for n, p in layer.named_parameters() if "lora_" in n]
         torch.manual_seed(1)
         inputs = [
@@ -247,16 +253,17 @@ def main() -> None:
         for arm, step, copies in arms:
             with copies_enabled(copies):
                 results.append(measure(arm, step, layer, inputs, grads, adapters, args, device))
-        roomy = bordered_inputs(layer, inputs)
-        results.append(measure("ftw, bordered", fused_step(ftw_lora), layer, roomy, grads, adapters, args, device))
+        if not args.lora_dropout:
+            roomy = bordered_inputs(layer, inputs)
+            results.append(measure("ftw, bordered", fused_step(ftw_lora), layer, roomy, grads, adapters, args, device))
         base = results[0]
         for r in results:
             err = ((r["dx"] - base["dx"]).norm() / base["dx"].norm()).item()
             rows.append(
-                f"| {shape} | {r['arm']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | "
+                f"| {shape} | {r['arm']}{dropped} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}× | {r['kernels']} | "
                 f"{r['peak']:.2f} | {err:.1e} |"
             )
-        del layer, adapters, inputs, roomy, grads, results
+        del layer, adapters, inputs, grads, results
     print("| shape | arm | ms / layer fwd+bwd | × peft | GPU kernels | peak GiB | dx err vs peft |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # columns a program: four lanes of BLOCK // 4, one Philox call for four elements
+BLOCK = 1024  # columns a program at most: four lanes of BLOCK // 4, one Philox call for four elements
 
 
 @dataclass(frozen=True)
@@ -41,26 +41,26 @@ def draw(p: float) -> Dropout | None:
 
 
 @triton.jit
-def _lane(X, Y, cols_idx, r, cols, p, scale):
-    inside = cols_idx < cols
-    x = tl.load(X + cols_idx, mask=inside, other=0.0).to(tl.float32)
-    tl.store(Y + cols_idx, tl.where(r >= p, x * scale, 0.0).to(Y.dtype.element_ty), mask=inside)
+def _lane(X, Y, rows, cols_idx, r, n_rows, cols, stride_x, stride_y, p, scale):
+    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+    x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0).to(tl.float32)
+    y = tl.where(r >= p, x * scale, 0.0).to(Y.dtype.element_ty)
+    tl.store(Y + rows[:, None] * stride_y + cols_idx[None, :], y, mask=inside)
 
 
 @triton.jit
-def _dropout_rows(X, Y, cols, stride_x, stride_y, seed, p, scale, BLOCK: tl.constexpr):
+def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     QUARTER: tl.constexpr = BLOCK // 4
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     part = tl.program_id(1)
     # the counters name (row, column block): the same element draws the same number whatever the strides
-    counters = (row * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)
+    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]
     r0, r1, r2, r3 = tl.rand4x(seed, counters)
     first = part * BLOCK + tl.arange(0, QUARTER)
-    xs, ys = X + row * stride_x, Y + row * stride_y
-    _lane(xs, ys, first, r0, cols, p, scale)
-    _lane(xs, ys, first + QUARTER, r1, cols, p, scale)
-    _lane(xs, ys, first + 2 * QUARTER, r2, cols, p, scale)
-    _lane(xs, ys, first + 3 * QUARTER, r3, cols, p, scale)
+    _lane(X, Y, rows, first, r0, n_rows, cols, stride_x, stride_y, p, scale)
+    _lane(X, Y, rows, first + QUARTER, r1, n_rows, cols, stride_x, stride_y, p, scale)
+    _lane(X, Y, rows, first + 2 * QUARTER, r2, n_rows, cols, stride_x, stride_y, p, scale)
+    _lane(X, Y, rows, first + 3 * QUARTER, r3, n_rows, cols, stride_x, stride_y, p, scale)
 
 
 def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,13 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
         raise ValueError("dropped: `out` must have x's shape and unit column stride")
     rows, cols = x.shape
     if rows and cols:
-        grid = (rows, triton.cdiv(cols, BLOCK))
+        # a width's column blocks fix its counters: the same tensor width always draws the same mask. Narrow rows
+        # (tiny models) share a program, so that no program is mostly masked lanes
+        block = min(BLOCK, max(64, triton.next_power_of_2(cols)))
+        per_program = BLOCK // block
+        grid = (triton.cdiv(rows, per_program), triton.cdiv(cols, block))
         p = float(dropout.p)
-        _dropout_rows[grid](x, y, cols, x.stride(0), y.stride(0), dropout.seed, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+        scale = 1.0 / (1.0 - p)
+        strides = (x.stride(0), y.stride(0))
+        _dropout_rows[grid](x, y, rows, cols, *strides, dropout.seed, p, scale, ROWS=per_program, BLOCK=block)
     return y

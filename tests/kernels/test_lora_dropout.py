@@ -5,6 +5,9 @@ model whose dropout modules draw the kernels' masks, with and without checkpoint
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from transformers import LlamaConfig, Qwen2Config
 from ftw_kernels import apply_kernels
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
 from ftw_kernels.lora_dropout import Dropout, draw, dropped
+from tests.conftest import REPO
 from tests.kernels.conftest import rel_err
 from tests.kernels.test_apply_kernels import (
     BORDERED,
@@ -56,6 +60,33 @@ def test_the_mask_is_a_function_of_the_seed_and_the_element():
     same = x.clone()
     dropped(same, d, out=same)
     assert torch.equal(same, y)
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ftw_kernels.lora_dropout import _dropout_rows
+
+scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed"), "i32"), "p": "fp32", "scale": "fp32"}
+for dtype in ("*bf16", "*fp32"):
+    signature = {"X": dtype, "Y": dtype, **scalars, "ROWS": "constexpr", "BLOCK": "constexpr"}
+    for rows, block in ((1, 1024), (16, 64)):
+        source = ASTSource(fn=_dropout_rows, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+print("compiled")
+"""
+
+
+def test_the_kernel_compiles_for_hopper():
+    """The kernel as the GPU runs it: Triton's compiler and ptxas for sm_90 (no GPU needed; in a process without
+    the interpreter), at the blockings `dropped` picks for a wide and a narrow row. The tests above check its
+    numbers through the interpreter, this its compilation."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")])
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "compiled", done.stderr[-2000:]
 
 
 def test_draw_follows_torch_seed_and_eval_draws_nothing():
