@@ -17,7 +17,8 @@ forward at 8B and 1.00–1.15× at 1B; in the H200's training step, under the al
 with (expandable segments), +0.3% at 8B and +0.8% at 1B for 0.7 and 0.2 GiB more reserved at the same allocated
 peak. On by default; `FTW_BORDERED_LORA=0` switches it off (bench/train_throughput.py's arm `ftw-unbordered`). The
 registry installs it (kernels/ftw_kernels/patches.py `border_layers`) only over plain frozen weights in one process: not
-over 4-bit or float8 ones, not under DeepSpeed, FSDP or torch_compile.
+over 4-bit or float8 ones, not with lora_dropout (the rank-r terms read the dropped input), not under DeepSpeed, FSDP
+or torch_compile.
 """
 
 from __future__ import annotations
