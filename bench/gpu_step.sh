@@ -20,6 +20,7 @@
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
 # and LoRA's dropout inside the fused kernels against PEFT's layers and Unsloth's fused dropout, with the CUDA tests:
 #   TESTS=tests/kernels/test_lora_dropout.py SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout
+#   OUT=$OUT bash bench/gpu_step.sh dropout-ops                                  # ~1 minute
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
@@ -29,6 +30,8 @@
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
+#   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one) and
+#                         bench/lora_ops.py --lora-dropout 0.05 (one layer: PEFT's dropout against the fused one)
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
 #   real   real-<shape>/  bench/gpu_train.py at $SHAPES (default llama-1b,llama-8b), full-length: `ftw train`'s real
@@ -92,6 +95,10 @@ for part in "${parts[@]}"; do
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    dropout-ops)
+      log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
+      { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b; $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
+        2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)
       layout=--full-length tag=real
       [ "$part" = real-unpacked ] && layout=--unpacked tag=real-unpacked
@@ -141,6 +148,7 @@ for part in "${parts[@]}"; do
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
       $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, real, real-unpacked, masked, unpacked, dropout, offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, offload, 1b, 8b,"\
+         "qlora8b, qlora1b, ab)"; exit 2 ;;
   esac
 done
