@@ -178,6 +178,14 @@ def resumed_matches_uninterrupted(cfg: dict[str, Any], cache: Path, tmp_path: Pa
     return reference
 
 
+def resumed_packed_run(model_dir: Path, rows: list, tmp_path: Path, step: int, n_rows: int = 96, **over: Any):
+    """`resumed_matches_uninterrupted` for 2 × `step` steps over the first `n_rows` rows packed into 64-token rows,
+    one a micro-batch, lr 3e-3, resumed from the checkpoint at `step`; `over`: the config's other keys."""
+    cache = write_cache(tmp_path / "cache", pack(rows[:n_rows], 64), packed=True, sequence_len=64)
+    config = {"micro_batch_size": 1, "max_steps": 2 * step, "save_steps": step, "learning_rate": 3e-3, **over}
+    return resumed_matches_uninterrupted(base_config(model_dir, **config), cache, tmp_path, step)
+
+
 # the schedule that teaches a tiny model the successor task (input_output rows) in minutes on a CPU
 SUCCESSOR_SCHEDULE: dict[str, Any] = {
     "sequence_len": 16,

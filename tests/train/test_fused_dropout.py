@@ -8,30 +8,14 @@ import json
 
 import pytest
 
-from tests.train.helpers import (
-    base_config,
-    pack,
-    resumed_matches_uninterrupted,
-    write_cache,
-)
+from tests.train.helpers import resumed_packed_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_fused_lora_dropout_resumes_to_the_same_adapter(task_model_dir, task_rows, tmp_path):
     rows, _, _ = task_rows
-    cache = write_cache(tmp_path / "cache", pack(rows[:48], 64), packed=True, sequence_len=64)
-    cfg = base_config(
-        task_model_dir,
-        use_kernels=True,
-        lora_dropout=0.1,
-        micro_batch_size=1,
-        max_steps=3,
-        save_steps=1,
-        learning_rate=3e-3,
-        bf16=False,
-        tf32=False,
-    )
-    resumed_matches_uninterrupted(cfg, cache, tmp_path, step=1)
+    config = {"use_kernels": True, "lora_dropout": 0.1, "bf16": False, "tf32": False}
+    resumed_packed_run(task_model_dir, rows, tmp_path, step=1, n_rows=48, **config)
     kernels = json.loads((tmp_path / "reference" / "summary.json").read_text())["kernels"]
     assert {"lora_qkv", "lora_o", "lora_mlp"} <= set(kernels)  # dropout keeps the fused LoRA

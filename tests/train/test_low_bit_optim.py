@@ -7,26 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.train.helpers import base_config, pack, resumed_matches_uninterrupted, write_cache
+from tests.train.helpers import resumed_packed_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_low_bit_adamw_keeps_quantised_states_and_resumes_to_the_same_adapter(task_model_dir, task_rows, tmp_path):
     rows, _, _ = task_rows
-    cache = write_cache(tmp_path / "cache", pack(rows[:96], 64), packed=True, sequence_len=64)
     # rank 64: the adapters' matrices have ≥ 4,096 entries, the size from which torchao quantises a state
-    cfg = base_config(
-        task_model_dir,
-        optimizer="adamw_torch_8bit",
-        lora_r=64,
-        lora_alpha=64,
-        micro_batch_size=1,
-        max_steps=6,
-        save_steps=3,
-        learning_rate=3e-3,
+    reference = resumed_packed_run(
+        task_model_dir, rows, tmp_path, step=3, optimizer="adamw_torch_8bit", lora_r=64, lora_alpha=64
     )
-    reference = resumed_matches_uninterrupted(cfg, cache, tmp_path, step=3)
     assert any(v.abs().sum() > 0 for k, v in reference.items() if "lora_B" in k)  # it trained: B starts at zero
     saved = tmp_path / "reference" / "checkpoints" / "checkpoint-3" / "optimizer.pt"
     states = torch.load(saved, map_location="cpu", weights_only=False)["state"]

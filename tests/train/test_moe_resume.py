@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train.helpers import base_config, pack, resumed_matches_uninterrupted, successor_task, write_cache
+from tests.train.helpers import resumed_packed_run, successor_task
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -26,18 +26,15 @@ def test_expert_lora_resumes_to_the_same_adapter(task_rows, tmp_path):
         experts=4,
     )
     rows, _, _ = task_rows
-    cache = write_cache(tmp_path / "cache", pack(rows[:96], 64), packed=True, sequence_len=64)
-    cfg = base_config(
+    reference = resumed_packed_run(
         model,
+        rows,
+        tmp_path,
+        step=3,
         lora_target_linear=None,
         lora_target_modules=["q_proj", "v_proj"],
         lora_target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         output_router_logits=True,
-        micro_batch_size=1,
         gradient_accumulation_steps=2,
-        max_steps=6,
-        save_steps=3,
-        learning_rate=3e-3,
     )
-    reference = resumed_matches_uninterrupted(cfg, cache, tmp_path, step=3)
     assert any("experts" in k for k in reference)
