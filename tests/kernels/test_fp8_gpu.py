@@ -92,9 +92,12 @@ def test_fused_mlp_over_fp8_follows_the_bf16_one():
     assert torch.nn.functional.cosine_similarity(g8.float(), g16.float(), dim=0) > 0.99
 
 
-def test_bf16_model_with_fp8_base_weights():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_model_with_fp8_base_weights(dropout):
     """A small Llama in bf16 with every patch (packed rows): the loss follows the bf16 one, the
-    adapter gradients point the same way, and the frozen Linears take half their bf16 bytes."""
+    adapter gradients point the same way, and the frozen Linears take half their bf16 bytes. With LoRA's dropout
+    both draw the same masks (the same torch seed before each forward): the float8 base's dx takes the masked
+    rank-r terms after its GEMM."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -109,12 +112,12 @@ def test_bf16_model_with_fp8_base_weights():
     with torch.device("cuda"):
         base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ref = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    ref = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets))
     for name, p in ref.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     model = copy.deepcopy(ref)
-    train = dict(base_model="x", learning_rate=1e-4, adapter="lora", lora_r=16, lora_alpha=32)
+    train = dict(base_model="x", learning_rate=1e-4, adapter="lora", lora_r=16, lora_alpha=32, lora_dropout=dropout)
     apply_kernels(ref, TrainingConfig(**train))
     before = torch.cuda.memory_allocated()
     linear_bytes = sum(
@@ -130,6 +133,7 @@ def test_bf16_model_with_fp8_base_weights():
     batch = dict(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
     losses, grads = [], []
     for m in (ref.train(), model.train()):
+        torch.manual_seed(7)
         loss = m(**batch).loss
         loss.backward()
         losses.append(loss.detach().float())
