@@ -151,6 +151,19 @@ def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, rng_seed):
         assert rel_err(got, want) < 1e-5
 
 
+def test_projections_with_unequal_dropout_are_not_fused_as_one_input():
+    """One mask an input needs one probability: a group whose LoRA projections differ is left to PEFT's layers
+    (the patches ask `shared_dropout`), and the fused function refuses it."""
+    from ftw_kernels.lora import shared_dropout
+
+    made = [_projection(HIDDEN, HIDDEN, 2.0, p) for p in (0.1, 0.1, 0.2)]
+    plain = Projection(made[0].weight, None, None, None, 0.0)
+    assert shared_dropout(made[:2]) == 0.1 and shared_dropout([plain, made[2]]) == 0.2 and shared_dropout([plain]) == 0
+    assert shared_dropout(made) is None
+    with pytest.raises(ValueError, match="lora_dropout differs"):
+        lora_projections(torch.randn(TOKENS, HIDDEN, device=DEVICE), made)
+
+
 def test_dropout_keeps_no_more_for_the_backward(rng_seed):
     """The dropped copy replaces the input in what the backward keeps: dropout costs no activation memory."""
 
