@@ -266,14 +266,13 @@ class TrainingConfig(Frozen):
 
     def lora_unfused_by(self) -> list[str]:
         """The keys that keep this adapter off ftw's fused LoRA kernels (kernels/ftw_kernels/lora.py), which model
-        LoRA with or without dropout over a bf16/fp16/fp32 or a 4-bit base: no DoRA, bias training or 8-bit base.
-        PEFT's own LoRA layers run instead."""
+        LoRA with or without dropout over a bf16/fp16/fp32, 4-bit or 8-bit base: no DoRA or bias training. PEFT's
+        own LoRA layers run instead."""
         if self.adapter not in ("lora", "qlora"):
             return []
         keys = {
             "peft_use_dora": self.peft_use_dora,
             "lora_bias": self.lora_bias != "none",
-            "load_in_8bit": self.load_in_8bit,
         }
         return [key for key, unfused in keys.items() if unfused]
 

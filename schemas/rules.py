@@ -107,7 +107,6 @@ def _needs_adapter(cfg: TrainingConfig) -> Problems:
 UNFUSED_BECAUSE = {
     "peft_use_dora": "DoRA has no fused kernel",
     "lora_bias": "a trained bias has no fused kernel; lora_bias: none",
-    "load_in_8bit": "no fused kernel over an 8-bit base; load_in_4bit (QLoRA) has one",
 }
 
 

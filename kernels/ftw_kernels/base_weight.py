@@ -1,12 +1,12 @@
 """The frozen base weight of a fused LoRA projection in whichever storage it has, and the two matmuls the
 fused functions (kernels/ftw_kernels/lora.py) need of it: the forward's x·Wᵀ and the backward's dy·W.
 
-Floating point: as it is. bitsandbytes 4-bit (QLoRA, kernels/ftw_kernels/qlora.py): dequantised per matmul into a
-shared buffer. float8 (`fp8_base_weights`, kernels/ftw_kernels/fp8.py): `torch._scaled_mm` over activations
-quantised per row. A 4-bit weight marked for float8 matmuls (`fp8_base_weights` with QLoRA, `mark_fp8_matmuls`):
-dequantised into the shared buffer, quantised per output channel into a transient float8 copy, then as float8;
-the forward and the backward quantise the same dequantised weight, so both differentiate one operator.
-A quantised weight is kept on the autograd context as it is, never saved dense.
+Floating point: as it is. bitsandbytes 4-bit (QLoRA) or 8-bit (`load_in_8bit`), kernels/ftw_kernels/qlora.py:
+dequantised per matmul into a shared buffer. float8 (`fp8_base_weights`, kernels/ftw_kernels/fp8.py):
+`torch._scaled_mm` over activations quantised per row. A 4-bit weight marked for float8 matmuls (`fp8_base_weights`
+with QLoRA, `mark_fp8_matmuls`): dequantised into the shared buffer, quantised per output channel into a transient
+float8 copy, then as float8; the forward and the backward quantise the same dequantised weight, so both
+differentiate one operator. A quantised weight is kept on the autograd context as it is, never saved dense.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ FP8_MATMULS = "ftw_fp8_matmuls"  # the attribute that marks a 4-bit weight for f
 
 
 def usable(weight: torch.Tensor) -> bool:
-    """A weight the fused functions can multiply by: floating point, quantised 4-bit or float8."""
+    """A weight the fused functions can multiply by: floating point, quantised 4-bit or 8-bit, or float8."""
     return fp8.is_fp8(weight) or qlora.usable(weight)
 
 
 def _stored(weight: torch.Tensor) -> bool:
-    return fp8.is_fp8(weight) or qlora.is_4bit(weight)
+    return fp8.is_fp8(weight) or qlora.is_quantised(weight)
 
 
 def mark_fp8_matmuls(linear: torch.nn.Module) -> bool:
@@ -66,7 +66,7 @@ def linear(
     joins) in x2's dtype; `quantised`: one dict per input, where a float8 base keeps x2's fp8 copy for the next
     projection of the same input.
 
-    Over a floating-point or 4-bit weight the rank-r term is written first, on top of the addend, and the base
+    Over a floating-point or bitsandbytes weight the rank-r term is written first, on top of the addend, and the base
     GEMM adds itself to it (cuBLAS's beta): the sums ride the GEMMs' epilogues instead of passes over the output.
     `torch._scaled_mm` cannot accumulate, so a float8 base adds them after."""
     as_fp8 = _as_fp8(weight)
@@ -96,7 +96,7 @@ def accumulates(weight: torch.Tensor) -> bool:
 
 
 def add_input_grad(dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit weight is dequantised again here."""
+    """dx + dy·W (dy·W when dx is None), in dy's dtype; a 4-bit or 8-bit weight is dequantised again here."""
     as_fp8 = _as_fp8(weight)
     if as_fp8 is not None:
         part = fp8.input_grad(dy, as_fp8)

@@ -1,5 +1,5 @@
-"""Fused LoRA projections with hand-written backwards, over a floating-point, a bitsandbytes 4-bit (QLoRA:
-dequantised per matmul, never saved dense) or a float8 base weight (`fp8_base_weights`: `torch._scaled_mm`);
+"""Fused LoRA projections with hand-written backwards, over a floating-point, a bitsandbytes 4-bit or 8-bit (QLoRA,
+`load_in_8bit`: dequantised per matmul, never saved dense) or a float8 base weight (`fp8_base_weights`);
 kernels/ftw_kernels/base_weight.py runs the base matmuls in each storage.
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ for frozen W and trainable A, B. Autograd through PEFT keeps, per
@@ -48,8 +48,8 @@ class Projection:
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
     """A PEFT lora.Linear (one active adapter, no DoRA, not merged; dropout over a frozen base) or a plain Linear,
-    over a floating-point, bitsandbytes 4-bit or float8 base weight (kernels/ftw_kernels/base_weight.py); None when
-    the module is in a state these kernels do not reproduce (an 8-bit base among them)."""
+    over a floating-point, bitsandbytes 4-bit or 8-bit, or float8 base weight (kernels/ftw_kernels/base_weight.py);
+    None when the module is in a state these kernels do not reproduce."""
     if isinstance(module, torch.nn.Linear):
         return Projection(module.weight, module.bias, None, None, 0.0) if usable(module.weight) else None
     base = getattr(module, "base_layer", None)

@@ -12,7 +12,7 @@ on CPU under TRITON_INTERPRET; false: off), and per LoRA projection `lora_mlp_ke
 QLoRA (`adapter: qlora`, `load_in_4bit`) takes the same fused LoRA functions: their base weights are
 bitsandbytes 4-bit tensors, dequantised by one Triton kernel into a cache bounded by one decoder layer's weights
 (kernels/ftw_kernels/qlora.py) and never kept dense for backward; the applied list then names `dequant_4bit` after
-the fused projections.
+the fused projections. An 8-bit base (`load_in_8bit`) takes the same cache (`dequant_8bit`).
 
 `fp8_base_weights: true` stores the frozen Linears of the attention and MLP modules as float8 with per-channel
 scales and runs their matmuls as `torch._scaled_mm` (kernels/ftw_kernels/fp8.py): the applied list names
@@ -208,9 +208,11 @@ def _dense_patches(base: Any, family: Family | None, config: Any) -> list[str]:
         and patches.varlen_available(),
     }
     applied = patches.apply_family(base, family, wanted)
-    if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied) and any(qlora.is_4bit(p) for p in base.parameters()):
-        qlora.keep_recent(_largest_layer_4bit_bytes(base))
-        applied.append("dequant_4bit")
+    if {"lora_mlp", "lora_qkv", "lora_o"} & set(applied):
+        bits = {4 if qlora.is_4bit(p) else 8 for p in base.parameters() if qlora.is_quantised(p)}
+        if bits:
+            qlora.keep_recent(_largest_layer_dense_bytes(base))
+            applied += [f"dequant_{n}bit" for n in sorted(bits)]
     if config.fp8_base_weights and patches.install_fp8_base(base, family):
         applied.append("fp8_base")
     if {"lora_mlp", "lora_qkv"} & set(applied) and _bordered_refusal(config, applied) is None:
@@ -227,7 +229,7 @@ def _bordered_refusal(config: Any, applied: list[str]) -> str | None:
     refusals = (
         (not bordered.wanted(), f"{bordered.ENV} is 0"),
         (config.lora_dropout, "lora_dropout: the rank-r terms read the dropped input, not the norm's"),
-        ("fp8_base" in applied or "dequant_4bit" in applied, "the base weights are quantised"),
+        ({"fp8_base", "dequant_4bit", "dequant_8bit"} & set(applied), "the base weights are quantised"),
         (config.torch_compile, "torch_compile is on"),
         (config.deepspeed or config.fsdp or config.fsdp_config, "DeepSpeed or FSDP shards the weights"),
         (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1, "several processes train"),
@@ -238,8 +240,8 @@ def _bordered_refusal(config: Any, applied: list[str]) -> str | None:
     return reason
 
 
-def _largest_layer_4bit_bytes(base: Any) -> int:
-    """The dequantised bytes of the decoder layer (`….layers.<i>.…`) with the most 4-bit weights: the bound of
+def _largest_layer_dense_bytes(base: Any) -> int:
+    """The dequantised bytes of the decoder layer (`….layers.<i>.…`) with the most quantised weights: the bound of
     QLoRA's cache of recent weights (kernels/ftw_kernels/qlora.py), so that a checkpointed layer's backward finds
     the weights its recomputed forward dequantised."""
     import re

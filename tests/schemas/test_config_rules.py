@@ -237,11 +237,10 @@ def test_fp8_base_weights_with_lora_is_valid_and_axolotl_fp8_points_to_it():
     [
         ({"peft_use_dora": True}, "peft_use_dora"),
         ({"lora_bias": "all"}, "lora_bias"),
-        ({"load_in_8bit": True}, "load_in_8bit"),
     ],
 )
 def test_a_lora_off_the_fused_kernels_is_valid_with_a_warning_that_names_the_key(changes, key):
-    """DoRA, a trained bias and an 8-bit base are not modelled by the fused LoRA kernels (the registry reads the same
+    """DoRA and a trained bias are not modelled by the fused LoRA kernels (the registry reads the same
     TrainingConfig.lora_unfused_by): the run is right, so it is a warning, and it says what to set."""
     report = validate_config({**LORA, **changes}, ENV)
     assert report.valid
@@ -249,6 +248,11 @@ def test_a_lora_off_the_fused_kernels_is_valid_with_a_warning_that_names_the_key
     assert "fused LoRA kernels" in report.warnings[0].msg and "slower" in report.warnings[0].msg
     assert validate_config({**LORA, **changes, "use_kernels": False}, ENV).warnings == []  # nothing to lose
     assert validate_config(LORA, ENV).warnings == []
+
+
+def test_an_8bit_base_keeps_the_fused_kernels_and_gets_no_warning():
+    """load_in_8bit (17 of axolotl's examples): the fused LoRA kernels dequantise its int8 weights per matmul."""
+    assert validate_config({**LORA, "load_in_8bit": True}, ENV).warnings == []
 
 
 def test_lora_dropout_keeps_the_fused_kernels_and_gets_no_warning():

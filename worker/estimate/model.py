@@ -62,11 +62,8 @@ FUSED = Mode(
 HF = Mode(act_hidden=20.3, act_intermediate=5.2, logits_bytes=11.2, e_max=0.46, h0=2731, host_synced=True)
 MODES = {
     "fused": FUSED,
-    # LoRA over a base PEFT prepares for k-bit training (8-bit: fp32 embeddings, norms and output layer), no fused
-    # LoRA: fitted on 4-bit rows measured before the fused 4-bit path existed (2026-11-29/12-02, docs/estimate.md)
-    "kbit": Mode(act_hidden=20.3, act_intermediate=3.6, logits_bytes=3.8, e_max=0.825, h0=8508),
     "hf": HF,
-    # kernels on, but the adapter off the fused LoRA ones (DoRA, a trained bias, an 8-bit base:
+    # kernels on, but the adapter off the fused LoRA ones (DoRA, a trained bias:
     # TrainingConfig.lora_unfused_by): PEFT's LoRA layers beside the kernels' norms, attention, SwiGLU and loss head.
     # Not calibrated (no measured row). Activations counted from what autograd keeps a layer with lora_dropout (an
     # upper bound without): the fused path's
@@ -124,9 +121,7 @@ class Workload:
     def mode(self) -> str:
         if not self.kernels or self.method == "full":
             return "hf"
-        if self.method == "lora8":
-            return "kbit"
-        return "fused" if self.lora_fused else "peft_lora"  # a bf16 4-bit base runs the fused path
+        return "fused" if self.lora_fused else "peft_lora"  # a 4-bit or 8-bit base runs the fused path too
 
     @property
     def peak_tokens(self) -> int:

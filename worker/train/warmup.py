@@ -98,7 +98,7 @@ def build(cfg: TrainingConfig, device: torch.device):
         )
     if cfg.load_in_4bit:
         quantise_linears(model, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, precision.load_dtype)
-    elif cfg.load_in_8bit:  # no fused path over 8-bit weights: the shared kernels warm up over bf16 ones
+    elif cfg.load_in_8bit:  # its weights dequantise by a torch op: the Triton kernels are those of a bf16 base
         cfg = cfg.model_copy(update={"load_in_8bit": False, "adapter": "lora"})
     prepare_for_training(cfg, model, tokenizer)
     model = attach(model, cfg)

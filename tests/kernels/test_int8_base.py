@@ -1,0 +1,107 @@
+"""LoRA over a bitsandbytes 8-bit base (`load_in_8bit`) through the fused functions (kernels/ftw_kernels/qlora.py):
+each int8 weight is dequantised per matmul as bitsandbytes dequantises it (its CPU backend quantises here). The
+loss and every adapter grad are those of the same PEFT model over the dequantised weights in floating point, with
+and without checkpointing, and the loss is close to PEFT's own 8-bit layers' (LLM.int8 also quantises the
+activations); autograd never keeps a dequantised weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from ftw_kernels import apply_kernels  # noqa: E402
+from ftw_kernels.qlora import _dequantize, is_8bit  # noqa: E402
+from schemas.config import TrainingConfig  # noqa: E402
+from tests.conftest import randomise_lora_b  # noqa: E402
+from tests.kernels.conftest import rel_err  # noqa: E402
+from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
+
+FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_8bit"]
+
+
+def tiny_int8(checkpointing: bool = False) -> torch.nn.Module:
+    """A tiny Llama whose Linears (not the output layer) are bitsandbytes 8-bit, as `load_in_8bit` loads them
+    (LLM.int8's outlier threshold 6.0), under PEFT's 8-bit LoRA layers."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=VOCAB,
+    )
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, threshold=6.0)
+                layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+                setattr(parent, name, layer.to(DEVICE))  # .to quantises
+    model.is_loaded_in_8bit = True
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    randomise_lora_b(model, std=0.2)
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj).__module__ == "peft.tuners.lora.bnb"
+    return model.train()
+
+
+def dequantised(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with each 8-bit base layer replaced by a floating-point Linear of its dequantised weight."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and is_8bit(base.weight):
+            dense = torch.nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device)
+            dense.weight.data = _dequantize(base.weight, torch.empty(base.weight.shape, device=base.weight.device))
+            dense.weight.requires_grad_(False)
+            module.base_layer = dense
+    return model
+
+
+def int8_config(**kw: object) -> TrainingConfig:
+    base = {"base_model": "tiny", "learning_rate": 1e-3, "adapter": "lora", "load_in_8bit": True, "use_kernels": True}
+    return TrainingConfig.model_validate({**base, **kw})
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_fused_lora_over_an_8bit_base_is_lora_over_its_dequantised_weights(checkpointing: bool) -> None:
+    peft_int8 = tiny_int8(checkpointing)
+    reference = dequantised(peft_int8)
+    model = copy.deepcopy(peft_int8)
+    assert set(FUSED) <= set(apply_kernels(model, int8_config(gradient_checkpointing=checkpointing)))
+    batch = packed_batch()
+    ref_loss, ref_grads = loss_and_grads(reference, batch)
+    loss, grads = loss_and_grads(model, batch)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 modules × 2 layers
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+    int8_loss, _ = loss_and_grads(peft_int8, batch)  # LLM.int8's forward: the activations quantised too
+    assert rel_err(loss, int8_loss) < 2e-2
+
+
+def test_no_dequantised_8bit_weight_is_kept_for_backward() -> None:
+    model = tiny_int8()
+    apply_kernels(model, int8_config())
+    dense_shapes = {tuple(p.shape) for p in model.parameters() if is_8bit(p)}
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(**packed_batch()).loss  # 20 tokens: no activation has a weight's shape
+    loss.backward()
+    assert saved and not [t.shape for t in saved if tuple(t.shape) in dense_shapes and t.is_floating_point()]
