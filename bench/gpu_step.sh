@@ -21,6 +21,8 @@
 # and LoRA's dropout inside the fused kernels against PEFT's layers and Unsloth's fused dropout, with the CUDA tests:
 #   TESTS=tests/kernels/test_lora_dropout.py SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout
 #   OUT=$OUT bash bench/gpu_step.sh dropout-ops                                  # ~1 minute
+# and LoRA over an 8-bit base through the fused kernels (CUDA tests: tests/kernels/test_int8_base.py):
+#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh int8
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
@@ -51,6 +53,10 @@
 #                         examples) at $SHAPES: $DROPOUT_ARMS (default Unsloth, whose fused LoRA takes dropout since
 #                         2026.10, ftw's fused LoRA with its shared, redrawn masks, and ftw-peft-lora: PEFT's LoRA
 #                         layers beside ftw's other kernels, what such a config ran before)
+#   int8   int8-<shape>.txt  bench/train_throughput.py --8bit, full-length rows, over a bitsandbytes int8 base
+#                         (`load_in_8bit`) at $SHAPES: $INT8_ARMS (default Unsloth's load_in_8bit, ftw's fused LoRA
+#                         over the int8 weights dequantised per matmul, and ftw-peft-lora: PEFT's 8-bit LoRA layers
+#                         beside ftw's other kernels, what such a config ran before)
 #   unpacked unpacked-<shape>.txt  bench/train_throughput.py --unpacked at $SHAPES: mbs samples a step, one a row,
 #                         padded to the longest; Unsloth (padded rows), ftw (each micro-batch's samples joined into one
 #                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
@@ -97,7 +103,8 @@ for part in "${parts[@]}"; do
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
-      { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b; $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
+      { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
+        $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
         2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)
       layout=--full-length tag=real
@@ -110,10 +117,11 @@ for part in "${parts[@]}"; do
           "$layout" --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
           2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
-    masked | unpacked | dropout)
+    masked | unpacked | dropout | int8)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
       [ "$part" = unpacked ] && how="--unpacked" arms=unsloth,ftw,ftw-padded
       [ "$part" = dropout ] && how="--full-length --lora-dropout 0.05" arms=${DROPOUT_ARMS:-unsloth,ftw,ftw-peft-lora}
+      [ "$part" = int8 ] && how="--full-length --8bit" arms=${INT8_ARMS:-unsloth,ftw,ftw-peft-lora}
       for shape in llama-1b:10:150 llama-8b:8:160; do  # Unsloth's first import on a fresh machine compiles
         IFS=: read -r name steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
@@ -148,7 +156,7 @@ for part in "${parts[@]}"; do
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
       $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
-    *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, offload, 1b, 8b,"\
-         "qlora8b, qlora1b, ab)"; exit 2 ;;
+    *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
+         "offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;
   esac
 done

@@ -52,6 +52,7 @@ PUBLIC_SHAPES = {
 }
 DEFAULT_MBS = {"llama-1b": 8, "llama-8b": 4, "qwen-7b": 4}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNFUSED_LORA = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")  # off: PEFT's LoRA layers (ftw-peft-lora)
 
 
 # ---- the token stream (identical for every arm) -------------------------------------------------

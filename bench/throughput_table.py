@@ -3,6 +3,8 @@ shape and checkpointing mode in the same call."""
 
 from __future__ import annotations
 
+BASES = {4: " (nf4 base)", 8: " (int8 base)"}  # a result's `bits`: its frozen base's bitsandbytes storage
+
 
 def table(results: list[dict]) -> str:
     """One row per arm; speed and peak allocated memory also as ratios to hf's and to Unsloth's run of
@@ -26,7 +28,7 @@ def table(results: list[dict]) -> str:
             continue
         rows.append(
             f"| {r['shape']}, {r['mbs']}{' (full-length)' if r.get('full_length') else ''}"
-            f"{' (nf4 base)' if r.get('four_bit') else ''}{' (unpacked)' if r.get('unpacked') else ''} | "
+            f"{BASES.get(r.get('bits'), '')}{' (unpacked)' if r.get('unpacked') else ''} | "
             f"{'on' if r['gc'] else 'off'} | {r['arm']} | {r['tokens_per_s']:,} | {ratio(r, 'hf', 'tokens_per_s')} | "
             f"{ratio(r, 'unsloth', 'tokens_per_s')} | {r['mfu']:.1%} | "
             f"{r.get('sm_mhz') or '-'} / {r.get('power_w') or '-'} | {r['peak_alloc_gib']} / "

@@ -50,6 +50,7 @@ sys.path[:0] = [str(REPO)]
 from bench.models import (  # noqa: E402
     DEFAULT_MBS,
     TARGETS,
+    UNFUSED_LORA,
     flattened,
     matmul_peak_tflops,
     packed_batches,
@@ -69,7 +70,6 @@ FTW_ARMS = (
     "ftw-peft-lora",
 )  # the arms that run ftw's kernels
 ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0")}  # ftw's names
-UNFUSED_LORA = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")  # ftw-peft-lora: PEFT's LoRA layers
 
 
 # ---- one arm (child process) --------------------------------------------------------------------
@@ -81,7 +81,13 @@ def model_config(shape: str, seq: int):
 
 
 def build(
-    arm: str, shape: str, gc: bool, seq: int, four_bit: bool = False, lora_seed: int | None = None, dropout: float = 0.0
+    arm: str,
+    shape: str,
+    gc: bool,
+    seq: int,
+    bits: int | None = None,
+    lora_seed: int | None = None,
+    dropout: float = 0.0,
 ):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -90,11 +96,11 @@ def build(
     if arm == "unsloth":
         from bench import unsloth_arm
 
-        return unsloth_arm.build(shape, gc, seq, TARGETS, four_bit, dropout)
-    if four_bit:  # QLoRA: PEFT's recipe (hf) or ftw's (ftw) over the nf4 base
+        return unsloth_arm.build(shape, gc, seq, TARGETS, bits, dropout)
+    if bits:  # over a bitsandbytes base: PEFT's recipe (hf) or ftw's (ftw) over the nf4 or int8 weights
         from bench import nf4_arms
 
-        return nf4_arms.build(arm, shape, gc, seq, TARGETS)
+        return nf4_arms.build(arm, shape, gc, seq, TARGETS, bits)
     from schemas.config import TrainingConfig
     from worker.train.model import checkpointing_kwargs
 
@@ -138,14 +144,14 @@ def run_arm(a: argparse.Namespace) -> dict:
 
     if a.arm == "unsloth":  # before torch and transformers: see bench/unsloth_arm.py
         unsloth_arm.prepare(__file__, a.shape, a.seq)
-    elif a.four_bit:  # the nf4 arms load the folder Unsloth loads
+    elif a.bits:  # the quantised arms load the folder Unsloth loads
         unsloth_arm.save_once(__file__, a.shape, a.seq)
     import torch
 
     if a.arm in ARM_SWITCHES:  # this arm's own process: the switch reaches no other arm
         os.environ.__setitem__(*ARM_SWITCHES[a.arm])
     peak = matmul_peak_tflops()
-    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.four_bit, a.lora_seed, a.lora_dropout)
+    model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.bits, a.lora_seed, a.lora_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
     total = a.warmup + a.steps
     # Unsloth's packed steps in its padding-free layout; its unpacked ones padded (its padding-free attention wants
@@ -221,7 +227,7 @@ def run_arm(a: argparse.Namespace) -> dict:
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
     seconds = sum(each_ms) / 1e3
     # the steps' own dequantisations, before the probes below run more steps
-    dequantised_a_step = dequantised(a.warmup + a.steps) if a.four_bit and a.arm in FTW_ARMS else None
+    dequantised_a_step = dequantised(a.warmup + a.steps) if a.bits and a.arm in FTW_ARMS else None
     syncs = sync_sites(step, batches[-1][0])
     busy_ms = profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile) if a.profile else None
     tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in stream[a.warmup :])  # real
@@ -237,7 +243,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         mbs=a.mbs,
         seq=a.seq,
         gc=a.gc,
-        four_bit=a.four_bit,
+        bits=a.bits,
         full_length=a.full_length,
         unpacked=a.unpacked,
         steps=a.steps,
@@ -321,6 +327,7 @@ def main() -> None:
         action="store_true",
         help="QLoRA: every arm over a bitsandbytes nf4 base (bench/qlora.py runs the side-by-side)",
     )
+    ap.add_argument("--8bit", dest="eight_bit", action="store_true", help="every arm over a bitsandbytes int8 base")
     ap.add_argument("--offload", action="store_true", help="ftw arm: activation offloading to host memory")
     ap.add_argument(
         "--loss-curve",
@@ -358,6 +365,7 @@ def main() -> None:
     ap.add_argument("--save-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile-to", dest="profile_to", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.bits = 4 if a.four_bit else 8 if a.eight_bit else None
     if a.save_model:
         from bench import unsloth_arm
 
@@ -393,7 +401,7 @@ def main() -> None:
                             *(["--full-length"] if a.full_length else []),
                             *(["--unpacked"] if a.unpacked else []),
                             *(["--prompt-share", str(a.prompt_share)] if a.prompt_share else []),
-                            *(["--4bit"] if a.four_bit else []),
+                            *(["--4bit"] if a.four_bit else ["--8bit"] if a.eight_bit else []),
                             *(["--offload"] if a.offload and arm in FTW_ARMS else []),
                             *(["--lora-dropout", str(a.lora_dropout)] if a.lora_dropout else []),
                         ],

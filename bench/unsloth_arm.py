@@ -73,21 +73,22 @@ def save_once(script: str, shape: str, seq: int) -> Path:
     return model_folder(shape, seq)
 
 
-def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = False, dropout: float = 0.0):
+def build(shape: str, gc: bool, seq: int, targets: list[str], bits: int | None = None, dropout: float = 0.0):
     """Unsloth's loader and LoRA as its users call them (its defaults otherwise), `--gc on` as its
-    offloaded checkpointing, QLoRA (`four_bit`, or UNSLOTH_4BIT=1) as its `load_in_4bit` (bitsandbytes
-    nf4, double quantisation); counted as train_throughput's `build` counts: frozen = every nn.Linear of
-    the loaded model (lm_head included), LoRA = what trains."""
+    offloaded checkpointing, QLoRA (`bits` 4, or UNSLOTH_4BIT=1) as its `load_in_4bit` (bitsandbytes
+    nf4, double quantisation), `bits` 8 as its `load_in_8bit`; counted as train_throughput's `build` counts:
+    frozen = every nn.Linear of the loaded model (lm_head included), LoRA = what trains."""
     import torch
     from unsloth import FastLanguageModel
 
     checkpointing = "unsloth" if gc else False
-    four_bit = four_bit or os.environ.get("UNSLOTH_4BIT") == "1"
+    four_bit = bits == 4 or os.environ.get("UNSLOTH_4BIT") == "1"
     model, _ = FastLanguageModel.from_pretrained(
         str(model_folder(shape, seq)),
         max_seq_length=seq,
         dtype=torch.bfloat16,
         load_in_4bit=four_bit,
+        load_in_8bit=bits == 8,
         use_gradient_checkpointing=checkpointing,
     )
     n_frozen = linear_numel(model)
@@ -95,14 +96,15 @@ def build(shape: str, gc: bool, seq: int, targets: list[str], four_bit: bool = F
         model,
         r=16,
         lora_alpha=32,
-        lora_dropout=dropout,  # above 0 Unsloth leaves the LoRA layers to PEFT (its fast path wants 0)
+        lora_dropout=dropout,  # inside its fused LoRA since 2026.10 (UNSLOTH_FUSED_LORA_DROPOUT, on by default)
         bias="none",
         target_modules=targets,
         use_gradient_checkpointing=checkpointing,
         random_state=0,
     )
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mode = f"unsloth {'offloaded gc' if gc else 'no gc'}{', nf4 base' if four_bit else ''}"
+    base = ", nf4 base" if four_bit else ", int8 base" if bits == 8 else ""
+    mode = f"unsloth {'offloaded gc' if gc else 'no gc'}{base}"
     return model.train(), model.config, n_frozen, n_lora, [mode]
 
 
