@@ -71,6 +71,21 @@ def randomise_lora_b(model, std: float) -> None:
                 p.normal_(0, std)
 
 
+def quantise_linears_8bit(model) -> None:
+    """Every Linear but the output layer as a bitsandbytes Linear8bitLt, as `load_in_8bit` loads them (LLM.int8's
+    outlier threshold 6.0), quantised on the Linear's device (bitsandbytes' CPU backend quantises too)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, threshold=6.0)
+                layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+                setattr(parent, name, layer.to(child.weight.device))  # .to quantises
+    model.is_loaded_in_8bit = True  # PEFT then wraps them in its bitsandbytes LoRA layers
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses of tests: the repo importable, no stray credentials."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_TOKEN", "WANDB_", "RUNPOD_"))}

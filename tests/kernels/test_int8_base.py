@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from ftw_kernels import apply_kernels  # noqa: E402
 from ftw_kernels.qlora import _dequantize, is_8bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
-from tests.conftest import randomise_lora_b  # noqa: E402
+from tests.conftest import quantise_linears_8bit, randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import (  # noqa: E402
     DEVICE,
@@ -34,8 +34,7 @@ FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_8bit"]
 
 
 def tiny_int8(checkpointing: bool = False) -> torch.nn.Module:
-    """A tiny Llama whose Linears (not the output layer) are bitsandbytes 8-bit, as `load_in_8bit` loads them
-    (LLM.int8's outlier threshold 6.0), under PEFT's 8-bit LoRA layers."""
+    """A tiny Llama whose Linears (not the output layer) are bitsandbytes 8-bit, under PEFT's 8-bit LoRA layers."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64,
@@ -47,13 +46,7 @@ def tiny_int8(checkpointing: bool = False) -> torch.nn.Module:
         vocab_size=VOCAB,
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and name != "lm_head":
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
-                setattr(parent, name, layer.to(DEVICE))  # .to quantises
-    model.is_loaded_in_8bit = True
+    quantise_linears_8bit(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -19,6 +19,30 @@ def load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, use_cache=False)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_bf16_quantised_base_is_only_frozen(bits):
+    """PEFT's k-bit preparation would cast the embeddings, norms and output layer of a bf16 base to fp32 (an fp32
+    residual stream, twice the activations): a bf16 4-bit or 8-bit base is only frozen."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.conftest import quantise_linears_8bit
+    from worker.train.adapters import prepare_quantized
+    from worker.train.warmup import quantise_linears
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=97)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    if bits == 4:
+        quantise_linears(model, "nf4", True, torch.bfloat16)
+    else:
+        quantise_linears_8bit(model)
+    keys = {"load_in_4bit": True, "adapter": "qlora"} if bits == 4 else {"load_in_8bit": True, "adapter": "lora"}
+    train = TrainingConfig.model_validate({"base_model": "tiny", "learning_rate": 1e-3, **keys})
+    prepared = prepare_quantized(model, train)
+    assert not any(p.requires_grad for p in prepared.parameters())
+    assert {p.dtype for p in prepared.parameters() if p.is_floating_point()} == {torch.bfloat16}
+
+
 def test_lora_keys_reach_peft(task_model_dir):
     cfg = TrainingConfig.model_validate(
         base_config(

@@ -171,12 +171,11 @@ def memory_parts(w: Workload) -> dict[str, int]:
     """Bytes of each part of the peak, on one GPU."""
     s, mode = w.shape, MODES[w.mode]
     dense = s.params - s.linear_params
-    # a bf16 4-bit base is only frozen (worker/train/adapters.prepare_quantized); for an 8-bit one peft's
-    # prepare_model_for_kbit_training casts what is not quantised (embeddings, lm_head, norms) to fp32
+    # a bf16 4-bit or 8-bit base is only frozen (worker/train/adapters.prepare_quantized): the rest stays bf16
     if w.method == "qlora":
         weights = s.linear_params * BYTES_4BIT + dense * 2
     elif w.method == "lora8":
-        weights = s.linear_params * 1.0 + dense * 4
+        weights = s.linear_params * 1.0 + dense * 2
     elif w.fp8_base:
         weights = s.linear_params * 1 + dense * 2
     else:

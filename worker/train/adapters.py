@@ -73,18 +73,18 @@ def lora_config(cfg: TrainingConfig, model):
 
 
 def prepare_quantized(model, cfg: TrainingConfig):
-    """A 4-bit base under bf16 is only frozen. PEFT's prepare_model_for_kbit_training also casts every
-    bf16 weight but the 4-bit ones to fp32 (embeddings, norms, output layer): the residual stream
+    """A 4-bit or 8-bit base under bf16 is only frozen. PEFT's prepare_model_for_kbit_training also casts every
+    bf16 weight but the quantised ones to fp32 (embeddings, norms, output layer): the residual stream
     then runs in fp32, doubling the activations kept for backward (issue 13: 76 GiB at 8B where
     Unsloth needs 36) for a stability that bf16, unlike fp16, does not need; checkpointing and the
-    inputs' gradients are load_model's already. fp16 and 8-bit bases keep PEFT's preparation, with
-    the checkpointing options load_model chose (PEFT re-enables checkpointing with its own otherwise)."""
+    inputs' gradients are load_model's already. fp16 bases keep PEFT's preparation, with the
+    checkpointing options load_model chose (PEFT re-enables checkpointing with its own otherwise)."""
     import torch
     from peft import prepare_model_for_kbit_training
 
     from worker.train.model import checkpointing_kwargs
 
-    if cfg.load_in_4bit and model.dtype == torch.bfloat16:
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and model.dtype == torch.bfloat16:
         for p in model.parameters():
             p.requires_grad_(False)
         return model
