@@ -11,49 +11,20 @@ import copy
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
-
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+pytest.importorskip("bitsandbytes")
 
 from ftw_kernels import apply_kernels  # noqa: E402
-from ftw_kernels.qlora import _dequantize, is_8bit  # noqa: E402
+from ftw_kernels.qlora import dense, is_8bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
-from tests.conftest import quantise_linears_8bit, randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import (  # noqa: E402
-    DEVICE,
-    TARGETS,
-    VOCAB,
     assert_matches_reference,
     loss_and_grads,
     packed_batch,
 )
+from tests.kernels.test_qlora import tiny_qlora  # noqa: E402
 
 FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_8bit"]
-
-
-def tiny_int8(checkpointing: bool = False) -> torch.nn.Module:
-    """A tiny Llama whose Linears (not the output layer) are bitsandbytes 8-bit, under PEFT's 8-bit LoRA layers."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEVICE)
-    quantise_linears_8bit(model)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    randomise_lora_b(model, std=0.2)
-    assert type(model.get_base_model().model.layers[0].mlp.up_proj).__module__ == "peft.tuners.lora.bnb"
-    return model.train()
 
 
 def dequantised(model: torch.nn.Module) -> torch.nn.Module:
@@ -62,10 +33,10 @@ def dequantised(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if base is not None and is_8bit(base.weight):
-            dense = torch.nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device)
-            dense.weight.data = _dequantize(base.weight, torch.empty(base.weight.shape, device=base.weight.device))
-            dense.weight.requires_grad_(False)
-            module.base_layer = dense
+            linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device)
+            linear.weight.data = dense(base.weight, torch.float32).clone()  # out of the cache of recent weights
+            linear.weight.requires_grad_(False)
+            module.base_layer = linear
     return model
 
 
@@ -76,7 +47,7 @@ def int8_config(**kw: object) -> TrainingConfig:
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_fused_lora_over_an_8bit_base_is_lora_over_its_dequantised_weights(checkpointing: bool) -> None:
-    peft_int8 = tiny_int8(checkpointing)
+    peft_int8 = tiny_qlora(checkpointing=checkpointing, bits=8)
     reference = dequantised(peft_int8)
     model = copy.deepcopy(peft_int8)
     assert set(FUSED) <= set(apply_kernels(model, int8_config(gradient_checkpointing=checkpointing)))
@@ -88,7 +59,7 @@ def test_fused_lora_over_an_8bit_base_is_lora_over_its_dequantised_weights(check
 
 
 def test_no_dequantised_8bit_weight_is_kept_for_backward() -> None:
-    model = tiny_int8()
+    model = tiny_qlora(bits=8)
     apply_kernels(model, int8_config())
     dense_shapes = {tuple(p.shape) for p in model.parameters() if is_8bit(p)}
     saved: list[torch.Tensor] = []

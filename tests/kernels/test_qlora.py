@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from ftw_kernels import apply_kernels  # noqa: E402
 from ftw_kernels.qlora import is_4bit  # noqa: E402
 from schemas.config import TrainingConfig  # noqa: E402
-from tests.conftest import randomise_lora_b  # noqa: E402
+from tests.conftest import quantise_linears_8bit, randomise_lora_b  # noqa: E402
 from tests.kernels.conftest import rel_err  # noqa: E402
 from tests.kernels.test_apply_kernels import DEVICE, TARGETS, VOCAB, loss_and_grads, packed_batch  # noqa: E402
 from worker.train.warmup import quantise_linears  # noqa: E402  # what load_in_4bit builds, on any device
@@ -28,8 +28,14 @@ FUSED = ["lora_mlp", "lora_qkv", "lora_o", "dequant_4bit"]
 
 
 def tiny_qlora(
-    dtype: torch.dtype = torch.float32, checkpointing: bool = False, reentrant: bool = False, dropout: float = 0.0
+    dtype: torch.dtype = torch.float32,
+    checkpointing: bool = False,
+    reentrant: bool = False,
+    dropout: float = 0.0,
+    bits: int = 4,
 ) -> torch.nn.Module:
+    """A tiny Llama whose Linears (not the output layer) are bitsandbytes nf4 (`bits` 4, what `load_in_4bit` loads)
+    or int8 (8, `load_in_8bit`), under PEFT's bitsandbytes LoRA layers."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
         hidden_size=64,
@@ -41,7 +47,10 @@ def tiny_qlora(
         vocab_size=VOCAB,
     )
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(DEVICE)
-    quantise_linears(model, "nf4", True, dtype)
+    if bits == 4:
+        quantise_linears(model, "nf4", True, dtype)
+    else:
+        quantise_linears_8bit(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()

@@ -223,7 +223,7 @@ def estimate(
 def changes(w: Workload) -> list[tuple[str, Workload]]:
     """The config changes that lower the peak, each as (what to set, the changed workload)."""
     out = []
-    if w.kernels and not w.lora_fused and w.method in ("lora", "qlora"):  # PEFT's layers keep more than the fused ones
+    if w.mode == "peft_lora":  # PEFT's layers keep more than the fused ones
         out.append(
             (
                 "the fused LoRA kernels (peft_use_dora: false, lora_bias: none)",
