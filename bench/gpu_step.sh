@@ -62,10 +62,11 @@
 #                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
-#                         (off, on, offload; default off)
+#                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b} AB_GC=${AB_GC:-off}
+AB_DROPOUT=${AB_DROPOUT:-0}
 SHAPES=${SHAPES:-llama-1b,llama-8b} QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-real}
 TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/kernels/test_lora_passes.py \
 tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
@@ -155,6 +156,7 @@ for part in "${parts[@]}"; do
       log "tree_ab $AB_SHAPES against $OLD, checkpointing $AB_GC"
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
       $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
+        --lora-dropout "$AB_DROPOUT" \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
          "offload, 1b, 8b, qlora8b, qlora1b, ab)"; exit 2 ;;

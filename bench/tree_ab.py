@@ -11,6 +11,7 @@ measures a change against the tree before it and against a variant of it.
     python3 bench/tree_ab.py --old .gpu/old --shapes llama-1b,llama-8b --rounds 2               # on the GPU
     python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --rounds 2                       # two older trees
     python3 bench/tree_ab.py --old .gpu/old --shapes llama-8b --gc offload --steps 6             # memory-saving mode
+    python3 bench/tree_ab.py --old .gpu/old --shapes llama-8b --lora-dropout 0.05                # LoRA's dropout
 
 `--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of every tree.
 Prints, per shape and round, each run's tokens/s, step ms, SM clock and power, and the new tree's ratio over
@@ -41,6 +42,7 @@ def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
             "--arms", args.arm, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--arm-timeout", str(args.arm_timeout), "--json", str(out),
             "--gc", "off" if args.gc == "off" else "on", *(["--offload"] if args.gc == "offload" else []),
+            *(["--lora-dropout", str(args.lora_dropout)] if args.lora_dropout else []),
         ]  # fmt: skip
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, check=False)
         # the arm's own error when it failed; the bench's stderr when it wrote no result at all
@@ -70,6 +72,7 @@ def main() -> int:
     ap.add_argument(
         "--gc", choices=("off", "on", "offload"), default="off", help="checkpointing; offload: layer inputs on the host"
     )
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="every run's lora_dropout (the trees must take it)")
     ap.add_argument("--site", help="a folder of installed wheels to put first on PYTHONPATH")
     args = ap.parse_args()
     for tree in (args.new, *args.old):  # before any device time is spent on the others

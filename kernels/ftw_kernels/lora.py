@@ -30,7 +30,7 @@ from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.lora_dropout import Dropout, draw, dropped
 from ftw_kernels.precision import compute_dtype, no_autocast
-from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_raw
+from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_dropped
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,7 @@ class LoRAGatedMLP(torch.autograd.Function):
                 y, had = g.new_empty(x2.shape), None
             else:
                 stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
-                h = swiglu_forward_raw(g, u)
-                h_lora = None if h_drop is None else dropped(h, h_drop)
+                h, h_lora = swiglu_forward_dropped(g, u, h_drop)  # h dropped in the same pass
                 (y,), had = _forward(h, [down], addend=stream, lora_input=h_lora)
             if checkpoint is not None:  # a recompute must save what the first forward saved
                 had = None  # formed by the backward from the h it recomputes
@@ -331,10 +330,8 @@ class LoRAGatedMLP(torch.autograd.Function):
         # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
-        h = swiglu_backward(dh, g, u, g, u, want_h=want_h)
+        h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)  # dropped, as down's rank-r term read it
         del dh
-        if h is not None and h_drop is not None:  # what down's rank-r term read: its mask drawn again
-            dropped(h, h_drop, out=h)
         if formed:
             had = h @ _adapters([down], h.dtype)[0].t()
         down_grads = _weight_grads([dy], dyb, h, had, [down])

@@ -41,11 +41,29 @@ def draw(p: float) -> Dropout | None:
 
 
 @triton.jit
+def keep_scaled(x, r, p, scale):
+    """x (any dtype) where its draw r keeps it, times 1/(1 − p), in fp32; 0 where dropped."""
+    return tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
+
+
+@triton.jit
+def flat_draws(seed, QUARTER: tl.constexpr):
+    """The four draws of a flat program of 4·QUARTER elements (QUARTER = BLOCK // 4) over a contiguous tensor
+    whose width is a multiple of BLOCK: program i covers row i // blocks-a-row, column block i % blocks-a-row,
+    so these are the draws _dropout_rows makes for the same elements (kernels that write a dropped copy beside
+    their own output use them: kernels/ftw_kernels/swiglu.py)."""
+    return tl.rand4x(seed, tl.program_id(0).to(tl.int64) * QUARTER + tl.arange(0, QUARTER))
+
+
+@triton.jit
 def _lane(X, Y, rows, cols_idx, r, n_rows, cols, stride_x, stride_y, p, scale):
     inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-    x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0).to(tl.float32)
-    y = tl.where(r >= p, x * scale, 0.0).to(Y.dtype.element_ty)
-    tl.store(Y + rows[:, None] * stride_y + cols_idx[None, :], y, mask=inside)
+    x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0)
+    tl.store(
+        Y + rows[:, None] * stride_y + cols_idx[None, :],
+        keep_scaled(x, r, p, scale).to(Y.dtype.element_ty),
+        mask=inside,
+    )
 
 
 @triton.jit

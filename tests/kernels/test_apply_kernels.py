@@ -157,8 +157,10 @@ def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_mlp_tail
         lora, "linear", lambda x, w, *a: base_gemms.append((in_backward(), id(w))) or real_linear(x, w, *a)
     )
     swiglus: list[bool] = []  # inside backward, for each SwiGLU forward
-    real_swiglu = lora.swiglu_forward_raw
-    monkeypatch.setattr(lora, "swiglu_forward_raw", lambda g, u: swiglus.append(in_backward()) or real_swiglu(g, u))
+    real_swiglu = lora.swiglu_forward_dropped
+    monkeypatch.setattr(
+        lora, "swiglu_forward_dropped", lambda g, u, d: swiglus.append(in_backward()) or real_swiglu(g, u, d)
+    )
     assert_matches_reference(ref, model, packed_batch())
     assert swiglus == [False, False]  # one a layer, in the forward
     layers = model.get_base_model().model.layers

@@ -68,6 +68,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ftw_kernels.lora_dropout import _dropout_rows
+from ftw_kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
 scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed"), "i32"), "p": "fp32", "scale": "fp32"}
 for dtype in ("*bf16", "*fp32"):
@@ -75,14 +76,24 @@ for dtype in ("*bf16", "*fp32"):
     for rows, block in ((1, 1024), (16, 64)):
         source = ASTSource(fn=_dropout_rows, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    # the SwiGLU kernels that write down's dropped input in their own pass
+    drop = {"n": "i32", "seed": "i32", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr", "DROP": "constexpr"}
+    kernels = (
+        (_swiglu_fwd, {"G": dtype, "U": dtype, "H": dtype, "HD": dtype, **drop}, {}),
+        (_swiglu_bwd, {**dict.fromkeys(("DH", "G", "U", "H", "DG", "DU"), dtype), **drop, "WRITE_H": "constexpr"},
+         {"WRITE_H": True}),
+    )
+    for fn, signature, more in kernels:
+        source = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": 1024, "DROP": True, **more})
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 print("compiled")
 """
 
 
 def test_the_kernel_compiles_for_hopper():
-    """The kernel as the GPU runs it: Triton's compiler and ptxas for sm_90 (no GPU needed; in a process without
-    the interpreter), at the blockings `dropped` picks for a wide and a narrow row. The tests above check its
-    numbers through the interpreter, this its compilation."""
+    """The kernels as the GPU runs them: Triton's compiler and ptxas for sm_90 (no GPU needed; in a process
+    without the interpreter), at the blockings `dropped` picks for a wide and a narrow row, and the SwiGLU kernels
+    that draw its mask. The tests above check their numbers through the interpreter, this their compilation."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")])
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True)
@@ -131,24 +142,48 @@ def test_projections_of_one_input_share_one_mask(rng_seed):
     assert all(rel_err(out, ref) > 1e-2 for out, ref in zip(outs, undropped))  # the mask did something
 
 
+@pytest.mark.parametrize("inter", [INTER, 1024], ids=["dropout-pass", "in-swiglu"])
 @pytest.mark.parametrize("checkpoint", [None, "forward"])
-def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, rng_seed):
+def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, inter, rng_seed):
     """Gate and up share one mask over x, down has its own over h = silu(g)·u, which its backward recomputes and
-    masks again (with checkpointing it also forms h·A_downᵀ from it)."""
-    gate, up, down = _projection(INTER, HIDDEN, 2.0), _projection(INTER, HIDDEN, 2.0), _projection(HIDDEN, INTER, 2.0)
+    masks again (with checkpointing it also forms h·A_downᵀ from it); at a width of whole mask blocks the SwiGLU
+    kernels draw it themselves."""
+    gate, up, down = _projection(inter, HIDDEN, 2.0), _projection(inter, HIDDEN, 2.0), _projection(HIDDEN, inter, 2.0)
     gate, up, down = (Projection(p.weight, None, p.lora_a, p.lora_b, p.scale, p.dropout) for p in (gate, up, down))
     x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
     dy = torch.randn(TOKENS, HIDDEN, device=DEVICE)
     torch.manual_seed(rng_seed)
     y = lora_gated_mlp(x, gate, up, down, checkpoint=checkpoint)
     torch.manual_seed(rng_seed)
-    keep_x, keep_h = mask(TOKENS, HIDDEN, draw(P)), mask(TOKENS, INTER, draw(P))
+    keep_x, keep_h = mask(TOKENS, HIDDEN, draw(P)), mask(TOKENS, inter, draw(P))
     g, u = _reference(x, gate, keep_x), _reference(x, up, keep_x)
     ref = _reference(torch.nn.functional.silu(g) * u, down, keep_h)
     assert rel_err(y, ref) < 1e-5
     inputs = [x, *(t for p in (gate, up, down) for t in (p.lora_a, p.lora_b))]
     for got, want in zip(_grads([y], inputs, [dy]), _grads([ref], inputs, [dy])):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("cols", [1024, 3072, 80, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypatch):
+    """Down's dropped input comes from the SwiGLU kernels' own pass, forward and backward, bit for bit the mask and
+    values `dropped` gives h; at a width of whole mask blocks no second pass runs."""
+    from ftw_kernels import swiglu
+
+    g, u, dh = (torch.randn(6, cols, device=DEVICE, dtype=dtype) for _ in range(3))
+    d = Dropout(0.3, 4321)
+    h = swiglu.swiglu_forward_raw(g, u)
+    want = dropped(h, d)
+    if cols % 1024 == 0:
+        monkeypatch.setattr(swiglu, "dropped", lambda *a, **k: pytest.fail("a second pass over h"))
+    got_h, got = swiglu.swiglu_forward_dropped(g, u, d)
+    assert torch.equal(got_h, h) and torch.equal(got, want)
+    grads = [torch.empty_like(g) for _ in range(4)]
+    recomputed = swiglu.swiglu_backward(dh.clone(), g, u, *grads[:2], want_h=True, dropout=d)
+    assert torch.equal(recomputed, want)
+    swiglu.swiglu_backward(dh.clone(), g, u, *grads[2:], want_h=True)
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])  # dg, du as without dropout
 
 
 def test_projections_with_unequal_dropout_are_not_fused_as_one_input():
