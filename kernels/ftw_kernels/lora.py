@@ -28,7 +28,7 @@ import torch
 from ftw_kernels import bordered
 from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
-from ftw_kernels.lora_dropout import Dropout, draw, dropped
+from ftw_kernels.lora_dropout import Dropout, draw, dropped, rank_terms_dropped
 from ftw_kernels.precision import compute_dtype, no_autocast
 from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_dropped
 
@@ -195,8 +195,7 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
 
 def _rank_terms(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:
     """dx's rank-r terms, Σᵢ(sᵢdyᵢBᵢ)·Aᵢ, through the forward's dropout mask (its derivative)."""
-    terms = dyb.t() @ a_rows
-    return terms if dropout is None else dropped(terms, dropout, out=terms)
+    return dyb.t() @ a_rows if dropout is None else rank_terms_dropped(dyb, a_rows, dropout)
 
 
 def _base_input_grad(dx: torch.Tensor | None, dys, projections: list[Projection]) -> torch.Tensor:

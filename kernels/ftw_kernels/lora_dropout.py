@@ -102,3 +102,58 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
         strides = (x.stride(0), y.stride(0))
         _dropout_rows[grid](x, y, rows, cols, *strides, dropout.seed, p, scale, ROWS=per_program, BLOCK=block)
     return y
+
+
+@triton.jit
+def _rank_quarter(LHS, A, Y, rows, cols_idx, k, r, n_rows, cols, stride_a, R, p, scale, NATIVE: tl.constexpr):
+    rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
+    if NATIVE:
+        terms = tl.dot(LHS, rhs)
+    else:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
+        terms = tl.dot(LHS.to(tl.float32), rhs.to(tl.float32), input_precision="ieee")
+    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+    y = keep_scaled(terms.to(Y.dtype.element_ty), r, p, scale)  # rounded as the product was
+    tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, p, scale, RP: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
+    QUARTER: tl.constexpr = BLOCK // 4
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    part = tl.program_id(1)
+    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]  # as above
+    r0, r1, r2, r3 = tl.rand4x(seed, counters)
+    k = tl.arange(0, RP)
+    lhs_inside = (rows[:, None] < n_rows) & (k[None, :] < R)
+    lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=lhs_inside, other=0.0)  # dybᵀ's rows
+    first = part * BLOCK + tl.arange(0, QUARTER)
+    _rank_quarter(lhs, A, Y, rows, first, k, r0, n_rows, cols, stride_a, R, p, scale, NATIVE)
+    _rank_quarter(lhs, A, Y, rows, first + QUARTER, k, r1, n_rows, cols, stride_a, R, p, scale, NATIVE)
+    _rank_quarter(lhs, A, Y, rows, first + 2 * QUARTER, k, r2, n_rows, cols, stride_a, R, p, scale, NATIVE)
+    _rank_quarter(lhs, A, Y, rows, first + 3 * QUARTER, k, r3, n_rows, cols, stride_a, R, p, scale, NATIVE)
+
+
+RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
+
+
+def rank_terms_dropped(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """dybᵀ·a_rows (dyb: Σr × tokens, a_rows: Σr × width) through `dropout`'s mask, the mask `dropped` draws for
+    a tokens × width tensor: dx's rank-r terms under LoRA's dropout. Written by one kernel (each tile a rank-sized
+    dot, masked as it is stored) where the width spans whole mask blocks of `dropped`'s (≥ BLOCK columns); else
+    the product and then the dropout pass, over it."""
+    sum_r, tokens = dyb.shape
+    width = a_rows.shape[1]
+    if width < BLOCK or dyb.stride(1) != 1 or a_rows.stride(1) != 1 or sum_r > 128:
+        terms = dyb.t() @ a_rows
+        return dropped(terms, dropout, out=terms)
+    y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
+    if tokens:
+        p = float(dropout.p)
+        native = dyb.is_cuda and dyb.dtype in (torch.bfloat16, torch.float16)
+        grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
+        _rank_terms_dropped[grid](
+            dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, dropout.seed, p, 1.0 / (1.0 - p),
+            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
+        )  # fmt: skip
+    return y

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, Qwen2Config
 
 from ftw_kernels import apply_kernels
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
-from ftw_kernels.lora_dropout import Dropout, draw, dropped
+from ftw_kernels.lora_dropout import Dropout, draw, dropped, rank_terms_dropped
 from tests.conftest import REPO
 from tests.kernels.conftest import rel_err
 from tests.kernels.test_apply_kernels import (
@@ -67,7 +67,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ftw_kernels.lora_dropout import _dropout_rows
+from ftw_kernels.lora_dropout import _dropout_rows, _rank_terms_dropped
 from ftw_kernels.swiglu import _swiglu_bwd, _swiglu_fwd
 
 scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed"), "i32"), "p": "fp32", "scale": "fp32"}
@@ -86,6 +86,14 @@ for dtype in ("*bf16", "*fp32"):
     for fn, signature, more in kernels:
         source = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": 1024, "DROP": True, **more})
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+# dx's rank-r terms written through the mask (16-bit operands: tensor-core dots)
+ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
+signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "p": "fp32", "scale": "fp32",
+             **dict.fromkeys(("RP", "ROWS", "BLOCK", "NATIVE"), "constexpr")}
+for rp in (16, 64):
+    constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
+    source = ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 
@@ -124,14 +132,15 @@ def _grads(outs, inputs, douts):
     return torch.autograd.grad(outs, inputs, douts)
 
 
-def test_projections_of_one_input_share_one_mask(rng_seed):
-    made = [_projection(out, HIDDEN, s) for out, s in zip((HIDDEN, 16, 16), (2.0, 0.5, 1.0))]
-    x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("hidden", [HIDDEN, 1024], ids=["dropout-pass", "rank-terms-kernel"])
+def test_projections_of_one_input_share_one_mask(hidden, rng_seed):
+    made = [_projection(out, hidden, s) for out, s in zip((hidden, 16, 16), (2.0, 0.5, 1.0))]
+    x = torch.randn(TOKENS, hidden, device=DEVICE, requires_grad=True)
     douts = [torch.randn(TOKENS, p.weight.shape[0], device=DEVICE) for p in made]
     torch.manual_seed(rng_seed)
     outs = lora_projections(x, made)
     torch.manual_seed(rng_seed)
-    keep = mask(TOKENS, HIDDEN, draw(P))  # the one draw lora_projections made
+    keep = mask(TOKENS, hidden, draw(P))  # the one draw lora_projections made
     refs = [_reference(x, p, keep) for p in made]
     inputs = [x, *(t for p in made for t in (p.lora_a, p.lora_b))]
     for out, ref in zip(outs, refs):
@@ -184,6 +193,26 @@ def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypa
     assert torch.equal(recomputed, want)
     swiglu.swiglu_backward(dh.clone(), g, u, *grads[2:], want_h=True)
     assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])  # dg, du as without dropout
+
+
+@pytest.mark.parametrize("sum_r,tokens,width", [(16, 40, 1024), (48, 33, 2500), (32, 17, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dx_rank_terms_are_written_through_the_mask_in_one_kernel(sum_r, tokens, width, dtype, monkeypatch):
+    """dx's rank-r terms under dropout are the product through the forward's mask: the same elements dropped, the
+    rest scaled, whether one kernel writes them (≥ one mask block wide: no dropout pass then) or the product
+    takes the dropout pass."""
+    from ftw_kernels import lora_dropout
+
+    dyb = torch.randn(sum_r, tokens, device=DEVICE, dtype=dtype)
+    a_rows = torch.randn(sum_r, width, device=DEVICE, dtype=dtype)
+    d = Dropout(0.3, 99)
+    want = dropped((dyb.t().float() @ a_rows.float()).to(dtype), d)
+    if width >= 1024:
+        monkeypatch.setattr(lora_dropout, "dropped", lambda *a, **k: pytest.fail("a dropout pass over the terms"))
+    got = rank_terms_dropped(dyb, a_rows, d)
+    assert torch.equal(got == 0, want == 0) and (want == 0).any()
+    # fp32: exact; bf16: each rounding one unit of the last place at most (the interpreter rounds toward zero)
+    assert rel_err(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 2e-2)
 
 
 def test_projections_with_unequal_dropout_are_not_fused_as_one_input():
