@@ -10,8 +10,13 @@ Per input width of a decoder layer (hidden: q, k, v's, o's and gate, up's; inter
 - backward: the rank-r term of dx through the mask (ftw: in place, the mask drawn again from the seed; torch
   `native_dropout_backward`: read the term and the kept mask, write a new tensor).
 GB/s counts the bytes each must move (ftw's forward 2 × 2 bytes an element, torch's 2 × 2 + 1; backward 2 × 2
-and 2 × 2 + 1). "kept MiB": what the backward holds for the mask between the passes. Times: bench/gpu_bench.py's
-`timed_us` (the GPU's time alone). p = 0.05."""
+and 2 × 2 + 1). "kept MiB": what the backward holds for the mask between the passes.
+
+Then the passes that draw the mask themselves against the ones they replaced (the same results: tests/kernels/
+test_lora_dropout.py): dx's rank-r terms through the mask by one kernel against cuBLAS's product and the dropout
+pass over it, per group of a layer (q, k, v: Σr 48; gate, up: 32; o, down: 16); the SwiGLU forward writing h and
+down's dropped input against the SwiGLU and the pass; its backward recomputing h dropped against the backward and
+the pass. Times: bench/gpu_bench.py's `timed_us` (the GPU's time alone). p = 0.05."""
 
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
-from ftw_kernels.lora_dropout import Dropout, dropped  # noqa: E402
+from ftw_kernels.lora_dropout import Dropout, dropped, rank_terms_dropped  # noqa: E402
+from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_dropped, swiglu_forward_raw  # noqa: E402
 
 P = 0.05
 
@@ -57,6 +63,49 @@ def main() -> None:
                 ftw_gbs, torch_gbs = 2 * n * size / ftw_us / 1e3, (2 * n * size + n) / torch_us / 1e3
                 cells = f"{ftw_us:.1f} ({ftw_gbs:.0f}) | {torch_us:.1f} ({torch_gbs:.0f})"
                 print(f"| {shape} | {name} | {phase} | {cells} | {torch_us / ftw_us:.2f}× | {kept} |", flush=True)
+    print("\n| shape | what | drawn inside µs | the pass after µs | × |")
+    print("|---|---|---:|---:|---:|")
+    for shape in args.shapes:
+        for what, inside, after in fused_arms(*SHAPES[shape], device, dtype):
+            inside_us, after_us = timed_us(inside, device), timed_us(after, device)
+            print(f"| {shape} | {what} | {inside_us:.1f} | {after_us:.1f} | {after_us / inside_us:.2f}× |", flush=True)
+
+
+def fused_arms(tokens: int, hidden: int, inter: int, _kv: int, device, dtype):
+    """(what, the kernel that draws the mask itself, what it replaced) for one step's tokens."""
+    drop = Dropout(P, 1234)
+
+    def product_then_pass(dyb, a_rows):
+        terms = dyb.t() @ a_rows
+        return dropped(terms, drop, out=terms)
+
+    arms = []
+    for group, sum_r, width in (
+        ("q, k, v", 48, hidden),
+        ("gate, up", 32, hidden),
+        ("o", 16, hidden),
+        ("down", 16, inter),
+    ):
+        dyb = torch.randn(sum_r, tokens, device=device, dtype=dtype)
+        a_rows = torch.randn(sum_r, width, device=device, dtype=dtype)
+        arms.append((
+            f"dx rank-r terms, {group}",
+            lambda dyb=dyb, a=a_rows: rank_terms_dropped(dyb, a, drop),
+            lambda dyb=dyb, a=a_rows: product_then_pass(dyb, a),
+        ))  # fmt: skip
+    g, u, dh = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(3))
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    arms.append((
+        "SwiGLU forward + down's dropped input",
+        lambda: swiglu_forward_dropped(g, u, drop),
+        lambda: dropped(swiglu_forward_raw(g, u), drop),
+    ))  # fmt: skip
+    arms.append((
+        "SwiGLU backward, h recomputed dropped",
+        lambda: swiglu_backward(dh, g, u, dg, du, True, drop),
+        lambda: dropped(swiglu_backward(dh, g, u, dg, du, True), drop, out=dh),
+    ))  # fmt: skip
+    return arms
 
 
 if __name__ == "__main__":
