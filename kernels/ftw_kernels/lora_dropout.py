@@ -66,7 +66,7 @@ def _lane(X, Y, rows, cols_idx, r, n_rows, cols, stride_x, stride_y, p, scale):
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     QUARTER: tl.constexpr = BLOCK // 4
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -116,7 +116,7 @@ def _rank_quarter(LHS, A, Y, rows, cols_idx, k, r, n_rows, cols, stride_a, R, p,
     tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, p, scale, RP: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     QUARTER: tl.constexpr = BLOCK // 4

@@ -26,7 +26,7 @@ def _swiglu_fwd_part(G, U, H, HD, offs, n, r, p, scale, DROP: tl.constexpr):
         tl.store(HD + offs, keep_scaled(h, r, p, scale).to(HD.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _swiglu_fwd(G, U, H, HD, n, seed, p, scale, BLOCK: tl.constexpr, DROP: tl.constexpr):
     if DROP:  # four quarters, each with one of Philox's four draws: lora_dropout's counters
         QUARTER: tl.constexpr = BLOCK // 4
@@ -58,7 +58,7 @@ def _swiglu_bwd_part(DH, G, U, H, DG, DU, offs, n, r, p, scale, WRITE_H: tl.cons
         tl.store(H + offs, h, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _swiglu_bwd(DH, G, U, H, DG, DU, n, seed, p, scale, BLOCK: tl.constexpr, WRITE_H: tl.constexpr,
                 DROP: tl.constexpr):  # fmt: skip
     if DROP:  # as _swiglu_fwd
