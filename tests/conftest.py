@@ -73,7 +73,9 @@ def randomise_lora_b(model, std: float) -> None:
 
 def quantise_linears_8bit(model) -> None:
     """Every Linear but the output layer as a bitsandbytes Linear8bitLt, as `load_in_8bit` loads them (LLM.int8's
-    outlier threshold 6.0), quantised on the Linear's device (bitsandbytes' CPU backend quantises too)."""
+    outlier threshold 6.0), quantised on the Linear's device (bitsandbytes' CPU backend quantises too). Int8Params
+    quantise when they move off the CPU (or on it), so each weight starts there: one already on the GPU would stay
+    unquantised in floating point."""
     import bitsandbytes as bnb
     import torch
 
@@ -81,7 +83,8 @@ def quantise_linears_8bit(model) -> None:
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and name != "lm_head":
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+                weight = child.weight.data.cpu()
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
                 setattr(parent, name, layer.to(child.weight.device))  # .to quantises
     model.is_loaded_in_8bit = True  # PEFT then wraps them in its bitsandbytes LoRA layers
 
