@@ -135,16 +135,20 @@ def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, 
 
 
 RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
+# Σr at most: each program reads Σr × BLOCK of the A's for its RANK_ROWS × BLOCK of output, so past one rank-16 A
+# the reads outgrow the writes. Measured on an H100 at 8B's widths against the product and the dropout pass:
+# 1.35× at Σr 16 (o, down), 0.96× at 32 (gate, up), 0.85× at 48 (q, k, v) (docs/benchmarks.md, seventh session)
+RANK_TERMS_MAX_R = 16
 
 
 def rank_terms_dropped(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     """dybᵀ·a_rows (dyb: Σr × tokens, a_rows: Σr × width) through `dropout`'s mask, the mask `dropped` draws for
     a tokens × width tensor: dx's rank-r terms under LoRA's dropout. Written by one kernel (each tile a rank-sized
-    dot, masked as it is stored) where the width spans whole mask blocks of `dropped`'s (≥ BLOCK columns); else
-    the product and then the dropout pass, over it."""
+    dot, masked as it is stored) where the width spans whole mask blocks of `dropped`'s (≥ BLOCK columns) and Σr is
+    at most RANK_TERMS_MAX_R; else the product and then the dropout pass, over it."""
     sum_r, tokens = dyb.shape
     width = a_rows.shape[1]
-    if width < BLOCK or dyb.stride(1) != 1 or a_rows.stride(1) != 1 or sum_r > 128:
+    if width < BLOCK or dyb.stride(1) != 1 or a_rows.stride(1) != 1 or sum_r > RANK_TERMS_MAX_R:
         terms = dyb.t() @ a_rows
         return dropped(terms, dropout, out=terms)
     y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
@@ -154,6 +158,6 @@ def rank_terms_dropped(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout
         grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
         _rank_terms_dropped[grid](
             dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, dropout.seed, p, 1.0 / (1.0 - p),
-            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
+            RP=RANK_TERMS_MAX_R, ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
         )  # fmt: skip
     return y
