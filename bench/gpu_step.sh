@@ -18,11 +18,11 @@
 # Measured on 2026-12-05 (sixth session, H100): the float8 matmuls over the 4-bit base at 8B by `step_ms`, without
 # checkpointing (QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b). Still wanted:
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
-# and LoRA's dropout inside the fused kernels against PEFT's layers and Unsloth's fused dropout, with the CUDA tests:
-#   TESTS=tests/kernels/test_lora_dropout.py SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout
-#   OUT=$OUT bash bench/gpu_step.sh dropout-ops                                  # ~1 minute
-# and LoRA over an 8-bit base through the fused kernels (CUDA tests: tests/kernels/test_int8_base.py):
-#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh int8
+# Measured on 2026-12-05 (seventh session, H100): LoRA's dropout and the 8-bit base at 8B against Unsloth, the passes
+# that draw the mask themselves, this tree against the one before with dropout (docs/benchmarks.md, "seventh
+# session"). Still wanted: the CUDA run of tests/kernels/test_int8_base.py after its helper's fix, and the 1B rows:
+#   TESTS="tests/kernels/test_int8_base.py tests/kernels/test_lora_dropout.py" SHAPES=llama-1b OUT=$OUT \
+#     bash bench/gpu_step.sh tests dropout int8
 # and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
 #   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
 # and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
