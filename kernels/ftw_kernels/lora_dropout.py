@@ -141,14 +141,17 @@ RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
 RANK_TERMS_MAX_R = 16
 
 
-def rank_terms_dropped(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+def rank_terms_dropped(
+    dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout, max_r: int = RANK_TERMS_MAX_R
+) -> torch.Tensor:
     """dybᵀ·a_rows (dyb: Σr × tokens, a_rows: Σr × width) through `dropout`'s mask, the mask `dropped` draws for
     a tokens × width tensor: dx's rank-r terms under LoRA's dropout. Written by one kernel (each tile a rank-sized
     dot, masked as it is stored) where the width spans whole mask blocks of `dropped`'s (≥ BLOCK columns) and Σr is
-    at most RANK_TERMS_MAX_R; else the product and then the dropout pass, over it."""
+    at most `max_r` (bench/lora_dropout.py raises it to time the kernel past it); else the product and then the
+    dropout pass, over it."""
     sum_r, tokens = dyb.shape
     width = a_rows.shape[1]
-    if width < BLOCK or dyb.stride(1) != 1 or a_rows.stride(1) != 1 or sum_r > RANK_TERMS_MAX_R:
+    if width < BLOCK or dyb.stride(1) != 1 or a_rows.stride(1) != 1 or sum_r > max_r:
         terms = dyb.t() @ a_rows
         return dropped(terms, dropout, out=terms)
     y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
@@ -158,6 +161,6 @@ def rank_terms_dropped(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout
         grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
         _rank_terms_dropped[grid](
             dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, dropout.seed, p, 1.0 / (1.0 - p),
-            RP=RANK_TERMS_MAX_R, ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
+            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
         )  # fmt: skip
     return y

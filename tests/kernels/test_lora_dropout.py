@@ -90,9 +90,10 @@ for dtype in ("*bf16", "*fp32"):
 ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
 signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "p": "fp32", "scale": "fp32",
              **dict.fromkeys(("RP", "ROWS", "BLOCK", "NATIVE"), "constexpr")}
-constexprs = {"RP": 16, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
-source = ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs)
-assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+for rp in (16, 64):
+    constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
+    source = ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 
@@ -194,9 +195,12 @@ def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypa
     assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])  # dg, du as without dropout
 
 
-@pytest.mark.parametrize("sum_r,tokens,width", [(16, 40, 1024), (12, 33, 2500), (48, 17, 2048), (32, 17, 80)])
+@pytest.mark.parametrize(
+    "sum_r,tokens,width,max_r",
+    [(16, 40, 1024, 16), (12, 33, 2500, 16), (48, 17, 2048, 16), (48, 17, 2048, 64), (32, 17, 80, 64)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dx_rank_terms_are_written_through_the_mask_in_one_kernel(sum_r, tokens, width, dtype, monkeypatch):
+def test_dx_rank_terms_are_written_through_the_mask_in_one_kernel(sum_r, tokens, width, max_r, dtype, monkeypatch):
     """dx's rank-r terms under dropout are the product through the forward's mask: the same elements dropped, the
     rest scaled, whether one kernel writes them (≥ one mask block wide, Σr ≤ 16: no dropout pass then) or the
     product takes the dropout pass."""
@@ -206,9 +210,9 @@ def test_dx_rank_terms_are_written_through_the_mask_in_one_kernel(sum_r, tokens,
     a_rows = torch.randn(sum_r, width, device=DEVICE, dtype=dtype)
     d = Dropout(0.3, 99)
     want = dropped((dyb.t().float() @ a_rows.float()).to(dtype), d)
-    if width >= 1024 and sum_r <= lora_dropout.RANK_TERMS_MAX_R:
+    if width >= 1024 and sum_r <= max_r:
         monkeypatch.setattr(lora_dropout, "dropped", lambda *a, **k: pytest.fail("a dropout pass over the terms"))
-    got = rank_terms_dropped(dyb, a_rows, d)
+    got = rank_terms_dropped(dyb, a_rows, d, max_r=max_r)
     assert torch.equal(got == 0, want == 0) and (want == 0).any()
     # fp32: exact; bf16: each rounding one unit of the last place at most (the interpreter rounds toward zero)
     assert rel_err(got.float(), want.float()) < (1e-6 if dtype == torch.float32 else 2e-2)
