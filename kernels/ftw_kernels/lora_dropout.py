@@ -47,12 +47,26 @@ def keep_scaled(x, r, p, scale):
 
 
 @triton.jit
-def flat_draws(seed, QUARTER: tl.constexpr):
-    """The four draws of a flat program of 4·QUARTER elements (QUARTER = BLOCK // 4) over a contiguous tensor
-    whose width is a multiple of BLOCK: program i covers row i // blocks-a-row, column block i % blocks-a-row,
-    so these are the draws _dropout_rows makes for the same elements (kernels that write a dropped copy beside
-    their own output use them: kernels/ftw_kernels/swiglu.py)."""
-    return tl.rand4x(seed, tl.program_id(0).to(tl.int64) * QUARTER + tl.arange(0, QUARTER))
+def row_draws(seed, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(rows, each lane's columns, r0, r1, r2, r3) of this program in a grid of (row groups, column blocks) as
+    `blocking` lays it out: Philox's four draws for four lanes of BLOCK // 4 columns. The counters name (row,
+    column block), so an element of a tensor of a given width draws the same number whatever its strides and
+    whichever kernel draws it (the dropout pass here, the SwiGLU kernels that write down's dropped input)."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    part = tl.program_id(1)
+    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, counters)
+    return rows, part * BLOCK + tl.arange(0, QUARTER), r0, r1, r2, r3
+
+
+def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, rows a program, columns a program) of the kernels that draw a mask for a rows × cols tensor. A
+    width's column blocks fix its counters: the same width always draws the same mask. Narrow rows (tiny models)
+    share a program, so that no program is mostly masked lanes."""
+    block = min(BLOCK, max(64, triton.next_power_of_2(cols)))
+    per_program = BLOCK // block
+    return (triton.cdiv(rows, per_program), triton.cdiv(cols, block)), per_program, block
 
 
 @triton.jit
@@ -69,12 +83,7 @@ def _lane(X, Y, rows, cols_idx, r, n_rows, cols, stride_x, stride_y, p, scale):
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     QUARTER: tl.constexpr = BLOCK // 4
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    part = tl.program_id(1)
-    # the counters name (row, column block): the same element draws the same number whatever the strides
-    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]
-    r0, r1, r2, r3 = tl.rand4x(seed, counters)
-    first = part * BLOCK + tl.arange(0, QUARTER)
+    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
     _lane(X, Y, rows, first, r0, n_rows, cols, stride_x, stride_y, p, scale)
     _lane(X, Y, rows, first + QUARTER, r1, n_rows, cols, stride_x, stride_y, p, scale)
     _lane(X, Y, rows, first + 2 * QUARTER, r2, n_rows, cols, stride_x, stride_y, p, scale)
@@ -92,11 +101,7 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
         raise ValueError("dropped: `out` must have x's shape and unit column stride")
     rows, cols = x.shape
     if rows and cols:
-        # a width's column blocks fix its counters: the same tensor width always draws the same mask. Narrow rows
-        # (tiny models) share a program, so that no program is mostly masked lanes
-        block = min(BLOCK, max(64, triton.next_power_of_2(cols)))
-        per_program = BLOCK // block
-        grid = (triton.cdiv(rows, per_program), triton.cdiv(cols, block))
+        grid, per_program, block = blocking(rows, cols)
         p = float(dropout.p)
         scale = 1.0 / (1.0 - p)
         strides = (x.stride(0), y.stride(0))

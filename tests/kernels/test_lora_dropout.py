@@ -68,7 +68,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ftw_kernels.lora_dropout import _dropout_rows, _rank_terms_dropped
-from ftw_kernels.swiglu import _swiglu_bwd, _swiglu_fwd
+from ftw_kernels.swiglu import _swiglu_bwd_dropped, _swiglu_fwd_dropped
 
 scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed"), "i32"), "p": "fp32", "scale": "fp32"}
 for dtype in ("*bf16", "*fp32"):
@@ -77,15 +77,16 @@ for dtype in ("*bf16", "*fp32"):
         source = ASTSource(fn=_dropout_rows, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
     # the SwiGLU kernels that write down's dropped input in their own pass
-    drop = {"n": "i32", "seed": "i32", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr", "DROP": "constexpr"}
+    drop = {"n_rows": "i32", "cols": "i32", "seed": "i32", "p": "fp32", "scale": "fp32"}
+    blocks = {"ROWS": "constexpr", "BLOCK": "constexpr"}
     kernels = (
-        (_swiglu_fwd, {"G": dtype, "U": dtype, "H": dtype, "HD": dtype, **drop}, {}),
-        (_swiglu_bwd, {**dict.fromkeys(("DH", "G", "U", "H", "DG", "DU"), dtype), **drop, "WRITE_H": "constexpr"},
-         {"WRITE_H": True}),
+        (_swiglu_fwd_dropped, {"G": dtype, "U": dtype, "H": dtype, "HD": dtype, **drop, **blocks}),
+        (_swiglu_bwd_dropped, {**dict.fromkeys(("DH", "G", "U", "H", "DG", "DU"), dtype), **drop, **blocks}),
     )
-    for fn, signature, more in kernels:
-        source = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": 1024, "DROP": True, **more})
-        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    for fn, signature in kernels:
+        for rows, block in ((1, 1024), (16, 64)):
+            source = ASTSource(fn=fn, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 # dx's rank-r terms written through the mask (16-bit operands: tensor-core dots)
 ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
 signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "p": "fp32", "scale": "fp32",
@@ -151,12 +152,12 @@ def test_projections_of_one_input_share_one_mask(hidden, rng_seed):
     assert all(rel_err(out, ref) > 1e-2 for out, ref in zip(outs, undropped))  # the mask did something
 
 
-@pytest.mark.parametrize("inter", [INTER, 1024], ids=["dropout-pass", "in-swiglu"])
+@pytest.mark.parametrize("inter", [INTER, 1024], ids=["narrow", "mask-block-wide"])
 @pytest.mark.parametrize("checkpoint", [None, "forward"])
 def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, inter, rng_seed):
     """Gate and up share one mask over x, down has its own over h = silu(g)·u, which its backward recomputes and
-    masks again (with checkpointing it also forms h·A_downᵀ from it); at a width of whole mask blocks the SwiGLU
-    kernels draw it themselves."""
+    masks again (with checkpointing it also forms h·A_downᵀ from it), the SwiGLU kernels drawing it; at a width of a
+    whole mask block down's dx terms are written through the mask by the rank-r kernel."""
     gate, up, down = _projection(inter, HIDDEN, 2.0), _projection(inter, HIDDEN, 2.0), _projection(HIDDEN, inter, 2.0)
     gate, up, down = (Projection(p.weight, None, p.lora_a, p.lora_b, p.scale, p.dropout) for p in (gate, up, down))
     x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
@@ -173,19 +174,19 @@ def test_gated_mlp_masks_gate_and_up_input_and_downs(checkpoint, inter, rng_seed
         assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("cols", [1024, 3072, 80, 1500])
+@pytest.mark.parametrize("cols", [1024, 3072, 80, 1500, 18944])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypatch):
     """Down's dropped input comes from the SwiGLU kernels' own pass, forward and backward, bit for bit the mask and
-    values `dropped` gives h; at a width of whole mask blocks no second pass runs."""
+    values `dropped` gives h, at any width (narrow rows share a program, as in the dropout pass): no second pass
+    runs."""
     from ftw_kernels import swiglu
 
     g, u, dh = (torch.randn(6, cols, device=DEVICE, dtype=dtype) for _ in range(3))
     d = Dropout(0.3, 4321)
     h = swiglu.swiglu_forward_raw(g, u)
     want = dropped(h, d)
-    if cols % 1024 == 0:
-        monkeypatch.setattr(swiglu, "dropped", lambda *a, **k: pytest.fail("a second pass over h"))
+    monkeypatch.setattr(swiglu, "dropped", lambda *a, **k: pytest.fail("a second pass over h"))
     got_h, got = swiglu.swiglu_forward_dropped(g, u, d)
     assert torch.equal(got_h, h) and torch.equal(got, want)
     grads = [torch.empty_like(g) for _ in range(4)]
