@@ -175,16 +175,16 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
 
 def bare_arm(a: argparse.Namespace) -> dict:
     """train_throughput's ftw arm (its own child process) in this table's units."""
-    from bench import train_throughput
+    from bench import arm_runs
 
-    args = train_throughput.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
+    args = arm_runs.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
     if a.full_length:  # the same rows as the real path's cache
         args.append("--full-length")
     if a.prompt_share:
         args += ["--prompt-share", str(a.prompt_share)]
     if a.unpacked:
         args.append("--unpacked")
-    r = train_throughput.child(args, timeout=a.arm_timeout)
+    r = arm_runs.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}
     return {

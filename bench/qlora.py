@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
+from bench import arm_runs  # noqa: E402
 from bench import train_throughput as tt  # noqa: E402
 
 ARMS = ("unsloth", "peft", "ftw", "ftw-real")
@@ -76,9 +77,9 @@ def real_path(a: argparse.Namespace, gc: bool, fp8: bool) -> dict:
 
 
 def throughput_arm(a: argparse.Namespace, arm: str, gc: bool) -> dict:
-    args = tt.arm_args(THROUGHPUT_ARM[arm], a.shape, "on" if gc else "off", a.mbs, a.seq, a.steps, a.warmup)
+    args = arm_runs.arm_args(THROUGHPUT_ARM[arm], a.shape, "on" if gc else "off", a.mbs, a.seq, a.steps, a.warmup)
     args += ["--4bit", "--full-length", *(["--offload"] if arm.startswith("ftw") and gc and a.offload else [])]
-    r = tt.child(args, timeout=a.arm_timeout)
+    r = arm_runs.child(args, timeout=a.arm_timeout)
     if r.get("offloaded_mib_per_step"):
         r["kernels"] = [*r["kernels"], f"offloaded {r['offloaded_mib_per_step']} MiB/step"]
     if r.get("dequantised"):

@@ -40,13 +40,13 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
+from bench.arm_runs import arm_args, child, finish_child, start_child  # noqa: E402
 from bench.models import (  # noqa: E402
     DEFAULT_MBS,
     TARGETS,
@@ -270,37 +270,6 @@ def run_arm(a: argparse.Namespace) -> dict:
 
 
 # ---- the parent: one process per arm, then the table --------------------------------------------
-def start_child(args: list[str]) -> subprocess.Popen:
-    path = os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])  # ftw_kernels
-    env = dict(os.environ, PYTHONPATH=path)
-    return subprocess.Popen(
-        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-
-
-def finish_child(proc: subprocess.Popen, args: list[str], timeout: float | None = None) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        err = f"{err[-1200:]}\ntimed out after {timeout:g} s (--arm-timeout)"
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return dict(error=(err or out)[-1500:], args=" ".join(args))
-
-
-def arm_args(arm: str, shape: str, gc: str, mbs: int, seq: int, steps: int, warmup: int) -> list[str]:
-    """A child's arguments for one timed arm run; callers append their own switches."""
-    sizes = {"--mbs": mbs, "--seq": seq, "--steps": steps, "--warmup": warmup}
-    return ["--arm", arm, "--shape", shape, "--gc", gc, *(x for k, v in sizes.items() for x in (k, str(v)))]
-
-
-def child(args: list[str], timeout: float | None = None) -> dict:
-    return finish_child(start_child(args), args, timeout)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b,qwen-7b")
