@@ -125,14 +125,10 @@ def _rank_quarter(LHS, A, Y, rows, cols_idx, k, r, n_rows, cols, stride_a, R, p,
 def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, p, scale, RP: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     QUARTER: tl.constexpr = BLOCK // 4
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    part = tl.program_id(1)
-    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]  # as above
-    r0, r1, r2, r3 = tl.rand4x(seed, counters)
+    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
     k = tl.arange(0, RP)
     lhs_inside = (rows[:, None] < n_rows) & (k[None, :] < R)
     lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=lhs_inside, other=0.0)  # dybᵀ's rows
-    first = part * BLOCK + tl.arange(0, QUARTER)
     _rank_quarter(lhs, A, Y, rows, first, k, r0, n_rows, cols, stride_a, R, p, scale, NATIVE)
     _rank_quarter(lhs, A, Y, rows, first + QUARTER, k, r1, n_rows, cols, stride_a, R, p, scale, NATIVE)
     _rank_quarter(lhs, A, Y, rows, first + 2 * QUARTER, k, r2, n_rows, cols, stride_a, R, p, scale, NATIVE)
