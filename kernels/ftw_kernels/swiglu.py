@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.lora_dropout import Dropout, blocking, dropped, keep_scaled, row_draws
+from ftw_kernels.lora_dropout import Dropout, blocking, keep_scaled, row_draws
 
 BLOCK = 1024
 
@@ -103,13 +103,10 @@ def swiglu_forward_raw(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_forward_dropped(g: torch.Tensor, u: torch.Tensor, dropout: Dropout | None):
-    """(h, h after `dropout`, None without it), both written by one pass (g and u contiguous, as the fused MLP's
-    GEMMs write them; else h, then the dropout pass)."""
+    """(h, h after `dropout`, None without it), both written by one pass; g and u contiguous, as every kernel here
+    takes them (the fused MLP's GEMMs write them so)."""
     if dropout is None:
         return swiglu_forward_raw(g, u), None
-    if not (g.is_contiguous() and u.is_contiguous()):
-        h = swiglu_forward_raw(g, u)
-        return h, dropped(h.view(-1, h.shape[-1]), dropout).view(h.shape)
     h, hd = torch.empty_like(g), torch.empty_like(g)
     (rows, cols), p = _rows_of(g), float(dropout.p)
     if g.numel():
@@ -130,7 +127,7 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
         h = g
     n = g.numel()
     tensors = (dh, g, u, h, dg, du)
-    if want_h and dropout is not None and all(t.is_contiguous() for t in tensors):
+    if want_h and dropout is not None:
         (rows, cols), p = _rows_of(g), float(dropout.p)
         if n:
             grid, per_program, block = blocking(rows, cols)
@@ -138,8 +135,6 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
                                       BLOCK=block)  # fmt: skip
         return h
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
-    if want_h and dropout is not None:
-        dropped(h.view(-1, h.shape[-1]), dropout, out=h.view(-1, h.shape[-1]))
     return h if want_h else None
 
 

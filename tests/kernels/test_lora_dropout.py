@@ -180,13 +180,13 @@ def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypa
     """Down's dropped input comes from the SwiGLU kernels' own pass, forward and backward, bit for bit the mask and
     values `dropped` gives h, at any width (narrow rows share a program, as in the dropout pass): no second pass
     runs."""
-    from ftw_kernels import swiglu
+    from ftw_kernels import lora_dropout, swiglu
 
     g, u, dh = (torch.randn(6, cols, device=DEVICE, dtype=dtype) for _ in range(3))
     d = Dropout(0.3, 4321)
     h = swiglu.swiglu_forward_raw(g, u)
     want = dropped(h, d)
-    monkeypatch.setattr(swiglu, "dropped", lambda *a, **k: pytest.fail("a second pass over h"))
+    monkeypatch.setattr(lora_dropout, "dropped", lambda *a, **k: pytest.fail("a second pass over h"))
     got_h, got = swiglu.swiglu_forward_dropped(g, u, d)
     assert torch.equal(got_h, h) and torch.equal(got, want)
     grads = [torch.empty_like(g) for _ in range(4)]
