@@ -75,11 +75,6 @@ def main() -> None:
 def fused_arms(tokens: int, hidden: int, inter: int, _kv: int, device, dtype):
     """(what, the kernel that draws the mask itself, what it replaced) for one step's tokens."""
     drop = Dropout(P, 1234)
-
-    def product_then_pass(dyb, a_rows):
-        terms = dyb.t() @ a_rows
-        return dropped(terms, drop, out=terms)
-
     arms = []
     for group, sum_r, width in (
         ("q, k, v", 48, hidden),
@@ -92,7 +87,7 @@ def fused_arms(tokens: int, hidden: int, inter: int, _kv: int, device, dtype):
         arms.append((
             f"dx rank-r terms, {group}",
             lambda dyb=dyb, a=a_rows: rank_terms_dropped(dyb, a, drop, max_r=64),  # the kernel whatever Σr
-            lambda dyb=dyb, a=a_rows: product_then_pass(dyb, a),
+            lambda dyb=dyb, a=a_rows: rank_terms_dropped(dyb, a, drop, max_r=0),  # the product, then the pass
         ))  # fmt: skip
     g, u, dh = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(3))
     dg, du = torch.empty_like(g), torch.empty_like(u)
