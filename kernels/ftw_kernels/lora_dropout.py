@@ -4,10 +4,12 @@ x·keep/(1 − p), the base GEMMs read x.
 PEFT drops each LoRA projection's input with a mask of its own and keeps the dropped copy for A's grad, beside
 the mask. Here one mask serves all the projections of one input (q, k, v; gate, up): their stacked A's stay one
 GEMM, and the dropped copy replaces the input the backward keeps (a frozen base needs neither), so dropout costs
-no activation memory. The mask itself is never stored: a counter-based generator (Philox, `tl.rand4x`) draws it
+no activation memory. The mask itself is never stored: a counter-based generator (Philox, `tl.randint4x`) draws it
 again from a seed and each element's (row, column), for dx's rank-r terms and for the down projection's input,
-which the backward recomputes. Each projection's update has PEFT's distribution; only the projections of one
-input share their mask.
+which the backward recomputes. Each element is decided by 16 of a draw's bits, so one Philox call serves eight
+elements: drawing the mask, not moving the bytes, was most of what dropout cost (Philox's ten rounds are ~100
+integer instructions a call). Each projection's update has PEFT's distribution, p rounded to a multiple of 2⁻¹⁶;
+only the projections of one input share their mask.
 
 The seed comes from torch's CPU generator, so `torch.manual_seed` repeats a run, a resumed run whose RNG state
 was restored repeats its masks, and a checkpointed layer's recompute (torch.utils.checkpoint restores the CPU RNG
@@ -22,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # columns a program at most: four lanes of BLOCK // 4, one Philox call for four elements
+BLOCK = 1024  # columns a program at most
+KEEP_BITS = 16  # bits of a Philox draw that decide one element: two elements a draw, eight a call
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,22 @@ class Dropout:
 
     p: float
     seed: int
+
+    @property
+    def threshold(self) -> int:
+        """An element is dropped where its 16-bit draw falls below this: p rounded to a multiple of 2⁻¹⁶ (PEFT's
+        0.05 drops 0.0500031 of them), at least one value and never all."""
+        return min(max(round(self.p * 2**KEEP_BITS), 1), 2**KEEP_BITS - 1)
+
+    @property
+    def scale(self) -> float:
+        """1/(1 − p) of the p the threshold draws, so that a kept element's expected value is its own."""
+        return 2**KEEP_BITS / (2**KEEP_BITS - self.threshold)
+
+    @property
+    def kernel_args(self) -> tuple[int, int, float]:
+        """(seed, threshold, scale), as the kernels that draw the mask take them."""
+        return self.seed, self.threshold, self.scale
 
 
 def draw(p: float) -> Dropout | None:
@@ -41,23 +60,37 @@ def draw(p: float) -> Dropout | None:
 
 
 @triton.jit
-def keep_scaled(x, r, p, scale):
-    """x (any dtype) where its draw r keeps it, times 1/(1 − p), in fp32; 0 where dropped."""
-    return tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
+def _halves(x):
+    return tl.interleave(x & 0xFFFF, x >> 16)
 
 
 @triton.jit
-def row_draws(seed, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(rows, each lane's columns, r0, r1, r2, r3) of this program in a grid of (row groups, column blocks) as
-    `blocking` lays it out: Philox's four draws for four lanes of BLOCK // 4 columns. The counters name (row,
-    column block), so an element of a tensor of a given width draws the same number whatever its strides and
-    whichever kernel draws it (the dropout pass here, the SwiGLU kernels that write down's dropped input)."""
-    QUARTER: tl.constexpr = BLOCK // 4
+def kept(seed, rows, first, threshold, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    """Whether each element of `rows` × columns [first, first + WIDTH) of this program's column block survives
+    (programs in a grid of (row groups, column blocks) as `blocking` lays it out; `first` a multiple of 8 inside
+    the block). Each Philox call decides eight neighbouring columns, 16 bits each, from a counter that names (row,
+    column block, column // 8): an element of a tensor of a given width draws the same number whatever its
+    strides and whichever kernel draws it (the dropout pass here, the SwiGLU kernels that write down's dropped
+    input, dx's rank-r terms), and at half the Philox work of a draw an element."""
+    EIGHTH: tl.constexpr = BLOCK // 8
+    column_block = rows[:, None] * tl.num_programs(1) + tl.program_id(1)
+    counters = column_block * EIGHTH + first // 8 + tl.arange(0, WIDTH // 8)[None, :]
+    a, b, c, d = tl.randint4x(seed, counters)
+    draws = tl.interleave(tl.interleave(_halves(a), _halves(b)), tl.interleave(_halves(c), _halves(d)))
+    return draws >= threshold
+
+
+@triton.jit
+def keep_scaled(x, keep, scale):
+    """x (any dtype) times 1/(1 − p) in fp32 where `keep`; 0 where dropped."""
+    return tl.where(keep, x.to(tl.float32) * scale, 0.0)
+
+
+@triton.jit
+def program_tile(ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(rows, columns) of this program in `blocking`'s grid."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    part = tl.program_id(1)
-    counters = (rows[:, None] * tl.num_programs(1) + part) * QUARTER + tl.arange(0, QUARTER)[None, :]
-    r0, r1, r2, r3 = tl.rand4x(seed, counters)
-    return rows, part * BLOCK + tl.arange(0, QUARTER), r0, r1, r2, r3
+    return rows, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
 
 
 def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
@@ -69,25 +102,15 @@ def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(rows, per_program), triton.cdiv(cols, block)), per_program, block
 
 
-@triton.jit
-def _lane(X, Y, rows, cols_idx, r, n_rows, cols, stride_x, stride_y, p, scale):
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
+def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, threshold, scale, ROWS: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    rows, cols_idx = program_tile(ROWS, BLOCK)
+    keep = kept(seed, rows, 0, threshold, BLOCK, BLOCK)
     inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
     x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0)
-    tl.store(
-        Y + rows[:, None] * stride_y + cols_idx[None, :],
-        keep_scaled(x, r, p, scale).to(Y.dtype.element_ty),
-        mask=inside,
-    )
-
-
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
-def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
-    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
-    _lane(X, Y, rows, first, r0, n_rows, cols, stride_x, stride_y, p, scale)
-    _lane(X, Y, rows, first + QUARTER, r1, n_rows, cols, stride_x, stride_y, p, scale)
-    _lane(X, Y, rows, first + 2 * QUARTER, r2, n_rows, cols, stride_x, stride_y, p, scale)
-    _lane(X, Y, rows, first + 3 * QUARTER, r3, n_rows, cols, stride_x, stride_y, p, scale)
+    y = keep_scaled(x, keep, scale).to(Y.dtype.element_ty)
+    tl.store(Y + rows[:, None] * stride_y + cols_idx[None, :], y, mask=inside)
 
 
 def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,37 +125,33 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
     rows, cols = x.shape
     if rows and cols:
         grid, per_program, block = blocking(rows, cols)
-        p = float(dropout.p)
-        scale = 1.0 / (1.0 - p)
         strides = (x.stride(0), y.stride(0))
-        _dropout_rows[grid](x, y, rows, cols, *strides, dropout.seed, p, scale, ROWS=per_program, BLOCK=block)
+        _dropout_rows[grid](x, y, rows, cols, *strides, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
     return y
 
 
-@triton.jit
-def _rank_quarter(LHS, A, Y, rows, cols_idx, k, r, n_rows, cols, stride_a, R, p, scale, NATIVE: tl.constexpr):
-    rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
-    if NATIVE:
-        terms = tl.dot(LHS, rhs)
-    else:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
-        terms = tl.dot(LHS.to(tl.float32), rhs.to(tl.float32), input_precision="ieee")
-    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-    y = keep_scaled(terms.to(Y.dtype.element_ty), r, p, scale)  # rounded as the product was
-    tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
-
-
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
-def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, p, scale, RP: tl.constexpr,
+def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, threshold, scale, RP: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
-    QUARTER: tl.constexpr = BLOCK // 4
-    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
+    QUARTER: tl.constexpr = BLOCK // 4  # a quarter of the block's columns at a time: the dot's tile in registers
+    rows, _ = program_tile(ROWS, BLOCK)
     k = tl.arange(0, RP)
     lhs_inside = (rows[:, None] < n_rows) & (k[None, :] < R)
     lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=lhs_inside, other=0.0)  # dybᵀ's rows
-    _rank_quarter(lhs, A, Y, rows, first, k, r0, n_rows, cols, stride_a, R, p, scale, NATIVE)
-    _rank_quarter(lhs, A, Y, rows, first + QUARTER, k, r1, n_rows, cols, stride_a, R, p, scale, NATIVE)
-    _rank_quarter(lhs, A, Y, rows, first + 2 * QUARTER, k, r2, n_rows, cols, stride_a, R, p, scale, NATIVE)
-    _rank_quarter(lhs, A, Y, rows, first + 3 * QUARTER, k, r3, n_rows, cols, stride_a, R, p, scale, NATIVE)
+    if not NATIVE:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
+        lhs = lhs.to(tl.float32)
+    for quarter in tl.static_range(4):
+        first = quarter * QUARTER
+        cols_idx = tl.program_id(1) * BLOCK + first + tl.arange(0, QUARTER)
+        rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
+        if NATIVE:
+            terms = tl.dot(lhs, rhs)
+        else:
+            terms = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
+        keep = kept(seed, rows, first, threshold, BLOCK, QUARTER)
+        y = keep_scaled(terms.to(Y.dtype.element_ty), keep, scale)  # rounded as the product was
+        inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+        tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
 
 RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
@@ -157,11 +176,11 @@ def rank_terms_dropped(
         return dropped(terms, dropout, out=terms)
     y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
     if tokens:
-        p = float(dropout.p)
         native = dyb.is_cuda and dyb.dtype in (torch.bfloat16, torch.float16)
         grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
         _rank_terms_dropped[grid](
-            dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, dropout.seed, p, 1.0 / (1.0 - p),
-            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native, num_warps=8,
+            dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, *dropout.kernel_args,
+            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native,
+            num_warps=8,
         )  # fmt: skip
     return y

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.lora_dropout import Dropout, blocking, keep_scaled, row_draws
+from ftw_kernels.lora_dropout import Dropout, blocking, keep_scaled, kept, program_tile
 
 BLOCK = 1024
 
@@ -29,7 +29,7 @@ def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, r, p, scale, WRITE_H: tl.constexpr, DROP: tl.constexpr):
+def _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, keep, scale, WRITE_H: tl.constexpr, DROP: tl.constexpr):
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
@@ -40,54 +40,41 @@ def _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, r, p, scale, WRITE_H: tl.con
     if WRITE_H:  # last: H may be DH's memory
         h = (silu * u).to(H.dtype.element_ty)
         if DROP:  # rounded first, as the dropout pass reads it
-            h = keep_scaled(h, r, p, scale).to(H.dtype.element_ty)
+            h = keep_scaled(h, keep, scale).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd(DH, G, U, H, DG, DU, n, BLOCK: tl.constexpr, WRITE_H: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, offs < n, 0.0, 0.0, 1.0, WRITE_H, False)
+    _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, offs < n, False, 1.0, WRITE_H, False)
 
 
-# With LoRA's dropout on down's input: programs laid out as the dropout pass's (lora_dropout.blocking), each of
-# its four lanes one of Philox's draws, so h's mask is the one `dropped` would draw over it.
+# With LoRA's dropout on down's input: programs laid out as the dropout pass's (lora_dropout.blocking), so h's
+# mask is the one `dropped` would draw over it.
 @triton.jit
-def _swiglu_fwd_lane(G, U, H, HD, rows, cols_idx, r, n_rows, cols, p, scale):
-    offs = rows[:, None] * cols + cols_idx[None, :]
-    mask = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+def _dropout_tile(n_rows, cols, seed, threshold, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(offsets, inside, keep) of this program's rows × columns of a contiguous rows × cols tensor."""
+    rows, cols_idx = program_tile(ROWS, BLOCK)
+    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+    return rows[:, None] * cols + cols_idx[None, :], inside, kept(seed, rows, 0, threshold, BLOCK, BLOCK)
+
+
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
+def _swiglu_fwd_dropped(G, U, H, HD, n_rows, cols, seed, threshold, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, keep = _dropout_tile(n_rows, cols, seed, threshold, ROWS, BLOCK)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     h = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty)
     tl.store(H + offs, h, mask=mask)
-    tl.store(HD + offs, keep_scaled(h, r, p, scale).to(HD.dtype.element_ty), mask=mask)
+    tl.store(HD + offs, keep_scaled(h, keep, scale).to(HD.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
-def _swiglu_fwd_dropped(G, U, H, HD, n_rows, cols, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
-    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
-    _swiglu_fwd_lane(G, U, H, HD, rows, first, r0, n_rows, cols, p, scale)
-    _swiglu_fwd_lane(G, U, H, HD, rows, first + QUARTER, r1, n_rows, cols, p, scale)
-    _swiglu_fwd_lane(G, U, H, HD, rows, first + 2 * QUARTER, r2, n_rows, cols, p, scale)
-    _swiglu_fwd_lane(G, U, H, HD, rows, first + 3 * QUARTER, r3, n_rows, cols, p, scale)
-
-
-@triton.jit
-def _swiglu_bwd_lane(DH, G, U, H, DG, DU, rows, cols_idx, r, n_rows, cols, p, scale):
-    offs = rows[:, None] * cols + cols_idx[None, :]
-    mask = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-    _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, r, p, scale, True, True)
-
-
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
-def _swiglu_bwd_dropped(DH, G, U, H, DG, DU, n_rows, cols, seed, p, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    QUARTER: tl.constexpr = BLOCK // 4
-    rows, first, r0, r1, r2, r3 = row_draws(seed, ROWS, BLOCK)
-    _swiglu_bwd_lane(DH, G, U, H, DG, DU, rows, first, r0, n_rows, cols, p, scale)
-    _swiglu_bwd_lane(DH, G, U, H, DG, DU, rows, first + QUARTER, r1, n_rows, cols, p, scale)
-    _swiglu_bwd_lane(DH, G, U, H, DG, DU, rows, first + 2 * QUARTER, r2, n_rows, cols, p, scale)
-    _swiglu_bwd_lane(DH, G, U, H, DG, DU, rows, first + 3 * QUARTER, r3, n_rows, cols, p, scale)
+def _swiglu_bwd_dropped(DH, G, U, H, DG, DU, n_rows, cols, seed, threshold, scale, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):  # fmt: skip
+    offs, mask, keep = _dropout_tile(n_rows, cols, seed, threshold, ROWS, BLOCK)
+    _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, keep, scale, True, True)
 
 
 def _rows_of(g: torch.Tensor) -> tuple[int, int]:
@@ -108,11 +95,10 @@ def swiglu_forward_dropped(g: torch.Tensor, u: torch.Tensor, dropout: Dropout | 
     if dropout is None:
         return swiglu_forward_raw(g, u), None
     h, hd = torch.empty_like(g), torch.empty_like(g)
-    (rows, cols), p = _rows_of(g), float(dropout.p)
+    rows, cols = _rows_of(g)
     if g.numel():
         grid, per_program, block = blocking(rows, cols)
-        _swiglu_fwd_dropped[grid](g, u, h, hd, rows, cols, dropout.seed, p, 1.0 / (1.0 - p), ROWS=per_program,
-                                  BLOCK=block)  # fmt: skip
+        _swiglu_fwd_dropped[grid](g, u, h, hd, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
     return h, hd
 
 
@@ -128,11 +114,10 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
     n = g.numel()
     tensors = (dh, g, u, h, dg, du)
     if want_h and dropout is not None:
-        (rows, cols), p = _rows_of(g), float(dropout.p)
+        rows, cols = _rows_of(g)
         if n:
             grid, per_program, block = blocking(rows, cols)
-            _swiglu_bwd_dropped[grid](*tensors, rows, cols, dropout.seed, p, 1.0 / (1.0 - p), ROWS=per_program,
-                                      BLOCK=block)  # fmt: skip
+            _swiglu_bwd_dropped[grid](*tensors, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
         return h
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
     return h if want_h else None

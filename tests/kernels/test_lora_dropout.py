@@ -9,13 +9,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
 from ftw_kernels import apply_kernels
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
-from ftw_kernels.lora_dropout import Dropout, draw, dropped, rank_terms_dropped
+from ftw_kernels.lora_dropout import Dropout, blocking, draw, dropped, rank_terms_dropped
 from tests.conftest import REPO
 from tests.kernels.conftest import rel_err
 from tests.kernels.test_apply_kernels import (
@@ -62,6 +63,51 @@ def test_the_mask_is_a_function_of_the_seed_and_the_element():
     assert torch.equal(same, y)
 
 
+def philox(seed: int, counters: np.ndarray) -> list[np.ndarray]:
+    """Philox4x32-10 of 64-bit counters (low word, high word, 0, 0) under key (seed, 0): Random123's
+    generator, which Triton's `randint4x` implements, written out in numpy."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c = [counters & m32, counters >> np.uint64(32), np.zeros_like(counters), np.zeros_like(counters)]
+    k0, k1 = np.uint64(seed) & m32, np.uint64(seed) >> np.uint64(32)
+    for _ in range(10):
+        hi_b, hi_a = (np.uint64(0xCD9E8D57) * c[2]), (np.uint64(0xD2511F53) * c[0])
+        c = [(hi_b >> np.uint64(32)) ^ c[1] ^ k0, hi_b & m32, (hi_a >> np.uint64(32)) ^ c[3] ^ k1, hi_a & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c
+
+
+def reference_keep(rows: int, cols: int, dropout: Dropout) -> torch.Tensor:
+    """The mask's law, written out: element (row, column) of a rows × cols tensor lies in column block
+    column // block (the width fixes the block); its counter names (row, column block, column-in-block // 8)
+    and 16 of the four words' bits decide it, eight neighbouring columns a counter."""
+    block = blocking(rows, cols)[2]
+    row = np.arange(rows, dtype=np.uint64)[:, None]
+    col = np.arange(cols, dtype=np.uint64)[None, :]
+    column_blocks = np.uint64(-(-cols // block))
+    within = col % np.uint64(block)
+    counters = (row * column_blocks + col // np.uint64(block)) * np.uint64(block // 8) + within // np.uint64(8)
+    words = philox(dropout.seed, counters)
+    piece = within % np.uint64(8)
+    word = np.choose(((piece % 2) * 2 + (piece // 2) % 2).astype(np.int64), words)
+    draws = np.where(piece // 4 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    return torch.from_numpy(draws >= dropout.threshold)
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 2500), (9, 1024), (11, 100)])
+def test_the_mask_is_philox_over_each_elements_row_and_column(rows, cols):
+    """The law the kernels share (a resumed run and a checkpointed recompute rely on it): Philox's draws of
+    (seed, row, column), 16 bits an element, kept where they reach p·2¹⁶."""
+    d = Dropout(0.3, 2**31 - 5)
+    got = dropped(torch.ones(rows, cols, device=DEVICE), d).cpu()
+    assert torch.equal(got != 0, reference_keep(rows, cols, d))
+    assert torch.all(got[got != 0] == torch.tensor(d.scale, dtype=torch.float32))
+    assert d.threshold == round(0.3 * 2**16) and abs(d.scale - 1 / 0.7) < 1e-4
+
+
+def test_the_threshold_keeps_some_and_drops_some():
+    assert Dropout(1e-9, 1).threshold == 1 and Dropout(1 - 1e-9, 1).threshold == 2**16 - 1
+
+
 COMPILE_FOR_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -70,14 +116,14 @@ from triton.compiler import ASTSource
 from ftw_kernels.lora_dropout import _dropout_rows, _rank_terms_dropped
 from ftw_kernels.swiglu import _swiglu_bwd_dropped, _swiglu_fwd_dropped
 
-scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed"), "i32"), "p": "fp32", "scale": "fp32"}
+scalars = {**dict.fromkeys(("n_rows", "cols", "stride_x", "stride_y", "seed", "threshold"), "i32"), "scale": "fp32"}
 for dtype in ("*bf16", "*fp32"):
     signature = {"X": dtype, "Y": dtype, **scalars, "ROWS": "constexpr", "BLOCK": "constexpr"}
     for rows, block in ((1, 1024), (16, 64)):
         source = ASTSource(fn=_dropout_rows, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
     # the SwiGLU kernels that write down's dropped input in their own pass
-    drop = {"n_rows": "i32", "cols": "i32", "seed": "i32", "p": "fp32", "scale": "fp32"}
+    drop = {"n_rows": "i32", "cols": "i32", "seed": "i32", "threshold": "i32", "scale": "fp32"}
     blocks = {"ROWS": "constexpr", "BLOCK": "constexpr"}
     kernels = (
         (_swiglu_fwd_dropped, {"G": dtype, "U": dtype, "H": dtype, "HD": dtype, **drop, **blocks}),
@@ -89,7 +135,7 @@ for dtype in ("*bf16", "*fp32"):
             assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 # dx's rank-r terms written through the mask (16-bit operands: tensor-core dots)
 ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
-signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "p": "fp32", "scale": "fp32",
+signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "threshold": "i32", "scale": "fp32",
              **dict.fromkeys(("RP", "ROWS", "BLOCK", "NATIVE"), "constexpr")}
 for rp in (16, 64):
     constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
