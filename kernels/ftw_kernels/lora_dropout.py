@@ -60,23 +60,27 @@ def draw(p: float) -> Dropout | None:
 
 
 @triton.jit
-def _halves(x):
-    return tl.interleave(x & 0xFFFF, x >> 16)
+def block_words(seed, rows, BLOCK: tl.constexpr):
+    """Philox's four 32-bit words for each of `rows` × BLOCK // 8 counters of this program's column block (in a
+    grid of (row groups, column blocks) as `blocking` lays it out). A counter names (row, column block, column
+    within the block mod BLOCK // 8), so an element of a tensor of a given width draws the same number whatever
+    its strides and whichever kernel draws it (the dropout pass here, the SwiGLU kernels that write down's
+    dropped input, dx's rank-r terms)."""
+    EIGHTH: tl.constexpr = BLOCK // 8
+    column_block = rows[:, None] * tl.num_programs(1) + tl.program_id(1)
+    return tl.randint4x(seed, column_block * EIGHTH + tl.arange(0, EIGHTH)[None, :])
 
 
 @triton.jit
-def kept(seed, rows, first, threshold, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
-    """Whether each element of `rows` × columns [first, first + WIDTH) of this program's column block survives
-    (programs in a grid of (row groups, column blocks) as `blocking` lays it out; `first` a multiple of 8 inside
-    the block). Each Philox call decides eight neighbouring columns, 16 bits each, from a counter that names (row,
-    column block, column // 8): an element of a tensor of a given width draws the same number whatever its
-    strides and whichever kernel draws it (the dropout pass here, the SwiGLU kernels that write down's dropped
-    input, dx's rank-r terms), and at half the Philox work of a draw an element."""
-    EIGHTH: tl.constexpr = BLOCK // 8
-    column_block = rows[:, None] * tl.num_programs(1) + tl.program_id(1)
-    counters = column_block * EIGHTH + first // 8 + tl.arange(0, WIDTH // 8)[None, :]
-    a, b, c, d = tl.randint4x(seed, counters)
-    draws = tl.interleave(tl.interleave(_halves(a), _halves(b)), tl.interleave(_halves(c), _halves(d)))
+def lane_kept(words, LANE: tl.constexpr, threshold):
+    """Whether each element of lane LANE (the block's columns LANE · BLOCK // 8 onwards, BLOCK // 8 of them)
+    survives: 16 bits of one of the counter's words decide it, so one Philox call serves eight elements, each in
+    the same thread as its draw (no shuffle between them)."""
+    word = words[LANE % 4]
+    if LANE < 4:
+        draws = word & 0xFFFF
+    else:
+        draws = word >> 16
     return draws >= threshold
 
 
@@ -87,10 +91,16 @@ def keep_scaled(x, keep, scale):
 
 
 @triton.jit
-def program_tile(ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(rows, columns) of this program in `blocking`'s grid."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    return rows, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def program_rows(ROWS: tl.constexpr):
+    """This program's rows in `blocking`'s grid."""
+    return tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+
+
+@triton.jit
+def lane_columns(LANE: tl.constexpr, BLOCK: tl.constexpr):
+    """The columns of lane LANE of this program's column block."""
+    EIGHTH: tl.constexpr = BLOCK // 8
+    return tl.program_id(1) * BLOCK + LANE * EIGHTH + tl.arange(0, EIGHTH)
 
 
 def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
@@ -105,12 +115,14 @@ def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _dropout_rows(X, Y, n_rows, cols, stride_x, stride_y, seed, threshold, scale, ROWS: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip
-    rows, cols_idx = program_tile(ROWS, BLOCK)
-    keep = kept(seed, rows, 0, threshold, BLOCK, BLOCK)
-    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-    x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0)
-    y = keep_scaled(x, keep, scale).to(Y.dtype.element_ty)
-    tl.store(Y + rows[:, None] * stride_y + cols_idx[None, :], y, mask=inside)
+    rows = program_rows(ROWS)
+    words = block_words(seed, rows, BLOCK)
+    for lane in tl.static_range(8):
+        cols_idx = lane_columns(lane, BLOCK)
+        inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+        x = tl.load(X + rows[:, None] * stride_x + cols_idx[None, :], mask=inside, other=0.0)
+        y = keep_scaled(x, lane_kept(words, lane, threshold), scale).to(Y.dtype.element_ty)
+        tl.store(Y + rows[:, None] * stride_y + cols_idx[None, :], y, mask=inside)
 
 
 def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,23 +145,23 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, threshold, scale, RP: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
-    QUARTER: tl.constexpr = BLOCK // 4  # a quarter of the block's columns at a time: the dot's tile in registers
-    rows, _ = program_tile(ROWS, BLOCK)
+    rows = program_rows(ROWS)
     k = tl.arange(0, RP)
     lhs_inside = (rows[:, None] < n_rows) & (k[None, :] < R)
     lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=lhs_inside, other=0.0)  # dybᵀ's rows
     if not NATIVE:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
         lhs = lhs.to(tl.float32)
-    for quarter in tl.static_range(4):
-        first = quarter * QUARTER
-        cols_idx = tl.program_id(1) * BLOCK + first + tl.arange(0, QUARTER)
+    words = block_words(seed, rows, BLOCK)
+    for lane in tl.static_range(8):  # a lane's dot at a time: its tile in registers
+        cols_idx = lane_columns(lane, BLOCK)
         rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
         if NATIVE:
             terms = tl.dot(lhs, rhs)
         else:
             terms = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
-        keep = kept(seed, rows, first, threshold, BLOCK, QUARTER)
-        y = keep_scaled(terms.to(Y.dtype.element_ty), keep, scale)  # rounded as the product was
+        y = keep_scaled(
+            terms.to(Y.dtype.element_ty), lane_kept(words, lane, threshold), scale
+        )  # rounded as the product was
         inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
         tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.lora_dropout import Dropout, blocking, keep_scaled, kept, program_tile
+from ftw_kernels.lora_dropout import Dropout, block_words, blocking, keep_scaled, lane_columns, lane_kept, program_rows
 
 BLOCK = 1024
 
@@ -50,31 +50,35 @@ def _swiglu_bwd(DH, G, U, H, DG, DU, n, BLOCK: tl.constexpr, WRITE_H: tl.constex
     _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, offs < n, False, 1.0, WRITE_H, False)
 
 
-# With LoRA's dropout on down's input: programs laid out as the dropout pass's (lora_dropout.blocking), so h's
-# mask is the one `dropped` would draw over it.
-@triton.jit
-def _dropout_tile(n_rows, cols, seed, threshold, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(offsets, inside, keep) of this program's rows × columns of a contiguous rows × cols tensor."""
-    rows, cols_idx = program_tile(ROWS, BLOCK)
-    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-    return rows[:, None] * cols + cols_idx[None, :], inside, kept(seed, rows, 0, threshold, BLOCK, BLOCK)
-
-
+# With LoRA's dropout on down's input: programs laid out as the dropout pass's (lora_dropout.blocking), its eight
+# lanes drawn as the pass draws them, so h's mask is the one `dropped` would draw over it.
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _swiglu_fwd_dropped(G, U, H, HD, n_rows, cols, seed, threshold, scale, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    offs, mask, keep = _dropout_tile(n_rows, cols, seed, threshold, ROWS, BLOCK)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    h = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty)
-    tl.store(H + offs, h, mask=mask)
-    tl.store(HD + offs, keep_scaled(h, keep, scale).to(HD.dtype.element_ty), mask=mask)
+    rows = program_rows(ROWS)
+    words = block_words(seed, rows, BLOCK)
+    for lane in tl.static_range(8):
+        offs, mask = _lane_offsets(rows, lane, n_rows, cols, BLOCK)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        h = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+        tl.store(HD + offs, keep_scaled(h, lane_kept(words, lane, threshold), scale).to(HD.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _swiglu_bwd_dropped(DH, G, U, H, DG, DU, n_rows, cols, seed, threshold, scale, ROWS: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
-    offs, mask, keep = _dropout_tile(n_rows, cols, seed, threshold, ROWS, BLOCK)
-    _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, keep, scale, True, True)
+    rows = program_rows(ROWS)
+    words = block_words(seed, rows, BLOCK)
+    for lane in tl.static_range(8):
+        offs, mask = _lane_offsets(rows, lane, n_rows, cols, BLOCK)
+        _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, lane_kept(words, lane, threshold), scale, True, True)
+
+
+@triton.jit
+def _lane_offsets(rows, LANE: tl.constexpr, n_rows, cols, BLOCK: tl.constexpr):
+    cols_idx = lane_columns(LANE, BLOCK)
+    return rows[:, None] * cols + cols_idx[None, :], (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
 
 
 def _rows_of(g: torch.Tensor) -> tuple[int, int]:

@@ -78,18 +78,18 @@ def philox(seed: int, counters: np.ndarray) -> list[np.ndarray]:
 
 def reference_keep(rows: int, cols: int, dropout: Dropout) -> torch.Tensor:
     """The mask's law, written out: element (row, column) of a rows × cols tensor lies in column block
-    column // block (the width fixes the block); its counter names (row, column block, column-in-block // 8)
-    and 16 of the four words' bits decide it, eight neighbouring columns a counter."""
+    column // block (the width fixes the block) and in one of its eight lanes; its counter names (row, column
+    block, column mod block / 8) and the lane picks 16 bits of one of the counter's four words."""
     block = blocking(rows, cols)[2]
+    eighth = np.uint64(block // 8)
     row = np.arange(rows, dtype=np.uint64)[:, None]
     col = np.arange(cols, dtype=np.uint64)[None, :]
-    column_blocks = np.uint64(-(-cols // block))
     within = col % np.uint64(block)
-    counters = (row * column_blocks + col // np.uint64(block)) * np.uint64(block // 8) + within // np.uint64(8)
+    counters = (row * np.uint64(-(-cols // block)) + col // np.uint64(block)) * eighth + within % eighth
     words = philox(dropout.seed, counters)
-    piece = within % np.uint64(8)
-    word = np.choose(((piece % 2) * 2 + (piece // 2) % 2).astype(np.int64), words)
-    draws = np.where(piece // 4 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    lane = (within // eighth).astype(np.int64)
+    word = np.choose(np.broadcast_to(lane % 4, counters.shape), words)
+    draws = np.where(lane < 4, word & np.uint64(0xFFFF), word >> np.uint64(16))
     return torch.from_numpy(draws >= dropout.threshold)
 
 
