@@ -25,6 +25,10 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # columns a program at most
+# warps of the elementwise kernels that draw a mask: two adjacent columns a thread in each 128-column lane, so
+# 4-byte loads of 16-bit data. Four warps gave each thread one column, 2-byte loads: the dropout pass read 77.8 µs at
+# 8B's hidden width on an H100, where the four-lane kernel before it had read ~62 (docs/benchmarks.md, 2026-12-06)
+PASS_WARPS = 2
 KEEP_BITS = 16  # bits of a Philox draw that decide one element: two elements a draw, eight a call
 
 
@@ -138,7 +142,9 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
     if rows and cols:
         grid, per_program, block = blocking(rows, cols)
         strides = (x.stride(0), y.stride(0))
-        _dropout_rows[grid](x, y, rows, cols, *strides, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
+        _dropout_rows[grid](
+            x, y, rows, cols, *strides, *dropout.kernel_args, ROWS=per_program, BLOCK=block, num_warps=PASS_WARPS
+        )
     return y
 
 
@@ -167,10 +173,11 @@ def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, 
 
 
 RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
-# Σr at most: each program reads Σr × BLOCK of the A's for its RANK_ROWS × BLOCK of output, so past one rank-16 A
-# the reads outgrow the writes. Measured on an H100 at 8B's widths against the product and the dropout pass:
-# 1.35× at Σr 16 (o, down), 0.96× at 32 (gate, up), 0.85× at 48 (q, k, v) (docs/benchmarks.md, seventh session)
-RANK_TERMS_MAX_R = 16
+# Σr at most: each program reads Σr × BLOCK of the A's for its RANK_ROWS × BLOCK of output, so the kernel's time
+# grows with Σr. Measured on an H100 at 8B's widths (docs/benchmarks.md, 2026-12-06): 49.9 µs at Σr 16 (o), 62.2 at
+# 32 (gate, up), 74.0 at 48 (q, k, v), where cuBLAS's product and the dropout pass take ~25 µs and a pass (~50 µs
+# after this session's draws, predicted): past Σr 32 the two would be level.
+RANK_TERMS_MAX_R = 32
 
 
 def rank_terms_dropped(

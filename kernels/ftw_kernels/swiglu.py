@@ -13,7 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.lora_dropout import Dropout, block_words, blocking, keep_scaled, lane_columns, lane_kept, program_rows
+from ftw_kernels.lora_dropout import (
+    PASS_WARPS,
+    Dropout,
+    block_words,
+    blocking,
+    keep_scaled,
+    lane_columns,
+    lane_kept,
+    program_rows,
+)
 
 BLOCK = 1024
 
@@ -102,7 +111,9 @@ def swiglu_forward_dropped(g: torch.Tensor, u: torch.Tensor, dropout: Dropout | 
     rows, cols = _rows_of(g)
     if g.numel():
         grid, per_program, block = blocking(rows, cols)
-        _swiglu_fwd_dropped[grid](g, u, h, hd, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
+        _swiglu_fwd_dropped[grid](
+            g, u, h, hd, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block, num_warps=PASS_WARPS
+        )
     return h, hd
 
 
@@ -121,7 +132,9 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
         rows, cols = _rows_of(g)
         if n:
             grid, per_program, block = blocking(rows, cols)
-            _swiglu_bwd_dropped[grid](*tensors, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block)
+            _swiglu_bwd_dropped[grid](
+                *tensors, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block, num_warps=PASS_WARPS
+            )
         return h
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
     return h if want_h else None
