@@ -30,7 +30,7 @@ from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.lora_dropout import Dropout, draw, dropped, rank_terms_dropped
 from ftw_kernels.precision import compute_dtype, no_autocast
-from ftw_kernels.swiglu import swiglu_backward, swiglu_forward_dropped
+from ftw_kernels.swiglu import swiglu_backward, swiglu_backward_term, swiglu_forward_dropped, term_fits
 
 
 @dataclass(frozen=True)
@@ -171,9 +171,16 @@ def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
     return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
-def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx: bool, dropout: Dropout | None):
+def _input_grad(
+    dys: list[torch.Tensor],
+    projections: list[Projection],
+    want_dx: bool,
+    dropout: Dropout | None,
+    with_terms: bool = True,
+):
     """(dL/dinput summed over the projections, None unless wanted; dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked,
-    Σr × tokens, which the A grads share).
+    Σr × tokens, which the A grads share). `with_terms` False: the base GEMMs' part alone, for a caller that
+    adds the rank-r terms in a pass of its own (the fused MLP's SwiGLU backward).
 
     The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
     rows of dyb), masked in place by the forward's `dropout`, and each base GEMM adds itself to them (cuBLAS's
@@ -185,7 +192,7 @@ def _input_grad(dys: list[torch.Tensor], projections: list[Projection], want_dx:
         torch.mm(b.t(), dy.t(), out=dyb[rows])
     if not want_dx:
         return None, dyb
-    if not parts:
+    if not parts or not with_terms:
         return _base_input_grad(None, dys, projections), dyb
     if all(accumulates(p.weight) for p in projections):
         return _base_input_grad(_rank_terms(dyb, a_rows, dropout), dys, projections), dyb
@@ -325,11 +332,18 @@ class LoRAGatedMLP(torch.autograd.Function):
         if any(p.weight.requires_grad for p in (gate, up, down)):
             raise RuntimeError("LoRAGatedMLP is for frozen base weights; full fine-tuning uses the plain MLP")
         dy = dy.reshape(-1, dy.shape[-1])
-        dh, dyb = _input_grad([dy], [down], True, h_drop)
-        # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
-        h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)  # dropped, as down's rank-r term read it
+        a_down = _adapters([down], dy.dtype)[0]
+        # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
+        inside = want_h and a_down is not None and term_fits(g, a_down)
+        dh, dyb = _input_grad([dy], [down], True, h_drop, with_terms=not inside)
+        # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh,
+        # dropped, as down's rank-r term read it
+        if inside:
+            h = swiglu_backward_term(dh, g, u, dyb, a_down, h_drop)
+        else:
+            h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)
         del dh
         if formed:
             had = h @ _adapters([down], h.dtype)[0].t()

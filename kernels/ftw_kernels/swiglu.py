@@ -4,7 +4,8 @@
 recomputed for the down projection's LoRA grads, over dh (no new activation-sized buffers). With LoRA's
 dropout on the down projection, kernels laid out as the dropout pass's also write h as its rank-r term reads it,
 dropped, in the same pass (kernels/ftw_kernels/lora_dropout.py: the same mask, at any width): no second pass
-reads h again.
+reads h again. `swiglu_backward_term` also adds down's rank-r term to dh in its pass, so the dx GEMM writes
+dy·W_down alone and no tokens × intermediate term is written and read back.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _swiglu_fwd(G, U, H, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, keep, scale, WRITE_H: tl.constexpr, DROP: tl.constexpr):
+def _swiglu_bwd_at(DH, G, U, H, DG, DU, offs, mask, keep, scale, WRITE_H: tl.constexpr, DROP: tl.constexpr, term=None):
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    if term is not None:  # down's rank-r term of dh, added here rather than by the dx GEMM (`swiglu_backward_term`)
+        dh += term
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
@@ -90,6 +93,43 @@ def _lane_offsets(rows, LANE: tl.constexpr, n_rows, cols, BLOCK: tl.constexpr):
     return rows[:, None] * cols + cols_idx[None, :], (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
 
 
+# Down's rank-r term of dh inside the backward: dh = dy·W_down (the dx GEMM without its beta) + dybᵀ·A_down, the
+# term a rank-sized dot a tile from operands L2 holds, through the mask h's dropout draws here anyway. It saves the
+# term's tokens × intermediate write and the GEMM's read of it (and, with dropout, a second draw of the mask):
+# bench/down_term.py, H100, 8B's shape: 1.04× the backward's three steps without dropout, 1.12× with (1B: 1.07×,
+# 1.19×; docs/benchmarks.md, 2026-12-06). Tiles of TERM_ROWS rows (a tensor-core dot's least) by a lane's columns.
+TERM_ROWS = 16
+TERM_MAX_R = 16  # the rank measured; a larger one keeps the GEMM's beta until bench/down_term.py --rank times it
+
+
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
+def _swiglu_bwd_term(DH, G, U, DYB, A, n_rows, cols, stride_dyb, stride_a, R, seed, threshold, scale,
+                     RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DROP: tl.constexpr,
+                     NATIVE: tl.constexpr):  # fmt: skip
+    rows = program_rows(ROWS)
+    k = tl.arange(0, RP)
+    lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=(rows[:, None] < n_rows) & (k[None, :] < R))
+    if not NATIVE:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
+        lhs = lhs.to(tl.float32)
+    if DROP:
+        words = block_words(seed, rows, BLOCK)
+    for lane in tl.static_range(8):
+        cols_idx = lane_columns(lane, BLOCK)
+        rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
+        if NATIVE:
+            term = tl.dot(lhs, rhs)
+        else:
+            term = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
+        term = term.to(DH.dtype.element_ty)  # rounded as cuBLAS's product of the term is
+        keep = False
+        if DROP:
+            keep = lane_kept(words, lane, threshold)
+            term = keep_scaled(term, keep, scale)
+        offs = rows[:, None] * cols + cols_idx[None, :]
+        inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+        _swiglu_bwd_at(DH, G, U, DH, G, U, offs, inside, keep, scale, True, DROP, term.to(tl.float32))
+
+
 def _rows_of(g: torch.Tensor) -> tuple[int, int]:
     cols = g.shape[-1]
     return g.numel() // max(cols, 1), cols
@@ -138,6 +178,36 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
         return h
     _swiglu_bwd[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
     return h if want_h else None
+
+
+def term_fits(g: torch.Tensor, a_rows: torch.Tensor) -> bool:
+    """Whether `swiglu_backward_term` takes the backward of g (and of a dh in a_rows' dtype): contiguous operands
+    of one dtype, a rank up to TERM_MAX_R and lanes of at least 16 columns (a dot's least)."""
+    return (
+        g.dtype == a_rows.dtype
+        and g.is_contiguous()
+        and a_rows.is_contiguous()
+        and a_rows.shape[0] <= TERM_MAX_R
+        and blocking(*_rows_of(g))[2] >= 128
+    )
+
+
+def swiglu_backward_term(dh, g, u, dyb, a_rows, dropout: Dropout | None) -> torch.Tensor:
+    """`swiglu_backward(dh + dybᵀ·a_rows, g, u, g, u, want_h=True, dropout)` in one pass (`term_fits` says
+    where): the term (down's rank-r term of its input grad, through `dropout`'s mask) added to dh tile by tile,
+    dg and du written over g and u, h (dropped) over dh and returned. dyb: Σr × tokens, a_rows: Σr × width."""
+    rows, cols = _rows_of(g)
+    if rows and cols:
+        block = blocking(rows, cols)[2]
+        native = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
+        seed, threshold, scale = dropout.kernel_args if dropout is not None else (0, 0, 1.0)
+        sum_r = a_rows.shape[0]
+        _swiglu_bwd_term[(triton.cdiv(rows, TERM_ROWS), triton.cdiv(cols, block))](
+            dh, g, u, dyb, a_rows, rows, cols, dyb.stride(0), a_rows.stride(0), sum_r, seed, threshold, scale,
+            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=TERM_ROWS, BLOCK=block, DROP=dropout is not None,
+            NATIVE=native, num_warps=8,
+        )  # fmt: skip
+    return dh
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -141,6 +141,15 @@ for rp in (16, 64):
     constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
     source = ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs)
     assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+# the SwiGLU backward that adds down's rank-r term (through the mask, or without dropout)
+from ftw_kernels.swiglu import _swiglu_bwd_term
+ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed", "threshold"), "i32")
+signature = {**dict.fromkeys(("DH", "G", "U", "DYB", "A"), "*bf16"), **ints, "scale": "fp32",
+             **dict.fromkeys(("RP", "ROWS", "BLOCK", "DROP", "NATIVE"), "constexpr")}
+for drop in (False, True):
+    constexprs = {"RP": 16, "ROWS": 16, "BLOCK": 1024, "DROP": drop, "NATIVE": True}
+    source = ASTSource(fn=_swiglu_bwd_term, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 

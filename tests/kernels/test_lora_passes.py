@@ -131,3 +131,46 @@ def test_fp32_adapter_grads_come_straight_from_their_gemms():
     assert seen.casts == 0
     for p in made:
         assert p.lora_a.grad.dtype == p.lora_b.grad.dtype == torch.float32
+
+
+WIDE = 128  # an intermediate whose lanes are wide enough for the term's dot (kernels/ftw_kernels/swiglu.py)
+
+
+class _TermKernels(TorchDispatchMode):
+    """The addmm's that write into a tokens × WIDE tensor: in the backward, the dx GEMM adding itself to down's
+    rank-r term."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide_addmms = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.wide_addmms += name in ("addmm", "addmm_") and tuple(args[0].shape) == (TOKENS, WIDE)
+        return func(*args, **(kwargs or {}))
+
+
+def _mlp_grads(made: list[Projection], x: torch.Tensor, dy: torch.Tensor, dropout: float, seed: int):
+    for p in made:
+        p.lora_a.grad = p.lora_b.grad = None
+    x = x.detach().requires_grad_()
+    torch.manual_seed(seed)  # the dropout masks' seeds
+    y = lora_gated_mlp(x, *[Projection(p.weight, None, p.lora_a, p.lora_b, p.scale, dropout) for p in made])
+    with _TermKernels() as seen:  # the backward's (gate's and up's forward GEMMs add onto their terms too)
+        y.backward(dy)
+    return [x.grad, *(g for p in made for g in (p.lora_a.grad, p.lora_b.grad))], seen.wide_addmms
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_downs_rank_term_rides_the_swiglu_backward(dropout, rng_seed, monkeypatch):
+    """dh's rank-r term is added inside the SwiGLU backward's pass, not written for the dx GEMM to read (beta 1):
+    no addmm writes a tokens × intermediate tensor, and every grad is the one the GEMM's addition gives."""
+    made = [_projection(WIDE, HIDDEN, 2.0), _projection(WIDE, HIDDEN, 2.0), _projection(HIDDEN, WIDE, 0.5)]
+    x, dy = torch.randn(TOKENS, HIDDEN, device=DEVICE), torch.randn(TOKENS, HIDDEN, device=DEVICE)
+    inside, wide_addmms = _mlp_grads(made, x, dy, dropout, rng_seed)
+    assert wide_addmms == 0
+    monkeypatch.setattr("ftw_kernels.swiglu.TERM_MAX_R", 0)  # every rank too large: the GEMM adds the term
+    added, wide_addmms = _mlp_grads(made, x, dy, dropout, rng_seed)
+    assert wide_addmms == 1
+    for got, want in zip(inside, added):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
