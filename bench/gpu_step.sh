@@ -20,14 +20,15 @@
 #   QLORA_GC=on QLORA_ARMS=unsloth,ftw-real,ftw-real-fp8 OUT=$OUT bash bench/gpu_step.sh qlora8b
 # Measured on 2026-12-05 (seventh session, H100): LoRA's dropout and the 8-bit base at 8B against Unsloth, the passes
 # that draw the mask themselves, this tree against the one before with dropout (docs/benchmarks.md, "seventh
-# session"). Still wanted: the CUDA run of tests/kernels/test_int8_base.py after its helper's fix, and the 1B rows:
-#   TESTS="tests/kernels/test_int8_base.py tests/kernels/test_lora_dropout.py" SHAPES=llama-1b OUT=$OUT \
-#     bash bench/gpu_step.sh tests dropout int8
-# and the loss head over the target rows on chat-like data (half of each sample a masked prompt), ~8 minutes:
-#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh masked
-# and the padding-free batches of an unpacked run (sample_packing: false), ~8 minutes:
-#   SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
-#   OUT=$OUT bash bench/gpu_step.sh real-unpacked                                # ~6 minutes
+# session"). Measured on 2026-12-06 (H100): the CUDA run of test_int8_base.py and test_lora_dropout.py, the mask's
+# 16-bit draws (dropout-ops, ab, dropout at 8B), bench/down_term.py, and the `masked` and `unpacked` rows at both
+# shapes (docs/benchmarks.md, "2026-12-06"). Still wanted: the two-warp dropout kernels and down's term inside the
+# SwiGLU backward in the step, against .gpu/before = bfe5803, with and without dropout:
+#   AB_DROPOUT=0.05 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout-ops ab
+#   AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
+# then `ftw train` on unpacked rows (~6 minutes) and the 1B dropout and 8-bit rows:
+#   OUT=$OUT bash bench/gpu_step.sh real-unpacked
+#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
