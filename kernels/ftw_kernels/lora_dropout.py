@@ -148,26 +148,39 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
     return y
 
 
+@triton.jit
+def rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP: tl.constexpr, NATIVE: tl.constexpr):
+    """dybᵀ's rows `rows` (rows × RP, zeros past R): the left operand of each lane's rank-sized dot. Not NATIVE
+    (the interpreter, which multiplies 16-bit operands as raw bits): fp32, multiplied exactly (no tf32)."""
+    k = tl.arange(0, RP)
+    lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=(rows[:, None] < n_rows) & (k[None, :] < R))
+    if not NATIVE:
+        lhs = lhs.to(tl.float32)
+    return lhs
+
+
+@triton.jit
+def lane_term(lhs, A, cols_idx, cols, stride_a, R, RP: tl.constexpr, NATIVE: tl.constexpr):
+    """lhs · A[:, cols_idx] in fp32: a lane's columns of a rank-r term, A's rows read from L2."""
+    k = tl.arange(0, RP)
+    rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
+    if NATIVE:
+        term = tl.dot(lhs, rhs)
+    else:
+        term = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
+    return term
+
+
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
 def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, threshold, scale, RP: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
     rows = program_rows(ROWS)
-    k = tl.arange(0, RP)
-    lhs_inside = (rows[:, None] < n_rows) & (k[None, :] < R)
-    lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=lhs_inside, other=0.0)  # dybᵀ's rows
-    if not NATIVE:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
-        lhs = lhs.to(tl.float32)
+    lhs = rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP, NATIVE)
     words = block_words(seed, rows, BLOCK)
     for lane in tl.static_range(8):  # a lane's dot at a time: its tile in registers
         cols_idx = lane_columns(lane, BLOCK)
-        rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
-        if NATIVE:
-            terms = tl.dot(lhs, rhs)
-        else:
-            terms = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
-        y = keep_scaled(
-            terms.to(Y.dtype.element_ty), lane_kept(words, lane, threshold), scale
-        )  # rounded as the product was
+        terms = lane_term(lhs, A, cols_idx, cols, stride_a, R, RP, NATIVE).to(Y.dtype.element_ty)  # as cuBLAS rounds
+        y = keep_scaled(terms, lane_kept(words, lane, threshold), scale)
         inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
         tl.store(Y + rows[:, None] * cols + cols_idx[None, :], y.to(Y.dtype.element_ty), mask=inside)
 

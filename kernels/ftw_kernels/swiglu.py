@@ -22,7 +22,9 @@ from ftw_kernels.lora_dropout import (
     keep_scaled,
     lane_columns,
     lane_kept,
+    lane_term,
     program_rows,
+    rank_lhs,
 )
 
 BLOCK = 1024
@@ -107,20 +109,12 @@ def _swiglu_bwd_term(DH, G, U, DYB, A, n_rows, cols, stride_dyb, stride_a, R, se
                      RP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, DROP: tl.constexpr,
                      NATIVE: tl.constexpr):  # fmt: skip
     rows = program_rows(ROWS)
-    k = tl.arange(0, RP)
-    lhs = tl.load(DYB + k[None, :] * stride_dyb + rows[:, None], mask=(rows[:, None] < n_rows) & (k[None, :] < R))
-    if not NATIVE:  # fp32 operands exactly (the interpreter multiplies 16-bit operands as raw bits; no tf32)
-        lhs = lhs.to(tl.float32)
+    lhs = rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP, NATIVE)
     if DROP:
         words = block_words(seed, rows, BLOCK)
     for lane in tl.static_range(8):
         cols_idx = lane_columns(lane, BLOCK)
-        rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
-        if NATIVE:
-            term = tl.dot(lhs, rhs)
-        else:
-            term = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
-        term = term.to(DH.dtype.element_ty)  # rounded as cuBLAS's product of the term is
+        term = lane_term(lhs, A, cols_idx, cols, stride_a, R, RP, NATIVE).to(DH.dtype.element_ty)  # as cuBLAS rounds
         keep = False
         if DROP:
             keep = lane_kept(words, lane, threshold)
