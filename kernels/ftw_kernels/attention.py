@@ -48,13 +48,16 @@ def varlen_attn_fn():
 def segment_starts(
     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
-    """cu_seqlens (int32, segments of the flattened batch) and the longest segment's length."""
+    """cu_seqlens (int32, segments of the flattened batch) and the longest segment's length. A row's padding is one
+    segment: its position ids are all 0 (worker/train/batches.collate), and read as restarts they made each pad
+    token a segment of its own, thousands a padded micro-batch, each a row of programs in the flash kernels' grid."""
     starts = torch.zeros(batch, seq, dtype=torch.bool, device=device)
     starts[:, 0] = True
+    m = None if attention_mask is None else attention_mask.bool()
     if position_ids is not None:
-        starts |= (position_ids == 0).expand(batch, seq)
-    if attention_mask is not None:
-        m = attention_mask.bool()
+        restarts = (position_ids == 0).expand(batch, seq)
+        starts |= restarts if m is None else restarts & m
+    if m is not None:
         starts[:, 1:] |= m[:, 1:] != m[:, :-1]
     idx = starts.flatten().nonzero().flatten()
     cu = torch.cat([idx, torch.tensor([batch * seq], device=device)]).to(torch.int32)

@@ -258,6 +258,25 @@ def test_segment_starts_split_samples_and_padding():
     assert cu.tolist() == [0, 6, 12] and longest == 6
 
 
+def test_a_padded_rows_padding_is_one_segment():
+    """Padded micro-batches (no packing) as the trainer collates them, their padding at position 0: each row's
+    samples keep their segments and its padding is one more, not one a pad token (6,629 segments for the 8 rows
+    of the 1B bench's padded micro-batch, which ran 0.34× Unsloth's padded rows on an H100)."""
+    from ftw_kernels.attention import host_segments
+    from worker.train.batches import collate
+
+    rows = [
+        {"input_ids": [5] * n, "labels": [6] * n, "position_ids": list(range(a)) + list(range(n - a))}
+        for n, a in ((5, 5), (4, 2), (2, 2))
+    ]
+    batch = collate(rows, pad_id=0, packed=False)
+    found = host_segments(batch["position_ids"], batch["attention_mask"])
+    # row 0: one sample; row 1: two samples, then one pad; row 2: one sample, then three pads as one segment
+    assert found["cu_seq_lens_q"].tolist() == [0, 5, 7, 9, 10, 12, 15] and found["max_length_q"] == 5
+    left = host_segments(torch.tensor([[0, 0, 0, 1, 2]]), torch.tensor([[0, 0, 1, 1, 1]]))  # left-padded prompts
+    assert left["cu_seq_lens_q"].tolist() == [0, 2, 5]
+
+
 def test_varlen_attention_with_a_kv_cache_attends_to_the_past_only():
     """Generation hands the attention a query shorter than the keys: the new tokens see every
     cached key before them and their own, none after, none padded."""
