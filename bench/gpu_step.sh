@@ -26,7 +26,9 @@
 # SwiGLU backward in the step, against .gpu/before = bfe5803, with and without dropout:
 #   AB_DROPOUT=0.05 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout-ops ab
 #   AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
-# then `ftw train` on unpacked rows (~6 minutes) and the 1B dropout and 8-bit rows:
+# then the padded rows with their padding as one segment, `ftw train` on unpacked rows (~6 minutes) and the 1B
+# dropout and 8-bit rows:
+#   UNPACKED_ARMS=unsloth,ftw-padded SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #
@@ -59,8 +61,9 @@
 #                         over the int8 weights dequantised per matmul, and ftw-peft-lora: PEFT's 8-bit LoRA layers
 #                         beside ftw's other kernels, what such a config ran before)
 #   unpacked unpacked-<shape>.txt  bench/train_throughput.py --unpacked at $SHAPES: mbs samples a step, one a row,
-#                         padded to the longest; Unsloth (padded rows), ftw (each micro-batch's samples joined into one
-#                         row, as the trainer's padding-free batches) and ftw-padded (the padded rows, as before)
+#                         padded to the longest; $UNPACKED_ARMS (default Unsloth (padded rows), ftw (each micro-batch's
+#                         samples joined into one row, as the trainer's padding-free batches) and ftw-padded (the
+#                         padded rows, as before))
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
 #                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0)
@@ -122,7 +125,7 @@ for part in "${parts[@]}"; do
       done ;;
     masked | unpacked | dropout | int8)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
-      [ "$part" = unpacked ] && how="--unpacked" arms=unsloth,ftw,ftw-padded
+      [ "$part" = unpacked ] && how="--unpacked" arms=${UNPACKED_ARMS:-unsloth,ftw,ftw-padded}
       [ "$part" = dropout ] && how="--full-length --lora-dropout 0.05" arms=${DROPOUT_ARMS:-unsloth,ftw,ftw-peft-lora}
       [ "$part" = int8 ] && how="--full-length --8bit" arms=${INT8_ARMS:-unsloth,ftw,ftw-peft-lora}
       for shape in llama-1b:10:150 llama-8b:8:160; do  # Unsloth's first import on a fresh machine compiles
