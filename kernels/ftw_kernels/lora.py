@@ -334,9 +334,9 @@ class LoRAGatedMLP(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1])
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
-        a_down = _adapters([down], dy.dtype)[0]
+        a_down = _adapters([down], g.dtype)[0]  # in h's dtype: the term's operand and h·A_downᵀ's
         # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
-        inside = want_h and a_down is not None and term_fits(g, a_down)
+        inside = want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
         dh, dyb = _input_grad([dy], [down], True, h_drop, with_terms=not inside)
         # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh,
         # dropped, as down's rank-r term read it
@@ -346,7 +346,7 @@ class LoRAGatedMLP(torch.autograd.Function):
             h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)
         del dh
         if formed:
-            had = h @ _adapters([down], h.dtype)[0].t()
+            had = h @ a_down.t()
         down_grads = _weight_grads([dy], dyb, h, had, [down])
         del h
         dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0], x_drop)

@@ -175,8 +175,8 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
 
 
 def term_fits(g: torch.Tensor, a_rows: torch.Tensor) -> bool:
-    """Whether `swiglu_backward_term` takes the backward of g (and of a dh in a_rows' dtype): contiguous operands
-    of one dtype, a rank up to TERM_MAX_R and lanes of at least 16 columns (a dot's least)."""
+    """Whether `swiglu_backward_term` takes the backward of g (with a dh of g's dtype): contiguous operands of one
+    dtype, a rank up to TERM_MAX_R and lanes of at least 16 columns (a dot's least)."""
     return (
         g.dtype == a_rows.dtype
         and g.is_contiguous()
