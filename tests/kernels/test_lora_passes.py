@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
+from tests.kernels.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOKENS, HIDDEN, INTER, RANK = 48, 32, 64, 4
@@ -172,5 +173,5 @@ def test_downs_rank_term_rides_the_swiglu_backward(dropout, rng_seed, monkeypatc
     monkeypatch.setattr("ftw_kernels.swiglu.TERM_MAX_R", 0)  # every rank too large: the GEMM adds the term
     added, wide_addmms = _mlp_grads(made, x, dy, dropout, rng_seed)
     assert wide_addmms == 1
-    for got, want in zip(inside, added):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(inside, added):  # fp32 summed in another order (on a GPU, elements near 0 differ by 6e-4)
+        assert rel_err(got, want) < 1e-5

@@ -159,7 +159,11 @@ def run_inprocess(cfg: dict[str, Any], run_dir: Path, cache: Path) -> int:
     from worker.train.child import run
 
     torch.set_num_threads(1)
-    return run(TrainingConfig.model_validate(cfg), run_dir, cache)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        return run(TrainingConfig.model_validate(cfg), run_dir, cache)
+    finally:  # the stage turns TF32 on for its whole process: the tests after this one keep their fp32 matmuls
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def resumed_matches_uninterrupted(cfg: dict[str, Any], cache: Path, tmp_path: Path, step: int) -> dict[str, Any]:

@@ -165,9 +165,6 @@ def test_a_cuda_training_step_never_waits_for_the_device(task_model_dir, task_ro
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(Trainer, "train_step", strict_step)
-    # the in-process trainer turns TF32 on for the whole process: give later tests their fp32 back
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     cfg = base_config(
         task_model_dir,
         micro_batch_size=1 if packed else 4,

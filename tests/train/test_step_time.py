@@ -66,8 +66,6 @@ def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, tas
         return queue_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", step_with_spin)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     train, _, _ = task_rows
     run_dir = tmp_path / "run"
     monkeypatch.setenv("FTW_EVENTS", str(run_dir / "events.jsonl"))

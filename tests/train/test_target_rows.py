@@ -56,11 +56,6 @@ def _train(task_model_dir, cache, run_dir, monkeypatch, gathered: bool) -> tuple
     rows: list[int] = []
     chunk = cross_entropy._chunk_dlogits
     monkeypatch.setattr(cross_entropy, "_chunk_dlogits", lambda h, *a: rows.append(h.shape[0]) or chunk(h, *a))
-    # fp32 without TF32 on a GPU too (an earlier run in this process may have turned it on): both runs' GEMMs then
-    # round alike up to their order of summation
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cfg = base_config(task_model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=2, bf16=False)
     assert run_inprocess({**cfg, "use_kernels": True, "save_strategy": "no", "tf32": False}, run_dir, cache) == 0
     monkeypatch.undo()
