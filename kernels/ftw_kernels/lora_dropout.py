@@ -161,14 +161,14 @@ def rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP: tl.constexpr, NATIVE: tl.cons
 
 @triton.jit
 def lane_term(lhs, A, cols_idx, cols, stride_a, R, RP: tl.constexpr, NATIVE: tl.constexpr):
-    """lhs · A[:, cols_idx] in fp32: a lane's columns of a rank-r term, A's rows read from L2. fp32 operands are
-    multiplied exactly, as torch's fp32 matmul does (Triton's default would round them to tf32); 16-bit ones take
-    the tensor cores either way."""
+    """lhs · A[:, cols_idx] in fp32: a lane's columns of a rank-r term, A's rows read from L2."""
     k = tl.arange(0, RP)
     rhs = tl.load(A + k[:, None] * stride_a + cols_idx[None, :], mask=(k[:, None] < R) & (cols_idx[None, :] < cols))
-    if not NATIVE:
-        rhs = rhs.to(tl.float32)
-    return tl.dot(lhs, rhs, input_precision="ieee")
+    if NATIVE:
+        term = tl.dot(lhs, rhs)
+    else:
+        term = tl.dot(lhs, rhs.to(tl.float32), input_precision="ieee")
+    return term
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one

@@ -133,32 +133,23 @@ for dtype in ("*bf16", "*fp32"):
         for rows, block in ((1, 1024), (16, 64)):
             source = ASTSource(fn=fn, signature=signature, constexprs={"ROWS": rows, "BLOCK": block})
             assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
-
-
-def rank_dot(source):
-    # a kernel with a rank-sized dot: its PTX multiplies 16-bit operands on the tensor cores and fp32 ones
-    # exactly, as torch's fp32 matmul does (Triton's default rounds fp32 operands to tf32: 3e-4 apart)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    ptx, fp32 = compiled.asm["ptx"], source.signature["A"] == "*fp32"
-    assert compiled.asm["cubin"] and "tf32" not in ptx and ("mma" in ptx) != fp32, source.fn.__name__
-
-
+# dx's rank-r terms written through the mask (16-bit operands: tensor-core dots)
+ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
+signature = {"DYB": "*bf16", "A": "*bf16", "Y": "*bf16", **ints, "threshold": "i32", "scale": "fp32",
+             **dict.fromkeys(("RP", "ROWS", "BLOCK", "NATIVE"), "constexpr")}
+for rp in (16, 64):
+    constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
+    source = ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+# the SwiGLU backward that adds down's rank-r term (through the mask, or without dropout)
 from ftw_kernels.swiglu import _swiglu_bwd_term
-for dtype in ("*bf16", "*fp32"):
-    # dx's rank-r terms written through the mask
-    ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed"), "i32")
-    signature = {"DYB": dtype, "A": dtype, "Y": dtype, **ints, "threshold": "i32", "scale": "fp32",
-                 **dict.fromkeys(("RP", "ROWS", "BLOCK", "NATIVE"), "constexpr")}
-    for rp in (16, 64):
-        constexprs = {"RP": rp, "ROWS": 16, "BLOCK": 1024, "NATIVE": True}
-        rank_dot(ASTSource(fn=_rank_terms_dropped, signature=signature, constexprs=constexprs))
-    # the SwiGLU backward that adds down's rank-r term (through the mask, or without dropout)
-    ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed", "threshold"), "i32")
-    signature = {**dict.fromkeys(("DH", "G", "U", "DYB", "A"), dtype), **ints, "scale": "fp32",
-                 **dict.fromkeys(("RP", "ROWS", "BLOCK", "DROP", "NATIVE"), "constexpr")}
-    for drop in (False, True):
-        constexprs = {"RP": 16, "ROWS": 16, "BLOCK": 1024, "DROP": drop, "NATIVE": True}
-        rank_dot(ASTSource(fn=_swiglu_bwd_term, signature=signature, constexprs=constexprs))
+ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed", "threshold"), "i32")
+signature = {**dict.fromkeys(("DH", "G", "U", "DYB", "A"), "*bf16"), **ints, "scale": "fp32",
+             **dict.fromkeys(("RP", "ROWS", "BLOCK", "DROP", "NATIVE"), "constexpr")}
+for drop in (False, True):
+    constexprs = {"RP": 16, "ROWS": 16, "BLOCK": 1024, "DROP": drop, "NATIVE": True}
+    source = ASTSource(fn=_swiglu_bwd_term, signature=signature, constexprs=constexprs)
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 print("compiled")
 """
 
@@ -166,8 +157,7 @@ print("compiled")
 def test_the_kernel_compiles_for_hopper():
     """The kernels as the GPU runs them: Triton's compiler and ptxas for sm_90 (no GPU needed; in a process
     without the interpreter), at the blockings `dropped` picks for a wide and a narrow row, and the SwiGLU kernels
-    that draw its mask. The tests above check their numbers through the interpreter, this their compilation,
-    and that the rank-sized dots multiply fp32 as exactly on the GPU as the interpreter does."""
+    that draw its mask. The tests above check their numbers through the interpreter, this their compilation."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")])
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True)
