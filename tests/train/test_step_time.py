@@ -52,17 +52,14 @@ def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, tas
     from worker.train.trainer import Trainer
 
     spin_cycles = 1_000_000_000  # ~0.5 s, far above a tiny model's step
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(spin_cycles)
-    end.record()
-    end.synchronize()
-    spin_ms = start.elapsed_time(end)
+    spin = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     queue_step = Trainer.train_step
 
     def step_with_spin(self, batch):
-        if batch.step == 3:  # the 4th step, as reported
+        if batch.step == 3:  # the 4th step, as reported; the spin timed where it runs (its cycles take as long as
+            spin[0].record()  # the clock of that moment makes them: 0.95× a spin timed before the run, once)
             torch.cuda._sleep(spin_cycles)
+            spin[1].record()
         return queue_step(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", step_with_spin)
@@ -72,6 +69,8 @@ def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, tas
     cfg = base_config(task_model_dir, max_steps=8, save_strategy="no", optimizer="adamw_torch_fused")
     assert run_inprocess(cfg, run_dir, write_cache(tmp_path / "cache", train[:64])) == 0
     times = {e["step"]: e["step_ms"] for e in events(run_dir) if "loss" in e and "event" not in e}
+    spin[1].synchronize()
+    spin_ms = spin[0].elapsed_time(spin[1])
     assert sorted(times) == list(range(1, 9)) and all(ms > 0 for ms in times.values())
     usual = statistics.median(times[s] for s in (2, 3, 5, 6, 7, 8))
     assert usual < spin_ms / 4, times
