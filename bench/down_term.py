@@ -16,7 +16,10 @@ adds the term to the GEMM's rounded output in fp32).
 
 The kernel is ftw's (kernels/ftw_kernels/swiglu.py `swiglu_backward_term`), which the fused MLP runs up to
 `TERM_MAX_R`; `--rank` times it past that. Times: bench/gpu_bench.py's `timed_us` (the GPU's time alone, the
-median of 30 after 5); p 0.05."""
+median of 30 after 5); p 0.05.
+
+`--tiles ROWSxWARPS,...` adds a table of the kernel's own tiling (swiglu.TERM_ROWS token rows a program, TERM_WARPS
+warps): the term-inside arm at each, against today's arm, e.g. --tiles 16x8,16x16,32x16."""
 
 from __future__ import annotations
 
@@ -56,8 +59,10 @@ def today(dy, w, dyb, a, g, u, drop: Dropout | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16, help="down's LoRA rank (the kernel runs up to TERM_MAX_R)")
+    parser.add_argument("--tiles", default="", help="ROWSxWARPS,... of the kernel to time besides its own")
     args, device, dtype = setup(__doc__, parser)
     rank = args.rank
+    timed = []  # (shape, dropout, the term-inside arm, today's µs) for --tiles
     print("| shape | dropout | today µs | term inside µs | × | max |Δ| / max |h| |")
     print("|---|---|---:|---:|---:|---:|")
     for shape in args.shapes:
@@ -77,6 +82,27 @@ def main() -> None:
             name = "none" if drop is None else f"p {P}"
             cells = f"{today_us:.1f} | {fused_us:.1f} | {today_us / fused_us:.2f}× | {err / scale:.1e}"
             print(f"| {shape} | {name} | {cells} |", flush=True)
+            timed.append((shape, name, partial(fused, dy, w, dyb, a, g, u, drop), today_us))
+    if args.tiles:
+        tilings(timed, args.tiles, device)
+
+
+def tilings(timed, tiles: str, device) -> None:
+    """The term-inside arm of each row at each ROWSxWARPS of the kernel (the same numbers: the tiles split rows
+    and columns, not a dot's sum)."""
+    from ftw_kernels import swiglu
+
+    print("\n| shape | dropout | rows × warps | term inside µs | × today |")
+    print("|---|---|---|---:|---:|")
+    own = swiglu.TERM_ROWS, swiglu.TERM_WARPS
+    try:
+        for shape, name, arm, today_us in timed:
+            for tile in tiles.split(","):
+                swiglu.TERM_ROWS, swiglu.TERM_WARPS = (int(n) for n in tile.split("x"))
+                us = timed_us(arm, device)
+                print(f"| {shape} | {name} | {tile} | {us:.1f} | {today_us / us:.2f}× |", flush=True)
+    finally:
+        swiglu.TERM_ROWS, swiglu.TERM_WARPS = own
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ for part in "${parts[@]}"; do
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
-        $PY bench/down_term.py --shapes llama-8b,llama-1b
+        $PY bench/down_term.py --shapes llama-8b,llama-1b --tiles 16x8,16x16,32x16
         $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
         2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)

@@ -101,6 +101,10 @@ def _lane_offsets(rows, LANE: tl.constexpr, n_rows, cols, BLOCK: tl.constexpr):
 # bench/down_term.py, H100, 8B's shape: 1.04× the backward's three steps without dropout, 1.12× with (1B: 1.07×,
 # 1.19×; docs/benchmarks.md, 2026-12-06). Tiles of TERM_ROWS rows (a tensor-core dot's least) by a lane's columns.
 TERM_ROWS = 16
+# 8 warps: 8 elements a thread of a 16 × 128 lane (16-byte loads). ptxas (sm_90a) gives the kernel 164 registers a
+# thread without dropout and 216 with it, so one block of 8 warps a multiprocessor; at 16 warps, 91 and 97 (16 rows)
+# or 127 (32 rows, 16-byte loads again). bench/down_term.py --tiles times them.
+TERM_WARPS = 8
 TERM_MAX_R = 16  # the rank measured; a larger one keeps the GEMM's beta until bench/down_term.py --rank times it
 
 
@@ -199,7 +203,7 @@ def swiglu_backward_term(dh, g, u, dyb, a_rows, dropout: Dropout | None) -> torc
         _swiglu_bwd_term[(triton.cdiv(rows, TERM_ROWS), triton.cdiv(cols, block))](
             dh, g, u, dyb, a_rows, rows, cols, dyb.stride(0), a_rows.stride(0), sum_r, seed, threshold, scale,
             RP=max(16, triton.next_power_of_2(sum_r)), ROWS=TERM_ROWS, BLOCK=block, DROP=dropout is not None,
-            NATIVE=native, num_warps=8,
+            NATIVE=native, num_warps=TERM_WARPS,
         )  # fmt: skip
     return dh
 

@@ -147,9 +147,10 @@ ints = dict.fromkeys(("n_rows", "cols", "stride_dyb", "stride_a", "R", "seed", "
 signature = {**dict.fromkeys(("DH", "G", "U", "DYB", "A"), "*bf16"), **ints, "scale": "fp32",
              **dict.fromkeys(("RP", "ROWS", "BLOCK", "DROP", "NATIVE"), "constexpr")}
 for drop in (False, True):
-    constexprs = {"RP": 16, "ROWS": 16, "BLOCK": 1024, "DROP": drop, "NATIVE": True}
-    source = ASTSource(fn=_swiglu_bwd_term, signature=signature, constexprs=constexprs)
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+    for rows, warps in ((16, 8), (32, 16)):  # its tiling, and one bench/down_term.py --tiles times
+        constexprs = {"RP": 16, "ROWS": rows, "BLOCK": 1024, "DROP": drop, "NATIVE": True}
+        source = ASTSource(fn=_swiglu_bwd_term, signature=signature, constexprs=constexprs)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
 print("compiled")
 """
 
@@ -249,6 +250,29 @@ def test_swiglu_writes_h_dropped_as_the_dropout_pass_would(cols, dtype, monkeypa
     assert torch.equal(recomputed, want)
     swiglu.swiglu_backward(dh.clone(), g, u, *grads[2:], want_h=True)
     assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])  # dg, du as without dropout
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_term_kernels_tiling_changes_no_number(p, monkeypatch):
+    """bench/down_term.py --tiles times the SwiGLU backward with down's term at other tilings (token rows a program,
+    warps): each gives the default's dg, du and h bit for bit, mask included (the tiles split rows and columns;
+    each element's draw and its term's sum are its own)."""
+    from ftw_kernels import swiglu
+
+    rows, cols, rank = 70, 2048, 16
+    dh, g, u = (torch.randn(rows, cols, device=DEVICE) for _ in range(3))
+    dyb, a = torch.randn(rank, rows, device=DEVICE), torch.randn(rank, cols, device=DEVICE)
+    drop = Dropout(p, 99) if p else None
+
+    def run():
+        g2, u2 = g.clone(), u.clone()
+        return g2, u2, swiglu.swiglu_backward_term(dh.clone(), g2, u2, dyb, a, drop)
+
+    want = run()
+    monkeypatch.setattr(swiglu, "TERM_ROWS", 32)
+    monkeypatch.setattr(swiglu, "TERM_WARPS", 16)
+    for got, expected in zip(run(), want):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize(
