@@ -22,12 +22,13 @@
 # that draw the mask themselves, this tree against the one before with dropout (docs/benchmarks.md, "seventh
 # session"). Measured on 2026-12-06 (H100): the CUDA run of test_int8_base.py and test_lora_dropout.py, the mask's
 # 16-bit draws (dropout-ops, ab, dropout at 8B), bench/down_term.py, and the `masked` and `unpacked` rows at both
-# shapes (docs/benchmarks.md, "2026-12-06"). Still wanted: the two-warp dropout kernels and down's term inside the
-# SwiGLU backward in the step, against .gpu/before = bfe5803, with and without dropout:
-#   AB_DROPOUT=0.05 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests dropout-ops ab
-#   AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
-# then the padded rows with their padding as one segment, `ftw train` on unpacked rows (~6 minutes) and the 1B
-# dropout and 8-bit rows:
+# shapes (docs/benchmarks.md, "2026-12-06"). Measured on 2026-12-06 (ninth session, H100): the CUDA tests, both of
+# those in the step against bfe5803 (ab, with and without dropout), dense bf16 at 1B and 8B interleaved with Unsloth,
+# and the 8B profile of both (`profile`; bench/step_split.py sums its traces). Still wanted: the CUDA tests after
+# that session's test fixes, the term kernel's tilings (dropout-ops: bench/down_term.py --tiles), QLoRA at 8B
+# without checkpointing, the padded rows with their padding as one segment, and `ftw train` on unpacked rows:
+#   OUT=$OUT bash bench/gpu_step.sh tests dropout-ops
+#   OUT=$OUT bash bench/gpu_step.sh qlora8b
 #   UNPACKED_ARMS=unsloth,ftw-padded SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
@@ -35,7 +36,8 @@
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
-#   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one) and
+#   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
+#                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings) and
 #                         bench/lora_ops.py --lora-dropout 0.05 (one layer: PEFT's dropout against the fused one)
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
@@ -104,7 +106,7 @@ for part in "${parts[@]}"; do
       log "tests"
       # shellcheck disable=SC2086  # $TESTS: several paths
       $PY -m pytest -q -p no:cacheprovider $TESTS >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back
-      tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt" ;;
+      { grep -E "^(FAILED|ERROR) " "$OUT/tests.txt"; tail -n 1 "$OUT/tests.txt"; } | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
