@@ -25,7 +25,8 @@
 # shapes (docs/benchmarks.md, "2026-12-06"). Measured on 2026-12-06 (ninth session, H100): the CUDA tests, both of
 # those in the step against bfe5803 (ab, with and without dropout), dense bf16 at 1B and 8B interleaved with Unsloth,
 # and the 8B profile of both (`profile`; bench/step_split.py sums its traces). Still wanted: the CUDA tests after
-# that session's test fixes, the term kernel's tilings (dropout-ops: bench/down_term.py --tiles), QLoRA at 8B
+# that session's test fixes, the term kernel's tilings and gate's and up's dyb inside it (dropout-ops:
+# bench/down_term.py --tiles, bench/gate_up_dyb.py), QLoRA at 8B
 # without checkpointing, the padded rows with their padding as one segment, and `ftw train` on unpacked rows:
 #   OUT=$OUT bash bench/gpu_step.sh tests dropout-ops
 #   OUT=$OUT bash bench/gpu_step.sh qlora8b
@@ -37,7 +38,8 @@
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
-#                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings) and
+#                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings),
+#                         bench/gate_up_dyb.py (gate's and up's dyb from that kernel's tiles: the candidate) and
 #                         bench/lora_ops.py --lora-dropout 0.05 (one layer: PEFT's dropout against the fused one)
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
@@ -114,6 +116,7 @@ for part in "${parts[@]}"; do
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
         $PY bench/down_term.py --shapes llama-8b,llama-1b --tiles 16x8,16x16,32x16
+        $PY bench/gate_up_dyb.py --shapes llama-8b,llama-1b
         $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
         2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)
