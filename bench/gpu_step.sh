@@ -28,7 +28,7 @@
 # that session's test fixes, the term kernel's tilings and gate's and up's dyb inside it (dropout-ops:
 # bench/down_term.py --tiles, bench/gate_up_dyb.py), QLoRA at 8B
 # without checkpointing, the padded rows with their padding as one segment, and `ftw train` on unpacked rows:
-#   OUT=$OUT bash bench/gpu_step.sh tests dropout-ops
+#   OUT=$OUT bash bench/gpu_step.sh tests dropout-ops gemms   # gemms: the bordered dx, isolated
 #   OUT=$OUT bash bench/gpu_step.sh qlora8b
 #   UNPACKED_ARMS=unsloth,ftw-padded SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked
@@ -37,6 +37,8 @@
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
+#   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
+#                         bordered weights, forward and dx
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
 #                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings),
 #                         bench/gate_up_dyb.py (gate's and up's dyb from that kernel's tiles: the candidate) and
@@ -112,6 +114,9 @@ for part in "${parts[@]}"; do
     ops)
       log "lora_ops 8b, 1b"
       $PY bench/lora_ops.py --shapes 8b,1b 2>&1 | tee "$OUT/ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    gemms)
+      log "stacked_gemms 8b, 1b"
+      $PY bench/stacked_gemms.py --shapes llama-8b,llama-1b 2>&1 | tee "$OUT/gemms.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
@@ -178,6 +183,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, 1b, 8b, qlora8b, qlora1b, profile, ab)"; exit 2 ;;
+         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, ab)"; exit 2 ;;
   esac
 done

@@ -15,7 +15,9 @@ Arms, per group (every projection of a decoder layer; the stacked ones where sev
   beta 1        ftw's order with s folded into B (forward) or A (dx), so the base GEMM adds with beta = 1
   terms alone   the forward's rank-r GEMMs without the base GEMMs: what writing the terms costs
   bordered      LoRA as a bordered weight: x·Aᵀ written beside x (one tokens × (in + Σr) buffer), then one GEMM
-                per projection against [Wᵢ | s·Bᵢ in its rank columns, zeros in the others'] (forward only)
+                per projection against [Wᵢ | s·Bᵢ in its rank columns, zeros in the others']; dx likewise, one GEMM
+                per projection of [dyᵢ | dybᵢ] (dybᵢ written beside dyᵢ by the product that forms it) against
+                [Wᵢ ; Aᵢ] (Aᵢ's rows under Wᵢ's), each adding itself to the last: no term written first
   stacked       the weights as one (Σ out × in) matrix: forward one rank-r GEMM (block-diagonal B) and one
                 base GEMM; dx one GEMM over [dy₁ | dy₂ | …], those taken as one buffer (written so by their producer)
   stacked+cat   the same dx with the dyᵢ concatenated first (what autograd gives when the outputs are split views)
@@ -91,6 +93,16 @@ def group_row(tokens: int, outs: list[int], width: int, device: torch.device, dt
         for w in bordered_w:
             bordered_x @ w.t()
 
+    # dx over bordered weights: [dyᵢ | dybᵢ]·[Wᵢ ; Aᵢ] (s inside dyb, as ftw's copies of s·B give it)
+    wide_dys = [torch.cat([dy, dyb[:, i * RANK : (i + 1) * RANK]], dim=1) for i, dy in enumerate(dys)]
+    tall_ws = [torch.cat([w, a_rows[i * RANK : (i + 1) * RANK]]) for i, w in enumerate(weights)]
+
+    def input_grad_bordered():
+        dx, beta = torch.empty_like(x), 0.0
+        for dy, w in zip(wide_dys, tall_ws):
+            dx.addmm_(dy, w, beta=beta)
+            beta = 1.0
+
     arms = {
         "fwd base only": lambda: [x @ w.t() for w in weights],
         "fwd bordered": forward_bordered,
@@ -101,6 +113,7 @@ def group_row(tokens: int, outs: list[int], width: int, device: torch.device, dt
         "dx base only": lambda: input_grad(torch.empty_like(x), 0.0),
         "dx ftw": lambda: input_grad(dyb @ a_rows, SCALE),
         "dx beta 1": lambda: input_grad(dyb @ (SCALE * a_rows), 1.0),
+        "dx bordered": input_grad_bordered,
     }
     if len(outs) > 1:
         arms |= {
