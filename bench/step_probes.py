@@ -47,7 +47,8 @@ def profile_steps(step, batches, path: str) -> float:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    # the ops' shapes too: bench/step_split.py tells LoRA's rank-sized GEMMs from the model's by them
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for b, _ in batches:
             step(b)
         torch.cuda.synchronize()

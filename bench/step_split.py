@@ -3,7 +3,10 @@
 names: the full-width GEMMs (every tile side ≥ 128: the projections' and the output head's, the same cuBLAS kernels in
 both tools), the rank-sized GEMMs (LoRA's: a tile side < 128, and cuBLAS's split-K reductions), attention, SwiGLU,
 the norms, RoPE, the loss, the optimizer, copies and fills, the rest. With each arm's mean power (W, the tokens
-table's) the table also gives its energy a step, which is what a step at the power cap is bound by.
+table's) the table also gives its energy a step, which is what a step at the power cap is bound by. Where the trace
+holds the ops' shapes (bench/step_probes.py records them since 2026-12-06's ninth session), a GEMM kernel is told
+by its op's matrices instead of its tile: rank-sized when one side is under RANK_SIDE (cuBLAS also runs some
+rank-sized products, e.g. Σr × hidden A grads, on full-width tiles).
 
   python bench/step_split.py ftw=OUT/prof-llama-8b-gcoff.txt.trace.json.gz \\
       unsloth=OUT/prof-llama-8b-gcoff-unsloth.txt.trace.json.gz --watts ftw=696.95,unsloth=693.55
@@ -28,13 +31,19 @@ KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart b
 )
 GEMM = re.compile(r"(nvjet|gemm|xmma|cutlass|splitkreduce)", re.IGNORECASE)
 TILE = re.compile(r"_(\d+)x(\d+)_")
+RANK_SIDE = 256  # a matrix side under this is a LoRA rank (Σr of a stacked group included), not a model width
 
 
-def kind_of(name: str) -> str:
+def kind_of(name: str, dims: list | None = None) -> str:
+    """The kind of one kernel; `dims`: its op's "Input Dims" where the trace recorded them."""
     low = name.lower()
     if GEMM.search(name):
-        tile = TILE.search(name)
-        full = tile is not None and min(int(tile[1]), int(tile[2])) >= 128 and "splitk" not in low
+        sides = [n for shape in dims or [] if len(shape) == 2 for n in shape]
+        if sides:
+            full = min(sides) >= RANK_SIDE
+        else:
+            tile = TILE.search(name)
+            full = tile is not None and min(int(tile[1]), int(tile[2])) >= 128 and "splitk" not in low
         return "GEMMs, full width" if full else "GEMMs, rank-sized (LoRA)"
     for kind, patterns in KINDS:
         if any(p in low for p in patterns):
@@ -46,10 +55,15 @@ def split(path: str, steps: int) -> dict[str, float]:
     """ms a step of each kind in one arm's trace."""
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
+    dims = {  # a CPU op's id → its inputs' shapes (a kernel carries the id of the op that launched it)
+        e["args"]["External id"]: e["args"]["Input Dims"]
+        for e in events
+        if e.get("cat") == "cpu_op" and "Input Dims" in e.get("args", {})
+    }
     ms: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            ms[kind_of(e["name"])] += e["dur"] / 1e3 / steps
+            ms[kind_of(e["name"], dims.get(e.get("args", {}).get("External id")))] += e["dur"] / 1e3 / steps
     return ms
 
 

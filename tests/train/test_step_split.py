@@ -50,6 +50,43 @@ def test_each_kernel_falls_in_its_kind():
     ]
 
 
+def test_a_gemm_is_told_by_its_ops_shapes_where_the_trace_has_them():
+    """cuBLAS ran ftw's A grads (Σr × hidden outputs) on a 128 × 256 tile: their op's shapes say rank-sized."""
+    tile = "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN"
+    assert kind_of(tile) == "GEMMs, full width"
+    assert kind_of(tile, [[48, 8192], [8192, 4096]]) == "GEMMs, rank-sized (LoRA)"
+    assert kind_of(tile, [[8192, 4096], [8192, 4096], [4096, 4096], [], []]) == "GEMMs, full width"  # addmm
+    assert kind_of("_rmsnorm_bwd", [[8192, 4096]]) == "norms"
+
+
+def test_the_trace_links_each_kernel_to_the_op_that_launched_it(tmp_path):
+    """Kernels carry their launching op's External id; the op's Input Dims classify them (record_shapes)."""
+    tile = "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN"
+    events = [
+        {
+            "cat": "cpu_op",
+            "name": "aten::mm",
+            "dur": 30,
+            "args": {"External id": 1, "Input Dims": [[48, 8192], [8192, 4096]]},
+        },
+        {
+            "cat": "cpu_op",
+            "name": "aten::mm",
+            "dur": 30,
+            "args": {"External id": 2, "Input Dims": [[8192, 4096], [4096, 4096]]},
+        },
+        {"cat": "kernel", "name": tile, "dur": 27.5, "args": {"External id": 1}},
+        {"cat": "kernel", "name": tile, "dur": 400.0, "args": {"External id": 2}},
+        {"cat": "kernel", "name": tile, "dur": 100.0, "args": {"External id": 3}},  # no op recorded: by its tile
+    ]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    ms = split(str(path), steps=1)
+    assert ms["GEMMs, rank-sized (LoRA)"] == pytest.approx(0.0275)
+    assert ms["GEMMs, full width"] == pytest.approx(0.5)
+
+
 @pytest.fixture
 def trace(tmp_path):
     """Two steps' trace: every kernel twice, beside the CPU ops and runtime calls a real trace holds."""
