@@ -56,6 +56,17 @@ def today(dy, w, dyb, a, g, u, drop: Dropout | None):
     return g, u, h
 
 
+def backward_inputs(shape: str, rank: int, device, dtype):
+    """(dy, W_down, dyb, A_down, g, u) of one step at `shape`: what the MLP's backward starts from."""
+    tokens, hidden, inter, _kv = SHAPES[shape]
+    dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(hidden, inter, device=device, dtype=dtype) / hidden**0.5
+    dyb = torch.randn(rank, tokens, device=device, dtype=dtype) / 4
+    a = torch.randn(rank, inter, device=device, dtype=dtype) / 4
+    g, u = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(2))
+    return dy, w, dyb, a, g, u
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=16, help="down's LoRA rank (the kernel runs up to TERM_MAX_R)")
@@ -66,12 +77,7 @@ def main() -> None:
     print("| shape | dropout | today µs | term inside µs | × | max |Δ| / max |h| |")
     print("|---|---|---:|---:|---:|---:|")
     for shape in args.shapes:
-        tokens, hidden, inter, _kv = SHAPES[shape]
-        dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
-        w = torch.randn(hidden, inter, device=device, dtype=dtype) / hidden**0.5
-        dyb = torch.randn(rank, tokens, device=device, dtype=dtype) / 4
-        a = torch.randn(rank, inter, device=device, dtype=dtype) / 4
-        g0, u0 = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(2))
+        dy, w, dyb, a, g0, u0 = backward_inputs(shape, rank, device, dtype)
         for drop in (None, Dropout(P, 1234)):
             outs = [arm(dy, w, dyb, a, g0.clone(), u0.clone(), drop) for arm in (today, fused)]
             err = max((x.float() - y.float()).abs().max().item() for x, y in zip(*outs))

@@ -33,7 +33,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
+from bench.down_term import backward_inputs  # noqa: E402
+from bench.gpu_bench import setup, timed_us  # noqa: E402
 from ftw_kernels.lora_dropout import blocking, lane_columns, lane_term, program_rows, rank_lhs  # noqa: E402
 from ftw_kernels.swiglu import TERM_ROWS, TERM_WARPS, _swiglu_bwd_at, swiglu_backward_term  # noqa: E402
 
@@ -99,13 +100,8 @@ def main() -> None:
     print("| shape | today µs | dyb inside µs | × | max |Δ| / max |x|, dg du h | the same, dyb |")
     print("|---|---:|---:|---:|---:|---:|")
     for shape in args.shapes:
-        tokens, hidden, inter, _kv = SHAPES[shape]
-        dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
-        w = torch.randn(hidden, inter, device=device, dtype=dtype) / hidden**0.5
-        dyb = torch.randn(RANK, tokens, device=device, dtype=dtype) / 4
-        a = torch.randn(RANK, inter, device=device, dtype=dtype) / 4
-        bg, bu = (torch.randn(inter, RANK, device=device, dtype=dtype) / 4 for _ in range(2))
-        g0, u0 = (torch.randn(tokens, inter, device=device, dtype=dtype) for _ in range(2))
+        dy, w, dyb, a, g0, u0 = backward_inputs(shape, RANK, device, dtype)
+        bg, bu = (torch.randn(g0.shape[1], RANK, device=device, dtype=dtype) / 4 for _ in range(2))
         outs = [arm(dy @ w, g0.clone(), u0.clone(), dyb, a, bg, bu) for arm in (today, candidate)]
         errs = [(x.float() - y.float()).abs().max().item() / x.float().abs().max().item() for x, y in zip(*outs)]
         g, u, dh = g0.clone(), u0.clone(), dy @ w  # timed in place, as the MLP's backward runs (dh: overwritten)
