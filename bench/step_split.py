@@ -20,7 +20,7 @@ import json
 import re
 from collections import defaultdict
 
-KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart by their tiles below
+KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart by `kind_of`
     ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "attention")),
     ("SwiGLU", ("swiglu", "_fg_kernel", "sigmoid", "silu")),
     ("norms", ("rmsnorm", "rms_layernorm", "layer_norm", "layernorm")),
@@ -73,10 +73,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps in each trace (bench/step_probes.py: 3)")
     ap.add_argument("--watts", default="", help="LABEL=W,...: each arm's mean power, for the energy row")
     a = ap.parse_args()
-    arms = dict(t.split("=", 1) for t in a.traces)
-    watts = {k: float(v) for k, v in (w.split("=") for w in a.watts.split(",") if w)}
+
+    def pairs(items: list[str], what: str) -> dict[str, str]:
+        if not all("=" in item for item in items):
+            ap.error(f"expected {what} pairs, got {items}")
+        return dict(item.split("=", 1) for item in items)
+
+    arms = pairs(a.traces, "LABEL=PATH")
+    try:
+        watts = {k: float(v) for k, v in pairs([w for w in a.watts.split(",") if w], "LABEL=W").items()}
+    except ValueError:
+        ap.error(f"--watts: each W must be a number, got {a.watts}")
     splits = {label: split(path, a.steps) for label, path in arms.items()}
-    kinds = [k for k in ("GEMMs, full width", "GEMMs, rank-sized (LoRA)", *(k for k, _ in KINDS), "other")]
+    kinds = ["GEMMs, full width", "GEMMs, rank-sized (LoRA)", *(k for k, _ in KINDS), "other"]
     labels = list(splits)
     print("| ms a step | " + " | ".join(labels) + " | " + " | ".join(f"share, {x}" for x in labels) + " |")
     print("|---" * (1 + 2 * len(labels)) + "|")
