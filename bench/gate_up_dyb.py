@@ -35,8 +35,8 @@ import triton.language as tl  # noqa: E402
 
 from bench.down_term import backward_inputs  # noqa: E402
 from bench.gpu_bench import setup, timed_us  # noqa: E402
-from ftw_kernels.lora_dropout import blocking, lane_columns, lane_term, program_rows, rank_lhs  # noqa: E402
-from ftw_kernels.swiglu import TERM_ROWS, TERM_WARPS, _swiglu_bwd_at, swiglu_backward_term  # noqa: E402
+from ftw_kernels.lora_dropout import blocking, lane_columns, native_dots, program_rows, rank_block, rank_lhs  # noqa: E402
+from ftw_kernels.swiglu import TERM_ROWS, TERM_WARPS, swiglu_backward_term, term_lane  # noqa: E402
 
 RANK = 16
 
@@ -47,11 +47,8 @@ def _term_then_dyb(DH, G, U, DYB, A, BG, BU, P, n_rows, cols, stride_dyb, stride
     rows = program_rows(ROWS)
     lhs = rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP, NATIVE)
     for lane in tl.static_range(8):  # swiglu_backward_term's loop, without dropout
-        cols_idx = lane_columns(lane, BLOCK)
-        term = lane_term(lhs, A, cols_idx, cols, stride_a, R, RP, NATIVE).to(DH.dtype.element_ty)
-        offs = rows[:, None] * cols + cols_idx[None, :]
-        inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-        _swiglu_bwd_at(DH, G, U, DH, G, U, offs, inside, False, 1.0, True, False, term.to(tl.float32))
+        term_lane(DH, G, U, A, lhs, rows, lane_columns(lane, BLOCK), n_rows, cols, stride_a, R, False, 1.0, RP, False,
+                  NATIVE)  # fmt: skip
     tl.debug_barrier()  # the block's dg and du, stored by its threads, read back by others
     k = tl.arange(0, RP)
     acc_g = tl.zeros((ROWS, RP), dtype=tl.float32)
@@ -81,10 +78,9 @@ def candidate(dh, g, u, dyb, a, bg, bu):
     rows, cols = g.shape
     block = blocking(rows, cols)[2]
     partials = torch.empty(triton.cdiv(cols, block), 2 * RANK, rows, dtype=torch.float32, device=g.device)
-    native = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
     _term_then_dyb[(triton.cdiv(rows, TERM_ROWS), triton.cdiv(cols, block))](
         dh, g, u, dyb, a, bg, bu, partials, rows, cols, dyb.stride(0), a.stride(0), RANK,
-        RP=RANK, ROWS=TERM_ROWS, BLOCK=block, NATIVE=native, num_warps=TERM_WARPS,
+        RP=rank_block(RANK), ROWS=TERM_ROWS, BLOCK=block, NATIVE=native_dots(g), num_warps=TERM_WARPS,
     )  # fmt: skip
     return g, u, dh, partials.sum(0).to(g.dtype)
 

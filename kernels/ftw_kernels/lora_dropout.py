@@ -148,6 +148,16 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
     return y
 
 
+def rank_block(r: int) -> int:
+    """RP of the rank-sized dots below for rank r: a power of two, at least 16 (a tensor-core dot's least side)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def native_dots(t: torch.Tensor) -> bool:
+    """NATIVE of the rank-sized dots below: t's 16-bit operands as they are on a GPU; else fp32."""
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
 @triton.jit
 def rank_lhs(DYB, rows, n_rows, stride_dyb, R, RP: tl.constexpr, NATIVE: tl.constexpr):
     """dybᵀ's rows `rows` (rows × RP, zeros past R): the left operand of each lane's rank-sized dot. Not NATIVE
@@ -188,8 +198,8 @@ def _rank_terms_dropped(DYB, A, Y, n_rows, cols, stride_dyb, stride_a, R, seed, 
 RANK_ROWS = 16  # token rows a program of _rank_terms_dropped
 # Σr at most: each program reads Σr × BLOCK of the A's for its RANK_ROWS × BLOCK of output, so the kernel's time
 # grows with Σr. Measured on an H100 at 8B's widths (docs/benchmarks.md, 2026-12-06): 49.9 µs at Σr 16 (o), 62.2 at
-# 32 (gate, up), 74.0 at 48 (q, k, v), where cuBLAS's product and the dropout pass take ~25 µs and a pass (~50 µs
-# after this session's draws, predicted): past Σr 32 the two would be level.
+# 32 (gate, up), 74.0 at 48 (q, k, v), where cuBLAS's product and the dropout pass took 85.5, 83.8 and 82.8 with the
+# two-warp pass (ninth session): Σr 48 pays too, by that bench; raised once a step measures it.
 RANK_TERMS_MAX_R = 32
 
 
@@ -208,11 +218,9 @@ def rank_terms_dropped(
         return dropped(terms, dropout, out=terms)
     y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
     if tokens:
-        native = dyb.is_cuda and dyb.dtype in (torch.bfloat16, torch.float16)
         grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
         _rank_terms_dropped[grid](
             dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, *dropout.kernel_args,
-            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native,
-            num_warps=8,
+            RP=rank_block(sum_r), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native_dots(dyb), num_warps=8,
         )  # fmt: skip
     return y

@@ -23,7 +23,9 @@ from ftw_kernels.lora_dropout import (
     lane_columns,
     lane_kept,
     lane_term,
+    native_dots,
     program_rows,
+    rank_block,
     rank_lhs,
 )
 
@@ -117,15 +119,24 @@ def _swiglu_bwd_term(DH, G, U, DYB, A, n_rows, cols, stride_dyb, stride_a, R, se
     if DROP:
         words = block_words(seed, rows, BLOCK)
     for lane in tl.static_range(8):
-        cols_idx = lane_columns(lane, BLOCK)
-        term = lane_term(lhs, A, cols_idx, cols, stride_a, R, RP, NATIVE).to(DH.dtype.element_ty)  # as cuBLAS rounds
         keep = False
         if DROP:
             keep = lane_kept(words, lane, threshold)
-            term = keep_scaled(term, keep, scale)
-        offs = rows[:, None] * cols + cols_idx[None, :]
-        inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
-        _swiglu_bwd_at(DH, G, U, DH, G, U, offs, inside, keep, scale, True, DROP, term.to(tl.float32))
+        term_lane(DH, G, U, A, lhs, rows, lane_columns(lane, BLOCK), n_rows, cols, stride_a, R, keep, scale, RP, DROP,
+                  NATIVE)  # fmt: skip
+
+
+@triton.jit
+def term_lane(DH, G, U, A, lhs, rows, cols_idx, n_rows, cols, stride_a, R, keep, scale, RP: tl.constexpr,
+              DROP: tl.constexpr, NATIVE: tl.constexpr):  # fmt: skip
+    """One lane of `_swiglu_bwd_term`: down's term of dh (through `keep` with DROP), dg and du over g and u, h over
+    dh."""
+    term = lane_term(lhs, A, cols_idx, cols, stride_a, R, RP, NATIVE).to(DH.dtype.element_ty)  # as cuBLAS rounds
+    if DROP:
+        term = keep_scaled(term, keep, scale)
+    offs = rows[:, None] * cols + cols_idx[None, :]
+    inside = (rows[:, None] < n_rows) & (cols_idx[None, :] < cols)
+    _swiglu_bwd_at(DH, G, U, DH, G, U, offs, inside, keep, scale, True, DROP, term.to(tl.float32))
 
 
 def _rows_of(g: torch.Tensor) -> tuple[int, int]:
@@ -197,13 +208,12 @@ def swiglu_backward_term(dh, g, u, dyb, a_rows, dropout: Dropout | None) -> torc
     rows, cols = _rows_of(g)
     if rows and cols:
         block = blocking(rows, cols)[2]
-        native = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
         seed, threshold, scale = dropout.kernel_args if dropout is not None else (0, 0, 1.0)
         sum_r = a_rows.shape[0]
         _swiglu_bwd_term[(triton.cdiv(rows, TERM_ROWS), triton.cdiv(cols, block))](
             dh, g, u, dyb, a_rows, rows, cols, dyb.stride(0), a_rows.stride(0), sum_r, seed, threshold, scale,
-            RP=max(16, triton.next_power_of_2(sum_r)), ROWS=TERM_ROWS, BLOCK=block, DROP=dropout is not None,
-            NATIVE=native, num_warps=TERM_WARPS,
+            RP=rank_block(sum_r), ROWS=TERM_ROWS, BLOCK=block, DROP=dropout is not None, NATIVE=native_dots(g),
+            num_warps=TERM_WARPS,
         )  # fmt: skip
     return dh
 
