@@ -39,6 +39,8 @@
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
 #                         bordered weights, forward and dx
+#   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
+#                         cuBLAS's two GEMMs, and the kernel's tilings
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
 #                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings),
 #                         bench/gate_up_dyb.py (gate's and up's dyb from that kernel's tiles: the candidate) and
@@ -84,7 +86,7 @@ TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/ke
 tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
 tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
 tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
-tests/kernels/test_lora_dropout.py tests/kernels/test_int8_base.py}
+tests/kernels/test_lora_dropout.py tests/kernels/test_int8_base.py tests/kernels/test_rank_grads.py}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -117,6 +119,10 @@ for part in "${parts[@]}"; do
     gemms)
       log "stacked_gemms 8b, 1b"
       $PY bench/stacked_gemms.py --shapes llama-8b,llama-1b 2>&1 | tee "$OUT/gemms.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    rank-grads)
+      log "rank_grads 8b, 1b"
+      $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8,256x32x8,512x32x8 2>&1 \
+        | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
@@ -183,6 +189,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, ab)"; exit 2 ;;
+         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, rank-grads, ab)"; exit 2 ;;
   esac
 done

@@ -30,6 +30,7 @@ from ftw_kernels.adapter_copies import stacked
 from ftw_kernels.base_weight import accumulates, add_input_grad, linear, save_for_backward, saved_tensors, usable
 from ftw_kernels.lora_dropout import Dropout, draw, dropped, rank_terms_dropped
 from ftw_kernels.precision import compute_dtype, no_autocast
+from ftw_kernels.rank_grads import fusable, rank_grads
 from ftw_kernels.swiglu import swiglu_backward, swiglu_backward_term, swiglu_forward_dropped, term_fits
 
 
@@ -171,33 +172,48 @@ def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
     return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
+def _low_rank_grads(
+    dys: list[torch.Tensor], projections: list[Projection], xa: torch.Tensor | None
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked, Σr × tokens, which dx's rank-r terms and the A grads share, or None
+    without LoRA; each projection's B grad where one kernel formed it beside its rows of dyb, from one read of dyᵢ
+    (kernels/ftw_kernels/rank_grads.py), else None). `xa`: the forward's x·[A₁;…;Aₙ]ᵀ, None when not at hand."""
+    a_rows, bs = _adapters(projections, dys[0].dtype)
+    b_grads: list[torch.Tensor | None] = [None] * len(projections)
+    if a_rows is None:
+        return None, b_grads
+    dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0])
+    for i, (p, dy, b, rows) in enumerate(zip(projections, dys, bs, _rank_rows(projections))):
+        if b is None:
+            continue
+        if xa is not None and p.lora_b.requires_grad and fusable(dy, b, xa[:, rows]):
+            b_grads[i] = rank_grads(dy, b, xa[:, rows], p.scale, dyb[rows], p.lora_b.dtype)
+        else:
+            torch.mm(b.t(), dy.t(), out=dyb[rows])
+    return dyb, b_grads
+
+
 def _input_grad(
     dys: list[torch.Tensor],
+    dyb: torch.Tensor | None,
     projections: list[Projection],
-    want_dx: bool,
     dropout: Dropout | None,
     with_terms: bool = True,
-):
-    """(dL/dinput summed over the projections, None unless wanted; dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked,
-    Σr × tokens, which the A grads share). `with_terms` False: the base GEMMs' part alone, for a caller that
-    adds the rank-r terms in a pass of its own (the fused MLP's SwiGLU backward).
+) -> torch.Tensor:
+    """dL/dinput summed over the projections, from their dyᵢ and `_low_rank_grads`' dyb. `with_terms` False: the
+    base GEMMs' part alone, for a caller that adds the rank-r terms in a pass of its own (the fused MLP's SwiGLU
+    backward).
 
     The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
     rows of dyb), masked in place by the forward's `dropout`, and each base GEMM adds itself to them (cuBLAS's
     beta): no pass over dx is only an add. A float8 base, whose GEMM cannot accumulate, takes the terms after."""
-    a_rows, bs = _adapters(projections, dys[0].dtype)
-    parts = [(dy, b, r) for dy, b, r in zip(dys, bs, _rank_rows(projections)) if b is not None]
-    dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0]) if parts else None
-    for dy, b, rows in parts:
-        torch.mm(b.t(), dy.t(), out=dyb[rows])
-    if not want_dx:
-        return None, dyb
-    if not parts or not with_terms:
-        return _base_input_grad(None, dys, projections), dyb
+    if dyb is None or not with_terms:
+        return _base_input_grad(None, dys, projections)
+    a_rows, _ = _adapters(projections, dys[0].dtype)
     if all(accumulates(p.weight) for p in projections):
-        return _base_input_grad(_rank_terms(dyb, a_rows, dropout), dys, projections), dyb
+        return _base_input_grad(_rank_terms(dyb, a_rows, dropout), dys, projections)
     dx = _base_input_grad(None, dys, projections)
-    return (dx.addmm_(dyb.t(), a_rows) if dropout is None else dx.add_(_rank_terms(dyb, a_rows, dropout))), dyb
+    return dx.addmm_(dyb.t(), a_rows) if dropout is None else dx.add_(_rank_terms(dyb, a_rows, dropout))
 
 
 def _rank_terms(dyb: torch.Tensor, a_rows: torch.Tensor, dropout: Dropout | None) -> torch.Tensor:
@@ -220,20 +236,22 @@ def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (a @ b).to(dtype)
 
 
-def _weight_grads(dys, dyb, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
-    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `inp`
-    may be None when no W or A trains."""
+def _weight_grads(dys, dyb, b_grads, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
+    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `b_grads`: the B grads
+    `_low_rank_grads` formed already; `inp` may be None when no W or A trains."""
     trained_a = [p.lora_a for p in projections if p.lora_a is not None and p.lora_a.requires_grad]
     ga_rows = _product(dyb, inp, trained_a[0].dtype) if trained_a else None
     grads: list[torch.Tensor | None] = []
-    for p, dy, rows in zip(projections, dys, _rank_rows(projections)):
+    for p, dy, rows, b_grad in zip(projections, dys, _rank_rows(projections), b_grads):
         grads.append(dy.t() @ inp if p.weight.requires_grad else None)
         grads.append(dy.sum(0) if p.bias is not None and p.bias.requires_grad else None)
         if p.lora_a is None:
             grads += [None, None]
             continue
         grads.append(ga_rows[rows].to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
-        grads.append(_product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale) if p.lora_b.requires_grad else None)
+        if b_grad is None and p.lora_b.requires_grad:
+            b_grad = _product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale)
+        grads.append(b_grad)
     return grads
 
 
@@ -268,8 +286,9 @@ class LoRAProjections(torch.autograd.Function):
         x_lora, xa = _input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
-        dx, dyb = _input_grad(dys, projections, ctx.needs_input_grad[0], ctx.dropout)
-        grads = _weight_grads(dys, dyb, x_lora, xa, projections)
+        dyb, b_grads = _low_rank_grads(dys, projections, xa)
+        dx = _input_grad(dys, dyb, projections, ctx.dropout) if ctx.needs_input_grad[0] else None
+        grads = _weight_grads(dys, dyb, b_grads, x_lora, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, None, *grads
 
 
@@ -337,7 +356,8 @@ class LoRAGatedMLP(torch.autograd.Function):
         a_down = _adapters([down], g.dtype)[0]  # in h's dtype: the term's operand and h·A_downᵀ's
         # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
         inside = want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
-        dh, dyb = _input_grad([dy], [down], True, h_drop, with_terms=not inside)
+        dyb, b_grads = _low_rank_grads([dy], [down], had)
+        dh = _input_grad([dy], dyb, [down], h_drop, with_terms=not inside)
         # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh,
         # dropped, as down's rank-r term read it
         if inside:
@@ -347,10 +367,11 @@ class LoRAGatedMLP(torch.autograd.Function):
         del dh
         if formed:
             had = h @ a_down.t()
-        down_grads = _weight_grads([dy], dyb, h, had, [down])
+        down_grads = _weight_grads([dy], dyb, b_grads, h, had, [down])
         del h
-        dx, dyb = _input_grad([g, u], [gate, up], ctx.needs_input_grad[0], x_drop)
-        gate_grads = _weight_grads([g, u], dyb, x_lora, xa, [gate, up])
+        dyb, b_grads = _low_rank_grads([g, u], [gate, up], xa)
+        dx = _input_grad([g, u], dyb, [gate, up], x_drop) if ctx.needs_input_grad[0] else None
+        gate_grads = _weight_grads([g, u], dyb, b_grads, x_lora, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]

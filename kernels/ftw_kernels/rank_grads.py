@@ -1,0 +1,101 @@
+"""LoRA's two rank-sized products of a projection's output gradient dy, from one read of it: dyb = dy·(s·B)
+(tokens × r: dx's rank-r terms and A's grad take it) and B's grad s·dyᵀ·(x·Aᵀ) (out × r).
+
+cuBLAS runs them as two GEMMs, and each is a pass over dy at memory speed, since the other side is r wide: at 8B
+(4 × 2048 tokens) gate's and up's dy are 235 MB each, and the two passes over them took 84.7 and 80.4 µs a
+projection of a profiled H100 step (docs/benchmarks.md, 2026-12-06, tenth session). Here one kernel reads each
+tile of dy once and feeds both dots. Its grid is (token blocks, column splits): a program sums its rows of dyb
+over its columns and writes B's grad of its columns over its rows; the fp32 partial sums (splits × r × tokens and
+token blocks × out × r, an eighth of dy's bytes at r 16) are added by two reductions after, in a fixed order: the
+result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ftw_kernels.lora_dropout import native_dots, rank_block
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ROWS = 256  # token rows a program: B's grad's partial sums are r · 4 / (ROWS · 2) of dy's bytes
+COLS = 64  # dy's columns a step of a program's loop
+WARPS = 8  # 179 registers a thread at 256 × 64 (ptxas, sm_90a): one program an SM
+MAX_R = 32  # ranks past this take cuBLAS's two GEMMs: the partial sums would grow to half of dy's bytes and more
+PROGRAMS_PER_SM = 2
+
+
+@triton.jit
+def _rank_grads(DY, B, XA, PART_DYB, PART_DB, n_rows, n_cols, stride_dy, stride_b, stride_xa, R, scale,
+                RP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STEPS: tl.constexpr,
+                NATIVE: tl.constexpr):  # fmt: skip
+    block, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    rows = block * ROWS + tl.arange(0, ROWS)
+    k = tl.arange(0, RP)
+    in_rows, in_rank = rows < n_rows, k < R
+    xa = tl.load(XA + rows[:, None] * stride_xa + k[None, :], mask=in_rows[:, None] & in_rank[None, :], other=0.0)
+    if not NATIVE:  # the interpreter multiplies 16-bit operands as raw bits: fp32, exact (no tf32)
+        xa = xa.to(tl.float32)
+    dyb = tl.zeros((ROWS, RP), dtype=tl.float32)
+    for step in tl.range(0, STEPS, num_stages=3):  # the split's STEPS · COLS columns
+        cols = (split * STEPS + step) * COLS + tl.arange(0, COLS)
+        in_cols = cols < n_cols
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+        b = tl.load(B + cols[:, None] * stride_b + k[None, :], mask=in_cols[:, None] & in_rank[None, :], other=0.0)
+        if NATIVE:
+            dyb = tl.dot(dy, b, dyb)
+            db = tl.dot(tl.trans(dy), xa)
+        else:
+            dy = dy.to(tl.float32)
+            dyb = tl.dot(dy, b.to(tl.float32), dyb, input_precision="ieee")
+            db = tl.dot(tl.trans(dy), xa, input_precision="ieee")
+        part_db = PART_DB + block * n_cols * R + cols[:, None] * R + k[None, :]
+        tl.store(part_db, db * scale, mask=in_cols[:, None] & in_rank[None, :])
+    part_dyb = PART_DYB + split * R * n_rows + k[None, :] * n_rows + rows[:, None]
+    tl.store(part_dyb, dyb, mask=in_rows[:, None] & in_rank[None, :])
+
+
+def fusable(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> bool:
+    """Whether `rank_grads` takes these: 2-D with unit column strides, one dtype, a rank ≤ MAX_R, on a GPU in a
+    16-bit dtype, or under the interpreter in fp32 too (its partial sums are fp32: float64 stays with torch)."""
+    shapes_agree = dy.dim() == b.dim() == xa.dim() == 2 and b.shape[0] == dy.shape[1] and xa.shape[0] == dy.shape[0]
+    return (
+        shapes_agree
+        and b.shape[1] == xa.shape[1] <= MAX_R
+        and dy.dtype == b.dtype == xa.dtype
+        and all(t.stride(1) == 1 for t in (dy, b, xa))
+        and (native_dots(dy) or INTERPRETED and dy.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    )
+
+
+def rank_grads(
+    dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, scale: float, dyb: torch.Tensor, grad_dtype: torch.dtype
+) -> torch.Tensor:
+    """Writes (dy·b)ᵀ into `dyb` (r × tokens, any row stride) and returns scale·dyᵀ·xa (out × r) in
+    `grad_dtype`: dy is tokens × out, b (s·B) out × r, xa (x·Aᵀ) tokens × r (`fusable` says which)."""
+    n_rows, n_cols = dy.shape
+    rank = b.shape[1]
+    if not n_rows or not n_cols:
+        dyb.zero_()
+        return dy.new_zeros(n_cols, rank, dtype=grad_dtype)
+    blocks = triton.cdiv(n_rows, ROWS)
+    col_steps = triton.cdiv(n_cols, COLS)
+    wanted = PROGRAMS_PER_SM * _sm_count(dy.device)
+    # a power of two of steps a split: few variants compiled, whatever the widths and token counts
+    steps = triton.next_power_of_2(triton.cdiv(col_steps, min(col_steps, triton.cdiv(wanted, blocks))))
+    splits = triton.cdiv(col_steps, steps)
+    part_dyb = torch.empty(splits, rank, n_rows, dtype=torch.float32, device=dy.device)
+    part_db = torch.empty(blocks, n_cols, rank, dtype=torch.float32, device=dy.device)
+    _rank_grads[(blocks, splits)](
+        dy, b, xa, part_dyb, part_db, n_rows, n_cols, dy.stride(0), b.stride(0), xa.stride(0), rank, scale,
+        RP=rank_block(rank), ROWS=ROWS, COLS=COLS, STEPS=steps, NATIVE=native_dots(dy), num_warps=WARPS,
+    )  # fmt: skip
+    dyb.copy_(part_dyb[0] if splits == 1 else part_dyb.sum(0))
+    return part_db.sum(0).to(grad_dtype)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
