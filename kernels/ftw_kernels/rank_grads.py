@@ -43,7 +43,9 @@ def _rank_grads(DY, B, XA, PART_DYB, PART_DB, n_rows, n_cols, stride_dy, stride_
     for step in tl.range(0, STEPS, num_stages=3):  # the split's STEPS · COLS columns
         cols = (split * STEPS + step) * COLS + tl.arange(0, COLS)
         in_cols = cols < n_cols
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+        dy = tl.load(
+            DY + rows[:, None] * stride_dy + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0
+        )
         b = tl.load(B + cols[:, None] * stride_b + k[None, :], mask=in_cols[:, None] & in_rank[None, :], other=0.0)
         if NATIVE:
             dyb = tl.dot(dy, b, dyb)
@@ -83,7 +85,7 @@ def rank_grads(
         return dy.new_zeros(n_cols, rank, dtype=grad_dtype)
     blocks = triton.cdiv(n_rows, ROWS)
     col_steps = triton.cdiv(n_cols, COLS)
-    wanted = PROGRAMS_PER_SM * _sm_count(dy.device)
+    wanted = PROGRAMS_PER_SM * sm_count(dy.device)
     # a power of two of steps a split: few variants compiled, whatever the widths and token counts
     steps = triton.next_power_of_2(triton.cdiv(col_steps, min(col_steps, triton.cdiv(wanted, blocks))))
     splits = triton.cdiv(col_steps, steps)
@@ -97,5 +99,5 @@ def rank_grads(
     return part_db.sum(0).to(grad_dtype)
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

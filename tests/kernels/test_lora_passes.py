@@ -59,17 +59,9 @@ def test_gated_mlp_adds_the_rank_terms_inside_the_base_gemms():
     x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)
     with _ActivationWrites() as seen:
         lora_gated_mlp(x, *made).backward(torch.randn(TOKENS, HIDDEN, device=DEVICE))
-    # forward: gate, up (over hidden) and down (over inter); backward: dh (over hidden) and dx (gate's dx, then up's)
-    assert sorted(seen.accumulating) == sorted(
-        [
-            ("addmm_", HIDDEN),
-            ("addmm_", HIDDEN),
-            ("addmm_", INTER),
-            ("addmm_", HIDDEN),
-            ("addmm_", INTER),
-            ("addmm_", INTER),
-        ]
-    )
+    # forward: gate, up (over hidden) and down (over inter); backward: dx (gate's, then up's). dh is the GEMM's
+    # alone: down's rank-r term rides the SwiGLU backward (kernels/ftw_kernels/swiglu_columns.py)
+    assert sorted(seen.accumulating) == sorted([("addmm_", HIDDEN)] * 2 + [("addmm_", INTER)] * 3)
 
 
 class _Scaling(TorchDispatchMode):
@@ -107,7 +99,9 @@ def test_scales_ride_the_adapter_copies_not_the_matmuls():
         lora_gated_mlp(x, *mlp).backward(torch.randn(TOKENS, HIDDEN, device=DEVICE))
     assert seen.scaled_matmuls == []
     assert seen.cats == 0
-    assert seen.muls == []
+    # under the interpreter every B grad is formed with its scale inside a kernel; on a GPU these fp32 operands
+    # stay with cuBLAS, whose fp32 product then takes one multiply a projection
+    assert sorted(seen.muls) == ([] if DEVICE == "cpu" else sorted(tuple(p.lora_b.shape) for p in qkv + mlp))
 
 
 class _Casts(TorchDispatchMode):
