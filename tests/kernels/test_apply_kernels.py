@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from ftw_kernels import apply_kernels, lora, patches, registry
+from ftw_kernels import apply_kernels, lora, lora_products, patches, registry
 from ftw_kernels.precision import in_backward
 from schemas.config import TrainingConfig
 from tests.conftest import randomise_lora_b
@@ -152,9 +152,9 @@ def test_gradient_checkpointing_recomputes_the_patched_layers_but_their_mlp_tail
     model.get_base_model().enable_input_require_grads()
     assert "residual_fold" in apply_kernels(model, training_config(use_kernels=True, gradient_checkpointing=True))
     base_gemms: list[tuple[bool, int]] = []  # (inside backward, the weight) of each base GEMM of an unbordered input
-    real_linear = lora.linear
+    real_linear = lora_products.linear
     monkeypatch.setattr(
-        lora, "linear", lambda x, w, *a: base_gemms.append((in_backward(), id(w))) or real_linear(x, w, *a)
+        lora_products, "linear", lambda x, w, *a: base_gemms.append((in_backward(), id(w))) or real_linear(x, w, *a)
     )
     swiglus: list[bool] = []  # inside backward, for each SwiGLU forward
     real_swiglu = lora.swiglu_forward_dropped
