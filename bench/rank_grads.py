@@ -35,7 +35,8 @@ LAYERS = {"llama-8b": 32, "llama-1b": 16, "tiny": 2}
 
 
 def two_gemms(dy, b, xa, dyb):
-    """cuBLAS's: dyb's rows, then B's grad (fp32 out of the GEMM on CUDA, as lora_products._product forms it), scaled."""
+    """cuBLAS's: dyb's rows, then B's grad (fp32 out of the GEMM on CUDA, as lora_products._product forms
+    it), scaled."""
     torch.mm(b.t(), dy.t(), out=dyb)
     if dy.is_cuda:
         return torch.mm(dy.t(), xa, out_dtype=torch.float32).mul_(SCALE)
