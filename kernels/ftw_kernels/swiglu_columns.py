@@ -126,6 +126,7 @@ def swiglu_backward_columns(
     width, contiguous; dyb: r × tokens; a_down: r × width; xa: tokens × (r_g + r_u), x·[A_g; A_u]ᵀ."""
     n_rows, cols = g.shape
     rank, (rank_g, rank_u) = a_down.shape[0], ranks
+    dh = dh.contiguous()  # a no-op for the dx GEMM's output; the kernel reads dh, g and u at one offset
     col_blocks = triton.cdiv(cols, COLS)
     row_steps = max(1, triton.cdiv(n_rows, ROWS))
     wanted = rank_grads.PROGRAMS_PER_SM * rank_grads.sm_count(g.device)
