@@ -49,3 +49,27 @@ def setup(doc: str | None, parser: argparse.ArgumentParser | None = None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
     return args, device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x − y| / max |y|: how two arms' results differ."""
+    return ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+
+
+def at_tilings(module, names: tuple[str, str, str], rows, tiles: str, device: torch.device, what: str) -> None:
+    """A table of each row's arms (their µs summed) at each tiling "AxBxC" of `module`'s three constants `names`
+    (a kernel's tile sides and warps, read at each call), against the row's baseline µs; the constants restored
+    after. rows: (shape, [arm, ...], baseline µs, the baseline's name)."""
+    print(f"\n| shape | {' × '.join(n.lower() for n in names)} | {what} µs | × baseline |")
+    print("|---|---|---:|---:|")
+    own = tuple(getattr(module, n) for n in names)
+    try:
+        for shape, arms, baseline_us, baseline in rows:
+            for tile in tiles.split(","):
+                for name, value in zip(names, tile.split("x")):
+                    setattr(module, name, int(value))
+                us = sum(timed_us(arm, device) for arm in arms)
+                print(f"| {shape} | {tile} | {us:.1f} | {baseline_us / us:.2f}× {baseline} |", flush=True)
+    finally:
+        for name, value in zip(names, own):
+            setattr(module, name, value)

@@ -27,7 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
+from bench.gpu_bench import SHAPES, at_tilings, rel_diff, setup, timed_us  # noqa: E402
 from ftw_kernels import rank_grads as kernel  # noqa: E402
 
 RANK, SCALE = 16, 2.0
@@ -69,7 +69,7 @@ def main() -> None:
             xa = torch.randn(tokens, RANK, device=device, dtype=dtype)
             dybs = [torch.empty(RANK, tokens, device=device, dtype=dtype) for _ in range(2)]
             grads = [arm(dy, b, xa, d) for arm, d in zip((two_gemms, one_read), dybs)]
-            errs = [_err(*dybs), _err(*grads)]
+            errs = [rel_diff(*dybs), rel_diff(*grads)]
             two_us = timed_us(partial(two_gemms, dy, b, xa, dybs[0]), device)
             one_us = timed_us(partial(one_read, dy, b, xa, dybs[1]), device)
             total_two, total_one = total_two + two_us, total_one + one_us
@@ -80,28 +80,9 @@ def main() -> None:
         saved_ms = (total_two - total_one) * LAYERS[shape] / 1e3
         print(f"| {shape} | **a layer** | | {total_two:.1f} | {total_one:.1f} | {total_two / total_one:.2f}× | "
               f"{saved_ms:.2f} ms a step less over {LAYERS[shape]} layers | |", flush=True)  # fmt: skip
-        sums.append((shape, arms, total_two))
+        sums.append((shape, arms, total_two, "two GEMMs"))
     if args.tiles:
-        tilings(sums, args.tiles, device)
-
-
-def _err(x: torch.Tensor, y: torch.Tensor) -> float:
-    return ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
-
-
-def tilings(sums, tiles: str, device) -> None:
-    """A layer's sum of the one-read arm at each ROWSxCOLSxWARPS (the same numbers to the order of the sums)."""
-    print("\n| shape | rows × cols × warps | one read, a layer µs | × two GEMMs |")
-    print("|---|---|---:|---:|")
-    own = kernel.ROWS, kernel.COLS, kernel.WARPS
-    try:
-        for shape, arms, total_two in sums:
-            for tile in tiles.split(","):
-                kernel.ROWS, kernel.COLS, kernel.WARPS = (int(n) for n in tile.split("x"))
-                us = sum(timed_us(arm, device) for arm in arms)
-                print(f"| {shape} | {tile} | {us:.1f} | {total_two / us:.2f}× |", flush=True)
-    finally:
-        kernel.ROWS, kernel.COLS, kernel.WARPS = own
+        at_tilings(kernel, ("ROWS", "COLS", "WARPS"), sums, args.tiles, device, "one read, a layer")
 
 
 if __name__ == "__main__":

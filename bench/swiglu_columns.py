@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.down_term import backward_inputs  # noqa: E402
-from bench.gpu_bench import setup, timed_us  # noqa: E402
+from bench.gpu_bench import at_tilings, rel_diff, setup, timed_us  # noqa: E402
 from ftw_kernels import swiglu_columns  # noqa: E402
 from ftw_kernels.rank_grads import rank_grads  # noqa: E402
 from ftw_kernels.swiglu import swiglu_backward_term  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
         for arm in (row_wise, columns):
             dybs = [torch.empty(RANK, tokens, device=device, dtype=dtype) for _ in range(2)]
             made.append((arm, dybs, arm(dh0.clone(), g0.clone(), u0.clone(), dyb, a, xa, bs, dybs)))
-        err = max(_err(x, y) for x, y in zip(made[0][2], made[1][2]))
+        err = max(rel_diff(x, y) for x, y in zip(made[0][2], made[1][2]))
         # timed in place, as the MLP's backward runs (the row-wise arm's h lands over its dh)
         arms = [partial(arm, dh0.clone(), g0.clone(), u0.clone(), dyb, a, xa, bs, dybs) for arm, dybs, _ in made]
         row_us, col_us = (timed_us(arm, device) for arm in arms)
@@ -85,28 +85,9 @@ def main() -> None:
         print(
             f"| {shape} | {row_us:.1f} | {col_us:.1f} | {row_us / col_us:.2f}× | {saved:.2f} | {err:.1e} |", flush=True
         )
-        timed.append((shape, arms[1], row_us))
+        timed.append((shape, [arms[1]], row_us, "row-wise"))
     if args.tiles:
-        tilings(timed, args.tiles, device)
-
-
-def _err(x: torch.Tensor, y: torch.Tensor) -> float:
-    return ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
-
-
-def tilings(timed, tiles: str, device) -> None:
-    """The columns arm at each ROWSxCOLSxWARPS (the same numbers but for the order of the sums over tokens)."""
-    print("\n| shape | rows × cols × warps | columns µs | × row-wise |")
-    print("|---|---|---:|---:|")
-    own = swiglu_columns.ROWS, swiglu_columns.COLS, swiglu_columns.WARPS
-    try:
-        for shape, arm, row_us in timed:
-            for tile in tiles.split(","):
-                swiglu_columns.ROWS, swiglu_columns.COLS, swiglu_columns.WARPS = (int(n) for n in tile.split("x"))
-                us = timed_us(arm, device)
-                print(f"| {shape} | {tile} | {us:.1f} | {row_us / us:.2f}× |", flush=True)
-    finally:
-        swiglu_columns.ROWS, swiglu_columns.COLS, swiglu_columns.WARPS = own
+        at_tilings(swiglu_columns, ("ROWS", "COLS", "WARPS"), timed, args.tiles, device, "columns")
 
 
 if __name__ == "__main__":
