@@ -25,6 +25,9 @@ ROWS = 256  # token rows a program: B's grad's partial sums are r · 4 / (ROWS �
 COLS = 64  # dy's columns a step of a program's loop
 WARPS = 8  # 179 registers a thread at 256 × 64 (ptxas, sm_90a): one program an SM
 MAX_R = 32  # ranks past this take cuBLAS's two GEMMs: the partial sums would grow to half of dy's bytes and more
+# narrower outputs too: at 8B's k and v (1,024 wide) the kernel took 21.6 µs against the GEMMs' 19.9, at 4,096 50.0
+# against 55.1 (H100, bench/rank_grads.py, docs/benchmarks.md 2026-12-06 tenth session)
+MIN_COLS = 2048
 PROGRAMS_PER_SM = 2
 
 
@@ -61,12 +64,14 @@ def _rank_grads(DY, B, XA, PART_DYB, PART_DB, n_rows, n_cols, stride_dy, stride_
 
 
 def fusable(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> bool:
-    """Whether `rank_grads` takes these: 2-D with unit column strides, one dtype, a rank ≤ MAX_R, on a GPU in a
-    16-bit dtype, or under the interpreter in fp32 too (its partial sums are fp32: float64 stays with torch)."""
+    """Whether `rank_grads` takes these: 2-D with unit column strides, one dtype, a rank ≤ MAX_R, at least MIN_COLS
+    outputs, on a GPU in a 16-bit dtype, or under the interpreter in fp32 too (its partial sums are fp32: float64
+    stays with torch)."""
     shapes_agree = dy.dim() == b.dim() == xa.dim() == 2 and b.shape[0] == dy.shape[1] and xa.shape[0] == dy.shape[0]
     return (
         shapes_agree
         and b.shape[1] == xa.shape[1] <= MAX_R
+        and dy.shape[1] >= MIN_COLS
         and dy.dtype == b.dtype == xa.dtype
         and all(t.stride(1) == 1 for t in (dy, b, xa))
         and (native_dots(dy) or INTERPRETED and dy.dtype in (torch.float32, torch.bfloat16, torch.float16))

@@ -84,10 +84,11 @@ class _Scaling(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_scales_ride_the_adapter_copies_not_the_matmuls():
+def test_scales_ride_the_adapter_copies_not_the_matmuls(monkeypatch):
     """Unequal scales (q 2, k 0.5, v 1; gate, up, down 0.25): no matmul is scaled, no scaled copy of the stacked
     A's is made, and no multiply is left: B's grads take their scale inside the kernel that forms them
     (kernels/ftw_kernels/rank_grads.py)."""
+    monkeypatch.setattr("ftw_kernels.rank_grads.MIN_COLS", 0)  # the kernel at these narrow outputs too
     qkv = [_projection(out, HIDDEN, s) for out, s in zip((HIDDEN, 16, 16), (2.0, 0.5, 1.0))]
     mlp = [_projection(INTER, HIDDEN, 0.25), _projection(INTER, HIDDEN, 0.25), _projection(HIDDEN, INTER, 0.25)]
     x = torch.randn(TOKENS, HIDDEN, device=DEVICE, requires_grad=True)

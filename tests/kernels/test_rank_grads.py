@@ -24,6 +24,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def any_width(monkeypatch):
+    """The kernel at these tests' narrow outputs (bench/rank_grads.py keeps it from outputs under MIN_COLS)."""
+    monkeypatch.setattr(rank_grads_module, "MIN_COLS", 0)
+
+
 def _inputs(tokens: int, width: int, rank: int, dtype: torch.dtype):
     """dy with a row stride past its width, s·B as a slot of a wider buffer (a bordered weight's), x·Aᵀ as
     columns of the tokens × Σr product: the layouts the fused projections hand the kernel."""
@@ -64,6 +70,14 @@ def test_past_max_rank_or_with_mixed_dtypes_it_declines():
     dy, b, xa = _inputs(32, 64, 8, FLOAT)
     assert not fusable(dy, b.double(), xa)
     assert not fusable(dy.t(), b, xa)  # a column stride: the kernel reads rows
+
+
+def test_narrow_outputs_keep_the_two_gemms(monkeypatch):
+    monkeypatch.undo()  # MIN_COLS as it is
+    dy, b, xa = _inputs(32, rank_grads_module.MIN_COLS - 64, 8, FLOAT)
+    assert not fusable(dy, b, xa)
+    dy, b, xa = _inputs(32, rank_grads_module.MIN_COLS, 8, FLOAT)
+    assert fusable(dy, b, xa)
 
 
 TOKENS, HIDDEN, INTER = 40, 32, 64
