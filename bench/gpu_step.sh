@@ -40,8 +40,7 @@
 #   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
 #                         bordered weights, forward and dx
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
-#                         cuBLAS's two GEMMs; bench/swiglu_columns.py: the MLP's backward by column blocks against
-#                         the row-wise pass; both kernels' tilings
+#                         cuBLAS's two GEMMs, and the kernel's tilings
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
 #                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings),
 #                         bench/gate_up_dyb.py (gate's and up's dyb from that kernel's tiles: the candidate) and
@@ -87,8 +86,7 @@ TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/ke
 tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
 tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
 tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
-tests/kernels/test_lora_dropout.py tests/kernels/test_int8_base.py tests/kernels/test_rank_grads.py \
-tests/kernels/test_swiglu_columns.py}
+tests/kernels/test_lora_dropout.py tests/kernels/test_int8_base.py tests/kernels/test_rank_grads.py}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -123,8 +121,7 @@ for part in "${parts[@]}"; do
       $PY bench/stacked_gemms.py --shapes llama-8b,llama-1b 2>&1 | tee "$OUT/gemms.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     rank-grads)
       log "rank_grads 8b, 1b"
-      { $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8
-        $PY bench/swiglu_columns.py --shapes llama-8b,llama-1b --tiles 32x64x4,64x64x4,64x64x8,64x32x4; } 2>&1 \
+      $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 2>&1 \
         | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"

@@ -10,9 +10,7 @@ silu(g) and silu(g)·u. Here:
   once plus the (tokens × Σr) x·[A₁;…;Aₙ]ᵀ, and sums dx with in-place addmm.
 - `LoRAGatedMLP` runs gate/up/down with the SwiGLU kernel between; it saves x, g and u only and
   recomputes h = silu(g)·u inside the backward's one elementwise pass, which writes dg and du over
-  g and u (no new activation-sized buffers). Where it can, that pass walks column blocks
-  (kernels/ftw_kernels/swiglu_columns.py) and sums down's A grad and gate's and up's B grads itself: h is never
-  written. Else h goes over dh, for down's A grad.
+  g and u and h over dh (no new activation-sized buffers).
 LoRA's dropout runs inside (kernels/ftw_kernels/lora_dropout.py): the rank-r terms read the dropped input, one mask
 an input, never stored.
 """
@@ -36,7 +34,6 @@ from ftw_kernels.lora_products import (
 )
 from ftw_kernels.precision import compute_dtype, no_autocast
 from ftw_kernels.swiglu import swiglu_backward, swiglu_backward_term, swiglu_forward_dropped, term_fits
-from ftw_kernels.swiglu_columns import columns_fit, swiglu_backward_columns
 
 
 def projection_of(module: torch.nn.Module) -> Projection | None:
@@ -172,31 +169,21 @@ class LoRAGatedMLP(torch.autograd.Function):
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
         a_down = adapters([down], g.dtype)[0]  # in h's dtype: the term's operand and h·A_downᵀ's
         # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
-        by_columns = not formed and h_drop is None and dy.dtype == g.dtype and _by_columns(g, a_down, xa, params)
-        inside = by_columns or want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
+        inside = want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
         dyb, b_grads = low_rank_grads([dy], [down], had)
         dh = input_grad([dy], dyb, [down], h_drop, with_terms=not inside)
-        if by_columns:
-            # by column blocks: down's A grad and gate's and up's B grads summed inside, h never written
-            ranks, scales = (gate.lora_a.shape[0], up.lora_a.shape[0]), (gate.scale, up.scale)
-            grad_a, *gate_up_b = swiglu_backward_columns(dh, g, u, dyb, a_down, xa, ranks, scales)
-            del dh
-            down_grads = weight_grads([dy], dyb, b_grads, None, had, [down], a_grads=[grad_a])
+        # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh,
+        # dropped, as down's rank-r term read it
+        if inside:
+            h = swiglu_backward_term(dh, g, u, dyb, a_down, h_drop)
         else:
-            # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over
-            # dh, dropped, as down's rank-r term read it
-            if inside:
-                h = swiglu_backward_term(dh, g, u, dyb, a_down, h_drop)
-            else:
-                h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)
-            del dh
-            if formed:
-                had = h @ a_down.t()
-            down_grads = weight_grads([dy], dyb, b_grads, h, had, [down])
-            del h
-            gate_up_b = None
-        dyb, b_grads = low_rank_grads([g, u], [gate, up], None if gate_up_b else xa)
-        b_grads = gate_up_b or b_grads
+            h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)
+        del dh
+        if formed:
+            had = h @ a_down.t()
+        down_grads = weight_grads([dy], dyb, b_grads, h, had, [down])
+        del h
+        dyb, b_grads = low_rank_grads([g, u], [gate, up], xa)
         dx = input_grad([g, u], dyb, [gate, up], x_drop) if ctx.needs_input_grad[0] else None
         gate_grads = weight_grads([g, u], dyb, b_grads, x_lora, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
@@ -205,15 +192,6 @@ class LoRAGatedMLP(torch.autograd.Function):
         # the residual stream joined y as a plain add: its grad is y's
         stream = dy.view(ctx.shape[:-1] + (dy.shape[-1],)) if ctx.needs_input_grad[1] else None
         return dx, stream, None, None, None, None, *grads
-
-
-def _by_columns(g, a_down, xa, params) -> bool:
-    """Whether the column-wise SwiGLU backward forms down's A grad and gate's and up's B grads: all three LoRA
-    projections, those grads trained, and x·Aᵀ of gate and up saved by the forward."""
-    gate, up, down = _mlp_projections(params, (0.0, 0.0, 0.0))
-    lora = all(p.lora_a is not None for p in (gate, up, down)) and a_down is not None and xa is not None
-    trained = lora and down.lora_a.requires_grad and gate.lora_b.requires_grad and up.lora_b.requires_grad
-    return trained and columns_fit(g, a_down, xa, (gate.lora_a.shape[0], up.lora_a.shape[0]))
 
 
 def _mlp_projections(params, scales) -> list[Projection]:

@@ -179,27 +179,22 @@ def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (a @ b).to(dtype)
 
 
-def weight_grads(dys, dyb, b_grads, inp, xa, projections: list[Projection], a_grads=None) -> list[torch.Tensor | None]:
-    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `b_grads` (and
-    `a_grads`): the B (A) grads formed already, None where not; `inp` may be None when no W trains and every
-    trained A's grad is formed."""
-    a_grads = a_grads or [None] * len(projections)
-    trained_a = [p.lora_a for p, g in zip(projections, a_grads) if g is None and p.lora_a is not None]
-    trained_a = [a for a in trained_a if a.requires_grad]
+def weight_grads(dys, dyb, b_grads, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
+    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `b_grads`: the B grads
+    `low_rank_grads` formed already, None where not; `inp` may be None when no W or A trains."""
+    trained_a = [p.lora_a for p in projections if p.lora_a is not None and p.lora_a.requires_grad]
     ga_rows = _product(dyb, inp, trained_a[0].dtype) if trained_a else None
     grads: list[torch.Tensor | None] = []
-    for p, dy, rows, a_grad, b_grad in zip(projections, dys, rank_rows(projections), a_grads, b_grads):
+    for p, dy, rows, b_grad in zip(projections, dys, rank_rows(projections), b_grads):
         grads.append(dy.t() @ inp if p.weight.requires_grad else None)
         grads.append(dy.sum(0) if p.bias is not None and p.bias.requires_grad else None)
         if p.lora_a is None:
             grads += [None, None]
             continue
-        if a_grad is None and p.lora_a.requires_grad:
-            a_grad = ga_rows[rows]
-        grads.append(None if a_grad is None else a_grad.to(p.lora_a.dtype))
+        grads.append(ga_rows[rows].to(p.lora_a.dtype) if p.lora_a.requires_grad else None)
         if b_grad is None and p.lora_b.requires_grad:
             b_grad = _product(dy.t(), xa[:, rows], p.lora_b.dtype).mul_(p.scale)
-        grads.append(None if b_grad is None else b_grad.to(p.lora_b.dtype))
+        grads.append(b_grad)
     return grads
 
 

@@ -90,7 +90,7 @@ def rank_grads(
         return dy.new_zeros(n_cols, rank, dtype=grad_dtype)
     blocks = triton.cdiv(n_rows, ROWS)
     col_steps = triton.cdiv(n_cols, COLS)
-    wanted = PROGRAMS_PER_SM * sm_count(dy.device)
+    wanted = PROGRAMS_PER_SM * _sm_count(dy.device)
     # a power of two of steps a split: few variants compiled, whatever the widths and token counts
     steps = triton.next_power_of_2(triton.cdiv(col_steps, min(col_steps, triton.cdiv(wanted, blocks))))
     splits = triton.cdiv(col_steps, steps)
@@ -104,5 +104,5 @@ def rank_grads(
     return part_db.sum(0).to(grad_dtype)
 
 
-def sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
