@@ -56,10 +56,10 @@ def rel_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
 
 
-def at_tilings(module, names: tuple[str, str, str], rows, tiles: str, device: torch.device, what: str) -> None:
-    """A table of each row's arms (their µs summed) at each tiling "AxBxC" of `module`'s three constants `names`
-    (a kernel's tile sides and warps, read at each call), against the row's baseline µs; the constants restored
-    after. rows: (shape, [arm, ...], baseline µs, the baseline's name)."""
+def at_tilings(module, names: tuple[str, ...], rows, tiles: str, device: torch.device, what: str) -> None:
+    """A table of each row's arms (their µs summed) at each tiling "AxBxC" of `module`'s constants `names` (e.g. a
+    kernel's tile sides and warps, read at each call), against the row's baseline µs; the constants restored after.
+    rows: (shape, [arm, ...], baseline µs, the baseline's name)."""
     print(f"\n| shape | {' × '.join(n.lower() for n in names)} | {what} µs | × baseline |")
     print("|---|---|---:|---:|")
     own = tuple(getattr(module, n) for n in names)

@@ -121,7 +121,7 @@ for part in "${parts[@]}"; do
       $PY bench/stacked_gemms.py --shapes llama-8b,llama-1b 2>&1 | tee "$OUT/gemms.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     rank-grads)
       log "rank_grads 8b, 1b"
-      $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 2>&1 \
+      $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 --programs-per-sm 1,2 2>&1 \
         | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"

@@ -9,7 +9,8 @@ Both arms' results are checked against each other before timing (dyb to bf16's r
     python3 bench/rank_grads.py --shapes tiny                    # the harness on CPU (TRITON_INTERPRET=1)
 
 `--tiles ROWSxCOLSxWARPS,...` adds the layer's sum at other tilings of the kernel (rank_grads.ROWS token rows a
-program, COLS columns a step, WARPS warps), e.g. --tiles 128x64x4,256x64x8,256x32x8. Times: bench/gpu_bench.py's
+program, COLS columns a step, WARPS warps), e.g. --tiles 128x64x4,256x64x8,256x32x8; `--programs-per-sm 1,2` at
+grids of one and two waves of resident programs (rank_grads.PROGRAMS_PER_SM). Times: bench/gpu_bench.py's
 `timed_us` (the GPU's time alone, the median of 30 after 5)."""
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def projections(shape: str) -> list[tuple[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", default="", help="ROWSxCOLSxWARPS,... of the kernel to time besides its own")
+    parser.add_argument("--programs-per-sm", default="", help="PROGRAMS_PER_SM,... of the kernel's grid to time")
     args, device, dtype = setup(__doc__, parser)
     print("| shape | projection | dy MB | two GEMMs µs | one read µs | × | dyb max |Δ| / max | B grad max |Δ| / max |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -83,6 +85,8 @@ def main() -> None:
         sums.append((shape, arms, total_two, "two GEMMs"))
     if args.tiles:
         at_tilings(kernel, ("ROWS", "COLS", "WARPS"), sums, args.tiles, device, "one read, a layer")
+    if args.programs_per_sm:
+        at_tilings(kernel, ("PROGRAMS_PER_SM",), sums, args.programs_per_sm, device, "one read, a layer")
 
 
 if __name__ == "__main__":

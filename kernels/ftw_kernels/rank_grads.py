@@ -28,7 +28,7 @@ MAX_R = 32  # ranks past this take cuBLAS's two GEMMs: the partial sums would gr
 # narrower outputs too: at 8B's k and v (1,024 wide) the kernel took 21.6 µs against the GEMMs' 19.9, at 4,096 50.0
 # against 55.1 (H100, bench/rank_grads.py, docs/benchmarks.md 2026-12-06 tenth session)
 MIN_COLS = 2048
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1  # resident at ROWS × COLS × WARPS (179 registers a thread): the grid is one wave of them
 
 
 @triton.jit
@@ -89,11 +89,7 @@ def rank_grads(
         dyb.zero_()
         return dy.new_zeros(n_cols, rank, dtype=grad_dtype)
     blocks = triton.cdiv(n_rows, ROWS)
-    col_steps = triton.cdiv(n_cols, COLS)
-    wanted = PROGRAMS_PER_SM * _sm_count(dy.device)
-    # a power of two of steps a split: few variants compiled, whatever the widths and token counts
-    steps = triton.next_power_of_2(triton.cdiv(col_steps, min(col_steps, triton.cdiv(wanted, blocks))))
-    splits = triton.cdiv(col_steps, steps)
+    steps, splits = column_splits(blocks, triton.cdiv(n_cols, COLS), PROGRAMS_PER_SM * _sm_count(dy.device))
     part_dyb = torch.empty(splits, rank, n_rows, dtype=torch.float32, device=dy.device)
     part_db = torch.empty(blocks, n_cols, rank, dtype=torch.float32, device=dy.device)
     _rank_grads[(blocks, splits)](
@@ -102,6 +98,15 @@ def rank_grads(
     )  # fmt: skip
     dyb.copy_(part_dyb[0] if splits == 1 else part_dyb.sum(0))
     return part_db.sum(0).to(grad_dtype)
+
+
+def column_splits(blocks: int, col_steps: int, slots: int) -> tuple[int, int]:
+    """(steps a split, splits) of a row of `col_steps` column steps, for `blocks` token blocks on `slots` resident
+    programs: as many splits as fill the slots in one wave, each a multiple of 8 steps (a power of two under 8), so
+    that few variants are compiled whatever the token counts."""
+    steps = triton.cdiv(col_steps, min(col_steps, max(1, slots // blocks)))
+    steps = triton.cdiv(steps, 8) * 8 if steps > 8 else triton.next_power_of_2(steps)
+    return steps, triton.cdiv(col_steps, steps)
 
 
 def _sm_count(device: torch.device) -> int:
