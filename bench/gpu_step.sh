@@ -24,11 +24,11 @@
 # 16-bit draws (dropout-ops, ab, dropout at 8B), bench/down_term.py, and the `masked` and `unpacked` rows at both
 # shapes (docs/benchmarks.md, "2026-12-06"). Measured on 2026-12-06 (ninth session, H100): the CUDA tests, both of
 # those in the step against bfe5803 (ab, with and without dropout), dense bf16 at 1B and 8B interleaved with Unsloth,
-# and the 8B profile of both (`profile`; bench/step_split.py sums its traces). Still wanted: the CUDA tests after
-# that session's test fixes, the term kernel's tilings and gate's and up's dyb inside it (dropout-ops:
-# bench/down_term.py --tiles, bench/gate_up_dyb.py), QLoRA at 8B
-# without checkpointing, the padded rows with their padding as one segment, and `ftw train` on unpacked rows:
-#   OUT=$OUT bash bench/gpu_step.sh tests dropout-ops gemms   # gemms: the bordered dx, isolated
+# and the 8B profile of both (`profile`; bench/step_split.py sums its traces). Measured on 2026-12-06 (tenth session,
+# H100): the CUDA tests, the term kernel's tilings, gate's and up's dyb inside it (not kept), the bordered dx
+# isolated (`gemms`), each projection's dyb and B grad from one read of dy (`rank-grads`, and `ab` against e376eef),
+# dense bf16 at 8B interleaved with Unsloth. Still wanted: QLoRA at 8B without checkpointing, the padded rows with
+# their padding as one segment, `ftw train` on unpacked rows, and this tree with dropout and the 8-bit base:
 #   OUT=$OUT bash bench/gpu_step.sh qlora8b
 #   UNPACKED_ARMS=unsloth,ftw-padded SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked
@@ -42,8 +42,7 @@
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
 #                         cuBLAS's two GEMMs, and the kernel's tilings
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
-#                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings),
-#                         bench/gate_up_dyb.py (gate's and up's dyb from that kernel's tiles: the candidate) and
+#                         bench/down_term.py --tiles (down's term inside the SwiGLU backward, at three tilings) and
 #                         bench/lora_ops.py --lora-dropout 0.05 (one layer: PEFT's dropout against the fused one)
 #   1b, 8b tokens-<shape>.txt  bench/train_throughput.py, full-length rows, each arm a fresh process in the same
 #                         call: $ARMS (default unsloth,ftw,ftw-unbordered)
@@ -127,7 +126,6 @@ for part in "${parts[@]}"; do
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
         $PY bench/down_term.py --shapes llama-8b,llama-1b --tiles 16x8,16x16,32x16
-        $PY bench/gate_up_dyb.py --shapes llama-8b,llama-1b
         $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
         2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)
