@@ -10,15 +10,11 @@ into dy before dy is quantised for dx = dy·W (fp8.py says why).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# the interpreter's float8 cast mis-rounds values that round up into the next power of two (124.7 → 64):
-# under it the kernel rounds to e4m3's grid itself and the cast only copies (CUDA's cvt rounds right)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ftw_kernels.precision import INTERPRETED
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -111,6 +107,8 @@ def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
             HAS_COL=col_scale is not None,
             BLOCK=block,
             FMAX=FP8_MAX,
+            # the interpreter's float8 cast mis-rounds values that round up into the next power of two (124.7 →
+            # 64): under it the kernel rounds to e4m3's grid itself and the cast only copies (CUDA's cvt rounds right)
             ROUND_FIRST=INTERPRETED,
             num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4,
         )

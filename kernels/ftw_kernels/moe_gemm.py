@@ -17,15 +17,12 @@ Strides are passed as they are, so a transposed weight (Wᵀ in the backward) is
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.precision import compute_dtype
+from ftw_kernels.precision import INTERPRETED, compute_dtype
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
 # autotuned per shape, under the CPU interpreter they are small fixed ones (its cost is per element).
 BM = 16 if INTERPRETED else 64

@@ -1,11 +1,16 @@
 """What a fused op reads of the state it runs under. The dtype it computes in: autocast's when it is on (as the
 unfused ops would), else its input's. The autograd functions switch autocast off inside and cast explicitly, so an
 fp32-weight model under fp16/bf16 autocast (full fine-tuning with fp16) gets matching dtypes. And whether autograd's
-backward is running: a forward run there is a checkpointed layer's recompute."""
+backward is running: a forward run there is a checkpointed layer's recompute. And whether Triton runs its kernels
+through the interpreter (the CPU tests): tiles and paths are chosen for it there."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

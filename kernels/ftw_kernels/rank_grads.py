@@ -15,15 +15,13 @@ first version, 2.8 ms in isolation).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ftw_kernels.lora_dropout import native_dots, rank_block
+from ftw_kernels.precision import INTERPRETED
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ROWS = 256  # token rows a program: B's grad's partial sums are r · 4 / (ROWS · 2) of dy's bytes
 COLS = 64  # dy's columns a step of a program's loop
 WARPS = 8  # 179 registers a thread at 256 × 64 (ptxas, sm_90a): one program an SM
