@@ -100,9 +100,9 @@ class LoRAProjections(torch.autograd.Function):
         x_lora, xa = input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
-        dyb, b_grads = low_rank_grads(dys, projections, xa)
-        dx = input_grad(dys, dyb, projections, ctx.dropout) if ctx.needs_input_grad[0] else None
-        grads = weight_grads(dys, dyb, b_grads, x_lora, xa, projections)
+        low = low_rank_grads(dys, projections, xa)
+        dx = input_grad(dys, low, projections, ctx.dropout) if ctx.needs_input_grad[0] else None
+        grads = weight_grads(dys, low, x_lora, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, None, *grads
 
 
@@ -167,25 +167,26 @@ class LoRAGatedMLP(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1])
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
-        a_down = adapters([down], g.dtype)[0]  # in h's dtype: the term's operand and h·A_downᵀ's
+        low = low_rank_grads([dy], [down], had)
+        # in h's dtype: the term's operand and h·A_downᵀ's (dy's, which dyb's A's are in, unless the stream is wider)
+        a_down = low.a_rows if dy.dtype == g.dtype else adapters([down], g.dtype)[0]
         # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
         inside = want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
-        dyb, b_grads = low_rank_grads([dy], [down], had)
-        dh = input_grad([dy], dyb, [down], h_drop, with_terms=not inside)
+        dh = input_grad([dy], low, [down], h_drop, with_terms=not inside)
         # one pass: dg and du written over g and u, h recomputed (for dA_down, and h·A_downᵀ if not saved) over dh,
         # dropped, as down's rank-r term read it
         if inside:
-            h = swiglu_backward_term(dh, g, u, dyb, a_down, h_drop)
+            h = swiglu_backward_term(dh, g, u, low.dyb, a_down, h_drop)
         else:
             h = swiglu_backward(dh, g, u, g, u, want_h=want_h, dropout=h_drop)
         del dh
         if formed:
             had = h @ a_down.t()
-        down_grads = weight_grads([dy], dyb, b_grads, h, had, [down])
+        down_grads = weight_grads([dy], low, h, had, [down])
         del h
-        dyb, b_grads = low_rank_grads([g, u], [gate, up], xa)
-        dx = input_grad([g, u], dyb, [gate, up], x_drop) if ctx.needs_input_grad[0] else None
-        gate_grads = weight_grads([g, u], dyb, b_grads, x_lora, xa, [gate, up])
+        low = low_rank_grads([g, u], [gate, up], xa)
+        dx = input_grad([g, u], low, [gate, up], x_drop) if ctx.needs_input_grad[0] else None
+        gate_grads = weight_grads([g, u], low, x_lora, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None
         # the Function's inputs per projection are (weight, lora_a, lora_b): no bias slot
         grads = [t for i, t in enumerate(gate_grads + down_grads) if i % 4 != 1]

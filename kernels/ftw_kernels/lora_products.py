@@ -115,16 +115,24 @@ def _bordered_linear(wide: torch.Tensor, p: Projection) -> torch.Tensor:
     return torch.addmm(p.bias.to(wide.dtype), inputs, buffer.t())
 
 
-def low_rank_grads(
-    dys: list[torch.Tensor], projections: list[Projection], xa: torch.Tensor | None
-) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """(dyb: the rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked, Σr × tokens, which dx's rank-r terms and the A grads share, or None
-    without LoRA; each projection's B grad where one kernel formed it beside its rows of dyb, from one read of dyᵢ
-    (kernels/ftw_kernels/rank_grads.py), else None). `xa`: the forward's x·[A₁;…;Aₙ]ᵀ, None when not at hand."""
+@dataclass(frozen=True)
+class LowRank:
+    """What a group's backward forms first and the rest of it reads: the stacked A's it multiplies dyb by, dyb (the
+    rows (sᵢBᵢ)ᵀ·dyᵢᵀ stacked, Σr × tokens, which dx's rank-r terms and the A grads share; None without LoRA), and
+    each projection's B grad where one kernel formed it beside its rows of dyb (else None)."""
+
+    a_rows: torch.Tensor | None
+    dyb: torch.Tensor | None
+    b_grads: list[torch.Tensor | None]
+
+
+def low_rank_grads(dys: list[torch.Tensor], projections: list[Projection], xa: torch.Tensor | None) -> LowRank:
+    """dyb, and each B grad from the same read of dyᵢ where kernels/ftw_kernels/rank_grads.py takes it. `xa`: the
+    forward's x·[A₁;…;Aₙ]ᵀ, None when not at hand."""
     a_rows, bs = adapters(projections, dys[0].dtype)
     b_grads: list[torch.Tensor | None] = [None] * len(projections)
     if a_rows is None:
-        return None, b_grads
+        return LowRank(None, None, b_grads)
     dyb = dys[0].new_empty(a_rows.shape[0], dys[0].shape[0])
     for i, (p, dy, b, rows) in enumerate(zip(projections, dys, bs, rank_rows(projections))):
         if b is None:
@@ -133,12 +141,12 @@ def low_rank_grads(
             b_grads[i] = rank_grads(dy, b, xa[:, rows], p.scale, dyb[rows], p.lora_b.dtype)
         else:
             torch.mm(b.t(), dy.t(), out=dyb[rows])
-    return dyb, b_grads
+    return LowRank(a_rows, dyb, b_grads)
 
 
 def input_grad(
     dys: list[torch.Tensor],
-    dyb: torch.Tensor | None,
+    low: LowRank,
     projections: list[Projection],
     dropout: Dropout | None,
     with_terms: bool = True,
@@ -150,9 +158,9 @@ def input_grad(
     The rank-r terms of dx are written first, one GEMM over the stacked A's (each projection's scale is in its
     rows of dyb), masked in place by the forward's `dropout`, and each base GEMM adds itself to them (cuBLAS's
     beta): no pass over dx is only an add. A float8 base, whose GEMM cannot accumulate, takes the terms after."""
-    if dyb is None or not with_terms:
+    if low.dyb is None or low.a_rows is None or not with_terms:
         return _base_input_grad(None, dys, projections)
-    a_rows, _ = adapters(projections, dys[0].dtype)
+    dyb, a_rows = low.dyb, low.a_rows
     if all(accumulates(p.weight) for p in projections):
         return _base_input_grad(_rank_terms(dyb, a_rows, dropout), dys, projections)
     dx = _base_input_grad(None, dys, projections)
@@ -179,13 +187,13 @@ def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return (a @ b).to(dtype)
 
 
-def weight_grads(dys, dyb, b_grads, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
-    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); `b_grads`: the B grads
-    `low_rank_grads` formed already, None where not; `inp` may be None when no W or A trains."""
+def weight_grads(dys, low: LowRank, inp, xa, projections: list[Projection]) -> list[torch.Tensor | None]:
+    """(dW, dbias, dA, dB) of each projection, in the parameters' dtypes (None where frozen); the B grads
+    `low_rank_grads` formed already are taken as they are; `inp` may be None when no W or A trains."""
     trained_a = [p.lora_a for p in projections if p.lora_a is not None and p.lora_a.requires_grad]
-    ga_rows = _product(dyb, inp, trained_a[0].dtype) if trained_a else None
+    ga_rows = _product(low.dyb, inp, trained_a[0].dtype) if trained_a else None
     grads: list[torch.Tensor | None] = []
-    for p, dy, rows, b_grad in zip(projections, dys, rank_rows(projections), b_grads):
+    for p, dy, rows, b_grad in zip(projections, dys, rank_rows(projections), low.b_grads):
         grads.append(dy.t() @ inp if p.weight.requires_grad else None)
         grads.append(dy.sum(0) if p.bias is not None and p.bias.requires_grad else None)
         if p.lora_a is None:
