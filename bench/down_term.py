@@ -36,7 +36,8 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.gpu_bench import SHAPES, setup, timed_us  # noqa: E402
+from bench.gpu_bench import SHAPES, at_tilings, setup, timed_us  # noqa: E402
+from ftw_kernels import swiglu  # noqa: E402
 from ftw_kernels.lora_dropout import Dropout, rank_terms_dropped  # noqa: E402
 from ftw_kernels.swiglu import swiglu_backward, swiglu_backward_term  # noqa: E402
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--tiles", default="", help="ROWSxWARPS,... of the kernel to time besides its own")
     args, device, dtype = setup(__doc__, parser)
     rank = args.rank
-    timed = []  # (shape, dropout, the term-inside arm, today's µs) for --tiles
+    timed = []  # (shape and dropout, [the term-inside arm], today's µs, "today") for --tiles
     print("| shape | dropout | today µs | term inside µs | × | max |Δ| / max |h| |")
     print("|---|---|---:|---:|---:|---:|")
     for shape in args.shapes:
@@ -88,27 +89,9 @@ def main() -> None:
             name = "none" if drop is None else f"p {P}"
             cells = f"{today_us:.1f} | {fused_us:.1f} | {today_us / fused_us:.2f}× | {err / scale:.1e}"
             print(f"| {shape} | {name} | {cells} |", flush=True)
-            timed.append((shape, name, partial(fused, dy, w, dyb, a, g, u, drop), today_us))
-    if args.tiles:
-        tilings(timed, args.tiles, device)
-
-
-def tilings(timed, tiles: str, device) -> None:
-    """The term-inside arm of each row at each ROWSxWARPS of the kernel (the same numbers: the tiles split rows
-    and columns, not a dot's sum)."""
-    from ftw_kernels import swiglu
-
-    print("\n| shape | dropout | rows × warps | term inside µs | × today |")
-    print("|---|---|---|---:|---:|")
-    own = swiglu.TERM_ROWS, swiglu.TERM_WARPS
-    try:
-        for shape, name, arm, today_us in timed:
-            for tile in tiles.split(","):
-                swiglu.TERM_ROWS, swiglu.TERM_WARPS = (int(n) for n in tile.split("x"))
-                us = timed_us(arm, device)
-                print(f"| {shape} | {name} | {tile} | {us:.1f} | {today_us / us:.2f}× |", flush=True)
-    finally:
-        swiglu.TERM_ROWS, swiglu.TERM_WARPS = own
+            timed.append((f"{shape}, dropout {name}", [partial(fused, dy, w, dyb, a, g, u, drop)], today_us, "today"))
+    if args.tiles:  # the tiles split rows and columns, not a dot's sum: the same numbers at each
+        at_tilings(swiglu, ("TERM_ROWS", "TERM_WARPS"), timed, args.tiles, device, "term inside")
 
 
 if __name__ == "__main__":
