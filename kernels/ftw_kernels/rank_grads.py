@@ -26,8 +26,9 @@ ROWS = 256  # token rows a program: B's grad's partial sums are r · 4 / (ROWS �
 COLS = 64  # dy's columns a step of a program's loop
 WARPS = 8  # 179 registers a thread at 256 × 64 (ptxas, sm_90a): one program an SM
 MAX_R = 32  # ranks past this take cuBLAS's two GEMMs: the partial sums would grow to half of dy's bytes and more
-# narrower outputs too: at 8B's k and v (1,024 wide) the kernel took 21.6 µs against the GEMMs' 19.9, at 4,096 50.0
-# against 55.1 (H100, bench/rank_grads.py, docs/benchmarks.md 2026-12-06 tenth session)
+# narrower outputs too: at 8B's k and v (1,024 wide) the first version took 21.6 µs against the GEMMs' 19.9 (H100,
+# bench/rank_grads.py, docs/benchmarks.md 2026-12-06 tenth session). The one-wave grid since took 19.5 against 20.4
+# there (1.04×, alone): the bound can go once a step measures k and v through the kernel
 MIN_COLS = 2048
 PROGRAMS_PER_SM = 1  # resident at ROWS × COLS × WARPS (179 registers a thread): the grid is one wave of them
 
