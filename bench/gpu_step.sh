@@ -39,6 +39,8 @@
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
 #                         bordered weights, forward and dx
+#   algos  algos.txt      bench/gemm_algos.py: the 8B step's GEMMs at the power cap, as torch runs them against every
+#                         algorithm cuBLASLt's heuristic offers
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
 #                         cuBLAS's two GEMMs, and the kernel's tilings
 #   dropout-ops dropout-ops.txt  bench/lora_dropout.py (the mask redrawn against torch's kept one),
@@ -122,6 +124,10 @@ for part in "${parts[@]}"; do
       log "rank_grads 8b, 1b"
       $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 --programs-per-sm 1,2 2>&1 \
         | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    algos)
+      log "gemm_algos 8b: the step's GEMMs at the power cap, torch's cuBLAS against cuBLASLt's other algorithms"
+      $PY bench/gemm_algos.py --shapes llama-8b 2>&1 | tee "$OUT/algos.txt" | grep -E "^\||GEMMs" \
+        | tee -a "$OUT/summary.txt" ;;
     dropout-ops)
       log "lora_dropout; lora_ops 8b, 1b with lora_dropout 0.05"
       { $PY bench/lora_dropout.py --shapes llama-8b,llama-1b
@@ -187,6 +193,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, rank-grads, ab)"; exit 2 ;;
+         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, algos, rank-grads, ab)"; exit 2 ;;
   esac
 done
