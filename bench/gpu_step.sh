@@ -147,7 +147,7 @@ for part in "${parts[@]}"; do
       done ;;
     masked | unpacked | dropout | int8)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
-      [ "$part" = unpacked ] && how="--unpacked" arms=${UNPACKED_ARMS:-unsloth,ftw,ftw-padded}
+      [ "$part" = unpacked ] && how="--unpacked --replay" arms=${UNPACKED_ARMS:-unsloth,ftw,ftw-padded}
       [ "$part" = dropout ] && how="--full-length --lora-dropout 0.05" arms=${DROPOUT_ARMS:-unsloth,ftw,ftw-peft-lora}
       [ "$part" = int8 ] && how="--full-length --8bit" arms=${INT8_ARMS:-unsloth,ftw,ftw-peft-lora}
       for shape in llama-1b:10:150 llama-8b:8:160; do  # Unsloth's first import on a fresh machine compiles

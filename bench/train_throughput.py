@@ -211,7 +211,8 @@ def run_arm(a: argparse.Namespace) -> dict:
     from worker.train.gpu_clocks import GpuClocks, gpu_id
 
     torch.cuda.reset_peak_memory_stats()
-    for b, _ in batches[: a.warmup]:
+    # --replay: the timed steps' batches once untimed first, so every shape they bring is compiled and planned
+    for b, _ in batches[: a.warmup] + (batches[a.warmup :] if a.replay else []):
         losses.append(step(b))
     host_s.update(dict.fromkeys(host_s, 0.0))
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]  # before each step, after the last
@@ -246,6 +247,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         bits=a.bits,
         full_length=a.full_length,
         unpacked=a.unpacked,
+        replay=a.replay,
         steps=a.steps,
         tokens_per_s=round(tokens / seconds),
         mfu=round(flops / seconds / (peak * 1e12), 4),
@@ -290,6 +292,12 @@ def main() -> None:
     ap.add_argument("--full-length", action="store_true", help="one sample per row (no packing)")
     ap.add_argument("--unpacked", action="store_true", help="--mbs samples a step, one a row, padded to the longest")
     ap.add_argument("--prompt-share", type=float, default=0.0, help="each sample's masked prompt share (labels -100)")
+    ap.add_argument(
+        "--replay",
+        action="store_true",
+        help="warm up on the timed batches too (one untimed pass over them first): with --unpacked every step's "
+        "padded length is new, and the first step of each shape pays its kernels' compiles and plans",
+    )
     ap.add_argument(
         "--4bit",
         dest="four_bit",
@@ -370,6 +378,7 @@ def main() -> None:
                             *(["--full-length"] if a.full_length else []),
                             *(["--unpacked"] if a.unpacked else []),
                             *(["--prompt-share", str(a.prompt_share)] if a.prompt_share else []),
+                            *(["--replay"] if a.replay else []),
                             *(["--4bit"] if a.four_bit else ["--8bit"] if a.eight_bit else []),
                             *(["--offload"] if a.offload and arm in FTW_ARMS else []),
                             *(["--lora-dropout", str(a.lora_dropout)] if a.lora_dropout else []),
