@@ -73,8 +73,10 @@
 #                         padded to the longest; $UNPACKED_ARMS (default Unsloth (padded rows), ftw (each micro-batch's
 #                         samples joined into one row, as the trainer's padding-free batches) and ftw-padded (the
 #                         padded rows, as before))
-#   profile prof-<shape>-gcoff[-<arm>].txt  bench/train_throughput.py --profile at $SHAPES, arms $ARMS: each arm's
-#                         kernels by GPU time over three steps, its GPU-busy ms a step, and a trace (.trace.json.gz)
+#   profile prof-<shape>-gcoff[-<arm>].txt  bench/train_throughput.py --profile at $SHAPES, arms $ARMS, rows
+#                         $PROFILE_HOW (default --full-length; e.g. "--unpacked --replay"): each arm's kernels by GPU
+#                         time over three steps, its GPU-busy ms a step, a trace (.trace.json.gz) and the host's
+#                         Python functions under cProfile (.host.txt)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
 #                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0)
@@ -162,9 +164,10 @@ for part in "${parts[@]}"; do
     profile)
       for name in ${SHAPES//,/ }; do
         log "profile $name: $ARMS (three steps each under torch.profiler: prof-$name-gcoff*.txt, kernels by GPU time)"
-        $PY bench/train_throughput.py --full-length --warmup 3 --shapes "$name" --arms "$ARMS" --steps 6 \
-          --arm-timeout 160 --profile "$OUT/prof" 2>"$OUT/prof-$name.stderr" | tee "$OUT/prof-$name.txt" | grep "^|" \
-          | tee -a "$OUT/summary.txt"
+        # shellcheck disable=SC2086  # $PROFILE_HOW: several options
+        $PY bench/train_throughput.py ${PROFILE_HOW:---full-length} --warmup 3 --shapes "$name" --arms "$ARMS" \
+          --steps 6 --arm-timeout 160 --profile "$OUT/prof" 2>"$OUT/prof-$name.stderr" | tee "$OUT/prof-$name.txt" \
+          | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     1b) throughput llama-1b 12 150 ;;  # Unsloth's first import on a fresh machine compiles for over a minute
     8b) throughput llama-8b 10 160 ;;

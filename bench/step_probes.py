@@ -37,8 +37,9 @@ def sync_sites(step, batch) -> dict[str, int]:
 
 def profile_steps(step, batches, path: str) -> float:
     """Where the time goes: three steps under the torch profiler, kernels by total GPU time, and their timeline
-    (PATH.trace.json.gz, chrome://tracing). Returns the GPU's busy milliseconds a step (its kernels' time
-    summed): against the unprofiled step time, what the GPU idles."""
+    (PATH.trace.json.gz, chrome://tracing); then the host's side of the same steps (`host_profile`,
+    PATH.host.txt). Returns the GPU's busy milliseconds a step (its kernels' time summed): against the
+    unprofiled step time, what the GPU idles."""
     import gzip
     import os
     import shutil
@@ -61,4 +62,31 @@ def profile_steps(step, batches, path: str) -> float:
     os.remove(f"{path}.trace.json")
     table = averages.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
     Path(path).write_text(f"GPU busy {busy_ms:.1f} ms a step (kernels' time summed)\n{table}")
+    host_profile(step, batches, f"{path}.host.txt")
     return busy_ms
+
+
+def host_profile(step, batches, path: str) -> None:
+    """Where the host's time goes when it, not the GPU, sets the pace (short steps: few tokens, many launches):
+    the same steps under cProfile, Python functions by their own time and by their total, to PATH."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.enable()
+    for b, _ in batches:
+        step(b)
+    profiler.disable()
+    host_ms = (time.perf_counter() - t0) * 1e3 / len(batches)
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    Path(path).write_text(f"host {host_ms:.1f} ms a step under cProfile (its own overhead included)\n{out.getvalue()}")

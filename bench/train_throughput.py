@@ -331,7 +331,7 @@ def main() -> None:
         "--profile",
         help=(
             "profile the ftw arm (3 steps): write its kernel table to PATH-<shape>-gc<on|off>.txt "
-            "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt)"
+            "(Unsloth's to PATH-<shape>-gc<on|off>-unsloth.txt), the host's Python functions to that path + .host.txt"
         ),
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
