@@ -223,6 +223,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         losses.append(step(b))
         mark.record()
     torch.cuda.synchronize()
+    timed_host_s = dict(host_s)  # before the probes below run more steps through `step`
     clocks.stop()
     clock = clocks.summary()
     each_ms = [before.elapsed_time(after) for before, after in zip(marks, marks[1:])]
@@ -262,7 +263,7 @@ def run_arm(a: argparse.Namespace) -> dict:
         step_ms=round(seconds * 1e3 / a.steps, 1),
         step_ms_each=[round(ms, 1) for ms in each_ms],
         heap_frozen=heap_frozen,
-        host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in host_s.items()},
+        host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in timed_host_s.items()},
         host_syncs=syncs,
         dequantised=dequantised_a_step,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
