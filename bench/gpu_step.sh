@@ -79,7 +79,8 @@
 #                         Python functions under cProfile (.host.txt)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
-#                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0)
+#                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0); AB_UNPACKED=1: short
+#                         steps (unpacked samples, padding-free, --replay)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b} AB_GC=${AB_GC:-off}
@@ -193,7 +194,7 @@ for part in "${parts[@]}"; do
       log "tree_ab $AB_SHAPES against $OLD, checkpointing $AB_GC"
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
       $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
-        --lora-dropout "$AB_DROPOUT" \
+        --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
          "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, algos, rank-grads, ab)"; exit 2 ;;

@@ -12,6 +12,7 @@ measures a change against the tree before it and against a variant of it.
     python3 bench/tree_ab.py --old .gpu/main --old .gpu/variant --rounds 2                       # two older trees
     python3 bench/tree_ab.py --old .gpu/old --shapes llama-8b --gc offload --steps 6             # memory-saving mode
     python3 bench/tree_ab.py --old .gpu/old --shapes llama-8b --lora-dropout 0.05                # LoRA's dropout
+    python3 bench/tree_ab.py --old .gpu/old --shapes llama-8b --unpacked --steps 8               # short steps
 
 `--site /tmp/site` puts wheels installed there (`.whl-qlora`: pydantic for worker/) ahead of every tree.
 Prints, per shape and round, each run's tokens/s, step ms, SM clock and power, and the new tree's ratio over
@@ -37,8 +38,9 @@ def run(tree: Path, shape: str, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "result.json"
         paths = [args.site] if args.site else []
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(tree), str(tree / "kernels")])}
+        rows = ["--unpacked", "--replay"] if args.unpacked else ["--full-length"]
         command = [
-            sys.executable, str(tree / "bench" / "train_throughput.py"), "--full-length", "--shapes", shape,
+            sys.executable, str(tree / "bench" / "train_throughput.py"), *rows, "--shapes", shape,
             "--arms", args.arm, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--arm-timeout", str(args.arm_timeout), "--json", str(out),
             "--gc", "off" if args.gc == "off" else "on", *(["--offload"] if args.gc == "offload" else []),
@@ -73,6 +75,12 @@ def main() -> int:
         "--gc", choices=("off", "on", "offload"), default="off", help="checkpointing; offload: layer inputs on the host"
     )
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="every run's lora_dropout (the trees must take it)")
+    ap.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="short steps: unpacked samples joined padding-free, timed past their shapes' compiles (--replay; the "
+        "trees' bench must take it)",
+    )
     ap.add_argument("--site", help="a folder of installed wheels to put first on PYTHONPATH")
     args = ap.parse_args()
     for tree in (args.new, *args.old):  # before any device time is spent on the others
