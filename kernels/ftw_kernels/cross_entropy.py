@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import next_power_of_2
 from ftw_kernels.precision import compute_dtype, no_autocast
 
 CHUNK_LOGITS_BYTES = 1 << 30  # one chunk's bf16 logits: 1 GiB (4096 rows of a 128k vocab)
@@ -81,7 +82,7 @@ def _chunk_dlogits(
         logits.stride(0),
         ignore_index,
         N_COLS=vocab,
-        BLOCK=min(triton.next_power_of_2(vocab), 4096 if h.is_cuda else 1024),
+        BLOCK=min(next_power_of_2(vocab), 4096 if h.is_cuda else 1024),
         num_warps=8 if h.is_cuda else 1,
     )
     return logits

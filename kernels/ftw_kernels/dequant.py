@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv
+
 BYTES_PER_PROGRAM = 1024  # 2,048 values
 
 
@@ -75,7 +77,7 @@ def dequantize_4bit(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     absmax2 = state.state2.absmax if nested else state.absmax
     code2 = state.state2.code if nested else state.code
     offset = state.offset.reshape(1).float() if nested else state.absmax
-    _dequantize_4bit[(triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)](
+    _dequantize_4bit[(cdiv(n_bytes, BYTES_PER_PROGRAM),)](
         packed,
         state.code,
         state.absmax,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv, next_power_of_2
 from ftw_kernels.precision import INTERPRETED
 
 FP8 = torch.float8_e4m3fn
@@ -95,7 +96,7 @@ def quantise_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         col = col_scale.reshape(-1) if col_scale is not None else s  # a dummy pointer when there is none
-        block = min(MAX_BLOCK, triton.next_power_of_2(n))
+        block = min(MAX_BLOCK, next_power_of_2(n))
         _quantise_rows[(m,)](
             x,
             col,
@@ -138,6 +139,6 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
     r, c = w.shape
     out = torch.empty(c, r, dtype=w.dtype, device=w.device)
     if w.numel():
-        grid = (triton.cdiv(r, 64), triton.cdiv(c, 64))
+        grid = (cdiv(r, 64), cdiv(c, 64))
         _transpose[grid](w.view(torch.uint8), out.view(torch.uint8), r, c, BR=64, BC=64)
     return out

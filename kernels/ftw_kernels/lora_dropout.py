@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv, next_power_of_2
+
 BLOCK = 1024  # columns a program at most
 # warps of the elementwise kernels that draw a mask: two adjacent columns a thread in each 128-column lane, so
 # 4-byte loads of 16-bit data. Four warps gave each thread one column, 2-byte loads: the dropout pass read 77.8 µs at
@@ -111,9 +113,9 @@ def blocking(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     """(grid, rows a program, columns a program) of the kernels that draw a mask for a rows × cols tensor. A
     width's column blocks fix its counters: the same width always draws the same mask. Narrow rows (tiny models)
     share a program, so that no program is mostly masked lanes."""
-    block = min(BLOCK, max(64, triton.next_power_of_2(cols)))
+    block = min(BLOCK, max(64, next_power_of_2(cols)))
     per_program = BLOCK // block
-    return (triton.cdiv(rows, per_program), triton.cdiv(cols, block)), per_program, block
+    return (cdiv(rows, per_program), cdiv(cols, block)), per_program, block
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed a step: no variant compiled for one
@@ -150,7 +152,7 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
 
 def rank_block(r: int) -> int:
     """RP of the rank-sized dots below for rank r: a power of two, at least 16 (a tensor-core dot's least side)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def native_dots(t: torch.Tensor) -> bool:
@@ -218,7 +220,7 @@ def rank_terms_dropped(
         return dropped(terms, dropout, out=terms)
     y = torch.empty(tokens, width, dtype=dyb.dtype, device=dyb.device)
     if tokens:
-        grid = (triton.cdiv(tokens, RANK_ROWS), triton.cdiv(width, BLOCK))
+        grid = (cdiv(tokens, RANK_ROWS), cdiv(width, BLOCK))
         _rank_terms_dropped[grid](
             dyb, a_rows, y, tokens, width, dyb.stride(0), a_rows.stride(0), sum_r, *dropout.kernel_args,
             RP=rank_block(sum_r), ROWS=RANK_ROWS, BLOCK=BLOCK, NATIVE=native_dots(dyb), num_warps=8,

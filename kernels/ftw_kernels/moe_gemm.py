@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv, next_power_of_2
 from ftw_kernels.precision import INTERPRETED, compute_dtype
 
 # Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
@@ -40,7 +41,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 @triton.jit
@@ -284,7 +285,7 @@ class Routing:
         counts, ends, num_experts = self.counts, self.ends.long(), self.num_experts
         blocks = (counts + BM - 1) // BM
         cum = blocks.cumsum(0)
-        b = torch.arange(triton.cdiv(self.rows, BM) + num_experts, device=counts.device)  # an upper bound on blocks
+        b = torch.arange(cdiv(self.rows, BM) + num_experts, device=counts.device)  # an upper bound on blocks
         expert = torch.searchsorted(cum, b, right=True)
         e = expert.clamp(max=num_experts - 1)
         self.block_expert = torch.where(expert < num_experts, e, -1).to(torch.int32)
@@ -309,7 +310,7 @@ def scatter_mm(
     h_ = h_out if h_out is not None else dummy
     blocks = routing.block_expert.numel()
     tiles = {"BLOCK_N": BN, "BLOCK_K": BK} if INTERPRETED else {}
-    _scatter_mm[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](
+    _scatter_mm[lambda meta: (blocks, cdiv(n, meta["BLOCK_N"]))](
         x,
         w,
         a_,
@@ -360,7 +361,7 @@ def grouped_tn(left, right, routing: Routing, out, *, scale=1.0, l_index=None, r
     """out[e] = s·left[rows of e]ᵀ right[rows of e]: (E, P, Q) from left (·, P) and right (·, Q)."""
     p, q = left.shape[1], right.shape[1]
     tiles = {"BLOCK_P": TN_BP, "BLOCK_Q": TN_BQ, "BLOCK_M": TN_BM} if INTERPRETED else {}
-    _grouped_tn[lambda meta: (routing.num_experts, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))](
+    _grouped_tn[lambda meta: (routing.num_experts, cdiv(p, meta["BLOCK_P"]), cdiv(q, meta["BLOCK_Q"]))](
         left,
         right,
         out,

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv
 from ftw_kernels.moe_gemm import INTERPRETED
 
 
@@ -46,7 +47,7 @@ def _swiglu_rows(
 def _launch(dh: torch.Tensor | None, gu: torch.Tensor, h: torch.Tensor | None) -> None:
     rows, n = gu.shape[0], gu.shape[1] // 2
     block_m, block_n = (16, 16) if INTERPRETED else (32, 128)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    grid = (cdiv(rows, block_m), cdiv(n, block_n))
     dh_, h_ = dh if dh is not None else gu, h if h is not None else gu
     _swiglu_rows[grid](
         dh_,

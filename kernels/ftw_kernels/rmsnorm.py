@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ftw_kernels.bordered import ROOM, mark, with_room
+from ftw_kernels.grids import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -96,8 +97,8 @@ def _rmsnorm_bwd(
 def _tiles(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int, int]:
     """(BLOCK columns, BLOCK_R rows a tile, warps): ~4k-element tiles on the GPU (one row of a
     hidden-size norm, 32 rows of a per-head q/k norm); the interpreter pays per program, so big."""
-    block = triton.next_power_of_2(n_cols)
-    block_r = max(1, min(triton.next_power_of_2(n_rows), (4096 if on_gpu else 65536) // block))
+    block = next_power_of_2(n_cols)
+    block_r = max(1, min(next_power_of_2(n_rows), (4096 if on_gpu else 65536) // block))
     return block, block_r, 4 if block * block_r <= 2048 else 8 if block * block_r <= 8192 else 16
 
 
@@ -120,7 +121,7 @@ class RMSNormFunction(torch.autograd.Function):
         block, block_r, warps = _tiles(n_rows, n_cols, x.is_cuda)
         y = with_room(n_rows, n_cols, room, h2)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](
+        _rmsnorm_fwd[(cdiv(n_rows, block_r),)](
             x2,
             x2 if d2 is None else d2,
             h2,
@@ -158,8 +159,8 @@ class RMSNormFunction(torch.autograd.Function):
         block, block_r, warps = _tiles(n_rows, n_cols, x2.is_cuda)
         programs_wanted = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4 if x2.is_cuda else 1
         # a power of two ≥ BLOCK_R: a compile-time loop bound with few variants
-        rows_per_program = max(block_r, triton.next_power_of_2(triton.cdiv(n_rows, programs_wanted)))
-        n_programs = triton.cdiv(n_rows, rows_per_program)
+        rows_per_program = max(block_r, next_power_of_2(cdiv(n_rows, programs_wanted)))
+        n_programs = cdiv(n_rows, rows_per_program)
         dw_partial = torch.empty((n_programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=x2.device)
         _rmsnorm_bwd[(n_programs,)](
             dy2,

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rope(
@@ -65,12 +67,12 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     y = torch.empty_like(x)
     half = dim // 2
     n_rows = bsz * seq
-    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(half)
+    block_h, block_d = next_power_of_2(heads), next_power_of_2(half)
     # ~4k elements a program on the GPU; the interpreter pays per program, so it takes big tiles
     budget = 4096 if x.is_cuda else 65536
-    block_r = max(1, min(triton.next_power_of_2(n_rows), budget // (block_h * block_d)))
+    block_r = max(1, min(next_power_of_2(n_rows), budget // (block_h * block_d)))
     stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
-    _rope[(triton.cdiv(n_rows, block_r),)](
+    _rope[(cdiv(n_rows, block_r),)](
         x,
         cos,
         sin,

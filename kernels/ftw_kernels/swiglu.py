@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftw_kernels.grids import cdiv
 from ftw_kernels.lora_dropout import (
     PASS_WARPS,
     Dropout,
@@ -147,7 +148,7 @@ def _rows_of(g: torch.Tensor) -> tuple[int, int]:
 def swiglu_forward_raw(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(g)
     n = g.numel()
-    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK)
+    _swiglu_fwd[(cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK)
     return h
 
 
@@ -185,7 +186,7 @@ def swiglu_backward(dh, g, u, dg, du, want_h: bool, dropout: Dropout | None = No
                 *tensors, rows, cols, *dropout.kernel_args, ROWS=per_program, BLOCK=block, num_warps=PASS_WARPS
             )
         return h
-    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
+    _swiglu_bwd[(cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, WRITE_H=want_h)
     return h if want_h else None
 
 
@@ -210,7 +211,7 @@ def swiglu_backward_term(dh, g, u, dyb, a_rows, dropout: Dropout | None) -> torc
         block = blocking(rows, cols)[2]
         seed, threshold, scale = dropout.kernel_args if dropout is not None else (0, 0, 1.0)
         sum_r = a_rows.shape[0]
-        _swiglu_bwd_term[(triton.cdiv(rows, TERM_ROWS), triton.cdiv(cols, block))](
+        _swiglu_bwd_term[(cdiv(rows, TERM_ROWS), cdiv(cols, block))](
             dh, g, u, dyb, a_rows, rows, cols, dyb.stride(0), a_rows.stride(0), sum_r, seed, threshold, scale,
             RP=rank_block(sum_r), ROWS=TERM_ROWS, BLOCK=block, DROP=dropout is not None, NATIVE=native_dots(g),
             num_warps=TERM_WARPS,

@@ -1,0 +1,17 @@
+"""Launch-grid and block-size arithmetic on the host, in plain Python.
+
+Since Triton 3.5 `triton.cdiv` and `triton.next_power_of_2` are constexpr functions: called from Python each goes
+through `ConstexprFunction.__call__` (~2 µs, against ~0.03 µs here). A kernel's host side calls them a few times
+a launch, ~2,300 times a step of an 8B model, which a short step (a few thousand tokens, the host setting the
+pace; docs/benchmarks.md, "eleventh session") pays in full. Inside `@triton.jit` code `tl.cdiv` stays."""
+
+from __future__ import annotations
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n, as triton.next_power_of_2 (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

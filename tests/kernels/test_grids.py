@@ -1,0 +1,18 @@
+"""The host's grid arithmetic (kernels/ftw_kernels/grids.py) gives what Triton's constexpr functions give, for
+every size a launch may take, so swapping them changes no grid and no block."""
+
+import triton
+
+from ftw_kernels.grids import cdiv, next_power_of_2
+
+
+def test_cdiv_is_tritons():
+    for n in range(0, 20_000, 7):
+        for by in (1, 3, 8, 16, 64, 128, 256, 1024):
+            assert cdiv(n, by) == triton.cdiv(n, by), (n, by)
+
+
+def test_next_power_of_2_is_tritons():
+    sizes = [*range(0, 5_000), 14_336, 65_535, 65_536, 65_537, 128_256, 2**31 - 1, 2**31]
+    for n in sizes:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
