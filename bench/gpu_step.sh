@@ -27,11 +27,11 @@
 # and the 8B profile of both (`profile`; bench/step_split.py sums its traces). Measured on 2026-12-06 (tenth session,
 # H100): the CUDA tests, the term kernel's tilings, gate's and up's dyb inside it (not kept), the bordered dx
 # isolated (`gemms`), each projection's dyb and B grad from one read of dy (`rank-grads`, and `ab` against e376eef),
-# dense bf16 at 8B interleaved with Unsloth. Still wanted: QLoRA at 8B without checkpointing, the padded rows with
-# their padding as one segment, `ftw train` on unpacked rows, and this tree with dropout and the 8-bit base:
-#   OUT=$OUT bash bench/gpu_step.sh qlora8b
-#   UNPACKED_ARMS=unsloth,ftw-padded SHAPES=llama-1b,llama-8b OUT=$OUT bash bench/gpu_step.sh unpacked
-#   OUT=$OUT bash bench/gpu_step.sh real-unpacked
+# dense bf16 at 8B interleaved with Unsloth. Measured on 2026-12-06 (eleventh session, H100): the CUDA tests, the
+# step's GEMMs against cuBLASLt's other algorithms (`algos`), QLoRA at 8B without checkpointing, the unpacked rows
+# in steady state (`unpacked`, now with --replay), the host's side of a short step (PROFILE_HOW="--unpacked
+# --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Still wanted: `ftw
+# train` on unpacked rows, and this tree with dropout and the 8-bit base:
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
