@@ -32,6 +32,7 @@
 # in steady state (`unpacked`, now with --replay), the host's side of a short step (PROFILE_HOW="--unpacked
 # --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Still wanted: `ftw
 # train` on unpacked rows, and this tree with dropout and the 8-bit base:
+#   OUT=$OUT bash bench/gpu_step.sh real-unpacked
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
