@@ -91,7 +91,8 @@ TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/ke
 tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
 tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
 tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
-tests/kernels/test_lora_dropout.py tests/kernels/test_int8_base.py tests/kernels/test_rank_grads.py}
+tests/kernels/test_lora_dropout.py tests/kernels/test_dropout_mask.py tests/kernels/test_int8_base.py \
+tests/kernels/test_rank_grads.py tests/kernels/test_grids.py}
 mkdir -p "$OUT"
 # every arm under the allocator setting ftw's stages run with (worker/checks/gpu.py)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

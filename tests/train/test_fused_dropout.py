@@ -1,6 +1,6 @@
 """`ftw train` with lora_dropout on the fused LoRA kernels (on the CPU through Triton's interpreter): the masks are
 drawn from torch's CPU generator, whose state every checkpoint saves, so a run resumed from its checkpoint ends on
-the uninterrupted run's adapter (tests/kernels/test_lora_dropout.py checks the masks themselves)."""
+the uninterrupted run's adapter (tests/kernels/test_dropout_mask.py checks the masks themselves)."""
 
 from __future__ import annotations
 
