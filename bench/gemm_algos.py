@@ -21,6 +21,7 @@ model's layers: torch's against each GEMM's best arm."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import sys
 from dataclasses import dataclass
@@ -85,12 +86,22 @@ def step_gemms(shape: str) -> list[Gemm]:
     ]
 
 
+@contextlib.contextmanager
+def blas_library(name: str):
+    """torch's matmuls through `name` ("cublas", "cublaslt") inside; the backend before restored after."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
 def loaded_cublaslt() -> ctypes.CDLL:
     """The libcublasLt this process's torch loaded (after one matmul), so both arms run the same library."""
     a = torch.ones(64, 64, device="cuda", dtype=torch.bfloat16)
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    (a @ a).sum().item()
-    torch.backends.cuda.preferred_blas_library("cublas")
+    with blas_library("cublaslt"):
+        (a @ a).sum().item()
     with open("/proc/self/maps") as maps:
         paths = sorted({line.split()[-1] for line in maps if "libcublasLt" in line})
     if not paths:
@@ -239,9 +250,8 @@ def bench_gemm(g: Gemm, args, lt: CublasLt, clocks: GpuClocks) -> tuple[float, f
         )
 
     before = sustained_us(torch_arm, args.seconds, clocks)
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    lt_default = sustained_us(torch_arm, args.seconds, clocks)
-    torch.backends.cuda.preferred_blas_library("cublas")
+    with blas_library("cublaslt"):
+        lt_default = sustained_us(torch_arm, args.seconds, clocks)
     plan = lt.plan(g)
     start = out.clone()
     torch_arm()
