@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.estimate.test_trained_share import workload
-from worker.estimate.model import tokens_per_s
+from worker.estimate.model import gpu_seconds, tokens_per_s
 
 
 def test_an_unpacked_run_with_the_kernels_computes_its_real_tokens_only():
@@ -15,7 +15,10 @@ def test_an_unpacked_run_with_the_kernels_computes_its_real_tokens_only():
     assert w.padding_free and w.compute_tokens == w.real_tokens
     padded, _ = workload(None, use_kernels=True, sample_packing=False, pad_to_sequence_len=True)
     assert not padded.padding_free and padded.compute_tokens > padded.real_tokens
-    assert tokens_per_s(w) > 1.3 * tokens_per_s(padded)  # lognormal lengths: the longest of 4 rows is far past the mean
+    # lognormal lengths: the longest of 4 rows is far past the mean, so the padded rows' GPU time is far longer; the
+    # steps' tokens/s differ less, since the host's launches bound a short padding-free step (measured at 8B: 1.14×)
+    assert gpu_seconds(padded) > 1.3 * gpu_seconds(w)
+    assert tokens_per_s(w) > 1.1 * tokens_per_s(padded)
 
 
 @pytest.mark.parametrize(

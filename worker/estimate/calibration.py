@@ -5,8 +5,9 @@ Its section CALIBRATION_HEADING holds one table; each row is one measured run on
     | date | gpu | source | model | method | kernels | mbs | seq | samples | ckpt | loop | tokens/s | peak GiB |
 
 `gpu`: the card as nvidia-smi names it, one of worker/estimate/runpod_gpus.toml's (its bf16 peak scales the speed);
-`samples`: `full` (every row one sample of `seq` tokens) or `packed ~600` (packed samples of that
-mean length); `ckpt`: off, on or offload; `loop`: bare (bench/train_throughput.py) or real
+`samples`: `full` (every row one sample of `seq` tokens), `packed ~600` (packed samples of that
+mean length) or `unpacked ~600` (`mbs` samples of that mean length a micro-batch, one a row: the kernels join them
+into one row, padding-free); `ckpt`: off, on or offload; `loop`: bare (bench/train_throughput.py) or real
 (`ftw train`, bench/gpu_train.py); figures may be a range (a–b) or — (not measured). A row added
 to the table is checked by tests/estimate/test_calibration.py without any other change.
 """
@@ -60,14 +61,16 @@ class MeasuredRow:
         if shape is None:
             raise ValueError(f"calibration row {self.label}: model {c['model']!r} is not in worker/estimate/shapes.py")
         packed = c["samples"].startswith("packed")
-        mean = float(c["samples"].split("~")[1]) if packed else float(c["seq"])
+        mean = float(c["samples"].split("~")[1]) if "~" in c["samples"] else float(c["seq"])
+        kernels = c["kernels"] == "on"
         return Workload(
             shape=shape,
-            method=c["method"],
-            kernels=c["kernels"] == "on",  # type: ignore[arg-type]
+            method=c["method"],  # type: ignore[arg-type]
+            kernels=kernels,
             micro_batch_size=int(c["mbs"]),
             sequence_len=int(c["seq"]),
             packed=packed,
+            padding_free=kernels and c["samples"].startswith("unpacked"),
             checkpointing=c["ckpt"] != "off",
             offload=c["ckpt"] == "offload",
             lora_params=lora_param_count(shape, BENCH_LORA_R, LINEAR_MODULES),

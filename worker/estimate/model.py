@@ -85,6 +85,11 @@ CKPT_LAYER_SHARE = 0.5  # of one layer's activations alive while it is recompute
 # host time per micro-batch the GPU waits on in a loop that syncs every forward (the hf mode's mask
 # checks); ftw's real path overlaps its host work with the GPU's since 2026-12-02 (docs/benchmarks.md)
 HOST_S_PER_MICRO = 0.045
+# what the host takes to launch a decoder layer's forward and backward on the kernels' paths (Triton and cuBLAS
+# launches, autograd, Python), which overlaps the GPU's work: a micro-batch of few tokens waits for it. Fitted on the
+# unpacked short steps of docs/benchmarks.md's eleventh session (H100 hosts: 5.7 ms a layer at 1B, 4.9–6.9 at 8B)
+HOST_S_PER_LAYER = 0.0058
+HOST_FORWARD_SHARE = 0.43  # of that host work, the forward's (the same profile): a checkpointed step runs it twice
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
 H200_TFLOPS = 989.4
@@ -251,12 +256,30 @@ def head_share(w: Workload) -> float:
     return w.trained_share if w.kernels and w.trained_share is not None else 1.0
 
 
-def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+def gpu_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+    """The GPU's own time for one micro-batch."""
     gpu = w.compute_tokens * flops_per_token(w) / (bf16_tflops * 1e12 * MODES[w.mode].efficiency(w.shape.hidden))
     if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
         per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
         gpu = max(gpu, 2 * w.compute_tokens * per_token_layer * w.shape.layers / HOST_LINK_BYTES_PER_S)
-    return gpu + (HOST_S_PER_MICRO if MODES[w.mode].host_synced else 0.0)
+    return gpu
+
+
+def host_seconds(w: Workload) -> float:
+    """The host's time to launch one micro-batch on the kernels' paths, whatever its tokens: a step is never
+    shorter. A checkpointed step launches each layer's forward again."""
+    return HOST_S_PER_LAYER * w.shape.layers * (1 + HOST_FORWARD_SHARE if w.checkpointing else 1)
+
+
+def host_bound(w: Workload, bf16_tflops: float = H200_TFLOPS) -> bool:
+    """Whether the host, not the GPU, sets the pace of this workload's steps on that GPU."""
+    return not MODES[w.mode].host_synced and gpu_seconds(w, bf16_tflops) < host_seconds(w)
+
+
+def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+    if MODES[w.mode].host_synced:  # the host's time adds to the GPU's
+        return gpu_seconds(w, bf16_tflops) + HOST_S_PER_MICRO
+    return max(gpu_seconds(w, bf16_tflops), host_seconds(w))
 
 
 def tokens_per_s(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:

@@ -27,6 +27,8 @@ from worker.estimate.model import (
     PACKED_FILL,
     GiB,
     Workload,
+    host_bound,
+    host_seconds,
     micro_batch_seconds,
     peak_bytes,
     tokens_per_s,
@@ -211,6 +213,14 @@ def estimate(
         est.notes.append(
             "the run's length is unknown (no max_steps, and the data's size is unknown here): time and cost are not "
             "given; set max_steps or pass --tokens N"
+        )
+    bound = [gpu.name for gpu in gpus if host_bound(w, gpu.bf16_tflops)]
+    if bound:
+        where = ", ".join(bound[:3]) + (f" and {len(bound) - 3} more" if len(bound) > 3 else "")
+        est.notes.append(
+            f"the host sets the pace on {where}: a micro-batch's GPU work there is shorter than the "
+            f"~{host_seconds(w) * 1e3:.0f} ms the host takes to launch it, so the GPU waits; more tokens a micro-batch "
+            "(a larger micro_batch_size, or sample_packing: true) train in the same host time"
         )
     if w.mode == "hf" and w.method == "full":
         est.notes.append(
