@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.train.gpu_clocks import QUERY, GpuClocks, gpu_id, slowdown_warning
+from worker.train.gpu_clocks import QUERY, GpuClocks, gpu_id, gpu_warnings, idle_warning, slowdown_warning
 
 FAKE_SMI = """#!{python}
 import itertools, json, os, sys, time
@@ -29,8 +29,9 @@ for line in itertools.chain(lines, itertools.repeat(lines[-1])):
     print(line, flush=True)
     time.sleep(loop / 1000)
 """
-POWER_CAPPED = "1545, 1980, 692.99, 700.00, 55, 0x0000000000000004"  # at full load: the normal case
-THERMAL = "1110, 1980, 520.10, 700.00, 88, 0x0000000000000044"  # power cap and hardware thermal slowdown
+POWER_CAPPED = "1545, 1980, 692.99, 700.00, 55, 0x0000000000000004, 100"  # at full load: the normal case
+THERMAL = "1110, 1980, 520.10, 700.00, 88, 0x0000000000000044, 99"  # power cap and hardware thermal slowdown
+HOST_PACED = "1980, 1980, 467.00, 700.00, 50, 0x0000000000000000, 79"  # short steps: the GPU waits on the host
 
 
 @pytest.fixture
@@ -64,7 +65,11 @@ def sample(clocks: GpuClocks, count: int) -> None:
 
 def test_a_power_capped_run_reports_its_clock_and_no_slowdown(fake_smi):
     replay, calls, _ = fake_smi
-    replay(POWER_CAPPED, "[N/A], 1980, 12.0, 700.00, 40, 0x0", "1560, 1980, 690.50, 700.00, 56, 0x0000000000000004")
+    replay(
+        POWER_CAPPED,
+        "[N/A], 1980, 12.0, 700.00, 40, 0x0, 0",
+        "1560, 1980, 690.50, 700.00, 56, 0x0000000000000004, [N/A]",  # a utilization the driver does not report
+    )
     clocks = GpuClocks("GPU-1234", period_ms=10)
     sample(clocks, 4)
     assert calls() == [[f"--query-gpu={QUERY}", "--format=csv,noheader,nounits", "--loop-ms=10", "--id=GPU-1234"]]
@@ -73,7 +78,7 @@ def test_a_power_capped_run_reports_its_clock_and_no_slowdown(fake_smi):
     assert summary["gpu_max_sm_clock_mhz"] == 1980 and summary["gpu_power_limit_w"] == 700
     assert 1545 <= summary["gpu_sm_clock_mhz"] <= 1560
     assert summary["gpu_slowdown_share"] == 0 and summary["gpu_slowdown_reasons"] == ""
-    assert slowdown_warning(summary) is None
+    assert slowdown_warning(summary) is None and summary["gpu_busy_share"] == 1.0 and gpu_warnings(summary) == []
     assert clocks.latest() == {"gpu_sm_mhz": clocks.samples[-1][0], "gpu_power_w": clocks.samples[-1][2]}
 
 
@@ -88,6 +93,20 @@ def test_a_thermally_throttled_host_is_named_in_a_warning(fake_smi):
     assert summary["gpu_max_temperature_c"] == 88
     warning = slowdown_warning(summary)
     assert warning is not None and "hardware thermal slowdown" in warning and "another worker" in warning
+
+
+def test_a_gpu_left_idle_by_its_host_is_warned_about_with_what_to_change(fake_smi):
+    replay, _, _ = fake_smi
+    replay(HOST_PACED, HOST_PACED, POWER_CAPPED)  # then at full load: the median stays the host-paced one
+    clocks = GpuClocks("0", period_ms=10)
+    sample(clocks, 3)
+    clocks.samples = clocks.samples[:3]
+    summary = clocks.summary()
+    assert summary["gpu_busy_share"] == 0.79 and summary["gpu_slowdown_share"] == 0
+    warning = idle_warning(summary)
+    assert warning is not None and "79%" in warning and "micro_batch_size" in warning
+    assert gpu_warnings(summary) == [warning]
+    assert idle_warning({"gpu_busy_share": 0.97}) is None and idle_warning({}) is None
 
 
 def test_the_sampler_stops_its_process_and_keeps_what_it_read(fake_smi):

@@ -43,7 +43,7 @@ from worker.job.supervisor import Stage, StageRun, StopSignal, next_attempt_dir,
 from worker.job.updates import ProgressSink, Throttle, event_update, stage_update
 from worker.job.warmup import KernelWarmup
 from worker.publish import PublishPlan
-from worker.train.gpu_clocks import slowdown_warning
+from worker.train.gpu_clocks import gpu_warnings
 from worker.train.summary import TrainSummary
 
 MAX_ENV_VALUE = 64 * 1024  # the masked config values travel in one environment variable (Linux: at most 128 KB)
@@ -192,8 +192,8 @@ class JobPipeline:
             if prefetch is not None:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)
         metrics = self.train(run, config_path, prepared)
-        if (slowed := slowdown_warning(metrics)) is not None:  # the host held the GPU's clock down
-            self.warnings.append({"loc": "gpu", "msg": slowed})
+        # the host held the GPU's clock down, or left it idle
+        self.warnings += [{"loc": "gpu", "msg": msg} for msg in gpu_warnings(metrics)]
         artifacts = self.publish(run)
         prediction = with_prepared_data(self.prediction, self.job.config, prepared.summary)
         metrics = {**metrics, **run_metrics(prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}

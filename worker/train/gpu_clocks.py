@@ -5,7 +5,10 @@ Why: a training step of a large model holds a GPU at its power cap, its SM clock
 normal, and the same for every tool. A host whose GPU slows for heat or a power brake is not: the same job
 trains slower there and the user pays for the difference. The run's summary gets the medians and the share of
 samples under such a slowdown (`gpu_slowdown_share`), and the job result warns above a tenth of the run
-(`slowdown_warning`, read by the orchestrator without torch). Rank 0 samples its own GPU; where nvidia-smi is
+(`slowdown_warning`, read by the orchestrator without torch). Also sampled: how busy the GPU was (the share of each
+interval some kernel ran). A run whose GPU idled for a large part of its steps paid for it while the host worked:
+micro-batches of few tokens take less GPU time than the host needs to launch them (docs/benchmarks.md, "eleventh
+session"), and the result says what to change (`idle_warning`). Rank 0 samples its own GPU; where nvidia-smi is
 missing or fails, the run trains as before and reports nothing of it.
 """
 
@@ -18,7 +21,7 @@ import subprocess
 import threading
 from typing import IO, Any
 
-QUERY = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active"
+QUERY = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active,utilization.gpu"
 SLOWDOWNS = {  # NVML's clock event reasons that mean the host, not the workload, held the clock down
     0x8: "hardware slowdown",
     0x20: "software thermal slowdown",
@@ -26,6 +29,7 @@ SLOWDOWNS = {  # NVML's clock event reasons that mean the host, not the workload
     0x80: "hardware power brake",
 }
 WARN_SHARE = 0.1
+BUSY_WARN = 0.85  # a training step on the GPU keeps it ~99% busy; under this median, the host set the pace
 
 
 def gpu_id(device_index: int) -> str:
@@ -40,7 +44,7 @@ class GpuClocks:
 
     def __init__(self, gpu: str | None, period_ms: int = 1000):
         self.gpu, self.period_ms = gpu, period_ms
-        self.samples: list[tuple[float, ...]] = []  # clock, max clock, power, limit, temperature, reasons
+        self.samples: list[tuple] = []  # clock, max clock, power, limit, temperature, reasons, busy % (or None)
         self.proc: subprocess.Popen | None = None
         self.reader: threading.Thread | None = None
 
@@ -62,10 +66,10 @@ class GpuClocks:
     def _read(self, lines: IO[str]) -> None:
         for line in lines:
             fields = [f.strip() for f in line.split(",")]
-            if len(fields) != 6:
+            if len(fields) != 7:
                 continue  # not a sample: a message of nvidia-smi's
             try:
-                self.samples.append((*map(float, fields[:5]), int(fields[5], 16)))
+                self.samples.append((*map(float, fields[:5]), int(fields[5], 16), _number(fields[6])))
             except ValueError:
                 continue  # a field the driver reports as [N/A] or [Not Supported]
 
@@ -90,10 +94,12 @@ class GpuClocks:
         of the host's (with the reasons seen); empty without samples."""
         if not self.samples:
             return {}
-        clock, max_clock, power, limit, temperature, reasons = zip(*self.samples)
+        clock, max_clock, power, limit, temperature, reasons, busy = zip(*self.samples)
         slowed = [r for r in reasons if any(r & bit for bit in SLOWDOWNS)]
         seen = sorted({name for r in slowed for bit, name in SLOWDOWNS.items() if r & bit})
+        busy_known = [b for b in busy if b is not None]
         return {
+            **({"gpu_busy_share": round(statistics.median(busy_known) / 100, 3)} if busy_known else {}),
             "gpu_sm_clock_mhz": statistics.median(clock),
             "gpu_max_sm_clock_mhz": max(max_clock),
             "gpu_power_w": round(statistics.median(power), 1),
@@ -102,6 +108,32 @@ class GpuClocks:
             "gpu_slowdown_share": round(len(slowed) / len(reasons), 3),
             "gpu_slowdown_reasons": ", ".join(seen),
         }
+
+
+def _number(field: str) -> float | None:
+    """A utilization the driver may not report ([N/A]): the sample's other figures still count."""
+    try:
+        return float(field)
+    except ValueError:
+        return None
+
+
+def gpu_warnings(metrics: dict[str, Any]) -> list[str]:
+    """The job result's warnings about the GPU the run trained on."""
+    return [w for w in (slowdown_warning(metrics), idle_warning(metrics)) if w is not None]
+
+
+def idle_warning(metrics: dict[str, Any]) -> str | None:
+    """When the GPU idled for much of the run: its steps waited on the host."""
+    busy = metrics.get("gpu_busy_share")
+    if not isinstance(busy, (int, float)) or busy >= BUSY_WARN:
+        return None
+    return (
+        f"the GPU was busy a median {busy:.0%} of the time while training: its steps waited on the host, which takes "
+        "about as long to launch a micro-batch of few tokens as the GPU takes to run it; more tokens a micro-batch "
+        "(a larger micro_batch_size, or sample_packing: true) would use the GPU you pay for (`ftw estimate` shows "
+        "the effect)"
+    )
 
 
 def slowdown_warning(metrics: dict[str, Any]) -> str | None:
