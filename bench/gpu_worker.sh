@@ -141,7 +141,9 @@ rows = [("probe: failed", p.get("message", False)), ("probe: GPUs", p.get("count
 metrics = r.get("metrics") or {}
 rows += [(f"job metric {k}", metrics.get(k)) for k in ("steps", "final_loss", "tokens_per_s", "precision", "peak_memory_gib", "peak_memory_kind",
                                                     "gpu_type", "gpu_seconds", "estimated_cost_usd", "predicted_peak_memory_gib",
-                                                    "predicted_tokens_per_s", "peak_memory_vs_predicted", "tokens_per_s_vs_predicted")]
+                                                    "predicted_tokens_per_s", "peak_memory_vs_predicted", "tokens_per_s_vs_predicted",
+                                                    "gpu_sm_clock_mhz", "gpu_busy_share")]
+rows += [("job warning (gpu)", w.get("msg")) for w in r.get("warnings") or [] if w.get("loc") == "gpu"]
 rows += [(f"job timing {k}", v) for k, v in (r.get("timings") or {}).items()]
 try:
     floor = float(open(f"{out}/floor_s").read())
