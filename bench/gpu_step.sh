@@ -31,9 +31,11 @@
 # step's GEMMs against cuBLASLt's other algorithms (`algos`), QLoRA at 8B without checkpointing, the unpacked rows
 # in steady state (`unpacked`, now with --replay), the host's side of a short step (PROFILE_HOW="--unpacked
 # --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Still wanted: `ftw
-# train` on unpacked rows, and this tree with dropout and the 8-bit base:
+# train` on unpacked rows, this tree with dropout and the 8-bit base, and the job result's idle warning against a
+# real driver (bench/gpu_worker.sh's table: gpu_busy_share and the GPU warnings of its host-paced tiny job):
 #   OUT=$OUT bash bench/gpu_step.sh real-unpacked
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
+#   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
