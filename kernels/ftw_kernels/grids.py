@@ -12,6 +12,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def rank_block(r: int) -> int:
+    """The block side of a LoRA rank's dots for rank r: a power of two, at least 16 (a tensor-core dot's least
+    side)."""
+    return max(16, next_power_of_2(r))
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ≥ n, as triton.next_power_of_2 (0 for 0)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.grids import cdiv, next_power_of_2
+from ftw_kernels.grids import cdiv, next_power_of_2, rank_block
 
 BLOCK = 1024  # columns a program at most
 # warps of the elementwise kernels that draw a mask: two adjacent columns a thread in each 128-column lane, so
@@ -148,11 +148,6 @@ def dropped(x: torch.Tensor, dropout: Dropout, out: torch.Tensor | None = None) 
             x, y, rows, cols, *strides, *dropout.kernel_args, ROWS=per_program, BLOCK=block, num_warps=PASS_WARPS
         )
     return y
-
-
-def rank_block(r: int) -> int:
-    """RP of the rank-sized dots below for rank r: a power of two, at least 16 (a tensor-core dot's least side)."""
-    return max(16, next_power_of_2(r))
 
 
 def native_dots(t: torch.Tensor) -> bool:

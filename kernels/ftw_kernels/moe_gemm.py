@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.grids import cdiv, next_power_of_2
+from ftw_kernels.grids import cdiv, rank_block
 from ftw_kernels.precision import INTERPRETED, compute_dtype
 
 # Row blocks are fixed (the block table is built for them); on a GPU the column/reduction tiles are
@@ -38,10 +38,6 @@ def _acc_dtype(dtype: torch.dtype):
 def _precision(dtype: torch.dtype) -> str:
     """fp32/fp64 products exact ("ieee", not TF32); half-precision inputs ignore it."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _rank_block(r: int) -> int:
-    return max(16, next_power_of_2(r))
 
 
 @triton.jit
@@ -352,7 +348,7 @@ def scatter_mm(
         PREC=_precision(x.dtype),
         K=k,
         BLOCK_M=BM,
-        BLOCK_R=_rank_block(rank),
+        BLOCK_R=rank_block(rank),
         **tiles,
     )
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.grids import cdiv, next_power_of_2
-from ftw_kernels.lora_dropout import native_dots, rank_block
+from ftw_kernels.grids import cdiv, next_power_of_2, rank_block
+from ftw_kernels.lora_dropout import native_dots
 from ftw_kernels.precision import INTERPRETED
 
 ROWS = 256  # token rows a program: B's grad's partial sums are r · 4 / (ROWS · 2) of dy's bytes

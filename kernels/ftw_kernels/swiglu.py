@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.grids import cdiv
+from ftw_kernels.grids import cdiv, rank_block
 from ftw_kernels.lora_dropout import (
     PASS_WARPS,
     Dropout,
@@ -26,7 +26,6 @@ from ftw_kernels.lora_dropout import (
     lane_term,
     native_dots,
     program_rows,
-    rank_block,
     rank_lhs,
 )
 

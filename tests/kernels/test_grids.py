@@ -3,7 +3,7 @@ every size a launch may take, so swapping them changes no grid and no block."""
 
 import triton
 
-from ftw_kernels.grids import cdiv, next_power_of_2
+from ftw_kernels.grids import cdiv, next_power_of_2, rank_block
 
 
 def test_cdiv_is_tritons():
@@ -16,3 +16,7 @@ def test_next_power_of_2_is_tritons():
     sizes = [*range(0, 5_000), 14_336, 65_535, 65_536, 65_537, 128_256, 2**31 - 1, 2**31]
     for n in sizes:
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+def test_rank_block_is_a_power_of_two_of_at_least_16_covering_the_rank():
+    assert [rank_block(r) for r in (1, 8, 16, 17, 32, 33, 64)] == [16, 16, 16, 32, 32, 64, 64]
