@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gpu_bench import SHAPES, setup  # noqa: E402
+from bench.gpu_bench import LAYERS, SHAPES, setup
+from bench.models import PUBLIC_SHAPES  # noqa: E402
 from worker.train.gpu_clocks import GpuClocks, gpu_id  # noqa: E402
 
-RANK, LAYERS, VOCAB = 16, {"llama-8b": 32, "llama-1b": 16}, {"llama-8b": 128256, "llama-1b": 128256}
+RANK = 16
 # cublasLt.h
 COMPUTE_32F, R_32F, R_16BF = 68, 0, 14
 DESC_TRANSA, DESC_TRANSB, PREF_MAX_WORKSPACE = 3, 4, 1
@@ -69,7 +70,7 @@ class Gemm:
 
 def step_gemms(shape: str) -> list[Gemm]:
     tokens, hidden, inter, kv = SHAPES[shape]
-    vocab = VOCAB[shape]
+    vocab = PUBLIC_SHAPES[shape]["vocab_size"]
     return [
         # forward over the bordered weights: each projection's K is its input plus the rank columns up to its own
         Gemm("q fwd", tokens, hidden, hidden + RANK, True, 0, 1),

@@ -9,11 +9,14 @@ import time
 
 import torch
 
+from bench.models import PUBLIC_SHAPES
+
 SHAPES = {  # name → (tokens, hidden, intermediate, kv width): one step's tokens of bench/train_throughput.py
     "llama-8b": (8192, 4096, 14336, 1024),
     "llama-1b": (16384, 2048, 8192, 512),
     "tiny": (256, 64, 128, 32),  # the harness on CPU
 }
+LAYERS = {name: PUBLIC_SHAPES[name]["num_hidden_layers"] for name in ("llama-8b", "llama-1b")} | {"tiny": 2}
 HOLD_CYCLES = 5_000_000  # ~3 ms of GPU spin: longer than the host takes to queue any call timed here
 
 

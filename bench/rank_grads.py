@@ -28,11 +28,10 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.gpu_bench import SHAPES, at_tilings, rel_diff, setup, timed_us  # noqa: E402
+from bench.gpu_bench import LAYERS, SHAPES, at_tilings, rel_diff, setup, timed_us  # noqa: E402
 from ftw_kernels import rank_grads as kernel  # noqa: E402
 
 RANK, SCALE = 16, 2.0
-LAYERS = {"llama-8b": 32, "llama-1b": 16, "tiny": 2}
 
 
 def two_gemms(dy, b, xa, dyb):
