@@ -97,10 +97,9 @@ def test_a_thermally_throttled_host_is_named_in_a_warning(fake_smi):
 
 def test_a_gpu_left_idle_by_its_host_is_warned_about_with_what_to_change(fake_smi):
     replay, _, _ = fake_smi
-    replay(HOST_PACED, HOST_PACED, POWER_CAPPED)  # then at full load: the median stays the host-paced one
+    replay(POWER_CAPPED, HOST_PACED)  # one sample at full load, then host-paced ones: the median is theirs
     clocks = GpuClocks("0", period_ms=10)
-    sample(clocks, 3)
-    clocks.samples = clocks.samples[:3]
+    sample(clocks, 4)
     summary = clocks.summary()
     assert summary["gpu_busy_share"] == 0.79 and summary["gpu_slowdown_share"] == 0
     warning = idle_warning(summary)
