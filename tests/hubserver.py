@@ -34,7 +34,7 @@ import json
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from tests.hub_store import HubError, RepoStore
 TOKEN = "hf_ftwTestTokenDoNotLeak0123456789"
 REPO_TYPES = ("model", "dataset", "space")
 CHUNK = 1 << 16
+GATED_CHUNK_S = 4.0  # well inside huggingface_hub's read timeout (10 s)
 
 
 class HubServer:
@@ -57,6 +58,9 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.request_times: list[float] = []  # time.time() of each request, in the order of `requests`
         self.file_bytes_per_s: float | None = None  # a slow link for file downloads (bench/model_prefetch.py)
+        # on the slow link, while this returns False, a file's chunks come one every GATED_CHUNK_S: a download
+        # that outlasts something the test waits for, however slow the machine is
+        self.file_gate: Callable[[], bool] | None = None
         self.faults: list[list[Any]] = []  # [path substring, status, times left]: see fail_next
         self.faults_lock = threading.Lock()  # the server answers on many threads
 
@@ -124,7 +128,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 return
             for start in range(0, len(body), CHUNK):  # a slow link: a chunk at a time
                 self.wfile.write(body[start : start + CHUNK])
-                time.sleep(CHUNK / rate)
+                gate = server.file_gate
+                time.sleep(CHUNK / rate if gate is None or gate() else GATED_CHUNK_S)
 
         def _json(self, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
             self._send(status, json.dumps(obj).encode(), headers)
