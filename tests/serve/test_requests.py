@@ -170,6 +170,17 @@ def test_auto_engine_is_vllm_only_where_the_engine_python_has_it():
     )
 
 
+def test_an_engine_python_that_does_not_run_is_said_and_serves_with_transformers(tmp_path, caplog):
+    from worker.serve.engine import resolve_engine
+
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libpython3.12.so' >&2\nexit 127\n")
+    broken.chmod(0o755)
+    with caplog.at_level("WARNING", logger="ftw.serve"):
+        assert resolve_engine(settings(FTW_SERVE_PYTHON=str(broken))) == "transformers"
+    assert f"{broken} did not run (exit 127: error while loading shared libraries" in caplog.text
+
+
 def test_vllm_cpu_kv_cache_is_a_quarter_of_the_available_memory_unless_the_operator_sizes_it(tiny_model_dir):
     """vLLM's CPU build would reserve 92% of the node's memory: ftw gives its KV cache a quarter of what is
     available (1-8 GiB) and says so, and leaves the operator's own sizing alone (vllm_service sizes its own)."""

