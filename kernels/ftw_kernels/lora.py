@@ -88,10 +88,12 @@ class LoRAProjections(torch.autograd.Function):
         with no_autocast(x):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             x_lora = None if dropout is None else dropped(x2, dropout)
-            outs, xa = project(x2, _projections(params, scales), room, lora_input=x_lora)
+            projections = _projections(params, scales)
+            copies = adapters(projections, dtype)
+            outs, xa = project(x2, projections, room, lora_input=x_lora, copies=copies)
         # the backward reads the input only for the A grads: the dropped copy, when there is one
         save_for_backward(ctx, *input_kept(ctx, x2 if x_lora is None else x_lora, xa), *params)
-        ctx.scales, ctx.dropout, ctx.shape, ctx.x_dtype = scales, dropout, x.shape, x.dtype
+        ctx.scales, ctx.dropout, ctx.shape, ctx.x_dtype, ctx.copies = scales, dropout, x.shape, x.dtype, copies
         return tuple(y.view(*x.shape[:-1], -1) for y in outs)
 
     @staticmethod
@@ -100,7 +102,7 @@ class LoRAProjections(torch.autograd.Function):
         x_lora, xa = input_of(ctx, kept, xa)
         projections = _projections(params, ctx.scales)
         dys = [d.reshape(-1, d.shape[-1]) for d in douts]
-        low = low_rank_grads(dys, projections, xa)
+        low = low_rank_grads(dys, projections, xa, ctx.copies)
         dx = input_grad(dys, low, projections, ctx.dropout) if ctx.needs_input_grad[0] else None
         grads = weight_grads(dys, low, x_lora, xa, projections)
         return (dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None), None, None, None, *grads
@@ -140,20 +142,21 @@ class LoRAGatedMLP(torch.autograd.Function):
         x_drop, h_drop = dropouts  # gate and up's input's, down's
         with no_autocast(x):
             gate, up, down = _mlp_projections(params, scales)
+            copies = adapters([gate, up], dtype), adapters([down], dtype)  # the backward's too
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             x_lora = None if x_drop is None else dropped(x2, x_drop)
-            (g, u), xa = project(x2, [gate, up], room, lora_input=x_lora)
+            (g, u), xa = project(x2, [gate, up], room, lora_input=x_lora, copies=copies[0])
             if checkpoint == "recompute":  # nothing reads y; the gated MLP maps hidden to hidden
                 y, had = g.new_empty(x2.shape), None
             else:
                 stream = None if residual is None else residual.reshape(-1, residual.shape[-1])
                 h, h_lora = swiglu_forward_dropped(g, u, h_drop)  # h dropped in the same pass
-                (y,), had = project(h, [down], addend=stream, lora_input=h_lora)
+                (y,), had = project(h, [down], addend=stream, lora_input=h_lora, copies=copies[1])
             if checkpoint is not None:  # a recompute must save what the first forward saved
                 had = None  # formed by the backward from the h it recomputes
         kept, xa = input_kept(ctx, x2 if x_lora is None else x_lora, xa)
         save_for_backward(ctx, kept, g, u, xa, had, *params)
-        ctx.scales, ctx.dropouts, ctx.shape, ctx.x_dtype = scales, dropouts, x.shape, x.dtype
+        ctx.scales, ctx.dropouts, ctx.shape, ctx.x_dtype, ctx.copies = scales, dropouts, x.shape, x.dtype, copies
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -167,9 +170,10 @@ class LoRAGatedMLP(torch.autograd.Function):
         dy = dy.reshape(-1, dy.shape[-1])
         formed = had is None and down.lora_a is not None
         want_h = formed or down.lora_a is not None and down.lora_a.requires_grad
-        low = low_rank_grads([dy], [down], had)
+        gate_up_copies, down_copies = ctx.copies
+        low = low_rank_grads([dy], [down], had, down_copies)
         # in h's dtype: the term's operand and h·A_downᵀ's (dy's, which dyb's A's are in, unless the stream is wider)
-        a_down = low.a_rows if dy.dtype == g.dtype else adapters([down], g.dtype)[0]
+        a_down = low.a_rows if dy.dtype == g.dtype else adapters([down], g.dtype, down_copies)[0]
         # down's rank-r term of dh inside the SwiGLU backward's pass where it fits, else written for the GEMM to add to
         inside = want_h and a_down is not None and dy.dtype == g.dtype and term_fits(g, a_down)
         dh = input_grad([dy], low, [down], h_drop, with_terms=not inside)
@@ -184,7 +188,7 @@ class LoRAGatedMLP(torch.autograd.Function):
             had = h @ a_down.t()
         down_grads = weight_grads([dy], low, h, had, [down])
         del h
-        low = low_rank_grads([g, u], [gate, up], xa)
+        low = low_rank_grads([g, u], [gate, up], xa, gate_up_copies)
         dx = input_grad([g, u], low, [gate, up], x_drop) if ctx.needs_input_grad[0] else None
         gate_grads = weight_grads([g, u], low, x_lora, xa, [gate, up])
         dx = dx.view(ctx.shape).to(ctx.x_dtype) if dx is not None else None

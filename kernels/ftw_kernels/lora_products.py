@@ -44,12 +44,17 @@ def rank_rows(projections: list[Projection]) -> list[slice | None]:
     return rows
 
 
-def adapters(
-    projections: list[Projection], dtype: torch.dtype
-) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+Copies = tuple[torch.Tensor | None, list[torch.Tensor | None]]  # `adapters`': (stacked A's, each s·B)
+
+
+def adapters(projections: list[Projection], dtype: torch.dtype, known: Copies | None = None) -> Copies:
     """(the A's of the LoRA projections stacked, each projection's s·B or None), in `dtype`: with the scale
     inside B's copy, every matmul below adds with beta and alpha 1 and no grad takes a scaling pass but B's.
-    A bordered weight's s·B is its slot (kernels/ftw_kernels/bordered.py)."""
+    A bordered weight's s·B is its slot (kernels/ftw_kernels/bordered.py). `known`: the copies a group's forward
+    looked up, kept for its backward (the same until the optimizer steps), taken where they are in `dtype`: the
+    lookup is ~10 µs of host time a group, on a path the host paces in short steps."""
+    if known is not None and (known[0] is None or known[0].dtype == dtype):
+        return known
     lora = [p for p in projections if p.lora_a is not None]
     if not lora:
         return None, [None] * len(projections)
@@ -72,13 +77,15 @@ def project(
     room: int = 0,
     addend: torch.Tensor | None = None,
     lora_input: torch.Tensor | None = None,
+    copies: Copies | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """(each projection of x2, x2·[A₁;…;Aₙ]ᵀ over the LoRA ones: tokens × Σr). With `room` spare columns beside
     x2's rows (a norm's output) and every weight bordered, x2·Aᵀ is written there and each projection is one GEMM
     over the bordered weight. `addend` (one projection's, not bordered): added to its output inside its GEMMs.
     `lora_input`: what the rank-r terms read instead of x2 (x2 after LoRA's dropout); the room then stays unused,
-    since a view of it saved for the backward would keep x2 alive beside its dropped copy."""
-    a_rows, bs = adapters(projections, x2.dtype)
+    since a view of it saved for the backward would keep x2 alive beside its dropped copy. `copies`: `adapters`'
+    result where the caller looked it up already."""
+    a_rows, bs = adapters(projections, x2.dtype, copies)
     wide = _widened(x2, projections, room, a_rows) if lora_input is None else None
     if wide is not None:
         xa = torch.mm(x2, a_rows.t(), out=wide[:, x2.shape[1] : x2.shape[1] + a_rows.shape[0]])  # type: ignore
@@ -126,10 +133,12 @@ class LowRank:
     b_grads: list[torch.Tensor | None]
 
 
-def low_rank_grads(dys: list[torch.Tensor], projections: list[Projection], xa: torch.Tensor | None) -> LowRank:
+def low_rank_grads(
+    dys: list[torch.Tensor], projections: list[Projection], xa: torch.Tensor | None, copies: Copies | None = None
+) -> LowRank:
     """dyb, and each B grad from the same read of dyᵢ where kernels/ftw_kernels/rank_grads.py takes it. `xa`: the
-    forward's x·[A₁;…;Aₙ]ᵀ, None when not at hand."""
-    a_rows, bs = adapters(projections, dys[0].dtype)
+    forward's x·[A₁;…;Aₙ]ᵀ, None when not at hand; `copies`: the forward's adapter copies."""
+    a_rows, bs = adapters(projections, dys[0].dtype, copies)
     b_grads: list[torch.Tensor | None] = [None] * len(projections)
     if a_rows is None:
         return LowRank(None, None, b_grads)

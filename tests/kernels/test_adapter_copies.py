@@ -10,7 +10,7 @@ import gc
 import pytest
 import torch
 
-from ftw_kernels import adapter_copies
+from ftw_kernels import adapter_copies, lora_products
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections
 from tests.kernels.conftest import rel_err
 
@@ -154,6 +154,22 @@ def test_one_batched_refresh_per_change():
     assert _count(lambda: _layer(x, qkv, mlp), "aten::_foreach_copy_") == 0
     opt.step()
     assert _count(lambda: _layer(x, qkv, mlp), "aten::_foreach_copy_") == 1
+
+
+@pytest.mark.parametrize("checkpoint", [None, "forward"])
+def test_a_groups_backward_takes_its_forwards_copies(checkpoint, monkeypatch):
+    """One lookup of the copies per group and pass, forward and backward together (each is ~10 µs of the host's
+    time, which paces short steps): q/k/v's, o's, and the gated MLP's two (gate/up's, down's)."""
+    qkv, mlp = qkv_and_mlp()
+    x = torch.randn(2, 5, 32, device=DEVICE).bfloat16().requires_grad_()
+    groups = []
+    lookup = adapter_copies.stacked
+    monkeypatch.setattr(lora_products, "stacked", lambda g, *a, **k: groups.append(len(g)) or lookup(g, *a, **k))
+    outs = [*lora_projections(x, qkv), *lora_projections(x, qkv[:1]), lora_gated_mlp(x, *mlp, checkpoint=checkpoint)]
+    forward = list(groups)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    assert forward == [4, 2, 3, 2] and groups == forward  # [A's stacked, each s·B]: qkv, o, gate/up, down
+    assert all(t.grad is not None for p in qkv + mlp for t in (p.lora_a, p.lora_b))
 
 
 @pytest.mark.parametrize("dtype,bound,mlp_bound", [(torch.float64, 1e-12, 1e-6), (torch.float32, 1e-5, 1e-5)])
