@@ -37,7 +37,7 @@
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # and, from the twelfth session (no device time was left for it): the backward taking its forward's adapter copies
-# (one lookup a group instead of two, ~1.3 ms of host time a step at 8B) in short steps, against 439071b:
+# (one lookup a group instead of two, ~1 ms of host time a step at 8B) in short steps, against 439071b:
 #   AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests ab     # .gpu/before = git archive 439071b
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
