@@ -37,8 +37,12 @@
 #   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # and, from the twelfth session (no device time was left for it): the backward taking its forward's adapter copies
-# (one lookup a group instead of two, ~1 ms of host time a step at 8B) in short steps, against 439071b:
-#   AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests ab     # .gpu/before = git archive 439071b
+# (one lookup a group instead of two, ~1 ms of host time a step at 8B) in short steps, against 439071b, and the
+# branch next/rank-grads-finish (rank_grads' two partial sums in one launch) against this tree, in one call:
+#   git archive 439071b kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)
+#   git archive next/rank-grads-finish kernels bench schemas worker | (mkdir -p .gpu/sums && tar -x -C .gpu/sums)
+#   OLD=.gpu/before,.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests ab
+# (the ratio over .gpu/sums under 1 is the branch's gain; its tests: TESTS=tests/kernels/test_rank_grads.py from it)
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
