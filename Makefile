@@ -45,7 +45,7 @@ $(AXOLOTL_STAMP): requirements-axolotl.lock
 	$(call side_venv,$(VENV_AXOLOTL),requirements-axolotl.lock)
 
 test: setup vllm-env axolotl-env
-	$(PY) -m pytest -q -n 2 --dist loadgroup  # two workers: the machines CI runs on have two cores
+	$(PY) -m pytest -q -n 2  # two workers (CI has two cores), a file each at a time: tests/conftest.py schedules them
 
 # ftw's preprocessing against axolotl's on the same rows: the tests, ending with the table of docs/parity.md
 parity: setup axolotl-env

@@ -118,16 +118,30 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return True
 
 
+def worker_group(nodeid: str) -> str:
+    """What one pytest-xdist worker runs whole: a test's file, or tests/serve (its package-scoped engines start
+    once)."""
+    return "tests/serve" if nodeid.startswith("tests/serve/") else nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two workers (pytest-xdist): each file goes whole to one worker, as its module fixtures and
+    order expect, and tests/serve goes whole to one. (xdist's `loadgroup` marks no longer group anything under
+    pytest 9, which names a node by `_id`, not the `_nodeid` xdist rewrites: every test went on its own, and
+    module fixtures such as a vLLM engine's started once per worker, or again after another file's tests.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return ByWorkerGroup(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """`make test` runs two workers (pytest-xdist, `--dist loadgroup`): each file goes whole to one worker, as
-    its module fixtures and order expect, and tests/serve goes whole to one (its package-scoped engines start
-    once). That group is the longest, so it is handed out first: the other worker works through the files
+    """tests/serve first: the longest group is handed out first, so the other worker works through the files
     meanwhile instead of waiting for it at the end."""
-    serving = []
-    for item in items:
-        path = Path(str(item.fspath)).resolve().relative_to(REPO)
-        group = "tests/serve" if path.parts[:2] == ("tests", "serve") else path.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
-        serving.append(group == "tests/serve")
+    serving = [worker_group(item.nodeid) == "tests/serve" for item in items]
     order = sorted(range(len(items)), key=lambda i: not serving[i])
     items[:] = [items[i] for i in order]
