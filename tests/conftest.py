@@ -136,12 +136,21 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
 
+    config.option.loadscopereorder = False  # handed out in the order below, not by their counts of tests
     return ByWorkerGroup(config, log)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """tests/serve first: the longest group is handed out first, so the other worker works through the files
-    meanwhile instead of waiting for it at the end."""
-    serving = [worker_group(item.nodeid) == "tests/serve" for item in items]
-    order = sorted(range(len(items)), key=lambda i: not serving[i])
-    items[:] = [items[i] for i in order]
+    """The groups longest first, as far as the marks tell: tests/serve, then the files by their count of `slow`
+    tests, then the rest. The long ones are handed out early, and the short ones fill the workers' ends instead of
+    one worker finishing a long file alone."""
+    slow: dict[str, int] = {}
+    for item in items:
+        group = worker_group(item.nodeid)
+        slow[group] = slow.get(group, 0) + (item.get_closest_marker("slow") is not None)
+
+    def rank(i: int) -> tuple[bool, int]:
+        group = worker_group(items[i].nodeid)
+        return group != "tests/serve", -slow[group]
+
+    items[:] = [items[i] for i in sorted(range(len(items)), key=rank)]
