@@ -15,13 +15,11 @@ first version, 2.8 ms in isolation).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ftw_kernels.grids import cdiv, next_power_of_2, rank_block
+from ftw_kernels.grids import cdiv, next_power_of_2, rank_block, sm_count
 from ftw_kernels.lora_dropout import native_dots
 from ftw_kernels.precision import INTERPRETED
 
@@ -94,7 +92,7 @@ def rank_grads(
         dyb.zero_()
         return dy.new_zeros(n_cols, rank, dtype=grad_dtype)
     blocks = cdiv(n_rows, ROWS)
-    steps, splits = column_splits(blocks, cdiv(n_cols, COLS), PROGRAMS_PER_SM * _sm_count(dy.device))
+    steps, splits = column_splits(blocks, cdiv(n_cols, COLS), PROGRAMS_PER_SM * sm_count(dy.device))
     part_dyb = torch.empty(splits, rank, n_rows, dtype=torch.float32, device=dy.device)
     part_db = torch.empty(blocks, n_cols, rank, dtype=torch.float32, device=dy.device)
     _rank_grads[(blocks, splits)](
@@ -112,14 +110,3 @@ def column_splits(blocks: int, col_steps: int, slots: int) -> tuple[int, int]:
     steps = cdiv(col_steps, min(col_steps, max(1, slots // blocks)))
     steps = cdiv(steps, 8) * 8 if steps > 8 else next_power_of_2(steps)
     return steps, cdiv(col_steps, steps)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:  # once a device: the lookup is a few µs a call, on a path the host paces
-    return torch.cuda.get_device_properties(index).multi_processor_count

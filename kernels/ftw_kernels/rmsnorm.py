@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ftw_kernels.bordered import ROOM, mark, with_room
-from ftw_kernels.grids import cdiv, next_power_of_2
+from ftw_kernels.grids import cdiv, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -157,7 +157,7 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x2)
         want_dw = ctx.needs_input_grad[2]
         block, block_r, warps = _tiles(n_rows, n_cols, x2.is_cuda)
-        programs_wanted = torch.cuda.get_device_properties(x2.device).multi_processor_count * 4 if x2.is_cuda else 1
+        programs_wanted = sm_count(x2.device) * 4 if x2.is_cuda else 1
         # a power of two ≥ BLOCK_R: a compile-time loop bound with few variants
         rows_per_program = max(block_r, next_power_of_2(cdiv(n_rows, programs_wanted)))
         n_programs = cdiv(n_rows, rows_per_program)
