@@ -21,7 +21,10 @@ def test_a_job_whose_gpu_was_slowed_by_its_host_says_so_in_its_result(demo_volum
     assert len(gpu) == 1 and "50% of training under hardware power brake" in gpu[0]["msg"], result["warnings"]
     monkeypatch.setattr(JobPipeline, "train", lambda *_: {"steps": 1, "gpu_slowdown_share": 0.0})
     assert not [w for w in run_job({"input": example_job(run_id="healthy-gpu")})["warnings"] if w["loc"] == "gpu"]
-    # a GPU its steps left idle: the result says what to change in the config
+    # a GPU its steps left idle: the result says what to change in the config, as the config stands
     monkeypatch.setattr(JobPipeline, "train", lambda *_: {"steps": 1, "gpu_slowdown_share": 0.0, "gpu_busy_share": 0.7})
-    idle = [w for w in run_job({"input": example_job(run_id="idle-gpu")})["warnings"] if w["loc"] == "gpu"]
+    unpacked = example_job(run_id="idle-gpu", config={"sample_packing": False})
+    idle = [w for w in run_job({"input": unpacked})["warnings"] if w["loc"] == "gpu"]
     assert len(idle) == 1 and "busy a median 70%" in idle[0]["msg"] and "sample_packing: true" in idle[0]["msg"]
+    packed = [w for w in run_job({"input": example_job(run_id="idle-packed")})["warnings"] if w["loc"] == "gpu"]
+    assert len(packed) == 1 and "sequence_len" in packed[0]["msg"] and "sample_packing" not in packed[0]["msg"]

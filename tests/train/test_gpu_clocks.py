@@ -78,7 +78,7 @@ def test_a_power_capped_run_reports_its_clock_and_no_slowdown(fake_smi):
     assert summary["gpu_max_sm_clock_mhz"] == 1980 and summary["gpu_power_limit_w"] == 700
     assert 1545 <= summary["gpu_sm_clock_mhz"] <= 1560
     assert summary["gpu_slowdown_share"] == 0 and summary["gpu_slowdown_reasons"] == ""
-    assert slowdown_warning(summary) is None and summary["gpu_busy_share"] == 1.0 and gpu_warnings(summary) == []
+    assert slowdown_warning(summary) is None and summary["gpu_busy_share"] == 1.0 and gpu_warnings(summary, False) == []
     assert clocks.latest() == {"gpu_sm_mhz": clocks.samples[-1][0], "gpu_power_w": clocks.samples[-1][2]}
 
 
@@ -102,10 +102,13 @@ def test_a_gpu_left_idle_by_its_host_is_warned_about_with_what_to_change(fake_sm
     sample(clocks, 4)
     summary = clocks.summary()
     assert summary["gpu_busy_share"] == 0.79 and summary["gpu_slowdown_share"] == 0
-    warning = idle_warning(summary)
+    warning = idle_warning(summary, sample_packing=False)
     assert warning is not None and "79%" in warning and "micro_batch_size" in warning
-    assert gpu_warnings(summary) == [warning]
-    assert idle_warning({"gpu_busy_share": 0.97}) is None and idle_warning({}) is None
+    assert gpu_warnings(summary, sample_packing=False) == [warning]
+    assert idle_warning({"gpu_busy_share": 0.97}, False) is None and idle_warning({}, False) is None
+    # a packed run already has sample_packing: its rows' count or length is what to change
+    packed = idle_warning(summary, sample_packing=True)
+    assert packed is not None and "sequence_len" in packed and "sample_packing" not in packed
 
 
 def test_the_sampler_stops_its_process_and_keeps_what_it_read(fake_smi):

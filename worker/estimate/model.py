@@ -271,6 +271,14 @@ def host_seconds(w: Workload) -> float:
     return HOST_S_PER_LAYER * w.shape.layers * (1 + HOST_FORWARD_SHARE if w.checkpointing else 1)
 
 
+def more_tokens_advice(sample_packing: bool) -> str:
+    """What puts more tokens in a micro-batch where the host sets the pace: the estimate's note and the job result's
+    idle warning say the same."""
+    if sample_packing:
+        return "a larger micro_batch_size or sequence_len"
+    return "a larger micro_batch_size, or sample_packing: true"
+
+
 def host_bound(w: Workload, bf16_tflops: float = H200_TFLOPS) -> bool:
     """Whether the host, not the GPU, sets the pace of this workload's steps on that GPU."""
     return not MODES[w.mode].host_synced and gpu_seconds(w, bf16_tflops) < host_seconds(w)

@@ -30,6 +30,7 @@ from worker.estimate.model import (
     host_bound,
     host_seconds,
     micro_batch_seconds,
+    more_tokens_advice,
     peak_bytes,
     tokens_per_s,
 )
@@ -217,15 +218,10 @@ def estimate(
     bound = [gpu.name for gpu in gpus if host_bound(w, gpu.bf16_tflops)]
     if bound:
         where = ", ".join(bound[:3]) + (f" and {len(bound) - 3} more" if len(bound) > 3 else "")
-        more = (
-            "a larger micro_batch_size or sequence_len"
-            if w.packed
-            else "a larger micro_batch_size, or sample_packing: true"
-        )
         est.notes.append(
             f"the host sets the pace on {where}: a micro-batch's GPU work there is shorter than the "
             f"~{host_seconds(w) * 1e3:.0f} ms the host takes to launch it, so the GPU waits; more tokens a micro-batch "
-            f"({more}) train in the same host time"
+            f"({more_tokens_advice(w.packed)}) train in the same host time"
         )
     if w.mode == "hf" and w.method == "full":
         est.notes.append(

@@ -193,7 +193,7 @@ class JobPipeline:
                 prefetch.wait(self.stop, self.progress, self.job.run_id)
         metrics = self.train(run, config_path, prepared)
         # the host held the GPU's clock down, or left it idle
-        self.warnings += [{"loc": "gpu", "msg": msg} for msg in gpu_warnings(metrics)]
+        self.warnings += [{"loc": "gpu", "msg": msg} for msg in gpu_warnings(metrics, self.job.config.sample_packing)]
         artifacts = self.publish(run)
         prediction = with_prepared_data(self.prediction, self.job.config, prepared.summary)
         metrics = {**metrics, **run_metrics(prediction, self.gpu_probe, metrics, time.monotonic() - self.started)}

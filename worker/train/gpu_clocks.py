@@ -21,6 +21,8 @@ import subprocess
 import threading
 from typing import IO, Any
 
+from worker.estimate.model import more_tokens_advice
+
 QUERY = "clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active,utilization.gpu"
 SLOWDOWNS = {  # NVML's clock event reasons that mean the host, not the workload, held the clock down
     0x8: "hardware slowdown",
@@ -118,12 +120,12 @@ def _number(field: str) -> float | None:
         return None
 
 
-def gpu_warnings(metrics: dict[str, Any]) -> list[str]:
-    """The job result's warnings about the GPU the run trained on."""
-    return [w for w in (slowdown_warning(metrics), idle_warning(metrics)) if w is not None]
+def gpu_warnings(metrics: dict[str, Any], sample_packing: bool) -> list[str]:
+    """The job result's warnings about the GPU the run trained on (`sample_packing`: the run's config's)."""
+    return [w for w in (slowdown_warning(metrics), idle_warning(metrics, sample_packing)) if w is not None]
 
 
-def idle_warning(metrics: dict[str, Any]) -> str | None:
+def idle_warning(metrics: dict[str, Any], sample_packing: bool) -> str | None:
     """When the GPU idled for much of the run: its steps waited on the host."""
     busy = metrics.get("gpu_busy_share")
     if not isinstance(busy, (int, float)) or busy >= BUSY_WARN:
@@ -131,8 +133,7 @@ def idle_warning(metrics: dict[str, Any]) -> str | None:
     return (
         f"the GPU was busy a median {busy:.0%} of the time while training: its steps waited on the host, which takes "
         "about as long to launch a micro-batch of few tokens as the GPU takes to run it; more tokens a micro-batch "
-        "(a larger micro_batch_size, or sample_packing: true) would use the GPU you pay for (`ftw estimate` shows "
-        "the effect)"
+        f"({more_tokens_advice(sample_packing)}) would use the GPU you pay for (`ftw estimate` shows the effect)"
     )
 
 
