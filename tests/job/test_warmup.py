@@ -21,6 +21,11 @@ from worker.job.pipeline import run_job
 from worker.job.warmup import KernelWarmup, compiles_kernels, warmup_argv
 
 
+def warmup_child(name: str, cmdline: str) -> bool:
+    """The warm-up's process: a child forked from the stage template is named after its module."""
+    return "worker.train.wa" in f"{name} {cmdline}"
+
+
 def cfg(**kw) -> TrainingConfig:
     return TrainingConfig.model_validate({"base_model": "org/model", "learning_rate": 1e-4, **kw})
 
@@ -67,13 +72,13 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     hub = {"HF_ENDPOINT": endpoint, "HF_TOKEN": token, "HF_HOME": str(demo_volume / "hf-home")}
     config = {**CONFIG, "base_model": hub_model, "torch_compile": True, "torch_compile_backend": "eager"}
     logs = demo_volume / "runs" / "warm" / "logs"
-    seen = []
+    seen = {"started": False}
 
     def warmed() -> bool:
         """Whether the warm-up child has run and ended."""
-        running = bool(left_behind(lambda name, cmdline: "worker.train.wa" in f"{name} {cmdline}"))
-        seen.append(running)
-        return any(seen) and not running
+        running = bool(left_behind(warmup_child))
+        seen["started"] |= running
+        return seen["started"] and not running
 
     # the weights (1.6 MiB) take ~6 s, and trickle until the warm-up has ended (≤ ~100 s): a slow download,
     # however long the warm-up takes on a loaded machine
@@ -88,5 +93,4 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     events = [json.loads(x) for x in (logs / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
     loading = next(e["ts"] for e in events if e.get("event") == "loading")
     assert (logs / "warmup.log").stat().st_mtime <= loading  # it had ended when the train child began
-    # a child forked from the stage template is named after its module
-    assert not left_behind(lambda name, cmdline: "worker.train.wa" in f"{name} {cmdline}")
+    assert not left_behind(warmup_child)
