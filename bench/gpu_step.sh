@@ -89,12 +89,13 @@
 #                         Python functions under cProfile (.host.txt)
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
-#                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0); AB_UNPACKED=1: short
-#                         steps (unpacked samples, padding-free, --replay)
+#                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0), $AB_ROUNDS rounds
+#                         (default 2); AB_UNPACKED=1: short steps (unpacked samples, padding-free, --replay), whose
+#                         host-bound times vary more from run to run (AB_ROUNDS=4)
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-step-out}
 ARMS=${ARMS:-unsloth,ftw,ftw-unbordered} OLD=${OLD:-.gpu/before} AB_SHAPES=${AB_SHAPES:-llama-1b} AB_GC=${AB_GC:-off}
-AB_DROPOUT=${AB_DROPOUT:-0}
+AB_DROPOUT=${AB_DROPOUT:-0} AB_ROUNDS=${AB_ROUNDS:-2}
 SHAPES=${SHAPES:-llama-1b,llama-8b} QLORA_GC=${QLORA_GC:-off} QLORA_ARMS=${QLORA_ARMS:-unsloth,ftw,ftw-real}
 TESTS=${TESTS:-tests/kernels/test_gpu.py tests/kernels/test_bordered.py tests/kernels/test_lora_passes.py \
 tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/test_fp8_gpu.py \
@@ -204,7 +205,7 @@ for part in "${parts[@]}"; do
     ab)
       log "tree_ab $AB_SHAPES against $OLD, checkpointing $AB_GC"
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
-      $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds 2 --steps 12 \
+      $PY bench/tree_ab.py "${olds[@]}" --site "$FTW_SITE" --shapes "$AB_SHAPES" --gc "$AB_GC" --rounds "$AB_ROUNDS" --steps 12 \
         --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \

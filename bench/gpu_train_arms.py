@@ -147,8 +147,11 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     steps_seen = {e["step"]: e for e in events if e.get("stage") == "train" and "loss" in e and "event" not in e}
     summary = json.loads((run_dir / "summary.json").read_text())
     last = warmup + steps
-    per_step = summary["tokens"] / summary["steps"]
     step_s = seconds_per_step(steps_seen, warmup, last)
+    if all("tokens" in steps_seen.get(s, {}) for s in (warmup, last)):  # the window's own tokens (unpacked: each
+        per_step = (steps_seen[last]["tokens"] - steps_seen[warmup]["tokens"]) / steps  # step has its own count)
+    else:  # a tree before the step events carried them: the run's mean
+        per_step = summary["tokens"] / summary["steps"]
     result = {
         "tokens_per_s": round(per_step / step_s),
         "ms_per_step": round(step_s * 1e3, 1),
@@ -182,14 +185,14 @@ def bare_arm(a: argparse.Namespace) -> dict:
         args.append("--full-length")
     if a.prompt_share:
         args += ["--prompt-share", str(a.prompt_share)]
-    if a.unpacked:
-        args.append("--unpacked")
+    if a.unpacked:  # every step a new length: its batches once untimed first, as a long run has compiled them
+        args += ["--unpacked", "--replay"]
     r = arm_runs.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}
     return {
-        "tokens_per_s": r["tokens_per_s"],
-        "ms_per_step": round(a.mbs * a.seq / r["tokens_per_s"] * 1e3, 1),
+        "tokens_per_s": r["tokens_per_s"],  # the real tokens of its timed steps (unpacked: not mbs × seq a step)
+        "ms_per_step": r["step_ms"],
         "step_ms_each": r.get("step_ms_each"),  # CUDA events between steps, as the real path's `step_ms`
         "peak_memory_gib": r["peak_alloc_gib"],
         "final_loss": r["loss_last"],

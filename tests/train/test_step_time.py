@@ -4,6 +4,7 @@ step back a step or two late, or several at once, so the events' timestamps do n
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -27,6 +28,9 @@ def test_off_cuda_a_readout_has_no_time_and_the_events_none(task_model_dir, task
     steps = [e for e in events(run_dir) if "loss" in e and "event" not in e]
     assert [e["step"] for e in steps] == [1, 2, 3]
     assert all("step_ms" not in e and e["tokens_per_s"] > 0 for e in steps)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tokens = [e["tokens"] for e in steps]  # trained so far: a window's rate from its ends (bench/gpu_train_arms.py)
+    assert 0 < tokens[0] < tokens[1] < tokens[2] == summary["tokens"]
 
 
 def test_seconds_per_step_takes_the_gpu_times_over_the_timestamps():

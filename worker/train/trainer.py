@@ -207,6 +207,7 @@ class Trainer:
                 "loss": loss,
                 "lr": queued.lr,
                 "grad_norm": grad_norm,
+                "tokens": state.tokens,  # trained so far (a resumed run's earlier ones included): exact rates
                 **({} if step_ms is None else {"step_ms": round(step_ms, 2)}),
                 **extra,
             },
