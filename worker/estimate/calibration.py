@@ -63,9 +63,10 @@ class MeasuredRow:
         packed = c["samples"].startswith("packed")
         mean = float(c["samples"].split("~")[1]) if "~" in c["samples"] else float(c["seq"])
         kernels = c["kernels"] == "on"
+        method, _, options = c["method"].partition(",")  # e.g. "lora, dropout 0.05"
         return Workload(
             shape=shape,
-            method=c["method"],  # type: ignore[arg-type]
+            method=method,  # type: ignore[arg-type]
             kernels=kernels,
             micro_batch_size=int(c["mbs"]),
             sequence_len=int(c["seq"]),
@@ -75,6 +76,7 @@ class MeasuredRow:
             offload=c["ckpt"] == "offload",
             lora_params=lora_param_count(shape, BENCH_LORA_R, LINEAR_MODULES),
             mean_sample_tokens=mean,
+            dropout="dropout" in options,
         )
 
     def predicted(self) -> tuple[float, float]:

@@ -89,6 +89,10 @@ HOST_S_PER_MICRO = 0.045
 # launches, autograd, Python), which overlaps the GPU's work: a micro-batch of few tokens waits for it. Fitted on the
 # unpacked short steps of docs/benchmarks.md's eleventh session (H100 hosts: 5.7 ms a layer at 1B, 4.9–6.9 at 8B)
 HOST_S_PER_LAYER = 0.0058
+# lora_dropout on the fused path: the masks drawn inside the SwiGLU and rank-r kernels, and the elementwise passes
+# over the other projections' inputs. Its 8B step on one H100, two calls back to back (docs/benchmarks.md, "2026-12-06,
+# ninth session" calls 1 and 2: 492.6 and 497.5 ms with lora_dropout 0.05, 473.5 and 474.2 without): 1.045×
+DROPOUT_STEP = 1.045
 HOST_FORWARD_SHARE = 0.43  # of that host work, the forward's (the same profile): a checkpointed step runs it twice
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
@@ -121,6 +125,7 @@ class Workload:
     padding_free: bool = False  # unpacked rows joined into one row a micro-batch (worker/train/batches.padding_free)
     lora_fused: bool = True  # no LoRA key keeps an adapter off the fused kernels (TrainingConfig.lora_unfused_by)
     mlp_fused: bool = True  # the fused LoRA MLP runs where the mode's kernels do (lora_mlp_kernel not false)
+    dropout: bool = False  # lora_dropout > 0: on the fused path its masks' passes lengthen the GPU's step
 
     @property
     def mode(self) -> str:
@@ -259,6 +264,8 @@ def head_share(w: Workload) -> float:
 def gpu_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
     """The GPU's own time for one micro-batch."""
     gpu = w.compute_tokens * flops_per_token(w) / (bf16_tflops * 1e12 * MODES[w.mode].efficiency(w.shape.hidden))
+    if w.dropout and w.mode == "fused":  # (the peft_lora mode's efficiency is PEFT's layers', dropout included)
+        gpu *= DROPOUT_STEP
     if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
         per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
         gpu = max(gpu, 2 * w.compute_tokens * per_token_layer * w.shape.layers / HOST_LINK_BYTES_PER_S)

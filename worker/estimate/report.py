@@ -153,6 +153,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         fp8_base=cfg.fp8_base_weights,
         lora_fused=not cfg.lora_unfused_by(),
         mlp_fused=cfg.lora_mlp_kernel is not False,
+        dropout=method != "full" and cfg.lora_dropout > 0,
         shards=max(gpu_count, 1) if sharded else 1,
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
