@@ -30,19 +30,15 @@
 # dense bf16 at 8B interleaved with Unsloth. Measured on 2026-12-06 (eleventh session, H100): the CUDA tests, the
 # step's GEMMs against cuBLASLt's other algorithms (`algos`), QLoRA at 8B without checkpointing, the unpacked rows
 # in steady state (`unpacked`, now with --replay), the host's side of a short step (PROFILE_HOW="--unpacked
-# --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Still wanted: `ftw
-# train` on unpacked rows, this tree with dropout and the 8-bit base, and the job result's idle warning against a
-# real driver (bench/gpu_worker.sh's table: gpu_busy_share and the GPU warnings of its host-paced tiny job):
-#   OUT=$OUT bash bench/gpu_step.sh real-unpacked
-#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh dropout int8
+# --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Measured on 2026-12-06
+# (thirteenth session, H100): the CUDA tests of the adapter copies, the copies and the branch next/rank-grads-finish
+# in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
+# arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Still wanted:
+#   OUT=$OUT bash bench/gpu_step.sh real-unpacked           # the real path against the bare loop's steady state
+#   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
-# and, from the twelfth session (no device time was left for it): the backward taking its forward's adapter copies
-# (one lookup a group instead of two, ~1 ms of host time a step at 8B) in short steps, against 439071b, and the
-# branch next/rank-grads-finish (rank_grads' two partial sums in one launch) against this tree, in one call:
-#   git archive 439071b kernels bench schemas worker | (mkdir -p .gpu/before && tar -x -C .gpu/before)
-#   git archive next/rank-grads-finish kernels bench schemas worker | (mkdir -p .gpu/sums && tar -x -C .gpu/sums)
-#   OLD=.gpu/before,.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh tests ab
-# (the ratio over .gpu/sums under 1 is the branch's gain; its tests: TESTS=tests/kernels/test_rank_grads.py from it)
+# with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
+# one launch; the ratio under 1 is the branch's gain; its tests: TESTS=tests/kernels/test_rank_grads.py from it).
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
