@@ -34,7 +34,7 @@
 # (thirteenth session, H100): the CUDA tests of the adapter copies, the copies and the branch next/rank-grads-finish
 # in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
 # arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Still wanted:
-#   OUT=$OUT bash bench/gpu_step.sh real-unpacked           # the real path against the bare loop's steady state
+#   OUT=$OUT bash bench/gpu_step.sh joined real-unpacked    # a step's samples joined; the real path's steady state
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
@@ -59,6 +59,9 @@
 #                         GPU's clock
 #   real-unpacked real-unpacked-<shape>/  the same with --unpacked rows (sample_packing: false): the trainer's
 #                         padding-free batches end to end, against the bare loop's
+#   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
+#                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
+#                         (ftw-unjoined, FTW_JOIN_STEPS=0)
 #   offload offload-<shape>.txt  the memory-saving rows at $SHAPES: ftw's real path with offloaded checkpointing
 #                         (bench/gpu_train.py) and Unsloth's offloaded checkpointing (bench/train_throughput.py)
 #   qlora8b, qlora1b  qlora-<shape>-<gc>/  bench/qlora.py, checkpointing $QLORA_GC (off, on: offloaded; default
@@ -186,6 +189,15 @@ for part in "${parts[@]}"; do
       $PY bench/qlora.py --out "$OUT/qlora-$shape-$QLORA_GC" --shape "$shape" --gc "$QLORA_GC" \
         --arms "$QLORA_ARMS" --steps 8 --warmup 3 --arm-timeout 200 2>&1 \
         | tee "$OUT/qlora-$shape-$QLORA_GC.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    joined)
+      for shape in llama-1b:2:150 llama-8b:1:300; do  # mbs 1-2 × 8 accumulated, axolotl's examples' usual shape
+        IFS=: read -r name mbs limit <<<"$shape"
+        [[ ",$SHAPES," == *",$name,"* ]] || continue
+        log "gpu_train $name, --unpacked, mbs $mbs × 8 accumulated: ftw-unjoined, ftw"
+        $PY bench/gpu_train.py --out "$OUT/joined-$name" --work "/tmp/joined-$name" --shape "$name" --mbs "$mbs" \
+          --accum 8 --unpacked --arms ftw-unjoined,ftw --steps 6 --warmup 2 --no-merge --no-profile \
+          --arm-timeout "$limit" 2>&1 | tee "$OUT/joined-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+      done ;;
     offload)
       for shape in llama-1b:8:8:150 llama-8b:4:6:150; do  # Unsloth's 1B arm ran past 80 s on a fresh H100
         IFS=: read -r name mbs steps limit <<<"$shape"
@@ -205,6 +217,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, 1b, 8b, qlora8b, qlora1b, profile, gemms, algos, rank-grads, ab)"; exit 2 ;;
+         "offload, joined, 1b, 8b, qlora8b, qlora1b, profile, gemms, algos, rank-grads, ab)"; exit 2 ;;
   esac
 done

@@ -24,6 +24,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   ftw-nokernels  the same with use_kernels: false (the loop's own overhead against hf);
   qlora  ftw with adapter: qlora, load_in_4bit (bitsandbytes nf4), when importable: the fused LoRA
          functions over the 4-bit weights (kernels/ftw_kernels/qlora.py); bench/qlora.py sets it beside Unsloth.
+  ftw-unjoined  ftw with FTW_JOIN_STEPS=0: an unpacked run's accumulated micro-batches (--accum) each a pass of its
+         own, as before their samples were joined up to the run's largest micro-batch (worker/train/batches.joined);
   ftw-nographs  ftw with FTW_MOE_GRAPHS=0: a MoE shape's blocks launched op by op, not replayed as
          CUDA graphs (kernels/ftw_kernels/moe_graphs.py);
   qlora-fp8  qlora with fp8_base_weights: true: the 4-bit weights' matmuls in float8;
@@ -78,6 +80,12 @@ def main() -> int:
         type=int,
         default=0,
         help="rows of --seq tokens per step (default: train_throughput's, 8 for 1B, 4 for 7-8B)",
+    )
+    ap.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        help="gradient_accumulation_steps of the ftw-family arms: a step reads --mbs × --accum samples",
     )
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
@@ -140,7 +148,8 @@ def main() -> int:
         "shape": a.shape,
         "seq": a.seq,
         "mbs": a.mbs,
-        "tokens_per_step": a.seq * a.mbs,
+        "accum": a.accum,
+        "tokens_per_step": a.seq * a.mbs * a.accum,
         "warmup": a.warmup,
         "steps": a.steps,
         "matmul_peak_tflops": matmul_peak_tflops(),
@@ -151,7 +160,7 @@ def main() -> int:
         "shape": a.shape,
         "seq": a.seq,
         "mbs": a.mbs,
-        "rows": a.warmup + a.steps + PROFILED_STEPS + 1,
+        "rows": (a.warmup + a.steps + PROFILED_STEPS + 1) * a.accum,
         "full_length": a.full_length,
         "prompt_share": a.prompt_share,
         "unpacked": a.unpacked,
@@ -231,7 +240,7 @@ def table(r: dict) -> str:
     base = r["arms"].get("hf", {}).get("tokens_per_s")
     bare = r["arms"].get("bare", {}).get("tokens_per_s")
     lines = [
-        f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a step",
+        f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a micro-batch, {r.get('accum', 1)} a step",
         "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB (the steps' / the "
         "process's, loading included) | loss at the last timed step | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -91,6 +91,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         "sequence_len": a.seq,
         "sample_packing": not a.unpacked,
         "micro_batch_size": a.mbs,
+        "gradient_accumulation_steps": a.accum,
         "max_steps": warmup + steps + (profiled + 1 if profiled else 0),
         "learning_rate": 1e-4,
         "optimizer": "adamw_torch_fused",
@@ -117,6 +118,10 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     }
     if name == "ftw-nographs":
         env["FTW_MOE_GRAPHS"] = "0"
+    if name == "ftw-unjoined":
+        from worker.train.batches import JOIN_ENV
+
+        env[JOIN_ENV] = "0"
     if profiled:
         env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
     started = time.monotonic()

@@ -71,6 +71,7 @@ def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list,
 
     # the CPU has no varlen kernel: transformers' block mask for packed position ids splits the joined row instead
     monkeypatch.setattr(trainer, "padding_free", lambda *args: flatten)
+    monkeypatch.setattr(trainer, "join_budget", lambda *args: None)  # each micro-batch its own row (test_joined_steps)
     seen = capture_training_inputs(monkeypatch)
     evaluated: list = []
     collate_eval = evaluation.collate

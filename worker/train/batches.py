@@ -23,17 +23,23 @@ head computes.
 
 Padding-free batches (`padding_free`): an unpacked supervised run with the varlen attention joins each micro-batch's
 samples end to end into one packed row, as packing's bins are, so no layer computes a padding token; the loss, a sum
-over target tokens divided by the step's count, is the padded batch's.
+over target tokens divided by the step's count, is the padded batch's. With gradient accumulation in one process the
+step's samples are also joined across its micro-batches (`joined`), into as few rows as the run's largest micro-batch
+holds (`largest_micro_tokens`): the same samples, the same loss and gradient, and no micro-batch larger than one the
+run trains anyway, so the same peak memory; but fewer forward and backward passes, each of which costs the host the
+same launches whatever its tokens (a short micro-batch waits for them: docs/estimate.md, the host floor).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
@@ -44,6 +50,7 @@ FLATTENED = ("input_ids", "labels", "position_ids")  # the columns of a supervis
 # the loss head gathers its target rows when at least this share of a micro-batch's rows has none: the gather and its
 # grad's scatter move ~6 hidden-sized rows a row, ~0.4% of the head's GEMMs at 1B (vocabulary 128k, hidden 2,048)
 GATHER_MIN_SKIPPED = 0.01
+JOIN_ENV = "FTW_JOIN_STEPS"  # "0": a step's accumulated micro-batches stay a pass each (`join_budget`)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,51 @@ def collate(
     return batch
 
 
+def sample_lengths(ds) -> np.ndarray:
+    """Every row's token count, from the Arrow column (no row is read into Python)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+
+
+def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int) -> int:
+    """Tokens of the largest micro-batch of a run's `total_steps` optimizer steps (every rank's, resumed or not), from
+    the rows' `lengths`: the plan fixes which rows each micro-batch reads."""
+    largest = 0
+    for epoch in range(math.ceil(total_steps / plan.steps_per_epoch)):
+        steps = min(plan.steps_per_epoch, total_steps - epoch * plan.steps_per_epoch)
+        order = np.asarray(plan.epoch_order(epoch)[: steps * plan.rows_per_step])
+        largest = max(largest, int(lengths[order].reshape(-1, plan.rows_per_micro).sum(axis=1).max()))
+    return largest
+
+
+def join_budget(ds, plan: BatchPlan, total_steps: int, flatten: bool, router_loss: bool) -> int | None:
+    """The tokens a padding-free step's samples join up to across its micro-batches: the run's largest micro-batch;
+    None where they stay as the plan has them: packed or padded rows, one micro-batch a step, several processes (each
+    would run its own count of passes, and their collectives must pair), or the MoE router's aux loss (its
+    coefficient is shared out per micro-batch: worker/train/moe.py); and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's
+    ftw-unjoined arm measures the joining against it)."""
+    if not flatten or plan.grad_accum == 1 or plan.world_size > 1 or router_loss or os.environ.get(JOIN_ENV) == "0":
+        return None
+    return largest_micro_tokens(sample_lengths(ds), plan, total_steps)
+
+
+def joined(rows: list[dict], budget: int) -> list[list[dict]]:
+    """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens (a run closes
+    when the next sample would not fit: no cut into consecutive runs has fewer). The trainer's loss sums each target
+    token's loss over the step's count, so the runs give the micro-batches' gradient."""
+    runs: list[list[dict]] = []
+    size = budget
+    for row in rows:
+        n = len(row["input_ids"])
+        if size + n > budget:
+            runs.append([])
+            size = 0
+        runs[-1].append(row)
+        size += n
+    return runs
+
+
 def padding_free(cfg: TrainingConfig, packed: bool, kernels: list[str]) -> bool:
     """Whether an unpacked run's micro-batches are flattened: each one's samples joined end to end into one packed
     row (TrainingConfig.joins_samples says which runs may). It takes the varlen attention, which splits the row at the
@@ -185,13 +237,17 @@ def read_step(
     pad_to: int | None = None,
     target_rows: bool = False,
     flatten: bool = False,
+    join_tokens: int | None = None,
 ) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
     `count`: the items the loss averages over (worker/train/objective.py); `pad_to`, `flatten`: see `collate`;
-    `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head."""
-    micros = plan.micro_batches(step, rank, order)
-    micro = [collate(read_rows(ds, m), pad_id, packed, pad_to, flatten) for m in micros]
+    `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head;
+    `join_tokens` (with `flatten`): the step's samples regrouped into runs of at most that many tokens (`joined`)."""
+    rows = [read_rows(ds, m) for m in plan.micro_batches(step, rank, order)]
+    if join_tokens:
+        rows = joined([row for micro_rows in rows for row in micro_rows], join_tokens)
+    micro = [collate(r, pad_id, packed, pad_to, flatten) for r in rows]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     for b in micro:
         b.update(host_inputs(b, varlen, target_rows))
@@ -236,13 +292,16 @@ class Prefetcher:
         pad_to: int | None = None,
         target_rows: bool = False,
         flatten: bool = False,
+        join_tokens: int | None = None,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
 
         def read(step: int, order: list[int] | None) -> StepInput:
-            return read_step(rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows, flatten)
+            return read_step(
+                rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows, flatten, join_tokens
+            )
 
         args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)

@@ -41,7 +41,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, padding_free, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, padding_free, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import evaluate
 from worker.train.loss_guard import LossGuard
@@ -98,6 +98,9 @@ class Trainer:
         )
         self.padding_free = padding_free(cfg, self.data.packed, self.kernels)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
+        self.join_tokens = join_budget(
+            self.data.train, self.plan, self.schedule.total_steps, self.padding_free, router_loss
+        )
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
         fp16_scaler = (
@@ -242,6 +245,7 @@ class Trainer:
             target_rows=self.objective.target_rows,
             flatten=self.padding_free,
             pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
+            join_tokens=self.join_tokens,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         freeze_heap()
@@ -389,6 +393,7 @@ class Trainer:
             "world_size": self.topo.world_size,
             "packed": self.data.packed,
             "padding_free": self.padding_free,
+            "joined_micro_batch_tokens": self.join_tokens,  # a step's samples joined up to this many tokens a pass
             "adapter": self.cfg.adapter or "full",
             "kernels": self.kernels,
             **self.progress.gpu_summary,

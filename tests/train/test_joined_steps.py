@@ -1,0 +1,112 @@
+"""A padding-free step's samples joined across its micro-batches (worker/train/batches.py `joined`): with gradient
+accumulation in one process, the step's samples run in as few rows as the run's largest micro-batch holds. The loss
+sums each target token's loss over the step's count, so the joined rows give the same losses and adapter as the
+micro-batches, in fewer passes, none larger than a micro-batch the run trains anyway (its peak memory)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
+from tests.train.test_padding_free import uneven_rows  # noqa: F401  (a fixture)
+from tests.train.test_prefetch import capture_training_inputs
+from tests.train.test_target_rows import curve
+from worker.train.batches import BatchPlan, join_budget, joined, largest_micro_tokens
+
+
+def rows_of(lengths: list[int]) -> list[dict]:
+    return [{"input_ids": [i] * n} for i, n in enumerate(lengths)]
+
+
+def fewest_runs(lengths: list[int], budget: int) -> int:
+    """Brute force: the fewest consecutive runs of `lengths` within `budget` each."""
+    best = [0] + [len(lengths) + 1] * len(lengths)
+    for end in range(1, len(lengths) + 1):
+        for start in range(end):
+            if sum(lengths[start:end]) <= budget:
+                best[end] = min(best[end], best[start] + 1)
+    return best[-1]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_joined_runs_keep_the_order_stay_within_the_budget_and_are_fewest(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 12))]
+    budget = max(lengths) + rng.randint(0, 60)
+    runs = joined(rows_of(lengths), budget)
+    assert [row for run in runs for row in run] == rows_of(lengths)  # every sample once, in its order, whole
+    assert all(sum(len(r["input_ids"]) for r in run) <= budget for run in runs)
+    assert len(runs) == fewest_runs(lengths, budget)
+
+
+@pytest.mark.parametrize("rows, mbs, accum, steps", [(10, 2, 3, 7), (37, 4, 2, 5), (5, 1, 4, 9), (64, 3, 3, 2)])
+def test_the_largest_micro_batch_is_the_plans_over_every_epoch_of_the_run(rows, mbs, accum, steps):
+    lengths = np.random.default_rng(rows).integers(1, 500, rows)
+    plan = BatchPlan(rows, mbs, accum, 1, seed=3)
+    every = [sum(lengths[i] for i in micro) for step in range(steps) for micro in plan.micro_batches(step, 0)]
+    assert largest_micro_tokens(lengths, plan, steps) == max(every)
+
+
+def test_only_a_one_process_padding_free_accumulating_run_without_the_router_loss_joins(monkeypatch):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 4, 2, 7, 5)]})
+    accumulating = BatchPlan(6, 1, 3, 1, seed=0)
+    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=False) == 9  # the longest sample, mbs 1
+    assert join_budget(ds, accumulating, 4, flatten=False, router_loss=False) is None  # packed or padded rows
+    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=True) is None  # its coefficient per micro-batch
+    assert join_budget(ds, BatchPlan(6, 1, 1, 1, seed=0), 4, flatten=True, router_loss=False) is None  # one a step
+    assert join_budget(ds, BatchPlan(6, 1, 3, 2, seed=0), 4, flatten=True, router_loss=False) is None  # two ranks
+    monkeypatch.setenv("FTW_JOIN_STEPS", "0")  # bench/gpu_train.py's ftw-unjoined arm
+    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=False) is None
+
+
+def _train(model_dir, cache, run_dir, monkeypatch, join: bool) -> tuple[list, list[float]]:
+    """(each training forward's inputs, each step's loss) of a 3-step CPU run, mbs 1 × 4 accumulated."""
+    import worker.train.trainer as trainer
+
+    # the CPU has no varlen kernel: transformers' block mask for packed position ids splits the joined row instead
+    monkeypatch.setattr(trainer, "padding_free", lambda *args: True)
+    if not join:
+        monkeypatch.setattr(trainer, "join_budget", lambda *args: None)
+    seen = capture_training_inputs(monkeypatch)
+    # SGD: the adapters compare as the grads do (see test_padding_free)
+    cfg = base_config(
+        model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=4, save_strategy="no",
+        optimizer="sgd", learning_rate=1e-2,
+    )  # fmt: skip
+    assert run_inprocess(cfg, run_dir, cache) == 0
+    monkeypatch.undo()
+    return seen, curve(run_dir, "loss_curve")
+
+
+def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path, monkeypatch):  # noqa: F811
+    # short samples and one long one (three samples' tokens as one): the run's largest micro-batch holds several
+    long = {k: [t for r in uneven_rows[:3] for t in r[k]] for k in ("input_ids", "labels")}
+    long["position_ids"] = list(range(len(long["input_ids"])))
+    rows = [long, *uneven_rows[3:14]]  # 12 rows: the 3 steps' 4 samples each, every row once
+    cache = write_cache(tmp_path / "cache", rows)
+    joined_inputs, joined_losses = _train(task_model_dir, cache, tmp_path / "joined", monkeypatch, join=True)
+    plain_inputs, plain_losses = _train(task_model_dir, cache, tmp_path / "plain", monkeypatch, join=False)
+    assert len(plain_inputs) == 12  # 3 steps × 4 micro-batches of one sample
+    largest = max(len(r["input_ids"]) for r in rows)
+    assert max(b["input_ids"].numel() for b in plain_inputs) == largest  # the long sample's micro-batch
+    assert len(joined_inputs) < len(plain_inputs)
+    assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].numel() <= largest for b in joined_inputs)
+    # the same samples in the same order, each its own segment (position ids restart per sample)
+    assert torch.cat([b["input_ids"][0] for b in joined_inputs]).tolist() == [
+        t for b in plain_inputs for t in b["input_ids"][0].tolist()
+    ]
+    assert torch.cat([b["position_ids"][0] for b in joined_inputs]).tolist() == [
+        p for b in plain_inputs for p in b["position_ids"][0].tolist()
+    ]
+    assert len(joined_losses) == 3 and joined_losses == pytest.approx(plain_losses, rel=1e-5)
+    joined_adapter, plain_adapter = (adapter_tensors(tmp_path / d / "adapter") for d in ("joined", "plain"))
+    for name, tensor in joined_adapter.items():
+        torch.testing.assert_close(tensor, plain_adapter[name], rtol=1e-5, atol=1e-7)
+    assert json.loads((tmp_path / "joined" / "summary.json").read_text())["joined_micro_batch_tokens"] == largest
