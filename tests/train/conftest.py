@@ -51,6 +51,16 @@ def task_rows(task_model_dir):
 
 
 @pytest.fixture(scope="session")
+def uneven_rows(task_model_dir) -> list[dict]:
+    """The successor task with 2 to 6 digits, one sample a row: rows of several lengths, prompts masked."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(task_model_dir)
+    by_digits = [tokenize(tok, successor_task(seed=d, n_digits=d)[0][:12]) for d in range(2, 7)]
+    return [rows[i] for i in range(12) for rows in by_digits]
+
+
+@pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, task_rows) -> Path:
     """64 unpacked training rows and 16 eval rows: enough for a few fast steps."""
     train, held, _ = task_rows

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
-from tests.train.test_padding_free import uneven_rows  # noqa: F401  (a fixture)
 from tests.train.test_prefetch import capture_training_inputs
 from tests.train.test_target_rows import curve
 from worker.train.batches import BatchPlan, join_budget, joined, largest_micro_tokens
@@ -85,7 +84,7 @@ def _train(model_dir, cache, run_dir, monkeypatch, join: bool) -> tuple[list, li
     return seen, curve(run_dir, "loss_curve")
 
 
-def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path, monkeypatch):  # noqa: F811
+def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path, monkeypatch):
     # short samples and one long one (three samples' tokens as one): the run's largest micro-batch holds several
     long = {k: [t for r in uneven_rows[:3] for t in r[k]] for k in ("input_ids", "labels")}
     long["position_ids"] = list(range(len(long["input_ids"])))

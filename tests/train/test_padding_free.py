@@ -13,8 +13,6 @@ from tests.train.helpers import (
     adapter_tensors,
     base_config,
     run_inprocess,
-    successor_task,
-    tokenize,
     write_cache,
 )
 from tests.train.test_prefetch import capture_training_inputs
@@ -22,16 +20,6 @@ from tests.train.test_target_rows import curve
 from worker.train.batches import IGNORE, collate, padding_free, real_tokens, target_tokens
 
 KERNELS = ["rmsnorm", "varlen_attention", "fused_linear_cross_entropy"]
-
-
-@pytest.fixture(scope="module")
-def uneven_rows(task_model_dir) -> list[dict]:
-    """The successor task with 2 to 6 digits, one sample a row: rows of several lengths, prompts masked."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(task_model_dir)
-    by_digits = [tokenize(tok, successor_task(seed=d, n_digits=d)[0][:12]) for d in range(2, 7)]
-    return [rows[i] for i in range(12) for rows in by_digits]
 
 
 def test_a_flattened_micro_batch_is_its_samples_end_to_end(uneven_rows):
