@@ -15,7 +15,7 @@ import torch
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
 from tests.train.test_prefetch import capture_training_inputs
 from tests.train.test_target_rows import curve
-from worker.train.batches import BatchPlan, join_budget, joined, largest_micro_tokens
+from worker.train.batches import BatchPlan, join_budget, joined, largest_micro_tokens, layout_name
 
 
 def rows_of(lengths: list[int]) -> list[dict]:
@@ -63,6 +63,10 @@ def test_only_a_one_process_padding_free_accumulating_run_without_the_router_los
     assert join_budget(ds, BatchPlan(6, 1, 3, 2, seed=0), 4, flatten=True, router_loss=False) is None  # two ranks
     monkeypatch.setenv("FTW_JOIN_STEPS", "0")  # bench/gpu_train.py's ftw-unjoined arm
     assert join_budget(ds, accumulating, 4, flatten=True, router_loss=False) is None
+    # the run's log says which layout it trains
+    assert layout_name(False, True, 2048) == "unpacked, a step's samples joined into rows of at most 2,048 tokens"
+    assert layout_name(False, True, None) == "unpacked, each micro-batch one row"
+    assert layout_name(True, False, None) == "packed" and layout_name(False, False, None) == "unpacked"
 
 
 def _train(model_dir, cache, run_dir, monkeypatch, join: bool) -> tuple[list, list[float]]:

@@ -159,6 +159,15 @@ def join_budget(ds, plan: BatchPlan, total_steps: int, flatten: bool, router_los
     return largest_micro_tokens(sample_lengths(ds), plan, total_steps)
 
 
+def layout_name(packed: bool, flatten: bool, join_tokens: int | None) -> str:
+    """How a run lays its rows out, for its log."""
+    if packed:
+        return "packed"
+    if join_tokens:
+        return f"unpacked, a step's samples joined into rows of at most {join_tokens:,} tokens"
+    return "unpacked, each micro-batch one row" if flatten else "unpacked"
+
+
 def joined(rows: list[dict], budget: int) -> list[list[dict]]:
     """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens (a run closes
     when the next sample would not fit: no cut into consecutive runs has fewer). The trainer's loss sums each target

@@ -41,7 +41,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, padding_free, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import evaluate
 from worker.train.loss_guard import LossGuard
@@ -115,7 +115,7 @@ class Trainer:
             self.engine = ds_.initialize(self, resume)
         log.info(
             "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
-            "packed" if self.data.packed else "unpacked, each micro-batch one row" if self.padding_free else "unpacked",
+            layout_name(self.data.packed, self.padding_free, self.join_tokens),
             self.plan.num_rows,
             self.plan.steps_per_epoch,
             self.schedule.total_steps,
