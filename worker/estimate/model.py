@@ -93,6 +93,10 @@ HOST_S_PER_LAYER = 0.0058
 # over the other projections' inputs. Its 8B step on one H100, two calls back to back (docs/benchmarks.md, "2026-12-06,
 # ninth session" calls 1 and 2: 492.6 and 497.5 ms with lora_dropout 0.05, 473.5 and 474.2 without): 1.045×
 DROPOUT_STEP = 1.045
+# a joined pass's tokens over micro_batch_size × sequence_len: the run's largest micro-batch (the budget) is near it
+# where samples have a long tail, and next-fit fills ~70% of the budget (bench/joined_passes.py over lognormal samples:
+# 0.53-0.77 for mbs 1-4 × 4-8 accumulated; the passes it gives are within ±20% of that bench's exact counts)
+JOIN_FILL = 0.65
 HOST_FORWARD_SHARE = 0.43  # of that host work, the forward's (the same profile): a checkpointed step runs it twice
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
@@ -126,6 +130,7 @@ class Workload:
     lora_fused: bool = True  # no LoRA key keeps an adapter off the fused kernels (TrainingConfig.lora_unfused_by)
     mlp_fused: bool = True  # the fused LoRA MLP runs where the mode's kernels do (lora_mlp_kernel not false)
     dropout: bool = False  # lora_dropout > 0: on the fused path its masks' passes lengthen the GPU's step
+    joined: bool = False  # a padding-free step's samples join across its micro-batches (worker/train/batches.joined)
 
     @property
     def mode(self) -> str:
@@ -162,6 +167,15 @@ class Workload:
         if self.packed or self.padding_free:
             return self.real_tokens
         return self.micro_batch_size * self.attention_span
+
+    @property
+    def passes(self) -> float:
+        """Forward and backward passes a step: one a micro-batch, or, where the step's samples join, as many as hold
+        its tokens at JOIN_FILL of micro_batch_size × sequence_len each (never more than its micro-batches)."""
+        if not self.joined:
+            return float(self.grad_accum)
+        pass_tokens = JOIN_FILL * self.micro_batch_size * self.sequence_len
+        return min(float(self.grad_accum), max(1.0, self.grad_accum * self.real_tokens / pass_tokens))
 
     def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
@@ -286,9 +300,17 @@ def more_tokens_advice(sample_packing: bool) -> str:
     return "a larger micro_batch_size, or sample_packing: true"
 
 
+def one_pass(w: Workload) -> Workload:
+    """One forward and backward pass of a step: a micro-batch, or a joined share of the step's samples."""
+    if w.passes == w.grad_accum:
+        return w
+    return w.replace(micro_tokens=w.grad_accum * w.real_tokens / w.passes, joined=False)
+
+
 def host_bound(w: Workload, bf16_tflops: float = H200_TFLOPS) -> bool:
     """Whether the host, not the GPU, sets the pace of this workload's steps on that GPU."""
-    return not MODES[w.mode].host_synced and gpu_seconds(w, bf16_tflops) < host_seconds(w)
+    p = one_pass(w)
+    return not MODES[p.mode].host_synced and gpu_seconds(p, bf16_tflops) < host_seconds(p)
 
 
 def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
@@ -297,5 +319,10 @@ def micro_batch_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
     return max(gpu_seconds(w, bf16_tflops), host_seconds(w))
 
 
+def step_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
+    """One optimizer step: its passes, each a micro-batch's time."""
+    return w.passes * micro_batch_seconds(one_pass(w), bf16_tflops)
+
+
 def tokens_per_s(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
-    return w.real_tokens / micro_batch_seconds(w, bf16_tflops)
+    return w.grad_accum * w.real_tokens / step_seconds(w, bf16_tflops)

@@ -29,9 +29,9 @@ from worker.estimate.model import (
     Workload,
     host_bound,
     host_seconds,
-    micro_batch_seconds,
     more_tokens_advice,
     peak_bytes,
+    step_seconds,
     tokens_per_s,
 )
 from worker.estimate.shapes import LINEAR_MODULES, ModelShape, adapter_params, lora_param_count, resolve_shape
@@ -100,7 +100,7 @@ class Estimate:
         """Whole-run seconds and dollars of workload `w` (this run or a changed one) on `gpu`."""
         if self.steps is None:
             return None, None
-        seconds = self.startup_s + self.steps * w.grad_accum * micro_batch_seconds(w, gpu.bf16_tflops)
+        seconds = self.startup_s + self.steps * step_seconds(w, gpu.bf16_tflops)
         return seconds, math.ceil(seconds) * gpu.usd_per_s
 
     def as_json(self) -> dict[str, Any]:
@@ -130,6 +130,8 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
     )
     mbs, accum = cfg.batch_shape()
     packed = cfg.sample_packing
+    # the trainer's rule (worker/train/batches.padding_free), with the kernels' varlen attention taken as applied
+    padding_free = cfg.joins_samples() and cfg.use_kernels is not False and cfg.attention_replaceable()
     micro_tokens = None
     if data.tokens and data.samples:
         micros = micro_batches_per_epoch(cfg, data)
@@ -154,11 +156,12 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         lora_fused=not cfg.lora_unfused_by(),
         mlp_fused=cfg.lora_mlp_kernel is not False,
         dropout=method != "full" and cfg.lora_dropout > 0,
+        # the trainer's rule (worker/train/batches.join_budget): one process, no MoE router loss
+        joined=padding_free and accum > 1 and gpu_count <= 1 and not cfg.output_router_logits,
         shards=max(gpu_count, 1) if sharded else 1,
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
-        # the trainer's rule (worker/train/batches.padding_free), with the kernels' varlen attention taken as applied
-        padding_free=cfg.joins_samples() and cfg.use_kernels is not False and cfg.attention_replaceable(),
+        padding_free=padding_free,
     )
 
 
