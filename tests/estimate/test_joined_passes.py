@@ -58,6 +58,7 @@ def test_a_joined_run_is_estimated_faster_and_its_cost_lower():
         (UNPACKED, 2),  # each rank would run its own count of passes
         ({**UNPACKED, "output_router_logits": True}, 1),  # the router's coefficient is shared per micro-batch
         ({**UNPACKED, "pad_to_sequence_len": True}, 1),  # padded rows, not padding-free
+        ({**UNPACKED, "deepspeed": "zero2"}, 1),  # its engine steps after its own count of backwards
     ],
 )
 def test_runs_the_trainer_does_not_join_are_estimated_a_pass_a_micro_batch(config, gpus):

@@ -51,18 +51,23 @@ def test_the_largest_micro_batch_is_the_plans_over_every_epoch_of_the_run(rows, 
     assert largest_micro_tokens(lengths, plan, steps) == max(every)
 
 
-def test_only_a_one_process_padding_free_accumulating_run_without_the_router_loss_joins(monkeypatch):
+def test_only_a_one_process_padding_free_accumulating_run_without_router_loss_or_deepspeed_joins(monkeypatch):
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 4, 2, 7, 5)]})
     accumulating = BatchPlan(6, 1, 3, 1, seed=0)
-    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=False) == 9  # the longest sample, mbs 1
-    assert join_budget(ds, accumulating, 4, flatten=False, router_loss=False) is None  # packed or padded rows
-    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=True) is None  # its coefficient per micro-batch
-    assert join_budget(ds, BatchPlan(6, 1, 1, 1, seed=0), 4, flatten=True, router_loss=False) is None  # one a step
-    assert join_budget(ds, BatchPlan(6, 1, 3, 2, seed=0), 4, flatten=True, router_loss=False) is None  # two ranks
+
+    def budget(plan=accumulating, flatten=True, router_loss=False, deepspeed=False):
+        return join_budget(ds, plan, 4, flatten=flatten, router_loss=router_loss, deepspeed=deepspeed)
+
+    assert budget() == 9  # the longest sample, at one sample a micro-batch
+    assert budget(flatten=False) is None  # packed or padded rows
+    assert budget(router_loss=True) is None  # its coefficient is shared per micro-batch
+    assert budget(deepspeed=True) is None  # DeepSpeed steps after its own count of backwards
+    assert budget(BatchPlan(6, 1, 1, 1, seed=0)) is None  # one micro-batch a step
+    assert budget(BatchPlan(6, 1, 3, 2, seed=0)) is None  # two ranks
     monkeypatch.setenv("FTW_JOIN_STEPS", "0")  # bench/gpu_train.py's ftw-unjoined arm
-    assert join_budget(ds, accumulating, 4, flatten=True, router_loss=False) is None
+    assert budget() is None
     # the run's log says which layout it trains
     assert layout_name(False, True, 2048) == "unpacked, a step's samples joined into rows of at most 2,048 tokens"
     assert layout_name(False, True, None) == "unpacked, each micro-batch one row"

@@ -148,13 +148,15 @@ def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int)
     return largest
 
 
-def join_budget(ds, plan: BatchPlan, total_steps: int, flatten: bool, router_loss: bool) -> int | None:
+def join_budget(ds, plan: BatchPlan, total_steps: int, flatten: bool, router_loss: bool, deepspeed: bool) -> int | None:
     """The tokens a padding-free step's samples join up to across its micro-batches: the run's largest micro-batch;
     None where they stay as the plan has them: packed or padded rows, one micro-batch a step, several processes (each
-    would run its own count of passes, and their collectives must pair), or the MoE router's aux loss (its
-    coefficient is shared out per micro-batch: worker/train/moe.py); and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's
-    ftw-unjoined arm measures the joining against it)."""
-    if not flatten or plan.grad_accum == 1 or plan.world_size > 1 or router_loss or os.environ.get(JOIN_ENV) == "0":
+    would run its own count of passes, and their collectives must pair), the MoE router's aux loss (its coefficient
+    is shared out per micro-batch: worker/train/moe.py), DeepSpeed (its engine steps after gradient_accumulation_steps
+    backwards: worker/train/deepspeed_engine.py); and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's ftw-unjoined arm
+    measures the joining against it)."""
+    kept = plan.grad_accum == 1 or plan.world_size > 1 or router_loss or deepspeed or os.environ.get(JOIN_ENV) == "0"
+    if not flatten or kept:
         return None
     return largest_micro_tokens(sample_lengths(ds), plan, total_steps)
 
