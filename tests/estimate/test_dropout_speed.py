@@ -1,7 +1,7 @@
 """`lora_dropout` on the fused path draws its masks inside the kernels and adds elementwise passes: its 8B step ran
 1.045× the step without on one H100 (docs/benchmarks.md, the ninth session's two calls back to back). The estimate
-prices it there, and only there: PEFT's layers (a DoRA run) are calibrated with their dropout, and full fine-tuning
-has none."""
+prices it there, and only there: no measurement gives the factor of PEFT's layers (a DoRA run) or of the kernels-off
+path, which are priced as before."""
 
 from __future__ import annotations
 

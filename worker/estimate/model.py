@@ -278,7 +278,7 @@ def head_share(w: Workload) -> float:
 def gpu_seconds(w: Workload, bf16_tflops: float = H200_TFLOPS) -> float:
     """The GPU's own time for one micro-batch."""
     gpu = w.compute_tokens * flops_per_token(w) / (bf16_tflops * 1e12 * MODES[w.mode].efficiency(w.shape.hidden))
-    if w.dropout and w.mode == "fused":  # (the peft_lora mode's efficiency is PEFT's layers', dropout included)
+    if w.dropout and w.mode == "fused":  # the one path its cost was measured on (the others: not priced)
         gpu *= DROPOUT_STEP
     if w.offload and not w.checkpointing:  # every activation crosses PCIe twice; the copies overlap compute
         per_token_layer = memory_parts(w)["activations"] / CKPT_LAYER_SHARE / w.peak_tokens
