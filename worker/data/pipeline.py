@@ -283,19 +283,28 @@ def tokenize_source(
     tables, done, tokens, started = [], 0, 0, time.monotonic()
     for c in range(chunks):
         part = data.shard(num_shards=chunks, index=c, contiguous=True)
+        fn, features = (rl_rows.tokenize_batch, rl_rows.features()) if rl else (tokenize_batch, rows.sample_features())
+        kwargs = {"strategy": strategy, "source": source, "offset": skip + done}
+        if procs > 1:  # a worker's DataError comes back as a row, not through the pool (rows.errors_in_band)
+            fn, kwargs, features = (
+                rows.errors_in_band,
+                {"fn": fn, "features": features, **kwargs},
+                rows.with_error(features),
+            )
         mapped = part.map(
-            rl_rows.tokenize_batch if rl else tokenize_batch,
-            fn_kwargs={"strategy": strategy, "source": source, "offset": skip + done},
+            fn,
+            fn_kwargs=kwargs,
             batched=True,
             batch_size=256,
             with_indices=True,
             remove_columns=part.column_names,
             num_proc=procs if procs > 1 else None,
-            features=rl_rows.features() if rl else rows.sample_features(),
+            features=features,
             new_fingerprint=os.urandom(8).hex(),
             desc=f"tokenizing {Path(label).name or label} ({c + 1}/{chunks})",
         )
-        tables.append(mapped.flatten_indices().data.table)
+        table = mapped.flatten_indices().data.table
+        tables.append(rows.raise_carried(table) if procs > 1 else table)
         done += len(part)
         tokens += int(rows.lengths(tables[-1]).sum())
         elapsed = max(time.monotonic() - started, 1e-6)

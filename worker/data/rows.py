@@ -5,6 +5,7 @@ length policy, exact deduplication, shuffle and the eval split. Vectorised with 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from typing import Any
 
@@ -30,6 +31,45 @@ def sample_features(**extra: str) -> Any:
             "_row": datasets.Value("int64"),
         }
     )
+
+
+ERROR = "_error"  # a map worker's DataError, carried back as a row (`errors_in_band`)
+
+
+def with_error(features: Any) -> Any:
+    """`features` and the `_error` column that `errors_in_band` fills."""
+    import datasets
+
+    return datasets.Features({**features, ERROR: datasets.Value("string")})
+
+
+def errors_in_band(batch: dict[str, list], indices: list[int], fn: Any, features: Any, **kwargs: Any) -> dict:
+    """`fn`'s batch in a datasets.map worker process, where a DataError it raises comes back as one row holding it
+    in `_error` (the other columns empty) instead of crossing the pool: a pool whose worker raised is terminated, and
+    that can hang (huggingface/datasets#6393), leaving the stage to wait for its deadline. `raise_carried` raises
+    it in the parent."""
+    import datasets
+
+    try:
+        out = fn(batch, indices, **kwargs)
+        return {**out, ERROR: [None] * len(out["input_ids"])}
+    except DataError as e:
+        carried = json.dumps({"message": e.message, "hint": e.hint, "details": e.details})
+        empty = {
+            k: [] if not isinstance(f, datasets.Value) else "" if f.dtype == "string" else 0
+            for k, f in features.items()
+        }
+        return {**{k: [v] for k, v in empty.items()}, ERROR: [carried]}
+
+
+def raise_carried(table: pa.Table) -> pa.Table:
+    """The first DataError `errors_in_band` carried (the earliest row's, as one process meets it) raised here; else
+    the table without the `_error` column."""
+    carried = table.column(ERROR).drop_null()
+    if len(carried):
+        error = json.loads(carried[0].as_py())
+        raise DataError(error["message"], error["hint"], stage="preprocess", details=error["details"])
+    return table.drop_columns([ERROR])
 
 
 def batch_rows(batch: dict[str, list], indices: list[int], offset: int) -> tuple[list[dict], list[int]]:
