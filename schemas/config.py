@@ -305,6 +305,13 @@ class TrainingConfig(Frozen):
         padded rows. The trainer joins them where the varlen attention runs (worker/train/batches.padding_free)."""
         return not self.sample_packing and not self.pad_to_sequence_len and self.rl_method() is None
 
+    def joins_steps(self, processes: int) -> bool:
+        """Whether a padding-free run (`joins_samples`) also joins each step's samples across its accumulated
+        micro-batches (worker/train/batches.joined): with gradient accumulation, in one process (several would each
+        run their own count of passes, and their collectives must pair), without the MoE router's aux loss (its
+        coefficient is shared out per micro-batch: worker/train/moe.py). The trainer and the estimate both ask here."""
+        return self.joins_samples() and self.batch_shape()[1] > 1 and processes == 1 and not self.output_router_logits
+
     def checkpoints_reentrant(self, moe: bool, distributed: bool) -> bool:
         """Whether gradient checkpointing recomputes with torch's reentrant kind: as the config's own
         `gradient_checkpointing_kwargs` say (transformers' default when they omit it: reentrant), else only for

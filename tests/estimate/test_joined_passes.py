@@ -58,9 +58,14 @@ def test_a_joined_run_is_estimated_faster_and_its_cost_lower():
         (UNPACKED, 2),  # each rank would run its own count of passes
         ({**UNPACKED, "output_router_logits": True}, 1),  # the router's coefficient is shared per micro-batch
         ({**UNPACKED, "pad_to_sequence_len": True}, 1),  # padded rows, not padding-free
-        ({**UNPACKED, "deepspeed": "zero2"}, 1),  # its engine steps after its own count of backwards
     ],
 )
 def test_runs_the_trainer_does_not_join_are_estimated_a_pass_a_micro_batch(config, gpus):
     w = workload(gpus, **config)
     assert not w.joined and w.passes == w.grad_accum
+
+
+def test_the_estimate_joins_where_the_trainer_does():
+    """One rule (TrainingConfig.joins_steps): DeepSpeed on one GPU trains without its engine, and joins."""
+    assert workload(1, **UNPACKED, deepspeed="zero2").joined
+    assert not workload(2, **UNPACKED, deepspeed="zero2").joined

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from schemas.config import TrainingConfig
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
 from tests.train.test_prefetch import capture_training_inputs
 from tests.train.test_target_rows import curve
@@ -51,23 +52,31 @@ def test_the_largest_micro_batch_is_the_plans_over_every_epoch_of_the_run(rows, 
     assert largest_micro_tokens(lengths, plan, steps) == max(every)
 
 
-def test_only_a_one_process_padding_free_accumulating_run_without_router_loss_or_deepspeed_joins(monkeypatch):
+@pytest.mark.parametrize(
+    "config, processes, joins",
+    [
+        ({}, 1, True),
+        ({"sample_packing": True}, 1, False),  # packed or padded rows
+        ({"gradient_accumulation_steps": 1}, 1, False),  # one micro-batch a step
+        ({}, 2, False),  # two ranks
+        ({"output_router_logits": True}, 1, False),  # its coefficient is shared per micro-batch
+        ({"deepspeed": "zero2"}, 1, True),  # one process trains without DeepSpeed's engine (distributed.strategy)
+    ],
+)
+def test_only_a_one_process_accumulating_run_without_the_router_loss_joins(config, processes, joins):
+    base = dict(base_model="m", learning_rate=1e-4, sample_packing=False, gradient_accumulation_steps=3)
+    assert TrainingConfig(**{**base, **config}).joins_steps(processes) is joins
+
+
+def test_the_budget_is_the_runs_largest_micro_batch_unless_asked_not_to(monkeypatch):
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 4, 2, 7, 5)]})
     accumulating = BatchPlan(6, 1, 3, 1, seed=0)
-
-    def budget(plan=accumulating, flatten=True, router_loss=False, deepspeed=False):
-        return join_budget(ds, plan, 4, flatten=flatten, router_loss=router_loss, deepspeed=deepspeed)
-
-    assert budget() == 9  # the longest sample, at one sample a micro-batch
-    assert budget(flatten=False) is None  # packed or padded rows
-    assert budget(router_loss=True) is None  # its coefficient is shared per micro-batch
-    assert budget(deepspeed=True) is None  # DeepSpeed steps after its own count of backwards
-    assert budget(BatchPlan(6, 1, 1, 1, seed=0)) is None  # one micro-batch a step
-    assert budget(BatchPlan(6, 1, 3, 2, seed=0)) is None  # two ranks
+    assert join_budget(ds, accumulating, 4, joins=True) == 9  # the longest sample, at one sample a micro-batch
+    assert join_budget(ds, accumulating, 4, joins=False) is None
     monkeypatch.setenv("FTW_JOIN_STEPS", "0")  # bench/gpu_train.py's ftw-unjoined arm
-    assert budget() is None
+    assert join_budget(ds, accumulating, 4, joins=True) is None
     # the run's log says which layout it trains
     assert layout_name(False, True, 2048) == "unpacked, a step's samples joined into rows of at most 2,048 tokens"
     assert layout_name(False, True, None) == "unpacked, each micro-batch one row"

@@ -156,8 +156,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         lora_fused=not cfg.lora_unfused_by(),
         mlp_fused=cfg.lora_mlp_kernel is not False,
         dropout=method != "full" and cfg.lora_dropout > 0,
-        # the trainer's rule (worker/train/batches.join_budget): one process, no MoE router loss, not DeepSpeed
-        joined=padding_free and accum > 1 and gpu_count <= 1 and not cfg.output_router_logits and not cfg.deepspeed,
+        joined=padding_free and cfg.joins_steps(max(gpu_count, 1)),  # the trainer's rule
         shards=max(gpu_count, 1) if sharded else 1,
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row

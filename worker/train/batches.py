@@ -44,6 +44,7 @@ import torch
 
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
 from schemas.config import TrainingConfig
+from worker.data.rows import lengths
 
 IGNORE = -100
 FLATTENED = ("input_ids", "labels", "position_ids")  # the columns of a supervised row, joined by `collate(flatten=)`
@@ -130,13 +131,6 @@ def collate(
     return batch
 
 
-def sample_lengths(ds) -> np.ndarray:
-    """Every row's token count, from the Arrow column (no row is read into Python)."""
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(ds.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
-
-
 def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int) -> int:
     """Tokens of the largest micro-batch of a run's `total_steps` optimizer steps (every rank's, resumed or not), from
     the rows' `lengths`: the plan fixes which rows each micro-batch reads."""
@@ -148,17 +142,13 @@ def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int)
     return largest
 
 
-def join_budget(ds, plan: BatchPlan, total_steps: int, flatten: bool, router_loss: bool, deepspeed: bool) -> int | None:
-    """The tokens a padding-free step's samples join up to across its micro-batches: the run's largest micro-batch;
-    None where they stay as the plan has them: packed or padded rows, one micro-batch a step, several processes (each
-    would run its own count of passes, and their collectives must pair), the MoE router's aux loss (its coefficient
-    is shared out per micro-batch: worker/train/moe.py), DeepSpeed (its engine steps after gradient_accumulation_steps
-    backwards: worker/train/deepspeed_engine.py); and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's ftw-unjoined arm
-    measures the joining against it)."""
-    kept = plan.grad_accum == 1 or plan.world_size > 1 or router_loss or deepspeed or os.environ.get(JOIN_ENV) == "0"
-    if not flatten or kept:
+def join_budget(ds, plan: BatchPlan, total_steps: int, joins: bool) -> int | None:
+    """The tokens a step's samples join up to across its micro-batches where the run `joins` them
+    (TrainingConfig.joins_steps, on padding-free rows): the run's largest micro-batch; None where they stay as the plan
+    has them, and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's ftw-unjoined arm measures the joining against it)."""
+    if not joins or os.environ.get(JOIN_ENV) == "0":
         return None
-    return largest_micro_tokens(sample_lengths(ds), plan, total_steps)
+    return largest_micro_tokens(lengths(ds.with_format("arrow")[:]), plan, total_steps)
 
 
 def layout_name(packed: bool, flatten: bool, join_tokens: int | None) -> str:

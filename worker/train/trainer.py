@@ -98,8 +98,8 @@ class Trainer:
         )
         self.padding_free = padding_free(cfg, self.data.packed, self.kernels)
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
-        total, deepspeed = self.schedule.total_steps, self.strategy == "deepspeed"
-        self.join_tokens = join_budget(self.data.train, self.plan, total, self.padding_free, router_loss, deepspeed)
+        joins = self.padding_free and cfg.joins_steps(topo.world_size)
+        self.join_tokens = join_budget(self.data.train, self.plan, self.schedule.total_steps, joins)
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
         fp16_scaler = (
