@@ -3,12 +3,17 @@
     FTW_PROFILE_STEPS=8:12 ftw train CONFIG     # profile steps 8..11, write RUN_DIR/profile.txt
 
 The table lists ops by self CPU time and by GPU time, plus the steps' wall times, so a loop that
-is bound by host work (launches, syncs, collation) is told apart from one bound by kernels.
+is bound by host work (launches, syncs, collation) is told apart from one bound by kernels; then the
+window's Python functions under cProfile, by their own time and by their total, which name the code
+that spends a host-bound step's time (both profilers' overheads inflate the walls).
 """
 
 from __future__ import annotations
 
+import cProfile
+import io
 import os
+import pstats
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ class StepProfiler:
             start, _, end = spec.partition(":")
             self.window = (int(start), int(end or int(start) + 3))
         self.prof = None
+        self.python: cProfile.Profile | None = None
         self.walls: list[float] = []
         self.t = 0.0
 
@@ -34,6 +40,8 @@ class StepProfiler:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self.prof = profile(activities=acts)
             self.prof.__enter__()
+            self.python = cProfile.Profile()
+            self.python.enable()
         if self.prof is not None:
             self.t = time.perf_counter()
 
@@ -45,6 +53,7 @@ class StepProfiler:
         if step >= self.window[1]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            self.python.disable()
             self.prof.__exit__(None, None, None)
             averages = self.prof.key_averages()
             gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -53,5 +62,15 @@ class StepProfiler:
                 + averages.table(sort_by="self_cpu_time_total", row_limit=25)
                 + "\n\n== by GPU time ==\n"
                 + averages.table(sort_by=gpu_key, row_limit=25)
+                + python_functions(self.python)
             )
-            self.prof = None
+            self.prof = self.python = None
+
+
+def python_functions(profile: cProfile.Profile, rows: int = 30) -> str:
+    """The profiled window's Python functions, top `rows` by own time and by total time."""
+    out = io.StringIO()
+    for key, title in (("tottime", "own"), ("cumulative", "total")):
+        out.write(f"\n\n== Python functions by {title} time ==\n")
+        pstats.Stats(profile, stream=out).sort_stats(key).print_stats(rows)
+    return out.getvalue()
