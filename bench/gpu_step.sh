@@ -33,8 +33,10 @@
 # --replay" ... profile), the host's grid arithmetic in short steps (AB_UNPACKED=1 ... ab). Measured on 2026-12-06
 # (thirteenth session, H100): the CUDA tests of the adapter copies, the copies and the branch next/rank-grads-finish
 # in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
-# arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Still wanted:
-#   OUT=$OUT bash bench/gpu_step.sh joined real-unpacked    # a step's samples joined; the real path's steady state
+# arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Measured on
+# 2026-12-06 (fourteenth session, H100): `joined real-unpacked` (8B 2.52×; the real path's short 1B steps wait on the
+# device, 0.60-0.72× the bare loop). Still wanted: the arms of branch next/real-path-waits (its bench/diag_tmp.sh:
+# FTW_DIAG_BUCKET, FTW_DIAG_NOTHREAD, FTW_DIAG_SYNC; docs/benchmarks.md, "fourteenth session"), and
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
