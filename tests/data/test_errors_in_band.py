@@ -47,3 +47,20 @@ def test_the_earliest_rows_error_is_the_one_raised():
     later = {**first, rows.ERROR: [first[rows.ERROR][0].replace("row 2", "row 9")]}
     with pytest.raises(DataError, match="row 2:"):
         rows.raise_carried(pa.concat_tables([table(ok, features), table(first, features), table(later, features)]))
+
+
+def crashing(batch, indices, strategy, source, offset=0):
+    """A stand-in for pipeline.tokenize_batch with a bug: a KeyError at row 5."""
+    if 5 in [i + offset for i in indices]:
+        raise KeyError("input")
+    return tokenize(batch, indices, strategy, source, offset)
+
+
+def test_any_other_exception_is_carried_too_and_raised_with_its_type_and_traceback(capsys):
+    features = rows.sample_features()
+    out = rows.errors_in_band({"x": [0, 0]}, [4, 5], crashing, features, strategy=None, source=0)
+    assert len(out[rows.ERROR]) == 1  # one row, not an exception through the pool
+    with pytest.raises(rows.WorkerCrash, match=r"^KeyError: 'input' \(in a tokenizing worker process") as e:
+        rows.raise_carried(table(out, rows.with_error(features)))
+    assert not isinstance(e.value, DataError)  # a bug of the code, reported as a crash, not as the user's data
+    assert "in crashing" in capsys.readouterr().err  # the worker's own traceback, in the log

@@ -12,6 +12,7 @@ import pytest
 from tests.data.helpers import alpaca_rows, chat_rows, config, write_jsonl
 from worker.data.cache import load_prepared
 from worker.data.pipeline import prepare
+from worker.data.pipeline import tokenize_batch as original_tokenize_batch
 from worker.errors import DataError, JobSpecError
 
 
@@ -207,6 +208,28 @@ def test_dataset_num_proc_gives_the_same_rows_and_errors(volume, tokenizer_dir):
     assert e.value.details == {"source": str(path), "row": 3500, "field": "output"}
     # carried back as a row, not raised through the pool (whose terminate can hang): no worker traceback behind it
     assert e.value.__cause__ is None
+
+
+def crash_at_row_3500(batch, indices, strategy, source, offset=0):
+    """pipeline.tokenize_batch with a bug at one row (a KeyError, not the data's fault)."""
+    if 3500 in [i + offset for i in indices]:
+        raise KeyError("output")
+    return original_tokenize_batch(batch, indices, strategy=strategy, source=source, offset=offset)
+
+
+def test_a_bug_in_a_worker_process_ends_the_stage_with_its_type_not_through_the_pool(
+    volume, tokenizer_dir, monkeypatch, capfd
+):
+    """Any exception a tokenizing worker raises comes back as a row too: raised through datasets' pool, the pool's
+    terminate can hang (huggingface/datasets#6393) until the stage's deadline, which a user pays for."""
+    from worker.data import pipeline, rows
+
+    monkeypatch.setattr(pipeline, "tokenize_batch", crash_at_row_3500)
+    path = write_jsonl(volume / "a.jsonl", alpaca_rows(4400))
+    with pytest.raises(rows.WorkerCrash, match=r"^KeyError: 'output' \(in a tokenizing worker process") as e:
+        prepare(config(tokenizer_dir, [{"path": str(path), "type": "alpaca"}], dataset_num_proc=2))
+    assert e.value.__cause__ is None  # carried back as a row, not raised through the pool
+    assert "in crash_at_row_3500" in capfd.readouterr().err  # the worker's traceback, in the log
 
 
 def test_a_folder_cannot_reach_outside_itself(volume, tokenizer_dir, tmp_path):

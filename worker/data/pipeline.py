@@ -285,7 +285,7 @@ def tokenize_source(
         part = data.shard(num_shards=chunks, index=c, contiguous=True)
         fn, features = (rl_rows.tokenize_batch, rl_rows.features()) if rl else (tokenize_batch, rows.sample_features())
         kwargs = {"strategy": strategy, "source": source, "offset": skip + done}
-        if procs > 1:  # a worker's DataError comes back as a row, not through the pool (rows.errors_in_band)
+        if procs > 1:  # a worker's exception comes back as a row, not through the pool (rows.errors_in_band)
             fn, kwargs, features = (
                 rows.errors_in_band,
                 {"fn": fn, "features": features, **kwargs},

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -33,7 +35,7 @@ def sample_features(**extra: str) -> Any:
     )
 
 
-ERROR = "_error"  # a map worker's DataError, carried back as a row (`errors_in_band`)
+ERROR = "_error"  # a map worker's exception, carried back as a row (`errors_in_band`)
 
 
 def with_error(features: Any) -> Any:
@@ -43,18 +45,26 @@ def with_error(features: Any) -> Any:
     return datasets.Features({**features, ERROR: datasets.Value("string")})
 
 
+class WorkerCrash(RuntimeError):
+    """An exception other than a DataError in a tokenizing worker process (a bug, not the data), raised in the
+    parent under the worker's exception's type and message; its traceback goes to the log first."""
+
+
 def errors_in_band(batch: dict[str, list], indices: list[int], fn: Any, features: Any, **kwargs: Any) -> dict:
-    """`fn`'s batch in a datasets.map worker process, where a DataError it raises comes back as one row holding it
+    """`fn`'s batch in a datasets.map worker process, where an exception it raises comes back as one row holding it
     in `_error` (the other columns empty) instead of crossing the pool: a pool whose worker raised is terminated, and
     that can hang (huggingface/datasets#6393), leaving the stage to wait for its deadline. `raise_carried` raises
-    it in the parent."""
+    it in the parent: a DataError as itself, anything else as a WorkerCrash with the worker's traceback."""
     import datasets
 
     try:
         out = fn(batch, indices, **kwargs)
         return {**out, ERROR: [None] * len(out["input_ids"])}
-    except DataError as e:
-        carried = json.dumps({"message": e.message, "hint": e.hint, "details": e.details})
+    except Exception as e:  # every exception, so that none crosses the pool
+        if isinstance(e, DataError):
+            carried = json.dumps({"message": e.message, "hint": e.hint, "details": e.details})
+        else:
+            carried = json.dumps({"crash": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         empty = {
             k: [] if not isinstance(f, datasets.Value) else "" if f.dtype == "string" else 0
             for k, f in features.items()
@@ -63,11 +73,14 @@ def errors_in_band(batch: dict[str, list], indices: list[int], fn: Any, features
 
 
 def raise_carried(table: pa.Table) -> pa.Table:
-    """The first DataError `errors_in_band` carried (the earliest row's, as one process meets it) raised here; else
+    """The first exception `errors_in_band` carried (the earliest row's, as one process meets it) raised here; else
     the table without the `_error` column."""
     carried = table.column(ERROR).drop_null()
     if len(carried):
         error = json.loads(carried[0].as_py())
+        if "crash" in error:
+            sys.stderr.write(f"a tokenizing worker process raised:\n{error['traceback']}")
+            raise WorkerCrash(f"{error['crash']} (in a tokenizing worker process; its traceback is in the log)")
         raise DataError(error["message"], error["hint"], stage="preprocess", details=error["details"])
     return table.drop_columns([ERROR])
 
