@@ -35,8 +35,9 @@
 # in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
 # arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Measured on
 # 2026-12-06 (fourteenth session, H100): `joined real-unpacked` (8B 2.52×; the real path's short 1B steps wait on the
-# device, 0.60-0.72× the bare loop). Still wanted: the arms of branch next/real-path-waits (its bench/diag_tmp.sh:
-# FTW_DIAG_BUCKET, FTW_DIAG_NOTHREAD, FTW_DIAG_SYNC; docs/benchmarks.md, "fourteenth session"), and
+# device, 0.60-0.72× the bare loop). Still wanted: `OUT=$OUT bash bench/gpu_step.sh new-shapes` and the arms of
+# branch next/real-path-waits (its bench/diag_tmp.sh: FTW_DIAG_BUCKET, FTW_DIAG_NOTHREAD, FTW_DIAG_SYNC;
+# docs/benchmarks.md, "fourteenth session"), and
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
@@ -47,6 +48,8 @@
 #   ops    ops.txt        bench/lora_ops.py: one layer's LoRA projections, ftw against ftw over bordered weights
 #   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
 #                         bordered weights, forward and dx
+#   new-shapes new-shapes.txt  bench/new_shapes.py: a GEMM call's host time at a token count the process has not
+#                         met against one it has (every padding-free step of unpacked rows brings new counts)
 #   algos  algos.txt      bench/gemm_algos.py: the 8B step's GEMMs at the power cap, as torch runs them against every
 #                         algorithm cuBLASLt's heuristic offers
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
@@ -140,6 +143,9 @@ for part in "${parts[@]}"; do
       log "rank_grads 8b, 1b"
       $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 --programs-per-sm 1,2 2>&1 \
         | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    new-shapes)
+      log "new_shapes: a GEMM call's host time at token counts never met against one met"
+      $PY bench/new_shapes.py 2>&1 | tee "$OUT/new-shapes.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     algos)
       log "gemm_algos 8b: the step's GEMMs at the power cap, torch's cuBLAS against cuBLASLt's other algorithms"
       $PY bench/gemm_algos.py --shapes llama-8b 2>&1 | tee "$OUT/algos.txt" | grep -E "^\||GEMMs" \
@@ -219,6 +225,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, joined, 1b, 8b, qlora8b, qlora1b, profile, gemms, algos, rank-grads, ab)"; exit 2 ;;
+         "offload, joined, 1b, 8b, qlora8b, qlora1b, profile, gemms, new-shapes, algos, rank-grads, ab)"; exit 2 ;;
   esac
 done

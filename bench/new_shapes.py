@@ -1,0 +1,77 @@
+"""What a GEMM call costs the host the first time a process meets its shape, against a shape it has met: every
+padding-free step of unpacked rows brings a token count the process has not seen (docs/benchmarks.md, "fourteenth
+session"), and cuBLASLt chooses an algorithm for each new shape. Times `torch.mm` and `addmm_` launches (host only,
+no sync inside the timed loop) at the 1B and 8B layers' shapes, over token counts never seen and over one seen.
+
+    python bench/new_shapes.py                   # on a GPU (a CPU run only checks that it runs)
+    python bench/new_shapes.py --shapes llama-8b --counts 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+import torch  # noqa: E402
+
+LAYERS = {  # (hidden, intermediate, kv width) of the shapes' decoder layers
+    "llama-1b": (2048, 8192, 512),
+    "llama-8b": (4096, 14336, 1024),
+}
+
+
+def gemms(hidden: int, inter: int, kv: int) -> list[tuple[int, int, bool]]:
+    """(in, out, accumulate) of a layer's forward and dx GEMMs: q, k/v, o, gate/up, down and their dx."""
+    return [(hidden, hidden, False), (hidden, kv, False), (hidden, hidden, True), (hidden, inter, False),
+            (inter, hidden, True), (hidden, hidden, False), (kv, hidden, True), (hidden, inter, False),
+            (inter, hidden, False)]  # fmt: skip
+
+
+def host_us(device: torch.device, dtype: torch.dtype, shapes: list, counts: list[int]) -> list[float]:
+    """µs of host time a GEMM call, each count's calls once (a layer's GEMMs at that many tokens)."""
+    weights = {(k, n): torch.randn(k, n, device=device, dtype=dtype) for k, n, _ in shapes}
+    largest = max(counts)
+    x = torch.randn(largest, max(k for k, _, _ in shapes), device=device, dtype=dtype)
+    out = torch.empty(largest, max(n for _, n, _ in shapes), device=device, dtype=dtype)
+    each = []
+    for tokens in counts:
+        start = time.perf_counter()
+        for k, n, accumulate in shapes:
+            a, y = x[:tokens, :k], out[:tokens, :n]
+            if accumulate:
+                y.addmm_(a, weights[(k, n)])
+            else:
+                torch.mm(a, weights[(k, n)], out=y)
+        each.append((time.perf_counter() - start) / len(shapes) * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # between counts, outside the timed launches: the queue never fills
+    return each
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="llama-1b,llama-8b")
+    ap.add_argument("--counts", type=int, default=100, help="new token counts to time")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    print("| shape | µs a GEMM call, new token counts (median) | the same count again (median) | × |")
+    print("|---|---:|---:|---:|")
+    for name in a.shapes.split(","):
+        shapes = gemms(*LAYERS[name])
+        host_us(device, dtype, shapes, [4096] * 3)  # library loading, the first call's own set-up
+        fresh = list(range(2001, 2001 + 37 * a.counts, 37))  # counts this process has not met
+        new = statistics.median(host_us(device, dtype, shapes, fresh))
+        seen = statistics.median(host_us(device, dtype, shapes, [fresh[len(fresh) // 2]] * a.counts))
+        print(f"| {name} | {new:.1f} | {seen:.1f} | {new / seen:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
