@@ -83,23 +83,30 @@ def test_the_budget_is_the_runs_largest_micro_batch_unless_asked_not_to(monkeypa
     assert layout_name(True, False, None) == "packed" and layout_name(False, False, None) == "unpacked"
 
 
-def _train(model_dir, cache, run_dir, monkeypatch, join: bool) -> tuple[list, list[float]]:
-    """(each training forward's inputs, each step's loss) of a 3-step CPU run, mbs 1 × 4 accumulated."""
+def _train(model_dir, cache, run_dir, monkeypatch, join: bool) -> tuple[list, list[float], list, list[float]]:
+    """(each training forward's inputs, each step's loss, each eval forward's input_ids, the eval losses) of a 3-step
+    CPU run, mbs 1 × 4 accumulated, evaluated after steps 2 and 3; `join`: a step's samples joined, and the eval's."""
+    import worker.train.evaluation as evaluation
     import worker.train.trainer as trainer
 
     # the CPU has no varlen kernel: transformers' block mask for packed position ids splits the joined row instead
     monkeypatch.setattr(trainer, "padding_free", lambda *args: True)
     if not join:
         monkeypatch.setattr(trainer, "join_budget", lambda *args: None)
+        monkeypatch.setattr(evaluation, "joined_chunks", lambda sizes, chunks, join_tokens: chunks)
     seen = capture_training_inputs(monkeypatch)
+    evaluated: list = []
+    collate_eval = evaluation.collate
+    monkeypatch.setattr(evaluation, "collate", lambda *a, **k: evaluated.append(collate_eval(*a, **k)) or evaluated[-1])
     # SGD: the adapters compare as the grads do (see test_padding_free)
     cfg = base_config(
         model_dir, max_steps=3, micro_batch_size=1, gradient_accumulation_steps=4, save_strategy="no",
-        optimizer="sgd", learning_rate=1e-2,
+        optimizer="sgd", learning_rate=1e-2, eval_steps=2,
     )  # fmt: skip
     assert run_inprocess(cfg, run_dir, cache) == 0
     monkeypatch.undo()
-    return seen, curve(run_dir, "loss_curve")
+    eval_ids = [b["input_ids"] for b in evaluated]
+    return seen, curve(run_dir, "loss_curve"), eval_ids, curve(run_dir, "eval_curve")
 
 
 def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path, monkeypatch):
@@ -107,9 +114,13 @@ def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir
     long = {k: [t for r in uneven_rows[:3] for t in r[k]] for k in ("input_ids", "labels")}
     long["position_ids"] = list(range(len(long["input_ids"])))
     rows = [long, *uneven_rows[3:14]]  # 12 rows: the 3 steps' 4 samples each, every row once
-    cache = write_cache(tmp_path / "cache", rows)
-    joined_inputs, joined_losses = _train(task_model_dir, cache, tmp_path / "joined", monkeypatch, join=True)
-    plain_inputs, plain_losses = _train(task_model_dir, cache, tmp_path / "plain", monkeypatch, join=False)
+    cache = write_cache(tmp_path / "cache", rows, uneven_rows[14:24])
+    joined_inputs, joined_losses, joined_evals, joined_eval_losses = _train(
+        task_model_dir, cache, tmp_path / "joined", monkeypatch, join=True
+    )
+    plain_inputs, plain_losses, plain_evals, plain_eval_losses = _train(
+        task_model_dir, cache, tmp_path / "plain", monkeypatch, join=False
+    )
     assert len(plain_inputs) == 12  # 3 steps × 4 micro-batches of one sample
     largest = max(len(r["input_ids"]) for r in rows)
     assert max(b["input_ids"].numel() for b in plain_inputs) == largest  # the long sample's micro-batch
@@ -127,3 +138,19 @@ def test_a_joined_run_trains_as_its_micro_batches_in_fewer_passes(task_model_dir
     for name, tensor in joined_adapter.items():
         torch.testing.assert_close(tensor, plain_adapter[name], rtol=1e-5, atol=1e-7)
     assert json.loads((tmp_path / "joined" / "summary.json").read_text())["joined_micro_batch_tokens"] == largest
+    # the eval's samples joined too, up to the training's largest pass: the same samples in order, fewer forwards,
+    # the same eval losses
+    assert len(plain_evals) == 2 * 10 and len(joined_evals) < len(plain_evals)
+    assert all(ids.shape[0] == 1 and ids.numel() <= largest for ids in joined_evals)
+    assert torch.equal(torch.cat([ids[0] for ids in joined_evals]), torch.cat([ids[0] for ids in plain_evals]))
+    assert len(joined_eval_losses) == 2 and joined_eval_losses == pytest.approx(plain_eval_losses, rel=1e-5)
+
+
+def test_eval_batches_join_up_to_the_largest_forward_the_run_makes():
+    from worker.train.evaluation import joined_chunks
+
+    sizes = np.array([9, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    chunks = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # 12, 4 and 4 tokens
+    assert joined_chunks(sizes, chunks, None) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # the largest: 12
+    assert joined_chunks(sizes, chunks, 20) == [list(range(12))]  # the training's joined pass holds 20
+    assert joined_chunks(sizes, chunks, 5) == joined_chunks(sizes, chunks, None)  # never under the eval's own

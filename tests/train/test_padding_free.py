@@ -52,8 +52,8 @@ def test_which_runs_are_padding_free(packed, rl, kernels, pad_to, flattened):
 
 
 def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list, list[float], list[float], list]:
-    """(each training forward's inputs, each step's loss, the eval losses, each eval batch's input_ids) of a 3-step CPU
-    run of unpacked rows, flattened or not."""
+    """(each training forward's inputs, each step's loss, the eval losses, the eval batches) of a 3-step CPU run of
+    unpacked rows, flattened or not."""
     import worker.train.evaluation as evaluation
     import worker.train.trainer as trainer
 
@@ -72,15 +72,15 @@ def _train(model_dir, cache, run_dir, monkeypatch, flatten: bool) -> tuple[list,
     )  # fmt: skip
     assert run_inprocess({**cfg, "eval_steps": 2}, run_dir, cache) == 0
     monkeypatch.undo()
-    return seen, curve(run_dir, "loss_curve"), curve(run_dir, "eval_curve"), [b["input_ids"] for b in evaluated]
+    return seen, curve(run_dir, "loss_curve"), curve(run_dir, "eval_curve"), evaluated
 
 
 def test_a_padding_free_run_trains_as_the_padded_one(task_model_dir, uneven_rows, tmp_path, monkeypatch):
     cache = write_cache(tmp_path / "cache", uneven_rows[:48], uneven_rows[48:], packed=False)
-    flat_inputs, flat_losses, flat_evals, flat_eval_ids = _train(
+    flat_inputs, flat_losses, flat_evals, flat_evals_in = _train(
         task_model_dir, cache, tmp_path / "flat", monkeypatch, flatten=True
     )
-    padded_inputs, padded_losses, padded_evals, padded_eval_ids = _train(
+    padded_inputs, padded_losses, padded_evals, padded_evals_in = _train(
         task_model_dir, cache, tmp_path / "padded", monkeypatch, flatten=False
     )
     assert len(flat_inputs) == len(padded_inputs) == 6  # 3 steps × 2 micro-batches
@@ -88,8 +88,13 @@ def test_a_padding_free_run_trains_as_the_padded_one(task_model_dir, uneven_rows
         assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
         assert flat["input_ids"].numel() == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
     assert len(flat_losses) == 3 and flat_losses == pytest.approx(padded_losses, rel=1e-5)
-    # the eval split's batches joined the same way, with the same loss
-    assert all(ids.shape[0] == 1 for ids in flat_eval_ids) and any(ids.shape[0] > 1 for ids in padded_eval_ids)
+    # the eval split's batches joined the same way, in order, up to the largest batch that ran, with the same loss
+    flat_ids = [b["input_ids"] for b in flat_evals_in]
+    padded_real = [b["input_ids"][b["attention_mask"].bool()] for b in padded_evals_in]  # each batch's samples
+    assert all(ids.shape[0] == 1 for ids in flat_ids) and all(b["input_ids"].shape[0] > 1 for b in padded_evals_in)
+    assert torch.equal(torch.cat([ids.flatten() for ids in flat_ids]), torch.cat(padded_real))
+    assert len(flat_ids) <= len(padded_real)
+    assert max(ids.numel() for ids in flat_ids) <= max(real.numel() for real in padded_real)
     assert len(flat_evals) >= 1 and flat_evals == pytest.approx(padded_evals, rel=1e-5)
     flat_adapter, padded_adapter = (adapter_tensors(tmp_path / d / "adapter") for d in ("flat", "padded"))
     for name, tensor in flat_adapter.items():

@@ -36,7 +36,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,20 +160,23 @@ def layout_name(packed: bool, flatten: bool, join_tokens: int | None) -> str:
     return "unpacked, each micro-batch one row" if flatten else "unpacked"
 
 
-def joined(rows: list[dict], budget: int) -> list[list[dict]]:
-    """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens (a run closes
-    when the next sample would not fit: no cut into consecutive runs has fewer). The trainer's loss sums each target
-    token's loss over the step's count, so the runs give the micro-batches' gradient."""
-    runs: list[list[dict]] = []
-    size = budget
-    for row in rows:
-        n = len(row["input_ids"])
-        if size + n > budget:
-            runs.append([])
-            size = 0
-        runs[-1].append(row)
+def runs_within(sizes: Sequence[int], budget: int) -> list[range]:
+    """The indices of `sizes`, in their order, in as few consecutive runs as keep each within `budget` (a run closes
+    when the next would not fit: no cut into consecutive runs has fewer; one larger than `budget` runs alone)."""
+    runs: list[range] = []
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and size + n > budget:
+            runs.append(range(start, i))
+            start, size = i, 0
         size += n
-    return runs
+    return runs + [range(start, len(sizes))] if len(sizes) else runs
+
+
+def joined(rows: list[dict], budget: int) -> list[list[dict]]:
+    """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens. The trainer's
+    loss sums each target token's loss over the step's count, so the runs give the micro-batches' gradient."""
+    return [rows[run.start : run.stop] for run in runs_within([len(row["input_ids"]) for row in rows], budget)]
 
 
 def padding_free(cfg: TrainingConfig, packed: bool, kernels: list[str]) -> bool:

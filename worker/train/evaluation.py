@@ -10,8 +10,9 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
+from worker.data.rows import lengths
 from worker.train import distributed as dist_
-from worker.train.batches import collate, host_inputs, read_rows, to_device
+from worker.train.batches import collate, host_inputs, read_rows, runs_within, to_device
 from worker.train.objective import Objective
 
 
@@ -26,6 +27,7 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager],
     flatten: bool = False,
     varlen: bool = False,
+    join_tokens: int | None = None,
 ) -> tuple[float, dict[str, float]]:
     """(mean loss per item: a target token, or a pair for the DPO family; the objective's metrics) over the
     whole eval split. Every rank runs the same number of forwards (FSDP needs it): a rank short of
@@ -34,6 +36,8 @@ def evaluate(
     ds = data.eval.with_format("numpy")
     per_micro = 1 if data.packed else (cfg.eval_batch_size or cfg.batch_shape()[0])
     chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
+    if flatten and chunks and not cfg.output_router_logits:
+        chunks = joined_chunks(lengths(data.eval.with_format("arrow")[:]), chunks, join_tokens)
     per_rank = math.ceil(len(chunks) / topo.world_size)
     mine = [
         (chunks[j], True) if j < len(chunks) else (chunks[0], False)
@@ -53,3 +57,12 @@ def evaluate(
     engine.train()
     loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
     return loss_sum / max(count, 1), objective.metrics(metric_sums, count)
+
+
+def joined_chunks(sizes, chunks: list[list[int]], join_tokens: int | None) -> list[list[int]]:
+    """Padding-free eval batches (the supervised loss, a sum over target tokens; no router aux loss, which a forward
+    adds once) joined in order up to the largest forward the run already makes, the eval's largest batch or the
+    training's joined pass (`join_tokens`): fewer forwards, each of which a host-bound short batch pays in launches,
+    and none larger than one that ran."""
+    budget = max(max(int(sizes[chunk].sum()) for chunk in chunks), join_tokens or 0)
+    return [list(run) for run in runs_within(sizes, budget)]

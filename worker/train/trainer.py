@@ -315,6 +315,7 @@ class Trainer:
             self._autocast,
             flatten=self.padding_free,
             varlen="varlen_attention" in self.kernels,
+            join_tokens=self.join_tokens,
         )
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
