@@ -49,7 +49,8 @@
 #   gemms  gemms.txt      bench/stacked_gemms.py: each projection group's GEMMs as ftw runs them against stacked and
 #                         bordered weights, forward and dx
 #   new-shapes new-shapes.txt  bench/new_shapes.py: a GEMM call's host time at a token count the process has not
-#                         met against one it has (every padding-free step of unpacked rows brings new counts)
+#                         met against one it has (every padding-free step of unpacked rows brings new counts), with
+#                         the driver loading kernels on first use (LAZY, CUDA's default) and all at start (EAGER)
 #   algos  algos.txt      bench/gemm_algos.py: the 8B step's GEMMs at the power cap, as torch runs them against every
 #                         algorithm cuBLASLt's heuristic offers
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
@@ -143,9 +144,12 @@ for part in "${parts[@]}"; do
       log "rank_grads 8b, 1b"
       $PY bench/rank_grads.py --shapes llama-8b,llama-1b --tiles 128x64x4,256x64x8 --programs-per-sm 1,2 2>&1 \
         | tee "$OUT/rank-grads.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
-    new-shapes)
-      log "new_shapes: a GEMM call's host time at token counts never met against one met"
-      $PY bench/new_shapes.py 2>&1 | tee "$OUT/new-shapes.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
+    new-shapes)  # the driver loads each kernel on its first use (CUDA_MODULE_LOADING=LAZY) unless told EAGER
+      for loading in LAZY EAGER; do
+        log "new_shapes, CUDA_MODULE_LOADING=$loading: a GEMM call's host time at token counts never met, and one met"
+        CUDA_MODULE_LOADING=$loading $PY bench/new_shapes.py 2>&1 | tee -a "$OUT/new-shapes.txt" | grep "^|" \
+          | tee -a "$OUT/summary.txt"
+      done ;;
     algos)
       log "gemm_algos 8b: the step's GEMMs at the power cap, torch's cuBLAS against cuBLASLt's other algorithms"
       $PY bench/gemm_algos.py --shapes llama-8b 2>&1 | tee "$OUT/algos.txt" | grep -E "^\||GEMMs" \

@@ -1,10 +1,12 @@
 """What a GEMM call costs the host the first time a process meets its shape, against a shape it has met: every
 padding-free step of unpacked rows brings a token count the process has not seen (docs/benchmarks.md, "fourteenth
-session"), and cuBLASLt chooses an algorithm for each new shape. Times `torch.mm` and `addmm_` launches (host only,
-no sync inside the timed loop) at the 1B and 8B layers' shapes, over token counts never seen and over one seen.
+session"): cuBLASLt chooses an algorithm for each new shape, and the driver loads a kernel the first time one runs
+(CUDA_MODULE_LOADING=LAZY, CUDA's default), which can wait for the device. Times `torch.mm` and `addmm_` launches
+(host only, no sync inside the timed loop) at the 1B and 8B layers' shapes, over token counts never seen and over
+one seen.
 
     python bench/new_shapes.py                   # on a GPU (a CPU run only checks that it runs)
-    python bench/new_shapes.py --shapes llama-8b --counts 200
+    CUDA_MODULE_LOADING=EAGER python bench/new_shapes.py --shapes llama-8b --counts 200
 """
 
 from __future__ import annotations
