@@ -37,14 +37,14 @@ def gemms(hidden: int, inter: int, kv: int) -> list[tuple[int, int, bool]]:
 def host_us(device: torch.device, dtype: torch.dtype, shapes: list, counts: list[int]) -> list[float]:
     """µs of host time a GEMM call, each count's calls once (a layer's GEMMs at that many tokens)."""
     weights = {(k, n): torch.randn(k, n, device=device, dtype=dtype) for k, n, _ in shapes}
-    largest = max(counts)
-    x = torch.randn(largest, max(k for k, _, _ in shapes), device=device, dtype=dtype)
-    out = torch.empty(largest, max(n for _, n, _ in shapes), device=device, dtype=dtype)
+    largest = max(counts)  # inputs and outputs are sliced by rows only: contiguous, as the step's are
+    xs = {k: torch.randn(largest, k, device=device, dtype=dtype) for k, _, _ in shapes}
+    outs = {n: torch.zeros(largest, n, device=device, dtype=dtype) for _, n, _ in shapes}
     each = []
     for tokens in counts:
         start = time.perf_counter()
         for k, n, accumulate in shapes:
-            a, y = x[:tokens, :k], out[:tokens, :n]
+            a, y = xs[k][:tokens], outs[n][:tokens]
             if accumulate:
                 y.addmm_(a, weights[(k, n)])
             else:
