@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -241,7 +242,8 @@ def table(r: dict) -> str:
     bare = r["arms"].get("bare", {}).get("tokens_per_s")
     lines = [
         f"{r['shape']}, {r['mbs']} × {r['seq']} tokens a micro-batch, {r.get('accum', 1)} a step",
-        "| arm | tokens/s | vs hf | vs bare | ms/step | GPU busy ms/step (profiled) | peak GiB (the steps' / the "
+        "| arm | tokens/s | vs hf | vs bare | ms/step (the steps' median: a first step that still compiled weighs "
+        "less) | GPU busy ms/step (profiled) | peak GiB (the steps' / the "
         "process's, loading included) | loss at the last timed step | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -272,8 +274,10 @@ def table(r: dict) -> str:
         peak = v["peak_memory_gib"]
         if v.get("step_peak_memory_gib") is not None:
             peak = f"{v['step_peak_memory_gib']} / {peak}"
+        each = [ms for ms in v.get("step_ms_each") or [] if ms is not None]
+        ms = f"{v['ms_per_step']} (median {statistics.median(each):.1f})" if each else v["ms_per_step"]
         lines.append(
-            f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {v['ms_per_step']} | "
+            f"| {arm} | {v['tokens_per_s']:,} | {ratio} | {vs_bare} | {ms} | "
             f"{v.get('gpu_busy_ms_per_step', '—')} | {peak} | {v['final_loss']} | {notes} |"
         )
     return "\n".join(lines)
