@@ -225,6 +225,12 @@ def estimate(
             f"the host sets the pace on {where}: a micro-batch's GPU work there is shorter than the "
             f"~{host_seconds(w) * 1e3:.0f} ms the host takes to launch it, so the GPU waits; more tokens a micro-batch "
             f"({more_tokens_advice(w.packed)}) train in the same host time"
+            + (
+                "; on H100s such short padding-free passes of ftw train ran 1.2-1.8x slower than this "
+                "(docs/estimate.md, what is not calibrated)"
+                if w.padding_free
+                else ""
+            )
         )
     if w.mode == "hf" and w.method == "full":
         est.notes.append(
