@@ -35,7 +35,8 @@
 # in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
 # arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Measured on
 # 2026-12-06 (fourteenth session, H100): `joined real-unpacked` (8B 2.52×; the real path's short 1B steps wait on the
-# device, 0.60-0.72× the bare loop). Still wanted: `OUT=$OUT bash bench/gpu_step.sh new-shapes` and the arms of
+# device, 0.60-0.72× the bare loop). Still wanted: `OUT=$OUT bash bench/gpu_step.sh new-shapes real-unpacked` (now
+# with the bare loop unreplayed beside it, bare-fresh: what new token counts cost it too) and the arms of
 # branch next/real-path-waits (its bench/diag_tmp.sh: FTW_DIAG_BUCKET, FTW_DIAG_NOTHREAD, FTW_DIAG_SYNC;
 # docs/benchmarks.md, "fourteenth session"), and
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
@@ -64,7 +65,7 @@
 #                         path against the bare loop with the same kernels (its `bare` arm), each step timed on the
 #                         GPU's clock
 #   real-unpacked real-unpacked-<shape>/  the same with --unpacked rows (sample_packing: false): the trainer's
-#                         padding-free batches end to end, against the bare loop's
+#                         padding-free batches end to end, against the bare loop's, replayed and not (bare-fresh)
 #   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
 #                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
 #                         (ftw-unjoined, FTW_JOIN_STEPS=0)
@@ -161,14 +162,14 @@ for part in "${parts[@]}"; do
         $PY bench/lora_ops.py --shapes 8b,1b --lora-dropout 0.05; } \
         2>&1 | tee "$OUT/dropout-ops.txt" | grep "^|" | tee -a "$OUT/summary.txt" ;;
     real | real-unpacked)
-      layout=--full-length tag=real
-      [ "$part" = real-unpacked ] && layout=--unpacked tag=real-unpacked
+      layout=--full-length tag=real arms=bare,ftw
+      [ "$part" = real-unpacked ] && layout=--unpacked tag=real-unpacked arms=bare,bare-fresh,ftw
       for shape in llama-1b:8:12:90 llama-8b:4:10:150; do
         IFS=: read -r name mbs steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
-        log "gpu_train $name, $layout: bare, ftw"
+        log "gpu_train $name, $layout: ${arms//,/, }"
         $PY bench/gpu_train.py --out "$OUT/$tag-$name" --work "/tmp/$tag-$name" --shape "$name" --mbs "$mbs" \
-          "$layout" --arms bare,ftw --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
+          "$layout" --arms "$arms" --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
           2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     masked | unpacked | dropout | int8)

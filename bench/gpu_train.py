@@ -14,6 +14,8 @@ seven linear layers, bf16, on those same tokens, one process each:
   bare   bench/train_throughput.py's ftw arm: the kernels in a bare loop (batches on the GPU before
          timing, no clipping, events or checkpoints) on the same shape, mbs and token stream — the
          speed the real path must keep (issue 13: ftw ≥ 0.95× bare); its column "vs bare";
+  bare-fresh  the same without its replay on --unpacked rows: each step's lengths met for the first time inside the
+         timed steps, as a real run meets them (what new token counts cost: docs/benchmarks.md, "fourteenth session");
   hf     plain transformers+peft loop (sdpa, fused AdamW, grad clipping), each packed row viewed as
          its mbs rows of seq tokens (every one starts a sample, so this is exact and attention costs
          Σ sᵢ², as in train_throughput), batches on the GPU before timing, CUDA syncs after --warmup;
@@ -213,8 +215,8 @@ def main() -> int:
                 results["arms"][arm] = json.loads(line[-1][7:]) if line else {"error": proc.stderr[-1500:]}
             except subprocess.TimeoutExpired:
                 results["arms"][arm] = {"error": f"timed out after {a.arm_timeout} s"}
-        elif arm == "bare":
-            results["arms"][arm] = bare_arm(a)
+        elif arm in ("bare", "bare-fresh"):
+            results["arms"][arm] = bare_arm(a, replay=arm == "bare")
         elif arm.startswith("qlora") and not has_cuda_bnb():
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
@@ -230,7 +232,7 @@ def with_checkpointing(arms: list[str], gc: str) -> list[str]:
     for --gc on, as both for --gc both, as ARM+offload for --gc offload; hf and bare as they are."""
     out = []
     for arm in arms:
-        if arm in ("hf", "bare") or gc == "off":
+        if arm in ("hf", "bare", "bare-fresh") or gc == "off":
             out.append(arm)
         else:
             out += {"on": [f"{arm}+gc"], "both": [arm, f"{arm}+gc"], "offload": [f"{arm}+offload"]}[gc]

@@ -181,8 +181,9 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
     return result
 
 
-def bare_arm(a: argparse.Namespace) -> dict:
-    """train_throughput's ftw arm (its own child process) in this table's units."""
+def bare_arm(a: argparse.Namespace, replay: bool = True) -> dict:
+    """train_throughput's ftw arm (its own child process) in this table's units; `replay` False (arm `bare-fresh`):
+    on unpacked rows, every step's lengths met for the first time inside the timed steps, as a real run meets them."""
     from bench import arm_runs
 
     args = arm_runs.arm_args("ftw", a.shape, "off", a.mbs, a.seq, a.steps, a.warmup)
@@ -190,8 +191,8 @@ def bare_arm(a: argparse.Namespace) -> dict:
         args.append("--full-length")
     if a.prompt_share:
         args += ["--prompt-share", str(a.prompt_share)]
-    if a.unpacked:  # every step a new length: its batches once untimed first, as a long run has compiled them
-        args += ["--unpacked", "--replay"]
+    if a.unpacked:  # every step a new length: its batches once untimed first, unless `replay` is off
+        args += ["--unpacked", "--replay"] if replay else ["--unpacked"]
     r = arm_runs.child(args, timeout=a.arm_timeout)
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}
