@@ -22,22 +22,18 @@ def evaluate(
     objective: Objective,
     data: PreparedData,
     pad_id: int,
-    cfg: TrainingConfig,
     topo: dist_.Topology,
     autocast: Callable[[], AbstractContextManager],
+    chunks: list[list[int]],
     flatten: bool = False,
     varlen: bool = False,
-    join_tokens: int | None = None,
 ) -> tuple[float, dict[str, float]]:
     """(mean loss per item: a target token, or a pair for the DPO family; the objective's metrics) over the
-    whole eval split. Every rank runs the same number of forwards (FSDP needs it): a rank short of
-    chunks repeats the first one and does not count it. Its batches are laid out as the training steps' are:
-    `flatten` (padding-free), `varlen` (the boundaries from the host) and the objective's target rows."""
+    whole eval split, in `chunks` (`eval_chunks`: the run's, fixed once). Every rank runs the same number of forwards
+    (FSDP needs it): a rank short of chunks repeats the first one and does not count it. Its batches are laid out as
+    the training steps' are: `flatten` (padding-free), `varlen` (the boundaries from the host) and the objective's
+    target rows."""
     ds = data.eval.with_format("numpy")
-    per_micro = 1 if data.packed else (cfg.eval_batch_size or cfg.batch_shape()[0])
-    chunks = [list(range(i, min(i + per_micro, len(ds)))) for i in range(0, len(ds), per_micro)]
-    if flatten and chunks and not cfg.output_router_logits:
-        chunks = joined_chunks(lengths(data.eval.with_format("arrow")[:]), chunks, join_tokens)
     per_rank = math.ceil(len(chunks) / topo.world_size)
     mine = [
         (chunks[j], True) if j < len(chunks) else (chunks[0], False)
@@ -57,6 +53,17 @@ def evaluate(
     engine.train()
     loss_sum, count, *metric_sums = dist_.all_sum([float(sums[0]), count, *sums[1:].tolist()], topo)
     return loss_sum / max(count, 1), objective.metrics(metric_sums, count)
+
+
+def eval_chunks(data: PreparedData, cfg: TrainingConfig, flatten: bool, join_tokens: int | None) -> list[list[int]]:
+    """The eval split's batches (row indices), the same at every evaluation of a run: `eval_batch_size` samples each
+    (else micro_batch_size; one packed row), padding-free ones joined (`joined_chunks`)."""
+    n = len(data.eval)
+    per_micro = 1 if data.packed else (cfg.eval_batch_size or cfg.batch_shape()[0])
+    chunks = [list(range(i, min(i + per_micro, n))) for i in range(0, n, per_micro)]
+    if flatten and chunks and not cfg.output_router_logits:
+        return joined_chunks(lengths(data.eval.with_format("arrow")[:]), chunks, join_tokens)
+    return chunks
 
 
 def joined_chunks(sizes, chunks: list[list[int]], join_tokens: int | None) -> list[list[int]]:

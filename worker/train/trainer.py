@@ -43,7 +43,7 @@ from worker.train import distributed as dist_
 from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
-from worker.train.evaluation import evaluate
+from worker.train.evaluation import eval_chunks, evaluate
 from worker.train.loss_guard import LossGuard
 from worker.train.model import apply_kernel_patches, compile_if_asked, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
@@ -97,9 +97,11 @@ class Trainer:
             cfg, self.model, self.tokenizer, router_loss=router_loss, run_dir=self.run_dir, kernels=self.kernels
         )
         self.padding_free = padding_free(cfg, self.data.packed, self.kernels)
-        self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=self.data.eval is not None)
+        has_eval = self.data.eval is not None
+        self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=has_eval)
         joins = self.padding_free and cfg.joins_steps(topo.world_size)
         self.join_tokens = join_budget(self.data.train, self.plan, self.schedule.total_steps, joins)
+        self.eval_chunks = eval_chunks(self.data, cfg, self.padding_free, self.join_tokens) if has_eval else []
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
         fp16_scaler = (
@@ -310,12 +312,11 @@ class Trainer:
             self.objective,
             self.data,
             self.tokenizer.pad_token_id or 0,
-            self.cfg,
             self.topo,
             self._autocast,
+            self.eval_chunks,
             flatten=self.padding_free,
             varlen="varlen_attention" in self.kernels,
-            join_tokens=self.join_tokens,
         )
         state = self.state
         state.eval_loss.append((state.step, round(loss, 6)))
