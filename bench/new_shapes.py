@@ -21,14 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 import torch  # noqa: E402
 
-LAYERS = {  # (hidden, intermediate, kv width) of the shapes' decoder layers
-    "llama-1b": (2048, 8192, 512),
-    "llama-8b": (4096, 14336, 1024),
-}
+from bench.models import SHAPES  # noqa: E402
 
 
-def gemms(hidden: int, inter: int, kv: int) -> list[tuple[int, int, bool]]:
-    """(in, out, accumulate) of a layer's forward and dx GEMMs: q, k/v, o, gate/up, down and their dx."""
+def gemms(name: str) -> list[tuple[int, int, bool]]:
+    """(in, out, accumulate) of the shape's decoder layer's forward and dx GEMMs: q, k/v, o, gate/up, down, their dx."""
+    shape = SHAPES[name]
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
     return [(hidden, hidden, False), (hidden, kv, False), (hidden, hidden, True), (hidden, inter, False),
             (inter, hidden, True), (hidden, hidden, False), (kv, hidden, True), (hidden, inter, False),
             (inter, hidden, False)]  # fmt: skip
@@ -66,7 +66,7 @@ def main() -> int:
     print("| shape | µs a GEMM call, new token counts (median) | the same count again (median) | × |")
     print("|---|---:|---:|---:|")
     for name in a.shapes.split(","):
-        shapes = gemms(*LAYERS[name])
+        shapes = gemms(name)
         host_us(device, dtype, shapes, [4096] * 3)  # library loading, the first call's own set-up
         fresh = list(range(2001, 2001 + 37 * a.counts, 37))  # counts this process has not met
         new = statistics.median(host_us(device, dtype, shapes, fresh))
