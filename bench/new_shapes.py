@@ -3,7 +3,8 @@ padding-free step of unpacked rows brings a token count the process has not seen
 session"): cuBLASLt chooses an algorithm for each new shape, and the driver loads a kernel the first time one runs
 (CUDA_MODULE_LOADING=LAZY, CUDA's default), which can wait for the device. Times `torch.mm` and `addmm_` launches
 (host only, no sync inside the timed loop) at the 1B and 8B layers' shapes, over token counts never seen and over
-one seen.
+one seen. Before each count's calls the device is given a spin kernel (~20 ms) so that the queue is busy, as in a
+training step: a launch that waits for the device then shows as thousands of µs, not a few.
 
     python bench/new_shapes.py                   # on a GPU (a CPU run only checks that it runs)
     CUDA_MODULE_LOADING=EAGER python bench/new_shapes.py --shapes llama-8b --counts 200
@@ -42,6 +43,8 @@ def host_us(device: torch.device, dtype: torch.dtype, shapes: list, counts: list
     outs = {n: torch.zeros(largest, n, device=device, dtype=dtype) for _, n, _ in shapes}
     each = []
     for tokens in counts:
+        if device.type == "cuda":
+            torch.cuda._sleep(40_000_000)  # a busy queue: a launch that waits for the device shows
         start = time.perf_counter()
         for k, n, accumulate in shapes:
             a, y = xs[k][:tokens], outs[n][:tokens]
@@ -51,7 +54,7 @@ def host_us(device: torch.device, dtype: torch.dtype, shapes: list, counts: list
                 torch.mm(a, weights[(k, n)], out=y)
         each.append((time.perf_counter() - start) / len(shapes) * 1e6)
         if device.type == "cuda":
-            torch.cuda.synchronize()  # between counts, outside the timed launches: the queue never fills
+            torch.cuda.synchronize()  # between counts, outside the timed launches
     return each
 
 
