@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import logging
 import os
 import pstats
 import time
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("ftw.train")
+
 
 class StepProfiler:
-    def __init__(self, run_dir: Path, spec: str | None = None):
+    def __init__(self, run_dir: Path, steps: range, spec: str | None = None):
+        """`steps`: the optimizer steps this run takes (from a resumed step on); a window outside them, or a spec
+        that does not parse, profiles nothing and says so, and one that runs past their end closes with them."""
         spec = os.environ.get("FTW_PROFILE_STEPS", "") if spec is None else spec
         self.path = run_dir / "profile.txt"
-        self.window: tuple[int, int] | None = None
-        if spec:
-            start, _, end = spec.partition(":")
-            self.window = (int(start), int(end or int(start) + 3))
+        self.window = window(spec, steps) if spec else None
         self.prof = None
         self.python: cProfile.Profile | None = None
         self.walls: list[float] = []
@@ -51,20 +53,45 @@ class StepProfiler:
             return
         self.walls.append(time.perf_counter() - self.t)
         if step >= self.window[1]:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.python.disable()
-            self.prof.__exit__(None, None, None)
-            averages = self.prof.key_averages()
-            gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            self.path.write_text(
-                f"step wall s: {[round(w, 4) for w in self.walls]}\n\n== by self CPU time ==\n"
-                + averages.table(sort_by="self_cpu_time_total", row_limit=25)
-                + "\n\n== by GPU time ==\n"
-                + averages.table(sort_by=gpu_key, row_limit=25)
-                + python_functions(self.python)
-            )
-            self.prof = self.python = None
+            self.close()
+
+    def close(self) -> None:
+        """Writes the window's tables if it is open: at its end, or where the run stops inside it (early
+        stopping, preemption, an error)."""
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.python.disable()
+        self.prof.__exit__(None, None, None)
+        averages = self.prof.key_averages()
+        gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        self.path.write_text(
+            f"step wall s: {[round(w, 4) for w in self.walls]}\n\n== by self CPU time ==\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=25)
+            + "\n\n== by GPU time ==\n"
+            + averages.table(sort_by=gpu_key, row_limit=25)
+            + python_functions(self.python)
+        )
+        self.prof = self.python = None
+        log.info("profiled steps %d..%d: %s", self.window[0] + 1, self.window[0] + len(self.walls), self.path)
+
+
+def window(spec: str, steps: range) -> tuple[int, int] | None:
+    """FTW_PROFILE_STEPS's START[:END] (END defaults to START + 3) within `steps`, or None with a warning why not."""
+    start, _, end = spec.partition(":")
+    try:
+        first, stop = int(start), int(end or int(start) + 3)
+    except ValueError:
+        log.warning("FTW_PROFILE_STEPS=%r is not START[:END] (e.g. 8:12): no steps profiled", spec)
+        return None
+    if not (steps.start <= first < min(stop, steps.stop)):
+        log.warning(
+            "FTW_PROFILE_STEPS=%r names no step of this run (steps %d..%d are due): no steps profiled",
+            spec, steps.start, steps.stop - 1,
+        )  # fmt: skip
+        return None
+    return first, min(stop, steps.stop)
 
 
 def python_functions(profile: cProfile.Profile, rows: int = 30) -> str:

@@ -232,14 +232,15 @@ class Trainer:
         if topo.device.type == "cuda":  # from here the allocator's peak is the steps' own (loading's is kept)
             self.setup_peak_bytes = torch.cuda.max_memory_allocated(topo.device)
             torch.cuda.reset_peak_memory_stats(topo.device)
-        profiler = StepProfiler(self.run_dir) if topo.is_main else StepProfiler(self.run_dir, "")
+        due = range(state.step, sched.total_steps)
+        profiler = StepProfiler(self.run_dir, due, None if topo.is_main else "")  # rank 0 profiles
         batches = Prefetcher(
             self.data.train,
             self.plan,
             topo.rank,
             self.tokenizer.pad_token_id or 0,
             self.data.packed,
-            range(state.step, sched.total_steps),
+            due,
             topo.device,
             varlen="varlen_attention" in self.kernels,
             count=self.objective.count,
@@ -296,6 +297,7 @@ class Trainer:
             return EXIT_OK
         finally:
             gc.unfreeze()  # what the loop kept out of the collector's view is collectable again
+            profiler.close()
             batches.close()
             progress.close()
             self.objective.close()  # GRPO's vLLM engine stops before the adapter is saved and merged
