@@ -35,10 +35,10 @@
 # in short steps (inconclusive: the runs' spread was larger than either change), dropout and int8 at 1B (int8's PEFT
 # arm cut), `real-unpacked` (its bare arm then paid its compiles inside the timed steps; fixed since). Measured on
 # 2026-12-06 (fourteenth session, H100): `joined real-unpacked` (8B 2.52×; the real path's short 1B steps wait on the
-# device, 0.60-0.72× the bare loop). Still wanted: `OUT=$OUT bash bench/gpu_step.sh new-shapes real-unpacked` (now
-# with the bare loop unreplayed beside it, bare-fresh: what new token counts cost it too) and the arms of
-# branch next/real-path-waits (its bench/diag_tmp.sh: FTW_DIAG_BUCKET, FTW_DIAG_NOTHREAD, FTW_DIAG_SYNC;
-# docs/benchmarks.md, "fourteenth session"), and
+# device, 0.60-0.72× the bare loop). Measured on 2026-12-06 (fifteenth session, H100): `new-shapes` (a GEMM at 1B's
+# shapes waits for the device at each new token count) and, through the branch next/real-path-waits, the real path
+# against the bare loop unreplayed (1.00×; docs/benchmarks.md, "fifteenth session"). Still wanted:
+#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked      # bare, bare-fresh, ftw in one table
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
