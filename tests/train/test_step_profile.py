@@ -12,14 +12,19 @@ import pytest
 from tests.train.helpers import base_config, pack, run_inprocess, successor_task, tokenize, write_cache
 
 
-def test_the_window_writes_its_steps_walls_ops_and_python_functions(task_model_dir, tmp_path, monkeypatch):
+def run_steps(model_dir, tmp_path, samples: int, steps: int) -> int:
+    """A real run of `steps` steps over packed rows of the first `samples` samples; its exit code."""
     from transformers import AutoTokenizer
 
-    train, _ = successor_task()
-    rows = tokenize(AutoTokenizer.from_pretrained(task_model_dir), train[:64])
+    task, _ = successor_task()
+    rows = tokenize(AutoTokenizer.from_pretrained(model_dir), task[:samples])
     cache = write_cache(tmp_path / "cache", pack(rows, 64), packed=True, sequence_len=64)
+    return run_inprocess(base_config(model_dir, micro_batch_size=1, max_steps=steps), tmp_path / "run", cache)
+
+
+def test_the_window_writes_its_steps_walls_ops_and_python_functions(task_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FTW_PROFILE_STEPS", "2:4")
-    assert run_inprocess(base_config(task_model_dir, micro_batch_size=1, max_steps=5), tmp_path / "run", cache) == 0
+    assert run_steps(task_model_dir, tmp_path, 64, 5) == 0
 
     text = (tmp_path / "run" / "profile.txt").read_text()
     walls = [float(w) for w in re.search(r"step wall s: \[(.*?)\]", text).group(1).split(",")]
@@ -32,39 +37,24 @@ def test_the_window_writes_its_steps_walls_ops_and_python_functions(task_model_d
 
 
 def test_without_the_variable_nothing_is_profiled(task_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-
-    train, _ = successor_task()
-    rows = tokenize(AutoTokenizer.from_pretrained(task_model_dir), train[:16])
-    cache = write_cache(tmp_path / "cache", pack(rows, 64), packed=True, sequence_len=64)
     monkeypatch.delenv("FTW_PROFILE_STEPS", raising=False)
-    assert run_inprocess(base_config(task_model_dir, micro_batch_size=1, max_steps=2), tmp_path / "run", cache) == 0
+    assert run_steps(task_model_dir, tmp_path, 16, 2) == 0
     assert not (tmp_path / "run" / "profile.txt").exists()
 
 
 def test_a_window_past_the_runs_end_closes_with_the_run(task_model_dir, tmp_path, monkeypatch):
     """Steps 4..8 on a 5-step run: the last step is profiled and written, not lost with the unclosed window."""
-    from transformers import AutoTokenizer
-
-    train, _ = successor_task()
-    rows = tokenize(AutoTokenizer.from_pretrained(task_model_dir), train[:32])
-    cache = write_cache(tmp_path / "cache", pack(rows, 64), packed=True, sequence_len=64)
     monkeypatch.setenv("FTW_PROFILE_STEPS", "4:9")
-    assert run_inprocess(base_config(task_model_dir, micro_batch_size=1, max_steps=5), tmp_path / "run", cache) == 0
+    assert run_steps(task_model_dir, tmp_path, 32, 5) == 0
     text = (tmp_path / "run" / "profile.txt").read_text()
     assert len(re.search(r"step wall s: \[(.*?)\]", text).group(1).split(",")) == 1
 
 
 @pytest.mark.parametrize("spec", ["7:9", "8-12", "2:2"])
 def test_a_window_naming_no_step_of_the_run_says_so(spec, task_model_dir, tmp_path, monkeypatch, caplog):
-    from transformers import AutoTokenizer
-
-    train, _ = successor_task()
-    rows = tokenize(AutoTokenizer.from_pretrained(task_model_dir), train[:16])
-    cache = write_cache(tmp_path / "cache", pack(rows, 64), packed=True, sequence_len=64)
     monkeypatch.setenv("FTW_PROFILE_STEPS", spec)
     with caplog.at_level(logging.WARNING, logger="ftw.train"):
-        assert run_inprocess(base_config(task_model_dir, micro_batch_size=1, max_steps=2), tmp_path / "run", cache) == 0
+        assert run_steps(task_model_dir, tmp_path, 16, 2) == 0
     assert not (tmp_path / "run" / "profile.txt").exists()
     assert any(f"FTW_PROFILE_STEPS={spec!r}" in r.getMessage() and "no steps profiled" in r.getMessage()
                for r in caplog.records)  # fmt: skip
