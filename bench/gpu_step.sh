@@ -38,7 +38,8 @@
 # device, 0.60-0.72× the bare loop). Measured on 2026-12-06 (fifteenth session, H100): `new-shapes` (a GEMM at 1B's
 # shapes waits for the device at each new token count) and, through the branch next/real-path-waits, the real path
 # against the bare loop unreplayed (1.00×; docs/benchmarks.md, "fifteenth session"). Still wanted:
-#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked      # bare, bare-fresh, ftw in one table
+#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh new-shapes real-unpacked   # which GEMMs and call wait; bare,
+#                                                                  # bare-fresh and ftw in one table
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
@@ -51,7 +52,8 @@
 #                         bordered weights, forward and dx
 #   new-shapes new-shapes.txt  bench/new_shapes.py: a GEMM call's host time at a token count the process has not
 #                         met against one it has (every padding-free step of unpacked rows brings new counts), with
-#                         the driver loading kernels on first use (LAZY, CUDA's default) and all at start (EAGER)
+#                         the driver loading kernels on first use (LAZY, CUDA's default) and all at start (EAGER);
+#                         then 1B's GEMMs a row each, and a round under torch.profiler (the call that waits)
 #   algos  algos.txt      bench/gemm_algos.py: the 8B step's GEMMs at the power cap, as torch runs them against every
 #                         algorithm cuBLASLt's heuristic offers
 #   rank-grads rank-grads.txt  bench/rank_grads.py: each projection's dyb and B grad from one read of its dy against
@@ -150,7 +152,10 @@ for part in "${parts[@]}"; do
         log "new_shapes, CUDA_MODULE_LOADING=$loading: a GEMM call's host time at token counts never met, and one met"
         CUDA_MODULE_LOADING=$loading $PY bench/new_shapes.py 2>&1 | tee -a "$OUT/new-shapes.txt" | grep "^|" \
           | tee -a "$OUT/summary.txt"
-      done ;;
+      done
+      log "new_shapes 1b, a row per GEMM, and one round under torch.profiler (which call waits: new-shapes.txt)"
+      $PY bench/new_shapes.py --shapes llama-1b --counts 30 --by-gemm --profile 2>&1 | tee -a "$OUT/new-shapes.txt" \
+        | grep "^|" | tee -a "$OUT/summary.txt" ;;
     algos)
       log "gemm_algos 8b: the step's GEMMs at the power cap, torch's cuBLAS against cuBLASLt's other algorithms"
       $PY bench/gemm_algos.py --shapes llama-8b 2>&1 | tee "$OUT/algos.txt" | grep -E "^\||GEMMs" \
