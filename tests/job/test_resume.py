@@ -29,7 +29,7 @@ from worker.job.supervisor import StopSignal
 
 pytestmark = pytest.mark.slow
 GRACE_S = 30.0
-CONFIG = {"max_steps": 12, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
+CONFIG = {"max_steps": 40, "save_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "logging_steps": 1}
 
 
 def live_children(ignore: frozenset[int] = frozenset()) -> list[psutil.Process]:
