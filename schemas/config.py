@@ -307,10 +307,12 @@ class TrainingConfig(Frozen):
 
     def joins_steps(self, processes: int) -> bool:
         """Whether a padding-free run (`joins_samples`) also joins each step's samples across its accumulated
-        micro-batches (worker/train/batches.joined): with gradient accumulation, in one process (several would each
-        run their own count of passes, and their collectives must pair), without the MoE router's aux loss (its
+        micro-batches (worker/train/batches.joined): with gradient accumulation, in one process or several under DDP or
+        FSDP (every rank runs as many passes as the rank that needs most: worker/train/batches.ranks_passes), not under
+        DeepSpeed's engine (it counts a step's micro-batches itself), without the MoE router's aux loss (its
         coefficient is shared out per micro-batch: worker/train/moe.py). The trainer and the estimate both ask here."""
-        return self.joins_samples() and self.batch_shape()[1] > 1 and processes == 1 and not self.output_router_logits
+        engine = processes > 1 and bool(self.deepspeed) and not self.deepspeed_as_fsdp
+        return self.joins_samples() and self.batch_shape()[1] > 1 and not engine and not self.output_router_logits
 
     def checkpoints_reentrant(self, moe: bool, distributed: bool) -> bool:
         """Whether gradient checkpointing recomputes with torch's reentrant kind: as the config's own

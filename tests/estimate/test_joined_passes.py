@@ -55,7 +55,7 @@ def test_a_joined_run_is_estimated_faster_and_its_cost_lower():
     [
         ({"sample_packing": True}, 1),  # packing's bins are full already
         ({**UNPACKED, "gradient_accumulation_steps": 1}, 1),  # one micro-batch a step
-        (UNPACKED, 2),  # each rank would run its own count of passes
+        ({**UNPACKED, "deepspeed": "zero2"}, 2),  # DeepSpeed's engine counts a step's micro-batches itself
         ({**UNPACKED, "output_router_logits": True}, 1),  # the router's coefficient is shared per micro-batch
         ({**UNPACKED, "pad_to_sequence_len": True}, 1),  # padded rows, not padding-free
     ],
@@ -66,6 +66,8 @@ def test_runs_the_trainer_does_not_join_are_estimated_a_pass_a_micro_batch(confi
 
 
 def test_the_estimate_joins_where_the_trainer_does():
-    """One rule (TrainingConfig.joins_steps): DeepSpeed on one GPU trains without its engine, and joins."""
+    """One rule (TrainingConfig.joins_steps): DeepSpeed on one GPU trains without its engine, and joins; DDP and FSDP
+    ranks join, each into as many passes as the rank that needs most."""
     assert workload(1, **UNPACKED, deepspeed="zero2").joined
     assert not workload(2, **UNPACKED, deepspeed="zero2").joined
+    assert workload(2, **UNPACKED).joined and workload(4, **UNPACKED, fsdp_config={"fsdp_version": 2}).joined

@@ -16,7 +16,18 @@ from schemas.config import TrainingConfig
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
 from tests.train.test_prefetch import capture_training_inputs
 from tests.train.test_target_rows import curve
-from worker.train.batches import BatchPlan, join_budget, joined, largest_micro_tokens, layout_name
+from worker.train.batches import (
+    FLATTENED,
+    BatchPlan,
+    join_budget,
+    joined,
+    largest_micro_tokens,
+    layout_name,
+    ranks_passes,
+    read_step,
+    runs_within,
+    split_runs,
+)
 
 
 def rows_of(lengths: list[int]) -> list[dict]:
@@ -58,12 +69,15 @@ def test_the_largest_micro_batch_is_the_plans_over_every_epoch_of_the_run(rows, 
         ({}, 1, True),
         ({"sample_packing": True}, 1, False),  # packed or padded rows
         ({"gradient_accumulation_steps": 1}, 1, False),  # one micro-batch a step
-        ({}, 2, False),  # two ranks
+        ({}, 2, True),  # two ranks under DDP: as many passes on each (batches.ranks_passes)
+        ({"fsdp_config": {"fsdp_version": 2}}, 2, True),
         ({"output_router_logits": True}, 1, False),  # its coefficient is shared per micro-batch
         ({"deepspeed": "zero2"}, 1, True),  # one process trains without DeepSpeed's engine (distributed.strategy)
+        ({"deepspeed": "zero2"}, 2, False),  # the engine counts a step's micro-batches itself
+        ({"deepspeed": "zero2", "deepspeed_as_fsdp": True}, 2, True),  # FSDP2 with ZeRO's sharding
     ],
 )
-def test_only_a_one_process_accumulating_run_without_the_router_loss_joins(config, processes, joins):
+def test_only_an_accumulating_run_without_the_router_loss_or_deepspeeds_engine_joins(config, processes, joins):
     base = dict(base_model="m", learning_rate=1e-4, sample_packing=False, gradient_accumulation_steps=3)
     assert TrainingConfig(**{**base, **config}).joins_steps(processes) is joins
 
@@ -154,3 +168,98 @@ def test_eval_batches_join_up_to_the_largest_forward_the_run_makes():
     assert joined_chunks(sizes, chunks, None) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]  # the largest: 12
     assert joined_chunks(sizes, chunks, 20) == [list(range(12))]  # the training's joined pass holds 20
     assert joined_chunks(sizes, chunks, 5) == joined_chunks(sizes, chunks, None)  # never under the eval's own
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_runs_split_to_a_count_keep_the_order_and_the_budget(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 40) for _ in range(rng.randint(1, 12))]
+    budget = max(sizes) + rng.randint(0, 60)
+    runs = runs_within(sizes, budget)
+    passes = rng.randint(len(runs), len(sizes))
+    split = split_runs(runs, sizes, passes)
+    assert len(split) == passes and [i for run in split for i in run] == list(range(len(sizes)))
+    assert all(len(run) and sum(sizes[i] for i in run) <= budget for run in split)
+    assert all(any(run.start >= r.start and run.stop <= r.stop for r in runs) for run in split)  # only cut, never moved
+    assert [len(rows) for rows in joined(rows_of(sizes), budget, passes)] == [len(run) for run in split]
+
+
+def test_a_cut_halves_the_run_of_most_tokens():
+    sizes = [5, 1, 1, 1, 8, 2, 2]
+    runs = runs_within(sizes, 10)
+    assert runs == [range(0, 4), range(4, 6), range(6, 7)]
+    assert split_runs(runs, sizes, 4) == [range(0, 4), range(4, 5), range(5, 6), range(6, 7)]  # 10 tokens: 8 | 2
+    assert split_runs(runs, sizes, 5)[:2] == [range(0, 1), range(1, 4)]  # then 8 tokens: 5 | 1 1 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_joins_a_step_into_as_many_passes_as_the_rank_that_needs_most(world):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(world)
+    sizes = rng.lognormal(4, 1, 48).astype(int) + 2
+    ds = Dataset.from_dict({k: [list(range(n)) for n in sizes] for k in FLATTENED}).with_format("numpy")
+    plan = BatchPlan(len(sizes), 1, 4, world, seed=1)
+    budget = largest_micro_tokens(sizes, plan, 6)
+    uneven = 0
+    for step in range(6):
+        order = plan.epoch_order(step // plan.steps_per_epoch)
+        own = [
+            len(runs_within([int(sizes[i]) for micro in plan.micro_batches(step, rank, order) for i in micro], budget))
+            for rank in range(world)
+        ]
+        steps = [read_step(ds, plan, step, r, 0, False, order, flatten=True, join_tokens=budget, sizes=sizes)
+                 for r in range(world)]  # fmt: skip
+        assert (
+            [len(s.micro) for s in steps]
+            == [max(own)] * world
+            == [ranks_passes(sizes, plan, step, order, budget)] * world
+        )
+        uneven += min(own) < max(own)
+        for rank, s in enumerate(steps):  # each rank's own samples, in order, within the budget
+            ids = [int(n) for b in s.micro for n in np.diff(np.flatnonzero(np.r_[b["position_ids"][0] == 0, True]))]
+            assert ids == [int(sizes[i]) for micro in plan.micro_batches(step, rank, order) for i in micro]
+            assert all(b["input_ids"].numel() <= budget for b in s.micro)
+    assert uneven  # some step's ranks joined into different counts on their own, and were evened
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_joined_train_as_their_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path):
+    """DDP over gloo, 2 ranks × 4 micro-batches of one sample: the joined runs (as many passes on both ranks, or
+    DDP's collectives would hang) give the unjoined runs' losses and adapter."""
+    import subprocess
+    import sys
+
+    from tests.train.helpers import REPO, train_env, write_config
+
+    long = {k: [t for r in uneven_rows[:3] for t in r[k]] for k in ("input_ids", "labels")}  # room to join the rest
+    long["position_ids"] = list(range(len(long["input_ids"])))
+    rows = [long, *uneven_rows[3:18]]
+    cache = write_cache(tmp_path / "cache", rows, uneven_rows[18:22])
+    sizes = np.array([len(r["input_ids"]) for r in rows])
+    plan = BatchPlan(len(rows), 1, 4, 2, seed=42)  # the trainer's, at the config's default seed
+    budget = largest_micro_tokens(sizes, plan, 2)
+    own = [[len(runs_within([sizes[i] for m in plan.micro_batches(step, rank) for i in m], budget)) for rank in (0, 1)]
+           for step in (0, 1)]  # fmt: skip
+    assert any(a != b for a, b in own)  # on their own, the ranks would run different counts of passes in a step
+    cfg = base_config(
+        task_model_dir, max_steps=2, micro_batch_size=1, gradient_accumulation_steps=4, save_strategy="no",
+        optimizer="sgd", learning_rate=1e-2,
+    )  # fmt: skip
+    out = {}
+    for arm, env in (("joined", {}), ("plain", {"FTW_JOIN_STEPS": "0"})):
+        run_dir = tmp_path / arm
+        ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.train.joined_ranks"]
+        argv = [sys.executable, *ranks, str(write_config(run_dir, cfg)), str(run_dir), str(cache), str(run_dir)]
+        proc = subprocess.run(argv, env={**train_env(run_dir), **env}, cwd=REPO, capture_output=True, text=True,
+                              timeout=500)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        forwards = [json.loads((run_dir / f"rank{r}.json").read_text())["forwards"] for r in (0, 1)]
+        out[arm] = forwards, curve(run_dir, "loss_curve"), adapter_tensors(run_dir / "adapter")
+    joined_forwards, joined_losses, joined_adapter = out["joined"]
+    plain_forwards, plain_losses, plain_adapter = out["plain"]
+    assert plain_forwards == [8, 8] and joined_forwards[0] == joined_forwards[1] < 8
+    assert joined_losses == pytest.approx(plain_losses, rel=1e-5)
+    for name, tensor in joined_adapter.items():
+        torch.testing.assert_close(tensor, plain_adapter[name], rtol=1e-5, atol=1e-7)

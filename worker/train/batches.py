@@ -32,6 +32,7 @@ same launches whatever its tokens (a short micro-batch waits for them: docs/esti
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
@@ -173,10 +174,37 @@ def runs_within(sizes: Sequence[int], budget: int) -> list[range]:
     return runs + [range(start, len(sizes))] if len(sizes) else runs
 
 
-def joined(rows: list[dict], budget: int) -> list[list[dict]]:
-    """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens. The trainer's
+def joined(rows: list[dict], budget: int, passes: int | None = None) -> list[list[dict]]:
+    """A step's samples, in their order, in as few consecutive runs as keep each within `budget` tokens, or in
+    `passes` runs (`split_runs`) where several ranks must run as many passes as the rank that needs most. The trainer's
     loss sums each target token's loss over the step's count, so the runs give the micro-batches' gradient."""
-    return [rows[run.start : run.stop] for run in runs_within([len(row["input_ids"]) for row in rows], budget)]
+    sizes = [len(row["input_ids"]) for row in rows]
+    runs = runs_within(sizes, budget)
+    return [rows[run.start : run.stop] for run in (split_runs(runs, sizes, passes) if passes else runs)]
+
+
+def split_runs(runs: list[range], sizes: Sequence[int], passes: int) -> list[range]:
+    """`runs` cut until there are `passes` of them (at most one a sample): each cut halves, by tokens, the run of most
+    tokens among those of two samples or more. A cut only takes tokens from a run, so each stays within its budget,
+    and the samples keep their order."""
+    runs = list(runs)
+    while len(runs) < passes:
+        i = max((i for i, run in enumerate(runs) if len(run) > 1), key=lambda i: sum(sizes[j] for j in runs[i]))
+        run = runs[i]
+        before = list(itertools.accumulate(sizes[j] for j in run))  # tokens up to and with each sample
+        cut = run.start + 1 + min(range(len(run) - 1), key=lambda k: abs(2 * before[k] - before[-1]))
+        runs[i : i + 1] = [range(run.start, cut), range(cut, run.stop)]
+    return runs
+
+
+def ranks_passes(sizes: np.ndarray, plan: BatchPlan, step: int, order: list[int] | None, budget: int) -> int:
+    """The most passes any rank's share of step `step` joins into (`runs_within`), from every row's token count
+    `sizes`: every rank runs that many, since DDP's buffers and FSDP's parameters are gathered at every forward, and
+    a rank with a pass fewer than another would leave its collective unpaired."""
+    return max(
+        len(runs_within([int(sizes[i]) for micro in plan.micro_batches(step, rank, order) for i in micro], budget))
+        for rank in range(plan.world_size)
+    )
 
 
 def padding_free(cfg: TrainingConfig, packed: bool, kernels: list[str]) -> bool:
@@ -242,15 +270,18 @@ def read_step(
     target_rows: bool = False,
     flatten: bool = False,
     join_tokens: int | None = None,
+    sizes: np.ndarray | None = None,
 ) -> StepInput:
     """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
     `count`: the items the loss averages over (worker/train/objective.py); `pad_to`, `flatten`: see `collate`;
     `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head;
-    `join_tokens` (with `flatten`): the step's samples regrouped into runs of at most that many tokens (`joined`)."""
+    `join_tokens` (with `flatten`): the step's samples regrouped into runs of at most that many tokens (`joined`), as
+    many on every rank of several (`ranks_passes`, from every row's token count, `sizes`)."""
     rows = [read_rows(ds, m) for m in plan.micro_batches(step, rank, order)]
     if join_tokens:
-        rows = joined([row for micro_rows in rows for row in micro_rows], join_tokens)
+        passes = ranks_passes(sizes, plan, step, order, join_tokens) if plan.world_size > 1 else None
+        rows = joined([row for micro_rows in rows for row in micro_rows], join_tokens, passes)
     micro = [collate(r, pad_id, packed, pad_to, flatten) for r in rows]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     for b in micro:
@@ -301,11 +332,14 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
+        # every row's tokens, where the ranks agree on each step's passes (`ranks_passes`)
+        sizes = lengths(ds.with_format("arrow")[:]) if join_tokens and plan.world_size > 1 else None
 
         def read(step: int, order: list[int] | None) -> StepInput:
             return read_step(
-                rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows, flatten, join_tokens
-            )
+                rows, plan, step, rank, pad_id, packed, order, varlen, count, pad_to, target_rows, flatten,
+                join_tokens, sizes,
+            )  # fmt: skip
 
         args = (read, plan, steps, device)
         self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
