@@ -23,11 +23,12 @@ head computes.
 
 Padding-free batches (`padding_free`): an unpacked supervised run with the varlen attention joins each micro-batch's
 samples end to end into one packed row, as packing's bins are, so no layer computes a padding token; the loss, a sum
-over target tokens divided by the step's count, is the padded batch's. With gradient accumulation in one process the
-step's samples are also joined across its micro-batches (`joined`), into as few rows as the run's largest micro-batch
-holds (`largest_micro_tokens`): the same samples, the same loss and gradient, and no micro-batch larger than one the
-run trains anyway, so the same peak memory; but fewer forward and backward passes, each of which costs the host the
-same launches whatever its tokens (a short micro-batch waits for them: docs/estimate.md, the host floor).
+over target tokens divided by the step's count, is the padded batch's. With gradient accumulation the step's samples
+are also joined across its micro-batches (`joined`), into as few rows as the run's largest micro-batch holds
+(`largest_micro_tokens`): the same samples, the same loss and gradient, and no micro-batch larger than one the run
+trains anyway, so the same peak memory; but fewer forward and backward passes, each of which costs the host the same
+launches whatever its tokens (a short micro-batch waits for them: docs/estimate.md, the host floor). Several ranks
+each run as many passes as the rank that needs most (`ranks_passes`).
 """
 
 from __future__ import annotations
