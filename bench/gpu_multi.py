@@ -14,6 +14,10 @@ call), peak memory per GPU (nvidia-smi sampled every 200 ms; on CPU the rank-0 R
 Then the kill: a 2-GPU DDP LoRA job saving every --save-steps, one rank SIGKILLed after the first
 checkpoint → the job must fail fast with a typed error (seconds from kill to the failure JSON are
 reported), and the same job again must resume from that checkpoint and finish.
+With --joined, two more 2-GPU DDP arms of the 8B LoRA shape on unpacked samples, 1 × 8 accumulated: a step's samples
+joined across its micro-batches (every rank into as many passes as the rank that needs most) against one pass a
+micro-batch (FTW_JOIN_STEPS=0), same rows, and their ratio. (A CPU has no varlen attention, hence no padding-free
+rows: there the two arms are the same.)
 On CPU (`--dry-run-cpu`) the job path has one process (no GPU to count), so the 2-rank arms and the
 kill go through `ftw train --nproc 2` (the same torchrun child, gloo) and the typed job error is not
 checked; everything else is the same code. On the 2-core development machine each dry-run arm takes ~2 minutes
@@ -42,6 +46,7 @@ STRATEGIES = {
     "zero3": {"deepspeed": "zero3"},
 }
 ARMS = {"llama-8b": "lora", "llama-1b": "full"}
+JOIN_SHAPE = {"sample_packing": False, "micro_batch_size": 1, "gradient_accumulation_steps": 8}  # axolotl's examples'
 
 
 def dataset(path: Path, rows: int) -> None:
@@ -104,9 +109,10 @@ class MemorySampler:
         return dict(self.peak)
 
 
-def launch(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace, wait: bool = True):
-    """`ftw run` (GPU) or `ftw train --nproc` (CPU rehearsal of 2 ranks); returns (Popen, run_dir)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
+def launch(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace, wait: bool = True, env=None):
+    """`ftw run` (GPU) or `ftw train --nproc` (CPU rehearsal of 2 ranks), with `env` over this process's; returns
+    (Popen, run_dir)."""
+    env = {**os.environ, **(env or {}), "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     if a.dry_run_cpu and gpus > 1:
         run_dir = work / "train-runs" / name
         path = work / f"{name}.config.json"
@@ -133,10 +139,10 @@ def train_events(run_dir: Path) -> list[dict]:
     return sorted(out, key=lambda e: e.get("ts", 0))
 
 
-def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace) -> dict:
+def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace, env=None) -> dict:
     sampler = MemorySampler(enabled=not a.dry_run_cpu)
     t = time.monotonic()
-    proc, run_dir = launch(name, cfg, gpus, work, a)
+    proc, run_dir = launch(name, cfg, gpus, work, a, env=env)
     peak = sampler.stop()
     row = {"arm": name, "gpus": gpus, "rc": proc.returncode, "wall_s": round(time.monotonic() - t, 1)}
     summaries = list(run_dir.rglob("summary.json"))
@@ -156,6 +162,16 @@ def arm(name: str, cfg: dict, gpus: int, work: Path, a: argparse.Namespace) -> d
         "final_loss": summary["final_loss"],
         "peak_mib_per_gpu": peak or {"rank0_gib": summary["peak_memory_gib"], "kind": summary["peak_memory_kind"]},
     }
+
+
+def joined_arms(model: Path, data: Path, work: Path, a: argparse.Namespace) -> list[dict]:
+    """2 GPUs under DDP, unpacked samples 1 × 8 accumulated: joined steps against one pass a micro-batch."""
+    cfg = config(model, data, "lora", a, **JOIN_SHAPE)
+    joined = arm("llama-8b-lora-ddp-joined-2gpu", cfg, 2, work, a)
+    unjoined = arm("llama-8b-lora-ddp-unjoined-2gpu", cfg, 2, work, a, env={"FTW_JOIN_STEPS": "0"})
+    if "tokens_per_s" in joined and "tokens_per_s" in unjoined:
+        joined["joined_over_unjoined"] = round(joined["tokens_per_s"] / unjoined["tokens_per_s"], 3)
+    return [joined, unjoined]
 
 
 def kill_one_rank(model: Path, data: Path, work: Path, a: argparse.Namespace) -> dict:
@@ -243,6 +259,7 @@ def main() -> int:
         "--no-kill", action="store_true", help="skip the rank-kill run (one device call may not fit everything)"
     )
     p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--joined", action="store_true", help="the 8B LoRA shape's joined and unjoined steps under DDP")
     a = p.parse_args()
     from bench.models import build_model
 
@@ -270,6 +287,12 @@ def main() -> int:
                 row["scaling_efficiency"] = round(row["tokens_per_s"] / (2 * one["tokens_per_s"]), 3)
             results["arms"].append(row)
         print(json.dumps(results["arms"][-1]), flush=True)
+    if a.joined:
+        model = volume / "models" / ("tiny-llama-8b" if a.dry_run_cpu else "llama-8b")
+        if not (model / "config.json").exists():
+            build_model(model, "tiny" if a.dry_run_cpu else "llama-8b", a.seq)
+        results["arms"] += joined_arms(model, data, work, a)
+        print(json.dumps(results["arms"][-2:]), flush=True)
     model = volume / "models" / ("tiny-llama-1b" if a.dry_run_cpu else "llama-1b")
     if not a.no_kill:
         if not (model / "config.json").exists():
@@ -292,6 +315,7 @@ def table(r: dict) -> str:
             f"{row['arm']:38} {row['gpus']:>4} {row['strategy']:>9} {row['tokens_per_s']:>10} "
             f"{row['tokens_per_s_per_gpu']:>10} "
             f"{row.get('scaling_efficiency', ''):>8}  {row['peak_mib_per_gpu']}"
+            + (f"  joined × unjoined {row['joined_over_unjoined']}" if "joined_over_unjoined" in row else "")
         )
     if "kill" in r:
         lines.append(f"kill of rank 1: {json.dumps(r['kill'])}")

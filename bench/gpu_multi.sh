@@ -11,7 +11,8 @@
 #                     tokens/s, tokens/s per GPU, scaling efficiency against 1 GPU in the same call,
 #                     peak memory per GPU; then one rank SIGKILLed mid-run → typed failure, resume.
 # 3. summary.txt      the table.
-# GPU_MULTI_ARGS passes options to bench/gpu_multi.py (e.g. "--steps 20 --shapes llama-8b").
+# GPU_MULTI_ARGS passes options to bench/gpu_multi.py (e.g. "--steps 20 --shapes llama-8b"; "--shapes= --no-kill
+# --joined": only the 8B LoRA shape's joined steps under DDP against one pass a micro-batch, on unpacked samples).
 set -uo pipefail
 OUT=${OUT:-$(pwd)/gpu-multi-out}
 mkdir -p "$OUT"
