@@ -85,12 +85,15 @@ def test_only_an_accumulating_run_without_the_router_loss_or_deepspeeds_engine_j
 def test_the_budget_is_the_runs_largest_micro_batch_unless_asked_not_to(monkeypatch):
     from datasets import Dataset
 
+    from worker.data.rows import lengths as row_tokens
+
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in (3, 9, 4, 2, 7, 5)]})
     accumulating = BatchPlan(6, 1, 3, 1, seed=0)
-    assert join_budget(ds, accumulating, 4, joins=True) == 9  # the longest sample, at one sample a micro-batch
-    assert join_budget(ds, accumulating, 4, joins=False) is None
+    sizes = row_tokens(ds.with_format("arrow")[:])
+    assert join_budget(sizes, accumulating, 4, joins=True) == 9  # the longest sample, at one sample a micro-batch
+    assert join_budget(sizes, accumulating, 4, joins=False) is None
     monkeypatch.setenv("FTW_JOIN_STEPS", "0")  # bench/gpu_train.py's ftw-unjoined arm
-    assert join_budget(ds, accumulating, 4, joins=True) is None
+    assert join_budget(sizes, accumulating, 4, joins=True) is None
     # the run's log says which layout it trains
     assert layout_name(False, True, 2048) == "unpacked, a step's samples joined into rows of at most 2,048 tokens"
     assert layout_name(False, True, None) == "unpacked, each micro-batch one row"

@@ -46,7 +46,6 @@ import torch
 
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
 from schemas.config import TrainingConfig
-from worker.data.rows import lengths
 
 IGNORE = -100
 FLATTENED = ("input_ids", "labels", "position_ids")  # the columns of a supervised row, joined by `collate(flatten=)`
@@ -144,13 +143,14 @@ def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int)
     return largest
 
 
-def join_budget(ds, plan: BatchPlan, total_steps: int, joins: bool) -> int | None:
+def join_budget(sizes: np.ndarray, plan: BatchPlan, total_steps: int, joins: bool) -> int | None:
     """The tokens a step's samples join up to across its micro-batches where the run `joins` them
-    (TrainingConfig.joins_steps, on padding-free rows): the run's largest micro-batch; None where they stay as the plan
-    has them, and where FTW_JOIN_STEPS=0 (bench/gpu_train.py's ftw-unjoined arm measures the joining against it)."""
+    (TrainingConfig.joins_steps, on padding-free rows), from every row's token count `sizes` (`rows.lengths`): the
+    run's largest micro-batch; None where they stay as the plan has them, and where FTW_JOIN_STEPS=0
+    (bench/gpu_train.py's ftw-unjoined arm measures the joining against it)."""
     if not joins or os.environ.get(JOIN_ENV) == "0":
         return None
-    return largest_micro_tokens(lengths(ds.with_format("arrow")[:]), plan, total_steps)
+    return largest_micro_tokens(sizes, plan, total_steps)
 
 
 def layout_name(packed: bool, flatten: bool, join_tokens: int | None) -> str:
@@ -329,12 +329,11 @@ class Prefetcher:
         target_rows: bool = False,
         flatten: bool = False,
         join_tokens: int | None = None,
+        sizes: np.ndarray | None = None,
     ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         rows = ds.with_format("numpy")
-        # every row's tokens, where the ranks agree on each step's passes (`ranks_passes`)
-        sizes = lengths(ds.with_format("arrow")[:]) if join_tokens and plan.world_size > 1 else None
 
         def read(step: int, order: list[int] | None) -> StepInput:
             return read_step(

@@ -34,6 +34,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
+from worker.data.rows import lengths
 from worker.data.tokenizer import load_tokenizer
 from worker.errors import JobSpecError, OutOfMemory
 from worker.events import EXIT_OK, EXIT_PREEMPTED
@@ -100,7 +101,9 @@ class Trainer:
         has_eval = self.data.eval is not None
         self.schedule = Schedule.from_config(cfg, self.plan.steps_per_epoch, has_eval=has_eval)
         joins = self.padding_free and cfg.joins_steps(topo.world_size)
-        self.join_tokens = join_budget(self.data.train, self.plan, self.schedule.total_steps, joins)
+        # every row's tokens, read once: the joined passes' budget, and each step's count of them on several ranks
+        self.row_tokens = lengths(self.data.train.with_format("arrow")[:]) if joins else None
+        self.join_tokens = join_budget(self.row_tokens, self.plan, self.schedule.total_steps, joins)
         self.eval_chunks = eval_chunks(self.data, cfg, self.padding_free, self.join_tokens) if has_eval else []
         self.optimizer = build_optimizer(cfg, self.model.named_parameters(), topo.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule.total_steps)
@@ -248,6 +251,7 @@ class Trainer:
             flatten=self.padding_free,
             pad_to=self.cfg.sequence_len if self.cfg.pad_to_sequence_len and not self.data.packed else None,
             join_tokens=self.join_tokens,
+            sizes=self.row_tokens,
         )
         queued: deque[QueuedStep] = deque()  # steps whose numbers are still on their way
         freeze_heap()
