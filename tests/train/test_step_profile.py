@@ -58,3 +58,16 @@ def test_a_window_naming_no_step_of_the_run_says_so(spec, task_model_dir, tmp_pa
     assert not (tmp_path / "run" / "profile.txt").exists()
     assert any(f"FTW_PROFILE_STEPS={spec!r}" in r.getMessage() and "no steps profiled" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_a_window_that_cannot_be_written_warns_and_leaves_the_runs_own_error_alone(tmp_path, caplog):
+    """The trainer closes the window in its `finally`: a failure there must not replace the error that stopped the
+    run."""
+    from worker.train.profile import StepProfiler
+
+    profiler = StepProfiler(tmp_path / "gone", range(0, 5), "0:2")  # its run folder is not there to write into
+    profiler.before_step(0)
+    with caplog.at_level(logging.WARNING, logger="ftw.train"):
+        profiler.close()
+    assert profiler.prof is None and not (tmp_path / "gone").exists()
+    assert any("could not be written" in r.getMessage() for r in caplog.records)

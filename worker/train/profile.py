@@ -60,20 +60,24 @@ class StepProfiler:
         stopping, preemption, an error)."""
         if self.prof is None:
             return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.python.disable()
-        self.prof.__exit__(None, None, None)
-        averages = self.prof.key_averages()
-        gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        self.path.write_text(
-            f"step wall s: {[round(w, 4) for w in self.walls]}\n\n== by self CPU time ==\n"
-            + averages.table(sort_by="self_cpu_time_total", row_limit=25)
-            + "\n\n== by GPU time ==\n"
-            + averages.table(sort_by=gpu_key, row_limit=25)
-            + python_functions(self.python)
-        )
-        self.prof = self.python = None
+        prof, python, self.prof, self.python = self.prof, self.python, None, None
+        try:
+            python.disable()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            averages = prof.key_averages()
+            gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.path.write_text(
+                f"step wall s: {[round(w, 4) for w in self.walls]}\n\n== by self CPU time ==\n"
+                + averages.table(sort_by="self_cpu_time_total", row_limit=25)
+                + "\n\n== by GPU time ==\n"
+                + averages.table(sort_by=gpu_key, row_limit=25)
+                + python_functions(python)
+            )
+        except Exception as e:  # a run stopping on a CUDA error: its own error is the one to report
+            log.warning("the profile of steps from %d could not be written: %s", self.window[0] + 1, e)
+            return
         log.info("profiled steps %d..%d: %s", self.window[0] + 1, self.window[0] + len(self.walls), self.path)
 
 
