@@ -148,9 +148,11 @@ def result_of(proc: subprocess.Popen) -> dict[str, Any]:
 
 
 def train_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The train stage's events of every attempt (logs/train/attempt-N/events.jsonl), read without walking the rest
+    of the run folder, where the engine replaces adapter folders while the run goes on."""
     return [
         json.loads(line)
-        for f in run_dir.rglob("events.jsonl")
+        for f in sorted((run_dir / "logs" / "train").glob("attempt-*/events.jsonl"))
         for line in f.read_text().splitlines()
         if line.strip() and json.loads(line).get("stage") == "train"
     ]
