@@ -154,7 +154,7 @@ for part in "${parts[@]}"; do
           | tee -a "$OUT/summary.txt"
       done
       log "new_shapes 1b, a row per GEMM, and one round under torch.profiler (which call waits: new-shapes.txt)"
-      $PY bench/new_shapes.py --shapes llama-1b --counts 30 --by-gemm --profile 2>&1 | tee -a "$OUT/new-shapes.txt" \
+      $PY bench/new_shapes.py --shapes llama-1b --counts 30 --by-gemm --profile --swept 2>&1 | tee -a "$OUT/new-shapes.txt" \
         | grep "^|" | tee -a "$OUT/summary.txt" ;;
     algos)
       log "gemm_algos 8b: the step's GEMMs at the power cap, torch's cuBLAS against cuBLASLt's other algorithms"

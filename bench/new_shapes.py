@@ -8,10 +8,12 @@ then shows as thousands of µs, not a few.
 The first table times a decoder layer's nine forward and dx GEMMs together, a new count each round; `--by-gemm` gives
 each GEMM its own row (each with counts of its own, so that every call is its shape's first), which names the shapes
 that wait; `--profile` runs one round of new counts under torch.profiler and lists the host's calls by their own time,
-CUDA's runtime and driver calls among them, which names the call that waits.
+CUDA's runtime and driver calls among them, which names the call that waits. `--swept` first calls every GEMM at every
+even count of the timed range, then times odd counts, still new: if they no longer wait, what a new count costs is
+loading the kernel the library picks for it (once a process), not the count itself.
 
     python bench/new_shapes.py                   # on a GPU (a CPU run only checks that it runs)
-    python bench/new_shapes.py --shapes llama-1b --by-gemm --profile
+    python bench/new_shapes.py --shapes llama-1b --by-gemm --profile --swept
     CUDA_MODULE_LOADING=EAGER python bench/new_shapes.py --shapes llama-8b --counts 200
 """
 
@@ -81,7 +83,20 @@ class Gemms:
 
 def fresh_counts(rounds: int, offset: int = 0) -> list[int]:
     """`rounds` token counts no earlier round of this process met (`offset` keeps groups of them apart)."""
-    return list(range(2001 + offset, 2001 + offset + 37 * rounds, 37))
+    return list(range(2001 + 2 * offset, 2001 + 2 * offset + 38 * rounds, 38))  # odd; offsets < 19 apart
+
+
+def swept_row(g: Gemms, name: str, rounds: int) -> str:
+    """`layer_row` after every GEMM has run at every even count from below the timed range to above it."""
+    shapes = gemms(name)
+    fresh = fresh_counts(rounds, offset=11)
+    for t in range(fresh[0] - 1, fresh[-1] + 2, 2):
+        for k, n, accumulate in shapes:
+            g.call(t, k, n, accumulate)
+    g.settle()
+    new = statistics.median(g.round_us(t, shapes) for t in fresh)
+    seen = statistics.median(g.round_us(fresh[len(fresh) // 2], shapes) for _ in range(rounds))
+    return f"| {name}, after every even count | {new:.1f} | {seen:.1f} | {new / seen:.2f}× |"
 
 
 def layer_row(g: Gemms, name: str, rounds: int) -> str:
@@ -113,7 +128,7 @@ def profile_table(g: Gemms, name: str, rounds: int) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if g.device.type == "cuda" else [])
     shapes = gemms(name)
     with profile(activities=acts) as prof:
-        for t in fresh_counts(rounds, offset=29):
+        for t in fresh_counts(rounds, offset=9):
             g.round_us(t, shapes)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
 
@@ -124,11 +139,12 @@ def main() -> int:
     ap.add_argument("--counts", type=int, default=100, help="new token counts to time (rounds)")
     ap.add_argument("--by-gemm", action="store_true", help="a row per GEMM of the layer")
     ap.add_argument("--profile", action="store_true", help="one round of new counts under torch.profiler")
+    ap.add_argument("--swept", action="store_true", help="new odd counts after every even one of their range")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = a.shapes.split(",")
-    largest = max(fresh_counts(a.counts, offset=40)[-1], 4096)
+    largest = max(fresh_counts(a.counts, offset=11)[-1] + 1, 4096)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     print("| shape | µs a GEMM call, new token counts (median) | the same count again (median) | × |")
     print("|---|---:|---:|---:|")
@@ -143,6 +159,11 @@ def main() -> int:
         for name in names:
             print(f"\n{name}: one round of new counts under torch.profiler, by the host's own time\n")
             print(profile_table(Gemms(device, dtype, gemms(name), largest), name, min(a.counts, 20)))
+    if a.swept:  # last: the kernels it loads would hide the other tables' waits
+        print("\n| shape | µs a GEMM call, new (odd) token counts (median) | the same count again (median) | × |")
+        print("|---|---:|---:|---:|")
+        for name in names:
+            print(swept_row(Gemms(device, dtype, gemms(name), largest), name, a.counts))
     return 0
 
 
