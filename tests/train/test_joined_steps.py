@@ -228,9 +228,10 @@ def test_every_rank_joins_a_step_into_as_many_passes_as_the_rank_that_needs_most
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_ranks_joined_train_as_their_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path):
-    """DDP over gloo, 2 ranks × 4 micro-batches of one sample: the joined runs (as many passes on both ranks, or
-    DDP's collectives would hang) give the unjoined runs' losses and adapter."""
+@pytest.mark.parametrize("sharding", [{}, {"fsdp_config": {"fsdp_version": 2}}], ids=["ddp", "fsdp2"])
+def test_two_ranks_joined_train_as_their_micro_batches_in_fewer_passes(task_model_dir, uneven_rows, tmp_path, sharding):
+    """DDP or FSDP2 over gloo, 2 ranks × 4 micro-batches of one sample: the joined runs (as many passes on both ranks,
+    or the collectives would hang) give the unjoined runs' losses and adapter."""
     import subprocess
     import sys
 
@@ -248,7 +249,7 @@ def test_two_ranks_joined_train_as_their_micro_batches_in_fewer_passes(task_mode
     assert any(a != b for a, b in own)  # on their own, the ranks would run different counts of passes in a step
     cfg = base_config(
         task_model_dir, max_steps=2, micro_batch_size=1, gradient_accumulation_steps=4, save_strategy="no",
-        optimizer="sgd", learning_rate=1e-2,
+        optimizer="sgd", learning_rate=1e-2, **sharding,
     )  # fmt: skip
     out = {}
     for arm, env in (("joined", {}), ("plain", {"FTW_JOIN_STEPS": "0"})):
