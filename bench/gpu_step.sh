@@ -68,6 +68,8 @@
 #                         GPU's clock
 #   real-unpacked real-unpacked-<shape>/  the same with --unpacked rows (sample_packing: false): the trainer's
 #                         padding-free batches end to end, against the bare loop's, replayed and not (bare-fresh)
+#                         ($REAL_STEPS steps timed after $REAL_WARMUP, default 3; e.g. REAL_WARMUP=60: steady state,
+#                         once the run has met most of its token counts)
 #   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
 #                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
 #                         (ftw-unjoined, FTW_JOIN_STEPS=0)
@@ -172,9 +174,10 @@ for part in "${parts[@]}"; do
       for shape in llama-1b:8:12:90 llama-8b:4:10:150; do
         IFS=: read -r name mbs steps limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
-        log "gpu_train $name, $layout: ${arms//,/, }"
+        log "gpu_train $name, $layout: ${arms//,/, }, ${REAL_STEPS:-$steps} steps timed after ${REAL_WARMUP:-3}"
         $PY bench/gpu_train.py --out "$OUT/$tag-$name" --work "/tmp/$tag-$name" --shape "$name" --mbs "$mbs" \
-          "$layout" --arms "$arms" --steps "$steps" --warmup 3 --no-merge --no-profile --arm-timeout "$limit" \
+          "$layout" --arms "$arms" --steps "${REAL_STEPS:-$steps}" --warmup "${REAL_WARMUP:-3}" --no-merge --no-profile \
+          --arm-timeout "$((limit + ${REAL_WARMUP:-3}))" \
           2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
     masked | unpacked | dropout | int8)
