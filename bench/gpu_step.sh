@@ -96,7 +96,8 @@
 #   profile prof-<shape>-gcoff[-<arm>].txt  bench/train_throughput.py --profile at $SHAPES, arms $ARMS, rows
 #                         $PROFILE_HOW (default --full-length; e.g. "--unpacked --replay"): each arm's kernels by GPU
 #                         time over three steps, its GPU-busy ms a step, a trace (.trace.json.gz) and the host's
-#                         Python functions under cProfile (.host.txt)
+#                         Python functions under cProfile (.host.txt), and bench/host_waits.py over the traces (the
+#                         host's CUDA calls that wait); without --replay the three steps' batches are new to the arm
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
 #                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0), $AB_ROUNDS rounds
@@ -201,6 +202,9 @@ for part in "${parts[@]}"; do
         $PY bench/train_throughput.py ${PROFILE_HOW:---full-length} --warmup 3 --shapes "$name" --arms "$ARMS" \
           --steps 6 --arm-timeout 160 --profile "$OUT/prof" 2>"$OUT/prof-$name.stderr" | tee "$OUT/prof-$name.txt" \
           | grep "^|" | tee -a "$OUT/summary.txt"
+        log "host_waits $name: the CUDA runtime's and driver's calls in those steps, the longest with their torch op"
+        $PY bench/host_waits.py "$OUT"/prof-"$name"-gc*.trace.json.gz 2>&1 | tee -a "$OUT/prof-$name.txt" \
+          | tee -a "$OUT/summary.txt" | head -n 45
       done ;;
     1b) throughput llama-1b 12 150 ;;  # Unsloth's first import on a fresh machine compiles for over a minute
     8b) throughput llama-8b 10 160 ;;

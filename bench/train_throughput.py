@@ -153,7 +153,10 @@ def run_arm(a: argparse.Namespace) -> dict:
     peak = matmul_peak_tflops()
     model, cfg, n_frozen, n_lora, applied = build(a.arm, a.shape, a.gc, a.seq, a.bits, a.lora_seed, a.lora_dropout)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, fused=True)
-    total = a.warmup + a.steps
+    # without --replay the profiled steps are three batches of their own, met first under the profiler, as the timed
+    # steps met theirs; with it, three of the timed batches, met before
+    fresh_profile = 3 if a.profile and not a.replay else 0
+    total = a.warmup + a.steps + fresh_profile
     # Unsloth's packed steps in its padding-free layout; its unpacked ones padded (its padding-free attention wants
     # flash-attn, which the device image lacks: docs/benchmarks.md, the packed rows of 2026-12-02)
     layout = unsloth_arm.one_row if a.arm == "unsloth" and not (a.full_length or a.unpacked) else dict
@@ -212,14 +215,15 @@ def run_arm(a: argparse.Namespace) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     # --replay: the timed steps' batches once untimed first, so every shape they bring is compiled and planned
-    for b, _ in batches[: a.warmup] + (batches[a.warmup :] if a.replay else []):
+    timed = batches[a.warmup : a.warmup + a.steps]
+    for b, _ in batches[: a.warmup] + (timed if a.replay else []):
         losses.append(step(b))
     host_s.update(dict.fromkeys(host_s, 0.0))
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)]  # before each step, after the last
     clocks = GpuClocks(gpu_id(torch.cuda.current_device()), period_ms=200)  # the SM clock under the power cap
     clocks.start()
     marks[0].record()
-    for (b, _), mark in zip(batches[a.warmup :], marks[1:]):
+    for (b, _), mark in zip(timed, marks[1:]):
         losses.append(step(b))
         mark.record()
     torch.cuda.synchronize()
@@ -230,12 +234,14 @@ def run_arm(a: argparse.Namespace) -> dict:
     seconds = sum(each_ms) / 1e3
     # the steps' own dequantisations, before the probes below run more steps
     dequantised_a_step = dequantised(a.warmup + a.steps) if a.bits and a.arm in FTW_ARMS else None
-    syncs = sync_sites(step, batches[-1][0])
-    busy_ms = profile_steps(step, batches[a.warmup : a.warmup + 3], a.profile) if a.profile else None
-    tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in stream[a.warmup :])  # real
-    sum_sq = sum(sq for _, sq in batches[a.warmup :])
+    syncs = sync_sites(step, timed[-1][0])
+    profiled = batches[a.warmup + a.steps :] if fresh_profile else timed[:3]
+    busy_ms = profile_steps(step, profiled, a.profile) if a.profile else None
+    timed_stream = stream[a.warmup : a.warmup + a.steps]
+    tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in timed_stream)  # real
+    sum_sq = sum(sq for _, sq in timed)
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in stream[a.warmup :])  # the head's useful rows
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in timed_stream)  # the head's useful rows
     head = cfg.vocab_size * cfg.hidden_size
     flops = 4 * (n_frozen - head) * tokens + 4 * head * targets + 6 * n_lora * tokens
     flops += 6 * cfg.num_hidden_layers * d_attn * sum_sq
