@@ -10,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from worker.checks.gpu import cpu_allowed, parse_visible_devices, probe, stage_env
+from worker.checks.gpu import (
+    CACHING,
+    CACHING_HEADROOM,
+    EXPANDABLE,
+    cpu_allowed,
+    parse_visible_devices,
+    probe,
+    stage_env,
+)
 from worker.errors import InfraError
+from worker.estimate.devices import CONTEXT_HEADROOM
 
 GPUS = """0, GPU-aaaa1111-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06, 9.0
 1, GPU-bbbb2222-0000-0000-0000-000000000000, NVIDIA H200, 143771, 1, 143770, 570.124.06, 9.0
@@ -60,7 +69,21 @@ def test_probe_selects_by_index_and_uuid_prefix(tmp_path):
     chosen = probe({**env, "CUDA_VISIBLE_DEVICES": "GPU-bbbb2222"})
     assert [d.index for d in chosen.devices] == [1]
     assert stage_env(chosen, {})["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb2222-0000-0000-0000-000000000000"
-    assert stage_env(chosen, {})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert stage_env(chosen, {})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # no predicted peak
+
+
+def test_the_children_get_fixed_segments_only_where_the_predicted_peak_leaves_room_for_what_they_cache(tmp_path):
+    """torch's fixed segments (fast on varying shapes) where the peak × CACHING_HEADROOM fits the tightest device,
+    expandable ones (reserved ≈ allocated) where it does not or nothing was predicted; the operator's setting wins."""
+    gpus = probe(fake_smi(tmp_path))
+    free = min(d.free_mib for d in gpus.devices) << 20
+    roomy = int((free - CONTEXT_HEADROOM) / CACHING_HEADROOM)
+    allocator = "PYTORCH_CUDA_ALLOC_CONF"
+    assert stage_env(gpus, {}, roomy)[allocator] == CACHING == "expandable_segments:False"
+    assert stage_env(gpus, {}, roomy + (1 << 20))[allocator] == EXPANDABLE
+    assert stage_env(gpus, {}, None)[allocator] == EXPANDABLE
+    operator = {allocator: "backend:cudaMallocAsync"}
+    assert stage_env(gpus, operator, roomy)[allocator] == stage_env(gpus, operator)[allocator] == operator[allocator]
 
 
 def test_probe_reads_the_compute_capability_where_nvidia_smi_gives_it(tmp_path):

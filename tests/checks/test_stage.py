@@ -49,6 +49,8 @@ def test_probed_gpus_are_checked_against_the_prediction_and_named_for_the_childr
     assert [g.index for g in report.gpus.devices] == [1] and heard == ["devices: NVIDIA H200 (143770 MiB free)"]
     assert report.gpu_env["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb2222-0000-0000-0000-000000000000"
     assert report.memory["checked"] and report.memory["fits"] and report.memory["gpu"] == "NVIDIA H200"
+    # a tiny model's peak leaves the H200 room for what fixed segments cache: the children get them, checks.json says so
+    assert report.gpu_env["PYTORCH_CUDA_ALLOC_CONF"] == report.memory["allocator"] == "expandable_segments:False"
 
 
 def test_the_machine_checks_read_the_childrens_env_and_the_datasets_only_when_still_to_prepare(

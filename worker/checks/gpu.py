@@ -26,7 +26,15 @@ from worker.lifeline import die_with_parent
 GPU_QUERY = "index,uuid,name,memory.total,memory.used,memory.free,driver_version,compute_cap"
 APP_QUERY = "gpu_uuid,pid,used_memory,process_name"
 DEFAULT_TIMEOUT_S = 15.0
-ALLOC_CONF = "expandable_segments:True"
+# The allocator a stage child runs with unless the operator set PYTORCH_CUDA_ALLOC_CONF (`allocator_conf`). Expandable
+# segments keep reserved memory near what is allocated whatever the shapes, but short steps of varying token counts
+# (unpacked rows, padding-free) ran 2.0× slower under them than under torch's fixed segments on an H100 (1.25× once
+# 100 steps had run; docs/benchmarks.md, "2026-12-07"): growing a segment maps memory, which PyTorch documents as
+# partly synchronous with the device. Fixed segments cache the sizes met and reserve more: up to CACHING_HEADROOM ×
+# the allocated peak (Llama-3.2-1B's unpacked rows: 16.7 GiB reserved for 11.0, 1.52×, with margin).
+EXPANDABLE = "expandable_segments:True"
+CACHING = "expandable_segments:False"
+CACHING_HEADROOM = 1.6
 
 
 def parse_visible_devices(value: str | None) -> list[str] | None:
@@ -196,9 +204,19 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
     return result
 
 
-def stage_env(result: GpuProbe, env: Mapping[str, str]) -> dict[str, str]:
-    """What a training child needs to see exactly the probed devices, with a sane allocator."""
-    extra = {"PYTORCH_CUDA_ALLOC_CONF": env.get("PYTORCH_CUDA_ALLOC_CONF") or ALLOC_CONF}
+def allocator_conf(result: GpuProbe, peak_bytes: int | None) -> str:
+    """Fixed segments where the predicted peak, with what they may cache beyond it, fits every probed device's free
+    memory; else, or with no prediction, expandable segments, which never hold more than the run allocates."""
+    if peak_bytes is None or not result.devices:
+        return EXPANDABLE
+    free = min(d.free_mib for d in result.devices) * (1 << 20)
+    return CACHING if peak_bytes * CACHING_HEADROOM + CONTEXT_HEADROOM <= free else EXPANDABLE
+
+
+def stage_env(result: GpuProbe, env: Mapping[str, str], peak_bytes: int | None = None) -> dict[str, str]:
+    """What a training child needs to see exactly the probed devices, with the allocator `allocator_conf` picks for
+    the predicted peak (`peak_bytes`), unless the operator set one."""
+    extra = {"PYTORCH_CUDA_ALLOC_CONF": env.get("PYTORCH_CUDA_ALLOC_CONF") or allocator_conf(result, peak_bytes)}
     if result.cpu_only:
         extra["CUDA_VISIBLE_DEVICES"] = ""
     elif result.visible is not None:

@@ -63,7 +63,9 @@ def run_checks(check: CheckInput, progress: Callable[[str], None] = lambda text:
     capabilities = [d.compute_capability for d in gpus.devices]
     check_machine(cfg, gpus.count > 0, check.child_env, datasets=check.datasets, capabilities=capabilities)
     warnings = [memory["warning"]] if memory.get("warning") else []
-    return CheckReport(gpus, stage_env(gpus, check.env), disk, prediction, memory, warnings)
+    gpu_env = stage_env(gpus, check.env, prediction.peak_bytes if prediction else None)
+    memory = {**memory, "allocator": gpu_env["PYTORCH_CUDA_ALLOC_CONF"]} if gpus.devices else memory
+    return CheckReport(gpus, gpu_env, disk, prediction, memory, warnings)
 
 
 def visible_count(env: Mapping[str, str]) -> int:
