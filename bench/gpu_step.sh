@@ -37,9 +37,13 @@
 # 2026-12-06 (fourteenth session, H100): `joined real-unpacked` (8B 2.52×; the real path's short 1B steps wait on the
 # device, 0.60-0.72× the bare loop). Measured on 2026-12-06 (fifteenth session, H100): `new-shapes` (a GEMM at 1B's
 # shapes waits for the device at each new token count) and, through the branch next/real-path-waits, the real path
-# against the bare loop unreplayed (1.00×; docs/benchmarks.md, "fifteenth session"). Still wanted:
-#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh new-shapes real-unpacked   # which GEMMs and call wait; bare,
-#                                                                  # bare-fresh and ftw in one table
+# against the bare loop unreplayed (1.00×; docs/benchmarks.md, "fifteenth session"). Measured on 2026-12-07 (sixteenth
+# session, H100): `new-shapes profile` under expandable segments (which GEMM calls wait in a fresh step) and the bare
+# loop's short steps under both allocators (docs/benchmarks.md, "sixteenth session"). Still wanted:
+#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked     # bare, bare-fresh and ftw, fixed segments; then
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked
+#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UNPACKED_ARMS=ftw SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh \
+#     unpacked                                                      # and without the first: reserved memory at 8B
 #   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
 # with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
