@@ -82,6 +82,11 @@ def test_the_children_get_fixed_segments_only_where_the_predicted_peak_leaves_ro
     assert stage_env(gpus, {}, roomy)[allocator] == CACHING == "expandable_segments:False"
     assert stage_env(gpus, {}, roomy + (1 << 20))[allocator] == EXPANDABLE
     assert stage_env(gpus, {}, None)[allocator] == EXPANDABLE
+    # a vLLM engine beside the trainer (trl.use_vllm) takes its share of the GPU first
+    total = min(d.total_mib for d in gpus.devices) << 20
+    beside = int((free - 0.3 * total - CONTEXT_HEADROOM) / CACHING_HEADROOM)
+    assert stage_env(gpus, {}, roomy, engine_share=0.3)[allocator] == EXPANDABLE
+    assert stage_env(gpus, {}, beside, engine_share=0.3)[allocator] == CACHING
     operator = {allocator: "backend:cudaMallocAsync"}
     assert stage_env(gpus, operator, roomy)[allocator] == stage_env(gpus, operator)[allocator] == operator[allocator]
 

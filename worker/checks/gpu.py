@@ -204,19 +204,23 @@ def probe(env: Mapping[str, str], need_bytes: int = 0, allow_cpu: bool = False) 
     return result
 
 
-def allocator_conf(result: GpuProbe, peak_bytes: int | None) -> str:
+def allocator_conf(result: GpuProbe, peak_bytes: int | None, engine_share: float = 0.0) -> str:
     """Fixed segments where the predicted peak, with what they may cache beyond it, fits every probed device's free
-    memory; else, or with no prediction, expandable segments, which never hold more than the run allocates."""
+    memory less `engine_share` of it (a vLLM engine beside the trainer sizes itself by that share); else, or with no
+    prediction, expandable segments, which never hold much more than the run allocates."""
     if peak_bytes is None or not result.devices:
         return EXPANDABLE
-    free = min(d.free_mib for d in result.devices) * (1 << 20)
-    return CACHING if peak_bytes * CACHING_HEADROOM + CONTEXT_HEADROOM <= free else EXPANDABLE
+    room = min((d.free_mib - engine_share * d.total_mib) * (1 << 20) for d in result.devices)
+    return CACHING if peak_bytes * CACHING_HEADROOM + CONTEXT_HEADROOM <= room else EXPANDABLE
 
 
-def stage_env(result: GpuProbe, env: Mapping[str, str], peak_bytes: int | None = None) -> dict[str, str]:
+def stage_env(
+    result: GpuProbe, env: Mapping[str, str], peak_bytes: int | None = None, engine_share: float = 0.0
+) -> dict[str, str]:
     """What a training child needs to see exactly the probed devices, with the allocator `allocator_conf` picks for
-    the predicted peak (`peak_bytes`), unless the operator set one."""
-    extra = {"PYTORCH_CUDA_ALLOC_CONF": env.get("PYTORCH_CUDA_ALLOC_CONF") or allocator_conf(result, peak_bytes)}
+    the predicted peak (`peak_bytes`) beside a vLLM engine's `engine_share` of the GPU, unless the operator set one."""
+    chosen = allocator_conf(result, peak_bytes, engine_share)
+    extra = {"PYTORCH_CUDA_ALLOC_CONF": env.get("PYTORCH_CUDA_ALLOC_CONF") or chosen}
     if result.cpu_only:
         extra["CUDA_VISIBLE_DEVICES"] = ""
     elif result.visible is not None:

@@ -63,7 +63,8 @@ def run_checks(check: CheckInput, progress: Callable[[str], None] = lambda text:
     capabilities = [d.compute_capability for d in gpus.devices]
     check_machine(cfg, gpus.count > 0, check.child_env, datasets=check.datasets, capabilities=capabilities)
     warnings = [memory["warning"]] if memory.get("warning") else []
-    gpu_env = stage_env(gpus, check.env, prediction.peak_bytes if prediction else None)
+    engine = cfg.trl.vllm_gpu_memory_utilization if cfg.trl and cfg.trl.use_vllm else 0.0  # trl.use_vllm's engine
+    gpu_env = stage_env(gpus, check.env, prediction.peak_bytes if prediction else None, engine)
     memory = {**memory, "allocator": gpu_env["PYTORCH_CUDA_ALLOC_CONF"]} if gpus.devices else memory
     return CheckReport(gpus, gpu_env, disk, prediction, memory, warnings)
 
