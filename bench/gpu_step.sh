@@ -119,8 +119,9 @@ tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test
 tests/kernels/test_lora_dropout.py tests/kernels/test_dropout_mask.py tests/kernels/test_int8_base.py \
 tests/kernels/test_rank_grads.py tests/kernels/test_grids.py}
 mkdir -p "$OUT"
-# every arm under the allocator ftw's checks pick for these shapes on an 80 GB card: fixed segments, as the predicted
-# peak leaves room for what they cache (worker/checks/gpu.allocator_conf; until 2026-12-07 expandable segments)
+# every ftw arm under the allocator ftw's checks pick for these shapes on an 80 GB card: fixed segments, as the predicted
+# peak leaves room for what they cache (worker/checks/gpu.allocator_conf; until 2026-12-07 expandable segments);
+# Unsloth's under its own default, expandable segments (bench/unsloth_arm.prepare)
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:False}
 export FTW_WHEELS=${FTW_WHEELS:-.whl-qlora} FTW_SITE=${FTW_SITE:-/tmp/site}
 source bench/gpu_env.sh

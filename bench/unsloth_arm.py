@@ -52,6 +52,9 @@ def prepare(script: str, shape: str, seq: int) -> None:
     save_once(script, shape, seq)
     for switch in ("UNSLOTH_DISABLE_STATISTICS", "HF_HUB_OFFLINE"):
         os.environ.setdefault(switch, "1")
+    # the peer under its own allocator: unsloth_zoo sets expandable segments where none is set (bench/gpu_step.sh's
+    # setting is the one ftw's checks pick for ftw)
+    os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     importlib.import_module("unsloth")
 
 

@@ -87,8 +87,9 @@ def test_the_children_get_fixed_segments_only_where_the_predicted_peak_leaves_ro
     beside = int((free - 0.3 * total - CONTEXT_HEADROOM) / CACHING_HEADROOM)
     assert stage_env(gpus, {}, roomy, engine_share=0.3)[allocator] == EXPANDABLE
     assert stage_env(gpus, {}, beside, engine_share=0.3)[allocator] == CACHING
-    operator = {allocator: "backend:cudaMallocAsync"}
-    assert stage_env(gpus, operator, roomy)[allocator] == stage_env(gpus, operator)[allocator] == operator[allocator]
+    for name in (allocator, "PYTORCH_ALLOC_CONF"):  # the operator's, by either of torch's names
+        operator = {name: "backend:cudaMallocAsync"}
+        assert stage_env(gpus, operator, roomy)[allocator] == stage_env(gpus, operator)[allocator] == operator[name]
 
 
 def test_probe_reads_the_compute_capability_where_nvidia_smi_gives_it(tmp_path):

@@ -218,9 +218,10 @@ def stage_env(
     result: GpuProbe, env: Mapping[str, str], peak_bytes: int | None = None, engine_share: float = 0.0
 ) -> dict[str, str]:
     """What a training child needs to see exactly the probed devices, with the allocator `allocator_conf` picks for
-    the predicted peak (`peak_bytes`) beside a vLLM engine's `engine_share` of the GPU, unless the operator set one."""
-    chosen = allocator_conf(result, peak_bytes, engine_share)
-    extra = {"PYTORCH_CUDA_ALLOC_CONF": env.get("PYTORCH_CUDA_ALLOC_CONF") or chosen}
+    the predicted peak (`peak_bytes`) beside a vLLM engine's `engine_share` of the GPU, unless the operator set one
+    (torch's unified PYTORCH_ALLOC_CONF too: copied, so that whichever name a torch reads first holds it)."""
+    operator = env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF")
+    extra = {"PYTORCH_CUDA_ALLOC_CONF": operator or allocator_conf(result, peak_bytes, engine_share)}
     if result.cpu_only:
         extra["CUDA_VISIBLE_DEVICES"] = ""
     elif result.visible is not None:
