@@ -379,3 +379,15 @@ def test_tensorboard_events_hold_the_numbers_the_trainer_reports(reported_run):
     logged = board.Scalars("train/loss")
     assert [s.step for s in logged] == [e["step"] for e in steps] == [1, 2, 3]
     assert all(abs(s.value - e["loss"]) < 1e-5 for s, e in zip(logged, steps))  # stored as float32
+
+
+def test_an_out_of_memory_hint_names_the_allocator_only_where_the_checks_kept_fixed_segments():
+    """Under fixed segments (worker/checks/gpu.allocator_conf) the error also says how to go back to expandable ones;
+    under expandable ones, or the operator's own setting, it gives the config changes alone."""
+    from worker.checks.gpu import CACHING, EXPANDABLE
+    from worker.train.reporting import OOM_HINT, oom_hint
+
+    fixed = oom_hint({"PYTORCH_CUDA_ALLOC_CONF": CACHING})
+    assert fixed.startswith(OOM_HINT) and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in fixed
+    for env in ({"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}, {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"}, {}):
+        assert oom_hint(env) == OOM_HINT

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,3 +200,22 @@ def peak_memory_gib(device: torch.device, setup_peak_bytes: int) -> tuple[float,
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None  # KiB on Linux
+
+
+OOM_HINT = (
+    "lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), set gradient_checkpointing: true, "
+    "or use a larger GPU; the run resumes from its last checkpoint"
+)
+
+
+def oom_hint(env: Mapping[str, str]) -> str:
+    """What to change after a CUDA out-of-memory error; where the checks gave the run torch's fixed allocator segments
+    (worker/checks/gpu.allocator_conf, whose CACHING this is: the stage reads its env, not the checks), also how to go
+    back to the expandable ones, which hold no more than the run allocates."""
+    fixed = "expandable_segments:False"
+    if env.get("PYTORCH_CUDA_ALLOC_CONF") != fixed:
+        return OOM_HINT
+    return (
+        OOM_HINT + f"; this run's allocator kept fixed segments (PYTORCH_CUDA_ALLOC_CONF={fixed}, chosen from the "
+        "predicted peak): an operator can set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on the worker"
+    )

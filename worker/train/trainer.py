@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -52,7 +53,7 @@ from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
 from worker.train.optim import build_optimizer, build_scheduler
 from worker.train.profile import StepProfiler
-from worker.train.reporting import Progress, peak_memory_gib
+from worker.train.reporting import Progress, oom_hint, peak_memory_gib
 from worker.train.schedule import Schedule
 from worker.train.step_queue import STEPS_AHEAD, QueuedStep, Readout, device_mark, freeze_heap
 
@@ -265,9 +266,7 @@ class Trainer:
                     raise OutOfMemory(
                         f"out of GPU memory at step {state.step + 1} "
                         f"({peak_memory_gib(self.topo.device, self.setup_peak_bytes)[0]:.1f} GiB in use at the peak)",
-                        hint="lower micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
-                        "set gradient_checkpointing: true, or use a larger GPU; "
-                        "the run resumes from its last checkpoint",
+                        hint=oom_hint(os.environ),
                     ) from e
                 state.step += 1
                 profiler.after_step(state.step)
