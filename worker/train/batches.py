@@ -143,12 +143,12 @@ def largest_micro_tokens(lengths: np.ndarray, plan: BatchPlan, total_steps: int)
     return largest
 
 
-def join_budget(sizes: np.ndarray, plan: BatchPlan, total_steps: int, joins: bool) -> int | None:
+def join_budget(sizes: np.ndarray | None, plan: BatchPlan, total_steps: int, joins: bool) -> int | None:
     """The tokens a step's samples join up to across its micro-batches where the run `joins` them
     (TrainingConfig.joins_steps, on padding-free rows), from every row's token count `sizes` (`rows.lengths`): the
     run's largest micro-batch; None where they stay as the plan has them, and where FTW_JOIN_STEPS=0
     (bench/gpu_train.py's ftw-unjoined arm measures the joining against it)."""
-    if not joins or os.environ.get(JOIN_ENV) == "0":
+    if sizes is None or not joins or os.environ.get(JOIN_ENV) == "0":
         return None
     return largest_micro_tokens(sizes, plan, total_steps)
 
