@@ -15,10 +15,13 @@ rank-sized products, e.g. Σr × hidden A grads, on full-width tiles).
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import re
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+from bench.host_waits import load  # noqa: E402
 
 KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart by `kind_of`
     ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "attention")),
@@ -53,8 +56,7 @@ def kind_of(name: str, dims: list | None = None) -> str:
 
 def split(path: str, steps: int) -> dict[str, float]:
     """ms a step of each kind in one arm's trace."""
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
+    events = load(Path(path))
     dims = {  # a CPU op's id → its inputs' shapes (a kernel carries the id of the op that launched it)
         e["args"]["External id"]: e["args"]["Input Dims"]
         for e in events
