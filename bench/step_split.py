@@ -15,13 +15,10 @@ rank-sized products, e.g. Σr × hidden A grads, on full-width tiles).
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import re
-import sys
 from collections import defaultdict
-from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
-from bench.host_waits import load  # noqa: E402
 
 KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart by `kind_of`
     ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "attention")),
@@ -56,7 +53,8 @@ def kind_of(name: str, dims: list | None = None) -> str:
 
 def split(path: str, steps: int) -> dict[str, float]:
     """ms a step of each kind in one arm's trace."""
-    events = load(Path(path))
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
     dims = {  # a CPU op's id → its inputs' shapes (a kernel carries the id of the op that launched it)
         e["args"]["External id"]: e["args"]["Input Dims"]
         for e in events
