@@ -20,8 +20,9 @@ import json
 import re
 from collections import defaultdict
 
+ATTENTION = ("sdpa", "fmha", "flash", "cudnn::fusion", "attention")  # before the GEMMs: their templates name cutlass
 KINDS = (  # (kind, name patterns), first match wins; the GEMMs are told apart by `kind_of`
-    ("attention", ("sdpa", "fmha", "flash", "cudnn::fusion", "attention")),
+    ("attention", ATTENTION),
     ("SwiGLU", ("swiglu", "_fg_kernel", "sigmoid", "silu")),
     ("norms", ("rmsnorm", "rms_layernorm", "layer_norm", "layernorm")),
     ("RoPE", ("rope", "rotary")),
@@ -37,7 +38,7 @@ RANK_SIDE = 256  # a matrix side under this is a LoRA rank (Σr of a stacked gro
 def kind_of(name: str, dims: list | None = None) -> str:
     """The kind of one kernel; `dims`: its op's "Input Dims" where the trace recorded them."""
     low = name.lower()
-    if GEMM.search(name):
+    if GEMM.search(name) and not any(p in low for p in ATTENTION):
         sides = [n for shape in dims or [] if len(shape) == 2 for n in shape]
         if sides:
             full = min(sides) >= RANK_SIDE
