@@ -7,6 +7,7 @@ and the GPU's work (--gpu-ms-per-token, the same step's busy time over its token
 
     .venv/bin/python bench/joined_passes.py
     .venv/bin/python bench/joined_passes.py --rows 20000 --steps 500 --host-ms 157 --gpu-ms-per-token 0.061
+    .venv/bin/python bench/joined_passes.py --ranks 8   # every rank runs as many passes as the rank needing most
 
 The figure to trust is measured on the GPU: `OUT=$OUT bash bench/gpu_step.sh joined`."""
 
@@ -21,21 +22,25 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 import numpy as np  # noqa: E402
 
 from bench.models import sample_lengths  # noqa: E402
-from worker.train.batches import BatchPlan, joined, largest_micro_tokens  # noqa: E402
+from worker.train.batches import BatchPlan, joined, largest_micro_tokens, ranks_passes  # noqa: E402
 
 
-def passes(lengths: list[int], mbs: int, accum: int, steps: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """(each step's micro-batches' tokens, each step's joined passes' tokens, the budget) over `steps` steps."""
-    plan = BatchPlan(len(lengths), mbs, accum, 1, seed=0)
+def passes(
+    lengths: list[int], mbs: int, accum: int, steps: int, ranks: int = 1
+) -> tuple[list[list[int]], list[list[int]], int, float]:
+    """(rank 0's micro-batches' tokens each step, its joined passes' tokens each step, the budget, the mean passes a
+    step every rank runs: the most any rank's share joins into, `ranks_passes`) over `steps` steps."""
+    plan = BatchPlan(len(lengths), mbs, accum, ranks, seed=0)
     sample_tokens = np.asarray(lengths)
     budget = largest_micro_tokens(sample_tokens, plan, steps)
     plain, merged = [], []
+    lockstep = sum(ranks_passes(sample_tokens, plan, step, None, budget) for step in range(steps)) / steps
     for step in range(steps):
         micros = plan.micro_batches(step, 0)
         plain.append([int(sample_tokens[m].sum()) for m in micros])
         rows = [{"input_ids": range(lengths[i])} for m in micros for i in m]
         merged.append([sum(len(r["input_ids"]) for r in run) for run in joined(rows, budget)])
-    return plain, merged, budget
+    return plain, merged, budget, lockstep
 
 
 def main() -> int:
@@ -44,19 +49,20 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--shapes", default="1x4,1x8,2x4,2x8,4x4", help="micro_batch_size x gradient_accumulation_steps")
+    ap.add_argument("--ranks", type=int, default=1, help="processes a step is shared over (DDP / FSDP)")
     ap.add_argument("--host-ms", type=float, default=188.6, help="the host's launches of one 8B pass (ms)")
     ap.add_argument("--gpu-ms-per-token", type=float, default=148.5 / 2430, help="the GPU's 8B work a token (ms)")
     a = ap.parse_args()
     lengths = sample_lengths(a.rows, seed=0, cap=a.seq)
     print(f"{a.rows:,} samples, mean {sum(lengths) / len(lengths):.0f} tokens, at most {a.seq}; {a.steps} steps")
     print(
-        "| mbs × accum | budget (largest micro-batch) | passes a step, plain → joined | tokens a pass, plain → joined "
-        "| modelled step ms, plain → joined | × |"
+        "| mbs × accum | budget (largest micro-batch) | passes a step, plain → joined | every rank's, of "
+        f"{a.ranks} | tokens a pass, plain → joined | modelled step ms, plain → joined | × |"
     )
-    print("|---|---:|---|---|---|---:|")
+    print("|---|---:|---|---:|---|---|---:|")
     for shape in a.shapes.split(","):
         mbs, accum = (int(x) for x in shape.split("x"))
-        plain, merged, budget = passes(lengths, mbs, accum, a.steps)
+        plain, merged, budget, lockstep = passes(lengths, mbs, accum, a.steps, a.ranks)
 
         def step_ms(steps: list[list[int]]) -> float:
             return sum(max(a.host_ms, t * a.gpu_ms_per_token) for s in steps for t in s) / len(steps)
@@ -65,7 +71,7 @@ def main() -> int:
         per_pass = [sum(map(sum, s)) / sum(map(len, s)) for s in (plain, merged)]
         before, after = step_ms(plain), step_ms(merged)
         print(
-            f"| {mbs} × {accum} | {budget:,} | {n_plain:.2f} → {n_joined:.2f} "
+            f"| {mbs} × {accum} | {budget:,} | {n_plain:.2f} → {n_joined:.2f} | {lockstep:.2f} "
             f"| {per_pass[0]:,.0f} → {per_pass[1]:,.0f} | {before:,.0f} → {after:,.0f} | {before / after:.2f}× |"
         )
     return 0

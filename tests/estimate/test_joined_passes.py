@@ -27,16 +27,24 @@ def workload(gpu_count: int = 1, **config):
     return workload_of(cfg, known_shape(cfg.base_model), data, gpu_count)
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 8])
 @pytest.mark.parametrize("mbs, accum", [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4)])
-def test_the_passes_counted_are_within_a_fifth_of_the_trainers_own(mbs, accum):
+def test_the_passes_counted_are_within_a_fifth_of_the_trainers_own(mbs, accum, ranks):
+    """Over several ranks, the passes every rank runs: as many as the rank whose share needs most."""
     lengths = sample_lengths(5_000, seed=0, cap=2048)
-    plain, merged, _ = passes(lengths, mbs, accum, steps=200)
-    exact = sum(map(len, merged)) / len(merged)
+    _, merged, _, lockstep = passes(lengths, mbs, accum, steps=200, ranks=ranks)
+    exact = lockstep if ranks > 1 else sum(map(len, merged)) / len(merged)
     mean = sum(lengths) / len(lengths)
-    w = workload(sample_packing=False, micro_batch_size=mbs, gradient_accumulation_steps=accum)
+    w = workload(ranks, sample_packing=False, micro_batch_size=mbs, gradient_accumulation_steps=accum)
     w = w.replace(micro_tokens=mbs * mean)  # the bench's samples, not the config's data
     assert w.joined and exact < accum
     assert w.passes == pytest.approx(exact, rel=0.2)
+
+
+def test_ranks_in_lockstep_run_more_passes_a_step_than_one_process():
+    one, eight = workload(1, **UNPACKED), workload(8, **UNPACKED)
+    assert one.passes < workload(2, **UNPACKED).passes < eight.passes <= 8
+    assert tokens_per_s(eight, H100.bf16_tflops) < tokens_per_s(one, H100.bf16_tflops)  # a GPU's, host-bound
 
 
 def test_a_joined_run_is_estimated_faster_and_its_cost_lower():

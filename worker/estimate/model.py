@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 from worker.estimate.shapes import ModelShape
@@ -97,6 +98,11 @@ DROPOUT_STEP = 1.045
 # where samples have a long tail, and next-fit fills ~70% of the budget (bench/joined_passes.py over lognormal samples:
 # 0.53-0.77 for mbs 1-4 × 4-8 accumulated; the passes it gives are within ±20% of that bench's exact counts)
 JOIN_FILL = 0.65
+# ranks joining their shares of a step run in lockstep, as many passes as the rank needing most
+# (worker/train/batches.ranks_passes): a rank's passes spread by about LOCKSTEP_SPREAD × passes / √(samples a step)
+# for the lognormal mix of SPAN_PER_MEAN, and the most of N ranks' lies that spread × E[max of N normals] above the
+# mean (bench/joined_passes.py --ranks 2, 4, 8: within ±20% of its exact counts at mbs 1-4 × 4-8 accumulated)
+LOCKSTEP_SPREAD = 0.75
 HOST_FORWARD_SHARE = 0.43  # of that host work, the forward's (the same profile): a checkpointed step runs it twice
 BYTES_4BIT = 0.53  # nf4 + absmax (double-quantised) per quantised weight
 HOST_LINK_BYTES_PER_S = 25e9  # a typical pinned copy rate over PCIe 4 x16 (not calibrated)
@@ -131,6 +137,7 @@ class Workload:
     mlp_fused: bool = True  # the fused LoRA MLP runs where the mode's kernels do (lora_mlp_kernel not false)
     dropout: bool = False  # lora_dropout > 0: on the fused path its masks' passes lengthen the GPU's step
     joined: bool = False  # a padding-free step's samples join across its micro-batches (worker/train/batches.joined)
+    ranks: int = 1  # processes a step is shared over (DDP, FSDP): joined, they run as many passes as the most needs
 
     @property
     def mode(self) -> str:
@@ -171,14 +178,22 @@ class Workload:
     @property
     def passes(self) -> float:
         """Forward and backward passes a step: one a micro-batch, or, where the step's samples join, as many as hold
-        its tokens at JOIN_FILL of micro_batch_size × sequence_len each (never more than its micro-batches)."""
+        its tokens at JOIN_FILL of micro_batch_size × sequence_len each (never more than its micro-batches); over
+        several ranks, the most any of them needs (LOCKSTEP_SPREAD)."""
         if not self.joined:
             return float(self.grad_accum)
         pass_tokens = JOIN_FILL * self.micro_batch_size * self.sequence_len
-        return min(float(self.grad_accum), max(1.0, self.grad_accum * self.real_tokens / pass_tokens))
+        mean = max(1.0, self.grad_accum * self.real_tokens / pass_tokens)
+        spread = LOCKSTEP_SPREAD * mean / (self.grad_accum * self.micro_batch_size) ** 0.5
+        return min(float(self.grad_accum), mean + spread * expected_max_normal(self.ranks))
 
     def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
+
+
+def expected_max_normal(n: int) -> float:
+    """E[max] of n standard normal draws (Blom's approximation: 0 for one, 0.59 for two, 1.43 for eight)."""
+    return 0.0 if n <= 1 else NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
 
 
 # ---- memory ----------------------------------------------------------------------------------

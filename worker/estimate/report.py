@@ -158,6 +158,7 @@ def workload_of(cfg: TrainingConfig, shape: ModelShape, data: DatasetSize, gpu_c
         dropout=method != "full" and cfg.lora_dropout > 0,
         joined=padding_free and cfg.joins_steps(max(gpu_count, 1)),  # the trainer's rule
         shards=max(gpu_count, 1) if sharded else 1,
+        ranks=max(gpu_count, 1),
         moment_bits=optimizer.moment_bits if (optimizer := OPTIMIZERS.get(cfg.optimizer)) else None,
         trained_share=data.trained_share if cfg.rl_method() is None else None,  # the rl losses take every row
         padding_free=padding_free,
