@@ -39,15 +39,10 @@
 # shapes waits for the device at each new token count) and, through the branch next/real-path-waits, the real path
 # against the bare loop unreplayed (1.00×; docs/benchmarks.md, "fifteenth session"). Measured on 2026-12-07 (sixteenth
 # session, H100): `new-shapes profile` under expandable segments (which GEMM calls wait in a fresh step) and the bare
-# loop's short steps under both allocators (docs/benchmarks.md, "sixteenth session"). Still wanted:
-#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked     # bare, bare-fresh and ftw, fixed segments; then
-#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh real-unpacked
-#   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True UNPACKED_ARMS=ftw SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh \
-#     unpacked                                                      # and without the first: reserved memory at 8B
-#   AB_ROUNDS=4 OLD=.gpu/sums AB_UNPACKED=1 AB_SHAPES=llama-8b OUT=$OUT bash bench/gpu_step.sh ab
+# loop's short steps under both allocators (docs/benchmarks.md, "sixteenth session"). Measured on 2026-12-07
+# (seventeenth session, H200): `real-unpacked` at 1B under both allocators, also with REAL_WARMUP=60, and `unpacked`
+# at 1B and 8B under both (docs/benchmarks.md, "seventeenth session"). Still wanted:
 #   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
-# with .gpu/sums = `git archive next/rank-grads-finish kernels bench schemas worker` (rank_grads' two partial sums in
-# one launch; the ratio under 1 is the branch's gain; its tests: TESTS=tests/kernels/test_rank_grads.py from it).
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
