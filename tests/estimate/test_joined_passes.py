@@ -1,7 +1,8 @@
-"""A padding-free run with gradient accumulation in one process joins each step's samples across its micro-batches
+"""A padding-free run with gradient accumulation joins each step's samples across its micro-batches
 (worker/train/batches.joined): fewer forward and backward passes a step, each of which the host takes the same time
 to launch. The estimate counts the passes from the step's tokens at JOIN_FILL of micro_batch_size × sequence_len a
-pass; here against the trainer's own joining over lognormal samples (bench/joined_passes.py), and in a job's time."""
+pass, and over several ranks the excess of the rank needing most (LOCKSTEP_SPREAD); here against the trainer's own
+joining over lognormal samples (bench/joined_passes.py), and in a job's time."""
 
 from __future__ import annotations
 
