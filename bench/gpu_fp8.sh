@@ -16,7 +16,8 @@ mkdir -p "$OUT"
 source bench/gpu_env.sh
 log() { echo "[gpu_fp8] $*" | tee -a "$OUT/summary.txt"; }
 ensure_imports "import pydantic, yaml, schemas.config, ftw_kernels, peft"
-{ nvidia-smi -L; $PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_capability())"; } >"$OUT/env.txt" 2>&1
+record_host
+$PY -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_capability())" >>"$OUT/env.txt" 2>&1
 log "tests"
 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gpu.py 2>&1 | tail -n 25 >"$OUT/tests.txt"
 tail -n 1 "$OUT/tests.txt" | tee -a "$OUT/summary.txt"

@@ -27,7 +27,8 @@ if [ "${DRY_RUN_CPU:-}" = 1 ]; then
 else
   unset FTW_ALLOW_CPU
   export CUDA_VISIBLE_DEVICES=0,1
-  { nvidia-smi -L; nvidia-smi topo -m; $PY -c "import sys, torch, deepspeed; print(sys.version.split()[0], torch.__version__, deepspeed.__version__)"; } >"$OUT/env.txt" 2>&1
+  record_host
+  $PY -c "import sys, torch, deepspeed; print(sys.version.split()[0], torch.__version__, deepspeed.__version__)" >>"$OUT/env.txt" 2>&1
   $PY -c "
 import json, os, sys
 from worker.checks.gpu import probe

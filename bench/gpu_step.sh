@@ -123,7 +123,7 @@ source bench/gpu_env.sh
 export UNSLOTH_DISABLE_STATISTICS=1 TRANSFORMERS_OFFLINE=1
 log() { echo "[gpu_step] $*" | tee -a "$OUT/summary.txt"; }
 ensure_imports "import pydantic, yaml, schemas.config, ftw_kernels, peft"
-nvidia-smi -L >"$OUT/env.txt" 2>&1
+record_host
 
 throughput() {  # shape, steps, arm timeout
   log "train_throughput $1: $ARMS"

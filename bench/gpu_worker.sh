@@ -25,8 +25,9 @@ log() { echo "[gpu_worker] $*" | tee -a "$OUT/summary.txt"; }
 NEEDED="import runpod, runpod.serverless, datasets, pydantic, yaml, matplotlib, boto3, filelock, psutil, aiohttp, handler, worker.devtools.endpoint.server"
 ensure_imports "$NEEDED"
 
-{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv; \
-  $PY -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)"; } >"$OUT/env.txt" 2>&1
+record_host
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv; \
+  $PY -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)"; } >>"$OUT/env.txt" 2>&1
 
 # ---- 1 + 2: the probe -----------------------------------------------------------------------------
 $PY - "$OUT" <<'EOF'
