@@ -227,8 +227,9 @@ def estimate(
             f"~{host_seconds(w) * 1e3:.0f} ms the host takes to launch it, so the GPU waits; more tokens a micro-batch "
             f"({more_tokens_advice(w.packed)}) train in the same host time"
             + (
-                "; on H100s such short padding-free passes of ftw train ran 1.2-1.8x slower than this "
-                "(docs/estimate.md, what is not calibrated)"
+                "; on H100s such short padding-free passes of ftw train ran 1.2-1.8x slower than this, and an H200 "
+                "machine ran them 1.3-1.7x faster: the host's CPU sets the floor (docs/estimate.md, what "
+                "is not calibrated)"
                 if w.padding_free
                 else ""
             )
