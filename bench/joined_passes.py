@@ -1,13 +1,15 @@
 """How many forward and backward passes a padding-free step runs with its samples joined across its accumulated
 micro-batches (worker/train/batches.py `joined`), against one a micro-batch, over a run of lognormal sample lengths
 (bench/models.py `sample_lengths`: mean ~600 tokens, σ 0.8, at most --seq), as the trainer's own plan and functions
-lay them out. CPU only, exact for the passes; the step time beside them is a model, not a measurement: each pass
-takes the longer of the host's launches (--host-ms, an H100 host's 8B step of docs/benchmarks.md's eleventh session)
-and the GPU's work (--gpu-ms-per-token, the same step's busy time over its tokens).
+lay them out, with the passes every rank runs over --ranks and `ftw estimate`'s count beside them (the rows of
+docs/estimate.md: --rows 5000 --steps 200, --ranks 1, 2, 4, 8). CPU only, exact for the passes; the step time beside
+them is a model, not a measurement: each pass takes the longer of the host's launches (--host-ms, an H100 host's 8B
+step of docs/benchmarks.md's eleventh session) and the GPU's work (--gpu-ms-per-token, the same step's busy time
+over its tokens).
 
     .venv/bin/python bench/joined_passes.py
     .venv/bin/python bench/joined_passes.py --rows 20000 --steps 500 --host-ms 157 --gpu-ms-per-token 0.061
-    .venv/bin/python bench/joined_passes.py --ranks 8   # every rank runs as many passes as the rank needing most
+    .venv/bin/python bench/joined_passes.py --rows 5000 --steps 200 --ranks 8   # the passes of 8 ranks in lockstep
 
 The figure to trust is measured on the GPU: `OUT=$OUT bash bench/gpu_step.sh joined`."""
 
@@ -22,6 +24,8 @@ sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 import numpy as np  # noqa: E402
 
 from bench.models import sample_lengths  # noqa: E402
+from worker.estimate.model import Workload  # noqa: E402
+from worker.estimate.shapes import known_shape  # noqa: E402
 from worker.train.batches import BatchPlan, joined, largest_micro_tokens, ranks_passes  # noqa: E402
 
 
@@ -43,6 +47,13 @@ def passes(
     return plain, merged, budget, lockstep
 
 
+def estimated_passes(mbs: int, accum: int, seq: int, mean_tokens: float, ranks: int) -> float:
+    """`ftw estimate`'s passes a step for the same run (worker/estimate/model.Workload.passes)."""
+    shape = known_shape("meta-llama/Llama-3.1-8B")  # the passes depend on the batch's tokens, not the model
+    w = Workload(shape, "lora", True, mbs, seq, False, accum, micro_tokens=mbs * mean_tokens, joined=True, ranks=ranks)
+    return w.passes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20_000)
@@ -57,9 +68,10 @@ def main() -> int:
     print(f"{a.rows:,} samples, mean {sum(lengths) / len(lengths):.0f} tokens, at most {a.seq}; {a.steps} steps")
     print(
         "| mbs × accum | budget (largest micro-batch) | passes a step, plain → joined | every rank's, of "
-        f"{a.ranks} | tokens a pass, plain → joined | modelled step ms, plain → joined | × |"
+        f"{a.ranks} | the estimate's (× that) | tokens a pass, plain → joined | modelled step ms, plain → joined | × |"
     )
-    print("|---|---:|---|---:|---|---|---:|")
+    print("|---|---:|---|---:|---:|---|---|---:|")
+    mean = sum(lengths) / len(lengths)
     for shape in a.shapes.split(","):
         mbs, accum = (int(x) for x in shape.split("x"))
         plain, merged, budget, lockstep = passes(lengths, mbs, accum, a.steps, a.ranks)
@@ -70,8 +82,10 @@ def main() -> int:
         n_plain, n_joined = (sum(map(len, s)) / len(s) for s in (plain, merged))
         per_pass = [sum(map(sum, s)) / sum(map(len, s)) for s in (plain, merged)]
         before, after = step_ms(plain), step_ms(merged)
+        estimated = estimated_passes(mbs, accum, a.seq, mean, a.ranks)
         print(
             f"| {mbs} × {accum} | {budget:,} | {n_plain:.2f} → {n_joined:.2f} | {lockstep:.2f} "
+            f"| {estimated:.2f} ({estimated / lockstep:.2f}×) "
             f"| {per_pass[0]:,.0f} → {per_pass[1]:,.0f} | {before:,.0f} → {after:,.0f} | {before / after:.2f}× |"
         )
     return 0
