@@ -192,8 +192,8 @@ class Workload:
 
 
 def expected_max_normal(n: int) -> float:
-    """E[max] of n standard normal draws (Blom's approximation: 0 for one, 0.59 for two, 1.43 for eight)."""
-    return 0.0 if n <= 1 else NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
+    """E[max] of n ≥ 1 standard normal draws (Blom's approximation: 0 for one, 0.59 for two, 1.43 for eight)."""
+    return NormalDist().inv_cdf((n - 0.375) / (n + 0.25))
 
 
 # ---- memory ----------------------------------------------------------------------------------

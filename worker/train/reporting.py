@@ -216,6 +216,7 @@ def oom_hint(env: Mapping[str, str]) -> str:
     if env.get("PYTORCH_CUDA_ALLOC_CONF") != fixed:
         return OOM_HINT
     return (
-        OOM_HINT + f"; this run's allocator kept fixed segments (PYTORCH_CUDA_ALLOC_CONF={fixed}, chosen from the "
-        "predicted peak): an operator can set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on the worker"
+        OOM_HINT + f"; this run's allocator kept fixed segments (PYTORCH_CUDA_ALLOC_CONF={fixed}, the checks' choice "
+        "for the predicted peak unless the operator set it): PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True on the "
+        "worker holds no more than the run allocates"
     )
