@@ -162,12 +162,15 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         "ms_per_step": round(step_s * 1e3, 1),
         # each step's GPU time, and the window timed by its events' timestamps as before 3c5f31c (how far off that was)
         "step_ms_each": [steps_seen.get(s, {}).get("step_ms") for s in range(warmup + 1, last + 1)],
+        "step_tokens_each": step_tokens(steps_seen, warmup, last),
         "ms_per_step_by_timestamps": round(seconds_per_step_by_timestamps(steps_seen, warmup, last) * 1e3, 1),
         "peak_memory_gib": summary["peak_memory_gib"],  # the process's, loading included
         "step_peak_memory_gib": summary.get("step_peak_memory_gib"),  # the steps' own (CUDA)
         "final_loss": dict(summary["loss_curve"])[last],
         "kernels": summary["kernels"],
         "child_wall_s": round(wall, 1),
+        # the GPU's median busy share and SM clock over the run (nvidia-smi): a slow arm waited on the host or not
+        **{k: summary[k] for k in ("gpu_busy_share", "gpu_sm_clock_mhz") if k in summary},
     }
     if profiled:
         result.update(profile_figures(run_dir / "profile.txt", profiled))
@@ -200,9 +203,45 @@ def bare_arm(a: argparse.Namespace, replay: bool = True) -> dict:
         "tokens_per_s": r["tokens_per_s"],  # the real tokens of its timed steps (unpacked: not mbs × seq a step)
         "ms_per_step": r["step_ms"],
         "step_ms_each": r.get("step_ms_each"),  # CUDA events between steps, as the real path's `step_ms`
+        "step_tokens_each": r.get("step_tokens_each"),
+        **({"gpu_busy_share": r["gpu_busy_share"], "gpu_sm_clock_mhz": r["sm_mhz"]} if r.get("gpu_busy_share") else {}),
         "peak_memory_gib": r["peak_alloc_gib"],
         "final_loss": r["loss_last"],
         "kernels": r["kernels"],
+    }
+
+
+def step_tokens(steps_seen: dict, warmup: int, last: int) -> list[int] | None:
+    """Each timed step's tokens, from the step events' running count (the arms' batches differ: the trainer's plan
+    orders the rows its own way)."""
+    counts = [steps_seen.get(s, {}).get("tokens") for s in range(warmup, last + 1)]
+    return None if None in counts else [after - before for before, after in zip(counts, counts[1:])]
+
+
+def cpu_jiffies() -> list[int] | None:
+    """The machine's CPU time so far by kind (/proc/stat's first line: user, nice, system, idle, iowait, irq,
+    softirq, steal, ...); None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+
+
+def host_load(before: list[int] | None, after: list[int] | None) -> dict:
+    """Between two cpu_jiffies: how many CPUs were busy on average, and the share of CPU time the hypervisor gave
+    to other guests (steal). A host-bound arm slowed by its neighbours shows steal; one slowed by work of its own
+    machine shows busy CPUs."""
+    if before is None or after is None:
+        return {}
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d[:8])
+    if total <= 0:
+        return {}
+    idle = d[3] + d[4]
+    return {
+        "cpus_busy": round((total - idle) / total * (os.cpu_count() or 1), 2),
+        "cpu_steal_share": round(d[7] / total, 4),
     }
 
 

@@ -238,7 +238,8 @@ def run_arm(a: argparse.Namespace) -> dict:
     profiled = batches[a.warmup + a.steps :] if fresh_profile else timed[:3]
     busy_ms = profile_steps(step, profiled, a.profile) if a.profile else None
     timed_stream = stream[a.warmup : a.warmup + a.steps]
-    tokens = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in timed_stream)  # real
+    tokens_each = [int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b, _ in timed_stream]  # real
+    tokens = sum(tokens_each)
     sum_sq = sum(sq for _, sq in timed)
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b, _ in timed_stream)  # the head's useful rows
@@ -268,12 +269,14 @@ def run_arm(a: argparse.Namespace) -> dict:
         offloaded_mib_per_step=round(offloader.last.offloaded_bytes / 2**20, 1) if offloader else None,
         step_ms=round(seconds * 1e3 / a.steps, 1),
         step_ms_each=[round(ms, 1) for ms in each_ms],
+        step_tokens_each=tokens_each,
         heap_frozen=heap_frozen,
         host_ms_per_step={phase: round(s * 1e3 / a.steps, 1) for phase, s in timed_host_s.items()},
         host_syncs=syncs,
         dequantised=dequantised_a_step,
         gpu_busy_ms_per_step=None if busy_ms is None else round(busy_ms, 1),
         sm_mhz=clock.get("gpu_sm_clock_mhz"),
+        gpu_busy_share=clock.get("gpu_busy_share"),
         power_w=clock.get("gpu_power_w"),
     )
 

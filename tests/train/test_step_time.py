@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from bench.gpu_train_arms import cpu_jiffies, host_load, step_tokens
 from bench.models import seconds_per_step
 from tests.train.helpers import base_config, events, run_inprocess, write_cache
 from worker.train.step_queue import Readout, device_mark
@@ -31,6 +34,20 @@ def test_off_cuda_a_readout_has_no_time_and_the_events_none(task_model_dir, task
     summary = json.loads((run_dir / "summary.json").read_text())
     tokens = [e["tokens"] for e in steps]  # trained so far: a window's rate from its ends (bench/gpu_train_arms.py)
     assert 0 < tokens[0] < tokens[1] < tokens[2] == summary["tokens"]
+    by_step = {e["step"]: e for e in steps}  # each timed step's own tokens, for bench/gpu_train.py's arms
+    assert step_tokens(by_step, 1, 3) == [tokens[1] - tokens[0], tokens[2] - tokens[1]]
+    del by_step[2]["tokens"]  # a tree whose events lack the count: no per-step figures rather than wrong ones
+    assert step_tokens(by_step, 1, 3) is None
+
+
+def test_host_load_sees_a_busy_cpu_over_an_arm():
+    """bench/gpu_train.py names the load beside each arm: a child spinning one CPU for a second shows as ≥ 0.8 busy
+    CPUs (the machine's other work can only add), and the steal share is a share."""
+    before = cpu_jiffies()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1: pass"])
+    load = host_load(before, cpu_jiffies())
+    assert load["cpus_busy"] >= 0.8 and 0.0 <= load["cpu_steal_share"] <= 1.0
+    assert host_load(None, before) == {}
 
 
 def test_seconds_per_step_takes_the_gpu_times_over_the_timestamps():
