@@ -61,14 +61,7 @@ from bench.nf4_arms import dequantised  # noqa: E402
 from bench.step_probes import profile_steps, sync_sites  # noqa: E402
 from bench.throughput_table import table  # noqa: E402
 
-FTW_ARMS = (
-    "ftw",
-    "ftw-fp8",
-    "ftw-unbordered",
-    "ftw-all-rows",
-    "ftw-padded",
-    "ftw-peft-lora",
-)  # the arms that run ftw's kernels
+FTW_ARMS = ("ftw", "ftw-fp8", "ftw-unbordered", "ftw-all-rows", "ftw-padded", "ftw-peft-lora")  # ftw's kernels
 ARM_SWITCHES = {"ftw-unbordered": ("FTW_BORDERED_LORA", "0")}  # ftw's names
 
 
@@ -80,15 +73,7 @@ def model_config(shape: str, seq: int):
     return AutoConfig.for_model(spec.pop("model_type"), max_position_embeddings=max(seq, 4096), **spec)
 
 
-def build(
-    arm: str,
-    shape: str,
-    gc: bool,
-    seq: int,
-    bits: int | None = None,
-    lora_seed: int | None = None,
-    dropout: float = 0.0,
-):
+def build(arm: str, shape: str, gc: bool, seq: int, bits: int | None = None, lora_seed: int | None = None, dropout=0.0):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -347,15 +347,8 @@ class Trainer:
         def save_partitions(folder: Path) -> None:
             ds_.save_state(self, folder)
 
-        deepspeed = self.strategy == "deepspeed"
-        return TrainingObjects(
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            save_partitions if deepspeed else None,
-        )
+        partitions = save_partitions if self.strategy == "deepspeed" else None
+        return TrainingObjects(self.model, self.tokenizer, self.optimizer, self.scheduler, self.scaler, partitions)
 
     def save_checkpoint(self) -> Path | None:
         cfg, state = self.cfg, self.state
