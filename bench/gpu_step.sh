@@ -69,6 +69,10 @@
 #                         padding-free batches end to end, against the bare loop's, replayed and not (bare-fresh)
 #                         ($REAL_STEPS steps timed after $REAL_WARMUP, default 3; e.g. REAL_WARMUP=60: steady state,
 #                         once the run has met most of its token counts)
+#   variants variants-<shape>-<round>/  bench/gpu_train.py --unpacked at $SHAPES (mbs 8 at 1B, 4 at 8B), $REAL_STEPS
+#                         steps timed after $REAL_WARMUP: the fresh bare loop, `ftw train` and `ftw train` with parts of
+#                         its step taken out ($VARIANT_ARMS, default every variant of bench/train_variants.py alone and
+#                         all together), in $VARIANT_ROUNDS rounds (default 2), each round's arms in the other order
 #   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
 #                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
 #                         (ftw-unjoined, FTW_JOIN_STEPS=0)
@@ -182,6 +186,20 @@ for part in "${parts[@]}"; do
           --arm-timeout "$((limit + ${REAL_WARMUP:-3}))" \
           2>&1 | tee "$OUT/$tag-$name.txt" | grep "^|" | tee -a "$OUT/summary.txt"
       done ;;
+    variants)
+      arms=${VARIANT_ARMS:-bare-fresh,ftw,ftw~sync,ftw~no-autocast,ftw~no-clip+no-clocks,ftw~sync+no-autocast+no-clip+no-clocks}
+      for shape in llama-1b:8:90 llama-8b:4:150; do
+        IFS=: read -r name mbs limit <<<"$shape"
+        [[ ",$SHAPES," == *",$name,"* ]] || continue
+        for round in $(seq "${VARIANT_ROUNDS:-2}"); do
+          log "gpu_train $name, --unpacked, round $round: ${arms//,/, }"
+          $PY bench/gpu_train.py --out "$OUT/variants-$name-$round" --work "/tmp/variants-$name" --shape "$name" \
+            --mbs "$mbs" --unpacked --arms "$arms" --steps "${REAL_STEPS:-30}" --warmup "${REAL_WARMUP:-40}" --no-merge \
+            --no-profile --arm-timeout "$((limit + ${REAL_WARMUP:-40}))" 2>&1 | tee "$OUT/variants-$name-$round.txt" \
+            | grep "^|" | tee -a "$OUT/summary.txt"
+          arms=$(tr , '\n' <<<"$arms" | tac | paste -sd,)  # the next round in the other order
+        done
+      done ;;
     masked | unpacked | dropout | int8)
       [ "$part" = masked ] && how="--full-length --prompt-share 0.5" arms=unsloth,ftw,ftw-all-rows
       [ "$part" = unpacked ] && how="--unpacked --replay" arms=${UNPACKED_ARMS:-unsloth,ftw,ftw-padded}
@@ -243,6 +261,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, joined, 1b, 8b, qlora8b, qlora1b, profile, gemms, new-shapes, algos, rank-grads, ab)"; exit 2 ;;
+         "offload, joined, variants, 1b, 8b, qlora8b, qlora1b, profile, gemms, new-shapes, algos, rank-grads, ab)"; exit 2 ;;
   esac
 done

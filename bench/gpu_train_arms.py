@@ -74,10 +74,12 @@ def hf_arm(model_dir: Path, cache: Path, warmup: int, steps: int, mbs: int, seq:
     }
 
 
-def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Namespace) -> dict:
+def ftw_arm(arm: str, model_dir: Path, cache: Path, work: Path, a: argparse.Namespace) -> dict:
+    """`arm` NAME or NAME~VARIANTS: the train stage with parts of its step taken out (bench/train_variants.py)."""
     from schemas.config import TrainingConfig
 
-    run_dir = work / name
+    name, _, variants = arm.partition("~")
+    run_dir = work / arm
     shutil.rmtree(run_dir, ignore_errors=True)  # a warm machine keeps the last call's events
     run_dir.mkdir(parents=True)
     warmup, steps = a.warmup, a.steps
@@ -129,8 +131,7 @@ def ftw_arm(name: str, model_dir: Path, cache: Path, work: Path, a: argparse.Nam
         proc = subprocess.run(
             [
                 sys.executable,
-                "-m",
-                "worker.train",
+                *(["-m", "worker.train"] if not variants else [str(REPO / "bench" / "train_variants.py"), variants]),
                 str(run_dir / "config.json"),
                 "--run-dir",
                 str(run_dir),
