@@ -227,9 +227,9 @@ def estimate(
             f"~{host_seconds(w) * 1e3:.0f} ms the host takes to launch it, so the GPU waits; more tokens a micro-batch "
             f"({more_tokens_advice(w.packed)}) train in the same host time"
             + (
-                "; on H100s such short padding-free passes of ftw train ran 1.2-1.8x slower than this, and an H200 "
-                "machine ran them 1.3-1.7x faster: the host's CPU sets the floor (docs/estimate.md, what "
-                "is not calibrated)"
+                "; on H100s such short padding-free passes of ftw train ran 1.2-1.8x slower than this, and on two "
+                "H200 machines from 1.3-1.7x faster to 1.2x slower: the host's CPU sets the floor, not the GPU "
+                "(docs/estimate.md, what is not calibrated)"
                 if w.padding_free
                 else ""
             )
