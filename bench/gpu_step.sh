@@ -41,8 +41,11 @@
 # session, H100): `new-shapes profile` under expandable segments (which GEMM calls wait in a fresh step) and the bare
 # loop's short steps under both allocators (docs/benchmarks.md, "sixteenth session"). Measured on 2026-12-07
 # (seventeenth session, H200): `real-unpacked` at 1B under both allocators, also with REAL_WARMUP=60, and `unpacked`
-# at 1B and 8B under both (docs/benchmarks.md, "seventeenth session"). Still wanted:
-#   OUT=$OUT bash bench/gpu_worker.sh                       # carrying .whl (bench/gpu_wheels.py), not .whl-qlora
+# at 1B and 8B under both (docs/benchmarks.md, "seventeenth session"). Measured on 2026-12-07 (eighteenth session,
+# H200): `real-unpacked` three times with REAL_WARMUP=60 and `unpacked` (UNPACKED_ARMS=ftw) on a slower host. Still
+# wanted (both carry .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
+#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh variants   # which part of ftw train's step a slow host pays for
+#   OUT=$OUT bash bench/gpu_worker.sh
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
