@@ -205,7 +205,11 @@ def bare_arm(a: argparse.Namespace, replay: bool = True) -> dict:
         "ms_per_step": r["step_ms"],
         "step_ms_each": r.get("step_ms_each"),  # CUDA events between steps, as the real path's `step_ms`
         "step_tokens_each": r.get("step_tokens_each"),
-        **({"gpu_busy_share": r["gpu_busy_share"], "gpu_sm_clock_mhz": r["sm_mhz"]} if r.get("gpu_busy_share") else {}),
+        **(
+            {"gpu_busy_share": r["gpu_busy_share"], "gpu_sm_clock_mhz": r["sm_mhz"]}
+            if r.get("gpu_busy_share") is not None
+            else {}
+        ),
         "peak_memory_gib": r["peak_alloc_gib"],
         "final_loss": r["loss_last"],
         "kernels": r["kernels"],
