@@ -54,7 +54,7 @@ def main() -> int:
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    from bench.models import build_cache
+    from bench.models import LORA_16, TIMED_RUN, build_cache
     from schemas.config import TrainingConfig
     from worker.devtools.tiny import build_model
     from worker.train import objective, trainer
@@ -77,20 +77,16 @@ def main() -> int:
     trainer.build_optimizer = counted_optimizer
     objective.SupervisedObjective.loss = counted("forward", objective.SupervisedObjective.loss, phases)
     torch.Tensor.backward = counted("backward", torch.Tensor.backward, phases)
-    cfg = {
+    cfg = {  # bench/gpu_train.py's ftw arm's recipe
         "base_model": str(model),
-        "datasets": [{"path": "unused.jsonl", "type": "completion"}],
-        "adapter": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_target_linear": True,
+        "datasets": [{"path": "bench.jsonl", "type": "completion"}],
+        **LORA_16,
+        **TIMED_RUN,
         "learning_rate": 1e-4,
         "micro_batch_size": a.mbs,
         "sequence_len": 256,
         "sample_packing": False,
         "max_steps": a.steps,
-        "save_strategy": "no",
-        "logging_steps": 1,
     }
     torch.set_num_threads(1)
     if run(TrainingConfig.model_validate(cfg), work / "run", work / "cache") != 0:
