@@ -75,7 +75,8 @@
 #   variants variants-<shape>-<round>/  bench/gpu_train.py --unpacked at $SHAPES (mbs 8 at 1B, 4 at 8B), $REAL_STEPS
 #                         steps timed after $REAL_WARMUP: the fresh bare loop, `ftw train` and `ftw train` with parts of
 #                         its step taken out ($VARIANT_ARMS, default every variant of bench/train_variants.py alone and
-#                         all together), in $VARIANT_ROUNDS rounds (default 2), each round's arms in the other order
+#                         all together), in $VARIANT_ROUNDS rounds (default 1: six arms of ~45 s on a slow host; a
+#                         second round, in the other order, is a second call's worth)
 #   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
 #                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
 #                         (ftw-unjoined, FTW_JOIN_STEPS=0)
@@ -194,7 +195,7 @@ for part in "${parts[@]}"; do
       for shape in llama-1b:8:90 llama-8b:4:150; do
         IFS=: read -r name mbs limit <<<"$shape"
         [[ ",$SHAPES," == *",$name,"* ]] || continue
-        for round in $(seq "${VARIANT_ROUNDS:-2}"); do
+        for round in $(seq "${VARIANT_ROUNDS:-1}"); do
           log "gpu_train $name, --unpacked, round $round: ${arms//,/, }"
           $PY bench/gpu_train.py --out "$OUT/variants-$name-$round" --work "/tmp/variants-$name" --shape "$name" \
             --mbs "$mbs" --unpacked --arms "$arms" --steps "${REAL_STEPS:-30}" --warmup "${REAL_WARMUP:-40}" --no-merge \
