@@ -56,7 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
-from bench.gpu_train_arms import bare_arm, cpu_jiffies, ftw_arm, has_cuda_bnb, hf_arm, host_load  # noqa: E402
+from bench.gpu_train_arms import bare_arm, cpu_times, ftw_arm, has_cuda_bnb, hf_arm, host_load  # noqa: E402
 from bench.models import (  # noqa: E402
     MBS,
     PROFILED_STEPS,
@@ -182,7 +182,7 @@ def main() -> int:
     results["setup_s"] = round(time.monotonic() - t, 1)
     for arm in with_checkpointing(a.arms.split(","), a.gc):
         print(f"--- {arm}", flush=True)
-        cpu_before = cpu_jiffies()
+        cpu_before = cpu_times()
         if arm == "hf" and a.unpacked:
             results["arms"][arm] = {"error": "the hf arm reads packed rows only (--unpacked: arms bare, ftw)"}
         elif arm == "hf":
@@ -222,7 +222,7 @@ def main() -> int:
             results["arms"][arm] = {"error": "bitsandbytes with CUDA not available"}
         else:
             results["arms"][arm] = ftw_arm(arm, model_dir, cache, a.work, a)
-        results["arms"][arm].update(host_load(cpu_before, cpu_jiffies()))  # over the arm's whole process
+        results["arms"][arm].update(host_load(cpu_before, cpu_times()))  # over the arm's whole process
         print(json.dumps(results["arms"][arm])[:2000], flush=True)
         (a.out / "gpu_train.json").write_text(json.dumps(results, indent=1))
     print(table(results))

@@ -223,30 +223,31 @@ def step_tokens(steps_seen: dict, warmup: int, last: int) -> list[int] | None:
     return None if None in counts else [after - before for before, after in zip(counts, counts[1:])]
 
 
-def cpu_jiffies() -> list[int] | None:
-    """The machine's CPU time so far by kind (/proc/stat's first line: user, nice, system, idle, iowait, irq,
-    softirq, steal, ...); None where there is no /proc."""
+def cpu_times():
+    """The machine's CPU time so far by kind (psutil: user, system, idle, iowait, steal, ... on Linux); None where
+    psutil cannot read it."""
+    import psutil
+
     try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except OSError:
+        return psutil.cpu_times()
+    except (OSError, NotImplementedError):
         return None
 
 
-def host_load(before: list[int] | None, after: list[int] | None) -> dict:
-    """Between two cpu_jiffies: how many CPUs were busy on average, and the share of CPU time the hypervisor gave
-    to other guests (steal). A host-bound arm slowed by its neighbours shows steal; one slowed by work of its own
-    machine shows busy CPUs."""
+def host_load(before, after) -> dict:
+    """Between two cpu_times: how many CPUs were busy on average, and the share of CPU time the hypervisor gave to
+    other guests (steal). A host-bound arm slowed by its neighbours shows steal; one slowed by work of its own machine
+    shows busy CPUs."""
     if before is None or after is None:
         return {}
-    d = [b - a for a, b in zip(before, after)]
-    total = sum(d[:8])
+    spent = {kind: getattr(after, kind) - getattr(before, kind) for kind in before._fields}
+    total = sum(t for kind, t in spent.items() if kind not in ("guest", "guest_nice"))  # guests' time is in user's
     if total <= 0:
         return {}
-    idle = d[3] + d[4]
+    idle = spent["idle"] + spent.get("iowait", 0.0)
     return {
         "cpus_busy": round((total - idle) / total * (os.cpu_count() or 1), 2),
-        "cpu_steal_share": round(d[7] / total, 4),
+        "cpu_steal_share": round(spent.get("steal", 0.0) / total, 4),
     }
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bench.gpu_train_arms import cpu_jiffies, host_load, step_tokens
+from bench.gpu_train_arms import cpu_times, host_load, step_tokens
 from bench.models import seconds_per_step
 from tests.train.helpers import base_config, events, run_inprocess, write_cache
 from worker.train.step_queue import Readout, device_mark
@@ -43,9 +43,9 @@ def test_off_cuda_a_readout_has_no_time_and_the_events_none(task_model_dir, task
 def test_host_load_sees_a_busy_cpu_over_an_arm():
     """bench/gpu_train.py names the load beside each arm: a child spinning one CPU for a second shows as ≥ 0.8 busy
     CPUs (the machine's other work can only add), and the steal share is a share."""
-    before = cpu_jiffies()
+    before = cpu_times()
     subprocess.run([sys.executable, "-c", "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1: pass"])
-    load = host_load(before, cpu_jiffies())
+    load = host_load(before, cpu_times())
     assert load["cpus_busy"] >= 0.8 and 0.0 <= load["cpu_steal_share"] <= 1.0
     assert host_load(None, before) == {}
 
