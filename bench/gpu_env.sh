@@ -24,8 +24,8 @@ ensure_imports() {
 }
 
 # The machine beside the GPU, into $OUT/env.txt, and one line of it logged: short steps are paced by the host's
-# launches, and a 1B layer's took 3.9 to 10 ms on H100 machines, 3.2 on an H200 one (docs/benchmarks.md,
-# "seventeenth session"), so a figure from them needs its host named. CPUs this process may run on, the CPU model,
+# launches, and a 1B layer's took 3.9 to 10 ms on H100 machines, 3.2 and 6.8 on two H200 ones (docs/benchmarks.md,
+# "seventeenth session", "eighteenth session"), so a figure from them needs its host named. CPUs this process may run on, the CPU model,
 # each GPU's NUMA node and the CPUs local to it.
 record_host() {
   local cpus model gpus=""
