@@ -10,15 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.host_samples import sampled
+
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT = REPO / "bench" / "train_throughput.py"
 
 
-def start_child(args: list[str]) -> subprocess.Popen:
+def start_child(args: list[str], name: str | None = None) -> subprocess.Popen:
+    """`name`: the arm's name in the table, for its host samples (bench/host_samples.py) when HOST_SAMPLES is set."""
     path = os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])  # ftw_kernels
     env = dict(os.environ, PYTHONPATH=path)
+    cmd = [sys.executable, str(THROUGHPUT), "--child", *args]
     return subprocess.Popen(
-        [sys.executable, str(THROUGHPUT), "--child", *args],
+        sampled(cmd, name) if name else cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,5 +49,5 @@ def arm_args(arm: str, shape: str, gc: str, mbs: int, seq: int, steps: int, warm
     return ["--arm", arm, "--shape", shape, "--gc", gc, *(x for k, v in sizes.items() for x in (k, str(v)))]
 
 
-def child(args: list[str], timeout: float | None = None) -> dict:
-    return finish_child(start_child(args), args, timeout)
+def child(args: list[str], timeout: float | None = None, name: str | None = None) -> dict:
+    return finish_child(start_child(args, name), args, timeout)

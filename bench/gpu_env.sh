@@ -7,6 +7,7 @@ PY=${PYTHON:-python3}
 WHEELS=${FTW_WHEELS:-.whl}
 SITE=${FTW_SITE:-/tmp/ftw-site}
 export PYTHONPATH="$(pwd):$(pwd)/kernels:$SITE${PYTHONPATH:+:$PYTHONPATH}"  # kernels/: the package ftw_kernels
+export PATH="$SITE/bin:$PATH"  # the wheels' scripts (py-spy, for bench/host_samples.py)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 ensure_imports() {

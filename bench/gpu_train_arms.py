@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.host_samples import sampled
 from bench.models import (
     LORA_16,
     LORA_16_MOE,
@@ -126,18 +127,12 @@ def ftw_arm(arm: str, model_dir: Path, cache: Path, work: Path, a: argparse.Name
         env[JOIN_ENV] = "0"
     if profiled:
         env["FTW_PROFILE_STEPS"] = f"{warmup + steps + 1}:{warmup + steps + 1 + profiled}"
+    stage = ["-m", "worker.train"] if not variants else [str(REPO / "bench" / "train_variants.py"), variants]
+    stage += [str(run_dir / "config.json"), "--run-dir", str(run_dir), "--data", str(cache)]
     started = time.monotonic()
     try:
         proc = subprocess.run(
-            [
-                sys.executable,
-                *(["-m", "worker.train"] if not variants else [str(REPO / "bench" / "train_variants.py"), variants]),
-                str(run_dir / "config.json"),
-                "--run-dir",
-                str(run_dir),
-                "--data",
-                str(cache),
-            ],
+            sampled([sys.executable, *stage], arm),
             env=env,
             capture_output=True,
             text=True,
@@ -197,7 +192,7 @@ def bare_arm(a: argparse.Namespace, replay: bool = True) -> dict:
         args += ["--prompt-share", str(a.prompt_share)]
     if a.unpacked:  # every step a new length: its batches once untimed first, unless `replay` is off
         args += ["--unpacked", "--replay"] if replay else ["--unpacked"]
-    r = arm_runs.child(args, timeout=a.arm_timeout)
+    r = arm_runs.child(args, timeout=a.arm_timeout, name="bare" if replay else "bare-fresh")
     if "tokens_per_s" not in r:
         return {"error": r.get("error") or "no result"}
     return {

@@ -30,6 +30,7 @@ WORKER_NEEDS = ("runpod", "datasets", "pydantic", "pyyaml", "boto3", "filelock",
 # DeepSpeed is an sdist on PyPI: built here into a pure-Python wheel (DS_BUILD_OPS=0, no ops), its
 # dependencies other than torch downloaded as wheels (bench/gpu_multi.sh's ZeRO arms need it)
 DEEPSPEED_DEPS = ("hjson", "msgpack", "einops", "ninja", "py-cpuinfo")
+BENCH_TOOLS = ("py-spy",)  # bench/host_samples.py's sampler (its binary lands in $FTW_SITE/bin)
 IMAGE_HAS = {
     "numpy",
     "pandas",
@@ -158,7 +159,7 @@ def main() -> int:
         )
         carry += [
             f"{name}=={locked[name]}"
-            for name in DEEPSPEED_DEPS
+            for name in DEEPSPEED_DEPS + BENCH_TOOLS
             if not any(p.lower().startswith(name + "==") for p in carry)
         ]
         subprocess.run(
