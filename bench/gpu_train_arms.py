@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -167,6 +168,7 @@ def ftw_arm(arm: str, model_dir: Path, cache: Path, work: Path, a: argparse.Name
         "child_wall_s": round(wall, 1),
         # the GPU's median busy share and SM clock over the run (nvidia-smi): a slow arm waited on the host or not
         **{k: summary[k] for k in ("gpu_busy_share", "gpu_sm_clock_mhz") if k in summary},
+        **timed_busy_share(steps_seen, warmup, last),
     }
     if profiled:
         result.update(profile_figures(run_dir / "profile.txt", profiled))
@@ -216,6 +218,14 @@ def step_tokens(steps_seen: dict, warmup: int, last: int) -> list[int] | None:
     orders the rows its own way)."""
     counts = [steps_seen.get(s, {}).get("tokens") for s in range(warmup, last + 1)]
     return None if None in counts else [after - before for before, after in zip(counts, counts[1:])]
+
+
+def timed_busy_share(steps_seen: dict, warmup: int, last: int) -> dict:
+    """The GPU's median busy share over the timed steps' events, as the bare loop's sampler spans its timed steps
+    alone (the run's summary spans the warmup's compiles too); {} where the events lack it."""
+    busy = [steps_seen.get(s, {}).get("gpu_busy_pct") for s in range(warmup + 1, last + 1)]
+    known = [b for b in busy if b is not None]
+    return {"gpu_busy_share": round(statistics.median(known) / 100, 3)} if known else {}
 
 
 def cpu_times():

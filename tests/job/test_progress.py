@@ -29,7 +29,8 @@ def test_a_train_event_brings_the_gpus_clock_and_power_to_the_caller_and_no_path
         "step_ms": 428.7,
         "gpu_sm_mhz": 1545.0,
         "gpu_power_w": 692.9,
+        "gpu_busy_pct": 55.0,
     }
     update = event_update("r1", "train", {**event, "path": "/runpod-volume/runs/r1/checkpoint-3"})
     assert update["gpu_sm_mhz"] == 1545.0 and update["gpu_power_w"] == 692.9 and "path" not in update
-    assert update["step_ms"] == 428.7
+    assert update["step_ms"] == 428.7 and update["gpu_busy_pct"] == 55.0

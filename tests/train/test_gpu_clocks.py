@@ -79,7 +79,9 @@ def test_a_power_capped_run_reports_its_clock_and_no_slowdown(fake_smi):
     assert 1545 <= summary["gpu_sm_clock_mhz"] <= 1560
     assert summary["gpu_slowdown_share"] == 0 and summary["gpu_slowdown_reasons"] == ""
     assert slowdown_warning(summary) is None and summary["gpu_busy_share"] == 1.0 and gpu_warnings(summary, False) == []
-    assert clocks.latest() == {"gpu_sm_mhz": clocks.samples[-1][0], "gpu_power_w": clocks.samples[-1][2]}
+    newest = clocks.samples[-1]  # a step event's figures: the busy share only where the driver gave it
+    busy = {} if newest[6] is None else {"gpu_busy_pct": newest[6]}
+    assert clocks.latest() == {"gpu_sm_mhz": newest[0], "gpu_power_w": newest[2], **busy}
 
 
 def test_a_thermally_throttled_host_is_named_in_a_warning(fake_smi):
@@ -156,7 +158,7 @@ def test_progress_events_carry_the_clock_and_the_summary_its_figures(fake_smi, t
         progress.step(step, 1000 * step, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5})
     progress.close()
     events = [json.loads(line) for line in Path(tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [(e["gpu_sm_mhz"], e["gpu_power_w"]) for e in events] == [(1545.0, 692.99)] * 2
+    assert [(e["gpu_sm_mhz"], e["gpu_power_w"], e["gpu_busy_pct"]) for e in events] == [(1545.0, 692.99, 100.0)] * 2
     assert progress.gpu_summary["gpu_sm_clock_mhz"] == 1545 and progress.gpu_summary["gpu_slowdown_share"] == 0
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bench.gpu_train_arms import cpu_times, host_load, step_tokens
+from bench.gpu_train_arms import cpu_times, host_load, step_tokens, timed_busy_share
 from bench.models import seconds_per_step
 from tests.train.helpers import base_config, events, run_inprocess, write_cache
 from worker.train.step_queue import Readout, device_mark
@@ -97,3 +97,11 @@ def test_a_step_made_longer_on_the_gpu_shows_in_its_own_time(task_model_dir, tas
     assert usual < spin_ms / 4, times
     assert 0.95 * spin_ms <= times[4] <= spin_ms + 1.5 * usual, (spin_ms, times)
     assert max(times[s] for s in (3, 5)) < usual + spin_ms / 4, (spin_ms, times)
+
+
+def test_the_real_paths_busy_share_is_its_timed_steps_own():
+    """The bare loop samples the GPU over its timed steps alone; the real path's figure for the same window comes
+    from its step events (warmup steps that compiled kernels idle the GPU and would lower a whole-run median)."""
+    events = {s: {"gpu_busy_pct": 20.0 if s <= 4 else 80.0 + s} for s in range(1, 11)}
+    assert timed_busy_share(events, 4, 10) == {"gpu_busy_share": 0.875}  # steps 5..10: 85..90, median 87.5
+    assert timed_busy_share({s: {} for s in range(1, 11)}, 4, 10) == {}  # a driver that reports no utilization

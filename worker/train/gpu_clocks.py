@@ -86,10 +86,12 @@ class GpuClocks:
             self.reader.join(timeout=5)
 
     def latest(self) -> dict[str, float]:
+        """The newest sample's clock, power and busy percentage (where the driver reports it): a step event's
+        figures, so a window of steps can be judged on its own (the summary spans the whole run, warmup included)."""
         if not self.samples:
             return {}
-        clock, _, power, *_ = self.samples[-1]
-        return {"gpu_sm_mhz": clock, "gpu_power_w": power}
+        clock, _, power, *_, busy = self.samples[-1]
+        return {"gpu_sm_mhz": clock, "gpu_power_w": power, **({} if busy is None else {"gpu_busy_pct": busy})}
 
     def summary(self) -> dict[str, Any]:
         """Medians of the SM clock and power, the hottest reading, and the share of samples under a slowdown
