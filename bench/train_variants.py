@@ -44,7 +44,9 @@ def no_autocast() -> None:
 def no_clip() -> None:
     import torch
 
-    torch.nn.utils.clip_grad_norm_ = lambda params, *args, **kwargs: torch.zeros((), device=next(iter(params)).device)
+    from worker.train import trainer
+
+    trainer.clip_gradients = lambda params, max_norm: torch.zeros((), device=next(iter(params)).device)
 
 
 def no_clocks() -> None:

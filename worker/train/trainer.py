@@ -51,7 +51,7 @@ from worker.train.model import apply_kernel_patches, compile_if_asked, load_mode
 from worker.train.moe import configure_router_loss
 from worker.train.objective import build_objective
 from worker.train.offload import ActivationOffloader
-from worker.train.optim import build_optimizer, build_scheduler
+from worker.train.optim import build_optimizer, build_scheduler, clip_gradients
 from worker.train.profile import StepProfiler
 from worker.train.reporting import Progress, oom_hint, peak_memory_gib
 from worker.train.schedule import Schedule
@@ -180,7 +180,7 @@ class Trainer:
         else:
             self.scaler.unscale_(self.optimizer)
             max_norm = self.cfg.max_grad_norm or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+            grad_norm = clip_gradients(self.trainable, max_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             self.scaler.step(self.optimizer)
             self.scaler.update()
