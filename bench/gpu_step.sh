@@ -42,9 +42,12 @@
 # loop's short steps under both allocators (docs/benchmarks.md, "sixteenth session"). Measured on 2026-12-07
 # (seventeenth session, H200): `real-unpacked` at 1B under both allocators, also with REAL_WARMUP=60, and `unpacked`
 # at 1B and 8B under both (docs/benchmarks.md, "seventeenth session"). Measured on 2026-12-07 (eighteenth session,
-# H200): `real-unpacked` three times with REAL_WARMUP=60 and `unpacked` (UNPACKED_ARMS=ftw) on a slower host. Still
-# wanted (both carry .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
-#   SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh variants   # which part of ftw train's step a slow host pays for
+# H200): `real-unpacked` three times with REAL_WARMUP=60 and `unpacked` (UNPACKED_ARMS=ftw) on a slower host. On
+# 2026-12-07 (nineteenth session, H100): `variants`, and with each arm under py-spy (HOST_SAMPLES, bench/host_samples.py;
+# py-spy comes with .whl and lands on PATH from $FTW_SITE/bin):
+#   HOST_SAMPLES=$OUT/hs REAL_STEPS=150 VARIANT_ARMS=bare-fresh,ftw SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh variants
+#   python3 bench/host_samples.py $OUT/hs --steps 190 --base bare-fresh
+# Still wanted (carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
 #   OUT=$OUT bash bench/gpu_worker.sh
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
