@@ -23,7 +23,9 @@ def params_with_grads(dtypes: list[torch.dtype], scale: float, seed: int = 0) ->
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6, math.inf])
-@pytest.mark.parametrize("dtypes", [[torch.float32] * 6, [torch.float32, torch.bfloat16, torch.float32]])
+@pytest.mark.parametrize(
+    "dtypes", [[torch.float32] * 6, [torch.bfloat16] * 4, [torch.float32, torch.bfloat16, torch.float32]]
+)
 def test_clip_gradients_matches_torch_bit_for_bit(max_norm, dtypes):
     ours, theirs = params_with_grads(dtypes, scale=3.0), params_with_grads(dtypes, scale=3.0)
     norm = clip_gradients(ours, max_norm)
