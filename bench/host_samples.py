@@ -5,10 +5,11 @@ path and the bare loop) each under py-spy, then their main threads' samples comp
     python bench/host_samples.py DIR --steps 70 [--base bare-fresh]        # the tables
 
 The profilers the loops already have do not fit a gap of a few milliseconds a step: torch.profiler and cProfile
-pay per op and per Python call, so they inflate the loop that makes more of them. py-spy reads the stacks from
-another process at a fixed rate, the same for every loop, with the C++ frames (a CUDA launch, a pinned allocation,
-a wait on the GIL) under the Python ones. It pauses the process for each sample (native stacks need that), which
-slows every loop alike: read the figures as shares of a step, compared between arms, not as the arms' speed.
+pay per op and per Python call, so they inflate the loop that makes more of them. py-spy reads the Python stacks
+from another process at a fixed rate without pausing it, the same for every loop; a C++ call counts to the Python
+line that made it. (Its --native mode pauses the process for each sample and unwinds through torch's CUDA
+libraries: a 1B step took ~4 s under it on an H100, so it is not used.) The sampling still slows the loops a
+little: read the figures as shares of a step, compared between arms, not as the arms' speed.
 """
 
 from __future__ import annotations
@@ -42,25 +43,11 @@ def sampled(cmd: list[str], arm: str) -> list[str]:
 
 
 def frame_name(frame: str) -> str:
-    """`fn (path/to/file.py:123)` -> `fn (to/file.py)`; a native frame's address -> its library alone, a C++
-    name without its template and parameter lists."""
+    """`fn (path/to/file.py:123)` -> `fn (to/file.py)`: a function's lines count as one, and site-packages' paths
+    and the repository's read alike."""
     name, _, where = frame.rpartition(" (")
     where = re.sub(r":\d+$", "", where.rstrip(")"))
-    where = "/".join(where.split("/")[-2:])  # site-packages/... and the repository's paths read alike
-    native = ".so" in where  # a C++ frame (py-spy --native); a Python one's qualname keeps its <locals>
-    return f"{'?' if name.startswith('0x') else bare_cxx(name) if native else name} ({where})"
-
-
-def bare_cxx(name: str) -> str:
-    """`ns::f<T>(A const&)::{lambda(long)#1}::operator() const` -> `ns::f::{lambda#1}::operator() const`."""
-    name = name.replace("(anonymous namespace)", "{anon}").replace("operator()", "operator{call}")
-    out, depth = [], 0
-    for ch in name:
-        depth += ch in "<("
-        if depth == 0:
-            out.append(ch)
-        depth -= ch in ">)" and depth > 0
-    return "".join(out)
+    return f"{name} ({'/'.join(where.split('/')[-2:])})"
 
 
 def main_thread_stacks(path: Path) -> Counter[tuple[str, ...]]:
@@ -82,7 +69,7 @@ def is_loop(frame: str) -> bool:
 
 def per_function(stacks: Counter[tuple[str, ...]]) -> tuple[Counter[str], Counter[str], Counter[str], int]:
     """Over the loop's samples: each function's samples with it anywhere on the stack (its total), each
-    innermost frame's (its own), each innermost frame's library or file's, and the loop's samples."""
+    innermost frame's (its own), each innermost frame's file's, and the loop's samples."""
     total: Counter[str] = Counter()
     own: Counter[str] = Counter()
     where: Counter[str] = Counter()
@@ -100,8 +87,10 @@ def per_function(stacks: Counter[tuple[str, ...]]) -> tuple[Counter[str], Counte
     return total, own, where, n
 
 
-def table(title: str, counts: dict[str, Counter[str]], base: str, ms_per_sample: float, steps: int, rows: int) -> str:
-    """Functions by their ms a step in each arm, the largest differences from `base` first."""
+def table(
+    title: str, counts: dict[str, Counter[str]], base: str, ms_per_sample: float, steps: int, rows: int, key="function"
+) -> str:
+    """Functions (or files: `key`) by their ms a step in each arm, the largest differences from `base` first."""
     arms = list(counts)
     names = set().union(*counts.values())
 
@@ -111,10 +100,7 @@ def table(title: str, counts: dict[str, Counter[str]], base: str, ms_per_sample:
     others = [a for a in arms if a != base]
     order = sorted(names, key=lambda n: -max((abs(ms(a, n) - ms(base, n)) for a in others), default=ms(base, n)))
     head = (
-        f"\n{title} (ms a step)\n\n| function | "
-        + " | ".join(arms)
-        + " | "
-        + " | ".join(f"{a} − {base}" for a in others)
+        f"\n{title} (ms a step)\n\n| {key} | " + " | ".join(arms) + " | " + " | ".join(f"{a} − {base}" for a in others)
     )
     lines = [head + " |", "|---|" + "---:|" * (len(arms) + len(others))]
     for name in order[:rows]:
@@ -141,7 +127,7 @@ def report(folder: Path, steps: int, base: str | None, rows: int, rate: int = RA
         + "\n"
         + table("By own time (the innermost frame)", owns, base, ms_per_sample, steps, rows)
         + "\n"
-        + table("By the innermost frame's library or file", wheres, base, ms_per_sample, steps, rows)
+        + table("By the innermost frame's file", wheres, base, ms_per_sample, steps, rows, key="file")
     )
 
 

@@ -77,14 +77,8 @@ def test_arms_are_compared_on_the_main_threads_loop_alone(tmp_path):
     assert not any("build" in r or "GpuClocks" in r for r in rows)
 
 
-def test_frame_names_drop_line_numbers_and_cxx_signatures():
+def test_frame_names_drop_line_numbers_and_keep_qualnames():
     assert frame_name("f (/opt/site-packages/torch/nn/modules/module.py:1775)") == "f (modules/module.py)"
     assert (
         frame_name("run_arm.<locals>.step (train_throughput.py:184)") == "run_arm.<locals>.step (train_throughput.py)"
     )
-    cxx = "at::native::(anonymous namespace)::attn<float, (long)64>(at::Tensor const&)::{lambda(long)#2}::operator()"
-    assert (
-        frame_name(f"{cxx} const (libtorch_cpu.so)")
-        == "at::native::{anon}::attn::{lambda#2}::operator{call} const (libtorch_cpu.so)"
-    )
-    assert frame_name("0x7fac15a4524a (libc.so.6)") == "? (libc.so.6)"
