@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.host_samples import frame_name, report, sampled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,9 +20,16 @@ def test_without_host_samples_the_command_runs_as_it_is(monkeypatch):
     assert sampled(["python", "-m", "worker.train"], "ftw") == ["python", "-m", "worker.train"]
 
 
-def test_a_sampled_train_stage_shows_its_step_by_part(tmp_path):
+def test_a_sampled_train_stage_shows_its_step_by_part(tmp_path, monkeypatch):
     """The real train stage on a tiny model on the CPU, under py-spy: its loop's samples name the step's forward
     (through the objective) and backward in both arms, and the table gives their difference."""
+    monkeypatch.setenv("HOST_SAMPLES", str(tmp_path / "probe"))
+    probe = subprocess.run(
+        sampled([sys.executable, "-c", "import time; time.sleep(1)"], "probe"), capture_output=True, text=True
+    )
+    if probe.returncode != 0 and "ermission" in probe.stderr:  # a container that forbids reading another process
+        pytest.skip(f"py-spy may not read a child's memory here: {probe.stderr.strip()[-200:]}")
+    assert probe.returncode == 0, probe.stderr
     samples = tmp_path / "samples"
     run = subprocess.run(
         [sys.executable, "bench/gpu_train.py", "--out", str(tmp_path / "out"), "--shape", "tiny", "--steps", "6"]
@@ -43,7 +52,7 @@ def test_a_sampled_train_stage_shows_its_step_by_part(tmp_path):
     rows = {cells[0]: cells[1:] for cells in map(row_cells, by_total.splitlines()) if cells}
     for part in ("Trainer.train_step (train/trainer.py)", "SupervisedObjective.loss (train/objective.py)"):
         ftw, no_clip, difference = map(float, rows[part])  # both arms' steps pass through it
-        assert ftw > 0 and no_clip > 0 and difference == round(no_clip - ftw, 1)
+        assert ftw > 0 and no_clip > 0 and abs(difference - (no_clip - ftw)) <= 0.11  # each figure rounded
     assert any(name.startswith("Tensor.backward") for name in rows)
 
 
