@@ -57,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]  # kernels/: the package ftw_kernels
 from bench.gpu_train_arms import bare_arm, cpu_times, ftw_arm, has_cuda_bnb, hf_arm, host_load  # noqa: E402
+from bench.host_samples import sampler  # noqa: E402
 from bench.models import (  # noqa: E402
     MBS,
     PROFILED_STEPS,
@@ -139,6 +140,7 @@ def main() -> int:
     )
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run the hf arm in this process
     a = ap.parse_args()
+    sampler()  # HOST_SAMPLES without py-spy stops here, before the model and data are built
     a.mbs = a.mbs or MBS[a.shape]
     a.arm_timeout = a.arm_timeout or (150 if a.shape in ("tiny", "llama-1b") else 420)
     model_dir, cache = a.model_dir or a.work / "model", a.work / "cache"

@@ -28,14 +28,23 @@ RATE_HZ = 200
 LOOP_FRAMES = {("Trainer.train", "trainer.py"), ("run_arm.<locals>.step", "train_throughput.py")}
 
 
-def sampled(cmd: list[str], arm: str) -> list[str]:
-    """`cmd` under py-spy, its samples to $HOST_SAMPLES/ARM.txt, when HOST_SAMPLES names a folder; else `cmd`."""
-    folder = os.environ.get("HOST_SAMPLES")
-    if not folder:
-        return cmd
+def sampler() -> str | None:
+    """py-spy's path when HOST_SAMPLES names a folder (None when it is unset); stops with what to install when it is
+    set and py-spy is missing. bench/gpu_train.py asks before building its model and data, not at its first arm."""
+    if not os.environ.get("HOST_SAMPLES"):
+        return None
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))  # a venv's
     if spy is None:
         raise SystemExit("HOST_SAMPLES is set but py-spy is not on PATH: pip install py-spy (requirements-dev.txt)")
+    return spy
+
+
+def sampled(cmd: list[str], arm: str) -> list[str]:
+    """`cmd` under py-spy, its samples to $HOST_SAMPLES/ARM.txt, when HOST_SAMPLES names a folder; else `cmd`."""
+    spy = sampler()
+    if spy is None:
+        return cmd
+    folder = os.environ["HOST_SAMPLES"]
     Path(folder).mkdir(parents=True, exist_ok=True)
     out = Path(folder) / f"{arm}.txt"
     record = [spy, "record", "--rate", str(RATE_HZ), "--nonblocking", "--idle", "--threads", "--format", "raw"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,8 @@ def main() -> int:
     }
     torch.set_num_threads(1)
     if run(TrainingConfig.model_validate(cfg), work / "run", work / "cache") != 0:
-        raise SystemExit(f"the train stage failed: see {work / 'run'}")
+        raise SystemExit(f"the train stage failed: see {work / 'run'}")  # kept for reading
+    shutil.rmtree(work)
     rows = []
     for counts in list(zip(phases["step"], phases["forward"], phases["backward"], phases["optimizer"]))[1:]:
         total, fwd, bwd, opt = (sum(c.values()) for c in counts)

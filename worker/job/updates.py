@@ -34,7 +34,7 @@ SHOWN = (
     "step_ms",  # the step's time on the GPU's clock (worker/train/step_queue.py)
     "gpu_sm_mhz",  # the clock and power of the GPU training runs on (worker/train/gpu_clocks.py)
     "gpu_power_w",
-    "gpu_busy_pct",  # the share of the last sample's time a kernel ran: under ~60% the steps wait on the host
+    "gpu_busy_pct",  # the share of the last sample's time a kernel ran: under gpu_clocks.BUSY_WARN the host paces
 )
 
 
