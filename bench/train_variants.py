@@ -10,6 +10,8 @@ Variants (each takes out one thing the bare loop of bench/train_throughput.py do
   no-autocast  the forward outside torch.autocast (the model's weights are already in the autocast dtype)
   no-clip      no gradient-norm clipping (its norm read as 0)
   no-clocks    no nvidia-smi sampler (worker/train/gpu_clocks.py) and its reader thread
+  eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (what the trainer
+               did before worker/train/graphed_update.py; the bare loop steps its optimizer eagerly too)
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def no_autocast() -> None:
 def no_clip() -> None:
     import torch
 
-    from worker.train import trainer
+    from worker.train import graphed_update, trainer
 
     trainer.clip_gradients = lambda params, max_norm: torch.zeros((), device=next(iter(params)).device)
+    graphed_update.clip_to_norm = lambda grads, max_norm: torch.zeros((), device=grads[0].device)
 
 
 def no_clocks() -> None:
@@ -55,7 +58,19 @@ def no_clocks() -> None:
     GpuClocks.start = lambda self: None
 
 
-VARIANTS = {"sync": preread, "no-autocast": no_autocast, "no-clip": no_clip, "no-clocks": no_clocks}
+def eager_update() -> None:
+    from worker.train import trainer
+
+    trainer.graph_blocker = lambda *args: "the eager-update variant"
+
+
+VARIANTS = {
+    "sync": preread,
+    "no-autocast": no_autocast,
+    "no-clip": no_clip,
+    "no-clocks": no_clocks,
+    "eager-update": eager_update,
+}
 
 
 def main() -> None:

@@ -106,13 +106,15 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def _forward(ctx, hidden_in, weight_in, targets, ignore_index, divisor, dtype):
         hidden, weight = hidden_in.to(dtype), weight_in.to(dtype)
         targets = targets.contiguous()
-        n_valid = (targets != ignore_index).sum()
-        denom = (n_valid.clamp(min=1) if divisor is None else torch.as_tensor(divisor, device=hidden.device)).float()
+        if divisor is None:
+            denom: torch.Tensor | float = (targets != ignore_index).sum().clamp(min=1).float()
+        else:  # a number divides as one (no copy to the device, and the bf16 gradient is scaled by it unrounded)
+            denom = divisor.to(hidden.device).float() if isinstance(divisor, torch.Tensor) else float(divisor)
         want_dw = ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        # the 1/denominator is applied once at the end: it is a device tensor (reading it would sync)
+        # the 1/denominator is applied once at the end: as a device tensor, reading it would sync
         for start, end in _row_chunks(hidden, weight):
             h = hidden[start:end]
             dlogits = _chunk_dlogits(h, weight, targets[start:end], losses[start:end], ignore_index)
@@ -123,7 +125,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             del dlogits  # freed before the next chunk's logits are allocated: one chunk alive, not two
         loss = losses.sum() / denom
         if grad_hidden is not None:
-            grad_hidden.div_(denom.to(grad_hidden.dtype))
+            grad_hidden.div_(denom.to(grad_hidden.dtype) if isinstance(denom, torch.Tensor) else denom)
         if want_dw:
             grad_weight.div_(denom)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -77,7 +77,7 @@ def finish(trainer: Trainer) -> None:
     out = outputs.save_trained(
         trainer.model, model_sd, trainer.tokenizer, run_dir / ("adapter" if is_adapter else "model"), is_adapter
     )
-    summary = trainer.summary()
+    summary = outputs.run_summary(trainer)
     summary["artifacts"] = {"adapter" if is_adapter else "model": str(out)}
     if cfg.merge_lora and is_adapter:
         emit({"stage": "merge", "event": "start"})

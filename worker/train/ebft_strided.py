@@ -224,7 +224,7 @@ class StridedEbftObjective:
 
     # ---- the objective contract --------------------------------------------------------------------
     def loss(
-        self, engine: Any, batch: dict[str, torch.Tensor], n_items: torch.Tensor
+        self, engine: Any, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels = batch["input_ids"], batch["labels"]
         lengths = batch["attention_mask"].sum(1).tolist() if "attention_mask" in batch else [ids.shape[1]] * len(ids)

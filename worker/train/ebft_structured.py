@@ -99,7 +99,7 @@ class StructuredEbftObjective:
         return -(logp * trained).sum(1) / trained.sum(1).clamp(min=1)
 
     def loss(
-        self, engine: Any, batch: dict[str, torch.Tensor], n_items: torch.Tensor
+        self, engine: Any, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         g, pad = self.trl.num_generations, self.tokenizer.pad_token_id or 0

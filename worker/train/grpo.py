@@ -193,7 +193,9 @@ class GrpoObjective:
         rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
         return self.generator.completions(rows, self.sampling)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pad = self.tokenizer.pad_token_id or 0
         completions = self.generate(batch)
         g = self.trl.num_generations

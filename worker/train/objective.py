@@ -32,7 +32,7 @@ class Objective(Protocol):
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
     def loss(
-        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor
+        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def metrics(self, sums: list[float], n_items: float) -> dict[str, float]: ...
@@ -54,7 +54,9 @@ class SupervisedObjective:
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return target_tokens(batch)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out = engine(**batch, num_items_in_batch=n_items)
         sums = torch.zeros(len(self.metric_names), dtype=torch.float64, device=out.loss.device)
         if self.router_loss and out.aux_loss is not None:

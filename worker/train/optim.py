@@ -126,6 +126,12 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         type(g) is not torch.Tensor or (g.device, g.dtype) != (grads[0].device, grads[0].dtype) for g in grads
     ):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return clip_to_norm(grads, max_norm)
+
+
+def clip_to_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`clip_gradients` over plain tensors of one device and dtype: device work only, so a CUDA graph can hold it
+    (worker/train/graphed_update.py)."""
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if math.isfinite(max_norm):  # torch's coefficient, clamped at 1: gradients under the bound are left as they are
         torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))

@@ -12,7 +12,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from worker.train.reporting import peak_memory_gib
+
+if TYPE_CHECKING:
+    from worker.train.trainer import Trainer
 
 log = logging.getLogger("ftw.train")
 
@@ -69,6 +74,40 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def run_summary(trainer: Trainer) -> dict[str, Any]:
+    """summary.json's numbers (docs/contracts.md), from a trainer whose loop has ended; `finish` adds the artifacts."""
+    s = trainer.state
+    process_peak, steps_peak = peak_memory_gib(trainer.topo.device, trainer.setup_peak_bytes)
+    return {
+        "steps": s.step,
+        "total_steps": trainer.schedule.total_steps,
+        "epochs": round(s.step / trainer.plan.steps_per_epoch, 4),
+        "tokens": s.tokens,
+        "target_tokens": s.target_tokens,
+        "tokens_per_s": round(trainer.tokens_this_run / max(trainer.runtime_s, 1e-9), 1),
+        "steps_tokens_per_s": None if (rate := trainer.progress.pace.steps_rate) is None else round(rate, 1),
+        "runtime_s": round(trainer.runtime_s, 2),
+        "peak_memory_gib": round(process_peak, 3),
+        "step_peak_memory_gib": None if steps_peak is None else round(steps_peak, 3),
+        "peak_memory_kind": "cuda_allocated" if trainer.topo.device.type == "cuda" else "cpu_rss",
+        "final_loss": s.train_loss[-1][1] if s.train_loss else None,
+        "best_eval_loss": s.best_eval,
+        "loss_curve": s.train_loss,
+        "eval_curve": s.eval_loss,
+        "resumed_from": trainer.resumed_from,
+        "precision": trainer.precision.name,
+        "strategy": trainer.strategy,
+        "world_size": trainer.topo.world_size,
+        "packed": trainer.data.packed,
+        "padding_free": trainer.padding_free,
+        "joined_micro_batch_tokens": trainer.join_tokens,  # a step's samples joined up to this many tokens a pass
+        "graphed_optimizer_step": trainer.graphed_update is not None and trainer.graphed_update.graph is not None,
+        "adapter": trainer.cfg.adapter or "full",
+        "kernels": trainer.kernels,
+        **trainer.progress.gpu_summary,
+    }
 
 
 def plot_loss(

@@ -176,7 +176,9 @@ class PreferenceObjective:
         with torch.no_grad(), disabled:
             return self.logps(engine, batch)[0]
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, engine, batch: dict[str, torch.Tensor], n_items: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this micro-batch's losses / n_items, metric sums for `metrics`)."""
         reference = self.reference(engine, batch)
         policy = self.logps(engine, batch)

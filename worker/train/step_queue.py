@@ -77,9 +77,10 @@ class Readout:
 
 @dataclass
 class QueuedStep:
-    """An optimizer step whose work is queued on the device; `readout` brings back
-    [loss, grad norm, global target tokens, global tokens, then the objective's metric sums]."""
+    """An optimizer step whose work is queued on the device; `readout` brings back [loss, grad norm, then the
+    objective's metric sums, then, with several processes, the global target tokens and tokens]."""
 
     step: int  # steps done once it completes (1-based, as reported)
     lr: float
     readout: Readout
+    counts: tuple[int, int] | None  # (target tokens, tokens) where the host has them: one process

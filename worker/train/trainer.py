@@ -29,7 +29,6 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -46,6 +45,7 @@ from worker.train.adapters import attach
 from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free, to_device
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import eval_chunks, evaluate
+from worker.train.graphed_update import GraphedUpdate, graph_blocker
 from worker.train.loss_guard import LossGuard
 from worker.train.model import apply_kernel_patches, compile_if_asked, load_model, resolve_precision
 from worker.train.moe import configure_router_loss
@@ -118,6 +118,12 @@ class Trainer:
             self.load_checkpoint(resume)  # under DeepSpeed: into the plain model, before its engine exists
         if self.strategy == "deepspeed":
             self.engine = ds_.initialize(self, resume)
+        blocker = graph_blocker(self.optimizer, self.trainable, topo.device, topo.world_size, self.scaler.is_enabled())
+        self.graphed_update = (
+            None if blocker else GraphedUpdate(self.optimizer, self.trainable, cfg.max_grad_norm or float("inf"))
+        )
+        if blocker and topo.device.type == "cuda":
+            log.info("the clip and optimizer step run eagerly: %s", blocker)
         log.info(
             "training %s: %d rows, %d steps/epoch, %d steps, %s, %s, %d process(es)",
             layout_name(self.data.packed, self.padding_free, self.join_tokens),
@@ -153,49 +159,64 @@ class Trainer:
     def train_step(self, batch: StepInput) -> QueuedStep:
         """Queue one optimizer step on the device; its numbers come back through `record`."""
         topo = self.topo
-        counts = torch.tensor([batch.targets, batch.tokens], dtype=torch.float64, pin_memory=topo.device.type == "cuda")
-        counts = counts.to(topo.device, non_blocking=True)
-        if topo.world_size > 1:
-            torch.distributed.all_reduce(counts)  # the global counts, still on the device
-        n_items = counts[0].clamp(min=1).float()
-        sums = torch.zeros(
-            1 + len(self.objective.metric_names), dtype=torch.float64, device=topo.device
-        )  # loss, then metric sums
+        if topo.world_size > 1:  # the global counts, summed on the devices and read back with the step's numbers
+            counts = torch.tensor(
+                [batch.targets, batch.tokens], dtype=torch.float64, pin_memory=topo.device.type == "cuda"
+            )
+            counts = counts.to(topo.device, non_blocking=True)
+            torch.distributed.all_reduce(counts)
+            n_items: torch.Tensor | float = counts[0].clamp(min=1).float()
+            host_counts = None
+        else:  # one process: the host has them, and the loss divides by a number (no copy, no kernels)
+            counts, n_items, host_counts = None, float(max(batch.targets, 1)), (batch.targets, batch.tokens)
+        micro_sums = []  # each micro-batch's loss, then its metric sums
         for i, micro in enumerate(batch.micro):
             micro = to_device(micro, topo.device)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
                 # DDP/FSDP/DeepSpeed average gradients over ranks; the loss is already a global mean
+                ranks_loss = loss * topo.world_size if topo.world_size > 1 else loss
                 if self.strategy == "deepspeed":
-                    ds_.backward(self.engine, loss * topo.world_size)
+                    ds_.backward(self.engine, ranks_loss)
                 else:
-                    self.scaler.scale(loss * topo.world_size).backward()
-            sums += torch.cat([loss.detach().double().reshape(1), metric_sums])
+                    self.scaler.scale(ranks_loss).backward()
+            micro_sums.append(torch.cat([loss.detach().double().reshape(1), metric_sums]))
+        sums = micro_sums[0] if len(micro_sums) == 1 else torch.stack(micro_sums).sum(0)
         if topo.world_size > 1:
             torch.distributed.all_reduce(sums)  # every rank's share of the global mean (and metric sums)
-        loss_sum = sums[0]
-        if self.strategy == "deepspeed":  # its step at the boundary clipped and stepped already
-            grad_norm = ds_.grad_norm(self.engine, topo.device)
-        else:
-            self.scaler.unscale_(self.optimizer)
-            max_norm = self.cfg.max_grad_norm or float("inf")
-            grad_norm = clip_gradients(self.trainable, max_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        grad_norm = self.optimizer_step()
         lr = self.optimizer.param_groups[0]["lr"]
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        grad_norm = grad_norm.to(loss_sum.device, torch.float64)  # on the CPU when FSDP offloads gradients
-        return QueuedStep(
-            batch.step + 1, lr, Readout(torch.cat([torch.stack([loss_sum, grad_norm, counts[0], counts[1]]), sums[1:]]))
-        )
+        grad_norm = grad_norm.to(sums.device, torch.float64).reshape(1)  # on the CPU when FSDP offloads gradients
+        values = [sums[:1], grad_norm, sums[1:]] + ([] if counts is None else [counts])
+        return QueuedStep(batch.step + 1, lr, Readout(torch.cat(values)), host_counts)
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip the gradients and step the optimizer (from the replayed graph where it can): their total norm,
+        before clipping, on the device."""
+        if self.strategy == "deepspeed":  # its step at the boundary clipped and stepped already
+            return ds_.grad_norm(self.engine, self.topo.device)
+        graphed = self.graphed_update
+        grad_norm = graphed.replay() if graphed is not None else None
+        if grad_norm is not None:
+            return grad_norm
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.trainable, self.cfg.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if graphed is not None:
+            graphed.capture()  # once, after the first eager step
+        return grad_norm
 
     def record(self, queued: QueuedStep) -> None:
         """A queued step's numbers, once the device has them: loop state, progress, loss checks."""
-        loss, grad_norm, targets, tokens, *metric_sums = queued.readout.values()
+        loss, grad_norm, *metric_sums = queued.readout.values()
+        targets, tokens = queued.counts if queued.counts is not None else metric_sums[-2:]
+        metric_sums = metric_sums[: len(self.objective.metric_names)]
         state = self.state
         state.tokens += int(tokens)
         state.target_tokens += int(targets)
@@ -365,35 +386,3 @@ class Trainer:
         self.state = ckpt.load(path, self.checkpoint_objects(), self.cfg, self.topo).loop
         self.resumed_from = path.name
         log.info("resumed from %s at step %d", path, self.state.step)
-
-    # ---- results -------------------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
-        s = self.state
-        process_peak, steps_peak = peak_memory_gib(self.topo.device, self.setup_peak_bytes)
-        return {
-            "steps": s.step,
-            "total_steps": self.schedule.total_steps,
-            "epochs": round(s.step / self.plan.steps_per_epoch, 4),
-            "tokens": s.tokens,
-            "target_tokens": s.target_tokens,
-            "tokens_per_s": round(self.tokens_this_run / max(self.runtime_s, 1e-9), 1),
-            "steps_tokens_per_s": None if (rate := self.progress.pace.steps_rate) is None else round(rate, 1),
-            "runtime_s": round(self.runtime_s, 2),
-            "peak_memory_gib": round(process_peak, 3),
-            "step_peak_memory_gib": None if steps_peak is None else round(steps_peak, 3),
-            "peak_memory_kind": "cuda_allocated" if self.topo.device.type == "cuda" else "cpu_rss",
-            "final_loss": s.train_loss[-1][1] if s.train_loss else None,
-            "best_eval_loss": s.best_eval,
-            "loss_curve": s.train_loss,
-            "eval_curve": s.eval_loss,
-            "resumed_from": self.resumed_from,
-            "precision": self.precision.name,
-            "strategy": self.strategy,
-            "world_size": self.topo.world_size,
-            "packed": self.data.packed,
-            "padding_free": self.padding_free,
-            "joined_micro_batch_tokens": self.join_tokens,  # a step's samples joined up to this many tokens a pass
-            "adapter": self.cfg.adapter or "full",
-            "kernels": self.kernels,
-            **self.progress.gpu_summary,
-        }
