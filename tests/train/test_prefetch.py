@@ -193,3 +193,20 @@ def test_pad_to_sequence_len_gives_every_prefetched_micro_batch_its_width():
     finally:
         batches.close()
     assert widths == [(2, 16), (2, 16)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
+def test_on_cuda_the_prefetch_thread_hands_out_micro_batches_already_on_the_device():
+    """The copies are queued by the thread (the loop launches none); the values are the CPU collation's."""
+    rows = [{"input_ids": [i + 1] * n, "labels": [1] * n, "position_ids": list(range(n))} for i, n in enumerate((3, 9))]
+    from datasets import Dataset
+
+    plan = BatchPlan(num_rows=2, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)
+    on_cpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cpu"))
+    on_gpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cuda"))
+    try:
+        (want,), (got,) = on_cpu.get(0).micro, on_gpu.get(0).micro
+    finally:
+        on_cpu.close(), on_gpu.close()
+    assert want.keys() == got.keys() and all(v.is_cuda for v in got.values() if isinstance(v, torch.Tensor))
+    assert all(torch.equal(got[k].cpu(), want[k]) for k in want if isinstance(want[k], torch.Tensor))

@@ -14,8 +14,8 @@ resets (block-diagonal mask for sdpa/eager, varlen for flash/flex). The first to
 sample is never a target, so no sample learns from its neighbour's last token.
 
 `Prefetcher` reads and collates the coming steps in a background thread (rows as numpy arrays
-straight from Arrow, tensors pinned on CUDA), so the training loop only copies them to the device
-(non-blocking) and the GPU never waits for the host to build a batch. With the varlen attention
+straight from Arrow), and on CUDA pins them and queues their copies to the device there too (non-blocking), so
+the training loop launches no copy and the GPU never waits for the host to build a batch. With the varlen attention
 kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
 forward reads them back from the device (kernels/ftw_kernels/attention.py); with the fused loss of the supervised
 objective, the rows that carry a loss (`target_rows`, kernels/ftw_kernels/cross_entropy.py), which are all the loss
@@ -243,8 +243,11 @@ class StepInput:
     tokens: int  # real tokens, on this rank
     targets: int  # tokens that carry a loss, on this rank
 
-    def pinned(self) -> StepInput:
-        return StepInput(self.step, [{k: pin(v) for k, v in b.items()} for b in self.micro], self.tokens, self.targets)
+    def staged(self, device: torch.device) -> StepInput:
+        """On `device`: pinned, then copied without blocking. The prefetch thread queues the copies on the stream the
+        steps run on, ahead of the step that reads them: the training loop launches none of its own."""
+        micro = [to_device({k: pin(v) for k, v in b.items()}, device) for b in self.micro]
+        return StepInput(self.step, micro, self.tokens, self.targets)
 
 
 def pin(value):
@@ -309,7 +312,7 @@ def host_inputs(batch: dict[str, torch.Tensor], varlen: bool, target_rows: bool)
 
 class Prefetcher:
     """The micro-batches of steps `steps`, read and collated in a background thread that stays at
-    most `depth` steps ahead (pinned on CUDA for non-blocking copies). `get(step)` hands them out
+    most `depth` steps ahead (on CUDA already on the device: `StepInput.staged`). `get(step)` hands them out
     in order; an error in the thread is raised there. `close()` stops the thread (it is a daemon
     too, so nothing it does can keep the interpreter from exiting)."""
 
@@ -359,7 +362,7 @@ class Prefetcher:
                 batch = read(step, order)
                 if device.type == "cuda":
                     with CAPTURE_LOCK:  # no CUDA call from this thread while a graph is captured
-                        batch = batch.pinned()
+                        batch = batch.staged(device)
                 if not self._put(batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step

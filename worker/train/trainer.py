@@ -42,7 +42,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free, to_device
+from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import eval_chunks, evaluate
 from worker.train.graphed_update import GraphedUpdate, graph_blocker
@@ -170,8 +170,7 @@ class Trainer:
         else:  # one process: the host has them, and the loss divides by a number (no copy, no kernels)
             counts, n_items, host_counts = None, float(max(batch.targets, 1)), (batch.targets, batch.tokens)
         micro_sums = []  # each micro-batch's loss, then its metric sums
-        for i, micro in enumerate(batch.micro):
-            micro = to_device(micro, topo.device)
+        for i, micro in enumerate(batch.micro):  # on the device already (the prefetch thread copied it)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
