@@ -79,7 +79,7 @@ def train(graphed: bool, max_norm: float, unused_at: int | None = None, betas_at
 
 
 @needs_cuda
-@pytest.mark.parametrize("max_norm", [0.05, float("inf")], ids=["clipping", "no-bound"])
+@pytest.mark.parametrize("max_norm", [0.01, float("inf")], ids=["clipping", "no-bound"])
 def test_replayed_steps_give_the_eager_steps_parameters_and_norms(max_norm):
     eager_params, eager_norms, _ = train(False, max_norm)
     params, norms, replayed = train(True, max_norm)
@@ -118,6 +118,6 @@ def test_the_trainer_replays_its_update_and_matches_an_eager_run(task_model_dir,
     assert run_inprocess(cfg, tmp_path / "eager", cache) == 0
     curves = [json.loads((tmp_path / run / "summary.json").read_text())["loss_curve"] for run in ("graphed", "eager")]
     assert [s for s, _ in curves[0]] == list(range(1, 7))
-    assert curves[0] == pytest.approx(curves[1], rel=1e-3)
+    assert [loss for _, loss in curves[0]] == pytest.approx([loss for _, loss in curves[1]], rel=1e-3)
     a, b = (adapter_tensors(tmp_path / run / "adapter") for run in ("graphed", "eager"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-5) for k in a)

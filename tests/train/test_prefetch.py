@@ -79,9 +79,12 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     cache = write_cache(tmp_path / "cache", rows, packed=packed)
     mbs = 1 if packed else 2
     # 4 rows a step over 10 rows (or the packed bins): a partial last step, wrap-around, 3+ epochs
+    # unpacked rows on CUDA would run padding-free (joined into one row: tests/train/test_padding_free.py), not in
+    # the layout of the collation compared with here
     cfg = base_config(
-        task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=8, save_strategy="no"
-    )
+        task_model_dir, micro_batch_size=2, gradient_accumulation_steps=2, max_steps=8, save_strategy="no",
+        **({} if packed else {"use_kernels": False}),
+    )  # fmt: skip
     plan = BatchPlan(len(rows), mbs, 2, 1, cfg["seed"])
     assert 1 < plan.steps_per_epoch < 4  # 8 steps cross two epoch boundaries
     pad_id = AutoTokenizer.from_pretrained(task_model_dir).pad_token_id or 0
@@ -203,7 +206,7 @@ def test_on_cuda_the_prefetch_thread_hands_out_micro_batches_already_on_the_devi
 
     plan = BatchPlan(num_rows=2, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)
     on_cpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cpu"))
-    on_gpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cuda"))
+    on_gpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cuda", 0))
     try:
         (want,), (got,) = on_cpu.get(0).micro, on_gpu.get(0).micro
     finally:
