@@ -47,6 +47,11 @@
 # py-spy comes with .whl and lands on PATH from $FTW_SITE/bin):
 #   HOST_SAMPLES=$OUT/hs REAL_STEPS=150 VARIANT_ARMS=bare-fresh,ftw SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh variants
 #   python3 bench/host_samples.py $OUT/hs --steps 190 --base bare-fresh
+# On 2026-12-07 (twentieth session, H100): the CUDA tests of the replayed update and the staged batches, and
+# `variants` against the update left eager (docs/benchmarks.md, "twentieth session"):
+#   TESTS="tests/train/test_graphed_update.py tests/train/test_host_sync.py tests/train/test_step_time.py \
+#     tests/train/test_clip.py tests/train/test_prefetch.py" REAL_STEPS=100 VARIANT_ROUNDS=2 \
+#     VARIANT_ARMS=bare-fresh,ftw,ftw~eager-update SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests variants
 # Still wanted (carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
 #   OUT=$OUT bash bench/gpu_worker.sh
 #
