@@ -90,9 +90,11 @@ def quantise_linears_8bit(model) -> None:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """Environment for subprocesses of tests: the repo importable, no stray credentials."""
+    """Environment for subprocesses of tests: the repo importable, no stray credentials. Folders already on
+    PYTHONPATH stay after the repo's (the device machine's packages live in one: bench/gpu_env.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_TOKEN", "WANDB_", "RUNPOD_"))}
-    env["PYTHONPATH"] = os.pathsep.join(IMPORT_PATH)
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in IMPORT_PATH]
+    env["PYTHONPATH"] = os.pathsep.join([*IMPORT_PATH, *inherited])
     env.update(extra)
     return env
 
