@@ -46,12 +46,15 @@
 # 2026-12-07 (nineteenth session, H100): `variants`, and with each arm under py-spy (HOST_SAMPLES, bench/host_samples.py;
 # py-spy comes with .whl and lands on PATH from $FTW_SITE/bin):
 #   HOST_SAMPLES=$OUT/hs REAL_STEPS=150 VARIANT_ARMS=bare-fresh,ftw SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh variants
-#   python3 bench/host_samples.py $OUT/hs --steps 190 --base bare-fresh
+#   python3 bench/host_samples.py $OUT/hs --steps 190 --base bare-fresh   # now done by `variants` itself, each round
 # On 2026-12-07 (twentieth session, H100): the CUDA tests of the replayed update and the staged batches, and
 # `variants` against the update left eager (docs/benchmarks.md, "twentieth session"):
 #   TESTS="tests/train/test_graphed_update.py tests/train/test_host_sync.py tests/train/test_step_time.py \
 #     tests/train/test_clip.py tests/train/test_prefetch.py" REAL_STEPS=100 VARIANT_ROUNDS=2 \
 #     VARIANT_ARMS=bare-fresh,ftw,ftw~eager-update SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests variants
+# Still wanted: the same arms sampled on a slow host (host-samples-llama-1b-1.md splits the step's host time):
+#   HOST_SAMPLES=$OUT/hs REAL_STEPS=150 VARIANT_ARMS=bare-fresh,ftw,ftw~eager-update SHAPES=llama-1b OUT=$OUT \
+#     bash bench/gpu_step.sh variants
 # Still wanted (carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
 #   OUT=$OUT bash bench/gpu_worker.sh
 #
@@ -84,7 +87,9 @@
 #                         steps timed after $REAL_WARMUP: the fresh bare loop, `ftw train` and `ftw train` with parts of
 #                         its step taken out ($VARIANT_ARMS, default every variant of bench/train_variants.py alone and
 #                         all together), in $VARIANT_ROUNDS rounds (default 1: six arms of ~45 s on a slow host; a
-#                         second round, in the other order, is a second call's worth)
+#                         second round, in the other order, is a second call's worth). With HOST_SAMPLES=DIR each arm
+#                         runs under py-spy, a round's samples in DIR/<shape>-<round>/, and
+#                         host-samples-<shape>-<round>.md holds bench/host_samples.py's tables of them
 #   joined joined-<shape>/  bench/gpu_train.py --unpacked --accum 8 at $SHAPES (mbs 2 at 1B, 1 at 8B): `ftw train`
 #                         with each step's samples joined across its micro-batches (ftw) against a pass a micro-batch
 #                         (ftw-unjoined, FTW_JOIN_STEPS=0)
@@ -205,10 +210,18 @@ for part in "${parts[@]}"; do
         [[ ",$SHAPES," == *",$name,"* ]] || continue
         for round in $(seq "${VARIANT_ROUNDS:-1}"); do
           log "gpu_train $name, --unpacked, round $round: ${arms//,/, }"
-          $PY bench/gpu_train.py --out "$OUT/variants-$name-$round" --work "/tmp/variants-$name" --shape "$name" \
-            --mbs "$mbs" --unpacked --arms "$arms" --steps "${REAL_STEPS:-30}" --warmup "${REAL_WARMUP:-40}" --no-merge \
-            --no-profile --arm-timeout "$((limit + ${REAL_WARMUP:-40}))" 2>&1 | tee "$OUT/variants-$name-$round.txt" \
-            | grep "^|" | tee -a "$OUT/summary.txt"
+          samples=${HOST_SAMPLES:+$HOST_SAMPLES/$name-$round}  # each round's py-spy samples in a folder of their own
+          HOST_SAMPLES=$samples $PY bench/gpu_train.py --out "$OUT/variants-$name-$round" --work "/tmp/variants-$name" \
+            --shape "$name" --mbs "$mbs" --unpacked --arms "$arms" --steps "${REAL_STEPS:-30}" \
+            --warmup "${REAL_WARMUP:-40}" --no-merge --no-profile --arm-timeout "$((limit + ${REAL_WARMUP:-40}))" 2>&1 \
+            | tee "$OUT/variants-$name-$round.txt" | grep "^|" | tee -a "$OUT/summary.txt"
+          if [ -n "$samples" ]; then  # the sampled steps are the warmup's and the timed ones, against the bare loop
+            base=bare-fresh
+            [[ ",$arms," == *",bare-fresh,"* ]] || base=${arms%%,*}
+            $PY bench/host_samples.py "$samples" --steps "$((${REAL_WARMUP:-40} + ${REAL_STEPS:-30}))" --base "$base" \
+              >"$OUT/host-samples-$name-$round.md" 2>&1
+            head -n 1 "$OUT/host-samples-$name-$round.md" | tee -a "$OUT/summary.txt"
+          fi
           arms=$(tr , '\n' <<<"$arms" | tac | paste -sd,)  # the next round in the other order
         done
       done ;;
