@@ -39,6 +39,26 @@ def test_the_blocker_names_each_case_the_graph_cannot_hold(monkeypatch):
     assert "second copy" in graph_blocker(adamw(params), params, CUDA, 1, False)
 
 
+def test_a_capture_that_fails_leaves_every_step_eager_and_the_step_as_it_was(caplog):
+    """Off CUDA torch refuses to build the graph (as it would raise on a GPU out of memory for the buffers): the
+    update warns once, hands each later step to the eager path, and leaves the gradients and the optimizer's
+    settings as the eager step left them."""
+    params = [torch.nn.Parameter(torch.ones(4, 4)) for _ in range(2)]
+    optimizer = adamw(params)
+    for p in params:
+        p.grad = torch.full((4, 4), 0.5)
+    optimizer.step()
+    grads = [p.grad for p in params]
+    update = GraphedUpdate(optimizer, params, 1.0)
+    with caplog.at_level("WARNING", logger="ftw.train"):
+        update.capture()
+        update.capture()  # tried once: not again
+    assert [r.message for r in caplog.records if "eagerly" in r.message] and len(caplog.records) == 1
+    assert all(p.grad is g for p, g in zip(params, grads)) and update.grads == [] and update.norm is None
+    assert all(group["lr"] == 2.0**-6 and group["capturable"] is False for group in optimizer.param_groups)
+    assert update.replay() is None
+
+
 def model_and_batches(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(

@@ -92,10 +92,12 @@ class GraphedUpdate:
         self.tried = True
         groups = self.optimizer.param_groups
         saved = [(group["lr"], group["capturable"]) for group in groups]
-        self.grads = [torch.empty_like(g) for g in grads]
-        self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=grads[0].device) for group in groups]
-        graph = torch.cuda.CUDAGraph()
-        try:
+        try:  # the buffers too: a run that fits eagerly but not with a second copy of its gradients goes on eagerly
+            self.grads = [torch.empty_like(g) for g in grads]
+            self.lrs = [
+                torch.tensor(float(group["lr"]), dtype=torch.float32, device=grads[0].device) for group in groups
+            ]
+            graph = torch.cuda.CUDAGraph()
             for p, g in zip(self.params, self.grads):
                 p.grad = g
             for group, lr in zip(groups, self.lrs):
@@ -103,7 +105,7 @@ class GraphedUpdate:
             with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.norm = clip_to_norm(self.grads, self.max_norm)
                 self.optimizer.step()
-        except RuntimeError as e:  # an optimizer step the graph cannot hold: every step stays eager
+        except RuntimeError as e:  # out of memory, or a step the graph cannot hold: every step stays eager
             log.warning("the optimizer step runs eagerly each step: capturing it as a CUDA graph failed (%s)", e)
             self.grads, self.lrs, self.norm = [], [], None
             return
