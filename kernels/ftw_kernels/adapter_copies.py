@@ -5,7 +5,8 @@ forward and backward costs hundreds of tiny kernels per step. `stacked` instead 
 of one buffer per group of weights (a group may ask for its weights times a scale: LoRA's s·B, so that no
 matmul of the fused ops has to scale), copied from the parameters again only when one of them may
 have changed since the last copy:
-- an in-place op on it (its `_version`), or a new tensor behind it (`data_ptr`);
+- an in-place op on it (its `_version`; a replayed CUDA graph of the optimizer step moves it too,
+  worker/train/graphed_update.py), or a new tensor behind it (`data_ptr`);
 - any optimizer step (a global step hook): fused AdamW and bitsandbytes write the parameters
   without bumping `_version`.
 All stale copies are refreshed together, with one `_foreach_copy_` per device and dtype pair, at

@@ -39,10 +39,15 @@ def test_the_blocker_names_each_case_the_graph_cannot_hold(monkeypatch):
     assert "second copy" in graph_blocker(adamw(params), params, CUDA, 1, False)
 
 
-def test_a_capture_that_fails_leaves_every_step_eager_and_the_step_as_it_was(caplog):
-    """Off CUDA torch refuses to build the graph (as it would raise on a GPU out of memory for the buffers): the
-    update warns once, hands each later step to the eager path, and leaves the gradients and the optimizer's
-    settings as the eager step left them."""
+def test_a_capture_that_fails_leaves_every_step_eager_and_the_step_as_it_was(caplog, monkeypatch):
+    """A graph that cannot be built (here: out of memory, as a GPU short of room for the buffers raises; the same
+    on a machine with CUDA and without): the update warns once, hands each later step to the eager path, and leaves
+    the gradients and the optimizer's settings as the eager step left them."""
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(graphed_update.torch.cuda, "CUDAGraph", out_of_memory)
     params = [torch.nn.Parameter(torch.ones(4, 4)) for _ in range(2)]
     optimizer = adamw(params)
     for p in params:
@@ -57,6 +62,37 @@ def test_a_capture_that_fails_leaves_every_step_eager_and_the_step_as_it_was(cap
     assert all(p.grad is g for p, g in zip(params, grads)) and update.grads == [] and update.norm is None
     assert all(group["lr"] == 2.0**-6 and group["capturable"] is False for group in optimizer.param_groups)
     assert update.replay() is None
+
+
+class KernelWrites:
+    """Stands in for the captured graph, which CPU torch cannot build: its replay writes the parameters the way the
+    graph's kernels do, through their storage, without an op that moves their version counters."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+
+    def replay(self) -> None:
+        for p in self.params:
+            p.data.add_(1.0)  # `.data` has a version counter of its own: p's does not move
+
+
+def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
+    """The bf16 copies of the adapter weights (ftw_kernels.adapter_copies) are refreshed when a parameter changes;
+    a replayed step calls no `optimizer.step()` and runs no op on the parameters, so it must say they changed, or
+    every forward after the first replay computes with the weights of step 1 (found on the GPU: a trainer's loss
+    curve fell slower than its eager twin's from step 3 on)."""
+    from ftw_kernels.adapter_copies import stacked
+
+    params = [torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(3, 4))]
+    optimizer = adamw(params)
+    update = GraphedUpdate(optimizer, params, float("inf"))
+    update.graph, update.settings = KernelWrites(params), update._settings()
+    update.grads, update.lrs, update.norm = [torch.zeros_like(p) for p in params], [torch.zeros(())], torch.zeros(())
+    assert torch.equal(stacked([params], torch.bfloat16)[0], torch.ones(5, 4, dtype=torch.bfloat16))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    assert update.replay() is update.norm
+    assert torch.equal(stacked([params], torch.bfloat16)[0], torch.full((5, 4), 2.0, dtype=torch.bfloat16))
 
 
 def model_and_batches(seed: int = 0):

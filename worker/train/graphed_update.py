@@ -13,7 +13,8 @@ or one after a schedule changed a setting other than the learning rate (OneCycle
 eagerly, on the same state tensors. The learning rate the graph reads is a device tensor the host fills before
 each replay: schedulers, checkpoints and the logged lr keep the float in `param_groups`. The fused kernel reads a
 tensor rate as float32, so a replayed step uses the rate rounded to float32 (a relative 6e-8 at most) where the
-eager step uses its double.
+eager step uses its double. A replay calls no `optimizer.step()`, so it runs no step hooks; it marks the parameters
+changed instead (their version counters), which is what the caches of derived weights read.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class GraphedUpdate:
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(group["lr"])
         self.graph.replay()
+        # the graph wrote the parameters through their pointers, which moves no version counter: without this, what
+        # caches a parameter until it changes (the bf16 adapter copies, ftw_kernels.adapter_copies) would keep
+        # serving the weights of the step before the first replay
+        torch.autograd.graph.increment_version(self.params)
         return self.norm
 
     def capture(self) -> None:
