@@ -10,13 +10,14 @@ Variants (each takes out one thing the bare loop of bench/train_throughput.py do
   no-autocast  the forward outside torch.autocast (the model's weights are already in the autocast dtype)
   no-clip      no gradient-norm clipping (its norm read as 0)
   no-clocks    no nvidia-smi sampler (worker/train/gpu_clocks.py) and its reader thread
-  eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (what the trainer
-               did before worker/train/graphed_update.py; the bare loop steps its optimizer eagerly too)
+  eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (FTW_GRAPHED_UPDATE=0:
+               what the trainer did before worker/train/graphed_update.py; the bare loop steps eagerly too)
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -59,9 +60,9 @@ def no_clocks() -> None:
 
 
 def eager_update() -> None:
-    from worker.train import trainer
+    from worker.train.graphed_update import SWITCH
 
-    trainer.graph_blocker = lambda *args: "the eager-update variant"
+    os.environ[SWITCH] = "0"  # the operator's switch: the trainer's graph_blocker reads it
 
 
 VARIANTS = {

@@ -37,6 +37,11 @@ def test_the_blocker_names_each_case_the_graph_cannot_hold(monkeypatch):
     assert "several devices or in several dtypes" in graph_blocker(adamw(mixed), mixed, CUDA, 1, False)
     monkeypatch.setattr(graphed_update, "GRAPH_BYTES", 3 * 4 * 4 * 4 - 1)
     assert "second copy" in graph_blocker(adamw(params), params, CUDA, 1, False)
+    monkeypatch.setattr(graphed_update, "GRAPH_BYTES", 1 << 30)
+    monkeypatch.setenv("FTW_GRAPHED_UPDATE", "0")  # the operator's way to rule the graph out
+    assert graph_blocker(adamw(params), params, CUDA, 1, False) == "FTW_GRAPHED_UPDATE=0 in the environment"
+    monkeypatch.setenv("FTW_GRAPHED_UPDATE", "1")
+    assert graph_blocker(adamw(params), params, CUDA, 1, False) is None
 
 
 def test_a_capture_that_fails_leaves_every_step_eager_and_the_step_as_it_was(caplog, monkeypatch):

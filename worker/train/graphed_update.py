@@ -20,6 +20,7 @@ changed instead (their version counters), which is what the caches of derived we
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -28,6 +29,7 @@ from worker.train.optim import clip_to_norm
 
 log = logging.getLogger("ftw.train")
 
+SWITCH = "FTW_GRAPHED_UPDATE"  # "0" in the worker's environment: every step's update runs eagerly (rules the graph out)
 GRAPH_BYTES = 1 << 30  # gradients above this: the second copy costs more memory than the launches cost time
 FUSED_ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -36,6 +38,8 @@ def graph_blocker(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], device: torch.device, world_size: int, scaler: bool
 ) -> str | None:
     """Why the clip and optimizer step cannot be one replayed graph in this run, or None when they can."""
+    if os.environ.get(SWITCH) == "0":
+        return f"{SWITCH}=0 in the environment"
     if device.type != "cuda":
         return f"the run is on {device.type}, not CUDA"
     if world_size > 1:
