@@ -163,11 +163,11 @@ def main() -> None:
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     # progress_update (/status) every 2 s or 5% of the steps; the stream thins them to one per 10 s
     os.environ.setdefault("FTW_PROGRESS_INTERVAL_S", "2")
+    local = local_test_mode(sys.argv, dict(os.environ))
+    if not local:  # the stage template imports while the SDK imports (~2 s) and the worker waits for its first job
+        template.shared(child_env(dict(os.environ), {}, {}))
     import runpod
 
-    local = local_test_mode(sys.argv, dict(os.environ))
-    if not local:  # the stage template imports while the worker waits for its first job
-        template.shared(child_env(dict(os.environ), {}, {}))
     handler = run_to_result if local else stream_job
     runpod.serverless.start({"handler": handler, "return_aggregate_stream": True})
 

@@ -76,34 +76,47 @@ export BASE_VOLUME="$VOL"
 [ "${DRY_RUN_CPU:-}" = 1 ] || unset FTW_ALLOW_CPU   # DRY_RUN_CPU=1 FTW_ALLOW_CPU=1: rehearse on a CPU machine
 # the import floor of one process: the yardstick of time to first step (issue 13: fresh ≤ 1.3×, warm ≤ 0.3×)
 $PY -c "import subprocess, sys, time; t = time.monotonic(); subprocess.run([sys.executable, '-c', 'import torch, transformers, datasets, peft'], check=True); print(time.monotonic() - t)" >"$OUT/floor_s"
+for n in 2 3; do sed "s/\"run_id\": \"gpu-smoke\"/\"run_id\": \"gpu-smoke-$n\"/" "$OUT/job.json" >"$OUT/job$n.json"; done
 started=$(date +%s)
-export FTW_ENDPOINT_API_KEY=$($PY -c "import secrets; print(secrets.token_hex(16))")
-start_worker() {  # a local endpoint with one fresh `python handler.py` worker; $1: the log's suffix
-  $PY -m worker.cli endpoint --port 0 --db "$OUT/endpoint$1.sqlite3" --take-wait-s 5 --worker handler.py >"$OUT/endpoint$1.log" 2>&1 &
-  EPID=$!
-  URL=""
-  for _ in $(seq 120); do
-    URL=$(sed -n 's/^ftw endpoint listening on //p' "$OUT/endpoint$1.log" | head -n 1)
-    { [ -n "$URL" ] || ! kill -0 $EPID 2>/dev/null; } && break
-    sleep 0.5
-  done
-  if [ -z "$URL" ]; then
-    log "FAILED: ftw endpoint did not start (see endpoint$1.log)"; tail -n 20 "$OUT/endpoint$1.log"; kill $EPID 2>/dev/null; exit 1
-  fi
-  export RUNPOD_ENDPOINT_BASE_URL="$URL/v2" RUNPOD_ENDPOINT_ID=local RUNPOD_API_KEY="$FTW_ENDPOINT_API_KEY"
-}
-start_worker ""
-timeout 480 $PY -m worker.cli submit "$OUT/job.json" --wait >"$OUT/submit.stdout" 2>"$OUT/submit.stderr"
+# jobs 1 and 3 as RunPod runs a scaled-to-zero endpoint's job: queued first, then a fresh `python handler.py`
+# boots and takes it (the queue's delayTime is that boot); job 2 on the same warm worker
+$PY - "$OUT" <<'EOF'
+import json, os, secrets, subprocess, sys, time
+import urllib.request
+from worker.devtools.endpoint.local import LocalEndpoint
+
+out = sys.argv[1]
+key = secrets.token_hex(16)
+
+
+def submit(endpoint, n):
+    with open(f"{out}/submit{n}.stdout", "w") as stdout, open(f"{out}/submit{n}.stderr", "w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "worker.cli", "submit", f"{out}/job{n}.json", "--wait"],
+                                stdout=stdout, stderr=stderr, env={**os.environ, **endpoint.client_env()})
+
+
+def queued(endpoint):
+    request = urllib.request.Request(f"{endpoint.base_url}/local/health", headers={"Authorization": f"Bearer {key}"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if json.load(urllib.request.urlopen(request, timeout=5))["jobs"]["inQueue"] >= 1:
+            return
+        time.sleep(0.05)
+    raise SystemExit("the job was not queued within 60 s (see submit*.stderr)")
+
+
+for n, warm in (("", "2"), ("3", None)):
+    with LocalEndpoint(db=f"{out}/endpoint{n}.sqlite3", api_key=key, args=("--take-wait-s", "5"),
+                       log_path=f"{out}/endpoint{n}.log") as endpoint:
+        client = submit(endpoint, n)
+        queued(endpoint)
+        worker = endpoint.start_worker("handler.py", log_path=f"{out}/worker{n}.log")  # boots for the queued job
+        client.wait(480)
+        if warm:  # the same worker's next job: its stages fork from the warm stage template
+            submit(endpoint, warm).wait(480)
+        worker.stop()
+EOF
 submitted=$?
-# the same worker's next job: its stages fork from the warm stage template
-sed 's/"run_id": "gpu-smoke"/"run_id": "gpu-smoke-2"/' "$OUT/job.json" >"$OUT/job2.json"
-timeout 480 $PY -m worker.cli submit "$OUT/job2.json" --wait >"$OUT/submit2.stdout" 2>"$OUT/submit2.stderr"
-kill -TERM $EPID 2>/dev/null; wait $EPID 2>/dev/null   # the endpoint stops its worker too
-# a fresh worker on the volume the first one used, as RunPod starts one: its kernels are compiled there
-start_worker 3
-sed 's/"run_id": "gpu-smoke"/"run_id": "gpu-smoke-3"/' "$OUT/job.json" >"$OUT/job3.json"
-timeout 480 $PY -m worker.cli submit "$OUT/job3.json" --wait >"$OUT/submit3.stdout" 2>"$OUT/submit3.stderr"
-kill -TERM $EPID 2>/dev/null; wait $EPID 2>/dev/null
 $PY - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
@@ -115,7 +128,7 @@ for n in ("", "2", "3"):
     result = output[-1] if isinstance(output, list) and output else {"error": final.get("error") or final.get("status")}
     json.dump(result, open(f"{out}/job_result{'_' + n if n else ''}.json", "w"), indent=2)
 EOF
-via="handler.py (runpod SDK platform mode via ftw endpoint; ftw submit exit $submitted)"
+via="handler.py (runpod SDK platform mode via ftw endpoint, a fresh worker booted once its job was queued; driver exit $submitted)"
 elapsed=$(( $(date +%s) - started ))
 mkdir -p "$OUT/run"
 for f in checks.json summary.json result.json config.json; do cp "$VOL/runs/gpu-smoke/$f" "$OUT/run/" 2>/dev/null; done
@@ -153,12 +166,15 @@ except (OSError, ValueError):
 second, third = load("job_result_2.json"), load("job_result_3.json")
 second, third = ((json.loads(x["error"]) if isinstance(x.get("error"), str) else x) for x in (second, third))
 rows += [("import floor s (torch, transformers, datasets, peft)", None if floor is None else round(floor, 2))]
-jobs = (("job 1 (fresh worker)", r), ("job 2 (warm worker)", second), ("job 3 (fresh worker, the volume used before)", third))
-for label, result in jobs:
+jobs = (("job 1 (fresh worker)", r, ""), ("job 2 (warm worker)", second, "2"), ("job 3 (fresh worker, the volume used before)", third, "3"))
+for label, result, n in jobs:
     t = result.get("timings") or {}
     first = t.get("first_step_s")
     rows.append((f"time to first step, {label} s", first))
     rows.append((f"time to first step, {label} × floor", round(first / floor, 2) if first and floor else None))
+    delay = load(f"status_response{n}.json").get("delayTime")  # ms in the queue: a fresh worker's boot, or a busy one
+    if first and isinstance(delay, (int, float)):
+        rows.append((f"submit to first step (the queue's delayTime {delay / 1000:.2f} s + the above), {label} s", round(delay / 1000 + first, 3)))
     parts = ("preprocess_s", "train_startup_s", "model_setup_s", "first_step_compute_s")
     rows.append((f"where it went, {label}", ", ".join(f"{k} {t.get(k)}" for k in parts)))
 if r.get("status") != "completed":

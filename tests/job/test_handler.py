@@ -142,3 +142,31 @@ def test_a_failed_status_post_does_not_fail_the_job(monkeypatch, capsys):
     monkeypatch.setattr(runpod.serverless, "progress_update", refused)
     handler.status_poster({"id": "j1"})({"stage": "train", "step": 1})
     assert "progress_update failed (ConnectionError" in capsys.readouterr().err
+
+
+class _RunpodImported(Exception):
+    pass
+
+
+def test_the_stage_template_starts_before_the_sdk_is_imported(monkeypatch):
+    """A fresh worker's first step waits on the template's imports: they start before the SDK's (~2 s), not after."""
+    import handler
+    from worker.job import template
+
+    order: list[str] = []
+
+    class SeesRunpod:
+        def find_spec(self, name, path=None, target=None):
+            if name == "runpod":
+                order.append("runpod")
+                raise _RunpodImported
+            return None
+
+    monkeypatch.setattr(template, "shared", lambda env: order.append("template"))
+    monkeypatch.delitem(sys.modules, "runpod")
+    monkeypatch.setattr(sys, "meta_path", [SeesRunpod(), *sys.meta_path])
+    monkeypatch.setattr(sys, "argv", ["handler.py"])
+    monkeypatch.setenv("RUNPOD_WEBHOOK_GET_JOB", "http://127.0.0.1:9/job-take")
+    with pytest.raises(_RunpodImported):
+        handler.main()
+    assert order == ["template", "runpod"]
