@@ -282,3 +282,57 @@ def test_under_torch_distributed_every_call_casts():
         assert rel_err(q, reference(x, qkv[0])) < BF16
     finally:
         dist.destroy_process_group()
+
+
+def test_a_refresh_plan_refreshes_its_copies_and_leaves_the_others_to_their_next_use(monkeypatch):
+    """What a replayed optimizer step's graph holds (worker/train/graphed_update.py): the copies made only of the
+    step's parameters, refreshed by `run()` (the graph's kernels) and marked fresh without a host refresh; a copy
+    that also reads a tensor outside the step, or one made after the plan, is refreshed at its next use."""
+    gc.collect()
+    params = [torch.nn.Parameter(torch.full((2, 4), 1.0, device=DEVICE)) for _ in range(2)]
+    frozen = torch.full((3, 4), 5.0, device=DEVICE)
+    ours = adapter_copies.stacked([params], torch.bfloat16, scales=[2.0])[0]
+    mixed = adapter_copies.stacked([[params[0], frozen]], torch.bfloat16)[0]
+    plan = adapter_copies.RefreshPlan(params)
+    assert len(plan) == 2
+    for p in params:
+        p.data.add_(1.0)  # as the graph's optimizer kernels write: through the storage
+    torch.autograd.graph.increment_version(params)  # what a replay says of them
+    plan.run()
+    plan.mark_fresh()
+    refreshes = []
+    monkeypatch.setattr(
+        adapter_copies, "_refresh_stale", lambda real=adapter_copies._refresh_stale: refreshes.append(1) or real()
+    )
+    assert torch.equal(
+        adapter_copies.stacked([params], torch.bfloat16, scales=[2.0])[0],
+        torch.full((4, 4), 4.0, device=DEVICE, dtype=torch.bfloat16),
+    )
+    assert refreshes == []  # the plan's copies were current: no host refresh
+    assert adapter_copies.stacked([params], torch.bfloat16, scales=[2.0])[0] is ours
+    fresh = adapter_copies.stacked([[params[0], frozen]], torch.bfloat16)[0]
+    assert fresh is mixed and refreshes == [1]
+    assert torch.equal(fresh[:2], torch.full((2, 4), 2.0, device=DEVICE, dtype=torch.bfloat16))
+    later = adapter_copies.stacked([params[1:]], torch.bfloat16)[0]  # made after the plan: not in it
+    before = len(refreshes)
+    params[1].data.add_(1.0)
+    torch.autograd.graph.increment_version(params)
+    plan.run()
+    plan.mark_fresh()
+    again = adapter_copies.stacked([params[1:]], torch.bfloat16)[0]
+    assert again is later and len(refreshes) == before + 1
+    assert torch.equal(again, torch.full((2, 4), 3.0, device=DEVICE, dtype=torch.bfloat16))
+
+
+def test_a_refresh_plan_leaves_a_copy_whose_weight_moved_to_its_next_use():
+    """A parameter given new storage after the plan: the graph still copies the old one, so the copy is not marked."""
+    gc.collect()
+    params = [torch.nn.Parameter(torch.ones(2, 4, device=DEVICE))]
+    adapter_copies.stacked([params], torch.bfloat16)
+    plan = adapter_copies.RefreshPlan(params)
+    params[0].data = torch.full((2, 4), 7.0, device=DEVICE)
+    plan.mark_fresh()  # after a replay whose kernels copied the old storage (eagerly, run() would read the new one)
+    assert torch.equal(
+        adapter_copies.stacked([params], torch.bfloat16)[0],
+        torch.full((2, 4), 7.0, device=DEVICE, dtype=torch.bfloat16),
+    )

@@ -73,12 +73,14 @@ class KernelWrites:
     """Stands in for the captured graph, which CPU torch cannot build: its replay writes the parameters the way the
     graph's kernels do, through their storage, without an op that moves their version counters."""
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
+    def __init__(self, params: list[torch.Tensor], copies=None):
+        self.params, self.copies = params, copies
 
     def replay(self) -> None:
         for p in self.params:
             p.data.add_(1.0)  # `.data` has a version counter of its own: p's does not move
+        if self.copies is not None:
+            self.copies.run()  # the adapter copies' refresh, captured after the step
 
 
 def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
@@ -98,6 +100,40 @@ def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
         p.grad = torch.zeros_like(p)
     assert update.replay() is update.norm
     assert torch.equal(stacked([params], torch.bfloat16)[0], torch.full((5, 4), 2.0, dtype=torch.bfloat16))
+
+
+def test_a_replay_that_refreshed_the_copies_leaves_the_host_nothing_to_copy(monkeypatch):
+    """The graph refreshes the copies made of its parameters after the step (ftw_kernels.adapter_copies.RefreshPlan):
+    after a replay the next forward reads them as they are, without a host refresh; a copy the graph does not hold
+    (it also reads a frozen tensor) is refreshed at its use, as after an eager step."""
+    from ftw_kernels import adapter_copies
+
+    params = [torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(3, 4))]
+    frozen = torch.zeros(1, 4)
+    optimizer = adamw(params)
+    update = GraphedUpdate(optimizer, params, float("inf"))
+    assert torch.equal(adapter_copies.stacked([params], torch.bfloat16)[0], torch.ones(5, 4, dtype=torch.bfloat16))
+    assert torch.equal(
+        adapter_copies.stacked([[params[0], frozen]], torch.bfloat16)[0][:2], torch.ones(2, 4, dtype=torch.bfloat16)
+    )
+    update.copies = adapter_copies.RefreshPlan(params)
+    update.graph, update.settings = KernelWrites(params, update.copies), update._settings()
+    update.grads, update.lrs, update.norm = [torch.zeros_like(p) for p in params], [torch.zeros(())], torch.zeros(())
+    refreshes = []
+    real = adapter_copies._refresh_stale
+    monkeypatch.setattr(adapter_copies, "_refresh_stale", lambda: refreshes.append(1) or real())
+    for step in (2.0, 3.0):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        assert update.replay() is update.norm
+        assert torch.equal(
+            adapter_copies.stacked([params], torch.bfloat16)[0], torch.full((5, 4), step, dtype=torch.bfloat16)
+        )
+        assert refreshes == [1] * int(step - 2)
+        mixed = adapter_copies.stacked([[params[0], frozen]], torch.bfloat16)[0]
+        assert torch.equal(mixed[:2], torch.full((2, 4), step, dtype=torch.bfloat16)) and refreshes == [1] * int(
+            step - 1
+        )
 
 
 def model_and_batches(seed: int = 0):
@@ -149,6 +185,37 @@ def test_replayed_steps_give_the_eager_steps_parameters_and_norms(max_norm):
     assert all(torch.equal(a, b) for a, b in zip(params, eager_params))
     if max_norm < 1:
         assert bool((eager_norms > max_norm).all())  # the bound clipped every step
+
+
+@needs_cuda
+def test_the_captured_graph_refreshes_the_adapter_copies(monkeypatch):
+    """On CUDA: after each replay the bf16 copies (one of them scaled, as LoRA's s·B) equal the updated weights
+    cast, and no forward after a replay refreshes them on the host (only the first use and the step after the
+    eager first step do)."""
+    from ftw_kernels import adapter_copies
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 32, device=CUDA)), torch.nn.Parameter(torch.randn(32, 4, device=CUDA))]
+    optimizer = adamw(params)
+    update = GraphedUpdate(optimizer, params, 1.0)
+    x = torch.randn(8, 32, device=CUDA)
+    refreshes = []
+    real = adapter_copies._refresh_stale
+    monkeypatch.setattr(adapter_copies, "_refresh_stale", lambda: refreshes.append(1) or real())
+    replayed = []
+    for _ in range(5):
+        a, b = adapter_copies.stacked([[params[0]], [params[1]]], torch.bfloat16, scales=[1.0, 2.0])
+        assert torch.equal(a, params[0].detach().bfloat16())
+        assert torch.equal(b, (2.0 * params[1].detach()).bfloat16())
+        ((x @ params[0].t()) @ params[1].t()).square().mean().backward()
+        replayed.append(update.replay() is not None)
+        if not replayed[-1]:
+            clip_gradients(params, 1.0)
+            optimizer.step()
+            update.capture()
+        optimizer.zero_grad(set_to_none=True)
+    assert replayed == [False, True, True, True, True] and len(update.copies) == 2
+    assert len(refreshes) == 2
 
 
 @needs_cuda

@@ -14,7 +14,9 @@ eagerly, on the same state tensors. The learning rate the graph reads is a devic
 each replay: schedulers, checkpoints and the logged lr keep the float in `param_groups`. The fused kernel reads a
 tensor rate as float32, so a replayed step uses the rate rounded to float32 (a relative 6e-8 at most) where the
 eager step uses its double. A replay calls no `optimizer.step()`, so it runs no step hooks; it marks the parameters
-changed instead (their version counters), which is what the caches of derived weights read.
+changed instead (their version counters), which is what the caches of derived weights read. The bf16 adapter copies
+the fused LoRA kernels read (ftw_kernels.adapter_copies) are refreshed inside the graph, after the step, and marked
+fresh after each replay: the host launches none of their copies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 
 import torch
 
+from ftw_kernels.adapter_copies import RefreshPlan
 from ftw_kernels.moe_graphs import CAPTURE_LOCK
 from worker.train.optim import clip_to_norm
 
@@ -70,6 +73,7 @@ class GraphedUpdate:
         self.lrs: list[torch.Tensor] = []  # each group's learning rate, read by the graph
         self.norm: torch.Tensor | None = None  # the graph's output: the gradients' total norm before clipping
         self.settings: list[dict] = []
+        self.copies: RefreshPlan | None = None  # the adapter copies the graph refreshes after the step
 
     def _settings(self) -> list[dict]:
         return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.optimizer.param_groups]
@@ -90,6 +94,8 @@ class GraphedUpdate:
         # caches a parameter until it changes (the bf16 adapter copies, ftw_kernels.adapter_copies) would keep
         # serving the weights of the step before the first replay
         torch.autograd.graph.increment_version(self.params)
+        if self.copies is not None:
+            self.copies.mark_fresh()  # ...but the copies the graph refreshed are current
         return self.norm
 
     def capture(self) -> None:
@@ -114,6 +120,8 @@ class GraphedUpdate:
             with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.norm = clip_to_norm(self.grads, self.max_norm)
                 self.optimizer.step()
+                copies = RefreshPlan(self.params)
+                copies.run()
         except RuntimeError as e:  # out of memory, or a step the graph cannot hold: every step stays eager
             log.warning("the optimizer step runs eagerly each step: capturing it as a CUDA graph failed (%s)", e)
             self.grads, self.lrs, self.norm = [], [], None
@@ -123,5 +131,9 @@ class GraphedUpdate:
                 group["lr"], group["capturable"] = lr, capturable
             for p, g in zip(self.params, grads):
                 p.grad = g
-        self.graph, self.settings = graph, self._settings()
-        log.info("the clip and optimizer step replay as one CUDA graph (%d tensors)", len(self.params))
+        self.graph, self.settings, self.copies = graph, self._settings(), copies
+        log.info(
+            "the clip, the optimizer step and %d adapter copies replay as one CUDA graph (%d tensors)",
+            len(copies),
+            len(self.params),
+        )
