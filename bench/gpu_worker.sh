@@ -8,7 +8,9 @@
 # 2. probe_missing.json  CUDA_VISIBLE_DEVICES naming a device that does not exist: must fail in seconds
 # 3. job_result*.json    real jobs through handler.py, as on RunPod: an unmodified `python handler.py`
 #                        in the runpod SDK's platform mode, taking the job from `ftw endpoint` and
-#                        submitted with `ftw submit --wait`; a tiny Llama-shaped model built on the
+#                        submitted with `ftw submit --wait`; a fresh worker boots once its job is
+#                        queued, as RunPod starts one (the table's "submit to first step" counts that
+#                        boot, the queue's delayTime); a tiny Llama-shaped model built on the
 #                        machine (no Hub), LoRA, bf16, on the GPU; run/ holds its checks.json,
 #                        summary.json and logs. Then the same worker's second job, and a third job on a
 #                        fresh worker over the same volume (its compiled kernels kept there).
