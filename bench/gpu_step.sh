@@ -52,14 +52,17 @@
 #   TESTS="tests/train/test_graphed_update.py tests/train/test_host_sync.py tests/train/test_step_time.py \
 #     tests/train/test_clip.py tests/train/test_prefetch.py" REAL_STEPS=100 VARIANT_ROUNDS=2 \
 #     VARIANT_ARMS=bare-fresh,ftw,ftw~eager-update SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests variants
-# On 2026-12-07 (twenty-first session, H100): the same arms sampled (host-samples-llama-1b-<round>.md splits the step's
-# host time), on main e42d873, whose replayed update left the adapter copies stale (the CUDA trainer test found it;
-# fixed in 4f878f1). Still wanted: the fixed tree's CUDA tests and its speed, on a fast host and a slow one:
+# On 2026-12-07 (twenty-first and twenty-second sessions, H100): the same arms sampled (host-samples-llama-1b-<round>.md
+# splits the step's host time), and the fixed tree's CUDA tests:
 #   TESTS="tests/train/test_graphed_update.py tests/kernels/test_adapter_copies.py tests/train/test_host_sync.py" \
 #     HOST_SAMPLES=$OUT/hs REAL_STEPS=150 VARIANT_ROUNDS=2 VARIANT_ARMS=bare-fresh,ftw,ftw~eager-update \
 #     SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests variants
-# bench/gpu_worker.sh ran on 2026-12-07 (twenty-first session; carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl;
-# .whl-qlora does not fit beside it): OUT=$OUT bash bench/gpu_worker.sh
+# and bench/gpu_worker.sh (carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
+#   OUT=$OUT bash bench/gpu_worker.sh
+# Still wanted, without py-spy (sampled arms are slowed unequally): whether the prefetch thread or the clock sampler
+# holds the slow hosts' remaining gap to the bare loop:
+#   REAL_STEPS=150 VARIANT_ROUNDS=2 VARIANT_ARMS=bare-fresh,ftw,ftw~sync,ftw~sync+no-clocks SHAPES=llama-1b \
+#     OUT=$OUT bash bench/gpu_step.sh variants
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)

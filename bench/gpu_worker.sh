@@ -83,8 +83,8 @@ started=$(date +%s)
 # jobs 1 and 3 as RunPod runs a scaled-to-zero endpoint's job: queued first, then a fresh `python handler.py`
 # boots and takes it (the queue's delayTime is that boot); job 2 on the same warm worker
 $PY - "$OUT" <<'EOF'
-import json, os, secrets, subprocess, sys, time
-import urllib.request
+import os, secrets, subprocess, sys, time
+from worker.devtools.endpoint.client_cli import Client
 from worker.devtools.endpoint.local import LocalEndpoint
 
 out = sys.argv[1]
@@ -98,10 +98,10 @@ def submit(endpoint, n):
 
 
 def queued(endpoint):
-    request = urllib.request.Request(f"{endpoint.base_url}/local/health", headers={"Authorization": f"Bearer {key}"})
+    client = Client(endpoint.client_env())  # the runpod SDK's Endpoint, as `ftw submit` uses it
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if json.load(urllib.request.urlopen(request, timeout=5))["jobs"]["inQueue"] >= 1:
+        if client.call("GET", "health", timeout=5)["jobs"]["inQueue"] >= 1:
             return
         time.sleep(0.05)
     raise SystemExit("the job was not queued within 60 s (see submit*.stderr)")

@@ -61,6 +61,26 @@ def volume(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture
+def count_host_refreshes(monkeypatch):
+    """Call it to start counting the adapter copies' host refreshes (ftw_kernels.adapter_copies._refresh_stale, which
+    still runs): it returns the list that grows by one a refresh."""
+    from ftw_kernels import adapter_copies
+
+    def start() -> list[int]:
+        calls: list[int] = []
+        real = adapter_copies._refresh_stale
+
+        def counted() -> None:
+            calls.append(1)
+            real()
+
+        monkeypatch.setattr(adapter_copies, "_refresh_stale", counted)
+        return calls
+
+    return start
+
+
 def randomise_lora_b(model, std: float) -> None:
     """Normal(0, std) LoRA B weights: PEFT starts B at zero, where the adapter path carries nothing."""
     import torch

@@ -284,7 +284,7 @@ def test_under_torch_distributed_every_call_casts():
         dist.destroy_process_group()
 
 
-def test_a_refresh_plan_refreshes_its_copies_and_leaves_the_others_to_their_next_use(monkeypatch):
+def test_a_refresh_plan_refreshes_its_copies_and_leaves_the_others_to_their_next_use(count_host_refreshes):
     """What a replayed optimizer step's graph holds (worker/train/graphed_update.py): the copies made only of the
     step's parameters, refreshed by `run()` (the graph's kernels) and marked fresh without a host refresh; a copy
     that also reads a tensor outside the step, or one made after the plan, is refreshed at its next use."""
@@ -300,10 +300,7 @@ def test_a_refresh_plan_refreshes_its_copies_and_leaves_the_others_to_their_next
     torch.autograd.graph.increment_version(params)  # what a replay says of them
     plan.run()
     plan.mark_fresh()
-    refreshes = []
-    monkeypatch.setattr(
-        adapter_copies, "_refresh_stale", lambda real=adapter_copies._refresh_stale: refreshes.append(1) or real()
-    )
+    refreshes = count_host_refreshes()
     assert torch.equal(
         adapter_copies.stacked([params], torch.bfloat16, scales=[2.0])[0],
         torch.full((4, 4), 4.0, device=DEVICE, dtype=torch.bfloat16),

@@ -83,6 +83,14 @@ class KernelWrites:
             self.copies.run()  # the adapter copies' refresh, captured after the step
 
 
+def replaying(params: list[torch.Tensor], copies=None) -> GraphedUpdate:
+    """An update whose "graph" is the stand-in above, as `capture()` would leave it (with `copies`, the plan)."""
+    update = GraphedUpdate(adamw(params), params, float("inf"))
+    update.graph, update.settings, update.copies = KernelWrites(params, copies), update._settings(), copies
+    update.grads, update.lrs, update.norm = [torch.zeros_like(p) for p in params], [torch.zeros(())], torch.zeros(())
+    return update
+
+
 def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
     """The bf16 copies of the adapter weights (ftw_kernels.adapter_copies) are refreshed when a parameter changes;
     a replayed step calls no `optimizer.step()` and runs no op on the parameters, so it must say they changed, or
@@ -91,10 +99,7 @@ def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
     from ftw_kernels.adapter_copies import stacked
 
     params = [torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(3, 4))]
-    optimizer = adamw(params)
-    update = GraphedUpdate(optimizer, params, float("inf"))
-    update.graph, update.settings = KernelWrites(params), update._settings()
-    update.grads, update.lrs, update.norm = [torch.zeros_like(p) for p in params], [torch.zeros(())], torch.zeros(())
+    update = replaying(params)
     assert torch.equal(stacked([params], torch.bfloat16)[0], torch.ones(5, 4, dtype=torch.bfloat16))
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -102,7 +107,7 @@ def test_a_replay_refreshes_the_adapter_copies_the_next_forward_reads():
     assert torch.equal(stacked([params], torch.bfloat16)[0], torch.full((5, 4), 2.0, dtype=torch.bfloat16))
 
 
-def test_a_replay_that_refreshed_the_copies_leaves_the_host_nothing_to_copy(monkeypatch):
+def test_a_replay_that_refreshed_the_copies_leaves_the_host_nothing_to_copy(count_host_refreshes):
     """The graph refreshes the copies made of its parameters after the step (ftw_kernels.adapter_copies.RefreshPlan):
     after a replay the next forward reads them as they are, without a host refresh; a copy the graph does not hold
     (it also reads a frozen tensor) is refreshed at its use, as after an eager step."""
@@ -110,18 +115,12 @@ def test_a_replay_that_refreshed_the_copies_leaves_the_host_nothing_to_copy(monk
 
     params = [torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(3, 4))]
     frozen = torch.zeros(1, 4)
-    optimizer = adamw(params)
-    update = GraphedUpdate(optimizer, params, float("inf"))
     assert torch.equal(adapter_copies.stacked([params], torch.bfloat16)[0], torch.ones(5, 4, dtype=torch.bfloat16))
     assert torch.equal(
         adapter_copies.stacked([[params[0], frozen]], torch.bfloat16)[0][:2], torch.ones(2, 4, dtype=torch.bfloat16)
     )
-    update.copies = adapter_copies.RefreshPlan(params)
-    update.graph, update.settings = KernelWrites(params, update.copies), update._settings()
-    update.grads, update.lrs, update.norm = [torch.zeros_like(p) for p in params], [torch.zeros(())], torch.zeros(())
-    refreshes = []
-    real = adapter_copies._refresh_stale
-    monkeypatch.setattr(adapter_copies, "_refresh_stale", lambda: refreshes.append(1) or real())
+    update = replaying(params, adapter_copies.RefreshPlan(params))
+    refreshes = count_host_refreshes()
     for step in (2.0, 3.0):
         for p in params:
             p.grad = torch.zeros_like(p)
@@ -188,7 +187,7 @@ def test_replayed_steps_give_the_eager_steps_parameters_and_norms(max_norm):
 
 
 @needs_cuda
-def test_the_captured_graph_refreshes_the_adapter_copies(monkeypatch):
+def test_the_captured_graph_refreshes_the_adapter_copies(count_host_refreshes):
     """On CUDA: after each replay the bf16 copies (one of them scaled, as LoRA's s·B) equal the updated weights
     cast, and no forward after a replay refreshes them on the host (only the first use and the step after the
     eager first step do)."""
@@ -199,9 +198,7 @@ def test_the_captured_graph_refreshes_the_adapter_copies(monkeypatch):
     optimizer = adamw(params)
     update = GraphedUpdate(optimizer, params, 1.0)
     x = torch.randn(8, 32, device=CUDA)
-    refreshes = []
-    real = adapter_copies._refresh_stale
-    monkeypatch.setattr(adapter_copies, "_refresh_stale", lambda: refreshes.append(1) or real())
+    refreshes = count_host_refreshes()
     replayed = []
     for _ in range(5):
         a, b = adapter_copies.stacked([[params[0]], [params[1]]], torch.bfloat16, scales=[1.0, 2.0])
