@@ -7,9 +7,14 @@ variant's run is not a run a user would want (no clipping, say).
 Variants (each takes out one thing the bare loop of bench/train_throughput.py does not do while its steps run):
   sync         every step's batches read, collated and pinned before the first step: no prefetch thread holds the
                GIL while steps launch
+  inline       every step's batches read, collated, pinned and copied by the loop when it asks for them, in its own
+               thread: the same work as the prefetch thread's, without handing the GIL between two threads
   no-autocast  the forward outside torch.autocast (the model's weights are already in the autocast dtype)
   no-clip      no gradient-norm clipping (its norm read as 0)
   no-clocks    no nvidia-smi sampler (worker/train/gpu_clocks.py) and its reader thread
+  switch       the interpreter's switch interval 0.1 ms instead of 5 ms: a thread that wants the GIL (the loop, the
+               autograd engine's device thread) waits at most that long for another thread (the prefetcher, the clock
+               reader) to hand it over
   eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (FTW_GRAPHED_UPDATE=0:
                what the trainer did before worker/train/graphed_update.py; the bare loop steps eagerly too)
 """
@@ -59,6 +64,30 @@ def no_clocks() -> None:
     GpuClocks.start = lambda self: None
 
 
+def inline() -> None:
+    from worker.train import batches, trainer
+
+    class Inline(batches.Prefetcher):
+        """Each step's batches read, collated, pinned and copied by the loop itself when it asks for them."""
+
+        def _start(self):
+            pass
+
+        def close(self):
+            self._source.close()
+
+        def get(self, step):
+            batch = next(self._source)
+            assert batch.step == step, (batch.step, step)
+            return batch
+
+    trainer.Prefetcher = Inline
+
+
+def short_switch() -> None:
+    sys.setswitchinterval(1e-4)
+
+
 def eager_update() -> None:
     from worker.train.graphed_update import SWITCH
 
@@ -71,6 +100,8 @@ VARIANTS = {
     "no-clip": no_clip,
     "no-clocks": no_clocks,
     "eager-update": eager_update,
+    "switch": short_switch,
+    "inline": inline,
 }
 
 

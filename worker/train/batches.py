@@ -38,7 +38,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -344,25 +344,34 @@ class Prefetcher:
                 join_tokens, sizes,
             )  # fmt: skip
 
-        args = (read, plan, steps, device)
-        self._thread = threading.Thread(target=self._run, args=args, name="ftw-prefetch", daemon=True)
+        self._source = self._batches(read, plan, steps, device)
+        self._thread = threading.Thread(target=self._run, name="ftw-prefetch", daemon=True)
+        self._start()
+
+    def _start(self) -> None:
         self._thread.start()
 
-    def _run(
-        self, read: Callable[[int, list[int] | None], StepInput], plan: BatchPlan, steps: range, device: torch.device
-    ) -> None:
-        try:
+    @staticmethod
+    def _batches(
+        read: Callable[[int, list[int] | None], StepInput], plan: BatchPlan, steps: range, device: torch.device
+    ) -> Iterator[StepInput]:
+        """The steps' micro-batches in order, on CUDA already queued for the device."""
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context
+        epoch, order = None, None
+        for step in steps:
+            if step // plan.steps_per_epoch != epoch:
+                epoch = step // plan.steps_per_epoch
+                order = plan.epoch_order(epoch)
+            batch = read(step, order)
             if device.type == "cuda":
-                torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context
-            epoch, order = None, None
-            for step in steps:
-                if step // plan.steps_per_epoch != epoch:
-                    epoch = step // plan.steps_per_epoch
-                    order = plan.epoch_order(epoch)
-                batch = read(step, order)
-                if device.type == "cuda":
-                    with CAPTURE_LOCK:  # no CUDA call from this thread while a graph is captured
-                        batch = batch.staged(device)
+                with CAPTURE_LOCK:  # no CUDA call from this thread while a graph is captured
+                    batch = batch.staged(device)
+            yield batch
+
+    def _run(self) -> None:
+        try:
+            for batch in self._source:
                 if not self._put(batch):
                     return
         except BaseException as e:  # handed to the training loop, which raises it at that step
