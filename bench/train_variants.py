@@ -4,17 +4,17 @@ variant's run is not a run a user would want (no clipping, say).
 
     python bench/train_variants.py VARIANT[+VARIANT] CONFIG_JSON --run-dir RUN_DIR --data CACHE_DIR
 
-Variants (each takes out one thing the bare loop of bench/train_throughput.py does not do while its steps run):
-  sync         every step's batches read, collated and pinned before the first step: no prefetch thread holds the
-               GIL while steps launch
-  inline       every step's batches read, collated, pinned and copied by the loop when it asks for them, in its own
-               thread: the same work as the prefetch thread's, without handing the GIL between two threads
+Variants (each takes out one thing the bare loop of bench/train_throughput.py does not do while its steps run, or puts
+back one the trainer did before):
+  sync         every step's batches read, collated and pinned before the first step (the bare loop's way)
+  prefetch-thread  the batches read, pinned and copied in a background thread two steps ahead (`ThreadedBatches`:
+               the trainer's way until the twenty-third session), handing the GIL back and forth with the loop
   no-autocast  the forward outside torch.autocast (the model's weights are already in the autocast dtype)
   no-clip      no gradient-norm clipping (its norm read as 0)
   no-clocks    no nvidia-smi sampler (worker/train/gpu_clocks.py) and its reader thread
   switch       the interpreter's switch interval 0.1 ms instead of 5 ms: a thread that wants the GIL (the loop, the
-               autograd engine's device thread) waits at most that long for another thread (the prefetcher, the clock
-               reader) to hand it over
+               autograd engine's device thread) waits at most that long for another (the clock reader, with
+               `prefetch-thread` the prefetcher) to hand it over
   eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (FTW_GRAPHED_UPDATE=0:
                what the trainer did before worker/train/graphed_update.py; the bare loop steps eagerly too)
 """
@@ -23,24 +23,74 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "kernels")]
 
 
+class ThreadedBatches:
+    """What the trainer read its batches with until the twenty-third session: `StepBatches` drained by a background
+    thread that stays two steps ahead, pinning and queuing the copies there, the loop taking each step's from a
+    queue. Kept here to measure against (the `prefetch-thread` variant, bench/prefetch_cost.py)."""
+
+    def __init__(self, batches, device):
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._drain, args=(batches, device), daemon=True)
+        self.thread.start()
+
+    def _drain(self, batches, device) -> None:
+        import torch
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            for batch in batches.batches:
+                while not self.done.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:  # raised by the loop at that step
+            self.queue.put(e)
+
+    def get(self, step):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        assert item.step == step, (item.step, step)
+        return item
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+
+
+def prefetch_thread() -> None:
+    from worker.train import batches, trainer
+
+    def threaded(*args, **kwargs):
+        return ThreadedBatches(batches.StepBatches(*args, **kwargs), args[6])
+
+    trainer.StepBatches = threaded
+
+
 def preread() -> None:
     from worker.train import batches, trainer
 
-    class Preread(batches.Prefetcher):
-        """The prefetcher, run to its end before the loop takes the first step."""
+    class Preread(batches.StepBatches):
+        """Every step's batches, read before the loop takes the first step."""
 
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "depth": 1 << 20})
-            self._thread.join()
+            super().__init__(*args, **kwargs)
+            self.batches = (batch for batch in list(self.batches))  # the list is read here, before the loop
 
-    trainer.Prefetcher = Preread
+    trainer.StepBatches = Preread
 
 
 def no_autocast() -> None:
@@ -64,26 +114,6 @@ def no_clocks() -> None:
     GpuClocks.start = lambda self: None
 
 
-def inline() -> None:
-    from worker.train import batches, trainer
-
-    class Inline(batches.Prefetcher):
-        """Each step's batches read, collated, pinned and copied by the loop itself when it asks for them."""
-
-        def _start(self):
-            pass
-
-        def close(self):
-            self._source.close()
-
-        def get(self, step):
-            batch = next(self._source)
-            assert batch.step == step, (batch.step, step)
-            return batch
-
-    trainer.Prefetcher = Inline
-
-
 def short_switch() -> None:
     sys.setswitchinterval(1e-4)
 
@@ -101,7 +131,7 @@ VARIANTS = {
     "no-clocks": no_clocks,
     "eager-update": eager_update,
     "switch": short_switch,
-    "inline": inline,
+    "prefetch-thread": prefetch_thread,
 }
 
 

@@ -15,7 +15,7 @@ falls back to flash for the rest of the process (`CUDNN_REFUSED`), with the reas
 `FTW_CUDNN_ATTENTION=0` keeps flash from the start.
 
 The segment boundaries depend on the batch's data, so computing them on the device costs a host
-sync per forward (`nonzero`, the longest length). The trainer's batch prefetcher computes them on
+sync per forward (`nonzero`, the longest length). The trainer's batch reader computes them on
 the host instead, from the CPU copy of the batch (`host_segments`), and passes them in transformers'
 names (`cu_seq_lens_q/_k`, `max_length_q/_k`). The mask function registered with it returns the
 2D padding mask as is: transformers' flash one reads `mask.all()` back, and with an explicit mask

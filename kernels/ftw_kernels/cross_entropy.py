@@ -11,7 +11,7 @@ tokens × vocab logits in fp32 and their gradient.
 
 Only the rows that carry a loss need logits: a chat dataset's prompts (train_on_inputs: false) and a padded batch's
 padding are ignored rows, often half a batch or more. `target_rows` lists the others from the batch's CPU labels
-(the trainer's prefetch thread calls it, so nothing is read back from the device), and the causal LM's forward
+(the trainer calls it as it reads a batch, so nothing is read back from the device), and the causal LM's forward
 (kernels/ftw_kernels/causal_lm.py) gathers those rows of the hidden states before the loss head: the head's two
 GEMMs and its softmax cost what the targets cost, not what the batch does.
 

@@ -20,14 +20,11 @@ The registry installs this only where a replay is the same computation: CUDA, on
 gradient checkpointing (its recompute would replay a forward inside the backward), no router aux
 loss (transformers reads the router's logits through hooks that a replay does not run), no
 torch_compile, no DeepSpeed or FSDP (their hooks move parameters around each module's call).
-Threads that call CUDA while a graph may be captured (the trainer's prefetcher, which pins memory)
-take CAPTURE_LOCK.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +32,6 @@ import torch
 
 log = logging.getLogger("ftw.kernels")
 
-CAPTURE_LOCK = threading.Lock()  # held while graphs are captured: no other thread may call CUDA then
 FILL = 0.9  # a shorter input replays (padded) when it has at least this share of the captured tokens
 
 
@@ -154,7 +150,7 @@ class MoEBlockGraphs:
         )
         self.capturing = True
         try:
-            with CAPTURE_LOCK, torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            with torch.autocast(device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
                 # allow_unused_input: a trainable parameter no call reaches gets no grad, not an error
                 self.make_graphs(tuple(self.blocks), samples, allow_unused_input=True)
             self.graphed = [b.forward for b in self.blocks]  # what make_graphed_callables put there

@@ -1,5 +1,5 @@
 """A training step reads nothing back from the device: the varlen attention's segment boundaries
-come from the prefetcher (computed on the host from the CPU batch), and neither transformers'
+come with the batch (computed on the host from its CPU copy as it is read), and neither transformers'
 mask code nor the attention looks at the batch's data. Counted with the torch profiler on CPU:
 the ops that would block the host on a GPU (`aten::_local_scalar_dense` behind `.item()` and
 `bool(tensor)`, `aten::nonzero`, reductions read as a bool). CPU has no flash kernel, so torch's
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.train.helpers import pack
-from worker.train.batches import BatchPlan, Prefetcher
+from worker.train.batches import BatchPlan, StepBatches
 
 # `all`/`any`: transformers' mask code turns their result into a Python bool (on CPU that read is
 # not an op of its own)
@@ -64,7 +64,7 @@ def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, p
     rows = pack(train[:24], 64) if packed else train[:8]
     ds = Dataset.from_list(rows)
     plan = BatchPlan(len(rows), 1 if packed else 4, 1, 1, seed=0)
-    batches = Prefetcher(ds, plan, 0, 0, packed, range(1), torch.device("cpu"), varlen=True)
+    batches = StepBatches(ds, plan, 0, 0, packed, range(1), torch.device("cpu"), varlen=True)
     try:
         batch = batches.get(0)
     finally:
@@ -87,11 +87,11 @@ def test_a_step_with_host_segments_reads_nothing_back(varlen_model, task_rows, p
     # the boundaries found on the device (one read-back per forward) give the same loss
     assert torch.equal(varlen_model(**micro).loss, varlen_model(**without).loss)
     assert syncing_ops(step(micro)) == collections.Counter()
-    assert syncing_ops(step(without))  # what the prefetcher's boundaries save
+    assert syncing_ops(step(without))  # what the host-computed boundaries save
 
 
 def test_a_dpo_step_with_host_segments_reads_nothing_back(varlen_model):
-    """The DPO family's two forwards (reference and policy) take the prefetcher's segments too, and
+    """The DPO family's two forwards (reference and policy) take the host-computed segments too, and
     the number of sequences comes from their shape: the step reads nothing back. Without them
     every forward finds the boundaries on the device."""
     from peft import LoraConfig, get_peft_model

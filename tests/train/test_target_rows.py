@@ -1,4 +1,4 @@
-"""The trainer's supervised steps hand the fused loss head the rows that carry a loss, listed by the prefetch thread
+"""The trainer's supervised steps hand the fused loss head the rows that carry a loss, listed as each batch is read
 from the CPU batch: on prompt-masked data (the successor task's prompts are -100) the head computes logits for the
 step's target tokens only, and training gives the losses and adapter that all rows give."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.train.helpers import adapter_tensors, base_config, pack, run_inprocess, write_cache
-from worker.train.batches import BatchPlan, Prefetcher, target_tokens
+from worker.train.batches import BatchPlan, StepBatches, target_tokens
 
 
-def test_the_prefetcher_lists_each_micro_batchs_target_rows(task_rows):
+def test_each_micro_batch_lists_its_target_rows(task_rows):
     from datasets import Dataset
 
     from ftw_kernels.cross_entropy import target_rows
@@ -21,7 +21,7 @@ def test_the_prefetcher_lists_each_micro_batchs_target_rows(task_rows):
     train, _, _ = task_rows
     ds = Dataset.from_list(train[:8])
     plan = BatchPlan(8, 4, 1, 1, seed=0)
-    batches = Prefetcher(ds, plan, 0, 0, False, range(2), torch.device("cpu"), target_rows=True)
+    batches = StepBatches(ds, plan, 0, 0, False, range(2), torch.device("cpu"), target_rows=True)
     try:
         steps = [batches.get(0), batches.get(1)]
     finally:

@@ -13,9 +13,9 @@ micro-batch each and carry no attention mask: transformers splits attention at t
 resets (block-diagonal mask for sdpa/eager, varlen for flash/flex). The first token of each
 sample is never a target, so no sample learns from its neighbour's last token.
 
-`Prefetcher` reads and collates the coming steps in a background thread (rows as numpy arrays
-straight from Arrow), and on CUDA pins them and queues their copies to the device there too (non-blocking), so
-the training loop launches no copy and the GPU never waits for the host to build a batch. With the varlen attention
+`StepBatches` reads and collates each step's micro-batches when the loop comes to it (rows as numpy arrays straight
+from Arrow), and on CUDA pins them and queues their copies to the device (non-blocking) while the device still runs
+the steps queued before. With the varlen attention
 kernel it also computes each micro-batch's segment boundaries there, from the CPU tensors, so no
 forward reads them back from the device (kernels/ftw_kernels/attention.py); with the fused loss of the supervised
 objective, the rows that carry a loss (`target_rows`, kernels/ftw_kernels/cross_entropy.py), which are all the loss
@@ -36,15 +36,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ftw_kernels.moe_graphs import CAPTURE_LOCK
 from schemas.config import TrainingConfig
 
 IGNORE = -100
@@ -244,8 +241,8 @@ class StepInput:
     targets: int  # tokens that carry a loss, on this rank
 
     def staged(self, device: torch.device) -> StepInput:
-        """On `device`: pinned, then copied without blocking. The prefetch thread queues the copies on the stream the
-        steps run on, ahead of the step that reads them: the training loop launches none of its own."""
+        """On `device`: pinned, then copied without blocking, on the stream the steps run on, ahead of the step that
+        reads them."""
         micro = [to_device({k: pin(v) for k, v in b.items()}, device) for b in self.micro]
         return StepInput(self.step, micro, self.tokens, self.targets)
 
@@ -310,11 +307,13 @@ def host_inputs(batch: dict[str, torch.Tensor], varlen: bool, target_rows: bool)
     return out
 
 
-class Prefetcher:
-    """The micro-batches of steps `steps`, read and collated in a background thread that stays at
-    most `depth` steps ahead (on CUDA already on the device: `StepInput.staged`). `get(step)` hands them out
-    in order; an error in the thread is raised there. `close()` stops the thread (it is a daemon
-    too, so nothing it does can keep the interpreter from exiting)."""
+class StepBatches:
+    """The micro-batches of steps `steps`, in order: `get(step)` reads and collates that step's, and on CUDA pins them
+    and queues their copies on the stream the steps run on (`StepInput.staged`); an error reading a step is raised
+    there. The loop's own thread reads them: it queues steps up to STEPS_AHEAD ahead of the device
+    (worker/train/step_queue.py), so the device does not wait for a read. Not a background thread: where the host
+    sets a step's pace (short steps), a second Python thread costs the loop more in handing the interpreter's lock
+    back and forth than the reading itself (bench/prefetch_cost.py)."""
 
     def __init__(
         self,
@@ -325,7 +324,6 @@ class Prefetcher:
         packed: bool,
         steps: range,
         device: torch.device,
-        depth: int = 2,
         varlen: bool = False,
         count: Callable[[dict[str, torch.Tensor]], int] = target_tokens,
         pad_to: int | None = None,
@@ -334,8 +332,6 @@ class Prefetcher:
         join_tokens: int | None = None,
         sizes: np.ndarray | None = None,
     ):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         rows = ds.with_format("numpy")
 
         def read(step: int, order: list[int] | None) -> StepInput:
@@ -344,62 +340,27 @@ class Prefetcher:
                 join_tokens, sizes,
             )  # fmt: skip
 
-        self._source = self._batches(read, plan, steps, device)
-        self._thread = threading.Thread(target=self._run, name="ftw-prefetch", daemon=True)
-        self._start()
-
-    def _start(self) -> None:
-        self._thread.start()
+        self.batches = self._batches(read, plan, steps, device)
 
     @staticmethod
     def _batches(
         read: Callable[[int, list[int] | None], StepInput], plan: BatchPlan, steps: range, device: torch.device
     ) -> Iterator[StepInput]:
-        """The steps' micro-batches in order, on CUDA already queued for the device."""
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # pinned memory belongs to this rank's device context
         epoch, order = None, None
         for step in steps:
             if step // plan.steps_per_epoch != epoch:
                 epoch = step // plan.steps_per_epoch
                 order = plan.epoch_order(epoch)
             batch = read(step, order)
-            if device.type == "cuda":
-                with CAPTURE_LOCK:  # no CUDA call from this thread while a graph is captured
-                    batch = batch.staged(device)
-            yield batch
-
-    def _run(self) -> None:
-        try:
-            for batch in self._source:
-                if not self._put(batch):
-                    return
-        except BaseException as e:  # handed to the training loop, which raises it at that step
-            self._put(e)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
+            yield batch.staged(device) if device.type == "cuda" else batch
 
     def get(self, step: int) -> StepInput:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError(f"the batch prefetcher stopped before step {step}") from None
-        if isinstance(item, BaseException):
-            raise item
-        if item.step != step:
-            raise RuntimeError(f"prefetched step {item.step} where step {step} was due")
-        return item
+        batch = next(self.batches, None)
+        if batch is None:
+            raise RuntimeError(f"step {step} asked for after the last planned step")
+        if batch.step != step:
+            raise RuntimeError(f"step {step} asked for where step {batch.step} was due")
+        return batch
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self.batches.close()

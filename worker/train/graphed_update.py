@@ -27,7 +27,6 @@ import os
 import torch
 
 from ftw_kernels.adapter_copies import RefreshPlan
-from ftw_kernels.moe_graphs import CAPTURE_LOCK
 from worker.train.optim import clip_to_norm
 
 log = logging.getLogger("ftw.train")
@@ -117,7 +116,7 @@ class GraphedUpdate:
                 p.grad = g
             for group, lr in zip(groups, self.lrs):
                 group["lr"], group["capturable"] = lr, True  # the step reads its lr from the tensor
-            with CAPTURE_LOCK, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.norm = clip_to_norm(self.grads, self.max_norm)
                 self.optimizer.step()
                 copies = RefreshPlan(self.params)

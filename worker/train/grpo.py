@@ -237,5 +237,5 @@ class GrpoObjective:
 
 
 def decode_answers(answer_bytes: torch.Tensor) -> list[str]:
-    """The rows' answers, carried as UTF-8 bytes padded with -1 (tensors only cross the prefetch thread)."""
+    """The rows' answers, carried as UTF-8 bytes padded with -1 (a batch holds tensors only)."""
     return [bytes(b for b in row.tolist() if b >= 0).decode("utf-8") for row in answer_bytes]

@@ -1,7 +1,7 @@
 """What one micro-batch's loss is: the contract between the training loop and a training method.
 
     objective = build_objective(cfg, model, tokenizer)
-    n = objective.count(batch)                       # host side, in the prefetch thread
+    n = objective.count(batch)                       # on the host, as the batch is read
     loss, sums = objective.loss(engine, batch, n_items)   # loss already divided by the global n_items
     objective.metrics(summed_sums, n_items)          # → extra progress metrics of a step
     objective.close()                                # at the end of training: e.g. GRPO's vLLM engine stops
@@ -45,7 +45,7 @@ class SupervisedObjective:
     With the MoE router's aux loss on (`router_loss`), its value is summed per micro-batch and
     logged as `aux_loss`, the mean over the step's micro-batches on every rank (its coef × it is
     already inside the loss: worker/train/moe.py). With the fused loss (`fused`), the loss head takes only the
-    target tokens' rows, which the prefetch thread lists on the host."""
+    target tokens' rows, which the batch's reader lists on the host."""
 
     def __init__(self, router_loss: bool = False, fused: bool = False):
         self.router_loss, self.target_rows = router_loss, fused

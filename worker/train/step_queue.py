@@ -1,8 +1,8 @@
 """Keeping the GPU busy: the host must never be what a step waits for.
 
-- Batches come from `batches.Prefetcher`: read, collated, pinned and copied to the device (non-blocking) one step
-  ahead in a background thread; their token and target counts, and the varlen attention's segment boundaries,
-  are taken on the host.
+- Batches come from `batches.StepBatches`: read, collated, pinned and copied to the device (non-blocking) while the
+  device runs the steps queued before; their token and target counts, and the varlen attention's segment
+  boundaries, are taken on the host.
 - `Trainer.train_step` only queues work: nothing in it reads a number back from the device (fp16's loss scaler
   aside, which must look for overflows before the optimizer steps). Its loss and grad norm travel to pinned
   host memory behind a CUDA event (`Readout`), which also times the step on the GPU's own clock: the host

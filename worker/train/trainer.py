@@ -16,7 +16,7 @@ SIGTERM; `save_checkpoint()` / `load_checkpoint()`; `finish()` writes the run fo
 The loss of a step is the mean over every target token of the global batch (all micro-batches,
 all ranks), whatever the split: `num_items_in_batch` is the global count.
 
-The host never waits for the device inside a step: batches come from `batches.Prefetcher`, and each
+The host never waits for the device inside a step: batches come from `batches.StepBatches`, and each
 step's numbers come back through `step_queue` (its docstring says how and why).
 """
 
@@ -42,7 +42,7 @@ from worker.train import checkpoint as ckpt
 from worker.train import deepspeed_engine as ds_
 from worker.train import distributed as dist_
 from worker.train.adapters import attach
-from worker.train.batches import BatchPlan, Prefetcher, StepInput, join_budget, layout_name, padding_free
+from worker.train.batches import BatchPlan, StepBatches, StepInput, join_budget, layout_name, padding_free
 from worker.train.checkpoint import CheckpointState, GatheredWeights, LoopState, TrainingObjects
 from worker.train.evaluation import eval_chunks, evaluate
 from worker.train.graphed_update import GraphedUpdate, graph_blocker
@@ -170,7 +170,7 @@ class Trainer:
         else:  # one process: the host has them, and the loss divides by a number (no copy, no kernels)
             counts, n_items, host_counts = None, float(max(batch.targets, 1)), (batch.targets, batch.tokens)
         micro_sums = []  # each micro-batch's loss, then its metric sums
-        for i, micro in enumerate(batch.micro):  # on the device already (the prefetch thread copied it)
+        for i, micro in enumerate(batch.micro):  # on the device already (StepBatches queued its copy)
             with dist_.no_grad_sync(self.engine, sync=i == len(batch.micro) - 1):
                 with self._autocast(), self._offload():
                     loss, metric_sums = self.objective.loss(self.engine, micro, n_items)
@@ -258,7 +258,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(topo.device)
         due = range(state.step, sched.total_steps)
         profiler = StepProfiler(self.run_dir, due, None if topo.is_main else "")  # rank 0 profiles
-        batches = Prefetcher(
+        batches = StepBatches(
             self.data.train,
             self.plan,
             topo.rank,

@@ -1,36 +1,20 @@
-"""The batch prefetcher changes when batches are built, never which: the model sees, step by step,
-exactly the rows (seed, step) names — across epochs and after a mid-epoch resume — and the thread
-never outlives the loop (normal end, error, SIGTERM in a real child process)."""
+"""The trainer's batches: the model sees, step by step, exactly the rows (seed, step) names — across epochs and
+after a mid-epoch resume — and the loop's own thread reads them, so no second Python thread hands the interpreter's
+lock back and forth with the loop's launches (bench/prefetch_cost.py measures what that cost)."""
 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import threading
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.train.helpers import (
-    base_config,
-    events,
-    pack,
-    run_inprocess,
-    train_argv,
-    train_env,
-    write_cache,
-    write_config,
-)
-from worker.train.batches import BatchPlan, Prefetcher, collate, real_tokens, target_tokens
+from tests.train.helpers import base_config, events, pack, run_inprocess, write_cache
+from worker.train import batches as batches_module
+from worker.train.batches import BatchPlan, StepBatches, collate, real_tokens, target_tokens
 
 KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
-
-
-def prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "ftw-prefetch"]
 
 
 def capture_training_inputs(monkeypatch, stop_after: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -95,13 +79,11 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     monkeypatch.setenv("FTW_EVENTS", str(run_dir / "events.jsonl"))
     seen = capture_training_inputs(monkeypatch, stop_after=4 * 2 + 1)
     assert run_inprocess(cfg, run_dir, cache) == 75
-    assert not prefetch_threads()
     saved = json.loads((run_dir / "checkpoints" / "checkpoint-5" / "ftw_state.json").read_text())
     assert saved["step"] == 5 and 5 % plan.steps_per_epoch != 0  # resumed mid-epoch below
     assert len(seen) == 5 * 2
 
     assert run_inprocess(cfg, run_dir, cache) == 0  # resumes from checkpoint-5
-    assert not prefetch_threads()
     assert [e["resumed_from"] for e in events(run_dir) if e.get("event") == "start"] == [None, "checkpoint-5"]
     assert len(seen) == len(expected) == 8 * 2
     for i, (got, want) in enumerate(zip(seen, expected)):
@@ -119,20 +101,23 @@ def test_the_model_sees_the_planned_batches_across_epochs_and_a_mid_epoch_resume
     assert [s for s, _ in summary["loss_curve"]] == list(range(1, 9))
 
 
-def test_a_training_error_stops_the_prefetcher(task_model_dir, task_rows, tmp_path):
-    from worker.errors import TrainingError
-
+def test_the_loop_reads_its_batches_on_its_own_thread(task_model_dir, task_rows, tmp_path, monkeypatch):
     train, _, _ = task_rows
     cache = write_cache(tmp_path / "cache", train[:16])
-    cfg = base_config(
-        task_model_dir, max_steps=50, loss_watchdog_threshold=0.5, loss_watchdog_patience=2, save_strategy="no"
-    )
-    with pytest.raises(TrainingError, match="at step 2"):
-        run_inprocess(cfg, tmp_path / "run", cache)
-    assert not prefetch_threads()
+    readers: list[threading.Thread] = []
+    read_step = batches_module.read_step
+
+    def read_and_note(*args, **kwargs):
+        readers.append(threading.current_thread())
+        return read_step(*args, **kwargs)
+
+    monkeypatch.setattr(batches_module, "read_step", read_and_note)
+    cfg = base_config(task_model_dir, micro_batch_size=2, max_steps=4, save_strategy="no")
+    assert run_inprocess(cfg, tmp_path / "run", cache) == 0
+    assert readers == [threading.main_thread()] * 4  # one read a step, each on the loop's thread
 
 
-def test_a_read_error_in_the_thread_is_raised_at_its_step(task_rows, tmp_path):
+def test_a_read_error_is_raised_at_its_step(task_rows, tmp_path):
     from datasets import load_from_disk
 
     train, _, _ = task_rows
@@ -140,57 +125,23 @@ def test_a_read_error_in_the_thread_is_raised_at_its_step(task_rows, tmp_path):
     plan = BatchPlan(
         num_rows=12, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False
     )  # rows 6.. do not exist
-    batches = Prefetcher(ds, plan, 0, 0, False, range(0, 6), torch.device("cpu"))
+    batches = StepBatches(ds, plan, 0, 0, False, range(0, 6), torch.device("cpu"))
     try:
         assert [batches.get(step).step for step in range(3)] == [0, 1, 2]
         with pytest.raises(IndexError):
             batches.get(3)
     finally:
         batches.close()
-    assert not prefetch_threads()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_sigterm_while_batches_are_prefetched_saves_and_exits_75(task_model_dir, task_rows, tmp_path):
-    train, _, _ = task_rows
-    cache = write_cache(tmp_path / "cache", pack(train[:200], 128), packed=True, sequence_len=128)
-    run_dir = tmp_path / "run"
-    cfg = base_config(task_model_dir, micro_batch_size=1, max_steps=400, save_strategy="no", sequence_len=128)
-    proc = subprocess.Popen(
-        train_argv(write_config(run_dir, cfg), run_dir, cache),
-        env=train_env(run_dir),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not any(e.get("step", 0) >= 3 and "loss" in e for e in events(run_dir)):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no training step within 120 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)  # the prefetcher is two steps ahead, blocked on its full queue
-        assert proc.wait(timeout=60) == 75, proc.stderr.read()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    preempted = [e for e in events(run_dir) if e.get("event") == "preempted"]
-    assert len(preempted) == 1 and preempted[0]["step"] < 400
-    state = json.loads((run_dir / "checkpoints" / f"checkpoint-{preempted[0]['step']}" / "ftw_state.json").read_text())
-    assert state["complete"] is True and state["step"] == preempted[0]["step"]
-    assert [s for s, _ in state["loop"]["train_loss"]] == list(range(1, state["step"] + 1))
-
-
-def test_pad_to_sequence_len_gives_every_prefetched_micro_batch_its_width():
+def test_pad_to_sequence_len_gives_every_micro_batch_its_width():
     """Unpacked rows of any length come out `pad_to` wide (pad_to_sequence_len: one shape every step)."""
     rows = [{"input_ids": [1] * n, "labels": [1] * n, "position_ids": list(range(n))} for n in (3, 9, 5, 7)]
     from datasets import Dataset
 
     ds = Dataset.from_list(rows)
     plan = BatchPlan(num_rows=4, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)
-    batches = Prefetcher(ds, plan, 0, 0, False, range(2), torch.device("cpu"), pad_to=16)
+    batches = StepBatches(ds, plan, 0, 0, False, range(2), torch.device("cpu"), pad_to=16)
     try:
         widths = [m["input_ids"].shape for step in range(2) for m in batches.get(step).micro]
     finally:
@@ -199,14 +150,14 @@ def test_pad_to_sequence_len_gives_every_prefetched_micro_batch_its_width():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run through the device tool)")
-def test_on_cuda_the_prefetch_thread_hands_out_micro_batches_already_on_the_device():
-    """The copies are queued by the thread (the loop launches none); the values are the CPU collation's."""
+def test_on_cuda_the_micro_batches_come_out_already_on_the_device():
+    """Pinned and copied without blocking; the values are the CPU collation's."""
     rows = [{"input_ids": [i + 1] * n, "labels": [1] * n, "position_ids": list(range(n))} for i, n in enumerate((3, 9))]
     from datasets import Dataset
 
     plan = BatchPlan(num_rows=2, rows_per_micro=2, grad_accum=1, world_size=1, seed=0, shuffle=False)
-    on_cpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cpu"))
-    on_gpu = Prefetcher(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cuda", 0))
+    on_cpu = StepBatches(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cpu"))
+    on_gpu = StepBatches(Dataset.from_list(rows), plan, 0, 0, False, range(1), torch.device("cuda", 0))
     try:
         (want,), (got,) = on_cpu.get(0).micro, on_gpu.get(0).micro
     finally:
