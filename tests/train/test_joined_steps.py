@@ -19,6 +19,7 @@ from tests.train.test_target_rows import curve
 from worker.train.batches import (
     FLATTENED,
     BatchPlan,
+    Rows,
     join_budget,
     joined,
     largest_micro_tokens,
@@ -201,7 +202,7 @@ def test_every_rank_joins_a_step_into_as_many_passes_as_the_rank_that_needs_most
 
     rng = np.random.default_rng(world)
     sizes = rng.lognormal(4, 1, 48).astype(int) + 2
-    ds = Dataset.from_dict({k: [list(range(n)) for n in sizes] for k in FLATTENED}).with_format("numpy")
+    ds = Rows(Dataset.from_dict({k: [list(range(n)) for n in sizes] for k in FLATTENED}))
     plan = BatchPlan(len(sizes), 1, 4, world, seed=1)
     budget = largest_micro_tokens(sizes, plan, 6)
     uneven = 0

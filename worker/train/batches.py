@@ -223,12 +223,39 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def read_rows(ds, indices: list[int]) -> list[dict]:
-    """Rows `indices` of a prepared split (a `datasets.Dataset` formatted as numpy: Arrow → numpy
-    arrays: a 16k-token row read and collated in ~4 ms, against ~33 ms through Python lists)."""
-    cols = ds[indices]
-    keys = [k for k in ("input_ids", "labels", "position_ids", "desirable", "answer_bytes") if k in cols]
-    return [{k: cols[k][i] for k in keys} for i in range(len(indices))]
+ROW_KEYS = ("input_ids", "labels", "position_ids", "desirable", "answer_bytes")  # the list columns a batch reads
+
+
+class Rows:
+    """A prepared split's rows (a `datasets.Dataset`) as numpy views of its Arrow buffers: each column's values and
+    row offsets, chunk by chunk, so a row is a slice of memory-mapped values, not a copy. Why not
+    `Dataset.with_format("numpy")[indices]`: its formatting spends ~0.45 ms of Python on a step of 8 rows, ~10× this
+    (bench/prefetch_cost.py), on the thread that launches the steps."""
+
+    def __init__(self, ds):
+        ds = ds.flatten_indices() if ds._indices is not None else ds  # a prepared split has no indices mapping
+        table = ds.data.table
+        self.keys = [k for k in ROW_KEYS if k in table.column_names]
+        self.columns = {}  # key: (first row of each chunk, [(values, offsets) of each chunk])
+        for key in self.keys:
+            chunks = table.column(key).chunks
+            firsts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
+            self.columns[key] = (firsts, [(c.values.to_numpy(), c.offsets.to_numpy()) for c in chunks])
+
+    def __len__(self) -> int:
+        return sum(len(offsets) - 1 for _, offsets in self.columns[self.keys[0]][1])
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        out = {}
+        for key, (firsts, chunks) in self.columns.items():
+            chunk = int(np.searchsorted(firsts, index, side="right")) - 1
+            values, offsets = chunks[chunk]
+            at = index - firsts[chunk]
+            out[key] = values[offsets[at] : offsets[at + 1]]
+        return out
+
+    def take(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+        return [self.row(i) for i in indices]
 
 
 @dataclass
@@ -258,7 +285,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def read_step(
-    ds,
+    rows: Rows,
     plan: BatchPlan,
     step: int,
     rank: int,
@@ -273,17 +300,17 @@ def read_step(
     join_tokens: int | None = None,
     sizes: np.ndarray | None = None,
 ) -> StepInput:
-    """Step `step`'s micro-batches for `rank`, from a numpy-formatted split (see `read_rows`);
+    """Step `step`'s micro-batches for `rank`, from a split's `Rows`;
     `varlen`: with the varlen attention kernel's segment boundaries, computed here on the host;
     `count`: the items the loss averages over (worker/train/objective.py); `pad_to`, `flatten`: see `collate`;
     `target_rows`: with the rows of each micro-batch that carry a loss, for the fused loss head;
     `join_tokens` (with `flatten`): the step's samples regrouped into runs of at most that many tokens (`joined`), as
     many on every rank of several (`ranks_passes`, from every row's token count, `sizes`)."""
-    rows = [read_rows(ds, m) for m in plan.micro_batches(step, rank, order)]
+    micros = [rows.take(m) for m in plan.micro_batches(step, rank, order)]
     if join_tokens:
         passes = ranks_passes(sizes, plan, step, order, join_tokens) if plan.world_size > 1 else None
-        rows = joined([row for micro_rows in rows for row in micro_rows], join_tokens, passes)
-    micro = [collate(r, pad_id, packed, pad_to, flatten) for r in rows]
+        micros = joined([row for micro_rows in micros for row in micro_rows], join_tokens, passes)
+    micro = [collate(r, pad_id, packed, pad_to, flatten) for r in micros]
     step_input = StepInput(step, micro, sum(real_tokens(b) for b in micro), sum(count(b) for b in micro))
     for b in micro:
         b.update(host_inputs(b, varlen, target_rows))
@@ -332,7 +359,7 @@ class StepBatches:
         join_tokens: int | None = None,
         sizes: np.ndarray | None = None,
     ):
-        rows = ds.with_format("numpy")
+        rows = Rows(ds)
 
         def read(step: int, order: list[int] | None) -> StepInput:
             return read_step(

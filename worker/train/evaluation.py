@@ -12,7 +12,7 @@ from schemas.config import TrainingConfig
 from worker.data.cache import PreparedData
 from worker.data.rows import lengths
 from worker.train import distributed as dist_
-from worker.train.batches import collate, host_inputs, read_rows, runs_within, to_device
+from worker.train.batches import Rows, collate, host_inputs, runs_within, to_device
 from worker.train.objective import Objective
 
 
@@ -33,7 +33,7 @@ def evaluate(
     (FSDP needs it): a rank short of chunks repeats the first one and does not count it. Its batches are laid out as
     the training steps' are: `flatten` (padding-free), `varlen` (the boundaries from the host) and the objective's
     target rows."""
-    ds = data.eval.with_format("numpy")
+    rows = Rows(data.eval)
     per_rank = math.ceil(len(chunks) / topo.world_size)
     mine = [
         (chunks[j], True) if j < len(chunks) else (chunks[0], False)
@@ -43,7 +43,7 @@ def evaluate(
     count, as_sum = 0, torch.ones((), device=topo.device)
     engine.eval()
     for indices, real in mine:
-        batch = collate(read_rows(ds, indices), pad_id, data.packed, flatten=flatten)
+        batch = collate(rows.take(indices), pad_id, data.packed, flatten=flatten)
         batch.update(host_inputs(batch, varlen, objective.target_rows))
         with autocast():
             loss, metric_sums = objective.loss(engine, to_device(batch, topo.device), as_sum)
