@@ -59,10 +59,12 @@
 #     SHAPES=llama-1b OUT=$OUT bash bench/gpu_step.sh tests variants
 # and bench/gpu_worker.sh (carrying .whl, bench/gpu_wheels.py, with FTW_WHEELS=.whl; .whl-qlora does not fit beside it):
 #   OUT=$OUT bash bench/gpu_worker.sh
-# Still wanted, without py-spy (sampled arms are slowed unequally): whether the prefetch thread or the clock sampler
-# holds the slow hosts' remaining gap to the bare loop:
-#   REAL_STEPS=150 VARIANT_ROUNDS=2 VARIANT_ARMS=bare-fresh,ftw,ftw~sync,ftw~sync+no-clocks SHAPES=llama-1b \
-#     OUT=$OUT bash bench/gpu_step.sh variants
+# Wanted (twenty-third session: the batches now read by the loop itself, through `Rows`; no device came), without
+# py-spy (sampled arms are slowed unequally): the loop's own reads against the prefetch thread it replaced and against
+# every batch read first, beside the fresh bare loop:
+#   TESTS="tests/train/test_step_batches.py tests/train/test_host_sync.py tests/train/test_graphed_update.py" \
+#     REAL_STEPS=150 VARIANT_ROUNDS=2 VARIANT_ARMS=bare-fresh,ftw,ftw~prefetch-thread,ftw~sync SHAPES=llama-1b \
+#     OUT=$OUT bash bench/gpu_step.sh tests variants
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
@@ -139,7 +141,7 @@ tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/t
 tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
 tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
 tests/kernels/test_lora_dropout.py tests/kernels/test_dropout_mask.py tests/kernels/test_int8_base.py \
-tests/kernels/test_rank_grads.py tests/kernels/test_grids.py tests/train/test_graphed_update.py tests/train/test_prefetch.py}
+tests/kernels/test_rank_grads.py tests/kernels/test_grids.py tests/train/test_graphed_update.py tests/train/test_step_batches.py}
 mkdir -p "$OUT"
 # every ftw arm under the allocator ftw's checks pick for these shapes on an 80 GB card: fixed segments, as the predicted
 # peak leaves room for what they cache (worker/checks/gpu.allocator_conf; until 2026-12-07 expandable segments);

@@ -14,7 +14,7 @@ import torch
 
 from schemas.config import TrainingConfig
 from tests.train.helpers import adapter_tensors, base_config, run_inprocess, write_cache
-from tests.train.test_prefetch import capture_training_inputs
+from tests.train.test_step_batches import capture_training_inputs
 from tests.train.test_target_rows import curve
 from worker.train.batches import (
     FLATTENED,

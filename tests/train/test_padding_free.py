@@ -15,7 +15,7 @@ from tests.train.helpers import (
     run_inprocess,
     write_cache,
 )
-from tests.train.test_prefetch import capture_training_inputs
+from tests.train.test_step_batches import capture_training_inputs
 from tests.train.test_target_rows import curve
 from worker.train.batches import IGNORE, collate, padding_free, real_tokens, target_tokens
 
