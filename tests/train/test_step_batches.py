@@ -164,3 +164,26 @@ def test_on_cuda_the_micro_batches_come_out_already_on_the_device():
         on_cpu.close(), on_gpu.close()
     assert want.keys() == got.keys() and all(v.is_cuda for v in got.values() if isinstance(v, torch.Tensor))
     assert all(torch.equal(got[k].cpu(), want[k]) for k in want if isinstance(want[k], torch.Tensor))
+
+
+def test_rows_are_the_splits_rows_across_sliced_chunks_and_an_index_mapping():
+    """`Rows` reads Arrow's buffers itself: every row equals datasets' own, whatever the chunks' offsets."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    from worker.train.batches import Rows
+
+    lists = [list(range(i, i + i % 5 + 1)) for i in range(30)]
+    table = pa.table({k: pa.array([[v * (j + 1) for v in r] for r in lists], pa.list_(pa.int32()))
+                      for j, k in enumerate(("input_ids", "labels", "position_ids"))})  # fmt: skip
+    ds = Dataset(InMemoryTable(pa.concat_tables([table.slice(3, 10), table.slice(17, 9)])))
+    assert ds.data.table.column("input_ids").num_chunks == 2
+    for split in (ds, ds.select([5, 1, 18, 18, 0])):
+        rows = Rows(split)
+        assert len(rows) == len(split)
+        for i, want in enumerate(split):
+            got = rows.row(i)
+            assert got.keys() == want.keys()
+            assert all(np.array_equal(got[k], want[k]) for k in want), i

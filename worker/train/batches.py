@@ -240,7 +240,10 @@ class Rows:
         for key in self.keys:
             chunks = table.column(key).chunks
             firsts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
-            self.columns[key] = (firsts, [(c.values.to_numpy(), c.offsets.to_numpy()) for c in chunks])
+            self.columns[key] = (
+                firsts,
+                [(c.values.to_numpy(zero_copy_only=False), c.offsets.to_numpy()) for c in chunks],
+            )
 
     def __len__(self) -> int:
         return sum(len(offsets) - 1 for _, offsets in self.columns[self.keys[0]][1])
