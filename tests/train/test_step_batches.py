@@ -187,3 +187,23 @@ def test_rows_are_the_splits_rows_across_sliced_chunks_and_an_index_mapping():
             got = rows.row(i)
             assert got.keys() == want.keys()
             assert all(np.array_equal(got[k], want[k]) for k in want), i
+
+
+def test_a_step_read_from_the_memory_mapped_split_warns_of_nothing(task_rows, tmp_path):
+    """`Rows` hands out read-only views of the split's buffers; collating them must not put torch's warning about
+    non-writable arrays into the user's log."""
+    import warnings
+
+    from datasets import load_from_disk
+
+    from worker.train.batches import Rows, read_step
+
+    train, _, _ = task_rows
+    ds = load_from_disk(str(write_cache(tmp_path / "cache", train[:8]) / "train"))
+    plan = BatchPlan(num_rows=8, rows_per_micro=4, grad_accum=1, world_size=1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for flatten in (False, True):
+            step = read_step(Rows(ds), plan, 0, 0, 0, False, varlen=True, target_rows=True, flatten=flatten)
+            (indices,) = plan.micro_batches(0, 0)
+            assert step.tokens == sum(len(ds[i]["input_ids"]) for i in indices)
