@@ -199,6 +199,5 @@ class RefreshPlan:
     def mark_fresh(self) -> None:
         """The replay just ran `run()`'s kernels: each copy still in use, over the same storage, holds its weights."""
         for entry, sources, pointers in self.entries:
-            stamp = _stamp(sources)
-            if _CACHE.get(entry.key) is entry and all(ptr == s[1] for ptr, s in zip(pointers, stamp[1:])):
-                entry.stamp = stamp
+            if _CACHE.get(entry.key) is entry and all(s.data_ptr() == ptr for s, ptr in zip(sources, pointers)):
+                entry.stamp = _stamp(sources)

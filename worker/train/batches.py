@@ -234,9 +234,9 @@ class Rows:
     def __init__(self, ds):
         ds = ds.flatten_indices() if ds._indices is not None else ds  # a prepared split has no indices mapping
         table = ds.data.table
-        self.keys = [k for k in ROW_KEYS if k in table.column_names]
+        self.num_rows = table.num_rows
         self.columns = {}  # key: (first row of each chunk, [(values, offsets) of each chunk])
-        for key in self.keys:
+        for key in (k for k in ROW_KEYS if k in table.column_names):
             chunks = table.column(key).chunks
             firsts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
             self.columns[key] = (
@@ -245,7 +245,7 @@ class Rows:
             )
 
     def __len__(self) -> int:
-        return sum(len(offsets) - 1 for _, offsets in self.columns[self.keys[0]][1])
+        return self.num_rows
 
     def row(self, index: int) -> dict[str, np.ndarray]:
         out = {}
