@@ -37,6 +37,10 @@ grad in their backward (kernels/ftw_kernels/rmsnorm.py `rms_norm_and_residual`);
 The frozen weights of the fused q, k, v and gate, up groups are re-laid with their adapters beside them
 (kernels/ftw_kernels/bordered.py: `bordered_qkv`, `bordered_mlp`): plain frozen weights in one process only, not
 under torch_compile; +0.3–0.8% of the training step on an H200. `FTW_BORDERED_LORA=0` turns that off.
+
+Wherever fp32 matmuls may run in TF32 (the trainer sets that from `tf32` before it loads the model), every model's
+standard rotary modules compute their angles without a GEMM (kernels/ftw_kernels/rope_angles.py: `rope_angles`),
+whatever `use_kernels` says: TF32 would round the position ids past 2048.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     transformers version or the switches rule them out (the reason is logged). RuntimeError when
     `fp8_base_weights` is asked for and the family's patches do not apply.
     """
-    applied = _apply(model, config)
+    applied = _apply(model, config) + _rope_angles(model)
     if config.fp8_base_weights and "fp8_base" not in applied:
         raise RuntimeError(
             "fp8_base_weights: true runs the frozen base through ftw's fused kernels, which do not apply to this "
@@ -106,9 +110,33 @@ def apply_kernels(model: Any, config: Any) -> list[str]:
     return applied
 
 
-def _apply(model: Any, config: Any) -> list[str]:
+def _unverified_transformers() -> str | None:
+    """The installed transformers' version when the patched forwards were not verified against it, else None."""
     import transformers
 
+    verified = ".".join(transformers.__version__.split(".")[:2]) in VERIFIED_TRANSFORMERS
+    return None if verified else transformers.__version__
+
+
+def _rope_angles(model: Any) -> list[str]:
+    """Exact rotary angles wherever fp32 matmuls may run in TF32, whatever `use_kernels` says: it mends the model's
+    numbers rather than speeding them (kernels/ftw_kernels/rope_angles.py)."""
+    from ftw_kernels import rope_angles
+
+    if not rope_angles.fp32_matmuls_may_use_tf32():
+        return []
+    version = _unverified_transformers()
+    if version is not None:
+        log.warning(
+            "fp32 matmuls may run in TF32, and transformers %s is not one ftw's exact rotary angles were verified "
+            "against: positions past 2048 may round (tf32: false avoids it)",
+            version,
+        )
+        return []
+    return rope_angles.install(_unwrap(model))
+
+
+def _apply(model: Any, config: Any) -> list[str]:
     base = _unwrap(model)
     model_type = getattr(base.config, "model_type", None)
     family = FAMILIES.get(model_type)
@@ -118,11 +146,11 @@ def _apply(model: Any, config: Any) -> list[str]:
     if not (enabled or asked_moe):
         log.info("kernels: off (%s)", "use_kernels: false" if config.use_kernels is False else "model not on CUDA")
         return []
-    version = ".".join(transformers.__version__.split(".")[:2])
-    if version not in VERIFIED_TRANSFORMERS:
+    version = _unverified_transformers()
+    if version is not None:
         log.warning(
             "kernels: not applied: transformers %s is not one the patches were verified against (%s)",
-            transformers.__version__,
+            version,
             ", ".join(VERIFIED_TRANSFORMERS),
         )
         return []
