@@ -62,9 +62,14 @@
 # Wanted (twenty-third session: the batches now read by the loop itself, through `Rows`; no device came), without
 # py-spy (sampled arms are slowed unequally): the loop's own reads against the prefetch thread it replaced and against
 # every batch read first, beside the fresh bare loop:
-#   TESTS="tests/train/test_step_batches.py tests/train/test_host_sync.py tests/train/test_graphed_update.py" \
-#     REAL_STEPS=150 VARIANT_ROUNDS=2 VARIANT_ARMS=bare-fresh,ftw,ftw~prefetch-thread,ftw~sync SHAPES=llama-1b \
+#   TESTS="tests/train/test_step_batches.py tests/train/test_host_sync.py tests/train/test_graphed_update.py \
+#     tests/kernels/test_rope_angles.py" REAL_STEPS=150 VARIANT_ROUNDS=2 \
+#     VARIANT_ARMS=bare-fresh,ftw,ftw~prefetch-thread,ftw~stock-rope SHAPES=llama-1b \
 #     OUT=$OUT bash bench/gpu_step.sh tests variants
+# (twenty-fourth session: under TF32, which `ftw train` turns on and the bare loop does not, the trainer's rotary
+# angles are now an elementwise product, not transformers' fp32 GEMM; the CUDA test prints whether this GPU's cuBLAS
+# rounded that GEMM, and `stock-rope` puts it back: the twenty-second session sampled ~1 ms a step of `ftw train`'s
+# host on that line and ~0 of the bare loop's.)
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)

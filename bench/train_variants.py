@@ -15,6 +15,9 @@ back one the trainer did before):
   switch       the interpreter's switch interval 0.1 ms instead of 5 ms: a thread that wants the GIL (the loop, the
                autograd engine's device thread) waits at most that long for another (the clock reader, with
                `prefetch-thread` the prefetcher) to hand it over
+  stock-rope   transformers' rotary forward (its angles one fp32 GEMM, which TF32 rounds) instead of the exact
+               elementwise angles the trainer installs wherever TF32 is on (kernels/ftw_kernels/rope_angles.py); the
+               bare loop runs without TF32, so its GEMM there is exact
   eager-update the clip and optimizer step run eagerly each step, not replayed as one CUDA graph (FTW_GRAPHED_UPDATE=0:
                what the trainer did before worker/train/graphed_update.py; the bare loop steps eagerly too)
 """
@@ -118,6 +121,12 @@ def short_switch() -> None:
     sys.setswitchinterval(1e-4)
 
 
+def stock_rope() -> None:
+    from ftw_kernels import registry
+
+    registry._rope_angles = lambda model: []
+
+
 def eager_update() -> None:
     from worker.train.graphed_update import SWITCH
 
@@ -130,6 +139,7 @@ VARIANTS = {
     "no-clip": no_clip,
     "no-clocks": no_clocks,
     "eager-update": eager_update,
+    "stock-rope": stock_rope,
     "switch": short_switch,
     "prefetch-thread": prefetch_thread,
 }
