@@ -49,6 +49,8 @@ def _exact_forward():
     @torch.no_grad()
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.dim() != 2:  # not (batch, seq): transformers' own forward, and its own error
+            return self._ftw_original_forward(x, position_ids)
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float32)
         angles = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim / 2), each an exact product
         halves = []
@@ -77,6 +79,8 @@ def install(model: torch.nn.Module) -> list[str]:
             left.add(type(module).__name__)
             continue
         forward = forward or _exact_forward()
+        if not hasattr(module, "_ftw_original_forward"):  # a second install keeps the first one's original
+            module._ftw_original_forward = module.forward
         module.forward = types.MethodType(forward, module)
         patched += 1
     if left:

@@ -114,6 +114,18 @@ def test_the_exact_angles_are_transformers_own_without_tf32(cls, rope, dtype):
     assert torch.equal(stock.inv_freq, mended.inv_freq)  # the dynamic type updated both alike
 
 
+def test_position_ids_of_another_rank_get_transformers_forward():
+    stock, mended = rotary(LlamaRotaryEmbedding), rotary(LlamaRotaryEmbedding)
+    rope_angles.install(mended)
+    rope_angles.install(mended)  # twice, as a model patched again would be
+    pos = torch.arange(8)
+    with pytest.raises(IndexError) as want:
+        angles(stock, pos=pos)
+    with pytest.raises(IndexError) as got:
+        angles(mended, pos=pos)
+    assert str(got.value) == str(want.value)
+
+
 def test_other_rotary_forwards_are_left_and_named(caplog):
     """Gemma 3's forward takes a layer type (local and global layers' own frequencies): not a standard one."""
     gemma3 = Gemma3RotaryEmbedding(Gemma3TextConfig(hidden_size=64, num_attention_heads=2, head_dim=32))
