@@ -329,3 +329,31 @@ def test_kill_9_of_the_supervisor_sends_the_stage_sigterm_so_it_can_save(tmp_pat
         supervisor.wait()
         if stage_pid is not None and pid_alive(stage_pid):
             os.kill(stage_pid, signal.SIGKILL)
+
+
+def test_a_fresh_template_forks_preprocessing_before_the_train_stages_imports(tmp_path, launch):
+    """A fresh worker's template listens once what preprocessing imports is in, forks `python -m worker.data` at
+    once and imports the train stage's modules beside it; any other stage waits for all of them."""
+    if launch == "fresh":
+        pytest.skip("the template's own order")
+    from worker.job.template_server import LATER
+
+    started = StageTemplate({**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert started.wait_ready()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        argv = [sys.executable, "-m", "worker.data", str(tmp_path / "no-such-config.json")]
+        preprocess = run_stage(Stage("preprocess", argv, env, logs, template=started), StopSignal(), Redactor([]))
+        assert preprocess.returncode != 0  # no config: it fails, as forked, after the template line
+        assert "what preprocessing imports was imported there" in "\n".join(preprocess.stderr.tail(200))
+        script = tmp_path / "train.py"
+        script.write_text(f"import sys\nprint(all(m in sys.modules for m in {list(LATER)!r}), flush=True)\n")
+        train = run_stage(
+            Stage("train", [sys.executable, str(script)], env, logs, template=started), StopSignal(), Redactor([])
+        )
+        assert train.returncode == 0 and train.last_stdout_line() == "True"
+        assert "torch, transformers, datasets, peft were imported there" in "\n".join(train.stderr.tail(200))
+    finally:
+        started.close()
