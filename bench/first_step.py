@@ -1,6 +1,6 @@
 """Time to first step of the tiny job, against the import floor of one process, on this machine.
 
-    python bench/first_step.py [--steps 3] [--repeat 1] [--config '{"torch_compile": true}']
+    python bench/first_step.py [--steps 3] [--repeat 1] [--config '{"torch_compile": true}'] [--rows 20000]
 
 Rows (each a fresh worker process that runs the bundled example job twice through `run_job`, the
 function handler.py and `ftw run` call; a job's `timings.first_step_s` is measured by the
@@ -14,7 +14,9 @@ orchestrator from the train child's first-step event; the columns after it say w
                     kernels (Triton's, Inductor's) are there (every other row starts without)
   fresh, job 1 / 2  FTW_STAGE_TEMPLATE=0: every stage a fresh interpreter (the old path)
 Targets (issue 13): a fresh worker ≤ 1.3× the floor, a warm worker's next job ≤ 0.3× the floor.
-The tiny model and data are built under --work (examples/demo_job.json's, max_steps --steps).
+The tiny model and data are built under --work (examples/demo_job.json's, max_steps --steps; --rows N: that many
+chat rows in its dataset, for a preprocessing that takes seconds as a user's does). Every worker meets the data for
+the first time: the volume's prepared datasets are removed before it starts (its job 2 reuses job 1's).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def run_worker(volume: Path, steps: int, config: str, template: bool) -> list[di
     return json.loads(line[-1][7:])
 
 
-def prepare(volume: Path) -> None:
+def prepare(volume: Path, rows: int | None) -> None:
     if not (volume / "models" / "ftw-tiny-chatml" / "config.json").is_file():
         subprocess.run(
             [
@@ -99,7 +101,21 @@ def prepare(volume: Path) -> None:
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])},
         )
     (volume / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "examples" / "data" / "greetings.jsonl", volume / "data" / "greetings.jsonl")
+    bundled = REPO / "examples" / "data" / "greetings.jsonl"
+    if rows is None:
+        shutil.copy(bundled, volume / "data" / "greetings.jsonl")
+        return
+    lines = bundled.read_text().splitlines()
+    with open(volume / "data" / "greetings.jsonl", "w") as out:
+        for i in range(rows):  # the bundled rows, each name numbered: no two rows the same
+            out.write(lines[i % len(lines)].replace("greet ", f"greet {i} ").replace("Hello, ", f"Hello {i}, ") + "\n")
+
+
+def forget_prepared_data(volume: Path) -> None:
+    """The volume's prepared datasets removed (its compile caches kept): the next worker prepares its data anew."""
+    for folder in (volume / "cache").glob("*"):
+        if folder.name != "compile":
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:
@@ -110,13 +126,14 @@ def main() -> int:
     ap.add_argument(
         "--config", default="{}", help="config keys over the example job's, e.g. '{\"torch_compile\": true}'"
     )
+    ap.add_argument("--rows", type=int, help="chat rows in the job's dataset (default: the bundled 240)")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker(a.worker, a.steps, json.loads(a.config))
         return 0
     volume = a.work / "volume"
-    prepare(volume)
+    prepare(volume, a.rows)
     floor = sorted(floor_s() for _ in range(max(a.repeat, 1)))[a.repeat // 2]
     rows: list[tuple[str, dict[str, float]]] = [
         ("floor (one process imports torch, transformers, datasets, peft)", {"first_step_s": floor})
@@ -131,6 +148,7 @@ def main() -> int:
         for _ in range(max(a.repeat, 1)):
             if cold:
                 shutil.rmtree(volume / "cache" / "compile", ignore_errors=True)
+            forget_prepared_data(volume)
             runs.append(run_worker(volume, a.steps, a.config, template))
         for n in (0, 1):
             if n and not cold:
@@ -138,7 +156,7 @@ def main() -> int:
             label = f"{name}, job {n + 1}{' (warm worker)' if n else ' (fresh worker)'}"
             rows.append((label, {k: median([r[n].get(k) for r in runs]) for k in COLUMNS}))
     print(
-        f"tiny job, {a.steps} steps, config {a.config}, CPU, {os.cpu_count()} cores, "
+        f"tiny job, {a.steps} steps, {a.rows or 240} rows, config {a.config}, CPU, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print("| row | time to first step s | × floor | " + " | ".join(COLUMNS[1:]) + " |")
