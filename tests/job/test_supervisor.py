@@ -357,3 +357,27 @@ def test_a_fresh_template_forks_preprocessing_before_the_train_stages_imports(tm
         assert "torch, transformers, datasets, peft were imported there" in "\n".join(train.stderr.tail(200))
     finally:
         started.close()
+
+
+def test_a_stage_that_stopped_waiting_for_the_template_is_not_forked_as_well(tmp_path, launch, monkeypatch):
+    """A stage the template keeps waiting past the orchestrator's patience starts as a fresh process, and the
+    template, once its imports are in, does not fork that request too."""
+    if launch == "fresh":
+        pytest.skip("the template's own order")
+    import worker.job.template as template_module
+
+    started = StageTemplate({**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert started.wait_ready()
+        monkeypatch.setattr(template_module, "READY_TIMEOUT_S", 0.1)  # shorter than the train stage's imports
+        runs = tmp_path / "runs.txt"
+        stage = child(tmp_path, f"import os\nwith open({str(runs)!r}, 'a') as f: f.write(f'{{os.getpid()}}\\n')\n")
+        stage.template = started
+        impatient = run_stage(stage, StopSignal(), Redactor([]))
+        assert impatient.returncode == 0 and "starting a fresh process" in "\n".join(impatient.stderr.tail(200))
+        monkeypatch.setattr(template_module, "READY_TIMEOUT_S", 300.0)
+        patient = run_stage(stage, StopSignal(), Redactor([]))  # forked once the template's imports are in
+        assert patient.returncode == 0 and forked_from_template(patient)
+        assert len(runs.read_text().splitlines()) == 2  # the first request was not forked after all
+    finally:
+        started.close()

@@ -142,9 +142,14 @@ class StageTemplate:
         request = json.dumps({"argv": argv[1:], "env": dict(env), "cwd": os.getcwd()}).encode()
         conn.sendall(len(request).to_bytes(8, "big"))
         socket.send_fds(conn, [request], [stdout_fd, stderr_fd])
+        conn.settimeout(READY_TIMEOUT_S)  # a stage past preprocessing waits for the template's later imports
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = conn.recv(1)
+            try:
+                chunk = conn.recv(1)
+            except OSError:  # timed out: closed, so the template will not fork it after all
+                conn.close()
+                raise
             if not chunk:
                 conn.close()
                 raise OSError("the stage template closed the connection before forking")

@@ -69,8 +69,8 @@ class Imports:
         name, required = self.left.pop(0)
         try:
             importlib.import_module(name)
-        except ImportError:
-            if required:
+        except Exception as e:  # the stages that need it start fresh, and meet the error in their own log
+            if required or not isinstance(e, ImportError):
                 self.failed = f"importing {name} failed"
                 traceback.print_exc()
         if not self.left:
@@ -101,6 +101,9 @@ def serve(path: str) -> None:
 
     def fork(request: Request) -> None:
         conn = request[0]
+        if _hung_up(conn):  # it stopped waiting (and started the stage fresh): never a second copy
+            conn.close()
+            return
         if imports.failed is not None:  # the orchestrator starts that stage as a fresh process
             print(f"ftw stage template: {imports.failed}; a stage starts fresh", file=sys.stderr, flush=True)
             conn.close()
@@ -113,8 +116,10 @@ def serve(path: str) -> None:
         for key, _ in events:
             if key.fileobj is server:
                 request = _accept(server)
-                if request is not None:
-                    (fork if imports.serves(request[1]) else waiting.append)(request)
+                if request is not None and imports.serves(request[1]):
+                    fork(request)
+                elif request is not None:
+                    waiting.append(request)
             else:
                 os.read(wake_r, 4096)
         if imports.left and not events:
@@ -134,6 +139,16 @@ def _accept(server: socket.socket) -> Request | None:
         conn.close()
         return None
     return conn, request, fds
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the orchestrator closed its end of a request's connection."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _reap(children: dict[int, socket.socket]) -> None:
@@ -187,7 +202,10 @@ def _fork_stage(
             os._exit(code)
     for fd in fds:
         os.close(fd)
-    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    except OSError:  # the orchestrator went away meanwhile: nobody would supervise the stage
+        os.kill(pid, signal.SIGKILL)
     return pid
 
 
