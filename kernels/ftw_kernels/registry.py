@@ -40,7 +40,7 @@ under torch_compile; +0.3–0.8% of the training step on an H200. `FTW_BORDERED_
 
 Wherever fp32 matmuls may run in TF32 (the trainer sets that from `tf32` before it loads the model), every model's
 standard rotary modules compute their angles without a GEMM (kernels/ftw_kernels/rope_angles.py: `rope_angles`),
-whatever `use_kernels` says: TF32 would round the position ids past 2048.
+whatever `use_kernels` says: TF32 would round the inverse frequencies and, past 2048, the positions.
 """
 
 from __future__ import annotations
