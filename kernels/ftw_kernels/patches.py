@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 
 import torch
 
@@ -20,6 +19,7 @@ import ftw_kernels.bordered as bordered
 import ftw_kernels.causal_lm as causal_lm
 import ftw_kernels.fp8 as fp8
 import ftw_kernels.moe as moe
+from ftw_kernels.forwards import replace_forward
 from ftw_kernels.lora import Projection, lora_gated_mlp, lora_projections, projection_of, shared_dropout
 from ftw_kernels.precision import in_backward
 from ftw_kernels.rmsnorm import rms_norm_and_residual, rmsnorm_forward
@@ -31,12 +31,6 @@ log = logging.getLogger("ftw.kernels")
 
 def varlen_available() -> bool:
     return attention.varlen_attn_fn() is not None
-
-
-def _replace_forward(module: torch.nn.Module, fn) -> None:
-    if not hasattr(module, "_ftw_original_forward"):
-        module._ftw_original_forward = module.forward
-    module.forward = types.MethodType(fn, module)
 
 
 # ---- MLP --------------------------------------------------------------------------------------
@@ -215,7 +209,7 @@ def install_experts(model: torch.nn.Module) -> list[str]:
         module._ftw_expert_lora = {w.parameter_name: w for w in own}
         for outer in (w for w in own if id(w) not in inner):
             outer._ftw_experts = module
-            _replace_forward(outer, _experts_wrapper_forward)
+            replace_forward(outer, _experts_wrapper_forward)
         fused += moe.expert_lora(module) not in (None, False)
     if not moe.module_fusable(experts[0]):  # e.g. GPT-OSS's biased, transposed experts; full fine-tuning
         log.info(
@@ -255,7 +249,7 @@ def install_fp8_base(base: torch.nn.Module, family) -> int:
                 fp8.convert(linear)
             elif not base_weight.mark_fp8_matmuls(linear):
                 continue
-            _replace_forward(linear, _fp8_linear_forward)
+            replace_forward(linear, _fp8_linear_forward)
             converted += 1
     return converted
 
@@ -315,13 +309,13 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
 
     norms = by_class.get(family.norm_class, [])
     for m in norms:
-        _replace_forward(m, rmsnorm_forward)
+        replace_forward(m, rmsnorm_forward)
     if norms:
         applied.append("rmsnorm")
 
     mlps = by_class.get(family.mlp_class, []) if family.mlp_class else []
     for m in mlps:
-        _replace_forward(m, _lora_mlp_forward if wanted["lora_mlp"] else swiglu_mlp_forward)
+        replace_forward(m, _lora_mlp_forward if wanted["lora_mlp"] else swiglu_mlp_forward)
     if mlps:
         fused = wanted["lora_mlp"] and _mlp_fusable(
             [projection_of(x) for x in (mlps[0].gate_proj, mlps[0].up_proj, mlps[0].down_proj)]
@@ -332,7 +326,7 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
     for m in attns:
         m._ftw_fuse_qkv, m._ftw_fuse_o = wanted["lora_qkv"], wanted["lora_o"]
         m._ftw_qk_norm, m._ftw_window_in_config = family.qk_norm, family.window_in_config
-        _replace_forward(m, _attention_forward)
+        replace_forward(m, _attention_forward)
     if attns:
         first = attns[0]
         applied.append("rope")
@@ -343,7 +337,7 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
 
     layers = [m for m in by_class.get(family.decoder_class or "", []) if _residual_foldable(m, family)]
     for m in layers:
-        _replace_forward(m, _decoder_layer_forward)
+        replace_forward(m, _decoder_layer_forward)
     if layers:
         applied.append("residual_fold")
 
@@ -353,6 +347,6 @@ def apply_family(base: torch.nn.Module, family, wanted: dict[str, bool]) -> list
         applied.append("varlen_attention")
 
     if causal_lm.plain_output_layer(getattr(base, "lm_head", None)) and hasattr(base, "model"):
-        _replace_forward(base, causal_lm.causal_lm_forward)
+        replace_forward(base, causal_lm.causal_lm_forward)
         applied.append("fused_linear_cross_entropy")
     return applied

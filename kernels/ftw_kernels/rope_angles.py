@@ -16,10 +16,11 @@ code, not by class name: 80-odd model classes share them); any other rotary modu
 from __future__ import annotations
 
 import logging
-import types
 from typing import Any
 
 import torch
+
+from ftw_kernels.forwards import replace_forward
 
 log = logging.getLogger("ftw.kernels")
 
@@ -79,9 +80,7 @@ def install(model: torch.nn.Module) -> list[str]:
             left.add(type(module).__name__)
             continue
         forward = forward or _exact_forward()
-        if not hasattr(module, "_ftw_original_forward"):  # a second install keeps the first one's original
-            module._ftw_original_forward = module.forward
-        module.forward = types.MethodType(forward, module)
+        replace_forward(module, forward)
         patched += 1
     if left:
         log.warning(
