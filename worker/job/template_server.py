@@ -44,6 +44,10 @@ OPTIONAL = LAZY_IMPORTS  # imported when available: what the train child imports
 Request = tuple[socket.socket, dict[str, Any], list[int]]
 
 
+def cuda_initialised() -> bool:
+    return bool(sys.modules["torch"].cuda.is_initialized())
+
+
 class Imports:
     """What the template has imported so far, and whether its children can still use CUDA."""
 
@@ -52,14 +56,11 @@ class Imports:
         os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         for name in FIRST:
             importlib.import_module(name)
-        self._check_cuda()
+        if cuda_initialised():  # children could not use CUDA: no template (fresh stages)
+            raise SystemExit("ftw stage template: an import initialised CUDA; stages start as fresh processes")
         self.left = [(name, True) for name in LATER] + [(name, False) for name in OPTIONAL]
         self.failed: str | None = None  # why the stages past preprocessing start fresh instead
         gc.freeze()  # what is imported stays shared with the children (no copy-on-write by collections)
-
-    def _check_cuda(self) -> None:
-        if sys.modules["torch"].cuda.is_initialized():  # children could not use CUDA: no template (fresh stages)
-            raise SystemExit("ftw stage template: an import initialised CUDA; stages start as fresh processes")
 
     def serves(self, request: dict[str, Any]) -> bool:
         argv = request["argv"]
@@ -74,7 +75,7 @@ class Imports:
                 self.failed = f"importing {name} failed"
                 traceback.print_exc()
         if not self.left:
-            if sys.modules["torch"].cuda.is_initialized():
+            if cuda_initialised():
                 self.failed = "an import initialised CUDA"
             gc.freeze()
 
@@ -100,12 +101,12 @@ def serve(path: str) -> None:
     waiting: list[Request] = []  # requests for stages that need LATER, until it is imported
 
     def fork(request: Request) -> None:
-        conn = request[0]
-        if _hung_up(conn):  # it stopped waiting (and started the stage fresh): never a second copy
-            conn.close()
-            return
-        if imports.failed is not None:  # the orchestrator starts that stage as a fresh process
-            print(f"ftw stage template: {imports.failed}; a stage starts fresh", file=sys.stderr, flush=True)
+        conn, _, fds = request
+        if _hung_up(conn) or imports.failed is not None:  # the orchestrator starts (or started) it fresh
+            if imports.failed is not None:
+                print(f"ftw stage template: {imports.failed}; a stage starts fresh", file=sys.stderr, flush=True)
+            for fd in fds:  # the stage's stdout and stderr, which no child of ours will write
+                os.close(fd)
             conn.close()
             return
         pid = _fork_stage(request, (server.fileno(), wake_r, wake_w), arm_pdeathsig, everything=not imports.left)
