@@ -1,13 +1,17 @@
 """The kernel warm-up beside preprocessing and the model's download (worker/job/warmup.py): it runs where the
-first step compiles kernels, finishes inside the download's time, is stopped (with everything it started)
-when the train stage starts, and a warm-up that cannot run costs the job nothing."""
+first step compiles kernels, finishes inside the download's time, goes on beside the train stage's model loading,
+is stopped (with everything it started) when that model is ready, before the first step, and a warm-up that cannot
+run costs the job nothing."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,8 +21,10 @@ from schemas.secrets import Redactor
 from tests.job.conftest import example_job
 from tests.job.test_prefetch import CONFIG, hub_model  # noqa: F401  # the fixture: the tiny model on the local Hub
 from tests.processes import left_behind
+from worker.job import warmup
 from worker.job.pipeline import run_job
 from worker.job.warmup import KernelWarmup, compiles_kernels, warmup_argv
+from worker.train import warmup_lock
 
 
 def warmup_child(name: str, cmdline: str) -> bool:
@@ -51,14 +57,19 @@ def test_it_is_not_started_when_off_useless_or_blind(tmp_path):
 
 def test_stopping_it_kills_it_and_keeps_its_output_redacted(tmp_path):
     script = "import time; print('compiling with secret-token-123', flush=True); time.sleep(120)"
-    warmup = KernelWarmup(
-        [sys.executable, "-c", script], dict(os.environ), None, tmp_path / "warmup.log", Redactor(["secret-token-123"])
+    started = KernelWarmup(
+        [sys.executable, "-c", script],
+        dict(os.environ),
+        None,
+        tmp_path / "warmup.log",
+        Redactor(["secret-token-123"]),
+        tmp_path,
     )
     deadline = time.monotonic() + 30
-    while not (warmup.child and warmup.child.output) and time.monotonic() < deadline:
+    while not (started.child and started.child.output) and time.monotonic() < deadline:
         time.sleep(0.05)
-    pid = warmup.child.proc.pid
-    warmup.stop()
+    pid = started.child.proc.pid
+    started.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     log = (tmp_path / "warmup.log").read_text()
     assert "compiling with" in log and "secret-token-123" not in log
@@ -90,7 +101,58 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     assert result["status"] == "completed", result
     warm_log = (logs / "warmup.log").read_text()
     assert "kernel warm-up done" in warm_log and token not in warm_log
-    events = [json.loads(x) for x in (logs / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
-    loading = next(e["ts"] for e in events if e.get("event") == "loading")
-    assert (logs / "warmup.log").stat().st_mtime <= loading  # it had ended when the train child began
-    assert not left_behind(warmup_child)
+    # it had ended before the train child's model was ready: its first step did not wait
+    assert "the first step waited" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
+    assert not left_behind(warmup_child) and not (logs.parent / warmup_lock.NAME).exists()
+
+
+def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_end(demo_volume, monkeypatch):
+    """The warm-up goes on while the train stage starts and loads its model; when the train child reports its model
+    ready the warm-up is stopped, and the first step starts only once it has ended (here a stand-in that would
+    compile for ever, holding the warm-up's lock as the real one does)."""
+    stand_in = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from worker.train import warmup_lock\n"
+        "with warmup_lock.holding(Path(sys.argv[1]).parent):\n"
+        "    while True:\n"
+        "        print(f'compiling {time.time():.4f}', flush=True)\n"
+        "        time.sleep(0.01)\n"
+    )
+    monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
+    result = run_job({"input": example_job(run_id="beside", config=CONFIG)}, env=dict(os.environ))
+    assert result["status"] == "completed", result
+    run = demo_volume / "runs" / "beside"
+    events = [json.loads(x) for x in (run / "logs" / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
+    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("loading", "ready", "first_step")}
+    compiled = [float(line.split()[1]) for line in (run / "logs" / "warmup.log").read_text().splitlines()]
+    assert max(compiled) > at["loading"]  # it ran beside the model's loading, not stopped when the stage started
+    assert at["ready"] - 0.1 < max(compiled) < at["first_step"]  # until the model was ready; gone before step 1
+    train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
+    assert "the first step waited" in train_log  # for the stand-in's end, which only its kill brings
+    assert not (run / warmup_lock.NAME).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
+
+
+def test_the_first_step_waits_for_the_warmups_end_and_no_longer_than_its_limit(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert 0.2 <= warmup_lock.wait_for_release(tmp_path, limit_s=0.2) < 5  # it still holds it: the limit
+        threading.Timer(0.3, holder.kill).start()
+        assert 0.25 < warmup_lock.wait_for_release(tmp_path) < 10  # its end, however it ends, releases it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert warmup_lock.wait_for_release(tmp_path / "no-run") == 0.0  # no warm-up, no wait
+
+
+HOLD = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from worker.train import warmup_lock\n"
+    "with warmup_lock.holding(Path(sys.argv[1])):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(120)\n"
+)

@@ -118,6 +118,7 @@ class JobPipeline:
         # a job's publish side (None for ftw train, whose results stay in the run folder)
         self.publishing = None if plan is None else Publishing(job, plan, self.progress, self.stop, self.warnings)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
+        self.warmup: KernelWarmup | None = None  # compiles the job's kernels until the train stage's model is ready
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
         self.first_step = FirstStepClock(self.started_wall)
 
@@ -182,16 +183,17 @@ class JobPipeline:
             self.checks(run.state)
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
-        # a Hub base model downloads, and the job's kernels compile, beside preprocessing
+        # a Hub base model downloads beside preprocessing; the job's kernels compile beside it too, and on beside
+        # the train stage's start-up and model loading, until its model is ready (on_event stops the warm-up)
         env, gpus, template = self.stage_env(), self.gpu_count, self.template
-        with (
-            ModelPrefetch.beside(self.job.config, env, run.logs, self.redactor, untrained) as prefetch,
-            KernelWarmup.beside(self.job.config, config_path, env, gpus, template, run.logs, self.redactor, untrained),
-        ):
-            prepared = self.preprocess(run, config_path)
-            if prefetch is not None:
-                prefetch.wait(self.stop, self.progress, self.job.run_id)
-        metrics = self.train(run, config_path, prepared)
+        cfg = self.job.config
+        with KernelWarmup.beside(cfg, config_path, env, gpus, template, run.logs, self.redactor, untrained) as warmup:
+            with ModelPrefetch.beside(cfg, env, run.logs, self.redactor, untrained) as prefetch:
+                prepared = self.preprocess(run, config_path)
+                if prefetch is not None:
+                    prefetch.wait(self.stop, self.progress, self.job.run_id)
+            self.warmup = warmup
+            metrics = self.train(run, config_path, prepared)
         # the host held the GPU's clock down, or left it idle
         self.warnings += [{"loc": "gpu", "msg": msg} for msg in gpu_warnings(metrics, self.job.config.sample_packing)]
         artifacts = self.publish(run)
@@ -387,6 +389,8 @@ class JobPipeline:
 
     def on_event(self, stage: str, event: dict[str, Any]) -> None:
         self.timings.update(self.first_step.observe(stage, event))  # what a user waits for, and where it went
+        if stage == "train" and event.get("event") == "ready" and self.warmup is not None:
+            self.warmup.stop("the train stage's model was ready")  # its first step gets the GPU to itself
         self.progress(event_update(self.job.run_id, stage, event))
 
     @contextlib.contextmanager

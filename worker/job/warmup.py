@@ -4,10 +4,12 @@ worker/train/warmup.py is the child (a one-layer copy of the job's model, a forw
 micro-batch); this is the orchestrator's side. It starts once the checks pass, forked from the stage template like the
 stages, wherever the job's first step would compile kernels: on a GPU (ftw's Triton kernels, unless
 `use_kernels: false`) or under `torch_compile`. It has preprocessing and the base model's download
-(worker/job/prefetch.py: minutes on a job's first run of a Hub model) to do its work in; when the train
-stage starts, the warm-up is stopped if it still runs, so it never delays the train stage and never
-shares the GPU with it. Whatever it compiled by then is in the caches on the volume; the train stage
-compiles the rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0` turns it off.
+(worker/job/prefetch.py: minutes on a job's first run of a Hub model), then the train stage's start-up and
+model loading (tens of seconds for an 8B model read from the volume) to do its work in. When the train child
+reports its model ready (worker/job/pipeline.py), the warm-up is stopped if it still runs, and that child's first
+step waits until it has ended (worker/train/warmup_lock.py): it never delays the model's set-up and never shares
+the GPU with a step. Whatever it compiled by then is in the caches on the volume; the train stage compiles the
+rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0` turns it off.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from schemas.paths import is_remote
 from worker.job.side_child import SideChild
+from worker.train import warmup_lock
 
 if TYPE_CHECKING:
     from schemas.config import TrainingConfig
@@ -53,8 +56,15 @@ class KernelWarmup:
     the template's imports are done, which the orchestrator does not."""
 
     def __init__(
-        self, argv: list[str], env: Mapping[str, str], template: StageTemplate | None, log: Path, redactor: Redactor
+        self,
+        argv: list[str],
+        env: Mapping[str, str],
+        template: StageTemplate | None,
+        log: Path,
+        redactor: Redactor,
+        run_dir: Path,
     ):
+        self.run_dir = run_dir  # where it holds warmup.lock while it runs
         self.child: SideChild | None = None
         self.stopped = False
         self.lock = threading.Lock()
@@ -78,7 +88,7 @@ class KernelWarmup:
     ) -> Iterator[KernelWarmup | None]:
         """The warm-up while the block runs (preprocessing, the model's download); stopped at its end."""
         argv = warmup_argv(cfg, config_path, env, gpus) if wanted else None
-        warmup = None if argv is None else cls(argv, env, template, logs / "warmup.log", redactor)
+        warmup = None if argv is None else cls(argv, env, template, logs / "warmup.log", redactor, config_path.parent)
         try:
             yield warmup
         finally:
@@ -104,12 +114,15 @@ class KernelWarmup:
             stopped = self.stopped
         if stopped:  # stopped while it was being launched
             child.close()
+            warmup_lock.remove(self.run_dir)
         elif isinstance(proc, subprocess.Popen):
             proc.wait()  # its parent-death signal fires when the thread that started it ends: this one waits
 
-    def stop(self) -> None:
-        """Stop it if it still runs (what it compiled so far stays cached), and log how it ended."""
+    def stop(self, when: str = "the train stage ended") -> None:
+        """Stop it if it still runs (what it compiled so far stays cached), and log how it ended, once."""
         with self.lock:
+            if self.stopped:
+                return
             self.stopped = True
             child = self.child
         if child is None:
@@ -117,8 +130,9 @@ class KernelWarmup:
             return
         running = child.running()
         child.close()
+        warmup_lock.remove(self.run_dir)  # released with the process: what is left is a file
         if running:
-            log.info("kernel warm-up stopped when the train stage started; the train stage compiles what it had not")
+            log.info("kernel warm-up stopped when %s; the train stage compiles what it had not", when)
         elif child.proc.returncode == 0:
             log.info("%s", child.last_line())
         else:

@@ -18,7 +18,7 @@ from schemas.config import TrainingConfig
 from worker.data.cache import load_prepared
 from worker.events import EXIT_OK, EXIT_PREEMPTED, emit
 from worker.train import distributed as dist_
-from worker.train import outputs
+from worker.train import outputs, warmup_lock
 from worker.train.model import pretrained_source
 from worker.train.trainer import Trainer
 
@@ -51,6 +51,9 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
             in_setup[0] = False
             if topo.is_main:  # the end of the model's set-up: timings.model_setup_s (worker/job/first_step.py)
                 emit({"stage": "train", "event": "ready", "message": "model ready, starting the first step"})
+            waited = warmup_lock.wait_for_release(run_dir)  # the orchestrator stops the kernel warm-up on that event
+            if waited > 0.001:
+                log.info("the first step waited %.2f s for the kernel warm-up to stop", waited)
             code = trainer.train()
         except StoppedInSetup:
             log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)
