@@ -179,6 +179,14 @@ for label, result, n in jobs:
         rows.append((f"submit to first step (the queue's delayTime {delay / 1000:.2f} s + the above), {label} s", round(delay / 1000 + first, 3)))
     parts = ("preprocess_s", "train_startup_s", "model_setup_s", "first_step_compute_s")
     rows.append((f"where it went, {label}", ", ".join(f"{k} {t.get(k)}" for k in parts)))
+def last_line(path, needle=""):
+    try:
+        return next((x.strip() for x in reversed(open(path).read().splitlines()) if needle in x and x.strip()), None)
+    except OSError:
+        return None
+# how far job 1's kernel warm-up got before the train stage's model was ready, and what its first step waited for it
+rows.append(("job 1 kernel warm-up (logs/warmup.log, last line)", last_line(f"{out}/run/logs/warmup.log")))
+rows.append(("job 1 first step's wait for the warm-up", last_line(f"{out}/run/logs/train/attempt-1/stderr.log", "first step waited")))
 if r.get("status") != "completed":
     rows.append(("job error", json.dumps(r.get("error"))[:400]))
 print("| figure | value |\n|---|---|")
