@@ -186,7 +186,7 @@ def last_line(path, needle=""):
         return None
 # how far job 1's kernel warm-up got before the train stage's model was ready, and what its first step waited for it
 rows.append(("job 1 kernel warm-up (logs/warmup.log, last line)", last_line(f"{out}/run/logs/warmup.log")))
-rows.append(("job 1 first step's wait for the warm-up", last_line(f"{out}/run/logs/train/attempt-1/stderr.log", "first step waited")))
+rows.append(("job 1 first step's wait for the warm-up", last_line(f"{out}/run/logs/train/attempt-1/stderr.log", "was still compiling")))
 if r.get("status") != "completed":
     rows.append(("job error", json.dumps(r.get("error"))[:400]))
 print("| figure | value |\n|---|---|")

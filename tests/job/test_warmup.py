@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -102,14 +102,14 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     warm_log = (logs / "warmup.log").read_text()
     assert "kernel warm-up done" in warm_log and token not in warm_log
     # it had ended before the train child's model was ready: its first step did not wait
-    assert "the first step waited" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
+    assert "was still compiling" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
     assert not left_behind(warmup_child) and not (logs.parent / warmup_lock.NAME).exists()
 
 
 def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_end(demo_volume, monkeypatch):
-    """The warm-up goes on while the train stage starts and loads its model; when the train child reports its model
-    ready the warm-up is stopped, and the first step starts only once it has ended (here a stand-in that would
-    compile for ever, holding the warm-up's lock as the real one does)."""
+    """The warm-up goes on while the train stage starts and loads its model; once the model is ready the train child
+    stops it and starts its first step only when it has ended (here a stand-in that would compile for ever, holding
+    the warm-up's lock as the real one does)."""
     stand_in = (
         "import sys, time\n"
         "from pathlib import Path\n"
@@ -129,23 +129,33 @@ def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_
     assert max(compiled) > at["loading"]  # it ran beside the model's loading, not stopped when the stage started
     assert at["ready"] - 0.1 < max(compiled) < at["first_step"]  # until the model was ready; gone before step 1
     train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
-    assert "the first step waited" in train_log  # for the stand-in's end, which only its kill brings
+    assert "was still compiling: stopped in" in train_log  # the train child killed the stand-in itself
     assert not (run / warmup_lock.NAME).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
 
 
-def test_the_first_step_waits_for_the_warmups_end_and_no_longer_than_its_limit(tmp_path):
+def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_its_limit(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
+        [sys.executable, "-c", HOLD, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        start_new_session=True,  # as the warm-up runs, leading its own session
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert 0.2 <= warmup_lock.wait_for_release(tmp_path, limit_s=0.2) < 5  # it still holds it: the limit
-        threading.Timer(0.3, holder.kill).start()
-        assert 0.25 < warmup_lock.wait_for_release(tmp_path) < 10  # its end, however it ends, releases it
+        pid = (tmp_path / warmup_lock.NAME).read_text()
+        assert pid == str(holder.pid)
+        (tmp_path / warmup_lock.NAME).write_text("99999999")  # a pid that is no process: it cannot be ended
+        assert 0.2 <= warmup_lock.end_warmup(tmp_path, limit_s=0.2) < 5  # so the limit ends the wait
+        assert holder.poll() is None
+        (tmp_path / warmup_lock.NAME).write_text(pid)
+        assert warmup_lock.end_warmup(tmp_path) < 5  # killed, and its lock gone with it
+        assert holder.wait(timeout=10) == -signal.SIGKILL
     finally:
         holder.kill()
         holder.wait()
-    assert warmup_lock.wait_for_release(tmp_path / "no-run") == 0.0  # no warm-up, no wait
+    assert warmup_lock.end_warmup(tmp_path) < 0.1  # a free lock: no wait
+    assert warmup_lock.end_warmup(tmp_path / "no-run") == 0.0  # no warm-up, no wait
 
 
 HOLD = (

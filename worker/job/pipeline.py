@@ -184,7 +184,7 @@ class JobPipeline:
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
         # a Hub base model downloads beside preprocessing; the job's kernels compile beside it too, and on beside
-        # the train stage's start-up and model loading, until its model is ready (on_event stops the warm-up)
+        # the train stage's start-up and model loading, until its model is ready (the train child ends it then)
         env, gpus, template = self.stage_env(), self.gpu_count, self.template
         cfg = self.job.config
         with KernelWarmup.beside(cfg, config_path, env, gpus, template, run.logs, self.redactor, untrained) as warmup:
@@ -390,7 +390,7 @@ class JobPipeline:
     def on_event(self, stage: str, event: dict[str, Any]) -> None:
         self.timings.update(self.first_step.observe(stage, event))  # what a user waits for, and where it went
         if stage == "train" and event.get("event") == "ready" and self.warmup is not None:
-            self.warmup.stop("the train stage's model was ready")  # its first step gets the GPU to itself
+            self.warmup.stop("the train stage's model was ready")  # reaped and logged as soon as the child ended it
         self.progress(event_update(self.job.run_id, stage, event))
 
     @contextlib.contextmanager

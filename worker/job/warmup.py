@@ -6,16 +6,17 @@ stages, wherever the job's first step would compile kernels: on a GPU (ftw's Tri
 `use_kernels: false`) or under `torch_compile`. It has preprocessing and the base model's download
 (worker/job/prefetch.py: minutes on a job's first run of a Hub model), then the train stage's start-up and
 model loading (tens of seconds for an 8B model read from the volume) to do its work in. When the train child
-reports its model ready (worker/job/pipeline.py), the warm-up is stopped if it still runs, and that child's first
-step waits until it has ended (worker/train/warmup_lock.py): it never delays the model's set-up and never shares
-the GPU with a step. Whatever it compiled by then is in the caches on the volume; the train stage compiles the
-rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0` turns it off.
+reports its model ready, that child stops a warm-up that still runs before its first step
+(worker/train/warmup_lock.py), and the orchestrator reaps it (worker/job/pipeline.py): it never delays the
+model's set-up and never shares the GPU with a step. Whatever it compiled by then is in the caches on the
+volume; the train stage compiles the rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -131,7 +132,7 @@ class KernelWarmup:
         running = child.running()
         child.close()
         warmup_lock.remove(self.run_dir)  # released with the process: what is left is a file
-        if running:
+        if running or child.proc.returncode == -signal.SIGKILL:  # killed here, or by the train child (warmup_lock)
             log.info("kernel warm-up stopped when %s; the train stage compiles what it had not", when)
         elif child.proc.returncode == 0:
             log.info("%s", child.last_line())

@@ -51,9 +51,9 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
             in_setup[0] = False
             if topo.is_main:  # the end of the model's set-up: timings.model_setup_s (worker/job/first_step.py)
                 emit({"stage": "train", "event": "ready", "message": "model ready, starting the first step"})
-            waited = warmup_lock.wait_for_release(run_dir)  # the orchestrator stops the kernel warm-up on that event
+            waited = warmup_lock.end_warmup(run_dir)  # the first step has the GPU to itself
             if waited > 0.001:
-                log.info("the first step waited %.2f s for the kernel warm-up to stop", waited)
+                log.info("the kernel warm-up was still compiling: stopped in %.3f s, before the first step", waited)
             code = trainer.train()
         except StoppedInSetup:
             log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)

@@ -5,7 +5,7 @@ Inductor's, on the volume: worker/job/children.compile_cache_env): a quarter of 
 first step on an H200 for ftw's Triton kernels, and most of it under `torch_compile` — paid after
 preprocessing, on the GPU-seconds the user buys. This child runs beside the preprocess stage and the base
 model's download and the train stage's model loading (worker/job/warmup.py starts it; it is stopped when the train
-child's model is ready, and that child's first step waits for it to end: worker/train/warmup_lock.py). It builds the
+child's model is ready, by that child before its first step: worker/train/warmup_lock.py). It builds the
 job's model with one decoder layer and random weights (the model's config alone: no weights are downloaded
 or read), 4-bit as `load_in_4bit` loads it, with the job's adapter and kernels as the train stage puts them
 on, compiled as `torch_compile` asks, and runs a forward and backward on micro-batches of the job's shape.
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     started, cached = time.monotonic(), cache_files()
     try:
         cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
-        with warmup_lock.holding(args.config_json.parent):  # the run folder: the train child's first step waits
+        with warmup_lock.holding(args.config_json.parent):  # in the run folder, where the train child ends it
             step_s = warm(cfg)
     except Exception as e:  # the train stage meets the same problem and reports it in full
         print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

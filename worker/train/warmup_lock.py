@@ -1,11 +1,11 @@
-"""The kernel warm-up's hold on the GPU, which the train stage's first step waits out.
+"""The kernel warm-up's hold on the GPU, which the train stage's first step ends.
 
 The warm-up child (worker/train/warmup.py) compiles the job's kernels beside preprocessing, the model's download and
-the train stage's start-up and model loading; the orchestrator stops it when the train child reports its model
-ready (worker/job/pipeline.py). Between that report and the kill the two would share the GPU, so the warm-up holds an
-exclusive lock on RUN_DIR/warmup.lock for as long as it lives (the kernel drops it when the process ends, however it
-ends), and the train child takes the lock after its report, before its first step. No torch here: the orchestrator
-removes the file.
+the train stage's start-up and model loading. Once the train child's model is ready, its first step must have the GPU
+to itself: the warm-up holds an exclusive lock on RUN_DIR/warmup.lock for as long as it lives (the kernel drops it
+when the process ends, however it ends) with its pid in the file, and the train child, before its first step, kills a
+warm-up that still holds it and waits for the lock (milliseconds; the orchestrator's stop on the `ready` event would
+take up to its event poll). No torch here: the orchestrator removes the file.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 NAME = "warmup.lock"
-WAIT_LIMIT_S = 30.0  # the orchestrator stops the warm-up within its event poll; this only guards against a stuck one
+WAIT_LIMIT_S = 30.0  # a killed warm-up lets go in milliseconds: this guards against a process that cannot die
 
 log = logging.getLogger("ftw.train")
 
@@ -26,29 +28,42 @@ log = logging.getLogger("ftw.train")
 @contextlib.contextmanager
 def holding(run_dir: Path) -> Iterator[None]:
     """The warm-up's hold, for the block (and for the process, if it is killed inside it)."""
-    with open(run_dir / NAME, "a") as lock:
+    with open(run_dir / NAME, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
         yield
 
 
-def wait_for_release(run_dir: Path, limit_s: float = WAIT_LIMIT_S) -> float:
-    """Until no warm-up holds the lock (or `limit_s` passed, with a warning): the seconds waited."""
+def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S) -> float:
+    """Kill a warm-up that still holds the lock (with what it started: it leads its own session) and wait until the
+    lock is free (or `limit_s` passed, with a warning): the seconds it took."""
     started = time.monotonic()
     try:
         lock = open(run_dir / NAME)
     except FileNotFoundError:  # no warm-up in this run, or it ended and was cleaned up
         return 0.0
     with lock:
+        killed = False
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return time.monotonic() - started
             except BlockingIOError:
-                waited = time.monotonic() - started
-                if waited > limit_s:
-                    log.warning("the kernel warm-up still runs after %.0f s: the first step starts beside it", waited)
-                    return waited
-                time.sleep(0.01)
+                pass
+            if not killed:  # held: the pid in the file is the live holder's (the lock goes with its process)
+                lock.seek(0)
+                pid = lock.read().strip()
+                if pid.isdigit():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(int(pid), signal.SIGKILL)
+                    killed = True
+            waited = time.monotonic() - started
+            if waited > limit_s:
+                log.warning("the kernel warm-up still runs after %.0f s: the first step starts beside it", waited)
+                return waited
+            time.sleep(0.005)
 
 
 def remove(run_dir: Path) -> None:
