@@ -70,6 +70,10 @@
 # angles are now an elementwise product, not transformers' fp32 GEMM; the CUDA test prints whether this GPU's cuBLAS
 # rounded that GEMM, and `stock-rope` puts it back: the twenty-second session sampled ~1 ms a step of `ftw train`'s
 # host on that line and ~0 of the bare loop's.)
+# Measured on 2026-12-08 (twenty-fifth session, a slow H100 host; docs/benchmarks.md "twenty-fifth session"), the
+# same without the prefetch-thread arm (VARIANT_ARMS=bare-fresh,ftw,ftw~stock-rope), and bench/gpu_worker.sh after it.
+# Wanted: the kernel warm-up ended by the train child (383bb5a) through bench/gpu_worker.sh, and on a job whose model
+# loads for seconds; `ftw~prefetch-thread` against `ftw` on a slow host.
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
