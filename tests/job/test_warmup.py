@@ -5,6 +5,7 @@ run costs the job nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -103,7 +104,7 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     assert "kernel warm-up done" in warm_log and token not in warm_log
     # it had ended before the train child's model was ready: its first step did not wait
     assert "was still compiling" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
-    assert not left_behind(warmup_child) and not (logs.parent / warmup_lock.NAME).exists()
+    assert not left_behind(warmup_child) and not warmup_lock.lock_path(logs.parent).exists()
 
 
 def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_end(demo_volume, monkeypatch):
@@ -130,7 +131,7 @@ def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_
     assert at["ready"] - 0.1 < max(compiled) < at["first_step"]  # until the model was ready; gone before step 1
     train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
     assert "was still compiling: stopped in" in train_log  # the train child killed the stand-in itself
-    assert not (run / warmup_lock.NAME).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
+    assert not warmup_lock.lock_path(run).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
 
 
 def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_its_limit(tmp_path):
@@ -143,12 +144,13 @@ def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        pid = (tmp_path / warmup_lock.NAME).read_text()
-        assert pid == str(holder.pid)
-        (tmp_path / warmup_lock.NAME).write_text("99999999")  # a pid that is no process: it cannot be ended
+        lock = warmup_lock.lock_path(tmp_path)
+        pid = lock.read_text()
+        assert pid == str(holder.pid) and not lock.is_relative_to(tmp_path)  # off the volume, on this machine's disk
+        lock.write_text("99999999")  # a pid that is no process: it cannot be ended
         assert 0.2 <= warmup_lock.end_warmup(tmp_path, limit_s=0.2) < 5  # so the limit ends the wait
         assert holder.poll() is None
-        (tmp_path / warmup_lock.NAME).write_text(pid)
+        lock.write_text(pid)
         assert warmup_lock.end_warmup(tmp_path) < 5  # killed, and its lock gone with it
         assert holder.wait(timeout=10) == -signal.SIGKILL
     finally:
@@ -156,6 +158,20 @@ def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_
         holder.wait()
     assert warmup_lock.end_warmup(tmp_path) < 0.1  # a free lock: no wait
     assert warmup_lock.end_warmup(tmp_path / "no-run") == 0.0  # no warm-up, no wait
+
+
+def test_where_the_filesystem_cannot_lock_neither_side_fails(tmp_path, monkeypatch, caplog):
+    """A filesystem without locks costs the overlap's guard, never the job: the warm-up runs unlocked (the
+    orchestrator's stop on `ready` ends it) and the train child starts its first step at once."""
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(warmup_lock.fcntl, "flock", no_locks)
+    with warmup_lock.holding(tmp_path):
+        assert warmup_lock.end_warmup(tmp_path) < 1
+    assert "no lock" in caplog.text and "cannot be read" in caplog.text
+    warmup_lock.remove(tmp_path)
 
 
 HOLD = (

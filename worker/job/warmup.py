@@ -65,7 +65,7 @@ class KernelWarmup:
         redactor: Redactor,
         run_dir: Path,
     ):
-        self.run_dir = run_dir  # where it holds warmup.lock while it runs
+        self.run_dir = run_dir  # the run whose lock it holds while it runs (worker/train/warmup_lock.py)
         self.child: SideChild | None = None
         self.stopped = False
         self.lock = threading.Lock()

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     started, cached = time.monotonic(), cache_files()
     try:
         cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
-        with warmup_lock.holding(args.config_json.parent):  # in the run folder, where the train child ends it
+        with warmup_lock.holding(args.config_json.parent):  # the run's, by which the train child ends it
             step_s = warm(cfg)
     except Exception as e:  # the train stage meets the same problem and reports it in full
         print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
