@@ -87,7 +87,8 @@ class KernelWarmup:
         redactor: Redactor,
         wanted: bool,
     ) -> Iterator[KernelWarmup | None]:
-        """The warm-up while the block runs (preprocessing, the model's download); stopped at its end."""
+        """The warm-up while the block runs (preprocessing, the model's download, the train stage until its model is
+        ready); stopped at its end if it still runs."""
         argv = warmup_argv(cfg, config_path, env, gpus) if wanted else None
         warmup = None if argv is None else cls(argv, env, template, logs / "warmup.log", redactor, config_path.parent)
         try:
