@@ -73,7 +73,8 @@
 # Measured on 2026-12-08 (twenty-fifth session, a slow H100 host; docs/benchmarks.md "twenty-fifth session"), the
 # same without the prefetch-thread arm (VARIANT_ARMS=bare-fresh,ftw,ftw~stock-rope), and bench/gpu_worker.sh after it.
 # Wanted: the kernel warm-up ended by the train child (383bb5a) through bench/gpu_worker.sh, and on a job whose model
-# loads for seconds; `ftw~prefetch-thread` against `ftw` on a slow host.
+# loads for seconds (GPU_WORKER_HIDDEN=4096 GPU_WORKER_LAYERS=32 OUT=$OUT bash bench/gpu_worker.sh); `ftw~prefetch-thread`
+# against `ftw` on a slow host.
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
@@ -176,8 +177,9 @@ for part in "${parts[@]}"; do
   case $part in
     tests)
       log "tests"
+      # whole: a failure's traceback comes back, and -rP keeps what passing tests print (what the device's cuBLAS did)
       # shellcheck disable=SC2086  # $TESTS: several paths
-      $PY -m pytest -q -p no:cacheprovider $TESTS >"$OUT/tests.txt" 2>&1  # whole: a failure's traceback comes back
+      $PY -m pytest -q -rP -p no:cacheprovider $TESTS >"$OUT/tests.txt" 2>&1
       { grep -E "^(FAILED|ERROR) " "$OUT/tests.txt"; tail -n 1 "$OUT/tests.txt"; } | tee -a "$OUT/summary.txt" ;;
     ops)
       log "lora_ops 8b, 1b"

@@ -63,7 +63,10 @@ EOF
 VOL="$OUT/volume"
 mkdir -p "$VOL/models" "$VOL/data"
 cp examples/data/greetings.jsonl "$VOL/data/"
-$PY -m worker.devtools.tiny "$VOL/models/tiny-gpu" --hidden 256 --layers 4 >"$OUT/build_model.log" 2>&1 || log "model build failed"
+# GPU_WORKER_HIDDEN=4096 GPU_WORKER_LAYERS=32: a model whose weights take seconds to load (~2 B parameters), which the
+# kernel warm-up may now use (it runs on until the train stage's model is ready)
+$PY -m worker.devtools.tiny "$VOL/models/tiny-gpu" --hidden "${GPU_WORKER_HIDDEN:-256}" --layers "${GPU_WORKER_LAYERS:-4}" \
+  >"$OUT/build_model.log" 2>&1 || log "model build failed"
 cat >"$OUT/job.json" <<EOF
 {"input": {"run_id": "gpu-smoke", "config": {
   "base_model": "./models/tiny-gpu",
