@@ -172,6 +172,11 @@ def test_where_the_filesystem_cannot_lock_neither_side_fails(tmp_path, monkeypat
         assert warmup_lock.end_warmup(tmp_path) < 1
     assert "no lock" in caplog.text and "cannot be read" in caplog.text
     warmup_lock.remove(tmp_path)
+    warmup_lock.lock_path(tmp_path).mkdir()  # a lock that cannot even be opened
+    try:
+        assert warmup_lock.end_warmup(tmp_path) == 0.0 and "cannot be opened" in caplog.text
+    finally:
+        warmup_lock.lock_path(tmp_path).rmdir()
 
 
 HOLD = (

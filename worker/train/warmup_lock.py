@@ -57,6 +57,9 @@ def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S) -> float:
         lock = open(lock_path(run_dir))
     except FileNotFoundError:  # no warm-up in this run, or it ended and was cleaned up
         return 0.0
+    except OSError as e:  # unreadable: the orchestrator's stop on `ready` ends the warm-up; training goes on
+        log.warning("the kernel warm-up's lock cannot be opened (%s): the first step starts at once", e)
+        return 0.0
     with lock:
         killed = False
         while True:
