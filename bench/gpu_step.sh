@@ -72,9 +72,13 @@
 # host on that line and ~0 of the bare loop's.)
 # Measured on 2026-12-08 (twenty-fifth session, a slow H100 host; docs/benchmarks.md "twenty-fifth session"), the
 # same without the prefetch-thread arm (VARIANT_ARMS=bare-fresh,ftw,ftw~stock-rope), and bench/gpu_worker.sh after it.
-# Wanted: the kernel warm-up ended by the train child (383bb5a) through bench/gpu_worker.sh, and on a job whose model
-# loads for seconds (GPU_WORKER_HIDDEN=4096 GPU_WORKER_LAYERS=32 OUT=$OUT bash bench/gpu_worker.sh); `ftw~prefetch-thread`
-# against `ftw` on a slow host.
+# Wanted (twenty-sixth session, no device lent: the kernel warm-up now records its kernels and compiles them side by
+# side in worker processes, and the train child waits that out): the compiles on the GPU, with the warm-up's and the
+# precompile's tests, then bench/gpu_worker.sh (carrying .whl: each job's warm-up line and its first step's wait),
+# also on a job whose model loads for seconds; `ftw~prefetch-thread` against `ftw` on a slow host:
+#   TESTS="tests/kernels/test_precompile.py tests/train/test_warmup.py" SHAPES=llama-1b,llama-8b \
+#     OUT=$OUT bash bench/gpu_step.sh tests compiles
+#   OUT=$OUT bash bench/gpu_worker.sh; GPU_WORKER_HIDDEN=4096 GPU_WORKER_LAYERS=32 OUT=$OUT/big bash bench/gpu_worker.sh
 #
 # Parts (default: tests ops 1b 8b ab, which is longer than one call may run):
 #   tests  tests.txt      the kernels' CUDA tests ($TESTS: default, every test file with a CUDA part)
@@ -136,6 +140,9 @@
 #                         time over three steps, its GPU-busy ms a step, a trace (.trace.json.gz) and the host's
 #                         Python functions under cProfile (.host.txt), and bench/host_waits.py over the traces (the
 #                         host's CUDA calls that wait); without --replay the three steps' batches are new to the arm
+#   compiles compiles.txt bench/parallel_compile.py at $SHAPES (4 × 2048 packed): the kernel warm-up's one-layer pass
+#                         recorded on this GPU, its kernels compiled one after another (as a first step does) and side
+#                         by side in 1, 4, 8 and 15 processes, each into an empty cache
 #   ab     ab.txt         bench/tree_ab.py: this tree's ftw arm against $OLD's (default .gpu/before; several trees
 #                         separated by commas), interleaved, at $AB_SHAPES (default llama-1b), checkpointing $AB_GC
 #                         (off, on, offload; default off), lora_dropout $AB_DROPOUT (default 0), $AB_ROUNDS rounds
@@ -298,6 +305,12 @@ for part in "${parts[@]}"; do
             --steps "$steps" --warmup 2 --arm-timeout "$limit"; } 2>&1 | tee "$OUT/offload-$name.txt" | grep "^|" \
           | tee -a "$OUT/summary.txt"
       done ;;
+    compiles)
+      for shape in ${SHAPES//,/ }; do
+        log "parallel_compile $shape: the warm-up's kernels compiled one after another and side by side"
+        $PY bench/parallel_compile.py --shape "$shape" --seq 2048 --mbs 4 --workers 1,4,8,15 2>&1 \
+          | tee -a "$OUT/compiles.txt" | grep -E "^\||specialisations" | tee -a "$OUT/summary.txt"
+      done ;;
     ab)
       log "tree_ab $AB_SHAPES against $OLD, checkpointing $AB_GC"
       olds=() && for tree in ${OLD//,/ }; do olds+=(--old "$tree"); done
@@ -305,6 +318,6 @@ for part in "${parts[@]}"; do
         --lora-dropout "$AB_DROPOUT" ${AB_UNPACKED:+--unpacked} \
         2>&1 | tee "$OUT/ab.txt" | tail -n 8 >>"$OUT/summary.txt" ;;
     *) log "unknown part '$part' (tests, ops, dropout-ops, real, real-unpacked, masked, unpacked, dropout, int8," \
-         "offload, joined, variants, 1b, 8b, qlora8b, qlora1b, profile, gemms, new-shapes, algos, rank-grads, ab)"; exit 2 ;;
+         "offload, joined, variants, 1b, 8b, qlora8b, qlora1b, profile, gemms, new-shapes, algos, rank-grads, compiles, ab)"; exit 2 ;;
   esac
 done

@@ -64,7 +64,7 @@ VOL="$OUT/volume"
 mkdir -p "$VOL/models" "$VOL/data"
 cp examples/data/greetings.jsonl "$VOL/data/"
 # GPU_WORKER_HIDDEN=4096 GPU_WORKER_LAYERS=32: a model whose weights take seconds to load (~2 B parameters), which the
-# kernel warm-up may now use (it runs on until the train stage's model is ready)
+# kernel warm-up may now use (it runs on until the train stage's first step)
 $PY -m worker.devtools.tiny "$VOL/models/tiny-gpu" --hidden "${GPU_WORKER_HIDDEN:-256}" --layers "${GPU_WORKER_LAYERS:-4}" \
   >"$OUT/build_model.log" 2>&1 || log "model build failed"
 cat >"$OUT/job.json" <<EOF
@@ -138,6 +138,7 @@ elapsed=$(( $(date +%s) - started ))
 mkdir -p "$OUT/run"
 for f in checks.json summary.json result.json config.json; do cp "$VOL/runs/gpu-smoke/$f" "$OUT/run/" 2>/dev/null; done
 cp -r "$VOL/runs/gpu-smoke/logs" "$OUT/run/" 2>/dev/null
+for n in 2 3; do mkdir -p "$OUT/run$n" && cp -r "$VOL/runs/gpu-smoke-$n/logs" "$OUT/run$n/" 2>/dev/null; done
 rm -rf "$VOL/models" "$VOL/runs/gpu-smoke/checkpoints" "$VOL/cache"
 
 # ---- 4: the table ---------------------------------------------------------------------------------
@@ -187,9 +188,11 @@ def last_line(path, needle=""):
         return next((x.strip() for x in reversed(open(path).read().splitlines()) if needle in x and x.strip()), None)
     except OSError:
         return None
-# how far job 1's kernel warm-up got before the train stage's model was ready, and what its first step waited for it
-rows.append(("job 1 kernel warm-up (logs/warmup.log, last line)", last_line(f"{out}/run/logs/warmup.log")))
-rows.append(("job 1 first step's wait for the warm-up", last_line(f"{out}/run/logs/train/attempt-1/stderr.log", "was still compiling")))
+# how far each job's kernel warm-up got (recorded, compiled side by side, its pass), and what its first step waited
+# for it: the train child waits out the recording and the compiles side by side, and stops it in any other phase
+for label, _, n in jobs:
+    rows.append((f"{label}: kernel warm-up (logs/warmup.log, last line)", last_line(f"{out}/run{n}/logs/warmup.log")))
+    rows.append((f"{label}: the first step's wait for it", last_line(f"{out}/run{n}/logs/train/attempt-1/stderr.log", "kernel warm-up")))
 if r.get("status") != "completed":
     rows.append(("job error", json.dumps(r.get("error"))[:400]))
 print("| figure | value |\n|---|---|")

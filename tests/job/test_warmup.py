@@ -1,7 +1,7 @@
 """The kernel warm-up beside preprocessing and the model's download (worker/job/warmup.py): it runs where the
 first step compiles kernels, finishes inside the download's time, goes on beside the train stage's model loading,
-is stopped (with everything it started) when that model is ready, before the first step, and a warm-up that cannot
-run costs the job nothing."""
+is waited for while it records or compiles side by side and otherwise stopped (with everything it started) when that
+model is ready, before the first step, and a warm-up that cannot run costs the job nothing."""
 
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ def test_the_kernels_compile_while_the_model_downloads(demo_volume, hub_server, 
     assert result["status"] == "completed", result
     warm_log = (logs / "warmup.log").read_text()
     assert "kernel warm-up done" in warm_log and token not in warm_log
-    # it had ended before the train child's model was ready: its first step did not wait
-    assert "was still compiling" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
+    # it had ended before the train child's model was ready: its first step neither stopped it nor waited for it
+    assert "kernel warm-up" not in (logs / "train" / "attempt-1" / "stderr.log").read_text()
     assert not left_behind(warmup_child) and not warmup_lock.lock_path(logs.parent).exists()
 
 
@@ -134,47 +134,116 @@ def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_
     assert not warmup_lock.lock_path(run).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
 
 
+def test_the_first_step_waits_for_a_warmup_compiling_side_by_side(demo_volume, monkeypatch):
+    """A warm-up whose kernels compile in worker processes when the model is ready is waited for, not killed: the
+    compiles end sooner than the first step would run them one after another (here a stand-in that compiles on
+    for a second after the train child's `ready` event, in that phase, and then exits as done)."""
+    stand_in = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from worker.train import warmup_lock\n"
+        "run = Path(sys.argv[1]).parent\n"
+        "events = run / 'logs' / 'train' / 'attempt-1' / 'events.jsonl'\n"
+        "with warmup_lock.holding(run, warmup_lock.SIDE_BY_SIDE):\n"
+        "    deadline = time.time() + 120\n"
+        "    while time.time() < deadline and not (events.exists() and '\"ready\"' in events.read_text()):\n"
+        "        time.sleep(0.01)\n"
+        "    end = time.time() + 1.0\n"
+        "    while time.time() < end:\n"
+        "        print(f'compiling {time.time():.4f}', flush=True)\n"
+        "        time.sleep(0.01)\n"
+        "print('kernel warm-up done (a stand-in)', flush=True)\n"
+    )
+    monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
+    result = run_job({"input": example_job(run_id="waited", config=CONFIG)}, env=dict(os.environ))
+    assert result["status"] == "completed", result
+    run = demo_volume / "runs" / "waited"
+    events = [json.loads(x) for x in (run / "logs" / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
+    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("ready", "first_step")}
+    lines = (run / "logs" / "warmup.log").read_text().splitlines()
+    compiled = [float(line.split()[1]) for line in lines if line.startswith("compiling")]
+    assert at["ready"] + 0.9 < max(compiled) < at["first_step"]  # it went on after `ready`; step 1 came after it
+    assert lines[-1] == "kernel warm-up done (a stand-in)"  # it finished, neither the train child nor the job killed it
+    train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
+    assert "for the kernel warm-up (side-by-side), before the first step" in train_log
+    assert "stopped in" not in train_log and not warmup_lock.lock_path(run).exists()
+
+
 def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_its_limit(tmp_path):
+    holder = hold(tmp_path, warmup_lock.COMPILING, 120)
+    try:
+        lock = warmup_lock.lock_path(tmp_path)
+        pid, phase = lock.read_text().split()
+        assert (pid, phase) == (str(holder.pid), "compiling") and not lock.is_relative_to(tmp_path)  # on this machine
+        lock.write_text("99999999 compiling")  # a pid that is no process: it cannot be ended
+        ended = warmup_lock.end_warmup(tmp_path, limit_s=0.2)
+        assert ended.killed and 0.2 <= ended.seconds < 5  # so the limit ends the wait
+        assert holder.poll() is None
+        lock.write_text(f"{pid} compiling")
+        ended = warmup_lock.end_warmup(tmp_path)
+        assert ended.killed and ended.seconds < 5  # killed, and its lock gone with it
+        assert holder.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        holder.kill()
+        holder.wait()
+    assert warmup_lock.end_warmup(tmp_path).seconds < 0.1  # a free lock: no wait
+    assert warmup_lock.end_warmup(tmp_path / "no-run") == (0.0, False, "")  # no warm-up, no wait
+
+
+def test_the_train_child_waits_out_the_recording_and_the_compiles_side_by_side(tmp_path):
+    """Both phases end sooner than the first step would compile the kernels itself: it waits for the warm-up to finish
+    (here 0.4 s recording, then 0.6 s compiling in worker processes) instead of killing it."""
+    holder = hold(tmp_path, warmup_lock.RECORDING, 0.4, warmup_lock.SIDE_BY_SIDE, 0.6)
+    try:
+        ended = warmup_lock.end_warmup(tmp_path)
+        assert not ended.killed and ended.phase == warmup_lock.SIDE_BY_SIDE and 0.7 < ended.seconds < 10
+        assert holder.wait(timeout=10) == 0  # it finished its work
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_past_its_patience_a_phase_is_not_waited_out(tmp_path, monkeypatch):
+    monkeypatch.setitem(warmup_lock.PATIENCE_S, warmup_lock.SIDE_BY_SIDE, 0.3)
+    holder = hold(tmp_path, warmup_lock.RECORDING, 0.2, warmup_lock.SIDE_BY_SIDE, 120)
+    try:
+        ended = warmup_lock.end_warmup(tmp_path)
+        assert ended.killed and ended.phase == warmup_lock.SIDE_BY_SIDE and 0.45 < ended.seconds < 10
+        assert holder.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def hold(run_dir: Path, *phases: str | float) -> subprocess.Popen:
+    """A stand-in warm-up holding the run's lock through `phases` (name, seconds, name, seconds, ...), then exiting 0;
+    returned once it holds the lock."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)],
+        [sys.executable, "-c", HOLD, str(run_dir), *map(str, phases)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parents[2],
         start_new_session=True,  # as the warm-up runs, leading its own session
     )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        lock = warmup_lock.lock_path(tmp_path)
-        pid = lock.read_text()
-        assert pid == str(holder.pid) and not lock.is_relative_to(tmp_path)  # off the volume, on this machine's disk
-        lock.write_text("99999999")  # a pid that is no process: it cannot be ended
-        assert 0.2 <= warmup_lock.end_warmup(tmp_path, limit_s=0.2) < 5  # so the limit ends the wait
-        assert holder.poll() is None
-        lock.write_text(pid)
-        assert warmup_lock.end_warmup(tmp_path) < 5  # killed, and its lock gone with it
-        assert holder.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        holder.kill()
-        holder.wait()
-    assert warmup_lock.end_warmup(tmp_path) < 0.1  # a free lock: no wait
-    assert warmup_lock.end_warmup(tmp_path / "no-run") == 0.0  # no warm-up, no wait
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def test_where_the_filesystem_cannot_lock_neither_side_fails(tmp_path, monkeypatch, caplog):
     """A filesystem without locks costs the overlap's guard, never the job: the warm-up runs unlocked (the
-    orchestrator's stop on `ready` ends it) and the train child starts its first step at once."""
+    orchestrator stops it at the first step) and the train child starts its first step at once."""
 
     def no_locks(*_):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(warmup_lock.fcntl, "flock", no_locks)
     with warmup_lock.holding(tmp_path):
-        assert warmup_lock.end_warmup(tmp_path) < 1
+        assert warmup_lock.end_warmup(tmp_path).seconds < 1
     assert "no lock" in caplog.text and "cannot be read" in caplog.text
     warmup_lock.remove(tmp_path)
     warmup_lock.lock_path(tmp_path).mkdir()  # a lock that cannot even be opened
     try:
-        assert warmup_lock.end_warmup(tmp_path) == 0.0 and "cannot be opened" in caplog.text
+        assert warmup_lock.end_warmup(tmp_path).seconds == 0.0 and "cannot be opened" in caplog.text
     finally:
         warmup_lock.lock_path(tmp_path).rmdir()
 
@@ -183,7 +252,10 @@ HOLD = (
     "import sys, time\n"
     "from pathlib import Path\n"
     "from worker.train import warmup_lock\n"
-    "with warmup_lock.holding(Path(sys.argv[1])):\n"
+    "phases = sys.argv[2:]\n"
+    "with warmup_lock.holding(Path(sys.argv[1]), phases[0]) as lock:\n"
     "    print('held', flush=True)\n"
-    "    time.sleep(120)\n"
+    "    for name, seconds in zip(phases[::2], phases[1::2]):\n"
+    "        lock.phase(name)\n"
+    "        time.sleep(float(seconds))\n"
 )

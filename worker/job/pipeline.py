@@ -118,7 +118,7 @@ class JobPipeline:
         # a job's publish side (None for ftw train, whose results stay in the run folder)
         self.publishing = None if plan is None else Publishing(job, plan, self.progress, self.stop, self.warnings)
         self.template: template.StageTemplate | None = None  # forks the stage children pre-imported
-        self.warmup: KernelWarmup | None = None  # compiles the job's kernels until the train stage's model is ready
+        self.warmup: KernelWarmup | None = None  # compiles the job's kernels until the train stage's first step
         self.started_wall = time.time() - (time.monotonic() - started)  # children's events carry wall time
         self.first_step = FirstStepClock(self.started_wall)
 
@@ -184,7 +184,7 @@ class JobPipeline:
         if self.checks_report is not None:
             write_json_atomic(run.path / "checks.json", self.redactor.data(self.checks_report))
         # a Hub base model downloads beside preprocessing; the job's kernels compile beside it too, and on beside
-        # the train stage's start-up and model loading, until its model is ready (the train child ends it then)
+        # the train stage's start-up and model loading, until its first step (the train child ends it or waits it out)
         env, gpus, template = self.stage_env(), self.gpu_count, self.template
         cfg = self.job.config
         with KernelWarmup.beside(cfg, config_path, env, gpus, template, run.logs, self.redactor, untrained) as warmup:
@@ -389,8 +389,8 @@ class JobPipeline:
 
     def on_event(self, stage: str, event: dict[str, Any]) -> None:
         self.timings.update(self.first_step.observe(stage, event))  # what a user waits for, and where it went
-        if stage == "train" and event.get("event") == "ready" and self.warmup is not None:
-            self.warmup.stop("the train stage's model was ready")  # reaped and logged as soon as the child ended it
+        if stage == "train" and event.get("event") == "first_step" and self.warmup is not None:
+            self.warmup.stop("the first step was done")  # ended before it by the train child: reaped and logged
         self.progress(event_update(self.job.run_id, stage, event))
 
     @contextlib.contextmanager

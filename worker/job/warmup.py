@@ -5,11 +5,14 @@ micro-batch); this is the orchestrator's side. It starts once the checks pass, f
 stages, wherever the job's first step would compile kernels: on a GPU (ftw's Triton kernels, unless
 `use_kernels: false`) or under `torch_compile`. It has preprocessing and the base model's download
 (worker/job/prefetch.py: minutes on a job's first run of a Hub model), then the train stage's start-up and
-model loading (tens of seconds for an 8B model read from the volume) to do its work in. When the train child
-reports its model ready, that child stops a warm-up that still runs before its first step
-(worker/train/warmup_lock.py), and the orchestrator reaps it (worker/job/pipeline.py): it never delays the
-model's set-up and never shares the GPU with a step. Whatever it compiled by then is in the caches on the
-volume; the train stage compiles the rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0` turns it off.
+model loading (tens of seconds for an 8B model read from the volume) to do its work in. On a GPU it records its
+kernels in a pass that compiles none and compiles them side by side in worker processes (ftw_kernels.precompile).
+When the train child's model is ready, that child waits out a warm-up still recording or compiling side by side
+(about a second, then the compiles divided by the machine's cores: sooner than it would compile them itself) and
+stops one in any other phase (worker/train/warmup_lock.py), before its first step; the orchestrator reaps it at the
+first step (worker/job/pipeline.py). It never shares the GPU with a step. Whatever it compiled by then is in the
+caches on the volume; the train stage compiles the rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0`
+turns it off.
 """
 
 from __future__ import annotations
@@ -87,8 +90,8 @@ class KernelWarmup:
         redactor: Redactor,
         wanted: bool,
     ) -> Iterator[KernelWarmup | None]:
-        """The warm-up while the block runs (preprocessing, the model's download, the train stage until its model is
-        ready); stopped at its end if it still runs."""
+        """The warm-up while the block runs (preprocessing, the model's download, the train stage until its first
+        step); stopped at its end if it still runs."""
         argv = warmup_argv(cfg, config_path, env, gpus) if wanted else None
         warmup = None if argv is None else cls(argv, env, template, logs / "warmup.log", redactor, config_path.parent)
         try:

@@ -51,9 +51,7 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
             in_setup[0] = False
             if topo.is_main:  # the end of the model's set-up: timings.model_setup_s (worker/job/first_step.py)
                 emit({"stage": "train", "event": "ready", "message": "model ready, starting the first step"})
-            waited = warmup_lock.end_warmup(run_dir)  # the first step has the GPU to itself
-            if waited > 0.001:
-                log.info("the kernel warm-up was still compiling: stopped in %.3f s, before the first step", waited)
+            report_warmup(warmup_lock.end_warmup(run_dir))  # the first step has the GPU to itself
             code = trainer.train()
         except StoppedInSetup:
             log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)
@@ -68,6 +66,13 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
         return EXIT_OK
     finally:
         dist_.shutdown()
+
+
+def report_warmup(ended: warmup_lock.Ended) -> None:
+    if ended.killed:
+        log.info("the kernel warm-up was still compiling: stopped in %.3f s, before the first step", ended.seconds)
+    elif ended.seconds > 0.001:
+        log.info("waited %.2f s for the kernel warm-up (%s), before the first step", ended.seconds, ended.phase)
 
 
 def finish(trainer: Trainer) -> None:

@@ -1,17 +1,19 @@
 """The job's kernels compiled while its data is prepared: the kernel warm-up child.
 
 A job's first step compiles every kernel it runs that the compile caches do not hold yet (Triton's and
-Inductor's, on the volume: worker/job/children.compile_cache_env): a quarter of a fresh worker's time to
-first step on an H200 for ftw's Triton kernels, and most of it under `torch_compile` — paid after
+Inductor's, on the volume: worker/job/children.compile_cache_env), one after another: a quarter of a fresh worker's
+time to first step on an H200 for ftw's Triton kernels, and most of it under `torch_compile` — paid after
 preprocessing, on the GPU-seconds the user buys. This child runs beside the preprocess stage and the base
-model's download and the train stage's model loading (worker/job/warmup.py starts it; it is stopped when the train
-child's model is ready, by that child before its first step: worker/train/warmup_lock.py). It builds the
-job's model with one decoder layer and random weights (the model's config alone: no weights are downloaded
-or read), 4-bit as `load_in_4bit` loads it, with the job's adapter and kernels as the train stage puts them
-on, compiled as `torch_compile` asks, and runs a forward and backward on micro-batches of the job's shape.
-What it compiles lands in the caches the train stage then reads; what it has not finished when it is
-stopped, the train stage compiles as before. Nothing it does can fail the job: its exit code and output go
-to logs/warmup.log.
+model's download and the train stage's model loading (worker/job/warmup.py starts it; the train child, before its
+first step, waits it out while it records or compiles side by side and stops it otherwise:
+worker/train/warmup_lock.py). It builds the job's model with one decoder layer and random weights (the model's config
+alone: no weights are downloaded or read), 4-bit as `load_in_4bit` loads it, with the job's adapter and kernels as the
+train stage puts them on, compiled as `torch_compile` asks. On a GPU (Triton's JIT kernels) a forward and backward on
+micro-batches of the job's shape records the kernels without compiling them, worker processes compile them side by
+side (ftw_kernels.precompile), and a second pass compiles what the recording missed; under `torch_compile` one pass
+compiles as it goes. What it compiles lands in the caches the train stage then reads; what it has not finished when
+it is stopped, the train stage compiles as before. Nothing it does can fail the job: its exit code and output go to
+logs/warmup.log.
 
     python -m worker.train.warmup RUN_DIR/config.json
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ftw_kernels import precompile
 from schemas.config import TrainingConfig
 from worker.data.tokenizer import load_tokenizer
 from worker.train import warmup_lock
@@ -131,21 +134,51 @@ def batches(cfg: TrainingConfig, tokenizer) -> list[dict]:
     return out
 
 
-def warm(cfg: TrainingConfig) -> float:
-    """A forward and backward of the one-layer model per micro-batch of `batches`; the seconds they took
-    (the compilation, mostly)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, precision, kernels = build(cfg, device)
-    started = time.monotonic()
-    for micro in batches(cfg, tokenizer):
-        # what the trainer's prefetcher hands over: the varlen boundaries, the loss head's rows
-        micro.update(host_inputs(micro, "varlen_attention" in kernels, "fused_linear_cross_entropy" in kernels))
+def passes(model, micro_batches: list[dict], precision, device: torch.device) -> None:
+    """A forward and backward per micro-batch, as the trainer runs them."""
+    for micro in micro_batches:
         with precision.autocast(device.type):
             loss = model(**to_device(micro, device), use_cache=False).loss
         loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.monotonic() - started
+
+
+def warm(cfg: TrainingConfig, device: torch.device, hold: warmup_lock.Hold) -> str:
+    """The job's kernels compiled: on a GPU without `torch_compile`, a pass records them, worker processes compile
+    them side by side (ftw_kernels.precompile), and a pass compiles what the recording missed; otherwise one pass
+    compiles each as it first runs (Inductor's under `torch_compile`). What it did, in a line."""
+    model, tokenizer, precision, kernels = build(cfg, device)
+    micro_batches = batches(cfg, tokenizer)
+    for micro in micro_batches:  # what the trainer's prefetcher hands over: the varlen boundaries, the loss head's rows
+        micro.update(host_inputs(micro, "varlen_attention" in kernels, "fused_linear_cross_entropy" in kernels))
+    side_by_side = ""
+    if records_kernels(cfg, device):
+        started = time.monotonic()
+        with precompile.recording() as recorded:
+            try:
+                passes(model, micro_batches, precision, device)
+            except Exception as e:  # a kernel's meaningless output met a check: what was recorded still compiles
+                print(f"the recording pass stopped early: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        recorded_s = time.monotonic() - started
+        hold.phase(warmup_lock.SIDE_BY_SIDE)
+        done = precompile.compile_side_by_side(recorded, precompile.available_workers())
+        for failure in done.failed:
+            print(f"not compiled ahead (its first launch compiles it): {failure}", flush=True)
+        side_by_side = (
+            f"recorded {done.kernels} kernels in {recorded_s:.1f} s, compiled them in {done.workers} processes in "
+            f"{done.seconds:.1f} s; "
+        )
+    hold.phase(warmup_lock.COMPILING)
+    started = time.monotonic()
+    passes(model, micro_batches, precision, device)
+    return f"{side_by_side}its pass {time.monotonic() - started:.1f} s"
+
+
+def records_kernels(cfg: TrainingConfig, device: torch.device) -> bool:
+    """Whether the warm-up records its kernels and compiles them side by side: Triton's JIT kernels on a GPU. Under
+    `torch_compile` Inductor compiles its own (and the trace would meet the recording's meaningless outputs)."""
+    return device.type == "cuda" and not cfg.compiles_model(True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     started, cached = time.monotonic(), cache_files()
     try:
         cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
-        with warmup_lock.holding(args.config_json.parent):  # the run's, by which the train child ends it
-            step_s = warm(cfg)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        first = warmup_lock.RECORDING if records_kernels(cfg, device) else warmup_lock.COMPILING
+        with warmup_lock.holding(args.config_json.parent, first) as hold:  # the run's: the train child reads it
+            what = warm(cfg, device, hold)
     except Exception as e:  # the train stage meets the same problem and reports it in full
         print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return 1
     took, added = time.monotonic() - started, cache_files() - cached
-    print(f"kernel warm-up done in {took:.1f} s (its step {step_s:.1f} s; {added} new files in the caches)", flush=True)
+    print(f"kernel warm-up done in {took:.1f} s ({what}; {added} new files in the caches)", flush=True)
     return 0
 
 
