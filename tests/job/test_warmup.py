@@ -120,16 +120,10 @@ def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_
         "        print(f'compiling {time.time():.4f}', flush=True)\n"
         "        time.sleep(0.01)\n"
     )
-    monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
-    result = run_job({"input": example_job(run_id="beside", config=CONFIG)}, env=dict(os.environ))
-    assert result["status"] == "completed", result
-    run = demo_volume / "runs" / "beside"
-    events = [json.loads(x) for x in (run / "logs" / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
-    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("loading", "ready", "first_step")}
-    compiled = [float(line.split()[1]) for line in (run / "logs" / "warmup.log").read_text().splitlines()]
+    run, at, lines, train_log = job_beside(demo_volume, monkeypatch, "beside", stand_in)
+    compiled = [float(line.split()[1]) for line in lines]
     assert max(compiled) > at["loading"]  # it ran beside the model's loading, not stopped when the stage started
     assert at["ready"] - 0.1 < max(compiled) < at["first_step"]  # until the model was ready; gone before step 1
-    train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
     assert "was still compiling: stopped in" in train_log  # the train child killed the stand-in itself
     assert not warmup_lock.lock_path(run).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
 
@@ -154,19 +148,26 @@ def test_the_first_step_waits_for_a_warmup_compiling_side_by_side(demo_volume, m
         "        time.sleep(0.01)\n"
         "print('kernel warm-up done (a stand-in)', flush=True)\n"
     )
-    monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
-    result = run_job({"input": example_job(run_id="waited", config=CONFIG)}, env=dict(os.environ))
-    assert result["status"] == "completed", result
-    run = demo_volume / "runs" / "waited"
-    events = [json.loads(x) for x in (run / "logs" / "train" / "attempt-1" / "events.jsonl").read_text().splitlines()]
-    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("ready", "first_step")}
-    lines = (run / "logs" / "warmup.log").read_text().splitlines()
+    run, at, lines, train_log = job_beside(demo_volume, monkeypatch, "waited", stand_in)
     compiled = [float(line.split()[1]) for line in lines if line.startswith("compiling")]
     assert at["ready"] + 0.9 < max(compiled) < at["first_step"]  # it went on after `ready`; step 1 came after it
     assert lines[-1] == "kernel warm-up done (a stand-in)"  # it finished, neither the train child nor the job killed it
-    train_log = (run / "logs" / "train" / "attempt-1" / "stderr.log").read_text()
     assert "for the kernel warm-up (side-by-side), before the first step" in train_log
     assert "stopped in" not in train_log and not warmup_lock.lock_path(run).exists()
+
+
+def job_beside(demo_volume: Path, monkeypatch, run_id: str, stand_in: str) -> tuple[Path, dict, list[str], str]:
+    """The demo job with `stand_in` (Python source; argv[1]: the run's config.json) as its kernel warm-up: the run
+    folder, the train child's `loading`, `ready` and `first_step` times, the warm-up's log lines, the train log."""
+    monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
+    result = run_job({"input": example_job(run_id=run_id, config=CONFIG)}, env=dict(os.environ))
+    assert result["status"] == "completed", result
+    run = demo_volume / "runs" / run_id
+    train_logs = run / "logs" / "train" / "attempt-1"
+    events = [json.loads(x) for x in (train_logs / "events.jsonl").read_text().splitlines()]
+    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("loading", "ready", "first_step")}
+    lines = (run / "logs" / "warmup.log").read_text().splitlines()
+    return run, at, lines, (train_logs / "stderr.log").read_text()
 
 
 def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_its_limit(tmp_path):
