@@ -90,6 +90,23 @@ def recording() -> Iterator[list[Recorded]]:
         knobs.runtime.jit_cache_hook = previous
 
 
+@contextlib.contextmanager
+def counted() -> Iterator[dict[str, int]]:
+    """Triton's compiles in the block, by outcome: {"compiled": n, "from_cache": m} (what a pass after the side by
+    side compiles still compiled is what the recording missed)."""
+    counts = {"compiled": 0, "from_cache": 0}
+
+    def listen(*, cache_hit: bool, **_: Any) -> None:
+        counts["from_cache" if cache_hit else "compiled"] += 1
+
+    previous = knobs.compilation.listener
+    knobs.compilation.listener = listen
+    try:
+        yield counts
+    finally:
+        knobs.compilation.listener = previous
+
+
 _PENDING: list[Recorded] = []  # what the forked workers compile, by index (a JITFunction cannot be pickled)
 
 

@@ -4,6 +4,8 @@ job's shape; run for real here, its compiled kernels written to the cache the tr
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -90,3 +92,21 @@ def test_a_model_it_cannot_read_fails_the_child_not_silently(tmp_path):
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 1 and "kernel warm-up failed" in proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's JIT compiles on a GPU; here its interpreter runs")
+def test_on_a_gpu_the_recording_misses_none_of_the_passes_kernels(tiny_model_dir, tmp_path):
+    """The warm-up records its pass's kernels, compiles them side by side, and the pass after compiles none of them
+    itself: each is read from the cache, so the recording found them all and they compiled as the JIT asks."""
+    path = tmp_path / "config.json"
+    path.write_text(config(tiny_model_dir, bf16=True).model_dump_json())
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.train.warmup", str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    done = proc.stdout.strip().splitlines()[-1]
+    found = re.search(r"recorded (\d+) kernels .*\((\d+) kernels compiled in it, (\d+) read from the cache\)", done)
+    assert found, done
+    recorded, compiled_after, read = map(int, found.groups())
+    assert recorded >= 5 and compiled_after == 0 and read == recorded, done

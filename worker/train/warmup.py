@@ -171,8 +171,12 @@ def warm(cfg: TrainingConfig, device: torch.device, hold: warmup_lock.Hold) -> s
         )
     hold.phase(warmup_lock.COMPILING)
     started = time.monotonic()
-    passes(model, micro_batches, precision, device)
-    return f"{side_by_side}its pass {time.monotonic() - started:.1f} s"
+    with precompile.counted() as counts:
+        passes(model, micro_batches, precision, device)
+    took = f"its pass {time.monotonic() - started:.1f} s"
+    if side_by_side:  # what the recording missed compiled in the pass; Inductor's compiles are not Triton JIT's
+        took += f" ({counts['compiled']} kernels compiled in it, {counts['from_cache']} read from the cache)"
+    return side_by_side + took
 
 
 def records_kernels(cfg: TrainingConfig, device: torch.device) -> bool:
