@@ -84,7 +84,7 @@ def compile_all(recorded: list[precompile.Recorded], workers: int, cache: Path, 
         failed = []
         for item in recorded:
             began = time.monotonic()
-            failed += filter(None, [precompile.compile_one(item)])
+            failed += filter(None, [precompile.compile_one(item).error])
             each[item.name] = each.get(item.name, 0.0) + time.monotonic() - began
     else:
         failed = precompile.compile_side_by_side(recorded, workers).failed

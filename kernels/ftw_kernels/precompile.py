@@ -22,8 +22,9 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import triton
 from triton import knobs
@@ -52,9 +53,17 @@ class Compiled:
     """What `compile_side_by_side` did."""
 
     kernels: int
+    cached: int  # of them, found in the cache already (a volume that ran the same kernels before)
     failed: list[str]  # "name: error" of each kernel that did not compile (its first launch compiles it)
     workers: int
     seconds: float
+
+
+class Outcome(NamedTuple):
+    """One kernel's compile: its error, if it failed, and whether the cache held it already."""
+
+    error: str | None
+    cached: bool
 
 
 @contextlib.contextmanager
@@ -110,20 +119,21 @@ def counted() -> Iterator[dict[str, int]]:
 _PENDING: list[Recorded] = []  # what the forked workers compile, by index (a JITFunction cannot be pickled)
 
 
-def compile_one(item: Recorded) -> str | None:
-    """`item` compiled into Triton's file cache as the JIT's own compile would; the error, if it failed (its first
-    launch then compiles it, and reports the error where it belongs)."""
+def compile_one(item: Recorded) -> Outcome:
+    """`item` compiled into Triton's file cache as the JIT's own compile would. A failure is left to its first launch,
+    which compiles it again and reports the error where it belongs."""
     try:
         _, _, target, backend, _ = item.fn.device_caches[item.device]  # set up in the recording process
         options = backend.parse_options(dict(item.options))
         src = item.fn.ASTSource(item.fn, item.signature, item.constants, item.attrs)
-        triton.compile(src, target=target, options=options.__dict__)
-        return None
+        with counted() as counts:
+            triton.compile(src, target=target, options=options.__dict__)
+        return Outcome(None, counts["from_cache"] > 0)
     except Exception as e:
-        return f"{type(e).__name__}: {str(e)[:200]}"
+        return Outcome(f"{type(e).__name__}: {str(e)[:200]}", False)
 
 
-def _compile_pending(index: int) -> tuple[int, str | None]:
+def _compile_pending(index: int) -> tuple[int, Outcome]:
     return index, compile_one(_PENDING[index])
 
 
@@ -137,10 +147,11 @@ def compile_side_by_side(recorded: list[Recorded], workers: int) -> Compiled:
     (which may have initialised CUDA: they make no CUDA call)."""
     started = time.monotonic()
     if not recorded:
-        return Compiled(0, [], 0, 0.0)
+        return Compiled(0, 0, [], 0, 0.0)
     workers = max(1, min(workers, len(recorded)))
     _PENDING[:] = recorded
     failed: list[str] = []
+    cached = 0
     try:
         with warnings.catch_warnings():  # "fork() of a multi-threaded process": the children only compile
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -148,12 +159,15 @@ def compile_side_by_side(recorded: list[Recorded], workers: int) -> Compiled:
             with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_lower_priority
             ) as pool:
-                for index, error in pool.map(_compile_pending, range(len(recorded))):
-                    if error is not None:
-                        failed.append(f"{recorded[index].name}: {error}")
+                for index, outcome in pool.map(_compile_pending, range(len(recorded))):
+                    cached += outcome.cached
+                    if outcome.error is not None:
+                        failed.append(f"{recorded[index].name}: {outcome.error}")
+    except BrokenProcessPool as e:  # a worker killed (out of memory): the rest compile at their first launch
+        failed.append(f"the worker processes: {e}")
     finally:
         _PENDING.clear()
-    return Compiled(len(recorded), failed, workers, time.monotonic() - started)
+    return Compiled(len(recorded), cached, failed, workers, time.monotonic() - started)
 
 
 class Offline(DriverBase):

@@ -45,21 +45,18 @@ with precompile.offline(GPUTarget("cuda", 90, 32)):
         broken_kernel.broken[(1,)](x, 64, BLOCK=64)
     out["names"] = sorted({r.name for r in recorded})
     out["recorded"] = len(recorded)
-    hits = []
-    knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
-
-    def jit_finds(cache_dir):  # the compile the JIT runs at each kernel's first launch: a hit, or a compile
+    def jit_finds(cache_dir):  # the compile the JIT runs at each kernel's first launch: a cache hit, or a compile
         knobs.cache.dir = str(cache_dir)
-        hits.clear()
-        errors = [precompile.compile_one(r) for r in recorded if r.name != "broken"]
-        assert not any(errors), errors
-        return sum(hits), len(hits)
+        outcomes = [precompile.compile_one(r) for r in recorded if r.name != "broken"]
+        assert not any(o.error for o in outcomes), outcomes
+        return sum(o.cached for o in outcomes), len(outcomes)
 
     knobs.cache.dir = str(cache / "side-by-side")
     done = precompile.compile_side_by_side(recorded, 2)
-    out["compiled"], out["failed"], out["workers"] = done.kernels, done.failed, done.workers
+    out["compiled"], out["failed"], out["workers"], out["cached"] = done.kernels, done.failed, done.workers, done.cached
     out["found_after"] = jit_finds(cache / "side-by-side")
     out["found_without"] = jit_finds(cache / "empty")
+    out["cached_again"] = precompile.compile_side_by_side(recorded, 2).cached  # the cache of a used volume
 print(json.dumps(out))
 """
 
@@ -107,6 +104,11 @@ def test_what_compiles_side_by_side_is_what_the_jit_finds_at_first_launch(offlin
     found, asked = offline_run["found_after"]
     assert offline_run["workers"] == 2 and asked == offline_run["recorded"] - 1 and found == asked  # every one a hit
     assert offline_run["found_without"] == [0, asked]  # an empty cache: each would compile at its launch
+
+
+def test_kernels_the_cache_holds_already_are_counted_as_such(offline_run):
+    assert offline_run["cached"] == 0  # an empty cache: every kernel compiled
+    assert offline_run["cached_again"] == offline_run["recorded"] - 1  # all but the one that never compiles
 
 
 def test_a_kernel_that_does_not_compile_is_reported_and_the_rest_compile(offline_run):

@@ -166,8 +166,8 @@ def warm(cfg: TrainingConfig, device: torch.device, hold: warmup_lock.Hold) -> s
         for failure in done.failed:
             print(f"not compiled ahead (its first launch compiles it): {failure}", flush=True)
         side_by_side = (
-            f"recorded {done.kernels} kernels in {recorded_s:.1f} s, compiled them in {done.workers} processes in "
-            f"{done.seconds:.1f} s; "
+            f"recorded {done.kernels} kernels in {recorded_s:.1f} s ({done.cached} in the cache already), compiled "
+            f"them in {done.workers} processes in {done.seconds:.1f} s; "
         )
     hold.phase(warmup_lock.COMPILING)
     started = time.monotonic()
