@@ -91,12 +91,8 @@ def recording() -> Iterator[list[Recorded]]:
             )
         return True  # the JIT then neither compiles nor launches it
 
-    previous = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = record
-    try:
+    with _knob(knobs.runtime, "jit_cache_hook", record):
         yield recorded
-    finally:
-        knobs.runtime.jit_cache_hook = previous
 
 
 @contextlib.contextmanager
@@ -108,12 +104,19 @@ def counted() -> Iterator[dict[str, int]]:
     def listen(*, cache_hit: bool, **_: Any) -> None:
         counts["from_cache" if cache_hit else "compiled"] += 1
 
-    previous = knobs.compilation.listener
-    knobs.compilation.listener = listen
-    try:
+    with _knob(knobs.compilation, "listener", listen):
         yield counts
+
+
+@contextlib.contextmanager
+def _knob(group: Any, name: str, value: Any) -> Iterator[None]:
+    """One of Triton's knobs set for the block."""
+    previous = getattr(group, name)
+    setattr(group, name, value)
+    try:
+        yield
     finally:
-        knobs.compilation.listener = previous
+        setattr(group, name, previous)
 
 
 _PENDING: list[Recorded] = []  # what the forked workers compile, by index (a JITFunction cannot be pickled)
