@@ -154,6 +154,7 @@ def warm(cfg: TrainingConfig, device: torch.device, hold: warmup_lock.Hold) -> s
         micro.update(host_inputs(micro, "varlen_attention" in kernels, "fused_linear_cross_entropy" in kernels))
     side_by_side = ""
     if records_kernels(cfg, device):
+        hold.phase(warmup_lock.RECORDING)  # from here on the train child waits for it: its model is built
         started = time.monotonic()
         with precompile.recording() as recorded:
             try:
@@ -194,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainingConfig.model_validate_json(args.config_json.read_text())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        first = warmup_lock.RECORDING if records_kernels(cfg, device) else warmup_lock.COMPILING
-        with warmup_lock.holding(args.config_json.parent, first) as hold:  # the run's: the train child reads it
+        with warmup_lock.holding(args.config_json.parent) as hold:  # the run's: the train child reads its phase
             what = warm(cfg, device, hold)
     except Exception as e:  # the train stage meets the same problem and reports it in full
         print(f"kernel warm-up failed: {type(e).__name__}: {str(e)[:300]}", flush=True)

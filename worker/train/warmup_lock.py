@@ -5,11 +5,13 @@ the train stage's start-up and model loading. Once the train child's model is re
 to itself: the warm-up holds an exclusive lock on a file named after the run folder for as long as it lives (the
 kernel drops it when the process ends, however it ends), with its pid and its phase in the file. Before its first
 step the train child waits for the lock. It waits out the phases that end sooner than it would compile the same
-kernels itself: the recording pass (a one-layer model's forward and backward with no kernel compiled, about a second)
-and the compiles side by side in worker processes (off the GPU), each up to its patience. In any other phase, or past
-its patience, it kills the warm-up (with what it started) and waits for the lock (milliseconds). The file is in the
-machine's temporary folder, not on the volume, whose network filesystem may not lock; where locking fails all the
-same, the orchestrator stops the warm-up at the first step. No torch here: the orchestrator removes the file.
+kernels itself: the recording pass (a one-layer model's forward and backward with no kernel compiled: well under a
+second) and the compiles side by side in worker processes (off the GPU), each up to its patience. In any other phase
+(the warm-up building its model: a warm worker's next job is ready sooner than that; compiling one kernel after
+another), or past its patience, it kills the warm-up (with what it started) and waits for the lock (milliseconds).
+The file is in the machine's temporary folder, not on the volume, whose network filesystem may not lock; where
+locking fails all the same, the orchestrator stops the warm-up at the first step. No torch here: the orchestrator
+removes the file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import IO, NamedTuple
 WAIT_LIMIT_S = 30.0  # a killed warm-up lets go in milliseconds: this guards against a process that cannot die
 RECORDING = "recording"  # the pass that records the kernels to compile (on the GPU, compiling none)
 SIDE_BY_SIDE = "side-by-side"  # those kernels compiling in worker processes (off the GPU)
-COMPILING = "compiling"  # a pass on the GPU that compiles each kernel as it first runs, one after another
+COMPILING = "compiling"  # building the model, or a pass that compiles each kernel as it first runs, one after another
 LINE_WIDTH = 64  # the file holds one line, rewritten in place
 PATIENCE_S = {RECORDING: 10.0, SIDE_BY_SIDE: 120.0}  # how long the first step waits out each phase; others: none
 
