@@ -9,10 +9,10 @@ model loading (tens of seconds for an 8B model read from the volume) to do its w
 kernels in a pass that compiles none and compiles them side by side in worker processes (ftw_kernels.precompile).
 When the train child's model is ready, that child waits out a warm-up still recording or compiling side by side
 (a pass with no compile, then the compiles spread over the machine's cores: sooner than it would compile them
-itself) and stops one in any other phase (worker/train/warmup_lock.py), before its first step; the orchestrator reaps it at the
-first step (worker/job/pipeline.py). It never shares the GPU with a step. Whatever it compiled by then is in the
-caches on the volume; the train stage compiles the rest. Its output is in logs/warmup.log. `FTW_KERNEL_WARMUP=0`
-turns it off.
+itself) and stops one in any other phase (worker/train/warmup_lock.py), before its first step; the orchestrator
+reaps it at the first step (worker/job/pipeline.py). It never shares the GPU with a step. Whatever it compiled by
+then is in the caches on the volume; the train stage compiles the rest. Its output is in logs/warmup.log.
+`FTW_KERNEL_WARMUP=0` turns it off.
 """
 
 from __future__ import annotations
