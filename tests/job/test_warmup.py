@@ -111,20 +111,13 @@ def test_it_compiles_beside_the_models_loading_and_the_first_step_waits_for_its_
     """The warm-up goes on while the train stage starts and loads its model; once the model is ready the train child
     stops it and starts its first step only when it has ended (here a stand-in that would compile for ever, holding
     the warm-up's lock as the real one does)."""
-    stand_in = (
-        "import sys, time\n"
-        "from pathlib import Path\n"
-        "from worker.train import warmup_lock\n"
-        "with warmup_lock.holding(Path(sys.argv[1]).parent):\n"
-        "    while True:\n"
-        "        print(f'compiling {time.time():.4f}', flush=True)\n"
-        "        time.sleep(0.01)\n"
-    )
-    run, at, lines, train_log = job_beside(demo_volume, monkeypatch, "beside", stand_in)
-    compiled = [float(line.split()[1]) for line in lines]
+    run, events, lines, train_log = job_beside(demo_volume, monkeypatch, "beside", stand_in(warmup_lock.COMPILING))
+    at = marks(events)
+    compiled = [float(line.split()[1]) for line in lines if line.startswith("compiling")]
     assert max(compiled) > at["loading"]  # it ran beside the model's loading, not stopped when the stage started
     assert at["ready"] - 0.1 < max(compiled) < at["first_step"]  # until the model was ready; gone before step 1
     assert "was still compiling: stopped in" in train_log  # the train child killed the stand-in itself
+    assert not any(e.get("event") == "waiting" for e in events)  # and did not wait for it
     assert not warmup_lock.lock_path(run).exists() and not left_behind(lambda name, cmd: "warmup_lock" in cmd)
 
 
@@ -132,42 +125,58 @@ def test_the_first_step_waits_for_a_warmup_compiling_side_by_side(demo_volume, m
     """A warm-up whose kernels compile in worker processes when the model is ready is waited for, not killed: the
     compiles end sooner than the first step would run them one after another (here a stand-in that compiles on
     for a second after the train child's `ready` event, in that phase, and then exits as done)."""
-    stand_in = (
-        "import json, sys, time\n"
-        "from pathlib import Path\n"
-        "from worker.train import warmup_lock\n"
-        "run = Path(sys.argv[1]).parent\n"
-        "events = run / 'logs' / 'train' / 'attempt-1' / 'events.jsonl'\n"
-        "with warmup_lock.holding(run, warmup_lock.SIDE_BY_SIDE):\n"
-        "    deadline = time.time() + 120\n"
-        "    while time.time() < deadline and not (events.exists() and '\"ready\"' in events.read_text()):\n"
-        "        time.sleep(0.01)\n"
-        "    end = time.time() + 1.0\n"
-        "    while time.time() < end:\n"
-        "        print(f'compiling {time.time():.4f}', flush=True)\n"
-        "        time.sleep(0.01)\n"
-        "print('kernel warm-up done (a stand-in)', flush=True)\n"
+    run, events, lines, train_log = job_beside(
+        demo_volume, monkeypatch, "waited", stand_in(warmup_lock.SIDE_BY_SIDE, 1.0)
     )
-    run, at, lines, train_log = job_beside(demo_volume, monkeypatch, "waited", stand_in)
+    at = marks(events)
     compiled = [float(line.split()[1]) for line in lines if line.startswith("compiling")]
     assert at["ready"] + 0.9 < max(compiled) < at["first_step"]  # it went on after `ready`; step 1 came after it
     assert lines[-1] == "kernel warm-up done (a stand-in)"  # it finished, neither the train child nor the job killed it
     assert "for the kernel warm-up (side-by-side), before the first step" in train_log
+    shown = [e for e in events if e.get("event") == "waiting"]  # the user sees why the first step waits
+    assert len(shown) == 1 and "waits for the kernel warm-up's compiles side by side" in shown[0]["message"]
+    assert at["ready"] <= shown[0]["ts"] < at["first_step"]
     assert "stopped in" not in train_log and not warmup_lock.lock_path(run).exists()
 
 
-def job_beside(demo_volume: Path, monkeypatch, run_id: str, stand_in: str) -> tuple[Path, dict, list[str], str]:
+def stand_in(phase: str, after_ready_s: float | None = None) -> str:
+    """A stand-in warm-up (Python source; argv[1]: the run's config.json) that holds the run's lock in `phase`, as the
+    real one does, and prints timestamps: for ever, or until `after_ready_s` after the train child's `ready` event,
+    then exits as done."""
+    return (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from worker.train import warmup_lock\n"
+        "run = Path(sys.argv[1]).parent\n"
+        "events = run / 'logs' / 'train' / 'attempt-1' / 'events.jsonl'\n"
+        f"after_ready = {after_ready_s!r}\n"
+        f"with warmup_lock.holding(run, {phase!r}):\n"
+        "    end = float('inf')\n"
+        "    while time.time() < end:\n"
+        "        print(f'compiling {time.time():.4f}', flush=True)\n"
+        "        ready = after_ready is not None and events.exists() and '\"ready\"' in events.read_text()\n"
+        "        end = time.time() + after_ready if ready and end == float('inf') else end\n"
+        "        time.sleep(0.01)\n"
+        "print('kernel warm-up done (a stand-in)', flush=True)\n"
+    )
+
+
+def job_beside(demo_volume: Path, monkeypatch, run_id: str, stand_in: str) -> tuple[Path, list[dict], list[str], str]:
     """The demo job with `stand_in` (Python source; argv[1]: the run's config.json) as its kernel warm-up: the run
-    folder, the train child's `loading`, `ready` and `first_step` times, the warm-up's log lines, the train log."""
+    folder, the train child's events, the warm-up's log lines, the train log."""
     monkeypatch.setattr(warmup, "warmup_argv", lambda cfg, path, env, gpus: [sys.executable, "-c", stand_in, str(path)])
     result = run_job({"input": example_job(run_id=run_id, config=CONFIG)}, env=dict(os.environ))
     assert result["status"] == "completed", result
     run = demo_volume / "runs" / run_id
     train_logs = run / "logs" / "train" / "attempt-1"
     events = [json.loads(x) for x in (train_logs / "events.jsonl").read_text().splitlines()]
-    at = {e["event"]: e["ts"] for e in events if e.get("event") in ("loading", "ready", "first_step")}
     lines = (run / "logs" / "warmup.log").read_text().splitlines()
-    return run, at, lines, (train_logs / "stderr.log").read_text()
+    return run, events, lines, (train_logs / "stderr.log").read_text()
+
+
+def marks(events: list[dict]) -> dict[str, float]:
+    """When the train child began loading, had its model ready, and had done its first step."""
+    return {e["event"]: e["ts"] for e in events if e.get("event") in ("loading", "ready", "first_step")}
 
 
 def test_the_train_child_ends_a_warmup_that_still_runs_and_waits_no_longer_than_its_limit(tmp_path):
@@ -195,9 +204,11 @@ def test_the_train_child_waits_out_the_recording_and_the_compiles_side_by_side(t
     """Both phases end sooner than the first step would compile the kernels itself: it waits for the warm-up to finish
     (here 0.4 s recording, then 0.6 s compiling in worker processes) instead of killing it."""
     holder = hold(tmp_path, warmup_lock.RECORDING, 0.4, warmup_lock.SIDE_BY_SIDE, 0.6)
+    told = []
     try:
-        ended = warmup_lock.end_warmup(tmp_path)
+        ended = warmup_lock.end_warmup(tmp_path, on_wait=told.append)
         assert not ended.killed and ended.phase == warmup_lock.SIDE_BY_SIDE and 0.7 < ended.seconds < 10
+        assert told == [warmup_lock.RECORDING]  # the user is told once, as the wait begins
         assert holder.wait(timeout=10) == 0  # it finished its work
     finally:
         holder.kill()

@@ -51,7 +51,8 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
             in_setup[0] = False
             if topo.is_main:  # the end of the model's set-up: timings.model_setup_s (worker/job/first_step.py)
                 emit({"stage": "train", "event": "ready", "message": "model ready, starting the first step"})
-            report_warmup(warmup_lock.end_warmup(run_dir))  # the first step has the GPU to itself
+            # the first step has the GPU to itself; a wait for the warm-up's compiles is shown as it starts
+            report_warmup(warmup_lock.end_warmup(run_dir, on_wait=waiting_for_warmup if topo.is_main else None))
             code = trainer.train()
         except StoppedInSetup:
             log.warning("SIGTERM during setup (before any step): stopping (exit %d)", EXIT_PREEMPTED)
@@ -66,6 +67,11 @@ def run(cfg: TrainingConfig, run_dir: Path, cache_dir: Path) -> int:
         return EXIT_OK
     finally:
         dist_.shutdown()
+
+
+def waiting_for_warmup(phase: str) -> None:
+    message = f"the first step waits for the kernel warm-up's compiles side by side ({phase})"
+    emit({"stage": "train", "event": "waiting", "message": message})
 
 
 def report_warmup(ended: warmup_lock.Ended) -> None:

@@ -24,7 +24,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -81,10 +81,10 @@ def holding(run_dir: Path, phase: str = COMPILING) -> Iterator[Hold]:
         yield hold
 
 
-def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S) -> Ended:
-    """Wait out a warm-up in a phase shorter than compiling without it (`PATIENCE_S`), else kill it (with what it
-    started: it leads its own session), and wait until the lock is free (or `limit_s` after the kill, with a
-    warning)."""
+def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S, on_wait: Callable[[str], None] | None = None) -> Ended:
+    """Wait out a warm-up in a phase shorter than compiling without it (`PATIENCE_S`; `on_wait(phase)` is told once,
+    for the user), else kill it (with what it started: it leads its own session), and wait until the lock is free (or
+    `limit_s` after the kill, with a warning)."""
     started = time.monotonic()
     try:
         lock = open(lock_path(run_dir))
@@ -111,6 +111,9 @@ def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S) -> Ended:
                 pid, _, seen = lock.read().strip().partition(" ")
                 if seen != phase:
                     phase, phase_since = seen, now
+                    if phase in PATIENCE_S and on_wait is not None:
+                        on_wait(phase)
+                        on_wait = None
                 if pid.isdigit() and now - phase_since >= PATIENCE_S.get(phase, 0.0):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(int(pid), signal.SIGKILL)
