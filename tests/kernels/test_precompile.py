@@ -57,6 +57,13 @@ with precompile.offline(GPUTarget("cuda", 90, 32)):
     out["found_after"] = jit_finds(cache / "side-by-side")
     out["found_without"] = jit_finds(cache / "empty")
     out["cached_again"] = precompile.compile_side_by_side(recorded, 2).cached  # the cache of a used volume
+    knobs.cache.dir = str(cache / "side-by-side")
+    with precompile.counted() as first_launch:  # the JIT itself, at the pass's first kernel (nothing recorded now)
+        try:
+            passes(model, micro_batches[:1], precision, cpu)
+        except AttributeError as e:  # the Offline driver cannot launch: the kernel was compiled (or read), then this
+            out["launch"] = str(e)
+    out["first_launch"] = first_launch
 print(json.dumps(out))
 """
 
@@ -104,6 +111,11 @@ def test_what_compiles_side_by_side_is_what_the_jit_finds_at_first_launch(offlin
     found, asked = offline_run["found_after"]
     assert offline_run["workers"] == 2 and asked == offline_run["recorded"] - 1 and found == asked  # every one a hit
     assert offline_run["found_without"] == [0, asked]  # an empty cache: each would compile at its launch
+
+
+def test_the_jits_own_compile_at_a_first_launch_reads_what_compiled_side_by_side(offline_run):
+    assert offline_run["first_launch"] == {"compiled": 0, "from_cache": 1}  # one kernel, then the launch that cannot be
+    assert "launcher" in offline_run["launch"]
 
 
 def test_kernels_the_cache_holds_already_are_counted_as_such(offline_run):
