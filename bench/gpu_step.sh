@@ -158,7 +158,8 @@ tests/kernels/test_adapter_copies.py tests/kernels/test_qlora.py tests/kernels/t
 tests/kernels/test_residual_fold.py tests/kernels/test_apply_kernels.py tests/train/test_step_time.py \
 tests/kernels/test_target_rows.py tests/train/test_host_sync.py tests/train/test_target_rows.py \
 tests/kernels/test_lora_dropout.py tests/kernels/test_dropout_mask.py tests/kernels/test_int8_base.py \
-tests/kernels/test_rank_grads.py tests/kernels/test_grids.py tests/train/test_graphed_update.py tests/train/test_step_batches.py}
+tests/kernels/test_rank_grads.py tests/kernels/test_grids.py tests/train/test_graphed_update.py tests/train/test_step_batches.py \
+tests/train/test_warmup.py}
 mkdir -p "$OUT"
 # every ftw arm under the allocator ftw's checks pick for these shapes on an 80 GB card: fixed segments, as the predicted
 # peak leaves room for what they cache (worker/checks/gpu.allocator_conf; until 2026-12-07 expandable segments);
