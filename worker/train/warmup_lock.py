@@ -33,7 +33,9 @@ RECORDING = "recording"  # the pass that records the kernels to compile (on the 
 SIDE_BY_SIDE = "side-by-side"  # those kernels compiling in worker processes (off the GPU)
 COMPILING = "compiling"  # building the model, or a pass that compiles each kernel as it first runs, one after another
 LINE_WIDTH = 64  # the file holds one line, rewritten in place
-PATIENCE_S = {RECORDING: 10.0, SIDE_BY_SIDE: 120.0}  # how long the first step waits out each phase; others: none
+# how long the first step waits out each phase (others: none). A LoRA job's kernels take ~7 s one after another on
+# an H100 host; a phase far past that is stuck (a compile worker that hangs), and the first step compiles them itself
+PATIENCE_S = {RECORDING: 10.0, SIDE_BY_SIDE: 60.0}
 
 
 class Ended(NamedTuple):
