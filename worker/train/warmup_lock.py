@@ -120,7 +120,8 @@ def end_warmup(run_dir: Path, limit_s: float = WAIT_LIMIT_S, on_wait: Callable[[
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(int(pid), signal.SIGKILL)
                     killed_at = now
-            stuck_since = killed_at if killed_at is not None else None if pid.isdigit() else started
+            # past the limit after the kill, or from the start when the file names no process to kill
+            stuck_since = killed_at if killed_at is not None or pid.isdigit() else started
             if stuck_since is not None and now - stuck_since > limit_s:
                 log.warning(
                     "the kernel warm-up still holds its lock after %.0f s: the first step starts beside it", limit_s
